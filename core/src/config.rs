@@ -1,0 +1,740 @@
+//! Configuration: `config.yaml`, `SHOAL_*` environment overrides and [`ConfigBuilder`].
+//!
+//! # Where it comes from
+//!
+//! [`Config::load`] reads the first file that exists of `$SHOAL_CONFIG`, `./config.yaml` and
+//! `~/.shoal/config.yaml` (a `SHOAL_CONFIG` that names a missing file is an error), falls back to
+//! the built-in defaults when there is none, then applies environment overrides named
+//! `SHOAL_<SECTION>_<KEY>` (`SHOAL_LOCAL_START_METHOD=thread`, `SHOAL_REDIS_URL=redis://...`;
+//! `SHOAL_BACKEND` and `SHOAL_NAMESPACE` for the `shoal` section). An override's value is read as
+//! YAML, so `true`, `3600` and `{A: b}` have their YAML types. [`ConfigBuilder`] builds the same
+//! structure in code.
+//!
+//! # Errors
+//!
+//! An unknown section or key, a value of the wrong type or an impossible value is an
+//! [`Error::Config`] naming the dotted key (`redis.expiry_secs`) and where the value came from: the
+//! file's path, the environment variable, `code` or `built-in defaults`. Nothing is silently
+//! ignored. The `kubernetes`, `lambda` and `http` sections of the design are not built yet and are
+//! rejected with a message that says so.
+//!
+//! The documented default file is `config.yaml` at the top of the repository; every key there has
+//! its default value.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_yaml::{Mapping, Value};
+
+use crate::error::{Error, Result};
+
+/// The sections `config.yaml` may contain.
+pub const SECTIONS: &[&str] = &["shoal", "redis", "local", "multiprocessing"];
+
+/// Sections of the design whose backends are not built yet.
+const UNBUILT_SECTIONS: &[&str] = &["kubernetes", "lambda", "http", "pool"];
+
+/// Environment variables with the `SHOAL_` prefix that are not configuration overrides.
+const RESERVED_ENV: &[&str] = &["SHOAL_CONFIG", "SHOAL_LOG"];
+
+/// Prefix of the variables a backend sets for a worker process (the task's address).
+pub const WORKER_ENV_PREFIX: &str = "SHOAL_WORKER_";
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Backend selection and key namespace.
+    pub shoal: ShoalConfig,
+    /// The Redis store.
+    pub redis: RedisConfig,
+    /// The local backend.
+    pub local: LocalConfig,
+    /// The Lithops `multiprocessing` keys.
+    pub multiprocessing: MultiprocessingConfig,
+}
+
+/// The `shoal` section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShoalConfig {
+    /// Where processes run. Only `local` is built today.
+    pub backend: Backend,
+    /// Prefix of every Redis key shoal writes (`shoal:{<namespace>:...}`); `shoal clean` deletes one.
+    pub namespace: String,
+}
+
+impl Default for ShoalConfig {
+    fn default() -> Self {
+        ShoalConfig {
+            backend: Backend::Local,
+            namespace: "default".into(),
+        }
+    }
+}
+
+/// Execution backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Subprocesses or threads on this machine.
+    Local,
+}
+
+/// The `redis` section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS), or `unix:///path/to.sock`.
+    /// `None` with the local backend starts an embedded `redis-server` on a private Unix socket.
+    pub url: Option<String>,
+    /// Time to live of every key, refreshed on use.
+    pub expiry_secs: u64,
+    /// Largest payload (message, argument list, result) shoal writes or accepts, in bytes.
+    pub max_message_bytes: u64,
+    /// Program started for the embedded store (looked up in `PATH` when it has no `/`).
+    pub server_binary: String,
+    /// How long to wait for a connection to Redis.
+    pub connect_timeout_secs: f64,
+    /// How long to wait for the answer to an ordinary (non-blocking) command.
+    pub response_timeout_secs: f64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            expiry_secs: 3600,
+            max_message_bytes: 64 * 1024 * 1024,
+            server_binary: "redis-server".into(),
+            connect_timeout_secs: 5.0,
+            response_timeout_secs: 30.0,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// [`RedisConfig::connect_timeout_secs`] as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.connect_timeout_secs)
+    }
+
+    /// [`RedisConfig::response_timeout_secs`] as a duration.
+    pub fn response_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.response_timeout_secs)
+    }
+}
+
+/// The `local` section.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    /// How a local child runs.
+    pub start_method: StartMethod,
+}
+
+/// How the local backend runs a child.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartMethod {
+    /// A subprocess running this same binary in worker mode.
+    #[default]
+    Process,
+    /// A thread of the parent; termination is cooperative.
+    Thread,
+}
+
+/// The `multiprocessing` section: the keys Lithops users know.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MultiprocessingConfig {
+    /// Forward each child's stdout and stderr through a Redis Stream that the parent prints.
+    pub stream_stdout: bool,
+    /// Transport of `Pipe`. Only `redislist` exists.
+    pub pipe_connection_type: PipeConnectionType,
+    /// Environment variables set in every child.
+    pub env_vars: BTreeMap<String, String>,
+    /// Directory where the parent appends one JSON line per finished process
+    /// (`shoal-execution-details.jsonl`); `None` writes nothing.
+    pub export_execution_details: Option<PathBuf>,
+}
+
+/// Transport of `Pipe`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PipeConnectionType {
+    /// A Redis list per direction.
+    #[default]
+    Redislist,
+}
+
+impl Config {
+    /// Reads the configuration from the first file found (see the module docs), applies the
+    /// `SHOAL_*` environment overrides and validates the result.
+    pub fn load() -> Result<Config> {
+        let file = find_config_file()?;
+        let text = match &file {
+            Some(path) => Some((
+                path.display().to_string(),
+                std::fs::read_to_string(path)
+                    .map_err(|e| Error::io(format!("reading {}", path.display()), e))?,
+            )),
+            None => None,
+        };
+        Config::from_layers(
+            text.as_ref().map(|(o, t)| (o.as_str(), t.as_str())),
+            std::env::vars(),
+        )
+    }
+
+    /// Reads one file, without environment overrides.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Config> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        Config::from_yaml_str(&text, &path.display().to_string())
+    }
+
+    /// Parses YAML text, without environment overrides. `origin` names the text in errors.
+    pub fn from_yaml_str(yaml: &str, origin: &str) -> Result<Config> {
+        Config::from_layers(Some((origin, yaml)), std::iter::empty())
+    }
+
+    /// A builder starting from the built-in defaults.
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder {
+            config: Config::default(),
+        }
+    }
+
+    /// Checks every value that has the right type but may be impossible.
+    pub fn validate(&self) -> Result<()> {
+        self.validate_with(&|_| "code".to_string())
+    }
+
+    /// The configuration as YAML, every key present.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// Layers a file (origin, text) and environment variables, then validates.
+    pub fn from_layers(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config> {
+        let file_origin = file
+            .map(|(o, _)| o.to_string())
+            .unwrap_or_else(|| "built-in defaults".to_string());
+        let mut root = match file {
+            Some((origin, text)) => parse_document(origin, text)?,
+            None => Mapping::new(),
+        };
+        let mut env_origin: HashMap<String, String> = HashMap::new();
+        for (var, raw) in env {
+            let Some((section, key)) = env_override_target(&var)? else {
+                continue;
+            };
+            let value = serde_yaml::from_str::<Value>(&raw).unwrap_or(Value::String(raw));
+            let section_map = root
+                .entry(Value::String(section.clone()))
+                .or_insert_with(|| Value::Mapping(Mapping::new()));
+            let Value::Mapping(section_map) = section_map else {
+                return Err(Error::Config {
+                    origin: file_origin,
+                    key: section,
+                    reason: "must be a mapping of keys to values".into(),
+                });
+            };
+            section_map.insert(Value::String(key.clone()), value);
+            env_origin.insert(format!("{section}.{key}"), format!("environment variable {var}"));
+        }
+        let origin_of = |key: &str| -> String {
+            env_origin
+                .get(key)
+                .cloned()
+                .unwrap_or_else(|| file_origin.clone())
+        };
+        if let Some(unknown) = root.keys().find_map(|k| match k {
+            Value::String(s) if !SECTIONS.contains(&s.as_str()) => Some(s.clone()),
+            Value::String(_) => None,
+            other => Some(format!("{other:?}")),
+        }) {
+            let reason = if UNBUILT_SECTIONS.contains(&unknown.as_str()) {
+                format!(
+                    "the `{unknown}` section is not built yet (see README, \"What is missing\"); \
+                     known sections: {}",
+                    SECTIONS.join(", ")
+                )
+            } else {
+                format!("unknown section; known sections: {}", SECTIONS.join(", "))
+            };
+            return Err(Error::Config {
+                origin: origin_of(&unknown),
+                key: unknown,
+                reason,
+            });
+        }
+        let config: Config = serde_path_to_error::deserialize(Value::Mapping(root)).map_err(|e| {
+            let key = e.path().to_string();
+            let mut reason = e.inner().to_string();
+            if reason.contains("unknown variant") {
+                if key == "shoal.backend" {
+                    reason.push_str(" (the kubernetes, lambda and http backends are not built yet)");
+                } else if key == "multiprocessing.pipe_connection_type" {
+                    reason.push_str(" (nanomsg pipes are not supported)");
+                }
+            }
+            Error::Config {
+                origin: origin_of(&key),
+                key,
+                reason,
+            }
+        })?;
+        config.validate_with(&origin_of)?;
+        Ok(config)
+    }
+
+    fn validate_with(&self, origin_of: &dyn Fn(&str) -> String) -> Result<()> {
+        let fail = |key: &str, reason: String| Error::Config {
+            origin: origin_of(key),
+            key: key.to_string(),
+            reason,
+        };
+        let ns = &self.shoal.namespace;
+        if ns.is_empty()
+            || ns.len() > 64
+            || !ns
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            return Err(fail(
+                "shoal.namespace",
+                format!("{ns:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-', '.'"),
+            ));
+        }
+        if let Some(url) = &self.redis.url {
+            check_redis_url(url).map_err(|reason| fail("redis.url", reason))?;
+        }
+        if self.redis.expiry_secs == 0 {
+            return Err(fail("redis.expiry_secs", "must be at least 1".into()));
+        }
+        const MIN_MESSAGE: u64 = 1024;
+        const MAX_MESSAGE: u64 = 512 * 1024 * 1024;
+        if !(MIN_MESSAGE..=MAX_MESSAGE).contains(&self.redis.max_message_bytes) {
+            return Err(fail(
+                "redis.max_message_bytes",
+                format!(
+                    "{} is outside {MIN_MESSAGE}..={MAX_MESSAGE} (Redis's own bulk limit)",
+                    self.redis.max_message_bytes
+                ),
+            ));
+        }
+        if self.redis.server_binary.trim().is_empty() {
+            return Err(fail("redis.server_binary", "must not be empty".into()));
+        }
+        for (key, secs) in [
+            ("redis.connect_timeout_secs", self.redis.connect_timeout_secs),
+            ("redis.response_timeout_secs", self.redis.response_timeout_secs),
+        ] {
+            if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
+                return Err(fail(key, format!("{secs} must be a number of seconds in (0, 86400]")));
+            }
+        }
+        for (name, value) in &self.multiprocessing.env_vars {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return Err(fail(
+                    "multiprocessing.env_vars",
+                    format!("{name:?} is not a valid environment variable name"),
+                ));
+            }
+            if value.contains('\0') {
+                return Err(fail(
+                    "multiprocessing.env_vars",
+                    format!("the value of {name} contains a NUL byte"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The origin string used in errors for a configuration built in code.
+    pub fn code_origin() -> &'static str {
+        "code"
+    }
+}
+
+fn parse_document(origin: &str, text: &str) -> Result<Mapping> {
+    let value: Value = serde_yaml::from_str(text).map_err(|e| Error::Config {
+        origin: origin.to_string(),
+        key: "(document)".into(),
+        reason: format!("not valid YAML: {e}"),
+    })?;
+    match value {
+        Value::Null => Ok(Mapping::new()),
+        Value::Mapping(m) => Ok(m),
+        _ => Err(Error::Config {
+            origin: origin.to_string(),
+            key: "(document)".into(),
+            reason: "the top level must be a mapping of sections".into(),
+        }),
+    }
+}
+
+/// Maps `SHOAL_<SECTION>_<KEY>` to `(section, key)`; `None` for variables that are not overrides.
+fn env_override_target(var: &str) -> Result<Option<(String, String)>> {
+    let Some(rest) = var.strip_prefix("SHOAL_") else {
+        return Ok(None);
+    };
+    if RESERVED_ENV.contains(&var) || var.starts_with(WORKER_ENV_PREFIX) {
+        return Ok(None);
+    }
+    let lower = rest.to_ascii_lowercase();
+    if lower == "backend" || lower == "namespace" {
+        return Ok(Some(("shoal".into(), lower)));
+    }
+    for section in SECTIONS {
+        if let Some(key) = lower.strip_prefix(&format!("{section}_")) {
+            if !key.is_empty() {
+                return Ok(Some((section.to_string(), key.to_string())));
+            }
+        }
+    }
+    let reason = match UNBUILT_SECTIONS
+        .iter()
+        .find(|s| lower.starts_with(&format!("{s}_")))
+    {
+        Some(section) => format!("the `{section}` section is not built yet"),
+        None => format!(
+            "unknown variable; overrides are named SHOAL_<SECTION>_<KEY> with SECTION one of {}",
+            SECTIONS.join(", ")
+        ),
+    };
+    Err(Error::Config {
+        origin: format!("environment variable {var}"),
+        key: var.to_string(),
+        reason,
+    })
+}
+
+fn check_redis_url(url: &str) -> std::result::Result<(), String> {
+    let scheme = url.split("://").next().unwrap_or_default();
+    if !url.contains("://") || !matches!(scheme, "redis" | "rediss" | "unix" | "redis+unix") {
+        return Err(format!(
+            "{url:?} must start with redis://, rediss://, unix:// or redis+unix://"
+        ));
+    }
+    redis::Client::open(url)
+        .map(|_| ())
+        .map_err(|e| format!("{}: {e}", redact_url(url)))
+}
+
+/// The URL with any password replaced by `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://***@{host}"),
+        },
+        None => url.to_string(),
+    }
+}
+
+fn find_config_file() -> Result<Option<PathBuf>> {
+    if let Ok(path) = std::env::var("SHOAL_CONFIG") {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            return Err(Error::Config {
+                origin: "environment variable SHOAL_CONFIG".into(),
+                key: "SHOAL_CONFIG".into(),
+                reason: format!("{} is not a file", path.display()),
+            });
+        }
+        return Ok(Some(path));
+    }
+    let local = PathBuf::from("config.yaml");
+    if local.is_file() {
+        return Ok(Some(local));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        let user = PathBuf::from(home).join(".shoal").join("config.yaml");
+        if user.is_file() {
+            return Ok(Some(user));
+        }
+    }
+    Ok(None)
+}
+
+/// Builds a [`Config`] in code. Starts from the built-in defaults (or from a given config) and
+/// validates in [`ConfigBuilder::build`].
+#[derive(Clone, Debug)]
+pub struct ConfigBuilder {
+    config: Config,
+}
+
+impl From<Config> for ConfigBuilder {
+    fn from(config: Config) -> Self {
+        ConfigBuilder { config }
+    }
+}
+
+impl ConfigBuilder {
+    /// `redis.url`: use this Redis instead of an embedded one.
+    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+        self.config.redis.url = Some(url.into());
+        self
+    }
+
+    /// `shoal.namespace`.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.config.shoal.namespace = namespace.into();
+        self
+    }
+
+    /// `redis.expiry_secs`.
+    pub fn expiry_secs(mut self, secs: u64) -> Self {
+        self.config.redis.expiry_secs = secs;
+        self
+    }
+
+    /// `redis.max_message_bytes`.
+    pub fn max_message_bytes(mut self, bytes: u64) -> Self {
+        self.config.redis.max_message_bytes = bytes;
+        self
+    }
+
+    /// `redis.server_binary`.
+    pub fn server_binary(mut self, binary: impl Into<String>) -> Self {
+        self.config.redis.server_binary = binary.into();
+        self
+    }
+
+    /// `redis.connect_timeout_secs`.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.redis.connect_timeout_secs = timeout.as_secs_f64();
+        self
+    }
+
+    /// `redis.response_timeout_secs`.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.config.redis.response_timeout_secs = timeout.as_secs_f64();
+        self
+    }
+
+    /// `local.start_method`.
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.config.local.start_method = method;
+        self
+    }
+
+    /// `multiprocessing.stream_stdout`.
+    pub fn stream_stdout(mut self, on: bool) -> Self {
+        self.config.multiprocessing.stream_stdout = on;
+        self
+    }
+
+    /// Adds one entry to `multiprocessing.env_vars`.
+    pub fn env_var(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config
+            .multiprocessing
+            .env_vars
+            .insert(name.into(), value.into());
+        self
+    }
+
+    /// `multiprocessing.export_execution_details`.
+    pub fn export_execution_details(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.multiprocessing.export_execution_details = Some(dir.into());
+        self
+    }
+
+    /// Validates and returns the configuration.
+    pub fn build(self) -> Result<Config> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn config_error(r: Result<Config>) -> (String, String, String) {
+        match r {
+            Err(Error::Config {
+                origin,
+                key,
+                reason,
+            }) => (origin, key, reason),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = Config::from_layers(None, env(&[])).expect("defaults are valid");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.redis.expiry_secs, 3600);
+        assert_eq!(c.local.start_method, StartMethod::Process);
+    }
+
+    #[test]
+    fn the_repository_config_yaml_is_the_defaults() {
+        let text = include_str!("../../config.yaml");
+        let c = Config::from_yaml_str(text, "config.yaml").expect("config.yaml parses");
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn file_values_are_read() {
+        let c = Config::from_yaml_str(
+            "redis:\n  expiry_secs: 60\nlocal:\n  start_method: thread\n",
+            "f.yaml",
+        )
+        .expect("valid");
+        assert_eq!(c.redis.expiry_secs, 60);
+        assert_eq!(c.local.start_method, StartMethod::Thread);
+        assert_eq!(c.redis.max_message_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let (origin, key, reason) =
+            config_error(Config::from_yaml_str("redis:\n  urll: x\n", "/etc/shoal.yaml"));
+        assert_eq!(origin, "/etc/shoal.yaml");
+        assert_eq!(key, "redis.urll");
+        assert!(reason.contains("unknown field `urll`"), "{reason}");
+    }
+
+    #[test]
+    fn unknown_and_unbuilt_sections() {
+        let (_, key, reason) = config_error(Config::from_yaml_str("redsi: {}\n", "c.yaml"));
+        assert_eq!(key, "redsi");
+        assert!(reason.contains("unknown section"), "{reason}");
+        let (_, key, reason) =
+            config_error(Config::from_yaml_str("kubernetes:\n  image: x\n", "c.yaml"));
+        assert_eq!(key, "kubernetes");
+        assert!(reason.contains("not built yet"), "{reason}");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let (origin, key, reason) =
+            config_error(Config::from_yaml_str("redis:\n  expiry_secs: soon\n", "c.yaml"));
+        assert_eq!((origin.as_str(), key.as_str()), ("c.yaml", "redis.expiry_secs"));
+        assert!(reason.contains("invalid type"), "{reason}");
+        let (_, key, reason) = config_error(Config::from_yaml_str(
+            "local:\n  start_method: fork\n",
+            "c.yaml",
+        ));
+        assert_eq!(key, "local.start_method");
+        assert!(reason.contains("unknown variant `fork`"), "{reason}");
+    }
+
+    #[test]
+    fn impossible_values_are_rejected() {
+        for (yaml, key) in [
+            ("redis:\n  expiry_secs: 0\n", "redis.expiry_secs"),
+            ("redis:\n  max_message_bytes: 10\n", "redis.max_message_bytes"),
+            ("redis:\n  url: http://x\n", "redis.url"),
+            ("shoal:\n  namespace: 'a{b}'\n", "shoal.namespace"),
+            ("redis:\n  response_timeout_secs: -1\n", "redis.response_timeout_secs"),
+            ("multiprocessing:\n  env_vars: {'A=B': c}\n", "multiprocessing.env_vars"),
+        ] {
+            let (origin, k, _) = config_error(Config::from_yaml_str(yaml, "c.yaml"));
+            assert_eq!((origin.as_str(), k.as_str()), ("c.yaml", key), "{yaml}");
+        }
+    }
+
+    #[test]
+    fn backend_and_pipe_hints() {
+        let (_, key, reason) =
+            config_error(Config::from_yaml_str("shoal:\n  backend: kubernetes\n", "c"));
+        assert_eq!(key, "shoal.backend");
+        assert!(reason.contains("not built yet"), "{reason}");
+        let (_, key, reason) = config_error(Config::from_yaml_str(
+            "multiprocessing:\n  pipe_connection_type: nanomsg\n",
+            "c",
+        ));
+        assert_eq!(key, "multiprocessing.pipe_connection_type");
+        assert!(reason.contains("not supported"), "{reason}");
+    }
+
+    #[test]
+    fn environment_overrides_win_and_are_named() {
+        let c = Config::from_layers(
+            Some(("c.yaml", "local:\n  start_method: process\n")),
+            env(&[
+                ("SHOAL_LOCAL_START_METHOD", "thread"),
+                ("SHOAL_REDIS_URL", "redis://127.0.0.1:7000"),
+                ("SHOAL_MULTIPROCESSING_ENV_VARS", "{GREETING: hi}"),
+                ("SHOAL_NAMESPACE", "jobs"),
+                ("SHOAL_CONFIG", "ignored"),
+                ("SHOAL_WORKER_TASK", "ignored"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.local.start_method, StartMethod::Thread);
+        assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:7000"));
+        assert_eq!(c.multiprocessing.env_vars["GREETING"], "hi");
+        assert_eq!(c.shoal.namespace, "jobs");
+
+        let (origin, key, _) = config_error(Config::from_layers(
+            Some(("c.yaml", "")),
+            env(&[("SHOAL_REDIS_EXPIRY_SECS", "0")]),
+        ));
+        assert_eq!(origin, "environment variable SHOAL_REDIS_EXPIRY_SECS");
+        assert_eq!(key, "redis.expiry_secs");
+
+        let (origin, key, reason) =
+            config_error(Config::from_layers(None, env(&[("SHOAL_REDIS_URLL", "x")])));
+        assert_eq!(origin, "environment variable SHOAL_REDIS_URLL");
+        assert_eq!(key, "redis.urll");
+        assert!(reason.contains("unknown field"), "{reason}");
+
+        let (_, key, _) =
+            config_error(Config::from_layers(None, env(&[("SHOAL_FROBNICATE", "1")])));
+        assert_eq!(key, "SHOAL_FROBNICATE");
+    }
+
+    #[test]
+    fn builder_validates() {
+        let c = Config::builder()
+            .start_method(StartMethod::Thread)
+            .env_var("A", "b")
+            .build()
+            .expect("valid");
+        assert_eq!(c.local.start_method, StartMethod::Thread);
+        let (origin, key, _) = config_error(Config::builder().expiry_secs(0).build());
+        assert_eq!((origin.as_str(), key.as_str()), ("code", "redis.expiry_secs"));
+    }
+
+    #[test]
+    fn invalid_yaml_and_non_mapping() {
+        let (_, key, _) = config_error(Config::from_yaml_str("redis: [\n", "c"));
+        assert_eq!(key, "(document)");
+        let (_, key, _) = config_error(Config::from_yaml_str("- 1\n", "c"));
+        assert_eq!(key, "(document)");
+        assert!(Config::from_yaml_str("", "c").is_ok());
+    }
+
+    #[test]
+    fn redaction_hides_passwords() {
+        assert_eq!(
+            redact_url("redis://app:s3cret@h:1/0"),
+            "redis://app:***@h:1/0"
+        );
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+    }
+}

@@ -1,0 +1,215 @@
+//! The one error type of shoal.
+//!
+//! Every fallible operation returns [`Result<T>`](Result). The variants are the
+//! ones a caller can act on; they mirror what Python's `multiprocessing` raises
+//! (`queue.Empty`, `queue.Full`, `TimeoutError`, `BrokenBarrierError`,
+//! `ValueError`/`AssertionError` as [`Error::InvalidState`], `EOFError` as
+//! [`Error::Closed`]) plus what a distributed runtime adds (Redis, codec,
+//! configuration and backend failures).
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// shoal's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in shoal.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A wait gave up after its timeout (Python's `TimeoutError`).
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+
+    /// A non-blocking or timed `get` found nothing (Python's `queue.Empty`).
+    #[error("empty")]
+    Empty,
+
+    /// A non-blocking or timed `put` found no room (Python's `queue.Full`).
+    #[error("full")]
+    Full,
+
+    /// A barrier was aborted, reset or timed out while this caller used it.
+    #[error("broken barrier")]
+    BrokenBarrier,
+
+    /// The other end is closed and nothing is left to read, or this end is closed (Python's `EOFError`/`OSError`).
+    #[error("closed: {0}")]
+    Closed(String),
+
+    /// The call is not valid in the object's current state (Python's `ValueError`, `AssertionError`, `RuntimeError`).
+    #[error("invalid state: {0}")]
+    InvalidState(String),
+
+    /// A remote function failed.
+    #[error(transparent)]
+    Task(#[from] TaskError),
+
+    /// A function was asked to run in another process but `#[shoal::remote]` did not register it in this binary.
+    #[error(
+        "function `{function}` is not registered: mark it with #[shoal::remote] (closures and \
+         unregistered functions can only run with local.start_method = thread)"
+    )]
+    NotRegistered {
+        /// The function's full path, as the registry knows it.
+        function: String,
+    },
+
+    /// A payload could not be encoded or decoded.
+    #[error("codec error at `{key}` (type `{expected}`): {reason}")]
+    Codec {
+        /// The Redis key, mailbox or argument list the payload belongs to.
+        key: String,
+        /// The Rust type that was written or expected.
+        expected: String,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// A payload is larger than `redis.max_message_bytes`.
+    #[error("message of {size} bytes at `{key}` exceeds redis.max_message_bytes = {limit}")]
+    TooLarge {
+        /// The Redis key or mailbox the payload belongs to.
+        key: String,
+        /// The payload's size in bytes.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+
+    /// Redis refused a command, went away, or did not answer in time.
+    #[error("redis: {context}: {source}")]
+    Redis {
+        /// What shoal was doing.
+        context: String,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
+
+    /// The configuration is invalid.
+    #[error("configuration error in {origin}: `{key}`: {reason}")]
+    Config {
+        /// Where the value came from: a file path, an environment variable, code or the defaults.
+        origin: String,
+        /// The dotted key, e.g. `redis.expiry_secs`.
+        key: String,
+        /// Why it is wrong.
+        reason: String,
+    },
+
+    /// An execution backend failed to launch, signal or observe a process.
+    #[error("backend: {0}")]
+    Backend(String),
+
+    /// An operating-system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What shoal was doing.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Wraps a Redis error with what shoal was doing when it happened.
+    pub fn redis(context: impl Into<String>, source: redis::RedisError) -> Self {
+        Error::Redis {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Wraps an I/O error with what shoal was doing when it happened.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// An [`Error::InvalidState`] with the given reason.
+    pub fn invalid_state(reason: impl Into<String>) -> Self {
+        Error::InvalidState(reason.into())
+    }
+}
+
+/// Extension for attaching context to Redis results.
+pub trait RedisContext<T> {
+    /// Turns a Redis error into [`Error::Redis`] with the given context.
+    fn context(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> RedisContext<T> for std::result::Result<T, redis::RedisError> {
+    fn context(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::redis(context(), source))
+    }
+}
+
+/// How a remote function failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TaskErrorKind {
+    /// The function panicked.
+    Panic,
+    /// The function returned `Err`, or its arguments or result could not be decoded.
+    Error,
+    /// The process running it died (killed, lost, or its lease lapsed) as often as retries allowed.
+    Crashed,
+}
+
+impl fmt::Display for TaskErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TaskErrorKind::Panic => "panic",
+            TaskErrorKind::Error => "error",
+            TaskErrorKind::Crashed => "crashed",
+        })
+    }
+}
+
+/// The failure of one remote call, as seen by the caller.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("task `{function}` failed ({kind}, attempt {attempts}): {message}")]
+pub struct TaskError {
+    /// The function's registered name.
+    pub function: String,
+    /// The panic message, the error's `Display`, or what killed the process.
+    pub message: String,
+    /// How it failed.
+    pub kind: TaskErrorKind,
+    /// How many times the call was attempted.
+    pub attempts: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_what_failed() {
+        let e = Error::NotRegistered {
+            function: "app::square".into(),
+        };
+        assert!(e.to_string().contains("app::square"));
+        let e = Error::Config {
+            origin: "config.yaml".into(),
+            key: "redis.expiry_secs".into(),
+            reason: "must be at least 1".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "configuration error in config.yaml: `redis.expiry_secs`: must be at least 1"
+        );
+        let e = Error::from(TaskError {
+            function: "f".into(),
+            message: "boom".into(),
+            kind: TaskErrorKind::Panic,
+            attempts: 1,
+        });
+        assert_eq!(e.to_string(), "task `f` failed (panic, attempt 1): boom");
+    }
+}

@@ -1,0 +1,243 @@
+//! The registry of functions that can run in another process.
+//!
+//! Rust cannot send a closure to another process, so shoal uses the same-binary model: the
+//! program that starts a process is also the worker, and a task names a function and carries its
+//! encoded arguments. `#[shoal::remote]` adds each function to [`REMOTE_FUNCTIONS`], a
+//! link-time slice (linkme): it is complete before `main` runs and needs no registration code at
+//! startup, in binaries and test binaries alike.
+//!
+//! A function's name is its full path as [`std::any::type_name`] spells its item type
+//! (`my_app::jobs::square`). The caller derives the same name from the function value it was
+//! given ([`RemoteFn::name`]), so the two always agree within one binary; a closure has a name
+//! too (`my_app::main::{{closure}}`) but is never registered, and starting it in another process
+//! is [`Error::NotRegistered`](crate::Error::NotRegistered).
+//!
+//! A registered function is called through its [`Invoke`] entry: decode the argument tuple,
+//! call, encode the result. A function whose return type is spelled `Result<T, E>` is fallible:
+//! `Err(e)` becomes a [`Failure`] of kind [`TaskErrorKind::Error`] carrying `e.to_string()`.
+//! [`call`] adds panic capture.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::OnceLock;
+
+use linkme::distributed_slice;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec;
+use crate::error::TaskErrorKind;
+
+/// Decodes arguments, calls the function, encodes its result.
+pub type Invoke = fn(args: &[u8], limit: usize) -> Result<Vec<u8>, Failure>;
+
+/// One function that `#[shoal::remote]` registered.
+#[derive(Debug)]
+pub struct RemoteFunction {
+    /// The function's full path (computed, so it always matches [`RemoteFn::name`]).
+    pub name: fn() -> &'static str,
+    /// Runs the function on encoded arguments.
+    pub invoke: Invoke,
+}
+
+/// Every function registered with `#[shoal::remote]` in this binary.
+#[distributed_slice]
+pub static REMOTE_FUNCTIONS: [RemoteFunction];
+
+/// Module paths of `shoal::test_support!()` invocations in this binary. When one is present the
+/// binary is a test binary, and a worker subprocess is started as the test named
+/// `<module path without the crate>::shoal_worker_entry` instead of running every test.
+#[distributed_slice]
+pub static TEST_WORKER_ENTRIES: [&'static str];
+
+/// The registered function called `name`.
+pub fn lookup(name: &str) -> Option<&'static RemoteFunction> {
+    static INDEX: OnceLock<HashMap<&'static str, &'static RemoteFunction>> = OnceLock::new();
+    INDEX
+        .get_or_init(|| REMOTE_FUNCTIONS.iter().map(|f| ((f.name)(), f)).collect())
+        .get(name)
+        .copied()
+}
+
+/// The names of every registered function, sorted.
+pub fn registered_names() -> Vec<&'static str> {
+    let mut names: Vec<_> = REMOTE_FUNCTIONS.iter().map(|f| (f.name)()).collect();
+    names.sort_unstable();
+    names
+}
+
+/// The libtest name of the worker entry test, if this binary is a test binary that invoked
+/// `shoal::test_support!()`.
+pub fn test_worker_entry() -> Option<String> {
+    TEST_WORKER_ENTRIES.first().map(|module| {
+        match module.split_once("::") {
+            Some((_crate, path)) => format!("{path}::shoal_worker_entry"),
+            None => "shoal_worker_entry".to_string(),
+        }
+    })
+}
+
+/// Why a remote call failed, as the worker reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// Panic, error, or (never produced by a worker itself) crash.
+    pub kind: TaskErrorKind,
+    /// What happened.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure of kind [`TaskErrorKind::Error`].
+    pub fn error(message: impl Display) -> Self {
+        Failure {
+            kind: TaskErrorKind::Error,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Calls a registered function, turning a panic into a [`Failure`] of kind
+/// [`TaskErrorKind::Panic`] with the panic message.
+pub fn call(function: &RemoteFunction, args: &[u8], limit: usize) -> Result<Vec<u8>, Failure> {
+    match catch_unwind(AssertUnwindSafe(|| (function.invoke)(args, limit))) {
+        Ok(result) => result,
+        Err(payload) => Err(Failure {
+            kind: TaskErrorKind::Panic,
+            message: panic_message(payload.as_ref()),
+        }),
+    }
+}
+
+/// The message of a panic payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panicked with a non-string payload".to_string()
+    }
+}
+
+/// Decodes a function's argument tuple (used by `#[shoal::remote]`).
+pub fn decode_args<T: DeserializeOwned>(
+    bytes: &[u8],
+    limit: usize,
+    function: &str,
+) -> Result<T, Failure> {
+    codec::decode(bytes, &format!("arguments of {function}"), limit).map_err(Failure::error)
+}
+
+/// Encodes a function's result (used by `#[shoal::remote]`).
+pub fn encode_output<T: Serialize>(
+    value: &T,
+    limit: usize,
+    function: &str,
+) -> Result<Vec<u8>, Failure> {
+    codec::encode(value, &format!("result of {function}"), limit).map_err(Failure::error)
+}
+
+/// A function value that can be the target of a process or a pool task, called with its
+/// arguments as a tuple. Implemented for every `FnOnce` of 0 to 8 arguments.
+pub trait RemoteFn<Args>: Send + 'static {
+    /// What the function returns.
+    type Output;
+
+    /// Calls the function in this process.
+    fn call(self, args: Args) -> Self::Output;
+
+    /// The name the registry knows the function by.
+    fn name(&self) -> &'static str {
+        std::any::type_name::<Self>()
+    }
+}
+
+macro_rules! impl_remote_fn {
+    ($($arg:ident),*) => {
+        impl<Func, Ret, $($arg),*> RemoteFn<($($arg,)*)> for Func
+        where
+            Func: FnOnce($($arg),*) -> Ret + Send + 'static,
+        {
+            type Output = Ret;
+
+            #[allow(non_snake_case)]
+            fn call(self, ($($arg,)*): ($($arg,)*)) -> Ret {
+                self($($arg),*)
+            }
+        }
+    };
+}
+
+impl_remote_fn!();
+impl_remote_fn!(A1);
+impl_remote_fn!(A1, A2);
+impl_remote_fn!(A1, A2, A3);
+impl_remote_fn!(A1, A2, A3, A4);
+impl_remote_fn!(A1, A2, A3, A4, A5);
+impl_remote_fn!(A1, A2, A3, A4, A5, A6);
+impl_remote_fn!(A1, A2, A3, A4, A5, A6, A7);
+impl_remote_fn!(A1, A2, A3, A4, A5, A6, A7, A8);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn add(a: u32, b: u32) -> u32 {
+        a + b
+    }
+
+    fn invoke_add(args: &[u8], limit: usize) -> Result<Vec<u8>, Failure> {
+        let (a, b): (u32, u32) = decode_args(args, limit, "add")?;
+        encode_output(&add(a, b), limit, "add")
+    }
+
+    fn invoke_panics(_: &[u8], _: usize) -> Result<Vec<u8>, Failure> {
+        panic!("kaboom {}", 7)
+    }
+
+    // linkme places the entry with #[link_section]; the entry is plain data.
+    #[allow(unsafe_code)]
+    #[distributed_slice(REMOTE_FUNCTIONS)]
+    static ADD: RemoteFunction = RemoteFunction {
+        name: || std::any::type_name_of_val(&add),
+        invoke: invoke_add,
+    };
+
+    #[test]
+    fn names_agree_between_registry_and_caller() {
+        assert_eq!(RemoteFn::<(u32, u32)>::name(&add), "shoal_core::registry::tests::add");
+        assert!(lookup(add.name()).is_some());
+        assert!(registered_names().contains(&"shoal_core::registry::tests::add"));
+        let closure = |x: u32| x;
+        assert!(lookup(RemoteFn::<(u32,)>::name(&closure)).is_none());
+    }
+
+    #[test]
+    fn call_decodes_runs_and_encodes() {
+        let args = codec::encode(&(2u32, 3u32), "a", 1024).expect("encode");
+        let out = call(&ADD, &args, 1024).expect("call");
+        assert_eq!(codec::decode::<u32>(&out, "r", 1024).expect("decode"), 5);
+        let bad = codec::encode(&("x",), "a", 1024).expect("encode");
+        let failure = call(&ADD, &bad, 1024).expect_err("wrong arguments");
+        assert_eq!(failure.kind, TaskErrorKind::Error);
+        assert!(failure.message.contains("arguments of add"), "{}", failure.message);
+    }
+
+    #[test]
+    fn panics_become_failures() {
+        let f = RemoteFunction {
+            name: || "p",
+            invoke: invoke_panics,
+        };
+        let failure = call(&f, &[], 1024).expect_err("panics");
+        assert_eq!(failure.kind, TaskErrorKind::Panic);
+        assert_eq!(failure.message, "kaboom 7");
+    }
+
+    #[test]
+    fn typed_calls() {
+        assert_eq!(RemoteFn::call(add, (1, 2)), 3);
+        assert_eq!(RemoteFn::call(|| 9, ()), 9);
+    }
+}

@@ -1,0 +1,371 @@
+//! The Redis store: connections, key schema, scripts, payload limits, and the embedded server.
+//!
+//! # Connections
+//!
+//! A [`Store`] hands out three kinds of connection from one [`redis::Client`]:
+//!
+//! * **Pooled synchronous connections** ([`Store::with_conn`]) for calls made from user threads.
+//!   A blocking API call (`Queue::get`, `Lock::acquire`, `Process::start`) runs on the caller's
+//!   thread; a synchronous connection answers it without a hop to another thread. Measured on
+//!   the reference machine: 15 µs per PING over the Unix socket, against 39 µs through an async
+//!   multiplexed connection driven by another thread.
+//! * **Pooled connections for blocking commands** ([`Store::with_blocking_conn`]): the command
+//!   carries Redis's own timeout (`BLPOP k 2`) and the client waits that long plus
+//!   `redis.response_timeout_secs` (rule 6 of the design: never give up client-side first). A
+//!   connection whose command failed on I/O or timed out is discarded, never reused, so a late
+//!   reply cannot reach the next caller.
+//! * **One async multiplexed connection** ([`Store::multiplexed`]) for actors, and dedicated async
+//!   connections ([`Store::dedicated`]) for actors that block (stream readers).
+//!
+//! # Scripts
+//!
+//! Each primitive keeps its Lua next to its module and wraps it in a [`redis::Script`], which runs
+//! `EVALSHA` and loads the script only when the server answers `NOSCRIPT` (first use, or after a
+//! restart): one round trip per call in the steady state.
+//!
+//! # URLs
+//!
+//! `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS, system roots; `#insecure`
+//! skips verification), `unix:///path` and `redis+unix:///path`.
+
+pub mod embedded;
+pub mod keys;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ConnectionLike, RedisError, RedisResult};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec;
+use crate::config::{Config, redact_url};
+use crate::error::{Error, Result};
+pub use keys::{KeySpace, ObjectKeys};
+
+/// Idle synchronous connections kept for reuse.
+const MAX_IDLE: usize = 64;
+
+/// What a [`Store`] needs besides its URL.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoreSettings {
+    /// Key namespace.
+    pub namespace: String,
+    /// TTL of every key, in seconds.
+    pub expiry_secs: u64,
+    /// Payload limit in bytes.
+    pub max_message_bytes: usize,
+    /// Connection timeout.
+    pub connect_timeout: Duration,
+    /// Response timeout of ordinary commands.
+    pub response_timeout: Duration,
+}
+
+impl StoreSettings {
+    /// The settings a configuration asks for.
+    pub fn from_config(config: &Config) -> Self {
+        StoreSettings {
+            namespace: config.shoal.namespace.clone(),
+            expiry_secs: config.redis.expiry_secs,
+            max_message_bytes: usize::try_from(config.redis.max_message_bytes)
+                .unwrap_or(usize::MAX),
+            connect_timeout: config.redis.connect_timeout(),
+            response_timeout: config.redis.response_timeout(),
+        }
+    }
+}
+
+/// Access to one Redis server for one namespace.
+pub struct Store {
+    client: redis::Client,
+    url: String,
+    settings: StoreSettings,
+    keys: KeySpace,
+    idle: Mutex<Vec<redis::Connection>>,
+    multiplexed: tokio::sync::OnceCell<MultiplexedConnection>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &redact_url(&self.url))
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens a store and checks that Redis answers, so that a wrong URL or a server that is down
+    /// is reported here and not at the first operation.
+    pub fn connect(url: &str, settings: StoreSettings) -> Result<Store> {
+        let client = redis::Client::open(url).map_err(|e| Error::Config {
+            origin: "redis.url".into(),
+            key: "redis.url".into(),
+            reason: format!("{}: {e}", redact_url(url)),
+        })?;
+        let store = Store {
+            client,
+            url: url.to_string(),
+            keys: KeySpace::new(settings.namespace.clone()),
+            settings,
+            idle: Mutex::new(Vec::new()),
+            multiplexed: tokio::sync::OnceCell::new(),
+        };
+        store.with_conn(
+            || format!("connecting to {}", redact_url(url)),
+            |c| redis::cmd("PING").query::<()>(c),
+        )?;
+        Ok(store)
+    }
+
+    /// The URL this store connects to (it may carry a password: do not log it).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL with the password hidden.
+    pub fn display_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    /// The key schema of this store's namespace.
+    pub fn keys(&self) -> &KeySpace {
+        &self.keys
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &StoreSettings {
+        &self.settings
+    }
+
+    /// TTL of every key, in seconds.
+    pub fn expiry_secs(&self) -> u64 {
+        self.settings.expiry_secs
+    }
+
+    /// Encodes a payload for `key` under this store's size limit.
+    pub fn encode<T: Serialize + ?Sized>(&self, value: &T, key: &str) -> Result<Vec<u8>> {
+        codec::encode(value, key, self.settings.max_message_bytes)
+    }
+
+    /// Decodes a payload read from `key` under this store's size limit.
+    pub fn decode<T: DeserializeOwned>(&self, bytes: &[u8], key: &str) -> Result<T> {
+        codec::decode(bytes, key, self.settings.max_message_bytes)
+    }
+
+    /// Runs `f` on a pooled synchronous connection whose reads time out after
+    /// `redis.response_timeout_secs`. `context` describes the operation in errors.
+    pub fn with_conn<T>(
+        &self,
+        context: impl FnOnce() -> String,
+        f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
+    ) -> Result<T> {
+        self.run_pooled(Some(self.settings.response_timeout), false, context, f)
+    }
+
+    /// Runs a blocking command on a pooled connection. `block` is the timeout the command itself
+    /// carries (`None`: it blocks until served); the client waits that long plus the response
+    /// timeout before it gives up, and then discards the connection.
+    pub fn with_blocking_conn<T>(
+        &self,
+        block: Option<Duration>,
+        context: impl FnOnce() -> String,
+        f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
+    ) -> Result<T> {
+        let read_timeout = block.map(|b| b + self.settings.response_timeout);
+        self.run_pooled(read_timeout, true, context, f)
+    }
+
+    fn run_pooled<T>(
+        &self,
+        read_timeout: Option<Duration>,
+        blocking: bool,
+        context: impl FnOnce() -> String,
+        f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
+    ) -> Result<T> {
+        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => match self.open_sync() {
+                Ok(conn) => conn,
+                Err(e) => return Err(Error::redis(context(), e)),
+            },
+        };
+        if blocking {
+            conn.set_read_timeout(read_timeout)
+                .map_err(|e| Error::redis("setting a read timeout", e))?;
+        }
+        let result = f(&mut conn);
+        let reusable = match &result {
+            Ok(_) => conn.is_open(),
+            Err(e) => is_server_reply(e) && conn.is_open(),
+        };
+        if reusable {
+            if blocking {
+                let _ = conn.set_read_timeout(Some(self.settings.response_timeout));
+            }
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < MAX_IDLE {
+                idle.push(conn);
+            }
+        }
+        result.map_err(|e| Error::redis(context(), e))
+    }
+
+    fn open_sync(&self) -> RedisResult<redis::Connection> {
+        let conn = self
+            .client
+            .get_connection_with_timeout(self.settings.connect_timeout)?;
+        conn.set_read_timeout(Some(self.settings.response_timeout))?;
+        conn.set_write_timeout(Some(self.settings.response_timeout))?;
+        Ok(conn)
+    }
+
+    /// The shared async multiplexed connection, for ordinary commands sent by actors.
+    ///
+    /// The connection's driver runs on the Tokio runtime of the first caller, so only the
+    /// runtime's actor system, which lives as long as the store is used, may call this.
+    pub async fn multiplexed(&self) -> Result<MultiplexedConnection> {
+        self.multiplexed
+            .get_or_try_init(|| async {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.settings.connect_timeout))
+                    .set_response_timeout(Some(self.settings.response_timeout));
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+            })
+            .await
+            .cloned()
+            .map_err(|e| Error::redis(format!("connecting to {}", self.display_url()), e))
+    }
+
+    /// A new async connection for one actor that sends blocking commands with timeouts up to
+    /// `block` (`None`: unbounded).
+    pub async fn dedicated(&self, block: Option<Duration>) -> Result<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.settings.connect_timeout))
+            .set_response_timeout(block.map(|b| b + self.settings.response_timeout));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| Error::redis(format!("connecting to {}", self.display_url()), e))
+    }
+
+    /// Deletes every key of this store's namespace; returns how many were deleted.
+    pub fn clean_namespace(&self) -> Result<u64> {
+        let pattern = self.keys.pattern();
+        let mut cursor: u64 = 0;
+        let mut deleted = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self.with_conn(
+                || format!("scanning {pattern}"),
+                |c| {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query(c)
+                },
+            )?;
+            if !keys.is_empty() {
+                let n: u64 = self.with_conn(
+                    || format!("deleting keys of {pattern}"),
+                    |c| redis::cmd("UNLINK").arg(&keys).query(c),
+                )?;
+                deleted += n;
+            }
+            cursor = next;
+            if cursor == 0 {
+                return Ok(deleted);
+            }
+        }
+    }
+}
+
+/// True when the error is a reply from the server (the connection is still in step).
+fn is_server_reply(e: &RedisError) -> bool {
+    !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedRedis;
+
+    fn settings() -> StoreSettings {
+        StoreSettings::from_config(&Config::default())
+    }
+
+    #[test]
+    fn unreachable_redis_is_a_clear_error() {
+        let mut s = settings();
+        s.connect_timeout = Duration::from_millis(300);
+        match Store::connect("redis://127.0.0.1:1", s) {
+            Err(Error::Redis { context, .. }) => {
+                assert!(context.contains("connecting to redis://127.0.0.1:1"), "{context}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pooled_and_blocking_connections() {
+        let server = EmbeddedRedis::start("redis-server", Duration::from_secs(5)).expect("redis");
+        let store = Store::connect(&server.url(), settings()).expect("connects");
+        store
+            .with_conn(|| "rpush".into(), |c| redis::cmd("RPUSH").arg("l").arg(1).query::<()>(c))
+            .expect("rpush");
+        let got: Option<(String, i64)> = store
+            .with_blocking_conn(
+                Some(Duration::from_millis(100)),
+                || "blpop".into(),
+                |c| redis::cmd("BLPOP").arg("l").arg(0.1).query(c),
+            )
+            .expect("blpop");
+        assert_eq!(got, Some(("l".into(), 1)));
+        let start = std::time::Instant::now();
+        let none: Option<(String, i64)> = store
+            .with_blocking_conn(
+                Some(Duration::from_millis(200)),
+                || "blpop".into(),
+                |c| redis::cmd("BLPOP").arg("l").arg(0.2).query(c),
+            )
+            .expect("blpop times out server-side");
+        assert_eq!(none, None);
+        assert!(start.elapsed() >= Duration::from_millis(190));
+        // A server error keeps the connection; a wrong-type reply is such an error.
+        let err = store.with_conn(
+            || "incr on a list".into(),
+            |c| redis::cmd("INCR").arg("missing-list").arg("extra").query::<i64>(c),
+        );
+        assert!(matches!(err, Err(Error::Redis { .. })));
+        assert!(!store.idle.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn clean_removes_only_the_namespace() {
+        let server = EmbeddedRedis::start("redis-server", Duration::from_secs(5)).expect("redis");
+        let store = Store::connect(&server.url(), settings()).expect("connects");
+        let k = store.keys().object("proc", "1").key("task");
+        store
+            .with_conn(
+                || "set".into(),
+                |c| {
+                    redis::pipe()
+                        .set(&k, 1)
+                        .set("shoal:{other:proc:1}:task", 1)
+                        .query::<()>(c)
+                },
+            )
+            .expect("set");
+        assert_eq!(store.clean_namespace().expect("clean"), 1);
+        let left: i64 = store
+            .with_conn(|| "dbsize".into(), |c| redis::cmd("DBSIZE").query(c))
+            .expect("dbsize");
+        assert_eq!(left, 1);
+    }
+}
