@@ -52,8 +52,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], key: &str, limit: usize) -> Res
         None => Err(codec_error("empty payload".into())),
         Some((&FORMAT_VERSION, body)) => {
             let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
-            let value = T::deserialize(&mut de)
-                .map_err(|e| codec_error(format!("cannot decode: {e}")))?;
+            let value =
+                T::deserialize(&mut de).map_err(|e| codec_error(format!("cannot decode: {e}")))?;
             let trailing = body.len() as u64 - de.position();
             if trailing > 0 {
                 return Err(codec_error(format!(
@@ -89,7 +89,10 @@ mod tests {
         assert_eq!(decode::<Point>(&bytes, "k", 1024).expect("decodes"), p);
         let v = (1u64, "bob".to_string(), vec![1.5f64]);
         let bytes = encode(&v, "k", 1024).expect("encodes");
-        assert_eq!(decode::<(u64, String, Vec<f64>)>(&bytes, "k", 1024).expect("decodes"), v);
+        assert_eq!(
+            decode::<(u64, String, Vec<f64>)>(&bytes, "k", 1024).expect("decodes"),
+            v
+        );
     }
 
     #[test]
@@ -102,12 +105,18 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(decode::<u64>(&[], "k", 10), Err(Error::Codec { .. })));
+        assert!(matches!(
+            decode::<u64>(&[], "k", 10),
+            Err(Error::Codec { .. })
+        ));
         match decode::<u64>(&[9, 1], "k", 10) {
             Err(Error::Codec { reason, .. }) => assert!(reason.contains("version 9"), "{reason}"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(decode::<u64>(b"\x01garbage\xc1", "k", 100), Err(Error::Codec { .. })));
+        assert!(matches!(
+            decode::<u64>(b"\x01garbage\xc1", "k", 100),
+            Err(Error::Codec { .. })
+        ));
     }
 
     #[test]
@@ -118,6 +127,9 @@ mod tests {
             Err(Error::TooLarge { size, limit: 1024, .. }) if size > 2000
         ));
         let bytes = encode(&big, "k", 4096).expect("fits");
-        assert!(matches!(decode::<Vec<u8>>(&bytes, "k", 1024), Err(Error::TooLarge { .. })));
+        assert!(matches!(
+            decode::<Vec<u8>>(&bytes, "k", 1024),
+            Err(Error::TooLarge { .. })
+        ));
     }
 }

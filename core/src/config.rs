@@ -248,7 +248,10 @@ impl Config {
                 });
             };
             section_map.insert(Value::String(key.clone()), value);
-            env_origin.insert(format!("{section}.{key}"), format!("environment variable {var}"));
+            env_origin.insert(
+                format!("{section}.{key}"),
+                format!("environment variable {var}"),
+            );
         }
         let origin_of = |key: &str| -> String {
             env_origin
@@ -276,22 +279,25 @@ impl Config {
                 reason,
             });
         }
-        let config: Config = serde_path_to_error::deserialize(Value::Mapping(root)).map_err(|e| {
-            let key = e.path().to_string();
-            let mut reason = e.inner().to_string();
-            if reason.contains("unknown variant") {
-                if key == "shoal.backend" {
-                    reason.push_str(" (the kubernetes, lambda and http backends are not built yet)");
-                } else if key == "multiprocessing.pipe_connection_type" {
-                    reason.push_str(" (nanomsg pipes are not supported)");
+        let config: Config =
+            serde_path_to_error::deserialize(Value::Mapping(root)).map_err(|e| {
+                let key = e.path().to_string();
+                let mut reason = e.inner().to_string();
+                if reason.contains("unknown variant") {
+                    if key == "shoal.backend" {
+                        reason.push_str(
+                            " (the kubernetes, lambda and http backends are not built yet)",
+                        );
+                    } else if key == "multiprocessing.pipe_connection_type" {
+                        reason.push_str(" (nanomsg pipes are not supported)");
+                    }
                 }
-            }
-            Error::Config {
-                origin: origin_of(&key),
-                key,
-                reason,
-            }
-        })?;
+                Error::Config {
+                    origin: origin_of(&key),
+                    key,
+                    reason,
+                }
+            })?;
         config.validate_with(&origin_of)?;
         Ok(config)
     }
@@ -335,11 +341,20 @@ impl Config {
             return Err(fail("redis.server_binary", "must not be empty".into()));
         }
         for (key, secs) in [
-            ("redis.connect_timeout_secs", self.redis.connect_timeout_secs),
-            ("redis.response_timeout_secs", self.redis.response_timeout_secs),
+            (
+                "redis.connect_timeout_secs",
+                self.redis.connect_timeout_secs,
+            ),
+            (
+                "redis.response_timeout_secs",
+                self.redis.response_timeout_secs,
+            ),
         ] {
             if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
-                return Err(fail(key, format!("{secs} must be a number of seconds in (0, 86400]")));
+                return Err(fail(
+                    key,
+                    format!("{secs} must be a number of seconds in (0, 86400]"),
+                ));
             }
         }
         for (name, value) in &self.multiprocessing.env_vars {
@@ -395,10 +410,10 @@ fn env_override_target(var: &str) -> Result<Option<(String, String)>> {
         return Ok(Some(("shoal".into(), lower)));
     }
     for section in SECTIONS {
-        if let Some(key) = lower.strip_prefix(&format!("{section}_")) {
-            if !key.is_empty() {
-                return Ok(Some((section.to_string(), key.to_string())));
-            }
+        if let Some(key) = lower.strip_prefix(&format!("{section}_"))
+            && !key.is_empty()
+        {
+            return Ok(Some((section.to_string(), key.to_string())));
         }
     }
     let reason = match UNBUILT_SECTIONS
@@ -609,8 +624,10 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_and_file() {
-        let (origin, key, reason) =
-            config_error(Config::from_yaml_str("redis:\n  urll: x\n", "/etc/shoal.yaml"));
+        let (origin, key, reason) = config_error(Config::from_yaml_str(
+            "redis:\n  urll: x\n",
+            "/etc/shoal.yaml",
+        ));
         assert_eq!(origin, "/etc/shoal.yaml");
         assert_eq!(key, "redis.urll");
         assert!(reason.contains("unknown field `urll`"), "{reason}");
@@ -629,9 +646,14 @@ mod tests {
 
     #[test]
     fn wrong_type_names_key() {
-        let (origin, key, reason) =
-            config_error(Config::from_yaml_str("redis:\n  expiry_secs: soon\n", "c.yaml"));
-        assert_eq!((origin.as_str(), key.as_str()), ("c.yaml", "redis.expiry_secs"));
+        let (origin, key, reason) = config_error(Config::from_yaml_str(
+            "redis:\n  expiry_secs: soon\n",
+            "c.yaml",
+        ));
+        assert_eq!(
+            (origin.as_str(), key.as_str()),
+            ("c.yaml", "redis.expiry_secs")
+        );
         assert!(reason.contains("invalid type"), "{reason}");
         let (_, key, reason) = config_error(Config::from_yaml_str(
             "local:\n  start_method: fork\n",
@@ -645,11 +667,20 @@ mod tests {
     fn impossible_values_are_rejected() {
         for (yaml, key) in [
             ("redis:\n  expiry_secs: 0\n", "redis.expiry_secs"),
-            ("redis:\n  max_message_bytes: 10\n", "redis.max_message_bytes"),
+            (
+                "redis:\n  max_message_bytes: 10\n",
+                "redis.max_message_bytes",
+            ),
             ("redis:\n  url: http://x\n", "redis.url"),
             ("shoal:\n  namespace: 'a{b}'\n", "shoal.namespace"),
-            ("redis:\n  response_timeout_secs: -1\n", "redis.response_timeout_secs"),
-            ("multiprocessing:\n  env_vars: {'A=B': c}\n", "multiprocessing.env_vars"),
+            (
+                "redis:\n  response_timeout_secs: -1\n",
+                "redis.response_timeout_secs",
+            ),
+            (
+                "multiprocessing:\n  env_vars: {'A=B': c}\n",
+                "multiprocessing.env_vars",
+            ),
         ] {
             let (origin, k, _) = config_error(Config::from_yaml_str(yaml, "c.yaml"));
             assert_eq!((origin.as_str(), k.as_str()), ("c.yaml", key), "{yaml}");
@@ -658,8 +689,10 @@ mod tests {
 
     #[test]
     fn backend_and_pipe_hints() {
-        let (_, key, reason) =
-            config_error(Config::from_yaml_str("shoal:\n  backend: kubernetes\n", "c"));
+        let (_, key, reason) = config_error(Config::from_yaml_str(
+            "shoal:\n  backend: kubernetes\n",
+            "c",
+        ));
         assert_eq!(key, "shoal.backend");
         assert!(reason.contains("not built yet"), "{reason}");
         let (_, key, reason) = config_error(Config::from_yaml_str(
@@ -717,7 +750,10 @@ mod tests {
             .expect("valid");
         assert_eq!(c.local.start_method, StartMethod::Thread);
         let (origin, key, _) = config_error(Config::builder().expiry_secs(0).build());
-        assert_eq!((origin.as_str(), key.as_str()), ("code", "redis.expiry_secs"));
+        assert_eq!(
+            (origin.as_str(), key.as_str()),
+            ("code", "redis.expiry_secs")
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! [`ProcessInfo`] and a termination flag, kept in a thread-local while its target runs.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::config::Config;
@@ -43,7 +43,6 @@ pub struct Context {
     config: Config,
     store: Arc<Store>,
     process: ProcessInfo,
-    children_started: AtomicU32,
 }
 
 impl Context {
@@ -53,7 +52,6 @@ impl Context {
             config,
             store,
             process,
-            children_started: AtomicU32::new(0),
         }
     }
 
@@ -70,25 +68,6 @@ impl Context {
     /// This process.
     pub fn process(&self) -> &ProcessInfo {
         &self.process
-    }
-
-    /// The identity of the next child this process starts (Python's `_identity`), and its
-    /// default name `Process-<identity joined by ':'>`.
-    pub fn next_child(&self) -> (Vec<u32>, String) {
-        let n = self.children_started.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut identity = current_process_info()
-            .map(|p| p.identity)
-            .unwrap_or_else(|| self.process.identity.clone());
-        identity.push(n);
-        let name = format!(
-            "Process-{}",
-            identity
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(":")
-        );
-        (identity, name)
     }
 }
 

@@ -70,12 +70,12 @@ pub fn registered_names() -> Vec<&'static str> {
 /// The libtest name of the worker entry test, if this binary is a test binary that invoked
 /// `shoal::test_support!()`.
 pub fn test_worker_entry() -> Option<String> {
-    TEST_WORKER_ENTRIES.first().map(|module| {
-        match module.split_once("::") {
+    TEST_WORKER_ENTRIES
+        .first()
+        .map(|module| match module.split_once("::") {
             Some((_crate, path)) => format!("{path}::shoal_worker_entry"),
             None => "shoal_worker_entry".to_string(),
-        }
-    })
+        })
 }
 
 /// Why a remote call failed, as the worker reports it.
@@ -206,7 +206,10 @@ mod tests {
 
     #[test]
     fn names_agree_between_registry_and_caller() {
-        assert_eq!(RemoteFn::<(u32, u32)>::name(&add), "shoal_core::registry::tests::add");
+        assert_eq!(
+            RemoteFn::<(u32, u32)>::name(&add),
+            "shoal_core::registry::tests::add"
+        );
         assert!(lookup(add.name()).is_some());
         assert!(registered_names().contains(&"shoal_core::registry::tests::add"));
         let closure = |x: u32| x;
@@ -221,7 +224,11 @@ mod tests {
         let bad = codec::encode(&("x",), "a", 1024).expect("encode");
         let failure = call(&ADD, &bad, 1024).expect_err("wrong arguments");
         assert_eq!(failure.kind, TaskErrorKind::Error);
-        assert!(failure.message.contains("arguments of add"), "{}", failure.message);
+        assert!(
+            failure.message.contains("arguments of add"),
+            "{}",
+            failure.message
+        );
     }
 
     #[test]

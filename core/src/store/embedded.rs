@@ -104,8 +104,7 @@ impl EmbeddedRedis {
         #[allow(unsafe_code)]
         unsafe {
             command.pre_exec(move || {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)
-                    .map_err(std::io::Error::from)?;
+                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
                 // The parent may have died before prctl took effect.
                 if nix::unistd::getppid().as_raw() as u32 != parent {
                     return Err(std::io::Error::other("parent exited during start"));
@@ -197,7 +196,10 @@ impl EmbeddedRedis {
                 let _ = conn.write_all(b"*2\r\n$8\r\nSHUTDOWN\r\n$6\r\nNOSAVE\r\n");
             }
             if !self.exited.wait(STOP_GRACE) && !self.exited.is_set() {
-                tracing::warn!(pid = self.pid, "embedded redis-server ignored SHUTDOWN; killing it");
+                tracing::warn!(
+                    pid = self.pid,
+                    "embedded redis-server ignored SHUTDOWN; killing it"
+                );
                 let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
                 self.exited.wait(STOP_GRACE);
             }
@@ -238,7 +240,13 @@ fn find_program(binary: &str) -> Result<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
-    for extra in ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/opt/homebrew/bin"] {
+    for extra in [
+        "/usr/bin",
+        "/usr/sbin",
+        "/usr/local/bin",
+        "/usr/local/sbin",
+        "/opt/homebrew/bin",
+    ] {
         dirs.push(PathBuf::from(extra));
     }
     dirs.iter()
@@ -282,7 +290,10 @@ mod tests {
         assert!(server.url().starts_with("unix://"));
         assert!(Path::new(&format!("/proc/{pid}")).exists());
         server.stop();
-        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "redis-server {pid} still runs");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "redis-server {pid} still runs"
+        );
         assert!(!dir.exists(), "{} was not removed", dir.display());
     }
 }

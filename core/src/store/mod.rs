@@ -99,6 +99,17 @@ impl Store {
     /// Opens a store and checks that Redis answers, so that a wrong URL or a server that is down
     /// is reported here and not at the first operation.
     pub fn connect(url: &str, settings: StoreSettings) -> Result<Store> {
+        let store = Store::connect_lazy(url, settings)?;
+        store.with_conn(
+            || format!("connecting to {}", redact_url(url)),
+            |c| redis::cmd("PING").query::<()>(c),
+        )?;
+        Ok(store)
+    }
+
+    /// Opens a store without contacting Redis; the first operation connects. Workers use it to
+    /// save a round trip on their start path.
+    pub fn connect_lazy(url: &str, settings: StoreSettings) -> Result<Store> {
         let client = redis::Client::open(url).map_err(|e| Error::Config {
             origin: "redis.url".into(),
             key: "redis.url".into(),
@@ -112,11 +123,24 @@ impl Store {
             idle: Mutex::new(Vec::new()),
             multiplexed: tokio::sync::OnceCell::new(),
         };
-        store.with_conn(
-            || format!("connecting to {}", redact_url(url)),
-            |c| redis::cmd("PING").query::<()>(c),
-        )?;
         Ok(store)
+    }
+
+    /// The same server and idle connections under other settings (namespace, limits, timeouts).
+    pub fn with_settings(self, settings: StoreSettings) -> Store {
+        let idle = self.idle.into_inner().unwrap_or_else(|p| p.into_inner());
+        for conn in &idle {
+            let _ = conn.set_read_timeout(Some(settings.response_timeout));
+            let _ = conn.set_write_timeout(Some(settings.response_timeout));
+        }
+        Store {
+            client: self.client,
+            url: self.url,
+            keys: KeySpace::new(settings.namespace.clone()),
+            settings,
+            idle: Mutex::new(idle),
+            multiplexed: tokio::sync::OnceCell::new(),
+        }
     }
 
     /// The URL this store connects to (it may carry a password: do not log it).
@@ -306,7 +330,10 @@ mod tests {
         s.connect_timeout = Duration::from_millis(300);
         match Store::connect("redis://127.0.0.1:1", s) {
             Err(Error::Redis { context, .. }) => {
-                assert!(context.contains("connecting to redis://127.0.0.1:1"), "{context}")
+                assert!(
+                    context.contains("connecting to redis://127.0.0.1:1"),
+                    "{context}"
+                )
             }
             other => panic!("{other:?}"),
         }
@@ -317,7 +344,10 @@ mod tests {
         let server = EmbeddedRedis::start("redis-server", Duration::from_secs(5)).expect("redis");
         let store = Store::connect(&server.url(), settings()).expect("connects");
         store
-            .with_conn(|| "rpush".into(), |c| redis::cmd("RPUSH").arg("l").arg(1).query::<()>(c))
+            .with_conn(
+                || "rpush".into(),
+                |c| redis::cmd("RPUSH").arg("l").arg(1).query::<()>(c),
+            )
             .expect("rpush");
         let got: Option<(String, i64)> = store
             .with_blocking_conn(
@@ -340,7 +370,12 @@ mod tests {
         // A server error keeps the connection; a wrong-type reply is such an error.
         let err = store.with_conn(
             || "incr on a list".into(),
-            |c| redis::cmd("INCR").arg("missing-list").arg("extra").query::<i64>(c),
+            |c| {
+                redis::cmd("INCR")
+                    .arg("missing-list")
+                    .arg("extra")
+                    .query::<i64>(c)
+            },
         );
         assert!(matches!(err, Err(Error::Redis { .. })));
         assert!(!store.idle.lock().expect("lock").is_empty());

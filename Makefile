@@ -1,0 +1,29 @@
+# shoal: the two commands of the README, and helpers.
+CARGO ?= cargo
+
+.PHONY: run test lint unit-and-integration examples
+
+## run: the main job, an example on the local backend (installs redis-server if missing)
+run:
+	@scripts/ensure-redis.sh
+	$(CARGO) run --release -p shoal-examples --example process
+
+## test: the whole suite: formatting, clippy, unit and integration tests, every example
+test: lint unit-and-integration examples
+
+lint:
+	@scripts/ensure-redis.sh
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit-and-integration:
+	@scripts/ensure-redis.sh
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) nextest run --workspace; \
+	else \
+	  echo "cargo-nextest not found: running cargo test one test at a time"; \
+	  $(CARGO) test --workspace -- --test-threads=1; \
+	fi
+
+examples:
+	scripts/run-examples.sh

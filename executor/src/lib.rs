@@ -1,0 +1,15 @@
+//! shoal's executors and the worker path.
+//!
+//! * [`protocol`]: the messages every backend's executor actor answers (launch, signal, exit).
+//! * [`local`]: the local backend (subprocesses of this binary, or threads).
+//! * [`task`]: the task record a worker reads and the status it writes, with their keys.
+//! * [`worker`]: what a worker process does with its task.
+//! * [`output`]: a child's stdout/stderr through a Redis Stream.
+
+pub mod local;
+pub mod output;
+pub mod protocol;
+pub mod task;
+pub mod worker;
+
+pub use protocol::{Executor, Launch, Launched, StopSignal, WorkerExited, Workload};

@@ -1,0 +1,288 @@
+//! The local backend: subprocesses of this binary, or threads of this process.
+//!
+//! [`LocalExecutor`] is an actix actor. A subprocess is `current_exe()` with the task address in
+//! `SHOAL_WORKER_TASK`/`SHOAL_WORKER_REDIS`, `multiprocessing.env_vars` set, stdin from
+//! `/dev/null` and stdout/stderr inherited, so a child's output reaches the parent's terminal.
+//! Its exit is observed by waiting on the child (`waitpid`), which gives the real code, negative
+//! when a signal ended it. Signals go to the pid while the child is known not to have been
+//! reaped (the actor removes a child in the same step that reaps it), so a recycled pid is never
+//! signalled.
+//!
+//! A test binary runs every test when started plainly. When it invoked `shoal::test_support!()`,
+//! the subprocess is started as that one test (`<entry> --exact --nocapture -q
+//! --test-threads=1`), and the one line libtest prints before the test (`running 1 test`) is
+//! filtered from its stdout.
+//!
+//! A thread child runs its body on a named thread. Threads cannot be stopped from outside:
+//! `terminate()`/`kill()` set the child's termination flag (which
+//! `shoal::termination_requested()` reads), and record the exit code -15/-9 at once; the thread
+//! itself runs on until its target returns.
+
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use actix::prelude::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use shoal_core::context;
+use shoal_core::error::{Error, Result};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::protocol::{
+    Executor, Launch, Launched, SignalWorker, StopSignal, WorkerExited, Workload,
+};
+use crate::task::{ENV_WORKER_REDIS, ENV_WORKER_TASK, TaskAddress};
+
+/// What the local executor needs to start workers.
+#[derive(Clone, Debug)]
+pub struct LocalSettings {
+    /// The store's URL, passed to workers.
+    pub redis_url: String,
+    /// The key namespace.
+    pub namespace: String,
+    /// The program workers run: this binary.
+    pub program: PathBuf,
+    /// The libtest name of the worker entry test, in a test binary.
+    pub test_entry: Option<String>,
+}
+
+impl LocalSettings {
+    /// Settings for workers of this binary.
+    pub fn for_current_exe(redis_url: String, namespace: String) -> Result<Self> {
+        let program = std::env::current_exe()
+            .map_err(|e| Error::io("finding this program's path for worker processes", e))?;
+        Ok(LocalSettings {
+            redis_url,
+            namespace,
+            program,
+            test_entry: shoal_core::registry::test_worker_entry(),
+        })
+    }
+}
+
+enum Child {
+    Subprocess { pid: u32 },
+    Thread { terminate: Arc<AtomicBool> },
+}
+
+/// The local executor actor.
+pub struct LocalExecutor {
+    settings: LocalSettings,
+    children: HashMap<String, (Child, Recipient<WorkerExited>)>,
+}
+
+impl LocalExecutor {
+    /// Starts the executor on `arbiter` and returns its handle.
+    pub fn start(settings: LocalSettings, arbiter: &ArbiterHandle) -> Executor {
+        let addr = LocalExecutor::start_in_arbiter(arbiter, move |_| LocalExecutor {
+            settings,
+            children: HashMap::new(),
+        });
+        Executor::new("local", addr.clone().recipient(), addr.recipient())
+    }
+
+    fn spawn_subprocess(
+        &mut self,
+        launch: Launch,
+        task_id: String,
+        ctx: &mut Context<Self>,
+    ) -> Result<Launched> {
+        let address = TaskAddress {
+            redis_url: self.settings.redis_url.clone(),
+            namespace: self.settings.namespace.clone(),
+            id: task_id,
+        };
+        let mut command = tokio::process::Command::new(&self.settings.program);
+        command
+            .envs(&launch.env)
+            .env(ENV_WORKER_TASK, address.task_env_value())
+            .env(ENV_WORKER_REDIS, &address.redis_url)
+            .stdin(Stdio::null())
+            .kill_on_drop(false);
+        if let Some(entry) = &self.settings.test_entry {
+            command
+                .arg(entry)
+                .args(["--exact", "--nocapture", "-q", "--test-threads=1"])
+                .stdout(Stdio::piped());
+        }
+        let mut child = command.spawn().map_err(|e| {
+            Error::io(
+                format!(
+                    "starting worker {} ({})",
+                    launch.name,
+                    self.settings.program.display()
+                ),
+                e,
+            )
+        })?;
+        let pid = child.id();
+        if let Some(stdout) = child.stdout.take() {
+            actix_rt::spawn(forward_test_stdout(stdout));
+        }
+        let id = launch.id.clone();
+        self.children.insert(
+            id.clone(),
+            (
+                Child::Subprocess {
+                    pid: pid.unwrap_or(0),
+                },
+                launch.notify,
+            ),
+        );
+        ctx.spawn(
+            async move { child.wait().await }
+                .into_actor(self)
+                .map(move |status, act, _| {
+                    let code = match status {
+                        Ok(status) => status
+                            .code()
+                            .or_else(|| status.signal().map(|s| -s))
+                            .unwrap_or(1),
+                        Err(e) => {
+                            tracing::error!("waiting for worker {id}: {e}");
+                            1
+                        }
+                    };
+                    if let Some((_, notify)) = act.children.remove(&id) {
+                        notify.do_send(WorkerExited { id, code });
+                    }
+                }),
+        );
+        Ok(Launched { pid })
+    }
+
+    fn spawn_thread(&mut self, launch: Launch, ctx: &mut Context<Self>) -> Result<Launched> {
+        let Workload::Thread { body, info } = launch.workload else {
+            return Err(Error::Backend("not a thread workload".into()));
+        };
+        let terminate = Arc::new(AtomicBool::new(false));
+        let flag = terminate.clone();
+        let id = launch.id.clone();
+        let me = ctx.address();
+        std::thread::Builder::new()
+            .name(launch.name.clone())
+            .spawn(move || {
+                let guard = context::enter_thread_process(info, flag);
+                let code = body();
+                drop(guard);
+                me.do_send(ThreadEnded { id, code });
+            })
+            .map_err(|e| Error::io(format!("starting thread {}", launch.name), e))?;
+        self.children
+            .insert(launch.id, (Child::Thread { terminate }, launch.notify));
+        Ok(Launched { pid: None })
+    }
+}
+
+impl Actor for LocalExecutor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Launch> for LocalExecutor {
+    type Result = Result<Launched>;
+
+    fn handle(&mut self, launch: Launch, ctx: &mut Context<Self>) -> Self::Result {
+        if self.children.contains_key(&launch.id) {
+            return Err(Error::invalid_state(format!(
+                "worker {} is already running",
+                launch.id
+            )));
+        }
+        match &launch.workload {
+            Workload::Subprocess { task_id } => {
+                let task_id = task_id.clone();
+                self.spawn_subprocess(launch, task_id, ctx)
+            }
+            Workload::Thread { .. } => self.spawn_thread(launch, ctx),
+        }
+    }
+}
+
+impl Handler<SignalWorker> for LocalExecutor {
+    type Result = Result<()>;
+
+    fn handle(&mut self, msg: SignalWorker, _: &mut Context<Self>) -> Self::Result {
+        match self.children.get(&msg.id) {
+            None => Ok(()),
+            Some((Child::Subprocess { pid }, _)) => {
+                let signal = match msg.signal {
+                    StopSignal::Terminate => Signal::SIGTERM,
+                    StopSignal::Kill => Signal::SIGKILL,
+                };
+                match kill(Pid::from_raw(*pid as i32), signal) {
+                    Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
+                    Err(e) => Err(Error::Backend(format!(
+                        "sending {signal} to worker {} (pid {pid}): {e}",
+                        msg.id
+                    ))),
+                }
+            }
+            Some((Child::Thread { terminate }, _)) => {
+                terminate.store(true, Ordering::Release);
+                if let Some((_, notify)) = self.children.remove(&msg.id) {
+                    notify.do_send(WorkerExited {
+                        id: msg.id,
+                        code: msg.signal.exit_code(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A thread child's body returned.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ThreadEnded {
+    id: String,
+    code: i32,
+}
+
+impl Handler<ThreadEnded> for LocalExecutor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ThreadEnded, _: &mut Context<Self>) {
+        // Absent when terminate()/kill() already recorded the exit.
+        if let Some((_, notify)) = self.children.remove(&msg.id) {
+            notify.do_send(WorkerExited {
+                id: msg.id,
+                code: msg.code,
+            });
+        }
+    }
+}
+
+/// Copies a test-binary worker's stdout to ours, without libtest's `running 1 test` preamble.
+async fn forward_test_stdout(stdout: tokio::process::ChildStdout) {
+    let mut lines = BufReader::new(stdout);
+    let mut out = tokio::io::stdout();
+    let mut line = Vec::new();
+    let mut in_preamble = true;
+    loop {
+        line.clear();
+        match lines.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if in_preamble {
+            let text = String::from_utf8_lossy(&line);
+            let trimmed = text.trim();
+            if trimmed.is_empty() {
+                continue;
+            }
+            in_preamble = false;
+            if trimmed.starts_with("running ") && trimmed.ends_with(" test") {
+                continue;
+            }
+        }
+        if out.write_all(&line).await.is_err() {
+            break;
+        }
+        let _ = out.flush().await;
+    }
+}

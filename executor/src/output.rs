@@ -1,0 +1,229 @@
+//! Output streaming: a child's stdout and stderr through a Redis Stream.
+//!
+//! With `multiprocessing.stream_stdout: true`, the worker redirects its own file descriptors 1
+//! and 2 into pipes ([`OutputCapture`]) and two forwarder threads append what they read to the
+//! process's output stream (`shoal:{<ns>:proc:<id>}:output`) as entries `fd`=`1`|`2`,
+//! `data`=bytes, one `XADD` per read. At the end of the task the worker flushes, puts the original
+//! descriptors back (closing the pipes), waits for the forwarders and appends `eof`=`1`.
+//!
+//! The parent reads the stream with `XREAD BLOCK` on a dedicated connection ([`OutputReader`])
+//! and writes each entry to its own stdout or stderr. A stream and not pub/sub: a reader that
+//! starts late replays everything, and nothing is lost while nobody listens. The reader stops at
+//! `eof`, or, if the child died without writing it, at the first empty read after the exit is
+//! known.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use shoal_core::error::{Error, RedisContext, Result};
+use shoal_core::store::Store;
+
+/// How long the worker waits for its forwarders to drain at exit.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest chunk appended in one entry.
+const CHUNK: usize = 64 * 1024;
+
+/// The worker side: fds 1 and 2 redirected into the output stream.
+#[derive(Debug)]
+pub struct OutputCapture {
+    store: Arc<Store>,
+    key: String,
+    saved_stdout: OwnedFd,
+    saved_stderr: OwnedFd,
+    forwarders: Vec<JoinHandle<()>>,
+    drained: mpsc::Receiver<()>,
+}
+
+impl OutputCapture {
+    /// Redirects this process's stdout and stderr into the stream at `key`.
+    pub fn start(store: Arc<Store>, key: String) -> Result<OutputCapture> {
+        let io = |what: &str, e: std::io::Error| Error::io(format!("capturing output: {what}"), e);
+        let saved_stdout = std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| io("dup stdout", e))?;
+        let saved_stderr = std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| io("dup stderr", e))?;
+        let (out_read, out_write) = std::io::pipe().map_err(|e| io("pipe", e))?;
+        let (err_read, err_write) = std::io::pipe().map_err(|e| io("pipe", e))?;
+        let (drained_tx, drained) = mpsc::channel();
+        let mut forwarders = Vec::new();
+        for (fd, reader) in [(1u8, out_read), (2u8, err_read)] {
+            let store = store.clone();
+            let key = key.clone();
+            let done = drained_tx.clone();
+            forwarders.push(
+                std::thread::Builder::new()
+                    .name(format!("shoal-output-{fd}"))
+                    .spawn(move || {
+                        forward(reader, fd, &store, &key);
+                        let _ = done.send(());
+                    })
+                    .map_err(|e| io("forwarder thread", e))?,
+            );
+        }
+        std::io::stdout().flush().ok();
+        nix::unistd::dup2_stdout(&out_write).map_err(|e| io("dup2 stdout", e.into()))?;
+        nix::unistd::dup2_stderr(&err_write).map_err(|e| io("dup2 stderr", e.into()))?;
+        Ok(OutputCapture {
+            store,
+            key,
+            saved_stdout,
+            saved_stderr,
+            forwarders,
+            drained,
+        })
+    }
+
+    /// Flushes, restores the original descriptors, waits for the forwarders and appends `eof`.
+    pub fn finish(self) -> Result<()> {
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        let restore = |e: nix::Error| Error::io("restoring stdout/stderr", e.into());
+        nix::unistd::dup2_stdout(&self.saved_stdout).map_err(restore)?;
+        nix::unistd::dup2_stderr(&self.saved_stderr).map_err(restore)?;
+        // A grandchild that inherited the pipe keeps it open; do not wait for it forever.
+        let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+        for _ in 0..self.forwarders.len() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if self.drained.recv_timeout(left).is_err() {
+                tracing::warn!("output forwarder did not drain within {DRAIN_TIMEOUT:?}");
+                break;
+            }
+        }
+        for forwarder in self.forwarders {
+            if forwarder.is_finished() {
+                let _ = forwarder.join();
+            }
+        }
+        self.store.with_conn(
+            || format!("closing output stream {}", self.key),
+            |c| {
+                redis::cmd("XADD")
+                    .arg(&self.key)
+                    .arg("*")
+                    .arg("eof")
+                    .arg(1)
+                    .query::<()>(c)?;
+                redis::cmd("EXPIRE")
+                    .arg(&self.key)
+                    .arg(self.store.expiry_secs())
+                    .query::<()>(c)
+            },
+        )
+    }
+}
+
+fn forward(mut reader: std::io::PipeReader, fd: u8, store: &Store, key: &str) {
+    let mut buf = vec![0u8; CHUNK];
+    let mut first = true;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let result = store.with_conn(
+            || format!("appending output to {key}"),
+            |c| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("XADD")
+                    .arg(key)
+                    .arg("*")
+                    .arg("fd")
+                    .arg(fd)
+                    .arg("data")
+                    .arg(&buf[..n])
+                    .ignore();
+                if first {
+                    pipe.expire(key, store.expiry_secs() as i64).ignore();
+                }
+                pipe.query::<()>(c)
+            },
+        );
+        first = false;
+        if result.is_err() {
+            // The store is gone: keep draining so that the process never blocks on a full pipe.
+            continue;
+        }
+    }
+}
+
+/// The parent side: prints a child's output stream.
+#[derive(Debug)]
+pub struct OutputReader {
+    key: String,
+    last_id: String,
+}
+
+/// What one read of the output stream found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// Entries were printed; there may be more.
+    Printed,
+    /// Nothing arrived within the block time.
+    Idle,
+    /// The child wrote `eof`: everything was printed.
+    Finished,
+}
+
+impl OutputReader {
+    /// A reader of the stream at `key`, from its beginning.
+    pub fn new(key: String) -> Self {
+        OutputReader {
+            key,
+            last_id: "0-0".into(),
+        }
+    }
+
+    /// Reads what arrives within `block` (at most 100 entries) and prints it.
+    pub async fn read_once(
+        &mut self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        block: Duration,
+    ) -> Result<ReadOutcome> {
+        let options = StreamReadOptions::default()
+            .count(100)
+            .block(block.as_millis().max(1) as usize);
+        let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+            .arg(&options)
+            .arg("STREAMS")
+            .arg(&self.key)
+            .arg(&self.last_id)
+            .query_async(conn)
+            .await
+            .context(|| format!("reading output stream {}", self.key))?;
+        let Some(reply) = reply else {
+            return Ok(ReadOutcome::Idle);
+        };
+        let mut stdout = std::io::stdout().lock();
+        let mut stderr = std::io::stderr().lock();
+        let mut outcome = ReadOutcome::Idle;
+        for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
+            self.last_id = entry.id.clone();
+            if entry.map.contains_key("eof") {
+                let _ = stdout.flush();
+                return Ok(ReadOutcome::Finished);
+            }
+            let fd: Option<u8> = entry.get("fd");
+            let data: Option<Vec<u8>> = entry.get("data");
+            if let (Some(fd), Some(data)) = (fd, data) {
+                let _ = match fd {
+                    2 => stderr.write_all(&data),
+                    _ => stdout.write_all(&data),
+                };
+                outcome = ReadOutcome::Printed;
+            }
+        }
+        let _ = stdout.flush();
+        Ok(outcome)
+    }
+}

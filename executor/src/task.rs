@@ -1,0 +1,228 @@
+//! Process tasks: how a process's work reaches whatever runs it.
+//!
+//! The parent writes a [`TaskRecord`] and asks a backend to launch a worker; the backend passes
+//! the worker nothing but the task's address ([`TaskAddress`]: the Redis URL and the task id, in
+//! `SHOAL_WORKER_REDIS` and `SHOAL_WORKER_TASK`). The worker claims the record, runs the
+//! function, and writes its status. The same path serves every backend.
+//!
+//! # Keys (hash tag `{<ns>:proc:<id>}`)
+//!
+//! | key | type | contents |
+//! | --- | --- | --- |
+//! | `shoal:{<ns>:proc:<id>}:task` | string | the [`TaskRecord`] (codec payload) |
+//! | `shoal:{<ns>:proc:<id>}:status` | hash | `state` (`running`/`exited`), `pid`, `started_ms`, `code`, `kind`, `error`, `finished_ms` |
+//! | `shoal:{<ns>:proc:<id>}:output` | stream | entries `fd`=`1`/`2` `data`=bytes, then one `eof`=`1` (when output is streamed) |
+//!
+//! All three expire after `redis.expiry_secs`.
+//!
+//! # Round trips
+//!
+//! Parent: one `SET ... EX` to write the task, one `DEL` after the exit is known. Worker: one
+//! script call to claim (`task_claim.lua`: read the task, check nobody claimed it, mark it
+//! running, refresh TTLs) and one pipeline to record the exit.
+
+use std::sync::LazyLock;
+
+use serde::{Deserialize, Serialize};
+use shoal_core::config::{Config, WORKER_ENV_PREFIX};
+use shoal_core::error::{Error, RedisContext, Result};
+use shoal_core::store::{KeySpace, Store};
+
+/// Environment variable carrying the Redis URL to a worker.
+pub const ENV_WORKER_REDIS: &str = "SHOAL_WORKER_REDIS";
+/// Environment variable carrying `<namespace>/<task id>` to a worker.
+pub const ENV_WORKER_TASK: &str = "SHOAL_WORKER_TASK";
+
+const _: () = assert!(ENV_WORKER_TASK.len() > WORKER_ENV_PREFIX.len());
+
+static CLAIM: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("task_claim.lua")));
+
+/// Where a worker finds its task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskAddress {
+    /// The store's URL.
+    pub redis_url: String,
+    /// The key namespace.
+    pub namespace: String,
+    /// The task (process) id.
+    pub id: String,
+}
+
+impl TaskAddress {
+    /// The address in this process's environment, if it is a worker.
+    pub fn from_env() -> Option<Result<TaskAddress>> {
+        let task = std::env::var(ENV_WORKER_TASK).ok()?;
+        Some(Self::parse(&task, std::env::var(ENV_WORKER_REDIS).ok()))
+    }
+
+    fn parse(task: &str, redis_url: Option<String>) -> Result<TaskAddress> {
+        let bad = |reason: &str| {
+            Error::Backend(format!(
+                "{ENV_WORKER_TASK}={task:?} is not a task address: {reason}"
+            ))
+        };
+        let (namespace, id) = task
+            .split_once('/')
+            .ok_or_else(|| bad("expected <namespace>/<id>"))?;
+        if namespace.is_empty() || id.is_empty() {
+            return Err(bad("empty namespace or id"));
+        }
+        let redis_url =
+            redis_url.ok_or_else(|| Error::Backend(format!("{ENV_WORKER_REDIS} is not set")))?;
+        Ok(TaskAddress {
+            redis_url,
+            namespace: namespace.to_string(),
+            id: id.to_string(),
+        })
+    }
+
+    /// The value of `SHOAL_WORKER_TASK`.
+    pub fn task_env_value(&self) -> String {
+        format!("{}/{}", self.namespace, self.id)
+    }
+}
+
+/// The keys of one process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessKeys {
+    /// The task record.
+    pub task: String,
+    /// The status hash.
+    pub status: String,
+    /// The output stream.
+    pub output: String,
+}
+
+impl ProcessKeys {
+    /// The keys of process `id`.
+    pub fn new(keys: &KeySpace, id: &str) -> Self {
+        let object = keys.object("proc", id);
+        ProcessKeys {
+            task: object.key("task"),
+            status: object.key("status"),
+            output: object.key("output"),
+        }
+    }
+}
+
+/// What a worker needs to run a process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// The registered function's name.
+    pub function: String,
+    /// The encoded argument tuple.
+    #[serde(with = "serde_bytes")]
+    pub args: Vec<u8>,
+    /// The process's name.
+    pub name: String,
+    /// The process's identity in the process tree.
+    pub identity: Vec<u32>,
+    /// The parent's effective configuration (its `redis.url` removed: the worker has its own).
+    pub config: Config,
+    /// Forward stdout and stderr through the output stream.
+    pub stream_output: bool,
+}
+
+impl TaskRecord {
+    /// Writes the record at `keys.task` with the store's TTL (one round trip).
+    pub async fn write(&self, store: &Store, keys: &ProcessKeys) -> Result<()> {
+        let payload = store.encode(self, &keys.task)?;
+        let mut conn = store.multiplexed().await?;
+        redis::cmd("SET")
+            .arg(&keys.task)
+            .arg(payload)
+            .arg("EX")
+            .arg(store.expiry_secs())
+            .query_async::<()>(&mut conn)
+            .await
+            .context(|| format!("writing task {}", keys.task))
+    }
+
+    /// Claims the record at `keys.task` for the worker `pid` (one round trip).
+    pub fn claim(store: &Store, keys: &ProcessKeys, pid: u32) -> Result<TaskRecord> {
+        let payload: Vec<u8> = store.with_conn(
+            || format!("claiming task {}", keys.task),
+            |c| {
+                CLAIM
+                    .key(&keys.task)
+                    .key(&keys.status)
+                    .arg(pid)
+                    .arg(now_ms())
+                    .arg(store.expiry_secs())
+                    .invoke(c)
+            },
+        )?;
+        store.decode(&payload, &keys.task)
+    }
+}
+
+/// How a worker's task ended, as recorded in the status hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExitRecord {
+    /// The exit code the worker exits with.
+    pub code: i32,
+    /// `panic` or `error` when the function failed.
+    pub kind: Option<String>,
+    /// The failure's message.
+    pub error: Option<String>,
+}
+
+impl ExitRecord {
+    /// Records the exit in the status hash (one round trip).
+    pub fn write(&self, store: &Store, keys: &ProcessKeys) -> Result<()> {
+        store.with_conn(
+            || format!("recording the exit of {}", keys.status),
+            |c| {
+                let mut pipe = redis::pipe();
+                pipe.hset_multiple(
+                    &keys.status,
+                    &[
+                        ("state", "exited".to_string()),
+                        ("code", self.code.to_string()),
+                        ("finished_ms", now_ms().to_string()),
+                    ],
+                )
+                .ignore();
+                if let (Some(kind), Some(error)) = (&self.kind, &self.error) {
+                    pipe.hset_multiple(&keys.status, &[("kind", kind), ("error", error)])
+                        .ignore();
+                }
+                pipe.expire(&keys.status, store.expiry_secs() as i64)
+                    .ignore();
+                pipe.query::<()>(c)
+            },
+        )
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse() {
+        let a = TaskAddress::parse("jobs/123", Some("unix:///s".into())).expect("valid");
+        assert_eq!(a.namespace, "jobs");
+        assert_eq!(a.id, "123");
+        assert_eq!(a.task_env_value(), "jobs/123");
+        assert!(TaskAddress::parse("nothing", Some("x".into())).is_err());
+        assert!(TaskAddress::parse("a/b", None).is_err());
+    }
+
+    #[test]
+    fn keys_share_the_process_tag() {
+        let k = ProcessKeys::new(&KeySpace::new("ns"), "7");
+        assert_eq!(k.task, "shoal:{ns:proc:7}:task");
+        assert_eq!(k.status, "shoal:{ns:proc:7}:status");
+        assert_eq!(k.output, "shoal:{ns:proc:7}:output");
+    }
+}

@@ -1,0 +1,107 @@
+//! The worker path every backend runs.
+//!
+//! A worker is this same binary started with a task address in its environment
+//! ([`TaskAddress`]). `shoal::init()` (or the `shoal_worker_entry` test of a test binary) sees the
+//! address and calls [`run`], which:
+//!
+//! 1. connects to the store and claims the task (one script call); a task that is missing,
+//!    expired or already claimed ends the worker with exit code 1 and a message on stderr;
+//! 2. installs the process context (the parent's configuration, this process's name and
+//!    identity), so handles received as arguments work;
+//! 3. redirects stdout/stderr into the output stream if the parent asked for it;
+//! 4. looks the function up in the registry and calls it, catching panics;
+//! 5. runs the caller's end-of-task hook (the runtime joins this worker's own non-daemon
+//!    children there, as Python does at exit);
+//! 6. records the exit in the status hash and returns the exit code: 0 when the function
+//!    returned, 1 when it panicked, returned `Err`, or could not run.
+//!
+//! A function that calls `std::process::exit(n)` ends the worker at once with code `n`; the
+//! backend observes that code (the status hash then still says `running`).
+
+use std::sync::Arc;
+
+use shoal_core::TaskErrorKind;
+use shoal_core::config::Config;
+use shoal_core::context::{self, Context, ProcessInfo};
+use shoal_core::error::{Error, Result};
+use shoal_core::registry::{self, Failure};
+use shoal_core::store::{Store, StoreSettings};
+
+use crate::output::OutputCapture;
+use crate::task::{ExitRecord, ProcessKeys, TaskAddress, TaskRecord};
+
+/// Runs the task at `address` and returns the exit code the process should exit with.
+pub fn run(address: &TaskAddress, on_task_end: &dyn Fn()) -> i32 {
+    match run_inner(address, on_task_end) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("shoal worker {}: {e}", address.id);
+            1
+        }
+    }
+}
+
+fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
+    // The record's own limits are unknown until it is read: accept the largest payload Redis
+    // can hold for the record, then apply the parent's settings.
+    let mut bootstrap = StoreSettings::from_config(&Config::default());
+    bootstrap.namespace = address.namespace.clone();
+    bootstrap.max_message_bytes = 512 * 1024 * 1024;
+    let store = Store::connect_lazy(&address.redis_url, bootstrap)?;
+    let keys = ProcessKeys::new(store.keys(), &address.id);
+    let record = TaskRecord::claim(&store, &keys, std::process::id())?;
+
+    let mut config = record.config.clone();
+    config.redis.url = Some(address.redis_url.clone());
+    let store = Arc::new(store.with_settings(StoreSettings::from_config(&config)));
+    context::install(Arc::new(Context::new(
+        config,
+        store.clone(),
+        ProcessInfo {
+            name: record.name.clone(),
+            identity: record.identity.clone(),
+        },
+    )));
+
+    let capture = if record.stream_output {
+        Some(OutputCapture::start(store.clone(), keys.output.clone())?)
+    } else {
+        None
+    };
+
+    let outcome = match registry::lookup(&record.function) {
+        Some(function) => {
+            registry::call(function, &record.args, store.settings().max_message_bytes).map(|_| ())
+        }
+        None => Err(Failure::error(Error::NotRegistered {
+            function: record.function.clone(),
+        })),
+    };
+    let exit = match &outcome {
+        Ok(()) => ExitRecord {
+            code: 0,
+            kind: None,
+            error: None,
+        },
+        Err(failure) => {
+            // A panic was already printed by the panic hook; an error was not.
+            if failure.kind != TaskErrorKind::Panic {
+                eprintln!(
+                    "Process {} ({}) failed: {}",
+                    record.name, record.function, failure.message
+                );
+            }
+            ExitRecord {
+                code: 1,
+                kind: Some(failure.kind.to_string()),
+                error: Some(failure.message.clone()),
+            }
+        }
+    };
+    on_task_end();
+    if let Some(Err(e)) = capture.map(OutputCapture::finish) {
+        eprintln!("shoal worker {}: {e}", address.id);
+    }
+    exit.write(&store, &keys)?;
+    Ok(exit.code)
+}

@@ -1,0 +1,122 @@
+//! Whole-program scenarios for the integration tests: each runs `shoal::init()` the way a user's
+//! `main` does, so the tests can observe what only a whole process shows (output reaching the
+//! terminal, the embedded Redis stopping at exit or on a signal, daemon children at shutdown).
+//!
+//! usage: scenario NAME [ARGS...]; prints `key=value` lines the tests parse.
+
+use std::time::Duration;
+
+use shoal::prelude::*;
+
+#[shoal::remote]
+fn greet(name: String) {
+    println!("hello {name}");
+    eprintln!("greeting on stderr for {name}");
+}
+
+#[shoal::remote]
+fn describe_stdout() {
+    let link = std::fs::read_link("/proc/self/fd/1")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    println!("child_fd1={link}");
+}
+
+#[shoal::remote]
+fn print_env(name: String) {
+    println!(
+        "env {name}={}",
+        std::env::var(&name).unwrap_or_else(|_| "<unset>".into())
+    );
+}
+
+#[shoal::remote]
+fn print_then_sleep(ms: u64) {
+    println!("before sleeping");
+    std::thread::sleep(Duration::from_millis(ms));
+    println!("after sleeping");
+}
+
+#[shoal::remote]
+fn sleep_then_touch(ms: u64, path: String) {
+    std::thread::sleep(Duration::from_millis(ms));
+    std::fs::write(path, "done").expect("write");
+}
+
+#[shoal::remote]
+fn chatty(lines: u32) {
+    for i in 0..lines {
+        println!("line {i}");
+    }
+    panic!("chatty panics at the end");
+}
+
+fn main() -> shoal::Result<()> {
+    let rt = shoal::init()?;
+    println!(
+        "redis_pid={}",
+        rt.embedded_redis_pid()
+            .map(|p| p.to_string())
+            .unwrap_or_default()
+    );
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
+    match arg(0).as_str() {
+        "hello" => {
+            let p = Process::new(greet, ("bob".to_string(),));
+            p.start()?;
+            p.join(None)?;
+            println!("exitcode={}", p.exitcode().unwrap_or(i32::MIN));
+        }
+        "fd" => {
+            let link = std::fs::read_link("/proc/self/fd/1")
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            println!("parent_fd1={link}");
+            let p = Process::new(describe_stdout, ());
+            p.start()?;
+            p.join(None)?;
+        }
+        "env" => {
+            let p = Process::new(print_env, (arg(1),));
+            p.start()?;
+            p.join(None)?;
+        }
+        "kill-streaming" => {
+            let p = Process::new(print_then_sleep, (30_000u64,));
+            p.start()?;
+            std::thread::sleep(Duration::from_millis(500));
+            p.kill()?;
+            p.join(Some(Duration::from_secs(10)))?;
+            println!("exitcode={}", p.exitcode().unwrap_or(i32::MIN));
+        }
+        "chatty" => {
+            let p = Process::new(chatty, (arg(1).parse::<u32>().unwrap_or(100),));
+            p.start()?;
+            p.join(None)?;
+            println!("exitcode={}", p.exitcode().unwrap_or(i32::MIN));
+        }
+        "daemon" => {
+            let daemon = Process::new(sleep_then_touch, (60_000u64, format!("{}/daemon", arg(1))))
+                .daemon(true);
+            let worker = Process::new(sleep_then_touch, (700u64, format!("{}/worker", arg(1))));
+            daemon.start()?;
+            worker.start()?;
+            println!("daemon_pid={}", daemon.pid().unwrap_or(0));
+            println!("worker_pid={}", worker.pid().unwrap_or(0));
+            // Return without joining: the runtime terminates the daemon and joins the worker.
+        }
+        "panic" => {
+            panic!("the main program panics while the runtime is up");
+        }
+        "wait" => {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        "ok" => {}
+        other => {
+            eprintln!("unknown scenario {other:?}");
+            std::process::exit(2);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Helpers for shoal's integration tests: private `redis-server`s (TCP, ACL, TLS), process
+//! checks by pid, and polling.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `redis-server` started for one test, on a private loopback port; killed on drop.
+pub struct TestRedis {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+    tls: bool,
+    user: Option<(String, String)>,
+}
+
+impl TestRedis {
+    /// A plain server on 127.0.0.1.
+    pub fn tcp() -> TestRedis {
+        Self::start(&[], false, None)
+    }
+
+    /// A server whose default user is disabled; `user`/`password` may run every command.
+    pub fn with_acl_user(user: &str, password: &str) -> TestRedis {
+        let secret = format!(">{password}");
+        // redis-server joins the words after --user into one config line.
+        Self::start(
+            &[
+                "--user", user, "on", &secret, "~*", "&*", "+@all", "--user", "default", "off",
+            ],
+            false,
+            Some((user.to_string(), password.to_string())),
+        )
+    }
+
+    /// A server that only speaks TLS, with a self-signed certificate made by `openssl`.
+    pub fn tls() -> TestRedis {
+        Self::start(&[], true, None)
+    }
+
+    fn start(extra: &[&str], tls: bool, user: Option<(String, String)>) -> TestRedis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut command = Command::new("redis-server");
+        command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        command.arg("--dir").arg(dir.path());
+        if tls {
+            make_certificate(dir.path());
+            command
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(dir.path().join("cert.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.path().join("key.pem"))
+                .arg("--tls-ca-cert-file")
+                .arg(dir.path().join("cert.pem"))
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            command.args(["--port", &port.to_string()]);
+        }
+        command.args(extra);
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (run scripts/ensure-redis.sh)");
+        let server = TestRedis {
+            child,
+            port,
+            dir,
+            tls,
+            user,
+        };
+        assert!(
+            wait_for(Duration::from_secs(10), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "redis-server did not listen on {port}"
+        );
+        server
+    }
+
+    /// The URL clients use.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        let auth = match &self.user {
+            Some((user, password)) => format!("{user}:{password}@"),
+            None => String::new(),
+        };
+        let fragment = if self.tls { "/#insecure" } else { "" };
+        format!("{scheme}://{auth}127.0.0.1:{}{fragment}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's working directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Kills the server now (Redis "going away").
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn make_certificate(dir: &Path) {
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=127.0.0.1"])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success(), "openssl req failed");
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// True while `pid` is a live (not zombie) process.
+pub fn pid_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the parenthesised command name.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X"))
+        }
+        Err(_) => false,
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A fresh scratch directory.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// Reads a file a child wrote, waiting briefly for it to appear.
+pub fn read_file(path: impl Into<PathBuf>) -> String {
+    let path = path.into();
+    wait_for(Duration::from_secs(5), || path.exists());
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Parses `key=value` lines printed by the scenario binary.
+pub fn field(output: &str, key: &str) -> Option<String> {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_string))
+}

@@ -1,0 +1,105 @@
+//! A child's output and environment: stdout/stderr reach the parent's terminal, directly
+//! (inherited) or through a Redis Stream (`multiprocessing.stream_stdout`), and
+//! `multiprocessing.env_vars` are set in the child.
+
+use std::process::{Command, Output};
+
+use shoal_integration_tests::field;
+
+const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
+
+fn scenario(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(SCENARIO);
+    command.args(args).env_remove("RUST_BACKTRACE");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("scenario runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+const STREAM: (&str, &str) = ("SHOAL_MULTIPROCESSING_STREAM_STDOUT", "true");
+
+#[test]
+fn child_output_reaches_the_parent_directly_and_through_the_stream() {
+    for env in [&[][..], &[STREAM][..]] {
+        let out = scenario(&["hello"], env);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        assert!(stdout.contains("hello bob\n"), "{env:?}: {stdout:?}");
+        assert!(stdout.contains("exitcode=0"), "{stdout:?}");
+        // join() returns after the child's output was printed.
+        let hello = stdout.find("hello bob").expect("greeting");
+        let exit = stdout.find("exitcode=").expect("exit code");
+        assert!(hello < exit, "{stdout:?}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("greeting on stderr for bob"),
+            "{env:?}: {stderr:?}"
+        );
+    }
+}
+
+#[test]
+fn streamed_output_really_goes_through_redis() {
+    // Inherited: the child's fd 1 is the parent's. Streamed: the child writes into its own pipe
+    // and the parent prints what it reads from the stream.
+    let out = scenario(&["fd"], &[]);
+    let stdout = text(&out.stdout);
+    let parent = field(&stdout, "parent_fd1").expect("parent fd");
+    let child = field(&stdout, "child_fd1").expect("child fd");
+    assert_eq!(parent, child);
+
+    let out = scenario(&["fd"], &[STREAM]);
+    let stdout = text(&out.stdout);
+    let parent = field(&stdout, "parent_fd1").expect("parent fd");
+    let child = field(&stdout, "child_fd1").expect("child fd");
+    assert_ne!(
+        parent, child,
+        "the child wrote to the parent's stdout directly"
+    );
+    assert!(child.starts_with("pipe:"), "{child}");
+}
+
+#[test]
+fn streamed_output_survives_a_killed_child_and_join_does_not_hang() {
+    let out = scenario(&["kill-streaming"], &[STREAM]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("before sleeping"), "{stdout:?}");
+    assert!(!stdout.contains("after sleeping"));
+    assert_eq!(field(&stdout, "exitcode").as_deref(), Some("-9"));
+}
+
+#[test]
+fn a_long_streamed_output_arrives_whole_and_in_order() {
+    let out = scenario(&["chatty", "5000"], &[STREAM]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("line ")).collect();
+    let expected: Vec<String> = (0..5000).map(|i| format!("line {i}")).collect();
+    assert_eq!(lines, expected);
+    assert_eq!(field(&stdout, "exitcode").as_deref(), Some("1"));
+    assert!(text(&out.stderr).contains("chatty panics at the end"));
+}
+
+#[test]
+fn env_vars_are_set_in_the_child() {
+    let out = scenario(
+        &["env", "GREETING"],
+        &[(
+            "SHOAL_MULTIPROCESSING_ENV_VARS",
+            "{GREETING: hola, OTHER: x}",
+        )],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("env GREETING=hola"));
+    let out = scenario(&["env", "GREETING"], &[("GREETING", "")]);
+    assert!(
+        text(&out.stdout).contains("env GREETING=\n")
+            || text(&out.stdout).contains("env GREETING=<unset>")
+    );
+}

@@ -1,0 +1,432 @@
+//! `Process` against a real embedded redis-server, with real subprocesses (start method
+//! `process`) and threads (start method `thread`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use shoal::prelude::*;
+use shoal_integration_tests::{read_file, scratch, wait_for};
+
+shoal::test_support!();
+
+const METHODS: [StartMethod; 2] = [StartMethod::Process, StartMethod::Thread];
+
+/// Payload limit of this binary's runtime: small, so the limit test stays cheap.
+const LIMIT: usize = 1 << 20;
+
+fn runtime() -> shoal::Runtime {
+    let config = Config::builder()
+        .max_message_bytes(LIMIT as u64)
+        .build()
+        .expect("config");
+    shoal::init_with(config).expect("runtime")
+}
+
+#[shoal::remote]
+fn noop() {}
+
+#[shoal::remote]
+fn panics() {
+    panic!("boom from the child");
+}
+
+#[shoal::remote]
+fn fails() -> Result<u32, String> {
+    Err("the child returned an error".into())
+}
+
+#[shoal::remote]
+fn exits(code: i32) {
+    std::process::exit(code);
+}
+
+/// Sleeps `ms`, returning early when a thread child is asked to terminate.
+#[shoal::remote]
+fn sleeps(ms: u64) {
+    let deadline = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < deadline {
+        if shoal::termination_requested() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[shoal::remote]
+fn sleeps_then_touch(ms: u64, path: String) {
+    std::thread::sleep(Duration::from_millis(ms));
+    std::fs::write(path, "done").expect("write");
+}
+
+/// Writes who the child is to `path`.
+#[shoal::remote]
+fn report(path: String) {
+    let me = shoal::current_process();
+    let text = format!(
+        "name={}\nidentity={:?}\npid={}\n",
+        me.name,
+        me.identity,
+        std::process::id()
+    );
+    std::fs::write(path, text).expect("write");
+}
+
+/// Starts a grandchild running `report` and waits for it.
+#[shoal::remote]
+fn spawns_grandchild(path: String) {
+    let p = Process::new(report, (path,));
+    p.start().expect("grandchild starts");
+    p.join(None).expect("grandchild joins");
+    assert_eq!(p.exitcode(), Some(0));
+}
+
+#[allow(clippy::too_many_arguments)]
+#[shoal::remote]
+fn eight(
+    path: String,
+    a: u8,
+    b: i64,
+    c: Vec<u32>,
+    d: (bool, f64),
+    e: Option<String>,
+    f: BTreeMap<String, i32>,
+    g: char,
+) {
+    std::fs::write(path, format!("{a} {b} {c:?} {d:?} {e:?} {f:?} {g}")).expect("write");
+}
+
+#[test]
+fn a_returning_child_exits_zero() {
+    let _rt = runtime();
+    for method in METHODS {
+        let p = Process::new(noop, ()).start_method(method);
+        assert!(!p.is_alive());
+        assert_eq!(p.exitcode(), None);
+        p.start().expect("start");
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0), "{method:?}");
+        assert!(!p.is_alive());
+    }
+}
+
+#[test]
+fn pid_is_the_subprocess_and_none_for_threads() {
+    let _rt = runtime();
+    let dir = scratch();
+    let path = dir.path().join("who");
+    let p = Process::new(report, (path.display().to_string(),));
+    p.start().expect("start");
+    let pid = p.pid().expect("a subprocess has a pid");
+    assert_ne!(pid, std::process::id());
+    p.join(None).expect("join");
+    assert!(read_file(&path).contains(&format!("pid={pid}\n")));
+
+    let t = Process::new(noop, ()).start_method(StartMethod::Thread);
+    t.start().expect("start");
+    assert_eq!(t.pid(), None);
+    t.join(None).expect("join");
+}
+
+#[test]
+fn a_panic_exits_one() {
+    let _rt = runtime();
+    for method in METHODS {
+        let p = Process::new(panics, ()).start_method(method);
+        p.start().expect("start");
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(1), "{method:?}");
+    }
+}
+
+#[test]
+fn an_err_return_exits_one() {
+    let _rt = runtime();
+    for method in METHODS {
+        let p = Process::new(fails, ()).start_method(method);
+        p.start().expect("start");
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(1), "{method:?}");
+    }
+}
+
+#[test]
+fn process_exit_code_is_kept() {
+    let _rt = runtime();
+    for code in [3, 42, 0] {
+        let p = Process::new(exits, (code,));
+        p.start().expect("start");
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(code));
+    }
+}
+
+#[test]
+fn terminate_and_kill_give_negative_signals() {
+    let _rt = runtime();
+    for (signal, code) in [("terminate", -15), ("kill", -9)] {
+        let p = Process::new(sleeps, (30_000u64,));
+        p.start().expect("start");
+        assert!(p.is_alive());
+        let started = Instant::now();
+        match signal {
+            "terminate" => p.terminate().expect("terminate"),
+            _ => p.kill().expect("kill"),
+        }
+        p.join(None).expect("join");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(p.exitcode(), Some(code), "{signal}");
+        assert!(!p.is_alive());
+        // Stopping an exited process does nothing.
+        p.terminate().expect("terminate after exit");
+        assert_eq!(p.exitcode(), Some(code));
+    }
+}
+
+#[test]
+fn thread_terminate_is_cooperative_and_recorded() {
+    let _rt = runtime();
+    let dir = scratch();
+    for (signal, code) in [("terminate", -15), ("kill", -9)] {
+        let p = Process::new(sleeps, (30_000u64,)).start_method(StartMethod::Thread);
+        p.start().expect("start");
+        assert!(p.is_alive());
+        match signal {
+            "terminate" => p.terminate().expect("terminate"),
+            _ => p.kill().expect("kill"),
+        }
+        p.join(Some(Duration::from_secs(5))).expect("join");
+        assert_eq!(p.exitcode(), Some(code), "{signal}");
+        assert!(!p.is_alive());
+    }
+    // A target that never looks at the flag keeps running, but its exit code is recorded.
+    let path = dir.path().join("late");
+    let p = Process::new(sleeps_then_touch, (300u64, path.display().to_string()))
+        .start_method(StartMethod::Thread);
+    p.start().expect("start");
+    p.terminate().expect("terminate");
+    assert_eq!(p.exitcode(), Some(-15));
+    assert!(
+        wait_for(Duration::from_secs(5), || path.exists()),
+        "the thread ran on"
+    );
+}
+
+#[test]
+fn join_with_timeout_returns_while_the_child_runs() {
+    let _rt = runtime();
+    for method in METHODS {
+        let p = Process::new(sleeps, (20_000u64,)).start_method(method);
+        p.start().expect("start");
+        let started = Instant::now();
+        p.join(Some(Duration::from_millis(300))).expect("join");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300),
+            "{method:?}: {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_millis(1300),
+            "{method:?}: {waited:?}"
+        );
+        assert!(p.is_alive(), "{method:?}");
+        assert_eq!(p.exitcode(), None);
+        p.terminate().expect("terminate");
+        p.join(None).expect("join");
+    }
+}
+
+#[test]
+fn killed_from_outside_is_seen_as_minus_nine() {
+    let _rt = runtime();
+    let p = Process::new(sleeps, (30_000u64,));
+    p.start().expect("start");
+    let pid = p.pid().expect("pid");
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill -9");
+    let started = Instant::now();
+    p.join(Some(Duration::from_secs(10))).expect("join");
+    assert!(started.elapsed() < Duration::from_secs(5), "join hung");
+    assert_eq!(p.exitcode(), Some(-9));
+    assert!(!p.is_alive());
+}
+
+#[test]
+fn names_default_to_process_n_and_reach_the_child() {
+    let _rt = runtime();
+    let dir = scratch();
+    let a = Process::new(noop, ());
+    let b = Process::new(noop, ());
+    let n = |p: &Process| -> u32 {
+        p.get_name()
+            .strip_prefix("Process-")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{} is not Process-N", p.get_name()))
+    };
+    assert!(n(&b) > n(&a));
+    for method in METHODS {
+        let path = dir.path().join(format!("{method:?}"));
+        let p = Process::new(report, (path.display().to_string(),))
+            .name("greeter")
+            .start_method(method);
+        assert_eq!(p.get_name(), "greeter");
+        p.start().expect("start");
+        p.join(None).expect("join");
+        assert!(read_file(&path).starts_with("name=greeter\n"), "{method:?}");
+    }
+}
+
+#[test]
+fn a_child_can_start_its_own_child() {
+    let _rt = runtime();
+    let dir = scratch();
+    let path = dir.path().join("grandchild");
+    let p = Process::new(spawns_grandchild, (path.display().to_string(),));
+    let parent_name = p.get_name().to_string();
+    p.start().expect("start");
+    p.join(None).expect("join");
+    assert_eq!(p.exitcode(), Some(0));
+    let text = read_file(&path);
+    let name = text.lines().next().unwrap_or_default();
+    assert!(
+        name.starts_with(&format!("name={parent_name}:")),
+        "{name} is not a child of {parent_name}"
+    );
+}
+
+#[test]
+fn arguments_of_every_arity_round_trip() {
+    let _rt = runtime();
+    let dir = scratch();
+    for method in METHODS {
+        let path = dir.path().join(format!("eight-{method:?}"));
+        let map = BTreeMap::from([("k".to_string(), -1)]);
+        let p = Process::new(
+            eight,
+            (
+                path.display().to_string(),
+                7u8,
+                -9_000_000_000i64,
+                vec![1u32, 2, 3],
+                (true, 2.5f64),
+                Some("opt".to_string()),
+                map,
+                'λ',
+            ),
+        )
+        .start_method(method);
+        p.start().expect("start");
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0));
+        assert_eq!(
+            read_file(&path),
+            "7 -9000000000 [1, 2, 3] (true, 2.5) Some(\"opt\") {\"k\": -1} λ"
+        );
+    }
+}
+
+#[test]
+fn invalid_states_are_errors() {
+    let _rt = runtime();
+    for method in METHODS {
+        let p = Process::new(noop, ()).start_method(method);
+        assert!(matches!(p.join(None), Err(Error::InvalidState(_))));
+        assert!(matches!(p.terminate(), Err(Error::InvalidState(_))));
+        assert!(matches!(p.kill(), Err(Error::InvalidState(_))));
+        p.start().expect("start");
+        assert!(matches!(p.start(), Err(Error::InvalidState(_))));
+        p.join(None).expect("join");
+        assert!(matches!(p.start(), Err(Error::InvalidState(_))));
+    }
+}
+
+fn not_registered(x: u32) -> u32 {
+    x + 1
+}
+
+#[test]
+fn unregistered_functions_fail_at_start_and_stay_startable() {
+    let _rt = runtime();
+    let p = Process::new(not_registered, (1u32,));
+    match p.start() {
+        Err(Error::NotRegistered { function }) => {
+            assert!(function.ends_with("::not_registered"), "{function}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!p.is_alive());
+    // The process was not consumed: starting again reports the same error, not InvalidState.
+    assert!(matches!(p.start(), Err(Error::NotRegistered { .. })));
+
+    let offset = 5u32;
+    let closure = Process::new(move |x: u32| x + offset, (1u32,));
+    match closure.start() {
+        Err(Error::NotRegistered { function }) => {
+            assert!(function.contains("{{closure}}"), "{function}")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // The thread start method runs unregistered functions and closures directly.
+    for p in [
+        Process::new(not_registered, (1u32,)).start_method(StartMethod::Thread),
+        Process::new(move |x: u32| x + offset, (1u32,)).start_method(StartMethod::Thread),
+    ] {
+        p.start().expect("thread start");
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0));
+    }
+}
+
+#[shoal::remote]
+fn takes_bytes(data: Vec<u8>) -> usize {
+    data.len()
+}
+
+#[test]
+fn arguments_over_the_message_limit_are_refused_at_start() {
+    let _rt = runtime();
+    let limit = LIMIT;
+    let p = Process::new(takes_bytes, (vec![0u8; limit + 1],));
+    match p.start() {
+        Err(Error::TooLarge {
+            size,
+            limit: l,
+            key,
+        }) => {
+            assert!(size > limit);
+            assert_eq!(l, limit);
+            assert!(key.ends_with(":task"), "{key}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!p.is_alive());
+}
+
+#[test]
+fn many_children_at_once() {
+    let _rt = runtime();
+    let children: Vec<Process> = (0..8).map(|_| Process::new(sleeps, (200u64,))).collect();
+    for p in &children {
+        p.start().expect("start");
+    }
+    for p in &children {
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0));
+    }
+}
+
+#[test]
+fn a_worker_with_no_task_fails_clearly() {
+    let rt = runtime();
+    let url = rt.config().redis.url.clone().expect("url");
+    let output = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args(["shoal_worker_entry", "--exact", "--nocapture", "-q"])
+        .env("SHOAL_WORKER_TASK", "default/no-such-task")
+        .env("SHOAL_WORKER_REDIS", url)
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no task record"), "{stderr}");
+}

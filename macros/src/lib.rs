@@ -1,0 +1,178 @@
+//! `#[shoal::remote]`: makes a free function runnable in another process.
+//!
+//! The attribute keeps the function as written and adds an entry to shoal's link-time registry
+//! (`shoal::__private::REMOTE_FUNCTIONS`) that decodes the argument tuple, calls the function
+//! and encodes its result. See the `shoal` crate for the rules; in short: a non-generic, non-async
+//! free function of 0 to 8 arguments whose argument types are owned `serde::Deserialize` types
+//! and whose result is `serde::Serialize`. A return type spelled `Result<T, E>` (any path ending in
+//! `Result`) is fallible: `Err(e)` is reported as a task error carrying `e` formatted with
+//! `{:#}`.
+
+use proc_macro::TokenStream;
+use proc_macro2::Span;
+use quote::{format_ident, quote};
+use syn::spanned::Spanned;
+use syn::{FnArg, ItemFn, ReturnType, Type, parse_macro_input};
+
+/// The most arguments a remote function may take (the arity `Process::new` and `Pool` accept).
+const MAX_ARGS: usize = 8;
+
+/// Registers a free function so that shoal can run it in another process.
+///
+/// ```ignore
+/// #[shoal::remote]
+/// fn square(x: u64) -> u64 { x * x }
+/// ```
+#[proc_macro_attribute]
+pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
+    if !attr.is_empty() {
+        return syn::Error::new(
+            proc_macro2::TokenStream::from(attr).span(),
+            "#[shoal::remote] takes no arguments",
+        )
+        .to_compile_error()
+        .into();
+    }
+    let function = parse_macro_input!(item as ItemFn);
+    match expand(&function) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => {
+            let error = e.to_compile_error();
+            quote!(#function #error).into()
+        }
+    }
+}
+
+fn expand(function: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
+    let sig = &function.sig;
+    let ident = &sig.ident;
+    if !sig.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            sig.generics.span(),
+            "#[shoal::remote] functions cannot be generic: the worker must know the concrete \
+             types (write a wrapper per type)",
+        ));
+    }
+    if let Some(asyncness) = &sig.asyncness {
+        return Err(syn::Error::new(
+            asyncness.span(),
+            "#[shoal::remote] functions cannot be async",
+        ));
+    }
+    if let Some(variadic) = &sig.variadic {
+        return Err(syn::Error::new(
+            variadic.span(),
+            "variadic functions cannot be remote",
+        ));
+    }
+    if sig.inputs.len() > MAX_ARGS {
+        return Err(syn::Error::new(
+            sig.inputs.span(),
+            format!(
+                "#[shoal::remote] functions take at most {MAX_ARGS} arguments; group them in a struct"
+            ),
+        ));
+    }
+    let mut arg_types = Vec::new();
+    for input in &sig.inputs {
+        match input {
+            FnArg::Receiver(r) => {
+                return Err(syn::Error::new(
+                    r.span(),
+                    "#[shoal::remote] works on free functions, not methods",
+                ));
+            }
+            FnArg::Typed(pat) => {
+                check_owned(&pat.ty)?;
+                arg_types.push((*pat.ty).clone());
+            }
+        }
+    }
+    let bindings: Vec<_> = (0..arg_types.len())
+        .map(|i| format_ident!("__shoal_arg{}", i))
+        .collect();
+    let fallible = match &sig.output {
+        ReturnType::Default => false,
+        ReturnType::Type(_, ty) => {
+            if let Type::ImplTrait(_) = **ty {
+                return Err(syn::Error::new(
+                    ty.span(),
+                    "#[shoal::remote] functions must return a concrete serde type, not impl Trait",
+                ));
+            }
+            is_result(ty)
+        }
+    };
+    let encode = if fallible {
+        quote! {
+            match __shoal_out {
+                ::core::result::Result::Ok(value) => {
+                    ::shoal::__private::encode_output(&value, __shoal_limit, __shoal_name)
+                }
+                ::core::result::Result::Err(error) => ::core::result::Result::Err(
+                    ::shoal::__private::Failure::error(::std::format!("{:#}", error)),
+                ),
+            }
+        }
+    } else {
+        quote! { ::shoal::__private::encode_output(&__shoal_out, __shoal_limit, __shoal_name) }
+    };
+    let entry = format_ident!("__SHOAL_REMOTE_{}", ident, span = Span::call_site());
+    Ok(quote! {
+        #function
+
+        // linkme places the entry in a link section; the entry itself is plain data.
+        #[doc(hidden)]
+        #[allow(unsafe_code, non_upper_case_globals)]
+        #[::shoal::__private::linkme::distributed_slice(::shoal::__private::REMOTE_FUNCTIONS)]
+        #[linkme(crate = ::shoal::__private::linkme)]
+        static #entry: ::shoal::__private::RemoteFunction = ::shoal::__private::RemoteFunction {
+            name: || ::std::any::type_name_of_val(&#ident),
+            invoke: {
+                fn __shoal_invoke(
+                    __shoal_args: &[u8],
+                    __shoal_limit: usize,
+                ) -> ::core::result::Result<::std::vec::Vec<u8>, ::shoal::__private::Failure> {
+                    let __shoal_name = ::std::any::type_name_of_val(&#ident);
+                    let (#(#bindings,)*): (#(#arg_types,)*) =
+                        ::shoal::__private::decode_args(__shoal_args, __shoal_limit, __shoal_name)?;
+                    let __shoal_out = #ident(#(#bindings),*);
+                    #encode
+                }
+                __shoal_invoke
+            },
+        };
+    })
+}
+
+fn check_owned(ty: &Type) -> syn::Result<()> {
+    match ty {
+        Type::Reference(r) => Err(syn::Error::new(
+            r.span(),
+            "#[shoal::remote] arguments must be owned types (String, Vec<T>, ...): they are \
+             decoded in another process",
+        )),
+        Type::ImplTrait(t) => Err(syn::Error::new(
+            t.span(),
+            "#[shoal::remote] arguments must be concrete types, not impl Trait",
+        )),
+        Type::Paren(p) => check_owned(&p.elem),
+        Type::Group(g) => check_owned(&g.elem),
+        Type::Tuple(t) => t.elems.iter().try_for_each(check_owned),
+        Type::Array(a) => check_owned(&a.elem),
+        _ => Ok(()),
+    }
+}
+
+fn is_result(ty: &Type) -> bool {
+    match ty {
+        Type::Path(p) => p
+            .path
+            .segments
+            .last()
+            .is_some_and(|segment| segment.ident == "Result"),
+        Type::Paren(p) => is_result(&p.elem),
+        Type::Group(g) => is_result(&g.elem),
+        _ => false,
+    }
+}

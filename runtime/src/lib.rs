@@ -1,0 +1,117 @@
+//! # shoal
+//!
+//! Python's `multiprocessing` API as an actor-based distributed runtime. A program written
+//! against [`Process`] (and, as they land, `Pool`, `Queue`, `Pipe`, `Lock`, ...) runs its children
+//! as subprocesses or threads on this machine, with every message and all shared state in Redis,
+//! so that other backends can run the same program elsewhere.
+//!
+//! ```no_run
+//! use shoal::prelude::*;
+//!
+//! #[shoal::remote]
+//! fn f(name: String) {
+//!     println!("hello {name}");
+//! }
+//!
+//! fn main() -> shoal::Result<()> {
+//!     let _rt = shoal::init()?; // in a child, runs its task and exits instead of returning
+//!     let p = Process::new(f, ("bob".to_string(),));
+//!     p.start()?;
+//!     p.join(None)?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ## The same-binary model
+//!
+//! Rust cannot send closures between processes. The program that starts a child is also the
+//! child: a subprocess runs this same binary with the task's address in its environment, and
+//! [`init`] notices, runs the task and exits. So:
+//!
+//! * functions that run in a subprocess carry [`#[shoal::remote]`](remote), which registers them
+//!   under their full path at link time (a non-generic, non-async free function of 0 to 8
+//!   owned serde arguments, returning a serde type; a `Result` return makes `Err` a task error);
+//! * `shoal::init()` must come first in `main`: a child runs nothing before it;
+//! * in a **test binary**, invoke [`test_support!()`](test_support) once at the top of the test
+//!   file (or module). It adds a test named `shoal_worker_entry` and marks the binary, so that a
+//!   child is started as that single test (`--exact`) instead of running the whole suite. Without
+//!   it, a child of a test binary would run every test.
+//!
+//! ## Configuration
+//!
+//! `config.yaml` (see the repository's documented copy), `SHOAL_<SECTION>_<KEY>` environment
+//! overrides, or [`Config::builder`] with [`init_with`]. With no `redis.url`, the runtime starts
+//! its own `redis-server` on a private Unix socket and stops it when the [`Runtime`] is dropped.
+//!
+//! ## Logging
+//!
+//! shoal logs with `tracing`. [`init`] installs a subscriber reading `RUST_LOG` (default `warn`)
+//! unless the program installed one before.
+
+extern crate self as shoal;
+
+mod process;
+mod runtime;
+
+pub use process::Process;
+pub use runtime::{Runtime, init, init_with};
+pub use shoal_core::config::{self, Config, ConfigBuilder, StartMethod};
+pub use shoal_core::context::ProcessInfo;
+pub use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
+pub use shoal_macros::remote;
+
+/// Who the calling code runs as: `MainProcess`, a child's name and identity, or a thread
+/// child's (Python's `multiprocessing.current_process()`).
+pub fn current_process() -> ProcessInfo {
+    shoal_core::context::current_process()
+}
+
+/// True in a thread child whose `terminate()` or `kill()` was called. A thread cannot be
+/// stopped from outside, so a long-running thread target polls this and returns.
+pub fn termination_requested() -> bool {
+    shoal_core::context::termination_requested()
+}
+
+/// Makes a test binary usable as a worker: invoke once at the top of a test file that starts
+/// processes with the `process` start method.
+///
+/// It defines a test `shoal_worker_entry` (a no-op in a normal run) and marks the binary, so
+/// that shoal starts each child as that one test. Invoke it at the crate root of the test binary
+/// or inside one module; one invocation per binary.
+#[macro_export]
+macro_rules! test_support {
+    () => {
+        #[test]
+        fn shoal_worker_entry() {
+            $crate::__private::run_worker_entry();
+        }
+
+        // linkme places the marker in a link section; the marker is plain data.
+        #[doc(hidden)]
+        #[allow(unsafe_code, non_upper_case_globals)]
+        #[$crate::__private::linkme::distributed_slice($crate::__private::TEST_WORKER_ENTRIES)]
+        #[linkme(crate = $crate::__private::linkme)]
+        static __SHOAL_TEST_WORKER_ENTRY: &str = ::core::module_path!();
+    };
+}
+
+/// Everything a Python `multiprocessing` user reaches for.
+pub mod prelude {
+    pub use crate::{
+        Config, Error, Process, Result, StartMethod, current_process, remote, termination_requested,
+    };
+}
+
+/// Support for shoal's macros; not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use linkme;
+    pub use shoal_core::registry::{
+        Failure, REMOTE_FUNCTIONS, RemoteFunction, TEST_WORKER_ENTRIES, decode_args, encode_output,
+    };
+
+    /// Runs the worker if this process is one (never returns then); returns otherwise.
+    pub fn run_worker_entry() {
+        crate::runtime::run_worker_if_requested();
+    }
+}

@@ -1,0 +1,715 @@
+//! `Process`: run a function in a child process, Python's `multiprocessing.Process`.
+//!
+//! # Semantics
+//!
+//! * [`Process::new`] takes a function and its arguments as a tuple (`(x,)` for one argument,
+//!   `()` for none) and checks their types at compile time. The child gets a name at
+//!   construction: `Process-N` (`Process-1:2` for the second child of a child), unless
+//!   [`Process::name`] gives one.
+//! * [`Process::start`] starts the child with the start method of the configuration
+//!   (`local.start_method`) or of [`Process::start_method`]:
+//!   * `process`: a subprocess running this binary in worker mode. The function must be
+//!     registered with `#[shoal::remote]`; if it is not, `start()` fails with
+//!     [`Error::NotRegistered`] and the process stays startable.
+//!   * `thread`: a thread of this process. Any function or closure runs; a registered function
+//!     runs through its registry entry, so it behaves exactly as in a subprocess (arguments
+//!     encoded and decoded, `Err` returns give exit code 1).
+//! * [`Process::exitcode`] follows Python: `None` while running, `0` when the function returned,
+//!   `1` when it panicked or returned `Err`, `n` when it called `std::process::exit(n)`, `-15`
+//!   after [`Process::terminate`] and `-9` after [`Process::kill`] (for a subprocess, `-N` for any
+//!   signal `N` that ended it, also one sent from outside).
+//! * [`Process::join`] waits for the exit, or at most the timeout (then returns `Ok(())` with the
+//!   child still running, as Python does; check [`Process::is_alive`]).
+//! * Starting twice, or joining, terminating or killing a process that was never started, is
+//!   [`Error::InvalidState`].
+//! * Daemon children are terminated when the runtime shuts down; the runtime waits for
+//!   non-daemon children first (Python's exit behaviour).
+//!
+//! # Thread children
+//!
+//! A thread cannot be stopped from outside. [`Process::terminate`]/[`Process::kill`] on a thread
+//! child set its termination flag, which the target reads with
+//! [`termination_requested`](crate::termination_requested), and record the exit code (-15/-9)
+//! at once: `join` returns and `is_alive` is false, while the thread itself runs on until its
+//! target returns. A thread child has no pid of its own ([`Process::pid`] is `None`), shares the
+//! parent's environment (`multiprocessing.env_vars` does not apply) and writes to the parent's
+//! stdout. `std::process::exit` in a thread child ends the whole program.
+//!
+//! # Actors and Redis
+//!
+//! Each started process is backed by a `ProcessActor` on the runtime's actor system. It owns
+//! the lifecycle (starting → running → exited), asks the executor to launch the worker, learns
+//! of the exit from the executor, prints the child's output stream when
+//! `multiprocessing.stream_stdout` is on, and records execution details when
+//! `multiprocessing.export_execution_details` is set. The handle waits on a condition variable
+//! the actor updates.
+//!
+//! Redis round trips per subprocess lifecycle: the parent writes the task (1) and deletes the
+//! process's keys after the exit (1, off the caller's path); the worker claims the task (1) and
+//! records its exit (1). A thread child makes none. Keys: see `shoal_executor::task`.
+
+use std::io::Write;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use serde::Serialize;
+use shoal_core::config::StartMethod;
+use shoal_core::context::{self, ProcessInfo};
+use shoal_core::error::{Error, Result};
+use shoal_core::registry::{self, RemoteFn};
+use shoal_core::store::Store;
+use shoal_core::{TaskErrorKind, codec};
+use shoal_executor::output::{OutputReader, ReadOutcome};
+use shoal_executor::protocol::{
+    Executor, Launch, Launched, StopSignal, ThreadBody, WorkerExited, Workload,
+};
+use shoal_executor::task::{ProcessKeys, TaskRecord};
+
+use crate::runtime::{self, ChildEntry, RuntimeInner};
+
+/// Children constructed by this process so far (Python's process counter).
+static CONSTRUCTED: AtomicU32 = AtomicU32::new(0);
+
+/// A function to run in a child process, with its arguments.
+pub struct Process {
+    name: String,
+    identity: Vec<u32>,
+    daemon: bool,
+    start_method: Option<StartMethod>,
+    slot: Mutex<Slot>,
+}
+
+enum Slot {
+    Created(Box<dyn Target>),
+    Started(Started),
+    Failed(String),
+    /// Transient: `start()` is running.
+    Starting,
+}
+
+struct Started {
+    state: Arc<ProcessState>,
+    actor: Addr<ProcessActor>,
+    pid: Option<u32>,
+    // Keeps the runtime alive while a handle to a started process exists.
+    _runtime: Arc<RuntimeInner>,
+}
+
+impl std::fmt::Debug for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Process")
+            .field("name", &self.name)
+            .field("daemon", &self.daemon)
+            .field("pid", &self.pid())
+            .field("exitcode", &self.exitcode())
+            .finish()
+    }
+}
+
+impl Process {
+    /// A process that will run `target(args...)`. Nothing runs until [`Process::start`].
+    pub fn new<F, A>(target: F, args: A) -> Process
+    where
+        F: RemoteFn<A>,
+        A: Serialize + Send + 'static,
+    {
+        let n = CONSTRUCTED.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut identity = context::current_process().identity;
+        identity.push(n);
+        let name = format!(
+            "Process-{}",
+            identity
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(":")
+        );
+        Process {
+            name,
+            identity,
+            daemon: false,
+            start_method: None,
+            slot: Mutex::new(Slot::Created(Box::new(TypedTarget { target, args }))),
+        }
+    }
+
+    /// Sets the process's name (default `Process-N`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Makes the process a daemon: it is terminated when the runtime shuts down, instead of
+    /// being waited for.
+    pub fn daemon(mut self, daemon: bool) -> Self {
+        self.daemon = daemon;
+        self
+    }
+
+    /// Runs this process with `method` instead of the configured `local.start_method`.
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.start_method = Some(method);
+        self
+    }
+
+    /// The process's name.
+    pub fn get_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the process is a daemon.
+    pub fn is_daemon(&self) -> bool {
+        self.daemon
+    }
+
+    /// Starts the child. Errors: [`Error::InvalidState`] if it was started before,
+    /// [`Error::NotRegistered`] for an unregistered function with the `process` start method
+    /// (the process stays startable), or what the backend reports.
+    pub fn start(&self) -> Result<()> {
+        let target = {
+            let mut slot = self.lock_slot();
+            match std::mem::replace(&mut *slot, Slot::Starting) {
+                Slot::Created(target) => target,
+                other => {
+                    *slot = other;
+                    return Err(Error::invalid_state(format!(
+                        "cannot start process {} twice",
+                        self.name
+                    )));
+                }
+            }
+        };
+        match self.launch(target) {
+            Ok(started) => {
+                *self.lock_slot() = Slot::Started(started);
+                Ok(())
+            }
+            Err((Some(target), e)) => {
+                *self.lock_slot() = Slot::Created(target);
+                Err(e)
+            }
+            Err((None, e)) => {
+                *self.lock_slot() = Slot::Failed(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn launch(
+        &self,
+        target: Box<dyn Target>,
+    ) -> std::result::Result<Started, (Option<Box<dyn Target>>, Error)> {
+        let runtime = match runtime::current_runtime() {
+            Ok(r) => r,
+            Err(e) => return Err((Some(target), e)),
+        };
+        let context = runtime.context().clone();
+        let config = context.config();
+        let method = self.start_method.unwrap_or(config.local.start_method);
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let keys = ProcessKeys::new(context.store().keys(), &id);
+        let function = target.function_name();
+        let info = ProcessInfo {
+            name: self.name.clone(),
+            identity: self.identity.clone(),
+        };
+        let (workload, record) = match method {
+            StartMethod::Process => {
+                if registry::lookup(function).is_none() {
+                    let e = Error::NotRegistered {
+                        function: function.to_string(),
+                    };
+                    return Err((Some(target), e));
+                }
+                let args = match target.encode_args(context.store(), &keys.task) {
+                    Ok(args) => args,
+                    Err(e) => return Err((Some(target), e)),
+                };
+                let mut record_config = config.clone();
+                record_config.redis.url = None;
+                let record = TaskRecord {
+                    function: function.to_string(),
+                    args,
+                    name: self.name.clone(),
+                    identity: self.identity.clone(),
+                    config: record_config,
+                    stream_output: config.multiprocessing.stream_stdout,
+                };
+                (
+                    Workload::Subprocess {
+                        task_id: id.clone(),
+                    },
+                    Some(record),
+                )
+            }
+            StartMethod::Thread => {
+                let limit = context.store().settings().max_message_bytes;
+                let body = target.into_thread_body(self.name.clone(), limit);
+                (Workload::Thread { body, info }, None)
+            }
+        };
+        let state = Arc::new(ProcessState::new());
+        let actor = ProcessActor {
+            id: id.clone(),
+            name: self.name.clone(),
+            function: function.to_string(),
+            method,
+            store: context.store().clone(),
+            executor: runtime.executor().clone(),
+            keys,
+            state: state.clone(),
+            pending: Some(PendingLaunch {
+                workload,
+                record,
+                env: config.multiprocessing.env_vars.clone(),
+            }),
+            output: None,
+            exit_code: None,
+            started_at: SystemTime::now(),
+            started_instant: Instant::now(),
+            pid: None,
+            details_dir: config.multiprocessing.export_execution_details.clone(),
+        };
+        let addr = ProcessActor::start_in_arbiter(&runtime.arbiter(), move |_| actor);
+        let pid = match futures::executor::block_on(addr.send(StartChild)) {
+            Ok(Ok(pid)) => pid,
+            Ok(Err(e)) => return Err((None, e)),
+            Err(e) => {
+                return Err((
+                    None,
+                    Error::Backend(format!("the process actor is not running: {e}")),
+                ));
+            }
+        };
+        runtime.track_child(ChildEntry {
+            id,
+            daemon: self.daemon,
+            state: state.clone(),
+        });
+        Ok(Started {
+            state,
+            actor: addr,
+            pid,
+            _runtime: runtime,
+        })
+    }
+
+    /// Waits until the process exits, or at most `timeout`. Returns `Ok(())` in both cases (the
+    /// process may still be running after a timeout: see [`Process::is_alive`]).
+    pub fn join(&self, timeout: Option<Duration>) -> Result<()> {
+        let state = self.started_state("join")?;
+        state.wait_exited(timeout);
+        Ok(())
+    }
+
+    /// True from a successful `start()` until the process exits.
+    pub fn is_alive(&self) -> bool {
+        match &*self.lock_slot() {
+            Slot::Started(s) => !s.state.has_exited(),
+            _ => false,
+        }
+    }
+
+    /// The exit code once the process has exited (see the module docs), `None` before.
+    pub fn exitcode(&self) -> Option<i32> {
+        match &*self.lock_slot() {
+            Slot::Started(s) => s.state.exit_code(),
+            _ => None,
+        }
+    }
+
+    /// The child's OS process id, for a subprocess that was started.
+    pub fn pid(&self) -> Option<u32> {
+        match &*self.lock_slot() {
+            Slot::Started(s) => s.pid,
+            _ => None,
+        }
+    }
+
+    /// Asks the process to stop: `SIGTERM` for a subprocess (exit code -15); for a thread, see
+    /// the module docs. Does nothing if it already exited.
+    pub fn terminate(&self) -> Result<()> {
+        self.stop(StopSignal::Terminate)
+    }
+
+    /// Stops the process with `SIGKILL` (exit code -9); for a thread, see the module docs.
+    pub fn kill(&self) -> Result<()> {
+        self.stop(StopSignal::Kill)
+    }
+
+    fn stop(&self, signal: StopSignal) -> Result<()> {
+        let actor = match &*self.lock_slot() {
+            Slot::Started(s) if s.state.has_exited() => return Ok(()),
+            Slot::Started(s) => s.actor.clone(),
+            _ => {
+                return Err(Error::invalid_state(format!(
+                    "process {} was not started",
+                    self.name
+                )));
+            }
+        };
+        match futures::executor::block_on(actor.send(StopChild(signal))) {
+            Ok(result) => result,
+            // The actor stops once the exit is recorded: nothing left to stop.
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn started_state(&self, what: &str) -> Result<Arc<ProcessState>> {
+        match &*self.lock_slot() {
+            Slot::Started(s) => Ok(s.state.clone()),
+            Slot::Failed(reason) => Err(Error::invalid_state(format!(
+                "cannot {what} process {}: its start failed ({reason})",
+                self.name
+            ))),
+            _ => Err(Error::invalid_state(format!(
+                "can only {what} a started process ({} was not started)",
+                self.name
+            ))),
+        }
+    }
+
+    fn lock_slot(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The lifecycle as the handle sees it; only the actor changes it.
+pub(crate) struct ProcessState {
+    exit: Mutex<Option<i32>>,
+    changed: Condvar,
+}
+
+impl ProcessState {
+    fn new() -> Self {
+        ProcessState {
+            exit: Mutex::new(None),
+            changed: Condvar::new(),
+        }
+    }
+
+    pub(crate) fn has_exited(&self) -> bool {
+        self.exit_code().is_some()
+    }
+
+    pub(crate) fn exit_code(&self) -> Option<i32> {
+        *self.exit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_exited(&self, code: i32) {
+        let mut exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if exit.is_none() {
+            *exit = Some(code);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits for the exit; returns whether it happened.
+    pub(crate) fn wait_exited(&self, timeout: Option<Duration>) -> bool {
+        let guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        match timeout {
+            None => {
+                let guard = self
+                    .changed
+                    .wait_while(guard, |exit| exit.is_none())
+                    .unwrap_or_else(|p| p.into_inner());
+                guard.is_some()
+            }
+            Some(timeout) => {
+                let (guard, _) = self
+                    .changed
+                    .wait_timeout_while(guard, timeout, |exit| exit.is_none())
+                    .unwrap_or_else(|p| p.into_inner());
+                guard.is_some()
+            }
+        }
+    }
+}
+
+/// A target with its arguments, erased.
+trait Target: Send {
+    fn function_name(&self) -> &'static str;
+    fn encode_args(&self, store: &Store, key: &str) -> Result<Vec<u8>>;
+    fn into_thread_body(self: Box<Self>, name: String, limit: usize) -> ThreadBody;
+}
+
+struct TypedTarget<F, A> {
+    target: F,
+    args: A,
+}
+
+impl<F, A> Target for TypedTarget<F, A>
+where
+    F: RemoteFn<A>,
+    A: Serialize + Send + 'static,
+{
+    fn function_name(&self) -> &'static str {
+        self.target.name()
+    }
+
+    fn encode_args(&self, store: &Store, key: &str) -> Result<Vec<u8>> {
+        store.encode(&self.args, key)
+    }
+
+    fn into_thread_body(self: Box<Self>, name: String, limit: usize) -> ThreadBody {
+        let function = self.target.name();
+        Box::new(move || match registry::lookup(function) {
+            Some(entry) => {
+                let outcome = codec::encode(&self.args, &format!("arguments of {function}"), limit)
+                    .map_err(registry::Failure::error)
+                    .and_then(|args| registry::call(entry, &args, limit));
+                match outcome {
+                    Ok(_) => 0,
+                    Err(failure) => {
+                        if failure.kind != TaskErrorKind::Panic {
+                            let _ = writeln!(
+                                std::io::stderr(),
+                                "Process {name} ({function}) failed: {}",
+                                failure.message
+                            );
+                        }
+                        1
+                    }
+                }
+            }
+            None => {
+                let TypedTarget { target, args } = *self;
+                match catch_unwind(AssertUnwindSafe(move || target.call(args))) {
+                    Ok(_) => 0,
+                    Err(_) => 1,
+                }
+            }
+        })
+    }
+}
+
+/// What the actor launches when asked to start.
+struct PendingLaunch {
+    workload: Workload,
+    record: Option<TaskRecord>,
+    env: std::collections::BTreeMap<String, String>,
+}
+
+/// The actor that owns one child's lifecycle.
+struct ProcessActor {
+    id: String,
+    name: String,
+    function: String,
+    method: StartMethod,
+    store: Arc<Store>,
+    executor: Executor,
+    keys: ProcessKeys,
+    state: Arc<ProcessState>,
+    pending: Option<PendingLaunch>,
+    /// Set while the child's output stream is being printed; the flag tells the reader that the
+    /// exit is known.
+    output: Option<Arc<AtomicBool>>,
+    exit_code: Option<i32>,
+    started_at: SystemTime,
+    started_instant: Instant,
+    pid: Option<u32>,
+    details_dir: Option<PathBuf>,
+}
+
+impl Actor for ProcessActor {
+    type Context = Context<Self>;
+}
+
+/// Launch the child; answers its pid.
+#[derive(Message)]
+#[rtype(result = "Result<Option<u32>>")]
+struct StartChild;
+
+/// Signal the child.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+struct StopChild(StopSignal);
+
+/// The output stream was printed to the end.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct OutputFinished;
+
+impl Handler<StartChild> for ProcessActor {
+    type Result = ResponseActFuture<Self, Result<Option<u32>>>;
+
+    fn handle(&mut self, _: StartChild, ctx: &mut Context<Self>) -> Self::Result {
+        let Some(pending) = self.pending.take() else {
+            return Box::pin(fut::ready(Err(Error::invalid_state("already started"))));
+        };
+        let store = self.store.clone();
+        let keys = self.keys.clone();
+        let executor = self.executor.clone();
+        let streaming = pending.record.as_ref().is_some_and(|r| r.stream_output);
+        let launch = Launch {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            workload: pending.workload,
+            env: pending.env,
+            notify: ctx.address().recipient(),
+        };
+        let record = pending.record;
+        Box::pin(
+            async move {
+                if let Some(record) = &record {
+                    record.write(&store, &keys).await?;
+                }
+                executor.launch(launch).await
+            }
+            .into_actor(self)
+            .map(move |result: Result<Launched>, act, ctx| {
+                let launched = result?;
+                act.started_instant = Instant::now();
+                act.started_at = SystemTime::now();
+                act.pid = launched.pid;
+                if streaming {
+                    act.print_output(ctx);
+                }
+                Ok(launched.pid)
+            }),
+        )
+    }
+}
+
+impl Handler<StopChild> for ProcessActor {
+    type Result = ResponseFuture<Result<()>>;
+
+    fn handle(&mut self, msg: StopChild, _: &mut Context<Self>) -> Self::Result {
+        let executor = self.executor.clone();
+        let id = self.id.clone();
+        let exited = self.exit_code.is_some();
+        Box::pin(async move {
+            if exited {
+                return Ok(());
+            }
+            executor.signal(id, msg.0).await
+        })
+    }
+}
+
+impl Handler<WorkerExited> for ProcessActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: WorkerExited, ctx: &mut Context<Self>) {
+        self.exit_code = Some(msg.code);
+        match &self.output {
+            Some(exit_known) => exit_known.store(true, Ordering::Release),
+            None => self.finish(ctx),
+        }
+    }
+}
+
+impl Handler<OutputFinished> for ProcessActor {
+    type Result = ();
+
+    fn handle(&mut self, _: OutputFinished, ctx: &mut Context<Self>) {
+        self.output = None;
+        if self.exit_code.is_some() {
+            self.finish(ctx);
+        }
+    }
+}
+
+impl ProcessActor {
+    /// Prints the child's output stream until `eof`, or until a read after the exit finds
+    /// nothing (a child that was killed writes no `eof`).
+    fn print_output(&mut self, ctx: &mut Context<Self>) {
+        let exit_known = Arc::new(AtomicBool::new(false));
+        self.output = Some(exit_known.clone());
+        let store = self.store.clone();
+        let key = self.keys.output.clone();
+        let me = ctx.address();
+        actix::spawn(async move {
+            let block = Duration::from_millis(100);
+            match store.dedicated(Some(block)).await {
+                Ok(mut conn) => {
+                    let mut reader = OutputReader::new(key);
+                    loop {
+                        let exited = exit_known.load(Ordering::Acquire);
+                        match reader.read_once(&mut conn, block).await {
+                            Ok(ReadOutcome::Finished) => break,
+                            Ok(ReadOutcome::Idle) if exited => break,
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!("{e}");
+                                if exited {
+                                    break;
+                                }
+                                actix::clock::sleep(block).await;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("cannot print the child's output: {e}"),
+            }
+            me.do_send(OutputFinished);
+        });
+    }
+
+    fn finish(&mut self, ctx: &mut Context<Self>) {
+        let Some(code) = self.exit_code else {
+            return;
+        };
+        self.write_execution_details(code);
+        self.state.set_exited(code);
+        if self.method == StartMethod::Process {
+            let store = self.store.clone();
+            let keys = self.keys.clone();
+            actix::spawn(async move {
+                let result = async {
+                    let mut conn = store.multiplexed().await?;
+                    redis::cmd("DEL")
+                        .arg(&keys.task)
+                        .arg(&keys.status)
+                        .arg(&keys.output)
+                        .query_async::<()>(&mut conn)
+                        .await
+                        .map_err(|e| Error::redis(format!("deleting {}", keys.task), e))
+                }
+                .await;
+                if let Err(e) = result {
+                    tracing::debug!("cleaning up a finished process: {e}");
+                }
+            });
+        }
+        ctx.stop();
+    }
+
+    fn write_execution_details(&self, code: i32) {
+        let Some(dir) = &self.details_dir else {
+            return;
+        };
+        let secs = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0)
+        };
+        let record = serde_json::json!({
+            "name": self.name,
+            "function": self.function,
+            "start_method": match self.method {
+                StartMethod::Process => "process",
+                StartMethod::Thread => "thread",
+            },
+            "pid": self.pid,
+            "started_at": secs(self.started_at),
+            "ended_at": secs(SystemTime::now()),
+            "duration_secs": self.started_instant.elapsed().as_secs_f64(),
+            "exitcode": code,
+        });
+        let result = std::fs::create_dir_all(dir).and_then(|_| {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("shoal-execution-details.jsonl"))?;
+            writeln!(file, "{record}")
+        });
+        if let Err(e) = result {
+            tracing::warn!("writing execution details to {}: {e}", dir.display());
+        }
+    }
+}
