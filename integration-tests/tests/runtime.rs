@@ -220,6 +220,22 @@ fn a_tls_redis_url_works() {
 }
 
 #[test]
+fn tls_verifies_certificates_unless_told_not_to() {
+    let server = TestRedis::tls();
+    // The server's certificate is self-signed: without #insecure the handshake must fail.
+    let strict = server.url().replace("/#insecure", "");
+    let config = Config::builder()
+        .redis_url(strict)
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .expect("config");
+    match shoal::init_with(config) {
+        Err(Error::Redis { .. }) => {}
+        other => panic!("a self-signed certificate was accepted: {other:?}"),
+    }
+}
+
+#[test]
 fn redis_going_away_is_a_clear_error() {
     let mut server = TestRedis::tcp();
     let config = Config::builder()
