@@ -12,4 +12,4 @@ pub mod protocol;
 pub mod task;
 pub mod worker;
 
-pub use protocol::{Executor, Launch, Launched, StopSignal, WorkerExited, Workload};
+pub use protocol::{Executor, Launch, Launched, StopSignal, WorkerExited, WorkerStatus, Workload};

@@ -33,7 +33,8 @@ use shoal_core::error::{Error, Result};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::protocol::{
-    Executor, Launch, Launched, SignalWorker, StopSignal, WorkerExited, Workload,
+    Executor, Launch, Launched, QueryWorker, SignalWorker, StopSignal, WorkerExited, WorkerStatus,
+    Workload,
 };
 use crate::task::{ENV_WORKER_REDIS, ENV_WORKER_TASK, TaskAddress};
 
@@ -82,7 +83,12 @@ impl LocalExecutor {
             settings,
             children: HashMap::new(),
         });
-        Executor::new("local", addr.clone().recipient(), addr.recipient())
+        Executor::new(
+            "local",
+            addr.clone().recipient(),
+            addr.clone().recipient(),
+            addr.recipient(),
+        )
     }
 
     fn spawn_subprocess(
@@ -235,6 +241,18 @@ impl Handler<SignalWorker> for LocalExecutor {
     }
 }
 
+impl Handler<QueryWorker> for LocalExecutor {
+    type Result = MessageResult<QueryWorker>;
+
+    fn handle(&mut self, msg: QueryWorker, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(match self.children.get(&msg.id) {
+            Some((Child::Subprocess { pid }, _)) => WorkerStatus::Running { pid: Some(*pid) },
+            Some((Child::Thread { .. }, _)) => WorkerStatus::Running { pid: None },
+            None => WorkerStatus::NotRunning,
+        })
+    }
+}
+
 /// A thread child's body returned.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -284,5 +302,140 @@ async fn forward_test_stdout(stdout: tokio::process::ChildStdout) {
             break;
         }
         let _ = out.flush().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ThreadBody;
+    use shoal_core::actors::ActorSystem;
+    use shoal_core::context::ProcessInfo;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Forwards exits to a channel.
+    struct Collector(mpsc::Sender<WorkerExited>);
+
+    impl Actor for Collector {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<WorkerExited> for Collector {
+        type Result = ();
+
+        fn handle(&mut self, msg: WorkerExited, _: &mut Context<Self>) {
+            let _ = self.0.send(msg);
+        }
+    }
+
+    fn block<F: std::future::Future>(f: F) -> F::Output {
+        futures::executor::block_on(f)
+    }
+
+    fn thread_launch(id: &str, body: ThreadBody, notify: Recipient<WorkerExited>) -> Launch {
+        Launch {
+            id: id.into(),
+            name: format!("test-{id}"),
+            workload: Workload::Thread {
+                body,
+                info: ProcessInfo::main(),
+            },
+            env: Default::default(),
+            notify,
+        }
+    }
+
+    #[test]
+    fn launch_status_signal_and_exit_for_threads() {
+        let system = ActorSystem::start("test-actors").expect("actors");
+        let settings = LocalSettings {
+            redis_url: "unix:///nonexistent".into(),
+            namespace: "t".into(),
+            program: "/nonexistent".into(),
+            test_entry: None,
+        };
+        let executor = LocalExecutor::start(settings, system.arbiter());
+        let (tx, rx) = mpsc::channel();
+        let collector = Collector::start_in_arbiter(system.arbiter(), move |_| Collector(tx));
+
+        let quick = block(executor.launch(thread_launch(
+            "a",
+            Box::new(|| 7),
+            collector.clone().recipient(),
+        )));
+        assert_eq!(quick.expect("launch"), Launched { pid: None });
+        let exited = rx.recv_timeout(Duration::from_secs(5)).expect("exit");
+        assert_eq!(
+            exited,
+            WorkerExited {
+                id: "a".into(),
+                code: 7
+            }
+        );
+        assert_eq!(
+            block(executor.status("a".into())).expect("status"),
+            WorkerStatus::NotRunning
+        );
+
+        let slow: ThreadBody = Box::new(|| {
+            while !context::termination_requested() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            0
+        });
+        block(executor.launch(thread_launch("b", slow, collector.clone().recipient())))
+            .expect("launch");
+        assert_eq!(
+            block(executor.status("b".into())).expect("status"),
+            WorkerStatus::Running { pid: None }
+        );
+        let again =
+            block(executor.launch(thread_launch("b", Box::new(|| 0), collector.recipient())));
+        assert!(matches!(again, Err(Error::InvalidState(_))));
+        block(executor.signal("b".into(), StopSignal::Kill)).expect("signal");
+        let exited = rx.recv_timeout(Duration::from_secs(5)).expect("exit");
+        assert_eq!(
+            exited,
+            WorkerExited {
+                id: "b".into(),
+                code: -9
+            }
+        );
+        assert_eq!(
+            block(executor.status("b".into())).expect("status"),
+            WorkerStatus::NotRunning
+        );
+        // Signalling a worker that ended is not an error.
+        block(executor.signal("b".into(), StopSignal::Terminate)).expect("signal after exit");
+    }
+
+    #[test]
+    fn a_missing_program_is_a_launch_error() {
+        let system = ActorSystem::start("test-actors").expect("actors");
+        let settings = LocalSettings {
+            redis_url: "unix:///nonexistent".into(),
+            namespace: "t".into(),
+            program: "/nonexistent/program".into(),
+            test_entry: None,
+        };
+        let executor = LocalExecutor::start(settings, system.arbiter());
+        let (tx, _rx) = mpsc::channel();
+        let collector = Collector::start_in_arbiter(system.arbiter(), move |_| Collector(tx));
+        let launch = Launch {
+            id: "x".into(),
+            name: "x".into(),
+            workload: Workload::Subprocess {
+                task_id: "x".into(),
+            },
+            env: Default::default(),
+            notify: collector.recipient(),
+        };
+        match futures::executor::block_on(executor.launch(launch)) {
+            Err(Error::Io { context, .. }) => {
+                assert!(context.contains("/nonexistent/program"), "{context}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! The executor protocol: the messages every backend answers.
 //!
 //! A backend moves no data itself. It is asked to [`Launch`] a worker for a task (the worker
-//! reads the task from Redis) or a thread body, to [`SignalWorker`] one it launched, and it
-//! reports each worker's end with [`WorkerExited`] to the recipient named at launch. Exit codes
+//! reads the task from Redis) or a thread body, to [`SignalWorker`] one it launched, and
+//! whether one still runs ([`QueryWorker`]); it reports each worker's end with [`WorkerExited`] to the recipient named at launch. Exit codes
 //! follow Python: the process's own code when it exits, `-N` when signal `N` ended it.
 //! [`Executor`] bundles the recipients so backends are interchangeable.
 
@@ -96,6 +96,26 @@ pub struct SignalWorker {
     pub signal: StopSignal,
 }
 
+/// Asks whether a launched worker is still running.
+#[derive(Debug, Message)]
+#[rtype(result = "WorkerStatus")]
+pub struct QueryWorker {
+    /// The worker's id.
+    pub id: String,
+}
+
+/// What an executor knows of a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerStatus {
+    /// Launched and not known to have ended.
+    Running {
+        /// The OS process id, for subprocesses.
+        pid: Option<u32>,
+    },
+    /// Ended (its [`WorkerExited`] was sent) or never launched by this executor.
+    NotRunning,
+}
+
 /// A worker ended.
 #[derive(Clone, Debug, PartialEq, Eq, Message)]
 #[rtype(result = "()")]
@@ -112,6 +132,7 @@ pub struct Executor {
     backend: &'static str,
     launch: Recipient<Launch>,
     signal: Recipient<SignalWorker>,
+    query: Recipient<QueryWorker>,
 }
 
 impl Executor {
@@ -120,11 +141,13 @@ impl Executor {
         backend: &'static str,
         launch: Recipient<Launch>,
         signal: Recipient<SignalWorker>,
+        query: Recipient<QueryWorker>,
     ) -> Self {
         Executor {
             backend,
             launch,
             signal,
+            query,
         }
     }
 
@@ -147,6 +170,14 @@ impl Executor {
             .send(SignalWorker { id, signal })
             .await
             .map_err(|e| self.mailbox_error(e))?
+    }
+
+    /// Whether a worker is still running.
+    pub async fn status(&self, id: String) -> Result<WorkerStatus> {
+        self.query
+            .send(QueryWorker { id })
+            .await
+            .map_err(|e| self.mailbox_error(e))
     }
 
     fn mailbox_error(&self, e: actix::MailboxError) -> Error {
