@@ -8,6 +8,7 @@
 //! configuration and backend failures).
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -15,8 +16,9 @@ use serde::{Deserialize, Serialize};
 /// shoal's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can go wrong in shoal.
-#[derive(Debug, thiserror::Error)]
+/// Everything that can go wrong in shoal. Cloneable, so that a result can be read more than once
+/// (`AsyncResult::get`) and handed to callbacks.
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A wait gave up after its timeout (Python's `TimeoutError`).
@@ -86,7 +88,7 @@ pub enum Error {
         context: String,
         /// The client's error.
         #[source]
-        source: redis::RedisError,
+        source: Arc<redis::RedisError>,
     },
 
     /// The configuration is invalid.
@@ -111,7 +113,7 @@ pub enum Error {
         context: String,
         /// The OS error.
         #[source]
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
 }
 
@@ -120,7 +122,7 @@ impl Error {
     pub fn redis(context: impl Into<String>, source: redis::RedisError) -> Self {
         Error::Redis {
             context: context.into(),
-            source,
+            source: Arc::new(source),
         }
     }
 
@@ -128,7 +130,7 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),
-            source,
+            source: Arc::new(source),
         }
     }
 

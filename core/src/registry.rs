@@ -13,9 +13,12 @@
 //! is [`Error::NotRegistered`](crate::Error::NotRegistered).
 //!
 //! A registered function is called through its [`Invoke`] entry: decode the argument tuple,
-//! call, encode the result. A function whose return type is spelled `Result<T, E>` is fallible:
-//! `Err(e)` becomes a [`Failure`] of kind [`TaskErrorKind::Error`] carrying `e.to_string()`.
-//! [`call`] adds panic capture.
+//! call, encode the result ([`Returned`]). The whole return value is encoded, a `Result`
+//! included, so a pool hands `Result<T, E>` items back as values. A function whose return type is
+//! spelled `Result<...>` also reports whether it returned `Err` and the error's text
+//! ([`Returned::err`]): a `Process`, whose return value goes nowhere, exits with code 1 then.
+//! A return value that is not `Serialize` is encoded as a [`Failure`] saying so (it matters only
+//! where the value is wanted: pools). [`call`] adds panic capture.
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -29,8 +32,28 @@ use serde::de::DeserializeOwned;
 use crate::codec;
 use crate::error::TaskErrorKind;
 
-/// Decodes arguments, calls the function, encodes its result.
-pub type Invoke = fn(args: &[u8], limit: usize) -> Result<Vec<u8>, Failure>;
+/// Decodes arguments, calls the function, encodes its result. `Err` when the arguments do not
+/// decode.
+pub type Invoke = fn(args: &[u8], limit: usize) -> Result<Returned, Failure>;
+
+/// What a call returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Returned {
+    /// The encoded return value, or why it could not be encoded.
+    pub value: Result<Vec<u8>, Failure>,
+    /// For a function returning `Result`: the text of the `Err` it returned.
+    pub err: Option<String>,
+}
+
+impl Returned {
+    /// The outcome as a process sees it: the value is discarded, an `Err` return is a failure.
+    pub fn into_process_outcome(self) -> Result<(), Failure> {
+        match self.err {
+            Some(message) => Err(Failure::error(message)),
+            None => Ok(()),
+        }
+    }
+}
 
 /// One function that `#[shoal::remote]` registered.
 #[derive(Debug)]
@@ -99,7 +122,7 @@ impl Failure {
 
 /// Calls a registered function, turning a panic into a [`Failure`] of kind
 /// [`TaskErrorKind::Panic`] with the panic message.
-pub fn call(function: &RemoteFunction, args: &[u8], limit: usize) -> Result<Vec<u8>, Failure> {
+pub fn call(function: &RemoteFunction, args: &[u8], limit: usize) -> Result<Returned, Failure> {
     match catch_unwind(AssertUnwindSafe(|| (function.invoke)(args, limit))) {
         Ok(result) => result,
         Err(payload) => Err(Failure {
@@ -129,13 +152,77 @@ pub fn decode_args<T: DeserializeOwned>(
     codec::decode(bytes, &format!("arguments of {function}"), limit).map_err(Failure::error)
 }
 
-/// Encodes a function's result (used by `#[shoal::remote]`).
-pub fn encode_output<T: Serialize>(
-    value: &T,
-    limit: usize,
-    function: &str,
-) -> Result<Vec<u8>, Failure> {
-    codec::encode(value, &format!("result of {function}"), limit).map_err(Failure::error)
+/// Wraps a return value for [`EncodeSerialize`]/[`EncodeFallback`] (used by
+/// `#[shoal::remote]`): `(&&Encoded(&value)).encode_output(..)` encodes a `Serialize` value and
+/// reports any other as a failure, chosen at compile time where the concrete type is known.
+pub struct Encoded<'a, T>(pub &'a T);
+
+/// Encodes a `Serialize` return value.
+pub trait EncodeSerialize {
+    /// Encodes the value.
+    fn encode_output(&self, limit: usize, function: &str) -> Result<Vec<u8>, Failure>;
+}
+
+impl<T: Serialize> EncodeSerialize for &Encoded<'_, T> {
+    fn encode_output(&self, limit: usize, function: &str) -> Result<Vec<u8>, Failure> {
+        codec::encode(self.0, &format!("result of {function}"), limit).map_err(Failure::error)
+    }
+}
+
+/// Reports a return value that is not `Serialize`.
+pub trait EncodeFallback {
+    /// A failure naming the type.
+    fn encode_output(&self, limit: usize, function: &str) -> Result<Vec<u8>, Failure>;
+}
+
+impl<T> EncodeFallback for Encoded<'_, T> {
+    fn encode_output(&self, _limit: usize, function: &str) -> Result<Vec<u8>, Failure> {
+        Err(Failure::error(format!(
+            "the result of {function} ({}) is not Serialize, so it cannot be sent back",
+            std::any::type_name::<T>()
+        )))
+    }
+}
+
+/// Wraps an error for [`DescribeDisplay`]/[`DescribeDebug`]/[`DescribeOpaque`] (used by
+/// `#[shoal::remote]`): `(&&Described(&e)).describe()` is `{:#}` for `Display` errors, `{:?}`
+/// for `Debug` ones, and the type's name otherwise.
+pub struct Described<'a, T>(pub &'a T);
+
+/// Describes a `Display` error.
+pub trait DescribeDisplay {
+    /// The text.
+    fn describe(&self) -> String;
+}
+
+impl<T: std::fmt::Display> DescribeDisplay for &Described<'_, T> {
+    fn describe(&self) -> String {
+        format!("{:#}", self.0)
+    }
+}
+
+/// Describes a `Debug` error.
+pub trait DescribeDebug {
+    /// The text.
+    fn describe(&self) -> String;
+}
+
+impl<T: std::fmt::Debug> DescribeDebug for &&Described<'_, T> {
+    fn describe(&self) -> String {
+        format!("{:?}", self.0)
+    }
+}
+
+/// Describes any other error.
+pub trait DescribeOpaque {
+    /// The text.
+    fn describe(&self) -> String;
+}
+
+impl<T> DescribeOpaque for Described<'_, T> {
+    fn describe(&self) -> String {
+        format!("returned Err({})", std::any::type_name::<T>())
+    }
 }
 
 /// A function value that can be the target of a process or a pool task, called with its
@@ -187,12 +274,15 @@ mod tests {
         a + b
     }
 
-    fn invoke_add(args: &[u8], limit: usize) -> Result<Vec<u8>, Failure> {
+    fn invoke_add(args: &[u8], limit: usize) -> Result<Returned, Failure> {
         let (a, b): (u32, u32) = decode_args(args, limit, "add")?;
-        encode_output(&add(a, b), limit, "add")
+        Ok(Returned {
+            value: (&&Encoded(&add(a, b))).encode_output(limit, "add"),
+            err: None,
+        })
     }
 
-    fn invoke_panics(_: &[u8], _: usize) -> Result<Vec<u8>, Failure> {
+    fn invoke_panics(_: &[u8], _: usize) -> Result<Returned, Failure> {
         panic!("kaboom {}", 7)
     }
 
@@ -220,7 +310,8 @@ mod tests {
     fn call_decodes_runs_and_encodes() {
         let args = codec::encode(&(2u32, 3u32), "a", 1024).expect("encode");
         let out = call(&ADD, &args, 1024).expect("call");
-        assert_eq!(codec::decode::<u32>(&out, "r", 1024).expect("decode"), 5);
+        let value = out.value.expect("encoded");
+        assert_eq!(codec::decode::<u32>(&value, "r", 1024).expect("decode"), 5);
         let bad = codec::encode(&("x",), "a", 1024).expect("encode");
         let failure = call(&ADD, &bad, 1024).expect_err("wrong arguments");
         assert_eq!(failure.kind, TaskErrorKind::Error);
@@ -240,6 +331,27 @@ mod tests {
         let failure = call(&f, &[], 1024).expect_err("panics");
         assert_eq!(failure.kind, TaskErrorKind::Panic);
         assert_eq!(failure.message, "kaboom 7");
+    }
+
+    struct Opaque;
+    #[derive(Debug)]
+    struct OnlyDebug;
+
+    #[test]
+    fn encoding_and_description_are_chosen_by_type() {
+        let ok = (&&Encoded(&7u8)).encode_output(64, "f");
+        assert!(ok.is_ok());
+        let opaque = (&&Encoded(&Opaque))
+            .encode_output(64, "f")
+            .expect_err("not Serialize");
+        assert!(
+            opaque.message.contains("not Serialize"),
+            "{}",
+            opaque.message
+        );
+        assert_eq!((&&Described(&"disp")).describe(), "disp");
+        assert_eq!((&&Described(&OnlyDebug)).describe(), "OnlyDebug");
+        assert!((&&Described(&Opaque)).describe().contains("Opaque"));
     }
 
     #[test]

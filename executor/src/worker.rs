@@ -71,7 +71,8 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
 
     let outcome = match registry::lookup(&record.function) {
         Some(function) => {
-            registry::call(function, &record.args, store.settings().max_message_bytes).map(|_| ())
+            registry::call(function, &record.args, store.settings().max_message_bytes)
+                .and_then(registry::Returned::into_process_outcome)
         }
         None => Err(Failure::error(Error::NotRegistered {
             function: record.function.clone(),

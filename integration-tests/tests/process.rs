@@ -151,6 +151,35 @@ fn an_err_return_exits_one() {
     }
 }
 
+/// An error type that is neither `Serialize` nor `Display` (like many library errors).
+#[derive(Debug)]
+struct Opaque;
+
+#[shoal::remote]
+fn fails_opaquely() -> Result<(), Opaque> {
+    Err(Opaque)
+}
+
+#[shoal::remote]
+fn returns_unserializable() -> Instant {
+    Instant::now()
+}
+
+#[test]
+fn any_error_type_fails_a_process_and_any_return_type_is_fine() {
+    let _rt = runtime();
+    for method in METHODS {
+        let p = Process::new(fails_opaquely, ()).start_method(method);
+        p.start().expect("start");
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(1), "{method:?}");
+        let p = Process::new(returns_unserializable, ()).start_method(method);
+        p.start().expect("start");
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0), "{method:?}");
+    }
+}
+
 #[test]
 fn process_exit_code_is_kept() {
     let _rt = runtime();

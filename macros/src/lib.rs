@@ -3,10 +3,11 @@
 //! The attribute keeps the function as written and adds an entry to shoal's link-time registry
 //! (`shoal::__private::REMOTE_FUNCTIONS`) that decodes the argument tuple, calls the function
 //! and encodes its result. See the `shoal` crate for the rules; in short: a non-generic, non-async
-//! free function of 0 to 8 arguments whose argument types are owned `serde::Deserialize` types
-//! and whose result is `serde::Serialize`. A return type spelled `Result<T, E>` (any path ending in
-//! `Result`) is fallible: `Err(e)` is reported as a task error carrying `e` formatted with
-//! `{:#}`.
+//! free function of 0 to 8 arguments whose argument types are owned `serde::Deserialize` types.
+//! The return value is encoded when it is `serde::Serialize` (a pool needs it; a process
+//! discards it). A return type spelled `Result<T, E>` (any path ending in `Result`) also reports
+//! an `Err`, described with `{:#}` (or `{:?}` when `E` is only `Debug`), so that a process
+//! returning `Err` exits with code 1.
 
 use proc_macro::TokenStream;
 use proc_macro2::Span;
@@ -103,19 +104,17 @@ fn expand(function: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             is_result(ty)
         }
     };
-    let encode = if fallible {
+    let err = if fallible {
         quote! {
-            match __shoal_out {
-                ::core::result::Result::Ok(value) => {
-                    ::shoal::__private::encode_output(&value, __shoal_limit, __shoal_name)
-                }
-                ::core::result::Result::Err(error) => ::core::result::Result::Err(
-                    ::shoal::__private::Failure::error(::std::format!("{:#}", error)),
+            match &__shoal_out {
+                ::core::result::Result::Err(error) => ::core::option::Option::Some(
+                    (&&::shoal::__private::Described(error)).describe(),
                 ),
+                ::core::result::Result::Ok(_) => ::core::option::Option::None,
             }
         }
     } else {
-        quote! { ::shoal::__private::encode_output(&__shoal_out, __shoal_limit, __shoal_name) }
+        quote! { ::core::option::Option::None }
     };
     let entry = format_ident!("__SHOAL_REMOTE_{}", ident, span = Span::call_site());
     Ok(quote! {
@@ -132,12 +131,21 @@ fn expand(function: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                 fn __shoal_invoke(
                     __shoal_args: &[u8],
                     __shoal_limit: usize,
-                ) -> ::core::result::Result<::std::vec::Vec<u8>, ::shoal::__private::Failure> {
+                ) -> ::core::result::Result<::shoal::__private::Returned, ::shoal::__private::Failure> {
+                    #[allow(unused_imports)]
+                    use ::shoal::__private::{
+                        DescribeDebug as _, DescribeDisplay as _, DescribeOpaque as _,
+                        EncodeFallback as _, EncodeSerialize as _,
+                    };
                     let __shoal_name = ::std::any::type_name_of_val(&#ident);
                     let (#(#bindings,)*): (#(#arg_types,)*) =
                         ::shoal::__private::decode_args(__shoal_args, __shoal_limit, __shoal_name)?;
                     let __shoal_out = #ident(#(#bindings),*);
-                    #encode
+                    ::core::result::Result::Ok(::shoal::__private::Returned {
+                        err: #err,
+                        value: (&&::shoal::__private::Encoded(&__shoal_out))
+                            .encode_output(__shoal_limit, __shoal_name),
+                    })
                 }
                 __shoal_invoke
             },

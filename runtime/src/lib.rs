@@ -107,7 +107,9 @@ pub mod prelude {
 pub mod __private {
     pub use linkme;
     pub use shoal_core::registry::{
-        Failure, REMOTE_FUNCTIONS, RemoteFunction, TEST_WORKER_ENTRIES, decode_args, encode_output,
+        DescribeDebug, DescribeDisplay, DescribeOpaque, Described, EncodeFallback, EncodeSerialize,
+        Encoded, Failure, REMOTE_FUNCTIONS, RemoteFunction, Returned, TEST_WORKER_ENTRIES,
+        decode_args,
     };
 
     /// Runs the worker if this process is one (never returns then); returns otherwise.

@@ -461,7 +461,8 @@ where
             Some(entry) => {
                 let outcome = codec::encode(&self.args, &format!("arguments of {function}"), limit)
                     .map_err(registry::Failure::error)
-                    .and_then(|args| registry::call(entry, &args, limit));
+                    .and_then(|args| registry::call(entry, &args, limit))
+                    .and_then(registry::Returned::into_process_outcome);
                 match outcome {
                     Ok(_) => 0,
                     Err(failure) => {
