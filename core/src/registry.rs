@@ -338,6 +338,8 @@ mod tests {
     struct OnlyDebug;
 
     #[test]
+    // The borrows are what the generated code writes: they select the implementation.
+    #[allow(clippy::needless_borrow)]
     fn encoding_and_description_are_chosen_by_type() {
         let ok = (&&Encoded(&7u8)).encode_output(64, "f");
         assert!(ok.is_ok());
