@@ -7,8 +7,10 @@
 //! cargo run --release -p shoal-examples --example bench -- --workloads W3 --peers stdlib,lithops
 //! ```
 //!
-//! Workloads built so far: W3 (process_spawn, for both start methods). The others are added
-//! with the features they measure (Pool: W1, W1B, W2, W8; primitives: W4 to W7).
+//! Workloads built so far: W1, W1B (pool map overhead, default chunksize and chunksize 1), W2
+//! (a CPU-bound map; the loop is calibrated to ~100 ms per task here, as the peers calibrate
+//! theirs), W3 (process_spawn, for both start methods), W8 (a map during which three tasks kill
+//! their worker). W4 to W7 come with the primitives.
 //!
 //! `--peers` copies the peer harness (`run.sh`, the Python scripts) into `--work-dir` (the
 //! shared copy is read-only), runs it for the chosen peers and workloads (`RUNS` = `--runs`;
@@ -27,7 +29,16 @@ use serde_json::{Value, json};
 use shoal::prelude::*;
 
 /// Sizes, as in `workloads.py`.
+const W1_N: u64 = 100_000;
+const W1B_N: u64 = 100_000;
+const W2_TASKS: usize = 32;
+const W2_TASK_MS: f64 = 100.0;
 const W3_PROCS: usize = 20;
+const W8_TASKS: u64 = 200;
+const W8_TASK_MS: f64 = 20.0;
+const W8_CRASH_INPUTS: [u64; 3] = [17, 101, 173];
+const W8_TIMEOUT: Duration = Duration::from_secs(60);
+const POOL_PROCS: usize = 2;
 
 #[derive(Parser, Debug)]
 #[command(about = "shoal's benchmark: the peer workloads W1-W8 on shoal, beside the peers")]
@@ -52,10 +63,41 @@ struct Args {
     work_dir: PathBuf,
 }
 
-const BUILT: &[&str] = &["W3"];
+const BUILT: &[&str] = &["W1", "W1B", "W2", "W3", "W8"];
 
 #[shoal::remote]
 fn noop() {}
+
+#[shoal::remote]
+fn inc(x: u64) -> u64 {
+    x + 1
+}
+
+/// The peers' pure-integer loop: `x = (x * 31 + i) & 0xFFFFFFFF`.
+#[shoal::remote]
+fn burn(iters: u64) -> u64 {
+    let mut x: u64 = 0;
+    for i in 0..std::hint::black_box(iters) {
+        x = (x.wrapping_mul(31).wrapping_add(i)) & 0xFFFF_FFFF;
+    }
+    x
+}
+
+/// ~20 ms of CPU; inputs in `crash` kill their worker on the first run (a marker file per
+/// input makes the retry succeed); a done marker per finished task.
+#[shoal::remote]
+fn crash_task(x: u64, iters: u64, marker_dir: String, crash: Vec<u64>) -> u64 {
+    if crash.contains(&x) {
+        let marker = format!("{marker_dir}/crashed-{x}");
+        if !std::path::Path::new(&marker).exists() {
+            std::fs::write(&marker, std::process::id().to_string()).expect("marker");
+            std::process::exit(1);
+        }
+    }
+    burn(iters);
+    std::fs::write(format!("{marker_dir}/done-{x}"), "").expect("done marker");
+    x * 2
+}
 
 fn main() -> shoal::Result<()> {
     let rt = shoal::init()?;
@@ -76,8 +118,50 @@ fn main() -> shoal::Result<()> {
     }
 
     let mut shoal_cells: BTreeMap<String, Value> = BTreeMap::new();
+    let iters_per_100ms = if workloads.iter().any(|w| w == "W2" || w == "W8") {
+        calibrate()
+    } else {
+        0
+    };
     for w in &workloads {
+        let label = "shoal-process".to_string();
+        let key = format!("{w}/{label}");
         match w.as_str() {
+            "W1" => {
+                let runs = (0..args.runs)
+                    .map(|_| w1_pool_map_overhead(W1_N, None))
+                    .collect();
+                let mut cell = median_cell(w, "pool_map_overhead", &label, runs);
+                cell["redis_commands_per_chunk"] = redis_commands_per_chunk(&rt);
+                shoal_cells.insert(key, cell);
+            }
+            "W1B" => {
+                let runs = (0..args.runs)
+                    .map(|_| w1_pool_map_overhead(W1B_N, Some(1)))
+                    .collect();
+                shoal_cells.insert(key, median_cell(w, "pool_map_chunk1", &label, runs));
+            }
+            "W2" => {
+                let runs = (0..args.runs)
+                    .map(|_| w2_pool_map_cpu(iters_per_100ms))
+                    .collect();
+                shoal_cells.insert(key, median_cell(w, "pool_map_cpu", &label, runs));
+            }
+            "W8" => {
+                let runs: Vec<Value> = (0..args.runs)
+                    .map(|_| w8_fault_tolerance(iters_per_100ms))
+                    .collect();
+                let completed = runs.iter().filter(|r| r["value"] == "completed").count();
+                let mut cell = runs.last().cloned().unwrap_or(Value::Null);
+                cell["workload"] = json!(w);
+                cell["name"] = json!("fault_tolerance");
+                cell["peer"] = json!(label);
+                cell["outcomes"] =
+                    json!(runs.iter().map(|r| r["value"].clone()).collect::<Vec<_>>());
+                cell["completed_runs"] = json!(completed);
+                cell["runs"] = json!(runs.len());
+                shoal_cells.insert(key, cell);
+            }
             "W3" => {
                 for method in [StartMethod::Process, StartMethod::Thread] {
                     let label = format!("shoal-{}", method_name(method));
@@ -123,6 +207,176 @@ fn method_name(method: StartMethod) -> &'static str {
         StartMethod::Process => "process",
         StartMethod::Thread => "thread",
     }
+}
+
+/// W1/W1B: `Pool(2).map(inc, range(n))`; tasks per second of the `map` call.
+fn w1_pool_map_overhead(n: u64, chunksize: Option<usize>) -> Value {
+    let t = Instant::now();
+    let pool = Pool::new(POOL_PROCS).expect("pool");
+    let pool_create = t.elapsed();
+    let data: Vec<u64> = (0..n).collect();
+    let t = Instant::now();
+    let out = match chunksize {
+        None => pool.map(inc, data.clone()),
+        Some(c) => pool.map_with(inc, data.clone(), c),
+    }
+    .expect("map");
+    let dt = t.elapsed();
+    let correct = out.iter().zip(&data).all(|(o, d)| *o == d + 1) && out.len() == data.len();
+    let t = Instant::now();
+    drop(pool);
+    json!({
+        "value": n as f64 / dt.as_secs_f64(),
+        "unit": "tasks/s",
+        "n": n,
+        "chunksize": chunksize.map(|c| json!(c)).unwrap_or(json!("default")),
+        "map_s": dt.as_secs_f64(),
+        "pool_create_s": pool_create.as_secs_f64(),
+        "pool_terminate_s": t.elapsed().as_secs_f64(),
+        "correct": correct,
+    })
+}
+
+/// Calibrates [`burn`] to ~100 ms here, as `workloads.calibrate` does for the peers.
+fn calibrate() -> u64 {
+    let time = |iters: u64| {
+        let t = Instant::now();
+        std::hint::black_box(burn(iters));
+        t.elapsed().as_secs_f64()
+    };
+    let mut iters: u64 = 100_000;
+    let mut dt = time(iters);
+    while dt < 0.02 {
+        iters *= 2;
+        dt = time(iters);
+    }
+    iters = (iters as f64 * 0.1 / dt) as u64;
+    for _ in 0..3 {
+        let mut ts: Vec<f64> = (0..5).map(|_| time(iters)).collect();
+        ts.sort_by(f64::total_cmp);
+        iters = (iters as f64 * 0.1 / ts[2]) as u64;
+    }
+    iters
+}
+
+/// W2: `Pool(2).map(burn, [iters] * 32)`, ~100 ms each; wall and speedup over the same 32
+/// calls run serially here first.
+fn w2_pool_map_cpu(iters_per_100ms: u64) -> Value {
+    let iters = (iters_per_100ms as f64 * W2_TASK_MS / 100.0) as u64;
+    let t = Instant::now();
+    let expected: Vec<u64> = (0..W2_TASKS).map(|_| burn(iters)).collect();
+    let serial = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let pool = Pool::new(POOL_PROCS).expect("pool");
+    let pool_create = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let out = pool.map(burn, vec![iters; W2_TASKS]).expect("map");
+    let wall = t.elapsed().as_secs_f64();
+    json!({
+        "value": wall,
+        "unit": "s",
+        "speedup": serial / wall,
+        "serial_s": serial,
+        "tasks": W2_TASKS,
+        "iters": iters,
+        "pool_create_s": pool_create,
+        "correct": out == expected,
+    })
+}
+
+/// W8: `Pool(2).map_async(crash_task, 200 args).get(timeout=60)`; inputs 17, 101, 173 kill
+/// their worker on their first run. Outcome: completed, raised or hung.
+fn w8_fault_tolerance(iters_per_100ms: u64) -> Value {
+    let iters = (iters_per_100ms as f64 * W8_TASK_MS / 100.0) as u64;
+    let dir = std::env::temp_dir().join(format!("shoal-w8-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("marker dir");
+    let marker_dir = dir.display().to_string();
+    let args: Vec<(u64, u64, String, Vec<u64>)> = (0..W8_TASKS)
+        .map(|x| (x, iters, marker_dir.clone(), W8_CRASH_INPUTS.to_vec()))
+        .collect();
+    let pool = Pool::new(POOL_PROCS).expect("pool");
+    let t = Instant::now();
+    let result = pool.starmap_async(crash_task, args).expect("submit");
+    let (outcome, error) = match result.get(Some(W8_TIMEOUT)) {
+        Ok(out) if out == (0..W8_TASKS).map(|x| x * 2).collect::<Vec<_>>() => ("completed", None),
+        Ok(_) => ("completed-wrong-results", None),
+        Err(Error::Timeout(_)) => ("hung", None),
+        Err(e) => ("raised", Some(e.to_string())),
+    };
+    let elapsed = t.elapsed().as_secs_f64();
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut crashed: Vec<u64> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix("crashed-")?.parse().ok())
+        .collect();
+    crashed.sort();
+    let done = names.iter().filter(|n| n.starts_with("done-")).count();
+    let t = Instant::now();
+    drop(pool);
+    let _ = std::fs::remove_dir_all(&dir);
+    json!({
+        "value": outcome,
+        "unit": "outcome",
+        "elapsed_s": elapsed,
+        "error": error,
+        "crashed_inputs_seen": crashed,
+        "tasks_done": done,
+        "tasks": W8_TASKS,
+        "terminate_s": t.elapsed().as_secs_f64(),
+    })
+}
+
+/// Redis commands per chunk on the map path: `INFO commandstats` before and after a map of
+/// 2000 chunks (chunksize 1), divided by the chunks.
+fn redis_commands_per_chunk(rt: &shoal::Runtime) -> Value {
+    let Some(socket) = rt
+        .config()
+        .redis
+        .url
+        .as_deref()
+        .and_then(|u| u.strip_prefix("unix://"))
+    else {
+        return json!("needs the embedded store");
+    };
+    let stats = || -> BTreeMap<String, u64> {
+        let out = Command::new("redis-cli")
+            .args(["-s", socket, "info", "commandstats"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        out.lines()
+            .filter_map(|l| {
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+                Some((name.to_string(), calls.parse().ok()?))
+            })
+            .collect()
+    };
+    let chunks = 2000u64;
+    let pool = Pool::new(POOL_PROCS).expect("pool");
+    // Warm up: workers up, scripts loaded.
+    pool.map_with(inc, 0..100u64, 1).expect("map");
+    let before = stats();
+    pool.map_with(inc, 0..chunks, 1).expect("map");
+    let after = stats();
+    drop(pool);
+    let mut per_command = BTreeMap::new();
+    let mut total = 0u64;
+    for (name, calls) in &after {
+        let delta = calls - before.get(name).copied().unwrap_or(0);
+        if delta > 0 && name != "info" {
+            per_command.insert(name.clone(), delta as f64 / chunks as f64);
+            total += delta;
+        }
+    }
+    json!({"per_chunk": total as f64 / chunks as f64, "by_command": per_command, "chunks": chunks})
 }
 
 /// W3: start+join `Process(noop)` sequentially, `W3_PROCS` times. Value: ms per process (the
@@ -274,6 +528,7 @@ fn copy_harness(from: &Path, to: &Path) -> std::io::Result<()> {
 
 /// Lower is better for times, higher for rates.
 fn lower_is_better(unit: &str) -> bool {
+    // W2's "s" is a wall time; its speedup is reported beside it.
     matches!(unit, "ms/process" | "us/round trip" | "us/pass" | "s")
 }
 

@@ -17,4 +17,5 @@ check() { # check NAME EXPECTED-SUBSTRING
   echo "example $name: ok"
 }
 check process "hello bob"
+check pool "[2, 4, 6, 8]"
 exit $fail

@@ -31,10 +31,10 @@ use serde_yaml::{Mapping, Value};
 use crate::error::{Error, Result};
 
 /// The sections `config.yaml` may contain.
-pub const SECTIONS: &[&str] = &["shoal", "redis", "local", "multiprocessing"];
+pub const SECTIONS: &[&str] = &["shoal", "redis", "local", "pool", "multiprocessing"];
 
 /// Sections of the design whose backends are not built yet.
-const UNBUILT_SECTIONS: &[&str] = &["kubernetes", "lambda", "http", "pool"];
+const UNBUILT_SECTIONS: &[&str] = &["kubernetes", "lambda", "http"];
 
 /// Environment variables with the `SHOAL_` prefix that are not configuration overrides.
 const RESERVED_ENV: &[&str] = &["SHOAL_CONFIG", "SHOAL_LOG"];
@@ -52,6 +52,8 @@ pub struct Config {
     pub redis: RedisConfig,
     /// The local backend.
     pub local: LocalConfig,
+    /// Pools.
+    pub pool: PoolConfig,
     /// The Lithops `multiprocessing` keys.
     pub multiprocessing: MultiprocessingConfig,
 }
@@ -133,6 +135,48 @@ impl RedisConfig {
 pub struct LocalConfig {
     /// How a local child runs.
     pub start_method: StartMethod,
+    /// Workers of a pool created without a size; `None`: the number of CPUs.
+    pub workers: Option<usize>,
+}
+
+impl LocalConfig {
+    /// [`LocalConfig::workers`], or the number of CPUs.
+    pub fn default_workers(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(usize::from)
+                .unwrap_or(1)
+        })
+    }
+}
+
+/// The `pool` section: fault tolerance of pools.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Redeliveries of a chunk whose worker died before the chunk fails with kind `Crashed`.
+    pub retries: u32,
+    /// A chunk whose worker stopped renewing its lease for this long is given to another worker.
+    pub task_lease_secs: f64,
+    /// Worker restarts after failures allowed within `restart_period_secs`; one more breaks the
+    /// pool (its calls fail) instead of restarting forever.
+    pub max_restarts: u32,
+    /// The window of `max_restarts`.
+    pub restart_period_secs: f64,
+    /// Show a progress bar for `map` calls when stderr is a terminal.
+    pub progress: bool,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            retries: 3,
+            task_lease_secs: 10.0,
+            max_restarts: 20,
+            restart_period_secs: 10.0,
+            progress: false,
+        }
+    }
 }
 
 /// How the local backend runs a child.

@@ -5,9 +5,12 @@
 //! * [`task`]: the task record a worker reads and the status it writes, with their keys.
 //! * [`worker`]: what a worker process does with its task.
 //! * [`output`]: a child's stdout/stderr through a Redis Stream.
+//! * [`pool`]: the pool protocol (task and result streams, leases, redelivery) and the pool
+//!   worker loop.
 
 pub mod local;
 pub mod output;
+pub mod pool;
 pub mod protocol;
 pub mod task;
 pub mod worker;

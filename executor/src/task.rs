@@ -28,6 +28,8 @@ use shoal_core::config::{Config, WORKER_ENV_PREFIX};
 use shoal_core::error::{Error, RedisContext, Result};
 use shoal_core::store::{KeySpace, Store};
 
+use crate::pool::PoolWorkerSpec;
+
 /// Environment variable carrying the Redis URL to a worker.
 pub const ENV_WORKER_REDIS: &str = "SHOAL_WORKER_REDIS";
 /// Environment variable carrying `<namespace>/<task id>` to a worker.
@@ -106,14 +108,26 @@ impl ProcessKeys {
     }
 }
 
+/// What a worker does.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum TaskKind {
+    /// Run one registered function (a `Process`).
+    Call {
+        /// The registered function's name.
+        function: String,
+        /// The encoded argument tuple.
+        #[serde(with = "serde_bytes")]
+        args: Vec<u8>,
+    },
+    /// Serve a pool until told to stop.
+    PoolWorker(PoolWorkerSpec),
+}
+
 /// What a worker needs to run a process.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TaskRecord {
-    /// The registered function's name.
-    pub function: String,
-    /// The encoded argument tuple.
-    #[serde(with = "serde_bytes")]
-    pub args: Vec<u8>,
+    /// What to do.
+    pub kind: TaskKind,
     /// The process's name.
     pub name: String,
     /// The process's identity in the process tree.

@@ -9,7 +9,8 @@
 //! 2. installs the process context (the parent's configuration, this process's name and
 //!    identity), so handles received as arguments work;
 //! 3. redirects stdout/stderr into the output stream if the parent asked for it;
-//! 4. looks the function up in the registry and calls it, catching panics;
+//! 4. looks the function up in the registry and calls it, catching panics; or, for a pool
+//!    worker, serves the pool ([`crate::pool::run_worker`]) until it is told to stop;
 //! 5. runs the caller's end-of-task hook (the runtime joins this worker's own non-daemon
 //!    children there, as Python does at exit);
 //! 6. records the exit in the status hash and returns the exit code: 0 when the function
@@ -28,7 +29,8 @@ use shoal_core::registry::{self, Failure};
 use shoal_core::store::{Store, StoreSettings};
 
 use crate::output::OutputCapture;
-use crate::task::{ExitRecord, ProcessKeys, TaskAddress, TaskRecord};
+use crate::pool;
+use crate::task::{ExitRecord, ProcessKeys, TaskAddress, TaskKind, TaskRecord};
 
 /// Runs the task at `address` and returns the exit code the process should exit with.
 pub fn run(address: &TaskAddress, on_task_end: &dyn Fn()) -> i32 {
@@ -69,14 +71,23 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
         None
     };
 
-    let outcome = match registry::lookup(&record.function) {
-        Some(function) => {
-            registry::call(function, &record.args, store.settings().max_message_bytes)
-                .and_then(registry::Returned::into_process_outcome)
-        }
-        None => Err(Failure::error(Error::NotRegistered {
-            function: record.function.clone(),
-        })),
+    let (function, outcome) = match &record.kind {
+        TaskKind::Call { function, args } => (
+            function.clone(),
+            match registry::lookup(function) {
+                Some(entry) => registry::call(entry, args, store.settings().max_message_bytes)
+                    .and_then(registry::Returned::into_process_outcome),
+                None => Err(Failure::error(Error::NotRegistered {
+                    function: function.clone(),
+                })),
+            },
+        ),
+        TaskKind::PoolWorker(spec) => (
+            format!("pool {}", spec.pool_id),
+            pool::run_worker(&store, spec)
+                .map(|_| ())
+                .map_err(Failure::error),
+        ),
     };
     let exit = match &outcome {
         Ok(()) => ExitRecord {
@@ -89,7 +100,7 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
             if failure.kind != TaskErrorKind::Panic {
                 eprintln!(
                     "Process {} ({}) failed: {}",
-                    record.name, record.function, failure.message
+                    record.name, function, failure.message
                 );
             }
             ExitRecord {

@@ -193,3 +193,29 @@ pub fn field(output: &str, key: &str) -> Option<String> {
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_string))
 }
+
+/// Live children of this process that run this same program (shoal's worker subprocesses; the
+/// embedded redis-server is left out).
+pub fn child_pids() -> Vec<u32> {
+    let me = std::process::id();
+    let exe = std::env::current_exe().ok();
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            ppid == Some(me)
+                && pid_running(*pid)
+                && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == exe
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}

@@ -50,9 +50,11 @@
 
 extern crate self as shoal;
 
+mod pool;
 mod process;
 mod runtime;
 
+pub use pool::{AsyncOptions, AsyncResult, IMapIterator, Pool, PoolBuilder};
 pub use process::Process;
 pub use runtime::{Runtime, init, init_with};
 pub use shoal_core::config::{self, Config, ConfigBuilder, StartMethod};
@@ -98,7 +100,8 @@ macro_rules! test_support {
 /// Everything a Python `multiprocessing` user reaches for.
 pub mod prelude {
     pub use crate::{
-        Config, Error, Process, Result, StartMethod, current_process, remote, termination_requested,
+        AsyncOptions, AsyncResult, Config, Error, Pool, Process, Result, StartMethod,
+        current_process, remote, termination_requested,
     };
 }
 

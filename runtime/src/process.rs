@@ -67,7 +67,7 @@ use shoal_executor::output::{OutputReader, ReadOutcome};
 use shoal_executor::protocol::{
     Executor, Launch, Launched, StopSignal, ThreadBody, WorkerExited, Workload,
 };
-use shoal_executor::task::{ProcessKeys, TaskRecord};
+use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord};
 
 use crate::runtime::{self, ChildEntry, RuntimeInner};
 
@@ -232,8 +232,10 @@ impl Process {
                 let mut record_config = config.clone();
                 record_config.redis.url = None;
                 let record = TaskRecord {
-                    function: function.to_string(),
-                    args,
+                    kind: TaskKind::Call {
+                        function: function.to_string(),
+                        args,
+                    },
                     name: self.name.clone(),
                     identity: self.identity.clone(),
                     config: record_config,

@@ -1,0 +1,57 @@
+-- Gives the chunks of dead or silent pool workers to live ones, atomically.
+-- KEYS[1] tasks stream, KEYS[2] results stream
+-- ARGV[1] consumer group
+-- ARGV[2] 'consumer': every chunk pending on consumer ARGV[3] (a worker that exited), which is
+--         then removed from the group; 'idle': every chunk pending longer than ARGV[3] ms (its
+--         worker stopped renewing the lease)
+-- ARGV[4] attempts allowed (1 + retries)
+-- ARGV[5] TTL in seconds
+-- A chunk with attempts left is added again with attempt + 1; one without is answered in the
+-- results stream with a crash entry (field x). Either way the old entry is acked and deleted, so
+-- each pending chunk moves exactly once.
+-- Returns {requeued, failed, consumer...}: the counts and the consumers whose chunks moved.
+local pending
+if ARGV[2] == 'consumer' then
+  pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 10000, ARGV[3])
+else
+  pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', 10000)
+end
+local requeued, failed = 0, 0
+local consumers, seen = {}, {}
+for _, p in ipairs(pending) do
+  local id, consumer = p[1], p[2]
+  local entries = redis.call('XRANGE', KEYS[1], id, id)
+  if #entries == 1 then
+    local fields = entries[1][2]
+    local f = {}
+    for i = 1, #fields, 2 do
+      f[fields[i]] = fields[i + 1]
+    end
+    if f['s'] then
+      redis.call('XADD', KEYS[1], '*', 's', '1')
+    else
+      local attempt = tonumber(f['a'])
+      if attempt >= tonumber(ARGV[4]) then
+        redis.call('XADD', KEYS[2], '*', 'c', f['c'], 'k', f['k'], 'a', f['a'], 'w', consumer,
+          'x', 'the worker running it died or stopped renewing its lease')
+        failed = failed + 1
+      else
+        redis.call('XADD', KEYS[1], '*', 'c', f['c'], 'k', f['k'], 'a', tostring(attempt + 1),
+          'f', f['f'], 'p', f['p'])
+        requeued = requeued + 1
+      end
+    end
+  end
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+  redis.call('XDEL', KEYS[1], id)
+  if not seen[consumer] then
+    seen[consumer] = true
+    table.insert(consumers, consumer)
+  end
+end
+if ARGV[2] == 'consumer' then
+  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[3])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return {requeued, failed, unpack(consumers)}

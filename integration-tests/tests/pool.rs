@@ -1,0 +1,657 @@
+//! `Pool` against a real embedded redis-server, with real worker subprocesses, real signals
+//! (SIGKILL, SIGSTOP) and functions that crash their worker.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use shoal::prelude::*;
+use shoal::{IMapIterator, TaskErrorKind};
+use shoal_integration_tests::{child_pids, pid_running, scratch, wait_for};
+
+shoal::test_support!();
+
+fn runtime() -> shoal::Runtime {
+    shoal::init_with(Config::builder().build().expect("config")).expect("runtime")
+}
+
+#[shoal::remote]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+#[shoal::remote]
+fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[shoal::remote]
+fn checked_half(x: u32) -> Result<u32, String> {
+    if x.is_multiple_of(2) {
+        Ok(x / 2)
+    } else {
+        Err(format!("{x} is odd"))
+    }
+}
+
+#[shoal::remote]
+fn panics_on(x: u64, bad: u64) -> u64 {
+    if x == bad {
+        panic!("item {x} is bad");
+    }
+    x
+}
+
+/// Returns `(x, pid)` after `ms` milliseconds.
+#[shoal::remote]
+fn slow_with_pid(x: u64, ms: u64) -> (u64, u32) {
+    std::thread::sleep(Duration::from_millis(ms));
+    (x, std::process::id())
+}
+
+#[shoal::remote]
+fn pid_of(x: u64) -> (u64, u32) {
+    (x, std::process::id())
+}
+
+#[shoal::remote]
+fn always_exits(_x: u64) -> u64 {
+    std::process::exit(3);
+}
+
+/// Appends this worker's pid to a file in `dir`, once per call.
+#[shoal::remote]
+fn init_marker(dir: String) {
+    let path = format!("{dir}/init-{}", std::process::id());
+    let count = std::fs::read_to_string(&path).map(|s| s.len()).unwrap_or(0);
+    std::fs::write(&path, "x".repeat(count + 1)).expect("marker");
+}
+
+#[shoal::remote]
+fn init_panics() {
+    panic!("the initializer fails");
+}
+
+fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort();
+    v
+}
+
+#[test]
+fn map_starmap_and_apply_return_results_in_order() {
+    let _rt = runtime();
+    let pool = Pool::new(3).expect("pool");
+    let expected: Vec<u64> = (0..200u64).map(|x| x * x).collect();
+    assert_eq!(pool.map(square, 0..200u64).expect("map"), expected);
+    for chunksize in [1, 7, 500] {
+        assert_eq!(
+            pool.map_with(square, 0..200u64, chunksize).expect("map"),
+            expected
+        );
+    }
+    // An input without an exact length is collected first, as Python's list() does.
+    let odd: Vec<u64> = pool
+        .map(square, (0..50u64).filter(|x| x % 2 == 1))
+        .expect("map");
+    assert_eq!(
+        odd,
+        (0..50u64)
+            .filter(|x| x % 2 == 1)
+            .map(|x| x * x)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        pool.map(square, Vec::<u64>::new()).expect("empty map"),
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        pool.starmap(add, vec![(1, 1), (2, 2), (3, 3), (4, 4)])
+            .expect("starmap"),
+        vec![2, 4, 6, 8]
+    );
+    assert_eq!(
+        pool.starmap_with(add, (0..10).map(|i| (i, i)), 3)
+            .expect("starmap"),
+        (0..10).map(|i| 2 * i).collect::<Vec<_>>()
+    );
+    assert_eq!(pool.apply(add, (20, 22)).expect("apply"), 42);
+    let r = pool.apply_async(square, (9u64,)).expect("apply_async");
+    assert_eq!(r.get(None).expect("get"), 81);
+    assert_eq!(r.get(None).expect("get twice"), 81);
+    assert!(r.ready());
+    assert!(r.successful().expect("ready"));
+}
+
+#[test]
+fn result_returning_functions_give_their_results_as_values() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    let out = pool.map(checked_half, 0..6u32).expect("map");
+    assert_eq!(
+        out,
+        vec![
+            Ok(0),
+            Err("1 is odd".into()),
+            Ok(1),
+            Err("3 is odd".into()),
+            Ok(2),
+            Err("5 is odd".into())
+        ]
+    );
+}
+
+#[test]
+fn imap_is_ordered_and_imap_unordered_has_every_result() {
+    let _rt = runtime();
+    let pool = Pool::new(3).expect("pool");
+    let ordered: Vec<u64> = pool
+        .imap(square, 0..300u64)
+        .expect("imap")
+        .collect::<shoal::Result<_>>()
+        .expect("results");
+    assert_eq!(ordered, (0..300u64).map(|x| x * x).collect::<Vec<_>>());
+    let chunked: Vec<u64> = pool
+        .imap_with(square, 0..300u64, 16)
+        .expect("imap")
+        .collect::<shoal::Result<_>>()
+        .expect("results");
+    assert_eq!(chunked, ordered);
+    let unordered: Vec<u64> = pool
+        .imap_unordered(square, 0..300u64)
+        .expect("imap_unordered")
+        .collect::<shoal::Result<_>>()
+        .expect("results");
+    assert_eq!(
+        unordered.iter().copied().collect::<BTreeSet<u64>>(),
+        (0..300u64).map(|x| x * x).collect::<BTreeSet<u64>>()
+    );
+    assert_eq!(unordered.len(), 300);
+}
+
+#[shoal::remote]
+fn sleep_then_return(x: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(if x == 0 { 400 } else { 10 }));
+    x
+}
+
+#[test]
+fn imap_unordered_yields_fast_results_first() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    let out: Vec<u64> = pool
+        .imap_unordered(sleep_then_return, 0..5u64)
+        .expect("imap_unordered")
+        .collect::<shoal::Result<_>>()
+        .expect("results");
+    assert_eq!(sorted(out.clone()), vec![0, 1, 2, 3, 4]);
+    assert_ne!(out[0], 0, "the slow item came first: {out:?}");
+}
+
+#[test]
+fn a_panic_fails_map_with_the_first_failing_item() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    let args: Vec<(u64, u64)> = (0..40u64).map(|x| (x, 17)).collect();
+    match pool.starmap_with(panics_on, args.clone(), 4) {
+        Err(Error::Task(e)) => {
+            assert_eq!(e.kind, TaskErrorKind::Panic);
+            assert!(e.function.ends_with("::panics_on"), "{}", e.function);
+            assert_eq!(e.message, "item 17 is bad");
+            assert_eq!(e.attempts, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The pool is still usable: a panic is a task error, not a crash.
+    assert_eq!(
+        pool.map(square, 0..5u64).expect("map"),
+        vec![0, 1, 4, 9, 16]
+    );
+}
+
+#[shoal::remote]
+fn panics_on_one(x: u64) -> u64 {
+    if x == 5 {
+        panic!("five");
+    }
+    x
+}
+
+#[test]
+fn imap_yields_every_result_before_the_failing_item_then_the_error() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    let mut it: IMapIterator<u64> = pool.imap_with(panics_on_one, 0..12u64, 4).expect("imap");
+    let mut before = Vec::new();
+    let error = loop {
+        match it.next() {
+            Some(Ok(x)) => before.push(x),
+            Some(Err(e)) => break e,
+            None => panic!("no error"),
+        }
+    };
+    assert_eq!(before, vec![0, 1, 2, 3, 4]);
+    assert!(
+        matches!(error, Error::Task(ref t) if t.kind == TaskErrorKind::Panic && t.message == "five")
+    );
+    // The rest of the failing chunk (6, 7) did not run; the next chunks follow.
+    let rest: Vec<u64> = it.map(|r| r.expect("ok")).collect();
+    assert_eq!(rest, vec![8, 9, 10, 11]);
+}
+
+#[test]
+fn get_with_a_timeout_returns_in_time() {
+    let _rt = runtime();
+    let pool = Pool::new(1).expect("pool");
+    let r = pool
+        .apply_async(slow_with_pid, (1u64, 2000u64))
+        .expect("apply_async");
+    let started = Instant::now();
+    match r.get(Some(Duration::from_millis(300))) {
+        Err(Error::Timeout(t)) => assert_eq!(t, Duration::from_millis(300)),
+        other => panic!("{other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert!(waited < Duration::from_millis(1300), "{waited:?}");
+    assert!(!r.ready());
+    assert!(matches!(r.successful(), Err(Error::InvalidState(_))));
+    r.wait(Some(Duration::from_millis(50)));
+    assert!(!r.ready());
+    assert_eq!(r.get(None).expect("get").0, 1);
+    assert!(r.successful().expect("ready"));
+}
+
+#[test]
+fn callbacks_run_once_in_the_parent_before_get_returns() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    let seen: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let (ok, err) = (seen.clone(), seen.clone());
+    let parent = std::process::id();
+    let r = pool
+        .map_async_with(
+            square,
+            0..10u64,
+            AsyncOptions::new()
+                .chunksize(2)
+                .callback(move |v: &Vec<u64>| {
+                    ok.lock().expect("lock").push(format!(
+                        "ok {} in {}",
+                        v.len(),
+                        std::process::id()
+                    ))
+                })
+                .error_callback(move |e: &Error| {
+                    err.lock().expect("lock").push(format!("err {e}"))
+                }),
+        )
+        .expect("map_async");
+    assert_eq!(r.get(None).expect("get").len(), 10);
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        vec![format!("ok 10 in {parent}")]
+    );
+
+    seen.lock().expect("lock").clear();
+    let (ok, err) = (seen.clone(), seen.clone());
+    let r = pool
+        .apply_async_with(
+            panics_on,
+            (3u64, 3u64),
+            AsyncOptions::new()
+                .callback(move |_: &u64| ok.lock().expect("lock").push("ok".into()))
+                .error_callback(move |e: &Error| {
+                    err.lock().expect("lock").push(format!("err {e}"))
+                }),
+        )
+        .expect("apply_async");
+    assert!(r.get(None).is_err());
+    assert!(!r.successful().expect("ready"));
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen[0].starts_with("err ") && seen[0].contains("item 3 is bad"),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn the_initializer_runs_once_per_worker() {
+    let _rt = runtime();
+    let dir = scratch();
+    let pool = Pool::builder()
+        .processes(3)
+        .initializer(init_marker, (dir.path().display().to_string(),))
+        .build()
+        .expect("pool");
+    let results = pool
+        .starmap_with(slow_with_pid, (0..30u64).map(|x| (x, 20u64)), 1)
+        .expect("starmap");
+    let pids: BTreeSet<u32> = results.iter().map(|(_, pid)| *pid).collect();
+    assert!(!pids.is_empty());
+    for pid in &pids {
+        let marker = std::fs::read_to_string(dir.path().join(format!("init-{pid}")))
+            .unwrap_or_else(|_| panic!("worker {pid} ran tasks without its initializer"));
+        assert_eq!(
+            marker,
+            "x",
+            "the initializer ran {} times in {pid}",
+            marker.len()
+        );
+    }
+}
+
+#[test]
+fn maxtasksperchild_replaces_workers() {
+    let _rt = runtime();
+    let pool = Pool::builder()
+        .processes(2)
+        .maxtasksperchild(3)
+        .build()
+        .expect("pool");
+    let results = pool.map_with(pid_of, 0..30u64, 1).expect("map");
+    assert_eq!(
+        results.iter().map(|(x, _)| *x).collect::<Vec<_>>(),
+        (0..30).collect::<Vec<_>>()
+    );
+    let mut per_pid: HashMap<u32, usize> = HashMap::new();
+    for (_, pid) in &results {
+        *per_pid.entry(*pid).or_default() += 1;
+    }
+    assert!(per_pid.values().all(|&n| n <= 3), "{per_pid:?}");
+    assert!(
+        per_pid.len() >= 10,
+        "only {} workers ran 30 tasks",
+        per_pid.len()
+    );
+}
+
+#[test]
+fn killed_workers_lose_nothing_and_duplicate_nothing() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    let r = pool
+        .starmap_async_with(
+            slow_with_pid,
+            (0..60u64).map(|x| (x, 25u64)),
+            AsyncOptions::new().chunksize(2),
+        )
+        .expect("starmap_async");
+    // Kill each worker once while the map runs.
+    let mut killed = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while killed.len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(150));
+        if let Some(pid) = child_pids().into_iter().find(|p| !killed.contains(p)) {
+            kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill -9");
+            killed.insert(pid);
+        }
+    }
+    assert_eq!(killed.len(), 2);
+    let results = r
+        .get(Some(Duration::from_secs(30)))
+        .expect("the map completes");
+    assert_eq!(
+        results.iter().map(|(x, _)| *x).collect::<Vec<_>>(),
+        (0..60).collect::<Vec<_>>()
+    );
+    // The replacements did the rest.
+    let pids: BTreeSet<u32> = results.iter().map(|(_, pid)| *pid).collect();
+    assert!(pids.len() >= 3, "{pids:?}");
+}
+
+#[test]
+fn a_function_that_always_crashes_fails_the_map_in_bounded_time() {
+    let _rt = runtime();
+    let pool = Pool::builder()
+        .processes(2)
+        .retries(2)
+        .build()
+        .expect("pool");
+    let started = Instant::now();
+    match pool.map_with(always_exits, 0..4u64, 1) {
+        Err(Error::Task(e)) => {
+            assert_eq!(e.kind, TaskErrorKind::Crashed, "{e}");
+            assert_eq!(e.attempts, 3, "{e}");
+            assert!(e.function.ends_with("::always_exits"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_crashing_initializer_breaks_the_pool_instead_of_restarting_forever() {
+    let _rt = runtime();
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(init_panics, ())
+        .restart_budget(5, Duration::from_secs(60))
+        .build()
+        .expect("pool");
+    let started = Instant::now();
+    match pool.map(square, 0..4u64) {
+        Err(Error::Task(e)) => {
+            assert_eq!(e.kind, TaskErrorKind::Crashed);
+            assert!(e.message.contains("max_restarts"), "{e}");
+        }
+        Err(Error::InvalidState(reason)) => assert!(reason.contains("broken"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(matches!(
+        pool.map(square, 0..4u64),
+        Err(Error::InvalidState(_))
+    ));
+}
+
+#[test]
+fn a_stopped_worker_loses_its_lease_and_its_chunk_moves() {
+    let _rt = runtime();
+    let pool = Pool::builder()
+        .processes(2)
+        .task_lease(Duration::from_millis(600))
+        .build()
+        .expect("pool");
+    // Warm up: both workers are up.
+    pool.map_with(pid_of, 0..4u64, 1).expect("map");
+    let workers = child_pids();
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    let r = pool
+        .starmap_async_with(
+            slow_with_pid,
+            (0..20u64).map(|x| (x, 100u64)),
+            AsyncOptions::new().chunksize(1),
+        )
+        .expect("starmap_async");
+    std::thread::sleep(Duration::from_millis(150));
+    // Freeze one worker (and its heartbeat): its chunk must be redelivered after the lease.
+    let frozen = workers[0];
+    kill(Pid::from_raw(frozen as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    let results = r
+        .get(Some(Duration::from_secs(30)))
+        .expect("the map completes");
+    assert_eq!(
+        results.iter().map(|(x, _)| *x).collect::<Vec<_>>(),
+        (0..20).collect::<Vec<_>>()
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || !pid_running(frozen)),
+        "the silent worker {frozen} was not killed"
+    );
+}
+
+#[test]
+fn close_join_terminate_and_their_errors() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    assert!(matches!(pool.join(), Err(Error::InvalidState(_))));
+    let pending = pool
+        .starmap_async(slow_with_pid, (0..4u64).map(|x| (x, 100u64)))
+        .expect("starmap_async");
+    pool.close().expect("close");
+    assert!(matches!(
+        pool.map(square, 0..3u64),
+        Err(Error::InvalidState(_))
+    ));
+    assert!(matches!(
+        pool.apply_async(square, (1u64,)),
+        Err(Error::InvalidState(_))
+    ));
+    let workers = child_pids();
+    pool.join().expect("join");
+    // close() let the outstanding call finish.
+    assert_eq!(
+        pending
+            .get(Some(Duration::from_secs(1)))
+            .expect("finished")
+            .len(),
+        4
+    );
+    for pid in workers {
+        assert!(!pid_running(pid), "worker {pid} outlived join()");
+    }
+
+    let pool = Pool::new(2).expect("pool");
+    pool.map(square, 0..4u64).expect("warm up");
+    let workers = child_pids();
+    assert_eq!(workers.len(), 2);
+    let running = pool
+        .starmap_async(slow_with_pid, (0..8u64).map(|x| (x, 5000u64)))
+        .expect("starmap_async");
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    pool.terminate().expect("terminate");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    for pid in &workers {
+        assert!(!pid_running(*pid), "worker {pid} outlived terminate()");
+    }
+    assert!(matches!(
+        running.get(Some(Duration::from_secs(1))),
+        Err(Error::InvalidState(_))
+    ));
+    pool.join().expect("join after terminate");
+    assert!(matches!(
+        pool.map(square, 0..3u64),
+        Err(Error::InvalidState(_))
+    ));
+}
+
+#[test]
+fn dropping_a_pool_stops_its_workers() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    pool.map(square, 0..4u64).expect("map");
+    let workers = child_pids();
+    assert_eq!(workers.len(), 2);
+    drop(pool);
+    for pid in workers {
+        assert!(!pid_running(pid), "worker {pid} outlived its pool");
+    }
+}
+
+fn not_registered(x: u64) -> u64 {
+    x
+}
+
+#[test]
+fn unregistered_functions_are_refused_at_the_call() {
+    let _rt = runtime();
+    let pool = Pool::new(1).expect("pool");
+    assert!(matches!(
+        pool.map(not_registered, 0..3u64),
+        Err(Error::NotRegistered { .. })
+    ));
+    assert!(matches!(
+        pool.apply(|x: u64| x, (1u64,)),
+        Err(Error::NotRegistered { .. })
+    ));
+    assert!(matches!(
+        Pool::builder().initializer(not_registered, (1u64,)).build(),
+        Err(Error::NotRegistered { .. })
+    ));
+    assert!(matches!(Pool::new(0), Err(Error::InvalidState(_))));
+}
+
+#[test]
+fn thread_workers_run_the_same_protocol() {
+    let _rt = runtime();
+    let pool = Pool::builder()
+        .processes(2)
+        .start_method(StartMethod::Thread)
+        .build()
+        .expect("pool");
+    assert_eq!(
+        pool.map(square, 0..100u64).expect("map"),
+        (0..100u64).map(|x| x * x).collect::<Vec<_>>()
+    );
+    let pids: BTreeSet<u32> = pool
+        .map(pid_of, 0..10u64)
+        .expect("map")
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(pids, BTreeSet::from([std::process::id()]));
+    assert!(child_pids().is_empty());
+    pool.close().expect("close");
+    pool.join().expect("join");
+}
+
+#[shoal::remote]
+fn inc(x: u64) -> u64 {
+    x + 1
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_million_item_imap_keeps_memory_flat_and_starts_early() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    const N: u64 = 1_000_000;
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let counter = pulled.clone();
+    let items = (0..N).inspect(move |_| {
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
+    let mut it = pool.imap_with(inc, items, 500).expect("imap");
+    let first = it.next().expect("a first result").expect("ok");
+    assert_eq!(first, 1);
+    let pulled_at_first = pulled.load(Ordering::Relaxed);
+    assert!(
+        pulled_at_first < 200_000,
+        "{pulled_at_first} items were read before the first result"
+    );
+    let baseline = rss_kib();
+    let mut expected = 2u64;
+    let mut peak = baseline;
+    for (i, r) in it.enumerate() {
+        assert_eq!(r.expect("ok"), expected);
+        expected += 1;
+        if i % 50_000 == 0 {
+            peak = peak.max(rss_kib());
+        }
+    }
+    assert_eq!(expected, N + 1);
+    let growth_mib = peak.saturating_sub(baseline) / 1024;
+    assert!(
+        growth_mib < 64,
+        "memory grew by {growth_mib} MiB over the imap"
+    );
+}

@@ -1,0 +1,536 @@
+//! One call on a pool (`map`, `imap`, `apply_async`...): its shared state, its feeder, and the
+//! typed handles a caller holds ([`AsyncResult`], [`IMapIterator`]).
+//!
+//! # Flow control
+//!
+//! A call keeps at most `window` chunks in flight: sent to the task stream and not yet
+//! released. A chunk is released when its result reaches the supervisor (`map`, `apply`:
+//! results are collected anyway) or when the caller takes it from the iterator (`imap`,
+//! `imap_unordered`: a slow consumer slows the feeder down). The feeder thread pulls the
+//! caller's iterator only when there is room, so `imap` over a million items holds a window's
+//! worth of items and results, and yields its first result before the last item is read.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use serde::de::DeserializeOwned;
+use serde_bytes::ByteBuf;
+use shoal_core::codec;
+use shoal_core::error::{Error, Result, TaskError};
+use shoal_core::store::Store;
+use shoal_executor::pool::{ChunkEntry, PoolKeys, encode_items};
+
+use super::supervisor::{CancelCall, FeedDone, FeedFailed, PoolSupervisor};
+
+/// How a call's results reach its caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// All at once, in order (`map`, `starmap`, `apply` and their async forms).
+    Collect,
+    /// One chunk at a time, in order (`imap`).
+    Ordered,
+    /// One chunk at a time, as they arrive (`imap_unordered`).
+    Unordered,
+}
+
+/// The results of one chunk.
+#[derive(Clone, Debug)]
+pub(crate) struct ChunkResult {
+    /// Encoded results of the items that succeeded.
+    pub(crate) outputs: Vec<ByteBuf>,
+    /// The item that failed (the rest of the chunk did not run).
+    pub(crate) failure: Option<TaskError>,
+}
+
+/// State shared by the caller's handle, the feeder and the supervisor.
+pub(crate) struct CallShared {
+    state: Mutex<CallState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct CallState {
+    window: usize,
+    in_flight: usize,
+    /// Feeding must stop: the call is complete, failed, or its caller went away.
+    cancelled: bool,
+    /// Every chunk was sent; this many.
+    total: Option<usize>,
+    /// `Collect`: the outcome, once known.
+    outcome: Option<Result<Vec<ByteBuf>>>,
+    /// Streaming: chunks received and not yet taken.
+    ready: BTreeMap<usize, ChunkResult>,
+    /// Streaming: chunks taken.
+    taken: usize,
+    /// Streaming, ordered: the next chunk to yield.
+    next: usize,
+    /// Streaming: the call ended without all its chunks (pool terminated or broken).
+    ended: Option<Error>,
+}
+
+impl CallShared {
+    pub(crate) fn new(window: usize) -> Arc<CallShared> {
+        Arc::new(CallShared {
+            state: Mutex::new(CallState {
+                window: window.max(1),
+                ..CallState::default()
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CallState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Feeder: waits for room; `None` when feeding must stop.
+    fn wait_for_room(&self) -> Option<usize> {
+        let guard = self.lock();
+        let guard = self
+            .changed
+            .wait_while(guard, |s| !s.cancelled && s.in_flight >= s.window)
+            .unwrap_or_else(|p| p.into_inner());
+        if guard.cancelled {
+            None
+        } else {
+            Some(guard.window - guard.in_flight)
+        }
+    }
+
+    /// Feeder: `n` chunks are about to be sent (counted first, so that a fast result can never
+    /// release a chunk that was not counted).
+    fn reserve(&self, n: usize) {
+        self.lock().in_flight += n;
+    }
+
+    /// Feeder: every chunk was sent.
+    pub(crate) fn set_total(&self, total: usize) {
+        self.lock().total = Some(total);
+        self.changed.notify_all();
+    }
+
+    /// Supervisor (`Collect`): a chunk's result arrived.
+    pub(crate) fn release(&self, n: usize) {
+        let mut s = self.lock();
+        s.in_flight = s.in_flight.saturating_sub(n);
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Supervisor (`Collect`): the outcome; stops the feeder.
+    pub(crate) fn complete(&self, outcome: Result<Vec<ByteBuf>>) {
+        let mut s = self.lock();
+        s.cancelled = true;
+        if s.outcome.is_none() {
+            s.outcome = Some(outcome);
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Supervisor (streaming): a chunk's result arrived.
+    pub(crate) fn push(&self, chunk: usize, result: ChunkResult) {
+        self.lock().ready.insert(chunk, result);
+        self.changed.notify_all();
+    }
+
+    /// Supervisor: the call cannot finish (pool terminated or broken).
+    pub(crate) fn end(&self, error: Error) {
+        let mut s = self.lock();
+        s.cancelled = true;
+        if s.outcome.is_none() {
+            s.outcome = Some(Err(error.clone()));
+        }
+        s.ended.get_or_insert(error);
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Caller: stop feeding (the iterator was dropped).
+    fn cancel(&self) {
+        self.lock().cancelled = true;
+        self.changed.notify_all();
+    }
+
+    fn is_ready(&self) -> bool {
+        self.lock().outcome.is_some()
+    }
+
+    /// Waits for the `Collect` outcome; false on timeout.
+    fn wait_outcome(&self, timeout: Option<Duration>) -> bool {
+        let guard = self.lock();
+        let ready = |s: &mut CallState| s.outcome.is_none();
+        match timeout {
+            None => self
+                .changed
+                .wait_while(guard, ready)
+                .map(|g| g.outcome.is_some())
+                .unwrap_or(true),
+            Some(t) => self
+                .changed
+                .wait_timeout_while(guard, t, ready)
+                .map(|(g, _)| g.outcome.is_some())
+                .unwrap_or(true),
+        }
+    }
+
+    fn outcome(&self) -> Option<Result<Vec<ByteBuf>>> {
+        self.lock().outcome.clone()
+    }
+
+    /// Caller (streaming): the next chunk, `Ok(None)` at the end, `Err(Timeout)` after
+    /// `timeout`.
+    fn take_chunk(
+        &self,
+        ordered: bool,
+        timeout: Option<Duration>,
+    ) -> Result<Option<std::result::Result<ChunkResult, Error>>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut s = self.lock();
+        loop {
+            let taken = if ordered {
+                let next = s.next;
+                s.ready.remove(&next).inspect(|_| s.next += 1)
+            } else {
+                s.ready.pop_first().map(|(_, r)| r)
+            };
+            if let Some(chunk) = taken {
+                s.taken += 1;
+                s.in_flight = s.in_flight.saturating_sub(1);
+                drop(s);
+                self.changed.notify_all();
+                return Ok(Some(Ok(chunk)));
+            }
+            if s.total.is_some_and(|total| s.taken >= total) {
+                return Ok(None);
+            }
+            if let Some(error) = s.ended.take() {
+                // Yield the error once; the iterator ends after it.
+                s.total = Some(s.taken);
+                return Ok(Some(Err(error)));
+            }
+            s = match deadline {
+                None => self.changed.wait(s).unwrap_or_else(|p| p.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::Timeout(timeout.unwrap_or_default()));
+                    }
+                    self.changed
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+}
+
+/// Most chunks sent in one pipeline.
+const MAX_BATCH: usize = 64;
+
+/// What a feeder needs.
+pub(crate) struct Feeder {
+    pub(crate) store: Arc<Store>,
+    pub(crate) keys: PoolKeys,
+    pub(crate) call: u64,
+    pub(crate) function: String,
+    pub(crate) chunksize: usize,
+    pub(crate) shared: Arc<CallShared>,
+    pub(crate) supervisor: Addr<PoolSupervisor>,
+}
+
+impl Feeder {
+    /// Sends the items on a thread of their own.
+    pub(crate) fn spawn<I>(self, items: I) -> Result<()>
+    where
+        I: Iterator<Item = Result<ByteBuf>> + Send + 'static,
+    {
+        std::thread::Builder::new()
+            .name("shoal-feeder".into())
+            .stack_size(256 * 1024)
+            .spawn(move || self.run(items))
+            .map(|_| ())
+            .map_err(|e| Error::io("starting a feeder thread", e))
+    }
+
+    /// Sends the items on this thread.
+    pub(crate) fn run<I>(self, mut items: I)
+    where
+        I: Iterator<Item = Result<ByteBuf>>,
+    {
+        match self.feed(&mut items) {
+            Ok(Some(total)) => {
+                self.shared.set_total(total);
+                self.supervisor.do_send(FeedDone {
+                    call: self.call,
+                    total: total as u64,
+                });
+            }
+            // Cancelled: the supervisor already knows.
+            Ok(None) => {}
+            Err(error) => self.supervisor.do_send(FeedFailed {
+                call: self.call,
+                error,
+            }),
+        }
+    }
+
+    /// Returns the number of chunks sent, or `None` when the call was cancelled.
+    fn feed<I>(&self, items: &mut I) -> Result<Option<usize>>
+    where
+        I: Iterator<Item = Result<ByteBuf>>,
+    {
+        let mut chunk = 0usize;
+        let mut exhausted = false;
+        let mut refreshed: Option<Instant> = None;
+        while !exhausted {
+            let Some(room) = self.shared.wait_for_room() else {
+                return Ok(None);
+            };
+            let mut batch: Vec<ChunkEntry> = Vec::new();
+            while batch.len() < room.min(MAX_BATCH) {
+                let mut chunk_items = Vec::with_capacity(self.chunksize.min(4096));
+                for item in items.by_ref().take(self.chunksize) {
+                    chunk_items.push(item?);
+                }
+                if chunk_items.len() < self.chunksize {
+                    exhausted = true;
+                }
+                if chunk_items.is_empty() {
+                    break;
+                }
+                let payload = encode_items(&self.store, chunk_items, &self.keys.tasks)?;
+                batch.push(ChunkEntry {
+                    call: self.call,
+                    chunk: chunk as u64,
+                    function: self.function.clone(),
+                    payload,
+                });
+                chunk += 1;
+                if exhausted {
+                    break;
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            self.shared.reserve(batch.len());
+            // The streams' TTL is refreshed at most once a second, not per batch.
+            let refresh = refreshed.is_none_or(|t| t.elapsed() >= TTL_REFRESH);
+            send_chunks(&self.store, &self.keys, &batch, refresh)?;
+            if refresh {
+                refreshed = Some(Instant::now());
+            }
+        }
+        Ok(Some(chunk))
+    }
+}
+
+/// How often a feeder refreshes the streams' TTL.
+const TTL_REFRESH: Duration = Duration::from_secs(1);
+
+/// Sends chunks in one pipeline (one round trip), refreshing the streams' TTL if asked.
+pub(crate) fn send_chunks(
+    store: &Store,
+    keys: &PoolKeys,
+    chunks: &[ChunkEntry],
+    refresh_ttl: bool,
+) -> Result<()> {
+    store.with_conn(
+        || format!("sending chunks to {}", keys.tasks),
+        |c| {
+            let mut pipe = redis::pipe();
+            for chunk in chunks {
+                chunk.add_to(&mut pipe, keys);
+            }
+            if refresh_ttl {
+                pipe.expire(&keys.tasks, store.expiry_secs() as i64)
+                    .ignore();
+                pipe.expire(&keys.results, store.expiry_secs() as i64)
+                    .ignore();
+            }
+            pipe.query::<()>(c)
+        },
+    )
+}
+
+/// Decodes a call's collected outputs into its result type.
+pub(crate) type Decoder<R> = Arc<dyn Fn(&[ByteBuf]) -> Result<R> + Send + Sync>;
+
+/// The result of an asynchronous call (`apply_async`, `map_async`, `starmap_async`), Python's
+/// `AsyncResult`.
+pub struct AsyncResult<R> {
+    shared: Arc<CallShared>,
+    decode: Decoder<R>,
+}
+
+impl<R> std::fmt::Debug for AsyncResult<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncResult")
+            .field("ready", &self.ready())
+            .finish()
+    }
+}
+
+impl<R> AsyncResult<R> {
+    pub(crate) fn new(shared: Arc<CallShared>, decode: Decoder<R>) -> Self {
+        AsyncResult { shared, decode }
+    }
+
+    /// The result, waiting for it at most `timeout` ([`Error::Timeout`] then). The call's
+    /// failure is returned as its error: [`Error::Task`] for a panic or a crash (the first
+    /// failing item, in item order, for a map). Can be called again.
+    pub fn get(&self, timeout: Option<Duration>) -> Result<R> {
+        if !self.shared.wait_outcome(timeout) {
+            return Err(Error::Timeout(timeout.unwrap_or_default()));
+        }
+        match self.shared.outcome() {
+            Some(Ok(outputs)) => (self.decode)(&outputs),
+            Some(Err(e)) => Err(e),
+            None => Err(Error::invalid_state("the call has no outcome")),
+        }
+    }
+
+    /// Waits until the result is ready, at most `timeout`.
+    pub fn wait(&self, timeout: Option<Duration>) {
+        self.shared.wait_outcome(timeout);
+    }
+
+    /// Whether the call has completed.
+    pub fn ready(&self) -> bool {
+        self.shared.is_ready()
+    }
+
+    /// Whether the call completed without failing; [`Error::InvalidState`] before it is ready
+    /// (Python's `ValueError`).
+    pub fn successful(&self) -> Result<bool> {
+        match self.shared.outcome() {
+            Some(outcome) => Ok(outcome.is_ok()),
+            None => Err(Error::invalid_state("the result is not ready")),
+        }
+    }
+}
+
+/// Builds the decoder of a collected `map`: every output as a `T`.
+pub(crate) fn decode_each<T: DeserializeOwned>(function: &str, limit: usize) -> Decoder<Vec<T>> {
+    let key = format!("results of {function}");
+    Arc::new(move |outputs: &[ByteBuf]| {
+        outputs
+            .iter()
+            .map(|b| codec::decode::<T>(b, &key, limit))
+            .collect()
+    })
+}
+
+/// Builds the decoder of a collected `apply`: the single output as a `T`.
+pub(crate) fn decode_one<T: DeserializeOwned>(function: &str, limit: usize) -> Decoder<T> {
+    let key = format!("result of {function}");
+    Arc::new(move |outputs: &[ByteBuf]| match outputs.first() {
+        Some(b) => codec::decode::<T>(b, &key, limit),
+        None => Err(Error::invalid_state(format!("{key}: no output"))),
+    })
+}
+
+/// The iterator of `imap` (ordered) and `imap_unordered`: one `Result` per item. An item that
+/// failed yields its error; the items after it in its chunk did not run (as in Python, where an
+/// exception ends a chunk), and the iteration goes on with the next chunk. Dropping the iterator
+/// stops feeding the call.
+pub struct IMapIterator<T> {
+    shared: Arc<CallShared>,
+    ordered: bool,
+    current: VecDeque<ByteBuf>,
+    pending_failure: Option<TaskError>,
+    key: String,
+    limit: usize,
+    finished: bool,
+    cancel: Option<(Addr<PoolSupervisor>, u64)>,
+    _marker: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for IMapIterator<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IMapIterator")
+            .field("ordered", &self.ordered)
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+impl<T: DeserializeOwned> IMapIterator<T> {
+    pub(crate) fn new(
+        shared: Arc<CallShared>,
+        ordered: bool,
+        function: &str,
+        limit: usize,
+        supervisor: Addr<PoolSupervisor>,
+        call: u64,
+    ) -> Self {
+        IMapIterator {
+            shared,
+            ordered,
+            current: VecDeque::new(),
+            pending_failure: None,
+            key: format!("results of {function}"),
+            limit,
+            finished: false,
+            cancel: Some((supervisor, call)),
+            _marker: std::marker::PhantomData,
+        }
+    }
+
+    /// The next item, waiting at most `timeout` for it: `Some(Err(Error::Timeout))` when it did
+    /// not come (Python's `next(timeout)`); the iteration can go on after a timeout.
+    pub fn next_timeout(&mut self, timeout: Duration) -> Option<Result<T>> {
+        self.advance(Some(timeout))
+    }
+
+    fn advance(&mut self, timeout: Option<Duration>) -> Option<Result<T>> {
+        loop {
+            if let Some(bytes) = self.current.pop_front() {
+                return Some(codec::decode::<T>(&bytes, &self.key, self.limit));
+            }
+            if let Some(failure) = self.pending_failure.take() {
+                return Some(Err(Error::Task(failure)));
+            }
+            if self.finished {
+                return None;
+            }
+            match self.shared.take_chunk(self.ordered, timeout) {
+                Ok(Some(Ok(chunk))) => {
+                    self.current = chunk.outputs.into();
+                    self.pending_failure = chunk.failure;
+                }
+                Ok(Some(Err(error))) => {
+                    self.finished = true;
+                    return Some(Err(error));
+                }
+                Ok(None) => {
+                    self.finished = true;
+                    self.cancel = None;
+                    return None;
+                }
+                Err(timeout) => return Some(Err(timeout)),
+            }
+        }
+    }
+}
+
+impl<T: DeserializeOwned> Iterator for IMapIterator<T> {
+    type Item = Result<T>;
+
+    fn next(&mut self) -> Option<Result<T>> {
+        self.advance(None)
+    }
+}
+
+impl<T> Drop for IMapIterator<T> {
+    fn drop(&mut self) {
+        if let Some((supervisor, call)) = self.cancel.take() {
+            self.shared.cancel();
+            supervisor.do_send(CancelCall { call });
+        }
+    }
+}

@@ -1,0 +1,807 @@
+//! `Pool`: a set of worker processes that run a function over many inputs, Python's
+//! `multiprocessing.Pool`, supervised and crash-safe.
+//!
+//! # Semantics
+//!
+//! * [`Pool::new`]`(n)` starts `n` workers (subprocesses, or threads with the `thread` start
+//!   method); [`Pool::builder`] adds an initializer, `maxtasksperchild`, `retries`, the task lease
+//!   and the restart budget. Functions must be registered with `#[shoal::remote]`, also in thread
+//!   mode (the workers find them by name); an unregistered one is [`Error::NotRegistered`] at the
+//!   call.
+//! * `map`, `starmap` and their `_async` forms split the input into chunks (default: as CPython,
+//!   `ceil(len / (4 * processes))`, with `len` from an exact `size_hint` or by collecting the
+//!   input first, as Python's `list()` does) and return the results in input order. `imap` and
+//!   `imap_unordered` read their input lazily (default chunksize 1, as in Python) and yield as
+//!   results arrive; `_with` forms take a chunksize.
+//! * A function's return value is the item's result, `Result` included: `pool.map(f, xs)` with
+//!   `f: fn(u32) -> Result<u32, String>` gives `Vec<Result<u32, String>>`.
+//! * A panic is a task error, not a crash, and is not retried: a map fails with the failure of
+//!   its first failing item (in item order) as [`Error::Task`] (function, message, kind
+//!   `Panic`); `imap` yields every result before the failing item, then the error.
+//! * A worker that dies (killed, `std::process::exit`, a lost lease) has its chunk redelivered to
+//!   a live worker and is replaced; a chunk whose `1 + retries` attempts all died fails with kind
+//!   `Crashed` and its attempt count. A result that arrives twice is kept once.
+//! * `close()` refuses new calls; `join()` (after `close()` or `terminate()`, else
+//!   [`Error::InvalidState`]) waits for the workers to exit, after finishing the outstanding
+//!   calls when closed. `terminate()` stops the workers at once (`SIGTERM`) and fails the calls
+//!   still running. Dropping a pool terminates it (Python's `with Pool() as p:`).
+//! * `callback` and `error_callback` of the async forms run in the parent, once per call, on the
+//!   pool's callback thread, before `get()` returns (as in Python).
+//!
+//! See [`supervisor`] for the actor and `shoal_executor::pool` for the Redis protocol, its keys
+//! and round trips.
+
+mod call;
+mod supervisor;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use actix::prelude::*;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_bytes::ByteBuf;
+use shoal_core::config::StartMethod;
+use shoal_core::error::{Error, Result};
+use shoal_core::registry::{self, RemoteFn};
+use shoal_core::store::Store;
+use shoal_executor::pool::{self as protocol, ChunkEntry, Initializer, PoolKeys};
+
+pub use call::{AsyncResult, IMapIterator};
+use call::{CallShared, Decoder, Delivery, Feeder, decode_each, decode_one, send_chunks};
+use supervisor::{
+    Close, Completion, KillWorkers, Phase, PoolSettings, PoolShared, PoolSupervisor, RegisterCall,
+    StartWorkers, Terminate,
+};
+
+use crate::runtime::{self, RuntimeInner};
+
+/// How long `terminate()` waits for workers to exit before killing them.
+const TERMINATE_GRACE: Duration = Duration::from_secs(5);
+
+/// A pool of worker processes.
+pub struct Pool {
+    id: String,
+    processes: usize,
+    keys: PoolKeys,
+    store: Arc<Store>,
+    supervisor: Addr<PoolSupervisor>,
+    shared: Arc<PoolShared>,
+    next_call: AtomicU64,
+    progress: bool,
+    _runtime: Arc<RuntimeInner>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("id", &self.id)
+            .field("processes", &self.processes)
+            .finish()
+    }
+}
+
+/// A success callback.
+type Callback<R> = Box<dyn FnOnce(&R) + Send>;
+/// A failure callback.
+type ErrorCallback = Box<dyn FnOnce(&Error) + Send>;
+
+/// Options of `map_async`, `starmap_async` and `apply_async`.
+pub struct AsyncOptions<R> {
+    chunksize: Option<usize>,
+    callback: Option<Callback<R>>,
+    error_callback: Option<ErrorCallback>,
+}
+
+impl<R> Default for AsyncOptions<R> {
+    fn default() -> Self {
+        AsyncOptions {
+            chunksize: None,
+            callback: None,
+            error_callback: None,
+        }
+    }
+}
+
+impl<R> std::fmt::Debug for AsyncOptions<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncOptions")
+            .field("chunksize", &self.chunksize)
+            .field("callback", &self.callback.is_some())
+            .field("error_callback", &self.error_callback.is_some())
+            .finish()
+    }
+}
+
+impl<R> AsyncOptions<R> {
+    /// No options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Items per chunk (map forms only).
+    pub fn chunksize(mut self, chunksize: usize) -> Self {
+        self.chunksize = Some(chunksize);
+        self
+    }
+
+    /// Called with the result when the call succeeds.
+    pub fn callback(mut self, callback: impl FnOnce(&R) + Send + 'static) -> Self {
+        self.callback = Some(Box::new(callback));
+        self
+    }
+
+    /// Called with the error when the call fails.
+    pub fn error_callback(mut self, callback: impl FnOnce(&Error) + Send + 'static) -> Self {
+        self.error_callback = Some(Box::new(callback));
+        self
+    }
+}
+
+/// Builds a [`Pool`]; unset options come from the configuration (`local.workers`, `pool.*`).
+#[derive(Debug, Default)]
+pub struct PoolBuilder {
+    processes: Option<usize>,
+    initializer: Option<(String, Result<Vec<u8>>)>,
+    maxtasksperchild: Option<u64>,
+    retries: Option<u32>,
+    task_lease: Option<Duration>,
+    restart_budget: Option<(u32, Duration)>,
+    start_method: Option<StartMethod>,
+    progress: Option<bool>,
+}
+
+impl PoolBuilder {
+    /// Number of workers (default `local.workers`, else the CPU count).
+    pub fn processes(mut self, processes: usize) -> Self {
+        self.processes = Some(processes);
+        self
+    }
+
+    /// Runs `f(args...)` once in each worker before its first task. A failing initializer ends
+    /// the worker (and counts against the restart budget).
+    pub fn initializer<F, A>(mut self, f: F, args: A) -> Self
+    where
+        F: RemoteFn<A>,
+        A: Serialize + Send + 'static,
+    {
+        let name = f.name().to_string();
+        let encoded = shoal_core::codec::encode(&args, &format!("arguments of {name}"), usize::MAX);
+        self.initializer = Some((name, encoded));
+        self
+    }
+
+    /// Replaces a worker after it ran this many chunks (Python's `maxtasksperchild`).
+    pub fn maxtasksperchild(mut self, tasks: u64) -> Self {
+        self.maxtasksperchild = Some(tasks);
+        self
+    }
+
+    /// Redeliveries of a chunk whose worker died (default `pool.retries`, 3).
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = Some(retries);
+        self
+    }
+
+    /// How long a chunk stays with a worker that stopped renewing its lease (default
+    /// `pool.task_lease_secs`).
+    pub fn task_lease(mut self, lease: Duration) -> Self {
+        self.task_lease = Some(lease);
+        self
+    }
+
+    /// At most `max_restarts` worker failures within `period` (default `pool.max_restarts`
+    /// within `pool.restart_period_secs`); one more breaks the pool.
+    pub fn restart_budget(mut self, max_restarts: u32, period: Duration) -> Self {
+        self.restart_budget = Some((max_restarts, period));
+        self
+    }
+
+    /// Runs the workers with `method` instead of `local.start_method`.
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.start_method = Some(method);
+        self
+    }
+
+    /// Shows a progress bar for `map` calls when stderr is a terminal (default `pool.progress`).
+    pub fn progress(mut self, on: bool) -> Self {
+        self.progress = Some(on);
+        self
+    }
+
+    /// Starts the pool.
+    pub fn build(self) -> Result<Pool> {
+        Pool::start(self)
+    }
+}
+
+impl Pool {
+    /// A pool of `processes` workers.
+    pub fn new(processes: usize) -> Result<Pool> {
+        Pool::builder().processes(processes).build()
+    }
+
+    /// A builder.
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::default()
+    }
+
+    fn start(builder: PoolBuilder) -> Result<Pool> {
+        let runtime = runtime::current_runtime()?;
+        let context = runtime.context().clone();
+        let config = context.config();
+        let processes = builder
+            .processes
+            .unwrap_or_else(|| config.local.default_workers());
+        if processes == 0 {
+            return Err(Error::invalid_state("a pool needs at least 1 process"));
+        }
+        let lease = builder
+            .task_lease
+            .unwrap_or_else(|| Duration::from_secs_f64(config.pool.task_lease_secs));
+        if lease < Duration::from_millis(30) {
+            return Err(Error::invalid_state(
+                "the task lease must be at least 30 ms",
+            ));
+        }
+        let initializer = match builder.initializer {
+            None => None,
+            Some((function, args)) => {
+                if registry::lookup(&function).is_none() {
+                    return Err(Error::NotRegistered { function });
+                }
+                Some(Initializer {
+                    function,
+                    args: args?,
+                })
+            }
+        };
+        let (max_restarts, restart_period) = builder.restart_budget.unwrap_or((
+            config.pool.max_restarts,
+            Duration::from_secs_f64(config.pool.restart_period_secs),
+        ));
+        let settings = PoolSettings {
+            processes,
+            retries: builder.retries.unwrap_or(config.pool.retries),
+            lease,
+            maxtasksperchild: builder.maxtasksperchild.filter(|&n| n > 0),
+            initializer,
+            start_method: builder.start_method.unwrap_or(config.local.start_method),
+            max_restarts,
+            restart_period,
+            config: config.clone(),
+        };
+        let progress = builder.progress.unwrap_or(config.pool.progress);
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let store = context.store().clone();
+        let keys = PoolKeys::new(store.keys(), &id);
+        protocol::create_streams(&store, &keys)?;
+        let shared = PoolShared::new();
+        let callbacks = spawn_callback_thread()?;
+        let supervisor = {
+            let (id, keys, store, executor, shared) = (
+                id.clone(),
+                keys.clone(),
+                store.clone(),
+                runtime.executor().clone(),
+                shared.clone(),
+            );
+            PoolSupervisor::start_in_arbiter(&runtime.arbiter(), move |_| {
+                PoolSupervisor::new(id, keys, store, executor, settings, shared, callbacks)
+            })
+        };
+        futures::executor::block_on(supervisor.send(StartWorkers))
+            .map_err(|e| Error::Backend(format!("the pool supervisor did not start: {e}")))?;
+        Ok(Pool {
+            id,
+            processes,
+            keys,
+            store,
+            supervisor,
+            shared,
+            next_call: AtomicU64::new(1),
+            progress,
+            _runtime: runtime,
+        })
+    }
+
+    /// The number of workers.
+    pub fn processes(&self) -> usize {
+        self.processes
+    }
+
+    /// Calls `f(args...)` in a worker and waits for its result.
+    pub fn apply<F, A>(&self, f: F, args: A) -> Result<F::Output>
+    where
+        F: RemoteFn<A>,
+        A: Serialize + Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        self.apply_async(f, args)?.get(None)
+    }
+
+    /// Calls `f(args...)` in a worker; returns at once.
+    pub fn apply_async<F, A>(&self, f: F, args: A) -> Result<AsyncResult<F::Output>>
+    where
+        F: RemoteFn<A>,
+        A: Serialize + Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        self.apply_async_with(f, args, AsyncOptions::new())
+    }
+
+    /// [`Pool::apply_async`] with callbacks.
+    pub fn apply_async_with<F, A>(
+        &self,
+        f: F,
+        args: A,
+        options: AsyncOptions<F::Output>,
+    ) -> Result<AsyncResult<F::Output>>
+    where
+        F: RemoteFn<A>,
+        A: Serialize + Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        let function = self.registered(&f)?;
+        let limit = self.limit();
+        let key = format!("arguments of {function}");
+        let item = ByteBuf::from(self.store.encode(&args, &key)?);
+        let decode = decode_one::<F::Output>(function, limit);
+        let (call, shared) = self.register(
+            function,
+            Delivery::Collect,
+            completion(&decode, options),
+            None,
+        )?;
+        let payload = protocol::encode_items(&self.store, vec![item], &self.keys.tasks)?;
+        let chunk = ChunkEntry {
+            call,
+            chunk: 0,
+            function: function.to_string(),
+            payload,
+        };
+        let sent = send_chunks(&self.store, &self.keys, &[chunk], true);
+        match sent {
+            Ok(()) => {
+                shared.set_total(1);
+                self.supervisor
+                    .do_send(supervisor::FeedDone { call, total: 1 });
+            }
+            Err(e) => self
+                .supervisor
+                .do_send(supervisor::FeedFailed { call, error: e }),
+        }
+        Ok(AsyncResult::new(shared, decode))
+    }
+
+    /// `f(item)` for every item, in order.
+    pub fn map<F, A, I>(&self, f: F, iterable: I) -> Result<Vec<F::Output>>
+    where
+        F: RemoteFn<(A,)>,
+        A: Serialize + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        self.map_async(f, iterable)?.get(None)
+    }
+
+    /// [`Pool::map`] with a chunksize.
+    pub fn map_with<F, A, I>(&self, f: F, iterable: I, chunksize: usize) -> Result<Vec<F::Output>>
+    where
+        F: RemoteFn<(A,)>,
+        A: Serialize + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        self.map_async_with(f, iterable, AsyncOptions::new().chunksize(chunksize))?
+            .get(None)
+    }
+
+    /// [`Pool::map`] returning at once.
+    pub fn map_async<F, A, I>(&self, f: F, iterable: I) -> Result<AsyncResult<Vec<F::Output>>>
+    where
+        F: RemoteFn<(A,)>,
+        A: Serialize + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        self.map_async_with(f, iterable, AsyncOptions::new())
+    }
+
+    /// [`Pool::map_async`] with a chunksize and callbacks.
+    pub fn map_async_with<F, A, I>(
+        &self,
+        f: F,
+        iterable: I,
+        options: AsyncOptions<Vec<F::Output>>,
+    ) -> Result<AsyncResult<Vec<F::Output>>>
+    where
+        F: RemoteFn<(A,)>,
+        A: Serialize + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        let function = self.registered(&f)?;
+        let items = iterable.into_iter().map(|a| (a,));
+        self.collect_call(function, items, options)
+    }
+
+    /// `f(args...)` for every argument tuple, in order (Python's `starmap`).
+    pub fn starmap<F, A, I>(&self, f: F, iterable: I) -> Result<Vec<F::Output>>
+    where
+        F: RemoteFn<A>,
+        A: Serialize + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        self.starmap_async(f, iterable)?.get(None)
+    }
+
+    /// [`Pool::starmap`] with a chunksize.
+    pub fn starmap_with<F, A, I>(
+        &self,
+        f: F,
+        iterable: I,
+        chunksize: usize,
+    ) -> Result<Vec<F::Output>>
+    where
+        F: RemoteFn<A>,
+        A: Serialize + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        self.starmap_async_with(f, iterable, AsyncOptions::new().chunksize(chunksize))?
+            .get(None)
+    }
+
+    /// [`Pool::starmap`] returning at once.
+    pub fn starmap_async<F, A, I>(&self, f: F, iterable: I) -> Result<AsyncResult<Vec<F::Output>>>
+    where
+        F: RemoteFn<A>,
+        A: Serialize + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        self.starmap_async_with(f, iterable, AsyncOptions::new())
+    }
+
+    /// [`Pool::starmap_async`] with a chunksize and callbacks.
+    pub fn starmap_async_with<F, A, I>(
+        &self,
+        f: F,
+        iterable: I,
+        options: AsyncOptions<Vec<F::Output>>,
+    ) -> Result<AsyncResult<Vec<F::Output>>>
+    where
+        F: RemoteFn<A>,
+        A: Serialize + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        let function = self.registered(&f)?;
+        self.collect_call(function, iterable.into_iter(), options)
+    }
+
+    /// `f(item)` for every item, yielded in order as the results arrive; the input is read
+    /// lazily. Chunksize 1.
+    pub fn imap<F, A, I>(&self, f: F, iterable: I) -> Result<IMapIterator<F::Output>>
+    where
+        F: RemoteFn<(A,)>,
+        A: Serialize + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        self.imap_with(f, iterable, 1)
+    }
+
+    /// [`Pool::imap`] with a chunksize.
+    pub fn imap_with<F, A, I>(
+        &self,
+        f: F,
+        iterable: I,
+        chunksize: usize,
+    ) -> Result<IMapIterator<F::Output>>
+    where
+        F: RemoteFn<(A,)>,
+        A: Serialize + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        let function = self.registered(&f)?;
+        let items = iterable.into_iter().map(|a| (a,));
+        self.stream_call(function, items, chunksize, Delivery::Ordered)
+    }
+
+    /// `f(item)` for every item, yielded as the results arrive, in any order.
+    pub fn imap_unordered<F, A, I>(&self, f: F, iterable: I) -> Result<IMapIterator<F::Output>>
+    where
+        F: RemoteFn<(A,)>,
+        A: Serialize + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        self.imap_unordered_with(f, iterable, 1)
+    }
+
+    /// [`Pool::imap_unordered`] with a chunksize.
+    pub fn imap_unordered_with<F, A, I>(
+        &self,
+        f: F,
+        iterable: I,
+        chunksize: usize,
+    ) -> Result<IMapIterator<F::Output>>
+    where
+        F: RemoteFn<(A,)>,
+        A: Serialize + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+        F::Output: DeserializeOwned,
+    {
+        let function = self.registered(&f)?;
+        let items = iterable.into_iter().map(|a| (a,));
+        self.stream_call(function, items, chunksize, Delivery::Unordered)
+    }
+
+    /// Refuses new calls; the workers exit once the outstanding calls are done.
+    pub fn close(&self) -> Result<()> {
+        if self.shared.lock().finished {
+            return Ok(());
+        }
+        let _ = futures::executor::block_on(self.supervisor.send(Close));
+        Ok(())
+    }
+
+    /// Stops the workers now and fails the calls still running; waits for the workers to exit.
+    pub fn terminate(&self) -> Result<()> {
+        if self.shared.lock().finished {
+            return Ok(());
+        }
+        let _ = futures::executor::block_on(self.supervisor.send(Terminate));
+        if !self.shared.wait_finished(Some(TERMINATE_GRACE)) {
+            let _ = futures::executor::block_on(self.supervisor.send(KillWorkers));
+            self.shared.wait_finished(Some(TERMINATE_GRACE));
+        }
+        Ok(())
+    }
+
+    /// Waits for the workers to exit. Call [`Pool::close`] or [`Pool::terminate`] first
+    /// ([`Error::InvalidState`] otherwise).
+    pub fn join(&self) -> Result<()> {
+        if self.shared.lock().phase == Phase::Running {
+            return Err(Error::invalid_state(
+                "join() needs close() or terminate() first",
+            ));
+        }
+        self.shared.wait_finished(None);
+        Ok(())
+    }
+
+    fn limit(&self) -> usize {
+        self.store.settings().max_message_bytes
+    }
+
+    fn registered<F: RemoteFn<A>, A>(&self, f: &F) -> Result<&'static str> {
+        let name = f.name();
+        if registry::lookup(name).is_none() {
+            return Err(Error::NotRegistered {
+                function: name.to_string(),
+            });
+        }
+        Ok(name)
+    }
+
+    /// Chunks in flight per call: enough for every worker to hold a full prefetch and find
+    /// more waiting, few enough to bound memory.
+    fn window(&self) -> usize {
+        (2 * protocol::MAX_PREFETCH * self.processes).max(64)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        match &self.shared.lock().phase {
+            Phase::Running => Ok(()),
+            Phase::Broken(reason) => Err(Error::invalid_state(format!(
+                "the pool is broken: {reason}"
+            ))),
+            Phase::Terminated => Err(Error::invalid_state("the pool was terminated")),
+            Phase::Closing | Phase::Stopping => Err(Error::invalid_state("the pool is closed")),
+        }
+    }
+
+    fn register(
+        &self,
+        function: &str,
+        delivery: Delivery,
+        completion: Option<Completion>,
+        progress: Option<ProgressBar>,
+    ) -> Result<(u64, Arc<CallShared>)> {
+        self.check_open()?;
+        let call = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let shared = CallShared::new(self.window());
+        let registration = RegisterCall {
+            call,
+            function: function.to_string(),
+            shared: shared.clone(),
+            delivery,
+            completion,
+            progress,
+        };
+        futures::executor::block_on(self.supervisor.send(registration))
+            .map_err(|_| Error::invalid_state("the pool is no longer running"))??;
+        Ok((call, shared))
+    }
+
+    /// A `map`-like call: every item's result, collected in order.
+    fn collect_call<A, R, It>(
+        &self,
+        function: &'static str,
+        items: It,
+        options: AsyncOptions<Vec<R>>,
+    ) -> Result<AsyncResult<Vec<R>>>
+    where
+        A: Serialize + Send + 'static,
+        R: DeserializeOwned + 'static,
+        It: Iterator<Item = A> + Send + 'static,
+    {
+        // Python's map takes list(iterable): the length decides the default chunksize.
+        let (len, items): (usize, Box<dyn Iterator<Item = A> + Send>) = match items.size_hint() {
+            (low, Some(high)) if low == high => (low, Box::new(items)),
+            _ => {
+                let all: Vec<A> = items.collect();
+                (all.len(), Box::new(all.into_iter()))
+            }
+        };
+        let chunksize = options
+            .chunksize
+            .unwrap_or_else(|| len.div_ceil(4 * self.processes))
+            .max(1);
+        let decode = decode_each::<R>(function, self.limit());
+        let progress = self.progress_bar(len);
+        let (call, shared) = self.register(
+            function,
+            Delivery::Collect,
+            completion(&decode, options),
+            progress,
+        )?;
+        self.feed(call, function, chunksize, items, &shared)?;
+        Ok(AsyncResult::new(shared, decode))
+    }
+
+    /// An `imap`-like call.
+    fn stream_call<A, R, It>(
+        &self,
+        function: &'static str,
+        items: It,
+        chunksize: usize,
+        delivery: Delivery,
+    ) -> Result<IMapIterator<R>>
+    where
+        A: Serialize + Send + 'static,
+        R: DeserializeOwned,
+        It: Iterator<Item = A> + Send + 'static,
+    {
+        let (call, shared) = self.register(function, delivery, None, None)?;
+        self.feed(call, function, chunksize.max(1), items, &shared)?;
+        Ok(IMapIterator::new(
+            shared,
+            delivery == Delivery::Ordered,
+            function,
+            self.limit(),
+            self.supervisor.clone(),
+            call,
+        ))
+    }
+
+    fn feed<A, It>(
+        &self,
+        call: u64,
+        function: &'static str,
+        chunksize: usize,
+        items: It,
+        shared: &Arc<CallShared>,
+    ) -> Result<()>
+    where
+        A: Serialize + Send + 'static,
+        It: Iterator<Item = A> + Send + 'static,
+    {
+        let store = self.store.clone();
+        let key = format!("arguments of {function}");
+        let encoded = items.map(move |args| store.encode(&args, &key).map(ByteBuf::from));
+        let feeder = Feeder {
+            store: self.store.clone(),
+            keys: self.keys.clone(),
+            call,
+            function: function.to_string(),
+            chunksize,
+            shared: shared.clone(),
+            supervisor: self.supervisor.clone(),
+        };
+        if let Err(e) = feeder.spawn(encoded) {
+            self.supervisor.do_send(supervisor::FeedFailed {
+                call,
+                error: e.clone(),
+            });
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn progress_bar(&self, items: usize) -> Option<ProgressBar> {
+        use std::io::IsTerminal;
+        if !self.progress || !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = ProgressBar::with_draw_target(Some(items as u64), ProgressDrawTarget::stderr());
+        if let Ok(style) =
+            ProgressStyle::with_template("{bar:40} {pos}/{len} items  {per_sec}  eta {eta}")
+        {
+            bar.set_style(style);
+        }
+        Some(bar)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = self.terminate();
+    }
+}
+
+/// Turns the typed callbacks into an untyped completion, or `None` when there are none.
+fn completion<R: 'static>(decode: &Decoder<R>, options: AsyncOptions<R>) -> Option<Completion> {
+    let AsyncOptions {
+        callback,
+        error_callback,
+        ..
+    } = options;
+    if callback.is_none() && error_callback.is_none() {
+        return None;
+    }
+    let decode = decode.clone();
+    Some(Box::new(move |outcome: &Result<Vec<ByteBuf>>| {
+        let typed = match outcome {
+            Ok(outputs) => decode(outputs),
+            Err(e) => Err(e.clone()),
+        };
+        match typed {
+            Ok(value) => {
+                if let Some(callback) = callback {
+                    callback(&value);
+                }
+            }
+            Err(error) => {
+                if let Some(callback) = error_callback {
+                    callback(&error);
+                }
+            }
+        }
+    }))
+}
+
+/// The thread that runs a pool's callbacks, in completion order.
+fn spawn_callback_thread() -> Result<mpsc::Sender<Box<dyn FnOnce() + Send>>> {
+    let (tx, rx) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
+    std::thread::Builder::new()
+        .name("shoal-pool-callbacks".into())
+        .spawn(move || {
+            for job in rx {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                    tracing::error!("a pool callback panicked");
+                }
+            }
+        })
+        .map_err(|e| Error::io("starting the pool's callback thread", e))?;
+    Ok(tx)
+}
