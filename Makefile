@@ -3,10 +3,13 @@ CARGO ?= cargo
 
 .PHONY: run test lint unit-and-integration examples
 
-## run: the main job, an example on the local backend (installs redis-server if missing)
+## run: the main job on the local backend (installs redis-server if missing): the seed's Process
+## example (hello bob), then the seeds' Pool map jobs (map, starmap -> [2, 4, 6, 8], map_async)
 run:
 	@scripts/ensure-redis.sh
-	$(CARGO) run --release -p shoal-examples --example process
+	$(CARGO) build --release -p shoal-examples --example process --example pool
+	target/release/examples/process
+	target/release/examples/pool
 
 ## test: the whole suite: formatting, clippy, unit and integration tests, every example
 test: lint unit-and-integration examples

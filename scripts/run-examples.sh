@@ -18,4 +18,6 @@ check() { # check NAME EXPECTED-SUBSTRING
 }
 check process "hello bob"
 check pool "[2, 4, 6, 8]"
+check pi_estimation "pi ~ 3.14"
+check fault_tolerant_map "each present exactly once, in order"
 exit $fail

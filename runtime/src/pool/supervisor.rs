@@ -978,3 +978,22 @@ impl Handler<KillWorkers> for PoolSupervisor {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SeenChunks;
+
+    #[test]
+    fn each_chunk_is_kept_once_in_any_order() {
+        let mut seen = SeenChunks::default();
+        for chunk in [2, 0, 1, 1, 5, 0, 3, 4, 5] {
+            seen.insert(chunk);
+        }
+        assert_eq!(seen.count(), 6);
+        assert_eq!(seen.prefix, 6, "contiguous chunks collapse into the prefix");
+        assert!(seen.above.is_empty());
+        assert!(!seen.insert(3), "a duplicate is refused");
+        assert!(seen.insert(9));
+        assert_eq!((seen.prefix, seen.count()), (6, 7));
+    }
+}
