@@ -31,7 +31,7 @@ use serde_yaml::{Mapping, Value};
 use crate::error::{Error, Result};
 
 /// The sections `config.yaml` may contain.
-pub const SECTIONS: &[&str] = &["shoal", "redis", "local", "pool", "multiprocessing"];
+pub const SECTIONS: &[&str] = &["shoal", "redis", "local", "pool", "sync", "multiprocessing"];
 
 /// Sections of the design whose backends are not built yet.
 const UNBUILT_SECTIONS: &[&str] = &["kubernetes", "lambda", "http"];
@@ -54,6 +54,8 @@ pub struct Config {
     pub local: LocalConfig,
     /// Pools.
     pub pool: PoolConfig,
+    /// Locks and semaphores.
+    pub sync: SyncConfig,
     /// The Lithops `multiprocessing` keys.
     pub multiprocessing: MultiprocessingConfig,
 }
@@ -188,6 +190,29 @@ pub enum StartMethod {
     Process,
     /// A thread of the parent; termination is cooperative.
     Thread,
+}
+
+/// The `sync` section: locks and semaphores.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// A hold of a `Lock`, `RLock`, `Semaphore` or `BoundedSemaphore` lasts this long unless its
+    /// process renews it (every third of it, from a heartbeat thread); the hold of a process that
+    /// died is released when it lapses, and a waiter proceeds.
+    pub lease_secs: f64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig { lease_secs: 5.0 }
+    }
+}
+
+impl SyncConfig {
+    /// [`SyncConfig::lease_secs`] as a duration.
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs_f64(self.lease_secs)
+    }
 }
 
 /// The `multiprocessing` section: the keys Lithops users know.

@@ -142,3 +142,25 @@ pub fn termination_requested() -> bool {
             .is_some_and(|p| p.terminate.load(Ordering::Acquire))
     })
 }
+
+/// Work that must finish before this process's runtime goes away (a queue feeder's last
+/// flush), run by [`run_exit_hooks`].
+type ExitHook = Box<dyn Fn() + Send + Sync>;
+
+static EXIT_HOOKS: std::sync::Mutex<Vec<ExitHook>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers `hook` to run when the runtime shuts down or a worker's task ends.
+pub fn register_exit_hook(hook: impl Fn() + Send + Sync + 'static) {
+    EXIT_HOOKS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Box::new(hook));
+}
+
+/// Runs the registered exit hooks (each may run several times; hooks are idempotent).
+pub fn run_exit_hooks() {
+    let hooks = EXIT_HOOKS.lock().unwrap_or_else(|p| p.into_inner());
+    for hook in hooks.iter() {
+        hook();
+    }
+}

@@ -41,6 +41,20 @@ pub enum Error {
     #[error("closed: {0}")]
     Closed(String),
 
+    /// `recv_bytes_into` was given a buffer too small for the message (Python's `BufferTooShort`);
+    /// the message stays in the connection.
+    #[error(
+        "buffer too short: the message needs {needed} bytes from offset {offset}, the buffer has {available}"
+    )]
+    BufferTooShort {
+        /// The message's length.
+        needed: usize,
+        /// Where it would have been written.
+        offset: usize,
+        /// The buffer's length.
+        available: usize,
+    },
+
     /// The call is not valid in the object's current state (Python's `ValueError`, `AssertionError`, `RuntimeError`).
     #[error("invalid state: {0}")]
     InvalidState(String),

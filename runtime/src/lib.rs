@@ -61,6 +61,10 @@ pub use shoal_core::config::{self, Config, ConfigBuilder, StartMethod};
 pub use shoal_core::context::ProcessInfo;
 pub use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
 pub use shoal_macros::remote;
+pub use shoal_primitives::{
+    Array, Barrier, BoundedSemaphore, Condition, Connection, Event, Guard, Integer, JoinableQueue,
+    Lock, Pipe, Queue, RLock, Scalar, Semaphore, SimpleQueue, Value,
+};
 
 /// Who the calling code runs as: `MainProcess`, a child's name and identity, or a thread
 /// child's (Python's `multiprocessing.current_process()`).
@@ -100,8 +104,9 @@ macro_rules! test_support {
 /// Everything a Python `multiprocessing` user reaches for.
 pub mod prelude {
     pub use crate::{
-        AsyncOptions, AsyncResult, Config, Error, Pool, Process, Result, StartMethod,
-        current_process, remote, termination_requested,
+        Array, AsyncOptions, AsyncResult, Barrier, BoundedSemaphore, Condition, Config, Connection,
+        Error, Event, JoinableQueue, Lock, Pipe, Pool, Process, Queue, RLock, Result, Semaphore,
+        SimpleQueue, StartMethod, Value, current_process, remote, termination_requested,
     };
 }
 

@@ -223,6 +223,8 @@ impl RuntimeInner {
 
 impl Drop for RuntimeInner {
     fn drop(&mut self) {
+        // Items a queue feeder still buffers reach Redis first (Python's join_thread at exit).
+        context::run_exit_hooks();
         self.shutdown_children();
         if context::try_current().is_some_and(|c| Arc::ptr_eq(&c, &self.context)) {
             context::clear();
@@ -279,7 +281,9 @@ pub(crate) fn run_worker_if_requested() {
     init_tracing();
     let code = match address {
         Ok(address) => shoal_executor::worker::run(&address, &|| {
-            // Join this worker's own children (Python joins non-daemon children at exit).
+            // Flush what queue feeders buffer, then join this worker's own children (Python
+            // does both at exit).
+            context::run_exit_hooks();
             let runtime = WORKER_RUNTIME
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

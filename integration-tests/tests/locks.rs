@@ -1,0 +1,300 @@
+//! `Lock`, `RLock`, `Semaphore` and `BoundedSemaphore` across real processes, including a holder
+//! killed with SIGKILL.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use shoal::prelude::*;
+use shoal_integration_tests::{read_file, scratch, wait_for};
+
+shoal::test_support!();
+
+/// Lease of this binary's runtime: short, so the SIGKILL test is quick.
+const LEASE: Duration = Duration::from_millis(1500);
+
+fn runtime() -> shoal::Runtime {
+    let mut config = Config::builder().build().expect("config");
+    config.sync.lease_secs = LEASE.as_secs_f64();
+    shoal::init_with(config).expect("runtime")
+}
+
+fn assert_timing(started: Instant, timeout: Duration) {
+    let waited = started.elapsed();
+    assert!(
+        waited >= timeout,
+        "returned after {waited:?}, before {timeout:?}"
+    );
+    assert!(
+        waited < timeout + Duration::from_secs(1),
+        "returned after {waited:?}"
+    );
+}
+
+#[test]
+fn lock_acquire_release_and_timeouts() {
+    let _rt = runtime();
+    let lock = Lock::new().expect("lock");
+    assert!(lock.try_acquire().expect("try"));
+    assert!(!lock.try_acquire().expect("a Lock is not reentrant"));
+    let started = Instant::now();
+    assert!(
+        !lock
+            .acquire_timeout(Duration::from_millis(300))
+            .expect("timeout")
+    );
+    assert_timing(started, Duration::from_millis(300));
+    lock.release().expect("release");
+    let second = lock.release();
+    assert!(
+        matches!(second, Err(Error::InvalidState(_))),
+        "releasing an unheld lock: {second:?}"
+    );
+    {
+        let guard = lock.lock().expect("guard");
+        assert!(guard.fencing_token() > 0);
+        assert!(!lock.try_acquire().expect("held"));
+    }
+    assert!(lock.try_acquire().expect("released by the guard"));
+    lock.release().expect("release");
+}
+
+#[test]
+fn fencing_tokens_only_grow() {
+    let _rt = runtime();
+    let lock = Lock::new().expect("lock");
+    let mut last = 0;
+    for _ in 0..5 {
+        let guard = lock.lock().expect("lock");
+        assert!(guard.fencing_token() > last);
+        last = guard.fencing_token();
+        assert_eq!(lock.fencing_token(), Some(last));
+    }
+    assert_eq!(lock.fencing_token(), None);
+}
+
+#[test]
+fn a_waiter_gets_the_lock_when_it_is_released() {
+    let _rt = runtime();
+    let lock = Lock::new().expect("lock");
+    lock.acquire().expect("acquire");
+    let other = lock.clone();
+    let waiter = std::thread::spawn(move || {
+        let started = Instant::now();
+        other.acquire().expect("acquire");
+        let waited = started.elapsed();
+        other.release().expect("release");
+        waited
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    lock.release().expect("release");
+    let waited = waiter.join().expect("thread");
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+    assert!(
+        waited < Duration::from_millis(1000),
+        "the wake-up was slow: {waited:?}"
+    );
+}
+
+#[test]
+fn rlock_is_reentrant_and_owned() {
+    let _rt = runtime();
+    let rlock = RLock::new().expect("rlock");
+    rlock.acquire().expect("1");
+    rlock.acquire().expect("2");
+    assert!(rlock.try_acquire().expect("3"));
+    let other = rlock.clone();
+    let from_other_thread =
+        std::thread::spawn(move || (other.try_acquire().expect("try"), other.release()))
+            .join()
+            .expect("thread");
+    assert!(!from_other_thread.0, "another thread took a held RLock");
+    assert!(
+        matches!(from_other_thread.1, Err(Error::InvalidState(_))),
+        "a non-owner released it"
+    );
+    rlock.release().expect("3");
+    rlock.release().expect("2");
+    rlock.release().expect("1");
+    assert!(
+        matches!(rlock.release(), Err(Error::InvalidState(_))),
+        "one release too many"
+    );
+    let other = rlock.clone();
+    assert!(
+        std::thread::spawn(move || {
+            let got = other.try_acquire().expect("try");
+            other.release().expect("release");
+            got
+        })
+        .join()
+        .expect("thread")
+    );
+}
+
+#[test]
+fn semaphores_count_and_bound() {
+    let _rt = runtime();
+    let sem = Semaphore::new(2).expect("semaphore");
+    assert_eq!(sem.get_value().expect("value"), 2);
+    assert!(sem.try_acquire().expect("1"));
+    assert!(sem.try_acquire().expect("2"));
+    assert!(!sem.try_acquire().expect("3"));
+    assert_eq!(sem.get_value().expect("value"), 0);
+    let started = Instant::now();
+    assert!(
+        !sem.acquire_timeout(Duration::from_millis(200))
+            .expect("timeout")
+    );
+    assert_timing(started, Duration::from_millis(200));
+    sem.release().expect("release");
+    sem.release().expect("release");
+    // A plain Semaphore may go above its start (a signal).
+    sem.release().expect("release");
+    assert_eq!(sem.get_value().expect("value"), 3);
+
+    let bounded = BoundedSemaphore::new(1).expect("bounded");
+    assert!(matches!(bounded.release(), Err(Error::InvalidState(_))));
+    bounded.acquire().expect("acquire");
+    bounded.release().expect("release");
+    assert!(matches!(bounded.release(), Err(Error::InvalidState(_))));
+    assert_eq!(bounded.get_value().expect("value"), 1);
+}
+
+#[shoal::remote]
+fn hold_forever(lock: Lock, ready: String) {
+    lock.acquire().expect("acquire");
+    std::fs::write(ready, "held").expect("ready");
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+#[test]
+fn a_lock_whose_holder_was_killed_is_released_after_the_lease() {
+    let _rt = runtime();
+    let lock = Lock::new().expect("lock");
+    let dir = scratch();
+    let ready = dir.path().join("ready");
+    let p = Process::new(hold_forever, (lock.clone(), ready.display().to_string()));
+    p.start().expect("start");
+    read_file(&ready);
+    let token_before = {
+        assert!(!lock.try_acquire().expect("held by the child"));
+        let started = Instant::now();
+        assert!(
+            !lock
+                .acquire_timeout(LEASE * 2)
+                .expect("the live child renews its lease")
+        );
+        assert_timing(started, LEASE * 2);
+        0
+    };
+    kill(Pid::from_raw(p.pid().expect("pid") as i32), Signal::SIGKILL).expect("kill -9");
+    p.join(None).expect("join");
+    let started = Instant::now();
+    assert!(
+        lock.acquire_timeout(LEASE * 3).expect("acquire"),
+        "the dead holder's lock was never released"
+    );
+    assert!(
+        started.elapsed() <= LEASE + Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(lock.fencing_token().expect("held") > token_before);
+    lock.release().expect("release");
+}
+
+#[shoal::remote]
+fn count_under_lock(lock: Lock, path: String, rounds: u32) {
+    for _ in 0..rounds {
+        let _guard = lock.lock().expect("lock");
+        let n: u64 = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        std::fs::write(&path, (n + 1).to_string()).expect("write");
+    }
+}
+
+#[test]
+fn processes_hammering_one_lock_lose_no_update() {
+    let _rt = runtime();
+    let lock = Lock::new().expect("lock");
+    let dir = scratch();
+    let path = dir.path().join("counter").display().to_string();
+    let procs: Vec<Process> = (0..4)
+        .map(|_| Process::new(count_under_lock, (lock.clone(), path.clone(), 100u32)))
+        .collect();
+    for p in &procs {
+        p.start().expect("start");
+    }
+    for p in &procs {
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0));
+    }
+    assert_eq!(std::fs::read_to_string(&path).expect("counter"), "400");
+}
+
+#[shoal::remote]
+fn hold_semaphore(sem: Semaphore, dir: String, id: u32) {
+    let _permit = sem.lock().expect("acquire");
+    let inside = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+    std::fs::write(format!("{dir}/{id}"), inside.to_string()).expect("enter");
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::remove_file(format!("{dir}/{id}")).expect("leave");
+}
+
+#[test]
+fn a_semaphore_of_two_admits_two_at_a_time() {
+    let _rt = runtime();
+    let sem = Semaphore::new(2).expect("semaphore");
+    let dir = scratch();
+    let inside = dir.path().join("inside");
+    std::fs::create_dir(&inside).expect("dir");
+    let max_seen = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let inside = inside.clone();
+        let max_seen = max_seen.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                let n = std::fs::read_dir(&inside).map(|d| d.count()).unwrap_or(0);
+                max_seen.fetch_max(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let started = Instant::now();
+    let procs: Vec<Process> = (0..6)
+        .map(|i| {
+            Process::new(
+                hold_semaphore,
+                (sem.clone(), inside.display().to_string(), i),
+            )
+        })
+        .collect();
+    for p in &procs {
+        p.start().expect("start");
+    }
+    for p in &procs {
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0));
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(550),
+        "6 holds of 200 ms, 2 at a time, took {took:?}"
+    );
+    assert!(wait_for(Duration::from_secs(1), || max_seen
+        .load(Ordering::Relaxed)
+        > 0));
+    let _ = watcher;
+    assert!(
+        max_seen.load(Ordering::Relaxed) <= 2,
+        "{} were inside at once",
+        max_seen.load(Ordering::Relaxed)
+    );
+    assert_eq!(sem.get_value().expect("value"), 2);
+}

@@ -1,0 +1,40 @@
+-- Barrier.wait, first step: arrive.
+-- KEYS[1] state hash (parties, count, generation, broken), KEYS[2] waiters list
+-- ARGV[1] TTL, ARGV[2] wake key prefix, ARGV[3] waiter id, ARGV[4] '1' when there is an action
+-- Returns {code, arrival index, generation}: code 0 broken, 1 wait, 2 passed (this caller was the
+-- last and released the others), 3 run the action then release (this caller was the last).
+local parties = tonumber(redis.call('HGET', KEYS[1], 'parties'))
+local count = tonumber(redis.call('HGET', KEYS[1], 'count'))
+local generation = tonumber(redis.call('HGET', KEYS[1], 'generation'))
+local broken = redis.call('HGET', KEYS[1], 'broken')
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('GONE the barrier does not exist')
+end
+if parties == nil or count == nil or generation == nil or broken == false then
+  return redis.error_reply('CORRUPT the barrier state is not numbers')
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if broken == '1' then
+  return {0, 0, generation}
+end
+local index = count
+count = count + 1
+if count < parties then
+  redis.call('HSET', KEYS[1], 'count', count)
+  redis.call('RPUSH', KEYS[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+  return {1, index, generation}
+end
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'count', count)
+  return {3, index, generation}
+end
+local waiters = redis.call('LRANGE', KEYS[2], 0, -1)
+for _, waiter in ipairs(waiters) do
+  local wake = ARGV[2] .. waiter
+  redis.call('RPUSH', wake, 'go')
+  redis.call('EXPIRE', wake, ARGV[1])
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'count', 0, 'generation', generation + 1)
+return {2, index, generation}

@@ -1,0 +1,51 @@
+-- Ends a generation of a barrier, or breaks it.
+-- KEYS[1] state hash, KEYS[2] waiters list
+-- ARGV[1] TTL, ARGV[2] wake key prefix, ARGV[3] operation, ARGV[4] generation, ARGV[5] waiter id
+-- release: the action ran; wake the waiters of generation ARGV[4] with 'go'.
+-- break:   the action failed; abort: abort(); both put the barrier in the broken state.
+-- reset:   waiters get 'broken'; the barrier starts a new, unbroken generation.
+-- timeout: waiter ARGV[5] gives up: if a wake-up reached it, return it ('go' or 'broken');
+--          otherwise break the barrier (Python breaks it for everyone) and return 'broken'.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('GONE the barrier does not exist')
+end
+local op = ARGV[3]
+local generation = tonumber(redis.call('HGET', KEYS[1], 'generation'))
+local function wake_all(message)
+  local waiters = redis.call('LRANGE', KEYS[2], 0, -1)
+  for _, waiter in ipairs(waiters) do
+    local wake = ARGV[2] .. waiter
+    redis.call('RPUSH', wake, message)
+    redis.call('EXPIRE', wake, ARGV[1])
+  end
+  redis.call('DEL', KEYS[2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if op == 'timeout' then
+  local wake = ARGV[2] .. ARGV[5]
+  local got = redis.call('LPOP', wake)
+  if got then
+    redis.call('DEL', wake)
+    return got
+  end
+  op = 'break'
+end
+if op == 'release' then
+  if generation == tonumber(ARGV[4]) and redis.call('HGET', KEYS[1], 'broken') == '0' then
+    wake_all('go')
+    redis.call('HSET', KEYS[1], 'count', 0, 'generation', generation + 1)
+    return 'go'
+  end
+  return 'broken'
+end
+if op == 'break' or op == 'abort' then
+  wake_all('broken')
+  redis.call('HSET', KEYS[1], 'broken', 1, 'count', 0)
+  return 'broken'
+end
+if op == 'reset' then
+  wake_all('broken')
+  redis.call('HSET', KEYS[1], 'broken', 0, 'count', 0, 'generation', generation + 1)
+  return 'reset'
+end
+return redis.error_reply('ERR unknown barrier operation')

@@ -1,0 +1,150 @@
+//! What every primitive shares: its address, the store, who holds things, and how a blocked
+//! caller waits.
+//!
+//! A handle is an [`Address`] (namespace, kind, id) plus the primitive's fixed settings; it is a
+//! serde value, so it can be an argument of a process and works there as it did here. Its keys
+//! are `shoal:{<namespace>:<kind>:<id>}:<field>`.
+//!
+//! A caller that must wait blocks with `BLPOP` on a key with Redis's own timeout, in slices of
+//! at most [`SLICE`], and checks in between slices: a primitive whose keys were deleted (or
+//! expired) is reported instead of waited on forever.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use shoal_core::context::{self, Context};
+use shoal_core::error::{Error, Result};
+use shoal_core::store::{KeySpace, ObjectKeys, Store};
+
+/// The longest a blocked call waits before it checks in.
+pub(crate) const SLICE: Duration = Duration::from_secs(1);
+
+/// Where a primitive lives.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(crate) struct Address {
+    pub(crate) namespace: String,
+    pub(crate) kind: String,
+    pub(crate) id: String,
+}
+
+impl Address {
+    /// A new address of `kind` in the current runtime's namespace.
+    pub(crate) fn create(kind: &str) -> Result<(Arc<Context>, Address)> {
+        let context = context::current()?;
+        let address = Address {
+            namespace: context.store().keys().namespace().to_string(),
+            kind: kind.to_string(),
+            id: uuid::Uuid::new_v4().simple().to_string(),
+        };
+        Ok((context, address))
+    }
+
+    /// The keys of this primitive.
+    pub(crate) fn keys(&self) -> ObjectKeys {
+        KeySpace::new(self.namespace.clone()).object(&self.kind, &self.id)
+    }
+
+    /// `lock 1a2b3c4d`, for messages.
+    pub(crate) fn describe(&self) -> String {
+        format!("{} {}", self.kind, &self.id[..self.id.len().min(8)])
+    }
+
+    /// The error for a primitive whose keys are gone.
+    pub(crate) fn gone(&self) -> Error {
+        Error::invalid_state(format!(
+            "{} no longer exists in Redis (deleted, or idle longer than redis.expiry_secs)",
+            self.describe()
+        ))
+    }
+
+    /// Turns a script's or command's error into a clear one.
+    pub(crate) fn error(&self, e: Error) -> Error {
+        let Error::Redis { source, context } = &e else {
+            return e;
+        };
+        match source.code() {
+            Some("GONE") => self.gone(),
+            Some("CORRUPT") | Some("WRONGTYPE") => Error::invalid_state(format!(
+                "{}: its Redis keys hold data shoal did not write ({context}: {source})",
+                self.describe()
+            )),
+            _ => e,
+        }
+    }
+}
+
+/// The store of the current runtime.
+pub(crate) fn store() -> Result<Arc<Store>> {
+    Ok(context::current()?.store().clone())
+}
+
+/// This process, as a holder of locks and permits: unique across machines and restarts.
+pub(crate) fn process_holder() -> &'static str {
+    static HOLDER: OnceLock<String> = OnceLock::new();
+    HOLDER.get_or_init(|| {
+        format!(
+            "{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        )
+    })
+}
+
+/// This thread of this process, as the owner of an `RLock`.
+pub(crate) fn thread_holder() -> String {
+    format!("{}:{:?}", process_holder(), std::thread::current().id())
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The TTL of every key, in seconds.
+pub(crate) fn ttl(store: &Store) -> u64 {
+    store.expiry_secs()
+}
+
+/// A `BLPOP` timeout in seconds: Redis reads decimals; never 0 (which means forever).
+pub(crate) fn blpop_seconds(block: Duration) -> f64 {
+    block.as_secs_f64().max(0.001)
+}
+
+/// Pops from `key`, waiting at most `block` (Redis's own timeout).
+pub(crate) fn blpop(store: &Store, key: &str, block: Duration) -> Result<Option<Vec<u8>>> {
+    let reply: Option<(String, Vec<u8>)> = store.with_blocking_conn(
+        Some(block),
+        || format!("waiting on {key}"),
+        |c| {
+            redis::cmd("BLPOP")
+                .arg(key)
+                .arg(blpop_seconds(block))
+                .query(c)
+        },
+    )?;
+    Ok(reply.map(|(_, v)| v))
+}
+
+/// The time left until `deadline`, capped at [`SLICE`]; `None` when it passed.
+pub(crate) fn next_slice(deadline: Option<Instant>) -> Option<Duration> {
+    match deadline {
+        None => Some(SLICE),
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                None
+            } else {
+                Some(left.min(SLICE))
+            }
+        }
+    }
+}
+
+/// A deadline `timeout` from now.
+pub(crate) fn deadline(timeout: Option<Duration>) -> Option<Instant> {
+    timeout.map(|t| Instant::now() + t)
+}

@@ -1,0 +1,25 @@
+-- Condition.wait, first step: queue the caller as a waiter of the condition and release its
+-- hold of the lock, in one step, so that no notify can fall between the two.
+-- KEYS[1..5] the lock (see the prelude), KEYS[6] condition waiters, KEYS[7] condition waiting
+-- ARGV[5] holder, ARGV[6] the caller's grant id, ARGV[7] waiter id, ARGV[8] liveness deadline
+-- Returns the recursion count the caller held, to restore when it takes the lock back.
+local holder, mine, waiter = ARGV[5], ARGV[6], ARGV[7]
+reclaim()
+local record = redis.call('HGET', KEYS[2], mine)
+local owner, expiry, count
+if record then
+  owner, expiry, count = parse_grant(record)
+end
+if not record or owner ~= holder then
+  save()
+  return redis.error_reply('NOTOWNER cannot wait on an un-acquired lock')
+end
+redis.call('RPUSH', KEYS[6], waiter)
+redis.call('HSET', KEYS[7], waiter, ARGV[8])
+redis.call('EXPIRE', KEYS[6], ttl)
+redis.call('EXPIRE', KEYS[7], ttl)
+redis.call('HDEL', KEYS[2], mine)
+add_permits(1)
+grant_waiters()
+save()
+return count

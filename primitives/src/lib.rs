@@ -1,0 +1,30 @@
+//! shoal's shared primitives: Python's `multiprocessing` synchronization and communication
+//! objects, kept in Redis so that every process on every machine reaches the same one.
+//!
+//! Each primitive is its own module, whose docs state its semantics, its keys and the round
+//! trips of each operation; its Lua scripts sit beside it. A primitive's state and its queue of
+//! waiting callers live under one hash tag, and every check-then-act is one script, so each
+//! primitive handles one operation at a time, as an actor does, with no host process that could
+//! die. Handles are small serde values (an address) and can be passed to other processes.
+
+pub mod barrier;
+mod common;
+pub mod condition;
+pub mod event;
+mod grants;
+pub mod lock;
+pub mod pipe;
+pub mod queue;
+pub mod scalar;
+pub mod semaphore;
+pub mod value;
+
+pub use barrier::Barrier;
+pub use condition::Condition;
+pub use event::Event;
+pub use lock::{Guard, Lock, RLock};
+pub use pipe::{Connection, Pipe};
+pub use queue::{JoinableQueue, Queue, SimpleQueue};
+pub use scalar::{Integer, Scalar};
+pub use semaphore::{BoundedSemaphore, Semaphore};
+pub use value::{Array, Value};

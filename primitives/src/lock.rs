@@ -1,0 +1,160 @@
+//! `Lock` and `RLock`: mutual exclusion across processes, with leases and fencing tokens.
+//!
+//! # Semantics
+//!
+//! * `Lock`: Python's `multiprocessing.Lock`. [`Lock::acquire`] blocks until the lock is free;
+//!   [`Lock::acquire_timeout`] and [`Lock::try_acquire`] return whether it was acquired.
+//!   [`Lock::release`] frees it; as in Python, any process or thread may release a held lock.
+//!   Releasing a lock that is not held is [`Error::InvalidState`]. [`Lock::lock`] returns a
+//!   [`Guard`] that releases on drop (Python's `with lock:`). A thread that acquires a `Lock` it
+//!   already holds waits for itself (a `Lock` is not reentrant).
+//! * `RLock`: reentrant. The owning thread may acquire again (a recursion count); it must
+//!   release as many times. Releasing from another thread or process, or once too many, is
+//!   [`Error::InvalidState`].
+//!
+//! # What Python cannot do
+//!
+//! A hold is a lease (`sync.lease_secs`, 5 s by default) that the holder's process renews by
+//! heartbeat. When the holder dies, even by `SIGKILL`, the lock is released once the lease lapses
+//! and a waiter proceeds; a Python lock held by a dead process is held forever. Each hold has a
+//! fencing token ([`Guard::fencing_token`], [`Lock::fencing_token`]): a number that only grows,
+//! so a resource guarded by the lock can refuse a write from a holder that was presumed dead.
+//! That holder's `release()` fails with [`Error::InvalidState`] ("lost").
+//!
+//! Keys, scripts and round trips: see the grant core (`grants.rs`).
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use shoal_core::error::{Error, Result};
+
+use crate::grants::{GrantKind, GrantObject};
+
+/// A lock shared by every process that has its handle.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lock {
+    object: GrantObject,
+}
+
+/// A reentrant lock: the thread that holds it may acquire it again.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RLock {
+    object: GrantObject,
+}
+
+/// A hold released when dropped (Python's `with`). Dropping logs a failed release; call
+/// [`Guard::release`] to see the error.
+#[must_use = "the hold is released when the guard is dropped"]
+#[derive(Debug)]
+pub struct Guard<'a> {
+    object: &'a GrantObject,
+    token: u64,
+    released: bool,
+}
+
+impl Guard<'_> {
+    pub(crate) fn new(object: &GrantObject, token: u64) -> Guard<'_> {
+        Guard {
+            object,
+            token,
+            released: false,
+        }
+    }
+
+    /// The fencing token of this hold: larger than every earlier hold's.
+    pub fn fencing_token(&self) -> u64 {
+        self.token
+    }
+
+    /// Releases now, reporting an error (for instance a lapsed lease).
+    pub fn release(mut self) -> Result<()> {
+        self.released = true;
+        self.object.release().map(|_| ())
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        if !self.released
+            && let Err(e) = self.object.release()
+        {
+            tracing::error!("releasing {}: {e}", self.object.address.describe());
+        }
+    }
+}
+
+macro_rules! lock_methods {
+    ($kind:expr) => {
+        /// Blocks until acquired.
+        pub fn acquire(&self) -> Result<()> {
+            self.object.acquire(Some(None)).map(|_| ())
+        }
+
+        /// Waits at most `timeout`; returns whether it was acquired.
+        pub fn acquire_timeout(&self, timeout: Duration) -> Result<bool> {
+            Ok(self
+                .object
+                .acquire(Some(Some(Instant::now() + timeout)))?
+                .is_some())
+        }
+
+        /// Acquires only if that needs no waiting; returns whether it was acquired.
+        pub fn try_acquire(&self) -> Result<bool> {
+            Ok(self.object.acquire(None)?.is_some())
+        }
+
+        /// Acquires and returns a guard that releases on drop.
+        pub fn lock(&self) -> Result<Guard<'_>> {
+            let grant = self.object.acquire(Some(None))?.ok_or_else(|| {
+                Error::invalid_state("a blocking acquire returned without the lock")
+            })?;
+            Ok(Guard::new(&self.object, grant.token))
+        }
+
+        /// The fencing token of the hold this process (for an `RLock`: this thread) has, if
+        /// any.
+        pub fn fencing_token(&self) -> Option<u64> {
+            self.object.token()
+        }
+    };
+}
+
+impl Lock {
+    /// A new, unlocked lock.
+    pub fn new() -> Result<Lock> {
+        Ok(Lock {
+            object: GrantObject::create(GrantKind::Lock, 1, Some(1))?,
+        })
+    }
+
+    lock_methods!(GrantKind::Lock);
+
+    /// Releases the lock (held by this process or, as Python allows, by another).
+    pub fn release(&self) -> Result<()> {
+        self.object.release().map(|_| ())
+    }
+
+    pub(crate) fn object(&self) -> &GrantObject {
+        &self.object
+    }
+}
+
+impl RLock {
+    /// A new, unlocked reentrant lock.
+    pub fn new() -> Result<RLock> {
+        Ok(RLock {
+            object: GrantObject::create(GrantKind::RLock, 1, Some(1))?,
+        })
+    }
+
+    lock_methods!(GrantKind::RLock);
+
+    /// Releases one level of this thread's hold.
+    pub fn release(&self) -> Result<()> {
+        self.object.release().map(|_| ())
+    }
+
+    pub(crate) fn object(&self) -> &GrantObject {
+        &self.object
+    }
+}

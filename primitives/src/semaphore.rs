@@ -1,0 +1,108 @@
+//! `Semaphore` and `BoundedSemaphore`: a counter of permits shared by processes.
+//!
+//! # Semantics
+//!
+//! Python's: [`Semaphore::acquire`] takes a permit, waiting while none is free;
+//! [`Semaphore::release`] gives one back, waking the first waiter. A release by a process that
+//! holds no permit (a semaphore used as a signal) adds one. [`Semaphore::get_value`] is the
+//! number of free permits. A [`BoundedSemaphore`] released above its initial value is
+//! [`Error::InvalidState`] (Python's `ValueError`).
+//!
+//! Permits are leased like locks (see `lock.rs`): the permits of a process that died return
+//! after `sync.lease_secs`, and each hold has a fencing token.
+//!
+//! Keys, scripts and round trips: see the grant core (`grants.rs`).
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use shoal_core::error::{Error, Result};
+
+use crate::grants::{GrantKind, GrantObject};
+use crate::lock::Guard;
+
+/// A counting semaphore.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Semaphore {
+    object: GrantObject,
+}
+
+/// A semaphore that may never hold more permits than it started with.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BoundedSemaphore {
+    object: GrantObject,
+    bound: u64,
+}
+
+macro_rules! semaphore_methods {
+    () => {
+        /// Takes a permit, waiting while none is free.
+        pub fn acquire(&self) -> Result<()> {
+            self.object.acquire(Some(None)).map(|_| ())
+        }
+
+        /// Waits at most `timeout` for a permit; returns whether one was taken.
+        pub fn acquire_timeout(&self, timeout: Duration) -> Result<bool> {
+            Ok(self
+                .object
+                .acquire(Some(Some(Instant::now() + timeout)))?
+                .is_some())
+        }
+
+        /// Takes a permit only if one is free now.
+        pub fn try_acquire(&self) -> Result<bool> {
+            Ok(self.object.acquire(None)?.is_some())
+        }
+
+        /// Takes a permit and returns a guard that gives it back on drop.
+        pub fn lock(&self) -> Result<Guard<'_>> {
+            let grant = self.object.acquire(Some(None))?.ok_or_else(|| {
+                Error::invalid_state("a blocking acquire returned without a permit")
+            })?;
+            Ok(Guard::new(&self.object, grant.token))
+        }
+
+        /// Gives a permit back.
+        pub fn release(&self) -> Result<()> {
+            self.object.release().map(|_| ())
+        }
+
+        /// Free permits now.
+        pub fn get_value(&self) -> Result<i64> {
+            self.object.value()
+        }
+
+        /// The fencing token of a permit this process holds, if any.
+        pub fn fencing_token(&self) -> Option<u64> {
+            self.object.token()
+        }
+    };
+}
+
+impl Semaphore {
+    /// A semaphore with `value` permits (Python's default is 1).
+    pub fn new(value: u64) -> Result<Semaphore> {
+        Ok(Semaphore {
+            object: GrantObject::create(GrantKind::Semaphore, value, None)?,
+        })
+    }
+
+    semaphore_methods!();
+}
+
+impl BoundedSemaphore {
+    /// A bounded semaphore with `value` permits, never more.
+    pub fn new(value: u64) -> Result<BoundedSemaphore> {
+        Ok(BoundedSemaphore {
+            object: GrantObject::create(GrantKind::Bounded, value, Some(value))?,
+            bound: value,
+        })
+    }
+
+    semaphore_methods!();
+
+    /// The initial (and largest) number of permits.
+    pub fn bound(&self) -> u64 {
+        self.bound
+    }
+}

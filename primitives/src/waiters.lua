@@ -1,0 +1,28 @@
+-- A waiter of an Event or a Condition checks in.
+-- KEYS[1] waiters list, KEYS[2] waiting hash (waiter -> liveness deadline ms)
+-- ARGV[1] now (ms), ARGV[2] TTL (s), ARGV[3] wake key prefix, ARGV[4] waiter id,
+-- ARGV[5] begin | refresh | cancel, ARGV[6] new liveness deadline (ms)
+-- 'begin' queues the waiter. 'refresh' keeps it queued (queues it again if it was dropped as
+-- dead). 'cancel' removes it. Returns 1 when a wake-up reached the waiter (it was notified or the
+-- event was set), 0 otherwise.
+local waiter, mode = ARGV[4], ARGV[5]
+local wake = ARGV[3] .. waiter
+if mode ~= 'begin' then
+  local woken = redis.call('LPOP', wake)
+  if woken then
+    redis.call('DEL', wake)
+    return 1
+  end
+end
+if mode == 'cancel' then
+  redis.call('LREM', KEYS[1], 0, waiter)
+  redis.call('HDEL', KEYS[2], waiter)
+  return 0
+end
+if mode == 'begin' or redis.call('HEXISTS', KEYS[2], waiter) == 0 then
+  redis.call('RPUSH', KEYS[1], waiter)
+end
+redis.call('HSET', KEYS[2], waiter, ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 0
