@@ -1,0 +1,947 @@
+//! Queues, pipes, events, conditions, barriers, values and arrays against a real redis-server,
+//! across real processes: Python's semantics, timing bounds of every timeout, stress, and keys
+//! that were deleted or hold garbage.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use shoal::prelude::*;
+use shoal::{Error, TaskErrorKind};
+use shoal_integration_tests::{read_file, scratch};
+
+shoal::test_support!();
+
+fn runtime() -> shoal::Runtime {
+    shoal::init_with(Config::builder().build().expect("config")).expect("runtime")
+}
+
+/// A raw connection to the runtime's store, to break things on purpose.
+fn raw_redis(rt: &shoal::Runtime) -> redis::Connection {
+    let url = rt.config().redis.url.clone().expect("url");
+    redis::Client::open(url)
+        .expect("client")
+        .get_connection()
+        .expect("connection")
+}
+
+/// Every key of the namespace that contains `kind`.
+fn keys_of(conn: &mut redis::Connection, kind: &str) -> Vec<String> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("shoal:{default:*")
+        .query(conn)
+        .expect("keys");
+    keys.into_iter()
+        .filter(|k| k.contains(&format!(":{kind}:")))
+        .collect()
+}
+
+fn assert_timing(started: Instant, timeout: Duration) {
+    let waited = started.elapsed();
+    assert!(
+        waited >= timeout,
+        "returned after {waited:?}, before the timeout {timeout:?}"
+    );
+    assert!(
+        waited < timeout + Duration::from_secs(1),
+        "returned after {waited:?} for {timeout:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------- queues --
+
+#[test]
+fn queue_is_fifo_with_python_errors_and_timeouts() {
+    let _rt = runtime();
+    let q: Queue<String> = Queue::new().expect("queue");
+    assert!(q.empty().expect("empty"));
+    for s in ["a", "b", "c"] {
+        q.put(s.to_string()).expect("put");
+    }
+    assert_eq!(q.get().expect("get"), "a");
+    assert_eq!(q.get_timeout(Duration::from_secs(1)).expect("get"), "b");
+    assert_eq!(q.get_nowait().expect("get"), "c");
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+    let started = Instant::now();
+    assert!(matches!(
+        q.get_timeout(Duration::from_millis(400)),
+        Err(Error::Empty)
+    ));
+    assert_timing(started, Duration::from_millis(400));
+    assert!(!q.full().expect("an unbounded queue is never full"));
+}
+
+#[test]
+fn a_bounded_queue_blocks_writers_until_a_get_makes_room() {
+    let _rt = runtime();
+    let q: Queue<u32> = Queue::with_maxsize(2).expect("queue");
+    q.put(1).expect("1");
+    q.put_nowait(2).expect("2");
+    assert!(q.full().expect("full"));
+    assert_eq!(q.qsize().expect("qsize"), 2);
+    assert!(matches!(q.put_nowait(3), Err(Error::Full)));
+    let started = Instant::now();
+    assert!(matches!(
+        q.put_timeout(3, Duration::from_millis(300)),
+        Err(Error::Full)
+    ));
+    assert_timing(started, Duration::from_millis(300));
+    let writer = {
+        let q = q.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            q.put(3).expect("put blocks, then succeeds");
+            started.elapsed()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(q.get().expect("get"), 1);
+    let blocked = writer.join().expect("writer");
+    assert!(blocked >= Duration::from_millis(250), "{blocked:?}");
+    assert!(
+        blocked < Duration::from_secs(1),
+        "the writer was woken late: {blocked:?}"
+    );
+    assert_eq!((q.get().expect("2"), q.get().expect("3")), (2, 3));
+}
+
+#[shoal::remote]
+fn produce(q: Queue<u64>, from: u64, n: u64) {
+    for i in from..from + n {
+        q.put(i).expect("put");
+    }
+    // No join_thread: the worker flushes the feeder when its task ends.
+}
+
+#[test]
+fn items_a_child_put_just_before_exiting_all_arrive_in_order() {
+    let _rt = runtime();
+    let q: Queue<u64> = Queue::new().expect("queue");
+    let p = Process::new(produce, (q.clone(), 0u64, 5000u64));
+    p.start().expect("start");
+    p.join(None).expect("join");
+    assert_eq!(p.exitcode(), Some(0));
+    let got: Vec<u64> = (0..5000)
+        .map(|_| q.get_timeout(Duration::from_secs(5)).expect("get"))
+        .collect();
+    assert_eq!(got, (0..5000).collect::<Vec<_>>());
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+}
+
+#[shoal::remote]
+fn consume_into(q: Queue<u64>, out: Queue<u64>, n: u64) {
+    for _ in 0..n {
+        out.put(q.get().expect("get")).expect("put");
+    }
+}
+
+#[test]
+fn many_producers_and_consumers_lose_and_duplicate_nothing() {
+    let _rt = runtime();
+    let q: Queue<u64> = Queue::new().expect("queue");
+    let out: Queue<u64> = Queue::new().expect("queue");
+    let producers: Vec<Process> = (0..4u64)
+        .map(|i| Process::new(produce, (q.clone(), i * 1000, 400u64)))
+        .collect();
+    let consumers: Vec<Process> = (0..2)
+        .map(|_| Process::new(consume_into, (q.clone(), out.clone(), 800u64)))
+        .collect();
+    for p in producers.iter().chain(&consumers) {
+        p.start().expect("start");
+    }
+    for p in producers.iter().chain(&consumers) {
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0));
+    }
+    let mut got: Vec<u64> = (0..1600)
+        .map(|_| out.get_timeout(Duration::from_secs(5)).expect("get"))
+        .collect();
+    got.sort_unstable();
+    let mut expected: Vec<u64> = (0..4u64).flat_map(|i| i * 1000..i * 1000 + 400).collect();
+    expected.sort_unstable();
+    assert_eq!(got, expected);
+    assert!(q.empty().expect("empty") && out.empty().expect("empty"));
+}
+
+#[test]
+fn close_and_join_thread() {
+    let _rt = runtime();
+    let q: Queue<u32> = Queue::new().expect("queue");
+    assert!(matches!(q.join_thread(), Err(Error::InvalidState(_))));
+    for i in 0..1000 {
+        q.put(i).expect("put");
+    }
+    q.close().expect("close");
+    q.join_thread().expect("join_thread");
+    assert!(matches!(q.put(1), Err(Error::InvalidState(_))));
+    assert!(matches!(q.get_nowait(), Err(Error::InvalidState(_))));
+    // Everything this process put reached Redis.
+    assert!(matches!(q.qsize(), Ok(1000)));
+}
+
+#[shoal::remote]
+fn work_and_mark_done(q: JoinableQueue<u32>, out: Queue<u32>) {
+    loop {
+        match q.get_timeout(Duration::from_millis(500)) {
+            Ok(item) => {
+                std::thread::sleep(Duration::from_millis(2));
+                out.put(item * 2).expect("put");
+                q.task_done().expect("task_done");
+            }
+            Err(Error::Empty) => return,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[test]
+fn joinable_queue_join_waits_for_every_task_done() {
+    let _rt = runtime();
+    let q: JoinableQueue<u32> = JoinableQueue::new().expect("queue");
+    let out: Queue<u32> = Queue::new().expect("queue");
+    for i in 0..60 {
+        q.put(i).expect("put");
+    }
+    let workers: Vec<Process> = (0..3)
+        .map(|_| Process::new(work_and_mark_done, (q.clone(), out.clone())))
+        .collect();
+    for w in &workers {
+        w.start().expect("start");
+    }
+    q.join().expect("join");
+    // Every item was processed before join returned.
+    let mut results: Vec<u32> = (0..60)
+        .map(|_| out.get_timeout(Duration::from_secs(5)).expect("get"))
+        .collect();
+    results.sort_unstable();
+    assert_eq!(results, (0..60).map(|i| i * 2).collect::<Vec<_>>());
+    assert!(
+        matches!(q.task_done(), Err(Error::InvalidState(_))),
+        "one task_done too many"
+    );
+    for w in &workers {
+        w.join(None).expect("join");
+    }
+    q.join().expect("nothing unfinished: returns at once");
+}
+
+#[test]
+fn simple_queue_puts_gets_and_closes() {
+    let _rt = runtime();
+    let q: SimpleQueue<Vec<u8>> = SimpleQueue::new().expect("queue");
+    assert!(q.empty().expect("empty"));
+    q.put(vec![1, 2]).expect("put");
+    assert!(!q.empty().expect("not empty"));
+    assert_eq!(q.get().expect("get"), vec![1, 2]);
+    q.close().expect("close");
+    assert!(matches!(q.put(vec![]), Err(Error::InvalidState(_))));
+}
+
+#[test]
+fn a_queue_with_deleted_or_garbage_keys_is_a_clear_error() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u32> = Queue::new().expect("queue");
+    for key in keys_of(&mut raw, "queue") {
+        redis::cmd("DEL")
+            .arg(&key)
+            .query::<()>(&mut raw)
+            .expect("del");
+    }
+    let started = Instant::now();
+    match q.get() {
+        Err(Error::InvalidState(reason)) => {
+            assert!(reason.contains("no longer exists"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the get hung on a deleted queue"
+    );
+
+    let q: Queue<u32> = Queue::new().expect("queue");
+    let items = keys_of(&mut raw, "queue")
+        .into_iter()
+        .find(|k| k.ends_with(":state"))
+        .expect("state")
+        .replace(":state", ":items");
+    redis::cmd("SET")
+        .arg(&items)
+        .arg("garbage")
+        .query::<()>(&mut raw)
+        .expect("set");
+    assert!(matches!(
+        q.get_timeout(Duration::from_secs(1)),
+        Err(Error::InvalidState(_))
+    ));
+    redis::cmd("DEL")
+        .arg(&items)
+        .query::<()>(&mut raw)
+        .expect("del");
+    redis::cmd("RPUSH")
+        .arg(&items)
+        .arg(&b"\x01\xc1"[..])
+        .query::<()>(&mut raw)
+        .expect("rpush");
+    match q.get_nowait() {
+        Err(Error::Codec { key, expected, .. }) => {
+            assert_eq!(key, items);
+            assert_eq!(expected, "u32");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+// ----------------------------------------------------------------------------------- pipes --
+
+#[shoal::remote]
+fn echo(conn: Connection<i64>, rounds: u32) {
+    for _ in 0..rounds {
+        let x = conn.recv().expect("recv");
+        conn.send(&(x * 2)).expect("send");
+    }
+}
+
+#[test]
+fn a_duplex_pipe_talks_both_ways_across_processes() {
+    let _rt = runtime();
+    let (a, b) = Pipe::new::<i64>(true).expect("pipe");
+    let p = Process::new(echo, (b, 50u32));
+    p.start().expect("start");
+    for i in 0..50 {
+        a.send(&i).expect("send");
+        assert_eq!(a.recv().expect("recv"), i * 2);
+    }
+    p.join(None).expect("join");
+    assert_eq!(p.exitcode(), Some(0));
+}
+
+#[test]
+fn a_one_way_pipe_refuses_the_wrong_direction() {
+    let _rt = runtime();
+    let (receiver, sender) = Pipe::new::<String>(false).expect("pipe");
+    assert!(receiver.readable() && !receiver.writable());
+    assert!(sender.writable() && !sender.readable());
+    assert!(matches!(
+        receiver.send(&"x".to_string()),
+        Err(Error::InvalidState(_))
+    ));
+    assert!(matches!(sender.recv(), Err(Error::InvalidState(_))));
+    assert!(matches!(
+        sender.poll(Some(Duration::ZERO)),
+        Err(Error::InvalidState(_))
+    ));
+    sender.send(&"hello".to_string()).expect("send");
+    assert_eq!(receiver.recv().expect("recv"), "hello");
+}
+
+#[test]
+fn poll_waits_without_taking() {
+    let _rt = runtime();
+    let (a, b) = Pipe::new::<u8>(true).expect("pipe");
+    assert!(!a.poll(Some(Duration::ZERO)).expect("poll"));
+    let started = Instant::now();
+    assert!(!a.poll(Some(Duration::from_millis(300))).expect("poll"));
+    assert_timing(started, Duration::from_millis(300));
+    let sender = b.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        sender.send(&7).expect("send");
+    });
+    let started = Instant::now();
+    assert!(a.poll(None).expect("poll"));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(a.poll(Some(Duration::ZERO)).expect("still there"));
+    assert_eq!(a.recv().expect("recv"), 7);
+    t.join().expect("thread");
+}
+
+#[test]
+fn end_of_file_after_close_never_hangs() {
+    let _rt = runtime();
+    let (a, b) = Pipe::new::<u32>(true).expect("pipe");
+    b.send(&1).expect("send");
+    b.send(&2).expect("send");
+    b.close().expect("close");
+    b.close().expect("closing twice does nothing");
+    assert_eq!(a.recv().expect("1"), 1);
+    assert_eq!(a.recv().expect("2"), 2);
+    assert!(
+        matches!(a.recv(), Err(Error::Closed(_))),
+        "EOF after the data"
+    );
+    assert!(matches!(a.recv(), Err(Error::Closed(_))), "and EOF again");
+    assert!(a.poll(Some(Duration::ZERO)).expect("EOF is readable"));
+    assert!(matches!(a.send(&3), Err(Error::Closed(_))), "broken pipe");
+    assert!(matches!(b.send(&3), Err(Error::Closed(_))), "closed end");
+
+    // A reader blocked before the close wakes up with EOF.
+    let (a, b) = Pipe::new::<u32>(true).expect("pipe");
+    let reader = std::thread::spawn(move || {
+        let started = Instant::now();
+        (a.recv(), started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    b.close().expect("close");
+    let (result, waited) = reader.join().expect("reader");
+    assert!(matches!(result, Err(Error::Closed(_))), "{result:?}");
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
+}
+
+#[test]
+fn byte_messages_with_offsets_limits_and_short_buffers() {
+    let _rt = runtime();
+    let (a, b) = Pipe::new::<()>(true).expect("pipe");
+    b.send_bytes(b"0123456789", 2, Some(5)).expect("send_bytes");
+    assert_eq!(a.recv_bytes(None).expect("recv_bytes"), b"23456");
+    b.send_bytes(b"", 0, None)
+        .expect("an empty message is a message");
+    assert_eq!(a.recv_bytes(Some(0)).expect("empty"), b"");
+    assert!(matches!(
+        b.send_bytes(b"abc", 2, Some(5)),
+        Err(Error::InvalidState(_))
+    ));
+
+    b.send_bytes(b"hello", 0, None).expect("send");
+    let mut small = [0u8; 6];
+    match a.recv_bytes_into(&mut small, 3) {
+        Err(Error::BufferTooShort {
+            needed,
+            offset,
+            available,
+        }) => {
+            assert_eq!((needed, offset, available), (5, 3, 6));
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut big = [0u8; 8];
+    assert_eq!(
+        a.recv_bytes_into(&mut big, 3).expect("the message stayed"),
+        5
+    );
+    assert_eq!(&big, b"\0\0\0hello");
+
+    b.send_bytes(&[7u8; 100], 0, None).expect("send");
+    b.send_bytes(b"later", 0, None).expect("send");
+    assert!(matches!(
+        a.recv_bytes(Some(10)),
+        Err(Error::InvalidState(_))
+    ));
+    assert!(
+        matches!(a.recv_bytes(None), Err(Error::InvalidState(_))),
+        "no longer readable"
+    );
+
+    let (a, b) = Pipe::new::<u32>(true).expect("pipe");
+    b.send_bytes(b"raw", 0, None).expect("send");
+    assert!(matches!(a.recv(), Err(Error::Codec { .. })));
+}
+
+// ---------------------------------------------------------------------------------- events --
+
+#[shoal::remote]
+fn set_after(event: Event, ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+    event.set().expect("set");
+}
+
+#[test]
+fn event_set_clear_wait() {
+    let _rt = runtime();
+    let event = Event::new().expect("event");
+    assert!(!event.is_set().expect("is_set"));
+    let started = Instant::now();
+    assert!(!event.wait(Some(Duration::from_millis(300))).expect("wait"));
+    assert_timing(started, Duration::from_millis(300));
+    let p = Process::new(set_after, (event.clone(), 300u64));
+    p.start().expect("start");
+    let started = Instant::now();
+    assert!(event.wait(None).expect("wait"));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(event.is_set().expect("is_set"));
+    assert!(
+        event
+            .wait(Some(Duration::ZERO))
+            .expect("set: returns at once")
+    );
+    event.clear().expect("clear");
+    assert!(!event.is_set().expect("cleared"));
+    p.join(None).expect("join");
+}
+
+#[shoal::remote]
+fn wait_for_event(event: Event, out: Queue<bool>) {
+    out.put(event.wait(Some(Duration::from_secs(10))).expect("wait"))
+        .expect("put");
+}
+
+#[test]
+fn set_wakes_every_waiting_process() {
+    let _rt = runtime();
+    let event = Event::new().expect("event");
+    let out: Queue<bool> = Queue::new().expect("queue");
+    let waiters: Vec<Process> = (0..3)
+        .map(|_| Process::new(wait_for_event, (event.clone(), out.clone())))
+        .collect();
+    for w in &waiters {
+        w.start().expect("start");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    event.set().expect("set");
+    for _ in 0..3 {
+        assert!(out.get_timeout(Duration::from_secs(5)).expect("woken"));
+    }
+    for w in &waiters {
+        w.join(None).expect("join");
+    }
+}
+
+// ------------------------------------------------------------------------------ conditions --
+
+#[test]
+fn condition_needs_its_lock_and_times_out() {
+    let _rt = runtime();
+    let cond = Condition::new(None).expect("condition");
+    assert!(matches!(
+        cond.wait(Some(Duration::from_millis(10))),
+        Err(Error::InvalidState(_))
+    ));
+    assert!(matches!(cond.notify(1), Err(Error::InvalidState(_))));
+    assert!(matches!(cond.notify_all(), Err(Error::InvalidState(_))));
+    let guard = cond.lock().expect("lock");
+    let started = Instant::now();
+    assert!(!cond.wait(Some(Duration::from_millis(300))).expect("wait"));
+    assert_timing(started, Duration::from_millis(300));
+    // wait took the lock back: notify needs it.
+    cond.notify_all().expect("notify with the lock held");
+    drop(guard);
+    // An RLock held twice is released fully while waiting and restored after.
+    cond.acquire().expect("1");
+    cond.acquire().expect("2");
+    assert!(!cond.wait(Some(Duration::from_millis(50))).expect("wait"));
+    cond.release().expect("2");
+    cond.release().expect("1");
+    assert!(matches!(cond.release(), Err(Error::InvalidState(_))));
+
+    let lock = Lock::new().expect("lock");
+    let cond = Condition::new(Some(lock.clone())).expect("condition on a Lock");
+    cond.acquire().expect("acquire");
+    assert!(!lock.try_acquire().expect("the condition holds the lock"));
+    cond.release().expect("release");
+}
+
+#[shoal::remote]
+fn wait_on(cond: Condition, out: Queue<String>, name: String) {
+    let _guard = cond.lock().expect("lock");
+    out.put(format!("{name} waiting")).expect("put");
+    let notified = cond.wait(Some(Duration::from_secs(10))).expect("wait");
+    out.put(format!("{name} {notified}")).expect("put");
+}
+
+#[test]
+fn notify_wakes_one_and_notify_all_the_rest() {
+    let _rt = runtime();
+    let cond = Condition::new(None).expect("condition");
+    let out: Queue<String> = Queue::new().expect("queue");
+    let waiters: Vec<Process> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Process::new(wait_on, (cond.clone(), out.clone(), n.to_string())))
+        .collect();
+    for w in &waiters {
+        w.start().expect("start");
+    }
+    for _ in 0..3 {
+        assert!(
+            out.get_timeout(Duration::from_secs(5))
+                .expect("waiting")
+                .ends_with("waiting")
+        );
+    }
+    {
+        let _guard = cond.lock().expect("lock");
+        cond.notify(1).expect("notify");
+    }
+    let first = out.get_timeout(Duration::from_secs(5)).expect("one woke");
+    assert!(first.ends_with(" true"), "{first}");
+    assert!(
+        matches!(
+            out.get_timeout(Duration::from_millis(300)),
+            Err(Error::Empty)
+        ),
+        "only one woke"
+    );
+    {
+        let _guard = cond.lock().expect("lock");
+        cond.notify_all().expect("notify_all");
+    }
+    for _ in 0..2 {
+        assert!(
+            out.get_timeout(Duration::from_secs(5))
+                .expect("woke")
+                .ends_with(" true")
+        );
+    }
+    for w in &waiters {
+        w.join(None).expect("join");
+        assert_eq!(w.exitcode(), Some(0));
+    }
+}
+
+#[shoal::remote]
+fn bump_and_notify(cond: Condition, counter: Value<i64>, times: u32) {
+    for _ in 0..times {
+        let _guard = cond.lock().expect("lock");
+        counter.set(counter.get().expect("get") + 1).expect("set");
+        cond.notify_all().expect("notify");
+    }
+}
+
+#[test]
+fn wait_for_sees_every_update_with_no_lost_wake_up() {
+    let _rt = runtime();
+    let cond = Condition::new(None).expect("condition");
+    let counter = Value::new(0i64).expect("value");
+    let p = Process::new(bump_and_notify, (cond.clone(), counter.clone(), 50u32));
+    p.start().expect("start");
+    let _guard = cond.lock().expect("lock");
+    let reached = cond
+        .wait_for(
+            || counter.get().expect("get") >= 50,
+            Some(Duration::from_secs(20)),
+        )
+        .expect("wait_for");
+    assert!(reached);
+    assert_eq!(counter.get().expect("get"), 50);
+    let started = Instant::now();
+    assert!(
+        !cond
+            .wait_for(|| false, Some(Duration::from_millis(300)))
+            .expect("wait_for")
+    );
+    assert_timing(started, Duration::from_millis(300));
+    drop(_guard);
+    p.join(None).expect("join");
+}
+
+// -------------------------------------------------------------------------------- barriers --
+
+#[shoal::remote]
+fn pass_barrier(barrier: Barrier, out: Queue<u32>, rounds: u32) {
+    for _ in 0..rounds {
+        out.put(barrier.wait(None).expect("wait")).expect("put");
+    }
+}
+
+#[shoal::remote]
+fn count_generation(counter: Value<i64>) {
+    counter.fetch_add(1).expect("add");
+}
+
+#[test]
+fn barrier_indices_generations_and_action() {
+    let _rt = runtime();
+    let counter = Value::new_raw(0i64).expect("value");
+    let barrier = Barrier::with_action(3, count_generation, (counter.clone(),)).expect("barrier");
+    assert_eq!(barrier.parties(), 3);
+    let out: Queue<u32> = Queue::new().expect("queue");
+    let procs: Vec<Process> = (0..3)
+        .map(|_| Process::new(pass_barrier, (barrier.clone(), out.clone(), 20u32)))
+        .collect();
+    for p in &procs {
+        p.start().expect("start");
+    }
+    for p in &procs {
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0));
+    }
+    let mut indices: BTreeMap<u32, u32> = BTreeMap::new();
+    for _ in 0..60 {
+        *indices
+            .entry(out.get_timeout(Duration::from_secs(5)).expect("index"))
+            .or_default() += 1;
+    }
+    assert_eq!(
+        indices,
+        BTreeMap::from([(0, 20), (1, 20), (2, 20)]),
+        "distinct indices each generation"
+    );
+    assert_eq!(
+        counter.get().expect("get"),
+        20,
+        "the action ran once per generation"
+    );
+    assert_eq!(barrier.n_waiting().expect("n_waiting"), 0);
+    assert!(!barrier.broken().expect("broken"));
+}
+
+#[shoal::remote]
+fn wait_expecting_broken(barrier: Barrier, out: Queue<String>) {
+    let result = barrier.wait(None);
+    out.put(format!("{result:?}")).expect("put");
+}
+
+#[test]
+fn a_timeout_or_abort_breaks_the_barrier_for_everyone_until_reset() {
+    let _rt = runtime();
+    let barrier = Barrier::new(3).expect("barrier");
+    let out: Queue<String> = Queue::new().expect("queue");
+    let other = Process::new(wait_expecting_broken, (barrier.clone(), out.clone()));
+    other.start().expect("start");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(barrier.n_waiting().expect("n_waiting"), 1);
+    let started = Instant::now();
+    assert!(matches!(
+        barrier.wait(Some(Duration::from_millis(300))),
+        Err(Error::BrokenBarrier)
+    ));
+    assert_timing(started, Duration::from_millis(300));
+    assert_eq!(
+        out.get_timeout(Duration::from_secs(5)).expect("other"),
+        "Err(BrokenBarrier)"
+    );
+    assert!(barrier.broken().expect("broken"));
+    assert!(
+        matches!(barrier.wait(None), Err(Error::BrokenBarrier)),
+        "broken until reset"
+    );
+    barrier.reset().expect("reset");
+    assert!(!barrier.broken().expect("reset"));
+
+    let waiter = Process::new(wait_expecting_broken, (barrier.clone(), out.clone()));
+    waiter.start().expect("start");
+    std::thread::sleep(Duration::from_millis(200));
+    barrier.abort().expect("abort");
+    assert_eq!(
+        out.get_timeout(Duration::from_secs(5)).expect("aborted"),
+        "Err(BrokenBarrier)"
+    );
+    assert!(barrier.broken().expect("broken"));
+    other.join(None).expect("join");
+    waiter.join(None).expect("join");
+
+    let single = Barrier::new(1).expect("barrier");
+    assert_eq!(single.wait(None).expect("one party passes alone"), 0);
+    assert!(matches!(Barrier::new(0), Err(Error::InvalidState(_))));
+}
+
+#[shoal::remote]
+fn failing_action() {
+    panic!("the action fails");
+}
+
+#[test]
+fn a_failing_action_breaks_the_barrier() {
+    let _rt = runtime();
+    let barrier = Barrier::with_action(1, failing_action, ()).expect("barrier");
+    match barrier.wait(None) {
+        Err(Error::Task(e)) => assert_eq!(
+            (e.kind, e.message.as_str()),
+            (TaskErrorKind::Panic, "the action fails")
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(barrier.broken().expect("broken"));
+}
+
+// ------------------------------------------------------------------------- values, arrays --
+
+#[shoal::remote]
+fn deposit(balance: Value<i32>, lock: Lock, times: u32, delta: i32) {
+    for _ in 0..times {
+        lock.acquire().expect("acquire");
+        balance
+            .set(balance.get().expect("get") + delta)
+            .expect("set");
+        lock.release().expect("release");
+    }
+}
+
+#[test]
+fn the_bank_balance_ends_at_exactly_100() {
+    let _rt = runtime();
+    let balance = Value::new(100i32).expect("value");
+    let lock = balance.get_lock().expect("lock").clone();
+    let withdraw = Process::new(deposit, (balance.clone(), lock.clone(), 300u32, -1));
+    let add = Process::new(deposit, (balance.clone(), lock, 300u32, 1));
+    withdraw.start().expect("start");
+    add.start().expect("start");
+    withdraw.join(None).expect("join");
+    add.join(None).expect("join");
+    assert_eq!(balance.get().expect("get"), 100);
+}
+
+#[test]
+fn values_of_every_typecode_and_fetch_add() {
+    let _rt = runtime();
+    assert_eq!(Value::new(1.5f64).expect("d").get().expect("get"), 1.5);
+    assert_eq!(Value::new(-7i8).expect("b").typecode(), 'b');
+    assert_eq!(Value::new('λ').expect("u").get().expect("get"), 'λ');
+    assert!(Value::new(true).expect("?").get().expect("get"));
+    assert_eq!(
+        Value::new(u64::MAX).expect("Q").get().expect("get"),
+        u64::MAX
+    );
+    let v = Value::new(0.5f32).expect("f");
+    assert_eq!(v.fetch_add(0.25).expect("add"), 0.5);
+    assert_eq!(v.get().expect("get"), 0.75);
+
+    let n = Value::new(125i8).expect("b");
+    assert_eq!(n.fetch_add(2).expect("add"), 125);
+    assert!(
+        matches!(n.fetch_add(1), Err(Error::InvalidState(_))),
+        "128 does not fit an i8"
+    );
+    assert_eq!(n.get().expect("unchanged"), 127);
+    n.set(-3).expect("set");
+    assert_eq!(n.get().expect("get"), -3);
+
+    let raw = Value::new_raw(1u32).expect("raw");
+    assert!(matches!(raw.get_lock(), Err(Error::InvalidState(_))));
+}
+
+#[shoal::remote]
+fn add_to_each(arr: Array<i32>) {
+    let lock = arr.get_lock().expect("lock");
+    let _guard = lock.lock().expect("lock");
+    for i in 0..arr.len() {
+        arr.set(i, arr.get(i).expect("get") + 1).expect("set");
+    }
+}
+
+#[test]
+fn arrays_get_set_slices_and_bounds() {
+    let _rt = runtime();
+    let arr = Array::new(vec![1i32, 2, 3, 4, 5]).expect("array");
+    assert_eq!(arr.len(), 5);
+    let procs: Vec<Process> = (0..2)
+        .map(|_| Process::new(add_to_each, (arr.clone(),)))
+        .collect();
+    for p in &procs {
+        p.start().expect("start");
+    }
+    for p in &procs {
+        p.join(None).expect("join");
+    }
+    assert_eq!(arr.to_vec().expect("to_vec"), vec![3, 4, 5, 6, 7]);
+    assert_eq!(arr.get_slice(1..3).expect("slice"), vec![4, 5]);
+    arr.set_slice(3, &[0, 0]).expect("set_slice");
+    assert_eq!(arr.to_vec().expect("to_vec"), vec![3, 4, 5, 0, 0]);
+    assert!(matches!(arr.get(5), Err(Error::InvalidState(_))));
+    assert!(matches!(
+        arr.set_slice(4, &[1, 2]),
+        Err(Error::InvalidState(_))
+    ));
+    assert_eq!(arr.fetch_add(0, 10).expect("add"), 3);
+    assert_eq!(arr.get(0).expect("get"), 13);
+    let zeros: Array<f64> = Array::zeroed(3).expect("zeros");
+    assert_eq!(zeros.to_vec().expect("to_vec"), vec![0.0; 3]);
+    let empty: Array<u8> = Array::new_raw(vec![]).expect("empty");
+    assert!(empty.is_empty() && empty.to_vec().expect("to_vec").is_empty());
+}
+
+#[test]
+fn deleted_or_garbage_values_locks_and_events_are_clear_errors() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let v = Value::new(5i32).expect("value");
+    let key = keys_of(&mut raw, "value").pop().expect("value key");
+    redis::cmd("SET")
+        .arg(&key)
+        .arg("not a number")
+        .query::<()>(&mut raw)
+        .expect("set");
+    match v.get() {
+        Err(Error::Codec {
+            key: k, expected, ..
+        }) => assert_eq!((k, expected.as_str()), (key.clone(), "i32")),
+        other => panic!("{other:?}"),
+    }
+    redis::cmd("DEL")
+        .arg(&key)
+        .query::<()>(&mut raw)
+        .expect("del");
+    assert!(matches!(v.get(), Err(Error::InvalidState(_))));
+    assert!(matches!(v.set(1), Err(Error::InvalidState(_))));
+    assert!(matches!(v.fetch_add(1), Err(Error::InvalidState(_))));
+
+    let lock = Lock::new().expect("lock");
+    let event = Event::new().expect("event");
+    let barrier = Barrier::new(2).expect("barrier");
+    let (a, _b) = Pipe::new::<u8>(true).expect("pipe");
+    for kind in ["lock", "event", "barrier", "pipe"] {
+        for key in keys_of(&mut raw, kind) {
+            redis::cmd("DEL")
+                .arg(&key)
+                .query::<()>(&mut raw)
+                .expect("del");
+        }
+    }
+    let started = Instant::now();
+    assert!(matches!(lock.acquire(), Err(Error::InvalidState(_))));
+    assert!(matches!(event.wait(None), Err(Error::InvalidState(_))));
+    assert!(matches!(barrier.wait(None), Err(Error::InvalidState(_))));
+    assert!(matches!(a.recv(), Err(Error::InvalidState(_))));
+    assert!(matches!(a.send(&1), Err(Error::InvalidState(_))));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a call on a deleted primitive hung"
+    );
+
+    let lock = Lock::new().expect("lock");
+    let state = keys_of(&mut raw, "lock")
+        .into_iter()
+        .find(|k| k.ends_with(":state"))
+        .expect("state");
+    redis::cmd("HSET")
+        .arg(&state)
+        .arg("value")
+        .arg("many")
+        .query::<()>(&mut raw)
+        .expect("hset");
+    match lock.acquire() {
+        Err(Error::InvalidState(reason)) => assert!(reason.contains("did not write"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+// --------------------------------------------------------------------------- cross-process --
+
+#[shoal::remote]
+fn report_all(q: Queue<String>, event: Event, lock: Lock, sem: Semaphore, path: String) {
+    event.wait(None).expect("event");
+    let _l = lock.lock().expect("lock");
+    let _s = sem.lock().expect("semaphore");
+    q.put("child saw them all".into()).expect("put");
+    q.close().expect("close");
+    q.join_thread().expect("join_thread");
+    std::fs::write(path, "done").expect("write");
+}
+
+#[test]
+fn handles_travel_to_a_child_as_arguments() {
+    let _rt = runtime();
+    let q: Queue<String> = Queue::new().expect("queue");
+    let event = Event::new().expect("event");
+    let lock = Lock::new().expect("lock");
+    let sem = Semaphore::new(1).expect("semaphore");
+    let dir = scratch();
+    let path = dir.path().join("done");
+    let p = Process::new(
+        report_all,
+        (
+            q.clone(),
+            event.clone(),
+            lock,
+            sem,
+            path.display().to_string(),
+        ),
+    );
+    p.start().expect("start");
+    event.set().expect("set");
+    assert_eq!(
+        q.get_timeout(Duration::from_secs(5)).expect("get"),
+        "child saw them all"
+    );
+    p.join(None).expect("join");
+    assert_eq!(read_file(&path), "done");
+}
