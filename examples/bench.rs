@@ -7,10 +7,11 @@
 //! cargo run --release -p shoal-examples --example bench -- --workloads W3 --peers stdlib,lithops
 //! ```
 //!
-//! Workloads built so far: W1, W1B (pool map overhead, default chunksize and chunksize 1), W2
-//! (a CPU-bound map; the loop is calibrated to ~100 ms per task here, as the peers calibrate
-//! theirs), W3 (process_spawn, for both start methods), W8 (a map during which three tasks kill
-//! their worker). W4 to W7 come with the primitives.
+//! Every workload of the peers: W1, W1B (pool map overhead, default chunksize and chunksize 1),
+//! W2 (a CPU-bound map; the loop is calibrated to ~100 ms per task here, as the peers calibrate
+//! theirs), W3 (process_spawn, for both start methods), W4 (queue throughput), W5 (pipe
+//! ping-pong), W6 (lock contention), W7 (barrier), W8 (a map during which three tasks kill their
+//! worker).
 //!
 //! `--peers` copies the peer harness (`run.sh`, the Python scripts) into `--work-dir` (the
 //! shared copy is read-only), runs it for the chosen peers and workloads (`RUNS` = `--runs`;
@@ -34,6 +35,11 @@ const W1B_N: u64 = 100_000;
 const W2_TASKS: usize = 32;
 const W2_TASK_MS: f64 = 100.0;
 const W3_PROCS: usize = 20;
+const W4_ITEMS: i64 = 20_000;
+const W5_ROUNDS: u32 = 2_000;
+const W6_ITERS: u32 = 2_000;
+const W6_PROCS: usize = 2;
+const W7_PASSES: u32 = 500;
 const W8_TASKS: u64 = 200;
 const W8_TASK_MS: f64 = 20.0;
 const W8_CRASH_INPUTS: [u64; 3] = [17, 101, 173];
@@ -63,7 +69,7 @@ struct Args {
     work_dir: PathBuf,
 }
 
-const BUILT: &[&str] = &["W1", "W1B", "W2", "W3", "W8"];
+const BUILT: &[&str] = &["W1", "W1B", "W2", "W3", "W4", "W5", "W6", "W7", "W8"];
 
 #[shoal::remote]
 fn noop() {}
@@ -81,6 +87,60 @@ fn burn(iters: u64) -> u64 {
         x = (x.wrapping_mul(31).wrapping_add(i)) & 0xFFFF_FFFF;
     }
     x
+}
+
+fn unix_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+#[shoal::remote]
+fn producer(q: Queue<i64>, n: i64) {
+    for i in 0..n {
+        q.put(i).expect("put");
+    }
+}
+
+/// One extra round trip for the warm-up done by the parent.
+#[shoal::remote]
+fn echo_child(conn: Connection<i64>, rounds: u32) {
+    for _ in 0..rounds + 1 {
+        let x = conn.recv().expect("recv");
+        conn.send(&x).expect("send");
+    }
+}
+
+#[shoal::remote]
+fn lock_child(
+    lock: Lock,
+    counter: shoal::Value<i32>,
+    iters: u32,
+    gate: Barrier,
+    times: Array<f64>,
+    idx: usize,
+) {
+    gate.wait(None).expect("gate");
+    let t0 = unix_time();
+    for _ in 0..iters {
+        lock.acquire().expect("acquire");
+        counter.set(counter.get().expect("get") + 1).expect("set");
+        lock.release().expect("release");
+    }
+    let t1 = unix_time();
+    times.set_slice(2 * idx, &[t0, t1]).expect("times");
+}
+
+#[shoal::remote]
+fn barrier_child(barrier: Barrier, passes: u32, times: Array<f64>, idx: usize) {
+    barrier.wait(None).expect("warm-up");
+    let t0 = unix_time();
+    for _ in 0..passes {
+        barrier.wait(None).expect("wait");
+    }
+    let t1 = unix_time();
+    times.set_slice(2 * idx, &[t0, t1]).expect("times");
 }
 
 /// ~20 ms of CPU; inputs in `crash` kill their worker on the first run (a marker file per
@@ -146,6 +206,22 @@ fn main() -> shoal::Result<()> {
                     .map(|_| w2_pool_map_cpu(iters_per_100ms))
                     .collect();
                 shoal_cells.insert(key, median_cell(w, "pool_map_cpu", &label, runs));
+            }
+            "W4" => {
+                let runs = (0..args.runs).map(|_| w4_queue_throughput()).collect();
+                shoal_cells.insert(key, median_cell(w, "queue_throughput", &label, runs));
+            }
+            "W5" => {
+                let runs = (0..args.runs).map(|_| w5_pipe_pingpong()).collect();
+                shoal_cells.insert(key, median_cell(w, "pipe_pingpong", &label, runs));
+            }
+            "W6" => {
+                let runs = (0..args.runs).map(|_| w6_lock_contention()).collect();
+                shoal_cells.insert(key, median_cell(w, "lock_contention", &label, runs));
+            }
+            "W7" => {
+                let runs = (0..args.runs).map(|_| w7_barrier()).collect();
+                shoal_cells.insert(key, median_cell(w, "barrier", &label, runs));
             }
             "W8" => {
                 let runs: Vec<Value> = (0..args.runs)
@@ -234,6 +310,140 @@ fn w1_pool_map_overhead(n: u64, chunksize: Option<usize>) -> Value {
         "pool_create_s": pool_create.as_secs_f64(),
         "pool_terminate_s": t.elapsed().as_secs_f64(),
         "correct": correct,
+    })
+}
+
+/// W4: a producer process puts 20000 ints on one queue; the parent gets them all. Items/s from
+/// the first item received to the last.
+fn w4_queue_throughput() -> Value {
+    let q: Queue<i64> = Queue::new().expect("queue");
+    let t0 = Instant::now();
+    let p = Process::new(producer, (q.clone(), W4_ITEMS));
+    p.start().expect("start");
+    let mut total = q.get().expect("first");
+    let t_first = Instant::now();
+    for _ in 0..W4_ITEMS - 1 {
+        total += q.get().expect("get");
+    }
+    let t_last = Instant::now();
+    p.join(None).expect("join");
+    json!({
+        "value": (W4_ITEMS - 1) as f64 / (t_last - t_first).as_secs_f64(),
+        "unit": "items/s (after 1st item)",
+        "items_per_s_incl_start": W4_ITEMS as f64 / (t_last - t0).as_secs_f64(),
+        "n": W4_ITEMS,
+        "first_item_s": (t_first - t0).as_secs_f64(),
+        "total_s": (t_last - t0).as_secs_f64(),
+        "correct": total == W4_ITEMS * (W4_ITEMS - 1) / 2,
+    })
+}
+
+/// W5: parent and child ping-pong over a pipe, 2000 round trips after one warm-up.
+fn w5_pipe_pingpong() -> Value {
+    let (a, b) = Pipe::new::<i64>(true).expect("pipe");
+    let p = Process::new(echo_child, (b, W5_ROUNDS));
+    let t0 = Instant::now();
+    p.start().expect("start");
+    a.send(&-1).expect("send");
+    assert_eq!(a.recv().expect("recv"), -1);
+    let child_up = t0.elapsed();
+    let mut ok = true;
+    let t = Instant::now();
+    for i in 0..W5_ROUNDS as i64 {
+        a.send(&i).expect("send");
+        ok &= a.recv().expect("recv") == i;
+    }
+    let dt = t.elapsed();
+    p.join(None).expect("join");
+    json!({
+        "value": dt.as_secs_f64() / W5_ROUNDS as f64 * 1e6,
+        "unit": "us/round trip",
+        "rounds": W5_ROUNDS,
+        "child_up_s": child_up.as_secs_f64(),
+        "correct": ok,
+    })
+}
+
+/// W6: two processes x 2000 x (acquire; value += 1; release) on one lock, started together by a
+/// barrier; ops/s over the span of both loops (timed in the children).
+fn w6_lock_contention() -> Value {
+    let lock = Lock::new().expect("lock");
+    let counter = shoal::Value::new_raw(0i32).expect("counter");
+    let gate = Barrier::new(W6_PROCS as u32).expect("gate");
+    let times: Array<f64> = Array::new_raw(vec![0.0; 2 * W6_PROCS]).expect("times");
+    let t0 = Instant::now();
+    let procs: Vec<Process> = (0..W6_PROCS)
+        .map(|i| {
+            Process::new(
+                lock_child,
+                (
+                    lock.clone(),
+                    counter.clone(),
+                    W6_ITERS,
+                    gate.clone(),
+                    times.clone(),
+                    i,
+                ),
+            )
+        })
+        .collect();
+    for p in &procs {
+        p.start().expect("start");
+    }
+    for p in &procs {
+        p.join(None).expect("join");
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let ts = times.to_vec().expect("times");
+    let start = ts.iter().step_by(2).copied().fold(f64::MAX, f64::min);
+    let end = ts
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .copied()
+        .fold(f64::MIN, f64::max);
+    let ops = W6_ITERS as usize * W6_PROCS;
+    let final_value = counter.get().expect("counter");
+    json!({
+        "value": ops as f64 / (end - start),
+        "unit": "lock ops/s",
+        "ops": ops,
+        "loop_s": end - start,
+        "wall_incl_start_s": wall,
+        "final_value": final_value,
+        "correct": final_value as usize == ops,
+    })
+}
+
+/// W7: two processes pass one barrier 500 times after a warm-up pass; microseconds per pass.
+fn w7_barrier() -> Value {
+    let barrier = Barrier::new(2).expect("barrier");
+    let times: Array<f64> = Array::new_raw(vec![0.0; 4]).expect("times");
+    let t0 = Instant::now();
+    let procs: Vec<Process> = (0..2)
+        .map(|i| {
+            Process::new(
+                barrier_child,
+                (barrier.clone(), W7_PASSES, times.clone(), i),
+            )
+        })
+        .collect();
+    for p in &procs {
+        p.start().expect("start");
+    }
+    for p in &procs {
+        p.join(None).expect("join");
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let ts = times.to_vec().expect("times");
+    let start = ts[0].min(ts[2]);
+    let end = ts[1].max(ts[3]);
+    json!({
+        "value": (end - start) / W7_PASSES as f64 * 1e6,
+        "unit": "us/pass",
+        "passes": W7_PASSES,
+        "loop_s": end - start,
+        "wall_incl_start_s": wall,
     })
 }
 

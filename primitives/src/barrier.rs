@@ -148,7 +148,7 @@ impl Barrier {
     pub fn wait(&self, timeout: Option<Duration>) -> Result<u32> {
         let store = common::store()?;
         let keys = self.keys();
-        let waiter = uuid::Uuid::new_v4().simple().to_string();
+        let waiter = common::waiter_id();
         let reply: Vec<u64> = store
             .with_conn(
                 || format!("arriving at {}", self.address.describe()),

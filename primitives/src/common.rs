@@ -91,6 +91,13 @@ pub(crate) fn process_holder() -> &'static str {
     })
 }
 
+/// A waiter id unique to this call: this process and a counter (no system call).
+pub(crate) fn waiter_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}.{n}", process_holder())
+}
+
 /// This thread of this process, as the owner of an `RLock`.
 pub(crate) fn thread_holder() -> String {
     format!("{}:{:?}", process_holder(), std::thread::current().id())

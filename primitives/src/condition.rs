@@ -142,7 +142,7 @@ impl Condition {
         let object = self.object();
         let lock_keys = object.keys();
         let keys = self.keys();
-        let waiter = uuid::Uuid::new_v4().simple().to_string();
+        let waiter = common::waiter_id();
         let holder = grants::holder(object.kind);
         let count: u64 = store
             .with_conn(

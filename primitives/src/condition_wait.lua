@@ -18,6 +18,8 @@ redis.call('RPUSH', KEYS[6], waiter)
 redis.call('HSET', KEYS[7], waiter, ARGV[8])
 redis.call('EXPIRE', KEYS[6], ttl)
 redis.call('EXPIRE', KEYS[7], ttl)
+-- The waiter leaves the lock: the state changes.
+dirty = true
 redis.call('HDEL', KEYS[2], mine)
 add_permits(1)
 grant_waiters()

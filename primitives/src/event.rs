@@ -138,7 +138,7 @@ impl Event {
     pub fn wait(&self, timeout: Option<Duration>) -> Result<bool> {
         let store = common::store()?;
         let keys = self.keys();
-        let waiter = uuid::Uuid::new_v4().simple().to_string();
+        let waiter = common::waiter_id();
         let set: u64 = store
             .with_conn(
                 || format!("waiting for {}", self.address.describe()),

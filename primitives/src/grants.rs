@@ -203,7 +203,7 @@ impl GrantObject {
         let holder = self.kind.holder();
         let waiter = match wait {
             None => String::new(),
-            Some(_) => uuid::Uuid::new_v4().simple().to_string(),
+            Some(_) => common::waiter_id(),
         };
         let reply: Vec<u64> = store
             .with_conn(
@@ -483,13 +483,17 @@ fn renew_all() {
         );
         match lost {
             Ok(lost) if !lost.is_empty() => {
-                tracing::warn!(
-                    "{}: holds {lost:?} lapsed or were released elsewhere",
-                    object.address.describe()
-                );
+                // A hold released meanwhile by this process is not lost: only those still
+                // recorded are.
                 let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(held) = registry.get_mut(&keys.state) {
                     for grant in held.grants.iter_mut().filter(|g| lost.contains(&g.token)) {
+                        tracing::warn!(
+                            "{}: the hold with fencing token {} lapsed or was released by \
+                             another process",
+                            object.address.describe(),
+                            grant.token
+                        );
                         grant.lost = true;
                     }
                 }

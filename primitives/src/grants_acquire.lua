@@ -10,6 +10,7 @@ if kind == 'rlock' then
     local owner, expiry, count = parse_grant(all[i + 1])
     if owner == holder then
       redis.call('HSET', KEYS[2], all[i], owner .. '|' .. (now + lease) .. '|' .. (count + 1))
+      note_expiry(now + lease)
       save()
       return {1, tonumber(all[i]), count + 1}
     end
@@ -18,13 +19,13 @@ end
 grant_waiters()
 if value > 0 then
   value = value - 1
+  dirty = true
   local id = new_grant(holder)
   save()
   return {1, id, 1}
 end
 if waiter ~= '' then
-  redis.call('RPUSH', KEYS[3], waiter)
-  redis.call('HSET', KEYS[4], waiter, ARGV[8] .. '|' .. holder)
+  queue_waiter(waiter, ARGV[8] .. '|' .. holder)
 end
 save()
 return {0}

@@ -1,25 +1,36 @@
 -- Shared by the grant scripts (Lock, RLock, Semaphore, BoundedSemaphore, and Condition's lock).
 -- Keys of one grant object, all under one hash tag:
---   KEYS[1] state hash    value (free permits), bound (most permits, -1: none), kind
+--   KEYS[1] state hash    value (free permits), bound (most permits, -1: none), kind,
+--                         next_expiry (no grant lapses before it, ms), refreshed (ms)
 --   KEYS[2] holders hash  grant id -> "<holder>|<lease expiry ms>|<count>"
 --   KEYS[3] waiters list  waiter ids, first come first served
 --   KEYS[4] waiting hash  waiter id -> "<liveness deadline ms>|<holder>"
 --   KEYS[5] fence         counter; every grant id is a new value: a fencing token
 -- A waiter's wake key is ARGV[4] .. <waiter id> (same hash tag); a grant is pushed there.
 -- ARGV[1] now (ms), ARGV[2] TTL (s), ARGV[3] lease (ms), ARGV[4] wake key prefix.
+--
+-- Cost: the state is read in one HMGET; lapsed grants are looked for (HGETALL) only once the
+-- earliest lease expiry passed; TTLs are set when a key is created and refreshed every tenth of
+-- the TTL, not on every call.
 local now = tonumber(ARGV[1])
 local ttl = ARGV[2]
 local lease = tonumber(ARGV[3])
 local wake_prefix = ARGV[4]
 
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return redis.error_reply('GONE the object does not exist')
+local state = redis.call('HMGET', KEYS[1], 'value', 'bound', 'next_expiry', 'refreshed')
+if not state[1] and not state[2] then
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    return redis.error_reply('GONE the object does not exist')
+  end
 end
-local value = tonumber(redis.call('HGET', KEYS[1], 'value'))
-local bound = tonumber(redis.call('HGET', KEYS[1], 'bound'))
+local value = tonumber(state[1])
+local bound = tonumber(state[2])
 if value == nil or bound == nil then
   return redis.error_reply('CORRUPT the state is not a permit count')
 end
+local next_expiry = tonumber(state[3]) or 0
+local refreshed = tonumber(state[4]) or 0
+local dirty = false
 
 local function parse_grant(record)
   local holder, expiry, count = string.match(record, '^(.*)|(%d+)|(%d+)$')
@@ -31,24 +42,58 @@ local function add_permits(n)
   if bound >= 0 and value > bound then
     value = bound
   end
+  dirty = true
 end
 
--- Grants whose lease lapsed (their holder died) give their permit back.
+-- Grants whose lease lapsed (their holder died) give their permit back; next_expiry becomes
+-- the earliest expiry left.
 local function reclaim()
+  if next_expiry == 0 or next_expiry >= now then
+    return
+  end
+  local earliest = 0
   local all = redis.call('HGETALL', KEYS[2])
   for i = 1, #all, 2 do
     local _, expiry = parse_grant(all[i + 1])
     if expiry == nil or expiry < now then
       redis.call('HDEL', KEYS[2], all[i])
       add_permits(1)
+    elseif earliest == 0 or expiry < earliest then
+      earliest = expiry
     end
+  end
+  next_expiry = earliest
+  dirty = true
+end
+
+local function note_expiry(expiry)
+  if next_expiry == 0 or expiry < next_expiry then
+    next_expiry = expiry
+    dirty = true
   end
 end
 
 local function new_grant(holder)
   local id = redis.call('INCR', KEYS[5])
-  redis.call('HSET', KEYS[2], id, holder .. '|' .. (now + lease) .. '|1')
+  if redis.call('HSET', KEYS[2], id, holder .. '|' .. (now + lease) .. '|1') == 1
+      and redis.call('HLEN', KEYS[2]) == 1 then
+    redis.call('EXPIRE', KEYS[2], ttl)
+  end
+  if id == 1 then
+    redis.call('EXPIRE', KEYS[5], ttl)
+  end
+  note_expiry(now + lease)
   return id
+end
+
+local function queue_waiter(waiter, record)
+  if redis.call('RPUSH', KEYS[3], waiter) == 1 then
+    redis.call('EXPIRE', KEYS[3], ttl)
+  end
+  redis.call('HSET', KEYS[4], waiter, record)
+  if redis.call('HLEN', KEYS[4]) == 1 then
+    redis.call('EXPIRE', KEYS[4], ttl)
+  end
 end
 
 -- Free permits go to live waiters, in order; a waiter whose liveness deadline passed (it gave
@@ -65,6 +110,7 @@ local function grant_waiters()
       local deadline, holder = string.match(record, '^(%d+)|(.*)$')
       if tonumber(deadline) >= now then
         value = value - 1
+        dirty = true
         local id = new_grant(holder)
         local wake = wake_prefix .. waiter
         redis.call('RPUSH', wake, id)
@@ -75,8 +121,14 @@ local function grant_waiters()
 end
 
 local function save()
-  redis.call('HSET', KEYS[1], 'value', value)
-  for i = 1, 5 do
-    redis.call('EXPIRE', KEYS[i], ttl)
+  if now - refreshed > tonumber(ttl) * 100 then
+    for i = 1, 5 do
+      redis.call('EXPIRE', KEYS[i], ttl)
+    end
+    refreshed = now
+    dirty = true
+  end
+  if dirty then
+    redis.call('HSET', KEYS[1], 'value', value, 'next_expiry', next_expiry, 'refreshed', refreshed)
   end
 end

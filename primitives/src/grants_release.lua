@@ -53,6 +53,7 @@ if target ~= nil then
   end
   if kind == 'rlock' and count > 1 then
     redis.call('HSET', KEYS[2], target, owner .. '|' .. (now + lease) .. '|' .. (count - 1))
+    note_expiry(now + lease)
     save()
     return {1, count - 1}
   end
@@ -62,6 +63,7 @@ elseif bound >= 0 and value >= bound then
   return redis.error_reply('TOOMANY released too many times')
 end
 value = value + 1
+dirty = true
 if bound >= 0 and value > bound then
   save()
   return redis.error_reply('TOOMANY released too many times')

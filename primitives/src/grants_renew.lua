@@ -11,11 +11,16 @@ for i = 6, #ARGV do
   end
   if record and string.sub(owner, 1, #ARGV[5]) == ARGV[5] and expiry >= now then
     redis.call('HSET', KEYS[2], ARGV[i], owner .. '|' .. (now + lease) .. '|' .. count)
+    note_expiry(now + lease)
   else
     table.insert(lost, ARGV[i])
   end
 end
 reclaim()
 grant_waiters()
+-- The heartbeat of a holder keeps the object alive however long it is held.
+for i = 1, 5 do
+  redis.call('EXPIRE', KEYS[i], ttl)
+end
 save()
 return lost

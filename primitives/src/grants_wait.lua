@@ -16,9 +16,10 @@ if mode == 'cancel' then
 end
 if redis.call('HEXISTS', KEYS[4], waiter) == 0 then
   -- Skipped as dead after a slow slice: queue again.
-  redis.call('RPUSH', KEYS[3], waiter)
+  queue_waiter(waiter, ARGV[8] .. '|' .. holder)
+else
+  redis.call('HSET', KEYS[4], waiter, ARGV[8] .. '|' .. holder)
 end
-redis.call('HSET', KEYS[4], waiter, ARGV[8] .. '|' .. holder)
 reclaim()
 grant_waiters()
 save()

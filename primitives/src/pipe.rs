@@ -31,7 +31,8 @@
 //!
 //! # Round trips
 //!
-//! `send`/`send_bytes`: 1 (`pipe_send.lua`: checks both ends are open and appends). `recv`: 1
+//! `send`/`send_bytes`: 1 (`pipe_send.lua`: checks both ends are open and appends; TTLs are set
+//! when the inbox is created and refreshed every tenth of `redis.expiry_secs`). `recv`: 1
 //! (`BLPOP`, plus one check per second of waiting). `poll`: 1 (`LLEN`, or `BLMOVE` from the inbox
 //! to itself, which waits without taking). `close`: 1.
 
@@ -220,6 +221,7 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
                     .arg(ttl(store))
                     .arg(self.end)
                     .arg(message)
+                    .arg(common::now_ms())
                     .invoke::<u64>(c)
             },
         );

@@ -139,7 +139,7 @@ impl QueueCore {
         let keys = self.keys();
         loop {
             let waiter = if wait {
-                uuid::Uuid::new_v4().simple().to_string()
+                common::waiter_id()
             } else {
                 String::new()
             };
@@ -561,7 +561,7 @@ impl<T: Serialize + DeserializeOwned> JoinableQueue<T> {
     pub fn join(&self) -> Result<()> {
         let store = common::store()?;
         let keys = self.core.keys();
-        let waiter = uuid::Uuid::new_v4().simple().to_string();
+        let waiter = common::waiter_id();
         let done: i64 = store
             .with_conn(
                 || format!("joining {}", self.core.address.describe()),

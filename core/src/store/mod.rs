@@ -82,8 +82,15 @@ pub struct Store {
     url: String,
     settings: StoreSettings,
     keys: KeySpace,
-    idle: Mutex<Vec<redis::Connection>>,
+    idle: Mutex<Vec<Pooled>>,
     multiplexed: tokio::sync::OnceCell<MultiplexedConnection>,
+}
+
+/// A pooled synchronous connection and the read timeout its socket has now (changing it is a
+/// system call; blocking calls with the same wait reuse it as it is).
+struct Pooled {
+    conn: redis::Connection,
+    read_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Store {
@@ -128,10 +135,15 @@ impl Store {
 
     /// The same server and idle connections under other settings (namespace, limits, timeouts).
     pub fn with_settings(self, settings: StoreSettings) -> Store {
-        let idle = self.idle.into_inner().unwrap_or_else(|p| p.into_inner());
-        for conn in &idle {
-            let _ = conn.set_read_timeout(Some(settings.response_timeout));
-            let _ = conn.set_write_timeout(Some(settings.response_timeout));
+        let mut idle = self.idle.into_inner().unwrap_or_else(|p| p.into_inner());
+        for pooled in &mut idle {
+            let _ = pooled
+                .conn
+                .set_read_timeout(Some(settings.response_timeout));
+            let _ = pooled
+                .conn
+                .set_write_timeout(Some(settings.response_timeout));
+            pooled.read_timeout = Some(settings.response_timeout);
         }
         Store {
             client: self.client,
@@ -185,7 +197,7 @@ impl Store {
         context: impl FnOnce() -> String,
         f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
     ) -> Result<T> {
-        self.run_pooled(Some(self.settings.response_timeout), false, context, f)
+        self.run_pooled(Some(self.settings.response_timeout), context, f)
     }
 
     /// Runs a blocking command on a pooled connection. `block` is the timeout the command itself
@@ -198,52 +210,54 @@ impl Store {
         f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
     ) -> Result<T> {
         let read_timeout = block.map(|b| b + self.settings.response_timeout);
-        self.run_pooled(read_timeout, true, context, f)
+        self.run_pooled(read_timeout, context, f)
     }
 
     fn run_pooled<T>(
         &self,
         read_timeout: Option<Duration>,
-        blocking: bool,
         context: impl FnOnce() -> String,
         f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
     ) -> Result<T> {
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut conn = match pooled {
-            Some(conn) => conn,
+        let mut pooled = match pooled {
+            Some(pooled) => pooled,
             None => match self.open_sync() {
-                Ok(conn) => conn,
+                Ok(pooled) => pooled,
                 Err(e) => return Err(Error::redis(context(), e)),
             },
         };
-        if blocking {
-            conn.set_read_timeout(read_timeout)
+        if pooled.read_timeout != read_timeout {
+            pooled
+                .conn
+                .set_read_timeout(read_timeout)
                 .map_err(|e| Error::redis("setting a read timeout", e))?;
+            pooled.read_timeout = read_timeout;
         }
-        let result = f(&mut conn);
+        let result = f(&mut pooled.conn);
         let reusable = match &result {
-            Ok(_) => conn.is_open(),
-            Err(e) => is_server_reply(e) && conn.is_open(),
+            Ok(_) => pooled.conn.is_open(),
+            Err(e) => is_server_reply(e) && pooled.conn.is_open(),
         };
         if reusable {
-            if blocking {
-                let _ = conn.set_read_timeout(Some(self.settings.response_timeout));
-            }
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < MAX_IDLE {
-                idle.push(conn);
+                idle.push(pooled);
             }
         }
         result.map_err(|e| Error::redis(context(), e))
     }
 
-    fn open_sync(&self) -> RedisResult<redis::Connection> {
+    fn open_sync(&self) -> RedisResult<Pooled> {
         let conn = self
             .client
             .get_connection_with_timeout(self.settings.connect_timeout)?;
         conn.set_read_timeout(Some(self.settings.response_timeout))?;
         conn.set_write_timeout(Some(self.settings.response_timeout))?;
-        Ok(conn)
+        Ok(Pooled {
+            conn,
+            read_timeout: Some(self.settings.response_timeout),
+        })
     }
 
     /// The shared async multiplexed connection, for ordinary commands sent by actors.
