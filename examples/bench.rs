@@ -263,6 +263,7 @@ fn main() -> shoal::Result<()> {
     let comparison = compare(&shoal_cells, &peer_cells);
     let report = json!({
         "machine": machine(),
+        "redis_round_trip": redis_round_trip(&rt),
         "shoal": shoal_cells,
         "peers": peer_cells,
         "comparison": comparison,
@@ -274,6 +275,7 @@ fn main() -> shoal::Result<()> {
         );
     } else {
         print_table(&shoal_cells, &peer_cells, &comparison);
+        println!("\nRedis round trip: {}", report["redis_round_trip"]);
     }
     Ok(())
 }
@@ -283,6 +285,31 @@ fn method_name(method: StartMethod) -> &'static str {
         StartMethod::Process => "process",
         StartMethod::Thread => "thread",
     }
+}
+
+/// The store's round-trip time from this program (a `PING` loop on one connection): the floor
+/// under every operation that needs a round trip.
+fn redis_round_trip(rt: &shoal::Runtime) -> Value {
+    let Some(url) = rt.config().redis.url.clone() else {
+        return Value::Null;
+    };
+    let Ok(mut conn) = redis::Client::open(url.as_str()).and_then(|c| c.get_connection()) else {
+        return Value::Null;
+    };
+    let mut samples = Vec::with_capacity(5000);
+    for _ in 0..5000 {
+        let t = Instant::now();
+        if redis::cmd("PING").query::<String>(&mut conn).is_err() {
+            return Value::Null;
+        }
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    json!({
+        "transport": if url.starts_with("unix://") { "unix socket (embedded store)" } else { "tcp" },
+        "ping_us_median": samples[samples.len() / 2],
+        "ping_us_p99": samples[samples.len() * 99 / 100],
+    })
 }
 
 /// W1/W1B: `Pool(2).map(inc, range(n))`; tasks per second of the `map` call.
