@@ -446,6 +446,25 @@ fn many_children_at_once() {
 }
 
 #[test]
+fn children_that_end_at_once_are_seen_started_and_ended() {
+    // A thread child can end before its start is acknowledged: the start must still succeed.
+    let _rt = runtime();
+    for method in METHODS {
+        let n = if method == StartMethod::Thread {
+            300
+        } else {
+            20
+        };
+        for _ in 0..n {
+            let p = Process::new(noop, ()).start_method(method);
+            p.start().expect("start");
+            p.join(None).expect("join");
+            assert_eq!(p.exitcode(), Some(0));
+        }
+    }
+}
+
+#[test]
 fn a_worker_with_no_task_fails_clearly() {
     let rt = runtime();
     let url = rt.config().redis.url.clone().expect("url");

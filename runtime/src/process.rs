@@ -538,11 +538,15 @@ struct StopChild(StopSignal);
 struct OutputFinished;
 
 impl Handler<StartChild> for ProcessActor {
-    type Result = ResponseActFuture<Self, Result<Option<u32>>>;
+    // Atomic: no other message (a thread child that ended at once reports its exit) is handled
+    // before the start's reply is sent.
+    type Result = AtomicResponse<Self, Result<Option<u32>>>;
 
     fn handle(&mut self, _: StartChild, ctx: &mut Context<Self>) -> Self::Result {
         let Some(pending) = self.pending.take() else {
-            return Box::pin(fut::ready(Err(Error::invalid_state("already started"))));
+            return AtomicResponse::new(Box::pin(fut::ready(Err(Error::invalid_state(
+                "already started",
+            )))));
         };
         let store = self.store.clone();
         let keys = self.keys.clone();
@@ -556,7 +560,7 @@ impl Handler<StartChild> for ProcessActor {
             notify: ctx.address().recipient(),
         };
         let record = pending.record;
-        Box::pin(
+        AtomicResponse::new(Box::pin(
             async move {
                 if let Some(record) = &record {
                     record.write(&store, &keys).await?;
@@ -574,7 +578,7 @@ impl Handler<StartChild> for ProcessActor {
                 }
                 Ok(launched.pid)
             }),
-        )
+        ))
     }
 }
 
