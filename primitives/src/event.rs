@@ -189,8 +189,11 @@ impl Event {
             )? {
                 return Ok(true);
             }
-            // The event may have been deleted: is_set reports it.
-            self.is_set()?;
+            // A set() that found this waiter dropped (a stalled slice) woke nobody: read the
+            // flag. A deleted event is reported here too.
+            if self.is_set()? {
+                return Ok(true);
+            }
         }
     }
 }
