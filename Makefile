@@ -17,15 +17,15 @@ test: lint unit-and-integration examples
 lint:
 	@scripts/ensure-redis.sh
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 unit-and-integration:
 	@scripts/ensure-redis.sh
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-	  $(CARGO) nextest run --workspace; \
+	  $(CARGO) nextest run --workspace --all-features; \
 	else \
 	  echo "cargo-nextest not found: running cargo test one test at a time"; \
-	  $(CARGO) test --workspace -- --test-threads=1; \
+	  $(CARGO) test --workspace --all-features -- --test-threads=1; \
 	fi
 
 examples:
