@@ -25,6 +25,8 @@ pub struct ProcessInfo {
     /// Position in the process tree: empty for the main process, `[1]` for its first child,
     /// `[1, 2]` for that child's second child.
     pub identity: Vec<u32>,
+    /// A daemonic process (a daemon child, or a pool worker) may not start children.
+    pub daemon: bool,
 }
 
 impl ProcessInfo {
@@ -33,6 +35,7 @@ impl ProcessInfo {
         ProcessInfo {
             name: "MainProcess".into(),
             identity: Vec::new(),
+            daemon: false,
         }
     }
 }

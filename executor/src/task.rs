@@ -132,6 +132,9 @@ pub struct TaskRecord {
     pub name: String,
     /// The process's identity in the process tree.
     pub identity: Vec<u32>,
+    /// Whether the process is daemonic (it may not start children).
+    #[serde(default)]
+    pub daemon: bool,
     /// The parent's effective configuration (its `redis.url` removed: the worker has its own).
     pub config: Config,
     /// Forward stdout and stderr through the output stream.

@@ -62,6 +62,7 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
         ProcessInfo {
             name: record.name.clone(),
             identity: record.identity.clone(),
+            daemon: record.daemon,
         },
     )));
 

@@ -561,6 +561,33 @@ fn not_registered(x: u64) -> u64 {
     x
 }
 
+#[shoal::remote]
+fn start_a_child_from_a_task(_x: u64) -> String {
+    let process = Process::new(pid_of, (1u64,)).start().map(|_| ());
+    let pool = Pool::new(1).map(|_| ());
+    format!("{process:?} {pool:?}")
+}
+
+#[test]
+fn pool_workers_are_daemonic() {
+    let _rt = runtime();
+    for method in [StartMethod::Process, StartMethod::Thread] {
+        let pool = Pool::builder()
+            .processes(1)
+            .start_method(method)
+            .build()
+            .expect("pool");
+        let outcome = pool
+            .apply(start_a_child_from_a_task, (0u64,))
+            .expect("apply");
+        assert_eq!(
+            outcome.matches("are not allowed to have children").count(),
+            2,
+            "{method:?}: {outcome}"
+        );
+    }
+}
+
 #[test]
 fn unregistered_functions_are_refused_at_the_call() {
     let _rt = runtime();

@@ -323,6 +323,43 @@ fn a_child_can_start_its_own_child() {
     );
 }
 
+/// Tries to start a child and writes what happened to `path`.
+#[shoal::remote]
+fn try_to_start_a_child(path: String) {
+    let outcome = Process::new(noop, ()).start();
+    std::fs::write(path, format!("{outcome:?}")).expect("write");
+}
+
+#[test]
+fn daemonic_processes_may_not_have_children() {
+    let _rt = runtime();
+    let dir = scratch();
+    for method in METHODS {
+        let path = dir.path().join(format!("daemon-{method:?}"));
+        let p = Process::new(try_to_start_a_child, (path.display().to_string(),))
+            .daemon(true)
+            .start_method(method);
+        p.start().expect("start");
+        p.join(None).expect("join");
+        let outcome = read_file(&path);
+        assert!(
+            outcome.contains("InvalidState") && outcome.contains("daemonic"),
+            "{outcome}"
+        );
+
+        let path = dir.path().join(format!("plain-{method:?}"));
+        let p =
+            Process::new(try_to_start_a_child, (path.display().to_string(),)).start_method(method);
+        p.start().expect("start");
+        p.join(None).expect("join");
+        assert_eq!(
+            read_file(&path),
+            "Ok(())",
+            "a non-daemonic child may start children"
+        );
+    }
+}
+
 #[test]
 fn arguments_of_every_arity_round_trip() {
     let _rt = runtime();

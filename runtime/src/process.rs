@@ -23,7 +23,9 @@
 //! * Starting twice, or joining, terminating or killing a process that was never started, is
 //!   [`Error::InvalidState`].
 //! * Daemon children are terminated when the runtime shuts down; the runtime waits for
-//!   non-daemon children first (Python's exit behaviour).
+//!   non-daemon children first (Python's exit behaviour). A daemonic process (a daemon child, or
+//!   a pool worker) may not start children: `start()` is [`Error::InvalidState`], as Python's
+//!   `AssertionError`.
 //!
 //! # Thread children
 //!
@@ -203,6 +205,14 @@ impl Process {
         &self,
         target: Box<dyn Target>,
     ) -> std::result::Result<Started, (Option<Box<dyn Target>>, Error)> {
+        let me = context::current_process();
+        if me.daemon {
+            let e = Error::invalid_state(format!(
+                "daemonic processes are not allowed to have children ({} is daemonic)",
+                me.name
+            ));
+            return Err((Some(target), e));
+        }
         let runtime = match runtime::current_runtime() {
             Ok(r) => r,
             Err(e) => return Err((Some(target), e)),
@@ -216,6 +226,7 @@ impl Process {
         let info = ProcessInfo {
             name: self.name.clone(),
             identity: self.identity.clone(),
+            daemon: self.daemon,
         };
         let (workload, record) = match method {
             StartMethod::Process => {
@@ -238,6 +249,7 @@ impl Process {
                     },
                     name: self.name.clone(),
                     identity: self.identity.clone(),
+                    daemon: self.daemon,
                     config: record_config,
                     stream_output: config.multiprocessing.stream_stdout,
                 };

@@ -27,6 +27,8 @@
 //!   still running. Dropping a pool terminates it (Python's `with Pool() as p:`).
 //! * `callback` and `error_callback` of the async forms run in the parent, once per call, on the
 //!   pool's callback thread, before `get()` returns (as in Python).
+//! * Pool workers are daemonic, as in Python: a task cannot start processes or pools of its own,
+//!   and a daemonic process cannot create a pool ([`Error::InvalidState`]).
 //!
 //! See [`supervisor`] for the actor and `shoal_executor::pool` for the Redis protocol, its keys
 //! and round trips.
@@ -229,6 +231,13 @@ impl Pool {
     }
 
     fn start(builder: PoolBuilder) -> Result<Pool> {
+        let me = shoal_core::context::current_process();
+        if me.daemon {
+            return Err(Error::invalid_state(format!(
+                "daemonic processes are not allowed to have children ({} is daemonic)",
+                me.name
+            )));
+        }
         let runtime = runtime::current_runtime()?;
         let context = runtime.context().clone();
         let config = context.config();

@@ -258,6 +258,8 @@ impl PoolSupervisor {
                     kind: TaskKind::PoolWorker(spec),
                     name: name.clone(),
                     identity: vec![number as u32],
+                    // Pool workers are daemonic, as in Python.
+                    daemon: true,
                     stream_output: config.multiprocessing.stream_stdout,
                     config,
                 };
@@ -281,6 +283,7 @@ impl PoolSupervisor {
                 let info = ProcessInfo {
                     name: name.clone(),
                     identity: vec![number as u32],
+                    daemon: true,
                 };
                 let body_store = store.clone();
                 let body = Box::new(move || match pool::run_worker(&body_store, &spec) {
