@@ -827,6 +827,15 @@ fn arrays_get_set_slices_and_bounds() {
     arr.set_slice(3, &[0, 0]).expect("set_slice");
     assert_eq!(arr.to_vec().expect("to_vec"), vec![3, 4, 5, 0, 0]);
     assert!(matches!(arr.get(5), Err(Error::InvalidState(_))));
+    assert!(matches!(arr.get(usize::MAX), Err(Error::InvalidState(_))));
+    assert!(matches!(
+        arr.set(usize::MAX, 1),
+        Err(Error::InvalidState(_))
+    ));
+    assert!(matches!(
+        arr.fetch_add(usize::MAX, 1),
+        Err(Error::InvalidState(_))
+    ));
     assert!(matches!(
         arr.set_slice(4, &[1, 2]),
         Err(Error::InvalidState(_))

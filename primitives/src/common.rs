@@ -47,7 +47,11 @@ impl Address {
 
     /// `lock 1a2b3c4d`, for messages.
     pub(crate) fn describe(&self) -> String {
-        format!("{} {}", self.kind, &self.id[..self.id.len().min(8)])
+        format!(
+            "{} {}",
+            self.kind,
+            self.id.chars().take(8).collect::<String>()
+        )
     }
 
     /// The error for a primitive whose keys are gone.

@@ -330,6 +330,16 @@ impl<T: Scalar> Array<T> {
         self.len == 0
     }
 
+    /// `start..start + len`, or [`Error::InvalidState`] when it overflows.
+    fn span(&self, start: usize, len: usize) -> Result<Range<usize>> {
+        start.checked_add(len).map(|end| start..end).ok_or_else(|| {
+            Error::invalid_state(format!(
+                "index {start} out of range for an array of {}",
+                self.len
+            ))
+        })
+    }
+
     fn check(&self, range: &Range<usize>) -> Result<()> {
         if range.start > range.end || range.end > self.len {
             return Err(Error::invalid_state(format!(
@@ -342,7 +352,11 @@ impl<T: Scalar> Array<T> {
 
     /// Element `index`.
     pub fn get(&self, index: usize) -> Result<T> {
-        Ok(self.get_slice(index..index + 1)?[0])
+        let values = self.get_slice(self.span(index, 1)?)?;
+        values
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::invalid_state(format!("index {index} out of range")))
     }
 
     /// Elements `range` (Python's `arr[a:b]`).
@@ -388,7 +402,7 @@ impl<T: Scalar> Array<T> {
 
     /// Sets the elements from `start` on to `values` (Python's `arr[a:b] = values`).
     pub fn set_slice(&self, start: usize, values: &[T]) -> Result<()> {
-        self.check(&(start..start + values.len()))?;
+        self.check(&self.span(start, values.len())?)?;
         if values.is_empty() {
             return Ok(());
         }
@@ -423,7 +437,7 @@ impl<T: Scalar> Array<T> {
 impl<T: Integer> Array<T> {
     /// Adds `delta` to element `index` atomically; returns the element before (an extension).
     pub fn fetch_add(&self, index: usize, delta: i64) -> Result<T> {
-        self.check(&(index..index + 1))?;
+        self.check(&self.span(index, 1)?)?;
         let new = add(
             &self.address,
             &self.key(),
