@@ -913,6 +913,50 @@ fn deleted_or_garbage_values_locks_and_events_are_clear_errors() {
     }
 }
 
+#[shoal::remote]
+fn quick() {}
+
+#[test]
+fn duration_max_means_forever_not_a_panic() {
+    let _rt = runtime();
+    let forever = Duration::MAX;
+    let q: Queue<u8> = Queue::with_maxsize(1).expect("queue");
+    q.put_timeout(1, forever).expect("put");
+    assert_eq!(q.get_timeout(forever).expect("get"), 1);
+    let lock = Lock::new().expect("lock");
+    assert!(lock.acquire_timeout(forever).expect("acquire"));
+    lock.release().expect("release");
+    let sem = Semaphore::new(1).expect("semaphore");
+    assert!(sem.acquire_timeout(forever).expect("acquire"));
+    let event = Event::new().expect("event");
+    event.set().expect("set");
+    assert!(event.wait(Some(forever)).expect("wait"));
+    assert_eq!(
+        Barrier::new(1)
+            .expect("barrier")
+            .wait(Some(forever))
+            .expect("wait"),
+        0
+    );
+    let (a, b) = Pipe::new::<u8>(true).expect("pipe");
+    b.send(&1).expect("send");
+    assert!(a.poll(Some(forever)).expect("poll"));
+    let p = Process::new(quick, ());
+    p.start().expect("start");
+    p.join(Some(forever)).expect("join");
+    assert_eq!(p.exitcode(), Some(0));
+    let pool = Pool::new(1).expect("pool");
+    let r = pool.apply_async(quick, ()).expect("apply_async");
+    r.get(Some(forever)).expect("get");
+    let mut it = pool.imap(shoal_square, 0..2u64).expect("imap");
+    assert_eq!(it.next_timeout(forever).expect("item").expect("ok"), 0);
+}
+
+#[shoal::remote]
+fn shoal_square(x: u64) -> u64 {
+    x * x
+}
+
 // --------------------------------------------------------------------------- cross-process --
 
 #[shoal::remote]

@@ -155,7 +155,8 @@ pub(crate) fn next_slice(deadline: Option<Instant>) -> Option<Duration> {
     }
 }
 
-/// A deadline `timeout` from now.
+/// A deadline `timeout` from now; `None` (no deadline) when there is no timeout or it is too far
+/// to represent (`Duration::MAX` means forever).
 pub(crate) fn deadline(timeout: Option<Duration>) -> Option<Instant> {
-    timeout.map(|t| Instant::now() + t)
+    timeout.and_then(|t| Instant::now().checked_add(t))
 }

@@ -110,7 +110,7 @@ impl Condition {
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<bool> {
         Ok(self
             .object()
-            .acquire(Some(Some(Instant::now() + timeout)))?
+            .acquire(Some(common::deadline(Some(timeout))))?
             .is_some())
     }
 

@@ -23,11 +23,12 @@
 //!
 //! Keys, scripts and round trips: see the grant core (`grants.rs`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shoal_core::error::{Error, Result};
 
+use crate::common;
 use crate::grants::{GrantKind, GrantObject};
 
 /// A lock shared by every process that has its handle.
@@ -94,7 +95,7 @@ macro_rules! lock_methods {
         pub fn acquire_timeout(&self, timeout: Duration) -> Result<bool> {
             Ok(self
                 .object
-                .acquire(Some(Some(Instant::now() + timeout)))?
+                .acquire(Some(common::deadline(Some(timeout))))?
                 .is_some())
         }
 

@@ -712,7 +712,7 @@ impl Feeder {
 
     /// Waits until the items buffered for `items` (every queue when `None`) are written.
     fn flush(&self, items: &str, timeout: Option<Duration>) -> Result<()> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut state = self.lock();
         loop {
             let Some(p) = state.queues.get(items) else {

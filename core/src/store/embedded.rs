@@ -143,7 +143,8 @@ impl EmbeddedRedis {
             exited,
             reaper: Some(reaper),
         };
-        let deadline = Instant::now() + ready_timeout.max(Duration::from_secs(5));
+        let deadline =
+            Instant::now() + ready_timeout.clamp(Duration::from_secs(5), Duration::from_secs(3600));
         loop {
             if server.exited.is_set() {
                 let tail = log_tail(&log);

@@ -187,7 +187,7 @@ impl CallShared {
         ordered: bool,
         timeout: Option<Duration>,
     ) -> Result<Option<std::result::Result<ChunkResult, Error>>> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut s = self.lock();
         loop {
             let taken = if ordered {
