@@ -182,7 +182,13 @@ impl GrantObject {
                         .ignore()
                         .hset(&keys.state, "kind", self.kind.name())
                         .ignore()
+                        .hset(&keys.state, "nwait", 0)
+                        .ignore()
+                        .hset(&keys.holders, "_", "keeps the hash")
+                        .ignore()
                         .expire(&keys.state, ttl(store) as i64)
+                        .ignore()
+                        .expire(&keys.holders, ttl(store) as i64)
                         .ignore()
                         .query::<()>(c)
                 },

@@ -8,7 +8,7 @@ if kind == 'rlock' then
   local all = redis.call('HGETALL', KEYS[2])
   for i = 1, #all, 2 do
     local owner, expiry, count = parse_grant(all[i + 1])
-    if owner == holder then
+    if all[i] ~= '_' and owner == holder then
       redis.call('HSET', KEYS[2], all[i], owner .. '|' .. (now + lease) .. '|' .. (count + 1))
       note_expiry(now + lease)
       save()

@@ -10,8 +10,10 @@
 local holder, kind, mine = ARGV[5], ARGV[6], ARGV[7]
 reclaim()
 local target = nil
+local target_record = nil
 if mine ~= '' then
-  if redis.call('HEXISTS', KEYS[2], mine) == 1 then
+  target_record = redis.call('HGET', KEYS[2], mine)
+  if target_record then
     target = mine
   elseif kind == 'lock' or kind == 'rlock' then
     save()
@@ -24,12 +26,14 @@ else
   local all = redis.call('HGETALL', KEYS[2])
   local oldest = nil
   for i = 1, #all, 2 do
-    local owner = parse_grant(all[i + 1])
-    if owner == holder and (target == nil or tonumber(all[i]) < tonumber(target)) then
-      target = all[i]
-    end
-    if oldest == nil or tonumber(all[i]) < tonumber(oldest) then
-      oldest = all[i]
+    if all[i] ~= '_' then
+      local owner = parse_grant(all[i + 1])
+      if owner == holder and (target == nil or tonumber(all[i]) < tonumber(target)) then
+        target = all[i]
+      end
+      if oldest == nil or tonumber(all[i]) < tonumber(oldest) then
+        oldest = all[i]
+      end
     end
   end
   if kind == 'rlock' then
@@ -46,7 +50,7 @@ else
   end
 end
 if target ~= nil then
-  local owner, expiry, count = parse_grant(redis.call('HGET', KEYS[2], target))
+  local owner, expiry, count = parse_grant(target_record or redis.call('HGET', KEYS[2], target))
   if kind == 'rlock' and owner ~= holder then
     save()
     return redis.error_reply('NOTOWNER held by another owner')

@@ -10,8 +10,8 @@ if got then
   return {1, tonumber(got)}
 end
 if mode == 'cancel' then
-  redis.call('LREM', KEYS[3], 0, waiter)
-  redis.call('HDEL', KEYS[4], waiter)
+  unqueue_waiter(waiter)
+  save()
   return {0}
 end
 if redis.call('HEXISTS', KEYS[4], waiter) == 0 then

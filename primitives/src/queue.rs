@@ -60,13 +60,26 @@ const FEED_BATCH: usize = 10_000;
 const EXIT_FLUSH: Duration = Duration::from_secs(30);
 
 /// The shared part of the three queues.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct QueueCore {
     address: Address,
     maxsize: u64,
     joinable: bool,
+    /// The key names, computed once per handle (and shared by its clones).
+    #[serde(skip)]
+    cached_keys: Arc<std::sync::OnceLock<Arc<QueueKeys>>>,
 }
 
+impl PartialEq for QueueCore {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.address, self.maxsize, self.joinable)
+            == (&other.address, other.maxsize, other.joinable)
+    }
+}
+
+impl Eq for QueueCore {}
+
+#[derive(Debug)]
 struct QueueKeys {
     items: String,
     state: String,
@@ -86,6 +99,7 @@ impl QueueCore {
             address,
             maxsize,
             joinable,
+            cached_keys: Arc::default(),
         };
         let keys = core.keys();
         let store = context.store();
@@ -105,7 +119,13 @@ impl QueueCore {
         Ok(core)
     }
 
-    fn keys(&self) -> QueueKeys {
+    fn keys(&self) -> Arc<QueueKeys> {
+        self.cached_keys
+            .get_or_init(|| Arc::new(self.compute_keys()))
+            .clone()
+    }
+
+    fn compute_keys(&self) -> QueueKeys {
         let keys = self.address.keys();
         QueueKeys {
             items: keys.key("items"),
@@ -395,7 +415,7 @@ macro_rules! getters {
 
         /// After [`Self::close`], waits until every item this process put has reached Redis.
         pub fn join_thread(&self) -> Result<()> {
-            let items = self.core.keys().items;
+            let items = self.core.keys().items.clone();
             if !FEEDER.is_closed(&items) {
                 return Err(Error::invalid_state("join_thread() needs close() first"));
             }
@@ -658,7 +678,7 @@ impl Feeder {
     fn entry<'a>(state: &'a mut FeederState, core: &QueueCore) -> &'a mut Pending {
         state
             .queues
-            .entry(core.keys().items)
+            .entry(core.keys().items.clone())
             .or_insert_with(|| Pending {
                 core: core.clone(),
                 items: VecDeque::new(),
@@ -825,6 +845,7 @@ fn core_from_items_key(items: &str) -> Option<QueueCore> {
         },
         maxsize: 0,
         joinable: false,
+        cached_keys: Arc::default(),
     })
 }
 
