@@ -3,7 +3,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A `redis-server` started for one test, on a private loopback port; killed on drop.
@@ -218,4 +218,34 @@ pub fn child_pids() -> Vec<u32> {
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// Runs the `scenario` helper binary at `program` with `args` and extra environment, without
+/// backtraces (their output would mix with what the tests read).
+pub fn scenario(program: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(program);
+    command.args(args).env_remove("RUST_BACKTRACE");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("scenario runs")
+}
+
+/// Bytes a program printed, as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts that a wait that started at `started` lasted at least `timeout` and returned within a
+/// second after it.
+pub fn assert_timing(started: Instant, timeout: Duration) {
+    let waited = started.elapsed();
+    assert!(
+        waited >= timeout,
+        "returned after {waited:?}, before the timeout {timeout:?}"
+    );
+    assert!(
+        waited < timeout + Duration::from_secs(1),
+        "returned after {waited:?} for {timeout:?}"
+    );
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use shoal::prelude::*;
-use shoal_integration_tests::{read_file, scratch, wait_for};
+use shoal_integration_tests::{assert_timing, read_file, scratch, wait_for};
 
 shoal::test_support!();
 
@@ -19,18 +19,6 @@ fn runtime() -> shoal::Runtime {
     let mut config = Config::builder().build().expect("config");
     config.sync.lease_secs = LEASE.as_secs_f64();
     shoal::init_with(config).expect("runtime")
-}
-
-fn assert_timing(started: Instant, timeout: Duration) {
-    let waited = started.elapsed();
-    assert!(
-        waited >= timeout,
-        "returned after {waited:?}, before {timeout:?}"
-    );
-    assert!(
-        waited < timeout + Duration::from_secs(1),
-        "returned after {waited:?}"
-    );
 }
 
 #[test]

@@ -2,23 +2,14 @@
 //! (inherited) or through a Redis Stream (`multiprocessing.stream_stdout`), and
 //! `multiprocessing.env_vars` are set in the child.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-use shoal_integration_tests::field;
+use shoal_integration_tests::{field, text};
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
 
 fn scenario(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(SCENARIO);
-    command.args(args).env_remove("RUST_BACKTRACE");
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    command.output().expect("scenario runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    shoal_integration_tests::scenario(SCENARIO, args, env)
 }
 
 const STREAM: (&str, &str) = ("SHOAL_MULTIPROCESSING_STREAM_STDOUT", "true");

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use shoal::prelude::*;
 use shoal::{Error, TaskErrorKind};
-use shoal_integration_tests::{read_file, scratch};
+use shoal_integration_tests::{assert_timing, read_file, scratch};
 
 shoal::test_support!();
 
@@ -33,18 +33,6 @@ fn keys_of(conn: &mut redis::Connection, kind: &str) -> Vec<String> {
     keys.into_iter()
         .filter(|k| k.contains(&format!(":{kind}:")))
         .collect()
-}
-
-fn assert_timing(started: Instant, timeout: Duration) {
-    let waited = started.elapsed();
-    assert!(
-        waited >= timeout,
-        "returned after {waited:?}, before the timeout {timeout:?}"
-    );
-    assert!(
-        waited < timeout + Duration::from_secs(1),
-        "returned after {waited:?} for {timeout:?}"
-    );
 }
 
 // ---------------------------------------------------------------------------------- queues --

@@ -8,23 +8,14 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use shoal::prelude::*;
-use shoal_integration_tests::{TestRedis, field, pid_running, scratch, wait_for};
+use shoal_integration_tests::{TestRedis, field, pid_running, scratch, text, wait_for};
 
 shoal::test_support!();
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
 
 fn scenario(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(SCENARIO);
-    command.args(args).env_remove("RUST_BACKTRACE");
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    command.output().expect("scenario runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    shoal_integration_tests::scenario(SCENARIO, args, env)
 }
 
 fn redis_pid(stdout: &str) -> u32 {

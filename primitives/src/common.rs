@@ -17,6 +17,45 @@ use shoal_core::context::{self, Context};
 use shoal_core::error::{Error, Result};
 use shoal_core::store::{KeySpace, ObjectKeys, Store};
 
+/// The acquire family shared by `Lock`, `RLock`, `Semaphore`, `BoundedSemaphore` and
+/// `Condition`: each has `fn object(&self) -> &GrantObject`. `$what` names what is acquired in
+/// the docs ("the lock", "a permit").
+macro_rules! hold_methods {
+    ($what:literal) => {
+        #[doc = concat!("Acquires ", $what, ", waiting as long as it takes.")]
+        pub fn acquire(&self) -> Result<()> {
+            self.object().acquire(Some(None)).map(|_| ())
+        }
+
+        #[doc = concat!("Acquires ", $what, ", waiting at most `timeout`; returns whether it was acquired.")]
+        pub fn acquire_timeout(&self, timeout: Duration) -> Result<bool> {
+            Ok(self
+                .object()
+                .acquire(Some($crate::common::deadline(Some(timeout))))?
+                .is_some())
+        }
+
+        #[doc = concat!("Acquires ", $what, " only if that needs no waiting; returns whether it was acquired.")]
+        pub fn try_acquire(&self) -> Result<bool> {
+            Ok(self.object().acquire(None)?.is_some())
+        }
+
+        #[doc = concat!("Acquires ", $what, " and returns a guard that releases it on drop (Python's `with`).")]
+        pub fn lock(&self) -> Result<$crate::lock::Guard<'_>> {
+            let grant = self.object().acquire(Some(None))?.ok_or_else(|| {
+                Error::invalid_state("a blocking acquire returned without a grant")
+            })?;
+            Ok($crate::lock::Guard::new(self.object(), grant.token))
+        }
+
+        #[doc = concat!("The fencing token of ", $what, " this process (for an `RLock`: this thread) holds, if any.")]
+        pub fn fencing_token(&self) -> Option<u64> {
+            self.object().token()
+        }
+    };
+}
+pub(crate) use hold_methods;
+
 /// The longest a blocked call waits before it checks in.
 pub(crate) const SLICE: Duration = Duration::from_secs(1);
 
@@ -107,13 +146,7 @@ pub(crate) fn thread_holder() -> String {
     format!("{}:{:?}", process_holder(), std::thread::current().id())
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub(crate) use shoal_core::clock::now_ms;
 
 /// The TTL of every key, in seconds.
 pub(crate) fn ttl(store: &Store) -> u64 {

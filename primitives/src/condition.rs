@@ -31,10 +31,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use shoal_core::error::{Error, Result};
 
-use crate::common::{self, blpop, deadline, next_slice};
+use crate::common::{self, blpop, deadline, hold_methods, next_slice};
 use crate::event::{check_in, liveness};
 use crate::grants::{self, GrantObject};
-use crate::lock::{Guard, Lock, RLock};
+use crate::lock::{Lock, RLock};
 
 fn script(body: &str) -> redis::Script {
     redis::Script::new(&format!("{}\n{}", include_str!("grants_prelude.lua"), body))
@@ -101,31 +101,11 @@ impl Condition {
         }
     }
 
-    /// Acquires the lock, waiting as long as it takes.
-    pub fn acquire(&self) -> Result<()> {
-        self.object().acquire(Some(None)).map(|_| ())
-    }
-
-    /// Acquires the lock, waiting at most `timeout`; returns whether it was acquired.
-    pub fn acquire_timeout(&self, timeout: Duration) -> Result<bool> {
-        Ok(self
-            .object()
-            .acquire(Some(common::deadline(Some(timeout))))?
-            .is_some())
-    }
+    hold_methods!("the lock");
 
     /// Releases the lock.
     pub fn release(&self) -> Result<()> {
         self.object().release().map(|_| ())
-    }
-
-    /// Acquires the lock and returns a guard that releases it (Python's `with cond:`).
-    pub fn lock(&self) -> Result<Guard<'_>> {
-        let grant = self
-            .object()
-            .acquire(Some(None))?
-            .ok_or_else(|| Error::invalid_state("a blocking acquire returned without the lock"))?;
-        Ok(Guard::new(self.object(), grant.token))
     }
 
     fn held_token(&self, what: &str) -> Result<u64> {

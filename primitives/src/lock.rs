@@ -28,7 +28,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use shoal_core::error::{Error, Result};
 
-use crate::common;
+use crate::common::hold_methods;
 use crate::grants::{GrantKind, GrantObject};
 
 /// A lock shared by every process that has its handle.
@@ -84,42 +84,6 @@ impl Drop for Guard<'_> {
     }
 }
 
-macro_rules! lock_methods {
-    ($kind:expr) => {
-        /// Blocks until acquired.
-        pub fn acquire(&self) -> Result<()> {
-            self.object.acquire(Some(None)).map(|_| ())
-        }
-
-        /// Waits at most `timeout`; returns whether it was acquired.
-        pub fn acquire_timeout(&self, timeout: Duration) -> Result<bool> {
-            Ok(self
-                .object
-                .acquire(Some(common::deadline(Some(timeout))))?
-                .is_some())
-        }
-
-        /// Acquires only if that needs no waiting; returns whether it was acquired.
-        pub fn try_acquire(&self) -> Result<bool> {
-            Ok(self.object.acquire(None)?.is_some())
-        }
-
-        /// Acquires and returns a guard that releases on drop.
-        pub fn lock(&self) -> Result<Guard<'_>> {
-            let grant = self.object.acquire(Some(None))?.ok_or_else(|| {
-                Error::invalid_state("a blocking acquire returned without the lock")
-            })?;
-            Ok(Guard::new(&self.object, grant.token))
-        }
-
-        /// The fencing token of the hold this process (for an `RLock`: this thread) has, if
-        /// any.
-        pub fn fencing_token(&self) -> Option<u64> {
-            self.object.token()
-        }
-    };
-}
-
 impl Lock {
     /// A new, unlocked lock.
     pub fn new() -> Result<Lock> {
@@ -128,7 +92,7 @@ impl Lock {
         })
     }
 
-    lock_methods!(GrantKind::Lock);
+    hold_methods!("the lock");
 
     /// Releases the lock (held by this process or, as Python allows, by another).
     pub fn release(&self) -> Result<()> {
@@ -148,7 +112,7 @@ impl RLock {
         })
     }
 
-    lock_methods!(GrantKind::RLock);
+    hold_methods!("the lock");
 
     /// Releases one level of this thread's hold.
     pub fn release(&self) -> Result<()> {

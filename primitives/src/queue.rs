@@ -429,6 +429,25 @@ macro_rules! getters {
     };
 }
 
+macro_rules! putters {
+    () => {
+        /// Puts an item, waiting while a bounded queue is full.
+        pub fn put(&self, item: T) -> Result<()> {
+            self.put_until(&item, true, None)
+        }
+
+        /// Puts an item, waiting at most `timeout` for room ([`Error::Full`] then).
+        pub fn put_timeout(&self, item: T, timeout: Duration) -> Result<()> {
+            self.put_until(&item, true, deadline(Some(timeout)))
+        }
+
+        /// Puts an item if there is room now ([`Error::Full`] otherwise).
+        pub fn put_nowait(&self, item: T) -> Result<()> {
+            self.put_until(&item, false, None)
+        }
+    };
+}
+
 /// A FIFO queue shared by processes.
 #[derive(Serialize, Deserialize)]
 #[serde(bound = "")]
@@ -453,20 +472,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         })
     }
 
-    /// Puts an item, waiting while a bounded queue is full.
-    pub fn put(&self, item: T) -> Result<()> {
-        self.put_until(&item, true, None)
-    }
-
-    /// Puts an item, waiting at most `timeout` for room ([`Error::Full`] then).
-    pub fn put_timeout(&self, item: T, timeout: Duration) -> Result<()> {
-        self.put_until(&item, true, deadline(Some(timeout)))
-    }
-
-    /// Puts an item if there is room now ([`Error::Full`] otherwise).
-    pub fn put_nowait(&self, item: T) -> Result<()> {
-        self.put_until(&item, false, None)
-    }
+    putters!();
 
     fn put_until(&self, item: &T, wait: bool, deadline: Option<Instant>) -> Result<()> {
         self.check_open()?;
@@ -538,20 +544,7 @@ impl<T: Serialize + DeserializeOwned> JoinableQueue<T> {
         })
     }
 
-    /// Puts an item, waiting while the queue is full.
-    pub fn put(&self, item: T) -> Result<()> {
-        self.put_until(&item, true, None)
-    }
-
-    /// Puts an item, waiting at most `timeout` for room ([`Error::Full`] then).
-    pub fn put_timeout(&self, item: T, timeout: Duration) -> Result<()> {
-        self.put_until(&item, true, deadline(Some(timeout)))
-    }
-
-    /// Puts an item if there is room now ([`Error::Full`] otherwise).
-    pub fn put_nowait(&self, item: T) -> Result<()> {
-        self.put_until(&item, false, None)
-    }
+    putters!();
 
     fn put_until(&self, item: &T, wait: bool, deadline: Option<Instant>) -> Result<()> {
         self.check_open()?;
@@ -732,7 +725,7 @@ impl Feeder {
 
     /// Waits until the items buffered for `items` (every queue when `None`) are written.
     fn flush(&self, items: &str, timeout: Option<Duration>) -> Result<()> {
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let deadline = deadline(timeout);
         let mut state = self.lock();
         loop {
             let Some(p) = state.queues.get(items) else {

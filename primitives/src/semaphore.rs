@@ -18,9 +18,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use shoal_core::error::{Error, Result};
 
-use crate::common;
+use crate::common::hold_methods;
 use crate::grants::{GrantKind, GrantObject};
-use crate::lock::Guard;
 
 /// A counting semaphore.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -37,31 +36,7 @@ pub struct BoundedSemaphore {
 
 macro_rules! semaphore_methods {
     () => {
-        /// Takes a permit, waiting while none is free.
-        pub fn acquire(&self) -> Result<()> {
-            self.object.acquire(Some(None)).map(|_| ())
-        }
-
-        /// Waits at most `timeout` for a permit; returns whether one was taken.
-        pub fn acquire_timeout(&self, timeout: Duration) -> Result<bool> {
-            Ok(self
-                .object
-                .acquire(Some(common::deadline(Some(timeout))))?
-                .is_some())
-        }
-
-        /// Takes a permit only if one is free now.
-        pub fn try_acquire(&self) -> Result<bool> {
-            Ok(self.object.acquire(None)?.is_some())
-        }
-
-        /// Takes a permit and returns a guard that gives it back on drop.
-        pub fn lock(&self) -> Result<Guard<'_>> {
-            let grant = self.object.acquire(Some(None))?.ok_or_else(|| {
-                Error::invalid_state("a blocking acquire returned without a permit")
-            })?;
-            Ok(Guard::new(&self.object, grant.token))
-        }
+        hold_methods!("a permit");
 
         /// Gives a permit back.
         pub fn release(&self) -> Result<()> {
@@ -73,9 +48,8 @@ macro_rules! semaphore_methods {
             self.object.value()
         }
 
-        /// The fencing token of a permit this process holds, if any.
-        pub fn fencing_token(&self) -> Option<u64> {
-            self.object.token()
+        fn object(&self) -> &GrantObject {
+            &self.object
         }
     };
 }

@@ -368,26 +368,42 @@ impl PoolSupervisor {
 
     fn break_pool(&mut self, ctx: &mut Context<Self>, reason: String) {
         tracing::error!("pool {} is broken: {reason}", self.id);
-        let calls: Vec<u64> = self.calls.keys().copied().collect();
-        for call in calls {
-            if let Some(record) = self.calls.remove(&call) {
-                let error = Error::Task(TaskError {
-                    function: record.function.clone(),
-                    message: format!("the pool gave up: {reason}"),
-                    kind: TaskErrorKind::Crashed,
-                    attempts: 0,
-                });
-                self.finish_call(record, Err(error));
-            }
-        }
+        self.end_calls(|function| {
+            Error::Task(TaskError {
+                function: function.to_string(),
+                message: format!("the pool gave up: {reason}"),
+                kind: TaskErrorKind::Crashed,
+                attempts: 0,
+            })
+        });
         self.phase = Phase::Broken(reason.clone());
         self.shared.update(|s| s.phase = Phase::Broken(reason));
         self.stop_all_workers(ctx);
     }
 
+    /// Fails every call still running with the error `error(function)` gives.
+    fn end_calls(&mut self, error: impl Fn(&str) -> Error) {
+        let calls: Vec<u64> = self.calls.keys().copied().collect();
+        for call in calls {
+            if let Some(record) = self.calls.remove(&call) {
+                let e = error(&record.function);
+                self.finish_call(record, Err(e));
+            }
+        }
+    }
+
     /// Sends `SIGTERM` to every launched worker; one still starting is signalled when its
     /// launch completes.
     fn stop_all_workers(&mut self, ctx: &mut Context<Self>) {
+        if self.workers.is_empty() {
+            self.workers_gone(ctx);
+            return;
+        }
+        self.signal_workers(ctx, StopSignal::Terminate);
+    }
+
+    /// Sends `signal` to every launched worker.
+    fn signal_workers(&mut self, ctx: &mut Context<Self>, signal: StopSignal) {
         let ids: Vec<String> = self
             .workers
             .iter()
@@ -395,14 +411,10 @@ impl PoolSupervisor {
             .map(|(id, _)| id.clone())
             .collect();
         let executor = self.executor.clone();
-        if self.workers.is_empty() {
-            self.workers_gone(ctx);
-            return;
-        }
         ctx.spawn(
             async move {
                 for id in ids {
-                    let _ = executor.signal(id, StopSignal::Terminate).await;
+                    let _ = executor.signal(id, signal).await;
                 }
             }
             .into_actor(self),
@@ -941,17 +953,9 @@ impl Handler<Terminate> for PoolSupervisor {
         if matches!(self.phase, Phase::Terminated) {
             return;
         }
-        let calls: Vec<u64> = self.calls.keys().copied().collect();
-        for call in calls {
-            if let Some(record) = self.calls.remove(&call) {
-                self.finish_call(
-                    record,
-                    Err(Error::invalid_state(
-                        "the pool was terminated before this call finished",
-                    )),
-                );
-            }
-        }
+        self.end_calls(|_| {
+            Error::invalid_state("the pool was terminated before this call finished")
+        });
         if !matches!(self.phase, Phase::Broken(_)) {
             self.phase = Phase::Terminated;
             self.shared.update(|s| s.phase = Phase::Terminated);
@@ -969,16 +973,7 @@ impl Handler<KillWorkers> for PoolSupervisor {
     type Result = ();
 
     fn handle(&mut self, _: KillWorkers, ctx: &mut Context<Self>) {
-        let ids: Vec<String> = self.workers.keys().cloned().collect();
-        let executor = self.executor.clone();
-        ctx.spawn(
-            async move {
-                for id in ids {
-                    let _ = executor.signal(id, StopSignal::Kill).await;
-                }
-            }
-            .into_actor(self),
-        );
+        self.signal_workers(ctx, StopSignal::Kill);
     }
 }
 
