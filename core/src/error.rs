@@ -120,6 +120,11 @@ pub enum Error {
     #[error("backend: {0}")]
     Backend(String),
 
+    /// The input of a pool call failed part way: its iterator panicked. The items read before
+    /// were run and their results delivered first (Python re-raises the iterator's exception).
+    #[error("the input of the call failed: {0}")]
+    Input(String),
+
     /// An operating-system call failed.
     #[error("{context}: {source}")]
     Io {
@@ -151,6 +156,22 @@ impl Error {
     /// An [`Error::InvalidState`] with the given reason.
     pub fn invalid_state(reason: impl Into<String>) -> Self {
         Error::InvalidState(reason.into())
+    }
+
+    /// True when Redis could not be reached or did not answer (connection refused or dropped,
+    /// I/O error, timeout), as opposed to a reply Redis gave. Such a failure says nothing about
+    /// the operation or the worker that ran it: the store is away.
+    pub fn is_store_unreachable(&self) -> bool {
+        match self {
+            Error::Redis { source, .. } => {
+                source.is_io_error()
+                    || source.is_timeout()
+                    || source.is_connection_dropped()
+                    || source.is_connection_refusal()
+                    || source.is_unrecoverable_error()
+            }
+            _ => false,
+        }
     }
 }
 
@@ -188,8 +209,11 @@ impl fmt::Display for TaskErrorKind {
 }
 
 /// The failure of one remote call, as seen by the caller.
+///
+/// Displayed as ``task `f` failed (panic, item 12, attempt 1): message``; a panic's message ends
+/// with where it happened (`at src/main.rs:10:5`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("task `{function}` failed ({kind}, attempt {attempts}): {message}")]
+#[error("task `{function}` failed ({kind}{}{}): {message}", item_part(*.item), attempts_part(*.attempts))]
 pub struct TaskError {
     /// The function's registered name.
     pub function: String,
@@ -197,8 +221,23 @@ pub struct TaskError {
     pub message: String,
     /// How it failed.
     pub kind: TaskErrorKind,
-    /// How many times the call was attempted.
+    /// How many times the call was attempted; 0 when it never ran (its pool gave up first).
     pub attempts: u32,
+    /// For a pool call, the index of the failing item in the whole input (`None` for a
+    /// `Process`, or when no item is to blame: a pool that gave up).
+    #[serde(default)]
+    pub item: Option<u64>,
+}
+
+fn item_part(item: Option<u64>) -> String {
+    item.map(|i| format!(", item {i}")).unwrap_or_default()
+}
+
+fn attempts_part(attempts: u32) -> String {
+    match attempts {
+        0 => String::new(),
+        n => format!(", attempt {n}"),
+    }
 }
 
 #[cfg(test)]
@@ -225,7 +264,27 @@ mod tests {
             message: "boom".into(),
             kind: TaskErrorKind::Panic,
             attempts: 1,
+            item: None,
         });
         assert_eq!(e.to_string(), "task `f` failed (panic, attempt 1): boom");
+        let e = TaskError {
+            function: "f".into(),
+            message: "the pool gave up".into(),
+            kind: TaskErrorKind::Crashed,
+            attempts: 0,
+            item: None,
+        };
+        assert_eq!(e.to_string(), "task `f` failed (crashed): the pool gave up");
+        let e = TaskError {
+            function: "f".into(),
+            message: "boom".into(),
+            kind: TaskErrorKind::Error,
+            attempts: 2,
+            item: Some(12),
+        };
+        assert_eq!(
+            e.to_string(),
+            "task `f` failed (error, item 12, attempt 2): boom"
+        );
     }
 }

@@ -121,15 +121,56 @@ impl Failure {
 }
 
 /// Calls a registered function, turning a panic into a [`Failure`] of kind
-/// [`TaskErrorKind::Panic`] with the panic message.
+/// [`TaskErrorKind::Panic`] whose message is the panic's message followed by where it happened
+/// (`boom at src/main.rs:10:5`).
 pub fn call(function: &RemoteFunction, args: &[u8], limit: usize) -> Result<Returned, Failure> {
-    match catch_unwind(AssertUnwindSafe(|| (function.invoke)(args, limit))) {
-        Ok(result) => result,
-        Err(payload) => Err(Failure {
+    catch_panic(|| (function.invoke)(args, limit)).unwrap_or_else(Err)
+}
+
+/// Runs `f`, turning a panic into a [`Failure`] of kind [`TaskErrorKind::Panic`] with the panic's
+/// message and location.
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, Failure> {
+    install_location_hook();
+    PANIC_LOCATION.with(|l| l.borrow_mut().take());
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        let mut message = panic_message(payload.as_ref());
+        if let Some(location) = PANIC_LOCATION.with(|l| l.borrow_mut().take()) {
+            message.push_str(" at ");
+            message.push_str(&location);
+        }
+        Failure {
             kind: TaskErrorKind::Panic,
-            message: panic_message(payload.as_ref()),
-        }),
-    }
+            message,
+        }
+    })
+}
+
+thread_local! {
+    /// Where the last panic on this thread happened, recorded by the hook below.
+    static PANIC_LOCATION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Chains a panic hook that records each panic's location for [`catch_panic`] before running
+/// the hook that was installed (the default one prints the panic). Installed once; a hook the
+/// application installs later replaces it, and panics are then reported without a location.
+fn install_location_hook() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some(location) = info.location() {
+                let text = format!(
+                    "{}:{}:{}",
+                    location.file(),
+                    location.line(),
+                    location.column()
+                );
+                // A panic during thread teardown must not panic again.
+                let _ = PANIC_LOCATION.try_with(|l| *l.borrow_mut() = Some(text));
+            }
+            previous(info);
+        }));
+    });
 }
 
 /// The message of a panic payload.
@@ -330,7 +371,13 @@ mod tests {
         };
         let failure = call(&f, &[], 1024).expect_err("panics");
         assert_eq!(failure.kind, TaskErrorKind::Panic);
-        assert_eq!(failure.message, "kaboom 7");
+        assert!(
+            failure
+                .message
+                .starts_with("kaboom 7 at core/src/registry.rs:"),
+            "the message names the panic's location: {}",
+            failure.message
+        );
     }
 
     struct Opaque;

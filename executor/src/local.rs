@@ -4,7 +4,10 @@
 //! `SHOAL_WORKER_TASK`/`SHOAL_WORKER_REDIS`, `multiprocessing.env_vars` set, stdin from
 //! `/dev/null` and stdout/stderr inherited, so a child's output reaches the parent's terminal.
 //! Its exit is observed by waiting on the child (`waitpid`), which gives the real code, negative
-//! when a signal ended it. Signals go to the pid while the child is known not to have been
+//! when a signal ended it. A worker launched with [`Launch::die_with_parent`] (pool workers,
+//! daemon children) gets `PR_SET_PDEATHSIG = SIGTERM`: the kernel terminates it when this
+//! process dies, even by `SIGKILL`. The signal is tied to the thread that forked the child; that
+//! is the actor system's thread, which lives as long as the runtime that owns the child. Signals go to the pid while the child is known not to have been
 //! reaped (the actor removes a child in the same step that reaps it), so a recycled pid is never
 //! signalled.
 //!
@@ -109,6 +112,25 @@ impl LocalExecutor {
             .env(ENV_WORKER_REDIS, &address.redis_url)
             .stdin(Stdio::null())
             .kill_on_drop(false);
+        if launch.die_with_parent {
+            let parent = std::process::id();
+            // SAFETY: the closure runs in the forked child before exec, where only
+            // async-signal-safe operations are allowed. It makes two system calls, prctl and
+            // getppid, both async-signal-safe; it allocates nothing and takes no lock (the
+            // error it may build wraps an errno value, without allocating).
+            #[allow(unsafe_code)]
+            unsafe {
+                command.pre_exec(move || {
+                    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                        .map_err(std::io::Error::from)?;
+                    // This process may have died before prctl took effect.
+                    if nix::unistd::getppid().as_raw() as u32 != parent {
+                        return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+                    }
+                    Ok(())
+                });
+            }
+        }
         if let Some(entry) = &self.settings.test_entry {
             command
                 .arg(entry)
@@ -342,6 +364,7 @@ mod tests {
                 info: ProcessInfo::main(),
             },
             env: Default::default(),
+            die_with_parent: false,
             notify,
         }
     }
@@ -429,6 +452,7 @@ mod tests {
                 task_id: "x".into(),
             },
             env: Default::default(),
+            die_with_parent: false,
             notify: collector.recipient(),
         };
         match futures::executor::block_on(executor.launch(launch)) {

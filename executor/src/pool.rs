@@ -5,9 +5,14 @@
 //!
 //! | key | type | contents |
 //! | --- | --- | --- |
-//! | `shoal:{<ns>:pool:<id>}:tasks` | stream, group `workers` | chunk entries `c` call, `k` chunk index, `a` attempt, `f` function, `p` items; or a stop entry `s`=`1` |
-//! | `shoal:{<ns>:pool:<id>}:results` | stream | `c`, `k`, `a`, `w` worker, then `p` (a [`ChunkOutcome`]) or `x` (the chunk crashed: a message) |
+//! | `shoal:{<ns>:pool:<id>}:tasks` | stream, group `workers` | chunk entries `c` call, `k` chunk index, `a` attempt, `f` function, `o` index of the chunk's first item in the input, `d` items of the chunk already done (skipped), `p` items; or a stop entry `s`=`1` |
+//! | `shoal:{<ns>:pool:<id>}:results` | stream | `c`, `k`, `a`, `w` worker, `o` offset in the chunk of the first item it covers, `n`=`1` on a partial outcome, then `p` (a [`ChunkOutcome`]) or `x` (the chunk crashed: a message) |
+//! | `shoal:{<ns>:pool:<id>}:progress` | hash | task entry id → items of that chunk done and reported |
 //! | `shoal:{<ns>:pool:<id>}:workers` | hash | worker id → last heartbeat (Unix ms) |
+//! | `shoal:{<ns>:pool:<id>}:driver` | string | present while the pool's driver lives (short TTL, refreshed by the supervisor) |
+//!
+//! A chunk entry also carries `o`, the index of its first item in the call's input (for errors
+//! and logs).
 //!
 //! # A worker ([`run_worker`])
 //!
@@ -21,14 +26,42 @@
 //! a stop entry, after `maxtasksperchild` chunks, or when the pool's streams are gone. A heartbeat
 //! thread renews the lease of the chunks in hand every third of the lease (`XCLAIM` to itself with
 //! idle 0 resets an entry's idle time) and stamps the `workers` hash, so a chunk that runs for
-//! hours is never taken from a live worker.
+//! hours is never taken from a live worker. After the chunks of one read, the worker runs the
+//! process's exit hooks (queue feeders flush, and forget a `close()`) before it sends their
+//! outcomes, so what a task put on a queue is there before its result, and the next task starts
+//! clean.
+//!
+//! # A worker's driver and its store
+//!
+//! A worker must not run on for nobody. Its heartbeat thread also checks the `driver` key
+//! ([`PoolWorkerSpec::driver_ttl_ms`]); when the key has been missing for half its TTL (so a
+//! Redis stall that outlived the TTL does not count: the driver refreshes it right after), the
+//! driver is gone and the worker exits at once with [`EXIT_DRIVER_GONE`], whatever it runs. A
+//! local worker is usually ended before that by its parent-death signal.
+//!
+//! When Redis cannot be reached (refused, dropped, timed out), a worker retries its read or its
+//! send for `redis.response_timeout_secs`, then exits with [`EXIT_STORE_LOST`]. The supervisor
+//! does not count that exit as a crash; it judges the store itself.
+//!
+//! # Long chunks keep their progress
+//!
+//! A chunk that runs for longer than [`FIRST_PROGRESS`] sends the outcomes of the items it has
+//! done so far as a partial outcome, and records how far it got in the `progress` hash, in one
+//! pipeline; then again every [`PROGRESS_EVERY`] (chunks shorter than [`FIRST_PROGRESS`] never
+//! do). A chunk whose worker dies is redelivered from there (`d`); when its worker got further
+//! than where the attempt started, the death is not the chunk's doing and its attempts count
+//! starts again at 1: only a chunk that kills `1 + retries` workers in a row without progress
+//! fails. So a map of long chunks completes while workers are
+//! killed at random faster than a chunk's run time, and a chunk that always kills its worker
+//! still fails. The supervisor puts a chunk's parts together when its final outcome arrives.
 //!
 //! # Redelivery ([`requeue_consumer`], [`requeue_idle`])
 //!
 //! When the executor reports a worker's exit, or a chunk's idle time passes the lease, the
 //! supervisor runs `pool_requeue.lua`, which moves each such pending chunk exactly once: added
-//! again with `attempt + 1`, or, when `1 + retries` attempts are used up, answered with a crash
-//! entry. A slow worker presumed dead may still answer: the supervisor keeps one outcome per chunk.
+//! again from its progress, with `attempt + 1` when it made none, or, when `1 + retries`
+//! attempts are used up, answered with a crash entry. A slow worker presumed dead may still
+//! answer: the supervisor keeps one outcome per chunk.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -58,6 +91,18 @@ pub const MAX_PREFETCH: usize = 16;
 /// A chunk that ran for less than this is cheap.
 const CHEAP_CHUNK: Duration = Duration::from_millis(1);
 
+/// Exit code of a worker that gave up because Redis could not be reached (`EX_TEMPFAIL`).
+pub const EXIT_STORE_LOST: i32 = 75;
+/// Exit code of a pool worker whose driver is gone.
+pub const EXIT_DRIVER_GONE: i32 = 76;
+/// Pause between two attempts to reach a store that did not answer.
+const STORE_RETRY: Duration = Duration::from_millis(200);
+/// How often a long chunk reports the items it has done.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// When a chunk first reports its progress: early, so that a worker killed soon after it took a
+/// chunk has rarely left it without progress; chunks shorter than this never report.
+pub const FIRST_PROGRESS: Duration = Duration::from_millis(10);
+
 /// The keys of one pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolKeys {
@@ -67,6 +112,10 @@ pub struct PoolKeys {
     pub results: String,
     /// The heartbeat hash.
     pub workers: String,
+    /// The driver's liveness key.
+    pub driver: String,
+    /// How far long chunks got.
+    pub progress: String,
 }
 
 impl PoolKeys {
@@ -77,6 +126,8 @@ impl PoolKeys {
             tasks: object.key("tasks"),
             results: object.key("results"),
             workers: object.key("workers"),
+            driver: object.key("driver"),
+            progress: object.key("progress"),
         }
     }
 }
@@ -104,6 +155,24 @@ pub struct PoolWorkerSpec {
     pub maxtasksperchild: Option<u64>,
     /// The chunk lease; the heartbeat renews it every third of it.
     pub lease_ms: u64,
+    /// TTL of the driver's liveness key; 0: do not watch it (a worker thread of the driver).
+    #[serde(default)]
+    pub driver_ttl_ms: u64,
+}
+
+/// The TTL of a pool driver's liveness key for a chunk lease: half the lease, within 1 to 5 s.
+/// Workers check the key every [`driver_check_every`] and exit when it has been missing for
+/// half the TTL: at most 1.5 × TTL + one check after the driver died, which is less than the
+/// lease plus a second.
+pub fn driver_ttl(lease: Duration) -> Duration {
+    (lease / 2).clamp(Duration::from_secs(1), Duration::from_secs(5))
+}
+
+/// How often a worker checks its driver's liveness key (and renews its lease).
+pub fn driver_check_every(lease: Duration, driver_ttl: Duration) -> Duration {
+    (lease / 3)
+        .min(driver_ttl / 4)
+        .max(Duration::from_millis(10))
 }
 
 /// One chunk as the feeder writes it.
@@ -117,6 +186,8 @@ pub struct ChunkEntry {
     pub function: String,
     /// The encoded items ([`encode_items`]).
     pub payload: Vec<u8>,
+    /// The index of its first item in the call's input.
+    pub first_item: u64,
 }
 
 impl ChunkEntry {
@@ -133,6 +204,8 @@ impl ChunkEntry {
             .arg(1)
             .arg("f")
             .arg(&self.function)
+            .arg("o")
+            .arg(self.first_item)
             .arg("p")
             .arg(&self.payload)
             .ignore();
@@ -177,6 +250,11 @@ pub struct ResultEntry {
     pub attempt: u32,
     /// The worker that produced it (or held it when it crashed).
     pub worker: String,
+    /// The offset in the chunk of the first item it covers (for a crash: how far the chunk
+    /// got).
+    pub offset: u64,
+    /// A partial outcome of a long chunk: more follows.
+    pub partial: bool,
     /// The outcome.
     pub body: ResultBody,
 }
@@ -197,6 +275,8 @@ impl ResultEntry {
         let chunk: u64 = entry.get("k")?;
         let attempt: u32 = entry.get("a")?;
         let worker: String = entry.get("w").unwrap_or_default();
+        let offset: u64 = entry.get("o").unwrap_or_default();
+        let partial = entry.map.contains_key("n");
         let body = match entry.get::<Vec<u8>>("p") {
             Some(p) => ResultBody::Outcome(p),
             None => ResultBody::Crashed(entry.get("x")?),
@@ -207,6 +287,8 @@ impl ResultEntry {
             chunk,
             attempt,
             worker,
+            offset,
+            partial,
             body,
         })
     }
@@ -245,6 +327,8 @@ pub fn delete_streams(store: &Store, keys: &PoolKeys) -> Result<()> {
                 .arg(&keys.tasks)
                 .arg(&keys.results)
                 .arg(&keys.workers)
+                .arg(&keys.driver)
+                .arg(&keys.progress)
                 .query::<()>(c)
         },
     )
@@ -302,6 +386,7 @@ async fn requeue(
     let reply: Vec<redis::Value> = REQUEUE
         .key(&keys.tasks)
         .key(&keys.results)
+        .key(&keys.progress)
         .arg(GROUP)
         .arg(mode)
         .arg(&target)
@@ -340,8 +425,8 @@ pub enum WorkerEnd {
     Terminated,
 }
 
-/// Runs a pool worker until it should stop. `Err` (exit code 1) when the initializer fails or
-/// Redis fails.
+/// Runs a pool worker until it should stop. `Err` (exit code 1) when the initializer fails;
+/// a store error when Redis stayed unreachable for the response timeout.
 pub fn run_worker(store: &Arc<Store>, spec: &PoolWorkerSpec) -> Result<WorkerEnd> {
     let keys = PoolKeys::new(store.keys(), &spec.pool_id);
     let limit = store.settings().max_message_bytes;
@@ -353,13 +438,12 @@ pub fn run_worker(store: &Arc<Store>, spec: &PoolWorkerSpec) -> Result<WorkerEnd
     let heartbeat = {
         let store = store.clone();
         let keys = keys.clone();
-        let worker = spec.worker_id.clone();
+        let spec = spec.clone();
         let in_hand = in_hand.clone();
         let done = done.clone();
-        let every = Duration::from_millis((spec.lease_ms / 3).max(10));
         std::thread::Builder::new()
             .name("shoal-heartbeat".into())
-            .spawn(move || heartbeat(&store, &keys, &worker, &in_hand, &done, every))
+            .spawn(move || heartbeat(&store, &keys, &spec, &in_hand, &done))
             .map_err(|e| Error::io("starting the heartbeat thread", e))?
     };
     let result = serve(store, spec, &keys, &in_hand, limit);
@@ -391,8 +475,29 @@ fn run_initializer(init: &Initializer, limit: usize) -> Result<()> {
                 message: failure.message,
                 kind: failure.kind,
                 attempts: 1,
+                item: None,
             })
         })
+}
+
+/// Runs `op` until it succeeds, fails with a reply from Redis, or Redis has been unreachable
+/// for the store's response timeout (then its last error).
+fn with_store_retry<T>(store: &Store, mut op: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut unreachable_since: Option<std::time::Instant> = None;
+    loop {
+        let attempt_started = std::time::Instant::now();
+        match op() {
+            Err(e) if e.is_store_unreachable() => {
+                let since = *unreachable_since.get_or_insert(attempt_started);
+                if since.elapsed() >= store.settings().response_timeout {
+                    return Err(e);
+                }
+                tracing::warn!("pool worker: {e}; retrying");
+                std::thread::sleep(STORE_RETRY);
+            }
+            other => return other,
+        }
+    }
 }
 
 fn serve(
@@ -412,24 +517,26 @@ fn serve(
             Some(max) => prefetch.min(max.saturating_sub(chunks_done).max(1) as usize),
             None => prefetch,
         };
-        let read = store.with_blocking_conn(
-            Some(READ_BLOCK),
-            || format!("reading {}", keys.tasks),
-            |c| {
-                redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(GROUP)
-                    .arg(&spec.worker_id)
-                    .arg("COUNT")
-                    .arg(count)
-                    .arg("BLOCK")
-                    .arg(READ_BLOCK.as_millis() as u64)
-                    .arg("STREAMS")
-                    .arg(&keys.tasks)
-                    .arg(">")
-                    .query::<Option<StreamReadReply>>(c)
-            },
-        );
+        let read = with_store_retry(store, || {
+            store.with_blocking_conn(
+                Some(READ_BLOCK),
+                || format!("reading {}", keys.tasks),
+                |c| {
+                    redis::cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg(GROUP)
+                        .arg(&spec.worker_id)
+                        .arg("COUNT")
+                        .arg(count)
+                        .arg("BLOCK")
+                        .arg(READ_BLOCK.as_millis() as u64)
+                        .arg("STREAMS")
+                        .arg(&keys.tasks)
+                        .arg(">")
+                        .query::<Option<StreamReadReply>>(c)
+                },
+            )
+        });
         let reply = match read {
             Ok(reply) => reply,
             Err(Error::Redis { source, .. }) if source.code() == Some("NOGROUP") => {
@@ -451,6 +558,7 @@ fn serve(
         let mut stop = false;
         let mut pipe = redis::pipe();
         let mut ids: Vec<&str> = Vec::with_capacity(entries.len());
+        let mut reported: Vec<&str> = Vec::new();
         let mut ran = 0u32;
         for entry in &entries {
             ids.push(&entry.id);
@@ -458,9 +566,24 @@ fn serve(
                 stop = true;
                 continue;
             }
-            let function: String = entry.get("f").unwrap_or_default();
+            let chunk = ChunkRun {
+                entry,
+                function: entry.get("f").unwrap_or_default(),
+                call: entry.get("c").unwrap_or_default(),
+                chunk: entry.get("k").unwrap_or_default(),
+                attempt: entry.get("a").unwrap_or(1),
+                first_item: entry.get("o").unwrap_or_default(),
+                done: entry.get("d").unwrap_or_default(),
+            };
             let payload: Vec<u8> = entry.get("p").unwrap_or_default();
-            let outcome = run_chunk(store, &function, &payload, limit, &keys.tasks);
+            let mut report = |offset: u64, outputs: &[ByteBuf]| {
+                report_progress(store, keys, spec, &chunk, offset, outputs)
+            };
+            let (outcome, offset, progressed) =
+                run_chunk(store, &chunk, &payload, limit, &keys.tasks, &mut report);
+            if progressed {
+                reported.push(&entry.id);
+            }
             let encoded = store.encode(&outcome, &keys.results).or_else(|e| {
                 let failed = ChunkOutcome {
                     outputs: Vec::new(),
@@ -472,31 +595,41 @@ fn serve(
                 };
                 store.encode(&failed, &keys.results)
             })?;
-            let call: u64 = entry.get("c").unwrap_or_default();
-            let chunk: u64 = entry.get("k").unwrap_or_default();
-            let attempt: u32 = entry.get("a").unwrap_or(1);
             pipe.cmd("XADD")
                 .arg(&keys.results)
                 .arg("*")
                 .arg("c")
-                .arg(call)
+                .arg(chunk.call)
                 .arg("k")
-                .arg(chunk)
+                .arg(chunk.chunk)
                 .arg("a")
-                .arg(attempt)
+                .arg(chunk.attempt)
                 .arg("w")
                 .arg(&spec.worker_id)
+                .arg("o")
+                .arg(offset)
                 .arg("p")
                 .arg(encoded)
                 .ignore();
             ran += 1;
         }
+        if !reported.is_empty() {
+            pipe.hdel(&keys.progress, &reported).ignore();
+        }
         pipe.xack(&keys.tasks, GROUP, &ids).ignore();
         pipe.xdel(&keys.tasks, &ids).ignore();
-        store.with_conn(
-            || format!("sending results to {}", keys.results),
-            |c| pipe.query::<()>(c),
-        )?;
+        if ran > 0 {
+            // The tasks ended: what they put on queues reaches Redis before their results, and
+            // the next task starts with this process's queues open again.
+            context::run_exit_hooks();
+        }
+        // A resend after a lost reply may add an outcome twice; the supervisor keeps one.
+        with_store_retry(store, || {
+            store.with_conn(
+                || format!("sending results to {}", keys.results),
+                |c| pipe.query::<()>(c),
+            )
+        })?;
         in_hand.lock().unwrap_or_else(|p| p.into_inner()).clear();
         if stop {
             return Ok(WorkerEnd::Stopped);
@@ -514,14 +647,83 @@ fn serve(
     }
 }
 
-/// Runs a chunk's items in order until one fails.
+/// A chunk entry being run.
+struct ChunkRun<'a> {
+    entry: &'a StreamId,
+    function: String,
+    call: u64,
+    chunk: u64,
+    attempt: u32,
+    /// The index of the chunk's first item in the call's input.
+    first_item: u64,
+    /// Items of the chunk done by earlier attempts (skipped).
+    done: u64,
+}
+
+/// Sends the outcomes of a long chunk's items `offset..offset + outputs.len()` as a partial
+/// outcome and records the chunk's progress, in one round trip.
+fn report_progress(
+    store: &Store,
+    keys: &PoolKeys,
+    spec: &PoolWorkerSpec,
+    chunk: &ChunkRun<'_>,
+    offset: u64,
+    outputs: &[ByteBuf],
+) -> Result<()> {
+    let part = ChunkOutcome {
+        outputs: outputs.to_vec(),
+        failure: None,
+    };
+    let encoded = store.encode(&part, &keys.results)?;
+    store.with_conn(
+        || format!("reporting progress to {}", keys.results),
+        |c| {
+            redis::pipe()
+                .cmd("XADD")
+                .arg(&keys.results)
+                .arg("*")
+                .arg("c")
+                .arg(chunk.call)
+                .arg("k")
+                .arg(chunk.chunk)
+                .arg("a")
+                .arg(chunk.attempt)
+                .arg("w")
+                .arg(&spec.worker_id)
+                .arg("o")
+                .arg(offset)
+                .arg("n")
+                .arg(1)
+                .arg("p")
+                .arg(encoded)
+                .ignore()
+                .hset(
+                    &keys.progress,
+                    &chunk.entry.id,
+                    offset + outputs.len() as u64,
+                )
+                .ignore()
+                .expire(&keys.progress, store.expiry_secs() as i64)
+                .ignore()
+                .query::<()>(c)
+        },
+    )
+}
+
+/// Runs a chunk's items in order, from the first one not done yet, until one fails. Every
+/// [`PROGRESS_EVERY`], `report(offset, outputs)` sends the outcomes gathered so far (kept for
+/// the final outcome when it fails). Returns the final outcome, the offset in the chunk of its
+/// first output, and whether progress was reported.
 fn run_chunk(
     store: &Store,
-    function: &str,
+    chunk: &ChunkRun<'_>,
     payload: &[u8],
     limit: usize,
     key: &str,
-) -> ChunkOutcome {
+    report: &mut dyn FnMut(u64, &[ByteBuf]) -> Result<()>,
+) -> (ChunkOutcome, u64, bool) {
+    let function = chunk.function.as_str();
+    let mut offset = chunk.done;
     let fail = |index: u32, failure: Failure| ChunkOutcome {
         outputs: Vec::new(),
         failure: Some(ItemFailure {
@@ -534,51 +736,85 @@ fn run_chunk(
         let e = Error::NotRegistered {
             function: function.to_string(),
         };
-        return fail(0, Failure::error(e));
+        return (fail(0, Failure::error(e)), offset, false);
     };
     let items: Vec<ByteBuf> = match store.decode(payload, key) {
         Ok(items) => items,
-        Err(e) => return fail(0, Failure::error(e)),
+        Err(e) => return (fail(0, Failure::error(e)), offset, false),
     };
-    let mut outputs = Vec::with_capacity(items.len());
-    for (index, item) in items.iter().enumerate() {
+    let skip = usize::try_from(chunk.done).unwrap_or(usize::MAX);
+    let mut outputs = Vec::with_capacity(items.len().saturating_sub(skip));
+    let mut progressed = false;
+    let mut since_report = std::time::Instant::now();
+    let mut report_after = FIRST_PROGRESS;
+    for (index, item) in items.iter().enumerate().skip(skip) {
         let result = registry::call(entry, item, limit).and_then(|returned| returned.value);
         match result {
             Ok(bytes) => outputs.push(ByteBuf::from(bytes)),
             Err(failure) => {
                 if failure.kind == TaskErrorKind::Panic {
                     // The panic hook printed it; say which task it was.
-                    eprintln!("shoal: {function} panicked on item {index} of a chunk");
+                    eprintln!(
+                        "shoal: {function} panicked on item {} of the call",
+                        chunk.first_item + index as u64
+                    );
                 }
-                return ChunkOutcome {
+                let failed_at = (index as u64 - offset) as u32;
+                let outcome = ChunkOutcome {
                     outputs,
                     failure: Some(ItemFailure {
-                        index: index as u32,
+                        index: failed_at,
                         kind: failure.kind,
                         message: failure.message,
                     }),
                 };
+                return (outcome, offset, progressed);
             }
         }
+        if since_report.elapsed() >= report_after && index + 1 < items.len() {
+            // On failure the outputs stay here and go with the final outcome.
+            match report(offset, &outputs) {
+                Ok(()) => {
+                    offset += outputs.len() as u64;
+                    outputs.clear();
+                    progressed = true;
+                }
+                Err(e) => tracing::warn!("pool worker: {e}"),
+            }
+            since_report = std::time::Instant::now();
+            report_after = PROGRESS_EVERY;
+        }
     }
-    ChunkOutcome {
+    let outcome = ChunkOutcome {
         outputs,
         failure: None,
-    }
+    };
+    (outcome, offset, progressed)
 }
 
+/// The worker's heartbeat thread: renews the lease of the chunks in hand, stamps the `workers`
+/// hash and, when `spec.driver_ttl_ms` is set, ends the process once the driver is gone.
 fn heartbeat(
     store: &Store,
     keys: &PoolKeys,
-    worker: &str,
+    spec: &PoolWorkerSpec,
     in_hand: &Mutex<Vec<String>>,
     done: &AtomicBool,
-    every: Duration,
 ) {
+    let lease = Duration::from_millis(spec.lease_ms);
+    let driver_ttl = Duration::from_millis(spec.driver_ttl_ms);
+    let watch_driver = spec.driver_ttl_ms > 0;
+    let every = if watch_driver {
+        driver_check_every(lease, driver_ttl)
+    } else {
+        (lease / 3).max(Duration::from_millis(10))
+    };
+    let worker = spec.worker_id.as_str();
     let step = Duration::from_millis(10).min(every);
+    let mut driver_missing_since: Option<std::time::Instant> = None;
     loop {
         let current = in_hand.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let _ = store.with_conn(
+        let beat = store.with_conn(
             || format!("heartbeat of {worker}"),
             |c| {
                 let mut pipe = redis::pipe();
@@ -595,9 +831,25 @@ fn heartbeat(
                         .arg("JUSTID")
                         .ignore();
                 }
-                pipe.query::<()>(c)
+                pipe.exists(&keys.driver);
+                pipe.query::<(bool,)>(c)
             },
         );
+        // Only an answer from Redis is evidence about the driver; an error is not.
+        if let (true, Ok((driver_alive,))) = (watch_driver, beat) {
+            if driver_alive {
+                driver_missing_since = None;
+            } else {
+                let since = *driver_missing_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= driver_ttl / 2 {
+                    eprintln!(
+                        "shoal pool worker {worker}: the driver of pool {} is gone; exiting",
+                        spec.pool_id
+                    );
+                    std::process::exit(EXIT_DRIVER_GONE);
+                }
+            }
+        }
         let mut slept = Duration::ZERO;
         while slept < every {
             if done.load(Ordering::Acquire) {

@@ -1,14 +1,17 @@
 -- Gives the chunks of dead or silent pool workers to live ones, atomically.
--- KEYS[1] tasks stream, KEYS[2] results stream
+-- KEYS[1] tasks stream, KEYS[2] results stream, KEYS[3] progress hash
 -- ARGV[1] consumer group
 -- ARGV[2] 'consumer': every chunk pending on consumer ARGV[3] (a worker that exited), which is
 --         then removed from the group; 'idle': every chunk pending longer than ARGV[3] ms (its
 --         worker stopped renewing the lease)
 -- ARGV[4] attempts allowed (1 + retries)
 -- ARGV[5] TTL in seconds
--- A chunk with attempts left is added again with attempt + 1; one without is answered in the
--- results stream with a crash entry (field x). Either way the old entry is acked and deleted, so
--- each pending chunk moves exactly once.
+-- A chunk is added again from where its progress says it got (field d: items done). When the
+-- attempt got further than where it started, the death was not the chunk's doing and it starts
+-- again at attempt 1; an attempt without progress counts, and a chunk whose 1 + retries attempts
+-- in a row made none is answered in the results stream with a crash entry (field x, offset o =
+-- how far it got). Either way the old entry is acked and deleted and its progress
+-- removed, so each pending chunk moves exactly once.
 -- Returns {requeued, failed, consumer...}: the counts and the consumers whose chunks moved.
 local pending
 if ARGV[2] == 'consumer' then
@@ -31,17 +34,25 @@ for _, p in ipairs(pending) do
       redis.call('XADD', KEYS[1], '*', 's', '1')
     else
       local attempt = tonumber(f['a'])
-      if attempt >= tonumber(ARGV[4]) then
+      local started_at = tonumber(f['d'] or '0')
+      local done = tonumber(redis.call('HGET', KEYS[3], id) or started_at)
+      if done > started_at then
+        -- The worker got further: this death is not the chunk's doing.
+        redis.call('XADD', KEYS[1], '*', 'c', f['c'], 'k', f['k'], 'a', '1',
+          'f', f['f'], 'o', f['o'] or '0', 'd', tostring(done), 'p', f['p'])
+        requeued = requeued + 1
+      elseif attempt >= tonumber(ARGV[4]) then
         redis.call('XADD', KEYS[2], '*', 'c', f['c'], 'k', f['k'], 'a', f['a'], 'w', consumer,
-          'x', 'the worker running it died or stopped renewing its lease')
+          'o', tostring(done), 'x', 'the worker running it died or stopped renewing its lease')
         failed = failed + 1
       else
         redis.call('XADD', KEYS[1], '*', 'c', f['c'], 'k', f['k'], 'a', tostring(attempt + 1),
-          'f', f['f'], 'p', f['p'])
+          'f', f['f'], 'o', f['o'] or '0', 'd', tostring(done), 'p', f['p'])
         requeued = requeued + 1
       end
     end
   end
+  redis.call('HDEL', KEYS[3], id)
   redis.call('XACK', KEYS[1], ARGV[1], id)
   redis.call('XDEL', KEYS[1], id)
   if not seen[consumer] then

@@ -55,6 +55,11 @@ pub struct Launch {
     pub workload: Workload,
     /// Extra environment variables (`multiprocessing.env_vars`) for subprocesses.
     pub env: BTreeMap<String, String>,
+    /// The worker must not outlive the process that launched it: pool workers and daemon
+    /// children. A local subprocess gets the parent-death signal (`SIGTERM` when this process
+    /// dies, even by `SIGKILL`); remote backends rely on the worker watching its driver's
+    /// liveness key instead.
+    pub die_with_parent: bool,
     /// Who is told when the worker ends.
     pub notify: Recipient<WorkerExited>,
 }

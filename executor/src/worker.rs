@@ -14,7 +14,8 @@
 //! 5. runs the caller's end-of-task hook (the runtime joins this worker's own non-daemon
 //!    children there, as Python does at exit);
 //! 6. records the exit in the status hash and returns the exit code: 0 when the function
-//!    returned, 1 when it panicked, returned `Err`, or could not run.
+//!    returned, 1 when it panicked, returned `Err`, or could not run, and
+//!    [`EXIT_STORE_LOST`] (75) when Redis could not be reached (nothing is recorded then).
 //!
 //! A function that calls `std::process::exit(n)` ends the worker at once with code `n`; the
 //! backend observes that code (the status hash then still says `running`).
@@ -29,7 +30,7 @@ use shoal_core::registry::{self, Failure};
 use shoal_core::store::{Store, StoreSettings};
 
 use crate::output::OutputCapture;
-use crate::pool;
+use crate::pool::{self, EXIT_STORE_LOST};
 use crate::task::{ExitRecord, ProcessKeys, TaskAddress, TaskKind, TaskRecord};
 
 /// Runs the task at `address` and returns the exit code the process should exit with.
@@ -38,7 +39,11 @@ pub fn run(address: &TaskAddress, on_task_end: &dyn Fn()) -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("shoal worker {}: {e}", address.id);
-            1
+            if e.is_store_unreachable() {
+                EXIT_STORE_LOST
+            } else {
+                1
+            }
         }
     }
 }
@@ -85,9 +90,12 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
         ),
         TaskKind::PoolWorker(spec) => (
             format!("pool {}", spec.pool_id),
-            pool::run_worker(&store, spec)
-                .map(|_| ())
-                .map_err(Failure::error),
+            match pool::run_worker(&store, spec) {
+                Ok(_) => Ok(()),
+                // Nothing can be recorded: exit with the store-lost code.
+                Err(e) if e.is_store_unreachable() => return Err(e),
+                Err(e) => Err(Failure::error(e)),
+            },
         ),
     };
     let exit = match &outcome {

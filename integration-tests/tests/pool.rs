@@ -199,8 +199,14 @@ fn a_panic_fails_map_with_the_first_failing_item() {
         Err(Error::Task(e)) => {
             assert_eq!(e.kind, TaskErrorKind::Panic);
             assert!(e.function.ends_with("::panics_on"), "{}", e.function);
-            assert_eq!(e.message, "item 17 is bad");
+            assert!(
+                e.message
+                    .starts_with("item 17 is bad at integration-tests/tests/pool.rs:"),
+                "the message ends with the panic's location: {}",
+                e.message
+            );
             assert_eq!(e.attempts, 1);
+            assert_eq!(e.item, Some(17), "the index in the whole input");
         }
         other => panic!("{other:?}"),
     }
@@ -234,7 +240,9 @@ fn imap_yields_every_result_before_the_failing_item_then_the_error() {
     };
     assert_eq!(before, vec![0, 1, 2, 3, 4]);
     assert!(
-        matches!(error, Error::Task(ref t) if t.kind == TaskErrorKind::Panic && t.message == "five")
+        matches!(error, Error::Task(ref t) if t.kind == TaskErrorKind::Panic
+            && t.message.starts_with("five at ") && t.item == Some(5)),
+        "{error:?}"
     );
     // The rest of the failing chunk (6, 7) did not run; the next chunks follow.
     let rest: Vec<u64> = it.map(|r| r.expect("ok")).collect();
@@ -680,5 +688,217 @@ fn a_million_item_imap_keeps_memory_flat_and_starts_early() {
     assert!(
         growth_mib < 64,
         "memory grew by {growth_mib} MiB over the imap"
+    );
+}
+
+/// Sleeps `ms` (a failing item fails at once), then leaves a marker file `dir/<x>`.
+#[shoal::remote]
+fn mark_after(x: u64, ms: u64, dir: String, bad: u64) -> u64 {
+    if x == bad {
+        panic!("item {x} fails fast");
+    }
+    std::thread::sleep(Duration::from_millis(ms));
+    std::fs::write(format!("{dir}/{x}"), "done").expect("marker");
+    x
+}
+
+#[test]
+fn a_failing_map_reports_only_after_every_chunk_finished() {
+    let _rt = runtime();
+    let dir = scratch();
+    let path = dir.path().display().to_string();
+    let pool = Pool::new(2).expect("pool");
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    // Item 0 fails at once; the 11 others take 100 ms each on 2 workers.
+    let r = pool
+        .starmap_async_with(
+            mark_after,
+            (0..12u64).map(move |x| (x, 100u64, path.clone(), 0u64)),
+            AsyncOptions::new()
+                .chunksize(1)
+                .error_callback(move |e: &Error| seen.lock().expect("lock").push(e.to_string())),
+        )
+        .expect("starmap_async");
+    let error = r
+        .get(Some(Duration::from_secs(30)))
+        .expect_err("item 0 fails");
+    assert!(
+        matches!(&error, Error::Task(t) if t.item == Some(0) && t.kind == TaskErrorKind::Panic),
+        "{error:?}"
+    );
+    // Python's map result is ready only once every chunk is done: all 11 markers are there.
+    let markers = std::fs::read_dir(dir.path()).expect("dir").count();
+    assert_eq!(
+        markers, 11,
+        "the map failed before its other chunks finished"
+    );
+    let calls = calls.lock().expect("lock").clone();
+    assert_eq!(calls.len(), 1, "one error_callback: {calls:?}");
+    assert!(calls[0].contains("item 0 fails fast"), "{calls:?}");
+}
+
+/// An input that panics when it reaches `at`.
+fn breaking_input(n: u64, at: u64) -> impl Iterator<Item = u64> + Send + 'static {
+    (0..n).inspect(move |&x| {
+        if x == at {
+            panic!("the input breaks at {x}");
+        }
+    })
+}
+
+#[test]
+fn an_input_that_panics_part_way_delivers_what_was_read_then_the_error() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+
+    // imap: the results of the items read before, in order, then the error, then the end.
+    let mut it = pool
+        .imap_with(square, breaking_input(20, 7), 3)
+        .expect("imap");
+    let mut got = Vec::new();
+    let error = loop {
+        match it.next_timeout(Duration::from_secs(20)) {
+            Some(Ok(x)) => got.push(x),
+            Some(Err(e)) => break e,
+            None => panic!("the iteration ended without the input's error"),
+        }
+    };
+    assert_eq!(got, (0..7u64).map(|x| x * x).collect::<Vec<_>>());
+    assert!(
+        matches!(&error, Error::Input(m) if m.contains("the input breaks at 7")),
+        "{error:?}"
+    );
+    assert!(it.next().is_none());
+
+    // imap_unordered: the same results in some order, then the error.
+    let results: Vec<Result<u64>> = pool
+        .imap_unordered_with(square, breaking_input(20, 5), 2)
+        .expect("imap_unordered")
+        .collect();
+    let (ok, err): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
+    assert_eq!(
+        sorted(ok.into_iter().map(|r| r.expect("ok")).collect()),
+        vec![0, 1, 4, 9, 16]
+    );
+    assert_eq!(err.len(), 1);
+
+    // map with an exact-size input (streamed) and with one collected first: the error comes
+    // back from get(), after the items before it ran; no hang.
+    let exact = pool
+        .map_async(square, breaking_input(40, 30))
+        .expect("map_async");
+    assert!(matches!(
+        exact.get(Some(Duration::from_secs(20))),
+        Err(Error::Input(_))
+    ));
+    let inexact = breaking_input(40, 30).filter(|x| x % 2 == 0);
+    assert!(matches!(pool.map(square, inexact), Err(Error::Input(_))));
+    // The pool is still usable.
+    assert_eq!(pool.map(square, 0..3u64).expect("map"), vec![0, 1, 4]);
+}
+
+#[test]
+fn the_initializer_runs_in_each_worker_even_without_tasks() {
+    let _rt = runtime();
+    let dir = scratch();
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(init_marker, (dir.path().display().to_string(),))
+        .build()
+        .expect("pool");
+    pool.close().expect("close");
+    pool.join().expect("join");
+    let markers: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("marker"))
+        .collect();
+    assert_eq!(markers, vec!["x".to_string(), "x".to_string()]);
+}
+
+#[test]
+fn zero_chunksize_and_zero_maxtasksperchild_are_errors() {
+    let _rt = runtime();
+    assert!(matches!(
+        Pool::builder().processes(1).maxtasksperchild(0).build(),
+        Err(Error::InvalidState(m)) if m.contains("maxtasksperchild")
+    ));
+    let pool = Pool::new(1).expect("pool");
+    for outcome in [
+        pool.map_with(square, 0..3u64, 0).map(|_| ()),
+        pool.imap_with(square, 0..3u64, 0).map(|_| ()),
+        pool.imap_unordered_with(square, 0..3u64, 0).map(|_| ()),
+        pool.starmap_with(add, vec![(1i64, 2i64)], 0).map(|_| ()),
+        pool.map_async_with(square, 0..3u64, AsyncOptions::new().chunksize(0))
+            .map(|_| ()),
+    ] {
+        assert!(
+            matches!(&outcome, Err(Error::InvalidState(m)) if m.contains("chunksize")),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(
+        pool.map_with(square, 0..3u64, 1).expect("map"),
+        vec![0, 1, 4]
+    );
+}
+
+/// Sleeps `ms` and returns `x`.
+#[shoal::remote]
+fn busy(x: u64, ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    x
+}
+
+#[test]
+fn workers_killed_at_a_steady_rate_do_not_break_a_map_with_default_settings() {
+    let _rt = runtime();
+    let pool = Pool::new(4).expect("pool");
+    const N: u64 = 10_000;
+    let r = pool
+        .starmap_async(busy, (0..N).map(|x| (x, 2u64)))
+        .expect("starmap_async");
+    let mut killed = 0usize;
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    while !r.ready() {
+        std::thread::sleep(Duration::from_millis(200));
+        let workers = child_pids();
+        if workers.is_empty() {
+            continue;
+        }
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let victim = workers[(rng % workers.len() as u64) as usize];
+        if kill(Pid::from_raw(victim as i32), Signal::SIGKILL).is_ok() {
+            killed += 1;
+        }
+    }
+    let results = r.get(None).expect("the map completes");
+    assert_eq!(
+        results,
+        (0..N).collect::<Vec<_>>(),
+        "exactly once, in order"
+    );
+    assert!(killed >= 10, "only {killed} workers were killed");
+}
+
+#[test]
+fn a_function_that_kills_every_worker_fails_fast_with_the_default_budget() {
+    let _rt = runtime();
+    let pool = Pool::new(4).expect("pool");
+    let started = Instant::now();
+    match pool.map_with(always_exits, 0..200u64, 1) {
+        Err(Error::Task(e)) => {
+            assert_eq!(e.kind, TaskErrorKind::Crashed, "{e}");
+            assert!(e.function.ends_with("::always_exits"), "{e}");
+            assert!(!e.to_string().contains("attempt 0"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
     );
 }

@@ -205,6 +205,7 @@ impl Barrier {
                     message: failure.message,
                     kind: failure.kind,
                     attempts: 1,
+                    item: None,
                 }))
             }
         }

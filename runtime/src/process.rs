@@ -564,11 +564,14 @@ impl Handler<StartChild> for ProcessActor {
         let keys = self.keys.clone();
         let executor = self.executor.clone();
         let streaming = pending.record.as_ref().is_some_and(|r| r.stream_output);
+        // A daemon child dies with its parent, as Python's daemons end at its exit.
+        let daemon = pending.record.as_ref().is_some_and(|r| r.daemon);
         let launch = Launch {
             id: self.id.clone(),
             name: self.name.clone(),
             workload: pending.workload,
             env: pending.env,
+            die_with_parent: daemon,
             notify: ctx.address().recipient(),
         };
         let record = pending.record;

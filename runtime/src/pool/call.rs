@@ -9,6 +9,14 @@
 //! `imap_unordered`: a slow consumer slows the feeder down). The feeder thread pulls the
 //! caller's iterator only when there is room, so `imap` over a million items holds a window's
 //! worth of items and results, and yields its first result before the last item is read.
+//!
+//! # A failing input
+//!
+//! The caller's iterator runs on the feeder thread, behind [`GuardedInput`]: when it panics (or
+//! an item cannot be encoded), the feeder sends the items read before, as their chunks, and
+//! ends the call's input with that error. The call then delivers those items' results first and
+//! the error last, as Python's `imap` re-raises the iterator's exception after the results
+//! before it; nothing waits for items that will never come.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -19,6 +27,7 @@ use serde::de::DeserializeOwned;
 use serde_bytes::ByteBuf;
 use shoal_core::codec;
 use shoal_core::error::{Error, Result, TaskError};
+use shoal_core::registry::panic_message;
 use shoal_core::store::Store;
 use shoal_executor::pool::{ChunkEntry, PoolKeys, encode_items};
 
@@ -68,6 +77,8 @@ struct CallState {
     next: usize,
     /// Streaming: the call ended without all its chunks (pool terminated or broken).
     ended: Option<Error>,
+    /// Streaming: the input failed after the chunks sent; yielded after the last of them.
+    input_error: Option<Error>,
 }
 
 impl CallShared {
@@ -105,9 +116,12 @@ impl CallShared {
         self.lock().in_flight += n;
     }
 
-    /// Feeder: every chunk was sent.
-    pub(crate) fn set_total(&self, total: usize) {
-        self.lock().total = Some(total);
+    /// Feeder: every chunk was sent; `input_error` when the input failed after them.
+    pub(crate) fn set_total(&self, total: usize, input_error: Option<Error>) {
+        let mut s = self.lock();
+        s.total = Some(total);
+        s.input_error = input_error;
+        drop(s);
         self.changed.notify_all();
     }
 
@@ -204,7 +218,8 @@ impl CallShared {
                 return Ok(Some(Ok(chunk)));
             }
             if s.total.is_some_and(|total| s.taken >= total) {
-                return Ok(None);
+                // The input's failure comes after the results of the items read before it.
+                return Ok(s.input_error.take().map(Err));
             }
             if let Some(error) = s.ended.take() {
                 // Yield the error once; the iterator ends after it.
@@ -262,11 +277,12 @@ impl Feeder {
         I: Iterator<Item = Result<ByteBuf>>,
     {
         match self.feed(&mut items) {
-            Ok(Some(total)) => {
-                self.shared.set_total(total);
+            Ok(Some((total, input_error))) => {
+                self.shared.set_total(total, input_error.clone());
                 self.supervisor.do_send(FeedDone {
                     call: self.call,
                     total: total as u64,
+                    input_error,
                 });
             }
             // Cancelled: the supervisor already knows.
@@ -278,12 +294,14 @@ impl Feeder {
         }
     }
 
-    /// Returns the number of chunks sent, or `None` when the call was cancelled.
-    fn feed<I>(&self, items: &mut I) -> Result<Option<usize>>
+    /// Returns the number of chunks sent and the input's failure, if it failed part way; `None`
+    /// when the call was cancelled; `Err` when Redis failed.
+    fn feed<I>(&self, items: &mut I) -> Result<Option<(usize, Option<Error>)>>
     where
         I: Iterator<Item = Result<ByteBuf>>,
     {
         let mut chunk = 0usize;
+        let mut input_error = None;
         let mut exhausted = false;
         let mut refreshed: Option<Instant> = None;
         while !exhausted {
@@ -293,11 +311,19 @@ impl Feeder {
             let mut batch: Vec<ChunkEntry> = Vec::new();
             while batch.len() < room.min(MAX_BATCH) {
                 let mut chunk_items = Vec::with_capacity(self.chunksize.min(4096));
-                for item in items.by_ref().take(self.chunksize) {
-                    chunk_items.push(item?);
-                }
-                if chunk_items.len() < self.chunksize {
-                    exhausted = true;
+                while chunk_items.len() < self.chunksize {
+                    match items.next() {
+                        Some(Ok(item)) => chunk_items.push(item),
+                        Some(Err(e)) => {
+                            input_error = Some(e);
+                            exhausted = true;
+                            break;
+                        }
+                        None => {
+                            exhausted = true;
+                            break;
+                        }
+                    }
                 }
                 if chunk_items.is_empty() {
                     break;
@@ -308,6 +334,7 @@ impl Feeder {
                     chunk: chunk as u64,
                     function: self.function.clone(),
                     payload,
+                    first_item: (chunk as u64).saturating_mul(self.chunksize as u64),
                 });
                 chunk += 1;
                 if exhausted {
@@ -325,7 +352,52 @@ impl Feeder {
                 refreshed = Some(Instant::now());
             }
         }
-        Ok(Some(chunk))
+        Ok(Some((chunk, input_error)))
+    }
+}
+
+/// The caller's input, read so that a panic in its iterator ends the input with
+/// [`Error::Input`] instead of killing the thread that reads it. Nothing is read after a
+/// failure.
+pub(crate) struct GuardedInput<I> {
+    inner: I,
+    failed: bool,
+}
+
+impl<I> GuardedInput<I> {
+    pub(crate) fn new(inner: I) -> Self {
+        GuardedInput {
+            inner,
+            failed: false,
+        }
+    }
+}
+
+impl<I: Iterator> Iterator for GuardedInput<I> {
+    type Item = Result<I::Item>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.next())) {
+            Ok(item) => item.map(Ok),
+            Err(payload) => {
+                self.failed = true;
+                Some(Err(Error::Input(format!(
+                    "its iterator panicked: {}",
+                    panic_message(payload.as_ref())
+                ))))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        if self.failed {
+            (0, Some(0))
+        } else {
+            self.inner.size_hint()
+        }
     }
 }
 

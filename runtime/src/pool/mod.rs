@@ -15,12 +15,31 @@
 //!   results arrive; `_with` forms take a chunksize.
 //! * A function's return value is the item's result, `Result` included: `pool.map(f, xs)` with
 //!   `f: fn(u32) -> Result<u32, String>` gives `Vec<Result<u32, String>>`.
-//! * A panic is a task error, not a crash, and is not retried: a map fails with the failure of
-//!   its first failing item (in item order) as [`Error::Task`] (function, message, kind
-//!   `Panic`); `imap` yields every result before the failing item, then the error.
+//! * A panic is a task error, not a crash, and is not retried. A map completes when every chunk
+//!   has finished, as in Python (no chunk is abandoned because another failed), and then fails
+//!   with the failure of its first failing item in input order as [`Error::Task`] (function,
+//!   message with the panic's `file:line`, kind `Panic`, the item's index in the input); its
+//!   `error_callback` runs once, then. `imap` yields every result before the failing item, then
+//!   the error, and goes on with the next chunk.
+//! * An input iterator that panics part way: the items read before it run and their results
+//!   are delivered (by `imap`), then the call fails with [`Error::Input`]; nothing hangs. An
+//!   item that cannot be encoded ends the input the same way, with its codec error.
+//! * A chunksize of 0 and `maxtasksperchild(0)` are [`Error::InvalidState`] (Python's
+//!   `ValueError`).
 //! * A worker that dies (killed, `std::process::exit`, a lost lease) has its chunk redelivered to
 //!   a live worker and is replaced; a chunk whose `1 + retries` attempts all died fails with kind
-//!   `Crashed` and its attempt count. A result that arrives twice is kept once.
+//!   `Crashed` and its attempt count. A result that arrives twice is kept once. Worker deaths
+//!   count against the restart budget only while no chunk completes, so workers killed at a
+//!   steady rate do not break a map that makes progress, while workers that die before getting
+//!   anything done (a crashing initializer, a function that kills its worker) break the pool
+//!   after `pool.max_restarts` failures, with kind `Crashed`.
+//! * The initializer runs once in each worker when it starts, before (and whether or not) it
+//!   gets a task.
+//! * Workers never outlive their driver: a pool worker that finds its driver gone (killed, even
+//!   with `SIGKILL`) exits within the task lease plus a second, whatever it runs.
+//! * When Redis becomes unreachable, the pool's calls fail with the store's error
+//!   ([`Error::Redis`]) once it stayed unreachable for `redis.response_timeout_secs`; that is
+//!   not counted as worker crashes.
 //! * `close()` refuses new calls; `join()` (after `close()` or `terminate()`, else
 //!   [`Error::InvalidState`]) waits for the workers to exit, after finishing the outstanding
 //!   calls when closed. `terminate()` stops the workers at once (`SIGTERM`) and fails the calls
@@ -52,10 +71,12 @@ use shoal_core::store::Store;
 use shoal_executor::pool::{self as protocol, ChunkEntry, Initializer, PoolKeys};
 
 pub use call::{AsyncResult, IMapIterator};
-use call::{CallShared, Decoder, Delivery, Feeder, decode_each, decode_one, send_chunks};
+use call::{
+    CallShared, Decoder, Delivery, Feeder, GuardedInput, decode_each, decode_one, send_chunks,
+};
 use supervisor::{
-    Close, Completion, KillWorkers, Phase, PoolSettings, PoolShared, PoolSupervisor, RegisterCall,
-    StartWorkers, Terminate,
+    Close, Completion, FeedDone, FeedFailed, KillWorkers, Phase, PoolSettings, PoolShared,
+    PoolSupervisor, RegisterCall, StartWorkers, Terminate,
 };
 
 use crate::runtime::{self, RuntimeInner};
@@ -175,7 +196,8 @@ impl PoolBuilder {
         self
     }
 
-    /// Replaces a worker after it ran this many chunks (Python's `maxtasksperchild`).
+    /// Replaces a worker after it ran this many chunks (Python's `maxtasksperchild`); at least
+    /// 1 ([`Pool::builder`]`...build()` fails with [`Error::InvalidState`] on 0).
     pub fn maxtasksperchild(mut self, tasks: u64) -> Self {
         self.maxtasksperchild = Some(tasks);
         self
@@ -247,6 +269,11 @@ impl Pool {
         if processes == 0 {
             return Err(Error::invalid_state("a pool needs at least 1 process"));
         }
+        if builder.maxtasksperchild == Some(0) {
+            return Err(Error::invalid_state(
+                "maxtasksperchild must be at least 1 (or unset: workers live as long as the pool)",
+            ));
+        }
         let lease = builder
             .task_lease
             .unwrap_or_else(|| Duration::from_secs_f64(config.pool.task_lease_secs));
@@ -275,7 +302,7 @@ impl Pool {
             processes,
             retries: builder.retries.unwrap_or(config.pool.retries),
             lease,
-            maxtasksperchild: builder.maxtasksperchild.filter(|&n| n > 0),
+            maxtasksperchild: builder.maxtasksperchild,
             initializer,
             start_method: builder.start_method.unwrap_or(config.local.start_method),
             max_restarts,
@@ -361,6 +388,7 @@ impl Pool {
         let (call, shared) = self.register(
             function,
             Delivery::Collect,
+            None,
             completion(&decode, options),
             None,
         )?;
@@ -370,17 +398,19 @@ impl Pool {
             chunk: 0,
             function: function.to_string(),
             payload,
+            first_item: 0,
         };
         let sent = send_chunks(&self.store, &self.keys, &[chunk], true);
         match sent {
             Ok(()) => {
-                shared.set_total(1);
-                self.supervisor
-                    .do_send(supervisor::FeedDone { call, total: 1 });
+                shared.set_total(1, None);
+                self.supervisor.do_send(FeedDone {
+                    call,
+                    total: 1,
+                    input_error: None,
+                });
             }
-            Err(e) => self
-                .supervisor
-                .do_send(supervisor::FeedFailed { call, error: e }),
+            Err(e) => self.supervisor.do_send(FeedFailed { call, error: e }),
         }
         Ok(AsyncResult::new(shared, decode))
     }
@@ -589,7 +619,7 @@ impl Pool {
     /// Waits for the workers to exit. Call [`Pool::close`] or [`Pool::terminate`] first
     /// ([`Error::InvalidState`] otherwise).
     pub fn join(&self) -> Result<()> {
-        if self.shared.lock().phase == Phase::Running {
+        if matches!(self.shared.lock().phase, Phase::Running) {
             return Err(Error::invalid_state(
                 "join() needs close() or terminate() first",
             ));
@@ -618,25 +648,15 @@ impl Pool {
         (2 * protocol::MAX_PREFETCH * self.processes).max(64)
     }
 
-    fn check_open(&self) -> Result<()> {
-        match &self.shared.lock().phase {
-            Phase::Running => Ok(()),
-            Phase::Broken(reason) => Err(Error::invalid_state(format!(
-                "the pool is broken: {reason}"
-            ))),
-            Phase::Terminated => Err(Error::invalid_state("the pool was terminated")),
-            Phase::Closing | Phase::Stopping => Err(Error::invalid_state("the pool is closed")),
-        }
-    }
-
     fn register(
         &self,
         function: &str,
         delivery: Delivery,
+        chunksize: Option<usize>,
         completion: Option<Completion>,
         progress: Option<ProgressBar>,
     ) -> Result<(u64, Arc<CallShared>)> {
-        self.check_open()?;
+        self.shared.lock().phase.accepts_calls()?;
         let call = self.next_call.fetch_add(1, Ordering::Relaxed);
         let shared = CallShared::new(self.window());
         let registration = RegisterCall {
@@ -644,6 +664,7 @@ impl Pool {
             function: function.to_string(),
             shared: shared.clone(),
             delivery,
+            chunksize: chunksize.map(|c| c as u64),
             completion,
             progress,
         };
@@ -664,12 +685,17 @@ impl Pool {
         R: DeserializeOwned + 'static,
         It: Iterator<Item = A> + Send + 'static,
     {
-        // Python's map takes list(iterable): the length decides the default chunksize.
-        let (len, items): (usize, Box<dyn Iterator<Item = A> + Send>) = match items.size_hint() {
+        check_chunksize(options.chunksize)?;
+        // Python's map takes list(iterable): the length decides the default chunksize. A panic
+        // while reading it ends the input there (see the module docs).
+        let items = GuardedInput::new(items);
+        type Input<A> = Box<dyn Iterator<Item = Result<A>> + Send>;
+        let (len, items): (usize, Input<A>) = match items.size_hint() {
             (low, Some(high)) if low == high => (low, Box::new(items)),
             _ => {
-                let all: Vec<A> = items.collect();
-                (all.len(), Box::new(all.into_iter()))
+                let all: Vec<Result<A>> = items.collect();
+                let readable = all.iter().filter(|item| item.is_ok()).count();
+                (readable, Box::new(all.into_iter()))
             }
         };
         let chunksize = options
@@ -681,6 +707,7 @@ impl Pool {
         let (call, shared) = self.register(
             function,
             Delivery::Collect,
+            Some(chunksize),
             completion(&decode, options),
             progress,
         )?;
@@ -701,8 +728,9 @@ impl Pool {
         R: DeserializeOwned,
         It: Iterator<Item = A> + Send + 'static,
     {
-        let (call, shared) = self.register(function, delivery, None, None)?;
-        self.feed(call, function, chunksize.max(1), items, &shared)?;
+        check_chunksize(Some(chunksize))?;
+        let (call, shared) = self.register(function, delivery, Some(chunksize), None, None)?;
+        self.feed(call, function, chunksize, GuardedInput::new(items), &shared)?;
         Ok(IMapIterator::new(
             shared,
             delivery == Delivery::Ordered,
@@ -723,11 +751,17 @@ impl Pool {
     ) -> Result<()>
     where
         A: Serialize + Send + 'static,
-        It: Iterator<Item = A> + Send + 'static,
+        It: Iterator<Item = Result<A>> + Send + 'static,
     {
         let store = self.store.clone();
-        let key = format!("arguments of {function}");
-        let encoded = items.map(move |args| store.encode(&args, &key).map(ByteBuf::from));
+        let encoded = items.map(move |args| {
+            args.and_then(|args| {
+                store
+                    .encode(&args, "arguments")
+                    .map_err(|e| name_arguments(e, function))
+                    .map(ByteBuf::from)
+            })
+        });
         let feeder = Feeder {
             store: self.store.clone(),
             keys: self.keys.clone(),
@@ -738,7 +772,7 @@ impl Pool {
             supervisor: self.supervisor.clone(),
         };
         if let Err(e) = feeder.spawn(encoded) {
-            self.supervisor.do_send(supervisor::FeedFailed {
+            self.supervisor.do_send(FeedFailed {
                 call,
                 error: e.clone(),
             });
@@ -765,6 +799,33 @@ impl Pool {
 impl Drop for Pool {
     fn drop(&mut self) {
         let _ = self.terminate();
+    }
+}
+
+/// A chunksize given by the caller must be at least 1 (Python: `ValueError`).
+fn check_chunksize(chunksize: Option<usize>) -> Result<()> {
+    match chunksize {
+        Some(0) => Err(Error::invalid_state("chunksize must be at least 1, not 0")),
+        _ => Ok(()),
+    }
+}
+
+/// Names the function whose arguments failed to encode; built on the error path only.
+fn name_arguments(error: Error, function: &str) -> Error {
+    match error {
+        Error::Codec {
+            expected, reason, ..
+        } => Error::Codec {
+            key: format!("arguments of {function}"),
+            expected,
+            reason,
+        },
+        Error::TooLarge { size, limit, .. } => Error::TooLarge {
+            key: format!("arguments of {function}"),
+            size,
+            limit,
+        },
+        other => other,
     }
 }
 

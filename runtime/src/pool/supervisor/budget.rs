@@ -1,0 +1,184 @@
+//! The restart budget of a pool (OTP's intensity and period) and the back-off between restarts.
+//!
+//! A worker that fails while the pool runs (it exits non-zero, is killed, cannot start, or
+//! loses its lease) is replaced. A failure is charged to the budget only while the pool makes
+//! no progress: a chunk outcome from any worker (results, or a task error: user code ran to its
+//! end) clears the count. So:
+//!
+//! * a map whose workers are killed at a steady rate completes: each chunk a dead worker held
+//!   is redelivered under that chunk's own `retries`, and the results in between keep the budget
+//!   clear;
+//! * workers that never get anything done (a crashing initializer, a function that kills every
+//!   worker running it, a binary that cannot start) use up `max_restarts` failures within
+//!   `period` and break the pool, whose calls then fail with kind `Crashed`.
+//!
+//! Restarts after failures without progress back off: one per worker at once, then 10 ms,
+//! 20 ms, ... up to [`MAX_BACKOFF`], so a pool that crashes in a loop does not spin.
+//!
+//! Workers that exit because Redis could not be reached are not charged at all (the store's
+//! health decides the pool's fate); their restarts back off from 100 ms up to
+//! [`MAX_STORE_BACKOFF`].
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Longest pause before restarting a worker after failures without progress.
+pub(super) const MAX_BACKOFF: Duration = Duration::from_millis(250);
+/// Longest pause before restarting a worker that could not reach the store.
+pub(super) const MAX_STORE_BACKOFF: Duration = Duration::from_secs(2);
+
+/// What to do after a worker failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Start a replacement after this pause.
+    Restart { after: Duration },
+    /// The budget is spent: this many failures without progress within the period.
+    GiveUp { failures: usize },
+}
+
+/// Failures charged since the pool last made progress.
+#[derive(Debug)]
+pub(super) struct RestartBudget {
+    max_restarts: u32,
+    period: Duration,
+    /// Restarts that do not back off: one per worker.
+    free: u32,
+    failures: VecDeque<Instant>,
+    /// Failures since the last progress (for the back-off; not bounded by the period).
+    since_progress: u32,
+    /// Consecutive exits for an unreachable store.
+    store_failures: u32,
+}
+
+impl RestartBudget {
+    /// A budget of `max_restarts` failures within `period`, for a pool of `workers`.
+    pub(super) fn new(max_restarts: u32, period: Duration, workers: usize) -> Self {
+        RestartBudget {
+            max_restarts,
+            period,
+            free: u32::try_from(workers).unwrap_or(u32::MAX),
+            failures: VecDeque::new(),
+            since_progress: 0,
+            store_failures: 0,
+        }
+    }
+
+    /// A worker delivered a chunk's outcome: failures so far are forgiven.
+    pub(super) fn progress(&mut self) {
+        self.failures.clear();
+        self.since_progress = 0;
+        self.store_failures = 0;
+    }
+
+    /// The number of failures charged now.
+    #[cfg(test)]
+    pub(super) fn charged(&self) -> usize {
+        self.failures.len()
+    }
+
+    /// Charges a worker failure at `now`.
+    pub(super) fn failure(&mut self, now: Instant) -> Verdict {
+        self.failures.push_back(now);
+        while self
+            .failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.period)
+        {
+            self.failures.pop_front();
+        }
+        if self.failures.len() > self.max_restarts as usize {
+            return Verdict::GiveUp {
+                failures: self.failures.len(),
+            };
+        }
+        self.since_progress = self.since_progress.saturating_add(1);
+        let after = match self.since_progress.checked_sub(self.free) {
+            None | Some(0) => Duration::ZERO,
+            Some(n) => backoff(Duration::from_millis(10), n - 1, MAX_BACKOFF),
+        };
+        Verdict::Restart { after }
+    }
+
+    /// A worker exited because the store could not be reached: the pause before its
+    /// replacement starts.
+    pub(super) fn store_failure(&mut self) -> Duration {
+        self.store_failures = self.store_failures.saturating_add(1);
+        backoff(
+            Duration::from_millis(100),
+            self.store_failures - 1,
+            MAX_STORE_BACKOFF,
+        )
+    }
+}
+
+/// `base × 2^doublings`, at most `max`.
+fn backoff(base: Duration, doublings: u32, max: Duration) -> Duration {
+    base.checked_mul(1u32.checked_shl(doublings).unwrap_or(u32::MAX))
+        .unwrap_or(max)
+        .min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restart_after(v: Verdict) -> Duration {
+        match v {
+            Verdict::Restart { after } => after,
+            Verdict::GiveUp { failures } => panic!("gave up after {failures}"),
+        }
+    }
+
+    #[test]
+    fn failures_with_progress_in_between_are_never_charged_for_long() {
+        let mut budget = RestartBudget::new(3, Duration::from_secs(10), 2);
+        let now = Instant::now();
+        for i in 0..1000u64 {
+            let at = now + Duration::from_millis(i);
+            assert_eq!(restart_after(budget.failure(at)), Duration::ZERO);
+            budget.progress();
+        }
+        assert_eq!(budget.charged(), 0);
+    }
+
+    #[test]
+    fn failures_without_progress_back_off_then_give_up() {
+        let mut budget = RestartBudget::new(6, Duration::from_secs(10), 2);
+        let now = Instant::now();
+        let pauses: Vec<Duration> = (0..6).map(|_| restart_after(budget.failure(now))).collect();
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(pauses, [ms(0), ms(0), ms(10), ms(20), ms(40), ms(80)]);
+        assert_eq!(budget.failure(now), Verdict::GiveUp { failures: 7 });
+    }
+
+    #[test]
+    fn back_off_is_capped() {
+        let mut budget = RestartBudget::new(u32::MAX, Duration::from_secs(10), 1);
+        let now = Instant::now();
+        let last = (0..100).map(|_| restart_after(budget.failure(now))).last();
+        assert_eq!(last, Some(MAX_BACKOFF));
+    }
+
+    #[test]
+    fn only_failures_within_the_period_count() {
+        let mut budget = RestartBudget::new(2, Duration::from_secs(1), 1);
+        let now = Instant::now();
+        restart_after(budget.failure(now));
+        restart_after(budget.failure(now + Duration::from_millis(500)));
+        // The first one is older than the period when the third comes.
+        restart_after(budget.failure(now + Duration::from_millis(1200)));
+        assert_eq!(budget.charged(), 2);
+    }
+
+    #[test]
+    fn store_failures_back_off_separately_and_are_not_charged() {
+        let mut budget = RestartBudget::new(1, Duration::from_secs(10), 1);
+        let pauses: Vec<Duration> = (0..7).map(|_| budget.store_failure()).collect();
+        assert_eq!(pauses[0], Duration::from_millis(100));
+        assert_eq!(pauses[1], Duration::from_millis(200));
+        assert_eq!(pauses[6], MAX_STORE_BACKOFF);
+        assert_eq!(budget.charged(), 0);
+        budget.progress();
+        assert_eq!(budget.store_failure(), Duration::from_millis(100));
+    }
+}

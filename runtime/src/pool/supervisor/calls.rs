@@ -1,0 +1,451 @@
+//! The calls in progress on a pool: their registration, their chunks' outcomes, and how each
+//! call completes.
+//!
+//! A call completes when the outcome of every chunk it sent is in (Python's `MapResult` is
+//! ready only once all its chunks are done, failed ones included), or at once when the pool is
+//! terminated or breaks. A collected call (`map`, `apply`...) then fails with the failure of its
+//! first failing item in input order, else with its input's failure (an iterator that panicked
+//! part way), else succeeds with every result in order. A streaming call (`imap`) hands each
+//! chunk to its iterator as it arrives; its input's failure comes after the last chunk.
+//!
+//! A long chunk reports partial outcomes while it runs (see `shoal_executor::pool`); they are
+//! kept per chunk until its final outcome arrives and then put in front of it
+//! ([`assemble`]). When a chunk was run twice at once (a worker presumed dead went on), its
+//! parts may overlap; any chain of parts from the start to the final outcome is a valid run.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use indicatif::ProgressBar;
+use serde_bytes::ByteBuf;
+use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
+use shoal_executor::pool::{ChunkOutcome, ResultBody, ResultEntry};
+
+use super::PoolSupervisor;
+use crate::pool::call::{CallShared, ChunkResult, Delivery};
+
+/// Runs a completed call's callback, then publishes its outcome.
+pub(crate) type Completion = Box<dyn FnOnce(&Result<Vec<ByteBuf>>) + Send>;
+
+/// Chunk indexes received, compactly: all below `prefix`, plus `above`.
+#[derive(Default)]
+pub(super) struct SeenChunks {
+    prefix: u64,
+    above: BTreeSet<u64>,
+}
+
+impl SeenChunks {
+    /// Records `chunk`; false when it was seen before.
+    fn insert(&mut self, chunk: u64) -> bool {
+        if chunk < self.prefix || !self.above.insert(chunk) {
+            return false;
+        }
+        while self.above.remove(&self.prefix) {
+            self.prefix += 1;
+        }
+        true
+    }
+
+    fn count(&self) -> u64 {
+        self.prefix + self.above.len() as u64
+    }
+
+    fn contains(&self, chunk: u64) -> bool {
+        chunk < self.prefix || self.above.contains(&chunk)
+    }
+}
+
+/// The outputs `0..end` of a chunk from its partial outcomes `(offset, outputs)`, following a
+/// chain of parts that starts at 0 and ends at `end`; `None` when there is a gap.
+fn assemble(parts: &[(u64, Vec<ByteBuf>)], end: u64) -> Option<Vec<ByteBuf>> {
+    fn walk(
+        parts: &[(u64, Vec<ByteBuf>)],
+        at: u64,
+        end: u64,
+        dead_ends: &mut BTreeSet<u64>,
+        path: &mut Vec<usize>,
+    ) -> bool {
+        if at == end {
+            return true;
+        }
+        if at > end || dead_ends.contains(&at) {
+            return false;
+        }
+        for (i, (offset, outputs)) in parts.iter().enumerate() {
+            if *offset == at && !outputs.is_empty() {
+                path.push(i);
+                if walk(parts, at + outputs.len() as u64, end, dead_ends, path) {
+                    return true;
+                }
+                path.pop();
+            }
+        }
+        dead_ends.insert(at);
+        false
+    }
+    let mut path = Vec::new();
+    if !walk(parts, 0, end, &mut BTreeSet::new(), &mut path) {
+        return None;
+    }
+    Some(
+        path.into_iter()
+            .flat_map(|i| parts[i].1.iter().cloned())
+            .collect(),
+    )
+}
+
+/// The supervisor's record of one call.
+pub(super) struct CallRecord {
+    pub(super) function: String,
+    shared: Arc<CallShared>,
+    delivery: Delivery,
+    /// Items per chunk, to tell a failing item's index in the input (`None` for `apply`).
+    chunksize: Option<u64>,
+    total: Option<u64>,
+    seen: SeenChunks,
+    collected: BTreeMap<u64, Vec<ByteBuf>>,
+    /// Partial outcomes of long chunks not finished yet: chunk → `(offset, outputs)`.
+    parts: HashMap<u64, Vec<(u64, Vec<ByteBuf>)>>,
+    /// `Collect`: the earliest failing chunk so far and its failure.
+    failure: Option<(u64, TaskError)>,
+    /// The input's iterator failed after the chunks sent.
+    input_error: Option<Error>,
+    completion: Option<Completion>,
+    progress: Option<ProgressBar>,
+}
+
+impl PoolSupervisor {
+    /// Completes a call: for a collected call the callback runs first, then `get()` sees the
+    /// outcome (the order Python keeps).
+    pub(super) fn finish_call(&mut self, mut record: CallRecord, outcome: Result<Vec<ByteBuf>>) {
+        if let Some(progress) = record.progress.take() {
+            progress.finish_and_clear();
+        }
+        match record.delivery {
+            Delivery::Collect => match record.completion.take() {
+                Some(completion) => {
+                    let shared = record.shared.clone();
+                    let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+                        // A panicking callback must not leave get() waiting forever.
+                        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            completion(&outcome)
+                        }));
+                        if ran.is_err() {
+                            tracing::error!("a pool callback panicked");
+                        }
+                        shared.complete(outcome);
+                    });
+                    if let Err(returned) = self.callbacks.send(job) {
+                        (returned.0)();
+                    }
+                }
+                None => record.shared.complete(outcome),
+            },
+            Delivery::Ordered | Delivery::Unordered => {
+                if let Err(e) = outcome {
+                    record.shared.end(e);
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_result(&mut self, entry: ResultEntry) {
+        let from_a_worker = matches!(entry.body, ResultBody::Outcome(_));
+        if from_a_worker {
+            // A worker ran a chunk to its end: the pool makes progress.
+            self.budget.progress();
+        }
+        let Some(record) = self.calls.get_mut(&entry.call) else {
+            return;
+        };
+        if entry.partial {
+            if let ResultBody::Outcome(bytes) = &entry.body
+                && !record.seen.contains(entry.chunk)
+                && let Ok(part) = self.store.decode::<ChunkOutcome>(bytes, &self.keys.results)
+            {
+                record
+                    .parts
+                    .entry(entry.chunk)
+                    .or_default()
+                    .push((entry.offset, part.outputs));
+            }
+            return;
+        }
+        if !record.seen.insert(entry.chunk) {
+            tracing::debug!(
+                call = entry.call,
+                chunk = entry.chunk,
+                "duplicate result dropped"
+            );
+            return;
+        }
+        let parts = record.parts.remove(&entry.chunk).unwrap_or_default();
+        // The index in the input of the item at `offset` in this chunk.
+        let item = |offset: u64| {
+            record
+                .chunksize
+                .map(|size| entry.chunk.saturating_mul(size) + offset)
+        };
+        let result = match entry.body {
+            ResultBody::Outcome(bytes) => {
+                let decoded = self
+                    .store
+                    .decode::<ChunkOutcome>(&bytes, &self.keys.results)
+                    .and_then(|outcome| {
+                        let mut outputs = assemble(&parts, entry.offset).ok_or_else(|| {
+                            Error::invalid_state(format!(
+                                "the results of the first {} items of the chunk are missing",
+                                entry.offset
+                            ))
+                        })?;
+                        outputs.extend(outcome.outputs);
+                        Ok((outputs, outcome.failure))
+                    });
+                match decoded {
+                    Ok((outputs, failure)) => ChunkResult {
+                        outputs,
+                        failure: failure.map(|f| TaskError {
+                            function: record.function.clone(),
+                            message: f.message,
+                            kind: f.kind,
+                            attempts: entry.attempt,
+                            item: item(entry.offset + u64::from(f.index)),
+                        }),
+                    },
+                    Err(e) => ChunkResult {
+                        outputs: Vec::new(),
+                        failure: Some(TaskError {
+                            function: record.function.clone(),
+                            message: e.to_string(),
+                            kind: TaskErrorKind::Error,
+                            attempts: entry.attempt,
+                            item: None,
+                        }),
+                    },
+                }
+            }
+            ResultBody::Crashed(message) => ChunkResult {
+                outputs: Vec::new(),
+                failure: Some(TaskError {
+                    function: record.function.clone(),
+                    message: format!("{message} (worker {})", entry.worker),
+                    kind: TaskErrorKind::Crashed,
+                    attempts: entry.attempt,
+                    // Which item killed its worker is known for chunks of one item only.
+                    item: if record.chunksize == Some(1) {
+                        item(0)
+                    } else {
+                        None
+                    },
+                }),
+            },
+        };
+        if let Some(progress) = &record.progress {
+            progress.inc(result.outputs.len() as u64 + u64::from(result.failure.is_some()));
+        }
+        match record.delivery {
+            Delivery::Collect => {
+                record.shared.release(1);
+                if let Some(failure) = result.failure {
+                    if record
+                        .failure
+                        .as_ref()
+                        .is_none_or(|(c, _)| entry.chunk < *c)
+                    {
+                        record.failure = Some((entry.chunk, failure));
+                    }
+                } else {
+                    record.collected.insert(entry.chunk, result.outputs);
+                }
+            }
+            Delivery::Ordered | Delivery::Unordered => {
+                record.shared.push(entry.chunk as usize, result);
+            }
+        }
+        self.check_call(entry.call);
+    }
+
+    /// Completes a call whose every chunk is in.
+    fn check_call(&mut self, call: u64) {
+        let Some(record) = self.calls.get(&call) else {
+            return;
+        };
+        if record.total.is_none_or(|t| record.seen.count() < t) {
+            return;
+        }
+        let Some(mut record) = self.calls.remove(&call) else {
+            return;
+        };
+        let outcome = match (record.failure.take(), record.input_error.take()) {
+            (Some((_, failure)), _) => Err(Error::Task(failure)),
+            (None, Some(input)) => Err(input),
+            (None, None) => Ok(std::mem::take(&mut record.collected)
+                .into_values()
+                .flatten()
+                .collect()),
+        };
+        match record.delivery {
+            Delivery::Collect => self.finish_call(record, outcome),
+            // The iterator already has every chunk (and the input's failure, from its feeder).
+            Delivery::Ordered | Delivery::Unordered => {
+                if let Some(progress) = record.progress.take() {
+                    progress.finish_and_clear();
+                }
+            }
+        }
+    }
+}
+
+/// A new call; sent before its first chunk.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub(crate) struct RegisterCall {
+    pub(crate) call: u64,
+    pub(crate) function: String,
+    pub(crate) shared: Arc<CallShared>,
+    pub(crate) delivery: Delivery,
+    /// Items per chunk (`None` for `apply`).
+    pub(crate) chunksize: Option<u64>,
+    pub(crate) completion: Option<Completion>,
+    pub(crate) progress: Option<ProgressBar>,
+}
+
+impl Handler<RegisterCall> for PoolSupervisor {
+    type Result = Result<()>;
+
+    fn handle(&mut self, msg: RegisterCall, _: &mut Context<Self>) -> Result<()> {
+        self.phase.accepts_calls()?;
+        self.calls.insert(
+            msg.call,
+            CallRecord {
+                function: msg.function,
+                shared: msg.shared,
+                delivery: msg.delivery,
+                chunksize: msg.chunksize,
+                total: None,
+                seen: SeenChunks::default(),
+                collected: BTreeMap::new(),
+                parts: HashMap::new(),
+                failure: None,
+                input_error: None,
+                completion: msg.completion,
+                progress: msg.progress,
+            },
+        );
+        Ok(())
+    }
+}
+
+/// A feeder sent every chunk of a call it could read: `total` of them; `input_error` when the
+/// input's iterator failed after them.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct FeedDone {
+    pub(crate) call: u64,
+    pub(crate) total: u64,
+    pub(crate) input_error: Option<Error>,
+}
+
+impl Handler<FeedDone> for PoolSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FeedDone, ctx: &mut Context<Self>) {
+        if let Some(record) = self.calls.get_mut(&msg.call) {
+            record.total = Some(msg.total);
+            record.input_error = msg.input_error;
+            if let Some(progress) = &record.progress
+                && progress.length().is_none()
+            {
+                progress.set_length(progress.position());
+            }
+            self.check_call(msg.call);
+        }
+        self.maybe_stop(ctx);
+    }
+}
+
+/// A feeder could not send a call's chunks (Redis failed): the call fails now.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct FeedFailed {
+    pub(crate) call: u64,
+    pub(crate) error: Error,
+}
+
+impl Handler<FeedFailed> for PoolSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FeedFailed, ctx: &mut Context<Self>) {
+        if let Some(record) = self.calls.remove(&msg.call) {
+            self.finish_call(record, Err(msg.error));
+        }
+        self.maybe_stop(ctx);
+    }
+}
+
+/// The caller dropped a streaming call.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct CancelCall {
+    pub(crate) call: u64,
+}
+
+impl Handler<CancelCall> for PoolSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelCall, ctx: &mut Context<Self>) {
+        if let Some(mut record) = self.calls.remove(&msg.call)
+            && let Some(progress) = record.progress.take()
+        {
+            progress.finish_and_clear();
+        }
+        self.maybe_stop(ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SeenChunks, assemble};
+    use serde_bytes::ByteBuf;
+
+    fn outs(range: std::ops::Range<u8>) -> Vec<ByteBuf> {
+        range.map(|i| ByteBuf::from(vec![i])).collect()
+    }
+
+    #[test]
+    fn parts_are_chained_from_the_start() {
+        assert_eq!(assemble(&[], 0), Some(vec![]));
+        let parts = vec![(3, outs(3..5)), (0, outs(0..3))];
+        assert_eq!(assemble(&parts, 5), Some(outs(0..5)));
+        // A gap: nothing covers 3..4.
+        assert_eq!(assemble(&[(0, outs(0..3)), (4, outs(4..5))], 5), None);
+    }
+
+    #[test]
+    fn overlapping_attempts_find_a_chain() {
+        // Attempt 1 reported 0..2 and 2..6; attempt 2, started at 2, reported 2..4 and 4..7.
+        let parts = vec![
+            (0, outs(0..2)),
+            (2, outs(2..6)),
+            (2, outs(2..4)),
+            (4, outs(4..7)),
+        ];
+        assert_eq!(assemble(&parts, 7), Some(outs(0..7)));
+        assert_eq!(assemble(&parts, 6), Some(outs(0..6)));
+    }
+
+    #[test]
+    fn each_chunk_is_kept_once_in_any_order() {
+        let mut seen = SeenChunks::default();
+        for chunk in [2, 0, 1, 1, 5, 0, 3, 4, 5] {
+            seen.insert(chunk);
+        }
+        assert_eq!(seen.count(), 6);
+        assert_eq!(seen.prefix, 6, "contiguous chunks collapse into the prefix");
+        assert!(seen.above.is_empty());
+        assert!(!seen.insert(3), "a duplicate is refused");
+        assert!(seen.insert(9));
+        assert_eq!((seen.prefix, seen.count()), (6, 7));
+    }
+}

@@ -1,0 +1,229 @@
+//! Launching pool workers through the executor, and what a worker's exit means.
+//!
+//! Workers run with the pool's start method: a subprocess of this binary reading a task record
+//! (it gets the parent-death signal and watches the driver's liveness key, so it never outlives
+//! the driver), or a thread of this process. When one exits while the pool runs, the chunks it
+//! held are redelivered and a replacement is started; its exit code says how to count it:
+//!
+//! | exit | meaning | replacement |
+//! | --- | --- | --- |
+//! | 0 | `maxtasksperchild` reached, or stopped | at once |
+//! | [`EXIT_STORE_LOST`] | it could not reach Redis | after the store back-off, not charged |
+//! | [`EXIT_DRIVER_GONE`] | it saw no driver (the liveness key lapsed) | as a store failure |
+//! | anything else | a failure (crash, kill, lost lease) | charged to the budget, backed off |
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures::FutureExt;
+use shoal_core::config::StartMethod;
+use shoal_core::context::ProcessInfo;
+use shoal_executor::pool::{self, EXIT_DRIVER_GONE, EXIT_STORE_LOST, PoolWorkerSpec, driver_ttl};
+use shoal_executor::protocol::{Launch, StopSignal, WorkerExited, Workload};
+use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord};
+
+use super::budget::Verdict;
+use super::{Breakdown, Phase, PoolSupervisor};
+
+/// A worker the supervisor started.
+pub(super) struct WorkerSlot {
+    pub(super) number: u64,
+    /// The executor launched it (until then it cannot be signalled).
+    pub(super) launched: bool,
+}
+
+impl PoolSupervisor {
+    pub(super) fn spawn_worker(&mut self, ctx: &mut Context<Self>) {
+        self.workers_started += 1;
+        let number = self.workers_started;
+        let worker_id = uuid::Uuid::new_v4().simple().to_string();
+        let subprocess = self.settings.start_method == StartMethod::Process;
+        let spec = PoolWorkerSpec {
+            pool_id: self.id.clone(),
+            worker_id: worker_id.clone(),
+            initializer: self.settings.initializer.clone(),
+            maxtasksperchild: self.settings.maxtasksperchild,
+            lease_ms: self.settings.lease.as_millis() as u64,
+            // A worker thread lives and dies with its driver: nothing to watch.
+            driver_ttl_ms: if subprocess {
+                driver_ttl(self.settings.lease).as_millis() as u64
+            } else {
+                0
+            },
+        };
+        let name = format!("PoolWorker-{number}");
+        self.workers.insert(
+            worker_id.clone(),
+            WorkerSlot {
+                number,
+                launched: false,
+            },
+        );
+        self.shared.update(|s| s.live_workers = self.workers.len());
+        let notify = ctx.address().recipient();
+        let executor = self.executor.clone();
+        let store = self.store.clone();
+        let env = self.settings.config.multiprocessing.env_vars.clone();
+        let launch = if subprocess {
+            let mut config = self.settings.config.clone();
+            config.redis.url = None;
+            let record = TaskRecord {
+                kind: TaskKind::PoolWorker(spec),
+                name: name.clone(),
+                identity: vec![number as u32],
+                // Pool workers are daemonic, as in Python.
+                daemon: true,
+                stream_output: config.multiprocessing.stream_stdout,
+                config,
+            };
+            let keys = ProcessKeys::new(store.keys(), &worker_id);
+            let launch = Launch {
+                id: worker_id.clone(),
+                name,
+                workload: Workload::Subprocess {
+                    task_id: worker_id.clone(),
+                },
+                env,
+                die_with_parent: true,
+                notify,
+            };
+            async move {
+                record.write(&store, &keys).await?;
+                executor.launch(launch).await
+            }
+            .boxed_local()
+        } else {
+            let info = ProcessInfo {
+                name: name.clone(),
+                identity: vec![number as u32],
+                daemon: true,
+            };
+            let body_store = store.clone();
+            let body = Box::new(move || match pool::run_worker(&body_store, &spec) {
+                Ok(_) => 0,
+                Err(e) if e.is_store_unreachable() => {
+                    eprintln!("shoal pool worker: {e}");
+                    EXIT_STORE_LOST
+                }
+                Err(e) => {
+                    eprintln!("shoal pool worker: {e}");
+                    1
+                }
+            });
+            let launch = Launch {
+                id: worker_id.clone(),
+                name,
+                workload: Workload::Thread { body, info },
+                env,
+                die_with_parent: true,
+                notify,
+            };
+            async move { executor.launch(launch).await }.boxed_local()
+        };
+        ctx.spawn(
+            launch
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(_) => {
+                        if let Some(slot) = act.workers.get_mut(&worker_id) {
+                            slot.launched = true;
+                        }
+                        // terminate() came while it was starting (a closing pool lets it run
+                        // its initializer and read its stop entry).
+                        if matches!(act.phase, Phase::Terminated | Phase::Broken(_)) {
+                            let executor = act.executor.clone();
+                            actix::spawn(async move {
+                                let _ = executor.signal(worker_id, StopSignal::Terminate).await;
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("pool {}: starting a worker failed: {e}", act.id);
+                        act.workers.remove(&worker_id);
+                        act.shared.update(|s| s.live_workers = act.workers.len());
+                        if !act.phase.supervises() {
+                            if act.workers.is_empty() {
+                                act.workers_gone(ctx);
+                            }
+                        } else if e.is_store_unreachable() {
+                            let after = act.budget.store_failure();
+                            act.replace_worker(ctx, after);
+                        } else {
+                            act.worker_failed(ctx, format!("a worker could not start: {e}"));
+                        }
+                    }
+                }),
+        );
+    }
+
+    /// Charges a worker failure to the restart budget; replaces the worker (after the
+    /// back-off) or breaks the pool.
+    pub(super) fn worker_failed(&mut self, ctx: &mut Context<Self>, reason: String) {
+        match self.budget.failure(Instant::now()) {
+            Verdict::Restart { after } => self.replace_worker(ctx, after),
+            Verdict::GiveUp { failures } => {
+                let why = format!(
+                    "{failures} worker failures without a completed chunk within {:?} exceed \
+                     pool.max_restarts = {} (last: {reason})",
+                    self.settings.restart_period, self.settings.max_restarts
+                );
+                self.break_pool(ctx, Breakdown::GaveUp(why));
+            }
+        }
+    }
+
+    /// Starts a worker after `after` if the pool still supervises and lacks one then.
+    pub(super) fn replace_worker(&mut self, ctx: &mut Context<Self>, after: Duration) {
+        if !after.is_zero() {
+            ctx.run_later(after, |act, ctx| act.replace_worker(ctx, Duration::ZERO));
+            return;
+        }
+        if self.phase.supervises() && self.workers.len() < self.settings.processes {
+            self.spawn_worker(ctx);
+        }
+    }
+}
+
+impl Handler<WorkerExited> for PoolSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: WorkerExited, ctx: &mut Context<Self>) {
+        let Some(slot) = self.workers.remove(&msg.id) else {
+            return;
+        };
+        self.shared.update(|s| s.live_workers = self.workers.len());
+        tracing::debug!(pool = %self.id, worker = slot.number, code = msg.code, "pool worker exited");
+        // The worker's own task record is no longer needed.
+        let store = self.store.clone();
+        let process_keys = ProcessKeys::new(store.keys(), &msg.id);
+        actix::spawn(async move {
+            if let Ok(mut conn) = store.multiplexed().await {
+                let _ = redis::cmd("DEL")
+                    .arg(&process_keys.task)
+                    .arg(&process_keys.status)
+                    .arg(&process_keys.output)
+                    .query_async::<()>(&mut conn)
+                    .await;
+            }
+        });
+        if !self.phase.supervises() {
+            if self.workers.is_empty() {
+                self.workers_gone(ctx);
+            }
+            return;
+        }
+        // Whatever it held goes to another worker (or fails, out of attempts).
+        self.requeue_worker_chunks(ctx, msg.id.clone());
+        match msg.code {
+            0 => self.replace_worker(ctx, Duration::ZERO),
+            EXIT_STORE_LOST | EXIT_DRIVER_GONE => {
+                let after = self.budget.store_failure();
+                self.replace_worker(ctx, after);
+            }
+            code => self.worker_failed(
+                ctx,
+                format!("PoolWorker-{} exited with code {code}", slot.number),
+            ),
+        }
+    }
+}
