@@ -9,7 +9,12 @@
 //! `SIGKILL`, `panic = "abort"`): the server is started with `PR_SET_PDEATHSIG = SIGTERM`, so the
 //! kernel signals it when the thread that forked it exits. That thread is a dedicated one
 //! (`shoal-redis`) that lives exactly as long as the server, because the parent-death signal is
-//! tied to the forking thread, not to the process.
+//! tied to the forking thread, not to the process. The directory is removed then too, by a
+//! watcher (`sh`) that waits for end-of-file on a pipe whose only writer is this process: the
+//! kernel closes it when the process dies, however it dies.
+//!
+//! The server and the watcher run in their own process group, so a terminal's Ctrl-C reaches
+//! only the program, which can then shut down in order; if it dies instead, both follow it.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -36,6 +41,8 @@ pub struct EmbeddedRedis {
     dir: Option<tempfile::TempDir>,
     exited: Arc<ExitSignal>,
     reaper: Option<JoinHandle<()>>,
+    /// The write end of the directory watcher's pipe: closed when this process dies.
+    cleanup: Option<std::io::PipeWriter>,
 }
 
 #[derive(Debug, Default)]
@@ -76,6 +83,7 @@ impl EmbeddedRedis {
             .map_err(|e| Error::io("creating the embedded Redis directory", e))?;
         let socket = dir.path().join("redis.sock");
         let log = dir.path().join("redis.log");
+        let cleanup = watch_directory(dir.path())?;
         let mut command = Command::new(&program);
         command
             .arg("--port")
@@ -96,7 +104,8 @@ impl EmbeddedRedis {
             .arg(&log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(Stdio::null())
+            .process_group(0);
         let parent = std::process::id();
         // SAFETY: the closure runs in the forked child before exec, where only
         // async-signal-safe operations are allowed. It makes two system calls, prctl and
@@ -142,6 +151,7 @@ impl EmbeddedRedis {
             dir: Some(dir),
             exited,
             reaper: Some(reaper),
+            cleanup: Some(cleanup),
         };
         let deadline =
             Instant::now() + ready_timeout.clamp(Duration::from_secs(5), Duration::from_secs(3600));
@@ -209,7 +219,34 @@ impl EmbeddedRedis {
         if let Some(dir) = self.dir.take() {
             let _ = dir.close();
         }
+        // The watcher sees end-of-file and exits (the directory is gone already).
+        self.cleanup.take();
     }
+}
+
+/// Starts a watcher that removes `dir` once the returned pipe's write end is closed: when it is
+/// dropped, or when this process dies in any way (the kernel closes its descriptors). The write
+/// end is close-on-exec, so no child of this process holds it.
+fn watch_directory(dir: &Path) -> Result<std::io::PipeWriter> {
+    let (reader, writer) =
+        std::io::pipe().map_err(|e| Error::io("creating the embedded Redis watcher's pipe", e))?;
+    let mut watcher = Command::new("/bin/sh");
+    watcher
+        .arg("-c")
+        .arg(r#"read -r _; rm -rf -- "$0""#)
+        .arg(dir)
+        .stdin(reader)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    let mut child = watcher
+        .spawn()
+        .map_err(|e| Error::io("starting the embedded Redis directory watcher (/bin/sh)", e))?;
+    // Reap it when it exits, without making anyone wait for it.
+    let _ = std::thread::Builder::new()
+        .name("shoal-redis-watcher".into())
+        .spawn(move || child.wait());
+    Ok(writer)
 }
 
 impl Drop for EmbeddedRedis {
