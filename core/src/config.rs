@@ -154,20 +154,6 @@ const LEASE: KeyRange = KeyRange {
     unit: "seconds",
 };
 
-/// Every numeric key. config.yaml documents each range beside its key (a test checks it).
-const NUMERIC_KEYS: &[KeyRange] = &[
-    EXPIRY,
-    MAX_MESSAGE,
-    CONNECT_TIMEOUT,
-    RESPONSE_TIMEOUT,
-    WORKERS,
-    RETRIES,
-    TASK_LEASE,
-    MAX_RESTARTS,
-    RESTART_PERIOD,
-    LEASE,
-];
-
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -526,6 +512,23 @@ impl Config {
         Ok(config)
     }
 
+    /// Every numeric key with its range and value (`None`: unset, as `local.workers: null`).
+    /// config.yaml documents each range beside its key (a test checks it).
+    fn numeric_values(&self) -> [(KeyRange, Option<f64>); 10] {
+        [
+            (EXPIRY, Some(self.redis.expiry_secs as f64)),
+            (MAX_MESSAGE, Some(self.redis.max_message_bytes as f64)),
+            (CONNECT_TIMEOUT, Some(self.redis.connect_timeout_secs)),
+            (RESPONSE_TIMEOUT, Some(self.redis.response_timeout_secs)),
+            (WORKERS, self.local.workers.map(|w| w as f64)),
+            (RETRIES, Some(f64::from(self.pool.retries))),
+            (TASK_LEASE, Some(self.pool.task_lease_secs)),
+            (MAX_RESTARTS, Some(f64::from(self.pool.max_restarts))),
+            (RESTART_PERIOD, Some(self.pool.restart_period_secs)),
+            (LEASE, Some(self.sync.lease_secs)),
+        ]
+    }
+
     fn validate_with(&self, origin_of: &dyn Fn(&str) -> String) -> Result<()> {
         let fail = |key: &str, reason: String| Error::Config {
             origin: origin_of(key),
@@ -547,22 +550,12 @@ impl Config {
         if let Some(url) = &self.redis.url {
             check_redis_url(url).map_err(|reason| fail("redis.url", reason))?;
         }
-        let numbers = [
-            (EXPIRY, self.redis.expiry_secs as f64),
-            (MAX_MESSAGE, self.redis.max_message_bytes as f64),
-            (CONNECT_TIMEOUT, self.redis.connect_timeout_secs),
-            (RESPONSE_TIMEOUT, self.redis.response_timeout_secs),
-            (RETRIES, f64::from(self.pool.retries)),
-            (TASK_LEASE, self.pool.task_lease_secs),
-            (MAX_RESTARTS, f64::from(self.pool.max_restarts)),
-            (RESTART_PERIOD, self.pool.restart_period_secs),
-            (LEASE, self.sync.lease_secs),
-        ];
-        let workers = self.local.workers.map(|w| (WORKERS, w as f64));
-        for (range, value) in numbers.into_iter().chain(workers) {
-            range
-                .check(value)
-                .map_err(|reason| fail(range.key, reason))?;
+        for (range, value) in self.numeric_values() {
+            if let Some(value) = value {
+                range
+                    .check(value)
+                    .map_err(|reason| fail(range.key, reason))?;
+            }
         }
         if self.redis.server_binary.trim().is_empty() {
             return Err(fail("redis.server_binary", "must not be empty".into()));
@@ -1059,7 +1052,7 @@ mod tests {
                 comments.clear();
             }
         }
-        for range in NUMERIC_KEYS {
+        for (range, _) in Config::default().numeric_values() {
             let doc = documented
                 .get(range.key)
                 .unwrap_or_else(|| panic!("{} is not in config.yaml", range.key));

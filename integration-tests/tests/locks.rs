@@ -225,6 +225,48 @@ fn processes_hammering_one_lock_lose_no_update() {
     assert_eq!(std::fs::read_to_string(&path).expect("counter"), "400");
 }
 
+/// A runtime whose `sync.lease_secs` was set by hand (no builder check), as a user may do.
+fn runtime_with_lease(lease_secs: f64) -> shoal::Result<shoal::Runtime> {
+    let mut config = Config::builder().build().expect("config");
+    config.sync.lease_secs = lease_secs;
+    shoal::init_with(config)
+}
+
+/// Issue 7, item 3: a lease of 0 made every acquire succeed at once (4 x 300 locked increments
+/// ended at 1079); a negative or NaN lease panicked at first use.
+#[test]
+fn a_lease_outside_its_range_is_refused_at_init() {
+    for lease in [0.0, 0.05, -1.0, f64::NAN, f64::INFINITY] {
+        match runtime_with_lease(lease) {
+            Err(Error::Config { key, origin, .. }) => {
+                assert_eq!((key.as_str(), origin.as_str()), ("sync.lease_secs", "code"))
+            }
+            Err(other) => panic!("lease {lease}: {other}"),
+            Ok(_) => panic!("a lease of {lease} s was accepted"),
+        }
+    }
+}
+
+/// The shortest lease allowed still keeps every hold: no increment is lost.
+#[test]
+fn four_processes_hammering_one_lock_with_the_shortest_lease_lose_no_update() {
+    let _rt = runtime_with_lease(0.1).expect("the shortest lease is valid");
+    let lock = Lock::new().expect("lock");
+    let dir = scratch();
+    let path = dir.path().join("counter").display().to_string();
+    let procs: Vec<Process> = (0..4)
+        .map(|_| Process::new(count_under_lock, (lock.clone(), path.clone(), 300u32)))
+        .collect();
+    for p in &procs {
+        p.start().expect("start");
+    }
+    for p in &procs {
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0));
+    }
+    assert_eq!(std::fs::read_to_string(&path).expect("counter"), "1200");
+}
+
 #[shoal::remote]
 fn hold_semaphore(sem: Semaphore, dir: String, id: u32) {
     let _permit = sem.lock().expect("acquire");
