@@ -328,3 +328,198 @@ fn a_semaphore_of_two_admits_two_at_a_time() {
     );
     assert_eq!(sem.get_value().expect("value"), 2);
 }
+
+// ------------------------------------------- issue 7, item 7: a release by a process holding nothing
+
+#[shoal::remote]
+fn hold_permit_until_told(sem: Semaphore, held: Event, go: Event, out: Queue<String>) {
+    sem.acquire().expect("acquire");
+    held.set().expect("held");
+    go.wait(None).expect("go");
+    out.put(format!("{:?}", sem.release())).expect("report");
+}
+
+#[shoal::remote]
+fn hold_bounded_until_told(sem: BoundedSemaphore, held: Event, go: Event, out: Queue<String>) {
+    sem.acquire().expect("acquire");
+    held.set().expect("held");
+    go.wait(None).expect("go");
+    out.put(format!("{:?}", sem.release())).expect("report");
+}
+
+/// A Semaphore is a counter: a release by a process that holds no permit adds one, and does not
+/// take the permit another process holds (Python: 1, then 2).
+#[test]
+fn a_semaphore_release_by_a_process_holding_nothing_adds_a_permit() {
+    let _rt = runtime();
+    let sem = Semaphore::new(1).expect("semaphore");
+    let (held, go) = (Event::new().expect("event"), Event::new().expect("event"));
+    let out: Queue<String> = Queue::new().expect("queue");
+    let child = Process::new(
+        hold_permit_until_told,
+        (sem.clone(), held.clone(), go.clone(), out.clone()),
+    );
+    child.start().expect("start");
+    assert!(held.wait(Some(Duration::from_secs(20))).expect("held"));
+    assert_eq!(sem.get_value().expect("value"), 0);
+    sem.release()
+        .expect("a release by a process that holds nothing");
+    assert_eq!(sem.get_value().expect("value"), 1);
+    go.set().expect("go");
+    assert_eq!(
+        out.get_timeout(Duration::from_secs(20)).expect("report"),
+        "Ok(())"
+    );
+    child.join(None).expect("join");
+    assert_eq!(
+        sem.get_value().expect("value"),
+        2,
+        "the holder's own release must count too"
+    );
+    assert!(sem.try_acquire().expect("1") && sem.try_acquire().expect("2"));
+    assert!(!sem.try_acquire().expect("no third permit"));
+}
+
+/// A BoundedSemaphore counts the same way; the release that would pass the initial value is the
+/// error (Python's ValueError), whoever makes it.
+#[test]
+fn a_bounded_semaphore_refuses_the_release_past_its_initial_value() {
+    let _rt = runtime();
+    let sem = BoundedSemaphore::new(1).expect("bounded");
+    let (held, go) = (Event::new().expect("event"), Event::new().expect("event"));
+    let out: Queue<String> = Queue::new().expect("queue");
+    let child = Process::new(
+        hold_bounded_until_told,
+        (sem.clone(), held.clone(), go.clone(), out.clone()),
+    );
+    child.start().expect("start");
+    assert!(held.wait(Some(Duration::from_secs(20))).expect("held"));
+    sem.release().expect("0 -> 1 is within the bound");
+    assert_eq!(sem.get_value().expect("value"), 1);
+    go.set().expect("go");
+    let report = out.get_timeout(Duration::from_secs(20)).expect("report");
+    assert!(
+        report.starts_with("Err(InvalidState("),
+        "1 -> 2 passes the bound: {report}"
+    );
+    child.join(None).expect("join");
+    assert_eq!(sem.get_value().expect("value"), 1);
+    assert!(matches!(sem.release(), Err(Error::InvalidState(_))));
+    // The refused release ended the child's hold: nothing lapses later.
+    std::thread::sleep(LEASE + Duration::from_millis(500));
+    assert_eq!(sem.get_value().expect("value"), 1);
+}
+
+#[shoal::remote]
+fn take_permit_then_hang(sem: Semaphore, held: Event) {
+    sem.acquire().expect("acquire");
+    held.set().expect("held");
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+/// Crash safety stays for real holds: the permit of a holder killed by SIGKILL comes back after
+/// the lease, on top of a permit another process added meanwhile.
+#[test]
+fn a_killed_holders_permit_returns_after_the_lease() {
+    let _rt = runtime();
+    let sem = Semaphore::new(1).expect("semaphore");
+    let held = Event::new().expect("event");
+    let child = Process::new(take_permit_then_hang, (sem.clone(), held.clone()));
+    child.start().expect("start");
+    assert!(held.wait(Some(Duration::from_secs(20))).expect("held"));
+    sem.release().expect("release by a process holding nothing");
+    assert_eq!(sem.get_value().expect("value"), 1);
+    kill(
+        Pid::from_raw(child.pid().expect("pid") as i32),
+        Signal::SIGKILL,
+    )
+    .expect("kill -9");
+    child.join(None).expect("join");
+    assert!(
+        wait_for(LEASE * 3, || sem.get_value().expect("value") == 2),
+        "the killed holder's permit never came back: {}",
+        sem.get_value().expect("value")
+    );
+}
+
+// ------------------------------------- issue 7, item 8: a holder that exits normally keeps its hold
+
+#[shoal::remote]
+fn acquire_and_exit(lock: Lock, fail: bool) {
+    lock.acquire().expect("acquire");
+    if fail {
+        panic!("exits with an error, holding the lock");
+    }
+}
+
+#[shoal::remote]
+fn acquire_rlock_and_exit(lock: RLock) {
+    lock.acquire().expect("acquire");
+    lock.acquire().expect("again");
+}
+
+#[shoal::remote]
+fn consume_signal(sem: Semaphore, out: Queue<String>) {
+    sem.acquire().expect("acquire");
+    out.put("got it".into()).expect("report");
+}
+
+/// Python: a child may acquire a Lock and exit, and the parent release it. The hold of a process
+/// that exits normally (even with an error) no longer depends on its heartbeat: it outlives the
+/// lease until someone releases it.
+#[test]
+fn a_lock_held_by_a_process_that_exited_normally_stays_held() {
+    let _rt = runtime();
+    let (lock, failed) = (Lock::new().expect("lock"), Lock::new().expect("lock"));
+    let rlock = RLock::new().expect("rlock");
+    let children = [
+        Process::new(acquire_and_exit, (lock.clone(), false)),
+        Process::new(acquire_and_exit, (failed.clone(), true)),
+        Process::new(acquire_rlock_and_exit, (rlock.clone(),)),
+    ];
+    for child in &children {
+        child.start().expect("start");
+    }
+    for child in &children {
+        child.join(None).expect("join");
+    }
+    assert_eq!(children[0].exitcode(), Some(0));
+    assert_eq!(children[1].exitcode(), Some(1));
+    assert_eq!(children[2].exitcode(), Some(0));
+    std::thread::sleep(LEASE * 2);
+    assert!(!lock.try_acquire().expect("try"), "the hold lapsed");
+    assert!(!failed.try_acquire().expect("try"), "the hold lapsed");
+    assert!(!rlock.try_acquire().expect("try"), "the RLock hold lapsed");
+    lock.release()
+        .expect("the parent releases the child's lock");
+    failed
+        .release()
+        .expect("the parent releases the child's lock");
+    assert!(lock.try_acquire().expect("free again"));
+    lock.release().expect("release");
+    assert!(
+        matches!(rlock.release(), Err(Error::InvalidState(_))),
+        "only the owner may release an RLock"
+    );
+}
+
+/// Semaphore(0) as a signal: the permit a child consumed before exiting stays consumed (Python's
+/// value stays 0); it does not come back when the child's lease would have lapsed.
+#[test]
+fn a_permit_consumed_by_a_process_that_exited_stays_consumed() {
+    let _rt = runtime();
+    let sem = Semaphore::new(0).expect("semaphore");
+    let out: Queue<String> = Queue::new().expect("queue");
+    let child = Process::new(consume_signal, (sem.clone(), out.clone()));
+    child.start().expect("start");
+    sem.release().expect("signal");
+    assert_eq!(
+        out.get_timeout(Duration::from_secs(20)).expect("report"),
+        "got it"
+    );
+    child.join(None).expect("join");
+    assert_eq!(child.exitcode(), Some(0));
+    std::thread::sleep(LEASE * 2);
+    assert_eq!(sem.get_value().expect("value"), 0);
+    assert!(!sem.try_acquire().expect("no permit"));
+}
