@@ -523,3 +523,96 @@ fn a_permit_consumed_by_a_process_that_exited_stays_consumed() {
     assert_eq!(sem.get_value().expect("value"), 0);
     assert!(!sem.try_acquire().expect("no permit"));
 }
+
+// ------------------------------------------------------------- issue 7, item 13: locked()
+
+/// CPython's `test_lock` and `test_rlock` (`_test_multiprocessing.py`).
+#[test]
+fn locked_tells_whether_anyone_holds_the_lock() {
+    let _rt = runtime();
+    let lock = Lock::new().expect("lock");
+    assert!(!lock.locked().expect("locked"));
+    lock.acquire().expect("acquire");
+    assert!(lock.locked().expect("locked"));
+    assert!(!lock.try_acquire().expect("try"));
+    lock.release().expect("release");
+    assert!(!lock.locked().expect("locked"));
+    assert!(matches!(lock.release(), Err(Error::InvalidState(_))));
+
+    let rlock = RLock::new().expect("rlock");
+    assert!(!rlock.locked().expect("locked"));
+    rlock.acquire().expect("1");
+    assert!(rlock.locked().expect("locked"));
+    rlock.acquire().expect("2");
+    rlock.acquire().expect("3");
+    rlock.release().expect("3");
+    assert!(rlock.locked().expect("still held twice"));
+    let other = rlock.clone();
+    assert!(
+        std::thread::spawn(move || other.locked().expect("locked"))
+            .join()
+            .expect("thread"),
+        "held by another thread counts"
+    );
+    rlock.release().expect("2");
+    rlock.release().expect("1");
+    assert!(!rlock.locked().expect("locked"));
+    assert!(matches!(rlock.release(), Err(Error::InvalidState(_))));
+}
+
+#[shoal::remote]
+fn acquire_and_report_locked(lock: Lock, event: Event, res: Value<i8>) {
+    lock.acquire().expect("acquire");
+    res.set(i8::from(lock.locked().expect("locked")))
+        .expect("set");
+    event.set().expect("set");
+}
+
+#[shoal::remote]
+fn acquire_rlock_and_report_locked(lock: RLock, event: Event, res: Value<i8>) {
+    lock.acquire().expect("acquire");
+    res.set(i8::from(lock.locked().expect("locked")))
+        .expect("set");
+    event.set().expect("set");
+}
+
+/// CPython's `test_lock_locked_2processes` and `test_rlock_locked_2processes`: a child acquires
+/// and exits; the lock is held as the child sees it and as the parent sees it, and stays held
+/// after the child exited (CPython's `test_repr_rlock`: `SomeOtherProcess, nonzero`).
+#[test]
+fn a_lock_held_by_another_process_is_locked_here_too() {
+    let _rt = runtime();
+    let lock = Lock::new().expect("lock");
+    let rlock = RLock::new().expect("rlock");
+    let (event, revent) = (Event::new().expect("event"), Event::new().expect("event"));
+    let (res, rres) = (Value::new(0i8).expect("res"), Value::new(0i8).expect("res"));
+    let p = Process::new(
+        acquire_and_report_locked,
+        (lock.clone(), event.clone(), res.clone()),
+    );
+    let r = Process::new(
+        acquire_rlock_and_report_locked,
+        (rlock.clone(), revent.clone(), rres.clone()),
+    );
+    p.start().expect("start");
+    r.start().expect("start");
+    assert!(event.wait(Some(Duration::from_secs(20))).expect("wait"));
+    assert!(revent.wait(Some(Duration::from_secs(20))).expect("wait"));
+    assert!(lock.locked().expect("locked"));
+    assert!(rlock.locked().expect("locked"));
+    assert_eq!(res.get().expect("res"), 1);
+    assert_eq!(rres.get().expect("res"), 1);
+    p.join(None).expect("join");
+    r.join(None).expect("join");
+    std::thread::sleep(LEASE * 2);
+    assert!(
+        lock.locked().expect("locked"),
+        "held after the child exited"
+    );
+    assert!(
+        rlock.locked().expect("locked"),
+        "held after the child exited"
+    );
+    lock.release().expect("release");
+    assert!(!lock.locked().expect("locked"));
+}
