@@ -32,9 +32,10 @@
 //!
 //! # Keys (hash tag `{<ns>:<kind>:<id>}`)
 //!
-//! `state` (hash: `value`, `bound`, `kind`), `holders` (hash: grant id → holder, lease expiry,
-//! recursion count), `waiters` (list), `waiting` (hash: waiter → liveness deadline, holder),
-//! `fence` (counter), `wake:<waiter>` (list, one per blocked caller).
+//! `state` (hash: `value`, `bound`, `kind`), `holders` (hash: grant id → holder, lease expiry
+//! (0: no lease, its process exited normally), recursion count), `waiters` (list), `waiting`
+//! (hash: waiter → liveness deadline, holder), `fence` (counter), `wake:<waiter>` (list, one per
+//! blocked caller).
 //!
 //! # Round trips
 //!
