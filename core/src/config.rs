@@ -15,7 +15,14 @@
 //! An unknown section or key, a value of the wrong type or an impossible value is an
 //! [`Error::Config`] naming the dotted key (`redis.expiry_secs`) and where the value came from: the
 //! file's path, the environment variable, `code` or `built-in defaults`. Nothing is silently
-//! ignored. The `kubernetes`, `lambda` and `http` sections of the design are not built yet and are
+//! ignored. Every numeric key has a range (documented beside the key in `config.yaml`; `NaN` and
+//! infinities are outside every range), checked when the configuration is loaded or built and
+//! again by `shoal::init_with`.
+//!
+//! The `*_secs` keys have accessors that return a [`Duration`] ([`SyncConfig::lease`],
+//! [`PoolConfig::task_lease`], ...). They never panic, even on a [`Config`] assembled by hand
+//! with impossible values: such a value is clamped into its key's range (`NaN` becomes the
+//! key's default). Validation is where the user learns about it. The `kubernetes`, `lambda` and `http` sections of the design are not built yet and are
 //! rejected with a message that says so.
 //!
 //! The documented default file is `config.yaml` at the top of the repository; every key there has
@@ -26,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_yaml::{Mapping, Value};
+use yaml_serde::{Mapping, Value};
 
 use crate::error::{Error, Result};
 
@@ -41,6 +48,111 @@ const RESERVED_ENV: &[&str] = &["SHOAL_CONFIG", "SHOAL_LOG"];
 
 /// Prefix of the variables a backend sets for a worker process (the task's address).
 pub const WORKER_ENV_PREFIX: &str = "SHOAL_WORKER_";
+
+/// The allowed values of a numeric key, both ends included.
+#[derive(Clone, Copy, Debug)]
+struct KeyRange {
+    /// The dotted key.
+    key: &'static str,
+    low: f64,
+    high: f64,
+    /// What the number counts, for messages.
+    unit: &'static str,
+}
+
+impl KeyRange {
+    /// `0.1 ..= 86400`, as config.yaml writes it.
+    fn text(&self) -> String {
+        format!("{} ..= {}", self.low, self.high)
+    }
+
+    /// `Err(reason)` unless `value` is a number inside the range.
+    fn check(&self, value: f64) -> std::result::Result<(), String> {
+        if value.is_finite() && (self.low..=self.high).contains(&value) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{value} is outside {} ({})",
+                self.text(),
+                self.unit
+            ))
+        }
+    }
+
+    /// `secs` as a duration, clamped into the range; `NaN` is `default`. Never panics.
+    fn duration(&self, secs: f64, default: f64) -> Duration {
+        let secs = if secs.is_nan() {
+            default
+        } else {
+            secs.clamp(self.low, self.high)
+        };
+        Duration::try_from_secs_f64(secs).unwrap_or_default()
+    }
+}
+
+const EXPIRY: KeyRange = KeyRange {
+    key: "redis.expiry_secs",
+    low: 1.0,
+    // A year: every key shoal writes is refreshed when used.
+    high: 31_536_000.0,
+    unit: "seconds",
+};
+const MAX_MESSAGE: KeyRange = KeyRange {
+    key: "redis.max_message_bytes",
+    low: 1024.0,
+    // Redis's own bulk limit.
+    high: 536_870_912.0,
+    unit: "bytes, Redis's own bulk limit is 536870912",
+};
+const CONNECT_TIMEOUT: KeyRange = KeyRange {
+    key: "redis.connect_timeout_secs",
+    low: 0.001,
+    high: 86_400.0,
+    unit: "seconds",
+};
+const RESPONSE_TIMEOUT: KeyRange = KeyRange {
+    key: "redis.response_timeout_secs",
+    low: 0.001,
+    high: 86_400.0,
+    unit: "seconds",
+};
+const WORKERS: KeyRange = KeyRange {
+    key: "local.workers",
+    low: 1.0,
+    high: 1024.0,
+    unit: "worker processes, or null for the CPU count",
+};
+const RETRIES: KeyRange = KeyRange {
+    key: "pool.retries",
+    low: 0.0,
+    high: 1000.0,
+    unit: "redeliveries",
+};
+const TASK_LEASE: KeyRange = KeyRange {
+    key: "pool.task_lease_secs",
+    low: 0.1,
+    high: 86_400.0,
+    unit: "seconds",
+};
+const MAX_RESTARTS: KeyRange = KeyRange {
+    key: "pool.max_restarts",
+    low: 0.0,
+    high: 100_000.0,
+    unit: "restarts",
+};
+const RESTART_PERIOD: KeyRange = KeyRange {
+    key: "pool.restart_period_secs",
+    low: 0.1,
+    high: 86_400.0,
+    unit: "seconds",
+};
+const LEASE: KeyRange = KeyRange {
+    key: "sync.lease_secs",
+    // The heartbeat renews every third of the lease: below this a busy machine loses holds.
+    low: 0.1,
+    high: 86_400.0,
+    unit: "seconds",
+};
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -94,15 +206,17 @@ pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS), or `unix:///path/to.sock`.
     /// `None` with the local backend starts an embedded `redis-server` on a private Unix socket.
     pub url: Option<String>,
-    /// Time to live of every key, refreshed on use.
+    /// Time to live of every key, refreshed on use. 1 ..= 31536000 (a year).
     pub expiry_secs: u64,
     /// Largest payload (message, argument list, result) shoal writes or accepts, in bytes.
+    /// 1024 ..= 536870912.
     pub max_message_bytes: u64,
     /// Program started for the embedded store (looked up in `PATH` when it has no `/`).
     pub server_binary: String,
-    /// How long to wait for a connection to Redis.
+    /// How long to wait for a connection to Redis, in seconds. 0.001 ..= 86400.
     pub connect_timeout_secs: f64,
-    /// How long to wait for the answer to an ordinary (non-blocking) command.
+    /// How long to wait for the answer to an ordinary (non-blocking) command, in seconds.
+    /// 0.001 ..= 86400.
     pub response_timeout_secs: f64,
 }
 
@@ -120,14 +234,21 @@ impl Default for RedisConfig {
 }
 
 impl RedisConfig {
-    /// [`RedisConfig::connect_timeout_secs`] as a duration.
+    /// [`RedisConfig::connect_timeout_secs`] as a duration, clamped into its range (never
+    /// panics; see the module docs).
     pub fn connect_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.connect_timeout_secs)
+        CONNECT_TIMEOUT.duration(
+            self.connect_timeout_secs,
+            RedisConfig::default().connect_timeout_secs,
+        )
     }
 
-    /// [`RedisConfig::response_timeout_secs`] as a duration.
+    /// [`RedisConfig::response_timeout_secs`] as a duration, clamped into its range.
     pub fn response_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.response_timeout_secs)
+        RESPONSE_TIMEOUT.duration(
+            self.response_timeout_secs,
+            RedisConfig::default().response_timeout_secs,
+        )
     }
 }
 
@@ -137,7 +258,7 @@ impl RedisConfig {
 pub struct LocalConfig {
     /// How a local child runs.
     pub start_method: StartMethod,
-    /// Workers of a pool created without a size; `None`: the number of CPUs.
+    /// Workers of a pool created without a size (1 ..= 1024); `None`: the number of CPUs.
     pub workers: Option<usize>,
 }
 
@@ -157,16 +278,34 @@ impl LocalConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// Redeliveries of a chunk whose worker died before the chunk fails with kind `Crashed`.
+    /// 0 ..= 1000.
     pub retries: u32,
-    /// A chunk whose worker stopped renewing its lease for this long is given to another worker.
+    /// A chunk whose worker stopped renewing its lease for this long (seconds) is given to
+    /// another worker. 0.1 ..= 86400.
     pub task_lease_secs: f64,
     /// Worker restarts after failures allowed within `restart_period_secs`; one more breaks the
-    /// pool (its calls fail) instead of restarting forever.
+    /// pool (its calls fail) instead of restarting forever. 0 ..= 100000.
     pub max_restarts: u32,
-    /// The window of `max_restarts`.
+    /// The window of `max_restarts`, in seconds. 0.1 ..= 86400.
     pub restart_period_secs: f64,
     /// Show a progress bar for `map` calls when stderr is a terminal.
     pub progress: bool,
+}
+
+impl PoolConfig {
+    /// [`PoolConfig::task_lease_secs`] as a duration, clamped into its range (never panics; see
+    /// the module docs).
+    pub fn task_lease(&self) -> Duration {
+        TASK_LEASE.duration(self.task_lease_secs, PoolConfig::default().task_lease_secs)
+    }
+
+    /// [`PoolConfig::restart_period_secs`] as a duration, clamped into its range.
+    pub fn restart_period(&self) -> Duration {
+        RESTART_PERIOD.duration(
+            self.restart_period_secs,
+            PoolConfig::default().restart_period_secs,
+        )
+    }
 }
 
 impl Default for PoolConfig {
@@ -196,9 +335,10 @@ pub enum StartMethod {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyncConfig {
-    /// A hold of a `Lock`, `RLock`, `Semaphore` or `BoundedSemaphore` lasts this long unless its
-    /// process renews it (every third of it, from a heartbeat thread); the hold of a process that
-    /// died is released when it lapses, and a waiter proceeds.
+    /// A hold of a `Lock`, `RLock`, `Semaphore` or `BoundedSemaphore` lasts this long (seconds)
+    /// unless its process renews it (every third of it, from a heartbeat thread); the hold of a
+    /// process that died without exiting is released when it lapses, and a waiter proceeds.
+    /// 0.1 ..= 86400.
     pub lease_secs: f64,
 }
 
@@ -209,9 +349,10 @@ impl Default for SyncConfig {
 }
 
 impl SyncConfig {
-    /// [`SyncConfig::lease_secs`] as a duration.
+    /// [`SyncConfig::lease_secs`] as a duration, clamped into its range (never panics; see the
+    /// module docs).
     pub fn lease(&self) -> Duration {
-        Duration::from_secs_f64(self.lease_secs)
+        LEASE.duration(self.lease_secs, SyncConfig::default().lease_secs)
     }
 }
 
@@ -285,7 +426,7 @@ impl Config {
 
     /// The configuration as YAML, every key present.
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+        yaml_serde::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 
     /// Layers a file (origin, text) and environment variables, then validates.
@@ -305,7 +446,7 @@ impl Config {
             let Some((section, key)) = env_override_target(&var)? else {
                 continue;
             };
-            let value = serde_yaml::from_str::<Value>(&raw).unwrap_or(Value::String(raw));
+            let value = yaml_serde::from_str::<Value>(&raw).unwrap_or(Value::String(raw));
             let section_map = root
                 .entry(Value::String(section.clone()))
                 .or_insert_with(|| Value::Mapping(Mapping::new()));
@@ -371,6 +512,23 @@ impl Config {
         Ok(config)
     }
 
+    /// Every numeric key with its range and value (`None`: unset, as `local.workers: null`).
+    /// config.yaml documents each range beside its key (a test checks it).
+    fn numeric_values(&self) -> [(KeyRange, Option<f64>); 10] {
+        [
+            (EXPIRY, Some(self.redis.expiry_secs as f64)),
+            (MAX_MESSAGE, Some(self.redis.max_message_bytes as f64)),
+            (CONNECT_TIMEOUT, Some(self.redis.connect_timeout_secs)),
+            (RESPONSE_TIMEOUT, Some(self.redis.response_timeout_secs)),
+            (WORKERS, self.local.workers.map(|w| w as f64)),
+            (RETRIES, Some(f64::from(self.pool.retries))),
+            (TASK_LEASE, Some(self.pool.task_lease_secs)),
+            (MAX_RESTARTS, Some(f64::from(self.pool.max_restarts))),
+            (RESTART_PERIOD, Some(self.pool.restart_period_secs)),
+            (LEASE, Some(self.sync.lease_secs)),
+        ]
+    }
+
     fn validate_with(&self, origin_of: &dyn Fn(&str) -> String) -> Result<()> {
         let fail = |key: &str, reason: String| Error::Config {
             origin: origin_of(key),
@@ -392,39 +550,15 @@ impl Config {
         if let Some(url) = &self.redis.url {
             check_redis_url(url).map_err(|reason| fail("redis.url", reason))?;
         }
-        if self.redis.expiry_secs == 0 {
-            return Err(fail("redis.expiry_secs", "must be at least 1".into()));
-        }
-        const MIN_MESSAGE: u64 = 1024;
-        const MAX_MESSAGE: u64 = 512 * 1024 * 1024;
-        if !(MIN_MESSAGE..=MAX_MESSAGE).contains(&self.redis.max_message_bytes) {
-            return Err(fail(
-                "redis.max_message_bytes",
-                format!(
-                    "{} is outside {MIN_MESSAGE}..={MAX_MESSAGE} (Redis's own bulk limit)",
-                    self.redis.max_message_bytes
-                ),
-            ));
+        for (range, value) in self.numeric_values() {
+            if let Some(value) = value {
+                range
+                    .check(value)
+                    .map_err(|reason| fail(range.key, reason))?;
+            }
         }
         if self.redis.server_binary.trim().is_empty() {
             return Err(fail("redis.server_binary", "must not be empty".into()));
-        }
-        for (key, secs) in [
-            (
-                "redis.connect_timeout_secs",
-                self.redis.connect_timeout_secs,
-            ),
-            (
-                "redis.response_timeout_secs",
-                self.redis.response_timeout_secs,
-            ),
-        ] {
-            if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
-                return Err(fail(
-                    key,
-                    format!("{secs} must be a number of seconds in (0, 86400]"),
-                ));
-            }
         }
         for (name, value) in &self.multiprocessing.env_vars {
             if name.is_empty() || name.contains('=') || name.contains('\0') {
@@ -450,7 +584,7 @@ impl Config {
 }
 
 fn parse_document(origin: &str, text: &str) -> Result<Mapping> {
-    let value: Value = serde_yaml::from_str(text).map_err(|e| Error::Config {
+    let value: Value = yaml_serde::from_str(text).map_err(|e| Error::Config {
         origin: origin.to_string(),
         key: "(document)".into(),
         reason: format!("not valid YAML: {e}"),
@@ -680,6 +814,16 @@ mod tests {
     }
 
     #[test]
+    fn to_yaml_round_trips() {
+        let mut c = Config::default();
+        c.sync.lease_secs = 0.25;
+        c.local.workers = Some(3);
+        c.multiprocessing.env_vars.insert("A".into(), "yes".into());
+        let back = Config::from_yaml_str(&c.to_yaml(), "rendered").expect("rendered YAML parses");
+        assert_eq!(back, c);
+    }
+
+    #[test]
     fn file_values_are_read() {
         let c = Config::from_yaml_str(
             "redis:\n  expiry_secs: 60\nlocal:\n  start_method: thread\n",
@@ -753,6 +897,171 @@ mod tests {
         ] {
             let (origin, k, _) = config_error(Config::from_yaml_str(yaml, "c.yaml"));
             assert_eq!((origin.as_str(), k.as_str()), ("c.yaml", key), "{yaml}");
+        }
+    }
+
+    /// Issue 7, item 3: values of the right type that would panic or misbehave at first use.
+    #[test]
+    fn every_numeric_key_is_range_checked_and_named() {
+        for (yaml, key) in [
+            ("sync:\n  lease_secs: -1\n", "sync.lease_secs"),
+            ("sync:\n  lease_secs: .nan\n", "sync.lease_secs"),
+            ("sync:\n  lease_secs: .inf\n", "sync.lease_secs"),
+            ("sync:\n  lease_secs: 0\n", "sync.lease_secs"),
+            ("sync:\n  lease_secs: 0.05\n", "sync.lease_secs"),
+            ("sync:\n  lease_secs: 86401\n", "sync.lease_secs"),
+            ("pool:\n  task_lease_secs: -1\n", "pool.task_lease_secs"),
+            ("pool:\n  task_lease_secs: .nan\n", "pool.task_lease_secs"),
+            ("pool:\n  task_lease_secs: 0\n", "pool.task_lease_secs"),
+            (
+                "pool:\n  restart_period_secs: .inf\n",
+                "pool.restart_period_secs",
+            ),
+            (
+                "pool:\n  restart_period_secs: -.inf\n",
+                "pool.restart_period_secs",
+            ),
+            (
+                "pool:\n  restart_period_secs: 0\n",
+                "pool.restart_period_secs",
+            ),
+            ("pool:\n  retries: 1001\n", "pool.retries"),
+            ("pool:\n  max_restarts: 100001\n", "pool.max_restarts"),
+            ("local:\n  workers: 0\n", "local.workers"),
+            ("local:\n  workers: 1025\n", "local.workers"),
+            ("redis:\n  expiry_secs: 31536001\n", "redis.expiry_secs"),
+            (
+                "redis:\n  expiry_secs: 18446744073709551615\n",
+                "redis.expiry_secs",
+            ),
+            (
+                "redis:\n  connect_timeout_secs: .nan\n",
+                "redis.connect_timeout_secs",
+            ),
+            (
+                "redis:\n  response_timeout_secs: .inf\n",
+                "redis.response_timeout_secs",
+            ),
+            (
+                "redis:\n  max_message_bytes: 536870913\n",
+                "redis.max_message_bytes",
+            ),
+        ] {
+            let (origin, k, reason) = config_error(Config::from_yaml_str(yaml, "/etc/c.yaml"));
+            assert_eq!(
+                (origin.as_str(), k.as_str()),
+                ("/etc/c.yaml", key),
+                "{yaml}: {reason}"
+            );
+            let message = Error::Config {
+                origin,
+                key: k,
+                reason,
+            }
+            .to_string();
+            assert!(
+                message.contains("/etc/c.yaml") && message.contains(key),
+                "{message}"
+            );
+        }
+        let (origin, key, _) = config_error(Config::from_layers(
+            None,
+            env(&[("SHOAL_SYNC_LEASE_SECS", ".nan")]),
+        ));
+        assert_eq!(
+            (origin.as_str(), key.as_str()),
+            (
+                "environment variable SHOAL_SYNC_LEASE_SECS",
+                "sync.lease_secs"
+            )
+        );
+        let mut by_hand = Config::default();
+        by_hand.pool.task_lease_secs = -1.0;
+        let (origin, key, _) = config_error(by_hand.validate().map(|_| by_hand.clone()));
+        assert_eq!(
+            (origin.as_str(), key.as_str()),
+            ("code", "pool.task_lease_secs")
+        );
+    }
+
+    #[test]
+    fn range_edges_are_accepted() {
+        let c = Config::from_yaml_str(
+            "sync:\n  lease_secs: 0.1\npool:\n  task_lease_secs: 86400\n  retries: 0\n  \
+             max_restarts: 0\n  restart_period_secs: 0.1\nlocal:\n  workers: 1\n\
+             redis:\n  expiry_secs: 1\n  connect_timeout_secs: 0.001\n",
+            "c.yaml",
+        )
+        .expect("the edges of every range are valid");
+        assert_eq!(c.sync.lease(), Duration::from_millis(100));
+        assert_eq!(c.pool.task_lease(), Duration::from_secs(86_400));
+        assert_eq!(c.local.workers, Some(1));
+    }
+
+    /// A `Config` built by hand skips validation; turning its seconds into durations must still
+    /// not panic.
+    #[test]
+    fn duration_conversions_never_panic() {
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1.0, 0.0, 1e300] {
+            let mut c = Config::default();
+            c.sync.lease_secs = bad;
+            c.pool.task_lease_secs = bad;
+            c.pool.restart_period_secs = bad;
+            c.redis.connect_timeout_secs = bad;
+            c.redis.response_timeout_secs = bad;
+            let durations = [
+                c.sync.lease(),
+                c.pool.task_lease(),
+                c.pool.restart_period(),
+                c.redis.connect_timeout(),
+                c.redis.response_timeout(),
+            ];
+            for d in durations {
+                assert!(d > Duration::ZERO, "{bad}: {d:?}");
+                assert!(d <= Duration::from_secs(86_400), "{bad}: {d:?}");
+            }
+            assert!(c.sync.lease() >= Duration::from_millis(100), "{bad}");
+        }
+        let c = Config::default();
+        assert_eq!(c.sync.lease(), Duration::from_secs(5));
+        assert_eq!(c.pool.task_lease(), Duration::from_secs(10));
+        assert_eq!(c.pool.restart_period(), Duration::from_secs(10));
+    }
+
+    /// config.yaml documents the range of every numeric key beside it, as validation checks it.
+    #[test]
+    fn config_yaml_documents_every_range() {
+        let text = include_str!("../../config.yaml");
+        let mut section = String::new();
+        let mut comments = String::new();
+        let mut documented = BTreeMap::new();
+        for line in text.lines() {
+            let trimmed = line.trim_start();
+            if trimmed.starts_with('#') {
+                comments.push_str(trimmed);
+                comments.push('\n');
+                continue;
+            }
+            let Some((name, _)) = trimmed.split_once(':') else {
+                continue;
+            };
+            if line.starts_with(' ') {
+                documented.insert(format!("{section}.{name}"), std::mem::take(&mut comments));
+            } else {
+                section = name.to_string();
+                comments.clear();
+            }
+        }
+        for (range, _) in Config::default().numeric_values() {
+            let doc = documented
+                .get(range.key)
+                .unwrap_or_else(|| panic!("{} is not in config.yaml", range.key));
+            assert!(
+                doc.contains(&format!("Range: {}.", range.text())),
+                "config.yaml should say `Range: {}.` above {}: {doc}",
+                range.text(),
+                range.key
+            );
         }
     }
 

@@ -225,6 +225,48 @@ fn processes_hammering_one_lock_lose_no_update() {
     assert_eq!(std::fs::read_to_string(&path).expect("counter"), "400");
 }
 
+/// A runtime whose `sync.lease_secs` was set by hand (no builder check), as a user may do.
+fn runtime_with_lease(lease_secs: f64) -> shoal::Result<shoal::Runtime> {
+    let mut config = Config::builder().build().expect("config");
+    config.sync.lease_secs = lease_secs;
+    shoal::init_with(config)
+}
+
+/// Issue 7, item 3: a lease of 0 made every acquire succeed at once (4 x 300 locked increments
+/// ended at 1079); a negative or NaN lease panicked at first use.
+#[test]
+fn a_lease_outside_its_range_is_refused_at_init() {
+    for lease in [0.0, 0.05, -1.0, f64::NAN, f64::INFINITY] {
+        match runtime_with_lease(lease) {
+            Err(Error::Config { key, origin, .. }) => {
+                assert_eq!((key.as_str(), origin.as_str()), ("sync.lease_secs", "code"))
+            }
+            Err(other) => panic!("lease {lease}: {other}"),
+            Ok(_) => panic!("a lease of {lease} s was accepted"),
+        }
+    }
+}
+
+/// The shortest lease allowed still keeps every hold: no increment is lost.
+#[test]
+fn four_processes_hammering_one_lock_with_the_shortest_lease_lose_no_update() {
+    let _rt = runtime_with_lease(0.1).expect("the shortest lease is valid");
+    let lock = Lock::new().expect("lock");
+    let dir = scratch();
+    let path = dir.path().join("counter").display().to_string();
+    let procs: Vec<Process> = (0..4)
+        .map(|_| Process::new(count_under_lock, (lock.clone(), path.clone(), 300u32)))
+        .collect();
+    for p in &procs {
+        p.start().expect("start");
+    }
+    for p in &procs {
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0));
+    }
+    assert_eq!(std::fs::read_to_string(&path).expect("counter"), "1200");
+}
+
 #[shoal::remote]
 fn hold_semaphore(sem: Semaphore, dir: String, id: u32) {
     let _permit = sem.lock().expect("acquire");
@@ -285,4 +327,292 @@ fn a_semaphore_of_two_admits_two_at_a_time() {
         max_seen.load(Ordering::Relaxed)
     );
     assert_eq!(sem.get_value().expect("value"), 2);
+}
+
+// ------------------------------------------- issue 7, item 7: a release by a process holding nothing
+
+#[shoal::remote]
+fn hold_permit_until_told(sem: Semaphore, held: Event, go: Event, out: Queue<String>) {
+    sem.acquire().expect("acquire");
+    held.set().expect("held");
+    go.wait(None).expect("go");
+    out.put(format!("{:?}", sem.release())).expect("report");
+}
+
+#[shoal::remote]
+fn hold_bounded_until_told(sem: BoundedSemaphore, held: Event, go: Event, out: Queue<String>) {
+    sem.acquire().expect("acquire");
+    held.set().expect("held");
+    go.wait(None).expect("go");
+    out.put(format!("{:?}", sem.release())).expect("report");
+}
+
+/// A Semaphore is a counter: a release by a process that holds no permit adds one, and does not
+/// take the permit another process holds (Python: 1, then 2).
+#[test]
+fn a_semaphore_release_by_a_process_holding_nothing_adds_a_permit() {
+    let _rt = runtime();
+    let sem = Semaphore::new(1).expect("semaphore");
+    let (held, go) = (Event::new().expect("event"), Event::new().expect("event"));
+    let out: Queue<String> = Queue::new().expect("queue");
+    let child = Process::new(
+        hold_permit_until_told,
+        (sem.clone(), held.clone(), go.clone(), out.clone()),
+    );
+    child.start().expect("start");
+    assert!(held.wait(Some(Duration::from_secs(20))).expect("held"));
+    assert_eq!(sem.get_value().expect("value"), 0);
+    sem.release()
+        .expect("a release by a process that holds nothing");
+    assert_eq!(sem.get_value().expect("value"), 1);
+    go.set().expect("go");
+    assert_eq!(
+        out.get_timeout(Duration::from_secs(20)).expect("report"),
+        "Ok(())"
+    );
+    child.join(None).expect("join");
+    assert_eq!(
+        sem.get_value().expect("value"),
+        2,
+        "the holder's own release must count too"
+    );
+    assert!(sem.try_acquire().expect("1") && sem.try_acquire().expect("2"));
+    assert!(!sem.try_acquire().expect("no third permit"));
+}
+
+/// A BoundedSemaphore counts the same way; the release that would pass the initial value is the
+/// error (Python's ValueError), whoever makes it.
+#[test]
+fn a_bounded_semaphore_refuses_the_release_past_its_initial_value() {
+    let _rt = runtime();
+    let sem = BoundedSemaphore::new(1).expect("bounded");
+    let (held, go) = (Event::new().expect("event"), Event::new().expect("event"));
+    let out: Queue<String> = Queue::new().expect("queue");
+    let child = Process::new(
+        hold_bounded_until_told,
+        (sem.clone(), held.clone(), go.clone(), out.clone()),
+    );
+    child.start().expect("start");
+    assert!(held.wait(Some(Duration::from_secs(20))).expect("held"));
+    sem.release().expect("0 -> 1 is within the bound");
+    assert_eq!(sem.get_value().expect("value"), 1);
+    go.set().expect("go");
+    let report = out.get_timeout(Duration::from_secs(20)).expect("report");
+    assert!(
+        report.starts_with("Err(InvalidState("),
+        "1 -> 2 passes the bound: {report}"
+    );
+    child.join(None).expect("join");
+    assert_eq!(sem.get_value().expect("value"), 1);
+    assert!(matches!(sem.release(), Err(Error::InvalidState(_))));
+    // The refused release ended the child's hold: nothing lapses later.
+    std::thread::sleep(LEASE + Duration::from_millis(500));
+    assert_eq!(sem.get_value().expect("value"), 1);
+}
+
+#[shoal::remote]
+fn take_permit_then_hang(sem: Semaphore, held: Event) {
+    sem.acquire().expect("acquire");
+    held.set().expect("held");
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+/// Crash safety stays for real holds: the permit of a holder killed by SIGKILL comes back after
+/// the lease, on top of a permit another process added meanwhile.
+#[test]
+fn a_killed_holders_permit_returns_after_the_lease() {
+    let _rt = runtime();
+    let sem = Semaphore::new(1).expect("semaphore");
+    let held = Event::new().expect("event");
+    let child = Process::new(take_permit_then_hang, (sem.clone(), held.clone()));
+    child.start().expect("start");
+    assert!(held.wait(Some(Duration::from_secs(20))).expect("held"));
+    sem.release().expect("release by a process holding nothing");
+    assert_eq!(sem.get_value().expect("value"), 1);
+    kill(
+        Pid::from_raw(child.pid().expect("pid") as i32),
+        Signal::SIGKILL,
+    )
+    .expect("kill -9");
+    child.join(None).expect("join");
+    assert!(
+        wait_for(LEASE * 3, || sem.get_value().expect("value") == 2),
+        "the killed holder's permit never came back: {}",
+        sem.get_value().expect("value")
+    );
+}
+
+// ------------------------------------- issue 7, item 8: a holder that exits normally keeps its hold
+
+#[shoal::remote]
+fn acquire_and_exit(lock: Lock, fail: bool) {
+    lock.acquire().expect("acquire");
+    if fail {
+        panic!("exits with an error, holding the lock");
+    }
+}
+
+#[shoal::remote]
+fn acquire_rlock_and_exit(lock: RLock) {
+    lock.acquire().expect("acquire");
+    lock.acquire().expect("again");
+}
+
+#[shoal::remote]
+fn consume_signal(sem: Semaphore, out: Queue<String>) {
+    sem.acquire().expect("acquire");
+    out.put("got it".into()).expect("report");
+}
+
+/// Python: a child may acquire a Lock and exit, and the parent release it. The hold of a process
+/// that exits normally (even with an error) no longer depends on its heartbeat: it outlives the
+/// lease until someone releases it.
+#[test]
+fn a_lock_held_by_a_process_that_exited_normally_stays_held() {
+    let _rt = runtime();
+    let (lock, failed) = (Lock::new().expect("lock"), Lock::new().expect("lock"));
+    let rlock = RLock::new().expect("rlock");
+    let children = [
+        Process::new(acquire_and_exit, (lock.clone(), false)),
+        Process::new(acquire_and_exit, (failed.clone(), true)),
+        Process::new(acquire_rlock_and_exit, (rlock.clone(),)),
+    ];
+    for child in &children {
+        child.start().expect("start");
+    }
+    for child in &children {
+        child.join(None).expect("join");
+    }
+    assert_eq!(children[0].exitcode(), Some(0));
+    assert_eq!(children[1].exitcode(), Some(1));
+    assert_eq!(children[2].exitcode(), Some(0));
+    std::thread::sleep(LEASE * 2);
+    assert!(!lock.try_acquire().expect("try"), "the hold lapsed");
+    assert!(!failed.try_acquire().expect("try"), "the hold lapsed");
+    assert!(!rlock.try_acquire().expect("try"), "the RLock hold lapsed");
+    lock.release()
+        .expect("the parent releases the child's lock");
+    failed
+        .release()
+        .expect("the parent releases the child's lock");
+    assert!(lock.try_acquire().expect("free again"));
+    lock.release().expect("release");
+    assert!(
+        matches!(rlock.release(), Err(Error::InvalidState(_))),
+        "only the owner may release an RLock"
+    );
+}
+
+/// Semaphore(0) as a signal: the permit a child consumed before exiting stays consumed (Python's
+/// value stays 0); it does not come back when the child's lease would have lapsed.
+#[test]
+fn a_permit_consumed_by_a_process_that_exited_stays_consumed() {
+    let _rt = runtime();
+    let sem = Semaphore::new(0).expect("semaphore");
+    let out: Queue<String> = Queue::new().expect("queue");
+    let child = Process::new(consume_signal, (sem.clone(), out.clone()));
+    child.start().expect("start");
+    sem.release().expect("signal");
+    assert_eq!(
+        out.get_timeout(Duration::from_secs(20)).expect("report"),
+        "got it"
+    );
+    child.join(None).expect("join");
+    assert_eq!(child.exitcode(), Some(0));
+    std::thread::sleep(LEASE * 2);
+    assert_eq!(sem.get_value().expect("value"), 0);
+    assert!(!sem.try_acquire().expect("no permit"));
+}
+
+// ------------------------------------------------------------- issue 7, item 13: locked()
+
+/// CPython's `test_lock` and `test_rlock` (`_test_multiprocessing.py`).
+#[test]
+fn locked_tells_whether_anyone_holds_the_lock() {
+    let _rt = runtime();
+    let lock = Lock::new().expect("lock");
+    assert!(!lock.locked().expect("locked"));
+    lock.acquire().expect("acquire");
+    assert!(lock.locked().expect("locked"));
+    assert!(!lock.try_acquire().expect("try"));
+    lock.release().expect("release");
+    assert!(!lock.locked().expect("locked"));
+    assert!(matches!(lock.release(), Err(Error::InvalidState(_))));
+
+    let rlock = RLock::new().expect("rlock");
+    assert!(!rlock.locked().expect("locked"));
+    rlock.acquire().expect("1");
+    assert!(rlock.locked().expect("locked"));
+    rlock.acquire().expect("2");
+    rlock.acquire().expect("3");
+    rlock.release().expect("3");
+    assert!(rlock.locked().expect("still held twice"));
+    let other = rlock.clone();
+    assert!(
+        std::thread::spawn(move || other.locked().expect("locked"))
+            .join()
+            .expect("thread"),
+        "held by another thread counts"
+    );
+    rlock.release().expect("2");
+    rlock.release().expect("1");
+    assert!(!rlock.locked().expect("locked"));
+    assert!(matches!(rlock.release(), Err(Error::InvalidState(_))));
+}
+
+#[shoal::remote]
+fn acquire_and_report_locked(lock: Lock, event: Event, res: Value<i8>) {
+    lock.acquire().expect("acquire");
+    res.set(i8::from(lock.locked().expect("locked")))
+        .expect("set");
+    event.set().expect("set");
+}
+
+#[shoal::remote]
+fn acquire_rlock_and_report_locked(lock: RLock, event: Event, res: Value<i8>) {
+    lock.acquire().expect("acquire");
+    res.set(i8::from(lock.locked().expect("locked")))
+        .expect("set");
+    event.set().expect("set");
+}
+
+/// CPython's `test_lock_locked_2processes` and `test_rlock_locked_2processes`: a child acquires
+/// and exits; the lock is held as the child sees it and as the parent sees it, and stays held
+/// after the child exited (CPython's `test_repr_rlock`: `SomeOtherProcess, nonzero`).
+#[test]
+fn a_lock_held_by_another_process_is_locked_here_too() {
+    let _rt = runtime();
+    let lock = Lock::new().expect("lock");
+    let rlock = RLock::new().expect("rlock");
+    let (event, revent) = (Event::new().expect("event"), Event::new().expect("event"));
+    let (res, rres) = (Value::new(0i8).expect("res"), Value::new(0i8).expect("res"));
+    let p = Process::new(
+        acquire_and_report_locked,
+        (lock.clone(), event.clone(), res.clone()),
+    );
+    let r = Process::new(
+        acquire_rlock_and_report_locked,
+        (rlock.clone(), revent.clone(), rres.clone()),
+    );
+    p.start().expect("start");
+    r.start().expect("start");
+    assert!(event.wait(Some(Duration::from_secs(20))).expect("wait"));
+    assert!(revent.wait(Some(Duration::from_secs(20))).expect("wait"));
+    assert!(lock.locked().expect("locked"));
+    assert!(rlock.locked().expect("locked"));
+    assert_eq!(res.get().expect("res"), 1);
+    assert_eq!(rres.get().expect("res"), 1);
+    p.join(None).expect("join");
+    r.join(None).expect("join");
+    std::thread::sleep(LEASE * 2);
+    assert!(
+        lock.locked().expect("locked"),
+        "held after the child exited"
+    );
+    assert!(
+        rlock.locked().expect("locked"),
+        "held after the child exited"
+    );
+    lock.release().expect("release");
+    assert!(!lock.locked().expect("locked"));
 }

@@ -11,23 +11,39 @@
 //! twice. A waiter that gives up runs one script that either removes it from the queue or, if a
 //! grant reached it meanwhile, keeps the grant (Redis rule 3).
 //!
+//! Releasing: a `Lock` releases the caller's grant or, as Python allows, another process's; an
+//! `RLock` only its owner's; a `Semaphore` or `BoundedSemaphore` the caller's grant or, when the
+//! process holds none, adds a permit (a semaphore is a counter; `Semaphore(0)` is a signal
+//! between processes). It never takes another process's grant. A release that would raise a
+//! `BoundedSemaphore` above its initial value is [`Error::InvalidState`] (Python's `ValueError`).
+//!
 //! Crash safety: every process renews the leases of the grants it holds from one heartbeat thread
-//! (every third of `sync.lease_secs`). The grants of a process that died lapse, and the next
-//! script run on the object (an acquire, a release, or a waiter checking in every second) gives
-//! their permits to the waiters. A holder whose lease lapsed while it was alive (stopped, or cut
-//! off from Redis) learns it at release: [`Error::InvalidState`] saying the lock was lost.
+//! (every third of `sync.lease_secs`). The grants of a process that died without exiting
+//! (`SIGKILL`, a lost host) lapse, and the next script run on the object (an acquire, a release,
+//! `get_value`/`locked`, or a waiter checking in every second) gives their permits to the
+//! waiters. A holder whose lease lapsed while it was alive (stopped, or cut off from Redis)
+//! learns it at release: [`Error::InvalidState`] saying the lock was lost.
+//!
+//! A process that exits normally keeps its holds, as in Python: the runtime's exit hooks (run at
+//! the end of a worker's task, even a failed one, and when a `Runtime` shuts down) take the lease
+//! off every grant the process still holds (`grants_detach.lua`), so the hold no longer depends
+//! on its heartbeat. Such a `Lock` or `Semaphore` permit stays taken until another process
+//! releases it; such an `RLock` stays held for good (only its owner may release it), as Python's.
 //!
 //! # Keys (hash tag `{<ns>:<kind>:<id>}`)
 //!
-//! `state` (hash: `value`, `bound`, `kind`), `holders` (hash: grant id → holder, lease expiry,
-//! recursion count), `waiters` (list), `waiting` (hash: waiter → liveness deadline, holder),
-//! `fence` (counter), `wake:<waiter>` (list, one per blocked caller).
+//! `state` (hash: `value`, `bound`, `kind`), `holders` (hash: grant id → holder, lease expiry
+//! (0: no lease, its process exited normally), recursion count), `waiters` (list), `waiting`
+//! (hash: waiter → liveness deadline, holder), `fence` (counter), `wake:<waiter>` (list, one per
+//! blocked caller).
 //!
 //! # Round trips
 //!
 //! Acquire when a permit is free: 1 (`grants_acquire.lua`). Acquire that waits: 1 to queue, then
 //! one `BLPOP` that returns when the grant arrives (plus one check-in per second of waiting).
 //! Release: 1 (`grants_release.lua`). Giving up after a timeout: 1 (`grants_wait.lua`).
+//! `get_value`/`locked`: 1 (`grants_value.lua`). At a clean exit: 1 per object this process
+//! still holds (`grants_detach.lua`).
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex, Once};
@@ -50,6 +66,9 @@ static WAIT: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("gra
 static RELEASE: LazyLock<redis::Script> =
     LazyLock::new(|| script(include_str!("grants_release.lua")));
 static RENEW: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("grants_renew.lua")));
+static DETACH: LazyLock<redis::Script> =
+    LazyLock::new(|| script(include_str!("grants_detach.lua")));
+static VALUE: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("grants_value.lua")));
 
 /// Which primitive a grant object is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -314,8 +333,9 @@ impl GrantObject {
                     Some("LOST") => {
                         forget(&keys.state, mine);
                         format!(
-                            "{what} was lost: the lease of this hold (fencing token {}) lapsed \
-                             and the lock may have been granted to someone else",
+                            "{what} was lost: this hold (fencing token {}) is gone: its lease \
+                             lapsed or another process released it, and the lock may have been \
+                             granted to someone else",
                             mine.unwrap_or(0)
                         )
                     }
@@ -323,7 +343,11 @@ impl GrantObject {
                     Some("NOTOWNER") => {
                         format!("cannot release {what}: it is held by another thread or process")
                     }
-                    Some("TOOMANY") => format!("{what} released too many times"),
+                    Some("TOOMANY") => {
+                        // The script ended this process's hold all the same.
+                        forget(&keys.state, mine);
+                        format!("{what} released too many times (above its initial value)")
+                    }
                     _ => {
                         return Err(self.address.error(Error::Redis { source, context }));
                     }
@@ -334,22 +358,17 @@ impl GrantObject {
         }
     }
 
-    /// Free permits (`Semaphore.get_value()`).
+    /// Free permits now (`Semaphore.get_value()`; 0 for a held lock), after the permits of dead
+    /// holders were reclaimed.
     pub(crate) fn value(&self) -> Result<i64> {
         let store = common::store()?;
         let keys = self.keys();
-        let value: Option<String> = store
+        store
             .with_conn(
                 || format!("reading {}", self.address.describe()),
-                |c| redis::cmd("HGET").arg(&keys.state).arg("value").query(c),
+                |c| keys.invocation(&VALUE, &store, lease()).invoke(c),
             )
-            .map_err(|e| self.address.error(e))?;
-        let value = value.ok_or_else(|| self.address.gone())?;
-        value.parse().map_err(|_| Error::Codec {
-            key: keys.state.clone(),
-            expected: "i64".into(),
-            reason: format!("{value:?} is not a permit count"),
-        })
+            .map_err(|e| self.address.error(e))
     }
 
     /// The fencing token of this process's (this thread's, for an RLock) current hold.
@@ -363,12 +382,15 @@ impl GrantObject {
             object: self.clone(),
             grants: Vec::new(),
         });
-        if !held.grants.iter().any(|g| g.token == token) {
-            held.grants.push(HeldGrant {
+        match held.grants.iter_mut().find(|g| g.token == token) {
+            // An RLock acquired again: the script gave the grant a lease again.
+            Some(grant) => grant.detached = false,
+            None => held.grants.push(HeldGrant {
                 token,
                 holder: holder.to_string(),
                 lost: false,
-            });
+                detached: false,
+            }),
         }
         drop(registry);
         start_heartbeat();
@@ -404,6 +426,8 @@ struct HeldGrant {
     holder: String,
     /// The heartbeat found it gone; release reports it.
     lost: bool,
+    /// Its lease was taken off at a clean exit (`grants_detach.lua`): not renewed any more.
+    detached: bool,
 }
 
 static REGISTRY: LazyLock<Mutex<HashMap<String, Held>>> = LazyLock::new(Default::default);
@@ -434,10 +458,12 @@ pub(crate) fn forget(state: &str, token: Option<u64>) {
     }
 }
 
-/// Starts the heartbeat thread that renews this process's leases (once).
+/// Starts the heartbeat thread that renews this process's leases, and registers the exit hook
+/// that keeps the holds of a process that exits normally (once).
 fn start_heartbeat() {
     static STARTED: Once = Once::new();
     STARTED.call_once(|| {
+        context::register_exit_hook(detach_all);
         let spawned = std::thread::Builder::new()
             .name("shoal-leases".into())
             .spawn(|| {
@@ -464,7 +490,7 @@ fn renew_all() {
                 let live = h
                     .grants
                     .iter()
-                    .filter(|g| !g.lost)
+                    .filter(|g| !g.lost && !g.detached)
                     .map(|g| g.token)
                     .collect();
                 (h.object.clone(), live)
@@ -493,7 +519,11 @@ fn renew_all() {
                 // recorded are.
                 let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(held) = registry.get_mut(&keys.state) {
-                    for grant in held.grants.iter_mut().filter(|g| lost.contains(&g.token)) {
+                    let lost_now = held
+                        .grants
+                        .iter_mut()
+                        .filter(|g| !g.detached && lost.contains(&g.token));
+                    for grant in lost_now {
                         tracing::warn!(
                             "{}: the hold with fencing token {} lapsed or was released by \
                              another process",
@@ -506,6 +536,71 @@ fn renew_all() {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!("{e}"),
+        }
+    }
+}
+
+/// The exit hook: takes the lease off every grant this process still holds, so that its holds
+/// outlive it (see the module docs). Idempotent; a failure leaves the holds to lapse.
+fn detach_all() {
+    let work: Vec<(GrantObject, Vec<u64>)> = {
+        let registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        registry
+            .values()
+            .map(|h| {
+                let held = h
+                    .grants
+                    .iter()
+                    .filter(|g| !g.lost && !g.detached)
+                    .map(|g| g.token)
+                    .collect::<Vec<u64>>();
+                (h.object.clone(), held)
+            })
+            .filter(|(_, held)| !held.is_empty())
+            .collect()
+    };
+    if work.is_empty() {
+        return;
+    }
+    let store = match common::store() {
+        Ok(store) => store,
+        Err(e) => {
+            tracing::warn!("keeping this process's holds after it exits: {e}; they will lapse");
+            return;
+        }
+    };
+    for (object, tokens) in work {
+        let keys = object.keys();
+        let detached: Result<Vec<u64>> = store.with_conn(
+            || {
+                format!(
+                    "keeping the holds of {} after exit",
+                    object.address.describe()
+                )
+            },
+            |c| {
+                let mut invocation = keys.invocation(&DETACH, &store, lease());
+                invocation.arg(process_holder());
+                for token in &tokens {
+                    invocation.arg(*token);
+                }
+                invocation.invoke(c)
+            },
+        );
+        match detached {
+            Ok(detached) => {
+                let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(held) = registry.get_mut(&keys.state) {
+                    for grant in held.grants.iter_mut() {
+                        if detached.contains(&grant.token) {
+                            grant.detached = true;
+                        } else if tokens.contains(&grant.token) {
+                            grant.lost = true;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("{e}; these holds will lapse after the lease"),
         }
     }
 }

@@ -4,7 +4,9 @@
 --                         next_expiry (no grant lapses before it, ms), refreshed (ms),
 --                         nwait (entries in the waiters list; never below the real count)
 --   KEYS[2] holders hash  grant id -> "<holder>|<lease expiry ms>|<count>", plus the field '_'
---                         that keeps the hash (and its TTL) alive while no grant exists
+--                         that keeps the hash (and its TTL) alive while no grant exists. A lease
+--                         expiry of 0 means no lease: the holder's process exited normally and
+--                         the hold stays until released (grants_detach.lua)
 --   KEYS[3] waiters list  waiter ids, first come first served
 --   KEYS[4] waiting hash  waiter id -> "<liveness deadline ms>|<holder>"
 --   KEYS[5] fence         counter; every grant id is a new value: a fencing token
@@ -51,7 +53,7 @@ local function add_permits(n)
 end
 
 -- Grants whose lease lapsed (their holder died) give their permit back; next_expiry becomes
--- the earliest expiry left.
+-- the earliest expiry left. Grants without a lease (expiry 0) never lapse.
 local function reclaim()
   if next_expiry == 0 or next_expiry >= now then
     return
@@ -60,8 +62,8 @@ local function reclaim()
   local all = redis.call('HGETALL', KEYS[2])
   for i = 1, #all, 2 do
     local _, expiry = parse_grant(all[i + 1])
-    if all[i] == '_' then
-      -- the sentinel
+    if all[i] == '_' or expiry == 0 then
+      -- the sentinel, or a hold without a lease
     elseif expiry == nil or expiry < now then
       redis.call('HDEL', KEYS[2], all[i])
       add_permits(1)

@@ -1,12 +1,14 @@
 -- Release one grant.
 -- ARGV[5] holder, ARGV[6] kind, ARGV[7] the caller's grant id ('' when it holds none).
 -- Lock: the caller's grant, or (Python allows it) whoever's grant exists. RLock: only the
--- owner's, one recursion level at a time. Semaphore: the caller's grant, else the oldest grant,
--- else a plain increment (a semaphore used as a signal). BoundedSemaphore: the same, but never
--- above its bound.
+-- owner's, one recursion level at a time. Semaphore and BoundedSemaphore: the caller's grant, or,
+-- when it holds none, a plain increment (a semaphore is a counter, also used as a signal between
+-- processes); it never takes another process's grant. A release that would raise a
+-- BoundedSemaphore's free permits above its bound is TOOMANY (Python's ValueError); the caller's
+-- grant, if any, ends all the same (its hold is over, as Python's counter does not remember it).
 -- Returns {1, recursion count left}, or {0} when the caller's grant had lapsed and its permit was
--- already given back (semaphores). Errors: LOST (lock or rlock whose lease lapsed), UNLOCKED,
--- NOTOWNER, TOOMANY.
+-- already given back (semaphores). Errors: LOST (lock or rlock whose grant is gone: its lease
+-- lapsed, or another process released the lock), UNLOCKED, NOTOWNER, TOOMANY.
 local holder, kind, mine = ARGV[5], ARGV[6], ARGV[7]
 reclaim()
 local target = nil
@@ -22,7 +24,7 @@ if mine ~= '' then
     save()
     return {0}
   end
-else
+elseif kind == 'lock' or kind == 'rlock' then
   local all = redis.call('HGETALL', KEYS[2])
   local oldest = nil
   for i = 1, #all, 2 do
@@ -36,15 +38,12 @@ else
       end
     end
   end
-  if kind == 'rlock' then
-    if target == nil then
-      save()
-      return redis.error_reply(oldest and 'NOTOWNER held by another owner' or 'UNLOCKED not held')
-    end
-  elseif target == nil then
-    target = oldest
+  if kind == 'rlock' and target == nil then
+    save()
+    return redis.error_reply(oldest and 'NOTOWNER held by another owner' or 'UNLOCKED not held')
   end
-  if target == nil and kind == 'lock' then
+  target = target or oldest
+  if target == nil then
     save()
     return redis.error_reply('UNLOCKED not held')
   end
@@ -56,22 +55,23 @@ if target ~= nil then
     return redis.error_reply('NOTOWNER held by another owner')
   end
   if kind == 'rlock' and count > 1 then
-    redis.call('HSET', KEYS[2], target, owner .. '|' .. (now + lease) .. '|' .. (count - 1))
-    note_expiry(now + lease)
+    -- A hold without a lease (expiry 0) keeps none.
+    local renewed = expiry == 0 and 0 or now + lease
+    redis.call('HSET', KEYS[2], target, owner .. '|' .. renewed .. '|' .. (count - 1))
+    if renewed > 0 then
+      note_expiry(renewed)
+    end
     save()
     return {1, count - 1}
   end
   redis.call('HDEL', KEYS[2], target)
-elseif bound >= 0 and value >= bound then
+end
+if bound >= 0 and value >= bound then
   save()
   return redis.error_reply('TOOMANY released too many times')
 end
 value = value + 1
 dirty = true
-if bound >= 0 and value > bound then
-  save()
-  return redis.error_reply('TOOMANY released too many times')
-end
 grant_waiters()
 save()
 return {1, 0}

@@ -7,19 +7,26 @@
 //!   [`Lock::release`] frees it; as in Python, any process or thread may release a held lock.
 //!   Releasing a lock that is not held is [`Error::InvalidState`]. [`Lock::lock`] returns a
 //!   [`Guard`] that releases on drop (Python's `with lock:`). A thread that acquires a `Lock` it
-//!   already holds waits for itself (a `Lock` is not reentrant).
+//!   already holds waits for itself (a `Lock` is not reentrant). [`Lock::locked`] tells whether
+//!   anyone holds it (Python 3.14's `locked()`).
 //! * `RLock`: reentrant. The owning thread may acquire again (a recursion count); it must
 //!   release as many times. Releasing from another thread or process, or once too many, is
-//!   [`Error::InvalidState`].
+//!   [`Error::InvalidState`]. [`RLock::locked`] tells whether any thread of any process holds it.
+//!
+//! A process that exits normally (its function returned, or failed with an error or a panic, or
+//! the main process's `Runtime` shut down) keeps the holds it did not release, as in Python: a
+//! child may acquire a `Lock` and exit, and the parent release it. An `RLock` left held by an
+//! exited process stays held for good, as Python's: only its owner could release it.
 //!
 //! # What Python cannot do
 //!
 //! A hold is a lease (`sync.lease_secs`, 5 s by default) that the holder's process renews by
-//! heartbeat. When the holder dies, even by `SIGKILL`, the lock is released once the lease lapses
-//! and a waiter proceeds; a Python lock held by a dead process is held forever. Each hold has a
-//! fencing token ([`Guard::fencing_token`], [`Lock::fencing_token`]): a number that only grows,
-//! so a resource guarded by the lock can refuse a write from a holder that was presumed dead.
-//! That holder's `release()` fails with [`Error::InvalidState`] ("lost").
+//! heartbeat. When the holder dies without exiting (killed, even by `SIGKILL`, or its host lost),
+//! the lock is released once the lease lapses and a waiter proceeds; a Python lock held by a
+//! killed process is held forever. Each hold has a fencing token ([`Guard::fencing_token`],
+//! [`Lock::fencing_token`]): a number that only grows, so a resource guarded by the lock can
+//! refuse a write from a holder that was presumed dead. That holder's `release()` fails with
+//! [`Error::InvalidState`] ("lost").
 //!
 //! Keys, scripts and round trips: see the grant core (`grants.rs`).
 
@@ -99,6 +106,12 @@ impl Lock {
         self.object.release().map(|_| ())
     }
 
+    /// Whether the lock is held now, by any thread of any process (Python's `locked()`). A hold
+    /// whose holder died and whose lease lapsed does not count.
+    pub fn locked(&self) -> Result<bool> {
+        Ok(self.object.value()? <= 0)
+    }
+
     pub(crate) fn object(&self) -> &GrantObject {
         &self.object
     }
@@ -117,6 +130,12 @@ impl RLock {
     /// Releases one level of this thread's hold.
     pub fn release(&self) -> Result<()> {
         self.object.release().map(|_| ())
+    }
+
+    /// Whether the lock is held now, by this or any other thread or process (Python's
+    /// `locked()`).
+    pub fn locked(&self) -> Result<bool> {
+        Ok(self.object.value()? <= 0)
     }
 
     pub(crate) fn object(&self) -> &GrantObject {

@@ -2,14 +2,18 @@
 //!
 //! # Semantics
 //!
-//! Python's: [`Semaphore::acquire`] takes a permit, waiting while none is free;
-//! [`Semaphore::release`] gives one back, waking the first waiter. A release by a process that
-//! holds no permit (a semaphore used as a signal) adds one. [`Semaphore::get_value`] is the
-//! number of free permits. A [`BoundedSemaphore`] released above its initial value is
-//! [`Error::InvalidState`] (Python's `ValueError`).
+//! Python's: a semaphore is a counter. [`Semaphore::acquire`] takes a permit, waiting while none
+//! is free; [`Semaphore::release`] gives back the permit this process holds or, when it holds
+//! none, adds one (a semaphore used as a signal: `Semaphore(0)`, released by one process and
+//! acquired by another), waking the first waiter. A release never takes a permit another process
+//! holds. [`Semaphore::get_value`] is the number of free permits. A release that would raise a
+//! [`BoundedSemaphore`]'s free permits above its initial value is [`Error::InvalidState`]
+//! (Python's `ValueError`), whoever makes it; it still ends the caller's own hold.
 //!
-//! Permits are leased like locks (see `lock.rs`): the permits of a process that died return
-//! after `sync.lease_secs`, and each hold has a fencing token.
+//! Permits are leased like locks (see `lock.rs`): the permits of a process that died without
+//! exiting (killed, host lost) return after `sync.lease_secs`, and each hold has a fencing token.
+//! A process that exits normally keeps the permits it took, as in Python (a consumed signal stays
+//! consumed); another process may release them.
 //!
 //! Keys, scripts and round trips: see the grant core (`grants.rs`).
 
@@ -38,12 +42,12 @@ macro_rules! semaphore_methods {
     () => {
         hold_methods!("a permit");
 
-        /// Gives a permit back.
+        /// Gives back this process's permit, or adds one when it holds none.
         pub fn release(&self) -> Result<()> {
             self.object.release().map(|_| ())
         }
 
-        /// Free permits now.
+        /// Free permits now (the permits of dead holders whose lease lapsed count as free).
         pub fn get_value(&self) -> Result<i64> {
             self.object.value()
         }

@@ -5,11 +5,21 @@
 //! A [`Value`] holds one C scalar ([`Scalar`]: the Python typecodes map to Rust types, see
 //! `scalar.rs`); an [`Array`] holds a fixed number of them. `get` and `set` (`get(i)`, `set(i, v)`,
 //! `to_vec`, `get_slice`, `set_slice`) are each atomic. As in Python, a `Value` or `Array` comes
-//! with a lock by default ([`Value::get_lock`]) for compound operations such as
-//! `v.set(v.get()? + 1)`; [`Value::new_raw`] and [`Array::new_raw`] have none (Python's `lock=False`,
-//! `RawValue`, `RawArray`), and `get_lock` on them is [`Error::InvalidState`]. Unlike Python's
-//! synchronized wrapper, `get` and `set` do not take the lock (each is one atomic Redis command
-//! already), so they cost one round trip, not three.
+//! with a lock ([`Value::get_lock`]) for compound operations such as `v.set(v.get()? + 1)`:
+//!
+//! * [`Value::new`], [`Array::new`], [`Array::zeroed`]: a new [`Lock`] (Python's default
+//!   `lock=True` makes an `RLock`; shoal's default is a `Lock`, which any process may release:
+//!   pass an `RLock` to `with_lock` for Python's reentrant one).
+//! * [`Value::with_lock`], [`Array::with_lock`]: the given [`Lock`] or [`RLock`] (Python's
+//!   `lock=lock`), for instance one lock shared by several values. The lock's type is the second
+//!   type parameter: `Value<i32>` has a `Lock`, `Value<i32, RLock>` an `RLock`.
+//! * [`Value::new_raw`], [`Array::new_raw`]: no lock (Python's `lock=False`, `RawValue`,
+//!   `RawArray`); `get_lock` on them is [`Error::InvalidState`] (Python has no `get_lock` there).
+//!
+//! [`Value::get_obj`] and [`Array::get_obj`] return the same shared object without its lock
+//! (Python's `get_obj()` of a synchronized wrapper), a handle of the lock-less form. Unlike
+//! Python's synchronized wrapper, `get` and `set` do not take the lock (each is one atomic Redis
+//! command already), so they cost one round trip, not three.
 //!
 //! Extension: [`Value::fetch_add`] and [`Array::fetch_add`] add to an integer atomically on the
 //! server, without the lock, and fail with [`Error::InvalidState`] (changing nothing) when the sum
@@ -36,48 +46,69 @@ use serde::{Deserialize, Serialize};
 use shoal_core::error::{Error, Result};
 
 use crate::common::{self, Address, ttl};
-use crate::lock::Lock;
+use crate::lock::{Lock, RLock};
 pub use crate::scalar::{Integer, Scalar};
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A lock a [`Value`] or [`Array`] may come with: [`Lock`] or [`RLock`].
+pub trait ValueLock:
+    Clone + std::fmt::Debug + Serialize + serde::de::DeserializeOwned + sealed::Sealed
+{
+}
+
+impl sealed::Sealed for Lock {}
+impl ValueLock for Lock {}
+impl sealed::Sealed for RLock {}
+impl ValueLock for RLock {}
 
 static ADD: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("value_add.lua")));
 static ARRAY_SET: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("array_set.lua")));
 
-/// One shared scalar.
+/// One shared scalar, with a lock of type `L` ([`Lock`] unless chosen with
+/// [`Value::with_lock`]).
 #[derive(Serialize, Deserialize)]
-#[serde(bound = "")]
-pub struct Value<T> {
+#[serde(bound(serialize = "L: Serialize", deserialize = "L: Deserialize<'de>"))]
+pub struct Value<T, L = Lock> {
     address: Address,
-    lock: Option<Lock>,
+    lock: Option<L>,
     #[serde(skip)]
     _type: PhantomData<fn() -> T>,
 }
 
-/// A fixed-size shared array of scalars.
+/// A fixed-size shared array of scalars, with a lock of type `L` ([`Lock`] unless chosen with
+/// [`Array::with_lock`]).
 #[derive(Serialize, Deserialize)]
-#[serde(bound = "")]
-pub struct Array<T> {
+#[serde(bound(serialize = "L: Serialize", deserialize = "L: Deserialize<'de>"))]
+pub struct Array<T, L = Lock> {
     address: Address,
     len: usize,
-    lock: Option<Lock>,
+    lock: Option<L>,
     #[serde(skip)]
     _type: PhantomData<fn() -> T>,
 }
 
 macro_rules! handle {
     ($name:ident, $($field:ident),*) => {
-        impl<T> Clone for $name<T> {
+        impl<T, L: Clone> Clone for $name<T, L> {
             fn clone(&self) -> Self {
                 $name { $($field: self.$field.clone(),)* _type: PhantomData }
             }
         }
-        impl<T> std::fmt::Debug for $name<T> {
+        impl<T, L> std::fmt::Debug for $name<T, L> {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.debug_struct(stringify!($name)).field("at", &self.address.describe()).finish()
+                f.debug_struct(stringify!($name))
+                    .field("at", &self.address.describe())
+                    .field("lock", &self.lock.is_some())
+                    .finish()
             }
         }
-        impl<T> PartialEq for $name<T> {
+        /// The same shared object (with or without its lock).
+        impl<T, L> PartialEq for $name<T, L> {
             fn eq(&self, other: &Self) -> bool {
                 self.address == other.address
             }
@@ -95,23 +126,36 @@ fn parse<T: Scalar>(text: &str, key: &str) -> Result<T> {
     })
 }
 
-fn lock_of(lock: &Option<Lock>) -> Result<&Lock> {
-    lock.as_ref()
-        .ok_or_else(|| Error::invalid_state("this value was created without a lock (lock=False)"))
+fn lock_of<L>(lock: &Option<L>) -> Result<&L> {
+    lock.as_ref().ok_or_else(|| {
+        Error::invalid_state(
+            "this value has no lock (created with lock=False, or the raw object of get_obj())",
+        )
+    })
 }
 
 impl<T: Scalar> Value<T> {
-    /// A shared value with a lock.
+    /// A shared value with a new [`Lock`].
     pub fn new(value: T) -> Result<Self> {
-        Self::create(value, true)
+        Self::create(value, Some(Lock::new()?))
     }
 
     /// A shared value without a lock (Python's `RawValue`, `Value(..., lock=False)`).
     pub fn new_raw(value: T) -> Result<Self> {
-        Self::create(value, false)
+        Self::create(value, None)
     }
+}
 
-    fn create(value: T, with_lock: bool) -> Result<Self> {
+impl<T: Scalar, L: ValueLock> Value<T, L> {
+    /// A shared value whose lock is `lock`, a [`Lock`] or an [`RLock`] (Python's
+    /// `Value(typecode, value, lock=lock)`); [`Value::get_lock`] returns it.
+    pub fn with_lock(value: T, lock: L) -> Result<Self> {
+        Self::create(value, Some(lock))
+    }
+}
+
+impl<T: Scalar, L> Value<T, L> {
+    fn create(value: T, lock: Option<L>) -> Result<Self> {
         let (context, address) = Address::create("value")?;
         let key = address.keys().key("value");
         let store = context.store();
@@ -129,7 +173,7 @@ impl<T: Scalar> Value<T> {
             )
             .map_err(|e| address.error(e))?;
         Ok(Value {
-            lock: if with_lock { Some(Lock::new()?) } else { None },
+            lock,
             address,
             _type: PhantomData,
         })
@@ -178,9 +222,19 @@ impl<T: Scalar> Value<T> {
         set.map(|_| ()).ok_or_else(|| self.address.gone())
     }
 
-    /// The lock that comes with the value.
-    pub fn get_lock(&self) -> Result<&Lock> {
+    /// The lock that comes with the value; [`Error::InvalidState`] for a value without one.
+    pub fn get_lock(&self) -> Result<&L> {
         lock_of(&self.lock)
+    }
+
+    /// The same shared value without the lock (Python's `get_obj()`): its `get_lock` is an
+    /// error. No round trip.
+    pub fn get_obj(&self) -> Value<T, L> {
+        Value {
+            address: self.address.clone(),
+            lock: None,
+            _type: PhantomData,
+        }
     }
 
     /// Python's typecode of `T`.
@@ -189,7 +243,7 @@ impl<T: Scalar> Value<T> {
     }
 }
 
-impl<T: Integer> Value<T> {
+impl<T: Integer, L> Value<T, L> {
     /// Adds `delta` atomically and returns the value before (an extension: no lock needed).
     /// A sum outside `T`'s range is [`Error::InvalidState`] and changes nothing.
     pub fn fetch_add(&self, delta: i64) -> Result<T> {
@@ -202,7 +256,7 @@ impl<T: Integer> Value<T> {
 
 macro_rules! float_add {
     ($t:ty) => {
-        impl Value<$t> {
+        impl<L> Value<$t, L> {
             /// Adds `delta` atomically (`INCRBYFLOAT`) and returns the value before.
             pub fn fetch_add(&self, delta: $t) -> Result<$t> {
                 let store = common::store()?;
@@ -270,22 +324,32 @@ fn add(
 }
 
 impl<T: Scalar> Array<T> {
-    /// A shared array holding `values`, with a lock.
+    /// A shared array holding `values`, with a new [`Lock`].
     pub fn new(values: Vec<T>) -> Result<Self> {
-        Self::create(values, true)
+        Self::create(values, Some(Lock::new()?))
     }
 
-    /// A shared array of `len` zeros, with a lock (Python's `Array('i', 5)`).
+    /// A shared array of `len` zeros, with a new [`Lock`] (Python's `Array('i', 5)`).
     pub fn zeroed(len: usize) -> Result<Self> {
-        Self::create(vec![T::ZERO; len], true)
+        Self::create(vec![T::ZERO; len], Some(Lock::new()?))
     }
 
     /// A shared array without a lock (Python's `RawArray`, `Array(..., lock=False)`).
     pub fn new_raw(values: Vec<T>) -> Result<Self> {
-        Self::create(values, false)
+        Self::create(values, None)
     }
+}
 
-    fn create(values: Vec<T>, with_lock: bool) -> Result<Self> {
+impl<T: Scalar, L: ValueLock> Array<T, L> {
+    /// A shared array holding `values` whose lock is `lock`, a [`Lock`] or an [`RLock`]
+    /// (Python's `Array(typecode, values, lock=lock)`); [`Array::get_lock`] returns it.
+    pub fn with_lock(values: Vec<T>, lock: L) -> Result<Self> {
+        Self::create(values, Some(lock))
+    }
+}
+
+impl<T: Scalar, L> Array<T, L> {
+    fn create(values: Vec<T>, lock: Option<L>) -> Result<Self> {
         let (context, address) = Address::create("array")?;
         let key = address.keys().key("items");
         let store = context.store();
@@ -310,7 +374,7 @@ impl<T: Scalar> Array<T> {
             .map_err(|e| address.error(e))?;
         Ok(Array {
             len: values.len(),
-            lock: if with_lock { Some(Lock::new()?) } else { None },
+            lock,
             address,
             _type: PhantomData,
         })
@@ -423,9 +487,20 @@ impl<T: Scalar> Array<T> {
             .map_err(|e| self.address.error(e))
     }
 
-    /// The lock that comes with the array.
-    pub fn get_lock(&self) -> Result<&Lock> {
+    /// The lock that comes with the array; [`Error::InvalidState`] for an array without one.
+    pub fn get_lock(&self) -> Result<&L> {
         lock_of(&self.lock)
+    }
+
+    /// The same shared array without the lock (Python's `get_obj()`): its `get_lock` is an
+    /// error. No round trip.
+    pub fn get_obj(&self) -> Array<T, L> {
+        Array {
+            address: self.address.clone(),
+            len: self.len,
+            lock: None,
+            _type: PhantomData,
+        }
     }
 
     /// Python's typecode of `T`.
@@ -434,7 +509,7 @@ impl<T: Scalar> Array<T> {
     }
 }
 
-impl<T: Integer> Array<T> {
+impl<T: Integer, L> Array<T, L> {
     /// Adds `delta` to element `index` atomically; returns the element before (an extension).
     pub fn fetch_add(&self, index: usize, delta: i64) -> Result<T> {
         self.check(&self.span(index, 1)?)?;
