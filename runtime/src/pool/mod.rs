@@ -276,7 +276,7 @@ impl Pool {
         }
         let lease = builder
             .task_lease
-            .unwrap_or_else(|| Duration::from_secs_f64(config.pool.task_lease_secs));
+            .unwrap_or_else(|| config.pool.task_lease());
         if lease < Duration::from_millis(30) {
             return Err(Error::invalid_state(
                 "the task lease must be at least 30 ms",
@@ -294,10 +294,9 @@ impl Pool {
                 })
             }
         };
-        let (max_restarts, restart_period) = builder.restart_budget.unwrap_or((
-            config.pool.max_restarts,
-            Duration::from_secs_f64(config.pool.restart_period_secs),
-        ));
+        let (max_restarts, restart_period) = builder
+            .restart_budget
+            .unwrap_or((config.pool.max_restarts, config.pool.restart_period()));
         let settings = PoolSettings {
             processes,
             retries: builder.retries.unwrap_or(config.pool.retries),
