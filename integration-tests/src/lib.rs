@@ -197,8 +197,15 @@ pub fn field(output: &str, key: &str) -> Option<String> {
 /// Live children of this process that run this same program (shoal's worker subprocesses; the
 /// embedded redis-server is left out).
 pub fn child_pids() -> Vec<u32> {
-    let me = std::process::id();
     let exe = std::env::current_exe().ok();
+    children_of(std::process::id())
+        .into_iter()
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok() == exe)
+        .collect()
+}
+
+/// Live (not zombie) children of `parent`, sorted.
+pub fn children_of(parent: u32) -> Vec<u32> {
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -211,9 +218,26 @@ pub fn child_pids() -> Vec<u32> {
                 .rsplit_once(')')
                 .and_then(|(_, rest)| rest.split_whitespace().nth(1))
                 .and_then(|p| p.parse::<u32>().ok());
-            ppid == Some(me)
-                && pid_running(*pid)
-                && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == exe
+            ppid == Some(parent) && pid_running(*pid)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// The live processes running the program at `exe`.
+pub fn pids_running(exe: &Path) -> Vec<u32> {
+    let exe = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            pid_running(*pid)
+                && std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .ok()
+                    .as_deref()
+                    == Some(&exe)
         })
         .collect();
     pids.sort_unstable();

@@ -51,6 +51,12 @@ fn chatty(lines: u32) {
     panic!("chatty panics at the end");
 }
 
+#[shoal::remote]
+fn sleep_ms(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
 fn main() -> shoal::Result<()> {
     let rt = shoal::init()?;
     println!(
@@ -105,6 +111,23 @@ fn main() -> shoal::Result<()> {
             println!("daemon_pid={}", daemon.pid().unwrap_or(0));
             println!("worker_pid={}", worker.pid().unwrap_or(0));
             // Return without joining: the runtime terminates the daemon and joins the worker.
+        }
+        "pool-sleep" => {
+            // A pool of 2 whose workers run 60 s tasks; the task lease (seconds) is arg 1.
+            let lease = arg(1).parse::<f64>().unwrap_or(2.0);
+            let pool = Pool::builder()
+                .processes(2)
+                .task_lease(Duration::from_secs_f64(lease))
+                .build()?;
+            let _pending = pool.map_async_with(
+                sleep_ms,
+                vec![60_000u64; 2],
+                AsyncOptions::new().chunksize(1),
+            )?;
+            std::thread::sleep(Duration::from_millis(1500));
+            println!("store={}", rt.store_url());
+            println!("ready");
+            std::thread::sleep(Duration::from_secs(120));
         }
         "panic" => {
             panic!("the main program panics while the runtime is up");

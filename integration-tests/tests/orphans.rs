@@ -1,0 +1,186 @@
+//! Nothing runs for nobody: pool workers whose driver died or froze exit, the embedded store's
+//! directory goes with its program, and a pool whose Redis went away fails its calls with the
+//! store's error, promptly, instead of counting worker crashes.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use shoal::prelude::*;
+use shoal_integration_tests::{TestRedis, children_of, field, pid_running, wait_for};
+
+shoal::test_support!();
+
+const SCENARIO: &str = env!("CARGO_BIN_EXE_scenario");
+const LEASE: Duration = Duration::from_secs(2);
+
+/// A driver running `scenario pool-sleep`: two workers in 60 s tasks.
+struct Driver {
+    child: Child,
+    workers: Vec<u32>,
+    store: String,
+}
+
+impl Driver {
+    fn start(redis_url: Option<&str>) -> Driver {
+        let mut command = Command::new(SCENARIO);
+        command
+            .args(["pool-sleep", &LEASE.as_secs_f64().to_string()])
+            .env_remove("RUST_BACKTRACE")
+            .stdout(Stdio::piped());
+        if let Some(url) = redis_url {
+            command.env("SHOAL_REDIS_URL", url);
+        }
+        let mut child = command.spawn().expect("scenario runs");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut text = String::new();
+        for line in lines.by_ref() {
+            let line = line.expect("line");
+            text.push_str(&line);
+            text.push('\n');
+            if line == "ready" {
+                break;
+            }
+        }
+        let store = field(&text, "store").unwrap_or_else(|| panic!("no store in {text:?}"));
+        let program = std::fs::canonicalize(SCENARIO).expect("scenario path");
+        let workers: Vec<u32> = children_of(child.id())
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/exe")).ok() == Some(program.clone())
+            })
+            .collect();
+        assert_eq!(workers.len(), 2, "the driver's workers: {workers:?}");
+        Driver {
+            child,
+            workers,
+            store,
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).expect("signal the driver");
+    }
+
+    /// Asserts that every worker is gone within `limit`; returns how long it took.
+    fn workers_exit_within(&self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        let gone = wait_for(limit, || self.workers.iter().all(|p| !pid_running(*p)));
+        let took = started.elapsed();
+        assert!(
+            gone,
+            "workers {:?} still run {took:?} after their driver went",
+            self.workers
+        );
+        took
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in &self.workers {
+            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Within the task lease plus a second, with a second of slack for a loaded machine.
+fn bound() -> Duration {
+    LEASE + Duration::from_secs(2)
+}
+
+#[test]
+fn workers_exit_when_their_driver_is_killed_with_an_external_redis() {
+    let redis = TestRedis::tcp();
+    let driver = Driver::start(Some(&redis.url()));
+    driver.signal(Signal::SIGKILL);
+    let took = driver.workers_exit_within(bound());
+    eprintln!("workers exited {took:?} after the driver's SIGKILL");
+}
+
+#[test]
+fn workers_exit_when_their_driver_is_killed_and_the_embedded_store_is_removed() {
+    let driver = Driver::start(None);
+    let socket = PathBuf::from(driver.store.trim_start_matches("unix://"));
+    let dir = socket
+        .parent()
+        .expect("the store's directory")
+        .to_path_buf();
+    assert!(dir.exists());
+    driver.signal(Signal::SIGKILL);
+    driver.workers_exit_within(bound());
+    assert!(
+        wait_for(Duration::from_secs(5), || !dir.exists()),
+        "{} outlived its program",
+        dir.display()
+    );
+}
+
+#[test]
+fn workers_exit_when_their_driver_stops_refreshing_its_liveness_key() {
+    // A frozen driver is not dead, so no parent-death signal comes: only the liveness key
+    // tells its workers. (A driver on another host that dies looks the same to its workers.)
+    let redis = TestRedis::tcp();
+    let driver = Driver::start(Some(&redis.url()));
+    driver.signal(Signal::SIGSTOP);
+    let took = driver.workers_exit_within(bound());
+    eprintln!("workers exited {took:?} after their driver froze");
+    assert!(
+        took >= Duration::from_millis(500),
+        "{took:?}: too soon for the key to lapse"
+    );
+}
+
+/// Sleeps `ms`.
+#[shoal::remote]
+fn sleep_ms(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+#[test]
+fn a_lost_store_fails_the_calls_with_its_error_promptly() {
+    let mut redis = TestRedis::tcp();
+    let response_timeout = Duration::from_secs(1);
+    let config = Config::builder()
+        .redis_url(redis.url())
+        .response_timeout(response_timeout)
+        .build()
+        .expect("config");
+    let _rt = shoal::init_with(config).expect("runtime");
+    let pool = Pool::new(2).expect("pool");
+    let pending = pool
+        .map_async_with(
+            sleep_ms,
+            vec![40_000u64; 4],
+            AsyncOptions::new().chunksize(1),
+        )
+        .expect("map_async");
+    std::thread::sleep(Duration::from_millis(800));
+    redis.kill();
+    let killed = Instant::now();
+    let outcome = pending.get(Some(Duration::from_secs(60)));
+    let took = killed.elapsed();
+    eprintln!("the call failed {took:?} after Redis was killed: {outcome:?}");
+    match outcome {
+        Err(e @ Error::Redis { .. }) => {
+            assert!(e.is_store_unreachable(), "{e}");
+            assert!(!e.to_string().contains("max_restarts"), "{e}");
+        }
+        other => panic!("expected the store's error, got {other:?}"),
+    }
+    assert!(
+        took <= response_timeout + Duration::from_secs(2),
+        "the call failed only {took:?} after Redis went away"
+    );
+    // Later calls get the same error at once.
+    assert!(matches!(
+        pool.map(sleep_ms, vec![1u64]),
+        Err(Error::Redis { .. })
+    ));
+}
