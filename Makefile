@@ -22,7 +22,8 @@ lint:
 unit-and-integration:
 	@scripts/ensure-redis.sh
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-	  $(CARGO) nextest run --workspace --all-features; \
+	  $(CARGO) nextest run --workspace --all-features && \
+	  $(CARGO) test --doc --workspace --all-features; \
 	else \
 	  echo "cargo-nextest not found: running cargo test one test at a time"; \
 	  $(CARGO) test --workspace --all-features -- --test-threads=1; \

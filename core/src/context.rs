@@ -17,7 +17,16 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::store::Store;
 
-/// Who a process is, as Python's `current_process()` tells.
+/// Who a process is, as Python's `current_process()` tells: name, place in the process tree,
+/// daemon flag, authentication key and parent.
+///
+/// ```
+/// let me = shoal_core::context::current_process();
+/// assert_eq!(me.name, "MainProcess");
+/// assert_eq!(me.pid(), std::process::id());
+/// assert!(me.is_alive() && me.exitcode().is_none());
+/// assert!(me.parent.is_none());
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessInfo {
     /// `MainProcess`, or the child's name (`Process-1`, `Process-1:2`, or the name it was given).
@@ -27,15 +36,119 @@ pub struct ProcessInfo {
     pub identity: Vec<u32>,
     /// A daemonic process (a daemon child, or a pool worker) may not start children.
     pub daemon: bool,
+    /// The authentication key: made at random by the main process, inherited by its children
+    /// (Python's `authkey`).
+    pub authkey: AuthKey,
+    /// The process that started this one; `None` in the main process.
+    pub parent: Option<ParentInfo>,
 }
 
 impl ProcessInfo {
-    /// The main process.
+    /// The main process (with this process's authentication key).
     pub fn main() -> Self {
         ProcessInfo {
             name: "MainProcess".into(),
             identity: Vec::new(),
             daemon: false,
+            authkey: AuthKey::of_this_process(),
+            parent: None,
+        }
+    }
+
+    /// The operating system's id of the process the code runs in (a thread child shares its
+    /// parent's).
+    pub fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    /// The same as [`ProcessInfo::pid`] (Python's `ident`).
+    pub fn ident(&self) -> u32 {
+        self.pid()
+    }
+
+    /// Always true: the code asking is running (Python's `current_process().is_alive()`).
+    pub fn is_alive(&self) -> bool {
+        true
+    }
+
+    /// Always `None`: the process asking has not exited.
+    pub fn exitcode(&self) -> Option<i32> {
+        None
+    }
+}
+
+/// A process's authentication key (Python's `current_process().authkey`): 32 random bytes made
+/// by the main process and inherited by every process it starts, which uses it to sign what it
+/// sends to managers and actors. Its `Debug` output does not show the bytes.
+///
+/// ```
+/// use shoal_core::context::AuthKey;
+/// let key = AuthKey::from_bytes(b"secret".to_vec());
+/// assert_eq!(key.as_bytes(), b"secret");
+/// assert_eq!(format!("{key:?}"), "AuthKey(6 bytes)");
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct AuthKey(#[serde(with = "serde_bytes")] Vec<u8>);
+
+impl AuthKey {
+    /// A new random key of 32 bytes.
+    pub fn generate() -> AuthKey {
+        let mut bytes = Vec::with_capacity(32);
+        bytes.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+        bytes.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+        AuthKey(bytes)
+    }
+
+    /// A key with these bytes.
+    pub fn from_bytes(bytes: impl Into<Vec<u8>>) -> AuthKey {
+        AuthKey(bytes.into())
+    }
+
+    /// The key's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The key this process was started with: its parent's, or one made at random once in a
+    /// main process.
+    pub fn of_this_process() -> AuthKey {
+        static MAIN: std::sync::LazyLock<AuthKey> = std::sync::LazyLock::new(AuthKey::generate);
+        try_current()
+            .map(|c| c.process.authkey.clone())
+            .unwrap_or_else(|| MAIN.clone())
+    }
+}
+
+impl std::fmt::Debug for AuthKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AuthKey({} bytes)", self.0.len())
+    }
+}
+
+/// The process that started this one (Python's `parent_process()`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ParentInfo {
+    /// Its name.
+    pub name: String,
+    /// Its operating-system id, when it runs on this host.
+    pub pid: Option<u32>,
+}
+
+impl ParentInfo {
+    /// Whether the parent still runs. Known on the local backend (by its pid); `true` when
+    /// the parent runs elsewhere (its pool or process handles notice its death instead).
+    pub fn is_alive(&self) -> bool {
+        match self.pid {
+            Some(pid) if pid == std::process::id() => true,
+            Some(pid) => std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|stat| {
+                    let state = stat
+                        .rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().next());
+                    !matches!(state, Some("Z") | Some("X"))
+                })
+                .unwrap_or(false),
+            None => true,
         }
     }
 }

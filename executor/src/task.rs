@@ -25,6 +25,7 @@ use std::sync::LazyLock;
 
 use serde::{Deserialize, Serialize};
 use shoal_core::config::{Config, WORKER_ENV_PREFIX};
+use shoal_core::context::{AuthKey, ParentInfo};
 use shoal_core::error::{Error, RedisContext, Result};
 use shoal_core::store::{KeySpace, Store};
 
@@ -139,6 +140,12 @@ pub struct TaskRecord {
     pub config: Config,
     /// Forward stdout and stderr through the output stream.
     pub stream_output: bool,
+    /// The parent's authentication key, which the worker inherits.
+    #[serde(default)]
+    pub authkey: Option<AuthKey>,
+    /// Who started the worker.
+    #[serde(default)]
+    pub parent: Option<ParentInfo>,
 }
 
 impl TaskRecord {

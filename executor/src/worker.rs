@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use shoal_core::TaskErrorKind;
 use shoal_core::config::Config;
-use shoal_core::context::{self, Context, ProcessInfo};
+use shoal_core::context::{self, AuthKey, Context, ProcessInfo};
 use shoal_core::error::{Error, Result};
 use shoal_core::registry::{self, Failure};
 use shoal_core::store::{Store, StoreSettings};
@@ -68,6 +68,8 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
             name: record.name.clone(),
             identity: record.identity.clone(),
             daemon: record.daemon,
+            authkey: record.authkey.clone().unwrap_or_else(AuthKey::generate),
+            parent: record.parent.clone(),
         },
     )));
 

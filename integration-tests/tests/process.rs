@@ -515,3 +515,141 @@ fn a_worker_with_no_task_fails_clearly() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no task record"), "{stderr}");
 }
+
+/// Writes what `current_process()` and `parent_process()` say, one `key=value` per line.
+#[shoal::remote]
+fn describe_self(path: String) {
+    let me = shoal::current_process();
+    let parent = shoal::parent_process();
+    let text = format!(
+        "name={}\npid={}\nreal_pid={}\ndaemon={}\nalive={}\nexitcode={:?}\nauthkey={:?}\n\
+         parent_name={}\nparent_pid={:?}\nparent_alive={}\n",
+        me.name,
+        me.pid(),
+        std::process::id(),
+        me.daemon,
+        me.is_alive(),
+        me.exitcode(),
+        me.authkey.as_bytes(),
+        parent.as_ref().map(|p| p.name.as_str()).unwrap_or("-"),
+        parent.as_ref().and_then(|p| p.pid),
+        parent.as_ref().is_some_and(|p| p.is_alive()),
+    );
+    std::fs::write(path, text).expect("write");
+}
+
+fn fields(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn current_process_and_parent_process_describe_the_child() {
+    let _rt = runtime();
+    let me = shoal::current_process();
+    assert_eq!(me.name, "MainProcess");
+    assert_eq!(me.pid(), std::process::id());
+    assert!(shoal::parent_process().is_none());
+    assert_eq!(me.authkey.as_bytes().len(), 32);
+    let dir = scratch();
+    for method in METHODS {
+        let path = dir.path().join(format!("{method:?}"));
+        let p = Process::new(describe_self, (path.display().to_string(),))
+            .name("describer")
+            .daemon(true)
+            .start_method(method);
+        p.start().expect("start");
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0), "{method:?}");
+        let f = fields(&read_file(&path));
+        assert_eq!(f["name"], "describer");
+        assert_eq!(f["pid"], f["real_pid"]);
+        if method == StartMethod::Process {
+            assert_eq!(f["pid"], p.pid().expect("pid").to_string());
+        }
+        assert_eq!(f["daemon"], "true");
+        assert_eq!(
+            (f["alive"].as_str(), f["exitcode"].as_str()),
+            ("true", "None")
+        );
+        assert_eq!(
+            f["authkey"],
+            format!("{:?}", me.authkey.as_bytes()),
+            "{method:?}: the child inherits the parent's authkey"
+        );
+        assert_eq!(f["parent_name"], "MainProcess");
+        assert_eq!(f["parent_pid"], format!("Some({})", std::process::id()));
+        assert_eq!(f["parent_alive"], "true");
+    }
+}
+
+#[test]
+fn the_daemon_flag_cannot_change_after_start() {
+    let _rt = runtime();
+    for method in METHODS {
+        let p = Process::new(sleeps, (200u64,)).start_method(method);
+        p.set_daemon(true).expect("before start");
+        assert!(p.is_daemon());
+        p.start().expect("start");
+        assert!(
+            matches!(p.set_daemon(false), Err(Error::InvalidState(m)) if m.contains("already started"))
+        );
+        let p = p.daemon(false);
+        assert!(
+            p.is_daemon(),
+            "{method:?}: the builder does not change a started process"
+        );
+        p.join(None).expect("join");
+    }
+}
+
+#[test]
+fn active_children_lists_the_children_that_run() {
+    let _rt = runtime();
+    assert!(shoal::active_children().is_empty());
+    let short = Process::new(noop, ()).name("short");
+    let long = Process::new(sleeps, (30_000u64,)).name("long");
+    short.start().expect("start");
+    long.start().expect("start");
+    short.join(None).expect("join");
+    let children = shoal::active_children();
+    let names: Vec<&str> = children.iter().map(|c| c.name()).collect();
+    assert_eq!(names, ["long"]);
+    assert_eq!(children[0].pid(), long.pid());
+    assert!(children[0].is_alive());
+    children[0]
+        .terminate()
+        .expect("terminate through the listing");
+    long.join(Some(Duration::from_secs(10))).expect("join");
+    assert_eq!(long.exitcode(), Some(-15));
+    assert!(shoal::active_children().is_empty());
+}
+
+#[test]
+fn close_releases_an_exited_process_and_refuses_a_running_one() {
+    let _rt = runtime();
+    for method in METHODS {
+        let p = Process::new(sleeps, (300u64,)).start_method(method);
+        p.start().expect("start");
+        assert!(
+            matches!(p.close(), Err(Error::InvalidState(m)) if m.contains("still running")),
+            "{method:?}"
+        );
+        p.join(None).expect("join");
+        p.close().expect("close after exit");
+        assert!(!p.is_alive());
+        assert_eq!(p.exitcode(), None);
+        for outcome in [p.start(), p.join(None), p.terminate(), p.kill(), p.close()] {
+            assert!(
+                matches!(&outcome, Err(Error::InvalidState(m)) if m.contains("is closed")),
+                "{method:?}: {outcome:?}"
+            );
+        }
+    }
+    // A process that never started can be closed.
+    let never = Process::new(noop, ());
+    never.close().expect("close");
+    assert!(never.start().is_err());
+}

@@ -55,10 +55,10 @@ mod process;
 mod runtime;
 
 pub use pool::{AsyncOptions, AsyncResult, IMapIterator, Pool, PoolBuilder};
-pub use process::Process;
+pub use process::{ChildProcess, Process, active_children};
 pub use runtime::{Runtime, init, init_with};
 pub use shoal_core::config::{self, Config, ConfigBuilder, StartMethod};
-pub use shoal_core::context::ProcessInfo;
+pub use shoal_core::context::{AuthKey, ParentInfo, ProcessInfo};
 pub use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
 pub use shoal_macros::remote;
 pub use shoal_primitives::{
@@ -67,9 +67,28 @@ pub use shoal_primitives::{
 };
 
 /// Who the calling code runs as: `MainProcess`, a child's name and identity, or a thread
-/// child's (Python's `multiprocessing.current_process()`).
+/// child's (Python's `multiprocessing.current_process()`), with its pid, daemon flag,
+/// authentication key and parent.
+///
+/// ```
+/// let me = shoal::current_process();
+/// assert_eq!(me.name, "MainProcess");
+/// assert_eq!(me.pid(), std::process::id());
+/// assert!(!me.daemon && me.is_alive() && me.exitcode().is_none());
+/// assert_eq!(me.authkey.as_bytes().len(), 32);
+/// ```
 pub fn current_process() -> ProcessInfo {
     shoal_core::context::current_process()
+}
+
+/// The process that started this one, `None` in the main process (Python's
+/// `multiprocessing.parent_process()`).
+///
+/// ```
+/// assert!(shoal::parent_process().is_none());
+/// ```
+pub fn parent_process() -> Option<ParentInfo> {
+    shoal_core::context::current_process().parent
 }
 
 /// True in a thread child whose `terminate()` or `kill()` was called. A thread cannot be
@@ -106,7 +125,8 @@ pub mod prelude {
     pub use crate::{
         Array, AsyncOptions, AsyncResult, Barrier, BoundedSemaphore, Condition, Config, Connection,
         Error, Event, JoinableQueue, Lock, Pipe, Pool, Process, Queue, RLock, Result, Semaphore,
-        SimpleQueue, StartMethod, Value, current_process, remote, termination_requested,
+        SimpleQueue, StartMethod, Value, active_children, current_process, parent_process, remote,
+        termination_requested,
     };
 }
 

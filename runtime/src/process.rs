@@ -21,7 +21,15 @@
 //! * [`Process::join`] waits for the exit, or at most the timeout (then returns `Ok(())` with the
 //!   child still running, as Python does; check [`Process::is_alive`]).
 //! * Starting twice, or joining, terminating or killing a process that was never started, is
-//!   [`Error::InvalidState`].
+//!   [`Error::InvalidState`]; so is changing the daemon flag of a started process
+//!   ([`Process::set_daemon`]).
+//! * [`Process::close`] releases a process that exited (or never started); it is
+//!   [`Error::InvalidState`] while the process runs. After it, `start`, `join`, `terminate`,
+//!   `kill` and `close` are [`Error::InvalidState`], and `is_alive`, `exitcode` and `pid` report
+//!   `false`/`None` (Python raises `ValueError` for those too).
+//! * [`active_children`] lists the children started through this runtime that still run
+//!   (Python's `multiprocessing.active_children()`; pool workers are the pool's and are not
+//!   listed); [`crate::parent_process`] tells a child who started it.
 //! * Daemon children are terminated when the runtime shuts down; the runtime waits for
 //!   non-daemon children first (Python's exit behaviour). A daemonic process (a daemon child, or
 //!   a pool worker) may not start children: `start()` is [`Error::InvalidState`], as Python's
@@ -60,7 +68,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use serde::Serialize;
 use shoal_core::config::StartMethod;
-use shoal_core::context::{self, ProcessInfo};
+use shoal_core::context::{self, ParentInfo, ProcessInfo};
 use shoal_core::error::{Error, Result};
 use shoal_core::registry::{self, RemoteFn};
 use shoal_core::store::Store;
@@ -77,10 +85,30 @@ use crate::runtime::{self, ChildEntry, RuntimeInner};
 static CONSTRUCTED: AtomicU32 = AtomicU32::new(0);
 
 /// A function to run in a child process, with its arguments.
+///
+/// ```no_run
+/// use shoal::prelude::*;
+///
+/// #[shoal::remote]
+/// fn work(n: u64) -> u64 {
+///     n * 2
+/// }
+///
+/// fn main() -> shoal::Result<()> {
+///     let _rt = shoal::init()?;
+///     let p = Process::new(work, (21u64,)).name("worker").daemon(true);
+///     p.start()?;
+///     assert!(p.set_daemon(false).is_err(), "a started process keeps its flag");
+///     p.join(None)?;
+///     assert_eq!(p.exitcode(), Some(0));
+///     p.close()?;
+///     Ok(())
+/// }
+/// ```
 pub struct Process {
     name: String,
     identity: Vec<u32>,
-    daemon: bool,
+    daemon: AtomicBool,
     start_method: Option<StartMethod>,
     slot: Mutex<Slot>,
 }
@@ -91,21 +119,38 @@ enum Slot {
     Failed(String),
     /// Transient: `start()` is running.
     Starting,
+    /// `close()` released it.
+    Closed,
 }
 
+/// A started child as its handles see it.
 struct Started {
+    child: StartedChild,
+    // Keeps the runtime alive while a handle to a started process exists.
+    _runtime: Arc<RuntimeInner>,
+}
+
+impl std::ops::Deref for Started {
+    type Target = StartedChild;
+
+    fn deref(&self) -> &StartedChild {
+        &self.child
+    }
+}
+
+/// A started child as the runtime tracks it (without keeping the runtime alive).
+#[derive(Clone)]
+pub(crate) struct StartedChild {
     state: Arc<ProcessState>,
     actor: Addr<ProcessActor>,
     pid: Option<u32>,
-    // Keeps the runtime alive while a handle to a started process exists.
-    _runtime: Arc<RuntimeInner>,
 }
 
 impl std::fmt::Debug for Process {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Process")
             .field("name", &self.name)
-            .field("daemon", &self.daemon)
+            .field("daemon", &self.is_daemon())
             .field("pid", &self.pid())
             .field("exitcode", &self.exitcode())
             .finish()
@@ -133,7 +178,7 @@ impl Process {
         Process {
             name,
             identity,
-            daemon: false,
+            daemon: AtomicBool::new(false),
             start_method: None,
             slot: Mutex::new(Slot::Created(Box::new(TypedTarget { target, args }))),
         }
@@ -146,10 +191,29 @@ impl Process {
     }
 
     /// Makes the process a daemon: it is terminated when the runtime shuts down, instead of
-    /// being waited for.
-    pub fn daemon(mut self, daemon: bool) -> Self {
-        self.daemon = daemon;
+    /// being waited for, and it dies with its parent. For a process that was started already,
+    /// the flag does not change (see [`Process::set_daemon`], which says so with an error).
+    pub fn daemon(self, daemon: bool) -> Self {
+        if let Err(e) = self.set_daemon(daemon) {
+            tracing::error!("Process::daemon: {e}");
+        }
         self
+    }
+
+    /// Sets the daemon flag before `start()`; [`Error::InvalidState`] once the process was
+    /// started (Python: "process has already started").
+    pub fn set_daemon(&self, daemon: bool) -> Result<()> {
+        match &*self.lock_slot() {
+            Slot::Created(_) => {
+                self.daemon.store(daemon, Ordering::Relaxed);
+                Ok(())
+            }
+            Slot::Closed => Err(self.closed()),
+            _ => Err(Error::invalid_state(format!(
+                "process {} has already started: its daemon flag cannot change",
+                self.name
+            ))),
+        }
     }
 
     /// Runs this process with `method` instead of the configured `local.start_method`.
@@ -165,7 +229,33 @@ impl Process {
 
     /// Whether the process is a daemon.
     pub fn is_daemon(&self) -> bool {
-        self.daemon
+        self.daemon.load(Ordering::Relaxed)
+    }
+
+    fn closed(&self) -> Error {
+        Error::invalid_state(format!("process {} is closed", self.name))
+    }
+
+    /// Releases the process once it has exited (or if it never started): Python's
+    /// `Process.close()`. [`Error::InvalidState`] while it still runs; after it, the other
+    /// calls are errors (see the module docs). Closing twice is an error too.
+    pub fn close(&self) -> Result<()> {
+        let mut slot = self.lock_slot();
+        match &*slot {
+            Slot::Started(s) if !s.state.has_exited() => Err(Error::invalid_state(format!(
+                "cannot close process {} while it is still running: join() or terminate() it first",
+                self.name
+            ))),
+            Slot::Starting => Err(Error::invalid_state(format!(
+                "cannot close process {} while it is starting",
+                self.name
+            ))),
+            Slot::Closed => Err(self.closed()),
+            _ => {
+                *slot = Slot::Closed;
+                Ok(())
+            }
+        }
     }
 
     /// Starts the child. Errors: [`Error::InvalidState`] if it was started before,
@@ -176,6 +266,10 @@ impl Process {
             let mut slot = self.lock_slot();
             match std::mem::replace(&mut *slot, Slot::Starting) {
                 Slot::Created(target) => target,
+                Slot::Closed => {
+                    *slot = Slot::Closed;
+                    return Err(self.closed());
+                }
                 other => {
                     *slot = other;
                     return Err(Error::invalid_state(format!(
@@ -223,10 +317,16 @@ impl Process {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let keys = ProcessKeys::new(context.store().keys(), &id);
         let function = target.function_name();
+        let daemon = self.is_daemon();
         let info = ProcessInfo {
             name: self.name.clone(),
             identity: self.identity.clone(),
-            daemon: self.daemon,
+            daemon,
+            authkey: me.authkey.clone(),
+            parent: Some(ParentInfo {
+                name: me.name.clone(),
+                pid: Some(std::process::id()),
+            }),
         };
         let (workload, record) = match method {
             StartMethod::Process => {
@@ -249,9 +349,11 @@ impl Process {
                     },
                     name: self.name.clone(),
                     identity: self.identity.clone(),
-                    daemon: self.daemon,
+                    daemon,
                     config: record_config,
                     stream_output: config.multiprocessing.stream_stdout,
+                    authkey: Some(info.authkey.clone()),
+                    parent: info.parent.clone(),
                 };
                 (
                     Workload::Subprocess {
@@ -299,15 +401,19 @@ impl Process {
                 ));
             }
         };
-        runtime.track_child(ChildEntry {
-            id,
-            daemon: self.daemon,
-            state: state.clone(),
-        });
-        Ok(Started {
+        let child = StartedChild {
             state,
             actor: addr,
             pid,
+        };
+        runtime.track_child(ChildEntry {
+            id,
+            name: self.name.clone(),
+            daemon,
+            started: child.clone(),
+        });
+        Ok(Started {
+            child,
             _runtime: runtime,
         })
     }
@@ -356,9 +462,9 @@ impl Process {
     }
 
     fn stop(&self, signal: StopSignal) -> Result<()> {
-        let actor = match &*self.lock_slot() {
-            Slot::Started(s) if s.state.has_exited() => return Ok(()),
-            Slot::Started(s) => s.actor.clone(),
+        let started = match &*self.lock_slot() {
+            Slot::Started(s) => s.child.clone(),
+            Slot::Closed => return Err(self.closed()),
             _ => {
                 return Err(Error::invalid_state(format!(
                     "process {} was not started",
@@ -366,16 +472,13 @@ impl Process {
                 )));
             }
         };
-        match futures::executor::block_on(actor.send(StopChild(signal))) {
-            Ok(result) => result,
-            // The actor stops once the exit is recorded: nothing left to stop.
-            Err(_) => Ok(()),
-        }
+        started.stop(signal)
     }
 
     fn started_state(&self, what: &str) -> Result<Arc<ProcessState>> {
         match &*self.lock_slot() {
             Slot::Started(s) => Ok(s.state.clone()),
+            Slot::Closed => Err(self.closed()),
             Slot::Failed(reason) => Err(Error::invalid_state(format!(
                 "cannot {what} process {}: its start failed ({reason})",
                 self.name
@@ -390,6 +493,116 @@ impl Process {
     fn lock_slot(&self) -> std::sync::MutexGuard<'_, Slot> {
         self.slot.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+impl StartedChild {
+    pub(crate) fn state(&self) -> &ProcessState {
+        &self.state
+    }
+
+    fn stop(&self, signal: StopSignal) -> Result<()> {
+        if self.state.has_exited() {
+            return Ok(());
+        }
+        match futures::executor::block_on(self.actor.send(StopChild(signal))) {
+            Ok(result) => result,
+            // The actor stops once the exit is recorded: nothing left to stop.
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// A child that still runs, as [`active_children`] lists it: a handle to watch, join or stop
+/// it without the [`Process`] that started it.
+#[derive(Clone)]
+pub struct ChildProcess {
+    name: String,
+    daemon: bool,
+    started: StartedChild,
+    _runtime: Arc<RuntimeInner>,
+}
+
+impl std::fmt::Debug for ChildProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChildProcess")
+            .field("name", &self.name)
+            .field("pid", &self.started.pid)
+            .field("exitcode", &self.exitcode())
+            .finish()
+    }
+}
+
+impl ChildProcess {
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether it is a daemon.
+    pub fn is_daemon(&self) -> bool {
+        self.daemon
+    }
+
+    /// Its OS process id, for a subprocess.
+    pub fn pid(&self) -> Option<u32> {
+        self.started.pid
+    }
+
+    /// True until it exits.
+    pub fn is_alive(&self) -> bool {
+        !self.started.state.has_exited()
+    }
+
+    /// Its exit code once it exited (see [`Process::exitcode`]).
+    pub fn exitcode(&self) -> Option<i32> {
+        self.started.state.exit_code()
+    }
+
+    /// Waits for its exit, at most `timeout`.
+    pub fn join(&self, timeout: Option<Duration>) {
+        self.started.state.wait_exited(timeout);
+    }
+
+    /// `SIGTERM` (see [`Process::terminate`]).
+    pub fn terminate(&self) -> Result<()> {
+        self.started.stop(StopSignal::Terminate)
+    }
+
+    /// `SIGKILL` (see [`Process::kill`]).
+    pub fn kill(&self) -> Result<()> {
+        self.started.stop(StopSignal::Kill)
+    }
+}
+
+/// The children started through this process's runtime that have not exited (Python's
+/// `multiprocessing.active_children()`), oldest first. Pool workers are not listed.
+///
+/// ```no_run
+/// # use shoal::prelude::*;
+/// # #[shoal::remote] fn nap() { std::thread::sleep(std::time::Duration::from_secs(1)); }
+/// # fn main() -> shoal::Result<()> {
+/// let _rt = shoal::init()?;
+/// let p = Process::new(nap, ()).name("napper");
+/// p.start()?;
+/// let names: Vec<String> = shoal::active_children().iter().map(|c| c.name().to_string()).collect();
+/// assert_eq!(names, ["napper"]);
+/// # Ok(())
+/// # }
+/// ```
+pub fn active_children() -> Vec<ChildProcess> {
+    runtime::running_runtime()
+        .map(|r| {
+            r.live_children()
+                .into_iter()
+                .map(|c| ChildProcess {
+                    name: c.name,
+                    daemon: c.daemon,
+                    started: c.started,
+                    _runtime: r.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The lifecycle as the handle sees it; only the actor changes it.

@@ -69,8 +69,15 @@ impl std::fmt::Debug for RuntimeInner {
 /// A child the runtime must terminate or join at shutdown.
 pub(crate) struct ChildEntry {
     pub(crate) id: String,
+    pub(crate) name: String,
     pub(crate) daemon: bool,
-    pub(crate) state: Arc<ProcessState>,
+    pub(crate) started: crate::process::StartedChild,
+}
+
+impl ChildEntry {
+    fn state(&self) -> &ProcessState {
+        self.started.state()
+    }
 }
 
 /// Starts the runtime from the configuration found by [`Config::load`].
@@ -188,8 +195,23 @@ impl RuntimeInner {
 
     pub(crate) fn track_child(&self, child: ChildEntry) {
         let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
-        children.retain(|c| !c.state.has_exited());
+        children.retain(|c| !c.state().has_exited());
         children.push(child);
+    }
+
+    /// The children that have not exited, oldest first (and forgets the others).
+    pub(crate) fn live_children(&self) -> Vec<ChildEntry> {
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        children.retain(|c| !c.state().has_exited());
+        children
+            .iter()
+            .map(|c| ChildEntry {
+                id: c.id.clone(),
+                name: c.name.clone(),
+                daemon: c.daemon,
+                started: c.started.clone(),
+            })
+            .collect()
     }
 
     fn config_without_url(&self) -> Config {
@@ -199,18 +221,21 @@ impl RuntimeInner {
     fn shutdown_children(&self) {
         let children: Vec<ChildEntry> =
             std::mem::take(&mut *self.children.lock().unwrap_or_else(|p| p.into_inner()));
-        let live: Vec<&ChildEntry> = children.iter().filter(|c| !c.state.has_exited()).collect();
+        let live: Vec<&ChildEntry> = children
+            .iter()
+            .filter(|c| !c.state().has_exited())
+            .collect();
         for child in live.iter().filter(|c| c.daemon) {
             self.signal_blocking(&child.id, StopSignal::Terminate);
         }
         for child in live.iter().filter(|c| c.daemon) {
-            if !child.state.wait_exited(Some(DAEMON_GRACE)) {
+            if !child.state().wait_exited(Some(DAEMON_GRACE)) {
                 self.signal_blocking(&child.id, StopSignal::Kill);
-                child.state.wait_exited(Some(DAEMON_GRACE));
+                child.state().wait_exited(Some(DAEMON_GRACE));
             }
         }
         for child in live.iter().filter(|c| !c.daemon) {
-            child.state.wait_exited(None);
+            child.state().wait_exited(None);
         }
     }
 
@@ -246,6 +271,11 @@ fn config_without_url(config: &Config) -> Config {
     let mut c = config.clone();
     c.redis.url = None;
     c
+}
+
+/// The runtime running in this process, if any (never starts one).
+pub(crate) fn running_runtime() -> Option<Arc<RuntimeInner>> {
+    ACTIVE.lock().unwrap_or_else(|p| p.into_inner()).upgrade()
 }
 
 /// The running runtime; in a worker, one is started on first use and kept until the task ends.

@@ -307,6 +307,7 @@ impl Pool {
             max_restarts,
             restart_period,
             config: config.clone(),
+            creator: me,
         };
         let progress = builder.progress.unwrap_or(config.pool.progress);
         let id = uuid::Uuid::new_v4().simple().to_string();

@@ -45,6 +45,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use shoal_core::config::{Config, StartMethod};
+use shoal_core::context::ProcessInfo;
 use shoal_core::error::{Error, RedisContext, Result, TaskError, TaskErrorKind};
 use shoal_core::store::Store;
 use shoal_executor::pool::{self, Initializer, PoolKeys};
@@ -69,6 +70,8 @@ pub(crate) struct PoolSettings {
     pub(crate) restart_period: Duration,
     /// The configuration written into each worker's task record.
     pub(crate) config: Config,
+    /// The process that created the pool: its workers' parent.
+    pub(crate) creator: ProcessInfo,
 }
 
 /// Where the pool is in its life.

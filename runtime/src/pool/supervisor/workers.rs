@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use futures::FutureExt;
 use shoal_core::config::StartMethod;
-use shoal_core::context::ProcessInfo;
+use shoal_core::context::{ParentInfo, ProcessInfo};
 use shoal_executor::pool::{self, EXIT_DRIVER_GONE, EXIT_STORE_LOST, PoolWorkerSpec, driver_ttl};
 use shoal_executor::protocol::{Launch, StopSignal, WorkerExited, Workload};
 use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord};
@@ -64,17 +64,29 @@ impl PoolSupervisor {
         let executor = self.executor.clone();
         let store = self.store.clone();
         let env = self.settings.config.multiprocessing.env_vars.clone();
+        let info = ProcessInfo {
+            name: name.clone(),
+            identity: vec![number as u32],
+            // Pool workers are daemonic, as in Python.
+            daemon: true,
+            authkey: self.settings.creator.authkey.clone(),
+            parent: Some(ParentInfo {
+                name: self.settings.creator.name.clone(),
+                pid: Some(std::process::id()),
+            }),
+        };
         let launch = if subprocess {
             let mut config = self.settings.config.clone();
             config.redis.url = None;
             let record = TaskRecord {
                 kind: TaskKind::PoolWorker(spec),
                 name: name.clone(),
-                identity: vec![number as u32],
-                // Pool workers are daemonic, as in Python.
-                daemon: true,
+                identity: info.identity.clone(),
+                daemon: info.daemon,
                 stream_output: config.multiprocessing.stream_stdout,
                 config,
+                authkey: Some(info.authkey.clone()),
+                parent: info.parent.clone(),
             };
             let keys = ProcessKeys::new(store.keys(), &worker_id);
             let launch = Launch {
@@ -93,11 +105,6 @@ impl PoolSupervisor {
             }
             .boxed_local()
         } else {
-            let info = ProcessInfo {
-                name: name.clone(),
-                identity: vec![number as u32],
-                daemon: true,
-            };
             let body_store = store.clone();
             let body = Box::new(move || match pool::run_worker(&body_store, &spec) {
                 Ok(_) => 0,
