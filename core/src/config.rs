@@ -277,14 +277,15 @@ impl LocalConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
-    /// Redeliveries of a chunk whose worker died before the chunk fails with kind `Crashed`.
-    /// 0 ..= 1000.
+    /// Redeliveries in a row without progress of a chunk whose worker died before the chunk
+    /// fails with kind `Crashed` (a long chunk resumes from the progress it reported). 0 ..= 1000.
     pub retries: u32,
     /// A chunk whose worker stopped renewing its lease for this long (seconds) is given to
     /// another worker. 0.1 ..= 86400.
     pub task_lease_secs: f64,
-    /// Worker restarts after failures allowed within `restart_period_secs`; one more breaks the
-    /// pool (its calls fail) instead of restarting forever. 0 ..= 100000.
+    /// Worker failures allowed within `restart_period_secs` while no chunk completes; one more
+    /// breaks the pool (its calls fail) instead of restarting forever. A completed chunk clears
+    /// the count; exits because Redis is unreachable are not counted. 0 ..= 100000.
     pub max_restarts: u32,
     /// The window of `max_restarts`, in seconds. 0.1 ..= 86400.
     pub restart_period_secs: f64,
