@@ -187,7 +187,7 @@ impl OutputReader {
     /// Reads what arrives within `block` (at most 100 entries) and prints it.
     pub async fn read_once(
         &mut self,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut (impl redis::aio::ConnectionLike + Send),
         block: Duration,
     ) -> Result<ReadOutcome> {
         let options = StreamReadOptions::default()

@@ -95,8 +95,6 @@ const CHEAP_CHUNK: Duration = Duration::from_millis(1);
 pub const EXIT_STORE_LOST: i32 = 75;
 /// Exit code of a pool worker whose driver is gone.
 pub const EXIT_DRIVER_GONE: i32 = 76;
-/// Pause between two attempts to reach a store that did not answer.
-const STORE_RETRY: Duration = Duration::from_millis(200);
 /// How often a long chunk reports the items it has done.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// When a chunk first reports its progress: early, so that a worker killed soon after it took a
@@ -347,7 +345,7 @@ pub struct Requeued {
 
 /// Moves every chunk pending on `worker` (which exited) and removes it from the group.
 pub async fn requeue_consumer(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
     store: &Store,
     keys: &PoolKeys,
     worker: &str,
@@ -358,7 +356,7 @@ pub async fn requeue_consumer(
 
 /// Moves every chunk pending longer than `lease`.
 pub async fn requeue_idle(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
     store: &Store,
     keys: &PoolKeys,
     lease: Duration,
@@ -376,7 +374,7 @@ pub async fn requeue_idle(
 }
 
 async fn requeue(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
     store: &Store,
     keys: &PoolKeys,
     mode: &str,
@@ -480,26 +478,6 @@ fn run_initializer(init: &Initializer, limit: usize) -> Result<()> {
         })
 }
 
-/// Runs `op` until it succeeds, fails with a reply from Redis, or Redis has been unreachable
-/// for the store's response timeout (then its last error).
-fn with_store_retry<T>(store: &Store, mut op: impl FnMut() -> Result<T>) -> Result<T> {
-    let mut unreachable_since: Option<std::time::Instant> = None;
-    loop {
-        let attempt_started = std::time::Instant::now();
-        match op() {
-            Err(e) if e.is_store_unreachable() => {
-                let since = *unreachable_since.get_or_insert(attempt_started);
-                if since.elapsed() >= store.settings().response_timeout {
-                    return Err(e);
-                }
-                tracing::warn!("pool worker: {e}; retrying");
-                std::thread::sleep(STORE_RETRY);
-            }
-            other => return other,
-        }
-    }
-}
-
 fn serve(
     store: &Store,
     spec: &PoolWorkerSpec,
@@ -517,7 +495,7 @@ fn serve(
             Some(max) => prefetch.min(max.saturating_sub(chunks_done).max(1) as usize),
             None => prefetch,
         };
-        let read = with_store_retry(store, || {
+        let read = store.retry_unreachable(|| {
             store.with_blocking_conn(
                 Some(READ_BLOCK),
                 || format!("reading {}", keys.tasks),
@@ -624,7 +602,7 @@ fn serve(
             context::run_exit_hooks();
         }
         // A resend after a lost reply may add an outcome twice; the supervisor keeps one.
-        with_store_retry(store, || {
+        store.retry_unreachable(|| {
             store.with_conn(
                 || format!("sending results to {}", keys.results),
                 |c| pipe.query::<()>(c),

@@ -184,3 +184,39 @@ fn a_lost_store_fails_the_calls_with_its_error_promptly() {
         Err(Error::Redis { .. })
     ));
 }
+
+#[test]
+fn connections_dropped_by_redis_are_reopened_and_the_map_completes() {
+    let redis = TestRedis::tcp();
+    let config = Config::builder()
+        .redis_url(redis.url())
+        .response_timeout(Duration::from_secs(5))
+        .build()
+        .expect("config");
+    let _rt = shoal::init_with(config).expect("runtime");
+    let pool = Pool::new(2).expect("pool");
+    let pending = pool
+        .map_async_with(sleep_ms, vec![20u64; 150], AsyncOptions::new().chunksize(1))
+        .expect("map_async");
+    let admin = redis::Client::open(redis.url()).expect("client");
+    let mut admin = admin.get_connection().expect("admin connection");
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        // Every client connection but this one is closed by the server.
+        let killed: u64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .arg("SKIPME")
+            .arg("yes")
+            .query(&mut admin)
+            .expect("CLIENT KILL");
+        assert!(killed > 0);
+    }
+    let results = pending
+        .get(Some(Duration::from_secs(60)))
+        .expect("the map completes");
+    assert_eq!(results, vec![20u64; 150]);
+    // The pool still works.
+    assert_eq!(pool.map(sleep_ms, vec![1u64, 2]).expect("map"), vec![1, 2]);
+}

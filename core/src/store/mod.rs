@@ -14,8 +14,11 @@
 //!   `redis.response_timeout_secs` (rule 6 of the design: never give up client-side first). A
 //!   connection whose command failed on I/O or timed out is discarded, never reused, so a late
 //!   reply cannot reach the next caller.
-//! * **One async multiplexed connection** ([`Store::multiplexed`]) for actors, and dedicated async
-//!   connections ([`Store::dedicated`]) for actors that block (stream readers).
+//! * **One async multiplexed connection** ([`Store::multiplexed`]) for actors, which reconnects
+//!   by itself after Redis went away and came back (redis-rs's `ConnectionManager`: the command
+//!   that met the broken connection fails, the next ones use a new one), and dedicated async
+//!   connections ([`Store::dedicated`]) for actors that block (stream readers), which open a new
+//!   one after a failure.
 //!
 //! # Scripts
 //!
@@ -34,7 +37,7 @@ pub mod keys;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, ConnectionLike, RedisError, RedisResult};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -83,7 +86,7 @@ pub struct Store {
     settings: StoreSettings,
     keys: KeySpace,
     idle: Mutex<Vec<Pooled>>,
-    multiplexed: tokio::sync::OnceCell<MultiplexedConnection>,
+    multiplexed: tokio::sync::OnceCell<ConnectionManager>,
 }
 
 /// A pooled synchronous connection and the read timeout its socket has now (changing it is a
@@ -200,6 +203,31 @@ impl Store {
         self.run_pooled(Some(self.settings.response_timeout), context, f)
     }
 
+    /// Runs `op` again while Redis cannot be reached (a connection refused, dropped or timed
+    /// out), for at most the response timeout from the first failure, pausing 200 ms between
+    /// attempts; a reply from Redis, error or not, ends it. Only for operations whose repetition
+    /// is harmless (reads, and writes the reader deduplicates): when a connection drops, a write
+    /// may or may not have been applied.
+    pub fn retry_unreachable<T>(&self, mut op: impl FnMut() -> Result<T>) -> Result<T> {
+        let mut unreachable_since: Option<std::time::Instant> = None;
+        loop {
+            let attempt_started = std::time::Instant::now();
+            match op() {
+                Err(e) if e.is_store_unreachable() => {
+                    let since = *unreachable_since.get_or_insert(attempt_started);
+                    if since.elapsed() >= self.settings.response_timeout {
+                        return Err(e);
+                    }
+                    tracing::debug!("{e}; retrying");
+                    std::thread::sleep(
+                        Duration::from_millis(200).min(self.settings.response_timeout),
+                    );
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Runs a blocking command on a pooled connection. `block` is the timeout the command itself
     /// carries (`None`: it blocks until served); the client waits that long plus the response
     /// timeout before it gives up, and then discards the connection.
@@ -260,19 +288,21 @@ impl Store {
         })
     }
 
-    /// The shared async multiplexed connection, for ordinary commands sent by actors.
+    /// The shared async multiplexed connection, for ordinary commands sent by actors. It
+    /// reconnects after Redis went away (see the module docs).
     ///
     /// The connection's driver runs on the Tokio runtime of the first caller, so only the
     /// runtime's actor system, which lives as long as the store is used, may call this.
-    pub async fn multiplexed(&self) -> Result<MultiplexedConnection> {
+    pub async fn multiplexed(&self) -> Result<ConnectionManager> {
         self.multiplexed
             .get_or_try_init(|| async {
-                let config = AsyncConnectionConfig::new()
+                let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.settings.connect_timeout))
-                    .set_response_timeout(Some(self.settings.response_timeout));
-                self.client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
+                    .set_response_timeout(Some(self.settings.response_timeout))
+                    // A failed command is reported at once; the reconnection goes on behind.
+                    .set_number_of_retries(1)
+                    .set_max_delay(std::time::Duration::from_millis(500));
+                ConnectionManager::new_with_config(self.client.clone(), config).await
             })
             .await
             .cloned()

@@ -404,8 +404,19 @@ impl<I: Iterator> Iterator for GuardedInput<I> {
 /// How often a feeder refreshes the streams' TTL.
 const TTL_REFRESH: Duration = Duration::from_secs(1);
 
-/// Sends chunks in one pipeline (one round trip), refreshing the streams' TTL if asked.
+/// Sends chunks in one pipeline (one round trip), refreshing the streams' TTL if asked. When
+/// Redis cannot be reached the send is repeated (see `Store::retry_unreachable`): a chunk added
+/// twice runs twice and its outcome is kept once.
 pub(crate) fn send_chunks(
+    store: &Store,
+    keys: &PoolKeys,
+    chunks: &[ChunkEntry],
+    refresh_ttl: bool,
+) -> Result<()> {
+    store.retry_unreachable(|| send_chunks_once(store, keys, chunks, refresh_ttl))
+}
+
+fn send_chunks_once(
     store: &Store,
     keys: &PoolKeys,
     chunks: &[ChunkEntry],
