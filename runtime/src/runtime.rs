@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use shoal_core::actors::ActorSystem;
-use shoal_core::config::Config;
+use shoal_core::config::{Backend, Config};
 use shoal_core::context::{self, Context, ProcessInfo};
 use shoal_core::error::{Error, Result};
 use shoal_core::store::embedded::EmbeddedRedis;
@@ -139,6 +139,16 @@ impl Runtime {
 
 impl RuntimeInner {
     fn start_main(mut config: Config) -> Result<RuntimeInner> {
+        if config.shoal.backend != Backend::Local {
+            return Err(Error::Config {
+                origin: "shoal.backend".into(),
+                key: "shoal.backend".into(),
+                reason: format!(
+                    "the {:?} executor is not in this build yet (README, \"What is missing\")",
+                    config.shoal.backend
+                ),
+            });
+        }
         let (url, embedded) = match &config.redis.url {
             Some(url) => (url.clone(), None),
             None => {

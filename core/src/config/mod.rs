@@ -22,8 +22,12 @@
 //! The `*_secs` keys have accessors that return a [`Duration`] ([`SyncConfig::lease`],
 //! [`PoolConfig::task_lease`], ...). They never panic, even on a [`Config`] assembled by hand
 //! with impossible values: such a value is clamped into its key's range (`NaN` becomes the
-//! key's default). Validation is where the user learns about it. The `kubernetes`, `lambda` and `http` sections of the design are not built yet and are
-//! rejected with a message that says so.
+//! key's default). Validation is where the user learns about it. The `lambda` and `http`
+//! sections of the design are not built yet and are rejected with a message that says so.
+//!
+//! A remote backend (`kubernetes`) runs workers on other hosts: it needs a `redis.url` they can
+//! reach (not a Unix socket, and not a loopback address unless
+//! `kubernetes.redis_url_secret` gives the workers another one) and `kubernetes.image`.
 //!
 //! The documented default file is `config.yaml` at the top of the repository; every key there has
 //! its default value.
@@ -37,11 +41,22 @@ use yaml_serde::{Mapping, Value};
 
 use crate::error::{Error, Result};
 
+pub mod kubernetes;
+pub use kubernetes::{ImagePullPolicy, KubernetesConfig, Resources, SecretKeyRef, Toleration};
+
 /// The sections `config.yaml` may contain.
-pub const SECTIONS: &[&str] = &["shoal", "redis", "local", "pool", "sync", "multiprocessing"];
+pub const SECTIONS: &[&str] = &[
+    "shoal",
+    "redis",
+    "local",
+    "pool",
+    "sync",
+    "multiprocessing",
+    "kubernetes",
+];
 
 /// Sections of the design whose backends are not built yet.
-const UNBUILT_SECTIONS: &[&str] = &["kubernetes", "lambda", "http"];
+const UNBUILT_SECTIONS: &[&str] = &["lambda", "http"];
 
 /// Environment variables with the `SHOAL_` prefix that are not configuration overrides.
 const RESERVED_ENV: &[&str] = &["SHOAL_CONFIG", "SHOAL_LOG"];
@@ -153,6 +168,18 @@ const LEASE: KeyRange = KeyRange {
     high: 86_400.0,
     unit: "seconds",
 };
+const JOB_TTL: KeyRange = KeyRange {
+    key: "kubernetes.ttl_seconds_after_finished",
+    low: 0.0,
+    high: 31_536_000.0,
+    unit: "seconds, or null to keep finished Jobs",
+};
+const JOB_DEADLINE: KeyRange = KeyRange {
+    key: "kubernetes.active_deadline_seconds",
+    low: 1.0,
+    high: 31_536_000.0,
+    unit: "seconds, or null for no limit",
+};
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -170,13 +197,15 @@ pub struct Config {
     pub sync: SyncConfig,
     /// The Lithops `multiprocessing` keys.
     pub multiprocessing: MultiprocessingConfig,
+    /// The Kubernetes backend.
+    pub kubernetes: KubernetesConfig,
 }
 
 /// The `shoal` section.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShoalConfig {
-    /// Where processes run. Only `local` is built today.
+    /// Where processes run: `local` or `kubernetes`.
     pub backend: Backend,
     /// Prefix of every Redis key shoal writes (`shoal:{<namespace>:...}`); `shoal clean` deletes one.
     pub namespace: String,
@@ -197,6 +226,15 @@ impl Default for ShoalConfig {
 pub enum Backend {
     /// Subprocesses or threads on this machine.
     Local,
+    /// Kubernetes Jobs (see the `kubernetes` section).
+    Kubernetes,
+}
+
+impl Backend {
+    /// True for backends whose workers run on other hosts.
+    pub fn is_remote(self) -> bool {
+        !matches!(self, Backend::Local)
+    }
 }
 
 /// The `redis` section.
@@ -496,9 +534,7 @@ impl Config {
                 let mut reason = e.inner().to_string();
                 if reason.contains("unknown variant") {
                     if key == "shoal.backend" {
-                        reason.push_str(
-                            " (the kubernetes, lambda and http backends are not built yet)",
-                        );
+                        reason.push_str(" (the lambda and http backends are not built yet)");
                     } else if key == "multiprocessing.pipe_connection_type" {
                         reason.push_str(" (nanomsg pipes are not supported)");
                     }
@@ -515,7 +551,7 @@ impl Config {
 
     /// Every numeric key with its range and value (`None`: unset, as `local.workers: null`).
     /// config.yaml documents each range beside its key (a test checks it).
-    fn numeric_values(&self) -> [(KeyRange, Option<f64>); 10] {
+    fn numeric_values(&self) -> [(KeyRange, Option<f64>); 12] {
         [
             (EXPIRY, Some(self.redis.expiry_secs as f64)),
             (MAX_MESSAGE, Some(self.redis.max_message_bytes as f64)),
@@ -527,7 +563,67 @@ impl Config {
             (MAX_RESTARTS, Some(f64::from(self.pool.max_restarts))),
             (RESTART_PERIOD, Some(self.pool.restart_period_secs)),
             (LEASE, Some(self.sync.lease_secs)),
+            (
+                JOB_TTL,
+                self.kubernetes.ttl_seconds_after_finished.map(f64::from),
+            ),
+            (
+                JOB_DEADLINE,
+                self.kubernetes.active_deadline_seconds.map(|s| s as f64),
+            ),
         ]
+    }
+
+    /// A remote backend's workers must reach the store by network, and need an image.
+    fn check_remote_store(&self) -> std::result::Result<(), (&'static str, String)> {
+        let backend = "the kubernetes backend runs workers on other hosts";
+        let Some(url) = &self.redis.url else {
+            return Err((
+                "redis.url",
+                format!(
+                    "{backend}: set redis.url to a Redis they can reach (redis:// or rediss://);                      the embedded store is only for the local backend"
+                ),
+            ));
+        };
+        if url.starts_with("unix:") || url.starts_with("redis+unix:") {
+            return Err((
+                "redis.url",
+                format!(
+                    "{backend}, which cannot use a Unix socket: set redis.url to a redis:// or                      rediss:// address they can reach"
+                ),
+            ));
+        }
+        let host = url
+            .split_once("://")
+            .map(|(_, rest)| rest.rsplit_once('@').map_or(rest, |(_, h)| h))
+            .and_then(|rest| rest.split(['/', '#', '?']).next())
+            .map(|authority| {
+                authority
+                    .strip_prefix('[')
+                    .and_then(|a| a.split_once(']').map(|(h, _)| h))
+                    .unwrap_or_else(|| authority.rsplit_once(':').map_or(authority, |(h, _)| h))
+            })
+            .unwrap_or_default();
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if loopback && self.kubernetes.redis_url_secret.is_none() {
+            return Err((
+                "redis.url",
+                format!(
+                    "{backend}, which cannot reach {host}: set redis.url to an address they can                      reach, or give them their own with kubernetes.redis_url_secret"
+                ),
+            ));
+        }
+        if self.kubernetes.image.is_none() {
+            return Err((
+                "kubernetes.image",
+                "the kubernetes backend needs the image its workers run (this program, built                  with deploy/kubernetes/Dockerfile)"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     fn validate_with(&self, origin_of: &dyn Fn(&str) -> String) -> Result<()> {
@@ -550,6 +646,13 @@ impl Config {
         }
         if let Some(url) = &self.redis.url {
             check_redis_url(url).map_err(|reason| fail("redis.url", reason))?;
+        }
+        self.kubernetes
+            .check()
+            .map_err(|(key, reason)| fail(&key, reason))?;
+        if self.shoal.backend.is_remote() {
+            self.check_remote_store()
+                .map_err(|(key, reason)| fail(key, reason))?;
         }
         for (range, value) in self.numeric_values() {
             if let Some(value) = value {
@@ -809,7 +912,7 @@ mod tests {
 
     #[test]
     fn the_repository_config_yaml_is_the_defaults() {
-        let text = include_str!("../../config.yaml");
+        let text = include_str!("../../../config.yaml");
         let c = Config::from_yaml_str(text, "config.yaml").expect("config.yaml parses");
         assert_eq!(c, Config::default());
     }
@@ -853,8 +956,8 @@ mod tests {
         assert_eq!(key, "redsi");
         assert!(reason.contains("unknown section"), "{reason}");
         let (_, key, reason) =
-            config_error(Config::from_yaml_str("kubernetes:\n  image: x\n", "c.yaml"));
-        assert_eq!(key, "kubernetes");
+            config_error(Config::from_yaml_str("lambda:\n  memory: 1\n", "c.yaml"));
+        assert_eq!(key, "lambda");
         assert!(reason.contains("not built yet"), "{reason}");
     }
 
@@ -1032,7 +1135,7 @@ mod tests {
     /// config.yaml documents the range of every numeric key beside it, as validation checks it.
     #[test]
     fn config_yaml_documents_every_range() {
-        let text = include_str!("../../config.yaml");
+        let text = include_str!("../../../config.yaml");
         let mut section = String::new();
         let mut comments = String::new();
         let mut documented = BTreeMap::new();
@@ -1068,10 +1171,8 @@ mod tests {
 
     #[test]
     fn backend_and_pipe_hints() {
-        let (_, key, reason) = config_error(Config::from_yaml_str(
-            "shoal:\n  backend: kubernetes\n",
-            "c",
-        ));
+        let (_, key, reason) =
+            config_error(Config::from_yaml_str("shoal:\n  backend: lambda\n", "c"));
         assert_eq!(key, "shoal.backend");
         assert!(reason.contains("not built yet"), "{reason}");
         let (_, key, reason) = config_error(Config::from_yaml_str(
@@ -1151,5 +1252,65 @@ mod tests {
             "redis://app:***@h:1/0"
         );
         assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+    }
+
+    #[test]
+    fn a_remote_backend_needs_a_store_its_workers_reach_and_an_image() {
+        let k8s = "shoal:\n  backend: kubernetes\n";
+        let cases = [
+            ("", "redis.url", "embedded store"),
+            (
+                "redis:\n  url: unix:///tmp/r.sock\n",
+                "redis.url",
+                "Unix socket",
+            ),
+            (
+                "redis:\n  url: redis://127.0.0.1:6379\n",
+                "redis.url",
+                "cannot reach 127.0.0.1",
+            ),
+            (
+                "redis:\n  url: redis://u:p@localhost:6379/0\n",
+                "redis.url",
+                "localhost",
+            ),
+            ("redis:\n  url: redis://[::1]:6379\n", "redis.url", "::1"),
+            (
+                "redis:\n  url: redis://redis.default.svc:6379\n",
+                "kubernetes.image",
+                "image",
+            ),
+        ];
+        for (extra, key, says) in cases {
+            let (_, k, reason) =
+                config_error(Config::from_yaml_str(&format!("{k8s}{extra}"), "c.yaml"));
+            assert_eq!(k, key, "{extra}");
+            assert!(reason.contains(says), "{extra}: {reason}");
+        }
+        let ok = Config::from_yaml_str(
+            &format!("{k8s}redis:\n  url: redis://10.0.0.5:6379\nkubernetes:\n  image: app:1\n"),
+            "c.yaml",
+        )
+        .expect("valid");
+        assert!(ok.shoal.backend.is_remote());
+        // A loopback URL is fine when the workers get their own from a Secret.
+        Config::from_yaml_str(
+            &format!(
+                "{k8s}redis:\n  url: redis://127.0.0.1:6379\nkubernetes:\n  image: app:1\n  \
+                 redis_url_secret: {{name: redis, key: url}}\n"
+            ),
+            "c.yaml",
+        )
+        .expect("valid with a secret");
+        let (_, key, _) = config_error(Config::from_yaml_str(
+            "kubernetes:\n  image_pull_policy: Sometimes\n",
+            "c.yaml",
+        ));
+        assert_eq!(key, "kubernetes.image_pull_policy");
+        let (_, key, _) = config_error(Config::from_yaml_str(
+            "kubernetes:\n  active_deadline_seconds: 0\n",
+            "c.yaml",
+        ));
+        assert_eq!(key, "kubernetes.active_deadline_seconds");
     }
 }

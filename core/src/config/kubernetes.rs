@@ -1,0 +1,423 @@
+//! The `kubernetes` section: how workers run as Kubernetes Jobs (`shoal.backend: kubernetes`).
+//!
+//! Every key is documented, with its default, in the repository's `config.yaml`. Values are
+//! checked when the configuration is loaded, against the rules the Kubernetes API server
+//! applies (names, label syntax, quantities, enumerations), so that a mistake is an error naming
+//! the key at start-up rather than a Job the API server refuses later.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The `kubernetes` section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// Namespace of the Jobs shoal creates; `None`: the namespace of the kubeconfig's context,
+    /// or the service account's when running inside the cluster.
+    pub namespace: Option<String>,
+    /// The kubeconfig context to use; `None`: the current one (or the in-cluster service
+    /// account when there is no kubeconfig).
+    pub context: Option<String>,
+    /// The container image: this same program, built with `deploy/kubernetes/Dockerfile`.
+    /// Required with `shoal.backend: kubernetes`.
+    pub image: Option<String>,
+    /// When the kubelet pulls the image.
+    pub image_pull_policy: ImagePullPolicy,
+    /// Path of this program inside the image; `None`: `/usr/local/bin/<this program's file
+    /// name>`, where the Dockerfile puts it.
+    pub command: Option<String>,
+    /// The service account the worker pods run as; `None`: the namespace's default.
+    pub service_account: Option<String>,
+    /// CPU and memory requests and limits of the worker container.
+    pub resources: Resources,
+    /// Node labels a worker pod must match.
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the worker pods tolerate.
+    pub tolerations: Vec<Toleration>,
+    /// Labels added to every Job and pod (shoal adds its own `shoal.dev/*` labels).
+    pub labels: BTreeMap<String, String>,
+    /// Annotations added to every Job and pod.
+    pub annotations: BTreeMap<String, String>,
+    /// Seconds after which Kubernetes deletes a finished Job and its pods; `None`: never (the
+    /// runtime deletes what it started when it is dropped, in any case).
+    pub ttl_seconds_after_finished: Option<u32>,
+    /// Seconds a Job may run before Kubernetes kills it; `None`: no limit.
+    pub active_deadline_seconds: Option<u64>,
+    /// A Secret key holding the Redis URL the workers use (it may differ from `redis.url`, e.g.
+    /// a service name inside the cluster). `None`: the workers get `redis.url` as written,
+    /// visible to whoever can read the Job.
+    pub redis_url_secret: Option<SecretKeyRef>,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            namespace: None,
+            context: None,
+            image: None,
+            image_pull_policy: ImagePullPolicy::IfNotPresent,
+            command: None,
+            service_account: None,
+            resources: Resources::default(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            ttl_seconds_after_finished: Some(300),
+            active_deadline_seconds: None,
+            redis_url_secret: None,
+        }
+    }
+}
+
+/// When the kubelet pulls the image (the API's `imagePullPolicy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImagePullPolicy {
+    /// Pull at every pod start.
+    Always,
+    /// Pull when the node does not have it.
+    #[default]
+    IfNotPresent,
+    /// Never pull: the image must be on the node.
+    Never,
+}
+
+impl ImagePullPolicy {
+    /// The API's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImagePullPolicy::Always => "Always",
+            ImagePullPolicy::IfNotPresent => "IfNotPresent",
+            ImagePullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// Requests and limits of the worker container, as resource name → quantity (`cpu: 500m`,
+/// `memory: 1Gi`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Resources {
+    /// What the scheduler reserves.
+    pub requests: BTreeMap<String, String>,
+    /// What the container may use at most.
+    pub limits: BTreeMap<String, String>,
+}
+
+/// A toleration of a node taint (the API's `Toleration`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Toleration {
+    /// The taint key; `None` with operator `Exists` tolerates every taint.
+    pub key: Option<String>,
+    /// `Equal` (default) or `Exists`.
+    pub operator: Option<String>,
+    /// The taint value, for `Equal`.
+    pub value: Option<String>,
+    /// `NoSchedule`, `PreferNoSchedule` or `NoExecute`; `None`: all effects.
+    pub effect: Option<String>,
+    /// For `NoExecute`: how long the pod stays bound after the taint appears.
+    pub toleration_seconds: Option<i64>,
+}
+
+/// A key of a Secret in the Jobs' namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    pub name: String,
+    /// The key inside it.
+    pub key: String,
+}
+
+impl KubernetesConfig {
+    /// Checks every value; `Err((dotted key, reason))` for the first one that is wrong.
+    pub(super) fn check(&self) -> std::result::Result<(), (String, String)> {
+        let fail = |key: &str, reason: String| Err((format!("kubernetes.{key}"), reason));
+        if let Some(ns) = &self.namespace
+            && let Err(reason) = dns_label(ns)
+        {
+            return fail("namespace", reason);
+        }
+        if let Some(image) = &self.image
+            && (image.trim().is_empty() || image.chars().any(char::is_whitespace))
+        {
+            return fail(
+                "image",
+                format!("{image:?} is not an image reference (no spaces, not empty)"),
+            );
+        }
+        if let Some(command) = &self.command
+            && !command.starts_with('/')
+        {
+            return fail(
+                "command",
+                format!("{command:?} must be an absolute path inside the image"),
+            );
+        }
+        if let Some(account) = &self.service_account
+            && let Err(reason) = dns_subdomain(account)
+        {
+            return fail("service_account", reason);
+        }
+        for (section, map) in [
+            ("resources.requests", &self.resources.requests),
+            ("resources.limits", &self.resources.limits),
+        ] {
+            for (name, quantity) in map {
+                if let Err(reason) = qualified_name(name) {
+                    return fail(section, format!("resource {name:?}: {reason}"));
+                }
+                if let Err(reason) = check_quantity(quantity) {
+                    return fail(section, format!("{name}: {reason}"));
+                }
+            }
+        }
+        for (section, map) in [
+            ("node_selector", &self.node_selector),
+            ("labels", &self.labels),
+        ] {
+            for (key, value) in map {
+                if let Err(reason) = qualified_name(key) {
+                    return fail(section, format!("label key {key:?}: {reason}"));
+                }
+                if let Err(reason) = label_value(value) {
+                    return fail(section, format!("the value of {key}: {reason}"));
+                }
+            }
+        }
+        if let Some(key) = self.labels.keys().find(|k| k.starts_with("shoal.dev/")) {
+            return fail(
+                "labels",
+                format!("{key:?}: the shoal.dev/ prefix is shoal's own"),
+            );
+        }
+        for key in self.annotations.keys() {
+            if let Err(reason) = qualified_name(key) {
+                return fail("annotations", format!("{key:?}: {reason}"));
+            }
+        }
+        for (i, t) in self.tolerations.iter().enumerate() {
+            let operator = t.operator.as_deref().unwrap_or("Equal");
+            if !matches!(operator, "Equal" | "Exists") {
+                return fail(
+                    "tolerations",
+                    format!("[{i}].operator {operator:?} must be Equal or Exists"),
+                );
+            }
+            if operator == "Exists" && t.value.as_deref().is_some_and(|v| !v.is_empty()) {
+                return fail(
+                    "tolerations",
+                    format!("[{i}]: a value is only allowed with operator Equal"),
+                );
+            }
+            if operator == "Equal" && t.key.is_none() {
+                return fail("tolerations", format!("[{i}]: operator Equal needs a key"));
+            }
+            if let Some(effect) = &t.effect
+                && !matches!(
+                    effect.as_str(),
+                    "NoSchedule" | "PreferNoSchedule" | "NoExecute"
+                )
+            {
+                return fail(
+                    "tolerations",
+                    format!(
+                        "[{i}].effect {effect:?} must be NoSchedule, PreferNoSchedule or NoExecute"
+                    ),
+                );
+            }
+            if t.toleration_seconds.is_some() && t.effect.as_deref() != Some("NoExecute") {
+                return fail(
+                    "tolerations",
+                    format!("[{i}].toleration_seconds only applies to effect NoExecute"),
+                );
+            }
+        }
+        if let Some(0) = self.active_deadline_seconds {
+            return fail("active_deadline_seconds", "must be at least 1".into());
+        }
+        if let Some(secret) = &self.redis_url_secret {
+            if let Err(reason) = dns_subdomain(&secret.name) {
+                return fail("redis_url_secret.name", reason);
+            }
+            if secret.key.is_empty()
+                || secret.key.len() > 253
+                || !secret
+                    .key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return fail(
+                    "redis_url_secret.key",
+                    format!("{:?} is not a Secret key (A-Z a-z 0-9 - _ .)", secret.key),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An RFC 1123 label: what namespaces and many names must be.
+fn dns_label(name: &str) -> std::result::Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} must be 1 to 63 characters of a-z, 0-9 and '-', starting and ending with \
+             a letter or digit"
+        ))
+    }
+}
+
+/// An RFC 1123 subdomain: dot-separated labels, at most 253 characters.
+fn dns_subdomain(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() || name.len() > 253 || name.split('.').any(|l| dns_label(l).is_err()) {
+        Err(format!(
+            "{name:?} must be a DNS subdomain: dot-separated parts of a-z, 0-9 and '-', at most \
+             253 characters"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// A label key or annotation key: `[prefix/]name`.
+fn qualified_name(key: &str) -> std::result::Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        dns_subdomain(prefix)?;
+    }
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(
+            "must be [prefix/]name with a name of 1 to 63 characters of A-Z a-z 0-9 - _ ., \
+             starting and ending with a letter or digit"
+                .into(),
+        )
+    }
+}
+
+/// A label value: empty, or like a name.
+fn label_value(value: &str) -> std::result::Result<(), String> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    qualified_name(value)
+        .ok()
+        .filter(|_| !value.contains('/'))
+        .ok_or_else(|| {
+            format!("{value:?} must be at most 63 characters of A-Z a-z 0-9 - _ ., starting and ending with a letter or digit")
+        })
+}
+
+/// A resource quantity: a decimal number with an optional suffix (`500m`, `1.5`, `2Gi`, `1e3`).
+pub fn check_quantity(quantity: &str) -> std::result::Result<(), String> {
+    const SUFFIXES: &[&str] = &[
+        "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "n", "u", "m", "k", "M", "G", "T", "P", "E", "",
+    ];
+    let bad = || {
+        Err(format!(
+            "{quantity:?} is not a quantity (a number with an optional suffix: 500m, 2, 1.5Gi, \
+             512Mi)"
+        ))
+    };
+    let body = quantity.strip_prefix('+').unwrap_or(quantity);
+    let (number, exponent) = match body.split_once(['e', 'E']) {
+        Some((n, e)) => (n, Some(e)),
+        None => (body, None),
+    };
+    let number = match exponent {
+        Some(e) => {
+            let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
+            if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+                return bad();
+            }
+            number
+        }
+        None => match SUFFIXES
+            .iter()
+            .find(|s| number.ends_with(**s) && !s.is_empty())
+        {
+            Some(suffix) => &number[..number.len() - suffix.len()],
+            None => number,
+        },
+    };
+    let (int, frac) = number.split_once('.').unwrap_or((number, ""));
+    let digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
+    if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
+        return bad();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        for ok in [
+            "1", "500m", "1.5", "2Gi", "512Mi", "1e3", "0.25", "+1", ".5", "100k",
+        ] {
+            assert!(check_quantity(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "1GB", "one", "1..2", "-1", "1e", "Gi", "1 Gi"] {
+            assert!(check_quantity(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_and_labels() {
+        assert!(dns_label("jobs-1").is_ok());
+        assert!(dns_label("Jobs").is_err());
+        assert!(dns_label("-a").is_err());
+        assert!(qualified_name("app.kubernetes.io/name").is_ok());
+        assert!(qualified_name("team").is_ok());
+        assert!(qualified_name("a/b/c").is_err());
+        assert!(qualified_name("-x").is_err());
+        assert!(label_value("").is_ok());
+        assert!(label_value("v1.2").is_ok());
+        assert!(label_value("a/b").is_err());
+    }
+
+    #[test]
+    fn the_whole_section_is_checked() {
+        let mut k = KubernetesConfig::default();
+        assert!(k.check().is_ok());
+        k.resources.limits.insert("memory".into(), "1GB".into());
+        assert_eq!(k.check().expect_err("bad").0, "kubernetes.resources.limits");
+        k.resources.limits.clear();
+        k.tolerations.push(Toleration {
+            operator: Some("Exists".into()),
+            effect: Some("NoExecute".into()),
+            toleration_seconds: Some(30),
+            ..Toleration::default()
+        });
+        assert!(k.check().is_ok());
+        k.tolerations[0].effect = Some("Sometimes".into());
+        assert_eq!(k.check().expect_err("bad").0, "kubernetes.tolerations");
+        k.tolerations.clear();
+        k.labels.insert("shoal.dev/runtime".into(), "x".into());
+        assert_eq!(k.check().expect_err("reserved").0, "kubernetes.labels");
+    }
+}
