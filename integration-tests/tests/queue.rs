@@ -484,6 +484,32 @@ fn exit_is_not_held_up_by_queues_that_cannot_be_written() {
     );
 }
 
+#[test]
+fn exit_waits_for_an_unreachable_redis_30_s_in_all_not_per_queue() {
+    let server = TestRedis::tcp();
+    let config = Config::builder()
+        .redis_url(server.url())
+        .response_timeout(Duration::from_millis(500))
+        .build()
+        .expect("config");
+    let rt = shoal::init_with(config).expect("runtime");
+    let queues: Vec<Queue<u32>> = (0..3).map(|_| Queue::new().expect("queue")).collect();
+    let redis_pid = Pid::from_raw(server.pid() as i32);
+    kill(redis_pid, Signal::SIGSTOP).expect("SIGSTOP");
+    for q in &queues {
+        q.put(1).expect("buffered");
+    }
+    let started = Instant::now();
+    drop(rt);
+    let waited = started.elapsed();
+    kill(redis_pid, Signal::SIGCONT).expect("SIGCONT");
+    // 30 s for the three queues together (90 s when each waited 30 s); margin for a slow host.
+    assert!(
+        waited >= Duration::from_secs(29) && waited < Duration::from_secs(50),
+        "exit waited {waited:?}"
+    );
+}
+
 // -------------------------------------------------------------------------- qsize, closed --
 
 #[test]
