@@ -35,7 +35,7 @@
 //!
 //! # Feeder
 //!
-//! Each cycle, the feeder takes up to [`FEED_BATCH`] items of every queue that has some and
+//! Each cycle, the feeder takes up to 10,000 items (8 MiB) of every queue that has some and
 //! writes them in one pipelined round trip: one `queue_feed.lua` call per queue, each a *batch*
 //! numbered 1, 2, 3... per queue and process. The script appends a batch only if its number is
 //! above the highest this process applied to that queue (kept in `fed:<writer>` under the queue's
