@@ -193,3 +193,36 @@ pub(crate) fn next_slice(deadline: Option<Instant>) -> Option<Duration> {
 pub(crate) fn deadline(timeout: Option<Duration>) -> Option<Instant> {
     timeout.and_then(|t| Instant::now().checked_add(t))
 }
+
+/// Work done by this process's heartbeat thread every third of the lease (`sync.lease_secs`):
+/// renewing the holds it has, so that they lapse only when the process is gone.
+pub(crate) type HeartbeatTask = fn();
+
+/// Adds `task` to this process's heartbeat (started on first use). A task is added once however
+/// often this is called with it.
+pub(crate) fn on_heartbeat(task: HeartbeatTask) {
+    static TASKS: std::sync::Mutex<Vec<HeartbeatTask>> = std::sync::Mutex::new(Vec::new());
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    {
+        let mut tasks = TASKS.lock().unwrap_or_else(|p| p.into_inner());
+        if !tasks.iter().any(|t| std::ptr::fn_addr_eq(*t, task)) {
+            tasks.push(task);
+        }
+    }
+    STARTED.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("shoal-heartbeat".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(crate::grants::lease() / 3);
+                    let tasks = TASKS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    for task in tasks {
+                        task();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the heartbeat thread: {e}; holds will lapse");
+        }
+    });
+}

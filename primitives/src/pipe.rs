@@ -4,57 +4,149 @@
 //! # Semantics
 //!
 //! [`Pipe::new`]`(true)` returns two ends that both send and receive; `Pipe::new(false)` returns
-//! `(receiver, sender)`: the first end only receives, the second only sends, and the wrong
-//! direction is [`Error::InvalidState`]. [`Connection::send`] appends a message to the other end;
-//! [`Connection::recv`] takes the next one, blocking while there is none.
-//! [`Connection::poll`] tells whether one is waiting (`Some(Duration::ZERO)`: without waiting;
-//! `Some(t)`: waiting at most `t`; `None`: waiting as long as it takes), without taking it.
+//! `(receiver, sender)`: the first end only receives, the second only sends.
+//! [`Connection::send`] appends a message to the other end; [`Connection::recv`] takes the next
+//! one, blocking while there is none. [`Connection::poll`] tells whether one is waiting
+//! (`Some(Duration::ZERO)`: without waiting; `Some(t)`: waiting at most `t`; `None`: waiting as
+//! long as it takes), without taking it.
 //!
 //! Byte messages: [`Connection::send_bytes`] sends a slice of a buffer;
-//! [`Connection::recv_bytes`] returns the next message's bytes, and a message longer than
-//! `maxlength` is an error after which the connection is no longer readable (as in Python);
-//! [`Connection::recv_bytes_into`] writes it into a buffer at an offset, and a buffer that is too
-//! small is [`Error::BufferTooShort`] with the size needed, the message staying in the connection.
+//! [`Connection::recv_bytes`] returns the next message's bytes. Both kinds of message have one
+//! wire format, as in Python: `recv_bytes` of a `send` message returns its encoded form, and
+//! those bytes, relayed with `send_bytes`, decode with `recv` at the other end. A message longer
+//! than `recv_bytes`' `maxlength` is consumed and is an error, after which the handle is no
+//! longer readable. [`Connection::recv_bytes_into`] writes a message into a buffer at an offset;
+//! a buffer too small is [`Error::BufferTooShort`], the message is consumed (Python's exception
+//! carries it) and [`Connection::take_too_short_message`] returns it.
 //!
-//! End of file: [`Connection::close`] closes an end. The other end reads every message sent
-//! before, then `recv` is [`Error::Closed`] (Python's `EOFError`), never a hang; sending to a
-//! closed end is [`Error::Closed`] (Python's `BrokenPipeError`). An end is one object shared by
-//! every process that has its handle: `close()` closes it for all of them (an OS pipe closes one
-//! process's descriptor), so a parent should not close an end it handed to a child. An end whose
-//! process died without closing it stays open.
+//! Errors, as Python's: a wrong direction and a read after a `maxlength` violation are
+//! [`Error::Io`] (`OSError`); an operation on a closed handle, `poll` included, is
+//! [`Error::Closed`] (`OSError: handle is closed`); end of file is [`Error::Closed`]
+//! (`EOFError`), never a hang, and so is sending once nobody holds the other end any more
+//! (`BrokenPipeError`); a bad offset or size is [`Error::InvalidState`] (`ValueError`).
+//!
+//! # Handles, holders and end of file
+//!
+//! A `Connection` value is a handle, like a file descriptor: [`Connection::close`] (or dropping
+//! it) closes that handle only, a clone is a handle of its own (`dup`), and
+//! [`Connection::closed`] tells whether this handle was closed. An end is *held* by every
+//! process that has an open handle of it, and the other end reads end of file, after every
+//! message sent before, once every process that held the end closed its handles or died. So a
+//! parent may close its copy of the end it passed to a child (Python's usual pattern), and the
+//! child still uses it.
+//!
+//! * **Holders.** Each end has a hash of holders in Redis: holder → lease expiry. A process holds
+//!   an end once, whatever number of handles it has (this process's handles of each end are
+//!   counted here, and the process's hold is removed when the count drops to zero). The
+//!   process's heartbeat thread renews its holds every third of `sync.lease_secs` (the lease
+//!   that locks use); the holds of a process that died (SIGKILL included) lapse after the lease,
+//!   and the next script run on the pipe removes them (*reaps*: every send, a reader's check-in
+//!   every second of waiting, `poll`, and the heartbeats of other holders).
+//! * **Transfers.** A handle reaches another process as a serde value (a `Process` argument, an
+//!   item of a queue...). Serializing it registers a *transfer*, a hold under a fresh id that the
+//!   sending process renews, and writes that id into the value; deserializing it *claims* the
+//!   transfer: one script adds the receiving process as a holder and removes the transfer. In
+//!   between (the child starting, a handle sitting in a queue) the transfer keeps the end open,
+//!   however soon the sender closes its own handle, as Python's resource sharer keeps a
+//!   descriptor for a receiver until it fetches it. A transfer is never claimed if its value is
+//!   never deserialized; it then lasts as long as the sending process (or until its lease lapses
+//!   after that process died). A handle deserialized without a runtime claims at its first use.
+//!   A value deserialized twice (a retried task) claims twice: the second process holds the end
+//!   too, unless every holder has let it go by then, and then its handle is closed.
+//! * **End of file.** When the last holder of an end lets go (closes, or its lease lapses and is
+//!   reaped), the end is marked closed: an end-of-file marker is appended to the other end's
+//!   inbox (if this end could send), this end's inbox is deleted (nobody can read it), and
+//!   sending to this end is a broken pipe. A closed end stays closed.
 //!
 //! # Keys (hash tag `{<ns>:pipe:<id>}`)
 //!
-//! `state` (hash: `duplex`, `closed:0`, `closed:1`), `inbox:0`, `inbox:1` (lists of messages: a
-//! codec payload for `send`, `0x00` + the bytes for `send_bytes`, the empty string for end of
-//! file).
+//! `state` (hash: `duplex`, `closed:0`, `closed:1`, `refreshed`, `reap_at`), `holders:0`,
+//! `holders:1` (hashes: holder → lease expiry in ms; a holder is a process id or a transfer id),
+//! `inbox:0`, `inbox:1` (lists of messages to that end: `0x00` + the payload, which is a codec
+//! payload for `send` and the bytes for `send_bytes`; the empty string for end of file).
 //!
 //! # Round trips
 //!
-//! `send`/`send_bytes`: 1 (`pipe_send.lua`: checks both ends are open and appends; TTLs are set
-//! when the inbox is created and refreshed every tenth of `redis.expiry_secs`). `recv`: 1
-//! (`BLPOP`, plus one check per second of waiting). `poll`: 1 (`LLEN`, or `BLMOVE` from the inbox
-//! to itself, which waits without taking). `close`: 1.
+//! `Pipe::new`: 1. `send`/`send_bytes`: 1 (`pipe_send.lua`; TTLs are set when the inbox is created
+//! and refreshed every tenth of `redis.expiry_secs`). `recv`: 1 (`BLPOP`, plus one
+//! `pipe_check.lua` per second of waiting). `poll`: 1 (`pipe_check.lua`, or `BLMOVE` from the
+//! inbox to itself, which waits without taking). Clone: none. Close (or drop) of a handle: none,
+//! or 1 for the process's last handle of the end (`pipe_close.lua`). Passing a handle to another
+//! process: 1 to serialize it (`pipe_transfer.lua`) and 1 to deserialize it (`pipe_claim.lua`).
+//! Heartbeat: 1 per pipe this process holds or transfers, every third of the lease
+//! (`pipe_renew.lua`, which also refreshes every key's TTL).
 
+use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use shoal_core::error::{Error, Result};
 use shoal_core::store::Store;
 
-use crate::common::{self, Address, blpop, blpop_seconds, deadline, next_slice, ttl};
+use crate::common::{
+    self, Address, blpop, blpop_seconds, deadline, next_slice, now_ms, process_holder, ttl,
+};
+use crate::grants::lease;
 
-static SEND: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("pipe_send.lua")));
-static CLOSE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("pipe_close.lua")));
+fn script(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{}\n{}", include_str!("pipe_prelude.lua"), body))
+}
 
-/// First byte of a `send_bytes` message (a codec payload starts with its version, 1).
-const BYTES_MESSAGE: u8 = 0;
+static SEND: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("pipe_send.lua")));
+static CHECK: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("pipe_check.lua")));
+static CLOSE: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("pipe_close.lua")));
+static TRANSFER: LazyLock<redis::Script> =
+    LazyLock::new(|| script(include_str!("pipe_transfer.lua")));
+static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("pipe_claim.lua")));
+static RENEW: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("pipe_renew.lua")));
+
+/// First byte of every message (the empty message is end of file).
+const DATA: u8 = 0;
+
+/// The keys of one pipe, in the order every pipe script takes them.
+struct PipeKeys {
+    state: String,
+    holders: [String; 2],
+    inbox: [String; 2],
+}
+
+impl PipeKeys {
+    fn new(address: &Address) -> PipeKeys {
+        let keys = address.keys();
+        PipeKeys {
+            state: keys.key("state"),
+            holders: [keys.key("holders:0"), keys.key("holders:1")],
+            inbox: [keys.key("inbox:0"), keys.key("inbox:1")],
+        }
+    }
+
+    /// An invocation of `script` with the five keys, now and the TTL.
+    fn invocation<'a>(
+        &self,
+        script: &'a redis::Script,
+        store: &Store,
+    ) -> redis::ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(&self.state)
+            .key(&self.holders[0])
+            .key(&self.holders[1])
+            .key(&self.inbox[0])
+            .key(&self.inbox[1])
+            .arg(now_ms())
+            .arg(ttl(store));
+        invocation
+    }
+}
+
+/// When a hold taken or renewed now lapses.
+fn lease_expiry() -> u64 {
+    now_ms() + lease().as_millis() as u64
+}
 
 /// Creates pipes.
 #[derive(Debug)]
@@ -68,34 +160,44 @@ impl Pipe {
     ) -> Result<(Connection<T>, Connection<T>)> {
         let (context, address) = Address::create("pipe")?;
         let store = context.store();
-        let state = address.keys().key("state");
+        let keys = PipeKeys::new(&address);
+        let expiry = lease_expiry();
+        let me = process_holder();
         store
             .with_conn(
                 || format!("creating {}", address.describe()),
                 |c| {
-                    redis::pipe()
-                        .hset_multiple(
-                            &state,
-                            &[
-                                ("duplex", u8::from(duplex)),
-                                ("closed:0", 0),
-                                ("closed:1", 0),
-                            ],
-                        )
-                        .ignore()
-                        .expire(&state, ttl(store) as i64)
+                    let mut pipe = redis::pipe();
+                    pipe.hset_multiple(
+                        &keys.state,
+                        &[
+                            ("duplex", u64::from(duplex)),
+                            ("closed:0", 0),
+                            ("closed:1", 0),
+                            ("reap_at", expiry),
+                        ],
+                    )
+                    .ignore();
+                    for holders in &keys.holders {
+                        pipe.hset(holders, me, expiry).ignore();
+                        pipe.expire(holders, ttl(store) as i64).ignore();
+                    }
+                    pipe.expire(&keys.state, ttl(store) as i64)
                         .ignore()
                         .query::<()>(c)
                 },
             )
             .map_err(|e| address.error(e))?;
-        let end = |end: u8, can_send: bool, can_recv: bool| Connection {
-            address: address.clone(),
-            end,
-            can_send,
-            can_recv,
-            unreadable: Arc::new(AtomicBool::new(false)),
-            _message: PhantomData,
+        // The holds are a lease away from lapsing: the heartbeat knows of them from now on.
+        for end in 0..2 {
+            let local = local_end(&address, end);
+            let mut local = lock(&local);
+            local.registered = true;
+            local.handles += 1;
+        }
+        start_heartbeat();
+        let end = |end: u8, can_send: bool, can_recv: bool| {
+            Connection::with_phase(address.clone(), end, can_send, can_recv, Phase::Open)
         };
         Ok(if duplex {
             (end(0, true, true), end(1, true, true))
@@ -105,30 +207,112 @@ impl Pipe {
     }
 }
 
-/// One end of a pipe.
-#[derive(Serialize, Deserialize)]
-#[serde(bound = "")]
+/// Where a handle stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Open: counted among this process's handles of the end, which the process holds.
+    Open,
+    /// Received (deserialized) and not yet claimed: the transfer id, if the value had one.
+    Unclaimed(Option<String>),
+    /// Closed by this handle, or received after every holder let the end go.
+    Closed,
+}
+
+/// One end of a pipe: a handle (see the module docs). Cloning gives another handle of the same
+/// end in this process; dropping a handle closes it.
 pub struct Connection<T> {
     address: Address,
     end: u8,
     can_send: bool,
     can_recv: bool,
-    /// Set after a message exceeded `recv_bytes`' maxlength (shared by this handle's clones).
-    #[serde(skip)]
-    unreadable: Arc<AtomicBool>,
-    #[serde(skip)]
+    phase: Mutex<Phase>,
+    /// Set after a message exceeded `recv_bytes`' maxlength.
+    unreadable: AtomicBool,
+    /// The message of the last `BufferTooShort`.
+    too_short: Mutex<Option<Vec<u8>>>,
     _message: PhantomData<fn() -> T>,
 }
 
-impl<T> Clone for Connection<T> {
-    fn clone(&self) -> Self {
-        Connection {
+/// How a handle travels: its address, and the transfer that holds its end meanwhile.
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    address: Address,
+    end: u8,
+    can_send: bool,
+    can_recv: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    transfer: Option<String>,
+}
+
+impl<T> Serialize for Connection<T> {
+    /// Registers a transfer of the end (1 round trip) and writes its id with the address: the
+    /// end stays open until the receiver claims it. A closed handle cannot be sent.
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let transfer = self.transfer().map_err(serde::ser::Error::custom)?;
+        Wire {
             address: self.address.clone(),
             end: self.end,
             can_send: self.can_send,
             can_recv: self.can_recv,
-            unreadable: self.unreadable.clone(),
-            _message: PhantomData,
+            transfer: Some(transfer),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Connection<T> {
+    /// Claims the transfer for this process (1 round trip); without a runtime, or if Redis
+    /// fails, the handle claims it at its first use.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let wire = Wire::deserialize(deserializer)?;
+        if wire.end > 1 {
+            return Err(serde::de::Error::custom(format!(
+                "a pipe has ends 0 and 1, not {}",
+                wire.end
+            )));
+        }
+        let connection = Connection::with_phase(
+            wire.address,
+            wire.end,
+            wire.can_send,
+            wire.can_recv,
+            Phase::Unclaimed(wire.transfer),
+        );
+        if let Ok(store) = common::store() {
+            // An error here is reported by the first use, which claims again.
+            let _ = connection.ensure_open(&store);
+        }
+        Ok(connection)
+    }
+}
+
+impl<T> Clone for Connection<T> {
+    /// Another handle of the same end in this process (no round trip). A clone of a closed
+    /// handle is closed.
+    fn clone(&self) -> Self {
+        let phase = self.phase().clone();
+        if phase == Phase::Open {
+            let local = local_end(&self.address, self.end);
+            lock(&local).handles += 1;
+        }
+        Connection::with_phase(
+            self.address.clone(),
+            self.end,
+            self.can_send,
+            self.can_recv,
+            phase,
+        )
+    }
+}
+
+impl<T> Drop for Connection<T> {
+    /// Closes the handle (Python closes a connection that is garbage collected).
+    fn drop(&mut self) {
+        if let Err(e) = self.close_handle() {
+            tracing::debug!(
+                "closing a dropped handle of {}: {e}",
+                self.address.describe()
+            );
         }
     }
 }
@@ -138,25 +322,42 @@ impl<T> std::fmt::Debug for Connection<T> {
         f.debug_struct("Connection")
             .field("pipe", &self.address.describe())
             .field("end", &self.end)
-            .field("readable", &self.can_recv)
+            .field("readable", &self.readable())
             .field("writable", &self.can_send)
+            .field("closed", &self.closed())
             .finish()
     }
 }
 
 /// What `recv` found.
 enum Message {
+    /// The payload (without the leading [`DATA`] byte).
     Data(Vec<u8>),
     EndOfFile,
 }
 
-impl<T: Serialize + DeserializeOwned> Connection<T> {
-    fn state_key(&self) -> String {
-        self.address.keys().key("state")
+impl<T> Connection<T> {
+    fn with_phase(address: Address, end: u8, can_send: bool, can_recv: bool, phase: Phase) -> Self {
+        Connection {
+            address,
+            end,
+            can_send,
+            can_recv,
+            phase: Mutex::new(phase),
+            unreadable: AtomicBool::new(false),
+            too_short: Mutex::new(None),
+            _message: PhantomData,
+        }
     }
 
-    fn inbox(&self, end: u8) -> String {
-        self.address.keys().key(&format!("inbox:{end}"))
+    fn phase(&self) -> MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this handle is closed ([`Connection::close`], or received after every holder
+    /// of its end let it go).
+    pub fn closed(&self) -> bool {
+        *self.phase() == Phase::Closed
     }
 
     /// Whether this end can send.
@@ -164,21 +365,157 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         self.can_send
     }
 
-    /// Whether this end can receive.
+    /// Whether this end can receive (false after a `recv_bytes` maxlength violation).
     pub fn readable(&self) -> bool {
-        self.can_recv
+        self.can_recv && !self.unreadable.load(Ordering::Acquire)
+    }
+
+    /// The message that the last [`Error::BufferTooShort`] of this handle consumed (Python's
+    /// `BufferTooShort.args[0]`), once.
+    pub fn take_too_short_message(&self) -> Option<Vec<u8>> {
+        self.too_short
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Closes this handle: the end stays open while other handles or processes hold it (see the
+    /// module docs). Closing twice does nothing.
+    pub fn close(&self) -> Result<()> {
+        self.close_handle()
+    }
+
+    fn close_handle(&self) -> Result<()> {
+        let previous = std::mem::replace(&mut *self.phase(), Phase::Closed);
+        match previous {
+            Phase::Closed | Phase::Unclaimed(None) => Ok(()),
+            Phase::Open => release(&self.address, self.end),
+            Phase::Unclaimed(Some(transfer)) => {
+                // Never used here: give the transfer back.
+                let store = common::store()?;
+                let_go(&store, &self.address, self.end, &transfer)
+            }
+        }
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::Closed(format!("handle of {} is closed", self.address.describe()))
+    }
+
+    /// Errors unless the handle is open; claims a received handle's transfer on first use.
+    fn ensure_open(&self, store: &Store) -> Result<()> {
+        let mut phase = self.phase();
+        match &*phase {
+            Phase::Open => Ok(()),
+            Phase::Closed => Err(self.closed_error()),
+            Phase::Unclaimed(transfer) => {
+                if acquire(store, &self.address, self.end, transfer.as_deref())? {
+                    *phase = Phase::Open;
+                    Ok(())
+                } else {
+                    *phase = Phase::Closed;
+                    Err(Error::Closed(format!(
+                        "{}: every process that held this end closed it before it arrived here",
+                        self.address.describe()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Registers a transfer of this end for a serialized copy of the handle; its id.
+    fn transfer(&self) -> Result<String> {
+        let store = common::store()?;
+        self.ensure_open(&store)?;
+        let id = format!("t:{}", uuid::Uuid::new_v4().simple());
+        let local = local_end(&self.address, self.end);
+        let mut local = lock(&local);
+        let keys = PipeKeys::new(&self.address);
+        let result = store.with_conn(
+            || format!("passing a handle of {}", self.address.describe()),
+            |c| {
+                keys.invocation(&TRANSFER, &store)
+                    .arg(self.end)
+                    .arg(&id)
+                    .arg(lease_expiry())
+                    .invoke::<u64>(c)
+            },
+        );
+        match result {
+            Ok(_) => {
+                local.transfers.push(id.clone());
+                drop(local);
+                start_heartbeat();
+                Ok(id)
+            }
+            Err(Error::Redis { source, .. }) if source.code() == Some("CLOSED") => {
+                Err(Error::Closed(format!(
+                    "{}: every holder of this end closed it",
+                    self.address.describe()
+                )))
+            }
+            Err(e) => Err(self.address.error(e)),
+        }
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> Connection<T> {
+    fn os_error(&self, doing: &str, kind: std::io::ErrorKind, what: &str) -> Error {
+        Error::io(
+            format!("{doing} {}", self.address.describe()),
+            std::io::Error::new(kind, what.to_string()),
+        )
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if !self.can_send {
+            return Err(self.os_error(
+                "sending on",
+                std::io::ErrorKind::Unsupported,
+                "connection is read-only",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_readable(&self) -> Result<()> {
+        if !self.can_recv {
+            return Err(self.os_error(
+                "receiving on",
+                std::io::ErrorKind::Unsupported,
+                "connection is write-only",
+            ));
+        }
+        if self.unreadable.load(Ordering::Acquire) {
+            return Err(self.os_error(
+                "receiving on",
+                std::io::ErrorKind::InvalidData,
+                "connection is no longer readable: a message exceeded recv_bytes' maxlength",
+            ));
+        }
+        Ok(())
     }
 
     /// Sends a message to the other end.
     pub fn send(&self, message: &T) -> Result<()> {
         let store = common::store()?;
-        let bytes = store.encode(message, &self.inbox(1 - self.end))?;
-        self.send_raw(&store, &bytes)
+        self.ensure_open(&store)?;
+        self.check_writable()?;
+        let keys = PipeKeys::new(&self.address);
+        let target = &keys.inbox[usize::from(1 - self.end)];
+        let payload = store.encode(message, target)?;
+        let mut framed = Vec::with_capacity(payload.len() + 1);
+        framed.push(DATA);
+        framed.extend_from_slice(&payload);
+        self.send_raw(&store, &keys, &framed)
     }
 
     /// Sends `buffer[offset..offset + size]` (to the end of the buffer when `size` is `None`)
     /// as one byte message.
     pub fn send_bytes(&self, buffer: &[u8], offset: usize, size: Option<usize>) -> Result<()> {
+        let store = common::store()?;
+        self.ensure_open(&store)?;
+        self.check_writable()?;
         let end = match size {
             Some(size) => offset.checked_add(size),
             None => Some(buffer.len()),
@@ -192,112 +529,105 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
                     buffer.len()
                 ))
             })?;
-        let store = common::store()?;
+        let keys = PipeKeys::new(&self.address);
         let limit = store.settings().max_message_bytes;
-        if slice.len() + 1 > limit {
+        if slice.len() > limit {
             return Err(Error::TooLarge {
-                key: self.inbox(1 - self.end),
-                size: slice.len() + 1,
+                key: keys.inbox[usize::from(1 - self.end)].clone(),
+                size: slice.len(),
                 limit,
             });
         }
-        let mut message = Vec::with_capacity(slice.len() + 1);
-        message.push(BYTES_MESSAGE);
-        message.extend_from_slice(slice);
-        self.send_raw(&store, &message)
+        let mut framed = Vec::with_capacity(slice.len() + 1);
+        framed.push(DATA);
+        framed.extend_from_slice(slice);
+        self.send_raw(&store, &keys, &framed)
     }
 
-    fn send_raw(&self, store: &Store, message: &[u8]) -> Result<()> {
-        if !self.can_send {
-            return Err(Error::invalid_state(
-                "this end of a one-way pipe only receives",
-            ));
-        }
+    fn send_raw(&self, store: &Store, keys: &PipeKeys, message: &[u8]) -> Result<()> {
         let result = store.with_conn(
             || format!("sending on {}", self.address.describe()),
             |c| {
-                SEND.key(self.state_key())
-                    .key(self.inbox(1 - self.end))
-                    .arg(ttl(store))
+                keys.invocation(&SEND, store)
                     .arg(self.end)
                     .arg(message)
-                    .arg(common::now_ms())
                     .invoke::<u64>(c)
             },
         );
         match result {
             Ok(_) => Ok(()),
             Err(Error::Redis { source, .. }) if source.code() == Some("CLOSED") => {
-                Err(Error::Closed("this connection is closed".into()))
+                Err(Error::Closed(format!(
+                    "{}: every holder of this end closed it (or its lease lapsed)",
+                    self.address.describe()
+                )))
             }
-            Err(Error::Redis { source, .. }) if source.code() == Some("BROKEN") => Err(
-                Error::Closed("the other end of the pipe is closed (broken pipe)".into()),
-            ),
+            Err(Error::Redis { source, .. }) if source.code() == Some("BROKEN") => {
+                Err(Error::Closed(format!(
+                    "{}: the other end is closed (broken pipe)",
+                    self.address.describe()
+                )))
+            }
             Err(e) => Err(self.address.error(e)),
         }
     }
 
-    fn check_readable(&self) -> Result<()> {
-        if !self.can_recv {
-            return Err(Error::invalid_state(
-                "this end of a one-way pipe only sends",
-            ));
+    /// Reaps lapsed holds and reads this end's state; errors when the pipe is gone or this end
+    /// was closed. Returns the messages waiting (the end-of-file marker included).
+    fn check_in(&self, store: &Store, keys: &PipeKeys) -> Result<u64> {
+        self.ensure_open(store)?;
+        let (closed, waiting): (u8, u64) = store
+            .with_conn(
+                || format!("checking {}", self.address.describe()),
+                |c| keys.invocation(&CHECK, store).arg(self.end).invoke(c),
+            )
+            .map_err(|e| self.address.error(e))?;
+        if closed == 1 {
+            return Err(Error::Closed(format!(
+                "{}: every holder of this end closed it (or its lease lapsed)",
+                self.address.describe()
+            )));
         }
-        if self.unreadable.load(Ordering::Acquire) {
-            return Err(Error::invalid_state(
-                "this connection is no longer readable: a message exceeded recv_bytes' maxlength",
-            ));
-        }
-        Ok(())
+        Ok(waiting)
     }
 
     /// Takes the next message, waiting as long as it takes.
     fn next_message(&self, store: &Store) -> Result<Message> {
+        self.ensure_open(store)?;
         self.check_readable()?;
-        let inbox = self.inbox(self.end);
+        let keys = PipeKeys::new(&self.address);
+        let inbox = &keys.inbox[usize::from(self.end)];
         loop {
-            if let Some(message) =
-                blpop(store, &inbox, common::SLICE).map_err(|e| self.address.error(e))?
+            if let Some(mut message) =
+                blpop(store, inbox, common::SLICE).map_err(|e| self.address.error(e))?
             {
                 if message.is_empty() {
                     // Leave the marker for the next reader: end of file stays end of file.
                     let _ = store.with_conn(
                         || "keeping the end-of-file marker".into(),
-                        |c| redis::cmd("LPUSH").arg(&inbox).arg("").query::<()>(c),
+                        |c| redis::cmd("LPUSH").arg(inbox).arg("").query::<()>(c),
                     );
                     return Ok(Message::EndOfFile);
                 }
+                if message.first() != Some(&DATA) {
+                    return Err(Error::Codec {
+                        key: inbox.clone(),
+                        expected: "a pipe message".into(),
+                        reason: "it does not start with the message marker".into(),
+                    });
+                }
+                message.remove(0);
                 return Ok(Message::Data(message));
             }
-            self.check_open(store)?;
+            self.check_in(store, &keys)?;
         }
     }
 
-    /// Errors when the pipe is gone or this end was closed.
-    fn check_open(&self, store: &Store) -> Result<()> {
-        let closed: Option<String> = store
-            .with_conn(
-                || format!("checking {}", self.address.describe()),
-                |c| {
-                    redis::cmd("HGET")
-                        .arg(self.state_key())
-                        .arg(format!("closed:{}", self.end))
-                        .query(c)
-                },
-            )
-            .map_err(|e| self.address.error(e))?;
-        match closed.as_deref() {
-            None => Err(self.address.gone()),
-            Some("1") => Err(Error::Closed("this connection is closed".into())),
-            _ => Ok(()),
-        }
-    }
-
-    fn end_of_file(&self, store: &Store) -> Error {
-        match self.check_open(store) {
-            Err(e) => e,
-            Ok(()) => Error::Closed("the other end closed the connection".into()),
-        }
+    fn end_of_file(&self) -> Error {
+        Error::Closed(format!(
+            "{}: the other end was closed and everything it sent was read (end of file)",
+            self.address.describe()
+        ))
     }
 
     /// Receives the next message, waiting as long as it takes; [`Error::Closed`] once the other
@@ -305,39 +635,43 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     pub fn recv(&self) -> Result<T> {
         let store = common::store()?;
         match self.next_message(&store)? {
-            Message::EndOfFile => Err(self.end_of_file(&store)),
-            Message::Data(bytes) if bytes.first() == Some(&BYTES_MESSAGE) => Err(Error::Codec {
-                key: self.inbox(self.end),
-                expected: std::any::type_name::<T>().into(),
-                reason: "the message was sent with send_bytes: read it with recv_bytes".into(),
-            }),
-            Message::Data(bytes) => store.decode(&bytes, &self.inbox(self.end)),
+            Message::EndOfFile => Err(self.end_of_file()),
+            Message::Data(payload) => {
+                let keys = PipeKeys::new(&self.address);
+                store.decode(&payload, &keys.inbox[usize::from(self.end)])
+            }
         }
     }
 
-    /// Receives the next message's bytes. A message longer than `maxlength` is an error, and the
-    /// connection is no longer readable (Python's behaviour).
+    /// Receives the next message's bytes (a `send` message's encoded form). A message longer
+    /// than `maxlength` is consumed and is [`Error::Io`], and the handle is no longer readable
+    /// (Python's behaviour).
     pub fn recv_bytes(&self, maxlength: Option<usize>) -> Result<Vec<u8>> {
         let store = common::store()?;
         let bytes = match self.next_message(&store)? {
-            Message::EndOfFile => return Err(self.end_of_file(&store)),
-            Message::Data(bytes) => payload(bytes),
+            Message::EndOfFile => return Err(self.end_of_file()),
+            Message::Data(bytes) => bytes,
         };
         if let Some(max) = maxlength
             && bytes.len() > max
         {
             self.unreadable.store(true, Ordering::Release);
-            return Err(Error::invalid_state(format!(
-                "a message of {} bytes is longer than maxlength {max}; the connection is no \
-                 longer readable",
-                bytes.len()
-            )));
+            return Err(self.os_error(
+                "receiving on",
+                std::io::ErrorKind::InvalidData,
+                &format!(
+                    "bad message length: {} bytes, longer than maxlength {max}; the connection \
+                     is no longer readable",
+                    bytes.len()
+                ),
+            ));
         }
         Ok(bytes)
     }
 
     /// Receives the next message into `buffer` at `offset`; returns its length. A buffer too
-    /// small is [`Error::BufferTooShort`] and the message stays in the connection.
+    /// small is [`Error::BufferTooShort`]: the message is consumed, and
+    /// [`Connection::take_too_short_message`] returns it.
     pub fn recv_bytes_into(&self, buffer: &mut [u8], offset: usize) -> Result<usize> {
         if offset > buffer.len() {
             return Err(Error::invalid_state(format!(
@@ -346,53 +680,34 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
             )));
         }
         let store = common::store()?;
-        let raw = match self.next_message(&store)? {
-            Message::EndOfFile => return Err(self.end_of_file(&store)),
-            Message::Data(raw) => raw,
+        let message = match self.next_message(&store)? {
+            Message::EndOfFile => return Err(self.end_of_file()),
+            Message::Data(message) => message,
         };
-        let start = usize::from(raw.first() == Some(&BYTES_MESSAGE));
-        let len = raw.len() - start;
-        if offset + len > buffer.len() {
-            // Put it back in front: the caller can retry with a larger buffer.
-            store
-                .with_conn(
-                    || format!("returning a message to {}", self.address.describe()),
-                    |c| {
-                        redis::cmd("LPUSH")
-                            .arg(self.inbox(self.end))
-                            .arg(&raw)
-                            .query::<()>(c)
-                    },
-                )
-                .map_err(|e| self.address.error(e))?;
+        let len = message.len();
+        if len > buffer.len() - offset {
+            *self.too_short.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
             return Err(Error::BufferTooShort {
                 needed: len,
                 offset,
                 available: buffer.len(),
             });
         }
-        buffer[offset..offset + len].copy_from_slice(&raw[start..]);
+        buffer[offset..offset + len].copy_from_slice(&message);
         Ok(len)
     }
 
     /// Whether a message (or end of file) is waiting: without waiting for
     /// `Some(Duration::ZERO)`, at most `t` for `Some(t)`, as long as it takes for `None`.
     pub fn poll(&self, timeout: Option<Duration>) -> Result<bool> {
-        self.check_readable()?;
         let store = common::store()?;
-        let inbox = self.inbox(self.end);
+        self.ensure_open(&store)?;
+        self.check_readable()?;
+        let keys = PipeKeys::new(&self.address);
         if timeout == Some(Duration::ZERO) {
-            let (exists, len): (bool, usize) = store
-                .with_conn(
-                    || format!("polling {}", self.address.describe()),
-                    |c| redis::pipe().exists(self.state_key()).llen(&inbox).query(c),
-                )
-                .map_err(|e| self.address.error(e))?;
-            if !exists {
-                return Err(self.address.gone());
-            }
-            return Ok(len > 0);
+            return Ok(self.check_in(&store, &keys)? > 0);
         }
+        let inbox = &keys.inbox[usize::from(self.end)];
         let deadline: Option<Instant> = deadline(timeout);
         loop {
             let Some(block) = next_slice(deadline) else {
@@ -405,8 +720,8 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
                     || format!("polling {}", self.address.describe()),
                     |c| {
                         redis::cmd("BLMOVE")
-                            .arg(&inbox)
-                            .arg(&inbox)
+                            .arg(inbox)
+                            .arg(inbox)
                             .arg("LEFT")
                             .arg("LEFT")
                             .arg(blpop_seconds(block))
@@ -417,39 +732,198 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
             if head.is_some() {
                 return Ok(true);
             }
-            self.check_open(&store)?;
+            if self.check_in(&store, &keys)? > 0 {
+                return Ok(true);
+            }
         }
-    }
-
-    /// Closes this end (for every process that has it): the other end reads what was sent, then
-    /// end of file. Closing twice does nothing.
-    pub fn close(&self) -> Result<()> {
-        let store = common::store()?;
-        let other_receives = self.can_send;
-        store
-            .with_conn(
-                || format!("closing {}", self.address.describe()),
-                |c| {
-                    CLOSE
-                        .key(self.state_key())
-                        .key(self.inbox(1 - self.end))
-                        .key(self.inbox(self.end))
-                        .arg(ttl(&store))
-                        .arg(self.end)
-                        .arg(if other_receives { "1" } else { "0" })
-                        .arg(if self.can_recv { "1" } else { "0" })
-                        .invoke::<u64>(c)
-                },
-            )
-            .map(|_| ())
-            .map_err(|e| self.address.error(e))
     }
 }
 
-/// The bytes of a message: a `send_bytes` message without its marker, a `send` message whole.
-fn payload(mut raw: Vec<u8>) -> Vec<u8> {
-    if raw.first() == Some(&BYTES_MESSAGE) {
-        raw.remove(0);
+// ------------------------------------------------------------- this process's holds --
+
+/// This process's handles of one end, and the transfers of it that it sent.
+#[derive(Default)]
+struct LocalEnd {
+    /// Open handles in this process.
+    handles: usize,
+    /// This process is a holder of the end in Redis.
+    registered: bool,
+    /// Transfers this process registered and nobody claimed yet (renewed by its heartbeat).
+    transfers: Vec<String>,
+}
+
+type EndId = (Address, u8);
+
+static LOCAL: LazyLock<Mutex<HashMap<EndId, Arc<Mutex<LocalEnd>>>>> =
+    LazyLock::new(Default::default);
+
+fn lock(end: &Mutex<LocalEnd>) -> MutexGuard<'_, LocalEnd> {
+    end.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// This process's record of an end. Its lock is held across the scripts that change the
+/// process's hold, so that a claim and a release of one end never interleave.
+fn local_end(address: &Address, end: u8) -> Arc<Mutex<LocalEnd>> {
+    LOCAL
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry((address.clone(), end))
+        .or_default()
+        .clone()
+}
+
+/// A new open handle of the end in this process: claims `transfer` and makes sure the process
+/// holds the end. False when every holder already let the end go.
+fn acquire(store: &Store, address: &Address, end: u8, transfer: Option<&str>) -> Result<bool> {
+    let local = local_end(address, end);
+    let mut local = lock(&local);
+    if local.registered && transfer.is_none() {
+        local.handles += 1;
+        return Ok(true);
     }
-    raw
+    let held = claim(store, address, end, transfer)?;
+    if held {
+        local.registered = true;
+        local.handles += 1;
+        drop(local);
+        start_heartbeat();
+    }
+    Ok(held)
+}
+
+fn claim(store: &Store, address: &Address, end: u8, transfer: Option<&str>) -> Result<bool> {
+    let keys = PipeKeys::new(address);
+    let held: u64 = store
+        .with_conn(
+            || format!("taking a handle of {}", address.describe()),
+            |c| {
+                keys.invocation(&CLAIM, store)
+                    .arg(end)
+                    .arg(transfer.unwrap_or(""))
+                    .arg(process_holder())
+                    .arg(lease_expiry())
+                    .invoke(c)
+            },
+        )
+        .map_err(|e| address.error(e))?;
+    Ok(held == 1)
+}
+
+/// One handle of the end in this process closed: the process lets go of the end with its last.
+fn release(address: &Address, end: u8) -> Result<()> {
+    let local = local_end(address, end);
+    let mut local = lock(&local);
+    local.handles = local.handles.saturating_sub(1);
+    if local.handles > 0 || !local.registered {
+        return Ok(());
+    }
+    // Not renewed any more, whatever the outcome: a hold that could not be removed lapses.
+    local.registered = false;
+    let store = common::store()?;
+    let_go(&store, address, end, process_holder())
+}
+
+fn let_go(store: &Store, address: &Address, end: u8, holder: &str) -> Result<()> {
+    let keys = PipeKeys::new(address);
+    store
+        .with_conn(
+            || format!("closing a handle of {}", address.describe()),
+            |c| {
+                keys.invocation(&CLOSE, store)
+                    .arg(end)
+                    .arg(holder)
+                    .invoke::<u64>(c)
+            },
+        )
+        .map(|_| ())
+        .map_err(|e| address.error(e))
+}
+
+fn start_heartbeat() {
+    static STARTED: Once = Once::new();
+    STARTED.call_once(|| common::on_heartbeat(renew_all));
+}
+
+/// The heartbeat: renews this process's holds and transfers, one script per pipe.
+fn renew_all() {
+    let Ok(store) = common::store() else {
+        return;
+    };
+    let mut by_pipe: HashMap<Address, Vec<(u8, String)>> = HashMap::new();
+    {
+        let mut all = LOCAL.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|(address, end), local| {
+            // An end whose hold is changing now (a claim or release under way) is renewed at
+            // the next beat; the lease spans three.
+            let local = match local.try_lock() {
+                Ok(local) => local,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return true,
+            };
+            let holds = by_pipe.entry(address.clone()).or_default();
+            if local.registered && local.handles > 0 {
+                holds.push((*end, process_holder().to_string()));
+            }
+            holds.extend(local.transfers.iter().map(|t| (*end, t.clone())));
+            local.handles > 0 || local.registered || !local.transfers.is_empty()
+        });
+    }
+    for (address, holds) in by_pipe {
+        if holds.is_empty() {
+            continue;
+        }
+        let keys = PipeKeys::new(&address);
+        let reply: Result<Vec<String>> = store.with_conn(
+            || format!("renewing the holds of {}", address.describe()),
+            |c| {
+                let mut invocation = keys.invocation(&RENEW, &store);
+                invocation.arg(lease_expiry());
+                for (end, holder) in &holds {
+                    invocation.arg(*end).arg(holder);
+                }
+                invocation.invoke(c)
+            },
+        );
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::warn!("{e}");
+                continue;
+            }
+        };
+        let exists = reply.first().map(String::as_str) == Some("1");
+        let gone: Vec<(u8, String)> = if exists {
+            reply[1..]
+                .iter()
+                .filter_map(|g| {
+                    let (end, holder) = g.split_once(':')?;
+                    Some((end.parse().ok()?, holder.to_string()))
+                })
+                .collect()
+        } else {
+            holds
+        };
+        for (end, holder) in gone {
+            let local = local_end(&address, end);
+            let mut local = lock(&local);
+            if holder.starts_with("t:") {
+                // Claimed by its receiver (or lapsed): no longer this process's to renew.
+                local.transfers.retain(|t| *t != holder);
+            } else if !exists {
+                local.registered = false;
+            } else if local.registered && local.handles > 0 {
+                // This process's hold lapsed while it lived (stopped, or cut off from Redis):
+                // take it again unless the end closed meanwhile.
+                tracing::warn!(
+                    "{}: this process's hold of end {end} lapsed; taking it again",
+                    address.describe()
+                );
+                match claim(&store, &address, end, None) {
+                    Ok(true) => {}
+                    Ok(false) => local.registered = false,
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+        }
+    }
 }

@@ -1,24 +1,30 @@
--- Connection.send: append a message to the other end's inbox.
--- KEYS[1] state hash (closed:0, closed:1, refreshed), KEYS[2] the other end's inbox
--- ARGV[1] TTL, ARGV[2] this end (0 or 1), ARGV[3] the message, ARGV[4] now (ms)
--- Errors: GONE, CLOSED (this end was closed), BROKEN (the other end was closed).
--- TTLs: the inbox gets one when it is created; both are refreshed every tenth of the TTL.
-local me = tonumber(ARGV[2])
-local state = redis.call('HMGET', KEYS[1], 'closed:0', 'closed:1', 'refreshed')
-local mine, theirs = state[me + 1], state[2 - me]
-if not mine then
+-- Connection.send: appends a message to the other end's inbox.
+-- ARGV[3] this end (0 or 1), ARGV[4] the message.
+-- Errors: GONE, CLOSED (every holder of this end let go: its lease lapsed), BROKEN (every holder
+-- of the other end let go).
+-- TTLs: the inbox gets one when it is created; state and inbox are refreshed every tenth of the
+-- TTL (the holders' heartbeat refreshes every key too).
+-- Cost: one HMGET and the RPUSH in the steady state (a send is the hot path).
+local me = tonumber(ARGV[3])
+local fields = { 'closed:' .. me, 'closed:' .. (1 - me), 'refreshed', 'reap_at' }
+local state = redis.call('HMGET', KEYS[1], unpack(fields))
+if not state[1] then
+  -- Both closed fields are set when the pipe is created.
   return redis.error_reply('GONE the pipe does not exist')
 end
-if mine == '1' then
-  return redis.error_reply('CLOSED this end is closed')
+if reap(state[4]) then
+  state = redis.call('HMGET', KEYS[1], unpack(fields))
 end
-if theirs == '1' then
+if state[1] == '1' then
+  return redis.error_reply('CLOSED every holder of this end closed it')
+end
+if state[2] == '1' then
   return redis.error_reply('BROKEN the other end is closed')
 end
-local now = tonumber(ARGV[4])
-if redis.call('RPUSH', KEYS[2], ARGV[3]) == 1 or now - (tonumber(state[3]) or 0) > tonumber(ARGV[1]) * 100 then
-  redis.call('EXPIRE', KEYS[2], ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
+local target = inbox[2 - me]
+if redis.call('RPUSH', target, ARGV[4]) == 1 or now - (tonumber(state[3]) or 0) > tonumber(ttl) * 100 then
+  redis.call('EXPIRE', target, ttl)
+  redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('HSET', KEYS[1], 'refreshed', now)
 end
 return 1

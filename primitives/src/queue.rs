@@ -5,17 +5,26 @@
 //! * [`Queue`]`::new()` is unbounded; [`Queue::with_maxsize`] bounds it. `put` blocks while a
 //!   bounded queue is full; `put_timeout` gives up with [`Error::Full`], `put_nowait` at once.
 //!   `get` blocks while the queue is empty; `get_timeout` gives up with [`Error::Empty`],
-//!   `get_nowait` at once. `qsize`, `empty` and `full` are approximate, as in Python (other
-//!   processes move items meanwhile).
-//! * Puts on an unbounded `Queue` are buffered and written by this process's feeder thread in
-//!   pipelined batches (one `RPUSH` of many items per round trip), as Python's feeder thread
-//!   writes to its pipe: `put` returns at once, and another process may see the item a moment
-//!   later. [`Queue::close`] says this process will put (and get) no more; after it,
-//!   [`Queue::join_thread`] waits until everything this process put has reached Redis. The
-//!   runtime does that at exit and a worker at the end of its task, unless
-//!   [`Queue::cancel_join_thread`] was called (buffered items may then be lost, as in Python).
-//!   Items put by one process arrive in the order it put them.
-//! * [`SimpleQueue`] has no feeder and no bound: `put` writes at once; `get`, `empty`, `close`.
+//!   `get_nowait` at once. `full` is approximate, as in Python (other processes move items
+//!   meanwhile). `qsize` and `empty` count the items in Redis plus those this process's feeder
+//!   has not written yet, read together (one round trip tells how far the feeder got), so they are
+//!   exact when no other process uses the queue.
+//! * Puts on an unbounded `Queue` are buffered and written by this process's feeder thread, as
+//!   Python's feeder thread writes to its pipe: `put` returns at once, and another process may
+//!   see the item a moment later. Items put by one process arrive in the order it put them, each
+//!   exactly once whatever fails (see *Feeder* below). [`Queue::close`] says this process will
+//!   put (and get) no more; after it, [`Queue::join_thread`] waits until everything this process
+//!   put has reached Redis. The runtime does that at exit and a worker at the end of its task,
+//!   unless [`Queue::cancel_join_thread`] was called (buffered items may then be lost, as in
+//!   Python).
+//! * A closed queue: `put` and `get` in this process are [`Error::InvalidState`] saying it is
+//!   closed (Python's `ValueError: Queue is closed`); so are `empty` and `qsize` once this process
+//!   has put on it (Python: `OSError ... is closed`; a queue closed before any use answers them,
+//!   as in Python). The marks are this process's: other processes are not affected, and the
+//!   exit hook that a pool worker runs after each task forgets them, so the next task finds the
+//!   queue open.
+//! * [`SimpleQueue`] has no feeder and no bound: `put` writes at once; `get`, `empty`, `close`;
+//!   after `close`, `put`, `get` and `empty` are errors at once (Python closes both pipe ends).
 //! * [`JoinableQueue`] adds [`JoinableQueue::task_done`] and [`JoinableQueue::join`]: `join`
 //!   blocks until every item put has been marked done; one `task_done` too many is
 //!   [`Error::InvalidState`]. Its `put` writes at once (the unfinished count must include the
@@ -24,20 +33,44 @@
 //!   a second while a call waits); an item that does not decode as `T` is [`Error::Codec`]
 //!   naming the key and the type.
 //!
+//! # Feeder
+//!
+//! Each cycle, the feeder takes up to 10,000 items (8 MiB) of every queue that has some and
+//! writes them in one pipelined round trip: one `queue_feed.lua` call per queue, each a *batch*
+//! numbered 1, 2, 3... per queue and process. The script appends a batch only if its number is
+//! above the highest this process applied to that queue (kept in `fed:<writer>` under the queue's
+//! hash tag, with the queue's TTL), so a batch sent again after an ambiguous failure (a response
+//! timeout or a dropped connection: Redis may have applied it) is skipped, never duplicated. A
+//! queue has at most one batch in flight, and later items wait behind it, which keeps the order.
+//! Each queue's reply is read on its own (`ignore_errors`), so one queue's failure neither blocks
+//! nor repeats another's batch.
+//!
+//! * A transient failure (Redis unreachable, a timeout, an error reply that may pass) keeps the
+//!   batch and sends it again, same number, every 200 ms.
+//! * A permanent failure (a key of the queue holds another type, the queue was deleted) drops
+//!   that queue's batch and buffered items, logs it, and is returned, naming the queue and the
+//!   number of items lost, by the next `put` or `join_thread` on that queue.
+//! * `join_thread` returns once everything is written, at the first permanent failure, or after
+//!   30 s of uninterrupted transient failures (the items stay buffered and are retried).
+//! * The exit hook waits at most 30 s in all for every queue whose join was not cancelled, then
+//!   logs each queue's unwritten items and what failed.
+//!
 //! # Keys (hash tag `{<ns>:queue:<id>}`)
 //!
-//! `items` (list of codec payloads), `state` (hash: `maxsize`), `putters`/`putting`/`put:<waiter>`
-//! (writers waiting for room), `unfinished` (counter), `joiners`/`joining`/`join:<waiter>`.
+//! `items` (list of codec payloads), `state` (hash: `maxsize`), `fed:<writer>` (the last feeder
+//! batch applied from each writing process), `putters`/`putting`/`put:<waiter>` (writers waiting
+//! for room), `unfinished` (counter), `joiners`/`joining`/`join:<waiter>`.
 //!
 //! # Round trips
 //!
-//! Unbounded `put`: none on the caller's thread; the feeder writes each batch in 1. Bounded or
-//! joinable `put`: 1 (`queue_put.lua`). `get`: 1 (`BLPOP`, Redis's own timeout), plus 1 on a
-//! bounded queue to wake a waiting writer. `qsize`/`empty`/`full`: 1. `task_done`: 1.
+//! Unbounded `put`: none on the caller's thread; the feeder writes the batches of every queue in
+//! one per cycle. Bounded or joinable `put`: 1 (`queue_put.lua`). `get`: 1 (`BLPOP`, Redis's own
+//! timeout), plus 1 on a bounded queue to wake a waiting writer. `qsize`/`empty`/`full`: 1.
+//! `task_done`: 1.
 
 use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
-use std::sync::{Arc, Condvar, LazyLock, Mutex, Once};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -46,18 +79,26 @@ use shoal_core::context;
 use shoal_core::error::{Error, Result};
 use shoal_core::store::Store;
 
-use crate::common::{self, Address, blpop, deadline, next_slice, now_ms, ttl};
+use crate::common::{self, Address, blpop, deadline, next_slice, now_ms, process_holder, ttl};
 use crate::event::{WAKE, check_in, liveness};
 
 static PUT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("queue_put.lua")));
 static TASK_DONE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("queue_task_done.lua")));
+static FEED: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("queue_feed.lua")));
 
-/// Most items in one feeder `RPUSH`.
+/// Most items in one feeder batch.
 const FEED_BATCH: usize = 10_000;
-/// How long exit waits for the feeder to flush.
+/// Most bytes in one feeder batch (a batch has at least one item, whatever its size).
+const FEED_BATCH_BYTES: usize = 8 << 20;
+/// Wait before a batch that failed transiently is sent again.
+const RETRY_DELAY: Duration = Duration::from_millis(200);
+/// How long the exit hook waits for every queue's feeder writes, in all.
 const EXIT_FLUSH: Duration = Duration::from_secs(30);
+/// How long `join_thread` waits through uninterrupted transient failures before it reports them.
+const JOIN_GIVE_UP: Duration = Duration::from_secs(30);
 
 /// The shared part of the three queues.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -90,6 +131,8 @@ struct QueueKeys {
     joiners: String,
     joining: String,
     join_wake: String,
+    /// What this process's feeder applied (`queue_feed.lua`).
+    fed: String,
 }
 
 impl QueueCore {
@@ -137,6 +180,7 @@ impl QueueCore {
             joiners: keys.key("joiners"),
             joining: keys.key("joining"),
             join_wake: keys.key("join:"),
+            fed: keys.key(&format!("fed:{}", process_holder())),
         }
     }
 
@@ -306,18 +350,45 @@ impl QueueCore {
         }
     }
 
+    /// The items in Redis plus those this process's feeder has not written. The feeder counts
+    /// the items it was given (`queued`, read first) and `queue_feed.lua` records how many of
+    /// them Redis has (`applied`, read atomically with the length), so an item being written is
+    /// counted once, in Redis or in the feeder, whenever the feeder's write lands.
     fn qsize(&self, store: &Store) -> Result<usize> {
         let keys = self.keys();
-        let (exists, len): (bool, usize) = store
+        let queued = FEEDER.queued(&keys.items);
+        let (exists, len, applied): (bool, u64, Option<u64>) = store
             .with_conn(
                 || format!("measuring {}", self.address.describe()),
-                |c| redis::pipe().exists(&keys.state).llen(&keys.items).query(c),
+                |c| {
+                    // Atomic: the feeder's script must not run between the two reads.
+                    redis::pipe()
+                        .atomic()
+                        .exists(&keys.state)
+                        .llen(&keys.items)
+                        .hget(&keys.fed, "items")
+                        .query(c)
+                },
             )
             .map_err(|e| self.address.error(e))?;
         if !exists {
             return Err(self.address.gone());
         }
-        Ok(len + FEEDER.pending(&keys.items))
+        let unwritten = match (queued, applied) {
+            (Some(queued), Some(applied)) => queued.total.saturating_sub(applied),
+            // Nothing of this process's applied yet (or its record expired).
+            (Some(queued), None) => queued.unwritten,
+            (None, _) => 0,
+        };
+        Ok(usize::try_from(len + unwritten).unwrap_or(usize::MAX))
+    }
+
+    /// The error of an operation on a queue this process closed.
+    fn closed(&self) -> Error {
+        Error::invalid_state(format!(
+            "{} is closed in this process",
+            self.address.describe()
+        ))
     }
 }
 
@@ -374,14 +445,18 @@ macro_rules! getters {
             self.core.decode(&store, &bytes)
         }
 
-        /// The approximate number of items (those this process's feeder still buffers
-        /// included).
+        /// The number of items: those in Redis and those this process's feeder has not
+        /// written yet (exact when no other process uses the queue). An error once this process
+        /// closed the queue after using it.
         pub fn qsize(&self) -> Result<usize> {
+            if FEEDER.closed_for_size(&self.core, Self::CLOSE_ENDS_EVERYTHING) {
+                return Err(self.core.closed());
+            }
             let store = common::store()?;
             self.core.qsize(&store)
         }
 
-        /// Whether the queue is (approximately) empty.
+        /// Whether the queue is empty (see [`Self::qsize`]).
         pub fn empty(&self) -> Result<bool> {
             Ok(self.qsize()? == 0)
         }
@@ -398,33 +473,33 @@ macro_rules! getters {
 
         fn check_open(&self) -> Result<()> {
             if FEEDER.is_closed(&self.core.keys().items) {
-                return Err(Error::invalid_state(format!(
-                    "{} is closed in this process",
-                    self.core.address.describe()
-                )));
+                return Err(self.core.closed());
             }
             Ok(())
         }
 
         /// Says this process will use the queue no more; puts already made still reach Redis
-        /// (see [`Self::join_thread`]).
+        /// (see [`Self::join_thread`]). Other processes are not affected.
         pub fn close(&self) -> Result<()> {
-            FEEDER.close(&self.core.keys().items);
+            FEEDER.mark(&self.core, |p| p.closed = true);
             Ok(())
         }
 
         /// After [`Self::close`], waits until every item this process put has reached Redis.
+        /// Errors: [`Error::InvalidState`] naming the queue when items could never be written
+        /// (they are dropped), or the Redis error after 30 s of failing writes (the items stay
+        /// buffered).
         pub fn join_thread(&self) -> Result<()> {
             let items = self.core.keys().items.clone();
             if !FEEDER.is_closed(&items) {
                 return Err(Error::invalid_state("join_thread() needs close() first"));
             }
-            FEEDER.flush(&items, None)
+            FEEDER.join(&items)
         }
 
         /// Lets this process exit without waiting for its buffered puts (they may be lost).
         pub fn cancel_join_thread(&self) {
-            FEEDER.cancel(&self.core.keys().items);
+            FEEDER.mark(&self.core, |p| p.cancelled = true);
         }
     };
 }
@@ -474,14 +549,17 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
 
     putters!();
 
+    /// A closed queue still answers `empty` and `qsize` until this process uses it.
+    const CLOSE_ENDS_EVERYTHING: bool = false;
+
     fn put_until(&self, item: &T, wait: bool, deadline: Option<Instant>) -> Result<()> {
         self.check_open()?;
         let store = common::store()?;
         let bytes = self.core.encode(&store, item)?;
         if self.core.maxsize == 0 {
-            FEEDER.push(&self.core, bytes);
-            Ok(())
+            FEEDER.push(&self.core, bytes)
         } else {
+            FEEDER.begin_put(&self.core)?;
             self.core.put_now(&store, &bytes, wait, deadline)
         }
     }
@@ -508,9 +586,12 @@ impl<T: Serialize + DeserializeOwned> SimpleQueue<T> {
         })
     }
 
+    /// Python's `SimpleQueue.close()` closes both ends of its pipe at once.
+    const CLOSE_ENDS_EVERYTHING: bool = true;
+
     /// Puts an item (written at once: 1 round trip).
     pub fn put(&self, item: T) -> Result<()> {
-        self.check_open()?;
+        FEEDER.begin_put(&self.core)?;
         let store = common::store()?;
         let bytes = self.core.encode(&store, &item)?;
         self.core.put_now(&store, &bytes, false, None)
@@ -546,8 +627,11 @@ impl<T: Serialize + DeserializeOwned> JoinableQueue<T> {
 
     putters!();
 
+    /// A closed queue still answers `empty` and `qsize` until this process uses it.
+    const CLOSE_ENDS_EVERYTHING: bool = false;
+
     fn put_until(&self, item: &T, wait: bool, deadline: Option<Instant>) -> Result<()> {
-        self.check_open()?;
+        FEEDER.begin_put(&self.core)?;
         let store = common::store()?;
         let bytes = self.core.encode(&store, item)?;
         self.core.put_now(&store, &bytes, wait, deadline)
@@ -634,7 +718,8 @@ impl<T: Serialize + DeserializeOwned> JoinableQueue<T> {
     getters!();
 }
 
-/// This process's feeder: buffered puts of unbounded queues, written in batches.
+/// This process's feeder: buffered puts of unbounded queues, written in numbered batches; and
+/// this process's `closed`/`cancelled` marks of every queue.
 struct Feeder {
     state: Mutex<FeederState>,
     changed: Condvar,
@@ -642,18 +727,196 @@ struct Feeder {
 
 #[derive(Default)]
 struct FeederState {
+    /// By items key.
     queues: HashMap<String, Pending>,
 }
 
+/// One queue as this process sees it.
 struct Pending {
     core: QueueCore,
+    /// Put and not yet in a batch, in order.
     items: VecDeque<Vec<u8>>,
-    /// Items taken by the feeder thread and not yet confirmed written.
-    writing: usize,
+    /// The batch being written, or to be written again after a transient failure.
+    inflight: Option<Batch>,
+    /// The number of the next batch (the first is 1: `queue_feed.lua` starts from 0).
+    next_batch: u64,
+    /// Items given to the feeder and not dropped, since the process started.
+    queued_total: u64,
+    /// Of those, the items put in batches.
+    batched_total: u64,
+    /// A batch that failed transiently is not sent again before this.
+    retry_at: Option<Instant>,
+    /// When writes of this queue started failing without a success since.
+    failing_since: Option<Instant>,
+    /// The last transient failure.
+    last_error: Option<Error>,
+    /// A permanent failure not yet reported to the caller.
+    failure: Option<Error>,
     closed: bool,
     cancelled: bool,
-    /// The last write failed; retried until it succeeds.
-    error: Option<Error>,
+    /// This process put on the queue (since its last exit hook).
+    used: bool,
+}
+
+/// A numbered batch of one queue's items.
+struct Batch {
+    number: u64,
+    /// `batched_total` through this batch.
+    through: u64,
+    items: Arc<Vec<Vec<u8>>>,
+    /// The feeder thread is writing it now.
+    sending: bool,
+}
+
+impl Pending {
+    fn new(core: &QueueCore) -> Pending {
+        Pending {
+            core: core.clone(),
+            items: VecDeque::new(),
+            inflight: None,
+            next_batch: 1,
+            queued_total: 0,
+            batched_total: 0,
+            retry_at: None,
+            failing_since: None,
+            last_error: None,
+            failure: None,
+            closed: false,
+            cancelled: false,
+            used: false,
+        }
+    }
+
+    fn enqueue(&mut self, item: Vec<u8>) {
+        self.items.push_back(item);
+        self.queued_total += 1;
+    }
+
+    /// Items put and not known to be written.
+    fn unwritten(&self) -> usize {
+        self.items.len() + self.inflight.as_ref().map_or(0, |b| b.items.len())
+    }
+
+    fn is_flushed(&self) -> bool {
+        self.items.is_empty() && self.inflight.is_none()
+    }
+
+    /// Whether the feeder thread has something to send for this queue now.
+    fn ready(&self, now: Instant) -> bool {
+        let has_work = match &self.inflight {
+            Some(batch) => !batch.sending,
+            None => !self.items.is_empty(),
+        };
+        has_work && self.retry_at.is_none_or(|at| at <= now)
+    }
+
+    /// The batch to send now: the one in flight (again), or a new one from the buffered items.
+    fn next_send(&mut self) -> Option<Outgoing> {
+        if self.inflight.is_none() {
+            let mut bytes = 0;
+            let mut n = 0;
+            for item in self.items.iter().take(FEED_BATCH) {
+                if n > 0 && bytes + item.len() > FEED_BATCH_BYTES {
+                    break;
+                }
+                bytes += item.len();
+                n += 1;
+            }
+            if n == 0 {
+                return None;
+            }
+            self.batched_total += n as u64;
+            self.inflight = Some(Batch {
+                number: self.next_batch,
+                through: self.batched_total,
+                items: Arc::new(self.items.drain(..n).collect()),
+                sending: false,
+            });
+            self.next_batch += 1;
+        }
+        let batch = self.inflight.as_mut()?;
+        batch.sending = true;
+        Some(Outgoing {
+            core: self.core.clone(),
+            number: batch.number,
+            through: batch.through,
+            items: batch.items.clone(),
+        })
+    }
+
+    /// Applies what happened to the batch in flight.
+    fn settle(&mut self, outcome: Outcome) {
+        let what = self.core.address.describe();
+        match outcome {
+            Outcome::Written => {
+                self.inflight = None;
+                self.retry_at = None;
+                self.failing_since = None;
+                self.last_error = None;
+            }
+            Outcome::Permanent(e) => {
+                let lost = self.unwritten();
+                self.queued_total = self.queued_total.saturating_sub(lost as u64);
+                if let Some(batch) = self.inflight.take() {
+                    self.batched_total =
+                        self.batched_total.saturating_sub(batch.items.len() as u64);
+                }
+                self.items.clear();
+                self.retry_at = None;
+                self.failing_since = None;
+                self.last_error = None;
+                let error = Error::invalid_state(format!(
+                    "{what}: {lost} item(s) put in this process could not be written and were \
+                     dropped: {e}"
+                ));
+                tracing::error!("{error}");
+                self.failure = Some(error);
+            }
+            Outcome::Transient(e) => {
+                if let Some(batch) = self.inflight.as_mut() {
+                    batch.sending = false;
+                }
+                let now = Instant::now();
+                self.retry_at = Some(now + RETRY_DELAY);
+                if self.failing_since.is_none() {
+                    tracing::warn!("{e}; retrying every {RETRY_DELAY:?}");
+                    self.failing_since = Some(now);
+                }
+                self.last_error = Some(e);
+            }
+        }
+    }
+}
+
+/// A batch on its way to Redis.
+struct Outgoing {
+    core: QueueCore,
+    number: u64,
+    through: u64,
+    items: Arc<Vec<Vec<u8>>>,
+}
+
+/// A queue's feeder counts, for `qsize`.
+struct Queued {
+    /// Items given to the feeder and not dropped.
+    total: u64,
+    /// Of those, the ones not known to be written.
+    unwritten: u64,
+}
+
+/// What became of a batch.
+enum Outcome {
+    /// Appended now or before (a batch sent again).
+    Written,
+    /// It can never be written (a key holds another type, the queue is gone).
+    Permanent(redis::RedisError),
+    /// It may be written if sent again (and may have been written already).
+    Transient(Error),
+}
+
+/// Error codes after which sending a batch again cannot help.
+fn is_permanent(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("WRONGTYPE" | "GONE" | "CORRUPT"))
 }
 
 static FEEDER: LazyLock<Arc<Feeder>> = LazyLock::new(|| {
@@ -664,7 +927,7 @@ static FEEDER: LazyLock<Arc<Feeder>> = LazyLock::new(|| {
 });
 
 impl Feeder {
-    fn lock(&self) -> std::sync::MutexGuard<'_, FeederState> {
+    fn lock(&self) -> MutexGuard<'_, FeederState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -672,75 +935,83 @@ impl Feeder {
         state
             .queues
             .entry(core.keys().items.clone())
-            .or_insert_with(|| Pending {
-                core: core.clone(),
-                items: VecDeque::new(),
-                writing: 0,
-                closed: false,
-                cancelled: false,
-                error: None,
-            })
+            .or_insert_with(|| Pending::new(core))
     }
 
-    fn push(&self, core: &QueueCore, item: Vec<u8>) {
+    /// Buffers an item for the feeder thread; reports a closed queue, or a permanent failure of
+    /// earlier puts (once).
+    fn push(&self, core: &QueueCore, item: Vec<u8>) -> Result<()> {
         start_feeder();
-        Self::entry(&mut self.lock(), core).items.push_back(item);
+        let mut state = self.lock();
+        let p = Self::entry(&mut state, core);
+        if p.closed {
+            return Err(core.closed());
+        }
+        if let Some(failure) = p.failure.take() {
+            return Err(failure);
+        }
+        p.used = true;
+        p.enqueue(item);
+        drop(state);
         self.changed.notify_all();
+        Ok(())
     }
 
-    fn pending(&self, items: &str) -> usize {
-        self.lock()
-            .queues
-            .get(items)
-            .map(|p| p.items.len() + p.writing)
-            .unwrap_or(0)
+    /// Before a put written at once: a closed queue is an error; the queue counts as used.
+    fn begin_put(&self, core: &QueueCore) -> Result<()> {
+        register_exit_hook();
+        let mut state = self.lock();
+        let p = Self::entry(&mut state, core);
+        if p.closed {
+            return Err(core.closed());
+        }
+        p.used = true;
+        Ok(())
+    }
+
+    /// What the feeder was given for `items`'s queue, if anything.
+    fn queued(&self, items: &str) -> Option<Queued> {
+        self.lock().queues.get(items).map(|p| Queued {
+            total: p.queued_total,
+            unwritten: p.unwritten() as u64,
+        })
     }
 
     fn is_closed(&self, items: &str) -> bool {
         self.lock().queues.get(items).is_some_and(|p| p.closed)
     }
 
-    fn close(&self, items: &str) {
-        self.mark(items, |p| p.closed = true);
+    /// Whether `qsize`/`empty` must report the queue closed: after a use (Python), or at once.
+    fn closed_for_size(&self, core: &QueueCore, at_once: bool) -> bool {
+        self.lock()
+            .queues
+            .get(&core.keys().items)
+            .is_some_and(|p| p.closed && (at_once || p.used))
     }
 
-    fn cancel(&self, items: &str) {
-        self.mark(items, |p| p.cancelled = true);
-    }
-
-    fn mark(&self, items: &str, f: impl FnOnce(&mut Pending)) {
-        let mut state = self.lock();
-        if let Some(p) = state.queues.get_mut(items) {
-            f(p);
-        } else {
-            // A queue this process never put on: remember the mark all the same.
-            let Some(core) = core_from_items_key(items) else {
-                return;
-            };
-            f(Self::entry(&mut state, &core));
-        }
-        drop(state);
+    fn mark(&self, core: &QueueCore, f: impl FnOnce(&mut Pending)) {
+        register_exit_hook();
+        f(Self::entry(&mut self.lock(), core));
         self.changed.notify_all();
     }
 
-    /// Waits until the items buffered for `items` (every queue when `None`) are written.
-    fn flush(&self, items: &str, timeout: Option<Duration>) -> Result<()> {
-        let deadline = deadline(timeout);
+    /// `join_thread`: waits until `items`'s queue is written; see the module docs.
+    fn join(&self, items: &str) -> Result<()> {
         let mut state = self.lock();
         loop {
-            let Some(p) = state.queues.get(items) else {
+            let Some(p) = state.queues.get_mut(items) else {
                 return Ok(());
             };
-            if p.items.is_empty() && p.writing == 0 {
+            if let Some(failure) = p.failure.take() {
+                return Err(failure);
+            }
+            if p.is_flushed() {
                 return Ok(());
             }
-            if let Some(deadline) = deadline
-                && Instant::now() >= deadline
+            if let (Some(since), Some(e)) = (p.failing_since, &p.last_error)
+                && since.elapsed() >= JOIN_GIVE_UP
             {
-                return Err(p
-                    .error
-                    .clone()
-                    .unwrap_or(Error::Timeout(timeout.unwrap_or_default())));
+                return Err(e.clone());
             }
             state = self
                 .changed
@@ -750,101 +1021,179 @@ impl Feeder {
         }
     }
 
-    /// The exit hook: flush every queue whose join was not cancelled.
-    fn flush_all(&self) {
-        let keys: Vec<String> = self
-            .lock()
-            .queues
-            .iter()
-            .filter(|(_, p)| !p.cancelled && (!p.items.is_empty() || p.writing > 0))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in keys {
-            if let Err(e) = self.flush(&key, Some(EXIT_FLUSH)) {
-                tracing::error!("items put on {key} were not written before exit: {e}");
+    /// The exit hook: waits (at most [`EXIT_FLUSH`] in all) until every queue whose join was not
+    /// cancelled is written or failed, logs what was not written, then forgets this process's
+    /// `closed`/`cancelled` marks (a pool worker's next task starts with its queues open).
+    fn at_exit(&self) {
+        let deadline = Instant::now() + EXIT_FLUSH;
+        let mut state = self.lock();
+        loop {
+            for p in state.queues.values_mut() {
+                if let Some(failure) = p.failure.take() {
+                    tracing::error!("at exit: {failure}");
+                }
             }
+            let now = Instant::now();
+            let waiting = state
+                .queues
+                .values()
+                .any(|p| !p.cancelled && !p.is_flushed());
+            if !waiting || now >= deadline {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, (deadline - now).min(Duration::from_millis(100)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        for p in state.queues.values_mut() {
+            if !p.cancelled && !p.is_flushed() {
+                let cause = p
+                    .last_error
+                    .as_ref()
+                    .map_or_else(|| "still being written".to_string(), |e| e.to_string());
+                tracing::error!(
+                    "{}: {} item(s) put in this process were not written within {EXIT_FLUSH:?} \
+                     of exit ({cause}); they are lost if the process ends now",
+                    p.core.address.describe(),
+                    p.unwritten()
+                );
+            }
+            p.closed = false;
+            p.cancelled = false;
+            p.used = false;
         }
     }
 
     fn run(&self) {
         loop {
-            let batch: Vec<(QueueCore, Vec<Vec<u8>>)> = {
+            let work: Vec<Outgoing> = {
                 let mut state = self.lock();
-                while !state.queues.values().any(|p| !p.items.is_empty()) {
-                    state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                loop {
+                    let now = Instant::now();
+                    if state.queues.values().any(|p| p.ready(now)) {
+                        break;
+                    }
+                    let next_retry = state
+                        .queues
+                        .values()
+                        .filter(|p| p.inflight.as_ref().is_some_and(|b| !b.sending))
+                        .filter_map(|p| p.retry_at)
+                        .min();
+                    state = match next_retry {
+                        Some(at) => {
+                            self.changed
+                                .wait_timeout(state, at.saturating_duration_since(now))
+                                .unwrap_or_else(|p| p.into_inner())
+                                .0
+                        }
+                        None => self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+                    };
                 }
+                let now = Instant::now();
                 state
                     .queues
                     .values_mut()
-                    .filter(|p| !p.items.is_empty())
-                    .map(|p| {
-                        let n = p.items.len().min(FEED_BATCH);
-                        p.writing += n;
-                        (p.core.clone(), p.items.drain(..n).collect())
-                    })
+                    .filter(|p| p.ready(now))
+                    .filter_map(Pending::next_send)
                     .collect()
             };
-            let result = common::store().and_then(|store| {
-                store.with_conn(
-                    || "writing buffered queue items".into(),
-                    |c| {
-                        let mut pipe = redis::pipe();
-                        for (core, items) in &batch {
-                            let keys = core.keys();
-                            pipe.rpush(&keys.items, items).ignore();
-                            pipe.expire(&keys.items, ttl(&store) as i64).ignore();
-                            pipe.expire(&keys.state, ttl(&store) as i64).ignore();
-                        }
-                        pipe.query::<()>(c)
-                    },
-                )
-            });
+            let outcomes = write_batches(&work);
             let mut state = self.lock();
-            let failed = result.is_err();
-            for (core, items) in batch {
-                let p = Self::entry(&mut state, &core);
-                p.writing -= items.len();
-                match &result {
-                    Ok(()) => p.error = None,
-                    Err(e) => {
-                        // Put them back in front, in order, and try again.
-                        for item in items.into_iter().rev() {
-                            p.items.push_front(item);
-                        }
-                        p.error = Some(e.clone());
-                    }
+            for (sent, outcome) in work.iter().zip(outcomes) {
+                if let Some(p) = state.queues.get_mut(&sent.core.keys().items) {
+                    p.settle(outcome);
                 }
             }
             drop(state);
             self.changed.notify_all();
-            if let (true, Err(e)) = (failed, &result) {
-                tracing::warn!("queue feeder: {e}; retrying");
-                std::thread::sleep(Duration::from_millis(200));
-            }
         }
     }
 }
 
-/// Rebuilds a queue's core from its items key (for a close before any put).
-fn core_from_items_key(items: &str) -> Option<QueueCore> {
-    let inner = items.strip_prefix("shoal:{")?.strip_suffix("}:items")?;
-    let mut parts = inner.splitn(3, ':');
-    let (namespace, kind, id) = (parts.next()?, parts.next()?, parts.next()?);
-    Some(QueueCore {
-        address: Address {
-            namespace: namespace.to_string(),
-            kind: kind.to_string(),
-            id: id.to_string(),
+/// Writes one batch per queue in one pipelined round trip; one outcome per batch, in order.
+fn write_batches(work: &[Outgoing]) -> Vec<Outcome> {
+    let context = |sent: &Outgoing| {
+        format!(
+            "writing {} buffered item(s) to {}",
+            sent.items.len(),
+            sent.core.address.describe()
+        )
+    };
+    let store = match common::store() {
+        Ok(store) => store,
+        Err(e) => return work.iter().map(|_| Outcome::Transient(e.clone())).collect(),
+    };
+    let ttl = ttl(&store);
+    let replies = store.with_conn(
+        || "writing buffered queue items".into(),
+        |c| {
+            let invocations: Vec<redis::ScriptInvocation<'_>> = work
+                .iter()
+                .map(|sent| {
+                    let keys = sent.core.keys();
+                    let mut invocation = FEED.prepare_invoke();
+                    invocation
+                        .key(&keys.items)
+                        .key(&keys.state)
+                        .key(&keys.fed)
+                        .arg(ttl)
+                        .arg(sent.number)
+                        .arg(sent.through);
+                    for item in sent.items.iter() {
+                        invocation.arg(item.as_slice());
+                    }
+                    invocation
+                })
+                .collect();
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for invocation in &invocations {
+                pipe.invoke_script(invocation);
+            }
+            let replies: Vec<redis::RedisResult<i64>> = pipe.query(c)?;
+            let no_script = |r: &redis::RedisResult<i64>| {
+                r.as_ref().is_err_and(|e| {
+                    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+                })
+            };
+            if replies.iter().any(no_script) {
+                // First use on this server: load the script and send everything again (a batch
+                // already applied is skipped).
+                FEED.load(c)?;
+                return pipe.query(c);
+            }
+            Ok(replies)
         },
-        maxsize: 0,
-        joinable: false,
-        cached_keys: Arc::default(),
-    })
+    );
+    match replies {
+        Ok(replies) => work
+            .iter()
+            .zip(replies)
+            .map(|(sent, reply)| match reply {
+                Ok(_) => Outcome::Written,
+                Err(e) if is_permanent(&e) => Outcome::Permanent(e),
+                Err(e) => Outcome::Transient(Error::redis(context(sent), e)),
+            })
+            .collect(),
+        Err(Error::Redis { source, .. }) => work
+            .iter()
+            .map(|sent| {
+                Outcome::Transient(Error::Redis {
+                    context: context(sent),
+                    source: source.clone(),
+                })
+            })
+            .collect(),
+        Err(e) => work.iter().map(|_| Outcome::Transient(e.clone())).collect(),
+    }
 }
 
-/// Starts the feeder thread and registers its exit flush (once per process).
+/// Starts the feeder thread (once per process).
 fn start_feeder() {
     static STARTED: Once = Once::new();
+    register_exit_hook();
     STARTED.call_once(|| {
         let feeder = FEEDER.clone();
         let spawned = std::thread::Builder::new()
@@ -853,6 +1202,84 @@ fn start_feeder() {
         if let Err(e) = spawned {
             tracing::error!("cannot start the queue feeder: {e}");
         }
-        context::register_exit_hook(|| FEEDER.flush_all());
     });
+}
+
+/// Registers the feeder's exit hook (once per process). Called before the feeder's lock is
+/// taken: `run_exit_hooks` holds the hooks' lock while the hook takes the feeder's.
+fn register_exit_hook() {
+    static REGISTERED: Once = Once::new();
+    REGISTERED.call_once(|| context::register_exit_hook(|| FEEDER.at_exit()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core() -> QueueCore {
+        QueueCore {
+            address: Address {
+                namespace: "test".into(),
+                kind: "queue".into(),
+                id: uuid::Uuid::new_v4().simple().to_string(),
+            },
+            maxsize: 0,
+            joinable: false,
+            cached_keys: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn the_exit_hook_forgets_this_process_marks() {
+        let q = core();
+        FEEDER.begin_put(&q).expect("open");
+        FEEDER.mark(&q, |p| p.closed = true);
+        FEEDER.mark(&q, |p| p.cancelled = true);
+        assert!(FEEDER.is_closed(&q.keys().items));
+        assert!(FEEDER.closed_for_size(&q, false));
+        assert!(matches!(FEEDER.begin_put(&q), Err(Error::InvalidState(_))));
+        // What a pool worker runs after each task.
+        context::run_exit_hooks();
+        assert!(!FEEDER.is_closed(&q.keys().items));
+        assert!(!FEEDER.closed_for_size(&q, true));
+        FEEDER.begin_put(&q).expect("open again");
+    }
+
+    #[test]
+    fn batches_are_numbered_in_order_and_bounded() {
+        let mut p = Pending::new(&core());
+        for i in 0..(FEED_BATCH + 5) {
+            p.enqueue(vec![i as u8]);
+        }
+        let first = p.next_send().expect("a batch");
+        assert_eq!((first.number, first.items.len()), (1, FEED_BATCH));
+        assert!(!p.ready(Instant::now()), "one batch in flight at a time");
+        p.settle(Outcome::Transient(Error::invalid_state("down")));
+        let again = {
+            p.retry_at = None;
+            p.next_send().expect("the same batch")
+        };
+        assert_eq!((again.number, again.items.len()), (1, FEED_BATCH));
+        assert_eq!(p.unwritten(), FEED_BATCH + 5);
+        p.settle(Outcome::Written);
+        let second = p.next_send().expect("the rest");
+        assert_eq!((second.number, second.items.len()), (2, 5));
+        assert_eq!(second.items[0], vec![FEED_BATCH as u8]);
+        p.settle(Outcome::Permanent(redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "wrong type",
+        ))));
+        assert!(p.is_flushed());
+        assert_eq!(
+            (p.queued_total, p.batched_total),
+            (FEED_BATCH as u64, FEED_BATCH as u64)
+        );
+        let failure = p.failure.take().expect("reported");
+        assert!(failure.to_string().contains("5 item(s)"), "{failure}");
+
+        let mut big = Pending::new(&core());
+        big.enqueue(vec![0; FEED_BATCH_BYTES]);
+        big.enqueue(vec![0; 1]);
+        assert_eq!(big.next_send().expect("one").items.len(), 1);
+    }
 }

@@ -1,0 +1,421 @@
+//! `Pipe` and `Connection` against a real redis-server, across real processes: Python's
+//! test_connection cases, one wire format for `send`/`send_bytes`, per-process `close`, end of
+//! file once every holder of the sending end closed it or died (SIGKILL included), and
+//! Python's error kinds.
+
+use std::time::{Duration, Instant};
+
+use shoal::Error;
+use shoal::prelude::*;
+use shoal_integration_tests::assert_timing;
+
+shoal::test_support!();
+
+/// Lease of this binary's runtime: short, so the SIGKILL test is quick.
+const LEASE: Duration = Duration::from_millis(1500);
+
+fn runtime() -> shoal::Runtime {
+    let mut config = Config::builder().build().expect("config");
+    config.sync.lease_secs = LEASE.as_secs_f64();
+    shoal::init_with(config).expect("runtime")
+}
+
+// ----------------------------------------------------------------------------- basics --
+
+#[shoal::remote]
+fn echo(conn: Connection<i64>, rounds: u32) {
+    for _ in 0..rounds {
+        let x = conn.recv().expect("recv");
+        conn.send(&(x * 2)).expect("send");
+    }
+}
+
+#[test]
+fn a_duplex_pipe_talks_both_ways_across_processes() {
+    let _rt = runtime();
+    let (a, b) = Pipe::new::<i64>(true).expect("pipe");
+    let p = Process::new(echo, (b, 50u32));
+    p.start().expect("start");
+    for i in 0..50 {
+        a.send(&i).expect("send");
+        assert_eq!(a.recv().expect("recv"), i * 2);
+    }
+    p.join(None).expect("join");
+    assert_eq!(p.exitcode(), Some(0));
+}
+
+#[test]
+fn a_one_way_pipe_refuses_the_wrong_direction() {
+    let _rt = runtime();
+    let (receiver, sender) = Pipe::new::<String>(false).expect("pipe");
+    assert!(receiver.readable() && !receiver.writable());
+    assert!(sender.writable() && !sender.readable());
+    // Python's OSError: Error::Io.
+    assert!(matches!(
+        receiver.send(&"x".to_string()),
+        Err(Error::Io { .. })
+    ));
+    assert!(matches!(sender.recv(), Err(Error::Io { .. })));
+    assert!(matches!(
+        sender.poll(Some(Duration::ZERO)),
+        Err(Error::Io { .. })
+    ));
+    sender.send(&"hello".to_string()).expect("send");
+    assert_eq!(receiver.recv().expect("recv"), "hello");
+}
+
+#[test]
+fn poll_waits_without_taking() {
+    let _rt = runtime();
+    let (a, b) = Pipe::new::<u8>(true).expect("pipe");
+    assert!(!a.poll(Some(Duration::ZERO)).expect("poll"));
+    let started = Instant::now();
+    assert!(!a.poll(Some(Duration::from_millis(300))).expect("poll"));
+    assert_timing(started, Duration::from_millis(300));
+    let sender = b.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        sender.send(&7).expect("send");
+    });
+    let started = Instant::now();
+    assert!(a.poll(None).expect("poll"));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(a.poll(Some(Duration::ZERO)).expect("still there"));
+    assert_eq!(a.recv().expect("recv"), 7);
+    t.join().expect("thread");
+}
+
+#[test]
+fn end_of_file_after_close_never_hangs() {
+    let _rt = runtime();
+    let (a, b) = Pipe::new::<u32>(true).expect("pipe");
+    b.send(&1).expect("send");
+    b.send(&2).expect("send");
+    b.close().expect("close");
+    b.close().expect("closing twice does nothing");
+    assert_eq!(a.recv().expect("1"), 1);
+    assert_eq!(a.recv().expect("2"), 2);
+    assert!(
+        matches!(a.recv(), Err(Error::Closed(_))),
+        "EOF after the data"
+    );
+    assert!(matches!(a.recv(), Err(Error::Closed(_))), "and EOF again");
+    assert!(a.poll(Some(Duration::ZERO)).expect("EOF is readable"));
+    assert!(matches!(a.send(&3), Err(Error::Closed(_))), "broken pipe");
+    assert!(matches!(b.send(&3), Err(Error::Closed(_))), "closed end");
+
+    // A reader blocked before the close wakes up with EOF.
+    let (a, b) = Pipe::new::<u32>(true).expect("pipe");
+    let reader = std::thread::spawn(move || {
+        let started = Instant::now();
+        (a.recv(), started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    b.close().expect("close");
+    let (result, waited) = reader.join().expect("reader");
+    assert!(matches!(result, Err(Error::Closed(_))), "{result:?}");
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
+}
+
+#[test]
+fn byte_messages_with_offsets_limits_and_short_buffers() {
+    let _rt = runtime();
+    let (a, b) = Pipe::new::<()>(true).expect("pipe");
+    b.send_bytes(b"0123456789", 2, Some(5)).expect("send_bytes");
+    assert_eq!(a.recv_bytes(None).expect("recv_bytes"), b"23456");
+    b.send_bytes(b"", 0, None)
+        .expect("an empty message is a message");
+    assert_eq!(a.recv_bytes(Some(0)).expect("empty"), b"");
+    assert!(matches!(
+        b.send_bytes(b"abc", 2, Some(5)),
+        Err(Error::InvalidState(_))
+    ));
+
+    b.send_bytes(b"hello", 0, None).expect("send");
+    let mut small = [0u8; 6];
+    match a.recv_bytes_into(&mut small, 3) {
+        Err(Error::BufferTooShort {
+            needed,
+            offset,
+            available,
+        }) => {
+            assert_eq!((needed, offset, available), (5, 3, 6));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Python: the exception carries the whole message, which is consumed.
+    assert_eq!(a.take_too_short_message().as_deref(), Some(&b"hello"[..]));
+    b.send_bytes(b"hello", 0, None).expect("send");
+    let mut big = [0u8; 8];
+    assert_eq!(a.recv_bytes_into(&mut big, 3).expect("fits"), 5);
+    assert_eq!(&big, b"\0\0\0hello");
+
+    b.send_bytes(&[7u8; 100], 0, None).expect("send");
+    b.send_bytes(b"later", 0, None).expect("send");
+    // Python's OSError: Error::Io.
+    assert!(matches!(a.recv_bytes(Some(10)), Err(Error::Io { .. })));
+    assert!(
+        matches!(a.recv_bytes(None), Err(Error::Io { .. })),
+        "no longer readable"
+    );
+
+    let (a, b) = Pipe::new::<u32>(true).expect("pipe");
+    b.send_bytes(b"raw", 0, None).expect("send");
+    assert!(matches!(a.recv(), Err(Error::Codec { .. })));
+}
+
+// ------------------------------------------------------------ Python's test_connection --
+
+type Seq = (i32, f64, Option<u8>);
+
+/// Python's `_echo`: relays byte messages until an empty one, then closes.
+#[shoal::remote]
+fn echo_bytes(conn: Connection<Seq>) {
+    loop {
+        let message = conn.recv_bytes(None).expect("recv_bytes");
+        if message.is_empty() {
+            break;
+        }
+        conn.send_bytes(&message, 0, None).expect("send_bytes");
+    }
+    conn.close().expect("close");
+}
+
+#[test]
+fn relayed_bytes_decode_and_eof_follows_the_last_holder() {
+    let _rt = runtime();
+    let (conn, child_conn) = Pipe::new::<Seq>(true).expect("pipe");
+    let p = Process::new(echo_bytes, (child_conn.clone(),));
+    p.start().expect("start");
+
+    // send/recv through a child that relays with recv_bytes/send_bytes: one wire format.
+    let seq: Seq = (1, 2.25, None);
+    conn.send(&seq).expect("send");
+    assert_eq!(conn.recv().expect("recv"), seq);
+    conn.send_bytes(b"hello world", 0, None)
+        .expect("send_bytes");
+    assert_eq!(conn.recv_bytes(None).expect("recv_bytes"), b"hello world");
+
+    // BufferTooShort: the whole message, consumed.
+    let longmsg = b"hello world".repeat(10);
+    conn.send_bytes(&longmsg, 0, None).expect("send_bytes");
+    conn.send_bytes(b"next", 0, None).expect("send_bytes");
+    let mut buffer = [b' '; 40];
+    match conn.recv_bytes_into(&mut buffer, 0) {
+        Err(Error::BufferTooShort {
+            needed,
+            offset,
+            available,
+        }) => assert_eq!((needed, offset, available), (110, 0, 40)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(conn.take_too_short_message(), Some(longmsg));
+    assert_eq!(conn.take_too_short_message(), None);
+    assert_eq!(conn.recv_bytes(None).expect("the next message"), b"next");
+
+    // poll
+    assert!(!conn.poll(Some(Duration::ZERO)).expect("poll"));
+    let started = Instant::now();
+    assert!(!conn.poll(Some(Duration::from_millis(100))).expect("poll"));
+    assert_timing(started, Duration::from_millis(100));
+    conn.send(&(0, 0.0, Some(1))).expect("send");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(conn.poll(Some(Duration::from_millis(100))).expect("poll"));
+    assert_eq!(conn.recv().expect("recv"), (0, 0.0, Some(1)));
+
+    // The child still holds its end: closing the parent's copy does not end the pipe.
+    child_conn.close().expect("close");
+    assert!(child_conn.closed() && !conn.closed());
+    conn.send_bytes(b"still there?", 0, None)
+        .expect("send_bytes");
+    assert_eq!(conn.recv_bytes(None).expect("echo"), b"still there?");
+
+    conn.send_bytes(b"", 0, None)
+        .expect("tell the child to quit");
+    let started = Instant::now();
+    assert!(matches!(conn.recv(), Err(Error::Closed(_))), "EOF");
+    assert!(
+        matches!(conn.recv_bytes(None), Err(Error::Closed(_))),
+        "EOF"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(conn.readable() && conn.writable());
+    p.join(None).expect("join");
+    assert_eq!(p.exitcode(), Some(0));
+}
+
+/// Python's test_spawn_close: the parent closes the child's end at once after start.
+#[test]
+fn closing_the_parent_copy_right_after_start_does_not_cut_the_child_off() {
+    let _rt = runtime();
+    for method in [StartMethod::Process, StartMethod::Thread] {
+        let (conn, child_conn) = Pipe::new::<Seq>(true).expect("pipe");
+        let p = Process::new(echo_bytes, (child_conn.clone(),)).start_method(method);
+        p.start().expect("start");
+        child_conn
+            .close()
+            .expect("this might complete before the child starts");
+        drop(child_conn);
+        conn.send_bytes(b"hello", 0, None).expect("send_bytes");
+        assert_eq!(conn.recv_bytes(None).expect("recv_bytes"), b"hello");
+        conn.send_bytes(b"", 0, None).expect("send_bytes");
+        assert!(matches!(conn.recv(), Err(Error::Closed(_))), "{method:?}");
+        conn.close().expect("close");
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0), "{method:?}");
+    }
+}
+
+#[shoal::remote]
+fn send_three(conn: Connection<u32>) {
+    for i in 0..3 {
+        conn.send(&i).expect("send");
+    }
+    // No close: the handle is dropped when the function returns.
+}
+
+#[test]
+fn eof_comes_when_every_process_that_held_the_sending_end_let_go() {
+    let _rt = runtime();
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    let children: Vec<Process> = (0..2)
+        .map(|_| Process::new(send_three, (writer.clone(),)))
+        .collect();
+    for p in &children {
+        p.start().expect("start");
+    }
+    writer.close().expect("close");
+    let mut got = Vec::new();
+    let started = Instant::now();
+    loop {
+        match reader.recv() {
+            Ok(x) => got.push(x),
+            Err(Error::Closed(_)) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "no EOF");
+    }
+    got.sort_unstable();
+    assert_eq!(got, vec![0, 0, 1, 1, 2, 2]);
+    for p in &children {
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0));
+    }
+    assert!(reader.poll(Some(Duration::ZERO)).expect("EOF is readable"));
+}
+
+#[shoal::remote]
+fn hold_and_wait(conn: Connection<u32>, ready: Event) {
+    conn.send(&7).expect("send");
+    ready.set().expect("set");
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+#[test]
+fn a_holder_killed_with_sigkill_stops_counting_after_its_lease() {
+    let _rt = runtime();
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    let ready = Event::new().expect("event");
+    let p = Process::new(hold_and_wait, (writer.clone(), ready.clone()));
+    p.start().expect("start");
+    writer.close().expect("close");
+    assert!(ready.wait(Some(Duration::from_secs(20))).expect("ready"));
+    assert_eq!(reader.recv().expect("recv"), 7);
+    assert!(
+        !reader
+            .poll(Some(Duration::from_millis(300)))
+            .expect("the child holds it")
+    );
+    p.kill().expect("SIGKILL");
+    let started = Instant::now();
+    assert!(
+        matches!(reader.recv(), Err(Error::Closed(_))),
+        "EOF once the lease lapsed"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited < LEASE + Duration::from_secs(5),
+        "EOF after {waited:?} (lease {LEASE:?})"
+    );
+    p.join(None).expect("join");
+}
+
+#[test]
+fn wrong_direction_closed_handles_and_bad_lengths_are_os_errors() {
+    let _rt = runtime();
+    // Python's test_duplex_false: OSError.
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    assert!(matches!(reader.send(&2), Err(Error::Io { .. })));
+    assert!(matches!(writer.recv(), Err(Error::Io { .. })));
+    assert!(matches!(
+        writer.poll(Some(Duration::ZERO)),
+        Err(Error::Io { .. })
+    ));
+
+    // Python's test_context: a closed handle is closed, and says so (OSError).
+    let (a, b) = Pipe::new::<u32>(true).expect("pipe");
+    a.send(&1729).expect("send");
+    assert_eq!(b.recv().expect("recv"), 1729);
+    assert!(!a.closed() && !b.closed());
+    a.close().expect("close");
+    b.close().expect("close");
+    assert!(a.closed() && b.closed());
+    assert!(matches!(a.recv(), Err(Error::Closed(_))));
+    assert!(matches!(b.recv(), Err(Error::Closed(_))));
+    assert!(matches!(
+        a.poll(Some(Duration::ZERO)),
+        Err(Error::Closed(_))
+    ));
+    assert!(matches!(a.send(&1), Err(Error::Closed(_))));
+    assert!(matches!(a.recv_bytes(None), Err(Error::Closed(_))));
+    // A clone is a handle of its own (a dup'd descriptor).
+    let (a, b) = Pipe::new::<u32>(true).expect("pipe");
+    let a2 = a.clone();
+    a.close().expect("close");
+    assert!(a.closed() && !a2.closed());
+    a2.send(&5).expect("the clone still sends");
+    assert_eq!(b.recv().expect("recv"), 5);
+
+    // Python: a message longer than maxlength is an OSError and the connection is then no
+    // longer readable.
+    let (a, b) = Pipe::new::<u32>(true).expect("pipe");
+    b.send_bytes(&[7u8; 100], 0, None).expect("send");
+    b.send_bytes(b"later", 0, None).expect("send");
+    assert!(matches!(a.recv_bytes(Some(10)), Err(Error::Io { .. })));
+    assert!(!a.readable());
+    assert!(matches!(a.recv_bytes(None), Err(Error::Io { .. })));
+    assert!(matches!(
+        a.poll(Some(Duration::ZERO)),
+        Err(Error::Io { .. })
+    ));
+}
+
+#[test]
+fn python_poll_cases() {
+    let _rt = runtime();
+    // test_empty_string
+    let (a, b) = Pipe::new::<()>(true).expect("pipe");
+    assert!(!a.poll(Some(Duration::ZERO)).expect("poll"));
+    b.send_bytes(b"", 0, None).expect("send");
+    assert!(a.poll(Some(Duration::ZERO)).expect("poll"));
+    assert!(a.poll(Some(Duration::ZERO)).expect("poll"));
+    assert_eq!(a.recv_bytes(None).expect("empty message"), b"");
+    // test_sendbytes
+    let msg = b"abcdefghijklmnopqrstuvwxyz";
+    for (offset, size, expected) in [
+        (0, None, &msg[..]),
+        (5, None, &msg[5..]),
+        (7, Some(8), &msg[7..15]),
+        (26, None, &b""[..]),
+        (26, Some(0), &b""[..]),
+    ] {
+        a.send_bytes(msg, offset, size).expect("send_bytes");
+        assert_eq!(b.recv_bytes(None).expect("recv_bytes"), expected);
+    }
+    for (offset, size) in [(27, None), (22, Some(5)), (26, Some(1))] {
+        assert!(matches!(
+            a.send_bytes(msg, offset, size),
+            Err(Error::InvalidState(_))
+        ));
+    }
+}

@@ -1,0 +1,618 @@
+//! `Queue`, `SimpleQueue` and `JoinableQueue` against a real redis-server, across real
+//! processes: Python's semantics, exactly-once delivery of buffered puts whatever fails (a
+//! wrong-type key, a stalled server), failures that reach the caller instead of hanging, an exact
+//! `qsize`, and closed queues.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use shoal::Error;
+use shoal::prelude::*;
+use shoal_integration_tests::{TestRedis, assert_timing, wait_for};
+
+shoal::test_support!();
+
+fn runtime() -> shoal::Runtime {
+    shoal::init_with(Config::builder().build().expect("config")).expect("runtime")
+}
+
+/// A raw connection to the runtime's store, to break things on purpose.
+fn raw_redis(rt: &shoal::Runtime) -> redis::Connection {
+    raw_redis_at(&rt.config().redis.url.clone().expect("url"))
+}
+
+fn raw_redis_at(url: &str) -> redis::Connection {
+    redis::Client::open(url)
+        .expect("client")
+        .get_connection()
+        .expect("connection")
+}
+
+/// Every key of the namespace that contains `kind`.
+fn keys_of(conn: &mut redis::Connection, kind: &str) -> Vec<String> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("shoal:{default:*")
+        .query(conn)
+        .expect("keys");
+    keys.into_iter()
+        .filter(|k| k.contains(&format!(":{kind}:")))
+        .collect()
+}
+
+/// The Redis key `field` of the queue whose `Debug` is `debug` (it shows the id's first
+/// characters).
+fn queue_key(conn: &mut redis::Connection, debug: &str, field: &str) -> String {
+    let short = debug
+        .split("queue ")
+        .nth(1)
+        .and_then(|rest| rest.get(..8))
+        .expect("the queue's short id");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("shoal:{{*:queue:{short}*}}:state"))
+        .query(conn)
+        .expect("keys");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    keys[0].replace(":state", &format!(":{field}"))
+}
+
+/// Makes the queue's item list a string: every write to it fails with WRONGTYPE.
+fn break_items<T>(conn: &mut redis::Connection, q: &Queue<T>) -> String {
+    let items = queue_key(conn, &format!("{q:?}"), "items");
+    redis::cmd("SET")
+        .arg(&items)
+        .arg("not a list")
+        .query::<()>(conn)
+        .expect("set");
+    items
+}
+
+/// Runs `f` on another thread; `None` when it did not return within `limit`.
+fn within<R: Send + 'static>(limit: Duration, f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// Takes every item there is now.
+fn drain<T: serde::Serialize + serde::de::DeserializeOwned>(q: &Queue<T>) -> Vec<T> {
+    let mut got = Vec::new();
+    loop {
+        match q.get_nowait() {
+            Ok(item) => got.push(item),
+            Err(Error::Empty) => return got,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+// ------------------------------------------------------------------- Python semantics --
+
+#[test]
+fn queue_is_fifo_with_python_errors_and_timeouts() {
+    let _rt = runtime();
+    let q: Queue<String> = Queue::new().expect("queue");
+    assert!(q.empty().expect("empty"));
+    for s in ["a", "b", "c"] {
+        q.put(s.to_string()).expect("put");
+    }
+    assert_eq!(q.get().expect("get"), "a");
+    assert_eq!(q.get_timeout(Duration::from_secs(1)).expect("get"), "b");
+    assert_eq!(q.get_nowait().expect("get"), "c");
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+    let started = Instant::now();
+    assert!(matches!(
+        q.get_timeout(Duration::from_millis(400)),
+        Err(Error::Empty)
+    ));
+    assert_timing(started, Duration::from_millis(400));
+    assert!(!q.full().expect("an unbounded queue is never full"));
+}
+
+#[test]
+fn a_bounded_queue_blocks_writers_until_a_get_makes_room() {
+    let _rt = runtime();
+    let q: Queue<u32> = Queue::with_maxsize(2).expect("queue");
+    q.put(1).expect("1");
+    q.put_nowait(2).expect("2");
+    assert!(q.full().expect("full"));
+    assert_eq!(q.qsize().expect("qsize"), 2);
+    assert!(matches!(q.put_nowait(3), Err(Error::Full)));
+    let started = Instant::now();
+    assert!(matches!(
+        q.put_timeout(3, Duration::from_millis(300)),
+        Err(Error::Full)
+    ));
+    assert_timing(started, Duration::from_millis(300));
+    let writer = {
+        let q = q.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            q.put(3).expect("put blocks, then succeeds");
+            started.elapsed()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(q.get().expect("get"), 1);
+    let blocked = writer.join().expect("writer");
+    assert!(blocked >= Duration::from_millis(250), "{blocked:?}");
+    assert!(
+        blocked < Duration::from_secs(1),
+        "the writer was woken late: {blocked:?}"
+    );
+    assert_eq!((q.get().expect("2"), q.get().expect("3")), (2, 3));
+}
+
+#[shoal::remote]
+fn produce(q: Queue<u64>, from: u64, n: u64) {
+    for i in from..from + n {
+        q.put(i).expect("put");
+    }
+    // No join_thread: the worker flushes the feeder when its task ends.
+}
+
+#[test]
+fn items_a_child_put_just_before_exiting_all_arrive_in_order() {
+    let _rt = runtime();
+    let q: Queue<u64> = Queue::new().expect("queue");
+    let p = Process::new(produce, (q.clone(), 0u64, 5000u64));
+    p.start().expect("start");
+    p.join(None).expect("join");
+    assert_eq!(p.exitcode(), Some(0));
+    let got: Vec<u64> = (0..5000)
+        .map(|_| q.get_timeout(Duration::from_secs(5)).expect("get"))
+        .collect();
+    assert_eq!(got, (0..5000).collect::<Vec<_>>());
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+}
+
+#[shoal::remote]
+fn consume_into(q: Queue<u64>, out: Queue<u64>, n: u64) {
+    for _ in 0..n {
+        out.put(q.get().expect("get")).expect("put");
+    }
+}
+
+#[test]
+fn many_producers_and_consumers_lose_and_duplicate_nothing() {
+    let _rt = runtime();
+    let q: Queue<u64> = Queue::new().expect("queue");
+    let out: Queue<u64> = Queue::new().expect("queue");
+    let producers: Vec<Process> = (0..4u64)
+        .map(|i| Process::new(produce, (q.clone(), i * 1000, 400u64)))
+        .collect();
+    let consumers: Vec<Process> = (0..2)
+        .map(|_| Process::new(consume_into, (q.clone(), out.clone(), 800u64)))
+        .collect();
+    for p in producers.iter().chain(&consumers) {
+        p.start().expect("start");
+    }
+    for p in producers.iter().chain(&consumers) {
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0));
+    }
+    let mut got: Vec<u64> = (0..1600)
+        .map(|_| out.get_timeout(Duration::from_secs(5)).expect("get"))
+        .collect();
+    got.sort_unstable();
+    let mut expected: Vec<u64> = (0..4u64).flat_map(|i| i * 1000..i * 1000 + 400).collect();
+    expected.sort_unstable();
+    assert_eq!(got, expected);
+    assert!(q.empty().expect("empty") && out.empty().expect("empty"));
+}
+
+#[test]
+fn close_and_join_thread() {
+    let rt = runtime();
+    let q: Queue<u32> = Queue::new().expect("queue");
+    assert!(matches!(q.join_thread(), Err(Error::InvalidState(_))));
+    for i in 0..1000 {
+        q.put(i).expect("put");
+    }
+    q.close().expect("close");
+    q.join_thread().expect("join_thread");
+    assert!(matches!(q.put(1), Err(Error::InvalidState(_))));
+    assert!(matches!(q.get_nowait(), Err(Error::InvalidState(_))));
+    // Closed after use: qsize says so (Python's OSError "is closed"), ...
+    assert!(matches!(q.qsize(), Err(Error::InvalidState(_))));
+    // ... and everything this process put reached Redis.
+    let mut raw = raw_redis(&rt);
+    let items = queue_key(&mut raw, &format!("{q:?}"), "items");
+    let len: usize = redis::cmd("LLEN")
+        .arg(&items)
+        .query(&mut raw)
+        .expect("llen");
+    assert_eq!(len, 1000);
+}
+
+#[shoal::remote]
+fn work_and_mark_done(q: JoinableQueue<u32>, out: Queue<u32>) {
+    loop {
+        match q.get_timeout(Duration::from_millis(500)) {
+            Ok(item) => {
+                std::thread::sleep(Duration::from_millis(2));
+                out.put(item * 2).expect("put");
+                q.task_done().expect("task_done");
+            }
+            Err(Error::Empty) => return,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[test]
+fn joinable_queue_join_waits_for_every_task_done() {
+    let _rt = runtime();
+    let q: JoinableQueue<u32> = JoinableQueue::new().expect("queue");
+    let out: Queue<u32> = Queue::new().expect("queue");
+    for i in 0..60 {
+        q.put(i).expect("put");
+    }
+    let workers: Vec<Process> = (0..3)
+        .map(|_| Process::new(work_and_mark_done, (q.clone(), out.clone())))
+        .collect();
+    for w in &workers {
+        w.start().expect("start");
+    }
+    q.join().expect("join");
+    // Every item was processed before join returned.
+    let mut results: Vec<u32> = (0..60)
+        .map(|_| out.get_timeout(Duration::from_secs(5)).expect("get"))
+        .collect();
+    results.sort_unstable();
+    assert_eq!(results, (0..60).map(|i| i * 2).collect::<Vec<_>>());
+    assert!(
+        matches!(q.task_done(), Err(Error::InvalidState(_))),
+        "one task_done too many"
+    );
+    for w in &workers {
+        w.join(None).expect("join");
+    }
+    q.join().expect("nothing unfinished: returns at once");
+}
+
+#[test]
+fn simple_queue_puts_gets_and_closes() {
+    let _rt = runtime();
+    let q: SimpleQueue<Vec<u8>> = SimpleQueue::new().expect("queue");
+    assert!(q.empty().expect("empty"));
+    q.put(vec![1, 2]).expect("put");
+    assert!(!q.empty().expect("not empty"));
+    assert_eq!(q.get().expect("get"), vec![1, 2]);
+    q.close().expect("close");
+    assert!(matches!(q.put(vec![]), Err(Error::InvalidState(_))));
+}
+
+#[test]
+fn a_queue_with_deleted_or_garbage_keys_is_a_clear_error() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u32> = Queue::new().expect("queue");
+    for key in keys_of(&mut raw, "queue") {
+        redis::cmd("DEL")
+            .arg(&key)
+            .query::<()>(&mut raw)
+            .expect("del");
+    }
+    let started = Instant::now();
+    match q.get() {
+        Err(Error::InvalidState(reason)) => {
+            assert!(reason.contains("no longer exists"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the get hung on a deleted queue"
+    );
+
+    let q: Queue<u32> = Queue::new().expect("queue");
+    let items = keys_of(&mut raw, "queue")
+        .into_iter()
+        .find(|k| k.ends_with(":state"))
+        .expect("state")
+        .replace(":state", ":items");
+    redis::cmd("SET")
+        .arg(&items)
+        .arg("garbage")
+        .query::<()>(&mut raw)
+        .expect("set");
+    assert!(matches!(
+        q.get_timeout(Duration::from_secs(1)),
+        Err(Error::InvalidState(_))
+    ));
+    redis::cmd("DEL")
+        .arg(&items)
+        .query::<()>(&mut raw)
+        .expect("del");
+    redis::cmd("RPUSH")
+        .arg(&items)
+        .arg(&b"\x01\xc1"[..])
+        .query::<()>(&mut raw)
+        .expect("rpush");
+    match q.get_nowait() {
+        Err(Error::Codec { key, expected, .. }) => {
+            assert_eq!(key, items);
+            assert_eq!(expected, "u32");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+// ------------------------------------------------------------------ exactly once, no hang --
+
+#[test]
+fn a_failing_queue_neither_duplicates_nor_blocks_another() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let broken: Queue<u32> = Queue::new().expect("queue");
+    let healthy: Queue<u32> = Queue::new().expect("queue");
+    break_items(&mut raw, &broken);
+    broken.put(0).expect("a put is buffered");
+    // The feeder has failed on the broken queue by now; the healthy queue's puts share its
+    // batches.
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..5 {
+        healthy.put(i).expect("put");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let items = queue_key(&mut raw, &format!("{healthy:?}"), "items");
+    let found: usize = redis::cmd("LLEN")
+        .arg(&items)
+        .query(&mut raw)
+        .expect("llen");
+    eprintln!("wrong-type neighbour: 5 items put, {found} found");
+    assert_eq!(
+        drain(&healthy),
+        vec![0, 1, 2, 3, 4],
+        "each item exactly once"
+    );
+
+    healthy.close().expect("close");
+    let joined = within(Duration::from_secs(10), move || healthy.join_thread());
+    assert!(
+        matches!(joined, Some(Ok(()))),
+        "join_thread of the healthy queue: {joined:?}"
+    );
+}
+
+#[test]
+fn a_stalled_server_does_not_duplicate_puts() {
+    let server = TestRedis::tcp();
+    let config = Config::builder()
+        .redis_url(server.url())
+        .response_timeout(Duration::from_millis(500))
+        .build()
+        .expect("config");
+    let _rt = shoal::init_with(config).expect("runtime");
+    let q: Queue<u32> = Queue::new().expect("queue");
+    let redis_pid = Pid::from_raw(server.pid() as i32);
+    kill(redis_pid, Signal::SIGSTOP).expect("SIGSTOP");
+    for i in 0..5 {
+        q.put(i).expect("put");
+    }
+    // Longer than three response timeouts: the feeder's write times out and is sent again.
+    std::thread::sleep(Duration::from_millis(1500));
+    kill(redis_pid, Signal::SIGCONT).expect("SIGCONT");
+    let mut raw = raw_redis_at(&server.url());
+    let items = queue_key(&mut raw, &format!("{q:?}"), "items");
+    let llen = |raw: &mut redis::Connection| -> usize {
+        redis::cmd("LLEN").arg(&items).query(raw).expect("llen")
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || llen(&mut raw) >= 5),
+        "the items never arrived"
+    );
+    // Retries still in flight land within this.
+    std::thread::sleep(Duration::from_secs(2));
+    let found = llen(&mut raw);
+    eprintln!("stalled server: 5 items put, {found} found");
+    assert_eq!(
+        drain(&q),
+        vec![0, 1, 2, 3, 4],
+        "each item exactly once, in order"
+    );
+}
+
+#[test]
+fn a_put_that_can_never_be_written_is_reported_not_hung() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u32> = Queue::new().expect("queue");
+    break_items(&mut raw, &q);
+    let name = format!("{q:?}")
+        .split('"')
+        .nth(1)
+        .expect("name")
+        .to_string();
+    q.put(1)
+        .expect("a put is buffered: the failure is not known yet");
+    q.close().expect("close");
+    let joined = within(Duration::from_secs(10), move || q.join_thread());
+    match joined {
+        Some(Err(Error::InvalidState(reason))) => {
+            assert!(reason.contains(&name), "{reason} names {name}")
+        }
+        other => panic!("join_thread: {other:?}"),
+    }
+
+    // Known before: the next put reports it.
+    let q: Queue<u32> = Queue::new().expect("queue");
+    break_items(&mut raw, &q);
+    let name = format!("{q:?}")
+        .split('"')
+        .nth(1)
+        .expect("name")
+        .to_string();
+    q.put(1).expect("buffered");
+    std::thread::sleep(Duration::from_millis(500));
+    match q.put(2) {
+        Err(Error::InvalidState(reason)) => {
+            assert!(reason.contains(&name), "{reason} names {name}");
+            assert!(reason.contains("1 item"), "{reason} says what was lost");
+        }
+        other => panic!("put after a failed write: {other:?}"),
+    }
+}
+
+#[shoal::remote]
+fn put_on_broken_queues(a: Queue<u32>, b: Queue<u32>) {
+    a.put(1).expect("buffered");
+    b.put(1).expect("buffered");
+    // No join_thread: the worker flushes at the end of its task.
+}
+
+#[test]
+fn exit_is_not_held_up_by_queues_that_cannot_be_written() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let a: Queue<u32> = Queue::new().expect("queue");
+    let b: Queue<u32> = Queue::new().expect("queue");
+    break_items(&mut raw, &a);
+    break_items(&mut raw, &b);
+    let p = Process::new(put_on_broken_queues, (a, b));
+    let started = Instant::now();
+    p.start().expect("start");
+    p.join(Some(Duration::from_secs(20))).expect("join");
+    assert!(
+        p.exitcode().is_some(),
+        "the child was still flushing after {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn exit_waits_for_an_unreachable_redis_30_s_in_all_not_per_queue() {
+    let server = TestRedis::tcp();
+    let config = Config::builder()
+        .redis_url(server.url())
+        .response_timeout(Duration::from_millis(500))
+        .build()
+        .expect("config");
+    let rt = shoal::init_with(config).expect("runtime");
+    let queues: Vec<Queue<u32>> = (0..3).map(|_| Queue::new().expect("queue")).collect();
+    let redis_pid = Pid::from_raw(server.pid() as i32);
+    kill(redis_pid, Signal::SIGSTOP).expect("SIGSTOP");
+    for q in &queues {
+        q.put(1).expect("buffered");
+    }
+    let started = Instant::now();
+    drop(rt);
+    let waited = started.elapsed();
+    kill(redis_pid, Signal::SIGCONT).expect("SIGCONT");
+    // 30 s for the three queues together (90 s when each waited 30 s); margin for a slow host.
+    assert!(
+        waited >= Duration::from_secs(29) && waited < Duration::from_secs(50),
+        "exit waited {waited:?}"
+    );
+}
+
+// -------------------------------------------------------------------------- qsize, closed --
+
+#[test]
+fn qsize_counts_as_python_does() {
+    let _rt = runtime();
+    let q: Queue<u32> = Queue::new().expect("queue");
+    assert_eq!(q.qsize().expect("qsize"), 0);
+    q.put(1).expect("put");
+    assert_eq!(q.qsize().expect("qsize"), 1);
+    q.put(5).expect("put");
+    assert_eq!(q.qsize().expect("qsize"), 2);
+    q.get().expect("get");
+    assert_eq!(q.qsize().expect("qsize"), 1);
+    q.get().expect("get");
+    assert_eq!(q.qsize().expect("qsize"), 0);
+}
+
+#[test]
+fn qsize_is_exact_while_the_feeder_writes() {
+    let _rt = runtime();
+    let q: Queue<u32> = Queue::new().expect("queue");
+    for i in 0..3000 {
+        q.put(i).expect("put");
+        assert_eq!(q.qsize().expect("qsize"), 1, "after put {i}");
+        assert_eq!(q.get().expect("get"), i);
+        assert_eq!(q.qsize().expect("qsize"), 0, "after get {i}");
+    }
+}
+
+fn assert_closed<T: std::fmt::Debug>(what: &str, result: shoal::Result<T>) {
+    match result {
+        Err(Error::InvalidState(reason)) => {
+            assert!(reason.contains("is closed"), "{what}: {reason}")
+        }
+        other => panic!("{what} on a closed queue: {other:?}"),
+    }
+}
+
+#[test]
+fn a_closed_queue_says_so() {
+    let _rt = runtime();
+    // Python: close() of a queue this process never put on leaves empty() working.
+    let q: Queue<u32> = Queue::new().expect("queue");
+    q.close().expect("close");
+    q.join_thread().expect("join_thread");
+    assert!(q.empty().expect("empty"));
+    assert_closed("put", q.put(1));
+    assert_closed("get", q.get());
+    assert_closed("get_nowait", q.get_nowait());
+
+    // Python: once used, a closed queue refuses everything.
+    macro_rules! used_then_closed {
+        ($q:expr) => {
+            let q = $q;
+            q.put("foo".to_string()).expect("put");
+            q.close().expect("close");
+            q.join_thread().expect("join_thread");
+            assert_closed("empty", q.empty());
+            assert_closed("qsize", q.qsize());
+            assert_closed("put", q.put("foo".to_string()));
+            assert_closed("get", q.get());
+        };
+    }
+    used_then_closed!(Queue::<String>::new().expect("queue"));
+    used_then_closed!(JoinableQueue::<String>::new().expect("queue"));
+
+    let q: SimpleQueue<u8> = SimpleQueue::new().expect("queue");
+    q.close().expect("close");
+    assert_closed("SimpleQueue.empty", q.empty());
+    assert_closed("SimpleQueue.put", q.put(1));
+    assert_closed("SimpleQueue.get", q.get());
+}
+
+#[shoal::remote]
+fn put_then_close(q: Queue<u32>, x: u32) -> Result<(), String> {
+    q.put(x).map_err(|e| e.to_string())?;
+    q.close().map_err(|e| e.to_string())
+}
+
+#[test]
+#[ignore = "needs run_exit_hooks after each pool task"]
+fn close_in_one_pool_task_does_not_close_the_queue_for_the_next() {
+    let _rt = runtime();
+    let q: Queue<u32> = Queue::new().expect("queue");
+    let pool = Pool::new(1).expect("pool");
+    assert_eq!(
+        pool.apply(put_then_close, (q.clone(), 1)).expect("apply"),
+        Ok(())
+    );
+    assert_eq!(
+        pool.apply(put_then_close, (q.clone(), 2)).expect("apply"),
+        Ok(())
+    );
+    let mut got = vec![
+        q.get_timeout(Duration::from_secs(5)).expect("1"),
+        q.get_timeout(Duration::from_secs(5)).expect("2"),
+    ];
+    got.sort_unstable();
+    assert_eq!(got, vec![1, 2]);
+    let started = Instant::now();
+    assert!(matches!(
+        q.get_timeout(Duration::from_millis(300)),
+        Err(Error::Empty)
+    ));
+    assert_timing(started, Duration::from_millis(300));
+}
