@@ -41,12 +41,14 @@ pub enum Error {
     #[error("closed: {0}")]
     Closed(String),
 
-    /// `recv_bytes_into` was given a buffer too small for the message (Python's `BufferTooShort`);
-    /// the message stays in the connection.
+    /// `recv_bytes_into` was given a buffer too small for the message (Python's `BufferTooShort`):
+    /// the message was consumed and is here, whole (Python's `args[0]`).
     #[error(
         "buffer too short: the message needs {needed} bytes from offset {offset}, the buffer has {available}"
     )]
     BufferTooShort {
+        /// The whole message.
+        message: Arc<[u8]>,
         /// The message's length.
         needed: usize,
         /// Where it would have been written.

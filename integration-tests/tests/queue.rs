@@ -590,7 +590,6 @@ fn put_then_close(q: Queue<u32>, x: u32) -> Result<(), String> {
 }
 
 #[test]
-#[ignore = "needs run_exit_hooks after each pool task"]
 fn close_in_one_pool_task_does_not_close_the_queue_for_the_next() {
     let _rt = runtime();
     let q: Queue<u32> = Queue::new().expect("queue");

@@ -458,23 +458,13 @@ pub(crate) fn forget(state: &str, token: Option<u64>) {
     }
 }
 
-/// Starts the heartbeat thread that renews this process's leases, and registers the exit hook
-/// that keeps the holds of a process that exits normally (once).
+/// Puts the renewal of this process's leases on its heartbeat, and registers the exit hook that
+/// keeps the holds of a process that exits normally (once).
 fn start_heartbeat() {
     static STARTED: Once = Once::new();
     STARTED.call_once(|| {
         context::register_exit_hook(detach_all);
-        let spawned = std::thread::Builder::new()
-            .name("shoal-leases".into())
-            .spawn(|| {
-                loop {
-                    std::thread::sleep(lease() / 3);
-                    renew_all();
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!("cannot start the lease heartbeat: {e}; holds will lapse");
-        }
+        common::on_heartbeat(renew_all);
     });
 }
 

@@ -16,8 +16,8 @@
 //! those bytes, relayed with `send_bytes`, decode with `recv` at the other end. A message longer
 //! than `recv_bytes`' `maxlength` is consumed and is an error, after which the handle is no
 //! longer readable. [`Connection::recv_bytes_into`] writes a message into a buffer at an offset;
-//! a buffer too small is [`Error::BufferTooShort`], the message is consumed (Python's exception
-//! carries it) and [`Connection::take_too_short_message`] returns it.
+//! a buffer too small is [`Error::BufferTooShort`]: the message is consumed, and the error
+//! carries it whole (Python's `args[0]`).
 //!
 //! Errors, as Python's: a wrong direction and a read after a `maxlength` violation are
 //! [`Error::Io`] (`OSError`); an operation on a closed handle, `poll` included, is
@@ -228,8 +228,6 @@ pub struct Connection<T> {
     phase: Mutex<Phase>,
     /// Set after a message exceeded `recv_bytes`' maxlength.
     unreadable: AtomicBool,
-    /// The message of the last `BufferTooShort`.
-    too_short: Mutex<Option<Vec<u8>>>,
     _message: PhantomData<fn() -> T>,
 }
 
@@ -345,7 +343,6 @@ impl<T> Connection<T> {
             can_recv,
             phase: Mutex::new(phase),
             unreadable: AtomicBool::new(false),
-            too_short: Mutex::new(None),
             _message: PhantomData,
         }
     }
@@ -368,15 +365,6 @@ impl<T> Connection<T> {
     /// Whether this end can receive (false after a `recv_bytes` maxlength violation).
     pub fn readable(&self) -> bool {
         self.can_recv && !self.unreadable.load(Ordering::Acquire)
-    }
-
-    /// The message that the last [`Error::BufferTooShort`] of this handle consumed (Python's
-    /// `BufferTooShort.args[0]`), once.
-    pub fn take_too_short_message(&self) -> Option<Vec<u8>> {
-        self.too_short
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
     }
 
     /// Closes this handle: the end stays open while other handles or processes hold it (see the
@@ -670,8 +658,8 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     }
 
     /// Receives the next message into `buffer` at `offset`; returns its length. A buffer too
-    /// small is [`Error::BufferTooShort`]: the message is consumed, and
-    /// [`Connection::take_too_short_message`] returns it.
+    /// small is [`Error::BufferTooShort`], which carries the message (it is consumed, as in
+    /// Python).
     pub fn recv_bytes_into(&self, buffer: &mut [u8], offset: usize) -> Result<usize> {
         if offset > buffer.len() {
             return Err(Error::invalid_state(format!(
@@ -686,8 +674,8 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         };
         let len = message.len();
         if len > buffer.len() - offset {
-            *self.too_short.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
             return Err(Error::BufferTooShort {
+                message: message.into(),
                 needed: len,
                 offset,
                 available: buffer.len(),
