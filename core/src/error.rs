@@ -75,6 +75,20 @@ pub enum Error {
         function: String,
     },
 
+    /// A worker was sent a function its program does not have: the program that sent the task
+    /// and the one running it (a container image, a copy on another host) are different builds.
+    #[error(
+        "function `{function}` is not registered in {program}, the program this worker runs: it \
+         was built from another version of the program than the one that sent the task (rebuild \
+         and redeploy the worker image or binary)"
+    )]
+    UnknownFunction {
+        /// The function's registered name.
+        function: String,
+        /// The worker's program.
+        program: String,
+    },
+
     /// A payload could not be encoded or decoded.
     #[error("codec error at `{key}` (type `{expected}`): {reason}")]
     Codec {

@@ -120,6 +120,18 @@ impl Failure {
     }
 }
 
+/// The error a worker gives for a function its program lacks: [`Error::UnknownFunction`]
+/// naming the function and this program.
+pub fn unknown_here(function: &str) -> crate::Error {
+    let program = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "this program".into());
+    crate::Error::UnknownFunction {
+        function: function.to_string(),
+        program,
+    }
+}
+
 /// Calls a registered function, turning a panic into a [`Failure`] of kind
 /// [`TaskErrorKind::Panic`] whose message is the panic's message followed by where it happened
 /// (`boom at src/main.rs:10:5`).

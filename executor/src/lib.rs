@@ -2,12 +2,15 @@
 //!
 //! * [`protocol`]: the messages every backend's executor actor answers (launch, signal, exit).
 //! * [`local`]: the local backend (subprocesses of this binary, or threads).
+//! * `kubernetes` (feature `kubernetes`): workers as Kubernetes Jobs.
 //! * [`task`]: the task record a worker reads and the status it writes, with their keys.
 //! * [`worker`]: what a worker process does with its task.
 //! * [`output`]: a child's stdout/stderr through a Redis Stream.
 //! * [`pool`]: the pool protocol (task and result streams, leases, redelivery) and the pool
 //!   worker loop.
 
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod local;
 pub mod output;
 pub mod pool;

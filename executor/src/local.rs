@@ -66,6 +66,24 @@ impl LocalSettings {
             test_entry: shoal_core::registry::test_worker_entry(),
         })
     }
+
+    /// The arguments a worker of this program is started with: none for a program, the worker
+    /// entry test alone for a test binary (`<entry> --exact --nocapture -q --test-threads=1`).
+    pub fn worker_args(&self) -> Vec<String> {
+        match &self.test_entry {
+            Some(entry) => [
+                entry.as_str(),
+                "--exact",
+                "--nocapture",
+                "-q",
+                "--test-threads=1",
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+            None => Vec::new(),
+        }
+    }
 }
 
 enum Child {
@@ -131,10 +149,9 @@ impl LocalExecutor {
                 });
             }
         }
-        if let Some(entry) = &self.settings.test_entry {
+        if self.settings.test_entry.is_some() {
             command
-                .arg(entry)
-                .args(["--exact", "--nocapture", "-q", "--test-threads=1"])
+                .args(self.settings.worker_args())
                 .stdout(Stdio::piped());
         }
         let mut child = command.spawn().map_err(|e| {

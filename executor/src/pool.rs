@@ -461,9 +461,7 @@ pub fn run_worker(store: &Arc<Store>, spec: &PoolWorkerSpec) -> Result<WorkerEnd
 
 fn run_initializer(init: &Initializer, limit: usize) -> Result<()> {
     let Some(function) = registry::lookup(&init.function) else {
-        return Err(Error::NotRegistered {
-            function: init.function.clone(),
-        });
+        return Err(registry::unknown_here(&init.function));
     };
     registry::call(function, &init.args, limit)
         .and_then(registry::Returned::into_process_outcome)
@@ -711,9 +709,7 @@ fn run_chunk(
         }),
     };
     let Some(entry) = registry::lookup(function) else {
-        let e = Error::NotRegistered {
-            function: function.to_string(),
-        };
+        let e = registry::unknown_here(function);
         return (fail(0, Failure::error(e)), offset, false);
     };
     let items: Vec<ByteBuf> = match store.decode(payload, key) {

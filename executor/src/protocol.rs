@@ -131,6 +131,12 @@ pub struct WorkerExited {
     pub code: i32,
 }
 
+/// Asks an executor to remove what it started that outlives its workers (a remote backend's
+/// Jobs), before the runtime stops. Answered once that is done (or failed: logged).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
 /// A handle to one backend's executor actor.
 #[derive(Clone, Debug)]
 pub struct Executor {
@@ -138,6 +144,7 @@ pub struct Executor {
     launch: Recipient<Launch>,
     signal: Recipient<SignalWorker>,
     query: Recipient<QueryWorker>,
+    shutdown: Option<Recipient<Shutdown>>,
 }
 
 impl Executor {
@@ -153,6 +160,21 @@ impl Executor {
             launch,
             signal,
             query,
+            shutdown: None,
+        }
+    }
+
+    /// The same executor, told when the runtime shuts down (see [`Shutdown`]).
+    pub fn with_shutdown(mut self, shutdown: Recipient<Shutdown>) -> Self {
+        self.shutdown = Some(shutdown);
+        self
+    }
+
+    /// Lets the backend remove what it started; returns when it is done. Nothing to do for a
+    /// backend that did not ask to be told.
+    pub async fn shutdown(&self) {
+        if let Some(shutdown) = &self.shutdown {
+            let _ = shutdown.send(Shutdown).await;
         }
     }
 

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use shoal_core::TaskErrorKind;
 use shoal_core::config::Config;
 use shoal_core::context::{self, AuthKey, Context, ProcessInfo};
-use shoal_core::error::{Error, Result};
+use shoal_core::error::Result;
 use shoal_core::registry::{self, Failure};
 use shoal_core::store::{Store, StoreSettings};
 
@@ -85,9 +85,7 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
             match registry::lookup(function) {
                 Some(entry) => registry::call(entry, args, store.settings().max_message_bytes)
                     .and_then(registry::Returned::into_process_outcome),
-                None => Err(Failure::error(Error::NotRegistered {
-                    function: function.clone(),
-                })),
+                None => Err(Failure::error(registry::unknown_here(function))),
             },
         ),
         TaskKind::PoolWorker(spec) => (

@@ -351,7 +351,9 @@ impl Process {
                     identity: self.identity.clone(),
                     daemon,
                     config: record_config,
-                    stream_output: config.multiprocessing.stream_stdout,
+                    // A remote child's terminal is not ours: its output comes back as a stream.
+                    stream_output: config.multiprocessing.stream_stdout
+                        || config.shoal.backend.is_remote(),
                     authkey: Some(info.authkey.clone()),
                     parent: info.parent.clone(),
                 };

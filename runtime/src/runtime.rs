@@ -51,6 +51,8 @@ pub struct Runtime {
 
 /// The state of a running runtime.
 pub(crate) struct RuntimeInner {
+    /// This runtime's id: what its remote workers are labelled with.
+    id: String,
     context: Arc<Context>,
     actors: Mutex<ActorSystem>,
     executor: Executor,
@@ -61,6 +63,7 @@ pub(crate) struct RuntimeInner {
 impl std::fmt::Debug for RuntimeInner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RuntimeInner")
+            .field("id", &self.id)
             .field("store", self.context.store())
             .finish_non_exhaustive()
     }
@@ -139,16 +142,6 @@ impl Runtime {
 
 impl RuntimeInner {
     fn start_main(mut config: Config) -> Result<RuntimeInner> {
-        if config.shoal.backend != Backend::Local {
-            return Err(Error::Config {
-                origin: "shoal.backend".into(),
-                key: "shoal.backend".into(),
-                reason: format!(
-                    "the {:?} executor is not in this build yet (README, \"What is missing\")",
-                    config.shoal.backend
-                ),
-            });
-        }
         let (url, embedded) = match &config.redis.url {
             Some(url) => (url.clone(), None),
             None => {
@@ -177,8 +170,14 @@ impl RuntimeInner {
             context.store().url().to_string(),
             context.store().keys().namespace().to_string(),
         )?;
-        let executor = LocalExecutor::start(settings, actors.arbiter());
+        let local = LocalExecutor::start(settings.clone(), actors.arbiter());
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let executor = match context.config().shoal.backend {
+            Backend::Local => local,
+            Backend::Kubernetes => kubernetes_executor(&context, &settings, &id, local, &actors)?,
+        };
         Ok(RuntimeInner {
+            id,
             context,
             actors: Mutex::new(actors),
             executor,
@@ -261,6 +260,8 @@ impl Drop for RuntimeInner {
         // Items a queue feeder still buffers reach Redis first (Python's join_thread at exit).
         context::run_exit_hooks();
         self.shutdown_children();
+        // A remote backend deletes what it started (finished Jobs included).
+        futures::executor::block_on(self.executor.shutdown());
         if context::try_current().is_some_and(|c| Arc::ptr_eq(&c, &self.context)) {
             context::clear();
         }
@@ -275,6 +276,57 @@ impl Drop for RuntimeInner {
         }
         tracing::debug!("shoal runtime stopped");
     }
+}
+
+/// The Kubernetes executor for this runtime's configuration, or why there is none.
+#[cfg(feature = "kubernetes")]
+fn kubernetes_executor(
+    context: &Context,
+    local: &LocalSettings,
+    runtime_id: &str,
+    threads: Executor,
+    actors: &ActorSystem,
+) -> Result<Executor> {
+    use shoal_executor::kubernetes::{JobTemplate, KubernetesExecutor};
+    let config = context.config();
+    let program = match &config.kubernetes.command {
+        Some(command) => command.clone(),
+        None => {
+            let name = local
+                .program
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "shoal-worker".into());
+            format!("/usr/local/bin/{name}")
+        }
+    };
+    let template = JobTemplate {
+        config: config.kubernetes.clone(),
+        runtime_id: runtime_id.to_string(),
+        namespace: context.store().keys().namespace().to_string(),
+        program,
+        args: local.worker_args(),
+        redis_url: context.store().url().to_string(),
+    };
+    KubernetesExecutor::start(template, threads, actors.arbiter())
+}
+
+/// Without the `kubernetes` feature, the backend is a configuration error.
+#[cfg(not(feature = "kubernetes"))]
+fn kubernetes_executor(
+    _: &Context,
+    _: &LocalSettings,
+    _: &str,
+    _: Executor,
+    _: &ActorSystem,
+) -> Result<Executor> {
+    Err(Error::Config {
+        origin: "shoal.backend".into(),
+        key: "shoal.backend".into(),
+        reason: "this program was built without shoal's `kubernetes` feature: add \
+                 `features = [\"kubernetes\"]` to its shoal dependency"
+            .into(),
+    })
 }
 
 fn config_without_url(config: &Config) -> Config {

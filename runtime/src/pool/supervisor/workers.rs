@@ -83,7 +83,8 @@ impl PoolSupervisor {
                 name: name.clone(),
                 identity: info.identity.clone(),
                 daemon: info.daemon,
-                stream_output: config.multiprocessing.stream_stdout,
+                stream_output: config.multiprocessing.stream_stdout
+                    || config.shoal.backend.is_remote(),
                 config,
                 authkey: Some(info.authkey.clone()),
                 parent: info.parent.clone(),

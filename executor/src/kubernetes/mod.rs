@@ -1,0 +1,426 @@
+//! The Kubernetes backend: every worker is a Kubernetes Job (`shoal.backend: kubernetes`).
+//!
+//! # One Job per worker
+//!
+//! A `Process` is one Job; so is each Pool worker. The alternative for pools, one Indexed Job
+//! with a pod per index, ties the workers together: its backoff limit and its completion are
+//! the Job's, a failed index is restarted by Kubernetes (retries are the Pool's business: it
+//! redelivers the chunks a dead worker held, and decides whether to start another), and
+//! replacing one worker means patching the shared Job. With a Job per worker, the supervisor
+//! starts, replaces and stops workers one by one exactly as on the local backend, every worker
+//! has its own task record and exit code, and `backoffLimit: 0` + `restartPolicy: Never` leave
+//! every restart decision to shoal. The cost is one API object per worker, cleaned up by
+//! `ttlSecondsAfterFinished` and when the runtime is dropped.
+//!
+//! # What the executor does
+//!
+//! * **Launch**: creates the Job ([`spec`]); the pod reads its task from Redis like any worker
+//!   (the backend moves no data). Thread workloads (start method `thread`) run in this process,
+//!   through the local executor.
+//! * **Exit**: one watch on the pods of this runtime (label `shoal.dev/runtime`, through
+//!   `kube::runtime::watcher`, which relists and resumes after errors) tells each worker's end
+//!   ([`status`]): its exit code, Python's way (`-9` for `SIGKILL`, `-15` for `SIGTERM`,
+//!   `OOMKilled` logged as such), or that it cannot start (an image that cannot be pulled, a
+//!   missing Secret), which is logged with the kubelet's message and ends the worker with
+//!   code 1. A pod deleted without a final status ends its worker with the signal that was
+//!   asked for, else `-9`.
+//! * **Signal**: `terminate()` deletes the pod with its grace period (`SIGTERM`, then `SIGKILL`
+//!   after `terminationGracePeriodSeconds`) and the Job; `kill()` deletes the pod with grace 0.
+//! * **Shutdown**: the runtime being dropped deletes every Job it started (label selector),
+//!   finished ones included.
+//!
+//! A remote worker cannot get a parent-death signal: a pool worker watches its driver's
+//! liveness key instead (see `crate::pool`).
+//!
+//! Authentication is `kube::Config::infer` (the kubeconfig's current context, or the pod's
+//! service account inside the cluster), or the kubeconfig context `kubernetes.context` names.
+
+mod spec;
+mod status;
+
+use std::collections::{HashMap, HashSet};
+
+use actix::prelude::*;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use shoal_core::error::{Error, Result};
+
+pub use spec::{
+    ANNOTATION_PROCESS_NAME, CONTAINER, JobTemplate, LABEL_NAMESPACE, LABEL_PROCESS, LABEL_RUNTIME,
+    LABEL_WORKER, WorkerJob, label_value,
+};
+pub use status::{PodOutcome, outcome};
+
+use crate::protocol::{
+    Executor, Launch, Launched, QueryWorker, Shutdown, SignalWorker, StopSignal, WorkerExited,
+    WorkerStatus, Workload,
+};
+
+/// A worker the executor started and has not seen end.
+struct RemoteWorker {
+    name: String,
+    job: String,
+    /// Its pod, once the watch saw it.
+    pod: Option<String>,
+    notify: Recipient<WorkerExited>,
+    /// The signal asked for, if any.
+    stopping: Option<StopSignal>,
+}
+
+/// The Kubernetes executor actor.
+pub struct KubernetesExecutor {
+    template: JobTemplate,
+    local: Executor,
+    client: Option<Client>,
+    namespace: String,
+    workers: HashMap<String, RemoteWorker>,
+    /// During a relist of the watch: the workers whose pods were listed.
+    relisted: Option<HashSet<String>>,
+}
+
+impl KubernetesExecutor {
+    /// Starts the executor on `arbiter`, connects to the API server (kubeconfig or in-cluster
+    /// service account) and starts watching this runtime's pods. Thread workloads go to `local`.
+    pub fn start(
+        template: JobTemplate,
+        local: Executor,
+        arbiter: &ArbiterHandle,
+    ) -> Result<Executor> {
+        let addr = KubernetesExecutor::start_in_arbiter(arbiter, move |_| KubernetesExecutor {
+            namespace: template.config.namespace.clone().unwrap_or_default(),
+            template,
+            local,
+            client: None,
+            workers: HashMap::new(),
+            relisted: None,
+        });
+        futures::executor::block_on(addr.send(Connect))
+            .map_err(|e| Error::Backend(format!("the kubernetes executor did not start: {e}")))??;
+        Ok(Executor::new(
+            "kubernetes",
+            addr.clone().recipient(),
+            addr.clone().recipient(),
+            addr.clone().recipient(),
+        )
+        .with_shutdown(addr.recipient()))
+    }
+
+    fn client(&self) -> Result<Client> {
+        self.client
+            .clone()
+            .ok_or_else(|| Error::Backend("the kubernetes executor is not connected".into()))
+    }
+
+    fn selector(&self) -> String {
+        format!("{LABEL_RUNTIME}={}", self.template.runtime_id)
+    }
+
+    /// A worker ended: tells its owner once.
+    fn exited(&mut self, id: &str, code: i32, reason: Option<String>) {
+        let Some(worker) = self.workers.remove(id) else {
+            return;
+        };
+        if let Some(reason) = reason {
+            tracing::warn!(
+                "{} (Job {}) ended: {reason}, exit code {code}",
+                worker.name,
+                worker.job
+            );
+        }
+        worker.notify.do_send(WorkerExited {
+            id: id.to_string(),
+            code,
+        });
+    }
+
+    fn on_pod(&mut self, pod: &Pod, deleted: bool, ctx: &mut Context<Self>) {
+        let Some(id) = pod.labels().get(LABEL_WORKER).cloned() else {
+            return;
+        };
+        if let Some(relisted) = &mut self.relisted {
+            relisted.insert(id.clone());
+        }
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        worker.pod = Some(pod.name_any());
+        match outcome(pod) {
+            PodOutcome::Exited { code, reason } => self.exited(&id, code, reason),
+            PodOutcome::Unstartable(why) => {
+                tracing::error!(
+                    "{} (Job {}) cannot start: {why}; deleting it",
+                    worker.name,
+                    worker.job
+                );
+                self.delete(ctx, &id, Some(0));
+                self.exited(&id, 1, None);
+            }
+            PodOutcome::Pending if deleted => {
+                let code = worker.stopping.map_or(-9, StopSignal::exit_code);
+                self.exited(&id, code, Some("its pod was deleted".into()));
+            }
+            PodOutcome::Pending => {}
+        }
+    }
+
+    /// Deletes a worker's pod (when known) with `grace` seconds (`None`: the pod's own) and
+    /// its Job, in the background.
+    fn delete(&mut self, ctx: &mut Context<Self>, id: &str, grace: Option<u32>) {
+        let (Some(worker), Ok(client)) = (self.workers.get(id), self.client()) else {
+            return;
+        };
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &self.namespace);
+        let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
+        let (pod, job) = (worker.pod.clone(), worker.job.clone());
+        ctx.spawn(
+            async move {
+                let pod_params = DeleteParams {
+                    grace_period_seconds: grace,
+                    ..DeleteParams::default()
+                };
+                if let Some(pod) = &pod
+                    && let Err(e) = pods.delete(pod, &pod_params).await
+                    && !not_found(&e)
+                {
+                    tracing::warn!("deleting pod {pod}: {e}");
+                }
+                let job_params = DeleteParams {
+                    grace_period_seconds: grace,
+                    propagation_policy: Some(PropagationPolicy::Background),
+                    ..DeleteParams::default()
+                };
+                if let Err(e) = jobs.delete(&job, &job_params).await
+                    && !not_found(&e)
+                {
+                    tracing::warn!("deleting Job {job}: {e}");
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+fn not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if status.code == 404)
+}
+
+impl Actor for KubernetesExecutor {
+    type Context = Context<Self>;
+}
+
+/// Connect to the API server and start the watch.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+struct Connect;
+
+impl Handler<Connect> for KubernetesExecutor {
+    type Result = ResponseActFuture<Self, Result<()>>;
+
+    fn handle(&mut self, _: Connect, _: &mut Context<Self>) -> Self::Result {
+        let context = self.template.config.context.clone();
+        Box::pin(
+            async move {
+                let config = match context {
+                    Some(context) => {
+                        let options = kube::config::KubeConfigOptions {
+                            context: Some(context.clone()),
+                            ..Default::default()
+                        };
+                        kube::Config::from_kubeconfig(&options).await.map_err(|e| {
+                            Error::Backend(format!("kubeconfig context {context:?}: {e}"))
+                        })?
+                    }
+                    None => kube::Config::infer().await.map_err(|e| {
+                        Error::Backend(format!(
+                            "no Kubernetes configuration (KUBECONFIG, ~/.kube/config or an \
+                             in-cluster service account): {e}"
+                        ))
+                    })?,
+                };
+                let namespace = config.default_namespace.clone();
+                let client = Client::try_from(config)
+                    .map_err(|e| Error::Backend(format!("the Kubernetes client: {e}")))?;
+                Ok((client, namespace))
+            }
+            .into_actor(self)
+            .map(|result: Result<(Client, String)>, act, ctx| {
+                let (client, default_namespace) = result?;
+                if act.namespace.is_empty() {
+                    act.namespace = default_namespace;
+                }
+                let pods: Api<Pod> = Api::namespaced(client.clone(), &act.namespace);
+                let config = watcher::Config::default().labels(&act.selector());
+                ctx.add_stream(watcher(pods, config).default_backoff());
+                act.client = Some(client);
+                Ok(())
+            }),
+        )
+    }
+}
+
+impl StreamHandler<std::result::Result<watcher::Event<Pod>, watcher::Error>>
+    for KubernetesExecutor
+{
+    fn handle(
+        &mut self,
+        item: std::result::Result<watcher::Event<Pod>, watcher::Error>,
+        ctx: &mut Context<Self>,
+    ) {
+        match item {
+            Ok(watcher::Event::Apply(pod)) | Ok(watcher::Event::InitApply(pod)) => {
+                self.on_pod(&pod, false, ctx);
+            }
+            Ok(watcher::Event::Delete(pod)) => self.on_pod(&pod, true, ctx),
+            Ok(watcher::Event::Init) => self.relisted = Some(HashSet::new()),
+            Ok(watcher::Event::InitDone) => {
+                // A pod seen before that the relist no longer has was deleted meanwhile.
+                let listed = self.relisted.take().unwrap_or_default();
+                let gone: Vec<(String, i32)> = self
+                    .workers
+                    .iter()
+                    .filter(|(id, w)| w.pod.is_some() && !listed.contains(*id))
+                    .map(|(id, w)| (id.clone(), w.stopping.map_or(-9, StopSignal::exit_code)))
+                    .collect();
+                for (id, code) in gone {
+                    self.exited(&id, code, Some("its pod disappeared".into()));
+                }
+            }
+            Err(e) => tracing::warn!("watching worker pods: {e}"),
+        }
+    }
+
+    fn finished(&mut self, _: &mut Context<Self>) {
+        tracing::error!("the watch on worker pods ended; worker exits will not be seen");
+    }
+}
+
+impl Handler<Launch> for KubernetesExecutor {
+    type Result = ResponseActFuture<Self, Result<Launched>>;
+
+    fn handle(&mut self, launch: Launch, _: &mut Context<Self>) -> Self::Result {
+        let task_id = match &launch.workload {
+            Workload::Subprocess { task_id } => task_id.clone(),
+            Workload::Thread { .. } => {
+                let local = self.local.clone();
+                return Box::pin(async move { local.launch(launch).await }.into_actor(self));
+            }
+        };
+        let client = match self.client() {
+            Ok(client) => client,
+            Err(e) => return Box::pin(fut::ready(Err(e))),
+        };
+        if self.workers.contains_key(&launch.id) {
+            let e = Error::invalid_state(format!("worker {} is already running", launch.id));
+            return Box::pin(fut::ready(Err(e)));
+        }
+        let task = format!("{}/{task_id}", self.template.namespace);
+        let worker = WorkerJob {
+            id: &launch.id,
+            name: &launch.name,
+            task: &task,
+            env: &launch.env,
+        };
+        let job = self.template.job(&worker);
+        let job_name = self.template.job_name(&worker);
+        self.workers.insert(
+            launch.id.clone(),
+            RemoteWorker {
+                name: launch.name.clone(),
+                job: job_name.clone(),
+                pod: None,
+                notify: launch.notify,
+                stopping: None,
+            },
+        );
+        let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
+        let (id, name, namespace) = (launch.id, launch.name, self.namespace.clone());
+        Box::pin(
+            async move { jobs.create(&PostParams::default(), &job).await }
+                .into_actor(self)
+                .map(move |created, act, _| match created {
+                    Ok(_) => Ok(Launched { pid: None }),
+                    Err(e) => {
+                        act.workers.remove(&id);
+                        Err(Error::Backend(format!(
+                            "creating Job {job_name} for {name} in namespace {namespace}: {e}"
+                        )))
+                    }
+                }),
+        )
+    }
+}
+
+impl Handler<SignalWorker> for KubernetesExecutor {
+    type Result = ResponseActFuture<Self, Result<()>>;
+
+    fn handle(&mut self, msg: SignalWorker, ctx: &mut Context<Self>) -> Self::Result {
+        let Some(worker) = self.workers.get_mut(&msg.id) else {
+            // A thread child, or a worker that already ended.
+            let local = self.local.clone();
+            return Box::pin(
+                async move { local.signal(msg.id, msg.signal).await }.into_actor(self),
+            );
+        };
+        worker.stopping = Some(msg.signal);
+        let pod_known = worker.pod.is_some();
+        let grace = match msg.signal {
+            StopSignal::Terminate => None,
+            StopSignal::Kill => Some(0),
+        };
+        self.delete(ctx, &msg.id, grace);
+        if !pod_known {
+            // No pod yet: deleting the Job is enough, and no pod event may ever come.
+            self.exited(&msg.id, msg.signal.exit_code(), None);
+        }
+        Box::pin(fut::ready(Ok(())))
+    }
+}
+
+impl Handler<QueryWorker> for KubernetesExecutor {
+    type Result = ResponseActFuture<Self, WorkerStatus>;
+
+    fn handle(&mut self, msg: QueryWorker, _: &mut Context<Self>) -> Self::Result {
+        if self.workers.contains_key(&msg.id) {
+            return Box::pin(fut::ready(WorkerStatus::Running { pid: None }));
+        }
+        let local = self.local.clone();
+        Box::pin(
+            async move {
+                local
+                    .status(msg.id)
+                    .await
+                    .unwrap_or(WorkerStatus::NotRunning)
+            }
+            .into_actor(self),
+        )
+    }
+}
+
+impl Handler<Shutdown> for KubernetesExecutor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> Self::Result {
+        let Ok(client) = self.client() else {
+            return Box::pin(fut::ready(()));
+        };
+        let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
+        let selector = self.selector();
+        Box::pin(
+            async move {
+                let params = DeleteParams {
+                    propagation_policy: Some(PropagationPolicy::Background),
+                    ..DeleteParams::default()
+                };
+                let list = ListParams::default().labels(&selector);
+                if let Err(e) = jobs.delete_collection(&params, &list).await {
+                    tracing::warn!("deleting this runtime's Jobs ({selector}): {e}");
+                }
+            }
+            .into_actor(self),
+        )
+    }
+}

@@ -1,0 +1,400 @@
+//! The Job the Kubernetes executor creates for one worker, built from the `kubernetes` section
+//! of the configuration. A pure function of its inputs, so the spec can be checked without a
+//! cluster (see the tests: the shape the API server validates, with `k8s-openapi`'s types).
+//!
+//! One Job per worker (a `Process`, or one Pool worker):
+//!
+//! * `backoffLimit: 0`, `restartPolicy: Never`: a worker that fails is not restarted by
+//!   Kubernetes; retries are the Pool's, which redelivers the chunks and starts another worker;
+//! * one container, `worker`, running [`JobTemplate::program`] (this program in the image) with
+//!   the task's address in `SHOAL_WORKER_TASK` and the Redis URL in `SHOAL_WORKER_REDIS` (from a
+//!   Secret when `kubernetes.redis_url_secret` is set), plus `multiprocessing.env_vars`;
+//! * labels `shoal.dev/runtime` (the runtime that started it: its watch and its clean-up select
+//!   on it), `shoal.dev/namespace`, `shoal.dev/process` (the process's name as a label value),
+//!   `shoal.dev/worker` (the worker id the executor tracks), `app.kubernetes.io/managed-by:
+//!   shoal`, and the configured labels; the same on the pod template; the configured
+//!   annotations plus `shoal.dev/process-name` (the name as given);
+//! * `ttlSecondsAfterFinished`, `activeDeadlineSeconds`, the service account, node selector,
+//!   tolerations, resources and image pull policy of the configuration.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SecretKeySelector, Toleration,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use shoal_core::config::KubernetesConfig;
+
+use crate::task::{ENV_WORKER_REDIS, ENV_WORKER_TASK};
+
+/// Label: the runtime that started the Job.
+pub const LABEL_RUNTIME: &str = "shoal.dev/runtime";
+/// Label: the shoal key namespace.
+pub const LABEL_NAMESPACE: &str = "shoal.dev/namespace";
+/// Label: the process's name, as a label value.
+pub const LABEL_PROCESS: &str = "shoal.dev/process";
+/// Label: the worker id the executor tracks.
+pub const LABEL_WORKER: &str = "shoal.dev/worker";
+/// Annotation: the process's name as given.
+pub const ANNOTATION_PROCESS_NAME: &str = "shoal.dev/process-name";
+/// The worker container's name.
+pub const CONTAINER: &str = "worker";
+
+/// What every Job of one runtime shares.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobTemplate {
+    /// The `kubernetes` section.
+    pub config: KubernetesConfig,
+    /// The runtime's id (label value).
+    pub runtime_id: String,
+    /// The shoal key namespace.
+    pub namespace: String,
+    /// This program's path in the image.
+    pub program: String,
+    /// Arguments before none: a test binary's worker entry (`<entry> --exact ...`).
+    pub args: Vec<String>,
+    /// The Redis URL workers get when no Secret gives it.
+    pub redis_url: String,
+}
+
+/// One worker to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerJob<'a> {
+    /// The worker id (the task id).
+    pub id: &'a str,
+    /// The process's name (`Process-1`, `PoolWorker-3`...).
+    pub name: &'a str,
+    /// `<namespace>/<task id>`, for `SHOAL_WORKER_TASK`.
+    pub task: &'a str,
+    /// `multiprocessing.env_vars`.
+    pub env: &'a BTreeMap<String, String>,
+}
+
+impl JobTemplate {
+    /// The Job's name: `shoal-<name>-<12 characters of the id>`, a valid DNS label.
+    pub fn job_name(&self, worker: &WorkerJob<'_>) -> String {
+        let short: String = worker
+            .id
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(12)
+            .collect();
+        let short = short.to_ascii_lowercase();
+        let name = dns_part(worker.name, 30);
+        if name.is_empty() {
+            format!("shoal-{short}")
+        } else {
+            format!("shoal-{name}-{short}")
+        }
+    }
+
+    /// The Job for `worker`.
+    pub fn job(&self, worker: &WorkerJob<'_>) -> Job {
+        let config = &self.config;
+        let mut labels = config.labels.clone();
+        labels.insert(LABEL_RUNTIME.into(), self.runtime_id.clone());
+        labels.insert(LABEL_NAMESPACE.into(), label_value(&self.namespace));
+        labels.insert(LABEL_PROCESS.into(), label_value(worker.name));
+        labels.insert(LABEL_WORKER.into(), label_value(worker.id));
+        labels.insert("app.kubernetes.io/managed-by".into(), "shoal".into());
+        let mut annotations = config.annotations.clone();
+        annotations.insert(ANNOTATION_PROCESS_NAME.into(), worker.name.to_string());
+        let metadata = ObjectMeta {
+            name: Some(self.job_name(worker)),
+            namespace: config.namespace.clone(),
+            labels: Some(labels.clone()),
+            annotations: Some(annotations.clone()),
+            ..ObjectMeta::default()
+        };
+        let redis = match &config.redis_url_secret {
+            Some(secret) => EnvVar {
+                name: ENV_WORKER_REDIS.into(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.name.clone(),
+                        key: secret.key.clone(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            },
+            None => literal(ENV_WORKER_REDIS, &self.redis_url),
+        };
+        let mut env = vec![literal(ENV_WORKER_TASK, worker.task), redis];
+        env.extend(worker.env.iter().map(|(k, v)| literal(k, v)));
+        let quantities = |map: &BTreeMap<String, String>| {
+            (!map.is_empty()).then(|| {
+                map.iter()
+                    .map(|(k, v)| (k.clone(), Quantity(v.clone())))
+                    .collect::<BTreeMap<_, _>>()
+            })
+        };
+        let resources = (!config.resources.requests.is_empty()
+            || !config.resources.limits.is_empty())
+        .then(|| ResourceRequirements {
+            requests: quantities(&config.resources.requests),
+            limits: quantities(&config.resources.limits),
+            ..ResourceRequirements::default()
+        });
+        let container = Container {
+            name: CONTAINER.into(),
+            image: config.image.clone(),
+            image_pull_policy: Some(config.image_pull_policy.as_str().into()),
+            command: Some(vec![self.program.clone()]),
+            args: (!self.args.is_empty()).then(|| self.args.clone()),
+            env: Some(env),
+            resources,
+            ..Container::default()
+        };
+        let tolerations = (!config.tolerations.is_empty()).then(|| {
+            config
+                .tolerations
+                .iter()
+                .map(|t| Toleration {
+                    key: t.key.clone(),
+                    operator: t.operator.clone(),
+                    value: t.value.clone(),
+                    effect: t.effect.clone(),
+                    toleration_seconds: t.toleration_seconds,
+                })
+                .collect()
+        });
+        let pod = PodSpec {
+            containers: vec![container],
+            restart_policy: Some("Never".into()),
+            service_account_name: config.service_account.clone(),
+            node_selector: (!config.node_selector.is_empty()).then(|| config.node_selector.clone()),
+            tolerations,
+            ..PodSpec::default()
+        };
+        Job {
+            metadata,
+            spec: Some(JobSpec {
+                backoff_limit: Some(0),
+                ttl_seconds_after_finished: config
+                    .ttl_seconds_after_finished
+                    .map(|t| i32::try_from(t).unwrap_or(i32::MAX)),
+                active_deadline_seconds: config
+                    .active_deadline_seconds
+                    .map(|s| i64::try_from(s).unwrap_or(i64::MAX)),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(labels),
+                        annotations: Some(annotations),
+                        ..ObjectMeta::default()
+                    }),
+                    spec: Some(pod),
+                },
+                ..JobSpec::default()
+            }),
+            status: None,
+        }
+    }
+}
+
+fn literal(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: Some(value.to_string()),
+        value_from: None,
+    }
+}
+
+/// `text` as part of a DNS label: lowercase letters, digits and `-`, at most `max` characters,
+/// no `-` at either end.
+fn dns_part(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            out.push(c);
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+        if out.len() >= max {
+            break;
+        }
+    }
+    out.trim_matches('-').to_string()
+}
+
+/// `text` as a label value: at most 63 characters of `A-Z a-z 0-9 - _ .`, starting and ending
+/// with a letter or digit (others replaced by `_`).
+pub fn label_value(text: &str) -> String {
+    let mapped: String = text
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(63)
+        .collect();
+    mapped
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_core::config::{ImagePullPolicy, SecretKeyRef};
+
+    fn template() -> JobTemplate {
+        let mut config = KubernetesConfig {
+            namespace: Some("jobs".into()),
+            image: Some("registry.example.com/app:1".into()),
+            image_pull_policy: ImagePullPolicy::Always,
+            service_account: Some("shoal-worker".into()),
+            active_deadline_seconds: Some(600),
+            ..KubernetesConfig::default()
+        };
+        config
+            .resources
+            .limits
+            .insert("memory".into(), "512Mi".into());
+        config
+            .resources
+            .requests
+            .insert("cpu".into(), "250m".into());
+        config.labels.insert("team".into(), "data".into());
+        config.node_selector.insert("disktype".into(), "ssd".into());
+        config.tolerations.push(shoal_core::config::Toleration {
+            key: Some("spot".into()),
+            operator: Some("Equal".into()),
+            value: Some("true".into()),
+            effect: Some("NoSchedule".into()),
+            toleration_seconds: None,
+        });
+        JobTemplate {
+            config,
+            runtime_id: "0123456789abcdef0123456789abcdef".into(),
+            namespace: "default".into(),
+            program: "/usr/local/bin/app".into(),
+            args: Vec::new(),
+            redis_url: "redis://shoal-redis:6379".into(),
+        }
+    }
+
+    fn worker<'a>(env: &'a BTreeMap<String, String>) -> WorkerJob<'a> {
+        WorkerJob {
+            id: "9f8e7d6c5b4a39281706f5e4d3c2b1a0",
+            name: "PoolWorker-3",
+            task: "default/9f8e7d6c5b4a39281706f5e4d3c2b1a0",
+            env,
+        }
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        let env = BTreeMap::new();
+        let t = template();
+        assert_eq!(t.job_name(&worker(&env)), "shoal-poolworker-3-9f8e7d6c5b4a");
+        let odd = WorkerJob {
+            name: "My Weird/Name!!",
+            ..worker(&env)
+        };
+        assert_eq!(t.job_name(&odd), "shoal-my-weird-name-9f8e7d6c5b4a");
+        assert_eq!(label_value("-Process 1:2-"), "Process_1_2");
+        assert_eq!(dns_part(&"x".repeat(100), 30).len(), 30);
+    }
+
+    #[test]
+    fn the_job_has_what_the_configuration_asks_for() {
+        let mut env = BTreeMap::new();
+        env.insert("GREETING".to_string(), "hi".to_string());
+        let job = template().job(&worker(&env));
+        let json = serde_json::to_value(&job).expect("json");
+        let spec = &json["spec"];
+        assert_eq!(spec["backoffLimit"], 0);
+        assert_eq!(spec["activeDeadlineSeconds"], 600);
+        assert_eq!(spec["ttlSecondsAfterFinished"], 300);
+        let pod = &spec["template"]["spec"];
+        assert_eq!(pod["restartPolicy"], "Never");
+        assert_eq!(pod["serviceAccountName"], "shoal-worker");
+        assert_eq!(pod["nodeSelector"]["disktype"], "ssd");
+        assert_eq!(pod["tolerations"][0]["key"], "spot");
+        let c = &pod["containers"][0];
+        assert_eq!(c["name"], "worker");
+        assert_eq!(c["image"], "registry.example.com/app:1");
+        assert_eq!(c["imagePullPolicy"], "Always");
+        assert_eq!(c["command"][0], "/usr/local/bin/app");
+        assert_eq!(c["resources"]["limits"]["memory"], "512Mi");
+        assert_eq!(c["resources"]["requests"]["cpu"], "250m");
+        let env: Vec<(String, String)> = c["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap_or_default().to_string(),
+                    e["value"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            env,
+            [
+                (
+                    "SHOAL_WORKER_TASK".to_string(),
+                    "default/9f8e7d6c5b4a39281706f5e4d3c2b1a0".to_string()
+                ),
+                (
+                    "SHOAL_WORKER_REDIS".to_string(),
+                    "redis://shoal-redis:6379".to_string()
+                ),
+                ("GREETING".to_string(), "hi".to_string()),
+            ]
+        );
+        let labels = &json["metadata"]["labels"];
+        assert_eq!(labels["team"], "data");
+        assert_eq!(labels[LABEL_RUNTIME], "0123456789abcdef0123456789abcdef");
+        assert_eq!(labels[LABEL_PROCESS], "PoolWorker-3");
+        assert_eq!(labels[LABEL_WORKER], "9f8e7d6c5b4a39281706f5e4d3c2b1a0");
+        assert_eq!(json["metadata"]["namespace"], "jobs");
+        assert_eq!(
+            spec["template"]["metadata"]["labels"], json["metadata"]["labels"],
+            "the pods carry the Job's labels"
+        );
+        assert_eq!(
+            json["metadata"]["annotations"][ANNOTATION_PROCESS_NAME],
+            "PoolWorker-3"
+        );
+    }
+
+    #[test]
+    fn the_redis_url_can_come_from_a_secret() {
+        let mut t = template();
+        t.config.redis_url_secret = Some(SecretKeyRef {
+            name: "shoal-redis-url".into(),
+            key: "url".into(),
+        });
+        let env = BTreeMap::new();
+        let json = serde_json::to_value(t.job(&worker(&env))).expect("json");
+        let redis = &json["spec"]["template"]["spec"]["containers"][0]["env"][1];
+        assert_eq!(redis["name"], "SHOAL_WORKER_REDIS");
+        assert!(redis.get("value").is_none(), "no literal URL: {redis}");
+        assert_eq!(
+            redis["valueFrom"]["secretKeyRef"]["name"],
+            "shoal-redis-url"
+        );
+        assert_eq!(redis["valueFrom"]["secretKeyRef"]["key"], "url");
+    }
+
+    #[test]
+    fn the_job_round_trips_through_the_api_types() {
+        // What the API server would receive decodes back into the same typed Job: no field is
+        // lost or misspelt on the wire.
+        let env = BTreeMap::new();
+        let job = template().job(&worker(&env));
+        let wire = serde_json::to_string(&job).expect("json");
+        let back: Job = serde_json::from_str(&wire).expect("decodes as a batch/v1 Job");
+        assert_eq!(back, job);
+    }
+}
