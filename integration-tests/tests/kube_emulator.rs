@@ -198,7 +198,11 @@ async fn a_job_whose_command_exits_0_completes_with_the_real_statuses() {
     let created = jobs
         .create(
             &PostParams::default(),
-            &job("hello", &["/bin/sh", "-c", "echo hello from $HOSTNAME"], json!({})),
+            &job(
+                "hello",
+                &["/bin/sh", "-c", "echo hello from $HOSTNAME"],
+                json!({}),
+            ),
         )
         .await
         .expect("create");
@@ -208,7 +212,13 @@ async fn a_job_whose_command_exits_0_completes_with_the_real_statuses() {
     assert_eq!(spec.completions, Some(1));
     assert_eq!(
         spec.selector.as_ref().and_then(|s| s.match_labels.clone()),
-        Some([("batch.kubernetes.io/controller-uid".to_string(), uid.clone())].into())
+        Some(
+            [(
+                "batch.kubernetes.io/controller-uid".to_string(),
+                uid.clone()
+            )]
+            .into()
+        )
     );
 
     let done = job_until(&jobs, "hello", "completed", finished).await;
@@ -219,7 +229,10 @@ async fn a_job_whose_command_exits_0_completes_with_the_real_statuses() {
     );
     assert!(condition(&done, "SuccessCriteriaMet").is_some());
     assert!(condition(&done, "Failed").is_none());
-    assert_eq!((status.succeeded, status.failed, status.active), (Some(1), None, None));
+    assert_eq!(
+        (status.succeeded, status.failed, status.active),
+        (Some(1), None, None)
+    );
     assert!(status.start_time.is_some() && status.completion_time.is_some());
 
     let pod = job_pods(&pods, "hello", 1).await.remove(0);
@@ -238,7 +251,12 @@ async fn a_job_whose_command_exits_0_completes_with_the_real_statuses() {
     }
     let owner = &pod.metadata.owner_references.as_ref().expect("owned")[0];
     assert_eq!(
-        (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str(), owner.controller),
+        (
+            owner.kind.as_str(),
+            owner.name.as_str(),
+            owner.uid.as_str(),
+            owner.controller
+        ),
         ("Job", "hello", uid.as_str(), Some(true))
     );
     assert_eq!(phase(&pod), "Succeeded");
@@ -247,7 +265,10 @@ async fn a_job_whose_command_exits_0_completes_with_the_real_statuses() {
         Some(NODE_NAME)
     );
     let end = terminated(&pod).expect("terminated");
-    assert_eq!((end.exit_code, end.reason.as_deref()), (0, Some("Completed")));
+    assert_eq!(
+        (end.exit_code, end.reason.as_deref()),
+        (0, Some("Completed"))
+    );
     assert!(end.started_at.is_some() && end.finished_at.is_some());
     let log = pods.logs(&name, &LogParams::default()).await.expect("log");
     assert_eq!(log, format!("hello from {name}\n"));
@@ -270,7 +291,10 @@ async fn a_job_whose_command_exits_3_fails_with_backoff_limit_exceeded() {
     assert_eq!(message, "Job has reached the specified backoff limit");
     assert!(condition(&done, "FailureTarget").is_some());
     let status = done.status.as_ref().expect("status");
-    assert_eq!((status.failed, status.succeeded, status.active), (Some(1), None, None));
+    assert_eq!(
+        (status.failed, status.succeeded, status.active),
+        (Some(1), None, None)
+    );
     assert!(status.completion_time.is_none(), "only set on success");
     let pod = job_pods(&pods, "three", 1).await.remove(0);
     assert_eq!(phase(&pod), "Failed");
@@ -282,9 +306,12 @@ async fn a_job_whose_command_exits_3_fails_with_backoff_limit_exceeded() {
 async fn a_killed_pod_reports_128_plus_the_signal_and_oom_kills_are_oomkilled() {
     let emulator = Emulator::start(None);
     let (_, jobs, pods) = apis(&emulator);
-    jobs.create(&PostParams::default(), &job("killed", &["sleep", "600"], json!({})))
-        .await
-        .expect("create");
+    jobs.create(
+        &PostParams::default(),
+        &job("killed", &["sleep", "600"], json!({})),
+    )
+    .await
+    .expect("create");
     let pod = job_pods(&pods, "killed", 1).await.remove(0);
     let name = name_of(&pod);
     let running = pod_until(&pods, &name, "ran", |p| phase(p) == "Running").await;
@@ -326,9 +353,12 @@ async fn a_killed_pod_reports_128_plus_the_signal_and_oom_kills_are_oomkilled() 
     jobs.create(&PostParams::default(), &annotated)
         .await
         .expect("create");
-    jobs.create(&PostParams::default(), &job("oom2", &["sleep", "600"], json!({})))
-        .await
-        .expect("create");
+    jobs.create(
+        &PostParams::default(),
+        &job("oom2", &["sleep", "600"], json!({})),
+    )
+    .await
+    .expect("create");
     let second = name_of(&job_pods(&pods, "oom2", 1).await[0]);
     pod_until(&pods, &second, "ran", |p| phase(p) == "Running").await;
     assert!(emulator.oom_kill(DEFAULT_NAMESPACE, &second));
@@ -350,10 +380,16 @@ async fn watchers_see_pending_running_succeeded_and_the_ttl_deletion() {
     let (_, jobs, pods) = apis(&emulator);
     let selector = "job-name=watched";
     // Both initial list strategies kube offers.
-    let listed = follow(watcher(pods.clone(), watcher::Config::default().labels(selector))).await;
+    let listed = follow(watcher(
+        pods.clone(),
+        watcher::Config::default().labels(selector),
+    ))
+    .await;
     let streamed = follow(watcher(
         pods.clone(),
-        watcher::Config::default().labels(selector).streaming_lists(),
+        watcher::Config::default()
+            .labels(selector)
+            .streaming_lists(),
     ))
     .await;
     let mut job_events = follow(watcher(
@@ -423,9 +459,12 @@ async fn a_watch_from_a_resource_version_replays_what_followed() {
     let (_, jobs, _) = apis(&emulator);
     let before = jobs.list(&ListParams::default()).await.expect("list");
     let version = before.metadata.resource_version.expect("a list version");
-    jobs.create(&PostParams::default(), &job("replayed", &["true"], json!({})))
-        .await
-        .expect("create");
+    jobs.create(
+        &PostParams::default(),
+        &job("replayed", &["true"], json!({})),
+    )
+    .await
+    .expect("create");
     job_until(&jobs, "replayed", "completed", finished).await;
     let stream = jobs
         .watch(&WatchParams::default().timeout(2), &version)
@@ -447,7 +486,7 @@ async fn a_watch_from_a_resource_version_replays_what_followed() {
 #[tokio::test]
 async fn deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period() {
     let emulator = Emulator::start(None);
-    let (_, jobs, pods) = apis(&emulator);
+    let (client, jobs, pods) = apis(&emulator);
     // Handles SIGTERM (so, even as PID 1, it gets it) and exits 143 as a shell killed by it.
     let graceful = [
         "/bin/sh",
@@ -479,17 +518,27 @@ async fn deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period() {
         ))
         .await;
         let started = Instant::now();
-        let answer = pods
-            .delete(
-                &name,
-                &DeleteParams {
-                    grace_period_seconds: Some(grace as u32),
-                    ..DeleteParams::default()
-                },
-            )
-            .await
-            .expect("delete");
-        let answered = answer.left().expect("a pod answers with the pod");
+        let answered = if job_name == "now" {
+            // The grace period in the query rather than a DeleteOptions body.
+            let request = axum::http::Request::delete(format!(
+                "/api/v1/namespaces/{DEFAULT_NAMESPACE}/pods/{name}?gracePeriodSeconds=0"
+            ))
+            .body(Vec::new())
+            .expect("a request");
+            client.request::<Pod>(request).await.expect("delete")
+        } else {
+            let answer = pods
+                .delete(
+                    &name,
+                    &DeleteParams {
+                        grace_period_seconds: Some(grace as u32),
+                        ..DeleteParams::default()
+                    },
+                )
+                .await
+                .expect("delete");
+            answer.left().expect("a pod answers with the pod")
+        };
         assert_eq!(answered.metadata.deletion_grace_period_seconds, Some(grace));
         assert!(answered.metadata.deletion_timestamp.is_some());
         let last = tokio::time::timeout(PATIENCE, async {
@@ -511,7 +560,10 @@ async fn deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period() {
         assert_eq!(last.exit_code, exit_code, "{job_name}");
         assert!(!pid_running(pid));
         if job_name == "stubborn" {
-            assert!(started.elapsed() >= Duration::from_secs(1), "SIGKILL after the grace");
+            assert!(
+                started.elapsed() >= Duration::from_secs(1),
+                "SIGKILL after the grace"
+            );
         }
         if job_name == "graceful" {
             let log = emulator.pod_log(DEFAULT_NAMESPACE, &name).expect("log");
@@ -560,12 +612,19 @@ async fn deleting_a_job_orphans_or_deletes_its_pods_by_propagation_policy() {
     assert!(pod.metadata.owner_references.is_none());
 
     let background = pod_of("background").await;
-    let pid = emulator.pod_pid(DEFAULT_NAMESPACE, &background).expect("pid");
-    let answer = jobs
-        .delete("background", &DeleteParams::background())
-        .await
-        .expect("delete");
-    assert!(answer.is_right());
+    let pid = emulator
+        .pod_pid(DEFAULT_NAMESPACE, &background)
+        .expect("pid");
+    // The policy in the query rather than a DeleteOptions body.
+    let request = axum::http::Request::delete(format!(
+        "/apis/batch/v1/namespaces/{DEFAULT_NAMESPACE}/jobs/background?propagationPolicy=Background"
+    ))
+    .body(Vec::new())
+    .expect("a request");
+    let answer: Value = client.request(request).await.expect("delete");
+    assert_eq!(answer["kind"], "Status");
+    assert_eq!(answer["status"], "Success");
+    assert!(jobs.get_opt("background").await.expect("get").is_none());
     assert!(wait_for(PATIENCE, || !pid_running(pid)));
     job_pods(&pods, "background", 0).await;
 
@@ -582,13 +641,15 @@ async fn deleting_a_job_orphans_or_deletes_its_pods_by_propagation_policy() {
     );
     let deadline = Instant::now() + PATIENCE;
     while jobs.get_opt("foreground").await.expect("get").is_some() {
-        assert!(Instant::now() < deadline, "the foreground deletion never ended");
+        assert!(
+            Instant::now() < deadline,
+            "the foreground deletion never ended"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(pods.get_opt(&foreground).await.expect("get").is_none());
     // The orphan is still there, still running.
     assert!(emulator.pod_pid(DEFAULT_NAMESPACE, &orphan).is_some());
-    drop(client);
 }
 
 #[tokio::test]
@@ -597,7 +658,11 @@ async fn retries_make_new_pods_up_to_the_backoff_limit_and_deadlines_stop_jobs()
     let (_, jobs, pods) = apis(&emulator);
     jobs.create(
         &PostParams::default(),
-        &job("retried", &["/bin/sh", "-c", "exit 1"], json!({"spec": {"backoffLimit": 2}})),
+        &job(
+            "retried",
+            &["/bin/sh", "-c", "exit 1"],
+            json!({"spec": {"backoffLimit": 2}}),
+        ),
     )
     .await
     .expect("create");
@@ -636,7 +701,11 @@ async fn retries_make_new_pods_up_to_the_backoff_limit_and_deadlines_stop_jobs()
 async fn list_selectors_pick_pods_and_jobs_by_label_and_field() {
     let emulator = Emulator::start(None);
     let (_, jobs, pods) = apis(&emulator);
-    for (name, role) in [("driver", "driver"), ("worker-a", "worker"), ("worker-b", "worker")] {
+    for (name, role) in [
+        ("driver", "driver"),
+        ("worker-a", "worker"),
+        ("worker-b", "worker"),
+    ] {
         jobs.create(
             &PostParams::default(),
             &job(
@@ -659,21 +728,35 @@ async fn list_selectors_pick_pods_and_jobs_by_label_and_field() {
     };
     job_pods(&pods, "worker-b", 1).await;
     let select = |selector: &str| ListParams::default().labels(selector);
-    let workers = pods.list(&select("app=shoal-test,role=worker")).await.expect("list");
+    let workers = pods
+        .list(&select("app=shoal-test,role=worker"))
+        .await
+        .expect("list");
     assert_eq!(names(workers.items), ["worker-a", "worker-b"]);
     let not_workers = pods.list(&select("role!=worker")).await.expect("list");
     assert_eq!(names(not_workers.items), ["driver"]);
-    let both = pods.list(&select("role in (driver,worker)")).await.expect("list");
+    let both = pods
+        .list(&select("role in (driver,worker)"))
+        .await
+        .expect("list");
     assert_eq!(both.items.len(), 3);
-    let none = pods.list(&select("role notin (driver,worker)")).await.expect("list");
+    let none = pods
+        .list(&select("role notin (driver,worker)"))
+        .await
+        .expect("list");
     assert!(none.items.is_empty());
     let by_field = pods
-        .list(&ListParams::default().fields("spec.nodeName=shoal-emulator-node,status.phase!=Failed"))
+        .list(
+            &ListParams::default().fields("spec.nodeName=shoal-emulator-node,status.phase!=Failed"),
+        )
         .await
         .expect("list");
     assert_eq!(by_field.items.len(), 3);
     // Job labels are the Job's own when it has some.
-    let pool = jobs.list(&select("pool=p1,role=worker")).await.expect("list");
+    let pool = jobs
+        .list(&select("pool=p1,role=worker"))
+        .await
+        .expect("list");
     assert_eq!(pool.items.len(), 2);
     let one = jobs
         .list(&ListParams::default().fields("metadata.name=driver"))
@@ -684,7 +767,10 @@ async fn list_selectors_pick_pods_and_jobs_by_label_and_field() {
         .list(&select("role in worker"))
         .await
         .expect_err("a bad selector");
-    assert!(matches!(error, kube::Error::Api(ref s) if s.code == 400), "{error:?}");
+    assert!(
+        matches!(error, kube::Error::Api(ref s) if s.code == 400),
+        "{error:?}"
+    );
 }
 
 #[tokio::test]
@@ -734,7 +820,11 @@ async fn containers_get_a_clean_environment_with_secrets_and_downward_fields() {
         .expect("create the secret");
     assert!(stored.string_data.is_none());
     assert_eq!(
-        stored.data.as_ref().and_then(|d| d.get("password")).map(|b| b.0.clone()),
+        stored
+            .data
+            .as_ref()
+            .and_then(|d| d.get("password"))
+            .map(|b| b.0.clone()),
         Some(b"s3cret".to_vec())
     );
     assert_eq!(
@@ -819,27 +909,39 @@ async fn errors_are_status_objects_like_a_real_api_servers() {
             .expect_err("invalid"),
     );
     assert_eq!(code, 422);
-    assert!(message.contains("spec.template.spec.restartPolicy"), "{message}");
-    let two = job(
-        "two",
-        &["true"],
-        json!({"spec": {"completions": 2}}),
+    assert!(
+        message.contains("spec.template.spec.restartPolicy"),
+        "{message}"
     );
+    let two = job("two", &["true"], json!({"spec": {"completions": 2}}));
     let (code, _, message) = api_error(
         jobs.create(&PostParams::default(), &two)
             .await
             .expect_err("not emulated"),
     );
     assert_eq!(code, 422);
-    assert!(message.contains("not supported by the shoal test emulator"), "{message}");
+    assert!(
+        message.contains("not supported by the shoal test emulator"),
+        "{message}"
+    );
     let (code, _, _) = api_error(
-        jobs.create(&PostParams::default(), &job("Bad_Name", &["true"], json!({})))
-            .await
-            .expect_err("invalid name"),
+        jobs.create(
+            &PostParams::default(),
+            &job("Bad_Name", &["true"], json!({})),
+        )
+        .await
+        .expect_err("invalid name"),
     );
     assert_eq!(code, 422);
     // No job was stored by the failed creates.
-    assert_eq!(jobs.list(&ListParams::default()).await.expect("list").items.len(), 1);
+    assert_eq!(
+        jobs.list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -854,9 +956,12 @@ async fn a_kubeconfig_finds_the_emulator_and_drop_kills_its_pods() {
     let client = Client::try_from(config).expect("client");
     let jobs: Api<Job> = Api::default_namespaced(client.clone());
     let pods: Api<Pod> = Api::default_namespaced(client);
-    jobs.create(&PostParams::default(), &job("long", &["sleep", "600"], json!({})))
-        .await
-        .expect("create through the kubeconfig");
+    jobs.create(
+        &PostParams::default(),
+        &job("long", &["sleep", "600"], json!({})),
+    )
+    .await
+    .expect("create through the kubeconfig");
     let name = name_of(&job_pods(&pods, "long", 1).await[0]);
     pod_until(&pods, &name, "ran", |p| phase(p) == "Running").await;
     let pid = emulator.pod_pid(DEFAULT_NAMESPACE, &name).expect("pid");
@@ -884,7 +989,11 @@ async fn a_pod_in_a_network_namespace_reaches_redis_on_the_bridge_only() {
     // The parent's loopback is not the pod's.
     jobs.create(
         &PostParams::default(),
-        &job("loopback", &["redis-cli", "-h", "127.0.0.1", "-p", &port, "PING"], json!({})),
+        &job(
+            "loopback",
+            &["redis-cli", "-h", "127.0.0.1", "-p", &port, "PING"],
+            json!({}),
+        ),
     )
     .await
     .expect("create");
@@ -892,7 +1001,9 @@ async fn a_pod_in_a_network_namespace_reaches_redis_on_the_bridge_only() {
     let done = job_until(&jobs, "reaches", "ended", finished).await;
     let pod = job_pods(&pods, "reaches", 1).await.remove(0);
     let name = name_of(&pod);
-    let log = emulator.pod_log(DEFAULT_NAMESPACE, &name).unwrap_or_default();
+    let log = emulator
+        .pod_log(DEFAULT_NAMESPACE, &name)
+        .unwrap_or_default();
     assert!(condition(&done, "Complete").is_some(), "{log}");
     let status = pod.status.as_ref().expect("status");
     let pod_ip = status.pod_ip.clone().expect("a pod IP");

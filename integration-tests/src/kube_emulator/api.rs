@@ -63,7 +63,10 @@ pub(crate) fn router(core: Arc<Core>) -> Router {
             "/api/v1/namespaces/{namespace}/pods/{name}/status",
             get(read::<Pod>),
         )
-        .route("/api/v1/namespaces/{namespace}/pods/{name}/log", get(pod_log))
+        .route(
+            "/api/v1/namespaces/{namespace}/pods/{name}/log",
+            get(pod_log),
+        )
         .route("/api/v1/secrets", get(list_all::<Secret>))
         .route(
             "/api/v1/namespaces/{namespace}/secrets",
@@ -84,7 +87,7 @@ pub(crate) struct ApiError {
     code: u16,
     reason: &'static str,
     message: String,
-    details: Option<StatusDetails>,
+    details: Option<Box<StatusDetails>>,
 }
 
 /// One problem with a submitted object (a `StatusCause`).
@@ -124,7 +127,9 @@ impl Cause {
         Cause {
             reason: "FieldValueNotSupported",
             field: field.to_string(),
-            message: format!("Unsupported value: {what} is not supported by the shoal test emulator"),
+            message: format!(
+                "Unsupported value: {what} is not supported by the shoal test emulator"
+            ),
         }
     }
 }
@@ -164,7 +169,7 @@ impl ApiError {
             code: 404,
             reason: "NotFound",
             message: format!("{} {name:?} not found", qualified::<K>()),
-            details: Some(details::<K>(name)),
+            details: Some(Box::new(details::<K>(name))),
         }
     }
 
@@ -174,7 +179,7 @@ impl ApiError {
             code: 409,
             reason: "AlreadyExists",
             message: format!("{} {name:?} already exists", qualified::<K>()),
-            details: Some(details::<K>(name)),
+            details: Some(Box::new(details::<K>(name))),
         }
     }
 
@@ -187,7 +192,7 @@ impl ApiError {
                 "Operation cannot be fulfilled on {} {name:?}: {message}",
                 qualified::<K>()
             ),
-            details: Some(details::<K>(name)),
+            details: Some(Box::new(details::<K>(name))),
         }
     }
 
@@ -210,7 +215,7 @@ impl ApiError {
             code: 422,
             reason: "Invalid",
             message: format!("{kind} {name:?} is invalid: {listed}"),
-            details: Some(StatusDetails {
+            details: Some(Box::new(StatusDetails {
                 name: Some(name.to_string()),
                 group: Some(K::GROUP.to_string()),
                 kind: Some(K::KIND.to_string()),
@@ -225,14 +230,14 @@ impl ApiError {
                         .collect(),
                 ),
                 ..StatusDetails::default()
-            }),
+            })),
         }
     }
 
     fn status(&self) -> Status {
         Status {
             code: Some(i32::from(self.code)),
-            details: self.details.clone(),
+            details: self.details.as_deref().cloned(),
             message: Some(self.message.clone()),
             metadata: ListMeta::default(),
             reason: Some(self.reason.to_string()),
@@ -312,9 +317,8 @@ fn reject_dry_run(query: &HashMap<String, String>) -> Result<(), ApiError> {
 }
 
 fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(&format!("the request body is not a valid object: {e}"))
-    })
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(&format!("the request body is not a valid object: {e}")))
 }
 
 /// DeleteOptions from the query and the body (the body wins where both say something).
@@ -443,7 +447,10 @@ impl WatchFilter {
     /// selectors is ADDED, one that stops matching is DELETED, as on a real server.
     fn event(&self, change: &Change) -> Option<Bytes> {
         if change.kind != self.kind
-            || self.namespace.as_ref().is_some_and(|n| *n != change.namespace)
+            || self
+                .namespace
+                .as_ref()
+                .is_some_and(|n| *n != change.namespace)
         {
             return None;
         }
@@ -544,7 +551,10 @@ fn watch<K: Object + ListableResource>(
             }
         }
         _ => {
-            for object in cluster.store.list_values(filter.kind, filter.namespace.as_deref()) {
+            for object in cluster
+                .store
+                .list_values(filter.kind, filter.namespace.as_deref())
+            {
                 if filter.matches(&object) {
                     initial.push(event_line("ADDED", &object));
                 }
@@ -561,12 +571,15 @@ fn watch<K: Object + ListableResource>(
     tokio::spawn(stream_watch(
         lines, initial, changes, filter, current, bookmarks, timeout,
     ));
-    let body = Body::from_stream(futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver
-            .recv()
-            .await
-            .map(|line| (Ok::<_, Infallible>(line), receiver))
-    }));
+    let body = Body::from_stream(futures::stream::unfold(
+        receiver,
+        |mut receiver| async move {
+            receiver
+                .recv()
+                .await
+                .map(|line| (Ok::<_, Infallible>(line), receiver))
+        },
+    ));
     let mut response = Response::new(body);
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -690,7 +703,9 @@ async fn delete_jobs(
     let mut items = Vec::new();
     for name in names {
         match controller::delete_job(&core, &mut cluster, &namespace, &name, &options)? {
-            JobDeleted::Gone(job) | JobDeleted::Pending(job) => items.push(list_item(&encode(&job))),
+            JobDeleted::Gone(job) | JobDeleted::Pending(job) => {
+                items.push(list_item(&encode(&job)))
+            }
         }
     }
     Ok(json_response(
@@ -759,9 +774,7 @@ async fn pod_log(
         }
         cluster.logs.get(&(namespace, name.clone())).cloned()
     };
-    let text = path
-        .and_then(|p| std::fs::read(p).ok())
-        .unwrap_or_default();
+    let text = path.and_then(|p| std::fs::read(p).ok()).unwrap_or_default();
     let mut response = (StatusCode::OK, text).into_response();
     response
         .headers_mut()

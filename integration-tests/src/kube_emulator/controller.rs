@@ -174,7 +174,10 @@ fn validate_job(job: &Job) -> Vec<Cause> {
     };
     for (field, value) in [
         ("spec.backoffLimit", spec.backoff_limit.map(i64::from)),
-        ("spec.ttlSecondsAfterFinished", spec.ttl_seconds_after_finished.map(i64::from)),
+        (
+            "spec.ttlSecondsAfterFinished",
+            spec.ttl_seconds_after_finished.map(i64::from),
+        ),
     ] {
         if value.is_some_and(|v| v < 0) {
             causes.push(Cause::invalid(
@@ -327,7 +330,10 @@ fn default_job(job: &mut Job) {
         )])),
         match_expressions: None,
     });
-    let labels = spec.template.metadata.get_or_insert_with(ObjectMeta::default);
+    let labels = spec
+        .template
+        .metadata
+        .get_or_insert_with(ObjectMeta::default);
     let labels = labels.labels.get_or_insert_with(BTreeMap::new);
     for (key, value) in [
         (BATCH_CONTROLLER_UID, &uid),
@@ -343,7 +349,8 @@ fn default_job(job: &mut Job) {
     }
     if let Some(pod) = spec.template.spec.as_mut() {
         pod.termination_grace_period_seconds.get_or_insert(30);
-        pod.dns_policy.get_or_insert_with(|| "ClusterFirst".to_string());
+        pod.dns_policy
+            .get_or_insert_with(|| "ClusterFirst".to_string());
         pod.scheduler_name
             .get_or_insert_with(|| "default-scheduler".to_string());
         pod.security_context.get_or_insert_with(Default::default);
@@ -355,7 +362,10 @@ fn default_job(job: &mut Job) {
                 .termination_message_policy
                 .get_or_insert_with(|| "File".to_string());
             let image = container.image.clone().unwrap_or_default();
-            let tagged = image.rsplit('/').next().is_some_and(|last| last.contains(':'));
+            let tagged = image
+                .rsplit('/')
+                .next()
+                .is_some_and(|last| last.contains(':'));
             let pull = if !tagged || image.ends_with(":latest") {
                 "Always"
             } else {
@@ -403,10 +413,10 @@ fn owned_pods(cluster: &Cluster, namespace: &str, uid: &str) -> Vec<Pod> {
         .list::<Pod>(Some(namespace))
         .into_iter()
         .filter(|p| {
-            p.metadata
-                .owner_references
-                .as_ref()
-                .is_some_and(|refs| refs.iter().any(|r| r.uid == uid && r.controller == Some(true)))
+            p.metadata.owner_references.as_ref().is_some_and(|refs| {
+                refs.iter()
+                    .any(|r| r.uid == uid && r.controller == Some(true))
+            })
         })
         .collect()
 }
@@ -424,14 +434,17 @@ fn add_condition(status: &mut JobStatus, type_: &str, reason: &str, message: &st
         return;
     }
     let time = now();
-    status.conditions.get_or_insert_with(Vec::new).push(JobCondition {
-        type_: type_.to_string(),
-        status: "True".to_string(),
-        reason: Some(reason.to_string()),
-        message: Some(message.to_string()),
-        last_probe_time: Some(time.clone()),
-        last_transition_time: Some(time),
-    });
+    status
+        .conditions
+        .get_or_insert_with(Vec::new)
+        .push(JobCondition {
+            type_: type_.to_string(),
+            status: "True".to_string(),
+            reason: Some(reason.to_string()),
+            message: Some(message.to_string()),
+            last_probe_time: Some(time.clone()),
+            last_transition_time: Some(time),
+        });
 }
 
 fn is_finished(status: &JobStatus) -> bool {
@@ -552,7 +565,12 @@ pub(crate) fn sync_job(core: &Arc<Core>, cluster: &mut Cluster, namespace: &str,
             }
         } else if status.succeeded.unwrap_or(0) >= spec.completions.unwrap_or(1) {
             let message = "Reached expected number of succeeded pods";
-            add_condition(&mut status, "SuccessCriteriaMet", "CompletionsReached", message);
+            add_condition(
+                &mut status,
+                "SuccessCriteriaMet",
+                "CompletionsReached",
+                message,
+            );
             if unfinished.is_empty() {
                 add_condition(&mut status, "Complete", "CompletionsReached", message);
                 status.completion_time = Some(now());
@@ -648,7 +666,11 @@ fn create_job_pod(core: &Arc<Core>, cluster: &mut Cluster, job: &Job) {
     ) else {
         return;
     };
-    let template = job.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
+    let template = job
+        .spec
+        .as_ref()
+        .map(|s| s.template.clone())
+        .unwrap_or_default();
     let template_metadata = template.metadata.unwrap_or_default();
     let name = generate_name::<Pod>(cluster, &namespace, &format!("{job_name}-"));
     let uid = uuid::Uuid::new_v4().to_string();
@@ -721,7 +743,12 @@ pub(crate) fn delete_job(
                 if let Some(refs) = pod.metadata.owner_references.as_mut() {
                     refs.retain(|r| r.uid != uid);
                 }
-                if pod.metadata.owner_references.as_ref().is_some_and(Vec::is_empty) {
+                if pod
+                    .metadata
+                    .owner_references
+                    .as_ref()
+                    .is_some_and(Vec::is_empty)
+                {
                     pod.metadata.owner_references = None;
                 }
                 cluster.store.update(pod);
@@ -764,7 +791,10 @@ enum Propagation {
 }
 
 fn propagation_policy(options: &DeleteOptions) -> Result<Propagation, ApiError> {
-    match (options.propagation_policy.as_deref(), options.orphan_dependents) {
+    match (
+        options.propagation_policy.as_deref(),
+        options.orphan_dependents,
+    ) {
         (Some("Orphan"), _) => Ok(Propagation::Orphan),
         (Some("Background"), _) => Ok(Propagation::Background),
         (Some("Foreground"), _) => Ok(Propagation::Foreground),
@@ -870,7 +900,11 @@ pub(crate) fn begin_pod_deletion(
             .unwrap_or_else(|| pod.clone());
     }
     let grace = grace
-        .or_else(|| pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
+        .or_else(|| {
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.termination_grace_period_seconds)
+        })
         .unwrap_or(30)
         .max(0);
     let due = Timestamp::now()
@@ -889,9 +923,12 @@ pub(crate) fn begin_pod_deletion(
         if already_due.is_none() {
             kubelet::signal(cluster, &uid, Signal::SIGTERM);
         }
-        core.after(Duration::from_secs(grace.unsigned_abs()), move |_, cluster| {
-            kubelet::signal(cluster, &uid, Signal::SIGKILL);
-        });
+        core.after(
+            Duration::from_secs(grace.unsigned_abs()),
+            move |_, cluster| {
+                kubelet::signal(cluster, &uid, Signal::SIGKILL);
+            },
+        );
     }
     updated
 }

@@ -211,7 +211,10 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
     // Wait for the end without reaping, so the pid stays ours until the lock is held.
     let process = Pid::from_raw(pid as i32);
     loop {
-        match waitid(Id::Pid(process), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+        match waitid(
+            Id::Pid(process),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        ) {
             Err(Errno::EINTR) => continue,
             Err(e) => tracing::error!(pid, "waiting for a pod's process: {e}"),
             Ok(_) => {}
@@ -451,7 +454,27 @@ fn condition(type_: &str, status: bool, reason: Option<&str>) -> PodCondition {
     }
 }
 
-fn container_status(container: &Container, state: ContainerState, started: bool) -> ContainerStatus {
+/// Sets `status.conditions` to `conditions`, keeping the transition time of each condition
+/// whose status did not change (as the kubelet does).
+fn set_conditions(status: &mut PodStatus, mut conditions: Vec<PodCondition>) {
+    for condition in &mut conditions {
+        let unchanged = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|old| old.type_ == condition.type_ && old.status == condition.status);
+        if let Some(old) = unchanged {
+            condition.last_transition_time = old.last_transition_time.clone();
+        }
+    }
+    status.conditions = Some(conditions);
+}
+
+fn container_status(
+    container: &Container,
+    state: ContainerState,
+    started: bool,
+) -> ContainerStatus {
     let ready = state.running.is_some();
     ContainerStatus {
         name: container.name.clone(),
@@ -468,7 +491,11 @@ fn container_status(container: &Container, state: ContainerState, started: bool)
 }
 
 /// A new pod's status: scheduled on the emulator's node, container being created.
-pub(crate) fn pending_status(core: &Core, spec: &PodSpec, message: Option<(&str, &str)>) -> PodStatus {
+pub(crate) fn pending_status(
+    core: &Core,
+    spec: &PodSpec,
+    message: Option<(&str, &str)>,
+) -> PodStatus {
     let container = spec.containers.first().cloned().unwrap_or_default();
     let (reason, message) = message.unwrap_or(("ContainerCreating", ""));
     PodStatus {
@@ -535,13 +562,16 @@ fn set_running(core: &Core, cluster: &mut Cluster, mut pod: Pod, pod_ip: &str) {
     let container = container_of(&pod);
     let status = pod.status.get_or_insert_with(PodStatus::default);
     status.phase = Some("Running".to_string());
-    status.conditions = Some(vec![
-        condition("PodReadyToStartContainers", true, None),
-        condition("Initialized", true, None),
-        condition("Ready", true, None),
-        condition("ContainersReady", true, None),
-        condition("PodScheduled", true, None),
-    ]);
+    set_conditions(
+        status,
+        vec![
+            condition("PodReadyToStartContainers", true, None),
+            condition("Initialized", true, None),
+            condition("Ready", true, None),
+            condition("ContainersReady", true, None),
+            condition("PodScheduled", true, None),
+        ],
+    );
     status.host_ip = Some(core.node_ip.clone());
     status.pod_ip = Some(pod_ip.to_string());
     status.pod_ips = Some(vec![PodIP {
@@ -580,14 +610,24 @@ fn set_terminated(
         .and_then(|s| s.running.as_ref())
         .and_then(|r| r.started_at.clone());
     let container_id = previous.and_then(|c| c.container_id);
-    status.phase = Some(if exit_code == 0 { "Succeeded" } else { "Failed" }.to_string());
-    status.conditions = Some(vec![
-        condition("PodReadyToStartContainers", false, None),
-        condition("Initialized", true, None),
-        condition("Ready", false, Some("PodCompleted")),
-        condition("ContainersReady", false, Some("PodCompleted")),
-        condition("PodScheduled", true, None),
-    ]);
+    status.phase = Some(
+        if exit_code == 0 {
+            "Succeeded"
+        } else {
+            "Failed"
+        }
+        .to_string(),
+    );
+    set_conditions(
+        status,
+        vec![
+            condition("PodReadyToStartContainers", false, None),
+            condition("Initialized", true, None),
+            condition("Ready", false, Some("PodCompleted")),
+            condition("ContainersReady", false, Some("PodCompleted")),
+            condition("PodScheduled", true, None),
+        ],
+    );
     let mut terminated = container_status(&container, ContainerState::default(), false);
     terminated.container_id = container_id.clone();
     terminated.state = Some(ContainerState {

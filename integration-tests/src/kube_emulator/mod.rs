@@ -15,7 +15,8 @@
 //! let emulator = Emulator::start(Some(&network));
 //! let jobs: Api<Job> = Api::default_namespaced(emulator.client()); // inside a Tokio runtime
 //! // ... jobs.create(&Default::default(), &job).await ...
-//! std::env::set_var("KUBECONFIG", emulator.kubeconfig_path()); // for a program under test
+//! // A program under test finds the emulator through its kubeconfig:
+//! std::process::Command::new("my-driver").env("KUBECONFIG", emulator.kubeconfig_path());
 //! # }
 //! ```
 //!
@@ -25,7 +26,8 @@
 //! items have neither, errors as `Status` objects (`NotFound` 404, `AlreadyExists` 409,
 //! `Conflict` 409, `Invalid` 422 with `details.causes`, `BadRequest` 400, `MethodNotAllowed`
 //! 405), watch events as newline-delimited `{"type": ..., "object": ...}`. Plain HTTP on
-//! 127.0.0.1, no authentication. Every namespace exists implicitly.
+//! 127.0.0.1 (so not reachable from pods in network hosts), no authentication. Every namespace
+//! exists implicitly.
 //!
 //! # Endpoints
 //! - `batch/v1` Jobs, `/apis/batch/v1/namespaces/{ns}/jobs[/{name}]`: create (`POST`), get,
@@ -246,7 +248,9 @@ impl Emulator {
         let log_dir = dir.path().join("logs");
         std::fs::create_dir_all(&log_dir).expect("the emulator's log directory");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port on 127.0.0.1");
-        listener.set_nonblocking(true).expect("a non-blocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
         let address = listener.local_addr().expect("the listener's address");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -262,7 +266,8 @@ impl Emulator {
             }),
             runtime: runtime.handle().clone(),
             network: network.cloned(),
-            node_ip: network.map_or_else(|| "127.0.0.1".to_string(), |n| n.host_address().to_string()),
+            node_ip: network
+                .map_or_else(|| "127.0.0.1".to_string(), |n| n.host_address().to_string()),
             log_dir,
             shutting_down: AtomicBool::new(false),
             kubelets: Mutex::new(Vec::new()),
@@ -423,13 +428,8 @@ impl Drop for Emulator {
                 kubelet::signal(&cluster, uid, Signal::SIGKILL);
             }
         }
-        let kubelets = std::mem::take(
-            &mut *self
-                .core
-                .kubelets
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
+        let kubelets =
+            std::mem::take(&mut *self.core.kubelets.lock().unwrap_or_else(|e| e.into_inner()));
         for kubelet in kubelets {
             let _ = kubelet.join();
         }

@@ -44,18 +44,24 @@ impl LabelSelector {
 
     /// True when the object's `metadata.labels` meet every requirement.
     pub(crate) fn matches(&self, object: &Value) -> bool {
-        let labels = object.pointer("/metadata/labels").and_then(Value::as_object);
+        let labels = object
+            .pointer("/metadata/labels")
+            .and_then(Value::as_object);
         let label = |key: &str| labels.and_then(|l| l.get(key)).and_then(Value::as_str);
-        self.requirements.iter().all(|requirement| match requirement {
-            Requirement::Equals(k, v) => label(k) == Some(v.as_str()),
-            Requirement::NotEquals(k, v) => label(k) != Some(v.as_str()),
-            Requirement::In(k, values) => label(k).is_some_and(|l| values.iter().any(|v| v == l)),
-            Requirement::NotIn(k, values) => {
-                label(k).is_none_or(|l| values.iter().all(|v| v != l))
-            }
-            Requirement::Exists(k) => label(k).is_some(),
-            Requirement::DoesNotExist(k) => label(k).is_none(),
-        })
+        self.requirements
+            .iter()
+            .all(|requirement| match requirement {
+                Requirement::Equals(k, v) => label(k) == Some(v.as_str()),
+                Requirement::NotEquals(k, v) => label(k) != Some(v.as_str()),
+                Requirement::In(k, values) => {
+                    label(k).is_some_and(|l| values.iter().any(|v| v == l))
+                }
+                Requirement::NotIn(k, values) => {
+                    label(k).is_none_or(|l| values.iter().all(|v| v != l))
+                }
+                Requirement::Exists(k) => label(k).is_some(),
+                Requirement::DoesNotExist(k) => label(k).is_none(),
+            })
     }
 }
 
@@ -78,7 +84,9 @@ fn parse_requirement(term: &str) -> Result<Requirement, String> {
             .filter(|v| !v.is_empty())
             .collect();
         if values.is_empty() {
-            return Err(format!("{term:?}: for 'in', 'notin' operators, values set can't be empty"));
+            return Err(format!(
+                "{term:?}: for 'in', 'notin' operators, values set can't be empty"
+            ));
         }
         let key = valid_key(words[0])?;
         return Ok(if words[1] == "in" {
@@ -88,10 +96,16 @@ fn parse_requirement(term: &str) -> Result<Requirement, String> {
         });
     }
     if let Some((key, value)) = term.split_once("!=") {
-        return Ok(Requirement::NotEquals(valid_key(key.trim())?, value.trim().to_string()));
+        return Ok(Requirement::NotEquals(
+            valid_key(key.trim())?,
+            value.trim().to_string(),
+        ));
     }
     if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
-        return Ok(Requirement::Equals(valid_key(key.trim())?, value.trim().to_string()));
+        return Ok(Requirement::Equals(
+            valid_key(key.trim())?,
+            value.trim().to_string(),
+        ));
     }
     Ok(Requirement::Exists(valid_key(term)?))
 }
@@ -143,7 +157,9 @@ impl FieldSelector {
             } else if let Some((p, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
                 (p, true, v)
             } else {
-                return Err(format!("invalid selector: {term:?}; can't understand {term:?}"));
+                return Err(format!(
+                    "invalid selector: {term:?}; can't understand {term:?}"
+                ));
             };
             let path: Vec<String> = path.trim().split('.').map(str::to_string).collect();
             if path.iter().any(String::is_empty) {

@@ -68,6 +68,9 @@ pub(crate) struct Store {
     changes: broadcast::Sender<Arc<Change>>,
 }
 
+/// The recorded changes after a version, and a receiver of the later ones.
+pub(crate) type Replay = (Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>);
+
 /// A watch asked to resume from a version whose changes were compacted away.
 #[derive(Debug)]
 pub(crate) struct Expired {
@@ -107,7 +110,11 @@ impl Store {
     }
 
     /// Like [`Store::list`], as the stored JSON.
-    pub(crate) fn list_values(&self, kind: &'static str, namespace: Option<&str>) -> Vec<Arc<Value>> {
+    pub(crate) fn list_values(
+        &self,
+        kind: &'static str,
+        namespace: Option<&str>,
+    ) -> Vec<Arc<Value>> {
         self.objects
             .iter()
             .filter(|((k, ns, _), _)| *k == kind && namespace.is_none_or(|n| n == ns))
@@ -182,10 +189,7 @@ impl Store {
 
     /// The changes after `resource_version` and a receiver of the later ones, taken together so
     /// that none is missed or seen twice.
-    pub(crate) fn changes_since(
-        &self,
-        resource_version: u64,
-    ) -> Result<(Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>), Expired> {
+    pub(crate) fn changes_since(&self, resource_version: u64) -> Result<Replay, Expired> {
         if resource_version < self.compacted_through {
             return Err(Expired {
                 requested: resource_version,
