@@ -21,6 +21,7 @@ lint:
 
 unit-and-integration:
 	@scripts/ensure-redis.sh
+	@scripts/ensure-netns-tools.sh
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  $(CARGO) nextest run --workspace --all-features && \
 	  $(CARGO) test --doc --workspace --all-features; \

@@ -1,7 +1,11 @@
 //! Helpers for shoal's integration tests: private `redis-server`s (TCP, ACL, TLS), process
-//! checks by pid, and polling.
+//! checks by pid, and polling; a multi-host fixture ([`netns`]) and a test-only Kubernetes API
+//! emulator ([`kube_emulator`]).
 
-use std::net::TcpListener;
+pub mod kube_emulator;
+pub mod netns;
+
+use std::net::{IpAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -19,6 +23,20 @@ impl TestRedis {
     /// A plain server on 127.0.0.1.
     pub fn tcp() -> TestRedis {
         Self::start(&[], false, None)
+    }
+
+    /// A plain server on 127.0.0.1 and also on `addresses` (e.g. a [`netns::Network`]'s
+    /// [`host_address`](netns::Network::host_address), so the network's hosts reach it over
+    /// TCP), same port everywhere; see [`TestRedis::url_at`].
+    pub fn tcp_also_on(addresses: &[IpAddr]) -> TestRedis {
+        let mut bind = vec!["--bind".to_string(), "127.0.0.1".to_string()];
+        bind.extend(addresses.iter().map(IpAddr::to_string));
+        // Without a password, protected mode would refuse clients from non-loopback addresses;
+        // these addresses belong to the test's own private network.
+        bind.extend(["--protected-mode".to_string(), "no".to_string()]);
+        let extra: Vec<&str> = bind.iter().map(String::as_str).collect();
+        // A later `--bind` replaces the default one of `start`.
+        Self::start(&extra, false, None)
     }
 
     /// A server whose default user is disabled; `user`/`password` may run every command.
@@ -92,6 +110,12 @@ impl TestRedis {
         };
         let fragment = if self.tls { "/#insecure" } else { "" };
         format!("{scheme}://{auth}127.0.0.1:{}{fragment}", self.port)
+    }
+
+    /// The URL a client reaching the server at `address` uses (one of the addresses given to
+    /// [`TestRedis::tcp_also_on`]; [`TestRedis::url`] is the one for 127.0.0.1).
+    pub fn url_at(&self, address: IpAddr) -> String {
+        self.url().replacen("127.0.0.1", &address.to_string(), 1)
     }
 
     /// The port.

@@ -1,0 +1,665 @@
+//! The emulator's kubelet: runs each pod's single container as a process on this machine and
+//! reports its status the way a real kubelet does.
+//!
+//! A pod's container is `command` + `args` of its spec (the image is not pulled or run:
+//! `command[0]` is a program on this machine, looked up in the container's `PATH`), started
+//! like a container runtime starts one: PID 1 of a new PID namespace, in its own network
+//! namespace ([`Host`]) when the emulator has a [`Network`](crate::netns::Network) (else in this
+//! machine's network), with a clean environment: `PATH`, `HOME`, `HOSTNAME` (the pod's name)
+//! and the container's `env`/`envFrom` (literal values with `$(VAR)` expansion, Secret keys,
+//! downward-API fields), in `workingDir` (else `/`). Its stdout and stderr go to one log file.
+//!
+//! Status: Pending (`ContainerCreating`, or `CreateContainerConfigError` while a referenced
+//! Secret or key is missing, retried every half second) → Running (`state.running.startedAt`,
+//! Ready) → Succeeded (exit 0) or Failed, with `state.terminated`: the exit code, 128 + N for
+//! a process killed by signal N (137 for SIGKILL, 143 for SIGTERM), reason `Completed`, `Error`
+//! or `OOMKilled` (see [`OOM_KILL_AFTER_MS`](super::OOM_KILL_AFTER_MS)), and `StartError` with
+//! exit code 128 when the program cannot be started.
+//!
+//! Each pod has a thread that starts the process and waits for it with `waitid(WNOWAIT)`, so
+//! the process is only reaped under the cluster lock: a signal sent under the lock never hits
+//! a recycled pid.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{
+    Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
+    ContainerStateWaiting, ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodSpec, PodStatus,
+    Secret,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+use nix::unistd::Pid;
+
+use super::controller::{self, now};
+use super::{Cluster, Core, OOM_KILL_AFTER_MS};
+use crate::netns::spawn_container;
+
+/// The `PATH` of a container (the usual one of Linux images).
+const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How often a pod waiting for a Secret looks again.
+const CONFIG_RETRY: Duration = Duration::from_millis(500);
+
+/// The kubelet's record of a pod's container process.
+#[derive(Debug, Default)]
+pub(crate) struct ContainerProcess {
+    /// The process (in this PID namespace), once started.
+    pub(crate) pid: Option<u32>,
+    /// Set, under the cluster lock, when the process has been reaped: its pid is no longer ours.
+    pub(crate) reaped: bool,
+    /// The process is being killed as out of memory.
+    pub(crate) oom_killed: bool,
+}
+
+/// Sends `signal` to pod `uid`'s container process if it is still running.
+pub(crate) fn signal(cluster: &Cluster, uid: &str, signal: Signal) {
+    if let Some(ContainerProcess {
+        pid: Some(pid),
+        reaped: false,
+        ..
+    }) = cluster.containers.get(uid)
+    {
+        let _ = kill(Pid::from_raw(*pid as i32), signal);
+    }
+}
+
+/// Kills pod `uid`'s container as the kernel's OOM killer would (SIGKILL, reported as
+/// `OOMKilled`). False when it is not running.
+pub(crate) fn oom_kill(cluster: &mut Cluster, uid: &str) -> bool {
+    match cluster.containers.get_mut(uid) {
+        Some(process) if process.pid.is_some() && !process.reaped => {
+            process.oom_killed = true;
+            signal(cluster, uid, Signal::SIGKILL);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Starts the kubelet's thread for a new pod.
+pub(crate) fn start(core: &Arc<Core>, namespace: String, name: String, uid: String) {
+    let thread_core = Arc::clone(core);
+    let spawned = std::thread::Builder::new()
+        .name(format!("kubelet {name}"))
+        .spawn(move || run_pod(&thread_core, &namespace, &name, &uid));
+    match spawned {
+        Ok(handle) => core.add_kubelet(handle),
+        Err(e) => tracing::error!("cannot start the kubelet thread of a pod: {e}"),
+    }
+}
+
+/// What the kubelet needs to start a container.
+struct Launch {
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    working_dir: String,
+    oom_after: Option<Duration>,
+}
+
+fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
+    let current = |cluster: &Cluster| {
+        cluster
+            .store
+            .get::<Pod>(namespace, name)
+            .filter(|p| p.metadata.uid.as_deref() == Some(uid))
+    };
+    // The pod's "sandbox": its network namespace.
+    let host = match &core.network {
+        Some(network) => match network.try_host() {
+            Ok(host) => Some(host),
+            Err(e) => {
+                let mut cluster = core.lock();
+                fail_to_start(core, &mut cluster, namespace, name, uid, &e.to_string());
+                return;
+            }
+        },
+        None => None,
+    };
+    let pod_ip = host
+        .as_ref()
+        .map_or_else(|| core.node_ip.clone(), |h| h.address().to_string());
+
+    let launch = loop {
+        if core.shutting_down() {
+            return;
+        }
+        let mut cluster = core.lock();
+        let Some(pod) = current(&cluster) else {
+            return;
+        };
+        if pod.metadata.deletion_timestamp.is_some() {
+            if let Some(pod) = cluster.store.remove::<Pod>(namespace, name) {
+                controller::pod_removed(core, &mut cluster, &pod);
+            }
+            return;
+        }
+        match plan(&cluster, &pod, &pod_ip) {
+            Ok(launch) => break launch,
+            Err(message) => {
+                set_waiting(&mut cluster, pod, "CreateContainerConfigError", &message);
+                drop(cluster);
+                std::thread::sleep(CONFIG_RETRY);
+            }
+        }
+    };
+
+    let log_path = core.log_path(namespace, name);
+    let spawned = File::create(&log_path)
+        .and_then(|log| Ok((log.try_clone()?, log)))
+        .and_then(|(stdout, stderr)| {
+            let mut command = Command::new(&launch.program);
+            command
+                .args(&launch.args)
+                .env_clear()
+                .envs(launch.env.iter().map(|(k, v)| (k, v)))
+                .current_dir(&launch.working_dir)
+                .stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr);
+            spawn_container(&mut command, host.as_ref())
+        });
+
+    let pid = {
+        let mut cluster = core.lock();
+        cluster
+            .logs
+            .insert((namespace.to_string(), name.to_string()), log_path);
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                let message = format!(
+                    "failed to create containerd task: exec: {:?}: {e}",
+                    launch.program
+                );
+                fail_to_start(core, &mut cluster, namespace, name, uid, &message);
+                return;
+            }
+        };
+        let pid = child.id();
+        // The process is reaped below with waitpid, not through `child`.
+        drop(child);
+        cluster.containers.insert(
+            uid.to_string(),
+            ContainerProcess {
+                pid: Some(pid),
+                ..ContainerProcess::default()
+            },
+        );
+        match current(&cluster) {
+            Some(pod) if pod.metadata.deletion_timestamp.is_none() && !core.shutting_down() => {
+                set_running(core, &mut cluster, pod, &pod_ip);
+                if let Some(delay) = launch.oom_after {
+                    let uid = uid.to_string();
+                    core.after(delay, move |_, cluster| {
+                        oom_kill(cluster, &uid);
+                    });
+                }
+            }
+            // Deleted (or the emulator stopped) while starting.
+            _ => signal(&cluster, uid, Signal::SIGKILL),
+        }
+        pid
+    };
+
+    // Wait for the end without reaping, so the pid stays ours until the lock is held.
+    let process = Pid::from_raw(pid as i32);
+    loop {
+        match waitid(
+            Id::Pid(process),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        ) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => tracing::error!(pid, "waiting for a pod's process: {e}"),
+            Ok(_) => {}
+        }
+        break;
+    }
+    let mut cluster = core.lock();
+    let status = waitpid(process, None);
+    let oom_killed = match cluster.containers.get_mut(uid) {
+        Some(record) => {
+            record.reaped = true;
+            record.oom_killed
+        }
+        None => false,
+    };
+    let (exit_code, reason) = match status {
+        Ok(WaitStatus::Exited(_, 0)) => (0, "Completed"),
+        Ok(WaitStatus::Exited(_, code)) => (code, "Error"),
+        Ok(WaitStatus::Signaled(_, signal, _)) => (128 + signal as i32, "Error"),
+        other => {
+            tracing::error!(pid, "unexpected wait status of a pod's process: {other:?}");
+            (255, "Error")
+        }
+    };
+    let reason = if oom_killed { "OOMKilled" } else { reason };
+    if let Some(pod) = current(&cluster) {
+        let pod = set_terminated(&mut cluster, pod, exit_code, reason, None);
+        if !core.shutting_down() {
+            controller::pod_finished(core, &mut cluster, &pod);
+        }
+    }
+    drop(cluster);
+    // The sandbox goes with the container (and whatever it left running).
+    drop(host);
+}
+
+/// The container could not be started: the pod fails with `StartError`.
+fn fail_to_start(
+    core: &Arc<Core>,
+    cluster: &mut Cluster,
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    message: &str,
+) {
+    tracing::debug!(pod = name, "container start failed: {message}");
+    let Some(pod) = cluster
+        .store
+        .get::<Pod>(namespace, name)
+        .filter(|p| p.metadata.uid.as_deref() == Some(uid))
+    else {
+        return;
+    };
+    let pod = set_terminated(cluster, pod, 128, "StartError", Some(message));
+    if !core.shutting_down() {
+        controller::pod_finished(core, cluster, &pod);
+    }
+}
+
+/// The environment, program and arguments of the pod's container, or why they cannot be made
+/// (the `CreateContainerConfigError` message).
+fn plan(cluster: &Cluster, pod: &Pod, pod_ip: &str) -> Result<Launch, String> {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let container = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .ok_or("the pod has no container")?;
+    let secret = |secret_name: &str| cluster.store.get::<Secret>(namespace, secret_name);
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), CONTAINER_PATH.into()),
+        ("HOSTNAME".into(), name.into()),
+        ("HOME".into(), "/root".into()),
+    ];
+    let set = |env: &mut Vec<(String, String)>, key: String, value: String| {
+        env.retain(|(k, _)| *k != key);
+        env.push((key, value));
+    };
+    for source in container.env_from.iter().flatten() {
+        let prefix = source.prefix.clone().unwrap_or_default();
+        if let Some(reference) = &source.secret_ref {
+            match secret(&reference.name) {
+                Some(found) => {
+                    for (key, value) in secret_data(&found) {
+                        set(&mut env, format!("{prefix}{key}"), value);
+                    }
+                }
+                None if reference.optional == Some(true) => {}
+                None => return Err(format!("secret {:?} not found", reference.name)),
+            }
+        }
+        if source.config_map_ref.is_some() {
+            return Err("envFrom.configMapRef is not supported by the shoal test emulator".into());
+        }
+    }
+    for variable in container.env.iter().flatten() {
+        let value = if let Some(value) = &variable.value {
+            expand(value, &env)
+        } else if let Some(source) = &variable.value_from {
+            if let Some(reference) = &source.secret_key_ref {
+                let optional = reference.optional == Some(true);
+                match secret(&reference.name) {
+                    Some(found) => match secret_data(&found).remove(&reference.key) {
+                        Some(value) => value,
+                        None if optional => continue,
+                        None => {
+                            return Err(format!(
+                                "couldn't find key {} in Secret {namespace}/{}",
+                                reference.key, reference.name
+                            ));
+                        }
+                    },
+                    None if optional => continue,
+                    None => return Err(format!("secret {:?} not found", reference.name)),
+                }
+            } else if let Some(field) = &source.field_ref {
+                field_value(pod, &field.field_path, pod_ip).ok_or_else(|| {
+                    format!(
+                        "fieldRef {:?} is not supported by the shoal test emulator",
+                        field.field_path
+                    )
+                })?
+            } else {
+                return Err(format!(
+                    "env {:?}: only literal values, secretKeyRef and fieldRef are supported by \
+                     the shoal test emulator",
+                    variable.name
+                ));
+            }
+        } else {
+            String::new()
+        };
+        set(&mut env, variable.name.clone(), value);
+    }
+    let mut words = container
+        .command
+        .iter()
+        .flatten()
+        .chain(container.args.iter().flatten())
+        .map(|w| expand(w, &env));
+    let program = words.next().ok_or("the container has no command")?;
+    let oom_after = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(OOM_KILL_AFTER_MS))
+        .and_then(|ms| ms.trim().parse::<u64>().ok())
+        .map(Duration::from_millis);
+    Ok(Launch {
+        program,
+        args: words.collect(),
+        env,
+        working_dir: container.working_dir.clone().unwrap_or_else(|| "/".into()),
+        oom_after,
+    })
+}
+
+/// A Secret's keys and values as text (`stringData` was merged into `data` on create).
+fn secret_data(secret: &Secret) -> BTreeMap<String, String> {
+    secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
+        .collect()
+}
+
+/// A downward-API field of the pod.
+fn field_value(pod: &Pod, path: &str, pod_ip: &str) -> Option<String> {
+    let meta = &pod.metadata;
+    let spec = pod.spec.as_ref();
+    let keyed = |map: &Option<BTreeMap<String, String>>, prefix: &str| {
+        let key = path.strip_prefix(prefix)?.strip_suffix("']")?;
+        Some(map.as_ref()?.get(key).cloned().unwrap_or_default())
+    };
+    match path {
+        "metadata.name" => meta.name.clone(),
+        "metadata.namespace" => meta.namespace.clone(),
+        "metadata.uid" => meta.uid.clone(),
+        "spec.nodeName" => spec.and_then(|s| s.node_name.clone()),
+        "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()),
+        "status.podIP" => Some(pod_ip.to_string()),
+        "status.hostIP" => pod.status.as_ref().and_then(|s| s.host_ip.clone()),
+        _ => keyed(&meta.labels, "metadata.labels['")
+            .or_else(|| keyed(&meta.annotations, "metadata.annotations['")),
+    }
+}
+
+/// Kubernetes' `$(VAR)` expansion: references to variables defined so far are replaced, `$$`
+/// is a literal `$`, anything else is left as written.
+fn expand(input: &str, env: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(reference) = after.strip_prefix('(')
+            && let Some(end) = reference.find(')')
+        {
+            let name = &reference[..end];
+            match env.iter().rev().find(|(k, _)| k == name) {
+                Some((_, value)) => out.push_str(value),
+                None => {
+                    out.push_str("$(");
+                    out.push_str(name);
+                    out.push(')');
+                }
+            }
+            rest = &reference[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn container_of(pod: &Pod) -> Container {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.containers.first().cloned())
+        .unwrap_or_default()
+}
+
+fn condition(type_: &str, status: bool, reason: Option<&str>) -> PodCondition {
+    PodCondition {
+        type_: type_.to_string(),
+        status: if status { "True" } else { "False" }.to_string(),
+        reason: reason.map(str::to_string),
+        last_transition_time: Some(now()),
+        ..PodCondition::default()
+    }
+}
+
+/// Sets `status.conditions` to `conditions`, keeping the transition time of each condition
+/// whose status did not change (as the kubelet does).
+fn set_conditions(status: &mut PodStatus, mut conditions: Vec<PodCondition>) {
+    for condition in &mut conditions {
+        let unchanged = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|old| old.type_ == condition.type_ && old.status == condition.status);
+        if let Some(old) = unchanged {
+            condition.last_transition_time = old.last_transition_time.clone();
+        }
+    }
+    status.conditions = Some(conditions);
+}
+
+fn container_status(
+    container: &Container,
+    state: ContainerState,
+    started: bool,
+) -> ContainerStatus {
+    let ready = state.running.is_some();
+    ContainerStatus {
+        name: container.name.clone(),
+        image: container.image.clone().unwrap_or_default(),
+        image_id: String::new(),
+        container_id: started.then(|| format!("emulator://{}", uuid::Uuid::new_v4().simple())),
+        ready,
+        started: Some(ready),
+        restart_count: 0,
+        state: Some(state),
+        last_state: Some(ContainerState::default()),
+        ..ContainerStatus::default()
+    }
+}
+
+/// A new pod's status: scheduled on the emulator's node, container being created.
+pub(crate) fn pending_status(
+    core: &Core,
+    spec: &PodSpec,
+    message: Option<(&str, &str)>,
+) -> PodStatus {
+    let container = spec.containers.first().cloned().unwrap_or_default();
+    let (reason, message) = message.unwrap_or(("ContainerCreating", ""));
+    PodStatus {
+        phase: Some("Pending".to_string()),
+        conditions: Some(vec![
+            condition("PodReadyToStartContainers", false, None),
+            condition("Initialized", true, None),
+            condition("Ready", false, Some("ContainersNotReady")),
+            condition("ContainersReady", false, Some("ContainersNotReady")),
+            condition("PodScheduled", true, None),
+        ]),
+        host_ip: Some(core.node_ip.clone()),
+        host_ips: Some(vec![HostIP {
+            ip: core.node_ip.clone(),
+        }]),
+        start_time: Some(now()),
+        qos_class: Some("BestEffort".to_string()),
+        container_statuses: Some(vec![container_status(
+            &container,
+            ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some(reason.to_string()),
+                    message: (!message.is_empty()).then(|| message.to_string()),
+                }),
+                ..ContainerState::default()
+            },
+            false,
+        )]),
+        ..PodStatus::default()
+    }
+}
+
+fn set_waiting(cluster: &mut Cluster, mut pod: Pod, reason: &str, message: &str) {
+    let waiting = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.waiting.clone())
+    };
+    let wanted = ContainerStateWaiting {
+        reason: Some(reason.to_string()),
+        message: Some(message.to_string()),
+    };
+    if waiting(&pod) == Some(wanted.clone()) {
+        return;
+    }
+    let container = container_of(&pod);
+    if let Some(status) = pod.status.as_mut() {
+        status.container_statuses = Some(vec![container_status(
+            &container,
+            ContainerState {
+                waiting: Some(wanted),
+                ..ContainerState::default()
+            },
+            false,
+        )]);
+    }
+    cluster.store.update(pod);
+}
+
+fn set_running(core: &Core, cluster: &mut Cluster, mut pod: Pod, pod_ip: &str) {
+    let container = container_of(&pod);
+    let status = pod.status.get_or_insert_with(PodStatus::default);
+    status.phase = Some("Running".to_string());
+    set_conditions(
+        status,
+        vec![
+            condition("PodReadyToStartContainers", true, None),
+            condition("Initialized", true, None),
+            condition("Ready", true, None),
+            condition("ContainersReady", true, None),
+            condition("PodScheduled", true, None),
+        ],
+    );
+    status.host_ip = Some(core.node_ip.clone());
+    status.pod_ip = Some(pod_ip.to_string());
+    status.pod_ips = Some(vec![PodIP {
+        ip: pod_ip.to_string(),
+    }]);
+    status.container_statuses = Some(vec![container_status(
+        &container,
+        ContainerState {
+            running: Some(ContainerStateRunning {
+                started_at: Some(now()),
+            }),
+            ..ContainerState::default()
+        },
+        true,
+    )]);
+    cluster.store.update(pod);
+}
+
+fn set_terminated(
+    cluster: &mut Cluster,
+    mut pod: Pod,
+    exit_code: i32,
+    reason: &str,
+    message: Option<&str>,
+) -> Pod {
+    let container = container_of(&pod);
+    let status = pod.status.get_or_insert_with(PodStatus::default);
+    let previous = status
+        .container_statuses
+        .as_ref()
+        .and_then(|c| c.first())
+        .cloned();
+    let started_at: Option<Time> = previous
+        .as_ref()
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.running.as_ref())
+        .and_then(|r| r.started_at.clone());
+    let container_id = previous.and_then(|c| c.container_id);
+    status.phase = Some(
+        if exit_code == 0 {
+            "Succeeded"
+        } else {
+            "Failed"
+        }
+        .to_string(),
+    );
+    set_conditions(
+        status,
+        vec![
+            condition("PodReadyToStartContainers", false, None),
+            condition("Initialized", true, None),
+            condition("Ready", false, Some("PodCompleted")),
+            condition("ContainersReady", false, Some("PodCompleted")),
+            condition("PodScheduled", true, None),
+        ],
+    );
+    let mut terminated = container_status(&container, ContainerState::default(), false);
+    terminated.container_id = container_id.clone();
+    terminated.state = Some(ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            exit_code,
+            reason: Some(reason.to_string()),
+            message: message.map(str::to_string),
+            started_at,
+            finished_at: Some(now()),
+            container_id,
+            signal: None,
+        }),
+        ..ContainerState::default()
+    });
+    status.container_statuses = Some(vec![terminated]);
+    cluster.store.update(pod)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variable_references_expand_like_kubernetes() {
+        let env = vec![
+            ("A".to_string(), "1".to_string()),
+            ("B".to_string(), "two".to_string()),
+        ];
+        assert_eq!(expand("$(A)-$(B)", &env), "1-two");
+        assert_eq!(expand("$(MISSING)", &env), "$(MISSING)");
+        assert_eq!(expand("$$(A)", &env), "$(A)");
+        assert_eq!(expand("cost: $5 $(A", &env), "cost: $5 $(A");
+        assert_eq!(expand("plain", &env), "plain");
+    }
+}

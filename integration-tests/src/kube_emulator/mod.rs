@@ -1,0 +1,437 @@
+//! A TEST-ONLY stand-in for a Kubernetes cluster: an HTTP server speaking the part of the
+//! Kubernetes API that shoal's Kubernetes executor uses, with a job controller and a kubelet
+//! that run each pod's container as a real process on this machine. It exists because no API
+//! server can run here; it is not a Kubernetes implementation and must never be used outside
+//! tests.
+//!
+//! ```no_run
+//! # async fn example() {
+//! use k8s_openapi::api::batch::v1::Job;
+//! use kube::Api;
+//! use shoal_integration_tests::kube_emulator::Emulator;
+//! use shoal_integration_tests::netns::Network;
+//!
+//! let network = Network::new(); // optional: each pod then runs in its own network namespace
+//! let emulator = Emulator::start(Some(&network));
+//! let jobs: Api<Job> = Api::default_namespaced(emulator.client()); // inside a Tokio runtime
+//! // ... jobs.create(&Default::default(), &job).await ...
+//! // A program under test finds the emulator through its kubeconfig:
+//! std::process::Command::new("my-driver").env("KUBECONFIG", emulator.kubeconfig_path());
+//! # }
+//! ```
+//!
+//! # Wire format
+//! Objects are `k8s-openapi` (Kubernetes 1.34) types serialized as the API server sends them:
+//! single objects with `apiVersion`/`kind`, lists as `JobList`/`PodList`/`SecretList` whose
+//! items have neither, errors as `Status` objects (`NotFound` 404, `AlreadyExists` 409,
+//! `Conflict` 409, `Invalid` 422 with `details.causes`, `BadRequest` 400, `MethodNotAllowed`
+//! 405), watch events as newline-delimited `{"type": ..., "object": ...}`. Plain HTTP on
+//! 127.0.0.1 (so not reachable from pods in network hosts), no authentication. Every namespace
+//! exists implicitly.
+//!
+//! # Endpoints
+//! - `batch/v1` Jobs, `/apis/batch/v1/namespaces/{ns}/jobs[/{name}]`: create (`POST`), get,
+//!   list, watch, delete, delete a collection (`DELETE` with selectors); `GET .../status`;
+//!   cluster-wide list and watch at `/apis/batch/v1/jobs`.
+//! - `core/v1` Pods, `/api/v1/namespaces/{ns}/pods[/{name}]`: get, list, watch, delete, delete a
+//!   collection; `GET .../status`; `GET .../log` (the output so far); `/api/v1/pods`. Pods are
+//!   only made by the job controller (`POST` of a pod is not emulated).
+//! - `core/v1` Secrets, `/api/v1/namespaces/{ns}/secrets[/{name}]`: create (`stringData` merged
+//!   into `data`), get, list, watch, delete.
+//! - `GET /version` (reports v1.34.0).
+//!
+//! Lists and watches take `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, exists, `!key`) and
+//! `fieldSelector` (any dotted path, `=`/`!=`). Lists always answer from the current state and
+//! ignore `limit` (everything comes in one page, no `continue`). Watches follow the real
+//! `resourceVersion` semantics (`kube::runtime::watcher` with either initial list strategy
+//! works): unset or "0" starts with the current objects as ADDED; a version replays the later
+//! changes (`410 Expired` once older than the last 10 000 changes); `sendInitialEvents=true`
+//! ends the initial objects with a `k8s.io/initial-events-end` bookmark; `allowWatchBookmarks`
+//! adds bookmarks every 10 s; `timeoutSeconds` ends the stream. An object that stops matching a
+//! watch's selectors is sent as DELETED, one that starts matching as ADDED. One resource
+//! version counter covers every object and increments on every change.
+//!
+//! Deletes take `gracePeriodSeconds`, `propagationPolicy`, `orphanDependents` and
+//! `preconditions` in the query or a `DeleteOptions` body; `dryRun` is refused (400). Not
+//! emulated (405 or 404, with a message saying so): create/update/patch of pods, update and
+//! patch of Jobs and Secrets, ConfigMaps, Services, Events, every other kind, server-side
+//! apply, `exec`/`attach`/`portforward`, log streaming.
+//!
+//! # Jobs (job controller)
+//! On create, the API server's validation and defaults: a name or `generateName`; a DNS-1123
+//! name of at most 63 characters; `restartPolicy` `Never` (`OnFailure` is real but not
+//! emulated: 422 saying so); exactly one container with a name, an image and a `command`;
+//! `backoffLimit` (default 6) and `ttlSecondsAfterFinished` ≥ 0; `activeDeadlineSeconds` > 0;
+//! `selector` generated (`batch.kubernetes.io/controller-uid`), and the template labels
+//! `controller-uid`, `job-name`, `batch.kubernetes.io/controller-uid`,
+//! `batch.kubernetes.io/job-name` added (the Job's own labels default to the template's);
+//! `terminationGracePeriodSeconds` defaults to 30. Features a real cluster has but this one
+//! does not are refused with 422 (`FieldValueNotSupported`, "not supported by the shoal test
+//! emulator"): `completions`/`parallelism` ≠ 1, indexed Jobs, `suspend: true`,
+//! `podFailurePolicy`, `successPolicy`, `podReplacementPolicy: Failed`, manual selectors, init
+//! containers, several containers, volumes and volume mounts, containers without a command.
+//! Other fields (resources, probes, security contexts, affinity, tolerations, image pull
+//! settings, ports...) are accepted and ignored; readiness is "the process runs".
+//!
+//! The controller creates one pod named `<job>-<5 random characters>` with the template's
+//! labels and annotations and a controller owner reference to the Job, sets `startTime`,
+//! `active`, `ready`, `terminating`, `uncountedTerminatedPods`, and counts each pod once into
+//! `succeeded` or `failed`. A pod deleted before it ended counts as failed (as in a real
+//! cluster with the default `podReplacementPolicy: TerminatingOrFailed`, which also replaces a
+//! terminating pod without waiting for it to end). After a failure it creates a new pod while
+//! `failed` ≤ `backoffLimit` (after 0.2 s, doubling per failure up to 6.4 s; a real cluster
+//! waits 10 s, doubling up to 6 min). When `failed` > `backoffLimit` it adds the condition
+//! `FailureTarget` (reason `BackoffLimitExceeded`, message "Job has reached the specified
+//! backoff limit"), and when `activeDeadlineSeconds` after `startTime` have passed (`startTime`
+//! has whole seconds, as in the API) `FailureTarget` with reason `DeadlineExceeded` ("Job was
+//! active longer than specified deadline"), deleting its running pods (each with its own grace
+//! period); `Failed` with the same reason follows once no pod of the Job is still running. On
+//! success: `SuccessCriteriaMet` and `Complete` (reason `CompletionsReached`) and
+//! `completionTime` (set on success only, as in the API). `ttlSecondsAfterFinished` after
+//! finishing, the Job is deleted with foreground propagation.
+//!
+//! Deleting a Job follows the garbage collector: with no `propagationPolicy` the API's default
+//! for `batch/v1` Jobs is `Orphan` (the response then carries the real server's `Warning`
+//! header): the Job goes, its pods keep running with their owner reference removed.
+//! `Background`: the Job goes at once (answer: a `Status` with `status: Success`), its pods are
+//! deleted after. `Foreground`: the Job gets `deletionTimestamp` and the `foregroundDeletion`
+//! finalizer (answer: the Job), its pods are deleted, then it goes. The pods are deleted with
+//! their own `terminationGracePeriodSeconds`: a Job delete's `gracePeriodSeconds` is not passed
+//! on to them (nor is it by a real garbage collector); delete the pods themselves, or set the
+//! template's `terminationGracePeriodSeconds`, to stop them sooner.
+//!
+//! # Pods (kubelet)
+//! The container runs as PID 1 of its own PID
+//! namespace (so, as in any container, SIGTERM is ignored unless the program handles it), in
+//! its own network namespace [`Host`](crate::netns::Host) when the emulator has a network (pod
+//! IP: the host's address; host IP: the bridge address) or in this machine's network (pod and
+//! host IP 127.0.0.1), with a container-like clean environment: `PATH`, `HOME`, `HOSTNAME` and
+//! the container's `env` (values with `$(VAR)` references, `secretKeyRef`, `fieldRef` on
+//! `metadata.name|namespace|uid|labels['k']|annotations['k']`, `spec.nodeName`,
+//! `spec.serviceAccountName`, `status.podIP`, `status.hostIP`) and `envFrom` Secrets;
+//! ConfigMaps and resource fields are not emulated (the pod stays Pending with
+//! `CreateContainerConfigError`, as it does while a Secret or key is missing). Phases Pending →
+//! Running → Succeeded/Failed with the real container states: `running.startedAt`,
+//! `terminated` with `exitCode` (128 + N after signal N), `reason` (`Completed`, `Error`,
+//! `OOMKilled`, `StartError` with 128 when the program cannot start), `startedAt`,
+//! `finishedAt`. Node name: [`NODE_NAME`].
+//!
+//! Deleting a pod: one that is not running goes at once; a running one gets
+//! `deletionTimestamp`/`deletionGracePeriodSeconds`, SIGTERM, and SIGKILL when the grace
+//! period (the delete's `gracePeriodSeconds`, else the pod's `terminationGracePeriodSeconds`)
+//! ends; a grace of 0 sends SIGKILL at once. The pod object goes once the process is gone, after
+//! a last update with its terminated state (so a grace-0 delete is still seen ending with 137;
+//! a real API server removes a pod deleted with grace 0 before the kubelet has killed it).
+//!
+//! # Test controls
+//! [`Emulator::pod_pid`] (to signal a pod's process directly), [`Emulator::oom_kill`] and the
+//! annotation [`OOM_KILL_AFTER_MS`], [`Emulator::pod_log`].
+
+mod api;
+mod controller;
+mod kubelet;
+mod selectors;
+mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use nix::sys::signal::Signal;
+
+use crate::netns::Network;
+use kubelet::ContainerProcess;
+use store::Store;
+
+/// The namespace of [`Emulator::client`] and of the kubeconfig's context.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The node every pod is scheduled on (`spec.nodeName`).
+pub const NODE_NAME: &str = "shoal-emulator-node";
+
+/// Pod annotation (set it in the Job's pod template): the kubelet kills the container this many
+/// milliseconds after it started, as the kernel's OOM killer would (SIGKILL), and reports
+/// `reason: OOMKilled`, `exitCode: 137`.
+pub const OOM_KILL_AFTER_MS: &str = "kube-emulator.shoal.test/oom-kill-after-ms";
+
+/// A running emulator; see the module docs. Dropping it stops the server and kills every pod
+/// process it started (and removes their network namespaces).
+pub struct Emulator {
+    core: Arc<Core>,
+    address: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+    dir: tempfile::TempDir,
+}
+
+/// What the server, the controllers and the kubelet share.
+pub(crate) struct Core {
+    cluster: Mutex<Cluster>,
+    /// The emulator's runtime (timers, watch streams).
+    runtime: tokio::runtime::Handle,
+    /// Pods run in hosts of this network, when given.
+    network: Option<Network>,
+    /// The node's address (`status.hostIP`).
+    node_ip: String,
+    log_dir: PathBuf,
+    shutting_down: AtomicBool,
+    kubelets: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The cluster's state, behind one lock.
+pub(crate) struct Cluster {
+    store: Store,
+    /// The kubelet's container processes, by pod uid.
+    containers: HashMap<String, ContainerProcess>,
+    /// Pods (by uid) whose outcome the job controller has counted.
+    counted: HashSet<String>,
+    /// When each Job (by uid) last had a pod fail, for the retry delay.
+    last_failure: HashMap<String, Instant>,
+    /// Each pod's log file, by namespace and name.
+    logs: HashMap<(String, String), PathBuf>,
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, Cluster> {
+        self.cluster.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Runs `work` with the cluster lock after `delay` (unless the emulator stopped).
+    fn after(
+        self: &Arc<Self>,
+        delay: Duration,
+        work: impl FnOnce(&Arc<Core>, &mut Cluster) + Send + 'static,
+    ) {
+        if self.shutting_down() {
+            return;
+        }
+        let core = Arc::clone(self);
+        self.runtime.spawn(async move {
+            tokio::time::sleep(delay).await;
+            if core.shutting_down() {
+                return;
+            }
+            let mut cluster = core.lock();
+            work(&core, &mut cluster);
+        });
+    }
+
+    fn add_kubelet(&self, handle: JoinHandle<()>) {
+        let mut kubelets = self.kubelets.lock().unwrap_or_else(|e| e.into_inner());
+        kubelets.retain(|h| !h.is_finished());
+        kubelets.push(handle);
+    }
+
+    fn log_path(&self, namespace: &str, name: &str) -> PathBuf {
+        self.log_dir.join(format!("{namespace}_{name}.log"))
+    }
+}
+
+impl Emulator {
+    /// Starts an emulator on a free port of 127.0.0.1. With a `network`, every pod runs in a new
+    /// [`Host`](crate::netns::Host) of it. Panics when it cannot start (the fixture's failure
+    /// is the test's).
+    pub fn start(network: Option<&Network>) -> Emulator {
+        let dir = tempfile::Builder::new()
+            .prefix("kube-emulator")
+            .tempdir()
+            .expect("a directory for the emulator");
+        let log_dir = dir.path().join("logs");
+        std::fs::create_dir_all(&log_dir).expect("the emulator's log directory");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port on 127.0.0.1");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let address = listener.local_addr().expect("the listener's address");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("the emulator's runtime");
+        let core = Arc::new(Core {
+            cluster: Mutex::new(Cluster {
+                store: Store::new(),
+                containers: HashMap::new(),
+                counted: HashSet::new(),
+                last_failure: HashMap::new(),
+                logs: HashMap::new(),
+            }),
+            runtime: runtime.handle().clone(),
+            network: network.cloned(),
+            node_ip: network
+                .map_or_else(|| "127.0.0.1".to_string(), |n| n.host_address().to_string()),
+            log_dir,
+            shutting_down: AtomicBool::new(false),
+            kubelets: Mutex::new(Vec::new()),
+        });
+        let router = api::router(Arc::clone(&core));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = std::thread::Builder::new()
+            .name("kube-emulator".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(e) => {
+                            tracing::error!("the emulator cannot listen: {e}");
+                            return;
+                        }
+                    };
+                    let serve = std::future::IntoFuture::into_future(axum::serve(listener, router));
+                    tokio::select! {
+                        result = serve => {
+                            if let Err(e) = result {
+                                tracing::error!("the emulator's server failed: {e}");
+                            }
+                        }
+                        _ = stopped => {}
+                    }
+                });
+                // Dropping the runtime here ends every timer and watch stream.
+            })
+            .expect("the emulator's server thread");
+        let emulator = Emulator {
+            core,
+            address,
+            stop: Some(stop),
+            server: Some(server),
+            dir,
+        };
+        emulator
+            .write_kubeconfig(&emulator.kubeconfig_path())
+            .expect("the emulator's kubeconfig");
+        emulator
+    }
+
+    /// The API's base URL, `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// The address the API listens on.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// A client configuration for the emulator: cluster URL, namespace [`DEFAULT_NAMESPACE`],
+    /// no credentials.
+    pub fn config(&self) -> kube::Config {
+        let url = self
+            .url()
+            .parse::<axum::http::Uri>()
+            .expect("the emulator's URL is a URI");
+        let mut config = kube::Config::new(url);
+        config.default_namespace = DEFAULT_NAMESPACE.to_string();
+        config
+    }
+
+    /// A `kube::Client` for the emulator. Call it inside a Tokio runtime (the client spawns its
+    /// connection tasks there).
+    pub fn client(&self) -> kube::Client {
+        kube::Client::try_from(self.config()).expect("a kube client for the emulator")
+    }
+
+    /// Writes a kubeconfig (JSON, which is YAML) whose current context points at the emulator
+    /// with namespace [`DEFAULT_NAMESPACE`], for programs that find their cluster through
+    /// `KUBECONFIG`.
+    pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "shoal-emulator", "cluster": {"server": self.url()}}],
+            "users": [{"name": "shoal-emulator", "user": {}}],
+            "contexts": [{
+                "name": "shoal-emulator",
+                "context": {
+                    "cluster": "shoal-emulator",
+                    "user": "shoal-emulator",
+                    "namespace": DEFAULT_NAMESPACE,
+                },
+            }],
+            "current-context": "shoal-emulator",
+            "preferences": {},
+        });
+        std::fs::write(path, config.to_string())
+    }
+
+    /// A kubeconfig for the emulator, written at start (see [`Emulator::write_kubeconfig`]);
+    /// removed with the emulator.
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    fn pod_uid(&self, namespace: &str, name: &str) -> Option<String> {
+        self.core
+            .lock()
+            .store
+            .get::<Pod>(namespace, name)
+            .and_then(|p| p.metadata.uid)
+    }
+
+    /// The pid (in this PID namespace) of pod `namespace/name`'s container process while it
+    /// runs. It is PID 1 of its own PID namespace: SIGKILL always reaches it, other signals only
+    /// if it handles them.
+    pub fn pod_pid(&self, namespace: &str, name: &str) -> Option<u32> {
+        let uid = self.pod_uid(namespace, name)?;
+        let cluster = self.core.lock();
+        cluster
+            .containers
+            .get(&uid)
+            .filter(|c| !c.reaped)
+            .and_then(|c| c.pid)
+    }
+
+    /// Kills pod `namespace/name`'s container as out of memory now (SIGKILL, reported as
+    /// `OOMKilled` with exit code 137). False when it is not running.
+    pub fn oom_kill(&self, namespace: &str, name: &str) -> bool {
+        let Some(uid) = self.pod_uid(namespace, name) else {
+            return false;
+        };
+        kubelet::oom_kill(&mut self.core.lock(), &uid)
+    }
+
+    /// What pod `namespace/name`'s container wrote to stdout and stderr so far (kept after the
+    /// pod is deleted, until the emulator stops); `None` if it never started.
+    pub fn pod_log(&self, namespace: &str, name: &str) -> Option<String> {
+        let path = self
+            .core
+            .lock()
+            .logs
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()?;
+        std::fs::read(path)
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.core.shutting_down.store(true, Ordering::SeqCst);
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+        {
+            let cluster = self.core.lock();
+            for uid in cluster.containers.keys() {
+                kubelet::signal(&cluster, uid, Signal::SIGKILL);
+            }
+        }
+        let kubelets =
+            std::mem::take(&mut *self.core.kubelets.lock().unwrap_or_else(|e| e.into_inner()));
+        for kubelet in kubelets {
+            let _ = kubelet.join();
+        }
+    }
+}
