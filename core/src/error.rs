@@ -141,6 +141,19 @@ pub enum Error {
     #[error("the input of the call failed: {0}")]
     Input(String),
 
+    /// A message failed authentication (a wrong or missing HMAC under the receiver's authkey,
+    /// or `Manager::connect` with a wrong authkey); nothing was executed.
+    #[error("authentication failed: {0}")]
+    Authentication(String),
+
+    /// A key is not in a shared dictionary (Python's `KeyError`).
+    #[error("key error: {0}")]
+    KeyError(String),
+
+    /// An index is outside a shared list (Python's `IndexError`).
+    #[error("index error: {0}")]
+    IndexError(String),
+
     /// An operating-system call failed.
     #[error("{context}: {source}")]
     Io {

@@ -5,6 +5,7 @@
 //! Users depend on the `shoal` crate, which re-exports what they need from here.
 
 pub mod actors;
+pub mod auth;
 pub mod clock;
 pub mod codec;
 pub mod config;
