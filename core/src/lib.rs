@@ -11,6 +11,7 @@ pub mod codec;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod hosted;
 pub mod registry;
 pub mod store;
 

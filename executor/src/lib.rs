@@ -2,6 +2,7 @@
 //!
 //! * [`protocol`]: the messages every backend's executor actor answers (launch, signal, exit).
 //! * [`local`]: the local backend (subprocesses of this binary, or threads).
+//! * [`actor`]: the hosted-actor protocol (mailboxes, leases, commits) and the host loop.
 //! * `kubernetes` (feature `kubernetes`): workers as Kubernetes Jobs.
 //! * [`task`]: the task record a worker reads and the status it writes, with their keys.
 //! * [`worker`]: what a worker process does with its task.
@@ -9,6 +10,7 @@
 //! * [`pool`]: the pool protocol (task and result streams, leases, redelivery) and the pool
 //!   worker loop.
 
+pub mod actor;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod local;

@@ -122,6 +122,8 @@ pub enum TaskKind {
     },
     /// Serve a pool until told to stop.
     PoolWorker(PoolWorkerSpec),
+    /// Host actors until told to stop.
+    ActorHost(crate::actor::host::HostSpec),
 }
 
 /// What a worker needs to run a process.

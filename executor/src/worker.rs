@@ -88,6 +88,14 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
                 None => Err(Failure::error(registry::unknown_here(function))),
             },
         ),
+        TaskKind::ActorHost(spec) => (
+            format!("actor host {}", spec.host_id),
+            match crate::actor::host::run_host(&store, spec) {
+                Ok(()) => Ok(()),
+                Err(e) if e.is_store_unreachable() => return Err(e),
+                Err(e) => Err(Failure::error(e)),
+            },
+        ),
         TaskKind::PoolWorker(spec) => (
             format!("pool {}", spec.pool_id),
             match pool::run_worker(&store, spec) {

@@ -1,4 +1,5 @@
-//! `#[shoal::remote]`: makes a free function runnable in another process.
+//! `#[shoal::remote]`: makes a free function runnable in another process; `#[derive(shoal::Actor)]`:
+//! makes a serde type a durable actor.
 //!
 //! The attribute keeps the function as written and adds an entry to shoal's link-time registry
 //! (`shoal::__private::REMOTE_FUNCTIONS`) that decodes the argument tuple, calls the function
@@ -12,6 +13,7 @@
 use proc_macro::TokenStream;
 use proc_macro2::Span;
 use quote::{format_ident, quote};
+use syn::parse::Parse;
 use syn::spanned::Spanned;
 use syn::{FnArg, ItemFn, ReturnType, Type, parse_macro_input};
 
@@ -183,4 +185,88 @@ fn is_result(ty: &Type) -> bool {
         Type::Group(g) => is_result(&g.elem),
         _ => false,
     }
+}
+
+/// Makes a serde type a durable actor: `#[derive(shoal::Actor)]` with
+/// `#[actor(messages(A, B, ...))]` listing the message types it has a `shoal::Handler` for.
+///
+/// ```ignore
+/// #[derive(Serialize, Deserialize, Default, shoal::Actor)]
+/// #[actor(messages(Incr, Get))]
+/// struct Counter { n: u64 }
+/// ```
+#[proc_macro_derive(Actor, attributes(actor))]
+pub fn derive_actor(item: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(item as syn::DeriveInput);
+    match expand_actor(&input) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+fn expand_actor(input: &syn::DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
+    let ident = &input.ident;
+    if !input.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            input.generics.span(),
+            "#[derive(shoal::Actor)] types cannot be generic: a host process must know the \
+             concrete type (write a wrapper per type)",
+        ));
+    }
+    let mut messages: Vec<syn::Type> = Vec::new();
+    let mut seen_attribute = false;
+    for attr in input.attrs.iter().filter(|a| a.path().is_ident("actor")) {
+        seen_attribute = true;
+        attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("messages") {
+                let content;
+                syn::parenthesized!(content in meta.input);
+                let types = content.parse_terminated(syn::Type::parse, syn::Token![,])?;
+                messages.extend(types);
+                Ok(())
+            } else {
+                Err(meta.error("expected `messages(Type, ...)`"))
+            }
+        })?;
+    }
+    if !seen_attribute || messages.is_empty() {
+        return Err(syn::Error::new(
+            ident.span(),
+            "#[derive(shoal::Actor)] needs #[actor(messages(A, B, ...))]: the message types this \
+             actor has a shoal::Handler for",
+        ));
+    }
+    let entry = format_ident!("__SHOAL_ACTOR_{}", ident, span = Span::call_site());
+    Ok(quote! {
+        impl ::shoal::Actor for #ident {
+            fn dispatch(
+                &mut self,
+                kind: &str,
+                payload: &[u8],
+                limit: usize,
+                context: &mut ::shoal::ActorContext,
+            ) -> ::core::result::Result<::std::vec::Vec<u8>, ::shoal::__private::Failure> {
+                #(
+                    if kind == ::shoal::__private::kind_of::<#messages>() {
+                        return ::shoal::__private::handle_encoded::<Self, #messages>(
+                            self, payload, limit, context,
+                        );
+                    }
+                )*
+                ::core::result::Result::Err(::shoal::__private::unknown_message::<Self>(kind))
+            }
+        }
+
+        #(impl ::shoal::Handles<#messages> for #ident {})*
+
+        // linkme places the entry in a link section; the entry itself is plain data.
+        #[doc(hidden)]
+        #[allow(unsafe_code, non_upper_case_globals)]
+        #[::shoal::__private::linkme::distributed_slice(::shoal::__private::ACTOR_TYPES)]
+        #[linkme(crate = ::shoal::__private::linkme)]
+        static #entry: ::shoal::__private::ActorType = ::shoal::__private::ActorType {
+            name: || ::std::any::type_name::<#ident>(),
+            restore: ::shoal::__private::restore_actor::<#ident>,
+        };
+    })
 }

@@ -50,16 +50,22 @@
 
 extern crate self as shoal;
 
+mod actor;
 mod pool;
 mod process;
 mod runtime;
 
+pub use actor::{
+    ActorOptions, ActorRef, get_or_spawn, get_or_spawn_with, spawn_actor, spawn_actor_with,
+};
 pub use pool::{AsyncOptions, AsyncResult, IMapIterator, Pool, PoolBuilder};
 pub use process::{ChildProcess, Process, active_children};
 pub use runtime::{Runtime, init, init_with};
 pub use shoal_core::config::{self, Config, ConfigBuilder, StartMethod};
 pub use shoal_core::context::{AuthKey, ParentInfo, ProcessInfo};
 pub use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
+pub use shoal_core::hosted::{Actor, ActorContext, Handler, Handles};
+pub use shoal_macros::Actor;
 pub use shoal_macros::remote;
 pub use shoal_primitives::{
     Array, Barrier, BoundedSemaphore, Condition, Connection, Event, Guard, Integer, JoinableQueue,
@@ -123,10 +129,10 @@ macro_rules! test_support {
 /// Everything a Python `multiprocessing` user reaches for.
 pub mod prelude {
     pub use crate::{
-        Array, AsyncOptions, AsyncResult, Barrier, BoundedSemaphore, Condition, Config, Connection,
-        Error, Event, JoinableQueue, Lock, Pipe, Pool, Process, Queue, RLock, Result, Semaphore,
-        SimpleQueue, StartMethod, Value, active_children, current_process, parent_process, remote,
-        termination_requested,
+        Actor, ActorContext, ActorRef, Array, AsyncOptions, AsyncResult, Barrier, BoundedSemaphore,
+        Condition, Config, Connection, Error, Event, Handler, JoinableQueue, Lock, Pipe, Pool,
+        Process, Queue, RLock, Result, Semaphore, SimpleQueue, StartMethod, Value, active_children,
+        current_process, get_or_spawn, parent_process, remote, spawn_actor, termination_requested,
     };
 }
 
@@ -134,6 +140,9 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use linkme;
+    pub use shoal_core::hosted::{
+        ACTOR_TYPES, ActorType, handle_encoded, kind_of, restore as restore_actor, unknown_message,
+    };
     pub use shoal_core::registry::{
         DescribeDebug, DescribeDisplay, DescribeOpaque, Described, EncodeFallback, EncodeSerialize,
         Encoded, Failure, REMOTE_FUNCTIONS, RemoteFunction, Returned, TEST_WORKER_ENTRIES,

@@ -34,7 +34,11 @@ use shoal_executor::local::{LocalExecutor, LocalSettings};
 use shoal_executor::protocol::{Executor, StopSignal};
 use shoal_executor::task::TaskAddress;
 
+use crate::actor::HostSupervisor;
+use crate::actor::hosts::{StartHosts, StopHosts};
 use crate::process::ProcessState;
+use actix::Actor as _;
+use shoal_executor::actor::HostKeys;
 
 /// How long a terminated daemon child gets before it is killed at shutdown.
 const DAEMON_GRACE: Duration = Duration::from_secs(5);
@@ -58,6 +62,8 @@ pub(crate) struct RuntimeInner {
     executor: Executor,
     children: Mutex<Vec<ChildEntry>>,
     embedded: Mutex<Option<EmbeddedRedis>>,
+    /// The actor hosts, once this runtime spawned an actor.
+    actor_hosts: Mutex<Option<actix::Addr<HostSupervisor>>>,
 }
 
 impl std::fmt::Debug for RuntimeInner {
@@ -183,6 +189,7 @@ impl RuntimeInner {
             executor,
             children: Mutex::new(Vec::new()),
             embedded: Mutex::new(embedded),
+            actor_hosts: Mutex::new(None),
         })
     }
 
@@ -200,6 +207,28 @@ impl RuntimeInner {
             .unwrap_or_else(|p| p.into_inner())
             .arbiter()
             .clone()
+    }
+
+    /// Starts this runtime's actor hosts, once.
+    pub(crate) fn actor_hosts(&self) -> Result<()> {
+        let mut hosts = self.actor_hosts.lock().unwrap_or_else(|p| p.into_inner());
+        if hosts.is_some() {
+            return Ok(());
+        }
+        let store = self.context.store().clone();
+        shoal_executor::actor::create_activations(&store, &HostKeys::new(store.keys()))?;
+        let (executor, config, creator, id) = (
+            self.executor.clone(),
+            self.context.config().clone(),
+            context::current_process(),
+            self.id.clone(),
+        );
+        let addr = HostSupervisor::start_in_arbiter(&self.arbiter(), move |_| {
+            HostSupervisor::new(store, executor, config, creator, &id)
+        });
+        addr.do_send(StartHosts);
+        *hosts = Some(addr);
+        Ok(())
     }
 
     pub(crate) fn track_child(&self, child: ChildEntry) {
@@ -260,6 +289,14 @@ impl Drop for RuntimeInner {
         // Items a queue feeder still buffers reach Redis first (Python's join_thread at exit).
         context::run_exit_hooks();
         self.shutdown_children();
+        let hosts = self
+            .actor_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(hosts) = hosts {
+            let _ = futures::executor::block_on(hosts.send(StopHosts));
+        }
         // A remote backend deletes what it started (finished Jobs included).
         futures::executor::block_on(self.executor.shutdown());
         if context::try_current().is_some_and(|c| Arc::ptr_eq(&c, &self.context)) {

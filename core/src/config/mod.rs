@@ -53,6 +53,7 @@ pub const SECTIONS: &[&str] = &[
     "sync",
     "multiprocessing",
     "kubernetes",
+    "actors",
 ];
 
 /// Sections of the design whose backends are not built yet.
@@ -168,6 +169,36 @@ const LEASE: KeyRange = KeyRange {
     high: 86_400.0,
     unit: "seconds",
 };
+const ACTOR_HOSTS: KeyRange = KeyRange {
+    key: "actors.hosts",
+    low: 1.0,
+    high: 64.0,
+    unit: "host processes",
+};
+const ACTOR_LEASE: KeyRange = KeyRange {
+    key: "actors.lease_secs",
+    low: 0.1,
+    high: 3600.0,
+    unit: "seconds",
+};
+const ACTOR_IDLE: KeyRange = KeyRange {
+    key: "actors.idle_secs",
+    low: 1.0,
+    high: 86_400.0,
+    unit: "seconds",
+};
+const ACTOR_RESTARTS: KeyRange = KeyRange {
+    key: "actors.max_restarts",
+    low: 0.0,
+    high: 1000.0,
+    unit: "handler panics",
+};
+const ACTOR_RESTART_PERIOD: KeyRange = KeyRange {
+    key: "actors.restart_period_secs",
+    low: 0.1,
+    high: 86_400.0,
+    unit: "seconds",
+};
 const JOB_TTL: KeyRange = KeyRange {
     key: "kubernetes.ttl_seconds_after_finished",
     low: 0.0,
@@ -199,6 +230,60 @@ pub struct Config {
     pub multiprocessing: MultiprocessingConfig,
     /// The Kubernetes backend.
     pub kubernetes: KubernetesConfig,
+    /// Hosted actors.
+    pub actors: ActorsConfig,
+}
+
+/// The `actors` section: durable hosted actors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActorsConfig {
+    /// Host processes a runtime starts, when it spawns its first actor. 1 ..= 64.
+    pub hosts: u32,
+    /// An actor's activation lasts this long unless its host renews it (every third of it);
+    /// a host that died or froze loses its actors once it lapses (at once when its death is
+    /// seen). 0.1 ..= 3600.
+    pub lease_secs: f64,
+    /// An actor without messages for this long is deactivated (its state is saved already).
+    /// 1 ..= 86400.
+    pub idle_secs: f64,
+    /// Handler panics allowed within `restart_period_secs`; one more fails the actor (its
+    /// messages then get an error). 0 ..= 1000.
+    pub max_restarts: u32,
+    /// The window of `max_restarts`, in seconds. 0.1 ..= 86400.
+    pub restart_period_secs: f64,
+}
+
+impl Default for ActorsConfig {
+    fn default() -> Self {
+        ActorsConfig {
+            hosts: 1,
+            lease_secs: 2.0,
+            idle_secs: 300.0,
+            max_restarts: 3,
+            restart_period_secs: 5.0,
+        }
+    }
+}
+
+impl ActorsConfig {
+    /// [`ActorsConfig::lease_secs`] as a duration, clamped into its range.
+    pub fn lease(&self) -> Duration {
+        ACTOR_LEASE.duration(self.lease_secs, ActorsConfig::default().lease_secs)
+    }
+
+    /// [`ActorsConfig::idle_secs`] as a duration, clamped into its range.
+    pub fn idle(&self) -> Duration {
+        ACTOR_IDLE.duration(self.idle_secs, ActorsConfig::default().idle_secs)
+    }
+
+    /// [`ActorsConfig::restart_period_secs`] as a duration, clamped into its range.
+    pub fn restart_period(&self) -> Duration {
+        ACTOR_RESTART_PERIOD.duration(
+            self.restart_period_secs,
+            ActorsConfig::default().restart_period_secs,
+        )
+    }
 }
 
 /// The `shoal` section.
@@ -551,7 +636,7 @@ impl Config {
 
     /// Every numeric key with its range and value (`None`: unset, as `local.workers: null`).
     /// config.yaml documents each range beside its key (a test checks it).
-    fn numeric_values(&self) -> [(KeyRange, Option<f64>); 12] {
+    fn numeric_values(&self) -> [(KeyRange, Option<f64>); 17] {
         [
             (EXPIRY, Some(self.redis.expiry_secs as f64)),
             (MAX_MESSAGE, Some(self.redis.max_message_bytes as f64)),
@@ -571,6 +656,11 @@ impl Config {
                 JOB_DEADLINE,
                 self.kubernetes.active_deadline_seconds.map(|s| s as f64),
             ),
+            (ACTOR_HOSTS, Some(f64::from(self.actors.hosts))),
+            (ACTOR_LEASE, Some(self.actors.lease_secs)),
+            (ACTOR_IDLE, Some(self.actors.idle_secs)),
+            (ACTOR_RESTARTS, Some(f64::from(self.actors.max_restarts))),
+            (ACTOR_RESTART_PERIOD, Some(self.actors.restart_period_secs)),
         ]
     }
 

@@ -1,0 +1,22 @@
+-- Creates an actor's state and mailbox, or finds a named one.
+-- KEYS[1] state hash, KEYS[2] mailbox stream
+-- ARGV[1] actor type, ARGV[2] initial state, ARGV[3] '1' when its messages must be signed,
+-- ARGV[4] TTL seconds, ARGV[5] 'new' (fail if it exists) or 'named' (create if absent)
+-- Returns 'created' or 'exists'. Errors: EXISTS (new, already there), TYPE (named, another type).
+local current = redis.call('HGET', KEYS[1], 'type')
+if current then
+  if ARGV[5] == 'new' then
+    return redis.error_reply('EXISTS the actor already exists')
+  end
+  if current ~= ARGV[1] then
+    return redis.error_reply('TYPE the actor is a ' .. current .. ', not a ' .. ARGV[1])
+  end
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return 'exists'
+end
+redis.call('HSET', KEYS[1], 'type', ARGV[1], 'data', ARGV[2], 'applied', '0-0', 'auth', ARGV[3],
+  'status', 'active', 'failures', '')
+local ok = pcall(redis.call, 'XGROUP', 'CREATE', KEYS[2], 'host', '$', 'MKSTREAM')
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 'created'

@@ -1,0 +1,721 @@
+//! An actor host: a worker process (or thread) that takes actors needing a host and runs their
+//! messages.
+//!
+//! * The main loop reads the namespace's `activations` stream (consumer group `hosts`) and
+//!   starts a thread for each actor it is asked to host and does not host yet.
+//! * An actor thread activates the actor (`actor_activate.lua`: a new lease and fencing token;
+//!   nothing happens when another host holds it), restores its state with the type's registry
+//!   entry (`#[derive(shoal::Actor)]`), takes over the messages a previous host read and did not
+//!   commit (`XAUTOCLAIM`), then reads its mailbox in batches and commits each batch (see the
+//!   module docs of [`super`]). It stops when its lease is lost (a commit or renewal refused),
+//!   when the actor stops or fails, or after `actors.idle_secs` without messages (deactivation:
+//!   the lease is given back, the state is saved already).
+//! * A heartbeat thread renews every lease every third of the lease, and, for a subprocess host,
+//!   ends the process when the driver that started it is gone (its liveness key lapsed).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::streams::{StreamId, StreamReadReply};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use shoal_core::TaskErrorKind;
+use shoal_core::auth;
+use shoal_core::context::{self, AuthKey};
+use shoal_core::error::{Error, Result};
+use shoal_core::hosted::{self, ActorContext, HostedActor};
+use shoal_core::registry::Failure;
+use shoal_core::store::Store;
+
+use super::{
+    ACTIVATE, ActorKeys, BATCH, COMMIT, HOSTS_GROUP, HostKeys, LEASE, MAILBOX_GROUP, Reply, field,
+};
+use crate::pool::EXIT_DRIVER_GONE;
+
+/// How long a host's reads block before it looks at its stop conditions again.
+const READ_BLOCK: Duration = Duration::from_millis(500);
+
+/// What a host needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSpec {
+    /// This host's id: its consumer name, and the prefix of its leases.
+    pub host_id: String,
+    /// The activation lease.
+    pub lease_ms: u64,
+    /// Idle time before an actor is deactivated.
+    pub idle_ms: u64,
+    /// Handler panics allowed within `restart_period_ms`.
+    pub max_restarts: u32,
+    /// The window of `max_restarts`.
+    pub restart_period_ms: u64,
+    /// The liveness key of the runtime that started the host, and its TTL; `None`: do not
+    /// watch it (a host thread of that runtime).
+    pub driver: Option<(String, u64)>,
+}
+
+/// The actors this host runs: id → the lease value and the flag that stops its thread.
+#[derive(Default)]
+struct Active {
+    actors: Mutex<HashMap<String, ActiveActor>>,
+}
+
+struct ActiveActor {
+    lease: String,
+    stop: Arc<AtomicBool>,
+}
+
+impl Active {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ActiveActor>> {
+        self.actors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs a host until it is told to stop (a thread host: `shoal::termination_requested()`), or
+/// until the pool of actors' streams are gone. `Err` when Redis stays unreachable.
+pub fn run_host(store: &Arc<Store>, spec: &HostSpec) -> Result<()> {
+    let hosts = HostKeys::new(store.keys());
+    super::create_activations(store, &hosts)?;
+    let active = Arc::new(Active::default());
+    let done = Arc::new(AtomicBool::new(false));
+    let heartbeat = {
+        let (store, spec, active, done) =
+            (store.clone(), spec.clone(), active.clone(), done.clone());
+        std::thread::Builder::new()
+            .name("shoal-host-leases".into())
+            .spawn(move || heartbeat(&store, &spec, &active, &done))
+            .map_err(|e| Error::io("starting an actor host's heartbeat", e))?
+    };
+    let result = read_activations(store, spec, &hosts, &active);
+    done.store(true, Ordering::Release);
+    for actor in active.lock().values() {
+        actor.stop.store(true, Ordering::Release);
+    }
+    let _ = heartbeat.join();
+    result
+}
+
+fn read_activations(
+    store: &Arc<Store>,
+    spec: &HostSpec,
+    hosts: &HostKeys,
+    active: &Arc<Active>,
+) -> Result<()> {
+    loop {
+        if context::termination_requested() {
+            return Ok(());
+        }
+        let read = store.retry_unreachable(|| {
+            store.with_blocking_conn(
+                Some(READ_BLOCK),
+                || format!("reading {}", hosts.activations),
+                |c| {
+                    redis::cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg(HOSTS_GROUP)
+                        .arg(&spec.host_id)
+                        .arg("COUNT")
+                        .arg(64)
+                        .arg("BLOCK")
+                        .arg(READ_BLOCK.as_millis() as u64)
+                        .arg("STREAMS")
+                        .arg(&hosts.activations)
+                        .arg(">")
+                        .query::<Option<StreamReadReply>>(c)
+                },
+            )
+        });
+        let reply = match read {
+            Ok(reply) => reply,
+            Err(Error::Redis { source, .. }) if source.code() == Some("NOGROUP") => {
+                // The stream expired while idle: make it again.
+                super::create_activations(store, hosts)?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let entries: Vec<StreamId> = reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .collect();
+        if entries.is_empty() {
+            continue;
+        }
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        store.with_conn(
+            || format!("acknowledging {}", hosts.activations),
+            |c| {
+                redis::pipe()
+                    .xack(&hosts.activations, HOSTS_GROUP, &ids)
+                    .ignore()
+                    .xdel(&hosts.activations, &ids)
+                    .ignore()
+                    .query::<()>(c)
+            },
+        )?;
+        let wanted: HashSet<String> = entries
+            .iter()
+            .filter_map(|e| e.get::<String>("a"))
+            .collect();
+        for actor in wanted {
+            if active.lock().contains_key(&actor) {
+                continue;
+            }
+            let (store, spec, hosts, active) =
+                (store.clone(), spec.clone(), hosts.clone(), active.clone());
+            let name = format!(
+                "shoal-actor-{}",
+                &actor.chars().take(20).collect::<String>()
+            );
+            let spawned = std::thread::Builder::new().name(name).spawn(move || {
+                if let Err(e) = serve_actor(&store, &spec, &hosts, &active, &actor) {
+                    tracing::warn!("actor {actor}: {e}");
+                }
+                active.lock().remove(&actor);
+            });
+            if let Err(e) = spawned {
+                tracing::error!("cannot start an actor thread: {e}");
+            }
+        }
+    }
+}
+
+/// Runs one actor until it is deactivated, stops, fails, or its lease is lost.
+fn serve_actor(
+    store: &Arc<Store>,
+    spec: &HostSpec,
+    hosts: &HostKeys,
+    active: &Active,
+    actor_id: &str,
+) -> Result<()> {
+    let keys = ActorKeys::new(store.keys(), actor_id);
+    let limit = store.settings().max_message_bytes;
+    let activation: Vec<redis::Value> = store.with_conn(
+        || format!("activating actor {actor_id}"),
+        |c| {
+            ACTIVATE
+                .key(&keys.state)
+                .key(&keys.lease)
+                .key(&keys.fence)
+                .key(&keys.activating)
+                .arg(&spec.host_id)
+                .arg(spec.lease_ms)
+                .arg(store.expiry_secs())
+                .invoke(c)
+        },
+    )?;
+    let mut fields = activation.into_iter();
+    let token: u64 = fields
+        .next()
+        .and_then(|v| redis::from_redis_value(v).ok())
+        .unwrap_or(0);
+    if token == 0 {
+        // Another host has it.
+        return Ok(());
+    }
+    let mut next_bytes = || -> Vec<u8> {
+        fields
+            .next()
+            .and_then(|v| redis::from_redis_value::<Vec<u8>>(v).ok())
+            .unwrap_or_default()
+    };
+    let actor_type = String::from_utf8_lossy(&next_bytes()).into_owned();
+    let data = next_bytes();
+    let applied = String::from_utf8_lossy(&next_bytes()).into_owned();
+    let authenticated = next_bytes() == b"1";
+    let status = String::from_utf8_lossy(&next_bytes()).into_owned();
+    let failures_text = String::from_utf8_lossy(&next_bytes()).into_owned();
+    let lease = format!("{}:{token}", spec.host_id);
+    let stop = Arc::new(AtomicBool::new(false));
+    active.lock().insert(
+        actor_id.to_string(),
+        ActiveActor {
+            lease: lease.clone(),
+            stop: stop.clone(),
+        },
+    );
+    let host_set = hosts.host_set(&spec.host_id);
+    store.with_conn(
+        || format!("recording actor {actor_id} on host {}", spec.host_id),
+        |c| {
+            redis::pipe()
+                .sadd(&host_set, actor_id)
+                .ignore()
+                .expire(&host_set, store.expiry_secs() as i64)
+                .ignore()
+                .query::<()>(c)
+        },
+    )?;
+    let mut state = ActorState {
+        store,
+        spec,
+        keys: &keys,
+        actor_id,
+        actor_type: &actor_type,
+        lease: &lease,
+        limit,
+        saved: data,
+        applied,
+        status: if status.is_empty() {
+            "active".into()
+        } else {
+            status
+        },
+        reason: String::new(),
+        failures: failures_text
+            .split(',')
+            .filter_map(|t| t.parse::<u64>().ok())
+            .collect(),
+        authkey: authenticated.then(AuthKey::of_this_process),
+        actor: None,
+    };
+    let outcome = state.run(&stop);
+    let _ = store.with_conn(
+        || format!("forgetting actor {actor_id} on host {}", spec.host_id),
+        |c| {
+            redis::cmd("SREM")
+                .arg(&host_set)
+                .arg(actor_id)
+                .query::<()>(c)
+        },
+    );
+    match &outcome {
+        Ok(Ending::Release) => {
+            let _: std::result::Result<i64, Error> = store.with_conn(
+                || format!("releasing actor {actor_id}"),
+                |c| {
+                    LEASE
+                        .key(&keys.lease)
+                        .key(&keys.activating)
+                        .arg("release")
+                        .arg(&lease)
+                        .arg(spec.lease_ms)
+                        .invoke(c)
+                },
+            );
+        }
+        Ok(Ending::Lost) | Err(_) => {}
+    }
+    outcome.map(|_| ())
+}
+
+/// Why an actor thread ended.
+enum Ending {
+    /// Idle, stopped or failed: the lease is given back.
+    Release,
+    /// The lease was lost (another host has the actor).
+    Lost,
+}
+
+/// One activation of one actor.
+struct ActorState<'a> {
+    store: &'a Store,
+    spec: &'a HostSpec,
+    keys: &'a ActorKeys,
+    actor_id: &'a str,
+    actor_type: &'a str,
+    lease: &'a str,
+    limit: usize,
+    /// The last committed state.
+    saved: Vec<u8>,
+    applied: String,
+    status: String,
+    reason: String,
+    /// Handler panics within the restart period (Unix ms).
+    failures: Vec<u64>,
+    /// The key messages must be signed with, for an authenticated actor.
+    authkey: Option<AuthKey>,
+    /// The live actor, restored from `saved`.
+    actor: Option<Box<dyn HostedActor>>,
+}
+
+impl ActorState<'_> {
+    fn run(&mut self, stop: &AtomicBool) -> Result<Ending> {
+        self.take_over_pending()?;
+        let mut read_from = "0";
+        let mut last_message = Instant::now();
+        let idle = Duration::from_millis(self.spec.idle_ms);
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return Ok(Ending::Lost);
+            }
+            if context::termination_requested() {
+                return Ok(Ending::Release);
+            }
+            let entries = self.read(read_from)?;
+            if entries.is_empty() {
+                if read_from == "0" {
+                    read_from = ">";
+                } else if last_message.elapsed() >= idle {
+                    return Ok(Ending::Release);
+                }
+                continue;
+            }
+            last_message = Instant::now();
+            match self.apply_and_commit(&entries)? {
+                Some(ending) => return Ok(ending),
+                None if self.status != "active" => return Ok(Ending::Release),
+                None => {}
+            }
+        }
+    }
+
+    /// Makes the messages another host read and did not commit this host's.
+    fn take_over_pending(&self) -> Result<()> {
+        let mut cursor = "0-0".to_string();
+        loop {
+            let (next, _claimed): (String, redis::Value) = self.store.with_conn(
+                || format!("taking over {}", self.keys.mailbox),
+                |c| {
+                    redis::cmd("XAUTOCLAIM")
+                        .arg(&self.keys.mailbox)
+                        .arg(MAILBOX_GROUP)
+                        .arg(&self.spec.host_id)
+                        .arg(0)
+                        .arg(&cursor)
+                        .arg("COUNT")
+                        .arg(BATCH)
+                        .arg("JUSTID")
+                        .query::<(String, redis::Value, redis::Value)>(c)
+                        .map(|(n, claimed, _)| (n, claimed))
+                },
+            )?;
+            if next == "0-0" {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    fn read(&self, from: &str) -> Result<Vec<StreamId>> {
+        let reply = self.store.retry_unreachable(|| {
+            self.store.with_blocking_conn(
+                Some(READ_BLOCK),
+                || format!("reading {}", self.keys.mailbox),
+                |c| {
+                    let mut cmd = redis::cmd("XREADGROUP");
+                    cmd.arg("GROUP")
+                        .arg(MAILBOX_GROUP)
+                        .arg(&self.spec.host_id)
+                        .arg("COUNT")
+                        .arg(BATCH);
+                    if from == ">" {
+                        cmd.arg("BLOCK").arg(READ_BLOCK.as_millis() as u64);
+                    }
+                    cmd.arg("STREAMS")
+                        .arg(&self.keys.mailbox)
+                        .arg(from)
+                        .query::<Option<StreamReadReply>>(c)
+                },
+            )
+        })?;
+        Ok(reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .collect())
+    }
+
+    fn restore(&mut self) -> std::result::Result<&mut Box<dyn HostedActor>, String> {
+        if self.actor.is_none() {
+            let actor_type = self.actor_type;
+            let Some(entry) = hosted::lookup_type(actor_type) else {
+                let program = std::env::current_exe()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                return Err(format!(
+                    "actor type {actor_type} is not registered in {program}, the program this \
+                     host runs (#[derive(shoal::Actor)] in another build?)"
+                ));
+            };
+            let actor = (entry.restore)(&self.saved, self.limit).map_err(|f| {
+                format!(
+                    "the saved state of actor {} does not decode: {}",
+                    self.actor_id, f.message
+                )
+            })?;
+            self.actor = Some(actor);
+        }
+        self.actor
+            .as_mut()
+            .ok_or_else(|| "the actor is not restored".to_string())
+    }
+
+    /// Applies a batch and commits it; `Some(ending)` when the actor thread must end.
+    fn apply_and_commit(&mut self, entries: &[StreamId]) -> Result<Option<Ending>> {
+        let mut poisoned: HashMap<String, String> = HashMap::new();
+        let replies = loop {
+            match self.apply(entries, &mut poisoned) {
+                Ok(replies) => break replies,
+                Err(()) => {
+                    // A handler panicked: restart from the last committed state, without it.
+                    self.actor = None;
+                }
+            }
+        };
+        let data = match &self.actor {
+            Some(actor) => match actor.save(self.limit) {
+                Ok(data) => data,
+                Err(f) => {
+                    self.fail(format!("its state cannot be saved: {}", f.message));
+                    self.saved.clone()
+                }
+            },
+            None => self.saved.clone(),
+        };
+        let applied = entries
+            .last()
+            .map(|e| e.id.clone())
+            .unwrap_or_else(|| self.applied.clone());
+        let committed = self.commit(&data, &applied, &replies);
+        match committed {
+            Ok(()) => {
+                self.saved = data;
+                self.applied = applied;
+                Ok(None)
+            }
+            Err(Error::Redis { source, .. }) if source.code() == Some("STALE") => {
+                Ok(Some(Ending::Lost))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs every entry; `Err(())` after the first new panic (recorded in `poisoned`).
+    fn apply(
+        &mut self,
+        entries: &[StreamId],
+        poisoned: &mut HashMap<String, String>,
+    ) -> std::result::Result<Vec<(String, String, Vec<u8>)>, ()> {
+        let mut replies = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let reply_key = entry.get::<String>("r").unwrap_or_default();
+            if !is_after(&entry.id, &self.applied) {
+                // Committed already (its reply too): only remove it.
+                replies.push((entry.id.clone(), String::new(), Vec::new()));
+                continue;
+            }
+            let reply = self.apply_one(entry, poisoned)?;
+            let encoded = if reply_key.is_empty() {
+                Vec::new()
+            } else {
+                self.store.encode(&reply, &reply_key).unwrap_or_else(|e| {
+                    self.store
+                        .encode(&Reply::Error(e.to_string()), &reply_key)
+                        .unwrap_or_default()
+                })
+            };
+            replies.push((entry.id.clone(), reply_key, encoded));
+        }
+        Ok(replies)
+    }
+
+    fn apply_one(
+        &mut self,
+        entry: &StreamId,
+        poisoned: &mut HashMap<String, String>,
+    ) -> std::result::Result<Reply, ()> {
+        if let Some(message) = poisoned.get(&entry.id) {
+            // The panic that restarted the batch (the last one may have failed the actor).
+            return Ok(Reply::Panic(message.clone()));
+        }
+        match self.status.as_str() {
+            "failed" => return Ok(Reply::Failed(self.reason.clone())),
+            "stopped" => return Ok(Reply::Stopped),
+            _ => {}
+        }
+        let (Some(kind), Some(payload)) = (field(entry, "k"), field(entry, "p")) else {
+            let e = super::malformed(&self.keys.mailbox, &entry.id);
+            return Ok(Reply::Error(e.to_string()));
+        };
+        if let Some(key) = &self.authkey {
+            let reply_to = field(entry, "r").unwrap_or_default();
+            let mac = field(entry, "h").unwrap_or_default();
+            if let Err(e) = auth::verify(key, &[&kind, &payload, &reply_to], &mac, self.actor_id) {
+                return Ok(Reply::Unauthenticated(e.to_string()));
+            }
+        }
+        let kind = String::from_utf8_lossy(&kind).into_owned();
+        if kind == super::STOP_KIND {
+            self.status = "stopped".into();
+            return Ok(Reply::Ok(ByteBuf::new()));
+        }
+        let limit = self.limit;
+        let mut context = ActorContext::new(self.actor_id);
+        let actor = match self.restore() {
+            Ok(actor) => actor,
+            Err(reason) => {
+                self.fail(reason.clone());
+                return Ok(Reply::Failed(reason));
+            }
+        };
+        match actor.handle(&kind, &payload, limit, &mut context) {
+            Ok(bytes) => {
+                if context.stop_requested() {
+                    self.status = "stopped".into();
+                }
+                Ok(Reply::Ok(ByteBuf::from(bytes)))
+            }
+            Err(Failure {
+                kind: TaskErrorKind::Panic,
+                message,
+            }) => {
+                poisoned.insert(entry.id.clone(), message.clone());
+                self.record_panic(&message);
+                Err(())
+            }
+            Err(failure) => Ok(Reply::Error(failure.message)),
+        }
+    }
+
+    fn record_panic(&mut self, message: &str) {
+        let now = shoal_core::clock::now_ms();
+        let period = self.spec.restart_period_ms;
+        self.failures.retain(|t| now.saturating_sub(*t) <= period);
+        self.failures.push(now);
+        if self.failures.len() > self.spec.max_restarts as usize {
+            self.fail(format!(
+                "{} handler panics within {} ms exceed actors.max_restarts = {} (last: {message})",
+                self.failures.len(),
+                period,
+                self.spec.max_restarts
+            ));
+        }
+    }
+
+    fn fail(&mut self, reason: String) {
+        tracing::error!("actor {} failed: {reason}", self.actor_id);
+        self.status = "failed".into();
+        self.reason = reason;
+    }
+
+    fn commit(
+        &self,
+        data: &[u8],
+        applied: &str,
+        replies: &[(String, String, Vec<u8>)],
+    ) -> Result<()> {
+        let failures = self
+            .failures
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let reply_ttl_ms = self.store.expiry_secs().saturating_mul(1000);
+        self.store.retry_unreachable(|| {
+            self.store.with_conn(
+                || format!("committing actor {}", self.actor_id),
+                |c| {
+                    let mut invocation = COMMIT.prepare_invoke();
+                    invocation
+                        .key(&self.keys.state)
+                        .key(&self.keys.mailbox)
+                        .key(&self.keys.lease)
+                        .arg(self.lease)
+                        .arg(data)
+                        .arg(applied)
+                        .arg(&self.status)
+                        .arg(&self.reason)
+                        .arg(&failures)
+                        .arg(self.store.expiry_secs())
+                        .arg(reply_ttl_ms);
+                    for (id, key, reply) in replies {
+                        invocation.arg(id).arg(key).arg(reply.as_slice());
+                    }
+                    invocation.invoke::<i64>(c)
+                },
+            )
+        })?;
+        Ok(())
+    }
+}
+
+/// Whether stream entry `id` comes after `applied` (`<ms>-<seq>` ids).
+fn is_after(id: &str, applied: &str) -> bool {
+    let parse = |s: &str| -> (u64, u64) {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+    };
+    parse(id) > parse(applied)
+}
+
+/// Renews the leases of every active actor every third of the lease, and ends the process when
+/// the driver is gone.
+fn heartbeat(store: &Store, spec: &HostSpec, active: &Active, done: &AtomicBool) {
+    let lease = Duration::from_millis(spec.lease_ms);
+    let every = (lease / 3).max(Duration::from_millis(10));
+    let step = Duration::from_millis(10).min(every);
+    let mut driver_missing_since: Option<Instant> = None;
+    loop {
+        let leases: Vec<(String, String)> = active
+            .lock()
+            .iter()
+            .map(|(id, a)| (id.clone(), a.lease.clone()))
+            .collect();
+        for (id, value) in leases {
+            let keys = ActorKeys::new(store.keys(), &id);
+            let renewed: std::result::Result<i64, Error> = store.with_conn(
+                || format!("renewing actor {id}"),
+                |c| {
+                    LEASE
+                        .key(&keys.lease)
+                        .key(&keys.activating)
+                        .arg("renew")
+                        .arg(&value)
+                        .arg(spec.lease_ms)
+                        .invoke(c)
+                },
+            );
+            if let Ok(0) = renewed
+                && let Some(actor) = active.lock().get(&id)
+            {
+                tracing::warn!("actor {id}: its lease was lost; another host has it");
+                actor.stop.store(true, Ordering::Release);
+            }
+        }
+        if let Some((key, ttl_ms)) = &spec.driver {
+            let alive: std::result::Result<bool, Error> = store.with_conn(
+                || format!("checking {key}"),
+                |c| redis::cmd("EXISTS").arg(key).query(c),
+            );
+            match alive {
+                Ok(true) => driver_missing_since = None,
+                Ok(false) => {
+                    let since = *driver_missing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= Duration::from_millis(ttl_ms / 2) {
+                        eprintln!(
+                            "shoal actor host {}: its driver is gone; exiting",
+                            spec.host_id
+                        );
+                        std::process::exit(EXIT_DRIVER_GONE);
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        let mut slept = Duration::ZERO;
+        while slept < every {
+            if done.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(step);
+            slept += step;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_after;
+
+    #[test]
+    fn stream_ids_compare_by_time_then_sequence() {
+        assert!(is_after("5-0", "0-0"));
+        assert!(is_after("5-1", "5-0"));
+        assert!(is_after("10-0", "9-9"));
+        assert!(!is_after("5-0", "5-0"));
+        assert!(!is_after("4-9", "5-0"));
+    }
+}

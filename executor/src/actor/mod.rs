@@ -1,0 +1,572 @@
+//! The hosted-actor protocol: durable mailboxes, activation leases with fencing tokens, and
+//! commits that apply each message exactly once.
+//!
+//! # Keys
+//!
+//! Per actor, under the hash tag `{<ns>:actor:<id>}`:
+//!
+//! | key | type | contents |
+//! | --- | --- | --- |
+//! | `state` | hash | `type` (the actor type's path), `data` (its saved state), `applied` (the last mailbox entry applied), `auth` (`1`: messages must be signed), `status` (`active`, `failed`, `stopped`), `reason`, `failures` (recent handler panics, Unix ms) |
+//! | `mailbox` | stream, group `host` | entries `k` kind, `p` payload, `r` reply key (asks), `h` HMAC (signed messages) |
+//! | `lease` | string | `<host>:<token>` of the activation, with a TTL the host renews |
+//! | `fence` | counter | the last token given |
+//! | `activating` | string | an activation was asked for (short TTL) |
+//! | `reply:<uuid>` | list | the reply to one ask, pushed by the commit |
+//!
+//! Per namespace, under `{<ns>:actors}`: `activations` (stream, group `hosts`: actor ids that
+//! need a host) and `host:<id>` (set: the actors a host holds).
+//!
+//! # Exactly once
+//!
+//! A host applies a batch of messages to the actor's state in memory and commits with one
+//! script (`actor_commit.lua`): the new state, the last entry applied, the reply to each ask,
+//! and the removal (`XACK` + `XDEL`) of the batch from the mailbox, together, and only if its
+//! lease still carries its token. A message is therefore either committed (its effect, its
+//! reply and its removal at once) or still in the mailbox, pending on the host that read it; a
+//! host that dies before committing leaves it there, and the next host reclaims it
+//! (`XAUTOCLAIM`) and applies it to the last committed state. A host whose lease lapsed (paused,
+//! cut off) cannot commit: the token check refuses it, so it cannot overwrite its successor's
+//! state. Entries at or below `applied` are skipped, should one ever come back.
+//!
+//! A handler that panics fails its message (the ask gets a task error of kind `Panic`) and the
+//! actor restarts from its last committed state: the batch is run again from there without the
+//! message that panicked. Panics are budgeted (`actors.max_restarts` within
+//! `actors.restart_period_secs`); past the budget the actor is failed, and its messages get an
+//! error saying why.
+//!
+//! # Round trips
+//!
+//! `tell`: 1 (`actor_send.lua`), plus 1 when the actor has no host (to ask for one). `ask`: the
+//! same send and a `BLPOP` on the reply key, pipelined into 1 round trip once the actor is known
+//! to be active; while it waits, every [`ASK_SLICE`] it checks that a host has the actor
+//! (`actor_nudge.lua`). A host: 1 `XREADGROUP` per batch of up to [`BATCH`] messages and 1
+//! commit per batch; lease renewals every third of the lease.
+
+pub mod host;
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
+use shoal_core::store::{KeySpace, Store};
+
+pub(crate) static CREATE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("actor_create.lua")));
+pub(crate) static SEND: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("actor_send.lua")));
+pub(crate) static NUDGE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("actor_nudge.lua")));
+pub(crate) static ACTIVATE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("actor_activate.lua")));
+pub(crate) static COMMIT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("actor_commit.lua")));
+pub(crate) static LEASE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("actor_lease.lua")));
+
+/// The kind of the message `ActorRef::stop` sends: the actor stops after the messages before it.
+pub const STOP_KIND: &str = "shoal::stop";
+
+/// The consumer group of a mailbox.
+pub const MAILBOX_GROUP: &str = "host";
+/// The consumer group of the activations stream.
+pub const HOSTS_GROUP: &str = "hosts";
+/// Most messages a host applies per commit.
+pub const BATCH: usize = 256;
+/// How long an asker waits before it checks that a host has the actor.
+pub const ASK_SLICE: Duration = Duration::from_millis(500);
+
+/// The keys of one actor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActorKeys {
+    /// The state hash.
+    pub state: String,
+    /// The mailbox stream.
+    pub mailbox: String,
+    /// The activation lease.
+    pub lease: String,
+    /// The fencing counter.
+    pub fence: String,
+    /// The activation marker.
+    pub activating: String,
+    /// The prefix of reply keys (`reply:`).
+    pub reply_prefix: String,
+}
+
+impl ActorKeys {
+    /// The keys of actor `id`.
+    pub fn new(keys: &KeySpace, id: &str) -> Self {
+        let object = keys.object("actor", id);
+        ActorKeys {
+            state: object.key("state"),
+            mailbox: object.key("mailbox"),
+            lease: object.key("lease"),
+            fence: object.key("fence"),
+            activating: object.key("activating"),
+            reply_prefix: object.key("reply:"),
+        }
+    }
+
+    /// A fresh reply key for one ask.
+    pub fn new_reply_key(&self) -> String {
+        format!("{}{}", self.reply_prefix, uuid::Uuid::new_v4().simple())
+    }
+}
+
+/// The namespace-wide keys of the hosts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostKeys {
+    /// The activations stream.
+    pub activations: String,
+    /// The prefix of a host's set of actors (`host:`).
+    pub host_prefix: String,
+}
+
+impl HostKeys {
+    /// The hosts' keys of a namespace.
+    pub fn new(keys: &KeySpace) -> Self {
+        let object = keys.object("actors", "hosts");
+        HostKeys {
+            activations: object.key("activations"),
+            host_prefix: object.key("host:"),
+        }
+    }
+
+    /// The set of actors host `id` holds.
+    pub fn host_set(&self, id: &str) -> String {
+        format!("{}{id}", self.host_prefix)
+    }
+}
+
+/// What an ask gets back, as the commit pushes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The handler's encoded reply.
+    Ok(ByteBuf),
+    /// The handler panicked (the actor restarted from its last committed state).
+    Panic(String),
+    /// The message could not be applied (it did not decode, or the actor lacks its kind).
+    Error(String),
+    /// The message was not authenticated: nothing ran.
+    Unauthenticated(String),
+    /// The actor is failed (restart budget spent): nothing ran.
+    Failed(String),
+    /// The actor was stopped: nothing ran.
+    Stopped,
+}
+
+impl Reply {
+    /// The reply as the asker's result: the encoded reply, or the error it stands for.
+    pub fn into_result(self, actor: &str, kind: &str) -> Result<Vec<u8>> {
+        let task = |message: String, kind_of_failure| {
+            Error::Task(TaskError {
+                function: format!("{actor} <- {kind}"),
+                message,
+                kind: kind_of_failure,
+                attempts: 1,
+                item: None,
+            })
+        };
+        match self {
+            Reply::Ok(bytes) => Ok(bytes.into_vec()),
+            Reply::Panic(message) => Err(task(message, TaskErrorKind::Panic)),
+            Reply::Error(message) => Err(task(message, TaskErrorKind::Error)),
+            Reply::Unauthenticated(message) => Err(Error::Authentication(message)),
+            Reply::Failed(reason) => Err(Error::invalid_state(format!(
+                "actor {actor} has failed: {reason}"
+            ))),
+            Reply::Stopped => Err(Error::invalid_state(format!("actor {actor} was stopped"))),
+        }
+    }
+}
+
+/// How an actor is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateMode {
+    /// A new actor: an error if the id is taken.
+    New,
+    /// A named actor: created if absent, found (of the same type) otherwise.
+    Named,
+}
+
+/// Creates an actor (1 round trip). Returns true when it was created, false when a named actor
+/// existed.
+pub fn create(
+    store: &Store,
+    keys: &ActorKeys,
+    actor_type: &str,
+    state: &[u8],
+    authenticated: bool,
+    mode: CreateMode,
+) -> Result<bool> {
+    let outcome: String = store.with_conn(
+        || format!("creating actor {}", keys.state),
+        |c| {
+            CREATE
+                .key(&keys.state)
+                .key(&keys.mailbox)
+                .arg(actor_type)
+                .arg(state)
+                .arg(if authenticated { "1" } else { "0" })
+                .arg(store.expiry_secs())
+                .arg(match mode {
+                    CreateMode::New => "new",
+                    CreateMode::Named => "named",
+                })
+                .invoke(c)
+        },
+    )?;
+    Ok(outcome == "created")
+}
+
+/// One message on its way to an actor.
+#[derive(Clone, Copy, Debug)]
+pub struct Outgoing<'a> {
+    /// The message's kind.
+    pub kind: &'a str,
+    /// The encoded message.
+    pub payload: &'a [u8],
+    /// The reply key, for an ask.
+    pub reply_to: Option<&'a str>,
+    /// The HMAC, for an actor that wants signed messages.
+    pub mac: Option<&'a [u8]>,
+}
+
+fn send_invocation<'a>(
+    store: &Store,
+    keys: &ActorKeys,
+    message: &Outgoing<'_>,
+    activation_hold: Duration,
+) -> redis::ScriptInvocation<'a> {
+    let mut invocation = SEND.prepare_invoke();
+    invocation
+        .key(&keys.state)
+        .key(&keys.mailbox)
+        .key(&keys.lease)
+        .key(&keys.activating)
+        .arg(message.kind)
+        .arg(message.payload)
+        .arg(message.reply_to.unwrap_or(""))
+        .arg(message.mac.unwrap_or(&[]))
+        .arg(store.expiry_secs())
+        .arg(activation_hold.as_millis() as u64);
+    invocation
+}
+
+/// The send script as a plain `EVALSHA` command, to pipeline it with the wait for the reply.
+fn send_evalsha(
+    store: &Store,
+    keys: &ActorKeys,
+    message: &Outgoing<'_>,
+    activation_hold: Duration,
+) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(SEND.get_hash())
+        .arg(4)
+        .arg(&keys.state)
+        .arg(&keys.mailbox)
+        .arg(&keys.lease)
+        .arg(&keys.activating)
+        .arg(message.kind)
+        .arg(message.payload)
+        .arg(message.reply_to.unwrap_or(""))
+        .arg(message.mac.unwrap_or(&[]))
+        .arg(store.expiry_secs())
+        .arg(activation_hold.as_millis() as u64);
+    cmd
+}
+
+/// Where messages to one actor go: its keys, the namespace's activation stream, and how long
+/// an activation request stands.
+#[derive(Clone, Debug)]
+pub struct Mailbox {
+    /// The actor's keys.
+    pub keys: ActorKeys,
+    /// The hosts' keys.
+    pub hosts: HostKeys,
+    /// The actor's id.
+    pub actor_id: String,
+    /// How long an activation request stands before another may be made.
+    pub activation_hold: Duration,
+}
+
+impl Mailbox {
+    /// The mailbox of actor `actor_id` in `keys`' namespace.
+    pub fn new(keys: &KeySpace, actor_id: &str, activation_hold: Duration) -> Self {
+        Mailbox {
+            keys: ActorKeys::new(keys, actor_id),
+            hosts: HostKeys::new(keys),
+            actor_id: actor_id.to_string(),
+            activation_hold,
+        }
+    }
+
+    /// See [`send`].
+    pub fn send(&self, store: &Store, message: &Outgoing<'_>) -> Result<()> {
+        send(
+            store,
+            &self.keys,
+            &self.hosts,
+            &self.actor_id,
+            message,
+            self.activation_hold,
+        )
+    }
+
+    /// Sends an ask and waits for its reply until `deadline` (`None`: forever); `Ok(None)` when
+    /// it did not come in time. `pipelined`: the actor is believed active, so the send and the
+    /// first wait go in one round trip.
+    pub fn ask(
+        &self,
+        store: &Store,
+        message: &Outgoing<'_>,
+        deadline: Option<std::time::Instant>,
+        pipelined: bool,
+    ) -> Result<Option<Reply>> {
+        ask(store, self, message, deadline, pipelined)
+    }
+}
+
+/// Puts a message in the mailbox (1 round trip) and asks for an activation when no host has
+/// the actor (1 more). Returns once the message is durable.
+pub fn send(
+    store: &Store,
+    keys: &ActorKeys,
+    hosts: &HostKeys,
+    actor_id: &str,
+    message: &Outgoing<'_>,
+    activation_hold: Duration,
+) -> Result<()> {
+    let needs_host: i64 = store
+        .with_conn(
+            || format!("sending to actor {actor_id}"),
+            |c| send_invocation(store, keys, message, activation_hold).invoke(c),
+        )
+        .map_err(|e| send_error(e, actor_id))?;
+    if needs_host == 1 {
+        request_activation(store, hosts, actor_id)?;
+    }
+    Ok(())
+}
+
+fn ask(
+    store: &Store,
+    mailbox: &Mailbox,
+    message: &Outgoing<'_>,
+    deadline: Option<std::time::Instant>,
+    pipelined: bool,
+) -> Result<Option<Reply>> {
+    let Mailbox {
+        keys,
+        hosts,
+        actor_id,
+        activation_hold,
+    } = mailbox;
+    let (actor_id, activation_hold) = (actor_id.as_str(), *activation_hold);
+    let Some(reply_key) = message.reply_to else {
+        return Err(Error::invalid_state("an ask needs a reply key"));
+    };
+    let slice = |deadline: Option<std::time::Instant>| -> Option<Duration> {
+        match deadline {
+            None => Some(ASK_SLICE),
+            Some(d) => {
+                let left = d.saturating_duration_since(std::time::Instant::now());
+                (!left.is_zero()).then(|| left.min(ASK_SLICE))
+            }
+        }
+    };
+    let mut first: Option<Vec<u8>> = None;
+    if pipelined && let Some(block) = slice(deadline) {
+        let (needs_host, popped): (i64, Option<(String, Vec<u8>)>) = store
+            .with_blocking_conn(
+                Some(block),
+                || format!("asking actor {actor_id}"),
+                |c| {
+                    type Replies = (
+                        redis::RedisResult<i64>,
+                        redis::RedisResult<Option<(String, Vec<u8>)>>,
+                    );
+                    let run = |c: &mut redis::Connection| -> redis::RedisResult<Replies> {
+                        let mut pipe = redis::pipe();
+                        pipe.add_command(send_evalsha(store, keys, message, activation_hold));
+                        pipe.cmd("BLPOP").arg(reply_key).arg(block.as_secs_f64());
+                        // Each reply on its own: the script's error is the caller's to read.
+                        pipe.ignore_errors().query(c)
+                    };
+                    let (sent, popped) = match run(c)? {
+                        // The script is not loaded (first use, or Redis restarted): nothing ran.
+                        (Err(e), _) if e.code() == Some("NOSCRIPT") => {
+                            SEND.prepare_invoke().load(c)?;
+                            run(c)?
+                        }
+                        replies => replies,
+                    };
+                    Ok((sent?, popped?))
+                },
+            )
+            .map_err(|e| send_error(e, actor_id))?;
+        if needs_host == 1 {
+            request_activation(store, hosts, actor_id)?;
+        }
+        first = popped.map(|(_, v)| v);
+    } else {
+        send(store, keys, hosts, actor_id, message, activation_hold)?;
+    }
+    let bytes = match first {
+        Some(bytes) => bytes,
+        None => loop {
+            let Some(block) = slice(deadline) else {
+                return Ok(None);
+            };
+            let popped: Option<(String, Vec<u8>)> = store.with_blocking_conn(
+                Some(block),
+                || format!("waiting for actor {actor_id}"),
+                |c| {
+                    redis::cmd("BLPOP")
+                        .arg(reply_key)
+                        .arg(block.as_secs_f64())
+                        .query(c)
+                },
+            )?;
+            if let Some((_, bytes)) = popped {
+                break bytes;
+            }
+            nudge(store, keys, hosts, actor_id, activation_hold)?;
+        },
+    };
+    store.decode::<Reply>(&bytes, reply_key).map(Some)
+}
+
+/// Asks for an activation when no host has the actor.
+fn nudge(
+    store: &Store,
+    keys: &ActorKeys,
+    hosts: &HostKeys,
+    actor_id: &str,
+    activation_hold: Duration,
+) -> Result<()> {
+    let needs_host: i64 = store
+        .with_conn(
+            || format!("checking actor {actor_id}"),
+            |c| {
+                NUDGE
+                    .key(&keys.state)
+                    .key(&keys.lease)
+                    .key(&keys.activating)
+                    .arg(activation_hold.as_millis() as u64)
+                    .invoke(c)
+            },
+        )
+        .map_err(|e| send_error(e, actor_id))?;
+    if needs_host == 1 {
+        request_activation(store, hosts, actor_id)?;
+    }
+    Ok(())
+}
+
+/// Adds `actor_id` to the activations stream: a host will take it.
+pub fn request_activation(store: &Store, hosts: &HostKeys, actor_id: &str) -> Result<()> {
+    store.with_conn(
+        || format!("asking a host for actor {actor_id}"),
+        |c| {
+            redis::pipe()
+                .cmd("XADD")
+                .arg(&hosts.activations)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(10_000)
+                .arg("*")
+                .arg("a")
+                .arg(actor_id)
+                .ignore()
+                .expire(&hosts.activations, store.expiry_secs() as i64)
+                .ignore()
+                .query::<()>(c)
+        },
+    )
+}
+
+/// Creates the activations stream and its group (idempotent).
+pub fn create_activations(store: &Store, hosts: &HostKeys) -> Result<()> {
+    store.with_conn(
+        || format!("creating {}", hosts.activations),
+        |c| {
+            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&hosts.activations)
+                .arg(HOSTS_GROUP)
+                .arg("$")
+                .arg("MKSTREAM")
+                .query(c);
+            match created {
+                Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+                other => other,
+            }
+        },
+    )
+}
+
+/// Removes the leases a dead host held and asks other hosts to take its actors (the host is
+/// known to be dead: its exit was seen). Returns the actors moved.
+pub fn orphan_host(store: &Store, hosts: &HostKeys, host_id: &str) -> Result<Vec<String>> {
+    let set = hosts.host_set(host_id);
+    let actors: Vec<String> = store.with_conn(
+        || format!("reading {set}"),
+        |c| redis::cmd("SMEMBERS").arg(&set).query(c),
+    )?;
+    for actor in &actors {
+        let keys = ActorKeys::new(store.keys(), actor);
+        let _: i64 = store.with_conn(
+            || format!("freeing actor {actor}"),
+            |c| {
+                LEASE
+                    .key(&keys.lease)
+                    .key(&keys.activating)
+                    .arg("orphan")
+                    .arg(host_id)
+                    .arg(0)
+                    .invoke(c)
+            },
+        )?;
+        request_activation(store, hosts, actor)?;
+    }
+    store.with_conn(
+        || format!("deleting {set}"),
+        |c| redis::cmd("DEL").arg(&set).query::<()>(c),
+    )?;
+    Ok(actors)
+}
+
+/// Turns the send script's errors into shoal's.
+fn send_error(e: Error, actor_id: &str) -> Error {
+    match &e {
+        Error::Redis { source, .. } => match source.code() {
+            Some("NOACTOR") => Error::invalid_state(format!(
+                "no actor {actor_id}: it was never created, or its keys expired"
+            )),
+            Some("FAILED") => Error::invalid_state(format!(
+                "actor {actor_id} has failed: {}",
+                source.detail().unwrap_or_default()
+            )),
+            Some("STOPPED") => Error::invalid_state(format!("actor {actor_id} was stopped")),
+            _ => e,
+        },
+        _ => e,
+    }
+}
+
+/// Reads a stream entry's field as bytes.
+pub(crate) fn field(entry: &redis::streams::StreamId, name: &str) -> Option<Vec<u8>> {
+    entry.get::<Vec<u8>>(name)
+}
+
+/// The error for a stream entry that is not a message (garbage in a mailbox).
+pub(crate) fn malformed(key: &str, id: &str) -> Error {
+    Error::Codec {
+        key: key.to_string(),
+        expected: "an actor message (fields k, p)".into(),
+        reason: format!("entry {id} is not one"),
+    }
+}

@@ -1,0 +1,406 @@
+//! Durable actors against a real redis-server, with real host processes and real signals:
+//! exactly-once under SIGKILL and SIGSTOP of the host, named actors, panics and the restart
+//! budget, authentication, and garbage in an actor's keys.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use shoal::prelude::*;
+use shoal::{ActorOptions, Handles, TaskErrorKind};
+use shoal_integration_tests::{pid_running, wait_for};
+
+shoal::test_support!();
+
+fn runtime_with(hosts: u32, lease: f64) -> shoal::Runtime {
+    let mut config = Config::builder().build().expect("config");
+    config.actors.hosts = hosts;
+    config.actors.lease_secs = lease;
+    config.actors.max_restarts = 2;
+    config.actors.restart_period_secs = 60.0;
+    shoal::init_with(config).expect("runtime")
+}
+
+fn runtime() -> shoal::Runtime {
+    runtime_with(1, 1.0)
+}
+
+/// A counter whose increments are numbered, so that a message applied twice or lost shows.
+#[derive(Serialize, Deserialize, Default, Debug, shoal::Actor)]
+#[actor(messages(Incr, Get, Explode, Slow, Record))]
+struct Counter {
+    n: u64,
+    /// Per sender: the last sequence number applied.
+    seen: std::collections::BTreeMap<u32, u64>,
+    /// Messages that arrived out of order or twice.
+    anomalies: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Incr(u64);
+
+#[derive(Serialize, Deserialize)]
+struct Get;
+
+#[derive(Serialize, Deserialize)]
+struct Explode;
+
+#[derive(Serialize, Deserialize)]
+struct Slow(u64);
+
+/// `Record(sender, seq)`: the sender's seq-th message.
+#[derive(Serialize, Deserialize)]
+struct Record(u32, u64);
+
+impl Handler<Incr> for Counter {
+    type Reply = u64;
+    fn handle(&mut self, Incr(by): Incr, _: &mut ActorContext) -> u64 {
+        self.n += by;
+        self.n
+    }
+}
+
+impl Handler<Get> for Counter {
+    type Reply = (u64, u64);
+    fn handle(&mut self, _: Get, _: &mut ActorContext) -> (u64, u64) {
+        (self.n, self.anomalies)
+    }
+}
+
+impl Handler<Explode> for Counter {
+    type Reply = ();
+    fn handle(&mut self, _: Explode, _: &mut ActorContext) {
+        self.n += 1_000_000;
+        panic!("the handler explodes");
+    }
+}
+
+impl Handler<Slow> for Counter {
+    type Reply = u64;
+    fn handle(&mut self, Slow(ms): Slow, _: &mut ActorContext) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        self.n
+    }
+}
+
+impl Handler<Record> for Counter {
+    type Reply = u64;
+    fn handle(&mut self, Record(sender, seq): Record, _: &mut ActorContext) -> u64 {
+        let last = self.seen.entry(sender).or_insert(0);
+        if seq != *last + 1 {
+            self.anomalies += 1;
+        }
+        *last = seq;
+        self.n += 1;
+        self.n
+    }
+}
+
+fn ask<M: Serialize>(
+    actor: &ActorRef<Counter>,
+    message: M,
+) -> shoal::Result<<Counter as Handler<M>>::Reply>
+where
+    Counter: Handles<M>,
+{
+    actor.ask(message, Some(Duration::from_secs(30)))
+}
+
+#[test]
+fn tell_and_ask_apply_in_order_and_reply() {
+    let _rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    for _ in 0..10 {
+        counter.tell(Incr(1)).expect("tell");
+    }
+    assert_eq!(ask(&counter, Incr(5)).expect("ask"), 15);
+    assert_eq!(ask(&counter, Get).expect("ask"), (15, 0));
+}
+
+/// Sends `count` numbered records as `sender`, asks every `every`-th.
+#[shoal::remote]
+fn send_records(counter: ActorRef<Counter>, sender: u32, count: u64, every: u64) {
+    for seq in 1..=count {
+        if seq % every == 0 {
+            counter
+                .ask(Record(sender, seq), Some(Duration::from_secs(60)))
+                .expect("ask");
+        } else {
+            counter.tell(Record(sender, seq)).expect("tell");
+        }
+    }
+}
+
+/// The pid of the host process that holds `actor` now, from its lease and the host's task
+/// status.
+fn host_pid(rt: &shoal::Runtime, actor: &ActorRef<Counter>) -> Option<u32> {
+    let url = rt.store_url();
+    let mut c = redis::Client::open(url).ok()?.get_connection().ok()?;
+    let lease_key = format!("shoal:{{default:actor:{}}}:lease", actor.id());
+    let lease: Option<String> = redis::cmd("GET").arg(&lease_key).query(&mut c).ok()?;
+    let host = lease?.split(':').next()?.to_string();
+    let status = format!("shoal:{{default:proc:{host}}}:status");
+    redis::cmd("HGET")
+        .arg(status)
+        .arg("pid")
+        .query(&mut c)
+        .ok()?
+}
+
+#[test]
+fn every_message_is_applied_exactly_once_while_the_host_is_killed() {
+    let rt = runtime_with(1, 1.0);
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    ask(&counter, Incr(0)).expect("activated");
+    const SENDERS: u32 = 4;
+    const EACH: u64 = 5_000;
+    let senders: Vec<Process> = (1..=SENDERS)
+        .map(|s| Process::new(send_records, (counter.clone(), s, EACH, 50u64)))
+        .collect();
+    for p in &senders {
+        p.start().expect("start");
+    }
+    let mut reactivations = Vec::new();
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(300));
+        let Some(pid) = host_pid(&rt, &counter) else {
+            continue;
+        };
+        assert!(
+            senders.iter().any(Process::is_alive),
+            "the senders finished before the kill: make them send more"
+        );
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill -9 the host");
+        let killed = Instant::now();
+        assert!(wait_for(Duration::from_secs(10), || !pid_running(pid)));
+        // Back on another host: an ask is answered.
+        ask(&counter, Get).expect("answered after the kill");
+        reactivations.push(killed.elapsed());
+    }
+    for p in &senders {
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0));
+    }
+    let (n, anomalies) = ask(&counter, Get).expect("get");
+    eprintln!("reactivations took {reactivations:?}");
+    assert_eq!(n, u64::from(SENDERS) * EACH, "every message exactly once");
+    assert_eq!(anomalies, 0, "in order, none applied twice");
+    assert_eq!(reactivations.len(), 2, "the host was killed twice");
+    for took in reactivations {
+        assert!(
+            took < Duration::from_secs(1) + Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
+}
+
+#[test]
+fn a_frozen_host_loses_its_actor_and_cannot_overwrite_its_successor() {
+    let rt = runtime_with(2, 1.0);
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    assert_eq!(ask(&counter, Incr(1)).expect("ask"), 1);
+    let pid = host_pid(&rt, &counter).expect("a host holds it");
+    kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    // The other host takes over once the lease lapses; the asker's wait notices.
+    let started = Instant::now();
+    assert_eq!(
+        ask(&counter, Incr(1)).expect("answered by the other host"),
+        2
+    );
+    let took = started.elapsed();
+    assert_ne!(host_pid(&rt, &counter), Some(pid));
+    for _ in 0..20 {
+        counter.tell(Incr(1)).expect("tell");
+    }
+    kill(Pid::from_raw(pid as i32), Signal::SIGCONT).expect("SIGCONT");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ask(&counter, Get).expect("get"), (22, 0));
+    eprintln!("the frozen host's actor answered again after {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn a_panic_fails_its_ask_restarts_from_the_committed_state_and_is_budgeted() {
+    let _rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    counter.tell(Incr(3)).expect("tell");
+    match ask(&counter, Explode) {
+        Err(Error::Task(e)) => {
+            assert_eq!(e.kind, TaskErrorKind::Panic);
+            assert!(e.message.starts_with("the handler explodes at "), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The panicking message's change was rolled back; the one before it was kept.
+    assert_eq!(ask(&counter, Get).expect("get"), (3, 0));
+    // max_restarts = 2: the third panic fails the actor.
+    assert!(ask(&counter, Explode).is_err());
+    match ask(&counter, Explode) {
+        Err(Error::Task(e)) => assert_eq!(e.kind, TaskErrorKind::Panic),
+        other => panic!("{other:?}"),
+    }
+    match ask(&counter, Get) {
+        Err(Error::InvalidState(reason)) => {
+            assert!(
+                reason.contains("failed") && reason.contains("max_restarts"),
+                "{reason}"
+            )
+        }
+        other => panic!("the failed actor answered: {other:?}"),
+    }
+    assert!(
+        counter.tell(Incr(1)).is_err(),
+        "a failed actor refuses tells"
+    );
+}
+
+#[test]
+fn an_ask_times_out_and_its_message_is_still_applied_once() {
+    let _rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    ask(&counter, Incr(0)).expect("activated");
+    let started = Instant::now();
+    match counter.ask(Slow(1500), Some(Duration::from_millis(300))) {
+        Err(Error::Timeout(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_millis(1300),
+        "{waited:?}"
+    );
+    counter.tell(Incr(1)).expect("tell");
+    assert_eq!(ask(&counter, Get).expect("get"), (1, 0));
+}
+
+/// Gets (or creates) the named counter and adds 1, `times` times.
+#[shoal::remote]
+fn bump_named(name: String, times: u64) {
+    let counter = shoal::get_or_spawn(&name, Counter::default).expect("named");
+    for _ in 0..times {
+        counter.tell(Incr(1)).expect("tell");
+    }
+}
+
+#[test]
+fn a_named_actor_is_one_actor_for_every_process() {
+    let _rt = runtime();
+    let name = format!("counter-{}", std::process::id());
+    let children: Vec<Process> = (0..3)
+        .map(|_| Process::new(bump_named, (name.clone(), 100u64)))
+        .collect();
+    for c in &children {
+        c.start().expect("start");
+    }
+    for c in &children {
+        c.join(None).expect("join");
+        assert_eq!(c.exitcode(), Some(0));
+    }
+    let counter = shoal::get_or_spawn(&name, Counter::default).expect("named");
+    assert_eq!(ask(&counter, Get).expect("get"), (300, 0));
+    // Another type under the same name is refused.
+    #[derive(Serialize, Deserialize, shoal::Actor)]
+    #[actor(messages(Get))]
+    struct Other;
+    impl Handler<Get> for Other {
+        type Reply = ();
+        fn handle(&mut self, _: Get, _: &mut ActorContext) {}
+    }
+    assert!(matches!(
+        shoal::get_or_spawn(&name, || Other),
+        Err(Error::InvalidState(m)) if m.contains("another type")
+    ));
+}
+
+#[test]
+fn stop_refuses_later_messages() {
+    let _rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    counter.tell(Incr(2)).expect("tell");
+    counter.stop().expect("stop");
+    assert!(wait_for(Duration::from_secs(10), || counter
+        .tell(Incr(1))
+        .is_err()));
+    assert!(matches!(ask(&counter, Get), Err(Error::InvalidState(m)) if m.contains("stopped")));
+}
+
+#[test]
+fn unsigned_or_wrongly_signed_messages_to_an_authenticated_actor_run_nothing() {
+    let rt = runtime();
+    let counter = shoal::spawn_actor_with(Counter::default(), ActorOptions { authenticate: true })
+        .expect("spawn");
+    assert_eq!(ask(&counter, Incr(1)).expect("a signed ask"), 1);
+    let url = rt.store_url();
+    let mut c = redis::Client::open(url)
+        .expect("client")
+        .get_connection()
+        .expect("conn");
+    let prefix = format!("shoal:{{default:actor:{}}}", counter.id());
+    let kind = std::any::type_name::<Incr>();
+    let payload = {
+        // A valid Incr(100) from this codec: version byte + MessagePack.
+        let mut bytes = vec![1u8];
+        bytes.extend(rmp_serde::to_vec_named(&Incr(100)).expect("encode"));
+        bytes
+    };
+    for mac in [None, Some(vec![0u8; 32])] {
+        let reply_key = format!("{prefix}:reply:forged-{}", mac.is_some());
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(format!("{prefix}:mailbox"))
+            .arg("*")
+            .arg("k")
+            .arg(kind)
+            .arg("p")
+            .arg(&payload)
+            .arg("r")
+            .arg(&reply_key);
+        if let Some(mac) = &mac {
+            cmd.arg("h").arg(mac);
+        }
+        cmd.query::<String>(&mut c).expect("xadd");
+        let (_, reply): (String, Vec<u8>) = redis::cmd("BLPOP")
+            .arg(&reply_key)
+            .arg(10)
+            .query(&mut c)
+            .expect("a reply");
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.contains("Unauthenticated"), "{text}");
+    }
+    assert_eq!(ask(&counter, Get).expect("get"), (1, 0), "nothing ran");
+}
+
+#[test]
+fn garbage_in_a_mailbox_or_a_saved_state_is_a_clear_error() {
+    let rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    let url = rt.store_url();
+    let mut c = redis::Client::open(url)
+        .expect("client")
+        .get_connection()
+        .expect("conn");
+    let prefix = format!("shoal:{{default:actor:{}}}", counter.id());
+    redis::cmd("XADD")
+        .arg(format!("{prefix}:mailbox"))
+        .arg("*")
+        .arg("junk")
+        .arg("x")
+        .query::<String>(&mut c)
+        .expect("xadd");
+    assert_eq!(ask(&counter, Incr(1)).expect("the actor goes on"), 1);
+
+    let broken = shoal::spawn_actor(Counter::default()).expect("spawn");
+    let state = format!("shoal:{{default:actor:{}}}:state", broken.id());
+    redis::cmd("HSET")
+        .arg(&state)
+        .arg("data")
+        .arg("not a state")
+        .query::<()>(&mut c)
+        .expect("hset");
+    match ask(&broken, Get) {
+        Err(Error::InvalidState(reason)) => {
+            assert!(reason.contains("does not decode"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

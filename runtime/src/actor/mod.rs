@@ -1,0 +1,296 @@
+//! Workloads as durable actors: a serde type whose state survives the process that hosts it.
+//!
+//! ```no_run
+//! use serde::{Deserialize, Serialize};
+//! use shoal::prelude::*;
+//! use shoal::{ActorContext, ActorRef, Handler};
+//!
+//! #[derive(Serialize, Deserialize, Default, shoal::Actor)]
+//! #[actor(messages(Incr))]
+//! struct Counter {
+//!     n: u64,
+//! }
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Incr(u64);
+//!
+//! impl Handler<Incr> for Counter {
+//!     type Reply = u64;
+//!     fn handle(&mut self, Incr(by): Incr, _: &mut ActorContext) -> u64 {
+//!         self.n += by;
+//!         self.n
+//!     }
+//! }
+//!
+//! fn main() -> shoal::Result<()> {
+//!     let _rt = shoal::init()?;
+//!     let counter: ActorRef<Counter> = shoal::spawn_actor(Counter::default())?;
+//!     counter.tell(Incr(1))?; // durable once it returns
+//!     let n = counter.ask(Incr(1), Some(std::time::Duration::from_secs(5)))?;
+//!     assert_eq!(n, 2);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Semantics
+//!
+//! * An actor is a serde type with handlers (`impl Handler<M>`) for serde message types, listed
+//!   in `#[derive(shoal::Actor)] #[actor(messages(...))]`; sending a message it does not list
+//!   does not compile.
+//! * [`spawn_actor`] creates one; [`get_or_spawn`] finds the actor of that name or creates it
+//!   (named actors always exist and are activated on their first message, as Orleans' virtual
+//!   actors). An [`ActorRef`] is a serde value: pass it to any process (a `Process` argument, a
+//!   `Pool` task, a `Queue` item).
+//! * [`ActorRef::tell`] returns once the message is durably in the actor's mailbox;
+//!   [`ActorRef::ask`] waits for the reply ([`Error::Timeout`] after its timeout: the message
+//!   is still applied once).
+//! * **Exactly once**: every message is applied once, in mailbox order, whatever host dies: the
+//!   state, the last message applied and the replies are committed together, and a host whose
+//!   activation lease lapsed cannot commit (fencing). A host killed with `SIGKILL` is replaced,
+//!   and its actors are taken over from their last committed state, at once when its exit is
+//!   seen, else when its lease (`actors.lease_secs`) lapses.
+//! * A handler that panics fails its message's `ask` with kind `Panic`, and the actor restarts
+//!   from its last committed state. Past `actors.max_restarts` panics within
+//!   `actors.restart_period_secs` the actor is failed: its messages get an error saying why.
+//! * Actors run in host processes the runtime that spawns its first actor starts
+//!   (`actors.hosts` of them, through the configured backend, replaced when they die). While
+//!   no host runs, messages wait in the mailbox. An actor without messages for
+//!   `actors.idle_secs` is deactivated; its next message activates it again.
+//! * [`ActorOptions::authenticate`]: every message is signed with the sender's authkey
+//!   (HMAC-SHA256) and the host refuses, before decoding it, a message without a valid tag:
+//!   the asker gets [`Error::Authentication`] and nothing runs.
+//! * Handlers are synchronous and run one message at a time.
+//!
+//! See `shoal_executor::actor` for the keys, the scripts and the round trips (a `tell` is 1, an
+//! `ask` 1 once the actor is active).
+
+pub(crate) mod hosts;
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shoal_core::auth;
+use shoal_core::context::{self, AuthKey};
+use shoal_core::error::{Error, Result};
+use shoal_core::hosted::{Actor, Handler, Handles, kind_of};
+use shoal_core::store::Store;
+use shoal_executor::actor::{self as protocol, ActorKeys, CreateMode, Mailbox, Outgoing};
+
+pub(crate) use hosts::HostSupervisor;
+
+use crate::runtime;
+
+/// How long an activation request stands before another may be made.
+fn activation_hold() -> Duration {
+    context::current()
+        .map(|c| c.config().actors.lease())
+        .unwrap_or(Duration::from_secs(2))
+}
+
+/// Options of [`spawn_actor_with`] and [`get_or_spawn_with`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActorOptions {
+    /// Messages must be signed with the sender's authkey (the spawner's and its children's):
+    /// a message without a valid tag is refused, unread.
+    pub authenticate: bool,
+}
+
+/// A reference to an actor: a serde value usable from any process of the same namespace.
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+pub struct ActorRef<A> {
+    id: String,
+    authenticated: bool,
+    /// Set once an ask found the actor active: later asks pipeline the send and the wait.
+    #[serde(skip)]
+    known_active: Arc<AtomicBool>,
+    #[serde(skip)]
+    _actor: PhantomData<fn() -> A>,
+}
+
+impl<A> Clone for ActorRef<A> {
+    fn clone(&self) -> Self {
+        ActorRef {
+            id: self.id.clone(),
+            authenticated: self.authenticated,
+            known_active: self.known_active.clone(),
+            _actor: PhantomData,
+        }
+    }
+}
+
+impl<A> std::fmt::Debug for ActorRef<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActorRef")
+            .field("type", &std::any::type_name::<A>())
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl<A> PartialEq for ActorRef<A> {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl<A: Actor> ActorRef<A> {
+    /// The actor's id (`name:<name>` for a named actor).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Puts `message` in the actor's mailbox; returns once it is durable there (1 Redis round
+    /// trip). The reply, if any, is dropped.
+    pub fn tell<M>(&self, message: M) -> Result<()>
+    where
+        A: Handles<M>,
+        M: Serialize,
+    {
+        let store = store()?;
+        let kind = kind_of::<M>();
+        let payload = store.encode(&message, kind)?;
+        let mac = self.sign(kind, &payload, "");
+        let outgoing = Outgoing {
+            kind,
+            payload: &payload,
+            reply_to: None,
+            mac: mac.as_ref().map(|m| m.as_slice()),
+        };
+        self.mailbox(&store).send(&store, &outgoing)
+    }
+
+    /// Sends `message` and waits for the reply, at most `timeout` ([`Error::Timeout`]; the
+    /// message stays in the mailbox and is applied once all the same). A panic in the handler
+    /// is [`Error::Task`] of kind `Panic`.
+    pub fn ask<M>(&self, message: M, timeout: Option<Duration>) -> Result<<A as Handler<M>>::Reply>
+    where
+        A: Handles<M>,
+        M: Serialize,
+    {
+        let store = store()?;
+        let kind = kind_of::<M>();
+        let payload = store.encode(&message, kind)?;
+        let mailbox = self.mailbox(&store);
+        let reply_key = mailbox.keys.new_reply_key();
+        let mac = self.sign(kind, &payload, &reply_key);
+        let outgoing = Outgoing {
+            kind,
+            payload: &payload,
+            reply_to: Some(&reply_key),
+            mac: mac.as_ref().map(|m| m.as_slice()),
+        };
+        let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
+        let reply = mailbox.ask(
+            &store,
+            &outgoing,
+            deadline,
+            self.known_active.load(Ordering::Relaxed),
+        )?;
+        let Some(reply) = reply else {
+            return Err(Error::Timeout(timeout.unwrap_or_default()));
+        };
+        self.known_active.store(true, Ordering::Relaxed);
+        let bytes = reply.into_result(&self.id, kind)?;
+        store.decode(&bytes, std::any::type_name::<<A as Handler<M>>::Reply>())
+    }
+
+    /// Stops the actor after the messages already in its mailbox: later messages are refused
+    /// ([`Error::InvalidState`] "was stopped"). Returns once the request is durable.
+    pub fn stop(&self) -> Result<()> {
+        let store = store()?;
+        let kind = protocol::STOP_KIND;
+        let mac = self.sign(kind, &[], "");
+        let outgoing = Outgoing {
+            kind,
+            payload: &[],
+            reply_to: None,
+            mac: mac.as_ref().map(|m| m.as_slice()),
+        };
+        self.mailbox(&store).send(&store, &outgoing)
+    }
+
+    fn mailbox(&self, store: &Store) -> Mailbox {
+        Mailbox::new(store.keys(), &self.id, activation_hold())
+    }
+
+    fn sign(&self, kind: &str, payload: &[u8], reply_to: &str) -> Option<[u8; auth::TAG_LEN]> {
+        self.authenticated.then(|| {
+            auth::sign(
+                &AuthKey::of_this_process(),
+                &[kind.as_bytes(), payload, reply_to.as_bytes()],
+            )
+        })
+    }
+}
+
+fn store() -> Result<Arc<Store>> {
+    Ok(context::current()?.store().clone())
+}
+
+/// Creates an actor with `state` and returns a reference to it; starts this runtime's actor
+/// hosts if they are not running.
+pub fn spawn_actor<A: Actor>(state: A) -> Result<ActorRef<A>> {
+    spawn_actor_with(state, ActorOptions::default())
+}
+
+/// [`spawn_actor`] with options.
+pub fn spawn_actor_with<A: Actor>(state: A, options: ActorOptions) -> Result<ActorRef<A>> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    create(id, state, options, CreateMode::New)
+}
+
+/// The actor called `name`, created with `init()` if it does not exist (its state is kept
+/// otherwise); starts this runtime's actor hosts if they are not running. Every process gets
+/// the same actor, which runs once at a time whoever asked.
+pub fn get_or_spawn<A: Actor>(name: &str, init: impl FnOnce() -> A) -> Result<ActorRef<A>> {
+    get_or_spawn_with(name, init, ActorOptions::default())
+}
+
+/// [`get_or_spawn`] with options (they apply when the actor is created).
+pub fn get_or_spawn_with<A: Actor>(
+    name: &str,
+    init: impl FnOnce() -> A,
+    options: ActorOptions,
+) -> Result<ActorRef<A>> {
+    if name.is_empty() || name.len() > 200 || name.contains(['{', '}']) {
+        return Err(Error::invalid_state(format!(
+            "{name:?} is not an actor name (1 to 200 characters, no braces)"
+        )));
+    }
+    create(format!("name:{name}"), init(), options, CreateMode::Named)
+}
+
+fn create<A: Actor>(
+    id: String,
+    state: A,
+    options: ActorOptions,
+    mode: CreateMode,
+) -> Result<ActorRef<A>> {
+    let runtime = runtime::current_runtime()?;
+    runtime.actor_hosts()?;
+    let store = runtime.context().store().clone();
+    let keys = ActorKeys::new(store.keys(), &id);
+    let actor_type = std::any::type_name::<A>();
+    let data = store.encode(&state, actor_type)?;
+    protocol::create(&store, &keys, actor_type, &data, options.authenticate, mode).map_err(
+        |e| match &e {
+            Error::Redis { source, .. } if source.code() == Some("TYPE") => {
+                Error::invalid_state(format!(
+                    "actor {id} exists with another type: {}",
+                    source.detail().unwrap_or_default()
+                ))
+            }
+            _ => e,
+        },
+    )?;
+    Ok(ActorRef {
+        id,
+        authenticated: options.authenticate,
+        known_active: Arc::default(),
+        _actor: PhantomData,
+    })
+}
