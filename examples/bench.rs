@@ -45,6 +45,11 @@ const W8_TASK_MS: f64 = 20.0;
 const W8_CRASH_INPUTS: [u64; 3] = [17, 101, 173];
 const W8_TIMEOUT: Duration = Duration::from_secs(60);
 const POOL_PROCS: usize = 2;
+const W9_CALLS: u64 = 2_000;
+const W9_WARMUP: u64 = 20;
+const W10_CLIENTS: usize = 2;
+const W10_MSGS: u64 = 10_000;
+const W10_WARMUP: u64 = 100;
 
 #[derive(Parser, Debug)]
 #[command(about = "shoal's benchmark: the peer workloads W1-W8 on shoal, beside the peers")]
@@ -69,7 +74,63 @@ struct Args {
     work_dir: PathBuf,
 }
 
-const BUILT: &[&str] = &["W1", "W1B", "W2", "W3", "W4", "W5", "W6", "W7", "W8"];
+const BUILT: &[&str] = &[
+    "W1", "W1B", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "W10",
+];
+
+/// The stateful object of W9/W10: a count and `incr(n)`, as the peers' `Counter`.
+#[derive(serde::Serialize, serde::Deserialize, Default, shoal::Actor)]
+#[actor(messages(Incr, GetCount))]
+struct BenchCounter {
+    value: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Incr(u64);
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GetCount;
+
+impl shoal::Handler<Incr> for BenchCounter {
+    type Reply = u64;
+    fn handle(&mut self, Incr(n): Incr, _: &mut shoal::ActorContext) -> u64 {
+        self.value += n;
+        self.value
+    }
+}
+
+impl shoal::Handler<GetCount> for BenchCounter {
+    type Reply = u64;
+    fn handle(&mut self, _: GetCount, _: &mut shoal::ActorContext) -> u64 {
+        self.value
+    }
+}
+
+/// W10 client: `warm` tells and an ask, the gate, then `n` tells and one ask (its reply means
+/// every tell before it was applied); records its start and end (Unix seconds).
+#[shoal::remote]
+fn tell_client(
+    counter: shoal::ActorRef<BenchCounter>,
+    n: u64,
+    warm: u64,
+    gate: Barrier,
+    times: Array<f64>,
+    idx: usize,
+) {
+    for _ in 0..warm {
+        counter.tell(Incr(1)).expect("tell");
+    }
+    counter.ask(GetCount, None).expect("warm-up ask");
+    gate.wait(None).expect("gate");
+    let t0 = unix_time();
+    for _ in 0..n {
+        counter.tell(Incr(1)).expect("tell");
+    }
+    counter.ask(GetCount, None).expect("last ask");
+    let t1 = unix_time();
+    times.set(2 * idx, t0).expect("t0");
+    times.set(2 * idx + 1, t1).expect("t1");
+}
 
 #[shoal::remote]
 fn noop() {}
@@ -238,6 +299,14 @@ fn main() -> shoal::Result<()> {
                 cell["runs"] = json!(runs.len());
                 shoal_cells.insert(key, cell);
             }
+            "W9" => {
+                let runs = (0..args.runs).map(|_| w9_actor_ask()).collect();
+                shoal_cells.insert(key, median_cell(w, "actor_ask", &label, runs));
+            }
+            "W10" => {
+                let runs = (0..args.runs).map(|_| w10_actor_tell()).collect();
+                shoal_cells.insert(key, median_cell(w, "actor_tell", &label, runs));
+            }
             "W3" => {
                 for method in [StartMethod::Process, StartMethod::Thread] {
                     let label = format!("shoal-{}", method_name(method));
@@ -337,6 +406,90 @@ fn w1_pool_map_overhead(n: u64, chunksize: Option<usize>) -> Value {
         "pool_create_s": pool_create.as_secs_f64(),
         "pool_terminate_s": t.elapsed().as_secs_f64(),
         "correct": correct,
+    })
+}
+
+/// W9: `incr(1)` asked of an actor hosted in another process, 2000 calls one at a time after
+/// 20 untimed ones: µs per call.
+fn w9_actor_ask() -> Value {
+    let t = Instant::now();
+    let counter = shoal::spawn_actor(BenchCounter::default()).expect("spawn");
+    counter.ask(Incr(0), None).expect("first reply");
+    let setup = t.elapsed();
+    for _ in 0..W9_WARMUP {
+        counter.ask(Incr(1), None).expect("warm-up");
+    }
+    let mut latencies = Vec::with_capacity(W9_CALLS as usize);
+    let mut last = 0;
+    let t0 = Instant::now();
+    let mut previous = t0;
+    for _ in 0..W9_CALLS {
+        last = counter.ask(Incr(1), None).expect("ask");
+        let now = Instant::now();
+        latencies.push(now - previous);
+        previous = now;
+    }
+    let total = previous - t0;
+    latencies.sort();
+    let final_value = counter.ask(GetCount, None).expect("get");
+    counter.stop().expect("stop");
+    let expected = W9_WARMUP + W9_CALLS;
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    json!({
+        "value": total.as_secs_f64() / W9_CALLS as f64 * 1e6,
+        "unit": "us/call",
+        "calls": W9_CALLS,
+        "p50_us": us(latencies[latencies.len() / 2]),
+        "p99_us": us(latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)]),
+        "max_us": us(latencies[latencies.len() - 1]),
+        "setup_s": setup.as_secs_f64(),
+        "correct": last == expected && final_value == expected,
+    })
+}
+
+/// W10: 2 client processes, started together, each tell 10,000 `incr(1)` to one actor; from
+/// the first client's first send to the last client's last reply (all applied): msgs/s.
+fn w10_actor_tell() -> Value {
+    let counter = shoal::spawn_actor(BenchCounter::default()).expect("spawn");
+    counter.ask(Incr(0), None).expect("first reply");
+    let gate = Barrier::new(W10_CLIENTS as u32).expect("gate");
+    let times: Array<f64> = Array::new_raw(vec![0.0; 2 * W10_CLIENTS]).expect("times");
+    let clients: Vec<Process> = (0..W10_CLIENTS)
+        .map(|i| {
+            Process::new(
+                tell_client,
+                (
+                    counter.clone(),
+                    W10_MSGS,
+                    W10_WARMUP,
+                    gate.clone(),
+                    times.clone(),
+                    i,
+                ),
+            )
+        })
+        .collect();
+    for c in &clients {
+        c.start().expect("start");
+    }
+    for c in &clients {
+        c.join(None).expect("join");
+    }
+    let ts = times.to_vec().expect("times");
+    let start = ts.iter().step_by(2).cloned().fold(f64::MAX, f64::min);
+    let end = ts.iter().skip(1).step_by(2).cloned().fold(0.0, f64::max);
+    let final_value = counter.ask(GetCount, None).expect("get");
+    counter.stop().expect("stop");
+    let msgs = W10_CLIENTS as u64 * W10_MSGS;
+    let expected = W10_CLIENTS as u64 * (W10_MSGS + W10_WARMUP);
+    json!({
+        "value": msgs as f64 / (end - start),
+        "unit": "msgs/s",
+        "msgs": msgs,
+        "clients": W10_CLIENTS,
+        "loop_s": end - start,
+        "final_value": final_value,
+        "correct": final_value == expected,
     })
 }
 

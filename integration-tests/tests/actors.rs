@@ -404,3 +404,21 @@ fn garbage_in_a_mailbox_or_a_saved_state_is_a_clear_error() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn an_idle_actor_is_deactivated_and_comes_back_with_its_state() {
+    let mut config = Config::builder().build().expect("config");
+    config.actors.idle_secs = 1.0;
+    config.actors.lease_secs = 1.0;
+    let rt = shoal::init_with(config).expect("runtime");
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    assert_eq!(ask(&counter, Incr(7)).expect("ask"), 7);
+    assert_eq!(counter.activations().expect("activations"), 1);
+    assert!(host_pid(&rt, &counter).is_some(), "a host holds it");
+    assert!(
+        wait_for(Duration::from_secs(5), || host_pid(&rt, &counter).is_none()),
+        "the idle actor was not deactivated"
+    );
+    assert_eq!(ask(&counter, Incr(1)).expect("reactivated"), 8);
+    assert_eq!(counter.activations().expect("activations"), 2);
+}

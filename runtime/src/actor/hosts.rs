@@ -267,6 +267,7 @@ impl Handler<WorkerExited> for HostSupervisor {
         let store = self.store.clone();
         let host_id = msg.id.clone();
         let process_keys = ProcessKeys::new(store.keys(), &host_id);
+        let stopping = self.stopping;
         let spawned = std::thread::Builder::new()
             .name("shoal-host-orphans".into())
             .spawn(move || {
@@ -276,6 +277,10 @@ impl Handler<WorkerExited> for HostSupervisor {
                         tracing::info!("actor host {host_id} exited; its actors move: {actors:?}")
                     }
                     Ok(_) => {}
+                    // At shutdown the store may be going away too.
+                    Err(e) if stopping => {
+                        tracing::debug!("moving the actors of host {host_id}: {e}")
+                    }
                     Err(e) => tracing::warn!("moving the actors of host {host_id}: {e}"),
                 }
                 let _ = store.with_conn(

@@ -32,6 +32,32 @@
 //! }
 //! ```
 //!
+//! A message the actor does not list does not compile:
+//!
+//! ```compile_fail
+//! use serde::{Deserialize, Serialize};
+//! use shoal::{ActorContext, ActorRef, Handler};
+//!
+//! #[derive(Serialize, Deserialize, Default, shoal::Actor)]
+//! #[actor(messages(Incr))]
+//! struct Counter { n: u64 }
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Incr(u64);
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Reset;
+//!
+//! impl Handler<Incr> for Counter {
+//!     type Reply = u64;
+//!     fn handle(&mut self, Incr(by): Incr, _: &mut ActorContext) -> u64 { self.n += by; self.n }
+//! }
+//!
+//! fn send(counter: &ActorRef<Counter>) -> shoal::Result<()> {
+//!     counter.tell(Reset) // error: `Counter` does not handle `Reset`
+//! }
+//! ```
+//!
 //! # Semantics
 //!
 //! * An actor is a serde type with handlers (`impl Handler<M>`) for serde message types, listed
@@ -211,6 +237,23 @@ impl<A: Actor> ActorRef<A> {
             mac: mac.as_ref().map(|m| m.as_slice()),
         };
         self.mailbox(&store).send(&store, &outgoing)
+    }
+
+    /// How many times the actor was activated so far (by any host): 1 for an actor that never
+    /// moved, one more for each time a host took it over (after a host died or froze, or after
+    /// it was deactivated for idleness). 1 round trip.
+    pub fn activations(&self) -> Result<u64> {
+        let store = store()?;
+        let keys = ActorKeys::new(store.keys(), &self.id);
+        store.with_conn(
+            || format!("reading the activations of actor {}", self.id),
+            |c| {
+                redis::cmd("GET")
+                    .arg(&keys.fence)
+                    .query::<Option<u64>>(c)
+                    .map(Option::unwrap_or_default)
+            },
+        )
     }
 
     fn mailbox(&self, store: &Store) -> Mailbox {
