@@ -209,7 +209,12 @@ fn a_frozen_host_loses_its_actor_and_cannot_overwrite_its_successor() {
         2
     );
     let took = started.elapsed();
-    assert_ne!(host_pid(&rt, &counter), Some(pid));
+    let now_on = host_pid(&rt, &counter);
+    assert_ne!(
+        now_on,
+        Some(pid),
+        "the frozen host {pid} still holds the actor after {took:?}"
+    );
     for _ in 0..20 {
         counter.tell(Incr(1)).expect("tell");
     }
@@ -421,4 +426,27 @@ fn an_idle_actor_is_deactivated_and_comes_back_with_its_state() {
     );
     assert_eq!(ask(&counter, Incr(1)).expect("reactivated"), 8);
     assert_eq!(counter.activations().expect("activations"), 2);
+}
+
+#[test]
+fn an_ask_with_no_host_left_is_an_error_not_a_hang() {
+    let rt = runtime_with(1, 0.5);
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    assert_eq!(ask(&counter, Incr(1)).expect("ask"), 1);
+    let pid = host_pid(&rt, &counter).expect("a host holds it");
+    // The only host freezes: it neither runs the actor nor says it is alive.
+    kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    let started = Instant::now();
+    let outcome = counter.ask(Incr(1), None);
+    let waited = started.elapsed();
+    kill(Pid::from_raw(pid as i32), Signal::SIGCONT).expect("SIGCONT");
+    match outcome {
+        Err(Error::InvalidState(reason)) => assert!(reason.contains("no actor host"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    // The message waited in the mailbox: the host, back, applies it.
+    assert!(wait_for(Duration::from_secs(10), || {
+        matches!(ask(&counter, Get), Ok((2, 0)))
+    }));
 }

@@ -93,6 +93,15 @@ pub fn run_host(store: &Arc<Store>, spec: &HostSpec) -> Result<()> {
         actor.stop.store(true, Ordering::Release);
     }
     let _ = heartbeat.join();
+    let _ = store.with_conn(
+        || format!("leaving {}", hosts.live),
+        |c| {
+            redis::cmd("ZREM")
+                .arg(&hosts.live)
+                .arg(&spec.host_id)
+                .query::<()>(c)
+        },
+    );
     result
 }
 
@@ -648,7 +657,20 @@ fn heartbeat(store: &Store, spec: &HostSpec, active: &Active, done: &AtomicBool)
     let every = (lease / 3).max(Duration::from_millis(10));
     let step = Duration::from_millis(10).min(every);
     let mut driver_missing_since: Option<Instant> = None;
+    let hosts = HostKeys::new(store.keys());
     loop {
+        // This host is alive: askers of actors without a host check that one is.
+        let _ = store.with_conn(
+            || format!("stamping {}", hosts.live),
+            |c| {
+                redis::pipe()
+                    .zadd(&hosts.live, &spec.host_id, shoal_core::clock::now_ms())
+                    .ignore()
+                    .expire(&hosts.live, store.expiry_secs() as i64)
+                    .ignore()
+                    .query::<()>(c)
+            },
+        );
         let leases: Vec<(String, String)> = active
             .lock()
             .iter()

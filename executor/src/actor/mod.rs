@@ -122,6 +122,8 @@ pub struct HostKeys {
     pub activations: String,
     /// The prefix of a host's set of actors (`host:`).
     pub host_prefix: String,
+    /// The live hosts: a sorted set of host ids scored by their last heartbeat (Unix ms).
+    pub live: String,
 }
 
 impl HostKeys {
@@ -131,6 +133,7 @@ impl HostKeys {
         HostKeys {
             activations: object.key("activations"),
             host_prefix: object.key("host:"),
+            live: object.key("live"),
         }
     }
 
@@ -462,6 +465,27 @@ fn nudge(
         .map_err(|e| send_error(e, actor_id))?;
     if needs_host == 1 {
         request_activation(store, hosts, actor_id)?;
+        // Nobody may be there to take it: say so rather than wait forever.
+        let recent =
+            shoal_core::clock::now_ms().saturating_sub(3 * activation_hold.as_millis() as u64);
+        let live: u64 = store.with_conn(
+            || format!("counting the hosts in {}", hosts.live),
+            |c| {
+                redis::cmd("ZCOUNT")
+                    .arg(&hosts.live)
+                    .arg(recent)
+                    .arg("+inf")
+                    .query(c)
+            },
+        )?;
+        if live == 0 {
+            return Err(Error::invalid_state(format!(
+                "actor {actor_id} has no host, and no actor host runs in namespace {}: hosts \
+                 run in the runtime that spawned an actor (spawn_actor, get_or_spawn), while it \
+                 lives; the message waits in the mailbox for one",
+                store.keys().namespace()
+            )));
+        }
     }
     Ok(())
 }
@@ -534,7 +558,14 @@ pub fn orphan_host(store: &Store, hosts: &HostKeys, host_id: &str) -> Result<Vec
     }
     store.with_conn(
         || format!("deleting {set}"),
-        |c| redis::cmd("DEL").arg(&set).query::<()>(c),
+        |c| {
+            redis::pipe()
+                .del(&set)
+                .ignore()
+                .zrem(&hosts.live, host_id)
+                .ignore()
+                .query::<()>(c)
+        },
     )?;
     Ok(actors)
 }
