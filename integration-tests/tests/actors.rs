@@ -195,6 +195,22 @@ fn every_message_is_applied_exactly_once_while_the_host_is_killed() {
     }
 }
 
+/// True when every thread of `pid` is stopped (state `T`).
+fn stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next().map(|s| s == "T"))
+            })
+            .unwrap_or(true)
+    })
+}
+
 #[test]
 fn a_frozen_host_loses_its_actor_and_cannot_overwrite_its_successor() {
     let rt = runtime_with(2, 1.0);
@@ -202,6 +218,10 @@ fn a_frozen_host_loses_its_actor_and_cannot_overwrite_its_successor() {
     assert_eq!(ask(&counter, Incr(1)).expect("ask"), 1);
     let pid = host_pid(&rt, &counter).expect("a host holds it");
     kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    assert!(
+        wait_for(Duration::from_secs(5), || stopped(pid)),
+        "host {pid} did not stop"
+    );
     // The other host takes over once the lease lapses; the asker's wait notices.
     let started = Instant::now();
     assert_eq!(
