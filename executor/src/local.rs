@@ -4,8 +4,10 @@
 //! `SHOAL_WORKER_TASK`/`SHOAL_WORKER_REDIS`, `multiprocessing.env_vars` set, stdin from
 //! `/dev/null` and stdout/stderr inherited, so a child's output reaches the parent's terminal.
 //! Its exit is observed by waiting on the child (`waitpid`), which gives the real code, negative
-//! when a signal ended it. A worker launched with [`Launch::die_with_parent`] (pool workers,
-//! daemon children) gets `PR_SET_PDEATHSIG = SIGTERM`: the kernel terminates it when this
+//! when a signal ended it. Every subprocess runs in a process group of its own, so that a
+//! terminal's Ctrl-C (sent to the foreground group) reaches this program only, which can then
+//! shut down in order. A worker launched with [`Launch::die_with_parent`] (every child the
+//! runtime starts) gets `PR_SET_PDEATHSIG = SIGTERM`: the kernel terminates it when this
 //! process dies, even by `SIGKILL`. The signal is tied to the thread that forked the child; that
 //! is the actor system's thread, which lives as long as the runtime that owns the child. Signals go to the pid while the child is known not to have been
 //! reaped (the actor removes a child in the same step that reaps it), so a recycled pid is never
@@ -129,7 +131,9 @@ impl LocalExecutor {
             .env(ENV_WORKER_TASK, address.task_env_value())
             .env(ENV_WORKER_REDIS, &address.redis_url)
             .stdin(Stdio::null())
-            .kill_on_drop(false);
+            .kill_on_drop(false)
+            // A terminal's Ctrl-C reaches the program only: it decides how children end.
+            .process_group(0);
         if launch.die_with_parent {
             let parent = std::process::id();
             // SAFETY: the closure runs in the forked child before exec, where only

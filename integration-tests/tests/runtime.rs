@@ -289,3 +289,15 @@ fn execution_details_are_exported() {
         "{line}"
     );
 }
+
+#[test]
+fn a_service_installs_its_own_tracing_subscriber_after_init() {
+    let _rt = shoal::init_with(Config::builder().build().expect("config")).expect("runtime");
+    // tracing_subscriber's init() panics when a global subscriber is set already: shoal must
+    // not have set one.
+    tracing_subscriber::fmt().with_writer(std::io::sink).init();
+    assert!(
+        !shoal::log_to_stderr(),
+        "the service's subscriber is in place"
+    );
+}

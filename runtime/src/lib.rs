@@ -45,8 +45,10 @@
 //!
 //! ## Logging
 //!
-//! shoal logs with `tracing`. [`init`] installs a subscriber reading `RUST_LOG` (default `warn`)
-//! unless the program installed one before.
+//! shoal logs with `tracing` and never installs a global subscriber in your program: a service
+//! keeps its own (installed before or after [`init`]). [`log_to_stderr`] installs one that reads
+//! `RUST_LOG` (default `warn`), as Python's `multiprocessing.log_to_stderr()`. Worker processes,
+//! which run only shoal's code, log to stderr that way.
 
 extern crate self as shoal;
 
@@ -60,7 +62,7 @@ pub use actor::{
 };
 pub use pool::{AsyncOptions, AsyncResult, IMapIterator, Pool, PoolBuilder};
 pub use process::{ChildProcess, Process, active_children};
-pub use runtime::{Runtime, init, init_with};
+pub use runtime::{Runtime, init, init_with, log_to_stderr};
 pub use shoal_core::config::{self, Config, ConfigBuilder, StartMethod};
 pub use shoal_core::context::{AuthKey, ParentInfo, ProcessInfo};
 pub use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};

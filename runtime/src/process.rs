@@ -31,7 +31,10 @@
 //!   (Python's `multiprocessing.active_children()`; pool workers are the pool's and are not
 //!   listed); [`crate::parent_process`] tells a child who started it.
 //! * Daemon children are terminated when the runtime shuts down; the runtime waits for
-//!   non-daemon children first (Python's exit behaviour). A daemonic process (a daemon child, or
+//!   non-daemon children first (Python's exit behaviour). A child never outlives a parent that
+//!   dies without shutting down (killed, even by `SIGKILL`): it gets `SIGTERM` then (unlike
+//!   Python, whose non-daemon children run on). Children run in their own process group, so a
+//!   terminal's Ctrl-C reaches the parent only. A daemonic process (a daemon child, or
 //!   a pool worker) may not start children: `start()` is [`Error::InvalidState`], as Python's
 //!   `AssertionError`.
 //!
@@ -779,14 +782,13 @@ impl Handler<StartChild> for ProcessActor {
         let keys = self.keys.clone();
         let executor = self.executor.clone();
         let streaming = pending.record.as_ref().is_some_and(|r| r.stream_output);
-        // A daemon child dies with its parent, as Python's daemons end at its exit.
-        let daemon = pending.record.as_ref().is_some_and(|r| r.daemon);
         let launch = Launch {
             id: self.id.clone(),
             name: self.name.clone(),
             workload: pending.workload,
             env: pending.env,
-            die_with_parent: daemon,
+            // Nothing runs for nobody: a child does not outlive a parent that died.
+            die_with_parent: true,
             notify: ctx.address().recipient(),
         };
         let record = pending.record;

@@ -101,7 +101,6 @@ pub fn init() -> Result<Runtime> {
 /// Starts the runtime with `config` (see [`init`]).
 pub fn init_with(config: Config) -> Result<Runtime> {
     run_worker_if_requested();
-    init_tracing();
     config.validate()?;
     let mut active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(inner) = active.upgrade() {
@@ -390,16 +389,29 @@ pub(crate) fn current_runtime() -> Result<Arc<RuntimeInner>> {
     Ok(inner)
 }
 
-/// Installs a `tracing` subscriber reading `RUST_LOG` (default `warn`), unless the program has
-/// one already.
-fn init_tracing() {
+/// Sends shoal's log to stderr (Python's `multiprocessing.log_to_stderr()`): installs a
+/// `tracing` subscriber reading `RUST_LOG` (default `warn`) unless the program has one. Returns
+/// whether it installed one. `init()` never installs a subscriber in the main process, so a
+/// service keeps its own; workers (which run only shoal's code) log to stderr this way.
+///
+/// ```
+/// let installed = shoal::log_to_stderr();
+/// // A second call finds the subscriber installed.
+/// assert!(!shoal::log_to_stderr() || !installed);
+/// ```
+pub fn log_to_stderr() -> bool {
+    init_tracing()
+}
+
+fn init_tracing() -> bool {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+    tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .try_init()
+        .is_ok()
 }
 
 /// Runs the worker and exits if this process was started as a worker; returns otherwise.
@@ -407,6 +419,7 @@ pub(crate) fn run_worker_if_requested() {
     let Some(address) = TaskAddress::from_env() else {
         return;
     };
+    // A worker runs shoal's code only: its warnings go to stderr (the parent's terminal).
     init_tracing();
     let code = match address {
         Ok(address) => shoal_executor::worker::run(&address, &|| {
