@@ -60,7 +60,9 @@ mod runtime;
 pub use actor::{
     ActorOptions, ActorRef, get_or_spawn, get_or_spawn_with, spawn_actor, spawn_actor_with,
 };
-pub use pool::{AsyncOptions, AsyncResult, IMapIterator, Pool, PoolBuilder};
+pub use pool::{
+    AsyncOptions, AsyncResult, AsyncResultFuture, IMapIterator, IMapStream, Pool, PoolBuilder,
+};
 pub use process::{ChildProcess, Process, active_children};
 pub use runtime::{Runtime, init, init_with, log_to_stderr};
 pub use shoal_core::config::{self, Config, ConfigBuilder, StartMethod};

@@ -431,6 +431,15 @@ impl Process {
         Ok(())
     }
 
+    /// Waits until the process exits, for async code: no thread waits (the process's actor wakes
+    /// the task), on any executor. Errors as [`Process::join`]; bound it with your runtime's
+    /// timeout (`tokio::time::timeout`) for Python's `join(timeout)`.
+    pub async fn join_async(&self) -> Result<()> {
+        let state = self.started_state("join")?;
+        std::future::poll_fn(|cx| state.poll_exited(cx.waker())).await;
+        Ok(())
+    }
+
     /// True from a successful `start()` until the process exits.
     pub fn is_alive(&self) -> bool {
         match &*self.lock_slot() {
@@ -614,6 +623,8 @@ pub fn active_children() -> Vec<ChildProcess> {
 pub(crate) struct ProcessState {
     exit: Mutex<Option<i32>>,
     changed: Condvar,
+    /// Async joiners, registered while `exit` is locked.
+    wakers: Mutex<Vec<std::task::Waker>>,
 }
 
 impl ProcessState {
@@ -621,6 +632,7 @@ impl ProcessState {
         ProcessState {
             exit: Mutex::new(None),
             changed: Condvar::new(),
+            wakers: Mutex::new(Vec::new()),
         }
     }
 
@@ -637,7 +649,25 @@ impl ProcessState {
         if exit.is_none() {
             *exit = Some(code);
         }
+        drop(exit);
         self.changed.notify_all();
+        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|p| p.into_inner()));
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    /// Ready once the process exited; registers `waker` otherwise.
+    fn poll_exited(&self, waker: &std::task::Waker) -> std::task::Poll<()> {
+        let exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if exit.is_some() {
+            return std::task::Poll::Ready(());
+        }
+        let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        if !wakers.iter().any(|w| w.will_wake(waker)) {
+            wakers.push(waker.clone());
+        }
+        std::task::Poll::Pending
     }
 
     /// Waits for the exit; returns whether it happened.

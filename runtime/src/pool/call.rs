@@ -57,6 +57,9 @@ pub(crate) struct ChunkResult {
 pub(crate) struct CallShared {
     state: Mutex<CallState>,
     changed: Condvar,
+    /// Async callers waiting for a change (registered while the state lock is held, woken
+    /// after every change).
+    wakers: Mutex<Vec<std::task::Waker>>,
 }
 
 #[derive(Default)]
@@ -89,11 +92,91 @@ impl CallShared {
                 ..CallState::default()
             }),
             changed: Condvar::new(),
+            wakers: Mutex::new(Vec::new()),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, CallState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes every waiter, blocking and async, after a change.
+    fn notify(&self) {
+        self.changed.notify_all();
+        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|p| p.into_inner()));
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    /// Registers `waker` for the next change; called with the state lock held, so that a
+    /// change cannot slip between the check and the registration.
+    fn register(&self, _held: &MutexGuard<'_, CallState>, waker: &std::task::Waker) {
+        let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        if !wakers.iter().any(|w| w.will_wake(waker)) {
+            wakers.push(waker.clone());
+        }
+    }
+
+    /// The `Collect` outcome if known, else registers `waker`.
+    fn poll_outcome(&self, waker: &std::task::Waker) -> Option<Result<Vec<ByteBuf>>> {
+        let s = self.lock();
+        match &s.outcome {
+            Some(outcome) => Some(outcome.clone()),
+            None => {
+                self.register(&s, waker);
+                None
+            }
+        }
+    }
+
+    /// Streaming: the next chunk without waiting: `Ready(None)` at the end; `Pending` (and
+    /// `waker` registered) when nothing is there yet.
+    fn poll_chunk(
+        &self,
+        ordered: bool,
+        waker: &std::task::Waker,
+    ) -> std::task::Poll<Option<std::result::Result<ChunkResult, Error>>> {
+        let mut s = self.lock();
+        match self.try_take(&mut s, ordered) {
+            Some(taken) => std::task::Poll::Ready(taken),
+            None => {
+                self.register(&s, waker);
+                std::task::Poll::Pending
+            }
+        }
+    }
+
+    /// Streaming: takes the next chunk if it is there (`Some(Some(Ok))`), or the end
+    /// (`Some(None)`) or the error that ends the call (`Some(Some(Err))`); `None`: wait.
+    fn try_take(
+        &self,
+        s: &mut MutexGuard<'_, CallState>,
+        ordered: bool,
+    ) -> Option<Option<std::result::Result<ChunkResult, Error>>> {
+        let taken = if ordered {
+            let next = s.next;
+            s.ready.remove(&next).inspect(|_| s.next += 1)
+        } else {
+            s.ready.pop_first().map(|(_, r)| r)
+        };
+        if let Some(chunk) = taken {
+            s.taken += 1;
+            s.in_flight = s.in_flight.saturating_sub(1);
+            // Room for the feeder: wake it (the lock is held; the waiters re-check).
+            self.changed.notify_all();
+            return Some(Some(Ok(chunk)));
+        }
+        if s.total.is_some_and(|total| s.taken >= total) {
+            // The input's failure comes after the results of the items read before it.
+            return Some(s.input_error.take().map(Err));
+        }
+        if let Some(error) = s.ended.take() {
+            // Yield the error once; the iterator ends after it.
+            s.total = Some(s.taken);
+            return Some(Some(Err(error)));
+        }
+        None
     }
 
     /// Feeder: waits for room; `None` when feeding must stop.
@@ -122,7 +205,7 @@ impl CallShared {
         s.total = Some(total);
         s.input_error = input_error;
         drop(s);
-        self.changed.notify_all();
+        self.notify();
     }
 
     /// Supervisor (`Collect`): a chunk's result arrived.
@@ -130,7 +213,7 @@ impl CallShared {
         let mut s = self.lock();
         s.in_flight = s.in_flight.saturating_sub(n);
         drop(s);
-        self.changed.notify_all();
+        self.notify();
     }
 
     /// Supervisor (`Collect`): the outcome; stops the feeder.
@@ -141,13 +224,13 @@ impl CallShared {
             s.outcome = Some(outcome);
         }
         drop(s);
-        self.changed.notify_all();
+        self.notify();
     }
 
     /// Supervisor (streaming): a chunk's result arrived.
     pub(crate) fn push(&self, chunk: usize, result: ChunkResult) {
         self.lock().ready.insert(chunk, result);
-        self.changed.notify_all();
+        self.notify();
     }
 
     /// Supervisor: the call cannot finish (pool terminated or broken).
@@ -159,13 +242,13 @@ impl CallShared {
         }
         s.ended.get_or_insert(error);
         drop(s);
-        self.changed.notify_all();
+        self.notify();
     }
 
     /// Caller: stop feeding (the iterator was dropped).
     fn cancel(&self) {
         self.lock().cancelled = true;
-        self.changed.notify_all();
+        self.notify();
     }
 
     fn is_ready(&self) -> bool {
@@ -204,27 +287,8 @@ impl CallShared {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut s = self.lock();
         loop {
-            let taken = if ordered {
-                let next = s.next;
-                s.ready.remove(&next).inspect(|_| s.next += 1)
-            } else {
-                s.ready.pop_first().map(|(_, r)| r)
-            };
-            if let Some(chunk) = taken {
-                s.taken += 1;
-                s.in_flight = s.in_flight.saturating_sub(1);
-                drop(s);
-                self.changed.notify_all();
-                return Ok(Some(Ok(chunk)));
-            }
-            if s.total.is_some_and(|total| s.taken >= total) {
-                // The input's failure comes after the results of the items read before it.
-                return Ok(s.input_error.take().map(Err));
-            }
-            if let Some(error) = s.ended.take() {
-                // Yield the error once; the iterator ends after it.
-                s.total = Some(s.taken);
-                return Ok(Some(Err(error)));
+            if let Some(taken) = self.try_take(&mut s, ordered) {
+                return Ok(taken);
             }
             s = match deadline {
                 None => self.changed.wait(s).unwrap_or_else(|p| p.into_inner()),
@@ -497,6 +561,53 @@ impl<R> AsyncResult<R> {
     }
 }
 
+impl<R> AsyncResult<R> {
+    /// The result as a future, for async code: it resolves when the call completes, on any
+    /// executor (the pool's supervisor wakes it; no thread waits). Dropping it before it
+    /// resolves does not cancel the call (see [`AsyncResult::cancel`]). `.await` on the
+    /// `AsyncResult` itself does the same.
+    pub fn wait_async(&self) -> AsyncResultFuture<'_, R> {
+        AsyncResultFuture { result: self }
+    }
+}
+
+/// The future of [`AsyncResult::wait_async`] (and of `.await` on an [`AsyncResult`]).
+#[must_use = "futures do nothing unless awaited"]
+pub struct AsyncResultFuture<'a, R> {
+    result: &'a AsyncResult<R>,
+}
+
+impl<R> std::fmt::Debug for AsyncResultFuture<'_, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncResultFuture").finish_non_exhaustive()
+    }
+}
+
+impl<R> std::future::Future for AsyncResultFuture<'_, R> {
+    type Output = Result<R>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<R>> {
+        match self.result.shared.poll_outcome(cx.waker()) {
+            Some(Ok(outputs)) => std::task::Poll::Ready((self.result.decode)(&outputs)),
+            Some(Err(e)) => std::task::Poll::Ready(Err(e)),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// `.await` an [`AsyncResult`] for its outcome; the result is consumed.
+impl<R: Send + 'static> std::future::IntoFuture for AsyncResult<R> {
+    type Output = Result<R>;
+    type IntoFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<R>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { self.wait_async().await })
+    }
+}
+
 /// Builds the decoder of a collected `map`: every output as a `T`.
 pub(crate) fn decode_each<T: DeserializeOwned>(function: &str, limit: usize) -> Decoder<Vec<T>> {
     let key = format!("results of {function}");
@@ -596,6 +707,63 @@ impl<T: DeserializeOwned> IMapIterator<T> {
                     return None;
                 }
                 Err(timeout) => return Some(Err(timeout)),
+            }
+        }
+    }
+}
+
+impl<T> IMapIterator<T> {
+    /// The same results as an async [`Stream`](futures::Stream), for async code: no thread waits
+    /// (the pool's supervisor wakes the task), on any executor. Dropping it stops the call as
+    /// dropping the iterator does.
+    pub fn into_stream(self) -> IMapStream<T> {
+        IMapStream(self)
+    }
+}
+
+/// `imap`'s results as an async stream ([`IMapIterator::into_stream`]).
+pub struct IMapStream<T>(IMapIterator<T>);
+
+impl<T> std::fmt::Debug for IMapStream<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("IMapStream").field(&self.0).finish()
+    }
+}
+
+impl<T: DeserializeOwned> futures::Stream for IMapStream<T> {
+    type Item = Result<T>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<T>>> {
+        use std::task::Poll;
+        let this = &mut self.get_mut().0;
+        loop {
+            if let Some(bytes) = this.current.pop_front() {
+                return Poll::Ready(Some(codec::decode::<T>(&bytes, &this.key, this.limit)));
+            }
+            if let Some(failure) = this.pending_failure.take() {
+                return Poll::Ready(Some(Err(Error::Task(failure))));
+            }
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            match this.shared.poll_chunk(this.ordered, cx.waker()) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.current = chunk.outputs.into();
+                    this.pending_failure = chunk.failure;
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    this.finished = true;
+                    return Poll::Ready(Some(Err(error)));
+                }
+                Poll::Ready(None) => {
+                    this.finished = true;
+                    this.cancel = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => return Poll::Pending,
             }
         }
     }

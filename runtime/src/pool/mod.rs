@@ -70,7 +70,7 @@ use shoal_core::registry::{self, RemoteFn};
 use shoal_core::store::Store;
 use shoal_executor::pool::{self as protocol, ChunkEntry, Initializer, PoolKeys};
 
-pub use call::{AsyncResult, IMapIterator};
+pub use call::{AsyncResult, AsyncResultFuture, IMapIterator, IMapStream};
 use call::{
     CallShared, Decoder, Delivery, Feeder, GuardedInput, decode_each, decode_one, send_chunks,
 };

@@ -1,0 +1,131 @@
+//! The async forms of Pool and Process: an `AsyncResult` awaited, `imap` as a stream,
+//! `join_async`, under tokio's current-thread runtime (where a blocked thread would stop
+//! everything) and a multi-thread one, and under actix's.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use shoal::prelude::*;
+
+shoal::test_support!();
+
+fn runtime() -> shoal::Runtime {
+    shoal::init_with(Config::builder().build().expect("config")).expect("runtime")
+}
+
+#[shoal::remote]
+fn slow_square(x: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(20));
+    x * x
+}
+
+#[shoal::remote]
+fn nap(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// Runs `f` with a ticker beside it on the same current-thread runtime; returns `f`'s output
+/// and the ticks counted while it ran (a blocked thread would count none).
+fn with_ticker<T>(f: impl std::future::Future<Output = T>) -> (T, u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("tokio");
+    rt.block_on(async {
+        let ticks = Arc::new(AtomicU64::new(0));
+        let counter = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(5));
+            loop {
+                interval.tick().await;
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let out = f.await;
+        ticker.abort();
+        (out, ticks.load(Ordering::Relaxed))
+    })
+}
+
+#[test]
+fn an_awaited_map_does_not_block_a_current_thread_runtime() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    let call = pool
+        .map_async_with(slow_square, 0..40u64, AsyncOptions::new().chunksize(1))
+        .expect("map_async");
+    let (result, ticks) = with_ticker(async { call.await });
+    assert_eq!(
+        result.expect("map"),
+        (0..40u64).map(|x| x * x).collect::<Vec<_>>()
+    );
+    // 40 items of 20 ms on 2 workers: ~400 ms, ~80 ticks of 5 ms.
+    assert!(ticks >= 20, "the runtime was blocked: {ticks} ticks");
+}
+
+#[test]
+fn imap_is_a_stream_in_order_and_imap_unordered_has_every_result() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    let stream = pool
+        .imap(slow_square, 0..20u64)
+        .expect("imap")
+        .into_stream();
+    let (results, ticks) = with_ticker(stream.collect::<Vec<_>>());
+    let results: Vec<u64> = results.into_iter().map(|r| r.expect("ok")).collect();
+    assert_eq!(results, (0..20u64).map(|x| x * x).collect::<Vec<_>>());
+    assert!(ticks >= 10, "the runtime was blocked: {ticks} ticks");
+    let stream = pool
+        .imap_unordered(slow_square, 0..20u64)
+        .expect("imap")
+        .into_stream();
+    let (results, _) = with_ticker(stream.collect::<Vec<_>>());
+    let mut results: Vec<u64> = results.into_iter().map(|r| r.expect("ok")).collect();
+    results.sort();
+    assert_eq!(results, (0..20u64).map(|x| x * x).collect::<Vec<_>>());
+}
+
+#[test]
+fn join_async_waits_for_the_exit_without_blocking() {
+    let _rt = runtime();
+    let p = Process::new(nap, (300u64,));
+    p.start().expect("start");
+    let (joined, ticks) = with_ticker(p.join_async());
+    joined.expect("join");
+    assert_eq!(p.exitcode(), Some(0));
+    assert!(ticks >= 20, "the runtime was blocked: {ticks} ticks");
+    let never = Process::new(nap, (1u64,));
+    assert!(matches!(
+        futures::executor::block_on(never.join_async()),
+        Err(Error::InvalidState(_))
+    ));
+}
+
+#[test]
+fn awaited_calls_work_on_a_multi_thread_runtime_and_under_actix() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio");
+    let squares = multi.block_on(async {
+        let calls: Vec<_> = (0..4u64)
+            .map(|i| {
+                pool.map_async(slow_square, i * 5..i * 5 + 5)
+                    .expect("map_async")
+            })
+            .collect();
+        futures::future::join_all(calls.into_iter().map(|c| c.into_future())).await
+    });
+    let flat: Vec<u64> = squares.into_iter().flat_map(|r| r.expect("map")).collect();
+    assert_eq!(flat, (0..20u64).map(|x| x * x).collect::<Vec<_>>());
+
+    let system = actix_rt::System::new();
+    let total =
+        system.block_on(async { pool.apply_async(slow_square, (7u64,)).expect("apply").await });
+    assert_eq!(total.expect("apply"), 49);
+}
