@@ -249,14 +249,33 @@ pub fn current_process() -> ProcessInfo {
         .unwrap_or_else(ProcessInfo::main)
 }
 
-/// True when the calling code runs in a thread child whose `terminate()` or `kill()` was called.
-/// Thread children cannot be stopped from outside; long-running targets poll this.
+thread_local! {
+    /// The cancellation flag of the pool task this thread runs, set by the pool worker.
+    static TASK_CANCEL: RefCell<Option<Arc<AtomicBool>>> = const { RefCell::new(None) };
+}
+
+/// Makes `flag` the cancellation flag of the pool tasks this thread runs (`None`: none); the
+/// pool worker sets it when the call its task belongs to is cancelled.
+pub fn set_task_cancel_flag(flag: Option<Arc<AtomicBool>>) {
+    TASK_CANCEL.with(|t| *t.borrow_mut() = flag);
+}
+
+/// True when the calling code should stop: it runs in a thread child whose `terminate()` or
+/// `kill()` was called (threads cannot be stopped from outside), or in a pool task whose call
+/// was cancelled (`AsyncResult::cancel`, a dropped future or stream, a deadline). Long-running
+/// code polls this and returns.
 pub fn termination_requested() -> bool {
-    THREAD_PROCESS.with(|t| {
+    let task_cancelled = TASK_CANCEL.with(|t| {
         t.borrow()
             .as_ref()
-            .is_some_and(|p| p.terminate.load(Ordering::Acquire))
-    })
+            .is_some_and(|flag| flag.load(Ordering::Acquire))
+    });
+    task_cancelled
+        || THREAD_PROCESS.with(|t| {
+            t.borrow()
+                .as_ref()
+                .is_some_and(|p| p.terminate.load(Ordering::Acquire))
+        })
 }
 
 /// Work that must finish before this process's runtime goes away (a queue feeder's last

@@ -33,6 +33,11 @@ pub enum Error {
     #[error("full")]
     Full,
 
+    /// The call was cancelled (`cancel()`, or its future or stream was dropped) before it
+    /// completed; what had not started did not run.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+
     /// A barrier was aborted, reset or timed out while this caller used it.
     #[error("broken barrier")]
     BrokenBarrier,

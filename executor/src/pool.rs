@@ -83,6 +83,8 @@ pub const GROUP: &str = "workers";
 
 static REQUEUE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("pool_requeue.lua")));
+static CANCEL: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("pool_cancel.lua")));
 
 /// How long a worker's `XREADGROUP` blocks before it looks at its stop conditions again.
 const READ_BLOCK: Duration = Duration::from_millis(500);
@@ -114,6 +116,8 @@ pub struct PoolKeys {
     pub driver: String,
     /// How far long chunks got.
     pub progress: String,
+    /// The calls that were cancelled.
+    pub cancelled: String,
 }
 
 impl PoolKeys {
@@ -126,6 +130,7 @@ impl PoolKeys {
             workers: object.key("workers"),
             driver: object.key("driver"),
             progress: object.key("progress"),
+            cancelled: object.key("cancelled"),
         }
     }
 }
@@ -327,6 +332,7 @@ pub fn delete_streams(store: &Store, keys: &PoolKeys) -> Result<()> {
                 .arg(&keys.workers)
                 .arg(&keys.driver)
                 .arg(&keys.progress)
+                .arg(&keys.cancelled)
                 .query::<()>(c)
         },
     )
@@ -385,6 +391,7 @@ async fn requeue(
         .key(&keys.tasks)
         .key(&keys.results)
         .key(&keys.progress)
+        .key(&keys.cancelled)
         .arg(GROUP)
         .arg(mode)
         .arg(&target)
@@ -410,6 +417,38 @@ async fn requeue(
     })
 }
 
+/// Cancels `call`: removes its chunks no worker took yet, and marks it cancelled, which its
+/// running tasks see (`termination_requested()`) and redelivery respects. With `sweep`, also
+/// removes its chunks still pending (their workers did not stop) and returns those workers.
+/// Returns the chunks removed and the workers to stop.
+pub async fn cancel_call(
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
+    store: &Store,
+    keys: &PoolKeys,
+    call: u64,
+    sweep: bool,
+) -> Result<(u64, Vec<String>)> {
+    let reply: Vec<redis::Value> = CANCEL
+        .key(&keys.tasks)
+        .key(&keys.cancelled)
+        .arg(call)
+        .arg(store.expiry_secs())
+        .arg(if sweep { "sweep" } else { "cancel" })
+        .arg(GROUP)
+        .invoke_async(conn)
+        .await
+        .context(|| format!("cancelling call {call} of {}", keys.tasks))?;
+    let mut values = reply.into_iter();
+    let removed = values
+        .next()
+        .and_then(|v| redis::from_redis_value::<u64>(v).ok())
+        .unwrap_or(0);
+    let workers = values
+        .filter_map(|v| redis::from_redis_value::<String>(v).ok())
+        .collect();
+    Ok((removed, workers))
+}
+
 /// Why a worker's loop ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WorkerEnd {
@@ -431,8 +470,15 @@ pub fn run_worker(store: &Arc<Store>, spec: &PoolWorkerSpec) -> Result<WorkerEnd
     if let Some(init) = &spec.initializer {
         run_initializer(init, limit)?;
     }
-    let in_hand: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let in_hand: Arc<Mutex<InHand>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
+    // The tasks this thread runs see their call's cancellation through termination_requested().
+    let cancel = in_hand
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .cancelled
+        .clone();
+    context::set_task_cancel_flag(Some(cancel));
     let heartbeat = {
         let store = store.clone();
         let keys = keys.clone();
@@ -445,6 +491,7 @@ pub fn run_worker(store: &Arc<Store>, spec: &PoolWorkerSpec) -> Result<WorkerEnd
             .map_err(|e| Error::io("starting the heartbeat thread", e))?
     };
     let result = serve(store, spec, &keys, &in_hand, limit);
+    context::set_task_cancel_flag(None);
     done.store(true, Ordering::Release);
     let _ = heartbeat.join();
     let _ = store.with_conn(
@@ -480,12 +527,18 @@ fn serve(
     store: &Store,
     spec: &PoolWorkerSpec,
     keys: &PoolKeys,
-    in_hand: &Mutex<Vec<String>>,
+    in_hand: &Mutex<InHand>,
     limit: usize,
 ) -> Result<WorkerEnd> {
     let mut chunks_done: u64 = 0;
     let mut prefetch: usize = 1;
     loop {
+        // A cancellation concerns the chunks it was meant for, not the worker.
+        in_hand
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cancelled
+            .store(false, Ordering::Release);
         if context::termination_requested() {
             return Ok(WorkerEnd::Terminated);
         }
@@ -528,8 +581,13 @@ fn serve(
         if entries.is_empty() {
             continue;
         }
-        *in_hand.lock().unwrap_or_else(|p| p.into_inner()) =
-            entries.iter().map(|e| e.id.clone()).collect();
+        let cancelled = {
+            let mut hand = in_hand.lock().unwrap_or_else(|p| p.into_inner());
+            hand.ids = entries.iter().map(|e| e.id.clone()).collect();
+            hand.calls = entries.iter().filter_map(|e| e.get("c")).collect();
+            hand.cancelled.store(false, Ordering::Release);
+            hand.cancelled.clone()
+        };
         let started = std::time::Instant::now();
         let mut stop = false;
         let mut pipe = redis::pipe();
@@ -607,6 +665,12 @@ fn serve(
             )
         })?;
         in_hand.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        if cancelled.swap(false, Ordering::AcqRel) {
+            tracing::debug!(
+                "pool worker {}: a call it ran was cancelled",
+                spec.worker_id
+            );
+        }
         if stop {
             return Ok(WorkerEnd::Stopped);
         }
@@ -620,6 +684,22 @@ fn serve(
         } else {
             1
         };
+    }
+}
+
+/// The chunks a worker runs now, for its heartbeat: their entry ids (leases to renew), their
+/// calls (to check for cancellation) and the flag that tells the tasks.
+#[derive(Default)]
+struct InHand {
+    ids: Vec<String>,
+    calls: Vec<u64>,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl InHand {
+    fn clear(&mut self) {
+        self.ids.clear();
+        self.calls.clear();
     }
 }
 
@@ -722,6 +802,18 @@ fn run_chunk(
     let mut since_report = std::time::Instant::now();
     let mut report_after = FIRST_PROGRESS;
     for (index, item) in items.iter().enumerate().skip(skip) {
+        if context::termination_requested() {
+            // The call was cancelled: the rest of the chunk does not run.
+            let outcome = ChunkOutcome {
+                outputs,
+                failure: Some(ItemFailure {
+                    index: (index as u64 - offset) as u32,
+                    kind: TaskErrorKind::Error,
+                    message: "the call was cancelled".into(),
+                }),
+            };
+            return (outcome, offset, progressed);
+        }
         let result = registry::call(entry, item, limit).and_then(|returned| returned.value);
         match result {
             Ok(bytes) => outputs.push(ByteBuf::from(bytes)),
@@ -772,7 +864,7 @@ fn heartbeat(
     store: &Store,
     keys: &PoolKeys,
     spec: &PoolWorkerSpec,
-    in_hand: &Mutex<Vec<String>>,
+    in_hand: &Mutex<InHand>,
     done: &AtomicBool,
 ) {
     let lease = Duration::from_millis(spec.lease_ms);
@@ -787,11 +879,22 @@ fn heartbeat(
     let step = Duration::from_millis(10).min(every);
     let mut driver_missing_since: Option<std::time::Instant> = None;
     loop {
-        let current = in_hand.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (current, calls, cancel) = {
+            let hand = in_hand.lock().unwrap_or_else(|p| p.into_inner());
+            (hand.ids.clone(), hand.calls.clone(), hand.cancelled.clone())
+        };
         let beat = store.with_conn(
             || format!("heartbeat of {worker}"),
             |c| {
                 let mut pipe = redis::pipe();
+                // Was a call this worker runs cancelled? (SMISMEMBER needs one member at least.)
+                pipe.cmd("SMISMEMBER")
+                    .arg(&keys.cancelled)
+                    .arg(if calls.is_empty() {
+                        &[0u64][..]
+                    } else {
+                        &calls[..]
+                    });
                 pipe.hset(&keys.workers, worker, now_ms()).ignore();
                 pipe.expire(&keys.workers, store.expiry_secs() as i64)
                     .ignore();
@@ -806,11 +909,17 @@ fn heartbeat(
                         .ignore();
                 }
                 pipe.exists(&keys.driver);
-                pipe.query::<(bool,)>(c)
+                pipe.query::<(Vec<bool>, bool)>(c)
             },
         );
+        if let Ok((cancelled, _)) = &beat
+            && !calls.is_empty()
+            && cancelled.iter().any(|c| *c)
+        {
+            cancel.store(true, Ordering::Release);
+        }
         // Only an answer from Redis is evidence about the driver; an error is not.
-        if let (true, Ok((driver_alive,))) = (watch_driver, beat) {
+        if let (true, Ok((_, driver_alive))) = (watch_driver, beat) {
             if driver_alive {
                 driver_missing_since = None;
             } else {

@@ -1,5 +1,5 @@
 -- Gives the chunks of dead or silent pool workers to live ones, atomically.
--- KEYS[1] tasks stream, KEYS[2] results stream, KEYS[3] progress hash
+-- KEYS[1] tasks stream, KEYS[2] results stream, KEYS[3] progress hash, KEYS[4] cancelled calls
 -- ARGV[1] consumer group
 -- ARGV[2] 'consumer': every chunk pending on consumer ARGV[3] (a worker that exited), which is
 --         then removed from the group; 'idle': every chunk pending longer than ARGV[3] ms (its
@@ -11,7 +11,7 @@
 -- again at attempt 1; an attempt without progress counts, and a chunk whose 1 + retries attempts
 -- in a row made none is answered in the results stream with a crash entry (field x, offset o =
 -- how far it got). Either way the old entry is acked and deleted and its progress
--- removed, so each pending chunk moves exactly once.
+-- removed, so each pending chunk moves exactly once. A chunk of a cancelled call is only removed.
 -- Returns {requeued, failed, consumer...}: the counts and the consumers whose chunks moved.
 local pending
 if ARGV[2] == 'consumer' then
@@ -32,6 +32,8 @@ for _, p in ipairs(pending) do
     end
     if f['s'] then
       redis.call('XADD', KEYS[1], '*', 's', '1')
+    elseif redis.call('SISMEMBER', KEYS[4], f['c']) == 1 then
+      -- The call was cancelled: nobody wants this chunk any more.
     else
       local attempt = tonumber(f['a'])
       local started_at = tonumber(f['d'] or '0')

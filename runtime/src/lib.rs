@@ -61,7 +61,8 @@ pub use actor::{
     ActorOptions, ActorRef, get_or_spawn, get_or_spawn_with, spawn_actor, spawn_actor_with,
 };
 pub use pool::{
-    AsyncOptions, AsyncResult, AsyncResultFuture, IMapIterator, IMapStream, Pool, PoolBuilder,
+    AsyncCall, AsyncOptions, AsyncResult, AsyncResultFuture, IMapIterator, IMapStream, Pool,
+    PoolBuilder,
 };
 pub use process::{ChildProcess, Process, active_children};
 pub use runtime::{Runtime, init, init_with, log_to_stderr};

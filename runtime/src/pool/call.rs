@@ -512,6 +512,8 @@ pub(crate) type Decoder<R> = Arc<dyn Fn(&[ByteBuf]) -> Result<R> + Send + Sync>;
 pub struct AsyncResult<R> {
     shared: Arc<CallShared>,
     decode: Decoder<R>,
+    supervisor: Addr<PoolSupervisor>,
+    call: u64,
 }
 
 impl<R> std::fmt::Debug for AsyncResult<R> {
@@ -523,8 +525,31 @@ impl<R> std::fmt::Debug for AsyncResult<R> {
 }
 
 impl<R> AsyncResult<R> {
-    pub(crate) fn new(shared: Arc<CallShared>, decode: Decoder<R>) -> Self {
-        AsyncResult { shared, decode }
+    pub(crate) fn new(
+        shared: Arc<CallShared>,
+        decode: Decoder<R>,
+        supervisor: Addr<PoolSupervisor>,
+        call: u64,
+    ) -> Self {
+        AsyncResult {
+            shared,
+            decode,
+            supervisor,
+            call,
+        }
+    }
+
+    /// Cancels the call if it has not completed: its items that did not start are not run, its
+    /// running tasks see `shoal::termination_requested()` (a worker that does not stop within
+    /// the task lease is replaced), and `get()` returns [`Error::Cancelled`]; `error_callback`
+    /// runs with it. Does nothing once the call completed. The pool stays usable.
+    pub fn cancel(&self) {
+        if !self.ready() {
+            self.supervisor.do_send(CancelCall {
+                call: self.call,
+                error: Error::Cancelled("cancel() was called".into()),
+            });
+        }
     }
 
     /// The result, waiting for it at most `timeout` ([`Error::Timeout`] then). The call's
@@ -598,13 +623,59 @@ impl<R> std::future::Future for AsyncResultFuture<'_, R> {
     }
 }
 
-/// `.await` an [`AsyncResult`] for its outcome; the result is consumed.
-impl<R: Send + 'static> std::future::IntoFuture for AsyncResult<R> {
+/// `.await` an [`AsyncResult`] for its outcome. The call is owned by the future: dropping it
+/// before it resolves cancels the call (a request that timed out or whose client went away
+/// stops its work: see [`AsyncResult::cancel`]).
+impl<R> std::future::IntoFuture for AsyncResult<R> {
     type Output = Result<R>;
-    type IntoFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<R>> + Send>>;
+    type IntoFuture = AsyncCall<R>;
 
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move { self.wait_async().await })
+    fn into_future(self) -> AsyncCall<R> {
+        AsyncCall {
+            result: self,
+            done: false,
+        }
+    }
+}
+
+/// An [`AsyncResult`] being awaited; dropping it before it resolves cancels the call.
+#[must_use = "futures do nothing unless awaited"]
+pub struct AsyncCall<R> {
+    result: AsyncResult<R>,
+    done: bool,
+}
+
+impl<R> std::fmt::Debug for AsyncCall<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncCall")
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl<R> std::future::Future for AsyncCall<R> {
+    type Output = Result<R>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<R>> {
+        let this = self.get_mut();
+        match this.result.shared.poll_outcome(cx.waker()) {
+            Some(outcome) => {
+                this.done = true;
+                std::task::Poll::Ready(outcome.and_then(|outputs| (this.result.decode)(&outputs)))
+            }
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl<R> Drop for AsyncCall<R> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.result.cancel();
+        }
     }
 }
 
@@ -781,7 +852,10 @@ impl<T> Drop for IMapIterator<T> {
     fn drop(&mut self) {
         if let Some((supervisor, call)) = self.cancel.take() {
             self.shared.cancel();
-            supervisor.do_send(CancelCall { call });
+            supervisor.do_send(CancelCall {
+                call,
+                error: Error::Cancelled("its iterator or stream was dropped".into()),
+            });
         }
     }
 }

@@ -70,7 +70,7 @@ use shoal_core::registry::{self, RemoteFn};
 use shoal_core::store::Store;
 use shoal_executor::pool::{self as protocol, ChunkEntry, Initializer, PoolKeys};
 
-pub use call::{AsyncResult, AsyncResultFuture, IMapIterator, IMapStream};
+pub use call::{AsyncCall, AsyncResult, AsyncResultFuture, IMapIterator, IMapStream};
 use call::{
     CallShared, Decoder, Delivery, Feeder, GuardedInput, decode_each, decode_one, send_chunks,
 };
@@ -116,6 +116,7 @@ pub struct AsyncOptions<R> {
     chunksize: Option<usize>,
     callback: Option<Callback<R>>,
     error_callback: Option<ErrorCallback>,
+    deadline: Option<Duration>,
 }
 
 impl<R> Default for AsyncOptions<R> {
@@ -124,6 +125,7 @@ impl<R> Default for AsyncOptions<R> {
             chunksize: None,
             callback: None,
             error_callback: None,
+            deadline: None,
         }
     }
 }
@@ -134,6 +136,7 @@ impl<R> std::fmt::Debug for AsyncOptions<R> {
             .field("chunksize", &self.chunksize)
             .field("callback", &self.callback.is_some())
             .field("error_callback", &self.error_callback.is_some())
+            .field("deadline", &self.deadline)
             .finish()
     }
 }
@@ -159,6 +162,13 @@ impl<R> AsyncOptions<R> {
     /// Called with the error when the call fails.
     pub fn error_callback(mut self, callback: impl FnOnce(&Error) + Send + 'static) -> Self {
         self.error_callback = Some(Box::new(callback));
+        self
+    }
+
+    /// Cancels the call if it has not completed within `deadline` of its start: it then fails
+    /// with [`Error::Timeout`], and its work stops as with [`AsyncResult::cancel`].
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
         self
     }
 }
@@ -382,15 +392,20 @@ impl Pool {
     {
         let function = self.registered(&f)?;
         let limit = self.limit();
-        let key = format!("arguments of {function}");
-        let item = ByteBuf::from(self.store.encode(&args, &key)?);
+        let item = ByteBuf::from(
+            self.store
+                .encode(&args, "arguments")
+                .map_err(|e| name_arguments(e, function))?,
+        );
         let decode = decode_one::<F::Output>(function, limit);
+        let deadline = options.deadline;
         let (call, shared) = self.register(
             function,
             Delivery::Collect,
             None,
             completion(&decode, options),
             None,
+            deadline,
         )?;
         let payload = protocol::encode_items(&self.store, vec![item], &self.keys.tasks)?;
         let chunk = ChunkEntry {
@@ -412,7 +427,12 @@ impl Pool {
             }
             Err(e) => self.supervisor.do_send(FeedFailed { call, error: e }),
         }
-        Ok(AsyncResult::new(shared, decode))
+        Ok(AsyncResult::new(
+            shared,
+            decode,
+            self.supervisor.clone(),
+            call,
+        ))
     }
 
     /// `f(item)` for every item, in order.
@@ -655,6 +675,7 @@ impl Pool {
         chunksize: Option<usize>,
         completion: Option<Completion>,
         progress: Option<ProgressBar>,
+        deadline: Option<Duration>,
     ) -> Result<(u64, Arc<CallShared>)> {
         self.shared.lock().phase.accepts_calls()?;
         let call = self.next_call.fetch_add(1, Ordering::Relaxed);
@@ -667,6 +688,7 @@ impl Pool {
             chunksize: chunksize.map(|c| c as u64),
             completion,
             progress,
+            deadline,
         };
         futures::executor::block_on(self.supervisor.send(registration))
             .map_err(|_| Error::invalid_state("the pool is no longer running"))??;
@@ -704,15 +726,22 @@ impl Pool {
             .max(1);
         let decode = decode_each::<R>(function, self.limit());
         let progress = self.progress_bar(len);
+        let deadline = options.deadline;
         let (call, shared) = self.register(
             function,
             Delivery::Collect,
             Some(chunksize),
             completion(&decode, options),
             progress,
+            deadline,
         )?;
         self.feed(call, function, chunksize, items, &shared)?;
-        Ok(AsyncResult::new(shared, decode))
+        Ok(AsyncResult::new(
+            shared,
+            decode,
+            self.supervisor.clone(),
+            call,
+        ))
     }
 
     /// An `imap`-like call.
@@ -729,7 +758,8 @@ impl Pool {
         It: Iterator<Item = A> + Send + 'static,
     {
         check_chunksize(Some(chunksize))?;
-        let (call, shared) = self.register(function, delivery, Some(chunksize), None, None)?;
+        let (call, shared) =
+            self.register(function, delivery, Some(chunksize), None, None, None)?;
         self.feed(call, function, chunksize, GuardedInput::new(items), &shared)?;
         Ok(IMapIterator::new(
             shared,

@@ -20,7 +20,8 @@ use actix::prelude::*;
 use indicatif::ProgressBar;
 use serde_bytes::ByteBuf;
 use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
-use shoal_executor::pool::{ChunkOutcome, ResultBody, ResultEntry};
+use shoal_executor::pool::{self, ChunkOutcome, ResultBody, ResultEntry};
+use shoal_executor::protocol::StopSignal;
 
 use super::PoolSupervisor;
 use crate::pool::call::{CallShared, ChunkResult, Delivery};
@@ -309,13 +310,29 @@ pub(crate) struct RegisterCall {
     pub(crate) chunksize: Option<u64>,
     pub(crate) completion: Option<Completion>,
     pub(crate) progress: Option<ProgressBar>,
+    /// The call is cancelled with [`Error::Timeout`] if it has not completed by then.
+    pub(crate) deadline: Option<std::time::Duration>,
 }
 
 impl Handler<RegisterCall> for PoolSupervisor {
     type Result = Result<()>;
 
-    fn handle(&mut self, msg: RegisterCall, _: &mut Context<Self>) -> Result<()> {
+    fn handle(&mut self, msg: RegisterCall, ctx: &mut Context<Self>) -> Result<()> {
         self.phase.accepts_calls()?;
+        if let Some(deadline) = msg.deadline {
+            let call = msg.call;
+            ctx.run_later(deadline, move |act, ctx| {
+                if act.calls.contains_key(&call) {
+                    act.handle(
+                        CancelCall {
+                            call,
+                            error: Error::Timeout(deadline),
+                        },
+                        ctx,
+                    );
+                }
+            });
+        }
         self.calls.insert(
             msg.call,
             CallRecord {
@@ -384,23 +401,81 @@ impl Handler<FeedFailed> for PoolSupervisor {
     }
 }
 
-/// The caller dropped a streaming call.
+/// Cancel a call: the caller dropped its stream or its future, called `cancel()`, or its
+/// deadline passed. The call ends with `error`; its chunks that did not start are removed, its
+/// running tasks are told (`termination_requested()`), and the workers that still run one after
+/// a grace period are replaced (that is not counted as a failure).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct CancelCall {
     pub(crate) call: u64,
+    pub(crate) error: Error,
 }
 
 impl Handler<CancelCall> for PoolSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: CancelCall, ctx: &mut Context<Self>) {
-        if let Some(mut record) = self.calls.remove(&msg.call)
-            && let Some(progress) = record.progress.take()
-        {
-            progress.finish_and_clear();
+        if let Some(record) = self.calls.remove(&msg.call) {
+            record.shared.end(msg.error.clone());
+            self.finish_call(record, Err(msg.error));
+            self.cancel_chunks(ctx, msg.call);
         }
         self.maybe_stop(ctx);
+    }
+}
+
+impl PoolSupervisor {
+    /// Removes a cancelled call's chunks; after the grace period, replaces the workers still
+    /// running one.
+    fn cancel_chunks(&mut self, ctx: &mut Context<Self>, call: u64) {
+        let store = self.store.clone();
+        let keys = self.keys.clone();
+        ctx.spawn(
+            async move {
+                let mut conn = store.multiplexed().await?;
+                pool::cancel_call(&mut conn, &store, &keys, call, false).await
+            }
+            .into_actor(self)
+            .map(move |result, act, _| match result {
+                Ok((removed, _)) => {
+                    tracing::debug!(pool = %act.id, call, removed, "call cancelled")
+                }
+                Err(e) => tracing::warn!("pool {}: cancelling call {call}: {e}", act.id),
+            }),
+        );
+        let grace = self.settings.lease.max(std::time::Duration::from_secs(1));
+        ctx.run_later(grace, move |act, ctx| {
+            let store = act.store.clone();
+            let keys = act.keys.clone();
+            ctx.spawn(
+                async move {
+                    let mut conn = store.multiplexed().await?;
+                    pool::cancel_call(&mut conn, &store, &keys, call, true).await
+                }
+                .into_actor(act)
+                .map(move |result, act, _| match result {
+                    Ok((_, workers)) => {
+                        for worker in workers {
+                            if let Some(slot) = act.workers.get_mut(&worker) {
+                                tracing::warn!(
+                                    "pool {}: PoolWorker-{} did not stop its cancelled task; \
+                                     replacing it",
+                                    act.id,
+                                    slot.number
+                                );
+                                slot.stopped_for_cancel = true;
+                                let executor = act.executor.clone();
+                                actix::spawn(async move {
+                                    let _ = executor.signal(worker, StopSignal::Kill).await;
+                                });
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!("pool {}: cancelling call {call}: {e}", act.id),
+                }),
+            );
+        });
     }
 }
 

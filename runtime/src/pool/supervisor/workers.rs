@@ -30,6 +30,8 @@ pub(super) struct WorkerSlot {
     pub(super) number: u64,
     /// The executor launched it (until then it cannot be signalled).
     pub(super) launched: bool,
+    /// It was killed because it did not stop a cancelled task: not a failure.
+    pub(super) stopped_for_cancel: bool,
 }
 
 impl PoolSupervisor {
@@ -57,6 +59,7 @@ impl PoolSupervisor {
             WorkerSlot {
                 number,
                 launched: false,
+                stopped_for_cancel: false,
             },
         );
         self.shared.update(|s| s.live_workers = self.workers.len());
@@ -223,6 +226,7 @@ impl Handler<WorkerExited> for PoolSupervisor {
         // Whatever it held goes to another worker (or fails, out of attempts).
         self.requeue_worker_chunks(ctx, msg.id.clone());
         match msg.code {
+            _ if slot.stopped_for_cancel => self.replace_worker(ctx, Duration::ZERO),
             0 => self.replace_worker(ctx, Duration::ZERO),
             EXIT_STORE_LOST | EXIT_DRIVER_GONE => {
                 let after = self.budget.store_failure();

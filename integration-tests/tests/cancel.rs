@@ -1,0 +1,196 @@
+//! Cancelling pool calls: `cancel()`, a dropped future, a deadline; the items that did not start
+//! do not run, running tasks are told, a task that does not stop costs its worker (replaced,
+//! not counted as a failure), and the pool serves the next call.
+
+use std::time::{Duration, Instant};
+
+use shoal::prelude::*;
+use shoal_integration_tests::scratch;
+
+shoal::test_support!();
+
+fn runtime() -> shoal::Runtime {
+    let mut config = Config::builder().build().expect("config");
+    config.pool.task_lease_secs = 1.0;
+    shoal::init_with(config).expect("runtime")
+}
+
+/// Works for `ms` in 10 ms steps, stopping early when asked; leaves `dir/<x>` when it ran.
+#[shoal::remote]
+fn cooperative(x: u64, ms: u64, dir: String) -> u64 {
+    std::fs::write(format!("{dir}/{x}"), "started").expect("marker");
+    let deadline = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < deadline {
+        if shoal::termination_requested() {
+            std::fs::write(format!("{dir}/{x}"), "stopped").expect("marker");
+            return 0;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    x
+}
+
+/// Ignores cancellation.
+#[shoal::remote]
+fn stubborn(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+#[shoal::remote]
+fn double(x: u64) -> u64 {
+    2 * x
+}
+
+fn markers(dir: &tempfile::TempDir) -> Vec<String> {
+    std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("marker"))
+        .collect()
+}
+
+#[test]
+fn cancel_stops_what_did_not_start_and_tells_what_runs() {
+    let _rt = runtime();
+    let dir = scratch();
+    let path = dir.path().display().to_string();
+    let pool = Pool::new(2).expect("pool");
+    let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = errors.clone();
+    let call = pool
+        .starmap_async_with(
+            cooperative,
+            (0..40u64).map(move |x| (x, 2_000u64, path.clone())),
+            AsyncOptions::new()
+                .chunksize(1)
+                .error_callback(move |e: &Error| seen.lock().expect("lock").push(e.to_string())),
+        )
+        .expect("starmap_async");
+    std::thread::sleep(Duration::from_millis(300));
+    let cancelled_at = Instant::now();
+    call.cancel();
+    assert!(matches!(
+        call.get(Some(Duration::from_secs(5))),
+        Err(Error::Cancelled(_))
+    ));
+    // The running tasks stop soon (their worker's heartbeat tells them).
+    let stopped = shoal_integration_tests::wait_for(Duration::from_secs(5), || {
+        markers(&dir).iter().all(|m| m == "stopped")
+    });
+    let latency = cancelled_at.elapsed();
+    let ran = markers(&dir);
+    eprintln!(
+        "cancel: {} items started, stopped {latency:?} after cancel()",
+        ran.len()
+    );
+    assert!(stopped, "running tasks did not stop: {ran:?}");
+    assert!(
+        ran.len() <= 4,
+        "items that had not started ran: {}",
+        ran.len()
+    );
+    assert_eq!(errors.lock().expect("lock").len(), 1, "one error_callback");
+    // The pool serves the next call at once.
+    let started = Instant::now();
+    assert_eq!(pool.map(double, 0..4u64).expect("map"), vec![0, 2, 4, 6]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_dropped_future_cancels_its_call() {
+    let _rt = runtime();
+    let dir = scratch();
+    let path = dir.path().display().to_string();
+    let pool = Pool::new(2).expect("pool");
+    let call = pool
+        .starmap_async_with(
+            cooperative,
+            (0..40u64).map(move |x| (x, 2_000u64, path.clone())),
+            AsyncOptions::new().chunksize(1),
+        )
+        .expect("starmap_async");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("tokio");
+    let outcome = rt.block_on(async {
+        tokio::time::timeout(Duration::from_millis(300), call.into_future()).await
+    });
+    assert!(
+        outcome.is_err(),
+        "the request timed out: its future was dropped"
+    );
+    assert!(shoal_integration_tests::wait_for(
+        Duration::from_secs(5),
+        || markers(&dir).iter().all(|m| m == "stopped")
+    ));
+    assert!(markers(&dir).len() <= 4, "{:?}", markers(&dir));
+    assert_eq!(pool.map(double, 0..3u64).expect("map"), vec![0, 2, 4]);
+}
+
+#[test]
+fn a_deadline_fails_the_call_with_a_timeout_and_a_stubborn_task_costs_only_its_worker() {
+    let _rt = runtime();
+    let pool = Pool::builder()
+        .processes(2)
+        .restart_budget(0, Duration::from_secs(60))
+        .build()
+        .expect("pool");
+    let call = pool
+        .map_async_with(
+            stubborn,
+            vec![4_000u64; 4],
+            AsyncOptions::new()
+                .chunksize(1)
+                .deadline(Duration::from_millis(300)),
+        )
+        .expect("map_async");
+    let started = Instant::now();
+    assert!(matches!(
+        call.get(Some(Duration::from_secs(10))),
+        Err(Error::Timeout(_))
+    ));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // The stubborn tasks ignore the cancellation: their workers are replaced after the grace
+    // period, which a restart budget of 0 would not allow if it counted as failures.
+    let t = Instant::now();
+    assert_eq!(pool.map(double, 0..4u64).expect("map"), vec![0, 2, 4, 6]);
+    eprintln!(
+        "the next call completed {:?} after the deadline",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn dropping_an_imap_stream_cancels_the_rest() {
+    let _rt = runtime();
+    let dir = scratch();
+    let path = dir.path().display().to_string();
+    let pool = Pool::new(2).expect("pool");
+    let mut it = pool
+        .imap(cooperative_one, (0..40u64).map(move |x| (x, path.clone())))
+        .expect("imap");
+    assert!(it.next().is_some());
+    drop(it);
+    std::thread::sleep(Duration::from_millis(1500));
+    let ran = markers(&dir).len();
+    assert!(ran <= 8, "{ran} items ran after the stream was dropped");
+}
+
+/// `cooperative` for one tuple argument (imap passes one argument).
+#[shoal::remote]
+fn cooperative_one(args: (u64, String)) -> u64 {
+    let (x, dir) = args;
+    std::fs::write(format!("{dir}/{x}"), "started").expect("marker");
+    std::thread::sleep(Duration::from_millis(100));
+    x
+}
