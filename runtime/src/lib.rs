@@ -50,10 +50,12 @@
 
 extern crate self as shoal;
 
+pub mod manager;
 mod pool;
 mod process;
 mod runtime;
 
+pub use manager::{DictProxy, ListProxy, Manager, ManagerAddress, NamespaceProxy};
 pub use pool::{AsyncOptions, AsyncResult, IMapIterator, Pool, PoolBuilder};
 pub use process::{ChildProcess, Process, active_children};
 pub use runtime::{Runtime, init, init_with};
@@ -124,8 +126,9 @@ macro_rules! test_support {
 pub mod prelude {
     pub use crate::{
         Array, AsyncOptions, AsyncResult, Barrier, BoundedSemaphore, Condition, Config, Connection,
-        Error, Event, JoinableQueue, Lock, Pipe, Pool, Process, Queue, RLock, Result, Semaphore,
-        SimpleQueue, StartMethod, Value, active_children, current_process, parent_process, remote,
+        DictProxy, Error, Event, JoinableQueue, ListProxy, Lock, Manager, ManagerAddress,
+        NamespaceProxy, Pipe, Pool, Process, Queue, RLock, Result, Semaphore, SimpleQueue,
+        StartMethod, Value, active_children, current_process, parent_process, remote,
         termination_requested,
     };
 }
