@@ -33,4 +33,5 @@ check barrier "Worker 2 passed the barrier"
 # The seed's counts are 10000 x 10; a debug build runs 1000 x 3 here.
 check counter "Final balance = 100" 1000 3
 check array "Final Array: [3, 4, 5, 6, 7]"
+check manager 'dict2: {"key1": 22, "key2": 23}'
 exit $fail
