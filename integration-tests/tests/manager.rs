@@ -1174,3 +1174,92 @@ fn garbage_in_manager_keys_is_a_clear_error() {
     assert!(started.elapsed() < Duration::from_secs(30), "no hang");
     manager.shutdown().expect("shutdown");
 }
+
+// ------------------------------------------------------------------------------ freeze, TTL --
+
+#[test]
+fn a_dead_sorters_freeze_lapses() {
+    let rt = runtime();
+    let mut conn = raw_redis(&rt);
+    let manager = Manager::new().expect("manager");
+    let l = manager.list_from(vec![3i64, 1, 2]).expect("list");
+    let head = manager_keys(&mut conn, &manager.address())
+        .into_iter()
+        .find(|k| k.ends_with(":head"))
+        .expect("head");
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64
+    };
+    // A sort that froze the list and died: writes wait until its freeze lapses, reads do not.
+    let _: () = redis::cmd("HSET")
+        .arg(&head)
+        .arg("\0f")
+        .arg(format!("dead-sorter|{}", now_ms() + 1500))
+        .query(&mut conn)
+        .expect("hset");
+    let started = Instant::now();
+    assert_eq!(l.to_vec().expect("a read is not frozen"), vec![3, 1, 2]);
+    assert!(started.elapsed() < Duration::from_millis(1000));
+    l.append(4).expect("append after the freeze lapsed");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1200), "{waited:?}");
+    assert!(waited < Duration::from_secs(20), "{waited:?}");
+    // A sort waits as well, then sorts.
+    let _: () = redis::cmd("HSET")
+        .arg(&head)
+        .arg("\0f")
+        .arg(format!("dead-sorter|{}", now_ms() + 1000))
+        .query(&mut conn)
+        .expect("hset");
+    let started = Instant::now();
+    l.sort().expect("sort");
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    assert_eq!(l.to_vec().expect("items"), vec![1, 2, 3, 4]);
+    // A lapsed freeze does not stop anything.
+    let _: () = redis::cmd("HSET")
+        .arg(&head)
+        .arg("\0f")
+        .arg(format!("dead-sorter|{}", now_ms() - 1))
+        .query(&mut conn)
+        .expect("hset");
+    let started = Instant::now();
+    l.set(0, 0).expect("set");
+    assert!(started.elapsed() < Duration::from_millis(1000));
+    manager.shutdown().expect("shutdown");
+}
+
+#[test]
+fn every_manager_key_has_a_ttl() {
+    let rt = runtime();
+    let mut conn = raw_redis(&rt);
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<i64, i64>().expect("dict");
+    let l = manager.list::<i64>().expect("list");
+    let n = manager.namespace().expect("namespace");
+    // Containers emptied and filled again (Redis deletes an empty list).
+    d.set(&1, 1).expect("set");
+    d.del(&1).expect("del");
+    d.set(&2, 2).expect("set");
+    d.clear().expect("clear");
+    d.set(&3, 3).expect("set");
+    l.append(1).expect("append");
+    l.pop().expect("pop");
+    l.append(2).expect("append");
+    l.clear().expect("clear");
+    l.insert(0, 3).expect("insert");
+    l.pop().expect("pop");
+    l.extend(vec![4, 5]).expect("extend");
+    l.reverse().expect("reverse");
+    l.sort().expect("sort");
+    n.set("x", 1).expect("set");
+    let keys = manager_keys(&mut conn, &manager.address());
+    assert_eq!(keys.len(), 6, "{keys:?}");
+    for key in keys {
+        let ttl: i64 = redis::cmd("TTL").arg(&key).query(&mut conn).expect("ttl");
+        assert!(ttl > 0, "{key} has no TTL ({ttl})");
+    }
+    manager.shutdown().expect("shutdown");
+}

@@ -156,12 +156,15 @@ impl Container {
         let result = store.with_conn(
             || format!("creating {}", container.describe()),
             |c| {
-                let mut invocation = CREATE.key(&keys[0]);
+                let mut invocation = CREATE.prepare_invoke();
+                for key in keys.iter() {
+                    invocation.key(key);
+                }
                 invocation
-                    .key(&keys[keys.len() - 1])
                     .arg(now_ms())
                     .arg(store.expiry_secs())
-                    .arg(format!("c:{}:{}", kind.name(), container.id));
+                    .arg(format!("c:{}:{}", kind.name(), container.id))
+                    .arg(kind.name());
                 for (field, value) in extra_head_fields {
                     invocation.arg(*field).arg(*value);
                 }

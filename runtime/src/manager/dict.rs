@@ -30,11 +30,14 @@
 //!
 //! `dict:<cap>:data` (hash: encoded key → encoded value, plus `\0v` the version, counting
 //! insertions and deletions of keys, and `\0r` when the TTLs were last refreshed),
-//! `dict:<cap>:order` (sorted set: encoded key, scored by the version that inserted it).
+//! `dict:<cap>:order` (sorted set: encoded key, scored by the version that inserted it, plus the
+//! member `\0` scored -inf, which keeps the set and its TTL while the dict is empty).
 //!
 //! # Round trips
 //!
-//! Every method: 1 (a script). Iteration: 1 to start, then 1 per page.
+//! Every method: 1 (a script). Iteration: 1 to start, then 1 per page. Inside Redis, `get` is
+//! one `HMGET`, `set` of an existing key an `HMGET` and an `HSET`, of a new key one more `ZADD`
+//! (TTLs are refreshed once a tenth of `redis.expiry_secs`, not on every call).
 
 use std::collections::VecDeque;
 use std::fmt::Debug;

@@ -4,4 +4,4 @@ local h, err = open()
 if not h then
   return err
 end
-return {redis.call('ZCARD', KEYS[2]), h[1]}
+return {math.max(0, redis.call('ZCARD', KEYS[2]) - 1), h[1]}

@@ -1,7 +1,7 @@
 -- keys(), values(), items(), copy() (everything) and iteration (a page at a time), in insertion
 -- order.
 -- KEYS as dict_get.lua. ARGV[3] the score of the last key of the previous page (0 at the
--- start), ARGV[4] most keys (0: all), ARGV[5] the version the iteration started at ('' for none).
+-- start: keys are scored from 1, the order's '\0' -inf), ARGV[4] most keys (0: all), ARGV[5] the version the iteration started at ('' for none).
 -- Returns {version, key, value, score, key, value, score, ...}; only {version} when ARGV[5] is
 -- given and the version differs (keys were added or removed since).
 local h, err = open()
@@ -13,7 +13,8 @@ if ARGV[5] ~= '' and h[1] ~= ARGV[5] then
 end
 local entries
 if tonumber(ARGV[4]) == 0 then
-  entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  -- From rank 1: rank 0 is the '\0' that keeps the zset existing.
+  entries = redis.call('ZRANGE', KEYS[2], 1, -1, 'WITHSCORES')
 else
   entries = redis.call('ZRANGE', KEYS[2], '(' .. ARGV[3], '+inf', 'BYSCORE', 'LIMIT', 0,
     ARGV[4], 'WITHSCORES')

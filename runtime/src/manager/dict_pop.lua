@@ -9,6 +9,6 @@ if not h[3] then
   return nil
 end
 redis.call('HDEL', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[1], '\0v', tonumber(h[1]) + 1)
 redis.call('ZREM', KEYS[2], ARGV[3])
-redis.call('HINCRBY', KEYS[1], '\0v', 1)
 return h[3]

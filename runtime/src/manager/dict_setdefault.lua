@@ -8,8 +8,7 @@ end
 if h[3] then
   return h[3]
 end
-redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
-local version = redis.call('HINCRBY', KEYS[1], '\0v', 1)
+local version = tonumber(h[1]) + 1
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4], '\0v', version)
 redis.call('ZADD', KEYS[2], version, ARGV[3])
-redis.call('EXPIRE', KEYS[2], ttl)
 return ARGV[4]

@@ -16,6 +16,5 @@ for i = 3, #ARGV, 2 do
 end
 if added > 0 then
   redis.call('HSET', KEYS[1], '\0v', version)
-  redis.call('EXPIRE', KEYS[2], ttl)
 end
 return added
