@@ -253,19 +253,22 @@ fn list_has_python_semantics() {
     let manager = Manager::new().expect("manager");
     // test_list
     let a = manager.list_from(0..10i64).expect("list");
-    assert_eq!(a.get_range(..).expect("a[:]"), (0..10).collect::<Vec<_>>());
+    assert_eq!(
+        a.get_range(None, None).expect("a[:]"),
+        (0..10).collect::<Vec<_>>()
+    );
     let b = manager.list::<i64>().expect("list");
     assert_eq!(b.to_vec().expect("b[:]"), Vec::<i64>::new());
     b.extend(0..5).expect("extend");
     assert_eq!(b.to_vec().expect("b[:]"), vec![0, 1, 2, 3, 4]);
     assert_eq!(b.get(2).expect("b[2]"), 2);
-    assert_eq!(b.get_range(2..10).expect("b[2:10]"), vec![2, 3, 4]);
-    assert_eq!(b.get_range(-2..).expect("b[-2:]"), vec![3, 4]);
-    assert_eq!(b.get_range(..-3).expect("b[:-3]"), vec![0, 1]);
-    assert_eq!(b.get_range(1..=-2).expect("b[1:-1]"), vec![1, 2, 3]);
-    assert_eq!(b.get_range(4..2).expect("b[4:2]"), Vec::<i64>::new());
+    assert_eq!(b.get_range(2, 10).expect("b[2:10]"), vec![2, 3, 4]);
+    assert_eq!(b.get_range(-2, None).expect("b[-2:]"), vec![3, 4]);
+    assert_eq!(b.get_range(None, -3).expect("b[:-3]"), vec![0, 1]);
+    assert_eq!(b.get_range(1, -1).expect("b[1:-1]"), vec![1, 2, 3]);
+    assert_eq!(b.get_range(4, 2).expect("b[4:2]"), Vec::<i64>::new());
     assert_eq!(
-        b.get_range(-100..100).expect("clamped"),
+        b.get_range(-100, 100).expect("clamped"),
         vec![0, 1, 2, 3, 4]
     );
     b.extend(b.to_vec().expect("b[:]")).expect("b *= 2");

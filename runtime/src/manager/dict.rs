@@ -70,7 +70,7 @@ static PAGE_SCRIPT: LazyLock<redis::Script> =
 /// A serde value: pass it to another process, or store it as a value inside another container
 /// (`DictProxy<String, DictProxy<String, i64>>`), and it refers to the same dictionary there.
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> shoal::Result<()> {
 /// # let _rt = shoal::init()?;
 /// let manager = shoal::Manager::new()?;
@@ -368,7 +368,7 @@ impl Page {
         let mut reply = reply.into_iter();
         let version = String::from_utf8(reply.next()?).ok()?;
         let rest: Vec<Vec<u8>> = reply.collect();
-        if rest.len() % 3 != 0 {
+        if !rest.len().is_multiple_of(3) {
             return None;
         }
         let mut entries = Vec::with_capacity(rest.len() / 3);

@@ -6,9 +6,9 @@
 //! index outside the list is [`Error::IndexError`] (`get`, `set`, `del`, `pop_at`; `pop` on an
 //! empty list), with Python's messages. [`ListProxy::insert`] clamps as Python does (an index
 //! past the end appends, one before the start prepends). [`ListProxy::get_range`] is a slice
-//! with Python's bounds: `get_range(2..10)` of a 5-item list is items 2, 3 and 4, `get_range(-3..)`
-//! the last three; steps are not supported. `remove` and `index` of an absent item are
-//! [`Error::InvalidState`] (Python's `ValueError`). A value fetched is a copy.
+//! with Python's bounds: `get_range(2, 10)` of a 5-item list is items 2, 3 and 4,
+//! `get_range(-3, None)` the last three; steps are not supported. `remove` and `index` of an
+//! absent item are [`Error::InvalidState`] (Python's `ValueError`). A value fetched is a copy.
 //!
 //! Items are given by reference to any borrowed form that encodes as `T` does (`&str` for a
 //! `String` item) and compared by their encoding (MessagePack, the codec's) in `remove`, `index`, `count`
@@ -48,7 +48,6 @@
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
-use std::ops::{Bound, RangeBounds};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
@@ -101,13 +100,13 @@ static CLEAR: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("li
 /// A serde value: pass it to another process, or store it as an item or value inside another
 /// container (`ListProxy<ListProxy<i64>>`), and it refers to the same list there.
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> shoal::Result<()> {
 /// # let _rt = shoal::init()?;
 /// let manager = shoal::Manager::new()?;
 /// let l = manager.list_from(0..5)?;
 /// assert_eq!(l.get(-1)?, 4);
-/// assert_eq!(l.get_range(2..10)?, vec![2, 3, 4]);
+/// assert_eq!(l.get_range(2, 10)?, vec![2, 3, 4]);
 /// l.insert(-100, -1)?;
 /// assert_eq!(l.pop()?, 4);
 /// assert_eq!(l.to_vec()?, vec![-1, 0, 1, 2, 3]);
@@ -157,23 +156,6 @@ impl<'de, T> Deserialize<'de> for ListProxy<T> {
     }
 }
 
-/// A `RangeBounds<isize>` as Python's `start:stop` ('' for a missing bound).
-fn slice_bounds(range: &impl RangeBounds<isize>) -> (String, String) {
-    let start = match range.start_bound() {
-        Bound::Included(&s) => s.to_string(),
-        Bound::Excluded(&s) => s.saturating_add(1).to_string(),
-        Bound::Unbounded => String::new(),
-    };
-    let stop = match range.end_bound() {
-        // `..=-1` runs to the end: -1 + 1 = 0 would be the start.
-        Bound::Included(&-1) => String::new(),
-        Bound::Included(&e) => e.saturating_add(1).to_string(),
-        Bound::Excluded(&e) => e.to_string(),
-        Bound::Unbounded => String::new(),
-    };
-    (start, stop)
-}
-
 impl<T> ListProxy<T>
 where
     T: Serialize + DeserializeOwned,
@@ -197,9 +179,16 @@ where
     }
 
     /// The items of a slice (Python's `l[start:stop]`, with its bounds: negative from the end,
-    /// clamped to the list; `..` is the whole list).
-    pub fn get_range(&self, range: impl RangeBounds<isize>) -> Result<Vec<T>> {
-        let (start, stop) = slice_bounds(&range);
+    /// clamped to the list, `None` for a missing bound): `get_range(2, 10)` is `l[2:10]`,
+    /// `get_range(1, -1)` is `l[1:-1]`, `get_range(-3, None)` is `l[-3:]`, `get_range(None,
+    /// None)` is `l[:]`. Steps are not supported.
+    pub fn get_range(
+        &self,
+        start: impl Into<Option<isize>>,
+        stop: impl Into<Option<isize>>,
+    ) -> Result<Vec<T>> {
+        let bound = |b: Option<isize>| b.map(|b| b.to_string()).unwrap_or_default();
+        let (start, stop) = (bound(start.into()), bound(stop.into()));
         let items: Vec<Vec<u8>> = self.container.run(&RANGE, "reading", |i| {
             i.arg(start).arg(stop);
         })?;
@@ -218,7 +207,7 @@ where
     pub fn set(&self, index: isize, value: T) -> Result<()> {
         let value = self.container.encode(&value)?;
         let set: i64 = self.write(&SET, "writing", |i| {
-            i.arg(&index).arg(&value);
+            i.arg(index).arg(&value);
         })?;
         if set == 0 {
             return Err(Error::IndexError(
@@ -290,7 +279,7 @@ where
     pub fn insert(&self, index: isize, value: T) -> Result<()> {
         let value = self.container.encode(&value)?;
         self.write::<i64>(&INSERT, "writing", |i| {
-            i.arg(&index).arg(&value);
+            i.arg(index).arg(&value);
         })?;
         Ok(())
     }
@@ -547,18 +536,3 @@ impl<T: Serialize + DeserializeOwned> Iterator for ListIter<T> {
 }
 
 impl<T: Serialize + DeserializeOwned> std::iter::FusedIterator for ListIter<T> {}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slices_read_as_python_bounds() {
-        assert_eq!(slice_bounds(&(..)), (String::new(), String::new()));
-        assert_eq!(slice_bounds(&(2..10)), ("2".into(), "10".into()));
-        assert_eq!(slice_bounds(&(-3..)), ("-3".into(), String::new()));
-        assert_eq!(slice_bounds(&(..=-1)), (String::new(), String::new()));
-        assert_eq!(slice_bounds(&(..=-2)), (String::new(), "-1".into()));
-        assert_eq!(slice_bounds(&(1..=3)), ("1".into(), "4".into()));
-    }
-}

@@ -43,7 +43,7 @@ fn field(name: &str) -> String {
 ///
 /// A serde value: pass it to another process, or store it inside another container.
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> shoal::Result<()> {
 /// # let _rt = shoal::init()?;
 /// let manager = shoal::Manager::new()?;
@@ -148,7 +148,7 @@ impl NamespaceProxy {
 
     fn raw(&self) -> Result<BTreeMap<String, Vec<u8>>> {
         let flat: Vec<Vec<u8>> = self.container.run(&ALL, "reading", |_| {})?;
-        if flat.len() % 2 != 0 {
+        if !flat.len().is_multiple_of(2) {
             return Err(self.container.malformed("the attributes"));
         }
         let mut out = BTreeMap::new();
