@@ -778,6 +778,45 @@ fn proxy_passed_to_pool_tasks() {
     manager.shutdown().expect("shutdown");
 }
 
+#[shoal::remote]
+fn make_manager_in_task(x: i64) -> ManagerAddress {
+    let manager = Manager::new().expect("manager");
+    manager
+        .dict::<i64, i64>()
+        .expect("dict")
+        .set(&x, x)
+        .expect("set");
+    manager.address()
+}
+
+#[test]
+fn thread_pool_tasks_leave_the_drivers_managers_running() {
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<i64, i64>().expect("dict");
+    // Pool workers that are threads of this process run the end-of-task hooks here.
+    let pool = Pool::builder()
+        .processes(2)
+        .start_method(StartMethod::Thread)
+        .build()
+        .expect("pool");
+    pool.starmap(
+        square_into,
+        (0..10i64).map(|x| (d.clone(), x)).collect::<Vec<_>>(),
+    )
+    .expect("starmap");
+    // A manager made by a task is shut down when the task ends, as in a worker process.
+    let made = pool.map(make_manager_in_task, vec![1i64]).expect("map");
+    drop(pool);
+    assert_eq!(d.len().expect("the driver's manager still runs"), 10);
+    manager.dict::<i64, i64>().expect("and makes containers");
+    assert!(matches!(
+        Manager::connect(made[0].clone(), shoal::current_process().authkey),
+        Err(Error::InvalidState(_))
+    ));
+    manager.shutdown().expect("shutdown");
+}
+
 // ------------------------------------------------------------------------- authentication --
 
 /// Connects with this process's (inherited) authkey, makes a list in the manager and stores it

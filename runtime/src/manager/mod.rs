@@ -35,8 +35,9 @@
 //! use it, and a Rust value is dropped where Python's reference counting would keep the manager
 //! alive): a manager made by [`Manager::new`] is shut down when the runtime of the process that
 //! made it ends (`shoal::init`'s [`Runtime`](crate::Runtime) is dropped, or the task of a worker
-//! that made it ends, as Python shuts its manager down when the creator exits), unless
-//! [`Manager::shutdown`] did it before. A connected manager ([`Manager::connect`]) never shuts it
+//! that made it ends, a pool worker's batch of tasks included, as Python shuts its manager down
+//! when the creator exits), unless [`Manager::shutdown`] did it before. A pool whose workers
+//! are threads of this process shuts down only the managers its tasks made. A connected manager ([`Manager::connect`]) never shuts it
 //! down (Python's connected managers have no `shutdown`). As every shoal key, a manager's keys
 //! expire after `redis.expiry_secs` without use.
 //!
@@ -202,6 +203,9 @@ struct ManagerInner {
     authkey: AuthKey,
     /// Made here (by `new`), not connected to.
     owner: bool,
+    /// Who made it (`current_process()`'s name and identity): a thread child's task end must
+    /// not shut down the managers of the process it runs in.
+    creator: (String, Vec<u32>),
     shut_down: AtomicBool,
 }
 
@@ -217,9 +221,29 @@ impl std::fmt::Debug for Manager {
 /// Managers made by this process and not shut down yet: shut down when its runtime ends.
 static OWNED: Mutex<Vec<Manager>> = Mutex::new(Vec::new());
 
+/// `current_process()`'s name and identity.
+fn caller() -> (String, Vec<u32>) {
+    let me = context::current_process();
+    (me.name, me.identity)
+}
+
+/// The exit hook: runs when this process's runtime ends, when a worker's task ends, and after
+/// each batch of pool tasks, in the worker's process or, for a pool whose workers are threads, in
+/// that thread. In a thread child (its `current_process()` is not the process's own), only the
+/// managers that child made are shut down; elsewhere, every manager this process made.
 fn shut_down_owned_at_exit() {
-    let owned: Vec<Manager> = std::mem::take(&mut *OWNED.lock().unwrap_or_else(|p| p.into_inner()));
-    for manager in owned {
+    let me = caller();
+    let in_thread_child = context::try_current()
+        .is_some_and(|c| (&c.process().name, &c.process().identity) != (&me.0, &me.1));
+    let ending: Vec<Manager> = {
+        let mut owned = OWNED.lock().unwrap_or_else(|p| p.into_inner());
+        let (ending, kept) = std::mem::take(&mut *owned)
+            .into_iter()
+            .partition(|m| !in_thread_child || m.inner.creator == me);
+        *owned = kept;
+        ending
+    };
+    for manager in ending {
         if let Err(e) = manager.delete_everything() {
             tracing::warn!(
                 "shutting down {} at exit: {e}",
@@ -268,6 +292,7 @@ impl Manager {
                 address,
                 authkey,
                 owner: true,
+                creator: caller(),
                 shut_down: AtomicBool::new(false),
             }),
         };
@@ -327,6 +352,7 @@ impl Manager {
                 address,
                 authkey,
                 owner: false,
+                creator: caller(),
                 shut_down: AtomicBool::new(false),
             }),
         })
