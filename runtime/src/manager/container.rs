@@ -315,3 +315,72 @@ pub(super) fn store() -> Result<Arc<Store>> {
 
 /// The type marker of a proxy: `PhantomData` that is `Send + Sync` whatever the types.
 pub(super) type Marker<T> = PhantomData<fn() -> T>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_need_the_authkey() {
+        let key = AuthKey::from_bytes(b"key".to_vec());
+        let other = AuthKey::from_bytes(b"other".to_vec());
+        let cap = capability(&key, "m1", Kind::Dict, "c1");
+        assert_eq!(cap.len(), 32);
+        assert!(cap.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(cap, capability(&key, "m1", Kind::Dict, "c1"));
+        for different in [
+            capability(&other, "m1", Kind::Dict, "c1"),
+            capability(&key, "m2", Kind::Dict, "c1"),
+            capability(&key, "m1", Kind::List, "c1"),
+            capability(&key, "m1", Kind::Dict, "c2"),
+        ] {
+            assert_ne!(cap, different);
+        }
+    }
+
+    #[test]
+    fn container_keys_share_the_managers_hash_tag() {
+        let manager = KeySpace::new("ns").object("manager", "m1");
+        let keys = container_keys(&manager, Kind::Dict, "cap");
+        assert_eq!(
+            keys,
+            [
+                "shoal:{ns:manager:m1}:dict:cap:data",
+                "shoal:{ns:manager:m1}:dict:cap:order",
+                "shoal:{ns:manager:m1}:meta",
+            ]
+        );
+        assert_eq!(container_keys(&manager, Kind::List, "c").len(), 3);
+        assert_eq!(container_keys(&manager, Kind::Namespace, "c").len(), 2);
+        for kind in [Kind::Dict, Kind::List, Kind::Namespace] {
+            assert_eq!(Kind::from_name(kind.name()), Some(kind));
+        }
+        assert_eq!(Kind::from_name("queue"), None);
+    }
+
+    #[test]
+    fn a_handle_of_another_kind_does_not_decode() {
+        let container = Container {
+            namespace: "ns".into(),
+            manager: "m".into(),
+            kind: Kind::List,
+            id: "c".into(),
+            capability: "secret".into(),
+            cached_keys: Arc::default(),
+        };
+        let json = serde_json::to_string(&container).expect("json");
+        let mut de = serde_json::Deserializer::from_str(&json);
+        let err = Container::deserialize_kind(&mut de, Kind::Dict).expect_err("a list");
+        assert!(
+            err.to_string()
+                .contains("expected a dict proxy, found a list proxy")
+        );
+        let mut de = serde_json::Deserializer::from_str(&json);
+        let same = Container::deserialize_kind(&mut de, Kind::List).expect("a list");
+        assert_eq!(same, container);
+        assert!(
+            !format!("{same:?}").contains("secret"),
+            "Debug hides the capability"
+        );
+    }
+}
