@@ -1,7 +1,8 @@
 -- keys(), values(), items(), copy() (everything) and iteration (a page at a time), in insertion
 -- order.
 -- KEYS as dict_get.lua. ARGV[3] the score of the last key of the previous page (0 at the
--- start: keys are scored from 1, the order's '\0' -inf), ARGV[4] most keys (0: all), ARGV[5] the version the iteration started at ('' for none).
+-- start: keys are scored from 1, the order's '\0' -inf), ARGV[4] most keys (0: all), ARGV[5]
+-- the version the iteration started at ('' for none).
 -- Returns {version, key, value, score, key, value, score, ...}; only {version} when ARGV[5] is
 -- given and the version differs (keys were added or removed since).
 local h, err = open()

@@ -37,17 +37,17 @@
 //! made it ends (`shoal::init`'s [`Runtime`](crate::Runtime) is dropped, or the task of a worker
 //! that made it ends, a pool worker's batch of tasks included, as Python shuts its manager down
 //! when the creator exits), unless [`Manager::shutdown`] did it before. A pool whose workers
-//! are threads of this process shuts down only the managers its tasks made. A connected manager ([`Manager::connect`]) never shuts it
-//! down (Python's connected managers have no `shutdown`). As every shoal key, a manager's keys
-//! expire after `redis.expiry_secs` without use.
+//! are threads of this process shuts down only the managers its tasks made. A connected manager
+//! ([`Manager::connect`]) never shuts it down (Python's connected managers have no `shutdown`).
+//! As every shoal key, a manager's keys expire after `redis.expiry_secs` without use.
 //!
 //! # Authentication
 //!
 //! A manager is made with an authkey: the creator's `current_process().authkey` (inherited by its
 //! children, as Python's) or the one given to [`Manager::with_authkey`]. Its record holds a random
-//! nonce and a verifier, HMAC-SHA256 of the nonce under the authkey; [`Manager::connect`]
-//! recomputes it and, with another authkey, fails with [`Error::Authentication`] having read the
-//! record and touched nothing. Each container's keys are named by a capability, HMAC-SHA256 of
+//! nonce and a verifier, HMAC-SHA256 of its id and the nonce under the authkey;
+//! [`Manager::connect`] recomputes it and, with another authkey, fails with
+//! [`Error::Authentication`] having read the record and touched nothing. Each container's keys are named by a capability, HMAC-SHA256 of
 //! the container's id under the authkey: only holders of the authkey (or of a proxy, which
 //! carries the capability) can address a container.
 //!
@@ -64,8 +64,8 @@
 //! container, so that `shutdown` finds them), and each container's keys,
 //! `<kind>:<capability>:<field>` (see `dict.rs`, `list.rs`, `namespace.rs`). All share the
 //! manager's hash tag, so that one script sees a container and the manager's record, and one
-//! command deletes everything; on Redis Cluster a manager's containers live on one shard (as
-//! Python's live in one server process).
+//! pipelined round trip of `DEL`s deletes everything; on Redis Cluster a manager's containers
+//! live on one shard (as Python's live in one server process).
 //!
 //! # Round trips
 //!
