@@ -11,9 +11,9 @@
 //! absent item are [`Error::InvalidState`] (Python's `ValueError`). A value fetched is a copy.
 //!
 //! Items are given by reference to any borrowed form that encodes as `T` does (`&str` for a
-//! `String` item) and compared by their encoding (MessagePack, the codec's) in `remove`,
-//! `index`, `count` and `contains`: equal values of a deterministic type (numbers, strings, tuples, `Vec`s and
-//! structs of them) have equal encodings; a `HashMap` item does not, and `-0.0` is not `0.0`.
+//! `String` item) and compared by their encoding (MessagePack, the codec's) in `remove`, `index`,
+//! `count` and `contains`: equal values of a deterministic type (numbers, strings, tuples, `Vec`s
+//! and structs of them) have equal encodings; a `HashMap` item does not, and `-0.0` is not `0.0`.
 //!
 //! Every mutation is one script, atomic. [`ListProxy::sort`] sorts by `T`'s `Ord` (stable, as
 //! Python's), which Redis cannot evaluate, so the sort runs here between two scripts: the first

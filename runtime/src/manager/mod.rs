@@ -47,9 +47,9 @@
 //! children, as Python's) or the one given to [`Manager::with_authkey`]. Its record holds a random
 //! nonce and a verifier, HMAC-SHA256 of its id and the nonce under the authkey;
 //! [`Manager::connect`] recomputes it and, with another authkey, fails with
-//! [`Error::Authentication`] having read the record and touched nothing. Each container's keys are named by a capability, HMAC-SHA256 of
-//! the container's id under the authkey: only holders of the authkey (or of a proxy, which
-//! carries the capability) can address a container.
+//! [`Error::Authentication`] having read the record and touched nothing. Each container's keys are
+//! named by a capability, HMAC-SHA256 of the container's id under the authkey: only holders of the
+//! authkey (or of a proxy, which carries the capability) can address a container.
 //!
 //! That is where the checks are: at connect, and by capability. Python checks the authkey when a
 //! connection opens and then trusts the connection; shoal cannot check a per-message MAC either,
