@@ -11,7 +11,8 @@
 //! W2 (a CPU-bound map; the loop is calibrated to ~100 ms per task here, as the peers calibrate
 //! theirs), W3 (process_spawn, for both start methods), W4 (queue throughput), W5 (pipe
 //! ping-pong), W6 (lock contention), W7 (barrier), W8 (a map during which three tasks kill their
-//! worker).
+//! worker), W11 (a child process writes 20000 keys through a Manager dict proxy, then reads
+//! them).
 //!
 //! `--peers` copies the peer harness (`run.sh`, the Python scripts) into `--work-dir` (the
 //! shared copy is read-only), runs it for the chosen peers and workloads (`RUNS` = `--runs`;
@@ -44,6 +45,7 @@ const W8_TASKS: u64 = 200;
 const W8_TASK_MS: f64 = 20.0;
 const W8_CRASH_INPUTS: [u64; 3] = [17, 101, 173];
 const W8_TIMEOUT: Duration = Duration::from_secs(60);
+const W11_OPS: i64 = 20_000;
 const POOL_PROCS: usize = 2;
 const W9_CALLS: u64 = 2_000;
 const W9_WARMUP: u64 = 20;
@@ -52,7 +54,7 @@ const W10_MSGS: u64 = 10_000;
 const W10_WARMUP: u64 = 100;
 
 #[derive(Parser, Debug)]
-#[command(about = "shoal's benchmark: the peer workloads W1-W8 on shoal, beside the peers")]
+#[command(about = "shoal's benchmark: the peer workloads W1-W8 and W11 on shoal, beside the peers")]
 struct Args {
     /// Print one JSON document instead of a table.
     #[arg(long)]
@@ -75,7 +77,7 @@ struct Args {
 }
 
 const BUILT: &[&str] = &[
-    "W1", "W1B", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "W10",
+    "W1", "W1B", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "W10", "W11",
 ];
 
 /// The stateful object of W9/W10: a count and `incr(n)`, as the peers' `Counter`.
@@ -204,6 +206,26 @@ fn barrier_child(barrier: Barrier, passes: u32, times: Array<f64>, idx: usize) {
     times.set_slice(2 * idx, &[t0, t1]).expect("times");
 }
 
+/// W11's child (`workloads.dict_child`): one untimed write/read/delete, then `n` writes
+/// `d[i] = i` and `n` reads `d[i]`; the times and the sum go to `out`.
+#[shoal::remote]
+fn dict_child(d: DictProxy<i64, i64>, n: i64, out: Array<f64>) {
+    d.set(&-1, 0).expect("warm-up");
+    d.getitem(&-1).expect("warm-up");
+    d.del(&-1).expect("warm-up");
+    let t0 = unix_time();
+    for i in 0..n {
+        d.set(&i, i).expect("set");
+    }
+    let t1 = unix_time();
+    let mut total = 0i64;
+    for i in 0..n {
+        total += d.getitem(&i).expect("get");
+    }
+    let t2 = unix_time();
+    out.set_slice(0, &[t0, t1, t2, total as f64]).expect("out");
+}
+
 /// ~20 ms of CPU; inputs in `crash` kill their worker on the first run (a marker file per
 /// input makes the retry succeed); a done marker per finished task.
 #[shoal::remote]
@@ -306,6 +328,12 @@ fn main() -> shoal::Result<()> {
             "W10" => {
                 let runs = (0..args.runs).map(|_| w10_actor_tell()).collect();
                 shoal_cells.insert(key, median_cell(w, "actor_tell", &label, runs));
+            }
+            "W11" => {
+                let runs = (0..args.runs).map(|_| w11_manager_dict()).collect();
+                let mut cell = median_cell(w, "manager_dict", &label, runs);
+                cell["redis_commands_per_op"] = redis_commands_per_dict_op(&rt);
+                shoal_cells.insert(key, cell);
             }
             "W3" => {
                 for method in [StartMethod::Process, StartMethod::Thread] {
@@ -624,6 +652,129 @@ fn w7_barrier() -> Value {
         "passes": W7_PASSES,
         "loop_s": end - start,
         "wall_incl_start_s": wall,
+    })
+}
+
+/// W11: one child process does `W11_OPS` writes `d[i] = i`, then `W11_OPS` reads `d[i]`,
+/// through `Manager::new().dict()` (after one untimed write/read/delete); timed in the child.
+/// The parent checks the read sum and the dict's copy.
+fn w11_manager_dict() -> Value {
+    let n = W11_OPS;
+    let t = Instant::now();
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<i64, i64>().expect("dict");
+    let setup = t.elapsed().as_secs_f64();
+    let out: Array<f64> = Array::new_raw(vec![0.0; 4]).expect("out");
+    let t0 = Instant::now();
+    let p = Process::new(dict_child, (d.clone(), n, out.clone()));
+    p.start().expect("start");
+    p.join(None).expect("join");
+    let wall = t0.elapsed().as_secs_f64();
+    let content: BTreeMap<i64, i64> = d.copy().expect("copy");
+    manager.shutdown().expect("shutdown");
+    let times = out.to_vec().expect("out");
+    let (c0, c1, c2, total) = (times[0], times[1], times[2], times[3]);
+    let correct = total == (n * (n - 1) / 2) as f64
+        && content.len() == n as usize
+        && content.iter().all(|(k, v)| k == v);
+    json!({
+        "value": 2.0 * n as f64 / (c2 - c0),
+        "unit": "ops/s",
+        "ops": 2 * n,
+        "writes": n,
+        "reads": n,
+        "write_ops_per_s": n as f64 / (c1 - c0),
+        "read_ops_per_s": n as f64 / (c2 - c1),
+        "loop_s": c2 - c0,
+        "manager_setup_s": setup,
+        "wall_incl_start_s": wall,
+        "correct": correct,
+        "notes": "DictProxy on Redis: each d[i] = i and d[i] is one EVALSHA round trip (a \
+                  script on the dict's hash and insertion-order zset); no manager process.",
+    })
+}
+
+/// Redis commands per dict operation, seen with `MONITOR` around 1000 writes and 1000 reads
+/// from this process: the commands clients sent (the round trips) and those the scripts ran.
+fn redis_commands_per_dict_op(rt: &shoal::Runtime) -> Value {
+    let Some(socket) = rt
+        .config()
+        .redis
+        .url
+        .as_deref()
+        .and_then(|u| u.strip_prefix("unix://"))
+    else {
+        return json!("needs the embedded store");
+    };
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<i64, i64>().expect("dict");
+    // Warm up: scripts loaded, a connection open.
+    d.set(&-1, 0).expect("set");
+    d.getitem(&-1).expect("get");
+    let Ok(mut monitor) = Command::new("redis-cli")
+        .args(["-s", socket, "monitor"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return json!("redis-cli not found");
+    };
+    let stdout = monitor.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // MONITOR answers OK first; wait for it.
+    let _ = rx.recv_timeout(Duration::from_secs(5));
+    let ops = 1000i64;
+    for i in 0..ops {
+        d.set(&i, i).expect("set");
+    }
+    for i in 0..ops {
+        d.getitem(&i).expect("get");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    manager.shutdown().expect("shutdown");
+    let lines: Vec<String> = rx.try_iter().collect();
+    let command = |line: &String| {
+        line.split_once("] ")
+            .map(|(_, cmd)| {
+                cmd.split(' ')
+                    .next()
+                    .unwrap_or("")
+                    .trim_matches('"')
+                    .to_lowercase()
+            })
+            .unwrap_or_default()
+    };
+    let mut sent = BTreeMap::<String, u64>::new();
+    let mut in_scripts = BTreeMap::<String, u64>::new();
+    for line in &lines {
+        let counts = if line.contains(" lua] ") {
+            &mut in_scripts
+        } else {
+            &mut sent
+        };
+        *counts.entry(command(line)).or_default() += 1;
+    }
+    let per_op = |counts: &BTreeMap<String, u64>| -> Value {
+        counts
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(*v as f64 / (2 * ops) as f64)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    json!({
+        "round_trips_per_op": sent.values().sum::<u64>() as f64 / (2 * ops) as f64,
+        "sent_by_clients": per_op(&sent),
+        "run_by_scripts": per_op(&in_scripts),
+        "ops": 2 * ops,
     })
 }
 

@@ -34,4 +34,5 @@ check barrier "Worker 2 passed the barrier"
 check counter "Final balance = 100" 1000 3
 check array "Final Array: [3, 4, 5, 6, 7]"
 check actor_counter "every increment applied exactly once"
+check manager 'dict2: {"key1": 22, "key2": 23}'
 exit $fail

@@ -53,6 +53,7 @@
 extern crate self as shoal;
 
 mod actor;
+pub mod manager;
 mod pool;
 mod process;
 mod runtime;
@@ -60,6 +61,7 @@ mod runtime;
 pub use actor::{
     ActorOptions, ActorRef, get_or_spawn, get_or_spawn_with, spawn_actor, spawn_actor_with,
 };
+pub use manager::{DictProxy, ListProxy, Manager, ManagerAddress, NamespaceProxy};
 pub use pool::{
     AsyncCall, AsyncOptions, AsyncResult, AsyncResultFuture, IMapIterator, IMapStream, Pool,
     PoolBuilder,
@@ -135,9 +137,10 @@ macro_rules! test_support {
 pub mod prelude {
     pub use crate::{
         Actor, ActorContext, ActorRef, Array, AsyncOptions, AsyncResult, Barrier, BoundedSemaphore,
-        Condition, Config, Connection, Error, Event, Handler, JoinableQueue, Lock, Pipe, Pool,
-        Process, Queue, RLock, Result, Semaphore, SimpleQueue, StartMethod, Value, active_children,
-        current_process, get_or_spawn, parent_process, remote, spawn_actor, termination_requested,
+        Condition, Config, Connection, DictProxy, Error, Event, Handler, JoinableQueue, ListProxy,
+        Lock, Manager, ManagerAddress, NamespaceProxy, Pipe, Pool, Process, Queue, RLock, Result,
+        Semaphore, SimpleQueue, StartMethod, Value, active_children, current_process, get_or_spawn,
+        parent_process, remote, spawn_actor, termination_requested,
     };
 }
 

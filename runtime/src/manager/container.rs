@@ -1,0 +1,386 @@
+//! What the three proxies share: the handle of one container of a manager (where its keys are,
+//! how to run one of its scripts, how its errors read), and how a new one is created.
+//!
+//! A container's keys are `shoal:{<ns>:manager:<manager id>}:<kind>:<capability>:<field>`: under
+//! the manager's hash tag (one script may touch a container and the manager's meta, and
+//! `shutdown` deletes everything in one command), named by a capability that only holders of the
+//! manager's authkey can compute (see the module docs of `manager`).
+
+use std::marker::PhantomData;
+use std::sync::{Arc, LazyLock, OnceLock};
+
+use serde::de::{self, DeserializeOwned};
+use serde::{Deserialize, Deserializer, Serialize};
+use shoal_core::auth;
+use shoal_core::clock::now_ms;
+use shoal_core::context::{self, AuthKey};
+use shoal_core::error::{Error, Result};
+use shoal_core::store::{KeySpace, ObjectKeys, Store};
+
+use super::ManagerAddress;
+
+/// The Lua shared by every container script, put before each one.
+pub(super) fn script(body: &str) -> redis::Script {
+    redis::Script::new(&format!(
+        "{}\n{}",
+        include_str!("container_prelude.lua"),
+        body
+    ))
+}
+
+static CREATE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("container_create.lua")));
+
+/// The kind of a container; part of its key names and of its capability.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Kind {
+    Dict,
+    List,
+    Namespace,
+}
+
+impl Kind {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Kind::Dict => "dict",
+            Kind::List => "list",
+            Kind::Namespace => "namespace",
+        }
+    }
+
+    pub(super) fn from_name(name: &str) -> Option<Kind> {
+        match name {
+            "dict" => Some(Kind::Dict),
+            "list" => Some(Kind::List),
+            "namespace" => Some(Kind::Namespace),
+            _ => None,
+        }
+    }
+
+    /// The fields of a container's keys: the head first (it always exists while the container
+    /// does), then the others.
+    pub(super) fn fields(self) -> &'static [&'static str] {
+        match self {
+            // The dict's head is its data hash: entries plus '\0v' and '\0r'.
+            Kind::Dict => &["data", "order"],
+            Kind::List => &["head", "items"],
+            // The Namespace's head is its attribute hash.
+            Kind::Namespace => &["attrs"],
+        }
+    }
+}
+
+/// The capability naming a container's keys: HMAC-SHA256 of the manager id, the kind and the
+/// container id under the manager's authkey, 128 bits in hex.
+pub(super) fn capability(authkey: &AuthKey, manager: &str, kind: Kind, id: &str) -> String {
+    let tag = auth::sign(
+        authkey,
+        &[
+            b"shoal-manager-container",
+            manager.as_bytes(),
+            kind.name().as_bytes(),
+            id.as_bytes(),
+        ],
+    );
+    tag[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The keys of a container: its fields (see [`Kind::fields`]), then the manager's meta.
+pub(super) fn container_keys(manager: &ObjectKeys, kind: Kind, capability: &str) -> Vec<String> {
+    let mut keys: Vec<String> = kind
+        .fields()
+        .iter()
+        .map(|f| manager.key(&format!("{}:{capability}:{f}", kind.name())))
+        .collect();
+    keys.push(manager.key("meta"));
+    keys
+}
+
+/// One container of a manager: a serde value (its address and capability), so that a proxy
+/// passed to another process, or stored inside another container, works there.
+#[derive(Clone, Serialize, Deserialize)]
+pub(super) struct Container {
+    namespace: String,
+    manager: String,
+    kind: Kind,
+    id: String,
+    capability: String,
+    /// The key names, computed once per handle (and shared by its clones).
+    #[serde(skip)]
+    cached_keys: Arc<OnceLock<Arc<[String]>>>,
+}
+
+impl PartialEq for Container {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.namespace, &self.manager, self.kind, &self.id)
+            == (&other.namespace, &other.manager, other.kind, &other.id)
+    }
+}
+
+impl Eq for Container {}
+
+impl std::hash::Hash for Container {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (&self.namespace, &self.manager, self.kind, &self.id).hash(state);
+    }
+}
+
+impl std::fmt::Debug for Container {
+    // The capability is a secret: never shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Container {
+    /// Creates a container of `kind` in the manager at `address` (one round trip):
+    /// [`Error::InvalidState`] when the manager was shut down.
+    pub(super) fn create(
+        address: &ManagerAddress,
+        authkey: &AuthKey,
+        kind: Kind,
+        extra_head_fields: &[(&str, &str)],
+    ) -> Result<Container> {
+        let store = context::current()?.store().clone();
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let container = Container {
+            namespace: address.namespace.clone(),
+            manager: address.id.clone(),
+            kind,
+            capability: capability(authkey, &address.id, kind, &id),
+            id,
+            cached_keys: Arc::default(),
+        };
+        let keys = container.keys();
+        let result = store.with_conn(
+            || format!("creating {}", container.describe()),
+            |c| {
+                let mut invocation = CREATE.prepare_invoke();
+                for key in keys.iter() {
+                    invocation.key(key);
+                }
+                invocation
+                    .arg(now_ms())
+                    .arg(store.expiry_secs())
+                    .arg(format!("c:{}:{}", kind.name(), container.id))
+                    .arg(kind.name());
+                for (field, value) in extra_head_fields {
+                    invocation.arg(*field).arg(*value);
+                }
+                invocation.invoke::<i64>(c)
+            },
+        );
+        match result {
+            Ok(_) => Ok(container),
+            Err(e) => Err(super::manager_error(address, e)),
+        }
+    }
+
+    /// The key names: the container's (head first), then the manager's meta.
+    pub(super) fn keys(&self) -> Arc<[String]> {
+        self.cached_keys
+            .get_or_init(|| {
+                let manager =
+                    KeySpace::new(self.namespace.clone()).object("manager", &self.manager);
+                container_keys(&manager, self.kind, &self.capability).into()
+            })
+            .clone()
+    }
+
+    /// `dict 1a2b3c4d of manager 5e6f7a8b`, for messages and as the "key" of codec errors (the
+    /// key names carry the capability, which messages must not show).
+    pub(super) fn describe(&self) -> String {
+        format!(
+            "{} {} of manager {}",
+            self.kind.name(),
+            short(&self.id),
+            short(&self.manager)
+        )
+    }
+
+    /// The error of a container whose keys are gone.
+    pub(super) fn gone(&self) -> Error {
+        Error::invalid_state(format!(
+            "{} no longer exists in Redis: its manager was shut down, or it was unused longer \
+             than redis.expiry_secs",
+            self.describe()
+        ))
+    }
+
+    /// Turns a script's error into a clear one.
+    pub(super) fn error(&self, e: Error) -> Error {
+        let Error::Redis { source, context } = &e else {
+            return e;
+        };
+        match source.code() {
+            Some("GONE") => self.gone(),
+            _ if is_corruption(source) => Error::invalid_state(format!(
+                "{}: its Redis keys hold data shoal did not write ({context}: {source})",
+                self.describe()
+            )),
+            _ => e,
+        }
+    }
+
+    /// The error for a reply that does not have the shape the script gives (someone else's
+    /// script or data).
+    pub(super) fn malformed(&self, what: &str) -> Error {
+        Error::invalid_state(format!(
+            "{}: its Redis keys hold data shoal did not write ({what}: the reply has an \
+             unexpected shape)",
+            self.describe()
+        ))
+    }
+
+    /// Runs `script` on this container's keys with `now` and the TTL, then the arguments
+    /// `fill` adds: one round trip (`EVALSHA`).
+    pub(super) fn run<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        what: &'static str,
+        fill: impl FnOnce(&mut redis::ScriptInvocation<'_>),
+    ) -> Result<T> {
+        let store = store()?;
+        let keys = self.keys();
+        let mut invocation = script.prepare_invoke();
+        for key in keys.iter() {
+            invocation.key(key);
+        }
+        invocation.arg(now_ms()).arg(store.expiry_secs());
+        fill(&mut invocation);
+        store
+            .with_conn(
+                || format!("{what} {}", self.describe()),
+                |c| invocation.invoke(c),
+            )
+            .map_err(|e| self.error(e))
+    }
+
+    /// Encodes a key or value for this container, under `redis.max_message_bytes`.
+    pub(super) fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Vec<u8>> {
+        store()?.encode(value, &self.describe())
+    }
+
+    /// Decodes a key or value read from this container.
+    pub(super) fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T> {
+        store()?.decode(bytes, &self.describe())
+    }
+
+    /// Decodes with a store at hand (loops).
+    pub(super) fn decode_with<T: DeserializeOwned>(
+        &self,
+        store: &Store,
+        bytes: &[u8],
+    ) -> Result<T> {
+        store.decode(bytes, &self.describe())
+    }
+
+    /// Deserializes a container handle and checks that it is of `kind` (a list stored where a
+    /// dict proxy is expected is a decode error, not a handle to the wrong keys).
+    pub(super) fn deserialize_kind<'de, D: Deserializer<'de>>(
+        deserializer: D,
+        kind: Kind,
+    ) -> std::result::Result<Container, D::Error> {
+        let container = Container::deserialize(deserializer)?;
+        if container.kind != kind {
+            return Err(de::Error::custom(format!(
+                "expected a {} proxy, found a {} proxy",
+                kind.name(),
+                container.kind.name()
+            )));
+        }
+        Ok(container)
+    }
+}
+
+/// Whether a Redis error says a key holds something shoal did not write.
+fn is_corruption(source: &redis::RedisError) -> bool {
+    if matches!(source.code(), Some("CORRUPT") | Some("WRONGTYPE")) {
+        return true;
+    }
+    let text = source.to_string();
+    text.contains("WRONGTYPE") || text.contains("not an integer") || text.contains("not a valid")
+}
+
+/// The first 8 characters of an id, for messages.
+pub(super) fn short(id: &str) -> String {
+    id.chars().take(8).collect()
+}
+
+/// The store of the current runtime.
+pub(super) fn store() -> Result<Arc<Store>> {
+    Ok(context::current()?.store().clone())
+}
+
+/// The type marker of a proxy: `PhantomData` that is `Send + Sync` whatever the types.
+pub(super) type Marker<T> = PhantomData<fn() -> T>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_need_the_authkey() {
+        let key = AuthKey::from_bytes(b"key".to_vec());
+        let other = AuthKey::from_bytes(b"other".to_vec());
+        let cap = capability(&key, "m1", Kind::Dict, "c1");
+        assert_eq!(cap.len(), 32);
+        assert!(cap.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(cap, capability(&key, "m1", Kind::Dict, "c1"));
+        for different in [
+            capability(&other, "m1", Kind::Dict, "c1"),
+            capability(&key, "m2", Kind::Dict, "c1"),
+            capability(&key, "m1", Kind::List, "c1"),
+            capability(&key, "m1", Kind::Dict, "c2"),
+        ] {
+            assert_ne!(cap, different);
+        }
+    }
+
+    #[test]
+    fn container_keys_share_the_managers_hash_tag() {
+        let manager = KeySpace::new("ns").object("manager", "m1");
+        let keys = container_keys(&manager, Kind::Dict, "cap");
+        assert_eq!(
+            keys,
+            [
+                "shoal:{ns:manager:m1}:dict:cap:data",
+                "shoal:{ns:manager:m1}:dict:cap:order",
+                "shoal:{ns:manager:m1}:meta",
+            ]
+        );
+        assert_eq!(container_keys(&manager, Kind::List, "c").len(), 3);
+        assert_eq!(container_keys(&manager, Kind::Namespace, "c").len(), 2);
+        for kind in [Kind::Dict, Kind::List, Kind::Namespace] {
+            assert_eq!(Kind::from_name(kind.name()), Some(kind));
+        }
+        assert_eq!(Kind::from_name("queue"), None);
+    }
+
+    #[test]
+    fn a_handle_of_another_kind_does_not_decode() {
+        let container = Container {
+            namespace: "ns".into(),
+            manager: "m".into(),
+            kind: Kind::List,
+            id: "c".into(),
+            capability: "secret".into(),
+            cached_keys: Arc::default(),
+        };
+        let json = serde_json::to_string(&container).expect("json");
+        let mut de = serde_json::Deserializer::from_str(&json);
+        let err = Container::deserialize_kind(&mut de, Kind::Dict).expect_err("a list");
+        assert!(
+            err.to_string()
+                .contains("expected a dict proxy, found a list proxy")
+        );
+        let mut de = serde_json::Deserializer::from_str(&json);
+        let same = Container::deserialize_kind(&mut de, Kind::List).expect("a list");
+        assert_eq!(same, container);
+        assert!(
+            !format!("{same:?}").contains("secret"),
+            "Debug hides the capability"
+        );
+    }
+}

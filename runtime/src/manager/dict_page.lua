@@ -1,0 +1,42 @@
+-- keys(), values(), items(), copy() (everything) and iteration (a page at a time), in insertion
+-- order.
+-- KEYS as dict_get.lua. ARGV[3] the score of the last key of the previous page (0 at the
+-- start: keys are scored from 1, the order's '\0' -inf), ARGV[4] most keys (0: all), ARGV[5]
+-- the version the iteration started at ('' for none).
+-- Returns {version, key, value, score, key, value, score, ...}; only {version} when ARGV[5] is
+-- given and the version differs (keys were added or removed since).
+local h, err = open()
+if not h then
+  return err
+end
+if ARGV[5] ~= '' and h[1] ~= ARGV[5] then
+  return {h[1]}
+end
+local entries
+if tonumber(ARGV[4]) == 0 then
+  -- From rank 1: rank 0 is the '\0' that keeps the zset existing.
+  entries = redis.call('ZRANGE', KEYS[2], 1, -1, 'WITHSCORES')
+else
+  entries = redis.call('ZRANGE', KEYS[2], '(' .. ARGV[3], '+inf', 'BYSCORE', 'LIMIT', 0,
+    ARGV[4], 'WITHSCORES')
+end
+local out = {h[1]}
+local i = 1
+while i <= #entries do
+  local j = math.min(i + 1999, #entries)
+  local keys = {}
+  for k = i, j, 2 do
+    keys[#keys + 1] = entries[k]
+  end
+  local values = redis.call('HMGET', KEYS[1], unpack(keys))
+  for k = 1, #keys do
+    if not values[k] then
+      return redis.error_reply('CORRUPT a key in the order has no value')
+    end
+    out[#out + 1] = keys[k]
+    out[#out + 1] = values[k]
+    out[#out + 1] = entries[i + 2 * k - 1]
+  end
+  i = j + 1
+end
+return out

@@ -1,0 +1,606 @@
+//! [`Manager`]: Python's `multiprocessing.Manager()` — shared containers (`dict`, `list`,
+//! `Namespace`) and the shared primitives, reachable from any process by proxy.
+//!
+//! # How it maps to Python's
+//!
+//! Python's manager is a server process that holds the objects and answers each proxy call over
+//! a socket. shoal has no server process: a manager is a record in Redis, each container lives
+//! in Redis under the manager's hash tag, and each proxy operation is one Lua script, run
+//! atomically by Redis (the "one message at a time" of Python's server, with nothing that can
+//! die). So:
+//!
+//! * [`Manager::new`] (Python's `Manager()`, started) records a manager; [`Manager::address`] is
+//!   a serde value another process or machine that reaches the same Redis passes to
+//!   [`Manager::connect`] with the authkey (Python's `BaseManager(address, authkey).connect()`).
+//! * [`Manager::dict`], [`Manager::list`], [`Manager::namespace`] create containers and return
+//!   proxies ([`DictProxy`], [`ListProxy`], [`NamespaceProxy`]), with Python's semantics (see
+//!   each module). A proxy is a serde value: passed to a child process (as a `Process` or `Pool`
+//!   argument), or stored as a value inside another container (`DictProxy<String, DictProxy<..>>`,
+//!   Python's nested proxies), it decodes as a live proxy to the same container. A value fetched
+//!   is a copy: changing it changes nothing shared.
+//! * [`Manager::queue`], [`Manager::lock`], [`Manager::event`]... return shoal's own primitives,
+//!   which are shared by address already, so code written for Python's manager ports directly.
+//!   They are not tied to the manager: [`Manager::shutdown`] leaves them working (until their
+//!   keys expire), where Python's die with its server.
+//! * Every mutating operation is one script: atomic, with no read-modify-write across round trips
+//!   (Lithops' manager reads, changes and writes back under a lock). The hot path is one round
+//!   trip: `get` and `set` of a dict, `get`, `set` and `append` of a list, a namespace
+//!   attribute.
+//!
+//! # Lifetime
+//!
+//! [`Manager::shutdown`] deletes the manager's keys (its record and every container, whichever
+//! process made it); proxies used afterwards get [`Error::InvalidState`] saying the container no
+//! longer exists. Dropping a [`Manager`] value does not shut it down (proxies elsewhere may still
+//! use it, and a Rust value is dropped where Python's reference counting would keep the manager
+//! alive): a manager made by [`Manager::new`] is shut down when the runtime of the process that
+//! made it ends (`shoal::init`'s [`Runtime`](crate::Runtime) is dropped, or the task of a worker
+//! that made it ends, a pool worker's batch of tasks included, as Python shuts its manager down
+//! when the creator exits), unless [`Manager::shutdown`] did it before. A pool whose workers
+//! are threads of this process shuts down only the managers its tasks made. A connected manager
+//! ([`Manager::connect`]) never shuts it down (Python's connected managers have no `shutdown`).
+//! As every shoal key, a manager's keys expire after `redis.expiry_secs` without use.
+//!
+//! # Authentication
+//!
+//! A manager is made with an authkey: the creator's `current_process().authkey` (inherited by its
+//! children, as Python's) or the one given to [`Manager::with_authkey`]. Its record holds a random
+//! nonce and a verifier, HMAC-SHA256 of its id and the nonce under the authkey;
+//! [`Manager::connect`] recomputes it and, with another authkey, fails with
+//! [`Error::Authentication`] having read the record and touched nothing. Each container's keys are
+//! named by a capability, HMAC-SHA256 of the container's id under the authkey: only holders of the
+//! authkey (or of a proxy, which carries the capability) can address a container.
+//!
+//! That is where the checks are: at connect, and by capability. Python checks the authkey when a
+//! connection opens and then trusts the connection; shoal cannot check a per-message MAC either,
+//! since the check would have to run inside the Redis script, which cannot hold the key. Redis's
+//! own access control (ACL users, TLS, a private network) is the real boundary: anyone who can
+//! run commands on the Redis server can read and change every key, and a manager's keys are no
+//! exception.
+//!
+//! # Keys (hash tag `{<ns>:manager:<manager id>}`)
+//!
+//! `meta` (hash: `state` = `running` | `shutdown`, `nonce`, `verifier`, and `c:<kind>:<id>` per
+//! container, so that `shutdown` finds them), and each container's keys,
+//! `<kind>:<capability>:<field>` (see `dict.rs`, `list.rs`, `namespace.rs`). All share the
+//! manager's hash tag, so that one script sees a container and the manager's record, and one
+//! pipelined round trip of `DEL`s deletes everything; on Redis Cluster a manager's containers
+//! live on one shard (as Python's live in one server process).
+//!
+//! # Round trips
+//!
+//! `new`: 1. `connect`: 1 (a read). `dict`/`list`/`namespace`: 1 (a script that checks the manager
+//! runs and records the container); `dict_from`/`list_from`: 2. `queue`, `lock`...: 1 (is the
+//! manager running?) plus the primitive's creation. `shutdown`: 2. Each proxy operation: see its
+//! module (1, except `ListProxy::sort`).
+
+mod container;
+pub mod dict;
+pub mod list;
+pub mod namespace;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Once};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use shoal_core::auth;
+use shoal_core::context::{self, AuthKey};
+use shoal_core::error::{Error, Result};
+use shoal_core::store::{KeySpace, ObjectKeys};
+use shoal_primitives::{
+    Array, Barrier, BoundedSemaphore, Condition, Event, JoinableQueue, Lock, Queue, RLock, Scalar,
+    Semaphore, Value,
+};
+
+use container::{Container, Kind, container_keys, short};
+pub use dict::{DictIter, DictProxy};
+pub use list::{ListIter, ListProxy};
+pub use namespace::NamespaceProxy;
+
+static CREATE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("manager_create.lua")));
+static SHUTDOWN: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("manager_shutdown.lua")));
+
+/// Where a manager is: its namespace and id (Python's manager `address`). A serde value: pass
+/// it to another process, or to a program on another machine that reaches the same Redis, which
+/// calls [`Manager::connect`] with it and the authkey.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ManagerAddress {
+    namespace: String,
+    id: String,
+}
+
+impl ManagerAddress {
+    /// The namespace (`shoal.namespace`) the manager's keys are in.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The manager's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn keys(&self) -> ObjectKeys {
+        KeySpace::new(self.namespace.clone()).object("manager", &self.id)
+    }
+
+    fn describe(&self) -> String {
+        format!("manager {}", short(&self.id))
+    }
+}
+
+impl std::fmt::Display for ManagerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "manager {} in namespace {}", self.id, self.namespace)
+    }
+}
+
+/// The error for a manager whose record does not exist.
+fn manager_gone(address: &ManagerAddress) -> Error {
+    Error::invalid_state(format!(
+        "{} does not exist in Redis: it was shut down, or unused longer than redis.expiry_secs",
+        address.describe()
+    ))
+}
+
+/// Turns an error of a manager-level script into a clear one.
+fn manager_error(address: &ManagerAddress, e: Error) -> Error {
+    let Error::Redis { source, context } = &e else {
+        return e;
+    };
+    match source.code() {
+        Some("GONE") => manager_gone(address),
+        Some("SHUTDOWN") => Error::invalid_state(format!("{} was shut down", address.describe())),
+        Some("CORRUPT") | Some("WRONGTYPE") => Error::invalid_state(format!(
+            "{}: its Redis keys hold data shoal did not write ({context}: {source})",
+            address.describe()
+        )),
+        _ => e,
+    }
+}
+
+/// A manager (Python's `multiprocessing.Manager()`, a started `SyncManager`): it makes shared
+/// containers and primitives. See the [module docs](self) for how it maps to Python's.
+///
+/// ```no_run
+/// use shoal::prelude::*;
+///
+/// #[shoal::remote]
+/// fn fill(d: DictProxy<String, i64>, l: ListProxy<i64>, i: i64) {
+///     d.set(&format!("k{i}"), i).expect("set");
+///     l.append(i).expect("append");
+/// }
+///
+/// fn main() -> shoal::Result<()> {
+///     let _rt = shoal::init()?;
+///     let manager = Manager::new()?;
+///     let d = manager.dict::<String, i64>()?;
+///     let l = manager.list::<i64>()?;
+///     let children: Vec<Process> = (0..3)
+///         .map(|i| Process::new(fill, (d.clone(), l.clone(), i)))
+///         .collect();
+///     for p in &children {
+///         p.start()?;
+///     }
+///     for p in &children {
+///         p.join(None)?;
+///     }
+///     assert_eq!(d.len()?, 3);
+///     assert_eq!(l.len()?, 3);
+///     manager.shutdown()
+/// }
+/// ```
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<ManagerInner>,
+}
+
+struct ManagerInner {
+    address: ManagerAddress,
+    authkey: AuthKey,
+    /// Made here (by `new`), not connected to.
+    owner: bool,
+    /// Who made it (`current_process()`'s name and identity): a thread child's task end must
+    /// not shut down the managers of the process it runs in.
+    creator: (String, Vec<u32>),
+    shut_down: AtomicBool,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("address", &self.inner.address)
+            .field("owner", &self.inner.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Managers made by this process and not shut down yet: shut down when its runtime ends.
+static OWNED: Mutex<Vec<Manager>> = Mutex::new(Vec::new());
+
+/// `current_process()`'s name and identity.
+fn caller() -> (String, Vec<u32>) {
+    let me = context::current_process();
+    (me.name, me.identity)
+}
+
+/// The exit hook: runs when this process's runtime ends, when a worker's task ends, and after
+/// each batch of pool tasks, in the worker's process or, for a pool whose workers are threads, in
+/// that thread. In a thread child (its `current_process()` is not the process's own), only the
+/// managers that child made are shut down; elsewhere, every manager this process made.
+fn shut_down_owned_at_exit() {
+    let me = caller();
+    let in_thread_child = context::try_current()
+        .is_some_and(|c| (&c.process().name, &c.process().identity) != (&me.0, &me.1));
+    let ending: Vec<Manager> = {
+        let mut owned = OWNED.lock().unwrap_or_else(|p| p.into_inner());
+        let (ending, kept) = std::mem::take(&mut *owned)
+            .into_iter()
+            .partition(|m| !in_thread_child || m.inner.creator == me);
+        *owned = kept;
+        ending
+    };
+    for manager in ending {
+        if let Err(e) = manager.delete_everything() {
+            tracing::warn!(
+                "shutting down {} at exit: {e}",
+                manager.inner.address.describe()
+            );
+        }
+    }
+}
+
+impl Manager {
+    /// Starts a manager (Python's `Manager()`) with this process's authkey
+    /// (`current_process().authkey`, inherited from the main process); one round trip.
+    pub fn new() -> Result<Manager> {
+        Manager::with_authkey(context::current_process().authkey)
+    }
+
+    /// Starts a manager whose authkey is `authkey` (Python's `SyncManager(authkey=...)`):
+    /// [`Manager::connect`] needs the same key.
+    pub fn with_authkey(authkey: AuthKey) -> Result<Manager> {
+        let context = context::current()?;
+        let store = context.store();
+        let address = ManagerAddress {
+            namespace: store.keys().namespace().to_string(),
+            id: uuid::Uuid::new_v4().simple().to_string(),
+        };
+        let mut nonce = Vec::with_capacity(32);
+        nonce.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+        nonce.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+        let verifier = verifier(&authkey, &address, &nonce);
+        let meta = address.keys().key("meta");
+        store
+            .with_conn(
+                || format!("creating {}", address.describe()),
+                |c| {
+                    CREATE
+                        .key(&meta)
+                        .arg(store.expiry_secs())
+                        .arg(&nonce)
+                        .arg(&verifier[..])
+                        .invoke::<i64>(c)
+                },
+            )
+            .map_err(|e| manager_error(&address, e))?;
+        let manager = Manager {
+            inner: Arc::new(ManagerInner {
+                address,
+                authkey,
+                owner: true,
+                creator: caller(),
+                shut_down: AtomicBool::new(false),
+            }),
+        };
+        static HOOK: Once = Once::new();
+        HOOK.call_once(|| context::register_exit_hook(shut_down_owned_at_exit));
+        OWNED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(manager.clone());
+        Ok(manager)
+    }
+
+    /// Connects to the manager at `address` (Python's `BaseManager(address, authkey).connect()`),
+    /// from any process of a runtime that reaches the same Redis; one round trip (a read).
+    ///
+    /// [`Error::Authentication`] when `authkey` is not the manager's (nothing is written), and
+    /// [`Error::InvalidState`] when there is no such manager (shut down, or expired).
+    pub fn connect(address: ManagerAddress, authkey: AuthKey) -> Result<Manager> {
+        let store = context::current()?.store().clone();
+        let meta = address.keys().key("meta");
+        let (state, nonce, stored): (Option<String>, Option<Vec<u8>>, Option<Vec<u8>>) = store
+            .with_conn(
+                || format!("connecting to {}", address.describe()),
+                |c| {
+                    redis::cmd("HMGET")
+                        .arg(&meta)
+                        .arg("state")
+                        .arg("nonce")
+                        .arg("verifier")
+                        .query(c)
+                },
+            )
+            .map_err(|e| manager_error(&address, e))?;
+        let (Some(state), Some(nonce), Some(stored)) = (state, nonce, stored) else {
+            return Err(manager_gone(&address));
+        };
+        auth::verify(
+            &authkey,
+            &[b"shoal-manager", address.id.as_bytes(), &nonce],
+            &stored,
+            &address.describe(),
+        )
+        .map_err(|_| {
+            Error::Authentication(format!(
+                "{}: the authkey given is not the manager's (digest received was wrong)",
+                address.describe()
+            ))
+        })?;
+        if state != "running" {
+            return Err(Error::invalid_state(format!(
+                "{} was shut down",
+                address.describe()
+            )));
+        }
+        Ok(Manager {
+            inner: Arc::new(ManagerInner {
+                address,
+                authkey,
+                owner: false,
+                creator: caller(),
+                shut_down: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The manager's address, for [`Manager::connect`] elsewhere.
+    pub fn address(&self) -> ManagerAddress {
+        self.inner.address.clone()
+    }
+
+    /// A new shared dictionary (Python's `manager.dict()`); one round trip.
+    pub fn dict<K, V>(&self) -> Result<DictProxy<K, V>>
+    where
+        K: Serialize + DeserializeOwned,
+        V: Serialize + DeserializeOwned,
+    {
+        Ok(DictProxy::new(self.container(Kind::Dict, &[])?))
+    }
+
+    /// A new shared dictionary holding `pairs` (Python's `manager.dict(pairs)`); two round trips.
+    pub fn dict_from<K, V>(
+        &self,
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<DictProxy<K, V>>
+    where
+        K: Serialize + DeserializeOwned,
+        V: Serialize + DeserializeOwned,
+    {
+        let dict = self.dict()?;
+        dict.update(pairs)?;
+        Ok(dict)
+    }
+
+    /// A new shared list (Python's `manager.list()`); one round trip.
+    pub fn list<T>(&self) -> Result<ListProxy<T>>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        Ok(ListProxy::new(self.container(Kind::List, &[("\0s", "0")])?))
+    }
+
+    /// A new shared list holding `items` (Python's `manager.list(items)`); two round trips.
+    pub fn list_from<T>(&self, items: impl IntoIterator<Item = T>) -> Result<ListProxy<T>>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        let list = self.list()?;
+        list.extend(items)?;
+        Ok(list)
+    }
+
+    /// A new shared namespace (Python's `manager.Namespace()`); one round trip.
+    pub fn namespace(&self) -> Result<NamespaceProxy> {
+        Ok(NamespaceProxy::new(self.container(Kind::Namespace, &[])?))
+    }
+
+    fn container(&self, kind: Kind, extra: &[(&str, &str)]) -> Result<Container> {
+        self.check_not_shut_down_here()?;
+        Container::create(&self.inner.address, &self.inner.authkey, kind, extra)
+    }
+
+    fn check_not_shut_down_here(&self) -> Result<()> {
+        if self.inner.shut_down.load(Ordering::Acquire) {
+            return Err(Error::invalid_state(format!(
+                "{} was shut down",
+                self.inner.address.describe()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Errors when the manager is not running (a primitive is about to be made for it).
+    fn check_running(&self) -> Result<()> {
+        self.check_not_shut_down_here()?;
+        let store = context::current()?.store().clone();
+        let address = &self.inner.address;
+        let state: Option<String> = store
+            .with_conn(
+                || format!("reading {}", address.describe()),
+                |c| {
+                    redis::cmd("HGET")
+                        .arg(address.keys().key("meta"))
+                        .arg("state")
+                        .query(c)
+                },
+            )
+            .map_err(|e| manager_error(address, e))?;
+        match state.as_deref() {
+            Some("running") => Ok(()),
+            None => Err(manager_gone(address)),
+            Some(_) => Err(Error::invalid_state(format!(
+                "{} was shut down",
+                address.describe()
+            ))),
+        }
+    }
+
+    /// A shared unbounded queue (Python's `manager.Queue()`): shoal's [`Queue`].
+    pub fn queue<T: Serialize + DeserializeOwned>(&self) -> Result<Queue<T>> {
+        self.check_running()?;
+        Queue::new()
+    }
+
+    /// A shared queue of at most `maxsize` items (Python's `manager.Queue(maxsize)`).
+    pub fn queue_with_maxsize<T: Serialize + DeserializeOwned>(
+        &self,
+        maxsize: u64,
+    ) -> Result<Queue<T>> {
+        self.check_running()?;
+        Queue::with_maxsize(maxsize)
+    }
+
+    /// A shared joinable queue (Python's `manager.JoinableQueue()`): shoal's [`JoinableQueue`].
+    pub fn joinable_queue<T: Serialize + DeserializeOwned>(&self) -> Result<JoinableQueue<T>> {
+        self.check_running()?;
+        JoinableQueue::new()
+    }
+
+    /// A shared lock (Python's `manager.Lock()`): shoal's [`Lock`].
+    pub fn lock(&self) -> Result<Lock> {
+        self.check_running()?;
+        Lock::new()
+    }
+
+    /// A shared reentrant lock (Python's `manager.RLock()`): shoal's [`RLock`].
+    pub fn rlock(&self) -> Result<RLock> {
+        self.check_running()?;
+        RLock::new()
+    }
+
+    /// A shared semaphore (Python's `manager.Semaphore(value)`): shoal's [`Semaphore`].
+    pub fn semaphore(&self, value: u64) -> Result<Semaphore> {
+        self.check_running()?;
+        Semaphore::new(value)
+    }
+
+    /// A shared bounded semaphore (Python's `manager.BoundedSemaphore(value)`).
+    pub fn bounded_semaphore(&self, value: u64) -> Result<BoundedSemaphore> {
+        self.check_running()?;
+        BoundedSemaphore::new(value)
+    }
+
+    /// A shared event (Python's `manager.Event()`): shoal's [`Event`].
+    pub fn event(&self) -> Result<Event> {
+        self.check_running()?;
+        Event::new()
+    }
+
+    /// A shared condition with its own reentrant lock (Python's `manager.Condition()`):
+    /// shoal's [`Condition`].
+    pub fn condition(&self) -> Result<Condition> {
+        self.check_running()?;
+        Condition::new(None)
+    }
+
+    /// A shared condition on `lock` (Python's `manager.Condition(lock)`).
+    pub fn condition_with_lock(&self, lock: Lock) -> Result<Condition> {
+        self.check_running()?;
+        Condition::new(Some(lock))
+    }
+
+    /// A shared barrier for `parties` processes (Python's `manager.Barrier(parties)`).
+    pub fn barrier(&self, parties: u32) -> Result<Barrier> {
+        self.check_running()?;
+        Barrier::new(parties)
+    }
+
+    /// A shared scalar (Python's `manager.Value(typecode, value)`): shoal's [`Value`], with a
+    /// lock.
+    pub fn value<T: Scalar>(&self, value: T) -> Result<Value<T>> {
+        self.check_running()?;
+        Value::new(value)
+    }
+
+    /// A shared array of scalars (Python's `manager.Array(typecode, values)`): shoal's
+    /// [`Array`], with a lock.
+    pub fn array<T: Scalar>(&self, values: Vec<T>) -> Result<Array<T>> {
+        self.check_running()?;
+        Array::new(values)
+    }
+
+    /// Shuts the manager down (Python's `manager.shutdown()`): deletes its record and every
+    /// container any process made in it; their proxies then fail with
+    /// [`Error::InvalidState`]. Shutting down again does nothing. Only a manager made here (by
+    /// [`Manager::new`]) can be shut down: on a connected one it is [`Error::InvalidState`].
+    pub fn shutdown(&self) -> Result<()> {
+        if !self.inner.owner {
+            return Err(Error::invalid_state(format!(
+                "{} was connected to, not started here: only the process that started it shuts \
+                 it down",
+                self.inner.address.describe()
+            )));
+        }
+        if self.inner.shut_down.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.delete_everything()?;
+        OWNED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|m| !Arc::ptr_eq(&m.inner, &self.inner));
+        Ok(())
+    }
+
+    /// Marks the manager shut down (no container can be made any more), then deletes its keys.
+    fn delete_everything(&self) -> Result<()> {
+        let store = context::current()?.store().clone();
+        let address = &self.inner.address;
+        let manager_keys = address.keys();
+        let meta = manager_keys.key("meta");
+        let fields: Vec<String> = store
+            .with_conn(
+                || format!("shutting down {}", address.describe()),
+                |c| SHUTDOWN.key(&meta).invoke(c),
+            )
+            .map_err(|e| manager_error(address, e))?;
+        self.inner.shut_down.store(true, Ordering::Release);
+        if fields.is_empty() {
+            return Ok(());
+        }
+        let mut keys = Vec::new();
+        for field in &fields {
+            let Some((kind, id)) = field.strip_prefix("c:").and_then(|f| f.split_once(':')) else {
+                continue;
+            };
+            let Some(kind) = Kind::from_name(kind) else {
+                continue;
+            };
+            let capability = container::capability(&self.inner.authkey, &address.id, kind, id);
+            let mut container = container_keys(&manager_keys, kind, &capability);
+            container.pop(); // the meta, deleted last
+            keys.extend(container);
+        }
+        keys.push(meta);
+        let mut pipe = redis::pipe();
+        for chunk in keys.chunks(500) {
+            pipe.cmd("DEL").arg(chunk).ignore();
+        }
+        store
+            .with_conn(
+                || format!("deleting the keys of {}", address.describe()),
+                |c| pipe.query::<()>(c),
+            )
+            .map_err(|e| manager_error(address, e))
+    }
+}
+
+/// The verifier a manager's record holds: HMAC-SHA256 of its id and nonce under its authkey.
+fn verifier(authkey: &AuthKey, address: &ManagerAddress, nonce: &[u8]) -> [u8; auth::TAG_LEN] {
+    auth::sign(authkey, &[b"shoal-manager", address.id.as_bytes(), nonce])
+}
