@@ -113,6 +113,9 @@ impl AuthKey {
     /// main process.
     pub fn of_this_process() -> AuthKey {
         static MAIN: std::sync::LazyLock<AuthKey> = std::sync::LazyLock::new(AuthKey::generate);
+        if let Some(key) = AUTHKEY.read().unwrap_or_else(|p| p.into_inner()).clone() {
+            return key;
+        }
         try_current()
             .map(|c| c.process.authkey.clone())
             .unwrap_or_else(|| MAIN.clone())
@@ -244,9 +247,23 @@ fn current_process_info() -> Option<ProcessInfo> {
 
 /// Who the calling code runs as: a thread child, the worker's task, or the main process.
 pub fn current_process() -> ProcessInfo {
-    current_process_info()
+    let mut info = current_process_info()
         .or_else(|| try_current().map(|c| c.process.clone()))
-        .unwrap_or_else(ProcessInfo::main)
+        .unwrap_or_else(ProcessInfo::main);
+    if let Some(key) = AUTHKEY.read().unwrap_or_else(|p| p.into_inner()).clone() {
+        info.authkey = key;
+    }
+    info
+}
+
+/// The authkey [`set_authkey`] gave this process, if any.
+static AUTHKEY: RwLock<Option<AuthKey>> = RwLock::new(None);
+
+/// Sets this process's authkey (Python's `current_process().authkey = key`): what it signs with
+/// and checks against from now on, and what the children, pool workers and actor hosts it starts
+/// afterwards inherit. Set it before starting them.
+pub fn set_authkey(key: AuthKey) {
+    *AUTHKEY.write().unwrap_or_else(|p| p.into_inner()) = Some(key);
 }
 
 thread_local! {

@@ -69,7 +69,7 @@ pub use pool::{
 pub use process::{ChildProcess, Process, active_children};
 pub use runtime::{Runtime, init, init_with, log_to_stderr};
 pub use shoal_core::config::{self, Config, ConfigBuilder, StartMethod};
-pub use shoal_core::context::{AuthKey, ParentInfo, ProcessInfo};
+pub use shoal_core::context::{AuthKey, ParentInfo, ProcessInfo, set_authkey};
 pub use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
 pub use shoal_core::hosted::{Actor, ActorContext, Handler, Handles};
 pub use shoal_macros::Actor;

@@ -130,6 +130,11 @@ pub struct ActorOptions {
 pub struct ActorRef<A> {
     id: String,
     authenticated: bool,
+    /// The key this handle signs with, when not this process's (a proxy of a manager reached
+    /// with `Manager::connect`). Never sent: a handle passed to another process signs there with
+    /// that process's key.
+    #[serde(skip)]
+    authkey: Option<AuthKey>,
     /// Set once an ask found the actor active: later asks pipeline the send and the wait.
     #[serde(skip)]
     known_active: Arc<AtomicBool>,
@@ -142,6 +147,7 @@ impl<A> Clone for ActorRef<A> {
         ActorRef {
             id: self.id.clone(),
             authenticated: self.authenticated,
+            authkey: self.authkey.clone(),
             known_active: self.known_active.clone(),
             _actor: PhantomData,
         }
@@ -262,11 +268,19 @@ impl<A: Actor> ActorRef<A> {
 
     fn sign(&self, kind: &str, payload: &[u8], reply_to: &str) -> Option<[u8; auth::TAG_LEN]> {
         self.authenticated.then(|| {
-            auth::sign(
-                &AuthKey::of_this_process(),
-                &[kind.as_bytes(), payload, reply_to.as_bytes()],
-            )
+            let key = self
+                .authkey
+                .clone()
+                .unwrap_or_else(AuthKey::of_this_process);
+            auth::sign(&key, &[kind.as_bytes(), payload, reply_to.as_bytes()])
         })
+    }
+
+    /// The same actor, signing its messages with `authkey` (a manager's proxies reached through
+    /// `Manager::connect` sign with the manager's key).
+    pub(crate) fn signed_with(mut self, authkey: AuthKey) -> Self {
+        self.authkey = Some(authkey);
+        self
     }
 }
 
@@ -333,6 +347,7 @@ fn create<A: Actor>(
     Ok(ActorRef {
         id,
         authenticated: options.authenticate,
+        authkey: None,
         known_active: Arc::default(),
         _actor: PhantomData,
     })

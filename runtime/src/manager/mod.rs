@@ -22,6 +22,9 @@
 //!   which are shared by address already, so code written for Python's manager ports directly.
 //!   They are not tied to the manager: [`Manager::shutdown`] leaves them working (until their
 //!   keys expire), where Python's die with its server.
+//! * [`Manager::register`] and [`Manager::create`]: user types, hosted as durable actors, with
+//!   typed proxies (Python's `register(typeid, callable)`, `exposed`, `method_to_typeid`; see
+//!   the `registered` module's docs).
 //! * Every mutating operation is one script: atomic, with no read-modify-write across round trips
 //!   (Lithops' manager reads, changes and writes back under a lock). The hot path is one round
 //!   trip: `get` and `set` of a dict, `get`, `set` and `append` of a list, a namespace
@@ -78,6 +81,7 @@ mod container;
 pub mod dict;
 pub mod list;
 pub mod namespace;
+mod registered;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Once};
@@ -424,6 +428,16 @@ impl Manager {
         Ok(())
     }
 
+    fn describe(&self) -> String {
+        self.inner.address.describe()
+    }
+
+    /// The store and the manager's `meta` key.
+    fn meta(&self) -> Result<(Arc<shoal_core::store::Store>, String)> {
+        let store = context::current()?.store().clone();
+        Ok((store, self.inner.address.keys().key("meta")))
+    }
+
     /// Errors when the manager is not running (a primitive is about to be made for it).
     fn check_running(&self) -> Result<()> {
         self.check_not_shut_down_here()?;
@@ -573,6 +587,7 @@ impl Manager {
         if fields.is_empty() {
             return Ok(());
         }
+        self.stop_instances(&fields);
         let mut keys = Vec::new();
         for field in &fields {
             let Some((kind, id)) = field.strip_prefix("c:").and_then(|f| f.split_once(':')) else {

@@ -1,0 +1,181 @@
+//! Registered types on a Manager (Python's `BaseManager.register`): typed proxies to durable
+//! actors, used from many processes without lost updates, a method returning a live proxy,
+//! type-id and authkey errors, and shutdown stopping the instances.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shoal::AuthKey;
+use shoal::prelude::*;
+
+shoal::test_support!();
+
+fn runtime() -> shoal::Runtime {
+    shoal::init_with(Config::builder().build().expect("config")).expect("runtime")
+}
+
+#[derive(Serialize, Deserialize, Default, shoal::Actor)]
+#[actor(messages(Incr, Value))]
+struct Counter {
+    n: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Incr(u64);
+
+#[derive(Serialize, Deserialize)]
+struct Value;
+
+impl Handler<Incr> for Counter {
+    type Reply = u64;
+    fn handle(&mut self, Incr(by): Incr, _: &mut ActorContext) -> u64 {
+        self.n += by;
+        self.n
+    }
+}
+
+impl Handler<Value> for Counter {
+    type Reply = u64;
+    fn handle(&mut self, _: Value, _: &mut ActorContext) -> u64 {
+        self.n
+    }
+}
+
+/// A directory of counters: `Lookup` returns a proxy (Python's `method_to_typeid`).
+#[derive(Serialize, Deserialize, Default, shoal::Actor)]
+#[actor(messages(Add, Lookup))]
+struct Directory {
+    entries: std::collections::BTreeMap<String, ActorRef<Counter>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Add(String, ActorRef<Counter>);
+
+#[derive(Serialize, Deserialize)]
+struct Lookup(String);
+
+impl Handler<Add> for Directory {
+    type Reply = ();
+    fn handle(&mut self, Add(name, counter): Add, _: &mut ActorContext) {
+        self.entries.insert(name, counter);
+    }
+}
+
+impl Handler<Lookup> for Directory {
+    type Reply = Option<ActorRef<Counter>>;
+    fn handle(&mut self, Lookup(name): Lookup, _: &mut ActorContext) -> Option<ActorRef<Counter>> {
+        self.entries.get(&name).cloned()
+    }
+}
+
+const T: Option<Duration> = Some(Duration::from_secs(30));
+
+#[shoal::remote]
+fn bump(counter: ActorRef<Counter>, times: u64) {
+    for _ in 0..times {
+        counter.ask(Incr(1), T).expect("ask");
+    }
+}
+
+#[test]
+fn a_registered_type_is_shared_by_many_processes_without_lost_updates() {
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    manager.register::<Counter>("Counter").expect("register");
+    manager
+        .register::<Counter>("Counter")
+        .expect("registering again is fine");
+    let counter = manager
+        .create("Counter", Counter::default())
+        .expect("create");
+    let workers: Vec<Process> = (0..4)
+        .map(|_| Process::new(bump, (counter.clone(), 250u64)))
+        .collect();
+    for w in &workers {
+        w.start().expect("start");
+    }
+    for w in &workers {
+        w.join(None).expect("join");
+        assert_eq!(w.exitcode(), Some(0));
+    }
+    assert_eq!(counter.ask(Value, T).expect("value"), 1000);
+}
+
+#[test]
+fn a_method_can_return_a_live_proxy() {
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    manager.register::<Counter>("Counter").expect("register");
+    manager
+        .register::<Directory>("Directory")
+        .expect("register");
+    let directory = manager
+        .create("Directory", Directory::default())
+        .expect("create");
+    let counter = manager
+        .create("Counter", Counter::default())
+        .expect("create");
+    directory
+        .ask(Add("hits".into(), counter.clone()), T)
+        .expect("add");
+    let found = directory
+        .ask(Lookup("hits".into()), T)
+        .expect("lookup")
+        .expect("found");
+    assert_eq!(
+        found.ask(Incr(5), T).expect("through the returned proxy"),
+        5
+    );
+    assert_eq!(counter.ask(Value, T).expect("value"), 5, "the same object");
+    assert!(
+        directory
+            .ask(Lookup("misses".into()), T)
+            .expect("lookup")
+            .is_none()
+    );
+}
+
+#[test]
+fn type_ids_and_authkeys_are_checked() {
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    assert!(matches!(
+        manager.create("Counter", Counter::default()),
+        Err(Error::InvalidState(m)) if m.contains("not registered")
+    ));
+    manager.register::<Counter>("Thing").expect("register");
+    assert!(matches!(
+        manager.register::<Directory>("Thing"),
+        Err(Error::InvalidState(m)) if m.contains("registered")
+    ));
+    assert!(matches!(
+        manager.create("Thing", Directory::default()),
+        Err(Error::InvalidState(m)) if m.contains("not")
+    ));
+    // A manager with another authkey: this process's hosts could not check its messages.
+    let other =
+        Manager::with_authkey(AuthKey::from_bytes(b"another key".to_vec())).expect("manager");
+    other.register::<Counter>("Counter").expect("register");
+    assert!(matches!(
+        other.create("Counter", Counter::default()),
+        Err(Error::Authentication(m)) if m.contains("set_authkey")
+    ));
+}
+
+#[test]
+fn shutdown_stops_the_instances() {
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    manager.register::<Counter>("Counter").expect("register");
+    let counter = manager
+        .create("Counter", Counter::default())
+        .expect("create");
+    assert_eq!(counter.ask(Incr(1), T).expect("ask"), 1);
+    manager.shutdown().expect("shutdown");
+    assert!(shoal_integration_tests::wait_for(
+        Duration::from_secs(10),
+        || {
+            matches!(counter.ask(Value, T), Err(Error::InvalidState(m)) if m.contains("stopped"))
+        }
+    ));
+}

@@ -1,0 +1,165 @@
+//! Registered types: user objects made and reached through a manager (Python's
+//! `BaseManager.register(typeid, callable)` and `manager.<typeid>(...)`).
+//!
+//! A registered type is a durable actor (`#[derive(shoal::Actor)]`): [`Manager::register`]
+//! records it under a type id, [`Manager::create`] makes an instance and returns its proxy, an
+//! [`ActorRef`] whose calls (`ask`, `tell`) are checked at compile time and signed with the
+//! manager's authkey. Python's `exposed` (which methods a proxy may call) is the actor's
+//! `#[actor(messages(...))]` list: a proxy cannot send anything else. Python's `method_to_typeid`
+//! (a method that returns a proxy) is a handler whose reply is an [`ActorRef`] (or another
+//! proxy): it arrives live. Concurrent calls from many processes are applied one at a time,
+//! exactly once each (see [`crate::spawn_actor`]), so no update is lost.
+//!
+//! Instances run in the actor hosts of the runtime that creates them, which check every message
+//! against their process's authkey before decoding it: the manager's authkey must be that
+//! process's (the default for [`Manager::new`]; a process connecting to a manager with another
+//! key sets it first with [`crate::set_authkey`], as Python code sets
+//! `current_process().authkey`). [`Manager::shutdown`] stops the instances.
+//!
+//! Keys: the manager's `meta` hash holds `t:<typeid>` → the actor type, and `a:<actor id>` →
+//! the type id of each instance.
+
+use shoal_core::auth;
+use shoal_core::context::AuthKey;
+use shoal_core::error::{Error, Result};
+use shoal_core::hosted::Actor;
+use shoal_executor::actor::{Mailbox, Outgoing, STOP_KIND};
+
+use super::Manager;
+use crate::actor::{ActorOptions, ActorRef, spawn_actor_with};
+
+impl Manager {
+    /// Registers the actor type `T` under `typeid` (Python's `register(typeid, callable)`), for
+    /// every process using this manager. Registering the same type again is fine; another type
+    /// under a taken id is [`Error::InvalidState`].
+    ///
+    /// ```no_run
+    /// # use serde::{Deserialize, Serialize};
+    /// # use shoal::prelude::*;
+    /// #[derive(Serialize, Deserialize, Default, shoal::Actor)]
+    /// #[actor(messages(Incr))]
+    /// struct Counter { n: u64 }
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Incr(u64);
+    /// impl Handler<Incr> for Counter {
+    ///     type Reply = u64;
+    ///     fn handle(&mut self, Incr(by): Incr, _: &mut ActorContext) -> u64 { self.n += by; self.n }
+    /// }
+    /// # fn main() -> shoal::Result<()> {
+    /// let _rt = shoal::init()?;
+    /// let manager = Manager::new()?;
+    /// manager.register::<Counter>("Counter")?;
+    /// let counter = manager.create("Counter", Counter::default())?;
+    /// assert_eq!(counter.ask(Incr(2), None)?, 2);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn register<T: Actor>(&self, typeid: &str) -> Result<()> {
+        self.check_running()?;
+        let type_name = std::any::type_name::<T>();
+        let field = format!("t:{typeid}");
+        let (store, meta) = self.meta()?;
+        let registered: Option<String> = store.with_conn(
+            || format!("registering {typeid} in {}", self.describe()),
+            |c| {
+                redis::cmd("HSETNX")
+                    .arg(&meta)
+                    .arg(&field)
+                    .arg(type_name)
+                    .query::<i64>(c)?;
+                redis::cmd("HGET").arg(&meta).arg(&field).query(c)
+            },
+        )?;
+        match registered {
+            Some(existing) if existing == type_name => Ok(()),
+            Some(existing) => Err(Error::invalid_state(format!(
+                "type id {typeid} is registered in {} as {existing}, not {type_name}",
+                self.describe()
+            ))),
+            None => Err(Error::invalid_state(format!(
+                "{} was shut down",
+                self.describe()
+            ))),
+        }
+    }
+
+    /// Makes an instance of the type registered as `typeid` with state `init` and returns its
+    /// proxy (Python's `manager.<typeid>(...)`). [`Error::InvalidState`] when `typeid` is not
+    /// registered, or registered as another type; [`Error::Authentication`] when this
+    /// process's authkey is not the manager's (see the module docs).
+    pub fn create<T: Actor>(&self, typeid: &str, init: T) -> Result<ActorRef<T>> {
+        self.check_running()?;
+        let type_name = std::any::type_name::<T>();
+        let (store, meta) = self.meta()?;
+        let registered: Option<String> = store.with_conn(
+            || format!("reading type id {typeid} of {}", self.describe()),
+            |c| {
+                redis::cmd("HGET")
+                    .arg(&meta)
+                    .arg(format!("t:{typeid}"))
+                    .query(c)
+            },
+        )?;
+        match registered {
+            Some(existing) if existing == type_name => {}
+            Some(existing) => {
+                return Err(Error::invalid_state(format!(
+                    "type id {typeid} is registered in {} as {existing}, not {type_name}",
+                    self.describe()
+                )));
+            }
+            None => {
+                return Err(Error::invalid_state(format!(
+                    "type id {typeid} is not registered in {} (Manager::register)",
+                    self.describe()
+                )));
+            }
+        }
+        if self.inner.authkey != AuthKey::of_this_process() {
+            return Err(Error::Authentication(format!(
+                "instances of {typeid} run in this process's actor hosts, which check messages \
+                 against this process's authkey, and it is not {}'s: set it first with \
+                 shoal::set_authkey (Python: current_process().authkey = ...)",
+                self.describe()
+            )));
+        }
+        let actor = spawn_actor_with(init, ActorOptions { authenticate: true })?
+            .signed_with(self.inner.authkey.clone());
+        store.with_conn(
+            || format!("recording an instance of {typeid} in {}", self.describe()),
+            |c| {
+                redis::cmd("HSET")
+                    .arg(&meta)
+                    .arg(format!("a:{}", actor.id()))
+                    .arg(typeid)
+                    .query::<()>(c)
+            },
+        )?;
+        Ok(actor)
+    }
+
+    /// Stops the registered-type instances listed in `fields` (`a:<actor id>` meta fields), as
+    /// part of a shutdown: each gets a signed stop message.
+    pub(super) fn stop_instances(&self, fields: &[String]) {
+        let Ok((store, _)) = self.meta() else {
+            return;
+        };
+        let hold = store
+            .settings()
+            .response_timeout
+            .min(std::time::Duration::from_secs(2));
+        for id in fields.iter().filter_map(|f| f.strip_prefix("a:")) {
+            let mailbox = Mailbox::new(store.keys(), id, hold);
+            let mac = auth::sign(&self.inner.authkey, &[STOP_KIND.as_bytes(), &[], b""]);
+            let outgoing = Outgoing {
+                kind: STOP_KIND,
+                payload: &[],
+                reply_to: None,
+                mac: Some(&mac),
+            };
+            if let Err(e) = mailbox.send(&store, &outgoing) {
+                tracing::debug!("stopping actor {id} of {}: {e}", self.describe());
+            }
+        }
+    }
+}
