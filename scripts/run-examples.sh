@@ -35,4 +35,5 @@ check counter "Final balance = 100" 1000 3
 check array "Final Array: [3, 4, 5, 6, 7]"
 check actor_counter "every increment applied exactly once"
 check manager 'dict2: {"key1": 22, "key2": 23}'
+check service "self-test: 200/200 requests ok" --self-test
 exit $fail

@@ -67,7 +67,7 @@ pub use pool::{
     PoolBuilder,
 };
 pub use process::{ChildProcess, Process, active_children};
-pub use runtime::{Runtime, init, init_with, log_to_stderr};
+pub use runtime::{Runtime, init, init_with, log_to_stderr, shutdown_signal};
 pub use shoal_core::config::{self, Config, ConfigBuilder, StartMethod};
 pub use shoal_core::context::{AuthKey, ParentInfo, ProcessInfo, set_authkey};
 pub use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};

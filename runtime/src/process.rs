@@ -310,7 +310,10 @@ impl Process {
             ));
             return Err((Some(target), e));
         }
-        let runtime = match runtime::current_runtime() {
+        let runtime = match runtime::current_runtime().and_then(|r| {
+            r.check_accepting()?;
+            Ok(r)
+        }) {
             Ok(r) => r,
             Err(e) => return Err((Some(target), e)),
         };

@@ -64,6 +64,10 @@ pub(crate) struct RuntimeInner {
     embedded: Mutex<Option<EmbeddedRedis>>,
     /// The actor hosts, once this runtime spawned an actor.
     actor_hosts: Mutex<Option<actix::Addr<HostSupervisor>>>,
+    /// The pools started through this runtime (to drain them at shutdown).
+    pools: Mutex<Vec<crate::pool::PoolEntry>>,
+    /// `Runtime::shutdown_within` began: no new pool, call or process.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RuntimeInner {
@@ -143,6 +147,63 @@ impl Runtime {
     pub fn shutdown(self) {
         drop(self);
     }
+
+    /// Shuts down in order, for a service: stops accepting work (new pools, pool calls and
+    /// processes fail with [`Error::InvalidState`]), lets the pool calls in flight finish and
+    /// non-daemon children exit for at most `drain`, then terminates what is left (pool workers,
+    /// children), the actor hosts and, when the last handle is gone, the embedded store.
+    /// Returns once that is done.
+    ///
+    /// ```no_run
+    /// # fn main() -> shoal::Result<()> {
+    /// let rt = shoal::init()?;
+    /// // ... serve until shoal::shutdown_signal() resolves ...
+    /// rt.shutdown_within(std::time::Duration::from_secs(30));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn shutdown_within(self, drain: Duration) {
+        self.inner.drain(drain);
+        drop(self);
+    }
+
+    /// [`Runtime::shutdown_within`] for async code: the draining runs on a thread of its own and
+    /// no executor thread waits.
+    pub async fn shutdown_async(self, drain: Duration) {
+        let (done, finished) = futures::channel::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("shoal-shutdown".into())
+            .spawn(move || {
+                self.shutdown_within(drain);
+                let _ = done.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = finished.await;
+            }
+            Err(e) => tracing::error!("cannot start the shutdown thread: {e}"),
+        }
+    }
+}
+
+/// Resolves when this process is asked to stop: `SIGINT` (Ctrl-C) or `SIGTERM` (what
+/// Kubernetes and systemd send). Pass it to your server's graceful shutdown (axum's
+/// `with_graceful_shutdown`), then call [`Runtime::shutdown_within`]. Needs a tokio runtime
+/// with its I/O driver (`#[tokio::main]` has one). If the handlers cannot be installed, it
+/// never resolves (and logs why).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::error!("cannot install SIGINT/SIGTERM handlers: shutdown_signal() never resolves");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
 }
 
 impl RuntimeInner {
@@ -189,6 +250,8 @@ impl RuntimeInner {
             children: Mutex::new(Vec::new()),
             embedded: Mutex::new(embedded),
             actor_hosts: Mutex::new(None),
+            pools: Mutex::new(Vec::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -206,6 +269,60 @@ impl RuntimeInner {
             .unwrap_or_else(|p| p.into_inner())
             .arbiter()
             .clone()
+    }
+
+    /// Refuses new work once the runtime is draining.
+    pub(crate) fn check_accepting(&self) -> Result<()> {
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::invalid_state(
+                "the runtime is shutting down: no new pool, call or process",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Remembers a pool, to drain it at shutdown.
+    pub(crate) fn track_pool(&self, pool: crate::pool::PoolEntry) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.retain(|p| !p.finished());
+        pools.push(pool);
+    }
+
+    /// The orderly part of a shutdown: refuse new work, let the work in flight finish for at
+    /// most `drain`, then stop what is left.
+    fn drain(&self, drain: Duration) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        let deadline = std::time::Instant::now() + drain;
+        let left = || deadline.saturating_duration_since(std::time::Instant::now());
+        let pools: Vec<crate::pool::PoolEntry> =
+            std::mem::take(&mut *self.pools.lock().unwrap_or_else(|p| p.into_inner()));
+        for pool in &pools {
+            pool.close();
+        }
+        for pool in &pools {
+            if !pool.wait_finished(left()) {
+                pool.terminate();
+            }
+        }
+        let children: Vec<ChildEntry> = self.live_children();
+        for child in children.iter().filter(|c| !c.daemon) {
+            if !child.state().wait_exited(Some(left())) {
+                self.signal_blocking(&child.id, StopSignal::Terminate);
+                if !child.state().wait_exited(Some(DAEMON_GRACE)) {
+                    self.signal_blocking(&child.id, StopSignal::Kill);
+                }
+            }
+        }
+        self.shutdown_children();
+        let hosts = self
+            .actor_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(hosts) = hosts {
+            let _ = futures::executor::block_on(hosts.send(StopHosts));
+        }
     }
 
     /// Starts this runtime's actor hosts, once.

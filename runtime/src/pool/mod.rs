@@ -271,6 +271,7 @@ impl Pool {
             )));
         }
         let runtime = runtime::current_runtime()?;
+        runtime.check_accepting()?;
         let context = runtime.context().clone();
         let config = context.config();
         let processes = builder
@@ -340,6 +341,10 @@ impl Pool {
         };
         futures::executor::block_on(supervisor.send(StartWorkers))
             .map_err(|e| Error::Backend(format!("the pool supervisor did not start: {e}")))?;
+        runtime.track_pool(PoolEntry {
+            supervisor: supervisor.clone(),
+            shared: shared.clone(),
+        });
         Ok(Pool {
             id,
             processes,
@@ -677,6 +682,7 @@ impl Pool {
         progress: Option<ProgressBar>,
         deadline: Option<Duration>,
     ) -> Result<(u64, Arc<CallShared>)> {
+        self._runtime.check_accepting()?;
         self.shared.lock().phase.accepts_calls()?;
         let call = self.next_call.fetch_add(1, Ordering::Relaxed);
         let shared = CallShared::new(self.window());
@@ -823,6 +829,42 @@ impl Pool {
             bar.set_style(style);
         }
         Some(bar)
+    }
+}
+
+/// A pool as its runtime sees it, to drain it at shutdown.
+pub(crate) struct PoolEntry {
+    supervisor: Addr<PoolSupervisor>,
+    shared: Arc<PoolShared>,
+}
+
+impl PoolEntry {
+    pub(crate) fn finished(&self) -> bool {
+        self.shared.lock().finished
+    }
+
+    /// `close()`: no new call; the workers stop after the calls in flight.
+    pub(crate) fn close(&self) {
+        if !self.finished() {
+            let _ = futures::executor::block_on(self.supervisor.send(Close));
+        }
+    }
+
+    /// Waits until the workers exited, at most `timeout`; false then.
+    pub(crate) fn wait_finished(&self, timeout: Duration) -> bool {
+        self.shared.wait_finished(Some(timeout))
+    }
+
+    /// `terminate()`: stops the workers now, fails the calls still running.
+    pub(crate) fn terminate(&self) {
+        if self.finished() {
+            return;
+        }
+        let _ = futures::executor::block_on(self.supervisor.send(Terminate));
+        if !self.shared.wait_finished(Some(TERMINATE_GRACE)) {
+            let _ = futures::executor::block_on(self.supervisor.send(KillWorkers));
+            self.shared.wait_finished(Some(TERMINATE_GRACE));
+        }
     }
 }
 
