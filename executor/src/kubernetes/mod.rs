@@ -149,7 +149,15 @@ impl KubernetesExecutor {
         };
         worker.pod = Some(pod.name_any());
         match outcome(pod) {
-            PodOutcome::Exited { code, reason } => self.exited(&id, code, reason),
+            PodOutcome::Exited { code, reason } => {
+                // A kubelet that lost track of a container it was told to stop reports
+                // `ContainerStatusUnknown` with 137: the end is the one this executor asked for.
+                let code = match (reason.as_deref(), worker.stopping) {
+                    (Some("ContainerStatusUnknown"), Some(signal)) => signal.exit_code(),
+                    _ => code,
+                };
+                self.exited(&id, code, reason);
+            }
             PodOutcome::Unstartable(why) => {
                 tracing::error!(
                     "{} (Job {}) cannot start: {why}; deleting it",
