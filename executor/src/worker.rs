@@ -8,7 +8,9 @@
 //!    expired or already claimed ends the worker with exit code 1 and a message on stderr;
 //! 2. installs the process context (the parent's configuration, this process's name and
 //!    identity), so handles received as arguments work;
-//! 3. redirects stdout/stderr into the output stream if the parent asked for it;
+//! 3. redirects stdout/stderr into the output stream if the parent asked for it and reads it
+//!    (a process's parent does; a pool's supervisor does not, so a pool worker's output stays
+//!    on the backend's own stdout and stderr: the terminal, or the pod's log);
 //! 4. looks the function up in the registry and calls it, catching panics; or, for a pool
 //!    worker, serves the pool ([`crate::pool::run_worker`]) until it is told to stop;
 //! 5. runs the caller's end-of-task hook (the runtime joins this worker's own non-daemon
@@ -90,7 +92,10 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
         },
     )));
 
-    let capture = if record.stream_output {
+    // Only a process's parent reads its output stream; a pool's supervisor does not, so what a
+    // pool worker prints stays where the backend puts it (the terminal, the pod's log) rather
+    // than in a stream nobody reads.
+    let capture = if record.stream_output && matches!(record.kind, TaskKind::Call { .. }) {
         Some(OutputCapture::start(store.clone(), keys.output.clone())?)
     } else {
         None

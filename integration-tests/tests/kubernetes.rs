@@ -95,6 +95,13 @@ fn square(x: u64) -> u64 {
     x * x
 }
 
+/// Prints a line naming `x`, returns `x`.
+#[shoal::remote]
+fn loud(x: u64) -> u64 {
+    println!("pool task {x} speaking");
+    x
+}
+
 #[shoal::remote]
 fn slow_square(x: u64, ms: u64) -> u64 {
     std::thread::sleep(Duration::from_millis(ms));
@@ -1379,6 +1386,63 @@ fn measurements_claim_latency_redis_commands_and_redelivery() {
                 median(redeliveries.clone())
             );
         },
+    );
+}
+
+#[test]
+fn a_pool_tasks_output_goes_to_its_pods_log() {
+    drive(
+        "a_pool_tasks_output_goes_to_its_pods_log",
+        Target::Emulator,
+        |kube| {
+            let _rt = runtime(kube.config());
+            let pool = Pool::new(1).expect("pool");
+            assert_eq!(pool.map(loud, 0..3u64).expect("map"), vec![0, 1, 2]);
+            let pods: Vec<String> = kube
+                .pods("shoal.dev/process=PoolWorker-1")
+                .into_iter()
+                .filter_map(|p| p.metadata.name)
+                .collect();
+            assert_eq!(pods.len(), 1, "{pods:?}");
+            drop(pool);
+            // Nobody reads a pool worker's output stream: what it prints stays in its pod's log
+            // (`kubectl logs`), where it is not lost.
+            let log = kube
+                .emulator()
+                .pod_log(&kube.namespace, &pods[0])
+                .unwrap_or_default();
+            for x in 0..3 {
+                assert!(
+                    log.contains(&format!("pool task {x} speaking")),
+                    "log: {log}"
+                );
+            }
+        },
+    );
+}
+
+#[test]
+fn an_oom_killed_pod_ends_its_process_with_minus_9_and_says_so() {
+    let Some(driven) = drive(
+        "an_oom_killed_pod_ends_its_process_with_minus_9_and_says_so",
+        Target::Emulator,
+        |kube| {
+            let mut config = kube.config();
+            config.kubernetes.annotations.insert(
+                shoal_integration_tests::kube_emulator::OOM_KILL_AFTER_MS.into(),
+                "300".into(),
+            );
+            let _rt = runtime(config);
+            let p = Process::new(sleeps, (60_000u64,));
+            p.start().expect("start");
+            assert_eq!(exit_code(&p), Some(-9));
+        },
+    ) else {
+        return;
+    };
+    assert!(
+        driven.stderr.contains("OOMKilled"),
+        "the driver's log says why"
     );
 }
 
