@@ -43,10 +43,25 @@ shoal::test_support!();
 const ROLE: &str = "SHOAL_K8S_TEST_ROLE";
 /// What a driver prints when its scenario ran to the end.
 const DRIVER_DONE: &str = "kubernetes-test-driver: scenario done";
-/// How long any single wait may take before it counts as a hang.
-const PATIENCE: Duration = Duration::from_secs(60);
+/// Environment variable telling a driver which cluster it drives (`emulator`, `cluster`).
+const TARGET: &str = "SHOAL_K8S_TEST_TARGET";
+
+/// How long any single wait may take before it counts as a hang: a minute on the emulator,
+/// five on a real cluster (image pulls, scheduling).
+fn patience() -> Duration {
+    match std::env::var(TARGET).as_deref() {
+        Ok("cluster") => Duration::from_secs(300),
+        _ => Duration::from_secs(60),
+    }
+}
+
 /// How long a driver may run before the outer test kills it.
-const DRIVER_DEADLINE: Duration = Duration::from_secs(110);
+fn driver_deadline(target: Target) -> Duration {
+    match target {
+        Target::Emulator => Duration::from_secs(110),
+        Target::Cluster => Duration::from_secs(1200),
+    }
+}
 /// Where the image built for the real-cluster tests holds this test binary.
 const IMAGE_COMMAND: &str = "/usr/local/bin/shoal-kubernetes-tests";
 
@@ -168,8 +183,22 @@ fn drive(test: &str, target: Target, scenario: impl FnOnce(&Kube)) -> Option<Dri
     };
     let program = std::env::current_exe().expect("this test binary");
     let mut child = Command::new(program)
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            test,
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+            // The real-cluster tests are ignored unless asked for; their drivers are asked for.
+            "--include-ignored",
+        ])
         .env(ROLE, "driver")
+        .env(
+            TARGET,
+            match target {
+                Target::Emulator => "emulator",
+                Target::Cluster => "cluster",
+            },
+        )
         .env("KUBECONFIG", &kubeconfig)
         .env_remove("RUST_BACKTRACE")
         .stdin(Stdio::null())
@@ -186,7 +215,7 @@ fn drive(test: &str, target: Target, scenario: impl FnOnce(&Kube)) -> Option<Dri
     };
     let stdout = read(Box::new(child.stdout.take().expect("stdout")));
     let stderr = read(Box::new(child.stderr.take().expect("stderr")));
-    let deadline = Instant::now() + DRIVER_DEADLINE;
+    let deadline = Instant::now() + driver_deadline(target);
     let status = loop {
         if let Some(status) = child.try_wait().expect("the driver's status") {
             break Some(status);
@@ -204,8 +233,7 @@ fn drive(test: &str, target: Target, scenario: impl FnOnce(&Kube)) -> Option<Dri
     };
     println!("--- driver stdout ---\n{}", driven.stdout);
     println!("--- driver stderr ---\n{}", driven.stderr);
-    let status =
-        status.unwrap_or_else(|| panic!("the driver of {test} ran for {DRIVER_DEADLINE:?}"));
+    let status = status.unwrap_or_else(|| panic!("the driver of {test} ran too long: killed"));
     assert!(
         status.success() && driven.stdout.contains(DRIVER_DONE),
         "the driver of {test} failed ({status}); its output is above"
@@ -217,7 +245,11 @@ fn drive(test: &str, target: Target, scenario: impl FnOnce(&Kube)) -> Option<Dri
 struct ClusterSettings {
     kubeconfig: PathBuf,
     image: String,
+    /// The driver's Redis URL.
     redis_url: String,
+    /// The workers' Redis URL, when it differs (`SHOAL_TEST_WORKER_REDIS_URL`: then the tests
+    /// hand it to the workers through a Secret, as `kubernetes.redis_url_secret` does).
+    worker_redis_url: Option<String>,
     command: String,
     namespace: Option<String>,
 }
@@ -239,6 +271,7 @@ fn cluster_settings() -> ClusterSettings {
         kubeconfig: PathBuf::from(get("KUBECONFIG").unwrap_or_default()),
         image: get("SHOAL_TEST_IMAGE").unwrap_or_default(),
         redis_url: get("SHOAL_TEST_REDIS_URL").unwrap_or_default(),
+        worker_redis_url: get("SHOAL_TEST_WORKER_REDIS_URL"),
         command: get("SHOAL_TEST_COMMAND").unwrap_or_else(|| IMAGE_COMMAND.to_string()),
         namespace: get("SHOAL_TEST_NAMESPACE"),
     }
@@ -251,8 +284,12 @@ struct Kube {
     keys: String,
     /// The Kubernetes namespace of the Jobs.
     namespace: String,
-    /// The Redis URL of the driver and the workers.
+    /// The driver's Redis URL.
     redis_url: String,
+    /// The workers' Redis URL.
+    worker_redis_url: String,
+    /// The Secret holding `worker_redis_url`, when it differs from `redis_url`.
+    redis_secret: Option<String>,
     image: String,
     command: String,
     tokio: tokio::runtime::Runtime,
@@ -283,11 +320,14 @@ impl Kube {
                     let _inside = tokio.enter();
                     emulator.client()
                 };
+                let redis_url = redis.url_at(network.host_address().into());
                 Kube {
                     target,
                     keys,
                     namespace: DEFAULT_NAMESPACE.to_string(),
-                    redis_url: redis.url_at(network.host_address().into()),
+                    worker_redis_url: redis_url.clone(),
+                    redis_secret: None,
+                    redis_url,
                     image: "shoal-tests.example/kubernetes-tests:1".to_string(),
                     command: std::env::current_exe()
                         .expect("this test binary")
@@ -312,10 +352,31 @@ impl Kube {
                     let _inside = tokio.enter();
                     kube::Client::try_from(config).expect("a Kubernetes client")
                 };
+                let redis_secret = settings.worker_redis_url.as_ref().map(|url| {
+                    let name = format!("shoal-test-redis-{keys}");
+                    let secret: Secret = serde_json::from_value(json!({
+                        "apiVersion": "v1",
+                        "kind": "Secret",
+                        "metadata": {"name": name},
+                        "stringData": {"url": url},
+                    }))
+                    .expect("a Secret");
+                    tokio
+                        .block_on(
+                            Api::<Secret>::namespaced(client.clone(), &namespace)
+                                .create(&PostParams::default(), &secret),
+                        )
+                        .expect("create the workers' Redis URL Secret");
+                    name
+                });
                 Kube {
                     target,
                     keys,
                     namespace,
+                    worker_redis_url: settings
+                        .worker_redis_url
+                        .unwrap_or_else(|| settings.redis_url.clone()),
+                    redis_secret,
                     redis_url: settings.redis_url,
                     image: settings.image,
                     command: settings.command,
@@ -339,6 +400,12 @@ impl Kube {
         config.kubernetes.command = Some(self.command.clone());
         if self.target == Target::Cluster {
             config.kubernetes.namespace = Some(self.namespace.clone());
+        }
+        if let Some(secret) = &self.redis_secret {
+            config.kubernetes.redis_url_secret = Some(SecretKeyRef {
+                name: secret.clone(),
+                key: "url".into(),
+            });
         }
         config
     }
@@ -382,7 +449,7 @@ impl Kube {
     fn running_pod(&self, name: &str) -> String {
         let selector = format!("shoal.dev/process={name}");
         let mut found = None;
-        let ran = wait(PATIENCE, || {
+        let ran = wait(patience(), || {
             found = self
                 .pods(&selector)
                 .into_iter()
@@ -428,6 +495,20 @@ impl Kube {
     }
 }
 
+impl Drop for Kube {
+    fn drop(&mut self) {
+        if let Some(secret) = &self.redis_secret {
+            let secrets = Api::<Secret>::namespaced(self.client.clone(), &self.namespace);
+            if let Err(e) = self
+                .tokio
+                .block_on(secrets.delete(secret, &DeleteParams::default()))
+            {
+                eprintln!("deleting the test's Secret {secret}: {e}");
+            }
+        }
+    }
+}
+
 fn phase(pod: &Pod) -> &str {
     pod.status
         .as_ref()
@@ -464,9 +545,9 @@ fn runtime(config: Config) -> shoal::Runtime {
     shoal::init_with(config).expect("a kubernetes runtime")
 }
 
-/// Joins `process`, at most [`PATIENCE`], and returns its exit code.
+/// Joins `process`, at most [`patience()`], and returns its exit code.
 fn exit_code(process: &Process) -> Option<i32> {
-    process.join(Some(PATIENCE)).expect("join");
+    process.join(Some(patience())).expect("join");
     process.exitcode()
 }
 
@@ -542,7 +623,7 @@ fn terminate_and_kill(kube: &Kube) {
     early.terminate().expect("terminate before the pod runs");
     assert_eq!(exit_code(&early), Some(-15));
     assert!(
-        wait(PATIENCE, || kube
+        wait(patience(), || kube
             .pods(&format!("shoal.dev/process={}", early.get_name()))
             .is_empty()),
         "the pod of a terminated process stays"
@@ -568,7 +649,7 @@ impl Starts {
     fn new(kube: &Kube, name: &str) -> Starts {
         Starts {
             list: format!("shoal-test:{}:{name}", kube.keys),
-            url: kube.redis_url.clone(),
+            url: kube.worker_redis_url.clone(),
             redis: kube.redis(),
         }
     }
@@ -606,7 +687,7 @@ impl Starts {
     fn fresh_start(&mut self, pods: usize) -> Start {
         let mut seen = 0;
         let mut fresh = None;
-        let found = wait(PATIENCE, || {
+        let found = wait(patience(), || {
             let now = self.all();
             let distinct: BTreeSet<&String> = now.iter().map(|s| &s.pod).collect();
             if distinct.len() >= pods && now.len() > seen && seen > 0 {
@@ -623,7 +704,7 @@ impl Starts {
     /// Waits until `count` starts are logged; returns them.
     fn at_least(&mut self, count: usize) -> Vec<Start> {
         let mut all = Vec::new();
-        let logged = wait(PATIENCE, || {
+        let logged = wait(patience(), || {
             all = self.all();
             all.len() >= count
         });
@@ -657,7 +738,7 @@ fn pool_survives_a_killed_worker(kube: &Kube) {
     kube.kill_pod(&victim.pod);
     let killed_at = now_ms();
 
-    let results = result.get(Some(PATIENCE)).expect("the map completes");
+    let results = result.get(Some(patience())).expect("the map completes");
     assert_eq!(
         results,
         (0..40u64).map(|x| x * x).collect::<Vec<_>>(),
@@ -684,7 +765,7 @@ fn unstartable_pods(kube: &Kube, with_bad_command: bool) {
         assert_eq!(exit_code(&p), Some(1), "{what}");
         println!("{what}: reported after {:?}", started.elapsed());
         assert!(
-            wait(PATIENCE, || kube
+            wait(patience(), || kube
                 .jobs(&format!("shoal.dev/process={}", p.get_name()))
                 .is_empty()),
             "{what}: the Job of a pod that cannot start is left behind"
@@ -739,22 +820,30 @@ fn drop_deletes_jobs(kube: &Kube) {
     let daemon = Process::new(sleeps, (60_000u64,)).daemon(true);
     daemon.start().expect("start");
     kube.running_pod(daemon.get_name());
-    {
-        let pool = Pool::new(1).expect("pool");
-        assert_eq!(pool.map(square, vec![3u64]).expect("map"), vec![9]);
-    }
-    assert!(
-        kube.jobs("").len() >= 3,
+    let pool = Pool::new(1).expect("pool");
+    assert_eq!(pool.map(square, vec![3u64]).expect("map"), vec![9]);
+    assert_eq!(
+        kube.jobs("").len(),
+        3,
         "a Job per process and pool worker: {:?}",
         kube.jobs("")
     );
+    // A pool's workers (and their Jobs) go with the pool.
+    drop(pool);
+    assert!(
+        wait(patience(), || kube
+            .jobs("shoal.dev/process=PoolWorker-1")
+            .is_empty()),
+        "the pool worker's Job stays"
+    );
+    assert_eq!(kube.jobs("").len(), 2, "the processes' Jobs stay");
     drop(finished);
     drop(daemon);
     drop(rt);
     // The drop waited for the delete request; the pods follow (background propagation).
     assert!(kube.jobs("").is_empty(), "Jobs left: {:?}", kube.jobs(""));
     assert!(
-        wait(PATIENCE, || kube.pods("").is_empty()),
+        wait(patience(), || kube.pods("").is_empty()),
         "pods left: {:?}",
         kube.pods("")
     );
@@ -1123,7 +1212,7 @@ fn a_partitioned_worker_host_loses_its_chunks_to_the_others_exactly_once() {
             let cut_at = now_ms();
             // Its chunk goes to another worker once its lease lapses.
             let mut rerun = None;
-            let redelivered = wait(PATIENCE, || {
+            let redelivered = wait(patience(), || {
                 rerun = starts.rerun(victim.item, cut_at, &victim.pod);
                 rerun.is_some()
             });
@@ -1146,7 +1235,7 @@ fn a_partitioned_worker_host_loses_its_chunks_to_the_others_exactly_once() {
             );
             // The cut worker may still hold its outcome: let it through now, while the map runs.
             kube.emulator().restore_pod(&kube.namespace, &victim.pod);
-            let results = result.get(Some(PATIENCE)).expect("the map completes");
+            let results = result.get(Some(patience())).expect("the map completes");
             assert_eq!(
                 results,
                 (0..60u64).map(|x| x * x).collect::<Vec<_>>(),
@@ -1247,7 +1336,7 @@ fn measurements_claim_latency_redis_commands_and_redelivery() {
                     .unwrap_or_default();
                 let status = format!("shoal:{{{}:proc:{id}}}:status", kube.keys);
                 let mut started_ms = None;
-                wait(PATIENCE, || {
+                wait(patience(), || {
                     started_ms = redis::cmd("HGET")
                         .arg(&status)
                         .arg("started_ms")
@@ -1372,13 +1461,13 @@ fn measurements_claim_latency_redis_commands_and_redelivery() {
                 kube.kill_pod(&victim.pod);
                 let killed_at = now_ms();
                 let mut rerun = None;
-                wait(PATIENCE, || {
+                wait(patience(), || {
                     rerun = starts.rerun(victim.item, killed_at, &victim.pod);
                     rerun.is_some()
                 });
                 let rerun = rerun.expect("the killed pod's chunk ran again");
                 redeliveries.push(rerun.at_ms - killed_at);
-                assert_eq!(result.get(Some(PATIENCE)).expect("map"), vec![0, 1]);
+                assert_eq!(result.get(Some(patience())).expect("map"), vec![0, 1]);
             }
             println!(
                 "measure: worker pod SIGKILL -> its chunk running on an idle worker: \
@@ -1480,6 +1569,45 @@ fn init_refuses_a_store_the_workers_cannot_reach_naming_the_key() {
 
 // ---------------------------------------------------------------------------------------------
 // Against a real cluster (`make test-kubernetes`).
+
+/// The real-cluster tests below, as `make test-kubernetes` runs them (`--ignored`, with
+/// `KUBECONFIG`, `SHOAL_TEST_IMAGE`, `SHOAL_TEST_REDIS_URL`, here also
+/// `SHOAL_TEST_WORKER_REDIS_URL` through a Secret and `SHOAL_TEST_COMMAND`), against an
+/// emulator standing in for the cluster: so their harness is known to work before anyone has a
+/// cluster to run them on. Its pods run in this machine's network.
+#[test]
+fn the_real_cluster_tests_pass_against_an_emulator_standing_in_for_the_cluster() {
+    let redis = TestRedis::tcp();
+    let emulator = Emulator::start(None);
+    let dir = tempfile::tempdir().expect("a directory for the kubeconfig");
+    let kubeconfig = dir.path().join("kubeconfig");
+    emulator
+        .write_kubeconfig(&kubeconfig)
+        .expect("the emulator's kubeconfig");
+    let program = std::env::current_exe().expect("this test binary");
+    let output = Command::new(&program)
+        .args(["--ignored", "--test-threads=1", "--nocapture", "cluster_"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env(
+            "SHOAL_TEST_IMAGE",
+            "registry.example.com/shoal-kubernetes-tests:1",
+        )
+        .env("SHOAL_TEST_REDIS_URL", redis.url())
+        .env("SHOAL_TEST_WORKER_REDIS_URL", redis.url())
+        .env("SHOAL_TEST_COMMAND", &program)
+        .env_remove(ROLE)
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::null())
+        .output()
+        .expect("the real-cluster tests run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "the real-cluster tests failed");
+    assert!(
+        stdout.contains("test result: ok. 5 passed"),
+        "all five real-cluster tests ran"
+    );
+}
 
 #[test]
 #[ignore = "needs a cluster: make test-kubernetes"]
