@@ -34,17 +34,18 @@ use serde_json::json;
 use shoal::config::{Backend, SecretKeyRef};
 use shoal::prelude::*;
 use shoal_integration_tests::TestRedis;
-use shoal_integration_tests::kube_emulator::{DEFAULT_NAMESPACE, Emulator};
+use shoal_integration_tests::kube_emulator::{DEFAULT_NAMESPACE, Emulator, START_DELAY_MS};
 use shoal_integration_tests::netns::Network;
 
 shoal::test_support!();
 
-/// Environment variable telling a test that it is the driver half (see the module docs).
-const ROLE: &str = "SHOAL_K8S_TEST_ROLE";
+/// Environment variable telling a test that it is the driver half (see the module docs). Not
+/// `SHOAL_*`: `shoal::init()` refuses unknown `SHOAL_` variables.
+const ROLE: &str = "KUBERNETES_TEST_ROLE";
 /// What a driver prints when its scenario ran to the end.
 const DRIVER_DONE: &str = "kubernetes-test-driver: scenario done";
 /// Environment variable telling a driver which cluster it drives (`emulator`, `cluster`).
-const TARGET: &str = "SHOAL_K8S_TEST_TARGET";
+const TARGET: &str = "KUBERNETES_TEST_TARGET";
 
 /// How long any single wait may take before it counts as a hang: a minute on the emulator,
 /// five on a real cluster (image pulls, scheduling).
@@ -465,6 +466,36 @@ impl Kube {
         found.unwrap_or_default()
     }
 
+    /// Waits until the worker of process `name` has claimed its task (the status hash has
+    /// `started_ms`; its pod's `shoal.dev/worker` label names the task), and returns when that
+    /// was (ms since the epoch). A worker installs its `SIGTERM` handler before it claims.
+    fn claimed(&self, name: &str) -> u64 {
+        let selector = format!("shoal.dev/process={name}");
+        let mut id = String::new();
+        let found = wait(patience(), || {
+            id = self
+                .pods(&selector)
+                .first()
+                .map(|p| label(&p.metadata, "shoal.dev/worker").to_string())
+                .unwrap_or_default();
+            !id.is_empty()
+        });
+        assert!(found, "no pod for {name}");
+        let status = format!("shoal:{{{}:proc:{id}}}:status", self.keys);
+        let mut redis = self.redis();
+        let mut started_ms = None;
+        let claimed = wait(patience(), || {
+            started_ms = redis::cmd("HGET")
+                .arg(&status)
+                .arg("started_ms")
+                .query::<Option<u64>>(&mut redis)
+                .expect("HGET");
+            started_ms.is_some()
+        });
+        assert!(claimed, "the worker of {name} never claimed its task");
+        started_ms.unwrap_or_default()
+    }
+
     /// Kills a pod's process with SIGKILL: through its pid on the emulator, by deleting the pod
     /// with grace 0 on a real cluster (whose kubelet then SIGKILLs it).
     fn kill_pod(&self, pod: &str) {
@@ -603,8 +634,10 @@ fn terminate_and_kill(kube: &Kube) {
     let killed = Process::new(sleeps, (60_000u64,));
     terminated.start().expect("start");
     killed.start().expect("start");
-    kube.running_pod(terminated.get_name());
-    kube.running_pod(killed.get_name());
+    // Once a worker runs its task it has its SIGTERM handler (in the first milliseconds of its
+    // program it has not: see the executor's docs).
+    kube.claimed(terminated.get_name());
+    kube.claimed(killed.get_name());
 
     let asked = Instant::now();
     terminated.terminate().expect("terminate");
@@ -618,15 +651,26 @@ fn terminate_and_kill(kube: &Kube) {
     killed.kill().expect("kill");
     assert_eq!(exit_code(&killed), Some(-9));
 
+    // A pod whose container takes a second to start (a real cluster's are slower still; the
+    // annotation is the emulator's): terminate() lands before the program runs, never in the
+    // first milliseconds of its program, before its SIGTERM handler exists (the limit the
+    // executor's docs give).
+    drop((terminated, killed, _rt));
+    let mut slow_start = kube.config();
+    slow_start
+        .kubernetes
+        .annotations
+        .insert(START_DELAY_MS.into(), "1000".into());
+    let _rt = runtime(slow_start);
     let early = Process::new(sleeps, (60_000u64,));
     early.start().expect("start");
     early.terminate().expect("terminate before the pod runs");
     assert_eq!(exit_code(&early), Some(-15));
+    let selector = format!("shoal.dev/process={}", early.get_name());
     assert!(
-        wait(patience(), || kube
-            .pods(&format!("shoal.dev/process={}", early.get_name()))
-            .is_empty()),
-        "the pod of a terminated process stays"
+        wait(patience(), || kube.jobs(&selector).is_empty()
+            && kube.pods(&selector).is_empty()),
+        "the Job or pod of a terminated process stays"
     );
 }
 
@@ -1329,21 +1373,7 @@ fn measurements_claim_latency_redis_commands_and_redelivery() {
                 let p = Process::new(sleeps, (400u64,));
                 p.start().expect("start");
                 let pod = kube.running_pod(p.get_name());
-                let pods = kube.pods(&format!("shoal.dev/process={}", p.get_name()));
-                let id = pods
-                    .first()
-                    .map(|p| label(&p.metadata, "shoal.dev/worker").to_string())
-                    .unwrap_or_default();
-                let status = format!("shoal:{{{}:proc:{id}}}:status", kube.keys);
-                let mut started_ms = None;
-                wait(patience(), || {
-                    started_ms = redis::cmd("HGET")
-                        .arg(&status)
-                        .arg("started_ms")
-                        .query::<Option<u64>>(&mut redis)
-                        .expect("HGET");
-                    started_ms.is_some()
-                });
+                let claimed = kube.claimed(p.get_name());
                 let running = kube
                     .emulator()
                     .pod_running_since(&kube.namespace, &pod)
@@ -1352,7 +1382,6 @@ fn measurements_claim_latency_redis_commands_and_redelivery() {
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_millis() as u64)
                     .unwrap_or(0);
-                let claimed = started_ms.expect("the worker claimed its task");
                 assert!(claimed >= running_ms, "claimed before the pod ran");
                 latencies.push(claimed - running_ms);
                 assert_eq!(exit_code(&p), Some(0));
@@ -1532,6 +1561,85 @@ fn an_oom_killed_pod_ends_its_process_with_minus_9_and_says_so() {
     assert!(
         driven.stderr.contains("OOMKilled"),
         "the driver's log says why"
+    );
+}
+
+#[test]
+fn pool_worker_pods_exit_when_their_driver_is_killed() {
+    drive(
+        "pool_worker_pods_exit_when_their_driver_is_killed",
+        Target::Emulator,
+        |kube| {
+            // The driver is another program (the scenario binary, a user's `main`), so that it
+            // can be killed while this one watches its pods.
+            let scenario = env!("CARGO_BIN_EXE_scenario");
+            let mut driver = Command::new(scenario)
+                .args(["pool-sleep", "2"])
+                .env("SHOAL_BACKEND", "kubernetes")
+                .env("SHOAL_NAMESPACE", &kube.keys)
+                .env("SHOAL_REDIS_URL", &kube.redis_url)
+                .env("SHOAL_KUBERNETES_IMAGE", &kube.image)
+                .env("SHOAL_KUBERNETES_COMMAND", scenario)
+                .env_remove(ROLE)
+                .env_remove(TARGET)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("the scenario driver starts");
+            let stdout = driver.stdout.take().expect("stdout");
+            let ready = std::thread::spawn(move || {
+                use std::io::BufRead;
+                std::io::BufReader::new(stdout)
+                    .lines()
+                    .map_while(Result::ok)
+                    .any(|line| line == "ready")
+            });
+            assert!(ready.join().unwrap_or(false), "the driver never got ready");
+            let mut pids = Vec::new();
+            let running = wait(patience(), || {
+                pids = kube
+                    .pods("")
+                    .iter()
+                    .filter(|p| phase(p) == "Running")
+                    .filter_map(|p| p.metadata.name.clone())
+                    .filter_map(|name| kube.emulator().pod_pid(&kube.namespace, &name))
+                    .collect();
+                pids.len() == 2
+            });
+            assert!(running, "two worker pods never ran: {:?}", kube.pods(""));
+            driver.kill().expect("SIGKILL the driver");
+            let killed = Instant::now();
+            let _ = driver.wait();
+            // Their 60 s tasks notwithstanding, the workers see the driver's liveness key lapse
+            // (1 s TTL for a 2 s lease) and exit with 76.
+            let gone = wait(patience(), || {
+                kube.pods("")
+                    .iter()
+                    .all(|p| matches!(phase(p), "Failed" | "Succeeded"))
+            });
+            let pods = kube.pods("");
+            assert!(gone, "worker pods run on for nobody: {pods:?}");
+            println!(
+                "measure: worker pods ended {:?} after their driver's SIGKILL",
+                killed.elapsed()
+            );
+            for pod in &pods {
+                let code = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .and_then(|c| c.first())
+                    .and_then(|c| c.state.as_ref())
+                    .and_then(|s| s.terminated.as_ref())
+                    .map(|t| t.exit_code);
+                assert_eq!(
+                    code,
+                    Some(76),
+                    "a worker whose driver is gone exits with 76"
+                );
+            }
+        },
     );
 }
 

@@ -40,7 +40,7 @@ use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
 
 use super::controller::{self, now};
-use super::{Cluster, Core, OOM_KILL_AFTER_MS, UNPULLABLE_REGISTRY};
+use super::{Cluster, Core, OOM_KILL_AFTER_MS, START_DELAY_MS, UNPULLABLE_REGISTRY};
 use crate::netns::{Host, spawn_container};
 
 /// The `PATH` of a container (the usual one of Linux images).
@@ -117,6 +117,7 @@ struct Launch {
     env: Vec<(String, String)>,
     working_dir: String,
     oom_after: Option<Duration>,
+    start_delay: Option<Duration>,
 }
 
 fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
@@ -192,7 +193,34 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
         }
     };
 
+    // A container that takes its time to start (see `START_DELAY_MS`): the pod stays in
+    // ContainerCreating, and a deletion meanwhile removes it at once.
+    if let Some(delay) = launch.start_delay {
+        let until = std::time::Instant::now() + delay;
+        while std::time::Instant::now() < until {
+            if core.shutting_down() {
+                return;
+            }
+            {
+                let mut cluster = core.lock();
+                let Some(pod) = current(&cluster) else {
+                    return;
+                };
+                if pod.metadata.deletion_timestamp.is_some() {
+                    if let Some(pod) = cluster.store.remove::<Pod>(namespace, name) {
+                        controller::pod_removed(core, &mut cluster, &pod);
+                    }
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     let log_path = core.log_path(namespace, name);
+    // The container starts now (as a container runtime's `startedAt`; the program may be
+    // running before the spawn below returns).
+    let started = SystemTime::now();
     let spawned = File::create(&log_path)
         .and_then(|log| Ok((log.try_clone()?, log)))
         .and_then(|(stdout, stderr)| {
@@ -207,8 +235,6 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
                 .stderr(stderr);
             spawn_container(&mut command, host.as_deref())
         });
-    // The container runs from here (spawning returns once the program is executing).
-    let started = SystemTime::now();
 
     let pid = {
         let mut cluster = core.lock();
@@ -403,19 +429,23 @@ fn plan(cluster: &Cluster, pod: &Pod, pod_ip: &str) -> Result<Launch, String> {
         .chain(container.args.iter().flatten())
         .map(|w| expand(w, &env));
     let program = words.next().ok_or("the container has no command")?;
-    let oom_after = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(OOM_KILL_AFTER_MS))
-        .and_then(|ms| ms.trim().parse::<u64>().ok())
-        .map(Duration::from_millis);
+    let annotation_ms = |key: &str| {
+        pod.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .and_then(|ms| ms.trim().parse::<u64>().ok())
+            .map(Duration::from_millis)
+    };
+    let oom_after = annotation_ms(OOM_KILL_AFTER_MS);
+    let start_delay = annotation_ms(START_DELAY_MS);
     Ok(Launch {
         program,
         args: words.collect(),
         env,
         working_dir: container.working_dir.clone().unwrap_or_else(|| "/".into()),
         oom_after,
+        start_delay,
     })
 }
 

@@ -134,7 +134,7 @@
 //!
 //! # Test controls
 //! [`Emulator::pod_pid`] (to signal a pod's process directly), [`Emulator::oom_kill`] and the
-//! annotation [`OOM_KILL_AFTER_MS`], [`Emulator::pod_log`], [`Emulator::pod_running_since`]
+//! annotation [`OOM_KILL_AFTER_MS`], the annotation [`START_DELAY_MS`], [`Emulator::pod_log`], [`Emulator::pod_running_since`]
 //! (when the kubelet saw the container start, to the microsecond), [`Emulator::cut_pod`] and
 //! [`Emulator::restore_pod`] (partition a pod's network host, see
 //! [`Host::cut`](crate::netns::Host::cut)).
@@ -171,6 +171,12 @@ pub const NODE_NAME: &str = "shoal-emulator-node";
 /// milliseconds after it started, as the kernel's OOM killer would (SIGKILL), and reports
 /// `reason: OOMKilled`, `exitCode: 137`.
 pub const OOM_KILL_AFTER_MS: &str = "kube-emulator.shoal.test/oom-kill-after-ms";
+
+/// Pod annotation (set it in the Job's pod template): the kubelet waits this many milliseconds
+/// before it starts the container, the pod staying Pending in `ContainerCreating` (as while a
+/// real node pulls an image); a deletion meanwhile removes the pod at once. A real cluster
+/// ignores the annotation.
+pub const START_DELAY_MS: &str = "kube-emulator.shoal.test/start-delay-ms";
 
 /// Registry hosts under this top-level domain cannot be pulled from (see the module docs):
 /// `registry.invalid/app:1` stays in `ErrImagePull`/`ImagePullBackOff`.
@@ -415,9 +421,9 @@ impl Emulator {
         kubelet::oom_kill(&mut self.core.lock(), &uid)
     }
 
-    /// When the kubelet started pod `namespace/name`'s container (the moment its program was
-    /// executing; its state `running` follows), with this machine's clock at full precision
-    /// (the API's `startedAt` has whole seconds); `None` if it never started.
+    /// When the kubelet started pod `namespace/name`'s container (just before it spawned the
+    /// program; its state `running` follows), with this machine's clock at full precision (the
+    /// API's `startedAt` has whole seconds); `None` if it never started.
     pub fn pod_running_since(&self, namespace: &str, name: &str) -> Option<SystemTime> {
         let uid = self.pod_uid(namespace, name)?;
         let cluster = self.core.lock();
