@@ -1366,7 +1366,8 @@ fn measurements_claim_latency_redis_commands_and_redelivery() {
         |kube| {
             let mut redis = kube.redis();
 
-            // Pod Running (the kubelet's clock) to the worker's claim (`started_ms`).
+            // The container starting (the kubelet's clock; the pod is Running from then) to the
+            // worker's claim (`started_ms` in its status hash).
             let rt = runtime(kube.config());
             let mut latencies = Vec::new();
             for _ in 0..5 {
@@ -1387,7 +1388,7 @@ fn measurements_claim_latency_redis_commands_and_redelivery() {
                 assert_eq!(exit_code(&p), Some(0));
             }
             println!(
-                "measure: pod Running -> task claimed: {latencies:?} ms, median {} ms",
+                "measure: container start -> task claimed: {latencies:?} ms, median {} ms",
                 median(latencies.clone())
             );
             drop(rt);
