@@ -1,7 +1,7 @@
 # shoal: the two commands of the README, and helpers.
 CARGO ?= cargo
 
-.PHONY: run test lint unit-and-integration examples
+.PHONY: run test lint unit-and-integration examples test-kubernetes
 
 ## run: the main job on the local backend (installs redis-server if missing): the seed's Process
 ## example (hello bob), then the seeds' Pool map jobs (map, starmap -> [2, 4, 6, 8], map_async)
@@ -32,3 +32,10 @@ unit-and-integration:
 
 examples:
 	scripts/run-examples.sh
+
+## test-kubernetes: the Kubernetes backend's tests against a real cluster (not part of `make test`,
+## whose emulator runs the same scenarios). Needs KUBECONFIG, SHOAL_TEST_IMAGE (built by
+## scripts/build-kubernetes-test-image.sh) and SHOAL_TEST_REDIS_URL; skips, saying so, without
+## them. See scripts/test-kubernetes.sh for the optional variables.
+test-kubernetes:
+	@scripts/test-kubernetes.sh

@@ -8,7 +8,9 @@
 //!    expired or already claimed ends the worker with exit code 1 and a message on stderr;
 //! 2. installs the process context (the parent's configuration, this process's name and
 //!    identity), so handles received as arguments work;
-//! 3. redirects stdout/stderr into the output stream if the parent asked for it;
+//! 3. redirects stdout/stderr into the output stream if the parent asked for it and reads it
+//!    (a process's parent does; a pool's supervisor does not, so a pool worker's output stays
+//!    on the backend's own stdout and stderr: the terminal, or the pod's log);
 //! 4. looks the function up in the registry and calls it, catching panics; or, for a pool
 //!    worker, serves the pool ([`crate::pool::run_worker`]) until it is told to stop;
 //! 5. runs the caller's end-of-task hook (the runtime joins this worker's own non-daemon
@@ -19,6 +21,17 @@
 //!
 //! A function that calls `std::process::exit(n)` ends the worker at once with code `n`; the
 //! backend observes that code (the status hash then still says `running`).
+//!
+//! # A worker that is PID 1
+//!
+//! In a container (a Kubernetes pod) the worker is PID 1 of its PID namespace, and the kernel
+//! delivers no signal to such a process unless it installed a handler for it (`SIGKILL` from
+//! outside the namespace excepted). `SIGTERM`, which a pod deletion sends first, would be
+//! ignored: `terminate()` would wait out the pod's grace period and end with `SIGKILL` (-9)
+//! instead of -15. So a worker that finds itself PID 1 installs a `SIGTERM` handler that exits
+//! at once with 143 (128 + 15, what a shell reports for a process `SIGTERM` ended, and what
+//! backends read as -15), doing what `SIGTERM`'s default action does elsewhere. A worker that
+//! is not PID 1 keeps the default action.
 
 use std::sync::Arc;
 
@@ -33,8 +46,14 @@ use crate::output::OutputCapture;
 use crate::pool::{self, EXIT_STORE_LOST};
 use crate::task::{ExitRecord, ProcessKeys, TaskAddress, TaskKind, TaskRecord};
 
+/// Exit code of a worker ended by `SIGTERM` while it is PID 1: 128 + 15.
+pub const EXIT_TERMINATED: i32 = 143;
+
 /// Runs the task at `address` and returns the exit code the process should exit with.
 pub fn run(address: &TaskAddress, on_task_end: &dyn Fn()) -> i32 {
+    if std::process::id() == 1 {
+        exit_on_sigterm();
+    }
     match run_inner(address, on_task_end) {
         Ok(code) => code,
         Err(e) => {
@@ -73,7 +92,10 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
         },
     )));
 
-    let capture = if record.stream_output {
+    // Only a process's parent reads its output stream; a pool's supervisor does not, so what a
+    // pool worker prints stays where the backend puts it (the terminal, the pod's log) rather
+    // than in a stream nobody reads.
+    let capture = if record.stream_output && matches!(record.kind, TaskKind::Call { .. }) {
         Some(OutputCapture::start(store.clone(), keys.output.clone())?)
     } else {
         None
@@ -133,4 +155,29 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
     }
     exit.write(&store, &keys)?;
     Ok(exit.code)
+}
+
+/// Makes `SIGTERM` end this process with [`EXIT_TERMINATED`] (see the module docs: a PID 1
+/// would otherwise ignore it).
+#[allow(unsafe_code)]
+fn exit_on_sigterm() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+
+    extern "C" fn on_sigterm(_: nix::libc::c_int) {
+        // SAFETY: `_exit` is async-signal-safe (POSIX.1 lists it); it ends the process at once
+        // without running atexit handlers or touching any lock, buffer or allocator state the
+        // interrupted code may hold.
+        unsafe { nix::libc::_exit(EXIT_TERMINATED) }
+    }
+
+    let action = SigAction::new(
+        SigHandler::Handler(on_sigterm),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler only calls `_exit`, which is async-signal-safe, and this replaces the
+    // default disposition of SIGTERM, which nothing else in a worker installs.
+    if let Err(e) = unsafe { sigaction(Signal::SIGTERM, &action) } {
+        eprintln!("shoal worker: cannot handle SIGTERM as PID 1: {e}");
+    }
 }

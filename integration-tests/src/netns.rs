@@ -2,7 +2,8 @@
 //! namespace of its own, all joined by one bridge in this test's ("the parent's") namespace.
 //!
 //! A [`Network`] is a Linux bridge `shoaln<N>br` holding the address `10.231.<N>.1/24`
-//! ([`Network::host_address`]): a test binds its servers there (for Redis:
+//! ([`Network::host_address`]) and a fixed MAC address (so hosts coming and going never change
+//! the bridge's, which would leave the other hosts' ARP entries stale): a test binds its servers there (for Redis:
 //! [`crate::TestRedis::tcp_also_on`]). Each [`Host`] is a network namespace `shoaln<N>h<M>` with
 //! only a loopback and one end of a veth pair (`eth0`, address `10.231.<N>.<M>/24`) whose other
 //! end `shoaln<N>v<M>` is a port of the bridge. A host has no default route: it reaches the
@@ -191,6 +192,11 @@ impl Network {
                 "forward_delay",
                 "0",
             ])?;
+            // A bridge without an address of its own takes the lowest of its ports' and changes
+            // it as hosts come and go: every other host's ARP entry for the bridge (where
+            // Redis is) would go stale and its traffic stall for seconds. A fixed one never
+            // changes.
+            ip(&["link", "set", &inner.bridge, "address", &inner.mac()])?;
             let address = format!("{}/24", inner.address(1));
             ip(&["addr", "add", &address, "dev", &inner.bridge])?;
             ip(&["link", "set", &inner.bridge, "up"])?;
@@ -273,6 +279,11 @@ impl Network {
 impl NetworkInner {
     fn address(&self, last: u8) -> Ipv4Addr {
         Ipv4Addr::new(SUBNET_BASE[0], SUBNET_BASE[1], self.index, last)
+    }
+
+    /// The bridge's MAC address: locally administered (`02:...`), one per network index.
+    fn mac(&self) -> String {
+        format!("02:73:68:6e:{:02x}:01", self.index)
     }
 
     fn take_slot(&self) -> Result<u8, NetnsError> {

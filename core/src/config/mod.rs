@@ -62,6 +62,10 @@ const UNBUILT_SECTIONS: &[&str] = &["lambda", "http"];
 /// Environment variables with the `SHOAL_` prefix that are not configuration overrides.
 const RESERVED_ENV: &[&str] = &["SHOAL_CONFIG", "SHOAL_LOG"];
 
+/// Prefix of the variables shoal's own test suites read (`SHOAL_TEST_IMAGE`...): not
+/// configuration.
+pub const TEST_ENV_PREFIX: &str = "SHOAL_TEST_";
+
 /// Prefix of the variables a backend sets for a worker process (the task's address).
 pub const WORKER_ENV_PREFIX: &str = "SHOAL_WORKER_";
 
@@ -799,7 +803,10 @@ fn env_override_target(var: &str) -> Result<Option<(String, String)>> {
     let Some(rest) = var.strip_prefix("SHOAL_") else {
         return Ok(None);
     };
-    if RESERVED_ENV.contains(&var) || var.starts_with(WORKER_ENV_PREFIX) {
+    if RESERVED_ENV.contains(&var)
+        || var.starts_with(WORKER_ENV_PREFIX)
+        || var.starts_with(TEST_ENV_PREFIX)
+    {
         return Ok(None);
     }
     let lower = rest.to_ascii_lowercase();

@@ -14,18 +14,26 @@
 //!
 //! # What the executor does
 //!
-//! * **Launch**: creates the Job ([`spec`]); the pod reads its task from Redis like any worker
+//! * **Launch**: creates the Job (`spec.rs`); the pod reads its task from Redis like any worker
 //!   (the backend moves no data). Thread workloads (start method `thread`) run in this process,
 //!   through the local executor.
 //! * **Exit**: one watch on the pods of this runtime (label `shoal.dev/runtime`, through
 //!   `kube::runtime::watcher`, which relists and resumes after errors) tells each worker's end
-//!   ([`status`]): its exit code, Python's way (`-9` for `SIGKILL`, `-15` for `SIGTERM`,
+//!   (`status.rs`): its exit code, Python's way (`-9` for `SIGKILL`, `-15` for `SIGTERM`,
 //!   `OOMKilled` logged as such), or that it cannot start (an image that cannot be pulled, a
-//!   missing Secret), which is logged with the kubelet's message and ends the worker with
-//!   code 1. A pod deleted without a final status ends its worker with the signal that was
-//!   asked for, else `-9`.
+//!   missing Secret, a command the container runtime cannot execute), which is logged with the
+//!   kubelet's message, deletes the Job and ends the worker with code 1. A pod deleted without
+//!   a final status (or with `ContainerStatusUnknown`) ends its worker with the signal that was
+//!   asked for, else `-9`. Container runtimes report a signal `N` as exit code `128 + N`, so a
+//!   function that calls `std::process::exit(n)` with `n` in 129..=192 reads as `-(n - 128)`
+//!   here (the local backend tells them apart).
 //! * **Signal**: `terminate()` deletes the pod with its grace period (`SIGTERM`, then `SIGKILL`
 //!   after `terminationGracePeriodSeconds`) and the Job; `kill()` deletes the pod with grace 0.
+//!   A worker is PID 1 of its container, which the kernel shields from signals it has no
+//!   handler for: the worker path installs a `SIGTERM` handler that exits with 143 (`-15`), see
+//!   `crate::worker`. A `terminate()` that reaches a pod in the few milliseconds between its
+//!   program starting and that handler being installed is ignored, and the pod ends with
+//!   `SIGKILL` (`-9`) after the grace period, as any container without a handler would.
 //! * **Shutdown**: the runtime being dropped deletes every Job it started (label selector),
 //!   finished ones included.
 //!
@@ -149,7 +157,15 @@ impl KubernetesExecutor {
         };
         worker.pod = Some(pod.name_any());
         match outcome(pod) {
-            PodOutcome::Exited { code, reason } => self.exited(&id, code, reason),
+            PodOutcome::Exited { code, reason } => {
+                // A kubelet that lost track of a container it was told to stop reports
+                // `ContainerStatusUnknown` with 137: the end is the one this executor asked for.
+                let code = match (reason.as_deref(), worker.stopping) {
+                    (Some("ContainerStatusUnknown"), Some(signal)) => signal.exit_code(),
+                    _ => code,
+                };
+                self.exited(&id, code, reason);
+            }
             PodOutcome::Unstartable(why) => {
                 tracing::error!(
                     "{} (Job {}) cannot start: {why}; deleting it",

@@ -7,12 +7,16 @@
 //! process killed by signal `N`: 137 for `SIGKILL`, 143 for `SIGTERM`) becomes `-N`. A pod that
 //! failed without a container state (evicted, deadline exceeded before it started) is `-9`. A
 //! container the kubelet cannot start (an image that cannot be pulled, a missing Secret, an
-//! invalid image name) is reported as unstartable with the kubelet's message, rather than
-//! waiting for it forever.
+//! invalid image name, or a command the container runtime cannot execute: terminated with
+//! reason `StartError` or `ContainerCannotRun`) is reported as unstartable with the kubelet's
+//! message, rather than waiting for it forever or passing the runtime's 128 for an exit code.
 
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 
 use super::spec::CONTAINER;
+
+/// Terminated reasons of a container whose program never ran (containerd's, Docker's).
+const NEVER_RAN: &[&str] = &["StartError", "ContainerCannotRun"];
 
 /// Waiting reasons after which the container will not start without a change by the user.
 const UNSTARTABLE: &[&str] = &[
@@ -74,6 +78,12 @@ pub fn outcome(pod: &Pod) -> PodOutcome {
 }
 
 fn exited(terminated: &ContainerStateTerminated) -> PodOutcome {
+    if let Some(reason) = &terminated.reason
+        && NEVER_RAN.contains(&reason.as_str())
+    {
+        let message = terminated.message.as_deref().unwrap_or("");
+        return PodOutcome::Unstartable(format!("{reason}: {message}"));
+    }
     let code = match terminated.signal {
         Some(signal) if signal > 0 => -signal,
         _ => match terminated.exit_code {
@@ -191,6 +201,22 @@ mod tests {
             outcome(&pod("Pending", waiting)),
             PodOutcome::Unstartable(m) if m.contains("nope:1")
         ));
+        let mut never_ran = pod("Failed", terminated(128, "StartError"));
+        if let Some(t) = never_ran
+            .status
+            .as_mut()
+            .and_then(|s| s.container_statuses.as_mut())
+            .and_then(|c| c[0].state.as_mut())
+            .and_then(|s| s.terminated.as_mut())
+        {
+            t.message = Some("exec: \"/nope\": no such file or directory".into());
+        }
+        assert_eq!(
+            outcome(&never_ran),
+            PodOutcome::Unstartable(
+                "StartError: exec: \"/nope\": no such file or directory".into()
+            )
+        );
         let creating = Some(ContainerState {
             waiting: Some(ContainerStateWaiting {
                 reason: Some("ContainerCreating".into()),

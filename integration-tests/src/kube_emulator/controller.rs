@@ -23,6 +23,7 @@ use nix::sys::signal::Signal;
 use super::api::{ApiError, Cause};
 use super::kubelet;
 use super::store::Object;
+use super::validation;
 use super::{Cluster, Core, NODE_NAME};
 
 /// Delay before the first retry of a failed Job pod, doubled for each further failure up to
@@ -99,6 +100,10 @@ pub(crate) fn admit_metadata<K: Object>(
             &name,
             vec![Cause::invalid("metadata.name", &name, &problem)],
         ));
+    }
+    let causes = validation::object_meta(metadata, "metadata");
+    if !causes.is_empty() {
+        return Err(ApiError::invalid::<K>(&name, causes));
     }
     if cluster.store.contains::<K>(namespace, &name) {
         return Err(ApiError::already_exists::<K>(&name));
@@ -240,10 +245,14 @@ fn validate_job(job: &Job) -> Vec<Cause> {
             "podReplacementPolicy other than TerminatingOrFailed",
         );
     }
+    if let Some(metadata) = &spec.template.metadata {
+        causes.extend(validation::object_meta(metadata, "spec.template.metadata"));
+    }
     let Some(pod) = &spec.template.spec else {
         causes.push(Cause::required("spec.template.spec.containers", ""));
         return causes;
     };
+    causes.extend(validation::pod_spec(pod, "spec.template.spec"));
     match pod.restart_policy.as_deref() {
         Some("Never") => {}
         Some("OnFailure") => unsupported(

@@ -9,8 +9,10 @@
 //! and the container's `env`/`envFrom` (literal values with `$(VAR)` expansion, Secret keys,
 //! downward-API fields), in `workingDir` (else `/`). Its stdout and stderr go to one log file.
 //!
-//! Status: Pending (`ContainerCreating`, or `CreateContainerConfigError` while a referenced
-//! Secret or key is missing, retried every half second) → Running (`state.running.startedAt`,
+//! Status: Pending (`ContainerCreating`; `ErrImagePull`/`ImagePullBackOff` for as long as
+//! the pod exists when the image's registry is in the `.invalid` domain; or
+//! `CreateContainerConfigError` while a referenced Secret or key is missing, retried every half
+//! second) → Running (`state.running.startedAt`,
 //! Ready) → Succeeded (exit 0) or Failed, with `state.terminated`: the exit code, 128 + N for
 //! a process killed by signal N (137 for SIGKILL, 143 for SIGTERM), reason `Completed`, `Error`
 //! or `OOMKilled` (see [`OOM_KILL_AFTER_MS`](super::OOM_KILL_AFTER_MS)), and `StartError` with
@@ -23,8 +25,8 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{
     Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
@@ -38,13 +40,15 @@ use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
 
 use super::controller::{self, now};
-use super::{Cluster, Core, OOM_KILL_AFTER_MS};
-use crate::netns::spawn_container;
+use super::{Cluster, Core, OOM_KILL_AFTER_MS, START_DELAY_MS, UNPULLABLE_REGISTRY};
+use crate::netns::{Host, spawn_container};
 
 /// The `PATH` of a container (the usual one of Linux images).
 const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How often a pod waiting for a Secret looks again.
 const CONFIG_RETRY: Duration = Duration::from_millis(500);
+/// How often the kubelet tries an image it cannot pull again.
+const IMAGE_PULL_RETRY: Duration = Duration::from_millis(500);
 
 /// The kubelet's record of a pod's container process.
 #[derive(Debug, Default)]
@@ -55,6 +59,10 @@ pub(crate) struct ContainerProcess {
     pub(crate) reaped: bool,
     /// The process is being killed as out of memory.
     pub(crate) oom_killed: bool,
+    /// When the container started (its state became `running`).
+    pub(crate) running_since: Option<SystemTime>,
+    /// The pod's network host, while the kubelet's thread holds it.
+    pub(crate) host: Option<Weak<Host>>,
 }
 
 /// Sends `signal` to pod `uid`'s container process if it is still running.
@@ -94,6 +102,14 @@ pub(crate) fn start(core: &Arc<Core>, namespace: String, name: String, uid: Stri
     }
 }
 
+/// The registry host of `image` when it cannot be pulled from: one in the `.invalid` top-level
+/// domain, which never resolves (see [`UNPULLABLE_REGISTRY`]).
+fn unpullable_registry(image: &str) -> Option<&str> {
+    let (first, _) = image.split_once('/')?;
+    let host = first.split_once(':').map_or(first, |(host, _port)| host);
+    host.ends_with(UNPULLABLE_REGISTRY).then_some(host)
+}
+
 /// What the kubelet needs to start a container.
 struct Launch {
     program: String,
@@ -101,6 +117,7 @@ struct Launch {
     env: Vec<(String, String)>,
     working_dir: String,
     oom_after: Option<Duration>,
+    start_delay: Option<Duration>,
 }
 
 fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
@@ -113,7 +130,7 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
     // The pod's "sandbox": its network namespace.
     let host = match &core.network {
         Some(network) => match network.try_host() {
-            Ok(host) => Some(host),
+            Ok(host) => Some(Arc::new(host)),
             Err(e) => {
                 let mut cluster = core.lock();
                 fail_to_start(core, &mut cluster, namespace, name, uid, &e.to_string());
@@ -126,6 +143,7 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
         .as_ref()
         .map_or_else(|| core.node_ip.clone(), |h| h.address().to_string());
 
+    let mut pull_attempts = 0u32;
     let launch = loop {
         if core.shutting_down() {
             return;
@@ -140,6 +158,31 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
             }
             return;
         }
+        // The image is pulled before the container's configuration is made, as a kubelet does.
+        let image = container_of(&pod).image.unwrap_or_default();
+        if let Some(registry) = unpullable_registry(&image) {
+            // Alternates like a kubelet's retries: ErrImagePull at each attempt, back-off after.
+            let (reason, message) = if pull_attempts.is_multiple_of(4) {
+                (
+                    "ErrImagePull",
+                    format!(
+                        "failed to pull and unpack image {image:?}: failed to resolve reference \
+                         {image:?}: failed to do request: dial tcp: lookup {registry}: no such \
+                         host"
+                    ),
+                )
+            } else {
+                (
+                    "ImagePullBackOff",
+                    format!("Back-off pulling image {image:?}"),
+                )
+            };
+            pull_attempts += 1;
+            set_waiting(&mut cluster, pod, reason, &message);
+            drop(cluster);
+            std::thread::sleep(IMAGE_PULL_RETRY);
+            continue;
+        }
         match plan(&cluster, &pod, &pod_ip) {
             Ok(launch) => break launch,
             Err(message) => {
@@ -150,7 +193,34 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
         }
     };
 
+    // A container that takes its time to start (see `START_DELAY_MS`): the pod stays in
+    // ContainerCreating, and a deletion meanwhile removes it at once.
+    if let Some(delay) = launch.start_delay {
+        let until = std::time::Instant::now() + delay;
+        while std::time::Instant::now() < until {
+            if core.shutting_down() {
+                return;
+            }
+            {
+                let mut cluster = core.lock();
+                let Some(pod) = current(&cluster) else {
+                    return;
+                };
+                if pod.metadata.deletion_timestamp.is_some() {
+                    if let Some(pod) = cluster.store.remove::<Pod>(namespace, name) {
+                        controller::pod_removed(core, &mut cluster, &pod);
+                    }
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     let log_path = core.log_path(namespace, name);
+    // The container starts now (as a container runtime's `startedAt`; the program may be
+    // running before the spawn below returns).
+    let started = SystemTime::now();
     let spawned = File::create(&log_path)
         .and_then(|log| Ok((log.try_clone()?, log)))
         .and_then(|(stdout, stderr)| {
@@ -163,7 +233,7 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
                 .stdin(Stdio::null())
                 .stdout(stdout)
                 .stderr(stderr);
-            spawn_container(&mut command, host.as_ref())
+            spawn_container(&mut command, host.as_deref())
         });
 
     let pid = {
@@ -189,6 +259,8 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
             uid.to_string(),
             ContainerProcess {
                 pid: Some(pid),
+                host: host.as_ref().map(Arc::downgrade),
+                running_since: Some(started),
                 ..ContainerProcess::default()
             },
         );
@@ -357,19 +429,23 @@ fn plan(cluster: &Cluster, pod: &Pod, pod_ip: &str) -> Result<Launch, String> {
         .chain(container.args.iter().flatten())
         .map(|w| expand(w, &env));
     let program = words.next().ok_or("the container has no command")?;
-    let oom_after = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(OOM_KILL_AFTER_MS))
-        .and_then(|ms| ms.trim().parse::<u64>().ok())
-        .map(Duration::from_millis);
+    let annotation_ms = |key: &str| {
+        pod.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .and_then(|ms| ms.trim().parse::<u64>().ok())
+            .map(Duration::from_millis)
+    };
+    let oom_after = annotation_ms(OOM_KILL_AFTER_MS);
+    let start_delay = annotation_ms(START_DELAY_MS);
     Ok(Launch {
         program,
         args: words.collect(),
         env,
         working_dir: container.working_dir.clone().unwrap_or_else(|| "/".into()),
         oom_after,
+        start_delay,
     })
 }
 
@@ -649,6 +725,21 @@ fn set_terminated(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registries_in_the_invalid_domain_cannot_be_pulled_from() {
+        assert_eq!(
+            unpullable_registry("registry.invalid/app:1"),
+            Some("registry.invalid")
+        );
+        assert_eq!(
+            unpullable_registry("no-such.invalid:5000/team/app"),
+            Some("no-such.invalid")
+        );
+        assert_eq!(unpullable_registry("registry.example.com/app:1"), None);
+        assert_eq!(unpullable_registry("app.invalid"), None, "no registry host");
+        assert_eq!(unpullable_registry("busybox"), None);
+    }
 
     #[test]
     fn variable_references_expand_like_kubernetes() {

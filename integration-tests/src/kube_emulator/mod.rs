@@ -59,7 +59,10 @@
 //!
 //! # Jobs (job controller)
 //! On create, the API server's validation and defaults: a name or `generateName`; a DNS-1123
-//! name of at most 63 characters; `restartPolicy` `Never` (`OnFailure` is real but not
+//! name of at most 63 characters; labels, annotations, container names, environment variable
+//! names, resource names and quantities, pull policies, the service account, node selectors and
+//! tolerations checked with the real server's rules and messages (`validation.rs`; Secrets'
+//! labels and annotations too); `restartPolicy` `Never` (`OnFailure` is real but not
 //! emulated: 422 saying so); exactly one container with a name, an image and a `command`;
 //! `backoffLimit` (default 6) and `ttlSecondsAfterFinished` ≥ 0; `activeDeadlineSeconds` > 0;
 //! `selector` generated (`batch.kubernetes.io/controller-uid`), and the template labels
@@ -123,28 +126,38 @@
 //! a last update with its terminated state (so a grace-0 delete is still seen ending with 137;
 //! a real API server removes a pod deleted with grace 0 before the kubelet has killed it).
 //!
+//! Images are not pulled, with one exception that lets tests see what a cluster does with an
+//! image it cannot pull: an image whose registry host ends in `.invalid` (a top-level domain
+//! that never resolves, RFC 2606; [`UNPULLABLE_REGISTRY`]) leaves the pod Pending with the
+//! container waiting in `ErrImagePull`, then `ImagePullBackOff`, with the kubelet's messages,
+//! for as long as the pod exists.
+//!
 //! # Test controls
 //! [`Emulator::pod_pid`] (to signal a pod's process directly), [`Emulator::oom_kill`] and the
-//! annotation [`OOM_KILL_AFTER_MS`], [`Emulator::pod_log`].
+//! annotation [`OOM_KILL_AFTER_MS`], the annotation [`START_DELAY_MS`], [`Emulator::pod_log`], [`Emulator::pod_running_since`]
+//! (when the kubelet saw the container start, to the microsecond), [`Emulator::cut_pod`] and
+//! [`Emulator::restore_pod`] (partition a pod's network host, see
+//! [`Host::cut`](crate::netns::Host::cut)).
 
 mod api;
 mod controller;
 mod kubelet;
 mod selectors;
 mod store;
+mod validation;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::Pod;
 use nix::sys::signal::Signal;
 
-use crate::netns::Network;
+use crate::netns::{Host, Network};
 use kubelet::ContainerProcess;
 use store::Store;
 
@@ -158,6 +171,16 @@ pub const NODE_NAME: &str = "shoal-emulator-node";
 /// milliseconds after it started, as the kernel's OOM killer would (SIGKILL), and reports
 /// `reason: OOMKilled`, `exitCode: 137`.
 pub const OOM_KILL_AFTER_MS: &str = "kube-emulator.shoal.test/oom-kill-after-ms";
+
+/// Pod annotation (set it in the Job's pod template): the kubelet waits this many milliseconds
+/// before it starts the container, the pod staying Pending in `ContainerCreating` (as while a
+/// real node pulls an image); a deletion meanwhile removes the pod at once. A real cluster
+/// ignores the annotation.
+pub const START_DELAY_MS: &str = "kube-emulator.shoal.test/start-delay-ms";
+
+/// Registry hosts under this top-level domain cannot be pulled from (see the module docs):
+/// `registry.invalid/app:1` stays in `ErrImagePull`/`ImagePullBackOff`.
+pub const UNPULLABLE_REGISTRY: &str = ".invalid";
 
 /// A running emulator; see the module docs. Dropping it stops the server and kills every pod
 /// process it started (and removes their network namespaces).
@@ -396,6 +419,41 @@ impl Emulator {
             return false;
         };
         kubelet::oom_kill(&mut self.core.lock(), &uid)
+    }
+
+    /// When the kubelet started pod `namespace/name`'s container (just before it spawned the
+    /// program; its state `running` follows), with this machine's clock at full precision (the
+    /// API's `startedAt` has whole seconds); `None` if it never started.
+    pub fn pod_running_since(&self, namespace: &str, name: &str) -> Option<SystemTime> {
+        let uid = self.pod_uid(namespace, name)?;
+        let cluster = self.core.lock();
+        cluster.containers.get(&uid).and_then(|c| c.running_since)
+    }
+
+    /// Partitions pod `namespace/name`'s network host from the network ([`Host::cut`]: packets
+    /// to and from it are dropped; the kubelet still signals its process). False when the pod
+    /// has no host (an emulator without a network) or its host is gone.
+    ///
+    /// [`Host::cut`]: crate::netns::Host::cut
+    pub fn cut_pod(&self, namespace: &str, name: &str) -> bool {
+        self.pod_host(namespace, name)
+            .is_some_and(|host| host.cut().is_ok())
+    }
+
+    /// Ends a [`Emulator::cut_pod`]. False when the pod's host is gone.
+    pub fn restore_pod(&self, namespace: &str, name: &str) -> bool {
+        self.pod_host(namespace, name)
+            .is_some_and(|host| host.restore().is_ok())
+    }
+
+    fn pod_host(&self, namespace: &str, name: &str) -> Option<Arc<Host>> {
+        let uid = self.pod_uid(namespace, name)?;
+        let cluster = self.core.lock();
+        cluster
+            .containers
+            .get(&uid)
+            .and_then(|c| c.host.as_ref())
+            .and_then(Weak::upgrade)
     }
 
     /// What pod `namespace/name`'s container wrote to stdout and stderr so far (kept after the

@@ -1,0 +1,1773 @@
+//! The Kubernetes backend end to end (`shoal.backend: kubernetes`, crate feature `kubernetes`):
+//! real runtimes, through the real Kubernetes executor, against the test-only API emulator
+//! (`shoal_integration_tests::kube_emulator`) whose kubelet runs every pod as PID 1 of its own
+//! PID namespace, in a network namespace host of its own (`netns`), reaching Redis over TCP on
+//! the bridge: nothing can depend on a shared Unix socket, a parent pid or a terminal. Pods run
+//! this very test binary (`kubernetes.command`), as its `shoal_worker_entry` test.
+//!
+//! A runtime finds its cluster through `KUBECONFIG`, which a test cannot set in its own process
+//! (the environment is process-wide). So each test runs twice: the test started by the harness
+//! (the *outer* one) starts this binary again as that one test (the *driver*), with
+//! `KUBECONFIG` set and [`ROLE`] = `driver`; the driver starts the network, Redis and the
+//! emulator, writes the emulator's kubeconfig where `KUBECONFIG` says, and runs the scenario;
+//! the outer test checks that it succeeded and reads its stdout and stderr, where the workers'
+//! output arrives and the executor's log goes.
+//!
+//! Against a real cluster: the tests whose names start with `cluster_` are ignored unless asked
+//! for; `make test-kubernetes` runs them when `KUBECONFIG`, `SHOAL_TEST_IMAGE` and
+//! `SHOAL_TEST_REDIS_URL` are set (see the Makefile and the README's "Run on Kubernetes").
+
+#![cfg(feature = "kubernetes")]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::json;
+use shoal::config::{Backend, SecretKeyRef};
+use shoal::prelude::*;
+use shoal_integration_tests::TestRedis;
+use shoal_integration_tests::kube_emulator::{DEFAULT_NAMESPACE, Emulator, START_DELAY_MS};
+use shoal_integration_tests::netns::Network;
+
+shoal::test_support!();
+
+/// Environment variable telling a test that it is the driver half (see the module docs). Not
+/// `SHOAL_*`: `shoal::init()` refuses unknown `SHOAL_` variables.
+const ROLE: &str = "KUBERNETES_TEST_ROLE";
+/// What a driver prints when its scenario ran to the end.
+const DRIVER_DONE: &str = "kubernetes-test-driver: scenario done";
+/// Environment variable telling a driver which cluster it drives (`emulator`, `cluster`).
+const TARGET: &str = "KUBERNETES_TEST_TARGET";
+
+/// How long any single wait may take before it counts as a hang: a minute on the emulator,
+/// five on a real cluster (image pulls, scheduling).
+fn patience() -> Duration {
+    match std::env::var(TARGET).as_deref() {
+        Ok("cluster") => Duration::from_secs(300),
+        _ => Duration::from_secs(60),
+    }
+}
+
+/// How long a driver may run before the outer test kills it.
+fn driver_deadline(target: Target) -> Duration {
+    match target {
+        Target::Emulator => Duration::from_secs(110),
+        Target::Cluster => Duration::from_secs(1200),
+    }
+}
+/// Where the image built for the real-cluster tests holds this test binary.
+const IMAGE_COMMAND: &str = "/usr/local/bin/shoal-kubernetes-tests";
+
+// ---------------------------------------------------------------------------------------------
+// Functions the workers run.
+
+#[shoal::remote]
+fn noop() {}
+
+#[shoal::remote]
+fn panics() {
+    panic!("boom from a pod");
+}
+
+#[shoal::remote]
+fn exits(code: i32) {
+    std::process::exit(code);
+}
+
+#[shoal::remote]
+fn sleeps(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// Prints on both streams, naming the pod it runs in.
+#[shoal::remote]
+fn greet(name: String) {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    println!("hello {name} from {host}");
+    eprintln!("greeting {name} on stderr");
+}
+
+/// Prints the worker's view of itself: its pid, parent pid and environment variable.
+#[shoal::remote]
+fn describe(variable: String) {
+    println!(
+        "pid={} ppid={} {variable}={}",
+        std::process::id(),
+        nix::unistd::getppid(),
+        std::env::var(&variable).unwrap_or_else(|_| "<unset>".into())
+    );
+}
+
+#[shoal::remote]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+/// Prints a line naming `x`, returns `x`.
+#[shoal::remote]
+fn loud(x: u64) -> u64 {
+    println!("pool task {x} speaking");
+    x
+}
+
+#[shoal::remote]
+fn slow_square(x: u64, ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    x * x
+}
+
+/// Records `<x> <ms since epoch> <pod>` on the Redis list `list` (best effort, with short
+/// timeouts: a partitioned worker must not hang here), then works `ms` and returns `x²`.
+#[shoal::remote]
+fn recorded_square(url: String, list: String, x: u64, ms: u64) -> u64 {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    let entry = format!("{x} {} {host}", now_ms());
+    let timeout = Duration::from_secs(1);
+    if let Ok(client) = redis::Client::open(url)
+        && let Ok(mut conn) = client.get_connection_with_timeout(timeout)
+    {
+        let _ = conn.set_read_timeout(Some(timeout));
+        let _ = conn.set_write_timeout(Some(timeout));
+        let _: redis::RedisResult<()> = redis::cmd("RPUSH").arg(&list).arg(entry).query(&mut conn);
+    }
+    std::thread::sleep(Duration::from_millis(ms));
+    x * x
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness: an outer test, a driver with KUBECONFIG, and the cluster it drives.
+
+/// Which cluster a driver uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// The emulator, with pods in network namespace hosts.
+    Emulator,
+    /// The cluster of `KUBECONFIG`, with `SHOAL_TEST_IMAGE` and `SHOAL_TEST_REDIS_URL`.
+    Cluster,
+}
+
+/// What the outer test sees of its driver.
+struct Driven {
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `scenario` in a driver process (see the module docs). Returns the driver's output in the
+/// outer test, `None` in the driver itself (which must then return).
+fn drive(test: &str, target: Target, scenario: impl FnOnce(&Kube)) -> Option<Driven> {
+    if std::env::var(ROLE).as_deref() == Ok("driver") {
+        let kube = Kube::start(target);
+        scenario(&kube);
+        drop(kube);
+        println!("{DRIVER_DONE}");
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("a directory for the kubeconfig");
+    let kubeconfig = match target {
+        Target::Emulator => dir.path().join("kubeconfig"),
+        Target::Cluster => cluster_settings().kubeconfig,
+    };
+    let program = std::env::current_exe().expect("this test binary");
+    let mut child = Command::new(program)
+        .args([
+            test,
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+            // The real-cluster tests are ignored unless asked for; their drivers are asked for.
+            "--include-ignored",
+        ])
+        .env(ROLE, "driver")
+        .env(
+            TARGET,
+            match target {
+                Target::Emulator => "emulator",
+                Target::Cluster => "cluster",
+            },
+        )
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the driver starts");
+    let read = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = read(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + driver_deadline(target);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("the driver's status") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let driven = Driven {
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    println!("--- driver stdout ---\n{}", driven.stdout);
+    println!("--- driver stderr ---\n{}", driven.stderr);
+    let status = status.unwrap_or_else(|| panic!("the driver of {test} ran too long: killed"));
+    assert!(
+        status.success() && driven.stdout.contains(DRIVER_DONE),
+        "the driver of {test} failed ({status}); its output is above"
+    );
+    Some(driven)
+}
+
+/// What the real-cluster tests are given.
+struct ClusterSettings {
+    kubeconfig: PathBuf,
+    image: String,
+    /// The driver's Redis URL.
+    redis_url: String,
+    /// The workers' Redis URL, when it differs (`SHOAL_TEST_WORKER_REDIS_URL`: then the tests
+    /// hand it to the workers through a Secret, as `kubernetes.redis_url_secret` does).
+    worker_redis_url: Option<String>,
+    command: String,
+    namespace: Option<String>,
+}
+
+/// The settings of the real-cluster tests, or a panic naming what is missing (they are ignored
+/// tests: `make test-kubernetes` checks the variables first and says when it skips them).
+fn cluster_settings() -> ClusterSettings {
+    let get = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let missing: Vec<&str> = ["KUBECONFIG", "SHOAL_TEST_IMAGE", "SHOAL_TEST_REDIS_URL"]
+        .into_iter()
+        .filter(|v| get(v).is_none())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the real-cluster tests need {} (see `make test-kubernetes`)",
+        missing.join(", ")
+    );
+    ClusterSettings {
+        kubeconfig: PathBuf::from(get("KUBECONFIG").unwrap_or_default()),
+        image: get("SHOAL_TEST_IMAGE").unwrap_or_default(),
+        redis_url: get("SHOAL_TEST_REDIS_URL").unwrap_or_default(),
+        worker_redis_url: get("SHOAL_TEST_WORKER_REDIS_URL"),
+        command: get("SHOAL_TEST_COMMAND").unwrap_or_else(|| IMAGE_COMMAND.to_string()),
+        namespace: get("SHOAL_TEST_NAMESPACE"),
+    }
+}
+
+/// The cluster a driver uses, and what its scenarios need of it.
+struct Kube {
+    target: Target,
+    /// The shoal key namespace of this test (unique: the Jobs' `shoal.dev/namespace` label).
+    keys: String,
+    /// The Kubernetes namespace of the Jobs.
+    namespace: String,
+    /// The driver's Redis URL.
+    redis_url: String,
+    /// The workers' Redis URL.
+    worker_redis_url: String,
+    /// The Secret holding `worker_redis_url`, when it differs from `redis_url`.
+    redis_secret: Option<String>,
+    image: String,
+    command: String,
+    tokio: tokio::runtime::Runtime,
+    client: kube::Client,
+    // Dropped in this order: the emulator (its pods), Redis, the network.
+    emulator: Option<Emulator>,
+    redis: Option<TestRedis>,
+    _network: Option<Network>,
+}
+
+impl Kube {
+    fn start(target: Target) -> Kube {
+        let tokio = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a Tokio runtime for the test's API calls");
+        let keys = format!("k8s-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        match target {
+            Target::Emulator => {
+                let network = Network::new();
+                let redis = TestRedis::tcp_also_on(&[network.host_address().into()]);
+                let emulator = Emulator::start(Some(&network));
+                let kubeconfig = std::env::var("KUBECONFIG").expect("the driver's KUBECONFIG");
+                emulator
+                    .write_kubeconfig(Path::new(&kubeconfig))
+                    .expect("the emulator's kubeconfig");
+                let client = {
+                    let _inside = tokio.enter();
+                    emulator.client()
+                };
+                let redis_url = redis.url_at(network.host_address().into());
+                Kube {
+                    target,
+                    keys,
+                    namespace: DEFAULT_NAMESPACE.to_string(),
+                    worker_redis_url: redis_url.clone(),
+                    redis_secret: None,
+                    redis_url,
+                    image: "shoal-tests.example/kubernetes-tests:1".to_string(),
+                    command: std::env::current_exe()
+                        .expect("this test binary")
+                        .display()
+                        .to_string(),
+                    tokio,
+                    client,
+                    emulator: Some(emulator),
+                    redis: Some(redis),
+                    _network: Some(network),
+                }
+            }
+            Target::Cluster => {
+                let settings = cluster_settings();
+                let config = tokio
+                    .block_on(kube::Config::infer())
+                    .expect("a Kubernetes configuration from KUBECONFIG");
+                let namespace = settings
+                    .namespace
+                    .unwrap_or_else(|| config.default_namespace.clone());
+                let client = {
+                    let _inside = tokio.enter();
+                    kube::Client::try_from(config).expect("a Kubernetes client")
+                };
+                let redis_secret = settings.worker_redis_url.as_ref().map(|url| {
+                    let name = format!("shoal-test-redis-{keys}");
+                    let secret: Secret = serde_json::from_value(json!({
+                        "apiVersion": "v1",
+                        "kind": "Secret",
+                        "metadata": {"name": name},
+                        "stringData": {"url": url},
+                    }))
+                    .expect("a Secret");
+                    tokio
+                        .block_on(
+                            Api::<Secret>::namespaced(client.clone(), &namespace)
+                                .create(&PostParams::default(), &secret),
+                        )
+                        .expect("create the workers' Redis URL Secret");
+                    name
+                });
+                Kube {
+                    target,
+                    keys,
+                    namespace,
+                    worker_redis_url: settings
+                        .worker_redis_url
+                        .unwrap_or_else(|| settings.redis_url.clone()),
+                    redis_secret,
+                    redis_url: settings.redis_url,
+                    image: settings.image,
+                    command: settings.command,
+                    tokio,
+                    client,
+                    emulator: None,
+                    redis: None,
+                    _network: None,
+                }
+            }
+        }
+    }
+
+    /// A Kubernetes-backend configuration for this cluster.
+    fn config(&self) -> Config {
+        let mut config = Config::default();
+        config.shoal.backend = Backend::Kubernetes;
+        config.shoal.namespace = self.keys.clone();
+        config.redis.url = Some(self.redis_url.clone());
+        config.kubernetes.image = Some(self.image.clone());
+        config.kubernetes.command = Some(self.command.clone());
+        if self.target == Target::Cluster {
+            config.kubernetes.namespace = Some(self.namespace.clone());
+        }
+        if let Some(secret) = &self.redis_secret {
+            config.kubernetes.redis_url_secret = Some(SecretKeyRef {
+                name: secret.clone(),
+                key: "url".into(),
+            });
+        }
+        config
+    }
+
+    fn emulator(&self) -> &Emulator {
+        self.emulator.as_ref().expect("an emulator scenario")
+    }
+
+    fn jobs_api(&self) -> Api<Job> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn pods_api(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// This test's selector, plus `extra` (`key=value,...`) when not empty.
+    fn selector(&self, extra: &str) -> ListParams {
+        let mut selector = format!("shoal.dev/namespace={}", self.keys);
+        if !extra.is_empty() {
+            selector = format!("{selector},{extra}");
+        }
+        ListParams::default().labels(&selector)
+    }
+
+    fn jobs(&self, extra: &str) -> Vec<Job> {
+        self.tokio
+            .block_on(self.jobs_api().list(&self.selector(extra)))
+            .expect("list Jobs")
+            .items
+    }
+
+    fn pods(&self, extra: &str) -> Vec<Pod> {
+        self.tokio
+            .block_on(self.pods_api().list(&self.selector(extra)))
+            .expect("list pods")
+            .items
+    }
+
+    /// The pod of process `name` once it runs.
+    fn running_pod(&self, name: &str) -> String {
+        let selector = format!("shoal.dev/process={name}");
+        let mut found = None;
+        let ran = wait(patience(), || {
+            found = self
+                .pods(&selector)
+                .into_iter()
+                .find(|p| phase(p) == "Running")
+                .and_then(|p| p.metadata.name);
+            found.is_some()
+        });
+        assert!(
+            ran,
+            "the pod of {name} never ran: {:?}",
+            self.pods(&selector)
+        );
+        found.unwrap_or_default()
+    }
+
+    /// Waits until the worker of process `name` has claimed its task (the status hash has
+    /// `started_ms`; its pod's `shoal.dev/worker` label names the task), and returns when that
+    /// was (ms since the epoch). A worker installs its `SIGTERM` handler before it claims.
+    fn claimed(&self, name: &str) -> u64 {
+        let selector = format!("shoal.dev/process={name}");
+        let mut id = String::new();
+        let found = wait(patience(), || {
+            id = self
+                .pods(&selector)
+                .first()
+                .map(|p| label(&p.metadata, "shoal.dev/worker").to_string())
+                .unwrap_or_default();
+            !id.is_empty()
+        });
+        assert!(found, "no pod for {name}");
+        let status = format!("shoal:{{{}:proc:{id}}}:status", self.keys);
+        let mut redis = self.redis();
+        let mut started_ms = None;
+        let claimed = wait(patience(), || {
+            started_ms = redis::cmd("HGET")
+                .arg(&status)
+                .arg("started_ms")
+                .query::<Option<u64>>(&mut redis)
+                .expect("HGET");
+            started_ms.is_some()
+        });
+        assert!(claimed, "the worker of {name} never claimed its task");
+        started_ms.unwrap_or_default()
+    }
+
+    /// Kills a pod's process with SIGKILL: through its pid on the emulator, by deleting the pod
+    /// with grace 0 on a real cluster (whose kubelet then SIGKILLs it).
+    fn kill_pod(&self, pod: &str) {
+        match &self.emulator {
+            Some(emulator) => {
+                let pid = emulator
+                    .pod_pid(&self.namespace, pod)
+                    .unwrap_or_else(|| panic!("pod {pod} runs no process"));
+                kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("SIGKILL the pod");
+            }
+            None => {
+                let params = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..DeleteParams::default()
+                };
+                let _ = self
+                    .tokio
+                    .block_on(self.pods_api().delete(pod, &params))
+                    .expect("delete the pod");
+            }
+        }
+    }
+
+    fn redis(&self) -> redis::Connection {
+        redis::Client::open(self.redis_url.as_str())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(5)))
+            .expect("a connection to the test's Redis")
+    }
+}
+
+impl Drop for Kube {
+    fn drop(&mut self) {
+        if let Some(secret) = &self.redis_secret {
+            let secrets = Api::<Secret>::namespaced(self.client.clone(), &self.namespace);
+            if let Err(e) = self
+                .tokio
+                .block_on(secrets.delete(secret, &DeleteParams::default()))
+            {
+                eprintln!("deleting the test's Secret {secret}: {e}");
+            }
+        }
+    }
+}
+
+fn phase(pod: &Pod) -> &str {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or_default()
+}
+
+fn label<'a>(
+    meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    key: &str,
+) -> &'a str {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(key))
+        .map(String::as_str)
+        .unwrap_or_default()
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+fn wait(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn runtime(config: Config) -> shoal::Runtime {
+    shoal::init_with(config).expect("a kubernetes runtime")
+}
+
+/// Joins `process`, at most [`patience()`], and returns its exit code.
+fn exit_code(process: &Process) -> Option<i32> {
+    process.join(Some(patience())).expect("join");
+    process.exitcode()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios, shared by the emulator and the real-cluster tests.
+
+/// Processes exit with Python's codes; their output reaches the driver; `is_alive` and
+/// `join(timeout)` follow the pod; each is a Job with shoal's labels.
+fn process_lifecycle(kube: &Kube) {
+    let _rt = runtime(kube.config());
+    let ok = Process::new(noop, ());
+    let panicking = Process::new(panics, ());
+    let exiting = Process::new(exits, (7,));
+    let greeting = Process::new(greet, ("k8s".to_string(),));
+    let slow = Process::new(sleeps, (1500u64,));
+    for p in [&ok, &panicking, &exiting, &greeting, &slow] {
+        p.start().expect("start");
+    }
+    assert!(slow.is_alive());
+    assert_eq!(slow.pid(), None, "a pod's pid is not a pid of this machine");
+    slow.join(Some(Duration::from_millis(200))).expect("join");
+    assert!(
+        slow.is_alive(),
+        "join(timeout) returned with the process running"
+    );
+    assert_eq!(slow.exitcode(), None);
+
+    assert_eq!(exit_code(&ok), Some(0));
+    assert_eq!(exit_code(&panicking), Some(1));
+    assert_eq!(exit_code(&exiting), Some(7));
+    assert_eq!(exit_code(&greeting), Some(0));
+    assert_eq!(exit_code(&slow), Some(0));
+    assert!(!slow.is_alive());
+
+    let jobs = kube.jobs("");
+    assert_eq!(jobs.len(), 5, "one Job per process: {jobs:?}");
+    for job in &jobs {
+        assert_eq!(
+            label(&job.metadata, "app.kubernetes.io/managed-by"),
+            "shoal"
+        );
+        assert!(label(&job.metadata, "shoal.dev/process").starts_with("Process-"));
+        let spec = job.spec.as_ref().expect("a Job spec");
+        assert_eq!(spec.backoff_limit, Some(0));
+    }
+}
+
+/// `terminate()` ends a pod with -15 without waiting out its grace period (the worker handles
+/// SIGTERM as PID 1), `kill()` with -9; a process terminated before its pod ran too.
+fn terminate_and_kill(kube: &Kube) {
+    let _rt = runtime(kube.config());
+    let terminated = Process::new(sleeps, (60_000u64,));
+    let killed = Process::new(sleeps, (60_000u64,));
+    terminated.start().expect("start");
+    killed.start().expect("start");
+    // Once a worker runs its task it has its SIGTERM handler (in the first milliseconds of its
+    // program it has not: see the executor's docs).
+    kube.claimed(terminated.get_name());
+    kube.claimed(killed.get_name());
+
+    let asked = Instant::now();
+    terminated.terminate().expect("terminate");
+    assert_eq!(exit_code(&terminated), Some(-15));
+    // The pods' grace period is 30 s: a SIGTERM ignored would take that long, then end in -9.
+    assert!(
+        asked.elapsed() < Duration::from_secs(25),
+        "terminate took {:?}: the worker waited out its grace period",
+        asked.elapsed()
+    );
+    killed.kill().expect("kill");
+    assert_eq!(exit_code(&killed), Some(-9));
+
+    // A pod whose container takes a second to start (a real cluster's are slower still; the
+    // annotation is the emulator's): terminate() lands before the program runs, never in the
+    // first milliseconds of its program, before its SIGTERM handler exists (the limit the
+    // executor's docs give).
+    drop((terminated, killed, _rt));
+    let mut slow_start = kube.config();
+    slow_start
+        .kubernetes
+        .annotations
+        .insert(START_DELAY_MS.into(), "1000".into());
+    let _rt = runtime(slow_start);
+    let early = Process::new(sleeps, (60_000u64,));
+    early.start().expect("start");
+    early.terminate().expect("terminate before the pod runs");
+    assert_eq!(exit_code(&early), Some(-15));
+    let selector = format!("shoal.dev/process={}", early.get_name());
+    assert!(
+        wait(patience(), || kube.jobs(&selector).is_empty()
+            && kube.pods(&selector).is_empty()),
+        "the Job or pod of a terminated process stays"
+    );
+}
+
+/// One run of [`recorded_square`] as it logged it.
+#[derive(Clone, Debug, Default)]
+struct Start {
+    item: u64,
+    at_ms: u64,
+    pod: String,
+}
+
+/// The log [`recorded_square`] writes for one test.
+struct Starts {
+    list: String,
+    url: String,
+    redis: redis::Connection,
+}
+
+impl Starts {
+    fn new(kube: &Kube, name: &str) -> Starts {
+        Starts {
+            list: format!("shoal-test:{}:{name}", kube.keys),
+            url: kube.worker_redis_url.clone(),
+            redis: kube.redis(),
+        }
+    }
+
+    /// Arguments for `recorded_square` over `items`, each working `ms`.
+    fn args(&self, items: std::ops::Range<u64>, ms: u64) -> Vec<(String, String, u64, u64)> {
+        items
+            .map(|x| (self.url.clone(), self.list.clone(), x, ms))
+            .collect()
+    }
+
+    /// Every start so far, oldest first.
+    fn all(&mut self) -> Vec<Start> {
+        let entries: Vec<String> = redis::cmd("LRANGE")
+            .arg(&self.list)
+            .arg(0)
+            .arg(-1)
+            .query(&mut self.redis)
+            .expect("LRANGE");
+        entries
+            .iter()
+            .filter_map(|e| {
+                let mut words = e.split(' ');
+                Some(Start {
+                    item: words.next()?.parse().ok()?,
+                    at_ms: words.next()?.parse().ok()?,
+                    pod: words.next()?.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Waits until `pods` different pods have started items and one just started an item (seen
+    /// on this poll for the first time, so it is still running it); returns that start.
+    fn fresh_start(&mut self, pods: usize) -> Start {
+        let mut seen = 0;
+        let mut fresh = None;
+        let found = wait(patience(), || {
+            let now = self.all();
+            let distinct: BTreeSet<&String> = now.iter().map(|s| &s.pod).collect();
+            if distinct.len() >= pods && now.len() > seen && seen > 0 {
+                fresh = now.last().cloned();
+                return true;
+            }
+            seen = now.len();
+            false
+        });
+        assert!(found, "items never ran on {pods} pods: {:?}", self.all());
+        fresh.unwrap_or_default()
+    }
+
+    /// Waits until `count` starts are logged; returns them.
+    fn at_least(&mut self, count: usize) -> Vec<Start> {
+        let mut all = Vec::new();
+        let logged = wait(patience(), || {
+            all = self.all();
+            all.len() >= count
+        });
+        assert!(logged, "fewer than {count} starts: {all:?}");
+        all
+    }
+
+    /// The first start of `item` at or after `since_ms` on another pod than `pod`.
+    fn rerun(&mut self, item: u64, since_ms: u64, pod: &str) -> Option<Start> {
+        self.all()
+            .into_iter()
+            .find(|s| s.item == item && s.at_ms >= since_ms && s.pod != pod)
+    }
+}
+
+/// A pool map whose worker pod is SIGKILLed mid-map completes with every result once and in
+/// order; the killed pod's chunk is redelivered and runs again on another pod.
+fn pool_survives_a_killed_worker(kube: &Kube) {
+    let _rt = runtime(kube.config());
+    let pool = Pool::new(2).expect("pool");
+    let mut starts = Starts::new(kube, "killed");
+    let result = pool
+        .starmap_async_with(
+            recorded_square,
+            starts.args(0..40, 150),
+            AsyncOptions::new().chunksize(1),
+        )
+        .expect("map");
+    // Once both workers run, kill one right after it started an item: mid-item.
+    let victim = starts.fresh_start(2);
+    kube.kill_pod(&victim.pod);
+    let killed_at = now_ms();
+
+    let results = result.get(Some(patience())).expect("the map completes");
+    assert_eq!(
+        results,
+        (0..40u64).map(|x| x * x).collect::<Vec<_>>(),
+        "every result once, in order"
+    );
+    assert!(
+        starts.rerun(victim.item, killed_at, &victim.pod).is_some(),
+        "item {}, which {} was running when killed, never ran again: {:?}",
+        victim.item,
+        victim.pod,
+        starts.all()
+    );
+}
+
+/// Pods that cannot start are reported and end their process with code 1, not waited for: an
+/// image that cannot be pulled, a missing Secret, a program the container runtime cannot
+/// execute; a pool whose workers cannot start breaks instead of hanging.
+fn unstartable_pods(kube: &Kube, with_bad_command: bool) {
+    let run = |config: Config, what: &str| {
+        let rt = runtime(config);
+        let p = Process::new(noop, ());
+        p.start().expect("start");
+        let started = Instant::now();
+        assert_eq!(exit_code(&p), Some(1), "{what}");
+        println!("{what}: reported after {:?}", started.elapsed());
+        assert!(
+            wait(patience(), || kube
+                .jobs(&format!("shoal.dev/process={}", p.get_name()))
+                .is_empty()),
+            "{what}: the Job of a pod that cannot start is left behind"
+        );
+        drop(p);
+        drop(rt);
+    };
+
+    let mut unpullable = kube.config();
+    unpullable.kubernetes.image = Some("registry.invalid/shoal/none:1".into());
+    run(unpullable.clone(), "an image that cannot be pulled");
+
+    let mut missing_secret = kube.config();
+    missing_secret.kubernetes.redis_url_secret = Some(SecretKeyRef {
+        name: "shoal-test-no-such-secret".into(),
+        key: "url".into(),
+    });
+    run(missing_secret, "a missing Secret");
+
+    if with_bad_command {
+        let mut bad_command = kube.config();
+        bad_command.kubernetes.command = Some("/nonexistent/shoal-worker".into());
+        run(bad_command, "a command that does not exist");
+    }
+
+    let rt = runtime(unpullable);
+    let pool = Pool::builder()
+        .processes(1)
+        .restart_budget(2, Duration::from_secs(60))
+        .build()
+        .expect("pool");
+    let started = Instant::now();
+    let outcome = pool.map(square, vec![1u64, 2, 3]);
+    assert!(
+        matches!(&outcome, Err(e) if e.to_string().contains("max_restarts")),
+        "a pool whose workers cannot start: {outcome:?}"
+    );
+    println!(
+        "a pool whose workers cannot start broke after {:?}",
+        started.elapsed()
+    );
+    drop(pool);
+    drop(rt);
+}
+
+/// Dropping the runtime deletes every Job it started (finished ones included) and their pods.
+fn drop_deletes_jobs(kube: &Kube) {
+    let rt = runtime(kube.config());
+    let finished = Process::new(noop, ());
+    finished.start().expect("start");
+    assert_eq!(exit_code(&finished), Some(0));
+    let daemon = Process::new(sleeps, (60_000u64,)).daemon(true);
+    daemon.start().expect("start");
+    kube.running_pod(daemon.get_name());
+    let pool = Pool::new(1).expect("pool");
+    assert_eq!(pool.map(square, vec![3u64]).expect("map"), vec![9]);
+    assert_eq!(
+        kube.jobs("").len(),
+        3,
+        "a Job per process and pool worker: {:?}",
+        kube.jobs("")
+    );
+    // A pool's workers (and their Jobs) go with the pool.
+    drop(pool);
+    assert!(
+        wait(patience(), || kube
+            .jobs("shoal.dev/process=PoolWorker-1")
+            .is_empty()),
+        "the pool worker's Job stays"
+    );
+    assert_eq!(kube.jobs("").len(), 2, "the processes' Jobs stay");
+    drop(finished);
+    drop(daemon);
+    drop(rt);
+    // The drop waited for the delete request; the pods follow (background propagation).
+    assert!(kube.jobs("").is_empty(), "Jobs left: {:?}", kube.jobs(""));
+    assert!(
+        wait(patience(), || kube.pods("").is_empty()),
+        "pods left: {:?}",
+        kube.pods("")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against the emulator.
+
+#[test]
+fn processes_exit_with_pythons_codes_and_their_output_reaches_the_driver() {
+    let Some(driven) = drive(
+        "processes_exit_with_pythons_codes_and_their_output_reaches_the_driver",
+        Target::Emulator,
+        |kube| {
+            process_lifecycle(kube);
+            // The worker is PID 1 of its pod, whose parent is outside it; it sees the
+            // environment the Job gives it, not the driver's.
+            let _rt = runtime({
+                let mut config = kube.config();
+                config
+                    .multiprocessing
+                    .env_vars
+                    .insert("GREETING".into(), "from the config".into());
+                config
+            });
+            let p = Process::new(describe, ("GREETING".to_string(),));
+            p.start().expect("start");
+            assert_eq!(exit_code(&p), Some(0));
+            let q = Process::new(describe, (ROLE.to_string(),));
+            q.start().expect("start");
+            assert_eq!(exit_code(&q), Some(0));
+        },
+    ) else {
+        return;
+    };
+    assert!(
+        driven.stdout.contains("hello k8s from shoal-process-"),
+        "the pod's stdout reaches the driver's stdout"
+    );
+    assert!(
+        driven.stderr.contains("greeting k8s on stderr"),
+        "the pod's stderr reaches the driver's stderr"
+    );
+    assert!(
+        driven.stderr.contains("boom from a pod"),
+        "a panic's message reaches the driver"
+    );
+    assert!(
+        driven
+            .stdout
+            .contains("pid=1 ppid=0 GREETING=from the config")
+    );
+    assert!(
+        driven.stdout.contains(&format!("{ROLE}=<unset>")),
+        "the driver's environment does not leak into a pod"
+    );
+}
+
+#[test]
+fn terminate_ends_a_pod_with_minus_15_and_kill_with_minus_9() {
+    drive(
+        "terminate_ends_a_pod_with_minus_15_and_kill_with_minus_9",
+        Target::Emulator,
+        terminate_and_kill,
+    );
+}
+
+#[test]
+fn a_pool_map_completes_exactly_once_when_a_worker_pod_is_sigkilled() {
+    drive(
+        "a_pool_map_completes_exactly_once_when_a_worker_pod_is_sigkilled",
+        Target::Emulator,
+        pool_survives_a_killed_worker,
+    );
+}
+
+#[test]
+fn a_program_without_the_function_fails_naming_the_function_and_the_program() {
+    let scenario = env!("CARGO_BIN_EXE_scenario");
+    let Some(driven) = drive(
+        "a_program_without_the_function_fails_naming_the_function_and_the_program",
+        Target::Emulator,
+        |kube| {
+            // The pods run another program (another build, as an outdated image would be).
+            let mut config = kube.config();
+            config.kubernetes.command = Some(scenario.to_string());
+            let _rt = runtime(config);
+            let p = Process::new(noop, ());
+            p.start().expect("start");
+            assert_eq!(exit_code(&p), Some(1));
+
+            let pool = Pool::new(1).expect("pool");
+            let outcome = pool.map(square, vec![1u64, 2]);
+            let Err(Error::Task(e)) = &outcome else {
+                panic!("a pool map of a function the workers lack: {outcome:?}");
+            };
+            assert!(
+                e.message.contains("function `") && e.message.contains("square"),
+                "{e}"
+            );
+            assert!(
+                e.message
+                    .contains(&format!("is not registered in {scenario}")),
+                "the error names the program: {e}"
+            );
+        },
+    ) else {
+        return;
+    };
+    assert!(
+        driven.stderr.contains(&format!(
+            "is not registered in {scenario}, the program this worker runs"
+        )),
+        "the process's error reaches the driver, naming the program"
+    );
+    assert!(driven.stderr.contains("noop"), "and the function");
+}
+
+#[test]
+fn pods_that_cannot_start_are_reported_not_waited_for() {
+    let Some(driven) = drive(
+        "pods_that_cannot_start_are_reported_not_waited_for",
+        Target::Emulator,
+        |kube| unstartable_pods(kube, true),
+    ) else {
+        return;
+    };
+    for reason in [
+        "ErrImagePull",
+        "registry.invalid/shoal/none:1",
+        "CreateContainerConfigError",
+        "shoal-test-no-such-secret",
+        "StartError",
+        "/nonexistent/shoal-worker",
+    ] {
+        assert!(
+            driven.stderr.contains(reason),
+            "the driver's log says why a pod cannot start ({reason})"
+        );
+    }
+}
+
+#[test]
+fn workers_can_read_the_redis_url_from_a_secret() {
+    drive(
+        "workers_can_read_the_redis_url_from_a_secret",
+        Target::Emulator,
+        |kube| {
+            // The driver reaches Redis on loopback (as through `kubectl port-forward`); the pods
+            // cannot, and read the bridge address from the Secret.
+            let secret: Secret = serde_json::from_value(json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "shoal-redis-url"},
+                "stringData": {"url": kube.redis_url},
+            }))
+            .expect("a Secret");
+            kube.tokio
+                .block_on(
+                    Api::<Secret>::namespaced(kube.client.clone(), &kube.namespace)
+                        .create(&PostParams::default(), &secret),
+                )
+                .expect("create the Secret");
+            let mut config = kube.config();
+            config.redis.url = kube.redis.as_ref().map(TestRedis::url);
+            config.kubernetes.redis_url_secret = Some(SecretKeyRef {
+                name: "shoal-redis-url".into(),
+                key: "url".into(),
+            });
+            let _rt = runtime(config);
+            let p = Process::new(noop, ());
+            p.start().expect("start");
+            assert_eq!(exit_code(&p), Some(0));
+            let pool = Pool::new(2).expect("pool");
+            assert_eq!(
+                pool.map(square, 0..10u64).expect("map"),
+                (0..10u64).map(|x| x * x).collect::<Vec<_>>()
+            );
+            let job = kube.jobs(&format!("shoal.dev/process={}", p.get_name()));
+            let env = serde_json::to_string(&job).expect("json");
+            assert!(
+                !env.contains(&kube.redis_url),
+                "the workers' URL is not written in the Job"
+            );
+        },
+    );
+}
+
+#[test]
+fn dropping_the_runtime_deletes_its_jobs_and_pods() {
+    drive(
+        "dropping_the_runtime_deletes_its_jobs_and_pods",
+        Target::Emulator,
+        drop_deletes_jobs,
+    );
+}
+
+#[test]
+fn the_jobs_the_executor_makes_pass_the_api_servers_validation() {
+    drive(
+        "the_jobs_the_executor_makes_pass_the_api_servers_validation",
+        Target::Emulator,
+        |kube| {
+            // Every field the executor sets, from a configuration that uses all of them.
+            let yaml = r#"
+kubernetes:
+  image_pull_policy: Never
+  service_account: default
+  resources:
+    requests: {cpu: 250m, memory: 64Mi, example.com/widget: "1"}
+    limits: {memory: 1Gi, example.com/widget: "1"}
+  node_selector: {kubernetes.io/os: linux, disktype: ssd}
+  tolerations:
+    - {key: spot, operator: Equal, value: "true", effect: NoSchedule}
+    - {operator: Exists, effect: NoExecute, toleration_seconds: 60}
+  labels: {team: data, example.com/tier: batch}
+  annotations: {example.com/note: "anything: at all, even spaces"}
+  ttl_seconds_after_finished: 60
+  active_deadline_seconds: 600
+multiprocessing:
+  env_vars: {GREETING: hi, my.setting-1: x}
+"#;
+            let mut config = Config::from_yaml_str(yaml, "test").expect("config");
+            let base = kube.config();
+            config.shoal = base.shoal;
+            config.redis = base.redis;
+            config.kubernetes.image = base.kubernetes.image;
+            config.kubernetes.command = base.kubernetes.command;
+            let _rt = runtime(config);
+            // Names that are not DNS labels or label values become ones.
+            let p = Process::new(noop, ()).name("Weird name: ü/1 ☃ ".repeat(4));
+            p.start().expect("the API server accepts the Job");
+            assert_eq!(exit_code(&p), Some(0));
+            let pool = Pool::new(1).expect("pool");
+            assert_eq!(pool.map(square, vec![4u64]).expect("map"), vec![16]);
+
+            // And the emulator does check what a real API server checks: a Job like the
+            // executor's with each field wrong is refused, naming the field.
+            let jobs = kube.jobs_api();
+            let base = kube
+                .jobs("")
+                .into_iter()
+                .find(|j| {
+                    j.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get("shoal.dev/process-name"))
+                        == Some(&p.get_name().to_string())
+                })
+                .expect("the process's Job, its name in an annotation");
+            let mut base = serde_json::to_value(&base).expect("json");
+            let clean = |v: &mut serde_json::Value| {
+                v["metadata"] = json!({"name": "shoal-validation", "labels": {"team": "data"}});
+                v["spec"]["selector"] = serde_json::Value::Null;
+                if let Some(labels) = v["spec"]["template"]["metadata"]["labels"].as_object_mut() {
+                    labels.retain(|k, _| k.starts_with("shoal.dev/") || k == "team");
+                }
+                v["status"] = serde_json::Value::Null;
+            };
+            clean(&mut base);
+            let container = "/spec/template/spec/containers/0";
+            let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+                (
+                    "/metadata/labels/team",
+                    json!("data science"),
+                    "metadata.labels",
+                ),
+                (
+                    "/spec/template/metadata/labels/shoal.dev~1process",
+                    json!("Process-1:2"),
+                    "spec.template.metadata.labels",
+                ),
+                ("/metadata/name", json!("Shoal_Job"), "metadata.name"),
+                (
+                    "/spec/template/spec/restartPolicy",
+                    json!("Always"),
+                    "spec.template.spec.restartPolicy",
+                ),
+                (
+                    &format!("{container}/name"),
+                    json!("Worker"),
+                    "containers[0].name",
+                ),
+                (
+                    &format!("{container}/env/0/name"),
+                    json!("SHOAL=TASK"),
+                    "containers[0].env[0].name",
+                ),
+                (
+                    &format!("{container}/resources/requests/cpu"),
+                    json!("250 m"),
+                    "containers[0].resources.requests[cpu]",
+                ),
+                (
+                    &format!("{container}/resources/requests/memory"),
+                    json!("2Gi"),
+                    "containers[0].resources.requests[memory]",
+                ),
+                (
+                    &format!("{container}/imagePullPolicy"),
+                    json!("Sometimes"),
+                    "containers[0].imagePullPolicy",
+                ),
+            ]
+            .into_iter()
+            .map(|(path, value, field)| (leak(path), value, field))
+            .collect();
+            for (path, value, field) in cases {
+                let mut job = base.clone();
+                *job.pointer_mut(path)
+                    .unwrap_or_else(|| panic!("{path} not in the Job")) = value;
+                let job: Job = serde_json::from_value(job).expect("a Job");
+                let refused = kube
+                    .tokio
+                    .block_on(jobs.create(&PostParams::default(), &job));
+                match refused {
+                    Err(kube::Error::Api(status)) => {
+                        assert_eq!(status.code, 422, "{path}: {status:?}");
+                        assert!(status.message.contains(field), "{path}: {}", status.message);
+                    }
+                    other => panic!("{path}: accepted: {other:?}"),
+                }
+            }
+            // The unchanged copy is accepted (so each refusal above is the field's).
+            let job: Job = serde_json::from_value(base).expect("a Job");
+            kube.tokio
+                .block_on(jobs.create(&PostParams::default(), &job))
+                .expect("the executor's Job, renamed, is valid");
+            kube.tokio
+                .block_on(jobs.delete("shoal-validation", &DeleteParams::background()))
+                .expect("delete it");
+        },
+    );
+}
+
+fn leak(s: &str) -> &'static str {
+    Box::leak(s.to_string().into_boxed_str())
+}
+
+#[test]
+fn a_partitioned_worker_host_loses_its_chunks_to_the_others_exactly_once() {
+    let Some(driven) = drive(
+        "a_partitioned_worker_host_loses_its_chunks_to_the_others_exactly_once",
+        Target::Emulator,
+        |kube| {
+            let mut config = kube.config();
+            // A cut worker gives up on Redis after 2 s (then 2 s of retries) instead of 30 s.
+            config.redis.response_timeout_secs = 2.0;
+            let _rt = runtime(config);
+            let lease = Duration::from_millis(1500);
+            let pool = Pool::builder()
+                .processes(3)
+                .task_lease(lease)
+                .build()
+                .expect("pool");
+            let mut starts = Starts::new(kube, "partition");
+            let result = pool
+                .starmap_async_with(
+                    recorded_square,
+                    starts.args(0..60, 100),
+                    AsyncOptions::new().chunksize(1),
+                )
+                .expect("map");
+            let victim = starts.fresh_start(3);
+            assert!(kube.emulator().cut_pod(&kube.namespace, &victim.pod), "cut");
+            let cut_at = now_ms();
+            // Its chunk goes to another worker once its lease lapses.
+            let mut rerun = None;
+            let redelivered = wait(patience(), || {
+                rerun = starts.rerun(victim.item, cut_at, &victim.pod);
+                rerun.is_some()
+            });
+            assert!(
+                redelivered,
+                "item {} of the cut pod {} never ran elsewhere: {:?}",
+                victim.item,
+                victim.pod,
+                starts.all()
+            );
+            let rerun = rerun.unwrap_or_default();
+            assert!(
+                rerun.at_ms - cut_at >= lease.as_millis() as u64,
+                "redelivered before the lease lapsed: {rerun:?}, cut at {cut_at}"
+            );
+            println!(
+                "partition: item {} redelivered {} ms after the cut (lease {lease:?})",
+                victim.item,
+                rerun.at_ms - cut_at
+            );
+            // The cut worker may still hold its outcome: let it through now, while the map runs.
+            kube.emulator().restore_pod(&kube.namespace, &victim.pod);
+            let results = result.get(Some(patience())).expect("the map completes");
+            assert_eq!(
+                results,
+                (0..60u64).map(|x| x * x).collect::<Vec<_>>(),
+                "every result once, in order"
+            );
+            // The pool goes on working, and no late outcome of the first map leaks into this one.
+            assert_eq!(
+                pool.starmap(slow_square, (0..30u64).map(|x| (x, 20u64)))
+                    .expect("the pool still works"),
+                (0..30u64).map(|x| x * x).collect::<Vec<_>>()
+            );
+        },
+    ) else {
+        return;
+    };
+    // Only the cut worker lost its lease: the others kept reaching Redis throughout (they did
+    // not while hosts coming and going changed the bridge's MAC address).
+    assert_eq!(
+        driven.stderr.matches("stopped renewing its lease").count(),
+        1,
+        "one worker lost its lease"
+    );
+}
+
+/// `INFO commandstats` of the Redis at `url`: command → calls.
+fn command_counts(redis: &mut redis::Connection) -> BTreeMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(redis)
+        .expect("INFO commandstats");
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .split(',')
+                .find_map(|f| f.strip_prefix("calls="))?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), calls))
+        })
+        .filter(|(name, _)| !matches!(name.as_str(), "info" | "config|resetstat"))
+        .collect()
+}
+
+fn reset_counts(redis: &mut redis::Connection) {
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(redis)
+        .expect("CONFIG RESETSTAT");
+}
+
+/// Commands per unit (`counts / units`), formatted.
+fn per_unit(counts: &BTreeMap<String, u64>, units: u64) -> String {
+    counts
+        .iter()
+        .map(|(name, calls)| format!("{name}={:.2}", *calls as f64 / units as f64))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn median(mut values: Vec<u64>) -> u64 {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied().unwrap_or(0)
+}
+
+/// Commands whose count depends on time, not on the work: the parent's output reader polls with
+/// `XREAD BLOCK 100 ms` while a child runs, pool workers block in `XREADGROUP` for 500 ms at a
+/// time and renew leases on a timer, the supervisor refreshes the driver's liveness key.
+const POLLING: &[&str] = &[
+    "xread",
+    "xreadgroup",
+    "xclaim",
+    "xpending",
+    "set",
+    "hset",
+    "pexpire",
+];
+
+#[test]
+fn measurements_claim_latency_redis_commands_and_redelivery() {
+    drive(
+        "measurements_claim_latency_redis_commands_and_redelivery",
+        Target::Emulator,
+        |kube| {
+            let mut redis = kube.redis();
+
+            // The container starting (the kubelet's clock; the pod is Running from then) to the
+            // worker's claim (`started_ms` in its status hash).
+            let rt = runtime(kube.config());
+            let mut latencies = Vec::new();
+            for _ in 0..5 {
+                let p = Process::new(sleeps, (400u64,));
+                p.start().expect("start");
+                let pod = kube.running_pod(p.get_name());
+                let claimed = kube.claimed(p.get_name());
+                let running = kube
+                    .emulator()
+                    .pod_running_since(&kube.namespace, &pod)
+                    .expect("the pod ran");
+                let running_ms = running
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                assert!(claimed >= running_ms, "claimed before the pod ran");
+                latencies.push(claimed - running_ms);
+                assert_eq!(exit_code(&p), Some(0));
+            }
+            println!(
+                "measure: container start -> task claimed: {latencies:?} ms, median {} ms",
+                median(latencies.clone())
+            );
+            drop(rt);
+
+            // Redis commands per Process lifecycle and per map chunk, Kubernetes vs local (both
+            // streaming output, which a remote backend always does).
+            const PROCESSES: u64 = 10;
+            const CHUNKS: u64 = 100;
+            let mut lifecycle = BTreeMap::new();
+            let mut chunks = BTreeMap::new();
+            for backend in [Backend::Kubernetes, Backend::Local] {
+                let mut config = kube.config();
+                config.shoal.backend = backend;
+                config.multiprocessing.stream_stdout = true;
+                let rt = runtime(config);
+                let warm = Process::new(noop, ());
+                warm.start().expect("start");
+                assert_eq!(exit_code(&warm), Some(0));
+                std::thread::sleep(Duration::from_millis(300));
+                reset_counts(&mut redis);
+                for _ in 0..PROCESSES {
+                    let p = Process::new(noop, ());
+                    p.start().expect("start");
+                    assert_eq!(exit_code(&p), Some(0));
+                }
+                // The parent deletes a finished process's keys off the caller's path.
+                std::thread::sleep(Duration::from_millis(300));
+                lifecycle.insert(format!("{backend:?}"), command_counts(&mut redis));
+
+                let pool = Pool::new(2).expect("pool");
+                pool.starmap(slow_square, (0..4u64).map(|x| (x, 2u64)))
+                    .expect("warm-up map");
+                reset_counts(&mut redis);
+                let squares = pool
+                    .starmap_with(slow_square, (0..CHUNKS).map(|x| (x, 2u64)), 1)
+                    .expect("map");
+                assert_eq!(squares.len() as u64, CHUNKS);
+                chunks.insert(format!("{backend:?}"), command_counts(&mut redis));
+                drop(pool);
+                drop(rt);
+            }
+            for (backend, counts) in &lifecycle {
+                println!(
+                    "measure: per Process lifecycle on {backend}: {}",
+                    per_unit(counts, PROCESSES)
+                );
+            }
+            for (backend, counts) in &chunks {
+                println!(
+                    "measure: per map chunk on {backend}: {}",
+                    per_unit(counts, CHUNKS)
+                );
+            }
+            // The backend moves no data: apart from polling, the same commands, as often.
+            let data = |counts: &BTreeMap<String, u64>| -> BTreeMap<String, u64> {
+                counts
+                    .iter()
+                    .filter(|(name, _)| !POLLING.contains(&name.as_str()))
+                    .map(|(n, c)| (n.clone(), *c))
+                    .collect()
+            };
+            assert_eq!(
+                data(&lifecycle["Kubernetes"]),
+                data(&lifecycle["Local"]),
+                "commands per process lifecycle"
+            );
+            // A chunk of one 2 ms item: fed (XADD), answered (XADD), acknowledged and deleted
+            // (XACK, XDEL), one chunk per read; the rest is polling and heartbeats.
+            let per_chunk = |counts: &BTreeMap<String, u64>| -> Vec<u64> {
+                ["xadd", "xack", "xdel"]
+                    .iter()
+                    .map(|name| counts.get(*name).copied().unwrap_or(0))
+                    .collect()
+            };
+            assert_eq!(
+                per_chunk(&chunks["Kubernetes"]),
+                vec![2 * CHUNKS, CHUNKS, CHUNKS]
+            );
+            assert_eq!(
+                per_chunk(&chunks["Local"]),
+                vec![2 * CHUNKS, CHUNKS, CHUNKS]
+            );
+
+            // SIGKILL of a worker pod to its chunk running again on an idle worker.
+            let _rt = runtime(kube.config());
+            let pool = Pool::new(3).expect("pool");
+            let mut redeliveries = Vec::new();
+            for round in 0..3u64 {
+                let mut starts = Starts::new(kube, &format!("redelivery-{round}"));
+                let result = pool
+                    .starmap_async_with(
+                        recorded_square,
+                        starts.args(0..2, 1500),
+                        AsyncOptions::new().chunksize(1),
+                    )
+                    .expect("map");
+                // Both items run (each for 1.5 s), the third worker waits in XREADGROUP.
+                let victim = starts.at_least(2).remove(0);
+                std::thread::sleep(Duration::from_millis(200));
+                kube.kill_pod(&victim.pod);
+                let killed_at = now_ms();
+                let mut rerun = None;
+                wait(patience(), || {
+                    rerun = starts.rerun(victim.item, killed_at, &victim.pod);
+                    rerun.is_some()
+                });
+                let rerun = rerun.expect("the killed pod's chunk ran again");
+                redeliveries.push(rerun.at_ms - killed_at);
+                assert_eq!(result.get(Some(patience())).expect("map"), vec![0, 1]);
+            }
+            println!(
+                "measure: worker pod SIGKILL -> its chunk running on an idle worker: \
+                 {redeliveries:?} ms, median {} ms",
+                median(redeliveries.clone())
+            );
+        },
+    );
+}
+
+#[test]
+fn a_pool_tasks_output_goes_to_its_pods_log() {
+    drive(
+        "a_pool_tasks_output_goes_to_its_pods_log",
+        Target::Emulator,
+        |kube| {
+            let _rt = runtime(kube.config());
+            let pool = Pool::new(1).expect("pool");
+            assert_eq!(pool.map(loud, 0..3u64).expect("map"), vec![0, 1, 2]);
+            let pods: Vec<String> = kube
+                .pods("shoal.dev/process=PoolWorker-1")
+                .into_iter()
+                .filter_map(|p| p.metadata.name)
+                .collect();
+            assert_eq!(pods.len(), 1, "{pods:?}");
+            drop(pool);
+            // Nobody reads a pool worker's output stream: what it prints stays in its pod's log
+            // (`kubectl logs`), where it is not lost.
+            let log = kube
+                .emulator()
+                .pod_log(&kube.namespace, &pods[0])
+                .unwrap_or_default();
+            for x in 0..3 {
+                assert!(
+                    log.contains(&format!("pool task {x} speaking")),
+                    "log: {log}"
+                );
+            }
+        },
+    );
+}
+
+#[test]
+fn an_oom_killed_pod_ends_its_process_with_minus_9_and_says_so() {
+    let Some(driven) = drive(
+        "an_oom_killed_pod_ends_its_process_with_minus_9_and_says_so",
+        Target::Emulator,
+        |kube| {
+            let mut config = kube.config();
+            config.kubernetes.annotations.insert(
+                shoal_integration_tests::kube_emulator::OOM_KILL_AFTER_MS.into(),
+                "300".into(),
+            );
+            let _rt = runtime(config);
+            let p = Process::new(sleeps, (60_000u64,));
+            p.start().expect("start");
+            assert_eq!(exit_code(&p), Some(-9));
+        },
+    ) else {
+        return;
+    };
+    assert!(
+        driven.stderr.contains("OOMKilled"),
+        "the driver's log says why"
+    );
+}
+
+#[test]
+fn pool_worker_pods_exit_when_their_driver_is_killed() {
+    drive(
+        "pool_worker_pods_exit_when_their_driver_is_killed",
+        Target::Emulator,
+        |kube| {
+            // The driver is another program (the scenario binary, a user's `main`), so that it
+            // can be killed while this one watches its pods.
+            let scenario = env!("CARGO_BIN_EXE_scenario");
+            let mut driver = Command::new(scenario)
+                .args(["pool-sleep", "2"])
+                .env("SHOAL_BACKEND", "kubernetes")
+                .env("SHOAL_NAMESPACE", &kube.keys)
+                .env("SHOAL_REDIS_URL", &kube.redis_url)
+                .env("SHOAL_KUBERNETES_IMAGE", &kube.image)
+                .env("SHOAL_KUBERNETES_COMMAND", scenario)
+                .env_remove(ROLE)
+                .env_remove(TARGET)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("the scenario driver starts");
+            let stdout = driver.stdout.take().expect("stdout");
+            let ready = std::thread::spawn(move || {
+                use std::io::BufRead;
+                std::io::BufReader::new(stdout)
+                    .lines()
+                    .map_while(Result::ok)
+                    .any(|line| line == "ready")
+            });
+            assert!(ready.join().unwrap_or(false), "the driver never got ready");
+            let mut pids = Vec::new();
+            let running = wait(patience(), || {
+                pids = kube
+                    .pods("")
+                    .iter()
+                    .filter(|p| phase(p) == "Running")
+                    .filter_map(|p| p.metadata.name.clone())
+                    .filter_map(|name| kube.emulator().pod_pid(&kube.namespace, &name))
+                    .collect();
+                pids.len() == 2
+            });
+            assert!(running, "two worker pods never ran: {:?}", kube.pods(""));
+            driver.kill().expect("SIGKILL the driver");
+            let killed = Instant::now();
+            let _ = driver.wait();
+            // Their 60 s tasks notwithstanding, the workers see the driver's liveness key lapse
+            // (1 s TTL for a 2 s lease) and exit with 76.
+            let gone = wait(patience(), || {
+                kube.pods("")
+                    .iter()
+                    .all(|p| matches!(phase(p), "Failed" | "Succeeded"))
+            });
+            let pods = kube.pods("");
+            assert!(gone, "worker pods run on for nobody: {pods:?}");
+            println!(
+                "measure: worker pods ended {:?} after their driver's SIGKILL",
+                killed.elapsed()
+            );
+            for pod in &pods {
+                let code = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .and_then(|c| c.first())
+                    .and_then(|c| c.state.as_ref())
+                    .and_then(|s| s.terminated.as_ref())
+                    .map(|t| t.exit_code);
+                assert_eq!(
+                    code,
+                    Some(76),
+                    "a worker whose driver is gone exits with 76"
+                );
+            }
+        },
+    );
+}
+
+#[test]
+fn init_refuses_a_store_the_workers_cannot_reach_naming_the_key() {
+    // No cluster needed: the configuration is refused before the executor starts.
+    let base = || {
+        let mut config = Config::default();
+        config.shoal.backend = Backend::Kubernetes;
+        config.kubernetes.image = Some("registry.example.com/app:1".into());
+        config
+    };
+    for url in [
+        "unix:///tmp/redis.sock",
+        "redis://127.0.0.1:6379",
+        "redis://localhost:6379",
+    ] {
+        let mut config = base();
+        config.redis.url = Some(url.into());
+        match shoal::init_with(config) {
+            Err(Error::Config { key, reason, .. }) => {
+                assert_eq!(key, "redis.url", "{url}: {reason}");
+            }
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+    let mut no_image = base();
+    no_image.redis.url = Some("redis://10.0.0.5:6379".into());
+    no_image.kubernetes.image = None;
+    match shoal::init_with(no_image) {
+        Err(Error::Config { key, .. }) => assert_eq!(key, "kubernetes.image"),
+        other => panic!("without an image: {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against a real cluster (`make test-kubernetes`).
+
+/// The real-cluster tests below, as `make test-kubernetes` runs them (`--ignored`, with
+/// `KUBECONFIG`, `SHOAL_TEST_IMAGE`, `SHOAL_TEST_REDIS_URL`, here also
+/// `SHOAL_TEST_WORKER_REDIS_URL` through a Secret and `SHOAL_TEST_COMMAND`), against an
+/// emulator standing in for the cluster: so their harness is known to work before anyone has a
+/// cluster to run them on. Its pods run in this machine's network.
+#[test]
+fn the_real_cluster_tests_pass_against_an_emulator_standing_in_for_the_cluster() {
+    let redis = TestRedis::tcp();
+    let emulator = Emulator::start(None);
+    let dir = tempfile::tempdir().expect("a directory for the kubeconfig");
+    let kubeconfig = dir.path().join("kubeconfig");
+    emulator
+        .write_kubeconfig(&kubeconfig)
+        .expect("the emulator's kubeconfig");
+    let program = std::env::current_exe().expect("this test binary");
+    let output = Command::new(&program)
+        .args(["--ignored", "--test-threads=1", "--nocapture", "cluster_"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env(
+            "SHOAL_TEST_IMAGE",
+            "registry.example.com/shoal-kubernetes-tests:1",
+        )
+        .env("SHOAL_TEST_REDIS_URL", redis.url())
+        .env("SHOAL_TEST_WORKER_REDIS_URL", redis.url())
+        .env("SHOAL_TEST_COMMAND", &program)
+        .env_remove(ROLE)
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::null())
+        .output()
+        .expect("the real-cluster tests run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "the real-cluster tests failed");
+    assert!(
+        stdout.contains("test result: ok. 5 passed"),
+        "all five real-cluster tests ran"
+    );
+}
+
+#[test]
+#[ignore = "needs a cluster: make test-kubernetes"]
+fn cluster_processes_exit_with_pythons_codes() {
+    let Some(driven) = drive(
+        "cluster_processes_exit_with_pythons_codes",
+        Target::Cluster,
+        process_lifecycle,
+    ) else {
+        return;
+    };
+    assert!(driven.stdout.contains("hello k8s from shoal-process-"));
+    assert!(driven.stderr.contains("boom from a pod"));
+}
+
+#[test]
+#[ignore = "needs a cluster: make test-kubernetes"]
+fn cluster_terminate_and_kill() {
+    drive(
+        "cluster_terminate_and_kill",
+        Target::Cluster,
+        terminate_and_kill,
+    );
+}
+
+#[test]
+#[ignore = "needs a cluster: make test-kubernetes"]
+fn cluster_pool_map_survives_a_killed_worker_pod() {
+    drive(
+        "cluster_pool_map_survives_a_killed_worker_pod",
+        Target::Cluster,
+        pool_survives_a_killed_worker,
+    );
+}
+
+#[test]
+#[ignore = "needs a cluster: make test-kubernetes"]
+fn cluster_pods_that_cannot_start_are_reported() {
+    drive(
+        "cluster_pods_that_cannot_start_are_reported",
+        Target::Cluster,
+        |kube| unstartable_pods(kube, false),
+    );
+}
+
+#[test]
+#[ignore = "needs a cluster: make test-kubernetes"]
+fn cluster_dropping_the_runtime_deletes_its_jobs() {
+    drive(
+        "cluster_dropping_the_runtime_deletes_its_jobs",
+        Target::Cluster,
+        drop_deletes_jobs,
+    );
+}
