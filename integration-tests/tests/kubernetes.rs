@@ -573,7 +573,10 @@ fn wait(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
 }
 
 fn runtime(config: Config) -> shoal::Runtime {
-    shoal::init_with(config).expect("a kubernetes runtime")
+    let rt = shoal::init_with(config).expect("a kubernetes runtime");
+    // The tests read what the driver logs (why a pod ended, a lost lease).
+    shoal::log_to_stderr();
+    rt
 }
 
 /// Joins `process`, at most [`patience()`], and returns its exit code.
