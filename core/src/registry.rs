@@ -120,7 +120,7 @@ impl Failure {
     }
 }
 
-/// The error a worker gives for a function its program lacks: [`Error::UnknownFunction`]
+/// The error a worker gives for a function its program lacks: [`crate::Error::UnknownFunction`]
 /// naming the function and this program.
 pub fn unknown_here(function: &str) -> crate::Error {
     let program = std::env::current_exe()

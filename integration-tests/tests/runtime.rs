@@ -301,3 +301,20 @@ fn a_service_installs_its_own_tracing_subscriber_after_init() {
         "the service's subscriber is in place"
     );
 }
+
+#[test]
+fn shoal_main_keeps_the_body_of_main_out_of_workers() {
+    let out = Command::new(env!("CARGO_BIN_EXE_attributed"))
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("the program runs");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        stdout.matches("main body in pid").count(),
+        1,
+        "the body of main ran in a worker too:\n{stdout}"
+    );
+    assert!(stdout.contains("the child runs"), "{stdout}");
+    assert!(stdout.contains("exitcode=0"), "{stdout}");
+}

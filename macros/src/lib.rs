@@ -270,3 +270,50 @@ fn expand_actor(input: &syn::DeriveInput) -> syn::Result<proc_macro2::TokenStrea
         };
     })
 }
+
+/// Makes `main` safe for the same-binary model: the generated `main` first checks whether this
+/// process is a shoal worker (and then runs its task and exits), before any of your code runs:
+/// no side effect, no tokio runtime, no server is ever built in a worker. Put it above any other
+/// attribute (`#[tokio::main]`, `#[actix_web::main]`), which then applies to your function.
+///
+/// ```ignore
+/// #[shoal::main]
+/// #[tokio::main]
+/// async fn main() -> shoal::Result<()> {
+///     let _rt = shoal::init()?;
+///     // ...
+///     Ok(())
+/// }
+/// ```
+#[proc_macro_attribute]
+pub fn main(attr: TokenStream, item: TokenStream) -> TokenStream {
+    if !attr.is_empty() {
+        return syn::Error::new(
+            proc_macro2::TokenStream::from(attr).span(),
+            "#[shoal::main] takes no arguments",
+        )
+        .to_compile_error()
+        .into();
+    }
+    let mut function = parse_macro_input!(item as ItemFn);
+    if function.sig.ident != "main" {
+        return syn::Error::new(
+            function.sig.ident.span(),
+            "#[shoal::main] goes on the program's `fn main`",
+        )
+        .to_compile_error()
+        .into();
+    }
+    let output = function.sig.output.clone();
+    let inner = format_ident!("__shoal_main");
+    function.sig.ident = inner.clone();
+    quote! {
+        fn main() #output {
+            ::shoal::worker_main();
+            #inner()
+        }
+
+        #function
+    }
+    .into()
+}

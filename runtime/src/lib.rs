@@ -1,9 +1,11 @@
 //! # shoal
 //!
 //! Python's `multiprocessing` API as an actor-based distributed runtime. A program written
-//! against [`Process`] (and, as they land, `Pool`, `Queue`, `Pipe`, `Lock`, ...) runs its children
-//! as subprocesses or threads on this machine, with every message and all shared state in Redis,
-//! so that other backends can run the same program elsewhere.
+//! against [`Process`], [`Pool`], [`Queue`], [`Pipe`], [`Lock`], [`RLock`], [`Semaphore`],
+//! [`Event`], [`Condition`], [`Barrier`], [`Value`], [`Array`], [`Manager`] and durable actors
+//! ([`spawn_actor`], [`ActorRef`]) runs its children as subprocesses or threads on this machine, or
+//! as Kubernetes Jobs (`shoal.backend: kubernetes`, the `kubernetes` feature), with every message
+//! and all shared state in Redis, so that any process on any machine reaches any of them.
 //!
 //! ```no_run
 //! use shoal::prelude::*;
@@ -21,6 +23,12 @@
 //!     Ok(())
 //! }
 //! ```
+//!
+//! Where the semantics are: [`process`] (Process, exit codes, start methods), [`pool`] (Pool,
+//! fault tolerance, cancellation), [`primitives`] (one module per primitive: semantics, keys,
+//! round trips), [`manager`], [`actor`] (durable actors: exactly-once, hosts, leases), and
+//! [`guide`] (using shoal in an async service). What is not built yet is listed in the
+//! repository's README.
 //!
 //! ## The same-binary model
 //!
@@ -52,11 +60,16 @@
 
 extern crate self as shoal;
 
-mod actor;
+pub mod actor;
+pub mod guide;
 pub mod manager;
-mod pool;
-mod process;
+pub mod pool;
+pub mod process;
 mod runtime;
+
+/// The shared primitives' modules, each with its semantics, keys and round trips (`Queue`,
+/// `Pipe`, `Lock`... are re-exported at the crate root).
+pub use shoal_primitives as primitives;
 
 pub use actor::{
     ActorOptions, ActorRef, get_or_spawn, get_or_spawn_with, spawn_actor, spawn_actor_with,
@@ -67,13 +80,13 @@ pub use pool::{
     PoolBuilder,
 };
 pub use process::{ChildProcess, Process, active_children};
-pub use runtime::{Runtime, init, init_with, log_to_stderr, shutdown_signal};
+pub use runtime::{Runtime, init, init_with, log_to_stderr, shutdown_signal, worker_main};
 pub use shoal_core::config::{self, Config, ConfigBuilder, StartMethod};
 pub use shoal_core::context::{AuthKey, ParentInfo, ProcessInfo, set_authkey};
 pub use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
 pub use shoal_core::hosted::{Actor, ActorContext, Handler, Handles};
-pub use shoal_macros::Actor;
 pub use shoal_macros::remote;
+pub use shoal_macros::{Actor, main};
 pub use shoal_primitives::{
     Array, Barrier, BoundedSemaphore, Condition, Connection, Event, Guard, Integer, JoinableQueue,
     Lock, Pipe, Queue, RLock, Scalar, Semaphore, SimpleQueue, Value,

@@ -531,6 +531,24 @@ fn init_tracing() -> bool {
         .is_ok()
 }
 
+/// If this process was started by shoal as a worker, runs its task and exits (never returns);
+/// otherwise returns at once. Call it first thing in `main`, before anything with side effects
+/// (a server, a tokio runtime, a log line): a worker is this same program, and everything before
+/// this call runs again in every worker. [`init`] calls it too; `#[shoal::main]` puts it in
+/// front of your `main` for you.
+///
+/// ```no_run
+/// fn main() -> shoal::Result<()> {
+///     shoal::worker_main(); // a worker stops here
+///     println!("only the parent prints this");
+///     let _rt = shoal::init()?;
+///     Ok(())
+/// }
+/// ```
+pub fn worker_main() {
+    run_worker_if_requested();
+}
+
 /// Runs the worker and exits if this process was started as a worker; returns otherwise.
 pub(crate) fn run_worker_if_requested() {
     let Some(address) = TaskAddress::from_env() else {

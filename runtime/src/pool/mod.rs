@@ -49,8 +49,8 @@
 //! * Pool workers are daemonic, as in Python: a task cannot start processes or pools of its own,
 //!   and a daemonic process cannot create a pool ([`Error::InvalidState`]).
 //!
-//! See [`supervisor`] for the actor and `shoal_executor::pool` for the Redis protocol, its keys
-//! and round trips.
+//! The supervisor actor is in the private `supervisor` module; the Redis protocol, its keys and
+//! round trips are in `shoal_executor::pool`.
 
 mod call;
 mod supervisor;
