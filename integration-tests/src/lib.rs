@@ -138,6 +138,29 @@ impl TestRedis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Starts a plain server again on the same port (an empty one: nothing is persisted), after
+    /// [`TestRedis::kill`].
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--port", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server restarts");
+        self.child = child;
+        let port = self.port;
+        assert!(
+            wait_for(Duration::from_secs(10), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            }),
+            "redis-server did not listen again on {port}"
+        );
+    }
 }
 
 impl Drop for TestRedis {

@@ -220,3 +220,36 @@ fn connections_dropped_by_redis_are_reopened_and_the_map_completes() {
     // The pool still works.
     assert_eq!(pool.map(sleep_ms, vec![1u64, 2]).expect("map"), vec![1, 2]);
 }
+
+#[test]
+fn after_the_store_comes_back_a_new_pool_works() {
+    let mut redis = TestRedis::tcp();
+    let config = Config::builder()
+        .redis_url(redis.url())
+        .response_timeout(Duration::from_secs(1))
+        .build()
+        .expect("config");
+    let _rt = shoal::init_with(config).expect("runtime");
+    let pool = Pool::new(2).expect("pool");
+    let pending = pool
+        .map_async_with(
+            sleep_ms,
+            vec![5_000u64; 4],
+            AsyncOptions::new().chunksize(1),
+        )
+        .expect("map_async");
+    std::thread::sleep(Duration::from_millis(500));
+    redis.kill();
+    match pending.get(Some(Duration::from_secs(30))) {
+        Err(e @ Error::Redis { .. }) => assert!(e.is_store_unreachable(), "{e}"),
+        other => panic!("expected the store's error, got {other:?}"),
+    }
+    drop(pool);
+    // Redis is back (empty): the same runtime serves a new pool.
+    redis.restart();
+    let pool = Pool::new(2).expect("a new pool once the store is back");
+    assert_eq!(
+        pool.map(sleep_ms, vec![1u64, 2, 3]).expect("map"),
+        vec![1, 2, 3]
+    );
+}
