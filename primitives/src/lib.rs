@@ -13,6 +13,7 @@ pub mod condition;
 pub mod event;
 mod grants;
 pub mod lock;
+mod op;
 pub mod pipe;
 pub mod queue;
 pub mod scalar;

@@ -30,9 +30,11 @@
 //!
 //! Keys, scripts and round trips: see the grant core (`grants.rs`).
 
+use std::future::Future;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use shoal_core::context;
 use shoal_core::error::{Error, Result};
 
 use crate::common::hold_methods;
@@ -51,21 +53,41 @@ pub struct RLock {
 }
 
 /// A hold released when dropped (Python's `with`). Dropping logs a failed release; call
-/// [`Guard::release`] to see the error.
+/// [`Guard::release`] (or [`Guard::release_async`]) to see the error.
+///
+/// The guard remembers its hold (fencing token and owner), so it releases that hold whatever
+/// thread or task drops it. A guard from an async form (`lock_async`) releases on shoal's actor
+/// runtime when dropped, without blocking the thread that drops it; one from `lock` releases on
+/// the dropping thread (one round trip).
 #[must_use = "the hold is released when the guard is dropped"]
 #[derive(Debug)]
 pub struct Guard<'a> {
     object: &'a GrantObject,
     token: u64,
+    holder: String,
     released: bool,
+    /// From an async form: a drop releases on the actor runtime.
+    release_in_background: bool,
 }
 
 impl Guard<'_> {
-    pub(crate) fn new(object: &GrantObject, token: u64) -> Guard<'_> {
+    pub(crate) fn new(object: &GrantObject, token: u64, holder: String) -> Guard<'_> {
         Guard {
             object,
             token,
+            holder,
             released: false,
+            release_in_background: false,
+        }
+    }
+
+    pub(crate) fn new_async(object: &GrantObject, token: u64, holder: String) -> Guard<'_> {
+        Guard {
+            object,
+            token,
+            holder,
+            released: false,
+            release_in_background: true,
         }
     }
 
@@ -77,16 +99,45 @@ impl Guard<'_> {
     /// Releases now, reporting an error (for instance a lapsed lease).
     pub fn release(mut self) -> Result<()> {
         self.released = true;
-        self.object.release().map(|_| ())
+        let mine = self.object.token_of(&self.holder);
+        self.object.release_as(&self.holder, mine).map(|_| ())
+    }
+
+    /// Releases now without blocking the caller's thread (1 round trip on shoal's actor
+    /// runtime), reporting an error (for instance a lapsed lease).
+    pub fn release_async(mut self) -> impl Future<Output = Result<()>> + Send + use<> {
+        self.released = true;
+        let mine = self.object.token_of(&self.holder);
+        let releasing = self
+            .object
+            .release_async(std::mem::take(&mut self.holder), mine);
+        async move { releasing.await.map(|_| ()) }
     }
 }
 
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
-        if !self.released
-            && let Err(e) = self.object.release()
-        {
-            tracing::error!("releasing {}: {e}", self.object.address.describe());
+        if self.released {
+            return;
+        }
+        // The hold as it is now (a `Condition.wait` replaces it with a new one).
+        let mine = self.object.token_of(&self.holder);
+        if !self.release_in_background {
+            if let Err(e) = self.object.release_as(&self.holder, mine) {
+                tracing::error!("releasing {}: {e}", self.object.address.describe());
+            }
+            return;
+        }
+        match context::current().and_then(|c| c.async_store()) {
+            Ok(store) => {
+                let (object, holder, token) =
+                    (self.object.clone(), std::mem::take(&mut self.holder), mine);
+                let runtime = store.runtime().clone();
+                drop(runtime.spawn(async move {
+                    object.release_detached(&store, holder, token).await;
+                }));
+            }
+            Err(e) => tracing::error!("releasing {}: {e}", self.object.address.describe()),
         }
     }
 }
@@ -104,6 +155,11 @@ impl Lock {
     /// Releases the lock (held by this process or, as Python allows, by another).
     pub fn release(&self) -> Result<()> {
         self.object.release().map(|_| ())
+    }
+
+    /// The async form of [`Lock::release`] (1 round trip on shoal's actor runtime).
+    pub fn release_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        self.object.release_current_async()
     }
 
     /// Whether the lock is held now, by any thread of any process (Python's `locked()`). A hold
@@ -130,6 +186,12 @@ impl RLock {
     /// Releases one level of this thread's hold.
     pub fn release(&self) -> Result<()> {
         self.object.release().map(|_| ())
+    }
+
+    /// The async form of [`RLock::release`]: releases one level of the hold of the task (or
+    /// thread) that polls it (1 round trip on shoal's actor runtime).
+    pub fn release_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        self.object.release_current_async()
     }
 
     /// Whether the lock is held now, by this or any other thread or process (Python's
