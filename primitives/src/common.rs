@@ -7,7 +7,8 @@
 //!
 //! A caller that must wait blocks with `BLPOP` on a key with Redis's own timeout, in slices of
 //! at most [`SLICE`], and checks in between slices: a primitive whose keys were deleted (or
-//! expired) is reported instead of waited on forever.
+//! expired) is reported instead of waited on forever, and the async form of a call whose future
+//! was dropped gives up there (see `op.rs`).
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};

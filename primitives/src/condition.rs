@@ -37,9 +37,11 @@
 //!
 //! Dropping a `wait_async` future: the lock was released when the wait began, and the caller no
 //! longer holds it (it cannot be taken back in a destructor). Before its next wait slice (within
-//! a second) the task leaves the waiters' queue; a notification that had reached it is passed on
-//! to the next waiter (`waiters_wake.lua`), so a `notify(1)` is not lost on a dropped waiter;
-//! and the lock, if it was being taken back, is released again (every recursion level taken).
+//! a second) the task leaves the waiters' queue; a notification that reached it, before or after
+//! that, is passed on to the next waiter (`waiters_wake.lua`), so a `notify(1)` is not lost on a
+//! dropped waiter (after a `notify_all`, that is a spurious wake-up of a later waiter, which
+//! `wait_for` absorbs); and the lock, if it was being taken back, is released again (every
+//! recursion level taken).
 
 use std::future::Future;
 use std::sync::LazyLock;
@@ -154,8 +156,14 @@ impl Condition {
             let holder = grants::holder(condition.object().kind);
             let waiting = CondWait::new(&condition, holder, token, timeout);
             let object = condition.object().clone();
+            let waiters = condition.waiters();
             let undo: op::Undo<CondWaited> = Box::new(move |store, waited| {
                 Box::pin(async move {
+                    if waited.notified {
+                        // Nobody acts on this notification: the next waiter gets it.
+                        let request = waiters.wake(store.store(), 1);
+                        op::undo_request(&store, || object.address.describe(), request).await;
+                    }
                     // Every level taken back is released again (nobody holds it now).
                     for _ in 0..waited.levels {
                         object

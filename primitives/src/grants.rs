@@ -41,7 +41,8 @@
 //!
 //! Acquire when a permit is free: 1 (`grants_acquire.lua`). Acquire that waits: 1 to queue, then
 //! one `BLPOP` that returns when the grant arrives (plus one check-in per second of waiting).
-//! Release: 1 (`grants_release.lua`). Giving up after a timeout: 1 (`grants_wait.lua`).
+//! Release: 1 (`grants_release.lua`). Giving up after a timeout, or because the async caller's
+//! future was dropped: 1 (`grants_wait.lua`), plus 1 to release a grant nobody took.
 //! `get_value`/`locked`: 1 (`grants_value.lua`). At a clean exit: 1 per object this process
 //! still holds (`grants_detach.lua`).
 

@@ -28,6 +28,28 @@
 //! refuse a write from a holder that was presumed dead. That holder's `release()` fails with
 //! [`Error::InvalidState`] ("lost").
 //!
+//! # Async forms
+//!
+//! `acquire_async`, `acquire_timeout_async`, `try_acquire_async`, `lock_async` (a [`Guard`]) and
+//! `release_async` (also on `Semaphore`, `BoundedSemaphore`, and `Condition`'s lock) run the same
+//! round trips as the blocking forms (the same state machine, `grants.rs`) as a task on shoal's
+//! actor runtime, the wait on a dedicated connection of that runtime, and hand the result back
+//! through a oneshot channel: any executor can await them and no thread is parked per call.
+//! Timeouts run from the first poll.
+//!
+//! The owner of an `RLock` hold is the thread that takes it or, inside a Tokio task, the task
+//! (which moves between threads at each `.await` on a multi-thread runtime); an async form's
+//! owner is the task (or thread) that polls its future first. A [`Guard`] remembers its owner:
+//! it releases that hold whichever thread drops it.
+//!
+//! Dropping an `acquire_async` (or `lock_async`) future never leaves the lock held: a caller
+//! still queued leaves the waiters' queue before its next wait slice (within a second), in the
+//! script that also hands over a grant that reached it meanwhile (Redis rule 3); and a grant
+//! made for a future that is gone (granted in that last step, or just as the future was
+//! dropped) is released at once by the task. Until then the lock may look held, and a waiter
+//! behind the dropped one waits that much longer. A dropped `release_async` still releases if
+//! it was sent (at most once).
+//!
 //! Keys, scripts and round trips: see the grant core (`grants.rs`).
 
 use std::future::Future;
@@ -38,7 +60,7 @@ use shoal_core::context;
 use shoal_core::error::{Error, Result};
 
 use crate::common::hold_methods;
-use crate::grants::{GrantKind, GrantObject};
+use crate::grants::{self, GrantKind, GrantObject};
 
 /// A lock shared by every process that has its handle.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -127,6 +149,12 @@ impl Drop for Guard<'_> {
                 tracing::error!("releasing {}: {e}", self.object.address.describe());
             }
             return;
+        }
+        if self.object.kind != GrantKind::RLock {
+            // The drop ends this one-level hold: later calls in this process must not take its
+            // token for theirs while the release is under way (should it fail, the hold, no
+            // longer renewed, lapses after the lease).
+            grants::forget(&self.object.keys().state, mine);
         }
         match context::current().and_then(|c| c.async_store()) {
             Ok(store) => {

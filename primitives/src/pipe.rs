@@ -75,6 +75,22 @@
 //! process: 1 to serialize it (`pipe_transfer.lua`) and 1 to deserialize it (`pipe_claim.lua`).
 //! Heartbeat: 1 per pipe this process holds or transfers, every third of the lease
 //! (`pipe_renew.lua`, which also refreshes every key's TTL).
+//!
+//! # Async forms
+//!
+//! [`Connection::send_async`], [`Connection::send_bytes_async`], [`Connection::recv_async`],
+//! [`Connection::recv_bytes_async`] and [`Connection::poll_async`] run the same round trips (the
+//! same state machine) as a task on shoal's actor runtime, the `BLPOP`/`BLMOVE` on a dedicated
+//! connection of that runtime, and hand the result back through a oneshot channel: any executor
+//! can await them and no thread is parked per call. A handle received without a runtime claims
+//! its end at its first use, with one blocking round trip on the calling thread (handles
+//! received as a task's arguments are claimed when they are decoded).
+//!
+//! Dropping a `recv_async` future loses no message: the task stops before its next wait slice
+//! (within a second); a message it took meanwhile is pushed back to the head of the inbox.
+//! Until then another receive may see the next message, or end of file, first (so messages can
+//! arrive out of order around a dropped receive). `poll_async` takes nothing. A dropped
+//! `send_async` still sends if it was under way (at most once).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -676,11 +692,9 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     /// The async form of [`Connection::recv`]: waits on shoal's actor runtime without blocking
     /// the caller's thread; any executor can await it. A message taken for a future that was
     /// dropped goes back to the head of the inbox (see the module docs).
-    pub fn recv_async(&self) -> impl Future<Output = Result<T>> + Send + '_ {
-        async move {
-            let message = self.next_message_async().await?;
-            self.decode(&*common::store()?, message)
-        }
+    pub async fn recv_async(&self) -> Result<T> {
+        let message = self.next_message_async().await?;
+        self.decode(&*common::store()?, message)
     }
 
     fn decode(&self, store: &Store, message: Message) -> Result<T> {
@@ -703,14 +717,9 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     }
 
     /// The async form of [`Connection::recv_bytes`] (see [`Connection::recv_async`]).
-    pub fn recv_bytes_async(
-        &self,
-        maxlength: Option<usize>,
-    ) -> impl Future<Output = Result<Vec<u8>>> + Send + '_ {
-        async move {
-            let message = self.next_message_async().await?;
-            self.bytes_within(message, maxlength)
-        }
+    pub async fn recv_bytes_async(&self, maxlength: Option<usize>) -> Result<Vec<u8>> {
+        let message = self.next_message_async().await?;
+        self.bytes_within(message, maxlength)
     }
 
     fn bytes_within(&self, message: Message, maxlength: Option<usize>) -> Result<Vec<u8>> {
@@ -777,18 +786,13 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
 
     /// The async form of [`Connection::poll`] (`timeout` runs from the first poll of the
     /// future); it takes nothing, so a dropped future leaves nothing to give back.
-    pub fn poll_async(
-        &self,
-        timeout: Option<Duration>,
-    ) -> impl Future<Output = Result<bool>> + Send + '_ {
-        async move {
-            let store = common::store()?;
-            self.ensure_open(&store)?;
-            self.check_readable()?;
-            match op::spawn(self.reader(Some(deadline(timeout))), None).await? {
-                Read::Polled(ready) => Ok(ready),
-                Read::Message(_) => Err(Error::invalid_state("a poll answered like a receive")),
-            }
+    pub async fn poll_async(&self, timeout: Option<Duration>) -> Result<bool> {
+        let store = common::store()?;
+        self.ensure_open(&store)?;
+        self.check_readable()?;
+        match op::spawn(self.reader(Some(deadline(timeout))), None).await? {
+            Read::Polled(ready) => Ok(ready),
+            Read::Message(_) => Err(Error::invalid_state("a poll answered like a receive")),
         }
     }
 }

@@ -64,9 +64,37 @@
 //! # Round trips
 //!
 //! Unbounded `put`: none on the caller's thread; the feeder writes the batches of every queue in
-//! one per cycle. Bounded or joinable `put`: 1 (`queue_put.lua`). `get`: 1 (`BLPOP`, Redis's own
-//! timeout), plus 1 on a bounded queue to wake a waiting writer. `qsize`/`empty`/`full`: 1.
-//! `task_done`: 1.
+//! one per cycle. Bounded or joinable `put`: 1 (`queue_put.lua`); a writer that finds the queue
+//! full waits on its wake key (one `BLPOP` slice, then a check-in, per second) and puts again
+//! when a get makes room; one that gives up with a wake-up (room) in hand passes it on to the
+//! next writer (1 more), so no waiting writer misses room. `get`: 1 (`BLPOP`, Redis's own
+//! timeout, plus a check that the queue exists per second of waiting), plus 1 on a bounded queue
+//! to wake a waiting writer (if that fails the item is returned all the same and the failure
+//! logged: an item taken is never dropped). `get_nowait`: 1. `qsize`/`empty`/`full`: 1.
+//! `task_done`: 1. `join`: 1, then a `BLPOP` that returns at the last `task_done` (plus a
+//! check-in and an existence check per second).
+//!
+//! # Async forms
+//!
+//! `put_async`, `put_timeout_async`, `put_nowait_async`, `get_async`, `get_timeout_async`,
+//! `get_nowait_async`, and `JoinableQueue::join_async`/`task_done_async` run the same round
+//! trips (the same state machines, `op.rs`) as a task on shoal's actor runtime, blocking
+//! commands on dedicated connections of that runtime, and hand the result back through a
+//! oneshot channel: any executor (Tokio's current-thread or multi-thread runtime, actix's) can
+//! await them, and no thread is parked per call. Timeouts run from the first poll. An unbounded
+//! `Queue`'s `put_async` only hands the item to the feeder, as `put` does (no round trip).
+//!
+//! Dropping the future (a `select!`, a `tokio::time::timeout`) never loses an item:
+//!
+//! * `get_async`: the task stops before its next wait slice (within a second) without taking
+//!   anything; an item it took meanwhile (or that arrived with the future already gone) is
+//!   pushed back to the head of the queue (`LPUSH`). Until then another reader may see the next
+//!   item first; a bounded queue may briefly hold one item above `maxsize` (a writer woken by
+//!   that get may have filled the place).
+//! * `put_async` (bounded or joinable): a put still waiting for room leaves the writers' queue
+//!   before its next slice and passes on a wake-up it had consumed; an item already written
+//!   stays written (it is the queue's now, like a sent message).
+//! * `join_async`: the joiner leaves the joiners' queue.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
