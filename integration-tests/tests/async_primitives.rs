@@ -208,6 +208,10 @@ fn queue_async_forms_under_both_runtimes_and_in_a_child() {
                 joinable.task_done_async().await,
                 Err(Error::InvalidState(_))
             ));
+            joinable.put_async(9).await.expect("put");
+            assert_eq!(joinable.get_async().await.expect("get"), 9);
+            joinable.task_done_async().await.expect("task_done");
+            joinable.join_async().await.expect("done again");
 
             // A child using the async forms without a shoal runtime of its own.
             child_in.put_async(41).await.expect("put");
@@ -302,6 +306,50 @@ fn a_get_async_dropped_while_another_process_puts_loses_no_item() {
             "{flavor:?}: items lost or duplicated ({dropped} gets dropped)"
         );
         assert_eq!(queue.qsize().expect("qsize"), 0);
+    }
+}
+
+#[shoal::remote]
+fn get_on_go(go: Event, queue: Queue<u32>, out: Queue<u32>) {
+    go.wait(None).expect("go");
+    out.put(queue.get().expect("get")).expect("put");
+}
+
+#[test]
+fn a_put_async_dropped_while_the_queue_is_full_is_withdrawn() {
+    let _rt = runtime();
+    for flavor in FLAVORS {
+        let queue: Queue<u32> = Queue::with_maxsize(1).expect("bounded");
+        let go = Event::new().expect("event");
+        let out: Queue<u32> = Queue::new().expect("queue");
+        let taker = Process::new(get_on_go, (go.clone(), queue.clone(), out.clone()));
+        start(&taker);
+        block_on(flavor, async move {
+            queue.put_async(1).await.expect("room for one");
+            for item in 2..5 {
+                assert!(
+                    timeout(Duration::from_millis(50), queue.put_async(item))
+                        .await
+                        .is_err(),
+                    "the queue is full"
+                );
+            }
+            // The dropped puts leave the writers' queue within a wait slice; then another
+            // process makes room, and none of them may take it.
+            sleep(Duration::from_millis(1500)).await;
+            go.set_async_for_test().await;
+            assert_eq!(out.get_async().await.expect("taken"), 1);
+            sleep(Duration::from_millis(500)).await;
+            assert!(
+                matches!(queue.get_nowait_async().await, Err(Error::Empty)),
+                "{flavor:?}: a dropped put wrote its item"
+            );
+            queue
+                .put_nowait_async(7)
+                .await
+                .expect("room, and nobody else waits");
+        });
+        join_ok(&taker);
     }
 }
 

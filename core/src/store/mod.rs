@@ -558,6 +558,68 @@ mod tests {
     }
 
     #[test]
+    fn async_blocking_commands_wait_on_dedicated_connections() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let server = EmbeddedRedis::start("redis-server", Duration::from_secs(5)).expect("redis");
+        let store = Arc::new(Store::connect(&server.url(), settings()).expect("connects"));
+        let system = crate::actors::ActorSystem::start("test-async-store").expect("actors");
+        let async_store = AsyncStore::new(store.clone(), system.runtime().clone());
+        let call = async_store.spawn(
+            |s, caller: Caller<(bool, Option<(String, i64)>)>| async move {
+                let popped = AtomicBool::new(false);
+                // Redis's own timeout ends this wait (2 s): it holds its own connection meanwhile.
+                let waiting = async {
+                    let cmd = {
+                        let mut cmd = redis::cmd("BLPOP");
+                        cmd.arg("empty").arg(2);
+                        cmd
+                    };
+                    let got: Option<(String, i64)> = s
+                        .blocking(Duration::from_secs(2), || "blpop".into(), &cmd)
+                        .await
+                        .expect("blpop");
+                    popped.store(true, Ordering::SeqCst);
+                    got
+                };
+                // Meanwhile the shared connection answers, and another waiter is served.
+                let others = async {
+                    let mut shared = s.shared().await.expect("shared");
+                    for _ in 0..10 {
+                        let _: String = redis::cmd("PING")
+                            .query_async(&mut shared)
+                            .await
+                            .expect("ping");
+                    }
+                    let _: () = redis::cmd("RPUSH")
+                        .arg("full")
+                        .arg(7)
+                        .query_async(&mut shared)
+                        .await
+                        .expect("rpush");
+                    let mut cmd = redis::cmd("BLPOP");
+                    cmd.arg("full").arg(2);
+                    let got: Option<(String, i64)> = s
+                        .blocking(Duration::from_secs(2), || "blpop".into(), &cmd)
+                        .await
+                        .expect("blpop");
+                    assert_eq!(got, Some(("full".into(), 7)));
+                    popped.load(Ordering::SeqCst)
+                };
+                let (timed_out, others_saw_it_pop) = futures::future::join(waiting, others).await;
+                caller.finish(Ok((others_saw_it_pop, timed_out)));
+            },
+        );
+        let (others_saw_it_pop, timed_out) = futures::executor::block_on(call).expect("call");
+        assert!(
+            !others_saw_it_pop,
+            "the other commands waited for the BLPOP"
+        );
+        assert_eq!(timed_out, None);
+        // Both dedicated connections went back to the pool (each answered).
+        assert_eq!(async_store.blocking.lock().expect("pool").len(), 2);
+    }
+
+    #[test]
     fn clean_removes_only_the_namespace() {
         let server = EmbeddedRedis::start("redis-server", Duration::from_secs(5)).expect("redis");
         let store = Store::connect(&server.url(), settings()).expect("connects");
