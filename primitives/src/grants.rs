@@ -338,8 +338,8 @@ impl GrantObject {
 
     /// Reads a release's reply; forgets the grant once it is gone.
     fn released(&self, mine: Option<u64>, reply: Result<redis::Value>) -> Result<u64> {
-        let state = &self.address;
-        let what = state.describe();
+        // Built only when needed: this is the hot path of every release.
+        let what = || self.address.describe();
         let keys_state = || self.keys().state;
         match op::parse::<Vec<u64>>(reply, "a release") {
             Ok(reply) => {
@@ -348,11 +348,15 @@ impl GrantObject {
                     forget(&keys_state(), mine);
                 }
                 if reply.first() == Some(&0) {
-                    tracing::warn!("{what}: this hold had lapsed; its permit was already returned");
+                    tracing::warn!(
+                        "{}: this hold had lapsed; its permit was already returned",
+                        what()
+                    );
                 }
                 Ok(left)
             }
             Err(Error::Redis { source, context }) => {
+                let what = what();
                 let message = match source.code() {
                     Some("LOST") => {
                         forget(&keys_state(), mine);
