@@ -8,14 +8,24 @@
 //!
 //! A thread child (start method `thread`) shares the parent's context but has its own
 //! [`ProcessInfo`] and a termination flag, kept in a thread-local while its target runs.
+//!
+//! # Async calls
+//!
+//! The context knows where async work runs ([`Context::spawn`], [`Context::async_store`]): on the
+//! actor system of the runtime, which hands its Tokio runtime over when it starts
+//! ([`Context::set_actor_runtime`]) and takes it back when it stops. A process without a running
+//! runtime (a worker whose task started no process of its own) starts a small actor system of
+//! its own (thread `shoal-async`) at its first async call, and keeps it as long as the context.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
+use crate::actors::{ActorSystem, AsyncCall, Caller};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{AsyncStore, Store};
 
 /// Who a process is, as Python's `current_process()` tells: name, place in the process tree,
 /// daemon flag, authentication key and parent.
@@ -157,11 +167,24 @@ impl ParentInfo {
 }
 
 /// The runtime this process belongs to.
-#[derive(Debug)]
 pub struct Context {
     config: Config,
     store: Arc<Store>,
     process: ProcessInfo,
+    /// Where async calls run: the runtime's actor system, or this context's own.
+    async_store: RwLock<Option<Arc<AsyncStore>>>,
+    /// The actor system started for async calls when no runtime handed one over.
+    own_actors: Mutex<Option<ActorSystem>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("config", &self.config)
+            .field("store", &self.store)
+            .field("process", &self.process)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Context {
@@ -171,6 +194,56 @@ impl Context {
             config,
             store,
             process,
+            async_store: RwLock::new(None),
+            own_actors: Mutex::new(None),
+        }
+    }
+
+    /// The runtime's actor system started on `runtime`: async calls run there from now on.
+    pub fn set_actor_runtime(&self, runtime: tokio::runtime::Handle) {
+        let async_store = AsyncStore::new(self.store.clone(), runtime);
+        *self.async_store.write().unwrap_or_else(|p| p.into_inner()) = Some(async_store);
+    }
+
+    /// The runtime's actor system is stopping: later async calls run on an actor system of this
+    /// context's own. Calls still running on the stopped one end with an error.
+    pub fn clear_actor_runtime(&self) {
+        *self.async_store.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Async access to the store, on the runtime's actor system (or this context's own,
+    /// started now if there is none; see the module docs).
+    pub fn async_store(&self) -> Result<Arc<AsyncStore>> {
+        if let Some(async_store) = &*self.async_store.read().unwrap_or_else(|p| p.into_inner()) {
+            return Ok(async_store.clone());
+        }
+        let mut own = self.own_actors.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.async_store.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(async_store) = &*current {
+            return Ok(async_store.clone());
+        }
+        let system = match own.take() {
+            Some(system) => system,
+            None => ActorSystem::start("shoal-async")?,
+        };
+        let async_store = AsyncStore::new(self.store.clone(), system.runtime().clone());
+        *own = Some(system);
+        *current = Some(async_store.clone());
+        Ok(async_store)
+    }
+
+    /// Runs `work` as a task on the actor system ([`Context::async_store`]); the returned
+    /// future, which any executor can await, resolves to what `work` answers through its
+    /// [`Caller`].
+    pub fn spawn<T, F, Fut>(&self, work: F) -> AsyncCall<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<AsyncStore>, Caller<T>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        match self.async_store() {
+            Ok(async_store) => async_store.spawn(work),
+            Err(e) => AsyncCall::failed(e),
         }
     }
 

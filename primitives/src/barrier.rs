@@ -23,16 +23,31 @@
 //!
 //! A waiter: 1 to arrive + a `BLPOP` released by the last arrival (plus one check per second).
 //! The last arrival: 1 (2 with an action: arrive, release).
+//!
+//! # Async form
+//!
+//! [`Barrier::wait_async`] runs the same round trips as a task on shoal's actor runtime (the
+//! action, user code, on that runtime's blocking pool) and hands the arrival index back through
+//! a oneshot channel: any executor can await it and no thread is parked for it. Dropping its
+//! future *withdraws* the arrival before the task's next wait slice (within a second), as
+//! `asyncio.Barrier` does for a cancelled waiter: the caller no longer counts as arrived, and
+//! the barrier is not broken (`barrier_finish.lua`, `withdraw`). If the barrier had already
+//! released (or broken) the caller's generation, that stands. An arrival that completed the
+//! barrier always releases the others, and its action runs, whether or not its future is still
+//! there. As in `asyncio`, an arrival index may then repeat within that generation.
 
+use std::future::Future;
 use std::sync::LazyLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use shoal_core::codec;
 use shoal_core::error::{Error, Result, TaskError};
 use shoal_core::registry::{self, RemoteFn};
+use shoal_core::store::Store;
 
-use crate::common::{self, Address, blpop, deadline, next_slice, ttl};
+use crate::common::{self, Address, next_slice, ttl};
+use crate::op::{self, Operation, Request, Step};
 
 static ARRIVE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("barrier_arrive.lua")));
@@ -147,117 +162,49 @@ impl Barrier {
     /// barrier's default.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<u32> {
         let store = common::store()?;
-        let keys = self.keys();
-        let waiter = common::waiter_id();
-        let reply: Vec<u64> = store
-            .with_conn(
-                || format!("arriving at {}", self.address.describe()),
-                |c| {
-                    ARRIVE
-                        .key(&keys.state)
-                        .key(&keys.waiters)
-                        .arg(ttl(&store))
-                        .arg(&keys.wake_prefix)
-                        .arg(&waiter)
-                        .arg(if self.action.is_some() { "1" } else { "0" })
-                        .invoke(c)
-                },
-            )
-            .map_err(|e| self.address.error(e))?;
-        let (code, index, generation) = match reply.as_slice() {
-            [code, index, generation] => (*code, *index as u32, *generation),
-            _ => {
-                return Err(Error::invalid_state(format!(
-                    "{}: unexpected reply {reply:?}",
-                    self.address.describe()
-                )));
-            }
-        };
-        match code {
-            0 => Err(Error::BrokenBarrier),
-            2 => Ok(index),
-            3 => self.run_action(index, generation),
-            _ => self.await_release(&keys, &waiter, index, timeout.or(self.timeout)),
-        }
+        op::run(
+            &store,
+            &mut BarrierWait::new(self, timeout.or(self.timeout)),
+        )
     }
 
-    fn run_action(&self, index: u32, generation: u64) -> Result<u32> {
-        let Some(action) = &self.action else {
-            return Ok(index);
-        };
-        let limit = common::store()?.settings().max_message_bytes;
-        let outcome = match registry::lookup(&action.function) {
-            Some(f) => registry::call(f, &action.args, limit)
-                .and_then(registry::Returned::into_process_outcome),
-            None => Err(registry::Failure::error(Error::NotRegistered {
-                function: action.function.clone(),
-            })),
-        };
-        match outcome {
-            Ok(()) => match self.finish("release", generation, "")?.as_str() {
-                "go" => Ok(index),
-                _ => Err(Error::BrokenBarrier),
-            },
-            Err(failure) => {
-                self.finish("break", generation, "")?;
-                Err(Error::Task(TaskError {
-                    function: action.function.clone(),
-                    message: failure.message,
-                    kind: failure.kind,
-                    attempts: 1,
-                    item: None,
-                }))
-            }
-        }
-    }
-
-    fn await_release(
+    /// The async form of [`Barrier::wait`]: waits on shoal's actor runtime without blocking the
+    /// caller's thread; `timeout` runs from the first poll. A dropped future withdraws the
+    /// arrival (see the module docs).
+    pub fn wait_async(
         &self,
-        keys: &Keys,
-        waiter: &str,
-        index: u32,
         timeout: Option<Duration>,
-    ) -> Result<u32> {
-        let store = common::store()?;
-        let deadline = deadline(timeout);
-        let wake = format!("{}{waiter}", keys.wake_prefix);
-        loop {
-            let Some(block) = next_slice(deadline) else {
-                return match self.finish("timeout", 0, waiter)?.as_str() {
-                    "go" => Ok(index),
-                    _ => Err(Error::BrokenBarrier),
-                };
-            };
-            if let Some(message) = blpop(&store, &wake, block).map_err(|e| self.address.error(e))? {
-                return match message.as_slice() {
-                    b"go" => Ok(index),
-                    _ => Err(Error::BrokenBarrier),
-                };
-            }
-            // Still there? (a deleted barrier is an error, not a wait forever)
-            self.n_waiting()?;
+    ) -> impl Future<Output = Result<u32>> + Send + use<> {
+        let barrier = self.clone();
+        async move {
+            let timeout = timeout.or(barrier.timeout);
+            op::spawn(BarrierWait::new(&barrier, timeout), None).await
         }
+    }
+
+    /// `barrier_finish.lua`: `op` for `generation`, or for `waiter`.
+    fn finish_request(&self, store: &Store, op: &str, generation: u64, waiter: &str) -> Request {
+        let keys = self.keys();
+        let mut invocation = FINISH.prepare_invoke();
+        invocation
+            .key(&keys.state)
+            .key(&keys.waiters)
+            .arg(ttl(store))
+            .arg(&keys.wake_prefix)
+            .arg(op)
+            .arg(generation)
+            .arg(waiter);
+        Request::script("ending a generation of", invocation)
     }
 
     fn finish(&self, op: &str, generation: u64, waiter: &str) -> Result<String> {
         let store = common::store()?;
-        let keys = self.keys();
-        store
-            .with_conn(
-                || format!("{op} of {}", self.address.describe()),
-                |c| {
-                    FINISH
-                        .key(&keys.state)
-                        .key(&keys.waiters)
-                        .arg(ttl(&store))
-                        .arg(&keys.wake_prefix)
-                        .arg(op)
-                        .arg(generation)
-                        .arg(waiter)
-                        .invoke(c)
-                },
-            )
-            .map_err(|e| self.address.error(e))
+        op::run_single(
+            &store,
+            || self.address.describe(),
+            self.finish_request(&store, op, generation, waiter),
+            |reply| op::parse(reply, "a barrier outcome").map_err(|e| self.address.error(e)),
+        )
     }
 
     /// Breaks the barrier for the current waiters and starts a new, unbroken generation.
@@ -289,34 +236,237 @@ impl Barrier {
 
     fn read_state(&self) -> Result<(u32, bool)> {
         let store = common::store()?;
-        let keys = self.keys();
-        let (count, broken): (Option<String>, Option<String>) = store
-            .with_conn(
-                || format!("reading {}", self.address.describe()),
-                |c| {
-                    redis::cmd("HMGET")
-                        .arg(&keys.state)
-                        .arg("count")
-                        .arg("broken")
-                        .query(c)
-                },
-            )
-            .map_err(|e| self.address.error(e))?;
+        op::run_single(
+            &store,
+            || self.address.describe(),
+            self.read_state_request(),
+            |reply| self.state_from(reply),
+        )
+    }
+
+    fn read_state_request(&self) -> Request {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.keys().state).arg("count").arg("broken");
+        Request::cmd("reading", cmd)
+    }
+
+    fn state_from(&self, reply: Result<redis::Value>) -> Result<(u32, bool)> {
+        let (count, broken): (Option<String>, Option<String>) =
+            op::parse(reply, "a barrier state").map_err(|e| self.address.error(e))?;
+        let state = || self.keys().state;
         match (count, broken) {
             (None, None) => Err(self.address.gone()),
             (Some(count), Some(broken)) => match (count.parse::<u32>(), broken.as_str()) {
                 (Ok(count), "0" | "1") => Ok((count, broken == "1")),
                 _ => Err(Error::Codec {
-                    key: keys.state,
+                    key: state(),
                     expected: "barrier state".into(),
                     reason: format!("count {count:?}, broken {broken:?}"),
                 }),
             },
             other => Err(Error::Codec {
-                key: keys.state,
+                key: state(),
                 expected: "barrier state".into(),
                 reason: format!("{other:?}"),
             }),
+        }
+    }
+}
+
+/// Runs a barrier's action in this process; its failure is a task error.
+fn run_action(action: &Action, limit: usize) -> Result<()> {
+    let outcome = match registry::lookup(&action.function) {
+        Some(f) => registry::call(f, &action.args, limit)
+            .and_then(registry::Returned::into_process_outcome),
+        None => Err(registry::Failure::error(Error::NotRegistered {
+            function: action.function.clone(),
+        })),
+    };
+    outcome.map_err(|failure| {
+        Error::Task(TaskError {
+            function: action.function.clone(),
+            message: failure.message,
+            kind: failure.kind,
+            attempts: 1,
+            item: None,
+        })
+    })
+}
+
+/// `Barrier::wait`: `barrier_arrive.lua`; the last arrival runs the action (if any) and
+/// releases the generation; the others wait on their wake key in slices, checking that the
+/// barrier still exists after each, and at the deadline give up (`timeout`: the barrier breaks,
+/// unless a wake-up reached them). An async caller that left withdraws its arrival.
+struct BarrierWait {
+    barrier: Barrier,
+    waiter: String,
+    timeout: Option<Duration>,
+    deadline: Option<Instant>,
+    index: u32,
+    generation: u64,
+    state: BarrierState,
+    action_error: Option<Error>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BarrierState {
+    Arriving,
+    Acting,
+    Releasing,
+    Breaking,
+    Popping,
+    Checking,
+    GivingUp,
+}
+
+impl BarrierWait {
+    fn new(barrier: &Barrier, timeout: Option<Duration>) -> BarrierWait {
+        BarrierWait {
+            barrier: barrier.clone(),
+            waiter: common::waiter_id(),
+            timeout,
+            deadline: None,
+            index: 0,
+            generation: 0,
+            state: BarrierState::Arriving,
+            action_error: None,
+        }
+    }
+
+    fn slice(&mut self, store: &Store) -> Step<u32> {
+        match next_slice(self.deadline) {
+            None => self.give_up(store, "timeout"),
+            Some(block) => {
+                self.state = BarrierState::Popping;
+                let wake = format!("{}{}", self.barrier.keys().wake_prefix, self.waiter);
+                Step::Next(Request::blpop(&wake, block))
+            }
+        }
+    }
+
+    fn give_up(&mut self, store: &Store, how: &str) -> Step<u32> {
+        self.state = BarrierState::GivingUp;
+        Step::Next(self.barrier.finish_request(store, how, 0, &self.waiter))
+    }
+
+    /// What a wake-up or an outcome says.
+    fn outcome(&self, message: &[u8]) -> Step<u32> {
+        match message {
+            b"go" => Step::Done(Ok(self.index)),
+            b"withdrawn" => Step::Done(Err(op::abandoned())),
+            _ => Step::Done(Err(Error::BrokenBarrier)),
+        }
+    }
+}
+
+impl Operation for BarrierWait {
+    type Output = u32;
+
+    fn describe(&self) -> String {
+        self.barrier.address.describe()
+    }
+
+    fn start(&mut self, store: &Store) -> Step<u32> {
+        let keys = self.barrier.keys();
+        let mut invocation = ARRIVE.prepare_invoke();
+        invocation
+            .key(&keys.state)
+            .key(&keys.waiters)
+            .arg(ttl(store))
+            .arg(&keys.wake_prefix)
+            .arg(&self.waiter)
+            .arg(if self.barrier.action.is_some() {
+                "1"
+            } else {
+                "0"
+            });
+        Step::Next(Request::script("arriving at", invocation))
+    }
+
+    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<u32> {
+        let address = &self.barrier.address;
+        match self.state {
+            BarrierState::Arriving => {
+                let reply = match op::parse::<Vec<u64>>(reply, "an arrival") {
+                    Ok(reply) => reply,
+                    Err(e) => return Step::Done(Err(address.error(e))),
+                };
+                let [code, index, generation] = reply.as_slice() else {
+                    return Step::Done(Err(Error::invalid_state(format!(
+                        "{}: unexpected reply {reply:?}",
+                        address.describe()
+                    ))));
+                };
+                self.index = *index as u32;
+                self.generation = *generation;
+                match code {
+                    0 => Step::Done(Err(Error::BrokenBarrier)),
+                    2 => Step::Done(Ok(self.index)),
+                    3 => {
+                        let Some(action) = self.barrier.action.clone() else {
+                            return Step::Done(Ok(self.index));
+                        };
+                        self.state = BarrierState::Acting;
+                        let limit = store.settings().max_message_bytes;
+                        Step::Next(Request::local("running the action of", move || {
+                            run_action(&action, limit).map(|()| redis::Value::Okay)
+                        }))
+                    }
+                    _ => {
+                        self.deadline = common::deadline(self.timeout);
+                        self.slice(store)
+                    }
+                }
+            }
+            BarrierState::Acting => {
+                let how = match reply {
+                    Ok(_) => {
+                        self.state = BarrierState::Releasing;
+                        "release"
+                    }
+                    Err(e) => {
+                        self.action_error = Some(e);
+                        self.state = BarrierState::Breaking;
+                        "break"
+                    }
+                };
+                Step::Next(self.barrier.finish_request(store, how, self.generation, ""))
+            }
+            BarrierState::Breaking => match reply {
+                Err(e) => Step::Done(Err(address.error(e))),
+                Ok(_) => Step::Done(Err(self
+                    .action_error
+                    .take()
+                    .unwrap_or(Error::BrokenBarrier))),
+            },
+            BarrierState::Releasing | BarrierState::GivingUp => {
+                match op::parse::<Vec<u8>>(reply, "a barrier outcome") {
+                    Err(e) => Step::Done(Err(address.error(e))),
+                    Ok(message) => self.outcome(&message),
+                }
+            }
+            BarrierState::Popping => {
+                match op::parse::<Option<(String, Vec<u8>)>>(reply, "a wake-up") {
+                    Err(e) => Step::Done(Err(address.error(e))),
+                    Ok(Some((_, message))) => self.outcome(&message),
+                    Ok(None) => {
+                        // Still there? (a deleted barrier is an error, not a wait forever)
+                        self.state = BarrierState::Checking;
+                        Step::Next(self.barrier.read_state_request())
+                    }
+                }
+            }
+            BarrierState::Checking => match self.barrier.state_from(reply) {
+                Err(e) => Step::Done(Err(e)),
+                Ok(_) => self.slice(store),
+            },
+        }
+    }
+
+    fn abandon(&mut self, store: &Store) -> Step<u32> {
+        match self.state {
+            BarrierState::Popping | BarrierState::Checking => self.give_up(store, "withdraw"),
+            _ => Step::Done(Err(op::abandoned())),
         }
     }
 }

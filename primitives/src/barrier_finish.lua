@@ -6,6 +6,9 @@
 -- reset:   waiters get 'broken'; the barrier starts a new, unbroken generation.
 -- timeout: waiter ARGV[5] gives up: if a wake-up reached it, return it ('go' or 'broken');
 --          otherwise break the barrier (Python breaks it for everyone) and return 'broken'.
+-- withdraw: waiter ARGV[5] leaves (its async caller went away): if a wake-up reached it, return
+--          it; otherwise it no longer counts as arrived (asyncio.Barrier's cancelled waiter) and
+--          'withdrawn' is returned.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('GONE the barrier does not exist')
 end
@@ -21,12 +24,19 @@ local function wake_all(message)
   redis.call('DEL', KEYS[2])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-if op == 'timeout' then
+if op == 'timeout' or op == 'withdraw' then
   local wake = ARGV[2] .. ARGV[5]
   local got = redis.call('LPOP', wake)
   if got then
     redis.call('DEL', wake)
     return got
+  end
+  if op == 'withdraw' then
+    if redis.call('LREM', KEYS[2], 0, ARGV[5]) > 0 then
+      local count = tonumber(redis.call('HGET', KEYS[1], 'count')) or 1
+      redis.call('HSET', KEYS[1], 'count', math.max(count - 1, 0))
+    end
+    return 'withdrawn'
   end
   op = 'break'
 end

@@ -7,7 +7,8 @@
 //!
 //! A caller that must wait blocks with `BLPOP` on a key with Redis's own timeout, in slices of
 //! at most [`SLICE`], and checks in between slices: a primitive whose keys were deleted (or
-//! expired) is reported instead of waited on forever.
+//! expired) is reported instead of waited on forever, and the async form of a call whose future
+//! was dropped gives up there (see `op.rs`).
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -42,10 +43,57 @@ macro_rules! hold_methods {
 
         #[doc = concat!("Acquires ", $what, " and returns a guard that releases it on drop (Python's `with`).")]
         pub fn lock(&self) -> Result<$crate::lock::Guard<'_>> {
-            let grant = self.object().acquire(Some(None))?.ok_or_else(|| {
-                Error::invalid_state("a blocking acquire returned without a grant")
-            })?;
-            Ok($crate::lock::Guard::new(self.object(), grant.token))
+            let holder = $crate::grants::holder(self.object().kind);
+            let grant = self
+                .object()
+                .acquire_as(holder.clone(), Some(None))?
+                .ok_or_else(|| {
+                    Error::invalid_state("a blocking acquire returned without a grant")
+                })?;
+            Ok($crate::lock::Guard::new(self.object(), grant.token, holder))
+        }
+
+        #[doc = concat!("The async form of `acquire`: acquires ", $what, " without blocking the caller's thread. ")]
+        #[doc = "The wait runs on shoal's actor runtime; any executor can await the future. A hold granted after"]
+        #[doc = "the future was dropped is released (see the module docs)."]
+        pub fn acquire_async(
+            &self,
+        ) -> impl std::future::Future<Output = Result<()>> + Send + use<> {
+            let acquiring = self.object().acquire_async(Some(None));
+            async move { acquiring.await.map(|_| ()) }
+        }
+
+        #[doc = concat!("The async form of `acquire_timeout`: acquires ", $what, ", waiting at most `timeout` ")]
+        #[doc = "from the first poll; returns whether it was acquired."]
+        pub fn acquire_timeout_async(
+            &self,
+            timeout: Duration,
+        ) -> impl std::future::Future<Output = Result<bool>> + Send + use<> {
+            let acquiring = self.object().acquire_async(Some(Some(timeout)));
+            async move { Ok(acquiring.await?.is_some()) }
+        }
+
+        #[doc = concat!("The async form of `try_acquire`: acquires ", $what, " only if that needs no waiting.")]
+        pub fn try_acquire_async(
+            &self,
+        ) -> impl std::future::Future<Output = Result<bool>> + Send + use<> {
+            let acquiring = self.object().acquire_async(None);
+            async move { Ok(acquiring.await?.is_some()) }
+        }
+
+        #[doc = concat!("The async form of `lock`: acquires ", $what, " and returns a guard that releases it ")]
+        #[doc = "when dropped, on shoal's actor runtime (a drop never blocks the caller's thread)."]
+        pub fn lock_async(
+            &self,
+        ) -> impl std::future::Future<Output = Result<$crate::lock::Guard<'_>>> + Send + '_ {
+            let object = self.object();
+            let acquiring = object.acquire_async(Some(None));
+            async move {
+                let (grant, holder) = acquiring.await?.ok_or_else(|| {
+                    Error::invalid_state("a blocking acquire returned without a grant")
+                })?;
+                Ok($crate::lock::Guard::new_async(object, grant.token, holder))
+            }
         }
 
         #[doc = concat!("The fencing token of ", $what, " this process (for an `RLock`: this thread) holds, if any.")]
@@ -141,9 +189,19 @@ pub(crate) fn waiter_id() -> String {
     format!("{}.{n}", process_holder())
 }
 
-/// This thread of this process, as the owner of an `RLock`.
+/// This thread of this process, as the owner of an `RLock`; inside a Tokio task, the task
+/// (a task moves between the threads of a multi-thread runtime at each `.await`, and its hold
+/// must move with it).
 pub(crate) fn thread_holder() -> String {
-    format!("{}:{:?}", process_holder(), std::thread::current().id())
+    match tokio::task::try_id() {
+        Some(task) => format!("{}:task:{task}", process_holder()),
+        None => format!("{}:{:?}", process_holder(), std::thread::current().id()),
+    }
+}
+
+/// How long a queued waiter counts as alive without checking in: three slices from now.
+pub(crate) fn liveness() -> u64 {
+    now_ms() + 3 * SLICE.as_millis() as u64
 }
 
 pub(crate) use shoal_core::clock::now_ms;
@@ -156,21 +214,6 @@ pub(crate) fn ttl(store: &Store) -> u64 {
 /// A `BLPOP` timeout in seconds: Redis reads decimals; never 0 (which means forever).
 pub(crate) fn blpop_seconds(block: Duration) -> f64 {
     block.as_secs_f64().max(0.001)
-}
-
-/// Pops from `key`, waiting at most `block` (Redis's own timeout).
-pub(crate) fn blpop(store: &Store, key: &str, block: Duration) -> Result<Option<Vec<u8>>> {
-    let reply: Option<(String, Vec<u8>)> = store.with_blocking_conn(
-        Some(block),
-        || format!("waiting on {key}"),
-        |c| {
-            redis::cmd("BLPOP")
-                .arg(key)
-                .arg(blpop_seconds(block))
-                .query(c)
-        },
-    )?;
-    Ok(reply.map(|(_, v)| v))
 }
 
 /// The time left until `deadline`, capped at [`SLICE`]; `None` when it passed.

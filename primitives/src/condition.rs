@@ -23,18 +23,39 @@
 //! # Round trips
 //!
 //! `wait`: 1 (queue and release) + a `BLPOP` that returns at the notify (plus one check-in per
-//! second) + the lock's acquire (1 when free). `notify`/`notify_all`: 1.
+//! second) + the lock's acquire (1 when free; one per recursion level of an `RLock`).
+//! `notify`/`notify_all`: 1.
+//!
+//! # Async forms
+//!
+//! [`Condition::wait_async`] and [`Condition::wait_for_async`] (whose predicate stays a plain
+//! closure, evaluated with the lock held), and the lock's `acquire_async`, `lock_async`...
+//! (see `lock.rs`), run the same round trips as tasks on shoal's actor runtime and hand the
+//! result back through a oneshot channel; any executor can await them and no thread is parked.
+//! The owner of a condition's `RLock` is the task (or thread) that polls the future, as for the
+//! lock itself.
+//!
+//! Dropping a `wait_async` future: the lock was released when the wait began, and the caller no
+//! longer holds it (it cannot be taken back in a destructor). Before its next wait slice (within
+//! a second) the task leaves the waiters' queue; a notification that reached it, before or after
+//! that, is passed on to the next waiter (`waiters_wake.lua`), so a `notify(1)` is not lost on a
+//! dropped waiter (after a `notify_all`, that is a spurious wake-up of a later waiter, which
+//! `wait_for` absorbs); and the lock, if it was being taken back, is released again (every
+//! recursion level taken).
 
+use std::future::Future;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use shoal_core::error::{Error, Result};
+use shoal_core::store::Store;
 
-use crate::common::{self, blpop, deadline, hold_methods, next_slice};
-use crate::event::{check_in, liveness};
-use crate::grants::{self, GrantObject};
+use crate::common::{self, deadline, hold_methods, liveness};
+use crate::event::{WaitList, WakeWait, Woke};
+use crate::grants::{self, Acquire, GrantKeys, GrantObject};
 use crate::lock::{Lock, RLock};
+use crate::op::{self, Operation, Request, Step};
 
 fn script(body: &str) -> redis::Script {
     redis::Script::new(&format!("{}\n{}", include_str!("grants_prelude.lua"), body))
@@ -56,12 +77,6 @@ enum ConditionLock {
 pub struct Condition {
     lock: ConditionLock,
     id: String,
-}
-
-struct Keys {
-    waiters: String,
-    waiting: String,
-    wake_prefix: String,
 }
 
 impl Condition {
@@ -92,9 +107,9 @@ impl Condition {
         }
     }
 
-    fn keys(&self) -> Keys {
+    fn waiters(&self) -> WaitList {
         let keys = self.object().address.keys();
-        Keys {
+        WaitList {
             waiters: keys.key(&format!("cond:{}:waiters", self.id)),
             waiting: keys.key(&format!("cond:{}:waiting", self.id)),
             wake_prefix: keys.key(&format!("cond:{}:wake:", self.id)),
@@ -108,6 +123,11 @@ impl Condition {
         self.object().release().map(|_| ())
     }
 
+    /// The async form of [`Condition::release`] (1 round trip on shoal's actor runtime).
+    pub fn release_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        self.object().release_current_async()
+    }
+
     fn held_token(&self, what: &str) -> Result<u64> {
         self.object()
             .token()
@@ -119,66 +139,41 @@ impl Condition {
     pub fn wait(&self, timeout: Option<Duration>) -> Result<bool> {
         let token = self.held_token("wait")?;
         let store = common::store()?;
-        let object = self.object();
-        let lock_keys = object.keys();
-        let keys = self.keys();
-        let waiter = common::waiter_id();
-        let holder = grants::holder(object.kind);
-        let count: u64 = store
-            .with_conn(
-                || format!("waiting on a condition of {}", object.address.describe()),
-                |c| {
-                    let mut invocation = lock_keys.invocation(&WAIT, &store, grants::lease());
-                    invocation
-                        .key(&keys.waiters)
-                        .key(&keys.waiting)
-                        .arg(&holder)
-                        .arg(token)
-                        .arg(&waiter)
-                        .arg(liveness());
-                    invocation.invoke(c)
-                },
-            )
-            .map_err(|e| grants::map_hold_error(object, e))?;
-        grants::forget(&lock_keys.state, Some(token));
+        let holder = grants::holder(self.object().kind);
+        op::run(&store, &mut CondWait::new(self, holder, token, timeout)).map(|w| w.notified)
+    }
 
-        let deadline = deadline(timeout);
-        let wake = format!("{}{waiter}", keys.wake_prefix);
-        let address = &object.address;
-        let notified = loop {
-            let Some(block) = next_slice(deadline) else {
-                break check_in(
-                    &store,
-                    address,
-                    &keys.waiters,
-                    &keys.waiting,
-                    &keys.wake_prefix,
-                    &waiter,
-                    "cancel",
-                )?;
-            };
-            if blpop(&store, &wake, block)
-                .map_err(|e| address.error(e))?
-                .is_some()
-            {
-                break true;
-            }
-            if check_in(
-                &store,
-                address,
-                &keys.waiters,
-                &keys.waiting,
-                &keys.wake_prefix,
-                &waiter,
-                "refresh",
-            )? {
-                break true;
-            }
-        };
-        for _ in 0..count.max(1) {
-            object.acquire(Some(None))?;
+    /// The async form of [`Condition::wait`], for the task (or thread) that polls it, which
+    /// must hold the lock; `timeout` runs from the first poll. See the module docs for a
+    /// dropped future.
+    pub fn wait_async(
+        &self,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<bool>> + Send + use<> {
+        let condition = self.clone();
+        async move {
+            let token = condition.held_token("wait")?;
+            let holder = grants::holder(condition.object().kind);
+            let waiting = CondWait::new(&condition, holder, token, timeout);
+            let object = condition.object().clone();
+            let waiters = condition.waiters();
+            let undo: op::Undo<CondWaited> = Box::new(move |store, waited| {
+                Box::pin(async move {
+                    if waited.notified {
+                        // Nobody acts on this notification: the next waiter gets it.
+                        let request = waiters.wake(store.store(), 1);
+                        op::undo_request(&store, || object.address.describe(), request).await;
+                    }
+                    // Every level taken back is released again (nobody holds it now).
+                    for _ in 0..waited.levels {
+                        object
+                            .release_detached(&store, waited.holder.clone(), waited.token)
+                            .await;
+                    }
+                })
+            });
+            Ok(op::spawn(waiting, Some(undo)).await?.notified)
         }
-        Ok(notified)
     }
 
     /// Waits until `predicate()` is true (it is evaluated with the lock held), at most
@@ -191,20 +186,31 @@ impl Condition {
         let end = deadline(timeout);
         let mut result = predicate();
         while !result {
-            let left = match end {
-                Some(end) => {
-                    let left = end.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    Some(left)
-                }
-                None => None,
-            };
+            let Some(left) = time_left(end) else { break };
             self.wait(left)?;
             result = predicate();
         }
         Ok(result)
+    }
+
+    /// The async form of [`Condition::wait_for`]: the predicate is a plain closure, evaluated
+    /// with the lock held on the polling task; each wait is [`Condition::wait_async`].
+    pub fn wait_for_async<P: FnMut() -> bool>(
+        &self,
+        mut predicate: P,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<bool>> + use<P> {
+        let condition = self.clone();
+        async move {
+            let end = deadline(timeout);
+            let mut result = predicate();
+            while !result {
+                let Some(left) = time_left(end) else { break };
+                condition.wait_async(left).await?;
+                result = predicate();
+            }
+            Ok(result)
+        }
     }
 
     /// Wakes up to `n` waiters.
@@ -222,23 +228,232 @@ impl Condition {
         let store = common::store()?;
         let object = self.object();
         let lock_keys = object.keys();
-        let keys = self.keys();
-        store
-            .with_conn(
-                || format!("notifying a condition of {}", object.address.describe()),
-                |c| {
-                    let mut invocation = lock_keys.invocation(&NOTIFY, &store, grants::lease());
-                    invocation
-                        .key(&keys.waiters)
-                        .key(&keys.waiting)
-                        .arg(grants::holder(object.kind))
-                        .arg(token)
-                        .arg(n)
-                        .arg(&keys.wake_prefix);
-                    invocation.invoke::<u64>(c)
+        let waiters = self.waiters();
+        let mut invocation = lock_keys.invocation(&NOTIFY, &store, grants::lease());
+        invocation
+            .key(&waiters.waiters)
+            .key(&waiters.waiting)
+            .arg(grants::holder(object.kind))
+            .arg(token)
+            .arg(n)
+            .arg(&waiters.wake_prefix);
+        op::run_single(
+            &store,
+            || object.address.describe(),
+            Request::script("notifying a condition of", invocation),
+            |reply| {
+                op::parse::<u64>(reply, "a wake count")
+                    .map(|_| ())
+                    .map_err(|e| grants::map_hold_error(object, e))
+            },
+        )
+    }
+}
+
+/// The time left until `end`: `Some(None)` without an end, `None` once it passed.
+fn time_left(end: Option<Instant>) -> Option<Option<Duration>> {
+    match end {
+        None => Some(None),
+        Some(end) => {
+            let left = end.saturating_duration_since(Instant::now());
+            (!left.is_zero()).then_some(Some(left))
+        }
+    }
+}
+
+/// What a condition wait did.
+struct CondWaited {
+    notified: bool,
+    /// Recursion levels of the lock taken back (all of them unless the async caller left).
+    levels: u64,
+    /// The grant taken back.
+    token: Option<u64>,
+    holder: String,
+}
+
+/// `Condition::wait`: `condition_wait.lua` (queue the waiter and release the lock, in one
+/// step), a [`WakeWait`] until notified or the deadline, then the lock taken back, one
+/// [`Acquire`] per recursion level. An async caller that left: the wait is cancelled and a
+/// notification that reached it passed on; an acquire under way gives up (see the module docs).
+struct CondWait {
+    object: GrantObject,
+    lock_keys: GrantKeys,
+    waiters: WaitList,
+    holder: String,
+    token: u64,
+    waiter: String,
+    timeout: Option<Duration>,
+    /// Recursion levels held before the wait (from the script).
+    count: u64,
+    phase: CondPhase,
+    done: CondWaited,
+    abandoned: bool,
+}
+
+enum CondPhase {
+    Queueing,
+    Waiting(WakeWait<()>),
+    PassingOn,
+    Reacquiring(Acquire),
+}
+
+impl CondWait {
+    fn new(condition: &Condition, holder: String, token: u64, timeout: Option<Duration>) -> Self {
+        let object = condition.object().clone();
+        CondWait {
+            lock_keys: object.keys(),
+            object,
+            waiters: condition.waiters(),
+            holder: holder.clone(),
+            token,
+            waiter: common::waiter_id(),
+            timeout,
+            count: 1,
+            phase: CondPhase::Queueing,
+            done: CondWaited {
+                notified: false,
+                levels: 0,
+                token: None,
+                holder,
+            },
+            abandoned: false,
+        }
+    }
+
+    fn finish(&mut self) -> Step<CondWaited> {
+        let done = CondWaited {
+            holder: self.holder.clone(),
+            ..std::mem::replace(
+                &mut self.done,
+                CondWaited {
+                    notified: false,
+                    levels: 0,
+                    token: None,
+                    holder: String::new(),
                 },
             )
-            .map(|_| ())
-            .map_err(|e| grants::map_hold_error(object, e))
+        };
+        Step::Done(Ok(done))
+    }
+
+    /// Takes the next recursion level of the lock back.
+    fn reacquire(&mut self, store: &Store) -> Step<CondWaited> {
+        let mut acquire = Acquire::new(&self.object, self.holder.clone(), Some(None));
+        let step = acquire.start(store);
+        self.phase = CondPhase::Reacquiring(acquire);
+        self.after_acquire(store, step)
+    }
+
+    fn after_acquire(
+        &mut self,
+        store: &Store,
+        step: Step<Option<grants::Grant>>,
+    ) -> Step<CondWaited> {
+        match step {
+            Step::Next(request) => Step::Next(request),
+            Step::Done(Err(e)) => Step::Done(Err(e)),
+            Step::Done(Ok(grant)) => {
+                if let Some(grant) = grant {
+                    self.done.levels += 1;
+                    self.done.token = Some(grant.token);
+                }
+                if self.abandoned || grant.is_none() || self.done.levels >= self.count.max(1) {
+                    self.finish()
+                } else {
+                    self.reacquire(store)
+                }
+            }
+        }
+    }
+
+    fn after_wait(&mut self, store: &Store, step: Step<Woke>) -> Step<CondWaited> {
+        match step {
+            Step::Next(request) => Step::Next(request),
+            Step::Done(Err(e)) => Step::Done(Err(self.object.address.error(e))),
+            Step::Done(Ok(woke)) if self.abandoned => {
+                if woke.woken {
+                    // Nobody will act on this notification: the next waiter gets it.
+                    self.phase = CondPhase::PassingOn;
+                    Step::Next(self.waiters.wake(store, 1))
+                } else {
+                    self.finish()
+                }
+            }
+            Step::Done(Ok(woke)) => {
+                self.done.notified = woke.woken;
+                self.reacquire(store)
+            }
+        }
+    }
+}
+
+impl Operation for CondWait {
+    type Output = CondWaited;
+
+    fn describe(&self) -> String {
+        self.object.address.describe()
+    }
+
+    fn start(&mut self, store: &Store) -> Step<CondWaited> {
+        let mut invocation = self.lock_keys.invocation(&WAIT, store, grants::lease());
+        invocation
+            .key(&self.waiters.waiters)
+            .key(&self.waiters.waiting)
+            .arg(&self.holder)
+            .arg(self.token)
+            .arg(&self.waiter)
+            .arg(liveness());
+        Step::Next(Request::script("waiting on a condition of", invocation))
+    }
+
+    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<CondWaited> {
+        match &mut self.phase {
+            CondPhase::Queueing => match op::parse::<u64>(reply, "a recursion count") {
+                Err(e) => Step::Done(Err(grants::map_hold_error(&self.object, e))),
+                Ok(count) => {
+                    self.count = count;
+                    grants::forget(&self.lock_keys.state, Some(self.token));
+                    let mut waiting = WakeWait::new(
+                        self.waiters.clone(),
+                        std::mem::take(&mut self.waiter),
+                        deadline(self.timeout),
+                        (),
+                    );
+                    let step = waiting.start(store);
+                    self.phase = CondPhase::Waiting(waiting);
+                    self.after_wait(store, step)
+                }
+            },
+            CondPhase::Waiting(waiting) => {
+                let step = waiting.reply(store, reply);
+                self.after_wait(store, step)
+            }
+            CondPhase::PassingOn => {
+                if let Err(e) = reply {
+                    tracing::warn!("passing on a notification of a dropped wait: {e}");
+                }
+                self.finish()
+            }
+            CondPhase::Reacquiring(acquire) => {
+                let step = acquire.reply(store, reply);
+                self.after_acquire(store, step)
+            }
+        }
+    }
+
+    fn abandon(&mut self, store: &Store) -> Step<CondWaited> {
+        self.abandoned = true;
+        match &mut self.phase {
+            CondPhase::Waiting(waiting) => {
+                let step = waiting.cancel(store);
+                self.after_wait(store, step)
+            }
+            CondPhase::Reacquiring(acquire) => {
+                let step = acquire.abandon(store);
+                self.after_acquire(store, step)
+            }
+            // No blocking request is sent in these phases.
+            CondPhase::Queueing | CondPhase::PassingOn => self.finish(),
+        }
     }
 }

@@ -41,20 +41,23 @@
 //!
 //! Acquire when a permit is free: 1 (`grants_acquire.lua`). Acquire that waits: 1 to queue, then
 //! one `BLPOP` that returns when the grant arrives (plus one check-in per second of waiting).
-//! Release: 1 (`grants_release.lua`). Giving up after a timeout: 1 (`grants_wait.lua`).
+//! Release: 1 (`grants_release.lua`). Giving up after a timeout, or because the async caller's
+//! future was dropped: 1 (`grants_wait.lua`), plus 1 to release a grant nobody took.
 //! `get_value`/`locked`: 1 (`grants_value.lua`). At a clean exit: 1 per object this process
 //! still holds (`grants_detach.lua`).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{LazyLock, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use shoal_core::context;
 use shoal_core::error::{Error, Result};
-use shoal_core::store::Store;
+use shoal_core::store::{AsyncStore, Store};
 
-use crate::common::{self, Address, blpop, next_slice, now_ms, process_holder, ttl};
+use crate::common::{self, Address, liveness, next_slice, now_ms, process_holder, ttl};
+use crate::op::{self, Operation, Request, Step};
 
 fn script(body: &str) -> redis::Script {
     redis::Script::new(&format!("{}\n{}", include_str!("grants_prelude.lua"), body))
@@ -219,119 +222,144 @@ impl GrantObject {
         GrantKeys::new(&self.address)
     }
 
-    /// Acquires a permit. `wait`: `None` tries once; `Some(None)` waits forever; `Some(Some(t))`
-    /// waits until `t`. `Ok(None)` when it was not acquired.
+    /// Acquires a permit for the calling thread (or task: see [`holder`]). `wait`: `None`
+    /// tries once; `Some(None)` waits forever; `Some(Some(t))` waits until `t`. `Ok(None)` when
+    /// it was not acquired.
     pub(crate) fn acquire(&self, wait: Option<Option<Instant>>) -> Result<Option<Grant>> {
-        let store = common::store()?;
-        let lease = lease();
-        let keys = self.keys();
-        let holder = self.kind.holder();
-        let waiter = match wait {
-            None => String::new(),
-            Some(_) => common::waiter_id(),
-        };
-        let reply: Vec<u64> = store
-            .with_conn(
-                || format!("acquiring {}", self.address.describe()),
-                |c| {
-                    keys.invocation(&ACQUIRE, &store, lease)
-                        .arg(&holder)
-                        .arg(self.kind.name())
-                        .arg(&waiter)
-                        .arg(now_ms() + 3 * common::SLICE.as_millis() as u64)
-                        .invoke(c)
-                },
-            )
-            .map_err(|e| self.address.error(e))?;
-        if reply.first() == Some(&1) {
-            let grant = Grant {
-                token: reply.get(1).copied().unwrap_or(0),
-                count: reply.get(2).copied().unwrap_or(1),
-            };
-            self.record(grant.token, &holder);
-            return Ok(Some(grant));
-        }
-        let Some(deadline) = wait else {
-            return Ok(None);
-        };
-        let wake = format!("{}{waiter}", keys.wake_prefix);
-        loop {
-            let Some(block) = next_slice(deadline) else {
-                return self.check_in(&store, &keys, &holder, &waiter, "cancel");
-            };
-            if let Some(token) = blpop(&store, &wake, block).map_err(|e| self.address.error(e))? {
-                let token = parse_token(&token)?;
-                self.record(token, &holder);
-                return Ok(Some(Grant { token, count: 1 }));
-            }
-            if let Some(grant) = self.check_in(&store, &keys, &holder, &waiter, "refresh")? {
-                return Ok(Some(grant));
-            }
-        }
+        self.acquire_as(self.kind.holder(), wait)
     }
 
-    fn check_in(
+    /// [`GrantObject::acquire`] for `holder`.
+    pub(crate) fn acquire_as(
         &self,
-        store: &Store,
-        keys: &GrantKeys,
-        holder: &str,
-        waiter: &str,
-        mode: &str,
+        holder: String,
+        wait: Option<Option<Instant>>,
     ) -> Result<Option<Grant>> {
-        let reply: Vec<u64> = store
-            .with_conn(
-                || format!("waiting for {}", self.address.describe()),
-                |c| {
-                    keys.invocation(&WAIT, store, lease())
-                        .arg(holder)
-                        .arg(waiter)
-                        .arg(mode)
-                        .arg(now_ms() + 3 * common::SLICE.as_millis() as u64)
-                        .invoke(c)
-                },
-            )
-            .map_err(|e| self.address.error(e))?;
-        if reply.first() == Some(&1) {
-            let token = reply.get(1).copied().unwrap_or(0);
-            self.record(token, holder);
-            return Ok(Some(Grant { token, count: 1 }));
-        }
-        Ok(None)
+        let store = common::store()?;
+        op::run(&store, &mut Acquire::new(self, holder, wait))
     }
 
-    /// Releases one permit (see `grants_release.lua` for whose). Returns the recursion level
-    /// left (RLock).
+    /// The async form of [`GrantObject::acquire`]: the holder is the thread or task that first
+    /// polls the future, and `timeout` runs from then. A grant whose caller dropped the future
+    /// is released (see `op.rs`). Also returns the holder, for a guard.
+    pub(crate) fn acquire_async(
+        &self,
+        wait: Option<Option<Duration>>,
+    ) -> impl Future<Output = Result<Option<(Grant, String)>>> + Send + use<> {
+        let object = self.clone();
+        async move {
+            let holder = object.kind.holder();
+            let wait = wait.map(common::deadline);
+            let acquire = Acquire::new(&object, holder.clone(), wait);
+            let undo_holder = holder.clone();
+            let undo: op::Undo<Option<Grant>> = Box::new(move |store, grant| {
+                Box::pin(async move {
+                    if let Some(grant) = grant {
+                        object
+                            .release_detached(&store, undo_holder, Some(grant.token))
+                            .await;
+                    }
+                })
+            });
+            let grant = op::spawn(acquire, Some(undo)).await?;
+            Ok(grant.map(|g| (g, holder)))
+        }
+    }
+
+    /// Releases one permit (see `grants_release.lua` for whose) for the calling thread (or
+    /// task). Returns the recursion level left (RLock).
     pub(crate) fn release(&self) -> Result<u64> {
+        let mine = held_grant(&self.keys().state, self.kind);
+        self.release_as(&self.kind.holder(), mine)
+    }
+
+    /// Releases `mine` (the caller's grant, if it has one) on behalf of `holder`.
+    pub(crate) fn release_as(&self, holder: &str, mine: Option<u64>) -> Result<u64> {
         let store = common::store()?;
-        let keys = self.keys();
-        let holder = self.kind.holder();
-        let mine = held_grant(&keys.state, self.kind);
-        let reply: std::result::Result<Vec<u64>, Error> = store.with_conn(
-            || format!("releasing {}", self.address.describe()),
-            |c| {
-                keys.invocation(&RELEASE, &store, lease())
-                    .arg(&holder)
-                    .arg(self.kind.name())
-                    .arg(mine.map(|g| g.to_string()).unwrap_or_default())
-                    .invoke(c)
-            },
-        );
-        let what = self.address.describe();
-        match reply {
+        op::run_single(
+            &store,
+            || self.address.describe(),
+            self.release_request(&store, holder, mine),
+            |reply| self.released(mine, reply),
+        )
+    }
+
+    /// The async form of [`GrantObject::release_as`].
+    pub(crate) fn release_async(
+        &self,
+        holder: String,
+        mine: Option<u64>,
+    ) -> impl Future<Output = Result<u64>> + Send + use<> {
+        let object = self.clone();
+        async move {
+            let store = common::store()?;
+            let request = object.release_request(&store, &holder, mine);
+            let describe = {
+                let address = object.address.clone();
+                move || address.describe()
+            };
+            op::spawn_single(describe, request, move |reply| object.released(mine, reply)).await
+        }
+    }
+
+    /// The async form of [`GrantObject::release`]: for the task (or thread) that polls it.
+    pub(crate) fn release_current_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        let object = self.clone();
+        async move {
+            let holder = object.kind.holder();
+            let mine = held_grant(&object.keys().state, object.kind);
+            object.release_async(holder, mine).await.map(|_| ())
+        }
+    }
+
+    /// Releases `token` from a task of the actor runtime (an undo, or a guard dropped in async
+    /// code), logging a failure.
+    pub(crate) async fn release_detached(
+        &self,
+        store: &AsyncStore,
+        holder: String,
+        token: Option<u64>,
+    ) {
+        let request = self.release_request(store.store(), &holder, token);
+        let reply = op::exec_single_async(store, || self.address.describe(), request).await;
+        if let Err(e) = self.released(token, reply) {
+            tracing::error!("releasing {}: {e}", self.address.describe());
+        }
+    }
+
+    fn release_request(&self, store: &Store, holder: &str, mine: Option<u64>) -> Request {
+        let mut invocation = self.keys().invocation(&RELEASE, store, lease());
+        invocation
+            .arg(holder)
+            .arg(self.kind.name())
+            .arg(mine.map(|g| g.to_string()).unwrap_or_default());
+        Request::script("releasing", invocation)
+    }
+
+    /// Reads a release's reply; forgets the grant once it is gone.
+    fn released(&self, mine: Option<u64>, reply: Result<redis::Value>) -> Result<u64> {
+        // Built only when needed: this is the hot path of every release.
+        let what = || self.address.describe();
+        let keys_state = || self.keys().state;
+        match op::parse::<Vec<u64>>(reply, "a release") {
             Ok(reply) => {
                 let left = reply.get(1).copied().unwrap_or(0);
                 if left == 0 {
-                    forget(&keys.state, mine);
+                    forget(&keys_state(), mine);
                 }
                 if reply.first() == Some(&0) {
-                    tracing::warn!("{what}: this hold had lapsed; its permit was already returned");
+                    tracing::warn!(
+                        "{}: this hold had lapsed; its permit was already returned",
+                        what()
+                    );
                 }
                 Ok(left)
             }
             Err(Error::Redis { source, context }) => {
+                let what = what();
                 let message = match source.code() {
                     Some("LOST") => {
-                        forget(&keys.state, mine);
+                        forget(&keys_state(), mine);
                         format!(
                             "{what} was lost: this hold (fencing token {}) is gone: its lease \
                              lapsed or another process released it, and the lock may have been \
@@ -345,7 +373,7 @@ impl GrantObject {
                     }
                     Some("TOOMANY") => {
                         // The script ended this process's hold all the same.
-                        forget(&keys.state, mine);
+                        forget(&keys_state(), mine);
                         format!("{what} released too many times (above its initial value)")
                     }
                     _ => {
@@ -374,6 +402,12 @@ impl GrantObject {
     /// The fencing token of this process's (this thread's, for an RLock) current hold.
     pub(crate) fn token(&self) -> Option<u64> {
         held_grant(&self.keys().state, self.kind)
+    }
+
+    /// The fencing token of the hold this process has for `holder` now (a guard's: a
+    /// `Condition.wait` replaces the hold with a new one).
+    pub(crate) fn token_of(&self, holder: &str) -> Option<u64> {
+        held_grant_of(&self.keys().state, self.kind, holder)
     }
 
     fn record(&self, token: u64, holder: &str) {
@@ -408,6 +442,128 @@ fn parse_token(bytes: &[u8]) -> Result<u64> {
         })
 }
 
+/// Acquiring a permit (see [`GrantObject::acquire`]): `grants_acquire.lua`, then, while no
+/// permit is free, wait slices on the waiter's wake key with a check-in (`grants_wait.lua`)
+/// after each, and a last check-in that leaves the queue at the deadline or when the async
+/// caller is gone (a grant that reached the waiter meanwhile is kept: Redis rule 3).
+pub(crate) struct Acquire {
+    object: GrantObject,
+    keys: GrantKeys,
+    holder: String,
+    waiter: String,
+    wait: Option<Option<Instant>>,
+    state: AcquireState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AcquireState {
+    Asking,
+    Popping,
+    Refreshing,
+    GivingUp,
+}
+
+impl Acquire {
+    /// Acquiring a permit of `object` for `holder`; `wait` as in [`GrantObject::acquire`].
+    pub(crate) fn new(object: &GrantObject, holder: String, wait: Option<Option<Instant>>) -> Self {
+        Acquire {
+            object: object.clone(),
+            keys: object.keys(),
+            holder,
+            waiter: match wait {
+                None => String::new(),
+                Some(_) => common::waiter_id(),
+            },
+            wait,
+            state: AcquireState::Asking,
+        }
+    }
+
+    fn check_in(&mut self, store: &Store, mode: &str) -> Step<Option<Grant>> {
+        self.state = match mode {
+            "cancel" => AcquireState::GivingUp,
+            _ => AcquireState::Refreshing,
+        };
+        let mut invocation = self.keys.invocation(&WAIT, store, lease());
+        invocation
+            .arg(&self.holder)
+            .arg(&self.waiter)
+            .arg(mode)
+            .arg(liveness());
+        Step::Next(Request::script("waiting for", invocation))
+    }
+
+    /// The next wait slice, or the last check-in once the deadline passed.
+    fn slice(&mut self, store: &Store) -> Step<Option<Grant>> {
+        match next_slice(self.wait.flatten()) {
+            None => self.check_in(store, "cancel"),
+            Some(block) => {
+                self.state = AcquireState::Popping;
+                let wake = format!("{}{}", self.keys.wake_prefix, self.waiter);
+                Step::Next(Request::blpop(&wake, block))
+            }
+        }
+    }
+
+    fn granted(&self, token: u64, count: u64) -> Step<Option<Grant>> {
+        self.object.record(token, &self.holder);
+        Step::Done(Ok(Some(Grant { token, count })))
+    }
+}
+
+impl Operation for Acquire {
+    type Output = Option<Grant>;
+
+    fn describe(&self) -> String {
+        self.object.address.describe()
+    }
+
+    fn start(&mut self, store: &Store) -> Step<Option<Grant>> {
+        self.state = AcquireState::Asking;
+        let mut invocation = self.keys.invocation(&ACQUIRE, store, lease());
+        invocation
+            .arg(&self.holder)
+            .arg(self.object.kind.name())
+            .arg(&self.waiter)
+            .arg(liveness());
+        Step::Next(Request::script("acquiring", invocation))
+    }
+
+    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<Option<Grant>> {
+        let fail = |e: Error| Step::Done(Err(self.object.address.error(e)));
+        if self.state == AcquireState::Popping {
+            return match op::parse::<Option<(String, Vec<u8>)>>(reply, "a wake-up") {
+                Err(e) => fail(e),
+                Ok(Some((_, token))) => match parse_token(&token) {
+                    Ok(token) => self.granted(token, 1),
+                    Err(e) => Step::Done(Err(e)),
+                },
+                Ok(None) => self.check_in(store, "refresh"),
+            };
+        }
+        let reply = match op::parse::<Vec<u64>>(reply, "a grant") {
+            Ok(reply) => reply,
+            Err(e) => return fail(e),
+        };
+        if reply.first() == Some(&1) {
+            let token = reply.get(1).copied().unwrap_or(0);
+            let count = match self.state {
+                AcquireState::Asking => reply.get(2).copied().unwrap_or(1),
+                _ => 1,
+            };
+            return self.granted(token, count);
+        }
+        match (self.state, self.wait) {
+            (AcquireState::Asking, None) | (AcquireState::GivingUp, _) => Step::Done(Ok(None)),
+            _ => self.slice(store),
+        }
+    }
+
+    fn abandon(&mut self, store: &Store) -> Step<Option<Grant>> {
+        self.check_in(store, "cancel")
+    }
+}
+
 /// The lease of every grant, from the configuration.
 pub(crate) fn lease() -> Duration {
     context::try_current()
@@ -432,15 +588,19 @@ struct HeldGrant {
 
 static REGISTRY: LazyLock<Mutex<HashMap<String, Held>>> = LazyLock::new(Default::default);
 
-/// The grant this process (this thread, for an RLock) holds on the object, newest first.
+/// The grant this process (this thread or task, for an RLock) holds on the object, newest first.
 fn held_grant(state: &str, kind: GrantKind) -> Option<u64> {
+    held_grant_of(state, kind, &kind.holder())
+}
+
+/// The grant this process holds on the object (for an RLock: `holder`'s), newest first.
+fn held_grant_of(state: &str, kind: GrantKind, holder: &str) -> Option<u64> {
     let registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
     let held = registry.get(state)?;
-    let me = kind.holder();
     held.grants
         .iter()
         .rev()
-        .find(|g| kind != GrantKind::RLock || g.holder == me)
+        .find(|g| kind != GrantKind::RLock || g.holder == holder)
         .map(|g| g.token)
 }
 

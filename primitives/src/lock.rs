@@ -28,15 +28,39 @@
 //! refuse a write from a holder that was presumed dead. That holder's `release()` fails with
 //! [`Error::InvalidState`] ("lost").
 //!
+//! # Async forms
+//!
+//! `acquire_async`, `acquire_timeout_async`, `try_acquire_async`, `lock_async` (a [`Guard`]) and
+//! `release_async` (also on `Semaphore`, `BoundedSemaphore`, and `Condition`'s lock) run the same
+//! round trips as the blocking forms (the same state machine, `grants.rs`) as a task on shoal's
+//! actor runtime, the wait on a dedicated connection of that runtime, and hand the result back
+//! through a oneshot channel: any executor can await them and no thread is parked per call.
+//! Timeouts run from the first poll.
+//!
+//! The owner of an `RLock` hold is the thread that takes it or, inside a Tokio task, the task
+//! (which moves between threads at each `.await` on a multi-thread runtime); an async form's
+//! owner is the task (or thread) that polls its future first. A [`Guard`] remembers its owner:
+//! it releases that hold whichever thread drops it.
+//!
+//! Dropping an `acquire_async` (or `lock_async`) future never leaves the lock held: a caller
+//! still queued leaves the waiters' queue before its next wait slice (within a second), in the
+//! script that also hands over a grant that reached it meanwhile (Redis rule 3); and a grant
+//! made for a future that is gone (granted in that last step, or just as the future was
+//! dropped) is released at once by the task. Until then the lock may look held, and a waiter
+//! behind the dropped one waits that much longer. A dropped `release_async` still releases if
+//! it was sent (at most once).
+//!
 //! Keys, scripts and round trips: see the grant core (`grants.rs`).
 
+use std::future::Future;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use shoal_core::context;
 use shoal_core::error::{Error, Result};
 
 use crate::common::hold_methods;
-use crate::grants::{GrantKind, GrantObject};
+use crate::grants::{self, GrantKind, GrantObject};
 
 /// A lock shared by every process that has its handle.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -51,21 +75,41 @@ pub struct RLock {
 }
 
 /// A hold released when dropped (Python's `with`). Dropping logs a failed release; call
-/// [`Guard::release`] to see the error.
+/// [`Guard::release`] (or [`Guard::release_async`]) to see the error.
+///
+/// The guard remembers its hold (fencing token and owner), so it releases that hold whatever
+/// thread or task drops it. A guard from an async form (`lock_async`) releases on shoal's actor
+/// runtime when dropped, without blocking the thread that drops it; one from `lock` releases on
+/// the dropping thread (one round trip).
 #[must_use = "the hold is released when the guard is dropped"]
 #[derive(Debug)]
 pub struct Guard<'a> {
     object: &'a GrantObject,
     token: u64,
+    holder: String,
     released: bool,
+    /// From an async form: a drop releases on the actor runtime.
+    release_in_background: bool,
 }
 
 impl Guard<'_> {
-    pub(crate) fn new(object: &GrantObject, token: u64) -> Guard<'_> {
+    pub(crate) fn new(object: &GrantObject, token: u64, holder: String) -> Guard<'_> {
         Guard {
             object,
             token,
+            holder,
             released: false,
+            release_in_background: false,
+        }
+    }
+
+    pub(crate) fn new_async(object: &GrantObject, token: u64, holder: String) -> Guard<'_> {
+        Guard {
+            object,
+            token,
+            holder,
+            released: false,
+            release_in_background: true,
         }
     }
 
@@ -77,16 +121,51 @@ impl Guard<'_> {
     /// Releases now, reporting an error (for instance a lapsed lease).
     pub fn release(mut self) -> Result<()> {
         self.released = true;
-        self.object.release().map(|_| ())
+        let mine = self.object.token_of(&self.holder);
+        self.object.release_as(&self.holder, mine).map(|_| ())
+    }
+
+    /// Releases now without blocking the caller's thread (1 round trip on shoal's actor
+    /// runtime), reporting an error (for instance a lapsed lease).
+    pub fn release_async(mut self) -> impl Future<Output = Result<()>> + Send + use<> {
+        self.released = true;
+        let mine = self.object.token_of(&self.holder);
+        let releasing = self
+            .object
+            .release_async(std::mem::take(&mut self.holder), mine);
+        async move { releasing.await.map(|_| ()) }
     }
 }
 
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
-        if !self.released
-            && let Err(e) = self.object.release()
-        {
-            tracing::error!("releasing {}: {e}", self.object.address.describe());
+        if self.released {
+            return;
+        }
+        // The hold as it is now (a `Condition.wait` replaces it with a new one).
+        let mine = self.object.token_of(&self.holder);
+        if !self.release_in_background {
+            if let Err(e) = self.object.release_as(&self.holder, mine) {
+                tracing::error!("releasing {}: {e}", self.object.address.describe());
+            }
+            return;
+        }
+        if self.object.kind != GrantKind::RLock {
+            // The drop ends this one-level hold: later calls in this process must not take its
+            // token for theirs while the release is under way (should it fail, the hold, no
+            // longer renewed, lapses after the lease).
+            grants::forget(&self.object.keys().state, mine);
+        }
+        match context::current().and_then(|c| c.async_store()) {
+            Ok(store) => {
+                let (object, holder, token) =
+                    (self.object.clone(), std::mem::take(&mut self.holder), mine);
+                let runtime = store.runtime().clone();
+                drop(runtime.spawn(async move {
+                    object.release_detached(&store, holder, token).await;
+                }));
+            }
+            Err(e) => tracing::error!("releasing {}: {e}", self.object.address.describe()),
         }
     }
 }
@@ -104,6 +183,11 @@ impl Lock {
     /// Releases the lock (held by this process or, as Python allows, by another).
     pub fn release(&self) -> Result<()> {
         self.object.release().map(|_| ())
+    }
+
+    /// The async form of [`Lock::release`] (1 round trip on shoal's actor runtime).
+    pub fn release_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        self.object.release_current_async()
     }
 
     /// Whether the lock is held now, by any thread of any process (Python's `locked()`). A hold
@@ -130,6 +214,12 @@ impl RLock {
     /// Releases one level of this thread's hold.
     pub fn release(&self) -> Result<()> {
         self.object.release().map(|_| ())
+    }
+
+    /// The async form of [`RLock::release`]: releases one level of the hold of the task (or
+    /// thread) that polls it (1 round trip on shoal's actor runtime).
+    pub fn release_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        self.object.release_current_async()
     }
 
     /// Whether the lock is held now, by this or any other thread or process (Python's

@@ -75,8 +75,25 @@
 //! process: 1 to serialize it (`pipe_transfer.lua`) and 1 to deserialize it (`pipe_claim.lua`).
 //! Heartbeat: 1 per pipe this process holds or transfers, every third of the lease
 //! (`pipe_renew.lua`, which also refreshes every key's TTL).
+//!
+//! # Async forms
+//!
+//! [`Connection::send_async`], [`Connection::send_bytes_async`], [`Connection::recv_async`],
+//! [`Connection::recv_bytes_async`] and [`Connection::poll_async`] run the same round trips (the
+//! same state machine) as a task on shoal's actor runtime, the `BLPOP`/`BLMOVE` on a dedicated
+//! connection of that runtime, and hand the result back through a oneshot channel: any executor
+//! can await them and no thread is parked per call. A handle received without a runtime claims
+//! its end at its first use, with one blocking round trip on the calling thread (handles
+//! received as a task's arguments are claimed when they are decoded).
+//!
+//! Dropping a `recv_async` future loses no message: the task stops before its next wait slice
+//! (within a second); a message it took meanwhile is pushed back to the head of the inbox.
+//! Until then another receive may see the next message, or end of file, first (so messages can
+//! arrive out of order around a dropped receive). `poll_async` takes nothing. A dropped
+//! `send_async` still sends if it was under way (at most once).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Once};
@@ -88,9 +105,10 @@ use shoal_core::error::{Error, Result};
 use shoal_core::store::Store;
 
 use crate::common::{
-    self, Address, blpop, blpop_seconds, deadline, next_slice, now_ms, process_holder, ttl,
+    self, Address, blpop_seconds, deadline, next_slice, now_ms, process_holder, ttl,
 };
 use crate::grants::lease;
+use crate::op::{self, Operation, Request, Step};
 
 fn script(body: &str) -> redis::Script {
     redis::Script::new(&format!("{}\n{}", include_str!("pipe_prelude.lua"), body))
@@ -108,6 +126,7 @@ static RENEW: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("pi
 const DATA: u8 = 0;
 
 /// The keys of one pipe, in the order every pipe script takes them.
+#[derive(Clone)]
 struct PipeKeys {
     state: String,
     holders: [String; 2],
@@ -225,7 +244,8 @@ pub struct Connection<T> {
     end: u8,
     can_send: bool,
     can_recv: bool,
-    phase: Mutex<Phase>,
+    /// Shared with the async operations under way on this handle, which stop when it closes.
+    phase: Arc<Mutex<Phase>>,
     /// Set after a message exceeded `recv_bytes`' maxlength.
     unreadable: AtomicBool,
     _message: PhantomData<fn() -> T>,
@@ -341,7 +361,7 @@ impl<T> Connection<T> {
             end,
             can_send,
             can_recv,
-            phase: Mutex::new(phase),
+            phase: Arc::new(Mutex::new(phase)),
             unreadable: AtomicBool::new(false),
             _message: PhantomData,
         }
@@ -489,13 +509,30 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         let store = common::store()?;
         self.ensure_open(&store)?;
         self.check_writable()?;
+        let framed = self.frame_message(&store, message)?;
+        self.send_raw(&store, &PipeKeys::new(&self.address), &framed)
+    }
+
+    /// The async form of [`Connection::send`] (1 round trip on shoal's actor runtime; the
+    /// message is encoded when this is called). A send whose future is dropped still happens
+    /// if it was under way (at most once).
+    pub fn send_async<'a>(
+        &'a self,
+        message: &T,
+    ) -> impl Future<Output = Result<()>> + Send + use<'a, T> {
+        let framed = common::store().and_then(|store| self.frame_message(&store, message));
+        self.send_raw_async(framed)
+    }
+
+    /// The message encoded for the other end's inbox, after the marker byte.
+    fn frame_message(&self, store: &Store, message: &T) -> Result<Vec<u8>> {
         let keys = PipeKeys::new(&self.address);
         let target = &keys.inbox[usize::from(1 - self.end)];
         let payload = store.encode(message, target)?;
         let mut framed = Vec::with_capacity(payload.len() + 1);
         framed.push(DATA);
         framed.extend_from_slice(&payload);
-        self.send_raw(&store, &keys, &framed)
+        Ok(framed)
     }
 
     /// Sends `buffer[offset..offset + size]` (to the end of the buffer when `size` is `None`)
@@ -504,6 +541,30 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         let store = common::store()?;
         self.ensure_open(&store)?;
         self.check_writable()?;
+        let framed = self.frame_bytes(&store, buffer, offset, size)?;
+        self.send_raw(&store, &PipeKeys::new(&self.address), &framed)
+    }
+
+    /// The async form of [`Connection::send_bytes`] (the bytes are copied when this is called).
+    pub fn send_bytes_async<'a>(
+        &'a self,
+        buffer: &[u8],
+        offset: usize,
+        size: Option<usize>,
+    ) -> impl Future<Output = Result<()>> + Send + use<'a, T> {
+        let framed =
+            common::store().and_then(|store| self.frame_bytes(&store, buffer, offset, size));
+        self.send_raw_async(framed)
+    }
+
+    /// `buffer[offset..offset + size]` after the marker byte, within the size limit.
+    fn frame_bytes(
+        &self,
+        store: &Store,
+        buffer: &[u8],
+        offset: usize,
+        size: Option<usize>,
+    ) -> Result<Vec<u8>> {
         let end = match size {
             Some(size) => offset.checked_add(size),
             None => Some(buffer.len()),
@@ -517,11 +578,10 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
                     buffer.len()
                 ))
             })?;
-        let keys = PipeKeys::new(&self.address);
         let limit = store.settings().max_message_bytes;
         if slice.len() > limit {
             return Err(Error::TooLarge {
-                key: keys.inbox[usize::from(1 - self.end)].clone(),
+                key: PipeKeys::new(&self.address).inbox[usize::from(1 - self.end)].clone(),
                 size: slice.len(),
                 limit,
             });
@@ -529,85 +589,88 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         let mut framed = Vec::with_capacity(slice.len() + 1);
         framed.push(DATA);
         framed.extend_from_slice(slice);
-        self.send_raw(&store, &keys, &framed)
+        Ok(framed)
     }
 
     fn send_raw(&self, store: &Store, keys: &PipeKeys, message: &[u8]) -> Result<()> {
-        let result = store.with_conn(
-            || format!("sending on {}", self.address.describe()),
-            |c| {
-                keys.invocation(&SEND, store)
-                    .arg(self.end)
-                    .arg(message)
-                    .invoke::<u64>(c)
-            },
-        );
-        match result {
-            Ok(_) => Ok(()),
-            Err(Error::Redis { source, .. }) if source.code() == Some("CLOSED") => {
-                Err(Error::Closed(format!(
-                    "{}: every holder of this end closed it (or its lease lapsed)",
-                    self.address.describe()
-                )))
-            }
-            Err(Error::Redis { source, .. }) if source.code() == Some("BROKEN") => {
-                Err(Error::Closed(format!(
-                    "{}: the other end is closed (broken pipe)",
-                    self.address.describe()
-                )))
-            }
-            Err(e) => Err(self.address.error(e)),
-        }
+        op::run_single(
+            store,
+            || self.address.describe(),
+            send_request(store, keys, self.end, message),
+            |reply| sent(&self.address, reply),
+        )
     }
 
-    /// Reaps lapsed holds and reads this end's state; errors when the pipe is gone or this end
-    /// was closed. Returns the messages waiting (the end-of-file marker included).
-    fn check_in(&self, store: &Store, keys: &PipeKeys) -> Result<u64> {
-        self.ensure_open(store)?;
-        let (closed, waiting): (u8, u64) = store
-            .with_conn(
-                || format!("checking {}", self.address.describe()),
-                |c| keys.invocation(&CHECK, store).arg(self.end).invoke(c),
-            )
-            .map_err(|e| self.address.error(e))?;
-        if closed == 1 {
-            return Err(Error::Closed(format!(
-                "{}: every holder of this end closed it (or its lease lapsed)",
-                self.address.describe()
-            )));
+    /// The async form of [`Connection::send_raw`].
+    async fn send_raw_async(&self, message: Result<Vec<u8>>) -> Result<()> {
+        let store = common::store()?;
+        self.ensure_open(&store)?;
+        self.check_writable()?;
+        let message = message?;
+        let keys = PipeKeys::new(&self.address);
+        let request = send_request(&store, &keys, self.end, &message);
+        let address = self.address.clone();
+        let describe = {
+            let address = address.clone();
+            move || address.describe()
+        };
+        op::spawn_single(describe, request, move |reply| sent(&address, reply)).await
+    }
+
+    /// A receive or poll of this handle.
+    fn reader(&self, poll: Option<Option<Instant>>) -> Reader {
+        let keys = PipeKeys::new(&self.address);
+        Reader {
+            address: self.address.clone(),
+            end: self.end,
+            inbox: keys.inbox[usize::from(self.end)].clone(),
+            keys,
+            phase: self.phase.clone(),
+            poll,
+            state: ReaderState::Waiting,
         }
-        Ok(waiting)
     }
 
     /// Takes the next message, waiting as long as it takes.
     fn next_message(&self, store: &Store) -> Result<Message> {
         self.ensure_open(store)?;
         self.check_readable()?;
-        let keys = PipeKeys::new(&self.address);
-        let inbox = &keys.inbox[usize::from(self.end)];
-        loop {
-            if let Some(mut message) =
-                blpop(store, inbox, common::SLICE).map_err(|e| self.address.error(e))?
-            {
-                if message.is_empty() {
-                    // Leave the marker for the next reader: end of file stays end of file.
-                    let _ = store.with_conn(
-                        || "keeping the end-of-file marker".into(),
-                        |c| redis::cmd("LPUSH").arg(inbox).arg("").query::<()>(c),
-                    );
-                    return Ok(Message::EndOfFile);
-                }
-                if message.first() != Some(&DATA) {
-                    return Err(Error::Codec {
-                        key: inbox.clone(),
-                        expected: "a pipe message".into(),
-                        reason: "it does not start with the message marker".into(),
-                    });
-                }
-                message.remove(0);
-                return Ok(Message::Data(message));
-            }
-            self.check_in(store, &keys)?;
+        match op::run(store, &mut self.reader(None))? {
+            Read::Message(message) => Ok(message),
+            Read::Polled(_) => Err(Error::invalid_state("a receive answered like a poll")),
+        }
+    }
+
+    /// The async form of [`Connection::next_message`]; a message taken for a future that was
+    /// dropped goes back to the head of the inbox.
+    async fn next_message_async(&self) -> Result<Message> {
+        let store = common::store()?;
+        self.ensure_open(&store)?;
+        self.check_readable()?;
+        let reader = self.reader(None);
+        let (address, inbox) = (self.address.clone(), reader.inbox.clone());
+        let undo: op::Undo<Read> = Box::new(move |store, read| {
+            Box::pin(async move {
+                let Read::Message(Message::Data(payload)) = read else {
+                    // End of file stays in the inbox; a poll takes nothing.
+                    return;
+                };
+                let mut framed = Vec::with_capacity(payload.len() + 1);
+                framed.push(DATA);
+                framed.extend_from_slice(&payload);
+                let mut cmd = redis::cmd("LPUSH");
+                cmd.arg(&inbox).arg(framed);
+                op::undo_request(
+                    &store,
+                    || address.describe(),
+                    Request::cmd("giving a message back to", cmd),
+                )
+                .await;
+            })
+        });
+        match op::spawn(reader, Some(undo)).await? {
+            Read::Message(message) => Ok(message),
+            Read::Polled(_) => Err(Error::invalid_state("a receive answered like a poll")),
         }
     }
 
@@ -622,7 +685,20 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     /// end is closed and everything it sent was read.
     pub fn recv(&self) -> Result<T> {
         let store = common::store()?;
-        match self.next_message(&store)? {
+        let message = self.next_message(&store)?;
+        self.decode(&store, message)
+    }
+
+    /// The async form of [`Connection::recv`]: waits on shoal's actor runtime without blocking
+    /// the caller's thread; any executor can await it. A message taken for a future that was
+    /// dropped goes back to the head of the inbox (see the module docs).
+    pub async fn recv_async(&self) -> Result<T> {
+        let message = self.next_message_async().await?;
+        self.decode(&*common::store()?, message)
+    }
+
+    fn decode(&self, store: &Store, message: Message) -> Result<T> {
+        match message {
             Message::EndOfFile => Err(self.end_of_file()),
             Message::Data(payload) => {
                 let keys = PipeKeys::new(&self.address);
@@ -636,7 +712,18 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     /// (Python's behaviour).
     pub fn recv_bytes(&self, maxlength: Option<usize>) -> Result<Vec<u8>> {
         let store = common::store()?;
-        let bytes = match self.next_message(&store)? {
+        let message = self.next_message(&store)?;
+        self.bytes_within(message, maxlength)
+    }
+
+    /// The async form of [`Connection::recv_bytes`] (see [`Connection::recv_async`]).
+    pub async fn recv_bytes_async(&self, maxlength: Option<usize>) -> Result<Vec<u8>> {
+        let message = self.next_message_async().await?;
+        self.bytes_within(message, maxlength)
+    }
+
+    fn bytes_within(&self, message: Message, maxlength: Option<usize>) -> Result<Vec<u8>> {
+        let bytes = match message {
             Message::EndOfFile => return Err(self.end_of_file()),
             Message::Data(bytes) => bytes,
         };
@@ -691,38 +778,192 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         let store = common::store()?;
         self.ensure_open(&store)?;
         self.check_readable()?;
-        let keys = PipeKeys::new(&self.address);
-        if timeout == Some(Duration::ZERO) {
-            return Ok(self.check_in(&store, &keys)? > 0);
+        match op::run(&store, &mut self.reader(Some(deadline(timeout))))? {
+            Read::Polled(ready) => Ok(ready),
+            Read::Message(_) => Err(Error::invalid_state("a poll answered like a receive")),
         }
-        let inbox = &keys.inbox[usize::from(self.end)];
-        let deadline: Option<Instant> = deadline(timeout);
-        loop {
-            let Some(block) = next_slice(deadline) else {
-                return Ok(false);
-            };
-            // Moving the head of the inbox to the head of the inbox waits without taking it.
-            let head: Option<Vec<u8>> = store
-                .with_blocking_conn(
-                    Some(block),
-                    || format!("polling {}", self.address.describe()),
-                    |c| {
-                        redis::cmd("BLMOVE")
-                            .arg(inbox)
-                            .arg(inbox)
-                            .arg("LEFT")
-                            .arg("LEFT")
-                            .arg(blpop_seconds(block))
-                            .query(c)
-                    },
-                )
-                .map_err(|e| self.address.error(e))?;
-            if head.is_some() {
-                return Ok(true);
+    }
+
+    /// The async form of [`Connection::poll`] (`timeout` runs from the first poll of the
+    /// future); it takes nothing, so a dropped future leaves nothing to give back.
+    pub async fn poll_async(&self, timeout: Option<Duration>) -> Result<bool> {
+        let store = common::store()?;
+        self.ensure_open(&store)?;
+        self.check_readable()?;
+        match op::spawn(self.reader(Some(deadline(timeout))), None).await? {
+            Read::Polled(ready) => Ok(ready),
+            Read::Message(_) => Err(Error::invalid_state("a poll answered like a receive")),
+        }
+    }
+}
+
+/// `pipe_send.lua`: `message` (framed) from `end` to the other end.
+fn send_request(store: &Store, keys: &PipeKeys, end: u8, message: &[u8]) -> Request {
+    let mut invocation = keys.invocation(&SEND, store);
+    invocation.arg(end).arg(message);
+    Request::script("sending on", invocation)
+}
+
+fn sent(address: &Address, reply: Result<redis::Value>) -> Result<()> {
+    match op::parse::<u64>(reply, "a send") {
+        Ok(_) => Ok(()),
+        Err(Error::Redis { source, .. }) if source.code() == Some("CLOSED") => {
+            Err(Error::Closed(format!(
+                "{}: every holder of this end closed it (or its lease lapsed)",
+                address.describe()
+            )))
+        }
+        Err(Error::Redis { source, .. }) if source.code() == Some("BROKEN") => {
+            Err(Error::Closed(format!(
+                "{}: the other end is closed (broken pipe)",
+                address.describe()
+            )))
+        }
+        Err(e) => Err(address.error(e)),
+    }
+}
+
+/// `pipe_check.lua` for `end`: reaps lapsed holds, reads the end's state.
+fn check_request(store: &Store, keys: &PipeKeys, end: u8) -> Request {
+    let mut invocation = keys.invocation(&CHECK, store);
+    invocation.arg(end);
+    Request::script("checking", invocation)
+}
+
+/// Reads a check's reply: the messages waiting, or the error of a closed end.
+fn checked(address: &Address, reply: Result<redis::Value>) -> Result<u64> {
+    let (closed, waiting): (u8, u64) =
+        op::parse(reply, "a pipe check").map_err(|e| address.error(e))?;
+    if closed == 1 {
+        return Err(Error::Closed(format!(
+            "{}: every holder of this end closed it (or its lease lapsed)",
+            address.describe()
+        )));
+    }
+    Ok(waiting)
+}
+
+/// What a [`Reader`] produced.
+enum Read {
+    Message(Message),
+    Polled(bool),
+}
+
+/// A receive (`poll: None`) or a poll (`poll: Some(deadline)`) on one end. A receive takes the
+/// head of the inbox with slices of `BLPOP`; a poll waits for one without taking it, with slices
+/// of `BLMOVE` from the inbox to itself. After each empty slice, `pipe_check.lua` reaps lapsed
+/// holds (a writer that died shows as end of file) and reports a closed end; a handle closed
+/// meanwhile in this process ends the wait too. End of file is left in the inbox for the next
+/// reader.
+struct Reader {
+    address: Address,
+    end: u8,
+    keys: PipeKeys,
+    inbox: String,
+    phase: Arc<Mutex<Phase>>,
+    poll: Option<Option<Instant>>,
+    state: ReaderState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReaderState {
+    Waiting,
+    Checking,
+    Marking,
+}
+
+impl Reader {
+    fn slice(&mut self) -> Step<Read> {
+        self.state = ReaderState::Waiting;
+        match self.poll {
+            None => Step::Next(Request::blpop(&self.inbox, common::SLICE)),
+            Some(deadline) => match next_slice(deadline) {
+                None => Step::Done(Ok(Read::Polled(false))),
+                Some(block) => {
+                    // Moving the head of the inbox to the head of the inbox waits without
+                    // taking it.
+                    let mut cmd = redis::cmd("BLMOVE");
+                    cmd.arg(&self.inbox)
+                        .arg(&self.inbox)
+                        .arg("LEFT")
+                        .arg("LEFT")
+                        .arg(blpop_seconds(block));
+                    Step::Next(Request::blocking("polling", cmd, block))
+                }
+            },
+        }
+    }
+
+    /// `pipe_check.lua`, unless this handle was closed meanwhile.
+    fn check(&mut self, store: &Store) -> Step<Read> {
+        if *self.phase.lock().unwrap_or_else(|p| p.into_inner()) == Phase::Closed {
+            return Step::Done(Err(Error::Closed(format!(
+                "handle of {} is closed",
+                self.address.describe()
+            ))));
+        }
+        self.state = ReaderState::Checking;
+        Step::Next(check_request(store, &self.keys, self.end))
+    }
+}
+
+impl Operation for Reader {
+    type Output = Read;
+
+    fn describe(&self) -> String {
+        self.address.describe()
+    }
+
+    fn start(&mut self, store: &Store) -> Step<Read> {
+        // A poll whose deadline passed already (`poll(Some(Duration::ZERO))`): one check.
+        if let Some(Some(deadline)) = self.poll
+            && deadline <= Instant::now()
+        {
+            return self.check(store);
+        }
+        self.slice()
+    }
+
+    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<Read> {
+        match self.state {
+            ReaderState::Waiting => {
+                let popped = match self.poll {
+                    None => op::parse::<Option<(String, Vec<u8>)>>(reply, "a message")
+                        .map(|p| p.map(|(_, message)| message)),
+                    Some(_) => op::parse::<Option<Vec<u8>>>(reply, "a message"),
+                };
+                match popped {
+                    Err(e) => Step::Done(Err(self.address.error(e))),
+                    Ok(None) => self.check(store),
+                    Ok(Some(_)) if self.poll.is_some() => Step::Done(Ok(Read::Polled(true))),
+                    Ok(Some(message)) if message.is_empty() => {
+                        // Leave the marker for the next reader: end of file stays end of file.
+                        self.state = ReaderState::Marking;
+                        let mut cmd = redis::cmd("LPUSH");
+                        cmd.arg(&self.inbox).arg("");
+                        Step::Next(Request::cmd("keeping the end-of-file marker of", cmd))
+                    }
+                    Ok(Some(message)) if message.first() != Some(&DATA) => {
+                        Step::Done(Err(Error::Codec {
+                            key: self.inbox.clone(),
+                            expected: "a pipe message".into(),
+                            reason: "it does not start with the message marker".into(),
+                        }))
+                    }
+                    Ok(Some(mut message)) => {
+                        message.remove(0);
+                        Step::Done(Ok(Read::Message(Message::Data(message))))
+                    }
+                }
             }
-            if self.check_in(&store, &keys)? > 0 {
-                return Ok(true);
-            }
+            ReaderState::Checking => match checked(&self.address, reply) {
+                Err(e) => Step::Done(Err(e)),
+                Ok(waiting) if waiting > 0 && self.poll.is_some() => {
+                    Step::Done(Ok(Read::Polled(true)))
+                }
+                Ok(_) => self.slice(),
+            },
+            ReaderState::Marking => Step::Done(Ok(Read::Message(Message::EndOfFile))),
         }
     }
 }

@@ -64,11 +64,40 @@
 //! # Round trips
 //!
 //! Unbounded `put`: none on the caller's thread; the feeder writes the batches of every queue in
-//! one per cycle. Bounded or joinable `put`: 1 (`queue_put.lua`). `get`: 1 (`BLPOP`, Redis's own
-//! timeout), plus 1 on a bounded queue to wake a waiting writer. `qsize`/`empty`/`full`: 1.
-//! `task_done`: 1.
+//! one per cycle. Bounded or joinable `put`: 1 (`queue_put.lua`); a writer that finds the queue
+//! full waits on its wake key (one `BLPOP` slice, then a check-in, per second) and puts again
+//! when a get makes room; one that gives up with a wake-up (room) in hand passes it on to the
+//! next writer (1 more), so no waiting writer misses room. `get`: 1 (`BLPOP`, Redis's own
+//! timeout, plus a check that the queue exists per second of waiting), plus 1 on a bounded queue
+//! to wake a waiting writer (if that fails the item is returned all the same and the failure
+//! logged: an item taken is never dropped). `get_nowait`: 1. `qsize`/`empty`/`full`: 1.
+//! `task_done`: 1. `join`: 1, then a `BLPOP` that returns at the last `task_done` (plus a
+//! check-in and an existence check per second).
+//!
+//! # Async forms
+//!
+//! `put_async`, `put_timeout_async`, `put_nowait_async`, `get_async`, `get_timeout_async`,
+//! `get_nowait_async`, and `JoinableQueue::join_async`/`task_done_async` run the same round
+//! trips (the same state machines, `op.rs`) as a task on shoal's actor runtime, blocking
+//! commands on dedicated connections of that runtime, and hand the result back through a
+//! oneshot channel: any executor (Tokio's current-thread or multi-thread runtime, actix's) can
+//! await them, and no thread is parked per call. Timeouts run from the first poll. An unbounded
+//! `Queue`'s `put_async` only hands the item to the feeder, as `put` does (no round trip).
+//!
+//! Dropping the future (a `select!`, a `tokio::time::timeout`) never loses an item:
+//!
+//! * `get_async`: the task stops before its next wait slice (within a second) without taking
+//!   anything; an item it took meanwhile (or that arrived with the future already gone) is
+//!   pushed back to the head of the queue (`LPUSH`). Until then another reader may see the next
+//!   item first; a bounded queue may briefly hold one item above `maxsize` (a writer woken by
+//!   that get may have filled the place).
+//! * `put_async` (bounded or joinable): a put still waiting for room leaves the writers' queue
+//!   before its next slice and passes on a wake-up it had consumed; an item already written
+//!   stays written (it is the queue's now, like a sent message).
+//! * `join_async`: the joiner leaves the joiners' queue.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
@@ -79,8 +108,9 @@ use shoal_core::context;
 use shoal_core::error::{Error, Result};
 use shoal_core::store::Store;
 
-use crate::common::{self, Address, blpop, deadline, next_slice, now_ms, process_holder, ttl};
-use crate::event::{WAKE, check_in, liveness};
+use crate::common::{self, Address, deadline, liveness, next_slice, process_holder, ttl};
+use crate::event::{Recheck, WaitList, WakeWait, Woke};
+use crate::op::{self, Operation, Request, Step};
 
 static PUT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("queue_put.lua")));
@@ -124,13 +154,11 @@ impl Eq for QueueCore {}
 struct QueueKeys {
     items: String,
     state: String,
-    putters: String,
-    putting: String,
-    put_wake: String,
+    /// Writers waiting for room (`putters`, `putting`, `put:<waiter>`).
+    putters: WaitList,
     unfinished: String,
-    joiners: String,
-    joining: String,
-    join_wake: String,
+    /// `join` callers waiting (`joiners`, `joining`, `join:<waiter>`).
+    joiners: WaitList,
     /// What this process's feeder applied (`queue_feed.lua`).
     fed: String,
 }
@@ -173,13 +201,17 @@ impl QueueCore {
         QueueKeys {
             items: keys.key("items"),
             state: keys.key("state"),
-            putters: keys.key("putters"),
-            putting: keys.key("putting"),
-            put_wake: keys.key("put:"),
+            putters: WaitList {
+                waiters: keys.key("putters"),
+                waiting: keys.key("putting"),
+                wake_prefix: keys.key("put:"),
+            },
             unfinished: keys.key("unfinished"),
-            joiners: keys.key("joiners"),
-            joining: keys.key("joining"),
-            join_wake: keys.key("join:"),
+            joiners: WaitList {
+                waiters: keys.key("joiners"),
+                waiting: keys.key("joining"),
+                wake_prefix: keys.key("join:"),
+            },
             fed: keys.key(&format!("fed:{}", process_holder())),
         }
     }
@@ -196,153 +228,76 @@ impl QueueCore {
     fn put_now(
         &self,
         store: &Store,
-        item: &[u8],
+        item: Vec<u8>,
         wait: bool,
         deadline: Option<Instant>,
     ) -> Result<()> {
-        let keys = self.keys();
-        loop {
-            let waiter = if wait {
-                common::waiter_id()
-            } else {
-                String::new()
-            };
-            let added: u64 = store
-                .with_conn(
-                    || format!("putting on {}", self.address.describe()),
-                    |c| {
-                        PUT.key(&keys.items)
-                            .key(&keys.state)
-                            .key(&keys.putters)
-                            .key(&keys.putting)
-                            .key(&keys.unfinished)
-                            .arg(ttl(store))
-                            .arg(item)
-                            .arg(&waiter)
-                            .arg(liveness())
-                            .arg(if self.joinable { "1" } else { "0" })
-                            .invoke(c)
-                    },
-                )
-                .map_err(|e| self.address.error(e))?;
-            if added == 1 {
-                return Ok(());
-            }
-            if !wait {
-                return Err(Error::Full);
-            }
-            // Full: wait for a get to make room, then try again.
-            let wake = format!("{}{waiter}", keys.put_wake);
-            loop {
-                let Some(block) = next_slice(deadline) else {
-                    check_in(
-                        store,
-                        &self.address,
-                        &keys.putters,
-                        &keys.putting,
-                        &keys.put_wake,
-                        &waiter,
-                        "cancel",
-                    )?;
-                    return Err(Error::Full);
-                };
-                if blpop(store, &wake, block)
-                    .map_err(|e| self.address.error(e))?
-                    .is_some()
-                {
-                    break;
-                }
-                if check_in(
-                    store,
-                    &self.address,
-                    &keys.putters,
-                    &keys.putting,
-                    &keys.put_wake,
-                    &waiter,
-                    "refresh",
-                )? {
-                    break;
-                }
-            }
+        op::run(store, &mut Put::new(self, item, wait, deadline))
+    }
+
+    /// The async form of [`QueueCore::put_now`]; `timeout` runs from the first poll.
+    fn put_now_async(
+        &self,
+        item: Vec<u8>,
+        wait: bool,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<()>> + Send + use<> {
+        let core = self.clone();
+        async move {
+            let put = Put::new(&core, item, wait, deadline(timeout));
+            op::spawn(put, None).await
         }
     }
 
     /// Takes an item: once (`wait` false) or until `deadline`.
     fn get(&self, store: &Store, wait: bool, deadline: Option<Instant>) -> Result<Vec<u8>> {
-        let keys = self.keys();
-        if !wait {
-            let (exists, item): (bool, Option<Vec<u8>>) = store
-                .with_conn(
-                    || format!("getting from {}", self.address.describe()),
-                    |c| {
-                        redis::pipe()
-                            .exists(&keys.state)
-                            .lpop(&keys.items, None)
-                            .query(c)
-                    },
-                )
-                .map_err(|e| self.address.error(e))?;
-            if !exists {
-                return Err(self.address.gone());
-            }
-            let item = item.ok_or(Error::Empty)?;
-            self.made_room(store)?;
-            return Ok(item);
-        }
-        loop {
-            let Some(block) = next_slice(deadline) else {
-                return Err(Error::Empty);
-            };
-            if let Some(item) =
-                blpop(store, &keys.items, block).map_err(|e| self.address.error(e))?
-            {
-                self.made_room(store)?;
-                return Ok(item);
-            }
-            self.check_exists(store)?;
+        op::run(store, &mut Get::new(self, wait, deadline))
+    }
+
+    /// The async form of [`QueueCore::get`]; `timeout` runs from the first poll. An item taken
+    /// for a caller that dropped the future goes back to the head of the queue.
+    fn get_async(
+        &self,
+        wait: bool,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<Vec<u8>>> + Send + use<> {
+        let core = self.clone();
+        async move {
+            let get = Get::new(&core, wait, deadline(timeout));
+            let undo: op::Undo<Vec<u8>> = Box::new(move |store, item| {
+                Box::pin(async move {
+                    let keys = core.keys();
+                    let mut cmd = redis::cmd("LPUSH");
+                    cmd.arg(&keys.items).arg(item);
+                    op::undo_request(
+                        &store,
+                        || core.address.describe(),
+                        Request::cmd("giving an item back to", cmd),
+                    )
+                    .await;
+                })
+            });
+            op::spawn(get, Some(undo)).await
         }
     }
 
-    /// After a get from a bounded queue, wakes one waiting writer.
-    fn made_room(&self, store: &Store) -> Result<()> {
-        if self.maxsize == 0 {
-            return Ok(());
-        }
+    /// Errors when the queue's keys are gone (read with [`QueueCore::exists`]); refreshes their
+    /// TTL otherwise.
+    fn check_exists(&self, store: &Store) -> Request {
         let keys = self.keys();
-        store
-            .with_conn(
-                || format!("waking a writer of {}", self.address.describe()),
-                |c| {
-                    WAKE.key(&keys.putters)
-                        .key(&keys.putting)
-                        .arg(now_ms())
-                        .arg(ttl(store))
-                        .arg(&keys.put_wake)
-                        .arg(1)
-                        .invoke::<u64>(c)
-                },
-            )
-            .map(|_| ())
-            .map_err(|e| self.address.error(e))
+        let mut pipe = redis::pipe();
+        pipe.exists(&keys.state)
+            .expire(&keys.state, ttl(store) as i64)
+            .ignore()
+            .expire(&keys.items, ttl(store) as i64)
+            .ignore();
+        Request::pipe("checking", pipe)
     }
 
-    /// Errors when the queue's keys are gone; refreshes their TTL otherwise.
-    fn check_exists(&self, store: &Store) -> Result<()> {
-        let keys = self.keys();
-        let (exists,): (bool,) = store
-            .with_conn(
-                || format!("checking {}", self.address.describe()),
-                |c| {
-                    redis::pipe()
-                        .exists(&keys.state)
-                        .expire(&keys.state, ttl(store) as i64)
-                        .ignore()
-                        .expire(&keys.items, ttl(store) as i64)
-                        .ignore()
-                        .query(c)
-                },
-            )
-            .map_err(|e| self.address.error(e))?;
+    /// Reads the reply to [`QueueCore::check_exists`].
+    fn exists(&self, reply: Result<redis::Value>) -> Result<()> {
+        let (exists,): (bool,) =
+            op::parse(reply, "a queue check").map_err(|e| self.address.error(e))?;
         if exists {
             Ok(())
         } else {
@@ -381,6 +336,60 @@ impl QueueCore {
             (None, _) => 0,
         };
         Ok(usize::try_from(len + unwritten).unwrap_or(usize::MAX))
+    }
+
+    /// A queue this process closed is an error.
+    fn check_open(&self) -> Result<()> {
+        if FEEDER.is_closed(&self.keys().items) {
+            return Err(self.closed());
+        }
+        Ok(())
+    }
+
+    /// Before a put: an unbounded `Queue`'s item (`buffered`) goes to the feeder (`None`);
+    /// otherwise the queue counts as used and the item is returned, to be written now.
+    fn stage_put(&self, item: Vec<u8>, buffered: bool) -> Result<Option<Vec<u8>>> {
+        if buffered && self.maxsize == 0 {
+            FEEDER.push(self, item)?;
+            return Ok(None);
+        }
+        FEEDER.begin_put(self)?;
+        Ok(Some(item))
+    }
+
+    /// `queue_task_done.lua`: `done` (task_done) or `join` (queue `waiter` unless nothing is
+    /// unfinished).
+    fn task_done_request(&self, store: &Store, op: &str, waiter: &str) -> Request {
+        let keys = self.keys();
+        let mut invocation = TASK_DONE.prepare_invoke();
+        invocation
+            .key(&keys.unfinished)
+            .key(&keys.joiners.waiters)
+            .key(&keys.joiners.waiting)
+            .key(&keys.state)
+            .arg(ttl(store))
+            .arg(&keys.joiners.wake_prefix)
+            .arg(op)
+            .arg(waiter)
+            .arg(liveness());
+        Request::script(
+            if op == "join" {
+                "joining"
+            } else {
+                "task_done on"
+            },
+            invocation,
+        )
+    }
+
+    fn task_done_reply(&self, reply: Result<redis::Value>) -> Result<()> {
+        match op::parse::<i64>(reply, "an unfinished count") {
+            Ok(_) => Ok(()),
+            Err(Error::Redis { source, .. }) if source.code() == Some("TOOMANY") => Err(
+                Error::invalid_state("task_done() called more times than items were put"),
+            ),
+            Err(e) => Err(self.address.error(e)),
+        }
     }
 
     /// The error of an operation on a queue this process closed.
@@ -439,10 +448,44 @@ macro_rules! getters {
         }
 
         fn get_until(&self, wait: bool, deadline: Option<Instant>) -> Result<T> {
-            self.check_open()?;
+            self.core.check_open()?;
             let store = common::store()?;
             let bytes = self.core.get(&store, wait, deadline)?;
             self.core.decode(&store, &bytes)
+        }
+
+        /// The async form of [`Self::get`]: waits on shoal's actor runtime without blocking the
+        /// caller's thread; any executor can await it. An item taken for a future that was
+        /// dropped goes back to the head of the queue (see the module docs).
+        pub fn get_async(&self) -> impl Future<Output = Result<T>> + Send + use<T> {
+            self.get_async_with(true, None)
+        }
+
+        /// The async form of [`Self::get_timeout`] (`timeout` runs from the first poll).
+        pub fn get_timeout_async(
+            &self,
+            timeout: Duration,
+        ) -> impl Future<Output = Result<T>> + Send + use<T> {
+            self.get_async_with(true, Some(timeout))
+        }
+
+        /// The async form of [`Self::get_nowait`] (1 round trip on shoal's actor runtime).
+        pub fn get_nowait_async(&self) -> impl Future<Output = Result<T>> + Send + use<T> {
+            self.get_async_with(false, None)
+        }
+
+        fn get_async_with(
+            &self,
+            wait: bool,
+            timeout: Option<Duration>,
+        ) -> impl Future<Output = Result<T>> + Send + use<T> {
+            let core = self.core.clone();
+            async move {
+                core.check_open()?;
+                let store = common::store()?;
+                let bytes = core.get_async(wait, timeout).await?;
+                core.decode(&store, &bytes)
+            }
         }
 
         /// The number of items: those in Redis and those this process's feeder has not
@@ -469,13 +512,6 @@ macro_rules! getters {
         /// The bound given at creation (0: unbounded).
         pub fn maxsize(&self) -> u64 {
             self.core.maxsize
-        }
-
-        fn check_open(&self) -> Result<()> {
-            if FEEDER.is_closed(&self.core.keys().items) {
-                return Err(self.core.closed());
-            }
-            Ok(())
         }
 
         /// Says this process will use the queue no more; puts already made still reach Redis
@@ -520,6 +556,58 @@ macro_rules! putters {
         pub fn put_nowait(&self, item: T) -> Result<()> {
             self.put_until(&item, false, None)
         }
+
+        fn put_until(&self, item: &T, wait: bool, deadline: Option<Instant>) -> Result<()> {
+            self.core.check_open()?;
+            let store = common::store()?;
+            let bytes = self.core.encode(&store, item)?;
+            match self.core.stage_put(bytes, Self::BUFFERED)? {
+                None => Ok(()),
+                Some(bytes) => self.core.put_now(&store, bytes, wait, deadline),
+            }
+        }
+
+        /// The async form of [`Self::put`]: waits for room on shoal's actor runtime without
+        /// blocking the caller's thread (an unbounded `Queue` never waits: its feeder writes).
+        /// A put whose future was dropped while it waited for room is withdrawn.
+        pub fn put_async(&self, item: T) -> impl Future<Output = Result<()>> + Send + use<T> {
+            self.put_async_with(&item, true, None)
+        }
+
+        /// The async form of [`Self::put_timeout`] (`timeout` runs from the first poll).
+        pub fn put_timeout_async(
+            &self,
+            item: T,
+            timeout: Duration,
+        ) -> impl Future<Output = Result<()>> + Send + use<T> {
+            self.put_async_with(&item, true, Some(timeout))
+        }
+
+        /// The async form of [`Self::put_nowait`].
+        pub fn put_nowait_async(
+            &self,
+            item: T,
+        ) -> impl Future<Output = Result<()>> + Send + use<T> {
+            self.put_async_with(&item, false, None)
+        }
+
+        /// The item is encoded now; the rest happens at the first poll.
+        fn put_async_with(
+            &self,
+            item: &T,
+            wait: bool,
+            timeout: Option<Duration>,
+        ) -> impl Future<Output = Result<()>> + Send + use<T> {
+            let core = self.core.clone();
+            let encoded = common::store().and_then(|store| core.encode(&store, item));
+            async move {
+                core.check_open()?;
+                match core.stage_put(encoded?, Self::BUFFERED)? {
+                    None => Ok(()),
+                    Some(bytes) => core.put_now_async(bytes, wait, timeout).await,
+                }
+            }
+        }
     };
 }
 
@@ -552,17 +640,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// A closed queue still answers `empty` and `qsize` until this process uses it.
     const CLOSE_ENDS_EVERYTHING: bool = false;
 
-    fn put_until(&self, item: &T, wait: bool, deadline: Option<Instant>) -> Result<()> {
-        self.check_open()?;
-        let store = common::store()?;
-        let bytes = self.core.encode(&store, item)?;
-        if self.core.maxsize == 0 {
-            FEEDER.push(&self.core, bytes)
-        } else {
-            FEEDER.begin_put(&self.core)?;
-            self.core.put_now(&store, &bytes, wait, deadline)
-        }
-    }
+    /// Puts on an unbounded queue go through the feeder.
+    const BUFFERED: bool = true;
 
     getters!();
 }
@@ -589,12 +668,44 @@ impl<T: Serialize + DeserializeOwned> SimpleQueue<T> {
     /// Python's `SimpleQueue.close()` closes both ends of its pipe at once.
     const CLOSE_ENDS_EVERYTHING: bool = true;
 
+    /// Written at once.
+    const BUFFERED: bool = false;
+
     /// Puts an item (written at once: 1 round trip).
     pub fn put(&self, item: T) -> Result<()> {
-        FEEDER.begin_put(&self.core)?;
+        self.put_until(&item, false, None)
+    }
+
+    /// The async form of [`SimpleQueue::put`] (1 round trip on shoal's actor runtime).
+    pub fn put_async(&self, item: T) -> impl Future<Output = Result<()>> + Send + use<T> {
+        self.put_async_with(&item, false, None)
+    }
+
+    fn put_until(&self, item: &T, wait: bool, deadline: Option<Instant>) -> Result<()> {
+        self.core.check_open()?;
         let store = common::store()?;
-        let bytes = self.core.encode(&store, &item)?;
-        self.core.put_now(&store, &bytes, false, None)
+        let bytes = self.core.encode(&store, item)?;
+        match self.core.stage_put(bytes, Self::BUFFERED)? {
+            None => Ok(()),
+            Some(bytes) => self.core.put_now(&store, bytes, wait, deadline),
+        }
+    }
+
+    fn put_async_with(
+        &self,
+        item: &T,
+        wait: bool,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<()>> + Send + use<T> {
+        let core = self.core.clone();
+        let encoded = common::store().and_then(|store| core.encode(&store, item));
+        async move {
+            core.check_open()?;
+            match core.stage_put(encoded?, Self::BUFFERED)? {
+                None => Ok(()),
+                Some(bytes) => core.put_now_async(bytes, wait, timeout).await,
+            }
+        }
     }
 
     getters!();
@@ -630,92 +741,370 @@ impl<T: Serialize + DeserializeOwned> JoinableQueue<T> {
     /// A closed queue still answers `empty` and `qsize` until this process uses it.
     const CLOSE_ENDS_EVERYTHING: bool = false;
 
-    fn put_until(&self, item: &T, wait: bool, deadline: Option<Instant>) -> Result<()> {
-        FEEDER.begin_put(&self.core)?;
-        let store = common::store()?;
-        let bytes = self.core.encode(&store, item)?;
-        self.core.put_now(&store, &bytes, wait, deadline)
-    }
+    /// Written at once (the unfinished count must include the item before `put` returns).
+    const BUFFERED: bool = false;
 
     /// Marks one item taken with `get` as processed.
     pub fn task_done(&self) -> Result<()> {
         let store = common::store()?;
-        let keys = self.core.keys();
-        let result: std::result::Result<i64, Error> = store.with_conn(
-            || format!("task_done on {}", self.core.address.describe()),
-            |c| self.task_done_script(&keys, &store, "done", "").invoke(c),
-        );
-        match result {
-            Ok(_) => Ok(()),
-            Err(Error::Redis { source, .. }) if source.code() == Some("TOOMANY") => Err(
-                Error::invalid_state("task_done() called more times than items were put"),
-            ),
-            Err(e) => Err(self.core.address.error(e)),
+        op::run_single(
+            &store,
+            || self.core.address.describe(),
+            self.core.task_done_request(&store, "done", ""),
+            |reply| self.core.task_done_reply(reply),
+        )
+    }
+
+    /// The async form of [`JoinableQueue::task_done`] (1 round trip on shoal's actor runtime).
+    pub fn task_done_async(&self) -> impl Future<Output = Result<()>> + Send + use<T> {
+        let core = self.core.clone();
+        async move {
+            let store = common::store()?;
+            let request = core.task_done_request(&store, "done", "");
+            let address = core.address.clone();
+            op::spawn_single(
+                move || address.describe(),
+                request,
+                move |reply| core.task_done_reply(reply),
+            )
+            .await
         }
     }
 
     /// Waits until every item put has been marked done.
     pub fn join(&self) -> Result<()> {
         let store = common::store()?;
-        let keys = self.core.keys();
-        let waiter = common::waiter_id();
-        let done: i64 = store
-            .with_conn(
-                || format!("joining {}", self.core.address.describe()),
-                |c| {
-                    self.task_done_script(&keys, &store, "join", &waiter)
-                        .invoke(c)
-                },
-            )
-            .map_err(|e| self.core.address.error(e))?;
-        if done == 1 {
-            return Ok(());
-        }
-        let wake = format!("{}{waiter}", keys.join_wake);
-        loop {
-            if blpop(&store, &wake, common::SLICE)
-                .map_err(|e| self.core.address.error(e))?
-                .is_some()
-            {
-                return Ok(());
-            }
-            if check_in(
-                &store,
-                &self.core.address,
-                &keys.joiners,
-                &keys.joining,
-                &keys.join_wake,
-                &waiter,
-                "refresh",
-            )? {
-                return Ok(());
-            }
-            self.core.check_exists(&store)?;
-        }
+        op::run(&store, &mut Join::new(&self.core))
     }
 
-    fn task_done_script<'a>(
-        &self,
-        keys: &QueueKeys,
-        store: &Store,
-        op: &str,
-        waiter: &str,
-    ) -> redis::ScriptInvocation<'a> {
-        let mut invocation = TASK_DONE.prepare_invoke();
-        invocation
-            .key(&keys.unfinished)
-            .key(&keys.joiners)
-            .key(&keys.joining)
-            .key(&keys.state)
-            .arg(ttl(store))
-            .arg(&keys.join_wake)
-            .arg(op)
-            .arg(waiter)
-            .arg(liveness());
-        invocation
+    /// The async form of [`JoinableQueue::join`]: waits on shoal's actor runtime without
+    /// blocking the caller's thread. A dropped future leaves the joiners' queue.
+    pub fn join_async(&self) -> impl Future<Output = Result<()>> + Send + use<T> {
+        let core = self.core.clone();
+        async move { op::spawn(Join::new(&core), None).await }
     }
 
     getters!();
+}
+
+/// A put written now (`queue_put.lua`); while a bounded queue is full, the writer queues and
+/// waits on its wake key ([`WakeWait`] on `putters`), and puts again when woken. At the
+/// deadline, or when the async caller left, it leaves the writers' queue; a wake-up (room) that
+/// had reached it is passed on to the next writer.
+struct Put {
+    core: QueueCore,
+    keys: Arc<QueueKeys>,
+    item: Vec<u8>,
+    wait: bool,
+    deadline: Option<Instant>,
+    waiter: String,
+    phase: PutPhase,
+    abandoned: bool,
+}
+
+enum PutPhase {
+    Putting,
+    Waiting(WakeWait<()>),
+    PassingOn,
+}
+
+impl Put {
+    fn new(core: &QueueCore, item: Vec<u8>, wait: bool, deadline: Option<Instant>) -> Put {
+        Put {
+            keys: core.keys(),
+            core: core.clone(),
+            item,
+            wait,
+            deadline,
+            waiter: String::new(),
+            phase: PutPhase::Putting,
+            abandoned: false,
+        }
+    }
+
+    fn put(&mut self, store: &Store) -> Step<()> {
+        self.waiter = if self.wait {
+            common::waiter_id()
+        } else {
+            String::new()
+        };
+        self.phase = PutPhase::Putting;
+        let keys = &self.keys;
+        let mut invocation = PUT.prepare_invoke();
+        invocation
+            .key(&keys.items)
+            .key(&keys.state)
+            .key(&keys.putters.waiters)
+            .key(&keys.putters.waiting)
+            .key(&keys.unfinished)
+            .arg(ttl(store))
+            .arg(self.item.as_slice())
+            .arg(&self.waiter)
+            .arg(liveness())
+            .arg(if self.core.joinable { "1" } else { "0" });
+        Step::Next(Request::script("putting on", invocation))
+    }
+
+    fn gave_up(&self) -> Error {
+        if self.abandoned {
+            op::abandoned()
+        } else {
+            Error::Full
+        }
+    }
+
+    fn after_wait(&mut self, store: &Store, step: Step<Woke>) -> Step<()> {
+        match step {
+            Step::Next(request) => Step::Next(request),
+            Step::Done(Err(e)) => Step::Done(Err(self.core.address.error(e))),
+            // Room was made: try again.
+            Step::Done(Ok(Woke { gave_up: false, .. })) => self.put(store),
+            Step::Done(Ok(Woke { woken: true, .. })) => {
+                self.phase = PutPhase::PassingOn;
+                Step::Next(self.keys.putters.wake(store, 1))
+            }
+            Step::Done(Ok(_)) => Step::Done(Err(self.gave_up())),
+        }
+    }
+}
+
+impl Operation for Put {
+    type Output = ();
+
+    fn describe(&self) -> String {
+        self.core.address.describe()
+    }
+
+    fn start(&mut self, store: &Store) -> Step<()> {
+        self.put(store)
+    }
+
+    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<()> {
+        match &mut self.phase {
+            PutPhase::Putting => match op::parse::<u64>(reply, "a put") {
+                Err(e) => Step::Done(Err(self.core.address.error(e))),
+                Ok(1) => Step::Done(Ok(())),
+                Ok(_) if !self.wait => Step::Done(Err(Error::Full)),
+                Ok(_) => {
+                    let mut waiting = WakeWait::new(
+                        self.keys.putters.clone(),
+                        self.waiter.clone(),
+                        self.deadline,
+                        (),
+                    );
+                    let step = waiting.start(store);
+                    self.phase = PutPhase::Waiting(waiting);
+                    self.after_wait(store, step)
+                }
+            },
+            PutPhase::Waiting(waiting) => {
+                let step = waiting.reply(store, reply);
+                self.after_wait(store, step)
+            }
+            PutPhase::PassingOn => {
+                if let Err(e) = reply {
+                    tracing::warn!("passing on room to the next writer: {e}");
+                }
+                Step::Done(Err(self.gave_up()))
+            }
+        }
+    }
+
+    fn abandon(&mut self, store: &Store) -> Step<()> {
+        self.abandoned = true;
+        match &mut self.phase {
+            PutPhase::Waiting(waiting) => {
+                let step = waiting.cancel(store);
+                self.after_wait(store, step)
+            }
+            PutPhase::Putting | PutPhase::PassingOn => Step::Done(Err(op::abandoned())),
+        }
+    }
+}
+
+/// A get: `LPOP` once (nowait), or slices of `BLPOP` on the items (Redis's own timeout) with a
+/// check that the queue still exists after each; then, on a bounded queue, one waiting writer
+/// is woken (`waiters_wake.lua`). The item is returned even when waking the writer failed (it is
+/// logged): an item taken is never dropped.
+struct Get {
+    core: QueueCore,
+    keys: Arc<QueueKeys>,
+    wait: bool,
+    deadline: Option<Instant>,
+    state: GetState,
+    item: Option<Vec<u8>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GetState {
+    Taking,
+    Popping,
+    Checking,
+    Waking,
+}
+
+impl Get {
+    fn new(core: &QueueCore, wait: bool, deadline: Option<Instant>) -> Get {
+        Get {
+            keys: core.keys(),
+            core: core.clone(),
+            wait,
+            deadline,
+            state: GetState::Taking,
+            item: None,
+        }
+    }
+
+    fn slice(&mut self) -> Step<Vec<u8>> {
+        match next_slice(self.deadline) {
+            None => Step::Done(Err(Error::Empty)),
+            Some(block) => {
+                self.state = GetState::Popping;
+                Step::Next(Request::blpop(&self.keys.items, block))
+            }
+        }
+    }
+
+    fn got(&mut self, store: &Store, item: Vec<u8>) -> Step<Vec<u8>> {
+        if self.core.maxsize == 0 {
+            return Step::Done(Ok(item));
+        }
+        self.item = Some(item);
+        self.state = GetState::Waking;
+        Step::Next(self.keys.putters.wake(store, 1))
+    }
+}
+
+impl Operation for Get {
+    type Output = Vec<u8>;
+
+    fn describe(&self) -> String {
+        self.core.address.describe()
+    }
+
+    fn start(&mut self, _: &Store) -> Step<Vec<u8>> {
+        if self.wait {
+            return self.slice();
+        }
+        self.state = GetState::Taking;
+        let mut pipe = redis::pipe();
+        pipe.exists(&self.keys.state).lpop(&self.keys.items, None);
+        Step::Next(Request::pipe("getting from", pipe))
+    }
+
+    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<Vec<u8>> {
+        let address = &self.core.address;
+        match self.state {
+            GetState::Taking => match op::parse::<(bool, Option<Vec<u8>>)>(reply, "a get") {
+                Err(e) => Step::Done(Err(address.error(e))),
+                Ok((false, _)) => Step::Done(Err(address.gone())),
+                Ok((true, None)) => Step::Done(Err(Error::Empty)),
+                Ok((true, Some(item))) => self.got(store, item),
+            },
+            GetState::Popping => match op::parse::<Option<(String, Vec<u8>)>>(reply, "a get") {
+                Err(e) => Step::Done(Err(address.error(e))),
+                Ok(Some((_, item))) => self.got(store, item),
+                Ok(None) => {
+                    self.state = GetState::Checking;
+                    Step::Next(self.core.check_exists(store))
+                }
+            },
+            GetState::Checking => match self.core.exists(reply) {
+                Err(e) => Step::Done(Err(e)),
+                Ok(()) => self.slice(),
+            },
+            GetState::Waking => {
+                if let Err(e) = reply {
+                    tracing::warn!(
+                        "waking a writer of {}: {e}; it checks in within a second",
+                        address.describe()
+                    );
+                }
+                match self.item.take() {
+                    Some(item) => Step::Done(Ok(item)),
+                    None => Step::Done(Err(Error::invalid_state("a get lost track of its item"))),
+                }
+            }
+        }
+    }
+}
+
+/// `JoinableQueue::join`: `queue_task_done.lua` (`join`: done already, or queue the joiner),
+/// then a [`WakeWait`] on `joiners` that also checks the queue still exists after each
+/// check-in. A dropped async join leaves the joiners' queue.
+struct Join {
+    core: QueueCore,
+    waiter: String,
+    waiting: Option<WakeWait<QueueExists>>,
+}
+
+struct QueueExists(QueueCore);
+
+impl Recheck for QueueExists {
+    fn request(&self, store: &Store) -> Option<Request> {
+        Some(self.0.check_exists(store))
+    }
+
+    fn read(&self, reply: Result<redis::Value>) -> Result<bool> {
+        self.0.exists(reply).map(|()| false)
+    }
+}
+
+impl Join {
+    fn new(core: &QueueCore) -> Join {
+        Join {
+            core: core.clone(),
+            waiter: common::waiter_id(),
+            waiting: None,
+        }
+    }
+}
+
+fn joined(address: &Address, step: Step<Woke>) -> Step<()> {
+    step.then(|woke| match woke {
+        Err(e) => Step::Done(Err(address.error(e))),
+        Ok(Woke { woken: true, .. }) => Step::Done(Ok(())),
+        Ok(_) => Step::Done(Err(op::abandoned())),
+    })
+}
+
+impl Operation for Join {
+    type Output = ();
+
+    fn describe(&self) -> String {
+        self.core.address.describe()
+    }
+
+    fn start(&mut self, store: &Store) -> Step<()> {
+        Step::Next(self.core.task_done_request(store, "join", &self.waiter))
+    }
+
+    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<()> {
+        let address = &self.core.address;
+        match &mut self.waiting {
+            None => match op::parse::<i64>(reply, "a join") {
+                Err(e) => Step::Done(Err(address.error(e))),
+                Ok(1) => Step::Done(Ok(())),
+                Ok(_) => {
+                    let waiting = self.waiting.insert(WakeWait::new(
+                        self.core.keys().joiners.clone(),
+                        std::mem::take(&mut self.waiter),
+                        None,
+                        QueueExists(self.core.clone()),
+                    ));
+                    joined(address, waiting.start(store))
+                }
+            },
+            Some(waiting) => joined(address, waiting.reply(store, reply)),
+        }
+    }
+
+    fn abandon(&mut self, store: &Store) -> Step<()> {
+        match &mut self.waiting {
+            Some(waiting) => joined(&self.core.address, waiting.cancel(store)),
+            None => Step::Done(Err(op::abandoned())),
+        }
+    }
 }
 
 /// This process's feeder: buffered puts of unbounded queues, written in numbered batches; and

@@ -15,8 +15,11 @@
 //! A process that exits normally keeps the permits it took, as in Python (a consumed signal stays
 //! consumed); another process may release them.
 //!
-//! Keys, scripts and round trips: see the grant core (`grants.rs`).
+//! Async forms (`acquire_async`, `acquire_timeout_async`, `try_acquire_async`, `lock_async`,
+//! `release_async`) and what dropping them does: see `lock.rs`. Keys, scripts and round trips:
+//! see the grant core (`grants.rs`).
 
+use std::future::Future;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -45,6 +48,11 @@ macro_rules! semaphore_methods {
         /// Gives back this process's permit, or adds one when it holds none.
         pub fn release(&self) -> Result<()> {
             self.object.release().map(|_| ())
+        }
+
+        /// The async form of `release` (1 round trip on shoal's actor runtime).
+        pub fn release_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+            self.object.release_current_async()
         }
 
         /// Free permits now (the permits of dead holders whose lease lapsed count as free).

@@ -37,16 +37,28 @@
 //! # Round trips
 //!
 //! Every operation: 1 (`GETEX`, `SET ... XX`, `HMGET`, or a script), refreshing the TTL.
+//!
+//! # Async forms
+//!
+//! [`Value::get_async`], [`Value::set_async`], [`Array::get_async`], [`Array::set_async`],
+//! [`Array::get_slice_async`] and [`Array::set_slice_async`] send the same single command (or
+//! script) from shoal's actor runtime, on its shared multiplexed connection, and hand the reply
+//! back through a oneshot channel: any executor can await them, and no thread is parked. A write
+//! whose future is dropped happens or not, depending on whether it was sent already, never
+//! twice.
 
+use std::future::Future;
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::LazyLock;
 
 use serde::{Deserialize, Serialize};
 use shoal_core::error::{Error, Result};
+use shoal_core::store::Store;
 
 use crate::common::{self, Address, ttl};
 use crate::lock::{Lock, RLock};
+use crate::op::{self, Request};
 pub use crate::scalar::{Integer, Scalar};
 
 mod sealed {
@@ -126,6 +138,71 @@ fn parse<T: Scalar>(text: &str, key: &str) -> Result<T> {
     })
 }
 
+/// `GETEX` with the TTL: the stored value.
+fn value_get_request(store: &Store, key: &str) -> Request {
+    let mut cmd = redis::cmd("GETEX");
+    cmd.arg(key).arg("EX").arg(ttl(store));
+    Request::cmd("reading", cmd)
+}
+
+fn value_from<T: Scalar>(address: &Address, key: &str, reply: Result<redis::Value>) -> Result<T> {
+    let text: Option<String> = op::parse(reply, "a value").map_err(|e| address.error(e))?;
+    parse(&text.ok_or_else(|| address.gone())?, key)
+}
+
+/// `SET ... XX` with the TTL: only a value that exists.
+fn value_set_request<T: Scalar>(store: &Store, key: &str, value: T) -> Request {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(key)
+        .arg(value.to_stored())
+        .arg("XX")
+        .arg("EX")
+        .arg(ttl(store));
+    Request::cmd("writing", cmd)
+}
+
+fn value_set(address: &Address, reply: Result<redis::Value>) -> Result<()> {
+    let set: Option<String> = op::parse(reply, "a write").map_err(|e| address.error(e))?;
+    set.map(|_| ()).ok_or_else(|| address.gone())
+}
+
+/// `HMGET` of the elements of `range` and the TTL refreshed, in one pipeline.
+fn slice_get_request(store: &Store, key: &str, range: Range<usize>) -> Request {
+    let fields: Vec<String> = range.map(|i| i.to_string()).collect();
+    let mut pipe = redis::pipe();
+    pipe.cmd("HMGET")
+        .arg(key)
+        .arg(&fields)
+        .expire(key, ttl(store) as i64);
+    Request::pipe("reading", pipe)
+}
+
+fn slice_from<T: Scalar>(
+    address: &Address,
+    key: &str,
+    reply: Result<redis::Value>,
+) -> Result<Vec<T>> {
+    let (texts, exists): (Vec<Option<String>>, bool) =
+        op::parse(reply, "array elements").map_err(|e| address.error(e))?;
+    if !exists {
+        return Err(address.gone());
+    }
+    texts
+        .into_iter()
+        .map(|text| parse(&text.ok_or_else(|| address.gone())?, key))
+        .collect()
+}
+
+/// `array_set.lua`: elements from `start` on.
+fn slice_set_request<T: Scalar>(store: &Store, key: &str, start: usize, values: &[T]) -> Request {
+    let mut invocation = ARRAY_SET.key(key);
+    invocation.arg(ttl(store));
+    for (i, v) in values.iter().enumerate() {
+        invocation.arg(start + i).arg(v.to_stored());
+    }
+    Request::script("writing", invocation)
+}
+
 fn lock_of<L>(lock: &Option<L>) -> Result<&L> {
     lock.as_ref().ok_or_else(|| {
         Error::invalid_state(
@@ -187,39 +264,57 @@ impl<T: Scalar, L> Value<T, L> {
     pub fn get(&self) -> Result<T> {
         let store = common::store()?;
         let key = self.key();
-        let text: Option<String> = store
-            .with_conn(
-                || format!("reading {}", self.address.describe()),
-                |c| {
-                    redis::cmd("GETEX")
-                        .arg(&key)
-                        .arg("EX")
-                        .arg(ttl(&store))
-                        .query(c)
-                },
-            )
-            .map_err(|e| self.address.error(e))?;
-        parse(&text.ok_or_else(|| self.address.gone())?, &key)
+        op::run_single(
+            &store,
+            || self.address.describe(),
+            value_get_request(&store, &key),
+            |reply| value_from(&self.address, &key, reply),
+        )
+    }
+
+    /// The async form of [`Value::get`]: one round trip on shoal's actor runtime (its shared
+    /// multiplexed connection); any executor can await it.
+    pub fn get_async(&self) -> impl Future<Output = Result<T>> + Send + use<T, L> {
+        let address = self.address.clone();
+        async move {
+            let store = common::store()?;
+            let key = address.keys().key("value");
+            let request = value_get_request(&store, &key);
+            let describe = {
+                let address = address.clone();
+                move || address.describe()
+            };
+            op::spawn_single(describe, request, move |reply| {
+                value_from(&address, &key, reply)
+            })
+            .await
+        }
     }
 
     /// Sets the value (Python's `.value = v`).
     pub fn set(&self, value: T) -> Result<()> {
         let store = common::store()?;
-        let set: Option<String> = store
-            .with_conn(
-                || format!("writing {}", self.address.describe()),
-                |c| {
-                    redis::cmd("SET")
-                        .arg(self.key())
-                        .arg(value.to_stored())
-                        .arg("XX")
-                        .arg("EX")
-                        .arg(ttl(&store))
-                        .query(c)
-                },
-            )
-            .map_err(|e| self.address.error(e))?;
-        set.map(|_| ()).ok_or_else(|| self.address.gone())
+        op::run_single(
+            &store,
+            || self.address.describe(),
+            value_set_request(&store, &self.key(), value),
+            |reply| value_set(&self.address, reply),
+        )
+    }
+
+    /// The async form of [`Value::set`]: one round trip on shoal's actor runtime. A set whose
+    /// future is dropped still happens if it was under way (at most once).
+    pub fn set_async(&self, value: T) -> impl Future<Output = Result<()>> + Send + use<T, L> {
+        let address = self.address.clone();
+        async move {
+            let store = common::store()?;
+            let request = value_set_request(&store, &address.keys().key("value"), value);
+            let describe = {
+                let address = address.clone();
+                move || address.describe()
+            };
+            op::spawn_single(describe, request, move |reply| value_set(&address, reply)).await
+        }
     }
 
     /// The lock that comes with the value; [`Error::InvalidState`] for a value without one.
@@ -426,32 +521,63 @@ impl<T: Scalar, L> Array<T, L> {
     /// Elements `range` (Python's `arr[a:b]`).
     pub fn get_slice(&self, range: Range<usize>) -> Result<Vec<T>> {
         self.check(&range)?;
-        let store = common::store()?;
-        let key = self.key();
-        let fields: Vec<String> = range.clone().map(|i| i.to_string()).collect();
-        if fields.is_empty() {
+        if range.is_empty() {
             return Ok(Vec::new());
         }
-        let (texts, exists): (Vec<Option<String>>, bool) = store
-            .with_conn(
-                || format!("reading {}", self.address.describe()),
-                |c| {
-                    redis::pipe()
-                        .cmd("HMGET")
-                        .arg(&key)
-                        .arg(&fields)
-                        .expire(&key, ttl(&store) as i64)
-                        .query(c)
-                },
-            )
-            .map_err(|e| self.address.error(e))?;
-        if !exists {
-            return Err(self.address.gone());
+        let store = common::store()?;
+        let key = self.key();
+        op::run_single(
+            &store,
+            || self.address.describe(),
+            slice_get_request(&store, &key, range),
+            |reply| slice_from(&self.address, &key, reply),
+        )
+    }
+
+    /// The async form of [`Array::get`] (one round trip on shoal's actor runtime).
+    pub fn get_async(&self, index: usize) -> impl Future<Output = Result<T>> + Send + use<T, L> {
+        let range = self.span(index, 1);
+        let slice = self.get_slice_async_with(range);
+        async move {
+            slice
+                .await?
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::invalid_state(format!("index {index} out of range")))
         }
-        texts
-            .into_iter()
-            .map(|text| parse(&text.ok_or_else(|| self.address.gone())?, &key))
-            .collect()
+    }
+
+    /// The async form of [`Array::get_slice`] (one round trip on shoal's actor runtime).
+    pub fn get_slice_async(
+        &self,
+        range: Range<usize>,
+    ) -> impl Future<Output = Result<Vec<T>>> + Send + use<T, L> {
+        self.get_slice_async_with(Ok(range))
+    }
+
+    fn get_slice_async_with(
+        &self,
+        range: Result<Range<usize>>,
+    ) -> impl Future<Output = Result<Vec<T>>> + Send + use<T, L> {
+        let range = range.and_then(|range| self.check(&range).map(|()| range));
+        let address = self.address.clone();
+        async move {
+            let range = range?;
+            if range.is_empty() {
+                return Ok(Vec::new());
+            }
+            let store = common::store()?;
+            let key = address.keys().key("items");
+            let request = slice_get_request(&store, &key, range);
+            let describe = {
+                let address = address.clone();
+                move || address.describe()
+            };
+            op::spawn_single(describe, request, move |reply| {
+                slice_from(&address, &key, reply)
+            })
+            .await
+        }
     }
 
     /// Every element (Python's `arr[:]`).
@@ -464,6 +590,16 @@ impl<T: Scalar, L> Array<T, L> {
         self.set_slice(index, &[value])
     }
 
+    /// The async form of [`Array::set`] (one round trip on shoal's actor runtime; a set whose
+    /// future is dropped still happens if it was under way, at most once).
+    pub fn set_async(
+        &self,
+        index: usize,
+        value: T,
+    ) -> impl Future<Output = Result<()>> + Send + use<T, L> {
+        self.set_slice_async(index, &[value])
+    }
+
     /// Sets the elements from `start` on to `values` (Python's `arr[a:b] = values`).
     pub fn set_slice(&self, start: usize, values: &[T]) -> Result<()> {
         self.check(&self.span(start, values.len())?)?;
@@ -471,20 +607,47 @@ impl<T: Scalar, L> Array<T, L> {
             return Ok(());
         }
         let store = common::store()?;
-        store
-            .with_conn(
-                || format!("writing {}", self.address.describe()),
-                |c| {
-                    let mut invocation = ARRAY_SET.key(self.key());
-                    invocation.arg(ttl(&store));
-                    for (i, v) in values.iter().enumerate() {
-                        invocation.arg(start + i).arg(v.to_stored());
-                    }
-                    invocation.invoke::<u64>(c)
-                },
-            )
-            .map(|_| ())
-            .map_err(|e| self.address.error(e))
+        op::run_single(
+            &store,
+            || self.address.describe(),
+            slice_set_request(&store, &self.key(), start, values),
+            |reply| {
+                op::parse::<u64>(reply, "a write")
+                    .map(|_| ())
+                    .map_err(|e| self.address.error(e))
+            },
+        )
+    }
+
+    /// The async form of [`Array::set_slice`] (see [`Array::set_async`]).
+    pub fn set_slice_async(
+        &self,
+        start: usize,
+        values: &[T],
+    ) -> impl Future<Output = Result<()>> + Send + use<T, L> {
+        let checked = self
+            .span(start, values.len())
+            .and_then(|range| self.check(&range));
+        let values = values.to_vec();
+        let address = self.address.clone();
+        async move {
+            checked?;
+            if values.is_empty() {
+                return Ok(());
+            }
+            let store = common::store()?;
+            let request = slice_set_request(&store, &address.keys().key("items"), start, &values);
+            let describe = {
+                let address = address.clone();
+                move || address.describe()
+            };
+            op::spawn_single(describe, request, move |reply| {
+                op::parse::<u64>(reply, "a write")
+                    .map(|_| ())
+                    .map_err(|e| address.error(e))
+            })
+            .await
+        }
     }
 
     /// The lock that comes with the array; [`Error::InvalidState`] for an array without one.

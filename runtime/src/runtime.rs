@@ -5,7 +5,9 @@
 //! * the store: an embedded `redis-server` on a private Unix socket when no `redis.url` is set
 //!   and the backend is local (see `shoal_core::store::embedded`), or a connection to the
 //!   configured URL;
-//! * the actor system (one thread, `shoal-actors`) with the executor actor of the backend;
+//! * the actor system (one thread, `shoal-actors`) with the executor actor of the backend; the
+//!   async forms of the primitives run their Redis work there too (it is handed to the process
+//!   context at start and taken back at shutdown);
 //! * the children started through it, for the shutdown rules below.
 //!
 //! One runtime exists per process. `init()` while one is running returns another guard to it if
@@ -242,6 +244,8 @@ impl RuntimeInner {
             Backend::Local => local,
             Backend::Kubernetes => kubernetes_executor(&context, &settings, &id, local, &actors)?,
         };
+        // The primitives' async forms run on this system from now on.
+        context.set_actor_runtime(actors.runtime().clone());
         Ok(RuntimeInner {
             id,
             context,
@@ -418,6 +422,7 @@ impl Drop for RuntimeInner {
         if context::try_current().is_some_and(|c| Arc::ptr_eq(&c, &self.context)) {
             context::clear();
         }
+        self.context.clear_actor_runtime();
         self.actors.lock().unwrap_or_else(|p| p.into_inner()).stop();
         if let Some(mut server) = self
             .embedded

@@ -19,6 +19,15 @@
 //!   that met the broken connection fails, the next ones use a new one), and dedicated async
 //!   connections ([`Store::dedicated`]) for actors that block (stream readers), which open a new
 //!   one after a failure.
+//! * **Async connections of one runtime** ([`AsyncStore`]) for the async forms of the primitives,
+//!   whose work runs as tasks on the actor system's runtime (see `crate::actors`): one shared
+//!   multiplexed connection for ordinary commands and scripts ([`AsyncStore::shared`]), and a
+//!   pool of dedicated multiplexed connections for blocking commands ([`AsyncStore::blocking`]):
+//!   each carries one blocking command at a time, so a waiter never queues behind another's
+//!   `BLPOP`. As for the synchronous pool, the command carries Redis's own timeout, the client
+//!   waits that long plus the response timeout, and a connection whose command failed on I/O or
+//!   timed out is dropped, not pooled. The connections belong to the runtime they were opened
+//!   on (their drivers are tasks there), and go away with it.
 //!
 //! # Scripts
 //!
@@ -34,7 +43,8 @@
 pub mod embedded;
 pub mod keys;
 
-use std::sync::Mutex;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -42,6 +52,7 @@ use redis::{AsyncConnectionConfig, ConnectionLike, RedisError, RedisResult};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::actors::{self, AsyncCall, Caller};
 use crate::codec;
 use crate::config::{Config, redact_url};
 use crate::error::{Error, Result};
@@ -354,6 +365,127 @@ impl Store {
     }
 }
 
+/// Idle dedicated async connections kept for reuse by one [`AsyncStore`].
+const MAX_IDLE_BLOCKING: usize = 64;
+
+/// Async access to a [`Store`] from one Tokio runtime (the actor system's): the connections
+/// opened on that runtime, and the calls run there ([`AsyncStore::spawn`]). See the module docs.
+pub struct AsyncStore {
+    store: Arc<Store>,
+    runtime: tokio::runtime::Handle,
+    shared: tokio::sync::OnceCell<ConnectionManager>,
+    blocking: Mutex<Vec<MultiplexedConnection>>,
+}
+
+impl std::fmt::Debug for AsyncStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncStore")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsyncStore {
+    /// Async access to `store` from `runtime`, where every call of it runs.
+    pub fn new(store: Arc<Store>, runtime: tokio::runtime::Handle) -> Arc<AsyncStore> {
+        Arc::new(AsyncStore {
+            store,
+            runtime,
+            shared: tokio::sync::OnceCell::new(),
+            blocking: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The runtime the calls run on.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+
+    /// Runs `work` as a task on this store's runtime; the returned future resolves to what it
+    /// answers through its [`Caller`]. See `crate::actors` for what dropping that future does.
+    pub fn spawn<T, F, Fut>(self: &Arc<Self>, work: F) -> AsyncCall<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<AsyncStore>, Caller<T>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let store = self.clone();
+        actors::spawn_call(&self.runtime, move |caller| work(store, caller))
+    }
+
+    /// The shared multiplexed connection of this runtime, for ordinary commands and scripts
+    /// (a cheap clone). It reconnects after Redis went away. Call it only from tasks of this
+    /// store's runtime: its driver runs where it was first opened.
+    pub async fn shared(&self) -> Result<ConnectionManager> {
+        let settings = &self.store.settings;
+        self.shared
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(settings.connect_timeout))
+                    .set_response_timeout(Some(settings.response_timeout))
+                    // A failed command is reported at once; the reconnection goes on behind.
+                    .set_number_of_retries(1)
+                    .set_max_delay(std::time::Duration::from_millis(500));
+                ConnectionManager::new_with_config(self.store.client.clone(), config).await
+            })
+            .await
+            .cloned()
+            .map_err(|e| Error::redis(format!("connecting to {}", self.store.display_url()), e))
+    }
+
+    /// Runs a blocking command whose own timeout is `block` on a dedicated connection of the
+    /// pool; the client waits `block` plus the response timeout. A connection whose command
+    /// failed on I/O or timed out is dropped. Call it only from tasks of this store's runtime.
+    pub async fn blocking<T: redis::FromRedisValue>(
+        &self,
+        block: Duration,
+        context: impl FnOnce() -> String,
+        cmd: &redis::Cmd,
+    ) -> Result<T> {
+        let response_timeout = block + self.store.settings.response_timeout;
+        let pooled = self
+            .blocking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.store.settings.connect_timeout))
+                    .set_response_timeout(Some(response_timeout));
+                match self
+                    .store
+                    .client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                {
+                    Ok(conn) => conn,
+                    Err(e) => return Err(Error::redis(context(), e)),
+                }
+            }
+        };
+        conn.set_response_timeout(response_timeout);
+        let result: RedisResult<T> = cmd.query_async(&mut conn).await;
+        let reusable = match &result {
+            Ok(_) => true,
+            Err(e) => is_server_reply(e),
+        };
+        if reusable {
+            let mut idle = self.blocking.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < MAX_IDLE_BLOCKING {
+                idle.push(conn);
+            }
+        }
+        result.map_err(|e| Error::redis(context(), e))
+    }
+}
+
 /// True when the error is a reply from the server (the connection is still in step).
 fn is_server_reply(e: &RedisError) -> bool {
     !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error())
@@ -423,6 +555,68 @@ mod tests {
         );
         assert!(matches!(err, Err(Error::Redis { .. })));
         assert!(!store.idle.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn async_blocking_commands_wait_on_dedicated_connections() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let server = EmbeddedRedis::start("redis-server", Duration::from_secs(5)).expect("redis");
+        let store = Arc::new(Store::connect(&server.url(), settings()).expect("connects"));
+        let system = crate::actors::ActorSystem::start("test-async-store").expect("actors");
+        let async_store = AsyncStore::new(store.clone(), system.runtime().clone());
+        let call = async_store.spawn(
+            |s, caller: Caller<(bool, Option<(String, i64)>)>| async move {
+                let popped = AtomicBool::new(false);
+                // Redis's own timeout ends this wait (2 s): it holds its own connection meanwhile.
+                let waiting = async {
+                    let cmd = {
+                        let mut cmd = redis::cmd("BLPOP");
+                        cmd.arg("empty").arg(2);
+                        cmd
+                    };
+                    let got: Option<(String, i64)> = s
+                        .blocking(Duration::from_secs(2), || "blpop".into(), &cmd)
+                        .await
+                        .expect("blpop");
+                    popped.store(true, Ordering::SeqCst);
+                    got
+                };
+                // Meanwhile the shared connection answers, and another waiter is served.
+                let others = async {
+                    let mut shared = s.shared().await.expect("shared");
+                    for _ in 0..10 {
+                        let _: String = redis::cmd("PING")
+                            .query_async(&mut shared)
+                            .await
+                            .expect("ping");
+                    }
+                    let _: () = redis::cmd("RPUSH")
+                        .arg("full")
+                        .arg(7)
+                        .query_async(&mut shared)
+                        .await
+                        .expect("rpush");
+                    let mut cmd = redis::cmd("BLPOP");
+                    cmd.arg("full").arg(2);
+                    let got: Option<(String, i64)> = s
+                        .blocking(Duration::from_secs(2), || "blpop".into(), &cmd)
+                        .await
+                        .expect("blpop");
+                    assert_eq!(got, Some(("full".into(), 7)));
+                    popped.load(Ordering::SeqCst)
+                };
+                let (timed_out, others_saw_it_pop) = futures::future::join(waiting, others).await;
+                caller.finish(Ok((others_saw_it_pop, timed_out)));
+            },
+        );
+        let (others_saw_it_pop, timed_out) = futures::executor::block_on(call).expect("call");
+        assert!(
+            !others_saw_it_pop,
+            "the other commands waited for the BLPOP"
+        );
+        assert_eq!(timed_out, None);
+        // Both dedicated connections went back to the pool (each answered).
+        assert_eq!(async_store.blocking.lock().expect("pool").len(), 2);
     }
 
     #[test]

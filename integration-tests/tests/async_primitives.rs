@@ -1,0 +1,1016 @@
+//! The async forms of the primitives (`get_async`, `acquire_async`, `wait_async`...) against a
+//! real redis-server and real processes, each under a Tokio current-thread runtime and as a task
+//! of a multi-thread runtime (which moves it between threads), one under actix's `System`:
+//! Python's semantics as the blocking forms have them, futures dropped mid-wait that lose
+//! nothing and hold nothing, and many waiters sharing one thread without blocking it.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use shoal::Error;
+use shoal::prelude::*;
+use tokio::time::{sleep, timeout};
+
+shoal::test_support!();
+
+fn runtime() -> shoal::Runtime {
+    shoal::init_with(Config::builder().build().expect("config")).expect("runtime")
+}
+
+/// The Tokio runtimes every async form must work under.
+#[derive(Clone, Copy, Debug)]
+enum Flavor {
+    CurrentThread,
+    MultiThread,
+}
+
+const FLAVORS: [Flavor; 2] = [Flavor::CurrentThread, Flavor::MultiThread];
+
+/// Runs `body` to its end under `flavor`: on a current-thread runtime, or as a task spawned on a
+/// multi-thread runtime of two workers (so it may resume on another thread after each await).
+fn block_on(flavor: Flavor, body: impl Future<Output = ()> + Send + 'static) {
+    match flavor {
+        Flavor::CurrentThread => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("current-thread runtime")
+            .block_on(body),
+        Flavor::MultiThread => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("multi-thread runtime")
+            .block_on(async move { tokio::spawn(body).await.expect("the test task panicked") }),
+    }
+}
+
+fn start(p: &Process) {
+    p.start().expect("start");
+}
+
+fn join_ok(p: &Process) {
+    p.join(Some(Duration::from_secs(30))).expect("join");
+    assert_eq!(p.exitcode(), Some(0), "the child failed");
+}
+
+/// Whether `condition` (async) holds within `limit`, checked every 20 ms.
+async fn eventually<F, Fut>(limit: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ------------------------------------------------------------------------------- queues --
+
+#[shoal::remote]
+fn echo_queue(input: Queue<u32>, output: Queue<u32>, n: u32) {
+    for _ in 0..n {
+        let item = input.get().expect("get");
+        output.put(item).expect("put");
+    }
+}
+
+#[shoal::remote]
+fn take_one_on(go: Event, queue: Queue<u32>, out: Queue<u32>) {
+    go.wait(None).expect("go");
+    out.put(queue.get().expect("get")).expect("put");
+}
+
+#[shoal::remote]
+fn take_and_mark_done(go: Event, queue: JoinableQueue<u32>, n: u32) {
+    go.wait(None).expect("go");
+    for _ in 0..n {
+        queue.get().expect("get");
+        std::thread::sleep(Duration::from_millis(20));
+        queue.task_done().expect("task_done");
+    }
+}
+
+/// A child that uses the async forms itself, on a runtime of its own: its process has no shoal
+/// runtime (it started no process), so the calls run on an actor system the context starts.
+#[shoal::remote]
+fn async_child(input: Queue<u32>, output: Queue<u32>, lock: Lock) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let item = input.get_async().await.expect("get_async");
+            let guard = lock.lock_async().await.expect("lock_async");
+            guard.release_async().await.expect("release_async");
+            output.put_async(item + 1).await.expect("put_async");
+        });
+}
+
+#[test]
+fn queue_async_forms_under_both_runtimes_and_in_a_child() {
+    let _rt = runtime();
+    for flavor in FLAVORS {
+        let input: Queue<u32> = Queue::new().expect("queue");
+        let output: Queue<u32> = Queue::new().expect("queue");
+        let echo = Process::new(echo_queue, (input.clone(), output.clone(), 3u32));
+        let bounded: Queue<u32> = Queue::with_maxsize(1).expect("bounded");
+        let go = Event::new().expect("event");
+        let taken: Queue<u32> = Queue::new().expect("queue");
+        let taker = Process::new(take_one_on, (go.clone(), bounded.clone(), taken.clone()));
+        let joinable: JoinableQueue<u32> = JoinableQueue::new().expect("joinable");
+        let done_go = Event::new().expect("event");
+        let worker = Process::new(
+            take_and_mark_done,
+            (done_go.clone(), joinable.clone(), 3u32),
+        );
+        let (child_in, child_out): (Queue<u32>, Queue<u32>) =
+            (Queue::new().expect("queue"), Queue::new().expect("queue"));
+        let child_lock = Lock::new().expect("lock");
+        let asynchronous = Process::new(
+            async_child,
+            (child_in.clone(), child_out.clone(), child_lock.clone()),
+        );
+        for p in [&echo, &taker, &worker, &asynchronous] {
+            start(p);
+        }
+        block_on(flavor, async move {
+            // Unbounded: across a process and back, in order.
+            for i in 1..=3 {
+                input.put_async(i).await.expect("put_async");
+            }
+            for i in 1..=3 {
+                assert_eq!(output.get_async().await.expect("get_async"), i);
+            }
+            let started = Instant::now();
+            assert!(matches!(
+                output.get_timeout_async(Duration::from_millis(300)).await,
+                Err(Error::Empty)
+            ));
+            let waited = started.elapsed();
+            assert!(waited >= Duration::from_millis(300), "{waited:?}");
+            assert!(matches!(output.get_nowait_async().await, Err(Error::Empty)));
+
+            // Bounded: full, then room made by another process.
+            bounded.put_async(1).await.expect("room for one");
+            assert!(matches!(
+                bounded.put_nowait_async(2).await,
+                Err(Error::Full)
+            ));
+            let started = Instant::now();
+            assert!(matches!(
+                bounded
+                    .put_timeout_async(2, Duration::from_millis(300))
+                    .await,
+                Err(Error::Full)
+            ));
+            assert!(started.elapsed() >= Duration::from_millis(300));
+            go.set_async_for_test().await;
+            timeout(Duration::from_secs(10), bounded.put_async(2))
+                .await
+                .expect("the child's get makes room")
+                .expect("put");
+            assert_eq!(taken.get_async().await.expect("taken"), 1);
+            assert_eq!(bounded.get_nowait_async().await.expect("second"), 2);
+
+            // SimpleQueue.
+            let simple: SimpleQueue<String> = SimpleQueue::new().expect("simple");
+            simple.put_async("a".into()).await.expect("put");
+            assert_eq!(simple.get_async().await.expect("get"), "a");
+            assert!(matches!(simple.get_nowait_async().await, Err(Error::Empty)));
+
+            // JoinableQueue: join waits for another process's task_done calls.
+            joinable.join_async().await.expect("nothing unfinished");
+            for i in 0..3 {
+                joinable.put_async(i).await.expect("put");
+            }
+            assert!(
+                timeout(Duration::from_millis(300), joinable.join_async())
+                    .await
+                    .is_err(),
+                "three items are unfinished"
+            );
+            done_go.set_async_for_test().await;
+            timeout(Duration::from_secs(10), joinable.join_async())
+                .await
+                .expect("every item was marked done")
+                .expect("join");
+            assert!(matches!(
+                joinable.task_done_async().await,
+                Err(Error::InvalidState(_))
+            ));
+            joinable.put_async(9).await.expect("put");
+            assert_eq!(joinable.get_async().await.expect("get"), 9);
+            joinable.task_done_async().await.expect("task_done");
+            joinable.join_async().await.expect("done again");
+
+            // A child using the async forms without a shoal runtime of its own.
+            child_in.put_async(41).await.expect("put");
+            assert_eq!(
+                timeout(Duration::from_secs(20), child_out.get_async())
+                    .await
+                    .expect("the child answers")
+                    .expect("get"),
+                42
+            );
+        });
+        for p in [&echo, &taker, &worker, &asynchronous] {
+            join_ok(p);
+        }
+        assert!(!child_lock.locked().expect("locked"), "{flavor:?}");
+    }
+}
+
+/// `Event::set` has no async form; the tests set events from a blocking thread so that a
+/// current-thread runtime keeps running meanwhile.
+trait SetForTest {
+    fn set_async_for_test(&self) -> impl Future<Output = ()> + Send;
+}
+
+impl SetForTest for Event {
+    fn set_async_for_test(&self) -> impl Future<Output = ()> + Send {
+        let event = self.clone();
+        async move {
+            tokio::task::spawn_blocking(move || event.set().expect("set"))
+                .await
+                .expect("set task");
+        }
+    }
+}
+
+#[shoal::remote]
+fn put_slowly(queue: Queue<u32>, n: u32, pause_ms: u64) {
+    for i in 0..n {
+        queue.put(i).expect("put");
+        std::thread::sleep(Duration::from_millis(pause_ms));
+    }
+}
+
+#[test]
+fn a_get_async_dropped_while_another_process_puts_loses_no_item() {
+    let _rt = runtime();
+    for flavor in FLAVORS {
+        let queue: Queue<u32> = Queue::new().expect("queue");
+        const N: u32 = 150;
+        let producer = Process::new(put_slowly, (queue.clone(), N, 3u64));
+        start(&producer);
+        let (got, dropped) = {
+            let queue = queue.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            block_on(flavor, async move {
+                let mut got = Vec::new();
+                let mut dropped = 0u32;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                // Most of these gets are dropped mid-wait, some just as an item arrives.
+                while got.len() < N as usize && Instant::now() < deadline {
+                    match timeout(Duration::from_millis(2), queue.get_async()).await {
+                        Ok(item) => got.push(item.expect("get_async")),
+                        Err(_) => dropped += 1,
+                    }
+                    if dropped > 400 {
+                        break;
+                    }
+                }
+                // What dropped gets took is back at the head within a slice (1 s): take the
+                // rest without dropping anything.
+                loop {
+                    match queue.get_timeout_async(Duration::from_secs(3)).await {
+                        Ok(item) => got.push(item),
+                        Err(Error::Empty) => break,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                tx.send((got, dropped)).expect("send");
+            });
+            rx.recv().expect("result")
+        };
+        join_ok(&producer);
+        assert!(
+            dropped > 0,
+            "{flavor:?}: no get was dropped; the test proves nothing"
+        );
+        let mut sorted = got.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            (0..N).collect::<Vec<u32>>(),
+            "{flavor:?}: items lost or duplicated ({dropped} gets dropped)"
+        );
+        assert_eq!(queue.qsize().expect("qsize"), 0);
+    }
+}
+
+#[shoal::remote]
+fn get_on_go(go: Event, queue: Queue<u32>, out: Queue<u32>) {
+    go.wait(None).expect("go");
+    out.put(queue.get().expect("get")).expect("put");
+}
+
+#[test]
+fn a_put_async_dropped_while_the_queue_is_full_is_withdrawn() {
+    let _rt = runtime();
+    for flavor in FLAVORS {
+        let queue: Queue<u32> = Queue::with_maxsize(1).expect("bounded");
+        let go = Event::new().expect("event");
+        let out: Queue<u32> = Queue::new().expect("queue");
+        let taker = Process::new(get_on_go, (go.clone(), queue.clone(), out.clone()));
+        start(&taker);
+        block_on(flavor, async move {
+            queue.put_async(1).await.expect("room for one");
+            for item in 2..5 {
+                assert!(
+                    timeout(Duration::from_millis(50), queue.put_async(item))
+                        .await
+                        .is_err(),
+                    "the queue is full"
+                );
+            }
+            // The dropped puts leave the writers' queue within a wait slice; then another
+            // process makes room, and none of them may take it.
+            sleep(Duration::from_millis(1500)).await;
+            go.set_async_for_test().await;
+            assert_eq!(out.get_async().await.expect("taken"), 1);
+            sleep(Duration::from_millis(500)).await;
+            assert!(
+                matches!(queue.get_nowait_async().await, Err(Error::Empty)),
+                "{flavor:?}: a dropped put wrote its item"
+            );
+            queue
+                .put_nowait_async(7)
+                .await
+                .expect("room, and nobody else waits");
+        });
+        join_ok(&taker);
+    }
+}
+
+#[shoal::remote]
+fn put_on_go(go: Event, queue: Queue<u32>, n: u32) {
+    go.wait(None).expect("go");
+    for i in 0..n {
+        queue.put(i).expect("put");
+    }
+}
+
+#[test]
+fn fifty_async_gets_share_one_current_thread_runtime_without_blocking_it() {
+    let _rt = runtime();
+    let queue: Queue<u32> = Queue::new().expect("queue");
+    let go = Event::new().expect("event");
+    const N: u32 = 50;
+    let producer = Process::new(put_on_go, (go.clone(), queue.clone(), N));
+    start(&producer);
+    block_on(Flavor::CurrentThread, async move {
+        let ticks = Arc::new(AtomicU32::new(0));
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                let mut interval = tokio::time::interval(Duration::from_millis(10));
+                loop {
+                    interval.tick().await;
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let gets = futures::future::join_all(
+            (0..N).map(|_| queue.get_timeout_async(Duration::from_secs(60))),
+        );
+        let release = async {
+            // All fifty wait now; the interval must go on ticking meanwhile.
+            sleep(Duration::from_millis(600)).await;
+            let ticked = ticks.load(Ordering::Relaxed);
+            go.set_async_for_test().await;
+            ticked
+        };
+        let (items, ticked_while_waiting) = tokio::join!(gets, release);
+        assert!(
+            ticked_while_waiting >= 10,
+            "the interval ticked {ticked_while_waiting} times in 600 ms: the waiters block the thread"
+        );
+        let items: BTreeSet<u32> = items
+            .into_iter()
+            .map(|r| r.expect("every get gets an item"))
+            .collect();
+        assert_eq!(items, (0..N).collect());
+        let before = ticks.load(Ordering::Relaxed);
+        sleep(Duration::from_millis(100)).await;
+        assert!(ticks.load(Ordering::Relaxed) > before);
+        ticker.abort();
+    });
+    join_ok(&producer);
+}
+
+// -------------------------------------------------------------------------------- locks --
+
+#[shoal::remote]
+fn hold_lock(lock: Lock, held: Event, released: Event, hold_ms: u64) {
+    lock.acquire().expect("acquire");
+    held.set().expect("held");
+    std::thread::sleep(Duration::from_millis(hold_ms));
+    lock.release().expect("release");
+    released.set().expect("released");
+}
+
+#[test]
+fn lock_and_semaphore_async_forms_under_both_runtimes() {
+    let _rt = runtime();
+    for flavor in FLAVORS {
+        let lock = Lock::new().expect("lock");
+        let (held, released) = (Event::new().expect("e"), Event::new().expect("e"));
+        let holder = Process::new(
+            hold_lock,
+            (lock.clone(), held.clone(), released.clone(), 600u64),
+        );
+        start(&holder);
+        block_on(flavor, async move {
+            assert!(
+                held.wait_async(Some(Duration::from_secs(20)))
+                    .await
+                    .expect("held")
+            );
+            assert!(!lock.try_acquire_async().await.expect("held by the child"));
+            let started = Instant::now();
+            assert!(
+                !lock
+                    .acquire_timeout_async(Duration::from_millis(200))
+                    .await
+                    .expect("acquire")
+            );
+            assert!(started.elapsed() >= Duration::from_millis(200));
+            // Granted when the child releases.
+            timeout(Duration::from_secs(10), lock.acquire_async())
+                .await
+                .expect("granted after the child's release")
+                .expect("acquire");
+            assert!(lock.locked().expect("locked"));
+            let token = lock.fencing_token().expect("held here");
+            lock.release_async().await.expect("release");
+            assert!(!lock.locked().expect("locked"));
+            assert!(matches!(
+                lock.release_async().await,
+                Err(Error::InvalidState(_))
+            ));
+            // A guard: released when dropped, without blocking this thread.
+            {
+                let guard = lock.lock_async().await.expect("lock_async");
+                assert!(guard.fencing_token() > token);
+                assert!(!lock.try_acquire_async().await.expect("held by the guard"));
+            }
+            assert!(
+                eventually(Duration::from_secs(5), || async {
+                    !lock.locked().expect("locked")
+                })
+                .await,
+                "the dropped guard did not release"
+            );
+            let guard = lock.lock_async().await.expect("lock_async");
+            guard.release_async().await.expect("release");
+            assert!(!lock.locked().expect("locked"));
+
+            // RLock: owned by the task, across awaits that may move it to another thread.
+            let rlock = RLock::new().expect("rlock");
+            rlock.acquire_async().await.expect("1");
+            tokio::task::yield_now().await;
+            rlock.acquire_async().await.expect("2 (reentrant)");
+            for _ in 0..5 {
+                tokio::task::yield_now().await;
+            }
+            rlock.release_async().await.expect("release 2");
+            assert!(rlock.locked().expect("still held once"));
+            rlock.release_async().await.expect("release 1");
+            assert!(!rlock.locked().expect("free"));
+            // Another task does not own it.
+            rlock.acquire_async().await.expect("acquire");
+            let other = {
+                let rlock = rlock.clone();
+                tokio::spawn(async move { rlock.try_acquire_async().await })
+            };
+            assert!(
+                !other.await.expect("task").expect("try"),
+                "another task took it"
+            );
+            rlock.release_async().await.expect("release");
+
+            // Semaphores.
+            let sem = Semaphore::new(2).expect("semaphore");
+            sem.acquire_async().await.expect("1");
+            sem.acquire_async().await.expect("2");
+            assert!(!sem.try_acquire_async().await.expect("none left"));
+            assert!(
+                !sem.acquire_timeout_async(Duration::from_millis(100))
+                    .await
+                    .expect("none left")
+            );
+            sem.release_async().await.expect("release");
+            assert_eq!(sem.get_value().expect("value"), 1);
+            let bounded = BoundedSemaphore::new(1).expect("bounded");
+            {
+                let _permit = bounded.lock_async().await.expect("permit");
+                assert_eq!(bounded.get_value().expect("value"), 0);
+            }
+            assert!(
+                eventually(Duration::from_secs(5), || async {
+                    bounded.get_value().expect("value") == 1
+                })
+                .await
+            );
+            assert!(matches!(
+                bounded.release_async().await,
+                Err(Error::InvalidState(_))
+            ));
+        });
+        join_ok(&holder);
+    }
+}
+
+#[test]
+fn an_acquire_async_dropped_while_waiting_does_not_leave_the_lock_held() {
+    let _rt = runtime();
+    for flavor in FLAVORS {
+        // The holder releases while the dropped waiters are still queued (their task sees that
+        // nobody waits only after its wait slice): the grant reaches a dropped waiter, whose
+        // task releases it again.
+        let lock = Lock::new().expect("lock");
+        let (held, released) = (Event::new().expect("e"), Event::new().expect("e"));
+        let quick = Process::new(
+            hold_lock,
+            (lock.clone(), held.clone(), released.clone(), 500u64),
+        );
+        start(&quick);
+        {
+            let (lock, held, released) = (lock.clone(), held.clone(), released.clone());
+            block_on(flavor, async move {
+                assert!(
+                    held.wait_async(Some(Duration::from_secs(20)))
+                        .await
+                        .expect("held")
+                );
+                for _ in 0..5 {
+                    assert!(
+                        timeout(Duration::from_millis(30), lock.acquire_async())
+                            .await
+                            .is_err(),
+                        "the child holds the lock"
+                    );
+                }
+                assert!(
+                    released
+                        .wait_async(Some(Duration::from_secs(20)))
+                        .await
+                        .expect("released")
+                );
+                assert!(
+                    lock.acquire_timeout_async(Duration::from_secs(10))
+                        .await
+                        .expect("acquire"),
+                    "{flavor:?}: a dropped acquire kept the lock"
+                );
+                lock.release_async().await.expect("release");
+            });
+        }
+        join_ok(&quick);
+        assert!(!lock.locked().expect("locked"), "{flavor:?}");
+
+        // The holder releases long after: the dropped waiters left the queue by then, and the
+        // lock is free the moment it is released.
+        let (held, released) = (Event::new().expect("e"), Event::new().expect("e"));
+        let slow = Process::new(
+            hold_lock,
+            (lock.clone(), held.clone(), released.clone(), 2500u64),
+        );
+        start(&slow);
+        block_on(flavor, async move {
+            assert!(
+                held.wait_async(Some(Duration::from_secs(20)))
+                    .await
+                    .expect("held")
+            );
+            for _ in 0..5 {
+                assert!(
+                    timeout(Duration::from_millis(30), lock.acquire_async())
+                        .await
+                        .is_err()
+                );
+            }
+            assert!(
+                released
+                    .wait_async(Some(Duration::from_secs(20)))
+                    .await
+                    .expect("released")
+            );
+            assert!(
+                lock.try_acquire_async().await.expect("try"),
+                "{flavor:?}: a dropped waiter was still queued when the lock was released"
+            );
+            lock.release_async().await.expect("release");
+        });
+        join_ok(&slow);
+    }
+}
+
+// ------------------------------------------------------------ events, conditions, barriers --
+
+#[shoal::remote]
+fn set_after(event: Event, ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+    event.set().expect("set");
+}
+
+#[shoal::remote]
+fn update_and_notify(cond: Condition, value: Value<i32>, ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+    let _guard = cond.lock().expect("lock");
+    value.set(1).expect("set");
+    cond.notify_all().expect("notify_all");
+}
+
+#[test]
+fn event_and_condition_async_forms_under_both_runtimes() {
+    let _rt = runtime();
+    for flavor in FLAVORS {
+        let event = Event::new().expect("event");
+        let setter = Process::new(set_after, (event.clone(), 300u64));
+        let cond = Condition::new(None).expect("condition");
+        let value: Value<i32> = Value::new(0).expect("value");
+        let notifier = Process::new(update_and_notify, (cond.clone(), value.clone(), 300u64));
+        start(&setter);
+        start(&notifier);
+        block_on(flavor, async move {
+            // Event.
+            let started = Instant::now();
+            assert!(
+                !event
+                    .wait_async(Some(Duration::from_millis(100)))
+                    .await
+                    .expect("wait")
+            );
+            assert!(started.elapsed() >= Duration::from_millis(100));
+            assert!(event.wait_async(None).await.expect("set by the child"));
+            assert!(event.wait_async(Some(Duration::ZERO)).await.expect("set"));
+
+            // Condition: wait_for with a predicate, notified by another process.
+            assert!(matches!(
+                cond.wait_async(Some(Duration::from_millis(10))).await,
+                Err(Error::InvalidState(_))
+            ));
+            cond.acquire_async().await.expect("acquire");
+            let read = value.clone();
+            let became = cond
+                .wait_for_async(
+                    move || read.get().expect("get") == 1,
+                    Some(Duration::from_secs(20)),
+                )
+                .await
+                .expect("wait_for");
+            assert!(became);
+            // The lock is held again after the wait: notify needs it.
+            cond.notify_all().expect("notify with the lock");
+            let started = Instant::now();
+            assert!(
+                !cond
+                    .wait_async(Some(Duration::from_millis(200)))
+                    .await
+                    .expect("times out")
+            );
+            assert!(started.elapsed() >= Duration::from_millis(200));
+            cond.release_async().await.expect("release");
+            assert!(matches!(
+                cond.release_async().await,
+                Err(Error::InvalidState(_))
+            ));
+        });
+        join_ok(&setter);
+        join_ok(&notifier);
+    }
+}
+
+#[test]
+fn a_notification_reaching_a_dropped_wait_async_is_passed_on() {
+    let _rt = runtime();
+    for flavor in FLAVORS {
+        let cond = Condition::new(None).expect("condition");
+        block_on(flavor, async move {
+            // A waits first, then drops its wait; B waits second.
+            let a = {
+                let cond = cond.clone();
+                tokio::spawn(async move {
+                    cond.acquire_async().await.expect("acquire");
+                    let dropped = timeout(
+                        Duration::from_millis(300),
+                        cond.wait_async(Some(Duration::from_secs(20))),
+                    )
+                    .await;
+                    assert!(dropped.is_err(), "nobody notified yet");
+                })
+            };
+            sleep(Duration::from_millis(100)).await;
+            let b = {
+                let cond = cond.clone();
+                tokio::spawn(async move {
+                    cond.acquire_async().await.expect("acquire");
+                    let notified = cond
+                        .wait_async(Some(Duration::from_secs(10)))
+                        .await
+                        .expect("wait");
+                    cond.release_async().await.expect("release");
+                    notified
+                })
+            };
+            a.await.expect("task a");
+            // A's wait slice is still under way: the notification reaches A first.
+            cond.acquire_async().await.expect("acquire");
+            cond.notify(1).expect("notify one");
+            cond.release_async().await.expect("release");
+            let notified = timeout(Duration::from_secs(8), b)
+                .await
+                .expect("B was never woken: the notification was lost on the dropped waiter")
+                .expect("task b");
+            assert!(notified, "{flavor:?}");
+            // Nobody holds the lock now (A's wait took nothing back, or gave it back).
+            assert!(
+                cond.acquire_timeout_async(Duration::from_secs(5))
+                    .await
+                    .expect("acquire"),
+                "{flavor:?}: the dropped wait kept the lock"
+            );
+            cond.release_async().await.expect("release");
+        });
+    }
+}
+
+#[shoal::remote]
+fn arrive(barrier: Barrier, go: Event, out: Queue<u32>) {
+    go.wait(None).expect("go");
+    out.put(barrier.wait(Some(Duration::from_secs(20))).expect("wait"))
+        .expect("put");
+}
+
+#[test]
+fn barrier_async_forms_and_a_dropped_arrival_withdraws() {
+    let _rt = runtime();
+    for flavor in FLAVORS {
+        let barrier = Barrier::new(3).expect("barrier");
+        let go = Event::new().expect("event");
+        let out: Queue<u32> = Queue::new().expect("queue");
+        let parties: Vec<Process> = (0..2)
+            .map(|_| Process::new(arrive, (barrier.clone(), go.clone(), out.clone())))
+            .collect();
+        let pair = Barrier::new(2).expect("barrier");
+        let pair_go = Event::new().expect("event");
+        let pair_out: Queue<u32> = Queue::new().expect("queue");
+        let partner = Process::new(arrive, (pair.clone(), pair_go.clone(), pair_out.clone()));
+        for p in parties.iter().chain([&partner]) {
+            start(p);
+        }
+        block_on(flavor, async move {
+            go.set_async_for_test().await;
+            let mine = barrier
+                .wait_async(Some(Duration::from_secs(20)))
+                .await
+                .expect("wait");
+            let mut indices = BTreeSet::from([mine]);
+            for _ in 0..2 {
+                indices.insert(out.get_async().await.expect("index"));
+            }
+            assert_eq!(indices, BTreeSet::from([0, 1, 2]));
+
+            // A dropped arrival no longer counts, and breaks nothing.
+            assert!(
+                timeout(Duration::from_millis(200), pair.wait_async(None))
+                    .await
+                    .is_err()
+            );
+            assert!(
+                eventually(Duration::from_secs(5), || async {
+                    pair.n_waiting().expect("n_waiting") == 0
+                })
+                .await,
+                "{flavor:?}: the dropped arrival still counts"
+            );
+            assert!(!pair.broken().expect("broken"));
+            pair_go.set_async_for_test().await;
+            let mine = pair
+                .wait_async(Some(Duration::from_secs(20)))
+                .await
+                .expect("both pass");
+            let theirs = pair_out.get_async().await.expect("index");
+            assert_eq!(BTreeSet::from([mine, theirs]), BTreeSet::from([0, 1]));
+            // A timeout breaks it, as the blocking form does.
+            assert!(matches!(
+                pair.wait_async(Some(Duration::from_millis(100))).await,
+                Err(Error::BrokenBarrier)
+            ));
+            assert!(pair.broken().expect("broken"));
+        });
+        for p in parties.iter().chain([&partner]) {
+            join_ok(p);
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------- pipes --
+
+#[shoal::remote]
+fn pipe_echo(conn: Connection<u32>) {
+    for _ in 0..2 {
+        let v = conn.recv().expect("recv");
+        conn.send(&(v * 2)).expect("send");
+    }
+    let bytes = conn.recv_bytes(None).expect("recv_bytes");
+    std::thread::sleep(Duration::from_millis(300));
+    conn.send_bytes(&bytes, 0, None).expect("send_bytes");
+}
+
+#[shoal::remote]
+fn send_slowly(conn: Connection<u32>, n: u32, pause_ms: u64) {
+    for i in 0..n {
+        conn.send(&i).expect("send");
+        std::thread::sleep(Duration::from_millis(pause_ms));
+    }
+}
+
+#[test]
+fn pipe_async_forms_under_both_runtimes() {
+    let _rt = runtime();
+    for flavor in FLAVORS {
+        let (mine, theirs) = Pipe::new::<u32>(true).expect("pipe");
+        let echo = Process::new(pipe_echo, (theirs,));
+        start(&echo);
+        block_on(flavor, async move {
+            assert!(!mine.poll_async(Some(Duration::ZERO)).await.expect("poll"));
+            let started = Instant::now();
+            assert!(
+                !mine
+                    .poll_async(Some(Duration::from_millis(200)))
+                    .await
+                    .expect("poll")
+            );
+            assert!(started.elapsed() >= Duration::from_millis(200));
+            mine.send_async(&1).await.expect("send");
+            assert_eq!(mine.recv_async().await.expect("recv"), 2);
+            mine.send_async(&5).await.expect("send");
+            assert!(
+                mine.poll_async(Some(Duration::from_secs(10)))
+                    .await
+                    .expect("poll")
+            );
+            assert_eq!(mine.recv_async().await.expect("recv"), 10);
+            mine.send_bytes_async(b"raw bytes", 0, None)
+                .await
+                .expect("send_bytes");
+            assert!(mine.poll_async(None).await.expect("poll waits"));
+            assert_eq!(
+                mine.recv_bytes_async(None).await.expect("recv_bytes"),
+                b"raw bytes"
+            );
+            // The child exited: end of file.
+            assert!(matches!(
+                timeout(Duration::from_secs(20), mine.recv_async())
+                    .await
+                    .expect("end of file, not a hang"),
+                Err(Error::Closed(_))
+            ));
+        });
+        join_ok(&echo);
+
+        // A receive dropped mid-wait loses no message.
+        let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+        const N: u32 = 100;
+        let sender = Process::new(send_slowly, (writer, N, 3u64));
+        start(&sender);
+        let (tx, rx) = std::sync::mpsc::channel();
+        block_on(flavor, async move {
+            let mut got = Vec::new();
+            let mut dropped = 0u32;
+            while got.len() < N as usize && dropped < 300 {
+                match timeout(Duration::from_millis(2), reader.recv_async()).await {
+                    Ok(message) => got.push(message.expect("recv")),
+                    Err(_) => dropped += 1,
+                }
+            }
+            // Messages taken by dropped receives are back at the head within a slice.
+            sleep(Duration::from_millis(1500)).await;
+            loop {
+                match timeout(Duration::from_secs(20), reader.recv_async())
+                    .await
+                    .expect("no hang")
+                {
+                    Ok(message) => got.push(message),
+                    Err(Error::Closed(_)) => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            tx.send((got, dropped)).expect("send");
+        });
+        let (mut got, dropped) = rx.recv().expect("result");
+        join_ok(&sender);
+        assert!(
+            dropped > 0,
+            "no receive was dropped; the test proves nothing"
+        );
+        got.sort_unstable();
+        assert_eq!(got, (0..N).collect::<Vec<u32>>(), "{flavor:?}");
+    }
+}
+
+// ------------------------------------------------------------------------ values, arrays --
+
+#[shoal::remote]
+fn write_values(go: Event, value: Value<i64>, array: Array<i32>) {
+    go.wait(None).expect("go");
+    value.set(42).expect("set");
+    array.set(1, 7).expect("set");
+}
+
+#[test]
+fn value_and_array_async_forms_under_both_runtimes() {
+    let _rt = runtime();
+    for flavor in FLAVORS {
+        let value: Value<i64> = Value::new(1).expect("value");
+        let array: Array<i32> = Array::zeroed(3).expect("array");
+        let go = Event::new().expect("event");
+        let writer = Process::new(write_values, (go.clone(), value.clone(), array.clone()));
+        start(&writer);
+        block_on(flavor, async move {
+            assert_eq!(value.get_async().await.expect("get"), 1);
+            value.set_async(5).await.expect("set");
+            assert_eq!(value.get_async().await.expect("get"), 5);
+            array.set_async(0, 3).await.expect("set");
+            array.set_slice_async(1, &[4, 5]).await.expect("set_slice");
+            assert_eq!(
+                array.get_slice_async(0..3).await.expect("slice"),
+                vec![3, 4, 5]
+            );
+            assert!(matches!(
+                array.get_async(3).await,
+                Err(Error::InvalidState(_))
+            ));
+            assert!(matches!(
+                array.set_slice_async(2, &[1, 2]).await,
+                Err(Error::InvalidState(_))
+            ));
+            go.set_async_for_test().await;
+            assert!(
+                eventually(Duration::from_secs(20), || async {
+                    value.get_async().await.expect("get") == 42
+                        && array.get_async(1).await.expect("get") == 7
+                })
+                .await,
+                "the child's writes never showed"
+            );
+            assert_eq!(array.get_async(0).await.expect("get"), 3);
+        });
+        join_ok(&writer);
+    }
+}
+
+// ------------------------------------------------------------------------------ actix-rt --
+
+#[test]
+fn async_forms_under_actix_system() {
+    let _rt = runtime();
+    let input: Queue<u32> = Queue::new().expect("queue");
+    let output: Queue<u32> = Queue::new().expect("queue");
+    let echo = Process::new(echo_queue, (input.clone(), output.clone(), 2u32));
+    let lock = Lock::new().expect("lock");
+    let (held, released) = (Event::new().expect("e"), Event::new().expect("e"));
+    let holder = Process::new(
+        hold_lock,
+        (lock.clone(), held.clone(), released.clone(), 300u64),
+    );
+    start(&echo);
+    start(&holder);
+    actix_rt::System::new().block_on(async move {
+        input.put_async(7).await.expect("put");
+        input.put_async(8).await.expect("put");
+        assert_eq!(output.get_async().await.expect("get"), 7);
+        assert_eq!(output.get_async().await.expect("get"), 8);
+        assert!(
+            held.wait_async(Some(Duration::from_secs(20)))
+                .await
+                .expect("held")
+        );
+        let guard = timeout(Duration::from_secs(10), lock.lock_async())
+            .await
+            .expect("granted after the child's release")
+            .expect("lock");
+        assert!(released.wait_async(None).await.expect("released"));
+        guard.release_async().await.expect("release");
+        assert!(!lock.locked().expect("locked"));
+        // An actix actor's context can await them too.
+        let value: Value<i32> = Value::new(3).expect("value");
+        let read = actix_rt::spawn(async move { value.get_async().await.expect("get") });
+        assert_eq!(read.await.expect("task"), 3);
+    });
+    join_ok(&echo);
+    join_ok(&holder);
+}

@@ -1,0 +1,356 @@
+//! One operation of a primitive as a sequence of round trips, shared by its blocking and its
+//! async form.
+//!
+//! An [`Operation`] is a small state machine: it says which request to send next
+//! ([`Step::Next`]) and decides from each reply what comes after, until it is done
+//! ([`Step::Done`]). It does no I/O itself, so the scripts, the keys, the slicing of waits and
+//! every decision are written once; two drivers run it:
+//!
+//! * [`run`]: on the caller's thread, with the store's pooled synchronous connections (the
+//!   blocking API);
+//! * [`spawn`]: as a task on shoal's actor runtime, with that runtime's async connections (a
+//!   shared multiplexed one, dedicated ones for blocking commands), handing the result back to
+//!   the caller's future through a oneshot channel (the async API; see `shoal_core::actors`).
+//!
+//! Cancellation of the async form: before each blocking request (a wait slice of at most
+//! [`SLICE`](crate::common::SLICE)), the async driver checks whether the caller's future is
+//! still there. If it is not, the operation is asked to [`Operation::abandon`], which gives up
+//! the way a timeout does (leaving the waiters' queue atomically, passing on a wake-up it
+//! consumed); a blocking command is never dropped client-side (Redis rule 6). A result that the
+//! caller never takes (its future dropped during the last round trip, or after the answer
+//! arrived) is undone by the undo given to [`spawn`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Value;
+use shoal_core::actors::{AsyncCall, BoxFuture};
+use shoal_core::context;
+use shoal_core::error::{Error, Result};
+use shoal_core::store::{AsyncStore, Store};
+
+/// One round trip an operation asks for.
+pub(crate) struct Request {
+    /// What it does, for errors ("acquiring", "waiting for"); the operation's
+    /// [`Operation::describe`] follows.
+    what: &'static str,
+    kind: Kind,
+}
+
+enum Kind {
+    Script(redis::ScriptInvocation<'static>),
+    Cmd(redis::Cmd),
+    Pipe(redis::Pipeline),
+    /// A blocking command carrying Redis's own timeout `block` (a dedicated connection).
+    Blocking {
+        cmd: redis::Cmd,
+        block: Duration,
+    },
+    /// Code that may block for long (a barrier's action): run off the async runtime's thread.
+    Local(Box<dyn FnOnce() -> Result<Value> + Send>),
+}
+
+impl Request {
+    /// A script.
+    pub(crate) fn script(what: &'static str, invocation: redis::ScriptInvocation<'static>) -> Self {
+        Request {
+            what,
+            kind: Kind::Script(invocation),
+        }
+    }
+
+    /// An ordinary command.
+    pub(crate) fn cmd(what: &'static str, cmd: redis::Cmd) -> Self {
+        Request {
+            what,
+            kind: Kind::Cmd(cmd),
+        }
+    }
+
+    /// A pipeline.
+    pub(crate) fn pipe(what: &'static str, pipe: redis::Pipeline) -> Self {
+        Request {
+            what,
+            kind: Kind::Pipe(pipe),
+        }
+    }
+
+    /// A blocking command whose own timeout is `block` (at most a slice).
+    pub(crate) fn blocking(what: &'static str, cmd: redis::Cmd, block: Duration) -> Self {
+        Request {
+            what,
+            kind: Kind::Blocking { cmd, block },
+        }
+    }
+
+    /// `BLPOP key` waiting at most `block` (Redis's own timeout).
+    pub(crate) fn blpop(key: &str, block: Duration) -> Self {
+        let mut cmd = redis::cmd("BLPOP");
+        cmd.arg(key).arg(crate::common::blpop_seconds(block));
+        Request::blocking("waiting for", cmd, block)
+    }
+
+    /// Code that may block (user code); its result is the reply.
+    pub(crate) fn local(
+        what: &'static str,
+        f: impl FnOnce() -> Result<Value> + Send + 'static,
+    ) -> Self {
+        Request {
+            what,
+            kind: Kind::Local(Box::new(f)),
+        }
+    }
+}
+
+/// What an operation does next.
+pub(crate) enum Step<T> {
+    /// Send this request and pass its reply to [`Operation::reply`].
+    Next(Request),
+    /// Finished.
+    Done(Result<T>),
+}
+
+impl<T> Step<T> {
+    /// This step, or what `f` makes of the result once done (an operation that runs another
+    /// one inside).
+    pub(crate) fn then<U>(self, f: impl FnOnce(Result<T>) -> Step<U>) -> Step<U> {
+        match self {
+            Step::Next(request) => Step::Next(request),
+            Step::Done(result) => f(result),
+        }
+    }
+}
+
+/// An operation of a primitive as a state machine (see the module docs).
+pub(crate) trait Operation {
+    /// What it produces.
+    type Output;
+
+    /// The primitive, for errors (`lock 1a2b3c4d`).
+    fn describe(&self) -> String;
+
+    /// The first step.
+    fn start(&mut self, store: &Store) -> Step<Self::Output>;
+
+    /// The step after the reply to the last request.
+    fn reply(&mut self, store: &Store, reply: Result<Value>) -> Step<Self::Output>;
+
+    /// The caller of the async form is gone: give up as a timeout would, undoing what can be.
+    /// Called at most once, before a blocking request. By default: stop now (nothing was taken
+    /// and nothing waits in Redis on the caller's behalf).
+    fn abandon(&mut self, _store: &Store) -> Step<Self::Output> {
+        Step::Done(Err(abandoned()))
+    }
+}
+
+/// The result of an operation whose caller left (never seen by anyone).
+pub(crate) fn abandoned() -> Error {
+    Error::invalid_state("the caller stopped waiting")
+}
+
+/// Parses a reply as `T`; a reply of another shape is an error naming `what`.
+pub(crate) fn parse<T: redis::FromRedisValue>(reply: Result<Value>, what: &str) -> Result<T> {
+    let value = reply?;
+    redis::from_redis_value(value).map_err(|e| Error::redis(what.to_string(), e.into()))
+}
+
+/// Runs `op` on the caller's thread with the store's synchronous connections.
+pub(crate) fn run<O: Operation>(store: &Store, op: &mut O) -> Result<O::Output> {
+    let mut step = op.start(store);
+    loop {
+        match step {
+            Step::Done(result) => return result,
+            Step::Next(request) => {
+                let reply = exec(store, request, || op.describe());
+                step = op.reply(store, reply);
+            }
+        }
+    }
+}
+
+/// Sends one request on a synchronous connection.
+fn exec(store: &Store, request: Request, describe: impl FnOnce() -> String) -> Result<Value> {
+    let what = request.what;
+    let context = || format!("{what} {}", describe());
+    match request.kind {
+        Kind::Script(invocation) => store.with_conn(context, |c| invocation.invoke(c)),
+        Kind::Cmd(cmd) => store.with_conn(context, |c| cmd.query(c)),
+        Kind::Pipe(pipe) => store.with_conn(context, |c| pipe.query(c)),
+        Kind::Blocking { cmd, block } => {
+            store.with_blocking_conn(Some(block), context, |c| cmd.query(c))
+        }
+        Kind::Local(f) => f(),
+    }
+}
+
+/// Sends one request on the async connections of the actor runtime.
+async fn exec_async(
+    store: &AsyncStore,
+    request: Request,
+    describe: impl FnOnce() -> String,
+) -> Result<Value> {
+    let what = request.what;
+    let context = || format!("{what} {}", describe());
+    match request.kind {
+        Kind::Script(invocation) => {
+            let mut conn = store.shared().await?;
+            invocation
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| Error::redis(context(), e))
+        }
+        Kind::Cmd(cmd) => {
+            let mut conn = store.shared().await?;
+            cmd.query_async(&mut conn)
+                .await
+                .map_err(|e| Error::redis(context(), e))
+        }
+        Kind::Pipe(pipe) => {
+            let mut conn = store.shared().await?;
+            pipe.query_async(&mut conn)
+                .await
+                .map_err(|e| Error::redis(context(), e))
+        }
+        Kind::Blocking { cmd, block } => store.blocking(block, context, &cmd).await,
+        Kind::Local(f) => tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+            Err(Error::invalid_state(format!(
+                "{}: the code it ran did not finish: {e}",
+                context()
+            )))
+        }),
+    }
+}
+
+/// Runs `op` on the actor runtime's connections; `gone` tells whether the caller left.
+async fn run_async<O: Operation>(
+    store: &AsyncStore,
+    op: &mut O,
+    gone: impl Fn() -> bool,
+) -> Result<O::Output> {
+    let mut abandoned = false;
+    // Described once (the driver's future must not hold a borrow of `op` across an await).
+    let describe = op.describe();
+    let mut step = op.start(store.store());
+    loop {
+        match step {
+            Step::Done(result) => return result,
+            Step::Next(request) => {
+                if !abandoned && matches!(request.kind, Kind::Blocking { .. }) && gone() {
+                    abandoned = true;
+                    step = op.abandon(store.store());
+                    continue;
+                }
+                let reply = exec_async(store, request, || describe.clone()).await;
+                step = op.reply(store.store(), reply);
+            }
+        }
+    }
+}
+
+/// What undoes an operation's result that its caller never took.
+pub(crate) type Undo<T> = Box<dyn FnOnce(Arc<AsyncStore>, T) -> BoxFuture + Send>;
+
+/// Runs `op` as a task on the actor runtime (see the module docs); the future resolves to its
+/// result. `undo` undoes a result the caller never takes.
+pub(crate) fn spawn<O>(mut op: O, undo: Option<Undo<O::Output>>) -> AsyncCall<O::Output>
+where
+    O: Operation + Send + 'static,
+    O::Output: Send + 'static,
+{
+    let context = match context::current() {
+        Ok(context) => context,
+        Err(e) => return AsyncCall::failed(e),
+    };
+    context.spawn(move |store, caller| async move {
+        let result = run_async(&store, &mut op, || caller.is_gone()).await;
+        match (result, undo) {
+            (Ok(value), Some(undo)) => {
+                caller.hand_over(value, move |value| undo(store, value));
+            }
+            (result, _) => caller.finish(result),
+        }
+    })
+}
+
+/// Sends one request from a task of the actor runtime (an undo): its reply.
+pub(crate) async fn exec_single_async(
+    store: &AsyncStore,
+    describe: impl FnOnce() -> String,
+    request: Request,
+) -> Result<Value> {
+    exec_async(store, request, describe).await
+}
+
+/// Sends one request from a task of the actor runtime (an undo), logging a failure.
+pub(crate) async fn undo_request(
+    store: &AsyncStore,
+    describe: impl FnOnce() -> String,
+    request: Request,
+) {
+    if let Err(e) = exec_async(store, request, describe).await {
+        tracing::error!("undoing the result of a dropped async call: {e}");
+    }
+}
+
+/// An operation of one round trip: a request and how its reply is read. `D` describes the
+/// primitive for errors (called only on an error).
+pub(crate) struct Single<T, D, F> {
+    describe: D,
+    request: Option<Request>,
+    parse: Option<F>,
+    _output: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T, D: Fn() -> String, F: FnOnce(Result<Value>) -> Result<T>> Single<T, D, F> {
+    /// `request` for the primitive `describe`d, its reply read by `parse`.
+    pub(crate) fn new(describe: D, request: Request, parse: F) -> Self {
+        Single {
+            describe,
+            request: Some(request),
+            parse: Some(parse),
+            _output: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T, D: Fn() -> String, F: FnOnce(Result<Value>) -> Result<T>> Operation for Single<T, D, F> {
+    type Output = T;
+
+    fn describe(&self) -> String {
+        (self.describe)()
+    }
+
+    fn start(&mut self, _: &Store) -> Step<T> {
+        match self.request.take() {
+            Some(request) => Step::Next(request),
+            None => Step::Done(Err(Error::invalid_state("a request was started twice"))),
+        }
+    }
+
+    fn reply(&mut self, _: &Store, reply: Result<Value>) -> Step<T> {
+        match self.parse.take() {
+            Some(parse) => Step::Done(parse(reply)),
+            None => Step::Done(Err(Error::invalid_state("a reply came twice"))),
+        }
+    }
+}
+
+/// Runs one request on the caller's thread and reads its reply with `parse`.
+pub(crate) fn run_single<T>(
+    store: &Store,
+    describe: impl Fn() -> String,
+    request: Request,
+    parse: impl FnOnce(Result<Value>) -> Result<T>,
+) -> Result<T> {
+    parse(exec(store, request, describe))
+}
+
+/// Runs one request on the actor runtime; the future resolves to its reply read by `parse`.
+pub(crate) fn spawn_single<T, D, F>(describe: D, request: Request, parse: F) -> AsyncCall<T>
+where
+    T: Send + 'static,
+    D: Fn() -> String + Send + 'static,
+    F: FnOnce(Result<Value>) -> Result<T> + Send + 'static,
+{
+    spawn(Single::new(describe, request, parse), None)
+}
