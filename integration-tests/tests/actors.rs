@@ -239,8 +239,12 @@ fn a_frozen_host_loses_its_actor_and_cannot_overwrite_its_successor() {
         counter.tell(Incr(1)).expect("tell");
     }
     kill(Pid::from_raw(pid as i32), Signal::SIGCONT).expect("SIGCONT");
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(ask(&counter, Get).expect("get"), (22, 0));
+    // The woken host must not take messages meant for its successor (it would apply them, fail
+    // to commit, and leave them behind while later ones overtake them).
+    for _ in 0..200 {
+        counter.tell(Incr(1)).expect("tell");
+    }
+    assert_eq!(ask(&counter, Get).expect("get"), (222, 0));
     eprintln!("the frozen host's actor answered again after {took:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
@@ -456,6 +460,10 @@ fn an_ask_with_no_host_left_is_an_error_not_a_hang() {
     let pid = host_pid(&rt, &counter).expect("a host holds it");
     // The only host freezes: it neither runs the actor nor says it is alive.
     kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    assert!(
+        wait_for(Duration::from_secs(5), || stopped(pid)),
+        "host {pid} did not stop"
+    );
     let started = Instant::now();
     let outcome = counter.ask(Incr(1), None);
     let waited = started.elapsed();
@@ -469,4 +477,122 @@ fn an_ask_with_no_host_left_is_an_error_not_a_hang() {
     assert!(wait_for(Duration::from_secs(10), || {
         matches!(ask(&counter, Get), Ok((2, 0)))
     }));
+}
+
+/// The async forms under a current-thread runtime: tells and asks from many tasks on one
+/// thread while a timer keeps ticking (no thread is parked), a timeout, a dropped ask whose
+/// message is still applied once, and a panic's error.
+#[test]
+fn async_tell_and_ask_under_a_current_thread_runtime() {
+    let _rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    let tokio_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    tokio_rt.block_on(async {
+        // First ask: not yet known active (send, then wait); later ones pipelined.
+        assert_eq!(
+            counter
+                .ask_async(Incr(1), Some(Duration::from_secs(30)))
+                .await
+                .expect("ask"),
+            1
+        );
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let counter = counter.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..10 {
+                    counter.tell_async(Incr(1)).await.expect("tell");
+                }
+                counter
+                    .ask_async(Incr(1), Some(Duration::from_secs(30)))
+                    .await
+                    .expect("ask")
+            }));
+        }
+        let started = Instant::now();
+        let mut replies = Vec::new();
+        for task in tasks {
+            replies.push(task.await.expect("task"));
+        }
+        let elapsed = started.elapsed();
+        // 20 × (10 tells + 1 ask) after the first: each ask saw a distinct total.
+        replies.sort_unstable();
+        replies.dedup();
+        assert_eq!(replies.len(), 20, "{replies:?}");
+        assert_eq!(*replies.last().expect("replies"), 1 + 20 * 11);
+        // The timer ran while the calls waited: the thread was never blocked for long.
+        let ticked = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            ticked as f64 >= elapsed.as_millis() as f64 / 5.0 * 0.3,
+            "{ticked} ticks in {elapsed:?}"
+        );
+        ticker.abort();
+
+        // A timeout: Error::Timeout, and the message is applied once all the same.
+        let started = Instant::now();
+        match counter
+            .ask_async(Slow(1500), Some(Duration::from_millis(300)))
+            .await
+        {
+            Err(Error::Timeout(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_millis(1300));
+        // A dropped ask: its message is applied once.
+        let dropped = counter.ask_async(Incr(1000), None);
+        let _ = tokio::time::timeout(Duration::from_millis(1), dropped).await;
+        // A panic is a task error of kind Panic.
+        match counter
+            .ask_async(Explode, Some(Duration::from_secs(30)))
+            .await
+        {
+            Err(Error::Task(e)) => assert_eq!(e.kind, TaskErrorKind::Panic),
+            other => panic!("{other:?}"),
+        }
+        let (n, anomalies) = counter
+            .ask_async(Get, Some(Duration::from_secs(30)))
+            .await
+            .expect("get");
+        assert_eq!((n, anomalies), (1 + 20 * 11 + 1000, 0));
+    });
+}
+
+/// The async forms refuse what the blocking ones refuse: a stopped actor.
+#[test]
+fn async_forms_report_a_stopped_actor() {
+    let _rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    ask(&counter, Incr(1)).expect("ask");
+    counter.stop().expect("stop");
+    // Once the host has applied the stop, the actor is stopped for every sender.
+    assert!(wait_for(Duration::from_secs(10), || counter
+        .tell(Incr(1))
+        .is_err()));
+    let tokio_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    tokio_rt.block_on(async {
+        match counter.tell_async(Incr(1)).await {
+            Err(Error::InvalidState(reason)) => assert!(reason.contains("was stopped"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        match counter.ask_async(Get, Some(Duration::from_secs(5))).await {
+            Err(Error::InvalidState(reason)) => assert!(reason.contains("stopped"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    });
 }

@@ -447,6 +447,27 @@ impl AsyncStore {
         context: impl FnOnce() -> String,
         cmd: &redis::Cmd,
     ) -> Result<T> {
+        self.on_dedicated(block, context, Dedicated::Cmd(cmd)).await
+    }
+
+    /// As [`AsyncStore::blocking`], for a pipeline that ends with a blocking command whose
+    /// own timeout is `block` (a send and the wait for its answer, in one round trip).
+    pub async fn blocking_pipe<T: redis::FromRedisValue>(
+        &self,
+        block: Duration,
+        context: impl FnOnce() -> String,
+        pipe: &redis::Pipeline,
+    ) -> Result<T> {
+        self.on_dedicated(block, context, Dedicated::Pipe(pipe))
+            .await
+    }
+
+    async fn on_dedicated<T: redis::FromRedisValue>(
+        &self,
+        block: Duration,
+        context: impl FnOnce() -> String,
+        request: Dedicated<'_>,
+    ) -> Result<T> {
         let response_timeout = block + self.store.settings.response_timeout;
         let pooled = self
             .blocking
@@ -471,7 +492,10 @@ impl AsyncStore {
             }
         };
         conn.set_response_timeout(response_timeout);
-        let result: RedisResult<T> = cmd.query_async(&mut conn).await;
+        let result: RedisResult<T> = match request {
+            Dedicated::Cmd(cmd) => cmd.query_async(&mut conn).await,
+            Dedicated::Pipe(pipe) => pipe.query_async(&mut conn).await,
+        };
         let reusable = match &result {
             Ok(_) => true,
             Err(e) => is_server_reply(e),
@@ -484,6 +508,12 @@ impl AsyncStore {
         }
         result.map_err(|e| Error::redis(context(), e))
     }
+}
+
+/// What runs on a dedicated connection.
+enum Dedicated<'a> {
+    Cmd(&'a redis::Cmd),
+    Pipe(&'a redis::Pipeline),
 }
 
 /// True when the error is a reply from the server (the connection is still in step).

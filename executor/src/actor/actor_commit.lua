@@ -13,7 +13,6 @@ redis.call('HSET', KEYS[1], 'data', ARGV[2], 'applied', ARGV[3], 'status', ARGV[
   'reason', ARGV[5], 'failures', ARGV[6])
 local n = 0
 for i = 9, #ARGV, 3 do
-  redis.call('XACK', KEYS[2], 'host', ARGV[i])
   redis.call('XDEL', KEYS[2], ARGV[i])
   if ARGV[i + 1] ~= '' then
     redis.call('RPUSH', ARGV[i + 1], ARGV[i + 2])

@@ -1,5 +1,5 @@
 -- Creates an actor's state and mailbox, or finds a named one.
--- KEYS[1] state hash, KEYS[2] mailbox stream
+-- KEYS[1] state hash, KEYS[2] mailbox stream (created by the first message)
 -- ARGV[1] actor type, ARGV[2] initial state, ARGV[3] '1' when its messages must be signed,
 -- ARGV[4] TTL seconds, ARGV[5] 'new' (fail if it exists) or 'named' (create if absent)
 -- Returns 'created' or 'exists'. Errors: EXISTS (new, already there), TYPE (named, another type).
@@ -16,7 +16,5 @@ if current then
 end
 redis.call('HSET', KEYS[1], 'type', ARGV[1], 'data', ARGV[2], 'applied', '0-0', 'auth', ARGV[3],
   'status', 'active', 'failures', '')
-local ok = pcall(redis.call, 'XGROUP', 'CREATE', KEYS[2], 'host', '$', 'MKSTREAM')
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 'created'

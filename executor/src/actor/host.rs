@@ -5,8 +5,8 @@
 //!   starts a thread for each actor it is asked to host and does not host yet.
 //! * An actor thread activates the actor (`actor_activate.lua`: a new lease and fencing token;
 //!   nothing happens when another host holds it), restores its state with the type's registry
-//!   entry (`#[derive(shoal::Actor)]`), takes over the messages a previous host read and did not
-//!   commit (`XAUTOCLAIM`), then reads its mailbox in batches and commits each batch (see the
+//!   entry (`#[derive(shoal::Actor)]`), then reads its mailbox from the first message not yet
+//!   applied, in batches, and commits each batch (see the
 //!   module docs of [`super`]). It stops when its lease is lost (a commit or renewal refused),
 //!   when the actor stops or fails, or after `actors.idle_secs` without messages (deactivation:
 //!   the lease is given back, the state is saved already).
@@ -29,9 +29,7 @@ use shoal_core::hosted::{self, ActorContext, HostedActor};
 use shoal_core::registry::Failure;
 use shoal_core::store::Store;
 
-use super::{
-    ACTIVATE, ActorKeys, BATCH, COMMIT, HOSTS_GROUP, HostKeys, LEASE, MAILBOX_GROUP, Reply, field,
-};
+use super::{ACTIVATE, ActorKeys, BATCH, COMMIT, HOSTS_GROUP, HostKeys, LEASE, Reply, field};
 use crate::pool::EXIT_DRIVER_GONE;
 
 /// How long a host's reads block before it looks at its stop conditions again.
@@ -342,8 +340,10 @@ struct ActorState<'a> {
 
 impl ActorState<'_> {
     fn run(&mut self, stop: &AtomicBool) -> Result<Ending> {
-        self.take_over_pending()?;
-        let mut read_from = "0";
+        // The mailbox holds exactly the messages not yet applied (a commit deletes what it
+        // applied), so reading it from the start, then after the last entry read, sees every
+        // message once, in order, whatever another host read before.
+        let mut read_after = "0-0".to_string();
         let mut last_message = Instant::now();
         let idle = Duration::from_millis(self.spec.idle_ms);
         loop {
@@ -353,15 +353,14 @@ impl ActorState<'_> {
             if context::termination_requested() {
                 return Ok(Ending::Release);
             }
-            let entries = self.read(read_from)?;
-            if entries.is_empty() {
-                if read_from == "0" {
-                    read_from = ">";
-                } else if last_message.elapsed() >= idle {
+            let entries = self.read(&read_after)?;
+            let Some(last) = entries.last() else {
+                if last_message.elapsed() >= idle {
                     return Ok(Ending::Release);
                 }
                 continue;
-            }
+            };
+            read_after = last.id.clone();
             last_message = Instant::now();
             match self.apply_and_commit(&entries)? {
                 Some(ending) => return Ok(ending),
@@ -371,51 +370,23 @@ impl ActorState<'_> {
         }
     }
 
-    /// Makes the messages another host read and did not commit this host's.
-    fn take_over_pending(&self) -> Result<()> {
-        let mut cursor = "0-0".to_string();
-        loop {
-            let (next, _claimed): (String, redis::Value) = self.store.with_conn(
-                || format!("taking over {}", self.keys.mailbox),
-                |c| {
-                    redis::cmd("XAUTOCLAIM")
-                        .arg(&self.keys.mailbox)
-                        .arg(MAILBOX_GROUP)
-                        .arg(&self.spec.host_id)
-                        .arg(0)
-                        .arg(&cursor)
-                        .arg("COUNT")
-                        .arg(BATCH)
-                        .arg("JUSTID")
-                        .query::<(String, redis::Value, redis::Value)>(c)
-                        .map(|(n, claimed, _)| (n, claimed))
-                },
-            )?;
-            if next == "0-0" {
-                return Ok(());
-            }
-            cursor = next;
-        }
-    }
-
-    fn read(&self, from: &str) -> Result<Vec<StreamId>> {
+    /// The next batch of the mailbox after entry `after`, waiting at most [`READ_BLOCK`] for
+    /// one. A plain `XREAD`, not a consumer group's: a host that lost its lease (paused, cut
+    /// off) and reads again takes nothing from its successor.
+    fn read(&self, after: &str) -> Result<Vec<StreamId>> {
         let reply = self.store.retry_unreachable(|| {
             self.store.with_blocking_conn(
                 Some(READ_BLOCK),
                 || format!("reading {}", self.keys.mailbox),
                 |c| {
-                    let mut cmd = redis::cmd("XREADGROUP");
-                    cmd.arg("GROUP")
-                        .arg(MAILBOX_GROUP)
-                        .arg(&self.spec.host_id)
+                    redis::cmd("XREAD")
                         .arg("COUNT")
-                        .arg(BATCH);
-                    if from == ">" {
-                        cmd.arg("BLOCK").arg(READ_BLOCK.as_millis() as u64);
-                    }
-                    cmd.arg("STREAMS")
+                        .arg(BATCH)
+                        .arg("BLOCK")
+                        .arg(READ_BLOCK.as_millis() as u64)
+                        .arg("STREAMS")
                         .arg(&self.keys.mailbox)
-                        .arg(from)
+                        .arg(after)
                         .query::<Option<StreamReadReply>>(c)
                 },
             )

@@ -8,7 +8,7 @@
 //! | key | type | contents |
 //! | --- | --- | --- |
 //! | `state` | hash | `type` (the actor type's path), `data` (its saved state), `applied` (the last mailbox entry applied), `auth` (`1`: messages must be signed), `status` (`active`, `failed`, `stopped`), `reason`, `failures` (recent handler panics, Unix ms) |
-//! | `mailbox` | stream, group `host` | entries `k` kind, `p` payload, `r` reply key (asks), `h` HMAC (signed messages) |
+//! | `mailbox` | stream | the messages not yet applied: entries `k` kind, `p` payload, `r` reply key (asks), `h` HMAC (signed messages) |
 //! | `lease` | string | `<host>:<token>` of the activation, with a TTL the host renews |
 //! | `fence` | counter | the last token given |
 //! | `activating` | string | an activation was asked for (short TTL) |
@@ -21,13 +21,17 @@
 //!
 //! A host applies a batch of messages to the actor's state in memory and commits with one
 //! script (`actor_commit.lua`): the new state, the last entry applied, the reply to each ask,
-//! and the removal (`XACK` + `XDEL`) of the batch from the mailbox, together, and only if its
-//! lease still carries its token. A message is therefore either committed (its effect, its
-//! reply and its removal at once) or still in the mailbox, pending on the host that read it; a
-//! host that dies before committing leaves it there, and the next host reclaims it
-//! (`XAUTOCLAIM`) and applies it to the last committed state. A host whose lease lapsed (paused,
-//! cut off) cannot commit: the token check refuses it, so it cannot overwrite its successor's
-//! state. Entries at or below `applied` are skipped, should one ever come back.
+//! and the removal (`XDEL`) of the batch from the mailbox, together, and only if its lease
+//! still carries its token. A message is therefore either committed (its effect, its reply and
+//! its removal at once) or still in the mailbox; a host that dies before committing leaves it
+//! there, and the next host, which reads the mailbox from its first entry, applies it to the
+//! last committed state. Hosts read with a plain `XREAD` after the last entry they read, not
+//! through a consumer group: a group would hand a message to whichever of its readers asks
+//! first, and a host that woke up after losing its lease would take messages from its
+//! successor, fail to commit them, and leave them behind while later ones overtook them. A host
+//! whose lease lapsed (paused, cut off) cannot commit: the token check refuses it, so it cannot
+//! overwrite its successor's state. Entries at or below `applied` are skipped, should one ever
+//! come back.
 //!
 //! A handler that panics fails its message (the ask gets a task error of kind `Panic`) and the
 //! actor restarts from its last committed state: the batch is run again from there without the
@@ -40,7 +44,8 @@
 //! `tell`: 1 (`actor_send.lua`), plus 1 when the actor has no host (to ask for one). `ask`: the
 //! same send and a `BLPOP` on the reply key, pipelined into 1 round trip once the actor is known
 //! to be active; while it waits, every [`ASK_SLICE`] it checks that a host has the actor
-//! (`actor_nudge.lua`). A host: 1 `XREADGROUP` per batch of up to [`BATCH`] messages and 1
+//! (`actor_nudge.lua`). The async forms (`Mailbox::send_async`, `Mailbox::ask_async`) make the
+//! same round trips. A host: 1 `XREAD` per batch of up to [`BATCH`] messages and 1
 //! commit per batch; lease renewals every third of the lease.
 
 pub mod host;
@@ -51,7 +56,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
-use shoal_core::store::{KeySpace, Store};
+use shoal_core::store::{AsyncStore, KeySpace, Store};
 
 pub(crate) static CREATE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("actor_create.lua")));
@@ -69,8 +74,6 @@ pub(crate) static LEASE: LazyLock<redis::Script> =
 /// The kind of the message `ActorRef::stop` sends: the actor stops after the messages before it.
 pub const STOP_KIND: &str = "shoal::stop";
 
-/// The consumer group of a mailbox.
-pub const MAILBOX_GROUP: &str = "host";
 /// The consumer group of the activations stream.
 pub const HOSTS_GROUP: &str = "hosts";
 /// Most messages a host applies per commit.
@@ -332,6 +335,164 @@ impl Mailbox {
     }
 }
 
+impl Mailbox {
+    /// The async form of [`Mailbox::send`], on the actor runtime's shared connection. Call it
+    /// only from a task of `store`'s runtime.
+    pub async fn send_async(&self, store: &AsyncStore, message: &Outgoing<'_>) -> Result<()> {
+        let mut conn = store.shared().await?;
+        let needs_host: i64 =
+            send_invocation(store.store(), &self.keys, message, self.activation_hold)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| Error::redis(format!("sending to actor {}", self.actor_id), e))
+                .map_err(|e| send_error(e, &self.actor_id))?;
+        if needs_host == 1 {
+            self.request_activation_async(store).await?;
+        }
+        Ok(())
+    }
+
+    /// The async form of [`Mailbox::ask`]: the same round trips, the waits on a dedicated
+    /// connection of the actor runtime. Before each wait slice it checks `gone`: once the
+    /// caller left, it stops waiting (`Ok(None)`); the message is applied all the same.
+    pub async fn ask_async(
+        &self,
+        store: &AsyncStore,
+        message: &Outgoing<'_>,
+        deadline: Option<std::time::Instant>,
+        pipelined: bool,
+        gone: impl Fn() -> bool,
+    ) -> Result<Option<Reply>> {
+        let actor_id = self.actor_id.as_str();
+        let Some(reply_key) = message.reply_to else {
+            return Err(Error::invalid_state("an ask needs a reply key"));
+        };
+        let mut first: Option<Vec<u8>> = None;
+        if pipelined && let Some(block) = ask_slice(deadline) {
+            type Replies = (
+                redis::RedisResult<i64>,
+                redis::RedisResult<Option<(String, Vec<u8>)>>,
+            );
+            let mut pipe = redis::pipe();
+            pipe.add_command(send_evalsha(
+                store.store(),
+                &self.keys,
+                message,
+                self.activation_hold,
+            ));
+            pipe.cmd("BLPOP").arg(reply_key).arg(block.as_secs_f64());
+            pipe.ignore_errors();
+            let context = || format!("asking actor {actor_id}");
+            let (sent, popped): Replies = match store.blocking_pipe(block, context, &pipe).await? {
+                // The script is not loaded (first use, or Redis restarted): nothing ran.
+                (Err(e), _) if e.code() == Some("NOSCRIPT") => {
+                    let mut conn = store.shared().await?;
+                    SEND.prepare_invoke()
+                        .load_async(&mut conn)
+                        .await
+                        .map_err(|e| Error::redis(context(), e))?;
+                    store.blocking_pipe(block, context, &pipe).await?
+                }
+                replies => replies,
+            };
+            let needs_host = sent.map_err(|e| send_error(Error::redis(context(), e), actor_id))?;
+            let popped = popped.map_err(|e| Error::redis(context(), e))?;
+            if needs_host == 1 {
+                self.request_activation_async(store).await?;
+            }
+            first = popped.map(|(_, v)| v);
+        } else {
+            self.send_async(store, message).await?;
+        }
+        let bytes = match first {
+            Some(bytes) => bytes,
+            None => loop {
+                let Some(block) = ask_slice(deadline) else {
+                    return Ok(None);
+                };
+                if gone() {
+                    return Ok(None);
+                }
+                let mut blpop = redis::cmd("BLPOP");
+                blpop.arg(reply_key).arg(block.as_secs_f64());
+                let popped: Option<(String, Vec<u8>)> = store
+                    .blocking(block, || format!("waiting for actor {actor_id}"), &blpop)
+                    .await?;
+                if let Some((_, bytes)) = popped {
+                    break bytes;
+                }
+                self.nudge_async(store).await?;
+            },
+        };
+        store.store().decode::<Reply>(&bytes, reply_key).map(Some)
+    }
+
+    /// The async form of [`nudge`].
+    async fn nudge_async(&self, store: &AsyncStore) -> Result<()> {
+        let actor_id = self.actor_id.as_str();
+        let context = || format!("checking actor {actor_id}");
+        let mut conn = store.shared().await?;
+        let needs_host: i64 = NUDGE
+            .key(&self.keys.state)
+            .key(&self.keys.lease)
+            .key(&self.keys.activating)
+            .arg(self.activation_hold.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| send_error(Error::redis(context(), e), actor_id))?;
+        if needs_host == 1 {
+            self.request_activation_async(store).await?;
+            let live: u64 = redis::cmd("ZCOUNT")
+                .arg(&self.hosts.live)
+                .arg(recent_heartbeats(self.activation_hold))
+                .arg("+inf")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| Error::redis(context(), e))?;
+            if live == 0 {
+                return Err(no_host(store.store(), actor_id));
+            }
+        }
+        Ok(())
+    }
+
+    /// The async form of [`request_activation`].
+    async fn request_activation_async(&self, store: &AsyncStore) -> Result<()> {
+        let mut conn = store.shared().await?;
+        activation_pipe(store.store(), &self.hosts, &self.actor_id)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| Error::redis(format!("asking a host for actor {}", self.actor_id), e))
+    }
+}
+
+/// How long the next wait for a reply lasts: a slice, or what is left before `deadline`
+/// (`None` once it passed).
+fn ask_slice(deadline: Option<std::time::Instant>) -> Option<Duration> {
+    match deadline {
+        None => Some(ASK_SLICE),
+        Some(d) => {
+            let left = d.saturating_duration_since(std::time::Instant::now());
+            (!left.is_zero()).then(|| left.min(ASK_SLICE))
+        }
+    }
+}
+
+/// The oldest heartbeat (Unix ms) of a host still counted as running.
+fn recent_heartbeats(activation_hold: Duration) -> u64 {
+    shoal_core::clock::now_ms().saturating_sub(3 * activation_hold.as_millis() as u64)
+}
+
+/// The error of an ask no host can answer.
+fn no_host(store: &Store, actor_id: &str) -> Error {
+    Error::invalid_state(format!(
+        "actor {actor_id} has no host, and no actor host runs in namespace {}: hosts run in the \
+         runtime that spawned an actor (spawn_actor, get_or_spawn), while it lives; the message \
+         waits in the mailbox for one",
+        store.keys().namespace()
+    ))
+}
+
 /// Puts a message in the mailbox (1 round trip) and asks for an activation when no host has
 /// the actor (1 more). Returns once the message is durable.
 pub fn send(
@@ -371,17 +532,8 @@ fn ask(
     let Some(reply_key) = message.reply_to else {
         return Err(Error::invalid_state("an ask needs a reply key"));
     };
-    let slice = |deadline: Option<std::time::Instant>| -> Option<Duration> {
-        match deadline {
-            None => Some(ASK_SLICE),
-            Some(d) => {
-                let left = d.saturating_duration_since(std::time::Instant::now());
-                (!left.is_zero()).then(|| left.min(ASK_SLICE))
-            }
-        }
-    };
     let mut first: Option<Vec<u8>> = None;
-    if pipelined && let Some(block) = slice(deadline) {
+    if pipelined && let Some(block) = ask_slice(deadline) {
         let (needs_host, popped): (i64, Option<(String, Vec<u8>)>) = store
             .with_blocking_conn(
                 Some(block),
@@ -420,7 +572,7 @@ fn ask(
     let bytes = match first {
         Some(bytes) => bytes,
         None => loop {
-            let Some(block) = slice(deadline) else {
+            let Some(block) = ask_slice(deadline) else {
                 return Ok(None);
             };
             let popped: Option<(String, Vec<u8>)> = store.with_blocking_conn(
@@ -466,8 +618,7 @@ fn nudge(
     if needs_host == 1 {
         request_activation(store, hosts, actor_id)?;
         // Nobody may be there to take it: say so rather than wait forever.
-        let recent =
-            shoal_core::clock::now_ms().saturating_sub(3 * activation_hold.as_millis() as u64);
+        let recent = recent_heartbeats(activation_hold);
         let live: u64 = store.with_conn(
             || format!("counting the hosts in {}", hosts.live),
             |c| {
@@ -479,12 +630,7 @@ fn nudge(
             },
         )?;
         if live == 0 {
-            return Err(Error::invalid_state(format!(
-                "actor {actor_id} has no host, and no actor host runs in namespace {}: hosts \
-                 run in the runtime that spawned an actor (spawn_actor, get_or_spawn), while it \
-                 lives; the message waits in the mailbox for one",
-                store.keys().namespace()
-            )));
+            return Err(no_host(store, actor_id));
         }
     }
     Ok(())
@@ -494,22 +640,25 @@ fn nudge(
 pub fn request_activation(store: &Store, hosts: &HostKeys, actor_id: &str) -> Result<()> {
     store.with_conn(
         || format!("asking a host for actor {actor_id}"),
-        |c| {
-            redis::pipe()
-                .cmd("XADD")
-                .arg(&hosts.activations)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(10_000)
-                .arg("*")
-                .arg("a")
-                .arg(actor_id)
-                .ignore()
-                .expire(&hosts.activations, store.expiry_secs() as i64)
-                .ignore()
-                .query::<()>(c)
-        },
+        |c| activation_pipe(store, hosts, actor_id).query::<()>(c),
     )
+}
+
+/// The commands of an activation request.
+fn activation_pipe(store: &Store, hosts: &HostKeys, actor_id: &str) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.cmd("XADD")
+        .arg(&hosts.activations)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(10_000)
+        .arg("*")
+        .arg("a")
+        .arg(actor_id)
+        .ignore()
+        .expire(&hosts.activations, store.expiry_secs() as i64)
+        .ignore();
+    pipe
 }
 
 /// Creates the activations stream and its group (idempotent).

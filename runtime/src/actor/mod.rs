@@ -92,6 +92,7 @@
 
 pub(crate) mod hosts;
 
+use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -182,17 +183,8 @@ impl<A: Actor> ActorRef<A> {
         A: Handles<M>,
         M: Serialize,
     {
-        let store = store()?;
-        let kind = kind_of::<M>();
-        let payload = store.encode(&message, kind)?;
-        let mac = self.sign(kind, &payload, "");
-        let outgoing = Outgoing {
-            kind,
-            payload: &payload,
-            reply_to: None,
-            mac: mac.as_ref().map(|m| m.as_slice()),
-        };
-        self.mailbox(&store).send(&store, &outgoing)
+        let prepared = self.prepare(kind_of::<M>(), &message, false)?;
+        prepared.mailbox.send(&prepared.store, &prepared.outgoing())
     }
 
     /// Sends `message` and waits for the reply, at most `timeout` ([`Error::Timeout`]; the
@@ -203,22 +195,12 @@ impl<A: Actor> ActorRef<A> {
         A: Handles<M>,
         M: Serialize,
     {
-        let store = store()?;
         let kind = kind_of::<M>();
-        let payload = store.encode(&message, kind)?;
-        let mailbox = self.mailbox(&store);
-        let reply_key = mailbox.keys.new_reply_key();
-        let mac = self.sign(kind, &payload, &reply_key);
-        let outgoing = Outgoing {
-            kind,
-            payload: &payload,
-            reply_to: Some(&reply_key),
-            mac: mac.as_ref().map(|m| m.as_slice()),
-        };
+        let prepared = self.prepare(kind, &message, true)?;
         let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
-        let reply = mailbox.ask(
-            &store,
-            &outgoing,
+        let reply = prepared.mailbox.ask(
+            &prepared.store,
+            &prepared.outgoing(),
             deadline,
             self.known_active.load(Ordering::Relaxed),
         )?;
@@ -227,7 +209,116 @@ impl<A: Actor> ActorRef<A> {
         };
         self.known_active.store(true, Ordering::Relaxed);
         let bytes = reply.into_result(&self.id, kind)?;
-        store.decode(&bytes, std::any::type_name::<<A as Handler<M>>::Reply>())
+        prepared
+            .store
+            .decode(&bytes, std::any::type_name::<<A as Handler<M>>::Reply>())
+    }
+
+    /// The async form of [`ActorRef::tell`]: the same round trip, sent from shoal's actor
+    /// runtime; any executor can await it and no thread is parked. The message is encoded
+    /// (and signed) at once; dropping the future before it completes sends it at most once.
+    ///
+    /// ```no_run
+    /// # use serde::{Deserialize, Serialize};
+    /// # use shoal::{ActorContext, ActorRef, Handler};
+    /// # #[derive(Serialize, Deserialize, Default, shoal::Actor)]
+    /// # #[actor(messages(Incr))]
+    /// # struct Counter { n: u64 }
+    /// # #[derive(Serialize, Deserialize)]
+    /// # struct Incr(u64);
+    /// # impl Handler<Incr> for Counter {
+    /// #     type Reply = u64;
+    /// #     fn handle(&mut self, Incr(by): Incr, _: &mut ActorContext) -> u64 { self.n += by; self.n }
+    /// # }
+    /// async fn count(counter: ActorRef<Counter>) -> shoal::Result<u64> {
+    ///     counter.tell_async(Incr(1)).await?;
+    ///     counter.ask_async(Incr(1), Some(std::time::Duration::from_secs(5))).await
+    /// }
+    /// ```
+    pub fn tell_async<M>(&self, message: M) -> impl Future<Output = Result<()>> + Send + use<A, M>
+    where
+        A: Handles<M>,
+        M: Serialize,
+    {
+        let prepared = self.prepare(kind_of::<M>(), &message, false);
+        async move {
+            let prepared = prepared?;
+            context::current()?
+                .spawn(move |store, caller| async move {
+                    let sent = prepared
+                        .mailbox
+                        .send_async(&store, &prepared.outgoing())
+                        .await;
+                    caller.finish(sent);
+                })
+                .await
+        }
+    }
+
+    /// The async form of [`ActorRef::ask`]: the same round trips (1 once the actor is known
+    /// active), run on shoal's actor runtime; any executor can await it and no thread is
+    /// parked. The timeout runs from the first poll. Dropping the future stops the wait within
+    /// half a second; the message is applied once all the same, and its reply expires unread.
+    pub fn ask_async<M>(
+        &self,
+        message: M,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<<A as Handler<M>>::Reply>> + Send + use<A, M>
+    where
+        A: Handles<M>,
+        M: Serialize,
+    {
+        let kind = kind_of::<M>();
+        let prepared = self.prepare(kind, &message, true);
+        let known_active = self.known_active.clone();
+        let id = self.id.clone();
+        async move {
+            let prepared = prepared?;
+            let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
+            let pipelined = known_active.load(Ordering::Relaxed);
+            let context = context::current()?;
+            let reply = context
+                .spawn(move |store, caller| async move {
+                    let reply = prepared
+                        .mailbox
+                        .ask_async(&store, &prepared.outgoing(), deadline, pipelined, || {
+                            caller.is_gone()
+                        })
+                        .await;
+                    caller.finish(reply);
+                })
+                .await?;
+            let Some(reply) = reply else {
+                return Err(Error::Timeout(timeout.unwrap_or_default()));
+            };
+            known_active.store(true, Ordering::Relaxed);
+            let bytes = reply.into_result(&id, kind)?;
+            context
+                .store()
+                .decode(&bytes, std::any::type_name::<<A as Handler<M>>::Reply>())
+        }
+    }
+
+    /// A message encoded and signed for this actor, ready to send from another task.
+    fn prepare<M: Serialize>(
+        &self,
+        kind: &'static str,
+        message: &M,
+        ask: bool,
+    ) -> Result<Prepared> {
+        let store = store()?;
+        let payload = store.encode(message, kind)?;
+        let mailbox = self.mailbox(&store);
+        let reply_to = ask.then(|| mailbox.keys.new_reply_key());
+        let mac = self.sign(kind, &payload, reply_to.as_deref().unwrap_or(""));
+        Ok(Prepared {
+            store,
+            kind,
+            payload,
+            reply_to,
+            mac,
+            mailbox,
+        })
     }
 
     /// Stops the actor after the messages already in its mailbox: later messages are refused
@@ -281,6 +372,27 @@ impl<A: Actor> ActorRef<A> {
     pub(crate) fn signed_with(mut self, authkey: AuthKey) -> Self {
         self.authkey = Some(authkey);
         self
+    }
+}
+
+/// An encoded, signed message and where it goes (an async call's owned copy of [`Outgoing`]).
+struct Prepared {
+    store: Arc<Store>,
+    kind: &'static str,
+    payload: Vec<u8>,
+    reply_to: Option<String>,
+    mac: Option<[u8; auth::TAG_LEN]>,
+    mailbox: Mailbox,
+}
+
+impl Prepared {
+    fn outgoing(&self) -> Outgoing<'_> {
+        Outgoing {
+            kind: self.kind,
+            payload: &self.payload,
+            reply_to: self.reply_to.as_deref(),
+            mac: self.mac.as_ref().map(|m| m.as_slice()),
+        }
     }
 }
 
