@@ -8,12 +8,19 @@
 //! curl 'http://127.0.0.1:3000/sum-of-squares?n=1000'
 //! curl 'http://127.0.0.1:3000/health'
 //! cargo run -p shoal-examples --example service -- --self-test     # 200 concurrent requests
+//! cargo run --release -p shoal-examples --example service -- --measure   # the figures below
 //! ```
+//!
+//! `--measure` prints, as JSON lines: the health endpoint's latency (p50/p99) while 40 slow maps
+//! run; the throughput of 200 concurrent `/squares` requests of 20, 200 and 5,000 items; and the
+//! cancellation latency (from a timed-out request's response to the last item its call started).
 //!
 //! Endpoints: `GET /health`; `GET /sum-of-squares?n=N&ms=M&timeout_ms=T` maps `N` items (each
 //! taking `M` ms) on the pool and returns their sum of squares, or 504 after `T` ms (the
 //! request's future is dropped, which cancels the call: its items that did not start never
-//! run); `GET /started` the number of items started so far (to watch cancellation).
+//! run); `GET /squares?n=N` maps `N` trivial items with the default chunksize and returns their
+//! sum of squares (throughput); `GET /started` the number of items started so far (to watch
+//! cancellation).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -81,9 +88,35 @@ async fn sum_of_squares(
     }
 }
 
+/// Squares `x`.
+#[shoal::remote]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+#[derive(Deserialize)]
+struct Size {
+    n: u64,
+}
+
+async fn squares(
+    State(app): State<App>,
+    Query(Size { n }): Query<Size>,
+) -> Result<Json<u64>, (StatusCode, String)> {
+    let call = app
+        .pool
+        .map_async(square, 0..n)
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    match call.await {
+        Ok(squares) => Ok(Json(squares.iter().sum())),
+        Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
 async fn started(State(app): State<App>) -> Result<Json<u64>, (StatusCode, String)> {
     app.started
-        .get()
+        .get_async()
+        .await
         .map(Json)
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
@@ -92,14 +125,24 @@ fn router(app: App) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/sum-of-squares", get(sum_of_squares))
+        .route("/squares", get(squares))
         .route("/started", get(started))
         .with_state(app)
 }
 
 /// One `GET` over HTTP/1.1 on a fresh connection: the status code and the body.
 async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    http_get_on(stream, addr, path).await
+}
+
+/// One `GET` on a connection opened already (it is closed after the response).
+async fn http_get_on(
+    mut stream: tokio::net::TcpStream,
+    addr: SocketAddr,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();
@@ -120,18 +163,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)
 /// prints the outcome and the health latency, and fails unless every request succeeded.
 async fn self_test(addr: SocketAddr) -> bool {
     let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let flag = probing.clone();
-    let prober = tokio::spawn(async move {
-        let mut latencies = Vec::new();
-        while flag.load(Ordering::Relaxed) {
-            let t = Instant::now();
-            if http_get(addr, "/health").await.is_ok() {
-                latencies.push(t.elapsed());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        latencies
-    });
+    let prober = probe_health(addr, probing.clone());
     let ok = Arc::new(AtomicU64::new(0));
     let t = Instant::now();
     let requests: Vec<_> = (0..200)
@@ -153,21 +185,147 @@ async fn self_test(addr: SocketAddr) -> bool {
     probing.store(false, Ordering::Relaxed);
     let mut latencies = prober.await.unwrap_or_default();
     latencies.sort();
-    let pct = |p: usize| {
-        latencies
-            .get((latencies.len() * p / 100).min(latencies.len().saturating_sub(1)))
-            .map(|d| d.as_secs_f64() * 1e3)
-            .unwrap_or(f64::NAN)
-    };
     let ok = ok.load(Ordering::Relaxed);
     println!(
         "self-test: {ok}/200 requests ok in {:.2} s; health p50 {:.2} ms, p99 {:.2} ms over {} probes",
         elapsed.as_secs_f64(),
-        pct(50),
-        pct(99),
+        percentile(&latencies, 50),
+        percentile(&latencies, 99),
         latencies.len()
     );
     ok == 200
+}
+
+/// Probes `/health` every 5 ms until `probing` is cleared; the latencies seen.
+fn probe_health(
+    addr: SocketAddr,
+    probing: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Duration>> {
+    tokio::spawn(async move {
+        let mut latencies = Vec::new();
+        while probing.load(Ordering::Relaxed) {
+            let t = Instant::now();
+            if http_get(addr, "/health").await.is_ok() {
+                latencies.push(t.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        latencies
+    })
+}
+
+/// The `p`-th percentile of sorted `latencies`, in ms.
+fn percentile(latencies: &[Duration], p: usize) -> f64 {
+    latencies
+        .get((latencies.len() * p / 100).min(latencies.len().saturating_sub(1)))
+        .map(|d| d.as_secs_f64() * 1e3)
+        .unwrap_or(f64::NAN)
+}
+
+/// `count` concurrent GETs of `path`: how many answered 200, the time they all took, and each
+/// one's latency (sorted). The connections are opened first, one at a time, so that what is
+/// measured is the service, not the kernel's handling of a burst of `connect`s (a dropped SYN
+/// is retried after a second).
+async fn concurrent(
+    addr: SocketAddr,
+    path: String,
+    count: usize,
+) -> (usize, Duration, Vec<Duration>) {
+    let mut streams = Vec::with_capacity(count);
+    for _ in 0..count {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(stream) => streams.push(stream),
+            Err(e) => eprintln!("connecting to {addr}: {e}"),
+        }
+    }
+    let t = Instant::now();
+    let requests: Vec<_> = streams
+        .into_iter()
+        .map(|stream| {
+            let path = path.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let ok = matches!(http_get_on(stream, addr, &path).await, Ok((200, _)));
+                (ok, t.elapsed())
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut latencies = Vec::with_capacity(count);
+    for r in requests {
+        if let Ok((answered, latency)) = r.await {
+            ok += usize::from(answered);
+            latencies.push(latency);
+        }
+    }
+    latencies.sort();
+    (ok, t.elapsed(), latencies)
+}
+
+/// The figures of `--measure` (see the module docs), printed as JSON lines.
+async fn measure(addr: SocketAddr) -> bool {
+    // Health while 40 maps of slow items keep the pool's 4 workers busy.
+    let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let prober = probe_health(addr, probing.clone());
+    let (ok, took, _) = concurrent(addr, "/sum-of-squares?n=4&ms=100".into(), 40).await;
+    probing.store(false, Ordering::Relaxed);
+    let mut latencies = prober.await.unwrap_or_default();
+    latencies.sort();
+    println!(
+        "{{\"measure\":\"health while 40 maps run\",\"maps_ok\":{ok},\"maps_s\":{:.2},\"health_p50_ms\":{:.3},\"health_p99_ms\":{:.3},\"probes\":{}}}",
+        took.as_secs_f64(),
+        percentile(&latencies, 50),
+        percentile(&latencies, 99),
+        latencies.len()
+    );
+    let mut all_ok = ok == 40;
+    // Throughput at 200 concurrent requests.
+    for n in [20u64, 200, 5000] {
+        let (ok, took, latencies) = concurrent(addr, format!("/squares?n={n}"), 200).await;
+        println!(
+            "{{\"measure\":\"200 concurrent requests\",\"items_per_request\":{n},\"ok\":{ok},\"seconds\":{:.3},\"requests_per_s\":{:.1},\"items_per_s\":{:.0},\"latency_p50_ms\":{:.2},\"latency_p99_ms\":{:.2},\"latency_max_ms\":{:.2}}}",
+            took.as_secs_f64(),
+            ok as f64 / took.as_secs_f64(),
+            (ok as u64 * n) as f64 / took.as_secs_f64(),
+            percentile(&latencies, 50),
+            percentile(&latencies, 99),
+            latencies
+                .last()
+                .map(|d| d.as_secs_f64() * 1e3)
+                .unwrap_or(f64::NAN)
+        );
+        all_ok &= ok == 200;
+    }
+    // Cancellation: a request of 400 items of 50 ms that times out after 300 ms; from its 504
+    // to the last item its call started.
+    let count = |path: &'static str| async move {
+        http_get(addr, path)
+            .await
+            .ok()
+            .and_then(|(_, body)| body.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = count("/started").await;
+    let (status, _) = http_get(addr, "/sum-of-squares?n=400&ms=50&timeout_ms=300")
+        .await
+        .unwrap_or((0, String::new()));
+    let answered = Instant::now();
+    let mut last = count("/started").await;
+    let mut last_change = answered;
+    while answered.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let now = count("/started").await;
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+        }
+    }
+    println!(
+        "{{\"measure\":\"cancellation\",\"status\":{status},\"items_started\":{},\"of\":400,\"last_start_after_response_ms\":{:.1}}}",
+        last - before,
+        last_change.duration_since(answered).as_secs_f64() * 1e3
+    );
+    all_ok && status == 504
 }
 
 fn main() -> shoal::Result<()> {
@@ -175,7 +333,8 @@ fn main() -> shoal::Result<()> {
     let rt = shoal::init()?;
     shoal::log_to_stderr();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let self_testing = args.iter().any(|a| a == "--self-test");
+    let measuring = args.iter().any(|a| a == "--measure");
+    let self_testing = measuring || args.iter().any(|a| a == "--self-test");
     let addr: SocketAddr = args
         .iter()
         .find(|a| !a.starts_with("--"))
@@ -209,7 +368,12 @@ fn main() -> shoal::Result<()> {
         let (test_done, test_finished) = tokio::sync::oneshot::channel::<bool>();
         if self_testing {
             tokio::spawn(async move {
-                let _ = test_done.send(self_test(local).await);
+                let passed = if measuring {
+                    measure(local).await
+                } else {
+                    self_test(local).await
+                };
+                let _ = test_done.send(passed);
             });
         }
         let stop = async move {
