@@ -109,13 +109,24 @@ where
 
 #[test]
 fn tell_and_ask_apply_in_order_and_reply() {
-    let _rt = runtime();
+    let rt = runtime();
     let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
     for _ in 0..10 {
         counter.tell(Incr(1)).expect("tell");
     }
     assert_eq!(ask(&counter, Incr(5)).expect("ask"), 15);
     assert_eq!(ask(&counter, Get).expect("ask"), (15, 0));
+    // What was applied left the mailbox.
+    let mut c = redis::Client::open(rt.store_url())
+        .expect("client")
+        .get_connection()
+        .expect("conn");
+    let mailbox = format!("shoal:{{default:actor:{}}}:mailbox", counter.id());
+    let left: u64 = redis::cmd("XLEN")
+        .arg(&mailbox)
+        .query(&mut c)
+        .expect("xlen");
+    assert_eq!(left, 0);
 }
 
 /// Sends `count` numbered records as `sender`, asks every `every`-th.

@@ -13,12 +13,19 @@ redis.call('HSET', KEYS[1], 'data', ARGV[2], 'applied', ARGV[3], 'status', ARGV[
   'reason', ARGV[5], 'failures', ARGV[6])
 local n = 0
 for i = 9, #ARGV, 3 do
-  redis.call('XDEL', KEYS[2], ARGV[i])
   if ARGV[i + 1] ~= '' then
     redis.call('RPUSH', ARGV[i + 1], ARGV[i + 2])
     redis.call('PEXPIRE', ARGV[i + 1], ARGV[8])
   end
   n = n + 1
+end
+-- Every entry up to the last applied one is applied: one XTRIM removes them (the batch and
+-- anything left before it), where an XDEL per entry would walk the stream once per entry.
+local dash = string.find(ARGV[3], '-', 1, true)
+local seq = dash and tonumber(string.sub(ARGV[3], dash + 1))
+if seq then
+  redis.call('XTRIM', KEYS[2], 'MINID',
+    string.sub(ARGV[3], 1, dash - 1) .. '-' .. string.format('%d', seq + 1))
 end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('EXPIRE', KEYS[2], ARGV[7])
