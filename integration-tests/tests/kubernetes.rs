@@ -800,6 +800,57 @@ fn pool_survives_a_killed_worker(kube: &Kube) {
     );
 }
 
+/// A durable actor whose state is a tally.
+#[derive(serde::Serialize, serde::Deserialize, Default, shoal::Actor)]
+#[actor(messages(Add))]
+struct Tally {
+    n: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Add(u64);
+
+impl Handler<Add> for Tally {
+    type Reply = u64;
+    fn handle(&mut self, Add(by): Add, _: &mut ActorContext) -> u64 {
+        self.n += by;
+        self.n
+    }
+}
+
+/// An actor hosted in a pod: its host pod SIGKILLed between messages, a new host pod takes it
+/// over from its committed state and every message is applied once.
+fn actor_survives_a_killed_host_pod(kube: &Kube) {
+    let mut config = kube.config();
+    config.actors.hosts = 1;
+    config.actors.lease_secs = 1.0;
+    let _rt = runtime(config);
+    let tally = shoal::spawn_actor(Tally::default()).expect("spawn");
+    assert_eq!(tally.ask(Add(1), Some(patience())).expect("ask"), 1);
+    for _ in 0..50 {
+        tally.tell(Add(1)).expect("tell");
+    }
+    let host = kube.running_pod("ActorHost-1");
+    kube.kill_pod(&host);
+    for _ in 0..50 {
+        tally.tell(Add(1)).expect("tell");
+    }
+    assert_eq!(
+        tally
+            .ask(Add(0), Some(patience()))
+            .expect("answered by a new host pod"),
+        101,
+        "every message applied once"
+    );
+    assert!(tally.activations().expect("activations") >= 2);
+    let replaced = wait(patience(), || {
+        kube.pods("shoal.dev/process=ActorHost-2")
+            .iter()
+            .any(|p| phase(p) == "Running")
+    });
+    assert!(replaced, "no replacement host pod runs");
+}
+
 /// Pods that cannot start are reported and end their process with code 1, not waited for: an
 /// image that cannot be pulled, a missing Secret, a program the container runtime cannot
 /// execute; a pool whose workers cannot start breaks instead of hanging.
@@ -964,6 +1015,15 @@ fn a_pool_map_completes_exactly_once_when_a_worker_pod_is_sigkilled() {
         "a_pool_map_completes_exactly_once_when_a_worker_pod_is_sigkilled",
         Target::Emulator,
         pool_survives_a_killed_worker,
+    );
+}
+
+#[test]
+fn an_actor_survives_its_host_pod_being_sigkilled() {
+    drive(
+        "an_actor_survives_its_host_pod_being_sigkilled",
+        Target::Emulator,
+        actor_survives_a_killed_host_pod,
     );
 }
 
@@ -1733,6 +1793,16 @@ fn cluster_processes_exit_with_pythons_codes() {
     };
     assert!(driven.stdout.contains("hello k8s from shoal-process-"));
     assert!(driven.stderr.contains("boom from a pod"));
+}
+
+#[test]
+#[ignore = "needs a cluster: make test-kubernetes"]
+fn cluster_an_actor_survives_its_host_pod_being_killed() {
+    drive(
+        "cluster_an_actor_survives_its_host_pod_being_killed",
+        Target::Cluster,
+        actor_survives_a_killed_host_pod,
+    );
 }
 
 #[test]
