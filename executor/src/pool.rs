@@ -5,8 +5,8 @@
 //!
 //! | key | type | contents |
 //! | --- | --- | --- |
-//! | `shoal:{<ns>:pool:<id>}:tasks` | stream, group `workers` | chunk entries `c` call, `k` chunk index, `a` attempt, `f` function, `o` index of the chunk's first item in the input, `d` items of the chunk already done (skipped), `p` items; or a stop entry `s`=`1` |
-//! | `shoal:{<ns>:pool:<id>}:results` | stream | `c`, `k`, `a`, `w` worker, `o` offset in the chunk of the first item it covers, `n`=`1` on a partial outcome, then `p` (a [`ChunkOutcome`]) or `x` (the chunk crashed: a message) |
+//! | `shoal:{<ns>:pool:<id>}:tasks` | stream, group `workers` | chunk entries `c` call, `k` chunk index, `a` attempt, `f` function, `o` index of the chunk's first item in the input, `d` items of the chunk already done (skipped), `p` items (one array of argument tuples, [`ArrayWriter::payload`]); or a stop entry `s`=`1` |
+//! | `shoal:{<ns>:pool:<id>}:results` | stream | the final outcomes of the chunks of one worker read: `w` worker, `h` their `call.chunk.attempt.offset`s, `b` a [`BatchedOutcome`] list; or one chunk's: `c`, `k`, `a`, `w` worker, `o` offset in the chunk of the first item it covers, `n`=`1` on a partial outcome, then `p` (a [`ChunkOutcome`]) or `x` (the chunk crashed: a message) |
 //! | `shoal:{<ns>:pool:<id>}:progress` | hash | task entry id → items of that chunk done and reported |
 //! | `shoal:{<ns>:pool:<id>}:workers` | hash | worker id → last heartbeat (Unix ms) |
 //! | `shoal:{<ns>:pool:<id>}:driver` | string | present while the pool's driver lives (short TTL, refreshed by the supervisor) |
@@ -18,11 +18,16 @@
 //!
 //! runs the initializer once, then loops: `XREADGROUP` chunks (blocking), call the function on
 //! each item of a chunk in order until one fails (a panic or an undecodable item ends the chunk,
-//! as an exception ends a chunk in Python), then in one pipeline `XADD` each chunk's outcome and
-//! `XACK` + `XDEL` all of them (1 round trip). It takes one chunk at a time while chunks take a
-//! millisecond or more (so that expensive chunks spread over the workers), and up to
-//! [`MAX_PREFETCH`] at a time while they are cheaper: per chunk that is 1 + 3/n commands instead
-//! of 4, which is what bounds a map of tiny tasks (the Redis server's command rate). It stops on
+//! as an exception ends a chunk in Python), then in one pipeline `XADD` the outcomes of all the
+//! chunks it read as one results entry, and `XACK` + `XDEL` them (1 round trip). A chunk's items
+//! are one MessagePack array and its results another ([`shoal_core::codec::ArrayWriter`]):
+//! an item costs its own decoding, call and encoding, and error texts are built only when an item
+//! fails. It takes one chunk at a time while chunks take a millisecond or more (so that
+//! expensive chunks spread over the workers), and up to [`MAX_PREFETCH`] at a time while they are
+//! cheaper: per chunk that is 4/n commands besides the feeder's `XADD`, which is what bounds a
+//! map of tiny tasks (the Redis server's command rate). The feeder adds a batch of chunks in one
+//! `MULTI`/`EXEC`, so that a worker blocked in `XREADGROUP` is woken once with up to n of them
+//! rather than once per chunk. It stops on
 //! a stop entry, after `maxtasksperchild` chunks, or when the pool's streams are gone. A heartbeat
 //! thread renews the lease of the chunks in hand every third of the lease (`XCLAIM` to itself with
 //! idle 0 resets an entry's idle time) and stamps the `workers` hash, so a chunk that runs for
@@ -71,6 +76,7 @@ use redis::streams::{StreamId, StreamReadReply};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use shoal_core::TaskErrorKind;
+use shoal_core::codec::{ArrayReader, ArrayWriter};
 use shoal_core::context;
 use shoal_core::error::{Error, RedisContext, Result};
 use shoal_core::registry::{self, Failure};
@@ -187,7 +193,7 @@ pub struct ChunkEntry {
     pub chunk: u64,
     /// The registered function.
     pub function: String,
-    /// The encoded items ([`encode_items`]).
+    /// The items: one array of argument tuples ([`ArrayWriter::payload`]).
     pub payload: Vec<u8>,
     /// The index of its first item in the call's input.
     pub first_item: u64,
@@ -215,11 +221,6 @@ impl ChunkEntry {
     }
 }
 
-/// Encodes a chunk's items: each item is an encoded argument tuple.
-pub fn encode_items(store: &Store, items: Vec<ByteBuf>, key: &str) -> Result<Vec<u8>> {
-    store.encode(&items, key)
-}
-
 /// One item's failure inside a chunk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ItemFailure {
@@ -234,10 +235,47 @@ pub struct ItemFailure {
 /// What a worker sends back for one chunk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkOutcome {
-    /// The encoded results of the items that succeeded, in order.
-    pub outputs: Vec<ByteBuf>,
+    /// The results of the items that succeeded, in order: one MessagePack array
+    /// ([`ArrayWriter`]; read it with [`ArrayReader::array`]).
+    pub outputs: ByteBuf,
     /// The item that failed, if one did; the items after it did not run.
     pub failure: Option<ItemFailure>,
+}
+
+impl ChunkOutcome {
+    /// An outcome without results: the item at `index` failed.
+    pub fn failed(index: u32, kind: TaskErrorKind, message: String) -> Self {
+        ChunkOutcome {
+            outputs: ByteBuf::from(ArrayWriter::new().finish()),
+            failure: Some(ItemFailure {
+                index,
+                kind,
+                message,
+            }),
+        }
+    }
+}
+
+/// A [`ChunkOutcome`] as it is written without copying the results (the same encoding).
+#[derive(Serialize)]
+struct PartialOutcome<'a> {
+    outputs: &'a serde_bytes::Bytes,
+    failure: Option<ItemFailure>,
+}
+
+/// One chunk's final outcome in a results entry that carries those of a whole worker read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchedOutcome {
+    /// The call.
+    pub call: u64,
+    /// The chunk index.
+    pub chunk: u64,
+    /// The attempt that produced it.
+    pub attempt: u32,
+    /// The offset in the chunk of the first item it covers.
+    pub offset: u64,
+    /// The outcome.
+    pub outcome: ChunkOutcome,
 }
 
 /// One entry of the results stream.
@@ -265,35 +303,97 @@ pub struct ResultEntry {
 /// What came back for a chunk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ResultBody {
-    /// An encoded [`ChunkOutcome`].
-    Outcome(Vec<u8>),
+    /// Its [`ChunkOutcome`], or why it could not be decoded.
+    Outcome(std::result::Result<ChunkOutcome, String>),
     /// The chunk used up its attempts; why.
     Crashed(String),
 }
 
 impl ResultEntry {
-    /// Parses a results-stream entry; `None` for an entry that is not one.
-    pub fn parse(entry: &StreamId) -> Option<ResultEntry> {
-        let call: u64 = entry.get("c")?;
-        let chunk: u64 = entry.get("k")?;
-        let attempt: u32 = entry.get("a")?;
+    /// Parses a results-stream entry into the chunk outcomes it carries (one, or those of a
+    /// worker's read); none for an entry that is not one. `store` decodes the outcomes.
+    pub fn parse(store: &Store, key: &str, entry: &StreamId) -> Vec<ResultEntry> {
         let worker: String = entry.get("w").unwrap_or_default();
-        let offset: u64 = entry.get("o").unwrap_or_default();
-        let partial = entry.map.contains_key("n");
-        let body = match entry.get::<Vec<u8>>("p") {
-            Some(p) => ResultBody::Outcome(p),
-            None => ResultBody::Crashed(entry.get("x")?),
+        if let Some(headers) = entry.get::<String>("h") {
+            return Self::parse_batch(store, key, entry, worker, &headers);
+        }
+        let single = || -> Option<ResultEntry> {
+            let body = match entry.get::<Vec<u8>>("p") {
+                Some(p) => ResultBody::Outcome(
+                    store
+                        .decode::<ChunkOutcome>(&p, key)
+                        .map_err(|e| e.to_string()),
+                ),
+                None => ResultBody::Crashed(entry.get("x")?),
+            };
+            Some(ResultEntry {
+                id: entry.id.clone(),
+                call: entry.get("c")?,
+                chunk: entry.get("k")?,
+                attempt: entry.get("a")?,
+                worker: worker.clone(),
+                offset: entry.get("o").unwrap_or_default(),
+                partial: entry.map.contains_key("n"),
+                body,
+            })
         };
-        Some(ResultEntry {
-            id: entry.id.clone(),
-            call,
-            chunk,
-            attempt,
-            worker,
-            offset,
-            partial,
-            body,
-        })
+        single().into_iter().collect()
+    }
+
+    /// A batch entry: `h` names its chunks (so that they fail, rather than wait forever, when
+    /// `b` cannot be decoded), `b` holds their outcomes in the same order.
+    fn parse_batch(
+        store: &Store,
+        key: &str,
+        entry: &StreamId,
+        worker: String,
+        headers: &str,
+    ) -> Vec<ResultEntry> {
+        let decoded = entry
+            .get::<Vec<u8>>("b")
+            .ok_or_else(|| "the batch has no outcomes".to_string())
+            .and_then(|b| {
+                store
+                    .decode::<Vec<BatchedOutcome>>(&b, key)
+                    .map_err(|e| e.to_string())
+            });
+        match decoded {
+            Ok(outcomes) => outcomes
+                .into_iter()
+                .map(|o| ResultEntry {
+                    id: entry.id.clone(),
+                    call: o.call,
+                    chunk: o.chunk,
+                    attempt: o.attempt,
+                    worker: worker.clone(),
+                    offset: o.offset,
+                    partial: false,
+                    body: ResultBody::Outcome(Ok(o.outcome)),
+                })
+                .collect(),
+            Err(why) => headers
+                .split(',')
+                .filter_map(|h| {
+                    let mut parts = h.split('.').map(|n| n.parse::<u64>().ok());
+                    let (call, chunk, attempt, offset) = (
+                        parts.next()??,
+                        parts.next()??,
+                        parts.next()??,
+                        parts.next()??,
+                    );
+                    Some(ResultEntry {
+                        id: entry.id.clone(),
+                        call,
+                        chunk,
+                        attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+                        worker: worker.clone(),
+                        offset,
+                        partial: false,
+                        body: ResultBody::Outcome(Err(why.clone())),
+                    })
+                })
+                .collect(),
+        }
     }
 }
 
@@ -593,6 +693,7 @@ fn serve(
         let mut pipe = redis::pipe();
         let mut ids: Vec<&str> = Vec::with_capacity(entries.len());
         let mut reported: Vec<&str> = Vec::new();
+        let mut outcomes: Vec<BatchedOutcome> = Vec::with_capacity(entries.len());
         let mut ran = 0u32;
         for entry in &entries {
             ids.push(&entry.id);
@@ -610,43 +711,24 @@ fn serve(
                 done: entry.get("d").unwrap_or_default(),
             };
             let payload: Vec<u8> = entry.get("p").unwrap_or_default();
-            let mut report = |offset: u64, outputs: &[ByteBuf]| {
+            let mut report = |offset: u64, outputs: &[u8]| {
                 report_progress(store, keys, spec, &chunk, offset, outputs)
             };
             let (outcome, offset, progressed) =
-                run_chunk(store, &chunk, &payload, limit, &keys.tasks, &mut report);
+                run_chunk(&chunk, &payload, limit, &keys.tasks, &mut report);
             if progressed {
                 reported.push(&entry.id);
             }
-            let encoded = store.encode(&outcome, &keys.results).or_else(|e| {
-                let failed = ChunkOutcome {
-                    outputs: Vec::new(),
-                    failure: Some(ItemFailure {
-                        index: 0,
-                        kind: TaskErrorKind::Error,
-                        message: format!("the chunk's results cannot be sent: {e}"),
-                    }),
-                };
-                store.encode(&failed, &keys.results)
-            })?;
-            pipe.cmd("XADD")
-                .arg(&keys.results)
-                .arg("*")
-                .arg("c")
-                .arg(chunk.call)
-                .arg("k")
-                .arg(chunk.chunk)
-                .arg("a")
-                .arg(chunk.attempt)
-                .arg("w")
-                .arg(&spec.worker_id)
-                .arg("o")
-                .arg(offset)
-                .arg("p")
-                .arg(encoded)
-                .ignore();
+            outcomes.push(BatchedOutcome {
+                call: chunk.call,
+                chunk: chunk.chunk,
+                attempt: chunk.attempt,
+                offset,
+                outcome,
+            });
             ran += 1;
         }
+        add_outcomes(&mut pipe, store, keys, &spec.worker_id, outcomes)?;
         if !reported.is_empty() {
             pipe.hdel(&keys.progress, &reported).ignore();
         }
@@ -716,7 +798,72 @@ struct ChunkRun<'a> {
     done: u64,
 }
 
-/// Sends the outcomes of a long chunk's items `offset..offset + outputs.len()` as a partial
+/// Adds the final outcomes of the chunks of one read to `pipe`: one results entry for all of
+/// them, or, when together they exceed the size limit, one entry per chunk (a chunk whose
+/// outcome alone is too large fails with the reason).
+fn add_outcomes(
+    pipe: &mut redis::Pipeline,
+    store: &Store,
+    keys: &PoolKeys,
+    worker: &str,
+    outcomes: Vec<BatchedOutcome>,
+) -> Result<()> {
+    if outcomes.is_empty() {
+        return Ok(());
+    }
+    if let Ok(batch) = store.encode(&outcomes, &keys.results) {
+        let mut headers = String::with_capacity(outcomes.len() * 16);
+        for (i, o) in outcomes.iter().enumerate() {
+            use std::fmt::Write;
+            let sep = if i == 0 { "" } else { "," };
+            let _ = write!(
+                headers,
+                "{sep}{}.{}.{}.{}",
+                o.call, o.chunk, o.attempt, o.offset
+            );
+        }
+        pipe.cmd("XADD")
+            .arg(&keys.results)
+            .arg("*")
+            .arg("w")
+            .arg(worker)
+            .arg("h")
+            .arg(headers)
+            .arg("b")
+            .arg(batch)
+            .ignore();
+        return Ok(());
+    }
+    for o in outcomes {
+        let encoded = store.encode(&o.outcome, &keys.results).or_else(|e| {
+            let failed = ChunkOutcome::failed(
+                0,
+                TaskErrorKind::Error,
+                format!("the chunk's results cannot be sent: {e}"),
+            );
+            store.encode(&failed, &keys.results)
+        })?;
+        pipe.cmd("XADD")
+            .arg(&keys.results)
+            .arg("*")
+            .arg("c")
+            .arg(o.call)
+            .arg("k")
+            .arg(o.chunk)
+            .arg("a")
+            .arg(o.attempt)
+            .arg("w")
+            .arg(worker)
+            .arg("o")
+            .arg(o.offset)
+            .arg("p")
+            .arg(encoded)
+            .ignore();
+    }
+    Ok(())
+}
+
+/// Sends the results of a long chunk's items `offset..` (the array `outputs`) as a partial
 /// outcome and records the chunk's progress, in one round trip.
 fn report_progress(
     store: &Store,
@@ -724,10 +871,11 @@ fn report_progress(
     spec: &PoolWorkerSpec,
     chunk: &ChunkRun<'_>,
     offset: u64,
-    outputs: &[ByteBuf],
+    outputs: &[u8],
 ) -> Result<()> {
-    let part = ChunkOutcome {
-        outputs: outputs.to_vec(),
+    let count = u64::from(shoal_core::codec::array_len(outputs).unwrap_or(0));
+    let part = PartialOutcome {
+        outputs: serde_bytes::Bytes::new(outputs),
         failure: None,
     };
     let encoded = store.encode(&part, &keys.results)?;
@@ -753,11 +901,7 @@ fn report_progress(
                 .arg("p")
                 .arg(encoded)
                 .ignore()
-                .hset(
-                    &keys.progress,
-                    &chunk.entry.id,
-                    offset + outputs.len() as u64,
-                )
+                .hset(&keys.progress, &chunk.entry.id, offset + count)
                 .ignore()
                 .expire(&keys.progress, store.expiry_secs() as i64)
                 .ignore()
@@ -767,81 +911,75 @@ fn report_progress(
 }
 
 /// Runs a chunk's items in order, from the first one not done yet, until one fails. Every
-/// [`PROGRESS_EVERY`], `report(offset, outputs)` sends the outcomes gathered so far (kept for
-/// the final outcome when it fails). Returns the final outcome, the offset in the chunk of its
-/// first output, and whether progress was reported.
+/// [`PROGRESS_EVERY`], `report(offset, outputs)` sends the results gathered so far (one array;
+/// on failure they go with the final outcome instead). Returns the final outcome, the offset in
+/// the chunk of its first result, and whether progress was reported.
 fn run_chunk(
-    store: &Store,
     chunk: &ChunkRun<'_>,
     payload: &[u8],
     limit: usize,
     key: &str,
-    report: &mut dyn FnMut(u64, &[ByteBuf]) -> Result<()>,
+    report: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
 ) -> (ChunkOutcome, u64, bool) {
     let function = chunk.function.as_str();
     let mut offset = chunk.done;
-    let fail = |index: u32, failure: Failure| ChunkOutcome {
-        outputs: Vec::new(),
-        failure: Some(ItemFailure {
-            index,
-            kind: failure.kind,
-            message: failure.message,
-        }),
-    };
+    let fail =
+        |index: u32, failure: Failure| ChunkOutcome::failed(index, failure.kind, failure.message);
     let Some(entry) = registry::lookup(function) else {
         let e = registry::unknown_here(function);
         return (fail(0, Failure::error(e)), offset, false);
     };
-    let items: Vec<ByteBuf> = match store.decode(payload, key) {
+    let mut items = match ArrayReader::payload(payload, limit, || key.to_string()) {
         Ok(items) => items,
         Err(e) => return (fail(0, Failure::error(e)), offset, false),
     };
-    let skip = usize::try_from(chunk.done).unwrap_or(usize::MAX);
-    let mut outputs = Vec::with_capacity(items.len().saturating_sub(skip));
+    let total = u64::from(items.remaining());
+    for _ in 0..chunk.done.min(total) {
+        if !items.skip() {
+            let e = format!("{key}: the chunk's items are not valid MessagePack");
+            return (fail(0, Failure::error(e)), offset, false);
+        }
+    }
+    let mut outputs = ArrayWriter::new();
     let mut progressed = false;
     let mut since_report = std::time::Instant::now();
     let mut report_after = FIRST_PROGRESS;
-    for (index, item) in items.iter().enumerate().skip(skip) {
+    let finish = |outputs: ArrayWriter, failure: Option<ItemFailure>| ChunkOutcome {
+        outputs: ByteBuf::from(outputs.finish()),
+        failure,
+    };
+    for index in chunk.done.min(total)..total {
+        let failed_at = |offset: u64| u32::try_from(index - offset).unwrap_or(u32::MAX);
         if context::termination_requested() {
             // The call was cancelled: the rest of the chunk does not run.
-            let outcome = ChunkOutcome {
-                outputs,
-                failure: Some(ItemFailure {
-                    index: (index as u64 - offset) as u32,
-                    kind: TaskErrorKind::Error,
-                    message: "the call was cancelled".into(),
-                }),
+            let failure = ItemFailure {
+                index: failed_at(offset),
+                kind: TaskErrorKind::Error,
+                message: "the call was cancelled".into(),
             };
-            return (outcome, offset, progressed);
+            return (finish(outputs, Some(failure)), offset, progressed);
         }
-        let result = registry::call(entry, item, limit).and_then(|returned| returned.value);
-        match result {
-            Ok(bytes) => outputs.push(ByteBuf::from(bytes)),
-            Err(failure) => {
-                if failure.kind == TaskErrorKind::Panic {
-                    // The panic hook printed it; say which task it was.
-                    eprintln!(
-                        "shoal: {function} panicked on item {} of the call",
-                        chunk.first_item + index as u64
-                    );
-                }
-                let failed_at = (index as u64 - offset) as u32;
-                let outcome = ChunkOutcome {
-                    outputs,
-                    failure: Some(ItemFailure {
-                        index: failed_at,
-                        kind: failure.kind,
-                        message: failure.message,
-                    }),
-                };
-                return (outcome, offset, progressed);
+        if let Err(failure) = registry::call_element(entry, &mut items, &mut outputs, limit) {
+            if failure.kind == TaskErrorKind::Panic {
+                // The panic hook printed it; say which task it was.
+                eprintln!(
+                    "shoal: {function} panicked on item {} of the call",
+                    chunk.first_item + index
+                );
             }
+            let failure = ItemFailure {
+                index: failed_at(offset),
+                kind: failure.kind,
+                message: failure.message,
+            };
+            return (finish(outputs, Some(failure)), offset, progressed);
         }
-        if since_report.elapsed() >= report_after && index + 1 < items.len() {
+        if index + 1 < total && since_report.elapsed() >= report_after {
             // On failure the outputs stay here and go with the final outcome.
-            match report(offset, &outputs) {
+            let count = u64::from(outputs.len());
+            match report(offset, outputs.as_finished()) {
                 Ok(()) => {
-                    offset += outputs.len() as u64;
+                    offset += count;
                     outputs.clear();
                     progressed = true;
                 }
@@ -851,11 +989,7 @@ fn run_chunk(
             report_after = PROGRESS_EVERY;
         }
     }
-    let outcome = ChunkOutcome {
-        outputs,
-        failure: None,
-    };
-    (outcome, offset, progressed)
+    (finish(outputs, None), offset, progressed)
 }
 
 /// The worker's heartbeat thread: renews the lease of the chunks in hand, stamps the `workers`

@@ -1,6 +1,7 @@
 //! The task that reads a pool's results stream and hands batches to the supervisor.
 //!
-//! It reads with `XREAD BLOCK` on a dedicated connection, [`READ_BATCH`] entries at a time, and
+//! It reads with `XREAD BLOCK` on a dedicated connection, [`READ_BATCH`] entries at a time (an
+//! entry holds the outcomes of the chunks of one worker read, decoded here), and
 //! trims what it read in the pipeline of a later read, every [`TRIM_EVERY`] entries or once a
 //! second (one round trip per batch). A failed read is reported to the supervisor (the store's
 //! health, see `health`) and retried on a new connection; the next successful read reports
@@ -93,16 +94,19 @@ impl PoolSupervisor {
                         error: None,
                     });
                 }
+                let mut read = 0;
                 let entries: Vec<ResultEntry> = reply
                     .into_iter()
                     .flat_map(|r| r.keys)
                     .flat_map(|k| k.ids)
-                    .filter_map(|id| {
+                    .flat_map(|id| {
+                        read += 1;
                         last = id.id.clone();
-                        ResultEntry::parse(&id)
+                        // A worker's entry carries the outcomes of all the chunks it read.
+                        ResultEntry::parse(&store, &key, &id)
                     })
                     .collect();
-                untrimmed += entries.len();
+                untrimmed += read;
                 if !entries.is_empty() && me.send(Results(entries)).await.is_err() {
                     break;
                 }
