@@ -19,12 +19,15 @@
 //! runs the initializer once, then loops: `XREADGROUP` chunks (blocking), call the function on
 //! each item of a chunk in order until one fails (a panic or an undecodable item ends the chunk,
 //! as an exception ends a chunk in Python), then in one pipeline `XADD` the outcomes of all the
-//! chunks it read as one results entry, and `XACK` + `XDEL` them (1 round trip). A chunk's items
+//! chunks it read as one results entry, and `XACK` them (1 round trip). It does not delete them:
+//! `XDEL` costs the server a walk through the entry's stream node per id, while the supervisor
+//! removes every entry the workers are done with in one `XTRIM MINID` now and then
+//! ([`trim_tasks`], `pool_trim.lua`). A chunk's items
 //! are one MessagePack array and its results another ([`shoal_core::codec::ArrayWriter`]):
 //! an item costs its own decoding, call and encoding, and error texts are built only when an item
 //! fails. It takes one chunk at a time while chunks take a millisecond or more (so that
 //! expensive chunks spread over the workers), and up to [`MAX_PREFETCH`] at a time while they are
-//! cheaper: per chunk that is 4/n commands besides the feeder's `XADD`, which is what bounds a
+//! cheaper: per chunk that is 3/n commands besides the feeder's `XADD`, which is what bounds a
 //! map of tiny tasks (the Redis server's command rate). The feeder adds a batch of chunks in one
 //! `MULTI`/`EXEC`, so that a worker blocked in `XREADGROUP` is woken once with up to n of them
 //! rather than once per chunk. It stops on
@@ -72,7 +75,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use redis::streams::{StreamId, StreamReadReply};
+use redis::streams::StreamId;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use shoal_core::TaskErrorKind;
@@ -91,6 +94,8 @@ static REQUEUE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("pool_requeue.lua")));
 static CANCEL: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("pool_cancel.lua")));
+static TRIM: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("pool_trim.lua")));
 
 /// How long a worker's `XREADGROUP` blocks before it looks at its stop conditions again.
 const READ_BLOCK: Duration = Duration::from_millis(500);
@@ -549,6 +554,121 @@ pub async fn cancel_call(
     Ok((removed, workers))
 }
 
+/// Removes the task-stream entries the workers are done with (delivered and acknowledged; see
+/// `pool_trim.lua`); returns how many. One round trip.
+pub async fn trim_tasks(
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
+    keys: &PoolKeys,
+) -> Result<u64> {
+    TRIM.key(&keys.tasks)
+        .arg(GROUP)
+        .invoke_async(conn)
+        .await
+        .context(|| format!("trimming {}", keys.tasks))
+}
+
+/// An entry of the task stream as a worker read it.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TaskEntry {
+    id: String,
+    /// A stop entry.
+    stop: bool,
+    call: u64,
+    chunk: u64,
+    attempt: u32,
+    function: String,
+    /// The index of the chunk's first item in the call's input.
+    first_item: u64,
+    /// Items of the chunk done by earlier attempts (skipped).
+    done: u64,
+    payload: Vec<u8>,
+}
+
+/// The entries of an `XREADGROUP` reply (RESP2 arrays or RESP3 maps), read straight from the
+/// reply: a worker reads many small entries, and a map per entry would cost more than the task.
+fn parse_task_entries(reply: redis::Value) -> Vec<TaskEntry> {
+    use redis::Value;
+    fn pairs(value: Value) -> Vec<(Value, Value)> {
+        match value {
+            Value::Map(map) => map,
+            Value::Array(items) => {
+                let mut items = items.into_iter();
+                let mut out = Vec::with_capacity(items.len() / 2);
+                while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                    out.push((k, v));
+                }
+                out
+            }
+            _ => Vec::new(),
+        }
+    }
+    fn bytes(value: Value) -> Vec<u8> {
+        match value {
+            Value::BulkString(b) => b,
+            Value::SimpleString(s) => s.into_bytes(),
+            Value::Int(i) => i.to_string().into_bytes(),
+            _ => Vec::new(),
+        }
+    }
+    fn number<T: std::str::FromStr>(value: &Value) -> Option<T> {
+        match value {
+            Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+            Value::SimpleString(s) => s.parse().ok(),
+            Value::Int(i) => i.to_string().parse().ok(),
+            _ => None,
+        }
+    }
+    let streams = match reply {
+        // RESP2: [[key, entries]]; RESP3: {key: entries}.
+        Value::Array(streams) => streams
+            .into_iter()
+            .filter_map(|s| match s {
+                Value::Array(mut pair) if pair.len() == 2 => pair.pop(),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(map) => map.into_iter().map(|(_, entries)| entries).collect(),
+        _ => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for entries in streams {
+        let Value::Array(entries) = entries else {
+            continue;
+        };
+        for entry in entries {
+            let Value::Array(mut parts) = entry else {
+                continue;
+            };
+            if parts.len() != 2 {
+                continue;
+            }
+            let fields = parts.pop().unwrap_or(Value::Nil);
+            let id =
+                String::from_utf8(bytes(parts.pop().unwrap_or(Value::Nil))).unwrap_or_default();
+            let mut task = TaskEntry {
+                id,
+                attempt: 1,
+                ..TaskEntry::default()
+            };
+            for (name, value) in pairs(fields) {
+                match bytes(name).as_slice() {
+                    b"s" => task.stop = true,
+                    b"c" => task.call = number(&value).unwrap_or_default(),
+                    b"k" => task.chunk = number(&value).unwrap_or_default(),
+                    b"a" => task.attempt = number(&value).unwrap_or(1),
+                    b"f" => task.function = String::from_utf8(bytes(value)).unwrap_or_default(),
+                    b"o" => task.first_item = number(&value).unwrap_or_default(),
+                    b"d" => task.done = number(&value).unwrap_or_default(),
+                    b"p" => task.payload = bytes(value),
+                    _ => {}
+                }
+            }
+            out.push(task);
+        }
+    }
+    out
+}
+
 /// Why a worker's loop ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WorkerEnd {
@@ -662,7 +782,7 @@ fn serve(
                         .arg("STREAMS")
                         .arg(&keys.tasks)
                         .arg(">")
-                        .query::<Option<StreamReadReply>>(c)
+                        .query::<redis::Value>(c)
                 },
             )
         });
@@ -673,18 +793,14 @@ fn serve(
             }
             Err(e) => return Err(e),
         };
-        let entries: Vec<StreamId> = reply
-            .into_iter()
-            .flat_map(|r| r.keys)
-            .flat_map(|k| k.ids)
-            .collect();
+        let entries = parse_task_entries(reply);
         if entries.is_empty() {
             continue;
         }
         let cancelled = {
             let mut hand = in_hand.lock().unwrap_or_else(|p| p.into_inner());
             hand.ids = entries.iter().map(|e| e.id.clone()).collect();
-            hand.calls = entries.iter().filter_map(|e| e.get("c")).collect();
+            hand.calls = entries.iter().filter(|e| !e.stop).map(|e| e.call).collect();
             hand.cancelled.store(false, Ordering::Release);
             hand.cancelled.clone()
         };
@@ -697,25 +813,16 @@ fn serve(
         let mut ran = 0u32;
         for entry in &entries {
             ids.push(&entry.id);
-            if entry.map.contains_key("s") {
+            if entry.stop {
                 stop = true;
                 continue;
             }
-            let chunk = ChunkRun {
-                entry,
-                function: entry.get("f").unwrap_or_default(),
-                call: entry.get("c").unwrap_or_default(),
-                chunk: entry.get("k").unwrap_or_default(),
-                attempt: entry.get("a").unwrap_or(1),
-                first_item: entry.get("o").unwrap_or_default(),
-                done: entry.get("d").unwrap_or_default(),
-            };
-            let payload: Vec<u8> = entry.get("p").unwrap_or_default();
+            let chunk = entry;
             let mut report = |offset: u64, outputs: &[u8]| {
-                report_progress(store, keys, spec, &chunk, offset, outputs)
+                report_progress(store, keys, spec, chunk, offset, outputs)
             };
             let (outcome, offset, progressed) =
-                run_chunk(&chunk, &payload, limit, &keys.tasks, &mut report);
+                run_chunk(chunk, &entry.payload, limit, &keys.tasks, &mut report);
             if progressed {
                 reported.push(&entry.id);
             }
@@ -732,8 +839,8 @@ fn serve(
         if !reported.is_empty() {
             pipe.hdel(&keys.progress, &reported).ignore();
         }
+        // Acknowledged, not deleted: the supervisor trims what the workers are done with.
         pipe.xack(&keys.tasks, GROUP, &ids).ignore();
-        pipe.xdel(&keys.tasks, &ids).ignore();
         if ran > 0 {
             // The tasks ended: what they put on queues reaches Redis before their results, and
             // the next task starts with this process's queues open again.
@@ -783,19 +890,6 @@ impl InHand {
         self.ids.clear();
         self.calls.clear();
     }
-}
-
-/// A chunk entry being run.
-struct ChunkRun<'a> {
-    entry: &'a StreamId,
-    function: String,
-    call: u64,
-    chunk: u64,
-    attempt: u32,
-    /// The index of the chunk's first item in the call's input.
-    first_item: u64,
-    /// Items of the chunk done by earlier attempts (skipped).
-    done: u64,
 }
 
 /// Adds the final outcomes of the chunks of one read to `pipe`: one results entry for all of
@@ -869,7 +963,7 @@ fn report_progress(
     store: &Store,
     keys: &PoolKeys,
     spec: &PoolWorkerSpec,
-    chunk: &ChunkRun<'_>,
+    chunk: &TaskEntry,
     offset: u64,
     outputs: &[u8],
 ) -> Result<()> {
@@ -901,7 +995,7 @@ fn report_progress(
                 .arg("p")
                 .arg(encoded)
                 .ignore()
-                .hset(&keys.progress, &chunk.entry.id, offset + count)
+                .hset(&keys.progress, &chunk.id, offset + count)
                 .ignore()
                 .expire(&keys.progress, store.expiry_secs() as i64)
                 .ignore()
@@ -915,7 +1009,7 @@ fn report_progress(
 /// on failure they go with the final outcome instead). Returns the final outcome, the offset in
 /// the chunk of its first result, and whether progress was reported.
 fn run_chunk(
-    chunk: &ChunkRun<'_>,
+    chunk: &TaskEntry,
     payload: &[u8],
     limit: usize,
     key: &str,
@@ -1075,5 +1169,69 @@ fn heartbeat(
             std::thread::sleep(step);
             slept += step;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn task_entries_are_read_from_resp2_and_resp3_replies() {
+        let chunk = Value::Array(vec![
+            bulk("1-0"),
+            Value::Array(vec![
+                bulk("c"),
+                bulk("7"),
+                bulk("k"),
+                bulk("3"),
+                bulk("a"),
+                bulk("2"),
+                bulk("f"),
+                bulk("app::f"),
+                bulk("o"),
+                bulk("30"),
+                bulk("d"),
+                bulk("4"),
+                bulk("p"),
+                Value::BulkString(vec![1, 0x90]),
+            ]),
+        ]);
+        let stop = Value::Array(vec![bulk("1-1"), Value::Map(vec![(bulk("s"), bulk("1"))])]);
+        let expected = vec![
+            TaskEntry {
+                id: "1-0".into(),
+                stop: false,
+                call: 7,
+                chunk: 3,
+                attempt: 2,
+                function: "app::f".into(),
+                first_item: 30,
+                done: 4,
+                payload: vec![1, 0x90],
+            },
+            TaskEntry {
+                id: "1-1".into(),
+                stop: true,
+                attempt: 1,
+                ..TaskEntry::default()
+            },
+        ];
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            bulk("tasks"),
+            Value::Array(vec![chunk.clone(), stop.clone()]),
+        ])]);
+        assert_eq!(parse_task_entries(resp2), expected);
+        let resp3 = Value::Map(vec![(bulk("tasks"), Value::Array(vec![chunk, stop]))]);
+        assert_eq!(parse_task_entries(resp3), expected);
+        assert!(
+            parse_task_entries(Value::Nil).is_empty(),
+            "a read that timed out"
+        );
     }
 }
