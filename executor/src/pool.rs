@@ -18,8 +18,9 @@
 //!
 //! runs the initializer once, then loops: `XREADGROUP` chunks (blocking), call the function on
 //! each item of a chunk in order until one fails (a panic or an undecodable item ends the chunk,
-//! as an exception ends a chunk in Python), then in one pipeline `XADD` the outcomes of all the
-//! chunks it read as one results entry, and `XACK` them (1 round trip). It does not delete them:
+//! as an exception ends a chunk in Python), then `XADD` the outcomes of all the chunks it read as
+//! one results entry and `XACK` them, in the same pipeline as its next `XREADGROUP` (1 round
+//! trip per read). It does not delete them:
 //! `XDEL` costs the server a walk through the entry's stream node per id, while the supervisor
 //! removes every entry the workers are done with in one `XTRIM MINID` now and then
 //! ([`trim_tasks`], `pool_trim.lua`). A chunk's items
@@ -691,7 +692,9 @@ pub fn run_worker(store: &Arc<Store>, spec: &PoolWorkerSpec) -> Result<WorkerEnd
         run_initializer(init, limit)?;
     }
     let in_hand: Arc<Mutex<InHand>> = Arc::default();
-    let done = Arc::new(AtomicBool::new(false));
+    // Dropping the sender ends the heartbeat thread at once (it waits on the channel between
+    // beats rather than waking up to poll a flag).
+    let (done, done_rx) = std::sync::mpsc::channel::<()>();
     // The tasks this thread runs see their call's cancellation through termination_requested().
     let cancel = in_hand
         .lock()
@@ -704,15 +707,15 @@ pub fn run_worker(store: &Arc<Store>, spec: &PoolWorkerSpec) -> Result<WorkerEnd
         let keys = keys.clone();
         let spec = spec.clone();
         let in_hand = in_hand.clone();
-        let done = done.clone();
+
         std::thread::Builder::new()
             .name("shoal-heartbeat".into())
-            .spawn(move || heartbeat(&store, &keys, &spec, &in_hand, &done))
+            .spawn(move || heartbeat(&store, &keys, &spec, &in_hand, &done_rx))
             .map_err(|e| Error::io("starting the heartbeat thread", e))?
     };
     let result = serve(store, spec, &keys, &in_hand, limit);
     context::set_task_cancel_flag(None);
-    done.store(true, Ordering::Release);
+    drop(done);
     let _ = heartbeat.join();
     let _ = store.with_conn(
         || "removing a worker's heartbeat".into(),
@@ -752,6 +755,17 @@ fn serve(
 ) -> Result<WorkerEnd> {
     let mut chunks_done: u64 = 0;
     let mut prefetch: usize = 1;
+    // The outcomes of the last read's chunks: they go in the same round trip as the next read.
+    let mut outgoing: Option<redis::Pipeline> = None;
+    let send = |pipe: &redis::Pipeline| {
+        // A resend after a lost reply may add an outcome twice; the supervisor keeps one.
+        store.retry_unreachable(|| {
+            store.with_conn(
+                || format!("sending results to {}", keys.results),
+                |c| pipe.query::<()>(c),
+            )
+        })
+    };
     loop {
         // A cancellation concerns the chunks it was meant for, not the worker.
         in_hand
@@ -760,34 +774,38 @@ fn serve(
             .cancelled
             .store(false, Ordering::Release);
         if context::termination_requested() {
+            if let Some(pipe) = outgoing.take() {
+                send(&pipe)?;
+            }
             return Ok(WorkerEnd::Terminated);
         }
         let count = match spec.maxtasksperchild {
             Some(max) => prefetch.min(max.saturating_sub(chunks_done).max(1) as usize),
             None => prefetch,
         };
+        let mut pipe = outgoing.take().unwrap_or_else(redis::pipe);
+        pipe.cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&spec.worker_id)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(READ_BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&keys.tasks)
+            .arg(">");
+        // One round trip: the last outcomes (if any), then the blocking read. A resend after a
+        // lost reply may add those outcomes twice; the supervisor keeps one.
         let read = store.retry_unreachable(|| {
             store.with_blocking_conn(
                 Some(READ_BLOCK),
                 || format!("reading {}", keys.tasks),
-                |c| {
-                    redis::cmd("XREADGROUP")
-                        .arg("GROUP")
-                        .arg(GROUP)
-                        .arg(&spec.worker_id)
-                        .arg("COUNT")
-                        .arg(count)
-                        .arg("BLOCK")
-                        .arg(READ_BLOCK.as_millis() as u64)
-                        .arg("STREAMS")
-                        .arg(&keys.tasks)
-                        .arg(">")
-                        .query::<redis::Value>(c)
-                },
+                |c| pipe.query::<(redis::Value,)>(c),
             )
         });
         let reply = match read {
-            Ok(reply) => reply,
+            Ok((reply,)) => reply,
             Err(Error::Redis { source, .. }) if source.code() == Some("NOGROUP") => {
                 return Ok(WorkerEnd::PoolGone);
             }
@@ -835,6 +853,7 @@ fn serve(
             });
             ran += 1;
         }
+        let per_chunk = started.elapsed() / ran.max(1);
         add_outcomes(&mut pipe, store, keys, &spec.worker_id, outcomes)?;
         if !reported.is_empty() {
             pipe.hdel(&keys.progress, &reported).ignore();
@@ -846,13 +865,6 @@ fn serve(
             // the next task starts with this process's queues open again.
             context::run_exit_hooks();
         }
-        // A resend after a lost reply may add an outcome twice; the supervisor keeps one.
-        store.retry_unreachable(|| {
-            store.with_conn(
-                || format!("sending results to {}", keys.results),
-                |c| pipe.query::<()>(c),
-            )
-        })?;
         in_hand.lock().unwrap_or_else(|p| p.into_inner()).clear();
         if cancelled.swap(false, Ordering::AcqRel) {
             tracing::debug!(
@@ -860,14 +872,16 @@ fn serve(
                 spec.worker_id
             );
         }
+        chunks_done += u64::from(ran);
         if stop {
+            send(&pipe)?;
             return Ok(WorkerEnd::Stopped);
         }
-        chunks_done += u64::from(ran);
         if spec.maxtasksperchild.is_some_and(|max| chunks_done >= max) {
+            send(&pipe)?;
             return Ok(WorkerEnd::MaxTasks);
         }
-        let per_chunk = started.elapsed() / ran.max(1);
+        outgoing = Some(pipe);
         prefetch = if per_chunk < CHEAP_CHUNK {
             (prefetch * 2).min(MAX_PREFETCH)
         } else {
@@ -1093,7 +1107,7 @@ fn heartbeat(
     keys: &PoolKeys,
     spec: &PoolWorkerSpec,
     in_hand: &Mutex<InHand>,
-    done: &AtomicBool,
+    done: &std::sync::mpsc::Receiver<()>,
 ) {
     let lease = Duration::from_millis(spec.lease_ms);
     let driver_ttl = Duration::from_millis(spec.driver_ttl_ms);
@@ -1104,7 +1118,6 @@ fn heartbeat(
         (lease / 3).max(Duration::from_millis(10))
     };
     let worker = spec.worker_id.as_str();
-    let step = Duration::from_millis(10).min(every);
     let mut driver_missing_since: Option<std::time::Instant> = None;
     loop {
         let (current, calls, cancel) = {
@@ -1161,13 +1174,10 @@ fn heartbeat(
                 }
             }
         }
-        let mut slept = Duration::ZERO;
-        while slept < every {
-            if done.load(Ordering::Acquire) {
-                return;
-            }
-            std::thread::sleep(step);
-            slept += step;
+        match done.recv_timeout(every) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            // The worker's loop ended (the sender was dropped).
+            _ => return,
         }
     }
 }

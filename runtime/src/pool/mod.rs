@@ -82,6 +82,9 @@ use supervisor::{
 
 use crate::runtime::{self, RuntimeInner};
 
+/// Items a call of small chunks may have in flight (see `Pool::window`).
+const WINDOW_ITEMS: usize = 4096;
+
 /// How long `terminate()` waits for workers to exit before killing them.
 const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 
@@ -675,9 +678,12 @@ impl Pool {
     }
 
     /// Chunks in flight per call: enough for every worker to hold a full prefetch and find
-    /// more waiting, few enough to bound memory.
-    fn window(&self) -> usize {
-        (2 * protocol::MAX_PREFETCH * self.processes).max(64)
+    /// more waiting, few enough to bound memory. A call of small chunks gets more (up to 4×,
+    /// within [`WINDOW_ITEMS`] items), so that its feeder sends them in bigger batches: a round
+    /// trip and a wake-up per batch, not per few chunks.
+    fn window(&self, chunksize: Option<usize>) -> usize {
+        let base = (2 * protocol::MAX_PREFETCH * self.processes).max(64);
+        (WINDOW_ITEMS / chunksize.unwrap_or(1).max(1)).clamp(base, 4 * base)
     }
 
     fn register(
@@ -692,7 +698,7 @@ impl Pool {
         self._runtime.check_accepting()?;
         self.shared.lock().phase.accepts_calls()?;
         let call = self.next_call.fetch_add(1, Ordering::Relaxed);
-        let shared = CallShared::new(self.window());
+        let shared = CallShared::new(self.window(chunksize));
         let registration = RegisterCall {
             call,
             function: function.to_string(),
