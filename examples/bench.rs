@@ -24,7 +24,8 @@
 //! # Profiling W1
 //!
 //! `--profile` runs W1 (or W1B, with `--workloads W1B`) `--runs` times on one pool of ready
-//! workers and prints each map's time, for a profiler to watch. Workers are subprocesses of the
+//! workers (as many as the first `--pool-sizes`) and prints each map's time, for a profiler to
+//! watch. Workers are subprocesses of the
 //! benchmark, so profile the whole process tree. With perf (Debian `linux-perf`):
 //!
 //! ```text
@@ -304,7 +305,8 @@ fn main() -> shoal::Result<()> {
 
     if args.profile {
         let chunk1 = workloads.iter().any(|w| w == "W1B") && !workloads.iter().any(|w| w == "W1");
-        profile_w1(if chunk1 { Some(1) } else { None }, args.runs);
+        let processes = args.pool_sizes.first().copied().unwrap_or(POOL_PROCS);
+        profile_w1(if chunk1 { Some(1) } else { None }, args.runs, processes);
         return Ok(());
     }
 
@@ -569,11 +571,10 @@ fn w1_pool_map_overhead(
 }
 
 /// `--profile`: W1 (`chunksize` None) or W1B `runs` times on one pool of ready workers.
-fn profile_w1(chunksize: Option<usize>, runs: usize) {
-    let (pool, ready) = ready_pool(POOL_PROCS);
+fn profile_w1(chunksize: Option<usize>, runs: usize, processes: usize) {
+    let (pool, ready) = ready_pool(processes);
     eprintln!(
-        "profile: {} workers ready in {:.3} s",
-        POOL_PROCS,
+        "profile: {processes} workers ready in {:.3} s",
         ready.as_secs_f64()
     );
     let n = if chunksize.is_some() { W1B_N } else { W1_N };

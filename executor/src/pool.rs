@@ -26,12 +26,14 @@
 //! ([`trim_tasks`], `pool_trim.lua`). A chunk's items
 //! are one MessagePack array and its results another ([`shoal_core::codec::ArrayWriter`]):
 //! an item costs its own decoding, call and encoding, and error texts are built only when an item
-//! fails. It takes one chunk at a time while chunks take a millisecond or more (so that
-//! expensive chunks spread over the workers), and up to [`MAX_PREFETCH`] at a time while they are
-//! cheaper: per chunk that is 3/n commands besides the feeder's `XADD`, which is what bounds a
-//! map of tiny tasks (the Redis server's command rate). The feeder adds a batch of chunks in one
-//! `MULTI`/`EXEC`, so that a worker blocked in `XREADGROUP` is woken once with up to n of them
-//! rather than once per chunk. It stops on
+//! fails. How many chunks it asks for at once adapts to what they cost: as many as fit in
+//! [`READ_BUDGET`] of work at the rate of its last read (at most twice as many as last time, up
+//! to [`MAX_PREFETCH`]), so one chunk at a time while chunks take 2 ms or more (expensive chunks
+//! spread over the workers) and up to 64 while they are tiny: per chunk that is 2/n commands
+//! besides the feeder's `XADD`, which is what bounds a map of tiny tasks (the Redis server's
+//! command rate and, on a VM, the cost of waking a process), at any pool size. The feeder adds a
+//! batch of chunks in one `MULTI`/`EXEC`, so that a worker blocked in `XREADGROUP` is woken once
+//! with up to n of them rather than once per chunk. It stops on
 //! a stop entry, after `maxtasksperchild` chunks, or when the pool's streams are gone. A heartbeat
 //! thread renews the lease of the chunks in hand every third of the lease (`XCLAIM` to itself with
 //! idle 0 resets an entry's idle time) and stamps the `workers` hash, so a chunk that runs for
@@ -101,9 +103,9 @@ static TRIM: LazyLock<redis::Script> =
 /// How long a worker's `XREADGROUP` blocks before it looks at its stop conditions again.
 const READ_BLOCK: Duration = Duration::from_millis(500);
 /// Most chunks a worker takes at once (only while chunks are cheap).
-pub const MAX_PREFETCH: usize = 16;
-/// A chunk that ran for less than this is cheap.
-const CHEAP_CHUNK: Duration = Duration::from_millis(1);
+pub const MAX_PREFETCH: usize = 64;
+/// The work a worker takes in one read: as many chunks as ran in this time last read.
+pub const READ_BUDGET: Duration = Duration::from_millis(2);
 
 /// Exit code of a worker that gave up because Redis could not be reached (`EX_TEMPFAIL`).
 pub const EXIT_STORE_LOST: i32 = 75;
@@ -882,12 +884,18 @@ fn serve(
             return Ok(WorkerEnd::MaxTasks);
         }
         outgoing = Some(pipe);
-        prefetch = if per_chunk < CHEAP_CHUNK {
-            (prefetch * 2).min(MAX_PREFETCH)
-        } else {
-            1
-        };
+        prefetch = next_prefetch(prefetch, per_chunk);
     }
+}
+
+/// How many chunks to ask for after a read that took `per_chunk` per chunk with `prefetch`: as
+/// many as fit in [`READ_BUDGET`], at most twice as many as before and at most
+/// [`MAX_PREFETCH`], at least one.
+fn next_prefetch(prefetch: usize, per_chunk: Duration) -> usize {
+    let fit = READ_BUDGET.as_nanos() / per_chunk.as_nanos().max(1);
+    usize::try_from(fit)
+        .unwrap_or(usize::MAX)
+        .clamp(1, (prefetch * 2).min(MAX_PREFETCH))
 }
 
 /// The chunks a worker runs now, for its heartbeat: their entry ids (leases to renew), their
@@ -1189,6 +1197,21 @@ mod tests {
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn a_read_takes_what_fits_in_its_budget() {
+        let us = Duration::from_micros;
+        assert_eq!(next_prefetch(1, us(10)), 2, "grows by doubling");
+        assert_eq!(next_prefetch(32, us(10)), 64);
+        assert_eq!(next_prefetch(64, us(10)), MAX_PREFETCH, "capped");
+        assert_eq!(next_prefetch(64, us(500)), 4, "as many as fit in 2 ms");
+        assert_eq!(
+            next_prefetch(64, us(3000)),
+            1,
+            "expensive chunks: one at a time"
+        );
+        assert_eq!(next_prefetch(8, Duration::ZERO), 16);
     }
 
     #[test]

@@ -677,12 +677,13 @@ impl Pool {
         Ok(name)
     }
 
-    /// Chunks in flight per call: enough for every worker to hold a full prefetch and find
-    /// more waiting, few enough to bound memory. A call of small chunks gets more (up to 4×,
-    /// within [`WINDOW_ITEMS`] items), so that its feeder sends them in bigger batches: a round
-    /// trip and a wake-up per batch, not per few chunks.
+    /// Chunks in flight per call: 32 per worker (at least 64), enough for every worker to have
+    /// chunks in hand and find more waiting, few enough to bound memory. A call of small chunks
+    /// gets more (up to 4×, within [`WINDOW_ITEMS`] items), so that its feeder sends them in
+    /// bigger batches and its workers take more at once: a round trip and a wake-up per batch,
+    /// not per few chunks.
     fn window(&self, chunksize: Option<usize>) -> usize {
-        let base = (2 * protocol::MAX_PREFETCH * self.processes).max(64);
+        let base = (32 * self.processes).max(64);
         (WINDOW_ITEMS / chunksize.unwrap_or(1).max(1)).clamp(base, 4 * base)
     }
 
