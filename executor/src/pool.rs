@@ -5,14 +5,15 @@
 //!
 //! | key | type | contents |
 //! | --- | --- | --- |
-//! | `shoal:{<ns>:pool:<id>}:tasks` | stream, group `workers` | chunk entries `c` call, `k` chunk index, `a` attempt, `f` function, `o` index of the chunk's first item in the input, `d` items of the chunk already done (skipped), `p` items (one array of argument tuples, [`ArrayWriter::payload`]); or a stop entry `s`=`1` |
+//! | `shoal:{<ns>:pool:<id>}:tasks` | stream, group `workers` | chunk entries `h` = `call.chunk.attempt.first.done` (the call, the chunk's index, the attempt, the index of its first item in the input, and its items already done by earlier attempts, skipped), `f` function, `p` items (one array of argument tuples, [`ArrayWriter::payload`]); or a stop entry `s`=`1` |
 //! | `shoal:{<ns>:pool:<id>}:results` | stream | the final outcomes of the chunks of one worker read: `w` worker, `h` their `call.chunk.attempt.offset`s, `b` a [`BatchedOutcome`] list; or one chunk's: `c`, `k`, `a`, `w` worker, `o` offset in the chunk of the first item it covers, `n`=`1` on a partial outcome, then `p` (a [`ChunkOutcome`]) or `x` (the chunk crashed: a message) |
 //! | `shoal:{<ns>:pool:<id>}:progress` | hash | task entry id → items of that chunk done and reported |
 //! | `shoal:{<ns>:pool:<id>}:workers` | hash | worker id → last heartbeat (Unix ms) |
 //! | `shoal:{<ns>:pool:<id>}:driver` | string | present while the pool's driver lives (short TTL, refreshed by the supervisor) |
 //!
-//! A chunk entry also carries `o`, the index of its first item in the call's input (for errors
-//! and logs).
+//! A chunk entry has three fields, not one per number: a worker parses every field of every
+//! entry it reads, and for tiny tasks that parsing is a good part of a task's cost. The index of
+//! the chunk's first item in the call's input is there for errors and logs.
 //!
 //! # A worker ([`run_worker`])
 //!
@@ -213,16 +214,13 @@ impl ChunkEntry {
         pipe.cmd("XADD")
             .arg(&keys.tasks)
             .arg("*")
-            .arg("c")
-            .arg(self.call)
-            .arg("k")
-            .arg(self.chunk)
-            .arg("a")
-            .arg(1)
+            .arg("h")
+            .arg(format!(
+                "{}.{}.1.{}.0",
+                self.call, self.chunk, self.first_item
+            ))
             .arg("f")
             .arg(&self.function)
-            .arg("o")
-            .arg(self.first_item)
             .arg("p")
             .arg(&self.payload)
             .ignore();
@@ -613,14 +611,6 @@ fn parse_task_entries(reply: redis::Value) -> Vec<TaskEntry> {
             _ => Vec::new(),
         }
     }
-    fn number<T: std::str::FromStr>(value: &Value) -> Option<T> {
-        match value {
-            Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-            Value::SimpleString(s) => s.parse().ok(),
-            Value::Int(i) => i.to_string().parse().ok(),
-            _ => None,
-        }
-    }
     let streams = match reply {
         // RESP2: [[key, entries]]; RESP3: {key: entries}.
         Value::Array(streams) => streams
@@ -656,12 +646,19 @@ fn parse_task_entries(reply: redis::Value) -> Vec<TaskEntry> {
             for (name, value) in pairs(fields) {
                 match bytes(name).as_slice() {
                     b"s" => task.stop = true,
-                    b"c" => task.call = number(&value).unwrap_or_default(),
-                    b"k" => task.chunk = number(&value).unwrap_or_default(),
-                    b"a" => task.attempt = number(&value).unwrap_or(1),
+                    b"h" => {
+                        let header = bytes(value);
+                        let mut numbers = header
+                            .split(|b| *b == b'.')
+                            .map(|n| std::str::from_utf8(n).ok()?.parse::<u64>().ok());
+                        let mut next = || numbers.next().flatten().unwrap_or_default();
+                        task.call = next();
+                        task.chunk = next();
+                        task.attempt = u32::try_from(next()).unwrap_or(u32::MAX).max(1);
+                        task.first_item = next();
+                        task.done = next();
+                    }
                     b"f" => task.function = String::from_utf8(bytes(value)).unwrap_or_default(),
-                    b"o" => task.first_item = number(&value).unwrap_or_default(),
-                    b"d" => task.done = number(&value).unwrap_or_default(),
                     b"p" => task.payload = bytes(value),
                     _ => {}
                 }
@@ -1219,18 +1216,10 @@ mod tests {
         let chunk = Value::Array(vec![
             bulk("1-0"),
             Value::Array(vec![
-                bulk("c"),
-                bulk("7"),
-                bulk("k"),
-                bulk("3"),
-                bulk("a"),
-                bulk("2"),
+                bulk("h"),
+                bulk("7.3.2.30.4"),
                 bulk("f"),
                 bulk("app::f"),
-                bulk("o"),
-                bulk("30"),
-                bulk("d"),
-                bulk("4"),
                 bulk("p"),
                 Value::BulkString(vec![1, 0x90]),
             ]),
