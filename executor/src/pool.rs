@@ -1057,6 +1057,7 @@ fn run_chunk(
     let mut progressed = false;
     let mut since_report = std::time::Instant::now();
     let mut report_after = FIRST_PROGRESS;
+    let mut clock = ClockStride::default();
     let finish = |outputs: ArrayWriter, failure: Option<ItemFailure>| ChunkOutcome {
         outputs: ByteBuf::from(outputs.finish()),
         failure,
@@ -1087,7 +1088,7 @@ fn run_chunk(
             };
             return (finish(outputs, Some(failure)), offset, progressed);
         }
-        if index + 1 < total && since_report.elapsed() >= report_after {
+        if index + 1 < total && clock.due() && since_report.elapsed() >= report_after {
             // On failure the outputs stay here and go with the final outcome.
             let count = u64::from(outputs.len());
             match report(offset, outputs.as_finished()) {
@@ -1103,6 +1104,50 @@ fn run_chunk(
         }
     }
     (finish(outputs, None), offset, progressed)
+}
+
+/// How often a chunk's item loop reads the clock: after every item while items are slow, and
+/// every few items (at most [`ClockStride::MAX`]) while they take microseconds: for items of a
+/// few nanoseconds, reading the clock after each cost more than the items. A progress report is
+/// then late by at most `MAX` items.
+#[derive(Debug)]
+struct ClockStride {
+    every: u32,
+    left: u32,
+    last: std::time::Instant,
+}
+
+impl Default for ClockStride {
+    fn default() -> Self {
+        ClockStride {
+            every: 1,
+            left: 1,
+            last: std::time::Instant::now(),
+        }
+    }
+}
+
+impl ClockStride {
+    const MAX: u32 = 16;
+    /// Items that take less than this in all (per stride) widen the stride.
+    const FAST: Duration = Duration::from_micros(10);
+
+    /// Whether to read the clock after this item.
+    fn due(&mut self) -> bool {
+        self.left -= 1;
+        if self.left > 0 {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        self.every = if now.duration_since(self.last) < Self::FAST {
+            (self.every * 2).min(Self::MAX)
+        } else {
+            1
+        };
+        self.last = now;
+        self.left = self.every;
+        true
+    }
 }
 
 /// The worker's heartbeat thread: renews the lease of the chunks in hand, stamps the `workers`
@@ -1194,6 +1239,30 @@ mod tests {
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn the_clock_is_read_less_often_while_items_are_fast() {
+        let mut clock = ClockStride::default();
+        let reads = (0..1000).filter(|_| clock.due()).count();
+        // About every MAX items; the margin is for a thread preempted now and then.
+        assert!(
+            reads < 500,
+            "fast items: the clock is read every few items ({reads} reads for 1000)"
+        );
+        assert!(clock.every <= ClockStride::MAX);
+        // A slow item: the next stride is one item again.
+        while !clock.due() {}
+        std::thread::sleep(Duration::from_millis(1));
+        let mut items = 0;
+        loop {
+            items += 1;
+            if clock.due() {
+                break;
+            }
+        }
+        assert!(items <= ClockStride::MAX as usize);
+        assert_eq!(clock.every, 1, "slow items: the clock is read after each");
     }
 
     #[test]
