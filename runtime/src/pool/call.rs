@@ -18,7 +18,8 @@
 //! caller's task is woken), so that the results are typed by the time the last chunk is in; the
 //! first `get()` moves that value out, and a later `get()` decodes the kept arrays again (a
 //! result is not `Clone`). `imap` decodes one chunk when its iterator takes it. The feeder
-//! sends its first chunk alone, at once, then doubles its batches up to [`MAX_BATCH`].
+//! sends its first chunk alone, at once, then doubles its batches up to a quarter of the window
+//! (at most [`MAX_BATCH`]).
 //!
 //! # A failing input
 //!
@@ -256,6 +257,11 @@ impl CallShared {
         }
     }
 
+    /// The most chunks a feeder sends at once (see [`MAX_BATCH`]).
+    fn batch_limit(&self) -> usize {
+        (self.lock().window / 4).clamp(MIN_BATCH, MAX_BATCH)
+    }
+
     /// Feeder: `n` chunks are about to be sent (counted first, so that a fast result can never
     /// release a chunk that was not counted).
     fn reserve(&self, n: usize) {
@@ -395,8 +401,10 @@ impl CallShared {
     }
 }
 
-/// Most chunks sent in one pipeline.
-const MAX_BATCH: usize = 64;
+/// Most chunks sent in one pipeline: a quarter of the call's window, within these bounds. Workers
+/// blocked in `XREADGROUP` share a batch, each taking as many as it asks for.
+const MIN_BATCH: usize = 64;
+const MAX_BATCH: usize = 1024;
 /// A batch is sent once its chunks hold this many bytes, however few they are.
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
@@ -453,8 +461,8 @@ impl Feeder {
     /// Returns the number of chunks sent and the input's failure, if it failed part way; `None`
     /// when the call was cancelled; `Err` when Redis failed. Each chunk's items are encoded
     /// straight into its arguments array. The first chunk is sent alone, as soon as it is read,
-    /// so that a worker starts on it while the next are encoded; batches then double up to
-    /// [`MAX_BATCH`] chunks (or [`MAX_BATCH_BYTES`]).
+    /// so that a worker starts on it while the next are encoded; batches then double up to a
+    /// quarter of the window (64 to [`MAX_BATCH`] chunks, or [`MAX_BATCH_BYTES`]).
     fn feed<A, I>(&self, items: &mut I) -> Result<Option<(usize, Option<Error>)>>
     where
         A: Serialize,
@@ -467,6 +475,7 @@ impl Feeder {
         let mut exhausted = false;
         let mut refreshed: Option<Instant> = None;
         let mut batch_size = 1;
+        let batch_limit = self.shared.batch_limit();
         while !exhausted {
             let Some(room) = self.shared.wait_for_room() else {
                 return Ok(None);
@@ -531,7 +540,7 @@ impl Feeder {
             if refresh {
                 refreshed = Some(Instant::now());
             }
-            batch_size = (batch_size * 2).min(MAX_BATCH);
+            batch_size = (batch_size * 2).min(batch_limit);
         }
         Ok(Some((chunk, input_error)))
     }
