@@ -111,6 +111,16 @@ impl ArrayWriter {
         Self::starting_with(&[FORMAT_VERSION], 0)
     }
 
+    /// [`ArrayWriter::new`] with room for `bytes` of elements (an estimate: it grows as needed).
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self::starting_with(&[], bytes)
+    }
+
+    /// [`ArrayWriter::payload`] with room for `bytes` of elements.
+    pub fn payload_with_capacity(bytes: usize) -> Self {
+        Self::starting_with(&[FORMAT_VERSION], bytes)
+    }
+
     fn starting_with(prefix: &[u8], capacity: usize) -> Self {
         let mut bytes = Vec::with_capacity(prefix.len() + ARRAY_HEADER + capacity);
         bytes.extend_from_slice(prefix);

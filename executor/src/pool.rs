@@ -1053,7 +1053,8 @@ fn run_chunk(
             return (fail(0, Failure::error(e)), offset, false);
         }
     }
-    let mut outputs = ArrayWriter::new();
+    // The results of most functions take about as much room as their arguments.
+    let mut outputs = ArrayWriter::with_capacity(payload.len());
     let mut progressed = false;
     let mut since_report = std::time::Instant::now();
     let mut report_after = FIRST_PROGRESS;
@@ -1088,7 +1089,10 @@ fn run_chunk(
             };
             return (finish(outputs, Some(failure)), offset, progressed);
         }
-        if index + 1 < total && clock.due() && since_report.elapsed() >= report_after {
+        if index + 1 < total
+            && let Some(now) = clock.due()
+            && now.duration_since(since_report) >= report_after
+        {
             // On failure the outputs stay here and go with the final outcome.
             let count = u64::from(outputs.len());
             match report(offset, outputs.as_finished()) {
@@ -1132,11 +1136,11 @@ impl ClockStride {
     /// Items that take less than this in all (per stride) widen the stride.
     const FAST: Duration = Duration::from_micros(10);
 
-    /// Whether to read the clock after this item.
-    fn due(&mut self) -> bool {
+    /// The time, when the clock is to be read after this item.
+    fn due(&mut self) -> Option<std::time::Instant> {
         self.left -= 1;
         if self.left > 0 {
-            return false;
+            return None;
         }
         let now = std::time::Instant::now();
         self.every = if now.duration_since(self.last) < Self::FAST {
@@ -1146,7 +1150,7 @@ impl ClockStride {
         };
         self.last = now;
         self.left = self.every;
-        true
+        Some(now)
     }
 }
 
@@ -1244,7 +1248,7 @@ mod tests {
     #[test]
     fn the_clock_is_read_less_often_while_items_are_fast() {
         let mut clock = ClockStride::default();
-        let reads = (0..1000).filter(|_| clock.due()).count();
+        let reads = (0..1000).filter(|_| clock.due().is_some()).count();
         // About every MAX items; the margin is for a thread preempted now and then.
         assert!(
             reads < 500,
@@ -1252,12 +1256,12 @@ mod tests {
         );
         assert!(clock.every <= ClockStride::MAX);
         // A slow item: the next stride is one item again.
-        while !clock.due() {}
+        while clock.due().is_none() {}
         std::thread::sleep(Duration::from_millis(1));
         let mut items = 0;
         loop {
             items += 1;
-            if clock.due() {
+            if clock.due().is_some() {
                 break;
             }
         }

@@ -405,8 +405,9 @@ impl CallShared {
 /// blocked in `XREADGROUP` share a batch, each taking as many as it asks for.
 const MIN_BATCH: usize = 64;
 const MAX_BATCH: usize = 1024;
-/// A batch is sent once its chunks hold this many bytes, however few they are.
-const MAX_BATCH_BYTES: usize = 1 << 20;
+/// A batch is sent once its chunks hold this many bytes, however few they are: large chunks go
+/// one by one, as soon as each is encoded, so that workers start on them while the next are.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// What a feeder needs.
 pub(crate) struct Feeder {
@@ -476,6 +477,8 @@ impl Feeder {
         let mut refreshed: Option<Instant> = None;
         let mut batch_size = 1;
         let batch_limit = self.shared.batch_limit();
+        // Room for a chunk's arguments: as much as the last chunk took.
+        let mut chunk_bytes = 0;
         while !exhausted {
             let Some(room) = self.shared.wait_for_room() else {
                 return Ok(None);
@@ -483,7 +486,7 @@ impl Feeder {
             let mut batch: Vec<ChunkEntry> = Vec::new();
             let mut batch_bytes = 0;
             while batch.len() < room.min(batch_size) && batch_bytes < MAX_BATCH_BYTES {
-                let mut args = ArrayWriter::payload();
+                let mut args = ArrayWriter::payload_with_capacity(chunk_bytes);
                 while (args.len() as usize) < self.chunksize {
                     match items.next() {
                         Some(Ok(item)) => {
@@ -518,6 +521,7 @@ impl Feeder {
                     });
                 }
                 batch_bytes += args.byte_len();
+                chunk_bytes = args.byte_len();
                 batch.push(ChunkEntry {
                     call: self.call,
                     chunk: chunk as u64,
