@@ -21,11 +21,10 @@
 //! each item of a chunk in order until one fails (a panic or an undecodable item ends the chunk,
 //! as an exception ends a chunk in Python), then `XADD` the outcomes of all the chunks it read as
 //! one results entry and `XACK` them, in the same pipeline as its next `XREADGROUP` (1 round
-//! trip per read). It does not delete them:
-//! `XDEL` costs the server a walk through the entry's stream node per id, while the supervisor
-//! removes every entry the workers are done with in one `XTRIM MINID` now and then
-//! ([`trim_tasks`], `pool_trim.lua`). A chunk's items
-//! are one MessagePack array and its results another ([`shoal_core::codec::ArrayWriter`]):
+//! trip per read). It does not delete them: `XDEL` costs the server a walk through the entry's
+//! stream node per id, while the supervisor removes every entry the workers are done with in one
+//! `XTRIM MINID` now and then ([`trim_tasks`], `pool_trim.lua`). A chunk's items are one
+//! MessagePack array and its results another ([`shoal_core::codec::ArrayWriter`]):
 //! an item costs its own decoding, call and encoding, and error texts are built only when an item
 //! fails. How many chunks it asks for at once adapts to what they cost: as many as fit in
 //! [`READ_BUDGET`] of work at the rate of its last read (at most twice as many as last time, up
@@ -60,7 +59,8 @@
 //! A chunk that runs for longer than [`FIRST_PROGRESS`] sends the outcomes of the items it has
 //! done so far as a partial outcome, and records how far it got in the `progress` hash, in one
 //! pipeline; then again every [`PROGRESS_EVERY`] (chunks shorter than [`FIRST_PROGRESS`] never
-//! do). A chunk whose worker dies is redelivered from there (`d`); when its worker got further
+//! do). A chunk whose worker dies is redelivered from there (`done` in its header); when its
+//! worker got further
 //! than where the attempt started, the death is not the chunk's doing and its attempts count
 //! starts again at 1: only a chunk that kills `1 + retries` workers in a row without progress
 //! fails. So a map of long chunks completes while workers are
