@@ -14,6 +14,41 @@
 //! worker), W11 (a child process writes 20000 keys through a Manager dict proxy, then reads
 //! them).
 //!
+//! W1 and W1B time the `map` call once every worker is up (each has run a trivial initializer):
+//! CPython's `Pool()` returns with its workers forked, shoal's starts them in the background, and
+//! the map should not be charged for process start-up. Each run also counts the Redis commands the
+//! map cost (`INFO commandstats` before and after, over the tasks: `redis_commands_per_task`).
+//! `--pool-sizes 2,8,32,64` runs W1B at each pool size (the first is the cell compared with the
+//! peers, `W1B/shoal-process`; the others are `W1B/shoal-process-p<n>`).
+//!
+//! # Profiling W1
+//!
+//! `--profile` runs W1 (or W1B, with `--workloads W1B`) `--runs` times on one pool of ready
+//! workers (as many as the first `--pool-sizes`) and prints each map's time, for a profiler to
+//! watch. Workers are subprocesses of the
+//! benchmark, so profile the whole process tree. With perf (Debian `linux-perf`):
+//!
+//! ```text
+//! cargo build --release -p shoal-examples --example bench
+//! perf record -F 2999 -g --call-graph dwarf -o /tmp/w1.perf -- \
+//!     target/release/examples/bench --profile --runs 30
+//! perf report -i /tmp/w1.perf --no-children --sort comm,symbol | head -60
+//! ```
+//!
+//! With valgrind (Debian `valgrind`; slower, exact instruction counts, one file per process):
+//!
+//! ```text
+//! valgrind --tool=callgrind --trace-children=yes --callgrind-out-file=/tmp/cg.%p \
+//!     target/release/examples/bench --profile --runs 3
+//! callgrind_annotate /tmp/cg.<pid of a worker> | head -40   # a worker's item loop
+//! callgrind_annotate /tmp/cg.<pid of the bench> | head -40  # feeder, supervisor, decode
+//! ```
+//!
+//! A worker's share goes to `run_chunk` → `registry::call_element` (decode one argument tuple,
+//! call, encode one result into the chunk's array); the driver's to the feeder (encoding the
+//! arguments arrays), the supervisor's results reader, and `AsyncResult::get` (decoding the
+//! results arrays as they arrive).
+//!
 //! `--peers` copies the peer harness (`run.sh`, the Python scripts) into `--work-dir` (the
 //! shared copy is read-only), runs it for the chosen peers and workloads (`RUNS` = `--runs`;
 //! it creates its own virtualenv and redis-server on 127.0.0.1:6390 the first time), and reads
@@ -74,6 +109,14 @@ struct Args {
     /// Where the harness is copied and run.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench-peers"))]
     work_dir: PathBuf,
+    /// Pool sizes (workers) W1B runs at: the first is the cell compared with the peers'; each
+    /// other adds a cell `W1B/shoal-process-p<n>`.
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    pool_sizes: Vec<usize>,
+    /// Runs W1 (or W1B) `--runs` times on one pool for a profiler (see the module docs) and
+    /// prints each map's time; nothing else runs.
+    #[arg(long)]
+    profile: bool,
 }
 
 const BUILT: &[&str] = &[
@@ -260,6 +303,13 @@ fn main() -> shoal::Result<()> {
         }
     }
 
+    if args.profile {
+        let chunk1 = workloads.iter().any(|w| w == "W1B") && !workloads.iter().any(|w| w == "W1");
+        let processes = args.pool_sizes.first().copied().unwrap_or(POOL_PROCS);
+        profile_w1(if chunk1 { Some(1) } else { None }, args.runs, processes);
+        return Ok(());
+    }
+
     let mut shoal_cells: BTreeMap<String, Value> = BTreeMap::new();
     let iters_per_100ms = if workloads.iter().any(|w| w == "W2" || w == "W8") {
         calibrate()
@@ -272,17 +322,25 @@ fn main() -> shoal::Result<()> {
         match w.as_str() {
             "W1" => {
                 let runs = (0..args.runs)
-                    .map(|_| w1_pool_map_overhead(W1_N, None))
+                    .map(|_| w1_pool_map_overhead(&rt, W1_N, None, POOL_PROCS))
                     .collect();
                 let mut cell = median_cell(w, "pool_map_overhead", &label, runs);
                 cell["redis_commands_per_chunk"] = redis_commands_per_chunk(&rt);
                 shoal_cells.insert(key, cell);
             }
             "W1B" => {
-                let runs = (0..args.runs)
-                    .map(|_| w1_pool_map_overhead(W1B_N, Some(1)))
-                    .collect();
-                shoal_cells.insert(key, median_cell(w, "pool_map_chunk1", &label, runs));
+                for (i, &processes) in args.pool_sizes.iter().enumerate() {
+                    let runs = (0..args.runs)
+                        .map(|_| w1_pool_map_overhead(&rt, W1B_N, Some(1), processes))
+                        .collect();
+                    let label = if i == 0 {
+                        label.clone()
+                    } else {
+                        format!("{label}-p{processes}")
+                    };
+                    let cell = median_cell(w, "pool_map_chunk1", &label, runs);
+                    shoal_cells.insert(format!("{w}/{label}"), cell);
+                }
             }
             "W2" => {
                 let runs = (0..args.runs)
@@ -409,12 +467,82 @@ fn redis_round_trip(rt: &shoal::Runtime) -> Value {
     })
 }
 
-/// W1/W1B: `Pool(2).map(inc, range(n))`; tasks per second of the `map` call.
-fn w1_pool_map_overhead(n: u64, chunksize: Option<usize>) -> Value {
+/// Tells the benchmark that a worker is up (the pool's initializer).
+#[shoal::remote]
+fn worker_ready(ready: Queue<u32>) {
+    ready.put(1).expect("ready");
+}
+
+/// A pool of `processes` workers, returned once every one of them has run its initializer; and
+/// how long that took.
+fn ready_pool(processes: usize) -> (Pool, Duration) {
+    let ready: Queue<u32> = Queue::new().expect("queue");
     let t = Instant::now();
-    let pool = Pool::new(POOL_PROCS).expect("pool");
-    let pool_create = t.elapsed();
+    let pool = Pool::builder()
+        .processes(processes)
+        .initializer(worker_ready, (ready.clone(),))
+        .build()
+        .expect("pool");
+    for _ in 0..processes {
+        ready
+            .get_timeout(Duration::from_secs(120))
+            .expect("every worker starts");
+    }
+    (pool, t.elapsed())
+}
+
+/// The client command counts of the embedded store (`INFO commandstats`), by command; empty
+/// with an external store.
+fn command_counts(rt: &shoal::Runtime) -> BTreeMap<String, u64> {
+    let Some(socket) = rt
+        .config()
+        .redis
+        .url
+        .as_deref()
+        .and_then(|u| u.strip_prefix("unix://"))
+    else {
+        return BTreeMap::new();
+    };
+    let out = Command::new("redis-cli")
+        .args(["-s", socket, "info", "commandstats"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            Some((name.to_string(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The commands run between two [`command_counts`], by command (`INFO` itself left out).
+fn commands_between(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .filter(|(name, _)| name.as_str() != "info")
+        .filter_map(|(name, calls)| {
+            let delta = calls - before.get(name).copied().unwrap_or(0);
+            (delta > 0).then(|| (name.clone(), delta))
+        })
+        .collect()
+}
+
+/// W1/W1B: `Pool(processes).map(inc, range(n))`; tasks per second of the `map` call, timed once
+/// every worker is up, with the Redis commands it cost per task.
+fn w1_pool_map_overhead(
+    rt: &shoal::Runtime,
+    n: u64,
+    chunksize: Option<usize>,
+    processes: usize,
+) -> Value {
+    let (pool, pool_create) = ready_pool(processes);
     let data: Vec<u64> = (0..n).collect();
+    let before = command_counts(rt);
     let t = Instant::now();
     let out = match chunksize {
         None => pool.map(inc, data.clone()),
@@ -422,19 +550,50 @@ fn w1_pool_map_overhead(n: u64, chunksize: Option<usize>) -> Value {
     }
     .expect("map");
     let dt = t.elapsed();
+    let commands = commands_between(&before, &command_counts(rt));
     let correct = out.iter().zip(&data).all(|(o, d)| *o == d + 1) && out.len() == data.len();
     let t = Instant::now();
     drop(pool);
+    let total: u64 = commands.values().sum();
     json!({
         "value": n as f64 / dt.as_secs_f64(),
         "unit": "tasks/s",
         "n": n,
+        "processes": processes,
         "chunksize": chunksize.map(|c| json!(c)).unwrap_or(json!("default")),
         "map_s": dt.as_secs_f64(),
-        "pool_create_s": pool_create.as_secs_f64(),
+        "pool_ready_s": pool_create.as_secs_f64(),
         "pool_terminate_s": t.elapsed().as_secs_f64(),
+        "redis_commands_per_task": total as f64 / n as f64,
+        "redis_commands": commands,
         "correct": correct,
     })
+}
+
+/// `--profile`: W1 (`chunksize` None) or W1B `runs` times on one pool of ready workers.
+fn profile_w1(chunksize: Option<usize>, runs: usize, processes: usize) {
+    let (pool, ready) = ready_pool(processes);
+    eprintln!(
+        "profile: {processes} workers ready in {:.3} s",
+        ready.as_secs_f64()
+    );
+    let n = if chunksize.is_some() { W1B_N } else { W1_N };
+    for run in 0..runs {
+        let data: Vec<u64> = (0..n).collect();
+        let t = Instant::now();
+        let out = match chunksize {
+            None => pool.map(inc, data),
+            Some(c) => pool.map_with(inc, data, c),
+        }
+        .expect("map");
+        let dt = t.elapsed();
+        assert_eq!(out.len() as u64, n);
+        println!(
+            "run {run}: {:.1} ms, {:.0} tasks/s",
+            dt.as_secs_f64() * 1e3,
+            n as f64 / dt.as_secs_f64()
+        );
+    }
 }
 
 /// W9: `incr(1)` asked of an actor hosted in another process, 2000 calls one at a time after
@@ -877,46 +1036,22 @@ fn w8_fault_tolerance(iters_per_100ms: u64) -> Value {
 /// Redis commands per chunk on the map path: `INFO commandstats` before and after a map of
 /// 2000 chunks (chunksize 1), divided by the chunks.
 fn redis_commands_per_chunk(rt: &shoal::Runtime) -> Value {
-    let Some(socket) = rt
-        .config()
-        .redis
-        .url
-        .as_deref()
-        .and_then(|u| u.strip_prefix("unix://"))
-    else {
+    if command_counts(rt).is_empty() {
         return json!("needs the embedded store");
-    };
-    let stats = || -> BTreeMap<String, u64> {
-        let out = Command::new("redis-cli")
-            .args(["-s", socket, "info", "commandstats"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        out.lines()
-            .filter_map(|l| {
-                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-                let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
-                Some((name.to_string(), calls.parse().ok()?))
-            })
-            .collect()
-    };
+    }
     let chunks = 2000u64;
     let pool = Pool::new(POOL_PROCS).expect("pool");
     // Warm up: workers up, scripts loaded.
     pool.map_with(inc, 0..100u64, 1).expect("map");
-    let before = stats();
+    let before = command_counts(rt);
     pool.map_with(inc, 0..chunks, 1).expect("map");
-    let after = stats();
+    let commands = commands_between(&before, &command_counts(rt));
     drop(pool);
-    let mut per_command = BTreeMap::new();
-    let mut total = 0u64;
-    for (name, calls) in &after {
-        let delta = calls - before.get(name).copied().unwrap_or(0);
-        if delta > 0 && name != "info" {
-            per_command.insert(name.clone(), delta as f64 / chunks as f64);
-            total += delta;
-        }
-    }
+    let total: u64 = commands.values().sum();
+    let per_command: BTreeMap<&String, f64> = commands
+        .iter()
+        .map(|(name, calls)| (name, *calls as f64 / chunks as f64))
+        .collect();
     json!({"per_chunk": total as f64 / chunks as f64, "by_command": per_command, "chunks": chunks})
 }
 
@@ -1154,6 +1289,15 @@ fn print_table(
     for (key, cell) in shoal {
         if let Some(rc) = cell.get("redis_commands_per_process") {
             println!("\n{key}: Redis commands per process lifecycle: {rc}");
+        }
+        if let Some(rc) = cell.get("redis_commands_per_task") {
+            println!(
+                "\n{key}: {} workers ready in {:.3} s; Redis commands per task {:.3}: {}",
+                cell["processes"],
+                cell["pool_ready_s"].as_f64().unwrap_or(0.0),
+                rc.as_f64().unwrap_or(0.0),
+                cell["redis_commands"]
+            );
         }
     }
 }

@@ -6,9 +6,19 @@
 //! guessed. Both ends enforce `redis.max_message_bytes`: the writer refuses to write a larger
 //! payload and the reader refuses to decode one (a peer with a larger limit wrote it). Every error
 //! names the key or mailbox and the Rust type involved.
+//!
+//! # Arrays built and read one element at a time
+//!
+//! A pool chunk carries many items: its arguments and its results are each one MessagePack array
+//! ([`ArrayWriter`], [`ArrayReader`]) rather than an array of separately encoded payloads, so an
+//! item costs one element's encoding and nothing more. The writer reserves a 5-byte `array 32`
+//! header and fills in the count when the array is finished, so items are appended as they are
+//! read from the caller's iterator, and the results of a long chunk can be sent in parts while it
+//! runs ([`ArrayWriter::as_finished`], [`ArrayWriter::clear`]). Error context (which key, which function) is a closure, called
+//! only when an element fails.
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
@@ -66,6 +76,312 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], key: &str, limit: usize) -> Res
         Some((&version, _)) => Err(codec_error(format!(
             "unknown format version {version} (this build reads version {FORMAT_VERSION})"
         ))),
+    }
+}
+
+/// The `array 32` marker: its header is always 5 bytes, so a count can be written in place.
+const ARRAY32: u8 = 0xdd;
+/// Size of the header an [`ArrayWriter`] reserves.
+const ARRAY_HEADER: usize = 5;
+
+/// A MessagePack array written one element at a time (see the module docs).
+#[derive(Debug)]
+pub struct ArrayWriter {
+    bytes: Vec<u8>,
+    /// Where the array's header starts in `bytes` (after the version byte of a payload).
+    header: usize,
+    count: u32,
+}
+
+impl Default for ArrayWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ArrayWriter {
+    /// An empty array.
+    pub fn new() -> Self {
+        Self::starting_with(&[], 0)
+    }
+
+    /// An empty array that is a whole payload: the format version byte comes first, so
+    /// [`ArrayWriter::finish`] gives what [`ArrayReader::payload`] reads.
+    pub fn payload() -> Self {
+        Self::starting_with(&[FORMAT_VERSION], 0)
+    }
+
+    /// [`ArrayWriter::new`] with room for `bytes` of elements (an estimate: it grows as needed).
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self::starting_with(&[], bytes)
+    }
+
+    /// [`ArrayWriter::payload`] with room for `bytes` of elements.
+    pub fn payload_with_capacity(bytes: usize) -> Self {
+        Self::starting_with(&[FORMAT_VERSION], bytes)
+    }
+
+    fn starting_with(prefix: &[u8], capacity: usize) -> Self {
+        let mut bytes = Vec::with_capacity(prefix.len() + ARRAY_HEADER + capacity);
+        bytes.extend_from_slice(prefix);
+        bytes.extend_from_slice(&[ARRAY32, 0, 0, 0, 0]);
+        ArrayWriter {
+            bytes,
+            header: prefix.len(),
+            count: 0,
+        }
+    }
+
+    /// Appends `value` as the next element, refusing one larger than `limit` bytes. On failure
+    /// the array is as it was, and the error names `key()` (called only then) and `T`.
+    pub fn push<T: Serialize + ?Sized>(
+        &mut self,
+        value: &T,
+        limit: usize,
+        key: impl FnOnce() -> String,
+    ) -> Result<()> {
+        let start = self.bytes.len();
+        if let Err(e) = rmp_serde::encode::write_named(&mut self.bytes, value) {
+            self.bytes.truncate(start);
+            return Err(Error::Codec {
+                key: key(),
+                expected: std::any::type_name::<T>().to_string(),
+                reason: format!("cannot encode: {e}"),
+            });
+        }
+        let size = self.bytes.len() - start;
+        if size > limit {
+            self.bytes.truncate(start);
+            return Err(Error::TooLarge {
+                key: key(),
+                size,
+                limit,
+            });
+        }
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Removes the elements after the first `count` written since the writer was made or last
+    /// taken from; `mark` is [`ArrayWriter::mark`] taken when there were `count`.
+    pub fn rewind(&mut self, mark: Mark) {
+        if mark.count <= self.count && mark.len <= self.bytes.len() {
+            self.bytes.truncate(mark.len);
+            self.count = mark.count;
+        }
+    }
+
+    /// Where the array is now, to [`rewind`](ArrayWriter::rewind) to.
+    pub fn mark(&self) -> Mark {
+        Mark {
+            len: self.bytes.len(),
+            count: self.count,
+        }
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> u32 {
+        self.count
+    }
+
+    /// No element yet.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The size of the finished array (or payload) in bytes.
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The finished array (or payload).
+    pub fn finish(mut self) -> Vec<u8> {
+        self.write_count();
+        self.bytes
+    }
+
+    /// The array so far, finished (the writer goes on appending after it).
+    pub fn as_finished(&mut self) -> &[u8] {
+        self.write_count();
+        &self.bytes
+    }
+
+    /// Removes every element.
+    pub fn clear(&mut self) {
+        self.bytes.truncate(self.header + ARRAY_HEADER);
+        self.count = 0;
+    }
+
+    fn write_count(&mut self) {
+        let at = self.header + 1;
+        self.bytes[at..at + 4].copy_from_slice(&self.count.to_be_bytes());
+    }
+}
+
+/// A position in an [`ArrayWriter`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    len: usize,
+    count: u32,
+}
+
+/// Reads a MessagePack array one element at a time, each as its own type (see the module docs).
+pub struct ArrayReader<'a> {
+    de: rmp_serde::Deserializer<rmp_serde::decode::ReadReader<&'a [u8]>>,
+    remaining: u32,
+    /// Reading a single value, not an array: the payload must end after it.
+    single: bool,
+}
+
+impl std::fmt::Debug for ArrayReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArrayReader")
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> ArrayReader<'a> {
+    /// Reads the array `bytes` (no version byte: an array inside a payload). `key()` names it
+    /// in the error when it is not an array.
+    pub fn array(bytes: &'a [u8], key: impl FnOnce() -> String) -> Result<Self> {
+        let (remaining, body) = split_array_header(bytes).ok_or_else(|| Error::Codec {
+            key: key(),
+            expected: "an array".into(),
+            reason: "not a MessagePack array".into(),
+        })?;
+        Ok(ArrayReader {
+            de: rmp_serde::Deserializer::new(body),
+            remaining,
+            single: false,
+        })
+    }
+
+    /// Reads a payload that [`ArrayWriter::payload`] wrote (version byte, then the array),
+    /// refusing one over `limit` bytes.
+    pub fn payload(bytes: &'a [u8], limit: usize, key: impl Fn() -> String) -> Result<Self> {
+        let body = payload_body(bytes, limit, &key, "an array")?;
+        Self::array(body, key)
+    }
+
+    /// Reads a payload holding a single value (what [`encode`] wrote), as a reader of one
+    /// element that must be all the payload holds.
+    pub fn single(bytes: &'a [u8], limit: usize, key: impl Fn() -> String) -> Result<Self> {
+        let body = payload_body(bytes, limit, &key, "a value")?;
+        Ok(ArrayReader {
+            de: rmp_serde::Deserializer::new(body),
+            remaining: 1,
+            single: true,
+        })
+    }
+
+    /// Elements not read yet.
+    pub fn remaining(&self) -> u32 {
+        self.remaining
+    }
+
+    /// Decodes the next element as a `T`. On failure the error names `key()` (called only
+    /// then) and `T`, and the reader moves past the element when it can (else nothing is left
+    /// to read).
+    pub fn next<T: DeserializeOwned>(&mut self, key: impl FnOnce() -> String) -> Result<T> {
+        let codec_error = |reason: String| Error::Codec {
+            key: key(),
+            expected: std::any::type_name::<T>().to_string(),
+            reason,
+        };
+        if self.remaining == 0 {
+            return Err(codec_error("no element left".into()));
+        }
+        self.remaining -= 1;
+        let start: &'a [u8] = self.de.get_ref();
+        match T::deserialize(&mut self.de) {
+            Ok(value) => {
+                if self.single && !self.de.get_ref().is_empty() {
+                    let trailing = self.de.get_ref().len();
+                    return Err(codec_error(format!(
+                        "{trailing} bytes left after the value (not a {} payload)",
+                        std::any::type_name::<T>()
+                    )));
+                }
+                Ok(value)
+            }
+            Err(e) => {
+                // The element may have been read part way: read it again, as anything.
+                self.de = rmp_serde::Deserializer::new(start);
+                if IgnoredAny::deserialize(&mut self.de).is_err() {
+                    self.remaining = 0;
+                }
+                Err(codec_error(format!("cannot decode: {e}")))
+            }
+        }
+    }
+
+    /// Moves past the next element without decoding it as any type. `false` when there is
+    /// none or it is not valid MessagePack (nothing is left to read then).
+    pub fn skip(&mut self) -> bool {
+        if self.remaining == 0 {
+            return false;
+        }
+        self.remaining -= 1;
+        if IgnoredAny::deserialize(&mut self.de).is_err() {
+            self.remaining = 0;
+            return false;
+        }
+        true
+    }
+}
+
+/// The count and the elements of a MessagePack array; `None` when `bytes` does not start with
+/// an array header.
+fn split_array_header(bytes: &[u8]) -> Option<(u32, &[u8])> {
+    let (&marker, rest) = bytes.split_first()?;
+    match marker {
+        0x90..=0x9f => Some((u32::from(marker & 0x0f), rest)),
+        0xdc => {
+            let (n, rest) = rest.split_first_chunk::<2>()?;
+            Some((u32::from(u16::from_be_bytes(*n)), rest))
+        }
+        ARRAY32 => {
+            let (n, rest) = rest.split_first_chunk::<4>()?;
+            Some((u32::from_be_bytes(*n), rest))
+        }
+        _ => None,
+    }
+}
+
+/// The number of elements of the MessagePack array `bytes`; `None` when it is not one.
+pub fn array_len(bytes: &[u8]) -> Option<u32> {
+    split_array_header(bytes).map(|(n, _)| n)
+}
+
+/// A payload's body after its version byte, checked against `limit`.
+fn payload_body<'a>(
+    bytes: &'a [u8],
+    limit: usize,
+    key: &impl Fn() -> String,
+    expected: &str,
+) -> Result<&'a [u8]> {
+    if bytes.len() > limit {
+        return Err(Error::TooLarge {
+            key: key(),
+            size: bytes.len(),
+            limit,
+        });
+    }
+    match bytes.split_first() {
+        Some((&FORMAT_VERSION, body)) => Ok(body),
+        Some((&version, _)) => Err(Error::Codec {
+            key: key(),
+            expected: expected.to_string(),
+            reason: format!(
+                "unknown format version {version} (this build reads version {FORMAT_VERSION})"
+            ),
+        }),
+        None => Err(Error::Codec {
+            key: key(),
+            expected: expected.to_string(),
+            reason: "empty payload".into(),
+        }),
     }
 }
 
@@ -131,5 +447,87 @@ mod tests {
             decode::<Vec<u8>>(&bytes, "k", 1024),
             Err(Error::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn arrays_are_written_and_read_element_by_element() {
+        let mut w = ArrayWriter::payload();
+        w.push(&(1u64,), 1024, || "k".into()).expect("push");
+        w.push(&(2u64,), 1024, || "k".into()).expect("push");
+        let mark = w.mark();
+        w.push(&("three".to_string(),), 1024, || "k".into())
+            .expect("push");
+        w.rewind(mark);
+        w.push(&(3u64,), 1024, || "k".into()).expect("push");
+        assert_eq!(w.len(), 3);
+        let payload = w.finish();
+        // A standard payload: one decode reads the whole array.
+        assert_eq!(
+            decode::<Vec<(u64,)>>(&payload, "k", 1024).expect("whole"),
+            vec![(1,), (2,), (3,)]
+        );
+        let mut r = ArrayReader::payload(&payload, 1024, || "k".into()).expect("reader");
+        assert_eq!(r.remaining(), 3);
+        assert!(r.skip());
+        assert_eq!(r.next::<(u64,)>(|| "k".into()).expect("2"), (2,));
+        assert_eq!(r.next::<(u64,)>(|| "k".into()).expect("3"), (3,));
+        assert!(r.next::<(u64,)>(|| "k".into()).is_err(), "nothing left");
+    }
+
+    #[test]
+    fn a_bad_element_is_reported_and_skipped() {
+        let mut w = ArrayWriter::new();
+        w.push(&"text", 1024, || "k".into()).expect("push");
+        w.push(&7u32, 1024, || "k".into()).expect("push");
+        let bytes = w.finish();
+        assert_eq!(array_len(&bytes), Some(2));
+        let mut r = ArrayReader::array(&bytes, || "k".into()).expect("reader");
+        match r.next::<u32>(|| "results of f".into()) {
+            Err(Error::Codec { key, expected, .. }) => {
+                assert_eq!(key, "results of f");
+                assert_eq!(expected, "u32");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(r.next::<u32>(|| "k".into()).expect("next one"), 7);
+        assert!(ArrayReader::array(&[0xc0], || "k".into()).is_err());
+    }
+
+    #[test]
+    fn an_array_can_be_sent_in_parts() {
+        let mut w = ArrayWriter::new();
+        for i in 0..3u8 {
+            w.push(&i, 1024, || "k".into()).expect("push");
+        }
+        let first = w.as_finished().to_vec();
+        w.clear();
+        w.push(&9u8, 1024, || "k".into()).expect("push");
+        let second = w.finish();
+        let mut r = ArrayReader::array(&first, || "k".into()).expect("first");
+        assert_eq!(r.remaining(), 3);
+        assert_eq!(r.next::<u8>(|| "k".into()).expect("0"), 0);
+        let mut r = ArrayReader::array(&second, || "k".into()).expect("second");
+        assert_eq!(r.remaining(), 1);
+        assert_eq!(r.next::<u8>(|| "k".into()).expect("9"), 9);
+    }
+
+    #[test]
+    fn elements_and_payloads_respect_the_limit() {
+        let mut w = ArrayWriter::payload();
+        assert!(matches!(
+            w.push(&vec![0u8; 100], 50, || "arguments of f".into()),
+            Err(Error::TooLarge { ref key, .. }) if key == "arguments of f"
+        ));
+        assert!(w.is_empty());
+        let payload = w.finish();
+        assert!(matches!(
+            ArrayReader::payload(&payload, 2, || "k".into()),
+            Err(Error::TooLarge { .. })
+        ));
+        let single = encode(&(4u8, 5u8), "k", 64).expect("encode");
+        let mut r = ArrayReader::single(&single, 64, || "k".into()).expect("single");
+        assert_eq!(r.next::<(u8, u8)>(|| "k".into()).expect("tuple"), (4, 5));
+        let mut r = ArrayReader::single(&single, 64, || "k".into()).expect("single");
+        assert!(r.next::<(u8,)>(|| "k".into()).is_err(), "trailing bytes");
     }
 }

@@ -12,13 +12,18 @@
 //! too (`my_app::main::{{closure}}`) but is never registered, and starting it in another process
 //! is [`Error::NotRegistered`](crate::Error::NotRegistered).
 //!
-//! A registered function is called through its [`Invoke`] entry: decode the argument tuple,
-//! call, encode the result ([`Returned`]). The whole return value is encoded, a `Result`
-//! included, so a pool hands `Result<T, E>` items back as values. A function whose return type is
-//! spelled `Result<...>` also reports whether it returned `Err` and the error's text
-//! ([`Returned::err`]): a `Process`, whose return value goes nowhere, exits with code 1 then.
-//! A return value that is not `Serialize` is encoded as a [`Failure`] saying so (it matters only
-//! where the value is wanted: pools). [`call`] adds panic capture.
+//! A registered function is called through its [`Invoke`] entry: decode the argument tuple (the
+//! next element of an [`ArrayReader`]), call, append the encoded result to an [`ArrayWriter`]
+//! ([`Returned`]). A pool chunk's items are the elements of one array and its results the
+//! elements of another, so an item costs its own decoding, call and encoding and nothing else:
+//! the text of an error (which function, which arguments) is built only when something fails.
+//! The whole return value is encoded, a `Result` included, so a pool hands `Result<T, E>` items
+//! back as values. A function whose return type is spelled `Result<...>` also reports, when asked
+//! (`describe_err`), whether it returned `Err` and the error's text ([`Returned::err`]): a
+//! `Process`, whose return value goes nowhere, exits with code 1 then. A return value that is not
+//! `Serialize` is reported as a [`Failure`] saying so (it matters only where the value is wanted:
+//! pools). [`call`] (one argument payload) and [`call_element`] (the next item of a chunk) add
+//! panic capture.
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -29,19 +34,27 @@ use linkme::distributed_slice;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec;
+use crate::codec::{ArrayReader, ArrayWriter};
 use crate::error::TaskErrorKind;
 
-/// Decodes arguments, calls the function, encodes its result. `Err` when the arguments do not
-/// decode.
-pub type Invoke = fn(args: &[u8], limit: usize) -> Result<Returned, Failure>;
+/// Decodes the next argument tuple of `args`, calls the function, and appends its encoded return
+/// value to `out` (elements larger than `limit` bytes are refused). With `describe_err`, a
+/// function returning `Result` describes the `Err` it returned ([`Returned::err`]). `Err` when
+/// the arguments do not decode.
+pub type Invoke = fn(
+    args: &mut ArrayReader<'_>,
+    out: &mut ArrayWriter,
+    limit: usize,
+    describe_err: bool,
+) -> Result<Returned, Failure>;
 
 /// What a call returned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Returned {
-    /// The encoded return value, or why it could not be encoded.
-    pub value: Result<Vec<u8>, Failure>,
-    /// For a function returning `Result`: the text of the `Err` it returned.
+    /// `Ok` when the return value was appended to the output array, else why it could not be
+    /// encoded (nothing was appended then).
+    pub value: Result<(), Failure>,
+    /// For a function returning `Result`, when asked: the text of the `Err` it returned.
     pub err: Option<String>,
 }
 
@@ -132,11 +145,37 @@ pub fn unknown_here(function: &str) -> crate::Error {
     }
 }
 
-/// Calls a registered function, turning a panic into a [`Failure`] of kind
-/// [`TaskErrorKind::Panic`] whose message is the panic's message followed by where it happened
-/// (`boom at src/main.rs:10:5`).
+/// Calls a registered function on one encoded argument tuple (a payload of its own), turning a
+/// panic into a [`Failure`] of kind [`TaskErrorKind::Panic`] whose message is the panic's message
+/// followed by where it happened (`boom at src/main.rs:10:5`). The return value is encoded and
+/// dropped (what a process does with it); an `Err` return is described ([`Returned::err`]).
 pub fn call(function: &RemoteFunction, args: &[u8], limit: usize) -> Result<Returned, Failure> {
-    catch_panic(|| (function.invoke)(args, limit)).unwrap_or_else(Err)
+    let mut reader = ArrayReader::single(args, limit, || {
+        format!("arguments of {}", (function.name)())
+    })
+    .map_err(Failure::error)?;
+    let mut out = ArrayWriter::new();
+    catch_panic(|| (function.invoke)(&mut reader, &mut out, limit, true)).unwrap_or_else(Err)
+}
+
+/// Calls a registered function on the next item of a chunk: decodes it from `args`, appends the
+/// result to `out`. A panic is a [`Failure`] of kind [`TaskErrorKind::Panic`] (as with
+/// [`call`]); on any failure `out` is left as it was. A returned `Err` is a value here, not
+/// described.
+pub fn call_element(
+    function: &RemoteFunction,
+    args: &mut ArrayReader<'_>,
+    out: &mut ArrayWriter,
+    limit: usize,
+) -> Result<(), Failure> {
+    let mark = out.mark();
+    let result = catch_panic(|| (function.invoke)(args, out, limit, false))
+        .unwrap_or_else(Err)
+        .and_then(|returned| returned.value);
+    if result.is_err() {
+        out.rewind(mark);
+    }
+    result
 }
 
 /// Runs `f`, turning a panic into a [`Failure`] of kind [`TaskErrorKind::Panic`] with the panic's
@@ -196,13 +235,15 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Decodes a function's argument tuple (used by `#[shoal::remote]`).
+/// Decodes a function's next argument tuple (used by `#[shoal::remote]`); the error names the
+/// function (built only on failure). The size limit was checked on the whole payload.
 pub fn decode_args<T: DeserializeOwned>(
-    bytes: &[u8],
-    limit: usize,
+    args: &mut ArrayReader<'_>,
+    _limit: usize,
     function: &str,
 ) -> Result<T, Failure> {
-    codec::decode(bytes, &format!("arguments of {function}"), limit).map_err(Failure::error)
+    args.next(|| format!("arguments of {function}"))
+        .map_err(Failure::error)
 }
 
 /// Wraps a return value for [`EncodeSerialize`]/[`EncodeFallback`] (used by
@@ -212,24 +253,45 @@ pub struct Encoded<'a, T>(pub &'a T);
 
 /// Encodes a `Serialize` return value.
 pub trait EncodeSerialize {
-    /// Encodes the value.
-    fn encode_output(&self, limit: usize, function: &str) -> Result<Vec<u8>, Failure>;
+    /// Appends the value to `out`; the error names the function (built only on failure).
+    fn encode_output(
+        &self,
+        out: &mut ArrayWriter,
+        limit: usize,
+        function: &str,
+    ) -> Result<(), Failure>;
 }
 
 impl<T: Serialize> EncodeSerialize for &Encoded<'_, T> {
-    fn encode_output(&self, limit: usize, function: &str) -> Result<Vec<u8>, Failure> {
-        codec::encode(self.0, &format!("result of {function}"), limit).map_err(Failure::error)
+    fn encode_output(
+        &self,
+        out: &mut ArrayWriter,
+        limit: usize,
+        function: &str,
+    ) -> Result<(), Failure> {
+        out.push(self.0, limit, || format!("result of {function}"))
+            .map_err(Failure::error)
     }
 }
 
 /// Reports a return value that is not `Serialize`.
 pub trait EncodeFallback {
-    /// A failure naming the type.
-    fn encode_output(&self, limit: usize, function: &str) -> Result<Vec<u8>, Failure>;
+    /// A failure naming the type; nothing is appended.
+    fn encode_output(
+        &self,
+        out: &mut ArrayWriter,
+        limit: usize,
+        function: &str,
+    ) -> Result<(), Failure>;
 }
 
 impl<T> EncodeFallback for Encoded<'_, T> {
-    fn encode_output(&self, _limit: usize, function: &str) -> Result<Vec<u8>, Failure> {
+    fn encode_output(
+        &self,
+        _out: &mut ArrayWriter,
+        _limit: usize,
+        function: &str,
+    ) -> Result<(), Failure> {
         Err(Failure::error(format!(
             "the result of {function} ({}) is not Serialize, so it cannot be sent back",
             std::any::type_name::<T>()
@@ -322,20 +384,33 @@ impl_remote_fn!(A1, A2, A3, A4, A5, A6, A7, A8);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec;
 
     fn add(a: u32, b: u32) -> u32 {
         a + b
     }
 
-    fn invoke_add(args: &[u8], limit: usize) -> Result<Returned, Failure> {
+    fn invoke_add(
+        args: &mut ArrayReader<'_>,
+        out: &mut ArrayWriter,
+        limit: usize,
+        _describe_err: bool,
+    ) -> Result<Returned, Failure> {
         let (a, b): (u32, u32) = decode_args(args, limit, "add")?;
         Ok(Returned {
-            value: (&&Encoded(&add(a, b))).encode_output(limit, "add"),
+            value: (&&Encoded(&add(a, b))).encode_output(out, limit, "add"),
             err: None,
         })
     }
 
-    fn invoke_panics(_: &[u8], _: usize) -> Result<Returned, Failure> {
+    fn invoke_panics(
+        _: &mut ArrayReader<'_>,
+        out: &mut ArrayWriter,
+        limit: usize,
+        _: bool,
+    ) -> Result<Returned, Failure> {
+        // Something is written before the panic: call_element must take it back.
+        let _ = out.push(&1u8, limit, String::new);
         panic!("kaboom {}", 7)
     }
 
@@ -363,8 +438,7 @@ mod tests {
     fn call_decodes_runs_and_encodes() {
         let args = codec::encode(&(2u32, 3u32), "a", 1024).expect("encode");
         let out = call(&ADD, &args, 1024).expect("call");
-        let value = out.value.expect("encoded");
-        assert_eq!(codec::decode::<u32>(&value, "r", 1024).expect("decode"), 5);
+        assert_eq!(out.value, Ok(()));
         let bad = codec::encode(&("x",), "a", 1024).expect("encode");
         let failure = call(&ADD, &bad, 1024).expect_err("wrong arguments");
         assert_eq!(failure.kind, TaskErrorKind::Error);
@@ -376,12 +450,45 @@ mod tests {
     }
 
     #[test]
+    fn chunk_items_are_elements_of_one_array() {
+        let mut args = ArrayWriter::payload();
+        for pair in [(2u32, 3u32), (10, 20)] {
+            args.push(&pair, 1024, String::new).expect("push");
+        }
+        args.push(&("x",), 1024, String::new).expect("push");
+        let payload = args.finish();
+        let mut reader = ArrayReader::payload(&payload, 1024, String::new).expect("reader");
+        let mut out = ArrayWriter::new();
+        call_element(&ADD, &mut reader, &mut out, 1024).expect("first");
+        call_element(&ADD, &mut reader, &mut out, 1024).expect("second");
+        let failure = call_element(&ADD, &mut reader, &mut out, 1024).expect_err("third");
+        assert!(failure.message.contains("arguments of add"), "{failure:?}");
+        let results = out.finish();
+        let mut read = ArrayReader::array(&results, String::new).expect("results");
+        assert_eq!(read.remaining(), 2);
+        assert_eq!(read.next::<u32>(String::new).expect("5"), 5);
+        assert_eq!(read.next::<u32>(String::new).expect("30"), 30);
+    }
+
+    #[test]
     fn panics_become_failures() {
         let f = RemoteFunction {
             name: || "p",
             invoke: invoke_panics,
         };
-        let failure = call(&f, &[], 1024).expect_err("panics");
+        let mut chunk = ArrayWriter::payload();
+        chunk.push(&(), 1024, String::new).expect("push");
+        let chunk = chunk.finish();
+        let mut reader = ArrayReader::payload(&chunk, 1024, String::new).expect("reader");
+        let mut out = ArrayWriter::new();
+        let failure = call_element(&f, &mut reader, &mut out, 1024).expect_err("panics");
+        assert_eq!(failure.kind, TaskErrorKind::Panic);
+        assert!(
+            out.is_empty(),
+            "what the item wrote before panicking is taken back"
+        );
+        let args = codec::encode(&(), "a", 1024).expect("encode");
+        let failure = call(&f, &args, 1024).expect_err("panics");
         assert_eq!(failure.kind, TaskErrorKind::Panic);
         assert!(
             failure
@@ -400,11 +507,13 @@ mod tests {
     // The borrows are what the generated code writes: they select the implementation.
     #[allow(clippy::needless_borrow)]
     fn encoding_and_description_are_chosen_by_type() {
-        let ok = (&&Encoded(&7u8)).encode_output(64, "f");
+        let mut out = ArrayWriter::new();
+        let ok = (&&Encoded(&7u8)).encode_output(&mut out, 64, "f");
         assert!(ok.is_ok());
         let opaque = (&&Encoded(&Opaque))
-            .encode_output(64, "f")
+            .encode_output(&mut out, 64, "f")
             .expect_err("not Serialize");
+        assert_eq!(out.len(), 1);
         assert!(
             opaque.message.contains("not Serialize"),
             "{}",

@@ -5,24 +5,35 @@
 //!
 //! | key | type | contents |
 //! | --- | --- | --- |
-//! | `shoal:{<ns>:pool:<id>}:tasks` | stream, group `workers` | chunk entries `c` call, `k` chunk index, `a` attempt, `f` function, `o` index of the chunk's first item in the input, `d` items of the chunk already done (skipped), `p` items; or a stop entry `s`=`1` |
-//! | `shoal:{<ns>:pool:<id>}:results` | stream | `c`, `k`, `a`, `w` worker, `o` offset in the chunk of the first item it covers, `n`=`1` on a partial outcome, then `p` (a [`ChunkOutcome`]) or `x` (the chunk crashed: a message) |
+//! | `shoal:{<ns>:pool:<id>}:tasks` | stream, group `workers` | chunk entries `h` = `call.chunk.attempt.first.done` (the call, the chunk's index, the attempt, the index of its first item in the input, and its items already done by earlier attempts, skipped), `f` function, `p` items (one array of argument tuples, [`ArrayWriter::payload`]); or a stop entry `s`=`1` |
+//! | `shoal:{<ns>:pool:<id>}:results` | stream | the final outcomes of the chunks of one worker read: `w` worker, `h` their `call.chunk.attempt.offset`s, `b` a [`BatchedOutcome`] list; or one chunk's: `c`, `k`, `a`, `w` worker, `o` offset in the chunk of the first item it covers, `n`=`1` on a partial outcome, then `p` (a [`ChunkOutcome`]) or `x` (the chunk crashed: a message) |
 //! | `shoal:{<ns>:pool:<id>}:progress` | hash | task entry id → items of that chunk done and reported |
 //! | `shoal:{<ns>:pool:<id>}:workers` | hash | worker id → last heartbeat (Unix ms) |
 //! | `shoal:{<ns>:pool:<id>}:driver` | string | present while the pool's driver lives (short TTL, refreshed by the supervisor) |
 //!
-//! A chunk entry also carries `o`, the index of its first item in the call's input (for errors
-//! and logs).
+//! A chunk entry has three fields, not one per number: a worker parses every field of every
+//! entry it reads, and for tiny tasks that parsing is a good part of a task's cost. The index of
+//! the chunk's first item in the call's input is there for errors and logs.
 //!
 //! # A worker ([`run_worker`])
 //!
 //! runs the initializer once, then loops: `XREADGROUP` chunks (blocking), call the function on
 //! each item of a chunk in order until one fails (a panic or an undecodable item ends the chunk,
-//! as an exception ends a chunk in Python), then in one pipeline `XADD` each chunk's outcome and
-//! `XACK` + `XDEL` all of them (1 round trip). It takes one chunk at a time while chunks take a
-//! millisecond or more (so that expensive chunks spread over the workers), and up to
-//! [`MAX_PREFETCH`] at a time while they are cheaper: per chunk that is 1 + 3/n commands instead
-//! of 4, which is what bounds a map of tiny tasks (the Redis server's command rate). It stops on
+//! as an exception ends a chunk in Python), then `XADD` the outcomes of all the chunks it read as
+//! one results entry and `XACK` them, in the same pipeline as its next `XREADGROUP` (1 round
+//! trip per read). It does not delete them: `XDEL` costs the server a walk through the entry's
+//! stream node per id, while the supervisor removes every entry the workers are done with in one
+//! `XTRIM MINID` now and then ([`trim_tasks`], `pool_trim.lua`). A chunk's items are one
+//! MessagePack array and its results another ([`shoal_core::codec::ArrayWriter`]):
+//! an item costs its own decoding, call and encoding, and error texts are built only when an item
+//! fails. How many chunks it asks for at once adapts to what they cost: as many as fit in
+//! [`READ_BUDGET`] of work at the rate of its last read (at most twice as many as last time, up
+//! to [`MAX_PREFETCH`]), so one chunk at a time while chunks take 2 ms or more (expensive chunks
+//! spread over the workers) and up to 64 while they are tiny: per chunk that is 2/n commands
+//! besides the feeder's `XADD`, which is what bounds a map of tiny tasks (the Redis server's
+//! command rate and, on a VM, the cost of waking a process), at any pool size. The feeder adds a
+//! batch of chunks in one `MULTI`/`EXEC`, so that a worker blocked in `XREADGROUP` is woken once
+//! with up to n of them rather than once per chunk. It stops on
 //! a stop entry, after `maxtasksperchild` chunks, or when the pool's streams are gone. A heartbeat
 //! thread renews the lease of the chunks in hand every third of the lease (`XCLAIM` to itself with
 //! idle 0 resets an entry's idle time) and stamps the `workers` hash, so a chunk that runs for
@@ -48,7 +59,8 @@
 //! A chunk that runs for longer than [`FIRST_PROGRESS`] sends the outcomes of the items it has
 //! done so far as a partial outcome, and records how far it got in the `progress` hash, in one
 //! pipeline; then again every [`PROGRESS_EVERY`] (chunks shorter than [`FIRST_PROGRESS`] never
-//! do). A chunk whose worker dies is redelivered from there (`d`); when its worker got further
+//! do). A chunk whose worker dies is redelivered from there (`done` in its header); when its
+//! worker got further
 //! than where the attempt started, the death is not the chunk's doing and its attempts count
 //! starts again at 1: only a chunk that kills `1 + retries` workers in a row without progress
 //! fails. So a map of long chunks completes while workers are
@@ -67,10 +79,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use redis::streams::{StreamId, StreamReadReply};
+use redis::streams::StreamId;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use shoal_core::TaskErrorKind;
+use shoal_core::codec::{ArrayReader, ArrayWriter};
 use shoal_core::context;
 use shoal_core::error::{Error, RedisContext, Result};
 use shoal_core::registry::{self, Failure};
@@ -85,13 +98,15 @@ static REQUEUE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("pool_requeue.lua")));
 static CANCEL: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("pool_cancel.lua")));
+static TRIM: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("pool_trim.lua")));
 
 /// How long a worker's `XREADGROUP` blocks before it looks at its stop conditions again.
 const READ_BLOCK: Duration = Duration::from_millis(500);
 /// Most chunks a worker takes at once (only while chunks are cheap).
-pub const MAX_PREFETCH: usize = 16;
-/// A chunk that ran for less than this is cheap.
-const CHEAP_CHUNK: Duration = Duration::from_millis(1);
+pub const MAX_PREFETCH: usize = 64;
+/// The work a worker takes in one read: as many chunks as ran in this time last read.
+pub const READ_BUDGET: Duration = Duration::from_millis(2);
 
 /// Exit code of a worker that gave up because Redis could not be reached (`EX_TEMPFAIL`).
 pub const EXIT_STORE_LOST: i32 = 75;
@@ -187,7 +202,7 @@ pub struct ChunkEntry {
     pub chunk: u64,
     /// The registered function.
     pub function: String,
-    /// The encoded items ([`encode_items`]).
+    /// The items: one array of argument tuples ([`ArrayWriter::payload`]).
     pub payload: Vec<u8>,
     /// The index of its first item in the call's input.
     pub first_item: u64,
@@ -199,25 +214,17 @@ impl ChunkEntry {
         pipe.cmd("XADD")
             .arg(&keys.tasks)
             .arg("*")
-            .arg("c")
-            .arg(self.call)
-            .arg("k")
-            .arg(self.chunk)
-            .arg("a")
-            .arg(1)
+            .arg("h")
+            .arg(format!(
+                "{}.{}.1.{}.0",
+                self.call, self.chunk, self.first_item
+            ))
             .arg("f")
             .arg(&self.function)
-            .arg("o")
-            .arg(self.first_item)
             .arg("p")
             .arg(&self.payload)
             .ignore();
     }
-}
-
-/// Encodes a chunk's items: each item is an encoded argument tuple.
-pub fn encode_items(store: &Store, items: Vec<ByteBuf>, key: &str) -> Result<Vec<u8>> {
-    store.encode(&items, key)
 }
 
 /// One item's failure inside a chunk.
@@ -234,10 +241,47 @@ pub struct ItemFailure {
 /// What a worker sends back for one chunk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkOutcome {
-    /// The encoded results of the items that succeeded, in order.
-    pub outputs: Vec<ByteBuf>,
+    /// The results of the items that succeeded, in order: one MessagePack array
+    /// ([`ArrayWriter`]; read it with [`ArrayReader::array`]).
+    pub outputs: ByteBuf,
     /// The item that failed, if one did; the items after it did not run.
     pub failure: Option<ItemFailure>,
+}
+
+impl ChunkOutcome {
+    /// An outcome without results: the item at `index` failed.
+    pub fn failed(index: u32, kind: TaskErrorKind, message: String) -> Self {
+        ChunkOutcome {
+            outputs: ByteBuf::from(ArrayWriter::new().finish()),
+            failure: Some(ItemFailure {
+                index,
+                kind,
+                message,
+            }),
+        }
+    }
+}
+
+/// A [`ChunkOutcome`] as it is written without copying the results (the same encoding).
+#[derive(Serialize)]
+struct PartialOutcome<'a> {
+    outputs: &'a serde_bytes::Bytes,
+    failure: Option<ItemFailure>,
+}
+
+/// One chunk's final outcome in a results entry that carries those of a whole worker read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchedOutcome {
+    /// The call.
+    pub call: u64,
+    /// The chunk index.
+    pub chunk: u64,
+    /// The attempt that produced it.
+    pub attempt: u32,
+    /// The offset in the chunk of the first item it covers.
+    pub offset: u64,
+    /// The outcome.
+    pub outcome: ChunkOutcome,
 }
 
 /// One entry of the results stream.
@@ -265,35 +309,97 @@ pub struct ResultEntry {
 /// What came back for a chunk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ResultBody {
-    /// An encoded [`ChunkOutcome`].
-    Outcome(Vec<u8>),
+    /// Its [`ChunkOutcome`], or why it could not be decoded.
+    Outcome(std::result::Result<ChunkOutcome, String>),
     /// The chunk used up its attempts; why.
     Crashed(String),
 }
 
 impl ResultEntry {
-    /// Parses a results-stream entry; `None` for an entry that is not one.
-    pub fn parse(entry: &StreamId) -> Option<ResultEntry> {
-        let call: u64 = entry.get("c")?;
-        let chunk: u64 = entry.get("k")?;
-        let attempt: u32 = entry.get("a")?;
+    /// Parses a results-stream entry into the chunk outcomes it carries (one, or those of a
+    /// worker's read); none for an entry that is not one. `store` decodes the outcomes.
+    pub fn parse(store: &Store, key: &str, entry: &StreamId) -> Vec<ResultEntry> {
         let worker: String = entry.get("w").unwrap_or_default();
-        let offset: u64 = entry.get("o").unwrap_or_default();
-        let partial = entry.map.contains_key("n");
-        let body = match entry.get::<Vec<u8>>("p") {
-            Some(p) => ResultBody::Outcome(p),
-            None => ResultBody::Crashed(entry.get("x")?),
+        if let Some(headers) = entry.get::<String>("h") {
+            return Self::parse_batch(store, key, entry, worker, &headers);
+        }
+        let single = || -> Option<ResultEntry> {
+            let body = match entry.get::<Vec<u8>>("p") {
+                Some(p) => ResultBody::Outcome(
+                    store
+                        .decode::<ChunkOutcome>(&p, key)
+                        .map_err(|e| e.to_string()),
+                ),
+                None => ResultBody::Crashed(entry.get("x")?),
+            };
+            Some(ResultEntry {
+                id: entry.id.clone(),
+                call: entry.get("c")?,
+                chunk: entry.get("k")?,
+                attempt: entry.get("a")?,
+                worker: worker.clone(),
+                offset: entry.get("o").unwrap_or_default(),
+                partial: entry.map.contains_key("n"),
+                body,
+            })
         };
-        Some(ResultEntry {
-            id: entry.id.clone(),
-            call,
-            chunk,
-            attempt,
-            worker,
-            offset,
-            partial,
-            body,
-        })
+        single().into_iter().collect()
+    }
+
+    /// A batch entry: `h` names its chunks (so that they fail, rather than wait forever, when
+    /// `b` cannot be decoded), `b` holds their outcomes in the same order.
+    fn parse_batch(
+        store: &Store,
+        key: &str,
+        entry: &StreamId,
+        worker: String,
+        headers: &str,
+    ) -> Vec<ResultEntry> {
+        let decoded = entry
+            .get::<Vec<u8>>("b")
+            .ok_or_else(|| "the batch has no outcomes".to_string())
+            .and_then(|b| {
+                store
+                    .decode::<Vec<BatchedOutcome>>(&b, key)
+                    .map_err(|e| e.to_string())
+            });
+        match decoded {
+            Ok(outcomes) => outcomes
+                .into_iter()
+                .map(|o| ResultEntry {
+                    id: entry.id.clone(),
+                    call: o.call,
+                    chunk: o.chunk,
+                    attempt: o.attempt,
+                    worker: worker.clone(),
+                    offset: o.offset,
+                    partial: false,
+                    body: ResultBody::Outcome(Ok(o.outcome)),
+                })
+                .collect(),
+            Err(why) => headers
+                .split(',')
+                .filter_map(|h| {
+                    let mut parts = h.split('.').map(|n| n.parse::<u64>().ok());
+                    let (call, chunk, attempt, offset) = (
+                        parts.next()??,
+                        parts.next()??,
+                        parts.next()??,
+                        parts.next()??,
+                    );
+                    Some(ResultEntry {
+                        id: entry.id.clone(),
+                        call,
+                        chunk,
+                        attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+                        worker: worker.clone(),
+                        offset,
+                        partial: false,
+                        body: ResultBody::Outcome(Err(why.clone())),
+                    })
+                })
+                .collect(),
+        }
     }
 }
 
@@ -449,6 +555,120 @@ pub async fn cancel_call(
     Ok((removed, workers))
 }
 
+/// Removes the task-stream entries the workers are done with (delivered and acknowledged; see
+/// `pool_trim.lua`); returns how many. One round trip.
+pub async fn trim_tasks(
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
+    keys: &PoolKeys,
+) -> Result<u64> {
+    TRIM.key(&keys.tasks)
+        .arg(GROUP)
+        .invoke_async(conn)
+        .await
+        .context(|| format!("trimming {}", keys.tasks))
+}
+
+/// An entry of the task stream as a worker read it.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TaskEntry {
+    id: String,
+    /// A stop entry.
+    stop: bool,
+    call: u64,
+    chunk: u64,
+    attempt: u32,
+    function: String,
+    /// The index of the chunk's first item in the call's input.
+    first_item: u64,
+    /// Items of the chunk done by earlier attempts (skipped).
+    done: u64,
+    payload: Vec<u8>,
+}
+
+/// The entries of an `XREADGROUP` reply (RESP2 arrays or RESP3 maps), read straight from the
+/// reply: a worker reads many small entries, and a map per entry would cost more than the task.
+fn parse_task_entries(reply: redis::Value) -> Vec<TaskEntry> {
+    use redis::Value;
+    fn pairs(value: Value) -> Vec<(Value, Value)> {
+        match value {
+            Value::Map(map) => map,
+            Value::Array(items) => {
+                let mut items = items.into_iter();
+                let mut out = Vec::with_capacity(items.len() / 2);
+                while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                    out.push((k, v));
+                }
+                out
+            }
+            _ => Vec::new(),
+        }
+    }
+    fn bytes(value: Value) -> Vec<u8> {
+        match value {
+            Value::BulkString(b) => b,
+            Value::SimpleString(s) => s.into_bytes(),
+            Value::Int(i) => i.to_string().into_bytes(),
+            _ => Vec::new(),
+        }
+    }
+    let streams = match reply {
+        // RESP2: [[key, entries]]; RESP3: {key: entries}.
+        Value::Array(streams) => streams
+            .into_iter()
+            .filter_map(|s| match s {
+                Value::Array(mut pair) if pair.len() == 2 => pair.pop(),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(map) => map.into_iter().map(|(_, entries)| entries).collect(),
+        _ => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for entries in streams {
+        let Value::Array(entries) = entries else {
+            continue;
+        };
+        for entry in entries {
+            let Value::Array(mut parts) = entry else {
+                continue;
+            };
+            if parts.len() != 2 {
+                continue;
+            }
+            let fields = parts.pop().unwrap_or(Value::Nil);
+            let id =
+                String::from_utf8(bytes(parts.pop().unwrap_or(Value::Nil))).unwrap_or_default();
+            let mut task = TaskEntry {
+                id,
+                attempt: 1,
+                ..TaskEntry::default()
+            };
+            for (name, value) in pairs(fields) {
+                match bytes(name).as_slice() {
+                    b"s" => task.stop = true,
+                    b"h" => {
+                        let header = bytes(value);
+                        let mut numbers = header
+                            .split(|b| *b == b'.')
+                            .map(|n| std::str::from_utf8(n).ok()?.parse::<u64>().ok());
+                        let mut next = || numbers.next().flatten().unwrap_or_default();
+                        task.call = next();
+                        task.chunk = next();
+                        task.attempt = u32::try_from(next()).unwrap_or(u32::MAX).max(1);
+                        task.first_item = next();
+                        task.done = next();
+                    }
+                    b"f" => task.function = String::from_utf8(bytes(value)).unwrap_or_default(),
+                    b"p" => task.payload = bytes(value),
+                    _ => {}
+                }
+            }
+            out.push(task);
+        }
+    }
+    out
+}
+
 /// Why a worker's loop ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WorkerEnd {
@@ -471,7 +691,9 @@ pub fn run_worker(store: &Arc<Store>, spec: &PoolWorkerSpec) -> Result<WorkerEnd
         run_initializer(init, limit)?;
     }
     let in_hand: Arc<Mutex<InHand>> = Arc::default();
-    let done = Arc::new(AtomicBool::new(false));
+    // Dropping the sender ends the heartbeat thread at once (it waits on the channel between
+    // beats rather than waking up to poll a flag).
+    let (done, done_rx) = std::sync::mpsc::channel::<()>();
     // The tasks this thread runs see their call's cancellation through termination_requested().
     let cancel = in_hand
         .lock()
@@ -484,15 +706,15 @@ pub fn run_worker(store: &Arc<Store>, spec: &PoolWorkerSpec) -> Result<WorkerEnd
         let keys = keys.clone();
         let spec = spec.clone();
         let in_hand = in_hand.clone();
-        let done = done.clone();
+
         std::thread::Builder::new()
             .name("shoal-heartbeat".into())
-            .spawn(move || heartbeat(&store, &keys, &spec, &in_hand, &done))
+            .spawn(move || heartbeat(&store, &keys, &spec, &in_hand, &done_rx))
             .map_err(|e| Error::io("starting the heartbeat thread", e))?
     };
     let result = serve(store, spec, &keys, &in_hand, limit);
     context::set_task_cancel_flag(None);
-    done.store(true, Ordering::Release);
+    drop(done);
     let _ = heartbeat.join();
     let _ = store.with_conn(
         || "removing a worker's heartbeat".into(),
@@ -532,6 +754,17 @@ fn serve(
 ) -> Result<WorkerEnd> {
     let mut chunks_done: u64 = 0;
     let mut prefetch: usize = 1;
+    // The outcomes of the last read's chunks: they go in the same round trip as the next read.
+    let mut outgoing: Option<redis::Pipeline> = None;
+    let send = |pipe: &redis::Pipeline| {
+        // A resend after a lost reply may add an outcome twice; the supervisor keeps one.
+        store.retry_unreachable(|| {
+            store.with_conn(
+                || format!("sending results to {}", keys.results),
+                |c| pipe.query::<()>(c),
+            )
+        })
+    };
     loop {
         // A cancellation concerns the chunks it was meant for, not the worker.
         in_hand
@@ -540,51 +773,51 @@ fn serve(
             .cancelled
             .store(false, Ordering::Release);
         if context::termination_requested() {
+            if let Some(pipe) = outgoing.take() {
+                send(&pipe)?;
+            }
             return Ok(WorkerEnd::Terminated);
         }
         let count = match spec.maxtasksperchild {
             Some(max) => prefetch.min(max.saturating_sub(chunks_done).max(1) as usize),
             None => prefetch,
         };
+        let mut pipe = outgoing.take().unwrap_or_else(redis::pipe);
+        pipe.cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&spec.worker_id)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(READ_BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&keys.tasks)
+            .arg(">");
+        // One round trip: the last outcomes (if any), then the blocking read. A resend after a
+        // lost reply may add those outcomes twice; the supervisor keeps one.
         let read = store.retry_unreachable(|| {
             store.with_blocking_conn(
                 Some(READ_BLOCK),
                 || format!("reading {}", keys.tasks),
-                |c| {
-                    redis::cmd("XREADGROUP")
-                        .arg("GROUP")
-                        .arg(GROUP)
-                        .arg(&spec.worker_id)
-                        .arg("COUNT")
-                        .arg(count)
-                        .arg("BLOCK")
-                        .arg(READ_BLOCK.as_millis() as u64)
-                        .arg("STREAMS")
-                        .arg(&keys.tasks)
-                        .arg(">")
-                        .query::<Option<StreamReadReply>>(c)
-                },
+                |c| pipe.query::<(redis::Value,)>(c),
             )
         });
         let reply = match read {
-            Ok(reply) => reply,
+            Ok((reply,)) => reply,
             Err(Error::Redis { source, .. }) if source.code() == Some("NOGROUP") => {
                 return Ok(WorkerEnd::PoolGone);
             }
             Err(e) => return Err(e),
         };
-        let entries: Vec<StreamId> = reply
-            .into_iter()
-            .flat_map(|r| r.keys)
-            .flat_map(|k| k.ids)
-            .collect();
+        let entries = parse_task_entries(reply);
         if entries.is_empty() {
             continue;
         }
         let cancelled = {
             let mut hand = in_hand.lock().unwrap_or_else(|p| p.into_inner());
             hand.ids = entries.iter().map(|e| e.id.clone()).collect();
-            hand.calls = entries.iter().filter_map(|e| e.get("c")).collect();
+            hand.calls = entries.iter().filter(|e| !e.stop).map(|e| e.call).collect();
             hand.cancelled.store(false, Ordering::Release);
             hand.cancelled.clone()
         };
@@ -593,77 +826,44 @@ fn serve(
         let mut pipe = redis::pipe();
         let mut ids: Vec<&str> = Vec::with_capacity(entries.len());
         let mut reported: Vec<&str> = Vec::new();
+        let mut outcomes: Vec<BatchedOutcome> = Vec::with_capacity(entries.len());
         let mut ran = 0u32;
         for entry in &entries {
             ids.push(&entry.id);
-            if entry.map.contains_key("s") {
+            if entry.stop {
                 stop = true;
                 continue;
             }
-            let chunk = ChunkRun {
-                entry,
-                function: entry.get("f").unwrap_or_default(),
-                call: entry.get("c").unwrap_or_default(),
-                chunk: entry.get("k").unwrap_or_default(),
-                attempt: entry.get("a").unwrap_or(1),
-                first_item: entry.get("o").unwrap_or_default(),
-                done: entry.get("d").unwrap_or_default(),
-            };
-            let payload: Vec<u8> = entry.get("p").unwrap_or_default();
-            let mut report = |offset: u64, outputs: &[ByteBuf]| {
-                report_progress(store, keys, spec, &chunk, offset, outputs)
+            let chunk = entry;
+            let mut report = |offset: u64, outputs: &[u8]| {
+                report_progress(store, keys, spec, chunk, offset, outputs)
             };
             let (outcome, offset, progressed) =
-                run_chunk(store, &chunk, &payload, limit, &keys.tasks, &mut report);
+                run_chunk(chunk, &entry.payload, limit, &keys.tasks, &mut report);
             if progressed {
                 reported.push(&entry.id);
             }
-            let encoded = store.encode(&outcome, &keys.results).or_else(|e| {
-                let failed = ChunkOutcome {
-                    outputs: Vec::new(),
-                    failure: Some(ItemFailure {
-                        index: 0,
-                        kind: TaskErrorKind::Error,
-                        message: format!("the chunk's results cannot be sent: {e}"),
-                    }),
-                };
-                store.encode(&failed, &keys.results)
-            })?;
-            pipe.cmd("XADD")
-                .arg(&keys.results)
-                .arg("*")
-                .arg("c")
-                .arg(chunk.call)
-                .arg("k")
-                .arg(chunk.chunk)
-                .arg("a")
-                .arg(chunk.attempt)
-                .arg("w")
-                .arg(&spec.worker_id)
-                .arg("o")
-                .arg(offset)
-                .arg("p")
-                .arg(encoded)
-                .ignore();
+            outcomes.push(BatchedOutcome {
+                call: chunk.call,
+                chunk: chunk.chunk,
+                attempt: chunk.attempt,
+                offset,
+                outcome,
+            });
             ran += 1;
         }
+        let per_chunk = started.elapsed() / ran.max(1);
+        add_outcomes(&mut pipe, store, keys, &spec.worker_id, outcomes)?;
         if !reported.is_empty() {
             pipe.hdel(&keys.progress, &reported).ignore();
         }
+        // Acknowledged, not deleted: the supervisor trims what the workers are done with.
         pipe.xack(&keys.tasks, GROUP, &ids).ignore();
-        pipe.xdel(&keys.tasks, &ids).ignore();
         if ran > 0 {
             // The tasks ended: what they put on queues reaches Redis before their results, and
             // the next task starts with this process's queues open again.
             context::run_exit_hooks();
         }
-        // A resend after a lost reply may add an outcome twice; the supervisor keeps one.
-        store.retry_unreachable(|| {
-            store.with_conn(
-                || format!("sending results to {}", keys.results),
-                |c| pipe.query::<()>(c),
-            )
-        })?;
         in_hand.lock().unwrap_or_else(|p| p.into_inner()).clear();
         if cancelled.swap(false, Ordering::AcqRel) {
             tracing::debug!(
@@ -671,20 +871,28 @@ fn serve(
                 spec.worker_id
             );
         }
+        chunks_done += u64::from(ran);
         if stop {
+            send(&pipe)?;
             return Ok(WorkerEnd::Stopped);
         }
-        chunks_done += u64::from(ran);
         if spec.maxtasksperchild.is_some_and(|max| chunks_done >= max) {
+            send(&pipe)?;
             return Ok(WorkerEnd::MaxTasks);
         }
-        let per_chunk = started.elapsed() / ran.max(1);
-        prefetch = if per_chunk < CHEAP_CHUNK {
-            (prefetch * 2).min(MAX_PREFETCH)
-        } else {
-            1
-        };
+        outgoing = Some(pipe);
+        prefetch = next_prefetch(prefetch, per_chunk);
     }
+}
+
+/// How many chunks to ask for after a read that took `per_chunk` per chunk with `prefetch`: as
+/// many as fit in [`READ_BUDGET`], at most twice as many as before and at most
+/// [`MAX_PREFETCH`], at least one.
+fn next_prefetch(prefetch: usize, per_chunk: Duration) -> usize {
+    let fit = READ_BUDGET.as_nanos() / per_chunk.as_nanos().max(1);
+    usize::try_from(fit)
+        .unwrap_or(usize::MAX)
+        .clamp(1, (prefetch * 2).min(MAX_PREFETCH))
 }
 
 /// The chunks a worker runs now, for its heartbeat: their entry ids (leases to renew), their
@@ -703,31 +911,84 @@ impl InHand {
     }
 }
 
-/// A chunk entry being run.
-struct ChunkRun<'a> {
-    entry: &'a StreamId,
-    function: String,
-    call: u64,
-    chunk: u64,
-    attempt: u32,
-    /// The index of the chunk's first item in the call's input.
-    first_item: u64,
-    /// Items of the chunk done by earlier attempts (skipped).
-    done: u64,
+/// Adds the final outcomes of the chunks of one read to `pipe`: one results entry for all of
+/// them, or, when together they exceed the size limit, one entry per chunk (a chunk whose
+/// outcome alone is too large fails with the reason).
+fn add_outcomes(
+    pipe: &mut redis::Pipeline,
+    store: &Store,
+    keys: &PoolKeys,
+    worker: &str,
+    outcomes: Vec<BatchedOutcome>,
+) -> Result<()> {
+    if outcomes.is_empty() {
+        return Ok(());
+    }
+    if let Ok(batch) = store.encode(&outcomes, &keys.results) {
+        let mut headers = String::with_capacity(outcomes.len() * 16);
+        for (i, o) in outcomes.iter().enumerate() {
+            use std::fmt::Write;
+            let sep = if i == 0 { "" } else { "," };
+            let _ = write!(
+                headers,
+                "{sep}{}.{}.{}.{}",
+                o.call, o.chunk, o.attempt, o.offset
+            );
+        }
+        pipe.cmd("XADD")
+            .arg(&keys.results)
+            .arg("*")
+            .arg("w")
+            .arg(worker)
+            .arg("h")
+            .arg(headers)
+            .arg("b")
+            .arg(batch)
+            .ignore();
+        return Ok(());
+    }
+    for o in outcomes {
+        let encoded = store.encode(&o.outcome, &keys.results).or_else(|e| {
+            let failed = ChunkOutcome::failed(
+                0,
+                TaskErrorKind::Error,
+                format!("the chunk's results cannot be sent: {e}"),
+            );
+            store.encode(&failed, &keys.results)
+        })?;
+        pipe.cmd("XADD")
+            .arg(&keys.results)
+            .arg("*")
+            .arg("c")
+            .arg(o.call)
+            .arg("k")
+            .arg(o.chunk)
+            .arg("a")
+            .arg(o.attempt)
+            .arg("w")
+            .arg(worker)
+            .arg("o")
+            .arg(o.offset)
+            .arg("p")
+            .arg(encoded)
+            .ignore();
+    }
+    Ok(())
 }
 
-/// Sends the outcomes of a long chunk's items `offset..offset + outputs.len()` as a partial
+/// Sends the results of a long chunk's items `offset..` (the array `outputs`) as a partial
 /// outcome and records the chunk's progress, in one round trip.
 fn report_progress(
     store: &Store,
     keys: &PoolKeys,
     spec: &PoolWorkerSpec,
-    chunk: &ChunkRun<'_>,
+    chunk: &TaskEntry,
     offset: u64,
-    outputs: &[ByteBuf],
+    outputs: &[u8],
 ) -> Result<()> {
-    let part = ChunkOutcome {
-        outputs: outputs.to_vec(),
+    let count = u64::from(shoal_core::codec::array_len(outputs).unwrap_or(0));
+    let part = PartialOutcome {
+        outputs: serde_bytes::Bytes::new(outputs),
         failure: None,
     };
     let encoded = store.encode(&part, &keys.results)?;
@@ -753,11 +1014,7 @@ fn report_progress(
                 .arg("p")
                 .arg(encoded)
                 .ignore()
-                .hset(
-                    &keys.progress,
-                    &chunk.entry.id,
-                    offset + outputs.len() as u64,
-                )
+                .hset(&keys.progress, &chunk.id, offset + count)
                 .ignore()
                 .expire(&keys.progress, store.expiry_secs() as i64)
                 .ignore()
@@ -767,81 +1024,80 @@ fn report_progress(
 }
 
 /// Runs a chunk's items in order, from the first one not done yet, until one fails. Every
-/// [`PROGRESS_EVERY`], `report(offset, outputs)` sends the outcomes gathered so far (kept for
-/// the final outcome when it fails). Returns the final outcome, the offset in the chunk of its
-/// first output, and whether progress was reported.
+/// [`PROGRESS_EVERY`], `report(offset, outputs)` sends the results gathered so far (one array;
+/// on failure they go with the final outcome instead). Returns the final outcome, the offset in
+/// the chunk of its first result, and whether progress was reported.
 fn run_chunk(
-    store: &Store,
-    chunk: &ChunkRun<'_>,
+    chunk: &TaskEntry,
     payload: &[u8],
     limit: usize,
     key: &str,
-    report: &mut dyn FnMut(u64, &[ByteBuf]) -> Result<()>,
+    report: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
 ) -> (ChunkOutcome, u64, bool) {
     let function = chunk.function.as_str();
     let mut offset = chunk.done;
-    let fail = |index: u32, failure: Failure| ChunkOutcome {
-        outputs: Vec::new(),
-        failure: Some(ItemFailure {
-            index,
-            kind: failure.kind,
-            message: failure.message,
-        }),
-    };
+    let fail =
+        |index: u32, failure: Failure| ChunkOutcome::failed(index, failure.kind, failure.message);
     let Some(entry) = registry::lookup(function) else {
         let e = registry::unknown_here(function);
         return (fail(0, Failure::error(e)), offset, false);
     };
-    let items: Vec<ByteBuf> = match store.decode(payload, key) {
+    let mut items = match ArrayReader::payload(payload, limit, || key.to_string()) {
         Ok(items) => items,
         Err(e) => return (fail(0, Failure::error(e)), offset, false),
     };
-    let skip = usize::try_from(chunk.done).unwrap_or(usize::MAX);
-    let mut outputs = Vec::with_capacity(items.len().saturating_sub(skip));
+    let total = u64::from(items.remaining());
+    for _ in 0..chunk.done.min(total) {
+        if !items.skip() {
+            let e = format!("{key}: the chunk's items are not valid MessagePack");
+            return (fail(0, Failure::error(e)), offset, false);
+        }
+    }
+    // The results of most functions take about as much room as their arguments.
+    let mut outputs = ArrayWriter::with_capacity(payload.len());
     let mut progressed = false;
     let mut since_report = std::time::Instant::now();
     let mut report_after = FIRST_PROGRESS;
-    for (index, item) in items.iter().enumerate().skip(skip) {
+    let mut clock = ClockStride::default();
+    let finish = |outputs: ArrayWriter, failure: Option<ItemFailure>| ChunkOutcome {
+        outputs: ByteBuf::from(outputs.finish()),
+        failure,
+    };
+    for index in chunk.done.min(total)..total {
+        let failed_at = |offset: u64| u32::try_from(index - offset).unwrap_or(u32::MAX);
         if context::termination_requested() {
             // The call was cancelled: the rest of the chunk does not run.
-            let outcome = ChunkOutcome {
-                outputs,
-                failure: Some(ItemFailure {
-                    index: (index as u64 - offset) as u32,
-                    kind: TaskErrorKind::Error,
-                    message: "the call was cancelled".into(),
-                }),
+            let failure = ItemFailure {
+                index: failed_at(offset),
+                kind: TaskErrorKind::Error,
+                message: "the call was cancelled".into(),
             };
-            return (outcome, offset, progressed);
+            return (finish(outputs, Some(failure)), offset, progressed);
         }
-        let result = registry::call(entry, item, limit).and_then(|returned| returned.value);
-        match result {
-            Ok(bytes) => outputs.push(ByteBuf::from(bytes)),
-            Err(failure) => {
-                if failure.kind == TaskErrorKind::Panic {
-                    // The panic hook printed it; say which task it was.
-                    eprintln!(
-                        "shoal: {function} panicked on item {} of the call",
-                        chunk.first_item + index as u64
-                    );
-                }
-                let failed_at = (index as u64 - offset) as u32;
-                let outcome = ChunkOutcome {
-                    outputs,
-                    failure: Some(ItemFailure {
-                        index: failed_at,
-                        kind: failure.kind,
-                        message: failure.message,
-                    }),
-                };
-                return (outcome, offset, progressed);
+        if let Err(failure) = registry::call_element(entry, &mut items, &mut outputs, limit) {
+            if failure.kind == TaskErrorKind::Panic {
+                // The panic hook printed it; say which task it was.
+                eprintln!(
+                    "shoal: {function} panicked on item {} of the call",
+                    chunk.first_item + index
+                );
             }
+            let failure = ItemFailure {
+                index: failed_at(offset),
+                kind: failure.kind,
+                message: failure.message,
+            };
+            return (finish(outputs, Some(failure)), offset, progressed);
         }
-        if since_report.elapsed() >= report_after && index + 1 < items.len() {
+        if index + 1 < total
+            && let Some(now) = clock.due()
+            && now.duration_since(since_report) >= report_after
+        {
             // On failure the outputs stay here and go with the final outcome.
-            match report(offset, &outputs) {
+            let count = u64::from(outputs.len());
+            match report(offset, outputs.as_finished()) {
                 Ok(()) => {
-                    offset += outputs.len() as u64;
+                    offset += count;
                     outputs.clear();
                     progressed = true;
                 }
@@ -851,11 +1107,51 @@ fn run_chunk(
             report_after = PROGRESS_EVERY;
         }
     }
-    let outcome = ChunkOutcome {
-        outputs,
-        failure: None,
-    };
-    (outcome, offset, progressed)
+    (finish(outputs, None), offset, progressed)
+}
+
+/// How often a chunk's item loop reads the clock: after every item while items are slow, and
+/// every few items (at most [`ClockStride::MAX`]) while they take microseconds: for items of a
+/// few nanoseconds, reading the clock after each cost more than the items. A progress report is
+/// then late by at most `MAX` items.
+#[derive(Debug)]
+struct ClockStride {
+    every: u32,
+    left: u32,
+    last: std::time::Instant,
+}
+
+impl Default for ClockStride {
+    fn default() -> Self {
+        ClockStride {
+            every: 1,
+            left: 1,
+            last: std::time::Instant::now(),
+        }
+    }
+}
+
+impl ClockStride {
+    const MAX: u32 = 16;
+    /// Items that take less than this in all (per stride) widen the stride.
+    const FAST: Duration = Duration::from_micros(10);
+
+    /// The time, when the clock is to be read after this item.
+    fn due(&mut self) -> Option<std::time::Instant> {
+        self.left -= 1;
+        if self.left > 0 {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        self.every = if now.duration_since(self.last) < Self::FAST {
+            (self.every * 2).min(Self::MAX)
+        } else {
+            1
+        };
+        self.last = now;
+        self.left = self.every;
+        Some(now)
+    }
 }
 
 /// The worker's heartbeat thread: renews the lease of the chunks in hand, stamps the `workers`
@@ -865,7 +1161,7 @@ fn heartbeat(
     keys: &PoolKeys,
     spec: &PoolWorkerSpec,
     in_hand: &Mutex<InHand>,
-    done: &AtomicBool,
+    done: &std::sync::mpsc::Receiver<()>,
 ) {
     let lease = Duration::from_millis(spec.lease_ms);
     let driver_ttl = Duration::from_millis(spec.driver_ttl_ms);
@@ -876,7 +1172,6 @@ fn heartbeat(
         (lease / 3).max(Duration::from_millis(10))
     };
     let worker = spec.worker_id.as_str();
-    let step = Duration::from_millis(10).min(every);
     let mut driver_missing_since: Option<std::time::Instant> = None;
     loop {
         let (current, calls, cancel) = {
@@ -933,13 +1228,105 @@ fn heartbeat(
                 }
             }
         }
-        let mut slept = Duration::ZERO;
-        while slept < every {
-            if done.load(Ordering::Acquire) {
-                return;
-            }
-            std::thread::sleep(step);
-            slept += step;
+        match done.recv_timeout(every) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            // The worker's loop ended (the sender was dropped).
+            _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn the_clock_is_read_less_often_while_items_are_fast() {
+        let mut clock = ClockStride::default();
+        let reads = (0..1000).filter(|_| clock.due().is_some()).count();
+        // About every MAX items; the margin is for a thread preempted now and then.
+        assert!(
+            reads < 500,
+            "fast items: the clock is read every few items ({reads} reads for 1000)"
+        );
+        assert!(clock.every <= ClockStride::MAX);
+        // A slow item: the next stride is one item again.
+        while clock.due().is_none() {}
+        std::thread::sleep(Duration::from_millis(1));
+        let mut items = 0;
+        loop {
+            items += 1;
+            if clock.due().is_some() {
+                break;
+            }
+        }
+        assert!(items <= ClockStride::MAX as usize);
+        assert_eq!(clock.every, 1, "slow items: the clock is read after each");
+    }
+
+    #[test]
+    fn a_read_takes_what_fits_in_its_budget() {
+        let us = Duration::from_micros;
+        assert_eq!(next_prefetch(1, us(10)), 2, "grows by doubling");
+        assert_eq!(next_prefetch(32, us(10)), 64);
+        assert_eq!(next_prefetch(64, us(10)), MAX_PREFETCH, "capped");
+        assert_eq!(next_prefetch(64, us(500)), 4, "as many as fit in 2 ms");
+        assert_eq!(
+            next_prefetch(64, us(3000)),
+            1,
+            "expensive chunks: one at a time"
+        );
+        assert_eq!(next_prefetch(8, Duration::ZERO), 16);
+    }
+
+    #[test]
+    fn task_entries_are_read_from_resp2_and_resp3_replies() {
+        let chunk = Value::Array(vec![
+            bulk("1-0"),
+            Value::Array(vec![
+                bulk("h"),
+                bulk("7.3.2.30.4"),
+                bulk("f"),
+                bulk("app::f"),
+                bulk("p"),
+                Value::BulkString(vec![1, 0x90]),
+            ]),
+        ]);
+        let stop = Value::Array(vec![bulk("1-1"), Value::Map(vec![(bulk("s"), bulk("1"))])]);
+        let expected = vec![
+            TaskEntry {
+                id: "1-0".into(),
+                stop: false,
+                call: 7,
+                chunk: 3,
+                attempt: 2,
+                function: "app::f".into(),
+                first_item: 30,
+                done: 4,
+                payload: vec![1, 0x90],
+            },
+            TaskEntry {
+                id: "1-1".into(),
+                stop: true,
+                attempt: 1,
+                ..TaskEntry::default()
+            },
+        ];
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            bulk("tasks"),
+            Value::Array(vec![chunk.clone(), stop.clone()]),
+        ])]);
+        assert_eq!(parse_task_entries(resp2), expected);
+        let resp3 = Value::Map(vec![(bulk("tasks"), Value::Array(vec![chunk, stop]))]);
+        assert_eq!(parse_task_entries(resp3), expected);
+        assert!(
+            parse_task_entries(Value::Nil).is_empty(),
+            "a read that timed out"
+        );
     }
 }

@@ -2,6 +2,7 @@
 -- call in the cancelled set (their heartbeat checks it, and the task's termination_requested()
 -- becomes true). With ARGV[3] = 'sweep', the chunks of the call still pending (their worker did
 -- not stop within the grace period) are removed too and their workers returned, to be killed.
+-- A chunk entry's header h starts with its call: 'call.chunk.attempt.first.done'.
 -- KEYS[1] tasks stream, KEYS[2] cancelled set
 -- ARGV[1] call, ARGV[2] TTL seconds, ARGV[3] 'cancel' or 'sweep', ARGV[4] consumer group
 -- Returns {removed, consumer...}.
@@ -27,7 +28,7 @@ if ARGV[3] == 'cancel' then
   for _, e in ipairs(undelivered) do
     local fields = e[2]
     for i = 1, #fields, 2 do
-      if fields[i] == 'c' and fields[i + 1] == ARGV[1] then
+      if fields[i] == 'h' and string.match(fields[i + 1], '^(%d+)%.') == ARGV[1] then
         redis.call('XDEL', KEYS[1], e[1])
         removed = removed + 1
       end
@@ -40,7 +41,7 @@ else
     if #entries == 1 then
       local fields = entries[1][2]
       for i = 1, #fields, 2 do
-        if fields[i] == 'c' and fields[i + 1] == ARGV[1] then
+        if fields[i] == 'h' and string.match(fields[i + 1], '^(%d+)%.') == ARGV[1] then
           redis.call('XACK', KEYS[1], ARGV[4], p[1])
           redis.call('XDEL', KEYS[1], p[1])
           removed = removed + 1

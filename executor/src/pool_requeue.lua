@@ -6,7 +6,9 @@
 --         worker stopped renewing the lease)
 -- ARGV[4] attempts allowed (1 + retries)
 -- ARGV[5] TTL in seconds
--- A chunk is added again from where its progress says it got (field d: items done). When the
+-- A chunk entry's header h is 'call.chunk.attempt.first.done' (first: index of its first item in
+-- the call's input; done: its items done by earlier attempts, skipped).
+-- A chunk is added again from where its progress says it got (done, in the header). When the
 -- attempt got further than where it started, the death was not the chunk's doing and it starts
 -- again at attempt 1; an attempt without progress counts, and a chunk whose 1 + retries attempts
 -- in a row made none is answered in the results stream with a crash entry (field x, offset o =
@@ -30,26 +32,33 @@ for _, p in ipairs(pending) do
     for i = 1, #fields, 2 do
       f[fields[i]] = fields[i + 1]
     end
+    local call, chunk, attempt_s, first, started_s =
+      string.match(f['h'] or '', '^(%d+)%.(%d+)%.(%d+)%.(%d+)%.(%d+)$')
     if f['s'] then
       redis.call('XADD', KEYS[1], '*', 's', '1')
-    elseif redis.call('SISMEMBER', KEYS[4], f['c']) == 1 then
+    elseif not call then
+      -- Not a chunk entry: nothing to move.
+    elseif redis.call('SISMEMBER', KEYS[4], call) == 1 then
       -- The call was cancelled: nobody wants this chunk any more.
     else
-      local attempt = tonumber(f['a'])
-      local started_at = tonumber(f['d'] or '0')
+      local attempt = tonumber(attempt_s)
+      local started_at = tonumber(started_s)
       local done = tonumber(redis.call('HGET', KEYS[3], id) or started_at)
+      local function header(a)
+        return call .. '.' .. chunk .. '.' .. a .. '.' .. first .. '.' .. string.format('%d', done)
+      end
       if done > started_at then
         -- The worker got further: this death is not the chunk's doing.
-        redis.call('XADD', KEYS[1], '*', 'c', f['c'], 'k', f['k'], 'a', '1',
-          'f', f['f'], 'o', f['o'] or '0', 'd', tostring(done), 'p', f['p'])
+        redis.call('XADD', KEYS[1], '*', 'h', header('1'), 'f', f['f'], 'p', f['p'])
         requeued = requeued + 1
       elseif attempt >= tonumber(ARGV[4]) then
-        redis.call('XADD', KEYS[2], '*', 'c', f['c'], 'k', f['k'], 'a', f['a'], 'w', consumer,
-          'o', tostring(done), 'x', 'the worker running it died or stopped renewing its lease')
+        redis.call('XADD', KEYS[2], '*', 'c', call, 'k', chunk, 'a', attempt_s, 'w', consumer,
+          'o', string.format('%d', done),
+          'x', 'the worker running it died or stopped renewing its lease')
         failed = failed + 1
       else
-        redis.call('XADD', KEYS[1], '*', 'c', f['c'], 'k', f['k'], 'a', tostring(attempt + 1),
-          'f', f['f'], 'o', f['o'] or '0', 'd', tostring(done), 'p', f['p'])
+        redis.call('XADD', KEYS[1], '*', 'h', header(tostring(attempt + 1)), 'f', f['f'],
+          'p', f['p'])
         requeued = requeued + 1
       end
     end

@@ -902,3 +902,121 @@ fn a_function_that_kills_every_worker_fails_fast_with_the_default_budget() {
         started.elapsed()
     );
 }
+
+/// A result of `len` bytes.
+#[shoal::remote]
+fn bytes_of(len: u64) -> Vec<u8> {
+    vec![7; len as usize]
+}
+
+#[test]
+fn get_can_be_called_again_and_gives_the_same_results() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    let expected: Vec<u64> = (0..20_000u64).map(|x| x * x).collect();
+    // Decoded on the caller's side as chunks arrive (get() wakes as they come, a timeout
+    // leaves what it decoded for the next get()), moved out by the first get(), decoded again
+    // for the second.
+    let r = pool
+        .map_async_with(square, 0..20_000u64, AsyncOptions::new().chunksize(7))
+        .expect("map_async");
+    let _ = r.get(Some(Duration::from_millis(1)));
+    assert_eq!(r.get(None).expect("first get"), expected);
+    assert_eq!(r.get(None).expect("second get"), expected);
+    assert!(r.successful().expect("ready"));
+    let awaited = futures::executor::block_on(r.wait_async()).expect("await");
+    assert_eq!(awaited, expected);
+
+    // With a callback the results are kept for it, then handed to get().
+    let lens = Arc::new(Mutex::new(Vec::new()));
+    let seen = lens.clone();
+    let r = pool
+        .map_async_with(
+            square,
+            0..5_000u64,
+            AsyncOptions::new()
+                .chunksize(3)
+                .callback(move |v: &Vec<u64>| seen.lock().expect("lock").push(v.len())),
+        )
+        .expect("map_async");
+    assert_eq!(r.get(None).expect("first get"), expected[..5_000]);
+    assert_eq!(r.get(None).expect("second get"), expected[..5_000]);
+    assert_eq!(*lens.lock().expect("lock"), vec![5_000]);
+
+    let one = pool.apply_async(add, (40i64, 2i64)).expect("apply_async");
+    assert_eq!(one.get(None).expect("first get"), 42);
+    assert_eq!(one.get(None).expect("second get"), 42);
+    let half = pool
+        .apply_async(checked_half, (3u32,))
+        .expect("apply_async");
+    assert_eq!(half.get(None).expect("get"), Err("3 is odd".to_string()));
+    assert_eq!(half.get(None).expect("get"), Err("3 is odd".to_string()));
+}
+
+#[test]
+fn a_result_too_large_to_send_fails_its_item_and_the_others_come_back() {
+    let _rt = shoal::init_with(
+        Config::builder()
+            .max_message_bytes(64 * 1024)
+            .build()
+            .expect("config"),
+    )
+    .expect("runtime");
+    let pool = Pool::new(2).expect("pool");
+    // Item 5 returns more than a message may hold: it fails (naming the function's result),
+    // the items before it in its chunk and every other chunk succeed.
+    let sizes: Vec<u64> = (0..12u64)
+        .map(|i| if i == 5 { 100 * 1024 } else { i })
+        .collect();
+    match pool.map_with(bytes_of, sizes.clone(), 3) {
+        Err(Error::Task(e)) => {
+            assert_eq!(e.item, Some(5), "{e:?}");
+            assert_eq!(e.kind, TaskErrorKind::Error);
+            assert!(e.message.contains("result of"), "{}", e.message);
+            assert!(e.message.contains("bytes_of"), "{}", e.message);
+        }
+        other => panic!("expected the item's failure, got {other:?}"),
+    }
+    let mut it = pool
+        .imap_with(bytes_of, sizes.clone(), 3)
+        .expect("imap")
+        .enumerate();
+    for (i, result) in it.by_ref().take(5) {
+        assert_eq!(result.expect("before the failing item").len(), i);
+    }
+    let (_, failed) = it.next().expect("the failing item");
+    assert!(failed.is_err());
+    // The rest of its chunk did not run (as in Python); the next chunks did.
+    let rest: Vec<usize> = it.map(|(_, r)| r.expect("later chunks").len()).collect();
+    assert_eq!(rest, vec![6, 7, 8, 9, 10, 11]);
+}
+
+/// The length of this pool's task stream: `None` when there is no single one.
+fn task_stream_len(url: &str) -> Option<u64> {
+    let mut c = redis::Client::open(url).ok()?.get_connection().ok()?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("shoal:{*:pool:*}:tasks")
+        .query(&mut c)
+        .ok()?;
+    match keys.as_slice() {
+        [key] => redis::cmd("XLEN").arg(key).query(&mut c).ok(),
+        _ => None,
+    }
+}
+
+#[test]
+fn the_task_stream_is_trimmed_as_workers_finish() {
+    let rt = runtime();
+    let url = rt.store_url();
+    let pool = Pool::new(2).expect("pool");
+    // Workers acknowledge their chunks without deleting them; the supervisor trims them.
+    let out = pool.map_with(square, 0..3_000u64, 1).expect("map");
+    assert_eq!(out.len(), 3_000);
+    assert!(
+        wait_for(Duration::from_secs(10), || task_stream_len(&url) == Some(0)),
+        "the task stream still holds {:?} entries",
+        task_stream_len(&url)
+    );
+    // And the pool goes on working after its stream was trimmed.
+    assert_eq!(pool.map(square, 0..10u64).expect("map").len(), 10);
+}

@@ -2,8 +2,9 @@
 //! makes a serde type a durable actor.
 //!
 //! The attribute keeps the function as written and adds an entry to shoal's link-time registry
-//! (`shoal::__private::REMOTE_FUNCTIONS`) that decodes the argument tuple, calls the function
-//! and encodes its result. See the `shoal` crate for the rules; in short: a non-generic, non-async
+//! (`shoal::__private::REMOTE_FUNCTIONS`) that decodes the argument tuple (one element of the
+//! arguments array of a pool chunk, or a process's single payload), calls the function and
+//! appends its encoded result to an output array (`shoal_core::registry::Invoke`). See the `shoal` crate for the rules; in short: a non-generic, non-async
 //! free function of 0 to 8 arguments whose argument types are owned `serde::Deserialize` types.
 //! The return value is encoded when it is `serde::Serialize` (a pool needs it; a process
 //! discards it). A return type spelled `Result<T, E>` (any path ending in `Result`) also reports
@@ -106,13 +107,16 @@ fn expand(function: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             is_result(ty)
         }
     };
+    // The `Err` is described only when asked (a process); in a pool it is a value.
     let err = if fallible {
         quote! {
             match &__shoal_out {
-                ::core::result::Result::Err(error) => ::core::option::Option::Some(
-                    (&&::shoal::__private::Described(error)).describe(),
-                ),
-                ::core::result::Result::Ok(_) => ::core::option::Option::None,
+                ::core::result::Result::Err(error) if __shoal_describe_err => {
+                    ::core::option::Option::Some(
+                        (&&::shoal::__private::Described(error)).describe(),
+                    )
+                }
+                _ => ::core::option::Option::None,
             }
         }
     } else {
@@ -129,27 +133,24 @@ fn expand(function: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         #[linkme(crate = ::shoal::__private::linkme)]
         static #entry: ::shoal::__private::RemoteFunction = ::shoal::__private::RemoteFunction {
             name: || ::std::any::type_name_of_val(&#ident),
-            invoke: {
-                fn __shoal_invoke(
-                    __shoal_args: &[u8],
-                    __shoal_limit: usize,
-                ) -> ::core::result::Result<::shoal::__private::Returned, ::shoal::__private::Failure> {
-                    #[allow(unused_imports)]
-                    use ::shoal::__private::{
-                        DescribeDebug as _, DescribeDisplay as _, DescribeOpaque as _,
-                        EncodeFallback as _, EncodeSerialize as _,
-                    };
-                    let __shoal_name = ::std::any::type_name_of_val(&#ident);
-                    let (#(#bindings,)*): (#(#arg_types,)*) =
-                        ::shoal::__private::decode_args(__shoal_args, __shoal_limit, __shoal_name)?;
-                    let __shoal_out = #ident(#(#bindings),*);
-                    ::core::result::Result::Ok(::shoal::__private::Returned {
-                        err: #err,
-                        value: (&&::shoal::__private::Encoded(&__shoal_out))
-                            .encode_output(__shoal_limit, __shoal_name),
-                    })
-                }
-                __shoal_invoke
+            // Decodes the next argument tuple of the chunk's array, calls, appends the encoded
+            // result to the output array; error texts are built only on failure. (A closure, so
+            // that the signature comes from `Invoke`.)
+            invoke: |__shoal_args, __shoal_output, __shoal_limit, __shoal_describe_err| {
+                #[allow(unused_imports)]
+                use ::shoal::__private::{
+                    DescribeDebug as _, DescribeDisplay as _, DescribeOpaque as _,
+                    EncodeFallback as _, EncodeSerialize as _,
+                };
+                let __shoal_name = ::std::any::type_name_of_val(&#ident);
+                let (#(#bindings,)*): (#(#arg_types,)*) =
+                    ::shoal::__private::decode_args(__shoal_args, __shoal_limit, __shoal_name)?;
+                let __shoal_out = #ident(#(#bindings),*);
+                ::core::result::Result::Ok(::shoal::__private::Returned {
+                    err: #err,
+                    value: (&&::shoal::__private::Encoded(&__shoal_out))
+                        .encode_output(__shoal_output, __shoal_limit, __shoal_name),
+                })
             },
         };
     })

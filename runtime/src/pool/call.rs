@@ -10,6 +10,17 @@
 //! caller's iterator only when there is room, so `imap` over a million items holds a window's
 //! worth of items and results, and yields its first result before the last item is read.
 //!
+//! # Results
+//!
+//! A chunk's results come back as MessagePack arrays (one per part of a long chunk; see
+//! `shoal_executor::pool`). A collected call's handle ([`AsyncResult`]) decodes them on the
+//! caller's side as they arrive (its `get()` wakes every [`DECODE_EVERY`] results, or an async
+//! caller's task is woken), so that the results are typed by the time the last chunk is in; the
+//! first `get()` moves that value out, and a later `get()` decodes the kept arrays again (a
+//! result is not `Clone`). `imap` decodes one chunk when its iterator takes it. The feeder
+//! sends its first chunk alone, at once, then doubles its batches up to a quarter of the window
+//! (at most [`MAX_BATCH`]).
+//!
 //! # A failing input
 //!
 //! The caller's iterator runs on the feeder thread, behind [`GuardedInput`]: when it panics (or
@@ -23,13 +34,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use actix::Addr;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_bytes::ByteBuf;
-use shoal_core::codec;
+use shoal_core::codec::{ArrayReader, ArrayWriter};
 use shoal_core::error::{Error, Result, TaskError};
 use shoal_core::registry::panic_message;
 use shoal_core::store::Store;
-use shoal_executor::pool::{ChunkEntry, PoolKeys, encode_items};
+use shoal_executor::pool::{ChunkEntry, PoolKeys};
 
 use super::supervisor::{CancelCall, FeedDone, FeedFailed, PoolSupervisor};
 
@@ -47,16 +58,28 @@ pub(crate) enum Delivery {
 /// The results of one chunk.
 #[derive(Clone, Debug)]
 pub(crate) struct ChunkResult {
-    /// Encoded results of the items that succeeded.
-    pub(crate) outputs: Vec<ByteBuf>,
+    /// The results of the items that succeeded: MessagePack arrays, in order.
+    pub(crate) outputs: Vec<Vec<u8>>,
+    /// How many results `outputs` holds.
+    pub(crate) count: u64,
     /// The item that failed (the rest of the chunk did not run).
     pub(crate) failure: Option<TaskError>,
 }
 
+/// A collected call's results that reached the caller's side: chunk index → its arrays.
+pub(crate) type Arrived = Vec<(u64, Vec<Vec<u8>>)>;
+
+/// A collected call's caller is woken when this many results arrived since it last took them
+/// (and when the call completes), to decode them while the rest runs.
+pub(crate) const DECODE_EVERY: u64 = 4096;
+
 /// State shared by the caller's handle, the feeder and the supervisor.
 pub(crate) struct CallShared {
     state: Mutex<CallState>,
+    /// The caller's side: an outcome, results to decode, a chunk to yield.
     changed: Condvar,
+    /// The feeder's side: room in the window, or feeding must stop.
+    room: Condvar,
     /// Async callers waiting for a change (registered while the state lock is held, woken
     /// after every change).
     wakers: Mutex<Vec<std::task::Waker>>,
@@ -66,12 +89,18 @@ pub(crate) struct CallShared {
 struct CallState {
     window: usize,
     in_flight: usize,
+    /// The feeder waits for room (so a released chunk must wake it).
+    feeder_waiting: bool,
     /// Feeding must stop: the call is complete, failed, or its caller went away.
     cancelled: bool,
     /// Every chunk was sent; this many.
     total: Option<usize>,
-    /// `Collect`: the outcome, once known.
-    outcome: Option<Result<Vec<ByteBuf>>>,
+    /// `Collect`: the outcome, once known (the results are in `arrived` or were taken).
+    outcome: Option<Result<()>>,
+    /// `Collect`: results arrived and not yet taken by the caller's handle.
+    arrived: Arrived,
+    /// `Collect`: how many results `arrived` holds.
+    arrived_count: u64,
     /// Streaming: chunks received and not yet taken.
     ready: BTreeMap<usize, ChunkResult>,
     /// Streaming: chunks taken.
@@ -92,6 +121,7 @@ impl CallShared {
                 ..CallState::default()
             }),
             changed: Condvar::new(),
+            room: Condvar::new(),
             wakers: Mutex::new(Vec::new()),
         })
     }
@@ -103,6 +133,7 @@ impl CallShared {
     /// Wakes every waiter, blocking and async, after a change.
     fn notify(&self) {
         self.changed.notify_all();
+        self.room.notify_all();
         let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|p| p.into_inner()));
         for waker in wakers {
             waker.wake();
@@ -118,16 +149,46 @@ impl CallShared {
         }
     }
 
-    /// The `Collect` outcome if known, else registers `waker`.
-    fn poll_outcome(&self, waker: &std::task::Waker) -> Option<Result<Vec<ByteBuf>>> {
-        let s = self.lock();
-        match &s.outcome {
-            Some(outcome) => Some(outcome.clone()),
-            None => {
-                self.register(&s, waker);
-                None
-            }
+    /// `Collect`: takes the results that arrived, with the outcome if known; registers `waker`
+    /// when the outcome is not known.
+    fn poll_arrived(&self, waker: &std::task::Waker) -> (Arrived, Option<Result<()>>) {
+        let mut s = self.lock();
+        let taken = Self::take_arrived(&mut s);
+        if taken.1.is_none() {
+            self.register(&s, waker);
         }
+        taken
+    }
+
+    fn take_arrived(s: &mut CallState) -> (Arrived, Option<Result<()>>) {
+        s.arrived_count = 0;
+        (std::mem::take(&mut s.arrived), s.outcome.clone())
+    }
+
+    /// `Collect`: waits until the outcome is known or [`DECODE_EVERY`] results arrived, at most
+    /// until `deadline`.
+    fn wait_arrivals(&self, deadline: Option<Instant>) {
+        let mut s = self.lock();
+        while s.outcome.is_none() && s.arrived_count < DECODE_EVERY {
+            s = match deadline {
+                None => self.changed.wait(s).unwrap_or_else(|p| p.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return;
+                    }
+                    self.changed
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// `Collect`: takes the results that arrived, with the outcome if known.
+    fn take_arrivals(&self) -> (Arrived, Option<Result<()>>) {
+        Self::take_arrived(&mut self.lock())
     }
 
     /// Streaming: the next chunk without waiting: `Ready(None)` at the end; `Pending` (and
@@ -163,8 +224,10 @@ impl CallShared {
         if let Some(chunk) = taken {
             s.taken += 1;
             s.in_flight = s.in_flight.saturating_sub(1);
-            // Room for the feeder: wake it (the lock is held; the waiters re-check).
-            self.changed.notify_all();
+            if s.feeder_waiting {
+                // Room for the feeder: wake it (the lock is held; it re-checks).
+                self.room.notify_all();
+            }
             return Some(Some(Ok(chunk)));
         }
         if s.total.is_some_and(|total| s.taken >= total) {
@@ -181,16 +244,22 @@ impl CallShared {
 
     /// Feeder: waits for room; `None` when feeding must stop.
     fn wait_for_room(&self) -> Option<usize> {
-        let guard = self.lock();
-        let guard = self
-            .changed
-            .wait_while(guard, |s| !s.cancelled && s.in_flight >= s.window)
-            .unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.lock();
+        while !guard.cancelled && guard.in_flight >= guard.window {
+            guard.feeder_waiting = true;
+            guard = self.room.wait(guard).unwrap_or_else(|p| p.into_inner());
+        }
+        guard.feeder_waiting = false;
         if guard.cancelled {
             None
         } else {
             Some(guard.window - guard.in_flight)
         }
+    }
+
+    /// The most chunks a feeder sends at once (see [`MAX_BATCH`]).
+    fn batch_limit(&self) -> usize {
+        (self.lock().window / 4).clamp(MIN_BATCH, MAX_BATCH)
     }
 
     /// Feeder: `n` chunks are about to be sent (counted first, so that a fast result can never
@@ -208,20 +277,44 @@ impl CallShared {
         self.notify();
     }
 
-    /// Supervisor (`Collect`): a chunk's result arrived.
+    /// Supervisor (`Collect`): `n` chunks' outcomes arrived (room for the feeder).
     pub(crate) fn release(&self, n: usize) {
         let mut s = self.lock();
         s.in_flight = s.in_flight.saturating_sub(n);
-        drop(s);
-        self.notify();
+        if s.feeder_waiting {
+            self.room.notify_all();
+        }
     }
 
-    /// Supervisor (`Collect`): the outcome; stops the feeder.
-    pub(crate) fn complete(&self, outcome: Result<Vec<ByteBuf>>) {
+    /// Supervisor (`Collect`): a chunk's results, for the caller to decode; the caller is woken
+    /// once [`DECODE_EVERY`] results are waiting.
+    pub(crate) fn arrive(&self, chunk: u64, outputs: Vec<Vec<u8>>, count: u64) {
+        let mut s = self.lock();
+        s.arrived.push((chunk, outputs));
+        s.arrived_count += count;
+        let wake = s.arrived_count >= DECODE_EVERY;
+        drop(s);
+        if wake {
+            self.notify_caller();
+        }
+    }
+
+    /// Wakes the caller's side only.
+    fn notify_caller(&self) {
+        self.changed.notify_all();
+        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|p| p.into_inner()));
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    /// Supervisor (`Collect`): the outcome, with results not handed over yet; stops the feeder.
+    pub(crate) fn complete(&self, outcome: Result<()>, arrived: Arrived) {
         let mut s = self.lock();
         s.cancelled = true;
         if s.outcome.is_none() {
             s.outcome = Some(outcome);
+            s.arrived.extend(arrived);
         }
         drop(s);
         self.notify();
@@ -239,6 +332,7 @@ impl CallShared {
         s.cancelled = true;
         if s.outcome.is_none() {
             s.outcome = Some(Err(error.clone()));
+            s.arrived.clear();
         }
         s.ended.get_or_insert(error);
         drop(s);
@@ -273,7 +367,7 @@ impl CallShared {
         }
     }
 
-    fn outcome(&self) -> Option<Result<Vec<ByteBuf>>> {
+    fn outcome(&self) -> Option<Result<()>> {
         self.lock().outcome.clone()
     }
 
@@ -307,8 +401,13 @@ impl CallShared {
     }
 }
 
-/// Most chunks sent in one pipeline.
-const MAX_BATCH: usize = 64;
+/// Most chunks sent in one pipeline: a quarter of the call's window, within these bounds. Workers
+/// blocked in `XREADGROUP` share a batch, each taking as many as it asks for.
+const MIN_BATCH: usize = 64;
+const MAX_BATCH: usize = 1024;
+/// A batch is sent once its chunks hold this many bytes, however few they are: large chunks go
+/// one by one, as soon as each is encoded, so that workers start on them while the next are.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// What a feeder needs.
 pub(crate) struct Feeder {
@@ -322,10 +421,11 @@ pub(crate) struct Feeder {
 }
 
 impl Feeder {
-    /// Sends the items on a thread of their own.
-    pub(crate) fn spawn<I>(self, items: I) -> Result<()>
+    /// Sends the items (argument tuples) on a thread of their own.
+    pub(crate) fn spawn<A, I>(self, items: I) -> Result<()>
     where
-        I: Iterator<Item = Result<ByteBuf>> + Send + 'static,
+        A: Serialize,
+        I: Iterator<Item = Result<A>> + Send + 'static,
     {
         std::thread::Builder::new()
             .name("shoal-feeder".into())
@@ -336,9 +436,10 @@ impl Feeder {
     }
 
     /// Sends the items on this thread.
-    pub(crate) fn run<I>(self, mut items: I)
+    pub(crate) fn run<A, I>(self, mut items: I)
     where
-        I: Iterator<Item = Result<ByteBuf>>,
+        A: Serialize,
+        I: Iterator<Item = Result<A>>,
     {
         match self.feed(&mut items) {
             Ok(Some((total, input_error))) => {
@@ -359,25 +460,45 @@ impl Feeder {
     }
 
     /// Returns the number of chunks sent and the input's failure, if it failed part way; `None`
-    /// when the call was cancelled; `Err` when Redis failed.
-    fn feed<I>(&self, items: &mut I) -> Result<Option<(usize, Option<Error>)>>
+    /// when the call was cancelled; `Err` when Redis failed. Each chunk's items are encoded
+    /// straight into its arguments array. The first chunk is sent alone, as soon as it is read,
+    /// so that a worker starts on it while the next are encoded; batches then double up to a
+    /// quarter of the window (64 to [`MAX_BATCH`] chunks, or [`MAX_BATCH_BYTES`]).
+    fn feed<A, I>(&self, items: &mut I) -> Result<Option<(usize, Option<Error>)>>
     where
-        I: Iterator<Item = Result<ByteBuf>>,
+        A: Serialize,
+        I: Iterator<Item = Result<A>>,
     {
+        let limit = self.store.settings().max_message_bytes;
+        let function = self.function.as_str();
         let mut chunk = 0usize;
         let mut input_error = None;
         let mut exhausted = false;
         let mut refreshed: Option<Instant> = None;
+        let mut batch_size = 1;
+        let batch_limit = self.shared.batch_limit();
+        // Room for a chunk's arguments: as much as the last chunk took.
+        let mut chunk_bytes = 0;
         while !exhausted {
             let Some(room) = self.shared.wait_for_room() else {
                 return Ok(None);
             };
             let mut batch: Vec<ChunkEntry> = Vec::new();
-            while batch.len() < room.min(MAX_BATCH) {
-                let mut chunk_items = Vec::with_capacity(self.chunksize.min(4096));
-                while chunk_items.len() < self.chunksize {
+            let mut batch_bytes = 0;
+            while batch.len() < room.min(batch_size) && batch_bytes < MAX_BATCH_BYTES {
+                let mut args = ArrayWriter::payload_with_capacity(chunk_bytes);
+                while (args.len() as usize) < self.chunksize {
                     match items.next() {
-                        Some(Ok(item)) => chunk_items.push(item),
+                        Some(Ok(item)) => {
+                            if let Err(e) =
+                                args.push(&item, limit, || format!("arguments of {function}"))
+                            {
+                                // The input ends here, as with an iterator that fails.
+                                input_error = Some(e);
+                                exhausted = true;
+                                break;
+                            }
+                        }
                         Some(Err(e)) => {
                             input_error = Some(e);
                             exhausted = true;
@@ -389,15 +510,23 @@ impl Feeder {
                         }
                     }
                 }
-                if chunk_items.is_empty() {
+                if args.is_empty() {
                     break;
                 }
-                let payload = encode_items(&self.store, chunk_items, &self.keys.tasks)?;
+                if args.byte_len() > limit {
+                    return Err(Error::TooLarge {
+                        key: self.keys.tasks.clone(),
+                        size: args.byte_len(),
+                        limit,
+                    });
+                }
+                batch_bytes += args.byte_len();
+                chunk_bytes = args.byte_len();
                 batch.push(ChunkEntry {
                     call: self.call,
                     chunk: chunk as u64,
                     function: self.function.clone(),
-                    payload,
+                    payload: args.finish(),
                     first_item: (chunk as u64).saturating_mul(self.chunksize as u64),
                 });
                 chunk += 1;
@@ -415,6 +544,7 @@ impl Feeder {
             if refresh {
                 refreshed = Some(Instant::now());
             }
+            batch_size = (batch_size * 2).min(batch_limit);
         }
         Ok(Some((chunk, input_error)))
     }
@@ -470,7 +600,10 @@ const TTL_REFRESH: Duration = Duration::from_secs(1);
 
 /// Sends chunks in one pipeline (one round trip), refreshing the streams' TTL if asked. When
 /// Redis cannot be reached the send is repeated (see `Store::retry_unreachable`): a chunk added
-/// twice runs twice and its outcome is kept once.
+/// twice runs twice and its outcome is kept once. Several chunks are added in one
+/// `MULTI`/`EXEC`: a worker blocked in `XREADGROUP` is then served once, with as many of them as
+/// it asked for, rather than once per chunk (which would cost a read and an acknowledgement per
+/// chunk when many workers wait).
 pub(crate) fn send_chunks(
     store: &Store,
     keys: &PoolKeys,
@@ -490,6 +623,9 @@ fn send_chunks_once(
         || format!("sending chunks to {}", keys.tasks),
         |c| {
             let mut pipe = redis::pipe();
+            if chunks.len() > 1 {
+                pipe.atomic();
+            }
             for chunk in chunks {
                 chunk.add_to(&mut pipe, keys);
             }
@@ -504,14 +640,49 @@ fn send_chunks_once(
     )
 }
 
-/// Decodes a call's collected outputs into its result type.
-pub(crate) type Decoder<R> = Arc<dyn Fn(&[ByteBuf]) -> Result<R> + Send + Sync>;
+/// Decodes a collected call's results (arrays, in order) into its result type: those of one
+/// chunk, or of all of them.
+pub(crate) type Decoder<R> = Arc<dyn Fn(&[Vec<u8>]) -> Result<R> + Send + Sync>;
+
+/// Puts the values of a collected call's chunks together, in chunk order.
+pub(crate) type Merger<R> = fn(Vec<R>) -> Result<R>;
+
+/// The caller's side of a collected call's results.
+struct Gathered<R> {
+    /// Each chunk's decoded results, until the first `get()` moves them out.
+    typed: BTreeMap<u64, R>,
+    /// The first decoding failure, by chunk.
+    decode_error: Option<(u64, Error)>,
+    /// Each chunk's results as they came, for a later `get()`.
+    kept: BTreeMap<u64, Vec<Vec<u8>>>,
+    /// The first `get()` took the typed results.
+    moved: bool,
+}
+
+/// Decodes every chunk of `arrived` (in chunk order) and puts them together.
+pub(crate) fn decode_all<R>(
+    decode: &Decoder<R>,
+    merge: Merger<R>,
+    arrived: &[(u64, Vec<Vec<u8>>)],
+) -> Result<R> {
+    let parts = arrived
+        .iter()
+        .map(|(_, arrays)| decode(arrays))
+        .collect::<Result<Vec<R>>>()?;
+    merge(parts)
+}
 
 /// The result of an asynchronous call (`apply_async`, `map_async`, `starmap_async`), Python's
-/// `AsyncResult`.
+/// `AsyncResult`. It decodes the results as they arrive (while `get()` waits, or when an awaiting
+/// task is woken), so the first `get()` hands over a value already built and moves it out; a
+/// later `get()` decodes the results again.
+///
+/// `AsyncResult<R>` is `Send` and `Sync` when `R` is `Send` (it holds the decoded results).
 pub struct AsyncResult<R> {
     shared: Arc<CallShared>,
     decode: Decoder<R>,
+    merge: Merger<R>,
+    gathered: Mutex<Gathered<R>>,
     supervisor: Addr<PoolSupervisor>,
     call: u64,
 }
@@ -528,15 +699,69 @@ impl<R> AsyncResult<R> {
     pub(crate) fn new(
         shared: Arc<CallShared>,
         decode: Decoder<R>,
+        merge: Merger<R>,
         supervisor: Addr<PoolSupervisor>,
         call: u64,
     ) -> Self {
         AsyncResult {
             shared,
             decode,
+            merge,
+            gathered: Mutex::new(Gathered {
+                typed: BTreeMap::new(),
+                decode_error: None,
+                kept: BTreeMap::new(),
+                moved: false,
+            }),
             supervisor,
             call,
         }
+    }
+
+    fn gathered(&self) -> MutexGuard<'_, Gathered<R>> {
+        self.gathered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decodes the results that arrived; with the outcome, the call's result. Called with the
+    /// `gathered` lock held from the moment they were taken, so that whoever sees the outcome
+    /// has every result before it.
+    fn absorb(
+        &self,
+        g: &mut Gathered<R>,
+        (arrived, outcome): (Arrived, Option<Result<()>>),
+    ) -> Option<Result<R>> {
+        for (chunk, arrays) in arrived {
+            if !g.moved {
+                match (self.decode)(&arrays) {
+                    Ok(value) => {
+                        g.typed.insert(chunk, value);
+                    }
+                    Err(e) => {
+                        if g.decode_error.as_ref().is_none_or(|(c, _)| chunk < *c) {
+                            g.decode_error = Some((chunk, e));
+                        }
+                    }
+                }
+            }
+            g.kept.insert(chunk, arrays);
+        }
+        let outcome = outcome?;
+        Some(outcome.and_then(|()| {
+            if let Some((_, e)) = &g.decode_error {
+                return Err(e.clone());
+            }
+            if !g.moved {
+                g.moved = true;
+                return (self.merge)(std::mem::take(&mut g.typed).into_values().collect());
+            }
+            // A later get(): the value was moved out; decode the results again.
+            let parts = g
+                .kept
+                .values()
+                .map(|arrays| (self.decode)(arrays))
+                .collect::<Result<Vec<R>>>()?;
+            (self.merge)(parts)
+        }))
     }
 
     /// Cancels the call if it has not completed: its items that did not start are not run, its
@@ -556,13 +781,17 @@ impl<R> AsyncResult<R> {
     /// failure is returned as its error: [`Error::Task`] for a panic or a crash (the first
     /// failing item, in item order, for a map). Can be called again.
     pub fn get(&self, timeout: Option<Duration>) -> Result<R> {
-        if !self.shared.wait_outcome(timeout) {
-            return Err(Error::Timeout(timeout.unwrap_or_default()));
-        }
-        match self.shared.outcome() {
-            Some(Ok(outputs)) => (self.decode)(&outputs),
-            Some(Err(e)) => Err(e),
-            None => Err(Error::invalid_state("the call has no outcome")),
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            self.shared.wait_arrivals(deadline);
+            let mut g = self.gathered();
+            let taken = self.shared.take_arrivals();
+            if let Some(result) = self.absorb(&mut g, taken) {
+                return result;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Error::Timeout(timeout.unwrap_or_default()));
+            }
         }
     }
 
@@ -582,6 +811,16 @@ impl<R> AsyncResult<R> {
         match self.shared.outcome() {
             Some(outcome) => Ok(outcome.is_ok()),
             None => Err(Error::invalid_state("the result is not ready")),
+        }
+    }
+
+    /// The result if the call completed; else `waker` is woken when there is news.
+    fn poll_result(&self, waker: &std::task::Waker) -> std::task::Poll<Result<R>> {
+        let mut g = self.gathered();
+        let taken = self.shared.poll_arrived(waker);
+        match self.absorb(&mut g, taken) {
+            Some(result) => std::task::Poll::Ready(result),
+            None => std::task::Poll::Pending,
         }
     }
 }
@@ -615,11 +854,7 @@ impl<R> std::future::Future for AsyncResultFuture<'_, R> {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<R>> {
-        match self.result.shared.poll_outcome(cx.waker()) {
-            Some(Ok(outputs)) => std::task::Poll::Ready((self.result.decode)(&outputs)),
-            Some(Err(e)) => std::task::Poll::Ready(Err(e)),
-            None => std::task::Poll::Pending,
-        }
+        self.result.poll_result(cx.waker())
     }
 }
 
@@ -653,6 +888,9 @@ impl<R> std::fmt::Debug for AsyncCall<R> {
     }
 }
 
+// Nothing in an `AsyncCall` is pinned in place: its state is behind the `AsyncResult`'s lock.
+impl<R> Unpin for AsyncCall<R> {}
+
 impl<R> std::future::Future for AsyncCall<R> {
     type Output = Result<R>;
 
@@ -661,13 +899,11 @@ impl<R> std::future::Future for AsyncCall<R> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<R>> {
         let this = self.get_mut();
-        match this.result.shared.poll_outcome(cx.waker()) {
-            Some(outcome) => {
-                this.done = true;
-                std::task::Poll::Ready(outcome.and_then(|outputs| (this.result.decode)(&outputs)))
-            }
-            None => std::task::Poll::Pending,
+        let polled = this.result.poll_result(cx.waker());
+        if polled.is_ready() {
+            this.done = true;
         }
+        polled
     }
 }
 
@@ -679,24 +915,76 @@ impl<R> Drop for AsyncCall<R> {
     }
 }
 
-/// Builds the decoder of a collected `map`: every output as a `T`.
-pub(crate) fn decode_each<T: DeserializeOwned>(function: &str, limit: usize) -> Decoder<Vec<T>> {
-    let key = format!("results of {function}");
-    Arc::new(move |outputs: &[ByteBuf]| {
-        outputs
+/// The decoder of a collected `map`: every result as a `T`.
+pub(crate) fn decode_each<T: DeserializeOwned>(function: &str) -> Decoder<Vec<T>> {
+    let function = function.to_string();
+    Arc::new(move |arrays: &[Vec<u8>]| {
+        let key = || format!("results of {function}");
+        let count = arrays
             .iter()
-            .map(|b| codec::decode::<T>(b, &key, limit))
-            .collect()
+            .map(|a| shoal_core::codec::array_len(a).unwrap_or(0) as usize)
+            .sum();
+        let mut values = Vec::with_capacity(count);
+        for array in arrays {
+            let mut reader = ArrayReader::array(array, key)?;
+            while reader.remaining() > 0 {
+                values.push(reader.next(key)?);
+            }
+        }
+        Ok(values)
     })
 }
 
-/// Builds the decoder of a collected `apply`: the single output as a `T`.
-pub(crate) fn decode_one<T: DeserializeOwned>(function: &str, limit: usize) -> Decoder<T> {
-    let key = format!("result of {function}");
-    Arc::new(move |outputs: &[ByteBuf]| match outputs.first() {
-        Some(b) => codec::decode::<T>(b, &key, limit),
-        None => Err(Error::invalid_state(format!("{key}: no output"))),
+/// Puts a `map`'s chunks together (moved, not copied, when there is one).
+pub(crate) fn merge_each<T>(parts: Vec<Vec<T>>) -> Result<Vec<T>> {
+    if parts.len() == 1 {
+        return Ok(parts.into_iter().flatten().collect());
+    }
+    let mut values = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    for part in parts {
+        values.extend(part);
+    }
+    Ok(values)
+}
+
+/// The decoder of a collected `apply`: the single result as a `T`.
+pub(crate) fn decode_one<T: DeserializeOwned>(function: &str) -> Decoder<T> {
+    let function = function.to_string();
+    Arc::new(move |arrays: &[Vec<u8>]| {
+        let key = || format!("result of {function}");
+        for array in arrays {
+            let mut reader = ArrayReader::array(array, key)?;
+            if reader.remaining() > 0 {
+                return reader.next(key);
+            }
+        }
+        Err(Error::invalid_state(format!("{}: no output", key())))
     })
+}
+
+/// An `apply` has one chunk.
+pub(crate) fn merge_one<T>(parts: Vec<T>) -> Result<T> {
+    parts
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::invalid_state("the call has no result"))
+}
+
+/// Decodes a chunk's results for an iterator: one entry per result (a result that does not
+/// decode is its error).
+fn decode_chunk<T: DeserializeOwned>(arrays: &[Vec<u8>], key: &str) -> VecDeque<Result<T>> {
+    let mut values = VecDeque::new();
+    for array in arrays {
+        match ArrayReader::array(array, || key.to_string()) {
+            Ok(mut reader) => {
+                while reader.remaining() > 0 {
+                    values.push_back(reader.next(|| key.to_string()));
+                }
+            }
+            Err(e) => values.push_back(Err(e)),
+        }
+    }
+    values
 }
 
 /// The iterator of `imap` (ordered) and `imap_unordered`: one `Result` per item. An item that
@@ -706,13 +994,11 @@ pub(crate) fn decode_one<T: DeserializeOwned>(function: &str, limit: usize) -> D
 pub struct IMapIterator<T> {
     shared: Arc<CallShared>,
     ordered: bool,
-    current: VecDeque<ByteBuf>,
+    current: VecDeque<Result<T>>,
     pending_failure: Option<TaskError>,
     key: String,
-    limit: usize,
     finished: bool,
     cancel: Option<(Addr<PoolSupervisor>, u64)>,
-    _marker: std::marker::PhantomData<fn() -> T>,
 }
 
 impl<T> std::fmt::Debug for IMapIterator<T> {
@@ -729,7 +1015,6 @@ impl<T: DeserializeOwned> IMapIterator<T> {
         shared: Arc<CallShared>,
         ordered: bool,
         function: &str,
-        limit: usize,
         supervisor: Addr<PoolSupervisor>,
         call: u64,
     ) -> Self {
@@ -739,10 +1024,8 @@ impl<T: DeserializeOwned> IMapIterator<T> {
             current: VecDeque::new(),
             pending_failure: None,
             key: format!("results of {function}"),
-            limit,
             finished: false,
             cancel: Some((supervisor, call)),
-            _marker: std::marker::PhantomData,
         }
     }
 
@@ -754,8 +1037,8 @@ impl<T: DeserializeOwned> IMapIterator<T> {
 
     fn advance(&mut self, timeout: Option<Duration>) -> Option<Result<T>> {
         loop {
-            if let Some(bytes) = self.current.pop_front() {
-                return Some(codec::decode::<T>(&bytes, &self.key, self.limit));
+            if let Some(value) = self.current.pop_front() {
+                return Some(value);
             }
             if let Some(failure) = self.pending_failure.take() {
                 return Some(Err(Error::Task(failure)));
@@ -765,7 +1048,7 @@ impl<T: DeserializeOwned> IMapIterator<T> {
             }
             match self.shared.take_chunk(self.ordered, timeout) {
                 Ok(Some(Ok(chunk))) => {
-                    self.current = chunk.outputs.into();
+                    self.current = decode_chunk(&chunk.outputs, &self.key);
                     self.pending_failure = chunk.failure;
                 }
                 Ok(Some(Err(error))) => {
@@ -801,6 +1084,9 @@ impl<T> std::fmt::Debug for IMapStream<T> {
     }
 }
 
+// The decoded items waiting in the iterator are never pinned.
+impl<T> Unpin for IMapStream<T> {}
+
 impl<T: DeserializeOwned> futures::Stream for IMapStream<T> {
     type Item = Result<T>;
 
@@ -811,8 +1097,8 @@ impl<T: DeserializeOwned> futures::Stream for IMapStream<T> {
         use std::task::Poll;
         let this = &mut self.get_mut().0;
         loop {
-            if let Some(bytes) = this.current.pop_front() {
-                return Poll::Ready(Some(codec::decode::<T>(&bytes, &this.key, this.limit)));
+            if let Some(value) = this.current.pop_front() {
+                return Poll::Ready(Some(value));
             }
             if let Some(failure) = this.pending_failure.take() {
                 return Poll::Ready(Some(Err(Error::Task(failure))));
@@ -822,7 +1108,7 @@ impl<T: DeserializeOwned> futures::Stream for IMapStream<T> {
             }
             match this.shared.poll_chunk(this.ordered, cx.waker()) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    this.current = chunk.outputs.into();
+                    this.current = decode_chunk(&chunk.outputs, &this.key);
                     this.pending_failure = chunk.failure;
                 }
                 Poll::Ready(Some(Err(error))) => {

@@ -63,23 +63,27 @@ use actix::prelude::*;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_bytes::ByteBuf;
+use shoal_core::codec::ArrayWriter;
 use shoal_core::config::StartMethod;
 use shoal_core::error::{Error, Result};
 use shoal_core::registry::{self, RemoteFn};
 use shoal_core::store::Store;
 use shoal_executor::pool::{self as protocol, ChunkEntry, Initializer, PoolKeys};
 
-pub use call::{AsyncCall, AsyncResult, AsyncResultFuture, IMapIterator, IMapStream};
 use call::{
-    CallShared, Decoder, Delivery, Feeder, GuardedInput, decode_each, decode_one, send_chunks,
+    Arrived, CallShared, Decoder, Delivery, Feeder, GuardedInput, Merger, decode_all, decode_each,
+    decode_one, merge_each, merge_one, send_chunks,
 };
+pub use call::{AsyncCall, AsyncResult, AsyncResultFuture, IMapIterator, IMapStream};
 use supervisor::{
     Close, Completion, FeedDone, FeedFailed, KillWorkers, Phase, PoolSettings, PoolShared,
     PoolSupervisor, RegisterCall, StartWorkers, Terminate,
 };
 
 use crate::runtime::{self, RuntimeInner};
+
+/// Items a call of small chunks may have in flight (see `Pool::window`).
+const WINDOW_ITEMS: usize = 4096;
 
 /// How long `terminate()` waits for workers to exit before killing them.
 const TERMINATE_GRACE: Duration = Duration::from_secs(5);
@@ -397,22 +401,27 @@ impl Pool {
     {
         let function = self.registered(&f)?;
         let limit = self.limit();
-        let item = ByteBuf::from(
-            self.store
-                .encode(&args, "arguments")
-                .map_err(|e| name_arguments(e, function))?,
-        );
-        let decode = decode_one::<F::Output>(function, limit);
+        let mut payload = ArrayWriter::payload();
+        payload.push(&args, limit, || format!("arguments of {function}"))?;
+        let payload = payload.finish();
+        if payload.len() > limit {
+            return Err(Error::TooLarge {
+                key: self.keys.tasks.clone(),
+                size: payload.len(),
+                limit,
+            });
+        }
+        let decode = decode_one::<F::Output>(function);
+        let merge: Merger<F::Output> = merge_one;
         let deadline = options.deadline;
         let (call, shared) = self.register(
             function,
             Delivery::Collect,
             None,
-            completion(&decode, options),
+            completion(&decode, merge, options),
             None,
             deadline,
         )?;
-        let payload = protocol::encode_items(&self.store, vec![item], &self.keys.tasks)?;
         let chunk = ChunkEntry {
             call,
             chunk: 0,
@@ -435,6 +444,7 @@ impl Pool {
         Ok(AsyncResult::new(
             shared,
             decode,
+            merge,
             self.supervisor.clone(),
             call,
         ))
@@ -667,10 +677,14 @@ impl Pool {
         Ok(name)
     }
 
-    /// Chunks in flight per call: enough for every worker to hold a full prefetch and find
-    /// more waiting, few enough to bound memory.
-    fn window(&self) -> usize {
-        (2 * protocol::MAX_PREFETCH * self.processes).max(64)
+    /// Chunks in flight per call: 32 per worker (at least 64), enough for every worker to have
+    /// chunks in hand and find more waiting, few enough to bound memory. A call of small chunks
+    /// gets more (up to 4×, within [`WINDOW_ITEMS`] items), so that its feeder sends them in
+    /// bigger batches and its workers take more at once: a round trip and a wake-up per batch,
+    /// not per few chunks.
+    fn window(&self, chunksize: Option<usize>) -> usize {
+        let base = (32 * self.processes).max(64);
+        (WINDOW_ITEMS / chunksize.unwrap_or(1).max(1)).clamp(base, 4 * base)
     }
 
     fn register(
@@ -685,7 +699,7 @@ impl Pool {
         self._runtime.check_accepting()?;
         self.shared.lock().phase.accepts_calls()?;
         let call = self.next_call.fetch_add(1, Ordering::Relaxed);
-        let shared = CallShared::new(self.window());
+        let shared = CallShared::new(self.window(chunksize));
         let registration = RegisterCall {
             call,
             function: function.to_string(),
@@ -730,14 +744,15 @@ impl Pool {
             .chunksize
             .unwrap_or_else(|| len.div_ceil(4 * self.processes))
             .max(1);
-        let decode = decode_each::<R>(function, self.limit());
+        let decode = decode_each::<R>(function);
+        let merge: Merger<Vec<R>> = merge_each;
         let progress = self.progress_bar(len);
         let deadline = options.deadline;
         let (call, shared) = self.register(
             function,
             Delivery::Collect,
             Some(chunksize),
-            completion(&decode, options),
+            completion(&decode, merge, options),
             progress,
             deadline,
         )?;
@@ -745,6 +760,7 @@ impl Pool {
         Ok(AsyncResult::new(
             shared,
             decode,
+            merge,
             self.supervisor.clone(),
             call,
         ))
@@ -771,7 +787,6 @@ impl Pool {
             shared,
             delivery == Delivery::Ordered,
             function,
-            self.limit(),
             self.supervisor.clone(),
             call,
         ))
@@ -789,15 +804,6 @@ impl Pool {
         A: Serialize + Send + 'static,
         It: Iterator<Item = Result<A>> + Send + 'static,
     {
-        let store = self.store.clone();
-        let encoded = items.map(move |args| {
-            args.and_then(|args| {
-                store
-                    .encode(&args, "arguments")
-                    .map_err(|e| name_arguments(e, function))
-                    .map(ByteBuf::from)
-            })
-        });
         let feeder = Feeder {
             store: self.store.clone(),
             keys: self.keys.clone(),
@@ -807,7 +813,7 @@ impl Pool {
             shared: shared.clone(),
             supervisor: self.supervisor.clone(),
         };
-        if let Err(e) = feeder.spawn(encoded) {
+        if let Err(e) = feeder.spawn(items) {
             self.supervisor.do_send(FeedFailed {
                 call,
                 error: e.clone(),
@@ -882,27 +888,12 @@ fn check_chunksize(chunksize: Option<usize>) -> Result<()> {
     }
 }
 
-/// Names the function whose arguments failed to encode; built on the error path only.
-fn name_arguments(error: Error, function: &str) -> Error {
-    match error {
-        Error::Codec {
-            expected, reason, ..
-        } => Error::Codec {
-            key: format!("arguments of {function}"),
-            expected,
-            reason,
-        },
-        Error::TooLarge { size, limit, .. } => Error::TooLarge {
-            key: format!("arguments of {function}"),
-            size,
-            limit,
-        },
-        other => other,
-    }
-}
-
 /// Turns the typed callbacks into an untyped completion, or `None` when there are none.
-fn completion<R: 'static>(decode: &Decoder<R>, options: AsyncOptions<R>) -> Option<Completion> {
+fn completion<R: 'static>(
+    decode: &Decoder<R>,
+    merge: Merger<R>,
+    options: AsyncOptions<R>,
+) -> Option<Completion> {
     let AsyncOptions {
         callback,
         error_callback,
@@ -912,24 +903,27 @@ fn completion<R: 'static>(decode: &Decoder<R>, options: AsyncOptions<R>) -> Opti
         return None;
     }
     let decode = decode.clone();
-    Some(Box::new(move |outcome: &Result<Vec<ByteBuf>>| {
-        let typed = match outcome {
-            Ok(outputs) => decode(outputs),
-            Err(e) => Err(e.clone()),
-        };
-        match typed {
-            Ok(value) => {
-                if let Some(callback) = callback {
-                    callback(&value);
+    Some(Box::new(
+        move |outcome: std::result::Result<&Arrived, &Error>| {
+            // Decoded here, on the callback thread: `get()` decodes its own copy.
+            let typed = match outcome {
+                Ok(arrived) => decode_all(&decode, merge, arrived),
+                Err(e) => Err(e.clone()),
+            };
+            match typed {
+                Ok(value) => {
+                    if let Some(callback) = callback {
+                        callback(&value);
+                    }
+                }
+                Err(error) => {
+                    if let Some(callback) = error_callback {
+                        callback(&error);
+                    }
                 }
             }
-            Err(error) => {
-                if let Some(callback) = error_callback {
-                    callback(&error);
-                }
-            }
-        }
-    }))
+        },
+    ))
 }
 
 /// The thread that runs a pool's callbacks, in completion order.

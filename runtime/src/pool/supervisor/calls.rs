@@ -8,8 +8,11 @@
 //! part way), else succeeds with every result in order. A streaming call (`imap`) hands each
 //! chunk to its iterator as it arrives; its input's failure comes after the last chunk.
 //!
-//! A long chunk reports partial outcomes while it runs (see `shoal_executor::pool`); they are
-//! kept per chunk until its final outcome arrives and then put in front of it
+//! A chunk's results are MessagePack arrays, handed over as they are (not decoded here): a
+//! collected call's go to its caller's handle as they arrive, which decodes them while the rest
+//! runs (or, when the call has callbacks, they are kept until it completes, for the callback
+//! thread). A long chunk reports partial outcomes while it runs (see `shoal_executor::pool`);
+//! they are kept per chunk until its final outcome arrives and then put in front of it
 //! ([`assemble`]). When a chunk was run twice at once (a worker presumed dead went on), its
 //! parts may overlap; any chain of parts from the start to the final outcome is a valid run.
 
@@ -18,16 +21,20 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use indicatif::ProgressBar;
-use serde_bytes::ByteBuf;
+use shoal_core::codec;
 use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
-use shoal_executor::pool::{self, ChunkOutcome, ResultBody, ResultEntry};
+use shoal_executor::pool::{self, ResultBody, ResultEntry};
 use shoal_executor::protocol::StopSignal;
 
 use super::PoolSupervisor;
-use crate::pool::call::{CallShared, ChunkResult, Delivery};
+use crate::pool::call::{Arrived, CallShared, ChunkResult, Delivery};
 
-/// Runs a completed call's callback, then publishes its outcome.
-pub(crate) type Completion = Box<dyn FnOnce(&Result<Vec<ByteBuf>>) + Send>;
+/// Runs a completed call's callback with its results (every chunk's, in order) or its error.
+pub(crate) type Completion = Box<dyn FnOnce(std::result::Result<&Arrived, &Error>) + Send>;
+
+/// A part of a chunk's results: the offset in the chunk of its first result, the results (one
+/// array), and how many there are.
+type Part = (u64, Vec<u8>, u64);
 
 /// Chunk indexes received, compactly: all below `prefix`, plus `above`.
 #[derive(Default)]
@@ -57,11 +64,11 @@ impl SeenChunks {
     }
 }
 
-/// The outputs `0..end` of a chunk from its partial outcomes `(offset, outputs)`, following a
-/// chain of parts that starts at 0 and ends at `end`; `None` when there is a gap.
-fn assemble(parts: &[(u64, Vec<ByteBuf>)], end: u64) -> Option<Vec<ByteBuf>> {
+/// The results `0..end` of a chunk from its partial outcomes, following a chain of parts that
+/// starts at 0 and ends at `end`; `None` when there is a gap.
+fn assemble(parts: &[Part], end: u64) -> Option<Vec<Vec<u8>>> {
     fn walk(
-        parts: &[(u64, Vec<ByteBuf>)],
+        parts: &[Part],
         at: u64,
         end: u64,
         dead_ends: &mut BTreeSet<u64>,
@@ -73,10 +80,10 @@ fn assemble(parts: &[(u64, Vec<ByteBuf>)], end: u64) -> Option<Vec<ByteBuf>> {
         if at > end || dead_ends.contains(&at) {
             return false;
         }
-        for (i, (offset, outputs)) in parts.iter().enumerate() {
-            if *offset == at && !outputs.is_empty() {
+        for (i, (offset, _, count)) in parts.iter().enumerate() {
+            if *offset == at && *count > 0 {
                 path.push(i);
-                if walk(parts, at + outputs.len() as u64, end, dead_ends, path) {
+                if walk(parts, at + count, end, dead_ends, path) {
                     return true;
                 }
                 path.pop();
@@ -89,11 +96,7 @@ fn assemble(parts: &[(u64, Vec<ByteBuf>)], end: u64) -> Option<Vec<ByteBuf>> {
     if !walk(parts, 0, end, &mut BTreeSet::new(), &mut path) {
         return None;
     }
-    Some(
-        path.into_iter()
-            .flat_map(|i| parts[i].1.iter().cloned())
-            .collect(),
-    )
+    Some(path.into_iter().map(|i| parts[i].1.clone()).collect())
 }
 
 /// The supervisor's record of one call.
@@ -105,9 +108,11 @@ pub(super) struct CallRecord {
     chunksize: Option<u64>,
     total: Option<u64>,
     seen: SeenChunks,
-    collected: BTreeMap<u64, Vec<ByteBuf>>,
-    /// Partial outcomes of long chunks not finished yet: chunk → `(offset, outputs)`.
-    parts: HashMap<u64, Vec<(u64, Vec<ByteBuf>)>>,
+    /// `Collect` with a completion: the results, kept for the callback (otherwise they go to
+    /// the caller's handle as they arrive).
+    collected: BTreeMap<u64, Vec<Vec<u8>>>,
+    /// Partial outcomes of long chunks not finished yet: chunk → parts.
+    parts: HashMap<u64, Vec<Part>>,
     /// `Collect`: the earliest failing chunk so far and its failure.
     failure: Option<(u64, TaskError)>,
     /// The input's iterator failed after the chunks sent.
@@ -119,7 +124,7 @@ pub(super) struct CallRecord {
 impl PoolSupervisor {
     /// Completes a call: for a collected call the callback runs first, then `get()` sees the
     /// outcome (the order Python keeps).
-    pub(super) fn finish_call(&mut self, mut record: CallRecord, outcome: Result<Vec<ByteBuf>>) {
+    pub(super) fn finish_call(&mut self, mut record: CallRecord, outcome: Result<()>) {
         if let Some(progress) = record.progress.take() {
             progress.finish_and_clear();
         }
@@ -127,21 +132,23 @@ impl PoolSupervisor {
             Delivery::Collect => match record.completion.take() {
                 Some(completion) => {
                     let shared = record.shared.clone();
+                    let arrived: Arrived =
+                        std::mem::take(&mut record.collected).into_iter().collect();
                     let job: Box<dyn FnOnce() + Send> = Box::new(move || {
                         // A panicking callback must not leave get() waiting forever.
                         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            completion(&outcome)
+                            completion(outcome.as_ref().map(|()| &arrived))
                         }));
                         if ran.is_err() {
                             tracing::error!("a pool callback panicked");
                         }
-                        shared.complete(outcome);
+                        shared.complete(outcome, arrived);
                     });
                     if let Err(returned) = self.callbacks.send(job) {
                         (returned.0)();
                     }
                 }
-                None => record.shared.complete(outcome),
+                None => record.shared.complete(outcome, Vec::new()),
             },
             Delivery::Ordered | Delivery::Unordered => {
                 if let Err(e) = outcome {
@@ -161,15 +168,16 @@ impl PoolSupervisor {
             return;
         };
         if entry.partial {
-            if let ResultBody::Outcome(bytes) = &entry.body
+            if let ResultBody::Outcome(Ok(part)) = entry.body
                 && !record.seen.contains(entry.chunk)
-                && let Ok(part) = self.store.decode::<ChunkOutcome>(bytes, &self.keys.results)
             {
+                let outputs = part.outputs.into_vec();
+                let count = u64::from(codec::array_len(&outputs).unwrap_or(0));
                 record
                     .parts
                     .entry(entry.chunk)
                     .or_default()
-                    .push((entry.offset, part.outputs));
+                    .push((entry.offset, outputs, count));
             }
             return;
         }
@@ -189,23 +197,27 @@ impl PoolSupervisor {
                 .map(|size| entry.chunk.saturating_mul(size) + offset)
         };
         let result = match entry.body {
-            ResultBody::Outcome(bytes) => {
-                let decoded = self
-                    .store
-                    .decode::<ChunkOutcome>(&bytes, &self.keys.results)
-                    .and_then(|outcome| {
-                        let mut outputs = assemble(&parts, entry.offset).ok_or_else(|| {
-                            Error::invalid_state(format!(
+            ResultBody::Outcome(decoded) => {
+                let decoded = decoded.and_then(|outcome| {
+                    let mut outputs = if parts.is_empty() && entry.offset == 0 {
+                        Vec::with_capacity(1)
+                    } else {
+                        assemble(&parts, entry.offset).ok_or_else(|| {
+                            format!(
                                 "the results of the first {} items of the chunk are missing",
                                 entry.offset
-                            ))
-                        })?;
-                        outputs.extend(outcome.outputs);
-                        Ok((outputs, outcome.failure))
-                    });
+                            )
+                        })?
+                    };
+                    let last = outcome.outputs.into_vec();
+                    let count = entry.offset + u64::from(codec::array_len(&last).unwrap_or(0));
+                    outputs.push(last);
+                    Ok((outputs, count, outcome.failure))
+                });
                 match decoded {
-                    Ok((outputs, failure)) => ChunkResult {
+                    Ok((outputs, count, failure)) => ChunkResult {
                         outputs,
+                        count,
                         failure: failure.map(|f| TaskError {
                             function: record.function.clone(),
                             message: f.message,
@@ -216,9 +228,10 @@ impl PoolSupervisor {
                     },
                     Err(e) => ChunkResult {
                         outputs: Vec::new(),
+                        count: 0,
                         failure: Some(TaskError {
                             function: record.function.clone(),
-                            message: e.to_string(),
+                            message: e,
                             kind: TaskErrorKind::Error,
                             attempts: entry.attempt,
                             item: None,
@@ -228,6 +241,7 @@ impl PoolSupervisor {
             }
             ResultBody::Crashed(message) => ChunkResult {
                 outputs: Vec::new(),
+                count: 0,
                 failure: Some(TaskError {
                     function: record.function.clone(),
                     message: format!("{message} (worker {})", entry.worker),
@@ -243,7 +257,7 @@ impl PoolSupervisor {
             },
         };
         if let Some(progress) = &record.progress {
-            progress.inc(result.outputs.len() as u64 + u64::from(result.failure.is_some()));
+            progress.inc(result.count + u64::from(result.failure.is_some()));
         }
         match record.delivery {
             Delivery::Collect => {
@@ -256,8 +270,12 @@ impl PoolSupervisor {
                     {
                         record.failure = Some((entry.chunk, failure));
                     }
-                } else {
+                } else if record.completion.is_some() {
                     record.collected.insert(entry.chunk, result.outputs);
+                } else {
+                    record
+                        .shared
+                        .arrive(entry.chunk, result.outputs, result.count);
                 }
             }
             Delivery::Ordered | Delivery::Unordered => {
@@ -281,10 +299,7 @@ impl PoolSupervisor {
         let outcome = match (record.failure.take(), record.input_error.take()) {
             (Some((_, failure)), _) => Err(Error::Task(failure)),
             (None, Some(input)) => Err(input),
-            (None, None) => Ok(std::mem::take(&mut record.collected)
-                .into_values()
-                .flatten()
-                .collect()),
+            (None, None) => Ok(()),
         };
         match record.delivery {
             Delivery::Collect => self.finish_call(record, outcome),
@@ -481,33 +496,50 @@ impl PoolSupervisor {
 
 #[cfg(test)]
 mod tests {
-    use super::{SeenChunks, assemble};
-    use serde_bytes::ByteBuf;
+    use super::{Part, SeenChunks, assemble};
+    use shoal_core::codec::ArrayWriter;
 
-    fn outs(range: std::ops::Range<u8>) -> Vec<ByteBuf> {
-        range.map(|i| ByteBuf::from(vec![i])).collect()
+    /// A part holding the results `range` (each result is its index).
+    fn part(range: std::ops::Range<u8>) -> Part {
+        let mut array = ArrayWriter::new();
+        for i in range.clone() {
+            array.push(&i, 64, String::new).expect("push");
+        }
+        (u64::from(range.start), array.finish(), range.len() as u64)
+    }
+
+    /// The results the arrays hold, in order.
+    fn values(arrays: Option<Vec<Vec<u8>>>) -> Option<Vec<u8>> {
+        arrays.map(|arrays| {
+            arrays
+                .iter()
+                .flat_map(|a| {
+                    let mut r =
+                        shoal_core::codec::ArrayReader::array(a, String::new).expect("array");
+                    std::iter::from_fn(move || {
+                        (r.remaining() > 0).then(|| r.next::<u8>(String::new).expect("u8"))
+                    })
+                    .collect::<Vec<_>>()
+                })
+                .collect()
+        })
     }
 
     #[test]
     fn parts_are_chained_from_the_start() {
-        assert_eq!(assemble(&[], 0), Some(vec![]));
-        let parts = vec![(3, outs(3..5)), (0, outs(0..3))];
-        assert_eq!(assemble(&parts, 5), Some(outs(0..5)));
+        assert_eq!(values(assemble(&[], 0)), Some(vec![]));
+        let parts = vec![part(3..5), part(0..3)];
+        assert_eq!(values(assemble(&parts, 5)), Some((0..5).collect()));
         // A gap: nothing covers 3..4.
-        assert_eq!(assemble(&[(0, outs(0..3)), (4, outs(4..5))], 5), None);
+        assert_eq!(assemble(&[part(0..3), part(4..5)], 5), None);
     }
 
     #[test]
     fn overlapping_attempts_find_a_chain() {
         // Attempt 1 reported 0..2 and 2..6; attempt 2, started at 2, reported 2..4 and 4..7.
-        let parts = vec![
-            (0, outs(0..2)),
-            (2, outs(2..6)),
-            (2, outs(2..4)),
-            (4, outs(4..7)),
-        ];
-        assert_eq!(assemble(&parts, 7), Some(outs(0..7)));
-        assert_eq!(assemble(&parts, 6), Some(outs(0..6)));
+        let parts = vec![part(0..2), part(2..6), part(2..4), part(4..7)];
+        assert_eq!(values(assemble(&parts, 7)), Some((0..7).collect()));
+        assert_eq!(values(assemble(&parts, 6)), Some((0..6).collect()));
     }
 
     #[test]

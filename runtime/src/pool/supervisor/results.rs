@@ -1,8 +1,11 @@
 //! The task that reads a pool's results stream and hands batches to the supervisor.
 //!
-//! It reads with `XREAD BLOCK` on a dedicated connection, [`READ_BATCH`] entries at a time, and
+//! It reads with `XREAD BLOCK` on a dedicated connection, [`READ_BATCH`] entries at a time (an
+//! entry holds the outcomes of the chunks of one worker read, decoded here), and
 //! trims what it read in the pipeline of a later read, every [`TRIM_EVERY`] entries or once a
-//! second (one round trip per batch). A failed read is reported to the supervisor (the store's
+//! second (one round trip per batch). Then it also trims the task stream of the chunks the
+//! workers acknowledged (`shoal_executor::pool::trim_tasks`: one more round trip), since the
+//! workers do not delete them. A failed read is reported to the supervisor (the store's
 //! health, see `health`) and retried on a new connection; the next successful read reports
 //! that Redis answers again.
 
@@ -11,7 +14,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use redis::streams::StreamReadReply;
 use shoal_core::error::Error;
-use shoal_executor::pool::ResultEntry;
+use shoal_executor::pool::{ResultEntry, trim_tasks};
 
 use super::PoolSupervisor;
 
@@ -25,6 +28,7 @@ const READ_BLOCK: Duration = Duration::from_millis(200);
 impl PoolSupervisor {
     pub(super) fn start_reader(&self, ctx: &mut Context<Self>) {
         let store = self.store.clone();
+        let keys = self.keys.clone();
         let key = self.keys.results.clone();
         let me = ctx.address();
         actix::spawn(async move {
@@ -57,6 +61,10 @@ impl PoolSupervisor {
                     pipe.cmd("XTRIM").arg(&key).arg("MINID").arg(&last).ignore();
                     untrimmed = 0;
                     trimmed_at = Instant::now();
+                    if let Err(e) = trim_tasks(c, &keys).await {
+                        // Harmless: the next trim removes them.
+                        tracing::debug!("pool result reader: {e}");
+                    }
                 }
                 pipe.cmd("XREAD")
                     .arg("COUNT")
@@ -93,16 +101,19 @@ impl PoolSupervisor {
                         error: None,
                     });
                 }
+                let mut read = 0;
                 let entries: Vec<ResultEntry> = reply
                     .into_iter()
                     .flat_map(|r| r.keys)
                     .flat_map(|k| k.ids)
-                    .filter_map(|id| {
+                    .flat_map(|id| {
+                        read += 1;
                         last = id.id.clone();
-                        ResultEntry::parse(&id)
+                        // A worker's entry carries the outcomes of all the chunks it read.
+                        ResultEntry::parse(&store, &key, &id)
                     })
                     .collect();
-                untrimmed += entries.len();
+                untrimmed += read;
                 if !entries.is_empty() && me.send(Results(entries)).await.is_err() {
                     break;
                 }
