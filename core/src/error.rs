@@ -70,10 +70,13 @@ pub enum Error {
     #[error(transparent)]
     Task(#[from] TaskError),
 
-    /// A function was asked to run in another process but `#[shoal::remote]` did not register it in this binary.
+    /// A [`Remote`](crate::registry::Remote) handle names a function this binary did not
+    /// register. Handles made by `#[shoal::remote]` always are (a plain function or a closure
+    /// does not even compile where a remote function is wanted), so this means a handle made by
+    /// hand.
     #[error(
         "function `{function}` is not registered: mark it with #[shoal::remote] (closures and \
-         unregistered functions can only run with local.start_method = thread)"
+         unmarked functions can only run on a thread: Process::thread)"
     )]
     NotRegistered {
         /// The function's full path, as the registry knows it.

@@ -6,11 +6,13 @@
 //! link-time slice (linkme): it is complete before `main` runs and needs no registration code at
 //! startup, in binaries and test binaries alike.
 //!
-//! A function's name is its full path as [`std::any::type_name`] spells its item type
-//! (`my_app::jobs::square`). The caller derives the same name from the function value it was
-//! given ([`RemoteFn::name`]), so the two always agree within one binary; a closure has a name
-//! too (`my_app::main::{{closure}}`) but is never registered, and starting it in another process
-//! is [`Error::NotRegistered`](crate::Error::NotRegistered).
+//! `#[shoal::remote] fn square` turns `square` into a [`Remote`] handle (a constant of the same
+//! name that derefs to the function, so `square(3)` still calls it) and registers the function
+//! under its full path (`my_app::jobs::square`), the name the handle carries. `Process`, `Pool`
+//! and `Barrier` actions accept only such handles ([`RemoteFn`]): a plain function or a closure
+//! is a compile error that says to add `#[shoal::remote]`, not a run-time
+//! [`Error::NotRegistered`](crate::Error::NotRegistered). ([`Callable`] is any function value:
+//! what `Process::thread` runs on a thread of this process.)
 //!
 //! A registered function is called through its [`Invoke`] entry: decode the argument tuple (the
 //! next element of an [`ArrayReader`]), call, append the encoded result to an [`ArrayWriter`]
@@ -340,24 +342,77 @@ impl<T> DescribeOpaque for Described<'_, T> {
     }
 }
 
-/// A function value that can be the target of a process or a pool task, called with its
-/// arguments as a tuple. Implemented for every `FnOnce` of 0 to 8 arguments.
-pub trait RemoteFn<Args>: Send + 'static {
+/// A function value called with its arguments as a tuple: every `FnOnce` of 0 to 8 arguments,
+/// closures included, and the [`Remote`] handles.
+pub trait Callable<Args>: Send + 'static {
     /// What the function returns.
     type Output;
 
     /// Calls the function in this process.
     fn call(self, args: Args) -> Self::Output;
+}
 
-    /// The name the registry knows the function by.
-    fn name(&self) -> &'static str {
-        std::any::type_name::<Self>()
+/// A function that can run in another process: a handle made by `#[shoal::remote]`. Only such
+/// handles are accepted where the function may run elsewhere (`Process::new`, the `Pool`'s
+/// calls and initializer, `Barrier::with_action`); a plain function or a closure does not
+/// compile there (the `shoal` crate's docs show it).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a `#[shoal::remote]` function",
+    label = "only a function marked `#[shoal::remote]` can run in another process",
+    note = "add `#[shoal::remote]` to the function's definition; a closure cannot be sent to \
+            another process (`Process::thread` runs one on a thread of this process)"
+)]
+pub trait RemoteFn<Args>: Callable<Args> {
+    /// The name the registry knows the function by (its full path).
+    fn name(&self) -> &'static str;
+}
+
+/// The handle `#[shoal::remote]` makes of a function: its registered name and the function.
+/// It derefs to the function, so the function can still be called in this process
+/// (`square(3)`, or `*square` where a function value is wanted).
+pub struct Remote<F> {
+    name: &'static str,
+    function: F,
+}
+
+impl<F: Copy> Clone for Remote<F> {
+    fn clone(&self) -> Self {
+        *self
     }
 }
 
-macro_rules! impl_remote_fn {
+impl<F: Copy> Copy for Remote<F> {}
+
+impl<F> std::fmt::Debug for Remote<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Remote").field(&self.name).finish()
+    }
+}
+
+impl<F> std::ops::Deref for Remote<F> {
+    type Target = F;
+
+    fn deref(&self) -> &F {
+        &self.function
+    }
+}
+
+impl<F> Remote<F> {
+    /// The handle of `function`, registered as `name` (used by `#[shoal::remote]`).
+    #[doc(hidden)]
+    pub const fn __new(name: &'static str, function: F) -> Self {
+        Remote { name, function }
+    }
+
+    /// The function's registered name (its full path).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+macro_rules! impl_callable {
     ($($arg:ident),*) => {
-        impl<Func, Ret, $($arg),*> RemoteFn<($($arg,)*)> for Func
+        impl<Func, Ret, $($arg),*> Callable<($($arg,)*)> for Func
         where
             Func: FnOnce($($arg),*) -> Ret + Send + 'static,
         {
@@ -368,18 +423,33 @@ macro_rules! impl_remote_fn {
                 self($($arg),*)
             }
         }
+
+        impl<Ret: 'static, $($arg: 'static),*> Callable<($($arg,)*)> for Remote<fn($($arg),*) -> Ret> {
+            type Output = Ret;
+
+            #[allow(non_snake_case)]
+            fn call(self, ($($arg,)*): ($($arg,)*)) -> Ret {
+                (self.function)($($arg),*)
+            }
+        }
+
+        impl<Ret: 'static, $($arg: 'static),*> RemoteFn<($($arg,)*)> for Remote<fn($($arg),*) -> Ret> {
+            fn name(&self) -> &'static str {
+                self.name
+            }
+        }
     };
 }
 
-impl_remote_fn!();
-impl_remote_fn!(A1);
-impl_remote_fn!(A1, A2);
-impl_remote_fn!(A1, A2, A3);
-impl_remote_fn!(A1, A2, A3, A4);
-impl_remote_fn!(A1, A2, A3, A4, A5);
-impl_remote_fn!(A1, A2, A3, A4, A5, A6);
-impl_remote_fn!(A1, A2, A3, A4, A5, A6, A7);
-impl_remote_fn!(A1, A2, A3, A4, A5, A6, A7, A8);
+impl_callable!();
+impl_callable!(A1);
+impl_callable!(A1, A2);
+impl_callable!(A1, A2, A3);
+impl_callable!(A1, A2, A3, A4);
+impl_callable!(A1, A2, A3, A4, A5);
+impl_callable!(A1, A2, A3, A4, A5, A6);
+impl_callable!(A1, A2, A3, A4, A5, A6, A7);
+impl_callable!(A1, A2, A3, A4, A5, A6, A7, A8);
 
 #[cfg(test)]
 mod tests {
@@ -418,20 +488,23 @@ mod tests {
     #[allow(unsafe_code)]
     #[distributed_slice(REMOTE_FUNCTIONS)]
     static ADD: RemoteFunction = RemoteFunction {
-        name: || std::any::type_name_of_val(&add),
+        name: || ADD_HANDLE.name(),
         invoke: invoke_add,
     };
+
+    /// What `#[shoal::remote]` makes of `add`.
+    const ADD_HANDLE: Remote<fn(u32, u32) -> u32> =
+        Remote::__new(concat!(module_path!(), "::add"), add);
 
     #[test]
     fn names_agree_between_registry_and_caller() {
         assert_eq!(
-            RemoteFn::<(u32, u32)>::name(&add),
+            RemoteFn::<(u32, u32)>::name(&ADD_HANDLE),
             "shoal_core::registry::tests::add"
         );
-        assert!(lookup(add.name()).is_some());
+        assert!(lookup(ADD_HANDLE.name()).is_some());
         assert!(registered_names().contains(&"shoal_core::registry::tests::add"));
-        let closure = |x: u32| x;
-        assert!(lookup(RemoteFn::<(u32,)>::name(&closure)).is_none());
+        assert!(lookup("shoal_core::registry::tests::not_there").is_none());
     }
 
     #[test]
@@ -526,7 +599,9 @@ mod tests {
 
     #[test]
     fn typed_calls() {
-        assert_eq!(RemoteFn::call(add, (1, 2)), 3);
-        assert_eq!(RemoteFn::call(|| 9, ()), 9);
+        assert_eq!(Callable::call(ADD_HANDLE, (1, 2)), 3);
+        assert_eq!(ADD_HANDLE(2, 3), 5);
+        assert_eq!(Callable::call(add, (1, 2)), 3);
+        assert_eq!(Callable::call(|| 9, ()), 9);
     }
 }

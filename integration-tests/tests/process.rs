@@ -2,6 +2,8 @@
 //! `process`) and threads (start method `thread`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -410,38 +412,43 @@ fn not_registered(x: u32) -> u32 {
     x + 1
 }
 
+// A function without `#[shoal::remote]`, or a closure, given to `Process::new` is a compile
+// error (the `compile_fail` examples in the `shoal` crate's docs check it).
 #[test]
-fn unregistered_functions_fail_at_start_and_stay_startable() {
+fn process_thread_runs_any_function_or_closure_and_only_on_a_thread() {
     let _rt = runtime();
-    let p = Process::new(not_registered, (1u32,));
-    match p.start() {
-        Err(Error::NotRegistered { function }) => {
-            assert!(function.ends_with("::not_registered"), "{function}")
-        }
-        other => panic!("{other:?}"),
-    }
-    assert!(!p.is_alive());
-    // The process was not consumed: starting again reports the same error, not InvalidState.
-    assert!(matches!(p.start(), Err(Error::NotRegistered { .. })));
-
     let offset = 5u32;
-    let closure = Process::new(move |x: u32| x + offset, (1u32,));
-    match closure.start() {
-        Err(Error::NotRegistered { function }) => {
-            assert!(function.contains("{{closure}}"), "{function}")
+    let seen = Arc::new(AtomicU32::new(0));
+    let into = seen.clone();
+    let closure = Process::thread(
+        move |x: u32| into.fetch_add(x + offset, Ordering::SeqCst),
+        (1u32,),
+    );
+    closure.start().expect("thread start");
+    closure.join(None).expect("join");
+    assert_eq!(closure.exitcode(), Some(0));
+    assert_eq!(seen.load(Ordering::SeqCst), 6);
+
+    let plain = Process::thread(not_registered, (1u32,));
+    plain.start().expect("thread start");
+    plain.join(None).expect("join");
+    assert_eq!(plain.exitcode(), Some(0));
+
+    let panicking = Process::thread(|| panic!("on purpose"), ());
+    panicking.start().expect("thread start");
+    panicking.join(None).expect("join");
+    assert_eq!(panicking.exitcode(), Some(1));
+
+    // Asked to run in a subprocess, it refuses at start and stays startable.
+    let moved = Process::thread(not_registered, (1u32,)).start_method(StartMethod::Process);
+    match moved.start() {
+        Err(Error::InvalidState(message)) => {
+            assert!(message.contains("Process::thread"), "{message}")
         }
         other => panic!("{other:?}"),
     }
-
-    // The thread start method runs unregistered functions and closures directly.
-    for p in [
-        Process::new(not_registered, (1u32,)).start_method(StartMethod::Thread),
-        Process::new(move |x: u32| x + offset, (1u32,)).start_method(StartMethod::Thread),
-    ] {
-        p.start().expect("thread start");
-        p.join(None).expect("join");
-        assert_eq!(p.exitcode(), Some(0));
-    }
+    assert!(!moved.is_alive());
+    assert!(matches!(moved.start(), Err(Error::InvalidState(_))));
 }
 
 #[shoal::remote]

@@ -1,15 +1,18 @@
 //! `#[shoal::remote]`: makes a free function runnable in another process; `#[derive(shoal::Actor)]`:
 //! makes a serde type a durable actor.
 //!
-//! The attribute keeps the function as written and adds an entry to shoal's link-time registry
+//! The attribute keeps the function's body under a hidden name, turns the function's own name into
+//! a typed handle (`shoal::Remote`, a constant that derefs to the function: `Process`, `Pool` &
+//! co. accept only such handles), and adds an entry to shoal's link-time registry
 //! (`shoal::__private::REMOTE_FUNCTIONS`) that decodes the argument tuple (one element of the
 //! arguments array of a pool chunk, or a process's single payload), calls the function and
-//! appends its encoded result to an output array (`shoal_core::registry::Invoke`). See the `shoal` crate for the rules; in short: a non-generic, non-async
-//! free function of 0 to 8 arguments whose argument types are owned `serde::Deserialize` types.
-//! The return value is encoded when it is `serde::Serialize` (a pool needs it; a process
-//! discards it). A return type spelled `Result<T, E>` (any path ending in `Result`) also reports
-//! an `Err`, described with `{:#}` (or `{:?}` when `E` is only `Debug`), so that a process
-//! returning `Err` exits with code 1.
+//! appends its encoded result to an output array (`shoal_core::registry::Invoke`). See the
+//! `shoal` crate for the rules; in short: a non-generic, non-async free function of 0 to 8
+//! arguments whose argument types are owned `serde::Deserialize` types. The return value is
+//! encoded when it is `serde::Serialize` (a pool needs it; a process discards it). A return type
+//! spelled `Result<T, E>` (any path ending in `Result`) also reports an `Err`, described with
+//! `{:#}` (or `{:?}` when `E` is only `Debug`), so that a process returning `Err` exits with
+//! code 1.
 
 use proc_macro::TokenStream;
 use proc_macro2::Span;
@@ -21,11 +24,21 @@ use syn::{FnArg, ItemFn, ReturnType, Type, parse_macro_input};
 /// The most arguments a remote function may take (the arity `Process::new` and `Pool` accept).
 const MAX_ARGS: usize = 8;
 
-/// Registers a free function so that shoal can run it in another process.
+/// Registers a free function so that shoal can run it in another process, and makes its name a
+/// typed handle (`shoal::Remote<fn(u64) -> u64>` below) that `Process::new`, the `Pool`'s calls
+/// and `Barrier::with_action` accept. The handle derefs to the function: `square(3)` still calls
+/// it here, and `*square` is the plain `fn` where one is wanted (`iter.map(*square)`).
+///
+/// The handle is a constant, so in a scope where it is visible a `let` binding of the same name
+/// is refused by the compiler (`let square = ...` "interpreted as a constant"): rename the
+/// variable.
 ///
 /// ```ignore
 /// #[shoal::remote]
 /// fn square(x: u64) -> u64 { x * x }
+///
+/// let doubled: Vec<u64> = pool.map(square, 0..10u64)?;
+/// assert_eq!(square(3), 9);
 /// ```
 #[proc_macro_attribute]
 pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -61,6 +74,19 @@ fn expand(function: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         return Err(syn::Error::new(
             asyncness.span(),
             "#[shoal::remote] functions cannot be async",
+        ));
+    }
+    if let Some(unsafety) = &sig.unsafety {
+        return Err(syn::Error::new(
+            unsafety.span(),
+            "#[shoal::remote] functions cannot be unsafe: another process calls them with \
+             decoded arguments",
+        ));
+    }
+    if let Some(abi) = &sig.abi {
+        return Err(syn::Error::new(
+            abi.span(),
+            "#[shoal::remote] functions use Rust's ABI (remove the extern)",
         ));
     }
     if let Some(variadic) = &sig.variadic {
@@ -123,16 +149,49 @@ fn expand(function: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         quote! { ::core::option::Option::None }
     };
     let entry = format_ident!("__SHOAL_REMOTE_{}", ident, span = Span::call_site());
+    // The function keeps its body under a hidden name; its own name becomes the typed handle
+    // (a constant that derefs to the function), which is what `Process`, `Pool` & co. accept.
+    let hidden = format_ident!("__shoal_remote_{}", ident);
+    let mut inner = function.clone();
+    inner.sig.ident = hidden.clone();
+    inner.attrs.retain(|a| !a.path().is_ident("doc"));
+    let handle_attrs: Vec<_> = function
+        .attrs
+        .iter()
+        .filter(|a| {
+            let path = a.path();
+            path.is_ident("doc")
+                || path.is_ident("cfg")
+                || path.is_ident("cfg_attr")
+                || path.is_ident("deprecated")
+        })
+        .collect();
+    let entry_cfgs: Vec<_> = function
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("cfg") || a.path().is_ident("cfg_attr"))
+        .collect();
+    let vis = &function.vis;
+    let output = &sig.output;
     Ok(quote! {
-        #function
+        #[doc(hidden)]
+        #inner
+
+        #(#handle_attrs)*
+        #[allow(non_upper_case_globals)]
+        #vis const #ident: ::shoal::Remote<fn(#(#arg_types),*) #output> = ::shoal::Remote::__new(
+            ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
+            #hidden,
+        );
 
         // linkme places the entry in a link section; the entry itself is plain data.
+        #(#entry_cfgs)*
         #[doc(hidden)]
         #[allow(unsafe_code, non_upper_case_globals)]
         #[::shoal::__private::linkme::distributed_slice(::shoal::__private::REMOTE_FUNCTIONS)]
         #[linkme(crate = ::shoal::__private::linkme)]
         static #entry: ::shoal::__private::RemoteFunction = ::shoal::__private::RemoteFunction {
-            name: || ::std::any::type_name_of_val(&#ident),
+            name: || #ident.name(),
             // Decodes the next argument tuple of the chunk's array, calls, appends the encoded
             // result to the output array; error texts are built only on failure. (A closure, so
             // that the signature comes from `Invoke`.)
@@ -142,10 +201,10 @@ fn expand(function: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                     DescribeDebug as _, DescribeDisplay as _, DescribeOpaque as _,
                     EncodeFallback as _, EncodeSerialize as _,
                 };
-                let __shoal_name = ::std::any::type_name_of_val(&#ident);
+                let __shoal_name = #ident.name();
                 let (#(#bindings,)*): (#(#arg_types,)*) =
                     ::shoal::__private::decode_args(__shoal_args, __shoal_limit, __shoal_name)?;
-                let __shoal_out = #ident(#(#bindings),*);
+                let __shoal_out = #hidden(#(#bindings),*);
                 ::core::result::Result::Ok(::shoal::__private::Returned {
                     err: #err,
                     value: (&&::shoal::__private::Encoded(&__shoal_out))

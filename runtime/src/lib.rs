@@ -38,7 +38,45 @@
 //!
 //! * functions that run in a subprocess carry [`#[shoal::remote]`](remote), which registers them
 //!   under their full path at link time (a non-generic, non-async free function of 0 to 8
-//!   owned serde arguments, returning a serde type; a `Result` return makes `Err` a task error);
+//!   owned serde arguments, returning a serde type; a `Result` return makes `Err` a task error)
+//!   and makes the function's name a typed handle ([`Remote`]) that derefs to the function.
+//!   [`Process::new`], the [`Pool`]'s calls and [`Barrier::with_action`] accept only such handles
+//!   ([`RemoteFn`]), so a function without the attribute, or a closure, does not compile:
+//!
+//! ```compile_fail
+//! fn square(x: u64) -> u64 { x * x } // no #[shoal::remote]
+//!
+//! fn main() -> shoal::Result<()> {
+//!     let _rt = shoal::init()?;
+//!     let pool = shoal::Pool::new(2)?;
+//!     pool.map(square, vec![1u64, 2])?; // error: `square` is not a `#[shoal::remote]` function
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ```compile_fail
+//! fn main() -> shoal::Result<()> {
+//!     let _rt = shoal::init()?;
+//!     let pool = shoal::Pool::new(2)?;
+//!     pool.map(|x: u64| x * x, vec![1u64, 2])?; // error: a closure cannot run elsewhere
+//!     Ok(())
+//! }
+//! ```
+//!
+//!   With the attribute the same code compiles, and `square` can still be called here:
+//!
+//! ```no_run
+//! #[shoal::remote]
+//! fn square(x: u64) -> u64 { x * x }
+//!
+//! fn main() -> shoal::Result<()> {
+//!     let _rt = shoal::init()?;
+//!     let pool = shoal::Pool::new(2)?;
+//!     assert_eq!(pool.map(square, vec![1u64, 2])?, vec![square(1), square(2)]);
+//!     Ok(())
+//! }
+//! ```
+//!
 //! * `shoal::init()` must come first in `main`: a child runs nothing before it;
 //! * in a **test binary**, invoke [`test_support!()`](test_support) once at the top of the test
 //!   file (or module). It adds a test named `shoal_worker_entry` and marks the binary, so that a
@@ -85,6 +123,7 @@ pub use shoal_core::config::{self, Config, ConfigBuilder, StartMethod};
 pub use shoal_core::context::{AuthKey, ParentInfo, ProcessInfo, set_authkey};
 pub use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
 pub use shoal_core::hosted::{Actor, ActorContext, Handler, Handles};
+pub use shoal_core::registry::{Callable, Remote, RemoteFn};
 pub use shoal_macros::remote;
 pub use shoal_macros::{Actor, main};
 pub use shoal_primitives::{

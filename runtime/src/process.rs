@@ -2,18 +2,17 @@
 //!
 //! # Semantics
 //!
-//! * [`Process::new`] takes a function and its arguments as a tuple (`(x,)` for one argument,
-//!   `()` for none) and checks their types at compile time. The child gets a name at
-//!   construction: `Process-N` (`Process-1:2` for the second child of a child), unless
-//!   [`Process::name`] gives one.
+//! * [`Process::new`] takes a `#[shoal::remote]` function and its arguments as a tuple (`(x,)`
+//!   for one argument, `()` for none) and checks their types at compile time; a function without
+//!   the attribute, or a closure, does not compile. [`Process::thread`] takes any function or
+//!   closure, and always runs it on a thread. The child gets a name at construction: `Process-N`
+//!   (`Process-1:2` for the second child of a child), unless [`Process::name`] gives one.
 //! * [`Process::start`] starts the child with the start method of the configuration
 //!   (`local.start_method`) or of [`Process::start_method`]:
-//!   * `process`: a subprocess running this binary in worker mode. The function must be
-//!     registered with `#[shoal::remote]`; if it is not, `start()` fails with
-//!     [`Error::NotRegistered`] and the process stays startable.
-//!   * `thread`: a thread of this process. Any function or closure runs; a registered function
-//!     runs through its registry entry, so it behaves exactly as in a subprocess (arguments
-//!     encoded and decoded, `Err` returns give exit code 1).
+//!   * `process`: a subprocess running this binary in worker mode.
+//!   * `thread`: a thread of this process. A registered function runs through its registry
+//!     entry, so it behaves exactly as in a subprocess (arguments encoded and decoded, `Err`
+//!     returns give exit code 1).
 //! * [`Process::exitcode`] follows Python: `None` while running, `0` when the function returned,
 //!   `1` when it panicked or returned `Err`, `n` when it called `std::process::exit(n)`, `-15`
 //!   after [`Process::terminate`] and `-9` after [`Process::kill`] (for a subprocess, `-N` for any
@@ -73,7 +72,7 @@ use serde::Serialize;
 use shoal_core::config::StartMethod;
 use shoal_core::context::{self, ParentInfo, ProcessInfo};
 use shoal_core::error::{Error, Result};
-use shoal_core::registry::{self, RemoteFn};
+use shoal_core::registry::{self, Callable, RemoteFn};
 use shoal_core::store::Store;
 use shoal_core::{TaskErrorKind, codec};
 use shoal_executor::output::{OutputReader, ReadOutcome};
@@ -162,11 +161,52 @@ impl std::fmt::Debug for Process {
 
 impl Process {
     /// A process that will run `target(args...)`. Nothing runs until [`Process::start`].
+    ///
+    /// `target` is a function marked `#[shoal::remote]`; anything else (a plain function, a
+    /// closure) is a compile error, because it could not run in another process. Use
+    /// [`Process::thread`] for a closure.
     pub fn new<F, A>(target: F, args: A) -> Process
     where
         F: RemoteFn<A>,
         A: Serialize + Send + 'static,
     {
+        Process::with_target(Box::new(RemoteTarget { target, args }), None)
+    }
+
+    /// A process that runs `target(args...)` on a thread of this process (the `thread` start
+    /// method, always): any function or closure, capturing what it likes. It has a name, a
+    /// daemon flag, `join`, `is_alive` and an exit code like any process (`1` if it panicked);
+    /// [`Process::terminate`] and [`Process::kill`] cannot stop a thread, so they only mark it.
+    /// Asking it for another start method makes `start()` fail with [`Error::InvalidState`].
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use shoal::prelude::*;
+    ///
+    /// fn main() -> shoal::Result<()> {
+    ///     let _rt = shoal::init()?;
+    ///     let hits = Arc::new(AtomicU32::new(0));
+    ///     let counted = hits.clone();
+    ///     let p = Process::thread(move |n: u32| counted.fetch_add(n, Ordering::SeqCst), (2u32,));
+    ///     p.start()?;
+    ///     p.join(None)?;
+    ///     assert_eq!((p.exitcode(), hits.load(Ordering::SeqCst)), (Some(0), 2));
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn thread<F, A>(target: F, args: A) -> Process
+    where
+        F: Callable<A>,
+        A: Send + 'static,
+    {
+        Process::with_target(
+            Box::new(ThreadTarget { target, args }),
+            Some(StartMethod::Thread),
+        )
+    }
+
+    fn with_target(target: Box<dyn Target>, start_method: Option<StartMethod>) -> Process {
         let n = CONSTRUCTED.fetch_add(1, Ordering::Relaxed) + 1;
         let mut identity = context::current_process().identity;
         identity.push(n);
@@ -182,8 +222,8 @@ impl Process {
             name,
             identity,
             daemon: AtomicBool::new(false),
-            start_method: None,
-            slot: Mutex::new(Slot::Created(Box::new(TypedTarget { target, args }))),
+            start_method,
+            slot: Mutex::new(Slot::Created(target)),
         }
     }
 
@@ -261,9 +301,9 @@ impl Process {
         }
     }
 
-    /// Starts the child. Errors: [`Error::InvalidState`] if it was started before,
-    /// [`Error::NotRegistered`] for an unregistered function with the `process` start method
-    /// (the process stays startable), or what the backend reports.
+    /// Starts the child. Errors: [`Error::InvalidState`] if it was started before (or if a
+    /// [`Process::thread`] target was given the `process` start method; it stays startable),
+    /// or what the backend reports.
     pub fn start(&self) -> Result<()> {
         let target = {
             let mut slot = self.lock_slot();
@@ -336,6 +376,14 @@ impl Process {
         };
         let (workload, record) = match method {
             StartMethod::Process => {
+                if !target.runs_elsewhere() {
+                    let e = Error::invalid_state(format!(
+                        "process {} was made with Process::thread: its function ({function}) \
+                         can only run on a thread of this process",
+                        self.name
+                    ));
+                    return Err((Some(target), e));
+                }
                 if registry::lookup(function).is_none() {
                     let e = Error::NotRegistered {
                         function: function.to_string(),
@@ -697,23 +745,31 @@ impl ProcessState {
 
 /// A target with its arguments, erased.
 trait Target: Send {
+    /// The registered name, or the type's name for a thread-only target (for display).
     fn function_name(&self) -> &'static str;
+    /// Whether the target is a registered function that can run in another process.
+    fn runs_elsewhere(&self) -> bool;
     fn encode_args(&self, store: &Store, key: &str) -> Result<Vec<u8>>;
     fn into_thread_body(self: Box<Self>, name: String, limit: usize) -> ThreadBody;
 }
 
-struct TypedTarget<F, A> {
+/// A `#[shoal::remote]` function: runs anywhere, and on a thread through its registry entry.
+struct RemoteTarget<F, A> {
     target: F,
     args: A,
 }
 
-impl<F, A> Target for TypedTarget<F, A>
+impl<F, A> Target for RemoteTarget<F, A>
 where
     F: RemoteFn<A>,
     A: Serialize + Send + 'static,
 {
     fn function_name(&self) -> &'static str {
         self.target.name()
+    }
+
+    fn runs_elsewhere(&self) -> bool {
+        true
     }
 
     fn encode_args(&self, store: &Store, key: &str) -> Result<Vec<u8>> {
@@ -742,14 +798,52 @@ where
                     }
                 }
             }
-            None => {
-                let TypedTarget { target, args } = *self;
-                match catch_unwind(AssertUnwindSafe(move || target.call(args))) {
-                    Ok(_) => 0,
-                    Err(_) => 1,
-                }
+            None => ThreadTarget {
+                target: self.target,
+                args: self.args,
             }
+            .run(),
         })
+    }
+}
+
+/// Any function or closure, for [`Process::thread`]: called directly on the thread.
+struct ThreadTarget<F, A> {
+    target: F,
+    args: A,
+}
+
+impl<F: Callable<A>, A: Send + 'static> ThreadTarget<F, A> {
+    fn run(self) -> i32 {
+        let ThreadTarget { target, args } = self;
+        match catch_unwind(AssertUnwindSafe(move || target.call(args))) {
+            Ok(_) => 0,
+            Err(_) => 1,
+        }
+    }
+}
+
+impl<F, A> Target for ThreadTarget<F, A>
+where
+    F: Callable<A>,
+    A: Send + 'static,
+{
+    fn function_name(&self) -> &'static str {
+        std::any::type_name::<F>()
+    }
+
+    fn runs_elsewhere(&self) -> bool {
+        false
+    }
+
+    fn encode_args(&self, _store: &Store, key: &str) -> Result<Vec<u8>> {
+        Err(Error::invalid_state(format!(
+            "{key}: the arguments of a Process::thread target are never encoded"
+        )))
+    }
+
+    fn into_thread_body(self: Box<Self>, _name: String, _limit: usize) -> ThreadBody {
+        Box::new(move || self.run())
     }
 }
 

@@ -233,7 +233,12 @@ fn watch_directory(dir: &Path) -> Result<std::io::PipeWriter> {
     let mut watcher = Command::new("/bin/sh");
     watcher
         .arg("-c")
-        .arg(r#"read -r _; rm -rf -- "$0""#)
+        // The server gets its parent-death signal at the same moment and logs its shutdown
+        // into this directory (it reopens the log file for each line), which can put a file
+        // back while `rm -rf` runs: so remove until the directory is gone, at most 10 s.
+        .arg(
+            r#"read -r _; i=0; while [ -e "$0" ] && [ "$i" -lt 100 ]; do rm -rf -- "$0" 2>/dev/null; [ -e "$0" ] || exit 0; i=$((i+1)); sleep 0.1; done"#,
+        )
         .arg(dir)
         .stdin(reader)
         .stdout(Stdio::null())

@@ -5,9 +5,8 @@
 //!
 //! * [`Pool::new`]`(n)` starts `n` workers (subprocesses, or threads with the `thread` start
 //!   method); [`Pool::builder`] adds an initializer, `maxtasksperchild`, `retries`, the task lease
-//!   and the restart budget. Functions must be registered with `#[shoal::remote]`, also in thread
-//!   mode (the workers find them by name); an unregistered one is [`Error::NotRegistered`] at the
-//!   call.
+//!   and the restart budget. Functions are `#[shoal::remote]` handles, also in thread mode (the
+//!   workers find them by name); a plain function or a closure does not compile.
 //! * `map`, `starmap` and their `_async` forms split the input into chunks (default: as CPython,
 //!   `ceil(len / (4 * processes))`, with `len` from an exact `size_hint` or by collecting the
 //!   input first, as Python's `list()` does) and return the results in input order. `imap` and
