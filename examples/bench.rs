@@ -11,8 +11,9 @@
 //! W2 (a CPU-bound map; the loop is calibrated to ~100 ms per task here, as the peers calibrate
 //! theirs), W3 (process_spawn, for both start methods), W4 (queue throughput), W5 (pipe
 //! ping-pong), W6 (lock contention), W7 (barrier), W8 (a map during which three tasks kill their
-//! worker), W11 (a child process writes 20000 keys through a Manager dict proxy, then reads
-//! them).
+//! worker), W9 (actor ask: 2,000 calls that wait for their reply), W10 (actor tell: two
+//! client processes send 10,000 messages each), W11 (a child process writes 20000 keys through
+//! a Manager dict proxy, then reads them).
 //!
 //! W1 and W1B time the `map` call once every worker is up (each has run a trivial initializer):
 //! CPython's `Pool()` returns with its workers forked, shoal's starts them in the background, and
@@ -20,6 +21,20 @@
 //! map cost (`INFO commandstats` before and after, over the tasks: `redis_commands_per_task`).
 //! `--pool-sizes 2,8,32,64` runs W1B at each pool size (the first is the cell compared with the
 //! peers, `W1B/shoal-process`; the others are `W1B/shoal-process-p<n>`).
+//!
+//! # Reading the figures honestly
+//!
+//! * **Round trips.** Redis's round trip from this program (`PING` on one connection) moves
+//!   with CPU placement (9–43 µs between runs here), so it is measured before all workloads,
+//!   right before and right after each one, and after all; each cell gets `rtt_us` (the mean
+//!   of the two around it) and `rtt_multiple`, one operation (a task, an item, a round trip of
+//!   the pipe, a barrier pass, an actor call, a process start) in round trips.
+//! * **Start methods.** Every shoal cell says its `start_method`; W3 has a row per method
+//!   (`shoal-process`, `shoal-thread`) and the peers' W3 has CPython's `fork` and `spawn`.
+//! * **Same work.** Where the peer harness runs a peer at a smaller size (its
+//!   `PEER_OVERRIDES`: Lithops' W1 and W1B at 100 tasks, Ray's W1B at 5,000), shoal also runs
+//!   that size (`W1/shoal-process-n100`, `W1B/shoal-process-n5000`, ...), and a ratio only
+//!   pairs cells of the same `n`.
 //!
 //! # Profiling W1
 //!
@@ -89,7 +104,7 @@ const W10_MSGS: u64 = 10_000;
 const W10_WARMUP: u64 = 100;
 
 #[derive(Parser, Debug)]
-#[command(about = "shoal's benchmark: the peer workloads W1-W8 and W11 on shoal, beside the peers")]
+#[command(about = "shoal's benchmark: the peer workloads W1-W11 on shoal, beside the peers")]
 struct Args {
     /// Print one JSON document instead of a table.
     #[arg(long)]
@@ -316,9 +331,13 @@ fn main() -> shoal::Result<()> {
     } else {
         0
     };
+    let rtt_before = redis_round_trip(&rt, RTT_SAMPLES);
+    let mut rtt_during = BTreeMap::new();
     for w in &workloads {
         let label = "shoal-process".to_string();
         let key = format!("{w}/{label}");
+        let rtt_start = ping_us_median(&rt, RTT_AROUND_SAMPLES);
+        let cells_before: Vec<String> = shoal_cells.keys().cloned().collect();
         match w.as_str() {
             "W1" => {
                 let runs = (0..args.runs)
@@ -327,6 +346,15 @@ fn main() -> shoal::Result<()> {
                 let mut cell = median_cell(w, "pool_map_overhead", &label, runs);
                 cell["redis_commands_per_chunk"] = redis_commands_per_chunk(&rt);
                 shoal_cells.insert(key, cell);
+                // Lithops ran W1 at a smaller N: the same work for its ratio.
+                for n in peer_sizes(w, W1_N) {
+                    let runs = (0..args.runs)
+                        .map(|_| w1_pool_map_overhead(&rt, n, None, POOL_PROCS))
+                        .collect();
+                    let label = format!("{label}-n{n}");
+                    let cell = median_cell(w, "pool_map_overhead", &label, runs);
+                    shoal_cells.insert(format!("{w}/{label}"), cell);
+                }
             }
             "W1B" => {
                 for (i, &processes) in args.pool_sizes.iter().enumerate() {
@@ -338,6 +366,15 @@ fn main() -> shoal::Result<()> {
                     } else {
                         format!("{label}-p{processes}")
                     };
+                    let cell = median_cell(w, "pool_map_chunk1", &label, runs);
+                    shoal_cells.insert(format!("{w}/{label}"), cell);
+                }
+                // Lithops and Ray ran W1B at smaller Ns: the same work for their ratios.
+                for n in peer_sizes(w, W1B_N) {
+                    let runs = (0..args.runs)
+                        .map(|_| w1_pool_map_overhead(&rt, n, Some(1), POOL_PROCS))
+                        .collect();
+                    let label = format!("{label}-n{n}");
                     let cell = median_cell(w, "pool_map_chunk1", &label, runs);
                     shoal_cells.insert(format!("{w}/{label}"), cell);
                 }
@@ -407,7 +444,32 @@ fn main() -> shoal::Result<()> {
             }
             _ => unreachable!("checked above"),
         }
+        // The round trip next to the workload: before and after it, and each new cell as a
+        // multiple of it.
+        let rtt_end = ping_us_median(&rt, RTT_AROUND_SAMPLES);
+        let rtt = match (rtt_start, rtt_end) {
+            (Some(a), Some(b)) => Some((a + b) / 2.0),
+            (a, b) => a.or(b),
+        };
+        rtt_during.insert(
+            w.clone(),
+            json!({"before_us": rtt_start, "after_us": rtt_end}),
+        );
+        for (key, cell) in shoal_cells.iter_mut() {
+            if cells_before.contains(key) {
+                continue;
+            }
+            let method = if key.ends_with("/shoal-thread") {
+                StartMethod::Thread
+            } else {
+                StartMethod::Process
+            };
+            cell["start_method"] = json!(method_name(method));
+            cell["rtt_us"] = json!(rtt);
+            cell["rtt_multiple"] = json!(rtt.and_then(|rtt| rtt_multiple(cell, rtt)));
+        }
     }
+    let rtt_after = redis_round_trip(&rt, RTT_SAMPLES);
 
     let peer_cells = if args.peers.is_empty() {
         BTreeMap::new()
@@ -418,7 +480,11 @@ fn main() -> shoal::Result<()> {
     let comparison = compare(&shoal_cells, &peer_cells);
     let report = json!({
         "machine": machine(),
-        "redis_round_trip": redis_round_trip(&rt),
+        "redis_round_trip": {
+            "before": rtt_before,
+            "during": rtt_during,
+            "after": rtt_after,
+        },
         "shoal": shoal_cells,
         "peers": peer_cells,
         "comparison": comparison,
@@ -430,7 +496,13 @@ fn main() -> shoal::Result<()> {
         );
     } else {
         print_table(&shoal_cells, &peer_cells, &comparison);
-        println!("\nRedis round trip: {}", report["redis_round_trip"]);
+        println!(
+            "\nRedis round trip (PING from this program): before {}, after {}; around each \
+             workload: {}",
+            report["redis_round_trip"]["before"],
+            report["redis_round_trip"]["after"],
+            report["redis_round_trip"]["during"]
+        );
     }
     Ok(())
 }
@@ -442,29 +514,72 @@ fn method_name(method: StartMethod) -> &'static str {
     }
 }
 
+/// `PING`s in the round-trip figure printed before and after all workloads.
+const RTT_SAMPLES: usize = 5_000;
+/// `PING`s right before and right after each workload, for the multiple printed beside it.
+const RTT_AROUND_SAMPLES: usize = 500;
+
 /// The store's round-trip time from this program (a `PING` loop on one connection): the floor
 /// under every operation that needs a round trip.
-fn redis_round_trip(rt: &shoal::Runtime) -> Value {
-    let Some(url) = rt.config().redis.url.clone() else {
+fn redis_round_trip(rt: &shoal::Runtime, samples: usize) -> Value {
+    let Some(mut samples) = ping_samples(rt, samples) else {
         return Value::Null;
     };
-    let Ok(mut conn) = redis::Client::open(url.as_str()).and_then(|c| c.get_connection()) else {
-        return Value::Null;
-    };
-    let mut samples = Vec::with_capacity(5000);
-    for _ in 0..5000 {
-        let t = Instant::now();
-        if redis::cmd("PING").query::<String>(&mut conn).is_err() {
-            return Value::Null;
-        }
-        samples.push(t.elapsed().as_secs_f64() * 1e6);
-    }
     samples.sort_by(f64::total_cmp);
+    let transport = match rt.config().redis.url.as_deref() {
+        Some(url) if url.starts_with("unix://") => "unix socket (embedded store)",
+        _ => "tcp",
+    };
     json!({
-        "transport": if url.starts_with("unix://") { "unix socket (embedded store)" } else { "tcp" },
+        "transport": transport,
         "ping_us_median": samples[samples.len() / 2],
         "ping_us_p99": samples[samples.len() * 99 / 100],
     })
+}
+
+/// The median of `samples` round trips, in µs.
+fn ping_us_median(rt: &shoal::Runtime, samples: usize) -> Option<f64> {
+    let mut samples = ping_samples(rt, samples)?;
+    samples.sort_by(f64::total_cmp);
+    samples.get(samples.len() / 2).copied()
+}
+
+fn ping_samples(rt: &shoal::Runtime, samples: usize) -> Option<Vec<f64>> {
+    let url = rt.config().redis.url.clone()?;
+    let mut conn = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .ok()?;
+    let mut out = Vec::with_capacity(samples);
+    for _ in 0..samples.max(1) {
+        let t = Instant::now();
+        redis::cmd("PING").query::<String>(&mut conn).ok()?;
+        out.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Some(out)
+}
+
+/// One operation of `cell` (a task, an item, a round trip, a pass, a call, a message, a
+/// process start) in round trips of `rtt_us`; `None` for a wall time or an outcome.
+fn rtt_multiple(cell: &Value, rtt_us: f64) -> Option<f64> {
+    let value = cell["value"].as_f64()?;
+    let per_op_us = match cell["unit"].as_str()? {
+        "us/round trip" | "us/pass" | "us/call" => value,
+        "ms/process" => value * 1000.0,
+        "tasks/s" | "items/s (after 1st item)" | "lock ops/s" | "msgs/s" | "ops/s" => 1e6 / value,
+        _ => return None,
+    };
+    Some(per_op_us / rtt_us)
+}
+
+/// The sizes the peer harness ran `workload` at for some peer, other than `ours` (its
+/// `PEER_OVERRIDES`: Lithops' W1 and W1B at 100, Ray's W1B at 5,000).
+fn peer_sizes(workload: &str, ours: u64) -> Vec<u64> {
+    let sizes: &[u64] = match workload {
+        "W1" => &[100],
+        "W1B" => &[100, 5_000],
+        _ => &[],
+    };
+    sizes.iter().copied().filter(|&n| n != ours).collect()
 }
 
 /// Tells the benchmark that a worker is up (the pool's initializer).
@@ -1206,7 +1321,10 @@ fn copy_harness(from: &Path, to: &Path) -> std::io::Result<()> {
 /// Lower is better for times, higher for rates.
 fn lower_is_better(unit: &str) -> bool {
     // W2's "s" is a wall time; its speedup is reported beside it.
-    matches!(unit, "ms/process" | "us/round trip" | "us/pass" | "s")
+    matches!(
+        unit,
+        "ms/process" | "us/round trip" | "us/pass" | "us/call" | "s"
+    )
 }
 
 fn compare(shoal: &BTreeMap<String, Value>, peers: &BTreeMap<String, Value>) -> Vec<Value> {
@@ -1223,6 +1341,13 @@ fn compare(shoal: &BTreeMap<String, Value>, peers: &BTreeMap<String, Value>) -> 
             let Some(theirs) = peer["value"].as_f64() else {
                 continue;
             };
+            // Ratios compare the same work: a cell run at another size than the peer's is
+            // compared with the peers run at its size.
+            if let (Some(a), Some(b)) = (cell["n"].as_u64(), peer["n"].as_u64())
+                && a != b
+            {
+                continue;
+            }
             let ratio = if lower_is_better(unit) {
                 theirs / ours
             } else {
@@ -1231,6 +1356,9 @@ fn compare(shoal: &BTreeMap<String, Value>, peers: &BTreeMap<String, Value>) -> 
             rows.push(json!({
                 "workload": workload,
                 "shoal": key,
+                "shoal_start_method": cell["start_method"],
+                "shoal_rtt_multiple": cell["rtt_multiple"],
+                "n": cell["n"],
                 "shoal_value": ours,
                 "peer": peer_key,
                 "peer_value": theirs,
@@ -1247,8 +1375,8 @@ fn print_table(
     peers: &BTreeMap<String, Value>,
     comparison: &[Value],
 ) {
-    println!("| cell | value | unit | details |");
-    println!("|---|---|---|---|");
+    println!("| cell | start method | value | unit | round trips per op | details |");
+    println!("|---|---|---|---|---|---|");
     for (key, cell) in shoal.iter().chain(peers.iter()) {
         let value = cell["value"]
             .as_f64()
@@ -1265,20 +1393,31 @@ fn print_table(
                 cell.get("per_run").cloned().unwrap_or(Value::Null)
             ),
         };
+        let multiple = cell["rtt_multiple"]
+            .as_f64()
+            .map(|m| {
+                format!(
+                    "{m:.3} (RTT {:.1} us)",
+                    cell["rtt_us"].as_f64().unwrap_or(0.0)
+                )
+            })
+            .unwrap_or_default();
         println!(
-            "| {key} | {value} | {} | {details} |",
+            "| {key} | {} | {value} | {} | {multiple} | {details} |",
+            cell["start_method"].as_str().unwrap_or(""),
             cell["unit"].as_str().unwrap_or("")
         );
     }
     if !comparison.is_empty() {
         println!();
-        println!("| shoal | peer | shoal | peer | unit | shoal speedup |");
-        println!("|---|---|---|---|---|---|");
+        println!("| shoal | peer | n | shoal | peer | unit | shoal speedup |");
+        println!("|---|---|---|---|---|---|---|");
         for row in comparison {
             println!(
-                "| {} | {} | {:.3} | {:.3} | {} | x{:.2} |",
+                "| {} | {} | {} | {:.3} | {:.3} | {} | x{:.2} |",
                 row["shoal"].as_str().unwrap_or(""),
                 row["peer"].as_str().unwrap_or(""),
+                row["n"].as_u64().map(|n| n.to_string()).unwrap_or_default(),
                 row["shoal_value"].as_f64().unwrap_or(0.0),
                 row["peer_value"].as_f64().unwrap_or(0.0),
                 row["unit"].as_str().unwrap_or(""),
