@@ -80,6 +80,34 @@ fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
     v
 }
 
+/// The blocking forms read their input before they start, so it may borrow the caller's data
+/// (the `_async` forms and `imap` read theirs later, on a feeder thread, and need it owned).
+#[test]
+fn blocking_maps_take_borrowed_inputs() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    let xs: Vec<u64> = (0..50).collect();
+    let expected: Vec<u64> = xs.iter().map(|x| x * x).collect();
+    assert_eq!(pool.map(square, xs.iter().copied()).expect("map"), expected);
+    assert_eq!(
+        pool.map_with(square, xs.iter().copied().filter(|x| x % 2 == 0), 4)
+            .expect("map_with"),
+        expected.iter().copied().step_by(2).collect::<Vec<_>>()
+    );
+    let pairs: Vec<(i64, i64)> = (0..20).map(|i| (i, 100 - i)).collect();
+    assert_eq!(
+        pool.starmap(add, pairs.iter().copied()).expect("starmap"),
+        vec![100; 20]
+    );
+    assert_eq!(
+        pool.starmap_with(add, pairs.iter().copied(), 3)
+            .expect("starmap_with"),
+        vec![100; 20]
+    );
+    // The data is still the caller's.
+    assert_eq!(xs.len() + pairs.len(), 70);
+}
+
 #[test]
 fn map_starmap_and_apply_return_results_in_order() {
     let _rt = runtime();

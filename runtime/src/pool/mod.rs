@@ -9,7 +9,10 @@
 //!   workers find them by name); a plain function or a closure does not compile.
 //! * `map`, `starmap` and their `_async` forms split the input into chunks (default: as CPython,
 //!   `ceil(len / (4 * processes))`, with `len` from an exact `size_hint` or by collecting the
-//!   input first, as Python's `list()` does) and return the results in input order. `imap` and
+//!   input first, as Python's `list()` does) and return the results in input order. The
+//!   blocking forms read the whole input in the caller before they start, so it may borrow
+//!   (`pool.map(f, xs.iter().copied())`); the `_async` forms and `imap` read theirs on a feeder
+//!   thread after they return, so it must own its data (`Send + 'static`). `imap` and
 //!   `imap_unordered` read their input lazily (default chunksize 1, as in Python) and yield as
 //!   results arrive; `_with` forms take a chunksize.
 //! * A function's return value is the item's result, `Result` included: `pool.map(f, xs)` with
@@ -80,6 +83,9 @@ use supervisor::{
 };
 
 use crate::runtime::{self, RuntimeInner};
+
+/// A call's input as the feeder reads it: items, or the error that ended the input.
+type Input<A> = Box<dyn Iterator<Item = Result<A>> + Send>;
 
 /// Items a call of small chunks may have in flight (see `Pool::window`).
 const WINDOW_ITEMS: usize = 4096;
@@ -450,15 +456,23 @@ impl Pool {
     }
 
     /// `f(item)` for every item, in order.
+    ///
+    /// The input may borrow (`xs.iter().copied()`): like Python's `map`, which takes
+    /// `list(iterable)`, this reads the whole input in the calling thread before the call
+    /// starts, and returns only when every item has run. (The `_async` forms and `imap` read
+    /// their input lazily on a feeder thread, after they return, so theirs must own its data:
+    /// `Send + 'static`.)
     pub fn map<F, A, I>(&self, f: F, iterable: I) -> Result<Vec<F::Output>>
     where
         F: RemoteFn<(A,)>,
         A: Serialize + Send + 'static,
         I: IntoIterator<Item = A>,
-        I::IntoIter: Send + 'static,
         F::Output: DeserializeOwned,
     {
-        self.map_async(f, iterable)?.get(None)
+        let function = self.registered(&f)?;
+        let items = iterable.into_iter().map(|a| (a,));
+        self.read_then_call(function, items, AsyncOptions::new())?
+            .get(None)
     }
 
     /// [`Pool::map`] with a chunksize.
@@ -467,10 +481,11 @@ impl Pool {
         F: RemoteFn<(A,)>,
         A: Serialize + Send + 'static,
         I: IntoIterator<Item = A>,
-        I::IntoIter: Send + 'static,
         F::Output: DeserializeOwned,
     {
-        self.map_async_with(f, iterable, AsyncOptions::new().chunksize(chunksize))?
+        let function = self.registered(&f)?;
+        let items = iterable.into_iter().map(|a| (a,));
+        self.read_then_call(function, items, AsyncOptions::new().chunksize(chunksize))?
             .get(None)
     }
 
@@ -505,16 +520,18 @@ impl Pool {
         self.collect_call(function, items, options)
     }
 
-    /// `f(args...)` for every argument tuple, in order (Python's `starmap`).
+    /// `f(args...)` for every argument tuple, in order (Python's `starmap`). The input may
+    /// borrow, as [`Pool::map`]'s.
     pub fn starmap<F, A, I>(&self, f: F, iterable: I) -> Result<Vec<F::Output>>
     where
         F: RemoteFn<A>,
         A: Serialize + Send + 'static,
         I: IntoIterator<Item = A>,
-        I::IntoIter: Send + 'static,
         F::Output: DeserializeOwned,
     {
-        self.starmap_async(f, iterable)?.get(None)
+        let function = self.registered(&f)?;
+        self.read_then_call(function, iterable.into_iter(), AsyncOptions::new())?
+            .get(None)
     }
 
     /// [`Pool::starmap`] with a chunksize.
@@ -528,10 +545,11 @@ impl Pool {
         F: RemoteFn<A>,
         A: Serialize + Send + 'static,
         I: IntoIterator<Item = A>,
-        I::IntoIter: Send + 'static,
         F::Output: DeserializeOwned,
     {
-        self.starmap_async_with(f, iterable, AsyncOptions::new().chunksize(chunksize))?
+        let function = self.registered(&f)?;
+        let options = AsyncOptions::new().chunksize(chunksize);
+        self.read_then_call(function, iterable.into_iter(), options)?
             .get(None)
     }
 
@@ -730,7 +748,6 @@ impl Pool {
         // Python's map takes list(iterable): the length decides the default chunksize. A panic
         // while reading it ends the input there (see the module docs).
         let items = GuardedInput::new(items);
-        type Input<A> = Box<dyn Iterator<Item = Result<A>> + Send>;
         let (len, items): (usize, Input<A>) = match items.size_hint() {
             (low, Some(high)) if low == high => (low, Box::new(items)),
             _ => {
@@ -739,6 +756,51 @@ impl Pool {
                 (readable, Box::new(all.into_iter()))
             }
         };
+        self.collect_input(function, len, items, options)
+    }
+
+    /// A `map`-like call whose input is read here, in the caller, before the call starts (the
+    /// blocking forms, whose input may borrow). A panic in the input ends it there, as in
+    /// [`Pool::collect_call`].
+    fn read_then_call<A, R>(
+        &self,
+        function: &'static str,
+        items: impl Iterator<Item = A>,
+        options: AsyncOptions<Vec<R>>,
+    ) -> Result<AsyncResult<Vec<R>>>
+    where
+        A: Serialize + Send + 'static,
+        R: DeserializeOwned + 'static,
+    {
+        check_chunksize(options.chunksize)?;
+        let mut items = items;
+        let mut read: Vec<A> = Vec::with_capacity(items.size_hint().0);
+        // `extend` keeps what it pushed before a panic (its length is set as it goes).
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read.extend(&mut items)));
+        let failure = outcome.err().map(|payload| {
+            Error::Input(format!(
+                "its iterator panicked: {}",
+                registry::panic_message(payload.as_ref())
+            ))
+        });
+        let len = read.len();
+        let items: Input<A> = Box::new(read.into_iter().map(Ok).chain(failure.map(Err)));
+        self.collect_input(function, len, items, options)
+    }
+
+    /// A `map`-like call over `len` items read (an error item ends the input).
+    fn collect_input<A, R>(
+        &self,
+        function: &'static str,
+        len: usize,
+        items: Input<A>,
+        options: AsyncOptions<Vec<R>>,
+    ) -> Result<AsyncResult<Vec<R>>>
+    where
+        A: Serialize + Send + 'static,
+        R: DeserializeOwned + 'static,
+    {
         let chunksize = options
             .chunksize
             .unwrap_or_else(|| len.div_ceil(4 * self.processes))
