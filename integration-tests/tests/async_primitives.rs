@@ -817,6 +817,45 @@ fn barrier_async_forms_and_a_dropped_arrival_withdraws() {
     }
 }
 
+/// The async arrival is written with its wait behind it on one connection, as the blocking one:
+/// after Redis lost its scripts (`NOSCRIPT`), both forms load the script and arrive once.
+#[test]
+fn async_and_blocking_arrivals_after_redis_lost_its_scripts() {
+    let rt = runtime();
+    let url = rt.config().redis.url.clone().expect("url");
+    let mut raw = redis::Client::open(url)
+        .expect("client")
+        .get_connection()
+        .expect("connection");
+    for flavor in FLAVORS {
+        let barrier = Barrier::new(3).expect("barrier");
+        redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query::<()>(&mut raw)
+            .expect("flush");
+        let blocking = {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || barrier.wait(Some(Duration::from_secs(20))))
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        block_on(flavor, async move {
+            let first = barrier.wait_async(Some(Duration::from_secs(20)));
+            let second = barrier.wait_async(Some(Duration::from_secs(20)));
+            let (a, b) = futures::future::join(first, second).await;
+            tx.send((a.expect("wait"), b.expect("wait"), barrier))
+                .expect("send");
+        });
+        let (a, b, barrier) = rx.recv().expect("result");
+        let c = blocking.join().expect("thread").expect("wait");
+        assert_eq!(
+            BTreeSet::from([a, b, c]),
+            BTreeSet::from([0, 1, 2]),
+            "{flavor:?}"
+        );
+        assert_eq!(barrier.n_waiting().expect("n_waiting"), 0);
+    }
+}
+
 // -------------------------------------------------------------------------------- pipes --
 
 #[shoal::remote]

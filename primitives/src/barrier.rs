@@ -21,8 +21,16 @@
 //!
 //! # Round trips
 //!
-//! A waiter: 1 to arrive + a `BLPOP` released by the last arrival (plus one check per second).
-//! The last arrival: 1 (2 with an action: arrive, release).
+//! One per caller and pass: the arrival (`barrier_arrive.lua`) and a `BLPOP` on the caller's
+//! own wake key are written together on one connection. A caller that must wait is released
+//! by the last arrival's push to that key, which the `BLPOP` already waits on; every other
+//! outcome (passed, broken, run the action) is pushed to the caller's key by its own arrival,
+//! so its `BLPOP` returns at once. A pass of two processes thus costs each one write and one
+//! wake-up, where it cost the first arrival two round trips in a row (arrive, then wait). With
+//! an action: 2 for the last arrival (arrive, release). A wait longer than the first slice
+//! (100 ms) checks that the barrier exists and waits again, in one-second slices. `Barrier::new`
+//! loads the arrival script: after `NOSCRIPT` (Redis lost its scripts) the first slice is
+//! waited out before the script is loaded and the arrival written again (nothing had run).
 //!
 //! # Async form
 //!
@@ -46,11 +54,13 @@ use shoal_core::error::{Error, Result, TaskError};
 use shoal_core::registry::{self, RemoteFn};
 use shoal_core::store::Store;
 
-use crate::common::{self, Address, next_slice, ttl};
+use crate::common::{self, Address, PIPELINED_SLICE, next_slice, ttl};
 use crate::op::{self, Operation, Request, Step};
 
-static ARRIVE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("barrier_arrive.lua")));
+/// Loaded when the barrier is created: a wait written behind an arrival that meets `NOSCRIPT`
+/// waits out its first slice.
+const ARRIVE_CODE: &str = include_str!("barrier_arrive.lua");
+static ARRIVE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ARRIVE_CODE));
 static FINISH: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("barrier_finish.lua")));
 
@@ -141,6 +151,10 @@ impl Barrier {
                         )
                         .ignore()
                         .expire(&keys.state, ttl(store) as i64)
+                        .ignore()
+                        .cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(ARRIVE_CODE)
                         .ignore()
                         .query::<()>(c)
                 },
@@ -367,7 +381,14 @@ impl Operation for BarrierWait {
     }
 
     fn start(&mut self, store: &Store) -> Step<u32> {
+        self.deadline = common::deadline(self.timeout);
+        // At least a millisecond: a timeout that passed already still arrives (the last
+        // arrival passes), and gives up after the reply.
+        let block = next_slice(self.deadline)
+            .unwrap_or(Duration::from_millis(1))
+            .min(PIPELINED_SLICE);
         let keys = self.barrier.keys();
+        let wake = format!("{}{}", keys.wake_prefix, self.waiter);
         let mut invocation = ARRIVE.prepare_invoke();
         invocation
             .key(&keys.state)
@@ -380,17 +401,23 @@ impl Operation for BarrierWait {
             } else {
                 "0"
             });
-        Step::Next(Request::script("arriving at", invocation))
+        Step::Next(Request::script_then_blocking(
+            "arriving at",
+            invocation,
+            Request::blpop_cmd(&wake, block),
+            block,
+        ))
     }
 
     fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<u32> {
         let address = &self.barrier.address;
         match self.state {
             BarrierState::Arriving => {
-                let reply = match op::parse::<Vec<u64>>(reply, "an arrival") {
-                    Ok(reply) => reply,
-                    Err(e) => return Step::Done(Err(address.error(e))),
-                };
+                let (reply, woken) =
+                    match op::parse::<(Vec<u64>, Option<(String, Vec<u8>)>)>(reply, "an arrival") {
+                        Ok(reply) => reply,
+                        Err(e) => return Step::Done(Err(address.error(e))),
+                    };
                 let [code, index, generation] = reply.as_slice() else {
                     return Step::Done(Err(Error::invalid_state(format!(
                         "{}: unexpected reply {reply:?}",
@@ -412,10 +439,14 @@ impl Operation for BarrierWait {
                             run_action(&action, limit).map(|()| redis::Value::Okay)
                         }))
                     }
-                    _ => {
-                        self.deadline = common::deadline(self.timeout);
-                        self.slice(store)
-                    }
+                    _ => match woken {
+                        // Released (or broken) before the wait behind the arrival ended.
+                        Some((_, message)) => self.outcome(&message),
+                        None => {
+                            self.state = BarrierState::Checking;
+                            Step::Next(self.barrier.read_state_request())
+                        }
+                    },
                 }
             }
             BarrierState::Acting => {

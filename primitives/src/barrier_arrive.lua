@@ -1,20 +1,30 @@
--- Barrier.wait, first step: arrive.
+-- Barrier.wait, first step: arrive. The caller's BLPOP on its own wake key is written right
+-- behind this call (one round trip): every outcome but "wait" is also pushed to that key, so the
+-- BLPOP returns at once; a caller that waits is woken by the last arrival's push.
 -- KEYS[1] state hash (parties, count, generation, broken), KEYS[2] waiters list
 -- ARGV[1] TTL, ARGV[2] wake key prefix, ARGV[3] waiter id, ARGV[4] '1' when there is an action
 -- Returns {code, arrival index, generation}: code 0 broken, 1 wait, 2 passed (this caller was the
--- last and released the others), 3 run the action then release (this caller was the last).
-local parties = tonumber(redis.call('HGET', KEYS[1], 'parties'))
-local count = tonumber(redis.call('HGET', KEYS[1], 'count'))
-local generation = tonumber(redis.call('HGET', KEYS[1], 'generation'))
-local broken = redis.call('HGET', KEYS[1], 'broken')
-if redis.call('EXISTS', KEYS[1]) == 0 then
+-- last and released the others), 3 run the action then release (this caller was the last); the
+-- caller's wake key gets 'broken', nothing, 'go', 'act' respectively.
+local state = redis.call('HMGET', KEYS[1], 'parties', 'count', 'generation', 'broken')
+local parties = tonumber(state[1])
+local count = tonumber(state[2])
+local generation = tonumber(state[3])
+local broken = state[4]
+if not (state[1] or state[2] or state[3] or broken) and redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('GONE the barrier does not exist')
 end
 if parties == nil or count == nil or generation == nil or broken == false then
   return redis.error_reply('CORRUPT the barrier state is not numbers')
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+local own = ARGV[2] .. ARGV[3]
+local function answer(message)
+  redis.call('RPUSH', own, message)
+  redis.call('EXPIRE', own, ARGV[1])
+end
 if broken == '1' then
+  answer('broken')
   return {0, 0, generation}
 end
 local index = count
@@ -27,6 +37,7 @@ if count < parties then
 end
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'count', count)
+  answer('act')
   return {3, index, generation}
 end
 local waiters = redis.call('LRANGE', KEYS[2], 0, -1)
@@ -37,4 +48,5 @@ for _, waiter in ipairs(waiters) do
 end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'count', 0, 'generation', generation + 1)
+answer('go')
 return {2, index, generation}

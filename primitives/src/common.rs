@@ -107,6 +107,12 @@ pub(crate) use hold_methods;
 /// The longest a blocked call waits before it checks in.
 pub(crate) const SLICE: Duration = Duration::from_secs(1);
 
+/// The first wait slice of a call that writes its wait behind a script whose reply it reads
+/// after writing both (a barrier's arrival): short, because if Redis had lost the script
+/// (`NOSCRIPT`, nothing ran) the wait can only end by its timeout before the script is loaded
+/// and run again. Later slices are [`SLICE`]s.
+pub(crate) const PIPELINED_SLICE: Duration = Duration::from_millis(100);
+
 /// Where a primitive lives.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub(crate) struct Address {

@@ -46,6 +46,13 @@ enum Kind {
         cmd: redis::Cmd,
         block: Duration,
     },
+    /// A script and a blocking command written behind it on one connection (one round trip);
+    /// the reply is `[script's reply, blocking command's reply]`, or the script's error.
+    ScriptThenBlocking {
+        invocation: redis::ScriptInvocation<'static>,
+        cmd: redis::Cmd,
+        block: Duration,
+    },
     /// Code that may block for long (a barrier's action): run off the async runtime's thread.
     Local(Box<dyn FnOnce() -> Result<Value> + Send>),
 }
@@ -81,6 +88,37 @@ impl Request {
             what,
             kind: Kind::Blocking { cmd, block },
         }
+    }
+
+    /// A script, then a blocking command whose own timeout is `block`, written together on one
+    /// connection: one round trip (a waiter's arrival and its wait). The reply is the array
+    /// `[script's reply, command's reply]`; when the script fails, its error (the command's reply
+    /// is then read and dropped: the command must take nothing unless the script ran, as a wait
+    /// on a wake key that only the script registers). After `NOSCRIPT` (nothing ran) the script
+    /// is loaded and both are written again, so keep `block` short
+    /// ([`PIPELINED_SLICE`](crate::common::PIPELINED_SLICE)): a wait whose script was not there
+    /// waits it out first.
+    pub(crate) fn script_then_blocking(
+        what: &'static str,
+        invocation: redis::ScriptInvocation<'static>,
+        cmd: redis::Cmd,
+        block: Duration,
+    ) -> Self {
+        Request {
+            what,
+            kind: Kind::ScriptThenBlocking {
+                invocation,
+                cmd,
+                block,
+            },
+        }
+    }
+
+    /// `BLPOP key` as a command, waiting at most `block` (Redis's own timeout).
+    pub(crate) fn blpop_cmd(key: &str, block: Duration) -> redis::Cmd {
+        let mut cmd = redis::cmd("BLPOP");
+        cmd.arg(key).arg(crate::common::blpop_seconds(block));
+        cmd
     }
 
     /// `BLPOP key` waiting at most `block` (Redis's own timeout).
@@ -179,15 +217,52 @@ fn exec(store: &Store, request: Request, describe: impl FnOnce() -> String) -> R
         Kind::Blocking { cmd, block } => {
             store.with_blocking_conn(Some(block), context, |c| cmd.query(c))
         }
+        Kind::ScriptThenBlocking {
+            invocation,
+            cmd,
+            block,
+        } => store.with_blocking_conn(Some(block), context, |c| {
+            let pipe = script_then(&invocation, cmd);
+            // Both replies are read before an error is returned: the connection stays in step.
+            let replies = pipe.query(c)?;
+            let replies = match script_replies(replies) {
+                Err(e) if is_no_script(&e) => {
+                    invocation.load(c)?;
+                    script_replies(pipe.query(c)?)
+                }
+                other => other,
+            };
+            replies.map(|(script, waited)| Value::Array(vec![script, waited]))
+        }),
         Kind::Local(f) => f(),
     }
+}
+
+fn is_no_script(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// A script's call and a command behind it, as one pipeline whose error replies are values
+/// (read with [`script_replies`]).
+fn script_then(invocation: &redis::ScriptInvocation<'static>, cmd: redis::Cmd) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors()
+        .invoke_script(invocation)
+        .add_command(cmd);
+    pipe
+}
+
+/// The replies of a [`script_then`] pipeline; the first error reply (the script's first) as
+/// an error, with its code.
+fn script_replies((script, waited): (Value, Value)) -> redis::RedisResult<(Value, Value)> {
+    Ok((script.extract_error()?, waited.extract_error()?))
 }
 
 /// Sends one request on the async connections of the actor runtime.
 async fn exec_async(
     store: &AsyncStore,
     request: Request,
-    describe: impl FnOnce() -> String,
+    describe: impl Fn() -> String,
 ) -> Result<Value> {
     let what = request.what;
     let context = || format!("{what} {}", describe());
@@ -212,6 +287,28 @@ async fn exec_async(
                 .map_err(|e| Error::redis(context(), e))
         }
         Kind::Blocking { cmd, block } => store.blocking(block, context, &cmd).await,
+        Kind::ScriptThenBlocking {
+            invocation,
+            cmd,
+            block,
+        } => {
+            let pipe = script_then(&invocation, cmd);
+            let replies = store.blocking_pipe(block, &context, &pipe).await?;
+            let replies = match script_replies(replies) {
+                Err(e) if is_no_script(&e) => {
+                    let mut conn = store.shared().await?;
+                    invocation
+                        .load_async(&mut conn)
+                        .await
+                        .map_err(|e| Error::redis(context(), e))?;
+                    script_replies(store.blocking_pipe(block, &context, &pipe).await?)
+                }
+                other => other,
+            };
+            replies
+                .map(|(script, waited)| Value::Array(vec![script, waited]))
+                .map_err(|e| Error::redis(context(), e))
+        }
         Kind::Local(f) => tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
             Err(Error::invalid_state(format!(
                 "{}: the code it ran did not finish: {e}",
@@ -275,7 +372,7 @@ where
 /// Sends one request from a task of the actor runtime (an undo): its reply.
 pub(crate) async fn exec_single_async(
     store: &AsyncStore,
-    describe: impl FnOnce() -> String,
+    describe: impl Fn() -> String,
     request: Request,
 ) -> Result<Value> {
     exec_async(store, request, describe).await
@@ -284,7 +381,7 @@ pub(crate) async fn exec_single_async(
 /// Sends one request from a task of the actor runtime (an undo), logging a failure.
 pub(crate) async fn undo_request(
     store: &AsyncStore,
-    describe: impl FnOnce() -> String,
+    describe: impl Fn() -> String,
     request: Request,
 ) {
     if let Err(e) = exec_async(store, request, describe).await {
