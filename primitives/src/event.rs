@@ -22,7 +22,10 @@
 //!
 //! [`Event::set_async`], [`Event::clear_async`] and [`Event::is_set_async`] send the same
 //! single script (or command) from shoal's actor runtime, on its shared multiplexed connection,
-//! and hand the reply back through a oneshot channel. [`Event::wait_async`] runs the same round trips as a task on shoal's actor runtime (the
+//! and hand the reply back through a oneshot channel; a set or clear whose future is dropped
+//! happens or not, depending on whether it was sent already, never twice.
+//!
+//! [`Event::wait_async`] runs the same round trips as a task on shoal's actor runtime (the
 //! `BLPOP` on a dedicated connection of that runtime) and hands the result back through a
 //! oneshot channel: any executor can await it and no thread is parked for it. Dropping its
 //! future makes the task leave the waiters' queue before its next wait slice (within a second);
