@@ -174,7 +174,7 @@ fn queue_async_forms_under_both_runtimes_and_in_a_child() {
                 Err(Error::Full)
             ));
             assert!(started.elapsed() >= Duration::from_millis(300));
-            go.set_async_for_test().await;
+            go.set_async().await.expect("set");
             timeout(Duration::from_secs(10), bounded.put_async(2))
                 .await
                 .expect("the child's get makes room")
@@ -199,7 +199,7 @@ fn queue_async_forms_under_both_runtimes_and_in_a_child() {
                     .is_err(),
                 "three items are unfinished"
             );
-            done_go.set_async_for_test().await;
+            done_go.set_async().await.expect("set");
             timeout(Duration::from_secs(10), joinable.join_async())
                 .await
                 .expect("every item was marked done")
@@ -227,23 +227,6 @@ fn queue_async_forms_under_both_runtimes_and_in_a_child() {
             join_ok(p);
         }
         assert!(!child_lock.locked().expect("locked"), "{flavor:?}");
-    }
-}
-
-/// `Event::set` has no async form; the tests set events from a blocking thread so that a
-/// current-thread runtime keeps running meanwhile.
-trait SetForTest {
-    fn set_async_for_test(&self) -> impl Future<Output = ()> + Send;
-}
-
-impl SetForTest for Event {
-    fn set_async_for_test(&self) -> impl Future<Output = ()> + Send {
-        let event = self.clone();
-        async move {
-            tokio::task::spawn_blocking(move || event.set().expect("set"))
-                .await
-                .expect("set task");
-        }
     }
 }
 
@@ -337,7 +320,7 @@ fn a_put_async_dropped_while_the_queue_is_full_is_withdrawn() {
             // The dropped puts leave the writers' queue within a wait slice; then another
             // process makes room, and none of them may take it.
             sleep(Duration::from_millis(1500)).await;
-            go.set_async_for_test().await;
+            go.set_async().await.expect("set");
             assert_eq!(out.get_async().await.expect("taken"), 1);
             sleep(Duration::from_millis(500)).await;
             assert!(
@@ -388,7 +371,7 @@ fn fifty_async_gets_share_one_current_thread_runtime_without_blocking_it() {
             // All fifty wait now; the interval must go on ticking meanwhile.
             sleep(Duration::from_millis(600)).await;
             let ticked = ticks.load(Ordering::Relaxed);
-            go.set_async_for_test().await;
+            go.set_async().await.expect("set");
             ticked
         };
         let (items, ticked_while_waiting) = tokio::join!(gets, release);
@@ -772,7 +755,7 @@ fn barrier_async_forms_and_a_dropped_arrival_withdraws() {
             start(p);
         }
         block_on(flavor, async move {
-            go.set_async_for_test().await;
+            go.set_async().await.expect("set");
             let mine = barrier
                 .wait_async(Some(Duration::from_secs(20)))
                 .await
@@ -797,7 +780,7 @@ fn barrier_async_forms_and_a_dropped_arrival_withdraws() {
                 "{flavor:?}: the dropped arrival still counts"
             );
             assert!(!pair.broken().expect("broken"));
-            pair_go.set_async_for_test().await;
+            pair_go.set_async().await.expect("set");
             let mine = pair
                 .wait_async(Some(Duration::from_secs(20)))
                 .await
@@ -997,7 +980,7 @@ fn value_and_array_async_forms_under_both_runtimes() {
                 array.set_slice_async(2, &[1, 2]).await,
                 Err(Error::InvalidState(_))
             ));
-            go.set_async_for_test().await;
+            go.set_async().await.expect("set");
             assert!(
                 eventually(Duration::from_secs(20), || async {
                     value.get_async().await.expect("get") == 42
@@ -1052,4 +1035,317 @@ fn async_forms_under_actix_system() {
     });
     join_ok(&echo);
     join_ok(&holder);
+}
+
+// ------------------------------------------------- the async forms of the calls that do not wait --
+
+/// The key of `value` in Redis (`shoal:{<ns>:value:<id>}:value`), from its serialized address.
+fn value_key<T>(value: &Value<T>) -> String {
+    let handle = serde_json::to_value(value).expect("a value handle serializes");
+    let address = &handle["address"];
+    format!(
+        "shoal:{{{}:{}:{}}}:value",
+        address["namespace"].as_str().expect("namespace"),
+        address["kind"].as_str().expect("kind"),
+        address["id"].as_str().expect("id")
+    )
+}
+
+#[test]
+fn queue_value_lock_and_pipe_reads_and_writes_async_match_the_blocking_forms() {
+    let rt = runtime();
+    let url = rt.config().redis.url.clone().expect("url");
+    for flavor in FLAVORS {
+        let url = url.clone();
+        block_on(flavor, async move {
+            // A bounded Queue (written at once) and an unbounded one (through the feeder).
+            let bounded: Queue<u32> = Queue::with_maxsize(3).expect("queue");
+            assert_eq!(bounded.qsize_async().await.expect("qsize"), 0);
+            assert!(bounded.empty_async().await.expect("empty"));
+            bounded.put(1).expect("put");
+            bounded.put(2).expect("put");
+            assert_eq!(bounded.qsize_async().await.expect("qsize"), 2);
+            assert_eq!(bounded.qsize().expect("qsize"), 2);
+            assert!(!bounded.empty_async().await.expect("empty"));
+            assert!(!bounded.full_async().await.expect("full"));
+            bounded.put(3).expect("put");
+            assert!(bounded.full_async().await.expect("full"));
+            assert!(bounded.full().expect("full"));
+            assert_eq!(bounded.get_async().await.expect("get"), 1);
+            assert_eq!(bounded.qsize_async().await.expect("qsize"), 2);
+            assert!(!bounded.full_async().await.expect("full"));
+
+            let unbounded: Queue<u32> = Queue::new().expect("queue");
+            for i in 0..5 {
+                unbounded.put_async(i).await.expect("put");
+            }
+            // Counted whether the feeder wrote them yet or not.
+            assert_eq!(unbounded.qsize_async().await.expect("qsize"), 5);
+            assert!(
+                !unbounded
+                    .full_async()
+                    .await
+                    .expect("an unbounded queue is never full")
+            );
+            for _ in 0..5 {
+                unbounded.get_async().await.expect("get");
+            }
+            assert!(unbounded.empty_async().await.expect("empty"));
+            assert_eq!(unbounded.qsize().expect("qsize"), 0);
+            // Closed after use: an error, as the blocking form's.
+            unbounded.close().expect("close");
+            assert!(matches!(
+                unbounded.qsize_async().await,
+                Err(Error::InvalidState(_))
+            ));
+            assert!(matches!(
+                unbounded.empty_async().await,
+                Err(Error::InvalidState(_))
+            ));
+
+            let simple: SimpleQueue<u32> = SimpleQueue::new().expect("queue");
+            simple.put_async(7).await.expect("put");
+            assert_eq!(simple.qsize_async().await.expect("qsize"), 1);
+            assert!(!simple.empty_async().await.expect("empty"));
+            simple.close().expect("close");
+            assert!(matches!(
+                simple.empty_async().await,
+                Err(Error::InvalidState(_))
+            ));
+
+            let joinable: JoinableQueue<u32> = JoinableQueue::with_maxsize(1).expect("queue");
+            assert!(!joinable.full_async().await.expect("full"));
+            joinable.put_async(9).await.expect("put");
+            assert!(joinable.full_async().await.expect("full"));
+            assert_eq!(joinable.qsize_async().await.expect("qsize"), 1);
+            assert_eq!(joinable.get_async().await.expect("get"), 9);
+            joinable.task_done_async().await.expect("task_done");
+            assert!(joinable.empty_async().await.expect("empty"));
+
+            // Value and Array fetch_add: the value before, and the value changed.
+            let value: Value<i32> = Value::new(5).expect("value");
+            assert_eq!(value.fetch_add_async(3).await.expect("fetch_add"), 5);
+            assert_eq!(value.get().expect("get"), 8);
+            assert_eq!(value.fetch_add_async(-10).await.expect("fetch_add"), 8);
+            assert_eq!(value.get().expect("get"), -2);
+            let small: Value<i8> = Value::new(120).expect("value");
+            assert!(matches!(
+                small.fetch_add_async(10).await,
+                Err(Error::InvalidState(_))
+            ));
+            assert_eq!(small.get().expect("unchanged"), 120);
+
+            let float: Value<f64> = Value::new(1.5).expect("value");
+            assert_eq!(float.fetch_add_async(2.25).await.expect("fetch_add"), 1.5);
+            assert_eq!(float.get().expect("get"), 3.75);
+            // A deleted float value: gone, and the add's own creation of it taken back.
+            let mut raw = redis::Client::open(url.as_str())
+                .expect("client")
+                .get_connection()
+                .expect("connection");
+            let key = value_key(&float);
+            redis::cmd("DEL")
+                .arg(&key)
+                .query::<()>(&mut raw)
+                .expect("del");
+            assert!(matches!(
+                float.fetch_add_async(1.0).await,
+                Err(Error::InvalidState(_))
+            ));
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&key)
+                .query(&mut raw)
+                .expect("exists");
+            assert!(!exists, "the failed add left the value it created");
+
+            let array: Array<i64> = Array::new(vec![1, 2, 3]).expect("array");
+            assert_eq!(array.fetch_add_async(1, 10).await.expect("fetch_add"), 2);
+            assert_eq!(array.to_vec().expect("to_vec"), vec![1, 12, 3]);
+            assert_eq!(array.to_vec_async().await.expect("to_vec"), vec![1, 12, 3]);
+            assert!(matches!(
+                array.fetch_add_async(3, 1).await,
+                Err(Error::InvalidState(_))
+            ));
+            assert_eq!(array.to_vec_async().await.expect("to_vec"), vec![1, 12, 3]);
+
+            // Locks and semaphores: locked and get_value.
+            let lock = Lock::new().expect("lock");
+            assert!(!lock.locked_async().await.expect("locked"));
+            lock.acquire_async().await.expect("acquire");
+            assert!(lock.locked_async().await.expect("locked"));
+            assert!(lock.locked().expect("locked"));
+            lock.release_async().await.expect("release");
+            assert!(!lock.locked_async().await.expect("locked"));
+            let rlock = RLock::new().expect("rlock");
+            assert!(!rlock.locked_async().await.expect("locked"));
+            rlock.acquire_async().await.expect("acquire");
+            assert!(rlock.locked_async().await.expect("locked"));
+            rlock.release_async().await.expect("release");
+            assert!(!rlock.locked_async().await.expect("locked"));
+            let semaphore = Semaphore::new(2).expect("semaphore");
+            assert_eq!(semaphore.get_value_async().await.expect("value"), 2);
+            semaphore.acquire_async().await.expect("acquire");
+            assert_eq!(semaphore.get_value_async().await.expect("value"), 1);
+            assert_eq!(semaphore.get_value().expect("value"), 1);
+            semaphore.release_async().await.expect("release");
+            assert_eq!(semaphore.get_value_async().await.expect("value"), 2);
+            let bounded_semaphore = BoundedSemaphore::new(1).expect("semaphore");
+            bounded_semaphore.acquire_async().await.expect("acquire");
+            assert_eq!(bounded_semaphore.get_value_async().await.expect("value"), 0);
+            bounded_semaphore.release_async().await.expect("release");
+            assert_eq!(bounded_semaphore.get_value_async().await.expect("value"), 1);
+
+            // Pipe: recv_bytes_into_async and close_async.
+            let (mine, theirs) = Pipe::new::<u32>(true).expect("pipe");
+            let mut buffer = [0u8; 8];
+            assert!(matches!(
+                theirs.recv_bytes_into_async(&mut buffer, 9).await,
+                Err(Error::InvalidState(_))
+            ));
+            mine.send_bytes(b"hello", 0, None).expect("send_bytes");
+            assert_eq!(
+                theirs
+                    .recv_bytes_into_async(&mut buffer, 2)
+                    .await
+                    .expect("recv_bytes_into"),
+                5
+            );
+            assert_eq!(&buffer[2..7], b"hello");
+            mine.send_bytes(b"too long", 0, None).expect("send_bytes");
+            match theirs.recv_bytes_into_async(&mut buffer, 4).await {
+                Err(Error::BufferTooShort { needed, .. }) => assert_eq!(needed, 8),
+                other => panic!("expected BufferTooShort, got {other:?}"),
+            }
+            // Closing this process's last handle of an end: the other end reads end of file.
+            theirs.close_async().await.expect("close");
+            assert!(theirs.closed());
+            theirs
+                .close_async()
+                .await
+                .expect("closing twice does nothing");
+            assert!(
+                mine.poll_async(Some(Duration::from_secs(10)))
+                    .await
+                    .expect("poll"),
+                "the end of file never came: close_async did not let go of the end"
+            );
+            assert!(matches!(mine.recv_async().await, Err(Error::Closed(_))));
+        });
+    }
+}
+
+/// Waits on `cond` (its lock taken first, `ready` sent with it held); whether it was notified.
+fn wait_on(cond: Condition, ready: std::sync::mpsc::Sender<()>) -> bool {
+    cond.acquire().expect("acquire");
+    ready.send(()).expect("ready");
+    let notified = cond.wait(Some(Duration::from_secs(15))).expect("wait");
+    cond.release().expect("release");
+    notified
+}
+
+#[test]
+fn event_condition_and_barrier_signals_async_reach_blocking_waiters() {
+    let _rt = runtime();
+    for flavor in FLAVORS {
+        block_on(flavor, async move {
+            // Event: set_async wakes a waiter blocked in another thread.
+            let event = Event::new().expect("event");
+            assert!(!event.is_set_async().await.expect("is_set"));
+            let waiter = {
+                let event = event.clone();
+                std::thread::spawn(move || event.wait(Some(Duration::from_secs(15))))
+            };
+            sleep(Duration::from_millis(200)).await;
+            event.set_async().await.expect("set");
+            assert!(waiter.join().expect("waiter").expect("wait"), "not woken");
+            assert!(event.is_set_async().await.expect("is_set"));
+            assert!(event.is_set().expect("is_set"));
+            event.clear_async().await.expect("clear");
+            assert!(!event.is_set().expect("is_set"));
+            assert!(!event.is_set_async().await.expect("is_set"));
+
+            // Condition: notify needs the lock held by the caller, as the blocking form.
+            let cond = Condition::new(None).expect("condition");
+            assert!(matches!(
+                cond.notify_async(1).await,
+                Err(Error::InvalidState(_))
+            ));
+            assert!(matches!(
+                cond.notify_all_async().await,
+                Err(Error::InvalidState(_))
+            ));
+            for notify_all in [false, true] {
+                let (ready, is_ready) = std::sync::mpsc::channel();
+                let waiter = {
+                    let cond = cond.clone();
+                    std::thread::spawn(move || wait_on(cond, ready))
+                };
+                is_ready
+                    .recv_timeout(Duration::from_secs(15))
+                    .expect("the waiter took the lock");
+                // Free only once the waiter is queued (its wait releases the lock).
+                cond.acquire_async().await.expect("acquire");
+                if notify_all {
+                    cond.notify_all_async().await.expect("notify_all");
+                } else {
+                    cond.notify_async(1).await.expect("notify");
+                }
+                cond.release_async().await.expect("release");
+                assert!(
+                    waiter.join().expect("waiter"),
+                    "notify (all: {notify_all}) did not wake the waiter"
+                );
+            }
+
+            // Barrier: reset_async breaks the waiting callers of an unbroken barrier, abort_async
+            // breaks it for them and later callers, reset_async mends it.
+            let barrier = Barrier::new(2).expect("barrier");
+            for reset in [true, false] {
+                let waiter = {
+                    let barrier = barrier.clone();
+                    std::thread::spawn(move || barrier.wait(Some(Duration::from_secs(15))))
+                };
+                assert!(
+                    eventually(Duration::from_secs(15), || async {
+                        barrier.n_waiting_async().await.expect("n_waiting") == 1
+                    })
+                    .await,
+                    "the waiter never counted"
+                );
+                assert_eq!(barrier.n_waiting().expect("n_waiting"), 1);
+                assert!(!barrier.broken_async().await.expect("broken"));
+                if reset {
+                    barrier.reset_async().await.expect("reset");
+                } else {
+                    barrier.abort_async().await.expect("abort");
+                }
+                assert!(matches!(
+                    waiter.join().expect("waiter"),
+                    Err(Error::BrokenBarrier)
+                ));
+                assert_eq!(barrier.broken_async().await.expect("broken"), !reset);
+                assert_eq!(barrier.broken().expect("broken"), !reset);
+                assert_eq!(barrier.n_waiting_async().await.expect("n_waiting"), 0);
+                if !reset {
+                    assert!(matches!(
+                        barrier.wait_async(None).await,
+                        Err(Error::BrokenBarrier)
+                    ));
+                }
+            }
+            barrier.reset_async().await.expect("reset");
+            assert!(!barrier.broken_async().await.expect("broken"));
+            // Mended by the reset: two parties pass.
+            let other = {
+                let barrier = barrier.clone();
+                std::thread::spawn(move || barrier.wait(Some(Duration::from_secs(15))))
+            };
+            let mine = barrier
+                .wait_async(Some(Duration::from_secs(15)))
+                .await
+                .expect("pass");
+            let theirs = other.join().expect("other").expect("pass");
+            assert_eq!(BTreeSet::from([mine, theirs]), BTreeSet::from([0, 1]));
+        });
+    }
 }

@@ -32,9 +32,13 @@
 //! loads the arrival script: after `NOSCRIPT` (Redis lost its scripts) the first slice is
 //! waited out before the script is loaded and the arrival written again (nothing had run).
 //!
-//! # Async form
+//! # Async forms
 //!
-//! [`Barrier::wait_async`] runs the same round trips as a task on shoal's actor runtime (the
+//! [`Barrier::reset_async`], [`Barrier::abort_async`], [`Barrier::n_waiting_async`] and
+//! [`Barrier::broken_async`] send the same single script (or command) from shoal's actor
+//! runtime, on its shared multiplexed connection, and hand the reply back through a oneshot
+//! channel; a reset or abort whose future is dropped happens or not, depending on whether it
+//! was sent already, never twice. [`Barrier::wait_async`] runs the same round trips as a task on shoal's actor runtime (the
 //! action, user code, on that runtime's blocking pool) and hands the arrival index back through
 //! a oneshot channel: any executor can await it and no thread is parked for it. Dropping its
 //! future *withdraws* the arrival before the task's next wait slice (within a second), as
@@ -217,8 +221,29 @@ impl Barrier {
             &store,
             || self.address.describe(),
             self.finish_request(&store, op, generation, waiter),
-            |reply| op::parse(reply, "a barrier outcome").map_err(|e| self.address.error(e)),
+            |reply| self.finished(reply),
         )
+    }
+
+    /// The async form of [`Barrier::finish`] for `reset` and `abort` (whole-barrier operations).
+    fn finish_async(&self, op: &'static str) -> impl Future<Output = Result<()>> + Send + use<> {
+        let barrier = self.clone();
+        async move {
+            let store = common::store()?;
+            let request = barrier.finish_request(&store, op, 0, "");
+            let address = barrier.address.clone();
+            op::spawn_single(
+                move || address.describe(),
+                request,
+                move |reply| barrier.finished(reply).map(|_| ()),
+            )
+            .await
+        }
+    }
+
+    /// Reads the reply to [`Barrier::finish_request`]: the outcome.
+    fn finished(&self, reply: Result<redis::Value>) -> Result<String> {
+        op::parse(reply, "a barrier outcome").map_err(|e| self.address.error(e))
     }
 
     /// Breaks the barrier for the current waiters and starts a new, unbroken generation.
@@ -226,10 +251,22 @@ impl Barrier {
         self.finish("reset", 0, "").map(|_| ())
     }
 
+    /// The async form of [`Barrier::reset`]: the same script, one round trip on shoal's actor
+    /// runtime. A reset whose future is dropped still happens if it was under way.
+    pub fn reset_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        self.finish_async("reset")
+    }
+
     /// Puts the barrier in the broken state: current and later waiters get
     /// [`Error::BrokenBarrier`] until [`Barrier::reset`].
     pub fn abort(&self) -> Result<()> {
         self.finish("abort", 0, "").map(|_| ())
+    }
+
+    /// The async form of [`Barrier::abort`]: the same script, one round trip on shoal's actor
+    /// runtime. An abort whose future is dropped still happens if it was under way.
+    pub fn abort_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        self.finish_async("abort")
     }
 
     /// The number of callers needed to pass.
@@ -239,13 +276,24 @@ impl Barrier {
 
     /// Callers waiting now.
     pub fn n_waiting(&self) -> Result<u32> {
-        let (count, broken) = self.read_state()?;
-        Ok(if broken { 0 } else { count })
+        Ok(waiting_of(self.read_state()?))
+    }
+
+    /// The async form of [`Barrier::n_waiting`] (one round trip on shoal's actor runtime).
+    pub fn n_waiting_async(&self) -> impl Future<Output = Result<u32>> + Send + use<> {
+        let state = self.read_state_async();
+        async move { Ok(waiting_of(state.await?)) }
     }
 
     /// Whether the barrier is broken.
     pub fn broken(&self) -> Result<bool> {
         Ok(self.read_state()?.1)
+    }
+
+    /// The async form of [`Barrier::broken`] (one round trip on shoal's actor runtime).
+    pub fn broken_async(&self) -> impl Future<Output = Result<bool>> + Send + use<> {
+        let state = self.read_state_async();
+        async move { Ok(state.await?.1) }
     }
 
     fn read_state(&self) -> Result<(u32, bool)> {
@@ -256,6 +304,21 @@ impl Barrier {
             self.read_state_request(),
             |reply| self.state_from(reply),
         )
+    }
+
+    /// The async form of [`Barrier::read_state`].
+    fn read_state_async(&self) -> impl Future<Output = Result<(u32, bool)>> + Send + use<> {
+        let barrier = self.clone();
+        async move {
+            let request = barrier.read_state_request();
+            let address = barrier.address.clone();
+            op::spawn_single(
+                move || address.describe(),
+                request,
+                move |reply| barrier.state_from(reply),
+            )
+            .await
+        }
     }
 
     fn read_state_request(&self) -> Request {
@@ -285,6 +348,11 @@ impl Barrier {
             }),
         }
     }
+}
+
+/// The callers waiting, from a state `(count, broken)`: none while broken.
+fn waiting_of((count, broken): (u32, bool)) -> u32 {
+    if broken { 0 } else { count }
 }
 
 /// Runs a barrier's action in this process; its failure is a task error.

@@ -29,7 +29,9 @@
 //! # Async forms
 //!
 //! [`Condition::wait_async`] and [`Condition::wait_for_async`] (whose predicate stays a plain
-//! closure, evaluated with the lock held), and the lock's `acquire_async`, `lock_async`...
+//! closure, evaluated with the lock held), [`Condition::notify_async`] and
+//! [`Condition::notify_all_async`] (which, like `notify`, need the lock held by the task or
+//! thread that polls them), and the lock's `acquire_async`, `lock_async`...
 //! (see `lock.rs`), run the same round trips as tasks on shoal's actor runtime and hand the
 //! result back through a oneshot channel; any executor can await them and no thread is parked.
 //! The owner of a condition's `RLock` is the task (or thread) that polls the future, as for the
@@ -223,13 +225,55 @@ impl Condition {
         self.wake(-1)
     }
 
+    /// The async form of [`Condition::notify`]: the task (or thread) that polls it must hold
+    /// the lock ([`Error::InvalidState`] otherwise, as for `notify`); one round trip on shoal's
+    /// actor runtime. A notify whose future is dropped still happens if it was under way.
+    pub fn notify_async(&self, n: usize) -> impl Future<Output = Result<()>> + Send + use<> {
+        self.wake_async(n as i64)
+    }
+
+    /// The async form of [`Condition::notify_all`] (see [`Condition::notify_async`]).
+    pub fn notify_all_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        self.wake_async(-1)
+    }
+
     fn wake(&self, n: i64) -> Result<()> {
         let token = self.held_token("notify")?;
         let store = common::store()?;
         let object = self.object();
-        let lock_keys = object.keys();
+        op::run_single(
+            &store,
+            || object.address.describe(),
+            self.wake_request(&store, token, n),
+            |reply| woken(object, reply),
+        )
+    }
+
+    /// The async form of [`Condition::wake`]: the lock's holder is the task (or thread) that
+    /// polls the future, as for [`Condition::wait_async`].
+    fn wake_async(&self, n: i64) -> impl Future<Output = Result<()>> + Send + use<> {
+        let condition = self.clone();
+        async move {
+            let token = condition.held_token("notify")?;
+            let store = common::store()?;
+            let request = condition.wake_request(&store, token, n);
+            let object = condition.object().clone();
+            let address = object.address.clone();
+            op::spawn_single(
+                move || address.describe(),
+                request,
+                move |reply| woken(&object, reply),
+            )
+            .await
+        }
+    }
+
+    /// `condition_notify.lua`: wakes up to `n` waiters (-1: all), checking in the same script
+    /// that the caller (holder of grant `token`) holds the lock.
+    fn wake_request(&self, store: &Store, token: u64, n: i64) -> Request {
+        let object = self.object();
         let waiters = self.waiters();
-        let mut invocation = lock_keys.invocation(&NOTIFY, &store, grants::lease());
+        let mut invocation = object.keys().invocation(&NOTIFY, store, grants::lease());
         invocation
             .key(&waiters.waiters)
             .key(&waiters.waiting)
@@ -237,17 +281,15 @@ impl Condition {
             .arg(token)
             .arg(n)
             .arg(&waiters.wake_prefix);
-        op::run_single(
-            &store,
-            || object.address.describe(),
-            Request::script("notifying a condition of", invocation),
-            |reply| {
-                op::parse::<u64>(reply, "a wake count")
-                    .map(|_| ())
-                    .map_err(|e| grants::map_hold_error(object, e))
-            },
-        )
+        Request::script("notifying a condition of", invocation)
     }
+}
+
+/// Reads the reply to [`Condition::wake_request`].
+fn woken(object: &GrantObject, reply: Result<redis::Value>) -> Result<()> {
+    op::parse::<u64>(reply, "a wake count")
+        .map(|_| ())
+        .map_err(|e| grants::map_hold_error(object, e))
 }
 
 /// The time left until `end`: `Some(None)` without an end, `None` once it passed.

@@ -18,7 +18,12 @@
 //! `BLPOP` that returns at the `set` (plus one check-in and one read of the flag per second of
 //! waiting, and 1 to leave the queue after a timeout).
 //!
-//! # Async form
+//! # Async forms
+//!
+//! [`Event::set_async`], [`Event::clear_async`] and [`Event::is_set_async`] send the same
+//! single script (or command) from shoal's actor runtime, on its shared multiplexed connection,
+//! and hand the reply back through a oneshot channel; a set or clear whose future is dropped
+//! happens or not, depending on whether it was sent already, never twice.
 //!
 //! [`Event::wait_async`] runs the same round trips as a task on shoal's actor runtime (the
 //! `BLPOP` on a dedicated connection of that runtime) and hands the result back through a
@@ -103,27 +108,64 @@ impl Event {
         self.write_flag("0")
     }
 
+    /// The async form of [`Event::set`]: the same script, one round trip on shoal's actor
+    /// runtime; any executor can await it. A set whose future is dropped still happens if it
+    /// was under way.
+    pub fn set_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        self.write_flag_async("1")
+    }
+
+    /// The async form of [`Event::clear`] (one round trip on shoal's actor runtime).
+    pub fn clear_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        self.write_flag_async("0")
+    }
+
     fn write_flag(&self, flag: &str) -> Result<()> {
         let store = common::store()?;
+        op::run_single(
+            &store,
+            || self.address.describe(),
+            self.write_flag_request(&store, flag),
+            |reply| self.flag_written(reply),
+        )
+    }
+
+    fn write_flag_async(
+        &self,
+        flag: &'static str,
+    ) -> impl Future<Output = Result<()>> + Send + use<> {
+        let event = self.clone();
+        async move {
+            let store = common::store()?;
+            let request = event.write_flag_request(&store, flag);
+            let address = event.address.clone();
+            op::spawn_single(
+                move || address.describe(),
+                request,
+                move |reply| event.flag_written(reply),
+            )
+            .await
+        }
+    }
+
+    /// `event_set.lua`: writes `flag`; setting it wakes every waiter.
+    fn write_flag_request(&self, store: &Store, flag: &str) -> Request {
         let keys = self.keys();
         let mut invocation = SET.prepare_invoke();
         invocation
             .key(&keys.state)
             .key(&keys.waiters.waiters)
             .key(&keys.waiters.waiting)
-            .arg(ttl(&store))
+            .arg(ttl(store))
             .arg(&keys.waiters.wake_prefix)
             .arg(flag);
-        op::run_single(
-            &store,
-            || self.address.describe(),
-            Request::script("setting", invocation),
-            |reply| {
-                op::parse::<u64>(reply, "a wake count")
-                    .map(|_| ())
-                    .map_err(|e| self.address.error(e))
-            },
-        )
+        Request::script("setting", invocation)
+    }
+
+    fn flag_written(&self, reply: Result<redis::Value>) -> Result<()> {
+        op::parse::<u64>(reply, "a wake count")
+            .map(|_| ())
+            .map_err(|e| self.address.error(e))
     }
 
     /// Whether the flag is set.
@@ -136,6 +178,22 @@ impl Event {
             read_flag_request(&keys.state),
             |reply| self.read_flag(&keys.state, reply),
         )
+    }
+
+    /// The async form of [`Event::is_set`] (one round trip on shoal's actor runtime).
+    pub fn is_set_async(&self) -> impl Future<Output = Result<bool>> + Send + use<> {
+        let event = self.clone();
+        async move {
+            let state = event.keys().state;
+            let request = read_flag_request(&state);
+            let address = event.address.clone();
+            op::spawn_single(
+                move || address.describe(),
+                request,
+                move |reply| event.read_flag(&state, reply),
+            )
+            .await
+        }
     }
 
     fn read_flag(&self, state: &str, reply: Result<redis::Value>) -> Result<bool> {

@@ -43,7 +43,7 @@
 //! one `BLPOP` that returns when the grant arrives (plus one check-in per second of waiting).
 //! Release: 1 (`grants_release.lua`). Giving up after a timeout, or because the async caller's
 //! future was dropped: 1 (`grants_wait.lua`), plus 1 to release a grant nobody took.
-//! `get_value`/`locked`: 1 (`grants_value.lua`). At a clean exit: 1 per object this process
+//! `get_value`/`locked` (and their async forms): 1 (`grants_value.lua`). At a clean exit: 1 per object this process
 //! still holds (`grants_detach.lua`).
 
 use std::collections::HashMap;
@@ -390,13 +390,37 @@ impl GrantObject {
     /// holders were reclaimed.
     pub(crate) fn value(&self) -> Result<i64> {
         let store = common::store()?;
-        let keys = self.keys();
-        store
-            .with_conn(
-                || format!("reading {}", self.address.describe()),
-                |c| keys.invocation(&VALUE, &store, lease()).invoke(c),
+        op::run_single(
+            &store,
+            || self.address.describe(),
+            self.value_request(&store),
+            |reply| self.value_from(reply),
+        )
+    }
+
+    /// The async form of [`GrantObject::value`] (one round trip on shoal's actor runtime).
+    pub(crate) fn value_async(&self) -> impl Future<Output = Result<i64>> + Send + use<> {
+        let object = self.clone();
+        async move {
+            let store = common::store()?;
+            let request = object.value_request(&store);
+            let address = object.address.clone();
+            op::spawn_single(
+                move || address.describe(),
+                request,
+                move |reply| object.value_from(reply),
             )
-            .map_err(|e| self.address.error(e))
+            .await
+        }
+    }
+
+    /// `grants_value.lua`: reclaims lapsed grants, then reads the free permits.
+    fn value_request(&self, store: &Store) -> Request {
+        Request::script("reading", self.keys().invocation(&VALUE, store, lease()))
+    }
+
+    fn value_from(&self, reply: Result<redis::Value>) -> Result<i64> {
+        op::parse(reply, "a permit count").map_err(|e| self.address.error(e))
     }
 
     /// The fencing token of this process's (this thread's, for an RLock) current hold.

@@ -31,8 +31,9 @@
 //! # Async forms
 //!
 //! `acquire_async`, `acquire_timeout_async`, `try_acquire_async`, `lock_async` (a [`Guard`]) and
-//! `release_async` (also on `Semaphore`, `BoundedSemaphore`, and `Condition`'s lock) run the same
-//! round trips as the blocking forms (the same state machine, `grants.rs`) as a task on shoal's
+//! `release_async` (also on `Semaphore`, `BoundedSemaphore`, and `Condition`'s lock), and
+//! [`Lock::locked_async`], [`RLock::locked_async`] (and the semaphores' `get_value_async`) run the
+//! same round trips as the blocking forms (the same state machine, `grants.rs`) as a task on shoal's
 //! actor runtime, the wait on a dedicated connection of that runtime, and hand the result back
 //! through a oneshot channel: any executor can await them and no thread is parked per call.
 //! Timeouts run from the first poll.
@@ -196,6 +197,12 @@ impl Lock {
         Ok(self.object.value()? <= 0)
     }
 
+    /// The async form of [`Lock::locked`] (one round trip on shoal's actor runtime).
+    pub fn locked_async(&self) -> impl Future<Output = Result<bool>> + Send + use<> {
+        let value = self.object.value_async();
+        async move { Ok(value.await? <= 0) }
+    }
+
     pub(crate) fn object(&self) -> &GrantObject {
         &self.object
     }
@@ -226,6 +233,12 @@ impl RLock {
     /// `locked()`).
     pub fn locked(&self) -> Result<bool> {
         Ok(self.object.value()? <= 0)
+    }
+
+    /// The async form of [`RLock::locked`] (one round trip on shoal's actor runtime).
+    pub fn locked_async(&self) -> impl Future<Output = Result<bool>> + Send + use<> {
+        let value = self.object.value_async();
+        async move { Ok(value.await? <= 0) }
     }
 
     pub(crate) fn object(&self) -> &GrantObject {

@@ -79,15 +79,22 @@
 //! # Async forms
 //!
 //! [`Connection::send_async`], [`Connection::send_bytes_async`], [`Connection::recv_async`],
-//! [`Connection::recv_bytes_async`] and [`Connection::poll_async`] run the same round trips (the
-//! same state machine) as a task on shoal's actor runtime, the `BLPOP`/`BLMOVE` on a dedicated
+//! [`Connection::recv_bytes_async`], [`Connection::recv_bytes_into_async`] and
+//! [`Connection::poll_async`] run the same round trips (the same state machine) as a task on
+//! shoal's actor runtime, the `BLPOP`/`BLMOVE` on a dedicated
 //! connection of that runtime, and hand the result back through a oneshot channel: any executor
 //! can await them and no thread is parked per call. A handle received without a runtime claims
 //! its end at its first use, with one blocking round trip on the calling thread (handles
 //! received as a task's arguments are claimed when they are decoded).
 //!
-//! Dropping a `recv_async` future loses no message: the task stops before its next wait slice
-//! (within a second); a message it took meanwhile is pushed back to the head of the inbox.
+//! [`Connection::close_async`] closes the handle at its first poll; the round trip of the
+//! process's last handle of an end (`pipe_close.lua`) is made, as `close` makes it, under this
+//! process's lock of the end, so the task runs it on the runtime's blocking pool (a thread of
+//! that pool waits for it, never the caller's).
+//!
+//! Dropping a `recv_async` (or `recv_bytes_into_async`) future loses no message: the task stops
+//! before its next wait slice (within a second); a message it took meanwhile is pushed back to
+//! the head of the inbox.
 //! Until then another receive may see the next message, or end of file, first (so messages can
 //! arrive out of order around a dropped receive). `poll_async` takes nothing. A dropped
 //! `send_async` still sends if it was under way (at most once).
@@ -235,6 +242,27 @@ enum Phase {
     Unclaimed(Option<String>),
     /// Closed by this handle, or received after every holder let the end go.
     Closed,
+}
+
+impl Phase {
+    /// Whether closing a handle in this phase lets go of something (a hold or a transfer).
+    fn holds_something(&self) -> bool {
+        matches!(self, Phase::Open | Phase::Unclaimed(Some(_)))
+    }
+}
+
+/// What closing a handle that was in phase `previous` lets go of: the process's hold of the end
+/// with its last handle, or a received transfer never used here.
+fn let_go_of_phase(address: &Address, end: u8, previous: Phase) -> Result<()> {
+    match previous {
+        Phase::Closed | Phase::Unclaimed(None) => Ok(()),
+        Phase::Open => release(address, end),
+        Phase::Unclaimed(Some(transfer)) => {
+            // Never used here: give the transfer back.
+            let store = common::store()?;
+            let_go(&store, address, end, &transfer)
+        }
+    }
 }
 
 /// One end of a pipe: a handle (see the module docs). Cloning gives another handle of the same
@@ -393,17 +421,36 @@ impl<T> Connection<T> {
         self.close_handle()
     }
 
+    /// The async form of [`Connection::close`]: the handle is closed at the first poll; when it
+    /// was this process's last handle of the end, the process lets go of the end (1 round trip)
+    /// on shoal's actor runtime. That round trip is made under this process's lock of the end
+    /// (a claim and a release of one end must not interleave), so the task runs the blocking
+    /// close on the runtime's blocking pool: the caller's thread is never blocked. A close whose
+    /// future is dropped after its first poll still completes.
+    pub fn close_async(&self) -> impl Future<Output = Result<()>> + Send + use<T> {
+        let (phase, address, end) = (self.phase.clone(), self.address.clone(), self.end);
+        async move {
+            let previous = std::mem::replace(
+                &mut *phase.lock().unwrap_or_else(|p| p.into_inner()),
+                Phase::Closed,
+            );
+            if !previous.holds_something() {
+                return Ok(());
+            }
+            let describe = {
+                let address = address.clone();
+                move || address.describe()
+            };
+            let request = Request::local("closing a handle of", move || {
+                let_go_of_phase(&address, end, previous).map(|()| redis::Value::Nil)
+            });
+            op::spawn_single(describe, request, |reply| reply.map(|_| ())).await
+        }
+    }
+
     fn close_handle(&self) -> Result<()> {
         let previous = std::mem::replace(&mut *self.phase(), Phase::Closed);
-        match previous {
-            Phase::Closed | Phase::Unclaimed(None) => Ok(()),
-            Phase::Open => release(&self.address, self.end),
-            Phase::Unclaimed(Some(transfer)) => {
-                // Never used here: give the transfer back.
-                let store = common::store()?;
-                let_go(&store, &self.address, self.end, &transfer)
-            }
-        }
+        let_go_of_phase(&self.address, self.end, previous)
     }
 
     fn closed_error(&self) -> Error {
@@ -748,14 +795,24 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     /// small is [`Error::BufferTooShort`], which carries the message (it is consumed, as in
     /// Python).
     pub fn recv_bytes_into(&self, buffer: &mut [u8], offset: usize) -> Result<usize> {
-        if offset > buffer.len() {
-            return Err(Error::invalid_state(format!(
-                "offset {offset} is outside a buffer of {} bytes",
-                buffer.len()
-            )));
-        }
+        check_offset(buffer, offset)?;
         let store = common::store()?;
-        let message = match self.next_message(&store)? {
+        let message = self.next_message(&store)?;
+        self.copy_into(message, buffer, offset)
+    }
+
+    /// The async form of [`Connection::recv_bytes_into`] (see [`Connection::recv_async`]); the
+    /// buffer is written once the message arrived.
+    pub async fn recv_bytes_into_async(&self, buffer: &mut [u8], offset: usize) -> Result<usize> {
+        check_offset(buffer, offset)?;
+        let message = self.next_message_async().await?;
+        self.copy_into(message, buffer, offset)
+    }
+
+    /// Writes `message` into `buffer` at `offset`; its length, or [`Error::BufferTooShort`]
+    /// carrying it.
+    fn copy_into(&self, message: Message, buffer: &mut [u8], offset: usize) -> Result<usize> {
+        let message = match message {
             Message::EndOfFile => return Err(self.end_of_file()),
             Message::Data(message) => message,
         };
@@ -795,6 +852,18 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
             Read::Message(_) => Err(Error::invalid_state("a poll answered like a receive")),
         }
     }
+}
+
+/// An offset outside `buffer` is [`Error::InvalidState`] (Python's `ValueError`), checked before
+/// anything is received.
+fn check_offset(buffer: &[u8], offset: usize) -> Result<()> {
+    if offset > buffer.len() {
+        return Err(Error::invalid_state(format!(
+            "offset {offset} is outside a buffer of {} bytes",
+            buffer.len()
+        )));
+    }
+    Ok(())
 }
 
 /// `pipe_send.lua`: `message` (framed) from `end` to the other end.

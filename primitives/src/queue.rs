@@ -77,8 +77,8 @@
 //! # Async forms
 //!
 //! `put_async`, `put_timeout_async`, `put_nowait_async`, `get_async`, `get_timeout_async`,
-//! `get_nowait_async`, and `JoinableQueue::join_async`/`task_done_async` run the same round
-//! trips (the same state machines, `op.rs`) as a task on shoal's actor runtime, blocking
+//! `get_nowait_async`, `qsize_async`, `empty_async`, `full_async`, and
+//! `JoinableQueue::join_async`/`task_done_async` run the same round trips (the same state machines, `op.rs`) as a task on shoal's actor runtime, blocking
 //! commands on dedicated connections of that runtime, and hand the result back through a
 //! oneshot channel: any executor (Tokio's current-thread or multi-thread runtime, actix's) can
 //! await them, and no thread is parked per call. Timeouts run from the first poll. An unbounded
@@ -310,22 +310,48 @@ impl QueueCore {
     /// them Redis has (`applied`, read atomically with the length), so an item being written is
     /// counted once, in Redis or in the feeder, whenever the feeder's write lands.
     fn qsize(&self, store: &Store) -> Result<usize> {
-        let keys = self.keys();
-        let queued = FEEDER.queued(&keys.items);
-        let (exists, len, applied): (bool, u64, Option<u64>) = store
-            .with_conn(
-                || format!("measuring {}", self.address.describe()),
-                |c| {
-                    // Atomic: the feeder's script must not run between the two reads.
-                    redis::pipe()
-                        .atomic()
-                        .exists(&keys.state)
-                        .llen(&keys.items)
-                        .hget(&keys.fed, "items")
-                        .query(c)
-                },
+        let queued = FEEDER.queued(&self.keys().items);
+        op::run_single(
+            store,
+            || self.address.describe(),
+            self.qsize_request(),
+            |reply| self.qsize_from(queued, reply),
+        )
+    }
+
+    /// The async form of [`QueueCore::qsize`]: the feeder's count is read at the first poll,
+    /// before the request is sent.
+    fn qsize_async(&self) -> impl Future<Output = Result<usize>> + Send + use<> {
+        let core = self.clone();
+        async move {
+            let queued = FEEDER.queued(&core.keys().items);
+            let request = core.qsize_request();
+            let address = core.address.clone();
+            op::spawn_single(
+                move || address.describe(),
+                request,
+                move |reply| core.qsize_from(queued, reply),
             )
-            .map_err(|e| self.address.error(e))?;
+            .await
+        }
+    }
+
+    /// Whether the queue exists, its length and what this process's feeder applied to it, read
+    /// atomically (the feeder's script must not run between the reads).
+    fn qsize_request(&self) -> Request {
+        let keys = self.keys();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .exists(&keys.state)
+            .llen(&keys.items)
+            .hget(&keys.fed, "items");
+        Request::pipe("measuring", pipe)
+    }
+
+    /// Reads the reply to [`QueueCore::qsize_request`], `queued` the feeder's count read before.
+    fn qsize_from(&self, queued: Option<Queued>, reply: Result<redis::Value>) -> Result<usize> {
+        let (exists, len, applied): (bool, u64, Option<u64>) =
+            op::parse(reply, "a queue size").map_err(|e| self.address.error(e))?;
         if !exists {
             return Err(self.address.gone());
         }
@@ -336,6 +362,11 @@ impl QueueCore {
             (None, _) => 0,
         };
         Ok(usize::try_from(len + unwritten).unwrap_or(usize::MAX))
+    }
+
+    /// Whether `size` items fill a bounded queue.
+    fn is_full(&self, size: usize) -> bool {
+        size >= self.maxsize as usize
     }
 
     /// A queue this process closed is an error.
@@ -499,14 +530,45 @@ macro_rules! getters {
             self.core.qsize(&store)
         }
 
+        /// The async form of [`Self::qsize`] (1 round trip on shoal's actor runtime; the
+        /// closed check and this process's feeder count are read at the first poll).
+        pub fn qsize_async(&self) -> impl Future<Output = Result<usize>> + Send + use<T> {
+            let core = self.core.clone();
+            async move {
+                if FEEDER.closed_for_size(&core, Self::CLOSE_ENDS_EVERYTHING) {
+                    return Err(core.closed());
+                }
+                core.qsize_async().await
+            }
+        }
+
         /// Whether the queue is empty (see [`Self::qsize`]).
         pub fn empty(&self) -> Result<bool> {
             Ok(self.qsize()? == 0)
         }
 
+        /// The async form of [`Self::empty`] (see [`Self::qsize_async`]).
+        pub fn empty_async(&self) -> impl Future<Output = Result<bool>> + Send + use<T> {
+            let size = self.qsize_async();
+            async move { Ok(size.await? == 0) }
+        }
+
         /// Whether a bounded queue is (approximately) full.
         pub fn full(&self) -> Result<bool> {
-            Ok(self.core.maxsize > 0 && self.qsize()? >= self.core.maxsize as usize)
+            Ok(self.core.maxsize > 0 && self.core.is_full(self.qsize()?))
+        }
+
+        /// The async form of [`Self::full`] (see [`Self::qsize_async`]; an unbounded queue
+        /// answers without a round trip, as `full` does).
+        pub fn full_async(&self) -> impl Future<Output = Result<bool>> + Send + use<T> {
+            let core = self.core.clone();
+            let size = (core.maxsize > 0).then(|| self.qsize_async());
+            async move {
+                match size {
+                    Some(size) => Ok(core.is_full(size.await?)),
+                    None => Ok(false),
+                }
+            }
         }
 
         /// The bound given at creation (0: unbounded).

@@ -16,7 +16,8 @@
 //! consumed); another process may release them.
 //!
 //! Async forms (`acquire_async`, `acquire_timeout_async`, `try_acquire_async`, `lock_async`,
-//! `release_async`) and what dropping them does: see `lock.rs`. Keys, scripts and round trips:
+//! `release_async`, [`Semaphore::get_value_async`], [`BoundedSemaphore::get_value_async`]) and
+//! what dropping them does: see `lock.rs`. Keys, scripts and round trips:
 //! see the grant core (`grants.rs`).
 
 use std::future::Future;
@@ -58,6 +59,11 @@ macro_rules! semaphore_methods {
         /// Free permits now (the permits of dead holders whose lease lapsed count as free).
         pub fn get_value(&self) -> Result<i64> {
             self.object.value()
+        }
+
+        /// The async form of `get_value` (1 round trip on shoal's actor runtime).
+        pub fn get_value_async(&self) -> impl Future<Output = Result<i64>> + Send + use<> {
+            self.object.value_async()
         }
 
         fn object(&self) -> &GrantObject {

@@ -36,16 +36,19 @@
 //!
 //! # Round trips
 //!
-//! Every operation: 1 (`GETEX`, `SET ... XX`, `HMGET`, or a script), refreshing the TTL.
+//! Every operation: 1 (`GETEX`, `SET ... XX`, `HMGET`, or a script), refreshing the TTL; a
+//! float `fetch_add` on a deleted value: 2 (the add created it, a `DEL` takes it back).
 //!
 //! # Async forms
 //!
-//! [`Value::get_async`], [`Value::set_async`], [`Array::get_async`], [`Array::set_async`],
-//! [`Array::get_slice_async`] and [`Array::set_slice_async`] send the same single command (or
+//! [`Value::get_async`], [`Value::set_async`], [`Value::fetch_add_async`], [`Array::get_async`],
+//! [`Array::set_async`], [`Array::get_slice_async`], [`Array::set_slice_async`],
+//! [`Array::to_vec_async`] and [`Array::fetch_add_async`] send the same single command (or
 //! script) from shoal's actor runtime, on its shared multiplexed connection, and hand the reply
 //! back through a oneshot channel: any executor can await them, and no thread is parked. A write
 //! whose future is dropped happens or not, depending on whether it was sent already, never
-//! twice.
+//! twice. A float `fetch_add_async` runs the same two steps as `fetch_add` (the add, and the
+//! `DEL` of a value the add created because it had been deleted).
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -342,10 +345,16 @@ impl<T: Integer, L> Value<T, L> {
     /// Adds `delta` atomically and returns the value before (an extension: no lock needed).
     /// A sum outside `T`'s range is [`Error::InvalidState`] and changes nothing.
     pub fn fetch_add(&self, delta: i64) -> Result<T> {
-        let new = add(&self.address, &self.key(), "", delta, T::LOW, T::HIGH)?;
-        new.checked_sub(delta)
-            .and_then(T::from_i64)
-            .ok_or_else(|| Error::invalid_state("the previous value is outside the type"))
+        add::<T>(&self.address, &self.key(), "", delta)
+    }
+
+    /// The async form of [`Value::fetch_add`]: the same script, one round trip on shoal's actor
+    /// runtime. An add whose future is dropped still happens if it was under way (at most once).
+    pub fn fetch_add_async(
+        &self,
+        delta: i64,
+    ) -> impl Future<Output = Result<T>> + Send + use<T, L> {
+        add_async::<T>(self.address.clone(), self.key(), String::new(), delta)
     }
 }
 
@@ -355,30 +364,21 @@ macro_rules! float_add {
             /// Adds `delta` atomically (`INCRBYFLOAT`) and returns the value before.
             pub fn fetch_add(&self, delta: $t) -> Result<$t> {
                 let store = common::store()?;
-                let key = self.key();
-                let (exists, new): (bool, Option<String>) = store
-                    .with_conn(
-                        || format!("adding to {}", self.address.describe()),
-                        |c| {
-                            redis::pipe()
-                                .exists(&key)
-                                .cmd("INCRBYFLOAT")
-                                .arg(&key)
-                                .arg(delta.to_stored())
-                                .query(c)
-                        },
-                    )
-                    .map_err(|e| self.address.error(e))?;
-                if !exists {
-                    // INCRBYFLOAT created it: take it back.
-                    let _ = store.with_conn(
-                        || "undoing".into(),
-                        |c| redis::cmd("DEL").arg(&key).query::<()>(c),
-                    );
-                    return Err(self.address.gone());
-                }
-                let new: $t = parse(&new.unwrap_or_default(), &key)?;
-                Ok(new - delta)
+                op::run(
+                    &store,
+                    &mut FloatAdd::new(self.address.clone(), self.key(), delta),
+                )
+            }
+
+            /// The async form of [`Value::fetch_add`] for a float: the same round trips (one,
+            /// or two when the value was deleted) on shoal's actor runtime. An add whose future
+            /// is dropped still happens if it was under way (at most once).
+            pub fn fetch_add_async(
+                &self,
+                delta: $t,
+            ) -> impl Future<Output = Result<$t>> + Send + use<L> {
+                let add = FloatAdd::new(self.address.clone(), self.key(), delta);
+                async move { op::spawn(add, None).await }
             }
         }
     };
@@ -386,36 +386,125 @@ macro_rules! float_add {
 float_add!(f32);
 float_add!(f64);
 
-fn add(
-    address: &Address,
-    key: &str,
-    index: &str,
-    delta: i64,
-    low: i128,
-    high: i128,
-) -> Result<i64> {
-    let store = common::store()?;
-    let result: std::result::Result<i64, Error> = store.with_conn(
-        || format!("adding to {}", address.describe()),
-        |c| {
-            ADD.key(key)
-                .arg(ttl(&store))
-                .arg(delta)
-                .arg(low.max(i64::MIN as i128) as i64)
-                .arg(high.min(i64::MAX as i128) as i64)
-                .arg(index)
-                .invoke(c)
-        },
-    );
-    match result {
+/// A float `fetch_add`: `EXISTS` and `INCRBYFLOAT` in one pipeline; when the value did not
+/// exist (`INCRBYFLOAT` created it), a `DEL` takes it back and the value is gone.
+struct FloatAdd<T> {
+    address: Address,
+    key: String,
+    delta: T,
+    /// Set once the `DEL` of a value the add created was sent.
+    undoing: bool,
+}
+
+impl<T: Scalar + std::ops::Sub<Output = T>> FloatAdd<T> {
+    fn new(address: Address, key: String, delta: T) -> Self {
+        FloatAdd {
+            address,
+            key,
+            delta,
+            undoing: false,
+        }
+    }
+}
+
+impl<T: Scalar + std::ops::Sub<Output = T>> op::Operation for FloatAdd<T> {
+    type Output = T;
+
+    fn describe(&self) -> String {
+        self.address.describe()
+    }
+
+    fn start(&mut self, _: &Store) -> op::Step<T> {
+        let mut pipe = redis::pipe();
+        pipe.exists(&self.key)
+            .cmd("INCRBYFLOAT")
+            .arg(&self.key)
+            .arg(self.delta.to_stored());
+        op::Step::Next(Request::pipe("adding to", pipe))
+    }
+
+    fn reply(&mut self, _: &Store, reply: Result<redis::Value>) -> op::Step<T> {
+        if self.undoing {
+            // The undo's own outcome changes nothing for the caller: the value is gone.
+            if let Err(e) = reply {
+                tracing::debug!("undoing an add to {}: {e}", self.address.describe());
+            }
+            return op::Step::Done(Err(self.address.gone()));
+        }
+        let parsed: Result<(bool, Option<String>)> =
+            op::parse(reply, "a float add").map_err(|e| self.address.error(e));
+        match parsed {
+            Err(e) => op::Step::Done(Err(e)),
+            Ok((false, _)) => {
+                // INCRBYFLOAT created it: take it back.
+                self.undoing = true;
+                let mut cmd = redis::cmd("DEL");
+                cmd.arg(&self.key);
+                op::Step::Next(Request::cmd("undoing an add to", cmd))
+            }
+            Ok((true, new)) => op::Step::Done(
+                parse::<T>(&new.unwrap_or_default(), &self.key).map(|new| new - self.delta),
+            ),
+        }
+    }
+}
+
+/// `value_add.lua`: adds `delta` to the integer at `key` (element `index` of an array, `""` for
+/// a value) within `T`'s range.
+fn add_request<T: Integer>(store: &Store, key: &str, index: &str, delta: i64) -> Request {
+    let mut invocation = ADD.key(key);
+    invocation
+        .arg(ttl(store))
+        .arg(delta)
+        .arg(T::LOW.max(i64::MIN as i128) as i64)
+        .arg(T::HIGH.min(i64::MAX as i128) as i64)
+        .arg(index);
+    Request::script("adding to", invocation)
+}
+
+/// Reads the reply to [`add_request`]: the value before the add.
+fn added<T: Integer>(address: &Address, delta: i64, reply: Result<redis::Value>) -> Result<T> {
+    let new = match op::parse::<i64>(reply, "a sum") {
         Err(Error::Redis { source, .. }) if source.code() == Some("OVERFLOW") => {
-            Err(Error::invalid_state(format!(
+            return Err(Error::invalid_state(format!(
                 "adding {delta} to {} leaves its type's range",
                 address.describe()
-            )))
+            )));
         }
-        other => other.map_err(|e| address.error(e)),
-    }
+        other => other.map_err(|e| address.error(e))?,
+    };
+    new.checked_sub(delta)
+        .and_then(T::from_i64)
+        .ok_or_else(|| Error::invalid_state("the previous value is outside the type"))
+}
+
+fn add<T: Integer>(address: &Address, key: &str, index: &str, delta: i64) -> Result<T> {
+    let store = common::store()?;
+    op::run_single(
+        &store,
+        || address.describe(),
+        add_request::<T>(&store, key, index, delta),
+        |reply| added(address, delta, reply),
+    )
+}
+
+/// The async form of [`add`].
+async fn add_async<T: Integer>(
+    address: Address,
+    key: String,
+    index: String,
+    delta: i64,
+) -> Result<T> {
+    let store = common::store()?;
+    let request = add_request::<T>(&store, &key, &index, delta);
+    let describe = {
+        let address = address.clone();
+        move || address.describe()
+    };
+    op::spawn_single(describe, request, move |reply| {
+        added(&address, delta, reply)
+    })
+    .await
 }
 
 impl<T: Scalar> Array<T> {
@@ -585,6 +674,11 @@ impl<T: Scalar, L> Array<T, L> {
         self.get_slice(0..self.len)
     }
 
+    /// The async form of [`Array::to_vec`] (one round trip on shoal's actor runtime).
+    pub fn to_vec_async(&self) -> impl Future<Output = Result<Vec<T>>> + Send + use<T, L> {
+        self.get_slice_async(0..self.len)
+    }
+
     /// Sets element `index`.
     pub fn set(&self, index: usize, value: T) -> Result<()> {
         self.set_slice(index, &[value])
@@ -676,16 +770,22 @@ impl<T: Integer, L> Array<T, L> {
     /// Adds `delta` to element `index` atomically; returns the element before (an extension).
     pub fn fetch_add(&self, index: usize, delta: i64) -> Result<T> {
         self.check(&self.span(index, 1)?)?;
-        let new = add(
-            &self.address,
-            &self.key(),
-            &index.to_string(),
-            delta,
-            T::LOW,
-            T::HIGH,
-        )?;
-        new.checked_sub(delta)
-            .and_then(T::from_i64)
-            .ok_or_else(|| Error::invalid_state("the previous value is outside the type"))
+        add::<T>(&self.address, &self.key(), &index.to_string(), delta)
+    }
+
+    /// The async form of [`Array::fetch_add`]: the same script, one round trip on shoal's
+    /// actor runtime. An add whose future is dropped still happens if it was under way (at most
+    /// once).
+    pub fn fetch_add_async(
+        &self,
+        index: usize,
+        delta: i64,
+    ) -> impl Future<Output = Result<T>> + Send + use<T, L> {
+        let checked = self.span(index, 1).and_then(|range| self.check(&range));
+        let adding = add_async::<T>(self.address.clone(), self.key(), index.to_string(), delta);
+        async move {
+            checked?;
+            adding.await
+        }
     }
 }
