@@ -1,0 +1,585 @@
+//! This process's queue feeder: the puts of unbounded queues, buffered and written in numbered
+//! batches by one thread (see *Feeder* in the module docs of `queue`), and this process's
+//! `closed`/`cancelled` marks of every queue.
+
+use super::*;
+
+static FEED: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("feed.lua")));
+
+/// Most items in one feeder batch.
+const FEED_BATCH: usize = 10_000;
+/// Most bytes in one feeder batch (a batch has at least one item, whatever its size).
+const FEED_BATCH_BYTES: usize = 8 << 20;
+/// Wait before a batch that failed transiently is sent again.
+const RETRY_DELAY: Duration = Duration::from_millis(200);
+/// How long the exit hook waits for every queue's feeder writes, in all.
+const EXIT_FLUSH: Duration = Duration::from_secs(30);
+/// How long `join_thread` waits through uninterrupted transient failures before it reports them.
+pub(super) const JOIN_GIVE_UP: Duration = Duration::from_secs(30);
+
+/// This process's feeder: buffered puts of unbounded queues, written in numbered batches; and
+/// this process's `closed`/`cancelled` marks of every queue.
+pub(super) struct Feeder {
+    state: Mutex<FeederState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct FeederState {
+    /// By items key.
+    queues: HashMap<String, Pending>,
+}
+
+/// One queue as this process sees it.
+pub(super) struct Pending {
+    core: QueueCore,
+    /// Put and not yet in a batch, in order.
+    items: VecDeque<Vec<u8>>,
+    /// The batch being written, or to be written again after a transient failure.
+    inflight: Option<Batch>,
+    /// The number of the next batch (the first is 1: `feed.lua` starts from 0).
+    next_batch: u64,
+    /// Items given to the feeder and not dropped, since the process started.
+    queued_total: u64,
+    /// Of those, the items put in batches.
+    batched_total: u64,
+    /// A batch that failed transiently is not sent again before this.
+    retry_at: Option<Instant>,
+    /// When writes of this queue started failing without a success since.
+    failing_since: Option<Instant>,
+    /// The last transient failure.
+    last_error: Option<Error>,
+    /// A permanent failure not yet reported to the caller.
+    failure: Option<Error>,
+    pub(super) closed: bool,
+    pub(super) cancelled: bool,
+    /// This process put on the queue (since its last exit hook).
+    used: bool,
+}
+
+/// A numbered batch of one queue's items.
+struct Batch {
+    number: u64,
+    /// `batched_total` through this batch.
+    through: u64,
+    items: Arc<Vec<Vec<u8>>>,
+    /// The feeder thread is writing it now.
+    sending: bool,
+}
+
+impl Pending {
+    fn new(core: &QueueCore) -> Pending {
+        Pending {
+            core: core.clone(),
+            items: VecDeque::new(),
+            inflight: None,
+            next_batch: 1,
+            queued_total: 0,
+            batched_total: 0,
+            retry_at: None,
+            failing_since: None,
+            last_error: None,
+            failure: None,
+            closed: false,
+            cancelled: false,
+            used: false,
+        }
+    }
+
+    fn enqueue(&mut self, item: Vec<u8>) {
+        self.items.push_back(item);
+        self.queued_total += 1;
+    }
+
+    /// Items put and not known to be written.
+    fn unwritten(&self) -> usize {
+        self.items.len() + self.inflight.as_ref().map_or(0, |b| b.items.len())
+    }
+
+    fn is_flushed(&self) -> bool {
+        self.items.is_empty() && self.inflight.is_none()
+    }
+
+    /// Whether the feeder thread has something to send for this queue now.
+    fn ready(&self, now: Instant) -> bool {
+        let has_work = match &self.inflight {
+            Some(batch) => !batch.sending,
+            None => !self.items.is_empty(),
+        };
+        has_work && self.retry_at.is_none_or(|at| at <= now)
+    }
+
+    /// The batch to send now: the one in flight (again), or a new one from the buffered items.
+    fn next_send(&mut self) -> Option<Outgoing> {
+        if self.inflight.is_none() {
+            let mut bytes = 0;
+            let mut n = 0;
+            for item in self.items.iter().take(FEED_BATCH) {
+                if n > 0 && bytes + item.len() > FEED_BATCH_BYTES {
+                    break;
+                }
+                bytes += item.len();
+                n += 1;
+            }
+            if n == 0 {
+                return None;
+            }
+            self.batched_total += n as u64;
+            self.inflight = Some(Batch {
+                number: self.next_batch,
+                through: self.batched_total,
+                items: Arc::new(self.items.drain(..n).collect()),
+                sending: false,
+            });
+            self.next_batch += 1;
+        }
+        let batch = self.inflight.as_mut()?;
+        batch.sending = true;
+        Some(Outgoing {
+            core: self.core.clone(),
+            number: batch.number,
+            through: batch.through,
+            items: batch.items.clone(),
+        })
+    }
+
+    /// Applies what happened to the batch in flight.
+    fn settle(&mut self, outcome: Outcome) {
+        let what = self.core.address.describe();
+        match outcome {
+            Outcome::Written => {
+                self.inflight = None;
+                self.retry_at = None;
+                self.failing_since = None;
+                self.last_error = None;
+            }
+            Outcome::Permanent(e) => {
+                let lost = self.unwritten();
+                self.queued_total = self.queued_total.saturating_sub(lost as u64);
+                if let Some(batch) = self.inflight.take() {
+                    self.batched_total =
+                        self.batched_total.saturating_sub(batch.items.len() as u64);
+                }
+                self.items.clear();
+                self.retry_at = None;
+                self.failing_since = None;
+                self.last_error = None;
+                let error = Error::invalid_state(format!(
+                    "{what}: {lost} item(s) put in this process could not be written and were \
+                     dropped: {e}"
+                ));
+                tracing::error!("{error}");
+                self.failure = Some(error);
+            }
+            Outcome::Transient(e) => {
+                if let Some(batch) = self.inflight.as_mut() {
+                    batch.sending = false;
+                }
+                let now = Instant::now();
+                self.retry_at = Some(now + RETRY_DELAY);
+                if self.failing_since.is_none() {
+                    tracing::warn!("{e}; retrying every {RETRY_DELAY:?}");
+                    self.failing_since = Some(now);
+                }
+                self.last_error = Some(e);
+            }
+        }
+    }
+}
+
+/// A batch on its way to Redis.
+struct Outgoing {
+    core: QueueCore,
+    number: u64,
+    through: u64,
+    items: Arc<Vec<Vec<u8>>>,
+}
+
+/// A queue's feeder counts, for `qsize`.
+pub(super) struct Queued {
+    /// Items given to the feeder and not dropped.
+    pub(super) total: u64,
+    /// Of those, the ones not known to be written.
+    pub(super) unwritten: u64,
+}
+
+/// What became of a batch.
+enum Outcome {
+    /// Appended now or before (a batch sent again).
+    Written,
+    /// It can never be written (a key holds another type, the queue is gone).
+    Permanent(redis::RedisError),
+    /// It may be written if sent again (and may have been written already).
+    Transient(Error),
+}
+
+/// Error codes after which sending a batch again cannot help.
+fn is_permanent(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("WRONGTYPE" | "GONE" | "CORRUPT"))
+}
+
+pub(super) static FEEDER: LazyLock<Arc<Feeder>> = LazyLock::new(|| {
+    Arc::new(Feeder {
+        state: Mutex::new(FeederState::default()),
+        changed: Condvar::new(),
+    })
+});
+
+impl Feeder {
+    fn lock(&self) -> MutexGuard<'_, FeederState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn entry<'a>(state: &'a mut FeederState, core: &QueueCore) -> &'a mut Pending {
+        state
+            .queues
+            .entry(core.keys().items.clone())
+            .or_insert_with(|| Pending::new(core))
+    }
+
+    /// Buffers an item for the feeder thread; reports a closed queue, or a permanent failure of
+    /// earlier puts (once).
+    pub(super) fn push(&self, core: &QueueCore, item: Vec<u8>) -> Result<()> {
+        start_feeder();
+        let mut state = self.lock();
+        let p = Self::entry(&mut state, core);
+        if p.closed {
+            return Err(core.closed());
+        }
+        if let Some(failure) = p.failure.take() {
+            return Err(failure);
+        }
+        p.used = true;
+        p.enqueue(item);
+        drop(state);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Before a put written at once: a closed queue is an error; the queue counts as used.
+    pub(super) fn begin_put(&self, core: &QueueCore) -> Result<()> {
+        register_exit_hook();
+        let mut state = self.lock();
+        let p = Self::entry(&mut state, core);
+        if p.closed {
+            return Err(core.closed());
+        }
+        p.used = true;
+        Ok(())
+    }
+
+    /// What the feeder was given for `items`'s queue, if anything.
+    pub(super) fn queued(&self, items: &str) -> Option<Queued> {
+        self.lock().queues.get(items).map(|p| Queued {
+            total: p.queued_total,
+            unwritten: p.unwritten() as u64,
+        })
+    }
+
+    pub(super) fn is_closed(&self, items: &str) -> bool {
+        self.lock().queues.get(items).is_some_and(|p| p.closed)
+    }
+
+    /// Whether `qsize`/`empty` must report the queue closed: after a use (Python), or at once.
+    pub(super) fn closed_for_size(&self, core: &QueueCore, at_once: bool) -> bool {
+        self.lock()
+            .queues
+            .get(&core.keys().items)
+            .is_some_and(|p| p.closed && (at_once || p.used))
+    }
+
+    pub(super) fn mark(&self, core: &QueueCore, f: impl FnOnce(&mut Pending)) {
+        register_exit_hook();
+        f(Self::entry(&mut self.lock(), core));
+        self.changed.notify_all();
+    }
+
+    /// `join_thread`: waits until `items`'s queue is written; see the module docs.
+    pub(super) fn join(&self, items: &str) -> Result<()> {
+        let mut state = self.lock();
+        loop {
+            let Some(p) = state.queues.get_mut(items) else {
+                return Ok(());
+            };
+            if let Some(failure) = p.failure.take() {
+                return Err(failure);
+            }
+            if p.is_flushed() {
+                return Ok(());
+            }
+            if let (Some(since), Some(e)) = (p.failing_since, &p.last_error)
+                && since.elapsed() >= JOIN_GIVE_UP
+            {
+                return Err(e.clone());
+            }
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// The exit hook: waits (at most [`EXIT_FLUSH`] in all) until every queue whose join was not
+    /// cancelled is written or failed, logs what was not written, then forgets this process's
+    /// `closed`/`cancelled` marks (a pool worker's next task starts with its queues open).
+    fn at_exit(&self) {
+        let deadline = Instant::now() + EXIT_FLUSH;
+        let mut state = self.lock();
+        loop {
+            for p in state.queues.values_mut() {
+                if let Some(failure) = p.failure.take() {
+                    tracing::error!("at exit: {failure}");
+                }
+            }
+            let now = Instant::now();
+            let waiting = state
+                .queues
+                .values()
+                .any(|p| !p.cancelled && !p.is_flushed());
+            if !waiting || now >= deadline {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, (deadline - now).min(Duration::from_millis(100)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        for p in state.queues.values_mut() {
+            if !p.cancelled && !p.is_flushed() {
+                let cause = p
+                    .last_error
+                    .as_ref()
+                    .map_or_else(|| "still being written".to_string(), |e| e.to_string());
+                tracing::error!(
+                    "{}: {} item(s) put in this process were not written within {EXIT_FLUSH:?} \
+                     of exit ({cause}); they are lost if the process ends now",
+                    p.core.address.describe(),
+                    p.unwritten()
+                );
+            }
+            p.closed = false;
+            p.cancelled = false;
+            p.used = false;
+        }
+    }
+
+    fn run(&self) {
+        loop {
+            let work: Vec<Outgoing> = {
+                let mut state = self.lock();
+                loop {
+                    let now = Instant::now();
+                    if state.queues.values().any(|p| p.ready(now)) {
+                        break;
+                    }
+                    let next_retry = state
+                        .queues
+                        .values()
+                        .filter(|p| p.inflight.as_ref().is_some_and(|b| !b.sending))
+                        .filter_map(|p| p.retry_at)
+                        .min();
+                    state = match next_retry {
+                        Some(at) => {
+                            self.changed
+                                .wait_timeout(state, at.saturating_duration_since(now))
+                                .unwrap_or_else(|p| p.into_inner())
+                                .0
+                        }
+                        None => self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+                    };
+                }
+                let now = Instant::now();
+                state
+                    .queues
+                    .values_mut()
+                    .filter(|p| p.ready(now))
+                    .filter_map(Pending::next_send)
+                    .collect()
+            };
+            let outcomes = write_batches(&work);
+            let mut state = self.lock();
+            for (sent, outcome) in work.iter().zip(outcomes) {
+                if let Some(p) = state.queues.get_mut(&sent.core.keys().items) {
+                    p.settle(outcome);
+                }
+            }
+            drop(state);
+            self.changed.notify_all();
+        }
+    }
+}
+
+/// Writes one batch per queue in one pipelined round trip; one outcome per batch, in order.
+fn write_batches(work: &[Outgoing]) -> Vec<Outcome> {
+    let context = |sent: &Outgoing| {
+        format!(
+            "writing {} buffered item(s) to {}",
+            sent.items.len(),
+            sent.core.address.describe()
+        )
+    };
+    let store = match common::store() {
+        Ok(store) => store,
+        Err(e) => return work.iter().map(|_| Outcome::Transient(e.clone())).collect(),
+    };
+    let ttl = ttl(&store);
+    let replies = store.with_conn(
+        || "writing buffered queue items".into(),
+        |c| {
+            let invocations: Vec<redis::ScriptInvocation<'_>> = work
+                .iter()
+                .map(|sent| {
+                    let keys = sent.core.keys();
+                    let mut invocation = FEED.prepare_invoke();
+                    invocation
+                        .key(&keys.items)
+                        .key(&keys.state)
+                        .key(&keys.fed)
+                        .arg(ttl)
+                        .arg(sent.number)
+                        .arg(sent.through);
+                    for item in sent.items.iter() {
+                        invocation.arg(item.as_slice());
+                    }
+                    invocation
+                })
+                .collect();
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for invocation in &invocations {
+                pipe.invoke_script(invocation);
+            }
+            let replies: Vec<redis::RedisResult<i64>> = pipe.query(c)?;
+            let no_script = |r: &redis::RedisResult<i64>| {
+                r.as_ref().is_err_and(|e| {
+                    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+                })
+            };
+            if replies.iter().any(no_script) {
+                // First use on this server: load the script and send everything again (a batch
+                // already applied is skipped).
+                FEED.load(c)?;
+                return pipe.query(c);
+            }
+            Ok(replies)
+        },
+    );
+    match replies {
+        Ok(replies) => work
+            .iter()
+            .zip(replies)
+            .map(|(sent, reply)| match reply {
+                Ok(_) => Outcome::Written,
+                Err(e) if is_permanent(&e) => Outcome::Permanent(e),
+                Err(e) => Outcome::Transient(Error::redis(context(sent), e)),
+            })
+            .collect(),
+        Err(Error::Redis { source, .. }) => work
+            .iter()
+            .map(|sent| {
+                Outcome::Transient(Error::Redis {
+                    context: context(sent),
+                    source: source.clone(),
+                })
+            })
+            .collect(),
+        Err(e) => work.iter().map(|_| Outcome::Transient(e.clone())).collect(),
+    }
+}
+
+/// Starts the feeder thread (once per process).
+pub(super) fn start_feeder() {
+    static STARTED: Once = Once::new();
+    register_exit_hook();
+    STARTED.call_once(|| {
+        let feeder = FEEDER.clone();
+        let spawned = std::thread::Builder::new()
+            .name("shoal-queue-feeder".into())
+            .spawn(move || feeder.run());
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the queue feeder: {e}");
+        }
+    });
+}
+
+/// Registers the feeder's exit hook (once per process). Called before the feeder's lock is
+/// taken: `run_exit_hooks` holds the hooks' lock while the hook takes the feeder's.
+fn register_exit_hook() {
+    static REGISTERED: Once = Once::new();
+    REGISTERED.call_once(|| context::register_exit_hook(|| FEEDER.at_exit()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core() -> QueueCore {
+        QueueCore {
+            address: Address {
+                namespace: "test".into(),
+                kind: "queue".into(),
+                id: uuid::Uuid::new_v4().simple().to_string(),
+            },
+            maxsize: 0,
+            joinable: false,
+            cached_keys: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn the_exit_hook_forgets_this_process_marks() {
+        let q = core();
+        FEEDER.begin_put(&q).expect("open");
+        FEEDER.mark(&q, |p| p.closed = true);
+        FEEDER.mark(&q, |p| p.cancelled = true);
+        assert!(FEEDER.is_closed(&q.keys().items));
+        assert!(FEEDER.closed_for_size(&q, false));
+        assert!(matches!(FEEDER.begin_put(&q), Err(Error::InvalidState(_))));
+        // What a pool worker runs after each task.
+        context::run_exit_hooks();
+        assert!(!FEEDER.is_closed(&q.keys().items));
+        assert!(!FEEDER.closed_for_size(&q, true));
+        FEEDER.begin_put(&q).expect("open again");
+    }
+
+    #[test]
+    fn batches_are_numbered_in_order_and_bounded() {
+        let mut p = Pending::new(&core());
+        for i in 0..(FEED_BATCH + 5) {
+            p.enqueue(vec![i as u8]);
+        }
+        let first = p.next_send().expect("a batch");
+        assert_eq!((first.number, first.items.len()), (1, FEED_BATCH));
+        assert!(!p.ready(Instant::now()), "one batch in flight at a time");
+        p.settle(Outcome::Transient(Error::invalid_state("down")));
+        let again = {
+            p.retry_at = None;
+            p.next_send().expect("the same batch")
+        };
+        assert_eq!((again.number, again.items.len()), (1, FEED_BATCH));
+        assert_eq!(p.unwritten(), FEED_BATCH + 5);
+        p.settle(Outcome::Written);
+        let second = p.next_send().expect("the rest");
+        assert_eq!((second.number, second.items.len()), (2, 5));
+        assert_eq!(second.items[0], vec![FEED_BATCH as u8]);
+        p.settle(Outcome::Permanent(redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "wrong type",
+        ))));
+        assert!(p.is_flushed());
+        assert_eq!(
+            (p.queued_total, p.batched_total),
+            (FEED_BATCH as u64, FEED_BATCH as u64)
+        );
+        let failure = p.failure.take().expect("reported");
+        assert!(failure.to_string().contains("5 item(s)"), "{failure}");
+
+        let mut big = Pending::new(&core());
+        big.enqueue(vec![0; FEED_BATCH_BYTES]);
+        big.enqueue(vec![0; 1]);
+        assert_eq!(big.next_send().expect("one").items.len(), 1);
+    }
+}

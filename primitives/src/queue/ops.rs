@@ -1,0 +1,329 @@
+//! The queue operations that may wait, as state machines of round trips (`op`): a put on a
+//! bounded or joinable queue, a get, and `JoinableQueue::join`.
+
+use super::*;
+
+/// A put written now (`put.lua`); while a bounded queue is full, the writer queues and
+/// waits on its wake key ([`WakeWait`] on `putters`), and puts again when woken. At the
+/// deadline, or when the async caller left, it leaves the writers' queue; a wake-up (room) that
+/// had reached it is passed on to the next writer.
+pub(super) struct Put {
+    core: QueueCore,
+    keys: Arc<QueueKeys>,
+    item: Vec<u8>,
+    wait: bool,
+    deadline: Option<Instant>,
+    waiter: String,
+    phase: PutPhase,
+    abandoned: bool,
+}
+
+enum PutPhase {
+    Putting,
+    Waiting(WakeWait<()>),
+    PassingOn,
+}
+
+impl Put {
+    pub(super) fn new(
+        core: &QueueCore,
+        item: Vec<u8>,
+        wait: bool,
+        deadline: Option<Instant>,
+    ) -> Put {
+        Put {
+            keys: core.keys(),
+            core: core.clone(),
+            item,
+            wait,
+            deadline,
+            waiter: String::new(),
+            phase: PutPhase::Putting,
+            abandoned: false,
+        }
+    }
+
+    fn put(&mut self, store: &Store) -> Step<()> {
+        self.waiter = if self.wait {
+            common::waiter_id()
+        } else {
+            String::new()
+        };
+        self.phase = PutPhase::Putting;
+        let keys = &self.keys;
+        let mut invocation = PUT.prepare_invoke();
+        invocation
+            .key(&keys.items)
+            .key(&keys.state)
+            .key(&keys.putters.waiters)
+            .key(&keys.putters.waiting)
+            .key(&keys.unfinished)
+            .arg(ttl(store))
+            .arg(self.item.as_slice())
+            .arg(&self.waiter)
+            .arg(liveness())
+            .arg(if self.core.joinable { "1" } else { "0" });
+        Step::Next(Request::script("putting on", invocation))
+    }
+
+    fn gave_up(&self) -> Error {
+        if self.abandoned {
+            op::abandoned()
+        } else {
+            Error::Full
+        }
+    }
+
+    fn after_wait(&mut self, store: &Store, step: Step<Woke>) -> Step<()> {
+        match step {
+            Step::Next(request) => Step::Next(request),
+            Step::Done(Err(e)) => Step::Done(Err(self.core.address.error(e))),
+            // Room was made: try again.
+            Step::Done(Ok(Woke { gave_up: false, .. })) => self.put(store),
+            Step::Done(Ok(Woke { woken: true, .. })) => {
+                self.phase = PutPhase::PassingOn;
+                Step::Next(self.keys.putters.wake(store, 1))
+            }
+            Step::Done(Ok(_)) => Step::Done(Err(self.gave_up())),
+        }
+    }
+}
+
+impl Operation for Put {
+    type Output = ();
+
+    fn describe(&self) -> String {
+        self.core.address.describe()
+    }
+
+    fn start(&mut self, store: &Store) -> Step<()> {
+        self.put(store)
+    }
+
+    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<()> {
+        match &mut self.phase {
+            PutPhase::Putting => match op::parse::<u64>(reply, "a put") {
+                Err(e) => Step::Done(Err(self.core.address.error(e))),
+                Ok(1) => Step::Done(Ok(())),
+                Ok(_) if !self.wait => Step::Done(Err(Error::Full)),
+                Ok(_) => {
+                    let mut waiting = WakeWait::new(
+                        self.keys.putters.clone(),
+                        self.waiter.clone(),
+                        self.deadline,
+                        (),
+                    );
+                    let step = waiting.start(store);
+                    self.phase = PutPhase::Waiting(waiting);
+                    self.after_wait(store, step)
+                }
+            },
+            PutPhase::Waiting(waiting) => {
+                let step = waiting.reply(store, reply);
+                self.after_wait(store, step)
+            }
+            PutPhase::PassingOn => {
+                if let Err(e) = reply {
+                    tracing::warn!("passing on room to the next writer: {e}");
+                }
+                Step::Done(Err(self.gave_up()))
+            }
+        }
+    }
+
+    fn abandon(&mut self, store: &Store) -> Step<()> {
+        self.abandoned = true;
+        match &mut self.phase {
+            PutPhase::Waiting(waiting) => {
+                let step = waiting.cancel(store);
+                self.after_wait(store, step)
+            }
+            PutPhase::Putting | PutPhase::PassingOn => Step::Done(Err(op::abandoned())),
+        }
+    }
+}
+
+/// A get: `LPOP` once (nowait), or slices of `BLPOP` on the items (Redis's own timeout) with a
+/// check that the queue still exists after each; then, on a bounded queue, one waiting writer
+/// is woken (`waiters_wake.lua`). The item is returned even when waking the writer failed (it is
+/// logged): an item taken is never dropped.
+pub(super) struct Get {
+    core: QueueCore,
+    keys: Arc<QueueKeys>,
+    wait: bool,
+    deadline: Option<Instant>,
+    state: GetState,
+    item: Option<Vec<u8>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GetState {
+    Taking,
+    Popping,
+    Checking,
+    Waking,
+}
+
+impl Get {
+    pub(super) fn new(core: &QueueCore, wait: bool, deadline: Option<Instant>) -> Get {
+        Get {
+            keys: core.keys(),
+            core: core.clone(),
+            wait,
+            deadline,
+            state: GetState::Taking,
+            item: None,
+        }
+    }
+
+    fn slice(&mut self) -> Step<Vec<u8>> {
+        match next_slice(self.deadline) {
+            None => Step::Done(Err(Error::Empty)),
+            Some(block) => {
+                self.state = GetState::Popping;
+                Step::Next(Request::blpop(&self.keys.items, block))
+            }
+        }
+    }
+
+    fn got(&mut self, store: &Store, item: Vec<u8>) -> Step<Vec<u8>> {
+        if self.core.maxsize == 0 {
+            return Step::Done(Ok(item));
+        }
+        self.item = Some(item);
+        self.state = GetState::Waking;
+        Step::Next(self.keys.putters.wake(store, 1))
+    }
+}
+
+impl Operation for Get {
+    type Output = Vec<u8>;
+
+    fn describe(&self) -> String {
+        self.core.address.describe()
+    }
+
+    fn start(&mut self, _: &Store) -> Step<Vec<u8>> {
+        if self.wait {
+            return self.slice();
+        }
+        self.state = GetState::Taking;
+        let mut pipe = redis::pipe();
+        pipe.exists(&self.keys.state).lpop(&self.keys.items, None);
+        Step::Next(Request::pipe("getting from", pipe))
+    }
+
+    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<Vec<u8>> {
+        let address = &self.core.address;
+        match self.state {
+            GetState::Taking => match op::parse::<(bool, Option<Vec<u8>>)>(reply, "a get") {
+                Err(e) => Step::Done(Err(address.error(e))),
+                Ok((false, _)) => Step::Done(Err(address.gone())),
+                Ok((true, None)) => Step::Done(Err(Error::Empty)),
+                Ok((true, Some(item))) => self.got(store, item),
+            },
+            GetState::Popping => match op::parse::<Option<(String, Vec<u8>)>>(reply, "a get") {
+                Err(e) => Step::Done(Err(address.error(e))),
+                Ok(Some((_, item))) => self.got(store, item),
+                Ok(None) => {
+                    self.state = GetState::Checking;
+                    Step::Next(self.core.check_exists(store))
+                }
+            },
+            GetState::Checking => match self.core.exists(reply) {
+                Err(e) => Step::Done(Err(e)),
+                Ok(()) => self.slice(),
+            },
+            GetState::Waking => {
+                if let Err(e) = reply {
+                    tracing::warn!(
+                        "waking a writer of {}: {e}; it checks in within a second",
+                        address.describe()
+                    );
+                }
+                match self.item.take() {
+                    Some(item) => Step::Done(Ok(item)),
+                    None => Step::Done(Err(Error::invalid_state("a get lost track of its item"))),
+                }
+            }
+        }
+    }
+}
+
+/// `JoinableQueue::join`: `task_done.lua` (`join`: done already, or queue the joiner),
+/// then a [`WakeWait`] on `joiners` that also checks the queue still exists after each
+/// check-in. A dropped async join leaves the joiners' queue.
+pub(super) struct Join {
+    core: QueueCore,
+    waiter: String,
+    waiting: Option<WakeWait<QueueExists>>,
+}
+
+struct QueueExists(QueueCore);
+
+impl Recheck for QueueExists {
+    fn request(&self, store: &Store) -> Option<Request> {
+        Some(self.0.check_exists(store))
+    }
+
+    fn read(&self, reply: Result<redis::Value>) -> Result<bool> {
+        self.0.exists(reply).map(|()| false)
+    }
+}
+
+impl Join {
+    pub(super) fn new(core: &QueueCore) -> Join {
+        Join {
+            core: core.clone(),
+            waiter: common::waiter_id(),
+            waiting: None,
+        }
+    }
+}
+
+fn joined(address: &Address, step: Step<Woke>) -> Step<()> {
+    step.then(|woke| match woke {
+        Err(e) => Step::Done(Err(address.error(e))),
+        Ok(Woke { woken: true, .. }) => Step::Done(Ok(())),
+        Ok(_) => Step::Done(Err(op::abandoned())),
+    })
+}
+
+impl Operation for Join {
+    type Output = ();
+
+    fn describe(&self) -> String {
+        self.core.address.describe()
+    }
+
+    fn start(&mut self, store: &Store) -> Step<()> {
+        Step::Next(self.core.task_done_request(store, "join", &self.waiter))
+    }
+
+    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<()> {
+        let address = &self.core.address;
+        match &mut self.waiting {
+            None => match op::parse::<i64>(reply, "a join") {
+                Err(e) => Step::Done(Err(address.error(e))),
+                Ok(1) => Step::Done(Ok(())),
+                Ok(_) => {
+                    let waiting = self.waiting.insert(WakeWait::new(
+                        self.core.keys().joiners.clone(),
+                        std::mem::take(&mut self.waiter),
+                        None,
+                        QueueExists(self.core.clone()),
+                    ));
+                    joined(address, waiting.start(store))
+                }
+            },
+            Some(waiting) => joined(address, waiting.reply(store, reply)),
+        }
+    }
+
+    fn abandon(&mut self, store: &Store) -> Step<()> {
+        match &mut self.waiting {
+            Some(waiting) => joined(&self.core.address, waiting.cancel(store)),
+            None => Step::Done(Err(op::abandoned())),
+        }
+    }
+}
