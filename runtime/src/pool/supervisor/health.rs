@@ -1,7 +1,7 @@
 //! What the supervisor watches besides its workers' exits: chunk leases, its own liveness key
 //! (for the workers), and the store.
 //!
-//! * **Leases.** Every half lease, `pool_requeue.lua` moves the chunks idle for longer than the
+//! * **Leases.** Every half lease, `pool/requeue.lua` moves the chunks idle for longer than the
 //!   lease (their worker stopped renewing: hung, paused or cut off) and the supervisor kills
 //!   those workers, which are then replaced.
 //! * **Driver liveness.** Every quarter of its TTL ([`driver_ttl`]), the supervisor sets the

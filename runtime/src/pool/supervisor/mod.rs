@@ -22,7 +22,7 @@
 //! # Supervision
 //!
 //! * A worker that exits while the pool runs is replaced, and the chunks it held are moved by
-//!   `pool_requeue.lua` (another attempt, or a `Crashed` failure when `1 + retries` attempts are
+//!   `pool/requeue.lua` (another attempt, or a `Crashed` failure when `1 + retries` attempts are
 //!   used up).
 //! * Every half lease, chunks idle for longer than the lease (their worker stopped renewing) are
 //!   moved the same way and their worker is killed and replaced.

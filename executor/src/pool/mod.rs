@@ -1,0 +1,573 @@
+//! The pool protocol: chunks of work through a Redis Stream consumer group, outcomes back
+//! through a results stream, leases kept by heartbeat.
+//!
+//! # Keys (hash tag `{<ns>:pool:<id>}`)
+//!
+//! | key | type | contents |
+//! | --- | --- | --- |
+//! | `shoal:{<ns>:pool:<id>}:tasks` | stream, group `workers` | chunk entries `h` = `call.chunk.attempt.first.done` (the call, the chunk's index, the attempt, the index of its first item in the input, and its items already done by earlier attempts, skipped), `f` function, `p` items (one array of argument tuples, [`ArrayWriter::payload`]); or a stop entry `s`=`1` |
+//! | `shoal:{<ns>:pool:<id>}:results` | stream | the final outcomes of the chunks of one worker read: `w` worker, `h` their `call.chunk.attempt.offset`s, `b` a [`BatchedOutcome`] list; or one chunk's: `c`, `k`, `a`, `w` worker, `o` offset in the chunk of the first item it covers, `n`=`1` on a partial outcome, then `p` (a [`ChunkOutcome`]) or `x` (the chunk crashed: a message) |
+//! | `shoal:{<ns>:pool:<id>}:progress` | hash | task entry id → items of that chunk done and reported |
+//! | `shoal:{<ns>:pool:<id>}:workers` | hash | worker id → last heartbeat (Unix ms) |
+//! | `shoal:{<ns>:pool:<id>}:driver` | string | present while the pool's driver lives (short TTL, refreshed by the supervisor) |
+//!
+//! A chunk entry has three fields, not one per number: a worker parses every field of every
+//! entry it reads, and for tiny tasks that parsing is a good part of a task's cost. The index of
+//! the chunk's first item in the call's input is there for errors and logs.
+//!
+//! # A worker ([`run_worker`])
+//!
+//! runs the initializer once, then loops: `XREADGROUP` chunks (blocking), call the function on
+//! each item of a chunk in order until one fails (a panic or an undecodable item ends the chunk,
+//! as an exception ends a chunk in Python), then `XADD` the outcomes of all the chunks it read as
+//! one results entry and `XACK` them, in the same pipeline as its next `XREADGROUP` (1 round
+//! trip per read). It does not delete them: `XDEL` costs the server a walk through the entry's
+//! stream node per id, while the supervisor removes every entry the workers are done with in one
+//! `XTRIM MINID` now and then ([`trim_tasks`], `pool/trim.lua`). A chunk's items are one
+//! MessagePack array and its results another ([`shoal_core::codec::ArrayWriter`]):
+//! an item costs its own decoding, call and encoding, and error texts are built only when an item
+//! fails. How many chunks it asks for at once adapts to what they cost: as many as fit in
+//! [`READ_BUDGET`] of work at the rate of its last read (at most twice as many as last time, up
+//! to [`MAX_PREFETCH`]), so one chunk at a time while chunks take 2 ms or more (expensive chunks
+//! spread over the workers) and up to 64 while they are tiny: per chunk that is 2/n commands
+//! besides the feeder's `XADD`, which is what bounds a map of tiny tasks (the Redis server's
+//! command rate and, on a VM, the cost of waking a process), at any pool size. The feeder adds a
+//! batch of chunks in one `MULTI`/`EXEC`, so that a worker blocked in `XREADGROUP` is woken once
+//! with up to n of them rather than once per chunk. It stops on
+//! a stop entry, after `maxtasksperchild` chunks, or when the pool's streams are gone. A heartbeat
+//! thread renews the lease of the chunks in hand every third of the lease (`XCLAIM` to itself with
+//! idle 0 resets an entry's idle time) and stamps the `workers` hash, so a chunk that runs for
+//! hours is never taken from a live worker. After the chunks of one read, the worker runs the
+//! process's exit hooks (queue feeders flush, and forget a `close()`) before it sends their
+//! outcomes, so what a task put on a queue is there before its result, and the next task starts
+//! clean.
+//!
+//! # A worker's driver and its store
+//!
+//! A worker must not run on for nobody. Its heartbeat thread also checks the `driver` key
+//! ([`PoolWorkerSpec::driver_ttl_ms`]); when the key has been missing for half its TTL (so a
+//! Redis stall that outlived the TTL does not count: the driver refreshes it right after), the
+//! driver is gone and the worker exits at once with [`EXIT_DRIVER_GONE`], whatever it runs. A
+//! local worker is usually ended before that by its parent-death signal.
+//!
+//! When Redis cannot be reached (refused, dropped, timed out), a worker retries its read or its
+//! send for `redis.response_timeout_secs`, then exits with [`EXIT_STORE_LOST`]. The supervisor
+//! does not count that exit as a crash; it judges the store itself.
+//!
+//! # Long chunks keep their progress
+//!
+//! A chunk that runs for longer than [`FIRST_PROGRESS`] sends the outcomes of the items it has
+//! done so far as a partial outcome, and records how far it got in the `progress` hash, in one
+//! pipeline; then again every [`PROGRESS_EVERY`] (chunks shorter than [`FIRST_PROGRESS`] never
+//! do). A chunk whose worker dies is redelivered from there (`done` in its header); when its
+//! worker got further
+//! than where the attempt started, the death is not the chunk's doing and its attempts count
+//! starts again at 1: only a chunk that kills `1 + retries` workers in a row without progress
+//! fails. So a map of long chunks completes while workers are
+//! killed at random faster than a chunk's run time, and a chunk that always kills its worker
+//! still fails. The supervisor puts a chunk's parts together when its final outcome arrives.
+//!
+//! # Redelivery ([`requeue_consumer`], [`requeue_idle`])
+//!
+//! When the executor reports a worker's exit, or a chunk's idle time passes the lease, the
+//! supervisor runs `pool/requeue.lua`, which moves each such pending chunk exactly once: added
+//! again from its progress, with `attempt + 1` when it made none, or, when `1 + retries`
+//! attempts are used up, answered with a crash entry. A slow worker presumed dead may still
+//! answer: the supervisor keeps one outcome per chunk.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use redis::streams::StreamId;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use shoal_core::TaskErrorKind;
+use shoal_core::codec::{ArrayReader, ArrayWriter};
+use shoal_core::context;
+use shoal_core::error::{Error, RedisContext, Result};
+use shoal_core::registry::{self, Failure};
+use shoal_core::store::{KeySpace, Store};
+
+use crate::task::now_ms;
+
+mod worker;
+
+pub use worker::{WorkerEnd, run_worker};
+
+/// The consumer group of a pool's task stream.
+pub const GROUP: &str = "workers";
+
+static REQUEUE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("requeue.lua")));
+static CANCEL: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("cancel.lua")));
+static TRIM: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("trim.lua")));
+
+/// How long a worker's `XREADGROUP` blocks before it looks at its stop conditions again.
+const READ_BLOCK: Duration = Duration::from_millis(500);
+/// Most chunks a worker takes at once (only while chunks are cheap).
+pub const MAX_PREFETCH: usize = 64;
+/// The work a worker takes in one read: as many chunks as ran in this time last read.
+pub const READ_BUDGET: Duration = Duration::from_millis(2);
+
+/// Exit code of a worker that gave up because Redis could not be reached (`EX_TEMPFAIL`).
+pub const EXIT_STORE_LOST: i32 = 75;
+/// Exit code of a pool worker whose driver is gone.
+pub const EXIT_DRIVER_GONE: i32 = 76;
+/// How often a long chunk reports the items it has done.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// When a chunk first reports its progress: early, so that a worker killed soon after it took a
+/// chunk has rarely left it without progress; chunks shorter than this never report.
+pub const FIRST_PROGRESS: Duration = Duration::from_millis(10);
+
+/// The keys of one pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolKeys {
+    /// The task stream.
+    pub tasks: String,
+    /// The results stream.
+    pub results: String,
+    /// The heartbeat hash.
+    pub workers: String,
+    /// The driver's liveness key.
+    pub driver: String,
+    /// How far long chunks got.
+    pub progress: String,
+    /// The calls that were cancelled.
+    pub cancelled: String,
+}
+
+impl PoolKeys {
+    /// The keys of pool `id`.
+    pub fn new(keys: &KeySpace, id: &str) -> Self {
+        let object = keys.object("pool", id);
+        PoolKeys {
+            tasks: object.key("tasks"),
+            results: object.key("results"),
+            workers: object.key("workers"),
+            driver: object.key("driver"),
+            progress: object.key("progress"),
+            cancelled: object.key("cancelled"),
+        }
+    }
+}
+
+/// A function run once by each worker before its first chunk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Initializer {
+    /// The registered function.
+    pub function: String,
+    /// Its encoded argument tuple.
+    #[serde(with = "serde_bytes")]
+    pub args: Vec<u8>,
+}
+
+/// What a pool worker needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolWorkerSpec {
+    /// The pool.
+    pub pool_id: String,
+    /// This worker: its consumer name and executor id.
+    pub worker_id: String,
+    /// Run once before the first chunk.
+    pub initializer: Option<Initializer>,
+    /// Exit after this many chunks (Python's `maxtasksperchild`).
+    pub maxtasksperchild: Option<u64>,
+    /// The chunk lease; the heartbeat renews it every third of it.
+    pub lease_ms: u64,
+    /// TTL of the driver's liveness key; 0: do not watch it (a worker thread of the driver).
+    #[serde(default)]
+    pub driver_ttl_ms: u64,
+}
+
+/// The TTL of a pool driver's liveness key for a chunk lease: half the lease, within 1 to 5 s.
+/// Workers check the key every [`driver_check_every`] and exit when it has been missing for
+/// half the TTL: at most 1.5 × TTL + one check after the driver died, which is less than the
+/// lease plus a second.
+pub fn driver_ttl(lease: Duration) -> Duration {
+    (lease / 2).clamp(Duration::from_secs(1), Duration::from_secs(5))
+}
+
+/// How often a worker checks its driver's liveness key (and renews its lease).
+pub fn driver_check_every(lease: Duration, driver_ttl: Duration) -> Duration {
+    (lease / 3)
+        .min(driver_ttl / 4)
+        .max(Duration::from_millis(10))
+}
+
+/// One chunk as the feeder writes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkEntry {
+    /// The call it belongs to.
+    pub call: u64,
+    /// Its index in the call.
+    pub chunk: u64,
+    /// The registered function.
+    pub function: String,
+    /// The items: one array of argument tuples ([`ArrayWriter::payload`]).
+    pub payload: Vec<u8>,
+    /// The index of its first item in the call's input.
+    pub first_item: u64,
+}
+
+impl ChunkEntry {
+    /// Appends this chunk (attempt 1) to `pipe`.
+    pub fn add_to(&self, pipe: &mut redis::Pipeline, keys: &PoolKeys) {
+        pipe.cmd("XADD")
+            .arg(&keys.tasks)
+            .arg("*")
+            .arg("h")
+            .arg(format!(
+                "{}.{}.1.{}.0",
+                self.call, self.chunk, self.first_item
+            ))
+            .arg("f")
+            .arg(&self.function)
+            .arg("p")
+            .arg(&self.payload)
+            .ignore();
+    }
+}
+
+/// One item's failure inside a chunk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemFailure {
+    /// The item's index in the chunk; the items before it succeeded.
+    pub index: u32,
+    /// Panic or error.
+    pub kind: TaskErrorKind,
+    /// What happened.
+    pub message: String,
+}
+
+/// What a worker sends back for one chunk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkOutcome {
+    /// The results of the items that succeeded, in order: one MessagePack array
+    /// ([`ArrayWriter`]; read it with [`ArrayReader::array`]).
+    pub outputs: ByteBuf,
+    /// The item that failed, if one did; the items after it did not run.
+    pub failure: Option<ItemFailure>,
+}
+
+impl ChunkOutcome {
+    /// An outcome without results: the item at `index` failed.
+    pub fn failed(index: u32, kind: TaskErrorKind, message: String) -> Self {
+        ChunkOutcome {
+            outputs: ByteBuf::from(ArrayWriter::new().finish()),
+            failure: Some(ItemFailure {
+                index,
+                kind,
+                message,
+            }),
+        }
+    }
+}
+
+/// A [`ChunkOutcome`] as it is written without copying the results (the same encoding).
+#[derive(Serialize)]
+struct PartialOutcome<'a> {
+    outputs: &'a serde_bytes::Bytes,
+    failure: Option<ItemFailure>,
+}
+
+/// One chunk's final outcome in a results entry that carries those of a whole worker read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchedOutcome {
+    /// The call.
+    pub call: u64,
+    /// The chunk index.
+    pub chunk: u64,
+    /// The attempt that produced it.
+    pub attempt: u32,
+    /// The offset in the chunk of the first item it covers.
+    pub offset: u64,
+    /// The outcome.
+    pub outcome: ChunkOutcome,
+}
+
+/// One entry of the results stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResultEntry {
+    /// The stream entry id.
+    pub id: String,
+    /// The call.
+    pub call: u64,
+    /// The chunk index.
+    pub chunk: u64,
+    /// The attempt that produced it.
+    pub attempt: u32,
+    /// The worker that produced it (or held it when it crashed).
+    pub worker: String,
+    /// The offset in the chunk of the first item it covers (for a crash: how far the chunk
+    /// got).
+    pub offset: u64,
+    /// A partial outcome of a long chunk: more follows.
+    pub partial: bool,
+    /// The outcome.
+    pub body: ResultBody,
+}
+
+/// What came back for a chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResultBody {
+    /// Its [`ChunkOutcome`], or why it could not be decoded.
+    Outcome(std::result::Result<ChunkOutcome, String>),
+    /// The chunk used up its attempts; why.
+    Crashed(String),
+}
+
+impl ResultEntry {
+    /// Parses a results-stream entry into the chunk outcomes it carries (one, or those of a
+    /// worker's read); none for an entry that is not one. `store` decodes the outcomes.
+    pub fn parse(store: &Store, key: &str, entry: &StreamId) -> Vec<ResultEntry> {
+        let worker: String = entry.get("w").unwrap_or_default();
+        if let Some(headers) = entry.get::<String>("h") {
+            return Self::parse_batch(store, key, entry, worker, &headers);
+        }
+        let single = || -> Option<ResultEntry> {
+            let body = match entry.get::<Vec<u8>>("p") {
+                Some(p) => ResultBody::Outcome(
+                    store
+                        .decode::<ChunkOutcome>(&p, key)
+                        .map_err(|e| e.to_string()),
+                ),
+                None => ResultBody::Crashed(entry.get("x")?),
+            };
+            Some(ResultEntry {
+                id: entry.id.clone(),
+                call: entry.get("c")?,
+                chunk: entry.get("k")?,
+                attempt: entry.get("a")?,
+                worker: worker.clone(),
+                offset: entry.get("o").unwrap_or_default(),
+                partial: entry.map.contains_key("n"),
+                body,
+            })
+        };
+        single().into_iter().collect()
+    }
+
+    /// A batch entry: `h` names its chunks (so that they fail, rather than wait forever, when
+    /// `b` cannot be decoded), `b` holds their outcomes in the same order.
+    fn parse_batch(
+        store: &Store,
+        key: &str,
+        entry: &StreamId,
+        worker: String,
+        headers: &str,
+    ) -> Vec<ResultEntry> {
+        let decoded = entry
+            .get::<Vec<u8>>("b")
+            .ok_or_else(|| "the batch has no outcomes".to_string())
+            .and_then(|b| {
+                store
+                    .decode::<Vec<BatchedOutcome>>(&b, key)
+                    .map_err(|e| e.to_string())
+            });
+        match decoded {
+            Ok(outcomes) => outcomes
+                .into_iter()
+                .map(|o| ResultEntry {
+                    id: entry.id.clone(),
+                    call: o.call,
+                    chunk: o.chunk,
+                    attempt: o.attempt,
+                    worker: worker.clone(),
+                    offset: o.offset,
+                    partial: false,
+                    body: ResultBody::Outcome(Ok(o.outcome)),
+                })
+                .collect(),
+            Err(why) => headers
+                .split(',')
+                .filter_map(|h| {
+                    let mut parts = h.split('.').map(|n| n.parse::<u64>().ok());
+                    let (call, chunk, attempt, offset) = (
+                        parts.next()??,
+                        parts.next()??,
+                        parts.next()??,
+                        parts.next()??,
+                    );
+                    Some(ResultEntry {
+                        id: entry.id.clone(),
+                        call,
+                        chunk,
+                        attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+                        worker: worker.clone(),
+                        offset,
+                        partial: false,
+                        body: ResultBody::Outcome(Err(why.clone())),
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Creates the task stream and its consumer group (idempotent), with the store's TTL.
+pub fn create_streams(store: &Store, keys: &PoolKeys) -> Result<()> {
+    store.with_conn(
+        || format!("creating pool stream {}", keys.tasks),
+        |c| {
+            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&keys.tasks)
+                .arg(GROUP)
+                .arg("$")
+                .arg("MKSTREAM")
+                .query(c);
+            match created {
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                other => other?,
+            }
+            redis::pipe()
+                .expire(&keys.tasks, store.expiry_secs() as i64)
+                .ignore()
+                .query::<()>(c)
+        },
+    )
+}
+
+/// Deletes a pool's keys.
+pub fn delete_streams(store: &Store, keys: &PoolKeys) -> Result<()> {
+    store.with_conn(
+        || format!("deleting pool {}", keys.tasks),
+        |c| {
+            redis::cmd("DEL")
+                .arg(&keys.tasks)
+                .arg(&keys.results)
+                .arg(&keys.workers)
+                .arg(&keys.driver)
+                .arg(&keys.progress)
+                .arg(&keys.cancelled)
+                .query::<()>(c)
+        },
+    )
+}
+
+/// What [`requeue_consumer`]/[`requeue_idle`] moved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Requeued {
+    /// Chunks given another attempt.
+    pub requeued: u64,
+    /// Chunks that used up their attempts (a crash entry was written).
+    pub failed: u64,
+    /// Workers whose chunks moved.
+    pub workers: Vec<String>,
+}
+
+/// Moves every chunk pending on `worker` (which exited) and removes it from the group.
+pub async fn requeue_consumer(
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
+    store: &Store,
+    keys: &PoolKeys,
+    worker: &str,
+    attempts: u32,
+) -> Result<Requeued> {
+    requeue(conn, store, keys, "consumer", worker.to_string(), attempts).await
+}
+
+/// Moves every chunk pending longer than `lease`.
+pub async fn requeue_idle(
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
+    store: &Store,
+    keys: &PoolKeys,
+    lease: Duration,
+    attempts: u32,
+) -> Result<Requeued> {
+    requeue(
+        conn,
+        store,
+        keys,
+        "idle",
+        lease.as_millis().to_string(),
+        attempts,
+    )
+    .await
+}
+
+async fn requeue(
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
+    store: &Store,
+    keys: &PoolKeys,
+    mode: &str,
+    target: String,
+    attempts: u32,
+) -> Result<Requeued> {
+    let reply: Vec<redis::Value> = REQUEUE
+        .key(&keys.tasks)
+        .key(&keys.results)
+        .key(&keys.progress)
+        .key(&keys.cancelled)
+        .arg(GROUP)
+        .arg(mode)
+        .arg(&target)
+        .arg(attempts)
+        .arg(store.expiry_secs())
+        .invoke_async(conn)
+        .await
+        .context(|| format!("redelivering chunks of {}", keys.tasks))?;
+    let mut values = reply.into_iter();
+    let count = |v: Option<redis::Value>| -> u64 {
+        v.and_then(|v| redis::from_redis_value::<u64>(v).ok())
+            .unwrap_or(0)
+    };
+    let requeued = count(values.next());
+    let failed = count(values.next());
+    let workers = values
+        .filter_map(|v| redis::from_redis_value::<String>(v).ok())
+        .collect();
+    Ok(Requeued {
+        requeued,
+        failed,
+        workers,
+    })
+}
+
+/// Cancels `call`: removes its chunks no worker took yet, and marks it cancelled, which its
+/// running tasks see (`termination_requested()`) and redelivery respects. With `sweep`, also
+/// removes its chunks still pending (their workers did not stop) and returns those workers.
+/// Returns the chunks removed and the workers to stop.
+pub async fn cancel_call(
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
+    store: &Store,
+    keys: &PoolKeys,
+    call: u64,
+    sweep: bool,
+) -> Result<(u64, Vec<String>)> {
+    let reply: Vec<redis::Value> = CANCEL
+        .key(&keys.tasks)
+        .key(&keys.cancelled)
+        .arg(call)
+        .arg(store.expiry_secs())
+        .arg(if sweep { "sweep" } else { "cancel" })
+        .arg(GROUP)
+        .invoke_async(conn)
+        .await
+        .context(|| format!("cancelling call {call} of {}", keys.tasks))?;
+    let mut values = reply.into_iter();
+    let removed = values
+        .next()
+        .and_then(|v| redis::from_redis_value::<u64>(v).ok())
+        .unwrap_or(0);
+    let workers = values
+        .filter_map(|v| redis::from_redis_value::<String>(v).ok())
+        .collect();
+    Ok((removed, workers))
+}
+
+/// Removes the task-stream entries the workers are done with (delivered and acknowledged; see
+/// `pool/trim.lua`); returns how many. One round trip.
+pub async fn trim_tasks(
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
+    keys: &PoolKeys,
+) -> Result<u64> {
+    TRIM.key(&keys.tasks)
+        .arg(GROUP)
+        .invoke_async(conn)
+        .await
+        .context(|| format!("trimming {}", keys.tasks))
+}
