@@ -67,14 +67,14 @@
 //!
 //! # Round trips
 //!
-//! `Pipe::new`: 1. `send`/`send_bytes`: 1 (`pipe_send.lua`; TTLs are set when the inbox is created
+//! `Pipe::new`: 1. `send`/`send_bytes`: 1 (`send.lua`; TTLs are set when the inbox is created
 //! and refreshed every tenth of `redis.expiry_secs`). `recv`: 1 (`BLPOP`, plus one
-//! `pipe_check.lua` per second of waiting). `poll`: 1 (`pipe_check.lua`, or `BLMOVE` from the
+//! `check.lua` per second of waiting). `poll`: 1 (`check.lua`, or `BLMOVE` from the
 //! inbox to itself, which waits without taking). Clone: none. Close (or drop) of a handle: none,
-//! or 1 for the process's last handle of the end (`pipe_close.lua`). Passing a handle to another
-//! process: 1 to serialize it (`pipe_transfer.lua`) and 1 to deserialize it (`pipe_claim.lua`).
+//! or 1 for the process's last handle of the end (`close.lua`). Passing a handle to another
+//! process: 1 to serialize it (`transfer.lua`) and 1 to deserialize it (`claim.lua`).
 //! Heartbeat: 1 per pipe this process holds or transfers, every third of the lease
-//! (`pipe_renew.lua`, which also refreshes every key's TTL).
+//! (`renew.lua`, which also refreshes every key's TTL).
 //!
 //! # Async forms
 //!
@@ -88,7 +88,7 @@
 //! received as a task's arguments are claimed when they are decoded).
 //!
 //! [`Connection::close_async`] closes the handle at its first poll; the round trip of the
-//! process's last handle of an end (`pipe_close.lua`) is made, as `close` makes it, under this
+//! process's last handle of an end (`close.lua`) is made, as `close` makes it, under this
 //! process's lock of the end, so the task runs it on the runtime's blocking pool (a thread of
 //! that pool waits for it, never the caller's).
 //!
@@ -117,17 +117,22 @@ use crate::common::{
 use crate::grants::lease;
 use crate::op::{self, Operation, Request, Step};
 
+mod holds;
+mod read;
+
+use holds::*;
+use read::*;
+
 fn script(body: &str) -> redis::Script {
-    redis::Script::new(&format!("{}\n{}", include_str!("pipe_prelude.lua"), body))
+    redis::Script::new(&format!("{}\n{}", include_str!("prelude.lua"), body))
 }
 
-static SEND: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("pipe_send.lua")));
-static CHECK: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("pipe_check.lua")));
-static CLOSE: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("pipe_close.lua")));
-static TRANSFER: LazyLock<redis::Script> =
-    LazyLock::new(|| script(include_str!("pipe_transfer.lua")));
-static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("pipe_claim.lua")));
-static RENEW: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("pipe_renew.lua")));
+static SEND: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("send.lua")));
+static CHECK: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("check.lua")));
+static CLOSE: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("close.lua")));
+static TRANSFER: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("transfer.lua")));
+static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("claim.lua")));
+static RENEW: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("renew.lua")));
 
 /// First byte of every message (the empty message is end of file).
 const DATA: u8 = 0;
@@ -866,7 +871,7 @@ fn check_offset(buffer: &[u8], offset: usize) -> Result<()> {
     Ok(())
 }
 
-/// `pipe_send.lua`: `message` (framed) from `end` to the other end.
+/// `send.lua`: `message` (framed) from `end` to the other end.
 fn send_request(store: &Store, keys: &PipeKeys, end: u8, message: &[u8]) -> Request {
     let mut invocation = keys.invocation(&SEND, store);
     invocation.arg(end).arg(message);
@@ -892,7 +897,7 @@ fn sent(address: &Address, reply: Result<redis::Value>) -> Result<()> {
     }
 }
 
-/// `pipe_check.lua` for `end`: reaps lapsed holds, reads the end's state.
+/// `check.lua` for `end`: reaps lapsed holds, reads the end's state.
 fn check_request(store: &Store, keys: &PipeKeys, end: u8) -> Request {
     let mut invocation = keys.invocation(&CHECK, store);
     invocation.arg(end);
@@ -910,318 +915,4 @@ fn checked(address: &Address, reply: Result<redis::Value>) -> Result<u64> {
         )));
     }
     Ok(waiting)
-}
-
-/// What a [`Reader`] produced.
-enum Read {
-    Message(Message),
-    Polled(bool),
-}
-
-/// A receive (`poll: None`) or a poll (`poll: Some(deadline)`) on one end. A receive takes the
-/// head of the inbox with slices of `BLPOP`; a poll waits for one without taking it, with slices
-/// of `BLMOVE` from the inbox to itself. After each empty slice, `pipe_check.lua` reaps lapsed
-/// holds (a writer that died shows as end of file) and reports a closed end; a handle closed
-/// meanwhile in this process ends the wait too. End of file is left in the inbox for the next
-/// reader.
-struct Reader {
-    address: Address,
-    end: u8,
-    keys: PipeKeys,
-    inbox: String,
-    phase: Arc<Mutex<Phase>>,
-    poll: Option<Option<Instant>>,
-    state: ReaderState,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum ReaderState {
-    Waiting,
-    Checking,
-    Marking,
-}
-
-impl Reader {
-    fn slice(&mut self) -> Step<Read> {
-        self.state = ReaderState::Waiting;
-        match self.poll {
-            None => Step::Next(Request::blpop(&self.inbox, common::SLICE)),
-            Some(deadline) => match next_slice(deadline) {
-                None => Step::Done(Ok(Read::Polled(false))),
-                Some(block) => {
-                    // Moving the head of the inbox to the head of the inbox waits without
-                    // taking it.
-                    let mut cmd = redis::cmd("BLMOVE");
-                    cmd.arg(&self.inbox)
-                        .arg(&self.inbox)
-                        .arg("LEFT")
-                        .arg("LEFT")
-                        .arg(blpop_seconds(block));
-                    Step::Next(Request::blocking("polling", cmd, block))
-                }
-            },
-        }
-    }
-
-    /// `pipe_check.lua`, unless this handle was closed meanwhile.
-    fn check(&mut self, store: &Store) -> Step<Read> {
-        if *self.phase.lock().unwrap_or_else(|p| p.into_inner()) == Phase::Closed {
-            return Step::Done(Err(Error::Closed(format!(
-                "handle of {} is closed",
-                self.address.describe()
-            ))));
-        }
-        self.state = ReaderState::Checking;
-        Step::Next(check_request(store, &self.keys, self.end))
-    }
-}
-
-impl Operation for Reader {
-    type Output = Read;
-
-    fn describe(&self) -> String {
-        self.address.describe()
-    }
-
-    fn start(&mut self, store: &Store) -> Step<Read> {
-        // A poll whose deadline passed already (`poll(Some(Duration::ZERO))`): one check.
-        if let Some(Some(deadline)) = self.poll
-            && deadline <= Instant::now()
-        {
-            return self.check(store);
-        }
-        self.slice()
-    }
-
-    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<Read> {
-        match self.state {
-            ReaderState::Waiting => {
-                let popped = match self.poll {
-                    None => op::parse::<Option<(String, Vec<u8>)>>(reply, "a message")
-                        .map(|p| p.map(|(_, message)| message)),
-                    Some(_) => op::parse::<Option<Vec<u8>>>(reply, "a message"),
-                };
-                match popped {
-                    Err(e) => Step::Done(Err(self.address.error(e))),
-                    Ok(None) => self.check(store),
-                    Ok(Some(_)) if self.poll.is_some() => Step::Done(Ok(Read::Polled(true))),
-                    Ok(Some(message)) if message.is_empty() => {
-                        // Leave the marker for the next reader: end of file stays end of file.
-                        self.state = ReaderState::Marking;
-                        let mut cmd = redis::cmd("LPUSH");
-                        cmd.arg(&self.inbox).arg("");
-                        Step::Next(Request::cmd("keeping the end-of-file marker of", cmd))
-                    }
-                    Ok(Some(message)) if message.first() != Some(&DATA) => {
-                        Step::Done(Err(Error::Codec {
-                            key: self.inbox.clone(),
-                            expected: "a pipe message".into(),
-                            reason: "it does not start with the message marker".into(),
-                        }))
-                    }
-                    Ok(Some(mut message)) => {
-                        message.remove(0);
-                        Step::Done(Ok(Read::Message(Message::Data(message))))
-                    }
-                }
-            }
-            ReaderState::Checking => match checked(&self.address, reply) {
-                Err(e) => Step::Done(Err(e)),
-                Ok(waiting) if waiting > 0 && self.poll.is_some() => {
-                    Step::Done(Ok(Read::Polled(true)))
-                }
-                Ok(_) => self.slice(),
-            },
-            ReaderState::Marking => Step::Done(Ok(Read::Message(Message::EndOfFile))),
-        }
-    }
-}
-
-// ------------------------------------------------------------- this process's holds --
-
-/// This process's handles of one end, and the transfers of it that it sent.
-#[derive(Default)]
-struct LocalEnd {
-    /// Open handles in this process.
-    handles: usize,
-    /// This process is a holder of the end in Redis.
-    registered: bool,
-    /// Transfers this process registered and nobody claimed yet (renewed by its heartbeat).
-    transfers: Vec<String>,
-}
-
-type EndId = (Address, u8);
-
-static LOCAL: LazyLock<Mutex<HashMap<EndId, Arc<Mutex<LocalEnd>>>>> =
-    LazyLock::new(Default::default);
-
-fn lock(end: &Mutex<LocalEnd>) -> MutexGuard<'_, LocalEnd> {
-    end.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// This process's record of an end. Its lock is held across the scripts that change the
-/// process's hold, so that a claim and a release of one end never interleave.
-fn local_end(address: &Address, end: u8) -> Arc<Mutex<LocalEnd>> {
-    LOCAL
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry((address.clone(), end))
-        .or_default()
-        .clone()
-}
-
-/// A new open handle of the end in this process: claims `transfer` and makes sure the process
-/// holds the end. False when every holder already let the end go.
-fn acquire(store: &Store, address: &Address, end: u8, transfer: Option<&str>) -> Result<bool> {
-    let local = local_end(address, end);
-    let mut local = lock(&local);
-    if local.registered && transfer.is_none() {
-        local.handles += 1;
-        return Ok(true);
-    }
-    let held = claim(store, address, end, transfer)?;
-    if held {
-        local.registered = true;
-        local.handles += 1;
-        drop(local);
-        start_heartbeat();
-    }
-    Ok(held)
-}
-
-fn claim(store: &Store, address: &Address, end: u8, transfer: Option<&str>) -> Result<bool> {
-    let keys = PipeKeys::new(address);
-    let held: u64 = store
-        .with_conn(
-            || format!("taking a handle of {}", address.describe()),
-            |c| {
-                keys.invocation(&CLAIM, store)
-                    .arg(end)
-                    .arg(transfer.unwrap_or(""))
-                    .arg(process_holder())
-                    .arg(lease_expiry())
-                    .invoke(c)
-            },
-        )
-        .map_err(|e| address.error(e))?;
-    Ok(held == 1)
-}
-
-/// One handle of the end in this process closed: the process lets go of the end with its last.
-fn release(address: &Address, end: u8) -> Result<()> {
-    let local = local_end(address, end);
-    let mut local = lock(&local);
-    local.handles = local.handles.saturating_sub(1);
-    if local.handles > 0 || !local.registered {
-        return Ok(());
-    }
-    // Not renewed any more, whatever the outcome: a hold that could not be removed lapses.
-    local.registered = false;
-    let store = common::store()?;
-    let_go(&store, address, end, process_holder())
-}
-
-fn let_go(store: &Store, address: &Address, end: u8, holder: &str) -> Result<()> {
-    let keys = PipeKeys::new(address);
-    store
-        .with_conn(
-            || format!("closing a handle of {}", address.describe()),
-            |c| {
-                keys.invocation(&CLOSE, store)
-                    .arg(end)
-                    .arg(holder)
-                    .invoke::<u64>(c)
-            },
-        )
-        .map(|_| ())
-        .map_err(|e| address.error(e))
-}
-
-fn start_heartbeat() {
-    static STARTED: Once = Once::new();
-    STARTED.call_once(|| common::on_heartbeat(renew_all));
-}
-
-/// The heartbeat: renews this process's holds and transfers, one script per pipe.
-fn renew_all() {
-    let Ok(store) = common::store() else {
-        return;
-    };
-    let mut by_pipe: HashMap<Address, Vec<(u8, String)>> = HashMap::new();
-    {
-        let mut all = LOCAL.lock().unwrap_or_else(|p| p.into_inner());
-        all.retain(|(address, end), local| {
-            // An end whose hold is changing now (a claim or release under way) is renewed at
-            // the next beat; the lease spans three.
-            let local = match local.try_lock() {
-                Ok(local) => local,
-                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => return true,
-            };
-            let holds = by_pipe.entry(address.clone()).or_default();
-            if local.registered && local.handles > 0 {
-                holds.push((*end, process_holder().to_string()));
-            }
-            holds.extend(local.transfers.iter().map(|t| (*end, t.clone())));
-            local.handles > 0 || local.registered || !local.transfers.is_empty()
-        });
-    }
-    for (address, holds) in by_pipe {
-        if holds.is_empty() {
-            continue;
-        }
-        let keys = PipeKeys::new(&address);
-        let reply: Result<Vec<String>> = store.with_conn(
-            || format!("renewing the holds of {}", address.describe()),
-            |c| {
-                let mut invocation = keys.invocation(&RENEW, &store);
-                invocation.arg(lease_expiry());
-                for (end, holder) in &holds {
-                    invocation.arg(*end).arg(holder);
-                }
-                invocation.invoke(c)
-            },
-        );
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(e) => {
-                tracing::warn!("{e}");
-                continue;
-            }
-        };
-        let exists = reply.first().map(String::as_str) == Some("1");
-        let gone: Vec<(u8, String)> = if exists {
-            reply[1..]
-                .iter()
-                .filter_map(|g| {
-                    let (end, holder) = g.split_once(':')?;
-                    Some((end.parse().ok()?, holder.to_string()))
-                })
-                .collect()
-        } else {
-            holds
-        };
-        for (end, holder) in gone {
-            let local = local_end(&address, end);
-            let mut local = lock(&local);
-            if holder.starts_with("t:") {
-                // Claimed by its receiver (or lapsed): no longer this process's to renew.
-                local.transfers.retain(|t| *t != holder);
-            } else if !exists {
-                local.registered = false;
-            } else if local.registered && local.handles > 0 {
-                // This process's hold lapsed while it lived (stopped, or cut off from Redis):
-                // take it again unless the end closed meanwhile.
-                tracing::warn!(
-                    "{}: this process's hold of end {end} lapsed; taking it again",
-                    address.describe()
-                );
-                match claim(&store, &address, end, None) {
-                    Ok(true) => {}
-                    Ok(false) => local.registered = false,
-                    Err(e) => tracing::warn!("{e}"),
-                }
-            }
-        }
-    }
 }

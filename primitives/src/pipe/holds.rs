@@ -1,0 +1,197 @@
+//! This process's holds of pipe ends: which ends it holds and through how many handles, the
+//! transfers it sent, claiming and letting go of an end in Redis, and the heartbeat that renews
+//! them (see *Handles, holders and end of file* in the module docs of `pipe`).
+
+use super::*;
+
+/// This process's handles of one end, and the transfers of it that it sent.
+#[derive(Default)]
+pub(super) struct LocalEnd {
+    /// Open handles in this process.
+    pub(super) handles: usize,
+    /// This process is a holder of the end in Redis.
+    pub(super) registered: bool,
+    /// Transfers this process registered and nobody claimed yet (renewed by its heartbeat).
+    pub(super) transfers: Vec<String>,
+}
+
+type EndId = (Address, u8);
+
+static LOCAL: LazyLock<Mutex<HashMap<EndId, Arc<Mutex<LocalEnd>>>>> =
+    LazyLock::new(Default::default);
+
+pub(super) fn lock(end: &Mutex<LocalEnd>) -> MutexGuard<'_, LocalEnd> {
+    end.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// This process's record of an end. Its lock is held across the scripts that change the
+/// process's hold, so that a claim and a release of one end never interleave.
+pub(super) fn local_end(address: &Address, end: u8) -> Arc<Mutex<LocalEnd>> {
+    LOCAL
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry((address.clone(), end))
+        .or_default()
+        .clone()
+}
+
+/// A new open handle of the end in this process: claims `transfer` and makes sure the process
+/// holds the end. False when every holder already let the end go.
+pub(super) fn acquire(
+    store: &Store,
+    address: &Address,
+    end: u8,
+    transfer: Option<&str>,
+) -> Result<bool> {
+    let local = local_end(address, end);
+    let mut local = lock(&local);
+    if local.registered && transfer.is_none() {
+        local.handles += 1;
+        return Ok(true);
+    }
+    let held = claim(store, address, end, transfer)?;
+    if held {
+        local.registered = true;
+        local.handles += 1;
+        drop(local);
+        start_heartbeat();
+    }
+    Ok(held)
+}
+
+fn claim(store: &Store, address: &Address, end: u8, transfer: Option<&str>) -> Result<bool> {
+    let keys = PipeKeys::new(address);
+    let held: u64 = store
+        .with_conn(
+            || format!("taking a handle of {}", address.describe()),
+            |c| {
+                keys.invocation(&CLAIM, store)
+                    .arg(end)
+                    .arg(transfer.unwrap_or(""))
+                    .arg(process_holder())
+                    .arg(lease_expiry())
+                    .invoke(c)
+            },
+        )
+        .map_err(|e| address.error(e))?;
+    Ok(held == 1)
+}
+
+/// One handle of the end in this process closed: the process lets go of the end with its last.
+pub(super) fn release(address: &Address, end: u8) -> Result<()> {
+    let local = local_end(address, end);
+    let mut local = lock(&local);
+    local.handles = local.handles.saturating_sub(1);
+    if local.handles > 0 || !local.registered {
+        return Ok(());
+    }
+    // Not renewed any more, whatever the outcome: a hold that could not be removed lapses.
+    local.registered = false;
+    let store = common::store()?;
+    let_go(&store, address, end, process_holder())
+}
+
+pub(super) fn let_go(store: &Store, address: &Address, end: u8, holder: &str) -> Result<()> {
+    let keys = PipeKeys::new(address);
+    store
+        .with_conn(
+            || format!("closing a handle of {}", address.describe()),
+            |c| {
+                keys.invocation(&CLOSE, store)
+                    .arg(end)
+                    .arg(holder)
+                    .invoke::<u64>(c)
+            },
+        )
+        .map(|_| ())
+        .map_err(|e| address.error(e))
+}
+
+pub(super) fn start_heartbeat() {
+    static STARTED: Once = Once::new();
+    STARTED.call_once(|| common::on_heartbeat(renew_all));
+}
+
+/// The heartbeat: renews this process's holds and transfers, one script per pipe.
+fn renew_all() {
+    let Ok(store) = common::store() else {
+        return;
+    };
+    let mut by_pipe: HashMap<Address, Vec<(u8, String)>> = HashMap::new();
+    {
+        let mut all = LOCAL.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|(address, end), local| {
+            // An end whose hold is changing now (a claim or release under way) is renewed at
+            // the next beat; the lease spans three.
+            let local = match local.try_lock() {
+                Ok(local) => local,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return true,
+            };
+            let holds = by_pipe.entry(address.clone()).or_default();
+            if local.registered && local.handles > 0 {
+                holds.push((*end, process_holder().to_string()));
+            }
+            holds.extend(local.transfers.iter().map(|t| (*end, t.clone())));
+            local.handles > 0 || local.registered || !local.transfers.is_empty()
+        });
+    }
+    for (address, holds) in by_pipe {
+        if holds.is_empty() {
+            continue;
+        }
+        let keys = PipeKeys::new(&address);
+        let reply: Result<Vec<String>> = store.with_conn(
+            || format!("renewing the holds of {}", address.describe()),
+            |c| {
+                let mut invocation = keys.invocation(&RENEW, &store);
+                invocation.arg(lease_expiry());
+                for (end, holder) in &holds {
+                    invocation.arg(*end).arg(holder);
+                }
+                invocation.invoke(c)
+            },
+        );
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::warn!("{e}");
+                continue;
+            }
+        };
+        let exists = reply.first().map(String::as_str) == Some("1");
+        let gone: Vec<(u8, String)> = if exists {
+            reply[1..]
+                .iter()
+                .filter_map(|g| {
+                    let (end, holder) = g.split_once(':')?;
+                    Some((end.parse().ok()?, holder.to_string()))
+                })
+                .collect()
+        } else {
+            holds
+        };
+        for (end, holder) in gone {
+            let local = local_end(&address, end);
+            let mut local = lock(&local);
+            if holder.starts_with("t:") {
+                // Claimed by its receiver (or lapsed): no longer this process's to renew.
+                local.transfers.retain(|t| *t != holder);
+            } else if !exists {
+                local.registered = false;
+            } else if local.registered && local.handles > 0 {
+                // This process's hold lapsed while it lived (stopped, or cut off from Redis):
+                // take it again unless the end closed meanwhile.
+                tracing::warn!(
+                    "{}: this process's hold of end {end} lapsed; taking it again",
+                    address.describe()
+                );
+                match claim(&store, &address, end, None) {
+                    Ok(true) => {}
+                    Ok(false) => local.registered = false,
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+        }
+    }
+}

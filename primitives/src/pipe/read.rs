@@ -1,0 +1,128 @@
+//! A receive or a poll on one end of a pipe, as a state machine of round trips (`op`).
+
+use super::*;
+
+/// What a [`Reader`] produced.
+pub(super) enum Read {
+    Message(Message),
+    Polled(bool),
+}
+
+/// A receive (`poll: None`) or a poll (`poll: Some(deadline)`) on one end. A receive takes the
+/// head of the inbox with slices of `BLPOP`; a poll waits for one without taking it, with slices
+/// of `BLMOVE` from the inbox to itself. After each empty slice, `check.lua` reaps lapsed
+/// holds (a writer that died shows as end of file) and reports a closed end; a handle closed
+/// meanwhile in this process ends the wait too. End of file is left in the inbox for the next
+/// reader.
+pub(super) struct Reader {
+    pub(super) address: Address,
+    pub(super) end: u8,
+    pub(super) keys: PipeKeys,
+    pub(super) inbox: String,
+    pub(super) phase: Arc<Mutex<Phase>>,
+    pub(super) poll: Option<Option<Instant>>,
+    pub(super) state: ReaderState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum ReaderState {
+    Waiting,
+    Checking,
+    Marking,
+}
+
+impl Reader {
+    fn slice(&mut self) -> Step<Read> {
+        self.state = ReaderState::Waiting;
+        match self.poll {
+            None => Step::Next(Request::blpop(&self.inbox, common::SLICE)),
+            Some(deadline) => match next_slice(deadline) {
+                None => Step::Done(Ok(Read::Polled(false))),
+                Some(block) => {
+                    // Moving the head of the inbox to the head of the inbox waits without
+                    // taking it.
+                    let mut cmd = redis::cmd("BLMOVE");
+                    cmd.arg(&self.inbox)
+                        .arg(&self.inbox)
+                        .arg("LEFT")
+                        .arg("LEFT")
+                        .arg(blpop_seconds(block));
+                    Step::Next(Request::blocking("polling", cmd, block))
+                }
+            },
+        }
+    }
+
+    /// `check.lua`, unless this handle was closed meanwhile.
+    fn check(&mut self, store: &Store) -> Step<Read> {
+        if *self.phase.lock().unwrap_or_else(|p| p.into_inner()) == Phase::Closed {
+            return Step::Done(Err(Error::Closed(format!(
+                "handle of {} is closed",
+                self.address.describe()
+            ))));
+        }
+        self.state = ReaderState::Checking;
+        Step::Next(check_request(store, &self.keys, self.end))
+    }
+}
+
+impl Operation for Reader {
+    type Output = Read;
+
+    fn describe(&self) -> String {
+        self.address.describe()
+    }
+
+    fn start(&mut self, store: &Store) -> Step<Read> {
+        // A poll whose deadline passed already (`poll(Some(Duration::ZERO))`): one check.
+        if let Some(Some(deadline)) = self.poll
+            && deadline <= Instant::now()
+        {
+            return self.check(store);
+        }
+        self.slice()
+    }
+
+    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<Read> {
+        match self.state {
+            ReaderState::Waiting => {
+                let popped = match self.poll {
+                    None => op::parse::<Option<(String, Vec<u8>)>>(reply, "a message")
+                        .map(|p| p.map(|(_, message)| message)),
+                    Some(_) => op::parse::<Option<Vec<u8>>>(reply, "a message"),
+                };
+                match popped {
+                    Err(e) => Step::Done(Err(self.address.error(e))),
+                    Ok(None) => self.check(store),
+                    Ok(Some(_)) if self.poll.is_some() => Step::Done(Ok(Read::Polled(true))),
+                    Ok(Some(message)) if message.is_empty() => {
+                        // Leave the marker for the next reader: end of file stays end of file.
+                        self.state = ReaderState::Marking;
+                        let mut cmd = redis::cmd("LPUSH");
+                        cmd.arg(&self.inbox).arg("");
+                        Step::Next(Request::cmd("keeping the end-of-file marker of", cmd))
+                    }
+                    Ok(Some(message)) if message.first() != Some(&DATA) => {
+                        Step::Done(Err(Error::Codec {
+                            key: self.inbox.clone(),
+                            expected: "a pipe message".into(),
+                            reason: "it does not start with the message marker".into(),
+                        }))
+                    }
+                    Ok(Some(mut message)) => {
+                        message.remove(0);
+                        Step::Done(Ok(Read::Message(Message::Data(message))))
+                    }
+                }
+            }
+            ReaderState::Checking => match checked(&self.address, reply) {
+                Err(e) => Step::Done(Err(e)),
+                Ok(waiting) if waiting > 0 && self.poll.is_some() => {
+                    Step::Done(Ok(Read::Polled(true)))
+                }
+                Ok(_) => self.slice(),
+            },
+            ReaderState::Marking => Step::Done(Ok(Read::Message(Message::EndOfFile))),
+        }
+    }
+}
