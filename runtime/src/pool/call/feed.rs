@@ -1,0 +1,244 @@
+//! A call's feeder: reads the caller's input (behind [`GuardedInput`]), encodes it into chunks
+//! and adds them to the task stream in batches, within the call's window (see *Flow control* and
+//! *A failing input* in the module docs of `call`).
+
+use super::*;
+
+/// Most chunks sent in one pipeline: a quarter of the call's window, within these bounds. Workers
+/// blocked in `XREADGROUP` share a batch, each taking as many as it asks for.
+pub(super) const MIN_BATCH: usize = 64;
+pub(super) const MAX_BATCH: usize = 1024;
+/// A batch is sent once its chunks hold this many bytes, however few they are: large chunks go
+/// one by one, as soon as each is encoded, so that workers start on them while the next are.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
+
+/// What a feeder needs.
+pub(crate) struct Feeder {
+    pub(crate) store: Arc<Store>,
+    pub(crate) keys: PoolKeys,
+    pub(crate) call: u64,
+    pub(crate) function: String,
+    pub(crate) chunksize: usize,
+    pub(crate) shared: Arc<CallShared>,
+    pub(crate) supervisor: Addr<PoolSupervisor>,
+}
+
+impl Feeder {
+    /// Sends the items (argument tuples) on a thread of their own.
+    pub(crate) fn spawn<A, I>(self, items: I) -> Result<()>
+    where
+        A: Serialize,
+        I: Iterator<Item = Result<A>> + Send + 'static,
+    {
+        std::thread::Builder::new()
+            .name("shoal-feeder".into())
+            .stack_size(256 * 1024)
+            .spawn(move || self.run(items))
+            .map(|_| ())
+            .map_err(|e| Error::io("starting a feeder thread", e))
+    }
+
+    /// Sends the items on this thread.
+    pub(crate) fn run<A, I>(self, mut items: I)
+    where
+        A: Serialize,
+        I: Iterator<Item = Result<A>>,
+    {
+        match self.feed(&mut items) {
+            Ok(Some((total, input_error))) => {
+                self.shared.set_total(total, input_error.clone());
+                self.supervisor.do_send(FeedDone {
+                    call: self.call,
+                    total: total as u64,
+                    input_error,
+                });
+            }
+            // Cancelled: the supervisor already knows.
+            Ok(None) => {}
+            Err(error) => self.supervisor.do_send(FeedFailed {
+                call: self.call,
+                error,
+            }),
+        }
+    }
+
+    /// Returns the number of chunks sent and the input's failure, if it failed part way; `None`
+    /// when the call was cancelled; `Err` when Redis failed. Each chunk's items are encoded
+    /// straight into its arguments array. The first chunk is sent alone, as soon as it is read,
+    /// so that a worker starts on it while the next are encoded; batches then double up to a
+    /// quarter of the window (64 to [`MAX_BATCH`] chunks, or [`MAX_BATCH_BYTES`]).
+    fn feed<A, I>(&self, items: &mut I) -> Result<Option<(usize, Option<Error>)>>
+    where
+        A: Serialize,
+        I: Iterator<Item = Result<A>>,
+    {
+        let limit = self.store.settings().max_message_bytes;
+        let function = self.function.as_str();
+        let mut chunk = 0usize;
+        let mut input_error = None;
+        let mut exhausted = false;
+        let mut refreshed: Option<Instant> = None;
+        let mut batch_size = 1;
+        let batch_limit = self.shared.batch_limit();
+        // Room for a chunk's arguments: as much as the last chunk took.
+        let mut chunk_bytes = 0;
+        while !exhausted {
+            let Some(room) = self.shared.wait_for_room() else {
+                return Ok(None);
+            };
+            let mut batch: Vec<ChunkEntry> = Vec::new();
+            let mut batch_bytes = 0;
+            while batch.len() < room.min(batch_size) && batch_bytes < MAX_BATCH_BYTES {
+                let mut args = ArrayWriter::payload_with_capacity(chunk_bytes);
+                while (args.len() as usize) < self.chunksize {
+                    match items.next() {
+                        Some(Ok(item)) => {
+                            if let Err(e) =
+                                args.push(&item, limit, || format!("arguments of {function}"))
+                            {
+                                // The input ends here, as with an iterator that fails.
+                                input_error = Some(e);
+                                exhausted = true;
+                                break;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            input_error = Some(e);
+                            exhausted = true;
+                            break;
+                        }
+                        None => {
+                            exhausted = true;
+                            break;
+                        }
+                    }
+                }
+                if args.is_empty() {
+                    break;
+                }
+                if args.byte_len() > limit {
+                    return Err(Error::TooLarge {
+                        key: self.keys.tasks.clone(),
+                        size: args.byte_len(),
+                        limit,
+                    });
+                }
+                batch_bytes += args.byte_len();
+                chunk_bytes = args.byte_len();
+                batch.push(ChunkEntry {
+                    call: self.call,
+                    chunk: chunk as u64,
+                    function: self.function.clone(),
+                    payload: args.finish(),
+                    first_item: (chunk as u64).saturating_mul(self.chunksize as u64),
+                });
+                chunk += 1;
+                if exhausted {
+                    break;
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            self.shared.reserve(batch.len());
+            // The streams' TTL is refreshed at most once a second, not per batch.
+            let refresh = refreshed.is_none_or(|t| t.elapsed() >= TTL_REFRESH);
+            send_chunks(&self.store, &self.keys, &batch, refresh)?;
+            if refresh {
+                refreshed = Some(Instant::now());
+            }
+            batch_size = (batch_size * 2).min(batch_limit);
+        }
+        Ok(Some((chunk, input_error)))
+    }
+}
+
+/// The caller's input, read so that a panic in its iterator ends the input with
+/// [`Error::Input`] instead of killing the thread that reads it. Nothing is read after a
+/// failure.
+pub(crate) struct GuardedInput<I> {
+    inner: I,
+    failed: bool,
+}
+
+impl<I> GuardedInput<I> {
+    pub(crate) fn new(inner: I) -> Self {
+        GuardedInput {
+            inner,
+            failed: false,
+        }
+    }
+}
+
+impl<I: Iterator> Iterator for GuardedInput<I> {
+    type Item = Result<I::Item>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.next())) {
+            Ok(item) => item.map(Ok),
+            Err(payload) => {
+                self.failed = true;
+                Some(Err(Error::Input(format!(
+                    "its iterator panicked: {}",
+                    panic_message(payload.as_ref())
+                ))))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        if self.failed {
+            (0, Some(0))
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+/// How often a feeder refreshes the streams' TTL.
+const TTL_REFRESH: Duration = Duration::from_secs(1);
+
+/// Sends chunks in one pipeline (one round trip), refreshing the streams' TTL if asked. When
+/// Redis cannot be reached the send is repeated (see `Store::retry_unreachable`): a chunk added
+/// twice runs twice and its outcome is kept once. Several chunks are added in one
+/// `MULTI`/`EXEC`: a worker blocked in `XREADGROUP` is then served once, with as many of them as
+/// it asked for, rather than once per chunk (which would cost a read and an acknowledgement per
+/// chunk when many workers wait).
+pub(crate) fn send_chunks(
+    store: &Store,
+    keys: &PoolKeys,
+    chunks: &[ChunkEntry],
+    refresh_ttl: bool,
+) -> Result<()> {
+    store.retry_unreachable(|| send_chunks_once(store, keys, chunks, refresh_ttl))
+}
+
+fn send_chunks_once(
+    store: &Store,
+    keys: &PoolKeys,
+    chunks: &[ChunkEntry],
+    refresh_ttl: bool,
+) -> Result<()> {
+    store.with_conn(
+        || format!("sending chunks to {}", keys.tasks),
+        |c| {
+            let mut pipe = redis::pipe();
+            if chunks.len() > 1 {
+                pipe.atomic();
+            }
+            for chunk in chunks {
+                chunk.add_to(&mut pipe, keys);
+            }
+            if refresh_ttl {
+                pipe.expire(&keys.tasks, store.expiry_secs() as i64)
+                    .ignore();
+                pipe.expire(&keys.results, store.expiry_secs() as i64)
+                    .ignore();
+            }
+            pipe.query::<()>(c)
+        },
+    )
+}
