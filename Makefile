@@ -11,13 +11,15 @@ run:
 	target/release/examples/process
 	target/release/examples/pool
 
-## test: the whole suite: formatting, clippy, unit and integration tests, every example
+## test: the whole suite: formatting, clippy, rustdoc's link checks, unit and integration tests,
+## every example
 test: lint unit-and-integration examples
 
 lint:
 	@scripts/ensure-redis.sh
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --all-features
 
 unit-and-integration:
 	@scripts/ensure-redis.sh

@@ -106,7 +106,7 @@
 //! # Pods (kubelet)
 //! The container runs as PID 1 of its own PID
 //! namespace (so, as in any container, SIGTERM is ignored unless the program handles it), in
-//! its own network namespace [`Host`](crate::netns::Host) when the emulator has a network (pod
+//! its own network namespace [`Host`] when the emulator has a network (pod
 //! IP: the host's address; host IP: the bridge address) or in this machine's network (pod and
 //! host IP 127.0.0.1), with a container-like clean environment: `PATH`, `HOME`, `HOSTNAME` and
 //! the container's `env` (values with `$(VAR)` references, `secretKeyRef`, `fieldRef` on
@@ -261,7 +261,7 @@ impl Core {
 
 impl Emulator {
     /// Starts an emulator on a free port of 127.0.0.1. With a `network`, every pod runs in a new
-    /// [`Host`](crate::netns::Host) of it. Panics when it cannot start (the fixture's failure
+    /// [`Host`] of it. Panics when it cannot start (the fixture's failure
     /// is the test's).
     pub fn start(network: Option<&Network>) -> Emulator {
         let dir = tempfile::Builder::new()
