@@ -233,28 +233,88 @@ impl Container {
         ))
     }
 
-    /// Runs `script` on this container's keys with `now` and the TTL, then the arguments
-    /// `fill` adds: one round trip (`EVALSHA`).
-    pub(super) fn run<T: redis::FromRedisValue>(
+    /// What a round trip `what` does, for its error messages ("reading dict 1a2b3c4d of
+    /// manager 5e6f7a8b").
+    fn context(&self, what: &str) -> String {
+        format!("{what} {}", self.describe())
+    }
+
+    /// The invocation of `call` on this container: its keys, `now` and the TTL, then the
+    /// call's arguments. Built when the call is sent, so `now` is the time of sending (a list
+    /// write that waited for a sort is built again, with a new `now`).
+    fn invocation<R, T>(
         &self,
-        script: &redis::Script,
-        what: &'static str,
-        fill: impl FnOnce(&mut redis::ScriptInvocation<'_>),
-    ) -> Result<T> {
-        let store = store()?;
-        let keys = self.keys();
-        let mut invocation = script.prepare_invoke();
-        for key in keys.iter() {
+        store: &Store,
+        call: &Call<R, T>,
+    ) -> redis::ScriptInvocation<'static> {
+        let mut invocation = call.script.prepare_invoke();
+        for key in self.keys().iter() {
             invocation.key(key);
         }
-        invocation.arg(now_ms()).arg(store.expiry_secs());
-        fill(&mut invocation);
+        invocation
+            .arg(now_ms())
+            .arg(store.expiry_secs())
+            .arg(&call.args);
+        invocation
+    }
+
+    /// Sends `call` and reads its reply: one round trip (`EVALSHA`) on the caller's thread.
+    pub(super) fn run<R: redis::FromRedisValue, T>(&self, call: Call<R, T>) -> Result<T> {
+        let reply = self.send(&call)?;
+        call.read(self, reply)
+    }
+
+    /// The async form of [`Container::run`]: the same invocation, sent from a task of shoal's
+    /// actor runtime on its shared multiplexed connection, so the caller's thread is not
+    /// blocked; the reply is read by the same `parse`, and errors are mapped as `run` maps them.
+    /// The future owns a handle of its own (it borrows nothing); an error building the call
+    /// (an encoding error) is its result.
+    pub(super) fn run_async<R, T>(
+        &self,
+        call: Result<Call<R, T>>,
+    ) -> impl Future<Output = Result<T>> + Send + use<R, T>
+    where
+        R: redis::FromRedisValue + Send + 'static,
+    {
+        let container = self.clone();
+        async move {
+            let call = call?;
+            let reply = container.send_async(&call).await?;
+            call.read(&container, reply)
+        }
+    }
+
+    /// One round trip of `call` on the caller's thread; its reply, not yet parsed.
+    pub(super) fn send<R: redis::FromRedisValue, T>(&self, call: &Call<R, T>) -> Result<R> {
+        let store = store()?;
+        let invocation = self.invocation(&store, call);
         store
-            .with_conn(
-                || format!("{what} {}", self.describe()),
-                |c| invocation.invoke(c),
-            )
+            .with_conn(|| self.context(call.what), |c| invocation.invoke(c))
             .map_err(|e| self.error(e))
+    }
+
+    /// The async form of [`Container::send`].
+    pub(super) async fn send_async<R, T>(&self, call: &Call<R, T>) -> Result<R>
+    where
+        R: redis::FromRedisValue + Send + 'static,
+    {
+        let context = context::current()?;
+        let invocation = self.invocation(context.store(), call);
+        let reply = context
+            .spawn(move |store, caller| async move {
+                let reply = match store.shared().await {
+                    Ok(mut conn) => Ok(invocation.invoke_async::<R>(&mut conn).await),
+                    Err(e) => Err(e),
+                };
+                caller.finish(reply);
+            })
+            .await;
+        match reply {
+            Ok(Ok(reply)) => Ok(reply),
+            // As `Store::with_conn` wraps the error of a round trip in `run`.
+            Ok(Err(e)) => Err(self.error(Error::redis(self.context(call.what), e))),
+            Err(e) => Err(self.error(e)),
+        }
     }
 
     /// Encodes a key or value for this container, under `redis.max_message_bytes`.
@@ -292,6 +352,70 @@ impl Container {
         }
         Ok(container)
     }
+}
+
+/// One script call on a container, built and not yet sent: the script, what it does (for error
+/// messages), its own arguments (the ones after `now` and the TTL) and how its reply reads.
+///
+/// Each proxy method builds its call with one function, which its blocking form sends with
+/// [`Container::run`] and its async form with [`Container::run_async`]: the request and the
+/// reading of the reply are written once, only the transport differs.
+pub(super) struct Call<R, T> {
+    script: &'static redis::Script,
+    what: &'static str,
+    args: Vec<Vec<u8>>,
+    parse: fn(&Container, R) -> Result<T>,
+}
+
+impl<R, T> Call<R, T> {
+    /// A call of `script` that does `what` ("reading", "writing"...), its reply (read by redis
+    /// as an `R`) turned into the result by `parse`.
+    pub(super) fn new(
+        script: &'static redis::Script,
+        what: &'static str,
+        parse: fn(&Container, R) -> Result<T>,
+    ) -> Self {
+        Call {
+            script,
+            what,
+            args: Vec::new(),
+            parse,
+        }
+    }
+
+    /// Reads the reply of this call.
+    pub(super) fn read(self, container: &Container, reply: R) -> Result<T> {
+        (self.parse)(container, reply)
+    }
+
+    /// Adds an argument (a number, a string, an index...).
+    pub(super) fn arg(mut self, arg: impl redis::ToRedisArgs) -> Self {
+        arg.write_redis_args(&mut self.args);
+        self
+    }
+
+    /// Adds an encoded key or value as one argument (moved, not copied).
+    pub(super) fn bytes(mut self, bytes: Vec<u8>) -> Self {
+        self.args.push(bytes);
+        self
+    }
+
+    /// Adds encoded keys or values, each an argument (moved, not copied).
+    pub(super) fn all_bytes(mut self, all: Vec<Vec<u8>>) -> Self {
+        self.args.extend(all);
+        self
+    }
+}
+
+/// Waits `pause` without blocking the caller's thread, whatever executor polls the future: the
+/// timer runs on shoal's actor runtime.
+pub(super) async fn pause_async(pause: std::time::Duration) -> Result<()> {
+    context::current()?
+        .spawn(move |_, caller| async move {
+            tokio::time::sleep(pause).await;
+            caller.finish(Ok(()));
+        })
+        .await
 }
 
 /// Whether a Redis error says a key holds something shoal did not write.

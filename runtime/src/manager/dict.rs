@@ -35,7 +35,8 @@
 //!
 //! # Round trips
 //!
-//! Every method: 1 (a script). Iteration: 1 to start, then 1 per page. Inside Redis, `get` is
+//! Every method: 1 (a script), and so its async form (`get_async`...; see the `manager` module
+//! docs). Iteration: 1 to start, then 1 per page. Inside Redis, `get` is
 //! one `HMGET`, `set` of an existing key an `HMGET` and an `HSET`, of a new key one more `ZADD`
 //! (TTLs are refreshed once a tenth of `redis.expiry_secs`, not on every call).
 
@@ -47,7 +48,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use shoal_core::error::{Error, Result};
 
-use super::container::{Container, Kind, Marker, script, store};
+use super::container::{Call, Container, Kind, Marker, script, store};
 
 /// Pairs per page of an iteration.
 pub const PAGE: usize = 1000;
@@ -144,17 +145,134 @@ where
         Error::KeyError(format!("{key:?}"))
     }
 
+    // The calls: each method's request and the reading of its reply, shared by its blocking and
+    // its async form.
+
+    fn get_call<Q: Serialize + ?Sized>(&self, key: &Q) -> Result<Call<MaybeBytes, Option<V>>> {
+        let key = self.container.encode(key)?;
+        Ok(Call::new(&GET, "reading", |c, value: MaybeBytes| {
+            value.map(|v| c.decode(&v)).transpose()
+        })
+        .bytes(key)
+        .arg("0"))
+    }
+
+    fn contains_call<Q: Serialize + ?Sized>(&self, key: &Q) -> Result<Call<i64, bool>> {
+        let key = self.container.encode(key)?;
+        Ok(Call::new(&GET, "reading", |_, found: i64| Ok(found == 1))
+            .bytes(key)
+            .arg("1"))
+    }
+
+    fn set_call<Q: Serialize + ?Sized>(&self, key: &Q, value: V) -> Result<Call<i64, ()>> {
+        let key = self.container.encode(key)?;
+        let value = self.container.encode(&value)?;
+        Ok(Call::new(&SET, "writing", |_, _: i64| Ok(()))
+            .bytes(key)
+            .bytes(value))
+    }
+
+    /// Removes `key`: its value, or `None` when it was missing.
+    fn pop_call<Q: Serialize + ?Sized>(&self, key: &Q) -> Result<Call<MaybeBytes, Option<V>>> {
+        let key = self.container.encode(key)?;
+        Ok(Call::new(&POP, "removing from", |c, value: MaybeBytes| {
+            value.map(|v| c.decode(&v)).transpose()
+        })
+        .bytes(key))
+    }
+
+    /// Removes `key`: whether it was there (its value is not decoded: a `del` never fails after
+    /// it removed).
+    fn del_call<Q: Serialize + ?Sized>(&self, key: &Q) -> Result<Call<MaybeBytes, bool>> {
+        let key = self.container.encode(key)?;
+        Ok(Call::new(&POP, "removing from", |_, value: MaybeBytes| {
+            Ok(value.is_some())
+        })
+        .bytes(key))
+    }
+
+    fn len_call() -> Call<(usize, String), (usize, String)> {
+        Call::new(&LEN, "reading", |_, reply| Ok(reply))
+    }
+
+    fn popitem_call() -> Call<Vec<Vec<u8>>, (K, V)> {
+        Call::new(
+            &POPITEM,
+            "removing from",
+            |c, pair: Vec<Vec<u8>>| match pair.as_slice() {
+                [] => Err(Error::KeyError("popitem(): dictionary is empty".into())),
+                [k, v] => Ok((c.decode(k)?, c.decode(v)?)),
+                _ => Err(c.malformed("popitem")),
+            },
+        )
+    }
+
+    fn setdefault_call<Q: Serialize + ?Sized>(
+        &self,
+        key: &Q,
+        default: V,
+    ) -> Result<Call<Vec<u8>, V>> {
+        let key = self.container.encode(key)?;
+        let default = self.container.encode(&default)?;
+        Ok(
+            Call::new(&SETDEFAULT, "writing", |c, value: Vec<u8>| c.decode(&value))
+                .bytes(key)
+                .bytes(default),
+        )
+    }
+
+    /// `None` when there is nothing to set (no round trip).
+    fn update_call(
+        &self,
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Option<Call<i64, ()>>> {
+        let mut encoded = Vec::new();
+        for (k, v) in pairs {
+            encoded.push(self.container.encode(&k)?);
+            encoded.push(self.container.encode(&v)?);
+        }
+        if encoded.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            Call::new(&UPDATE, "writing", |_, _: i64| Ok(())).all_bytes(encoded),
+        ))
+    }
+
+    fn clear_call() -> Call<i64, ()> {
+        Call::new(&CLEAR, "clearing", |_, _: i64| Ok(()))
+    }
+
+    fn page_call(after: &str, count: usize, version: &str) -> Call<Vec<Vec<u8>>, Page> {
+        Call::new(&PAGE_SCRIPT, "reading", |c, reply: Vec<Vec<u8>>| {
+            Page::parse(reply).ok_or_else(|| c.malformed("a page"))
+        })
+        .arg(after)
+        .arg(count)
+        .arg(version)
+    }
+
+    /// Every pair: one page of them all.
+    fn items_call() -> Call<Vec<Vec<u8>>, Vec<(K, V)>> {
+        Call::new(&PAGE_SCRIPT, "reading", |c, reply: Vec<Vec<u8>>| {
+            Page::parse(reply)
+                .ok_or_else(|| c.malformed("a page"))?
+                .into_pairs(c)
+        })
+        .arg("0")
+        .arg(0)
+        .arg("")
+    }
+
+    // The blocking forms.
+
     /// The value under `key`, or `None` (Python's `d.get(key)`).
     pub fn get<Q>(&self, key: &Q) -> Result<Option<V>>
     where
         K: std::borrow::Borrow<Q>,
         Q: Serialize + ?Sized,
     {
-        let key = self.container.encode(key)?;
-        let value: MaybeBytes = self.container.run(&GET, "reading", |i| {
-            i.arg(key).arg("0");
-        })?;
-        value.map(|v| self.container.decode(&v)).transpose()
+        self.container.run(self.get_call(key)?)
     }
 
     /// The value under `key`, or `default` (Python's `d.get(key, default)`).
@@ -182,12 +300,7 @@ where
         K: std::borrow::Borrow<Q>,
         Q: Serialize + ?Sized,
     {
-        let key = self.container.encode(key)?;
-        let value = self.container.encode(&value)?;
-        self.container.run::<i64>(&SET, "writing", |i| {
-            i.arg(key).arg(value);
-        })?;
-        Ok(())
+        self.container.run(self.set_call(key, value)?)
     }
 
     /// Removes `key` (Python's `del d[key]`); [`Error::KeyError`] when it is missing.
@@ -196,19 +309,11 @@ where
         K: std::borrow::Borrow<Q>,
         Q: Serialize + Debug + ?Sized,
     {
-        self.take(key)?
-            .map(|_| ())
-            .ok_or_else(|| Self::key_error(key))
-    }
-
-    fn take<Q>(&self, key: &Q) -> Result<MaybeBytes>
-    where
-        Q: Serialize + ?Sized,
-    {
-        let encoded = self.container.encode(key)?;
-        self.container.run(&POP, "removing from", |i| {
-            i.arg(encoded);
-        })
+        if self.container.run(self.del_call(key)?)? {
+            Ok(())
+        } else {
+            Err(Self::key_error(key))
+        }
     }
 
     /// Whether `key` is present (Python's `key in d`).
@@ -217,26 +322,17 @@ where
         K: std::borrow::Borrow<Q>,
         Q: Serialize + ?Sized,
     {
-        let key = self.container.encode(key)?;
-        let found: i64 = self.container.run(&GET, "reading", |i| {
-            i.arg(key).arg("1");
-        })?;
-        Ok(found == 1)
+        self.container.run(self.contains_call(key)?)
     }
 
     /// The number of keys (Python's `len(d)`).
     pub fn len(&self) -> Result<usize> {
-        Ok(self.len_and_version()?.0)
+        Ok(self.container.run(Self::len_call())?.0)
     }
 
     /// Whether the dict has no key.
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
-    }
-
-    fn len_and_version(&self) -> Result<(usize, String)> {
-        let (len, version): (usize, String) = self.container.run(&LEN, "reading", |_| {})?;
-        Ok((len, version))
     }
 
     /// Removes `key` and returns its value (Python's `d.pop(key)`); [`Error::KeyError`] when it
@@ -246,10 +342,9 @@ where
         K: std::borrow::Borrow<Q>,
         Q: Serialize + Debug + ?Sized,
     {
-        match self.take(key)? {
-            Some(v) => self.container.decode(&v),
-            None => Err(Self::key_error(key)),
-        }
+        self.container
+            .run(self.pop_call(key)?)?
+            .ok_or_else(|| Self::key_error(key))
     }
 
     /// Removes `key` and returns its value, or `default` when it is missing (Python's
@@ -259,21 +354,13 @@ where
         K: std::borrow::Borrow<Q>,
         Q: Serialize + ?Sized,
     {
-        match self.take(key)? {
-            Some(v) => self.container.decode(&v),
-            None => Ok(default),
-        }
+        Ok(self.container.run(self.pop_call(key)?)?.unwrap_or(default))
     }
 
     /// Removes and returns the last inserted pair (Python's `d.popitem()`, LIFO);
     /// [`Error::KeyError`] when the dict is empty.
     pub fn popitem(&self) -> Result<(K, V)> {
-        let pair: Vec<Vec<u8>> = self.container.run(&POPITEM, "removing from", |_| {})?;
-        match pair.as_slice() {
-            [] => Err(Error::KeyError("popitem(): dictionary is empty".into())),
-            [k, v] => Ok((self.container.decode(k)?, self.container.decode(v)?)),
-            _ => Err(self.container.malformed("popitem")),
-        }
+        self.container.run(Self::popitem_call())
     }
 
     /// The value under `key`; when it is missing, inserts `default` and returns it (Python's
@@ -283,40 +370,25 @@ where
         K: std::borrow::Borrow<Q>,
         Q: Serialize + ?Sized,
     {
-        let key = self.container.encode(key)?;
-        let default = self.container.encode(&default)?;
-        let value: Vec<u8> = self.container.run(&SETDEFAULT, "writing", |i| {
-            i.arg(key).arg(default);
-        })?;
-        self.container.decode(&value)
+        self.container.run(self.setdefault_call(key, default)?)
     }
 
     /// Sets every pair, in order, atomically (Python's `d.update(pairs)`).
     pub fn update(&self, pairs: impl IntoIterator<Item = (K, V)>) -> Result<()> {
-        let mut encoded = Vec::new();
-        for (k, v) in pairs {
-            encoded.push(self.container.encode(&k)?);
-            encoded.push(self.container.encode(&v)?);
+        match self.update_call(pairs)? {
+            Some(call) => self.container.run(call),
+            None => Ok(()),
         }
-        if encoded.is_empty() {
-            return Ok(());
-        }
-        self.container.run::<i64>(&UPDATE, "writing", |i| {
-            i.arg(encoded);
-        })?;
-        Ok(())
     }
 
     /// Removes every key (Python's `d.clear()`).
     pub fn clear(&self) -> Result<()> {
-        self.container.run::<i64>(&CLEAR, "clearing", |_| {})?;
-        Ok(())
+        self.container.run(Self::clear_call())
     }
 
     /// Every pair, in insertion order (Python's `list(d.items())`): a copy, read atomically.
     pub fn items(&self) -> Result<Vec<(K, V)>> {
-        let page = self.page("0", 0, "")?;
-        page.into_pairs(&self.container)
+        self.container.run(Self::items_call())
     }
 
     /// Every key, in insertion order (Python's `list(d.keys())`).
@@ -339,7 +411,7 @@ where
     /// `iter(d.items())`; see the module docs for changes during iteration). One round trip
     /// now (it reads the version to compare with), then one per page.
     pub fn iter(&self) -> Result<DictIter<K, V>> {
-        let (_, version) = self.len_and_version()?;
+        let (_, version) = self.container.run(Self::len_call())?;
         Ok(DictIter {
             dict: self.clone(),
             version,
@@ -350,10 +422,191 @@ where
     }
 
     fn page(&self, after: &str, count: usize, version: &str) -> Result<Page> {
-        let reply: Vec<Vec<u8>> = self.container.run(&PAGE_SCRIPT, "reading", |i| {
-            i.arg(after).arg(count).arg(version);
-        })?;
-        Page::parse(reply).ok_or_else(|| self.container.malformed("a page"))
+        self.container.run(Self::page_call(after, count, version))
+    }
+
+    // The async forms (see the module docs).
+
+    /// The async form of [`DictProxy::get`]: the same round trip, on shoal's actor runtime.
+    pub fn get_async<Q>(
+        &self,
+        key: &Q,
+    ) -> impl Future<Output = Result<Option<V>>> + Send + use<K, V, Q>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        self.container.run_async(self.get_call(key))
+    }
+
+    /// The async form of [`DictProxy::get_or`].
+    pub fn get_or_async<Q>(
+        &self,
+        key: &Q,
+        default: V,
+    ) -> impl Future<Output = Result<V>> + Send + use<K, V, Q>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Serialize + ?Sized,
+        V: Send,
+    {
+        let value = self.container.run_async(self.get_call(key));
+        async move { Ok(value.await?.unwrap_or(default)) }
+    }
+
+    /// The async form of [`DictProxy::getitem`]: [`Error::KeyError`] naming the key when it is
+    /// missing (the key's name is formatted when the call is made: the future does not borrow
+    /// the key).
+    pub fn getitem_async<Q>(&self, key: &Q) -> impl Future<Output = Result<V>> + Send + use<K, V, Q>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Serialize + Debug + ?Sized,
+    {
+        let value = self.container.run_async(self.get_call(key));
+        let missing = Self::key_error(key);
+        async move { value.await?.ok_or(missing) }
+    }
+
+    /// The async form of [`DictProxy::set`]. A set whose future is dropped once sent is still
+    /// applied (once).
+    pub fn set_async<Q>(
+        &self,
+        key: &Q,
+        value: V,
+    ) -> impl Future<Output = Result<()>> + Send + use<K, V, Q>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        self.container.run_async(self.set_call(key, value))
+    }
+
+    /// The async form of [`DictProxy::del`]: [`Error::KeyError`] when the key is missing.
+    pub fn del_async<Q>(&self, key: &Q) -> impl Future<Output = Result<()>> + Send + use<K, V, Q>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Serialize + Debug + ?Sized,
+    {
+        let removed = self.container.run_async(self.del_call(key));
+        let missing = Self::key_error(key);
+        async move { if removed.await? { Ok(()) } else { Err(missing) } }
+    }
+
+    /// The async form of [`DictProxy::contains`].
+    pub fn contains_async<Q>(
+        &self,
+        key: &Q,
+    ) -> impl Future<Output = Result<bool>> + Send + use<K, V, Q>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        self.container.run_async(self.contains_call(key))
+    }
+
+    /// The async form of [`DictProxy::len`].
+    pub fn len_async(&self) -> impl Future<Output = Result<usize>> + Send + use<K, V> {
+        let reply = self.container.run_async(Ok(Self::len_call()));
+        async move { Ok(reply.await?.0) }
+    }
+
+    /// The async form of [`DictProxy::is_empty`].
+    pub fn is_empty_async(&self) -> impl Future<Output = Result<bool>> + Send + use<K, V> {
+        let len = self.len_async();
+        async move { Ok(len.await? == 0) }
+    }
+
+    /// The async form of [`DictProxy::pop`]: [`Error::KeyError`] when the key is missing.
+    pub fn pop_async<Q>(&self, key: &Q) -> impl Future<Output = Result<V>> + Send + use<K, V, Q>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Serialize + Debug + ?Sized,
+    {
+        let value = self.container.run_async(self.pop_call(key));
+        let missing = Self::key_error(key);
+        async move { value.await?.ok_or(missing) }
+    }
+
+    /// The async form of [`DictProxy::pop_or`].
+    pub fn pop_or_async<Q>(
+        &self,
+        key: &Q,
+        default: V,
+    ) -> impl Future<Output = Result<V>> + Send + use<K, V, Q>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Serialize + ?Sized,
+        V: Send,
+    {
+        let value = self.container.run_async(self.pop_call(key));
+        async move { Ok(value.await?.unwrap_or(default)) }
+    }
+
+    /// The async form of [`DictProxy::popitem`]: [`Error::KeyError`] when the dict is empty.
+    pub fn popitem_async(&self) -> impl Future<Output = Result<(K, V)>> + Send + use<K, V> {
+        self.container.run_async(Ok(Self::popitem_call()))
+    }
+
+    /// The async form of [`DictProxy::setdefault`], as atomic.
+    pub fn setdefault_async<Q>(
+        &self,
+        key: &Q,
+        default: V,
+    ) -> impl Future<Output = Result<V>> + Send + use<K, V, Q>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        self.container.run_async(self.setdefault_call(key, default))
+    }
+
+    /// The async form of [`DictProxy::update`], as atomic. The pairs are encoded when it is
+    /// called (the future does not hold them).
+    pub fn update_async<I: IntoIterator<Item = (K, V)>>(
+        &self,
+        pairs: I,
+    ) -> impl Future<Output = Result<()>> + Send + use<K, V, I> {
+        let update = match self.update_call(pairs) {
+            Ok(Some(call)) => Some(self.container.run_async(Ok(call))),
+            Ok(None) => None,
+            Err(e) => Some(self.container.run_async(Err(e))),
+        };
+        async move {
+            match update {
+                Some(update) => update.await,
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// The async form of [`DictProxy::clear`].
+    pub fn clear_async(&self) -> impl Future<Output = Result<()>> + Send + use<K, V> {
+        self.container.run_async(Ok(Self::clear_call()))
+    }
+
+    /// The async form of [`DictProxy::items`]: every pair in one round trip, read atomically.
+    pub fn items_async(&self) -> impl Future<Output = Result<Vec<(K, V)>>> + Send + use<K, V> {
+        self.container.run_async(Ok(Self::items_call()))
+    }
+
+    /// The async form of [`DictProxy::keys`].
+    pub fn keys_async(&self) -> impl Future<Output = Result<Vec<K>>> + Send + use<K, V> {
+        let items = self.items_async();
+        async move { Ok(items.await?.into_iter().map(|(k, _)| k).collect()) }
+    }
+
+    /// The async form of [`DictProxy::values`].
+    pub fn values_async(&self) -> impl Future<Output = Result<Vec<V>>> + Send + use<K, V> {
+        let items = self.items_async();
+        async move { Ok(items.await?.into_iter().map(|(_, v)| v).collect()) }
+    }
+
+    /// The async form of [`DictProxy::copy`].
+    pub fn copy_async<M: FromIterator<(K, V)>>(
+        &self,
+    ) -> impl Future<Output = Result<M>> + Send + use<K, V, M> {
+        let items = self.items_async();
+        async move { Ok(items.await?.into_iter().collect()) }
     }
 }
 

@@ -42,7 +42,8 @@
 //!
 //! # Round trips
 //!
-//! Every method: 1 (a script), except `sort`: 2 (read and freeze, then write). A write that
+//! Every method: 1 (a script), except `sort`: 2 (read and freeze, then write); the same for its
+//! async form (`append_async`...; see the `manager` module docs). A write that
 //! meets another process's sort sends its script again when the sort is done. Iteration: 1 to
 //! start, then 1 per page.
 
@@ -55,7 +56,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use shoal_core::error::{Error, Result};
 
-use super::container::{Container, Kind, Marker, store};
+use super::container::{Call, Container, Kind, Marker, pause_async, store};
 
 /// Items per page of an iteration.
 pub const PAGE: usize = 1000;
@@ -156,6 +157,86 @@ impl<'de, T> Deserialize<'de> for ListProxy<T> {
     }
 }
 
+/// How a write waits while another process's sort freezes the list, shared by the blocking and
+/// the async forms: at most until the freeze lapses, however often sorts follow each other
+/// (then the write is [`Error::InvalidState`]), pausing 1 ms, then twice as long each time, up
+/// to 50 ms.
+struct FrozenWait {
+    started: Instant,
+    pause: Duration,
+}
+
+impl FrozenWait {
+    fn new() -> Self {
+        FrozenWait {
+            started: Instant::now(),
+            pause: Duration::from_millis(1),
+        }
+    }
+
+    /// After a write failed with `e`: the pause before sending it again, or the error to return.
+    fn after(&mut self, container: &Container, e: Error) -> Result<Duration> {
+        if !is_frozen(&e) {
+            return Err(e);
+        }
+        if self.started.elapsed() > 2 * FREEZE {
+            return Err(Error::invalid_state(format!(
+                "{}: sorts by other processes kept the list frozen for {:?}",
+                container.describe(),
+                self.started.elapsed()
+            )));
+        }
+        let pause = self.pause;
+        self.pause = (pause * 2).min(Duration::from_millis(50));
+        Ok(pause)
+    }
+}
+
+const INDEX_OUT_OF_RANGE: &str = "list index out of range";
+const ASSIGNMENT_OUT_OF_RANGE: &str = "list assignment index out of range";
+const POP_OUT_OF_RANGE: &str = "pop index out of range";
+
+/// The item `list_pop.lua` removed, or the error of an empty list or an index outside it.
+fn taken(
+    container: &Container,
+    reply: (i64, Option<Vec<u8>>),
+    out_of_range: &str,
+) -> Result<Vec<u8>> {
+    match reply {
+        (2, Some(bytes)) => Ok(bytes),
+        (0, _) => Err(Error::IndexError("pop from empty list".into())),
+        (1, _) => Err(Error::IndexError(out_of_range.into())),
+        _ => Err(container.malformed("pop")),
+    }
+}
+
+/// Decodes items read from the list.
+fn decode_all<T: DeserializeOwned>(container: &Container, items: Vec<Vec<u8>>) -> Result<Vec<T>> {
+    let store = store()?;
+    items
+        .iter()
+        .map(|bytes| container.decode_with(&store, bytes))
+        .collect()
+}
+
+/// One page of `list_page.lua`'s reply: its version and shape, then items.
+fn list_page(container: &Container, reply: Vec<Vec<u8>>) -> Result<ListPage> {
+    let mut reply: VecDeque<Vec<u8>> = reply.into();
+    let (Some(_version), Some(shape)) = (reply.pop_front(), reply.pop_front()) else {
+        return Err(container.malformed("a page"));
+    };
+    Ok(ListPage {
+        shape: String::from_utf8_lossy(&shape).into_owned(),
+        items: reply.into(),
+    })
+}
+
+/// What `list_sort_begin.lua` read: the list's version and its items (encoded).
+type SortBegun = (Vec<u8>, Vec<Vec<u8>>);
+
+/// `list_len.lua`'s reply: the length, the version and the shape.
+type LenReply = (usize, String, String);
+
 impl<T> ListProxy<T>
 where
     T: Serialize + DeserializeOwned,
@@ -167,15 +248,242 @@ where
         }
     }
 
+    // The calls: each method's request and the reading of its reply, shared by its blocking and
+    // its async form. Calls that write go through `write`/`write_async`, which send them again
+    // while another process's sort freezes the list.
+
+    fn get_call(index: isize) -> Call<Option<Vec<u8>>, T> {
+        Call::new(&GET, "reading", |c, item: Option<Vec<u8>>| match item {
+            Some(bytes) => c.decode(&bytes),
+            None => Err(Error::IndexError(INDEX_OUT_OF_RANGE.into())),
+        })
+        .arg(index)
+    }
+
+    fn get_range_call(start: Option<isize>, stop: Option<isize>) -> Call<Vec<Vec<u8>>, Vec<T>> {
+        let bound = |b: Option<isize>| b.map(|b| b.to_string()).unwrap_or_default();
+        Call::new(&RANGE, "reading", decode_all::<T>)
+            .arg(bound(start))
+            .arg(bound(stop))
+    }
+
+    fn set_call(&self, index: isize, value: T) -> Result<Call<i64, ()>> {
+        let value = self.container.encode(&value)?;
+        Ok(Call::new(&SET, "writing", |_, set: i64| {
+            if set == 0 {
+                return Err(Error::IndexError(ASSIGNMENT_OUT_OF_RANGE.into()));
+            }
+            Ok(())
+        })
+        .arg(index)
+        .bytes(value))
+    }
+
+    fn del_call(index: isize) -> Call<(i64, Option<Vec<u8>>), ()> {
+        Call::new(&POP, "removing from", |c, reply| {
+            taken(c, reply, ASSIGNMENT_OUT_OF_RANGE).map(|_| ())
+        })
+        .arg(index.to_string())
+    }
+
+    /// Removes item `index`, the last when `None`.
+    fn pop_call(index: Option<isize>) -> Call<(i64, Option<Vec<u8>>), T> {
+        Call::new(&POP, "removing from", |c, reply| {
+            c.decode(&taken(c, reply, POP_OUT_OF_RANGE)?)
+        })
+        .arg(index.map(|i| i.to_string()).unwrap_or_default())
+    }
+
+    fn append_call(&self, value: T) -> Result<Call<i64, ()>> {
+        let value = self.container.encode(&value)?;
+        Ok(Call::new(&PUSH, "writing", |_, _: i64| Ok(())).bytes(value))
+    }
+
+    /// `None` when there is nothing to append (no round trip).
+    fn extend_call(&self, values: impl IntoIterator<Item = T>) -> Result<Option<Call<i64, ()>>> {
+        let encoded = values
+            .into_iter()
+            .map(|v| self.container.encode(&v))
+            .collect::<Result<Vec<_>>>()?;
+        if encoded.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            Call::new(&PUSH, "writing", |_, _: i64| Ok(())).all_bytes(encoded),
+        ))
+    }
+
+    fn insert_call(&self, index: isize, value: T) -> Result<Call<i64, ()>> {
+        let value = self.container.encode(&value)?;
+        Ok(Call::new(&INSERT, "writing", |_, _: i64| Ok(()))
+            .arg(index)
+            .bytes(value))
+    }
+
+    fn remove_call<Q: Serialize + ?Sized>(&self, value: &Q) -> Result<Call<i64, ()>> {
+        let value = self.container.encode(value)?;
+        Ok(Call::new(&REMOVE, "removing from", |_, removed: i64| {
+            if removed == 0 {
+                return Err(Error::invalid_state("list.remove(x): x not in list"));
+            }
+            Ok(())
+        })
+        .bytes(value))
+    }
+
+    /// `list_find.lua` in `mode` ("index": the first position or -1; "count"), read by `parse`.
+    fn find_call<Q: Serialize + ?Sized, O>(
+        &self,
+        value: &Q,
+        mode: &str,
+        parse: fn(&Container, i64) -> Result<O>,
+    ) -> Result<Call<i64, O>> {
+        let value = self.container.encode(value)?;
+        Ok(Call::new(&FIND, "reading", parse).bytes(value).arg(mode))
+    }
+
+    fn index_call<Q: Serialize + ?Sized>(&self, value: &Q) -> Result<Call<i64, usize>> {
+        self.find_call(value, "index", |_, position| {
+            usize::try_from(position).map_err(|_| Error::invalid_state("x is not in list"))
+        })
+    }
+
+    fn count_call<Q: Serialize + ?Sized>(&self, value: &Q) -> Result<Call<i64, usize>> {
+        self.find_call(value, "count", |_, count| {
+            Ok(usize::try_from(count).unwrap_or(0))
+        })
+    }
+
+    fn contains_call<Q: Serialize + ?Sized>(&self, value: &Q) -> Result<Call<i64, bool>> {
+        self.find_call(value, "index", |_, position| Ok(position >= 0))
+    }
+
+    fn reverse_call() -> Call<i64, ()> {
+        Call::new(&REVERSE, "reversing", |_, _: i64| Ok(()))
+    }
+
+    /// Reads the items and freezes the list for the sort `token`: the version and the items.
+    fn sort_begin_call(token: &str) -> Call<Vec<Vec<u8>>, SortBegun> {
+        Call::new(&SORT_BEGIN, "sorting", |c, reply: Vec<Vec<u8>>| {
+            let mut reply: VecDeque<Vec<u8>> = reply.into();
+            let Some(version) = reply.pop_front() else {
+                return Err(c.malformed("the items to sort"));
+            };
+            Ok((version, reply.into()))
+        })
+        .arg(token)
+        .arg(FREEZE.as_millis() as u64)
+    }
+
+    /// Writes the sorted items, if the list is still at `version` and frozen by `token`: 1 when
+    /// written.
+    fn replace_call(token: &str, version: Vec<u8>, sorted: Vec<Vec<u8>>) -> Call<i64, i64> {
+        Call::new(&REPLACE, "sorting", |_, written: i64| Ok(written))
+            .arg(token)
+            .bytes(version)
+            .all_bytes(sorted)
+    }
+
+    /// The items read by `sort_begin_call`, sorted by `compare`: their encodings, in order.
+    fn sorted(
+        &self,
+        items: Vec<Vec<u8>>,
+        compare: &mut impl FnMut(&T, &T) -> std::cmp::Ordering,
+    ) -> Result<Vec<Vec<u8>>> {
+        let store = store()?;
+        let mut items = items
+            .into_iter()
+            .map(|bytes| Ok((self.container.decode_with::<T>(&store, &bytes)?, bytes)))
+            .collect::<Result<Vec<(T, Vec<u8>)>>>()?;
+        items.sort_by(|a, b| compare(&a.0, &b.0));
+        Ok(items.into_iter().map(|(_, bytes)| bytes).collect())
+    }
+
+    /// Whether a sort's write (`replace_call`) applied; `false`: sort again.
+    fn sort_written(written: Result<i64>) -> Result<bool> {
+        match written {
+            Ok(1) => Ok(true),
+            // Written meanwhile (a writer whose clock ignored the freeze), or the freeze
+            // lapsed and another sort holds one: sort again.
+            Ok(_) => Ok(false),
+            Err(e) if is_frozen(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn sort_gave_up(&self) -> Error {
+        Error::invalid_state(format!(
+            "{}: other processes wrote to the list during each of {SORT_ATTEMPTS} attempts to \
+             sort it",
+            self.container.describe()
+        ))
+    }
+
+    fn len_call() -> Call<LenReply, usize> {
+        Call::new(&LEN, "reading", |_, (len, _, _): LenReply| Ok(len))
+    }
+
+    fn shape_call() -> Call<LenReply, String> {
+        Call::new(&LEN, "reading", |_, (_, _, shape): LenReply| Ok(shape))
+    }
+
+    fn to_vec_call() -> Call<Vec<Vec<u8>>, Vec<T>> {
+        Call::new(&PAGE_SCRIPT, "reading", |c, reply: Vec<Vec<u8>>| {
+            decode_all(c, list_page(c, reply)?.items)
+        })
+        .arg(0)
+        .arg(0)
+        .arg("")
+    }
+
+    fn page_call(start: usize, count: usize, shape: &str) -> Call<Vec<Vec<u8>>, ListPage> {
+        Call::new(&PAGE_SCRIPT, "reading", list_page)
+            .arg(start)
+            .arg(count)
+            .arg(shape)
+    }
+
+    fn clear_call() -> Call<i64, ()> {
+        Call::new(&CLEAR, "clearing", |_, _: i64| Ok(()))
+    }
+
+    /// Sends a write, again while another process's sort freezes the list (see [`FrozenWait`]).
+    fn write<R: redis::FromRedisValue, O>(&self, call: Call<R, O>) -> Result<O> {
+        let mut wait = FrozenWait::new();
+        loop {
+            match self.container.send(&call) {
+                Ok(reply) => return call.read(&self.container, reply),
+                Err(e) => std::thread::sleep(wait.after(&self.container, e)?),
+            }
+        }
+    }
+
+    /// The async form of `write`: the pauses run on shoal's actor runtime.
+    fn write_async<R, O>(
+        &self,
+        call: Result<Call<R, O>>,
+    ) -> impl Future<Output = Result<O>> + Send + use<R, O, T>
+    where
+        R: redis::FromRedisValue + Send + 'static,
+    {
+        let container = self.container.clone();
+        async move {
+            let call = call?;
+            let mut wait = FrozenWait::new();
+            loop {
+                match container.send_async(&call).await {
+                    Ok(reply) => return call.read(&container, reply),
+                    Err(e) => pause_async(wait.after(&container, e)?).await?,
+                }
+            }
+        }
+    }
+
+    // The blocking forms.
+
     /// Item `index` (Python's `l[i]`; negative from the end); [`Error::IndexError`] outside.
     pub fn get(&self, index: isize) -> Result<T> {
-        let item: Option<Vec<u8>> = self.container.run(&GET, "reading", |i| {
-            i.arg(index);
-        })?;
-        match item {
-            Some(bytes) => self.container.decode(&bytes),
-            None => Err(Error::IndexError("list index out of range".into())),
-        }
+        self.container.run(Self::get_call(index))
     }
 
     /// The items of a slice (Python's `l[start:stop]`, with its bounds: negative from the end,
@@ -187,101 +495,49 @@ where
         start: impl Into<Option<isize>>,
         stop: impl Into<Option<isize>>,
     ) -> Result<Vec<T>> {
-        let bound = |b: Option<isize>| b.map(|b| b.to_string()).unwrap_or_default();
-        let (start, stop) = (bound(start.into()), bound(stop.into()));
-        let items: Vec<Vec<u8>> = self.container.run(&RANGE, "reading", |i| {
-            i.arg(start).arg(stop);
-        })?;
-        self.decode_all(items)
-    }
-
-    fn decode_all(&self, items: Vec<Vec<u8>>) -> Result<Vec<T>> {
-        let store = store()?;
-        items
-            .iter()
-            .map(|bytes| self.container.decode_with(&store, bytes))
-            .collect()
+        self.container
+            .run(Self::get_range_call(start.into(), stop.into()))
     }
 
     /// Sets item `index` (Python's `l[i] = x`); [`Error::IndexError`] outside the list.
     pub fn set(&self, index: isize, value: T) -> Result<()> {
-        let value = self.container.encode(&value)?;
-        let set: i64 = self.write(&SET, "writing", |i| {
-            i.arg(index).arg(&value);
-        })?;
-        if set == 0 {
-            return Err(Error::IndexError(
-                "list assignment index out of range".into(),
-            ));
-        }
-        Ok(())
+        self.write(self.set_call(index, value)?)
     }
 
     /// Removes item `index` (Python's `del l[i]`); [`Error::IndexError`] outside the list.
     pub fn del(&self, index: isize) -> Result<()> {
-        self.take(Some(index), "list assignment index out of range")
-            .map(|_| ())
-    }
-
-    fn take(&self, index: Option<isize>, out_of_range: &str) -> Result<Vec<u8>> {
-        let index = index.map(|i| i.to_string()).unwrap_or_default();
-        let reply: (i64, Option<Vec<u8>>) = self.write(&POP, "removing from", |i| {
-            i.arg(&index);
-        })?;
-        match reply {
-            (2, Some(bytes)) => Ok(bytes),
-            (0, _) => Err(Error::IndexError("pop from empty list".into())),
-            (1, _) => Err(Error::IndexError(out_of_range.into())),
-            _ => Err(self.container.malformed("pop")),
-        }
+        self.write(Self::del_call(index))
     }
 
     /// Removes and returns the last item (Python's `l.pop()`); [`Error::IndexError`] when the
     /// list is empty.
     pub fn pop(&self) -> Result<T> {
-        let bytes = self.take(None, "pop index out of range")?;
-        self.container.decode(&bytes)
+        self.write(Self::pop_call(None))
     }
 
     /// Removes and returns item `index` (Python's `l.pop(i)`); [`Error::IndexError`] when the
     /// list is empty or `index` is outside it.
     pub fn pop_at(&self, index: isize) -> Result<T> {
-        let bytes = self.take(Some(index), "pop index out of range")?;
-        self.container.decode(&bytes)
+        self.write(Self::pop_call(Some(index)))
     }
 
     /// Appends `value` (Python's `l.append(x)`).
     pub fn append(&self, value: T) -> Result<()> {
-        let value = self.container.encode(&value)?;
-        self.write::<i64>(&PUSH, "writing", |i| {
-            i.arg(&value);
-        })?;
-        Ok(())
+        self.write(self.append_call(value)?)
     }
 
     /// Appends every item, atomically (Python's `l.extend(xs)`).
     pub fn extend(&self, values: impl IntoIterator<Item = T>) -> Result<()> {
-        let encoded = values
-            .into_iter()
-            .map(|v| self.container.encode(&v))
-            .collect::<Result<Vec<_>>>()?;
-        if encoded.is_empty() {
-            return Ok(());
+        match self.extend_call(values)? {
+            Some(call) => self.write(call),
+            None => Ok(()),
         }
-        self.write::<i64>(&PUSH, "writing", |i| {
-            i.arg(&encoded);
-        })?;
-        Ok(())
     }
 
     /// Inserts `value` before item `index` (Python's `l.insert(i, x)`: negative from the end;
     /// past the end appends, before the start prepends).
     pub fn insert(&self, index: isize, value: T) -> Result<()> {
-        let value = self.container.encode(&value)?;
-        self.write::<i64>(&INSERT, "writing", |i| {
-            i.arg(index).arg(&value);
-        })?;
-        Ok(())
+        self.write(self.insert_call(index, value)?)
     }
 
     /// Removes the first item equal to `value` (Python's `l.remove(x)`); [`Error::InvalidState`]
@@ -291,14 +547,7 @@ where
         T: std::borrow::Borrow<Q>,
         Q: Serialize + ?Sized,
     {
-        let value = self.container.encode(value)?;
-        let removed: i64 = self.write(&REMOVE, "removing from", |i| {
-            i.arg(&value);
-        })?;
-        if removed == 0 {
-            return Err(Error::invalid_state("list.remove(x): x not in list"));
-        }
-        Ok(())
+        self.write(self.remove_call(value)?)
     }
 
     /// The position of the first item equal to `value` (Python's `l.index(x)`);
@@ -308,8 +557,7 @@ where
         T: std::borrow::Borrow<Q>,
         Q: Serialize + ?Sized,
     {
-        let position = self.find(value, "index")?;
-        usize::try_from(position).map_err(|_| Error::invalid_state("x is not in list"))
+        self.container.run(self.index_call(value)?)
     }
 
     /// How many items equal `value` (Python's `l.count(x)`).
@@ -318,7 +566,7 @@ where
         T: std::borrow::Borrow<Q>,
         Q: Serialize + ?Sized,
     {
-        Ok(usize::try_from(self.find(value, "count")?).unwrap_or(0))
+        self.container.run(self.count_call(value)?)
     }
 
     /// Whether an item equals `value` (Python's `x in l`).
@@ -327,20 +575,12 @@ where
         T: std::borrow::Borrow<Q>,
         Q: Serialize + ?Sized,
     {
-        Ok(self.find(value, "index")? >= 0)
-    }
-
-    fn find<Q: Serialize + ?Sized>(&self, value: &Q, mode: &str) -> Result<i64> {
-        let value = self.container.encode(value)?;
-        self.container.run(&FIND, "reading", |i| {
-            i.arg(value).arg(mode);
-        })
+        self.container.run(self.contains_call(value)?)
     }
 
     /// Reverses the list in place, atomically (Python's `l.reverse()`).
     pub fn reverse(&self) -> Result<()> {
-        self.write::<i64>(&REVERSE, "reversing", |_| {})?;
-        Ok(())
+        self.write(Self::reverse_call())
     }
 
     /// Sorts the list in place by `T`'s order, stably and atomically (Python's `l.sort()`).
@@ -354,75 +594,23 @@ where
     /// Sorts the list in place by `compare`, stably and atomically (Python's `l.sort(key=...)`;
     /// `|a, b| b.cmp(a)` for `reverse=True`). `compare` runs in this process.
     pub fn sort_by(&self, mut compare: impl FnMut(&T, &T) -> std::cmp::Ordering) -> Result<()> {
-        let store = store()?;
         for _ in 0..SORT_ATTEMPTS {
             let token = uuid::Uuid::new_v4().simple().to_string();
-            let mut reply: VecDeque<Vec<u8>> = self
-                .write::<Vec<Vec<u8>>>(&SORT_BEGIN, "sorting", |i| {
-                    i.arg(&token).arg(FREEZE.as_millis() as u64);
-                })?
-                .into();
-            let Some(version) = reply.pop_front() else {
-                return Err(self.container.malformed("the items to sort"));
-            };
-            let mut items = reply
-                .into_iter()
-                .map(|bytes| Ok((self.container.decode_with::<T>(&store, &bytes)?, bytes)))
-                .collect::<Result<Vec<(T, Vec<u8>)>>>()?;
-            items.sort_by(|a, b| compare(&a.0, &b.0));
-            let encoded: Vec<Vec<u8>> = items.into_iter().map(|(_, bytes)| bytes).collect();
-            let written = self.container.run::<i64>(&REPLACE, "sorting", |i| {
-                i.arg(&token).arg(&version).arg(encoded);
-            });
-            match written {
-                Ok(1) => return Ok(()),
-                // Written meanwhile (a writer whose clock ignored the freeze), or the freeze
-                // lapsed and another sort holds one: sort again.
-                Ok(_) => continue,
-                Err(e) if is_frozen(&e) => continue,
-                Err(e) => return Err(e),
+            let (version, items) = self.write(Self::sort_begin_call(&token))?;
+            let sorted = self.sorted(items, &mut compare)?;
+            let written = self
+                .container
+                .run(Self::replace_call(&token, version, sorted));
+            if Self::sort_written(written)? {
+                return Ok(());
             }
         }
-        Err(Error::invalid_state(format!(
-            "{}: other processes wrote to the list during each of {SORT_ATTEMPTS} attempts to \
-             sort it",
-            self.container.describe()
-        )))
-    }
-
-    /// Runs a write script, waiting while another process's sort freezes the list (at most
-    /// until its freeze lapses, however often sorts follow each other: then the write is
-    /// [`Error::InvalidState`]).
-    fn write<R: redis::FromRedisValue>(
-        &self,
-        script: &redis::Script,
-        what: &'static str,
-        fill: impl Fn(&mut redis::ScriptInvocation<'_>),
-    ) -> Result<R> {
-        let started = Instant::now();
-        let mut pause = Duration::from_millis(1);
-        loop {
-            match self.container.run(script, what, &fill) {
-                Err(e) if is_frozen(&e) => {
-                    if started.elapsed() > 2 * FREEZE {
-                        return Err(Error::invalid_state(format!(
-                            "{}: sorts by other processes kept the list frozen for {:?}",
-                            self.container.describe(),
-                            started.elapsed()
-                        )));
-                    }
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(50));
-                }
-                other => return other,
-            }
-        }
+        Err(self.sort_gave_up())
     }
 
     /// The number of items (Python's `len(l)`).
     pub fn len(&self) -> Result<usize> {
-        let (len, _, _): (usize, String, String) = self.container.run(&LEN, "reading", |_| {})?;
-        Ok(len)
+        self.container.run(Self::len_call())
     }
 
     /// Whether the list has no item.
@@ -432,20 +620,18 @@ where
 
     /// Every item (Python's `l[:]`): a copy, read atomically.
     pub fn to_vec(&self) -> Result<Vec<T>> {
-        let page = self.page(0, 0, "")?;
-        self.decode_all(page.items)
+        self.container.run(Self::to_vec_call())
     }
 
     /// Removes every item (Python's `l.clear()`).
     pub fn clear(&self) -> Result<()> {
-        self.write::<i64>(&CLEAR, "clearing", |_| {})?;
-        Ok(())
+        self.write(Self::clear_call())
     }
 
     /// An iterator over the items, a page at a time (see the module docs for changes during
     /// iteration). One round trip now (it reads the shape to compare with), then one per page.
     pub fn iter(&self) -> Result<ListIter<T>> {
-        let (_, _, shape): (usize, String, String) = self.container.run(&LEN, "reading", |_| {})?;
+        let shape = self.container.run(Self::shape_call())?;
         Ok(ListIter {
             list: self.clone(),
             shape,
@@ -456,19 +642,193 @@ where
     }
 
     fn page(&self, start: usize, count: usize, shape: &str) -> Result<ListPage> {
-        let mut reply: VecDeque<Vec<u8>> = self
-            .container
-            .run::<Vec<Vec<u8>>>(&PAGE_SCRIPT, "reading", |i| {
-                i.arg(start).arg(count).arg(shape);
-            })?
-            .into();
-        let (Some(_version), Some(shape)) = (reply.pop_front(), reply.pop_front()) else {
-            return Err(self.container.malformed("a page"));
+        self.container.run(Self::page_call(start, count, shape))
+    }
+
+    // The async forms (see the module docs).
+
+    /// The async form of [`ListProxy::get`]: the same round trip, on shoal's actor runtime;
+    /// [`Error::IndexError`] outside the list.
+    pub fn get_async(&self, index: isize) -> impl Future<Output = Result<T>> + Send + use<T> {
+        self.container.run_async(Ok(Self::get_call(index)))
+    }
+
+    /// The async form of [`ListProxy::get_range`].
+    pub fn get_range_async<S: Into<Option<isize>>, E: Into<Option<isize>>>(
+        &self,
+        start: S,
+        stop: E,
+    ) -> impl Future<Output = Result<Vec<T>>> + Send + use<T, S, E> {
+        let call = Self::get_range_call(start.into(), stop.into());
+        self.container.run_async(Ok(call))
+    }
+
+    /// The async form of [`ListProxy::set`]: [`Error::IndexError`] outside the list. Like every
+    /// async write, it waits for another process's sort as the blocking form does, without
+    /// blocking the caller's thread.
+    pub fn set_async(
+        &self,
+        index: isize,
+        value: T,
+    ) -> impl Future<Output = Result<()>> + Send + use<T> {
+        self.write_async(self.set_call(index, value))
+    }
+
+    /// The async form of [`ListProxy::del`]: [`Error::IndexError`] outside the list.
+    pub fn del_async(&self, index: isize) -> impl Future<Output = Result<()>> + Send + use<T> {
+        self.write_async(Ok(Self::del_call(index)))
+    }
+
+    /// The async form of [`ListProxy::pop`]: [`Error::IndexError`] when the list is empty.
+    pub fn pop_async(&self) -> impl Future<Output = Result<T>> + Send + use<T> {
+        self.write_async(Ok(Self::pop_call(None)))
+    }
+
+    /// The async form of [`ListProxy::pop_at`].
+    pub fn pop_at_async(&self, index: isize) -> impl Future<Output = Result<T>> + Send + use<T> {
+        self.write_async(Ok(Self::pop_call(Some(index))))
+    }
+
+    /// The async form of [`ListProxy::append`].
+    pub fn append_async(&self, value: T) -> impl Future<Output = Result<()>> + Send + use<T> {
+        self.write_async(self.append_call(value))
+    }
+
+    /// The async form of [`ListProxy::extend`], as atomic. The items are encoded when it is
+    /// called (the future does not hold them).
+    pub fn extend_async<I: IntoIterator<Item = T>>(
+        &self,
+        values: I,
+    ) -> impl Future<Output = Result<()>> + Send + use<T, I> {
+        let extend = match self.extend_call(values) {
+            Ok(Some(call)) => Some(self.write_async(Ok(call))),
+            Ok(None) => None,
+            Err(e) => Some(self.write_async(Err(e))),
         };
-        Ok(ListPage {
-            shape: String::from_utf8_lossy(&shape).into_owned(),
-            items: reply.into(),
-        })
+        async move {
+            match extend {
+                Some(extend) => extend.await,
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// The async form of [`ListProxy::insert`].
+    pub fn insert_async(
+        &self,
+        index: isize,
+        value: T,
+    ) -> impl Future<Output = Result<()>> + Send + use<T> {
+        self.write_async(self.insert_call(index, value))
+    }
+
+    /// The async form of [`ListProxy::remove`]: [`Error::InvalidState`] when no item equals
+    /// `value`.
+    pub fn remove_async<Q>(&self, value: &Q) -> impl Future<Output = Result<()>> + Send + use<T, Q>
+    where
+        T: std::borrow::Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        self.write_async(self.remove_call(value))
+    }
+
+    /// The async form of [`ListProxy::index`]: [`Error::InvalidState`] when no item equals
+    /// `value`.
+    pub fn index_async<Q>(
+        &self,
+        value: &Q,
+    ) -> impl Future<Output = Result<usize>> + Send + use<T, Q>
+    where
+        T: std::borrow::Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        self.container.run_async(self.index_call(value))
+    }
+
+    /// The async form of [`ListProxy::count`].
+    pub fn count_async<Q>(
+        &self,
+        value: &Q,
+    ) -> impl Future<Output = Result<usize>> + Send + use<T, Q>
+    where
+        T: std::borrow::Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        self.container.run_async(self.count_call(value))
+    }
+
+    /// The async form of [`ListProxy::contains`].
+    pub fn contains_async<Q>(
+        &self,
+        value: &Q,
+    ) -> impl Future<Output = Result<bool>> + Send + use<T, Q>
+    where
+        T: std::borrow::Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
+        self.container.run_async(self.contains_call(value))
+    }
+
+    /// The async form of [`ListProxy::reverse`].
+    pub fn reverse_async(&self) -> impl Future<Output = Result<()>> + Send + use<T> {
+        self.write_async(Ok(Self::reverse_call()))
+    }
+
+    /// The async form of [`ListProxy::sort`]: the same two round trips per attempt, on shoal's
+    /// actor runtime; the comparisons run in the caller's task, between them.
+    pub fn sort_async(&self) -> impl Future<Output = Result<()>> + Send + use<T>
+    where
+        T: Ord,
+    {
+        self.sort_by_async(T::cmp)
+    }
+
+    /// The async form of [`ListProxy::sort_by`]: `compare` runs in the caller's task, between
+    /// the two round trips.
+    pub fn sort_by_async<F>(
+        &self,
+        mut compare: F,
+    ) -> impl Future<Output = Result<()>> + Send + use<T, F>
+    where
+        F: FnMut(&T, &T) -> std::cmp::Ordering + Send,
+    {
+        let list = self.clone();
+        async move {
+            for _ in 0..SORT_ATTEMPTS {
+                let token = uuid::Uuid::new_v4().simple().to_string();
+                let (version, items) = list.write_async(Ok(Self::sort_begin_call(&token))).await?;
+                let sorted = list.sorted(items, &mut compare)?;
+                let written = list
+                    .container
+                    .run_async(Ok(Self::replace_call(&token, version, sorted)))
+                    .await;
+                if Self::sort_written(written)? {
+                    return Ok(());
+                }
+            }
+            Err(list.sort_gave_up())
+        }
+    }
+
+    /// The async form of [`ListProxy::len`].
+    pub fn len_async(&self) -> impl Future<Output = Result<usize>> + Send + use<T> {
+        self.container.run_async(Ok(Self::len_call()))
+    }
+
+    /// The async form of [`ListProxy::is_empty`].
+    pub fn is_empty_async(&self) -> impl Future<Output = Result<bool>> + Send + use<T> {
+        let len = self.len_async();
+        async move { Ok(len.await? == 0) }
+    }
+
+    /// The async form of [`ListProxy::to_vec`]: every item in one round trip, read atomically.
+    pub fn to_vec_async(&self) -> impl Future<Output = Result<Vec<T>>> + Send + use<T> {
+        self.container.run_async(Ok(Self::to_vec_call()))
+    }
+
+    /// The async form of [`ListProxy::clear`].
+    pub fn clear_async(&self) -> impl Future<Output = Result<()>> + Send + use<T> {
+        self.write_async(Ok(Self::clear_call()))
     }
 }
 
@@ -511,7 +871,7 @@ impl<T: Serialize + DeserializeOwned> ListIter<T> {
             self.done = true;
         }
         self.next_index += page.items.len();
-        self.buffer = self.list.decode_all(page.items)?.into();
+        self.buffer = decode_all(&self.list.container, page.items)?.into();
         Ok(())
     }
 }

@@ -30,6 +30,22 @@
 //!   trip: `get` and `set` of a dict, `get`, `set` and `append` of a list, a namespace
 //!   attribute.
 //!
+//! # Async forms
+//!
+//! Every proxy method that makes round trips has an async twin named `<method>_async`
+//! ([`DictProxy::get_async`], [`ListProxy::append_async`], [`NamespaceProxy::set_async`]...):
+//! the same script with the same arguments, its reply read by the same code and its errors
+//! mapped the same way (a missing key is [`Error::KeyError`], an index outside a list
+//! [`Error::IndexError`]), only sent from a task of shoal's actor runtime on its shared
+//! multiplexed connection, so the caller's thread is never blocked and any executor can await
+//! the future (it borrows neither the proxy nor the key: keys and values are encoded when the
+//! method is called, the script's `now` is taken when it is sent). An async list write that
+//! meets another process's sort waits for it as the blocking form does, its pauses timed on the
+//! actor runtime; [`ListProxy::sort_by_async`] runs `compare` in the caller's task between its
+//! two round trips. A write whose future is dropped after it was sent is still applied, once.
+//! The page-by-page iterators ([`DictProxy::iter`], [`ListProxy::iter`]) have no async form;
+//! [`DictProxy::items_async`] and [`ListProxy::to_vec_async`] read everything in one round trip.
+//!
 //! # Lifetime
 //!
 //! [`Manager::shutdown`] deletes the manager's keys (its record and every container, whichever
@@ -75,7 +91,7 @@
 //! `new`: 1. `connect`: 1 (a read). `dict`/`list`/`namespace`: 1 (a script that checks the manager
 //! runs and records the container); `dict_from`/`list_from`: 2. `queue`, `lock`...: 1 (is the
 //! manager running?) plus the primitive's creation. `shutdown`: 2. Each proxy operation: see its
-//! module (1, except `ListProxy::sort`).
+//! module (1, except `ListProxy::sort`), the same for its async form.
 
 mod container;
 pub mod dict;
