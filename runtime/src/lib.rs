@@ -32,9 +32,10 @@
 //!
 //! ## The same-binary model
 //!
-//! Rust cannot send closures between processes. The program that starts a child is also the
-//! child: a subprocess runs this same binary with the task's address in its environment, and
-//! [`init`] notices, runs the task and exits. So:
+//! Rust cannot send closures between processes (a closure runs on a thread of this process
+//! with [`Process::thread`]). The program that starts a child is also the child: a subprocess
+//! runs this same binary with the task's address in its environment, and [`init`] notices, runs
+//! the task and exits. So:
 //!
 //! * functions that run in a subprocess carry [`#[shoal::remote]`](remote), which registers them
 //!   under their full path at link time (a non-generic, non-async free function of 0 to 8
