@@ -1080,7 +1080,10 @@ async fn a_pod_whose_service_account_is_missing_is_refused_with_failed_create_ev
     .await
     .expect("a FailedCreate Event is watched");
     assert_eq!(first.involved_object.name.as_deref(), Some("refused"));
-    assert_eq!(first.involved_object.api_version.as_deref(), Some("batch/v1"));
+    assert_eq!(
+        first.involved_object.api_version.as_deref(),
+        Some("batch/v1")
+    );
     assert_eq!(first.type_.as_deref(), Some("Warning"));
     assert_eq!(
         first.message.as_deref(),
@@ -1097,9 +1100,7 @@ async fn a_pod_whose_service_account_is_missing_is_refused_with_failed_create_ev
     let deadline = Instant::now() + PATIENCE;
     loop {
         let listed = events
-            .list(&ListParams::default().fields(&format!(
-                "{selector},involvedObject.name=refused"
-            )))
+            .list(&ListParams::default().fields(&format!("{selector},involvedObject.name=refused")))
             .await
             .expect("list Events")
             .items;
@@ -1111,7 +1112,12 @@ async fn a_pod_whose_service_account_is_missing_is_refused_with_failed_create_ev
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(job_pods(&pods, "refused", 0).await.is_empty());
-    let status = jobs.get("refused").await.expect("get").status.unwrap_or_default();
+    let status = jobs
+        .get("refused")
+        .await
+        .expect("get")
+        .status
+        .unwrap_or_default();
     assert_eq!(status.active, None, "no pod is active: {status:?}");
     let unrelated = events
         .list(&ListParams::default().fields("reason=Scheduled"))

@@ -86,10 +86,7 @@ pub(crate) fn router(core: Arc<Core>) -> Router {
             get(read::<ServiceAccount>).delete(delete_service_account),
         )
         .route("/api/v1/events", get(list_all::<Event>))
-        .route(
-            "/api/v1/namespaces/{namespace}/events",
-            get(list::<Event>),
-        )
+        .route("/api/v1/namespaces/{namespace}/events", get(list::<Event>))
         .route(
             "/api/v1/namespaces/{namespace}/events/{name}",
             get(read::<Event>),

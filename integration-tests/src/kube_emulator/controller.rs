@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus, UncountedTerminatedPods};
-use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod, PodSpec, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    Event, EventSource, ObjectReference, Pod, PodSpec, ServiceAccount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     DeleteOptions, LabelSelector, ObjectMeta, OwnerReference, Preconditions, Time,
 };
@@ -708,9 +710,7 @@ fn pod_admission_error(cluster: &Cluster, job: &Job) -> Option<String> {
         .filter(|a| !a.is_empty())
         .unwrap_or(DEFAULT_SERVICE_ACCOUNT);
     if account == DEFAULT_SERVICE_ACCOUNT
-        || cluster
-            .store
-            .contains::<ServiceAccount>(namespace, account)
+        || cluster.store.contains::<ServiceAccount>(namespace, account)
     {
         return None;
     }
