@@ -1,14 +1,15 @@
 //! The test-only Kubernetes API emulator (`shoal_integration_tests::kube_emulator`), driven by a
 //! real `kube::Client`: Jobs run their pods' commands as real processes with the statuses a
 //! real cluster reports (exit codes, signals, OOM kills, retries, deadlines, TTLs), watches see
-//! the transitions, deletes send the signals of a grace period, selectors and Secrets work, and
-//! a pod in a network namespace reaches a Redis on the bridge.
+//! the transitions, deletes send the signals of a grace period, selectors and Secrets work, a
+//! pod whose service account is missing is refused with `FailedCreate` Events until it exists,
+//! and a pod in a network namespace reaches a Redis on the bridge.
 
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod, Secret};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Event, Pod, Secret, ServiceAccount};
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams, WatchEvent, WatchParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
@@ -1039,5 +1040,104 @@ async fn a_pod_in_a_network_namespace_reaches_redis_on_the_bridge_only() {
     assert!(
         !String::from_utf8_lossy(&namespaces.stdout).contains(&prefix),
         "pod hosts left behind"
+    );
+}
+
+/// The ServiceAccount admission plugin refuses a pod whose service account does not exist: the
+/// job controller records a `FailedCreate` Warning Event on the Job (repeats counted on the same
+/// Event), keeps the Job without a pod and retries; once the account exists, the pod is made.
+#[tokio::test]
+async fn a_pod_whose_service_account_is_missing_is_refused_with_failed_create_events() {
+    let emulator = Emulator::start(None);
+    let (client, jobs, pods) = apis(&emulator);
+    let events: Api<Event> = Api::default_namespaced(client.clone());
+    let accounts: Api<ServiceAccount> = Api::default_namespaced(client);
+    let selector = "involvedObject.kind=Job,reason=FailedCreate,type=Warning";
+    let mut watched = follow(watcher(
+        events.clone(),
+        watcher::Config::default().fields(selector),
+    ))
+    .await;
+    jobs.create(
+        &PostParams::default(),
+        &job(
+            "refused",
+            &["/bin/true"],
+            json!({"spec": {"template": {"spec": {"serviceAccountName": "late"}}}}),
+        ),
+    )
+    .await
+    .expect("the Job itself is accepted");
+    let first = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match watched.recv().await {
+                Some(watcher::Event::Apply(event)) => return event,
+                Some(_) => continue,
+                None => panic!("the Event watch ended"),
+            }
+        }
+    })
+    .await
+    .expect("a FailedCreate Event is watched");
+    assert_eq!(first.involved_object.name.as_deref(), Some("refused"));
+    assert_eq!(
+        first.involved_object.api_version.as_deref(),
+        Some("batch/v1")
+    );
+    assert_eq!(first.type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        first.message.as_deref(),
+        Some(
+            "Error creating: pods \"refused-\" is forbidden: error looking up service account \
+             default/late: serviceaccount \"late\" not found"
+        )
+    );
+    assert_eq!(
+        first.source.as_ref().and_then(|s| s.component.as_deref()),
+        Some("job-controller")
+    );
+    // Retries: the same Event, counted.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let listed = events
+            .list(&ListParams::default().fields(&format!("{selector},involvedObject.name=refused")))
+            .await
+            .expect("list Events")
+            .items;
+        assert_eq!(listed.len(), 1, "one Event, counted: {listed:?}");
+        if listed[0].count.unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pod is never retried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(job_pods(&pods, "refused", 0).await.is_empty());
+    let status = jobs
+        .get("refused")
+        .await
+        .expect("get")
+        .status
+        .unwrap_or_default();
+    assert_eq!(status.active, None, "no pod is active: {status:?}");
+    let unrelated = events
+        .list(&ListParams::default().fields("reason=Scheduled"))
+        .await
+        .expect("list Events");
+    assert!(unrelated.items.is_empty(), "field selectors filter Events");
+
+    let account: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "late"}})).expect("an account");
+    accounts
+        .create(&PostParams::default(), &account)
+        .await
+        .expect("create the service account");
+    let done = job_until(&jobs, "refused", "completed", finished).await;
+    assert!(condition(&done, "Complete").is_some(), "{:?}", done.status);
+    let default: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("an account");
+    let exists = accounts.create(&PostParams::default(), &default).await;
+    assert!(
+        matches!(&exists, Err(kube::Error::Api(s)) if s.code == 409),
+        "every namespace has a default account: {exists:?}"
     );
 }

@@ -26,7 +26,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Event, Pod, Secret, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -909,6 +909,111 @@ fn unstartable_pods(kube: &Kube, with_bad_command: bool) {
     drop(rt);
 }
 
+/// A service account that exists in no namespace: the cluster refuses the pods that name it.
+const NO_SUCH_ACCOUNT: &str = "shoal-test-no-such-account";
+
+/// Jobs whose pods the cluster refuses to create (their service account does not exist, so the
+/// Job controller only records `FailedCreate` Events): a Process ends with code 1 once
+/// `kubernetes.pod_create_grace_secs` have passed since the first refusal, not before, with no
+/// pod ever made and its Job deleted; a Pool whose workers are all refused breaks its map on
+/// its restart budget instead of hanging.
+fn refused_pods(kube: &Kube) {
+    let grace = Duration::from_secs(2);
+    let mut config = kube.config();
+    config.kubernetes.service_account = Some(NO_SUCH_ACCOUNT.into());
+    config.kubernetes.pod_create_grace_secs = grace.as_secs_f64();
+    let rt = runtime(config);
+    let p = Process::new(noop, ());
+    let started = Instant::now();
+    p.start().expect("start");
+    assert_eq!(exit_code(&p), Some(1), "a process whose pod is refused");
+    let took = started.elapsed();
+    println!("a process whose pod is refused ended after {took:?}");
+    assert!(took >= grace, "ended before the grace: {took:?}");
+    assert!(
+        took < grace + Duration::from_secs(30),
+        "ended long after the grace: {took:?}"
+    );
+    let own = format!("shoal.dev/process={}", p.get_name());
+    assert!(
+        wait(patience(), || kube.jobs(&own).is_empty()),
+        "the Job whose pod is refused is left behind: {:?}",
+        kube.jobs(&own)
+    );
+    assert!(kube.pods(&own).is_empty(), "no pod was ever made");
+
+    let pool = Pool::builder()
+        .processes(1)
+        .restart_budget(2, Duration::from_secs(600))
+        .build()
+        .expect("pool");
+    let started = Instant::now();
+    let outcome = pool.map(square, vec![1u64, 2, 3]);
+    assert!(
+        matches!(&outcome, Err(e) if e.to_string().contains("max_restarts")),
+        "a pool whose worker pods are refused: {outcome:?}"
+    );
+    println!(
+        "a pool whose worker pods are refused broke after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        wait(patience(), || kube.jobs("").is_empty()),
+        "the refused workers' Jobs are left behind: {:?}",
+        kube.jobs("")
+    );
+    drop(pool);
+    drop(rt);
+}
+
+/// A refusal that ends within the grace (the service account is created after the first
+/// `FailedCreate` Event, and the Job controller's next attempt makes the pod) does not end the
+/// process: it runs and exits 0.
+fn refused_then_admitted(kube: &Kube) {
+    let account = format!("shoal-test-late-{}", kube.keys);
+    let mut config = kube.config();
+    config.kubernetes.service_account = Some(account.clone());
+    config.kubernetes.pod_create_grace_secs = 20.0;
+    let _rt = runtime(config);
+    let p = Process::new(noop, ());
+    p.start().expect("start");
+    let own = format!("shoal.dev/process={}", p.get_name());
+    let mut job = String::new();
+    assert!(
+        wait(patience(), || {
+            job = kube
+                .jobs(&own)
+                .first()
+                .and_then(|j| j.metadata.name.clone())
+                .unwrap_or_default();
+            !job.is_empty()
+        }),
+        "no Job for {own}"
+    );
+    let events: Api<Event> = Api::namespaced(kube.client.clone(), &kube.namespace);
+    let selector = format!("involvedObject.kind=Job,involvedObject.name={job},reason=FailedCreate");
+    assert!(
+        wait(patience(), || !kube
+            .tokio
+            .block_on(events.list(&ListParams::default().fields(&selector)))
+            .expect("list Events")
+            .items
+            .is_empty()),
+        "no FailedCreate Event for Job {job}"
+    );
+    let accounts: Api<ServiceAccount> = Api::namespaced(kube.client.clone(), &kube.namespace);
+    let late: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": account}})).expect("an account");
+    kube.tokio
+        .block_on(accounts.create(&PostParams::default(), &late))
+        .expect("create the service account");
+    assert_eq!(
+        exit_code(&p),
+        Some(0),
+        "a pod admitted within the grace runs"
+    );
+}
+
 /// Dropping the runtime deletes every Job it started (finished ones included) and their pods.
 fn drop_deletes_jobs(kube: &Kube) {
     let rt = runtime(kube.config());
@@ -1089,6 +1194,29 @@ fn pods_that_cannot_start_are_reported_not_waited_for() {
         assert!(
             driven.stderr.contains(reason),
             "the driver's log says why a pod cannot start ({reason})"
+        );
+    }
+}
+
+#[test]
+fn pods_the_cluster_refuses_to_create_end_their_process_after_the_grace() {
+    let Some(driven) = drive(
+        "pods_the_cluster_refuses_to_create_end_their_process_after_the_grace",
+        Target::Emulator,
+        |kube| {
+            refused_pods(kube);
+            refused_then_admitted(kube);
+        },
+    ) else {
+        return;
+    };
+    for said in [
+        "cannot start: FailedCreate: Error creating: pods",
+        &format!("serviceaccount \"{NO_SUCH_ACCOUNT}\" not found"),
+    ] {
+        assert!(
+            driven.stderr.contains(said),
+            "the driver's log says why the pod is refused ({said})"
         );
     }
 }
@@ -1774,8 +1902,8 @@ fn the_real_cluster_tests_pass_against_an_emulator_standing_in_for_the_cluster()
     println!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "the real-cluster tests failed");
     assert!(
-        stdout.contains("test result: ok. 6 passed"),
-        "all six real-cluster tests ran"
+        stdout.contains("test result: ok. 7 passed"),
+        "all seven real-cluster tests ran"
     );
 }
 
@@ -1830,6 +1958,24 @@ fn cluster_pods_that_cannot_start_are_reported() {
         "cluster_pods_that_cannot_start_are_reported",
         Target::Cluster,
         |kube| unstartable_pods(kube, false),
+    );
+}
+
+#[test]
+#[ignore = "needs a cluster: make test-kubernetes"]
+fn cluster_pods_the_cluster_refuses_to_create_end_their_process() {
+    let Some(driven) = drive(
+        "cluster_pods_the_cluster_refuses_to_create_end_their_process",
+        Target::Cluster,
+        refused_pods,
+    ) else {
+        return;
+    };
+    assert!(
+        driven
+            .stderr
+            .contains(&format!("serviceaccount \"{NO_SUCH_ACCOUNT}\" not found")),
+        "the driver's log says why the pod is refused"
     );
 }
 

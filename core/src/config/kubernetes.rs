@@ -48,6 +48,13 @@ pub struct KubernetesConfig {
     /// a service name inside the cluster). `None`: the workers get `redis.url` as written,
     /// visible to whoever can read the Job.
     pub redis_url_secret: Option<SecretKeyRef>,
+    /// Seconds a worker's Job may stay without a pod after the first `FailedCreate` Warning
+    /// Event on it (the Job controller could not create the pod: a missing service account, an
+    /// exhausted quota, an admission policy). If no pod has appeared by then, the worker ends
+    /// with exit code 1, the Event's message is logged and the Job deleted; a pod created
+    /// meanwhile (the quota freed, the account created) lets the worker run. `0`: end it at the
+    /// first such Event.
+    pub pod_create_grace_secs: f64,
 }
 
 impl Default for KubernetesConfig {
@@ -67,6 +74,7 @@ impl Default for KubernetesConfig {
             ttl_seconds_after_finished: Some(300),
             active_deadline_seconds: None,
             redis_url_secret: None,
+            pod_create_grace_secs: 30.0,
         }
     }
 }
@@ -132,6 +140,14 @@ pub struct SecretKeyRef {
 }
 
 impl KubernetesConfig {
+    /// [`KubernetesConfig::pod_create_grace_secs`] as a duration, clamped into its range.
+    pub fn pod_create_grace(&self) -> std::time::Duration {
+        super::POD_CREATE_GRACE.duration(
+            self.pod_create_grace_secs,
+            KubernetesConfig::default().pod_create_grace_secs,
+        )
+    }
+
     /// Checks every value; `Err((dotted key, reason))` for the first one that is wrong.
     pub(super) fn check(&self) -> std::result::Result<(), (String, String)> {
         let fail = |key: &str, reason: String| Err((format!("kubernetes.{key}"), reason));
@@ -398,6 +414,18 @@ mod tests {
         assert!(label_value("").is_ok());
         assert!(label_value("v1.2").is_ok());
         assert!(label_value("a/b").is_err());
+    }
+
+    #[test]
+    fn the_pod_create_grace_is_a_clamped_duration() {
+        let mut k = KubernetesConfig::default();
+        assert_eq!(k.pod_create_grace(), std::time::Duration::from_secs(30));
+        k.pod_create_grace_secs = 2.5;
+        assert_eq!(k.pod_create_grace(), std::time::Duration::from_millis(2500));
+        k.pod_create_grace_secs = -1.0;
+        assert_eq!(k.pod_create_grace(), std::time::Duration::ZERO);
+        k.pod_create_grace_secs = f64::NAN;
+        assert_eq!(k.pod_create_grace(), std::time::Duration::from_secs(30));
     }
 
     #[test]

@@ -215,6 +215,12 @@ const JOB_DEADLINE: KeyRange = KeyRange {
     high: 31_536_000.0,
     unit: "seconds, or null for no limit",
 };
+const POD_CREATE_GRACE: KeyRange = KeyRange {
+    key: "kubernetes.pod_create_grace_secs",
+    low: 0.0,
+    high: 86_400.0,
+    unit: "seconds",
+};
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -640,7 +646,7 @@ impl Config {
 
     /// Every numeric key with its range and value (`None`: unset, as `local.workers: null`).
     /// config.yaml documents each range beside its key (a test checks it).
-    fn numeric_values(&self) -> [(KeyRange, Option<f64>); 17] {
+    fn numeric_values(&self) -> [(KeyRange, Option<f64>); 18] {
         [
             (EXPIRY, Some(self.redis.expiry_secs as f64)),
             (MAX_MESSAGE, Some(self.redis.max_message_bytes as f64)),
@@ -659,6 +665,10 @@ impl Config {
             (
                 JOB_DEADLINE,
                 self.kubernetes.active_deadline_seconds.map(|s| s as f64),
+            ),
+            (
+                POD_CREATE_GRACE,
+                Some(self.kubernetes.pod_create_grace_secs),
             ),
             (ACTOR_HOSTS, Some(f64::from(self.actors.hosts))),
             (ACTOR_LEASE, Some(self.actors.lease_secs)),
@@ -1409,5 +1419,11 @@ mod tests {
             "c.yaml",
         ));
         assert_eq!(key, "kubernetes.active_deadline_seconds");
+        let (_, key, reason) = config_error(Config::from_yaml_str(
+            "kubernetes:\n  pod_create_grace_secs: -1\n",
+            "c.yaml",
+        ));
+        assert_eq!(key, "kubernetes.pod_create_grace_secs");
+        assert!(reason.contains("0 ..= 86400"), "{reason}");
     }
 }

@@ -27,6 +27,21 @@
 //!   asked for, else `-9`. Container runtimes report a signal `N` as exit code `128 + N`, so a
 //!   function that calls `std::process::exit(n)` with `n` in 129..=192 reads as `-(n - 128)`
 //!   here (the local backend tells them apart).
+//! * **Refused pods**: a Job whose pod the cluster refuses to create (a missing service
+//!   account, an exhausted quota, an admission policy) never gets a pod, so the pod watch alone
+//!   would wait forever; the Job controller only says so in `FailedCreate` Warning Events on the
+//!   Job. A second watch, on the Events of the namespace with the field selector
+//!   `involvedObject.kind=Job,reason=FailedCreate,type=Warning` (Events carry no labels of
+//!   their Job, so the selector cannot name this runtime: the executor keeps the Events whose
+//!   Job is one of its workers'), notes the first such Event of a worker that has no pod yet.
+//!   The refusal may be transient (a quota freed, an account created a moment later; the Job
+//!   controller keeps retrying with back-off), so the worker ends only if it still has no pod
+//!   `kubernetes.pod_create_grace_secs` (default 30) after the executor saw that first Event:
+//!   then the latest Event's message is logged, the Job deleted and the worker ended with code
+//!   1, as for a pod that cannot start. A pod seen before then clears it. The grace counts from
+//!   when the Event reached this process, not from its timestamps (no dependence on clock
+//!   skew). A watcher that may not read Events (RBAC: `list` and `watch` on `events`, see
+//!   `deploy/kubernetes/rbac.yaml`) logs a warning and leaves such workers waiting, as before.
 //! * **Signal**: `terminate()` deletes the pod with its grace period (`SIGTERM`, then `SIGKILL`
 //!   after `terminationGracePeriodSeconds`) and the Job; `kill()` deletes the pod with grace 0.
 //!   A worker is PID 1 of its container, which the kernel shields from signals it has no
@@ -47,10 +62,11 @@ mod spec;
 mod status;
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event as ClusterEvent, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
@@ -77,7 +93,21 @@ struct RemoteWorker {
     notify: Recipient<WorkerExited>,
     /// The signal asked for, if any.
     stopping: Option<StopSignal>,
+    /// While it has no pod: the cluster refused to create one.
+    refused: Option<Refusal>,
 }
+
+/// `FailedCreate` Events seen on a worker's Job while it had no pod.
+struct Refusal {
+    /// When the first one reached this executor.
+    since: Instant,
+    /// The latest one's message (the API's reason for refusing the pod).
+    message: String,
+}
+
+/// The field selector of the Events the executor watches: the Job controller failing to
+/// create a pod.
+const REFUSED_POD_EVENTS: &str = "involvedObject.kind=Job,reason=FailedCreate,type=Warning";
 
 /// The Kubernetes executor actor.
 pub struct KubernetesExecutor {
@@ -88,6 +118,8 @@ pub struct KubernetesExecutor {
     workers: HashMap<String, RemoteWorker>,
     /// During a relist of the watch: the workers whose pods were listed.
     relisted: Option<HashSet<String>>,
+    /// `kubernetes.pod_create_grace_secs`.
+    pod_create_grace: Duration,
 }
 
 impl KubernetesExecutor {
@@ -100,6 +132,7 @@ impl KubernetesExecutor {
     ) -> Result<Executor> {
         let addr = KubernetesExecutor::start_in_arbiter(arbiter, move |_| KubernetesExecutor {
             namespace: template.config.namespace.clone().unwrap_or_default(),
+            pod_create_grace: template.config.pod_create_grace(),
             template,
             local,
             client: None,
@@ -181,6 +214,62 @@ impl KubernetesExecutor {
             }
             PodOutcome::Pending => {}
         }
+    }
+
+    /// A `FailedCreate` Event on a Job: if it is a worker's that has no pod yet, the first one
+    /// starts the grace period ([`KubernetesExecutor::end_refused`] after it).
+    fn on_refused_pod(&mut self, event: &ClusterEvent, ctx: &mut Context<Self>) {
+        let Some(job) = event.involved_object.name.as_deref() else {
+            return;
+        };
+        let Some((id, worker)) = self.workers.iter_mut().find(|(_, w)| w.job == job) else {
+            return;
+        };
+        if worker.pod.is_some() {
+            return;
+        }
+        let message = event.message.clone().unwrap_or_default();
+        match &mut worker.refused {
+            Some(refusal) => refusal.message = message,
+            None => {
+                tracing::warn!(
+                    "{} (Job {}): the cluster refuses to create its pod: {message}; ending it \
+                     unless a pod appears within {:?}",
+                    worker.name,
+                    worker.job,
+                    self.pod_create_grace
+                );
+                worker.refused = Some(Refusal {
+                    since: Instant::now(),
+                    message,
+                });
+                let id = id.clone();
+                ctx.run_later(self.pod_create_grace, move |act, ctx| {
+                    act.end_refused(&id, ctx)
+                });
+            }
+        }
+    }
+
+    /// The grace after a worker's first `FailedCreate` is over: if it still has no pod, logs
+    /// why, deletes its Job and ends it with code 1.
+    fn end_refused(&mut self, id: &str, ctx: &mut Context<Self>) {
+        let Some(worker) = self.workers.get(id) else {
+            return;
+        };
+        let (None, Some(refusal)) = (&worker.pod, &worker.refused) else {
+            return;
+        };
+        tracing::error!(
+            "{} (Job {}) cannot start: FailedCreate: {} (no pod within {:?} of the first \
+             refusal); deleting it",
+            worker.name,
+            worker.job,
+            refusal.message,
+            refusal.since.elapsed()
+        );
+        self.delete(ctx, id, Some(0));
+        self.exited(id, 1, None);
     }
 
     /// Deletes a worker's pod (when known) with `grace` seconds (`None`: the pod's own) and
@@ -271,6 +360,9 @@ impl Handler<Connect> for KubernetesExecutor {
                 let pods: Api<Pod> = Api::namespaced(client.clone(), &act.namespace);
                 let config = watcher::Config::default().labels(&act.selector());
                 ctx.add_stream(watcher(pods, config).default_backoff());
+                let events: Api<ClusterEvent> = Api::namespaced(client.clone(), &act.namespace);
+                let config = watcher::Config::default().fields(REFUSED_POD_EVENTS);
+                ctx.add_stream(watcher(events, config).default_backoff());
                 act.client = Some(client);
                 Ok(())
             }),
@@ -314,6 +406,33 @@ impl StreamHandler<std::result::Result<watcher::Event<Pod>, watcher::Error>>
     }
 }
 
+impl StreamHandler<std::result::Result<watcher::Event<ClusterEvent>, watcher::Error>>
+    for KubernetesExecutor
+{
+    fn handle(
+        &mut self,
+        item: std::result::Result<watcher::Event<ClusterEvent>, watcher::Error>,
+        ctx: &mut Context<Self>,
+    ) {
+        match item {
+            Ok(watcher::Event::Apply(event)) | Ok(watcher::Event::InitApply(event)) => {
+                self.on_refused_pod(&event, ctx);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                "watching FailedCreate Events ({e}): a Job whose pod the cluster refuses to \
+                 create leaves its worker waiting (the driver needs list and watch on events)"
+            ),
+        }
+    }
+
+    fn finished(&mut self, _: &mut Context<Self>) {
+        tracing::error!(
+            "the watch on FailedCreate Events ended; pods the cluster refuses will not be seen"
+        );
+    }
+}
+
 impl Handler<Launch> for KubernetesExecutor {
     type Result = ResponseActFuture<Self, Result<Launched>>;
 
@@ -350,6 +469,7 @@ impl Handler<Launch> for KubernetesExecutor {
                 pod: None,
                 notify: launch.notify,
                 stopping: None,
+                refused: None,
             },
         );
         let jobs: Api<Job> = Api::namespaced(client, &self.namespace);

@@ -14,7 +14,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Event, Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     DeleteOptions, ListMeta, Status, StatusCause, StatusDetails,
 };
@@ -75,6 +75,21 @@ pub(crate) fn router(core: Arc<Core>) -> Router {
         .route(
             "/api/v1/namespaces/{namespace}/secrets/{name}",
             get(read::<Secret>).delete(delete_secret),
+        )
+        .route("/api/v1/serviceaccounts", get(list_all::<ServiceAccount>))
+        .route(
+            "/api/v1/namespaces/{namespace}/serviceaccounts",
+            get(list::<ServiceAccount>).post(create_service_account),
+        )
+        .route(
+            "/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
+            get(read::<ServiceAccount>).delete(delete_service_account),
+        )
+        .route("/api/v1/events", get(list_all::<Event>))
+        .route("/api/v1/namespaces/{namespace}/events", get(list::<Event>))
+        .route(
+            "/api/v1/namespaces/{namespace}/events/{name}",
+            get(read::<Event>),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -822,4 +837,47 @@ async fn delete_secret(
         .remove::<Secret>(&namespace, &name)
         .unwrap_or(secret);
     Ok(json_response(StatusCode::OK, &deleted_status(&secret)))
+}
+
+async fn create_service_account(
+    State(core): State<Arc<Core>>,
+    Path(namespace): Path<String>,
+    Query(query): Params,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    reject_dry_run(&query)?;
+    let mut account: ServiceAccount = parse_body(&body)?;
+    let mut cluster = core.lock();
+    if account.metadata.name.as_deref() == Some(controller::DEFAULT_SERVICE_ACCOUNT) {
+        // Every namespace has it already (implicitly, here).
+        return Err(ApiError::already_exists::<ServiceAccount>(
+            controller::DEFAULT_SERVICE_ACCOUNT,
+        ));
+    }
+    controller::admit_metadata::<ServiceAccount>(&cluster, &namespace, &mut account.metadata)?;
+    let account = cluster.store.create(account);
+    Ok(json_response(StatusCode::CREATED, &encode(&account)))
+}
+
+async fn delete_service_account(
+    State(core): State<Arc<Core>>,
+    Path((namespace, name)): Path<(String, String)>,
+    Query(query): Params,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let options = delete_options(&query, &body)?;
+    let mut cluster = core.lock();
+    let account = cluster
+        .store
+        .get::<ServiceAccount>(&namespace, &name)
+        .ok_or_else(|| ApiError::not_found::<ServiceAccount>(&name))?;
+    controller::check_preconditions::<ServiceAccount>(
+        &account.metadata,
+        options.preconditions.as_ref(),
+    )?;
+    let account = cluster
+        .store
+        .remove::<ServiceAccount>(&namespace, &name)
+        .unwrap_or(account);
+    Ok(json_response(StatusCode::OK, &encode(&account)))
 }

@@ -1,6 +1,7 @@
 //! The emulator's control plane: Job admission (validation and the API server's defaults), the
 //! job controller (one pod per Job at a time, retries up to `backoffLimit`,
-//! `activeDeadlineSeconds`, status and conditions), pod deletion (graceful, with the kubelet's
+//! `activeDeadlineSeconds`, status and conditions, `FailedCreate` Events when the pod is refused
+//! admission), pod deletion (graceful, with the kubelet's
 //! signals), the garbage collector (propagation policies) and the TTL-after-finished
 //! controller.
 //!
@@ -13,7 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus, UncountedTerminatedPods};
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::api::core::v1::{
+    Event, EventSource, ObjectReference, Pod, PodSpec, ServiceAccount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     DeleteOptions, LabelSelector, ObjectMeta, OwnerReference, Preconditions, Time,
 };
@@ -32,6 +35,16 @@ use super::{Cluster, Core, NODE_NAME};
 pub(crate) const RETRY_DELAY: Duration = Duration::from_millis(200);
 /// Longest delay between retries.
 pub(crate) const RETRY_DELAY_MAX: Duration = Duration::from_millis(6_400);
+
+/// Delay before the job controller tries again to create a pod that admission refused, doubled
+/// for each further refusal up to [`CREATE_RETRY_DELAY_MAX`]. (A real job controller requeues
+/// the Job from 1 s, doubling up to 60 s.)
+pub(crate) const CREATE_RETRY_DELAY: Duration = Duration::from_millis(500);
+/// Longest delay between attempts to create a refused pod.
+pub(crate) const CREATE_RETRY_DELAY_MAX: Duration = Duration::from_secs(4);
+
+/// The service account every namespace has (implicitly, here).
+pub(crate) const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
 /// The label keys the API server adds to a Job's pod template (and so to its pods).
 const CONTROLLER_UID: &str = "controller-uid";
@@ -588,10 +601,28 @@ pub(crate) fn sync_job(core: &Arc<Core>, cluster: &mut Cluster, namespace: &str,
             // TerminatingOrFailed: a terminating pod is replaced without waiting for it.
             let failures = status.failed.unwrap_or(0);
             let wait = retry_wait(cluster, &uid, failures);
-            if wait.is_zero() {
-                create_pod = true;
-            } else {
+            if !wait.is_zero() {
                 schedule_sync(core, namespace, name, &uid, wait);
+            } else if let Some(refused) = pod_admission_error(cluster, &job) {
+                // As the real controller: a Warning Event on the Job, then a retry (the Job is
+                // requeued with back-off), the Job's status unchanged.
+                record_event(
+                    cluster,
+                    &job,
+                    "Warning",
+                    "FailedCreate",
+                    &format!("Error creating: {refused}"),
+                );
+                let refusals = cluster.refused_creates.entry(uid.clone()).or_insert(0);
+                let exponent = (*refusals).min(16);
+                *refusals = refusals.saturating_add(1);
+                let delay = CREATE_RETRY_DELAY
+                    .saturating_mul(2u32.saturating_pow(exponent))
+                    .min(CREATE_RETRY_DELAY_MAX);
+                schedule_sync(core, namespace, name, &uid, delay);
+            } else {
+                cluster.refused_creates.remove(&uid);
+                create_pod = true;
             }
         }
     }
@@ -663,6 +694,99 @@ fn schedule_sync(core: &Arc<Core>, namespace: &str, name: &str, uid: &str, delay
             sync_job(core, cluster, &namespace, &name);
         }
     });
+}
+
+/// Why the API server would refuse the Job's next pod, as its error message, if it would: the
+/// ServiceAccount admission plugin refuses a pod whose service account does not exist. (The
+/// name is the `generateName` prefix: mutating admission runs before a name is generated.)
+fn pod_admission_error(cluster: &Cluster, job: &Job) -> Option<String> {
+    let namespace = job.metadata.namespace.as_deref().unwrap_or_default();
+    let job_name = job.metadata.name.as_deref().unwrap_or_default();
+    let spec = job.spec.as_ref()?.template.spec.as_ref()?;
+    let account = spec
+        .service_account_name
+        .as_deref()
+        .or(spec.service_account.as_deref())
+        .filter(|a| !a.is_empty())
+        .unwrap_or(DEFAULT_SERVICE_ACCOUNT);
+    if account == DEFAULT_SERVICE_ACCOUNT
+        || cluster.store.contains::<ServiceAccount>(namespace, account)
+    {
+        return None;
+    }
+    Some(format!(
+        "pods \"{job_name}-\" is forbidden: error looking up service account \
+         {namespace}/{account}: serviceaccount \"{account}\" not found"
+    ))
+}
+
+/// Records an Event about `job` as a controller's event recorder does: a repeat of the same
+/// type, reason and message on the same object increments `count` and moves `lastTimestamp`;
+/// a new one is named `<job>.<hex nanoseconds>`.
+pub(crate) fn record_event(
+    cluster: &mut Cluster,
+    job: &Job,
+    type_: &str,
+    reason: &str,
+    message: &str,
+) {
+    let namespace = job.metadata.namespace.clone().unwrap_or_default();
+    let job_name = job.metadata.name.clone().unwrap_or_default();
+    let job_uid = job.metadata.uid.clone();
+    let repeat = cluster
+        .store
+        .list::<Event>(Some(&namespace))
+        .into_iter()
+        .find(|e| {
+            e.involved_object.uid == job_uid
+                && e.involved_object.kind.as_deref() == Some("Job")
+                && e.type_.as_deref() == Some(type_)
+                && e.reason.as_deref() == Some(reason)
+                && e.message.as_deref() == Some(message)
+        });
+    let time = now();
+    if let Some(mut event) = repeat {
+        event.count = Some(event.count.unwrap_or(1).saturating_add(1));
+        event.last_timestamp = Some(time);
+        cluster.store.update(event);
+        return;
+    }
+    let mut name = format!("{job_name}.{:x}", time.0.as_nanosecond());
+    while cluster.store.contains::<Event>(&namespace, &name) {
+        name.push('0');
+    }
+    let event = Event {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(namespace.clone()),
+            uid: Some(uuid::Uuid::new_v4().to_string()),
+            creation_timestamp: Some(time.clone()),
+            ..ObjectMeta::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("batch/v1".to_string()),
+            kind: Some("Job".to_string()),
+            name: Some(job_name),
+            namespace: Some(namespace),
+            uid: job_uid,
+            resource_version: job.metadata.resource_version.clone(),
+            field_path: None,
+        },
+        reason: Some(reason.to_string()),
+        message: Some(message.to_string()),
+        type_: Some(type_.to_string()),
+        source: Some(EventSource {
+            component: Some("job-controller".to_string()),
+            host: None,
+        }),
+        first_timestamp: Some(time.clone()),
+        last_timestamp: Some(time),
+        count: Some(1),
+        reporting_component: Some("job-controller".to_string()),
+        reporting_instance: Some(String::new()),
+        ..Event::default()
+    };
+    cluster.store.create(event);
 }
 
 /// Creates the Job's next pod (named `<job>-<5 random characters>`, labelled and owned as the

@@ -22,7 +22,8 @@
 //!
 //! # Wire format
 //! Objects are `k8s-openapi` (Kubernetes 1.34) types serialized as the API server sends them:
-//! single objects with `apiVersion`/`kind`, lists as `JobList`/`PodList`/`SecretList` whose
+//! single objects with `apiVersion`/`kind`, lists as `JobList`/`PodList`/`SecretList`/
+//! `ServiceAccountList`/`EventList` whose
 //! items have neither, errors as `Status` objects (`NotFound` 404, `AlreadyExists` 409,
 //! `Conflict` 409, `Invalid` 422 with `details.causes`, `BadRequest` 400, `MethodNotAllowed`
 //! 405), watch events as newline-delimited `{"type": ..., "object": ...}`. Plain HTTP on
@@ -38,6 +39,12 @@
 //!   only made by the job controller (`POST` of a pod is not emulated).
 //! - `core/v1` Secrets, `/api/v1/namespaces/{ns}/secrets[/{name}]`: create (`stringData` merged
 //!   into `data`), get, list, watch, delete.
+//! - `core/v1` ServiceAccounts, `/api/v1/namespaces/{ns}/serviceaccounts[/{name}]`: create, get,
+//!   list, watch, delete. `default` exists implicitly in every namespace (creating it is 409
+//!   `AlreadyExists`; it is not listed).
+//! - `core/v1` Events, `/api/v1/namespaces/{ns}/events[/{name}]` and `/api/v1/events`: get,
+//!   list, watch (read-only: only the job controller records them, see below), with field
+//!   selectors on their paths (`involvedObject.kind`, `involvedObject.name`, `reason`, `type`...).
 //! - `GET /version` (reports v1.34.0).
 //!
 //! Lists and watches take `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, exists, `!key`) and
@@ -54,7 +61,8 @@
 //! Deletes take `gracePeriodSeconds`, `propagationPolicy`, `orphanDependents` and
 //! `preconditions` in the query or a `DeleteOptions` body; `dryRun` is refused (400). Not
 //! emulated (405 or 404, with a message saying so): create/update/patch of pods, update and
-//! patch of Jobs and Secrets, ConfigMaps, Services, Events, every other kind, server-side
+//! patch of Jobs, Secrets and ServiceAccounts, writes of Events, ConfigMaps, Services, every
+//! other kind, server-side
 //! apply, `exec`/`attach`/`portforward`, log streaming.
 //!
 //! # Jobs (job controller)
@@ -75,6 +83,16 @@
 //! containers, several containers, volumes and volume mounts, containers without a command.
 //! Other fields (resources, probes, security contexts, affinity, tolerations, image pull
 //! settings, ports...) are accepted and ignored; readiness is "the process runs".
+//!
+//! Pod admission: a pod whose `serviceAccountName` (or `serviceAccount`; unset: `default`) names
+//! no ServiceAccount is refused, as by the real ServiceAccount admission plugin. The controller
+//! then records, as the real one does, a Warning Event on the Job (`involvedObject` kind `Job`,
+//! reason `FailedCreate`, source `job-controller`, message `Error creating: pods "<job>-" is
+//! forbidden: error looking up service account <ns>/<account>: serviceaccount "<account>" not
+//! found`; a repeat increments `count` and `lastTimestamp` of the same Event, named
+//! `<job>.<hex nanoseconds>`), leaves the Job without a pod and tries again after 0.5 s,
+//! doubling up to 4 s (a real controller: 1 s up to 60 s); once the account exists, the pod is
+//! made. Events are not deleted with their Job (a real cluster keeps them for an hour).
 //!
 //! The controller creates one pod named `<job>-<5 random characters>` with the template's
 //! labels and annotations and a controller owner reference to the Job, sets `startTime`,
@@ -215,6 +233,9 @@ pub(crate) struct Cluster {
     counted: HashSet<String>,
     /// When each Job (by uid) last had a pod fail, for the retry delay.
     last_failure: HashMap<String, Instant>,
+    /// How many times in a row each Job's (by uid) pod was refused admission, for the delay
+    /// before the next attempt.
+    refused_creates: HashMap<String, u32>,
     /// Each pod's log file, by namespace and name.
     logs: HashMap<(String, String), PathBuf>,
 }
@@ -285,6 +306,7 @@ impl Emulator {
                 containers: HashMap::new(),
                 counted: HashSet::new(),
                 last_failure: HashMap::new(),
+                refused_creates: HashMap::new(),
                 logs: HashMap::new(),
             }),
             runtime: runtime.handle().clone(),
