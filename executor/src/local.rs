@@ -197,7 +197,11 @@ impl LocalExecutor {
                         }
                     };
                     if let Some((_, notify)) = act.children.remove(&id) {
-                        notify.do_send(WorkerExited { id, code });
+                        notify.do_send(WorkerExited {
+                            id,
+                            code,
+                            never_started: false,
+                        });
                     }
                 }),
         );
@@ -276,6 +280,7 @@ impl Handler<SignalWorker> for LocalExecutor {
                     notify.do_send(WorkerExited {
                         id: msg.id,
                         code: msg.signal.exit_code(),
+                        never_started: false,
                     });
                 }
                 Ok(())
@@ -313,6 +318,7 @@ impl Handler<ThreadEnded> for LocalExecutor {
             notify.do_send(WorkerExited {
                 id: msg.id,
                 code: msg.code,
+                never_started: false,
             });
         }
     }
@@ -414,7 +420,8 @@ mod tests {
             exited,
             WorkerExited {
                 id: "a".into(),
-                code: 7
+                code: 7,
+                never_started: false,
             }
         );
         assert_eq!(
@@ -443,7 +450,8 @@ mod tests {
             exited,
             WorkerExited {
                 id: "b".into(),
-                code: -9
+                code: -9,
+                never_started: false,
             }
         );
         assert_eq!(

@@ -129,6 +129,10 @@ pub struct WorkerExited {
     pub id: String,
     /// Its exit code (negative: ended by that signal).
     pub code: i32,
+    /// Its program never ran: the backend could not start it (a pod the cluster refused to
+    /// create, an image that cannot be pulled). `code` is then 1. A pool counts these apart:
+    /// they say the deployment is wrong, not the work.
+    pub never_started: bool,
 }
 
 /// Asks an executor to remove what it started that outlives its workers (a remote backend's

@@ -162,6 +162,15 @@ impl KubernetesExecutor {
 
     /// A worker ended: tells its owner once.
     fn exited(&mut self, id: &str, code: i32, reason: Option<String>) {
+        self.ended(id, code, reason, false);
+    }
+
+    /// A worker whose program never ran (its pod could not be created or started) ends with 1.
+    fn never_started(&mut self, id: &str) {
+        self.ended(id, 1, None, true);
+    }
+
+    fn ended(&mut self, id: &str, code: i32, reason: Option<String>, never_started: bool) {
         let Some(worker) = self.workers.remove(id) else {
             return;
         };
@@ -175,6 +184,7 @@ impl KubernetesExecutor {
         worker.notify.do_send(WorkerExited {
             id: id.to_string(),
             code,
+            never_started,
         });
     }
 
@@ -206,7 +216,7 @@ impl KubernetesExecutor {
                     worker.job
                 );
                 self.delete(ctx, &id, Some(0));
-                self.exited(&id, 1, None);
+                self.never_started(&id);
             }
             PodOutcome::Pending if deleted => {
                 let code = worker.stopping.map_or(-9, StopSignal::exit_code);
@@ -269,7 +279,7 @@ impl KubernetesExecutor {
             refusal.since.elapsed()
         );
         self.delete(ctx, id, Some(0));
-        self.exited(id, 1, None);
+        self.never_started(id);
     }
 
     /// Deletes a worker's pod (when known) with `grace` seconds (`None`: the pod's own) and

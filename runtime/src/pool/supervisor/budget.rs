@@ -15,6 +15,12 @@
 //! Restarts after failures without progress back off: one per worker at once, then 10 ms,
 //! 20 ms, ... up to [`MAX_BACKOFF`], so a pool that crashes in a loop does not spin.
 //!
+//! Workers whose program never ran (the backend could not start them: a pod the cluster refused
+//! to create, an image that cannot be pulled) are charged as failures and also counted in a row:
+//! when every worker slot has failed to start twice in a row, with no worker running anything in
+//! between, the pool breaks ([`Verdict::GiveUp`]) however slowly those failures came (a refused
+//! pod is only declared after `kubernetes.pod_create_grace_secs`, too slowly for the period).
+//!
 //! Workers that exit because Redis could not be reached are not charged at all (the store's
 //! health decides the pool's fate); their restarts back off from 100 ms up to
 //! [`MAX_STORE_BACKOFF`].
@@ -48,6 +54,8 @@ pub(super) struct RestartBudget {
     since_progress: u32,
     /// Consecutive exits for an unreachable store.
     store_failures: u32,
+    /// Workers that never started, in a row (reset by progress or a worker that ran).
+    never_started: u32,
 }
 
 impl RestartBudget {
@@ -60,6 +68,7 @@ impl RestartBudget {
             failures: VecDeque::new(),
             since_progress: 0,
             store_failures: 0,
+            never_started: 0,
         }
     }
 
@@ -68,6 +77,26 @@ impl RestartBudget {
         self.failures.clear();
         self.since_progress = 0;
         self.store_failures = 0;
+        self.never_started = 0;
+    }
+
+    /// A worker ran (it exited after starting, whatever its code): the backend can start
+    /// workers.
+    pub(super) fn started(&mut self) {
+        self.never_started = 0;
+    }
+
+    /// Charges a worker that never started at `now`: a failure, and one more in a row; gives
+    /// up when every worker slot failed to start twice in a row.
+    pub(super) fn never_started(&mut self, now: Instant) -> Verdict {
+        self.never_started = self.never_started.saturating_add(1);
+        let verdict = self.failure(now);
+        if self.never_started >= self.free.max(1).saturating_mul(2) {
+            return Verdict::GiveUp {
+                failures: self.never_started as usize,
+            };
+        }
+        verdict
     }
 
     /// The number of failures charged now.
@@ -168,6 +197,33 @@ mod tests {
         // The first one is older than the period when the third comes.
         restart_after(budget.failure(now + Duration::from_millis(1200)));
         assert_eq!(budget.charged(), 2);
+    }
+
+    #[test]
+    fn workers_that_never_start_break_the_pool_after_two_per_slot_however_slow() {
+        let mut budget = RestartBudget::new(20, Duration::from_secs(10), 2);
+        let start = Instant::now();
+        let minutes = |m: u64| start + Duration::from_secs(60 * m);
+        for m in 0..3 {
+            restart_after(budget.never_started(minutes(m)));
+        }
+        assert_eq!(
+            budget.never_started(minutes(3)),
+            Verdict::GiveUp { failures: 4 }
+        );
+        // A worker that ran in between starts the count again; so does progress.
+        let mut budget = RestartBudget::new(20, Duration::from_secs(10), 2);
+        for m in 0..3 {
+            restart_after(budget.never_started(minutes(m)));
+        }
+        budget.started();
+        for m in 3..6 {
+            restart_after(budget.never_started(minutes(m)));
+        }
+        budget.progress();
+        for m in 6..9 {
+            restart_after(budget.never_started(minutes(m)));
+        }
     }
 
     #[test]

@@ -183,6 +183,20 @@ impl PoolSupervisor {
         }
     }
 
+    /// Charges a worker the backend could not start (see the module docs of `budget`);
+    /// replaces it (after the back-off) or breaks the pool.
+    fn worker_never_started(&mut self, ctx: &mut Context<Self>, reason: String) {
+        match self.budget.never_started(Instant::now()) {
+            Verdict::Restart { after } => self.replace_worker(ctx, after),
+            Verdict::GiveUp { failures } => {
+                let why = format!(
+                    "{failures} workers in a row could not be started by the backend, none ran                      in between (last: {reason})"
+                );
+                self.break_pool(ctx, Breakdown::GaveUp(why));
+            }
+        }
+    }
+
     /// Starts a worker after `after` if the pool still supervises and lacks one then.
     pub(super) fn replace_worker(&mut self, ctx: &mut Context<Self>, after: Duration) {
         if !after.is_zero() {
@@ -225,6 +239,14 @@ impl Handler<WorkerExited> for PoolSupervisor {
         }
         // Whatever it held goes to another worker (or fails, out of attempts).
         self.requeue_worker_chunks(ctx, msg.id.clone());
+        if msg.never_started {
+            let reason = format!(
+                "PoolWorker-{} could not be started by the backend (see its log)",
+                slot.number
+            );
+            return self.worker_never_started(ctx, reason);
+        }
+        self.budget.started();
         match msg.code {
             _ if slot.stopped_for_cancel => self.replace_worker(ctx, Duration::ZERO),
             0 => self.replace_worker(ctx, Duration::ZERO),
