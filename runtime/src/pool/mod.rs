@@ -34,7 +34,9 @@
 //!   count against the restart budget only while no chunk completes, so workers killed at a
 //!   steady rate do not break a map that makes progress, while workers that die before getting
 //!   anything done (a crashing initializer, a function that kills its worker) break the pool
-//!   after `pool.max_restarts` failures, with kind `Crashed`.
+//!   after `pool.max_restarts` failures, with kind `Crashed`. Workers the backend cannot start
+//!   at all (a pod the cluster refuses, an image that cannot be pulled) break it after two in a
+//!   row per worker, however slowly those failures come.
 //! * The initializer runs once in each worker when it starts, before (and whether or not) it
 //!   gets a task.
 //! * Workers never outlive their driver: a pool worker that finds its driver gone (killed, even
