@@ -190,7 +190,8 @@ impl PoolSupervisor {
             Verdict::Restart { after } => self.replace_worker(ctx, after),
             Verdict::GiveUp { failures } => {
                 let why = format!(
-                    "{failures} workers in a row could not be started by the backend, none ran                      in between (last: {reason})"
+                    "{failures} workers in a row could not be started by the backend, none ran in \
+                     between (last: {reason})"
                 );
                 self.break_pool(ctx, Breakdown::GaveUp(why));
             }
