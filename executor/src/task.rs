@@ -148,6 +148,12 @@ pub struct TaskRecord {
     /// Who started the worker.
     #[serde(default)]
     pub parent: Option<ParentInfo>,
+    /// The liveness key of the runtime that started it and that key's TTL in milliseconds:
+    /// a remote `Process` worker exits ([`EXIT_DRIVER_GONE`](crate::pool::EXIT_DRIVER_GONE))
+    /// when the key lapses, as a pool worker does with its pool's (no parent-death signal
+    /// reaches a pod). `None` on the local backend, whose children get that signal.
+    #[serde(default)]
+    pub driver: Option<(String, u64)>,
 }
 
 impl TaskRecord {

@@ -11,8 +11,10 @@
 //! 3. redirects stdout/stderr into the output stream if the parent asked for it and reads it
 //!    (a process's parent does; a pool's supervisor does not, so a pool worker's output stays
 //!    on the backend's own stdout and stderr: the terminal, or the pod's log);
-//! 4. looks the function up in the registry and calls it, catching panics; or, for a pool
-//!    worker, serves the pool ([`crate::pool::run_worker`]) until it is told to stop;
+//! 4. looks the function up in the registry and calls it, catching panics (a remote `Process`
+//!    also watches the liveness key of the runtime that started it, and exits with
+//!    [`EXIT_DRIVER_GONE`] once it lapsed: see `TaskRecord::driver`); or, for a pool worker,
+//!    serves the pool ([`crate::pool::run_worker`]) until it is told to stop;
 //! 5. runs the caller's end-of-task hook (the runtime joins this worker's own non-daemon
 //!    children there, as Python does at exit);
 //! 6. records the exit in the status hash and returns the exit code: 0 when the function
@@ -34,6 +36,7 @@
 //! is not PID 1 keeps the default action.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use shoal_core::TaskErrorKind;
 use shoal_core::config::Config;
@@ -43,7 +46,7 @@ use shoal_core::registry::{self, Failure};
 use shoal_core::store::{Store, StoreSettings};
 
 use crate::output::OutputCapture;
-use crate::pool::{self, EXIT_STORE_LOST};
+use crate::pool::{self, EXIT_DRIVER_GONE, EXIT_STORE_LOST};
 use crate::task::{ExitRecord, ProcessKeys, TaskAddress, TaskKind, TaskRecord};
 
 /// Exit code of a worker ended by `SIGTERM` while it is PID 1: 128 + 15.
@@ -101,6 +104,15 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
         None
     };
 
+    if let (Some((key, ttl_ms)), TaskKind::Call { .. }) = (&record.driver, &record.kind) {
+        watch_driver(
+            store.clone(),
+            key.clone(),
+            Duration::from_millis(*ttl_ms),
+            &record.name,
+        );
+    }
+
     let (function, outcome) = match &record.kind {
         TaskKind::Call { function, args } => (
             function.clone(),
@@ -155,6 +167,44 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
     }
     exit.write(&store, &keys)?;
     Ok(exit.code)
+}
+
+/// Ends this process with [`EXIT_DRIVER_GONE`] once the liveness key of the runtime that
+/// started it (`key`, with a TTL of `ttl`) has been missing for half the TTL: a remote child
+/// does not outlive its driver (see `TaskRecord::driver`). Only an answer from Redis is
+/// evidence; an error is not (the store's own failure handling decides then).
+fn watch_driver(store: Arc<Store>, key: String, ttl: Duration, name: &str) {
+    let name = name.to_string();
+    let every = (ttl / 4).max(Duration::from_millis(10));
+    let spawned = std::thread::Builder::new()
+        .name("shoal-driver-watch".into())
+        .spawn(move || {
+            let mut missing_since: Option<Instant> = None;
+            loop {
+                std::thread::sleep(every);
+                let alive = store.with_conn(
+                    || format!("checking the driver's liveness key {key}"),
+                    |c| redis::cmd("EXISTS").arg(&key).query::<bool>(c),
+                );
+                match alive {
+                    Ok(true) => missing_since = None,
+                    Ok(false) => {
+                        let since = *missing_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= ttl / 2 {
+                            eprintln!(
+                                "shoal worker {name}: the runtime that started it is gone (its \
+                                 liveness key lapsed); exiting"
+                            );
+                            std::process::exit(EXIT_DRIVER_GONE);
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("shoal worker: cannot watch the driver's liveness: {e}");
+    }
 }
 
 /// Makes `SIGTERM` end this process with [`EXIT_TERMINATED`] (see the module docs: a PID 1

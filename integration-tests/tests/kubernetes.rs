@@ -1750,82 +1750,96 @@ fn an_oom_killed_pod_ends_its_process_with_minus_9_and_says_so() {
     );
 }
 
+/// Runs `scenario <args>` as a driver program on the Kubernetes backend of `kube` (another
+/// program, a user's `main`, so that it can be killed while this one watches its pods), waits
+/// until it says `ready` and two of its pods run, SIGKILLs it and asserts that every pod then
+/// ends with 76 (its driver is gone) within the patience.
+fn pods_exit_when_their_driver_is_killed(kube: &Kube, args: &[&str], what: &str) {
+    let scenario = env!("CARGO_BIN_EXE_scenario");
+    let mut driver = Command::new(scenario)
+        .args(args)
+        .env("SHOAL_BACKEND", "kubernetes")
+        .env("SHOAL_NAMESPACE", &kube.keys)
+        .env("SHOAL_REDIS_URL", &kube.redis_url)
+        .env("SHOAL_KUBERNETES_IMAGE", &kube.image)
+        .env("SHOAL_KUBERNETES_COMMAND", scenario)
+        .env_remove(ROLE)
+        .env_remove(TARGET)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the scenario driver starts");
+    let stdout = driver.stdout.take().expect("stdout");
+    let ready = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line == "ready")
+    });
+    assert!(ready.join().unwrap_or(false), "the driver never got ready");
+    let mut pids = Vec::new();
+    let running = wait(patience(), || {
+        pids = kube
+            .pods("")
+            .iter()
+            .filter(|p| phase(p) == "Running")
+            .filter_map(|p| p.metadata.name.clone())
+            .filter_map(|name| kube.emulator().pod_pid(&kube.namespace, &name))
+            .collect();
+        pids.len() == 2
+    });
+    assert!(running, "two {what} pods never ran: {:?}", kube.pods(""));
+    driver.kill().expect("SIGKILL the driver");
+    let killed = Instant::now();
+    let _ = driver.wait();
+    // Their 60 s tasks notwithstanding, they see the driver's liveness key lapse and exit 76.
+    let gone = wait(patience(), || {
+        kube.pods("")
+            .iter()
+            .all(|p| matches!(phase(p), "Failed" | "Succeeded"))
+    });
+    let pods = kube.pods("");
+    assert!(gone, "{what} pods run on for nobody: {pods:?}");
+    println!(
+        "measure: {what} pods ended {:?} after their driver's SIGKILL",
+        killed.elapsed()
+    );
+    for pod in &pods {
+        let code = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.terminated.as_ref())
+            .map(|t| t.exit_code);
+        assert_eq!(
+            code,
+            Some(76),
+            "a {what} whose driver is gone exits with 76"
+        );
+    }
+}
+
 #[test]
 fn pool_worker_pods_exit_when_their_driver_is_killed() {
     drive(
         "pool_worker_pods_exit_when_their_driver_is_killed",
         Target::Emulator,
-        |kube| {
-            // The driver is another program (the scenario binary, a user's `main`), so that it
-            // can be killed while this one watches its pods.
-            let scenario = env!("CARGO_BIN_EXE_scenario");
-            let mut driver = Command::new(scenario)
-                .args(["pool-sleep", "2"])
-                .env("SHOAL_BACKEND", "kubernetes")
-                .env("SHOAL_NAMESPACE", &kube.keys)
-                .env("SHOAL_REDIS_URL", &kube.redis_url)
-                .env("SHOAL_KUBERNETES_IMAGE", &kube.image)
-                .env("SHOAL_KUBERNETES_COMMAND", scenario)
-                .env_remove(ROLE)
-                .env_remove(TARGET)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("the scenario driver starts");
-            let stdout = driver.stdout.take().expect("stdout");
-            let ready = std::thread::spawn(move || {
-                use std::io::BufRead;
-                std::io::BufReader::new(stdout)
-                    .lines()
-                    .map_while(Result::ok)
-                    .any(|line| line == "ready")
-            });
-            assert!(ready.join().unwrap_or(false), "the driver never got ready");
-            let mut pids = Vec::new();
-            let running = wait(patience(), || {
-                pids = kube
-                    .pods("")
-                    .iter()
-                    .filter(|p| phase(p) == "Running")
-                    .filter_map(|p| p.metadata.name.clone())
-                    .filter_map(|name| kube.emulator().pod_pid(&kube.namespace, &name))
-                    .collect();
-                pids.len() == 2
-            });
-            assert!(running, "two worker pods never ran: {:?}", kube.pods(""));
-            driver.kill().expect("SIGKILL the driver");
-            let killed = Instant::now();
-            let _ = driver.wait();
-            // Their 60 s tasks notwithstanding, the workers see the driver's liveness key lapse
-            // (1 s TTL for a 2 s lease) and exit with 76.
-            let gone = wait(patience(), || {
-                kube.pods("")
-                    .iter()
-                    .all(|p| matches!(phase(p), "Failed" | "Succeeded"))
-            });
-            let pods = kube.pods("");
-            assert!(gone, "worker pods run on for nobody: {pods:?}");
-            println!(
-                "measure: worker pods ended {:?} after their driver's SIGKILL",
-                killed.elapsed()
-            );
-            for pod in &pods {
-                let code = pod
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.container_statuses.as_ref())
-                    .and_then(|c| c.first())
-                    .and_then(|c| c.state.as_ref())
-                    .and_then(|s| s.terminated.as_ref())
-                    .map(|t| t.exit_code);
-                assert_eq!(
-                    code,
-                    Some(76),
-                    "a worker whose driver is gone exits with 76"
-                );
-            }
-        },
+        |kube| pods_exit_when_their_driver_is_killed(kube, &["pool-sleep", "2"], "pool worker"),
+    );
+}
+
+/// A `Process` pod, daemon or not, does not outlive its driver either (locally the
+/// parent-death signal ends it; a pod watches the runtime's liveness key).
+#[test]
+fn process_pods_exit_when_their_driver_is_killed() {
+    drive(
+        "process_pods_exit_when_their_driver_is_killed",
+        Target::Emulator,
+        |kube| pods_exit_when_their_driver_is_killed(kube, &["process-sleep"], "process"),
     );
 }
 

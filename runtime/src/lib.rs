@@ -101,6 +101,7 @@ extern crate self as shoal;
 
 pub mod actor;
 pub mod guide;
+mod liveness;
 pub mod manager;
 pub mod pool;
 pub mod process;

@@ -66,6 +66,8 @@ pub(crate) struct RuntimeInner {
     embedded: Mutex<Option<EmbeddedRedis>>,
     /// The actor hosts, once this runtime spawned an actor.
     actor_hosts: Mutex<Option<actix::Addr<HostSupervisor>>>,
+    /// The liveness key remote `Process` workers watch, once one was started.
+    liveness: Mutex<Option<(actix::Addr<crate::liveness::DriverLiveness>, String, u64)>>,
     /// The pools started through this runtime (to drain them at shutdown).
     pools: Mutex<Vec<crate::pool::PoolEntry>>,
     /// `Runtime::shutdown_within` began: no new pool, call or process.
@@ -254,6 +256,7 @@ impl RuntimeInner {
             children: Mutex::new(Vec::new()),
             embedded: Mutex::new(embedded),
             actor_hosts: Mutex::new(None),
+            liveness: Mutex::new(None),
             pools: Mutex::new(Vec::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
         })
@@ -327,6 +330,25 @@ impl RuntimeInner {
         if let Some(hosts) = hosts {
             let _ = futures::executor::block_on(hosts.send(StopHosts));
         }
+    }
+
+    /// This runtime's liveness key and its TTL in milliseconds, refreshed from now on (at the
+    /// first call) for as long as the runtime runs: what a remote `Process` worker watches.
+    pub(crate) fn driver_liveness(&self) -> Result<(String, u64)> {
+        let mut liveness = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, key, ttl_ms)) = liveness.as_ref() {
+            return Ok((key.clone(), *ttl_ms));
+        }
+        let store = self.context.store().clone();
+        let key = store.keys().object("processes", "drivers").key(&self.id);
+        let ttl = crate::liveness::DRIVER_TTL;
+        let refreshed = key.clone();
+        let addr = crate::liveness::DriverLiveness::start_in_arbiter(&self.arbiter(), move |_| {
+            crate::liveness::DriverLiveness::new(store, refreshed, ttl)
+        });
+        let ttl_ms = ttl.as_millis() as u64;
+        *liveness = Some((addr, key.clone(), ttl_ms));
+        Ok((key, ttl_ms))
     }
 
     /// Starts this runtime's actor hosts, once.

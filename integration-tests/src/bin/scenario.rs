@@ -129,6 +129,17 @@ fn main() -> shoal::Result<()> {
             println!("ready");
             std::thread::sleep(Duration::from_secs(120));
         }
+        "process-sleep" => {
+            // Two processes, a daemon and not, each sleeping 60 s.
+            let daemon = Process::new(print_then_sleep, (60_000u64,)).daemon(true);
+            let plain = Process::new(print_then_sleep, (60_000u64,));
+            daemon.start()?;
+            plain.start()?;
+            std::thread::sleep(Duration::from_millis(500));
+            println!("store={}", rt.store_url());
+            println!("ready");
+            std::thread::sleep(Duration::from_secs(120));
+        }
         "panic" => {
             panic!("the main program panics while the runtime is up");
         }

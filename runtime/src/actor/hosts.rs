@@ -120,6 +120,8 @@ impl HostSupervisor {
                 config,
                 authkey: Some(info.authkey.clone()),
                 parent: info.parent.clone(),
+                // Watched through its own spec's driver key.
+                driver: None,
             };
             let keys = ProcessKeys::new(store.keys(), &host_id);
             let launch = Launch {

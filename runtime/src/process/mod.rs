@@ -416,6 +416,15 @@ impl Process {
                         || config.shoal.backend.is_remote(),
                     authkey: Some(info.authkey.clone()),
                     parent: info.parent.clone(),
+                    // A pod gets no parent-death signal: it watches this runtime's key.
+                    driver: if config.shoal.backend.is_remote() {
+                        match runtime.driver_liveness() {
+                            Ok(driver) => Some(driver),
+                            Err(e) => return Err((Some(target), e)),
+                        }
+                    } else {
+                        None
+                    },
                 };
                 (
                     Workload::Subprocess {

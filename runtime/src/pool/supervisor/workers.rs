@@ -91,6 +91,8 @@ impl PoolSupervisor {
                 config,
                 authkey: Some(info.authkey.clone()),
                 parent: info.parent.clone(),
+                // Watched through its own spec's driver key.
+                driver: None,
             };
             let keys = ProcessKeys::new(store.keys(), &worker_id);
             let launch = Launch {
