@@ -43,8 +43,8 @@
 //! one `BLPOP` that returns when the grant arrives (plus one check-in per second of waiting).
 //! Release: 1 (`grants_release.lua`). Giving up after a timeout, or because the async caller's
 //! future was dropped: 1 (`grants_wait.lua`), plus 1 to release a grant nobody took.
-//! `get_value`/`locked` (and their async forms): 1 (`grants_value.lua`). At a clean exit: 1 per object this process
-//! still holds (`grants_detach.lua`).
+//! `get_value`/`locked` (and their async forms): 1 (`grants_value.lua`). At a clean exit: 1 per
+//! object this process still holds (`grants_detach.lua`).
 
 use std::collections::HashMap;
 use std::future::Future;
