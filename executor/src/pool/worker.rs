@@ -270,6 +270,10 @@ fn serve(
                 continue;
             }
             let chunk = entry;
+            in_hand
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .start(chunk.call);
             let mut report = |offset: u64, outputs: &[u8]| {
                 report_progress(store, keys, spec, chunk, offset, outputs)
             };
@@ -331,11 +335,16 @@ fn next_prefetch(prefetch: usize, per_chunk: Duration) -> usize {
 }
 
 /// The chunks a worker runs now, for its heartbeat: their entry ids (leases to renew), their
-/// calls (to check for cancellation) and the flag that tells the tasks.
+/// calls (to check for cancellation), the call of the chunk running now, and the flag that tells
+/// the tasks. A read may hold chunks of several calls: only those of a cancelled call stop.
 #[derive(Default)]
 struct InHand {
     ids: Vec<String>,
     calls: Vec<u64>,
+    /// The call whose chunk runs now.
+    running: Option<u64>,
+    /// The calls in hand the heartbeat found cancelled.
+    cancelled_calls: Vec<u64>,
     cancelled: Arc<AtomicBool>,
 }
 
@@ -343,6 +352,23 @@ impl InHand {
     fn clear(&mut self) {
         self.ids.clear();
         self.calls.clear();
+        self.running = None;
+        self.cancelled_calls.clear();
+    }
+
+    /// The chunk of `call` starts: the tasks see a cancellation only if it is that call's.
+    fn start(&mut self, call: u64) {
+        self.running = Some(call);
+        self.cancelled
+            .store(self.cancelled_calls.contains(&call), Ordering::Release);
+    }
+
+    /// The heartbeat found these calls in hand cancelled.
+    fn calls_cancelled(&mut self, calls: Vec<u64>) {
+        if self.running.is_some_and(|running| calls.contains(&running)) {
+            self.cancelled.store(true, Ordering::Release);
+        }
+        self.cancelled_calls = calls;
     }
 }
 
@@ -609,9 +635,9 @@ fn heartbeat(
     let worker = spec.worker_id.as_str();
     let mut driver_missing_since: Option<std::time::Instant> = None;
     loop {
-        let (current, calls, cancel) = {
+        let (current, calls) = {
             let hand = in_hand.lock().unwrap_or_else(|p| p.into_inner());
-            (hand.ids.clone(), hand.calls.clone(), hand.cancelled.clone())
+            (hand.ids.clone(), hand.calls.clone())
         };
         let beat = store.with_conn(
             || format!("heartbeat of {worker}"),
@@ -646,7 +672,17 @@ fn heartbeat(
             && !calls.is_empty()
             && cancelled.iter().any(|c| *c)
         {
-            cancel.store(true, Ordering::Release);
+            let cancelled_calls: Vec<u64> = calls
+                .iter()
+                .zip(cancelled)
+                .filter(|(_, cancelled)| **cancelled)
+                .map(|(call, _)| *call)
+                .collect();
+            let mut hand = in_hand.lock().unwrap_or_else(|p| p.into_inner());
+            // Still the chunks the beat asked about (not a later read's).
+            if hand.calls == calls {
+                hand.calls_cancelled(cancelled_calls);
+            }
         }
         // Only an answer from Redis is evidence about the driver; an error is not.
         if let (true, Ok((_, driver_alive))) = (watch_driver, beat) {
@@ -674,6 +710,39 @@ fn heartbeat(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_chunks_of_a_cancelled_call_see_the_cancellation() {
+        let mut hand = InHand {
+            calls: vec![1, 2, 1],
+            ..InHand::default()
+        };
+        let flag = hand.cancelled.clone();
+        hand.start(1);
+        hand.calls_cancelled(vec![2]);
+        assert!(
+            !flag.load(Ordering::Acquire),
+            "call 1 runs: call 2's cancel is not its"
+        );
+        hand.start(2);
+        assert!(
+            flag.load(Ordering::Acquire),
+            "call 2's chunk sees it at its start"
+        );
+        hand.start(1);
+        assert!(
+            !flag.load(Ordering::Acquire),
+            "and call 1's next chunk does not"
+        );
+        hand.calls_cancelled(vec![1, 2]);
+        assert!(
+            flag.load(Ordering::Acquire),
+            "call 1 cancelled while it runs"
+        );
+        hand.clear();
+        hand.start(1);
+        assert!(!flag.load(Ordering::Acquire), "a new read starts clear");
+    }
     use redis::Value;
 
     fn bulk(s: &str) -> Value {
