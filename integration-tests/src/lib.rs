@@ -222,6 +222,25 @@ pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool 
     }
 }
 
+/// The async form of [`wait_for`]: awaits `condition` every 20 ms until it holds or `timeout`
+/// passes (on Tokio's timer: the caller runs under a Tokio runtime).
+pub async fn wait_for_async<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A fresh scratch directory.
 pub fn scratch() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")

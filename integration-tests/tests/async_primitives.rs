@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use shoal::Error;
 use shoal::prelude::*;
+use shoal_integration_tests::wait_for_async;
 use tokio::time::{sleep, timeout};
 
 shoal::test_support!();
@@ -54,24 +55,6 @@ fn start(p: &Process) {
 fn join_ok(p: &Process) {
     p.join(Some(Duration::from_secs(30))).expect("join");
     assert_eq!(p.exitcode(), Some(0), "the child failed");
-}
-
-/// Whether `condition` (async) holds within `limit`, checked every 20 ms.
-async fn eventually<F, Fut>(limit: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if condition().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        sleep(Duration::from_millis(20)).await;
-    }
 }
 
 // ------------------------------------------------------------------------------- queues --
@@ -449,7 +432,7 @@ fn lock_and_semaphore_async_forms_under_both_runtimes() {
                 assert!(!lock.try_acquire_async().await.expect("held by the guard"));
             }
             assert!(
-                eventually(Duration::from_secs(5), || async {
+                wait_for_async(Duration::from_secs(5), || async {
                     !lock.locked().expect("locked")
                 })
                 .await,
@@ -501,7 +484,7 @@ fn lock_and_semaphore_async_forms_under_both_runtimes() {
                 assert_eq!(bounded.get_value().expect("value"), 0);
             }
             assert!(
-                eventually(Duration::from_secs(5), || async {
+                wait_for_async(Duration::from_secs(5), || async {
                     bounded.get_value().expect("value") == 1
                 })
                 .await
@@ -773,7 +756,7 @@ fn barrier_async_forms_and_a_dropped_arrival_withdraws() {
                     .is_err()
             );
             assert!(
-                eventually(Duration::from_secs(5), || async {
+                wait_for_async(Duration::from_secs(5), || async {
                     pair.n_waiting().expect("n_waiting") == 0
                 })
                 .await,
@@ -982,7 +965,7 @@ fn value_and_array_async_forms_under_both_runtimes() {
             ));
             go.set_async().await.expect("set");
             assert!(
-                eventually(Duration::from_secs(20), || async {
+                wait_for_async(Duration::from_secs(20), || async {
                     value.get_async().await.expect("get") == 42
                         && array.get_async(1).await.expect("get") == 7
                 })
@@ -1306,7 +1289,7 @@ fn event_condition_and_barrier_signals_async_reach_blocking_waiters() {
                     std::thread::spawn(move || barrier.wait(Some(Duration::from_secs(15))))
                 };
                 assert!(
-                    eventually(Duration::from_secs(15), || async {
+                    wait_for_async(Duration::from_secs(15), || async {
                         barrier.n_waiting_async().await.expect("n_waiting") == 1
                     })
                     .await,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use shoal::Error;
 use shoal::prelude::*;
+use shoal_integration_tests::wait_for_async;
 
 shoal::test_support!();
 
@@ -56,24 +57,6 @@ fn is_index_error(e: &Error, text: &str) -> bool {
 
 fn is_value_error(e: &Error, text: &str) -> bool {
     matches!(e, Error::InvalidState(m) if m.contains(text))
-}
-
-/// Whether `condition` (async) holds within `limit`, checked every 20 ms.
-async fn eventually<F, Fut>(limit: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if condition().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[shoal::remote]
@@ -246,7 +229,7 @@ fn async_reads_see_another_process_write() {
             "parent"
         );
         go.set().expect("go");
-        let seen = eventually(Duration::from_secs(30), || async {
+        let seen = wait_for_async(Duration::from_secs(30), || async {
             n.get_async::<String>("who").await.expect("get_async") == "child"
         })
         .await;
