@@ -825,18 +825,27 @@ async fn delete_secret(
     Query(query): Params,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let options = delete_options(&query, &body)?;
-    let mut cluster = core.lock();
-    let secret = cluster
-        .store
-        .get::<Secret>(&namespace, &name)
-        .ok_or_else(|| ApiError::not_found::<Secret>(&name))?;
-    controller::check_preconditions::<Secret>(&secret.metadata, options.preconditions.as_ref())?;
-    let secret = cluster
-        .store
-        .remove::<Secret>(&namespace, &name)
-        .unwrap_or(secret);
+    let secret = remove_object::<Secret>(&core, &namespace, &name, &query, &body)?;
     Ok(json_response(StatusCode::OK, &deleted_status(&secret)))
+}
+
+/// Deletes an object that nothing else owns (no finalizers, no children): the delete options'
+/// preconditions are checked, then it is gone. Returns what was removed.
+fn remove_object<K: Object>(
+    core: &Core,
+    namespace: &str,
+    name: &str,
+    query: &HashMap<String, String>,
+    body: &Bytes,
+) -> Result<K, ApiError> {
+    let options = delete_options(query, body)?;
+    let mut cluster = core.lock();
+    let object = cluster
+        .store
+        .get::<K>(namespace, name)
+        .ok_or_else(|| ApiError::not_found::<K>(name))?;
+    controller::check_preconditions::<K>(object.metadata(), options.preconditions.as_ref())?;
+    Ok(cluster.store.remove::<K>(namespace, name).unwrap_or(object))
 }
 
 async fn create_service_account(
@@ -865,19 +874,6 @@ async fn delete_service_account(
     Query(query): Params,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let options = delete_options(&query, &body)?;
-    let mut cluster = core.lock();
-    let account = cluster
-        .store
-        .get::<ServiceAccount>(&namespace, &name)
-        .ok_or_else(|| ApiError::not_found::<ServiceAccount>(&name))?;
-    controller::check_preconditions::<ServiceAccount>(
-        &account.metadata,
-        options.preconditions.as_ref(),
-    )?;
-    let account = cluster
-        .store
-        .remove::<ServiceAccount>(&namespace, &name)
-        .unwrap_or(account);
+    let account = remove_object::<ServiceAccount>(&core, &namespace, &name, &query, &body)?;
     Ok(json_response(StatusCode::OK, &encode(&account)))
 }
