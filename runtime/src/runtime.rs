@@ -334,10 +334,10 @@ impl RuntimeInner {
 
     /// This runtime's liveness key and its TTL in milliseconds, refreshed from now on (at the
     /// first call) for as long as the runtime runs: what a remote `Process` worker watches.
-    pub(crate) fn driver_liveness(&self) -> Result<(String, u64)> {
+    pub(crate) fn driver_liveness(&self) -> (String, u64) {
         let mut liveness = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, key, ttl_ms)) = liveness.as_ref() {
-            return Ok((key.clone(), *ttl_ms));
+            return (key.clone(), *ttl_ms);
         }
         let store = self.context.store().clone();
         let key = store.keys().object("processes", "drivers").key(&self.id);
@@ -348,7 +348,7 @@ impl RuntimeInner {
         });
         let ttl_ms = ttl.as_millis() as u64;
         *liveness = Some((addr, key.clone(), ttl_ms));
-        Ok((key, ttl_ms))
+        (key, ttl_ms)
     }
 
     /// Starts this runtime's actor hosts, once.

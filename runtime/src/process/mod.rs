@@ -417,14 +417,11 @@ impl Process {
                     authkey: Some(info.authkey.clone()),
                     parent: info.parent.clone(),
                     // A pod gets no parent-death signal: it watches this runtime's key.
-                    driver: if config.shoal.backend.is_remote() {
-                        match runtime.driver_liveness() {
-                            Ok(driver) => Some(driver),
-                            Err(e) => return Err((Some(target), e)),
-                        }
-                    } else {
-                        None
-                    },
+                    driver: config
+                        .shoal
+                        .backend
+                        .is_remote()
+                        .then(|| runtime.driver_liveness()),
                 };
                 (
                     Workload::Subprocess {
