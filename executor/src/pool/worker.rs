@@ -367,14 +367,19 @@ fn cancelled_among(store: &Store, keys: &PoolKeys, calls: &[u64]) -> Vec<u64> {
         },
     );
     match found {
-        Ok(found) => calls
-            .iter()
-            .zip(found)
-            .filter(|(_, cancelled)| *cancelled)
-            .map(|(call, _)| *call)
-            .collect(),
+        Ok(found) => flagged(calls, &found),
         Err(_) => Vec::new(),
     }
+}
+
+/// The calls `SMISMEMBER` flagged as members (its replies in the order of `calls`).
+fn flagged(calls: &[u64], members: &[bool]) -> Vec<u64> {
+    calls
+        .iter()
+        .zip(members)
+        .filter(|(_, member)| **member)
+        .map(|(call, _)| *call)
+        .collect()
 }
 
 /// The chunks a worker runs now, for its heartbeat: their entry ids (leases to renew), their
@@ -724,12 +729,7 @@ fn heartbeat(
             && !calls.is_empty()
             && cancelled.iter().any(|c| *c)
         {
-            let cancelled_calls: Vec<u64> = calls
-                .iter()
-                .zip(cancelled)
-                .filter(|(_, cancelled)| **cancelled)
-                .map(|(call, _)| *call)
-                .collect();
+            let cancelled_calls = flagged(&calls, cancelled);
             let mut hand = in_hand.lock().unwrap_or_else(|p| p.into_inner());
             // Still the chunks the beat asked about (not a later read's).
             if hand.calls == calls {
