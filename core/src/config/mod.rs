@@ -685,7 +685,8 @@ impl Config {
             return Err((
                 "redis.url",
                 format!(
-                    "{backend}: set redis.url to a Redis they can reach (redis:// or rediss://);                      the embedded store is only for the local backend"
+                    "{backend}: set redis.url to a Redis they can reach (redis:// or rediss://); \
+                        the embedded store is only for the local backend"
                 ),
             ));
         };
@@ -693,7 +694,8 @@ impl Config {
             return Err((
                 "redis.url",
                 format!(
-                    "{backend}, which cannot use a Unix socket: set redis.url to a redis:// or                      rediss:// address they can reach"
+                    "{backend}, which cannot use a Unix socket: set redis.url to a redis:// or \
+                        rediss:// address they can reach"
                 ),
             ));
         }
@@ -716,14 +718,16 @@ impl Config {
             return Err((
                 "redis.url",
                 format!(
-                    "{backend}, which cannot reach {host}: set redis.url to an address they can                      reach, or give them their own with kubernetes.redis_url_secret"
+                    "{backend}, which cannot reach {host}: set redis.url to an address they can \
+                        reach, or give them their own with kubernetes.redis_url_secret"
                 ),
             ));
         }
         if self.kubernetes.image.is_none() {
             return Err((
                 "kubernetes.image",
-                "the kubernetes backend needs the image its workers run (this program, built                  with deploy/kubernetes/Dockerfile)"
+                "the kubernetes backend needs the image its workers run (this program, built \
+                    with deploy/kubernetes/Dockerfile)"
                     .into(),
             ));
         }
@@ -1393,6 +1397,8 @@ mod tests {
                 config_error(Config::from_yaml_str(&format!("{k8s}{extra}"), "c.yaml"));
             assert_eq!(k, key, "{extra}");
             assert!(reason.contains(says), "{extra}: {reason}");
+            // A message reads as one sentence: no run of spaces left by a broken line join.
+            assert!(!reason.contains("  "), "{extra}: {reason:?}");
         }
         let ok = Config::from_yaml_str(
             &format!("{k8s}redis:\n  url: redis://10.0.0.5:6379\nkubernetes:\n  image: app:1\n"),
