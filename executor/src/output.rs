@@ -15,6 +15,7 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -153,6 +154,37 @@ fn forward(mut reader: std::io::PipeReader, fd: u8, store: &Store, key: &str) {
         if result.is_err() {
             // The store is gone: keep draining so that the process never blocks on a full pipe.
             continue;
+        }
+    }
+}
+
+/// Prints the output stream at `key` on this process's stdout and stderr until the child's
+/// `eof`, or until a read made after `exit_known` was set finds nothing (a child that was killed
+/// writes no `eof`). Used by a process's parent and by a pool's supervisor for its workers; run
+/// it on the runtime that owns `store`'s connections.
+pub async fn print_stream(store: &Store, key: String, exit_known: &AtomicBool) {
+    let block = Duration::from_millis(100);
+    let mut conn = match store.dedicated(Some(block)).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::warn!("cannot print the output of {key}: {e}");
+            return;
+        }
+    };
+    let mut reader = OutputReader::new(key);
+    loop {
+        let exited = exit_known.load(Ordering::Acquire);
+        match reader.read_once(&mut conn, block).await {
+            Ok(ReadOutcome::Finished) => return,
+            Ok(ReadOutcome::Idle) if exited => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("{e}");
+                if exited {
+                    return;
+                }
+                tokio::time::sleep(block).await;
+            }
         }
     }
 }

@@ -9,8 +9,8 @@
 //! 2. installs the process context (the parent's configuration, this process's name and
 //!    identity), so handles received as arguments work;
 //! 3. redirects stdout/stderr into the output stream if the parent asked for it and reads it
-//!    (a process's parent does; a pool's supervisor does not, so a pool worker's output stays
-//!    on the backend's own stdout and stderr: the terminal, or the pod's log);
+//!    (a process's parent and a pool's supervisor do; an actor host's output stays on the
+//!    backend's own stdout and stderr: the terminal, or the pod's log);
 //! 4. looks the function up in the registry and calls it, catching panics (a remote `Process`
 //!    also watches the liveness key of the runtime that started it, and exits with
 //!    [`EXIT_DRIVER_GONE`] once it lapsed: see `TaskRecord::driver`); or, for a pool worker,
@@ -95,10 +95,12 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
         },
     )));
 
-    // Only a process's parent reads its output stream; a pool's supervisor does not, so what a
-    // pool worker prints stays where the backend puts it (the terminal, the pod's log) rather
+    // A process's parent and a pool's supervisor print their children's output streams; an
+    // actor host's output stays where the backend puts it (the terminal, the pod's log) rather
     // than in a stream nobody reads.
-    let capture = if record.stream_output && matches!(record.kind, TaskKind::Call { .. }) {
+    let capture = if record.stream_output
+        && matches!(record.kind, TaskKind::Call { .. } | TaskKind::PoolWorker(_))
+    {
         Some(OutputCapture::start(store.clone(), keys.output.clone())?)
     } else {
         None

@@ -78,6 +78,34 @@ fn a_long_streamed_output_arrives_whole_and_in_order() {
 }
 
 #[test]
+fn pool_workers_output_reaches_the_parent_directly_and_through_the_stream() {
+    for (env, streamed) in [(&[][..], false), (&[STREAM][..], true)] {
+        let out = scenario(&["pool-output"], env);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        let stderr = text(&out.stderr);
+        let parent = field(&stdout, "parent_fd1").expect("parent fd");
+        let joined = stdout.find("joined results=").expect("joined");
+        for x in 0..6 {
+            let line = format!("pool task {x} speaking, worker_fd1=");
+            let at = stdout
+                .find(&line)
+                .unwrap_or_else(|| panic!("{env:?}: {stdout:?}"));
+            // Printed before join() returned.
+            assert!(at < joined, "{env:?}: {stdout:?}");
+            let worker = stdout[at + line.len()..].lines().next().unwrap_or_default();
+            // Inherited: the worker writes to the parent's stdout; streamed: to its own pipe,
+            // which the supervisor reads from Redis and prints here.
+            assert_eq!(worker == parent, !streamed, "{env:?}: {worker} vs {parent}");
+            assert!(
+                stderr.contains(&format!("pool task {x} on stderr")),
+                "{env:?}: {stderr:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn env_vars_are_set_in_the_child() {
     let out = scenario(
         &["env", "GREETING"],

@@ -52,6 +52,16 @@ fn chatty(lines: u32) {
 }
 
 #[shoal::remote]
+fn speak(x: u64) -> u64 {
+    let link = std::fs::read_link("/proc/self/fd/1")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    println!("pool task {x} speaking, worker_fd1={link}");
+    eprintln!("pool task {x} on stderr");
+    x
+}
+
+#[shoal::remote]
 fn sleep_ms(ms: u64) -> u64 {
     std::thread::sleep(Duration::from_millis(ms));
     ms
@@ -82,6 +92,18 @@ fn main() -> shoal::Result<()> {
             let p = Process::new(describe_stdout, ());
             p.start()?;
             p.join(None)?;
+        }
+        "pool-output" => {
+            let link = std::fs::read_link("/proc/self/fd/1")
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            println!("parent_fd1={link}");
+            let pool = Pool::new(2)?;
+            let results = pool.map(speak, 0..6u64)?;
+            pool.close()?;
+            pool.join()?;
+            // After join, everything the workers printed is on this process's terminal.
+            println!("joined results={results:?}");
         }
         "env" => {
             let p = Process::new(print_env, (arg(1),));

@@ -146,28 +146,7 @@ impl ProcessActor {
         let key = self.keys.output.clone();
         let me = ctx.address();
         actix::spawn(async move {
-            let block = Duration::from_millis(100);
-            match store.dedicated(Some(block)).await {
-                Ok(mut conn) => {
-                    let mut reader = OutputReader::new(key);
-                    loop {
-                        let exited = exit_known.load(Ordering::Acquire);
-                        match reader.read_once(&mut conn, block).await {
-                            Ok(ReadOutcome::Finished) => break,
-                            Ok(ReadOutcome::Idle) if exited => break,
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::warn!("{e}");
-                                if exited {
-                                    break;
-                                }
-                                actix::clock::sleep(block).await;
-                            }
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!("cannot print the child's output: {e}"),
-            }
+            print_stream(&store, key, &exit_known).await;
             me.do_send(OutputFinished);
         });
     }

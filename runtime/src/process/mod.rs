@@ -75,7 +75,7 @@ use shoal_core::error::{Error, Result};
 use shoal_core::registry::{self, Callable, RemoteFn};
 use shoal_core::store::Store;
 use shoal_core::{TaskErrorKind, codec};
-use shoal_executor::output::{OutputReader, ReadOutcome};
+use shoal_executor::output::print_stream;
 use shoal_executor::protocol::{
     Executor, Launch, Launched, StopSignal, ThreadBody, WorkerExited, Workload,
 };

@@ -39,7 +39,7 @@ mod health;
 mod results;
 mod workers;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -173,6 +173,8 @@ pub(crate) struct PoolSupervisor {
     settings: PoolSettings,
     shared: Arc<PoolShared>,
     workers: HashMap<String, WorkerSlot>,
+    /// Workers whose output is still being printed (see `workers`' module docs).
+    printing: HashSet<String>,
     workers_started: u64,
     budget: RestartBudget,
     health: StoreHealth,
@@ -205,6 +207,7 @@ impl PoolSupervisor {
             settings,
             shared,
             workers: HashMap::new(),
+            printing: HashSet::new(),
             workers_started: 0,
             budget,
             health,
@@ -292,8 +295,12 @@ impl PoolSupervisor {
         );
     }
 
-    /// Every worker has exited: the pool is done.
+    /// Every worker has exited and its output is printed: the pool is done.
     fn workers_gone(&mut self, ctx: &mut Context<Self>) {
+        if !self.printing.is_empty() {
+            // The last printer to finish comes back here.
+            return;
+        }
         let store = self.store.clone();
         let keys = self.keys.clone();
         actix::spawn(async move {

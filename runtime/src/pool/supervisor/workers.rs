@@ -11,13 +11,22 @@
 //! | [`EXIT_STORE_LOST`] | it could not reach Redis | after the store back-off, not charged |
 //! | [`EXIT_DRIVER_GONE`] | it saw no driver (the liveness key lapsed) | as a store failure |
 //! | anything else | a failure (crash, kill, lost lease) | charged to the budget, backed off |
+//!
+//! A worker whose output is streamed (`multiprocessing.stream_stdout`, and always on a remote
+//! backend, where a worker's terminal is its pod's log) has a printer task: it prints the
+//! worker's output stream here, as a process's parent does, until the worker's `eof` or its
+//! exit, then deletes the worker's keys. The pool is finished (`join` returns) only once every
+//! printer is done, so what the workers printed is on this terminal by then.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures::FutureExt;
 use shoal_core::config::StartMethod;
 use shoal_core::context::{ParentInfo, ProcessInfo};
+use shoal_executor::output::print_stream;
 use shoal_executor::pool::{self, EXIT_DRIVER_GONE, EXIT_STORE_LOST, PoolWorkerSpec, driver_ttl};
 use shoal_executor::protocol::{Launch, StopSignal, WorkerExited, Workload};
 use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord};
@@ -32,6 +41,8 @@ pub(super) struct WorkerSlot {
     pub(super) launched: bool,
     /// It was killed because it did not stop a cancelled task: not a failure.
     pub(super) stopped_for_cancel: bool,
+    /// Set when it exited, for its output printer (a worker whose output is streamed).
+    pub(super) exited: Option<Arc<AtomicBool>>,
 }
 
 impl PoolSupervisor {
@@ -60,6 +71,7 @@ impl PoolSupervisor {
                 number,
                 launched: false,
                 stopped_for_cancel: false,
+                exited: None,
             },
         );
         self.shared.update(|s| s.live_workers = self.workers.len());
@@ -78,6 +90,9 @@ impl PoolSupervisor {
                 pid: Some(std::process::id()),
             }),
         };
+        let streamed = subprocess
+            && (self.settings.config.multiprocessing.stream_stdout
+                || self.settings.config.shoal.backend.is_remote());
         let launch = if subprocess {
             let mut config = self.settings.config.clone();
             config.redis.url = None;
@@ -86,8 +101,7 @@ impl PoolSupervisor {
                 name: name.clone(),
                 identity: info.identity.clone(),
                 daemon: info.daemon,
-                stream_output: config.multiprocessing.stream_stdout
-                    || config.shoal.backend.is_remote(),
+                stream_output: streamed,
                 config,
                 authkey: Some(info.authkey.clone()),
                 parent: info.parent.clone(),
@@ -140,6 +154,11 @@ impl PoolSupervisor {
                     Ok(_) => {
                         if let Some(slot) = act.workers.get_mut(&worker_id) {
                             slot.launched = true;
+                            if streamed {
+                                let exited = Arc::new(AtomicBool::new(false));
+                                slot.exited = Some(exited.clone());
+                                act.print_worker_output(ctx, worker_id.clone(), exited);
+                            }
                         }
                         // terminate() came while it was starting (a closing pool lets it run
                         // its initializer and read its stop entry).
@@ -200,6 +219,24 @@ impl PoolSupervisor {
         }
     }
 
+    /// Prints worker `worker_id`'s output stream until it ends (see the module docs).
+    fn print_worker_output(
+        &mut self,
+        ctx: &mut Context<Self>,
+        worker_id: String,
+        exited: Arc<AtomicBool>,
+    ) {
+        self.printing.insert(worker_id.clone());
+        let store = self.store.clone();
+        let me = ctx.address();
+        actix::spawn(async move {
+            let key = ProcessKeys::new(store.keys(), &worker_id).output;
+            print_stream(&store, key, &exited).await;
+            delete_worker_keys(&store, &worker_id);
+            me.do_send(OutputPrinted { worker_id });
+        });
+    }
+
     /// Starts a worker after `after` if the pool still supervises and lacks one then.
     pub(super) fn replace_worker(&mut self, ctx: &mut Context<Self>, after: Duration) {
         if !after.is_zero() {
@@ -221,19 +258,11 @@ impl Handler<WorkerExited> for PoolSupervisor {
         };
         self.shared.update(|s| s.live_workers = self.workers.len());
         tracing::debug!(pool = %self.id, worker = slot.number, code = msg.code, "pool worker exited");
-        // The worker's own task record is no longer needed.
-        let store = self.store.clone();
-        let process_keys = ProcessKeys::new(store.keys(), &msg.id);
-        actix::spawn(async move {
-            if let Ok(mut conn) = store.multiplexed().await {
-                let _ = redis::cmd("DEL")
-                    .arg(&process_keys.task)
-                    .arg(&process_keys.status)
-                    .arg(&process_keys.output)
-                    .query_async::<()>(&mut conn)
-                    .await;
-            }
-        });
+        match &slot.exited {
+            // Its printer deletes its keys once it printed the rest.
+            Some(exited) => exited.store(true, Ordering::Release),
+            None => delete_worker_keys(&self.store, &msg.id),
+        }
         if !self.phase.supervises() {
             if self.workers.is_empty() {
                 self.workers_gone(ctx);
@@ -263,4 +292,38 @@ impl Handler<WorkerExited> for PoolSupervisor {
             ),
         }
     }
+}
+
+/// A worker's output printer is done.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct OutputPrinted {
+    worker_id: String,
+}
+
+impl Handler<OutputPrinted> for PoolSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: OutputPrinted, ctx: &mut Context<Self>) {
+        self.printing.remove(&msg.worker_id);
+        if !self.phase.supervises() && self.workers.is_empty() && self.printing.is_empty() {
+            self.workers_gone(ctx);
+        }
+    }
+}
+
+/// Deletes a finished worker's own task record, status and output stream.
+fn delete_worker_keys(store: &Arc<shoal_core::store::Store>, worker_id: &str) {
+    let store = store.clone();
+    let keys = ProcessKeys::new(store.keys(), worker_id);
+    actix::spawn(async move {
+        if let Ok(mut conn) = store.multiplexed().await {
+            let _ = redis::cmd("DEL")
+                .arg(&keys.task)
+                .arg(&keys.status)
+                .arg(&keys.output)
+                .query_async::<()>(&mut conn)
+                .await;
+        }
+    });
 }
