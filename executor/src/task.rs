@@ -2,7 +2,9 @@
 //!
 //! The parent writes a [`TaskRecord`] and asks a backend to launch a worker; the backend passes
 //! the worker nothing but the task's address ([`TaskAddress`]: the Redis URL and the task id, in
-//! `SHOAL_WORKER_REDIS` and `SHOAL_WORKER_TASK`). The worker claims the record, runs the
+//! `SHOAL_WORKER_REDIS` and `SHOAL_WORKER_TASK`, and the store's password in
+//! `SHOAL_WORKER_REDIS_PASSWORD` when a backend keeps it apart from the URL, e.g. in a
+//! Kubernetes Secret). The worker claims the record, runs the
 //! function, and writes its status. The same path serves every backend.
 //!
 //! # Keys (hash tag `{<ns>:proc:<id>}`)
@@ -33,6 +35,9 @@ use crate::pool::PoolWorkerSpec;
 
 /// Environment variable carrying the Redis URL to a worker.
 pub const ENV_WORKER_REDIS: &str = "SHOAL_WORKER_REDIS";
+/// Environment variable carrying the store's password to a worker, when it is not in the URL
+/// (it replaces the URL's own).
+pub const ENV_WORKER_REDIS_PASSWORD: &str = "SHOAL_WORKER_REDIS_PASSWORD";
 /// Environment variable carrying `<namespace>/<task id>` to a worker.
 pub const ENV_WORKER_TASK: &str = "SHOAL_WORKER_TASK";
 
@@ -56,10 +61,18 @@ impl TaskAddress {
     /// The address in this process's environment, if it is a worker.
     pub fn from_env() -> Option<Result<TaskAddress>> {
         let task = std::env::var(ENV_WORKER_TASK).ok()?;
-        Some(Self::parse(&task, std::env::var(ENV_WORKER_REDIS).ok()))
+        Some(Self::parse(
+            &task,
+            std::env::var(ENV_WORKER_REDIS).ok(),
+            std::env::var(ENV_WORKER_REDIS_PASSWORD).ok(),
+        ))
     }
 
-    fn parse(task: &str, redis_url: Option<String>) -> Result<TaskAddress> {
+    fn parse(
+        task: &str,
+        redis_url: Option<String>,
+        password: Option<String>,
+    ) -> Result<TaskAddress> {
         let bad = |reason: &str| {
             Error::Backend(format!(
                 "{ENV_WORKER_TASK}={task:?} is not a task address: {reason}"
@@ -73,6 +86,10 @@ impl TaskAddress {
         }
         let redis_url =
             redis_url.ok_or_else(|| Error::Backend(format!("{ENV_WORKER_REDIS} is not set")))?;
+        let redis_url = match password {
+            Some(password) => with_password(&redis_url, &password)?,
+            None => redis_url,
+        };
         Ok(TaskAddress {
             redis_url,
             namespace: namespace.to_string(),
@@ -84,6 +101,20 @@ impl TaskAddress {
     pub fn task_env_value(&self) -> String {
         format!("{}/{}", self.namespace, self.id)
     }
+}
+
+/// `url` with `password` in place of its own (percent-encoded as a URL needs).
+fn with_password(url: &str, password: &str) -> Result<String> {
+    let bad = |reason: &str| {
+        Error::Backend(format!(
+            "{ENV_WORKER_REDIS_PASSWORD} is set but the URL in {ENV_WORKER_REDIS} {reason}"
+        ))
+    };
+    let mut parsed = redis::parse_redis_url(url).ok_or_else(|| bad("is not a Redis URL"))?;
+    parsed
+        .set_password(Some(password))
+        .map_err(|()| bad("cannot carry a password (no host)"))?;
+    Ok(parsed.to_string())
 }
 
 /// The keys of one process.
@@ -236,12 +267,35 @@ mod tests {
 
     #[test]
     fn addresses_parse() {
-        let a = TaskAddress::parse("jobs/123", Some("unix:///s".into())).expect("valid");
+        let a = TaskAddress::parse("jobs/123", Some("unix:///s".into()), None).expect("valid");
         assert_eq!(a.namespace, "jobs");
         assert_eq!(a.id, "123");
+        assert_eq!(a.redis_url, "unix:///s");
         assert_eq!(a.task_env_value(), "jobs/123");
-        assert!(TaskAddress::parse("nothing", Some("x".into())).is_err());
-        assert!(TaskAddress::parse("a/b", None).is_err());
+        assert!(TaskAddress::parse("nothing", Some("x".into()), None).is_err());
+        assert!(TaskAddress::parse("a/b", None, None).is_err());
+    }
+
+    #[test]
+    fn a_password_from_its_own_variable_goes_into_the_url() {
+        let url = |base: &str, password: &str| {
+            TaskAddress::parse("a/b", Some(base.into()), Some(password.into())).map(|a| a.redis_url)
+        };
+        assert_eq!(
+            url("redis://redis.shoal.svc:6379/0", "s3cret").expect("valid"),
+            "redis://:s3cret@redis.shoal.svc:6379/0"
+        );
+        // It replaces the URL's own; characters a URL reserves are encoded, and redis-rs
+        // decodes them back.
+        let encoded = url("rediss://app:old@h:6380", "p@ss:w/rd").expect("valid");
+        assert_eq!(encoded, "rediss://app:p%40ss%3Aw%2Frd@h:6380");
+        let info = redis::IntoConnectionInfo::into_connection_info(encoded.as_str())
+            .expect("a connection address");
+        assert_eq!(info.redis_settings().password(), Some("p@ss:w/rd"));
+        assert_eq!(info.redis_settings().username(), Some("app"));
+        let e = url("unix:///tmp/r.sock", "x").expect_err("no host");
+        assert!(e.to_string().contains("SHOAL_WORKER_REDIS_PASSWORD"), "{e}");
+        assert!(url("not a url", "x").is_err());
     }
 
     #[test]

@@ -36,6 +36,10 @@ fn full_config() -> KubernetesConfig {
             name: "shoal-redis".into(),
             key: "url".into(),
         }),
+        redis_password_secret: Some(SecretKeyRef {
+            name: "shoal-redis".into(),
+            key: "password".into(),
+        }),
         ..KubernetesConfig::default()
     };
     config

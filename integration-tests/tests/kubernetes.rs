@@ -1264,6 +1264,69 @@ fn workers_can_read_the_redis_url_from_a_secret() {
 }
 
 #[test]
+fn workers_can_read_the_redis_password_from_a_secret() {
+    drive(
+        "workers_can_read_the_redis_password_from_a_secret",
+        Target::Emulator,
+        |kube| {
+            // A Redis that wants a password; the Job carries its address, the Secret the
+            // password.
+            const PASSWORD: &str = "s3cret-for-workers";
+            let mut admin = redis::Client::open(kube.redis_url.as_str())
+                .and_then(|c| c.get_connection())
+                .expect("a connection to the test's Redis");
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("requirepass")
+                .arg(PASSWORD)
+                .query::<()>(&mut admin)
+                .expect("requirepass");
+            let secret: Secret = serde_json::from_value(json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "shoal-redis"},
+                "stringData": {"password": PASSWORD},
+            }))
+            .expect("a Secret");
+            kube.tokio
+                .block_on(
+                    Api::<Secret>::namespaced(kube.client.clone(), &kube.namespace)
+                        .create(&PostParams::default(), &secret),
+                )
+                .expect("create the Secret");
+            let mut config = kube.config();
+            let with_password =
+                kube.redis_url
+                    .replacen("redis://", &format!("redis://:{PASSWORD}@"), 1);
+            config.redis.url = Some(with_password);
+            config.kubernetes.redis_password_secret = Some(SecretKeyRef {
+                name: "shoal-redis".into(),
+                key: "password".into(),
+            });
+            let _rt = runtime(config);
+            let p = Process::new(noop, ());
+            p.start().expect("start");
+            assert_eq!(exit_code(&p), Some(0));
+            let pool = Pool::new(2).expect("pool");
+            assert_eq!(
+                pool.map(square, 0..10u64).expect("map"),
+                (0..10u64).map(|x| x * x).collect::<Vec<_>>()
+            );
+            let job = kube.jobs(&format!("shoal.dev/process={}", p.get_name()));
+            let written = serde_json::to_string(&job).expect("json");
+            assert!(
+                !written.contains(PASSWORD),
+                "the password is not written in the Job"
+            );
+            assert!(
+                written.contains(&kube.redis_url),
+                "the address is: {written}"
+            );
+        },
+    );
+}
+
+#[test]
 fn dropping_the_runtime_deletes_its_jobs_and_pods() {
     drive(
         "dropping_the_runtime_deletes_its_jobs_and_pods",

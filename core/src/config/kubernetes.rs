@@ -48,6 +48,11 @@ pub struct KubernetesConfig {
     /// a service name inside the cluster). `None`: the workers get `redis.url` as written,
     /// visible to whoever can read the Job.
     pub redis_url_secret: Option<SecretKeyRef>,
+    /// A Secret key holding the password of the workers' Redis. The Job then carries the Redis
+    /// URL without a password (from `redis.url`, or `redis_url_secret`) and the workers add this
+    /// one: a password kept in a Secret while the address stays plain configuration. `None`:
+    /// the URL's own password, if any.
+    pub redis_password_secret: Option<SecretKeyRef>,
     /// Seconds a worker's Job may stay without a pod after the first `FailedCreate` Warning
     /// Event on it (the Job controller could not create the pod: a missing service account, an
     /// exhausted quota, an admission policy). If no pod has appeared by then, the worker ends
@@ -74,6 +79,7 @@ impl Default for KubernetesConfig {
             ttl_seconds_after_finished: Some(300),
             active_deadline_seconds: None,
             redis_url_secret: None,
+            redis_password_secret: None,
             pod_create_grace_secs: 30.0,
         }
     }
@@ -254,9 +260,13 @@ impl KubernetesConfig {
         if let Some(0) = self.active_deadline_seconds {
             return fail("active_deadline_seconds", "must be at least 1".into());
         }
-        if let Some(secret) = &self.redis_url_secret {
+        for (key, secret) in [
+            ("redis_url_secret", &self.redis_url_secret),
+            ("redis_password_secret", &self.redis_password_secret),
+        ] {
+            let Some(secret) = secret else { continue };
             if let Err(reason) = dns_subdomain(&secret.name) {
-                return fail("redis_url_secret.name", reason);
+                return fail(&format!("{key}.name"), reason);
             }
             if secret.key.is_empty()
                 || secret.key.len() > 253
@@ -266,7 +276,7 @@ impl KubernetesConfig {
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
             {
                 return fail(
-                    "redis_url_secret.key",
+                    &format!("{key}.key"),
                     format!("{:?} is not a Secret key (A-Z a-z 0-9 - _ .)", secret.key),
                 );
             }

@@ -1431,5 +1431,26 @@ mod tests {
         ));
         assert_eq!(key, "kubernetes.pod_create_grace_secs");
         assert!(reason.contains("0 ..= 86400"), "{reason}");
+        for (secret, key) in [
+            (
+                "{name: Redis_, key: password}",
+                "kubernetes.redis_password_secret.name",
+            ),
+            (
+                "{name: redis, key: 'pass word'}",
+                "kubernetes.redis_password_secret.key",
+            ),
+        ] {
+            let (_, k, _) = config_error(Config::from_yaml_str(
+                &format!("kubernetes:\n  redis_password_secret: {secret}\n"),
+                "c.yaml",
+            ));
+            assert_eq!(k, key, "{secret}");
+        }
+        Config::from_yaml_str(
+            "kubernetes:\n  redis_password_secret: {name: redis, key: password}\n",
+            "c.yaml",
+        )
+        .expect("a password Secret");
     }
 }

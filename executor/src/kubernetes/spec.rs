@@ -8,7 +8,9 @@
 //!   Kubernetes; retries are the Pool's, which redelivers the chunks and starts another worker;
 //! * one container, `worker`, running [`JobTemplate::program`] (this program in the image) with
 //!   the task's address in `SHOAL_WORKER_TASK` and the Redis URL in `SHOAL_WORKER_REDIS` (from a
-//!   Secret when `kubernetes.redis_url_secret` is set), plus `multiprocessing.env_vars`;
+//!   Secret when `kubernetes.redis_url_secret` is set; without its password when
+//!   `kubernetes.redis_password_secret` is, which then gives `SHOAL_WORKER_REDIS_PASSWORD`),
+//!   plus `multiprocessing.env_vars`;
 //! * labels `shoal.dev/runtime` (the runtime that started it: its watch and its clean-up select
 //!   on it), `shoal.dev/namespace`, `shoal.dev/process` (the process's name as a label value),
 //!   `shoal.dev/worker` (the worker id the executor tracks), `app.kubernetes.io/managed-by:
@@ -26,9 +28,9 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use shoal_core::config::KubernetesConfig;
+use shoal_core::config::{KubernetesConfig, SecretKeyRef};
 
-use crate::task::{ENV_WORKER_REDIS, ENV_WORKER_TASK};
+use crate::task::{ENV_WORKER_REDIS, ENV_WORKER_REDIS_PASSWORD, ENV_WORKER_TASK};
 
 /// Label: the runtime that started the Job.
 pub const LABEL_RUNTIME: &str = "shoal.dev/runtime";
@@ -110,21 +112,17 @@ impl JobTemplate {
             ..ObjectMeta::default()
         };
         let redis = match &config.redis_url_secret {
-            Some(secret) => EnvVar {
-                name: ENV_WORKER_REDIS.into(),
-                value: None,
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: secret.name.clone(),
-                        key: secret.key.clone(),
-                        optional: Some(false),
-                    }),
-                    ..EnvVarSource::default()
-                }),
-            },
+            Some(secret) => from_secret(ENV_WORKER_REDIS, secret),
+            // The password, when a Secret holds it, stays out of the Job.
+            None if config.redis_password_secret.is_some() => {
+                literal(ENV_WORKER_REDIS, &without_password(&self.redis_url))
+            }
             None => literal(ENV_WORKER_REDIS, &self.redis_url),
         };
         let mut env = vec![literal(ENV_WORKER_TASK, worker.task), redis];
+        if let Some(secret) = &config.redis_password_secret {
+            env.push(from_secret(ENV_WORKER_REDIS_PASSWORD, secret));
+        }
         env.extend(worker.env.iter().map(|(k, v)| literal(k, v)));
         let quantities = |map: &BTreeMap<String, String>| {
             (!map.is_empty()).then(|| {
@@ -193,6 +191,33 @@ impl JobTemplate {
             }),
             status: None,
         }
+    }
+}
+
+/// An environment variable whose value is a Secret's key (which must exist).
+fn from_secret(name: &str, secret: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.name.clone(),
+                key: secret.key.clone(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+/// `url` without the password in its user information (as it is when it has none).
+fn without_password(url: &str) -> String {
+    match redis::parse_redis_url(url) {
+        Some(mut parsed) if parsed.password().is_some() => match parsed.set_password(None) {
+            Ok(()) => parsed.to_string(),
+            Err(()) => url.to_string(),
+        },
+        _ => url.to_string(),
     }
 }
 
@@ -385,6 +410,28 @@ mod tests {
             "shoal-redis-url"
         );
         assert_eq!(redis["valueFrom"]["secretKeyRef"]["key"], "url");
+    }
+
+    #[test]
+    fn the_redis_password_can_come_from_a_secret() {
+        let mut t = template();
+        t.redis_url = "redis://app:s3cret@shoal-redis:6379/0".into();
+        t.config.redis_password_secret = Some(SecretKeyRef {
+            name: "shoal-redis".into(),
+            key: "password".into(),
+        });
+        let env = BTreeMap::new();
+        let json = serde_json::to_value(t.job(&worker(&env))).expect("json");
+        let vars = &json["spec"]["template"]["spec"]["containers"][0]["env"];
+        assert_eq!(vars[1]["name"], "SHOAL_WORKER_REDIS");
+        // The Job carries the address, never the password.
+        assert_eq!(vars[1]["value"], "redis://app@shoal-redis:6379/0");
+        assert!(!json.to_string().contains("s3cret"), "{json}");
+        assert_eq!(vars[2]["name"], "SHOAL_WORKER_REDIS_PASSWORD");
+        assert!(vars[2].get("value").is_none(), "{}", vars[2]);
+        assert_eq!(vars[2]["valueFrom"]["secretKeyRef"]["name"], "shoal-redis");
+        assert_eq!(vars[2]["valueFrom"]["secretKeyRef"]["key"], "password");
+        assert_eq!(vars[2]["valueFrom"]["secretKeyRef"]["optional"], false);
     }
 
     #[test]
