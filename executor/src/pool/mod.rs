@@ -457,6 +457,36 @@ pub struct Requeued {
     pub failed: u64,
     /// Workers whose chunks moved.
     pub workers: Vec<String>,
+    /// The chunks moved (requeued or failed), each with the attempt that ended.
+    pub chunks: Vec<MovedChunk>,
+}
+
+/// A chunk [`requeue_consumer`]/[`requeue_idle`] moved: whose attempt ended without an outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MovedChunk {
+    /// The call it belongs to.
+    pub call: u64,
+    /// Its index in the call.
+    pub chunk: u64,
+    /// The attempt that ended (1 for the first delivery).
+    pub attempt: u32,
+    /// The index in the call's input of the item the attempt had reached (the first item not
+    /// done).
+    pub item: u64,
+}
+
+impl MovedChunk {
+    /// Parses `call.chunk.attempt.item`, as `pool/requeue.lua` writes it.
+    fn parse(text: &str) -> Option<MovedChunk> {
+        let mut parts = text.split('.');
+        let chunk = MovedChunk {
+            call: parts.next()?.parse().ok()?,
+            chunk: parts.next()?.parse().ok()?,
+            attempt: parts.next()?.parse().ok()?,
+            item: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(chunk)
+    }
 }
 
 /// Moves every chunk pending on `worker` (which exited) and removes it from the group.
@@ -517,13 +547,20 @@ async fn requeue(
     };
     let requeued = count(values.next());
     let failed = count(values.next());
-    let workers = values
-        .filter_map(|v| redis::from_redis_value::<String>(v).ok())
+    let strings = |v: Option<redis::Value>| -> Vec<String> {
+        v.and_then(|v| redis::from_redis_value::<Vec<String>>(v).ok())
+            .unwrap_or_default()
+    };
+    let workers = strings(values.next());
+    let chunks = strings(values.next())
+        .iter()
+        .filter_map(|text| MovedChunk::parse(text))
         .collect();
     Ok(Requeued {
         requeued,
         failed,
         workers,
+        chunks,
     })
 }
 
