@@ -258,10 +258,14 @@ pub struct TaskError {
     pub message: String,
     /// How it failed.
     pub kind: TaskErrorKind,
-    /// How many times the call was attempted; 0 when it never ran (its pool gave up first).
+    /// How many times the call was attempted: for a pool call, the attempt of its chunk that
+    /// failed. When its pool gave up (kind `Crashed`), the attempt of the chunk failure the call
+    /// had recorded, else of its last chunk whose worker died; 0 only when none of its chunks
+    /// ran (the workers died before taking any, e.g. in the initializer).
     pub attempts: u32,
     /// For a pool call, the index of the failing item in the whole input (`None` for a
-    /// `Process`, or when no item is to blame: a pool that gave up).
+    /// `Process`, or when no single item is to blame: a worker that died in a chunk of several
+    /// items, a pool that gave up before running any).
     #[serde(default)]
     pub item: Option<u64>,
 }

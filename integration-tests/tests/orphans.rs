@@ -19,6 +19,7 @@ const LEASE: Duration = Duration::from_secs(2);
 
 /// A driver running `scenario pool-sleep`: two workers in 60 s tasks.
 struct Driver {
+    lease: Duration,
     child: Child,
     workers: Vec<u32>,
     store: String,
@@ -26,9 +27,13 @@ struct Driver {
 
 impl Driver {
     fn start(redis_url: Option<&str>) -> Driver {
+        Driver::with_lease(redis_url, LEASE)
+    }
+
+    fn with_lease(redis_url: Option<&str>, lease: Duration) -> Driver {
         let mut command = Command::new(SCENARIO);
         command
-            .args(["pool-sleep", &LEASE.as_secs_f64().to_string()])
+            .args(["pool-sleep", &lease.as_secs_f64().to_string()])
             .env_remove("RUST_BACKTRACE")
             .stdout(Stdio::piped());
         if let Some(url) = redis_url {
@@ -55,6 +60,7 @@ impl Driver {
             .collect();
         assert_eq!(workers.len(), 2, "the driver's workers: {workers:?}");
         Driver {
+            lease,
             child,
             workers,
             store,
@@ -63,6 +69,12 @@ impl Driver {
 
     fn signal(&self, signal: Signal) {
         kill(Pid::from_raw(self.child.id() as i32), signal).expect("signal the driver");
+    }
+
+    /// The documented bound (the task lease plus a second; see `shoal_executor::pool::driver_ttl`),
+    /// with a second of slack for a loaded machine.
+    fn bound(&self) -> Duration {
+        self.lease + Duration::from_secs(2)
     }
 
     /// Asserts that every worker is gone within `limit`; returns how long it took.
@@ -89,17 +101,12 @@ impl Drop for Driver {
     }
 }
 
-/// Within the task lease plus a second, with a second of slack for a loaded machine.
-fn bound() -> Duration {
-    LEASE + Duration::from_secs(2)
-}
-
 #[test]
 fn workers_exit_when_their_driver_is_killed_with_an_external_redis() {
     let redis = TestRedis::tcp();
     let driver = Driver::start(Some(&redis.url()));
     driver.signal(Signal::SIGKILL);
-    let took = driver.workers_exit_within(bound());
+    let took = driver.workers_exit_within(driver.bound());
     eprintln!("workers exited {took:?} after the driver's SIGKILL");
 }
 
@@ -113,7 +120,7 @@ fn workers_exit_when_their_driver_is_killed_and_the_embedded_store_is_removed() 
         .to_path_buf();
     assert!(dir.exists());
     driver.signal(Signal::SIGKILL);
-    driver.workers_exit_within(bound());
+    driver.workers_exit_within(driver.bound());
     assert!(
         wait_for(Duration::from_secs(5), || !dir.exists()),
         "{} outlived its program",
@@ -128,10 +135,24 @@ fn workers_exit_when_their_driver_stops_refreshing_its_liveness_key() {
     let redis = TestRedis::tcp();
     let driver = Driver::start(Some(&redis.url()));
     driver.signal(Signal::SIGSTOP);
-    let took = driver.workers_exit_within(bound());
+    let took = driver.workers_exit_within(driver.bound());
     eprintln!("workers exited {took:?} after their driver froze");
     assert!(
         took >= Duration::from_millis(500),
+        "{took:?}: too soon for the key to lapse"
+    );
+}
+
+#[test]
+fn workers_of_a_short_lease_leave_a_frozen_driver_within_the_lease_and_a_second() {
+    // Below a 1 s lease the liveness key's TTL follows the lease, so the bound still holds.
+    let redis = TestRedis::tcp();
+    let driver = Driver::with_lease(Some(&redis.url()), Duration::from_millis(300));
+    driver.signal(Signal::SIGSTOP);
+    let took = driver.workers_exit_within(driver.bound());
+    eprintln!("workers exited {took:?} after their driver froze (lease 300 ms)");
+    assert!(
+        took >= Duration::from_millis(300),
         "{took:?}: too soon for the key to lapse"
     );
 }

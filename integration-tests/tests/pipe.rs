@@ -395,6 +395,35 @@ fn wrong_direction_closed_handles_and_bad_lengths_are_os_errors() {
         a.poll(Some(Duration::ZERO)),
         Err(Error::Io { .. })
     ));
+    // A duplex end stays open (Python only clears `_readable`): it still sends.
+    assert!(!a.closed());
+    a.send(&9).expect("a duplex end still sends");
+    assert_eq!(b.recv().expect("recv"), 9);
+
+    // A one-way reader is closed by the violation (Python's `_bad_message_length` closes a
+    // connection that is not writable), so its end is let go: the writer's sends break.
+    let (r, w) = Pipe::new::<u32>(false).expect("pipe");
+    w.send_bytes(&[7u8; 100], 0, None).expect("send");
+    assert!(matches!(r.recv_bytes(Some(10)), Err(Error::Io { .. })));
+    assert!(
+        r.closed(),
+        "a one-way reader is closed after a maxlength violation"
+    );
+    assert!(matches!(r.recv_bytes(None), Err(Error::Closed(_))));
+    assert!(matches!(
+        r.poll(Some(Duration::ZERO)),
+        Err(Error::Closed(_))
+    ));
+    assert!(matches!(w.send(&1), Err(Error::Closed(_))));
+    // The async form too.
+    let (r, w) = Pipe::new::<u32>(false).expect("pipe");
+    w.send_bytes(&[7u8; 100], 0, None).expect("send");
+    assert!(matches!(
+        futures::executor::block_on(r.recv_bytes_async(Some(10))),
+        Err(Error::Io { .. })
+    ));
+    assert!(r.closed());
+    assert!(matches!(w.send(&1), Err(Error::Closed(_))));
 }
 
 #[test]

@@ -645,18 +645,36 @@ fn close_releases_an_exited_process_and_refuses_a_running_one() {
             "{method:?}"
         );
         p.join(None).expect("join");
+        assert!(!p.is_closed());
         p.close().expect("close after exit");
+        // Python's test_close closes twice: the second close does nothing.
+        p.close().expect("a second close is a no-op");
+        assert!(p.is_closed(), "{method:?}");
+        // Python raises ValueError here; shoal's plain getters answer "not known" (documented).
         assert!(!p.is_alive());
         assert_eq!(p.exitcode(), None);
-        for outcome in [p.start(), p.join(None), p.terminate(), p.kill(), p.close()] {
+        assert_eq!(p.pid(), None);
+        for outcome in [p.start(), p.join(None), p.terminate(), p.kill()] {
             assert!(
                 matches!(&outcome, Err(Error::InvalidState(m)) if m.contains("is closed")),
                 "{method:?}: {outcome:?}"
             );
         }
+        let joined = futures::executor::block_on(p.join_async());
+        assert!(
+            matches!(&joined, Err(Error::InvalidState(m)) if m.contains("is closed")),
+            "{method:?}: {joined:?}"
+        );
+        // Metadata stays usable, as in Python (name and the daemon setter do not check).
+        p.set_daemon(true)
+            .expect("the daemon flag of a closed process");
+        assert!(p.is_daemon());
+        assert!(!p.get_name().is_empty());
     }
-    // A process that never started can be closed.
+    // A process that never started can be closed, twice.
     let never = Process::new(noop, ());
     never.close().expect("close");
-    assert!(never.start().is_err());
+    never.close().expect("close again");
+    assert!(never.is_closed());
+    assert!(matches!(never.start(), Err(Error::InvalidState(m)) if m.contains("is closed")));
 }

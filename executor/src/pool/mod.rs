@@ -47,8 +47,10 @@
 //! A worker must not run on for nobody. Its heartbeat thread also checks the `driver` key
 //! ([`PoolWorkerSpec::driver_ttl_ms`]); when the key has been missing for half its TTL (so a
 //! Redis stall that outlived the TTL does not count: the driver refreshes it right after), the
-//! driver is gone and the worker exits at once with [`EXIT_DRIVER_GONE`], whatever it runs. A
-//! local worker is usually ended before that by its parent-death signal.
+//! driver is gone and the worker exits at once with [`EXIT_DRIVER_GONE`], whatever it runs:
+//! within the task lease plus 1 s of the driver's death or freeze (the TTL is half the lease,
+//! between `min(1 s, (lease + 1 s) / 2)` and 5 s; see [`driver_ttl`] for the bound). A local
+//! worker is usually ended before that by its parent-death signal.
 //!
 //! When Redis cannot be reached (refused, dropped, timed out), a worker retries its read or its
 //! send for `redis.response_timeout_secs`, then exits with [`EXIT_STORE_LOST`]. The supervisor
@@ -182,12 +184,22 @@ pub struct PoolWorkerSpec {
     pub driver_ttl_ms: u64,
 }
 
-/// The TTL of a pool driver's liveness key for a chunk lease: half the lease, within 1 to 5 s.
-/// Workers check the key every [`driver_check_every`] and exit when it has been missing for
-/// half the TTL: at most 1.5 × TTL + one check after the driver died, which is less than the
-/// lease plus a second.
+/// The TTL of a pool driver's liveness key for a chunk `lease`: half the lease, at most 5 s and
+/// at least `min(1 s, (lease + 1 s) / 2)`.
+///
+/// The driver sets the key every quarter of the TTL; workers check it every
+/// [`driver_check_every`] (`c`, at most a quarter of the TTL) and exit once it has been missing
+/// for half the TTL. So a worker exits at most `1.5 × TTL + 2c ≤ 2 × TTL` after its driver's
+/// last refresh (plus the check's round trip), which is within `lease + 1 s` for every lease:
+/// `≤ lease` from a 2 s lease up, `≤ 2 s` from 1 to 2 s, `≤ lease + 1 s` below 1 s.
+///
+/// The floor keeps the key from lapsing under ordinary latency: with the 1 s floor, a short
+/// lease gave `1.5 s + 2c`, over `lease + 1 s` below a lease of about 0.75 s, so below 1 s the
+/// floor is `(lease + 1 s) / 2` (0.55 s for the shortest lease, 0.1 s): the driver may then miss
+/// its refreshes for about 0.8 s before its workers leave.
 pub fn driver_ttl(lease: Duration) -> Duration {
-    (lease / 2).clamp(Duration::from_secs(1), Duration::from_secs(5))
+    let floor = ((lease + Duration::from_secs(1)) / 2).min(Duration::from_secs(1));
+    (lease / 2).clamp(floor, Duration::from_secs(5))
 }
 
 /// How often a worker checks its driver's liveness key (and renews its lease).
@@ -457,6 +469,36 @@ pub struct Requeued {
     pub failed: u64,
     /// Workers whose chunks moved.
     pub workers: Vec<String>,
+    /// The chunks moved (requeued or failed), each with the attempt that ended.
+    pub chunks: Vec<MovedChunk>,
+}
+
+/// A chunk [`requeue_consumer`]/[`requeue_idle`] moved: whose attempt ended without an outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MovedChunk {
+    /// The call it belongs to.
+    pub call: u64,
+    /// Its index in the call.
+    pub chunk: u64,
+    /// The attempt that ended (1 for the first delivery).
+    pub attempt: u32,
+    /// The index in the call's input of the item the attempt had reached (the first item not
+    /// done).
+    pub item: u64,
+}
+
+impl MovedChunk {
+    /// Parses `call.chunk.attempt.item`, as `pool/requeue.lua` writes it.
+    fn parse(text: &str) -> Option<MovedChunk> {
+        let mut parts = text.split('.');
+        let chunk = MovedChunk {
+            call: parts.next()?.parse().ok()?,
+            chunk: parts.next()?.parse().ok()?,
+            attempt: parts.next()?.parse().ok()?,
+            item: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(chunk)
+    }
 }
 
 /// Moves every chunk pending on `worker` (which exited) and removes it from the group.
@@ -517,13 +559,20 @@ async fn requeue(
     };
     let requeued = count(values.next());
     let failed = count(values.next());
-    let workers = values
-        .filter_map(|v| redis::from_redis_value::<String>(v).ok())
+    let strings = |v: Option<redis::Value>| -> Vec<String> {
+        v.and_then(|v| redis::from_redis_value::<Vec<String>>(v).ok())
+            .unwrap_or_default()
+    };
+    let workers = strings(values.next());
+    let chunks = strings(values.next())
+        .iter()
+        .filter_map(|text| MovedChunk::parse(text))
         .collect();
     Ok(Requeued {
         requeued,
         failed,
         workers,
+        chunks,
     })
 }
 
@@ -570,4 +619,60 @@ pub async fn trim_tasks(
         .invoke_async(conn)
         .await
         .context(|| format!("trimming {}", keys.tasks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The longest a worker can take to leave after its driver's last refresh: the key lapses
+    /// after the TTL, is first seen missing at most one check later, and must stay missing for
+    /// half the TTL, seen at most one check after that.
+    fn worst_exit(lease: Duration) -> Duration {
+        let ttl = driver_ttl(lease);
+        let check = driver_check_every(lease, ttl);
+        ttl + check + ttl / 2 + check
+    }
+
+    #[test]
+    fn workers_leave_within_the_lease_and_a_second_for_every_lease() {
+        let mut ms = 100;
+        while ms <= 86_400_000 {
+            let lease = Duration::from_millis(ms);
+            let worst = worst_exit(lease);
+            assert!(
+                worst <= lease + Duration::from_secs(1),
+                "lease {lease:?}: a worker may take {worst:?}"
+            );
+            ms += if ms < 3_000 { 50 } else { ms / 3 };
+        }
+    }
+
+    #[test]
+    fn the_key_outlasts_several_refreshes_and_ordinary_latency() {
+        for ms in [100, 300, 750, 1_000, 2_000, 10_000, 60_000] {
+            let lease = Duration::from_millis(ms);
+            let ttl = driver_ttl(lease);
+            // The driver refreshes every quarter of the TTL; a worker leaves only after
+            // 1.5 × TTL without the key: refreshes may be late by that much.
+            assert!(
+                ttl >= Duration::from_millis(550),
+                "lease {lease:?}: ttl {ttl:?}"
+            );
+            assert!(
+                ttl <= Duration::from_secs(5),
+                "lease {lease:?}: ttl {ttl:?}"
+            );
+        }
+        assert_eq!(driver_ttl(Duration::from_secs(10)), Duration::from_secs(5));
+        assert_eq!(driver_ttl(Duration::from_secs(4)), Duration::from_secs(2));
+        assert_eq!(
+            driver_ttl(Duration::from_millis(1500)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            driver_ttl(Duration::from_millis(100)),
+            Duration::from_millis(550)
+        );
+    }
 }

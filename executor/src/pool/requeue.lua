@@ -14,7 +14,9 @@
 -- in a row made none is answered in the results stream with a crash entry (field x, offset o =
 -- how far it got). Either way the old entry is acked and deleted and its progress
 -- removed, so each pending chunk moves exactly once. A chunk of a cancelled call is only removed.
--- Returns {requeued, failed, consumer...}: the counts and the consumers whose chunks moved.
+-- Returns {requeued, failed, {consumer...}, {moved...}}: the counts, the consumers whose chunks
+-- moved, and each moved chunk as 'call.chunk.attempt.item' (the attempt that ended, and the
+-- index in the call's input of the item it had reached).
 local pending
 if ARGV[2] == 'consumer' then
   pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 10000, ARGV[3])
@@ -22,7 +24,7 @@ else
   pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', 10000)
 end
 local requeued, failed = 0, 0
-local consumers, seen = {}, {}
+local consumers, seen, moved = {}, {}, {}
 for _, p in ipairs(pending) do
   local id, consumer = p[1], p[2]
   local entries = redis.call('XRANGE', KEYS[1], id, id)
@@ -44,6 +46,8 @@ for _, p in ipairs(pending) do
       local attempt = tonumber(attempt_s)
       local started_at = tonumber(started_s)
       local done = tonumber(redis.call('HGET', KEYS[3], id) or started_at)
+      table.insert(moved, call .. '.' .. chunk .. '.' .. attempt_s .. '.'
+        .. string.format('%d', tonumber(first) + done))
       local function header(a)
         return call .. '.' .. chunk .. '.' .. a .. '.' .. first .. '.' .. string.format('%d', done)
       end
@@ -76,4 +80,4 @@ if ARGV[2] == 'consumer' then
 end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-return {requeued, failed, unpack(consumers)}
+return {requeued, failed, consumers, moved}

@@ -14,13 +14,14 @@
 //! [`Connection::recv_bytes`] returns the next message's bytes. Both kinds of message have one
 //! wire format, as in Python: `recv_bytes` of a `send` message returns its encoded form, and
 //! those bytes, relayed with `send_bytes`, decode with `recv` at the other end. A message longer
-//! than `recv_bytes`' `maxlength` is consumed and is an error, after which the handle is no
-//! longer readable. [`Connection::recv_bytes_into`] writes a message into a buffer at an offset;
-//! a buffer too small is [`Error::BufferTooShort`]: the message is consumed, and the error
-//! carries it whole (Python's `args[0]`).
+//! than `recv_bytes`' `maxlength` is consumed and is an error, after which a duplex handle is no
+//! longer readable and a receive-only handle is closed (Python's `_bad_message_length`).
+//! [`Connection::recv_bytes_into`] writes a message into a buffer at an offset; a buffer too
+//! small is [`Error::BufferTooShort`]: the message is consumed, and the error carries it whole
+//! (Python's `args[0]`).
 //!
-//! Errors, as Python's: a wrong direction and a read after a `maxlength` violation are
-//! [`Error::Io`] (`OSError`); an operation on a closed handle, `poll` included, is
+//! Errors, as Python's: a wrong direction and a read on a duplex handle after a `maxlength`
+//! violation are [`Error::Io`] (`OSError`); an operation on a closed handle, `poll` included, is
 //! [`Error::Closed`] (`OSError: handle is closed`); end of file is [`Error::Closed`]
 //! (`EOFError`), never a hang, and so is sending once nobody holds the other end any more
 //! (`BrokenPipeError`); a bad offset or size is [`Error::InvalidState`] (`ValueError`).
@@ -760,40 +761,57 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     }
 
     /// Receives the next message's bytes (a `send` message's encoded form). A message longer
-    /// than `maxlength` is consumed and is [`Error::Io`], and the handle is no longer readable
-    /// (Python's behaviour).
+    /// than `maxlength` is consumed and is [`Error::Io`]; then, as in Python, a duplex handle is
+    /// no longer readable (it still sends), and a receive-only handle is closed (as by
+    /// [`Connection::close`]).
     pub fn recv_bytes(&self, maxlength: Option<usize>) -> Result<Vec<u8>> {
         let store = common::store()?;
         let message = self.next_message(&store)?;
-        self.bytes_within(message, maxlength)
+        let (result, close) = self.bytes_within(message, maxlength);
+        if close && let Err(e) = self.close_handle() {
+            tracing::warn!("closing a connection after a bad message length: {e}");
+        }
+        result
     }
 
     /// The async form of [`Connection::recv_bytes`] (see [`Connection::recv_async`]).
     pub async fn recv_bytes_async(&self, maxlength: Option<usize>) -> Result<Vec<u8>> {
         let message = self.next_message_async().await?;
-        self.bytes_within(message, maxlength)
+        let (result, close) = self.bytes_within(message, maxlength);
+        if close && let Err(e) = self.close_async().await {
+            tracing::warn!("closing a connection after a bad message length: {e}");
+        }
+        result
     }
 
-    fn bytes_within(&self, message: Message, maxlength: Option<usize>) -> Result<Vec<u8>> {
+    /// The message's bytes, or the error for one longer than `maxlength`, and whether the
+    /// handle must be closed for it (Python's `_bad_message_length`: a handle that also sends
+    /// only stops reading; a receive-only one is closed).
+    fn bytes_within(&self, message: Message, maxlength: Option<usize>) -> (Result<Vec<u8>>, bool) {
         let bytes = match message {
-            Message::EndOfFile => return Err(self.end_of_file()),
+            Message::EndOfFile => return (Err(self.end_of_file()), false),
             Message::Data(bytes) => bytes,
         };
         if let Some(max) = maxlength
             && bytes.len() > max
         {
             self.unreadable.store(true, Ordering::Release);
-            return Err(self.os_error(
+            let after = if self.can_send {
+                "the connection is no longer readable"
+            } else {
+                "the connection is closed"
+            };
+            let error = self.os_error(
                 "receiving on",
                 std::io::ErrorKind::InvalidData,
                 &format!(
-                    "bad message length: {} bytes, longer than maxlength {max}; the connection \
-                     is no longer readable",
+                    "bad message length: {} bytes, longer than maxlength {max}; {after}",
                     bytes.len()
                 ),
-            ));
+            );
+            return (Err(error), !self.can_send);
         }
-        Ok(bytes)
+        (Ok(bytes), false)
     }
 
     /// Receives the next message into `buffer` at `offset`; returns its length. A buffer too

@@ -23,9 +23,14 @@
 //!   [`Error::InvalidState`]; so is changing the daemon flag of a started process
 //!   ([`Process::set_daemon`]).
 //! * [`Process::close`] releases a process that exited (or never started); it is
-//!   [`Error::InvalidState`] while the process runs. After it, `start`, `join`, `terminate`,
-//!   `kill` and `close` are [`Error::InvalidState`], and `is_alive`, `exitcode` and `pid` report
-//!   `false`/`None` (Python raises `ValueError` for those too).
+//!   [`Error::InvalidState`] while the process runs, and closing again does nothing (Python's
+//!   `close()`). After it, `start`, `join`/`join_async`, `terminate` and `kill` are
+//!   [`Error::InvalidState`] ("process … is closed"), while the name and the daemon flag stay
+//!   readable and settable, as in Python. Python's `is_alive()`, `exitcode` and `pid` raise
+//!   `ValueError` after `close()`; here they keep their plain return types (no `Result`), so they
+//!   report `false`, `None` and `None` instead: a closed process's exit code and pid are no
+//!   longer known. [`Process::is_closed`] tells a closed process apart from one that never
+//!   started.
 //! * [`active_children`] lists the children started through this runtime that still run
 //!   (Python's `multiprocessing.active_children()`; pool workers are the pool's and are not
 //!   listed); [`crate::parent_process`] tells a child who started it.
@@ -161,6 +166,7 @@ impl std::fmt::Debug for Process {
             .field("daemon", &self.is_daemon())
             .field("pid", &self.pid())
             .field("exitcode", &self.exitcode())
+            .field("closed", &self.is_closed())
             .finish()
     }
 }
@@ -250,14 +256,14 @@ impl Process {
     }
 
     /// Sets the daemon flag before `start()`; [`Error::InvalidState`] once the process was
-    /// started (Python: "process has already started").
+    /// started (Python: "process has already started"). After [`Process::close`] the flag is
+    /// plain metadata again and may be set, as in Python.
     pub fn set_daemon(&self, daemon: bool) -> Result<()> {
         match &*self.lock_slot() {
-            Slot::Created(_) => {
+            Slot::Created(_) | Slot::Closed => {
                 self.daemon.store(daemon, Ordering::Relaxed);
                 Ok(())
             }
-            Slot::Closed => Err(self.closed()),
             _ => Err(Error::invalid_state(format!(
                 "process {} has already started: its daemon flag cannot change",
                 self.name
@@ -286,8 +292,10 @@ impl Process {
     }
 
     /// Releases the process once it has exited (or if it never started): Python's
-    /// `Process.close()`. [`Error::InvalidState`] while it still runs; after it, the other
-    /// calls are errors (see the module docs). Closing twice is an error too.
+    /// `Process.close()`. [`Error::InvalidState`] while it still runs (or starts); closing a
+    /// closed process does nothing. After it, `start`, `join`, `terminate` and `kill` are
+    /// [`Error::InvalidState`]; `is_alive`, `exitcode` and `pid` answer `false`/`None` (Python
+    /// raises `ValueError` there: see the module docs).
     pub fn close(&self) -> Result<()> {
         let mut slot = self.lock_slot();
         match &*slot {
@@ -299,7 +307,6 @@ impl Process {
                 "cannot close process {} while it is starting",
                 self.name
             ))),
-            Slot::Closed => Err(self.closed()),
             _ => {
                 *slot = Slot::Closed;
                 Ok(())
@@ -503,7 +510,15 @@ impl Process {
         Ok(())
     }
 
+    /// Whether [`Process::close`] released this process.
+    pub fn is_closed(&self) -> bool {
+        matches!(&*self.lock_slot(), Slot::Closed)
+    }
+
     /// True from a successful `start()` until the process exits.
+    ///
+    /// After [`Process::close`]: `false`. Python raises `ValueError` there; this method keeps a
+    /// plain `bool`, so check [`Process::is_closed`] to tell the cases apart.
     pub fn is_alive(&self) -> bool {
         match &*self.lock_slot() {
             Slot::Started(s) => !s.state.has_exited(),
@@ -512,6 +527,10 @@ impl Process {
     }
 
     /// The exit code once the process has exited (see the module docs), `None` before.
+    ///
+    /// After [`Process::close`]: `None`, the exit code is released with the process. Python
+    /// raises `ValueError` there; this method keeps a plain `Option`, so check
+    /// [`Process::is_closed`] to tell a closed process from a running one.
     pub fn exitcode(&self) -> Option<i32> {
         match &*self.lock_slot() {
             Slot::Started(s) => s.state.exit_code(),
@@ -520,6 +539,9 @@ impl Process {
     }
 
     /// The child's OS process id, for a subprocess that was started.
+    ///
+    /// After [`Process::close`]: `None` (Python raises `ValueError`; see
+    /// [`Process::is_closed`]).
     pub fn pid(&self) -> Option<u32> {
         match &*self.lock_slot() {
             Slot::Started(s) => s.pid,

@@ -23,7 +23,7 @@ use actix::prelude::*;
 use indicatif::ProgressBar;
 use shoal_core::codec;
 use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
-use shoal_executor::pool::{self, ResultBody, ResultEntry};
+use shoal_executor::pool::{self, MovedChunk, ResultBody, ResultEntry};
 use shoal_executor::protocol::StopSignal;
 
 use super::PoolSupervisor;
@@ -115,6 +115,9 @@ pub(super) struct CallRecord {
     parts: HashMap<u64, Vec<Part>>,
     /// `Collect`: the earliest failing chunk so far and its failure.
     failure: Option<(u64, TaskError)>,
+    /// The last attempt of one of its chunks that ended with its worker's death: the attempt
+    /// number and, for a chunk of one item, that item's index in the input.
+    last_death: Option<(u32, Option<u64>)>,
     /// The input's iterator failed after the chunks sent.
     input_error: Option<Error>,
     completion: Option<Completion>,
@@ -285,6 +288,42 @@ impl PoolSupervisor {
         self.check_call(entry.call);
     }
 
+    /// Notes the chunks redelivery moved: their attempts ended with their worker's death.
+    pub(super) fn record_deaths(&mut self, moved: &[MovedChunk]) {
+        for chunk in moved {
+            if let Some(record) = self.calls.get_mut(&chunk.call) {
+                // Which item killed its worker is known for chunks of one item only.
+                let item = (record.chunksize == Some(1)).then_some(chunk.item);
+                record.last_death = Some((chunk.attempt, item));
+            }
+        }
+    }
+
+    /// Fails every call still running because the pool gave up (`reason`), with kind
+    /// `Crashed`: each names the failure the call already recorded (its attempts and item), else
+    /// the last attempt of its chunks that died with its worker, else none (attempts 0: none of
+    /// its chunks ran).
+    pub(super) fn end_calls_gave_up(&mut self, reason: &str) {
+        let calls: Vec<u64> = self.calls.keys().copied().collect();
+        for call in calls {
+            if let Some(record) = self.calls.remove(&call) {
+                let (attempts, item) = match (&record.failure, record.last_death) {
+                    (Some((_, failure)), _) => (failure.attempts, failure.item),
+                    (None, Some(death)) => death,
+                    (None, None) => (0, None),
+                };
+                let error = Error::Task(TaskError {
+                    function: record.function.clone(),
+                    message: format!("the pool gave up: {reason}"),
+                    kind: TaskErrorKind::Crashed,
+                    attempts,
+                    item,
+                });
+                self.finish_call(record, Err(error));
+            }
+        }
+    }
+
     /// Completes a call whose every chunk is in.
     fn check_call(&mut self, call: u64) {
         let Some(record) = self.calls.get(&call) else {
@@ -360,6 +399,7 @@ impl Handler<RegisterCall> for PoolSupervisor {
                 collected: BTreeMap::new(),
                 parts: HashMap::new(),
                 failure: None,
+                last_death: None,
                 input_error: None,
                 completion: msg.completion,
                 progress: msg.progress,

@@ -161,6 +161,7 @@ impl PoolSupervisor {
                 act.store_report(ctx, started, result.as_ref().map(|_| ()));
                 match result {
                     Ok(moved) => {
+                        act.record_deaths(&moved.chunks);
                         for worker in moved.workers {
                             if act.workers.contains_key(&worker) {
                                 tracing::warn!(
@@ -181,8 +182,15 @@ impl PoolSupervisor {
         );
     }
 
-    /// Moves the chunks a worker that exited still held.
-    pub(super) fn requeue_worker_chunks(&mut self, ctx: &mut Context<Self>, worker: String) {
+    /// Moves the chunks a worker that exited still held; then, for a worker that `failed`
+    /// (the reason), charges the failure ([`PoolSupervisor::worker_failed`]), so that a pool
+    /// that gives up then knows the attempts its calls' chunks had reached.
+    pub(super) fn requeue_worker_chunks(
+        &mut self,
+        ctx: &mut Context<Self>,
+        worker: String,
+        failed: Option<String>,
+    ) {
         let store = self.store.clone();
         let keys = self.keys.clone();
         let attempts = self.attempts_allowed();
@@ -195,10 +203,16 @@ impl PoolSupervisor {
             .into_actor(self)
             .map(move |result, act, ctx| {
                 // A chunk left behind here is moved later by the lease check.
-                if let Err(e) = &result {
-                    tracing::warn!("pool {}: redelivering a dead worker's chunks: {e}", act.id);
+                match &result {
+                    Ok(moved) => act.record_deaths(&moved.chunks),
+                    Err(e) => {
+                        tracing::warn!("pool {}: redelivering a dead worker's chunks: {e}", act.id)
+                    }
                 }
                 act.store_report(ctx, started, result.as_ref().map(|_| ()));
+                if let Some(reason) = failed {
+                    act.worker_failed(ctx, reason);
+                }
             }),
         );
     }

@@ -27,7 +27,9 @@
 //! * Every half lease, chunks idle for longer than the lease (their worker stopped renewing) are
 //!   moved the same way and their worker is killed and replaced.
 //! * Worker failures are charged to a restart budget only while the pool makes no progress
-//!   (see [`budget`]); restarts back off.
+//!   (see [`budget`]); restarts back off. A failure is charged once its worker's chunks moved,
+//!   so that a pool that gives up fails each call naming a real attempt: the chunk failure the
+//!   call recorded, else the last of its chunks that died with its worker.
 //! * Redis being unreachable is not a worker failure: the supervisor watches the store and, when
 //!   it stayed unreachable for `redis.response_timeout_secs`, fails the calls with the store's
 //!   error (see [`health`]).
@@ -46,7 +48,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use shoal_core::config::{Config, StartMethod};
 use shoal_core::context::ProcessInfo;
-use shoal_core::error::{Error, RedisContext, Result, TaskError, TaskErrorKind};
+use shoal_core::error::{Error, RedisContext, Result};
 use shoal_core::store::Store;
 use shoal_executor::pool::{self, Initializer, PoolKeys};
 use shoal_executor::protocol::{Executor, StopSignal};
@@ -234,15 +236,7 @@ impl PoolSupervisor {
         let later = match why {
             Breakdown::GaveUp(reason) => {
                 tracing::error!("pool {} is broken: {reason}", self.id);
-                self.end_calls(|function| {
-                    Error::Task(TaskError {
-                        function: function.to_string(),
-                        message: format!("the pool gave up: {reason}"),
-                        kind: TaskErrorKind::Crashed,
-                        attempts: 0,
-                        item: None,
-                    })
-                });
+                self.end_calls_gave_up(&reason);
                 Error::invalid_state(format!("the pool is broken: it gave up: {reason}"))
             }
             Breakdown::StoreLost(error) => {

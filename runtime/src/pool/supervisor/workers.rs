@@ -269,9 +269,10 @@ impl Handler<WorkerExited> for PoolSupervisor {
             }
             return;
         }
-        // Whatever it held goes to another worker (or fails, out of attempts).
-        self.requeue_worker_chunks(ctx, msg.id.clone());
+        // Whatever it held goes to another worker (or fails, out of attempts); a failure is
+        // charged once that is done (see `requeue_worker_chunks`).
         if msg.never_started {
+            self.requeue_worker_chunks(ctx, msg.id.clone(), None);
             let reason = format!(
                 "PoolWorker-{} could not be started by the backend (see its log)",
                 slot.number
@@ -280,15 +281,26 @@ impl Handler<WorkerExited> for PoolSupervisor {
         }
         self.budget.started();
         match msg.code {
-            _ if slot.stopped_for_cancel => self.replace_worker(ctx, Duration::ZERO),
-            0 => self.replace_worker(ctx, Duration::ZERO),
+            _ if slot.stopped_for_cancel => {
+                self.requeue_worker_chunks(ctx, msg.id.clone(), None);
+                self.replace_worker(ctx, Duration::ZERO);
+            }
+            0 => {
+                self.requeue_worker_chunks(ctx, msg.id.clone(), None);
+                self.replace_worker(ctx, Duration::ZERO);
+            }
             EXIT_STORE_LOST | EXIT_DRIVER_GONE => {
+                self.requeue_worker_chunks(ctx, msg.id.clone(), None);
                 let after = self.budget.store_failure();
                 self.replace_worker(ctx, after);
             }
-            code => self.worker_failed(
+            code => self.requeue_worker_chunks(
                 ctx,
-                format!("PoolWorker-{} exited with code {code}", slot.number),
+                msg.id.clone(),
+                Some(format!(
+                    "PoolWorker-{} exited with code {code}",
+                    slot.number
+                )),
             ),
         }
     }
