@@ -414,7 +414,8 @@ pub struct PoolConfig {
     /// fails with kind `Crashed` (a long chunk resumes from the progress it reported). 0 ..= 1000.
     pub retries: u32,
     /// A chunk whose worker stopped renewing its lease for this long (seconds) is given to
-    /// another worker. 0.1 ..= 86400.
+    /// another worker. It also bounds orphans: a pool worker whose driver died or froze exits
+    /// within this lease + 1 s. 0.1 ..= 86400.
     pub task_lease_secs: f64,
     /// Worker failures allowed within `restart_period_secs` while no chunk completes; one more
     /// breaks the pool (its calls fail) instead of restarting forever. A completed chunk clears
