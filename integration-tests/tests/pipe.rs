@@ -311,6 +311,48 @@ fn eof_comes_when_every_process_that_held_the_sending_end_let_go() {
     assert!(reader.poll(Some(Duration::ZERO)).expect("EOF is readable"));
 }
 
+/// An argument that encodes but never decodes: a child given it fails before it decodes the
+/// arguments after it.
+struct Undecodable;
+
+impl serde::Serialize for Undecodable {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_unit()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Undecodable {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> std::result::Result<Self, D::Error> {
+        Err(serde::de::Error::custom("this argument never decodes"))
+    }
+}
+
+#[shoal::remote]
+fn never_runs(_: Undecodable, _conn: Connection<u32>) {
+    unreachable!("its arguments do not decode");
+}
+
+#[test]
+fn eof_comes_when_a_child_dies_before_claiming_the_handle_it_was_given() {
+    // The child fails on its first argument, so it never claims the handle after it: the
+    // transfer held for it is given back once its exit is known, and the reader sees end of
+    // file while the parent still runs (not only when the parent exits).
+    let _rt = runtime();
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    let p = Process::new(never_runs, (Undecodable, writer.clone()));
+    p.start().expect("start");
+    writer.close().expect("close");
+    p.join(Some(Duration::from_secs(20))).expect("join");
+    assert_eq!(p.exitcode(), Some(1), "its arguments did not decode");
+    assert!(
+        reader
+            .poll(Some(Duration::from_secs(10)))
+            .expect("end of file is readable"),
+        "no end of file while the parent lives"
+    );
+    assert!(matches!(reader.recv(), Err(Error::Closed(_))));
+}
+
 #[shoal::remote]
 fn hold_and_wait(conn: Connection<u32>, ready: Event) {
     conn.send(&7).expect("send");

@@ -195,3 +195,77 @@ fn renew_all() {
         }
     }
 }
+
+thread_local! {
+    /// The transfers registered on this thread while [`collect_transfers`] runs.
+    static COLLECTING: std::cell::RefCell<Option<Vec<SentTransfer>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// One transfer this process registered: the pipe, the end and the transfer's id.
+#[derive(Debug)]
+struct SentTransfer {
+    address: Address,
+    end: u8,
+    id: String,
+}
+
+/// Notes a transfer just registered, for the [`collect_transfers`] running on this thread.
+pub(super) fn note_transfer(address: &Address, end: u8, id: &str) {
+    COLLECTING.with(|c| {
+        if let Some(sent) = c.borrow_mut().as_mut() {
+            sent.push(SentTransfer {
+                address: address.clone(),
+                end,
+                id: id.to_string(),
+            });
+        }
+    });
+}
+
+/// Runs `encode`, and returns with its result the transfers of pipe ends it registered (the
+/// handles it serialized): a process that starts a child with handles among its arguments
+/// gives back, once the child has exited, the ones the child never claimed (it died, or
+/// failed, before it decoded its arguments; see [`SentTransfers::release`]).
+pub fn collect_transfers<T>(encode: impl FnOnce() -> T) -> (T, SentTransfers) {
+    let outer = COLLECTING.with(|c| c.borrow_mut().replace(Vec::new()));
+    let result = encode();
+    let sent = COLLECTING.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
+    (result, SentTransfers(sent.unwrap_or_default()))
+}
+
+/// Transfers of pipe ends registered for one receiver (see [`collect_transfers`]).
+#[derive(Debug, Default)]
+pub struct SentTransfers(Vec<SentTransfer>);
+
+impl SentTransfers {
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Gives back the transfers the receiver did not claim, once it can no longer claim them
+    /// (it exited, or was never started): each is let go as a holder that closed (one script
+    /// per transfer), so the other end reads end of file once every real holder let go too,
+    /// rather than when this process exits. A transfer the receiver claimed is no longer a
+    /// holder, and giving it back changes nothing.
+    pub fn release(self) -> Result<()> {
+        let mut first_error = None;
+        for sent in self.0 {
+            let local = local_end(&sent.address, sent.end);
+            let mut local = lock(&local);
+            let Some(at) = local.transfers.iter().position(|t| *t == sent.id) else {
+                // The heartbeat saw it claimed (or lapsed).
+                continue;
+            };
+            local.transfers.remove(at);
+            let store = common::store()?;
+            if let Err(e) = let_go(&store, &sent.address, sent.end, &sent.id) {
+                // Not renewed any more: it lapses after the lease.
+                tracing::debug!("{e}");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}

@@ -51,7 +51,10 @@
 //!   however soon the sender closes its own handle, as Python's resource sharer keeps a
 //!   descriptor for a receiver until it fetches it. A transfer is never claimed if its value is
 //!   never deserialized; it then lasts as long as the sending process (or until its lease lapses
-//!   after that process died). A handle deserialized without a runtime claims at its first use.
+//!   after that process died), except a `Process`'s arguments: the parent gives back the
+//!   transfers of a child that exited (or could not start) without claiming them
+//!   ([`collect_transfers`]), so a child that dies before decoding its arguments does not keep
+//!   the end open. A handle deserialized without a runtime claims at its first use.
 //!   A value deserialized twice (a retried task) claims twice: the second process holds the end
 //!   too, unless every holder has let it go by then, and then its handle is closed.
 //! * **End of file.** When the last holder of an end lets go (closes, or its lease lapses and is
@@ -120,6 +123,8 @@ use crate::op::{self, Operation, Request, Step};
 
 mod holds;
 mod read;
+
+pub use holds::{SentTransfers, collect_transfers};
 
 use holds::*;
 use read::*;
@@ -506,6 +511,7 @@ impl<T> Connection<T> {
             Ok(_) => {
                 local.transfers.push(id.clone());
                 drop(local);
+                note_transfer(&self.address, self.end, &id);
                 start_heartbeat();
                 Ok(id)
             }

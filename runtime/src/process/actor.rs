@@ -29,6 +29,8 @@ pub(super) struct ProcessActor {
     pub(super) started_instant: Instant,
     pub(super) pid: Option<u32>,
     pub(super) details_dir: Option<PathBuf>,
+    /// The pipe handles among the arguments, given back if the child never claimed them.
+    pub(super) sent_transfers: Option<SentTransfers>,
 }
 
 impl Actor for ProcessActor {
@@ -84,7 +86,14 @@ impl Handler<StartChild> for ProcessActor {
             }
             .into_actor(self)
             .map(move |result: Result<Launched>, act, ctx| {
-                let launched = result?;
+                let launched = match result {
+                    Ok(launched) => launched,
+                    Err(e) => {
+                        // Nothing will claim the handles among its arguments.
+                        act.release_transfers();
+                        return Err(e);
+                    }
+                };
                 act.started_instant = Instant::now();
                 act.started_at = SystemTime::now();
                 act.pid = launched.pid;
@@ -118,6 +127,7 @@ impl Handler<WorkerExited> for ProcessActor {
 
     fn handle(&mut self, msg: WorkerExited, ctx: &mut Context<Self>) {
         self.exit_code = Some(msg.code);
+        self.release_transfers();
         match &self.output {
             Some(exit_known) => exit_known.store(true, Ordering::Release),
             None => self.finish(ctx),
@@ -137,6 +147,27 @@ impl Handler<OutputFinished> for ProcessActor {
 }
 
 impl ProcessActor {
+    /// Gives back the pipe handles among the child's arguments that it never claimed (it died
+    /// or failed before decoding them), so their other ends see end of file once their real
+    /// holders let go, not when this process exits. Off the actor's thread: one round trip
+    /// per handle.
+    fn release_transfers(&mut self) {
+        let Some(sent) = self.sent_transfers.take().filter(|s| !s.is_empty()) else {
+            return;
+        };
+        let name = self.name.clone();
+        let spawned = std::thread::Builder::new()
+            .name("shoal-transfers".into())
+            .spawn(move || {
+                if let Err(e) = sent.release() {
+                    tracing::warn!("giving back the pipe handles passed to {name}: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("giving back the pipe handles passed to {}: {e}", self.name);
+        }
+    }
+
     /// Prints the child's output stream until `eof`, or until a read after the exit finds
     /// nothing (a child that was killed writes no `eof`).
     fn print_output(&mut self, ctx: &mut Context<Self>) {

@@ -85,6 +85,7 @@ use shoal_executor::protocol::{
     Executor, Launch, Launched, StopSignal, ThreadBody, WorkerExited, Workload,
 };
 use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord};
+use shoal_primitives::pipe::{SentTransfers, collect_transfers};
 
 use crate::runtime::{self, ChildEntry, RuntimeInner};
 
@@ -387,6 +388,7 @@ impl Process {
                 pid: Some(std::process::id()),
             }),
         };
+        let mut sent_transfers = None;
         let (workload, record) = match method {
             StartMethod::Process => {
                 if !target.runs_elsewhere() {
@@ -403,9 +405,15 @@ impl Process {
                     };
                     return Err((Some(target), e));
                 }
-                let args = match target.encode_args(context.store(), &keys.task) {
+                let (args, transfers) =
+                    collect_transfers(|| target.encode_args(context.store(), &keys.task));
+                sent_transfers = Some(transfers);
+                let args = match args {
                     Ok(args) => args,
-                    Err(e) => return Err((Some(target), e)),
+                    Err(e) => {
+                        release_now(sent_transfers.take());
+                        return Err((Some(target), e));
+                    }
                 };
                 let mut record_config = config.clone();
                 record_config.redis.url = None;
@@ -464,6 +472,7 @@ impl Process {
             started_instant: Instant::now(),
             pid: None,
             details_dir: config.multiprocessing.export_execution_details.clone(),
+            sent_transfers,
         };
         let addr = ProcessActor::start_in_arbiter(&runtime.arbiter(), move |_| actor);
         let pid = match futures::executor::block_on(addr.send(StartChild)) {
@@ -702,6 +711,13 @@ pub fn active_children() -> Vec<ChildProcess> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Gives back, on this thread, the pipe handles encoded for a child that will not start.
+fn release_now(sent: Option<SentTransfers>) {
+    if let Some(Err(e)) = sent.map(SentTransfers::release) {
+        tracing::warn!("giving back the pipe handles of a process that did not start: {e}");
+    }
 }
 
 /// The lifecycle as the handle sees it; only the actor changes it.
