@@ -304,6 +304,45 @@ async fn a_job_whose_command_exits_3_fails_with_backoff_limit_exceeded() {
 }
 
 #[tokio::test]
+async fn a_pod_that_shares_its_process_namespace_runs_its_container_below_a_pause_process() {
+    let emulator = Emulator::start(None);
+    let (_, jobs, pods) = apis(&emulator);
+    // A shell that SIGKILLs itself: as PID 1 of its own namespace (the default) the kernel drops
+    // the signal and the shell carries on; below the pod's pause process it dies of it.
+    // (`$$$$`: Kubernetes expands `$$` in a command to `$`.)
+    let script = "echo pid=$$$$; kill -KILL $$$$; echo survived";
+    for (name, shared) in [("own-namespace", false), ("shared-namespace", true)] {
+        let patch = json!({"spec": {"template": {"spec": {"shareProcessNamespace": shared}}}});
+        jobs.create(
+            &PostParams::default(),
+            &job(name, &["sh", "-c", script], patch),
+        )
+        .await
+        .expect("create");
+    }
+    let ended = async |name: &str| {
+        let pod = job_pods(&pods, name, 1).await.remove(0);
+        let pod = pod_until(&pods, &name_of(&pod), "ended", |p| terminated(p).is_some()).await;
+        let log = emulator
+            .pod_log(DEFAULT_NAMESPACE, &name_of(&pod))
+            .unwrap_or_default();
+        (terminated(&pod).expect("terminated").exit_code, log)
+    };
+    let (code, log) = ended("own-namespace").await;
+    assert_eq!(
+        (code, log.as_str()),
+        (0, "pid=1\nsurvived\n"),
+        "PID 1 of its own namespace"
+    );
+    let (code, log) = ended("shared-namespace").await;
+    assert_eq!(
+        (code, log.as_str()),
+        (137, "pid=2\n"),
+        "PID 2 of the pod's shared namespace"
+    );
+}
+
+#[tokio::test]
 async fn a_killed_pod_reports_128_plus_the_signal_and_oom_kills_are_oomkilled() {
     let emulator = Emulator::start(None);
     let (_, jobs, pods) = apis(&emulator);

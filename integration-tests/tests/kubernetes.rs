@@ -1,7 +1,8 @@
 //! The Kubernetes backend end to end (`shoal.backend: kubernetes`, crate feature `kubernetes`):
 //! real runtimes, through the real Kubernetes executor, against the test-only API emulator
-//! (`shoal_integration_tests::kube_emulator`) whose kubelet runs every pod as PID 1 of its own
-//! PID namespace, in a network namespace host of its own (`netns`), reaching Redis over TCP on
+//! (`shoal_integration_tests::kube_emulator`) whose kubelet runs every pod in a PID namespace of
+//! its own (shared by the pod: the worker is PID 2, as the executor's Jobs ask), in a network
+//! namespace host of its own (`netns`), reaching Redis over TCP on
 //! the bridge: nothing can depend on a shared Unix socket, a parent pid or a terminal. Pods run
 //! this very test binary (`kubernetes.command`), as its `shoal_worker_entry` test.
 //!
@@ -139,6 +140,29 @@ fn recorded_square(url: String, list: String, x: u64, ms: u64) -> u64 {
         let _: redis::RedisResult<()> = redis::cmd("RPUSH").arg(&list).arg(entry).query(&mut conn);
     }
     std::thread::sleep(Duration::from_millis(ms));
+    x * x
+}
+
+/// Kills its own worker with `SIGKILL`, as `examples/fault_tolerant_map.rs` does; returns only
+/// if the signal did nothing (a worker that is PID 1 of its container).
+#[shoal::remote]
+fn kills_itself() {
+    let _ = nix::sys::signal::raise(Signal::SIGKILL);
+    println!("kills_itself: SIGKILL did nothing");
+}
+
+/// The inputs whose first runs kill their worker in [`square_or_die`].
+const VICTIMS: [u64; 2] = [7, 23];
+
+/// `x²`; a victim input, while `kills` (incremented on each victim run) is below the number of
+/// victims, first kills its own worker with `SIGKILL` (as `examples/fault_tolerant_map.rs`
+/// does). A kill that did nothing returns `u64::MAX`, a wrong result.
+#[shoal::remote]
+fn square_or_die(x: u64, kills: shoal::Value<i64>) -> u64 {
+    if VICTIMS.contains(&x) && kills.fetch_add(1).expect("count the kill") < VICTIMS.len() as i64 {
+        let _ = nix::sys::signal::raise(Signal::SIGKILL);
+        return u64::MAX;
+    }
     x * x
 }
 
@@ -468,7 +492,7 @@ impl Kube {
 
     /// Waits until the worker of process `name` has claimed its task (the status hash has
     /// `started_ms`; its pod's `shoal.dev/worker` label names the task), and returns when that
-    /// was (ms since the epoch). A worker installs its `SIGTERM` handler before it claims.
+    /// was (ms since the epoch).
     fn claimed(&self, name: &str) -> u64 {
         let selector = format!("shoal.dev/process={name}");
         let mut id = String::new();
@@ -629,16 +653,15 @@ fn process_lifecycle(kube: &Kube) {
     }
 }
 
-/// `terminate()` ends a pod with -15 without waiting out its grace period (the worker handles
-/// SIGTERM as PID 1), `kill()` with -9; a process terminated before its pod ran too.
+/// `terminate()` ends a pod with -15 without waiting out its grace period (the worker, not PID
+/// 1 of its pod, dies of SIGTERM), `kill()` with -9; a process terminated before its pod ran too.
 fn terminate_and_kill(kube: &Kube) {
     let _rt = runtime(kube.config());
     let terminated = Process::new(sleeps, (60_000u64,));
     let killed = Process::new(sleeps, (60_000u64,));
     terminated.start().expect("start");
     killed.start().expect("start");
-    // Once a worker runs its task it has its SIGTERM handler (in the first milliseconds of its
-    // program it has not: see the executor's docs).
+    // Terminated while it runs its task.
     kube.claimed(terminated.get_name());
     kube.claimed(killed.get_name());
 
@@ -655,9 +678,7 @@ fn terminate_and_kill(kube: &Kube) {
     assert_eq!(exit_code(&killed), Some(-9));
 
     // A pod whose container takes a second to start (a real cluster's are slower still; the
-    // annotation is the emulator's): terminate() lands before the program runs, never in the
-    // first milliseconds of its program, before its SIGTERM handler exists (the limit the
-    // executor's docs give).
+    // annotation is the emulator's): terminate() lands before the program runs.
     drop((terminated, killed, _rt));
     let mut slow_start = kube.config();
     slow_start
@@ -797,6 +818,40 @@ fn pool_survives_a_killed_worker(kube: &Kube) {
         victim.item,
         victim.pod,
         starts.all()
+    );
+}
+
+/// A worker that kills itself with `SIGKILL` ends as it would locally: a Process with -9, and a
+/// pool map whose function kills its worker on some inputs completes with every result once and
+/// in order (the dead workers' chunks redelivered). As PID 1 of its container the worker would
+/// survive its own `SIGKILL` (the pods share their PID namespace so that it is not).
+fn workers_that_sigkill_themselves(kube: &Kube) {
+    let _rt = runtime(kube.config());
+    let p = Process::new(kills_itself, ());
+    p.start().expect("start");
+    assert_eq!(
+        exit_code(&p),
+        Some(-9),
+        "a function that SIGKILLs its own worker ends its process with -9"
+    );
+
+    let kills = shoal::Value::new(0i64).expect("a kill counter");
+    let pool = Pool::new(2).expect("pool");
+    let inputs: Vec<(u64, shoal::Value<i64>)> = (0..30u64).map(|x| (x, kills.clone())).collect();
+    let results = pool
+        .starmap_async_with(square_or_die, inputs, AsyncOptions::new().chunksize(1))
+        .expect("map")
+        .get(Some(patience()))
+        .expect("the map completes");
+    assert_eq!(
+        results,
+        (0..30u64).map(|x| x * x).collect::<Vec<_>>(),
+        "every result once, in order, none from a worker that survived its SIGKILL"
+    );
+    let killed = kills.get().expect("the kill counter");
+    assert!(
+        killed >= 2 * VICTIMS.len() as i64,
+        "each victim ran again after killing its worker: {killed} victim runs"
     );
 }
 
@@ -1058,8 +1113,9 @@ fn processes_exit_with_pythons_codes_and_their_output_reaches_the_driver() {
         Target::Emulator,
         |kube| {
             process_lifecycle(kube);
-            // The worker is PID 1 of its pod, whose parent is outside it; it sees the
-            // environment the Job gives it, not the driver's.
+            // The worker is PID 2 of its pod (the pause process is PID 1: the pods share their
+            // PID namespace), whose parent is outside it; it sees the environment the Job gives
+            // it, not the driver's.
             let _rt = runtime({
                 let mut config = kube.config();
                 config
@@ -1093,7 +1149,7 @@ fn processes_exit_with_pythons_codes_and_their_output_reaches_the_driver() {
     assert!(
         driven
             .stdout
-            .contains("pid=1 ppid=0 GREETING=from the config")
+            .contains("pid=2 ppid=0 GREETING=from the config")
     );
     assert!(
         driven.stdout.contains(&format!("{ROLE}=<unset>")),
@@ -1125,6 +1181,21 @@ fn an_actor_survives_its_host_pod_being_sigkilled() {
         "an_actor_survives_its_host_pod_being_sigkilled",
         Target::Emulator,
         actor_survives_a_killed_host_pod,
+    );
+}
+
+#[test]
+fn a_worker_that_sigkills_itself_ends_as_a_local_one_would() {
+    let Some(driven) = drive(
+        "a_worker_that_sigkills_itself_ends_as_a_local_one_would",
+        Target::Emulator,
+        workers_that_sigkill_themselves,
+    ) else {
+        return;
+    };
+    assert!(
+        !driven.stdout.contains("SIGKILL did nothing"),
+        "a worker survived its own SIGKILL"
     );
 }
 
@@ -1912,8 +1983,8 @@ fn the_real_cluster_tests_pass_against_an_emulator_standing_in_for_the_cluster()
     println!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "the real-cluster tests failed");
     assert!(
-        stdout.contains("test result: ok. 7 passed"),
-        "all seven real-cluster tests ran"
+        stdout.contains("test result: ok. 8 passed"),
+        "all eight real-cluster tests ran"
     );
 }
 
@@ -1986,6 +2057,16 @@ fn cluster_pods_the_cluster_refuses_to_create_end_their_process() {
             .stderr
             .contains(&format!("serviceaccount \"{NO_SUCH_ACCOUNT}\" not found")),
         "the driver's log says why the pod is refused"
+    );
+}
+
+#[test]
+#[ignore = "needs a cluster: make test-kubernetes"]
+fn cluster_a_worker_that_sigkills_itself_ends_with_minus_9() {
+    drive(
+        "cluster_a_worker_that_sigkills_itself_ends_with_minus_9",
+        Target::Cluster,
+        workers_that_sigkill_themselves,
     );
 }
 

@@ -123,7 +123,12 @@
 //!
 //! # Pods (kubelet)
 //! The container runs as PID 1 of its own PID
-//! namespace (so, as in any container, SIGTERM is ignored unless the program handles it), in
+//! namespace (so, as in any container, SIGTERM is ignored unless the program handles it, and a
+//! signal it sends itself, `raise(SIGKILL)` included, does nothing), or, when the pod spec has
+//! `shareProcessNamespace: true`, as an ordinary process (PID 2) of the pod's PID namespace,
+//! whose PID 1 is a pause process (as a real pod's pause container; killed, with whatever the
+//! container left behind, once the container ended), so that signals behave as outside a
+//! container; in
 //! its own network namespace [`Host`] when the emulator has a network (pod
 //! IP: the host's address; host IP: the bridge address) or in this machine's network (pod and
 //! host IP 127.0.0.1), with a container-like clean environment: `PATH`, `HOME`, `HOSTNAME` and
