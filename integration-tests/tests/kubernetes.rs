@@ -66,6 +66,9 @@ fn driver_deadline(target: Target) -> Duration {
 }
 /// Where the image built for the real-cluster tests holds this test binary.
 const IMAGE_COMMAND: &str = "/usr/local/bin/shoal-kubernetes-tests";
+/// Where that image holds another shoal program, without the tests' functions: the integration
+/// tests' `scenario` binary.
+const IMAGE_OTHER_COMMAND: &str = "/usr/local/bin/scenario";
 
 // ---------------------------------------------------------------------------------------------
 // Functions the workers run.
@@ -276,6 +279,9 @@ struct ClusterSettings {
     /// hand it to the workers through a Secret, as `kubernetes.redis_url_secret` does).
     worker_redis_url: Option<String>,
     command: String,
+    /// `SHOAL_TEST_OTHER_COMMAND`: another shoal program in the image, which lacks the tests'
+    /// functions (default: [`IMAGE_OTHER_COMMAND`]).
+    other_command: String,
     namespace: Option<String>,
 }
 
@@ -298,6 +304,8 @@ fn cluster_settings() -> ClusterSettings {
         redis_url: get("SHOAL_TEST_REDIS_URL").unwrap_or_default(),
         worker_redis_url: get("SHOAL_TEST_WORKER_REDIS_URL"),
         command: get("SHOAL_TEST_COMMAND").unwrap_or_else(|| IMAGE_COMMAND.to_string()),
+        other_command: get("SHOAL_TEST_OTHER_COMMAND")
+            .unwrap_or_else(|| IMAGE_OTHER_COMMAND.to_string()),
         namespace: get("SHOAL_TEST_NAMESPACE"),
     }
 }
@@ -1065,6 +1073,45 @@ fn refused_then_admitted(kube: &Kube) {
     );
 }
 
+/// Pods that run another program than the driver (another build, as an outdated image would
+/// be), `program`, which lacks the functions: a Process ends with 1, a pool map fails with the
+/// task's error naming the function and the program.
+fn program_without_the_function(kube: &Kube, program: &str) {
+    let mut config = kube.config();
+    config.kubernetes.command = Some(program.to_string());
+    let _rt = runtime(config);
+    let p = Process::new(noop, ());
+    p.start().expect("start");
+    assert_eq!(exit_code(&p), Some(1));
+
+    let pool = Pool::new(1).expect("pool");
+    let outcome = pool.map(square, vec![1u64, 2]);
+    let Err(Error::Task(e)) = &outcome else {
+        panic!("a pool map of a function the workers lack: {outcome:?}");
+    };
+    assert!(
+        e.message.contains("function `") && e.message.contains("square"),
+        "{e}"
+    );
+    assert!(
+        e.message
+            .contains(&format!("is not registered in {program}")),
+        "the error names the program: {e}"
+    );
+}
+
+/// After [`program_without_the_function`]: the Process's error reached the driver's log, naming
+/// the program and the function.
+fn the_driver_names_the_missing_function(driven: &Driven, program: &str) {
+    assert!(
+        driven.stderr.contains(&format!(
+            "is not registered in {program}, the program this worker runs"
+        )),
+        "the process's error reaches the driver, naming the program"
+    );
+    assert!(driven.stderr.contains("noop"), "and the function");
+}
+
 /// Dropping the runtime deletes every Job it started (finished ones included) and their pods.
 fn drop_deletes_jobs(kube: &Kube) {
     let rt = runtime(kube.config());
@@ -1205,40 +1252,11 @@ fn a_program_without_the_function_fails_naming_the_function_and_the_program() {
     let Some(driven) = drive(
         "a_program_without_the_function_fails_naming_the_function_and_the_program",
         Target::Emulator,
-        |kube| {
-            // The pods run another program (another build, as an outdated image would be).
-            let mut config = kube.config();
-            config.kubernetes.command = Some(scenario.to_string());
-            let _rt = runtime(config);
-            let p = Process::new(noop, ());
-            p.start().expect("start");
-            assert_eq!(exit_code(&p), Some(1));
-
-            let pool = Pool::new(1).expect("pool");
-            let outcome = pool.map(square, vec![1u64, 2]);
-            let Err(Error::Task(e)) = &outcome else {
-                panic!("a pool map of a function the workers lack: {outcome:?}");
-            };
-            assert!(
-                e.message.contains("function `") && e.message.contains("square"),
-                "{e}"
-            );
-            assert!(
-                e.message
-                    .contains(&format!("is not registered in {scenario}")),
-                "the error names the program: {e}"
-            );
-        },
+        |kube| program_without_the_function(kube, scenario),
     ) else {
         return;
     };
-    assert!(
-        driven.stderr.contains(&format!(
-            "is not registered in {scenario}, the program this worker runs"
-        )),
-        "the process's error reaches the driver, naming the program"
-    );
-    assert!(driven.stderr.contains("noop"), "and the function");
+    the_driver_names_the_missing_function(&driven, scenario);
 }
 
 #[test]
@@ -1951,7 +1969,8 @@ fn init_refuses_a_store_the_workers_cannot_reach_naming_the_key() {
 
 /// The real-cluster tests below, as `make test-kubernetes` runs them (`--ignored`, with
 /// `KUBECONFIG`, `SHOAL_TEST_IMAGE`, `SHOAL_TEST_REDIS_URL`, here also
-/// `SHOAL_TEST_WORKER_REDIS_URL` through a Secret and `SHOAL_TEST_COMMAND`), against an
+/// `SHOAL_TEST_WORKER_REDIS_URL` through a Secret, `SHOAL_TEST_COMMAND` and
+/// `SHOAL_TEST_OTHER_COMMAND`), against an
 /// emulator standing in for the cluster: so their harness is known to work before anyone has a
 /// cluster to run them on. Its pods run in this machine's network.
 #[test]
@@ -1974,6 +1993,7 @@ fn the_real_cluster_tests_pass_against_an_emulator_standing_in_for_the_cluster()
         .env("SHOAL_TEST_REDIS_URL", redis.url())
         .env("SHOAL_TEST_WORKER_REDIS_URL", redis.url())
         .env("SHOAL_TEST_COMMAND", &program)
+        .env("SHOAL_TEST_OTHER_COMMAND", env!("CARGO_BIN_EXE_scenario"))
         .env_remove(ROLE)
         .env_remove("RUST_BACKTRACE")
         .stdin(Stdio::null())
@@ -1982,9 +2002,14 @@ fn the_real_cluster_tests_pass_against_an_emulator_standing_in_for_the_cluster()
     let stdout = String::from_utf8_lossy(&output.stdout);
     println!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "the real-cluster tests failed");
+    // Every `cluster_` test of this file, as scripts/test-kubernetes.sh selects them.
+    let cluster_tests = include_str!("kubernetes.rs")
+        .lines()
+        .filter(|line| line.starts_with("fn cluster_") && line.ends_with("() {"))
+        .count();
     assert!(
-        stdout.contains("test result: ok. 8 passed"),
-        "all eight real-cluster tests ran"
+        stdout.contains(&format!("test result: ok. {cluster_tests} passed")),
+        "all {cluster_tests} real-cluster tests ran"
     );
 }
 
@@ -2068,6 +2093,20 @@ fn cluster_a_worker_that_sigkills_itself_ends_with_minus_9() {
         Target::Cluster,
         workers_that_sigkill_themselves,
     );
+}
+
+#[test]
+#[ignore = "needs a cluster: make test-kubernetes"]
+fn cluster_a_program_without_the_function_fails_naming_it() {
+    let program = cluster_settings().other_command;
+    let Some(driven) = drive(
+        "cluster_a_program_without_the_function_fails_naming_it",
+        Target::Cluster,
+        |kube| program_without_the_function(kube, &program),
+    ) else {
+        return;
+    };
+    the_driver_names_the_missing_function(&driven, &program);
 }
 
 #[test]
