@@ -535,6 +535,7 @@ async fn deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period() {
     ];
     // Ignores SIGTERM (PID 1 without a handler).
     let stubborn = ["sleep", "600"];
+    // (The exit code of "now" is never reported: see below.)
     let cases: [(&str, &[&str], i64, i32); 3] = [
         ("graceful", &graceful, 5, 143),
         ("stubborn", &stubborn, 1, 137),
@@ -581,6 +582,39 @@ async fn deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period() {
         };
         assert_eq!(answered.metadata.deletion_grace_period_seconds, Some(grace));
         assert!(answered.metadata.deletion_timestamp.is_some());
+        if grace == 0 {
+            // A force deletion, as on a real API server: the pod is gone at once, deleted as it
+            // was last seen (running), and its process is killed behind it.
+            assert!(
+                pods.get_opt(&name).await.expect("get").is_none(),
+                "a pod deleted with grace 0 is gone once the delete answers"
+            );
+            let deleted = tokio::time::timeout(PATIENCE, async {
+                while let Some(event) = events.recv().await {
+                    if let watcher::Event::Delete(pod) = event {
+                        return Some(pod);
+                    }
+                }
+                None
+            })
+            .await
+            .expect("the watch sees the deletion")
+            .expect("a DELETED event");
+            assert_eq!(
+                phase(&deleted),
+                "Running",
+                "deleted before its container ended"
+            );
+            assert_eq!(terminated(&deleted), None);
+            assert_eq!(deleted.metadata.deletion_grace_period_seconds, Some(0));
+            assert!(
+                wait_for(PATIENCE, || !pid_running(pid)),
+                "the process is killed behind the deletion"
+            );
+            let done = job_until(&jobs, job_name, "failed", finished).await;
+            assert_eq!(done.status.as_ref().and_then(|s| s.failed), Some(1));
+            continue;
+        }
         let last = tokio::time::timeout(PATIENCE, async {
             let mut last = None;
             while let Some(event) = events.recv().await {

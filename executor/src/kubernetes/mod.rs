@@ -43,7 +43,10 @@
 //!   skew). A watcher that may not read Events (RBAC: `list` and `watch` on `events`, see
 //!   `deploy/kubernetes/rbac.yaml`) logs a warning and leaves such workers waiting, as before.
 //! * **Signal**: `terminate()` deletes the pod with its grace period (`SIGTERM`, then `SIGKILL`
-//!   after `terminationGracePeriodSeconds`) and the Job; `kill()` deletes the pod with grace 0.
+//!   after `terminationGracePeriodSeconds`) and the Job; `kill()` deletes the pod with grace 0,
+//!   which the API server takes as a force deletion: the pod object goes at once, before its
+//!   container has ended (the kubelet stops it behind it), so the worker ends with `-9` when
+//!   the watch sees the pod deleted, not from a final status.
 //!   The pods share one PID namespace between their containers (`shareProcessNamespace: true`,
 //!   see `spec.rs`): the pause container is PID 1 and the worker an ordinary process, so
 //!   signals do what they do on the local backend. The kubelet's `SIGTERM` ends the worker by
