@@ -3,7 +3,9 @@
 //! * `map` over arrays with `Pool(3)`, normalising each (seed: Python multiprocessing);
 //! * `starmap` of `f(a, b) = a + b` over `[(1, 1), (2, 2), (3, 3), (4, 4)]` with `Pool(4)`,
 //!   which prints `[2, 4, 6, 8]`;
-//! * `map_async(square, [1, 2, 3, 4, 5])` read with `get(timeout=3)` (seed: Lithops);
+//! * `map_async(square, [1, 2, 3, 4, 5])` read with `get(timeout=...)` (seed: Lithops, whose
+//!   3 s are 60 s here: on the Kubernetes backend each of the pool's workers is a pod, whose cold
+//!   start alone can take longer than 3 s; locally the result comes in milliseconds either way);
 //! * `Pool()`, `map`, `close`, `join` (seed: a multiprocessing tutorial).
 //!
 //! ```text
@@ -68,12 +70,12 @@ fn main() -> shoal::Result<()> {
 
     // with Pool() as pool:
     //     async_result = pool.map_async(square, [1, 2, 3, 4, 5])
-    //     try: print(async_result.get(timeout=3))
+    //     try: print(async_result.get(timeout=60))  # the seed's 3 s: see the module docs
     //     except TimeoutError: print("Timed out!")
     {
         let pool = Pool::builder().build()?;
         let async_result = pool.map_async(square, vec![1, 2, 3, 4, 5])?;
-        match async_result.get(Some(Duration::from_secs(3))) {
+        match async_result.get(Some(Duration::from_secs(60))) {
             Ok(result) => {
                 println!("{result:?}");
                 ok &= result == vec![1, 4, 9, 16, 25];

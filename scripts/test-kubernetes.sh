@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make test-kubernetes`: the Kubernetes backend's tests against a real cluster (the tests
-# named cluster_* in integration-tests/tests/kubernetes.rs: processes and their exit codes and
-# output, terminate/kill, a pool map whose worker pod is killed, pods that cannot start, Jobs
-# deleted when the runtime is dropped). The same scenarios run against the API emulator in
+# named cluster_* in integration-tests/tests/kubernetes.rs, all of them: processes and their exit
+# codes and output, terminate/kill, workers that SIGKILL themselves, a pool map whose worker pod
+# is killed, an actor whose host pod is killed, pods that cannot start, pods the cluster refuses
+# to create, a program that lacks the function, Jobs deleted when the runtime is dropped). The same scenarios run against the API emulator in
 # `make test`; this target is not part of it.
 #
 # Needs:
@@ -20,6 +21,8 @@
 #                           redis://127.0.0.1:6379); the tests pass it through a Secret
 #   SHOAL_TEST_NAMESPACE    the Jobs' namespace (default: the kubeconfig context's)
 #   SHOAL_TEST_COMMAND      the test binary's path in the image
+#   SHOAL_TEST_OTHER_COMMAND  another shoal program in the image, lacking the tests' functions
+#                           (default /usr/local/bin/scenario, which the test image holds)
 # Without the three required variables it prints why it skips and exits 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,10 +40,7 @@ fi
 echo "test-kubernetes: cluster of $KUBECONFIG, image $SHOAL_TEST_IMAGE"
 # libtest, not nextest: a real cluster may take longer than nextest's per-test limit (each test
 # allows itself 20 minutes; pulls and scheduling are the cluster's).
+# Every ignored test whose name has `cluster_` (all of them start with it): the same selection as
+# the test that runs them against an emulator standing in for a cluster.
 exec cargo test -p shoal-integration-tests --features kubernetes --test kubernetes -- \
-  --ignored --exact --test-threads=1 --nocapture \
-  cluster_processes_exit_with_pythons_codes \
-  cluster_terminate_and_kill \
-  cluster_pool_map_survives_a_killed_worker_pod \
-  cluster_pods_that_cannot_start_are_reported \
-  cluster_dropping_the_runtime_deletes_its_jobs
+  --ignored --test-threads=1 --nocapture cluster_

@@ -26,14 +26,20 @@
 //!
 //! # A worker that is PID 1
 //!
-//! In a container (a Kubernetes pod) the worker is PID 1 of its PID namespace, and the kernel
-//! delivers no signal to such a process unless it installed a handler for it (`SIGKILL` from
-//! outside the namespace excepted). `SIGTERM`, which a pod deletion sends first, would be
-//! ignored: `terminate()` would wait out the pod's grace period and end with `SIGKILL` (-9)
-//! instead of -15. So a worker that finds itself PID 1 installs a `SIGTERM` handler that exits
-//! at once with 143 (128 + 15, what a shell reports for a process `SIGTERM` ended, and what
-//! backends read as -15), doing what `SIGTERM`'s default action does elsewhere. A worker that
-//! is not PID 1 keeps the default action.
+//! A container's process is PID 1 of its PID namespace unless its pod shares one PID namespace
+//! between its containers (then the pod's pause container is PID 1). The Jobs of the Kubernetes
+//! backend share it (`shareProcessNamespace: true`, see `crate::kubernetes`), so there a worker
+//! is an ordinary process and keeps every default action. A worker run as PID 1 anyway (an
+//! image run by hand, a pod made by other means) gets from the kernel no signal it has no
+//! handler for (`SIGKILL` from outside the namespace excepted; a `raise(SIGKILL)` of its own
+//! does nothing). `SIGTERM`, which a pod deletion sends first, would be ignored:
+//! `terminate()` would wait out the pod's grace period and end with `SIGKILL` (-9) instead of
+//! -15. So a worker that finds itself PID 1 installs a `SIGTERM` handler that exits at once
+//! with 143 (128 + 15, what a shell reports for a process `SIGTERM` ended, and what backends
+//! read as -15), doing what `SIGTERM`'s default action does elsewhere. A worker that is not
+//! PID 1 keeps the default action, which ends it with the signal itself (reported as 143 by a
+//! container runtime, -15 by the local backend). No handler helps a PID 1 that signals itself
+//! with `SIGKILL`, which cannot be caught.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -17,7 +17,10 @@
 //! signals it installed a handler for (SIGKILL always works): a program without a SIGTERM
 //! handler ignores `kill -TERM`, exactly as it would as a Kubernetes pod. When it exits, every
 //! process it left in its PID namespace is killed. The filesystem is shared with the parent, so
-//! tests must not hand such a program a Unix socket path: it reaches servers over TCP.
+//! tests must not hand such a program a Unix socket path: it reaches servers over TCP. A
+//! [`PidSandbox`] is a pod's shared PID namespace instead: a pause process is its PID 1 and the
+//! programs started in it are ordinary processes there, to which signals do what they do
+//! outside a container.
 //!
 //! Naming and collisions: each network takes the lowest free index `N` in 0..=255, where "free"
 //! means this process could take the exclusive `flock` on `/run/shoal-netns-test/<N>.lock`
@@ -449,6 +452,78 @@ pub fn spawn_container(command: &mut Command, host: Option<&Host>) -> io::Result
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the spawning thread panicked")))
     })
+}
+
+/// A pod's shared PID namespace (`shareProcessNamespace: true`), as a container runtime makes
+/// one: its PID 1 is a pause process (`sleep infinity`, which like a pod's pause container does
+/// nothing and only ends when killed), and the containers started in it with
+/// [`PidSandbox::spawn`] are ordinary processes there (PID 2 and up, `getppid()` 0), to which
+/// signals, their own `raise(SIGKILL)` included, do what they do outside a container. Dropping
+/// the sandbox kills its PID 1, and with it (the kernel's doing) every process left in the
+/// namespace.
+#[derive(Debug)]
+pub struct PidSandbox {
+    pause: Child,
+    /// `/proc/<pause>/ns/pid`, open: the namespace to enter.
+    namespace: File,
+}
+
+impl PidSandbox {
+    /// Starts the pause process as PID 1 of a new PID namespace, in `host`'s network namespace
+    /// when one is given (else in this one), as [`spawn_container`] starts a program.
+    pub fn start(host: Option<&Host>) -> io::Result<PidSandbox> {
+        let mut pause = Command::new("sleep");
+        pause
+            .arg("infinity")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut pause = spawn_container(&mut pause, host)
+            .map_err(|e| io::Error::new(e.kind(), format!("the pod's pause process: {e}")))?;
+        let path = format!("/proc/{}/ns/pid", pause.id());
+        match File::open(&path) {
+            Ok(namespace) => Ok(PidSandbox { pause, namespace }),
+            Err(e) => {
+                let _ = pause.kill();
+                let _ = pause.wait();
+                Err(io::Error::new(e.kind(), format!("{path}: {e}")))
+            }
+        }
+    }
+
+    /// Starts `command` in this PID namespace (not as its PID 1), in `host`'s network namespace
+    /// when one is given. The returned [`Child`]'s pid is the program's pid in this namespace;
+    /// its parent is this process, so it is waited for as any child.
+    pub fn spawn(&self, command: &mut Command, host: Option<&Host>) -> io::Result<Child> {
+        let network = host.map(|h| open_namespace(&h.namespace)).transpose()?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    if let Some(network) = &network {
+                        nix::sched::setns(network, CloneFlags::CLONE_NEWNET)
+                            .map_err(|e| io::Error::other(format!("setns(CLONE_NEWNET): {e}")))?;
+                    }
+                    // setns(CLONE_NEWPID) moves this thread's future children, not the thread.
+                    nix::sched::setns(&self.namespace, CloneFlags::CLONE_NEWPID)
+                        .map_err(|e| io::Error::other(format!("setns(CLONE_NEWPID): {e}")))?;
+                    command.spawn()
+                })
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the spawning thread panicked")))
+        })
+    }
+
+    /// The pause process's pid (in this process's PID namespace).
+    pub fn pause_pid(&self) -> u32 {
+        self.pause.id()
+    }
+}
+
+impl Drop for PidSandbox {
+    fn drop(&mut self) {
+        let _ = self.pause.kill();
+        let _ = self.pause.wait();
+    }
 }
 
 fn open_namespace(name: &str) -> io::Result<File> {

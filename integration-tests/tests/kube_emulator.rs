@@ -304,6 +304,45 @@ async fn a_job_whose_command_exits_3_fails_with_backoff_limit_exceeded() {
 }
 
 #[tokio::test]
+async fn a_pod_that_shares_its_process_namespace_runs_its_container_below_a_pause_process() {
+    let emulator = Emulator::start(None);
+    let (_, jobs, pods) = apis(&emulator);
+    // A shell that SIGKILLs itself: as PID 1 of its own namespace (the default) the kernel drops
+    // the signal and the shell carries on; below the pod's pause process it dies of it.
+    // (`$$$$`: Kubernetes expands `$$` in a command to `$`.)
+    let script = "echo pid=$$$$; kill -KILL $$$$; echo survived";
+    for (name, shared) in [("own-namespace", false), ("shared-namespace", true)] {
+        let patch = json!({"spec": {"template": {"spec": {"shareProcessNamespace": shared}}}});
+        jobs.create(
+            &PostParams::default(),
+            &job(name, &["sh", "-c", script], patch),
+        )
+        .await
+        .expect("create");
+    }
+    let ended = async |name: &str| {
+        let pod = job_pods(&pods, name, 1).await.remove(0);
+        let pod = pod_until(&pods, &name_of(&pod), "ended", |p| terminated(p).is_some()).await;
+        let log = emulator
+            .pod_log(DEFAULT_NAMESPACE, &name_of(&pod))
+            .unwrap_or_default();
+        (terminated(&pod).expect("terminated").exit_code, log)
+    };
+    let (code, log) = ended("own-namespace").await;
+    assert_eq!(
+        (code, log.as_str()),
+        (0, "pid=1\nsurvived\n"),
+        "PID 1 of its own namespace"
+    );
+    let (code, log) = ended("shared-namespace").await;
+    assert_eq!(
+        (code, log.as_str()),
+        (137, "pid=2\n"),
+        "PID 2 of the pod's shared namespace"
+    );
+}
+
+#[tokio::test]
 async fn a_killed_pod_reports_128_plus_the_signal_and_oom_kills_are_oomkilled() {
     let emulator = Emulator::start(None);
     let (_, jobs, pods) = apis(&emulator);
@@ -496,6 +535,7 @@ async fn deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period() {
     ];
     // Ignores SIGTERM (PID 1 without a handler).
     let stubborn = ["sleep", "600"];
+    // (The exit code of "now" is never reported: see below.)
     let cases: [(&str, &[&str], i64, i32); 3] = [
         ("graceful", &graceful, 5, 143),
         ("stubborn", &stubborn, 1, 137),
@@ -542,6 +582,39 @@ async fn deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period() {
         };
         assert_eq!(answered.metadata.deletion_grace_period_seconds, Some(grace));
         assert!(answered.metadata.deletion_timestamp.is_some());
+        if grace == 0 {
+            // A force deletion, as on a real API server: the pod is gone at once, deleted as it
+            // was last seen (running), and its process is killed behind it.
+            assert!(
+                pods.get_opt(&name).await.expect("get").is_none(),
+                "a pod deleted with grace 0 is gone once the delete answers"
+            );
+            let deleted = tokio::time::timeout(PATIENCE, async {
+                while let Some(event) = events.recv().await {
+                    if let watcher::Event::Delete(pod) = event {
+                        return Some(pod);
+                    }
+                }
+                None
+            })
+            .await
+            .expect("the watch sees the deletion")
+            .expect("a DELETED event");
+            assert_eq!(
+                phase(&deleted),
+                "Running",
+                "deleted before its container ended"
+            );
+            assert_eq!(terminated(&deleted), None);
+            assert_eq!(deleted.metadata.deletion_grace_period_seconds, Some(0));
+            assert!(
+                wait_for(PATIENCE, || !pid_running(pid)),
+                "the process is killed behind the deletion"
+            );
+            let done = job_until(&jobs, job_name, "failed", finished).await;
+            assert_eq!(done.status.as_ref().and_then(|s| s.failed), Some(1));
+            continue;
+        }
         let last = tokio::time::timeout(PATIENCE, async {
             let mut last = None;
             while let Some(event) = events.recv().await {

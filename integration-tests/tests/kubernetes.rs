@@ -1,7 +1,8 @@
 //! The Kubernetes backend end to end (`shoal.backend: kubernetes`, crate feature `kubernetes`):
 //! real runtimes, through the real Kubernetes executor, against the test-only API emulator
-//! (`shoal_integration_tests::kube_emulator`) whose kubelet runs every pod as PID 1 of its own
-//! PID namespace, in a network namespace host of its own (`netns`), reaching Redis over TCP on
+//! (`shoal_integration_tests::kube_emulator`) whose kubelet runs every pod in a PID namespace of
+//! its own (shared by the pod: the worker is PID 2, as the executor's Jobs ask), in a network
+//! namespace host of its own (`netns`), reaching Redis over TCP on
 //! the bridge: nothing can depend on a shared Unix socket, a parent pid or a terminal. Pods run
 //! this very test binary (`kubernetes.command`), as its `shoal_worker_entry` test.
 //!
@@ -65,6 +66,9 @@ fn driver_deadline(target: Target) -> Duration {
 }
 /// Where the image built for the real-cluster tests holds this test binary.
 const IMAGE_COMMAND: &str = "/usr/local/bin/shoal-kubernetes-tests";
+/// Where that image holds another shoal program, without the tests' functions: the integration
+/// tests' `scenario` binary.
+const IMAGE_OTHER_COMMAND: &str = "/usr/local/bin/scenario";
 
 // ---------------------------------------------------------------------------------------------
 // Functions the workers run.
@@ -139,6 +143,29 @@ fn recorded_square(url: String, list: String, x: u64, ms: u64) -> u64 {
         let _: redis::RedisResult<()> = redis::cmd("RPUSH").arg(&list).arg(entry).query(&mut conn);
     }
     std::thread::sleep(Duration::from_millis(ms));
+    x * x
+}
+
+/// Kills its own worker with `SIGKILL`, as `examples/fault_tolerant_map.rs` does; returns only
+/// if the signal did nothing (a worker that is PID 1 of its container).
+#[shoal::remote]
+fn kills_itself() {
+    let _ = nix::sys::signal::raise(Signal::SIGKILL);
+    println!("kills_itself: SIGKILL did nothing");
+}
+
+/// The inputs whose first runs kill their worker in [`square_or_die`].
+const VICTIMS: [u64; 2] = [7, 23];
+
+/// `x²`; a victim input, while `kills` (incremented on each victim run) is below the number of
+/// victims, first kills its own worker with `SIGKILL` (as `examples/fault_tolerant_map.rs`
+/// does). A kill that did nothing returns `u64::MAX`, a wrong result.
+#[shoal::remote]
+fn square_or_die(x: u64, kills: shoal::Value<i64>) -> u64 {
+    if VICTIMS.contains(&x) && kills.fetch_add(1).expect("count the kill") < VICTIMS.len() as i64 {
+        let _ = nix::sys::signal::raise(Signal::SIGKILL);
+        return u64::MAX;
+    }
     x * x
 }
 
@@ -252,6 +279,9 @@ struct ClusterSettings {
     /// hand it to the workers through a Secret, as `kubernetes.redis_url_secret` does).
     worker_redis_url: Option<String>,
     command: String,
+    /// `SHOAL_TEST_OTHER_COMMAND`: another shoal program in the image, which lacks the tests'
+    /// functions (default: [`IMAGE_OTHER_COMMAND`]).
+    other_command: String,
     namespace: Option<String>,
 }
 
@@ -274,6 +304,8 @@ fn cluster_settings() -> ClusterSettings {
         redis_url: get("SHOAL_TEST_REDIS_URL").unwrap_or_default(),
         worker_redis_url: get("SHOAL_TEST_WORKER_REDIS_URL"),
         command: get("SHOAL_TEST_COMMAND").unwrap_or_else(|| IMAGE_COMMAND.to_string()),
+        other_command: get("SHOAL_TEST_OTHER_COMMAND")
+            .unwrap_or_else(|| IMAGE_OTHER_COMMAND.to_string()),
         namespace: get("SHOAL_TEST_NAMESPACE"),
     }
 }
@@ -468,7 +500,7 @@ impl Kube {
 
     /// Waits until the worker of process `name` has claimed its task (the status hash has
     /// `started_ms`; its pod's `shoal.dev/worker` label names the task), and returns when that
-    /// was (ms since the epoch). A worker installs its `SIGTERM` handler before it claims.
+    /// was (ms since the epoch).
     fn claimed(&self, name: &str) -> u64 {
         let selector = format!("shoal.dev/process={name}");
         let mut id = String::new();
@@ -629,16 +661,15 @@ fn process_lifecycle(kube: &Kube) {
     }
 }
 
-/// `terminate()` ends a pod with -15 without waiting out its grace period (the worker handles
-/// SIGTERM as PID 1), `kill()` with -9; a process terminated before its pod ran too.
+/// `terminate()` ends a pod with -15 without waiting out its grace period (the worker, not PID
+/// 1 of its pod, dies of SIGTERM), `kill()` with -9; a process terminated before its pod ran too.
 fn terminate_and_kill(kube: &Kube) {
     let _rt = runtime(kube.config());
     let terminated = Process::new(sleeps, (60_000u64,));
     let killed = Process::new(sleeps, (60_000u64,));
     terminated.start().expect("start");
     killed.start().expect("start");
-    // Once a worker runs its task it has its SIGTERM handler (in the first milliseconds of its
-    // program it has not: see the executor's docs).
+    // Terminated while it runs its task.
     kube.claimed(terminated.get_name());
     kube.claimed(killed.get_name());
 
@@ -655,9 +686,7 @@ fn terminate_and_kill(kube: &Kube) {
     assert_eq!(exit_code(&killed), Some(-9));
 
     // A pod whose container takes a second to start (a real cluster's are slower still; the
-    // annotation is the emulator's): terminate() lands before the program runs, never in the
-    // first milliseconds of its program, before its SIGTERM handler exists (the limit the
-    // executor's docs give).
+    // annotation is the emulator's): terminate() lands before the program runs.
     drop((terminated, killed, _rt));
     let mut slow_start = kube.config();
     slow_start
@@ -797,6 +826,40 @@ fn pool_survives_a_killed_worker(kube: &Kube) {
         victim.item,
         victim.pod,
         starts.all()
+    );
+}
+
+/// A worker that kills itself with `SIGKILL` ends as it would locally: a Process with -9, and a
+/// pool map whose function kills its worker on some inputs completes with every result once and
+/// in order (the dead workers' chunks redelivered). As PID 1 of its container the worker would
+/// survive its own `SIGKILL` (the pods share their PID namespace so that it is not).
+fn workers_that_sigkill_themselves(kube: &Kube) {
+    let _rt = runtime(kube.config());
+    let p = Process::new(kills_itself, ());
+    p.start().expect("start");
+    assert_eq!(
+        exit_code(&p),
+        Some(-9),
+        "a function that SIGKILLs its own worker ends its process with -9"
+    );
+
+    let kills = shoal::Value::new(0i64).expect("a kill counter");
+    let pool = Pool::new(2).expect("pool");
+    let inputs: Vec<(u64, shoal::Value<i64>)> = (0..30u64).map(|x| (x, kills.clone())).collect();
+    let results = pool
+        .starmap_async_with(square_or_die, inputs, AsyncOptions::new().chunksize(1))
+        .expect("map")
+        .get(Some(patience()))
+        .expect("the map completes");
+    assert_eq!(
+        results,
+        (0..30u64).map(|x| x * x).collect::<Vec<_>>(),
+        "every result once, in order, none from a worker that survived its SIGKILL"
+    );
+    let killed = kills.get().expect("the kill counter");
+    assert!(
+        killed >= 2 * VICTIMS.len() as i64,
+        "each victim ran again after killing its worker: {killed} victim runs"
     );
 }
 
@@ -1010,6 +1073,45 @@ fn refused_then_admitted(kube: &Kube) {
     );
 }
 
+/// Pods that run another program than the driver (another build, as an outdated image would
+/// be), `program`, which lacks the functions: a Process ends with 1, a pool map fails with the
+/// task's error naming the function and the program.
+fn program_without_the_function(kube: &Kube, program: &str) {
+    let mut config = kube.config();
+    config.kubernetes.command = Some(program.to_string());
+    let _rt = runtime(config);
+    let p = Process::new(noop, ());
+    p.start().expect("start");
+    assert_eq!(exit_code(&p), Some(1));
+
+    let pool = Pool::new(1).expect("pool");
+    let outcome = pool.map(square, vec![1u64, 2]);
+    let Err(Error::Task(e)) = &outcome else {
+        panic!("a pool map of a function the workers lack: {outcome:?}");
+    };
+    assert!(
+        e.message.contains("function `") && e.message.contains("square"),
+        "{e}"
+    );
+    assert!(
+        e.message
+            .contains(&format!("is not registered in {program}")),
+        "the error names the program: {e}"
+    );
+}
+
+/// After [`program_without_the_function`]: the Process's error reached the driver's log, naming
+/// the program and the function.
+fn the_driver_names_the_missing_function(driven: &Driven, program: &str) {
+    assert!(
+        driven.stderr.contains(&format!(
+            "is not registered in {program}, the program this worker runs"
+        )),
+        "the process's error reaches the driver, naming the program"
+    );
+    assert!(driven.stderr.contains("noop"), "and the function");
+}
+
 /// Dropping the runtime deletes every Job it started (finished ones included) and their pods.
 fn drop_deletes_jobs(kube: &Kube) {
     let rt = runtime(kube.config());
@@ -1058,8 +1160,9 @@ fn processes_exit_with_pythons_codes_and_their_output_reaches_the_driver() {
         Target::Emulator,
         |kube| {
             process_lifecycle(kube);
-            // The worker is PID 1 of its pod, whose parent is outside it; it sees the
-            // environment the Job gives it, not the driver's.
+            // The worker is PID 2 of its pod (the pause process is PID 1: the pods share their
+            // PID namespace), whose parent is outside it; it sees the environment the Job gives
+            // it, not the driver's.
             let _rt = runtime({
                 let mut config = kube.config();
                 config
@@ -1093,7 +1196,7 @@ fn processes_exit_with_pythons_codes_and_their_output_reaches_the_driver() {
     assert!(
         driven
             .stdout
-            .contains("pid=1 ppid=0 GREETING=from the config")
+            .contains("pid=2 ppid=0 GREETING=from the config")
     );
     assert!(
         driven.stdout.contains(&format!("{ROLE}=<unset>")),
@@ -1103,10 +1206,20 @@ fn processes_exit_with_pythons_codes_and_their_output_reaches_the_driver() {
 
 #[test]
 fn terminate_ends_a_pod_with_minus_15_and_kill_with_minus_9() {
-    drive(
+    let Some(driven) = drive(
         "terminate_ends_a_pod_with_minus_15_and_kill_with_minus_9",
         Target::Emulator,
         terminate_and_kill,
+    ) else {
+        return;
+    };
+    // kill() deletes the pod with grace 0, which (as on a real API server) removes it at once,
+    // before its container has ended: the -9 comes from the deletion, not from a final status.
+    assert!(
+        driven
+            .stderr
+            .contains("ended: its pod was deleted, exit code -9"),
+        "kill()'s -9 comes from the pod's deletion"
     );
 }
 
@@ -1129,45 +1242,31 @@ fn an_actor_survives_its_host_pod_being_sigkilled() {
 }
 
 #[test]
+fn a_worker_that_sigkills_itself_ends_as_a_local_one_would() {
+    let Some(driven) = drive(
+        "a_worker_that_sigkills_itself_ends_as_a_local_one_would",
+        Target::Emulator,
+        workers_that_sigkill_themselves,
+    ) else {
+        return;
+    };
+    assert!(
+        !driven.stdout.contains("SIGKILL did nothing"),
+        "a worker survived its own SIGKILL"
+    );
+}
+
+#[test]
 fn a_program_without_the_function_fails_naming_the_function_and_the_program() {
     let scenario = env!("CARGO_BIN_EXE_scenario");
     let Some(driven) = drive(
         "a_program_without_the_function_fails_naming_the_function_and_the_program",
         Target::Emulator,
-        |kube| {
-            // The pods run another program (another build, as an outdated image would be).
-            let mut config = kube.config();
-            config.kubernetes.command = Some(scenario.to_string());
-            let _rt = runtime(config);
-            let p = Process::new(noop, ());
-            p.start().expect("start");
-            assert_eq!(exit_code(&p), Some(1));
-
-            let pool = Pool::new(1).expect("pool");
-            let outcome = pool.map(square, vec![1u64, 2]);
-            let Err(Error::Task(e)) = &outcome else {
-                panic!("a pool map of a function the workers lack: {outcome:?}");
-            };
-            assert!(
-                e.message.contains("function `") && e.message.contains("square"),
-                "{e}"
-            );
-            assert!(
-                e.message
-                    .contains(&format!("is not registered in {scenario}")),
-                "the error names the program: {e}"
-            );
-        },
+        |kube| program_without_the_function(kube, scenario),
     ) else {
         return;
     };
-    assert!(
-        driven.stderr.contains(&format!(
-            "is not registered in {scenario}, the program this worker runs"
-        )),
-        "the process's error reaches the driver, naming the program"
-    );
-    assert!(driven.stderr.contains("noop"), "and the function");
+    the_driver_names_the_missing_function(&driven, scenario);
 }
 
 #[test]
@@ -1949,7 +2048,8 @@ fn init_refuses_a_store_the_workers_cannot_reach_naming_the_key() {
 
 /// The real-cluster tests below, as `make test-kubernetes` runs them (`--ignored`, with
 /// `KUBECONFIG`, `SHOAL_TEST_IMAGE`, `SHOAL_TEST_REDIS_URL`, here also
-/// `SHOAL_TEST_WORKER_REDIS_URL` through a Secret and `SHOAL_TEST_COMMAND`), against an
+/// `SHOAL_TEST_WORKER_REDIS_URL` through a Secret, `SHOAL_TEST_COMMAND` and
+/// `SHOAL_TEST_OTHER_COMMAND`), against an
 /// emulator standing in for the cluster: so their harness is known to work before anyone has a
 /// cluster to run them on. Its pods run in this machine's network.
 #[test]
@@ -1972,6 +2072,7 @@ fn the_real_cluster_tests_pass_against_an_emulator_standing_in_for_the_cluster()
         .env("SHOAL_TEST_REDIS_URL", redis.url())
         .env("SHOAL_TEST_WORKER_REDIS_URL", redis.url())
         .env("SHOAL_TEST_COMMAND", &program)
+        .env("SHOAL_TEST_OTHER_COMMAND", env!("CARGO_BIN_EXE_scenario"))
         .env_remove(ROLE)
         .env_remove("RUST_BACKTRACE")
         .stdin(Stdio::null())
@@ -1980,9 +2081,14 @@ fn the_real_cluster_tests_pass_against_an_emulator_standing_in_for_the_cluster()
     let stdout = String::from_utf8_lossy(&output.stdout);
     println!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "the real-cluster tests failed");
+    // Every `cluster_` test of this file, as scripts/test-kubernetes.sh selects them.
+    let cluster_tests = include_str!("kubernetes.rs")
+        .lines()
+        .filter(|line| line.starts_with("fn cluster_") && line.ends_with("() {"))
+        .count();
     assert!(
-        stdout.contains("test result: ok. 7 passed"),
-        "all seven real-cluster tests ran"
+        stdout.contains(&format!("test result: ok. {cluster_tests} passed")),
+        "all {cluster_tests} real-cluster tests ran"
     );
 }
 
@@ -2056,6 +2162,30 @@ fn cluster_pods_the_cluster_refuses_to_create_end_their_process() {
             .contains(&format!("serviceaccount \"{NO_SUCH_ACCOUNT}\" not found")),
         "the driver's log says why the pod is refused"
     );
+}
+
+#[test]
+#[ignore = "needs a cluster: make test-kubernetes"]
+fn cluster_a_worker_that_sigkills_itself_ends_with_minus_9() {
+    drive(
+        "cluster_a_worker_that_sigkills_itself_ends_with_minus_9",
+        Target::Cluster,
+        workers_that_sigkill_themselves,
+    );
+}
+
+#[test]
+#[ignore = "needs a cluster: make test-kubernetes"]
+fn cluster_a_program_without_the_function_fails_naming_it() {
+    let program = cluster_settings().other_command;
+    let Some(driven) = drive(
+        "cluster_a_program_without_the_function_fails_naming_it",
+        Target::Cluster,
+        |kube| program_without_the_function(kube, &program),
+    ) else {
+        return;
+    };
+    the_driver_names_the_missing_function(&driven, &program);
 }
 
 #[test]

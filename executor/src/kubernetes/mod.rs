@@ -43,12 +43,20 @@
 //!   skew). A watcher that may not read Events (RBAC: `list` and `watch` on `events`, see
 //!   `deploy/kubernetes/rbac.yaml`) logs a warning and leaves such workers waiting, as before.
 //! * **Signal**: `terminate()` deletes the pod with its grace period (`SIGTERM`, then `SIGKILL`
-//!   after `terminationGracePeriodSeconds`) and the Job; `kill()` deletes the pod with grace 0.
-//!   A worker is PID 1 of its container, which the kernel shields from signals it has no
-//!   handler for: the worker path installs a `SIGTERM` handler that exits with 143 (`-15`), see
-//!   `crate::worker`. A `terminate()` that reaches a pod in the few milliseconds between its
-//!   program starting and that handler being installed is ignored, and the pod ends with
-//!   `SIGKILL` (`-9`) after the grace period, as any container without a handler would.
+//!   after `terminationGracePeriodSeconds`) and the Job; `kill()` deletes the pod with grace 0,
+//!   which the API server takes as a force deletion: the pod object goes at once, before its
+//!   container has ended (the kubelet stops it behind it), so the worker ends with `-9` when
+//!   the watch sees the pod deleted, not from a final status.
+//!   The pods share one PID namespace between their containers (`shareProcessNamespace: true`,
+//!   see `spec.rs`): the pause container is PID 1 and the worker an ordinary process, so
+//!   signals do what they do on the local backend. The kubelet's `SIGTERM` ends the worker by
+//!   its default action (the container runtime reports 143, read as `-15`) at any moment of
+//!   its life, before the worker's code runs included; and a function that kills its own
+//!   worker (`raise(SIGKILL)`, as `examples/fault_tolerant_map.rs` does) ends it with `-9`. As
+//!   PID 1 (its container's own PID namespace) the kernel would shield the worker from every
+//!   signal it has no handler for, its own `SIGKILL` included; for a worker run that way
+//!   regardless (an image run by hand), the worker path installs a `SIGTERM` handler that
+//!   exits with 143 when it finds itself PID 1 (see `crate::worker`).
 //! * **Shutdown**: the runtime being dropped deletes every Job it started (label selector),
 //!   finished ones included.
 //!

@@ -11,6 +11,16 @@
 //!   Secret when `kubernetes.redis_url_secret` is set; without its password when
 //!   `kubernetes.redis_password_secret` is, which then gives `SHOAL_WORKER_REDIS_PASSWORD`),
 //!   plus `multiprocessing.env_vars`;
+//! * `shareProcessNamespace: true`: the pod's pause container is PID 1 of the pod's PID
+//!   namespace and the worker an ordinary process in it. A container's own process is PID 1 of
+//!   its namespace otherwise, and the kernel delivers to a PID 1 only the signals it has a
+//!   handler for, also those it sends itself: a function that ends its own worker with
+//!   `raise(SIGKILL)` (as `examples/fault_tolerant_map.rs` does to show a pool surviving a dead
+//!   worker) would kill nothing and carry on, where the same call ends a local worker. Shared,
+//!   signals do on a pod what they do on this machine: `SIGKILL` and `SIGTERM` take their
+//!   default actions, from the worker itself or from the kubelet. The pod's containers may see
+//!   each other's processes, which with one container per pod shows the worker only the pause
+//!   process;
 //! * labels `shoal.dev/runtime` (the runtime that started it: its watch and its clean-up select
 //!   on it), `shoal.dev/namespace`, `shoal.dev/process` (the process's name as a label value),
 //!   `shoal.dev/worker` (the worker id the executor tracks), `app.kubernetes.io/managed-by:
@@ -167,6 +177,8 @@ impl JobTemplate {
             service_account_name: config.service_account.clone(),
             node_selector: (!config.node_selector.is_empty()).then(|| config.node_selector.clone()),
             tolerations,
+            // Not PID 1: signals behave as on the local backend (see the module docs).
+            share_process_namespace: Some(true),
             ..PodSpec::default()
         };
         Job {
@@ -342,6 +354,10 @@ mod tests {
         assert_eq!(spec["ttlSecondsAfterFinished"], 300);
         let pod = &spec["template"]["spec"];
         assert_eq!(pod["restartPolicy"], "Never");
+        assert_eq!(
+            pod["shareProcessNamespace"], true,
+            "the worker is not PID 1, so it can signal itself"
+        );
         assert_eq!(pod["serviceAccountName"], "shoal-worker");
         assert_eq!(pod["nodeSelector"]["disktype"], "ssd");
         assert_eq!(pod["tolerations"][0]["key"], "spot");

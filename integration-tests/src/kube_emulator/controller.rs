@@ -1005,10 +1005,13 @@ pub(crate) fn delete_pod(
 }
 
 /// Deletes a pod as the API server and kubelet do: a pod whose container is not running (not
-/// started yet, or ended) goes at once; a running one gets `deletionTimestamp` = now + grace
-/// (`grace`, else its `terminationGracePeriodSeconds`, else 30), SIGTERM (SIGKILL for a grace
-/// of 0) and SIGKILL when the grace ends; the kubelet removes it once its process is gone.
-/// Returns the pod as it is after the call. A pod deleted before it ended counts as failed
+/// started yet, or ended) goes at once; so does a running one deleted with a grace of 0 (a
+/// real API server removes such a pod at once, with `deletionTimestamp` and
+/// `deletionGracePeriodSeconds: 0` on its last state, which the `DELETED` event carries with
+/// the container still running), its process SIGKILLed behind it, whose end no status reports;
+/// another running one gets `deletionTimestamp` = now + grace (`grace`, else its
+/// `terminationGracePeriodSeconds`, else 30), SIGTERM and SIGKILL when the grace ends; the
+/// kubelet removes it once its process is gone. Returns the pod as it is after the call. A pod deleted before it ended counts as failed
 /// for its Job. Does not sync the owner Job.
 pub(crate) fn begin_pod_deletion(
     core: &Arc<Core>,
@@ -1040,6 +1043,16 @@ pub(crate) fn begin_pod_deletion(
         })
         .unwrap_or(30)
         .max(0);
+    if grace == 0 {
+        kubelet::signal(cluster, &uid, Signal::SIGKILL);
+        return cluster
+            .store
+            .remove_with::<Pod>(&namespace, &name, |last| {
+                last.metadata.deletion_timestamp = Some(now());
+                last.metadata.deletion_grace_period_seconds = Some(0);
+            })
+            .unwrap_or_else(|| pod.clone());
+    }
     let due = Timestamp::now()
         .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(grace))
         .unwrap_or_else(|_| Timestamp::now());
@@ -1050,19 +1063,15 @@ pub(crate) fn begin_pod_deletion(
         updated.metadata.deletion_grace_period_seconds = Some(grace);
         updated = cluster.store.update(updated);
     }
-    if grace == 0 {
-        kubelet::signal(cluster, &uid, Signal::SIGKILL);
-    } else {
-        if already_due.is_none() {
-            kubelet::signal(cluster, &uid, Signal::SIGTERM);
-        }
-        core.after(
-            Duration::from_secs(grace.unsigned_abs()),
-            move |_, cluster| {
-                kubelet::signal(cluster, &uid, Signal::SIGKILL);
-            },
-        );
+    if already_due.is_none() {
+        kubelet::signal(cluster, &uid, Signal::SIGTERM);
     }
+    core.after(
+        Duration::from_secs(grace.unsigned_abs()),
+        move |_, cluster| {
+            kubelet::signal(cluster, &uid, Signal::SIGKILL);
+        },
+    );
     updated
 }
 

@@ -3,9 +3,11 @@
 //!
 //! A pod's container is `command` + `args` of its spec (the image is not pulled or run:
 //! `command[0]` is a program on this machine, looked up in the container's `PATH`), started
-//! like a container runtime starts one: PID 1 of a new PID namespace, in its own network
-//! namespace ([`Host`]) when the emulator has a [`Network`](crate::netns::Network) (else in this
-//! machine's network), with a clean environment: `PATH`, `HOME`, `HOSTNAME` (the pod's name)
+//! like a container runtime starts one: PID 1 of a new PID namespace, or, when the pod spec
+//! has `shareProcessNamespace: true`, an ordinary process (PID 2) of the pod's PID namespace
+//! whose PID 1 is a pause process ([`PidSandbox`], as a real pod's pause container), in its own
+//! network namespace ([`Host`]) when the emulator has a [`Network`](crate::netns::Network) (else
+//! in this machine's network), with a clean environment: `PATH`, `HOME`, `HOSTNAME` (the pod's name)
 //! and the container's `env`/`envFrom` (literal values with `$(VAR)` expansion, Secret keys,
 //! downward-API fields), in `workingDir` (else `/`). Its stdout and stderr go to one log file.
 //!
@@ -41,7 +43,7 @@ use nix::unistd::Pid;
 
 use super::controller::{self, now};
 use super::{Cluster, Core, OOM_KILL_AFTER_MS, START_DELAY_MS, UNPULLABLE_REGISTRY};
-use crate::netns::{Host, spawn_container};
+use crate::netns::{Host, PidSandbox, spawn_container};
 
 /// The `PATH` of a container (the usual one of Linux images).
 const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -118,6 +120,8 @@ struct Launch {
     working_dir: String,
     oom_after: Option<Duration>,
     start_delay: Option<Duration>,
+    /// `spec.shareProcessNamespace`: the container is not PID 1 of its PID namespace.
+    share_process_namespace: bool,
 }
 
 fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
@@ -221,6 +225,9 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
     // The container starts now (as a container runtime's `startedAt`; the program may be
     // running before the spawn below returns).
     let started = SystemTime::now();
+    // The pod's shared PID namespace, when it asks for one: killed (with whatever the container
+    // left in it) once the container is reaped.
+    let mut sandbox = None;
     let spawned = File::create(&log_path)
         .and_then(|log| Ok((log.try_clone()?, log)))
         .and_then(|(stdout, stderr)| {
@@ -233,7 +240,14 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
                 .stdin(Stdio::null())
                 .stdout(stdout)
                 .stderr(stderr);
-            spawn_container(&mut command, host.as_deref())
+            if launch.share_process_namespace {
+                let pod_sandbox = PidSandbox::start(host.as_deref())?;
+                let child = pod_sandbox.spawn(&mut command, host.as_deref());
+                sandbox = Some(pod_sandbox);
+                child
+            } else {
+                spawn_container(&mut command, host.as_deref())
+            }
         });
 
     let pid = {
@@ -320,6 +334,7 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
     }
     drop(cluster);
     // The sandbox goes with the container (and whatever it left running).
+    drop(sandbox);
     drop(host);
 }
 
@@ -446,6 +461,11 @@ fn plan(cluster: &Cluster, pod: &Pod, pod_ip: &str) -> Result<Launch, String> {
         working_dir: container.working_dir.clone().unwrap_or_else(|| "/".into()),
         oom_after,
         start_delay,
+        share_process_namespace: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.share_process_namespace)
+            .unwrap_or(false),
     })
 }
 

@@ -123,7 +123,12 @@
 //!
 //! # Pods (kubelet)
 //! The container runs as PID 1 of its own PID
-//! namespace (so, as in any container, SIGTERM is ignored unless the program handles it), in
+//! namespace (so, as in any container, SIGTERM is ignored unless the program handles it, and a
+//! signal it sends itself, `raise(SIGKILL)` included, does nothing), or, when the pod spec has
+//! `shareProcessNamespace: true`, as an ordinary process (PID 2) of the pod's PID namespace,
+//! whose PID 1 is a pause process (as a real pod's pause container; killed, with whatever the
+//! container left behind, once the container ended), so that signals behave as outside a
+//! container; in
 //! its own network namespace [`Host`] when the emulator has a network (pod
 //! IP: the host's address; host IP: the bridge address) or in this machine's network (pod and
 //! host IP 127.0.0.1), with a container-like clean environment: `PATH`, `HOME`, `HOSTNAME` and
@@ -140,9 +145,11 @@
 //! Deleting a pod: one that is not running goes at once; a running one gets
 //! `deletionTimestamp`/`deletionGracePeriodSeconds`, SIGTERM, and SIGKILL when the grace
 //! period (the delete's `gracePeriodSeconds`, else the pod's `terminationGracePeriodSeconds`)
-//! ends; a grace of 0 sends SIGKILL at once. The pod object goes once the process is gone, after
-//! a last update with its terminated state (so a grace-0 delete is still seen ending with 137;
-//! a real API server removes a pod deleted with grace 0 before the kubelet has killed it).
+//! ends; the pod object goes once the process is gone, after a last update with its terminated
+//! state. A grace of 0 is a force deletion, as on a real API server: the pod object goes at
+//! once (its `DELETED` event carries its last state, the container still running, with
+//! `deletionTimestamp` and `deletionGracePeriodSeconds: 0`), and the kubelet SIGKILLs its
+//! process behind it; no status ever reports that end.
 //!
 //! Images are not pulled, with one exception that lets tests see what a cluster does with an
 //! image it cannot pull: an image whose registry host ends in `.invalid` (a top-level domain

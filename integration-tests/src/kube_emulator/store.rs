@@ -139,8 +139,20 @@ impl Store {
 
     /// Removes `namespace/name`, returning its last state (stamped with the delete's version).
     pub(crate) fn remove<K: Object>(&mut self, namespace: &str, name: &str) -> Option<K> {
+        self.remove_with(namespace, name, |_: &mut K| {})
+    }
+
+    /// Removes `namespace/name` as [`Store::remove`] does, its last state edited by `last` first
+    /// (what the `DELETED` event carries and the call returns: one change, no `MODIFIED` before).
+    pub(crate) fn remove_with<K: Object>(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        last: impl FnOnce(&mut K),
+    ) -> Option<K> {
         let previous = self.objects.remove(&key::<K>(namespace, name))?;
         let mut object: K = decode(&previous)?;
+        last(&mut object);
         self.resource_version += 1;
         object.metadata_mut().resource_version = Some(self.resource_version.to_string());
         let value = Arc::new(encode(&object));
