@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Builds the image `make test-kubernetes` runs its worker pods from: this source's Kubernetes
 # test binary (integration-tests/tests/kubernetes.rs, built with the `kubernetes` feature) at
-# /usr/local/bin/shoal-kubernetes-tests, with deploy/kubernetes/Dockerfile. The test binary
+# /usr/local/bin/shoal-kubernetes-tests, and the test crate's programs (`scenario`, `service`,
+# `attributed`; `cluster_a_program_without_the_function_fails_naming_it` runs its pods from
+# `scenario`, a program that lacks the tests' functions), with deploy/kubernetes/Dockerfile.
+# The test binary
 # on this machine (the driver) and the one in the image are builds of the same source, so the
 # image has every function the tests start.
 #
