@@ -599,6 +599,12 @@ impl Pool {
     }
 
     /// [`Pool::imap`] with a chunksize.
+    ///
+    /// Each item has its own outcome, whatever the chunksize: a task that fails yields its
+    /// error in its place, and the items before and after it, in its chunk and in later
+    /// chunks, yield their results. CPython differs for a chunksize above 1: its chunk fails as
+    /// a whole (the chunk's earlier results are lost) and its iterator ends after that error
+    /// (`[0, 1, 2, ValueError]` then `StopIteration`, where shoal yields every item's outcome).
     pub fn imap_with<F, A, I>(
         &self,
         f: F,
