@@ -600,11 +600,11 @@ impl Pool {
 
     /// [`Pool::imap`] with a chunksize.
     ///
-    /// Each item has its own outcome, whatever the chunksize: a task that fails yields its
-    /// error in its place, and the items before and after it, in its chunk and in later
-    /// chunks, yield their results. CPython differs for a chunksize above 1: its chunk fails as
-    /// a whole (the chunk's earlier results are lost) and its iterator ends after that error
-    /// (`[0, 1, 2, ValueError]` then `StopIteration`, where shoal yields every item's outcome).
+    /// A task that fails yields its error in its place: the items before it in its chunk yield
+    /// their results, the rest of its chunk does not run, and later chunks yield theirs (chunks
+    /// of 4, item 5 failing: `0..=4`, the error, then `8..`). CPython differs for a chunksize
+    /// above 1: the chunk fails as a whole (its earlier results are lost too) and the iterator
+    /// ends after that error (`[0, 1, 2, 3, ValueError]`, then `StopIteration`).
     pub fn imap_with<F, A, I>(
         &self,
         f: F,
