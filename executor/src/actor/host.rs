@@ -234,7 +234,25 @@ fn serve_actor(
     let authenticated = next_bytes() == b"1";
     let status = String::from_utf8_lossy(&next_bytes()).into_owned();
     let failures_text = String::from_utf8_lossy(&next_bytes()).into_owned();
+    let recorded_verifier = next_bytes();
     let lease = format!("{}:{token}", spec.host_id);
+    // Another program may share the namespace: an actor it cannot run (its type is not in this
+    // program, or it was created under another authkey, whose messages this host could not
+    // check) is given back untouched, for a host of its own program to take at the next request.
+    let foreign = if hosted::lookup_type(&actor_type).is_none() {
+        Some(format!("its type {actor_type} is not in this program"))
+    } else if authenticated
+        && recorded_verifier[..] != super::verifier(&AuthKey::of_this_process(), actor_id)[..]
+    {
+        Some("it was created under another authkey".to_string())
+    } else {
+        None
+    };
+    if let Some(why) = foreign {
+        tracing::debug!("host {} gives actor {actor_id} back: {why}", spec.host_id);
+        release_lease(store, spec, &keys, &lease, actor_id);
+        return Ok(());
+    }
     let stop = Arc::new(AtomicBool::new(false));
     active.lock().insert(
         actor_id.to_string(),
@@ -289,23 +307,26 @@ fn serve_actor(
         },
     );
     match &outcome {
-        Ok(Ending::Release) => {
-            let _: std::result::Result<i64, Error> = store.with_conn(
-                || format!("releasing actor {actor_id}"),
-                |c| {
-                    LEASE
-                        .key(&keys.lease)
-                        .key(&keys.activating)
-                        .arg("release")
-                        .arg(&lease)
-                        .arg(spec.lease_ms)
-                        .invoke(c)
-                },
-            );
-        }
+        Ok(Ending::Release) => release_lease(store, spec, &keys, &lease, actor_id),
         Ok(Ending::Lost) | Err(_) => {}
     }
     outcome.map(|_| ())
+}
+
+/// Gives an activation lease back (if it is still this host's).
+fn release_lease(store: &Store, spec: &HostSpec, keys: &ActorKeys, lease: &str, actor_id: &str) {
+    let _: std::result::Result<i64, Error> = store.with_conn(
+        || format!("releasing actor {actor_id}"),
+        |c| {
+            LEASE
+                .key(&keys.lease)
+                .key(&keys.activating)
+                .arg("release")
+                .arg(lease)
+                .arg(spec.lease_ms)
+                .invoke(c)
+        },
+    );
 }
 
 /// Why an actor thread ended.
@@ -471,7 +492,18 @@ impl ActorState<'_> {
     ) -> std::result::Result<Vec<(String, String, Vec<u8>)>, ()> {
         let mut replies = Vec::with_capacity(entries.len());
         for entry in entries {
-            let reply_key = entry.get::<String>("r").unwrap_or_default();
+            let mut reply_key = entry.get::<String>("r").unwrap_or_default();
+            if !reply_key.is_empty() && !reply_key.starts_with(&self.keys.reply_prefix) {
+                // Not a reply key of this actor (only a message written by other means has
+                // one): a reply is never written outside the actor's keys.
+                tracing::warn!(
+                    "actor {}: entry {} names reply key {reply_key:?}, not one of the actor's; \
+                     no reply is written",
+                    self.actor_id,
+                    entry.id
+                );
+                reply_key.clear();
+            }
             if !is_after(&entry.id, &self.applied) {
                 // Committed already (its reply too): only remove it.
                 replies.push((entry.id.clone(), String::new(), Vec::new()));

@@ -7,21 +7,23 @@
 //!
 //! | key | type | contents |
 //! | --- | --- | --- |
-//! | `state` | hash | `type` (the actor type's path), `data` (its saved state), `applied` (the last mailbox entry applied), `auth` (`1`: messages must be signed), `status` (`active`, `failed`, `stopped`), `reason`, `failures` (recent handler panics, Unix ms) |
+//! | `state` | hash | `type` (the actor type's path), `data` (its saved state), `applied` (the last mailbox entry applied), `auth` (`1`: messages must be signed), `verifier` (of the creator's authkey, signed actors), `status` (`active`, `failed`, `stopped`), `reason`, `failures` (recent handler panics, Unix ms) |
 //! | `mailbox` | stream | the messages not yet applied: entries `k` kind, `p` payload, `r` reply key (asks), `h` HMAC (signed messages) |
 //! | `lease` | string | `<host>:<token>` of the activation, with a TTL the host renews |
 //! | `fence` | counter | the last token given |
 //! | `activating` | string | an activation was asked for (short TTL) |
 //! | `reply:<uuid>` | list | the reply to one ask, pushed by the commit |
 //!
-//! Per namespace, under `{<ns>:actors}`: `activations` (stream, group `hosts`: actor ids that
-//! need a host) and `host:<id>` (set: the actors a host holds).
+//! Per namespace, under `{<ns>:actors:hosts}`: `activations` (stream, group `hosts`: actor ids
+//! that need a host), `host:<id>` (set: the actors a host holds) and `live` (sorted set: host
+//! ids by their last heartbeat, Unix ms).
 //!
 //! # Exactly once
 //!
 //! A host applies a batch of messages to the actor's state in memory and commits with one
 //! script (`actor_commit.lua`): the new state, the last entry applied, the reply to each ask,
-//! and the removal (`XDEL`) of the batch from the mailbox, together, and only if its lease
+//! and the removal of the batch from the mailbox (`XTRIM MINID` past the last entry applied),
+//! together, and only if its lease
 //! still carries its token. A message is therefore either committed (its effect, its reply and
 //! its removal at once) or still in the mailbox; a host that dies before committing leaves it
 //! there, and the next host, which reads the mailbox from its first entry, applies it to the
@@ -39,11 +41,31 @@
 //! `actors.restart_period_secs`); past the budget the actor is failed, and its messages get an
 //! error saying why.
 //!
+//! # Authentication
+//!
+//! A signed actor (`ActorOptions::authenticate`) takes only messages signed with the authkey it
+//! was created under. Its state records a *verifier* of that key ([`verifier`]: HMAC-SHA256 of
+//! the actor's id under the key, which reveals nothing of the key). Three checks use it:
+//!
+//! * a sender presents its own verifier with each message: `actor_send.lua` refuses one that
+//!   differs (`AUTH`, [`Error::Authentication`] at `tell` and `ask`) before anything is
+//!   written, so a process holding another key learns it at once rather than never (a `tell`
+//!   has no reply);
+//! * `get_or_spawn` of a named signed actor from a process with another key is refused alike;
+//! * a host takes the actor only if its own key gives the same verifier, and only if its
+//!   program has the actor's type: a host of another program sharing the namespace (another
+//!   key, another build) gives the activation back untouched instead of refusing every message
+//!   or failing the actor, and a host of the actor's own program takes it at the next request.
+//!
+//! The host still checks every message's HMAC before it decodes it (a message written into the
+//! mailbox by other means is refused, unread, its ask answered with the error). An ask's reply
+//! key must be one of the actor's own (`reply:` prefix): a reply is never written elsewhere.
+//!
 //! # Round trips
 //!
 //! `tell`: 1 (`actor_send.lua`), plus 1 when the actor has no host (to ask for one). `ask`: the
-//! same send and a `BLPOP` on the reply key, pipelined into 1 round trip once the actor is known
-//! to be active; while it waits, every [`ASK_SLICE`] it checks that a host has the actor
+//! same send and a `BLPOP` on the reply key, pipelined into 1 round trip once this handle has
+//! seen a reply (the first ask of a handle sends, then waits: 2); while it waits, every [`ASK_SLICE`] it checks that a host has the actor
 //! (`actor_nudge.lua`). The async forms (`Mailbox::send_async`, `Mailbox::ask_async`) make the
 //! same round trips. A host: 1 `XREAD` per batch of up to [`BATCH`] messages and 1
 //! commit per batch; lease renewals every third of the lease.
@@ -55,6 +77,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
+use shoal_core::auth;
 use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
 use shoal_core::store::{AsyncStore, KeySpace, Store};
 
@@ -70,6 +93,14 @@ pub(crate) static COMMIT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("actor_commit.lua")));
 pub(crate) static LEASE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("actor_lease.lua")));
+
+/// What a signed actor's state records of the authkey it was created under, and what a signed
+/// sender and a host present for it: HMAC-SHA256 of the actor's id under the key. It tells
+/// whether two processes hold the same key without revealing it (see "Authentication" in the
+/// module docs).
+pub fn verifier(key: &shoal_core::context::AuthKey, actor_id: &str) -> [u8; auth::TAG_LEN] {
+    auth::sign(key, &[b"shoal actor verifier", actor_id.as_bytes()])
+}
 
 /// The kind of the message `ActorRef::stop` sends: the actor stops after the messages before it.
 pub const STOP_KIND: &str = "shoal::stop";
@@ -204,26 +235,37 @@ pub fn create(
     keys: &ActorKeys,
     actor_type: &str,
     state: &[u8],
-    authenticated: bool,
+    verifier: Option<&[u8]>,
     mode: CreateMode,
 ) -> Result<bool> {
-    let outcome: String = store.with_conn(
-        || format!("creating actor {}", keys.state),
-        |c| {
-            CREATE
-                .key(&keys.state)
-                .key(&keys.mailbox)
-                .arg(actor_type)
-                .arg(state)
-                .arg(if authenticated { "1" } else { "0" })
-                .arg(store.expiry_secs())
-                .arg(match mode {
-                    CreateMode::New => "new",
-                    CreateMode::Named => "named",
-                })
-                .invoke(c)
-        },
-    )?;
+    let outcome: String = store
+        .with_conn(
+            || format!("creating actor {}", keys.state),
+            |c| {
+                CREATE
+                    .key(&keys.state)
+                    .key(&keys.mailbox)
+                    .arg(actor_type)
+                    .arg(state)
+                    .arg(if verifier.is_some() { "1" } else { "0" })
+                    .arg(store.expiry_secs())
+                    .arg(match mode {
+                        CreateMode::New => "new",
+                        CreateMode::Named => "named",
+                    })
+                    .arg(verifier.unwrap_or(&[]))
+                    .invoke(c)
+            },
+        )
+        .map_err(|e| match &e {
+            Error::Redis { source, .. } if source.code() == Some("AUTH") => {
+                Error::Authentication(format!(
+                    "actor {} exists and was created under another authkey",
+                    keys.state
+                ))
+            }
+            _ => e,
+        })?;
     Ok(outcome == "created")
 }
 
@@ -238,6 +280,8 @@ pub struct Outgoing<'a> {
     pub reply_to: Option<&'a str>,
     /// The HMAC, for an actor that wants signed messages.
     pub mac: Option<&'a [u8]>,
+    /// The sender's [`verifier`] for the actor, when it signs.
+    pub verifier: Option<&'a [u8]>,
 }
 
 fn send_invocation<'a>(
@@ -257,7 +301,8 @@ fn send_invocation<'a>(
         .arg(message.reply_to.unwrap_or(""))
         .arg(message.mac.unwrap_or(&[]))
         .arg(store.expiry_secs())
-        .arg(activation_hold.as_millis() as u64);
+        .arg(activation_hold.as_millis() as u64)
+        .arg(message.verifier.unwrap_or(&[]));
     invocation
 }
 
@@ -280,7 +325,8 @@ fn send_evalsha(
         .arg(message.reply_to.unwrap_or(""))
         .arg(message.mac.unwrap_or(&[]))
         .arg(store.expiry_secs())
-        .arg(activation_hold.as_millis() as u64);
+        .arg(activation_hold.as_millis() as u64)
+        .arg(message.verifier.unwrap_or(&[]));
     cmd
 }
 
@@ -731,6 +777,10 @@ fn send_error(e: Error, actor_id: &str) -> Error {
                 source.detail().unwrap_or_default()
             )),
             Some("STOPPED") => Error::invalid_state(format!("actor {actor_id} was stopped")),
+            Some("AUTH") => Error::Authentication(format!(
+                "actor {actor_id} takes only messages signed with the authkey it was created \
+                 under, and this sender's is another; nothing was sent"
+            )),
             _ => e,
         },
         _ => e,

@@ -61,6 +61,24 @@ fn speak(x: u64) -> u64 {
     x
 }
 
+/// An actor type only this program has.
+#[derive(serde::Serialize, serde::Deserialize, Default, shoal::Actor)]
+#[actor(messages(Poke))]
+struct ScenarioOnly {
+    pokes: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Poke;
+
+impl Handler<Poke> for ScenarioOnly {
+    type Reply = u64;
+    fn handle(&mut self, _: Poke, _: &mut ActorContext) -> u64 {
+        self.pokes += 1;
+        self.pokes
+    }
+}
+
 #[shoal::remote]
 fn sleep_ms(ms: u64) -> u64 {
     std::thread::sleep(Duration::from_millis(ms));
@@ -150,6 +168,14 @@ fn main() -> shoal::Result<()> {
             println!("store={}", rt.store_url());
             println!("ready");
             std::thread::sleep(Duration::from_secs(120));
+        }
+        "actor-hosts" => {
+            // Runs this program's actor hosts in the configured namespace (another program's
+            // actors may be asked of them) for `arg(1)` seconds.
+            let own = spawn_actor(ScenarioOnly::default())?;
+            own.ask(Poke, Some(Duration::from_secs(30)))?;
+            println!("ready");
+            std::thread::sleep(Duration::from_secs(arg(1).parse().unwrap_or(60)));
         }
         "process-sleep" => {
             // Two processes, a daemon and not, each sleeping 60 s.

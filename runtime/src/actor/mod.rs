@@ -311,12 +311,14 @@ impl<A: Actor> ActorRef<A> {
         let mailbox = self.mailbox(&store);
         let reply_to = ask.then(|| mailbox.keys.new_reply_key());
         let mac = self.sign(kind, &payload, reply_to.as_deref().unwrap_or(""));
+        let verifier = self.verifier();
         Ok(Prepared {
             store,
             kind,
             payload,
             reply_to,
             mac,
+            verifier,
             mailbox,
         })
     }
@@ -327,18 +329,21 @@ impl<A: Actor> ActorRef<A> {
         let store = store()?;
         let kind = protocol::STOP_KIND;
         let mac = self.sign(kind, &[], "");
+        let verifier = self.verifier();
         let outgoing = Outgoing {
             kind,
             payload: &[],
             reply_to: None,
             mac: mac.as_ref().map(|m| m.as_slice()),
+            verifier: verifier.as_ref().map(|v| v.as_slice()),
         };
         self.mailbox(&store).send(&store, &outgoing)
     }
 
     /// How many times the actor was activated so far (by any host): 1 for an actor that never
     /// moved, one more for each time a host took it over (after a host died or froze, or after
-    /// it was deactivated for idleness). 1 round trip.
+    /// it was deactivated for idleness, or a host of another program sharing the namespace took
+    /// it and gave it back). 1 round trip.
     pub fn activations(&self) -> Result<u64> {
         let store = store()?;
         let keys = ActorKeys::new(store.keys(), &self.id);
@@ -359,12 +364,23 @@ impl<A: Actor> ActorRef<A> {
 
     fn sign(&self, kind: &str, payload: &[u8], reply_to: &str) -> Option<[u8; auth::TAG_LEN]> {
         self.authenticated.then(|| {
-            let key = self
-                .authkey
-                .clone()
-                .unwrap_or_else(AuthKey::of_this_process);
-            auth::sign(&key, &[kind.as_bytes(), payload, reply_to.as_bytes()])
+            auth::sign(
+                &self.signing_key(),
+                &[kind.as_bytes(), payload, reply_to.as_bytes()],
+            )
         })
+    }
+
+    /// This handle's verifier for the actor, when it signs (see the protocol's module docs).
+    fn verifier(&self) -> Option<[u8; auth::TAG_LEN]> {
+        self.authenticated
+            .then(|| protocol::verifier(&self.signing_key(), &self.id))
+    }
+
+    fn signing_key(&self) -> AuthKey {
+        self.authkey
+            .clone()
+            .unwrap_or_else(AuthKey::of_this_process)
     }
 
     /// The same actor, signing its messages with `authkey` (a manager's proxies reached through
@@ -382,6 +398,7 @@ struct Prepared {
     payload: Vec<u8>,
     reply_to: Option<String>,
     mac: Option<[u8; auth::TAG_LEN]>,
+    verifier: Option<[u8; auth::TAG_LEN]>,
     mailbox: Mailbox,
 }
 
@@ -392,6 +409,7 @@ impl Prepared {
             payload: &self.payload,
             reply_to: self.reply_to.as_deref(),
             mac: self.mac.as_ref().map(|m| m.as_slice()),
+            verifier: self.verifier.as_ref().map(|v| v.as_slice()),
         }
     }
 }
@@ -445,17 +463,28 @@ fn create<A: Actor>(
     let keys = ActorKeys::new(store.keys(), &id);
     let actor_type = std::any::type_name::<A>();
     let data = store.encode(&state, actor_type)?;
-    protocol::create(&store, &keys, actor_type, &data, options.authenticate, mode).map_err(
-        |e| match &e {
-            Error::Redis { source, .. } if source.code() == Some("TYPE") => {
-                Error::invalid_state(format!(
-                    "actor {id} exists with another type: {}",
-                    source.detail().unwrap_or_default()
-                ))
-            }
-            _ => e,
-        },
-    )?;
+    // Hosts check messages with their process's key, which is this process's (they are its
+    // children): the actor records that key's verifier.
+    let verifier = options
+        .authenticate
+        .then(|| protocol::verifier(&AuthKey::of_this_process(), &id));
+    protocol::create(
+        &store,
+        &keys,
+        actor_type,
+        &data,
+        verifier.as_ref().map(|v| v.as_slice()),
+        mode,
+    )
+    .map_err(|e| match &e {
+        Error::Redis { source, .. } if source.code() == Some("TYPE") => {
+            Error::invalid_state(format!(
+                "actor {id} exists with another type: {}",
+                source.detail().unwrap_or_default()
+            ))
+        }
+        _ => e,
+    })?;
     Ok(ActorRef {
         id,
         authenticated: options.authenticate,

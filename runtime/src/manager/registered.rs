@@ -151,11 +151,13 @@ impl Manager {
         for id in fields.iter().filter_map(|f| f.strip_prefix("a:")) {
             let mailbox = Mailbox::new(store.keys(), id, hold);
             let mac = auth::sign(&self.inner.authkey, &[STOP_KIND.as_bytes(), &[], b""]);
+            let verifier = shoal_executor::actor::verifier(&self.inner.authkey, id);
             let outgoing = Outgoing {
                 kind: STOP_KIND,
                 payload: &[],
                 reply_to: None,
                 mac: Some(&mac),
+                verifier: Some(&verifier),
             };
             if let Err(e) = mailbox.send(&store, &outgoing) {
                 tracing::debug!("stopping actor {id} of {}: {e}", self.describe());

@@ -1,0 +1,145 @@
+//! Signed actors and the keys they were created under, against a real redis-server with real
+//! host processes: a sender holding another authkey is refused at `tell`/`ask`/`get_or_spawn`
+//! with nothing sent, and a host of another program sharing the namespace (another build,
+//! another key) gives an actor it cannot run back instead of failing it or refusing its
+//! messages.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shoal::prelude::*;
+use shoal::{ActorOptions, AuthKey};
+use shoal_integration_tests::TestRedis;
+
+shoal::test_support!();
+
+const T: Option<Duration> = Some(Duration::from_secs(20));
+
+#[derive(Serialize, Deserialize, Default, Debug, shoal::Actor)]
+#[actor(messages(Incr, Get))]
+struct Tally {
+    n: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Incr(u64);
+
+#[derive(Serialize, Deserialize)]
+struct Get;
+
+impl Handler<Incr> for Tally {
+    type Reply = u64;
+    fn handle(&mut self, Incr(by): Incr, _: &mut ActorContext) -> u64 {
+        self.n += by;
+        self.n
+    }
+}
+
+impl Handler<Get> for Tally {
+    type Reply = u64;
+    fn handle(&mut self, _: Get, _: &mut ActorContext) -> u64 {
+        self.n
+    }
+}
+
+const SIGNED: ActorOptions = ActorOptions { authenticate: true };
+
+#[test]
+fn a_sender_with_another_authkey_is_refused_and_nothing_is_sent() {
+    let _rt = shoal::init_with(Config::builder().build().expect("config")).expect("runtime");
+    let own = current_process().authkey;
+    let tally = shoal::spawn_actor_with(Tally::default(), SIGNED).expect("spawn");
+    assert_eq!(tally.ask(Incr(1), T).expect("ask"), 1);
+    let named = shoal::get_or_spawn_with("signed-tally", Tally::default, SIGNED).expect("named");
+    assert_eq!(named.ask(Incr(1), T).expect("ask"), 1);
+
+    // This process now signs with another key (its hosts, started before, keep the first).
+    shoal::set_authkey(AuthKey::from_bytes(
+        b"a key the actors do not know".to_vec(),
+    ));
+    let refused = |r: shoal::Result<u64>| matches!(r, Err(Error::Authentication(_)));
+    assert!(matches!(
+        tally.tell(Incr(10)),
+        Err(Error::Authentication(_))
+    ));
+    assert!(refused(tally.ask(Incr(100), T)));
+    assert!(matches!(
+        shoal::get_or_spawn_with("signed-tally", Tally::default, SIGNED),
+        Err(Error::Authentication(_))
+    ));
+
+    shoal::set_authkey(own);
+    // Nothing of what was refused reached the actor.
+    assert_eq!(tally.ask(Get, T).expect("get"), 1);
+    assert_eq!(named.ask(Get, T).expect("get"), 1);
+}
+
+/// The scenario program running its own actor hosts in `namespace`, until it is dropped.
+struct OtherProgram(Child);
+
+impl OtherProgram {
+    fn start(redis_url: &str, namespace: &str) -> OtherProgram {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_scenario"))
+            .args(["actor-hosts", "120"])
+            .env("SHOAL_REDIS_URL", redis_url)
+            .env("SHOAL_NAMESPACE", namespace)
+            .env("SHOAL_ACTORS_HOSTS", "2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the other program starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let ready = BufReader::new(stdout)
+            .lines()
+            .map_while(std::result::Result::ok)
+            .any(|line| line == "ready");
+        assert!(ready, "the other program's hosts run");
+        OtherProgram(child)
+    }
+}
+
+impl Drop for OtherProgram {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_host_of_another_program_gives_an_actor_it_cannot_run_back() {
+    // Two programs share a namespace: the other one's hosts wait on the same activation
+    // requests, though its build lacks this actor's type and its authkey is its own. Each
+    // time the actor goes idle, the next message asks for a host again, and the requests go
+    // to the waiting hosts in turn: every one the other program took must come back untouched
+    // (it failed the actor for good before), and every message is applied once.
+    let redis = TestRedis::tcp();
+    let namespace = format!("auth-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let other = OtherProgram::start(&redis.url(), &namespace);
+    let mut config = Config::builder().build().expect("config");
+    config.redis.url = Some(redis.url());
+    config.shoal.namespace = namespace;
+    config.actors.hosts = 1;
+    config.actors.idle_secs = 1.0;
+    let _rt = shoal::init_with(config).expect("runtime");
+    for options in [ActorOptions::default(), SIGNED] {
+        let tally = shoal::spawn_actor_with(Tally::default(), options).expect("spawn");
+        const ROUNDS: u64 = 6;
+        for round in 1..=ROUNDS {
+            assert_eq!(tally.ask(Incr(1), T).expect("ask"), round, "{options:?}");
+            // Idle past actors.idle_secs: the actor is deactivated, the next ask reactivates it.
+            std::thread::sleep(Duration::from_millis(1300));
+        }
+        assert_eq!(tally.ask(Get, T).expect("get"), ROUNDS);
+        // Each round needed an activation; the other program's hosts took some of them and
+        // gave them back (each a take of its own).
+        let activations = tally.activations().expect("activations");
+        assert!(
+            activations > ROUNDS,
+            "{options:?}: {activations} activations"
+        );
+    }
+    drop(other);
+}
