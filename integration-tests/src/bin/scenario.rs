@@ -177,6 +177,28 @@ fn main() -> shoal::Result<()> {
             println!("ready");
             std::thread::sleep(Duration::from_secs(arg(1).parse().unwrap_or(60)));
         }
+        "manager-connect" => {
+            // Another program (not a child) reaches a manager by its address's text and its
+            // authkey (hex), and fills a dict of its own in it.
+            let address: ManagerAddress = arg(1).parse()?;
+            let key: Vec<u8> = (0..arg(2).len())
+                .step_by(2)
+                .filter_map(|i| u8::from_str_radix(arg(2).get(i..i + 2)?, 16).ok())
+                .collect();
+            match Manager::connect(address, shoal::AuthKey::from_bytes(key)) {
+                Err(Error::Authentication(e)) => println!("refused: {e}"),
+                Err(e) => return Err(e),
+                Ok(manager) => {
+                    let d = manager.dict::<String, u64>()?;
+                    d.set("from another program", 42)?;
+                    println!(
+                        "dict={}",
+                        serde_json::to_string(&d)
+                            .map_err(|e| Error::invalid_state(e.to_string()))?
+                    );
+                }
+            }
+        }
         "process-sleep" => {
             // Two processes, a daemon and not, each sleeping 60 s.
             let daemon = Process::new(print_then_sleep, (60_000u64,)).daemon(true);

@@ -143,6 +143,25 @@ impl ManagerAddress {
         &self.id
     }
 
+    /// The address as text, `shoal-manager://<namespace>/<id>`, to hand to a program that is
+    /// not a child of this one (on the command line, in a file); [`str::parse`] reads it back.
+    ///
+    /// ```no_run
+    /// # use shoal::prelude::*;
+    /// # use shoal::ManagerAddress;
+    /// # fn main() -> shoal::Result<()> {
+    /// # let _rt = shoal::init()?;
+    /// let manager = Manager::new()?;
+    /// let text = manager.address().uri();
+    /// let address: ManagerAddress = text.parse()?;
+    /// assert_eq!(address, manager.address());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn uri(&self) -> String {
+        format!("{ADDRESS_SCHEME}{}/{}", self.namespace, self.id)
+    }
+
     fn keys(&self) -> ObjectKeys {
         KeySpace::new(self.namespace.clone()).object("manager", &self.id)
     }
@@ -155,6 +174,44 @@ impl ManagerAddress {
 impl std::fmt::Display for ManagerAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "manager {} in namespace {}", self.id, self.namespace)
+    }
+}
+
+/// The scheme of a manager address's text form.
+const ADDRESS_SCHEME: &str = "shoal-manager://";
+
+impl std::str::FromStr for ManagerAddress {
+    type Err = Error;
+
+    /// Reads [`ManagerAddress::uri`]'s form, `shoal-manager://<namespace>/<id>`.
+    fn from_str(text: &str) -> Result<ManagerAddress> {
+        let bad = |why: &str| {
+            Error::invalid_state(format!(
+                "{text:?} is not a manager address ({ADDRESS_SCHEME}<namespace>/<id>): {why}"
+            ))
+        };
+        let rest = text
+            .strip_prefix(ADDRESS_SCHEME)
+            .ok_or_else(|| bad("it does not start with the scheme"))?;
+        let (namespace, id) = rest
+            .split_once('/')
+            .ok_or_else(|| bad("no '/' between the namespace and the id"))?;
+        let word = |w: &str, max: usize| {
+            !w.is_empty()
+                && w.len() <= max
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        };
+        if !word(namespace, 64) {
+            return Err(bad("the namespace is 1 to 64 of A-Z a-z 0-9 _ - ."));
+        }
+        if !word(id, 64) {
+            return Err(bad("the id is 1 to 64 of A-Z a-z 0-9 _ - ."));
+        }
+        Ok(ManagerAddress {
+            namespace: namespace.to_string(),
+            id: id.to_string(),
+        })
     }
 }
 
@@ -634,4 +691,38 @@ impl Manager {
 /// The verifier a manager's record holds: HMAC-SHA256 of its id and nonce under its authkey.
 fn verifier(authkey: &AuthKey, address: &ManagerAddress, nonce: &[u8]) -> [u8; auth::TAG_LEN] {
     auth::sign(authkey, &[b"shoal-manager", address.id.as_bytes(), nonce])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_reads_back_from_its_text() {
+        let address = ManagerAddress {
+            namespace: "jobs.prod-1".into(),
+            id: "0123456789abcdef0123456789abcdef".into(),
+        };
+        let text = address.uri();
+        assert_eq!(
+            text,
+            "shoal-manager://jobs.prod-1/0123456789abcdef0123456789abcdef"
+        );
+        assert_eq!(text.parse::<ManagerAddress>().expect("parses"), address);
+        for bad in [
+            "",
+            "jobs/abc",
+            "shoal-manager://jobs",
+            "shoal-manager:///abc",
+            "shoal-manager://jobs/",
+            "shoal-manager://jo{bs}/abc",
+            "shoal-manager://jobs/a/b",
+        ] {
+            let e = bad.parse::<ManagerAddress>().expect_err(bad);
+            assert!(
+                e.to_string().contains("not a manager address"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }
