@@ -53,10 +53,10 @@ impl Handler<Totals> for Tally {
 #[shoal::remote]
 fn voter(tally: ActorRef<Tally>, n: u64) -> shoal::Result<()> {
     for i in 1..n {
-        let option = if i % 2 == 0 { "red" } else { "blue" };
+        let option = if i.is_multiple_of(2) { "red" } else { "blue" };
         tally.tell(Vote(option.to_string()))?;
     }
-    let option = if n % 2 == 0 { "red" } else { "blue" };
+    let option = if n.is_multiple_of(2) { "red" } else { "blue" };
     tally.ask(Vote(option.to_string()), Some(Duration::from_secs(60)))?;
     Ok(())
 }

@@ -432,7 +432,7 @@ fn a_named_actor_raced_for_by_several_processes_is_activated_once() {
 /// for an ask.
 #[shoal::remote]
 fn add_from_a_pool_task(counter: ActorRef<Counter>, x: u64) -> u64 {
-    if x % 2 == 0 {
+    if x.is_multiple_of(2) {
         counter.tell(Incr(x)).expect("tell");
         x
     } else {
@@ -457,7 +457,7 @@ fn an_actor_ref_passed_as_a_pool_task_argument() {
     drop(pool);
     let total = N * (N + 1) / 2;
     for (x, reply) in (1..=N).zip(&out) {
-        if x % 2 == 0 {
+        if x.is_multiple_of(2) {
             assert_eq!(*reply, x);
         } else {
             assert!(*reply >= x && *reply <= total, "ask {x} answered {reply}");
