@@ -1,6 +1,7 @@
 //! The seeds' Manager examples: a shared dictionary of dictionaries filled by four processes
 //! (`d[key1][key2] = value + 1`), a shared dict and list filled by several processes with a
-//! Namespace for their status, and Lithops' example (a child reverses a shared list).
+//! Namespace for their status, a registered type (Python's `BaseManager.register`) that several
+//! processes update at once, and Lithops' example (a child reverses a shared list).
 //!
 //! ```text
 //! cargo run -p shoal-examples --example manager
@@ -10,8 +11,55 @@
 //! non-zero on a wrong result.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use shoal::prelude::*;
+
+/// A registered type: a tally of votes per option, hosted by the manager's runtime and called
+/// through a typed proxy. Its `exposed` methods (Python's term) are the messages listed here.
+#[derive(Serialize, Deserialize, Default, shoal::Actor)]
+#[actor(messages(Vote, Totals))]
+struct Tally {
+    votes: BTreeMap<String, u64>,
+}
+
+/// `Vote(option)`: one more vote for `option`; replies with its count.
+#[derive(Serialize, Deserialize)]
+struct Vote(String);
+
+/// Every option's count.
+#[derive(Serialize, Deserialize)]
+struct Totals;
+
+impl Handler<Vote> for Tally {
+    type Reply = u64;
+    fn handle(&mut self, Vote(option): Vote, _: &mut ActorContext) -> u64 {
+        let count = self.votes.entry(option).or_default();
+        *count += 1;
+        *count
+    }
+}
+
+impl Handler<Totals> for Tally {
+    type Reply = BTreeMap<String, u64>;
+    fn handle(&mut self, _: Totals, _: &mut ActorContext) -> BTreeMap<String, u64> {
+        self.votes.clone()
+    }
+}
+
+/// Casts `n` votes, alternating between "red" and "blue": one-way calls, then one call that
+/// waits for its reply (by then every earlier vote of this process is counted).
+#[shoal::remote]
+fn voter(tally: ActorRef<Tally>, n: u64) -> shoal::Result<()> {
+    for i in 1..n {
+        let option = if i.is_multiple_of(2) { "red" } else { "blue" };
+        tally.tell(Vote(option.to_string()))?;
+    }
+    let option = if n.is_multiple_of(2) { "red" } else { "blue" };
+    tally.ask(Vote(option.to_string()), Some(Duration::from_secs(60)))?;
+    Ok(())
+}
 
 #[shoal::remote]
 fn f(d: DictProxy<String, DictProxy<String, i64>>, key1: String, key2: String, value: i64) {
@@ -103,6 +151,18 @@ fn main() -> shoal::Result<()> {
             .map(|i| format!("worker {i} done"))
             .collect::<Vec<_>>();
     ok &= status.names()?.len() == 5;
+
+    // A registered type (Python: BaseManager.register("Tally", Tally); manager.Tally()), used
+    // by four processes at once: no vote is lost.
+    manager.register::<Tally>("Tally")?;
+    let tally = manager.create("Tally", Tally::default())?;
+    let voters: Vec<Process> = (0..4)
+        .map(|_| Process::new(voter, (tally.clone(), 50u64)))
+        .collect();
+    ok &= run_all(&voters)?;
+    let totals = tally.ask(Totals, Some(Duration::from_secs(60)))?;
+    println!("tally: {totals:?}");
+    ok &= totals == BTreeMap::from([("blue".into(), 100), ("red".into(), 100)]);
 
     // Lithops' example: l = manager.list(range(10)); a child calls l.reverse().
     let l = manager.list_from(0..10i64)?;

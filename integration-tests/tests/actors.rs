@@ -161,7 +161,8 @@ fn host_pid(rt: &shoal::Runtime, actor: &ActorRef<Counter>) -> Option<u32> {
 
 #[test]
 fn every_message_is_applied_exactly_once_while_the_host_is_killed() {
-    let rt = runtime_with(1, 1.0);
+    const LEASE: f64 = 1.0;
+    let rt = runtime_with(1, LEASE);
     let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
     ask(&counter, Incr(0)).expect("activated");
     const SENDERS: u32 = 4;
@@ -198,11 +199,9 @@ fn every_message_is_applied_exactly_once_while_the_host_is_killed() {
     assert_eq!(n, u64::from(SENDERS) * EACH, "every message exactly once");
     assert_eq!(anomalies, 0, "in order, none applied twice");
     assert_eq!(reactivations.len(), 2, "the host was killed twice");
+    // Issue 9's promise: back on another host within the activation lease + 1 s.
     for took in reactivations {
-        assert!(
-            took < Duration::from_secs(1) + Duration::from_secs(2),
-            "{took:?}"
-        );
+        assert!(took < Duration::from_secs_f64(LEASE + 1.0), "{took:?}");
     }
 }
 
@@ -224,7 +223,8 @@ fn stopped(pid: u32) -> bool {
 
 #[test]
 fn a_frozen_host_loses_its_actor_and_cannot_overwrite_its_successor() {
-    let rt = runtime_with(2, 1.0);
+    const LEASE: f64 = 1.0;
+    let rt = runtime_with(2, LEASE);
     let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
     assert_eq!(ask(&counter, Incr(1)).expect("ask"), 1);
     let pid = host_pid(&rt, &counter).expect("a host holds it");
@@ -257,7 +257,9 @@ fn a_frozen_host_loses_its_actor_and_cannot_overwrite_its_successor() {
     }
     assert_eq!(ask(&counter, Get).expect("get"), (222, 0));
     eprintln!("the frozen host's actor answered again after {took:?}");
-    assert!(took < Duration::from_secs(5), "{took:?}");
+    // Issue 9's promise: back on another host within the activation lease + 1 s (counted from
+    // when the host was seen stopped, which is after it last renewed the lease).
+    assert!(took < Duration::from_secs_f64(LEASE + 1.0), "{took:?}");
 }
 
 #[test]
@@ -351,6 +353,154 @@ fn a_named_actor_is_one_actor_for_every_process() {
         shoal::get_or_spawn(&name, || Other),
         Err(Error::InvalidState(m)) if m.contains("another type")
     ));
+}
+
+/// Waits at `start` with the other children, gets (or creates) the named counter and sends it
+/// `times` increments at once, asks for the total (so they are applied), then waits at `done`
+/// and stays (its runtime's actor hosts with it) until `release` is set.
+#[shoal::remote]
+fn race_to_activate(name: String, start: Barrier, done: Barrier, release: Event, times: u64) {
+    start.wait(Some(Duration::from_secs(60))).expect("start");
+    let counter = shoal::get_or_spawn(&name, Counter::default).expect("named");
+    for _ in 0..times {
+        counter.tell(Incr(1)).expect("tell");
+    }
+    counter
+        .ask(Get, Some(Duration::from_secs(60)))
+        .expect("applied");
+    done.wait(Some(Duration::from_secs(60))).expect("done");
+    assert!(
+        release
+            .wait(Some(Duration::from_secs(60)))
+            .expect("release"),
+        "released"
+    );
+}
+
+#[test]
+fn a_named_actor_raced_for_by_several_processes_is_activated_once() {
+    // A lease far longer than the test's steps: a second activation could only come from the
+    // race, not from a host that was slow to renew on a busy machine.
+    let _rt = runtime_with(1, 10.0);
+    const CHILDREN: usize = 4;
+    const EACH: u64 = 50;
+    let name = format!("raced-{}", uuid::Uuid::new_v4().simple());
+    let start = Barrier::new(CHILDREN as u32).expect("barrier");
+    // The children and this process: the children stay alive (and their runtimes' hosts, one of
+    // which holds the actor) until the count below is read.
+    let done = Barrier::new(CHILDREN as u32 + 1).expect("barrier");
+    let release = Event::new().expect("event");
+    let children: Vec<Process> = (0..CHILDREN)
+        .map(|_| {
+            Process::new(
+                race_to_activate,
+                (
+                    name.clone(),
+                    start.clone(),
+                    done.clone(),
+                    release.clone(),
+                    EACH,
+                ),
+            )
+        })
+        .collect();
+    for c in &children {
+        c.start().expect("start");
+    }
+    let passed = done.wait(Some(Duration::from_secs(120)));
+    let counter = shoal::get_or_spawn(&name, Counter::default).expect("named");
+    let outcome = passed.map(|_| {
+        (
+            ask(&counter, Get).expect("get"),
+            counter.activations().expect("activations"),
+        )
+    });
+    release.set().expect("release");
+    for c in &children {
+        c.join(Some(Duration::from_secs(60))).expect("join");
+        assert_eq!(c.exitcode(), Some(0));
+    }
+    let (state, activations) = outcome.expect("every child sent its messages");
+    assert_eq!(state, (CHILDREN as u64 * EACH, 0), "every message once");
+    assert_eq!(
+        activations, 1,
+        "one activation for all the racing processes"
+    );
+}
+
+/// Asks or tells `counter` to add `x` (an ask for odd `x`): `x` for a tell, the total after it
+/// for an ask.
+#[shoal::remote]
+fn add_from_a_pool_task(counter: ActorRef<Counter>, x: u64) -> u64 {
+    if x.is_multiple_of(2) {
+        counter.tell(Incr(x)).expect("tell");
+        x
+    } else {
+        counter
+            .ask(Incr(x), Some(Duration::from_secs(60)))
+            .expect("ask")
+    }
+}
+
+#[test]
+fn an_actor_ref_passed_as_a_pool_task_argument() {
+    let _rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    let pool = Pool::new(2).expect("pool");
+    const N: u64 = 40;
+    let out = pool
+        .starmap(
+            add_from_a_pool_task,
+            (1..=N).map(|x| (counter.clone(), x)).collect::<Vec<_>>(),
+        )
+        .expect("starmap");
+    drop(pool);
+    let total = N * (N + 1) / 2;
+    for (x, reply) in (1..=N).zip(&out) {
+        if x.is_multiple_of(2) {
+            assert_eq!(*reply, x);
+        } else {
+            assert!(*reply >= x && *reply <= total, "ask {x} answered {reply}");
+        }
+    }
+    let mut asks: Vec<u64> = (1..=N)
+        .zip(&out)
+        .filter(|(x, _)| x % 2 == 1)
+        .map(|(_, r)| *r)
+        .collect();
+    asks.sort_unstable();
+    asks.dedup();
+    assert_eq!(asks.len(), N as usize / 2, "each ask saw its own total");
+    assert_eq!(ask(&counter, Get).expect("get"), (total, 0));
+}
+
+/// Takes an actor from `refs` and adds 1 to it `times` times, then checks with an ask.
+#[shoal::remote]
+fn use_an_actor_from_a_queue(refs: Queue<ActorRef<Counter>>, times: u64) {
+    let counter = refs
+        .get_timeout(Duration::from_secs(60))
+        .expect("an actor from the queue");
+    for _ in 0..times {
+        counter.tell(Incr(1)).expect("tell");
+    }
+    let (n, anomalies) = counter
+        .ask(Get, Some(Duration::from_secs(60)))
+        .expect("ask");
+    assert_eq!((n, anomalies), (times, 0));
+}
+
+#[test]
+fn an_actor_ref_passed_as_a_queue_item() {
+    let _rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    let refs: Queue<ActorRef<Counter>> = Queue::new().expect("queue");
+    let child = Process::new(use_an_actor_from_a_queue, (refs.clone(), 25u64));
+    child.start().expect("start");
+    refs.put(counter.clone()).expect("put");
+    child.join(Some(Duration::from_secs(120))).expect("join");
+    assert_eq!(child.exitcode(), Some(0));
+    assert_eq!(ask(&counter, Incr(1)).expect("ask"), 26);
+    assert_eq!(ask(&counter, Get).expect("get"), (26, 0));
 }
 
 #[test]

@@ -184,6 +184,78 @@ fn dict_iteration_detects_changes() {
     manager.shutdown().expect("shutdown");
 }
 
+/// The rest of `it`: the pairs it still yields, then the error that ended it, if any.
+fn drain<I: Iterator<Item = Result<(i64, String)>>>(it: I) -> (Vec<i64>, Option<Error>) {
+    let mut keys = Vec::new();
+    for pair in it {
+        match pair {
+            Ok((k, _)) => keys.push(k),
+            Err(e) => return (keys, Some(e)),
+        }
+    }
+    (keys, None)
+}
+
+fn is_changed_size(e: &Option<Error>) -> bool {
+    matches!(e, Some(Error::InvalidState(m)) if m.contains("dictionary changed size during iteration"))
+}
+
+#[test]
+fn small_dict_iteration_reports_a_change_after_its_only_page() {
+    // A dict of one page is fetched whole by the first `next`; a key added or removed after it
+    // is still reported before the iterator ends, as CPython's `RuntimeError`.
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<i64, String>().expect("dict");
+    d.update((0..5).map(|i| (i, i.to_string()))).expect("fill");
+
+    // Unchanged: all five, then the end, for good.
+    let mut it = d.iter().expect("iter");
+    let (keys, error) = drain(it.by_ref());
+    assert_eq!(keys, vec![0, 1, 2, 3, 4]);
+    assert!(error.is_none(), "{error:?}");
+    assert!(it.next().is_none(), "an exhausted iterator stays exhausted");
+
+    // A key inserted mid-iteration.
+    let mut it = d.iter().expect("iter");
+    assert_eq!(it.next().expect("a pair").expect("first").0, 0);
+    d.set(&99, "new".into()).expect("insert");
+    let (keys, error) = drain(it.by_ref());
+    assert_eq!(keys, vec![1, 2, 3, 4], "the rest of the page read before");
+    assert!(is_changed_size(&error), "{error:?}");
+    assert!(it.next().is_none(), "an iterator ends after its error");
+
+    // A key deleted mid-iteration (the dict holds 0..=4 and 99 now).
+    let mut it = d.iter().expect("iter");
+    assert!(it.next().expect("a pair").is_ok());
+    d.del(&99).expect("delete");
+    let (keys, error) = drain(it);
+    assert_eq!(
+        keys,
+        vec![1, 2, 3, 4, 99],
+        "the rest of the page read before"
+    );
+    assert!(is_changed_size(&error), "{error:?}");
+
+    // Deleted after the last pair was handed out, before the iterator was asked for more:
+    // CPython raises there too.
+    let mut it = d.iter().expect("iter");
+    assert_eq!(it.by_ref().take(5).filter(|p| p.is_ok()).count(), 5);
+    d.del(&4).expect("delete");
+    let (keys, error) = drain(it);
+    assert!(keys.is_empty());
+    assert!(is_changed_size(&error), "{error:?}");
+
+    // Replacing a value is no change of size.
+    let mut it = d.iter().expect("iter");
+    assert!(it.next().expect("a pair").is_ok());
+    d.set(&3, "replaced".into()).expect("replace");
+    let (keys, error) = drain(it);
+    assert_eq!(keys, vec![1, 2, 3]);
+    assert!(error.is_none(), "{error:?}");
+    manager.shutdown().expect("shutdown");
+}
+
 #[shoal::remote]
 fn churn_dict(d: DictProxy<i64, i64>, started: Event, stop: Event) {
     let mut k = 1_000_000i64;
@@ -394,6 +466,16 @@ fn list_iteration_detects_changes() {
         Some(Err(Error::InvalidState(m))) if m.contains("list changed size during iteration")
     ));
     assert!(it.next().is_none());
+    // A list of one page is read whole by the first `next`: a change after that is not
+    // reported, as CPython's list iterator never reports one; the iterator ends with what it
+    // read (a dict's reports it: `small_dict_iteration_reports_a_change_after_its_only_page`).
+    let mut it = a.iter().expect("iter");
+    assert_eq!(it.next().expect("item").expect("first"), 100);
+    a.append(11).expect("append");
+    assert_eq!(
+        it.collect::<Result<Vec<_>>>().expect("no error"),
+        (1..=10).collect::<Vec<_>>()
+    );
 
     // Pages.
     let long = manager.list_from(0..2500i64).expect("list");

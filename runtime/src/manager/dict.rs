@@ -24,7 +24,10 @@
 //! size during iteration", after which the iterator ends (Python's `RuntimeError`). Replacing a
 //! value is not a change of size. A change made while the pairs of a page are being handed out
 //! is noticed at the next page: what the iterator yields always comes from one consistent page,
-//! never a mix of two states.
+//! never a mix of two states. After the last page the iterator reads once more (a page past
+//! the last pair, empty, with the version) before it ends, so a change made while the last (or
+//! only) page was handed out is reported too, as Python reports it at the `next` that would
+//! end the iteration.
 //!
 //! # Keys (hash tag `{<ns>:manager:<manager id>}`, capability `<cap>`)
 //!
@@ -36,7 +39,9 @@
 //! # Round trips
 //!
 //! Every method: 1 (a script), and so its async form (`get_async`...; see the `manager` module
-//! docs). Iteration: 1 to start, then 1 per page. Inside Redis, `get` is
+//! docs). Iteration: 1 to start, 1 per page, and 1 more to end (the empty read past the last
+//! pair that checks the version): 3 for a dict of fewer than [`PAGE`] keys, 2 for an empty
+//! one. Inside Redis, `get` is
 //! one `HMGET`, `set` of an existing key an `HMGET` and an `HSET`, of a new key one more `ZADD`
 //! (TTLs are refreshed once a tenth of `redis.expiry_secs`, not on every call).
 
@@ -409,7 +414,7 @@ where
 
     /// An iterator over the pairs, in insertion order, a page at a time (Python's
     /// `iter(d.items())`; see the module docs for changes during iteration). One round trip
-    /// now (it reads the version to compare with), then one per page.
+    /// now (it reads the version to compare with), then one per page and one more to end.
     pub fn iter(&self) -> Result<DictIter<K, V>> {
         let (_, version) = self.container.run(Self::len_call())?;
         Ok(DictIter {
@@ -683,8 +688,10 @@ where
                 self.dict.container.describe()
             )));
         }
-        if page.entries.len() < PAGE {
-            // The last page: nothing is fetched after it.
+        if page.entries.is_empty() {
+            // Past the last pair, and the version checked once more: a key added or removed
+            // while the last page was handed out was reported above (a dict of one page is
+            // fetched whole by the first `next`, so this is its only check after that).
             self.done = true;
         }
         if let Some([_, _, score]) = page.entries.last() {

@@ -32,7 +32,11 @@
 //! items (`append`, `insert`, `pop`, `del`, `remove`, `reverse`, `sort`, `clear`), not with
 //! `set`: a page whose shape differs is [`Error::InvalidState`] "list changed size during
 //! iteration", after which the iterator ends, so items are never skipped or seen twice. Python's
-//! list iterator instead carries on by index; `l[0] = x` during iteration is seen in both.
+//! list iterator instead carries on by index; `l[0] = x` during iteration is seen in both. The
+//! shape is checked with each page, not after the last one: a list of fewer than [`PAGE`] items
+//! is read whole by the first `next`, and a change after that is not reported (the iterator
+//! ends with the items it read), as Python's list iterator never reports a change. (A dict's
+//! iterator reads once more to end, because Python's raises there.)
 //!
 //! # Keys (hash tag `{<ns>:manager:<manager id>}`, capability `<cap>`)
 //!
