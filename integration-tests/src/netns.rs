@@ -16,8 +16,11 @@
 //! no pid of the parent is visible to it. Like any container's PID 1 it only receives the
 //! signals it installed a handler for (SIGKILL always works): a program without a SIGTERM
 //! handler ignores `kill -TERM`, exactly as it would as a Kubernetes pod. When it exits, every
-//! process it left in its PID namespace is killed. The filesystem is shared with the parent, so
-//! tests must not hand such a program a Unix socket path: it reaches servers over TCP. A
+//! process it left in its PID namespace is killed. Each program also gets a mount namespace of
+//! its own whose `/tmp` is a fresh, empty tmpfs (the rest of the filesystem is the parent's,
+//! mounted privately): what the parent or another host keeps under `/tmp` (a Unix socket, a
+//! temporary file, the embedded store's directory) is not there, as on another machine, so a
+//! program reaches servers over TCP. A
 //! [`PidSandbox`] is a pod's shared PID namespace instead: a pause process is its PID 1 and the
 //! programs started in it are ordinary processes there, to which signals do what they do
 //! outside a container.
@@ -447,6 +450,7 @@ pub fn spawn_container(command: &mut Command, host: Option<&Host>) -> io::Result
                         "unshare(CLONE_NEWPID): {e} (a new PID namespace needs root, CAP_SYS_ADMIN)"
                     ))
                 })?;
+                private_tmp()?;
                 command.spawn()
             })
             .join()
@@ -506,6 +510,7 @@ impl PidSandbox {
                     // setns(CLONE_NEWPID) moves this thread's future children, not the thread.
                     nix::sched::setns(&self.namespace, CloneFlags::CLONE_NEWPID)
                         .map_err(|e| io::Error::other(format!("setns(CLONE_NEWPID): {e}")))?;
+                    private_tmp()?;
                     command.spawn()
                 })
                 .join()
@@ -524,6 +529,33 @@ impl Drop for PidSandbox {
         let _ = self.pause.kill();
         let _ = self.pause.wait();
     }
+}
+
+/// Gives the calling thread (and the programs it starts) a mount namespace of its own, every
+/// mount private to it, with an empty tmpfs on `/tmp`. Only this thread changes: a thread's
+/// mount namespace is its own once it unshared it (with its filesystem context).
+fn private_tmp() -> io::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    let fail = |what: &str, e: Errno| io::Error::other(format!("{what}: {e}"));
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS)
+        .map_err(|e| fail("unshare(CLONE_NEWNS) (needs CAP_SYS_ADMIN)", e))?;
+    // Nothing mounted here may reach the parent's namespace (systemd makes `/` shared).
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| fail("making / private", e))?;
+    mount(
+        Some("tmpfs"),
+        "/tmp",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )
+    .map_err(|e| fail("mounting a tmpfs on /tmp", e))
 }
 
 fn open_namespace(name: &str) -> io::Result<File> {

@@ -343,6 +343,49 @@ async fn a_pod_that_shares_its_process_namespace_runs_its_container_below_a_paus
 }
 
 #[tokio::test]
+async fn a_pod_sees_a_tmp_of_its_own_not_the_hosts() {
+    // As on another machine: a file (or a Unix socket) the test keeps under /tmp is not there
+    // for a pod, whose own /tmp is empty, writable, and gone with it.
+    let marker = tempfile::Builder::new()
+        .prefix("shoal-host-only-")
+        .tempfile_in("/tmp")
+        .expect("a file in the host's /tmp");
+    let path = marker.path().display().to_string();
+    let emulator = Emulator::start(None);
+    let (_, jobs, pods) = apis(&emulator);
+    let script = format!(
+        "if [ -e {path} ]; then echo host-tmp-visible; else echo own-tmp; fi; \
+         ls -A /tmp | wc -l; echo pod > /tmp/written && cat /tmp/written"
+    );
+    for (name, shared) in [("tmp-own", false), ("tmp-shared", true)] {
+        let patch = json!({"spec": {"template": {"spec": {"shareProcessNamespace": shared}}}});
+        jobs.create(
+            &PostParams::default(),
+            &job(name, &["sh", "-c", &script], patch),
+        )
+        .await
+        .expect("create");
+        let pod = job_pods(&pods, name, 1).await.remove(0);
+        let pod = pod_until(&pods, &name_of(&pod), "ended", |p| terminated(p).is_some()).await;
+        let log = emulator
+            .pod_log(DEFAULT_NAMESPACE, &name_of(&pod))
+            .unwrap_or_default();
+        assert_eq!(
+            (
+                terminated(&pod).expect("terminated").exit_code,
+                log.as_str()
+            ),
+            (0, "own-tmp\n0\npod\n"),
+            "{name}"
+        );
+    }
+    assert!(
+        !std::path::Path::new("/tmp/written").exists(),
+        "a pod's /tmp is its own"
+    );
+}
+
+#[tokio::test]
 async fn a_killed_pod_reports_128_plus_the_signal_and_oom_kills_are_oomkilled() {
     let emulator = Emulator::start(None);
     let (_, jobs, pods) = apis(&emulator);
