@@ -443,6 +443,23 @@ impl Kube {
         config
     }
 
+    /// Creates the Secret `name` holding `data` (`stringData`) in this test's namespace.
+    fn create_secret(&self, name: &str, data: serde_json::Value) {
+        let secret: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name},
+            "stringData": data,
+        }))
+        .expect("a Secret");
+        self.tokio
+            .block_on(
+                Api::<Secret>::namespaced(self.client.clone(), &self.namespace)
+                    .create(&PostParams::default(), &secret),
+            )
+            .expect("create the Secret");
+    }
+
     fn emulator(&self) -> &Emulator {
         self.emulator.as_ref().expect("an emulator scenario")
     }
@@ -1324,19 +1341,7 @@ fn workers_can_read_the_redis_url_from_a_secret() {
         |kube| {
             // The driver reaches Redis on loopback (as through `kubectl port-forward`); the pods
             // cannot, and read the bridge address from the Secret.
-            let secret: Secret = serde_json::from_value(json!({
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": "shoal-redis-url"},
-                "stringData": {"url": kube.redis_url},
-            }))
-            .expect("a Secret");
-            kube.tokio
-                .block_on(
-                    Api::<Secret>::namespaced(kube.client.clone(), &kube.namespace)
-                        .create(&PostParams::default(), &secret),
-                )
-                .expect("create the Secret");
+            kube.create_secret("shoal-redis-url", json!({"url": kube.redis_url}));
             let mut config = kube.config();
             config.redis.url = kube.redis.as_ref().map(TestRedis::url);
             config.kubernetes.redis_url_secret = Some(SecretKeyRef {
@@ -1344,15 +1349,7 @@ fn workers_can_read_the_redis_url_from_a_secret() {
                 key: "url".into(),
             });
             let _rt = runtime(config);
-            let p = Process::new(noop, ());
-            p.start().expect("start");
-            assert_eq!(exit_code(&p), Some(0));
-            let pool = Pool::new(2).expect("pool");
-            assert_eq!(
-                pool.map(square, 0..10u64).expect("map"),
-                (0..10u64).map(|x| x * x).collect::<Vec<_>>()
-            );
-            let job = kube.jobs(&format!("shoal.dev/process={}", p.get_name()));
+            let job = a_process_and_a_map_run(kube);
             let env = serde_json::to_string(&job).expect("json");
             assert!(
                 !env.contains(&kube.redis_url),
@@ -1360,6 +1357,20 @@ fn workers_can_read_the_redis_url_from_a_secret() {
             );
         },
     );
+}
+
+/// Runs a `Process` and a pool map on the current runtime, checks both, and returns the
+/// Process's Job.
+fn a_process_and_a_map_run(kube: &Kube) -> Vec<Job> {
+    let p = Process::new(noop, ());
+    p.start().expect("start");
+    assert_eq!(exit_code(&p), Some(0));
+    let pool = Pool::new(2).expect("pool");
+    assert_eq!(
+        pool.map(square, 0..10u64).expect("map"),
+        (0..10u64).map(|x| x * x).collect::<Vec<_>>()
+    );
+    kube.jobs(&format!("shoal.dev/process={}", p.get_name()))
 }
 
 #[test]
@@ -1380,19 +1391,7 @@ fn workers_can_read_the_redis_password_from_a_secret() {
                 .arg(PASSWORD)
                 .query::<()>(&mut admin)
                 .expect("requirepass");
-            let secret: Secret = serde_json::from_value(json!({
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": "shoal-redis"},
-                "stringData": {"password": PASSWORD},
-            }))
-            .expect("a Secret");
-            kube.tokio
-                .block_on(
-                    Api::<Secret>::namespaced(kube.client.clone(), &kube.namespace)
-                        .create(&PostParams::default(), &secret),
-                )
-                .expect("create the Secret");
+            kube.create_secret("shoal-redis", json!({"password": PASSWORD}));
             let mut config = kube.config();
             let with_password =
                 kube.redis_url
@@ -1403,15 +1402,7 @@ fn workers_can_read_the_redis_password_from_a_secret() {
                 key: "password".into(),
             });
             let _rt = runtime(config);
-            let p = Process::new(noop, ());
-            p.start().expect("start");
-            assert_eq!(exit_code(&p), Some(0));
-            let pool = Pool::new(2).expect("pool");
-            assert_eq!(
-                pool.map(square, 0..10u64).expect("map"),
-                (0..10u64).map(|x| x * x).collect::<Vec<_>>()
-            );
-            let job = kube.jobs(&format!("shoal.dev/process={}", p.get_name()));
+            let job = a_process_and_a_map_run(kube);
             let written = serde_json::to_string(&job).expect("json");
             assert!(
                 !written.contains(PASSWORD),
