@@ -418,7 +418,9 @@ fn main() -> shoal::Result<()> {
             }
             "W9" => {
                 let runs = (0..args.runs).map(|_| w9_actor_ask()).collect();
-                shoal_cells.insert(key, median_cell(w, "actor_ask", &label, runs));
+                let mut cell = median_cell(w, "actor_ask", &label, runs);
+                cell["redis_commands_per_ask"] = redis_commands_per_ask(&rt);
+                shoal_cells.insert(key, cell);
             }
             "W10" => {
                 let runs = (0..args.runs).map(|_| w10_actor_tell()).collect();
@@ -971,6 +973,46 @@ fn w11_manager_dict() -> Value {
 /// Redis commands per dict operation, seen with `MONITOR` around 1000 writes and 1000 reads
 /// from this process: the commands clients sent (the round trips) and those the scripts ran.
 fn redis_commands_per_dict_op(rt: &shoal::Runtime) -> Value {
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<i64, i64>().expect("dict");
+    // Warm up: scripts loaded, a connection open.
+    d.set(&-1, 0).expect("set");
+    d.getitem(&-1).expect("get");
+    let ops = 1000i64;
+    let counted = monitored(rt, 2 * ops as u64, || {
+        for i in 0..ops {
+            d.set(&i, i).expect("set");
+        }
+        for i in 0..ops {
+            d.getitem(&i).expect("get");
+        }
+    });
+    manager.shutdown().expect("shutdown");
+    counted
+}
+
+/// Redis commands per W9 ask, seen with `MONITOR` around 1000 asks of an active actor: those
+/// the asker sends (a send script and a `BLPOP`, pipelined: 1 round trip) and those its host
+/// sends (a blocking `XREAD` and a commit script per batch: 2 round trips), with what the
+/// scripts run.
+fn redis_commands_per_ask(rt: &shoal::Runtime) -> Value {
+    let counter = shoal::spawn_actor(BenchCounter::default()).expect("spawn");
+    for _ in 0..W9_WARMUP {
+        counter.ask(Incr(1), None).expect("warm-up");
+    }
+    let asks = 1000u64;
+    let counted = monitored(rt, asks, || {
+        for _ in 0..asks {
+            counter.ask(Incr(1), None).expect("ask");
+        }
+    });
+    counter.stop().expect("stop");
+    counted
+}
+
+/// Runs `work` (`ops` operations) under `MONITOR` of the embedded store and counts the
+/// commands clients sent and those scripts ran, per operation.
+fn monitored(rt: &shoal::Runtime, ops: u64, work: impl FnOnce()) -> Value {
     let Some(socket) = rt
         .config()
         .redis
@@ -980,11 +1022,6 @@ fn redis_commands_per_dict_op(rt: &shoal::Runtime) -> Value {
     else {
         return json!("needs the embedded store");
     };
-    let manager = Manager::new().expect("manager");
-    let d = manager.dict::<i64, i64>().expect("dict");
-    // Warm up: scripts loaded, a connection open.
-    d.set(&-1, 0).expect("set");
-    d.getitem(&-1).expect("get");
     let Ok(mut monitor) = Command::new("redis-cli")
         .args(["-s", socket, "monitor"])
         .stdout(Stdio::piped())
@@ -1004,17 +1041,10 @@ fn redis_commands_per_dict_op(rt: &shoal::Runtime) -> Value {
     });
     // MONITOR answers OK first; wait for it.
     let _ = rx.recv_timeout(Duration::from_secs(5));
-    let ops = 1000i64;
-    for i in 0..ops {
-        d.set(&i, i).expect("set");
-    }
-    for i in 0..ops {
-        d.getitem(&i).expect("get");
-    }
+    work();
     std::thread::sleep(Duration::from_millis(300));
     let _ = monitor.kill();
     let _ = monitor.wait();
-    manager.shutdown().expect("shutdown");
     let lines: Vec<String> = rx.try_iter().collect();
     let command = |line: &String| {
         line.split_once("] ")
@@ -1040,15 +1070,15 @@ fn redis_commands_per_dict_op(rt: &shoal::Runtime) -> Value {
     let per_op = |counts: &BTreeMap<String, u64>| -> Value {
         counts
             .iter()
-            .map(|(k, v)| (k.clone(), json!(*v as f64 / (2 * ops) as f64)))
+            .map(|(k, v)| (k.clone(), json!(*v as f64 / ops as f64)))
             .collect::<serde_json::Map<_, _>>()
             .into()
     };
     json!({
-        "round_trips_per_op": sent.values().sum::<u64>() as f64 / (2 * ops) as f64,
+        "commands_sent_per_op": sent.values().sum::<u64>() as f64 / ops as f64,
         "sent_by_clients": per_op(&sent),
         "run_by_scripts": per_op(&in_scripts),
-        "ops": 2 * ops,
+        "ops": ops,
     })
 }
 
