@@ -164,11 +164,20 @@ fn forward(mut reader: std::io::PipeReader, fd: u8, store: &Store, key: &str) {
 /// it on the runtime that owns `store`'s connections.
 pub async fn print_stream(store: &Store, key: String, exit_known: &AtomicBool) {
     let block = Duration::from_millis(100);
-    let mut conn = match store.dedicated(Some(block)).await {
-        Ok(conn) => conn,
-        Err(e) => {
-            tracing::warn!("cannot print the output of {key}: {e}");
-            return;
+    // A connection the store cannot give now is asked for again until the child's exit is
+    // known: its output waits in the stream meanwhile.
+    let mut conn = loop {
+        let exited = exit_known.load(Ordering::Acquire);
+        match store.dedicated(Some(block)).await {
+            Ok(conn) => break conn,
+            Err(e) if exited => {
+                tracing::warn!("cannot print the output of {key}: {e}");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!("printing the output of {key}: {e}; trying again");
+                tokio::time::sleep(block).await;
+            }
         }
     };
     let mut reader = OutputReader::new(key);

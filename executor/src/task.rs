@@ -103,6 +103,13 @@ impl TaskAddress {
     }
 }
 
+/// What a password's characters become in a URL: all but RFC 3986's unreserved ones encoded.
+const PASSWORD_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// `url` with `password` in place of its own (percent-encoded as a URL needs).
 fn with_password(url: &str, password: &str) -> Result<String> {
     let bad = |reason: &str| {
@@ -111,8 +118,11 @@ fn with_password(url: &str, password: &str) -> Result<String> {
         ))
     };
     let mut parsed = redis::parse_redis_url(url).ok_or_else(|| bad("is not a Redis URL"))?;
+    // `set_password` leaves a `%` as it is, and redis-rs percent-decodes the password: encode
+    // every byte but the unreserved ones, so that the password arrives as it was given.
+    let encoded = percent_encoding::utf8_percent_encode(password, PASSWORD_ESCAPES).to_string();
     parsed
-        .set_password(Some(password))
+        .set_password(Some(&encoded))
         .map_err(|()| bad("cannot carry a password (no host)"))?;
     Ok(parsed.to_string())
 }
@@ -293,6 +303,11 @@ mod tests {
             .expect("a connection address");
         assert_eq!(info.redis_settings().password(), Some("p@ss:w/rd"));
         assert_eq!(info.redis_settings().username(), Some("app"));
+        // A `%` is a character of the password, not an escape.
+        let odd = url("redis://h:6379", "ab%41cd").expect("valid");
+        let info = redis::IntoConnectionInfo::into_connection_info(odd.as_str())
+            .expect("a connection address");
+        assert_eq!(info.redis_settings().password(), Some("ab%41cd"));
         let e = url("unix:///tmp/r.sock", "x").expect_err("no host");
         assert!(e.to_string().contains("SHOAL_WORKER_REDIS_PASSWORD"), "{e}");
         assert!(url("not a url", "x").is_err());

@@ -432,7 +432,7 @@ impl Drop for Host {
 
 /// Starts `command` the way a container runtime starts a container's process: in a new PID
 /// namespace (the program is PID 1 there), and in `host`'s network namespace when one is given
-/// (else in this one). The returned [`Child`]'s pid is the program's pid in this namespace.
+/// (else in this one). The returned [`Child`]'s pid is the program's pid in the caller's PID namespace.
 pub fn spawn_container(command: &mut Command, host: Option<&Host>) -> io::Result<Child> {
     let namespace = host.map(|h| open_namespace(&h.namespace)).transpose()?;
     // Namespaces are per thread: a short-lived thread enters them and starts the program, which
@@ -496,7 +496,8 @@ impl PidSandbox {
     }
 
     /// Starts `command` in this PID namespace (not as its PID 1), in `host`'s network namespace
-    /// when one is given. The returned [`Child`]'s pid is the program's pid in this namespace;
+    /// when one is given. The returned [`Child`]'s pid is the program's pid as the caller sees it
+    /// (in the caller's PID namespace, not the sandbox's);
     /// its parent is this process, so it is waited for as any child.
     pub fn spawn(&self, command: &mut Command, host: Option<&Host>) -> io::Result<Child> {
         let network = host.map(|h| open_namespace(&h.namespace)).transpose()?;

@@ -143,3 +143,56 @@ fn a_host_of_another_program_gives_an_actor_it_cannot_run_back() {
     }
     drop(other);
 }
+
+#[test]
+fn an_actor_no_host_can_run_fails_with_the_reason_instead_of_waiting() {
+    // The hosts start with this process's key; a signed actor created after `set_authkey`
+    // records another key's verifier, so no host of this runtime can check its messages. They
+    // give it back until the limit, then it fails: an ask gets the reason, not a hang.
+    let rt = shoal::init_with(Config::builder().build().expect("config")).expect("runtime");
+    let first = shoal::spawn_actor(Tally::default()).expect("spawn");
+    assert_eq!(first.ask(Incr(1), T).expect("ask"), 1);
+    let own = current_process().authkey;
+    shoal::set_authkey(AuthKey::from_bytes(
+        b"a key set after the hosts started".to_vec(),
+    ));
+    let orphan = shoal::spawn_actor_with(Tally::default(), SIGNED).expect("spawn");
+    let started = std::time::Instant::now();
+    let outcome = orphan.ask(Incr(1), Some(Duration::from_secs(30)));
+    assert!(
+        matches!(&outcome, Err(Error::InvalidState(m)) if m.contains("another authkey")),
+        "{outcome:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    shoal::set_authkey(own);
+
+    // A signed actor made before actors recorded a verifier (no `verifier` field) is still
+    // served: its messages' MACs decide.
+    let older = shoal::spawn_actor_with(Tally::default(), SIGNED).expect("spawn");
+    assert_eq!(older.ask(Incr(1), T).expect("ask"), 1);
+    let mut raw = redis::Client::open(rt.store_url().as_str())
+        .and_then(|c| c.get_connection())
+        .expect("a connection to the store");
+    let state = format!(
+        "shoal:{{{}:actor:{}}}:state",
+        rt.config().shoal.namespace,
+        older.id()
+    );
+    let removed: u32 = redis::cmd("HDEL")
+        .arg(&state)
+        .arg("verifier")
+        .query(&mut raw)
+        .expect("HDEL");
+    assert_eq!(removed, 1);
+    // Deactivate it, so that the next ask needs a new activation.
+    let lease = state.replace(":state", ":lease");
+    redis::cmd("DEL")
+        .arg(&lease)
+        .query::<()>(&mut raw)
+        .expect("DEL");
+    assert_eq!(older.ask(Incr(1), T).expect("ask"), 2);
+}

@@ -1,8 +1,8 @@
 -- A host takes an actor: a new lease with a fencing token, and the state to start from.
 -- KEYS[1] state hash, KEYS[2] lease, KEYS[3] fencing counter, KEYS[4] activation marker
 -- ARGV[1] host id, ARGV[2] lease ms, ARGV[3] TTL seconds
--- Returns {token, type, data, applied, auth, status, failures, verifier}, or {0} when another
--- host holds the lease. Errors: NOACTOR.
+-- Returns {token, type, data, applied, auth, status, failures, verifier, reason}, or {0} when
+-- another host holds the lease. Errors: NOACTOR.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('NOACTOR no actor at ' .. KEYS[1])
 end
@@ -15,5 +15,5 @@ redis.call('EXPIRE', KEYS[3], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[1] .. ':' .. token, 'PX', ARGV[2])
 redis.call('DEL', KEYS[4])
 local s = redis.call('HMGET', KEYS[1], 'type', 'data', 'applied', 'auth', 'status', 'failures',
-  'verifier')
-return {token, s[1], s[2], s[3], s[4], s[5], s[6], s[7]}
+  'verifier', 'reason')
+return {token, s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8]}

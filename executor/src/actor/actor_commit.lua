@@ -10,7 +10,7 @@ if redis.call('GET', KEYS[3]) ~= ARGV[1] then
   return redis.error_reply('STALE the activation lease was lost')
 end
 redis.call('HSET', KEYS[1], 'data', ARGV[2], 'applied', ARGV[3], 'status', ARGV[4],
-  'reason', ARGV[5], 'failures', ARGV[6])
+  'reason', ARGV[5], 'failures', ARGV[6], 'handbacks', 0)
 local n = 0
 for i = 9, #ARGV, 3 do
   if ARGV[i + 1] ~= '' then

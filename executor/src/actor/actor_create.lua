@@ -14,7 +14,10 @@ if current[1] then
     return redis.error_reply('TYPE the actor is a ' .. current[1] .. ', not a ' .. ARGV[1])
   end
   if (current[2] or '') ~= '' and current[2] ~= ARGV[6] then
-    return redis.error_reply('AUTH the actor was created under another authkey')
+    if ARGV[6] == '' then
+      return redis.error_reply('AUTH it takes signed messages only (ActorOptions::authenticate)')
+    end
+    return redis.error_reply('AUTH it was created under another authkey')
   end
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   return 'exists'

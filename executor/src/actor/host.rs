@@ -29,7 +29,9 @@ use shoal_core::hosted::{self, ActorContext, HostedActor};
 use shoal_core::registry::Failure;
 use shoal_core::store::Store;
 
-use super::{ACTIVATE, ActorKeys, BATCH, COMMIT, HOSTS_GROUP, HostKeys, LEASE, Reply, field};
+use super::{
+    ACTIVATE, ActorKeys, BATCH, COMMIT, HANDBACK, HOSTS_GROUP, HostKeys, LEASE, Reply, field,
+};
 use crate::pool::EXIT_DRIVER_GONE;
 
 /// How long a host's reads block before it looks at its stop conditions again.
@@ -235,22 +237,39 @@ fn serve_actor(
     let status = String::from_utf8_lossy(&next_bytes()).into_owned();
     let failures_text = String::from_utf8_lossy(&next_bytes()).into_owned();
     let recorded_verifier = next_bytes();
+    // Why a failed actor failed: its messages' error says so.
+    let reason = String::from_utf8_lossy(&next_bytes()).into_owned();
     let lease = format!("{}:{token}", spec.host_id);
     // Another program may share the namespace: an actor it cannot run (its type is not in this
     // program, or it was created under another authkey, whose messages this host could not
     // check) is given back untouched, for a host of its own program to take at the next request.
-    let foreign = if hosted::lookup_type(&actor_type).is_none() {
-        Some(format!("its type {actor_type} is not in this program"))
+    // A failed or stopped actor runs no user code: any host answers its messages.
+    let runs_code = status.is_empty() || status == "active";
+    let foreign = if !runs_code {
+        None
+    } else if hosted::lookup_type(&actor_type).is_none() {
+        let program = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        Some(format!(
+            "actor type {actor_type} is not registered in {program}, the program of the hosts \
+             that took it (#[derive(shoal::Actor)] in another build?)"
+        ))
     } else if authenticated
+        // An actor signed before verifiers were recorded has none: its messages' MACs decide.
+        && !recorded_verifier.is_empty()
         && recorded_verifier[..] != super::verifier(&AuthKey::of_this_process(), actor_id)[..]
     {
-        Some("it was created under another authkey".to_string())
+        Some(
+            "it was created under another authkey than its hosts' (a host checks messages \
+             with its own process's key: one set with set_authkey after the hosts started?)"
+                .to_string(),
+        )
     } else {
         None
     };
     if let Some(why) = foreign {
-        tracing::debug!("host {} gives actor {actor_id} back: {why}", spec.host_id);
-        release_lease(store, spec, &keys, &lease, actor_id);
+        hand_back(store, spec, hosts, &keys, &lease, actor_id, &why);
         return Ok(());
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -288,7 +307,7 @@ fn serve_actor(
         } else {
             status
         },
-        reason: String::new(),
+        reason,
         failures: failures_text
             .split(',')
             .filter_map(|t| t.parse::<u64>().ok())
@@ -311,6 +330,45 @@ fn serve_actor(
         Ok(Ending::Lost) | Err(_) => {}
     }
     outcome.map(|_| ())
+}
+
+/// Gives back an activation this host cannot serve (see "Authentication" in the protocol's
+/// module docs) and asks for another host, or fails the actor past the limit.
+fn hand_back(
+    store: &Store,
+    spec: &HostSpec,
+    hosts: &HostKeys,
+    keys: &ActorKeys,
+    lease: &str,
+    actor_id: &str,
+    why: &str,
+) {
+    let outcome: Result<String> = store.with_conn(
+        || format!("giving actor {actor_id} back"),
+        |c| {
+            HANDBACK
+                .key(&keys.state)
+                .key(&keys.lease)
+                .arg(lease)
+                .arg(super::HANDBACK_LIMIT)
+                .arg(why)
+                .invoke(c)
+        },
+    );
+    match outcome.as_deref() {
+        Ok("again") => {
+            tracing::debug!("host {} gives actor {actor_id} back: {why}", spec.host_id);
+            if let Err(e) = super::request_activation(store, hosts, actor_id) {
+                tracing::warn!("{e}");
+            }
+        }
+        Ok("failed") => tracing::error!(
+            "actor {actor_id} failed: no host could run it after {} tries (last: {why})",
+            super::HANDBACK_LIMIT
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("{e}"),
+    }
 }
 
 /// Gives an activation lease back (if it is still this host's).

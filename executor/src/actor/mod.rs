@@ -54,8 +54,13 @@
 //! * `get_or_spawn` of a named signed actor from a process with another key is refused alike;
 //! * a host takes the actor only if its own key gives the same verifier, and only if its
 //!   program has the actor's type: a host of another program sharing the namespace (another
-//!   key, another build) gives the activation back untouched instead of refusing every message
-//!   or failing the actor, and a host of the actor's own program takes it at the next request.
+//!   key, another build) gives the activation back untouched (`actor_handback.lua`) and asks
+//!   for another host at once, instead of refusing every message or failing the actor, and a
+//!   host of the actor's own program takes it. [`HANDBACK_LIMIT`] give-backs in a row (no
+//!   commit in between) fail the actor with the last host's reason: no host that can run it
+//!   is there (a type renamed, an old image, hosts started before `set_authkey`), and its
+//!   senders get that error instead of waiting. A failed or stopped actor runs no user code,
+//!   so any host answers its messages (with the error).
 //!
 //! The host still checks every message's HMAC before it decodes it (a message written into the
 //! mailbox by other means is refused, unread, its ask answered with the error). An ask's reply
@@ -91,6 +96,8 @@ pub(crate) static ACTIVATE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("actor_activate.lua")));
 pub(crate) static COMMIT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("actor_commit.lua")));
+pub(crate) static HANDBACK: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("actor_handback.lua")));
 pub(crate) static LEASE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("actor_lease.lua")));
 
@@ -107,6 +114,8 @@ pub const STOP_KIND: &str = "shoal::stop";
 
 /// The consumer group of the activations stream.
 pub const HOSTS_GROUP: &str = "hosts";
+/// Give-backs in a row (see "Authentication") after which an actor is failed.
+pub const HANDBACK_LIMIT: u32 = 32;
 /// Most messages a host applies per commit.
 pub const BATCH: usize = 256;
 /// How long an asker waits before it checks that a host has the actor.
@@ -260,8 +269,9 @@ pub fn create(
         .map_err(|e| match &e {
             Error::Redis { source, .. } if source.code() == Some("AUTH") => {
                 Error::Authentication(format!(
-                    "actor {} exists and was created under another authkey",
-                    keys.state
+                    "actor {} exists, and {}",
+                    keys.state,
+                    source.detail().unwrap_or_default()
                 ))
             }
             _ => e,

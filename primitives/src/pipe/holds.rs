@@ -228,8 +228,20 @@ pub(super) fn note_transfer(address: &Address, end: u8, id: &str) {
 /// gives back, once the child has exited, the ones the child never claimed (it died, or
 /// failed, before it decoded its arguments; see [`SentTransfers::release`]).
 pub fn collect_transfers<T>(encode: impl FnOnce() -> T) -> (T, SentTransfers) {
-    let outer = COLLECTING.with(|c| c.borrow_mut().replace(Vec::new()));
+    /// Puts the enclosing collection back however `encode` ends (a panicking serializer too).
+    struct Restore(Option<Option<Vec<SentTransfer>>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                COLLECTING.with(|c| *c.borrow_mut() = outer);
+            }
+        }
+    }
+    let mut restore = Restore(Some(
+        COLLECTING.with(|c| c.borrow_mut().replace(Vec::new())),
+    ));
     let result = encode();
+    let outer = restore.0.take().unwrap_or_default();
     let sent = COLLECTING.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
     (result, SentTransfers(sent.unwrap_or_default()))
 }
@@ -250,6 +262,10 @@ impl SentTransfers {
     /// rather than when this process exits. A transfer the receiver claimed is no longer a
     /// holder, and giving it back changes nothing.
     pub fn release(self) -> Result<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let store = common::store()?;
         let mut first_error = None;
         for sent in self.0 {
             let local = local_end(&sent.address, sent.end);
@@ -259,7 +275,6 @@ impl SentTransfers {
                 continue;
             };
             local.transfers.remove(at);
-            let store = common::store()?;
             if let Err(e) = let_go(&store, &sent.address, sent.end, &sent.id) {
                 // Not renewed any more: it lapses after the lease.
                 tracing::debug!("{e}");

@@ -41,8 +41,8 @@ pub(super) struct WorkerSlot {
     pub(super) launched: bool,
     /// It was killed because it did not stop a cancelled task: not a failure.
     pub(super) stopped_for_cancel: bool,
-    /// Set when it exited, for its output printer (a worker whose output is streamed).
-    pub(super) exited: Option<Arc<AtomicBool>>,
+    /// Its output printer's view of it (a worker whose output is streamed).
+    pub(super) output: Option<Arc<PrintedWorker>>,
 }
 
 impl PoolSupervisor {
@@ -71,10 +71,22 @@ impl PoolSupervisor {
                 number,
                 launched: false,
                 stopped_for_cancel: false,
-                exited: None,
+                output: None,
             },
         );
         self.shared.update(|s| s.live_workers = self.workers.len());
+        let streamed = subprocess
+            && (self.settings.config.multiprocessing.stream_stdout
+                || self.settings.config.shoal.backend.is_remote());
+        if streamed {
+            // Printing starts before the launch: a worker that ends at once (before the
+            // launch's result is handled) still has its output printed.
+            let output = Arc::new(PrintedWorker::default());
+            if let Some(slot) = self.workers.get_mut(&worker_id) {
+                slot.output = Some(output.clone());
+            }
+            self.print_worker_output(ctx, worker_id.clone(), output);
+        }
         let notify = ctx.address().recipient();
         let executor = self.executor.clone();
         let store = self.store.clone();
@@ -90,9 +102,6 @@ impl PoolSupervisor {
                 pid: Some(std::process::id()),
             }),
         };
-        let streamed = subprocess
-            && (self.settings.config.multiprocessing.stream_stdout
-                || self.settings.config.shoal.backend.is_remote());
         let launch = if subprocess {
             let mut config = self.settings.config.clone();
             config.redis.url = None;
@@ -154,11 +163,6 @@ impl PoolSupervisor {
                     Ok(_) => {
                         if let Some(slot) = act.workers.get_mut(&worker_id) {
                             slot.launched = true;
-                            if streamed {
-                                let exited = Arc::new(AtomicBool::new(false));
-                                slot.exited = Some(exited.clone());
-                                act.print_worker_output(ctx, worker_id.clone(), exited);
-                            }
                         }
                         // terminate() came while it was starting (a closing pool lets it run
                         // its initializer and read its stop entry).
@@ -171,7 +175,15 @@ impl PoolSupervisor {
                     }
                     Err(e) => {
                         tracing::warn!("pool {}: starting a worker failed: {e}", act.id);
-                        act.workers.remove(&worker_id);
+                        if let Some(output) =
+                            act.workers.remove(&worker_id).and_then(|slot| slot.output)
+                        {
+                            // Nothing will print: its printer ends at its next empty read.
+                            output.exited.store(true, Ordering::Release);
+                            if output.one_side_done() {
+                                delete_worker_keys(&act.store, &worker_id);
+                            }
+                        }
                         act.shared.update(|s| s.live_workers = act.workers.len());
                         if !act.phase.supervises() {
                             if act.workers.is_empty() {
@@ -224,15 +236,17 @@ impl PoolSupervisor {
         &mut self,
         ctx: &mut Context<Self>,
         worker_id: String,
-        exited: Arc<AtomicBool>,
+        output: Arc<PrintedWorker>,
     ) {
         self.printing.insert(worker_id.clone());
         let store = self.store.clone();
         let me = ctx.address();
         actix::spawn(async move {
             let key = ProcessKeys::new(store.keys(), &worker_id).output;
-            print_stream(&store, key, &exited).await;
-            delete_worker_keys(&store, &worker_id);
+            print_stream(&store, key, &output.exited).await;
+            if output.one_side_done() {
+                delete_worker_keys(&store, &worker_id);
+            }
             me.do_send(OutputPrinted { worker_id });
         });
     }
@@ -258,9 +272,15 @@ impl Handler<WorkerExited> for PoolSupervisor {
         };
         self.shared.update(|s| s.live_workers = self.workers.len());
         tracing::debug!(pool = %self.id, worker = slot.number, code = msg.code, "pool worker exited");
-        match &slot.exited {
-            // Its printer deletes its keys once it printed the rest.
-            Some(exited) => exited.store(true, Ordering::Release),
+        match &slot.output {
+            Some(output) => {
+                output.exited.store(true, Ordering::Release);
+                // The worker wrote its exit after its output's end: whichever of this exit
+                // and the printer's end comes last deletes its keys.
+                if output.one_side_done() {
+                    delete_worker_keys(&self.store, &msg.id);
+                }
+            }
             None => delete_worker_keys(&self.store, &msg.id),
         }
         if !self.phase.supervises() {
@@ -303,6 +323,23 @@ impl Handler<WorkerExited> for PoolSupervisor {
                 )),
             ),
         }
+    }
+}
+
+/// What a worker's output printer and its exit share.
+#[derive(Debug, Default)]
+pub(super) struct PrintedWorker {
+    /// Set once the worker's exit is known: the printer stops at its next empty read.
+    exited: AtomicBool,
+    /// How many of the two (the printer's end, the worker's exit) happened.
+    done: std::sync::atomic::AtomicU8,
+}
+
+impl PrintedWorker {
+    /// Records one side's end; true for the second, which deletes the worker's keys (the worker
+    /// writes its exit status after its output's end, so they go only when both are over).
+    fn one_side_done(&self) -> bool {
+        self.done.fetch_add(1, Ordering::AcqRel) == 1
     }
 }
 
