@@ -1847,6 +1847,55 @@ fn measurements_claim_latency_redis_commands_and_redelivery() {
 }
 
 #[test]
+fn the_readme_examples_run_unchanged_on_the_cluster() {
+    // What the README's "Run on Kubernetes" does: the unchanged `process`, `pool` and
+    // `fault_tolerant_map` programs, configured by environment variables only, as drivers
+    // whose every Process and Pool worker is a pod running the same program.
+    drive(
+        "the_readme_examples_run_unchanged_on_the_cluster",
+        Target::Emulator,
+        |kube| {
+            for (program, expected) in [
+                (env!("CARGO_BIN_EXE_example-process"), "hello bob"),
+                (env!("CARGO_BIN_EXE_example-pool"), "[2, 4, 6, 8]"),
+                (
+                    env!("CARGO_BIN_EXE_example-fault-tolerant-map"),
+                    "each present exactly once, in order",
+                ),
+            ] {
+                let pods_before = kube.emulator().pods_started();
+                let out = Command::new(program)
+                    .env("SHOAL_BACKEND", "kubernetes")
+                    .env("SHOAL_NAMESPACE", &kube.keys)
+                    .env("SHOAL_REDIS_URL", &kube.redis_url)
+                    .env("SHOAL_KUBERNETES_IMAGE", &kube.image)
+                    .env("SHOAL_KUBERNETES_COMMAND", program)
+                    .env_remove(ROLE)
+                    .env_remove(TARGET)
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("the example runs");
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    out.status.success() && stdout.contains(expected),
+                    "{program}: {}\nstdout: {stdout}\nstderr: {stderr}",
+                    out.status
+                );
+                // Its workers were pods.
+                let pods = kube.emulator().pods_started() - pods_before;
+                assert!(pods > 0, "{program} ran no pod\nstdout: {stdout}");
+                if stdout.contains("fault_tolerant_map") {
+                    // Its two killed workers really died (a pod's PID 1 would survive its own
+                    // SIGKILL) and were replaced: two pods more than its pool's two.
+                    assert!(pods >= 4, "{pods} pods\nstdout: {stdout}");
+                }
+            }
+        },
+    );
+}
+
+#[test]
 fn a_pool_tasks_output_reaches_the_driver() {
     let Some(driven) = drive(
         "a_pool_tasks_output_reaches_the_driver",

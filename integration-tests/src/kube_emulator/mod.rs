@@ -485,6 +485,11 @@ impl Emulator {
             .and_then(Weak::upgrade)
     }
 
+    /// How many pods' containers have started so far, in every namespace (deleted pods too).
+    pub fn pods_started(&self) -> usize {
+        self.core.lock().logs.len()
+    }
+
     /// What pod `namespace/name`'s container wrote to stdout and stderr so far (kept after the
     /// pod is deleted, until the emulator stops); `None` if it never started.
     pub fn pod_log(&self, namespace: &str, name: &str) -> Option<String> {
