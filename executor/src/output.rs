@@ -124,7 +124,6 @@ impl OutputCapture {
 
 fn forward(mut reader: std::io::PipeReader, fd: u8, store: &Store, key: &str) {
     let mut buf = vec![0u8; CHUNK];
-    let mut first = true;
     loop {
         let n = match reader.read(&mut buf) {
             Ok(0) => return,
@@ -144,13 +143,16 @@ fn forward(mut reader: std::io::PipeReader, fd: u8, store: &Store, key: &str) {
                     .arg("data")
                     .arg(&buf[..n])
                     .ignore();
-                if first {
-                    pipe.expire(key, store.expiry_secs() as i64).ignore();
-                }
+                // In the same round trip; NX: a stream that has its TTL keeps it, one that was
+                // deleted and is written again gets one.
+                pipe.cmd("EXPIRE")
+                    .arg(key)
+                    .arg(store.expiry_secs())
+                    .arg("NX")
+                    .ignore();
                 pipe.query::<()>(c)
             },
         );
-        first = false;
         if result.is_err() {
             // The store is gone: keep draining so that the process never blocks on a full pipe.
             continue;
