@@ -196,6 +196,13 @@ fn main() -> shoal::Result<()> {
                         serde_json::to_string(&d)
                             .map_err(|e| Error::invalid_state(e.to_string()))?
                     );
+                    // The objects the manager's owner published, as Python's `get_queue()`.
+                    let jobs: Queue<String> = manager.lookup("jobs")?;
+                    jobs.put("done by another program".to_string())?;
+                    jobs.close()?;
+                    jobs.join_thread()?;
+                    let results: DictProxy<String, u64> = manager.lookup("results")?;
+                    results.set("answer", 42)?;
                 }
             }
         }

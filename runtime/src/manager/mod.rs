@@ -79,8 +79,8 @@
 //!
 //! # Keys (hash tag `{<ns>:manager:<manager id>}`)
 //!
-//! `meta` (hash: `state` = `running` | `shutdown`, `nonce`, `verifier`, and `c:<kind>:<id>` per
-//! container, so that `shutdown` finds them), and each container's keys,
+//! `meta` (hash: `state` = `running` | `shutdown`, `nonce`, `verifier`, `c:<kind>:<id>` per
+//! container, so that `shutdown` finds them, and `o:<name>` per published value), and each container's keys,
 //! `<kind>:<capability>:<field>` (see `dict.rs`, `list.rs`, `namespace.rs`). All share the
 //! manager's hash tag, so that one script sees a container and the manager's record, and one
 //! pipelined round trip of `DEL`s deletes everything; on Redis Cluster a manager's containers
@@ -91,7 +91,7 @@
 //! `new`: 1. `connect`: 1 (a read). `dict`/`list`/`namespace`: 1 (a script that checks the manager
 //! runs and records the container); `dict_from`/`list_from`: 2. `queue`, `lock`...: 1 (is the
 //! manager running?) plus the primitive's creation. `shutdown`: 2. Each proxy operation: see its
-//! module (1, except `ListProxy::sort`), the same for its async form.
+//! module (1, except `ListProxy::sort`), the same for its async form. `publish`, `lookup`: 1.
 
 mod container;
 pub mod dict;
@@ -120,6 +120,8 @@ pub use namespace::NamespaceProxy;
 
 static CREATE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("manager_create.lua")));
+static PUBLISH: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("manager_publish.lua")));
 static SHUTDOWN: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("manager_shutdown.lua")));
 
@@ -503,6 +505,82 @@ impl Manager {
 
     fn describe(&self) -> String {
         self.inner.address.describe()
+    }
+
+    /// Makes `value` reachable under `name` by every process that holds this manager, made
+    /// here or reached with [`Manager::connect`] ([`Manager::lookup`]): Python's
+    /// `register(typeid, callable=lambda: obj)` on the server, with which clients get the same
+    /// shared object (`manager.get_queue()`). Usually a proxy or a primitive (a dict, a queue, an
+    /// actor), which the looking-up process gets live; any serde value is stored as a copy. A
+    /// second `publish` of a name replaces the first. 1 round trip; an error once the manager
+    /// was shut down.
+    ///
+    /// ```no_run
+    /// # use shoal::prelude::*;
+    /// # fn main() -> shoal::Result<()> {
+    /// # let _rt = shoal::init()?;
+    /// let manager = Manager::new()?;
+    /// let jobs: Queue<u64> = manager.queue()?;
+    /// manager.publish("jobs", &jobs)?;
+    /// // In another program, with the address and the authkey:
+    /// let there = Manager::connect(manager.address(), current_process().authkey)?;
+    /// let jobs: Queue<u64> = there.lookup("jobs")?;
+    /// jobs.put(7)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn publish<T: Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<()> {
+        self.check_not_shut_down_here()?;
+        let (store, meta) = self.meta()?;
+        let field = format!("o:{name}");
+        let encoded = store.encode(value, &field)?;
+        let address = &self.inner.address;
+        store
+            .with_conn(
+                || format!("publishing {name:?} in {}", address.describe()),
+                |c| {
+                    PUBLISH
+                        .key(&meta)
+                        .arg(&field)
+                        .arg(&encoded)
+                        .invoke::<i64>(c)
+                },
+            )
+            .map_err(|e| manager_error(address, e))?;
+        Ok(())
+    }
+
+    /// The value [`Manager::publish`] put under `name`, decoded as a `T` (a proxy or primitive
+    /// comes back live). [`Error::KeyError`] when nothing was published under it; 1 round trip.
+    pub fn lookup<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
+        self.check_not_shut_down_here()?;
+        let (store, meta) = self.meta()?;
+        let field = format!("o:{name}");
+        let address = &self.inner.address;
+        let (state, value): (Option<String>, Option<Vec<u8>>) = store
+            .with_conn(
+                || format!("looking {name:?} up in {}", address.describe()),
+                |c| {
+                    redis::cmd("HMGET")
+                        .arg(&meta)
+                        .arg("state")
+                        .arg(&field)
+                        .query(c)
+                },
+            )
+            .map_err(|e| manager_error(address, e))?;
+        match (state.as_deref(), value) {
+            (None, _) => Err(manager_gone(address)),
+            (Some("running"), Some(bytes)) => store.decode(&bytes, &field),
+            (Some("running"), None) => Err(Error::KeyError(format!(
+                "{name:?}: nothing was published under this name in {}",
+                address.describe()
+            ))),
+            (Some(_), _) => Err(Error::invalid_state(format!(
+                "{} was shut down",
+                address.describe()
+            ))),
+        }
     }
 
     /// The store and the manager's `meta` key.
