@@ -43,7 +43,7 @@ impl Handler<Value> for Counter {
 
 /// A directory of counters: `Lookup` returns a proxy (Python's `method_to_typeid`).
 #[derive(Serialize, Deserialize, Default, shoal::Actor)]
-#[actor(messages(Add, Lookup))]
+#[actor(messages(Add, Lookup, OpenQueue))]
 struct Directory {
     entries: std::collections::BTreeMap<String, ActorRef<Counter>>,
 }
@@ -58,6 +58,20 @@ impl Handler<Add> for Directory {
     type Reply = ();
     fn handle(&mut self, Add(name, counter): Add, _: &mut ActorContext) {
         self.entries.insert(name, counter);
+    }
+}
+
+/// Makes a new shared queue in the host and returns it (a method whose result is a new object
+/// the caller gets as a live proxy, as Python's `method_to_typeid` wraps one).
+#[derive(Serialize, Deserialize)]
+struct OpenQueue;
+
+impl Handler<OpenQueue> for Directory {
+    type Reply = Queue<String>;
+    fn handle(&mut self, _: OpenQueue, _: &mut ActorContext) -> Queue<String> {
+        let queue = Queue::new().expect("a queue made in the host");
+        queue.put("made by the host".to_string()).expect("put");
+        queue
     }
 }
 
@@ -133,6 +147,22 @@ fn a_method_can_return_a_live_proxy() {
             .expect("lookup")
             .is_none()
     );
+
+    // A method that makes a new object each call: each caller gets its own live proxy.
+    let first = directory.ask(OpenQueue, T).expect("open");
+    let second = directory.ask(OpenQueue, T).expect("open");
+    let timeout = Duration::from_secs(10);
+    assert_eq!(first.get_timeout(timeout).expect("get"), "made by the host");
+    assert_eq!(
+        second.get_timeout(timeout).expect("get"),
+        "made by the host"
+    );
+    first.put("from the caller".into()).expect("put");
+    assert!(
+        second.get_timeout(Duration::from_millis(200)).is_err(),
+        "two objects"
+    );
+    assert_eq!(first.get_timeout(timeout).expect("get"), "from the caller");
 }
 
 #[test]

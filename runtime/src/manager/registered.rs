@@ -54,6 +54,36 @@ impl Manager {
     /// # Ok(())
     /// # }
     /// ```
+    ///
+    /// Python's `exposed` is the type's message list: a proxy's call of a method the type does
+    /// not expose is refused when the program is compiled, not when it runs:
+    ///
+    /// ```compile_fail
+    /// # use serde::{Deserialize, Serialize};
+    /// # use shoal::prelude::*;
+    /// #[derive(Serialize, Deserialize, Default, shoal::Actor)]
+    /// #[actor(messages(Incr))]
+    /// struct Counter { n: u64 }
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Incr(u64);
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Reset;
+    /// impl Handler<Incr> for Counter {
+    ///     type Reply = u64;
+    ///     fn handle(&mut self, Incr(by): Incr, _: &mut ActorContext) -> u64 { self.n += by; self.n }
+    /// }
+    /// impl Handler<Reset> for Counter {
+    ///     type Reply = ();
+    ///     fn handle(&mut self, _: Reset, _: &mut ActorContext) { self.n = 0 }
+    /// }
+    /// # fn main() -> shoal::Result<()> {
+    /// let manager = Manager::new()?;
+    /// manager.register::<Counter>("Counter")?;
+    /// let counter = manager.create("Counter", Counter::default())?;
+    /// counter.ask(Reset, None)?; // Reset is not in `messages(...)`: not exposed
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn register<T: Actor>(&self, typeid: &str) -> Result<()> {
         self.check_running()?;
         let type_name = std::any::type_name::<T>();
