@@ -1010,9 +1010,9 @@ fn redis_commands_per_ask(rt: &shoal::Runtime) -> Value {
     counted
 }
 
-/// Runs `work` (`ops` operations) under `MONITOR` of the embedded store and counts the
-/// commands clients sent and those scripts ran, per operation.
-fn monitored(rt: &shoal::Runtime, ops: u64, work: impl FnOnce()) -> Value {
+/// The lines `MONITOR` of the embedded store shows while `work` runs (and 300 ms after it, for
+/// what the runtime does behind it), or why they cannot be had.
+fn monitor_lines(rt: &shoal::Runtime, work: impl FnOnce()) -> Result<Vec<String>, Value> {
     let Some(socket) = rt
         .config()
         .redis
@@ -1020,7 +1020,7 @@ fn monitored(rt: &shoal::Runtime, ops: u64, work: impl FnOnce()) -> Value {
         .as_deref()
         .and_then(|u| u.strip_prefix("unix://"))
     else {
-        return json!("needs the embedded store");
+        return Err(json!("needs the embedded store"));
     };
     let Ok(mut monitor) = Command::new("redis-cli")
         .args(["-s", socket, "monitor"])
@@ -1028,7 +1028,7 @@ fn monitored(rt: &shoal::Runtime, ops: u64, work: impl FnOnce()) -> Value {
         .stderr(Stdio::null())
         .spawn()
     else {
-        return json!("redis-cli not found");
+        return Err(json!("redis-cli not found"));
     };
     let stdout = monitor.stdout.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -1045,17 +1045,26 @@ fn monitored(rt: &shoal::Runtime, ops: u64, work: impl FnOnce()) -> Value {
     std::thread::sleep(Duration::from_millis(300));
     let _ = monitor.kill();
     let _ = monitor.wait();
-    let lines: Vec<String> = rx.try_iter().collect();
-    let command = |line: &String| {
-        line.split_once("] ")
-            .map(|(_, cmd)| {
-                cmd.split(' ')
-                    .next()
-                    .unwrap_or("")
-                    .trim_matches('"')
-                    .to_lowercase()
-            })
-            .unwrap_or_default()
+    Ok(rx.try_iter().collect())
+}
+
+/// The command of a `MONITOR` line, as the client wrote it; `None` for a line that is not one.
+fn monitored_command(line: &str) -> Option<String> {
+    line.split_once("] ").map(|(_, cmd)| {
+        cmd.split(' ')
+            .next()
+            .unwrap_or("")
+            .trim_matches('"')
+            .to_string()
+    })
+}
+
+/// Runs `work` (`ops` operations) under `MONITOR` of the embedded store and counts the
+/// commands clients sent and those scripts ran, per operation.
+fn monitored(rt: &shoal::Runtime, ops: u64, work: impl FnOnce()) -> Value {
+    let lines = match monitor_lines(rt, work) {
+        Ok(lines) => lines,
+        Err(why) => return why,
     };
     let mut sent = BTreeMap::<String, u64>::new();
     let mut in_scripts = BTreeMap::<String, u64>::new();
@@ -1065,7 +1074,8 @@ fn monitored(rt: &shoal::Runtime, ops: u64, work: impl FnOnce()) -> Value {
         } else {
             &mut sent
         };
-        *counts.entry(command(line)).or_default() += 1;
+        let command = monitored_command(line).unwrap_or_default().to_lowercase();
+        *counts.entry(command).or_default() += 1;
     }
     let per_op = |counts: &BTreeMap<String, u64>| -> Value {
         counts
@@ -1246,53 +1256,20 @@ fn median_cell(workload: &str, name: &str, label: &str, mut runs: Vec<Value>) ->
 /// Client commands the server saw for one subprocess lifecycle (parent and child together),
 /// counted with `MONITOR` (commands run inside scripts are not counted).
 fn redis_commands_per_process(rt: &shoal::Runtime) -> Value {
-    let Some(socket) = rt
-        .config()
-        .redis
-        .url
-        .as_deref()
-        .and_then(|u| u.strip_prefix("unix://"))
-    else {
-        return json!("needs the embedded store");
-    };
-    let Ok(mut monitor) = Command::new("redis-cli")
-        .args(["-s", socket, "monitor"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-    else {
-        return json!("redis-cli not found");
-    };
-    let stdout = monitor.stdout.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
+    // The actor deletes the keys after the exit, within the 300 ms `monitor_lines` waits.
+    let lines = monitor_lines(rt, || {
+        let p = Process::new(noop, ());
+        p.start().expect("start");
+        p.join(None).expect("join");
     });
-    // MONITOR answers OK first; wait for it.
-    let _ = rx.recv_timeout(Duration::from_secs(5));
-    let p = Process::new(noop, ());
-    p.start().expect("start");
-    p.join(None).expect("join");
-    std::thread::sleep(Duration::from_millis(300)); // the actor deletes the keys after the exit
-    let _ = monitor.kill();
-    let _ = monitor.wait();
-    let lines: Vec<String> = rx.try_iter().collect();
+    let lines = match lines {
+        Ok(lines) => lines,
+        Err(why) => return why,
+    };
     let commands: Vec<String> = lines
         .iter()
         .filter(|l| !l.contains("[0 lua]"))
-        .filter_map(|l| {
-            l.split_once("] ").map(|(_, cmd)| {
-                cmd.split(' ')
-                    .next()
-                    .unwrap_or("")
-                    .trim_matches('"')
-                    .to_string()
-            })
-        })
+        .filter_map(|l| monitored_command(l))
         .collect();
     json!({"count": commands.len(), "commands": commands})
 }

@@ -228,21 +228,17 @@ pub(super) fn note_transfer(address: &Address, end: u8, id: &str) {
 /// gives back, once the child has exited, the ones the child never claimed (it died, or
 /// failed, before it decoded its arguments; see [`SentTransfers::release`]).
 pub fn collect_transfers<T>(encode: impl FnOnce() -> T) -> (T, SentTransfers) {
-    /// Puts the enclosing collection back however `encode` ends (a panicking serializer too).
-    struct Restore(Option<Option<Vec<SentTransfer>>>);
+    /// The enclosing collection, put back however `encode` ends (a panicking serializer too).
+    struct Restore(Option<Vec<SentTransfer>>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            if let Some(outer) = self.0.take() {
-                COLLECTING.with(|c| *c.borrow_mut() = outer);
-            }
+            COLLECTING.with(|c| *c.borrow_mut() = self.0.take());
         }
     }
-    let mut restore = Restore(Some(
-        COLLECTING.with(|c| c.borrow_mut().replace(Vec::new())),
-    ));
+    let restore = Restore(COLLECTING.with(|c| c.borrow_mut().replace(Vec::new())));
     let result = encode();
-    let outer = restore.0.take().unwrap_or_default();
-    let sent = COLLECTING.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
+    let sent = COLLECTING.with(|c| c.borrow_mut().take());
+    drop(restore);
     (result, SentTransfers(sent.unwrap_or_default()))
 }
 
