@@ -333,6 +333,29 @@ struct Kube {
     _network: Option<Network>,
 }
 
+/// Creates the Secret `name` holding `data` (`stringData`) in `namespace`.
+fn create_secret(
+    tokio: &tokio::runtime::Runtime,
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    data: serde_json::Value,
+) {
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name},
+        "stringData": data,
+    }))
+    .expect("a Secret");
+    tokio
+        .block_on(
+            Api::<Secret>::namespaced(client.clone(), namespace)
+                .create(&PostParams::default(), &secret),
+        )
+        .expect("create the Secret");
+}
+
 impl Kube {
     fn start(target: Target) -> Kube {
         let tokio = tokio::runtime::Builder::new_current_thread()
@@ -387,19 +410,7 @@ impl Kube {
                 };
                 let redis_secret = settings.worker_redis_url.as_ref().map(|url| {
                     let name = format!("shoal-test-redis-{keys}");
-                    let secret: Secret = serde_json::from_value(json!({
-                        "apiVersion": "v1",
-                        "kind": "Secret",
-                        "metadata": {"name": name},
-                        "stringData": {"url": url},
-                    }))
-                    .expect("a Secret");
-                    tokio
-                        .block_on(
-                            Api::<Secret>::namespaced(client.clone(), &namespace)
-                                .create(&PostParams::default(), &secret),
-                        )
-                        .expect("create the workers' Redis URL Secret");
+                    create_secret(&tokio, &client, &namespace, &name, json!({"url": url}));
                     name
                 });
                 Kube {
@@ -445,19 +456,7 @@ impl Kube {
 
     /// Creates the Secret `name` holding `data` (`stringData`) in this test's namespace.
     fn create_secret(&self, name: &str, data: serde_json::Value) {
-        let secret: Secret = serde_json::from_value(json!({
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": name},
-            "stringData": data,
-        }))
-        .expect("a Secret");
-        self.tokio
-            .block_on(
-                Api::<Secret>::namespaced(self.client.clone(), &self.namespace)
-                    .create(&PostParams::default(), &secret),
-            )
-            .expect("create the Secret");
+        create_secret(&self.tokio, &self.client, &self.namespace, name, data);
     }
 
     fn emulator(&self) -> &Emulator {
