@@ -5,8 +5,9 @@
 -- of items through that batch is kept, so that the writer can tell which of its items are in
 -- Redis (Queue.qsize).
 -- KEYS[1] items list, KEYS[2] state hash, KEYS[3] this writer's hash (batch: the last batch
--- applied, items: the writer's count of items through it)
--- ARGV[1] TTL, ARGV[2] the batch's number, ARGV[3] the count through it, ARGV[4..] the items
+-- applied, items: the writer's count of items through it), KEYS[4] the claims hash (claims.rs)
+-- ARGV[1] TTL, ARGV[2] the batch's number, ARGV[3] the count through it, ARGV[4] the claim
+-- prefix, ARGV[5..] the items
 -- Returns 1 when the batch was appended, 0 when it had been applied before.
 -- Errors (nothing written): GONE (the queue's keys are gone), WRONGTYPE (a key holds another
 -- type), CORRUPT (the last batch is not a number).
@@ -29,7 +30,7 @@ end
 local appended = 0
 if batch > applied then
   -- unpack() of too many values overflows Lua's stack: push in slices.
-  for first = 4, #ARGV, 1000 do
+  for first = 5, #ARGV, 1000 do
     redis.call('RPUSH', KEYS[1], unpack(ARGV, first, math.min(first + 999, #ARGV)))
   end
   redis.call('HSET', KEYS[3], 'batch', batch, 'items', ARGV[3])
@@ -38,4 +39,12 @@ end
 redis.call('EXPIRE', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
+-- Items claimed by gets live as long as the queue's items.
+local holders = redis.call('HKEYS', KEYS[4])
+if #holders > 0 then
+  redis.call('EXPIRE', KEYS[4], ARGV[1])
+  for _, holder in ipairs(holders) do
+    redis.call('EXPIRE', ARGV[4] .. holder, ARGV[1])
+  end
+end
 return appended

@@ -438,9 +438,11 @@ fn write_batches(work: &[Outgoing]) -> Vec<Outcome> {
                         .key(&keys.items)
                         .key(&keys.state)
                         .key(&keys.fed)
+                        .key(&keys.claims)
                         .arg(ttl)
                         .arg(sent.number)
-                        .arg(sent.through);
+                        .arg(sent.through)
+                        .arg(&keys.claim_prefix);
                     for item in sent.items.iter() {
                         invocation.arg(item.as_slice());
                     }

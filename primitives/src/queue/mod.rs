@@ -108,6 +108,7 @@ use shoal_core::context;
 use shoal_core::error::{Error, Result};
 use shoal_core::store::Store;
 
+mod claims;
 mod feeder;
 mod ops;
 
@@ -153,6 +154,12 @@ struct QueueKeys {
     joiners: WaitList,
     /// What this process's feeder applied (`feed.lua`).
     fed: String,
+    /// The holds of batched gets (`claims`): holder → hold deadline.
+    claims: String,
+    /// The prefix of a holder's claim (`claim:`).
+    claim_prefix: String,
+    /// This process's claim.
+    claim: String,
 }
 
 impl QueueCore {
@@ -205,6 +212,9 @@ impl QueueCore {
                 wake_prefix: keys.key("join:"),
             },
             fed: keys.key(&format!("fed:{}", process_holder())),
+            claims: keys.key("claims"),
+            claim_prefix: keys.key("claim:"),
+            claim: keys.key(&format!("claim:{}", process_holder())),
         }
     }
 
@@ -241,8 +251,12 @@ impl QueueCore {
         }
     }
 
-    /// Takes an item: once (`wait` false) or until `deadline`.
-    fn get(&self, store: &Store, wait: bool, deadline: Option<Instant>) -> Result<Vec<u8>> {
+    /// Takes an item: once (`wait` false) or until `deadline`. An unbounded queue's gets take
+    /// items in batches (`claims`).
+    fn get(&self, store: &Arc<Store>, wait: bool, deadline: Option<Instant>) -> Result<Vec<u8>> {
+        if self.maxsize == 0 {
+            return claims::get(self, store, wait, deadline);
+        }
         op::run(store, &mut Get::new(self, wait, deadline))
     }
 
@@ -255,6 +269,13 @@ impl QueueCore {
     ) -> impl Future<Output = Result<Vec<u8>>> + Send + use<> {
         let core = self.clone();
         async move {
+            // An item this process holds comes first, as for a blocking get.
+            if core.maxsize == 0 {
+                let store = common::store()?;
+                if let Some(item) = claims::take_held(&core, &store)? {
+                    return Ok(item);
+                }
+            }
             let get = Get::new(&core, wait, deadline(timeout));
             let undo: op::Undo<Vec<u8>> = Box::new(move |store, item| {
                 Box::pin(async move {
@@ -297,12 +318,15 @@ impl QueueCore {
         }
     }
 
-    /// The items in Redis plus those this process's feeder has not written. The feeder counts
-    /// the items it was given (`queued`, read first) and `feed.lua` records how many of
-    /// them Redis has (`applied`, read atomically with the length), so an item being written is
-    /// counted once, in Redis or in the feeder, whenever the feeder's write lands.
+    /// The items in Redis (in the list, or claimed by a get and not returned) plus those this
+    /// process's feeder has not written. The feeder counts the items it was given (`queued`, read
+    /// first) and `feed.lua` records how many of them Redis has (`applied`, read atomically with
+    /// the length), so an item being written is counted once, in Redis or in the feeder, whenever
+    /// the feeder's write lands. The replies of this process's acks are read first, so that the
+    /// items its gets returned are not counted.
     fn qsize(&self, store: &Store) -> Result<usize> {
         let queued = FEEDER.queued(&self.keys().items);
+        claims::settle(store)?;
         op::run_single(
             store,
             || self.address.describe(),
@@ -311,12 +335,13 @@ impl QueueCore {
         )
     }
 
-    /// The async form of [`QueueCore::qsize`]: the feeder's count is read at the first poll,
-    /// before the request is sent.
+    /// The async form of [`QueueCore::qsize`]: the feeder's count is read, and this process's
+    /// acks settled, at the first poll, before the request is sent.
     fn qsize_async(&self) -> impl Future<Output = Result<usize>> + Send + use<> {
         let core = self.clone();
         async move {
             let queued = FEEDER.queued(&core.keys().items);
+            claims::settle(&*common::store()?)?;
             let request = core.qsize_request();
             let address = core.address.clone();
             op::spawn_single(
@@ -328,32 +353,24 @@ impl QueueCore {
         }
     }
 
-    /// Whether the queue exists, its length and what this process's feeder applied to it, read
-    /// atomically (the feeder's script must not run between the reads).
+    /// Whether the queue exists, its length, the items claimed and what this process's feeder
+    /// applied to it, read atomically (`size.lua`: the feeder's script must not run between the
+    /// reads).
     fn qsize_request(&self) -> Request {
-        let keys = self.keys();
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .exists(&keys.state)
-            .llen(&keys.items)
-            .hget(&keys.fed, "items");
-        Request::pipe("measuring", pipe)
+        claims::size(&self.keys())
     }
 
     /// Reads the reply to [`QueueCore::qsize_request`], `queued` the feeder's count read before.
     fn qsize_from(&self, queued: Option<Queued>, reply: Result<redis::Value>) -> Result<usize> {
-        let (exists, len, applied): (bool, u64, Option<u64>) =
+        let (_, len, claimed, applied): (u64, u64, u64, Option<u64>) =
             op::parse(reply, "a queue size").map_err(|e| self.address.error(e))?;
-        if !exists {
-            return Err(self.address.gone());
-        }
         let unwritten = match (queued, applied) {
             (Some(queued), Some(applied)) => queued.total.saturating_sub(applied),
             // Nothing of this process's applied yet (or its record expired).
             (Some(queued), None) => queued.unwritten,
             (None, _) => 0,
         };
-        Ok(usize::try_from(len + unwritten).unwrap_or(usize::MAX))
+        Ok(usize::try_from(len + claimed + unwritten).unwrap_or(usize::MAX))
     }
 
     /// Whether `size` items fill a bounded queue.
@@ -572,6 +589,10 @@ macro_rules! getters {
         /// (see [`Self::join_thread`]). Other processes are not affected.
         pub fn close(&self) -> Result<()> {
             FEEDER.mark(&self.core, |p| p.closed = true);
+            // What this process's gets fetched and did not return goes back to the queue.
+            if let Ok(store) = common::store() {
+                claims::give_back(&self.core, &store);
+            }
             Ok(())
         }
 

@@ -58,11 +58,13 @@ impl Put {
             .key(&keys.putters.waiters)
             .key(&keys.putters.waiting)
             .key(&keys.unfinished)
+            .key(&keys.claims)
             .arg(ttl(store))
             .arg(self.item.as_slice())
             .arg(&self.waiter)
             .arg(liveness())
-            .arg(if self.core.joinable { "1" } else { "0" });
+            .arg(if self.core.joinable { "1" } else { "0" })
+            .arg(&keys.claim_prefix);
         Step::Next(Request::script("putting on", invocation))
     }
 
@@ -227,12 +229,12 @@ impl Operation for Get {
                 Ok(Some((_, item))) => self.got(store, item),
                 Ok(None) => {
                     self.state = GetState::Checking;
-                    Step::Next(self.core.check_exists(store))
+                    Step::Next(claims::check_in(&self.keys, store))
                 }
             },
-            GetState::Checking => match self.core.exists(reply) {
-                Err(e) => Step::Done(Err(e)),
-                Ok(()) => self.slice(),
+            GetState::Checking => match op::parse::<i64>(reply, "a queue check") {
+                Err(e) => Step::Done(Err(address.error(e))),
+                Ok(_) => self.slice(),
             },
             GetState::Waking => {
                 if let Err(e) = reply {

@@ -1,8 +1,9 @@
 -- Puts one item on a queue that may be bounded.
 -- KEYS[1] items list, KEYS[2] state hash (maxsize), KEYS[3] putters list, KEYS[4] putting hash,
--- KEYS[5] unfinished counter (JoinableQueue; '' key name when not joinable)
+-- KEYS[5] unfinished counter (JoinableQueue; '' key name when not joinable), KEYS[6] the
+-- claims hash (claims.rs)
 -- ARGV[1] TTL, ARGV[2] the item, ARGV[3] waiter id ('' to not wait), ARGV[4] liveness deadline,
--- ARGV[5] '1' when joinable
+-- ARGV[5] '1' when joinable, ARGV[6] the claim prefix
 -- Returns 1 when the item was added; 0 when the queue is full (the waiter, if any, is queued and
 -- will be woken when an item is taken).
 local maxsize = tonumber(redis.call('HGET', KEYS[2], 'maxsize'))
@@ -24,6 +25,14 @@ if maxsize > 0 and redis.call('LLEN', KEYS[1]) >= maxsize then
 end
 redis.call('RPUSH', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+-- Items claimed by gets live as long as the queue's items.
+local holders = redis.call('HKEYS', KEYS[6])
+if #holders > 0 then
+  redis.call('EXPIRE', KEYS[6], ARGV[1])
+  for _, holder in ipairs(holders) do
+    redis.call('EXPIRE', ARGV[6] .. holder, ARGV[1])
+  end
+end
 if ARGV[5] == '1' then
   redis.call('INCR', KEYS[5])
   redis.call('EXPIRE', KEYS[5], ARGV[1])

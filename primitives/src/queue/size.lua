@@ -1,0 +1,13 @@
+-- A queue's size: the items in the list and those claimed by gets and not yet returned, with
+-- what this process's feeder applied (its writer hash).
+-- KEYS[4] this process's writer hash (feed.lua); ARGV[1] claim prefix
+-- Returns {1, length, claimed, items applied by this writer or false}.
+-- Errors: GONE (the queue's keys are gone).
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.error_reply('GONE the queue does not exist')
+end
+local claimed = 0
+for _, holder in ipairs(redis.call('HKEYS', KEYS[3])) do
+  claimed = claimed + redis.call('ZCARD', ARGV[1] .. holder)
+end
+return {1, redis.call('LLEN', KEYS[1]), claimed, redis.call('HGET', KEYS[4], 'items')}
