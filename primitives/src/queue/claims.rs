@@ -19,8 +19,8 @@
 //!   cannot be written (Redis unreachable), the get fails and keeps the item.
 //! * This process returns a held item only within [`HOLD`] of sending its fetch (its own
 //!   monotonic clock). After that, what it still holds is *given back*: pushed to the head of the
-//!   queue in order, by its next fetch, its heartbeat (a third of the lease later at most),
-//!   `close()`, or its exit hooks. Redis lets any get give a claim back once its hold lapsed,
+//!   queue in order, by its next fetch, its keeper thread (within half a [`HOLD`]), `close()`,
+//!   or its exit hooks. Redis lets any get give a claim back once its hold lapsed,
 //!   [`HOLD`] + lease after the fetch ran: an ack written while the holder could still return
 //!   items had a lease to reach Redis. So a consumer that died holding items gives them back
 //!   within `HOLD` + `sync.lease_secs`; every waiting get checks once a second
@@ -31,9 +31,11 @@
 //!   running, so that consumers share the items (batches are for one consumer draining a queue).
 //! * `qsize` counts claimed items (they are not returned yet); it first reads the replies of this
 //!   process's acks, so that they are counted out.
-//! * Another process does not see the items this process holds: its `get_nowait` may find the
-//!   queue empty while `qsize` counts them (at most [`HOLD`] + a heartbeat, as long as this
-//!   process lives).
+//! * Another process does not see the items this process holds: meanwhile its gets return later
+//!   items (or `get_nowait` finds the queue empty while `qsize` counts them), and the held items
+//!   it receives once given back come after those. That lasts until this process returns them
+//!   or, when it stops getting, at most [`HOLD`] and a half; when it died, until its hold lapses
+//!   ([`HOLD`] + `sync.lease_secs`). One consumer alone sees every item in the order put.
 //!
 //! Bounded queues do not batch: each get takes one item and wakes a writer waiting for room.
 //!
@@ -113,10 +115,7 @@ fn with_link<T>(store: &Store, f: impl FnOnce(&mut Link) -> Result<T>) -> Result
 /// The consumer of `core` in this process.
 fn consumer(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
     static HOOKS: Once = Once::new();
-    HOOKS.call_once(|| {
-        common::on_heartbeat(give_back_stale);
-        context::register_exit_hook(give_back_all);
-    });
+    HOOKS.call_once(|| context::register_exit_hook(give_back_all));
     let keys = core.keys();
     let mut consumers = lock(&CONSUMERS);
     consumers
@@ -159,7 +158,10 @@ pub(super) fn get(
             return Err(Error::Empty);
         };
         // The consumer's lock is not held while waiting: `close()` and the heartbeat need it.
-        match op::run(store, &mut Get::new(core, true, Some(Instant::now() + slice))) {
+        match op::run(
+            store,
+            &mut Get::new(core, true, Some(Instant::now() + slice)),
+        ) {
             Err(Error::Empty) => continue,
             other => return other,
         }
@@ -201,17 +203,55 @@ pub(super) fn settle(store: &Store) -> Result<()> {
     }
 }
 
-/// The heartbeat's part: held items that went stale go back to the queue.
-fn give_back_stale() {
+/// The keeper: a thread that gives back the held items that went stale, within half a [`HOLD`]
+/// of it. It sleeps (parked) while no consumer holds anything; a fetch that got items wakes it.
+fn wake_keeper() {
+    static KEEPER: LazyLock<Option<std::thread::Thread>> = LazyLock::new(|| {
+        let spawned = std::thread::Builder::new()
+            .name("shoal-queue-keeper".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(HOLD / 2);
+                    if !give_back_stale() {
+                        std::thread::park();
+                    }
+                }
+            });
+        match spawned {
+            Ok(handle) => Some(handle.thread().clone()),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot start the queue keeper thread: {e}; items a process stops getting \
+                     come back when its hold lapses"
+                );
+                None
+            }
+        }
+    });
+    if let Some(keeper) = KEEPER.as_ref() {
+        keeper.unpark();
+    }
+}
+
+/// Gives back the held items that went stale; whether some consumer still holds items.
+fn give_back_stale() -> bool {
     let consumers: Vec<_> = lock(&CONSUMERS).values().cloned().collect();
+    let mut holding = false;
     for consumer in consumers {
         let Ok(mut consumer) = consumer.try_lock() else {
+            // Busy getting: look again next round.
+            holding = true;
             continue;
         };
-        if !consumer.held.is_empty() && consumer.stale() {
-            consumer.give_back();
+        if !consumer.held.is_empty() {
+            if consumer.stale() {
+                consumer.give_back();
+            } else {
+                holding = true;
+            }
         }
     }
+    holding
 }
 
 /// At exit: everything held goes back to the queue.
@@ -295,6 +335,9 @@ impl Consumer {
             .enumerate()
             .map(|(i, item)| (first + i as u64, item))
             .collect();
+        if self.held.len() > 1 {
+            wake_keeper();
+        }
         Ok(())
     }
 

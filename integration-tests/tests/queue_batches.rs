@@ -1,0 +1,298 @@
+//! Batched gets of unbounded queues against a real redis-server, across real processes: a get
+//! fetches items a batch at a time and returns them one by one, and still every item is returned
+//! by exactly one get or is in the queue, whatever process is killed (`SIGKILL`) while it holds a
+//! batch; a consumer that stops getting, closes the queue or exits gives its batch back (in its
+//! order, at the head of the queue: another consumer receives those items after the later ones
+//! it took meanwhile); `qsize` counts what consumers hold; a dropped connection or flushed
+//! scripts lose nothing.
+
+use std::time::Duration;
+
+use shoal::Error;
+use shoal::prelude::*;
+use shoal_integration_tests::wait_for;
+
+shoal::test_support!();
+
+/// The lease of this binary's runtime: short, so that a killed consumer's batch comes back soon.
+const LEASE_SECS: f64 = 1.5;
+
+fn runtime() -> shoal::Runtime {
+    let mut config = Config::builder().build().expect("config");
+    config.sync.lease_secs = LEASE_SECS;
+    shoal::init_with(config).expect("runtime")
+}
+
+fn raw_redis(rt: &shoal::Runtime) -> redis::Connection {
+    let url = rt.config().redis.url.clone().expect("url");
+    redis::Client::open(url)
+        .expect("client")
+        .get_connection()
+        .expect("connection")
+}
+
+/// The claims (sorted sets of held items) of the queue whose `Debug` is `debug`, with their
+/// sizes.
+fn claims(conn: &mut redis::Connection, debug: &str) -> Vec<(String, usize)> {
+    let short = debug
+        .split("queue ")
+        .nth(1)
+        .and_then(|rest| rest.get(..8))
+        .expect("the queue's short id");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("shoal:{{*:queue:{short}*}}:claim:*"))
+        .query(conn)
+        .expect("keys");
+    keys.into_iter()
+        .map(|key| {
+            let n: usize = redis::cmd("ZCARD").arg(&key).query(conn).expect("zcard");
+            (key, n)
+        })
+        .collect()
+}
+
+fn held(conn: &mut redis::Connection, q: &Queue<u64>) -> usize {
+    claims(conn, &format!("{q:?}")).iter().map(|(_, n)| n).sum()
+}
+
+/// Puts `0..n` and waits until the feeder wrote them all.
+fn fill(q: &Queue<u64>, n: u64) {
+    for i in 0..n {
+        q.put(i).expect("put");
+    }
+    assert!(wait_for(Duration::from_secs(10), || q
+        .qsize()
+        .expect("qsize")
+        == n as usize));
+}
+
+/// Gets `n` items, reports each on `out`, then does what `then` says: "sleep" (holds its batch
+/// until killed), "close" (closes the queue, then sleeps), "exit" (returns).
+#[shoal::remote]
+fn take_some(q: Queue<u64>, out: SimpleQueue<u64>, n: u64, then: String) {
+    for _ in 0..n {
+        out.put(q.get().expect("get")).expect("put");
+    }
+    match then.as_str() {
+        "close" => {
+            q.close().expect("close");
+            out.put(u64::MAX).expect("put");
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        "sleep" => std::thread::sleep(Duration::from_secs(3600)),
+        _ => {}
+    }
+}
+
+/// Starts a child that takes `n` items of `q` then does `then`; returns it and the items it took.
+fn child_takes(q: &Queue<u64>, n: u64, then: &str) -> (Process, Vec<u64>) {
+    let out: SimpleQueue<u64> = SimpleQueue::new().expect("out");
+    let child = Process::new(take_some, (q.clone(), out.clone(), n, then.to_string()));
+    child.start().expect("start");
+    let taken = (0..n)
+        .map(|_| {
+            out.get_timeout(Duration::from_secs(20))
+                .expect("the child's item")
+        })
+        .collect();
+    if then == "close" {
+        assert_eq!(
+            out.get_timeout(Duration::from_secs(20)).expect("closed"),
+            u64::MAX
+        );
+    }
+    (child, taken)
+}
+
+/// Gets until the queue stays empty for `quiet`. A get that fails on a Redis error (a connection
+/// killed on purpose) is tried again.
+fn drain(q: &Queue<u64>, quiet: Duration) -> Vec<u64> {
+    let mut got = Vec::new();
+    loop {
+        match get_retrying(q, quiet) {
+            Ok(item) => got.push(item),
+            Err(Error::Empty) => return got,
+            Err(e) => panic!("get: {e}"),
+        }
+    }
+}
+
+fn get_retrying(q: &Queue<u64>, timeout: Duration) -> shoal::Result<u64> {
+    let mut failures = 0;
+    loop {
+        match q.get_timeout(timeout) {
+            Err(Error::Redis { .. }) if failures < 5 => failures += 1,
+            other => return other,
+        }
+    }
+}
+
+/// `got` is `expected`'s items each once, and in order but for the run `given_back` (what a
+/// consumer held when it stopped), which is in order too.
+fn each_once_in_order(got: &[u64], expected: std::ops::Range<u64>, given_back: &[u64]) {
+    let mut sorted = got.to_vec();
+    sorted.sort_unstable();
+    assert_eq!(sorted, expected.collect::<Vec<_>>());
+    let (back, rest): (Vec<u64>, Vec<u64>) = got.iter().partition(|i| given_back.contains(i));
+    assert!(back.windows(2).all(|w| w[0] < w[1]), "{back:?}");
+    assert!(rest.windows(2).all(|w| w[0] < w[1]), "{rest:?}");
+}
+
+#[test]
+fn a_consumer_killed_while_it_holds_a_batch_loses_and_duplicates_nothing() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    fill(&q, 2000);
+    let (child, taken) = child_takes(&q, 10, "sleep");
+    assert_eq!(taken, (0..10).collect::<Vec<_>>());
+    // The child holds a batch beyond what it returned, and qsize counts it.
+    let holding = held(&mut raw, &q);
+    assert!(holding > 0, "the child holds no batch");
+    assert_eq!(q.qsize().expect("qsize"), 1990);
+    child.kill().expect("kill");
+    child.join(None).expect("join");
+    assert_eq!(child.exitcode(), Some(-9));
+    // Its batch comes back, in order, once its hold lapses.
+    let held_back: Vec<u64> = (10..10 + holding as u64).collect();
+    let rest = drain(&q, Duration::from_secs_f64(LEASE_SECS + 3.0));
+    each_once_in_order(&rest, 10..2000, &held_back);
+    assert_eq!(q.qsize().expect("qsize"), 0);
+    assert_eq!(held(&mut raw, &q), 0);
+}
+
+#[test]
+fn a_consumer_that_stops_getting_gives_its_batch_back_while_it_lives() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    fill(&q, 500);
+    let (child, taken) = child_takes(&q, 10, "sleep");
+    assert_eq!(taken, (0..10).collect::<Vec<_>>());
+    // The child's keeper gives back the batch it no longer returns, long before its hold would
+    // lapse: the child is alive.
+    assert!(wait_for(Duration::from_secs_f64(LEASE_SECS), || held(
+        &mut raw, &q
+    ) == 0));
+    let rest = drain(&q, Duration::from_millis(500));
+    assert!(child.is_alive());
+    assert_eq!(rest, (10..500).collect::<Vec<_>>());
+    assert_eq!(held(&mut raw, &q), 0);
+    child.kill().expect("kill");
+    child.join(None).expect("join");
+}
+
+#[test]
+fn close_and_exit_give_the_batch_back_at_once() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    for then in ["close", "exit"] {
+        let q: Queue<u64> = Queue::new().expect("queue");
+        fill(&q, 300);
+        let (child, taken) = child_takes(&q, 10, then);
+        assert_eq!(taken, (0..10).collect::<Vec<_>>(), "{then}");
+        if then == "exit" {
+            child.join(None).expect("join");
+            assert_eq!(child.exitcode(), Some(0));
+        }
+        // Given back already: nothing is held, and every item left is in the list.
+        assert_eq!(held(&mut raw, &q), 0, "{then}");
+        let rest: Vec<u64> = (10..300).map(|_| q.get_nowait().expect("get")).collect();
+        assert_eq!(rest, (10..300).collect::<Vec<_>>(), "{then}");
+        if then == "close" {
+            child.kill().expect("kill");
+            child.join(None).expect("join");
+        }
+    }
+}
+
+#[test]
+fn a_batch_that_went_stale_is_given_back_and_fetched_again_in_order() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    fill(&q, 100);
+    let mut got = Vec::new();
+    for round in 0..4 {
+        // Batches of 1, 2 and 4: two items are held after five gets.
+        for _ in 0..5 {
+            got.push(q.get().expect("get"));
+        }
+        assert!(held(&mut raw, &q) > 0, "round {round}: no batch held");
+        // Longer than a hold: what this process holds may no longer be returned.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    got.extend(drain(&q, Duration::from_millis(200)));
+    assert_eq!(got, (0..100).collect::<Vec<_>>());
+    assert_eq!(q.qsize().expect("qsize"), 0);
+}
+
+#[test]
+fn dropped_connections_and_flushed_scripts_lose_nothing() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    fill(&q, 300);
+    let mut got = Vec::new();
+    for round in 0..10 {
+        for _ in 0..20 {
+            got.push(get_retrying(&q, Duration::from_secs(5)).expect("get"));
+        }
+        if round % 2 == 0 {
+            // Every other client's connection, this process's claims connection among them.
+            redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("normal")
+                .arg("SKIPME")
+                .arg("yes")
+                .query::<()>(&mut raw)
+                .expect("client kill");
+        } else {
+            redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query::<()>(&mut raw)
+                .expect("script flush");
+        }
+    }
+    got.extend(drain(&q, Duration::from_millis(500)));
+    assert_eq!(got, (0..300).collect::<Vec<_>>());
+    assert_eq!(q.qsize().expect("qsize"), 0);
+    assert_eq!(held(&mut raw, &q), 0);
+}
+
+#[test]
+fn two_consumers_of_a_paced_producer_share_and_lose_nothing() {
+    let _rt = runtime();
+    let q: Queue<u64> = Queue::new().expect("queue");
+    let out_a: SimpleQueue<u64> = SimpleQueue::new().expect("out");
+    let out_b: SimpleQueue<u64> = SimpleQueue::new().expect("out");
+    let consumers: Vec<(Process, SimpleQueue<u64>)> = [out_a, out_b]
+        .into_iter()
+        .map(|out| {
+            let p = Process::new(take_some, (q.clone(), out.clone(), 150u64, "exit".into()));
+            p.start().expect("start");
+            (p, out)
+        })
+        .collect();
+    for i in 0..300u64 {
+        q.put(i).expect("put");
+        if i % 10 == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let mut all = Vec::new();
+    for (p, out) in &consumers {
+        let mine: Vec<u64> = (0..150)
+            .map(|_| out.get_timeout(Duration::from_secs(30)).expect("item"))
+            .collect();
+        // Each consumer sees its items in the order they were put.
+        assert!(mine.windows(2).all(|w| w[0] < w[1]), "{mine:?}");
+        all.extend(mine);
+        p.join(None).expect("join");
+        assert_eq!(p.exitcode(), Some(0));
+    }
+    all.sort_unstable();
+    assert_eq!(all, (0..300).collect::<Vec<_>>());
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+}
