@@ -31,8 +31,23 @@ fn raw_redis(rt: &shoal::Runtime) -> redis::Connection {
         .expect("connection")
 }
 
-/// The claims (sorted sets of held items) of the queue whose `Debug` is `debug`, with their
-/// sizes.
+/// The key prefix of the queue whose `Debug` is `debug` (it shows the id's first characters).
+fn queue_prefix(conn: &mut redis::Connection, debug: &str) -> String {
+    let short = debug
+        .split("queue ")
+        .nth(1)
+        .and_then(|rest| rest.get(..8))
+        .expect("the queue's short id");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("shoal:{{*:queue:{short}*}}:state"))
+        .query(conn)
+        .expect("keys");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    keys[0].trim_end_matches("state").to_string()
+}
+
+/// The claims of the queue whose `Debug` is `debug` (sorted sets of held items, and the lists
+/// of what waiting gets moved), with their sizes.
 fn claims(conn: &mut redis::Connection, debug: &str) -> Vec<(String, usize)> {
     let short = debug
         .split("queue ")
@@ -45,7 +60,12 @@ fn claims(conn: &mut redis::Connection, debug: &str) -> Vec<(String, usize)> {
         .expect("keys");
     keys.into_iter()
         .map(|key| {
-            let n: usize = redis::cmd("ZCARD").arg(&key).query(conn).expect("zcard");
+            let size = if key.ends_with(":in") {
+                "LLEN"
+            } else {
+                "ZCARD"
+            };
+            let n: usize = redis::cmd(size).arg(&key).query(conn).expect("size");
             (key, n)
         })
         .collect()
@@ -295,4 +315,64 @@ fn two_consumers_of_a_paced_producer_share_and_lose_nothing() {
     all.sort_unstable();
     assert_eq!(all, (0..300).collect::<Vec<_>>());
     assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+}
+
+/// What a holder that died left (a claimed item, and one its waiting get's BLMOVE moved before
+/// its fetch ran) comes back once its hold lapsed: at the head of the queue, claimed first.
+#[test]
+fn a_dead_holders_claim_and_landed_item_come_back_first_in_order() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    fill(&q, 3);
+    let prefix = queue_prefix(&mut raw, &format!("{q:?}"));
+    // shoal's payload: a format version byte, then MessagePack.
+    let encode = |n: u64| [vec![1u8], rmp_serde::to_vec(&n).expect("encode")].concat();
+    redis::pipe()
+        .hset(format!("{prefix}claims"), "ghost-holder", 1)
+        .zadd(
+            format!("{prefix}claim:ghost-holder"),
+            [b"7:".as_slice(), &encode(100)].concat(),
+            7,
+        )
+        .rpush(format!("{prefix}claim:ghost-holder:in"), encode(101))
+        .query::<()>(&mut raw)
+        .expect("the ghost's claim");
+    assert_eq!(
+        q.qsize().expect("qsize"),
+        5,
+        "claimed and landed items count"
+    );
+    let got: Vec<u64> = (0..5).map(|_| q.get_nowait().expect("get")).collect();
+    assert_eq!(got, vec![100, 101, 0, 1, 2]);
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+    assert_eq!(held(&mut raw, &q), 0);
+}
+
+/// A get that waits for its item while Redis forgets its scripts (`SCRIPT FLUSH`, as after a
+/// restart): the fetch written behind its `BLMOVE` meets `NOSCRIPT`; the item the `BLMOVE` took
+/// is claimed by the fetch run again, and returned once.
+#[test]
+fn a_waiting_get_after_redis_lost_its_scripts_returns_its_item_once() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    let putter = q.clone();
+    let producer = std::thread::spawn(move || {
+        // The get is waiting in its BLMOVE, its fetch written behind it.
+        std::thread::sleep(Duration::from_millis(300));
+        redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query::<()>(&mut raw)
+            .expect("script flush");
+        std::thread::sleep(Duration::from_millis(300));
+        putter.put(7).expect("put");
+        putter.put(8).expect("put");
+        raw
+    });
+    assert_eq!(q.get_timeout(Duration::from_secs(10)).expect("get"), 7);
+    assert_eq!(q.get_timeout(Duration::from_secs(10)).expect("get"), 8);
+    let mut raw = producer.join().expect("producer");
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+    assert_eq!(held(&mut raw, &q), 0);
 }

@@ -1,10 +1,12 @@
 -- A holder's fetch: gives back what it still claims (it returned all it could: its acks were
--- applied before this script, on the same connection), gives back the claims of holders whose
+-- applied before this script), and what its BLMOVE took, gives back the claims of holders whose
 -- hold lapsed, then claims up to ARGV[5] items from the head of the queue (1 while another
 -- holder's hold runs; at most ARGV[7] bytes, at least one item) and holds them for ARGV[6] ms.
+-- When it finds nothing and the holder will wait (ARGV[8] > 0: for that many ms), the holder's
+-- record stays for the wait and a hold, so that what its BLMOVE takes can be reaped if it dies.
 -- KEYS[4] the holder's claim (sorted set)
 -- ARGV[1] TTL, ARGV[2] claim prefix, ARGV[3] holder, ARGV[4] the number of the first item,
--- ARGV[5] most items, ARGV[6] hold (ms), ARGV[7] most bytes
+-- ARGV[5] most items, ARGV[6] hold (ms), ARGV[7] most bytes, ARGV[8] the wait (ms) or 0
 -- Returns {first number, item...}; {first number} when the queue is empty.
 -- Errors: GONE (the queue's keys are gone), CORRUPT.
 if redis.call('EXISTS', KEYS[2]) == 0 then
@@ -33,7 +35,14 @@ for _, item in ipairs(items) do
   n = n + 1
 end
 if n == 0 then
-  redis.call('HDEL', KEYS[3], me)
+  local wait = tonumber(ARGV[8])
+  if wait > 0 then
+    redis.call('HSET', KEYS[3], me, now + wait + tonumber(ARGV[6]))
+    redis.call('EXPIRE', KEYS[1], ttl)
+    refresh_claims(prefix, ttl)
+  else
+    redis.call('HDEL', KEYS[3], me)
+  end
   return {first}
 end
 redis.call('LTRIM', KEYS[1], n, -1)

@@ -23,8 +23,18 @@
 //!   or its exit hooks. Redis lets any get give a claim back once its hold lapsed,
 //!   [`HOLD`] + lease after the fetch ran: an ack written while the holder could still return
 //!   items had a lease to reach Redis. So a consumer that died holding items gives them back
-//!   within `HOLD` + `sync.lease_secs`; every waiting get checks once a second
-//!   (`claim_check_in.lua`).
+//!   within `HOLD` + `sync.lease_secs`; every waiting get checks once a second.
+//! * A get that finds nothing waits in slices of a second: `BLMOVE` from the queue into this
+//!   holder's landing list (`claim:<holder>:in`) with the fetch written behind it, one round trip:
+//!   the fetch claims what the `BLMOVE` moved, so an item that arrives is never in flight
+//!   unowned. If the fetch does not run (`NOSCRIPT`: it is loaded and run again; a dropped
+//!   connection: the next fetch), the item stays in the landing list, which the next fetch, or a
+//!   reaper after the holder's hold (kept for the wait by the fetch before it), gives back. The
+//!   consumer's lock is held during the slice, since the fetch gives back what it claims.
+//! * An async get takes a held item first (when no blocking get of this process holds the
+//!   consumer), else waits as a bounded queue's get does (`BLPOP` slices with a check-in that
+//!   gives back lapsed claims, `claim_check_in.lua`); the item a `BLPOP` returns is not claimed,
+//!   so a process killed between Redis's pop and reading the reply loses it.
 //! * The batch: 1 item at first; twice the last one each time the last one was all returned
 //!   within [`HOLD`], up to [`MOST_ITEMS`] items and [`MOST_BYTES`] bytes (at least one item);
 //!   back to 1 when a batch went stale; 1 whenever another process's hold on the queue is
@@ -42,14 +52,15 @@
 //! # Keys (the queue's hash tag)
 //!
 //! `claims` (hash: holder → hold deadline, ms on Redis's clock), `claim:<holder>` (sorted set:
-//! number → `"<number>:<payload>"`). Their TTL is the queue's: every fetch, check-in and feeder
-//! batch refreshes it.
+//! number → `"<number>:<payload>"`), `claim:<holder>:in` (list: what a waiting get's `BLMOVE`
+//! moved). Their TTL is the queue's: every fetch, check-in and put refreshes it.
 //!
 //! # Round trips
 //!
 //! A get with an item held: none waited for (one write). A fetch: 1 (the replies of earlier acks
-//! are read first; they arrived long before). A waiting get: as a bounded queue's, plus a fetch
-//! before each second's wait.
+//! are read first; they arrived long before). A get that waits: 1 per slice (`BLMOVE` + fetch).
+//! Redis commands per item for one consumer draining a long queue: the ack, plus a fetch per
+//! batch of up to 1,024 items.
 
 use super::*;
 
@@ -143,28 +154,29 @@ pub(super) fn get(
     deadline: Option<Instant>,
 ) -> Result<Vec<u8>> {
     let consumer = consumer(core, store);
+    let mut blocking = false;
     loop {
-        {
-            let mut consumer = lock(&consumer);
-            if let Some(item) = consumer.take().map_err(|e| core.address.error(e))? {
-                return Ok(item);
-            }
-            consumer.fetch().map_err(|e| core.address.error(e))?;
-            if let Some(item) = consumer.take().map_err(|e| core.address.error(e))? {
-                return Ok(item);
-            }
+        // The consumer's lock is held while waiting (a slice at most): the fetch behind the
+        // BLMOVE gives back what the consumer claims, which must not be held by another
+        // thread's get meanwhile. `close()`, the keeper and the exit hooks only try it.
+        let mut consumer = lock(&consumer);
+        if let Some(item) = consumer.take().map_err(|e| core.address.error(e))? {
+            return Ok(item);
         }
-        let Some(slice) = next_slice(deadline).filter(|_| wait) else {
-            return Err(Error::Empty);
+        let slice = if wait { next_slice(deadline) } else { None };
+        let fetched = match (blocking, slice) {
+            (true, Some(slice)) => consumer.fetch_blocking(slice),
+            (true, None) => return Err(Error::Empty),
+            (false, slice) => consumer.fetch(slice),
         };
-        // The consumer's lock is not held while waiting: `close()` and the heartbeat need it.
-        match op::run(
-            store,
-            &mut Get::new(core, true, Some(Instant::now() + slice)),
-        ) {
-            Err(Error::Empty) => continue,
-            other => return other,
+        fetched.map_err(|e| core.address.error(e))?;
+        if let Some(item) = consumer.take().map_err(|e| core.address.error(e))? {
+            return Ok(item);
         }
+        if slice.is_none() {
+            return Err(Error::Empty);
+        }
+        blocking = true;
     }
 }
 
@@ -178,7 +190,10 @@ pub(super) fn take_held(core: &QueueCore, store: &Arc<Store>) -> Result<Option<V
             None => return Ok(None),
         }
     };
-    let mut consumer = lock(&consumer);
+    // A blocking get of another thread holds the lock: it holds no item then.
+    let Ok(mut consumer) = consumer.try_lock() else {
+        return Ok(None);
+    };
     consumer.take().map_err(|e| core.address.error(e))
 }
 
@@ -188,8 +203,10 @@ pub(super) fn give_back(core: &QueueCore, store: &Store) {
     let consumer = lock(&CONSUMERS)
         .get(&(store.url().to_string(), core.keys().items.clone()))
         .cloned();
-    if let Some(consumer) = consumer {
-        lock(&consumer).give_back();
+    // A blocking get of another thread holds the lock: it holds no item then, and what its
+    // BLMOVE takes is claimed by its own fetch.
+    if let Some(Ok(mut consumer)) = consumer.as_ref().map(|c| c.try_lock()) {
+        consumer.give_back();
     }
 }
 
@@ -254,11 +271,14 @@ fn give_back_stale() -> bool {
     holding
 }
 
-/// At exit: everything held goes back to the queue.
+/// At exit: everything held goes back to the queue (a consumer whose lock a waiting get holds
+/// holds nothing; what its BLMOVE may take is reaped when its hold lapses).
 fn give_back_all() {
     let consumers: Vec<_> = lock(&CONSUMERS).values().cloned().collect();
     for consumer in consumers {
-        let mut consumer = lock(&consumer);
+        let Ok(mut consumer) = consumer.try_lock() else {
+            continue;
+        };
         if !consumer.held.is_empty() {
             consumer.give_back();
         }
@@ -304,8 +324,60 @@ impl Consumer {
         Ok(self.held.pop_front().map(|(_, item)| item))
     }
 
-    /// Claims the next batch (giving back what was held first).
-    fn fetch(&mut self) -> Result<()> {
+    /// Claims the next batch (giving back what was held first). `wait`: the caller waits that
+    /// long for items if none come (the holder's record stays for it).
+    fn fetch(&mut self, wait: Option<Duration>) -> Result<()> {
+        let invocation = self.fetch_invocation(wait);
+        let sent_at = Instant::now();
+        let reply = with_link(&self.store, |link| {
+            link.invoke(&self.store, "claiming items of", &invocation)
+        })?;
+        self.fetched(sent_at, reply)
+    }
+
+    /// Waits at most `block` for an item (`BLMOVE` into this holder's landing list), and claims
+    /// the next batch in the same round trip. An item the `BLMOVE` moved stays this holder's
+    /// until a fetch claims it (this one, or the next when this one failed) or, if this process
+    /// dies first, a reaper gives it back.
+    fn fetch_blocking(&mut self, block: Duration) -> Result<()> {
+        // The fetch gives back what this holder claims: its acks must be applied first.
+        with_link(&self.store, |link| link.settle(&self.store))?;
+        let invocation = self.fetch_invocation(Some(block));
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors()
+            .cmd("BLMOVE")
+            .arg(&self.keys.items)
+            .arg(format!("{}:in", self.keys.claim))
+            .arg("LEFT")
+            .arg("RIGHT")
+            .arg(common::blpop_seconds(block))
+            .invoke_script(&invocation);
+        let sent_at = Instant::now();
+        let reply = self.store.with_blocking_conn(
+            Some(block),
+            || "waiting for items of a queue".to_string(),
+            |conn| {
+                let (moved, fetched): (redis::Value, redis::Value) = pipe.query(conn)?;
+                moved.extract_error()?;
+                match fetched.extract_error() {
+                    Err(e)
+                        if e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        // Redis lost its scripts (a restart, SCRIPT FLUSH): what the BLMOVE
+                        // took is in the landing list, and the fetch claims it.
+                        invocation.invoke(conn)
+                    }
+                    other => other,
+                }
+            },
+        )?;
+        self.fetched(sent_at, reply)
+    }
+
+    /// `claim_fetch.lua` for the next batch: 1 item after a stale batch or a give-back, twice the
+    /// last one after a full batch all returned in time.
+    fn fetch_invocation(&mut self, wait: Option<Duration>) -> redis::ScriptInvocation<'static> {
         self.batch = if self.fetched_at.is_none() || !self.held.is_empty() || self.stale() {
             1
         } else if self.filled {
@@ -321,11 +393,13 @@ impl Consumer {
             .arg(self.next)
             .arg(self.batch)
             .arg(hold.as_millis() as u64)
-            .arg(MOST_BYTES);
-        let sent_at = Instant::now();
-        let reply = with_link(&self.store, |link| {
-            link.invoke(&self.store, "claiming items of", &invocation)
-        })?;
+            .arg(MOST_BYTES)
+            .arg(wait.map_or(0, |w| w.as_millis() as u64));
+        invocation
+    }
+
+    /// Takes in a fetch's reply; `sent_at`: when the fetch was sent.
+    fn fetched(&mut self, sent_at: Instant, reply: redis::Value) -> Result<()> {
         let (first, items) = parse_batch(reply)?;
         self.fetched_at = Some(sent_at);
         self.filled = items.len() >= self.batch;

@@ -1,7 +1,9 @@
 -- Shared by the claim scripts of a queue (batched gets; see claims.rs).
 -- KEYS[1] items list, KEYS[2] state hash, KEYS[3] claims hash: holder -> hold deadline (ms,
 -- Redis's clock). A holder's claim is the sorted set <claim prefix><holder> (same hash tag):
--- score = the item's number in the holder's sequence, member = "<number>:<payload>".
+-- score = the item's number in the holder's sequence, member = "<number>:<payload>"; the list
+-- <claim prefix><holder>:in holds what a waiting get's BLMOVE took and its fetch did not claim
+-- yet.
 -- Cost: every redis.call costs 1.5-2 us, so the claims hash is read once per script.
 
 local function now_ms()
@@ -9,14 +11,18 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Puts every item of `holder`'s claim back at the head of the queue, in their order, and
--- deletes the claim. Returns how many went back.
+-- Puts every item of `holder`'s claim back at the head of the queue, in their order (what its
+-- BLMOVE took after what it claimed), and deletes the claim. Returns how many went back.
 local function give_back(claim_prefix, holder)
   local key = claim_prefix .. holder
+  local landed = 0
+  while redis.call('LMOVE', key .. ':in', KEYS[1], 'RIGHT', 'LEFT') do
+    landed = landed + 1
+  end
   local members = redis.call('ZRANGE', key, 0, -1)
   local n = #members
   if n == 0 then
-    return 0
+    return landed
   end
   -- LPUSH puts its last argument first: push the items last to first.
   local items = {}
@@ -35,7 +41,7 @@ local function give_back(claim_prefix, holder)
     redis.call('LPUSH', KEYS[1], unpack(items, first, math.min(first + 999, #items)))
   end
   redis.call('DEL', key)
-  return #items
+  return landed + #items
 end
 
 -- Gives back the claims of other holders whose hold lapsed (they died, or stopped returning
@@ -64,6 +70,7 @@ local function refresh_claims(claim_prefix, ttl)
     redis.call('EXPIRE', KEYS[3], ttl)
     for _, holder in ipairs(holders) do
       redis.call('EXPIRE', claim_prefix .. holder, ttl)
+      redis.call('EXPIRE', claim_prefix .. holder .. ':in', ttl)
     end
   end
 end

@@ -67,12 +67,27 @@
 //! one per cycle. Bounded or joinable `put`: 1 (`put.lua`); a writer that finds the queue
 //! full waits on its wake key (one `BLPOP` slice, then a check-in, per second) and puts again
 //! when a get makes room; one that gives up with a wake-up (room) in hand passes it on to the
-//! next writer (1 more), so no waiting writer misses room. `get`: 1 (`BLPOP`, Redis's own
-//! timeout, plus a check that the queue exists per second of waiting), plus 1 on a bounded queue
-//! to wake a waiting writer (if that fails the item is returned all the same and the failure
-//! logged: an item taken is never dropped). `get_nowait`: 1. `qsize`/`empty`/`full`: 1.
+//! next writer (1 more), so no waiting writer misses room. `get` of an unbounded queue: items
+//! come in batches claimed by this process and are returned one by one, none waited for while
+//! the batch lasts (see *Batched gets* below). `get` of a bounded queue: 1 (`BLPOP`, Redis's own
+//! timeout, plus a check that the queue exists per second of waiting), plus 1 to wake a waiting
+//! writer (if that fails the item is returned all the same and the failure logged: an item taken
+//! is never dropped). `get_nowait`: 1, or none while a batch lasts. `qsize`/`empty`/`full`: 1.
 //! `task_done`: 1. `join`: 1, then a `BLPOP` that returns at the last `task_done` (plus a
 //! check-in and an existence check per second).
+//!
+//! # Batched gets
+//!
+//! A get of an unbounded queue (`Queue`, `SimpleQueue`, `JoinableQueue` without a bound) takes
+//! up to a batch of items from the head of the queue into this process's *claim* and returns
+//! them one by one, each after writing an acknowledgement that Redis applies before this
+//! process's next fetch. Every item is returned by exactly one get or is still in the queue,
+//! whatever process is killed while it holds a batch: what a process fetched and did not return
+//! goes back to the head of the queue, in order, when it stops getting (within 0.3 s), closes
+//! the queue or exits, or, when it died, once its hold lapses (0.2 s + `sync.lease_secs`).
+//! Batches grow only while one consumer drains the queue; with several consumers each get takes
+//! one item. The items one process holds are not seen by another meanwhile: the other receives
+//! them after the later items it took. The details are in `claims.rs`.
 //!
 //! # Async forms
 //!

@@ -1,4 +1,5 @@
--- A queue's size: the items in the list and those claimed by gets and not yet returned, with
+-- A queue's size: the items in the list and those claimed by gets and not yet returned (or moved
+-- by a waiting get's BLMOVE and not claimed yet), with
 -- what this process's feeder applied (its writer hash).
 -- KEYS[4] this process's writer hash (feed.lua); ARGV[1] claim prefix
 -- Returns {1, length, claimed, items applied by this writer or false}.
@@ -9,5 +10,6 @@ end
 local claimed = 0
 for _, holder in ipairs(redis.call('HKEYS', KEYS[3])) do
   claimed = claimed + redis.call('ZCARD', ARGV[1] .. holder)
+    + redis.call('LLEN', ARGV[1] .. holder .. ':in')
 end
 return {1, redis.call('LLEN', KEYS[1]), claimed, redis.call('HGET', KEYS[4], 'items')}
