@@ -29,6 +29,9 @@ pub(super) struct Feeder {
 struct FeederState {
     /// By items key.
     queues: HashMap<String, Pending>,
+    /// Threads waiting on `changed` (the feeder, joiners, the exit hook): a put wakes them only
+    /// when there are some (a wake-up is a system call, and puts come by the thousand).
+    waiting: usize,
 }
 
 /// One queue as this process sees it.
@@ -238,6 +241,26 @@ impl Feeder {
             .or_insert_with(|| Pending::new(core))
     }
 
+    /// Waits on `changed` (at most `timeout`), counted in `waiting`.
+    fn wait<'a>(
+        &self,
+        mut state: MutexGuard<'a, FeederState>,
+        timeout: Option<Duration>,
+    ) -> MutexGuard<'a, FeederState> {
+        state.waiting += 1;
+        let mut state = match timeout {
+            Some(timeout) => {
+                self.changed
+                    .wait_timeout(state, timeout)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+            None => self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+        };
+        state.waiting -= 1;
+        state
+    }
+
     /// Buffers an item for the feeder thread; reports a closed queue, or a permanent failure of
     /// earlier puts (once).
     pub(super) fn push(&self, core: &QueueCore, item: Vec<u8>) -> Result<()> {
@@ -252,8 +275,11 @@ impl Feeder {
         }
         p.used = true;
         p.enqueue(item);
+        let wake = state.waiting > 0;
         drop(state);
-        self.changed.notify_all();
+        if wake {
+            self.changed.notify_all();
+        }
         Ok(())
     }
 
@@ -313,11 +339,7 @@ impl Feeder {
             {
                 return Err(e.clone());
             }
-            state = self
-                .changed
-                .wait_timeout(state, Duration::from_millis(100))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = self.wait(state, Some(Duration::from_millis(100)));
         }
     }
 
@@ -341,11 +363,10 @@ impl Feeder {
             if !waiting || now >= deadline {
                 break;
             }
-            state = self
-                .changed
-                .wait_timeout(state, (deadline - now).min(Duration::from_millis(100)))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = self.wait(
+                state,
+                Some((deadline - now).min(Duration::from_millis(100))),
+            );
         }
         for p in state.queues.values_mut() {
             if !p.cancelled && !p.is_flushed() {
@@ -381,15 +402,10 @@ impl Feeder {
                         .filter(|p| p.inflight.as_ref().is_some_and(|b| !b.sending))
                         .filter_map(|p| p.retry_at)
                         .min();
-                    state = match next_retry {
-                        Some(at) => {
-                            self.changed
-                                .wait_timeout(state, at.saturating_duration_since(now))
-                                .unwrap_or_else(|p| p.into_inner())
-                                .0
-                        }
-                        None => self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
-                    };
+                    state = self.wait(
+                        state,
+                        next_retry.map(|at| at.saturating_duration_since(now)),
+                    );
                 }
                 let now = Instant::now();
                 state
