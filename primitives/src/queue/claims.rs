@@ -85,7 +85,7 @@ static CHECK_IN: LazyLock<redis::Script> =
 static SIZE: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("size.lua")));
 
 /// One consumer: this process's gets of one queue on one Redis.
-struct Consumer {
+pub(super) struct Consumer {
     keys: Arc<QueueKeys>,
     store: Arc<Store>,
     /// The items fetched and not returned, with their numbers.
@@ -100,7 +100,19 @@ struct Consumer {
     filled: bool,
 }
 
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("items", &self.keys.items)
+            .field("held", &self.held.len())
+            .finish()
+    }
+}
+
 type Shared<T> = Arc<Mutex<T>>;
+
+/// A consumer, as its queue handles keep it.
+pub(super) type SharedConsumer = Shared<Consumer>;
 
 /// A consumer's Redis URL and items key.
 type ConsumerId = (String, String);
@@ -119,12 +131,33 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Runs `f` on the claims connection of `store`'s Redis.
 fn with_link<T>(store: &Store, f: impl FnOnce(&mut Link) -> Result<T>) -> Result<T> {
     let mut links = lock(&LINKS);
-    let link = links.entry(store.url().to_string()).or_default();
-    f(link)
+    if !links.contains_key(store.url()) {
+        links.insert(store.url().to_string(), Link::default());
+    }
+    match links.get_mut(store.url()) {
+        Some(link) => f(link),
+        None => Err(Error::invalid_state(
+            "the queue claims connection went missing",
+        )),
+    }
 }
 
-/// The consumer of `core` in this process.
+/// The consumer of `core` in this process (kept by the handle for its next gets).
 fn consumer(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
+    if let Some((url, consumer)) = core.cached_consumer.get()
+        && url == store.url()
+    {
+        return consumer.clone();
+    }
+    let consumer = register(core, store);
+    let _ = core
+        .cached_consumer
+        .set((store.url().to_string(), consumer.clone()));
+    consumer
+}
+
+/// Finds or makes the consumer of `core` in this process's table.
+fn register(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
     static HOOKS: Once = Once::new();
     HOOKS.call_once(|| context::register_exit_hook(give_back_all));
     let keys = core.keys();
@@ -183,13 +216,7 @@ pub(super) fn get(
 /// A held item of `core`, if this process has one it may still return (the async gets take it
 /// before waiting, so that one process's gets keep the queue's order).
 pub(super) fn take_held(core: &QueueCore, store: &Arc<Store>) -> Result<Option<Vec<u8>>> {
-    let consumer = {
-        let consumers = lock(&CONSUMERS);
-        match consumers.get(&(store.url().to_string(), core.keys().items.clone())) {
-            Some(consumer) => consumer.clone(),
-            None => return Ok(None),
-        }
-    };
+    let consumer = consumer(core, store);
     // A blocking get of another thread holds the lock: it holds no item then.
     let Ok(mut consumer) = consumer.try_lock() else {
         return Ok(None);

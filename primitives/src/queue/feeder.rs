@@ -544,6 +544,7 @@ mod tests {
             maxsize: 0,
             joinable: false,
             cached_keys: Arc::default(),
+            cached_consumer: Arc::default(),
         }
     }
 

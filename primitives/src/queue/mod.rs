@@ -147,6 +147,10 @@ struct QueueCore {
     /// The key names, computed once per handle (and shared by its clones).
     #[serde(skip)]
     cached_keys: Arc<std::sync::OnceLock<Arc<QueueKeys>>>,
+    /// This process's consumer of the queue (`claims`), found once per handle, with its Redis
+    /// URL.
+    #[serde(skip)]
+    cached_consumer: Arc<std::sync::OnceLock<(String, claims::SharedConsumer)>>,
 }
 
 impl PartialEq for QueueCore {
@@ -185,6 +189,7 @@ impl QueueCore {
             maxsize,
             joinable,
             cached_keys: Arc::default(),
+            cached_consumer: Arc::default(),
         };
         let keys = core.keys();
         let store = context.store();
