@@ -376,3 +376,112 @@ fn a_waiting_get_after_redis_lost_its_scripts_returns_its_item_once() {
     assert!(matches!(q.get_nowait(), Err(Error::Empty)));
     assert_eq!(held(&mut raw, &q), 0);
 }
+
+/// A get that waits receives a single item put well into its wait: the batch its waiting fetch
+/// claims is usable for the wait's length, not stale on arrival (it spun, re-claiming the item
+/// each second, before).
+#[test]
+fn a_waiting_get_receives_one_item_put_late_in_its_wait() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    for delay_ms in [50u64, 600, 900] {
+        let putter = q.clone();
+        let producer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            putter.put(delay_ms).expect("put");
+        });
+        assert_eq!(
+            q.get_timeout(Duration::from_secs(5)).expect("get"),
+            delay_ms
+        );
+        producer.join().expect("producer");
+    }
+    assert_eq!(held(&mut raw, &q), 0);
+    assert_eq!(q.qsize().expect("qsize"), 0);
+}
+
+/// Items larger than a batch's byte limit together come a few at a time, in order.
+#[test]
+fn large_items_come_in_order_within_the_byte_limit() {
+    let _rt = runtime();
+    let q: Queue<Vec<u8>> = Queue::new().expect("queue");
+    let items: Vec<Vec<u8>> = (0..40u8)
+        .map(|i| {
+            let size = if i >= 30 { 3 << 20 } else { 10 };
+            vec![i; size]
+        })
+        .collect();
+    for item in &items {
+        q.put(item.clone()).expect("put");
+    }
+    for (i, item) in items.iter().enumerate() {
+        let got = q.get_timeout(Duration::from_secs(20)).expect("get");
+        assert!(
+            got == *item,
+            "item {i}: {} bytes of {:?}",
+            got.len(),
+            got.first()
+        );
+    }
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+}
+
+/// A fetch or a give-back that reaches Redis after a later fetch of the same holder ran (sent
+/// on a connection the holder gave up for lost) does nothing: numbers are never reused.
+#[test]
+fn a_late_fetch_or_give_back_of_a_holder_does_nothing() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    fill(&q, 20);
+    // Batches of 1, 2, 4 and 8: after 11 gets, 4 items of the fourth batch are held.
+    for i in 0..11 {
+        assert_eq!(q.get().expect("get"), i);
+    }
+    let debug = format!("{q:?}");
+    let prefix = queue_prefix(&mut raw, &debug);
+    let holders: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("{prefix}claims"))
+        .query(&mut raw)
+        .expect("holders");
+    assert_eq!(holders.len(), 1, "{holders:?}");
+    let holder = &holders[0];
+    let held_before = held(&mut raw, &q);
+    assert!(held_before > 0);
+    let prelude = include_str!("../../primitives/src/queue/claims_prelude.lua");
+    // A claims script with its keys and first arguments, as the holder sends it.
+    let claims_script = |script: &str| {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(format!("{prelude}\n{script}"))
+            .arg(5)
+            .arg(format!("{prefix}items"))
+            .arg(format!("{prefix}state"))
+            .arg(format!("{prefix}claims"))
+            .arg(format!("{prefix}claim:{holder}"))
+            .arg(format!("{prefix}claim_fences"))
+            .arg(3600)
+            .arg(format!("{prefix}claim:"))
+            .arg(holder);
+        cmd
+    };
+    // A fetch numbered from 0 (the first batch's number): refused, nothing moved.
+    let mut late_fetch = claims_script(include_str!("../../primitives/src/queue/claim_fetch.lua"));
+    late_fetch.arg(0).arg(8).arg(5000).arg(1 << 20).arg(0);
+    let refused = late_fetch.query::<redis::Value>(&mut raw);
+    assert!(
+        matches!(&refused, Err(e) if e.code() == Some("STALE")),
+        "{refused:?}"
+    );
+    // A give-back made before the latest fetch (it had not reserved its numbers): nothing back.
+    let mut late_release =
+        claims_script(include_str!("../../primitives/src/queue/claim_release.lua"));
+    late_release.arg(1);
+    let given: i64 = late_release.query(&mut raw).expect("release");
+    assert_eq!(given, 0);
+    assert_eq!(held(&mut raw, &q), held_before);
+    // The process goes on returning its batch, then the rest, each once and in order.
+    let rest: Vec<u64> = (11..20).map(|_| q.get().expect("get")).collect();
+    assert_eq!(rest, (11..20).collect::<Vec<_>>());
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+}

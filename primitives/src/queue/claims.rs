@@ -13,23 +13,32 @@
 //! * A get returns the next held item after writing its *ack*, `ZREMRANGEBYSCORE <claim> -inf
 //!   <number>`, on this process's claims connection. The ack's reply is not waited for: it is
 //!   read before the next script on that connection, so every ack is applied before the next
-//!   fetch (same connection, same order). An ack is idempotent and covers every number up to its
-//!   own, so one sent again after a failure is harmless, and Redis applies it even at
-//!   `maxmemory` (the command frees memory; Redis does not refuse it with `OOM`). When the ack
-//!   cannot be written (Redis unreachable), the get fails and keeps the item.
-//! * This process returns a held item only within [`HOLD`] of sending its fetch (its own
-//!   monotonic clock). After that, what it still holds is *given back*: pushed to the head of the
-//!   queue in order, by its next fetch, its keeper thread (within half a [`HOLD`]), `close()`,
-//!   or its exit hooks. Redis lets any get give a claim back once its hold lapsed,
-//!   [`HOLD`] + lease after the fetch ran: an ack written while the holder could still return
-//!   items had a lease to reach Redis. So a consumer that died holding items gives them back
-//!   within `HOLD` + `sync.lease_secs`; every waiting get checks once a second.
+//!   fetch (same connection, same order). An ack covers every number up to its own, and Redis
+//!   applies it even at `maxmemory` (the command frees memory; Redis does not refuse it with
+//!   `OOM`). When the connection fails, or a reply was an error, the acks not known to be
+//!   applied are written again as `claim_ack.lua`, waited for, and recorded (`<holder>:acked`):
+//!   the item whose ack could not be written is returned only once Redis says it is this
+//!   process's (its ack applied, now or before), and dropped when Redis says it was given back
+//!   first. Until then the get fails, and nothing else is done with the batch. The keeper and
+//!   the exit hooks write such acks again, so none is left behind when the process stops getting.
+//! * This process returns a held item only within its *allowance* of sending the fetch (its own
+//!   monotonic clock, checked again right before the ack is written): [`HOLD`], or 4 fetch round
+//!   trips when that is more (a slow Redis, large items), plus the wait of a `BLMOVE` sent
+//!   before the fetch. After that, what it still holds is *given back*: pushed to the head of
+//!   the queue in order, by its next get, its keeper thread (within half a [`HOLD`]), `close()`,
+//!   or its exit hooks. Redis lets any get give a claim back once its hold lapsed, the allowance
+//!   plus `sync.lease_secs` after the fetch ran: an ack written while the holder could still
+//!   return items had a lease to reach Redis. (This assumes Redis does not stall, and its clock does
+//!   not jump, by more than a lease, as every lease in shoal does.) So a consumer that died
+//!   holding items gives them back within the allowance plus `sync.lease_secs`; every waiting get
+//!   checks once a second.
+//! * Numbers are never used twice: a fetch reserves as many as it asks, and the holder's fence
+//!   (`<holder>:fence`, the first number of its latest fetch) makes a fetch or a give-back that
+//!   reaches Redis late (sent on a connection given up for lost) do nothing.
 //! * A get that finds nothing waits in slices of a second: `BLMOVE` from the queue into this
-//!   holder's landing list (`claim:<holder>:in`) with the fetch written behind it, one round trip:
-//!   the fetch claims what the `BLMOVE` moved, so an item that arrives is never in flight
-//!   unowned. If the fetch does not run (`NOSCRIPT`: it is loaded and run again; a dropped
-//!   connection: the next fetch), the item stays in the landing list, which the next fetch, or a
-//!   reaper after the holder's hold (kept for the wait by the fetch before it), gives back. The
+//!   holder's landing list (`claim:<holder>:in`) with the fetch written behind it whole (`EVAL`,
+//!   which cannot meet `NOSCRIPT`), one round trip: Redis runs the fetch right after the `BLMOVE`
+//!   and it claims what was moved, so an item that arrives is never in flight unowned. The
 //!   consumer's lock is held during the slice, since the fetch gives back what it claims.
 //! * An async get takes a held item first (when no blocking get of this process holds the
 //!   consumer), else waits as a bounded queue's get does (`BLPOP` slices with a check-in that
@@ -53,7 +62,8 @@
 //!
 //! `claims` (hash: holder → hold deadline, ms on Redis's clock), `claim:<holder>` (sorted set:
 //! number → `"<number>:<payload>"`), `claim:<holder>:in` (list: what a waiting get's `BLMOVE`
-//! moved). Their TTL is the queue's: every fetch, check-in and put refreshes it.
+//! moved), `claim_fences` (hash: `<holder>:fence`, `<holder>:acked`). Their TTL is the queue's:
+//! every fetch, check-in and put refreshes it.
 //!
 //! # Round trips
 //!
@@ -83,6 +93,22 @@ static RELEASE: LazyLock<redis::Script> =
 static CHECK_IN: LazyLock<redis::Script> =
     LazyLock::new(|| script(include_str!("claim_check_in.lua")));
 static SIZE: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("size.lua")));
+static ACK: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("claim_ack.lua")));
+
+/// The fetch's source, sent whole (`EVAL`) behind a waiting get's `BLMOVE`: it cannot meet
+/// `NOSCRIPT` there, so what the `BLMOVE` moved is always claimed in the same round trip.
+static FETCH_SOURCE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{}\n{}",
+        include_str!("claims_prelude.lua"),
+        include_str!("claim_fetch.lua")
+    )
+});
+
+/// The longest a holder may take to return a batch: its allowance grows with the fetch round
+/// trip (4 of them) up to this.
+const MOST_ALLOWANCE: Duration = Duration::from_secs(10);
 
 /// One consumer: this process's gets of one queue on one Redis.
 pub(super) struct Consumer {
@@ -90,14 +116,24 @@ pub(super) struct Consumer {
     store: Arc<Store>,
     /// The items fetched and not returned, with their numbers.
     held: VecDeque<(u64, Vec<u8>)>,
-    /// The number of the next item fetched.
+    /// The first number not reserved yet: a fetch reserves as many numbers as it asks items,
+    /// and no number is used twice (a fetch that arrives late finds its numbers fenced off).
     next: u64,
-    /// When the fetch of `held` was sent.
-    fetched_at: Option<Instant>,
+    /// Until when the items held may be returned; `None`: nothing fetched.
+    usable_until: Option<Instant>,
+    /// How long after its sending a batch may be returned: [`HOLD`], or 4 fetch round trips when
+    /// more, up to [`MOST_ALLOWANCE`].
+    allowance: Duration,
     /// The size of the next fetch.
     batch: usize,
     /// Whether the last fetch filled its batch.
     filled: bool,
+    /// The ack of the first held item was written again after a failure and its outcome is
+    /// not known: it is asked (`claim_ack.lua`) before anything else is done with the batch.
+    in_doubt: bool,
+    /// The first held item is this process's for sure (its ack was applied): it is returned
+    /// however late, and it is not given back.
+    owned: bool,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -170,9 +206,12 @@ fn register(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
                 store: store.clone(),
                 held: VecDeque::new(),
                 next: 0,
-                fetched_at: None,
+                usable_until: None,
+                allowance: HOLD,
                 batch: 1,
                 filled: false,
+                in_doubt: false,
+                owned: false,
             }))
         })
         .clone()
@@ -277,39 +316,63 @@ fn wake_keeper() {
     }
 }
 
-/// Gives back the held items that went stale; whether some consumer still holds items.
+/// Gives back the held items that went stale, and writes again the acks whose connection
+/// failed (so that a process that returned its last items and then stops getting leaves none
+/// unapplied); whether there is still something to watch.
 fn give_back_stale() -> bool {
     let consumers: Vec<_> = lock(&CONSUMERS).values().cloned().collect();
-    let mut holding = false;
+    let mut watching = false;
     for consumer in consumers {
         let Ok(mut consumer) = consumer.try_lock() else {
             // Busy getting: look again next round.
-            holding = true;
+            watching = true;
             continue;
         };
+        if consumer.needs_keeper() {
+            consumer.give_back();
+        }
         if !consumer.held.is_empty() {
-            if consumer.stale() {
-                consumer.give_back();
-            } else {
-                holding = true;
-            }
+            watching = true;
         }
     }
-    holding
+    watching | settle_links()
+}
+
+/// Settles every claims connection that has acks to confirm; whether one still has.
+fn settle_links() -> bool {
+    let stores: Vec<Arc<Store>> = {
+        let consumers = lock(&CONSUMERS);
+        let links = lock(&LINKS);
+        consumers
+            .iter()
+            .filter(|((url, _), _)| links.get(url).is_some_and(Link::needs_settling))
+            .filter_map(|(_, consumer)| consumer.try_lock().ok().map(|c| c.store.clone()))
+            .collect()
+    };
+    let mut unsettled = false;
+    for store in stores {
+        if let Err(e) = settle(&store) {
+            tracing::warn!("confirming the acks of items taken from queues: {e}");
+            unsettled = true;
+        }
+    }
+    unsettled
 }
 
 /// At exit: everything held goes back to the queue (a consumer whose lock a waiting get holds
-/// holds nothing; what its BLMOVE may take is reaped when its hold lapses).
+/// holds nothing; what its BLMOVE may take is reaped when its hold lapses), and every ack is
+/// confirmed.
 fn give_back_all() {
     let consumers: Vec<_> = lock(&CONSUMERS).values().cloned().collect();
     for consumer in consumers {
         let Ok(mut consumer) = consumer.try_lock() else {
             continue;
         };
-        if !consumer.held.is_empty() {
+        if !consumer.held.is_empty() || consumer.in_doubt {
             consumer.give_back();
         }
     }
+    settle_links();
 }
 
 /// The claims script `script` on `keys`, the holder and the TTL given.
@@ -324,6 +387,7 @@ fn claims_invocation(
         .key(&keys.state)
         .key(&keys.claims)
         .key(&keys.claim)
+        .key(&keys.claim_fences)
         .arg(ttl(store))
         .arg(&keys.claim_prefix)
         .arg(process_holder());
@@ -331,81 +395,136 @@ fn claims_invocation(
 }
 
 impl Consumer {
+    /// Whether the items held may no longer be returned (the first one aside when `owned`).
     fn stale(&self) -> bool {
-        self.fetched_at.is_none_or(|at| at.elapsed() >= HOLD)
+        self.usable_until
+            .is_none_or(|until| Instant::now() >= until)
     }
 
-    /// The next held item, after its ack was written; `None` when nothing may be returned.
+    /// The next held item, after its ack was written; `None` when nothing may be returned (what
+    /// is held then went stale and was given back).
     fn take(&mut self) -> Result<Option<Vec<u8>>> {
-        let Some(&(number, _)) = self.held.front() else {
-            return Ok(None);
-        };
-        if self.stale() {
-            // The next fetch gives them back.
-            self.held.clear();
-            return Ok(None);
+        loop {
+            let Some(&(number, _)) = self.held.front() else {
+                return Ok(None);
+            };
+            if self.in_doubt {
+                let ours = with_link(&self.store, |link| {
+                    link.resolve(&self.store, &self.keys, number)
+                })?;
+                self.in_doubt = false;
+                if !ours {
+                    // Given back to the queue before any ack of it applied: not ours.
+                    self.held.pop_front();
+                    continue;
+                }
+                self.owned = true;
+            }
+            if self.owned {
+                self.owned = false;
+                return Ok(self.held.pop_front().map(|(_, item)| item));
+            }
+            if self.stale() {
+                self.give_back();
+                return Ok(None);
+            }
+            let usable_until = self.usable_until;
+            let acked = with_link(&self.store, |link| {
+                // Checked again here: the link's lock may have been waited for.
+                if usable_until.is_none_or(|until| Instant::now() >= until) {
+                    return Ok(Ack::TooLate);
+                }
+                link.ack(&self.store, &self.keys, number)
+            });
+            match acked {
+                Ok(Ack::Written) | Ok(Ack::Applied) => {
+                    return Ok(self.held.pop_front().map(|(_, item)| item));
+                }
+                Ok(Ack::NotOurs) => {
+                    self.held.pop_front();
+                }
+                Ok(Ack::TooLate) => {
+                    self.give_back();
+                    return Ok(None);
+                }
+                Err(e) => {
+                    // The ack may have been applied: ask before anything else.
+                    self.in_doubt = true;
+                    return Err(e);
+                }
+            }
         }
-        with_link(&self.store, |link| {
-            link.ack(&self.store, &self.keys.claim, number)
-        })?;
-        Ok(self.held.pop_front().map(|(_, item)| item))
     }
 
     /// Claims the next batch (giving back what was held first). `wait`: the caller waits that
     /// long for items if none come (the holder's record stays for it).
     fn fetch(&mut self, wait: Option<Duration>) -> Result<()> {
-        let invocation = self.fetch_invocation(wait);
+        self.settle_first_item()?;
+        let args = self.next_batch(wait, Duration::ZERO);
+        let invocation = self.fetch_invocation(&args);
         let sent_at = Instant::now();
         let reply = with_link(&self.store, |link| {
             link.invoke(&self.store, "claiming items of", &invocation)
         })?;
-        self.fetched(sent_at, reply)
+        // The allowance follows the round trip (a slow or distant Redis, large items).
+        self.allowance = (sent_at.elapsed() * 4).clamp(HOLD, MOST_ALLOWANCE);
+        self.fetched(sent_at, Duration::ZERO, args.first, reply)
     }
 
     /// Waits at most `block` for an item (`BLMOVE` into this holder's landing list), and claims
-    /// the next batch in the same round trip. An item the `BLMOVE` moved stays this holder's
-    /// until a fetch claims it (this one, or the next when this one failed) or, if this process
-    /// dies first, a reaper gives it back.
+    /// the next batch in the same round trip (the fetch sent whole, `EVAL`, so that it runs
+    /// whatever scripts Redis lost). An item the `BLMOVE` moved stays this holder's until a
+    /// fetch claims it or, if this process dies first, a reaper gives it back.
     fn fetch_blocking(&mut self, block: Duration) -> Result<()> {
+        self.settle_first_item()?;
         // The fetch gives back what this holder claims: its acks must be applied first.
         with_link(&self.store, |link| link.settle(&self.store))?;
-        let invocation = self.fetch_invocation(Some(block));
+        let args = self.next_batch(Some(block), block);
+        let eval = self.fetch_eval(&args);
         let mut pipe = redis::pipe();
-        pipe.ignore_errors()
-            .cmd("BLMOVE")
+        pipe.cmd("BLMOVE")
             .arg(&self.keys.items)
             .arg(format!("{}:in", self.keys.claim))
             .arg("LEFT")
             .arg("RIGHT")
             .arg(common::blpop_seconds(block))
-            .invoke_script(&invocation);
+            .ignore()
+            .add_command(eval);
         let sent_at = Instant::now();
         let reply = self.store.with_blocking_conn(
             Some(block),
             || "waiting for items of a queue".to_string(),
             |conn| {
-                let (moved, fetched): (redis::Value, redis::Value) = pipe.query(conn)?;
-                moved.extract_error()?;
-                match fetched.extract_error() {
-                    Err(e)
-                        if e.kind()
-                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                    {
-                        // Redis lost its scripts (a restart, SCRIPT FLUSH): what the BLMOVE
-                        // took is in the landing list, and the fetch claims it.
-                        invocation.invoke(conn)
-                    }
-                    other => other,
-                }
+                let (fetched,): (redis::Value,) = pipe.query(conn)?;
+                Ok(fetched)
             },
         )?;
-        self.fetched(sent_at, reply)
+        self.fetched(sent_at, block, args.first, reply)
     }
 
-    /// `claim_fetch.lua` for the next batch: 1 item after a stale batch or a give-back, twice the
-    /// last one after a full batch all returned in time.
-    fn fetch_invocation(&mut self, wait: Option<Duration>) -> redis::ScriptInvocation<'static> {
-        self.batch = if self.fetched_at.is_none() || !self.held.is_empty() || self.stale() {
+    /// Before a fetch or a give-back: the first held item's doubt is settled, and an item
+    /// known to be ours stays (it is not in the claim any more).
+    fn settle_first_item(&mut self) -> Result<()> {
+        if self.in_doubt
+            && let Some(&(number, _)) = self.held.front()
+        {
+            let ours = with_link(&self.store, |link| {
+                link.resolve(&self.store, &self.keys, number)
+            })?;
+            self.in_doubt = false;
+            self.owned = ours;
+            if !ours {
+                self.held.pop_front();
+            }
+        }
+        Ok(())
+    }
+
+    /// The next batch's arguments (1 item after a stale batch or a give-back, twice the last
+    /// one after a full batch all returned in time), its numbers reserved. `extra`: how much
+    /// later than its sending the fetch may run (a `BLMOVE`'s wait first).
+    fn next_batch(&mut self, wait: Option<Duration>, extra: Duration) -> FetchArgs {
+        self.batch = if self.usable_until.is_none() || !self.held.is_empty() || self.stale() {
             1
         } else if self.filled {
             (self.batch * 2).min(MOST_ITEMS)
@@ -413,40 +532,101 @@ impl Consumer {
             self.batch
         };
         self.held.clear();
-        self.fetched_at = None;
-        let hold = HOLD + crate::grants::lease();
+        self.usable_until = None;
+        let first = self.next;
+        self.next += self.batch as u64;
+        // Redis holds the batch a lease longer than this process may return it.
+        let hold = extra + self.allowance + crate::grants::lease();
+        FetchArgs {
+            first,
+            most: self.batch,
+            hold_ms: hold.as_millis() as u64,
+            wait_ms: wait.map_or(0, |w| w.as_millis() as u64),
+        }
+    }
+
+    /// `claim_fetch.lua` with `args`, as a script invocation.
+    fn fetch_invocation(&self, args: &FetchArgs) -> redis::ScriptInvocation<'static> {
         let mut invocation = claims_invocation(&FETCH, &self.keys, &self.store);
         invocation
-            .arg(self.next)
-            .arg(self.batch)
-            .arg(hold.as_millis() as u64)
+            .arg(args.first)
+            .arg(args.most)
+            .arg(args.hold_ms)
             .arg(MOST_BYTES)
-            .arg(wait.map_or(0, |w| w.as_millis() as u64));
+            .arg(args.wait_ms);
         invocation
     }
 
-    /// Takes in a fetch's reply; `sent_at`: when the fetch was sent.
-    fn fetched(&mut self, sent_at: Instant, reply: redis::Value) -> Result<()> {
-        let (first, items) = parse_batch(reply)?;
-        self.fetched_at = Some(sent_at);
+    /// `claim_fetch.lua` with `args`, sent whole (`EVAL`).
+    fn fetch_eval(&self, args: &FetchArgs) -> redis::Cmd {
+        let keys = &self.keys;
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(FETCH_SOURCE.as_str())
+            .arg(5)
+            .arg(&keys.items)
+            .arg(&keys.state)
+            .arg(&keys.claims)
+            .arg(&keys.claim)
+            .arg(&keys.claim_fences)
+            .arg(ttl(&self.store))
+            .arg(&keys.claim_prefix)
+            .arg(process_holder())
+            .arg(args.first)
+            .arg(args.most)
+            .arg(args.hold_ms)
+            .arg(MOST_BYTES)
+            .arg(args.wait_ms);
+        eval
+    }
+
+    /// Takes in a fetch's reply; `sent_at`: when the fetch was sent, `extra`: how much later it
+    /// may have run.
+    fn fetched(
+        &mut self,
+        sent_at: Instant,
+        extra: Duration,
+        first: u64,
+        reply: redis::Value,
+    ) -> Result<()> {
+        let (replied_first, items) = parse_batch(reply)?;
+        if replied_first != first || items.len() > self.batch {
+            return Err(Error::invalid_state(
+                "a queue fetch answered for another batch than it asked",
+            ));
+        }
+        self.usable_until = Some(sent_at + extra + self.allowance);
         self.filled = items.len() >= self.batch;
-        self.next = first + items.len() as u64;
         self.held = items
             .into_iter()
             .enumerate()
             .map(|(i, item)| (first + i as u64, item))
             .collect();
-        if self.held.len() > 1 {
+        if !self.held.is_empty() {
             wake_keeper();
         }
         Ok(())
     }
 
-    /// Gives back what is held (logged when it fails: it comes back when the hold lapses).
+    /// Gives back what is held (logged when it fails: it comes back when the hold lapses). An
+    /// item known to be ours stays held.
     fn give_back(&mut self) {
+        if let Err(e) = self.settle_first_item() {
+            tracing::warn!(
+                "giving back the items this process fetched from {}: {e}; tried again later",
+                self.keys.items
+            );
+            return;
+        }
+        let owned = if self.owned {
+            self.held.pop_front()
+        } else {
+            None
+        };
         self.held.clear();
-        self.fetched_at = None;
-        let invocation = claims_invocation(&RELEASE, &self.keys, &self.store);
+        self.held.extend(owned);
+        self.usable_until = None;
+        let mut invocation = claims_invocation(&RELEASE, &self.keys, &self.store);
+        invocation.arg(self.next);
         let given = with_link(&self.store, |link| {
             link.invoke(&self.store, "giving back items of", &invocation)
         });
@@ -458,6 +638,22 @@ impl Consumer {
             );
         }
     }
+
+    /// Whether the keeper has something to do here: held items that went stale.
+    fn needs_keeper(&self) -> bool {
+        !self.held.is_empty() && (self.in_doubt || (!self.owned && self.stale()))
+    }
+}
+
+/// What a fetch asks.
+struct FetchArgs {
+    /// The first number it may use (it reserved `most` from it).
+    first: u64,
+    most: usize,
+    /// How long Redis holds the batch.
+    hold_ms: u64,
+    /// How long the holder waits if nothing comes (0: it does not).
+    wait_ms: u64,
 }
 
 /// Reads `{first number, item...}`.
@@ -480,6 +676,25 @@ fn parse_batch(reply: redis::Value) -> Result<(u64, Vec<Vec<u8>>)> {
     Ok((first, items))
 }
 
+/// What became of an ack.
+enum Ack {
+    /// Written (its reply is read later): the item is this process's.
+    Written,
+    /// Written again after a failure and applied: the item is this process's.
+    Applied,
+    /// The item was given back to the queue before any ack of it was applied.
+    NotOurs,
+    /// The batch went stale before the ack could be written: nothing was written.
+    TooLate,
+}
+
+/// An ack written and not known to be applied.
+struct Unconfirmed {
+    number: u64,
+    /// The queue's fences hash (`claim_ack.lua` records acks written again there).
+    fences: String,
+}
+
 /// This process's claims connection to one Redis: acks are written without waiting, and their
 /// replies read before the next script.
 #[derive(Default)]
@@ -488,8 +703,9 @@ struct Link {
     /// Replies not read yet.
     pending: usize,
     /// The last ack written per claim since the replies were last all read.
-    unconfirmed: HashMap<String, u64>,
-    /// Whether a reply read was an error: the unconfirmed acks are written again.
+    unconfirmed: HashMap<String, Unconfirmed>,
+    /// Whether a reply read was an error, or the connection failed with replies pending: the
+    /// unconfirmed acks are written again (`claim_ack.lua`) and waited for.
     failed: bool,
 }
 
@@ -518,44 +734,83 @@ impl Link {
         }
     }
 
-    /// Writes the ack of `number` on `claim` (and, after a failure, the unconfirmed ones again).
-    fn ack(&mut self, store: &Store, claim: &str, number: u64) -> Result<()> {
-        self.unconfirmed.insert(claim.to_string(), number);
+    /// Whether acks wait to be written again.
+    fn needs_settling(&self) -> bool {
+        self.failed || self.pending > 0
+    }
+
+    /// Writes the ack of the item `number` of this process's claim on `keys`'s queue; after a
+    /// failure, writes it (and the other unconfirmed ones) again and waits for the outcome.
+    fn ack(&mut self, store: &Store, keys: &QueueKeys, number: u64) -> Result<Ack> {
+        self.unconfirmed.insert(
+            keys.claim.clone(),
+            Unconfirmed {
+                number,
+                fences: keys.claim_fences.clone(),
+            },
+        );
         if self.failed {
-            return self.confirm(store);
+            return self.confirm(store, Some(&keys.claim)).map(ours_or_not);
         }
-        let packed = ack_command(claim, number).get_packed_command();
+        let packed = ack_command(&keys.claim, number).get_packed_command();
         let written = self
             .conn(store)
             .and_then(|conn| conn.send_packed_command(&packed));
         match written {
             Ok(()) => {
                 self.pending += 1;
-                Ok(())
+                Ok(Ack::Written)
             }
             Err(_) => {
-                // On a new connection, with the others written again.
+                // Not written: on a new connection, with the others written again.
                 self.drop_conn();
-                self.confirm(store)
+                self.confirm(store, Some(&keys.claim)).map(ours_or_not)
             }
         }
     }
 
-    /// Writes every unconfirmed ack again and waits for the replies.
-    fn confirm(&mut self, store: &Store) -> Result<()> {
+    /// Whether the item `number` of this process's claim on `keys`'s queue, whose ack's outcome
+    /// is not known, is this process's: its ack is written again and waited for.
+    fn resolve(&mut self, store: &Store, keys: &QueueKeys, number: u64) -> Result<bool> {
+        self.unconfirmed.insert(
+            keys.claim.clone(),
+            Unconfirmed {
+                number,
+                fences: keys.claim_fences.clone(),
+            },
+        );
+        self.failed = true;
+        self.confirm(store, Some(&keys.claim))
+    }
+
+    /// Writes every unconfirmed ack again (`claim_ack.lua`) and waits for the outcomes; that of
+    /// `claim`'s ack is returned (`true`: the item is this process's; `false` without `claim`).
+    fn confirm(&mut self, store: &Store, claim: Option<&str>) -> Result<bool> {
         self.read_pending();
-        let mut pipe = redis::pipe();
-        for (claim, number) in &self.unconfirmed {
-            pipe.add_command(ack_command(claim, *number)).ignore();
-        }
-        let result = self.conn(store).and_then(|conn| pipe.query::<()>(conn));
+        let mut ours = false;
+        let unconfirmed = std::mem::take(&mut self.unconfirmed);
+        let result = (|| {
+            let conn = self.conn(store)?;
+            for (key, ack) in &unconfirmed {
+                let applied: i64 = ACK
+                    .key(key)
+                    .key(&ack.fences)
+                    .arg(process_holder())
+                    .arg(ack.number)
+                    .invoke(conn)?;
+                if Some(key.as_str()) == claim {
+                    ours = applied == 1;
+                }
+            }
+            Ok(())
+        })();
         match result {
             Ok(()) => {
-                self.unconfirmed.clear();
                 self.failed = false;
-                Ok(())
+                Ok(ours)
             }
             Err(e) => {
+                self.unconfirmed = unconfirmed;
                 if !is_reply(&e) {
                     self.drop_conn();
                 }
@@ -587,7 +842,7 @@ impl Link {
     fn settle(&mut self, store: &Store) -> Result<()> {
         self.read_pending();
         if self.failed {
-            self.confirm(store)
+            self.confirm(store, None).map(|_| ())
         } else {
             self.unconfirmed.clear();
             Ok(())
@@ -612,6 +867,10 @@ impl Link {
             Error::redis(what, e)
         })
     }
+}
+
+fn ours_or_not(ours: bool) -> Ack {
+    if ours { Ack::Applied } else { Ack::NotOurs }
 }
 
 /// The ack of every item numbered up to `number` in `claim`.

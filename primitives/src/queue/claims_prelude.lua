@@ -32,7 +32,7 @@ local function give_back(claim_prefix, holder)
     if colon then
       items[#items + 1] = string.sub(member, colon + 1)
     else
-      -- Not written by claim_fetch.lua: left where it is rather than pushed as an item.
+      -- Not written by claim_fetch.lua: logged and dropped with the claim, not pushed as an item.
       redis.log(redis.LOG_WARNING, 'shoal: ' .. key .. ' holds a member without a number')
     end
   end

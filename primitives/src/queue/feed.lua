@@ -45,6 +45,7 @@ if #holders > 0 then
   redis.call('EXPIRE', KEYS[4], ARGV[1])
   for _, holder in ipairs(holders) do
     redis.call('EXPIRE', ARGV[4] .. holder, ARGV[1])
+    redis.call('EXPIRE', ARGV[4] .. holder .. ':in', ARGV[1])
   end
 end
 return appended

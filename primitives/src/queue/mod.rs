@@ -179,6 +179,9 @@ struct QueueKeys {
     claim_prefix: String,
     /// This process's claim.
     claim: String,
+    /// Per holder: the first number of its latest fetch, and its highest ack written again
+    /// after a failure (`claim_fences`).
+    claim_fences: String,
 }
 
 impl QueueCore {
@@ -235,6 +238,7 @@ impl QueueCore {
             claims: keys.key("claims"),
             claim_prefix: keys.key("claim:"),
             claim: keys.key(&format!("claim:{}", process_holder())),
+            claim_fences: keys.key("claim_fences"),
         }
     }
 

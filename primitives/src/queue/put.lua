@@ -31,6 +31,7 @@ if #holders > 0 then
   redis.call('EXPIRE', KEYS[6], ARGV[1])
   for _, holder in ipairs(holders) do
     redis.call('EXPIRE', ARGV[6] .. holder, ARGV[1])
+    redis.call('EXPIRE', ARGV[6] .. holder .. ':in', ARGV[1])
   end
 end
 if ARGV[5] == '1' then
