@@ -465,7 +465,13 @@ fn a_late_fetch_or_give_back_of_a_holder_does_nothing() {
             .arg(holder);
         cmd
     };
-    // A fetch numbered from 0 (the first batch's number): refused, nothing moved.
+    // A fetch numbered from 0 (the first batch's number): refused, nothing claimed; what its
+    // BLMOVE would have moved (999, put in the landing list here) goes back to the queue.
+    redis::cmd("RPUSH")
+        .arg(format!("{prefix}claim:{holder}:in"))
+        .arg([vec![1u8], rmp_serde::to_vec(&999u64).expect("encode")].concat())
+        .query::<()>(&mut raw)
+        .expect("landing");
     let mut late_fetch = claims_script(include_str!("../../primitives/src/queue/claim_fetch.lua"));
     late_fetch.arg(0).arg(8).arg(5000).arg(1 << 20).arg(0);
     let refused = late_fetch.query::<redis::Value>(&mut raw);
@@ -481,7 +487,48 @@ fn a_late_fetch_or_give_back_of_a_holder_does_nothing() {
     assert_eq!(given, 0);
     assert_eq!(held(&mut raw, &q), held_before);
     // The process goes on returning its batch, then the rest, each once and in order.
-    let rest: Vec<u64> = (11..20).map(|_| q.get().expect("get")).collect();
-    assert_eq!(rest, (11..20).collect::<Vec<_>>());
+    let rest: Vec<u64> = (0..10).map(|_| q.get().expect("get")).collect();
+    let mut expected: Vec<u64> = (11..20).collect();
+    expected.insert(held_before, 999);
+    assert_eq!(rest, expected);
     assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+}
+
+/// Redis refuses the acks of a batch being returned (here `NOREPLICAS`; `MISCONF` or `READONLY`
+/// alike): the refusals are seen before the next fetch, which waits until the acks can be
+/// written again, so no item returned goes back to the queue.
+#[test]
+fn acks_that_redis_refuses_are_written_again_before_the_next_fetch() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    fill(&q, 100);
+    let mut got: Vec<u64> = (0..20).map(|_| q.get().expect("get")).collect();
+    let refuse = |conn: &mut redis::Connection, replicas: u32| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("min-replicas-to-write")
+            .arg(replicas)
+            .query::<()>(conn)
+            .expect("config set")
+    };
+    refuse(&mut raw, 1);
+    // Items still held are returned (their acks are written without waiting, and refused); the
+    // get that needs a fetch fails.
+    let mut failed = false;
+    for _ in 0..40 {
+        match q.get_nowait() {
+            Ok(item) => got.push(item),
+            Err(e) => {
+                assert!(!matches!(e, Error::Empty), "{e}");
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "every get succeeded while Redis refused writes");
+    refuse(&mut raw, 0);
+    got.extend(drain(&q, Duration::from_millis(500)));
+    assert_eq!(got, (0..100).collect::<Vec<_>>());
+    assert_eq!(held(&mut raw, &q), 0);
 }

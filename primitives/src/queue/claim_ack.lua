@@ -1,7 +1,8 @@
 -- An acknowledgement written again after a failure, whose outcome the holder must know: takes
 -- the items numbered up to ARGV[2] out of the holder's claim and records ARGV[2] as acknowledged
 -- (`<holder>:acked` in the fences hash, which reapers leave alone).
--- KEYS[1] the holder's claim, KEYS[2] the fences hash; ARGV[1] holder, ARGV[2] the number
+-- KEYS[1] the holder's claim, KEYS[2] the fences hash; ARGV[1] holder, ARGV[2] the number,
+-- ARGV[3] TTL
 -- Returns 1 when the item numbered ARGV[2] is the holder's (this call or an earlier one took it
 -- out of the claim), 0 when it is not (it was given back to the queue before any ack of it).
 local number = tonumber(ARGV[2])
@@ -11,6 +12,7 @@ local acked = tonumber(redis.call('HGET', KEYS[2], field) or '-1')
 if removed > 0 then
   if number > acked then
     redis.call('HSET', KEYS[2], field, number)
+    redis.call('EXPIRE', KEYS[2], ARGV[3])
   end
   return 1
 end

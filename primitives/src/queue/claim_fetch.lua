@@ -23,6 +23,9 @@ local first = tonumber(ARGV[4])
 local want = tonumber(ARGV[5])
 local fence = tonumber(redis.call('HGET', KEYS[5], me .. ':fence') or '-1')
 if first <= fence then
+  -- What a late BLMOVE sent with this fetch moved goes back to the head: nothing would claim it.
+  while redis.call('LMOVE', KEYS[4] .. ':in', KEYS[1], 'RIGHT', 'LEFT') do
+  end
   return redis.error_reply('STALE a later fetch of this holder ran')
 end
 redis.call('HSET', KEYS[5], me .. ':fence', first)

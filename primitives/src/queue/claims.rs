@@ -15,12 +15,17 @@
 //!   read before the next script on that connection, so every ack is applied before the next
 //!   fetch (same connection, same order). An ack covers every number up to its own, and Redis
 //!   applies it even at `maxmemory` (the command frees memory; Redis does not refuse it with
-//!   `OOM`). When the connection fails, or a reply was an error, the acks not known to be
-//!   applied are written again as `claim_ack.lua`, waited for, and recorded (`<holder>:acked`):
-//!   the item whose ack could not be written is returned only once Redis says it is this
-//!   process's (its ack applied, now or before), and dropped when Redis says it was given back
-//!   first. Until then the get fails, and nothing else is done with the batch. The keeper and
-//!   the exit hooks write such acks again, so none is left behind when the process stops getting.
+//!   `OOM`). When the connection fails, no connection is open, or a reply was an error (read
+//!   before the next fetch), the acks not known to be applied are written again as
+//!   `claim_ack.lua`, waited for, and recorded (`<holder>:acked`), before anything else is sent:
+//!   a refused ack is never followed by a fetch that would give its item back. The item whose
+//!   own ack could not be written is *in doubt*: only a get decides it (`claim_ack.lua`: it is
+//!   this process's when an ack of it applied, now or before, and not when it was given back
+//!   first), and a give-back meanwhile (`close()`, the keeper, exit) passes it to
+//!   `claim_release.lua`, which puts it back at the head when its ack applied and it is not in
+//!   the claim any more. An item known to be this process's and not returned yet goes back the
+//!   same way. The keeper and the exit hooks write unconfirmed acks again, so none is left
+//!   behind when the process stops getting.
 //! * This process returns a held item only within its *allowance* of sending the fetch (its own
 //!   monotonic clock, checked again right before the ack is written): [`HOLD`], or 4 fetch round
 //!   trips when that is more (a slow Redis, large items), plus the wait of a `BLMOVE` sent
@@ -40,8 +45,10 @@
 //!   which cannot meet `NOSCRIPT`), one round trip: Redis runs the fetch right after the `BLMOVE`
 //!   and it claims what was moved, so an item that arrives is never in flight unowned. The
 //!   consumer's lock is held during the slice, since the fetch gives back what it claims.
-//! * An async get takes a held item first (when no blocking get of this process holds the
-//!   consumer), else waits as a bounded queue's get does (`BLPOP` slices with a check-in that
+//! * An async get takes a held item first when that needs no round trip (no other thread holds
+//!   the consumer, the batch is fresh, the connection open; otherwise the keeper or the next
+//!   sync get deals with the batch, and the async get may receive a later item first), else
+//!   waits as a bounded queue's get does (`BLPOP` slices with a check-in that
 //!   gives back lapsed claims, `claim_check_in.lua`); the item a `BLPOP` returns is not claimed,
 //!   so a process killed between Redis's pop and reading the reply loses it.
 //! * The batch: 1 item at first; twice the last one each time the last one was all returned
@@ -227,6 +234,7 @@ pub(super) fn get(
 ) -> Result<Vec<u8>> {
     let consumer = consumer(core, store);
     let mut blocking = false;
+    let mut retried = false;
     loop {
         // The consumer's lock is held while waiting (a slice at most): the fetch behind the
         // BLMOVE gives back what the consumer claims, which must not be held by another
@@ -242,8 +250,15 @@ pub(super) fn get(
             (false, slice) => consumer.fetch(slice),
         };
         fetched.map_err(|e| core.address.error(e))?;
+        let fetched_some = !consumer.held.is_empty();
         if let Some(item) = consumer.take().map_err(|e| core.address.error(e))? {
             return Ok(item);
+        }
+        if fetched_some && !retried {
+            // The batch was stale on arrival (a round trip longer than the allowance): once
+            // more, with the allowance grown to fit.
+            retried = true;
+            continue;
         }
         if slice.is_none() {
             return Err(Error::Empty);
@@ -256,11 +271,12 @@ pub(super) fn get(
 /// before waiting, so that one process's gets keep the queue's order).
 pub(super) fn take_held(core: &QueueCore, store: &Arc<Store>) -> Result<Option<Vec<u8>>> {
     let consumer = consumer(core, store);
-    // A blocking get of another thread holds the lock: it holds no item then.
+    // Another thread holds the lock (a blocking get, the keeper): the async get does not wait
+    // for it.
     let Ok(mut consumer) = consumer.try_lock() else {
         return Ok(None);
     };
-    consumer.take().map_err(|e| core.address.error(e))
+    consumer.take_quick().map_err(|e| core.address.error(e))
 }
 
 /// Gives back what this process holds of `core` (its `close()`). A failure is logged: the items
@@ -368,7 +384,7 @@ fn give_back_all() {
         let Ok(mut consumer) = consumer.try_lock() else {
             continue;
         };
-        if !consumer.held.is_empty() || consumer.in_doubt {
+        if !consumer.held.is_empty() {
             consumer.give_back();
         }
     }
@@ -404,54 +420,98 @@ impl Consumer {
     /// The next held item, after its ack was written; `None` when nothing may be returned (what
     /// is held then went stale and was given back).
     fn take(&mut self) -> Result<Option<Vec<u8>>> {
-        loop {
-            let Some(&(number, _)) = self.held.front() else {
+        let Some(&(number, _)) = self.held.front() else {
+            return Ok(None);
+        };
+        if self.in_doubt {
+            let ours = with_link(&self.store, |link| {
+                link.resolve(&self.store, &self.keys, number)
+            })?;
+            self.in_doubt = false;
+            if !ours {
+                // Given back to the queue (with the rest of the batch) before any ack of it
+                // applied: not ours.
+                self.held.clear();
+                self.usable_until = None;
                 return Ok(None);
-            };
-            if self.in_doubt {
-                let ours = with_link(&self.store, |link| {
-                    link.resolve(&self.store, &self.keys, number)
-                })?;
-                self.in_doubt = false;
-                if !ours {
-                    // Given back to the queue before any ack of it applied: not ours.
-                    self.held.pop_front();
-                    continue;
-                }
-                self.owned = true;
             }
-            if self.owned {
-                self.owned = false;
-                return Ok(self.held.pop_front().map(|(_, item)| item));
+            self.owned = true;
+        }
+        if self.owned {
+            self.owned = false;
+            return Ok(self.held.pop_front().map(|(_, item)| item));
+        }
+        if self.stale() {
+            self.give_back();
+            return Ok(None);
+        }
+        let usable_until = self.usable_until;
+        let acked = with_link(&self.store, |link| {
+            // Checked again here: the link's lock may have been waited for.
+            if usable_until.is_none_or(|until| Instant::now() >= until) {
+                return Ok(Ack::TooLate);
             }
-            if self.stale() {
+            link.ack(&self.store, &self.keys, number)
+        });
+        match acked {
+            Ok(Ack::Written) | Ok(Ack::Applied) => Ok(self.held.pop_front().map(|(_, item)| item)),
+            Ok(Ack::NotOurs) => {
+                // Only a reaper takes items out of a claim other than by acks: the whole batch
+                // was given back.
+                self.held.clear();
+                self.usable_until = None;
+                Ok(None)
+            }
+            Ok(Ack::TooLate) => {
                 self.give_back();
+                Ok(None)
+            }
+            Err(e) => {
+                // The ack may have been applied: ask before anything else.
+                self.in_doubt = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// The next held item if that needs no round trip (for an async get, on its executor's
+    /// thread): an item known to be ours, or one whose ack is written without waiting on an
+    /// open connection. `None` otherwise (the batch went stale, an ack is in doubt, the
+    /// connection failed): the keeper or the next sync get deals with those.
+    fn take_quick(&mut self) -> Result<Option<Vec<u8>>> {
+        if self.owned {
+            self.owned = false;
+            return Ok(self.held.pop_front().map(|(_, item)| item));
+        }
+        let Some(&(number, _)) = self.held.front() else {
+            return Ok(None);
+        };
+        if self.in_doubt || self.stale() {
+            return Ok(None);
+        }
+        let usable_until = self.usable_until;
+        let acked = with_link(&self.store, |link| {
+            if link.failed
+                || link.conn.is_none()
+                || usable_until.is_none_or(|until| Instant::now() >= until)
+            {
                 return Ok(None);
             }
-            let usable_until = self.usable_until;
-            let acked = with_link(&self.store, |link| {
-                // Checked again here: the link's lock may have been waited for.
-                if usable_until.is_none_or(|until| Instant::now() >= until) {
-                    return Ok(Ack::TooLate);
-                }
-                link.ack(&self.store, &self.keys, number)
-            });
-            match acked {
-                Ok(Ack::Written) | Ok(Ack::Applied) => {
-                    return Ok(self.held.pop_front().map(|(_, item)| item));
-                }
-                Ok(Ack::NotOurs) => {
-                    self.held.pop_front();
-                }
-                Ok(Ack::TooLate) => {
-                    self.give_back();
-                    return Ok(None);
-                }
-                Err(e) => {
-                    // The ack may have been applied: ask before anything else.
-                    self.in_doubt = true;
-                    return Err(e);
-                }
+            link.ack(&self.store, &self.keys, number).map(Some)
+        });
+        match acked {
+            Ok(Some(Ack::Written)) | Ok(Some(Ack::Applied)) => {
+                Ok(self.held.pop_front().map(|(_, item)| item))
+            }
+            Ok(Some(Ack::NotOurs)) => {
+                self.held.clear();
+                self.usable_until = None;
+                Ok(None)
+            }
+            Ok(Some(Ack::TooLate)) | Ok(None) => Ok(None),
+            Err(e) => {
+                self.in_doubt = true;
+                Err(e)
             }
         }
     }
@@ -459,16 +519,24 @@ impl Consumer {
     /// Claims the next batch (giving back what was held first). `wait`: the caller waits that
     /// long for items if none come (the holder's record stays for it).
     fn fetch(&mut self, wait: Option<Duration>) -> Result<()> {
-        self.settle_first_item()?;
+        if self.in_doubt || self.owned {
+            // `take` settles the first item before anything else.
+            return Ok(());
+        }
         let args = self.next_batch(wait, Duration::ZERO);
         let invocation = self.fetch_invocation(&args);
-        let sent_at = Instant::now();
-        let reply = with_link(&self.store, |link| {
-            link.invoke(&self.store, "claiming items of", &invocation)
+        let (reply, round_trip) = with_link(&self.store, |link| {
+            link.settle(&self.store)?;
+            let sent_at = Instant::now();
+            let reply = link.invoke(&self.store, "claiming items of", &invocation)?;
+            Ok((reply, sent_at))
         })?;
-        // The allowance follows the round trip (a slow or distant Redis, large items).
+        let sent_at = round_trip;
+        self.fetched(sent_at, Duration::ZERO, &args, reply)?;
+        // The allowance follows the round trip (a slow or distant Redis, large items), from the
+        // next fetch on: this one's hold was sent with the old one.
         self.allowance = (sent_at.elapsed() * 4).clamp(HOLD, MOST_ALLOWANCE);
-        self.fetched(sent_at, Duration::ZERO, args.first, reply)
+        Ok(())
     }
 
     /// Waits at most `block` for an item (`BLMOVE` into this holder's landing list), and claims
@@ -476,7 +544,9 @@ impl Consumer {
     /// whatever scripts Redis lost). An item the `BLMOVE` moved stays this holder's until a
     /// fetch claims it or, if this process dies first, a reaper gives it back.
     fn fetch_blocking(&mut self, block: Duration) -> Result<()> {
-        self.settle_first_item()?;
+        if self.in_doubt || self.owned {
+            return Ok(());
+        }
         // The fetch gives back what this holder claims: its acks must be applied first.
         with_link(&self.store, |link| link.settle(&self.store))?;
         let args = self.next_batch(Some(block), block);
@@ -499,25 +569,7 @@ impl Consumer {
                 Ok(fetched)
             },
         )?;
-        self.fetched(sent_at, block, args.first, reply)
-    }
-
-    /// Before a fetch or a give-back: the first held item's doubt is settled, and an item
-    /// known to be ours stays (it is not in the claim any more).
-    fn settle_first_item(&mut self) -> Result<()> {
-        if self.in_doubt
-            && let Some(&(number, _)) = self.held.front()
-        {
-            let ours = with_link(&self.store, |link| {
-                link.resolve(&self.store, &self.keys, number)
-            })?;
-            self.in_doubt = false;
-            self.owned = ours;
-            if !ours {
-                self.held.pop_front();
-            }
-        }
-        Ok(())
+        self.fetched(sent_at, block, &args, reply)
     }
 
     /// The next batch's arguments (1 item after a stale batch or a give-back, twice the last
@@ -536,12 +588,14 @@ impl Consumer {
         let first = self.next;
         self.next += self.batch as u64;
         // Redis holds the batch a lease longer than this process may return it.
-        let hold = extra + self.allowance + crate::grants::lease();
+        let allowance = extra + self.allowance;
+        let hold = allowance + crate::grants::lease();
         FetchArgs {
             first,
             most: self.batch,
+            allowance,
             hold_ms: hold.as_millis() as u64,
-            wait_ms: wait.map_or(0, |w| w.as_millis() as u64),
+            wait_ms: wait.map_or(0, |w| (w.as_millis() as u64).max(1)),
         }
     }
 
@@ -579,23 +633,25 @@ impl Consumer {
         eval
     }
 
-    /// Takes in a fetch's reply; `sent_at`: when the fetch was sent, `extra`: how much later it
-    /// may have run.
+    /// Takes in a fetch's reply; `sent_at`: when the fetch was sent (`extra` earlier than it
+    /// may have run, a `BLMOVE`'s wait, already in `args.allowance`).
     fn fetched(
         &mut self,
         sent_at: Instant,
         extra: Duration,
-        first: u64,
+        args: &FetchArgs,
         reply: redis::Value,
     ) -> Result<()> {
         let (replied_first, items) = parse_batch(reply)?;
-        if replied_first != first || items.len() > self.batch {
+        if replied_first != args.first || items.len() > args.most {
             return Err(Error::invalid_state(
                 "a queue fetch answered for another batch than it asked",
             ));
         }
-        self.usable_until = Some(sent_at + extra + self.allowance);
-        self.filled = items.len() >= self.batch;
+        debug_assert!(args.allowance >= extra);
+        self.usable_until = Some(sent_at + args.allowance);
+        self.filled = items.len() >= args.most;
+        let first = args.first;
         self.held = items
             .into_iter()
             .enumerate()
@@ -607,39 +663,51 @@ impl Consumer {
         Ok(())
     }
 
-    /// Gives back what is held (logged when it fails: it comes back when the hold lapses). An
-    /// item known to be ours stays held.
+    /// Gives back what is held (logged when it fails: it comes back when the hold lapses). The
+    /// first item, when its ack's outcome is in doubt or the item is known to be ours (acked,
+    /// not returned yet), goes with it: `claim_release.lua` puts it back at the head unless it
+    /// is still in the claim (then it goes back with the claim) or was given back already.
     fn give_back(&mut self) {
-        if let Err(e) = self.settle_first_item() {
-            tracing::warn!(
-                "giving back the items this process fetched from {}: {e}; tried again later",
-                self.keys.items
-            );
-            return;
-        }
-        let owned = if self.owned {
-            self.held.pop_front()
-        } else {
-            None
-        };
-        self.held.clear();
-        self.held.extend(owned);
-        self.usable_until = None;
         let mut invocation = claims_invocation(&RELEASE, &self.keys, &self.store);
         invocation.arg(self.next);
+        match (self.in_doubt, self.owned, self.held.front()) {
+            (true, _, Some((number, item))) => {
+                invocation.arg("doubt").arg(*number).arg(item.as_slice());
+            }
+            (_, true, Some((number, item))) => {
+                invocation.arg("owned").arg(*number).arg(item.as_slice());
+            }
+            _ => {
+                invocation.arg("").arg(0).arg("");
+            }
+        }
         let given = with_link(&self.store, |link| {
             link.invoke(&self.store, "giving back items of", &invocation)
         });
-        if let Err(e) = given {
-            tracing::warn!(
-                "giving back the items this process fetched from {}: {e}; they come back when \
-                 its hold lapses",
-                self.keys.items
-            );
+        match given {
+            Ok(_) => {
+                self.held.clear();
+                self.usable_until = None;
+                self.in_doubt = false;
+                self.owned = false;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "giving back the items this process fetched from {}: {e}; tried again \
+                     later, or they come back when its hold lapses",
+                    self.keys.items
+                );
+                if !self.in_doubt && !self.owned {
+                    // Nothing of this process's own to keep: the claim is what is left.
+                    self.held.clear();
+                    self.usable_until = None;
+                }
+            }
         }
     }
 
-    /// Whether the keeper has something to do here: held items that went stale.
+    /// Whether the keeper has something to do here: held items that went stale (or whose
+    /// first item's ack is in doubt).
     fn needs_keeper(&self) -> bool {
         !self.held.is_empty() && (self.in_doubt || (!self.owned && self.stale()))
     }
@@ -650,6 +718,8 @@ struct FetchArgs {
     /// The first number it may use (it reserved `most` from it).
     first: u64,
     most: usize,
+    /// How long after its sending the batch may be returned.
+    allowance: Duration,
     /// How long Redis holds the batch.
     hold_ms: u64,
     /// How long the holder waits if nothing comes (0: it does not).
@@ -739,18 +809,13 @@ impl Link {
         self.failed || self.pending > 0
     }
 
-    /// Writes the ack of the item `number` of this process's claim on `keys`'s queue; after a
-    /// failure, writes it (and the other unconfirmed ones) again and waits for the outcome.
+    /// Writes the ack of the item `number` of this process's claim on `keys`'s queue, without
+    /// waiting. After a failure, or with no connection open (opening one takes time, and the
+    /// ack must not reach Redis later than the allowance checked before), the ack is written
+    /// as `claim_ack.lua` with the unconfirmed ones and waited for, and its outcome returned.
     fn ack(&mut self, store: &Store, keys: &QueueKeys, number: u64) -> Result<Ack> {
-        self.unconfirmed.insert(
-            keys.claim.clone(),
-            Unconfirmed {
-                number,
-                fences: keys.claim_fences.clone(),
-            },
-        );
-        if self.failed {
-            return self.confirm(store, Some(&keys.claim)).map(ours_or_not);
+        if self.failed || self.conn.is_none() {
+            return self.confirm(store, Some((keys, number))).map(ours_or_not);
         }
         let packed = ack_command(&keys.claim, number).get_packed_command();
         let written = self
@@ -759,12 +824,20 @@ impl Link {
         match written {
             Ok(()) => {
                 self.pending += 1;
+                self.unconfirmed.insert(
+                    keys.claim.clone(),
+                    Unconfirmed {
+                        number,
+                        fences: keys.claim_fences.clone(),
+                    },
+                );
                 Ok(Ack::Written)
             }
             Err(_) => {
-                // Not written: on a new connection, with the others written again.
+                // Not written (a write that fails sends nothing of a command this small): on a
+                // new connection, waited for.
                 self.drop_conn();
-                self.confirm(store, Some(&keys.claim)).map(ours_or_not)
+                self.confirm(store, Some((keys, number))).map(ours_or_not)
             }
         }
     }
@@ -772,35 +845,36 @@ impl Link {
     /// Whether the item `number` of this process's claim on `keys`'s queue, whose ack's outcome
     /// is not known, is this process's: its ack is written again and waited for.
     fn resolve(&mut self, store: &Store, keys: &QueueKeys, number: u64) -> Result<bool> {
-        self.unconfirmed.insert(
-            keys.claim.clone(),
-            Unconfirmed {
-                number,
-                fences: keys.claim_fences.clone(),
-            },
-        );
-        self.failed = true;
-        self.confirm(store, Some(&keys.claim))
+        self.confirm(store, Some((keys, number)))
     }
 
-    /// Writes every unconfirmed ack again (`claim_ack.lua`) and waits for the outcomes; that of
-    /// `claim`'s ack is returned (`true`: the item is this process's; `false` without `claim`).
-    fn confirm(&mut self, store: &Store, claim: Option<&str>) -> Result<bool> {
+    /// Writes every unconfirmed ack again (`claim_ack.lua`), and `item`'s (a claim's next item,
+    /// not returned yet: it is never kept among the unconfirmed, so that only its own get
+    /// decides it), and waits for the outcomes; returns `item`'s (`true`: it is this process's).
+    fn confirm(&mut self, store: &Store, item: Option<(&QueueKeys, u64)>) -> Result<bool> {
         self.read_pending();
         let mut ours = false;
         let unconfirmed = std::mem::take(&mut self.unconfirmed);
         let result = (|| {
             let conn = self.conn(store)?;
             for (key, ack) in &unconfirmed {
-                let applied: i64 = ACK
+                let _: i64 = ACK
                     .key(key)
                     .key(&ack.fences)
                     .arg(process_holder())
                     .arg(ack.number)
+                    .arg(ttl(store))
                     .invoke(conn)?;
-                if Some(key.as_str()) == claim {
-                    ours = applied == 1;
-                }
+            }
+            if let Some((keys, number)) = item {
+                let applied: i64 = ACK
+                    .key(&keys.claim)
+                    .key(&keys.claim_fences)
+                    .arg(process_holder())
+                    .arg(number)
+                    .arg(ttl(store))
+                    .invoke(conn)?;
+                ours = applied == 1;
             }
             Ok(())
         })();
@@ -828,6 +902,11 @@ impl Link {
                 break;
             };
             match conn.recv_response() {
+                // An error reply (`MISCONF`, `READONLY`...) comes as a value.
+                Ok(redis::Value::ServerError(_)) => {
+                    self.pending -= 1;
+                    self.failed = true;
+                }
                 Ok(_) => self.pending -= 1,
                 Err(e) if is_reply(&e) => {
                     self.pending -= 1;

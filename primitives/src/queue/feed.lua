@@ -43,6 +43,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[1])
 local holders = redis.call('HKEYS', KEYS[4])
 if #holders > 0 then
   redis.call('EXPIRE', KEYS[4], ARGV[1])
+  redis.call('EXPIRE', string.sub(ARGV[4], 1, -2) .. '_fences', ARGV[1])
   for _, holder in ipairs(holders) do
     redis.call('EXPIRE', ARGV[4] .. holder, ARGV[1])
     redis.call('EXPIRE', ARGV[4] .. holder .. ':in', ARGV[1])

@@ -29,6 +29,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 local holders = redis.call('HKEYS', KEYS[6])
 if #holders > 0 then
   redis.call('EXPIRE', KEYS[6], ARGV[1])
+  redis.call('EXPIRE', string.sub(ARGV[6], 1, -2) .. '_fences', ARGV[1])
   for _, holder in ipairs(holders) do
     redis.call('EXPIRE', ARGV[6] .. holder, ARGV[1])
     redis.call('EXPIRE', ARGV[6] .. holder .. ':in', ARGV[1])
