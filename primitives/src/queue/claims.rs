@@ -9,7 +9,7 @@
 //! * A get that holds nothing runs `claim_fetch.lua` (1 round trip). The script first gives back
 //!   whatever this process still claims (see below), then claims up to a batch from the head of
 //!   the queue: the items move to this process's claim, a sorted set numbered in this process's
-//!   sequence, held for [`HOLD`] + `sync.lease_secs` on Redis's clock.
+//!   sequence, held for the process's allowance (below) + `sync.lease_secs` on Redis's clock.
 //! * A get returns the next held item after writing its *ack*, `ZREMRANGEBYSCORE <claim> -inf
 //!   <number>`, on this process's claims connection. The ack's reply is not waited for: it is
 //!   read before the next script on that connection, so every ack is applied before the next
@@ -33,8 +33,8 @@
 //!   the queue in order, by its next get, its keeper thread (within half a [`HOLD`]), `close()`,
 //!   or its exit hooks. Redis lets any get give a claim back once its hold lapsed, the allowance
 //!   plus `sync.lease_secs` after the fetch ran: an ack written while the holder could still
-//!   return items had a lease to reach Redis. (This assumes Redis does not stall, and its clock does
-//!   not jump, by more than a lease, as every lease in shoal does.) So a consumer that died
+//!   return items had a lease to reach Redis. (This assumes Redis does not stall, and its clock
+//!   does not jump, by more than a lease, as every lease in shoal does.) So a consumer that died
 //!   holding items gives them back within the allowance plus `sync.lease_secs`; every waiting get
 //!   checks once a second.
 //! * Numbers are never used twice: a fetch reserves as many as it asks, and the holder's fence
@@ -52,7 +52,7 @@
 //!   gives back lapsed claims, `claim_check_in.lua`); the item a `BLPOP` returns is not claimed,
 //!   so a process killed between Redis's pop and reading the reply loses it.
 //! * The batch: 1 item at first; twice the last one each time the last one was all returned
-//!   within [`HOLD`], up to [`MOST_ITEMS`] items and [`MOST_BYTES`] bytes (at least one item);
+//!   within the allowance, up to [`MOST_ITEMS`] items and [`MOST_BYTES`] bytes (at least one item);
 //!   back to 1 when a batch went stale; 1 whenever another process's hold on the queue is
 //!   running, so that consumers share the items (batches are for one consumer draining a queue).
 //! * `qsize` counts claimed items (they are not returned yet); it first reads the replies of this
@@ -61,7 +61,7 @@
 //!   items (or `get_nowait` finds the queue empty while `qsize` counts them), and the held items
 //!   it receives once given back come after those. That lasts until this process returns them
 //!   or, when it stops getting, at most [`HOLD`] and a half; when it died, until its hold lapses
-//!   ([`HOLD`] + `sync.lease_secs`). One consumer alone sees every item in the order put.
+//!   (the allowance + `sync.lease_secs`). One consumer alone sees every item in the order put.
 //!
 //! Bounded queues do not batch: each get takes one item and wakes a writer waiting for room.
 //!
@@ -81,7 +81,8 @@
 
 use super::*;
 
-/// How long after sending a fetch this process may return the items it got.
+/// How long after sending a fetch this process may return the items it got, at least (the
+/// allowance grows with the fetch round trip).
 pub(super) const HOLD: Duration = Duration::from_millis(200);
 
 /// The largest batch, in items.
