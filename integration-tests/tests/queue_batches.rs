@@ -532,3 +532,47 @@ fn acks_that_redis_refuses_are_written_again_before_the_next_fetch() {
     assert_eq!(got, (0..100).collect::<Vec<_>>());
     assert_eq!(held(&mut raw, &q), 0);
 }
+
+/// A bounded queue's gets are claimed one by one the same way: a dead holder's claim comes back
+/// first, and each get still makes room for a writer waiting on a full queue.
+#[test]
+fn a_bounded_queue_claims_one_item_per_get_and_wakes_a_writer() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::with_maxsize(2).expect("queue");
+    q.put(0).expect("put");
+    q.put(1).expect("put");
+    let prefix = {
+        let debug = format!("{q:?}");
+        queue_prefix(&mut raw, &debug)
+    };
+    redis::pipe()
+        .hset(format!("{prefix}claims"), "ghost-holder", 1)
+        .zadd(
+            format!("{prefix}claim:ghost-holder"),
+            [
+                b"3:".as_slice(),
+                &[vec![1u8], rmp_serde::to_vec(&100u64).expect("encode")].concat(),
+            ]
+            .concat(),
+            3,
+        )
+        .query::<()>(&mut raw)
+        .expect("the ghost's claim");
+    // Full: a writer waits until a get makes room.
+    let writer = {
+        let q = q.clone();
+        std::thread::spawn(move || q.put_timeout(2, Duration::from_secs(20)))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let got: Vec<u64> = (0..4)
+        .map(|_| q.get_timeout(Duration::from_secs(10)).expect("get"))
+        .collect();
+    writer
+        .join()
+        .expect("writer")
+        .expect("the writer was woken");
+    assert_eq!(got, vec![100, 0, 1, 2]);
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+    assert_eq!(held(&mut raw, &q), 0);
+}

@@ -63,7 +63,8 @@
 //!   or, when it stops getting, at most [`HOLD`] and a half; when it died, until its hold lapses
 //!   (the allowance + `sync.lease_secs`). One consumer alone sees every item in the order put.
 //!
-//! Bounded queues do not batch: each get takes one item and wakes a writer waiting for room.
+//! A bounded queue's gets claim one item at a time (the same path, exact in the same way), and
+//! each get then wakes a writer waiting for room (`QueueCore::get`).
 //!
 //! # Keys (the queue's hash tag)
 //!
@@ -142,6 +143,8 @@ pub(super) struct Consumer {
     /// The first held item is this process's for sure (its ack was applied): it is returned
     /// however late, and it is not given back.
     owned: bool,
+    /// A bounded queue: one item per fetch (each get makes room for one writer).
+    bounded: bool,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -220,6 +223,7 @@ fn register(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
                 filled: false,
                 in_doubt: false,
                 owned: false,
+                bounded: core.maxsize > 0,
             }))
         })
         .clone()
@@ -577,13 +581,15 @@ impl Consumer {
     /// one after a full batch all returned in time), its numbers reserved. `extra`: how much
     /// later than its sending the fetch may run (a `BLMOVE`'s wait first).
     fn next_batch(&mut self, wait: Option<Duration>, extra: Duration) -> FetchArgs {
-        self.batch = if self.usable_until.is_none() || !self.held.is_empty() || self.stale() {
-            1
-        } else if self.filled {
-            (self.batch * 2).min(MOST_ITEMS)
-        } else {
-            self.batch
-        };
+        self.batch =
+            if self.bounded || self.usable_until.is_none() || !self.held.is_empty() || self.stale()
+            {
+                1
+            } else if self.filled {
+                (self.batch * 2).min(MOST_ITEMS)
+            } else {
+                self.batch
+            };
         self.held.clear();
         self.usable_until = None;
         let first = self.next;

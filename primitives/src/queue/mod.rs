@@ -69,10 +69,11 @@
 //! when a get makes room; one that gives up with a wake-up (room) in hand passes it on to the
 //! next writer (1 more), so no waiting writer misses room. `get` of an unbounded queue: items
 //! come in batches claimed by this process and are returned one by one, none waited for while
-//! the batch lasts (see *Batched gets* below). `get` of a bounded queue: 1 (`BLPOP`, Redis's own
-//! timeout, plus a check that the queue exists per second of waiting), plus 1 to wake a waiting
-//! writer (if that fails the item is returned all the same and the failure logged: an item taken
-//! is never dropped). `get_nowait`: 1, or none while a batch lasts. `qsize`/`empty`/`full`: 1.
+//! the batch lasts (see *Batched gets* below). `get` of a bounded queue: 1 (the claim of one
+//! item; while the queue is empty, one `BLMOVE` and claim per second of waiting), plus 1 to wake
+//! a waiting writer (if that fails the item is returned all the same and the failure logged: an
+//! item taken is never dropped). `get_nowait`: 1, or none while a batch lasts. The async gets
+//! wait with `BLPOP` (see *Async forms*). `qsize`/`empty`/`full`: 1.
 //! `task_done`: 1. `join`: 1, then a `BLPOP` that returns at the last `task_done` (plus a
 //! check-in and an existence check per second).
 //!
@@ -85,8 +86,8 @@
 //! whatever process is killed while it holds a batch: what a process fetched and did not return
 //! goes back to the head of the queue, in order, when it stops getting (within 0.3 s), closes
 //! the queue or exits, or, when it died, once its hold lapses (0.2 s + `sync.lease_secs`).
-//! Batches grow only while one consumer drains the queue; with several consumers each get takes
-//! one item. The items one process holds are not seen by another meanwhile: the other receives
+//! Batches grow only while one consumer drains the queue; with several consumers, and on a
+//! bounded queue, each get takes one item (claimed the same way). The items one process holds are not seen by another meanwhile: the other receives
 //! them after the later items it took. The details are in `claims.rs`.
 //!
 //! # Async forms
@@ -275,13 +276,27 @@ impl QueueCore {
         }
     }
 
-    /// Takes an item: once (`wait` false) or until `deadline`. An unbounded queue's gets take
-    /// items in batches (`claims`).
+    /// Takes an item: once (`wait` false) or until `deadline`, claimed by this process until
+    /// returned (`claims`: in batches on an unbounded queue, one by one on a bounded one). A
+    /// bounded queue's get then wakes one writer waiting for room; if that fails the item is
+    /// returned all the same and the failure logged (the writer checks in within a second).
     fn get(&self, store: &Arc<Store>, wait: bool, deadline: Option<Instant>) -> Result<Vec<u8>> {
-        if self.maxsize == 0 {
-            return claims::get(self, store, wait, deadline);
+        let item = claims::get(self, store, wait, deadline)?;
+        if self.maxsize > 0 {
+            let woken = op::run_single(
+                store,
+                || self.address.describe(),
+                self.keys().putters.wake(store, 1),
+                |reply| op::parse::<redis::Value>(reply, "a wake-up").map(|_| ()),
+            );
+            if let Err(e) = woken {
+                tracing::warn!(
+                    "waking a writer of {}: {e}; it checks in within a second",
+                    self.address.describe()
+                );
+            }
         }
-        op::run(store, &mut Get::new(self, wait, deadline))
+        Ok(item)
     }
 
     /// The async form of [`QueueCore::get`]; `timeout` runs from the first poll. An item taken
