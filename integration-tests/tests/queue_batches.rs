@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use shoal::Error;
 use shoal::prelude::*;
-use shoal_integration_tests::wait_for;
+use shoal_integration_tests::{TestRedis, wait_for};
 
 shoal::test_support!();
 
@@ -21,6 +21,20 @@ fn runtime() -> shoal::Runtime {
     let mut config = Config::builder().build().expect("config");
     config.sync.lease_secs = LEASE_SECS;
     shoal::init_with(config).expect("runtime")
+}
+
+/// A runtime on a redis-server of its own, for the tests that break the server (kill its
+/// clients, flush its scripts, change its configuration): the other tests of this binary share
+/// the embedded one.
+fn private_runtime() -> (TestRedis, shoal::Runtime) {
+    let server = TestRedis::tcp();
+    let mut config = Config::builder()
+        .redis_url(server.url())
+        .build()
+        .expect("config");
+    config.sync.lease_secs = LEASE_SECS;
+    let rt = shoal::init_with(config).expect("runtime");
+    (server, rt)
 }
 
 fn raw_redis(rt: &shoal::Runtime) -> redis::Connection {
@@ -249,7 +263,7 @@ fn a_batch_that_went_stale_is_given_back_and_fetched_again_in_order() {
 
 #[test]
 fn dropped_connections_and_flushed_scripts_lose_nothing() {
-    let rt = runtime();
+    let (_server, rt) = private_runtime();
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
     fill(&q, 300);
@@ -354,7 +368,7 @@ fn a_dead_holders_claim_and_landed_item_come_back_first_in_order() {
 /// is claimed by the fetch run again, and returned once.
 #[test]
 fn a_waiting_get_after_redis_lost_its_scripts_returns_its_item_once() {
-    let rt = runtime();
+    let (_server, rt) = private_runtime();
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
     let putter = q.clone();
@@ -499,7 +513,7 @@ fn a_late_fetch_or_give_back_of_a_holder_does_nothing() {
 /// written again, so no item returned goes back to the queue.
 #[test]
 fn acks_that_redis_refuses_are_written_again_before_the_next_fetch() {
-    let rt = runtime();
+    let (_server, rt) = private_runtime();
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
     fill(&q, 100);
@@ -575,4 +589,101 @@ fn a_bounded_queue_claims_one_item_per_get_and_wakes_a_writer() {
     assert_eq!(got, vec![100, 0, 1, 2]);
     assert!(matches!(q.get_nowait(), Err(Error::Empty)));
     assert_eq!(held(&mut raw, &q), 0);
+}
+
+/// Redis out of memory (`maxmemory` reached, `noeviction`): puts are refused, and gets still
+/// drain the queue (the claim scripts run at OOM, and an ack frees memory).
+#[test]
+fn gets_drain_a_queue_while_redis_is_out_of_memory() {
+    let (_server, rt) = private_runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    fill(&q, 50);
+    let set_maxmemory = |conn: &mut redis::Connection, bytes: u64| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(bytes)
+            .query::<()>(conn)
+            .expect("config set")
+    };
+    set_maxmemory(&mut raw, 1);
+    let got: Vec<u64> = (0..50)
+        .map(|_| q.get_nowait().expect("a get at OOM"))
+        .collect();
+    let empty = q.get_nowait();
+    set_maxmemory(&mut raw, 0);
+    assert_eq!(got, (0..50).collect::<Vec<_>>());
+    assert!(matches!(empty, Err(Error::Empty)), "{empty:?}");
+    assert_eq!(held(&mut raw, &q), 0);
+}
+
+/// The give-back of an item whose ack is in doubt, run twice (its first reply lost), puts the
+/// item back once, and the holder then learns the item is not its own.
+#[test]
+fn an_item_in_doubt_given_back_twice_goes_back_once() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    fill(&q, 3);
+    let prefix = queue_prefix(&mut raw, &format!("{q:?}"));
+    let holder = "test-holder";
+    let claim = format!("{prefix}claim:{holder}");
+    let fences = format!("{prefix}claim_fences");
+    // The holder claimed 0 and 1 (numbers 10 and 11) and its ack of 10 applied (as
+    // `claim_ack.lua` records it), though its reply was lost: 10 is in doubt.
+    let taken: Vec<Vec<u8>> = redis::cmd("LPOP")
+        .arg(format!("{prefix}items"))
+        .arg(2)
+        .query(&mut raw)
+        .expect("lpop");
+    redis::pipe()
+        .zadd(&claim, [b"10:".as_slice(), &taken[0]].concat(), 10)
+        .zadd(&claim, [b"11:".as_slice(), &taken[1]].concat(), 11)
+        .hset(format!("{prefix}claims"), holder, u64::MAX / 2)
+        .hset(&fences, format!("{holder}:fence"), 10)
+        .query::<()>(&mut raw)
+        .expect("the claim");
+    let prelude = include_str!("../../primitives/src/queue/claims_prelude.lua");
+    let ack = |conn: &mut redis::Connection| -> i64 {
+        redis::cmd("EVAL")
+            .arg(include_str!("../../primitives/src/queue/claim_ack.lua"))
+            .arg(2)
+            .arg(&claim)
+            .arg(&fences)
+            .arg(holder)
+            .arg(10)
+            .arg(3600)
+            .query(conn)
+            .expect("ack")
+    };
+    assert_eq!(ack(&mut raw), 1, "the first ack takes 10 out of the claim");
+    let release = |conn: &mut redis::Connection| -> i64 {
+        redis::cmd("EVAL")
+            .arg(format!(
+                "{prelude}\n{}",
+                include_str!("../../primitives/src/queue/claim_release.lua")
+            ))
+            .arg(5)
+            .arg(format!("{prefix}items"))
+            .arg(format!("{prefix}state"))
+            .arg(format!("{prefix}claims"))
+            .arg(&claim)
+            .arg(&fences)
+            .arg(3600)
+            .arg(format!("{prefix}claim:"))
+            .arg(holder)
+            .arg(12)
+            .arg("doubt")
+            .arg(10)
+            .arg(&taken[0])
+            .query(conn)
+            .expect("release")
+    };
+    assert_eq!(release(&mut raw), 2, "10 and 11 go back");
+    assert_eq!(release(&mut raw), 0, "run again: nothing goes back twice");
+    assert_eq!(ack(&mut raw), 0, "10 is in the queue: not the holder's");
+    let got: Vec<u64> = (0..3).map(|_| q.get_nowait().expect("get")).collect();
+    assert_eq!(got, vec![0, 1, 2]);
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
 }

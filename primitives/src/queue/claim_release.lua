@@ -3,15 +3,15 @@
 -- number the holder had not reserved when it decided to give back: if a fetch from that number
 -- on ran since (this release arrived late, on a connection given up for lost), the claim is
 -- that fetch's and nothing is given back.
--- The holder's next item may be its own already (ARGV[5] 'owned': its ack applied, it was not
--- returned) or in doubt ('doubt': an ack of it was written and its outcome is not known); it is
--- ARGV[6] with payload ARGV[7], and goes back first, at the head: an owned item always; an item
--- in doubt when it is not in the claim any more and an ack of it was applied (recorded in
--- `<holder>:acked`), since otherwise it is in the claim (given back with it) or a reaper gave
--- it back already.
+-- The holder's next item may be in doubt (ARGV[5] 'doubt': an ack of it was written and its
+-- outcome is not known); it is ARGV[6] with payload ARGV[7]. When it is not in the claim any
+-- more and an ack of it was applied (recorded in `<holder>:acked`), it goes back first, at the
+-- head, and the record is dropped: a second run of this release (its first reply lost) does
+-- not push it again, and the holder, asking `claim_ack.lua`, learns it is not its own. Otherwise
+-- it is in the claim (given back with it) or a reaper gave it back already.
 -- KEYS[4] the holder's claim, KEYS[5] the fences hash
 -- ARGV[1] TTL, ARGV[2] claim prefix, ARGV[3] holder, ARGV[4] the first number not reserved,
--- ARGV[5] '', 'owned' or 'doubt', ARGV[6] the item's number, ARGV[7] its payload
+-- ARGV[5] '' or 'doubt', ARGV[6] the item's number, ARGV[7] its payload
 -- Returns how many items went back.
 local fence = tonumber(redis.call('HGET', KEYS[5], ARGV[3] .. ':fence') or '-1')
 if fence >= tonumber(ARGV[4]) then
@@ -19,9 +19,7 @@ if fence >= tonumber(ARGV[4]) then
 end
 local number = tonumber(ARGV[6])
 local first_back = false
-if ARGV[5] == 'owned' then
-  first_back = true
-elseif ARGV[5] == 'doubt' then
+if ARGV[5] == 'doubt' then
   local in_claim = #redis.call('ZRANGEBYSCORE', KEYS[4], number, number) > 0
   local acked = tonumber(redis.call('HGET', KEYS[5], ARGV[3] .. ':acked') or '-1')
   first_back = (not in_claim) and acked >= number
@@ -29,6 +27,7 @@ end
 local n = give_back(ARGV[2], ARGV[3])
 if first_back then
   redis.call('LPUSH', KEYS[1], ARGV[7])
+  redis.call('HDEL', KEYS[5], ARGV[3] .. ':acked')
   n = n + 1
 end
 redis.call('HDEL', KEYS[3], ARGV[3])

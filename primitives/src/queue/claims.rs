@@ -23,9 +23,9 @@
 //!   this process's when an ack of it applied, now or before, and not when it was given back
 //!   first), and a give-back meanwhile (`close()`, the keeper, exit) passes it to
 //!   `claim_release.lua`, which puts it back at the head when its ack applied and it is not in
-//!   the claim any more. An item known to be this process's and not returned yet goes back the
-//!   same way. The keeper and the exit hooks write unconfirmed acks again, so none is left
-//!   behind when the process stops getting.
+//!   the claim any more (once: the record of that ack is dropped with it). The keeper and the
+//!   exit hooks write unconfirmed acks again, so none is left behind when the process stops
+//!   getting.
 //! * This process returns a held item only within its *allowance* of sending the fetch (its own
 //!   monotonic clock, checked again right before the ack is written): [`HOLD`], or 4 fetch round
 //!   trips when that is more (a slow Redis, large items), plus the wait of a `BLMOVE` sent
@@ -64,7 +64,12 @@
 //!   (the allowance + `sync.lease_secs`). One consumer alone sees every item in the order put.
 //!
 //! A bounded queue's gets claim one item at a time (the same path, exact in the same way), and
-//! each get then wakes a writer waiting for room (`QueueCore::get`).
+//! each get then wakes a writer waiting for room (`QueueCore::get`). A writer counts the items
+//! in the list only, so an item given back (a stale claim, a dead holder's) may briefly make
+//! it `maxsize + 1`, and `qsize` counts claimed items with the list.
+//!
+//! At `maxmemory` (`noeviction`) the scripts still run (`allow-oom`): gets drain a full Redis,
+//! though a get that must wait fails (`BLMOVE` is refused).
 //!
 //! # Keys (the queue's hash tag)
 //!
@@ -92,8 +97,21 @@ pub(super) const MOST_ITEMS: usize = 1024;
 /// The largest batch, in bytes (a first item larger than this comes alone).
 pub(super) const MOST_BYTES: usize = 8 << 20;
 
+/// The claims scripts run when Redis is out of memory (`maxmemory` with `noeviction`): they move
+/// items out of the queue, so a consumer can drain a full Redis. Their own writes are a few
+/// small fields.
+const ALLOW_OOM: &str = "#!lua flags=allow-oom";
+
 fn script(body: &str) -> redis::Script {
-    redis::Script::new(&format!("{}\n{}", include_str!("claims_prelude.lua"), body))
+    redis::Script::new(&script_source(body))
+}
+
+fn script_source(body: &str) -> String {
+    format!(
+        "{ALLOW_OOM}\n{}\n{}",
+        include_str!("claims_prelude.lua"),
+        body
+    )
 }
 
 static FETCH: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("claim_fetch.lua")));
@@ -102,18 +120,14 @@ static RELEASE: LazyLock<redis::Script> =
 static CHECK_IN: LazyLock<redis::Script> =
     LazyLock::new(|| script(include_str!("claim_check_in.lua")));
 static SIZE: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("size.lua")));
-static ACK: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("claim_ack.lua")));
+static ACK: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!("{ALLOW_OOM}\n{}", include_str!("claim_ack.lua")))
+});
 
 /// The fetch's source, sent whole (`EVAL`) behind a waiting get's `BLMOVE`: it cannot meet
 /// `NOSCRIPT` there, so what the `BLMOVE` moved is always claimed in the same round trip.
-static FETCH_SOURCE: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "{}\n{}",
-        include_str!("claims_prelude.lua"),
-        include_str!("claim_fetch.lua")
-    )
-});
+static FETCH_SOURCE: LazyLock<String> =
+    LazyLock::new(|| script_source(include_str!("claim_fetch.lua")));
 
 /// The longest a holder may take to return a batch: its allowance grows with the fetch round
 /// trip (4 of them) up to this.
@@ -140,9 +154,6 @@ pub(super) struct Consumer {
     /// The ack of the first held item was written again after a failure and its outcome is
     /// not known: it is asked (`claim_ack.lua`) before anything else is done with the batch.
     in_doubt: bool,
-    /// The first held item is this process's for sure (its ack was applied): it is returned
-    /// however late, and it is not given back.
-    owned: bool,
     /// A bounded queue: one item per fetch (each get makes room for one writer).
     bounded: bool,
 }
@@ -173,6 +184,26 @@ static LINKS: LazyLock<Mutex<HashMap<String, Link>>> = LazyLock::new(Mutex::defa
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Locks `mutex`, waiting until `deadline` at most (`None`: as long as it takes); `None` when
+/// the deadline passed first. Another thread of this process holds a consumer's lock for a
+/// slice at most while it waits for items; this polls every millisecond meanwhile.
+fn lock_until<T>(mutex: &Mutex<T>, deadline: Option<Instant>) -> Option<MutexGuard<'_, T>> {
+    let Some(deadline) = deadline else {
+        return Some(lock(mutex));
+    };
+    loop {
+        match mutex.try_lock() {
+            Ok(guard) => return Some(guard),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Runs `f` on the claims connection of `store`'s Redis.
@@ -222,7 +253,6 @@ fn register(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
                 batch: 1,
                 filled: false,
                 in_doubt: false,
-                owned: false,
                 bounded: core.maxsize > 0,
             }))
         })
@@ -243,8 +273,15 @@ pub(super) fn get(
     loop {
         // The consumer's lock is held while waiting (a slice at most): the fetch behind the
         // BLMOVE gives back what the consumer claims, which must not be held by another
-        // thread's get meanwhile. `close()`, the keeper and the exit hooks only try it.
-        let mut consumer = lock(&consumer);
+        // thread's get meanwhile. `close()`, the keeper and the exit hooks only try it, and a
+        // get with a deadline waits for it until then (Python's reader lock, taken with the
+        // get's timeout).
+        let Some(mut consumer) = lock_until(
+            &consumer,
+            if wait { deadline } else { Some(Instant::now()) },
+        ) else {
+            return Err(Error::Empty);
+        };
         if let Some(item) = consumer.take().map_err(|e| core.address.error(e))? {
             return Ok(item);
         }
@@ -416,7 +453,7 @@ fn claims_invocation(
 }
 
 impl Consumer {
-    /// Whether the items held may no longer be returned (the first one aside when `owned`).
+    /// Whether the items held may no longer be returned.
     fn stale(&self) -> bool {
         self.usable_until
             .is_none_or(|until| Instant::now() >= until)
@@ -440,10 +477,7 @@ impl Consumer {
                 self.usable_until = None;
                 return Ok(None);
             }
-            self.owned = true;
-        }
-        if self.owned {
-            self.owned = false;
+            // Its ack applied: it is this process's, however late.
             return Ok(self.held.pop_front().map(|(_, item)| item));
         }
         if self.stale() {
@@ -484,10 +518,6 @@ impl Consumer {
     /// open connection. `None` otherwise (the batch went stale, an ack is in doubt, the
     /// connection failed): the keeper or the next sync get deals with those.
     fn take_quick(&mut self) -> Result<Option<Vec<u8>>> {
-        if self.owned {
-            self.owned = false;
-            return Ok(self.held.pop_front().map(|(_, item)| item));
-        }
         let Some(&(number, _)) = self.held.front() else {
             return Ok(None);
         };
@@ -495,15 +525,21 @@ impl Consumer {
             return Ok(None);
         }
         let usable_until = self.usable_until;
-        let acked = with_link(&self.store, |link| {
-            if link.failed
-                || link.conn.is_none()
-                || usable_until.is_none_or(|until| Instant::now() >= until)
-            {
-                return Ok(None);
-            }
-            link.ack(&self.store, &self.keys, number).map(Some)
-        });
+        // The links' lock may be held across a round trip (a fetch of another thread): an
+        // async get does not wait for it.
+        let acked = match LINKS.try_lock() {
+            Ok(mut links) => match links.get_mut(self.store.url()) {
+                Some(link)
+                    if !link.failed
+                        && link.conn.is_some()
+                        && usable_until.is_some_and(|until| Instant::now() < until) =>
+                {
+                    link.ack(&self.store, &self.keys, number).map(Some)
+                }
+                _ => Ok(None),
+            },
+            Err(_) => Ok(None),
+        };
         match acked {
             Ok(Some(Ack::Written)) | Ok(Some(Ack::Applied)) => {
                 Ok(self.held.pop_front().map(|(_, item)| item))
@@ -524,7 +560,7 @@ impl Consumer {
     /// Claims the next batch (giving back what was held first). `wait`: the caller waits that
     /// long for items if none come (the holder's record stays for it).
     fn fetch(&mut self, wait: Option<Duration>) -> Result<()> {
-        if self.in_doubt || self.owned {
+        if self.in_doubt {
             // `take` settles the first item before anything else.
             return Ok(());
         }
@@ -549,7 +585,7 @@ impl Consumer {
     /// whatever scripts Redis lost). An item the `BLMOVE` moved stays this holder's until a
     /// fetch claims it or, if this process dies first, a reaper gives it back.
     fn fetch_blocking(&mut self, block: Duration) -> Result<()> {
-        if self.in_doubt || self.owned {
+        if self.in_doubt {
             return Ok(());
         }
         // The fetch gives back what this holder claims: its acks must be applied first.
@@ -671,18 +707,16 @@ impl Consumer {
     }
 
     /// Gives back what is held (logged when it fails: it comes back when the hold lapses). The
-    /// first item, when its ack's outcome is in doubt or the item is known to be ours (acked,
-    /// not returned yet), goes with it: `claim_release.lua` puts it back at the head unless it
-    /// is still in the claim (then it goes back with the claim) or was given back already.
+    /// first item, when its ack's outcome is in doubt, goes with it: `claim_release.lua` puts it
+    /// back at the head when an ack of it applied (and forgets that ack, so that a release run
+    /// twice, its first reply lost, puts it back once), and otherwise leaves it to the claim
+    /// (given back with it) or to the reaper that gave it back already.
     fn give_back(&mut self) {
         let mut invocation = claims_invocation(&RELEASE, &self.keys, &self.store);
         invocation.arg(self.next);
-        match (self.in_doubt, self.owned, self.held.front()) {
-            (true, _, Some((number, item))) => {
+        match (self.in_doubt, self.held.front()) {
+            (true, Some((number, item))) => {
                 invocation.arg("doubt").arg(*number).arg(item.as_slice());
-            }
-            (_, true, Some((number, item))) => {
-                invocation.arg("owned").arg(*number).arg(item.as_slice());
             }
             _ => {
                 invocation.arg("").arg(0).arg("");
@@ -696,7 +730,6 @@ impl Consumer {
                 self.held.clear();
                 self.usable_until = None;
                 self.in_doubt = false;
-                self.owned = false;
             }
             Err(e) => {
                 tracing::warn!(
@@ -704,7 +737,7 @@ impl Consumer {
                      later, or they come back when its hold lapses",
                     self.keys.items
                 );
-                if !self.in_doubt && !self.owned {
+                if !self.in_doubt {
                     // Nothing of this process's own to keep: the claim is what is left.
                     self.held.clear();
                     self.usable_until = None;
@@ -716,7 +749,7 @@ impl Consumer {
     /// Whether the keeper has something to do here: held items that went stale (or whose
     /// first item's ack is in doubt).
     fn needs_keeper(&self) -> bool {
-        !self.held.is_empty() && (self.in_doubt || (!self.owned && self.stale()))
+        !self.held.is_empty() && (self.in_doubt || self.stale())
     }
 }
 

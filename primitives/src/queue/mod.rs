@@ -279,7 +279,7 @@ impl QueueCore {
     /// Takes an item: once (`wait` false) or until `deadline`, claimed by this process until
     /// returned (`claims`: in batches on an unbounded queue, one by one on a bounded one). A
     /// bounded queue's get then wakes one writer waiting for room; if that fails the item is
-    /// returned all the same and the failure logged (the writer checks in within a second).
+    /// returned all the same and the failure logged (the writer waits for the next get).
     fn get(&self, store: &Arc<Store>, wait: bool, deadline: Option<Instant>) -> Result<Vec<u8>> {
         let item = claims::get(self, store, wait, deadline)?;
         if self.maxsize > 0 {
@@ -291,7 +291,7 @@ impl QueueCore {
             );
             if let Err(e) = woken {
                 tracing::warn!(
-                    "waking a writer of {}: {e}; it checks in within a second",
+                    "waking a writer of {}: {e}; a writer waiting for room waits for the next get",
                     self.address.describe()
                 );
             }

@@ -239,7 +239,7 @@ impl Operation for Get {
             GetState::Waking => {
                 if let Err(e) = reply {
                     tracing::warn!(
-                        "waking a writer of {}: {e}; it checks in within a second",
+                        "waking a writer of {}: {e}; a writer waiting for room waits for the next get",
                         address.describe()
                     );
                 }
