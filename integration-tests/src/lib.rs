@@ -208,6 +208,22 @@ pub fn pid_running(pid: u32) -> bool {
     }
 }
 
+/// The Redis key prefix (`shoal:{<ns>:queue:<id>}:`) of the queue whose `Debug` text is `debug`
+/// (it shows the id's first characters), found with `KEYS` on `conn`.
+pub fn queue_key_prefix(conn: &mut redis::Connection, debug: &str) -> String {
+    let short = debug
+        .split("queue ")
+        .nth(1)
+        .and_then(|rest| rest.get(..8))
+        .expect("the queue's short id");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("shoal:{{*:queue:{short}*}}:state"))
+        .query(conn)
+        .expect("keys");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    keys[0].trim_end_matches("state").to_string()
+}
+
 /// Polls `condition` every 10 ms until it holds or `timeout` passes.
 pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

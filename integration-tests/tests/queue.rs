@@ -10,7 +10,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use shoal::Error;
 use shoal::prelude::*;
-use shoal_integration_tests::{TestRedis, assert_timing, wait_for};
+use shoal_integration_tests::{TestRedis, assert_timing, queue_key_prefix, wait_for};
 
 shoal::test_support!();
 
@@ -41,20 +41,9 @@ fn keys_of(conn: &mut redis::Connection, kind: &str) -> Vec<String> {
         .collect()
 }
 
-/// The Redis key `field` of the queue whose `Debug` is `debug` (it shows the id's first
-/// characters).
+/// The Redis key `field` of the queue whose `Debug` is `debug`.
 fn queue_key(conn: &mut redis::Connection, debug: &str, field: &str) -> String {
-    let short = debug
-        .split("queue ")
-        .nth(1)
-        .and_then(|rest| rest.get(..8))
-        .expect("the queue's short id");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("shoal:{{*:queue:{short}*}}:state"))
-        .query(conn)
-        .expect("keys");
-    assert_eq!(keys.len(), 1, "{keys:?}");
-    keys[0].replace(":state", &format!(":{field}"))
+    format!("{}{field}", queue_key_prefix(conn, debug))
 }
 
 /// Makes the queue's item list a string: every write to it fails with WRONGTYPE.

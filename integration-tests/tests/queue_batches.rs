@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use shoal::Error;
 use shoal::prelude::*;
-use shoal_integration_tests::{TestRedis, wait_for};
+use shoal_integration_tests::{TestRedis, queue_key_prefix, wait_for};
 
 shoal::test_support!();
 
@@ -45,31 +45,12 @@ fn raw_redis(rt: &shoal::Runtime) -> redis::Connection {
         .expect("connection")
 }
 
-/// The key prefix of the queue whose `Debug` is `debug` (it shows the id's first characters).
-fn queue_prefix(conn: &mut redis::Connection, debug: &str) -> String {
-    let short = debug
-        .split("queue ")
-        .nth(1)
-        .and_then(|rest| rest.get(..8))
-        .expect("the queue's short id");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("shoal:{{*:queue:{short}*}}:state"))
-        .query(conn)
-        .expect("keys");
-    assert_eq!(keys.len(), 1, "{keys:?}");
-    keys[0].trim_end_matches("state").to_string()
-}
-
 /// The claims of the queue whose `Debug` is `debug` (sorted sets of held items, and the lists
 /// of what waiting gets moved), with their sizes.
 fn claims(conn: &mut redis::Connection, debug: &str) -> Vec<(String, usize)> {
-    let short = debug
-        .split("queue ")
-        .nth(1)
-        .and_then(|rest| rest.get(..8))
-        .expect("the queue's short id");
+    let prefix = queue_key_prefix(conn, debug);
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("shoal:{{*:queue:{short}*}}:claim:*"))
+        .arg(format!("{prefix}claim:*"))
         .query(conn)
         .expect("keys");
     keys.into_iter()
@@ -83,6 +64,33 @@ fn claims(conn: &mut redis::Connection, debug: &str) -> Vec<(String, usize)> {
             (key, n)
         })
         .collect()
+}
+
+/// An item as shoal stores it: a format version byte, then MessagePack.
+fn payload(n: u64) -> Vec<u8> {
+    [vec![1u8], rmp_serde::to_vec(&n).expect("encode")].concat()
+}
+
+/// A claims script (`body`, with the shared Lua before it) as `holder` sends it on the queue
+/// whose keys start with `prefix`: its five keys and first three arguments; the caller adds the
+/// rest.
+fn claims_script(prefix: &str, holder: &str, body: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(format!(
+        "{}\n{}\n{body}",
+        include_str!("../../primitives/src/queue/claims_ttl.lua"),
+        include_str!("../../primitives/src/queue/claims_prelude.lua"),
+    ))
+    .arg(5)
+    .arg(format!("{prefix}items"))
+    .arg(format!("{prefix}state"))
+    .arg(format!("{prefix}claims"))
+    .arg(format!("{prefix}claim:{holder}"))
+    .arg(format!("{prefix}claim_fences"))
+    .arg(3600)
+    .arg(format!("{prefix}claim:"))
+    .arg(holder);
+    cmd
 }
 
 fn held(conn: &mut redis::Connection, q: &Queue<u64>) -> usize {
@@ -339,17 +347,15 @@ fn a_dead_holders_claim_and_landed_item_come_back_first_in_order() {
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
     fill(&q, 3);
-    let prefix = queue_prefix(&mut raw, &format!("{q:?}"));
-    // shoal's payload: a format version byte, then MessagePack.
-    let encode = |n: u64| [vec![1u8], rmp_serde::to_vec(&n).expect("encode")].concat();
+    let prefix = queue_key_prefix(&mut raw, &format!("{q:?}"));
     redis::pipe()
         .hset(format!("{prefix}claims"), "ghost-holder", 1)
         .zadd(
             format!("{prefix}claim:ghost-holder"),
-            [b"7:".as_slice(), &encode(100)].concat(),
+            [b"7:".as_slice(), &payload(100)].concat(),
             7,
         )
-        .rpush(format!("{prefix}claim:ghost-holder:in"), encode(101))
+        .rpush(format!("{prefix}claim:ghost-holder:in"), payload(101))
         .query::<()>(&mut raw)
         .expect("the ghost's claim");
     assert_eq!(
@@ -454,7 +460,7 @@ fn a_late_fetch_or_give_back_of_a_holder_does_nothing() {
         assert_eq!(q.get().expect("get"), i);
     }
     let debug = format!("{q:?}");
-    let prefix = queue_prefix(&mut raw, &debug);
+    let prefix = queue_key_prefix(&mut raw, &debug);
     let holders: Vec<String> = redis::cmd("HKEYS")
         .arg(format!("{prefix}claims"))
         .query(&mut raw)
@@ -463,30 +469,18 @@ fn a_late_fetch_or_give_back_of_a_holder_does_nothing() {
     let holder = &holders[0];
     let held_before = held(&mut raw, &q);
     assert!(held_before > 0);
-    let prelude = include_str!("../../primitives/src/queue/claims_prelude.lua");
-    // A claims script with its keys and first arguments, as the holder sends it.
-    let claims_script = |script: &str| {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(format!("{prelude}\n{script}"))
-            .arg(5)
-            .arg(format!("{prefix}items"))
-            .arg(format!("{prefix}state"))
-            .arg(format!("{prefix}claims"))
-            .arg(format!("{prefix}claim:{holder}"))
-            .arg(format!("{prefix}claim_fences"))
-            .arg(3600)
-            .arg(format!("{prefix}claim:"))
-            .arg(holder);
-        cmd
-    };
     // A fetch numbered from 0 (the first batch's number): refused, nothing claimed; what its
     // BLMOVE would have moved (999, put in the landing list here) goes back to the queue.
     redis::cmd("RPUSH")
         .arg(format!("{prefix}claim:{holder}:in"))
-        .arg([vec![1u8], rmp_serde::to_vec(&999u64).expect("encode")].concat())
+        .arg(payload(999))
         .query::<()>(&mut raw)
         .expect("landing");
-    let mut late_fetch = claims_script(include_str!("../../primitives/src/queue/claim_fetch.lua"));
+    let mut late_fetch = claims_script(
+        &prefix,
+        holder,
+        include_str!("../../primitives/src/queue/claim_fetch.lua"),
+    );
     late_fetch.arg(0).arg(8).arg(5000).arg(1 << 20).arg(0);
     let refused = late_fetch.query::<redis::Value>(&mut raw);
     assert!(
@@ -494,8 +488,11 @@ fn a_late_fetch_or_give_back_of_a_holder_does_nothing() {
         "{refused:?}"
     );
     // A give-back made before the latest fetch (it had not reserved its numbers): nothing back.
-    let mut late_release =
-        claims_script(include_str!("../../primitives/src/queue/claim_release.lua"));
+    let mut late_release = claims_script(
+        &prefix,
+        holder,
+        include_str!("../../primitives/src/queue/claim_release.lua"),
+    );
     late_release.arg(1);
     let given: i64 = late_release.query(&mut raw).expect("release");
     assert_eq!(given, 0);
@@ -558,17 +555,13 @@ fn a_bounded_queue_claims_one_item_per_get_and_wakes_a_writer() {
     q.put(1).expect("put");
     let prefix = {
         let debug = format!("{q:?}");
-        queue_prefix(&mut raw, &debug)
+        queue_key_prefix(&mut raw, &debug)
     };
     redis::pipe()
         .hset(format!("{prefix}claims"), "ghost-holder", 1)
         .zadd(
             format!("{prefix}claim:ghost-holder"),
-            [
-                b"3:".as_slice(),
-                &[vec![1u8], rmp_serde::to_vec(&100u64).expect("encode")].concat(),
-            ]
-            .concat(),
+            [b"3:".as_slice(), &payload(100)].concat(),
             3,
         )
         .query::<()>(&mut raw)
@@ -626,7 +619,7 @@ fn an_item_in_doubt_given_back_twice_goes_back_once() {
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
     fill(&q, 3);
-    let prefix = queue_prefix(&mut raw, &format!("{q:?}"));
+    let prefix = queue_key_prefix(&mut raw, &format!("{q:?}"));
     let holder = "test-holder";
     let claim = format!("{prefix}claim:{holder}");
     let fences = format!("{prefix}claim_fences");
@@ -644,7 +637,6 @@ fn an_item_in_doubt_given_back_twice_goes_back_once() {
         .hset(&fences, format!("{holder}:fence"), 10)
         .query::<()>(&mut raw)
         .expect("the claim");
-    let prelude = include_str!("../../primitives/src/queue/claims_prelude.lua");
     let ack = |conn: &mut redis::Connection| -> i64 {
         redis::cmd("EVAL")
             .arg(include_str!("../../primitives/src/queue/claim_ack.lua"))
@@ -659,26 +651,17 @@ fn an_item_in_doubt_given_back_twice_goes_back_once() {
     };
     assert_eq!(ack(&mut raw), 1, "the first ack takes 10 out of the claim");
     let release = |conn: &mut redis::Connection| -> i64 {
-        redis::cmd("EVAL")
-            .arg(format!(
-                "{prelude}\n{}",
-                include_str!("../../primitives/src/queue/claim_release.lua")
-            ))
-            .arg(5)
-            .arg(format!("{prefix}items"))
-            .arg(format!("{prefix}state"))
-            .arg(format!("{prefix}claims"))
-            .arg(&claim)
-            .arg(&fences)
-            .arg(3600)
-            .arg(format!("{prefix}claim:"))
-            .arg(holder)
-            .arg(12)
-            .arg("doubt")
-            .arg(10)
-            .arg(&taken[0])
-            .query(conn)
-            .expect("release")
+        claims_script(
+            &prefix,
+            holder,
+            include_str!("../../primitives/src/queue/claim_release.lua"),
+        )
+        .arg(12)
+        .arg("doubt")
+        .arg(10)
+        .arg(&taken[0])
+        .query(conn)
+        .expect("release")
     };
     assert_eq!(release(&mut raw), 2, "10 and 11 go back");
     assert_eq!(release(&mut raw), 0, "run again: nothing goes back twice");

@@ -8,5 +8,5 @@ end
 reap(ARGV[2], now_ms(), '')
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-refresh_claims(ARGV[2], ARGV[1])
+refresh_claims(KEYS[3], ARGV[2], ARGV[1])
 return 1

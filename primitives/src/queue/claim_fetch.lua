@@ -65,7 +65,7 @@ if n == 0 then
   if wait > 0 then
     redis.call('HSET', KEYS[3], me, now + wait + tonumber(ARGV[6]))
     redis.call('EXPIRE', KEYS[1], ttl)
-    refresh_claims(prefix, ttl)
+    refresh_claims(KEYS[3], prefix, ttl)
   else
     redis.call('HDEL', KEYS[3], me)
   end

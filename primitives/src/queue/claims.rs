@@ -42,8 +42,10 @@
 //!   reaches Redis late (sent on a connection given up for lost) do nothing.
 //! * A get that finds nothing waits in slices of a second: `BLMOVE` from the queue into this
 //!   holder's landing list (`claim:<holder>:in`) with the fetch written behind it whole (`EVAL`,
-//!   which cannot meet `NOSCRIPT`), one round trip: Redis runs the fetch right after the `BLMOVE`
-//!   and it claims what was moved, so an item that arrives is never in flight unowned. The
+//!   which cannot meet `NOSCRIPT`), and the holder's record for the wait before it
+//!   (`claim_wait.lua`), one round trip: Redis runs the fetch right after the `BLMOVE` and it
+//!   claims what was moved, so an item that arrives is never in flight unowned. A get whose last
+//!   fetch found the queue empty waits at once (it would only find it empty again). The
 //!   consumer's lock is held during the slice, since the fetch gives back what it claims.
 //! * An async get takes a held item first when that needs no round trip (no other thread holds
 //!   the consumer, the batch is fresh, the connection open; otherwise the keeper or the next
@@ -102,15 +104,20 @@ pub(super) const MOST_BYTES: usize = 8 << 20;
 /// small fields.
 const ALLOW_OOM: &str = "#!lua flags=allow-oom";
 
+/// `body` with `refresh_claims` (`claims_ttl.lua`) defined before it: the queue scripts that
+/// refresh TTLs keep the claims alive too.
+pub(super) fn with_claims_ttl(body: &str) -> String {
+    format!("{}\n{body}", include_str!("claims_ttl.lua"))
+}
+
 fn script(body: &str) -> redis::Script {
     redis::Script::new(&script_source(body))
 }
 
 fn script_source(body: &str) -> String {
     format!(
-        "{ALLOW_OOM}\n{}\n{}",
-        include_str!("claims_prelude.lua"),
-        body
+        "{ALLOW_OOM}\n{}",
+        with_claims_ttl(&format!("{}\n{body}", include_str!("claims_prelude.lua")))
     )
 }
 
@@ -151,6 +158,8 @@ pub(super) struct Consumer {
     batch: usize,
     /// Whether the last fetch filled its batch.
     filled: bool,
+    /// Whether the last fetch found the queue empty (a waiting get then waits at once).
+    found_empty: bool,
     /// The ack of the first held item was written again after a failure and its outcome is
     /// not known: it is asked (`claim_ack.lua`) before anything else is done with the batch.
     in_doubt: bool,
@@ -252,6 +261,7 @@ fn register(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
                 allowance: HOLD,
                 batch: 1,
                 filled: false,
+                found_empty: false,
                 in_doubt: false,
                 bounded: core.maxsize > 0,
             }))
@@ -289,6 +299,8 @@ pub(super) fn get(
         let fetched = match (blocking, slice) {
             (true, Some(slice)) => consumer.fetch_blocking(slice),
             (true, None) => return Err(Error::Empty),
+            // The last fetch found the queue empty: wait at once (one round trip, not two).
+            (false, Some(slice)) if consumer.found_empty => consumer.fetch_blocking(slice),
             (false, slice) => consumer.fetch(slice),
         };
         fetched.map_err(|e| core.address.error(e))?;
@@ -566,14 +578,13 @@ impl Consumer {
         }
         let args = self.next_batch(wait, Duration::ZERO);
         let invocation = self.fetch_invocation(&args);
-        let (reply, round_trip) = with_link(&self.store, |link| {
+        let (reply, sent_at) = with_link(&self.store, |link| {
             link.settle(&self.store)?;
             let sent_at = Instant::now();
             let reply = link.invoke(&self.store, "claiming items of", &invocation)?;
             Ok((reply, sent_at))
         })?;
-        let sent_at = round_trip;
-        self.fetched(sent_at, Duration::ZERO, &args, reply)?;
+        self.fetched(sent_at, &args, reply)?;
         // The allowance follows the round trip (a slow or distant Redis, large items), from the
         // next fetch on: this one's hold was sent with the old one.
         self.allowance = (sent_at.elapsed() * 4).clamp(HOLD, MOST_ALLOWANCE);
@@ -593,7 +604,15 @@ impl Consumer {
         let args = self.next_batch(Some(block), block);
         let eval = self.fetch_eval(&args);
         let mut pipe = redis::pipe();
-        pipe.cmd("BLMOVE")
+        pipe.cmd("EVAL")
+            .arg(include_str!("claim_wait.lua"))
+            .arg(1)
+            .arg(&self.keys.claims)
+            .arg(process_holder())
+            .arg(args.hold_ms)
+            .arg(ttl(&self.store))
+            .ignore()
+            .cmd("BLMOVE")
             .arg(&self.keys.items)
             .arg(format!("{}:in", self.keys.claim))
             .arg("LEFT")
@@ -610,7 +629,7 @@ impl Consumer {
                 Ok(fetched)
             },
         )?;
-        self.fetched(sent_at, block, &args, reply)
+        self.fetched(sent_at, &args, reply)
     }
 
     /// The next batch's arguments (1 item after a stale batch or a give-back, twice the last
@@ -676,24 +695,18 @@ impl Consumer {
         eval
     }
 
-    /// Takes in a fetch's reply; `sent_at`: when the fetch was sent (`extra` earlier than it
-    /// may have run, a `BLMOVE`'s wait, already in `args.allowance`).
-    fn fetched(
-        &mut self,
-        sent_at: Instant,
-        extra: Duration,
-        args: &FetchArgs,
-        reply: redis::Value,
-    ) -> Result<()> {
+    /// Takes in a fetch's reply; `sent_at`: when the fetch was sent (how much later it may have
+    /// run, a `BLMOVE`'s wait, is in `args.allowance`).
+    fn fetched(&mut self, sent_at: Instant, args: &FetchArgs, reply: redis::Value) -> Result<()> {
         let (replied_first, items) = parse_batch(reply)?;
         if replied_first != args.first || items.len() > args.most {
             return Err(Error::invalid_state(
                 "a queue fetch answered for another batch than it asked",
             ));
         }
-        debug_assert!(args.allowance >= extra);
         self.usable_until = Some(sent_at + args.allowance);
         self.filled = items.len() >= args.most;
+        self.found_empty = items.is_empty();
         let first = args.first;
         self.held = items
             .into_iter()

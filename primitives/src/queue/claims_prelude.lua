@@ -62,17 +62,3 @@ local function reap(claim_prefix, now, me)
   end
   return others
 end
-
--- Keeps the claims alive as long as the queue's items (the fences hash is named after the claim
--- prefix: `<...>:claim:` -> `<...>:claim_fences`).
-local function refresh_claims(claim_prefix, ttl)
-  local holders = redis.call('HKEYS', KEYS[3])
-  if #holders > 0 then
-    redis.call('EXPIRE', KEYS[3], ttl)
-    redis.call('EXPIRE', string.sub(claim_prefix, 1, -2) .. '_fences', ttl)
-    for _, holder in ipairs(holders) do
-      redis.call('EXPIRE', claim_prefix .. holder, ttl)
-      redis.call('EXPIRE', claim_prefix .. holder .. ':in', ttl)
-    end
-  end
-end

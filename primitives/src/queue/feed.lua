@@ -39,14 +39,6 @@ end
 redis.call('EXPIRE', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
--- Items claimed by gets live as long as the queue's items.
-local holders = redis.call('HKEYS', KEYS[4])
-if #holders > 0 then
-  redis.call('EXPIRE', KEYS[4], ARGV[1])
-  redis.call('EXPIRE', string.sub(ARGV[4], 1, -2) .. '_fences', ARGV[1])
-  for _, holder in ipairs(holders) do
-    redis.call('EXPIRE', ARGV[4] .. holder, ARGV[1])
-    redis.call('EXPIRE', ARGV[4] .. holder .. ':in', ARGV[1])
-  end
-end
+-- Items claimed by gets live as long as the queue's items (claims_ttl.lua, prepended).
+refresh_claims(KEYS[4], ARGV[4], ARGV[1])
 return appended

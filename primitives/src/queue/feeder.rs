@@ -5,7 +5,7 @@
 use super::*;
 
 static FEED: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("feed.lua")));
+    LazyLock::new(|| redis::Script::new(&claims::with_claims_ttl(include_str!("feed.lua"))));
 
 /// Most items in one feeder batch.
 const FEED_BATCH: usize = 10_000;

@@ -135,7 +135,8 @@ use crate::common::{self, Address, deadline, liveness, next_slice, process_holde
 use crate::event::{Recheck, WaitList, WakeWait, Woke};
 use crate::op::{self, Operation, Request, Step};
 
-static PUT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("put.lua")));
+static PUT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&claims::with_claims_ttl(include_str!("put.lua"))));
 static TASK_DONE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("task_done.lua")));
 

@@ -25,16 +25,8 @@ if maxsize > 0 and redis.call('LLEN', KEYS[1]) >= maxsize then
 end
 redis.call('RPUSH', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
--- Items claimed by gets live as long as the queue's items.
-local holders = redis.call('HKEYS', KEYS[6])
-if #holders > 0 then
-  redis.call('EXPIRE', KEYS[6], ARGV[1])
-  redis.call('EXPIRE', string.sub(ARGV[6], 1, -2) .. '_fences', ARGV[1])
-  for _, holder in ipairs(holders) do
-    redis.call('EXPIRE', ARGV[6] .. holder, ARGV[1])
-    redis.call('EXPIRE', ARGV[6] .. holder .. ':in', ARGV[1])
-  end
-end
+-- Items claimed by gets live as long as the queue's items (claims_ttl.lua, prepended).
+refresh_claims(KEYS[6], ARGV[6], ARGV[1])
 if ARGV[5] == '1' then
   redis.call('INCR', KEYS[5])
   redis.call('EXPIRE', KEYS[5], ARGV[1])
