@@ -57,7 +57,10 @@ fn speak(x: u64) -> u64 {
         .map(|p| p.display().to_string())
         .unwrap_or_default();
     println!("pool task {x} speaking, worker_fd1={link}");
-    eprintln!("pool task {x} on stderr");
+    // One write: stderr is unbuffered, and `eprintln!` may write a line in pieces, which the
+    // other workers' lines on the same inherited stderr can then split.
+    let line = format!("pool task {x} on stderr\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     x
 }
 
