@@ -29,6 +29,13 @@
 //!   right before and right after each one, and after all; each cell gets `rtt_us` (the mean
 //!   of the two around it) and `rtt_multiple`, one operation (a task, an item, a round trip of
 //!   the pipe, a barrier pass, an actor call, a process start) in round trips.
+//! * **The floor of a relayed message.** A `PING` is two hops (client, Redis, client); a pipe
+//!   round trip through Redis is four, each waking a process that slept. W5's cell also
+//!   carries `redis_floor_us`: the same ping-pong with a bare `RPUSH` and `BLPOP` on each side
+//!   (no script, no shoal code), run right after it, and `floor_multiple`, shoal's figure over
+//!   it: what is shoal's own cost and what any design that relays messages through Redis pays.
+//!   W9's cell (an ask and its reply: the same four hops) carries the same floor, and W7's the
+//!   floor of a two-party barrier (each party a bare `RPUSH` to the other and a `BLPOP`).
 //! * **Start methods.** Every shoal cell says its `start_method`; W3 has a row per method
 //!   (`shoal-process`, `shoal-thread`) and the peers' W3 has CPython's `fork` and `spawn`.
 //! * **Same work.** Where the peer harness runs a peer at a smaller size (its
@@ -391,7 +398,9 @@ fn main() -> shoal::Result<()> {
             }
             "W5" => {
                 let runs = (0..args.runs).map(|_| w5_pipe_pingpong()).collect();
-                shoal_cells.insert(key, median_cell(w, "pipe_pingpong", &label, runs));
+                let mut cell = median_cell(w, "pipe_pingpong", &label, runs);
+                add_floor(&mut cell, args.runs, || redis_pingpong_floor(&rt));
+                shoal_cells.insert(key, cell);
             }
             "W6" => {
                 let runs = (0..args.runs).map(|_| w6_lock_contention()).collect();
@@ -399,7 +408,9 @@ fn main() -> shoal::Result<()> {
             }
             "W7" => {
                 let runs = (0..args.runs).map(|_| w7_barrier()).collect();
-                shoal_cells.insert(key, median_cell(w, "barrier", &label, runs));
+                let mut cell = median_cell(w, "barrier", &label, runs);
+                add_floor(&mut cell, args.runs, || redis_barrier_floor(&rt));
+                shoal_cells.insert(key, cell);
             }
             "W8" => {
                 let runs: Vec<Value> = (0..args.runs)
@@ -419,6 +430,8 @@ fn main() -> shoal::Result<()> {
             "W9" => {
                 let runs = (0..args.runs).map(|_| w9_actor_ask()).collect();
                 let mut cell = median_cell(w, "actor_ask", &label, runs);
+                // An ask and its reply: the same four hops as a pipe's round trip.
+                add_floor(&mut cell, args.runs, || redis_pingpong_floor(&rt));
                 cell["redis_commands_per_ask"] = redis_commands_per_ask(&rt);
                 shoal_cells.insert(key, cell);
             }
@@ -846,6 +859,125 @@ fn w5_pipe_pingpong() -> Value {
         "child_up_s": child_up.as_secs_f64(),
         "correct": ok,
     })
+}
+
+/// Measures `floor` `runs` times and adds its median to `cell` (`redis_floor_us`, with the
+/// runs) and the cell's value over it (`floor_multiple`).
+fn add_floor(cell: &mut Value, runs: usize, mut floor: impl FnMut() -> Option<f64>) {
+    let mut floors: Vec<f64> = (0..runs).filter_map(|_| floor()).collect();
+    floors.sort_by(f64::total_cmp);
+    if let Some(&median) = floors.get(floors.len() / 2) {
+        cell["redis_floor_us"] = json!(median);
+        cell["redis_floor_runs"] = json!(floors);
+        cell["floor_multiple"] = json!(cell["value"].as_f64().map(|v| v / median));
+    }
+}
+
+/// W7's floor on this machine: two child processes pass a two-party barrier 500 times (after
+/// one pass), each pass a bare `RPUSH` to the other's list and a `BLPOP` on its own (no
+/// script, no shoal code), in µs per pass, timed in the children as W7 is.
+fn redis_barrier_floor(rt: &shoal::Runtime) -> Option<f64> {
+    let url = rt.config().redis.url.clone()?;
+    let key = format!("bench:barrier-floor:{}", std::process::id());
+    let times: Array<f64> = Array::new_raw(vec![0.0; 4]).expect("times");
+    let procs: Vec<Process> = (0..2)
+        .map(|i| {
+            Process::new(
+                raw_barrier_child,
+                (url.clone(), key.clone(), W7_PASSES, times.clone(), i),
+            )
+        })
+        .collect();
+    for p in &procs {
+        p.start().expect("start");
+    }
+    for p in &procs {
+        p.join(None).expect("join");
+    }
+    if procs.iter().any(|p| p.exitcode() != Some(0)) {
+        return None;
+    }
+    let ts = times.to_vec().expect("times");
+    Some((ts[1].max(ts[3]) - ts[0].min(ts[2])) / W7_PASSES as f64 * 1e6)
+}
+
+/// A party of [`redis_barrier_floor`]: each pass tells the other party it arrived and waits
+/// for the other's arrival.
+#[shoal::remote]
+fn raw_barrier_child(url: String, key: String, passes: u32, times: Array<f64>, idx: usize) {
+    let mut conn = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("connect");
+    let mine = format!("{key}:{idx}");
+    let other = format!("{key}:{}", 1 - idx);
+    let mut pass = || {
+        redis::cmd("RPUSH")
+            .arg(&other)
+            .arg(1)
+            .query::<()>(&mut conn)
+            .expect("rpush");
+        redis::cmd("BLPOP")
+            .arg(&mine)
+            .arg(10)
+            .query::<()>(&mut conn)
+            .expect("blpop");
+    };
+    pass();
+    let t0 = unix_time();
+    for _ in 0..passes {
+        pass();
+    }
+    let t1 = unix_time();
+    times.set_slice(2 * idx, &[t0, t1]).expect("times");
+}
+
+/// W5's floor on this machine: the same ping-pong (2000 round trips after one) between this
+/// process and a child, each message one bare `RPUSH` answered by the other side's `BLPOP`
+/// (no script, no shoal code on the path), in µs per round trip: four hops through Redis, as
+/// every design that relays messages through it makes. `None` without the embedded store's URL.
+fn redis_pingpong_floor(rt: &shoal::Runtime) -> Option<f64> {
+    let url = rt.config().redis.url.clone()?;
+    let key = format!("bench:floor:{}", std::process::id());
+    let mut conn = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .ok()?;
+    let p = Process::new(raw_echo_child, (url, key.clone(), W5_ROUNDS));
+    p.start().expect("start");
+    let (ping, pong) = (format!("{key}:ping"), format!("{key}:pong"));
+    let round = |conn: &mut redis::Connection| -> redis::RedisResult<()> {
+        redis::cmd("RPUSH").arg(&ping).arg(1).query::<()>(conn)?;
+        redis::cmd("BLPOP").arg(&pong).arg(10).query::<()>(conn)
+    };
+    round(&mut conn).ok()?;
+    let t = Instant::now();
+    for _ in 0..W5_ROUNDS {
+        round(&mut conn).ok()?;
+    }
+    let dt = t.elapsed();
+    p.join(None).expect("join");
+    Some(dt.as_secs_f64() / W5_ROUNDS as f64 * 1e6)
+}
+
+/// The child of [`redis_pingpong_floor`]: answers each `RPUSH` to `<key>:ping` with one to
+/// `<key>:pong`.
+#[shoal::remote]
+fn raw_echo_child(url: String, key: String, rounds: u32) {
+    let mut conn = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("connect");
+    let (ping, pong) = (format!("{key}:ping"), format!("{key}:pong"));
+    for _ in 0..rounds + 1 {
+        redis::cmd("BLPOP")
+            .arg(&ping)
+            .arg(10)
+            .query::<()>(&mut conn)
+            .expect("blpop");
+        redis::cmd("RPUSH")
+            .arg(&pong)
+            .arg(1)
+            .query::<()>(&mut conn)
+            .expect("rpush");
+    }
 }
 
 /// W6: two processes x 2000 x (acquire; value += 1; release) on one lock, started together by a
@@ -1389,6 +1521,15 @@ fn print_table(
             .as_f64()
             .map(|v| format!("{v:.3}"))
             .unwrap_or_else(|| cell["value"].to_string());
+        let floor = cell["floor_multiple"]
+            .as_f64()
+            .map(|m| {
+                format!(
+                    "; {m:.2}x its bare-Redis floor ({:.1} us)",
+                    cell["redis_floor_us"].as_f64().unwrap_or(0.0)
+                )
+            })
+            .unwrap_or_default();
         let details = match cell.get("median_ms") {
             Some(m) => format!(
                 "median {:.3} ms, runs {}",
@@ -1410,7 +1551,7 @@ fn print_table(
             })
             .unwrap_or_default();
         println!(
-            "| {key} | {} | {value} | {} | {multiple} | {details} |",
+            "| {key} | {} | {value} | {} | {multiple} | {details}{floor} |",
             cell["start_method"].as_str().unwrap_or(""),
             cell["unit"].as_str().unwrap_or("")
         );
