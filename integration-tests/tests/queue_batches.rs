@@ -670,3 +670,127 @@ fn an_item_in_doubt_given_back_twice_goes_back_once() {
     assert_eq!(got, vec![0, 1, 2]);
     assert!(matches!(q.get_nowait(), Err(Error::Empty)));
 }
+
+/// Reports `0` on `out`, then waits for one item with `get_async` (under a current-thread Tokio
+/// runtime) and reports it.
+#[shoal::remote]
+fn get_one_async(q: Queue<u64>, out: SimpleQueue<u64>) {
+    out.put(0).expect("ready");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let item = runtime.block_on(q.get_async()).expect("get_async");
+    out.put(item).expect("report");
+}
+
+/// The async holders (`<process>:a<n>`) recorded in the claims hash of `q`.
+fn async_holders(conn: &mut redis::Connection, q: &Queue<u64>) -> Vec<String> {
+    let prefix = queue_key_prefix(conn, &format!("{q:?}"));
+    let holders: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("{prefix}claims"))
+        .query(conn)
+        .expect("hkeys");
+    holders.into_iter().filter(|h| h.contains(":a")).collect()
+}
+
+fn signal(child: &Process, signal: &str) {
+    let pid = child.pid().expect("pid");
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+#[test]
+fn an_item_an_async_get_takes_as_its_process_is_killed_comes_back() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    let out: SimpleQueue<u64> = SimpleQueue::new().expect("out");
+    let child = Process::new(get_one_async, (q.clone(), out.clone()));
+    child.start().expect("start");
+    assert_eq!(out.get_timeout(Duration::from_secs(20)).expect("ready"), 0);
+    // Its get waits: its holder's record is written with the BLMOVE behind it.
+    assert!(
+        wait_for(Duration::from_secs(10), || !async_holders(&mut raw, &q)
+            .is_empty()),
+        "the async get does not wait"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    // Stopped, it cannot read what Redis answers: the item leaves the queue for its claim.
+    signal(&child, "-STOP");
+    q.put(42).expect("put");
+    assert!(
+        wait_for(Duration::from_secs(10), || held(&mut raw, &q) == 1),
+        "the item did not reach the async get's claim"
+    );
+    assert_eq!(
+        q.qsize().expect("qsize"),
+        1,
+        "qsize counts the claimed item"
+    );
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+    signal(&child, "-KILL");
+    child.join(None).expect("join");
+    assert!(
+        out.get_nowait().is_err(),
+        "the killed child reported an item"
+    );
+    // Once the hold lapses (a slice, HOLD and the lease), the next get takes it back.
+    assert_eq!(
+        q.get_timeout(Duration::from_secs_f64(LEASE_SECS + 10.0))
+            .expect("the item comes back"),
+        42
+    );
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+    assert_eq!(held(&mut raw, &q), 0);
+}
+
+#[test]
+fn async_gets_claim_ack_and_leave_no_record_behind() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    let bounded: Queue<u64> = Queue::with_maxsize(1).expect("bounded");
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    tokio.block_on(async {
+        // Nothing there: empty, and no record of the holder stays.
+        assert!(matches!(q.get_nowait_async().await, Err(Error::Empty)));
+        assert!(async_holders(&mut raw, &q).is_empty());
+        // Items put while three gets wait: each get receives one, each item once.
+        let waiting: Vec<_> = (0..3).map(|_| q.get_async()).collect();
+        let putter = q.clone();
+        let put = tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            for i in 0..3 {
+                putter.put(i).expect("put");
+            }
+        });
+        let mut got: Vec<u64> = futures::future::join_all(waiting)
+            .await
+            .into_iter()
+            .map(|r| r.expect("get_async"))
+            .collect();
+        put.await.expect("putter");
+        got.sort_unstable();
+        assert_eq!(got, vec![0, 1, 2]);
+        // A bounded queue's async get wakes the writer waiting for room.
+        bounded.put(7).expect("put");
+        let writer = bounded.clone();
+        let blocked = tokio::task::spawn_blocking(move || writer.put(8));
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(bounded.get_async().await.expect("get"), 7);
+        blocked.await.expect("writer").expect("put after room");
+        assert_eq!(bounded.get_nowait_async().await.expect("get"), 8);
+    });
+    // Every item was acked: no claim, and no async holder's record in the claims hash.
+    assert_eq!(held(&mut raw, &q), 0);
+    assert!(async_holders(&mut raw, &q).is_empty());
+    assert_eq!(held(&mut raw, &bounded), 0);
+    assert!(async_holders(&mut raw, &bounded).is_empty());
+}

@@ -13,7 +13,8 @@
 //!   the caller's future through a oneshot channel (the async API; see `shoal_core::actors`).
 //!
 //! Cancellation of the async form: before each blocking request (a wait slice of at most
-//! [`SLICE`](crate::common::SLICE)), the async driver checks whether the caller's future is
+//! [`SLICE`](crate::common::SLICE)) and each request an operation marks
+//! ([`Request::abandon_point`]), the async driver checks whether the caller's future is
 //! still there. If it is not, the operation is asked to [`Operation::abandon`], which gives up
 //! the way a timeout does (leaving the waiters' queue atomically, passing on a wake-up it
 //! consumed); a blocking command is never dropped client-side (Redis rule 6). A result that the
@@ -35,6 +36,9 @@ pub(crate) struct Request {
     /// [`Operation::describe`] follows.
     what: &'static str,
     kind: Kind,
+    /// The async driver asks the operation to [`Operation::abandon`] before sending this when
+    /// the caller left (as before every blocking request): see [`Request::abandon_point`].
+    abandon_point: bool,
 }
 
 enum Kind {
@@ -44,6 +48,12 @@ enum Kind {
     /// A blocking command carrying Redis's own timeout `block` (a dedicated connection).
     Blocking {
         cmd: redis::Cmd,
+        block: Duration,
+    },
+    /// A pipeline whose last command blocks, carrying Redis's own timeout `block` (a dedicated
+    /// connection); the reply is the pipeline's (the values of the commands not ignored).
+    BlockingPipe {
+        pipe: redis::Pipeline,
         block: Duration,
     },
     /// A script and a blocking command written behind it on one connection (one round trip);
@@ -58,36 +68,56 @@ enum Kind {
 }
 
 impl Request {
-    /// A script.
-    pub(crate) fn script(what: &'static str, invocation: redis::ScriptInvocation<'static>) -> Self {
+    fn of(what: &'static str, kind: Kind) -> Self {
         Request {
             what,
-            kind: Kind::Script(invocation),
+            kind,
+            abandon_point: false,
         }
+    }
+
+    /// This request, before which the async driver asks the operation to
+    /// [`Operation::abandon`] if its caller left (a step that would make something the caller's
+    /// that is better given back, as an item's claim). Blocking requests are such points
+    /// already.
+    pub(crate) fn abandon_point(mut self) -> Self {
+        self.abandon_point = true;
+        self
+    }
+
+    /// Whether the async driver checks for a departed caller before sending this.
+    fn may_abandon(&self) -> bool {
+        self.abandon_point || matches!(self.kind, Kind::Blocking { .. } | Kind::BlockingPipe { .. })
+    }
+
+    /// A pipeline that ends with a blocking command whose own timeout is `block` (at most a
+    /// slice), on one connection: one round trip.
+    pub(crate) fn blocking_pipe(
+        what: &'static str,
+        pipe: redis::Pipeline,
+        block: Duration,
+    ) -> Self {
+        Request::of(what, Kind::BlockingPipe { pipe, block })
+    }
+
+    /// A script.
+    pub(crate) fn script(what: &'static str, invocation: redis::ScriptInvocation<'static>) -> Self {
+        Request::of(what, Kind::Script(invocation))
     }
 
     /// An ordinary command.
     pub(crate) fn cmd(what: &'static str, cmd: redis::Cmd) -> Self {
-        Request {
-            what,
-            kind: Kind::Cmd(cmd),
-        }
+        Request::of(what, Kind::Cmd(cmd))
     }
 
     /// A pipeline.
     pub(crate) fn pipe(what: &'static str, pipe: redis::Pipeline) -> Self {
-        Request {
-            what,
-            kind: Kind::Pipe(pipe),
-        }
+        Request::of(what, Kind::Pipe(pipe))
     }
 
     /// A blocking command whose own timeout is `block` (at most a slice).
     pub(crate) fn blocking(what: &'static str, cmd: redis::Cmd, block: Duration) -> Self {
-        Request {
-            what,
-            kind: Kind::Blocking { cmd, block },
-        }
+        Request::of(what, Kind::Blocking { cmd, block })
     }
 
     /// A script, then a blocking command whose own timeout is `block`, written together on one
@@ -104,14 +134,14 @@ impl Request {
         cmd: redis::Cmd,
         block: Duration,
     ) -> Self {
-        Request {
+        Request::of(
             what,
-            kind: Kind::ScriptThenBlocking {
+            Kind::ScriptThenBlocking {
                 invocation,
                 cmd,
                 block,
             },
-        }
+        )
     }
 
     /// `BLPOP key` as a command, waiting at most `block` (Redis's own timeout).
@@ -133,10 +163,7 @@ impl Request {
         what: &'static str,
         f: impl FnOnce() -> Result<Value> + Send + 'static,
     ) -> Self {
-        Request {
-            what,
-            kind: Kind::Local(Box::new(f)),
-        }
+        Request::of(what, Kind::Local(Box::new(f)))
     }
 }
 
@@ -174,8 +201,9 @@ pub(crate) trait Operation {
     fn reply(&mut self, store: &Store, reply: Result<Value>) -> Step<Self::Output>;
 
     /// The caller of the async form is gone: give up as a timeout would, undoing what can be.
-    /// Called at most once, before a blocking request. By default: stop now (nothing was taken
-    /// and nothing waits in Redis on the caller's behalf).
+    /// Called at most once, before a blocking request (or one marked
+    /// [`Request::abandon_point`]). By default: stop now (nothing was taken and nothing waits in
+    /// Redis on the caller's behalf).
     fn abandon(&mut self, _store: &Store) -> Step<Self::Output> {
         Step::Done(Err(abandoned()))
     }
@@ -216,6 +244,9 @@ fn exec(store: &Store, request: Request, describe: impl FnOnce() -> String) -> R
         Kind::Pipe(pipe) => store.with_conn(context, |c| pipe.query(c)),
         Kind::Blocking { cmd, block } => {
             store.with_blocking_conn(Some(block), context, |c| cmd.query(c))
+        }
+        Kind::BlockingPipe { pipe, block } => {
+            store.with_blocking_conn(Some(block), context, |c| pipe.query(c))
         }
         Kind::ScriptThenBlocking {
             invocation,
@@ -287,6 +318,7 @@ async fn exec_async(
                 .map_err(|e| Error::redis(context(), e))
         }
         Kind::Blocking { cmd, block } => store.blocking(block, context, &cmd).await,
+        Kind::BlockingPipe { pipe, block } => store.blocking_pipe(block, context, &pipe).await,
         Kind::ScriptThenBlocking {
             invocation,
             cmd,
@@ -332,7 +364,7 @@ async fn run_async<O: Operation>(
         match step {
             Step::Done(result) => return result,
             Step::Next(request) => {
-                if !abandoned && matches!(request.kind, Kind::Blocking { .. }) && gone() {
+                if !abandoned && request.may_abandon() && gone() {
                     abandoned = true;
                     step = op.abandon(store.store());
                     continue;

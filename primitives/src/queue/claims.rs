@@ -50,9 +50,8 @@
 //! * An async get takes a held item first when that needs no round trip (no other thread holds
 //!   the consumer, the batch is fresh, the connection open; otherwise the keeper or the next
 //!   sync get deals with the batch, and the async get may receive a later item first), else
-//!   waits as a bounded queue's get does (`BLPOP` slices with a check-in that
-//!   gives back lapsed claims, `claim_check_in.lua`); the item a `BLPOP` returns is not claimed,
-//!   so a process killed between Redis's pop and reading the reply loses it.
+//!   claims one item under a holder of its own and waits for its ack (`async_get.rs`): exact
+//!   in the same way.
 //! * The batch: 1 item at first; twice the last one each time the last one was all returned
 //!   within the allowance, up to [`MOST_ITEMS`] items and [`MOST_BYTES`] bytes (at least one item);
 //!   back to 1 when a batch went stale; 1 whenever another process's hold on the queue is
@@ -78,7 +77,7 @@
 //! `claims` (hash: holder → hold deadline, ms on Redis's clock), `claim:<holder>` (sorted set:
 //! number → `"<number>:<payload>"`), `claim:<holder>:in` (list: what a waiting get's `BLMOVE`
 //! moved), `claim_fences` (hash: `<holder>:fence`, `<holder>:acked`). Their TTL is the queue's:
-//! every fetch, check-in and put refreshes it.
+//! every fetch and put refreshes it.
 //!
 //! # Round trips
 //!
@@ -124,8 +123,6 @@ fn script_source(body: &str) -> String {
 static FETCH: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("claim_fetch.lua")));
 static RELEASE: LazyLock<redis::Script> =
     LazyLock::new(|| script(include_str!("claim_release.lua")));
-static CHECK_IN: LazyLock<redis::Script> =
-    LazyLock::new(|| script(include_str!("claim_check_in.lua")));
 static SIZE: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("size.lua")));
 static ACK: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!("{ALLOW_OOM}\n{}", include_str!("claim_ack.lua")))
@@ -358,7 +355,7 @@ pub(super) fn settle(store: &Store) -> Result<()> {
 
 /// The keeper: a thread that gives back the held items that went stale, within half a [`HOLD`]
 /// of it. It sleeps (parked) while no consumer holds anything; a fetch that got items wakes it.
-fn wake_keeper() {
+pub(super) fn wake_keeper() {
     static KEEPER: LazyLock<Option<std::thread::Thread>> = LazyLock::new(|| {
         let spawned = std::thread::Builder::new()
             .name("shoal-queue-keeper".into())
@@ -405,7 +402,7 @@ fn give_back_stale() -> bool {
             watching = true;
         }
     }
-    watching | settle_links()
+    watching | settle_links() | super::async_get::settle_doubts()
 }
 
 /// Settles every claims connection that has acks to confirm; whether one still has.
@@ -443,25 +440,137 @@ fn give_back_all() {
         }
     }
     settle_links();
+    super::async_get::settle_doubts();
 }
 
-/// The claims script `script` on `keys`, the holder and the TTL given.
+/// The claims script `script` on `keys`, for this process's holder, with the TTL given.
 fn claims_invocation(
     script: &'static redis::Script,
     keys: &QueueKeys,
     store: &Store,
+) -> redis::ScriptInvocation<'static> {
+    holder_invocation(script, keys, store, process_holder(), &keys.claim)
+}
+
+/// The claims script `script` on `keys`, for `holder`, whose claim is `claim`.
+fn holder_invocation(
+    script: &'static redis::Script,
+    keys: &QueueKeys,
+    store: &Store,
+    holder: &str,
+    claim: &str,
 ) -> redis::ScriptInvocation<'static> {
     let mut invocation = script.prepare_invoke();
     invocation
         .key(&keys.items)
         .key(&keys.state)
         .key(&keys.claims)
-        .key(&keys.claim)
+        .key(claim)
         .key(&keys.claim_fences)
         .arg(ttl(store))
         .arg(&keys.claim_prefix)
-        .arg(process_holder());
+        .arg(holder);
     invocation
+}
+
+/// `claim_release.lua` for `holder` (another than this process's: an async get's), whose
+/// claim is `claim` and whose next unreserved number is `next`; `doubt`: its item whose ack's
+/// outcome is not known (number, payload).
+pub(super) fn release_invocation(
+    keys: &QueueKeys,
+    store: &Store,
+    holder: &str,
+    claim: &str,
+    next: u64,
+    doubt: Option<(u64, &[u8])>,
+) -> redis::ScriptInvocation<'static> {
+    let mut invocation = holder_invocation(&RELEASE, keys, store, holder, claim);
+    invocation.arg(next);
+    match doubt {
+        Some((number, item)) => invocation.arg("doubt").arg(number).arg(item),
+        None => invocation.arg("").arg(0).arg(""),
+    };
+    invocation
+}
+
+/// `claim_ack.lua` for `holder` (an async get's), whose claim is `claim`: takes item `number`
+/// out of it, records the ack, and drops the holder's record in the claims hash.
+pub(super) fn ack_invocation(
+    keys: &QueueKeys,
+    store: &Store,
+    holder: &str,
+    claim: &str,
+    number: u64,
+) -> redis::ScriptInvocation<'static> {
+    let mut invocation = ACK.prepare_invoke();
+    invocation
+        .key(claim)
+        .key(&keys.claim_fences)
+        .key(&keys.claims)
+        .arg(holder)
+        .arg(number)
+        .arg(ttl(store));
+    invocation
+}
+
+/// `claim_fetch.lua` sent whole (`EVAL`: it cannot meet `NOSCRIPT`) for `holder`, whose claim
+/// is `claim`.
+pub(super) fn fetch_eval(
+    keys: &QueueKeys,
+    store: &Store,
+    holder: &str,
+    claim: &str,
+    args: &FetchArgs,
+) -> redis::Cmd {
+    let mut eval = redis::cmd("EVAL");
+    eval.arg(FETCH_SOURCE.as_str())
+        .arg(5)
+        .arg(&keys.items)
+        .arg(&keys.state)
+        .arg(&keys.claims)
+        .arg(claim)
+        .arg(&keys.claim_fences)
+        .arg(ttl(store))
+        .arg(&keys.claim_prefix)
+        .arg(holder)
+        .arg(args.first)
+        .arg(args.most)
+        .arg(args.hold_ms)
+        .arg(MOST_BYTES)
+        .arg(args.wait_ms);
+    eval
+}
+
+/// A waiting get's slice for `holder` (claim `claim`): its record for the wait
+/// (`claim_wait.lua`), a `BLMOVE` of at most `block` from the queue into its landing list, and
+/// `fetch` behind it, as one pipeline whose one reply is the fetch's.
+pub(super) fn wait_pipe(
+    keys: &QueueKeys,
+    store: &Store,
+    holder: &str,
+    claim: &str,
+    hold_ms: u64,
+    block: Duration,
+    fetch: redis::Cmd,
+) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.cmd("EVAL")
+        .arg(include_str!("claim_wait.lua"))
+        .arg(1)
+        .arg(&keys.claims)
+        .arg(holder)
+        .arg(hold_ms)
+        .arg(ttl(store))
+        .ignore()
+        .cmd("BLMOVE")
+        .arg(&keys.items)
+        .arg(format!("{claim}:in"))
+        .arg("LEFT")
+        .arg("RIGHT")
+        .arg(common::blpop_seconds(block))
+        .ignore()
+        .add_command(fetch);
+    pipe
 }
 
 impl Consumer {
@@ -602,24 +711,22 @@ impl Consumer {
         // The fetch gives back what this holder claims: its acks must be applied first.
         with_link(&self.store, |link| link.settle(&self.store))?;
         let args = self.next_batch(Some(block), block);
-        let eval = self.fetch_eval(&args);
-        let mut pipe = redis::pipe();
-        pipe.cmd("EVAL")
-            .arg(include_str!("claim_wait.lua"))
-            .arg(1)
-            .arg(&self.keys.claims)
-            .arg(process_holder())
-            .arg(args.hold_ms)
-            .arg(ttl(&self.store))
-            .ignore()
-            .cmd("BLMOVE")
-            .arg(&self.keys.items)
-            .arg(format!("{}:in", self.keys.claim))
-            .arg("LEFT")
-            .arg("RIGHT")
-            .arg(common::blpop_seconds(block))
-            .ignore()
-            .add_command(eval);
+        let eval = fetch_eval(
+            &self.keys,
+            &self.store,
+            process_holder(),
+            &self.keys.claim,
+            &args,
+        );
+        let pipe = wait_pipe(
+            &self.keys,
+            &self.store,
+            process_holder(),
+            &self.keys.claim,
+            args.hold_ms,
+            block,
+            eval,
+        );
         let sent_at = Instant::now();
         let reply = self.store.with_blocking_conn(
             Some(block),
@@ -671,28 +778,6 @@ impl Consumer {
             .arg(MOST_BYTES)
             .arg(args.wait_ms);
         invocation
-    }
-
-    /// `claim_fetch.lua` with `args`, sent whole (`EVAL`).
-    fn fetch_eval(&self, args: &FetchArgs) -> redis::Cmd {
-        let keys = &self.keys;
-        let mut eval = redis::cmd("EVAL");
-        eval.arg(FETCH_SOURCE.as_str())
-            .arg(5)
-            .arg(&keys.items)
-            .arg(&keys.state)
-            .arg(&keys.claims)
-            .arg(&keys.claim)
-            .arg(&keys.claim_fences)
-            .arg(ttl(&self.store))
-            .arg(&keys.claim_prefix)
-            .arg(process_holder())
-            .arg(args.first)
-            .arg(args.most)
-            .arg(args.hold_ms)
-            .arg(MOST_BYTES)
-            .arg(args.wait_ms);
-        eval
     }
 
     /// Takes in a fetch's reply; `sent_at`: when the fetch was sent (how much later it may have
@@ -767,20 +852,20 @@ impl Consumer {
 }
 
 /// What a fetch asks.
-struct FetchArgs {
+pub(super) struct FetchArgs {
     /// The first number it may use (it reserved `most` from it).
-    first: u64,
-    most: usize,
+    pub(super) first: u64,
+    pub(super) most: usize,
     /// How long after its sending the batch may be returned.
-    allowance: Duration,
+    pub(super) allowance: Duration,
     /// How long Redis holds the batch.
-    hold_ms: u64,
+    pub(super) hold_ms: u64,
     /// How long the holder waits if nothing comes (0: it does not).
-    wait_ms: u64,
+    pub(super) wait_ms: u64,
 }
 
 /// Reads `{first number, item...}`.
-fn parse_batch(reply: redis::Value) -> Result<(u64, Vec<Vec<u8>>)> {
+pub(super) fn parse_batch(reply: redis::Value) -> Result<(u64, Vec<Vec<u8>>)> {
     let malformed = || Error::invalid_state("a queue fetch returned a malformed reply");
     let redis::Value::Array(values) = reply else {
         return Err(malformed());
@@ -1010,18 +1095,6 @@ fn ack_command(claim: &str, number: u64) -> redis::Cmd {
     let mut cmd = redis::cmd("ZREMRANGEBYSCORE");
     cmd.arg(claim).arg("-inf").arg(number);
     cmd
-}
-
-/// The check-in of a waiting get: the queue exists, lapsed claims are given back, TTLs refreshed.
-pub(super) fn check_in(keys: &QueueKeys, store: &Store) -> Request {
-    let mut invocation = CHECK_IN.prepare_invoke();
-    invocation
-        .key(&keys.items)
-        .key(&keys.state)
-        .key(&keys.claims)
-        .arg(ttl(store))
-        .arg(&keys.claim_prefix);
-    Request::script("checking", invocation)
 }
 
 /// `qsize`'s request: `{1, length, claimed, items applied by this process's feeder}`.

@@ -73,7 +73,8 @@
 //! item; while the queue is empty, one `BLMOVE` and claim per second of waiting), plus 1 to wake
 //! a waiting writer (if that fails the item is returned all the same and the failure logged: an
 //! item taken is never dropped). `get_nowait`: 1, or none while a batch lasts. The async gets
-//! wait with `BLPOP` (see *Async forms*). `qsize`/`empty`/`full`: 1.
+//! claim one item at a time and wait for its ack: 2 (fetch or wait, ack; see *Async forms*).
+//! `qsize`/`empty`/`full`: 1.
 //! `task_done`: 1. `join`: 1, then a `BLPOP` that returns at the last `task_done` (plus a
 //! check-in and an existence check per second).
 //!
@@ -102,11 +103,13 @@
 //!
 //! Dropping the future (a `select!`, a `tokio::time::timeout`) never loses an item:
 //!
-//! * `get_async`: the task stops before its next wait slice (within a second) without taking
-//!   anything; an item it took meanwhile (or that arrived with the future already gone) is
-//!   pushed back to the head of the queue (`LPUSH`). Until then another reader may see the next
-//!   item first; a bounded queue may briefly hold one item above `maxsize` (a writer woken by
-//!   that get may have filled the place).
+//! * `get_async`: its items are claimed as a blocking get's are, so a process killed while one
+//!   is under way loses nothing (the claim goes back to the queue when its hold lapses; see
+//!   `async_get.rs`). A dropped future stops the task before its next wait slice (within a
+//!   second) without taking anything; an item claimed for it goes back to the head of the queue
+//!   before its ack, and one acked as the caller left is pushed back to the head (`LPUSH`).
+//!   Until then another reader may see the next item first; a bounded queue may briefly hold
+//!   one item above `maxsize` (a writer woken by that get may have filled the place).
 //! * `put_async` (bounded or joinable): a put still waiting for room leaves the writers' queue
 //!   before its next slice and passes on a wake-up it had consumed; an item already written
 //!   stays written (it is the queue's now, like a sent message).
@@ -124,12 +127,13 @@ use shoal_core::context;
 use shoal_core::error::{Error, Result};
 use shoal_core::store::Store;
 
+mod async_get;
 mod claims;
 mod feeder;
 mod ops;
 
 use feeder::{FEEDER, Queued};
-use ops::{Get, Join, Put};
+use ops::{Join, Put};
 
 use crate::common::{self, Address, deadline, liveness, next_slice, process_holder, ttl};
 use crate::event::{Recheck, WaitList, WakeWait, Woke};
@@ -316,7 +320,7 @@ impl QueueCore {
                     return Ok(item);
                 }
             }
-            let get = Get::new(&core, wait, deadline(timeout));
+            let get = async_get::Get::new(&core, common::store()?, wait, deadline(timeout));
             let undo: op::Undo<Vec<u8>> = Box::new(move |store, item| {
                 Box::pin(async move {
                     let keys = core.keys();

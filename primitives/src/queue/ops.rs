@@ -1,5 +1,5 @@
 //! The queue operations that may wait, as state machines of round trips (`op`): a put on a
-//! bounded or joinable queue, a get, and `JoinableQueue::join`.
+//! bounded or joinable queue and `JoinableQueue::join` (the async get is `async_get.rs`).
 
 use super::*;
 
@@ -141,113 +141,6 @@ impl Operation for Put {
                 self.after_wait(store, step)
             }
             PutPhase::Putting | PutPhase::PassingOn => Step::Done(Err(op::abandoned())),
-        }
-    }
-}
-
-/// A get: `LPOP` once (nowait), or slices of `BLPOP` on the items (Redis's own timeout) with a
-/// check that the queue still exists after each; then, on a bounded queue, one waiting writer
-/// is woken (`waiters_wake.lua`). The item is returned even when waking the writer failed (it is
-/// logged): an item taken is never dropped.
-pub(super) struct Get {
-    core: QueueCore,
-    keys: Arc<QueueKeys>,
-    wait: bool,
-    deadline: Option<Instant>,
-    state: GetState,
-    item: Option<Vec<u8>>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum GetState {
-    Taking,
-    Popping,
-    Checking,
-    Waking,
-}
-
-impl Get {
-    pub(super) fn new(core: &QueueCore, wait: bool, deadline: Option<Instant>) -> Get {
-        Get {
-            keys: core.keys(),
-            core: core.clone(),
-            wait,
-            deadline,
-            state: GetState::Taking,
-            item: None,
-        }
-    }
-
-    fn slice(&mut self) -> Step<Vec<u8>> {
-        match next_slice(self.deadline) {
-            None => Step::Done(Err(Error::Empty)),
-            Some(block) => {
-                self.state = GetState::Popping;
-                Step::Next(Request::blpop(&self.keys.items, block))
-            }
-        }
-    }
-
-    fn got(&mut self, store: &Store, item: Vec<u8>) -> Step<Vec<u8>> {
-        if self.core.maxsize == 0 {
-            return Step::Done(Ok(item));
-        }
-        self.item = Some(item);
-        self.state = GetState::Waking;
-        Step::Next(self.keys.putters.wake(store, 1))
-    }
-}
-
-impl Operation for Get {
-    type Output = Vec<u8>;
-
-    fn describe(&self) -> String {
-        self.core.address.describe()
-    }
-
-    fn start(&mut self, _: &Store) -> Step<Vec<u8>> {
-        if self.wait {
-            return self.slice();
-        }
-        self.state = GetState::Taking;
-        let mut pipe = redis::pipe();
-        pipe.exists(&self.keys.state).lpop(&self.keys.items, None);
-        Step::Next(Request::pipe("getting from", pipe))
-    }
-
-    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<Vec<u8>> {
-        let address = &self.core.address;
-        match self.state {
-            GetState::Taking => match op::parse::<(bool, Option<Vec<u8>>)>(reply, "a get") {
-                Err(e) => Step::Done(Err(address.error(e))),
-                Ok((false, _)) => Step::Done(Err(address.gone())),
-                Ok((true, None)) => Step::Done(Err(Error::Empty)),
-                Ok((true, Some(item))) => self.got(store, item),
-            },
-            GetState::Popping => match op::parse::<Option<(String, Vec<u8>)>>(reply, "a get") {
-                Err(e) => Step::Done(Err(address.error(e))),
-                Ok(Some((_, item))) => self.got(store, item),
-                Ok(None) => {
-                    self.state = GetState::Checking;
-                    Step::Next(claims::check_in(&self.keys, store))
-                }
-            },
-            GetState::Checking => match op::parse::<i64>(reply, "a queue check") {
-                Err(e) => Step::Done(Err(address.error(e))),
-                Ok(_) => self.slice(),
-            },
-            GetState::Waking => {
-                if let Err(e) = reply {
-                    tracing::warn!(
-                        "waking a writer of {}: {e}; a writer waiting for room waits for the next get",
-                        address.describe()
-                    );
-                }
-                match self.item.take() {
-                    Some(item) => Step::Done(Ok(item)),
-                    None => Step::Done(Err(Error::invalid_state("a get lost track of its item"))),
-                }
-            }
         }
     }
 }

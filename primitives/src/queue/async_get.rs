@@ -1,0 +1,416 @@
+//! The async gets (`get_async`, `get_timeout_async`, `get_nowait_async`) of every queue: each
+//! item is *claimed* before it leaves Redis, as the blocking gets' items are (`claims.rs`), so a
+//! process killed while an async get is under way loses nothing.
+//!
+//! # Semantics
+//!
+//! An item is returned by exactly one get, or it is still in the queue, whatever process dies.
+//!
+//! * An async get borrows an *async holder* of this process for the queue (`<process
+//!   holder>:a<n>`; idle ones are kept and reused, so their records in the queue's fences hash
+//!   stay as many as the async gets that ever ran at once). A holder numbers its fetches in its
+//!   own sequence, fenced as a process's (`claim_fetch.lua`).
+//! * `get_nowait_async`: one fetch of at most one item into the holder's claim
+//!   (`claim_fetch.lua`, sent whole). A waiting get: slices of at most a second, each the
+//!   holder's record for the wait (`claim_wait.lua`), a `BLMOVE` from the queue into its landing
+//!   list and the fetch behind it, in one round trip, as a blocking get's wait: Redis runs the
+//!   fetch right after the move, so an item that arrives is never in flight unowned. The fetch
+//!   gives back claims whose hold lapsed (a dead holder's), and fails when the queue is gone.
+//! * The item is then *acked* and the ack waited for (`claim_ack.lua`, which also drops the
+//!   holder's record in the claims hash): the item is returned only when the ack took it out of
+//!   the claim, now or in an earlier attempt whose reply was lost (`<holder>:acked`). An item
+//!   given back meanwhile (the holder's hold lapsed: the ack came later than the hold, the
+//!   wait's slice plus [`HOLD`] plus `sync.lease_secs` after the fetch was sent) is not this
+//!   get's: it waits again (or, without waiting, finds the queue empty).
+//! * A process killed with an item claimed (moved, fetched, not acked) leaves it to the
+//!   reapers: the next fetch or check-in of any process gives it back to the head of the queue
+//!   once the hold lapsed.
+//! * An ack that fails three times in a row (Redis unreachable) leaves its outcome unknown: the
+//!   get fails, and the item is handed to the queue keeper thread, which puts it back at the
+//!   head of the queue if its ack was applied (`claim_release.lua`, `doubt`) and gives the rest
+//!   of the claim back otherwise, as soon as Redis answers (and at exit).
+//! * Dropping the future: before its next slice the get stops, taking nothing; before its ack
+//!   (the item claimed, the caller gone) the claim is given back to the head of the queue. An
+//!   item acked for a caller that left during the ack goes back to the head (`LPUSH`, the undo
+//!   of `QueueCore::get_async`).
+//! * On a bounded queue, a get that took an item wakes one writer waiting for room.
+//!
+//! # Round trips
+//!
+//! `get_nowait_async`: 2 when it finds an item (fetch, ack), 1 when the queue is empty. A
+//! waiting async get: 1 per slice of waiting (the last one finds the item), then the ack; on a
+//! bounded queue, 1 more to wake a writer.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::claims::{self, FetchArgs, HOLD};
+use super::*;
+
+/// An async holder: its id and the next number of its sequence.
+pub(super) struct AsyncHolder {
+    id: String,
+    next: u64,
+}
+
+/// A queue on one Redis: its URL and its items key.
+type QueueId = (String, String);
+
+/// The idle async holders of this process, by queue.
+static IDLE: LazyLock<Mutex<HashMap<QueueId, Vec<AsyncHolder>>>> = LazyLock::new(Mutex::default);
+
+/// Acks whose outcome is not known, for the keeper to settle.
+static DOUBTS: LazyLock<Mutex<Vec<Doubt>>> = LazyLock::new(Mutex::default);
+
+/// An item claimed by an async holder whose ack failed: it may or may not have been applied.
+struct Doubt {
+    store: Arc<Store>,
+    keys: Arc<QueueKeys>,
+    holder: AsyncHolder,
+    number: u64,
+    item: Vec<u8>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Borrows an idle async holder of the queue, or makes one.
+fn borrow_holder(url: &str, keys: &QueueKeys) -> AsyncHolder {
+    static MADE: AtomicU64 = AtomicU64::new(0);
+    let idle = lock(&IDLE)
+        .get_mut(&(url.to_string(), keys.items.clone()))
+        .and_then(Vec::pop);
+    idle.unwrap_or_else(|| AsyncHolder {
+        id: format!(
+            "{}:a{}",
+            process_holder(),
+            MADE.fetch_add(1, Ordering::Relaxed)
+        ),
+        next: 0,
+    })
+}
+
+/// Gives a holder back for the queue's next async get.
+fn return_holder(url: &str, keys: &QueueKeys, holder: AsyncHolder) {
+    lock(&IDLE)
+        .entry((url.to_string(), keys.items.clone()))
+        .or_default()
+        .push(holder);
+}
+
+/// The claim of `holder` on the queue.
+fn claim_of(keys: &QueueKeys, holder: &AsyncHolder) -> String {
+    format!("{}{}", keys.claim_prefix, holder.id)
+}
+
+/// Settles the acks whose outcome was not known (the keeper, and the exit hooks): each item
+/// goes back to the head of the queue if its ack was applied, and the rest of its holder's
+/// claim is given back; a settled holder is idle again. Whether some are still unsettled.
+pub(super) fn settle_doubts() -> bool {
+    let doubts = std::mem::take(&mut *lock(&DOUBTS));
+    if doubts.is_empty() {
+        return false;
+    }
+    let mut unsettled = Vec::new();
+    for doubt in doubts {
+        let claim = claim_of(&doubt.keys, &doubt.holder);
+        let invocation = claims::release_invocation(
+            &doubt.keys,
+            &doubt.store,
+            &doubt.holder.id,
+            &claim,
+            doubt.holder.next,
+            Some((doubt.number, &doubt.item)),
+        );
+        let released = doubt.store.with_conn(
+            || format!("giving back an item of {}", doubt.keys.items),
+            |c| invocation.invoke::<i64>(c),
+        );
+        match released {
+            Ok(_) => return_holder(doubt.store.url(), &doubt.keys, doubt.holder),
+            Err(e) => {
+                tracing::warn!(
+                    "settling an async get's item of {}: {e}; tried again",
+                    doubt.keys.items
+                );
+                unsettled.push(doubt);
+            }
+        }
+    }
+    let left = !unsettled.is_empty();
+    lock(&DOUBTS).extend(unsettled);
+    left
+}
+
+/// Failed acks of one item tried again before its outcome is left to the keeper.
+const ACK_ATTEMPTS: u32 = 3;
+
+/// An async get (see the module docs).
+pub(super) struct Get {
+    core: QueueCore,
+    keys: Arc<QueueKeys>,
+    store: Arc<Store>,
+    wait: bool,
+    deadline: Option<Instant>,
+    /// `None` once handed to the keeper with a doubt.
+    holder: Option<AsyncHolder>,
+    state: GetState,
+    /// The number of the last fetch (its first and only item's).
+    fetched: u64,
+    /// Whether the last fetch waited (its reply is then the pipeline's, `[fetch's]`).
+    waited: bool,
+    /// The item claimed and not acked yet, or acked and kept while a writer is woken.
+    item: Option<Vec<u8>>,
+    ack_failures: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GetState {
+    Fetching,
+    Acking,
+    GivingBack,
+    Waking,
+}
+
+impl Get {
+    pub(super) fn new(
+        core: &QueueCore,
+        store: Arc<Store>,
+        wait: bool,
+        deadline: Option<Instant>,
+    ) -> Get {
+        let keys = core.keys();
+        Get {
+            holder: Some(borrow_holder(store.url(), &keys)),
+            keys,
+            store,
+            core: core.clone(),
+            wait,
+            deadline,
+            state: GetState::Fetching,
+            fetched: 0,
+            waited: false,
+            item: None,
+            ack_failures: 0,
+        }
+    }
+
+    fn holder(&self) -> Result<&AsyncHolder> {
+        self.holder
+            .as_ref()
+            .ok_or_else(|| Error::invalid_state("an async get lost its holder"))
+    }
+
+    /// The next fetch: at once (`block` `None`), or behind a wait of at most `block`.
+    fn fetch(&mut self, store: &Store, block: Option<Duration>) -> Step<Vec<u8>> {
+        let Some(holder) = self.holder.as_mut() else {
+            return Step::Done(Err(Error::invalid_state("an async get lost its holder")));
+        };
+        let first = holder.next;
+        holder.next += 1;
+        self.fetched = first;
+        self.waited = block.is_some();
+        self.state = GetState::Fetching;
+        let hold = block.unwrap_or_default() + HOLD + crate::grants::lease();
+        let args = FetchArgs {
+            first,
+            most: 1,
+            allowance: HOLD,
+            hold_ms: hold.as_millis() as u64,
+            wait_ms: block.map_or(0, |b| (b.as_millis() as u64).max(1)),
+        };
+        let claim = claim_of(&self.keys, holder);
+        let eval = claims::fetch_eval(&self.keys, store, &holder.id, &claim, &args);
+        match block {
+            None => Step::Next(Request::cmd("getting from", eval)),
+            Some(block) => Step::Next(Request::blocking_pipe(
+                "waiting for items of",
+                claims::wait_pipe(
+                    &self.keys,
+                    store,
+                    &holder.id,
+                    &claim,
+                    args.hold_ms,
+                    block,
+                    eval,
+                ),
+                block,
+            )),
+        }
+    }
+
+    /// The next slice of waiting, or `Empty` at the deadline.
+    fn slice(&mut self, store: &Store) -> Step<Vec<u8>> {
+        match next_slice(self.deadline) {
+            None => Step::Done(Err(Error::Empty)),
+            Some(block) => self.fetch(store, Some(block)),
+        }
+    }
+
+    /// Nothing (more) for this get: wait again, or find the queue empty.
+    fn again(&mut self, store: &Store) -> Step<Vec<u8>> {
+        if self.wait {
+            self.slice(store)
+        } else {
+            Step::Done(Err(Error::Empty))
+        }
+    }
+
+    fn ack(&mut self, store: &Store) -> Step<Vec<u8>> {
+        let holder = match self.holder() {
+            Ok(holder) => holder,
+            Err(e) => return Step::Done(Err(e)),
+        };
+        let claim = claim_of(&self.keys, holder);
+        let invocation =
+            claims::ack_invocation(&self.keys, store, &holder.id, &claim, self.fetched);
+        self.state = GetState::Acking;
+        Step::Next(Request::script("acknowledging an item of", invocation).abandon_point())
+    }
+
+    /// The item is this get's: returned, after a writer is woken on a bounded queue.
+    fn got(&mut self, store: &Store, item: Vec<u8>) -> Step<Vec<u8>> {
+        if self.core.maxsize == 0 {
+            return Step::Done(Ok(item));
+        }
+        self.item = Some(item);
+        self.state = GetState::Waking;
+        Step::Next(self.keys.putters.wake(store, 1))
+    }
+
+    /// Hands the claimed item, whose ack's outcome is not known, to the keeper.
+    fn doubt(&mut self, e: Error) -> Step<Vec<u8>> {
+        if let (Some(holder), Some(item)) = (self.holder.take(), self.item.take()) {
+            lock(&DOUBTS).push(Doubt {
+                store: self.store.clone(),
+                keys: self.keys.clone(),
+                holder,
+                number: self.fetched,
+                item,
+            });
+            claims::wake_keeper();
+        }
+        Step::Done(Err(self.core.address.error(e)))
+    }
+}
+
+impl Drop for Get {
+    fn drop(&mut self) {
+        if let Some(holder) = self.holder.take() {
+            return_holder(self.store.url(), &self.keys, holder);
+        }
+    }
+}
+
+impl Operation for Get {
+    type Output = Vec<u8>;
+
+    fn describe(&self) -> String {
+        self.core.address.describe()
+    }
+
+    fn start(&mut self, store: &Store) -> Step<Vec<u8>> {
+        if self.wait {
+            self.slice(store)
+        } else {
+            self.fetch(store, None)
+        }
+    }
+
+    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<Vec<u8>> {
+        let address = &self.core.address;
+        match self.state {
+            GetState::Fetching => {
+                let waited = self.waited;
+                let batch = reply.and_then(|value| {
+                    // A waiting slice's reply is the pipeline's one value kept: `[fetch's]`.
+                    let value = match value {
+                        redis::Value::Array(mut values) if waited && values.len() == 1 => {
+                            values.remove(0)
+                        }
+                        value => value,
+                    };
+                    claims::parse_batch(value)
+                });
+                match batch {
+                    Err(e) => Step::Done(Err(address.error(e))),
+                    Ok((first, _)) if first != self.fetched => Step::Done(Err(
+                        Error::invalid_state("a queue fetch answered for another one"),
+                    )),
+                    Ok((_, mut items)) => match items.pop() {
+                        None => self.again(store),
+                        Some(item) => {
+                            self.item = Some(item);
+                            self.ack(store)
+                        }
+                    },
+                }
+            }
+            GetState::Acking => match op::parse::<i64>(reply, "an acknowledgement") {
+                Ok(1) => {
+                    self.ack_failures = 0;
+                    match self.item.take() {
+                        Some(item) => self.got(store, item),
+                        None => {
+                            Step::Done(Err(Error::invalid_state("a get lost track of its item")))
+                        }
+                    }
+                }
+                Ok(_) => {
+                    // Given back before the ack (the hold lapsed): not this get's.
+                    self.item = None;
+                    self.again(store)
+                }
+                Err(e) => {
+                    self.ack_failures += 1;
+                    if self.ack_failures < ACK_ATTEMPTS {
+                        self.ack(store)
+                    } else {
+                        self.doubt(e)
+                    }
+                }
+            },
+            GetState::GivingBack => {
+                if let Err(e) = reply {
+                    tracing::warn!(
+                        "giving back an item of {} whose async get was dropped: {e}; it comes \
+                         back when its hold lapses",
+                        address.describe()
+                    );
+                }
+                self.item = None;
+                Step::Done(Err(op::abandoned()))
+            }
+            GetState::Waking => {
+                if let Err(e) = reply {
+                    tracing::warn!(
+                        "waking a writer of {}: {e}; a writer waiting for room waits for the next get",
+                        address.describe()
+                    );
+                }
+                match self.item.take() {
+                    Some(item) => Step::Done(Ok(item)),
+                    None => Step::Done(Err(Error::invalid_state("a get lost track of its item"))),
+                }
+            }
+        }
+    }
+
+    fn abandon(&mut self, store: &Store) -> Step<Vec<u8>> {
+        if self.state != GetState::Acking || self.ack_failures > 0 {
+            // Nothing claimed (or an ack already written, whose outcome decides): stop.
+            return match self.state {
+                GetState::Acking => self.ack(store),
+                _ => Step::Done(Err(op::abandoned())),
+            };
+        }
+        let Ok(holder) = self.holder() else {
+            return Step::Done(Err(op::abandoned()));
+        };
+        let claim = claim_of(&self.keys, holder);
+        let invocation =
+            claims::release_invocation(&self.keys, store, &holder.id, &claim, holder.next, None);
+        self.state = GetState::GivingBack;
+        Step::Next(Request::script("giving back an item of", invocation))
+    }
+}
