@@ -648,3 +648,104 @@ fn async_forms_map_errors_as_the_blocking_ones() {
         }
     });
 }
+
+#[test]
+fn async_iterators_read_page_by_page_and_report_changes() {
+    use futures::StreamExt;
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<i64, String>().expect("dict");
+    let l = manager.list::<i64>().expect("list");
+    block_on(async {
+        // Empty: nothing, then the end.
+        let mut pairs = d.iter_async().await.expect("iter_async");
+        assert!(pairs.next().await.is_none());
+        assert!(
+            l.iter_async()
+                .await
+                .expect("iter_async")
+                .next()
+                .await
+                .is_none()
+        );
+
+        // Several pages, in insertion order, as the blocking iterators give them.
+        let n = 2500i64;
+        d.update_async((0..n).rev().map(|i| (i, i.to_string())))
+            .await
+            .expect("update");
+        l.extend_async(0..n).await.expect("extend");
+        let pairs: Vec<(i64, String)> = d
+            .iter_async()
+            .await
+            .expect("iter_async")
+            .map(|p| p.expect("pair"))
+            .collect()
+            .await;
+        let blocking: Vec<(i64, String)> =
+            d.iter().expect("iter").map(|p| p.expect("pair")).collect();
+        assert_eq!(pairs.len(), n as usize);
+        assert_eq!(pairs, blocking);
+        assert_eq!(pairs[0], (n - 1, (n - 1).to_string()), "insertion order");
+        let items: Vec<i64> = l
+            .iter_async()
+            .await
+            .expect("iter_async")
+            .map(|i| i.expect("item"))
+            .collect()
+            .await;
+        assert_eq!(items, (0..n).collect::<Vec<_>>());
+
+        // A key added during the iteration: reported at the next page, once, then the end.
+        let mut pairs = d.iter_async().await.expect("iter_async");
+        for _ in 0..1000 {
+            pairs.next().await.expect("a pair").expect("no change yet");
+        }
+        d.set_async(&n, "new".into()).await.expect("a new key");
+        match pairs.next().await {
+            Some(Err(Error::InvalidState(m))) => {
+                assert!(
+                    m.contains("dictionary changed size during iteration"),
+                    "{m}"
+                )
+            }
+            other => panic!("expected the change to be reported, got {other:?}"),
+        }
+        assert!(
+            pairs.next().await.is_none(),
+            "a stream ends after its error"
+        );
+
+        // A small dict read whole by its first page: a key removed after it is still reported
+        // before the end.
+        let small = manager.dict::<i64, i64>().expect("dict");
+        small
+            .update_async((0..3).map(|i| (i, i)))
+            .await
+            .expect("fill");
+        let mut pairs = small.iter_async().await.expect("iter_async");
+        assert_eq!(pairs.next().await.expect("first").expect("pair"), (0, 0));
+        small.del_async(&2).await.expect("del");
+        let rest: Vec<_> = pairs.collect().await;
+        assert!(
+            matches!(rest.last(), Some(Err(Error::InvalidState(m))) if m.contains("changed size")),
+            "{rest:?}"
+        );
+
+        // An item inserted during a list's iteration: reported at the next page.
+        let mut items = l.iter_async().await.expect("iter_async");
+        items.next().await.expect("an item").expect("no change yet");
+        l.insert_async(0, -1).await.expect("insert");
+        let rest: Vec<_> = items.collect().await;
+        assert!(
+            matches!(rest.last(), Some(Err(Error::InvalidState(m))) if m.contains("list changed size")),
+            "{rest:?}"
+        );
+        assert_eq!(
+            rest.len(),
+            1000,
+            "the rest of the first page, then the error"
+        );
+    });
+    manager.shutdown().expect("shutdown");
+}

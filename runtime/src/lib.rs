@@ -114,7 +114,9 @@ pub use shoal_primitives as primitives;
 pub use actor::{
     ActorOptions, ActorRef, get_or_spawn, get_or_spawn_with, spawn_actor, spawn_actor_with,
 };
-pub use manager::{DictProxy, ListProxy, Manager, ManagerAddress, NamespaceProxy};
+pub use manager::{
+    DictProxy, DictStream, ListProxy, ListStream, Manager, ManagerAddress, NamespaceProxy,
+};
 pub use pool::{
     AsyncCall, AsyncOptions, AsyncResult, AsyncResultFuture, IMapIterator, IMapStream, Pool,
     PoolBuilder,

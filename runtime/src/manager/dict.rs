@@ -54,6 +54,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use shoal_core::error::{Error, Result};
 
 use super::container::{Call, Container, Kind, Marker, script, store};
+use super::stream::{self, DictStream};
 
 /// Pairs per page of an iteration.
 pub const PAGE: usize = 1000;
@@ -430,6 +431,14 @@ where
         self.container.run(Self::page_call(after, count, version))
     }
 
+    /// What an iterator reports when keys were added or removed since it was made.
+    fn changed_size(&self) -> Error {
+        Error::invalid_state(format!(
+            "dictionary changed size during iteration ({})",
+            self.container.describe()
+        ))
+    }
+
     // The async forms (see the module docs).
 
     /// The async form of [`DictProxy::get`]: the same round trip, on shoal's actor runtime.
@@ -606,6 +615,54 @@ where
         async move { Ok(items.await?.into_iter().map(|(_, v)| v).collect()) }
     }
 
+    /// The async form of [`DictProxy::iter`]: awaiting it reads the version to compare with
+    /// (one round trip); the [`DictStream`] then reads a page per round trip, and one more to
+    /// end. The pairs come in insertion order; a key added or removed meanwhile is reported
+    /// once ([`Error::InvalidState`], "dictionary changed size during iteration"), and the
+    /// stream ends.
+    ///
+    /// ```no_run
+    /// # async fn total(d: shoal::DictProxy<String, i64>) -> shoal::Result<i64> {
+    /// let mut pairs = d.iter_async().await?;
+    /// let mut total = 0;
+    /// while let Some(pair) = pairs.next().await {
+    ///     total += pair?.1;
+    /// }
+    /// # Ok(total)
+    /// # }
+    /// ```
+    pub fn iter_async(&self) -> impl Future<Output = Result<DictStream<K, V>>> + Send + use<K, V>
+    where
+        K: Send + 'static,
+        V: Send + 'static,
+    {
+        let dict = self.clone();
+        let len = self.container.run_async(Ok(Self::len_call()));
+        async move {
+            let (_, version) = len.await?;
+            let inner = stream::pages("0".to_string(), move |after: String| {
+                let page = dict
+                    .container
+                    .run_async(Ok(Self::page_call(&after, PAGE, &version)));
+                let dict = dict.clone();
+                let version = version.clone();
+                async move {
+                    let page = page.await?;
+                    if page.version != version {
+                        return Err(dict.changed_size());
+                    }
+                    // Past the last pair (an empty page, its version checked too): the end.
+                    let next = page
+                        .entries
+                        .last()
+                        .map(|[_, _, score]| String::from_utf8_lossy(score).into_owned());
+                    Ok((page.into_pairs(&dict.container)?, next))
+                }
+            });
+            Ok(DictStream { inner })
+        }
+    }
+
     /// The async form of [`DictProxy::copy`].
     pub fn copy_async<M: FromIterator<(K, V)>>(
         &self,
@@ -683,10 +740,7 @@ where
     fn fetch(&mut self) -> Result<()> {
         let page = self.dict.page(&self.after, PAGE, &self.version)?;
         if page.version != self.version {
-            return Err(Error::invalid_state(format!(
-                "dictionary changed size during iteration ({})",
-                self.dict.container.describe()
-            )));
+            return Err(self.dict.changed_size());
         }
         if page.entries.is_empty() {
             // Past the last pair, and the version checked once more: a key added or removed

@@ -61,6 +61,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use shoal_core::error::{Error, Result};
 
 use super::container::{Call, Container, Kind, Marker, pause_async, store};
+use super::stream::{self, ListStream};
 
 /// Items per page of an iteration.
 pub const PAGE: usize = 1000;
@@ -649,7 +650,58 @@ where
         self.container.run(Self::page_call(start, count, shape))
     }
 
+    /// What an iterator reports when items were inserted, removed or moved since it was made.
+    fn changed_size(&self) -> Error {
+        Error::invalid_state(format!(
+            "list changed size during iteration ({})",
+            self.container.describe()
+        ))
+    }
+
     // The async forms (see the module docs).
+
+    /// The async form of [`ListProxy::iter`]: awaiting it reads the shape to compare with (one
+    /// round trip); the [`ListStream`] then reads a page per round trip. Items inserted,
+    /// removed or moved meanwhile are reported once ([`Error::InvalidState`], "list changed
+    /// size during iteration"), and the stream ends.
+    ///
+    /// ```no_run
+    /// # async fn count(l: shoal::ListProxy<i64>) -> shoal::Result<usize> {
+    /// let mut items = l.iter_async().await?;
+    /// let mut n = 0;
+    /// while let Some(item) = items.next().await {
+    ///     item?;
+    ///     n += 1;
+    /// }
+    /// # Ok(n)
+    /// # }
+    /// ```
+    pub fn iter_async(&self) -> impl Future<Output = Result<ListStream<T>>> + Send + use<T>
+    where
+        T: Send + 'static,
+    {
+        let list = self.clone();
+        let shape = self.container.run_async(Ok(Self::shape_call()));
+        async move {
+            let shape = shape.await?;
+            let inner = stream::pages(0usize, move |start| {
+                let page = list
+                    .container
+                    .run_async(Ok(Self::page_call(start, PAGE, &shape)));
+                let list = list.clone();
+                let shape = shape.clone();
+                async move {
+                    let page = page.await?;
+                    if page.shape != shape {
+                        return Err(list.changed_size());
+                    }
+                    let next = (page.items.len() >= PAGE).then_some(start + page.items.len());
+                    Ok((decode_all(&list.container, page.items)?, next))
+                }
+            });
+            Ok(ListStream { inner })
+        }
+    }
 
     /// The async form of [`ListProxy::get`]: the same round trip, on shoal's actor runtime;
     /// [`Error::IndexError`] outside the list.
@@ -866,10 +918,7 @@ impl<T: Serialize + DeserializeOwned> ListIter<T> {
     fn fetch(&mut self) -> Result<()> {
         let page = self.list.page(self.next_index, PAGE, &self.shape)?;
         if page.shape != self.shape {
-            return Err(Error::invalid_state(format!(
-                "list changed size during iteration ({})",
-                self.list.container.describe()
-            )));
+            return Err(self.list.changed_size());
         }
         if page.items.len() < PAGE {
             self.done = true;

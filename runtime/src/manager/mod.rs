@@ -43,7 +43,9 @@
 //! meets another process's sort waits for it as the blocking form does, its pauses timed on the
 //! actor runtime; [`ListProxy::sort_by_async`] runs `compare` in the caller's task between its
 //! two round trips. A write whose future is dropped after it was sent is still applied, once.
-//! The page-by-page iterators ([`DictProxy::iter`], [`ListProxy::iter`]) have no async form;
+//! The page-by-page iterators ([`DictProxy::iter`], [`ListProxy::iter`]) have async forms that
+//! read a page per round trip ([`DictProxy::iter_async`], [`ListProxy::iter_async`]: a
+//! [`DictStream`], a [`ListStream`], each a [`futures::Stream`] with a `next` of its own);
 //! [`DictProxy::items_async`] and [`ListProxy::to_vec_async`] read everything in one round trip.
 //!
 //! # Lifetime
@@ -98,6 +100,7 @@ pub mod dict;
 pub mod list;
 pub mod namespace;
 mod registered;
+mod stream;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Once};
@@ -117,6 +120,7 @@ use container::{Container, Kind, container_keys, short};
 pub use dict::{DictIter, DictProxy};
 pub use list::{ListIter, ListProxy};
 pub use namespace::NamespaceProxy;
+pub use stream::{DictStream, ListStream};
 
 static CREATE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("manager_create.lua")));
