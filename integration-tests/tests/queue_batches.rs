@@ -794,3 +794,32 @@ fn async_gets_claim_ack_and_leave_no_record_behind() {
     assert_eq!(held(&mut raw, &bounded), 0);
     assert!(async_holders(&mut raw, &bounded).is_empty());
 }
+
+#[test]
+fn dropping_the_last_handle_gives_the_batch_back_at_once() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    fill(&q, 100);
+    let debug = format!("{q:?}");
+    let items = format!("{}items", queue_key_prefix(&mut raw, &debug));
+    // Batches of 1, 2 and 4: the fourth get leaves 3 items held.
+    let got: Vec<u64> = (0..4).map(|_| q.get().expect("get")).collect();
+    assert_eq!(got, vec![0, 1, 2, 3]);
+    let holding: usize = claims(&mut raw, &debug).iter().map(|(_, n)| n).sum();
+    assert!(holding > 0, "the process holds no batch");
+    drop(q);
+    // Given back by the drop itself, before the keeper's next round could.
+    assert!(claims(&mut raw, &debug).iter().all(|(_, n)| *n == 0));
+    let left: usize = redis::cmd("LLEN")
+        .arg(&items)
+        .query(&mut raw)
+        .expect("llen");
+    assert_eq!(left, 96);
+    let head: Vec<u8> = redis::cmd("LINDEX")
+        .arg(&items)
+        .arg(0)
+        .query(&mut raw)
+        .expect("lindex");
+    assert_eq!(head, payload(4), "in order, at the head");
+}

@@ -6,10 +6,10 @@
 //!
 //! An item is returned by exactly one get, or it is still in the queue, whatever process dies.
 //!
-//! * An async get borrows an *async holder* of this process for the queue (`<process
-//!   holder>:a<n>`; idle ones are kept and reused, so their records in the queue's fences hash
-//!   stay as many as the async gets that ever ran at once). A holder numbers its fetches in its
-//!   own sequence, fenced as a process's (`claim_fetch.lua`).
+//! * An async get borrows an *async holder* of this process (`<process holder>:a<n>`; idle
+//!   ones are kept and reused, for any queue, so they stay as many as the async gets that ever
+//!   ran at once, and so do their records in a queue's fences hash). A holder numbers its
+//!   fetches in its own sequence, which only grows, fenced as a process's (`claim_fetch.lua`).
 //! * `get_nowait_async`: one fetch of at most one item into the holder's claim
 //!   (`claim_fetch.lua`, sent whole). A waiting get: slices of at most a second, each the
 //!   holder's record for the wait (`claim_wait.lua`), a `BLMOVE` from the queue into its landing
@@ -52,11 +52,10 @@ pub(super) struct AsyncHolder {
     next: u64,
 }
 
-/// A queue on one Redis: its URL and its items key.
-type QueueId = (String, String);
-
-/// The idle async holders of this process, by queue.
-static IDLE: LazyLock<Mutex<HashMap<QueueId, Vec<AsyncHolder>>>> = LazyLock::new(Mutex::default);
+/// The idle async holders of this process, by Redis URL. A holder serves any queue: its
+/// numbers only grow, so its fence on each queue (`<holder>:fence` in that queue's fences hash)
+/// only grows too.
+static IDLE: LazyLock<Mutex<HashMap<String, Vec<AsyncHolder>>>> = LazyLock::new(Mutex::default);
 
 /// Acks whose outcome is not known, for the keeper to settle.
 static DOUBTS: LazyLock<Mutex<Vec<Doubt>>> = LazyLock::new(Mutex::default);
@@ -74,12 +73,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Borrows an idle async holder of the queue, or makes one.
-fn borrow_holder(url: &str, keys: &QueueKeys) -> AsyncHolder {
+/// Borrows an idle async holder, or makes one.
+fn borrow_holder(url: &str) -> AsyncHolder {
     static MADE: AtomicU64 = AtomicU64::new(0);
-    let idle = lock(&IDLE)
-        .get_mut(&(url.to_string(), keys.items.clone()))
-        .and_then(Vec::pop);
+    let idle = lock(&IDLE).get_mut(url).and_then(Vec::pop);
     idle.unwrap_or_else(|| AsyncHolder {
         id: format!(
             "{}:a{}",
@@ -90,12 +87,9 @@ fn borrow_holder(url: &str, keys: &QueueKeys) -> AsyncHolder {
     })
 }
 
-/// Gives a holder back for the queue's next async get.
-fn return_holder(url: &str, keys: &QueueKeys, holder: AsyncHolder) {
-    lock(&IDLE)
-        .entry((url.to_string(), keys.items.clone()))
-        .or_default()
-        .push(holder);
+/// Gives a holder back for the next async get.
+fn return_holder(url: &str, holder: AsyncHolder) {
+    lock(&IDLE).entry(url.to_string()).or_default().push(holder);
 }
 
 /// The claim of `holder` on the queue.
@@ -127,7 +121,7 @@ pub(super) fn settle_doubts() -> bool {
             |c| invocation.invoke::<i64>(c),
         );
         match released {
-            Ok(_) => return_holder(doubt.store.url(), &doubt.keys, doubt.holder),
+            Ok(_) => return_holder(doubt.store.url(), doubt.holder),
             Err(e) => {
                 tracing::warn!(
                     "settling an async get's item of {}: {e}; tried again",
@@ -181,7 +175,7 @@ impl Get {
     ) -> Get {
         let keys = core.keys();
         Get {
-            holder: Some(borrow_holder(store.url(), &keys)),
+            holder: Some(borrow_holder(store.url())),
             keys,
             store,
             core: core.clone(),
@@ -297,7 +291,7 @@ impl Get {
 impl Drop for Get {
     fn drop(&mut self) {
         if let Some(holder) = self.holder.take() {
-            return_holder(self.store.url(), &self.keys, holder);
+            return_holder(self.store.url(), holder);
         }
     }
 }

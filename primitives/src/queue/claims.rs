@@ -31,7 +31,8 @@
 //!   trips when that is more (a slow Redis, large items), plus the wait of a `BLMOVE` sent
 //!   before the fetch. After that, what it still holds is *given back*: pushed to the head of
 //!   the queue in order, by its next get, its keeper thread (within half a [`HOLD`]), `close()`,
-//!   or its exit hooks. Redis lets any get give a claim back once its hold lapsed, the allowance
+//!   the drop of the process's last handle of the queue (the consumer goes with it: the table
+//!   of consumers keeps none alive), or its exit hooks. Redis lets any get give a claim back once its hold lapsed, the allowance
 //!   plus `sync.lease_secs` after the fetch ran: an ack written while the holder could still
 //!   return items had a lease to reach Redis. (This assumes Redis does not stall, and its clock
 //!   does not jump, by more than a lease, as every lease in shoal does.) So a consumer that died
@@ -85,6 +86,8 @@
 //! are read first; they arrived long before). A get that waits: 1 per slice (`BLMOVE` + fetch).
 //! Redis commands per item for one consumer draining a long queue: the ack, plus a fetch per
 //! batch of up to 1,024 items.
+
+use std::sync::Weak;
 
 use super::*;
 
@@ -181,9 +184,19 @@ pub(super) type SharedConsumer = Shared<Consumer>;
 /// A consumer's Redis URL and items key.
 type ConsumerId = (String, String);
 
-/// This process's consumers.
-static CONSUMERS: LazyLock<Mutex<HashMap<ConsumerId, Shared<Consumer>>>> =
+/// This process's consumers, as long as a queue handle keeps them: a consumer whose handles are
+/// all gone gives back what it holds (its `Drop`) and leaves the table.
+static CONSUMERS: LazyLock<Mutex<HashMap<ConsumerId, Weak<Mutex<Consumer>>>>> =
     LazyLock::new(Mutex::default);
+
+/// The consumers alive now (taken out of the table's lock: dropping the last handle of one
+/// gives its items back, which takes the links' lock).
+fn live_consumers() -> Vec<Shared<Consumer>> {
+    lock(&CONSUMERS)
+        .values()
+        .filter_map(Weak::upgrade)
+        .collect()
+}
 
 /// Claims connections by Redis URL.
 static LINKS: LazyLock<Mutex<HashMap<String, Link>>> = LazyLock::new(Mutex::default);
@@ -213,17 +226,13 @@ fn lock_until<T>(mutex: &Mutex<T>, deadline: Option<Instant>) -> Option<MutexGua
 }
 
 /// Runs `f` on the claims connection of `store`'s Redis.
-fn with_link<T>(store: &Store, f: impl FnOnce(&mut Link) -> Result<T>) -> Result<T> {
+fn with_link<T>(store: &Arc<Store>, f: impl FnOnce(&mut Link) -> Result<T>) -> Result<T> {
     let mut links = lock(&LINKS);
-    if !links.contains_key(store.url()) {
-        links.insert(store.url().to_string(), Link::default());
+    let link = links.entry(store.url().to_string()).or_default();
+    if link.store.is_none() {
+        link.store = Some(store.clone());
     }
-    match links.get_mut(store.url()) {
-        Some(link) => f(link),
-        None => Err(Error::invalid_state(
-            "the queue claims connection went missing",
-        )),
-    }
+    f(link)
 }
 
 /// The consumer of `core` in this process (kept by the handle for its next gets).
@@ -246,24 +255,27 @@ fn register(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
     HOOKS.call_once(|| context::register_exit_hook(give_back_all));
     let keys = core.keys();
     let mut consumers = lock(&CONSUMERS);
-    consumers
-        .entry((store.url().to_string(), keys.items.clone()))
-        .or_insert_with(|| {
-            Arc::new(Mutex::new(Consumer {
-                keys,
-                store: store.clone(),
-                held: VecDeque::new(),
-                next: 0,
-                usable_until: None,
-                allowance: HOLD,
-                batch: 1,
-                filled: false,
-                found_empty: false,
-                in_doubt: false,
-                bounded: core.maxsize > 0,
-            }))
-        })
-        .clone()
+    let id = (store.url().to_string(), keys.items.clone());
+    if let Some(consumer) = consumers.get(&id).and_then(Weak::upgrade) {
+        return consumer;
+    }
+    // The consumers of queues this process no longer has a handle of leave the table.
+    consumers.retain(|_, consumer| consumer.strong_count() > 0);
+    let consumer = Arc::new(Mutex::new(Consumer {
+        keys,
+        store: store.clone(),
+        held: VecDeque::new(),
+        next: 0,
+        usable_until: None,
+        allowance: HOLD,
+        batch: 1,
+        filled: false,
+        found_empty: false,
+        in_doubt: false,
+        bounded: core.maxsize > 0,
+    }));
+    consumers.insert(id, Arc::downgrade(&consumer));
+    consumer
 }
 
 /// A get of an unbounded queue: a held item, else a fetch, else (when `wait`) a wait of one
@@ -335,7 +347,7 @@ pub(super) fn take_held(core: &QueueCore, store: &Arc<Store>) -> Result<Option<V
 pub(super) fn give_back(core: &QueueCore, store: &Store) {
     let consumer = lock(&CONSUMERS)
         .get(&(store.url().to_string(), core.keys().items.clone()))
-        .cloned();
+        .and_then(Weak::upgrade);
     // A blocking get of another thread holds the lock: it holds no item then, and what its
     // BLMOVE takes is claimed by its own fetch.
     if let Some(Ok(mut consumer)) = consumer.as_ref().map(|c| c.try_lock()) {
@@ -387,7 +399,7 @@ pub(super) fn wake_keeper() {
 /// failed (so that a process that returned its last items and then stops getting leaves none
 /// unapplied); whether there is still something to watch.
 fn give_back_stale() -> bool {
-    let consumers: Vec<_> = lock(&CONSUMERS).values().cloned().collect();
+    let consumers = live_consumers();
     let mut watching = false;
     for consumer in consumers {
         let Ok(mut consumer) = consumer.try_lock() else {
@@ -407,15 +419,11 @@ fn give_back_stale() -> bool {
 
 /// Settles every claims connection that has acks to confirm; whether one still has.
 fn settle_links() -> bool {
-    let stores: Vec<Arc<Store>> = {
-        let consumers = lock(&CONSUMERS);
-        let links = lock(&LINKS);
-        consumers
-            .iter()
-            .filter(|((url, _), _)| links.get(url).is_some_and(Link::needs_settling))
-            .filter_map(|(_, consumer)| consumer.try_lock().ok().map(|c| c.store.clone()))
-            .collect()
-    };
+    let stores: Vec<Arc<Store>> = lock(&LINKS)
+        .values()
+        .filter(|link| link.needs_settling())
+        .filter_map(|link| link.store.clone())
+        .collect();
     let mut unsettled = false;
     for store in stores {
         if let Err(e) = settle(&store) {
@@ -430,7 +438,7 @@ fn settle_links() -> bool {
 /// holds nothing; what its BLMOVE may take is reaped when its hold lapses), and every ack is
 /// confirmed.
 fn give_back_all() {
-    let consumers: Vec<_> = lock(&CONSUMERS).values().cloned().collect();
+    let consumers = live_consumers();
     for consumer in consumers {
         let Ok(mut consumer) = consumer.try_lock() else {
             continue;
@@ -851,6 +859,23 @@ impl Consumer {
     }
 }
 
+impl Drop for Consumer {
+    /// The queue's last handle in this process is gone: what the consumer holds goes back to
+    /// the queue, and its acks are confirmed, now (nobody would get them later).
+    fn drop(&mut self) {
+        if !self.held.is_empty() {
+            self.give_back();
+        }
+        if let Err(e) = settle(&self.store) {
+            tracing::warn!(
+                "confirming the acks of items taken from {}: {e}; the keeper tries again",
+                self.keys.items
+            );
+            wake_keeper();
+        }
+    }
+}
+
 /// What a fetch asks.
 pub(super) struct FetchArgs {
     /// The first number it may use (it reserved `most` from it).
@@ -907,6 +932,8 @@ struct Unconfirmed {
 /// replies read before the next script.
 #[derive(Default)]
 struct Link {
+    /// The store whose Redis this is a connection to (the keeper settles it).
+    store: Option<Arc<Store>>,
     conn: Option<redis::Connection>,
     /// Replies not read yet.
     pending: usize,

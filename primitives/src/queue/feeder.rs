@@ -74,7 +74,7 @@ struct Batch {
 impl Pending {
     fn new(core: &QueueCore) -> Pending {
         Pending {
-            core: core.clone(),
+            core: core.detached(),
             items: VecDeque::new(),
             inflight: None,
             next_batch: 1,

@@ -86,7 +86,8 @@
 //! process's next fetch. Every item is returned by exactly one get or is still in the queue,
 //! whatever process is killed while it holds a batch: what a process fetched and did not return
 //! goes back to the head of the queue, in order, when it stops getting (within 0.3 s), closes
-//! the queue or exits, or, when it died, once its hold lapses (0.2 s + `sync.lease_secs`).
+//! the queue, drops its last handle of it or exits, or, when it died, once its hold lapses
+//! (0.2 s + `sync.lease_secs`).
 //! Batches grow only while one consumer drains the queue; with several consumers, and on a
 //! bounded queue, each get takes one item (claimed the same way). The items one process holds are not seen by another meanwhile: the other receives
 //! them after the later items it took. The details are in `claims.rs`.
@@ -216,6 +217,18 @@ impl QueueCore {
             )
             .map_err(|e| core.address.error(e))?;
         Ok(core)
+    }
+
+    /// A clone that does not keep this process's consumer of the queue alive (the feeder
+    /// keeps one for as long as the process lives; the consumer must go with the last handle).
+    fn detached(&self) -> QueueCore {
+        QueueCore {
+            address: self.address.clone(),
+            maxsize: self.maxsize,
+            joinable: self.joinable,
+            cached_keys: self.cached_keys.clone(),
+            cached_consumer: Arc::default(),
+        }
     }
 
     fn keys(&self) -> Arc<QueueKeys> {
