@@ -779,6 +779,17 @@ fn async_gets_claim_ack_and_leave_no_record_behind() {
         put.await.expect("putter");
         got.sort_unstable();
         assert_eq!(got, vec![0, 1, 2]);
+        // A timeout that passed already still takes an item that is there, as `get` does.
+        q.put(5).expect("put");
+        assert!(wait_for(Duration::from_secs(10), || q
+            .qsize()
+            .expect("qsize")
+            == 1));
+        assert_eq!(q.get_timeout_async(Duration::ZERO).await.expect("get"), 5);
+        assert!(matches!(
+            q.get_timeout_async(Duration::ZERO).await,
+            Err(Error::Empty)
+        ));
         // A bounded queue's async get wakes the writer waiting for room.
         bounded.put(7).expect("put");
         let writer = bounded.clone();

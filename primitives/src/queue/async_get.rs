@@ -1,45 +1,53 @@
 //! The async gets (`get_async`, `get_timeout_async`, `get_nowait_async`) of every queue: each
 //! item is *claimed* before it leaves Redis, as the blocking gets' items are (`claims.rs`), so a
-//! process killed while an async get is under way loses nothing.
+//! process killed while an async get waits, or while Redis's answer is on its way, loses
+//! nothing.
 //!
 //! # Semantics
 //!
-//! An item is returned by exactly one get, or it is still in the queue, whatever process dies.
+//! An item is returned by exactly one get, or it is still in the queue (claimed, or given back
+//! to it), whatever process dies; the one exception is the instant between Redis applying the
+//! ack and the caller receiving the item (below), the same instant in which a blocking get
+//! could have returned it to a process that then died.
 //!
 //! * An async get borrows an *async holder* of this process (`<process holder>:a<n>`; idle
 //!   ones are kept and reused, for any queue, so they stay as many as the async gets that ever
 //!   ran at once, and so do their records in a queue's fences hash). A holder numbers its
 //!   fetches in its own sequence, which only grows, fenced as a process's (`claim_fetch.lua`).
-//! * `get_nowait_async`: one fetch of at most one item into the holder's claim
-//!   (`claim_fetch.lua`, sent whole). A waiting get: slices of at most a second, each the
-//!   holder's record for the wait (`claim_wait.lua`), a `BLMOVE` from the queue into its landing
-//!   list and the fetch behind it, in one round trip, as a blocking get's wait: Redis runs the
-//!   fetch right after the move, so an item that arrives is never in flight unowned. The fetch
-//!   gives back claims whose hold lapsed (a dead holder's), and fails when the queue is gone.
+//! * `get_nowait_async` (and a get whose timeout passed already): one fetch of at most one item
+//!   into the holder's claim (`claim_fetch.lua`). A waiting get: slices of at most a second,
+//!   each the holder's record for the wait (`claim_wait.lua`), a `BLMOVE` from the queue into
+//!   its landing list and the fetch behind it, in one round trip, as a blocking get's wait:
+//!   Redis runs the fetch right after the move, so an item that arrives is never in flight
+//!   unowned. Each fetch gives back the claims whose hold lapsed (a dead holder's), and fails
+//!   when the queue is gone.
 //! * The item is then *acked* and the ack waited for (`claim_ack.lua`, which also drops the
 //!   holder's record in the claims hash): the item is returned only when the ack took it out of
 //!   the claim, now or in an earlier attempt whose reply was lost (`<holder>:acked`). An item
-//!   given back meanwhile (the holder's hold lapsed: the ack came later than the hold, the
-//!   wait's slice plus [`HOLD`] plus `sync.lease_secs` after the fetch was sent) is not this
-//!   get's: it waits again (or, without waiting, finds the queue empty).
+//!   given back meanwhile (the holder's hold lapsed: the ack came later than the wait's slice
+//!   plus [`HOLD`] plus `sync.lease_secs` after the fetch ran) is not this get's: it waits
+//!   again (or, without waiting, finds the queue empty).
 //! * A process killed with an item claimed (moved, fetched, not acked) leaves it to the
-//!   reapers: the next fetch or check-in of any process gives it back to the head of the queue
-//!   once the hold lapsed.
-//! * An ack that fails three times in a row (Redis unreachable) leaves its outcome unknown: the
-//!   get fails, and the item is handed to the queue keeper thread, which puts it back at the
-//!   head of the queue if its ack was applied (`claim_release.lua`, `doubt`) and gives the rest
-//!   of the claim back otherwise, as soon as Redis answers (and at exit).
-//! * Dropping the future: before its next slice the get stops, taking nothing; before its ack
-//!   (the item claimed, the caller gone) the claim is given back to the head of the queue. An
-//!   item acked for a caller that left during the ack goes back to the head (`LPUSH`, the undo
-//!   of `QueueCore::get_async`).
+//!   reapers: the next fetch of any process gives it back to the head of the queue once the
+//!   hold lapsed.
+//! * An ack that fails three times (Redis unreachable; 0.1 s, then 0.2 s apart) leaves its
+//!   outcome unknown: the get fails, and the item is handed to the queue keeper thread, which
+//!   puts it back at the head of the queue if its ack was applied (`claim_release.lua`,
+//!   `doubt`) and gives the rest of the claim back otherwise, as soon as Redis answers (and at
+//!   exit). A process killed before that loses the item if its ack had been applied.
+//! * Dropping the future: before a slice the get stops, taking nothing; before its ack (the
+//!   item claimed, the caller gone) the claim is given back to the head of the queue, or, after
+//!   an ack attempt failed, handed to the keeper as above. An item acked as the caller left
+//!   goes back to the head (`LPUSH`, the undo of `QueueCore::get_async`; logged and lost if
+//!   that write fails).
 //! * On a bounded queue, a get that took an item wakes one writer waiting for room.
 //!
 //! # Round trips
 //!
 //! `get_nowait_async`: 2 when it finds an item (fetch, ack), 1 when the queue is empty. A
-//! waiting async get: 1 per slice of waiting (the last one finds the item), then the ack; on a
-//! bounded queue, 1 more to wake a writer.
+//! waiting async get: 1 per slice of waiting (the last one finds the item), then the ack. On a
+//! bounded queue, 1 more to wake a writer. (An unbounded queue's async get first takes an item
+//! this process's blocking gets hold, without a round trip, when it can: `claims.rs`.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -136,8 +144,11 @@ pub(super) fn settle_doubts() -> bool {
     left
 }
 
-/// Failed acks of one item tried again before its outcome is left to the keeper.
+/// Attempts at the ack of one item before its outcome is left to the keeper.
 const ACK_ATTEMPTS: u32 = 3;
+
+/// The pause before the second attempt at an ack (twice that before the third).
+const ACK_PAUSE: Duration = Duration::from_millis(100);
 
 /// An async get (see the module docs).
 pub(super) struct Get {
@@ -155,13 +166,18 @@ pub(super) struct Get {
     waited: bool,
     /// The item claimed and not acked yet, or acked and kept while a writer is woken.
     item: Option<Vec<u8>>,
+    /// Failed attempts at the ack of the item claimed now.
     ack_failures: u32,
+    /// The caller left: no new fetch.
+    abandoned: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum GetState {
     Fetching,
     Acking,
+    /// A pause before the ack is written again.
+    AckPause,
     GivingBack,
     Waking,
 }
@@ -186,6 +202,7 @@ impl Get {
             waited: false,
             item: None,
             ack_failures: 0,
+            abandoned: false,
         }
     }
 
@@ -214,22 +231,28 @@ impl Get {
             wait_ms: block.map_or(0, |b| (b.as_millis() as u64).max(1)),
         };
         let claim = claim_of(&self.keys, holder);
-        let eval = claims::fetch_eval(&self.keys, store, &holder.id, &claim, &args);
         match block {
-            None => Step::Next(Request::cmd("getting from", eval)),
-            Some(block) => Step::Next(Request::blocking_pipe(
-                "waiting for items of",
-                claims::wait_pipe(
-                    &self.keys,
-                    store,
-                    &holder.id,
-                    &claim,
-                    args.hold_ms,
-                    block,
-                    eval,
-                ),
-                block,
+            None => Step::Next(Request::script(
+                "getting from",
+                claims::fetch_invocation(&self.keys, store, &holder.id, &claim, &args),
             )),
+            Some(block) => {
+                // Sent whole behind the BLMOVE: it cannot meet `NOSCRIPT` there.
+                let eval = claims::fetch_eval(&self.keys, store, &holder.id, &claim, &args);
+                Step::Next(Request::blocking_pipe(
+                    "waiting for items of",
+                    claims::wait_pipe(
+                        &self.keys,
+                        store,
+                        &holder.id,
+                        &claim,
+                        args.hold_ms,
+                        block,
+                        eval,
+                    ),
+                    block,
+                ))
+            }
         }
     }
 
@@ -241,9 +264,12 @@ impl Get {
         }
     }
 
-    /// Nothing (more) for this get: wait again, or find the queue empty.
+    /// Nothing (more) for this get: wait again, or find the queue empty (or stop: the caller
+    /// left).
     fn again(&mut self, store: &Store) -> Step<Vec<u8>> {
-        if self.wait {
+        if self.abandoned {
+            Step::Done(Err(op::abandoned()))
+        } else if self.wait {
             self.slice(store)
         } else {
             Step::Done(Err(Error::Empty))
@@ -272,8 +298,10 @@ impl Get {
         Step::Next(self.keys.putters.wake(store, 1))
     }
 
-    /// Hands the claimed item, whose ack's outcome is not known, to the keeper.
+    /// Hands the claimed item, whose ack's outcome is not known, to the keeper (and to the exit
+    /// hooks).
     fn doubt(&mut self, e: Error) -> Step<Vec<u8>> {
+        claims::register_exit_hook();
         if let (Some(holder), Some(item)) = (self.holder.take(), self.item.take()) {
             lock(&DOUBTS).push(Doubt {
                 store: self.store.clone(),
@@ -304,7 +332,9 @@ impl Operation for Get {
     }
 
     fn start(&mut self, store: &Store) -> Step<Vec<u8>> {
-        if self.wait {
+        // A wait whose deadline passed already (a timeout of zero) still takes an item there,
+        // as the blocking get does.
+        if self.wait && next_slice(self.deadline).is_some() {
             self.slice(store)
         } else {
             self.fetch(store, None)
@@ -353,17 +383,25 @@ impl Operation for Get {
                 Ok(_) => {
                     // Given back before the ack (the hold lapsed): not this get's.
                     self.item = None;
+                    self.ack_failures = 0;
                     self.again(store)
                 }
                 Err(e) => {
                     self.ack_failures += 1;
                     if self.ack_failures < ACK_ATTEMPTS {
-                        self.ack(store)
+                        // A short pause, so that a reconnection can finish.
+                        let pause = ACK_PAUSE * self.ack_failures;
+                        self.state = GetState::AckPause;
+                        Step::Next(Request::local("pausing before acknowledging", move || {
+                            std::thread::sleep(pause);
+                            Ok(redis::Value::Nil)
+                        }))
                     } else {
                         self.doubt(e)
                     }
                 }
             },
+            GetState::AckPause => self.ack(store),
             GetState::GivingBack => {
                 if let Err(e) = reply {
                     tracing::warn!(
@@ -391,12 +429,14 @@ impl Operation for Get {
     }
 
     fn abandon(&mut self, store: &Store) -> Step<Vec<u8>> {
-        if self.state != GetState::Acking || self.ack_failures > 0 {
-            // Nothing claimed (or an ack already written, whose outcome decides): stop.
-            return match self.state {
-                GetState::Acking => self.ack(store),
-                _ => Step::Done(Err(op::abandoned())),
-            };
+        self.abandoned = true;
+        if self.state != GetState::Acking {
+            // Before a slice: nothing claimed.
+            return Step::Done(Err(op::abandoned()));
+        }
+        if self.ack_failures > 0 {
+            // An ack was written and its outcome is not known: the keeper settles the item.
+            return self.doubt(op::abandoned());
         }
         let Ok(holder) = self.holder() else {
             return Step::Done(Err(op::abandoned()));

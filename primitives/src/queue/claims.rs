@@ -77,8 +77,10 @@
 //!
 //! `claims` (hash: holder → hold deadline, ms on Redis's clock), `claim:<holder>` (sorted set:
 //! number → `"<number>:<payload>"`), `claim:<holder>:in` (list: what a waiting get's `BLMOVE`
-//! moved), `claim_fences` (hash: `<holder>:fence`, `<holder>:acked`). Their TTL is the queue's:
-//! every fetch and put refreshes it.
+//! moved), `claim_fences` (hash: `<holder>:fence`, `<holder>:acked`), `claim_refreshed` (a
+//! marker: the claims' TTLs were refreshed less than a tenth of the TTL ago). Their TTL is the
+//! queue's and a tenth more: a fetch refreshes its holder's, and puts and fetches refresh
+//! every holder's at most once per tenth of the TTL (`claims_ttl.lua`).
 //!
 //! # Round trips
 //!
@@ -251,8 +253,7 @@ fn consumer(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
 
 /// Finds or makes the consumer of `core` in this process's table.
 fn register(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
-    static HOOKS: Once = Once::new();
-    HOOKS.call_once(|| context::register_exit_hook(give_back_all));
+    register_exit_hook();
     let keys = core.keys();
     let mut consumers = lock(&CONSUMERS);
     let id = (store.url().to_string(), keys.items.clone());
@@ -276,6 +277,13 @@ fn register(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
     }));
     consumers.insert(id, Arc::downgrade(&consumer));
     consumer
+}
+
+/// Registers, once, the exit hook that gives back what this process holds, confirms its acks
+/// and settles the async gets' doubts.
+pub(super) fn register_exit_hook() {
+    static HOOKS: Once = Once::new();
+    HOOKS.call_once(|| context::register_exit_hook(give_back_all));
 }
 
 /// A get of an unbounded queue: a held item, else a fetch, else (when `wait`) a wait of one
@@ -518,6 +526,25 @@ pub(super) fn ack_invocation(
         .arg(holder)
         .arg(number)
         .arg(ttl(store));
+    invocation
+}
+
+/// `claim_fetch.lua` for `holder`, whose claim is `claim` (a script invocation: `EVALSHA`,
+/// loaded again after `NOSCRIPT`; for a fetch nothing is written behind).
+pub(super) fn fetch_invocation(
+    keys: &QueueKeys,
+    store: &Store,
+    holder: &str,
+    claim: &str,
+    args: &FetchArgs,
+) -> redis::ScriptInvocation<'static> {
+    let mut invocation = holder_invocation(&FETCH, keys, store, holder, claim);
+    invocation
+        .arg(args.first)
+        .arg(args.most)
+        .arg(args.hold_ms)
+        .arg(MOST_BYTES)
+        .arg(args.wait_ms);
     invocation
 }
 
@@ -778,14 +805,13 @@ impl Consumer {
 
     /// `claim_fetch.lua` with `args`, as a script invocation.
     fn fetch_invocation(&self, args: &FetchArgs) -> redis::ScriptInvocation<'static> {
-        let mut invocation = claims_invocation(&FETCH, &self.keys, &self.store);
-        invocation
-            .arg(args.first)
-            .arg(args.most)
-            .arg(args.hold_ms)
-            .arg(MOST_BYTES)
-            .arg(args.wait_ms);
-        invocation
+        fetch_invocation(
+            &self.keys,
+            &self.store,
+            process_holder(),
+            &self.keys.claim,
+            args,
+        )
     }
 
     /// Takes in a fetch's reply; `sent_at`: when the fetch was sent (how much later it may have

@@ -73,7 +73,9 @@
 //! item; while the queue is empty, one `BLMOVE` and claim per second of waiting), plus 1 to wake
 //! a waiting writer (if that fails the item is returned all the same and the failure logged: an
 //! item taken is never dropped). `get_nowait`: 1, or none while a batch lasts. The async gets
-//! claim one item at a time and wait for its ack: 2 (fetch or wait, ack; see *Async forms*).
+//! claim one item at a time and wait for its ack: 2 (fetch or wait, ack; 1 more on a bounded
+//! queue to wake a writer; none when this process's blocking gets hold an item it can take;
+//! see *Async forms*).
 //! `qsize`/`empty`/`full`: 1.
 //! `task_done`: 1. `join`: 1, then a `BLPOP` that returns at the last `task_done` (plus a
 //! check-in and an existence check per second).
@@ -96,19 +98,23 @@
 //!
 //! `put_async`, `put_timeout_async`, `put_nowait_async`, `get_async`, `get_timeout_async`,
 //! `get_nowait_async`, `qsize_async`, `empty_async`, `full_async`, and
-//! `JoinableQueue::join_async`/`task_done_async` run the same round trips (the same state machines, `op.rs`) as a task on shoal's actor runtime, blocking
+//! `JoinableQueue::join_async`/`task_done_async` run as a task on shoal's actor runtime (the
+//! puts, `join` and the sizes the same round trips as their blocking forms, the same state
+//! machines, `op.rs`; the gets claim one item at a time, `async_get.rs`), blocking
 //! commands on dedicated connections of that runtime, and hand the result back through a
 //! oneshot channel: any executor (Tokio's current-thread or multi-thread runtime, actix's) can
 //! await them, and no thread is parked per call. Timeouts run from the first poll. An unbounded
 //! `Queue`'s `put_async` only hands the item to the feeder, as `put` does (no round trip).
 //!
-//! Dropping the future (a `select!`, a `tokio::time::timeout`) never loses an item:
+//! Dropping the future (a `select!`, a `tokio::time::timeout`) does not lose an item:
 //!
 //! * `get_async`: its items are claimed as a blocking get's are, so a process killed while one
-//!   is under way loses nothing (the claim goes back to the queue when its hold lapses; see
-//!   `async_get.rs`). A dropped future stops the task before its next wait slice (within a
-//!   second) without taking anything; an item claimed for it goes back to the head of the queue
-//!   before its ack, and one acked as the caller left is pushed back to the head (`LPUSH`).
+//!   waits loses nothing (the claim goes back to the queue when its hold lapses; see
+//!   `async_get.rs` for the instant between the ack and the caller, and for an ack whose
+//!   outcome Redis could not tell). A dropped future stops the task before its next wait slice
+//!   (within a second) without taking anything; an item claimed for it goes back to the head
+//!   of the queue before its ack, and one acked as the caller left is pushed back to the head
+//!   (`LPUSH`).
 //!   Until then another reader may see the next item first; a bounded queue may briefly hold
 //!   one item above `maxsize` (a writer woken by that get may have filled the place).
 //! * `put_async` (bounded or joinable): a put still waiting for room leaves the writers' queue
