@@ -72,7 +72,8 @@
 //! # Round trips
 //!
 //! `Pipe::new`: 1. `send`/`send_bytes`: 1 (`send.lua`; TTLs are set when the inbox is created
-//! and refreshed every tenth of `redis.expiry_secs`). `recv`: 1 (`BLPOP`, plus one
+//! and refreshed every tenth of `redis.expiry_secs`), 2 when a hold may have lapsed
+//! (`send_reaping.lua` reaps, then sends). `recv`: 1 (`BLPOP`, plus one
 //! `check.lua` per second of waiting). `poll`: 1 (`check.lua`, or `BLMOVE` from the
 //! inbox to itself, which waits without taking). Clone: none. Close (or drop) of a handle: none,
 //! or 1 for the process's last handle of the end (`close.lua`). Passing a handle to another
@@ -133,7 +134,11 @@ fn script(body: &str) -> redis::Script {
     redis::Script::new(&format!("{}\n{}", include_str!("prelude.lua"), body))
 }
 
-static SEND: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("send.lua")));
+/// The hot path stands alone, without the prelude (see the script).
+static SEND: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("send.lua")));
+static SEND_REAPING: LazyLock<redis::Script> =
+    LazyLock::new(|| script(include_str!("send_reaping.lua")));
 static CHECK: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("check.lua")));
 static CLOSE: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("close.lua")));
 static TRANSFER: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("transfer.lua")));
@@ -568,8 +573,9 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         let store = common::store()?;
         self.ensure_open(&store)?;
         self.check_writable()?;
-        let framed = self.frame_message(&store, message)?;
-        self.send_raw(&store, &PipeKeys::new(&self.address), &framed)
+        let keys = PipeKeys::new(&self.address);
+        let framed = self.frame_message(&store, &keys, message)?;
+        self.send_raw(&store, keys, framed)
     }
 
     /// The async form of [`Connection::send`] (1 round trip on shoal's actor runtime; the
@@ -579,13 +585,13 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         &'a self,
         message: &T,
     ) -> impl Future<Output = Result<()>> + Send + use<'a, T> {
-        let framed = common::store().and_then(|store| self.frame_message(&store, message));
+        let framed = common::store()
+            .and_then(|store| self.frame_message(&store, &PipeKeys::new(&self.address), message));
         self.send_raw_async(framed)
     }
 
     /// The message encoded for the other end's inbox, after the marker byte.
-    fn frame_message(&self, store: &Store, message: &T) -> Result<Vec<u8>> {
-        let keys = PipeKeys::new(&self.address);
+    fn frame_message(&self, store: &Store, keys: &PipeKeys, message: &T) -> Result<Vec<u8>> {
         let target = &keys.inbox[usize::from(1 - self.end)];
         let payload = store.encode(message, target)?;
         let mut framed = Vec::with_capacity(payload.len() + 1);
@@ -601,7 +607,7 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         self.ensure_open(&store)?;
         self.check_writable()?;
         let framed = self.frame_bytes(&store, buffer, offset, size)?;
-        self.send_raw(&store, &PipeKeys::new(&self.address), &framed)
+        self.send_raw(&store, PipeKeys::new(&self.address), framed)
     }
 
     /// The async form of [`Connection::send_bytes`] (the bytes are copied when this is called).
@@ -651,13 +657,19 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         Ok(framed)
     }
 
-    fn send_raw(&self, store: &Store, keys: &PipeKeys, message: &[u8]) -> Result<()> {
-        op::run_single(
-            store,
-            || self.address.describe(),
-            send_request(store, keys, self.end, message),
-            |reply| sent(&self.address, reply),
-        )
+    fn send_raw(&self, store: &Store, keys: PipeKeys, message: Vec<u8>) -> Result<()> {
+        op::run(store, &mut self.sending(keys, message))
+    }
+
+    /// A send of `message` (framed) from this handle.
+    fn sending(&self, keys: PipeKeys, message: Vec<u8>) -> Sending {
+        Sending {
+            address: self.address.clone(),
+            keys,
+            end: self.end,
+            message,
+            reaping: false,
+        }
     }
 
     /// The async form of [`Connection::send_raw`].
@@ -666,14 +678,7 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         self.ensure_open(&store)?;
         self.check_writable()?;
         let message = message?;
-        let keys = PipeKeys::new(&self.address);
-        let request = send_request(&store, &keys, self.end, &message);
-        let address = self.address.clone();
-        let describe = {
-            let address = address.clone();
-            move || address.describe()
-        };
-        op::spawn_single(describe, request, move |reply| sent(&address, reply)).await
+        op::spawn(self.sending(PipeKeys::new(&self.address), message), None).await
     }
 
     /// A receive or poll of this handle.
@@ -896,15 +901,52 @@ fn check_offset(buffer: &[u8], offset: usize) -> Result<()> {
 }
 
 /// `send.lua`: `message` (framed) from `end` to the other end.
-fn send_request(store: &Store, keys: &PipeKeys, end: u8, message: &[u8]) -> Request {
-    let mut invocation = keys.invocation(&SEND, store);
-    invocation.arg(end).arg(message);
-    Request::script("sending on", invocation)
+/// A send: `send.lua`, and `send_reaping.lua` when that found a hold that may have lapsed
+/// (it sent nothing then).
+struct Sending {
+    address: Address,
+    keys: PipeKeys,
+    end: u8,
+    message: Vec<u8>,
+    reaping: bool,
 }
 
-fn sent(address: &Address, reply: Result<redis::Value>) -> Result<()> {
+impl Sending {
+    fn request(&self, store: &Store) -> Step<()> {
+        let script = if self.reaping { &SEND_REAPING } else { &SEND };
+        let mut invocation = self.keys.invocation(script, store);
+        invocation.arg(self.end).arg(self.message.as_slice());
+        Step::Next(Request::script("sending on", invocation))
+    }
+}
+
+impl Operation for Sending {
+    type Output = ();
+
+    fn describe(&self) -> String {
+        self.address.describe()
+    }
+
+    fn start(&mut self, store: &Store) -> Step<()> {
+        self.request(store)
+    }
+
+    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<()> {
+        match sent(&self.address, reply) {
+            Ok(0) if !self.reaping => {
+                self.reaping = true;
+                self.request(store)
+            }
+            Ok(_) => Step::Done(Ok(())),
+            Err(e) => Step::Done(Err(e)),
+        }
+    }
+}
+
+/// Reads a send's reply: 1 sent, 0 (`send.lua` only) a reap is due and nothing was sent.
+fn sent(address: &Address, reply: Result<redis::Value>) -> Result<u64> {
     match op::parse::<u64>(reply, "a send") {
-        Ok(_) => Ok(()),
+        Ok(n) => Ok(n),
         Err(Error::Redis { source, .. }) if source.code() == Some("CLOSED") => {
             Err(Error::Closed(format!(
                 "{}: every holder of this end closed it (or its lease lapsed)",
