@@ -97,15 +97,24 @@ fn held(conn: &mut redis::Connection, q: &Queue<u64>) -> usize {
     claims(conn, &format!("{q:?}")).iter().map(|(_, n)| n).sum()
 }
 
-/// Puts `0..n` and waits until the feeder wrote them all.
-fn fill(q: &Queue<u64>, n: u64) {
+/// Puts `0..n` and waits until the feeder wrote them all to Redis (`qsize` counts them as soon
+/// as they are put; a test that then breaks the server must find them there).
+fn fill(rt: &shoal::Runtime, q: &Queue<u64>, n: u64) {
     for i in 0..n {
         q.put(i).expect("put");
     }
-    assert!(wait_for(Duration::from_secs(10), || q
-        .qsize()
-        .expect("qsize")
-        == n as usize));
+    let mut raw = raw_redis(rt);
+    let items = format!("{}items", queue_key_prefix(&mut raw, &format!("{q:?}")));
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            redis::cmd("LLEN")
+                .arg(&items)
+                .query::<u64>(&mut raw)
+                .expect("llen")
+                == n
+        }),
+        "the feeder did not write the items"
+    );
 }
 
 /// Gets `n` items, reports each on `out`, then does what `then` says: "sleep" (holds its batch
@@ -185,7 +194,7 @@ fn a_consumer_killed_while_it_holds_a_batch_loses_and_duplicates_nothing() {
     let rt = runtime();
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
-    fill(&q, 2000);
+    fill(&rt, &q, 2000);
     let (child, taken) = child_takes(&q, 10, "sleep");
     assert_eq!(taken, (0..10).collect::<Vec<_>>());
     // The child holds a batch beyond what it returned, and qsize counts it.
@@ -208,7 +217,7 @@ fn a_consumer_that_stops_getting_gives_its_batch_back_while_it_lives() {
     let rt = runtime();
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
-    fill(&q, 500);
+    fill(&rt, &q, 500);
     let (child, taken) = child_takes(&q, 10, "sleep");
     assert_eq!(taken, (0..10).collect::<Vec<_>>());
     // The child's keeper gives back the batch it no longer returns, long before its hold would
@@ -230,7 +239,7 @@ fn close_and_exit_give_the_batch_back_at_once() {
     let mut raw = raw_redis(&rt);
     for then in ["close", "exit"] {
         let q: Queue<u64> = Queue::new().expect("queue");
-        fill(&q, 300);
+        fill(&rt, &q, 300);
         let (child, taken) = child_takes(&q, 10, then);
         assert_eq!(taken, (0..10).collect::<Vec<_>>(), "{then}");
         if then == "exit" {
@@ -253,7 +262,7 @@ fn a_batch_that_went_stale_is_given_back_and_fetched_again_in_order() {
     let rt = runtime();
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
-    fill(&q, 100);
+    fill(&rt, &q, 100);
     let mut got = Vec::new();
     for round in 0..4 {
         // Batches of 1, 2 and 4: two items are held after five gets.
@@ -274,7 +283,7 @@ fn dropped_connections_and_flushed_scripts_lose_nothing() {
     let (_server, rt) = private_runtime();
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
-    fill(&q, 300);
+    fill(&rt, &q, 300);
     let mut got = Vec::new();
     for round in 0..10 {
         for _ in 0..20 {
@@ -346,7 +355,7 @@ fn a_dead_holders_claim_and_landed_item_come_back_first_in_order() {
     let rt = runtime();
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
-    fill(&q, 3);
+    fill(&rt, &q, 3);
     let prefix = queue_key_prefix(&mut raw, &format!("{q:?}"));
     redis::pipe()
         .hset(format!("{prefix}claims"), "ghost-holder", 1)
@@ -454,7 +463,7 @@ fn a_late_fetch_or_give_back_of_a_holder_does_nothing() {
     let rt = runtime();
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
-    fill(&q, 20);
+    fill(&rt, &q, 20);
     // Batches of 1, 2, 4 and 8: after 11 gets, 4 items of the fourth batch are held.
     for i in 0..11 {
         assert_eq!(q.get().expect("get"), i);
@@ -513,7 +522,7 @@ fn acks_that_redis_refuses_are_written_again_before_the_next_fetch() {
     let (_server, rt) = private_runtime();
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
-    fill(&q, 100);
+    fill(&rt, &q, 100);
     let mut got: Vec<u64> = (0..20).map(|_| q.get().expect("get")).collect();
     let refuse = |conn: &mut redis::Connection, replicas: u32| {
         redis::cmd("CONFIG")
@@ -591,7 +600,7 @@ fn gets_drain_a_queue_while_redis_is_out_of_memory() {
     let (_server, rt) = private_runtime();
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
-    fill(&q, 50);
+    fill(&rt, &q, 50);
     let set_maxmemory = |conn: &mut redis::Connection, bytes: u64| {
         redis::cmd("CONFIG")
             .arg("SET")
@@ -618,7 +627,7 @@ fn an_item_in_doubt_given_back_twice_goes_back_once() {
     let rt = runtime();
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
-    fill(&q, 3);
+    fill(&rt, &q, 3);
     let prefix = queue_key_prefix(&mut raw, &format!("{q:?}"));
     let holder = "test-holder";
     let claim = format!("{prefix}claim:{holder}");
@@ -807,21 +816,28 @@ fn async_gets_claim_ack_and_leave_no_record_behind() {
 }
 
 #[test]
-fn dropping_the_last_handle_gives_the_batch_back_at_once() {
+fn dropping_the_last_handle_gives_the_batch_back() {
     let rt = runtime();
     let mut raw = raw_redis(&rt);
     let q: Queue<u64> = Queue::new().expect("queue");
-    fill(&q, 100);
+    fill(&rt, &q, 100);
     let debug = format!("{q:?}");
     let items = format!("{}items", queue_key_prefix(&mut raw, &debug));
+    let serialized = rmp_serde::to_vec(&q).expect("a handle as bytes");
     // Batches of 1, 2 and 4: the fourth get leaves 3 items held.
     let got: Vec<u64> = (0..4).map(|_| q.get().expect("get")).collect();
     assert_eq!(got, vec![0, 1, 2, 3]);
     let holding: usize = claims(&mut raw, &debug).iter().map(|(_, n)| n).sum();
     assert!(holding > 0, "the process holds no batch");
     drop(q);
-    // Given back by the drop itself, before the keeper's next round could.
-    assert!(claims(&mut raw, &debug).iter().all(|(_, n)| *n == 0));
+    // Given back by the keeper at once (it would wait for the batch to go stale otherwise,
+    // and a test holding no handle could not get it).
+    assert!(
+        wait_for(Duration::from_secs(5), || claims(&mut raw, &debug)
+            .iter()
+            .all(|(_, n)| *n == 0)),
+        "the batch stayed claimed"
+    );
     let left: usize = redis::cmd("LLEN")
         .arg(&items)
         .query(&mut raw)
@@ -833,4 +849,10 @@ fn dropping_the_last_handle_gives_the_batch_back_at_once() {
         .query(&mut raw)
         .expect("lindex");
     assert_eq!(head, payload(4), "in order, at the head");
+    // A handle of the same queue made again in this process (a pool worker's next task
+    // decoding it, say) gets its items: its consumer's numbers go on above the old one's
+    // fence.
+    let again: Queue<u64> = rmp_serde::from_slice(&serialized).expect("the handle again");
+    let got: Vec<u64> = (0..10).map(|_| again.get().expect("get")).collect();
+    assert_eq!(got, (4..14).collect::<Vec<_>>());
 }

@@ -31,8 +31,9 @@
 //!   trips when that is more (a slow Redis, large items), plus the wait of a `BLMOVE` sent
 //!   before the fetch. After that, what it still holds is *given back*: pushed to the head of
 //!   the queue in order, by its next get, its keeper thread (within half a [`HOLD`]), `close()`,
-//!   the drop of the process's last handle of the queue (the consumer goes with it: the table
-//!   of consumers keeps none alive), or its exit hooks. Redis lets any get give a claim back once its hold lapsed, the allowance
+//!   the keeper again when the process's last handle of the queue is dropped (the consumer
+//!   goes with it: the table of consumers keeps none alive; a drop makes no round trip), or
+//!   its exit hooks. Redis lets any get give a claim back once its hold lapsed, the allowance
 //!   plus `sync.lease_secs` after the fetch ran: an ack written while the holder could still
 //!   return items had a lease to reach Redis. (This assumes Redis does not stall, and its clock
 //!   does not jump, by more than a lease, as every lease in shoal does.) So a consumer that died
@@ -79,8 +80,9 @@
 //! number → `"<number>:<payload>"`), `claim:<holder>:in` (list: what a waiting get's `BLMOVE`
 //! moved), `claim_fences` (hash: `<holder>:fence`, `<holder>:acked`), `claim_refreshed` (a
 //! marker: the claims' TTLs were refreshed less than a tenth of the TTL ago). Their TTL is the
-//! queue's and a tenth more: a fetch refreshes its holder's, and puts and fetches refresh
-//! every holder's at most once per tenth of the TTL (`claims_ttl.lua`).
+//! queue's and a tenth more: every claim script gives it to what it writes, and puts and
+//! fetches refresh every holder's at most once per tenth of the TTL (`claims_ttl.lua`), so
+//! the claims outlive the items, whose TTL every put refreshes.
 //!
 //! # Round trips
 //!
@@ -148,8 +150,9 @@ pub(super) struct Consumer {
     store: Arc<Store>,
     /// The items fetched and not returned, with their numbers.
     held: VecDeque<(u64, Vec<u8>)>,
-    /// The first number not reserved yet: a fetch reserves as many numbers as it asks items,
-    /// and no number is used twice (a fetch that arrives late finds its numbers fenced off).
+    /// The end of this consumer's last reservation: a fetch reserves as many numbers as it asks
+    /// items from the process's [`SEQUENCE`], and no number is used twice (a fetch that arrives
+    /// late finds its numbers fenced off).
     next: u64,
     /// Until when the items held may be returned; `None`: nothing fetched.
     usable_until: Option<Instant>,
@@ -167,6 +170,8 @@ pub(super) struct Consumer {
     in_doubt: bool,
     /// A bounded queue: one item per fetch (each get makes room for one writer).
     bounded: bool,
+    /// Its last handle is gone: the keeper gives back what it holds (its drop does nothing).
+    retired: bool,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -185,6 +190,11 @@ pub(super) type SharedConsumer = Shared<Consumer>;
 
 /// A consumer's Redis URL and items key.
 type ConsumerId = (String, String);
+
+/// The numbers this process's consumers give the items they fetch, whatever the queue: one
+/// sequence that only grows, so that a consumer made again for a queue never reuses a number
+/// (its holder's fence there is above every number it used).
+static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// This process's consumers, as long as a queue handle keeps them: a consumer whose handles are
 /// all gone gives back what it holds (its `Drop`) and leaves the table.
@@ -274,6 +284,7 @@ fn register(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
         found_empty: false,
         in_doubt: false,
         bounded: core.maxsize > 0,
+        retired: false,
     }));
     consumers.insert(id, Arc::downgrade(&consumer));
     consumer
@@ -422,7 +433,7 @@ fn give_back_stale() -> bool {
             watching = true;
         }
     }
-    watching | settle_links() | super::async_get::settle_doubts()
+    watching | give_back_retired() | settle_links() | super::async_get::settle_doubts()
 }
 
 /// Settles every claims connection that has acks to confirm; whether one still has.
@@ -455,8 +466,17 @@ fn give_back_all() {
             consumer.give_back();
         }
     }
+    give_back_retired();
     settle_links();
     super::async_get::settle_doubts();
+}
+
+/// The TTL the claim scripts give what they write (and the items and state they touch): the
+/// queue's and a tenth more, so that the claims outlive the items, whose TTL every put
+/// refreshes while the refresh of every holder's claim is throttled (`claims_ttl.lua`).
+fn claims_ttl(store: &Store) -> u64 {
+    let ttl = ttl(store);
+    ttl + ttl / 10 + 1
 }
 
 /// The claims script `script` on `keys`, for this process's holder, with the TTL given.
@@ -483,7 +503,7 @@ fn holder_invocation(
         .key(&keys.claims)
         .key(claim)
         .key(&keys.claim_fences)
-        .arg(ttl(store))
+        .arg(claims_ttl(store))
         .arg(&keys.claim_prefix)
         .arg(holder);
     invocation
@@ -525,7 +545,7 @@ pub(super) fn ack_invocation(
         .key(&keys.claims)
         .arg(holder)
         .arg(number)
-        .arg(ttl(store));
+        .arg(claims_ttl(store));
     invocation
 }
 
@@ -565,7 +585,7 @@ pub(super) fn fetch_eval(
         .arg(&keys.claims)
         .arg(claim)
         .arg(&keys.claim_fences)
-        .arg(ttl(store))
+        .arg(claims_ttl(store))
         .arg(&keys.claim_prefix)
         .arg(holder)
         .arg(args.first)
@@ -595,7 +615,7 @@ pub(super) fn wait_pipe(
         .arg(&keys.claims)
         .arg(holder)
         .arg(hold_ms)
-        .arg(ttl(store))
+        .arg(claims_ttl(store))
         .ignore()
         .cmd("BLMOVE")
         .arg(&keys.items)
@@ -789,8 +809,10 @@ impl Consumer {
             };
         self.held.clear();
         self.usable_until = None;
-        let first = self.next;
-        self.next += self.batch as u64;
+        // From the process's one sequence: a consumer made again for a queue (its last handle
+        // was dropped) goes on above every number this holder used there.
+        let first = SEQUENCE.fetch_add(self.batch as u64, std::sync::atomic::Ordering::Relaxed);
+        self.next = first + self.batch as u64;
         // Redis holds the batch a lease longer than this process may return it.
         let allowance = extra + self.allowance;
         let hold = allowance + crate::grants::lease();
@@ -886,20 +908,53 @@ impl Consumer {
 }
 
 impl Drop for Consumer {
-    /// The queue's last handle in this process is gone: what the consumer holds goes back to
-    /// the queue, and its acks are confirmed, now (nobody would get them later).
+    /// The queue's last handle in this process is gone: what the consumer holds (an item in
+    /// doubt included) is handed to the keeper, which gives it back to the queue (within half a
+    /// [`HOLD`], and again until Redis answers) and confirms the acks: a drop, which may happen
+    /// on an executor's thread, makes no round trip.
     fn drop(&mut self) {
-        if !self.held.is_empty() {
-            self.give_back();
+        if self.retired {
+            return;
         }
-        if let Err(e) = settle(&self.store) {
-            tracing::warn!(
-                "confirming the acks of items taken from {}: {e}; the keeper tries again",
-                self.keys.items
-            );
-            wake_keeper();
+        if !self.held.is_empty() || self.in_doubt {
+            lock(&RETIRED).push(Consumer {
+                keys: self.keys.clone(),
+                store: self.store.clone(),
+                held: std::mem::take(&mut self.held),
+                next: self.next,
+                usable_until: self.usable_until,
+                allowance: self.allowance,
+                batch: self.batch,
+                filled: self.filled,
+                found_empty: self.found_empty,
+                in_doubt: self.in_doubt,
+                bounded: self.bounded,
+                retired: true,
+            });
+        }
+        // Its acks, if some are not confirmed yet, are settled by the keeper too.
+        wake_keeper();
+    }
+}
+
+/// Consumers whose last handle is gone and that still hold items (or an item in doubt), for
+/// the keeper to give back.
+static RETIRED: LazyLock<Mutex<Vec<Consumer>>> = LazyLock::new(Mutex::default);
+
+/// Gives back what the retired consumers hold; whether some are still left (Redis did not
+/// answer, or an item's ack is still in doubt).
+fn give_back_retired() -> bool {
+    let retired = std::mem::take(&mut *lock(&RETIRED));
+    let mut left = Vec::new();
+    for mut consumer in retired {
+        consumer.give_back();
+        if consumer.in_doubt {
+            left.push(consumer);
         }
     }
+    let some_left = !left.is_empty();
+    lock(&RETIRED).extend(left);
+    some_left
 }
 
 /// What a fetch asks.
@@ -1054,7 +1109,7 @@ impl Link {
                     .key(&ack.fences)
                     .arg(process_holder())
                     .arg(ack.number)
-                    .arg(ttl(store))
+                    .arg(claims_ttl(store))
                     .invoke(conn)?;
             }
             if let Some((keys, number)) = item {
@@ -1063,7 +1118,7 @@ impl Link {
                     .key(&keys.claim_fences)
                     .arg(process_holder())
                     .arg(number)
-                    .arg(ttl(store))
+                    .arg(claims_ttl(store))
                     .invoke(conn)?;
                 ours = applied == 1;
             }
