@@ -40,6 +40,46 @@ pub const ENV_WORKER_REDIS: &str = "SHOAL_WORKER_REDIS";
 pub const ENV_WORKER_REDIS_PASSWORD: &str = "SHOAL_WORKER_REDIS_PASSWORD";
 /// Environment variable carrying `<namespace>/<task id>` to a worker.
 pub const ENV_WORKER_TASK: &str = "SHOAL_WORKER_TASK";
+/// Environment variable carrying the parent's authentication key (hex) to a worker of the
+/// local backend: its task record, in Redis, leaves the key out.
+pub const ENV_WORKER_AUTHKEY: &str = "SHOAL_WORKER_AUTHKEY";
+
+/// How a worker receives its parent's authkey: in its environment on the local backend (the
+/// returned record field is then `None`: the key never goes into Redis, which other programs
+/// may read), in its task record on a remote one (a pod's environment is its Job's, readable by
+/// whoever may read Jobs; a Kubernetes Secret per runtime would keep it from both).
+pub fn hand_over_authkey(
+    key: &AuthKey,
+    remote: bool,
+    env: &mut std::collections::BTreeMap<String, String>,
+) -> Option<AuthKey> {
+    if remote {
+        return Some(key.clone());
+    }
+    let hex = key.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    env.insert(ENV_WORKER_AUTHKEY.to_string(), hex);
+    None
+}
+
+/// The authkey a local worker received in its environment ([`hand_over_authkey`]), if any.
+pub fn authkey_from_env() -> Result<Option<AuthKey>> {
+    let Ok(hex) = std::env::var(ENV_WORKER_AUTHKEY) else {
+        return Ok(None);
+    };
+    let bad = || Error::Backend(format!("{ENV_WORKER_AUTHKEY} is not a hex string"));
+    if !hex.len().is_multiple_of(2) {
+        return Err(bad());
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                .ok_or_else(bad)
+        })
+        .collect::<Result<Vec<u8>>>()?;
+    Ok(Some(AuthKey::from_bytes(bytes)))
+}
 
 const _: () = assert!(ENV_WORKER_TASK.len() > WORKER_ENV_PREFIX.len());
 
@@ -183,7 +223,8 @@ pub struct TaskRecord {
     pub config: Config,
     /// Forward stdout and stderr through the output stream.
     pub stream_output: bool,
-    /// The parent's authentication key, which the worker inherits.
+    /// The parent's authentication key, which the worker inherits: only for a remote worker
+    /// (a local one receives it in its environment; see [`hand_over_authkey`]).
     #[serde(default)]
     pub authkey: Option<AuthKey>,
     /// Who started the worker.

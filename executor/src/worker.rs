@@ -96,7 +96,10 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
             name: record.name.clone(),
             identity: record.identity.clone(),
             daemon: record.daemon,
-            authkey: record.authkey.clone().unwrap_or_else(AuthKey::generate),
+            authkey: match record.authkey.clone() {
+                Some(key) => key,
+                None => crate::task::authkey_from_env()?.unwrap_or_else(AuthKey::generate),
+            },
             parent: record.parent.clone(),
         },
     )));

@@ -678,3 +678,106 @@ fn close_releases_an_exited_process_and_refuses_a_running_one() {
     assert!(never.is_closed());
     assert!(matches!(never.start(), Err(Error::InvalidState(m)) if m.contains("is closed")));
 }
+
+/// Reports this process's authkey on `out`, then waits for `go`.
+#[shoal::remote]
+fn report_authkey(out: SimpleQueue<Vec<u8>>, go: Event) {
+    out.put(current_process().authkey.as_bytes().to_vec())
+        .expect("report");
+    go.wait(Some(Duration::from_secs(30))).expect("wait");
+}
+
+#[shoal::remote]
+fn authkey_of_worker(_: u32) -> Vec<u8> {
+    current_process().authkey.as_bytes().to_vec()
+}
+
+/// Every value stored in the runtime's Redis now, whatever its type, as bytes.
+fn every_value_in_redis(rt: &shoal::Runtime) -> Vec<Vec<u8>> {
+    let url = rt.config().redis.url.clone().expect("url");
+    let mut conn = redis::Client::open(url)
+        .expect("client")
+        .get_connection()
+        .expect("connection");
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).expect("keys");
+    let mut values = Vec::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE").arg(&key).query(&mut conn).expect("type");
+        let found: Vec<Vec<u8>> = match kind.as_str() {
+            "string" => vec![
+                redis::cmd("GET")
+                    .arg(&key)
+                    .query(&mut conn)
+                    .unwrap_or_default(),
+            ],
+            "hash" => redis::cmd("HGETALL")
+                .arg(&key)
+                .query(&mut conn)
+                .unwrap_or_default(),
+            "list" => redis::cmd("LRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query(&mut conn)
+                .unwrap_or_default(),
+            "set" => redis::cmd("SMEMBERS")
+                .arg(&key)
+                .query(&mut conn)
+                .unwrap_or_default(),
+            "zset" => redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query(&mut conn)
+                .unwrap_or_default(),
+            "stream" => {
+                let entries: redis::Value = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .query(&mut conn)
+                    .expect("xrange");
+                vec![format!("{entries:?}").into_bytes()]
+            }
+            _ => Vec::new(),
+        };
+        values.extend(found);
+    }
+    values
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn children_inherit_the_authkey_without_it_going_through_redis() {
+    let rt = runtime();
+    let key = current_process().authkey.as_bytes().to_vec();
+    let out: SimpleQueue<Vec<u8>> = SimpleQueue::new().expect("queue");
+    let go = Event::new().expect("event");
+    let child =
+        Process::new(report_authkey, (out.clone(), go.clone())).start_method(StartMethod::Process);
+    child.start().expect("start");
+    assert_eq!(
+        out.get_timeout(Duration::from_secs(30))
+            .expect("the child's key"),
+        key
+    );
+    let pool = Pool::new(1).expect("pool");
+    assert_eq!(pool.apply(authkey_of_worker, (0,)).expect("apply"), key);
+    // The child, the pool worker and their task records are all there now: none holds the key.
+    let values = every_value_in_redis(&rt);
+    assert!(!values.is_empty());
+    let holding: Vec<&Vec<u8>> = values.iter().filter(|v| contains(v, &key)).collect();
+    assert!(
+        holding.is_empty(),
+        "the authkey is in Redis: {} values",
+        holding.len()
+    );
+    go.set().expect("go");
+    child.join(None).expect("join");
+    assert_eq!(child.exitcode(), Some(0));
+    pool.close().expect("close");
+    pool.join().expect("join");
+}

@@ -21,7 +21,7 @@ use shoal_executor::actor::host::{self, HostSpec};
 use shoal_executor::actor::{self as protocol, HostKeys};
 use shoal_executor::pool::{EXIT_STORE_LOST, driver_ttl};
 use shoal_executor::protocol::{Executor, Launch, StopSignal, WorkerExited, Workload};
-use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord};
+use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord, hand_over_authkey};
 
 /// Host exits within [`HOST_FAILURE_PERIOD`] after which hosts are no longer replaced.
 const MAX_HOST_FAILURES: usize = 10;
@@ -106,7 +106,7 @@ impl HostSupervisor {
         let notify = ctx.address().recipient();
         let executor = self.executor.clone();
         let store = self.store.clone();
-        let env = self.config.multiprocessing.env_vars.clone();
+        let mut env = self.config.multiprocessing.env_vars.clone();
         let launch = if subprocess {
             let mut config = self.config.clone();
             config.redis.url = None;
@@ -117,8 +117,12 @@ impl HostSupervisor {
                 daemon: true,
                 stream_output: config.multiprocessing.stream_stdout
                     || config.shoal.backend.is_remote(),
+                authkey: hand_over_authkey(
+                    &info.authkey,
+                    config.shoal.backend.is_remote(),
+                    &mut env,
+                ),
                 config,
-                authkey: Some(info.authkey.clone()),
                 parent: info.parent.clone(),
                 // Watched through its own spec's driver key.
                 driver: None,

@@ -84,7 +84,7 @@ use shoal_executor::output::print_stream;
 use shoal_executor::protocol::{
     Executor, Launch, Launched, StopSignal, ThreadBody, WorkerExited, Workload,
 };
-use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord};
+use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord, hand_over_authkey};
 use shoal_primitives::pipe::{SentTransfers, collect_transfers};
 
 use crate::runtime::{self, ChildEntry, RuntimeInner};
@@ -389,6 +389,7 @@ impl Process {
             }),
         };
         let mut sent_transfers = None;
+        let mut env = config.multiprocessing.env_vars.clone();
         let (workload, record) = match method {
             StartMethod::Process => {
                 if !target.runs_elsewhere() {
@@ -429,7 +430,11 @@ impl Process {
                     // A remote child's terminal is not ours: its output comes back as a stream.
                     stream_output: config.multiprocessing.stream_stdout
                         || config.shoal.backend.is_remote(),
-                    authkey: Some(info.authkey.clone()),
+                    authkey: hand_over_authkey(
+                        &info.authkey,
+                        config.shoal.backend.is_remote(),
+                        &mut env,
+                    ),
                     parent: info.parent.clone(),
                     // A pod gets no parent-death signal: it watches this runtime's key.
                     driver: config
@@ -464,7 +469,7 @@ impl Process {
             pending: Some(PendingLaunch {
                 workload,
                 record,
-                env: config.multiprocessing.env_vars.clone(),
+                env,
             }),
             output: None,
             exit_code: None,

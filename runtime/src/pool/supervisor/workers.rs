@@ -29,7 +29,7 @@ use shoal_core::context::{ParentInfo, ProcessInfo};
 use shoal_executor::output::print_stream;
 use shoal_executor::pool::{self, EXIT_DRIVER_GONE, EXIT_STORE_LOST, PoolWorkerSpec, driver_ttl};
 use shoal_executor::protocol::{Launch, StopSignal, WorkerExited, Workload};
-use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord};
+use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord, hand_over_authkey};
 
 use super::budget::Verdict;
 use super::{Breakdown, Phase, PoolSupervisor};
@@ -90,7 +90,7 @@ impl PoolSupervisor {
         let notify = ctx.address().recipient();
         let executor = self.executor.clone();
         let store = self.store.clone();
-        let env = self.settings.config.multiprocessing.env_vars.clone();
+        let mut env = self.settings.config.multiprocessing.env_vars.clone();
         let info = ProcessInfo {
             name: name.clone(),
             identity: vec![number as u32],
@@ -111,8 +111,12 @@ impl PoolSupervisor {
                 identity: info.identity.clone(),
                 daemon: info.daemon,
                 stream_output: streamed,
+                authkey: hand_over_authkey(
+                    &info.authkey,
+                    config.shoal.backend.is_remote(),
+                    &mut env,
+                ),
                 config,
-                authkey: Some(info.authkey.clone()),
                 parent: info.parent.clone(),
                 // Watched through its own spec's driver key.
                 driver: None,
