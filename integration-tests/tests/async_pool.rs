@@ -129,3 +129,46 @@ fn awaited_calls_work_on_a_multi_thread_runtime_and_under_actix() {
         system.block_on(async { pool.apply_async(slow_square, (7u64,)).expect("apply").await });
     assert_eq!(total.expect("apply"), 49);
 }
+
+#[test]
+fn a_pool_closes_terminates_and_joins_without_blocking() {
+    let _rt = runtime();
+    // close_async, then join_async once the outstanding call is done; the ticker keeps
+    // counting: the thread was never blocked.
+    let pool = Pool::new(2).expect("pool");
+    let (squares, _) = with_ticker(async {
+        let squares = pool.map_async(slow_square, 0..40u64).expect("map");
+        assert!(matches!(
+            pool.join_async().await,
+            Err(shoal::Error::InvalidState(m)) if m.contains("close() or terminate()")
+        ));
+        pool.close_async().await.expect("close");
+        assert!(
+            pool.map_async(slow_square, 0..1u64).is_err(),
+            "a closed pool takes no call"
+        );
+        squares
+    });
+    // The join waits for the outstanding call (40 tasks of 20 ms on 2 workers) and the
+    // workers' exit, while the ticker keeps counting.
+    let (joined, ticks) = with_ticker(pool.join_async());
+    joined.expect("join");
+    assert!(ticks > 5, "the thread was blocked ({ticks} ticks)");
+    let squares = squares.get(None).expect("the outstanding call completed");
+    assert_eq!(squares, (0..40u64).map(|x| x * x).collect::<Vec<_>>());
+
+    // terminate_async stops workers in the middle of long tasks.
+    let pool = Pool::new(2).expect("pool");
+    let naps = pool.map_async(nap, vec![60_000u64; 4]).expect("map");
+    std::thread::sleep(Duration::from_millis(300));
+    let (terminated, ticks) = with_ticker(pool.terminate_async());
+    terminated.expect("terminate");
+    assert!(ticks > 0, "the thread was blocked ({ticks} ticks)");
+    assert!(
+        naps.get(None).is_err(),
+        "a terminated pool fails its running call"
+    );
+    with_ticker(pool.join_async())
+        .0
+        .expect("join after terminate");
+}

@@ -676,6 +676,66 @@ impl Pool {
         Ok(())
     }
 
+    /// The async form of [`Pool::close`]: the same message to the pool's supervisor, awaited
+    /// without blocking the caller's thread.
+    ///
+    /// ```no_run
+    /// # async fn done(pool: shoal::Pool) -> shoal::Result<()> {
+    /// pool.close_async().await?;
+    /// pool.join_async().await
+    /// # }
+    /// ```
+    pub fn close_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        let finished = self.shared.lock().finished;
+        let supervisor = self.supervisor.clone();
+        async move {
+            if !finished {
+                let _ = supervisor.send(Close).await;
+            }
+            Ok(())
+        }
+    }
+
+    /// The async form of [`Pool::terminate`]: stops the workers now, fails the calls still
+    /// running, and waits for the workers to exit (a worker still there after 5 s is killed,
+    /// and waited for 5 s more), as a task on shoal's actor runtime: no thread is blocked.
+    pub fn terminate_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        let shared = self.shared.clone();
+        let supervisor = self.supervisor.clone();
+        let call = shoal_core::context::current().map(|context| {
+            context.spawn(move |_, caller| async move {
+                if !shared.lock().finished {
+                    let _ = supervisor.send(Terminate).await;
+                    if tokio::time::timeout(TERMINATE_GRACE, shared.finished())
+                        .await
+                        .is_err()
+                    {
+                        let _ = supervisor.send(KillWorkers).await;
+                        let _ = tokio::time::timeout(TERMINATE_GRACE, shared.finished()).await;
+                    }
+                }
+                caller.finish(Ok(()));
+            })
+        });
+        async move { call?.await }
+    }
+
+    /// The async form of [`Pool::join`]: resolves once the workers exited, on any executor,
+    /// without blocking a thread. Call [`Pool::close_async`] or [`Pool::terminate_async`] (or
+    /// their blocking forms) first ([`Error::InvalidState`] otherwise).
+    pub fn join_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        let shared = self.shared.clone();
+        async move {
+            if matches!(shared.lock().phase, Phase::Running) {
+                return Err(Error::invalid_state(
+                    "join() needs close() or terminate() first",
+                ));
+            }
+            shared.finished().await;
+            Ok(())
+        }
+    }
+
     /// Waits for the workers to exit. Call [`Pool::close`] or [`Pool::terminate`] first
     /// ([`Error::InvalidState`] otherwise).
     pub fn join(&self) -> Result<()> {

@@ -117,6 +117,8 @@ enum Breakdown {
 pub(crate) struct PoolShared {
     state: Mutex<PoolStatus>,
     changed: Condvar,
+    /// The async waits for the workers' exit ([`PoolShared::finished`]), woken with `changed`.
+    wakers: Mutex<Vec<std::task::Waker>>,
 }
 
 #[derive(Debug)]
@@ -136,6 +138,7 @@ impl PoolShared {
                 finished: false,
             }),
             changed: Condvar::new(),
+            wakers: Mutex::new(Vec::new()),
         })
     }
 
@@ -146,6 +149,26 @@ impl PoolShared {
     fn update(&self, f: impl FnOnce(&mut PoolStatus)) {
         f(&mut self.lock());
         self.changed.notify_all();
+        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|p| p.into_inner()));
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once every worker exited, on any executor (a waker, no thread parked).
+    pub(crate) fn finished(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::poll_fn(move |cx| {
+            // The waker is registered before the state is read: an update in between wakes it.
+            self.wakers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(cx.waker().clone());
+            if self.lock().finished {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
     }
 
     /// Waits until every worker exited; false on timeout.
