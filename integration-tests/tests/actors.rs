@@ -516,6 +516,24 @@ fn stop_refuses_later_messages() {
 }
 
 #[test]
+fn stop_async_refuses_later_messages_too() {
+    let _rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio")
+        .block_on(async {
+            counter.tell_async(Incr(2)).await.expect("tell");
+            counter.stop_async().await.expect("stop");
+        });
+    assert!(wait_for(Duration::from_secs(10), || counter
+        .tell(Incr(1))
+        .is_err()));
+    assert!(matches!(ask(&counter, Get), Err(Error::InvalidState(m)) if m.contains("stopped")));
+}
+
+#[test]
 fn unsigned_or_wrongly_signed_messages_to_an_authenticated_actor_run_nothing() {
     let rt = runtime();
     let counter = shoal::spawn_actor_with(Counter::default(), ActorOptions { authenticate: true })

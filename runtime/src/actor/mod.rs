@@ -326,18 +326,48 @@ impl<A: Actor> ActorRef<A> {
     /// Stops the actor after the messages already in its mailbox: later messages are refused
     /// ([`Error::InvalidState`] "was stopped"). Returns once the request is durable.
     pub fn stop(&self) -> Result<()> {
+        let prepared = self.prepare_stop()?;
+        prepared.mailbox.send(&prepared.store, &prepared.outgoing())
+    }
+
+    /// The async form of [`ActorRef::stop`]: the same round trip, sent from shoal's actor
+    /// runtime; any executor can await it and no thread is parked.
+    ///
+    /// ```no_run
+    /// # async fn done<A: shoal::Actor>(actor: shoal::ActorRef<A>) -> shoal::Result<()> {
+    /// actor.stop_async().await
+    /// # }
+    /// ```
+    pub fn stop_async(&self) -> impl Future<Output = Result<()>> + Send + use<A> {
+        let prepared = self.prepare_stop();
+        async move {
+            let prepared = prepared?;
+            context::current()?
+                .spawn(move |store, caller| async move {
+                    let sent = prepared
+                        .mailbox
+                        .send_async(&store, &prepared.outgoing())
+                        .await;
+                    caller.finish(sent);
+                })
+                .await
+        }
+    }
+
+    /// The stop message, signed when the actor is.
+    fn prepare_stop(&self) -> Result<Prepared> {
         let store = store()?;
         let kind = protocol::STOP_KIND;
-        let mac = self.sign(kind, &[], "");
-        let verifier = self.verifier();
-        let outgoing = Outgoing {
+        let mailbox = self.mailbox(&store);
+        Ok(Prepared {
+            mac: self.sign(kind, &[], ""),
+            verifier: self.verifier(),
+            store,
             kind,
-            payload: &[],
+            payload: Vec::new(),
             reply_to: None,
-            mac: mac.as_ref().map(|m| m.as_slice()),
-            verifier: verifier.as_ref().map(|v| v.as_slice()),
-        };
-        self.mailbox(&store).send(&store, &outgoing)
+            mailbox,
+        })
     }
 
     /// How many times the actor was activated so far (by any host): 1 for an actor that never
