@@ -217,6 +217,35 @@ fn close_and_join_thread() {
     assert_eq!(len, 1000);
 }
 
+#[test]
+fn join_thread_async_waits_for_the_feeder_without_blocking() {
+    let rt = runtime();
+    let q: Queue<u32> = Queue::new().expect("queue");
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    tokio.block_on(async {
+        assert!(matches!(
+            q.join_thread_async().await,
+            Err(Error::InvalidState(_))
+        ));
+        for i in 0..5000 {
+            q.put(i).expect("put");
+        }
+        q.close().expect("close");
+        q.join_thread_async().await.expect("join_thread_async");
+    });
+    // Everything this process put reached Redis before the join returned.
+    let mut raw = raw_redis(&rt);
+    let items = queue_key(&mut raw, &format!("{q:?}"), "items");
+    let len: usize = redis::cmd("LLEN")
+        .arg(&items)
+        .query(&mut raw)
+        .expect("llen");
+    assert_eq!(len, 5000);
+}
+
 #[shoal::remote]
 fn work_and_mark_done(q: JoinableQueue<u32>, out: Queue<u32>) {
     loop {

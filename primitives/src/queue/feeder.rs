@@ -325,22 +325,34 @@ impl Feeder {
     pub(super) fn join(&self, items: &str) -> Result<()> {
         let mut state = self.lock();
         loop {
-            let Some(p) = state.queues.get_mut(items) else {
-                return Ok(());
-            };
-            if let Some(failure) = p.failure.take() {
-                return Err(failure);
-            }
-            if p.is_flushed() {
-                return Ok(());
-            }
-            if let (Some(since), Some(e)) = (p.failing_since, &p.last_error)
-                && since.elapsed() >= JOIN_GIVE_UP
-            {
-                return Err(e.clone());
+            if let Some(outcome) = Self::joined(&mut state, items) {
+                return outcome;
             }
             state = self.wait(state, Some(Duration::from_millis(100)));
         }
+    }
+
+    /// `join`'s outcome if it has one now (`None`: items still to write), without waiting.
+    pub(super) fn try_join(&self, items: &str) -> Option<Result<()>> {
+        Self::joined(&mut self.lock(), items)
+    }
+
+    fn joined(state: &mut FeederState, items: &str) -> Option<Result<()>> {
+        let Some(p) = state.queues.get_mut(items) else {
+            return Some(Ok(()));
+        };
+        if let Some(failure) = p.failure.take() {
+            return Some(Err(failure));
+        }
+        if p.is_flushed() {
+            return Some(Ok(()));
+        }
+        if let (Some(since), Some(e)) = (p.failing_since, &p.last_error)
+            && since.elapsed() >= JOIN_GIVE_UP
+        {
+            return Some(Err(e.clone()));
+        }
+        None
     }
 
     /// The exit hook: waits (at most [`EXIT_FLUSH`] in all) until every queue whose join was not

@@ -671,6 +671,32 @@ macro_rules! getters {
             FEEDER.join(&items)
         }
 
+        /// The async form of [`Self::join_thread`]: the same outcome, awaited without
+        /// blocking the caller's thread (it looks at the feeder every 10 ms, on shoal's actor
+        /// runtime; dropping the future stops that).
+        pub fn join_thread_async(&self) -> impl Future<Output = Result<()>> + Send + use<T> {
+            let items = self.core.keys().items.clone();
+            async move {
+                if !FEEDER.is_closed(&items) {
+                    return Err(Error::invalid_state("join_thread() needs close() first"));
+                }
+                context::current()?
+                    .spawn(move |_, caller| async move {
+                        loop {
+                            if let Some(outcome) = FEEDER.try_join(&items) {
+                                caller.finish(outcome);
+                                return;
+                            }
+                            if caller.is_gone() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    })
+                    .await
+            }
+        }
+
         /// Lets this process exit without waiting for its buffered puts (they may be lost).
         pub fn cancel_join_thread(&self) {
             FEEDER.mark(&self.core, |p| p.cancelled = true);
