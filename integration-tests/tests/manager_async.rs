@@ -749,3 +749,31 @@ fn async_iterators_read_page_by_page_and_report_changes() {
     });
     manager.shutdown().expect("shutdown");
 }
+
+#[test]
+fn containers_are_made_without_blocking_and_not_after_shutdown() {
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    block_on(async {
+        let d = manager
+            .dict_async::<String, i64>()
+            .await
+            .expect("dict_async");
+        d.set_async(&"a".to_string(), 1).await.expect("set");
+        let l = manager.list_async::<i64>().await.expect("list_async");
+        l.append_async(7).await.expect("append");
+        let n = manager.namespace_async().await.expect("namespace_async");
+        n.set_async("x", &3i64).await.expect("set");
+        // The same containers as the blocking forms make: another handle sees them.
+        assert_eq!(d.get(&"a".to_string()).expect("get"), Some(1));
+        assert_eq!(l.to_vec().expect("to_vec"), vec![7]);
+        assert_eq!(n.get::<i64>("x").expect("get"), 3);
+    });
+    manager.shutdown().expect("shutdown");
+    block_on(async {
+        assert!(matches!(
+            manager.dict_async::<String, i64>().await,
+            Err(Error::InvalidState(m)) if m.contains("shut down")
+        ));
+    });
+}

@@ -143,6 +143,65 @@ impl Container {
         extra_head_fields: &[(&str, &str)],
     ) -> Result<Container> {
         let store = context::current()?.store().clone();
+        let (container, invocation) =
+            Self::creation(&store, address, authkey, kind, extra_head_fields);
+        let result = store.with_conn(
+            || format!("creating {}", container.describe()),
+            |c| invocation.invoke::<i64>(c),
+        );
+        match result {
+            Ok(_) => Ok(container),
+            Err(e) => Err(super::manager_error(address, e)),
+        }
+    }
+
+    /// The async form of [`Container::create`]: the same script, sent from shoal's actor
+    /// runtime on its shared connection.
+    pub(super) fn create_async(
+        address: &ManagerAddress,
+        authkey: &AuthKey,
+        kind: Kind,
+        extra_head_fields: &[(&str, &str)],
+    ) -> impl Future<Output = Result<Container>> + Send + use<> {
+        let prepared = context::current().map(|context| {
+            let (container, invocation) =
+                Self::creation(context.store(), address, authkey, kind, extra_head_fields);
+            (context, container, invocation)
+        });
+        let address = address.clone();
+        async move {
+            let (context, container, invocation) = prepared?;
+            let described = container.clone();
+            let created = context
+                .spawn(move |store, caller| async move {
+                    let reply =
+                        match store.shared().await {
+                            Ok(mut conn) => invocation
+                                .invoke_async::<i64>(&mut conn)
+                                .await
+                                .map_err(|e| {
+                                    Error::redis(format!("creating {}", described.describe()), e)
+                                }),
+                            Err(e) => Err(e),
+                        };
+                    caller.finish(reply);
+                })
+                .await;
+            match created {
+                Ok(_) => Ok(container),
+                Err(e) => Err(super::manager_error(&address, e)),
+            }
+        }
+    }
+
+    /// A new container of `kind` and the invocation of the script that creates it.
+    fn creation(
+        store: &Store,
+        address: &ManagerAddress,
+        authkey: &AuthKey,
+        kind: Kind,
+        extra_head_fields: &[(&str, &str)],
+    ) -> (Container, redis::ScriptInvocation<'static>) {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let container = Container {
             namespace: address.namespace.clone(),
@@ -152,29 +211,19 @@ impl Container {
             id,
             cached_keys: Arc::default(),
         };
-        let keys = container.keys();
-        let result = store.with_conn(
-            || format!("creating {}", container.describe()),
-            |c| {
-                let mut invocation = CREATE.prepare_invoke();
-                for key in keys.iter() {
-                    invocation.key(key);
-                }
-                invocation
-                    .arg(now_ms())
-                    .arg(store.expiry_secs())
-                    .arg(format!("c:{}:{}", kind.name(), container.id))
-                    .arg(kind.name());
-                for (field, value) in extra_head_fields {
-                    invocation.arg(*field).arg(*value);
-                }
-                invocation.invoke::<i64>(c)
-            },
-        );
-        match result {
-            Ok(_) => Ok(container),
-            Err(e) => Err(super::manager_error(address, e)),
+        let mut invocation = CREATE.prepare_invoke();
+        for key in container.keys().iter() {
+            invocation.key(key);
         }
+        invocation
+            .arg(now_ms())
+            .arg(store.expiry_secs())
+            .arg(format!("c:{}:{}", kind.name(), container.id))
+            .arg(kind.name());
+        for (field, value) in extra_head_fields {
+            invocation.arg(*field).arg(*value);
+        }
+        (container, invocation)
     }
 
     /// The key names: the container's (head first), then the manager's meta.

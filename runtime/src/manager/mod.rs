@@ -497,6 +497,55 @@ impl Manager {
         Container::create(&self.inner.address, &self.inner.authkey, kind, extra)
     }
 
+    /// The async form of [`Manager::dict`]: the same round trip, sent from shoal's actor
+    /// runtime, so a service can make containers per request without blocking a thread.
+    ///
+    /// ```no_run
+    /// # async fn make(manager: shoal::Manager) -> shoal::Result<()> {
+    /// let scores = manager.dict_async::<String, i64>().await?;
+    /// scores.set_async(&"alice".to_string(), 3).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn dict_async<K, V>(
+        &self,
+    ) -> impl Future<Output = Result<DictProxy<K, V>>> + Send + use<K, V>
+    where
+        K: Serialize + DeserializeOwned,
+        V: Serialize + DeserializeOwned,
+    {
+        let container = self.container_async(Kind::Dict, &[]);
+        async move { Ok(DictProxy::new(container.await?)) }
+    }
+
+    /// The async form of [`Manager::list`].
+    pub fn list_async<T>(&self) -> impl Future<Output = Result<ListProxy<T>>> + Send + use<T>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        let container = self.container_async(Kind::List, &[("\0s", "0")]);
+        async move { Ok(ListProxy::new(container.await?)) }
+    }
+
+    /// The async form of [`Manager::namespace`].
+    pub fn namespace_async(&self) -> impl Future<Output = Result<NamespaceProxy>> + Send + use<> {
+        let container = self.container_async(Kind::Namespace, &[]);
+        async move { Ok(NamespaceProxy::new(container.await?)) }
+    }
+
+    fn container_async(
+        &self,
+        kind: Kind,
+        extra: &[(&str, &str)],
+    ) -> impl Future<Output = Result<Container>> + Send + use<> {
+        let shut_down = self.check_not_shut_down_here();
+        let create = Container::create_async(&self.inner.address, &self.inner.authkey, kind, extra);
+        async move {
+            shut_down?;
+            create.await
+        }
+    }
+
     fn check_not_shut_down_here(&self) -> Result<()> {
         if self.inner.shut_down.load(Ordering::Acquire) {
             return Err(Error::invalid_state(format!(
