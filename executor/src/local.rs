@@ -1,7 +1,8 @@
 //! The local backend: subprocesses of this binary, or threads of this process.
 //!
 //! [`LocalExecutor`] is an actix actor. A subprocess is `current_exe()` with the task address in
-//! `SHOAL_WORKER_TASK`/`SHOAL_WORKER_REDIS`, `multiprocessing.env_vars` set, stdin from
+//! `SHOAL_WORKER_TASK`/`SHOAL_WORKER_REDIS`, the parent's authkey in `SHOAL_WORKER_AUTHKEY`
+//! (the launcher adds it to the launch's environment), `multiprocessing.env_vars` set, stdin from
 //! `/dev/null` and stdout/stderr inherited, so a child's output reaches the parent's terminal.
 //! Its exit is observed by waiting on the child (`waitpid`), which gives the real code, negative
 //! when a signal ended it. Every subprocess runs in a process group of its own, so that a

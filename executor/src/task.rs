@@ -1,11 +1,13 @@
 //! Process tasks: how a process's work reaches whatever runs it.
 //!
 //! The parent writes a [`TaskRecord`] and asks a backend to launch a worker; the backend passes
-//! the worker nothing but the task's address ([`TaskAddress`]: the Redis URL and the task id, in
+//! the worker the task's address ([`TaskAddress`]: the Redis URL and the task id, in
 //! `SHOAL_WORKER_REDIS` and `SHOAL_WORKER_TASK`, and the store's password in
 //! `SHOAL_WORKER_REDIS_PASSWORD` when a backend keeps it apart from the URL, e.g. in a
-//! Kubernetes Secret). The worker claims the record, runs the
-//! function, and writes its status. The same path serves every backend.
+//! Kubernetes Secret) and, on the local backend, the parent's authkey in
+//! `SHOAL_WORKER_AUTHKEY` ([`hand_over_authkey`]: the record in Redis leaves it out). The
+//! worker claims the record, runs the function, and writes its status. The same path serves
+//! every backend.
 //!
 //! # Keys (hash tag `{<ns>:proc:<id>}`)
 //!
@@ -63,11 +65,22 @@ pub fn hand_over_authkey(
 
 /// The authkey a local worker received in its environment ([`hand_over_authkey`]), if any.
 pub fn authkey_from_env() -> Result<Option<AuthKey>> {
-    let Ok(hex) = std::env::var(ENV_WORKER_AUTHKEY) else {
-        return Ok(None);
+    std::env::var_os(ENV_WORKER_AUTHKEY)
+        .map(|value| parse_authkey(&value))
+        .transpose()
+}
+
+/// An authkey from its hex form ([`hand_over_authkey`]): an even number of hex digits, at
+/// least 2. The error does not show the value.
+fn parse_authkey(value: &std::ffi::OsStr) -> Result<AuthKey> {
+    let bad = || {
+        Error::Backend(format!(
+            "{ENV_WORKER_AUTHKEY} is not a key: an even number of hex digits, at least 2"
+        ))
     };
-    let bad = || Error::Backend(format!("{ENV_WORKER_AUTHKEY} is not a hex string"));
-    if !hex.len().is_multiple_of(2) {
+    let hex = value.to_str().ok_or_else(bad)?;
+    if hex.is_empty() || !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+    {
         return Err(bad());
     }
     let bytes = (0..hex.len())
@@ -78,7 +91,7 @@ pub fn authkey_from_env() -> Result<Option<AuthKey>> {
                 .ok_or_else(bad)
         })
         .collect::<Result<Vec<u8>>>()?;
-    Ok(Some(AuthKey::from_bytes(bytes)))
+    Ok(AuthKey::from_bytes(bytes))
 }
 
 const _: () = assert!(ENV_WORKER_TASK.len() > WORKER_ENV_PREFIX.len());
@@ -315,6 +328,27 @@ pub use shoal_core::clock::now_ms;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_authkey_goes_through_the_environment_unchanged_and_bad_values_are_refused() {
+        let key = AuthKey::from_bytes(vec![0u8, 1, 0xab, 0xff, 0x10]);
+        let mut env = std::collections::BTreeMap::new();
+        assert_eq!(hand_over_authkey(&key, false, &mut env), None);
+        let hex = env.get(ENV_WORKER_AUTHKEY).expect("set for a local worker");
+        assert_eq!(hex, "0001abff10");
+        assert_eq!(
+            parse_authkey(std::ffi::OsStr::new(hex)).expect("parses"),
+            key
+        );
+        // A remote worker gets it in its record, not in its environment.
+        let mut env = std::collections::BTreeMap::new();
+        assert_eq!(hand_over_authkey(&key, true, &mut env), Some(key));
+        assert!(env.is_empty());
+        for bad in ["", "a", "0g", "+f", " 0f", "0f\n"] {
+            let e = parse_authkey(std::ffi::OsStr::new(bad)).expect_err(bad);
+            assert!(e.to_string().contains(ENV_WORKER_AUTHKEY), "{e}");
+        }
+    }
 
     #[test]
     fn addresses_parse() {

@@ -578,8 +578,8 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         self.send_raw(&store, keys, framed)
     }
 
-    /// The async form of [`Connection::send`] (1 round trip on shoal's actor runtime; the
-    /// message is encoded when this is called). A send whose future is dropped still happens
+    /// The async form of [`Connection::send`] (1 round trip on shoal's actor runtime, 2 when a
+    /// hold may have lapsed; the message is encoded when this is called). A send whose future is dropped still happens
     /// if it was under way (at most once).
     pub fn send_async<'a>(
         &'a self,
@@ -900,7 +900,6 @@ fn check_offset(buffer: &[u8], offset: usize) -> Result<()> {
     Ok(())
 }
 
-/// `send.lua`: `message` (framed) from `end` to the other end.
 /// A send: `send.lua`, and `send_reaping.lua` when that found a hold that may have lapsed
 /// (it sent nothing then).
 struct Sending {

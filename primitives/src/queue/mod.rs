@@ -683,11 +683,13 @@ macro_rules! getters {
                 context::current()?
                     .spawn(move |_, caller| async move {
                         loop {
-                            if let Some(outcome) = FEEDER.try_join(&items) {
-                                caller.finish(outcome);
+                            // Gone first: a failure taken for nobody would be lost to the
+                            // next join.
+                            if caller.is_gone() {
                                 return;
                             }
-                            if caller.is_gone() {
+                            if let Some(outcome) = FEEDER.try_join(&items) {
+                                caller.finish(outcome);
                                 return;
                             }
                             tokio::time::sleep(Duration::from_millis(10)).await;

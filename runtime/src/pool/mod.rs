@@ -702,9 +702,13 @@ impl Pool {
     pub fn terminate_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
         let shared = self.shared.clone();
         let supervisor = self.supervisor.clone();
-        let call = shoal_core::context::current().map(|context| {
-            context.spawn(move |_, caller| async move {
-                if !shared.lock().finished {
+        // Nothing happens before the first poll, as for `close_async`.
+        async move {
+            if shared.lock().finished {
+                return Ok(());
+            }
+            shoal_core::context::current()?
+                .spawn(move |_, caller| async move {
                     let _ = supervisor.send(Terminate).await;
                     if tokio::time::timeout(TERMINATE_GRACE, shared.finished())
                         .await
@@ -713,11 +717,10 @@ impl Pool {
                         let _ = supervisor.send(KillWorkers).await;
                         let _ = tokio::time::timeout(TERMINATE_GRACE, shared.finished()).await;
                     }
-                }
-                caller.finish(Ok(()));
-            })
-        });
-        async move { call?.await }
+                    caller.finish(Ok(()));
+                })
+                .await
+        }
     }
 
     /// The async form of [`Pool::join`]: resolves once the workers exited, on any executor,

@@ -158,11 +158,17 @@ impl PoolShared {
     /// Resolves once every worker exited, on any executor (a waker, no thread parked).
     pub(crate) fn finished(&self) -> impl Future<Output = ()> + Send + '_ {
         std::future::poll_fn(move |cx| {
-            // The waker is registered before the state is read: an update in between wakes it.
-            self.wakers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(cx.waker().clone());
+            if self.lock().finished {
+                return std::task::Poll::Ready(());
+            }
+            // Registered (once per task) before the state is read again: an update in between
+            // wakes it.
+            {
+                let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    wakers.push(cx.waker().clone());
+                }
+            }
             if self.lock().finished {
                 std::task::Poll::Ready(())
             } else {
