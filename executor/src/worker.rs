@@ -77,6 +77,8 @@ pub fn run(address: &TaskAddress, on_task_end: &dyn Fn()) -> i32 {
 }
 
 fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
+    // Read before the task is claimed: a bad value leaves the task unclaimed.
+    let env_authkey = crate::task::authkey_from_env()?;
     // The record's own limits are unknown until it is read: accept the largest payload Redis
     // can hold for the record, then apply the parent's settings.
     let mut bootstrap = StoreSettings::from_config(&Config::default());
@@ -96,10 +98,11 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
             name: record.name.clone(),
             identity: record.identity.clone(),
             daemon: record.daemon,
-            authkey: match record.authkey.clone() {
-                Some(key) => key,
-                None => crate::task::authkey_from_env()?.unwrap_or_else(AuthKey::generate),
-            },
+            authkey: record
+                .authkey
+                .clone()
+                .or(env_authkey)
+                .unwrap_or_else(AuthKey::generate),
             parent: record.parent.clone(),
         },
     )));
