@@ -777,3 +777,33 @@ fn containers_are_made_without_blocking_and_not_after_shutdown() {
         ));
     });
 }
+
+#[test]
+fn publish_and_lookup_have_async_forms() {
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    let jobs: Queue<u64> = Queue::new().expect("queue");
+    block_on(async {
+        manager.publish_async("jobs", &jobs).await.expect("publish");
+        let there: Queue<u64> = manager.lookup_async("jobs").await.expect("lookup");
+        there.put(7).expect("put");
+        assert!(matches!(
+            manager.lookup_async::<Queue<u64>>("nothing").await,
+            Err(Error::KeyError(m)) if m.contains("nothing was published")
+        ));
+    });
+    // The blocking lookup sees what the async publish wrote, and the item put through it.
+    let again: Queue<u64> = manager.lookup("jobs").expect("lookup");
+    assert_eq!(again.get_timeout(Duration::from_secs(10)).expect("get"), 7);
+    manager.shutdown().expect("shutdown");
+    block_on(async {
+        assert!(matches!(
+            manager.publish_async("late", &1u8).await,
+            Err(Error::InvalidState(m)) if m.contains("shut down")
+        ));
+        assert!(matches!(
+            manager.lookup_async::<Queue<u64>>("jobs").await,
+            Err(Error::InvalidState(m)) if m.contains("shut down")
+        ));
+    });
+}

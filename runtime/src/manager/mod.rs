@@ -230,6 +230,28 @@ fn manager_gone(address: &ManagerAddress) -> Error {
 }
 
 /// Turns an error of a manager-level script into a clear one.
+/// A lookup's outcome from the manager's state and the published value (`HMGET`).
+fn looked_up<T: DeserializeOwned>(
+    address: &ManagerAddress,
+    store: &shoal_core::store::Store,
+    name: &str,
+    field: &str,
+    (state, value): (Option<String>, Option<Vec<u8>>),
+) -> Result<T> {
+    match (state.as_deref(), value) {
+        (None, _) => Err(manager_gone(address)),
+        (Some("running"), Some(bytes)) => store.decode(&bytes, field),
+        (Some("running"), None) => Err(Error::KeyError(format!(
+            "{name:?}: nothing was published under this name in {}",
+            address.describe()
+        ))),
+        (Some(_), _) => Err(Error::invalid_state(format!(
+            "{} was shut down",
+            address.describe()
+        ))),
+    }
+}
+
 fn manager_error(address: &ManagerAddress, e: Error) -> Error {
     let Error::Redis { source, context } = &e else {
         return e;
@@ -622,17 +644,92 @@ impl Manager {
                 },
             )
             .map_err(|e| manager_error(address, e))?;
-        match (state.as_deref(), value) {
-            (None, _) => Err(manager_gone(address)),
-            (Some("running"), Some(bytes)) => store.decode(&bytes, &field),
-            (Some("running"), None) => Err(Error::KeyError(format!(
-                "{name:?}: nothing was published under this name in {}",
-                address.describe()
-            ))),
-            (Some(_), _) => Err(Error::invalid_state(format!(
-                "{} was shut down",
-                address.describe()
-            ))),
+        looked_up(address, &store, name, &field, (state, value))
+    }
+
+    /// The async form of [`Manager::publish`]: the same script, sent from shoal's actor
+    /// runtime (the value is encoded when this is called).
+    ///
+    /// ```no_run
+    /// # async fn share(manager: shoal::Manager, jobs: shoal::Queue<u64>) -> shoal::Result<()> {
+    /// manager.publish_async("jobs", &jobs).await?;
+    /// let jobs: shoal::Queue<u64> = manager.lookup_async("jobs").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn publish_async<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        value: &T,
+    ) -> impl Future<Output = Result<()>> + Send + use<T> {
+        let prepared = self.check_not_shut_down_here().and_then(|()| {
+            let (store, meta) = self.meta()?;
+            let field = format!("o:{name}");
+            let encoded = store.encode(value, &field)?;
+            let mut invocation = PUBLISH.prepare_invoke();
+            invocation.key(&meta).arg(&field).arg(encoded);
+            Ok(invocation)
+        });
+        let address = self.inner.address.clone();
+        let name = name.to_string();
+        async move {
+            let invocation = prepared?;
+            let context = context::current()?;
+            let described = address.clone();
+            let what = move || format!("publishing {name:?} in {}", described.describe());
+            let reply = context
+                .spawn(move |store, caller| async move {
+                    let reply = match store.shared().await {
+                        Ok(mut conn) => invocation
+                            .invoke_async::<i64>(&mut conn)
+                            .await
+                            .map_err(|e| Error::redis(what(), e)),
+                        Err(e) => Err(e),
+                    };
+                    caller.finish(reply);
+                })
+                .await;
+            reply.map(|_| ()).map_err(|e| manager_error(&address, e))
+        }
+    }
+
+    /// The async form of [`Manager::lookup`]: the same read, sent from shoal's actor runtime.
+    pub fn lookup_async<T: DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<T>> + Send + use<T> {
+        let prepared = self.check_not_shut_down_here().and_then(|()| self.meta());
+        let address = self.inner.address.clone();
+        let name = name.to_string();
+        async move {
+            let (store, meta) = prepared?;
+            let field = format!("o:{name}");
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(&meta).arg("state").arg(&field);
+            let described = address.clone();
+            let lookup_name = name.clone();
+            let reply = context::current()?
+                .spawn(move |async_store, caller| async move {
+                    let reply = match async_store.shared().await {
+                        Ok(mut conn) => cmd
+                            .query_async::<(Option<String>, Option<Vec<u8>>)>(&mut conn)
+                            .await
+                            .map_err(|e| {
+                                Error::redis(
+                                    format!(
+                                        "looking {lookup_name:?} up in {}",
+                                        described.describe()
+                                    ),
+                                    e,
+                                )
+                            }),
+                        Err(e) => Err(e),
+                    };
+                    caller.finish(reply);
+                })
+                .await
+                .map_err(|e| manager_error(&address, e))?;
+            looked_up(&address, &store, &name, &field, reply)
         }
     }
 
