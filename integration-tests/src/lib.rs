@@ -208,6 +208,15 @@ pub fn pid_running(pid: u32) -> bool {
     }
 }
 
+/// A plain connection to the Redis of `rt`, to look at (and break) what the runtime stored.
+pub fn raw_redis(rt: &shoal::Runtime) -> redis::Connection {
+    let url = rt.config().redis.url.clone().expect("url");
+    redis::Client::open(url)
+        .expect("client")
+        .get_connection()
+        .expect("connection")
+}
+
 /// The Redis key prefix (`shoal:{<ns>:queue:<id>}:`) of the queue whose `Debug` text is `debug`
 /// (it shows the id's first characters), found with `KEYS` on `conn`.
 pub fn queue_key_prefix(conn: &mut redis::Connection, debug: &str) -> String {

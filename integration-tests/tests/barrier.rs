@@ -7,21 +7,12 @@ use std::time::{Duration, Instant};
 
 use shoal::Error;
 use shoal::prelude::*;
-use shoal_integration_tests::assert_timing;
+use shoal_integration_tests::{assert_timing, raw_redis};
 
 shoal::test_support!();
 
 fn runtime() -> shoal::Runtime {
     shoal::init_with(Config::builder().build().expect("config")).expect("runtime")
-}
-
-/// A raw connection to the runtime's store.
-fn raw_redis(rt: &shoal::Runtime) -> redis::Connection {
-    let url = rt.config().redis.url.clone().expect("url");
-    redis::Client::open(url)
-        .expect("client")
-        .get_connection()
-        .expect("connection")
 }
 
 #[shoal::remote]

@@ -9,20 +9,12 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use shoal::prelude::*;
 use shoal::{AuthKey, Error};
+use shoal_integration_tests::raw_redis;
 
 shoal::test_support!();
 
 fn runtime() -> shoal::Runtime {
     shoal::init_with(Config::builder().build().expect("config")).expect("runtime")
-}
-
-/// A raw connection to the runtime's store, to look at and break things on purpose.
-fn raw_redis(rt: &shoal::Runtime) -> redis::Connection {
-    let url = rt.config().redis.url.clone().expect("url");
-    redis::Client::open(url)
-        .expect("client")
-        .get_connection()
-        .expect("connection")
 }
 
 /// Every key of the manager at `address`.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use shoal::Error;
 use shoal::prelude::*;
-use shoal_integration_tests::wait_for_async;
+use shoal_integration_tests::{raw_redis, wait_for_async};
 
 shoal::test_support!();
 
@@ -25,15 +25,6 @@ fn block_on(body: impl Future<Output = ()>) {
         .build()
         .expect("current-thread runtime")
         .block_on(body)
-}
-
-/// A raw connection to the runtime's store, to look at and break things on purpose.
-fn raw_redis(rt: &shoal::Runtime) -> redis::Connection {
-    let url = rt.config().redis.url.clone().expect("url");
-    redis::Client::open(url)
-        .expect("client")
-        .get_connection()
-        .expect("connection")
 }
 
 /// The manager's key that ends with `suffix` (`:head` of its only list...).

@@ -7,21 +7,12 @@ use std::time::{Duration, Instant};
 
 use shoal::prelude::*;
 use shoal::{Error, TaskErrorKind};
-use shoal_integration_tests::{assert_timing, read_file, scratch};
+use shoal_integration_tests::{assert_timing, raw_redis, read_file, scratch};
 
 shoal::test_support!();
 
 fn runtime() -> shoal::Runtime {
     shoal::init_with(Config::builder().build().expect("config")).expect("runtime")
-}
-
-/// A raw connection to the runtime's store, to break things on purpose.
-fn raw_redis(rt: &shoal::Runtime) -> redis::Connection {
-    let url = rt.config().redis.url.clone().expect("url");
-    redis::Client::open(url)
-        .expect("client")
-        .get_connection()
-        .expect("connection")
 }
 
 /// Every key of the namespace that contains `kind`.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use shoal::prelude::*;
-use shoal_integration_tests::{read_file, scratch, wait_for};
+use shoal_integration_tests::{raw_redis, read_file, scratch, wait_for};
 
 shoal::test_support!();
 
@@ -694,11 +694,7 @@ fn authkey_of_worker(_: u32) -> Vec<u8> {
 
 /// Every value stored in the runtime's Redis now, whatever its type, as bytes.
 fn every_value_in_redis(rt: &shoal::Runtime) -> Vec<Vec<u8>> {
-    let url = rt.config().redis.url.clone().expect("url");
-    let mut conn = redis::Client::open(url)
-        .expect("client")
-        .get_connection()
-        .expect("connection");
+    let mut conn = raw_redis(rt);
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).expect("keys");
     let mut values = Vec::new();
     for key in keys {

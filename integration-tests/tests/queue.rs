@@ -46,6 +46,12 @@ fn queue_key(conn: &mut redis::Connection, debug: &str, field: &str) -> String {
     format!("{}{field}", queue_key_prefix(conn, debug))
 }
 
+/// How many items of `q` are in Redis's list now.
+fn items_in_redis<T>(conn: &mut redis::Connection, q: &Queue<T>) -> usize {
+    let items = queue_key(conn, &format!("{q:?}"), "items");
+    redis::cmd("LLEN").arg(&items).query(conn).expect("llen")
+}
+
 /// Makes the queue's item list a string: every write to it fails with WRONGTYPE.
 fn break_items<T>(conn: &mut redis::Connection, q: &Queue<T>) -> String {
     let items = queue_key(conn, &format!("{q:?}"), "items");
@@ -208,13 +214,7 @@ fn close_and_join_thread() {
     // Closed after use: qsize says so (Python's OSError "is closed"), ...
     assert!(matches!(q.qsize(), Err(Error::InvalidState(_))));
     // ... and everything this process put reached Redis.
-    let mut raw = raw_redis(&rt);
-    let items = queue_key(&mut raw, &format!("{q:?}"), "items");
-    let len: usize = redis::cmd("LLEN")
-        .arg(&items)
-        .query(&mut raw)
-        .expect("llen");
-    assert_eq!(len, 1000);
+    assert_eq!(items_in_redis(&mut raw_redis(&rt), &q), 1000);
 }
 
 #[test]
@@ -237,13 +237,7 @@ fn join_thread_async_waits_for_the_feeder_without_blocking() {
         q.join_thread_async().await.expect("join_thread_async");
     });
     // Everything this process put reached Redis before the join returned.
-    let mut raw = raw_redis(&rt);
-    let items = queue_key(&mut raw, &format!("{q:?}"), "items");
-    let len: usize = redis::cmd("LLEN")
-        .arg(&items)
-        .query(&mut raw)
-        .expect("llen");
-    assert_eq!(len, 5000);
+    assert_eq!(items_in_redis(&mut raw_redis(&rt), &q), 5000);
 }
 
 #[shoal::remote]
@@ -385,11 +379,7 @@ fn a_failing_queue_neither_duplicates_nor_blocks_another() {
     }
     // Long enough for several retry rounds (every 200 ms) to land if a batch were resent.
     std::thread::sleep(Duration::from_millis(1500));
-    let items = queue_key(&mut raw, &format!("{healthy:?}"), "items");
-    let found: usize = redis::cmd("LLEN")
-        .arg(&items)
-        .query(&mut raw)
-        .expect("llen");
+    let found = items_in_redis(&mut raw, &healthy);
     eprintln!("wrong-type neighbour: 10 items put, {found} found");
     assert_eq!(
         drain(&healthy),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use shoal::Error;
 use shoal::prelude::*;
-use shoal_integration_tests::{TestRedis, queue_key_prefix, wait_for};
+use shoal_integration_tests::{TestRedis, queue_key_prefix, raw_redis, wait_for};
 
 shoal::test_support!();
 
@@ -35,14 +35,6 @@ fn private_runtime() -> (TestRedis, shoal::Runtime) {
     config.sync.lease_secs = LEASE_SECS;
     let rt = shoal::init_with(config).expect("runtime");
     (server, rt)
-}
-
-fn raw_redis(rt: &shoal::Runtime) -> redis::Connection {
-    let url = rt.config().redis.url.clone().expect("url");
-    redis::Client::open(url)
-        .expect("client")
-        .get_connection()
-        .expect("connection")
 }
 
 /// The claims of the queue whose `Debug` is `debug` (sorted sets of held items, and the lists

@@ -240,19 +240,7 @@ impl<A: Actor> ActorRef<A> {
         A: Handles<M>,
         M: Serialize,
     {
-        let prepared = self.prepare(kind_of::<M>(), &message, false);
-        async move {
-            let prepared = prepared?;
-            context::current()?
-                .spawn(move |store, caller| async move {
-                    let sent = prepared
-                        .mailbox
-                        .send_async(&store, &prepared.outgoing())
-                        .await;
-                    caller.finish(sent);
-                })
-                .await
-        }
+        send_async(self.prepare(kind_of::<M>(), &message, false))
     }
 
     /// The async form of [`ActorRef::ask`]: the same round trips (1 once the actor is known
@@ -339,19 +327,7 @@ impl<A: Actor> ActorRef<A> {
     /// # }
     /// ```
     pub fn stop_async(&self) -> impl Future<Output = Result<()>> + Send + use<A> {
-        let prepared = self.prepare_stop();
-        async move {
-            let prepared = prepared?;
-            context::current()?
-                .spawn(move |store, caller| async move {
-                    let sent = prepared
-                        .mailbox
-                        .send_async(&store, &prepared.outgoing())
-                        .await;
-                    caller.finish(sent);
-                })
-                .await
-        }
+        send_async(self.prepare_stop())
     }
 
     /// The stop message, signed when the actor is.
@@ -430,6 +406,20 @@ struct Prepared {
     mac: Option<[u8; auth::TAG_LEN]>,
     verifier: Option<[u8; auth::TAG_LEN]>,
     mailbox: Mailbox,
+}
+
+/// Sends a prepared message (a tell, a stop) from shoal's actor runtime: 1 round trip.
+async fn send_async(prepared: Result<Prepared>) -> Result<()> {
+    let prepared = prepared?;
+    context::current()?
+        .spawn(move |store, caller| async move {
+            let sent = prepared
+                .mailbox
+                .send_async(&store, &prepared.outgoing())
+                .await;
+            caller.finish(sent);
+        })
+        .await
 }
 
 impl Prepared {

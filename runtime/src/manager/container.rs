@@ -133,6 +133,32 @@ impl std::fmt::Debug for Container {
     }
 }
 
+/// What a manager call sends from shoal's actor runtime.
+pub(super) enum RuntimeRequest {
+    Script(redis::ScriptInvocation<'static>),
+    Cmd(redis::Cmd),
+}
+
+/// Sends `request` from shoal's actor runtime on its shared connection (any executor can await
+/// it, no thread is parked): the reply, or Redis's error for the caller to describe.
+pub(super) async fn on_runtime<R>(request: RuntimeRequest) -> Result<redis::RedisResult<R>>
+where
+    R: redis::FromRedisValue + Send + 'static,
+{
+    context::current()?
+        .spawn(move |store, caller| async move {
+            let reply = match store.shared().await {
+                Ok(mut conn) => Ok(match request {
+                    RuntimeRequest::Script(invocation) => invocation.invoke_async(&mut conn).await,
+                    RuntimeRequest::Cmd(cmd) => cmd.query_async(&mut conn).await,
+                }),
+                Err(e) => Err(e),
+            };
+            caller.finish(reply);
+        })
+        .await
+}
+
 impl Container {
     /// Creates a container of `kind` in the manager at `address` (one round trip):
     /// [`Error::InvalidState`] when the manager was shut down.
@@ -164,31 +190,17 @@ impl Container {
         extra_head_fields: &[(&str, &str)],
     ) -> impl Future<Output = Result<Container>> + Send + use<> {
         let prepared = context::current().map(|context| {
-            let (container, invocation) =
-                Self::creation(context.store(), address, authkey, kind, extra_head_fields);
-            (context, container, invocation)
+            Self::creation(context.store(), address, authkey, kind, extra_head_fields)
         });
         let address = address.clone();
         async move {
-            let (context, container, invocation) = prepared?;
-            let described = container.clone();
-            let created = context
-                .spawn(move |store, caller| async move {
-                    let reply =
-                        match store.shared().await {
-                            Ok(mut conn) => invocation
-                                .invoke_async::<i64>(&mut conn)
-                                .await
-                                .map_err(|e| {
-                                    Error::redis(format!("creating {}", described.describe()), e)
-                                }),
-                            Err(e) => Err(e),
-                        };
-                    caller.finish(reply);
-                })
-                .await;
-            match created {
-                Ok(_) => Ok(container),
+            let (container, invocation) = prepared?;
+            match on_runtime::<i64>(RuntimeRequest::Script(invocation)).await {
+                Ok(Ok(_)) => Ok(container),
+                Ok(Err(e)) => Err(super::manager_error(
+                    &address,
+                    Error::redis(format!("creating {}", container.describe()), e),
+                )),
                 Err(e) => Err(super::manager_error(&address, e)),
             }
         }
@@ -347,18 +359,8 @@ impl Container {
     where
         R: redis::FromRedisValue + Send + 'static,
     {
-        let context = context::current()?;
-        let invocation = self.invocation(context.store(), call);
-        let reply = context
-            .spawn(move |store, caller| async move {
-                let reply = match store.shared().await {
-                    Ok(mut conn) => Ok(invocation.invoke_async::<R>(&mut conn).await),
-                    Err(e) => Err(e),
-                };
-                caller.finish(reply);
-            })
-            .await;
-        match reply {
+        let invocation = self.invocation(context::current()?.store(), call);
+        match on_runtime(RuntimeRequest::Script(invocation)).await {
             Ok(Ok(reply)) => Ok(reply),
             // As `Store::with_conn` wraps the error of a round trip in `run`.
             Ok(Err(e)) => Err(self.error(Error::redis(self.context(call.what), e))),

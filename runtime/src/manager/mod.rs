@@ -116,7 +116,7 @@ use shoal_primitives::{
     Semaphore, Value,
 };
 
-use container::{Container, Kind, container_keys, short};
+use container::{Container, Kind, RuntimeRequest, container_keys, on_runtime, short};
 pub use dict::{DictIter, DictProxy};
 pub use list::{ListIter, ListProxy};
 pub use namespace::NamespaceProxy;
@@ -673,22 +673,12 @@ impl Manager {
         let address = self.inner.address.clone();
         let name = name.to_string();
         async move {
-            let invocation = prepared?;
-            let context = context::current()?;
-            let described = address.clone();
-            let what = move || format!("publishing {name:?} in {}", described.describe());
-            let reply = context
-                .spawn(move |store, caller| async move {
-                    let reply = match store.shared().await {
-                        Ok(mut conn) => invocation
-                            .invoke_async::<i64>(&mut conn)
-                            .await
-                            .map_err(|e| Error::redis(what(), e)),
-                        Err(e) => Err(e),
-                    };
-                    caller.finish(reply);
+            let reply = on_runtime::<i64>(RuntimeRequest::Script(prepared?)).await;
+            let reply = reply.and_then(|reply| {
+                reply.map_err(|e| {
+                    Error::redis(format!("publishing {name:?} in {}", address.describe()), e)
                 })
-                .await;
+            });
             reply.map(|_| ()).map_err(|e| manager_error(&address, e))
         }
     }
@@ -706,29 +696,14 @@ impl Manager {
             let field = format!("o:{name}");
             let mut cmd = redis::cmd("HMGET");
             cmd.arg(&meta).arg("state").arg(&field);
-            let described = address.clone();
-            let lookup_name = name.clone();
-            let reply = context::current()?
-                .spawn(move |async_store, caller| async move {
-                    let reply = match async_store.shared().await {
-                        Ok(mut conn) => cmd
-                            .query_async::<(Option<String>, Option<Vec<u8>>)>(&mut conn)
-                            .await
-                            .map_err(|e| {
-                                Error::redis(
-                                    format!(
-                                        "looking {lookup_name:?} up in {}",
-                                        described.describe()
-                                    ),
-                                    e,
-                                )
-                            }),
-                        Err(e) => Err(e),
-                    };
-                    caller.finish(reply);
-                })
+            let reply = on_runtime(RuntimeRequest::Cmd(cmd))
                 .await
-                .map_err(|e| manager_error(&address, e))?;
+                .and_then(|reply| {
+                    reply.map_err(|e| {
+                        Error::redis(format!("looking {name:?} up in {}", address.describe()), e)
+                    })
+                });
+            let reply = reply.map_err(|e| manager_error(&address, e))?;
             looked_up(&address, &store, &name, &field, reply)
         }
     }
