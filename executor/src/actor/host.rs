@@ -674,6 +674,7 @@ impl ActorState<'_> {
             .collect::<Vec<_>>()
             .join(",");
         let reply_ttl_ms = self.store.expiry_secs().saturating_mul(1000);
+        let trim_from = next_entry_id(applied);
         self.store.retry_unreachable(|| {
             self.store.with_conn(
                 || format!("committing actor {}", self.actor_id),
@@ -690,15 +691,32 @@ impl ActorState<'_> {
                         .arg(&self.reason)
                         .arg(&failures)
                         .arg(self.store.expiry_secs())
-                        .arg(reply_ttl_ms);
-                    for (id, key, reply) in replies {
-                        invocation.arg(id).arg(key).arg(reply.as_slice());
+                        .arg(reply_ttl_ms)
+                        .arg(&trim_from);
+                    for (_, key, reply) in replies.iter().filter(|(_, key, _)| !key.is_empty()) {
+                        invocation.arg(key).arg(reply.as_slice());
                     }
                     invocation.invoke::<i64>(c)
                 },
             )
         })?;
         Ok(())
+    }
+}
+
+/// The smallest stream entry id after `applied` (`<ms>-<seq>`): the commit trims the mailbox
+/// below it. An id that does not parse (never one Redis gave) trims below itself.
+fn next_entry_id(applied: &str) -> String {
+    match applied.split_once('-') {
+        Some((ms, seq)) if ms.parse::<u64>().is_ok() => match seq.parse::<u64>() {
+            Ok(seq) if seq < u64::MAX => format!("{ms}-{}", seq + 1),
+            Ok(_) => match ms.parse::<u64>() {
+                Ok(ms) if ms < u64::MAX => format!("{}-0", ms + 1),
+                _ => applied.to_string(),
+            },
+            Err(_) => applied.to_string(),
+        },
+        _ => applied.to_string(),
     }
 }
 
@@ -791,7 +809,22 @@ fn heartbeat(store: &Store, spec: &HostSpec, active: &Active, done: &AtomicBool)
 
 #[cfg(test)]
 mod tests {
-    use super::is_after;
+    use super::{is_after, next_entry_id};
+
+    #[test]
+    fn the_trim_starts_right_after_the_last_entry_applied() {
+        assert_eq!(next_entry_id("1796611704851-1"), "1796611704851-2");
+        assert_eq!(next_entry_id("5-0"), "5-1");
+        assert_eq!(next_entry_id(&format!("5-{}", u64::MAX)), "6-0");
+        assert!(is_after(&next_entry_id("9-9"), "9-9"));
+        // Never an id Redis gives: trimmed below itself, nothing after it lost.
+        assert_eq!(next_entry_id("garbage"), "garbage");
+        assert_eq!(next_entry_id("5-x"), "5-x");
+        assert_eq!(
+            next_entry_id(&format!("{}-{}", u64::MAX, u64::MAX)),
+            format!("{}-{}", u64::MAX, u64::MAX)
+        );
+    }
 
     #[test]
     fn stream_ids_compare_by_time_then_sequence() {
