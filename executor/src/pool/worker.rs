@@ -581,17 +581,22 @@ fn run_chunk(
         outputs: ByteBuf::from(outputs.finish()),
         failure,
     };
-    for index in chunk.done.min(total)..total {
+    // The call was cancelled: the rest of the chunk, from item `index` on, does not run.
+    let cancelled = |index: u64, offset: u64| ItemFailure {
+        index: u32::try_from(index - offset).unwrap_or(u32::MAX),
+        kind: TaskErrorKind::Error,
+        message: "the call was cancelled".into(),
+    };
+    let first = chunk.done.min(total);
+    if first < total && context::termination_requested() {
+        return (
+            finish(outputs, Some(cancelled(first, offset))),
+            offset,
+            progressed,
+        );
+    }
+    for index in first..total {
         let failed_at = |offset: u64| u32::try_from(index - offset).unwrap_or(u32::MAX);
-        if context::termination_requested() {
-            // The call was cancelled: the rest of the chunk does not run.
-            let failure = ItemFailure {
-                index: failed_at(offset),
-                kind: TaskErrorKind::Error,
-                message: "the call was cancelled".into(),
-            };
-            return (finish(outputs, Some(failure)), offset, progressed);
-        }
         if let Err(failure) = registry::call_element(entry, &mut items, &mut outputs, limit) {
             if failure.kind == TaskErrorKind::Panic {
                 // The panic hook printed it; say which task it was.
@@ -607,10 +612,16 @@ fn run_chunk(
             };
             return (finish(outputs, Some(failure)), offset, progressed);
         }
-        if index + 1 < total
-            && let Some(now) = clock.due()
-            && now.duration_since(since_report) >= report_after
-        {
+        // Cancellation is looked at when the clock is read: after every slow item, every few
+        // fast ones (it costs two thread-local reads, more than a trivial item).
+        let Some(now) = (index + 1 < total).then(|| clock.due()).flatten() else {
+            continue;
+        };
+        if context::termination_requested() {
+            let failure = cancelled(index + 1, offset);
+            return (finish(outputs, Some(failure)), offset, progressed);
+        }
+        if now.duration_since(since_report) >= report_after {
             // On failure the outputs stay here and go with the final outcome.
             let count = u64::from(outputs.len());
             match report(offset, outputs.as_finished()) {
@@ -628,10 +639,11 @@ fn run_chunk(
     (finish(outputs, None), offset, progressed)
 }
 
-/// How often a chunk's item loop reads the clock: after every item while items are slow, and
-/// every few items (at most [`ClockStride::MAX`]) while they take microseconds: for items of a
-/// few nanoseconds, reading the clock after each cost more than the items. A progress report is
-/// then late by at most `MAX` items.
+/// How often a chunk's item loop reads the clock (and looks for a cancellation): after every
+/// item while items are slow, and every few items (at most [`ClockStride::MAX`]) while they
+/// take microseconds: for items of a few nanoseconds, reading the clock after each cost more
+/// than the items. A progress report, or the stop of a cancelled chunk, is then late by at
+/// most `MAX` items.
 #[derive(Debug)]
 struct ClockStride {
     every: u32,
