@@ -4,8 +4,9 @@
 //! the worker the task's address ([`TaskAddress`]: the Redis URL and the task id, in
 //! `SHOAL_WORKER_REDIS` and `SHOAL_WORKER_TASK`, and the store's password in
 //! `SHOAL_WORKER_REDIS_PASSWORD` when a backend keeps it apart from the URL, e.g. in a
-//! Kubernetes Secret) and, on the local backend, the parent's authkey in
-//! `SHOAL_WORKER_AUTHKEY` ([`hand_over_authkey`]: the record in Redis leaves it out). The
+//! Kubernetes Secret) and the parent's authkey in `SHOAL_WORKER_AUTHKEY`
+//! ([`hand_over_authkey`]: the record in Redis leaves it out; a Kubernetes Job takes it from a
+//! Secret). The
 //! worker claims the record, runs the function, and writes its status. The same path serves
 //! every backend.
 //!
@@ -42,25 +43,18 @@ pub const ENV_WORKER_REDIS: &str = "SHOAL_WORKER_REDIS";
 pub const ENV_WORKER_REDIS_PASSWORD: &str = "SHOAL_WORKER_REDIS_PASSWORD";
 /// Environment variable carrying `<namespace>/<task id>` to a worker.
 pub const ENV_WORKER_TASK: &str = "SHOAL_WORKER_TASK";
-/// Environment variable carrying the parent's authentication key (hex) to a worker of the
-/// local backend: its task record, in Redis, leaves the key out.
+/// Environment variable carrying the parent's authentication key (hex) to a worker: its task
+/// record, in Redis, leaves the key out (see [`hand_over_authkey`]).
 pub const ENV_WORKER_AUTHKEY: &str = "SHOAL_WORKER_AUTHKEY";
 
-/// How a worker receives its parent's authkey: in its environment on the local backend (the
-/// returned record field is then `None`: the key never goes into Redis, which other programs
-/// may read), in its task record on a remote one (a pod's environment is its Job's, readable by
-/// whoever may read Jobs; a Kubernetes Secret per runtime would keep it from both).
-pub fn hand_over_authkey(
-    key: &AuthKey,
-    remote: bool,
-    env: &mut std::collections::BTreeMap<String, String>,
-) -> Option<AuthKey> {
-    if remote {
-        return Some(key.clone());
-    }
+/// Hands a worker its parent's authkey: `SHOAL_WORKER_AUTHKEY` (hex) in the environment of its
+/// [`Launch`](crate::protocol::Launch), never in its [`TaskRecord`], which is in Redis, where
+/// other programs may read it. The local backend sets the variable in the child's environment;
+/// the Kubernetes backend puts the value in a Secret of the runtime and the Job refers to it
+/// (a Job's environment is readable by whoever may read Jobs).
+pub fn hand_over_authkey(key: &AuthKey, env: &mut std::collections::BTreeMap<String, String>) {
     let hex = key.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
     env.insert(ENV_WORKER_AUTHKEY.to_string(), hex);
-    None
 }
 
 /// The authkey a local worker received in its environment ([`hand_over_authkey`]), if any.
@@ -72,7 +66,7 @@ pub fn authkey_from_env() -> Result<Option<AuthKey>> {
 
 /// An authkey from its hex form ([`hand_over_authkey`]): an even number of hex digits, at
 /// least 2. The error does not show the value.
-fn parse_authkey(value: &std::ffi::OsStr) -> Result<AuthKey> {
+pub(crate) fn parse_authkey(value: &std::ffi::OsStr) -> Result<AuthKey> {
     let bad = || {
         Error::Backend(format!(
             "{ENV_WORKER_AUTHKEY} is not a key: an even number of hex digits, at least 2"
@@ -236,10 +230,6 @@ pub struct TaskRecord {
     pub config: Config,
     /// Forward stdout and stderr through the output stream.
     pub stream_output: bool,
-    /// The parent's authentication key, which the worker inherits: only for a remote worker
-    /// (a local one receives it in its environment; see [`hand_over_authkey`]).
-    #[serde(default)]
-    pub authkey: Option<AuthKey>,
     /// Who started the worker.
     #[serde(default)]
     pub parent: Option<ParentInfo>,
@@ -333,17 +323,13 @@ mod tests {
     fn an_authkey_goes_through_the_environment_unchanged_and_bad_values_are_refused() {
         let key = AuthKey::from_bytes(vec![0u8, 1, 0xab, 0xff, 0x10]);
         let mut env = std::collections::BTreeMap::new();
-        assert_eq!(hand_over_authkey(&key, false, &mut env), None);
-        let hex = env.get(ENV_WORKER_AUTHKEY).expect("set for a local worker");
+        hand_over_authkey(&key, &mut env);
+        let hex = env.get(ENV_WORKER_AUTHKEY).expect("set for the worker");
         assert_eq!(hex, "0001abff10");
         assert_eq!(
             parse_authkey(std::ffi::OsStr::new(hex)).expect("parses"),
             key
         );
-        // A remote worker gets it in its record, not in its environment.
-        let mut env = std::collections::BTreeMap::new();
-        assert_eq!(hand_over_authkey(&key, true, &mut env), Some(key));
-        assert!(env.is_empty());
         for bad in ["", "a", "0g", "+f", " 0f", "0f\n"] {
             let e = parse_authkey(std::ffi::OsStr::new(bad)).expect_err(bad);
             assert!(e.to_string().contains(ENV_WORKER_AUTHKEY), "{e}");

@@ -98,11 +98,7 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
             name: record.name.clone(),
             identity: record.identity.clone(),
             daemon: record.daemon,
-            authkey: record
-                .authkey
-                .clone()
-                .or(env_authkey)
-                .unwrap_or_else(AuthKey::generate),
+            authkey: env_authkey.unwrap_or_else(AuthKey::generate),
             parent: record.parent.clone(),
         },
     )));

@@ -83,6 +83,9 @@ fn job_json(template: &JobTemplate, name: &str, env: &BTreeMap<String, String>) 
         name,
         task: "default/9f8e7d6c5b4a39281706f5e4d3c2b1a0",
         env,
+        authkey_secret: env
+            .contains_key("SHOAL_WORKER_AUTHKEY")
+            .then_some("shoal-authkey-0123456789abcdef0123456789abcdef-0a1b2c3d4e5f"),
     };
     serde_json::to_value(template.job(&worker)).expect("a Job serializes")
 }
@@ -99,6 +102,8 @@ fn every_job_the_executor_builds_matches_the_kubernetes_schema() {
     let validator = validator();
     let mut env = BTreeMap::new();
     env.insert("GREETING".to_string(), "hello".to_string());
+    let mut with_key = env.clone();
+    with_key.insert("SHOAL_WORKER_AUTHKEY".to_string(), "00ff".repeat(16));
     let templates = [
         (
             "defaults",
@@ -112,7 +117,7 @@ fn every_job_the_executor_builds_matches_the_kubernetes_schema() {
     ];
     for (what, template) in &templates {
         for name in ["Process-1", "PoolWorker-12", "My Weird/Name!!"] {
-            for env in [&BTreeMap::new(), &env] {
+            for env in [&BTreeMap::new(), &env, &with_key] {
                 let job = job_json(template, name, env);
                 let found = errors(&validator, &job);
                 assert!(found.is_empty(), "{what}, {name}: {found:#?}\n{job:#}");

@@ -364,3 +364,53 @@ pub fn assert_timing(started: Instant, timeout: Duration) {
         "returned after {waited:?} for {timeout:?}"
     );
 }
+
+/// Every value stored in the Redis of `conn` now, whatever its type, as bytes (a stream's
+/// entries as their debug text): for tests that check a secret is not in Redis.
+pub fn every_value_in_redis(conn: &mut redis::Connection) -> Vec<Vec<u8>> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(conn).expect("keys");
+    let mut values = Vec::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE").arg(&key).query(conn).expect("type");
+        let found: Vec<Vec<u8>> = match kind.as_str() {
+            "string" => vec![redis::cmd("GET").arg(&key).query(conn).unwrap_or_default()],
+            "hash" => redis::cmd("HGETALL")
+                .arg(&key)
+                .query(conn)
+                .unwrap_or_default(),
+            "list" => redis::cmd("LRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query(conn)
+                .unwrap_or_default(),
+            "set" => redis::cmd("SMEMBERS")
+                .arg(&key)
+                .query(conn)
+                .unwrap_or_default(),
+            "zset" => redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query(conn)
+                .unwrap_or_default(),
+            "stream" => {
+                let entries: redis::Value = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .query(conn)
+                    .expect("xrange");
+                vec![format!("{entries:?}").into_bytes()]
+            }
+            _ => Vec::new(),
+        };
+        values.extend(found);
+    }
+    values
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}

@@ -34,9 +34,9 @@ use nix::unistd::Pid;
 use serde_json::json;
 use shoal::config::{Backend, SecretKeyRef};
 use shoal::prelude::*;
-use shoal_integration_tests::TestRedis;
 use shoal_integration_tests::kube_emulator::{DEFAULT_NAMESPACE, Emulator, START_DELAY_MS};
 use shoal_integration_tests::netns::Network;
+use shoal_integration_tests::{TestRedis, contains_bytes, every_value_in_redis};
 
 shoal::test_support!();
 
@@ -484,6 +484,16 @@ impl Kube {
         self.tokio
             .block_on(self.jobs_api().list(&self.selector(extra)))
             .expect("list Jobs")
+            .items
+    }
+
+    fn secrets(&self, extra: &str) -> Vec<Secret> {
+        self.tokio
+            .block_on(
+                Api::<Secret>::namespaced(self.client.clone(), &self.namespace)
+                    .list(&self.selector(extra)),
+            )
+            .expect("list Secrets")
             .items
     }
 
@@ -1129,6 +1139,65 @@ fn the_driver_names_the_missing_function(driven: &Driven, program: &str) {
 }
 
 /// Dropping the runtime deletes every Job it started (finished ones included) and their pods.
+/// Reports this process's authkey.
+#[shoal::remote]
+fn report_authkey(out: SimpleQueue<Vec<u8>>) {
+    out.put(current_process().authkey.as_bytes().to_vec())
+        .expect("report");
+}
+
+#[shoal::remote]
+fn authkey_of_worker(_: u32) -> Vec<u8> {
+    current_process().authkey.as_bytes().to_vec()
+}
+
+/// Pods inherit the driver's authkey through a Secret of the runtime, which the runtime's drop
+/// deletes; no Job and nothing in Redis holds the key.
+fn authkey_through_a_secret(kube: &Kube) {
+    let rt = runtime(kube.config());
+    let key = current_process().authkey.as_bytes().to_vec();
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let out: SimpleQueue<Vec<u8>> = SimpleQueue::new().expect("queue");
+    let child = Process::new(report_authkey, (out.clone(),));
+    child.start().expect("start");
+    assert_eq!(
+        out.get_timeout(patience()).expect("the pod's key"),
+        key,
+        "a process's pod has the driver's authkey"
+    );
+    assert_eq!(exit_code(&child), Some(0));
+    let pool = Pool::new(1).expect("pool");
+    assert_eq!(
+        pool.apply(authkey_of_worker, (0,)).expect("apply"),
+        key,
+        "so has a pool worker's"
+    );
+    let secrets = kube.secrets("");
+    assert_eq!(secrets.len(), 1, "one Secret for the runtime: {secrets:?}");
+    let held = secrets[0]
+        .data
+        .as_ref()
+        .and_then(|d| d.get("authkey"))
+        .map(|b| b.0.clone());
+    assert_eq!(held, Some(hex.clone().into_bytes()));
+    let jobs = serde_json::to_string(&kube.jobs("")).expect("json");
+    assert!(!jobs.contains(&hex), "a Job holds the key");
+    let holding = every_value_in_redis(&mut kube.redis())
+        .into_iter()
+        .filter(|v| contains_bytes(v, &key))
+        .count();
+    assert_eq!(holding, 0, "the key is in Redis");
+    pool.close().expect("close");
+    pool.join().expect("join");
+    drop(pool);
+    drop(child);
+    drop(rt);
+    assert!(
+        kube.secrets("").is_empty(),
+        "the runtime's drop leaves its Secret"
+    );
+}
+
 fn drop_deletes_jobs(kube: &Kube) {
     let rt = runtime(kube.config());
     let finished = Process::new(noop, ());
@@ -1412,6 +1481,15 @@ fn workers_can_read_the_redis_password_from_a_secret() {
                 "the address is: {written}"
             );
         },
+    );
+}
+
+#[test]
+fn pods_get_the_authkey_from_a_secret_the_runtime_deletes() {
+    drive(
+        "pods_get_the_authkey_from_a_secret_the_runtime_deletes",
+        Target::Emulator,
+        authkey_through_a_secret,
     );
 }
 
@@ -2225,6 +2303,16 @@ fn cluster_a_program_without_the_function_fails_naming_it() {
         return;
     };
     the_driver_names_the_missing_function(&driven, &program);
+}
+
+#[test]
+#[ignore = "needs a cluster: make test-kubernetes"]
+fn cluster_pods_get_the_authkey_from_a_secret() {
+    drive(
+        "cluster_pods_get_the_authkey_from_a_secret",
+        Target::Cluster,
+        authkey_through_a_secret,
+    );
 }
 
 #[test]

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use shoal::prelude::*;
-use shoal_integration_tests::{raw_redis, read_file, scratch, wait_for};
+use shoal_integration_tests::{
+    contains_bytes, every_value_in_redis, raw_redis, read_file, scratch, wait_for,
+};
 
 shoal::test_support!();
 
@@ -692,60 +694,6 @@ fn authkey_of_worker(_: u32) -> Vec<u8> {
     current_process().authkey.as_bytes().to_vec()
 }
 
-/// Every value stored in the runtime's Redis now, whatever its type, as bytes.
-fn every_value_in_redis(rt: &shoal::Runtime) -> Vec<Vec<u8>> {
-    let mut conn = raw_redis(rt);
-    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).expect("keys");
-    let mut values = Vec::new();
-    for key in keys {
-        let kind: String = redis::cmd("TYPE").arg(&key).query(&mut conn).expect("type");
-        let found: Vec<Vec<u8>> = match kind.as_str() {
-            "string" => vec![
-                redis::cmd("GET")
-                    .arg(&key)
-                    .query(&mut conn)
-                    .unwrap_or_default(),
-            ],
-            "hash" => redis::cmd("HGETALL")
-                .arg(&key)
-                .query(&mut conn)
-                .unwrap_or_default(),
-            "list" => redis::cmd("LRANGE")
-                .arg(&key)
-                .arg(0)
-                .arg(-1)
-                .query(&mut conn)
-                .unwrap_or_default(),
-            "set" => redis::cmd("SMEMBERS")
-                .arg(&key)
-                .query(&mut conn)
-                .unwrap_or_default(),
-            "zset" => redis::cmd("ZRANGE")
-                .arg(&key)
-                .arg(0)
-                .arg(-1)
-                .query(&mut conn)
-                .unwrap_or_default(),
-            "stream" => {
-                let entries: redis::Value = redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg("-")
-                    .arg("+")
-                    .query(&mut conn)
-                    .expect("xrange");
-                vec![format!("{entries:?}").into_bytes()]
-            }
-            _ => Vec::new(),
-        };
-        values.extend(found);
-    }
-    values
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[test]
 fn children_inherit_the_authkey_without_it_going_through_redis() {
     let rt = runtime();
@@ -763,9 +711,9 @@ fn children_inherit_the_authkey_without_it_going_through_redis() {
     let pool = Pool::new(1).expect("pool");
     assert_eq!(pool.apply(authkey_of_worker, (0,)).expect("apply"), key);
     // The child, the pool worker and their task records are all there now: none holds the key.
-    let values = every_value_in_redis(&rt);
+    let values = every_value_in_redis(&mut raw_redis(&rt));
     assert!(!values.is_empty());
-    let holding: Vec<&Vec<u8>> = values.iter().filter(|v| contains(v, &key)).collect();
+    let holding: Vec<&Vec<u8>> = values.iter().filter(|v| contains_bytes(v, &key)).collect();
     assert!(
         holding.is_empty(),
         "the authkey is in Redis: {} values",

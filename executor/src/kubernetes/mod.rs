@@ -15,7 +15,9 @@
 //! # What the executor does
 //!
 //! * **Launch**: creates the Job (`spec.rs`); the pod reads its task from Redis like any worker
-//!   (the backend moves no data). Thread workloads (start method `thread`) run in this process,
+//!   (the backend moves no data). Before the first Job that carries a given authkey, the
+//!   runtime's authkey Secret for it ([`JobTemplate::authkey_secret`]; `AlreadyExists` is
+//!   fine: two launches may race to make it); the Job's `SHOAL_WORKER_AUTHKEY` refers to it. Thread workloads (start method `thread`) run in this process,
 //!   through the local executor.
 //! * **Exit**: one watch on the pods of this runtime (label `shoal.dev/runtime`, through
 //!   `kube::runtime::watcher`, which relists and resumes after errors) tells each worker's end
@@ -58,7 +60,8 @@
 //!   regardless (an image run by hand), the worker path installs a `SIGTERM` handler that
 //!   exits with 143 when it finds itself PID 1 (see `crate::worker`).
 //! * **Shutdown**: the runtime being dropped deletes every Job it started (label selector),
-//!   finished ones included.
+//!   finished ones included, then its authkey Secrets (same selector). A driver killed before
+//!   that leaves its Secret behind (one small object, labelled with the runtime).
 //!
 //! A remote worker cannot get a parent-death signal: a pool worker watches its driver's
 //! liveness key instead (see `crate::pool`).
@@ -74,7 +77,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Event as ClusterEvent, Pod};
+use k8s_openapi::api::core::v1::{Event as ClusterEvent, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
@@ -82,8 +85,8 @@ use kube::{Client, ResourceExt};
 use shoal_core::error::{Error, Result};
 
 pub use spec::{
-    ANNOTATION_PROCESS_NAME, CONTAINER, JobTemplate, LABEL_NAMESPACE, LABEL_PROCESS, LABEL_RUNTIME,
-    LABEL_WORKER, WorkerJob, label_value,
+    ANNOTATION_PROCESS_NAME, AUTHKEY_SECRET_KEY, CONTAINER, JobTemplate, LABEL_NAMESPACE,
+    LABEL_PROCESS, LABEL_RUNTIME, LABEL_WORKER, WorkerJob, label_value,
 };
 pub use status::{PodOutcome, outcome};
 
@@ -91,6 +94,7 @@ use crate::protocol::{
     Executor, Launch, Launched, QueryWorker, Shutdown, SignalWorker, StopSignal, WorkerExited,
     WorkerStatus, Workload,
 };
+use crate::task::ENV_WORKER_AUTHKEY;
 
 /// A worker the executor started and has not seen end.
 struct RemoteWorker {
@@ -128,6 +132,10 @@ pub struct KubernetesExecutor {
     relisted: Option<HashSet<String>>,
     /// `kubernetes.pod_create_grace_secs`.
     pod_create_grace: Duration,
+    /// The authkey Secrets this runtime made (see `spec.rs`).
+    authkey_secrets: HashSet<String>,
+    /// Whether it ever asked for one (the shutdown deletes them then).
+    asked_for_secrets: bool,
 }
 
 impl KubernetesExecutor {
@@ -146,6 +154,8 @@ impl KubernetesExecutor {
             client: None,
             workers: HashMap::new(),
             relisted: None,
+            authkey_secrets: HashSet::new(),
+            asked_for_secrets: false,
         });
         futures::executor::block_on(addr.send(Connect))
             .map_err(|e| Error::Backend(format!("the kubernetes executor did not start: {e}")))??;
@@ -331,6 +341,10 @@ fn not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(status) if status.code == 404)
 }
 
+fn already_exists(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if status.code == 409)
+}
+
 impl Actor for KubernetesExecutor {
     type Context = Context<Self>;
 }
@@ -471,14 +485,27 @@ impl Handler<Launch> for KubernetesExecutor {
             return Box::pin(fut::ready(Err(e)));
         }
         let task = format!("{}/{task_id}", self.template.namespace);
+        // The authkey goes through a Secret of this runtime, made before its first Job.
+        let secret = launch
+            .env
+            .get(ENV_WORKER_AUTHKEY)
+            .map(|hex| self.template.authkey_secret(hex));
+        let secret_name = secret.as_ref().and_then(|s| s.metadata.name.clone());
         let worker = WorkerJob {
             id: &launch.id,
             name: &launch.name,
             task: &task,
             env: &launch.env,
+            authkey_secret: secret_name.as_deref(),
         };
         let job = self.template.job(&worker);
         let job_name = self.template.job_name(&worker);
+        let new_secret = secret.filter(|_| {
+            secret_name
+                .as_ref()
+                .is_some_and(|name| !self.authkey_secrets.contains(name))
+        });
+        self.asked_for_secrets |= new_secret.is_some();
         self.workers.insert(
             launch.id.clone(),
             RemoteWorker {
@@ -490,20 +517,48 @@ impl Handler<Launch> for KubernetesExecutor {
                 refused: None,
             },
         );
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &self.namespace);
         let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
         let (id, name, namespace) = (launch.id, launch.name, self.namespace.clone());
         Box::pin(
-            async move { jobs.create(&PostParams::default(), &job).await }
-                .into_actor(self)
-                .map(move |created, act, _| match created {
-                    Ok(_) => Ok(Launched { pid: None }),
-                    Err(e) => {
-                        act.workers.remove(&id);
-                        Err(Error::Backend(format!(
-                            "creating Job {job_name} for {name} in namespace {namespace}: {e}"
-                        )))
+            async move {
+                if let Some(secret) = new_secret {
+                    let secret_name = secret.metadata.name.clone().unwrap_or_default();
+                    match secrets.create(&PostParams::default(), &secret).await {
+                        // Or another launch made it meanwhile.
+                        Ok(_) => {}
+                        Err(e) if already_exists(&e) => {}
+                        Err(e) => {
+                            let message = format!(
+                                "creating Secret {secret_name} (the authkey of this runtime's \
+                                 workers; the driver needs create on secrets) for {name} in \
+                                 namespace {namespace}: {e}"
+                            );
+                            return (false, Err(message));
+                        }
                     }
-                }),
+                }
+                let created = jobs
+                    .create(&PostParams::default(), &job)
+                    .await
+                    .map_err(|e| {
+                        format!("creating Job {job_name} for {name} in namespace {namespace}: {e}")
+                    });
+                (true, created)
+            }
+            .into_actor(self)
+            .map(move |(secret_there, created), act, _| {
+                if secret_there && let Some(secret_name) = secret_name {
+                    act.authkey_secrets.insert(secret_name);
+                }
+                match created {
+                    Ok(_) => Ok(Launched { pid: None }),
+                    Err(message) => {
+                        act.workers.remove(&id);
+                        Err(Error::Backend(message))
+                    }
+                }
+            }),
         )
     }
 }
@@ -561,7 +616,9 @@ impl Handler<Shutdown> for KubernetesExecutor {
         let Ok(client) = self.client() else {
             return Box::pin(fut::ready(()));
         };
-        let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
+        let jobs: Api<Job> = Api::namespaced(client.clone(), &self.namespace);
+        let secrets: Api<Secret> = Api::namespaced(client, &self.namespace);
+        let made_secrets = self.asked_for_secrets;
         let selector = self.selector();
         Box::pin(
             async move {
@@ -572,6 +629,18 @@ impl Handler<Shutdown> for KubernetesExecutor {
                 let list = ListParams::default().labels(&selector);
                 if let Err(e) = jobs.delete_collection(&params, &list).await {
                     tracing::warn!("deleting this runtime's Jobs ({selector}): {e}");
+                }
+                // After the Jobs: a container's environment is set when it starts, so running
+                // pods no longer need the Secret.
+                if made_secrets
+                    && let Err(e) = secrets
+                        .delete_collection(&DeleteParams::default(), &list)
+                        .await
+                {
+                    tracing::warn!(
+                        "deleting this runtime's authkey Secrets ({selector}; the driver needs \
+                         deletecollection on secrets): {e}"
+                    );
                 }
             }
             .into_actor(self),

@@ -10,7 +10,9 @@
 //!   the task's address in `SHOAL_WORKER_TASK` and the Redis URL in `SHOAL_WORKER_REDIS` (from a
 //!   Secret when `kubernetes.redis_url_secret` is set; without its password when
 //!   `kubernetes.redis_password_secret` is, which then gives `SHOAL_WORKER_REDIS_PASSWORD`),
-//!   plus `multiprocessing.env_vars`;
+//!   plus `multiprocessing.env_vars`, and the parent's authkey in `SHOAL_WORKER_AUTHKEY` from
+//!   the runtime's authkey Secret ([`JobTemplate::authkey_secret`]: never written in the Job,
+//!   whose environment whoever may read Jobs can read, nor in Redis);
 //! * `shareProcessNamespace: true`: the pod's pause container is PID 1 of the pod's PID
 //!   namespace and the worker an ordinary process in it. A container's own process is PID 1 of
 //!   its namespace otherwise, and the kernel delivers to a PID 1 only the signals it has a
@@ -33,14 +35,19 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, ResourceRequirements,
+    Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, ResourceRequirements, Secret,
     SecretKeySelector, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use shoal_core::config::{KubernetesConfig, SecretKeyRef};
 
-use crate::task::{ENV_WORKER_REDIS, ENV_WORKER_REDIS_PASSWORD, ENV_WORKER_TASK};
+use shoal_core::auth;
+use shoal_core::context::AuthKey;
+
+use crate::task::{
+    ENV_WORKER_AUTHKEY, ENV_WORKER_REDIS, ENV_WORKER_REDIS_PASSWORD, ENV_WORKER_TASK,
+};
 
 /// Label: the runtime that started the Job.
 pub const LABEL_RUNTIME: &str = "shoal.dev/runtime";
@@ -54,6 +61,8 @@ pub const LABEL_WORKER: &str = "shoal.dev/worker";
 pub const ANNOTATION_PROCESS_NAME: &str = "shoal.dev/process-name";
 /// The worker container's name.
 pub const CONTAINER: &str = "worker";
+/// The key of the authkey Secret ([`JobTemplate::authkey_secret`]) that holds the key (hex).
+pub const AUTHKEY_SECRET_KEY: &str = "authkey";
 
 /// What every Job of one runtime shares.
 #[derive(Clone, Debug, PartialEq)]
@@ -81,8 +90,12 @@ pub struct WorkerJob<'a> {
     pub name: &'a str,
     /// `<namespace>/<task id>`, for `SHOAL_WORKER_TASK`.
     pub task: &'a str,
-    /// `multiprocessing.env_vars`.
+    /// `multiprocessing.env_vars`, and `SHOAL_WORKER_AUTHKEY`, which the Job never carries
+    /// as a value (see `authkey_secret`).
     pub env: &'a BTreeMap<String, String>,
+    /// The name of the Secret ([`JobTemplate::authkey_secret`]) whose key gives the worker
+    /// `SHOAL_WORKER_AUTHKEY`.
+    pub authkey_secret: Option<&'a str>,
 }
 
 impl JobTemplate {
@@ -100,6 +113,38 @@ impl JobTemplate {
             format!("shoal-{short}")
         } else {
             format!("shoal-{name}-{short}")
+        }
+    }
+
+    /// The Secret that hands this runtime's workers the authkey whose hex form is `hex` (what
+    /// `SHOAL_WORKER_AUTHKEY` carries), under [`AUTHKEY_SECRET_KEY`]. One per runtime and key:
+    /// `shoal-authkey-<runtime id>-<12 hex digits>`, the digits an HMAC of a fixed text under
+    /// the key (they tell keys apart and reveal nothing of them), so a key set with
+    /// `set_authkey` later gets a Secret of its own. Immutable, labelled as the Jobs are
+    /// (`shoal.dev/runtime` selects them for deletion with the runtime).
+    pub fn authkey_secret(&self, hex: &str) -> Secret {
+        let key = AuthKey::from_bytes(hex.as_bytes().to_vec());
+        let tag = auth::sign(&key, &[b"shoal kubernetes authkey secret"]);
+        let digits: String = tag[..6].iter().map(|b| format!("{b:02x}")).collect();
+        let runtime = dns_part(&self.runtime_id, 63);
+        let mut labels = self.config.labels.clone();
+        labels.insert(LABEL_RUNTIME.into(), self.runtime_id.clone());
+        labels.insert(LABEL_NAMESPACE.into(), label_value(&self.namespace));
+        labels.insert("app.kubernetes.io/managed-by".into(), "shoal".into());
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(format!("shoal-authkey-{runtime}-{digits}")),
+                namespace: self.config.namespace.clone(),
+                labels: Some(labels),
+                ..ObjectMeta::default()
+            },
+            immutable: Some(true),
+            string_data: Some(BTreeMap::from([(
+                AUTHKEY_SECRET_KEY.to_string(),
+                hex.to_string(),
+            )])),
+            type_: Some("Opaque".into()),
+            ..Secret::default()
         }
     }
 
@@ -133,7 +178,21 @@ impl JobTemplate {
         if let Some(secret) = &config.redis_password_secret {
             env.push(from_secret(ENV_WORKER_REDIS_PASSWORD, secret));
         }
-        env.extend(worker.env.iter().map(|(k, v)| literal(k, v)));
+        // The authkey only ever from its Secret: a Job's environment is plain to its readers.
+        env.extend(
+            worker
+                .env
+                .iter()
+                .filter(|(k, _)| k.as_str() != ENV_WORKER_AUTHKEY)
+                .map(|(k, v)| literal(k, v)),
+        );
+        if let Some(name) = worker.authkey_secret {
+            let secret = SecretKeyRef {
+                name: name.to_string(),
+                key: AUTHKEY_SECRET_KEY.to_string(),
+            };
+            env.push(from_secret(ENV_WORKER_AUTHKEY, &secret));
+        }
         let quantities = |map: &BTreeMap<String, String>| {
             (!map.is_empty()).then(|| {
                 map.iter()
@@ -325,7 +384,67 @@ mod tests {
             name: "PoolWorker-3",
             task: "default/9f8e7d6c5b4a39281706f5e4d3c2b1a0",
             env,
+            authkey_secret: None,
         }
+    }
+
+    #[test]
+    fn the_authkey_reaches_the_worker_from_a_secret_never_from_the_job() {
+        let t = template();
+        let hex = "c0ffee00".repeat(8);
+        let secret = t.authkey_secret(&hex);
+        let name = secret.metadata.name.clone().expect("named");
+        assert!(
+            name.starts_with("shoal-authkey-0123456789abcdef0123456789abcdef-"),
+            "{name}"
+        );
+        assert_eq!(name.len(), "shoal-authkey-".len() + 32 + 1 + 12);
+        assert!(
+            !name.contains(&hex[..12]),
+            "the name shows nothing of the key"
+        );
+        assert_eq!(t.authkey_secret(&hex).metadata.name, Some(name.clone()));
+        assert_ne!(
+            t.authkey_secret(&"f".repeat(64)).metadata.name,
+            Some(name.clone()),
+            "another key, another Secret"
+        );
+        let json = serde_json::to_value(&secret).expect("json");
+        assert_eq!(json["stringData"][AUTHKEY_SECRET_KEY], hex.as_str());
+        assert_eq!(json["immutable"], true);
+        assert_eq!(json["metadata"]["namespace"], "jobs");
+        let labels = &json["metadata"]["labels"];
+        assert_eq!(labels[LABEL_RUNTIME], "0123456789abcdef0123456789abcdef");
+        assert_eq!(labels["team"], "data");
+
+        let mut env = BTreeMap::new();
+        env.insert(ENV_WORKER_AUTHKEY.to_string(), hex.clone());
+        env.insert("GREETING".to_string(), "hi".to_string());
+        let with_secret = WorkerJob {
+            authkey_secret: Some(&name),
+            ..worker(&env)
+        };
+        let job = serde_json::to_value(t.job(&with_secret)).expect("json");
+        assert!(!job.to_string().contains(&hex), "the key is not in the Job");
+        let vars = job["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .expect("env")
+            .clone();
+        let keyed: Vec<&serde_json::Value> = vars
+            .iter()
+            .filter(|v| v["name"] == ENV_WORKER_AUTHKEY)
+            .collect();
+        assert_eq!(keyed.len(), 1, "{vars:?}");
+        assert_eq!(keyed[0]["valueFrom"]["secretKeyRef"]["name"], name.as_str());
+        assert_eq!(
+            keyed[0]["valueFrom"]["secretKeyRef"]["key"],
+            AUTHKEY_SECRET_KEY
+        );
+        assert!(vars.iter().any(|v| v["name"] == "GREETING"));
+        // Without a Secret the variable is left out, never written.
+        let job = serde_json::to_value(t.job(&worker(&env))).expect("json");
+        assert!(!job.to_string().contains(&hex));
+        assert!(!job.to_string().contains(ENV_WORKER_AUTHKEY));
     }
 
     #[test]

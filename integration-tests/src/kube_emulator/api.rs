@@ -70,7 +70,9 @@ pub(crate) fn router(core: Arc<Core>) -> Router {
         .route("/api/v1/secrets", get(list_all::<Secret>))
         .route(
             "/api/v1/namespaces/{namespace}/secrets",
-            get(list::<Secret>).post(create_secret),
+            get(list::<Secret>)
+                .post(create_secret)
+                .delete(delete_secrets),
         )
         .route(
             "/api/v1/namespaces/{namespace}/secrets/{name}",
@@ -827,6 +829,34 @@ async fn delete_secret(
 ) -> Result<Response, ApiError> {
     let secret = remove_object::<Secret>(&core, &namespace, &name, &query, &body)?;
     Ok(json_response(StatusCode::OK, &deleted_status(&secret)))
+}
+
+/// `deletecollection` of Secrets: those the selectors match go at once (nothing owns them).
+async fn delete_secrets(
+    State(core): State<Arc<Core>>,
+    Path(namespace): Path<String>,
+    Query(query): Params,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let options = delete_options(&query, &body)?;
+    let (labels, fields) = selectors(&query)?;
+    let mut cluster = core.lock();
+    let mut items = Vec::new();
+    for name in matching_names::<Secret>(&cluster, &namespace, &labels, &fields) {
+        if let Some(secret) = cluster.store.get::<Secret>(&namespace, &name) {
+            controller::check_preconditions::<Secret>(
+                &secret.metadata,
+                options.preconditions.as_ref(),
+            )?;
+        }
+        if let Some(secret) = cluster.store.remove::<Secret>(&namespace, &name) {
+            items.push(list_item(&encode(&secret)));
+        }
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &list_body::<Secret>(cluster.store.resource_version(), items),
+    ))
 }
 
 /// Deletes an object that nothing else owns (no finalizers, no children): the delete options'

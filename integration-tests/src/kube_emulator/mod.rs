@@ -38,7 +38,7 @@
 //!   collection; `GET .../status`; `GET .../log` (the output so far); `/api/v1/pods`. Pods are
 //!   only made by the job controller (`POST` of a pod is not emulated).
 //! - `core/v1` Secrets, `/api/v1/namespaces/{ns}/secrets[/{name}]`: create (`stringData` merged
-//!   into `data`), get, list, watch, delete.
+//!   into `data`), get, list, watch, delete, delete a collection.
 //! - `core/v1` ServiceAccounts, `/api/v1/namespaces/{ns}/serviceaccounts[/{name}]`: create, get,
 //!   list, watch, delete. `default` exists implicitly in every namespace (creating it is 409
 //!   `AlreadyExists`; it is not listed).

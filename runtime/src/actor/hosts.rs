@@ -110,6 +110,8 @@ impl HostSupervisor {
         let launch = if subprocess {
             let mut config = self.config.clone();
             config.redis.url = None;
+            // The key goes in the host's environment, never in its record in Redis.
+            hand_over_authkey(&info.authkey, &mut env);
             let record = TaskRecord {
                 kind: TaskKind::ActorHost(spec),
                 name: name.clone(),
@@ -117,11 +119,6 @@ impl HostSupervisor {
                 daemon: true,
                 stream_output: config.multiprocessing.stream_stdout
                     || config.shoal.backend.is_remote(),
-                authkey: hand_over_authkey(
-                    &info.authkey,
-                    config.shoal.backend.is_remote(),
-                    &mut env,
-                ),
                 config,
                 parent: info.parent.clone(),
                 // Watched through its own spec's driver key.

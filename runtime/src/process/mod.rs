@@ -418,6 +418,8 @@ impl Process {
                 };
                 let mut record_config = config.clone();
                 record_config.redis.url = None;
+                // The key goes in the worker's environment, never in its record in Redis.
+                hand_over_authkey(&info.authkey, &mut env);
                 let record = TaskRecord {
                     kind: TaskKind::Call {
                         function: function.to_string(),
@@ -430,11 +432,6 @@ impl Process {
                     // A remote child's terminal is not ours: its output comes back as a stream.
                     stream_output: config.multiprocessing.stream_stdout
                         || config.shoal.backend.is_remote(),
-                    authkey: hand_over_authkey(
-                        &info.authkey,
-                        config.shoal.backend.is_remote(),
-                        &mut env,
-                    ),
                     parent: info.parent.clone(),
                     // A pod gets no parent-death signal: it watches this runtime's key.
                     driver: config

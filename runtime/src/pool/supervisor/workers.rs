@@ -105,17 +105,14 @@ impl PoolSupervisor {
         let launch = if subprocess {
             let mut config = self.settings.config.clone();
             config.redis.url = None;
+            // The key goes in the worker's environment, never in its record in Redis.
+            hand_over_authkey(&info.authkey, &mut env);
             let record = TaskRecord {
                 kind: TaskKind::PoolWorker(spec),
                 name: name.clone(),
                 identity: info.identity.clone(),
                 daemon: info.daemon,
                 stream_output: streamed,
-                authkey: hand_over_authkey(
-                    &info.authkey,
-                    config.shoal.backend.is_remote(),
-                    &mut env,
-                ),
                 config,
                 parent: info.parent.clone(),
                 // Watched through its own spec's driver key.
