@@ -53,7 +53,9 @@ pub struct Launch {
     pub name: String,
     /// What to run.
     pub workload: Workload,
-    /// Extra environment variables (`multiprocessing.env_vars`) for subprocesses.
+    /// Environment variables for subprocesses: `multiprocessing.env_vars`, and the parent's
+    /// authkey in `SHOAL_WORKER_AUTHKEY` (see `task::hand_over_authkey`: a backend that
+    /// cannot keep a variable private, as a Kubernetes Job's spec, passes this one otherwise).
     pub env: BTreeMap<String, String>,
     /// The worker must not outlive the process that launched it: pool workers and daemon
     /// children. A local subprocess gets the parent-death signal (`SIGTERM` when this process

@@ -57,24 +57,23 @@ pub fn hand_over_authkey(key: &AuthKey, env: &mut std::collections::BTreeMap<Str
     env.insert(ENV_WORKER_AUTHKEY.to_string(), hex);
 }
 
-/// The authkey a local worker received in its environment ([`hand_over_authkey`]), if any.
+/// The authkey a worker received in its environment ([`hand_over_authkey`]), if any.
 pub fn authkey_from_env() -> Result<Option<AuthKey>> {
     std::env::var_os(ENV_WORKER_AUTHKEY)
         .map(|value| parse_authkey(&value))
         .transpose()
 }
 
-/// An authkey from its hex form ([`hand_over_authkey`]): an even number of hex digits, at
-/// least 2. The error does not show the value.
+/// An authkey from its hex form ([`hand_over_authkey`]): an even number of hex digits (none:
+/// the empty key, which `set_authkey` allows). The error does not show the value.
 pub(crate) fn parse_authkey(value: &std::ffi::OsStr) -> Result<AuthKey> {
     let bad = || {
         Error::Backend(format!(
-            "{ENV_WORKER_AUTHKEY} is not a key: an even number of hex digits, at least 2"
+            "{ENV_WORKER_AUTHKEY} is not a key: an even number of hex digits"
         ))
     };
     let hex = value.to_str().ok_or_else(bad)?;
-    if hex.is_empty() || !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit())
-    {
+    if !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad());
     }
     let bytes = (0..hex.len())
@@ -330,7 +329,15 @@ mod tests {
             parse_authkey(std::ffi::OsStr::new(hex)).expect("parses"),
             key
         );
-        for bad in ["", "a", "0g", "+f", " 0f", "0f\n"] {
+        // The empty key (set_authkey allows it) goes through as well.
+        let mut env = std::collections::BTreeMap::new();
+        hand_over_authkey(&AuthKey::from_bytes(Vec::new()), &mut env);
+        let empty = std::ffi::OsStr::new(&env[ENV_WORKER_AUTHKEY]).to_owned();
+        assert_eq!(
+            parse_authkey(&empty).expect("parses"),
+            AuthKey::from_bytes(Vec::new())
+        );
+        for bad in ["a", "0g", "+f", " 0f", "0f\n", "abc"] {
             let e = parse_authkey(std::ffi::OsStr::new(bad)).expect_err(bad);
             assert!(e.to_string().contains(ENV_WORKER_AUTHKEY), "{e}");
         }

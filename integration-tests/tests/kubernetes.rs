@@ -1138,12 +1138,13 @@ fn the_driver_names_the_missing_function(driven: &Driven, program: &str) {
     assert!(driven.stderr.contains("noop"), "and the function");
 }
 
-/// Dropping the runtime deletes every Job it started (finished ones included) and their pods.
-/// Reports this process's authkey.
+/// Reports this process's authkey on `out`, then waits for `go` (its task record stays in
+/// Redis meanwhile).
 #[shoal::remote]
-fn report_authkey(out: SimpleQueue<Vec<u8>>) {
+fn report_authkey(out: SimpleQueue<Vec<u8>>, go: shoal::Event) {
     out.put(current_process().authkey.as_bytes().to_vec())
         .expect("report");
+    go.wait(Some(Duration::from_secs(60))).expect("wait");
 }
 
 #[shoal::remote]
@@ -1158,14 +1159,14 @@ fn authkey_through_a_secret(kube: &Kube) {
     let key = current_process().authkey.as_bytes().to_vec();
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
     let out: SimpleQueue<Vec<u8>> = SimpleQueue::new().expect("queue");
-    let child = Process::new(report_authkey, (out.clone(),));
+    let go = shoal::Event::new().expect("event");
+    let child = Process::new(report_authkey, (out.clone(), go.clone()));
     child.start().expect("start");
     assert_eq!(
         out.get_timeout(patience()).expect("the pod's key"),
         key,
         "a process's pod has the driver's authkey"
     );
-    assert_eq!(exit_code(&child), Some(0));
     let pool = Pool::new(1).expect("pool");
     assert_eq!(
         pool.apply(authkey_of_worker, (0,)).expect("apply"),
@@ -1173,7 +1174,11 @@ fn authkey_through_a_secret(kube: &Kube) {
         "so has a pool worker's"
     );
     let secrets = kube.secrets("");
-    assert_eq!(secrets.len(), 1, "one Secret for the runtime: {secrets:?}");
+    assert_eq!(
+        secrets.len(),
+        1,
+        "one Secret for the runtime's key: {secrets:?}"
+    );
     let held = secrets[0]
         .data
         .as_ref()
@@ -1182,11 +1187,14 @@ fn authkey_through_a_secret(kube: &Kube) {
     assert_eq!(held, Some(hex.clone().into_bytes()));
     let jobs = serde_json::to_string(&kube.jobs("")).expect("json");
     assert!(!jobs.contains(&hex), "a Job holds the key");
+    // The child still runs, so its task record is there too; neither form of the key is.
     let holding = every_value_in_redis(&mut kube.redis())
         .into_iter()
-        .filter(|v| contains_bytes(v, &key))
+        .filter(|v| contains_bytes(v, &key) || contains_bytes(v, hex.as_bytes()))
         .count();
     assert_eq!(holding, 0, "the key is in Redis");
+    go.set().expect("go");
+    assert_eq!(exit_code(&child), Some(0));
     pool.close().expect("close");
     pool.join().expect("join");
     drop(pool);
@@ -1198,6 +1206,7 @@ fn authkey_through_a_secret(kube: &Kube) {
     );
 }
 
+/// Dropping the runtime deletes every Job it started (finished ones included) and their pods.
 fn drop_deletes_jobs(kube: &Kube) {
     let rt = runtime(kube.config());
     let finished = Process::new(noop, ());

@@ -15,9 +15,10 @@
 //! # What the executor does
 //!
 //! * **Launch**: creates the Job (`spec.rs`); the pod reads its task from Redis like any worker
-//!   (the backend moves no data). Before the first Job that carries a given authkey, the
-//!   runtime's authkey Secret for it ([`JobTemplate::authkey_secret`]; `AlreadyExists` is
-//!   fine: two launches may race to make it); the Job's `SHOAL_WORKER_AUTHKEY` refers to it. Thread workloads (start method `thread`) run in this process,
+//!   (the backend moves no data). Before the first Job that carries a given authkey, it
+//!   creates the runtime's Secret for that key ([`JobTemplate::authkey_secret`], its name with
+//!   a random suffix; `AlreadyExists` is fine: two launches may race to make it), which the
+//!   Job's `SHOAL_WORKER_AUTHKEY` refers to. Thread workloads (start method `thread`) run in this process,
 //!   through the local executor.
 //! * **Exit**: one watch on the pods of this runtime (label `shoal.dev/runtime`, through
 //!   `kube::runtime::watcher`, which relists and resumes after errors) tells each worker's end
@@ -60,8 +61,9 @@
 //!   regardless (an image run by hand), the worker path installs a `SIGTERM` handler that
 //!   exits with 143 when it finds itself PID 1 (see `crate::worker`).
 //! * **Shutdown**: the runtime being dropped deletes every Job it started (label selector),
-//!   finished ones included, then its authkey Secrets (same selector). A driver killed before
-//!   that leaves its Secret behind (one small object, labelled with the runtime).
+//!   finished ones included, then its authkey Secrets (same selector), once the launches under
+//!   way have returned (at most 30 s; later ones are refused). A driver killed before that
+//!   leaves its Secrets behind (small objects, labelled with the runtime).
 //!
 //! A remote worker cannot get a parent-death signal: a pool worker watches its driver's
 //! liveness key instead (see `crate::pool`).
@@ -73,6 +75,8 @@ mod spec;
 mod status;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -132,10 +136,14 @@ pub struct KubernetesExecutor {
     relisted: Option<HashSet<String>>,
     /// `kubernetes.pod_create_grace_secs`.
     pod_create_grace: Duration,
-    /// The authkey Secrets this runtime made (see `spec.rs`).
-    authkey_secrets: HashSet<String>,
-    /// Whether it ever asked for one (the shutdown deletes them then).
-    asked_for_secrets: bool,
+    /// The name of the authkey Secret of each key (by its hex form) this runtime's Jobs were
+    /// given (see `spec.rs`), and whether it was made.
+    authkey_secrets: HashMap<String, (String, bool)>,
+    /// Launches whose API calls have not returned yet: the shutdown waits for them, lest a
+    /// Job or a Secret be made after it deleted this runtime's.
+    launching: Arc<AtomicUsize>,
+    /// Shutting down: no more launches.
+    stopping: bool,
 }
 
 impl KubernetesExecutor {
@@ -154,8 +162,9 @@ impl KubernetesExecutor {
             client: None,
             workers: HashMap::new(),
             relisted: None,
-            authkey_secrets: HashSet::new(),
-            asked_for_secrets: false,
+            authkey_secrets: HashMap::new(),
+            launching: Arc::new(AtomicUsize::new(0)),
+            stopping: false,
         });
         futures::executor::block_on(addr.send(Connect))
             .map_err(|e| Error::Backend(format!("the kubernetes executor did not start: {e}")))??;
@@ -345,6 +354,30 @@ fn already_exists(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(status) if status.code == 409)
 }
 
+/// The random suffix of an authkey Secret's name (after its last `-`).
+fn suffix_of(name: &str) -> &str {
+    name.rsplit('-').next().unwrap_or(name)
+}
+
+/// How long the shutdown waits for launches under way.
+const LAUNCHES_SETTLE: Duration = Duration::from_secs(30);
+
+/// One launch under way, counted in the executor's `launching` until it is dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Actor for KubernetesExecutor {
     type Context = Context<Self>;
 }
@@ -484,13 +517,25 @@ impl Handler<Launch> for KubernetesExecutor {
             let e = Error::invalid_state(format!("worker {} is already running", launch.id));
             return Box::pin(fut::ready(Err(e)));
         }
+        if self.stopping {
+            let e = Error::invalid_state("the runtime is shutting down: no more workers");
+            return Box::pin(fut::ready(Err(e)));
+        }
         let task = format!("{}/{task_id}", self.template.namespace);
         // The authkey goes through a Secret of this runtime, made before its first Job.
-        let secret = launch
-            .env
-            .get(ENV_WORKER_AUTHKEY)
-            .map(|hex| self.template.authkey_secret(hex));
-        let secret_name = secret.as_ref().and_then(|s| s.metadata.name.clone());
+        let (secret_name, new_secret) = match launch.env.get(ENV_WORKER_AUTHKEY) {
+            None => (None, None),
+            Some(hex) => {
+                let template = &self.template;
+                let (name, made) = self.authkey_secrets.entry(hex.clone()).or_insert_with(|| {
+                    let suffix = uuid::Uuid::new_v4().simple().to_string();
+                    let secret = template.authkey_secret(hex, &suffix[..12]);
+                    (secret.metadata.name.unwrap_or_default(), false)
+                });
+                let new = (!*made).then(|| template.authkey_secret(hex, suffix_of(name)));
+                (Some(name.clone()), new)
+            }
+        };
         let worker = WorkerJob {
             id: &launch.id,
             name: &launch.name,
@@ -500,12 +545,8 @@ impl Handler<Launch> for KubernetesExecutor {
         };
         let job = self.template.job(&worker);
         let job_name = self.template.job_name(&worker);
-        let new_secret = secret.filter(|_| {
-            secret_name
-                .as_ref()
-                .is_some_and(|name| !self.authkey_secrets.contains(name))
-        });
-        self.asked_for_secrets |= new_secret.is_some();
+        let key_hex = launch.env.get(ENV_WORKER_AUTHKEY).cloned();
+        let launching = InFlight::new(&self.launching);
         self.workers.insert(
             launch.id.clone(),
             RemoteWorker {
@@ -522,6 +563,7 @@ impl Handler<Launch> for KubernetesExecutor {
         let (id, name, namespace) = (launch.id, launch.name, self.namespace.clone());
         Box::pin(
             async move {
+                let _launching = launching;
                 if let Some(secret) = new_secret {
                     let secret_name = secret.metadata.name.clone().unwrap_or_default();
                     match secrets.create(&PostParams::default(), &secret).await {
@@ -548,8 +590,10 @@ impl Handler<Launch> for KubernetesExecutor {
             }
             .into_actor(self)
             .map(move |(secret_there, created), act, _| {
-                if secret_there && let Some(secret_name) = secret_name {
-                    act.authkey_secrets.insert(secret_name);
+                if secret_there
+                    && let Some(entry) = key_hex.and_then(|hex| act.authkey_secrets.get_mut(&hex))
+                {
+                    entry.1 = true;
                 }
                 match created {
                     Ok(_) => Ok(Launched { pid: None }),
@@ -618,10 +662,17 @@ impl Handler<Shutdown> for KubernetesExecutor {
         };
         let jobs: Api<Job> = Api::namespaced(client.clone(), &self.namespace);
         let secrets: Api<Secret> = Api::namespaced(client, &self.namespace);
-        let made_secrets = self.asked_for_secrets;
+        let made_secrets = !self.authkey_secrets.is_empty();
         let selector = self.selector();
+        self.stopping = true;
+        let launching = self.launching.clone();
         Box::pin(
             async move {
+                // A launch under way makes its Secret and Job after any delete made now.
+                let deadline = Instant::now() + LAUNCHES_SETTLE;
+                while launching.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                    actix_rt::time::sleep(Duration::from_millis(10)).await;
+                }
                 let params = DeleteParams {
                     propagation_policy: Some(PropagationPolicy::Background),
                     ..DeleteParams::default()

@@ -42,9 +42,6 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use shoal_core::config::{KubernetesConfig, SecretKeyRef};
 
-use shoal_core::auth;
-use shoal_core::context::AuthKey;
-
 use crate::task::{
     ENV_WORKER_AUTHKEY, ENV_WORKER_REDIS, ENV_WORKER_REDIS_PASSWORD, ENV_WORKER_TASK,
 };
@@ -117,16 +114,14 @@ impl JobTemplate {
     }
 
     /// The Secret that hands this runtime's workers the authkey whose hex form is `hex` (what
-    /// `SHOAL_WORKER_AUTHKEY` carries), under [`AUTHKEY_SECRET_KEY`]. One per runtime and key:
-    /// `shoal-authkey-<runtime id>-<12 hex digits>`, the digits an HMAC of a fixed text under
-    /// the key (they tell keys apart and reveal nothing of them), so a key set with
-    /// `set_authkey` later gets a Secret of its own. Immutable, labelled as the Jobs are
-    /// (`shoal.dev/runtime` selects them for deletion with the runtime).
-    pub fn authkey_secret(&self, hex: &str) -> Secret {
-        let key = AuthKey::from_bytes(hex.as_bytes().to_vec());
-        let tag = auth::sign(&key, &[b"shoal kubernetes authkey secret"]);
-        let digits: String = tag[..6].iter().map(|b| format!("{b:02x}")).collect();
+    /// `SHOAL_WORKER_AUTHKEY` carries), under [`AUTHKEY_SECRET_KEY`]. One per runtime and key
+    /// (a key set with `set_authkey` later gets a Secret of its own):
+    /// `shoal-authkey-<runtime id>-<suffix>`, the suffix random (its caller's: anything derived
+    /// from the key would let whoever reads Jobs test guesses of it). Immutable, labelled as
+    /// the Jobs are (`shoal.dev/runtime` selects them for deletion with the runtime).
+    pub fn authkey_secret(&self, hex: &str, suffix: &str) -> Secret {
         let runtime = dns_part(&self.runtime_id, 63);
+        let digits = dns_part(suffix, 32);
         let mut labels = self.config.labels.clone();
         labels.insert(LABEL_RUNTIME.into(), self.runtime_id.clone());
         labels.insert(LABEL_NAMESPACE.into(), label_value(&self.namespace));
@@ -392,22 +387,11 @@ mod tests {
     fn the_authkey_reaches_the_worker_from_a_secret_never_from_the_job() {
         let t = template();
         let hex = "c0ffee00".repeat(8);
-        let secret = t.authkey_secret(&hex);
+        let secret = t.authkey_secret(&hex, "5e1f0a2b3c4d");
         let name = secret.metadata.name.clone().expect("named");
-        assert!(
-            name.starts_with("shoal-authkey-0123456789abcdef0123456789abcdef-"),
-            "{name}"
-        );
-        assert_eq!(name.len(), "shoal-authkey-".len() + 32 + 1 + 12);
-        assert!(
-            !name.contains(&hex[..12]),
-            "the name shows nothing of the key"
-        );
-        assert_eq!(t.authkey_secret(&hex).metadata.name, Some(name.clone()));
-        assert_ne!(
-            t.authkey_secret(&"f".repeat(64)).metadata.name,
-            Some(name.clone()),
-            "another key, another Secret"
+        assert_eq!(
+            name,
+            "shoal-authkey-0123456789abcdef0123456789abcdef-5e1f0a2b3c4d"
         );
         let json = serde_json::to_value(&secret).expect("json");
         assert_eq!(json["stringData"][AUTHKEY_SECRET_KEY], hex.as_str());

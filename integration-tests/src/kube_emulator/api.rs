@@ -838,17 +838,22 @@ async fn delete_secrets(
     Query(query): Params,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    reject_dry_run(&query)?;
     let options = delete_options(&query, &body)?;
     let (labels, fields) = selectors(&query)?;
     let mut cluster = core.lock();
-    let mut items = Vec::new();
-    for name in matching_names::<Secret>(&cluster, &namespace, &labels, &fields) {
-        if let Some(secret) = cluster.store.get::<Secret>(&namespace, &name) {
+    let names = matching_names::<Secret>(&cluster, &namespace, &labels, &fields);
+    // Preconditions first, as one check: a failed one deletes nothing.
+    for name in &names {
+        if let Some(secret) = cluster.store.get::<Secret>(&namespace, name) {
             controller::check_preconditions::<Secret>(
                 &secret.metadata,
                 options.preconditions.as_ref(),
             )?;
         }
+    }
+    let mut items = Vec::new();
+    for name in names {
         if let Some(secret) = cluster.store.remove::<Secret>(&namespace, &name) {
             items.push(list_item(&encode(&secret)));
         }
