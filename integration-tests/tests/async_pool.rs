@@ -1,13 +1,14 @@
 //! The async forms of Pool and Process: an `AsyncResult` awaited, `imap` as a stream,
-//! `join_async`, under tokio's current-thread runtime (where a blocked thread would stop
+//! `start_async` and `join_async`, under tokio's current-thread runtime (where a blocked thread would stop
 //! everything) and a multi-thread one, and under actix's.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use shoal::prelude::*;
+use shoal_integration_tests::wait_for;
 
 shoal::test_support!();
 
@@ -101,6 +102,55 @@ fn join_async_waits_for_the_exit_without_blocking() {
         futures::executor::block_on(never.join_async()),
         Err(Error::InvalidState(_))
     ));
+}
+
+#[test]
+fn start_async_starts_a_subprocess_or_a_thread_and_a_dropped_start_still_starts() {
+    let _rt = runtime();
+    let p = Process::new(nap, (200u64,));
+    let (started, ticks) = with_ticker(async {
+        p.start_async().await?;
+        let alive = p.is_alive();
+        p.join_async().await?;
+        Ok::<_, Error>(alive)
+    });
+    assert!(started.expect("start and join"), "alive once started");
+    assert_eq!(p.exitcode(), Some(0));
+    assert!(p.pid().is_some(), "a subprocess has a pid");
+    assert!(ticks >= 10, "the runtime was blocked: {ticks} ticks");
+    assert!(matches!(
+        futures::executor::block_on(p.start_async()),
+        Err(Error::InvalidState(_))
+    ));
+
+    let t = Process::thread(
+        |ms: u64| std::thread::sleep(Duration::from_millis(ms)),
+        (10u64,),
+    );
+    futures::executor::block_on(async {
+        t.start_async().await.expect("a thread starts");
+        t.join_async().await.expect("join");
+    });
+    assert_eq!(t.exitcode(), Some(0));
+
+    // Polled once, then dropped: the start goes ahead, and the handle shows it.
+    let dropped = Process::new(nap, (50u64,));
+    let _ = dropped.start_async().now_or_never();
+    assert!(
+        wait_for(Duration::from_secs(30), || dropped.exitcode() == Some(0)),
+        "the dropped start did not start the process: {dropped:?}"
+    );
+    dropped.join(None).expect("join");
+
+    // A thread target cannot run in a subprocess: an error, and the process stays startable.
+    let misplaced = Process::thread(|| {}, ()).start_method(StartMethod::Process);
+    assert!(matches!(
+        futures::executor::block_on(misplaced.start_async()),
+        Err(Error::InvalidState(_))
+    ));
+    let misplaced = misplaced.start_method(StartMethod::Thread);
+    futures::executor::block_on(misplaced.start_async()).expect("starts on a thread");
+    misplaced.join(None).expect("join");
 }
 
 #[test]

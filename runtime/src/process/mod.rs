@@ -124,7 +124,8 @@ pub struct Process {
     identity: Vec<u32>,
     daemon: AtomicBool,
     start_method: Option<StartMethod>,
-    slot: Mutex<Slot>,
+    /// Shared with the task that finishes an async start (see [`Process::start_async`]).
+    slot: Arc<Mutex<Slot>>,
 }
 
 enum Slot {
@@ -236,7 +237,7 @@ impl Process {
             identity,
             daemon: AtomicBool::new(false),
             start_method,
-            slot: Mutex::new(Slot::Created(target)),
+            slot: Arc::new(Mutex::new(Slot::Created(target))),
         }
     }
 
@@ -319,43 +320,106 @@ impl Process {
     /// [`Process::thread`] target was given the `process` start method; it stays startable),
     /// or what the backend reports.
     pub fn start(&self) -> Result<()> {
-        let target = {
-            let mut slot = self.lock_slot();
-            match std::mem::replace(&mut *slot, Slot::Starting) {
-                Slot::Created(target) => target,
-                Slot::Closed => {
-                    *slot = Slot::Closed;
-                    return Err(self.closed());
-                }
-                other => {
-                    *slot = other;
-                    return Err(Error::invalid_state(format!(
-                        "cannot start process {} twice",
-                        self.name
-                    )));
-                }
-            }
+        let target = self.take_target()?;
+        let prepared = match self.prepare(target) {
+            Ok(prepared) => prepared,
+            Err(failure) => return self.not_started(failure),
         };
-        match self.launch(target) {
-            Ok(started) => {
-                *self.lock_slot() = Slot::Started(started);
-                Ok(())
+        let reply = futures::executor::block_on(prepared.actor.send(StartChild));
+        settle(&self.slot, prepared.finish(reply))
+    }
+
+    /// The async form of [`Process::start`], for async code: the launch (the task record's
+    /// write, the backend's call: a fork and exec, or a Kubernetes Job) runs on shoal's actor
+    /// runtime and no thread waits for it; any executor. Errors as [`Process::start`].
+    ///
+    /// Dropping the future does not cancel the start once it has begun (the first poll): the
+    /// child is launched all the same, and this handle shows it started (`is_alive`, `join`,
+    /// `terminate`...) as soon as the launch returns, as it would have after `start()`.
+    /// Encoding the arguments runs in the first poll: arguments that carry pipe ends make one
+    /// round trip each to Redis there.
+    ///
+    /// ```no_run
+    /// use shoal::prelude::*;
+    ///
+    /// #[shoal::remote]
+    /// fn work(n: u64) {
+    ///     println!("{n}");
+    /// }
+    ///
+    /// # async fn handler() -> shoal::Result<()> {
+    /// let p = Process::new(work, (7u64,));
+    /// p.start_async().await?;
+    /// p.join_async().await?;
+    /// assert_eq!(p.exitcode(), Some(0));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn start_async(&self) -> Result<()> {
+        let target = self.take_target()?;
+        let prepared = match self.prepare(target) {
+            Ok(prepared) => prepared,
+            Err(failure) => return self.not_started(failure),
+        };
+        // Sent now: the start goes ahead whatever happens to this future; the task below
+        // records how it went in the slot, and tells this future if it is still there.
+        let request = prepared.actor.send(StartChild);
+        let arbiter = prepared.runtime.arbiter();
+        let slot = self.slot.clone();
+        let (tell, told) = futures::channel::oneshot::channel();
+        let finish = async move {
+            let reply = request.await;
+            let _ = tell.send(settle(&slot, prepared.finish(reply)));
+        };
+        if !arbiter.spawn(finish) {
+            let e =
+                Error::Backend("shoal's actor runtime stopped: the process cannot start".into());
+            *self.lock_slot() = Slot::Failed(e.to_string());
+            return Err(e);
+        }
+        told.await.unwrap_or_else(|_| {
+            Err(Error::Backend(
+                "shoal's actor runtime stopped while the process started".into(),
+            ))
+        })
+    }
+
+    /// Takes the target out of a process that may start (the slot is `Starting` then).
+    fn take_target(&self) -> Result<Box<dyn Target>> {
+        let mut slot = self.lock_slot();
+        match std::mem::replace(&mut *slot, Slot::Starting) {
+            Slot::Created(target) => Ok(target),
+            Slot::Closed => {
+                *slot = Slot::Closed;
+                Err(self.closed())
             }
-            Err((Some(target), e)) => {
-                *self.lock_slot() = Slot::Created(target);
-                Err(e)
-            }
-            Err((None, e)) => {
-                *self.lock_slot() = Slot::Failed(e.to_string());
-                Err(e)
+            other => {
+                *slot = other;
+                Err(Error::invalid_state(format!(
+                    "cannot start process {} twice",
+                    self.name
+                )))
             }
         }
     }
 
-    fn launch(
+    /// A start that failed before the launch: the process may start again when the target
+    /// came back, else it failed.
+    fn not_started(&self, (target, e): (Option<Box<dyn Target>>, Error)) -> Result<()> {
+        *self.lock_slot() = match target {
+            Some(target) => Slot::Created(target),
+            None => Slot::Failed(e.to_string()),
+        };
+        Err(e)
+    }
+
+    /// Everything a start does before the launch: the checks, the arguments encoded, the task
+    /// record built, the process's actor started (it launches on [`StartChild`]). A failure
+    /// gives the target back when the process may start again.
+    fn prepare(
         &self,
         target: Box<dyn Target>,
-    ) -> std::result::Result<Started, (Option<Box<dyn Target>>, Error)> {
+    ) -> std::result::Result<Prepared, (Option<Box<dyn Target>>, Error)> {
         let me = context::current_process();
         if me.daemon {
             let e = Error::invalid_state(format!(
@@ -477,30 +541,13 @@ impl Process {
             sent_transfers,
         };
         let addr = ProcessActor::start_in_arbiter(&runtime.arbiter(), move |_| actor);
-        let pid = match futures::executor::block_on(addr.send(StartChild)) {
-            Ok(Ok(pid)) => pid,
-            Ok(Err(e)) => return Err((None, e)),
-            Err(e) => {
-                return Err((
-                    None,
-                    Error::Backend(format!("the process actor is not running: {e}")),
-                ));
-            }
-        };
-        let child = StartedChild {
-            state,
-            actor: addr,
-            pid,
-        };
-        runtime.track_child(ChildEntry {
+        Ok(Prepared {
             id,
             name: self.name.clone(),
             daemon,
-            started: child.clone(),
-        });
-        Ok(Started {
-            child,
-            _runtime: runtime,
+            state,
+            actor: addr,
+            runtime,
         })
     }
 
@@ -602,6 +649,66 @@ impl Process {
 
     fn lock_slot(&self) -> std::sync::MutexGuard<'_, Slot> {
         self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A process ready to launch: its actor runs and waits for [`StartChild`].
+struct Prepared {
+    id: String,
+    name: String,
+    daemon: bool,
+    state: Arc<ProcessState>,
+    actor: Addr<ProcessActor>,
+    runtime: Arc<RuntimeInner>,
+}
+
+impl Prepared {
+    /// The started process, from its actor's answer to [`StartChild`] (tracked as a child of
+    /// the runtime), or why it did not start.
+    fn finish(
+        self,
+        reply: std::result::Result<Result<Option<u32>>, actix::MailboxError>,
+    ) -> Result<Started> {
+        let pid = match reply {
+            Ok(Ok(pid)) => pid,
+            Ok(Err(e)) => return Err(e),
+            Err(e) => {
+                return Err(Error::Backend(format!(
+                    "the process actor is not running: {e}"
+                )));
+            }
+        };
+        let child = StartedChild {
+            state: self.state,
+            actor: self.actor,
+            pid,
+        };
+        self.runtime.track_child(ChildEntry {
+            id: self.id,
+            name: self.name,
+            daemon: self.daemon,
+            started: child.clone(),
+        });
+        Ok(Started {
+            child,
+            _runtime: self.runtime,
+        })
+    }
+}
+
+/// Records how a launch went in the process's slot: started, or failed (a launch that was
+/// tried is not tried again).
+fn settle(slot: &Mutex<Slot>, outcome: Result<Started>) -> Result<()> {
+    let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+    match outcome {
+        Ok(started) => {
+            *slot = Slot::Started(started);
+            Ok(())
+        }
+        Err(e) => {
+            *slot = Slot::Failed(e.to_string());
+            Err(e)
+        }
     }
 }
 
