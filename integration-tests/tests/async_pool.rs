@@ -105,6 +105,37 @@ fn join_async_waits_for_the_exit_without_blocking() {
 }
 
 #[test]
+fn a_pool_is_made_async_and_bad_settings_are_errors() {
+    let _rt = runtime();
+    let (squares, _) = with_ticker(async {
+        let pool = Pool::new_async(2).await?;
+        let squares = pool.map_async(slow_square, 0..10u64)?.await?;
+        pool.close_async().await?;
+        pool.join_async().await?;
+        Ok::<_, Error>(squares)
+    });
+    assert_eq!(
+        squares.expect("made, mapped, closed"),
+        (0..10u64).map(|x| x * x).collect::<Vec<_>>()
+    );
+    let refused = futures::executor::block_on(Pool::builder().processes(0).build_async());
+    assert!(
+        matches!(refused, Err(Error::InvalidState(_))),
+        "{refused:?}"
+    );
+    let refused = futures::executor::block_on(
+        Pool::builder()
+            .processes(1)
+            .maxtasksperchild(0)
+            .build_async(),
+    );
+    assert!(
+        matches!(refused, Err(Error::InvalidState(_))),
+        "{refused:?}"
+    );
+}
+
+#[test]
 fn start_async_starts_a_subprocess_or_a_thread_and_a_dropped_start_still_starts() {
     let _rt = runtime();
     let p = Process::new(nap, (200u64,));

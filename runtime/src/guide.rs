@@ -16,9 +16,10 @@
 //!    [`AsyncResult`](crate::AsyncResult) (`pool.map_async(...)?.await`), or turn an `imap` into
 //!    a `Stream` ([`IMapIterator::into_stream`](crate::IMapIterator::into_stream)); no executor
 //!    thread waits: the pool's supervisor wakes your task. The primitives have `_async` forms,
-//!    and so does a `Process`'s start and join
-//!    ([`Process::start_async`](crate::Process::start_async)). Make the `Pool` (and a
-//!    `Manager`) at start-up: their constructors block the calling thread briefly.
+//!    and so do a `Process`'s start and join
+//!    ([`Process::start_async`](crate::Process::start_async)) and a pool's making and ending
+//!    ([`Pool::new_async`](crate::Pool::new_async), `close_async`, `join_async`). Make a
+//!    `Manager` at start-up: its constructor blocks the calling thread briefly.
 //! 4. **Cancellation.** Dropping an awaited call (your request timed out, the client went away)
 //!    cancels it: its items that did not start never run, running tasks see
 //!    [`termination_requested`](crate::termination_requested), and a worker that ignores it is

@@ -258,22 +258,63 @@ impl PoolBuilder {
 
     /// Starts the pool.
     pub fn build(self) -> Result<Pool> {
-        Pool::start(self)
+        let plan = PoolPlan::new(self)?;
+        protocol::create_streams(&plan.store, &plan.keys)?;
+        let (pool, started) = plan.launch()?;
+        futures::executor::block_on(started)
+            .map_err(|e| Error::Backend(format!("the pool supervisor did not start: {e}")))?;
+        Ok(pool)
+    }
+
+    /// The async form of [`PoolBuilder::build`], for async code: the pool's stream is made from
+    /// shoal's actor runtime (one round trip) and no thread waits; any executor. Errors as
+    /// `build`. The workers start in the background, as with `build`.
+    ///
+    /// Dropping the future before it returns drops the pool made so far, which terminates its
+    /// workers (as dropping a `Pool` does: that drop blocks the calling thread while they stop).
+    ///
+    /// ```no_run
+    /// use shoal::prelude::*;
+    ///
+    /// #[shoal::remote]
+    /// fn double(x: u64) -> u64 {
+    ///     2 * x
+    /// }
+    ///
+    /// # async fn service() -> shoal::Result<()> {
+    /// let pool = Pool::builder().processes(4).build_async().await?;
+    /// assert_eq!(pool.map_async(double, 0..3u64)?.await?, vec![0, 2, 4]);
+    /// pool.close_async().await?;
+    /// pool.join_async().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn build_async(self) -> Result<Pool> {
+        let plan = PoolPlan::new(self)?;
+        plan.create_streams_async().await?;
+        let (pool, started) = plan.launch()?;
+        started
+            .await
+            .map_err(|e| Error::Backend(format!("the pool supervisor did not start: {e}")))?;
+        Ok(pool)
     }
 }
 
-impl Pool {
-    /// A pool of `processes` workers.
-    pub fn new(processes: usize) -> Result<Pool> {
-        Pool::builder().processes(processes).build()
-    }
+/// A pool checked and configured, before anything is started: what both
+/// [`PoolBuilder::build`] and [`PoolBuilder::build_async`] make, then launch.
+struct PoolPlan {
+    runtime: Arc<RuntimeInner>,
+    settings: PoolSettings,
+    processes: usize,
+    progress: bool,
+    id: String,
+    keys: PoolKeys,
+    store: Arc<Store>,
+}
 
-    /// A builder.
-    pub fn builder() -> PoolBuilder {
-        PoolBuilder::default()
-    }
-
-    fn start(builder: PoolBuilder) -> Result<Pool> {
+impl PoolPlan {
+    /// Checks the builder's settings against the process and the configuration.
+    fn new(builder: PoolBuilder) -> Result<PoolPlan> {
         let me = shoal_core::context::current_process();
         if me.daemon {
             return Err(Error::invalid_state(format!(
@@ -335,7 +376,67 @@ impl Pool {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let store = context.store().clone();
         let keys = PoolKeys::new(store.keys(), &id);
-        protocol::create_streams(&store, &keys)?;
+        Ok(PoolPlan {
+            runtime,
+            settings,
+            processes,
+            progress,
+            id,
+            keys,
+            store,
+        })
+    }
+
+    /// [`protocol::create_streams`] sent from shoal's actor runtime: the task stream and its
+    /// group (one existing already is fine) and their TTL, in one round trip.
+    async fn create_streams_async(&self) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.keys.tasks)
+            .arg(protocol::GROUP)
+            .arg("$")
+            .arg("MKSTREAM")
+            .expire(&self.keys.tasks, self.store.expiry_secs() as i64);
+        let tasks = self.keys.tasks.clone();
+        self.runtime
+            .context()
+            .spawn(move |store, caller| async move {
+                let replies = match store.shared().await {
+                    Ok(mut conn) => {
+                        type Replies = (redis::RedisResult<()>, redis::RedisResult<()>);
+                        let sent: redis::RedisResult<Replies> =
+                            pipe.ignore_errors().query_async(&mut conn).await;
+                        match sent {
+                            Ok((Err(e), _)) if e.code() != Some("BUSYGROUP") => {
+                                Err(Error::redis(format!("creating pool stream {tasks}"), e))
+                            }
+                            Ok((_, Err(e))) | Err(e) => {
+                                Err(Error::redis(format!("creating pool stream {tasks}"), e))
+                            }
+                            Ok(_) => Ok(()),
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                caller.finish(replies);
+            })
+            .await
+    }
+
+    /// Starts the supervisor and asks it to start the workers; the pool is returned with that
+    /// request, which answers once the workers' launches are under way. The pool is tracked by
+    /// the runtime from here: dropping it (or the runtime) stops what was started.
+    fn launch(self) -> Result<(Pool, actix::dev::Request<PoolSupervisor, StartWorkers>)> {
+        let PoolPlan {
+            runtime,
+            settings,
+            processes,
+            progress,
+            id,
+            keys,
+            store,
+        } = self;
         let shared = PoolShared::new();
         let callbacks = spawn_callback_thread()?;
         let supervisor = {
@@ -350,13 +451,12 @@ impl Pool {
                 PoolSupervisor::new(id, keys, store, executor, settings, shared, callbacks)
             })
         };
-        futures::executor::block_on(supervisor.send(StartWorkers))
-            .map_err(|e| Error::Backend(format!("the pool supervisor did not start: {e}")))?;
+        let started = supervisor.send(StartWorkers);
         runtime.track_pool(PoolEntry {
             supervisor: supervisor.clone(),
             shared: shared.clone(),
         });
-        Ok(Pool {
+        let pool = Pool {
             id,
             processes,
             keys,
@@ -366,7 +466,25 @@ impl Pool {
             next_call: AtomicU64::new(1),
             progress,
             _runtime: runtime,
-        })
+        };
+        Ok((pool, started))
+    }
+}
+
+impl Pool {
+    /// A pool of `processes` workers.
+    pub fn new(processes: usize) -> Result<Pool> {
+        Pool::builder().processes(processes).build()
+    }
+
+    /// The async form of [`Pool::new`] (see [`PoolBuilder::build_async`]).
+    pub async fn new_async(processes: usize) -> Result<Pool> {
+        Pool::builder().processes(processes).build_async().await
+    }
+
+    /// A builder.
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::default()
     }
 
     /// The number of workers.
