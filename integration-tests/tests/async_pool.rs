@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use shoal::prelude::*;
 use shoal_integration_tests::wait_for;
 
@@ -24,6 +26,12 @@ fn slow_square(x: u64) -> u64 {
 
 #[shoal::remote]
 fn nap(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+#[shoal::remote]
+fn report_pid_then_nap(pids: SimpleQueue<u32>, ms: u64) {
+    pids.put(std::process::id()).expect("pid");
     std::thread::sleep(Duration::from_millis(ms));
 }
 
@@ -238,13 +246,28 @@ fn a_pool_closes_terminates_and_joins_without_blocking() {
     let squares = squares.get(None).expect("the outstanding call completed");
     assert_eq!(squares, (0..40u64).map(|x| x * x).collect::<Vec<_>>());
 
-    // terminate_async stops workers in the middle of long tasks.
+    // terminate_async stops workers in the middle of long tasks, and kills those that do not
+    // stop within the grace. The workers are stopped (SIGSTOP): the SIGTERM waits, so the
+    // terminate lasts the grace whatever the machine's load, and a thread it blocked would
+    // count no tick meanwhile.
     let pool = Pool::new(2).expect("pool");
-    let naps = pool.map_async(nap, vec![60_000u64; 4]).expect("map");
-    std::thread::sleep(Duration::from_millis(300));
+    let pids: SimpleQueue<u32> = SimpleQueue::new().expect("queue");
+    let naps = pool
+        .apply_async(report_pid_then_nap, (pids.clone(), 60_000u64))
+        .expect("apply");
+    let also = pool
+        .apply_async(report_pid_then_nap, (pids.clone(), 60_000u64))
+        .expect("apply");
+    for _ in 0..2 {
+        let pid = pids
+            .get_timeout(Duration::from_secs(30))
+            .expect("a worker's pid");
+        kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    }
     let (terminated, ticks) = with_ticker(pool.terminate_async());
     terminated.expect("terminate");
-    assert!(ticks > 0, "the thread was blocked ({ticks} ticks)");
+    assert!(ticks > 100, "the thread was blocked ({ticks} ticks)");
+    assert!(also.get(None).is_err());
     assert!(
         naps.get(None).is_err(),
         "a terminated pool fails its running call"
