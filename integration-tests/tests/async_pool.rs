@@ -47,6 +47,8 @@ fn with_ticker<T>(f: impl std::future::Future<Output = T>) -> (T, u64) {
         let counter = ticks.clone();
         let ticker = tokio::spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_millis(5));
+            // A blocked thread must not be made up for by a burst of late ticks.
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 interval.tick().await;
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -190,6 +192,31 @@ fn start_async_starts_a_subprocess_or_a_thread_and_a_dropped_start_still_starts(
     let misplaced = misplaced.start_method(StartMethod::Thread);
     futures::executor::block_on(misplaced.start_async()).expect("starts on a thread");
     misplaced.join(None).expect("join");
+}
+
+#[test]
+fn the_runtime_goes_when_an_abandoned_start_held_it_last() {
+    let rt = runtime();
+    let socket = rt
+        .config()
+        .redis
+        .url
+        .clone()
+        .and_then(|u| u.strip_prefix("unix://").map(str::to_string))
+        .expect("the embedded store's socket");
+    // The start's task holds the runtime, and (once the child started) the process: with the
+    // future, the handle and the guard dropped, its references are the last ones, and the
+    // teardown they start (which waits for the child, whose exit shoal's actor thread
+    // records) must not run on that thread.
+    let p = Process::new(nap, (100u64,));
+    let _ = p.start_async().now_or_never();
+    drop(p);
+    drop(rt);
+    assert!(
+        wait_for(Duration::from_secs(60), || !std::path::Path::new(&socket)
+            .exists()),
+        "the runtime's teardown did not finish (its store is still there)"
+    );
 }
 
 #[test]

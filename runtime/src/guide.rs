@@ -23,7 +23,11 @@
 //! 4. **Cancellation.** Dropping an awaited call (your request timed out, the client went away)
 //!    cancels it: its items that did not start never run, running tasks see
 //!    [`termination_requested`](crate::termination_requested), and a worker that ignores it is
-//!    replaced. [`AsyncOptions::deadline`](crate::AsyncOptions::deadline) bounds a call.
+//!    replaced. [`AsyncOptions::deadline`](crate::AsyncOptions::deadline) bounds a call. A
+//!    process's start is not cancelled: a dropped
+//!    [`Process::start_async`](crate::Process::start_async) starts it all the same (terminate
+//!    it if you must), and a dropped [`Pool::new_async`](crate::Pool::new_async) terminates
+//!    the pool it made.
 //! 5. **Shutdown.** Children run in their own process group, so a terminal's Ctrl-C reaches your
 //!    program only. Resolve your server's graceful shutdown with
 //!    [`shutdown_signal`](crate::shutdown_signal) (SIGINT or SIGTERM), let it finish its
@@ -49,7 +53,7 @@
 //! #[tokio::main(flavor = "current_thread")]
 //! async fn main() -> shoal::Result<()> {
 //!     let rt = shoal::init()?;
-//!     let pool = Arc::new(Pool::new(4)?);
+//!     let pool = Arc::new(Pool::new_async(4).await?);
 //!     let sum: u64 = pool.map_async(square, 0..100u64)?.await?.iter().sum();
 //!     println!("{sum}");
 //!     shoal::shutdown_signal().await; // a server would serve until then

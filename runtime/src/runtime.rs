@@ -516,6 +516,39 @@ fn config_without_url(config: &Config) -> Config {
 }
 
 /// The runtime running in this process, if any (never starts one).
+/// Drops `value` on a thread of its own (one, started at first use, for every such value):
+/// for what a task on shoal's actor thread may hold last and whose drop must not run there. A
+/// runtime's teardown, or a pool's, waits on actors of that very thread, so run there it would
+/// wait forever.
+pub(crate) fn drop_elsewhere<T: Send + 'static>(value: T) {
+    type Leftover = Box<dyn Send>;
+    static REAPER: Mutex<Option<std::sync::mpsc::Sender<Leftover>>> = Mutex::new(None);
+    let mut reaper = REAPER.lock().unwrap_or_else(|p| p.into_inner());
+    if reaper.is_none() {
+        let (send, receive) = std::sync::mpsc::channel::<Leftover>();
+        let started = std::thread::Builder::new()
+            .name("shoal-reaper".into())
+            .spawn(move || receive.into_iter().for_each(drop));
+        match started {
+            Ok(_) => *reaper = Some(send),
+            Err(e) => tracing::warn!("starting the thread that drops leftovers: {e}"),
+        }
+    }
+    let leftover: Leftover = Box::new(value);
+    let refused = match reaper.as_ref() {
+        Some(send) => send.send(leftover).err().map(|e| e.0),
+        None => Some(leftover),
+    };
+    drop(reaper);
+    if let Some(leftover) = refused {
+        // No thread to take it: a thread of its own (if none can start, the closure and the
+        // value drop here, the last resort).
+        let _ = std::thread::Builder::new()
+            .name("shoal-reaper".into())
+            .spawn(move || drop(leftover));
+    }
+}
+
 pub(crate) fn running_runtime() -> Option<Arc<RuntimeInner>> {
     ACTIVE.lock().unwrap_or_else(|p| p.into_inner()).upgrade()
 }

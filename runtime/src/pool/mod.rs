@@ -261,17 +261,16 @@ impl PoolBuilder {
         let plan = PoolPlan::new(self)?;
         protocol::create_streams(&plan.store, &plan.keys)?;
         let (pool, started) = plan.launch()?;
-        futures::executor::block_on(started)
-            .map_err(|e| Error::Backend(format!("the pool supervisor did not start: {e}")))?;
-        Ok(pool)
+        let started = futures::executor::block_on(started);
+        pool.started(started)
     }
 
     /// The async form of [`PoolBuilder::build`], for async code: the pool's stream is made from
     /// shoal's actor runtime (one round trip) and no thread waits; any executor. Errors as
     /// `build`. The workers start in the background, as with `build`.
     ///
-    /// Dropping the future before it returns drops the pool made so far, which terminates its
-    /// workers (as dropping a `Pool` does: that drop blocks the calling thread while they stop).
+    /// Dropping the future before it returns terminates the pool made so far, on a thread of
+    /// shoal's (the caller's is not blocked).
     ///
     /// ```no_run
     /// use shoal::prelude::*;
@@ -293,10 +292,22 @@ impl PoolBuilder {
         let plan = PoolPlan::new(self)?;
         plan.create_streams_async().await?;
         let (pool, started) = plan.launch()?;
-        started
-            .await
-            .map_err(|e| Error::Backend(format!("the pool supervisor did not start: {e}")))?;
-        Ok(pool)
+        // Until the reply: dropped with this future, the pool is terminated elsewhere, as a
+        // `Pool`'s own drop would block this thread while its workers stop.
+        struct Unfinished(Option<Pool>);
+        impl Drop for Unfinished {
+            fn drop(&mut self) {
+                if let Some(pool) = self.0.take() {
+                    runtime::drop_elsewhere(pool);
+                }
+            }
+        }
+        let mut unfinished = Unfinished(Some(pool));
+        let started = started.await;
+        match unfinished.0.take() {
+            Some(pool) => pool.started(started),
+            None => Err(Error::invalid_state("the pool was taken")),
+        }
     }
 }
 
@@ -437,6 +448,8 @@ impl PoolPlan {
             keys,
             store,
         } = self;
+        // Checked again: a shutdown may have begun while the stream was made.
+        runtime.check_accepting()?;
         let shared = PoolShared::new();
         let callbacks = spawn_callback_thread()?;
         let supervisor = {
@@ -472,6 +485,20 @@ impl PoolPlan {
 }
 
 impl Pool {
+    /// The pool once its supervisor answered the start of its workers; if it could not (the
+    /// actor runtime stopped), nothing runs for it and it is done at once, not waited for.
+    fn started(self, reply: std::result::Result<(), actix::MailboxError>) -> Result<Pool> {
+        match reply {
+            Ok(()) => Ok(self),
+            Err(e) => {
+                self.shared.update(|s| s.finished = true);
+                Err(Error::Backend(format!(
+                    "the pool supervisor did not start: {e}"
+                )))
+            }
+        }
+    }
+
     /// A pool of `processes` workers.
     pub fn new(processes: usize) -> Result<Pool> {
         Pool::builder().processes(processes).build()

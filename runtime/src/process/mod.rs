@@ -365,11 +365,15 @@ impl Process {
         // records how it went in the slot, and tells this future if it is still there.
         let request = prepared.actor.send(StartChild);
         let arbiter = prepared.runtime.arbiter();
-        let slot = self.slot.clone();
+        let mut task = StartTask {
+            slot: Some(self.slot.clone()),
+            runtime: Some(prepared.runtime.clone()),
+            settled: false,
+        };
         let (tell, told) = futures::channel::oneshot::channel();
         let finish = async move {
             let reply = request.await;
-            let _ = tell.send(settle(&slot, prepared.finish(reply)));
+            let _ = tell.send(task.settle(prepared.finish(reply)));
         };
         if !arbiter.spawn(finish) {
             let e =
@@ -693,6 +697,42 @@ impl Prepared {
             child,
             _runtime: self.runtime,
         })
+    }
+}
+
+/// What the task that finishes a [`Process::start_async`] holds, on shoal's actor thread. If
+/// the task ends without settling the start (the runtime stopped), the process is marked
+/// failed rather than left starting for good. Its references go to another thread to drop: with
+/// the caller, the `Process` and the runtime's guard gone, they may be the last ones, and a
+/// runtime's teardown must not run on the actor thread it waits on.
+struct StartTask {
+    slot: Option<Arc<Mutex<Slot>>>,
+    runtime: Option<Arc<RuntimeInner>>,
+    settled: bool,
+}
+
+impl StartTask {
+    /// Records the start's outcome in the slot (see [`settle`]).
+    fn settle(&mut self, outcome: Result<Started>) -> Result<()> {
+        self.settled = true;
+        match &self.slot {
+            Some(slot) => settle(slot, outcome),
+            None => outcome.map(|_| ()),
+        }
+    }
+}
+
+impl Drop for StartTask {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            if !self.settled {
+                let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+                if matches!(*slot, Slot::Starting) {
+                    *slot = Slot::Failed("shoal's actor runtime stopped during the start".into());
+                }
+            }
+            runtime::drop_elsewhere((slot, self.runtime.take()));
+        }
     }
 }
 

@@ -146,7 +146,7 @@ impl PoolShared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn update(&self, f: impl FnOnce(&mut PoolStatus)) {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut PoolStatus)) {
         f(&mut self.lock());
         self.changed.notify_all();
         let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|p| p.into_inner()));
