@@ -1,5 +1,6 @@
-//! The async forms of the Manager's proxies (`DictProxy::get_async`, `ListProxy::append_async`,
-//! `NamespaceProxy::set_async`...) against a real redis-server and real processes, under a Tokio
+//! The async forms of the Manager's own calls (`new_async`, `connect_async`...) and of its
+//! proxies (`DictProxy::get_async`, `ListProxy::append_async`, `NamespaceProxy::set_async`...)
+//! against a real redis-server and real processes, under a Tokio
 //! current-thread runtime: the results and errors of the blocking forms and Python's semantics,
 //! writes by another process seen by async reads, errors mapped as the blocking forms map them,
 //! and a list write waiting for another process's sort without blocking the caller's thread.
@@ -796,5 +797,64 @@ fn publish_and_lookup_have_async_forms() {
             manager.lookup_async::<Queue<u64>>("jobs").await,
             Err(Error::InvalidState(m)) if m.contains("shut down")
         ));
+    });
+}
+
+#[test]
+fn a_manager_is_made_and_connected_to_async_as_the_blocking_forms_do() {
+    let _rt = runtime();
+    block_on(async {
+        let manager = Manager::new_async().await.expect("new_async");
+        let d = manager.dict_async::<String, i64>().await.expect("dict");
+        d.set_async(&"a".to_string(), 1).await.expect("set");
+        manager
+            .publish_async("d", &d)
+            .await
+            .expect("publish the dict");
+        let key = current_process().authkey;
+
+        // Connected with the right key: the same manager, its objects visible.
+        let other = Manager::connect_async(manager.address(), key.clone())
+            .await
+            .expect("connect_async");
+        assert_eq!(other.address(), manager.address());
+        let seen: DictProxy<String, i64> = other.lookup_async("d").await.expect("lookup");
+        assert_eq!(
+            seen.get_async(&"a".to_string()).await.expect("get"),
+            Some(1)
+        );
+        // The blocking connect agrees.
+        Manager::connect(manager.address(), key.clone()).expect("connect");
+
+        // A wrong key: Authentication, as `connect` says.
+        let wrong = shoal::AuthKey::from_bytes(b"not the key".to_vec());
+        match Manager::connect_async(manager.address(), wrong.clone()).await {
+            Err(Error::Authentication(_)) => {}
+            other => panic!("a wrong key connected: {other:?}"),
+        }
+        assert!(matches!(
+            Manager::connect(manager.address(), wrong),
+            Err(Error::Authentication(_))
+        ));
+
+        // A manager of its own key: only that key connects.
+        let keyed = Manager::with_authkey_async(shoal::AuthKey::from_bytes(b"k2".to_vec()))
+            .await
+            .expect("with_authkey_async");
+        assert!(matches!(
+            Manager::connect_async(keyed.address(), key.clone()).await,
+            Err(Error::Authentication(_))
+        ));
+        Manager::connect_async(keyed.address(), shoal::AuthKey::from_bytes(b"k2".to_vec()))
+            .await
+            .expect("its own key");
+
+        // Shut down: connecting is an error naming it.
+        manager.shutdown().expect("shutdown");
+        match Manager::connect_async(manager.address(), key).await {
+            Err(Error::InvalidState(m)) => assert!(m.contains("it was shut down"), "{m}"),
+            other => panic!("connected to a manager that was shut down: {other:?}"),
+        }
+        keyed.shutdown().expect("shutdown");
     });
 }

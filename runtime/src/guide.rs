@@ -18,8 +18,8 @@
 //!    thread waits: the pool's supervisor wakes your task. The primitives have `_async` forms,
 //!    and so do a `Process`'s start and join
 //!    ([`Process::start_async`](crate::Process::start_async)) and a pool's making and ending
-//!    ([`Pool::new_async`](crate::Pool::new_async), `close_async`, `join_async`). Make a
-//!    `Manager` at start-up: its constructor blocks the calling thread briefly.
+//!    ([`Pool::new_async`](crate::Pool::new_async), `close_async`, `join_async`), and a
+//!    manager's ([`Manager::new_async`](crate::Manager::new_async), `connect_async`).
 //! 4. **Cancellation.** Dropping an awaited call (your request timed out, the client went away)
 //!    cancels it: its items that did not start never run, running tasks see
 //!    [`termination_requested`](crate::termination_requested), and a worker that ignores it is

@@ -368,8 +368,52 @@ impl Manager {
     /// Starts a manager whose authkey is `authkey` (Python's `SyncManager(authkey=...)`):
     /// [`Manager::connect`] needs the same key.
     pub fn with_authkey(authkey: AuthKey) -> Result<Manager> {
-        let context = context::current()?;
-        let store = context.store();
+        let store = context::current()?.store().clone();
+        let (address, invocation) = Self::creation(&store, &authkey);
+        store
+            .with_conn(
+                || format!("creating {}", address.describe()),
+                |c| invocation.invoke::<i64>(c),
+            )
+            .map_err(|e| manager_error(&address, e))?;
+        Ok(Self::created(address, authkey))
+    }
+
+    /// The async form of [`Manager::new`]: the same script, sent from shoal's actor runtime;
+    /// no thread waits. A future dropped before it returns may leave the manager's record in
+    /// Redis, with no handle to it, until the record's TTL (`redis.expiry_secs`) lapses.
+    ///
+    /// ```no_run
+    /// # async fn service() -> shoal::Result<()> {
+    /// let manager = shoal::Manager::new_async().await?;
+    /// let key = shoal::current_process().authkey;
+    /// let other = shoal::Manager::connect_async(manager.address(), key).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn new_async() -> Result<Manager> {
+        Manager::with_authkey_async(context::current_process().authkey).await
+    }
+
+    /// The async form of [`Manager::with_authkey`] (see [`Manager::new_async`]).
+    pub async fn with_authkey_async(authkey: AuthKey) -> Result<Manager> {
+        let store = context::current()?.store().clone();
+        let (address, invocation) = Self::creation(&store, &authkey);
+        let reply = on_runtime::<i64>(RuntimeRequest::Script(invocation))
+            .await
+            .and_then(|reply| {
+                reply.map_err(|e| Error::redis(format!("creating {}", address.describe()), e))
+            });
+        reply.map_err(|e| manager_error(&address, e))?;
+        Ok(Self::created(address, authkey))
+    }
+
+    /// A new manager's address and the script that records it (its nonce and the verifier of
+    /// `authkey`).
+    fn creation(
+        store: &shoal_core::store::Store,
+        authkey: &AuthKey,
+    ) -> (ManagerAddress, redis::ScriptInvocation<'static>) {
         let address = ManagerAddress {
             namespace: store.keys().namespace().to_string(),
             id: uuid::Uuid::new_v4().simple().to_string(),
@@ -377,21 +421,20 @@ impl Manager {
         let mut nonce = Vec::with_capacity(32);
         nonce.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
         nonce.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
-        let verifier = verifier(&authkey, &address, &nonce);
+        let verifier = verifier(authkey, &address, &nonce);
         let meta = address.keys().key("meta");
-        store
-            .with_conn(
-                || format!("creating {}", address.describe()),
-                |c| {
-                    CREATE
-                        .key(&meta)
-                        .arg(store.expiry_secs())
-                        .arg(&nonce)
-                        .arg(&verifier[..])
-                        .invoke::<i64>(c)
-                },
-            )
-            .map_err(|e| manager_error(&address, e))?;
+        let mut invocation = CREATE.prepare_invoke();
+        invocation
+            .key(&meta)
+            .arg(store.expiry_secs())
+            .arg(&nonce)
+            .arg(&verifier[..]);
+        (address, invocation)
+    }
+
+    /// The handle of a manager this process just recorded: it owns it (and shuts it down at
+    /// exit).
+    fn created(address: ManagerAddress, authkey: AuthKey) -> Manager {
         let manager = Manager {
             inner: Arc::new(ManagerInner {
                 address,
@@ -407,7 +450,7 @@ impl Manager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(manager.clone());
-        Ok(manager)
+        manager
     }
 
     /// Connects to the manager at `address` (Python's `BaseManager(address, authkey).connect()`),
@@ -417,20 +460,44 @@ impl Manager {
     /// [`Error::InvalidState`] when there is no such manager (shut down, or expired).
     pub fn connect(address: ManagerAddress, authkey: AuthKey) -> Result<Manager> {
         let store = context::current()?.store().clone();
-        let meta = address.keys().key("meta");
-        let (state, nonce, stored): (Option<String>, Option<Vec<u8>>, Option<Vec<u8>>) = store
+        let record: ManagerRecord = store
             .with_conn(
                 || format!("connecting to {}", address.describe()),
-                |c| {
-                    redis::cmd("HMGET")
-                        .arg(&meta)
-                        .arg("state")
-                        .arg("nonce")
-                        .arg("verifier")
-                        .query(c)
-                },
+                |c| Self::record_read(&address).query(c),
             )
             .map_err(|e| manager_error(&address, e))?;
+        Self::connected(address, authkey, record)
+    }
+
+    /// The async form of [`Manager::connect`]: the same read, sent from shoal's actor runtime;
+    /// no thread waits.
+    pub async fn connect_async(address: ManagerAddress, authkey: AuthKey) -> Result<Manager> {
+        let reply = on_runtime::<ManagerRecord>(RuntimeRequest::Cmd(Self::record_read(&address)))
+            .await
+            .and_then(|reply| {
+                reply.map_err(|e| Error::redis(format!("connecting to {}", address.describe()), e))
+            });
+        let record = reply.map_err(|e| manager_error(&address, e))?;
+        Self::connected(address, authkey, record)
+    }
+
+    /// The read of a manager's record that [`Manager::connect`] checks.
+    fn record_read(address: &ManagerAddress) -> redis::Cmd {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(address.keys().key("meta"))
+            .arg("state")
+            .arg("nonce")
+            .arg("verifier");
+        cmd
+    }
+
+    /// A handle to the manager whose record is `record`, if `authkey` is its key and it runs.
+    fn connected(
+        address: ManagerAddress,
+        authkey: AuthKey,
+        record: ManagerRecord,
+    ) -> Result<Manager> {
+        let (state, nonce, stored) = record;
         let (Some(state), Some(nonce), Some(stored)) = (state, nonce, stored) else {
             return Err(manager_gone(&address));
         };
@@ -890,6 +957,9 @@ impl Manager {
             .map_err(|e| manager_error(address, e))
     }
 }
+
+/// A manager's record as [`Manager::connect`] reads it: its state, nonce and verifier.
+type ManagerRecord = (Option<String>, Option<Vec<u8>>, Option<Vec<u8>>);
 
 /// The verifier a manager's record holds: HMAC-SHA256 of its id and nonce under its authkey.
 fn verifier(authkey: &AuthKey, address: &ManagerAddress, nonce: &[u8]) -> [u8; auth::TAG_LEN] {
