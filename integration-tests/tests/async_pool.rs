@@ -195,6 +195,30 @@ fn start_async_starts_a_subprocess_or_a_thread_and_a_dropped_start_still_starts(
 }
 
 #[test]
+fn terminate_async_and_kill_async_stop_a_process_with_pythons_codes() {
+    let _rt = runtime();
+    let (codes, _) = with_ticker(async {
+        let termed = Process::new(nap, (60_000u64,));
+        let killed = Process::new(nap, (60_000u64,));
+        termed.start_async().await?;
+        killed.start_async().await?;
+        termed.terminate_async().await?;
+        killed.kill_async().await?;
+        termed.join_async().await?;
+        killed.join_async().await?;
+        // Stopping a process that exited already does nothing.
+        termed.kill_async().await?;
+        Ok::<_, Error>((termed.exitcode(), killed.exitcode()))
+    });
+    assert_eq!(codes.expect("stopped"), (Some(-15), Some(-9)));
+    let never = Process::new(nap, (1u64,));
+    assert!(matches!(
+        futures::executor::block_on(never.terminate_async()),
+        Err(Error::InvalidState(_))
+    ));
+}
+
+#[test]
 fn the_runtime_goes_when_an_abandoned_start_held_it_last() {
     let rt = runtime();
     let socket = rt

@@ -622,18 +622,44 @@ impl Process {
         self.stop(StopSignal::Kill)
     }
 
+    /// The async form of [`Process::terminate`]: the signal is sent from shoal's actor
+    /// runtime and no thread waits for it; any executor. Once polled, dropping the future does
+    /// not take the signal back. Await [`Process::join_async`] for the exit.
+    ///
+    /// ```no_run
+    /// # async fn stop(p: shoal::Process) -> shoal::Result<()> {
+    /// p.terminate_async().await?;
+    /// p.join_async().await?;
+    /// assert_eq!(p.exitcode(), Some(-15));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn terminate_async(&self) -> Result<()> {
+        self.started_child()?
+            .stop_async(StopSignal::Terminate)
+            .await
+    }
+
+    /// The async form of [`Process::kill`] (see [`Process::terminate_async`]).
+    pub async fn kill_async(&self) -> Result<()> {
+        self.started_child()?.stop_async(StopSignal::Kill).await
+    }
+
     fn stop(&self, signal: StopSignal) -> Result<()> {
-        let started = match &*self.lock_slot() {
-            Slot::Started(s) => s.child.clone(),
-            Slot::Closed => return Err(self.closed()),
-            _ => {
-                return Err(Error::invalid_state(format!(
-                    "process {} was not started",
-                    self.name
-                )));
-            }
-        };
-        started.stop(signal)
+        self.started_child()?.stop(signal)
+    }
+
+    /// The started child, to signal: [`Error::InvalidState`] before a start, after a failed
+    /// one, and after `close()`.
+    fn started_child(&self) -> Result<StartedChild> {
+        match &*self.lock_slot() {
+            Slot::Started(s) => Ok(s.child.clone()),
+            Slot::Closed => Err(self.closed()),
+            _ => Err(Error::invalid_state(format!(
+                "process {} was not started",
+                self.name
+            ))),
+        }
     }
 
     fn started_state(&self, what: &str) -> Result<Arc<ProcessState>> {
@@ -758,10 +784,14 @@ impl StartedChild {
     }
 
     fn stop(&self, signal: StopSignal) -> Result<()> {
+        futures::executor::block_on(self.stop_async(signal))
+    }
+
+    async fn stop_async(&self, signal: StopSignal) -> Result<()> {
         if self.state.has_exited() {
             return Ok(());
         }
-        match futures::executor::block_on(self.actor.send(StopChild(signal))) {
+        match self.actor.send(StopChild(signal)).await {
             Ok(result) => result,
             // The actor stops once the exit is recorded: nothing left to stop.
             Err(_) => Ok(()),
