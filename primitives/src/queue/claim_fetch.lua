@@ -76,9 +76,11 @@ redis.call('EXPIRE', KEYS[1], ttl)
 local reply = {first}
 local scored = {}
 for i = 1, n do
-  local number = first + i - 1
+  -- The score as the same integer text as the member's prefix: a Lua number passed to
+  -- redis.call is written with '%.14g', which costs more than the rest of the loop.
+  local number = string.format('%d', first + i - 1)
   scored[#scored + 1] = number
-  scored[#scored + 1] = string.format('%d', number) .. ':' .. items[i]
+  scored[#scored + 1] = number .. ':' .. items[i]
   reply[i + 1] = items[i]
 end
 for at = 1, #scored, 1000 do
