@@ -211,6 +211,15 @@ fn terminate_async_and_kill_async_stop_a_process_with_pythons_codes() {
         Ok::<_, Error>((termed.exitcode(), killed.exitcode()))
     });
     assert_eq!(codes.expect("stopped"), (Some(-15), Some(-9)));
+    // Polled once, then dropped: the signal goes all the same (an actor skips a request whose
+    // reply nobody waits for, so the request lives in a task of shoal's, not in the future).
+    let dropped = Process::new(nap, (60_000u64,));
+    dropped.start().expect("start");
+    let _ = dropped.terminate_async().now_or_never();
+    assert!(
+        wait_for(Duration::from_secs(30), || dropped.exitcode() == Some(-15)),
+        "the dropped terminate_async did not terminate: {dropped:?}"
+    );
     let never = Process::new(nap, (1u64,));
     assert!(matches!(
         futures::executor::block_on(never.terminate_async()),
@@ -296,6 +305,17 @@ fn a_pool_closes_terminates_and_joins_without_blocking() {
     assert!(ticks > 5, "the thread was blocked ({ticks} ticks)");
     let squares = squares.get(None).expect("the outstanding call completed");
     assert_eq!(squares, (0..40u64).map(|x| x * x).collect::<Vec<_>>());
+
+    // A close_async polled once, then dropped, closes the pool all the same.
+    let pool = Pool::new(1).expect("pool");
+    let _ = pool.close_async().now_or_never();
+    assert!(
+        wait_for(Duration::from_secs(30), || pool
+            .map_async(slow_square, 0..1u64)
+            .is_err()),
+        "the dropped close_async did not close the pool"
+    );
+    pool.join().expect("join");
 
     // terminate_async stops workers in the middle of long tasks, and kills those that do not
     // stop within the grace. The workers are stopped (SIGSTOP): the SIGTERM waits, so the

@@ -77,7 +77,7 @@ local reply = {first}
 local scored = {}
 for i = 1, n do
   -- The score as the same integer text as the member's prefix: a Lua number passed to
-  -- redis.call is written with '%.14g', which costs more than the rest of the loop.
+  -- redis.call is written with '%.17g' (Redis 7.0), which costs more than the rest of the loop.
   local number = string.format('%d', first + i - 1)
   scored[#scored + 1] = number
   scored[#scored + 1] = number .. ':' .. items[i]

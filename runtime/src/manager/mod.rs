@@ -376,7 +376,7 @@ impl Manager {
                 |c| invocation.invoke::<i64>(c),
             )
             .map_err(|e| manager_error(&address, e))?;
-        Ok(Self::created(address, authkey))
+        Ok(Self::created(address, authkey, caller()))
     }
 
     /// The async form of [`Manager::new`]: the same script, sent from shoal's actor runtime;
@@ -391,21 +391,28 @@ impl Manager {
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn new_async() -> Result<Manager> {
-        Manager::with_authkey_async(context::current_process().authkey).await
+    pub fn new_async() -> impl Future<Output = Result<Manager>> + Send + use<> {
+        Manager::with_authkey_async(context::current_process().authkey)
     }
 
-    /// The async form of [`Manager::with_authkey`] (see [`Manager::new_async`]).
-    pub async fn with_authkey_async(authkey: AuthKey) -> Result<Manager> {
-        let store = context::current()?.store().clone();
-        let (address, invocation) = Self::creation(&store, &authkey);
-        let reply = on_runtime::<i64>(RuntimeRequest::Script(invocation))
-            .await
-            .and_then(|reply| {
-                reply.map_err(|e| Error::redis(format!("creating {}", address.describe()), e))
-            });
-        reply.map_err(|e| manager_error(&address, e))?;
-        Ok(Self::created(address, authkey))
+    /// The async form of [`Manager::with_authkey`] (see [`Manager::new_async`]). Who makes
+    /// the manager (the process, or the thread child, that owns it and shuts it down at its
+    /// exit) is the caller of this function, whatever thread polls the future.
+    pub fn with_authkey_async(
+        authkey: AuthKey,
+    ) -> impl Future<Output = Result<Manager>> + Send + use<> {
+        let creation = context::current().map(|context| Self::creation(context.store(), &authkey));
+        let creator = caller();
+        async move {
+            let (address, invocation) = creation?;
+            let reply = on_runtime::<i64>(RuntimeRequest::Script(invocation))
+                .await
+                .and_then(|reply| {
+                    reply.map_err(|e| Error::redis(format!("creating {}", address.describe()), e))
+                });
+            reply.map_err(|e| manager_error(&address, e))?;
+            Ok(Self::created(address, authkey, creator))
+        }
     }
 
     /// A new manager's address and the script that records it (its nonce and the verifier of
@@ -432,15 +439,15 @@ impl Manager {
         (address, invocation)
     }
 
-    /// The handle of a manager this process just recorded: it owns it (and shuts it down at
-    /// exit).
-    fn created(address: ManagerAddress, authkey: AuthKey) -> Manager {
+    /// The handle of a manager `creator` (this process, or a thread child of it) just
+    /// recorded: it owns it (and shuts it down at its exit).
+    fn created(address: ManagerAddress, authkey: AuthKey, creator: (String, Vec<u32>)) -> Manager {
         let manager = Manager {
             inner: Arc::new(ManagerInner {
                 address,
                 authkey,
                 owner: true,
-                creator: caller(),
+                creator,
                 shut_down: AtomicBool::new(false),
             }),
         };
@@ -466,19 +473,25 @@ impl Manager {
                 |c| Self::record_read(&address).query(c),
             )
             .map_err(|e| manager_error(&address, e))?;
-        Self::connected(address, authkey, record)
+        Self::connected(address, authkey, record, caller())
     }
 
     /// The async form of [`Manager::connect`]: the same read, sent from shoal's actor runtime;
-    /// no thread waits.
-    pub async fn connect_async(address: ManagerAddress, authkey: AuthKey) -> Result<Manager> {
-        let reply = on_runtime::<ManagerRecord>(RuntimeRequest::Cmd(Self::record_read(&address)))
-            .await
-            .and_then(|reply| {
+    /// no thread waits. The handle is the caller's of this function (see
+    /// [`Manager::with_authkey_async`]).
+    pub fn connect_async(
+        address: ManagerAddress,
+        authkey: AuthKey,
+    ) -> impl Future<Output = Result<Manager>> + Send + use<> {
+        let creator = caller();
+        async move {
+            let read = RuntimeRequest::Cmd(Self::record_read(&address));
+            let reply = on_runtime::<ManagerRecord>(read).await.and_then(|reply| {
                 reply.map_err(|e| Error::redis(format!("connecting to {}", address.describe()), e))
             });
-        let record = reply.map_err(|e| manager_error(&address, e))?;
-        Self::connected(address, authkey, record)
+            let record = reply.map_err(|e| manager_error(&address, e))?;
+            Self::connected(address, authkey, record, creator)
+        }
     }
 
     /// The read of a manager's record that [`Manager::connect`] checks.
@@ -491,11 +504,13 @@ impl Manager {
         cmd
     }
 
-    /// A handle to the manager whose record is `record`, if `authkey` is its key and it runs.
+    /// `creator`'s handle to the manager whose record is `record`, if `authkey` is its key and
+    /// it runs.
     fn connected(
         address: ManagerAddress,
         authkey: AuthKey,
         record: ManagerRecord,
+        creator: (String, Vec<u32>),
     ) -> Result<Manager> {
         let (state, nonce, stored) = record;
         let (Some(state), Some(nonce), Some(stored)) = (state, nonce, stored) else {
@@ -524,7 +539,7 @@ impl Manager {
                 address,
                 authkey,
                 owner: false,
-                creator: caller(),
+                creator,
                 shut_down: AtomicBool::new(false),
             }),
         })

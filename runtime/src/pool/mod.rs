@@ -834,10 +834,17 @@ impl Pool {
         let finished = self.shared.lock().finished;
         let supervisor = self.supervisor.clone();
         async move {
-            if !finished {
-                let _ = supervisor.send(Close).await;
+            if finished {
+                return Ok(());
             }
-            Ok(())
+            // Sent by a task of shoal's: an actor skips a request whose reply nobody waits for
+            // any more, and a future dropped after its first poll must still close the pool.
+            shoal_core::context::current()?
+                .spawn(move |_, caller| async move {
+                    let _ = supervisor.send(Close).await;
+                    caller.finish(Ok(()));
+                })
+                .await
         }
     }
 

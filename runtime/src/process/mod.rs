@@ -622,9 +622,10 @@ impl Process {
         self.stop(StopSignal::Kill)
     }
 
-    /// The async form of [`Process::terminate`]: the signal is sent from shoal's actor
+    /// The async form of [`Process::terminate`]: the signal is sent by a task on shoal's actor
     /// runtime and no thread waits for it; any executor. Once polled, dropping the future does
-    /// not take the signal back. Await [`Process::join_async`] for the exit.
+    /// not take the signal back (the task sends it all the same). Await
+    /// [`Process::join_async`] for the exit.
     ///
     /// ```no_run
     /// # async fn stop(p: shoal::Process) -> shoal::Result<()> {
@@ -784,18 +785,36 @@ impl StartedChild {
     }
 
     fn stop(&self, signal: StopSignal) -> Result<()> {
-        futures::executor::block_on(self.stop_async(signal))
+        if self.state.has_exited() {
+            return Ok(());
+        }
+        stopped(futures::executor::block_on(
+            self.actor.send(StopChild(signal)),
+        ))
     }
 
+    /// [`StartedChild::stop`] from a task of shoal's actor runtime: an actor skips a message
+    /// whose reply nobody waits for any more, so the request must not live in the caller's
+    /// future, which may be dropped.
     async fn stop_async(&self, signal: StopSignal) -> Result<()> {
         if self.state.has_exited() {
             return Ok(());
         }
-        match self.actor.send(StopChild(signal)).await {
-            Ok(result) => result,
-            // The actor stops once the exit is recorded: nothing left to stop.
-            Err(_) => Ok(()),
-        }
+        let actor = self.actor.clone();
+        context::current()?
+            .spawn(move |_, caller| async move {
+                caller.finish(stopped(actor.send(StopChild(signal)).await));
+            })
+            .await
+    }
+}
+
+/// The outcome of a [`StopChild`] request.
+fn stopped(reply: std::result::Result<Result<()>, actix::MailboxError>) -> Result<()> {
+    match reply {
+        Ok(result) => result,
+        // The actor stops once the exit is recorded: nothing left to stop.
+        Err(_) => Ok(()),
     }
 }
 
