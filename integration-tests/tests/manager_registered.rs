@@ -209,3 +209,49 @@ fn shutdown_stops_the_instances() {
         }
     ));
 }
+
+#[test]
+fn shutdown_async_stops_the_instances_and_deletes_the_containers() {
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    manager.register::<Counter>("Counter").expect("register");
+    let counter = manager
+        .create("Counter", Counter::default())
+        .expect("create");
+    assert_eq!(counter.ask(Incr(1), T).expect("ask"), 1);
+    let d = manager.dict::<String, u64>().expect("dict");
+    d.set("k", 1).expect("set");
+    let connected =
+        Manager::connect(manager.address(), current_process().authkey).expect("connect");
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    tokio.block_on(async {
+        // Only the process that made it shuts it down, as with `shutdown`.
+        assert!(matches!(
+            connected.shutdown_async().await,
+            Err(Error::InvalidState(m)) if m.contains("only the process that started it")
+        ));
+        manager.shutdown_async().await.expect("shutdown_async");
+        // Again: nothing to do.
+        manager
+            .shutdown_async()
+            .await
+            .expect("a second shutdown_async");
+    });
+    assert!(
+        matches!(d.get(&"k".to_string()), Err(Error::InvalidState(m)) if m.contains("no longer exists")),
+        "the dict's keys are gone"
+    );
+    assert!(
+        manager.dict::<String, u64>().is_err(),
+        "no container can be made"
+    );
+    assert!(shoal_integration_tests::wait_for(
+        Duration::from_secs(10),
+        || {
+            matches!(counter.ask(Value, T), Err(Error::InvalidState(m)) if m.contains("stopped"))
+        }
+    ));
+}

@@ -912,11 +912,7 @@ impl Manager {
     /// [`Manager::new`]) can be shut down: on a connected one it is [`Error::InvalidState`].
     pub fn shutdown(&self) -> Result<()> {
         if !self.inner.owner {
-            return Err(Error::invalid_state(format!(
-                "{} was connected to, not started here: only the process that started it shuts \
-                 it down",
-                self.inner.address.describe()
-            )));
+            return Err(self.not_the_owner());
         }
         if self.inner.shut_down.load(Ordering::Acquire) {
             return Ok(());
@@ -929,12 +925,93 @@ impl Manager {
         Ok(())
     }
 
+    /// The refusal to shut down a manager this process connected to.
+    fn not_the_owner(&self) -> Error {
+        Error::invalid_state(format!(
+            "{} was connected to, not started here: only the process that started it shuts it \
+             down",
+            self.inner.address.describe()
+        ))
+    }
+
+    /// The async form of [`Manager::shutdown`]: the same steps (the record marked shut down,
+    /// each registered-type instance sent its stop, the keys deleted), run by a task of shoal's
+    /// actor runtime; no thread waits. Once polled, dropping the future does not stop the
+    /// shutdown.
+    ///
+    /// ```no_run
+    /// # async fn done(manager: shoal::Manager) -> shoal::Result<()> {
+    /// manager.shutdown_async().await?;
+    /// assert!(manager.dict::<String, u64>().is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn shutdown_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        let manager = self.clone();
+        async move {
+            if !manager.inner.owner {
+                return Err(manager.not_the_owner());
+            }
+            if manager.inner.shut_down.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let context = context::current()?;
+            let sync_store = context.store().clone();
+            let task = manager.clone();
+            context
+                .spawn(move |store, caller| async move {
+                    let address = task.inner.address.clone();
+                    let result = async {
+                        let meta = address.keys().key("meta");
+                        let mut conn = store.shared().await?;
+                        let fields: Vec<String> = SHUTDOWN
+                            .key(&meta)
+                            .invoke_async(&mut conn)
+                            .await
+                            .map_err(|e| {
+                                Error::redis(format!("shutting down {}", address.describe()), e)
+                            })?;
+                        task.inner.shut_down.store(true, Ordering::Release);
+                        if fields.is_empty() {
+                            return Ok(());
+                        }
+                        for stop in task.instance_stops(&sync_store, &fields) {
+                            if let Err(e) = stop.mailbox.send_async(&store, &stop.outgoing()).await
+                            {
+                                tracing::debug!(
+                                    "stopping actor {} of {}: {e}",
+                                    stop.mailbox.actor_id,
+                                    address.describe()
+                                );
+                            }
+                        }
+                        task.deletion(&fields)
+                            .query_async::<()>(&mut conn)
+                            .await
+                            .map_err(|e| {
+                                Error::redis(
+                                    format!("deleting the keys of {}", address.describe()),
+                                    e,
+                                )
+                            })
+                    }
+                    .await;
+                    caller.finish(result.map_err(|e| manager_error(&address, e)));
+                })
+                .await?;
+            OWNED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|m| !Arc::ptr_eq(&m.inner, &manager.inner));
+            Ok(())
+        }
+    }
+
     /// Marks the manager shut down (no container can be made any more), then deletes its keys.
     fn delete_everything(&self) -> Result<()> {
         let store = context::current()?.store().clone();
         let address = &self.inner.address;
-        let manager_keys = address.keys();
-        let meta = manager_keys.key("meta");
+        let meta = address.keys().key("meta");
         let fields: Vec<String> = store
             .with_conn(
                 || format!("shutting down {}", address.describe()),
@@ -946,8 +1023,23 @@ impl Manager {
             return Ok(());
         }
         self.stop_instances(&fields);
+        let pipe = self.deletion(&fields);
+        store
+            .with_conn(
+                || format!("deleting the keys of {}", address.describe()),
+                |c| pipe.query::<()>(c),
+            )
+            .map_err(|e| manager_error(address, e))
+    }
+
+    /// The deletion of a shut-down manager's keys: those of each container `fields` (the
+    /// record's fields, read by the shutdown) lists, then its record.
+    fn deletion(&self, fields: &[String]) -> redis::Pipeline {
+        let address = &self.inner.address;
+        let manager_keys = address.keys();
+        let meta = manager_keys.key("meta");
         let mut keys = Vec::new();
-        for field in &fields {
+        for field in fields {
             let Some((kind, id)) = field.strip_prefix("c:").and_then(|f| f.split_once(':')) else {
                 continue;
             };
@@ -964,12 +1056,7 @@ impl Manager {
         for chunk in keys.chunks(500) {
             pipe.cmd("DEL").arg(chunk).ignore();
         }
-        store
-            .with_conn(
-                || format!("deleting the keys of {}", address.describe()),
-                |c| pipe.query::<()>(c),
-            )
-            .map_err(|e| manager_error(address, e))
+        pipe
     }
 }
 

@@ -174,24 +174,55 @@ impl Manager {
         let Ok((store, _)) = self.meta() else {
             return;
         };
+        for stop in self.instance_stops(&store, fields) {
+            if let Err(e) = stop.mailbox.send(&store, &stop.outgoing()) {
+                tracing::debug!(
+                    "stopping actor {} of {}: {e}",
+                    stop.mailbox.actor_id,
+                    self.describe()
+                );
+            }
+        }
+    }
+
+    /// The stop message of each registered-type instance listed in `fields`.
+    pub(super) fn instance_stops(
+        &self,
+        store: &shoal_core::store::Store,
+        fields: &[String],
+    ) -> Vec<InstanceStop> {
         let hold = store
             .settings()
             .response_timeout
             .min(std::time::Duration::from_secs(2));
-        for id in fields.iter().filter_map(|f| f.strip_prefix("a:")) {
-            let mailbox = Mailbox::new(store.keys(), id, hold);
-            let mac = auth::sign(&self.inner.authkey, &[STOP_KIND.as_bytes(), &[], b""]);
-            let verifier = shoal_executor::actor::verifier(&self.inner.authkey, id);
-            let outgoing = Outgoing {
-                kind: STOP_KIND,
-                payload: &[],
-                reply_to: None,
-                mac: Some(&mac),
-                verifier: Some(&verifier),
-            };
-            if let Err(e) = mailbox.send(&store, &outgoing) {
-                tracing::debug!("stopping actor {id} of {}: {e}", self.describe());
-            }
+        fields
+            .iter()
+            .filter_map(|f| f.strip_prefix("a:"))
+            .map(|id| InstanceStop {
+                mailbox: Mailbox::new(store.keys(), id, hold),
+                mac: auth::sign(&self.inner.authkey, &[STOP_KIND.as_bytes(), &[], b""]).to_vec(),
+                verifier: shoal_executor::actor::verifier(&self.inner.authkey, id).to_vec(),
+            })
+            .collect()
+    }
+}
+
+/// A signed stop message for one registered-type instance (see `Manager::shutdown`).
+pub(super) struct InstanceStop {
+    pub(super) mailbox: Mailbox,
+    mac: Vec<u8>,
+    verifier: Vec<u8>,
+}
+
+impl InstanceStop {
+    /// The message to send.
+    pub(super) fn outgoing(&self) -> Outgoing<'_> {
+        Outgoing {
+            kind: STOP_KIND,
+            payload: &[],
+            reply_to: None,
+            mac: Some(&self.mac),
+            verifier: Some(&self.verifier),
         }
     }
 }
