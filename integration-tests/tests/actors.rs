@@ -775,3 +775,52 @@ fn async_forms_report_a_stopped_actor() {
         }
     });
 }
+
+/// `spawn_actor_async` and `get_or_spawn_async` under a current-thread runtime: the same actors
+/// and errors as the blocking forms.
+#[test]
+fn actors_are_spawned_and_named_async() {
+    const T: Option<Duration> = Some(Duration::from_secs(30));
+    let _rt = runtime();
+    #[derive(Serialize, Deserialize, shoal::Actor)]
+    #[actor(messages(Get))]
+    struct Elsewise;
+    impl Handler<Get> for Elsewise {
+        type Reply = ();
+        fn handle(&mut self, _: Get, _: &mut ActorContext) {}
+    }
+    let name = format!("async-{}", uuid::Uuid::new_v4().simple());
+    let tokio_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    tokio_rt.block_on(async {
+        let counter = shoal::spawn_actor_async(Counter::default())
+            .await
+            .expect("spawn_actor_async");
+        assert_eq!(counter.ask_async(Incr(2), T).await.expect("ask"), 2);
+
+        let named = shoal::get_or_spawn_async(&name, Counter::default)
+            .await
+            .expect("named");
+        assert_eq!(named.ask_async(Incr(5), T).await.expect("ask"), 5);
+        // The same name: the same actor, its state kept (init is not used).
+        let again = shoal::get_or_spawn_async(&name, || Counter {
+            n: 1000,
+            ..Counter::default()
+        })
+        .await
+        .expect("named again");
+        assert_eq!(again.id(), named.id());
+        assert_eq!(again.ask_async(Incr(1), T).await.expect("ask"), 6);
+        // Another type under that name, and a name that cannot be one: errors.
+        assert!(matches!(
+            shoal::get_or_spawn_async(&name, || Elsewise).await,
+            Err(Error::InvalidState(m)) if m.contains("another type")
+        ));
+        assert!(matches!(
+            shoal::get_or_spawn_async("", Counter::default).await,
+            Err(Error::InvalidState(m)) if m.contains("not an actor name")
+        ));
+    });
+}

@@ -112,7 +112,8 @@ mod runtime;
 pub use shoal_primitives as primitives;
 
 pub use actor::{
-    ActorOptions, ActorRef, get_or_spawn, get_or_spawn_with, spawn_actor, spawn_actor_with,
+    ActorOptions, ActorRef, get_or_spawn, get_or_spawn_async, get_or_spawn_with, spawn_actor,
+    spawn_actor_async, spawn_actor_with, spawn_actor_with_async,
 };
 pub use manager::{
     DictProxy, DictStream, ListProxy, ListStream, Manager, ManagerAddress, NamespaceProxy,

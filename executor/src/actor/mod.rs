@@ -247,35 +247,52 @@ pub fn create(
     verifier: Option<&[u8]>,
     mode: CreateMode,
 ) -> Result<bool> {
-    let outcome: String = store
-        .with_conn(
-            || format!("creating actor {}", keys.state),
-            |c| {
-                CREATE
-                    .key(&keys.state)
-                    .key(&keys.mailbox)
-                    .arg(actor_type)
-                    .arg(state)
-                    .arg(if verifier.is_some() { "1" } else { "0" })
-                    .arg(store.expiry_secs())
-                    .arg(match mode {
-                        CreateMode::New => "new",
-                        CreateMode::Named => "named",
-                    })
-                    .arg(verifier.unwrap_or(&[]))
-                    .invoke(c)
-            },
-        )
-        .map_err(|e| match &e {
-            Error::Redis { source, .. } if source.code() == Some("AUTH") => {
-                Error::Authentication(format!(
-                    "actor {} exists, and {}",
-                    keys.state,
-                    source.detail().unwrap_or_default()
-                ))
-            }
-            _ => e,
-        })?;
+    let invocation = create_invocation(store, keys, actor_type, state, verifier, mode);
+    let outcome = store.with_conn(
+        || format!("creating actor {}", keys.state),
+        |c| invocation.invoke(c),
+    );
+    create_outcome(keys, outcome)
+}
+
+/// The script call of [`create`], for a caller that sends it itself (an async one).
+pub fn create_invocation(
+    store: &Store,
+    keys: &ActorKeys,
+    actor_type: &str,
+    state: &[u8],
+    verifier: Option<&[u8]>,
+    mode: CreateMode,
+) -> redis::ScriptInvocation<'static> {
+    let mut invocation = CREATE.prepare_invoke();
+    invocation
+        .key(&keys.state)
+        .key(&keys.mailbox)
+        .arg(actor_type)
+        .arg(state)
+        .arg(if verifier.is_some() { "1" } else { "0" })
+        .arg(store.expiry_secs())
+        .arg(match mode {
+            CreateMode::New => "new",
+            CreateMode::Named => "named",
+        })
+        .arg(verifier.unwrap_or(&[]));
+    invocation
+}
+
+/// What [`create`]'s script answered (`created` or `exists`), or its error described: `true`
+/// when the actor was created.
+pub fn create_outcome(keys: &ActorKeys, outcome: Result<String>) -> Result<bool> {
+    let outcome = outcome.map_err(|e| match &e {
+        Error::Redis { source, .. } if source.code() == Some("AUTH") => {
+            Error::Authentication(format!(
+                "actor {} exists, and {}",
+                keys.state,
+                source.detail().unwrap_or_default()
+            ))
+        }
+        _ => e,
+    })?;
     Ok(outcome == "created")
 }
 

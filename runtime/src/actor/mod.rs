@@ -463,12 +463,66 @@ pub fn get_or_spawn_with<A: Actor>(
     init: impl FnOnce() -> A,
     options: ActorOptions,
 ) -> Result<ActorRef<A>> {
+    create(actor_name(name)?, init(), options, CreateMode::Named)
+}
+
+/// The async form of [`spawn_actor`]: the actor's record is written from shoal's actor
+/// runtime and no thread waits; any executor. The first actor of a runtime also sets up its
+/// hosts, which makes one round trip (blocking) when this is called.
+///
+/// ```no_run
+/// # use serde::{Deserialize, Serialize};
+/// # use shoal::prelude::*;
+/// # #[derive(Serialize, Deserialize, Default, shoal::Actor)]
+/// # #[actor(messages(Incr))]
+/// # struct Counter { n: u64 }
+/// # #[derive(Serialize, Deserialize)]
+/// # struct Incr(u64);
+/// # impl Handler<Incr> for Counter {
+/// #     type Reply = u64;
+/// #     fn handle(&mut self, Incr(by): Incr, _: &mut ActorContext) -> u64 { self.n += by; self.n }
+/// # }
+/// # async fn handler() -> shoal::Result<()> {
+/// let counter = shoal::spawn_actor_async(Counter::default()).await?;
+/// assert_eq!(counter.ask_async(Incr(2), None).await?, 2);
+/// # Ok(())
+/// # }
+/// ```
+pub fn spawn_actor_async<A: Actor>(
+    state: A,
+) -> impl Future<Output = Result<ActorRef<A>>> + Send + use<A> {
+    spawn_actor_with_async(state, ActorOptions::default())
+}
+
+/// The async form of [`spawn_actor_with`] (see [`spawn_actor_async`]).
+pub fn spawn_actor_with_async<A: Actor>(
+    state: A,
+    options: ActorOptions,
+) -> impl Future<Output = Result<ActorRef<A>>> + Send + use<A> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let creation = Creation::new(id, &state, options, CreateMode::New);
+    async move { creation?.send().await }
+}
+
+/// The async form of [`get_or_spawn`] (see [`spawn_actor_async`]): `init` runs when this is
+/// called.
+pub fn get_or_spawn_async<A: Actor, I: FnOnce() -> A>(
+    name: &str,
+    init: I,
+) -> impl Future<Output = Result<ActorRef<A>>> + Send + use<A, I> {
+    let creation = actor_name(name)
+        .and_then(|id| Creation::new(id, &init(), ActorOptions::default(), CreateMode::Named));
+    async move { creation?.send().await }
+}
+
+/// `name` as a named actor's id, or why it cannot be one.
+fn actor_name(name: &str) -> Result<String> {
     if name.is_empty() || name.len() > 200 || name.contains(['{', '}']) {
         return Err(Error::invalid_state(format!(
             "{name:?} is not an actor name (1 to 200 characters, no braces)"
         )));
     }
-    create(format!("name:{name}"), init(), options, CreateMode::Named)
+    Ok(format!("name:{name}"))
 }
 
 fn create<A: Actor>(
@@ -477,39 +531,98 @@ fn create<A: Actor>(
     options: ActorOptions,
     mode: CreateMode,
 ) -> Result<ActorRef<A>> {
-    let runtime = runtime::current_runtime()?;
-    runtime.actor_hosts()?;
-    let store = runtime.context().store().clone();
-    let keys = ActorKeys::new(store.keys(), &id);
-    let actor_type = std::any::type_name::<A>();
-    let data = store.encode(&state, actor_type)?;
-    // Hosts check messages with their process's key, which is this process's (they are its
-    // children): the actor records that key's verifier.
-    let verifier = options
-        .authenticate
-        .then(|| protocol::verifier(&AuthKey::of_this_process(), &id));
-    protocol::create(
-        &store,
-        &keys,
-        actor_type,
-        &data,
-        verifier.as_ref().map(|v| v.as_slice()),
-        mode,
-    )
-    .map_err(|e| match &e {
-        Error::Redis { source, .. } if source.code() == Some("TYPE") => {
-            Error::invalid_state(format!(
-                "actor {id} exists with another type: {}",
-                source.detail().unwrap_or_default()
-            ))
-        }
-        _ => e,
-    })?;
-    Ok(ActorRef {
-        id,
-        authenticated: options.authenticate,
-        authkey: None,
-        known_active: Arc::default(),
-        _actor: PhantomData,
-    })
+    let mut creation = Creation::new(id, &state, options, mode)?;
+    let invocation = creation
+        .invocation
+        .take()
+        .ok_or_else(|| Error::invalid_state("the creation was sent already"))?;
+    let outcome = creation.store.with_conn(
+        || format!("creating actor {}", creation.keys.state),
+        |c| invocation.invoke(c),
+    );
+    creation.finish(outcome)
+}
+
+/// An actor's creation ready to send: the hosts set up, the state encoded, the script call.
+struct Creation<A> {
+    id: String,
+    keys: ActorKeys,
+    store: Arc<Store>,
+    authenticated: bool,
+    /// The script call, until it is sent.
+    invocation: Option<redis::ScriptInvocation<'static>>,
+    _actor: PhantomData<fn() -> A>,
+}
+
+impl<A: Actor> Creation<A> {
+    fn new(id: String, state: &A, options: ActorOptions, mode: CreateMode) -> Result<Creation<A>> {
+        let runtime = runtime::current_runtime()?;
+        runtime.actor_hosts()?;
+        let store = runtime.context().store().clone();
+        let keys = ActorKeys::new(store.keys(), &id);
+        let actor_type = std::any::type_name::<A>();
+        let data = store.encode(state, actor_type)?;
+        // Hosts check messages with their process's key, which is this process's (they are
+        // its children): the actor records that key's verifier.
+        let verifier = options
+            .authenticate
+            .then(|| protocol::verifier(&AuthKey::of_this_process(), &id));
+        let invocation = protocol::create_invocation(
+            &store,
+            &keys,
+            actor_type,
+            &data,
+            verifier.as_ref().map(|v| v.as_slice()),
+            mode,
+        );
+        Ok(Creation {
+            id,
+            keys,
+            store,
+            authenticated: options.authenticate,
+            invocation: Some(invocation),
+            _actor: PhantomData,
+        })
+    }
+
+    /// Sends the creation from shoal's actor runtime.
+    async fn send(mut self) -> Result<ActorRef<A>> {
+        let invocation = self.invocation.take();
+        let state_key = self.keys.state.clone();
+        let outcome = context::current()?
+            .spawn(move |store, caller| async move {
+                let outcome = match (store.shared().await, invocation) {
+                    (Ok(mut conn), Some(invocation)) => invocation
+                        .invoke_async::<String>(&mut conn)
+                        .await
+                        .map_err(|e| Error::redis(format!("creating actor {state_key}"), e)),
+                    (Ok(_), None) => Err(Error::invalid_state("the creation was sent already")),
+                    (Err(e), _) => Err(e),
+                };
+                caller.finish(Ok(outcome));
+            })
+            .await?;
+        self.finish(outcome)
+    }
+
+    /// The reference to the actor, from the script's answer.
+    fn finish(self, outcome: Result<String>) -> Result<ActorRef<A>> {
+        let id = self.id;
+        protocol::create_outcome(&self.keys, outcome).map_err(|e| match &e {
+            Error::Redis { source, .. } if source.code() == Some("TYPE") => {
+                Error::invalid_state(format!(
+                    "actor {id} exists with another type: {}",
+                    source.detail().unwrap_or_default()
+                ))
+            }
+            _ => e,
+        })?;
+        Ok(ActorRef {
+            id,
+            authenticated: self.authenticated,
+            authkey: None,
+            known_active: Arc::default(),
+            _actor: PhantomData,
+        })
+    }
 }
