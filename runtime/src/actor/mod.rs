@@ -468,7 +468,9 @@ pub fn get_or_spawn_with<A: Actor>(
 
 /// The async form of [`spawn_actor`]: the actor's record is written from shoal's actor
 /// runtime and no thread waits; any executor. The first actor of a runtime also sets up its
-/// hosts, which makes one round trip (blocking) when this is called.
+/// hosts, which makes one round trip (blocking) when this is called. Once polled, a dropped
+/// future may still create the actor, which nothing then refers to (it expires after
+/// `redis.expiry_secs` unused).
 ///
 /// ```no_run
 /// # use serde::{Deserialize, Serialize};
@@ -506,13 +508,14 @@ pub fn spawn_actor_with_async<A: Actor>(
 
 /// The async form of [`get_or_spawn`] (see [`spawn_actor_async`]): `init` runs when this is
 /// called.
-pub fn get_or_spawn_async<A: Actor, I: FnOnce() -> A>(
+pub fn get_or_spawn_async<A: Actor>(
     name: &str,
-    init: I,
-) -> impl Future<Output = Result<ActorRef<A>>> + Send + use<A, I> {
+    init: impl FnOnce() -> A,
+) -> futures::future::BoxFuture<'static, Result<ActorRef<A>>> {
+    // Boxed: an opaque type would keep `init`'s type (and a borrow it holds), which has run.
     let creation = actor_name(name)
         .and_then(|id| Creation::new(id, &init(), ActorOptions::default(), CreateMode::Named));
-    async move { creation?.send().await }
+    Box::pin(async move { creation?.send().await })
 }
 
 /// `name` as a named actor's id, or why it cannot be one.

@@ -955,10 +955,8 @@ impl Manager {
             if manager.inner.shut_down.load(Ordering::Acquire) {
                 return Ok(());
             }
-            let context = context::current()?;
-            let sync_store = context.store().clone();
-            let task = manager.clone();
-            context
+            let task = manager;
+            context::current()?
                 .spawn(move |store, caller| async move {
                     let address = task.inner.address.clone();
                     let result = async {
@@ -975,7 +973,7 @@ impl Manager {
                         if fields.is_empty() {
                             return Ok(());
                         }
-                        for stop in task.instance_stops(&sync_store, &fields) {
+                        for stop in task.instance_stops(store.store(), &fields) {
                             if let Err(e) = stop.mailbox.send_async(&store, &stop.outgoing()).await
                             {
                                 tracing::debug!(
@@ -996,14 +994,16 @@ impl Manager {
                             })
                     }
                     .await;
+                    if result.is_ok() {
+                        // Here, not in the caller's future: a dropped future still shuts down.
+                        OWNED
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .retain(|m| !Arc::ptr_eq(&m.inner, &task.inner));
+                    }
                     caller.finish(result.map_err(|e| manager_error(&address, e)));
                 })
-                .await?;
-            OWNED
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|m| !Arc::ptr_eq(&m.inner, &manager.inner));
-            Ok(())
+                .await
         }
     }
 
