@@ -76,6 +76,32 @@ fn a_sender_with_another_authkey_is_refused_and_nothing_is_sent() {
     assert_eq!(named.ask(Get, T).expect("get"), 1);
 }
 
+#[test]
+fn signed_actors_are_made_async_and_another_key_is_refused_there_too() {
+    let _rt = shoal::init_with(Config::builder().build().expect("config")).expect("runtime");
+    let own = current_process().authkey;
+    futures::executor::block_on(async {
+        let tally = shoal::spawn_actor_with_async(Tally::default(), SIGNED)
+            .await
+            .expect("spawn");
+        assert_eq!(tally.ask_async(Incr(1), T).await.expect("ask"), 1);
+        let named = shoal::get_or_spawn_with_async("signed-async", Tally::default, SIGNED)
+            .await
+            .expect("named");
+        assert_eq!(named.ask_async(Incr(2), T).await.expect("ask"), 2);
+    });
+    shoal::set_authkey(AuthKey::from_bytes(b"another key".to_vec()));
+    assert!(matches!(
+        futures::executor::block_on(shoal::get_or_spawn_with_async(
+            "signed-async",
+            Tally::default,
+            SIGNED
+        )),
+        Err(Error::Authentication(_))
+    ));
+    shoal::set_authkey(own);
+}
+
 /// The scenario program running its own actor hosts in `namespace`, until it is dropped.
 struct OtherProgram(Child);
 

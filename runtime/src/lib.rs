@@ -112,8 +112,9 @@ mod runtime;
 pub use shoal_primitives as primitives;
 
 pub use actor::{
-    ActorOptions, ActorRef, get_or_spawn, get_or_spawn_async, get_or_spawn_with, spawn_actor,
-    spawn_actor_async, spawn_actor_with, spawn_actor_with_async,
+    ActorOptions, ActorRef, get_or_spawn, get_or_spawn_async, get_or_spawn_with,
+    get_or_spawn_with_async, spawn_actor, spawn_actor_async, spawn_actor_with,
+    spawn_actor_with_async,
 };
 pub use manager::{
     DictProxy, DictStream, ListProxy, ListStream, Manager, ManagerAddress, NamespaceProxy,

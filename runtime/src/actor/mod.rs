@@ -512,9 +512,18 @@ pub fn get_or_spawn_async<A: Actor>(
     name: &str,
     init: impl FnOnce() -> A,
 ) -> futures::future::BoxFuture<'static, Result<ActorRef<A>>> {
+    get_or_spawn_with_async(name, init, ActorOptions::default())
+}
+
+/// The async form of [`get_or_spawn_with`] (see [`get_or_spawn_async`]).
+pub fn get_or_spawn_with_async<A: Actor>(
+    name: &str,
+    init: impl FnOnce() -> A,
+    options: ActorOptions,
+) -> futures::future::BoxFuture<'static, Result<ActorRef<A>>> {
     // Boxed: an opaque type would keep `init`'s type (and a borrow it holds), which has run.
-    let creation = actor_name(name)
-        .and_then(|id| Creation::new(id, &init(), ActorOptions::default(), CreateMode::Named));
+    let creation =
+        actor_name(name).and_then(|id| Creation::new(id, &init(), options, CreateMode::Named));
     Box::pin(async move { creation?.send().await })
 }
 
