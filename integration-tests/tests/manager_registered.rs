@@ -255,3 +255,46 @@ fn shutdown_async_stops_the_instances_and_deletes_the_containers() {
         }
     ));
 }
+
+#[test]
+fn types_are_registered_and_instances_made_async() {
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    let counter = futures::executor::block_on(async {
+        manager
+            .register_async::<Counter>("Counter")
+            .await
+            .expect("register_async");
+        // Again, the same type: fine; another type under the id: refused.
+        manager
+            .register_async::<Counter>("Counter")
+            .await
+            .expect("registered again");
+        assert!(matches!(
+            manager.register_async::<Directory>("Counter").await,
+            Err(Error::InvalidState(m)) if m.contains("is registered in")
+        ));
+        let counter = manager
+            .create_async("Counter", Counter::default())
+            .await
+            .expect("create_async");
+        assert_eq!(counter.ask_async(Incr(3), T).await.expect("ask"), 3);
+        assert!(matches!(
+            manager.create_async("Nothing", Counter::default()).await,
+            Err(Error::InvalidState(m)) if m.contains("not registered")
+        ));
+        manager.shutdown_async().await.expect("shutdown");
+        assert!(matches!(
+            manager.register_async::<Counter>("Other").await,
+            Err(Error::InvalidState(m)) if m.contains("shut down")
+        ));
+        counter
+    });
+    // The instance made async was recorded: the shutdown stopped it.
+    assert!(shoal_integration_tests::wait_for(
+        Duration::from_secs(10),
+        || {
+            matches!(counter.ask(Value, T), Err(Error::InvalidState(m)) if m.contains("stopped"))
+        }
+    ));
+}

@@ -804,22 +804,31 @@ impl Manager {
         let state: Option<String> = store
             .with_conn(
                 || format!("reading {}", address.describe()),
-                |c| {
-                    redis::cmd("HGET")
-                        .arg(address.keys().key("meta"))
-                        .arg("state")
-                        .query(c)
-                },
+                |c| self.state_read().query(c),
             )
             .map_err(|e| manager_error(address, e))?;
-        match state.as_deref() {
-            Some("running") => Ok(()),
-            None => Err(manager_gone(address)),
-            Some(_) => Err(Error::invalid_state(format!(
-                "{} was shut down",
-                address.describe()
-            ))),
+        running(address, state)
+    }
+
+    /// [`Manager::check_running`] sent from shoal's actor runtime.
+    fn check_running_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
+        let checked = self.check_not_shut_down_here().map(|()| self.state_read());
+        let address = self.inner.address.clone();
+        async move {
+            let reply = on_runtime::<Option<String>>(RuntimeRequest::Cmd(checked?))
+                .await
+                .and_then(|reply| {
+                    reply.map_err(|e| Error::redis(format!("reading {}", address.describe()), e))
+                });
+            running(&address, reply.map_err(|e| manager_error(&address, e))?)
         }
+    }
+
+    /// The read of the manager's state.
+    fn state_read(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(self.inner.address.keys().key("meta")).arg("state");
+        cmd
     }
 
     /// A shared unbounded queue (Python's `manager.Queue()`): shoal's [`Queue`].
@@ -1057,6 +1066,18 @@ impl Manager {
             pipe.cmd("DEL").arg(chunk).ignore();
         }
         pipe
+    }
+}
+
+/// Whether a manager whose record holds `state` runs, or why not.
+fn running(address: &ManagerAddress, state: Option<String>) -> Result<()> {
+    match state.as_deref() {
+        Some("running") => Ok(()),
+        None => Err(manager_gone(address)),
+        Some(_) => Err(Error::invalid_state(format!(
+            "{} was shut down",
+            address.describe()
+        ))),
     }
 }
 

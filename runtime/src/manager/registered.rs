@@ -26,6 +26,7 @@ use shoal_core::hosted::Actor;
 use shoal_executor::actor::{Mailbox, Outgoing, STOP_KIND};
 
 use super::Manager;
+use super::container::{RuntimeRequest, on_runtime};
 use crate::actor::{ActorOptions, ActorRef, spawn_actor_with};
 
 impl Manager {
@@ -100,6 +101,45 @@ impl Manager {
                 redis::cmd("HGET").arg(&meta).arg(&field).query(c)
             },
         )?;
+        self.registration(typeid, type_name, registered)
+    }
+
+    /// The async form of [`Manager::register`]: the same reads and write, sent from shoal's
+    /// actor runtime; no thread waits.
+    pub fn register_async<T: Actor>(
+        &self,
+        typeid: &str,
+    ) -> impl Future<Output = Result<()>> + Send + use<T> {
+        let manager = self.clone();
+        let typeid = typeid.to_string();
+        async move {
+            manager.check_running_async().await?;
+            let type_name = std::any::type_name::<T>();
+            let (_, meta) = manager.meta()?;
+            let field = format!("t:{typeid}");
+            let context = || format!("registering {typeid} in {}", manager.describe());
+            let mut claim = redis::cmd("HSETNX");
+            claim.arg(&meta).arg(&field).arg(type_name);
+            on_runtime::<i64>(RuntimeRequest::Cmd(claim))
+                .await?
+                .map_err(|e| Error::redis(context(), e))?;
+            let mut read = redis::cmd("HGET");
+            read.arg(&meta).arg(&field);
+            let registered = on_runtime::<Option<String>>(RuntimeRequest::Cmd(read))
+                .await?
+                .map_err(|e| Error::redis(context(), e))?;
+            manager.registration(&typeid, type_name, registered)
+        }
+    }
+
+    /// What a registration found under `typeid`: `type_name` (registered), another type, or
+    /// nothing (the manager went).
+    fn registration(
+        &self,
+        typeid: &str,
+        type_name: &str,
+        registered: Option<String>,
+    ) -> Result<()> {
         match registered {
             Some(existing) if existing == type_name => Ok(()),
             Some(existing) => Err(Error::invalid_state(format!(
@@ -130,6 +170,65 @@ impl Manager {
                     .query(c)
             },
         )?;
+        self.may_create(typeid, type_name, registered)?;
+        let actor = spawn_actor_with(init, ActorOptions { authenticate: true })?
+            .signed_with(self.inner.authkey.clone());
+        store.with_conn(
+            || format!("recording an instance of {typeid} in {}", self.describe()),
+            |c| Self::instance_record(&meta, &actor, typeid).query::<()>(c),
+        )?;
+        Ok(actor)
+    }
+
+    /// The async form of [`Manager::create`]: the same reads and writes, sent from shoal's
+    /// actor runtime (the instance made with [`crate::spawn_actor_with_async`]); `init` is
+    /// encoded when this is called.
+    pub fn create_async<T: Actor>(
+        &self,
+        typeid: &str,
+        init: T,
+    ) -> impl Future<Output = Result<ActorRef<T>>> + Send + use<T> {
+        let manager = self.clone();
+        let typeid = typeid.to_string();
+        async move {
+            manager.check_running_async().await?;
+            let type_name = std::any::type_name::<T>();
+            let (_, meta) = manager.meta()?;
+            let mut read = redis::cmd("HGET");
+            read.arg(&meta).arg(format!("t:{typeid}"));
+            let registered = on_runtime::<Option<String>>(RuntimeRequest::Cmd(read))
+                .await?
+                .map_err(|e| {
+                    Error::redis(
+                        format!("reading type id {typeid} of {}", manager.describe()),
+                        e,
+                    )
+                })?;
+            manager.may_create(&typeid, type_name, registered)?;
+            let actor =
+                crate::actor::spawn_actor_with_async(init, ActorOptions { authenticate: true })
+                    .await?
+                    .signed_with(manager.inner.authkey.clone());
+            let record = Self::instance_record(&meta, &actor, &typeid);
+            on_runtime::<()>(RuntimeRequest::Cmd(record))
+                .await?
+                .map_err(|e| {
+                    Error::redis(
+                        format!(
+                            "recording an instance of {typeid} in {}",
+                            manager.describe()
+                        ),
+                        e,
+                    )
+                })?;
+            Ok(actor)
+        }
+    }
+
+    /// Whether this process may make an instance of `type_name` under `typeid`, registered as
+    /// `registered`: the type must be the one registered, and this process's authkey the
+    /// manager's (its hosts check the instance's messages with it).
+    fn may_create(&self, typeid: &str, type_name: &str, registered: Option<String>) -> Result<()> {
         match registered {
             Some(existing) if existing == type_name => {}
             Some(existing) => {
@@ -153,19 +252,15 @@ impl Manager {
                 self.describe()
             )));
         }
-        let actor = spawn_actor_with(init, ActorOptions { authenticate: true })?
-            .signed_with(self.inner.authkey.clone());
-        store.with_conn(
-            || format!("recording an instance of {typeid} in {}", self.describe()),
-            |c| {
-                redis::cmd("HSET")
-                    .arg(&meta)
-                    .arg(format!("a:{}", actor.id()))
-                    .arg(typeid)
-                    .query::<()>(c)
-            },
-        )?;
-        Ok(actor)
+        Ok(())
+    }
+
+    /// The record of an instance in the manager's meta hash (`a:<actor id>` → its type id),
+    /// which the shutdown stops.
+    fn instance_record<T: Actor>(meta: &str, actor: &ActorRef<T>, typeid: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(meta).arg(format!("a:{}", actor.id())).arg(typeid);
+        cmd
     }
 
     /// Stops the registered-type instances listed in `fields` (`a:<actor id>` meta fields), as
