@@ -136,8 +136,8 @@ pub struct KubernetesExecutor {
     relisted: Option<HashSet<String>>,
     /// `kubernetes.pod_create_grace_secs`.
     pod_create_grace: Duration,
-    /// The name of the authkey Secret of each key (by its hex form) this runtime's Jobs were
-    /// given (see `spec.rs`), and whether it was made.
+    /// The random suffix of the authkey Secret of each key (by its hex form) this runtime's
+    /// Jobs were given (see `spec.rs`), and whether that Secret was made.
     authkey_secrets: HashMap<String, (String, bool)>,
     /// Launches whose API calls have not returned yet: the shutdown waits for them, lest a
     /// Job or a Secret be made after it deleted this runtime's.
@@ -354,11 +354,6 @@ fn already_exists(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(status) if status.code == 409)
 }
 
-/// The random suffix of an authkey Secret's name (after its last `-`).
-fn suffix_of(name: &str) -> &str {
-    name.rsplit('-').next().unwrap_or(name)
-}
-
 /// How long the shutdown waits for launches under way.
 const LAUNCHES_SETTLE: Duration = Duration::from_secs(30);
 
@@ -523,17 +518,16 @@ impl Handler<Launch> for KubernetesExecutor {
         }
         let task = format!("{}/{task_id}", self.template.namespace);
         // The authkey goes through a Secret of this runtime, made before its first Job.
-        let (secret_name, new_secret) = match launch.env.get(ENV_WORKER_AUTHKEY) {
+        let key_hex = launch.env.get(ENV_WORKER_AUTHKEY).cloned();
+        let (secret_name, new_secret) = match &key_hex {
             None => (None, None),
             Some(hex) => {
-                let template = &self.template;
-                let (name, made) = self.authkey_secrets.entry(hex.clone()).or_insert_with(|| {
-                    let suffix = uuid::Uuid::new_v4().simple().to_string();
-                    let secret = template.authkey_secret(hex, &suffix[..12]);
-                    (secret.metadata.name.unwrap_or_default(), false)
+                let (suffix, made) = self.authkey_secrets.entry(hex.clone()).or_insert_with(|| {
+                    let random = uuid::Uuid::new_v4().simple().to_string();
+                    (random[..12].to_string(), false)
                 });
-                let new = (!*made).then(|| template.authkey_secret(hex, suffix_of(name)));
-                (Some(name.clone()), new)
+                let new = (!*made).then(|| self.template.authkey_secret(hex, suffix));
+                (Some(self.template.authkey_secret_name(suffix)), new)
             }
         };
         let worker = WorkerJob {
@@ -545,7 +539,6 @@ impl Handler<Launch> for KubernetesExecutor {
         };
         let job = self.template.job(&worker);
         let job_name = self.template.job_name(&worker);
-        let key_hex = launch.env.get(ENV_WORKER_AUTHKEY).cloned();
         let launching = InFlight::new(&self.launching);
         self.workers.insert(
             launch.id.clone(),

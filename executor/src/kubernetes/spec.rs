@@ -120,15 +120,13 @@ impl JobTemplate {
     /// from the key would let whoever reads Jobs test guesses of it). Immutable, labelled as
     /// the Jobs are (`shoal.dev/runtime` selects them for deletion with the runtime).
     pub fn authkey_secret(&self, hex: &str, suffix: &str) -> Secret {
-        let runtime = dns_part(&self.runtime_id, 63);
-        let digits = dns_part(suffix, 32);
         let mut labels = self.config.labels.clone();
         labels.insert(LABEL_RUNTIME.into(), self.runtime_id.clone());
         labels.insert(LABEL_NAMESPACE.into(), label_value(&self.namespace));
         labels.insert("app.kubernetes.io/managed-by".into(), "shoal".into());
         Secret {
             metadata: ObjectMeta {
-                name: Some(format!("shoal-authkey-{runtime}-{digits}")),
+                name: Some(self.authkey_secret_name(suffix)),
                 namespace: self.config.namespace.clone(),
                 labels: Some(labels),
                 ..ObjectMeta::default()
@@ -141,6 +139,12 @@ impl JobTemplate {
             type_: Some("Opaque".into()),
             ..Secret::default()
         }
+    }
+
+    /// The name of [`JobTemplate::authkey_secret`]'s Secret with this `suffix`.
+    pub fn authkey_secret_name(&self, suffix: &str) -> String {
+        let runtime = dns_part(&self.runtime_id, 63);
+        format!("shoal-authkey-{runtime}-{}", dns_part(suffix, 32))
     }
 
     /// The Job for `worker`.

@@ -419,28 +419,43 @@ impl ResultEntry {
     }
 }
 
-/// Creates the task stream and its consumer group (idempotent), with the store's TTL.
+/// Creates the task stream and its consumer group (idempotent), with the store's TTL: one
+/// round trip ([`streams_creation`]).
 pub fn create_streams(store: &Store, keys: &PoolKeys) -> Result<()> {
-    store.with_conn(
+    let replies = store.with_conn(
         || format!("creating pool stream {}", keys.tasks),
-        |c| {
-            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(&keys.tasks)
-                .arg(GROUP)
-                .arg("$")
-                .arg("MKSTREAM")
-                .query(c);
-            match created {
-                Err(e) if e.code() == Some("BUSYGROUP") => {}
-                other => other?,
-            }
-            redis::pipe()
-                .expire(&keys.tasks, store.expiry_secs() as i64)
-                .ignore()
-                .query::<()>(c)
-        },
-    )
+        |c| streams_creation(store, keys).query(c),
+    )?;
+    streams_created(keys, replies)
+}
+
+/// What [`streams_creation`] answers: the group's creation, then the TTL's.
+pub type StreamsCreated = (redis::RedisResult<()>, redis::RedisResult<()>);
+
+/// The pipeline of [`create_streams`], for a caller that sends it itself (an async one); read
+/// its replies with [`streams_created`].
+pub fn streams_creation(store: &Store, keys: &PoolKeys) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&keys.tasks)
+        .arg(GROUP)
+        .arg("$")
+        .arg("MKSTREAM")
+        .expire(&keys.tasks, store.expiry_secs() as i64);
+    // Each reply on its own: a group that exists already (BUSYGROUP) is fine.
+    pipe.ignore_errors();
+    pipe
+}
+
+/// The outcome of [`streams_creation`]'s replies.
+pub fn streams_created(keys: &PoolKeys, replies: StreamsCreated) -> Result<()> {
+    match replies {
+        (Err(e), _) if e.code() != Some("BUSYGROUP") => Err(e),
+        (_, Err(e)) => Err(e),
+        _ => Ok(()),
+    }
+    .map_err(|e| Error::redis(format!("creating pool stream {}", keys.tasks), e))
 }
 
 /// Deletes a pool's keys.

@@ -401,31 +401,22 @@ impl PoolPlan {
     /// [`protocol::create_streams`] sent from shoal's actor runtime: the task stream and its
     /// group (one existing already is fine) and their TTL, in one round trip.
     async fn create_streams_async(&self) -> Result<()> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&self.keys.tasks)
-            .arg(protocol::GROUP)
-            .arg("$")
-            .arg("MKSTREAM")
-            .expire(&self.keys.tasks, self.store.expiry_secs() as i64);
-        let tasks = self.keys.tasks.clone();
+        let pipe = protocol::streams_creation(&self.store, &self.keys);
+        let keys = self.keys.clone();
         self.runtime
             .context()
             .spawn(move |store, caller| async move {
                 let replies = match store.shared().await {
                     Ok(mut conn) => {
-                        type Replies = (redis::RedisResult<()>, redis::RedisResult<()>);
-                        let sent: redis::RedisResult<Replies> =
-                            pipe.ignore_errors().query_async(&mut conn).await;
-                        match sent {
-                            Ok((Err(e), _)) if e.code() != Some("BUSYGROUP") => {
-                                Err(Error::redis(format!("creating pool stream {tasks}"), e))
-                            }
-                            Ok((_, Err(e))) | Err(e) => {
-                                Err(Error::redis(format!("creating pool stream {tasks}"), e))
-                            }
-                            Ok(_) => Ok(()),
+                        match pipe
+                            .query_async::<protocol::StreamsCreated>(&mut conn)
+                            .await
+                        {
+                            Ok(replies) => protocol::streams_created(&keys, replies),
+                            Err(e) => Err(Error::redis(
+                                format!("creating pool stream {}", keys.tasks),
+                                e,
+                            )),
                         }
                     }
                     Err(e) => Err(e),
