@@ -262,6 +262,67 @@ fn a_frozen_host_loses_its_actor_and_cannot_overwrite_its_successor() {
     assert!(took < Duration::from_secs_f64(LEASE + 1.0), "{took:?}");
 }
 
+/// The fence at its narrowest: a host frozen inside a handler, between the read of a batch and
+/// its commit, wakes after a successor took the actor and committed; its commit (a transaction
+/// under the `WATCH` of its read, then the script) must leave the successor's state alone.
+#[test]
+fn a_host_frozen_between_read_and_commit_cannot_commit_over_its_successor() {
+    let rt = runtime_with(2, 1.0);
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    assert_eq!(ask(&counter, Incr(1)).expect("ask"), 1);
+    let pid = host_pid(&rt, &counter).expect("a host holds it");
+    let mut c = redis::Client::open(rt.store_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let lease_key = format!("shoal:{{default:actor:{}}}:lease", counter.id());
+    let lease: String = redis::cmd("GET")
+        .arg(&lease_key)
+        .query(&mut c)
+        .expect("lease");
+    let host_id = lease.split(':').next().expect("host id").to_string();
+    counter.tell(Slow(1_500)).expect("tell");
+    std::thread::sleep(Duration::from_millis(300));
+    kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    assert!(
+        wait_for(Duration::from_secs(5), || stopped(pid)),
+        "host {pid} did not stop"
+    );
+    // The successor applies the slow message again, then this one.
+    assert_eq!(ask(&counter, Incr(10)).expect("ask"), 11);
+    assert_ne!(host_pid(&rt, &counter), Some(pid));
+    let state_key = format!("shoal:{{default:actor:{}}}:state", counter.id());
+    let committed = |c: &mut redis::Connection| -> (Vec<u8>, String) {
+        redis::cmd("HMGET")
+            .arg(&state_key)
+            .arg("data")
+            .arg("applied")
+            .query::<(Vec<u8>, String)>(c)
+            .expect("state")
+    };
+    let successors = committed(&mut c);
+    // The frozen host's handler is past its time: it commits as soon as it runs again.
+    kill(Pid::from_raw(pid as i32), Signal::SIGCONT).expect("SIGCONT");
+    // The host forgets the actor once its commit was refused.
+    let host_set = format!("shoal:{{default:actors:hosts}}:host:{host_id}");
+    let mut watcher = redis::Client::open(rt.store_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    assert!(
+        wait_for(Duration::from_secs(10), || !redis::cmd("SISMEMBER")
+            .arg(&host_set)
+            .arg(counter.id())
+            .query::<bool>(&mut watcher)
+            .unwrap_or(true)),
+        "the frozen host still has the actor"
+    );
+    assert_eq!(
+        committed(&mut c),
+        successors,
+        "the frozen host committed over its successor"
+    );
+    assert_eq!(ask(&counter, Get).expect("get"), (11, 0));
+}
+
 #[test]
 fn a_panic_fails_its_ask_restarts_from_the_committed_state_and_is_budgeted() {
     let _rt = runtime();
@@ -513,6 +574,72 @@ fn stop_refuses_later_messages() {
         .tell(Incr(1))
         .is_err()));
     assert!(matches!(ask(&counter, Get), Err(Error::InvalidState(m)) if m.contains("stopped")));
+}
+
+/// Deletes keys of `actor` (`state`, `mailbox`...) behind shoal's back.
+fn delete_actor_keys(rt: &shoal::Runtime, actor: &ActorRef<Counter>, names: &[&str]) {
+    let mut c = redis::Client::open(rt.store_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    for name in names {
+        let key = format!("shoal:{{default:actor:{}}}:{name}", actor.id());
+        redis::cmd("DEL")
+            .arg(&key)
+            .query::<()>(&mut c)
+            .expect("DEL");
+    }
+}
+
+/// A handle that has seen a reply sends its asks without the send script (in one transaction
+/// with the checks): a stopped actor, and one whose keys are gone, are refused all the same,
+/// and at once rather than after a wait for a reply that will not come.
+#[test]
+fn an_ask_from_a_handle_that_saw_replies_is_refused_by_a_stopped_or_missing_actor() {
+    let rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    assert_eq!(ask(&counter, Incr(2)).expect("ask"), 2);
+    let other = shoal::spawn_actor(Counter::default()).expect("spawn");
+    assert_eq!(ask(&other, Incr(1)).expect("ask"), 1);
+    other.stop().expect("stop");
+    assert!(wait_for(Duration::from_secs(10), || other
+        .tell(Incr(1))
+        .is_err()));
+    // Each refusal comes at once, not after a wait for a reply (a slice is 500 ms) and a check.
+    let started = Instant::now();
+    match ask(&other, Get) {
+        Err(Error::InvalidState(m)) => assert!(m.contains("stopped"), "{m}"),
+        outcome => panic!("{outcome:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+    delete_actor_keys(&rt, &counter, &["state", "mailbox"]);
+    let started = Instant::now();
+    match ask(&counter, Incr(1)) {
+        Err(Error::InvalidState(m)) => assert!(m.contains("no actor"), "{m}"),
+        outcome => panic!("{outcome:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// The transaction of a handle's ask does not make the mailbox stream (the script does): when
+/// the stream is gone, the message is sent with the script, and answered.
+#[test]
+fn an_ask_whose_mailbox_stream_is_gone_is_sent_and_answered() {
+    let rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    assert_eq!(ask(&counter, Incr(2)).expect("ask"), 2);
+    // A stream made again starts at <now ms>-0: not in the millisecond of the last entry read.
+    std::thread::sleep(Duration::from_millis(5));
+    delete_actor_keys(&rt, &counter, &["mailbox"]);
+    assert_eq!(ask(&counter, Incr(3)).expect("ask"), 5);
+    assert_eq!(ask(&counter, Get).expect("get"), (5, 0));
 }
 
 #[test]

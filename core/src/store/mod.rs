@@ -107,6 +107,49 @@ struct Pooled {
     read_timeout: Option<Duration>,
 }
 
+/// A synchronous connection one caller keeps across calls, for what Redis keeps per connection
+/// (a `WATCH`, which a pooled connection must not carry to its next user). It starts with no
+/// connection; [`Store::with_held_conn`] opens one at its first call, and again after an error
+/// closed it. Dropping it closes the connection, ending whatever state it held.
+///
+/// ```no_run
+/// # fn main() -> shoal_core::Result<()> {
+/// use shoal_core::store::{HeldConn, Store, StoreSettings};
+/// let store = Store::connect("redis://127.0.0.1/", StoreSettings::from_config(&Default::default()))?;
+/// let mut held = HeldConn::default();
+/// let ordinary = Some(std::time::Duration::ZERO);
+/// store.with_held_conn(&mut held, ordinary, || "watching k".into(), |c| {
+///     redis::cmd("WATCH").arg("k").query::<()>(c)
+/// })?;
+/// let watched_on = held.generation();
+/// // ...the watch lasts until an EXEC on `held`, or until its connection is closed: it is
+/// // still there if `held.generation() == watched_on`.
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Default)]
+pub struct HeldConn {
+    pooled: Option<Pooled>,
+    generation: u64,
+}
+
+impl HeldConn {
+    /// Which connection this is: it changes whenever a connection is opened or closed. State
+    /// set on the connection (a `WATCH`) is still there while this is unchanged.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+impl std::fmt::Debug for HeldConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldConn")
+            .field("connected", &self.pooled.is_some())
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
@@ -250,6 +293,50 @@ impl Store {
     ) -> Result<T> {
         let read_timeout = block.map(|b| b + self.settings.response_timeout);
         self.run_pooled(read_timeout, context, f)
+    }
+
+    /// Runs `f` on `held`, a connection kept by one caller across calls (see [`HeldConn`]),
+    /// connecting first when it has none. `block` is the timeout a blocking command carries,
+    /// as in [`Store::with_blocking_conn`] (`Some(Duration::ZERO)` for ordinary commands: the
+    /// client waits for the response timeout; `None`: no limit). After an error that may have
+    /// left the connection unusable (no reply from the server), the connection is closed, and
+    /// with it any state it held: the next call opens a new one, and
+    /// [`HeldConn::generation`] tells them apart.
+    pub fn with_held_conn<T>(
+        &self,
+        held: &mut HeldConn,
+        block: Option<Duration>,
+        context: impl FnOnce() -> String,
+        f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
+    ) -> Result<T> {
+        let read_timeout = block.map(|b| b + self.settings.response_timeout);
+        let pooled = match &mut held.pooled {
+            Some(pooled) => pooled,
+            None => match self.open_sync() {
+                Ok(pooled) => {
+                    held.generation += 1;
+                    held.pooled.insert(pooled)
+                }
+                Err(e) => return Err(Error::redis(context(), e)),
+            },
+        };
+        if pooled.read_timeout != read_timeout {
+            pooled
+                .conn
+                .set_read_timeout(read_timeout)
+                .map_err(|e| Error::redis("setting a read timeout", e))?;
+            pooled.read_timeout = read_timeout;
+        }
+        let result = f(&mut pooled.conn);
+        let usable = match &result {
+            Ok(_) => pooled.conn.is_open(),
+            Err(e) => is_server_reply(e) && pooled.conn.is_open(),
+        };
+        if !usable {
+            held.pooled = None;
+            held.generation += 1;
+        }
+        result.map_err(|e| Error::redis(context(), e))
     }
 
     fn run_pooled<T>(

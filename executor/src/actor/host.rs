@@ -6,10 +6,12 @@
 //! * An actor thread activates the actor (`actor_activate.lua`: a new lease and fencing token;
 //!   nothing happens when another host holds it), restores its state with the type's registry
 //!   entry (`#[derive(shoal::Actor)]`), then reads its mailbox from the first message not yet
-//!   applied, in batches, and commits each batch (see the
-//!   module docs of [`super`]). It stops when its lease is lost (a commit or renewal refused),
-//!   when the actor stops or fails, or after `actors.idle_secs` without messages (deactivation:
-//!   the lease is given back, the state is saved already).
+//!   applied, in batches, and commits each batch (see the module docs of [`super`]), on a
+//!   connection of its own: the read `WATCH`es the lease, so that the commit can be a plain
+//!   transaction (see `ActorState::commit`). It stops when its lease is lost (a read finds it
+//!   another's, a commit or a renewal is refused), when the actor stops or fails, or after
+//!   `actors.idle_secs` without messages (deactivation: the lease is given back, the state is
+//!   saved already).
 //! * A heartbeat thread renews every lease every third of the lease, and, for a subprocess host,
 //!   ends the process when the driver that started it is gone (its liveness key lapsed).
 
@@ -27,7 +29,7 @@ use shoal_core::context::{self, AuthKey};
 use shoal_core::error::{Error, Result};
 use shoal_core::hosted::{self, ActorContext, HostedActor};
 use shoal_core::registry::Failure;
-use shoal_core::store::Store;
+use shoal_core::store::{HeldConn, Store};
 
 use super::{
     ACTIVATE, ActorKeys, BATCH, COMMIT, HANDBACK, HOSTS_GROUP, HostKeys, LEASE, Reply, field,
@@ -314,6 +316,8 @@ fn serve_actor(
             .collect(),
         authkey: authenticated.then(AuthKey::of_this_process),
         actor: None,
+        link: HeldConn::default(),
+        watching: None,
     };
     let outcome = state.run(&stop);
     let _ = store.with_conn(
@@ -415,6 +419,12 @@ struct ActorState<'a> {
     authkey: Option<AuthKey>,
     /// The live actor, restored from `saved`.
     actor: Option<Box<dyn HostedActor>>,
+    /// This activation's own connection: its mailbox reads and its commits go on it, so a read
+    /// can `WATCH` the lease for the commit after it (see [`ActorState::commit`]).
+    link: HeldConn,
+    /// The connection of `link` (its generation) on which the lease is watched, when it was
+    /// this host's as the watch began.
+    watching: Option<u64>,
 }
 
 impl ActorState<'_> {
@@ -432,7 +442,9 @@ impl ActorState<'_> {
             if context::termination_requested() {
                 return Ok(Ending::Release);
             }
-            let entries = self.read(&read_after)?;
+            let Some(entries) = self.read(&read_after)? else {
+                return Ok(Ending::Lost);
+            };
             let Some(last) = entries.last() else {
                 if last_message.elapsed() >= idle {
                     return Ok(Ending::Release);
@@ -450,31 +462,56 @@ impl ActorState<'_> {
     }
 
     /// The next batch of the mailbox after entry `after`, waiting at most [`READ_BLOCK`] for
-    /// one. A plain `XREAD`, not a consumer group's: a host that lost its lease (paused, cut
-    /// off) and reads again takes nothing from its successor.
-    fn read(&self, after: &str) -> Result<Vec<StreamId>> {
-        let reply = self.store.retry_unreachable(|| {
-            self.store.with_blocking_conn(
+    /// one; `None` when the lease is no longer this host's. A plain `XREAD`, not a consumer
+    /// group's: a host that lost its lease (paused, cut off) and reads again takes nothing from
+    /// its successor.
+    ///
+    /// The same round trip then `WATCH`es the lease and reads it: when it is this host's, the
+    /// commit of what this read returned can be a plain transaction, which fails if anyone
+    /// wrote the lease since (see [`ActorState::commit`]). The watch begins once the `XREAD`
+    /// has returned (`UNWATCH` first drops the previous one, which a renewal during the wait
+    /// may have spoilt); a token is never given twice, so a lease that holds this host's token
+    /// then has been this host's all along.
+    fn read(&mut self, after: &str) -> Result<Option<Vec<StreamId>>> {
+        let (store, keys) = (self.store, self.keys);
+        let link = &mut self.link;
+        self.watching = None;
+        let (reply, holder) = store.retry_unreachable(|| {
+            store.with_held_conn(
+                link,
                 Some(READ_BLOCK),
-                || format!("reading {}", self.keys.mailbox),
+                || format!("reading {}", keys.mailbox),
                 |c| {
-                    redis::cmd("XREAD")
+                    redis::pipe()
+                        .cmd("XREAD")
                         .arg("COUNT")
                         .arg(BATCH)
                         .arg("BLOCK")
                         .arg(READ_BLOCK.as_millis() as u64)
                         .arg("STREAMS")
-                        .arg(&self.keys.mailbox)
+                        .arg(&keys.mailbox)
                         .arg(after)
-                        .query::<Option<StreamReadReply>>(c)
+                        .cmd("UNWATCH")
+                        .ignore()
+                        .cmd("WATCH")
+                        .arg(&keys.lease)
+                        .ignore()
+                        .get(&keys.lease)
+                        .query::<(Option<StreamReadReply>, Option<String>)>(c)
                 },
             )
         })?;
-        Ok(reply
-            .into_iter()
-            .flat_map(|r| r.keys)
-            .flat_map(|k| k.ids)
-            .collect())
+        if holder.as_deref() != Some(self.lease) {
+            return Ok(None);
+        }
+        self.watching = Some(self.link.generation());
+        Ok(Some(
+            reply
+                .into_iter()
+                .flat_map(|r| r.keys)
+                .flat_map(|k| k.ids)
+                .collect(),
+        ))
     }
 
     fn restore(&mut self) -> std::result::Result<&mut Box<dyn HostedActor>, String> {
@@ -661,8 +698,20 @@ impl ActorState<'_> {
         self.reason = reason;
     }
 
+    /// Commits a batch: the state after it, the last entry applied, the replies to its asks,
+    /// and its removal from the mailbox, only while the lease is this host's.
+    ///
+    /// When the read that returned the batch found the lease this host's and watched it, the
+    /// commit is a `MULTI`/`EXEC` transaction on the same connection: `EXEC` applies it only if
+    /// nobody wrote the lease since (a successor taking it, or the lease lapsing, aborts it).
+    /// That costs Redis a fraction of a script's run. A transaction that did not run (aborted,
+    /// a renewal touched the lease, or the connection failed) is followed by the commit script
+    /// (`actor_commit.lua`), which checks the lease itself and is the authority: it commits,
+    /// or answers `STALE`. Committing twice (the transaction ran, but its answer was lost) writes
+    /// the same state again and a second copy of each reply, under its ask's own key, which
+    /// nobody reads and which expires.
     fn commit(
-        &self,
+        &mut self,
         data: &[u8],
         applied: &str,
         replies: &[(String, String, Vec<u8>)],
@@ -675,6 +724,56 @@ impl ActorState<'_> {
             .join(",");
         let reply_ttl_ms = self.store.expiry_secs().saturating_mul(1000);
         let trim_from = next_entry_id(applied);
+        // EXEC ends the watch, whatever its outcome. A connection opened since the read has
+        // none: the script then.
+        if self.watching.take() == Some(self.link.generation()) {
+            let mut transaction = redis::pipe();
+            transaction
+                .atomic()
+                .hset_multiple(
+                    &self.keys.state,
+                    &[
+                        ("data", data),
+                        ("applied", applied.as_bytes()),
+                        ("status", self.status.as_bytes()),
+                        ("reason", self.reason.as_bytes()),
+                        ("failures", failures.as_bytes()),
+                        ("handbacks", b"0"),
+                    ],
+                )
+                .ignore();
+            for (_, key, reply) in replies.iter().filter(|(_, key, _)| !key.is_empty()) {
+                transaction
+                    .rpush(key, reply.as_slice())
+                    .ignore()
+                    .pexpire(key, reply_ttl_ms as i64)
+                    .ignore();
+            }
+            transaction
+                .cmd("XTRIM")
+                .arg(&self.keys.mailbox)
+                .arg("MINID")
+                .arg(&trim_from)
+                .ignore()
+                .expire(&self.keys.state, self.store.expiry_secs() as i64)
+                .ignore()
+                .expire(&self.keys.mailbox, self.store.expiry_secs() as i64)
+                .ignore();
+            let executed = self.store.with_held_conn(
+                &mut self.link,
+                Some(Duration::ZERO),
+                || format!("committing actor {}", self.actor_id),
+                |c| transaction.query::<Option<()>>(c),
+            );
+            match executed {
+                Ok(Some(())) => return Ok(()),
+                // Aborted: the script decides.
+                Ok(None) => {}
+                // Unknown whether it ran: the script again (see above).
+                Err(e) if e.is_store_unreachable() => {}
+                Err(e) => return Err(e),
+            }
+        }
         self.store.retry_unreachable(|| {
             self.store.with_conn(
                 || format!("committing actor {}", self.actor_id),

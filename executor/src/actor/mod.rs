@@ -20,11 +20,13 @@
 //!
 //! # Exactly once
 //!
-//! A host applies a batch of messages to the actor's state in memory and commits with one
-//! script (`actor_commit.lua`): the new state, the last entry applied, the reply to each ask,
-//! and the removal of the batch from the mailbox (`XTRIM MINID` past the last entry applied),
-//! together, and only if its lease
-//! still carries its token. A message is therefore either committed (its effect, its reply and
+//! A host applies a batch of messages to the actor's state in memory and commits in one step:
+//! the new state, the last entry applied, the reply to each ask, and the removal of the batch
+//! from the mailbox (`XTRIM MINID` past the last entry applied), together, and only if its
+//! lease still carries its token. The step is a `MULTI`/`EXEC` transaction when the read that
+//! returned the batch found the lease the host's and `WATCH`ed it (`EXEC` fails if anyone wrote
+//! the lease since), and the commit script (`actor_commit.lua`), which checks the lease itself,
+//! when the transaction did not run (see [`host`]). A message is therefore either committed (its effect, its reply and
 //! its removal at once) or still in the mailbox; a host that dies before committing leaves it
 //! there, and the next host, which reads the mailbox from its first entry, applies it to the
 //! last committed state. Hosts read with a plain `XREAD` after the last entry they read, not
@@ -70,11 +72,17 @@
 //!
 //! `tell`: 1 (`actor_send.lua`), plus 1 when the actor has no host (to ask for one). `ask`: the
 //! same send and a `BLPOP` on the reply key, pipelined into 1 round trip once this handle has
-//! seen a reply (the first ask of a handle sends, then waits: 2); while it waits, every [`ASK_SLICE`] it checks that a host has the actor
-//! (`actor_nudge.lua`). The async forms (`Mailbox::send_async`, `Mailbox::ask_async`) make the
-//! same round trips. A host: 1 `XREAD` per batch of up to [`BATCH`] messages and 1
-//! commit per batch; lease renewals every third of the lease.
+//! seen a reply (the first ask of a handle sends, then waits: 2); while it waits, every
+//! [`ASK_SLICE`] it checks that a host has the actor (`actor_nudge.lua`). Once a handle has
+//! seen a reply, its unsigned blocking asks replace the script with a transaction that makes
+//! the same checks as it writes (`direct_ask`: cheaper for Redis, same round trip; a refused
+//! message is written but never applied). The async forms (`Mailbox::send_async`,
+//! `Mailbox::ask_async`) make the same round trips with the script. A host: 1 round trip per
+//! batch of up to [`BATCH`] messages to read it (`XREAD`, then `WATCH` and `GET` of the lease)
+//! and 1 to commit it (2 when the transaction did not run: a renewal touched the lease while
+//! the batch ran); lease renewals every third of the lease.
 
+mod direct_ask;
 pub mod host;
 
 use std::sync::LazyLock;
@@ -396,7 +404,8 @@ impl Mailbox {
 
     /// Sends an ask and waits for its reply until `deadline` (`None`: forever); `Ok(None)` when
     /// it did not come in time. `pipelined`: the actor is believed active, so the send and the
-    /// first wait go in one round trip.
+    /// first wait go in one round trip, and an unsigned message is sent with a transaction
+    /// rather than the send script (see "Round trips" in the module docs).
     pub fn ask(
         &self,
         store: &Store,
@@ -606,7 +615,18 @@ fn ask(
         return Err(Error::invalid_state("an ask needs a reply key"));
     };
     let mut first: Option<Vec<u8>> = None;
-    if pipelined && let Some(block) = ask_slice(deadline) {
+    let unsigned = message.mac.is_none() && message.verifier.is_none();
+    if pipelined
+        && unsigned
+        && let Some(block) = ask_slice(deadline)
+    {
+        match direct_ask::ask(store, mailbox, message, reply_key, block)? {
+            direct_ask::DirectAsk::Sent(reply) => first = reply,
+            direct_ask::DirectAsk::NotSent => {
+                send(store, keys, hosts, actor_id, message, activation_hold)?
+            }
+        }
+    } else if pipelined && let Some(block) = ask_slice(deadline) {
         let (needs_host, popped): (i64, Option<(String, Vec<u8>)>) = store
             .with_blocking_conn(
                 Some(block),
@@ -658,10 +678,12 @@ fn ask(
                         .query(c)
                 },
             )?;
-            if let Some((_, bytes)) = popped {
-                break bytes;
+            match popped {
+                // A direct ask's marker that came after its wait (see `direct_ask`).
+                Some((_, bytes)) if bytes.is_empty() => continue,
+                Some((_, bytes)) => break bytes,
+                None => nudge(store, keys, hosts, actor_id, activation_hold)?,
             }
-            nudge(store, keys, hosts, actor_id, activation_hold)?;
         },
     };
     store.decode::<Reply>(&bytes, reply_key).map(Some)
@@ -795,23 +817,29 @@ pub fn orphan_host(store: &Store, hosts: &HostKeys, host_id: &str) -> Result<Vec
 /// Turns the send script's errors into shoal's.
 fn send_error(e: Error, actor_id: &str) -> Error {
     match &e {
-        Error::Redis { source, .. } => match source.code() {
-            Some("NOACTOR") => Error::invalid_state(format!(
-                "no actor {actor_id}: it was never created, or its keys expired"
-            )),
-            Some("FAILED") => Error::invalid_state(format!(
-                "actor {actor_id} has failed: {}",
-                source.detail().unwrap_or_default()
-            )),
-            Some("STOPPED") => Error::invalid_state(format!("actor {actor_id} was stopped")),
-            Some("AUTH") => Error::Authentication(format!(
-                "actor {actor_id} takes only messages signed with the authkey it was created \
-                 under, and this sender's is another; nothing was sent"
-            )),
-            _ => e,
-        },
+        Error::Redis { source, .. } => source
+            .code()
+            .and_then(|code| refusal(code, source.detail().unwrap_or_default(), actor_id))
+            .unwrap_or(e),
         _ => e,
     }
+}
+
+/// The error of a send refused with `code` (the send script's error codes; `detail`: the
+/// failure's reason), or `None` for another code.
+fn refusal(code: &str, detail: &str, actor_id: &str) -> Option<Error> {
+    Some(match code {
+        "NOACTOR" => Error::invalid_state(format!(
+            "no actor {actor_id}: it was never created, or its keys expired"
+        )),
+        "FAILED" => Error::invalid_state(format!("actor {actor_id} has failed: {detail}")),
+        "STOPPED" => Error::invalid_state(format!("actor {actor_id} was stopped")),
+        "AUTH" => Error::Authentication(format!(
+            "actor {actor_id} takes only messages signed with the authkey it was created \
+             under, and this sender's is another; nothing was sent"
+        )),
+        _ => return None,
+    })
 }
 
 /// Reads a stream entry's field as bytes.
