@@ -414,3 +414,28 @@ pub fn every_value_in_redis(conn: &mut redis::Connection) -> Vec<Vec<u8>> {
 pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Runs `f` with a ticker beside it on the same current-thread runtime; returns `f`'s output
+/// and the ticks counted while it ran (a blocked thread would count none).
+pub fn with_ticker<T>(f: impl std::future::Future<Output = T>) -> (T, u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("tokio");
+    rt.block_on(async {
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(std::time::Duration::from_millis(5));
+            // A blocked thread must not be made up for by a burst of late ticks.
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                interval.tick().await;
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let out = f.await;
+        ticker.abort();
+        (out, ticks.load(std::sync::atomic::Ordering::Relaxed))
+    })
+}

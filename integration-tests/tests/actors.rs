@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use shoal::prelude::*;
 use shoal::{ActorOptions, Handles, TaskErrorKind};
-use shoal_integration_tests::{pid_running, wait_for};
+use shoal_integration_tests::{pid_running, wait_for, with_ticker};
 
 shoal::test_support!();
 
@@ -901,6 +901,37 @@ fn async_forms_report_a_stopped_actor() {
             other => panic!("{other:?}"),
         }
     });
+}
+
+/// The first actor of a runtime sets its hosts up from shoal's actor runtime too: with Redis
+/// frozen for a while, `spawn_actor_async` leaves the caller's thread free (the blocking setup
+/// parked it until Redis came back), and the actor it made is hosted.
+#[test]
+fn the_first_actor_of_a_runtime_is_spawned_async_without_blocking_the_thread() {
+    let rt = runtime();
+    let mut c = redis::Client::open(rt.store_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query(&mut c)
+        .expect("INFO");
+    let redis_pid: i32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("the store's pid");
+    kill(Pid::from_raw(redis_pid), Signal::SIGSTOP).expect("SIGSTOP the store");
+    let thaw = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        kill(Pid::from_raw(redis_pid), Signal::SIGCONT)
+    });
+    let (spawned, ticks) = with_ticker(shoal::spawn_actor_async(Counter::default()));
+    thaw.join().expect("thaw").expect("SIGCONT the store");
+    let counter = spawned.expect("spawn_actor_async");
+    // 400 ms frozen: about 80 ticks of 5 ms for a free thread, none for a parked one.
+    assert!(ticks >= 20, "the thread was blocked: {ticks} ticks");
+    assert_eq!(ask(&counter, Incr(3)).expect("ask"), 3);
 }
 
 /// `spawn_actor_async` and `get_or_spawn_async` under a current-thread runtime: the same actors

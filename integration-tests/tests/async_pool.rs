@@ -2,15 +2,13 @@
 //! `start_async` and `join_async`, under tokio's current-thread runtime (where a blocked thread would stop
 //! everything) and a multi-thread one, and under actix's.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use shoal::prelude::*;
-use shoal_integration_tests::wait_for;
+use shoal_integration_tests::{wait_for, with_ticker};
 
 shoal::test_support!();
 
@@ -33,31 +31,6 @@ fn nap(ms: u64) {
 fn report_pid_then_nap(pids: SimpleQueue<u32>, ms: u64) {
     pids.put(std::process::id()).expect("pid");
     std::thread::sleep(Duration::from_millis(ms));
-}
-
-/// Runs `f` with a ticker beside it on the same current-thread runtime; returns `f`'s output
-/// and the ticks counted while it ran (a blocked thread would count none).
-fn with_ticker<T>(f: impl std::future::Future<Output = T>) -> (T, u64) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("tokio");
-    rt.block_on(async {
-        let ticks = Arc::new(AtomicU64::new(0));
-        let counter = ticks.clone();
-        let ticker = tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_millis(5));
-            // A blocked thread must not be made up for by a burst of late ticks.
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                interval.tick().await;
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        let out = f.await;
-        ticker.abort();
-        (out, ticks.load(Ordering::Relaxed))
-    })
 }
 
 #[test]

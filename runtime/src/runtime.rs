@@ -351,14 +351,34 @@ impl RuntimeInner {
         (key, ttl_ms)
     }
 
-    /// Starts this runtime's actor hosts, once.
+    /// Starts this runtime's actor hosts, once (the first time, after one blocking round trip
+    /// that makes the activations stream's group).
     pub(crate) fn actor_hosts(&self) -> Result<()> {
-        let mut hosts = self.actor_hosts.lock().unwrap_or_else(|p| p.into_inner());
-        if hosts.is_some() {
+        if self.actor_hosts_started() {
             return Ok(());
         }
         let store = self.context.store().clone();
         shoal_executor::actor::create_activations(&store, &HostKeys::new(store.keys()))?;
+        self.start_actor_hosts();
+        Ok(())
+    }
+
+    /// Whether this runtime's actor hosts were started.
+    pub(crate) fn actor_hosts_started(&self) -> bool {
+        self.actor_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Starts this runtime's actor hosts unless they were: the activations stream's group must
+    /// exist (`shoal_executor::actor::create_activations`).
+    pub(crate) fn start_actor_hosts(&self) {
+        let mut hosts = self.actor_hosts.lock().unwrap_or_else(|p| p.into_inner());
+        if hosts.is_some() {
+            return;
+        }
+        let store = self.context.store().clone();
         let (executor, config, creator, id) = (
             self.executor.clone(),
             self.context.config().clone(),
@@ -370,7 +390,6 @@ impl RuntimeInner {
         });
         addr.do_send(StartHosts);
         *hosts = Some(addr);
-        Ok(())
     }
 
     pub(crate) fn track_child(&self, child: ChildEntry) {

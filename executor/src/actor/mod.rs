@@ -760,20 +760,28 @@ fn activation_pipe(store: &Store, hosts: &HostKeys, actor_id: &str) -> redis::Pi
 pub fn create_activations(store: &Store, hosts: &HostKeys) -> Result<()> {
     store.with_conn(
         || format!("creating {}", hosts.activations),
-        |c| {
-            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(&hosts.activations)
-                .arg(HOSTS_GROUP)
-                .arg("$")
-                .arg("MKSTREAM")
-                .query(c);
-            match created {
-                Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-                other => other,
-            }
-        },
+        |c| activations_created(activations_creation(hosts).query(c)),
     )
+}
+
+/// The command of [`create_activations`], to send on any connection; its answer goes through
+/// [`activations_created`].
+pub fn activations_creation(hosts: &HostKeys) -> redis::Cmd {
+    let mut cmd = redis::cmd("XGROUP");
+    cmd.arg("CREATE")
+        .arg(&hosts.activations)
+        .arg(HOSTS_GROUP)
+        .arg("$")
+        .arg("MKSTREAM");
+    cmd
+}
+
+/// The outcome of [`activations_creation`]: a group made already is as good as a new one.
+pub fn activations_created(created: redis::RedisResult<()>) -> redis::RedisResult<()> {
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
 }
 
 /// Removes the leases a dead host held and asks other hosts to take its actors (the host is

@@ -104,7 +104,7 @@ use shoal_core::context::{self, AuthKey};
 use shoal_core::error::{Error, Result};
 use shoal_core::hosted::{Actor, Handler, Handles, kind_of};
 use shoal_core::store::Store;
-use shoal_executor::actor::{self as protocol, ActorKeys, CreateMode, Mailbox, Outgoing};
+use shoal_executor::actor::{self as protocol, ActorKeys, CreateMode, HostKeys, Mailbox, Outgoing};
 
 pub(crate) use hosts::HostSupervisor;
 
@@ -468,9 +468,10 @@ pub fn get_or_spawn_with<A: Actor>(
 
 /// The async form of [`spawn_actor`]: the actor's record is written from shoal's actor
 /// runtime and no thread waits; any executor. The first actor of a runtime also sets up its
-/// hosts, which makes one round trip (blocking) when this is called. Once polled, a dropped
-/// future may still create the actor, which nothing then refers to (it expires after
-/// `redis.expiry_secs` unused).
+/// hosts there (the activations stream's group, in the same task, then the hosts). Once
+/// polled, a dropped future may still create the actor, which nothing then refers to (it
+/// expires after `redis.expiry_secs` unused); the hosts are then started by the runtime's next
+/// creation.
 ///
 /// ```no_run
 /// # use serde::{Deserialize, Serialize};
@@ -502,7 +503,7 @@ pub fn spawn_actor_with_async<A: Actor>(
     options: ActorOptions,
 ) -> impl Future<Output = Result<ActorRef<A>>> + Send + use<A> {
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let creation = Creation::new(id, &state, options, CreateMode::New);
+    let creation = Creation::new(id, &state, options, CreateMode::New, HostsSetup::InTask);
     async move { creation?.send().await }
 }
 
@@ -522,8 +523,8 @@ pub fn get_or_spawn_with_async<A: Actor>(
     options: ActorOptions,
 ) -> futures::future::BoxFuture<'static, Result<ActorRef<A>>> {
     // Boxed: an opaque type would keep `init`'s type (and a borrow it holds), which has run.
-    let creation =
-        actor_name(name).and_then(|id| Creation::new(id, &init(), options, CreateMode::Named));
+    let creation = actor_name(name)
+        .and_then(|id| Creation::new(id, &init(), options, CreateMode::Named, HostsSetup::InTask));
     Box::pin(async move { creation?.send().await })
 }
 
@@ -543,7 +544,7 @@ fn create<A: Actor>(
     options: ActorOptions,
     mode: CreateMode,
 ) -> Result<ActorRef<A>> {
-    let mut creation = Creation::new(id, &state, options, mode)?;
+    let mut creation = Creation::new(id, &state, options, mode, HostsSetup::Blocking)?;
     let invocation = creation
         .invocation
         .take()
@@ -555,7 +556,18 @@ fn create<A: Actor>(
     creation.finish(outcome)
 }
 
-/// An actor's creation ready to send: the hosts set up, the state encoded, the script call.
+/// How a creation sets up its runtime's actor hosts, the first time: the activations stream's
+/// group, then the hosts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HostsSetup {
+    /// Before the creation, on the calling thread (one round trip).
+    Blocking,
+    /// In the task that sends the creation ([`Creation::send`]).
+    InTask,
+}
+
+/// An actor's creation ready to send: the hosts set up (or to set up as it is sent), the state
+/// encoded, the script call.
 struct Creation<A> {
     id: String,
     keys: ActorKeys,
@@ -563,13 +575,28 @@ struct Creation<A> {
     authenticated: bool,
     /// The script call, until it is sent.
     invocation: Option<redis::ScriptInvocation<'static>>,
+    /// The send starts the runtime's hosts, after it made the activations' group (if its
+    /// future is dropped before, the next creation does).
+    starts_hosts: bool,
     _actor: PhantomData<fn() -> A>,
 }
 
 impl<A: Actor> Creation<A> {
-    fn new(id: String, state: &A, options: ActorOptions, mode: CreateMode) -> Result<Creation<A>> {
+    fn new(
+        id: String,
+        state: &A,
+        options: ActorOptions,
+        mode: CreateMode,
+        hosts: HostsSetup,
+    ) -> Result<Creation<A>> {
         let runtime = runtime::current_runtime()?;
-        runtime.actor_hosts()?;
+        let starts_hosts = match hosts {
+            HostsSetup::Blocking => {
+                runtime.actor_hosts()?;
+                false
+            }
+            HostsSetup::InTask => !runtime.actor_hosts_started(),
+        };
         let store = runtime.context().store().clone();
         let keys = ActorKeys::new(store.keys(), &id);
         let actor_type = std::any::type_name::<A>();
@@ -593,27 +620,48 @@ impl<A: Actor> Creation<A> {
             store,
             authenticated: options.authenticate,
             invocation: Some(invocation),
+            starts_hosts,
             _actor: PhantomData,
         })
     }
 
-    /// Sends the creation from shoal's actor runtime.
+    /// Sends the creation from shoal's actor runtime, after the activations' group when this
+    /// creation starts the runtime's hosts (which it then starts).
     async fn send(mut self) -> Result<ActorRef<A>> {
         let invocation = self.invocation.take();
         let state_key = self.keys.state.clone();
-        let outcome = context::current()?
+        let activations = self
+            .starts_hosts
+            .then(|| protocol::activations_creation(&HostKeys::new(self.store.keys())));
+        let (group_made, outcome) = context::current()?
             .spawn(move |store, caller| async move {
-                let outcome = match (store.shared().await, invocation) {
-                    (Ok(mut conn), Some(invocation)) => invocation
+                let mut group_made = activations.is_none();
+                let outcome = async {
+                    let mut conn = store.shared().await?;
+                    if let Some(group) = activations {
+                        let created = group.query_async::<()>(&mut conn).await;
+                        protocol::activations_created(created)
+                            .map_err(|e| Error::redis("creating the actor hosts' group", e))?;
+                        group_made = true;
+                    }
+                    let invocation = invocation
+                        .ok_or_else(|| Error::invalid_state("the creation was sent already"))?;
+                    invocation
                         .invoke_async::<String>(&mut conn)
                         .await
-                        .map_err(|e| Error::redis(format!("creating actor {state_key}"), e)),
-                    (Ok(_), None) => Err(Error::invalid_state("the creation was sent already")),
-                    (Err(e), _) => Err(e),
-                };
-                caller.finish(Ok(outcome));
+                        .map_err(|e| Error::redis(format!("creating actor {state_key}"), e))
+                }
+                .await;
+                caller.finish(Ok((group_made, outcome)));
             })
             .await?;
+        // Without the group (its creation failed), the next creation makes it and starts them.
+        if self.starts_hosts
+            && group_made
+            && let Ok(runtime) = runtime::current_runtime()
+        {
+            runtime.start_actor_hosts();
+        }
         self.finish(outcome)
     }
 
