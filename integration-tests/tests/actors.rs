@@ -908,29 +908,39 @@ fn async_forms_report_a_stopped_actor() {
 /// parked it until Redis came back), and the actor it made is hosted.
 #[test]
 fn the_first_actor_of_a_runtime_is_spawned_async_without_blocking_the_thread() {
+    const FROZEN: Duration = Duration::from_millis(1_000);
     let rt = runtime();
     let mut c = redis::Client::open(rt.store_url())
         .and_then(|c| c.get_connection())
         .expect("redis");
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query(&mut c)
-        .expect("INFO");
-    let redis_pid: i32 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .and_then(|p| p.trim().parse().ok())
-        .expect("the store's pid");
-    kill(Pid::from_raw(redis_pid), Signal::SIGSTOP).expect("SIGSTOP the store");
+    // No actor yet in this runtime: its hosts' group is still to be made.
+    let groups = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg("shoal:{default:actors:hosts}:activations")
+        .query::<redis::Value>(&mut c);
+    assert!(groups.is_err(), "the hosts were set up already: {groups:?}");
+    let redis_pid = Pid::from_raw(rt.embedded_redis_pid().expect("the embedded store") as i32);
+    kill(redis_pid, Signal::SIGSTOP).expect("SIGSTOP the store");
     let thaw = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(400));
-        kill(Pid::from_raw(redis_pid), Signal::SIGCONT)
+        std::thread::sleep(FROZEN);
+        kill(redis_pid, Signal::SIGCONT)
     });
+    let started = Instant::now();
     let (spawned, ticks) = with_ticker(shoal::spawn_actor_async(Counter::default()));
+    let took = started.elapsed();
     thaw.join().expect("thaw").expect("SIGCONT the store");
     let counter = spawned.expect("spawn_actor_async");
-    // 400 ms frozen: about 80 ticks of 5 ms for a free thread, none for a parked one.
-    assert!(ticks >= 20, "the thread was blocked: {ticks} ticks");
+    // It waited for the store (a blocking setup too would, on the caller's thread)...
+    assert!(
+        took >= FROZEN / 2,
+        "not frozen long enough to tell: {took:?}"
+    );
+    // ...and the thread ticked meanwhile (every 5 ms: at least one in 20 ms on a busy machine).
+    let expected = took.as_millis() as u64 / 20;
+    assert!(
+        ticks >= expected,
+        "the thread was blocked: {ticks} ticks in {took:?}"
+    );
     assert_eq!(ask(&counter, Incr(3)).expect("ask"), 3);
 }
 

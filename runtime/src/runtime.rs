@@ -357,9 +357,10 @@ impl RuntimeInner {
         if self.actor_hosts_started() {
             return Ok(());
         }
+        self.check_accepting()?;
         let store = self.context.store().clone();
         shoal_executor::actor::create_activations(&store, &HostKeys::new(store.keys()))?;
-        self.start_actor_hosts();
+        self.start_actor_hosts(context::current_process());
         Ok(())
     }
 
@@ -371,18 +372,21 @@ impl RuntimeInner {
             .is_some()
     }
 
-    /// Starts this runtime's actor hosts unless they were: the activations stream's group must
+    /// Starts this runtime's actor hosts, as children of `creator` (the process that made the
+    /// first actor, as it was when it asked), unless they were started or the runtime is
+    /// draining (its drain stops the hosts it finds). The activations stream's group must
     /// exist (`shoal_executor::actor::create_activations`).
-    pub(crate) fn start_actor_hosts(&self) {
+    pub(crate) fn start_actor_hosts(&self, creator: ProcessInfo) {
         let mut hosts = self.actor_hosts.lock().unwrap_or_else(|p| p.into_inner());
-        if hosts.is_some() {
+        // Checked under the lock the drain takes the hosts with: a start either comes before
+        // that (and is stopped by it) or sees the flag.
+        if hosts.is_some() || self.draining.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
         let store = self.context.store().clone();
-        let (executor, config, creator, id) = (
+        let (executor, config, id) = (
             self.executor.clone(),
             self.context.config().clone(),
-            context::current_process(),
             self.id.clone(),
         );
         let addr = HostSupervisor::start_in_arbiter(&self.arbiter(), move |_| {

@@ -94,13 +94,13 @@ pub(crate) mod hosts;
 
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shoal_core::auth;
-use shoal_core::context::{self, AuthKey};
+use shoal_core::context::{self, AuthKey, ProcessInfo};
 use shoal_core::error::{Error, Result};
 use shoal_core::hosted::{Actor, Handler, Handles, kind_of};
 use shoal_core::store::Store;
@@ -468,10 +468,11 @@ pub fn get_or_spawn_with<A: Actor>(
 
 /// The async form of [`spawn_actor`]: the actor's record is written from shoal's actor
 /// runtime and no thread waits; any executor. The first actor of a runtime also sets up its
-/// hosts there (the activations stream's group, in the same task, then the hosts). Once
-/// polled, a dropped future may still create the actor, which nothing then refers to (it
-/// expires after `redis.expiry_secs` unused); the hosts are then started by the runtime's next
-/// creation.
+/// hosts there (the activations stream's group, in the same task, then the hosts). The state
+/// is encoded when this is called: one that carries pipe ends makes one blocking round trip
+/// per end then. Once polled, a dropped future may still create the actor; an unnamed one is
+/// then referred to by nothing (it expires after `redis.expiry_secs` unused), and the
+/// runtime's hosts, if this was its first actor, are started by its next creation.
 ///
 /// ```no_run
 /// # use serde::{Deserialize, Serialize};
@@ -575,9 +576,10 @@ struct Creation<A> {
     authenticated: bool,
     /// The script call, until it is sent.
     invocation: Option<redis::ScriptInvocation<'static>>,
-    /// The send starts the runtime's hosts, after it made the activations' group (if its
-    /// future is dropped before, the next creation does).
-    starts_hosts: bool,
+    /// The runtime whose hosts the send starts, after it made the activations' group, and the
+    /// process that asked (if the future is dropped before, the next creation starts them). A
+    /// weak reference: a runtime dropped meanwhile starts nothing.
+    starts_hosts: Option<(Weak<runtime::RuntimeInner>, ProcessInfo)>,
     _actor: PhantomData<fn() -> A>,
 }
 
@@ -593,9 +595,10 @@ impl<A: Actor> Creation<A> {
         let starts_hosts = match hosts {
             HostsSetup::Blocking => {
                 runtime.actor_hosts()?;
-                false
+                None
             }
-            HostsSetup::InTask => !runtime.actor_hosts_started(),
+            HostsSetup::InTask => (!runtime.actor_hosts_started())
+                .then(|| (Arc::downgrade(&runtime), context::current_process())),
         };
         let store = runtime.context().store().clone();
         let keys = ActorKeys::new(store.keys(), &id);
@@ -632,6 +635,7 @@ impl<A: Actor> Creation<A> {
         let state_key = self.keys.state.clone();
         let activations = self
             .starts_hosts
+            .is_some()
             .then(|| protocol::activations_creation(&HostKeys::new(self.store.keys())));
         let (group_made, outcome) = context::current()?
             .spawn(move |store, caller| async move {
@@ -656,11 +660,14 @@ impl<A: Actor> Creation<A> {
             })
             .await?;
         // Without the group (its creation failed), the next creation makes it and starts them.
-        if self.starts_hosts
+        if let Some((runtime, creator)) = self.starts_hosts.take()
             && group_made
-            && let Ok(runtime) = runtime::current_runtime()
+            && let Some(runtime) = runtime.upgrade()
         {
-            runtime.start_actor_hosts();
+            runtime.start_actor_hosts(creator);
+            // Not the last reference (`ACTIVE` or a worker's keeps the runtime), but should it
+            // be, the teardown must not run on the caller's executor.
+            runtime::drop_elsewhere(runtime);
         }
         self.finish(outcome)
     }
