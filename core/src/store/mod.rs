@@ -107,6 +107,30 @@ struct Pooled {
     read_timeout: Option<Duration>,
 }
 
+impl Pooled {
+    /// Runs `f` with the socket's read timeout set to `read_timeout`; returns its result and
+    /// whether the connection may be used again (it is open, and any error was the server's
+    /// answer, not a failure to get one).
+    fn run<T>(
+        &mut self,
+        read_timeout: Option<Duration>,
+        f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
+    ) -> Result<(RedisResult<T>, bool)> {
+        if self.read_timeout != read_timeout {
+            self.conn
+                .set_read_timeout(read_timeout)
+                .map_err(|e| Error::redis("setting a read timeout", e))?;
+            self.read_timeout = read_timeout;
+        }
+        let result = f(&mut self.conn);
+        let usable = match &result {
+            Ok(_) => self.conn.is_open(),
+            Err(e) => is_server_reply(e) && self.conn.is_open(),
+        };
+        Ok((result, usable))
+    }
+}
+
 /// A synchronous connection one caller keeps across calls, for what Redis keeps per connection
 /// (a `WATCH`, which a pooled connection must not carry to its next user). It starts with no
 /// connection; [`Store::with_held_conn`] opens one at its first call, and again after an error
@@ -320,18 +344,7 @@ impl Store {
                 Err(e) => return Err(Error::redis(context(), e)),
             },
         };
-        if pooled.read_timeout != read_timeout {
-            pooled
-                .conn
-                .set_read_timeout(read_timeout)
-                .map_err(|e| Error::redis("setting a read timeout", e))?;
-            pooled.read_timeout = read_timeout;
-        }
-        let result = f(&mut pooled.conn);
-        let usable = match &result {
-            Ok(_) => pooled.conn.is_open(),
-            Err(e) => is_server_reply(e) && pooled.conn.is_open(),
-        };
+        let (result, usable) = pooled.run(read_timeout, f)?;
         if !usable {
             held.pooled = None;
             held.generation += 1;
@@ -353,18 +366,7 @@ impl Store {
                 Err(e) => return Err(Error::redis(context(), e)),
             },
         };
-        if pooled.read_timeout != read_timeout {
-            pooled
-                .conn
-                .set_read_timeout(read_timeout)
-                .map_err(|e| Error::redis("setting a read timeout", e))?;
-            pooled.read_timeout = read_timeout;
-        }
-        let result = f(&mut pooled.conn);
-        let reusable = match &result {
-            Ok(_) => pooled.conn.is_open(),
-            Err(e) => is_server_reply(e) && pooled.conn.is_open(),
-        };
+        let (result, reusable) = pooled.run(read_timeout, f)?;
         if reusable {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < MAX_IDLE {

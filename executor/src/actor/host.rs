@@ -761,7 +761,9 @@ impl ActorState<'_> {
                 .ignore();
             let executed = self.store.with_held_conn(
                 &mut self.link,
-                Some(Duration::ZERO),
+                // The read's timeout (0.5 s longer than a commit needs): the socket keeps it,
+                // rather than two changes of it per batch.
+                Some(READ_BLOCK),
                 || format!("committing actor {}", self.actor_id),
                 |c| transaction.query::<Option<()>>(c),
             );
