@@ -628,6 +628,38 @@ fn an_ask_from_a_handle_that_saw_replies_is_refused_by_a_stopped_or_missing_acto
     );
 }
 
+/// An unsigned tell goes with a transaction that writes before it reads the checks: a refused
+/// one (a stopped actor) is deleted again, as the send script never wrote it.
+#[test]
+fn a_refused_tell_leaves_nothing_in_the_mailbox() {
+    let rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    counter.tell(Incr(1)).expect("tell");
+    assert_eq!(ask(&counter, Get).expect("get"), (1, 0));
+    counter.stop().expect("stop");
+    assert!(wait_for(Duration::from_secs(10), || counter
+        .tell(Incr(1))
+        .is_err()));
+    let mut c = redis::Client::open(rt.store_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let mailbox = format!("shoal:{{default:actor:{}}}:mailbox", counter.id());
+    let mut length = || -> u64 {
+        redis::cmd("XLEN")
+            .arg(&mailbox)
+            .query(&mut c)
+            .expect("XLEN")
+    };
+    let before = length();
+    for _ in 0..3 {
+        match counter.tell(Incr(1)) {
+            Err(Error::InvalidState(m)) => assert!(m.contains("stopped"), "{m}"),
+            outcome => panic!("{outcome:?}"),
+        }
+    }
+    assert_eq!(length(), before, "a refused message stayed in the mailbox");
+}
+
 /// The transaction of a handle's ask does not make the mailbox stream (the script does): when
 /// the stream is gone, the message is sent with the script, and answered.
 #[test]

@@ -73,16 +73,17 @@
 //! `tell`: 1 (`actor_send.lua`), plus 1 when the actor has no host (to ask for one). `ask`: the
 //! same send and a `BLPOP` on the reply key, pipelined into 1 round trip once this handle has
 //! seen a reply (the first ask of a handle sends, then waits: 2); while it waits, every
-//! [`ASK_SLICE`] it checks that a host has the actor (`actor_nudge.lua`). Once a handle has
-//! seen a reply, its unsigned blocking asks replace the script with a transaction that makes
-//! the same checks as it writes (`direct_ask`: cheaper for Redis, same round trip; a refused
-//! message is written but never applied). The async forms (`Mailbox::send_async`,
+//! [`ASK_SLICE`] it checks that a host has the actor (`actor_nudge.lua`). Unsigned blocking
+//! sends (tells, and asks) replace the script with a transaction that makes the same checks
+//! as it writes (`direct.rs`: cheaper for Redis, the same round trips; a refused message is
+//! written, never applied, and deleted; 1 more round trip then, or when the mailbox stream
+//! is not there yet, which the script makes). The async forms (`Mailbox::send_async`,
 //! `Mailbox::ask_async`) make the same round trips with the script. A host: 1 round trip per
 //! batch of up to [`BATCH`] messages to read it (`XREAD`, then `WATCH` and `GET` of the lease)
 //! and 1 to commit it (2 when the transaction did not run: a renewal touched the lease while
 //! the batch ran); lease renewals every third of the lease.
 
-mod direct_ask;
+mod direct;
 pub mod host;
 
 use std::sync::LazyLock;
@@ -390,8 +391,15 @@ impl Mailbox {
         }
     }
 
-    /// See [`send`].
+    /// See [`send`]; an unsigned message goes with a transaction rather than the script (see
+    /// "Round trips" in the module docs).
     pub fn send(&self, store: &Store, message: &Outgoing<'_>) -> Result<()> {
+        if message.mac.is_none()
+            && message.verifier.is_none()
+            && direct::tell(store, self, message)?
+        {
+            return Ok(());
+        }
         send(
             store,
             &self.keys,
@@ -620,9 +628,9 @@ fn ask(
         && unsigned
         && let Some(block) = ask_slice(deadline)
     {
-        match direct_ask::ask(store, mailbox, message, reply_key, block)? {
-            direct_ask::DirectAsk::Sent(reply) => first = reply,
-            direct_ask::DirectAsk::NotSent => {
+        match direct::ask(store, mailbox, message, reply_key, block)? {
+            direct::DirectAsk::Sent(reply) => first = reply,
+            direct::DirectAsk::NotSent => {
                 send(store, keys, hosts, actor_id, message, activation_hold)?
             }
         }
@@ -660,7 +668,7 @@ fn ask(
         }
         first = popped.map(|(_, v)| v);
     } else {
-        send(store, keys, hosts, actor_id, message, activation_hold)?;
+        mailbox.send(store, message)?;
     }
     let bytes = match first {
         Some(bytes) => bytes,
@@ -679,7 +687,7 @@ fn ask(
                 },
             )?;
             match popped {
-                // A direct ask's marker that came after its wait (see `direct_ask`).
+                // A direct ask's marker that came after its wait (see `direct.rs`).
                 Some((_, bytes)) if bytes.is_empty() => continue,
                 Some((_, bytes)) => break bytes,
                 None => nudge(store, keys, hosts, actor_id, activation_hold)?,

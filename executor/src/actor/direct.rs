@@ -1,19 +1,23 @@
-//! An ask without the send script, for an actor believed active: the sender's checks and the
-//! write in one `MULTI`/`EXEC` transaction, pipelined with the wait for the reply.
+//! Sends without the send script: the sender's checks and the write in one `MULTI`/`EXEC`
+//! transaction, for unsigned tells, and for unsigned asks to an actor believed active,
+//! pipelined with the wait for the reply.
 //!
 //! Running `actor_send.lua` costs Redis several times the commands the script runs (on the
 //! benchmark's machine, about 20 µs of script against 5 µs of commands, under the load of an
-//! ask chain), and every ask waits on it. So once a handle has seen a reply, its unsigned asks
-//! send, in one round trip as the pipelined script did:
+//! ask chain), and every message pays it. So an unsigned tell sends, in 1 round trip as the
+//! script did:
 //!
 //! ```text
 //! MULTI
 //! HMGET <state> status verifier reason
 //! EXISTS <lease>
-//! XADD <mailbox> NOMKSTREAM * k <kind> p <payload> r <reply key>
+//! XADD <mailbox> NOMKSTREAM * k <kind> p <payload>
 //! EXEC
-//! BLPOP <reply key> <slice>
 //! ```
+//!
+//! and once a handle has seen a reply, its unsigned asks send the same with the reply key
+//! (`r <reply key>` in the entry) followed by `BLPOP <reply key> <slice>`, in one round trip as
+//! the pipelined script did.
 //!
 //! The transaction reads what the script checks at the instant it writes, so the caller gets
 //! the script's outcomes: its errors (no actor, failed, stopped, signed), and an activation
@@ -28,7 +32,10 @@
 //!   transaction (`SET NX` of the activation marker, then the request) where the script's
 //!   answer took 1 (the request).
 //!
-//! The wait is on its way when the checks come back. When they refuse, or there was no mailbox
+//! A tell's refusal costs one more round trip (the `XDEL`), and so does a mailbox stream that
+//! was not there (nothing written: the script sends it, and makes the stream).
+//!
+//! An ask's wait is on its way when the checks come back. When they refuse, or there was no mailbox
 //! stream to write to (`NOMKSTREAM`: nothing written; the script's send makes it), the sender
 //! ends its own wait: it pushes an empty marker (never a reply: a reply is a MessagePack
 //! value) to its reply key from another connection and reads it, leaving the connection ready
@@ -42,6 +49,71 @@ use shoal_core::error::{Error, Result};
 use shoal_core::store::Store;
 
 use super::{Mailbox, Outgoing, refusal, request_activation};
+
+/// Puts an unsigned message (a tell: `message.reply_to` is `None`) in the mailbox with the
+/// transaction; `Ok(false)` when there was no mailbox stream (nothing was written: send it with
+/// the script). Refusals are the script's errors, after the entry written is deleted.
+pub(super) fn tell(store: &Store, mailbox: &Mailbox, message: &Outgoing<'_>) -> Result<bool> {
+    let actor_id = mailbox.actor_id.as_str();
+    let transaction = transaction(mailbox, message);
+    let exec: redis::Value = store.with_conn(
+        || format!("sending to actor {actor_id}"),
+        |c| transaction.query(c),
+    )?;
+    match check(exec, actor_id) {
+        Checked::Written { needs_host } => {
+            if needs_host {
+                activate(store, mailbox)?;
+            }
+            Ok(true)
+        }
+        Checked::NoStream => Ok(false),
+        Checked::Refused { error, written } => {
+            if let Some(id) = written {
+                let deleted = store.with_conn(
+                    || format!("taking back a message to actor {actor_id}"),
+                    |c| {
+                        redis::cmd("XDEL")
+                            .arg(&mailbox.keys.mailbox)
+                            .arg(&id)
+                            .query::<()>(c)
+                    },
+                );
+                if let Err(e) = deleted {
+                    tracing::debug!("{e}; the refused message is answered with the refusal");
+                }
+            }
+            Err(error)
+        }
+    }
+}
+
+/// The transaction: the checks the send script makes, and the message's entry.
+fn transaction(mailbox: &Mailbox, message: &Outgoing<'_>) -> redis::Pipeline {
+    let keys = &mailbox.keys;
+    let mut transaction = redis::pipe();
+    transaction
+        .atomic()
+        .cmd("HMGET")
+        .arg(&keys.state)
+        .arg("status")
+        .arg("verifier")
+        .arg("reason")
+        .exists(&keys.lease);
+    let xadd = transaction
+        .cmd("XADD")
+        .arg(&keys.mailbox)
+        .arg("NOMKSTREAM")
+        .arg("*")
+        .arg("k")
+        .arg(message.kind)
+        .arg("p")
+        .arg(message.payload);
+    if let Some(reply_key) = message.reply_to {
+        xadd.arg("r").arg(reply_key);
+    }
+    transaction
+}
 
 /// What a direct ask came to.
 pub(super) enum DirectAsk {
@@ -74,28 +146,12 @@ pub(super) fn ask(
     reply_key: &str,
     block: Duration,
 ) -> Result<DirectAsk> {
-    let keys = &mailbox.keys;
     let actor_id = mailbox.actor_id.as_str();
-    let mut transaction = redis::pipe();
-    transaction
-        .atomic()
-        .cmd("HMGET")
-        .arg(&keys.state)
-        .arg("status")
-        .arg("verifier")
-        .arg("reason")
-        .exists(&keys.lease)
-        .cmd("XADD")
-        .arg(&keys.mailbox)
-        .arg("NOMKSTREAM")
-        .arg("*")
-        .arg("k")
-        .arg(message.kind)
-        .arg("p")
-        .arg(message.payload)
-        .arg("r")
-        .arg(reply_key);
-    let mut packed = transaction.get_packed_pipeline();
+    let message = Outgoing {
+        reply_to: Some(reply_key),
+        ..*message
+    };
+    let mut packed = transaction(mailbox, &message).get_packed_pipeline();
     packed.extend_from_slice(
         &redis::cmd("BLPOP")
             .arg(reply_key)
