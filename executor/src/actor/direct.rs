@@ -50,9 +50,10 @@ use shoal_core::store::Store;
 
 use super::{Mailbox, Outgoing, refusal, request_activation};
 
-/// Puts an unsigned message (a tell: `message.reply_to` is `None`) in the mailbox with the
-/// transaction; `Ok(false)` when there was no mailbox stream (nothing was written: send it with
-/// the script). Refusals are the script's errors, after the entry written is deleted.
+/// Puts an unsigned message in the mailbox with the transaction, without waiting for anything
+/// (a tell, or an ask whose wait follows); `Ok(false)` when there was no mailbox stream
+/// (nothing was written: send it with the script). Refusals are the script's errors, after the
+/// entry written is deleted.
 pub(super) fn tell(store: &Store, mailbox: &Mailbox, message: &Outgoing<'_>) -> Result<bool> {
     let actor_id = mailbox.actor_id.as_str();
     let transaction = transaction(mailbox, message);

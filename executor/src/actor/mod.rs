@@ -70,10 +70,11 @@
 //!
 //! # Round trips
 //!
-//! `tell`: 1 (`actor_send.lua`), plus 1 when the actor has no host (to ask for one). `ask`: the
-//! same send and a `BLPOP` on the reply key, pipelined into 1 round trip once this handle has
-//! seen a reply (the first ask of a handle sends, then waits: 2); while it waits, every
-//! [`ASK_SLICE`] it checks that a host has the actor (`actor_nudge.lua`). Unsigned blocking
+//! `tell`: 1 (`actor_send.lua`, or the transaction below), plus 1 when the actor has no host
+//! (to ask for one; 2 after the transaction). `ask`: the same send and a `BLPOP` on the reply
+//! key, pipelined into 1 round trip once this handle has seen a reply (the first ask of a
+//! handle sends, then waits: 2); while it waits, every [`ASK_SLICE`] it checks that a host has
+//! the actor (`actor_nudge.lua`). Unsigned blocking
 //! sends (tells, and asks) replace the script with a transaction that makes the same checks
 //! as it writes (`direct.rs`: cheaper for Redis, the same round trips; a refused message is
 //! written, never applied, and deleted; 1 more round trip then, or when the mailbox stream
