@@ -192,33 +192,37 @@ fn type_ids_and_authkeys_are_checked() {
     ));
 }
 
-#[test]
-fn shutdown_stops_the_instances() {
-    let _rt = runtime();
+/// A new manager with `Counter` registered, and an instance of it that has counted 1.
+fn manager_with_a_counter() -> (Manager, ActorRef<Counter>) {
     let manager = Manager::new().expect("manager");
     manager.register::<Counter>("Counter").expect("register");
     let counter = manager
         .create("Counter", Counter::default())
         .expect("create");
     assert_eq!(counter.ask(Incr(1), T).expect("ask"), 1);
-    manager.shutdown().expect("shutdown");
-    assert!(shoal_integration_tests::wait_for(
+    (manager, counter)
+}
+
+/// Whether `counter` refuses asks as a stopped actor within 10 s.
+fn comes_to_a_stop(counter: &ActorRef<Counter>) -> bool {
+    shoal_integration_tests::wait_for(
         Duration::from_secs(10),
-        || {
-            matches!(counter.ask(Value, T), Err(Error::InvalidState(m)) if m.contains("stopped"))
-        }
-    ));
+        || matches!(counter.ask(Value, T), Err(Error::InvalidState(m)) if m.contains("stopped")),
+    )
+}
+
+#[test]
+fn shutdown_stops_the_instances() {
+    let _rt = runtime();
+    let (manager, counter) = manager_with_a_counter();
+    manager.shutdown().expect("shutdown");
+    assert!(comes_to_a_stop(&counter));
 }
 
 #[test]
 fn shutdown_async_stops_the_instances_and_deletes_the_containers() {
     let _rt = runtime();
-    let manager = Manager::new().expect("manager");
-    manager.register::<Counter>("Counter").expect("register");
-    let counter = manager
-        .create("Counter", Counter::default())
-        .expect("create");
-    assert_eq!(counter.ask(Incr(1), T).expect("ask"), 1);
+    let (manager, counter) = manager_with_a_counter();
     let d = manager.dict::<String, u64>().expect("dict");
     d.set("k", 1).expect("set");
     let connected =
@@ -248,12 +252,7 @@ fn shutdown_async_stops_the_instances_and_deletes_the_containers() {
         manager.dict::<String, u64>().is_err(),
         "no container can be made"
     );
-    assert!(shoal_integration_tests::wait_for(
-        Duration::from_secs(10),
-        || {
-            matches!(counter.ask(Value, T), Err(Error::InvalidState(m)) if m.contains("stopped"))
-        }
-    ));
+    assert!(comes_to_a_stop(&counter));
 }
 
 #[test]
@@ -291,10 +290,5 @@ fn types_are_registered_and_instances_made_async() {
         counter
     });
     // The instance made async was recorded: the shutdown stopped it.
-    assert!(shoal_integration_tests::wait_for(
-        Duration::from_secs(10),
-        || {
-            matches!(counter.ask(Value, T), Err(Error::InvalidState(m)) if m.contains("stopped"))
-        }
-    ));
+    assert!(comes_to_a_stop(&counter));
 }

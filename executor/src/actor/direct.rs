@@ -70,19 +70,8 @@ pub(super) fn tell(store: &Store, mailbox: &Mailbox, message: &Outgoing<'_>) -> 
         }
         Checked::NoStream => Ok(false),
         Checked::Refused { error, written } => {
-            if let Some(id) = written {
-                let deleted = store.with_conn(
-                    || format!("taking back a message to actor {actor_id}"),
-                    |c| {
-                        redis::cmd("XDEL")
-                            .arg(&mailbox.keys.mailbox)
-                            .arg(&id)
-                            .query::<()>(c)
-                    },
-                );
-                if let Err(e) = deleted {
-                    tracing::debug!("{e}; the refused message is answered with the refusal");
-                }
+            if written.is_some() {
+                take_back(store, mailbox, written.as_deref(), None);
             }
             Err(error)
         }
@@ -184,7 +173,7 @@ pub(super) fn ask(
                     Checked::Refused { written, .. } => written.as_deref(),
                     _ => None,
                 };
-                end_wait(store, mailbox, reply_key, written);
+                take_back(store, mailbox, written, Some(reply_key));
             }
             let popped: Option<(String, Vec<u8>)> = redis::from_redis_value(reply(c)?)?;
             Ok((checked, popped.map(|(_, bytes)| bytes)))
@@ -270,26 +259,29 @@ fn activate(store: &Store, mailbox: &Mailbox) -> Result<()> {
     Ok(())
 }
 
-/// Ends this sender's own wait on `reply_key` (pushes an empty marker there from another
-/// connection: the wait pops it), and deletes the `written` entry of a refused message.
-/// Failing that, the wait ends at its timeout, and the entry is answered with the refusal by
-/// the next host (or expires with the mailbox).
-fn end_wait(store: &Store, mailbox: &Mailbox, reply_key: &str, written: Option<&str>) {
-    let ended = store.with_conn(
-        || format!("ending the wait for actor {}", mailbox.actor_id),
+/// Undoes a direct send that does not go on, from another connection, in 1 round trip: deletes
+/// the `written` entry of a refused message, and ends this sender's own wait on `wake` (an
+/// empty marker pushed there, which the wait pops). Failing that, the entry is answered with
+/// the refusal by the next host (or expires with the mailbox), and the wait ends at its
+/// timeout.
+fn take_back(store: &Store, mailbox: &Mailbox, written: Option<&str>, wake: Option<&str>) {
+    let taken = store.with_conn(
+        || format!("taking back a message to actor {}", mailbox.actor_id),
         |c| {
             let mut pipe = redis::pipe();
             if let Some(id) = written {
                 pipe.xdel(&mailbox.keys.mailbox, &[id]).ignore();
             }
-            pipe.rpush(reply_key, b"")
-                .ignore()
-                .pexpire(reply_key, (2 * super::ASK_SLICE.as_millis()) as i64)
-                .ignore()
-                .query::<()>(c)
+            if let Some(reply_key) = wake {
+                pipe.rpush(reply_key, b"")
+                    .ignore()
+                    .pexpire(reply_key, (2 * super::ASK_SLICE.as_millis()) as i64)
+                    .ignore();
+            }
+            pipe.query::<()>(c)
         },
     );
-    if let Err(e) = ended {
-        tracing::debug!("{e}; the wait ends at its timeout");
+    if let Err(e) = taken {
+        tracing::debug!("{e}; the refusal stands, the rest is left to time");
     }
 }

@@ -247,25 +247,9 @@ pub enum CreateMode {
     Named,
 }
 
-/// Creates an actor (1 round trip). Returns true when it was created, false when a named actor
-/// existed.
-pub fn create(
-    store: &Store,
-    keys: &ActorKeys,
-    actor_type: &str,
-    state: &[u8],
-    verifier: Option<&[u8]>,
-    mode: CreateMode,
-) -> Result<bool> {
-    let invocation = create_invocation(store, keys, actor_type, state, verifier, mode);
-    let outcome = store.with_conn(
-        || format!("creating actor {}", keys.state),
-        |c| invocation.invoke(c),
-    );
-    create_outcome(keys, outcome)
-}
-
-/// The script call of [`create`], for a caller that sends it itself (an async one).
+/// The script call that creates an actor (`actor_create.lua`, 1 round trip), sent by the
+/// caller on its own connection (blocking or async); its answer goes through
+/// [`create_outcome`].
 pub fn create_invocation(
     store: &Store,
     keys: &ActorKeys,
@@ -290,8 +274,8 @@ pub fn create_invocation(
     invocation
 }
 
-/// What [`create`]'s script answered (`created` or `exists`), or its error described: `true`
-/// when the actor was created.
+/// What the script of [`create_invocation`] answered (`created` or `exists`), or its error
+/// described: `true` when the actor was created.
 pub fn create_outcome(keys: &ActorKeys, outcome: Result<String>) -> Result<bool> {
     let outcome = outcome.map_err(|e| match &e {
         Error::Redis { source, .. } if source.code() == Some("AUTH") => {
