@@ -71,6 +71,16 @@
 //! arguments arrays), the supervisor's results reader, and `AsyncResult::get` (decoding the
 //! results arrays as they arrive).
 //!
+//! `--profile --workloads W9` runs W9's ask loop instead, `--runs` times on one actor, and
+//! prints each loop's µs per call; the host is a subprocess (threads `shoal-actor-*`), the
+//! asker the benchmark's main thread:
+//!
+//! ```text
+//! perf record -a -F 4999 -g -o /tmp/w9.perf -- \
+//!     target/release/examples/bench --profile --workloads W9 --runs 20
+//! perf report -i /tmp/w9.perf --no-children --sort comm -g none -n
+//! ```
+//!
 //! `--peers` copies the peer harness (`run.sh`, the Python scripts) into `--work-dir` (the
 //! shared copy is read-only), runs it for the chosen peers and workloads (`RUNS` = `--runs`;
 //! it creates its own virtualenv and redis-server on 127.0.0.1:6390 the first time), and reads
@@ -135,8 +145,8 @@ struct Args {
     /// other adds a cell `W1B/shoal-process-p<n>`.
     #[arg(long, value_delimiter = ',', default_value = "2")]
     pool_sizes: Vec<usize>,
-    /// Runs W1 (or W1B) `--runs` times on one pool for a profiler (see the module docs) and
-    /// prints each map's time; nothing else runs.
+    /// Runs W1 (or W1B, or W9's ask loop) `--runs` times for a profiler (see the module docs)
+    /// and prints each run's time; nothing else runs.
     #[arg(long)]
     profile: bool,
 }
@@ -325,6 +335,10 @@ fn main() -> shoal::Result<()> {
         }
     }
 
+    if args.profile && args.workloads.iter().any(|w| w == "W9") {
+        profile_w9(args.runs);
+        return Ok(());
+    }
     if args.profile {
         let chunk1 = workloads.iter().any(|w| w == "W1B") && !workloads.iter().any(|w| w == "W1");
         let processes = args.pool_sizes.first().copied().unwrap_or(POOL_PROCS);
@@ -724,6 +738,24 @@ fn profile_w1(chunksize: Option<usize>, runs: usize, processes: usize) {
             n as f64 / dt.as_secs_f64()
         );
     }
+}
+
+/// `--profile --workloads W9`: W9's ask loop `runs` times on one actor.
+fn profile_w9(runs: usize) {
+    let counter = shoal::spawn_actor(BenchCounter::default()).expect("spawn");
+    counter.ask(Incr(0), None).expect("first reply");
+    for run in 0..runs {
+        let t = Instant::now();
+        for _ in 0..W9_CALLS {
+            counter.ask(Incr(1), None).expect("ask");
+        }
+        let dt = t.elapsed();
+        println!(
+            "run {run}: {:.1} us/call",
+            dt.as_secs_f64() / W9_CALLS as f64 * 1e6
+        );
+    }
+    counter.stop().expect("stop");
 }
 
 /// W9: `incr(1)` asked of an actor hosted in another process, 2000 calls one at a time after

@@ -318,6 +318,8 @@ fn serve_actor(
         actor: None,
         link: HeldConn::default(),
         watching: None,
+        unwatched: None,
+        ttl_refreshed: None,
     };
     let outcome = state.run(&stop);
     let _ = store.with_conn(
@@ -330,7 +332,22 @@ fn serve_actor(
         },
     );
     match &outcome {
-        Ok(Ending::Release) => release_lease(store, spec, &keys, &lease, actor_id),
+        Ok(Ending::Release) => {
+            // What the commits' trims by whole nodes left: an actor at rest has an empty
+            // mailbox.
+            let trim_from = next_entry_id(&state.applied);
+            let _ = store.with_conn(
+                || format!("trimming the mailbox of actor {actor_id}"),
+                |c| {
+                    redis::cmd("XTRIM")
+                        .arg(&keys.mailbox)
+                        .arg("MINID")
+                        .arg(&trim_from)
+                        .query::<()>(c)
+                },
+            );
+            release_lease(store, spec, &keys, &lease, actor_id)
+        }
         Ok(Ending::Lost) | Err(_) => {}
     }
     outcome.map(|_| ())
@@ -425,13 +442,18 @@ struct ActorState<'a> {
     /// The connection of `link` (its generation) on which the lease is watched, when it was
     /// this host's as the watch began.
     watching: Option<u64>,
+    /// The connection of `link` (its generation) that watches nothing: its last command was an
+    /// `EXEC`, which ends every watch, so the next read needs no `UNWATCH`.
+    unwatched: Option<u64>,
+    /// When a commit last refreshed the TTLs of the state and the mailbox.
+    ttl_refreshed: Option<Instant>,
 }
 
 impl ActorState<'_> {
     fn run(&mut self, stop: &AtomicBool) -> Result<Ending> {
-        // The mailbox holds exactly the messages not yet applied (a commit deletes what it
-        // applied), so reading it from the start, then after the last entry read, sees every
-        // message once, in order, whatever another host read before.
+        // The mailbox holds the messages not yet applied, after at most a node of applied ones
+        // (skipped: see `apply`), so reading it from the start, then after the last entry
+        // read, sees every message once, in order, whatever another host read before.
         let mut read_after = "0-0".to_string();
         let mut last_message = Instant::now();
         let idle = Duration::from_millis(self.spec.idle_ms);
@@ -470,10 +492,13 @@ impl ActorState<'_> {
     /// commit of what this read returned can be a plain transaction, which fails if anyone
     /// wrote the lease since (see [`ActorState::commit`]). The watch begins once the `XREAD`
     /// has returned (`UNWATCH` first drops the previous one, which a renewal during the wait
-    /// may have spoilt); a token is never given twice, so a lease that holds this host's token
-    /// then has been this host's all along.
+    /// may have spoilt, unless the connection's last command was the commit's `EXEC`, which
+    /// ended it); a token is never given twice, so a lease that holds this host's token then
+    /// has been this host's all along.
     fn read(&mut self, after: &str) -> Result<Option<Vec<StreamId>>> {
         let (store, keys) = (self.store, self.keys);
+        // A connection that watches nothing yet (or a new one) needs no UNWATCH.
+        let unwatched = self.unwatched.take() == Some(self.link.generation());
         let link = &mut self.link;
         self.watching = None;
         let (reply, holder) = store.retry_unreachable(|| {
@@ -482,18 +507,19 @@ impl ActorState<'_> {
                 Some(READ_BLOCK),
                 || format!("reading {}", keys.mailbox),
                 |c| {
-                    redis::pipe()
-                        .cmd("XREAD")
+                    let mut read = redis::pipe();
+                    read.cmd("XREAD")
                         .arg("COUNT")
                         .arg(BATCH)
                         .arg("BLOCK")
                         .arg(READ_BLOCK.as_millis() as u64)
                         .arg("STREAMS")
                         .arg(&keys.mailbox)
-                        .arg(after)
-                        .cmd("UNWATCH")
-                        .ignore()
-                        .cmd("WATCH")
+                        .arg(after);
+                    if !unwatched {
+                        read.cmd("UNWATCH").ignore();
+                    }
+                    read.cmd("WATCH")
                         .arg(&keys.lease)
                         .ignore()
                         .get(&keys.lease)
@@ -710,6 +736,12 @@ impl ActorState<'_> {
     /// or answers `STALE`. Committing twice (the transaction ran, but its answer was lost) writes
     /// the same state again and a second copy of each reply, under its ask's own key, which
     /// nobody reads and which expires.
+    ///
+    /// The transaction trims the mailbox by whole stream nodes below the last entry applied
+    /// (`XTRIM MINID ~ <applied>`): emptying the stream at every batch, only for the next
+    /// message to make a new node, cost Redis more than the rest of the commit. It refreshes
+    /// the TTLs of the state and the mailbox once per [`ttl_refresh_every`]. The script trims
+    /// every entry applied and refreshes the TTLs every time.
     fn commit(
         &mut self,
         data: &[u8],
@@ -724,6 +756,9 @@ impl ActorState<'_> {
             .join(",");
         let reply_ttl_ms = self.store.expiry_secs().saturating_mul(1000);
         let trim_from = next_entry_id(applied);
+        let refresh_ttls = self
+            .ttl_refreshed
+            .is_none_or(|at| at.elapsed() >= ttl_refresh_every(self.store.expiry_secs()));
         // EXEC ends the watch, whatever its outcome. A connection opened since the read has
         // none: the script then.
         if self.watching.take() == Some(self.link.generation()) {
@@ -749,16 +784,22 @@ impl ActorState<'_> {
                     .pexpire(key, reply_ttl_ms as i64)
                     .ignore();
             }
+            // Whole stream nodes below the last entry applied (see "Exactly once" in the
+            // protocol's docs): that entry stays, and so does its node, for the next messages.
             transaction
                 .cmd("XTRIM")
                 .arg(&self.keys.mailbox)
                 .arg("MINID")
-                .arg(&trim_from)
-                .ignore()
-                .expire(&self.keys.state, self.store.expiry_secs() as i64)
-                .ignore()
-                .expire(&self.keys.mailbox, self.store.expiry_secs() as i64)
+                .arg("~")
+                .arg(applied)
                 .ignore();
+            if refresh_ttls {
+                transaction
+                    .expire(&self.keys.state, self.store.expiry_secs() as i64)
+                    .ignore()
+                    .expire(&self.keys.mailbox, self.store.expiry_secs() as i64)
+                    .ignore();
+            }
             let executed = self.store.with_held_conn(
                 &mut self.link,
                 // The read's timeout (0.5 s longer than a commit needs): the socket keeps it,
@@ -767,8 +808,16 @@ impl ActorState<'_> {
                 || format!("committing actor {}", self.actor_id),
                 |c| transaction.query::<Option<()>>(c),
             );
+            if executed.is_ok() {
+                self.unwatched = Some(self.link.generation());
+            }
             match executed {
-                Ok(Some(())) => return Ok(()),
+                Ok(Some(())) => {
+                    if refresh_ttls {
+                        self.ttl_refreshed = Some(Instant::now());
+                    }
+                    return Ok(());
+                }
                 // Aborted: the script decides.
                 Ok(None) => {}
                 // Unknown whether it ran: the script again (see above).
@@ -803,6 +852,13 @@ impl ActorState<'_> {
         })?;
         Ok(())
     }
+}
+
+/// How long a commit goes without refreshing the TTLs of the actor's state and mailbox, for
+/// keys that expire `expiry_secs` after their last refresh: a tenth of that (at most a minute),
+/// so that they outlive the last commit by 90% of `expiry_secs` at least.
+fn ttl_refresh_every(expiry_secs: u64) -> Duration {
+    Duration::from_millis(expiry_secs.saturating_mul(100)).min(Duration::from_secs(60))
 }
 
 /// The smallest stream entry id after `applied` (`<ms>-<seq>`): the commit trims the mailbox
@@ -910,7 +966,16 @@ fn heartbeat(store: &Store, spec: &HostSpec, active: &Active, done: &AtomicBool)
 
 #[cfg(test)]
 mod tests {
-    use super::{is_after, next_entry_id};
+    use super::{is_after, next_entry_id, ttl_refresh_every};
+    use std::time::Duration;
+
+    #[test]
+    fn ttls_are_refreshed_every_tenth_of_the_expiry_and_at_least_every_minute() {
+        assert_eq!(ttl_refresh_every(1), Duration::from_millis(100));
+        assert_eq!(ttl_refresh_every(60), Duration::from_secs(6));
+        assert_eq!(ttl_refresh_every(3600), Duration::from_secs(60));
+        assert_eq!(ttl_refresh_every(u64::MAX), Duration::from_secs(60));
+    }
 
     #[test]
     fn the_trim_starts_right_after_the_last_entry_applied() {

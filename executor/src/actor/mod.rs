@@ -8,7 +8,7 @@
 //! | key | type | contents |
 //! | --- | --- | --- |
 //! | `state` | hash | `type` (the actor type's path), `data` (its saved state), `applied` (the last mailbox entry applied), `auth` (`1`: messages must be signed), `verifier` (of the creator's authkey, signed actors), `status` (`active`, `failed`, `stopped`), `reason`, `failures` (recent handler panics, Unix ms) |
-//! | `mailbox` | stream | the messages not yet applied: entries `k` kind, `p` payload, `r` reply key (asks), `h` HMAC (signed messages) |
+//! | `mailbox` | stream | the messages not yet applied, after at most a stream node's worth of applied ones (see "Exactly once"): entries `k` kind, `p` payload, `r` reply key (asks), `h` HMAC (signed messages) |
 //! | `lease` | string | `<host>:<token>` of the activation, with a TTL the host renews |
 //! | `fence` | counter | the last token given |
 //! | `activating` | string | an activation was asked for (short TTL) |
@@ -23,7 +23,12 @@
 //! A host applies a batch of messages to the actor's state in memory and commits in one step:
 //! the new state, the last entry applied, the reply to each ask, and the removal of the batch
 //! from the mailbox (`XTRIM MINID` past the last entry applied), together, and only if its
-//! lease still carries its token. The step is a `MULTI`/`EXEC` transaction when the read that
+//! lease still carries its token. The transaction's trim is by whole stream nodes below the
+//! last entry applied (`MINID ~ <applied>`), so that the node the next message goes to is
+//! not freed and made again at every batch: the applied entries of the node still being
+//! filled (at most `stream-node-max-entries`, 100 by default, or `stream-node-max-bytes`)
+//! stay until it is full, or until the host releases the actor, which removes every entry
+//! applied; they are at or below `applied`, so never applied again. The step is a `MULTI`/`EXEC` transaction when the read that
 //! returned the batch found the lease the host's and `WATCH`ed it (`EXEC` fails if anyone wrote
 //! the lease since), and the commit script (`actor_commit.lua`), which checks the lease itself,
 //! when the transaction did not run (see [`host`]). A message is therefore either committed (its effect, its reply and
@@ -34,8 +39,8 @@
 //! first, and a host that woke up after losing its lease would take messages from its
 //! successor, fail to commit them, and leave them behind while later ones overtook them. A host
 //! whose lease lapsed (paused, cut off) cannot commit: the token check refuses it, so it cannot
-//! overwrite its successor's state. Entries at or below `applied` are skipped, should one ever
-//! come back.
+//! overwrite its successor's state. Entries at or below `applied` (those the trim by nodes
+//! left) are skipped: a new host removes them with its first commit.
 //!
 //! A handler that panics fails its message (the ask gets a task error of kind `Panic`) and the
 //! actor restarts from its last committed state: the batch is run again from there without the
