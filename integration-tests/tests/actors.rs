@@ -1046,3 +1046,89 @@ fn actors_are_spawned_and_named_async() {
         ));
     });
 }
+
+/// The release of an idle actor's lease (`actor_lease.lua`, run here on its own): it takes the
+/// applied entries out of the mailbox, and a message the host never read (sent while its
+/// sender saw the lease, so no host was asked for) makes it answer 2 and set the activation
+/// marker, for the releasing host to ask for one; without such a message, or with a request
+/// standing, it answers 1; a lease that is not the caller's is left alone (0).
+#[test]
+fn releasing_a_lease_asks_for_a_host_when_a_message_was_not_read() {
+    let rt = runtime();
+    let mut c = redis::Client::open(rt.store_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let script = redis::Script::new(include_str!("../../executor/src/actor/actor_lease.lua"));
+    let key = |suffix: &str| format!("test:{{release-{}}}:{suffix}", std::process::id());
+    let (lease, marker, mailbox) = (key("lease"), key("activating"), key("mailbox"));
+    let add = |c: &mut redis::Connection| -> String {
+        redis::cmd("XADD")
+            .arg(&mailbox)
+            .arg("*")
+            .arg("k")
+            .arg("m")
+            .query(c)
+            .expect("XADD")
+    };
+    let release = |c: &mut redis::Connection, holder: &str, applied: &str| -> i64 {
+        script
+            .key(&lease)
+            .key(&marker)
+            .key(&mailbox)
+            .arg("release")
+            .arg(holder)
+            .arg(60_000)
+            .arg(applied)
+            .invoke(c)
+            .expect("release")
+    };
+    let state = |c: &mut redis::Connection| -> (bool, bool, u64) {
+        redis::pipe()
+            .exists(&lease)
+            .exists(&marker)
+            .cmd("XLEN")
+            .arg(&mailbox)
+            .query(c)
+            .expect("state")
+    };
+    let set_lease = |c: &mut redis::Connection| {
+        redis::cmd("SET")
+            .arg(&lease)
+            .arg("host-a:1")
+            .query::<()>(c)
+            .expect("SET")
+    };
+
+    // Two entries applied, one that came after the last read.
+    let _first = add(&mut c);
+    let applied = add(&mut c);
+    let _unread = add(&mut c);
+    set_lease(&mut c);
+    assert_eq!(release(&mut c, "host-b:2", &applied), 0, "not its lease");
+    assert_eq!(
+        state(&mut c),
+        (true, false, 3),
+        "a stranger's release changed something"
+    );
+    assert_eq!(release(&mut c, "host-a:1", &applied), 2);
+    assert_eq!(
+        state(&mut c),
+        (false, true, 1),
+        "lease gone, marker set, the unread one left"
+    );
+
+    // A request stands already (the marker): nobody asks again.
+    set_lease(&mut c);
+    assert_eq!(release(&mut c, "host-a:1", &applied), 1);
+    assert_eq!(state(&mut c), (false, true, 1));
+
+    // Everything applied: an empty mailbox, no request.
+    redis::cmd("DEL")
+        .arg(&marker)
+        .query::<()>(&mut c)
+        .expect("DEL");
+    let last = add(&mut c);
+    set_lease(&mut c);
+    assert_eq!(release(&mut c, "host-a:1", &last), 1);
+    assert_eq!(state(&mut c), (false, false, 0));
+}

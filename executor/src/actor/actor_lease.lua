@@ -1,8 +1,14 @@
 -- Renews or gives up an activation lease, only if it is still the caller's.
--- KEYS[1] lease, KEYS[2] activation marker
--- ARGV[1] 'renew' or 'release', ARGV[2] lease value (host:token), ARGV[3] lease ms
+-- KEYS[1] lease, KEYS[2] activation marker, KEYS[3] mailbox stream (release only)
+-- ARGV[1] 'renew' or 'release', ARGV[2] lease value (host:token), ARGV[3] lease ms,
+-- ARGV[4] (release) the last mailbox entry applied ('' if none)
 -- ARGV[1] 'orphan': ARGV[2] a host id; its lease is removed whatever its token (the host is
 -- known to be dead), with the activation marker, so another host can take the actor at once.
+-- A release also removes the applied entries from the mailbox (the commits trim it by whole
+-- stream nodes), and looks at what is left at the instant the lease goes: a message sent
+-- while the lease stood (its sender saw a host, so asked for none) and not read by the
+-- releasing host would wait for the next sender. It returns 2 then, when no activation
+-- request stands (the marker is set here): the caller asks for a host.
 -- Returns 1 when the lease was this caller's (or the dead host's), else 0.
 local holder = redis.call('GET', KEYS[1])
 if ARGV[1] == 'orphan' then
@@ -17,7 +23,17 @@ if holder ~= ARGV[2] then
 end
 if ARGV[1] == 'renew' then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
-else
-  redis.call('DEL', KEYS[1])
+  return 1
+end
+redis.call('DEL', KEYS[1])
+if KEYS[3] then
+  if ARGV[4] and ARGV[4] ~= '' then
+    redis.call('XTRIM', KEYS[3], 'MINID', ARGV[4])
+    redis.call('XDEL', KEYS[3], ARGV[4])
+  end
+  if redis.call('XLEN', KEYS[3]) > 0 and
+     redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then
+    return 2
+  end
 end
 return 1

@@ -11,7 +11,8 @@
 //!   transaction (see `ActorState::commit`). It stops when its lease is lost (a read finds it
 //!   another's, a commit or a renewal is refused), when the actor stops or fails, or after
 //!   `actors.idle_secs` without messages (deactivation: the lease is given back, the state is
-//!   saved already).
+//!   saved already, and the applied entries leave the mailbox; a message sent after the last
+//!   read, while its sender still saw the lease, makes the release ask for a host).
 //! * A heartbeat thread renews every lease every third of the lease, and, for a subprocess host,
 //!   ends the process when the driver that started it is gone (its liveness key lapsed).
 
@@ -333,20 +334,7 @@ fn serve_actor(
     );
     match &outcome {
         Ok(Ending::Release) => {
-            // What the commits' trims by whole nodes left: an actor at rest has an empty
-            // mailbox.
-            let trim_from = next_entry_id(&state.applied);
-            let _ = store.with_conn(
-                || format!("trimming the mailbox of actor {actor_id}"),
-                |c| {
-                    redis::cmd("XTRIM")
-                        .arg(&keys.mailbox)
-                        .arg("MINID")
-                        .arg(&trim_from)
-                        .query::<()>(c)
-                },
-            );
-            release_lease(store, spec, &keys, &lease, actor_id)
+            release_lease(store, spec, hosts, &keys, &lease, &state.applied, actor_id)
         }
         Ok(Ending::Lost) | Err(_) => {}
     }
@@ -392,20 +380,41 @@ fn hand_back(
     }
 }
 
-/// Gives an activation lease back (if it is still this host's).
-fn release_lease(store: &Store, spec: &HostSpec, keys: &ActorKeys, lease: &str, actor_id: &str) {
-    let _: std::result::Result<i64, Error> = store.with_conn(
+/// Gives an activation lease back (if it is still this host's), with the mailbox's entries up
+/// to `applied`, and asks for a host when a message came after the last read (see
+/// `actor_lease.lua`).
+fn release_lease(
+    store: &Store,
+    spec: &HostSpec,
+    hosts: &HostKeys,
+    keys: &ActorKeys,
+    lease: &str,
+    applied: &str,
+    actor_id: &str,
+) {
+    let released: Result<i64> = store.with_conn(
         || format!("releasing actor {actor_id}"),
         |c| {
             LEASE
                 .key(&keys.lease)
                 .key(&keys.activating)
+                .key(&keys.mailbox)
                 .arg("release")
                 .arg(lease)
                 .arg(spec.lease_ms)
+                .arg(applied)
                 .invoke(c)
         },
     );
+    let outcome = match released {
+        // A message came after the last read, while senders still saw this host.
+        Ok(2) => super::request_activation(store, hosts, actor_id),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = outcome {
+        tracing::warn!("{e}; the actor's next message asks for a host");
+    }
 }
 
 /// Why an actor thread ended.
