@@ -1131,4 +1131,49 @@ fn releasing_a_lease_asks_for_a_host_when_a_message_was_not_read() {
     set_lease(&mut c);
     assert_eq!(release(&mut c, "host-a:1", &last), 1);
     assert_eq!(state(&mut c), (false, false, 0));
+    redis::cmd("DEL")
+        .arg(&lease)
+        .arg(&marker)
+        .arg(&mailbox)
+        .query::<()>(&mut c)
+        .expect("DEL");
+}
+
+/// The commits leave applied entries in the mailbox's last stream node; with nodes that hold
+/// more than a host's batch (`stream-node-max-entries 0`: no limit), a new host's first
+/// batches are all applied ones. Skipping them must not take `applied` back: the entries
+/// after them would be applied a second time.
+#[test]
+fn a_new_host_skips_every_applied_entry_whatever_the_stream_nodes_hold() {
+    let rt = runtime_with(1, 1.0);
+    let mut c = redis::Client::open(rt.store_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    for (setting, value) in [("stream-node-max-entries", 0), ("stream-node-max-bytes", 0)] {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(setting)
+            .arg(value)
+            .query::<()>(&mut c)
+            .expect("CONFIG SET");
+    }
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    const TELLS: u64 = 700;
+    for _ in 0..TELLS {
+        counter.tell(Incr(1)).expect("tell");
+    }
+    assert_eq!(ask(&counter, Get).expect("get"), (TELLS, 0));
+    // More than two batches of a host (256 messages each) of applied entries.
+    assert!(
+        mailbox_length(&rt, &counter) > 512,
+        "the applied entries are not in the mailbox any more: the test tests nothing"
+    );
+    let pid = host_pid(&rt, &counter).expect("a host holds it");
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill -9 the host");
+    assert!(wait_for(Duration::from_secs(10), || !pid_running(pid)));
+    assert_eq!(
+        ask(&counter, Get).expect("answered by the next host"),
+        (TELLS, 0),
+        "applied entries were applied again"
+    );
 }

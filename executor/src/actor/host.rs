@@ -181,11 +181,11 @@ fn read_activations(
                 "shoal-actor-{}",
                 &actor.chars().take(20).collect::<String>()
             );
+            // The thread takes its actor out of `active` itself (see `ActiveEntry`).
             let spawned = std::thread::Builder::new().name(name).spawn(move || {
                 if let Err(e) = serve_actor(&store, &spec, &hosts, &active, &actor) {
                     tracing::warn!("actor {actor}: {e}");
                 }
-                active.lock().remove(&actor);
             });
             if let Err(e) = spawned {
                 tracing::error!("cannot start an actor thread: {e}");
@@ -276,13 +276,7 @@ fn serve_actor(
         return Ok(());
     }
     let stop = Arc::new(AtomicBool::new(false));
-    active.lock().insert(
-        actor_id.to_string(),
-        ActiveActor {
-            lease: lease.clone(),
-            stop: stop.clone(),
-        },
-    );
+    let entry = ActiveEntry::insert(active, actor_id, &lease, &stop);
     let host_set = hosts.host_set(&spec.host_id);
     store.with_conn(
         || format!("recording actor {actor_id} on host {}", spec.host_id),
@@ -334,6 +328,9 @@ fn serve_actor(
     );
     match &outcome {
         Ok(Ending::Release) => {
+            // Before the release, which may ask for a host: this host's main loop then takes
+            // the request rather than skipping an actor it still runs.
+            entry.remove();
             release_lease(store, spec, hosts, &keys, &lease, &state.applied, actor_id)
         }
         Ok(Ending::Lost) | Err(_) => {}
@@ -380,6 +377,53 @@ fn hand_back(
     }
 }
 
+/// An actor's place in this host's [`Active`] set, for as long as its thread serves this
+/// activation: removed when the thread ends (whatever ends it), or before a release; only if
+/// it is still this activation's (a later one of the same actor has its own).
+struct ActiveEntry<'a> {
+    active: &'a Active,
+    actor_id: &'a str,
+    lease: String,
+}
+
+impl<'a> ActiveEntry<'a> {
+    fn insert(
+        active: &'a Active,
+        actor_id: &'a str,
+        lease: &str,
+        stop: &Arc<AtomicBool>,
+    ) -> ActiveEntry<'a> {
+        active.lock().insert(
+            actor_id.to_string(),
+            ActiveActor {
+                lease: lease.to_string(),
+                stop: stop.clone(),
+            },
+        );
+        ActiveEntry {
+            active,
+            actor_id,
+            lease: lease.to_string(),
+        }
+    }
+
+    fn remove(&self) {
+        let mut actors = self.active.lock();
+        if actors
+            .get(self.actor_id)
+            .is_some_and(|a| a.lease == self.lease)
+        {
+            actors.remove(self.actor_id);
+        }
+    }
+}
+
+impl Drop for ActiveEntry<'_> {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 /// Gives an activation lease back (if it is still this host's), with the mailbox's entries up
 /// to `applied`, and asks for a host when a message came after the last read (see
 /// `actor_lease.lua`).
@@ -406,14 +450,22 @@ fn release_lease(
                 .invoke(c)
         },
     );
-    let outcome = match released {
+    match released {
         // A message came after the last read, while senders still saw this host.
-        Ok(2) => super::request_activation(store, hosts, actor_id),
-        Ok(_) => Ok(()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = outcome {
-        tracing::warn!("{e}; the actor's next message asks for a host");
+        Ok(2) => {
+            let requested =
+                store.retry_unreachable(|| super::request_activation(store, hosts, actor_id));
+            if let Err(e) = requested {
+                // The marker set for this request would keep senders from asking.
+                let _ = store.with_conn(
+                    || format!("clearing the activation marker of actor {actor_id}"),
+                    |c| redis::cmd("DEL").arg(&keys.activating).query::<()>(c),
+                );
+                tracing::warn!("{e}; the actor's next message asks for a host");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("{e}; the lease lapses by itself"),
     }
 }
 
@@ -596,10 +648,12 @@ impl ActorState<'_> {
             },
             None => self.saved.clone(),
         };
-        let applied = entries
-            .last()
-            .map(|e| e.id.clone())
-            .unwrap_or_else(|| self.applied.clone());
+        // Never back: a batch of entries applied before (a new host reads those the trim by
+        // nodes left) changes nothing but their removal.
+        let applied = match entries.last() {
+            Some(last) if is_after(&last.id, &self.applied) => last.id.clone(),
+            _ => self.applied.clone(),
+        };
         let committed = self.commit(&data, &applied, &replies);
         match committed {
             Ok(()) => {
@@ -870,8 +924,8 @@ fn ttl_refresh_every(expiry_secs: u64) -> Duration {
     Duration::from_millis(expiry_secs.saturating_mul(100)).min(Duration::from_secs(60))
 }
 
-/// The smallest stream entry id after `applied` (`<ms>-<seq>`): the commit trims the mailbox
-/// below it. An id that does not parse (never one Redis gave) trims below itself.
+/// The smallest stream entry id after `applied` (`<ms>-<seq>`): the commit script trims the
+/// mailbox below it. An id that does not parse (never one Redis gave) trims below itself.
 fn next_entry_id(applied: &str) -> String {
     match applied.split_once('-') {
         Some((ms, seq)) if ms.parse::<u64>().is_ok() => match seq.parse::<u64>() {

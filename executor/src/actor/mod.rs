@@ -21,26 +21,29 @@
 //! # Exactly once
 //!
 //! A host applies a batch of messages to the actor's state in memory and commits in one step:
-//! the new state, the last entry applied, the reply to each ask, and the removal of the batch
-//! from the mailbox (`XTRIM MINID` past the last entry applied), together, and only if its
-//! lease still carries its token. The transaction's trim is by whole stream nodes below the
-//! last entry applied (`MINID ~ <applied>`), so that the node the next message goes to is
-//! not freed and made again at every batch: the applied entries of the node still being
-//! filled (at most `stream-node-max-entries`, 100 by default, or `stream-node-max-bytes`)
-//! stay until it is full, or until the host releases the actor, which removes every entry
-//! applied; they are at or below `applied`, so never applied again. The step is a `MULTI`/`EXEC` transaction when the read that
-//! returned the batch found the lease the host's and `WATCH`ed it (`EXEC` fails if anyone wrote
-//! the lease since), and the commit script (`actor_commit.lua`), which checks the lease itself,
-//! when the transaction did not run (see [`host`]). A message is therefore either committed (its effect, its reply and
-//! its removal at once) or still in the mailbox; a host that dies before committing leaves it
+//! the new state, the last entry applied, the reply to each ask, and the removal of the
+//! applied entries from the mailbox, together, and only if its lease still carries its token.
+//! The step is a `MULTI`/`EXEC` transaction when the read that returned the batch found the
+//! lease the host's and `WATCH`ed it (`EXEC` fails if anyone wrote the lease since), and the
+//! commit script (`actor_commit.lua`), which checks the lease itself, when the transaction did
+//! not run (see [`host`]). A message is therefore either committed (its effect and its reply
+//! at once) or still unapplied in the mailbox; a host that dies before committing leaves it
 //! there, and the next host, which reads the mailbox from its first entry, applies it to the
 //! last committed state. Hosts read with a plain `XREAD` after the last entry they read, not
 //! through a consumer group: a group would hand a message to whichever of its readers asks
 //! first, and a host that woke up after losing its lease would take messages from its
 //! successor, fail to commit them, and leave them behind while later ones overtook them. A host
 //! whose lease lapsed (paused, cut off) cannot commit: the token check refuses it, so it cannot
-//! overwrite its successor's state. Entries at or below `applied` (those the trim by nodes
-//! left) are skipped: a new host removes them with its first commit.
+//! overwrite its successor's state.
+//!
+//! The script removes every applied entry (`XTRIM MINID` past the last one). The transaction
+//! removes whole stream nodes below the last entry applied (`XTRIM MINID ~ <applied>`), so
+//! that the node the next message goes to is not freed and made again at every batch: the
+//! applied entries of the node still being filled (`stream-node-max-entries`, 100 by default,
+//! or `stream-node-max-bytes`) stay until the node is full or the host releases the actor,
+//! which removes every entry applied. A host skips entries at or below `applied` (a new host
+//! reads them first), and `applied` never goes back: a batch of such entries only commits
+//! their removal.
 //!
 //! A handler that panics fails its message (the ask gets a task error of kind `Panic`) and the
 //! actor restarts from its last committed state: the batch is run again from there without the
