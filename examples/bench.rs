@@ -448,6 +448,11 @@ fn main() -> shoal::Result<()> {
                 add_floor(&mut cell, args.runs, || redis_pingpong_floor(&rt));
                 cell["redis_commands_per_ask"] = redis_commands_per_ask(&rt);
                 shoal_cells.insert(key, cell);
+                // The same asks awaited (`ask_async`) by a task of a service's runtime.
+                let runs = (0..args.runs).map(|_| w9_actor_ask_async()).collect();
+                let label = format!("{label}-async");
+                let cell = median_cell(w, "actor_ask", &label, runs);
+                shoal_cells.insert(format!("{w}/{label}"), cell);
             }
             "W10" => {
                 let runs = (0..args.runs).map(|_| w10_actor_tell()).collect();
@@ -792,6 +797,39 @@ fn w9_actor_ask() -> Value {
         "p99_us": us(latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)]),
         "max_us": us(latencies[latencies.len() - 1]),
         "setup_s": setup.as_secs_f64(),
+        "correct": last == expected && final_value == expected,
+    })
+}
+
+/// W9 from an async service: the same asks, each awaited (`ask_async`) by a task of a Tokio
+/// current-thread runtime; µs per call.
+fn w9_actor_ask_async() -> Value {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let counter = shoal::spawn_actor(BenchCounter::default()).expect("spawn");
+    let (total, last, final_value) = runtime.block_on(async {
+        counter.ask_async(Incr(0), None).await.expect("first reply");
+        for _ in 0..W9_WARMUP {
+            counter.ask_async(Incr(1), None).await.expect("warm-up");
+        }
+        let mut last = 0;
+        let t0 = Instant::now();
+        for _ in 0..W9_CALLS {
+            last = counter.ask_async(Incr(1), None).await.expect("ask");
+        }
+        let total = t0.elapsed();
+        let final_value = counter.ask_async(GetCount, None).await.expect("get");
+        (total, last, final_value)
+    });
+    counter.stop().expect("stop");
+    let expected = W9_WARMUP + W9_CALLS;
+    json!({
+        "value": total.as_secs_f64() / W9_CALLS as f64 * 1e6,
+        "unit": "us/call",
+        "calls": W9_CALLS,
+        "form": "ask_async on a Tokio current-thread runtime",
         "correct": last == expected && final_value == expected,
     })
 }

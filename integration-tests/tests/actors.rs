@@ -654,8 +654,9 @@ fn an_ask_from_a_handle_that_saw_replies_is_refused_by_a_stopped_or_missing_acto
     );
 }
 
-/// An unsigned tell goes with a transaction that writes before it reads the checks: a refused
-/// one (a stopped actor) is deleted again, as the send script never wrote it.
+/// An unsigned tell, blocking or async, goes with a transaction that writes before it reads
+/// the checks: a refused one (a stopped actor) is deleted again, as the send script never
+/// wrote it.
 #[test]
 fn a_refused_tell_leaves_nothing_in_the_mailbox() {
     let rt = runtime();
@@ -677,6 +678,24 @@ fn a_refused_tell_leaves_nothing_in_the_mailbox() {
         mailbox_length(&rt, &counter),
         before,
         "a refused message stayed in the mailbox"
+    );
+    // The async form sends the same transaction, and deletes a refused entry alike.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio")
+        .block_on(async {
+            for _ in 0..3 {
+                match counter.tell_async(Incr(1)).await {
+                    Err(Error::InvalidState(m)) => assert!(m.contains("stopped"), "{m}"),
+                    outcome => panic!("{outcome:?}"),
+                }
+            }
+        });
+    assert_eq!(
+        mailbox_length(&rt, &counter),
+        before,
+        "a refused async message stayed in the mailbox"
     );
 }
 

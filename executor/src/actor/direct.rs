@@ -46,7 +46,7 @@
 use std::time::Duration;
 
 use shoal_core::error::{Error, Result};
-use shoal_core::store::Store;
+use shoal_core::store::{AsyncStore, Store};
 
 use super::{Mailbox, Outgoing, refusal, request_activation};
 
@@ -72,6 +72,35 @@ pub(super) fn tell(store: &Store, mailbox: &Mailbox, message: &Outgoing<'_>) -> 
         Checked::Refused { error, written } => {
             if written.is_some() {
                 take_back(store, mailbox, written.as_deref(), None);
+            }
+            Err(error)
+        }
+    }
+}
+
+/// The async form of [`tell`], on the actor runtime's shared connection.
+pub(super) async fn tell_async(
+    store: &AsyncStore,
+    mailbox: &Mailbox,
+    message: &Outgoing<'_>,
+) -> Result<bool> {
+    let actor_id = mailbox.actor_id.as_str();
+    let mut conn = store.shared().await?;
+    let exec: redis::Value = transaction(mailbox, message)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| Error::redis(format!("sending to actor {actor_id}"), e))?;
+    match check(exec, actor_id) {
+        Checked::Written { needs_host } => {
+            if needs_host {
+                activate_async(store, mailbox).await?;
+            }
+            Ok(true)
+        }
+        Checked::NoStream => Ok(false),
+        Checked::Refused { error, written } => {
+            if written.is_some() {
+                take_back_async(store, mailbox, written.as_deref(), None).await;
             }
             Err(error)
         }
@@ -191,6 +220,64 @@ pub(super) fn ask(
     }
 }
 
+/// The async form of [`ask`]. An async connection hands a pipeline's replies over only once
+/// they are all there, so the transaction goes on the shared connection and the wait on a
+/// dedicated one, both at once (1 round trip in time, as the blocking form): when the checks
+/// refuse, or the transaction fails, the sender ends its own wait with the marker as
+/// [`ask`] does.
+pub(super) async fn ask_async(
+    store: &AsyncStore,
+    mailbox: &Mailbox,
+    message: &Outgoing<'_>,
+    reply_key: &str,
+    block: Duration,
+) -> Result<DirectAsk> {
+    let actor_id = mailbox.actor_id.as_str();
+    let message = Outgoing {
+        reply_to: Some(reply_key),
+        ..*message
+    };
+    let transaction = transaction(mailbox, &message);
+    let context = || format!("asking actor {actor_id}");
+    let send = async {
+        let checked = async {
+            let mut conn = store.shared().await?;
+            let exec: redis::Value = transaction
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| Error::redis(context(), e))?;
+            Ok::<_, Error>(check(exec, actor_id))
+        }
+        .await;
+        let aside = match &checked {
+            Ok(Checked::Written { needs_host: true }) => activate_async(store, mailbox).await,
+            _ => Ok(()),
+        };
+        if !matches!(checked, Ok(Checked::Written { .. })) || aside.is_err() {
+            let written = match &checked {
+                Ok(Checked::Refused { written, .. }) => written.as_deref(),
+                _ => None,
+            };
+            take_back_async(store, mailbox, written, Some(reply_key)).await;
+        }
+        (checked, aside)
+    };
+    let mut blpop = redis::cmd("BLPOP");
+    blpop.arg(reply_key).arg(block.as_secs_f64());
+    let wait = store.blocking::<Option<(String, Vec<u8>)>>(block, context, &blpop);
+    let ((checked, aside), popped) = futures::future::join(send, wait).await;
+    match checked? {
+        Checked::Refused { error, .. } => Err(error),
+        Checked::NoStream => Ok(DirectAsk::NotSent),
+        Checked::Written { .. } => match (aside, popped?.map(|(_, bytes)| bytes)) {
+            // The reply came before the wait was ended.
+            (_, Some(reply)) if !reply.is_empty() => Ok(DirectAsk::Sent(Some(reply))),
+            (Err(e), _) => Err(e),
+            (Ok(()), _) => Ok(DirectAsk::Sent(None)),
+        },
+    }
+}
+
 /// The next reply on `c` (a RESP3 push message is not one).
 fn reply(c: &mut redis::Connection) -> redis::RedisResult<redis::Value> {
     loop {
@@ -243,20 +330,39 @@ fn activate(store: &Store, mailbox: &Mailbox) -> Result<()> {
     let actor_id = mailbox.actor_id.as_str();
     let marked: Option<String> = store.with_conn(
         || format!("asking a host for actor {actor_id}"),
-        |c| {
-            redis::cmd("SET")
-                .arg(&mailbox.keys.activating)
-                .arg(1)
-                .arg("NX")
-                .arg("PX")
-                .arg(mailbox.activation_hold.as_millis() as u64)
-                .query(c)
-        },
+        |c| activation_marker(mailbox).query(c),
     )?;
     if marked.is_some() {
         request_activation(store, &mailbox.hosts, actor_id)?;
     }
     Ok(())
+}
+
+/// The async form of [`activate`].
+async fn activate_async(store: &AsyncStore, mailbox: &Mailbox) -> Result<()> {
+    let mut conn = store.shared().await?;
+    let marked: Option<String> = activation_marker(mailbox)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| {
+            let actor_id = &mailbox.actor_id;
+            Error::redis(format!("asking a host for actor {actor_id}"), e)
+        })?;
+    if marked.is_some() {
+        mailbox.request_activation_async(store).await?;
+    }
+    Ok(())
+}
+
+/// Sets the activation marker unless a request stands (`Some` when this sender set it).
+fn activation_marker(mailbox: &Mailbox) -> redis::Cmd {
+    let mut set = redis::cmd("SET");
+    set.arg(&mailbox.keys.activating)
+        .arg(1)
+        .arg("NX")
+        .arg("PX")
+        .arg(mailbox.activation_hold.as_millis() as u64);
+    set
 }
 
 /// Undoes a direct send that does not go on, from another connection, in 1 round trip: deletes
@@ -267,21 +373,46 @@ fn activate(store: &Store, mailbox: &Mailbox) -> Result<()> {
 fn take_back(store: &Store, mailbox: &Mailbox, written: Option<&str>, wake: Option<&str>) {
     let taken = store.with_conn(
         || format!("taking back a message to actor {}", mailbox.actor_id),
-        |c| {
-            let mut pipe = redis::pipe();
-            if let Some(id) = written {
-                pipe.xdel(&mailbox.keys.mailbox, &[id]).ignore();
-            }
-            if let Some(reply_key) = wake {
-                pipe.rpush(reply_key, b"")
-                    .ignore()
-                    .pexpire(reply_key, (2 * super::ASK_SLICE.as_millis()) as i64)
-                    .ignore();
-            }
-            pipe.query::<()>(c)
-        },
+        |c| take_back_pipe(mailbox, written, wake).query::<()>(c),
     );
     if let Err(e) = taken {
         tracing::debug!("{e}; the refusal stands, the rest is left to time");
     }
+}
+
+/// The async form of [`take_back`].
+async fn take_back_async(
+    store: &AsyncStore,
+    mailbox: &Mailbox,
+    written: Option<&str>,
+    wake: Option<&str>,
+) {
+    let taken = match store.shared().await {
+        Ok(mut conn) => take_back_pipe(mailbox, written, wake)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| {
+                let actor_id = &mailbox.actor_id;
+                Error::redis(format!("taking back a message to actor {actor_id}"), e)
+            }),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = taken {
+        tracing::debug!("{e}; the refusal stands, the rest is left to time");
+    }
+}
+
+/// The commands of [`take_back`].
+fn take_back_pipe(mailbox: &Mailbox, written: Option<&str>, wake: Option<&str>) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    if let Some(id) = written {
+        pipe.xdel(&mailbox.keys.mailbox, &[id]).ignore();
+    }
+    if let Some(reply_key) = wake {
+        pipe.rpush(reply_key, b"")
+            .ignore()
+            .pexpire(reply_key, (2 * super::ASK_SLICE.as_millis()) as i64)
+            .ignore();
+    }
+    pipe
 }

@@ -87,7 +87,9 @@
 //! as it writes (`direct.rs`: cheaper for Redis, the same round trips; a refused message is
 //! written, never applied, and deleted; 1 more round trip then, or when the mailbox stream
 //! is not there yet, which the script makes). The async forms (`Mailbox::send_async`,
-//! `Mailbox::ask_async`) make the same round trips with the script. A host: 1 round trip per
+//! `Mailbox::ask_async`) send the same transaction on the runtime's shared connection; an
+//! ask's wait goes at the same time on a dedicated one (an async connection gives a
+//! pipeline's replies only together, so the wait could not be ended early on a refusal). A host: 1 round trip per
 //! batch of up to [`BATCH`] messages to read it (`XREAD`, then `WATCH` and `GET` of the lease)
 //! and 1 to commit it (2 when the transaction did not run: a renewal touched the lease while
 //! the batch ran); lease renewals every third of the lease.
@@ -422,6 +424,17 @@ impl Mailbox {
     /// The async form of [`Mailbox::send`], on the actor runtime's shared connection. Call it
     /// only from a task of `store`'s runtime.
     pub async fn send_async(&self, store: &AsyncStore, message: &Outgoing<'_>) -> Result<()> {
+        if message.mac.is_none()
+            && message.verifier.is_none()
+            && direct::tell_async(store, self, message).await?
+        {
+            return Ok(());
+        }
+        self.send_script_async(store, message).await
+    }
+
+    /// [`Mailbox::send_async`] with the send script.
+    async fn send_script_async(&self, store: &AsyncStore, message: &Outgoing<'_>) -> Result<()> {
         let mut conn = store.shared().await?;
         let needs_host: i64 =
             send_invocation(store.store(), &self.keys, message, self.activation_hold)
@@ -451,7 +464,16 @@ impl Mailbox {
             return Err(Error::invalid_state("an ask needs a reply key"));
         };
         let mut first: Option<Vec<u8>> = None;
-        if pipelined && let Some(block) = ask_slice(deadline) {
+        let unsigned = message.mac.is_none() && message.verifier.is_none();
+        if pipelined
+            && unsigned
+            && let Some(block) = ask_slice(deadline)
+        {
+            match direct::ask_async(store, self, message, reply_key, block).await? {
+                direct::DirectAsk::Sent(reply) => first = reply,
+                direct::DirectAsk::NotSent => self.send_script_async(store, message).await?,
+            }
+        } else if pipelined && let Some(block) = ask_slice(deadline) {
             type Replies = (
                 redis::RedisResult<i64>,
                 redis::RedisResult<Option<(String, Vec<u8>)>>,
@@ -501,10 +523,12 @@ impl Mailbox {
                 let popped: Option<(String, Vec<u8>)> = store
                     .blocking(block, || format!("waiting for actor {actor_id}"), &blpop)
                     .await?;
-                if let Some((_, bytes)) = popped {
-                    break bytes;
+                match popped {
+                    // A direct ask's marker that came after its wait (see `direct.rs`).
+                    Some((_, bytes)) if bytes.is_empty() => continue,
+                    Some((_, bytes)) => break bytes,
+                    None => self.nudge_async(store).await?,
                 }
-                self.nudge_async(store).await?;
             },
         };
         store.store().decode::<Reply>(&bytes, reply_key).map(Some)
