@@ -35,6 +35,11 @@
 //! A tell's refusal costs one more round trip (the `XDEL`), and so does a mailbox stream that
 //! was not there (nothing written: the script sends it, and makes the stream).
 //!
+//! The async forms (`tell_async`, `ask_async`) send the same transaction on the actor
+//! runtime's shared connection; an ask's wait goes at the same time on a dedicated one (an
+//! async connection hands a pipeline's replies over only together), and a refusal, a missing
+//! stream or a failed transaction ends it with the same marker.
+//!
 //! An ask's wait is on its way when the checks come back. When they refuse, or there was no mailbox
 //! stream to write to (`NOMKSTREAM`: nothing written; the script's send makes it), the sender
 //! ends its own wait: it pushes an empty marker (never a reply: a reply is a MessagePack
@@ -253,7 +258,11 @@ pub(super) async fn ask_async(
             Ok(Checked::Written { needs_host: true }) => activate_async(store, mailbox).await,
             _ => Ok(()),
         };
-        if !matches!(checked, Ok(Checked::Written { .. })) || aside.is_err() {
+        let waits = matches!(checked, Ok(Checked::Written { .. })) && aside.is_ok();
+        // Redis out of reach: the marker would not get there either (and would wait for a
+        // connection again); the wait ends with its slice.
+        let unreachable = matches!(&checked, Err(e) if e.is_store_unreachable());
+        if !waits && !unreachable {
             let written = match &checked {
                 Ok(Checked::Refused { written, .. }) => written.as_deref(),
                 _ => None,
@@ -266,14 +275,24 @@ pub(super) async fn ask_async(
     blpop.arg(reply_key).arg(block.as_secs_f64());
     let wait = store.blocking::<Option<(String, Vec<u8>)>>(block, context, &blpop);
     let ((checked, aside), popped) = futures::future::join(send, wait).await;
+    let popped = popped.map(|p| p.map(|(_, bytes)| bytes).filter(|b| !b.is_empty()));
+    // A reply (never empty: a MessagePack value) on this ask's own key: the message was
+    // applied, whatever the sender's side of it said.
+    if let Ok(Some(reply)) = popped {
+        return Ok(DirectAsk::Sent(Some(reply)));
+    }
     match checked? {
         Checked::Refused { error, .. } => Err(error),
         Checked::NoStream => Ok(DirectAsk::NotSent),
-        Checked::Written { .. } => match (aside, popped?.map(|(_, bytes)| bytes)) {
-            // The reply came before the wait was ended.
-            (_, Some(reply)) if !reply.is_empty() => Ok(DirectAsk::Sent(Some(reply))),
+        Checked::Written { .. } => match (aside, popped) {
             (Err(e), _) => Err(e),
-            (Ok(()), _) => Ok(DirectAsk::Sent(None)),
+            // The message is in the mailbox: a wait that failed (its dedicated connection
+            // was dead, say) is a wait that saw nothing; the next one opens a connection.
+            (Ok(()), Err(e)) => {
+                tracing::debug!("{e}; waiting again");
+                Ok(DirectAsk::Sent(None))
+            }
+            (Ok(()), Ok(_)) => Ok(DirectAsk::Sent(None)),
         },
     }
 }

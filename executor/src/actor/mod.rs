@@ -82,17 +82,20 @@
 //! (to ask for one; 2 after the transaction). `ask`: the same send and a `BLPOP` on the reply
 //! key, pipelined into 1 round trip once this handle has seen a reply (the first ask of a
 //! handle sends, then waits: 2); while it waits, every [`ASK_SLICE`] it checks that a host has
-//! the actor (`actor_nudge.lua`). Unsigned blocking
-//! sends (tells, and asks) replace the script with a transaction that makes the same checks
-//! as it writes (`direct.rs`: cheaper for Redis, the same round trips; a refused message is
-//! written, never applied, and deleted; 1 more round trip then, or when the mailbox stream
-//! is not there yet, which the script makes). The async forms (`Mailbox::send_async`,
-//! `Mailbox::ask_async`) send the same transaction on the runtime's shared connection; an
-//! ask's wait goes at the same time on a dedicated one (an async connection gives a
-//! pipeline's replies only together, so the wait could not be ended early on a refusal). A host: 1 round trip per
-//! batch of up to [`BATCH`] messages to read it (`XREAD`, then `WATCH` and `GET` of the lease)
-//! and 1 to commit it (2 when the transaction did not run: a renewal touched the lease while
-//! the batch ran); lease renewals every third of the lease.
+//! the actor (`actor_nudge.lua`).
+//!
+//! Unsigned sends (tells, and asks), blocking or async, replace the script with a transaction
+//! that makes the same checks as it writes (`direct.rs`: cheaper for Redis, the same round
+//! trips; a refused message is written, never applied, and deleted; 1 more round trip then,
+//! or when the mailbox stream is not there yet, which the script makes). The async forms
+//! (`Mailbox::send_async`, `Mailbox::ask_async`) send it on the runtime's shared connection;
+//! an ask's wait goes at the same time on a dedicated one (an async connection hands a
+//! pipeline's replies over only together, so the wait could not be ended early on a
+//! refusal).
+//!
+//! A host: 1 round trip per batch of up to [`BATCH`] messages to read it (`XREAD`, then
+//! `WATCH` and `GET` of the lease) and 1 to commit it (2 when the transaction did not run: a
+//! renewal touched the lease while the batch ran); lease renewals every third of the lease.
 
 mod direct;
 pub mod host;
