@@ -1196,9 +1196,9 @@ fn redis_commands_per_dict_op(rt: &shoal::Runtime) -> Value {
 }
 
 /// Redis commands per W9 ask, seen with `MONITOR` around 1000 asks of an active actor: those
-/// the asker sends (a send script and a `BLPOP`, pipelined: 1 round trip) and those its host
-/// sends (a blocking `XREAD` and a commit script per batch: 2 round trips), with what the
-/// scripts run.
+/// the asker sends (the checking transaction and a `BLPOP`, pipelined: 1 round trip) and those
+/// its host sends (a blocking `XREAD` with the lease's `WATCH` and `GET`, and the commit's
+/// transaction per batch: 2 round trips), with what any script runs.
 fn redis_commands_per_ask(rt: &shoal::Runtime) -> Value {
     let counter = shoal::spawn_actor(BenchCounter::default()).expect("spawn");
     for _ in 0..W9_WARMUP {
