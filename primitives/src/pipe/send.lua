@@ -28,8 +28,14 @@ if state[2] == '1' then
 end
 local target = me == '0' and KEYS[5] or KEYS[4]
 local ttl = ARGV[2]
-if redis.call('RPUSH', target, ARGV[4]) == 1 or now - (tonumber(state[3]) or 0) > tonumber(ttl) * 100 then
+local created = redis.call('RPUSH', target, ARGV[4]) == 1
+local due = now - (tonumber(state[3]) or 0) > tonumber(ttl) * 100
+-- A message to a reader that keeps up makes the inbox anew each time: it needs its TTL then,
+-- the state only when due.
+if created or due then
   redis.call('EXPIRE', target, ttl)
+end
+if due then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('HSET', KEYS[1], 'refreshed', now)
 end
