@@ -320,3 +320,51 @@ fn a_pool_closes_terminates_and_joins_without_blocking() {
         .0
         .expect("join after terminate");
 }
+
+/// A pool dropped on a thread of an async runtime without close, terminate or join terminates
+/// in the background, as Python's finalizer does: the drop does not hold the thread while the
+/// workers exit. The workers are stopped (SIGSTOP), so their termination lasts the grace (5 s)
+/// before they are killed, whatever the machine's load.
+#[test]
+fn a_pool_dropped_in_an_async_task_terminates_in_the_background() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    let pids: SimpleQueue<u32> = SimpleQueue::new().expect("queue");
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            pool.apply_async(report_pid_then_nap, (pids.clone(), 60_000u64))
+                .expect("apply")
+        })
+        .collect();
+    let pids: Vec<u32> = (0..2)
+        .map(|_| {
+            pids.get_timeout(Duration::from_secs(30))
+                .expect("a worker's pid")
+        })
+        .collect();
+    for pid in &pids {
+        kill(Pid::from_raw(*pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    }
+    let dropped_in = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio")
+        .block_on(async move {
+            let started = std::time::Instant::now();
+            drop(pool);
+            started.elapsed()
+        });
+    assert!(
+        dropped_in < Duration::from_secs(2),
+        "the drop held the thread {dropped_in:?}"
+    );
+    for call in calls {
+        assert!(call.get(None).is_err(), "a terminated pool fails its calls");
+    }
+    assert!(
+        wait_for(Duration::from_secs(30), || pids
+            .iter()
+            .all(|pid| !shoal_integration_tests::pid_running(*pid))),
+        "the workers of the dropped pool are still there"
+    );
+}

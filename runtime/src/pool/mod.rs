@@ -47,7 +47,9 @@
 //! * `close()` refuses new calls; `join()` (after `close()` or `terminate()`, else
 //!   [`Error::InvalidState`]) waits for the workers to exit, after finishing the outstanding
 //!   calls when closed. `terminate()` stops the workers at once (`SIGTERM`) and fails the calls
-//!   still running. Dropping a pool terminates it (Python's `with Pool() as p:`).
+//!   still running. Dropping a pool terminates it (Python's `with Pool() as p:`): on a thread
+//!   of a Tokio runtime (an async service), in the background, as Python's finalizer does,
+//!   rather than holding the thread while the workers exit; elsewhere, before the drop returns.
 //! * `callback` and `error_callback` of the async forms run in the parent, once per call, on the
 //!   pool's callback thread, before `get()` returns (as in Python).
 //! * Pool workers are daemonic, as in Python: a task cannot start processes or pools of its own,
@@ -96,6 +98,10 @@ const WINDOW_ITEMS: usize = 4096;
 const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 
 /// A pool of worker processes.
+///
+/// Dropping a pool terminates it (see the [module docs](self)): on a thread of a Tokio runtime
+/// the termination goes on in the background and the drop returns at once; elsewhere the drop
+/// returns once the workers exited.
 pub struct Pool {
     id: String,
     processes: usize,
@@ -293,7 +299,8 @@ impl PoolBuilder {
         plan.create_streams_async().await?;
         let (pool, started) = plan.launch()?;
         // Until the reply: dropped with this future, the pool is terminated elsewhere, as a
-        // `Pool`'s own drop would block this thread while its workers stop.
+        // `Pool`'s own drop may block this thread (on an executor that is not Tokio's) while
+        // its workers stop.
         struct Unfinished(Option<Pool>);
         impl Drop for Unfinished {
             fn drop(&mut self) {
@@ -801,14 +808,7 @@ impl Pool {
 
     /// Stops the workers now and fails the calls still running; waits for the workers to exit.
     pub fn terminate(&self) -> Result<()> {
-        if self.shared.lock().finished {
-            return Ok(());
-        }
-        let _ = futures::executor::block_on(self.supervisor.send(Terminate));
-        if !self.shared.wait_finished(Some(TERMINATE_GRACE)) {
-            let _ = futures::executor::block_on(self.supervisor.send(KillWorkers));
-            self.shared.wait_finished(Some(TERMINATE_GRACE));
-        }
+        terminate(&self.supervisor, &self.shared);
         Ok(())
     }
 
@@ -1151,7 +1151,47 @@ impl PoolEntry {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        let _ = self.terminate();
+        if self.shared.lock().finished {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // A thread of an async runtime: the wait for the workers' exit (up to twice
+            // `TERMINATE_GRACE`) would hold its tasks, or wait forever on shoal's own actor
+            // thread, where the supervisor runs. The termination goes on elsewhere.
+            runtime::drop_elsewhere(Terminating {
+                supervisor: self.supervisor.clone(),
+                shared: self.shared.clone(),
+                _runtime: self._runtime.clone(),
+            });
+            return;
+        }
+        terminate(&self.supervisor, &self.shared);
+    }
+}
+
+/// A dropped pool's termination, run where it is dropped (see `Pool`'s drop).
+struct Terminating {
+    supervisor: Addr<PoolSupervisor>,
+    shared: Arc<PoolShared>,
+    _runtime: Arc<RuntimeInner>,
+}
+
+impl Drop for Terminating {
+    fn drop(&mut self) {
+        terminate(&self.supervisor, &self.shared);
+    }
+}
+
+/// Stops the workers (`SIGTERM`) and waits for them to exit, killing those still there after
+/// `TERMINATE_GRACE`; returns at once when the pool finished already.
+fn terminate(supervisor: &Addr<PoolSupervisor>, shared: &PoolShared) {
+    if shared.lock().finished {
+        return;
+    }
+    let _ = futures::executor::block_on(supervisor.send(Terminate));
+    if !shared.wait_finished(Some(TERMINATE_GRACE)) {
+        let _ = futures::executor::block_on(supervisor.send(KillWorkers));
+        shared.wait_finished(Some(TERMINATE_GRACE));
     }
 }
 
