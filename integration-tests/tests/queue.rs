@@ -698,3 +698,52 @@ fn close_in_one_pool_task_does_not_close_the_queue_for_the_next() {
     ));
     assert_timing(started, Duration::from_millis(300));
 }
+
+/// A process that makes a queue per request keeps no record of those it let go: the feeder's
+/// record of a queue goes with the process's last handle once all it was given is written. A
+/// handle that comes back later (deserialized) makes a new record with a writer hash of its
+/// own: its batches, numbered from 1 again, are not taken for those applied before (which the
+/// old hash would skip), and nothing put is lost.
+#[test]
+fn a_queue_put_on_again_after_its_handles_went_loses_nothing() {
+    let rt = runtime();
+    let mut c = raw_redis(&rt);
+    let q: Queue<u32> = Queue::new().expect("queue");
+    let prefix = queue_key_prefix(&mut c, &format!("{q:?}"));
+    for i in 0..10 {
+        q.put(i).expect("put");
+    }
+    q.close().expect("close");
+    q.join_thread().expect("everything written");
+    let saved = rmp_serde::to_vec(&q).expect("serialize");
+    drop(q);
+    // The feeder drops records of queues without handles at most once a second, when it
+    // writes: another queue's puts make it write.
+    std::thread::sleep(Duration::from_millis(1100));
+    let other: Queue<u32> = Queue::new().expect("queue");
+    other.put(1).expect("put");
+    other.close().expect("close");
+    other.join_thread().expect("written");
+
+    let q: Queue<u32> = rmp_serde::from_slice(&saved).expect("deserialize");
+    for i in 10..20 {
+        q.put(i).expect("put again");
+    }
+    let got: Vec<u32> = (0..20)
+        .map(|_| q.get_timeout(Duration::from_secs(10)).expect("an item"))
+        .collect();
+    assert_eq!(
+        got,
+        (0..20).collect::<Vec<_>>(),
+        "items lost or out of order"
+    );
+    let writers: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}fed:*"))
+        .query(&mut c)
+        .expect("KEYS");
+    assert_eq!(
+        writers.len(),
+        2,
+        "the first record was not dropped (one writer hash): {writers:?}"
+    );
+}

@@ -1205,14 +1205,16 @@ fn ack_command(claim: &str, number: u64) -> redis::Cmd {
     cmd
 }
 
-/// `qsize`'s request: `{1, length, claimed, items applied by this process's feeder}`.
-pub(super) fn size(keys: &QueueKeys) -> Request {
+/// `qsize`'s request: `{1, length, claimed, items applied by this process's feeder}`, the
+/// last from the feeder's record `fed` (`None`: the feeder has no record of the queue; any
+/// key of the queue then, its count unused).
+pub(super) fn size(keys: &QueueKeys, fed: Option<&str>) -> Request {
     let mut invocation = SIZE.prepare_invoke();
     invocation
         .key(&keys.items)
         .key(&keys.state)
         .key(&keys.claims)
-        .key(&keys.fed)
+        .key(fed.unwrap_or(&keys.state))
         .arg(&keys.claim_prefix);
     Request::script("measuring", invocation)
 }

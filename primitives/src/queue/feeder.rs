@@ -3,6 +3,8 @@
 //! `closed`/`cancelled` marks of every queue.
 
 use super::*;
+use std::sync::Weak;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 static FEED: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(&claims::with_claims_ttl(include_str!("feed.lua"))));
@@ -17,6 +19,52 @@ const RETRY_DELAY: Duration = Duration::from_millis(200);
 const EXIT_FLUSH: Duration = Duration::from_secs(30);
 /// How long `join_thread` waits through uninterrupted transient failures before it reports them.
 pub(super) const JOIN_GIVE_UP: Duration = Duration::from_secs(30);
+/// How often the feeder thread drops the records of queues this process has no handle of.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+/// This process's handles of one queue, as the feeder counts them: every handle that put on
+/// the queue or marked it holds the one `Handles` of the queue (found through [`HANDLES`], so
+/// that handles deserialized apart share it with the clones of the first). The feeder's record
+/// of the queue holds it weakly: once no handle is left and the record has nothing to write
+/// or report, the record goes (a process that makes a queue per request would otherwise keep
+/// one per queue for as long as it lives). A handle that puts on the queue again later makes
+/// a new record, with a writer hash of its own (`fed:<process>:<record>`): its batches are
+/// numbered from 1 again, which the old hash, where earlier batches were applied, would skip.
+#[derive(Debug)]
+pub(super) struct Handles {
+    items: String,
+}
+
+/// The [`Handles`] of every queue with a live handle in this process, by items key.
+static HANDLES: LazyLock<Mutex<HashMap<String, Weak<Handles>>>> = LazyLock::new(Default::default);
+
+impl Handles {
+    /// The `Handles` of the queue whose items key is `items`: the live one, or a new one.
+    pub(super) fn of(items: &str) -> Arc<Handles> {
+        let mut handles = HANDLES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(live) = handles.get(items).and_then(Weak::upgrade) {
+            return live;
+        }
+        let new = Arc::new(Handles {
+            items: items.to_string(),
+        });
+        handles.insert(items.to_string(), Arc::downgrade(&new));
+        new
+    }
+}
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        let mut handles = HANDLES.lock().unwrap_or_else(|p| p.into_inner());
+        // Unless a handle made a new one meanwhile.
+        if handles
+            .get(&self.items)
+            .is_some_and(|h| h.strong_count() == 0)
+        {
+            handles.remove(&self.items);
+        }
+    }
+}
 
 /// This process's feeder: buffered puts of unbounded queues, written in numbered batches; and
 /// this process's `closed`/`cancelled` marks of every queue.
@@ -29,6 +77,8 @@ pub(super) struct Feeder {
 struct FeederState {
     /// By items key.
     queues: HashMap<String, Pending>,
+    /// When records of queues without handles were last dropped.
+    pruned: Option<Instant>,
     /// Threads waiting on `changed` (the feeder, joiners, the exit hook): a put wakes them only
     /// when there are some (a wake-up is a system call, and puts come by the thousand).
     waiting: usize,
@@ -37,6 +87,10 @@ struct FeederState {
 /// One queue as this process sees it.
 pub(super) struct Pending {
     core: QueueCore,
+    /// This record's writer hash (`feed.lua`): `fed:<process>:<record number>`.
+    fed: String,
+    /// This process's handles of the queue (see [`Handles`]).
+    handles: Weak<Handles>,
     /// Put and not yet in a batch, in order.
     items: VecDeque<Vec<u8>>,
     /// The batch being written, or to be written again after a transient failure.
@@ -73,8 +127,15 @@ struct Batch {
 
 impl Pending {
     fn new(core: &QueueCore) -> Pending {
+        static RECORDS: AtomicU64 = AtomicU64::new(0);
+        let record = RECORDS.fetch_add(1, Ordering::Relaxed);
         Pending {
             core: core.detached(),
+            fed: core
+                .address
+                .keys()
+                .key(&format!("fed:{}:{record}", process_holder())),
+            handles: Weak::new(),
             items: VecDeque::new(),
             inflight: None,
             next_batch: 1,
@@ -102,6 +163,12 @@ impl Pending {
 
     fn is_flushed(&self) -> bool {
         self.items.is_empty() && self.inflight.is_none()
+    }
+
+    /// No handle of the queue is left in this process, and the record has nothing to write or
+    /// report: it can go.
+    fn is_forgotten(&self) -> bool {
+        self.handles.strong_count() == 0 && self.is_flushed() && self.failure.is_none()
     }
 
     /// Whether the feeder thread has something to send for this queue now.
@@ -141,6 +208,7 @@ impl Pending {
         batch.sending = true;
         Some(Outgoing {
             core: self.core.clone(),
+            fed: self.fed.clone(),
             number: batch.number,
             through: batch.through,
             items: batch.items.clone(),
@@ -194,6 +262,8 @@ impl Pending {
 /// A batch on its way to Redis.
 struct Outgoing {
     core: QueueCore,
+    /// The record's writer hash.
+    fed: String,
     number: u64,
     through: u64,
     items: Arc<Vec<Vec<u8>>>,
@@ -201,6 +271,8 @@ struct Outgoing {
 
 /// A queue's feeder counts, for `qsize`.
 pub(super) struct Queued {
+    /// The record's writer hash, where `feed.lua` counts what it applied.
+    pub(super) fed: String,
     /// Items given to the feeder and not dropped.
     pub(super) total: u64,
     /// Of those, the ones not known to be written.
@@ -234,11 +306,33 @@ impl Feeder {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn entry<'a>(state: &'a mut FeederState, core: &QueueCore) -> &'a mut Pending {
-        state
+    /// The queue's record, made if there is none, held by `handles` (see [`Handles`]).
+    fn entry<'a>(
+        state: &'a mut FeederState,
+        core: &QueueCore,
+        handles: &Arc<Handles>,
+    ) -> &'a mut Pending {
+        let p = state
             .queues
             .entry(core.keys().items.clone())
-            .or_insert_with(|| Pending::new(core))
+            .or_insert_with(|| Pending::new(core));
+        if p.handles.strong_count() == 0 {
+            p.handles = Arc::downgrade(handles);
+        }
+        p
+    }
+
+    /// Drops the records of queues this process has no handle of and nothing to write or report
+    /// for (at most once per [`PRUNE_EVERY`]).
+    fn prune(state: &mut FeederState, now: Instant) {
+        if state
+            .pruned
+            .is_some_and(|at| now.duration_since(at) < PRUNE_EVERY)
+        {
+            return;
+        }
+        state.pruned = Some(now);
+        state.queues.retain(|_, p| !p.is_forgotten());
     }
 
     /// Waits on `changed` (at most `timeout`), counted in `waiting`.
@@ -265,8 +359,9 @@ impl Feeder {
     /// earlier puts (once).
     pub(super) fn push(&self, core: &QueueCore, item: Vec<u8>) -> Result<()> {
         start_feeder();
+        let handles = core.feeder_handles();
         let mut state = self.lock();
-        let p = Self::entry(&mut state, core);
+        let p = Self::entry(&mut state, core, &handles);
         if p.closed {
             return Err(core.closed());
         }
@@ -286,8 +381,9 @@ impl Feeder {
     /// Before a put written at once: a closed queue is an error; the queue counts as used.
     pub(super) fn begin_put(&self, core: &QueueCore) -> Result<()> {
         register_exit_hook();
+        let handles = core.feeder_handles();
         let mut state = self.lock();
-        let p = Self::entry(&mut state, core);
+        let p = Self::entry(&mut state, core, &handles);
         if p.closed {
             return Err(core.closed());
         }
@@ -298,6 +394,7 @@ impl Feeder {
     /// What the feeder was given for `items`'s queue, if anything.
     pub(super) fn queued(&self, items: &str) -> Option<Queued> {
         self.lock().queues.get(items).map(|p| Queued {
+            fed: p.fed.clone(),
             total: p.queued_total,
             unwritten: p.unwritten() as u64,
         })
@@ -317,7 +414,8 @@ impl Feeder {
 
     pub(super) fn mark(&self, core: &QueueCore, f: impl FnOnce(&mut Pending)) {
         register_exit_hook();
-        f(Self::entry(&mut self.lock(), core));
+        let handles = core.feeder_handles();
+        f(Self::entry(&mut self.lock(), core, &handles));
         self.changed.notify_all();
     }
 
@@ -434,6 +532,7 @@ impl Feeder {
                     p.settle(outcome);
                 }
             }
+            Self::prune(&mut state, Instant::now());
             drop(state);
             self.changed.notify_all();
         }
@@ -465,7 +564,7 @@ fn write_batches(work: &[Outgoing]) -> Vec<Outcome> {
                     invocation
                         .key(&keys.items)
                         .key(&keys.state)
-                        .key(&keys.fed)
+                        .key(&sent.fed)
                         .key(&keys.claims)
                         .arg(ttl)
                         .arg(sent.number)
@@ -557,7 +656,48 @@ mod tests {
             joinable: false,
             cached_keys: Arc::default(),
             cached_consumer: Arc::default(),
+            cached_handles: Arc::default(),
         }
+    }
+
+    #[test]
+    fn a_record_goes_with_the_last_handle_once_written_and_a_new_one_has_its_own_hash() {
+        let mut state = FeederState::default();
+        let (idle, busy, failed) = (core(), core(), core());
+        for q in [&idle, &busy, &failed] {
+            Feeder::entry(&mut state, q, &q.feeder_handles());
+        }
+        Feeder::entry(&mut state, &busy, &busy.feeder_handles()).enqueue(vec![1]);
+        Feeder::entry(&mut state, &failed, &failed.feeder_handles()).failure =
+            Some(Error::invalid_state("lost"));
+        let old_hash = state.queues[&idle.keys().items].fed.clone();
+        // A clone is the same handle group: the record stays while it lives.
+        let clone = idle.clone();
+        drop(idle);
+        Feeder::prune(&mut state, Instant::now());
+        assert_eq!(state.queues.len(), 3, "a handle is left");
+        let idle = clone.clone();
+        drop(clone);
+        drop((busy, failed));
+        // Pruned at most once per PRUNE_EVERY.
+        Feeder::prune(&mut state, Instant::now());
+        assert_eq!(state.queues.len(), 3);
+        Feeder::prune(&mut state, Instant::now() + PRUNE_EVERY);
+        assert_eq!(state.queues.len(), 3, "idle still has a handle");
+        let items = idle.keys().items.clone();
+        // What a handle deserialized later is: the same queue, none of the caches.
+        let deserialized = idle.detached();
+        drop(idle);
+        // Unwritten items and unreported failures keep their record; the rest goes.
+        Feeder::prune(&mut state, Instant::now() + 2 * PRUNE_EVERY);
+        assert_eq!(state.queues.len(), 2);
+        assert!(!state.queues.contains_key(&items));
+        // A handle that comes back (deserialized) makes a new record, with its own hash.
+        let p = Feeder::entry(&mut state, &deserialized, &deserialized.feeder_handles());
+        assert_eq!(p.next_batch, 1);
+        assert_ne!(p.fed, old_hash);
+        Feeder::prune(&mut state, Instant::now() + 3 * PRUNE_EVERY);
+        assert!(state.queues.contains_key(&items), "its handle lives");
     }
 
     #[test]

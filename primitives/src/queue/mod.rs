@@ -38,9 +38,15 @@
 //! Each cycle, the feeder takes up to 10,000 items (8 MiB) of every queue that has some and
 //! writes them in one pipelined round trip: one `feed.lua` call per queue, each a *batch*
 //! numbered 1, 2, 3... per queue and process. The script appends a batch only if its number is
-//! above the highest this process applied to that queue (kept in `fed:<writer>` under the queue's
-//! hash tag, with the queue's TTL), so a batch sent again after an ambiguous failure (a response
-//! timeout or a dropped connection: Redis may have applied it) is skipped, never duplicated. A
+//! above the highest this process applied to that queue (kept in its writer hash,
+//! `fed:<process>:<record>` under the queue's hash tag, with the queue's TTL), so a batch sent
+//! again after an ambiguous failure (a response timeout or a dropped connection: Redis may have
+//! applied it) is skipped, never duplicated. The feeder's record of a queue (its buffer, its
+//! numbering, this process's `closed` mark) goes once the process has no handle of the queue
+//! left and everything put was written or reported (checked at most once a second, when the
+//! feeder writes): a process that makes a queue per request does not keep one record per
+//! queue. A handle of the queue that comes back later makes a new record, numbered from 1
+//! again under a new writer hash. A
 //! queue has at most one batch in flight, and later items wait behind it, which keeps the order.
 //! Each queue's reply is read on its own (`ignore_errors`), so one queue's failure neither blocks
 //! nor repeats another's batch.
@@ -57,8 +63,8 @@
 //!
 //! # Keys (hash tag `{<ns>:queue:<id>}`)
 //!
-//! `items` (list of codec payloads), `state` (hash: `maxsize`), `fed:<writer>` (the last feeder
-//! batch applied from each writing process), `putters`/`putting`/`put:<waiter>` (writers waiting
+//! `items` (list of codec payloads), `state` (hash: `maxsize`), `fed:<process>:<record>` (the
+//! last feeder batch applied from each record of each writing process, and its count of items), `putters`/`putting`/`put:<waiter>` (writers waiting
 //! for room), `unfinished` (counter), `joiners`/`joining`/`join:<waiter>`.
 //!
 //! # Round trips
@@ -164,6 +170,10 @@ struct QueueCore {
     /// URL.
     #[serde(skip)]
     cached_consumer: Arc<std::sync::OnceLock<(String, claims::SharedConsumer)>>,
+    /// This process's handles of the queue as its feeder counts them (`feeder::Handles`),
+    /// found once per handle.
+    #[serde(skip)]
+    cached_handles: Arc<std::sync::OnceLock<Arc<feeder::Handles>>>,
 }
 
 impl PartialEq for QueueCore {
@@ -184,8 +194,6 @@ struct QueueKeys {
     unfinished: String,
     /// `join` callers waiting (`joiners`, `joining`, `join:<waiter>`).
     joiners: WaitList,
-    /// What this process's feeder applied (`feed.lua`).
-    fed: String,
     /// The holds of batched gets (`claims`): holder → hold deadline.
     claims: String,
     /// The prefix of a holder's claim (`claim:`).
@@ -206,6 +214,7 @@ impl QueueCore {
             joinable,
             cached_keys: Arc::default(),
             cached_consumer: Arc::default(),
+            cached_handles: Arc::default(),
         };
         let keys = core.keys();
         let store = context.store();
@@ -225,8 +234,9 @@ impl QueueCore {
         Ok(core)
     }
 
-    /// A clone that does not keep this process's consumer of the queue alive (the feeder
-    /// keeps one for as long as the process lives; the consumer must go with the last handle).
+    /// A clone that does not keep this process's consumer of the queue, or its feeder record,
+    /// alive (the feeder keeps one while it has the queue's record; both must go with the last
+    /// handle).
     fn detached(&self) -> QueueCore {
         QueueCore {
             address: self.address.clone(),
@@ -234,7 +244,15 @@ impl QueueCore {
             joinable: self.joinable,
             cached_keys: self.cached_keys.clone(),
             cached_consumer: Arc::default(),
+            cached_handles: Arc::default(),
         }
+    }
+
+    /// This process's handles of the queue as the feeder counts them (see `feeder::Handles`).
+    fn feeder_handles(&self) -> Arc<feeder::Handles> {
+        self.cached_handles
+            .get_or_init(|| feeder::Handles::of(&self.keys().items))
+            .clone()
     }
 
     fn keys(&self) -> Arc<QueueKeys> {
@@ -259,7 +277,6 @@ impl QueueCore {
                 waiting: keys.key("joining"),
                 wake_prefix: keys.key("join:"),
             },
-            fed: keys.key(&format!("fed:{}", process_holder())),
             claims: keys.key("claims"),
             claim_prefix: keys.key("claim:"),
             claim: keys.key(&format!("claim:{}", process_holder())),
@@ -393,7 +410,7 @@ impl QueueCore {
         op::run_single(
             store,
             || self.address.describe(),
-            self.qsize_request(),
+            self.qsize_request(queued.as_ref()),
             |reply| self.qsize_from(queued, reply),
         )
     }
@@ -405,7 +422,7 @@ impl QueueCore {
         async move {
             let queued = FEEDER.queued(&core.keys().items);
             claims::settle(&*common::store()?)?;
-            let request = core.qsize_request();
+            let request = core.qsize_request(queued.as_ref());
             let address = core.address.clone();
             op::spawn_single(
                 move || address.describe(),
@@ -417,10 +434,10 @@ impl QueueCore {
     }
 
     /// Whether the queue exists, its length, the items claimed and what this process's feeder
-    /// applied to it, read atomically (`size.lua`: the feeder's script must not run between the
-    /// reads).
-    fn qsize_request(&self) -> Request {
-        claims::size(&self.keys())
+    /// applied to it (from the record `queued` was read from), read atomically (`size.lua`:
+    /// the feeder's script must not run between the reads).
+    fn qsize_request(&self, queued: Option<&Queued>) -> Request {
+        claims::size(&self.keys(), queued.map(|q| q.fed.as_str()))
     }
 
     /// Reads the reply to [`QueueCore::qsize_request`], `queued` the feeder's count read before.
