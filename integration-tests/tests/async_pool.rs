@@ -368,3 +368,43 @@ fn a_pool_dropped_in_an_async_task_terminates_in_the_background() {
         "the workers of the dropped pool are still there"
     );
 }
+
+/// The termination of a pool dropped in async code holds no handle of the runtime: the drop of
+/// the runtime's last handle right after (the end of an async `main`) still tears the runtime
+/// down, and that finishes the termination before it returns, so no worker outlives it.
+#[test]
+fn the_runtime_dropped_after_a_pool_in_async_code_finishes_its_termination() {
+    let rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    let pids: SimpleQueue<u32> = SimpleQueue::new().expect("queue");
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            pool.apply_async(report_pid_then_nap, (pids.clone(), 60_000u64))
+                .expect("apply")
+        })
+        .collect();
+    let pids: Vec<u32> = (0..2)
+        .map(|_| {
+            pids.get_timeout(Duration::from_secs(30))
+                .expect("a worker's pid")
+        })
+        .collect();
+    for pid in &pids {
+        kill(Pid::from_raw(*pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    }
+    drop(calls);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio")
+        .block_on(async move {
+            drop(pool);
+            drop(rt);
+        });
+    let left: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|pid| shoal_integration_tests::pid_running(*pid))
+        .collect();
+    assert!(left.is_empty(), "workers {left:?} outlived the runtime");
+}

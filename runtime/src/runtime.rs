@@ -453,6 +453,13 @@ impl Drop for RuntimeInner {
     fn drop(&mut self) {
         // Items a queue feeder still buffers reach Redis first (Python's join_thread at exit).
         context::run_exit_hooks();
+        // A pool dropped on a thread of an async runtime terminates on a thread of its own
+        // (see `Pool`'s drop): what is left of that ends here, while its supervisor runs.
+        let pools: Vec<crate::pool::PoolEntry> =
+            std::mem::take(&mut *self.pools.lock().unwrap_or_else(|p| p.into_inner()));
+        for pool in &pools {
+            pool.terminate();
+        }
         self.shutdown_children();
         let hosts = self
             .actor_hosts

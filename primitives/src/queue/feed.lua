@@ -1,9 +1,9 @@
--- Appends one feeder batch to a queue, at most once. A writer (one process) numbers its batches
--- for this queue 1, 2, 3... and sends them one at a time, so the highest number applied is all
--- that needs remembering: a batch sent again after an ambiguous failure (a response timeout, a
--- dropped connection) carries a number already applied and is skipped. With it the writer's count
--- of items through that batch is kept, so that the writer can tell which of its items are in
--- Redis (Queue.qsize).
+-- Appends one feeder batch to a queue, at most once. A writer (a process's record of the queue)
+-- numbers its batches for this queue 1, 2, 3... and sends them one at a time, so the highest
+-- number applied is all that needs remembering: a batch sent again after an ambiguous failure (a
+-- response timeout, a dropped connection) carries a number already applied and is skipped. With
+-- it the writer's count of items through that batch is kept, so that the writer can tell which of
+-- its items are in Redis (Queue.qsize).
 -- KEYS[1] items list, KEYS[2] state hash, KEYS[3] this writer's hash (batch: the last batch
 -- applied, items: the writer's count of items through it), KEYS[4] the claims hash (claims.rs)
 -- ARGV[1] TTL, ARGV[2] the batch's number, ARGV[3] the count through it, ARGV[4] the claim

@@ -23,8 +23,9 @@ pub(super) const JOIN_GIVE_UP: Duration = Duration::from_secs(30);
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
 /// This process's handles of one queue, as the feeder counts them: every handle that put on
-/// the queue or marked it holds the one `Handles` of the queue (found through [`HANDLES`], so
-/// that handles deserialized apart share it with the clones of the first). The feeder's record
+/// the queue, marked it or looked at its marks holds the one `Handles` of the queue (found
+/// through [`HANDLES`], so that handles deserialized apart share it with the clones of the
+/// first). The feeder's record
 /// of the queue holds it weakly: once no handle is left and the record has nothing to write
 /// or report, the record goes (a process that makes a queue per request would otherwise keep
 /// one per queue for as long as it lives). A handle that puts on the queue again later makes
@@ -165,10 +166,10 @@ impl Pending {
         self.items.is_empty() && self.inflight.is_none()
     }
 
-    /// No handle of the queue is left in this process, and the record has nothing to write or
-    /// report: it can go.
+    /// No handle of the queue is left in this process, and the record has nothing to write
+    /// (a failure not reported yet has nobody left to report it to: it was logged).
     fn is_forgotten(&self) -> bool {
-        self.handles.strong_count() == 0 && self.is_flushed() && self.failure.is_none()
+        self.handles.strong_count() == 0 && self.is_flushed()
     }
 
     /// Whether the feeder thread has something to send for this queue now.
@@ -312,6 +313,9 @@ impl Feeder {
         core: &QueueCore,
         handles: &Arc<Handles>,
     ) -> &'a mut Pending {
+        // Whatever the queue: a process may make queues that never feed the feeder thread
+        // (simple, joinable or bounded ones, whose puts are written at once).
+        Self::prune(state, Instant::now());
         let p = state
             .queues
             .entry(core.keys().items.clone())
@@ -400,12 +404,19 @@ impl Feeder {
         })
     }
 
-    pub(super) fn is_closed(&self, items: &str) -> bool {
-        self.lock().queues.get(items).is_some_and(|p| p.closed)
+    /// Whether this process closed the queue. The handle then counts among the queue's
+    /// (see [`Handles`]), so that the mark stays while it lives.
+    pub(super) fn is_closed(&self, core: &QueueCore) -> bool {
+        let _handles = core.feeder_handles();
+        self.lock()
+            .queues
+            .get(&core.keys().items)
+            .is_some_and(|p| p.closed)
     }
 
     /// Whether `qsize`/`empty` must report the queue closed: after a use (Python), or at once.
     pub(super) fn closed_for_size(&self, core: &QueueCore, at_once: bool) -> bool {
+        let _handles = core.feeder_handles();
         self.lock()
             .queues
             .get(&core.keys().items)
@@ -495,6 +506,9 @@ impl Feeder {
             p.cancelled = false;
             p.used = false;
         }
+        // A pool worker's task let its handles go.
+        state.pruned = None;
+        Self::prune(&mut state, Instant::now());
     }
 
     fn run(&self) {
@@ -671,32 +685,35 @@ mod tests {
         Feeder::entry(&mut state, &failed, &failed.feeder_handles()).failure =
             Some(Error::invalid_state("lost"));
         let old_hash = state.queues[&idle.keys().items].fed.clone();
-        // A clone is the same handle group: the record stays while it lives.
+        let start = Instant::now();
+        // A clone is of the same handles: the record stays while it lives.
         let clone = idle.clone();
         drop(idle);
-        Feeder::prune(&mut state, Instant::now());
+        Feeder::prune(&mut state, start + PRUNE_EVERY);
         assert_eq!(state.queues.len(), 3, "a handle is left");
-        let idle = clone.clone();
-        drop(clone);
-        drop((busy, failed));
-        // Pruned at most once per PRUNE_EVERY.
-        Feeder::prune(&mut state, Instant::now());
-        assert_eq!(state.queues.len(), 3);
-        Feeder::prune(&mut state, Instant::now() + PRUNE_EVERY);
-        assert_eq!(state.queues.len(), 3, "idle still has a handle");
-        let items = idle.keys().items.clone();
-        // What a handle deserialized later is: the same queue, none of the caches.
-        let deserialized = idle.detached();
-        drop(idle);
-        // Unwritten items and unreported failures keep their record; the rest goes.
-        Feeder::prune(&mut state, Instant::now() + 2 * PRUNE_EVERY);
+        // A failure nobody is left to be told of (it was logged) does not keep its record,
+        // but the feeder looks at most once per PRUNE_EVERY.
+        let failed_items = failed.keys().items.clone();
+        drop(failed);
+        Feeder::prune(&mut state, start + PRUNE_EVERY);
+        assert_eq!(state.queues.len(), 3, "pruned twice within PRUNE_EVERY");
+        Feeder::prune(&mut state, start + 2 * PRUNE_EVERY);
         assert_eq!(state.queues.len(), 2);
+        assert!(!state.queues.contains_key(&failed_items));
+        // Unwritten items keep their record; a written one goes with its last handle.
+        drop(busy);
+        let items = clone.keys().items.clone();
+        // What a handle deserialized later is: the same queue, none of the caches.
+        let deserialized = clone.detached();
+        drop(clone);
+        Feeder::prune(&mut state, start + 3 * PRUNE_EVERY);
+        assert_eq!(state.queues.len(), 1, "the busy record stays");
         assert!(!state.queues.contains_key(&items));
-        // A handle that comes back (deserialized) makes a new record, with its own hash.
+        // A handle that comes back makes a new record, with a writer hash of its own.
         let p = Feeder::entry(&mut state, &deserialized, &deserialized.feeder_handles());
         assert_eq!(p.next_batch, 1);
         assert_ne!(p.fed, old_hash);
-        Feeder::prune(&mut state, Instant::now() + 3 * PRUNE_EVERY);
+        Feeder::prune(&mut state, start + 4 * PRUNE_EVERY);
         assert!(state.queues.contains_key(&items), "its handle lives");
     }
 
@@ -706,12 +723,12 @@ mod tests {
         FEEDER.begin_put(&q).expect("open");
         FEEDER.mark(&q, |p| p.closed = true);
         FEEDER.mark(&q, |p| p.cancelled = true);
-        assert!(FEEDER.is_closed(&q.keys().items));
+        assert!(FEEDER.is_closed(&q));
         assert!(FEEDER.closed_for_size(&q, false));
         assert!(matches!(FEEDER.begin_put(&q), Err(Error::InvalidState(_))));
         // What a pool worker runs after each task.
         context::run_exit_hooks();
-        assert!(!FEEDER.is_closed(&q.keys().items));
+        assert!(!FEEDER.is_closed(&q));
         assert!(!FEEDER.closed_for_size(&q, true));
         FEEDER.begin_put(&q).expect("open again");
     }

@@ -64,8 +64,9 @@
 //! # Keys (hash tag `{<ns>:queue:<id>}`)
 //!
 //! `items` (list of codec payloads), `state` (hash: `maxsize`), `fed:<process>:<record>` (the
-//! last feeder batch applied from each record of each writing process, and its count of items), `putters`/`putting`/`put:<waiter>` (writers waiting
-//! for room), `unfinished` (counter), `joiners`/`joining`/`join:<waiter>`.
+//! last feeder batch applied from each record of each writing process, and its count of
+//! items), `putters`/`putting`/`put:<waiter>` (writers waiting for room), `unfinished`
+//! (counter), `joiners`/`joining`/`join:<waiter>`.
 //!
 //! # Round trips
 //!
@@ -460,7 +461,7 @@ impl QueueCore {
 
     /// A queue this process closed is an error.
     fn check_open(&self) -> Result<()> {
-        if FEEDER.is_closed(&self.keys().items) {
+        if FEEDER.is_closed(self) {
             return Err(self.closed());
         }
         Ok(())
@@ -681,20 +682,20 @@ macro_rules! getters {
         /// (they are dropped), or the Redis error after 30 s of failing writes (the items stay
         /// buffered).
         pub fn join_thread(&self) -> Result<()> {
-            let items = self.core.keys().items.clone();
-            if !FEEDER.is_closed(&items) {
+            if !FEEDER.is_closed(&self.core) {
                 return Err(Error::invalid_state("join_thread() needs close() first"));
             }
-            FEEDER.join(&items)
+            FEEDER.join(&self.core.keys().items)
         }
 
         /// The async form of [`Self::join_thread`]: the same outcome, awaited without
         /// blocking the caller's thread (it looks at the feeder every 10 ms, on shoal's actor
         /// runtime; dropping the future stops that).
         pub fn join_thread_async(&self) -> impl Future<Output = Result<()>> + Send + use<T> {
-            let items = self.core.keys().items.clone();
+            let core = self.core.clone();
+            let items = core.keys().items.clone();
             async move {
-                if !FEEDER.is_closed(&items) {
+                if !FEEDER.is_closed(&core) {
                     return Err(Error::invalid_state("join_thread() needs close() first"));
                 }
                 context::current()?

@@ -1,7 +1,7 @@
 -- A queue's size: the items in the list and those claimed by gets and not yet returned (or moved
 -- by a waiting get's BLMOVE and not claimed yet), with
--- what this process's feeder applied (its writer hash).
--- KEYS[4] this process's writer hash (feed.lua); ARGV[1] claim prefix
+-- what this process's feeder applied (the writer hash of its record of the queue).
+-- KEYS[4] that writer hash (feed.lua); ARGV[1] claim prefix
 -- Returns {1, length, claimed, items applied by this writer or false}.
 -- Errors: GONE (the queue's keys are gone).
 if redis.call('EXISTS', KEYS[2]) == 0 then

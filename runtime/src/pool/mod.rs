@@ -48,8 +48,9 @@
 //!   [`Error::InvalidState`]) waits for the workers to exit, after finishing the outstanding
 //!   calls when closed. `terminate()` stops the workers at once (`SIGTERM`) and fails the calls
 //!   still running. Dropping a pool terminates it (Python's `with Pool() as p:`): on a thread
-//!   of a Tokio runtime (an async service), in the background, as Python's finalizer does,
-//!   rather than holding the thread while the workers exit; elsewhere, before the drop returns.
+//!   of a Tokio runtime (an async service), on a thread of its own, rather than holding the
+//!   runtime's thread while the workers exit (the runtime's teardown finishes it, if it is
+//!   still going then); elsewhere, before the drop returns.
 //! * `callback` and `error_callback` of the async forms run in the parent, once per call, on the
 //!   pool's callback thread, before `get()` returns (as in Python).
 //! * Pool workers are daemonic, as in Python: a task cannot start processes or pools of its own,
@@ -100,8 +101,8 @@ const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 /// A pool of worker processes.
 ///
 /// Dropping a pool terminates it (see the [module docs](self)): on a thread of a Tokio runtime
-/// the termination goes on in the background and the drop returns at once; elsewhere the drop
-/// returns once the workers exited.
+/// the termination goes on on a thread of its own and the drop returns at once (the runtime's
+/// teardown finishes it); elsewhere the drop returns once the workers exited.
 pub struct Pool {
     id: String,
     processes: usize,
@@ -1138,14 +1139,7 @@ impl PoolEntry {
 
     /// `terminate()`: stops the workers now, fails the calls still running.
     pub(crate) fn terminate(&self) {
-        if self.finished() {
-            return;
-        }
-        let _ = futures::executor::block_on(self.supervisor.send(Terminate));
-        if !self.shared.wait_finished(Some(TERMINATE_GRACE)) {
-            let _ = futures::executor::block_on(self.supervisor.send(KillWorkers));
-            self.shared.wait_finished(Some(TERMINATE_GRACE));
-        }
+        terminate(&self.supervisor, &self.shared);
     }
 }
 
@@ -1157,27 +1151,18 @@ impl Drop for Pool {
         if tokio::runtime::Handle::try_current().is_ok() {
             // A thread of an async runtime: the wait for the workers' exit (up to twice
             // `TERMINATE_GRACE`) would hold its tasks, or wait forever on shoal's own actor
-            // thread, where the supervisor runs. The termination goes on elsewhere.
-            runtime::drop_elsewhere(Terminating {
-                supervisor: self.supervisor.clone(),
-                shared: self.shared.clone(),
-                _runtime: self._runtime.clone(),
-            });
-            return;
+            // thread, where the supervisor runs. The termination goes on on a thread of its
+            // own. It holds no handle of the runtime: the runtime's teardown, when its last
+            // handle goes, terminates what is left of the pool itself, before the process
+            // exits (`RuntimeInner`'s drop).
+            let (supervisor, shared) = (self.supervisor.clone(), self.shared.clone());
+            let started = std::thread::Builder::new()
+                .name("shoal-pool-drop".into())
+                .spawn(move || terminate(&supervisor, &shared));
+            if started.is_ok() {
+                return;
+            }
         }
-        terminate(&self.supervisor, &self.shared);
-    }
-}
-
-/// A dropped pool's termination, run where it is dropped (see `Pool`'s drop).
-struct Terminating {
-    supervisor: Addr<PoolSupervisor>,
-    shared: Arc<PoolShared>,
-    _runtime: Arc<RuntimeInner>,
-}
-
-impl Drop for Terminating {
-    fn drop(&mut self) {
         terminate(&self.supervisor, &self.shared);
     }
 }
