@@ -616,12 +616,8 @@ fn delete_actor_keys(rt: &shoal::Runtime, actor: &ActorRef<Counter>, names: &[&s
     }
 }
 
-/// A handle that has seen a reply sends its asks without the send script (in one transaction
-/// with the checks): a stopped actor, and one whose keys are gone, are refused all the same,
-/// and at once rather than after a wait for a reply that will not come.
-#[test]
-fn an_ask_from_a_handle_that_saw_replies_is_refused_by_a_stopped_or_missing_actor() {
-    let rt = runtime();
+/// Two counters whose handles have seen replies: one active (at 2), one stopped since.
+fn active_and_stopped_counters() -> (ActorRef<Counter>, ActorRef<Counter>) {
     let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
     assert_eq!(ask(&counter, Incr(2)).expect("ask"), 2);
     let other = shoal::spawn_actor(Counter::default()).expect("spawn");
@@ -630,28 +626,36 @@ fn an_ask_from_a_handle_that_saw_replies_is_refused_by_a_stopped_or_missing_acto
     assert!(wait_for(Duration::from_secs(10), || other
         .tell(Incr(1))
         .is_err()));
-    // Each refusal comes at once, not after a wait for a reply (a slice is 500 ms) and a check.
+    (counter, other)
+}
+
+/// A handle that has seen a reply sends its asks without the send script (in one transaction
+/// with the checks): a stopped actor, and one whose keys are gone, are refused all the same,
+/// and at once rather than after a wait for a reply that will not come.
+#[test]
+fn an_ask_from_a_handle_that_saw_replies_is_refused_by_a_stopped_or_missing_actor() {
+    let rt = runtime();
+    let (counter, other) = active_and_stopped_counters();
     let started = Instant::now();
-    match ask(&other, Get) {
-        Err(Error::InvalidState(m)) => assert!(m.contains("stopped"), "{m}"),
-        outcome => panic!("{outcome:?}"),
-    }
-    assert!(
-        started.elapsed() < Duration::from_millis(450),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_refused_at_once(started, ask(&other, Get), "stopped");
     delete_actor_keys(&rt, &counter, &["state", "mailbox"]);
     let started = Instant::now();
-    match ask(&counter, Incr(1)) {
-        Err(Error::InvalidState(m)) => assert!(m.contains("no actor"), "{m}"),
+    assert_refused_at_once(started, ask(&counter, Incr(1)), "no actor");
+}
+
+/// `outcome` is the refusal `why`, and it came at once (since `started`), not after a wait for
+/// a reply (a slice is 500 ms) and a check.
+fn assert_refused_at_once<T: std::fmt::Debug>(
+    started: Instant,
+    outcome: shoal::Result<T>,
+    why: &str,
+) {
+    let took = started.elapsed();
+    match outcome {
+        Err(Error::InvalidState(m)) => assert!(m.contains(why), "{m}"),
         outcome => panic!("{outcome:?}"),
     }
-    assert!(
-        started.elapsed() < Duration::from_millis(450),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(took < Duration::from_millis(450), "{took:?}");
 }
 
 /// An unsigned tell, blocking or async, goes with a transaction that writes before it reads
@@ -741,14 +745,7 @@ fn mailbox_entries_after(
 #[test]
 fn async_asks_of_a_handle_that_saw_replies_are_refused_at_once_or_sent_with_the_script() {
     let rt = runtime();
-    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
-    assert_eq!(ask(&counter, Incr(2)).expect("ask"), 2);
-    let other = shoal::spawn_actor(Counter::default()).expect("spawn");
-    assert_eq!(ask(&other, Incr(1)).expect("ask"), 1);
-    other.stop().expect("stop");
-    assert!(wait_for(Duration::from_secs(10), || other
-        .tell(Incr(1))
-        .is_err()));
+    let (counter, other) = active_and_stopped_counters();
     let timeout = Some(Duration::from_secs(30));
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -756,15 +753,7 @@ fn async_asks_of_a_handle_that_saw_replies_are_refused_at_once_or_sent_with_the_
         .expect("tokio")
         .block_on(async {
             let started = Instant::now();
-            match other.ask_async(Get, timeout).await {
-                Err(Error::InvalidState(m)) => assert!(m.contains("stopped"), "{m}"),
-                outcome => panic!("{outcome:?}"),
-            }
-            assert!(
-                started.elapsed() < Duration::from_millis(450),
-                "{:?}",
-                started.elapsed()
-            );
+            assert_refused_at_once(started, other.ask_async(Get, timeout).await, "stopped");
             // A stream made again starts at <now ms>-0: not in the millisecond of the last
             // entry read.
             tokio::time::sleep(Duration::from_millis(5)).await;

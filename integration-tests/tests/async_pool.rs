@@ -321,13 +321,10 @@ fn a_pool_closes_terminates_and_joins_without_blocking() {
         .expect("join after terminate");
 }
 
-/// A pool dropped on a thread of an async runtime without close, terminate or join terminates
-/// in the background, as Python's finalizer does: the drop does not hold the thread while the
-/// workers exit. The workers are stopped (SIGSTOP), so their termination lasts the grace (5 s)
-/// before they are killed, whatever the machine's load.
-#[test]
-fn a_pool_dropped_in_an_async_task_terminates_in_the_background() {
-    let _rt = runtime();
+/// A pool of 2 workers, each in a 60 s task and stopped (`SIGSTOP`), so that its termination
+/// lasts the grace (5 s) whatever the machine's load; with the tasks' calls and the workers'
+/// pids.
+fn pool_with_stopped_workers() -> (Pool, Vec<AsyncResult<()>>, Vec<u32>) {
     let pool = Pool::new(2).expect("pool");
     let pids: SimpleQueue<u32> = SimpleQueue::new().expect("queue");
     let calls: Vec<_> = (0..2)
@@ -345,6 +342,16 @@ fn a_pool_dropped_in_an_async_task_terminates_in_the_background() {
     for pid in &pids {
         kill(Pid::from_raw(*pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
     }
+    (pool, calls, pids)
+}
+
+/// A pool dropped on a thread of an async runtime without close, terminate or join terminates
+/// on a thread of its own: the drop does not hold the thread while the workers exit (here
+/// stopped ones, killed after the grace).
+#[test]
+fn a_pool_dropped_in_an_async_task_terminates_in_the_background() {
+    let _rt = runtime();
+    let (pool, calls, pids) = pool_with_stopped_workers();
     let dropped_in = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -375,23 +382,7 @@ fn a_pool_dropped_in_an_async_task_terminates_in_the_background() {
 #[test]
 fn the_runtime_dropped_after_a_pool_in_async_code_finishes_its_termination() {
     let rt = runtime();
-    let pool = Pool::new(2).expect("pool");
-    let pids: SimpleQueue<u32> = SimpleQueue::new().expect("queue");
-    let calls: Vec<_> = (0..2)
-        .map(|_| {
-            pool.apply_async(report_pid_then_nap, (pids.clone(), 60_000u64))
-                .expect("apply")
-        })
-        .collect();
-    let pids: Vec<u32> = (0..2)
-        .map(|_| {
-            pids.get_timeout(Duration::from_secs(30))
-                .expect("a worker's pid")
-        })
-        .collect();
-    for pid in &pids {
-        kill(Pid::from_raw(*pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
-    }
+    let (pool, calls, pids) = pool_with_stopped_workers();
     drop(calls);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -139,6 +139,15 @@ fn transaction(mailbox: &Mailbox, message: &Outgoing<'_>) -> redis::Pipeline {
     transaction
 }
 
+/// The transaction of an ask whose reply goes to `reply_key`.
+fn ask_transaction(mailbox: &Mailbox, message: &Outgoing<'_>, reply_key: &str) -> redis::Pipeline {
+    let message = Outgoing {
+        reply_to: Some(reply_key),
+        ..*message
+    };
+    transaction(mailbox, &message)
+}
+
 /// What a direct ask came to.
 pub(super) enum DirectAsk {
     /// The message was written; its reply, or `None` when none came within the wait.
@@ -171,11 +180,7 @@ pub(super) fn ask(
     block: Duration,
 ) -> Result<DirectAsk> {
     let actor_id = mailbox.actor_id.as_str();
-    let message = Outgoing {
-        reply_to: Some(reply_key),
-        ..*message
-    };
-    let mut packed = transaction(mailbox, &message).get_packed_pipeline();
+    let mut packed = ask_transaction(mailbox, message, reply_key).get_packed_pipeline();
     packed.extend_from_slice(
         &redis::cmd("BLPOP")
             .arg(reply_key)
@@ -238,11 +243,7 @@ pub(super) async fn ask_async(
     block: Duration,
 ) -> Result<DirectAsk> {
     let actor_id = mailbox.actor_id.as_str();
-    let message = Outgoing {
-        reply_to: Some(reply_key),
-        ..*message
-    };
-    let transaction = transaction(mailbox, &message);
+    let transaction = ask_transaction(mailbox, message, reply_key);
     let context = || format!("asking actor {actor_id}");
     let send = async {
         let checked = async {
