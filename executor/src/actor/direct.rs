@@ -27,7 +27,8 @@
 //!   the check is read, and the sender deletes it (`XDEL`) at once. It is never applied in
 //!   between: a host answers a failed or stopped actor's messages with the error, and refuses
 //!   an unsigned message to a signed actor. A signed sender keeps the script.
-//! * The mailbox's TTL is refreshed by the host's commit, not by the send.
+//! * The mailbox's TTL is refreshed by the host's commits (once per tenth of
+//!   `redis.expiry_secs`), not by the send.
 //! * The activation request, when no host holds the lease, takes 2 round trips after the
 //!   transaction (`SET NX` of the activation marker, then the request) where the script's
 //!   answer took 1 (the request).
@@ -40,8 +41,8 @@
 //! async connection hands a pipeline's replies over only together), and a refusal, a missing
 //! stream or a failed transaction ends it with the same marker.
 //!
-//! An ask's wait is on its way when the checks come back. When they refuse, or there was no mailbox
-//! stream to write to (`NOMKSTREAM`: nothing written; the script's send makes it), the sender
+//! An ask's wait is on its way when the checks come back. When they refuse, or there was no
+//! mailbox stream to write to (`NOMKSTREAM`: nothing written; the script's send makes it), the sender
 //! ends its own wait: it pushes an empty marker (never a reply: a reply is a MessagePack
 //! value) to its reply key from another connection and reads it, leaving the connection ready
 //! for its next user (a marker that comes too late for this wait is skipped by the next). When

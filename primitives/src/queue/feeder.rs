@@ -19,16 +19,15 @@ const RETRY_DELAY: Duration = Duration::from_millis(200);
 const EXIT_FLUSH: Duration = Duration::from_secs(30);
 /// How long `join_thread` waits through uninterrupted transient failures before it reports them.
 pub(super) const JOIN_GIVE_UP: Duration = Duration::from_secs(30);
-/// How often the feeder thread drops the records of queues this process has no handle of.
+/// How often the feeder drops the records of queues this process has no handle of.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
 /// This process's handles of one queue, as the feeder counts them: every handle that put on
 /// the queue, marked it or looked at its marks holds the one `Handles` of the queue (found
 /// through [`HANDLES`], so that handles deserialized apart share it with the clones of the
-/// first). The feeder's record
-/// of the queue holds it weakly: once no handle is left and the record has nothing to write
-/// or report, the record goes (a process that makes a queue per request would otherwise keep
-/// one per queue for as long as it lives). A handle that puts on the queue again later makes
+/// first). The feeder's record of the queue holds it weakly: once no handle is left and the
+/// record has nothing to write, the record goes (a process that makes a queue per request
+/// would otherwise keep one per queue for as long as it lives). A handle that puts on the queue again later makes
 /// a new record, with a writer hash of its own (`fed:<process>:<record>`): its batches are
 /// numbered from 1 again, which the old hash, where earlier batches were applied, would skip.
 #[derive(Debug)]
@@ -326,8 +325,8 @@ impl Feeder {
         p
     }
 
-    /// Drops the records of queues this process has no handle of and nothing to write or report
-    /// for (at most once per [`PRUNE_EVERY`]).
+    /// Drops the records of queues this process has no handle of and nothing to write for (at
+    /// most once per [`PRUNE_EVERY`]).
     fn prune(state: &mut FeederState, now: Instant) {
         if state
             .pruned

@@ -43,9 +43,9 @@
 //! again after an ambiguous failure (a response timeout or a dropped connection: Redis may have
 //! applied it) is skipped, never duplicated. The feeder's record of a queue (its buffer, its
 //! numbering, this process's `closed` mark) goes once the process has no handle of the queue
-//! left and everything put was written or reported (checked at most once a second, when the
-//! feeder writes): a process that makes a queue per request does not keep one record per
-//! queue. A handle of the queue that comes back later makes a new record, numbered from 1
+//! left and everything put was written (checked at most once a second, at a put or a mark of
+//! any queue, and at the exit hook that ends a pool worker's task): a process that makes a
+//! queue per request does not keep one record per queue. A handle of the queue that comes back later makes a new record, numbered from 1
 //! again under a new writer hash. A
 //! queue has at most one batch in flight, and later items wait behind it, which keeps the order.
 //! Each queue's reply is read on its own (`ignore_errors`), so one queue's failure neither blocks
