@@ -15,6 +15,10 @@ run:
 ## every example
 test: lint unit-and-integration examples
 
+# The whole suite builds each crate once; incremental compilation's caches would only fill the
+# disk (gigabytes for the test binaries), so it is off for it unless asked for.
+test: export CARGO_INCREMENTAL ?= 0
+
 lint:
 	@scripts/ensure-redis.sh
 	$(CARGO) fmt --all -- --check

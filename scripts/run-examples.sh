@@ -3,7 +3,9 @@
 # non-zero when its own check fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build -q -p shoal-examples --examples
+# The same features as the test build (`--workspace --all-features`), so the examples link the
+# libraries that build made instead of compiling a second set.
+cargo build -q --workspace --all-features --examples
 dir=target/debug/examples
 fail=0
 check() { # check NAME EXPECTED-SUBSTRING [ARGS...]
