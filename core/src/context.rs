@@ -16,6 +16,10 @@
 //! ([`Context::set_actor_runtime`]) and takes it back when it stops. A process without a running
 //! runtime (a worker whose task started no process of its own) starts a small actor system of
 //! its own (thread `shoal-async`) at its first async call, and keeps it as long as the context.
+//!
+//! Calls made only of Redis requests, with nothing to undo if the caller goes, may run on the
+//! caller's own Tokio runtime instead ([`Context::spawn_near_caller`]): the context keeps
+//! connections for the last few runtimes that called in.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -175,7 +179,14 @@ pub struct Context {
     async_store: RwLock<Option<Arc<AsyncStore>>>,
     /// The actor system started for async calls when no runtime handed one over.
     own_actors: Mutex<Option<ActorSystem>>,
+    /// Async access from the Tokio runtimes of the application that called in last (see
+    /// [`Context::spawn_near_caller`]), most recent last.
+    caller_stores: Mutex<Vec<(tokio::runtime::Id, Arc<AsyncStore>)>>,
 }
+
+/// How many callers' runtimes keep their connections ([`Context::spawn_near_caller`]): an
+/// application has one or a few; one that makes a runtime per call reuses none anyway.
+const CALLER_RUNTIMES: usize = 4;
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -196,6 +207,7 @@ impl Context {
             process,
             async_store: RwLock::new(None),
             own_actors: Mutex::new(None),
+            caller_stores: Mutex::new(Vec::new()),
         }
     }
 
@@ -245,6 +257,49 @@ impl Context {
             Ok(async_store) => async_store.spawn(work),
             Err(e) => AsyncCall::failed(e),
         }
+    }
+
+    /// As [`Context::spawn`], but on the caller's own Tokio runtime when it is called from a
+    /// task of one, with connections opened there: the call's requests and replies then wake
+    /// no thread but the caller's (a hop to the actor system and one back cost about as much as
+    /// a Redis round trip on a busy machine). Elsewhere (another executor, no runtime) it is
+    /// [`Context::spawn`].
+    ///
+    /// Only for work made of Redis calls: the task does not run on the actor system, and it
+    /// ends with the caller's runtime if that shuts down first.
+    pub fn spawn_near_caller<T, F, Fut>(&self, work: F) -> AsyncCall<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<AsyncStore>, Caller<T>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => self.caller_store(runtime).spawn(work),
+            Err(_) => self.spawn(work),
+        }
+    }
+
+    /// Async access to the store from `runtime` (the actor system's own when it is that one).
+    fn caller_store(&self, runtime: tokio::runtime::Handle) -> Arc<AsyncStore> {
+        let id = runtime.id();
+        if let Some(actors) = &*self.async_store.read().unwrap_or_else(|p| p.into_inner())
+            && actors.runtime().id() == id
+        {
+            return actors.clone();
+        }
+        let mut stores = self.caller_stores.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = stores.iter().position(|(seen, _)| *seen == id) {
+            let entry = stores.remove(at);
+            let store = entry.1.clone();
+            stores.push(entry);
+            return store;
+        }
+        if stores.len() == CALLER_RUNTIMES {
+            stores.remove(0);
+        }
+        let store = AsyncStore::new(self.store.clone(), runtime);
+        stores.push((id, store.clone()));
+        store
     }
 
     /// The effective configuration.

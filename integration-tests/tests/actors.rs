@@ -1013,6 +1013,49 @@ fn async_tell_and_ask_under_a_current_thread_runtime() {
     });
 }
 
+/// Awaited in a task of a Tokio runtime, tells and asks run as tasks of that runtime on
+/// connections opened there (their drivers are tasks of it), not on shoal's actor runtime; a
+/// runtime dropped afterwards leaves nothing behind that breaks the next one, more runtimes
+/// than the context keeps connections for included, and a multi-thread runtime works alike.
+#[test]
+fn async_calls_run_on_the_callers_own_tokio_runtime() {
+    let _rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    ask(&counter, Incr(0)).expect("first ask");
+    let mut expected = 0;
+    for round in 0..7 {
+        let mut builder = if round % 3 == 2 {
+            tokio::runtime::Builder::new_multi_thread()
+        } else {
+            tokio::runtime::Builder::new_current_thread()
+        };
+        let tokio_rt = builder.enable_all().build().expect("tokio");
+        let alive = tokio_rt.block_on(async {
+            let metrics = tokio::runtime::Handle::current().metrics();
+            assert_eq!(
+                metrics.num_alive_tasks(),
+                0,
+                "round {round}: nothing spawned yet"
+            );
+            counter.tell_async(Incr(1)).await.expect("tell");
+            let n = counter
+                .ask_async(Incr(1), Some(Duration::from_secs(30)))
+                .await
+                .expect("ask");
+            (n, metrics.num_alive_tasks())
+        });
+        expected += 2;
+        assert_eq!(alive.0, expected, "round {round}");
+        // The connections' drivers (the shared one's and the wait's) live on this runtime.
+        assert!(alive.1 >= 2, "round {round}: {} tasks", alive.1);
+        drop(tokio_rt);
+    }
+    // A thread with no runtime: the calls run on shoal's actor runtime.
+    let n = futures::executor::block_on(counter.ask_async(Incr(1), Some(Duration::from_secs(30))))
+        .expect("ask without a runtime");
+    assert_eq!(n, expected + 1);
+}
+
 /// The async forms refuse what the blocking ones refuse: a stopped actor.
 #[test]
 fn async_forms_report_a_stopped_actor() {

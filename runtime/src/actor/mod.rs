@@ -214,9 +214,17 @@ impl<A: Actor> ActorRef<A> {
             .decode(&bytes, std::any::type_name::<<A as Handler<M>>::Reply>())
     }
 
-    /// The async form of [`ActorRef::tell`]: the same round trip, sent from shoal's actor
-    /// runtime; any executor can await it and no thread is parked. The message is encoded
-    /// (and signed) at once; dropping the future before it completes sends it at most once.
+    /// The async form of [`ActorRef::tell`]: the same round trip, and no thread is parked;
+    /// any executor can await it. The message is encoded (and signed) at once; dropping the
+    /// future before it completes sends it at most once.
+    ///
+    /// Where it runs: awaited in a task of a Tokio runtime, the send is a task of that
+    /// runtime, on connections opened there (no thread but the caller's is woken); do not
+    /// block that runtime's thread on it (`futures::executor::block_on` inside a task), use
+    /// [`ActorRef::tell`] there. Awaited elsewhere, it runs on shoal's actor runtime. A send
+    /// whose future was dropped runs on, unless its runtime shuts down first: then it may stop
+    /// between the write and the request for a host, and the message, in the mailbox, is
+    /// applied when the actor is next activated (by the next message sent to it).
     ///
     /// ```no_run
     /// # use serde::{Deserialize, Serialize};
@@ -244,9 +252,10 @@ impl<A: Actor> ActorRef<A> {
     }
 
     /// The async form of [`ActorRef::ask`]: the same round trips (1 once the actor is known
-    /// active), run on shoal's actor runtime; any executor can await it and no thread is
-    /// parked. The timeout runs from the first poll. Dropping the future stops the wait within
-    /// half a second; the message is applied once all the same, and its reply expires unread.
+    /// active), and no thread is parked; any executor can await it, and it runs where
+    /// [`ActorRef::tell_async`] does (on the caller's Tokio runtime when there is one). The
+    /// timeout runs from the first poll. Dropping the future stops the wait within half a
+    /// second; the message is applied once all the same, and its reply expires unread.
     pub fn ask_async<M>(
         &self,
         message: M,
@@ -266,7 +275,7 @@ impl<A: Actor> ActorRef<A> {
             let pipelined = known_active.load(Ordering::Relaxed);
             let context = context::current()?;
             let reply = context
-                .spawn(move |store, caller| async move {
+                .spawn_near_caller(move |store, caller| async move {
                     let reply = prepared
                         .mailbox
                         .ask_async(&store, &prepared.outgoing(), deadline, pipelined, || {
@@ -318,8 +327,8 @@ impl<A: Actor> ActorRef<A> {
         prepared.mailbox.send(&prepared.store, &prepared.outgoing())
     }
 
-    /// The async form of [`ActorRef::stop`]: the same round trip, sent from shoal's actor
-    /// runtime; any executor can await it and no thread is parked.
+    /// The async form of [`ActorRef::stop`]: the same round trip, and no thread is parked;
+    /// any executor can await it, and it runs where [`ActorRef::tell_async`] does.
     ///
     /// ```no_run
     /// # async fn done<A: shoal::Actor>(actor: shoal::ActorRef<A>) -> shoal::Result<()> {
@@ -408,11 +417,12 @@ struct Prepared {
     mailbox: Mailbox,
 }
 
-/// Sends a prepared message (a tell, a stop) from shoal's actor runtime: 1 round trip.
+/// Sends a prepared message (a tell, a stop) from the caller's Tokio runtime, or shoal's
+/// actor runtime without one: 1 round trip.
 async fn send_async(prepared: Result<Prepared>) -> Result<()> {
     let prepared = prepared?;
     context::current()?
-        .spawn(move |store, caller| async move {
+        .spawn_near_caller(move |store, caller| async move {
             let sent = prepared
                 .mailbox
                 .send_async(&store, &prepared.outgoing())
