@@ -218,7 +218,8 @@ impl<T: Send + 'static> Future for AsyncCall<T> {
                     })),
                     Poll::Ready(Ok(Err(e))) => Poll::Ready(Err(e)),
                     Poll::Ready(Err(oneshot::Canceled)) => Poll::Ready(Err(Error::invalid_state(
-                        "the shoal runtime stopped before the call finished",
+                        "the runtime running the call (shoal's, or the caller's Tokio runtime) \
+                         stopped before it finished; what it had sent to Redis stands",
                     ))),
                 }
             }

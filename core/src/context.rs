@@ -18,10 +18,11 @@
 //! its own (thread `shoal-async`) at its first async call, and keeps it as long as the context.
 //!
 //! Calls made only of Redis requests, with nothing to undo if the caller goes, may run on the
-//! caller's own Tokio runtime instead ([`Context::spawn_near_caller`]): the context keeps
-//! connections for the last few runtimes that called in.
+//! caller's own Tokio runtime instead, from a task of it ([`Context::spawn_near_caller`]): the
+//! context keeps connections for each runtime that called in, until it shuts down.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -179,14 +180,38 @@ pub struct Context {
     async_store: RwLock<Option<Arc<AsyncStore>>>,
     /// The actor system started for async calls when no runtime handed one over.
     own_actors: Mutex<Option<ActorSystem>>,
-    /// Async access from the Tokio runtimes of the application that called in last (see
-    /// [`Context::spawn_near_caller`]), most recent last.
-    caller_stores: Mutex<Vec<(tokio::runtime::Id, Arc<AsyncStore>)>>,
+    /// The Tokio runtimes of the application that called in ([`Context::spawn_near_caller`]),
+    /// each until it shuts down.
+    caller_runtimes: Arc<Mutex<HashMap<tokio::runtime::Id, CallerRuntime>>>,
 }
 
-/// How many callers' runtimes keep their connections ([`Context::spawn_near_caller`]): an
-/// application has one or a few; one that makes a runtime per call reuses none anyway.
-const CALLER_RUNTIMES: usize = 4;
+/// What a caller's Tokio runtime is to [`Context::spawn_near_caller`].
+enum CallerRuntime {
+    /// Calls run there, with this async access opened there.
+    Usable(Arc<AsyncStore>),
+    /// Built without IO or timers (or in a build where a panic aborts, which the check needs
+    /// to catch): calls run on the actor system.
+    Unusable,
+}
+
+/// Held by a task that never ends, spawned on each caller's runtime: Tokio drops it when that
+/// runtime shuts down, and with it the runtime's entry (its connections, and its id, which
+/// Tokio may give to a later runtime).
+struct ForgetAtShutdown {
+    id: tokio::runtime::Id,
+    runtimes: std::sync::Weak<Mutex<HashMap<tokio::runtime::Id, CallerRuntime>>>,
+}
+
+impl Drop for ForgetAtShutdown {
+    fn drop(&mut self) {
+        if let Some(runtimes) = self.runtimes.upgrade() {
+            runtimes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.id);
+        }
+    }
+}
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -207,7 +232,7 @@ impl Context {
             process,
             async_store: RwLock::new(None),
             own_actors: Mutex::new(None),
-            caller_stores: Mutex::new(Vec::new()),
+            caller_runtimes: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -260,45 +285,72 @@ impl Context {
     }
 
     /// As [`Context::spawn`], but on the caller's own Tokio runtime when it is called from a
-    /// task of one, with connections opened there: the call's requests and replies then wake
-    /// no thread but the caller's (a hop to the actor system and one back cost about as much as
-    /// a Redis round trip on a busy machine). Elsewhere (another executor, no runtime) it is
-    /// [`Context::spawn`].
+    /// task of one (`tokio::spawn`, an axum or actix handler), with connections opened there:
+    /// the call's requests and replies then wake no thread of shoal's (a hop to the actor
+    /// system and one back cost about as much as a Redis round trip on a busy machine).
+    /// Elsewhere it is [`Context::spawn`]: on another executor, on a thread that only entered
+    /// a runtime or blocks on one (`block_on`'s own future is no task: nothing may drive the
+    /// runtime while it waits), and on a runtime built without IO or timers.
     ///
-    /// Only for work made of Redis calls: the task does not run on the actor system, and it
-    /// ends with the caller's runtime if that shuts down first.
+    /// Only for work made of Redis calls with nothing to undo: the task does not run on the
+    /// actor system, and it ends with the caller's runtime if that shuts down first.
     pub fn spawn_near_caller<T, F, Fut>(&self, work: F) -> AsyncCall<T>
     where
         T: Send + 'static,
         F: FnOnce(Arc<AsyncStore>, Caller<T>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => self.caller_store(runtime).spawn(work),
-            Err(_) => self.spawn(work),
+        let near = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if tokio::task::try_id().is_some() => self.caller_store(runtime),
+            _ => None,
+        };
+        match near {
+            Some(store) => store.spawn(work),
+            None => self.spawn(work),
         }
     }
 
-    /// Async access to the store from `runtime` (the actor system's own when it is that one).
-    fn caller_store(&self, runtime: tokio::runtime::Handle) -> Arc<AsyncStore> {
+    /// Async access to the store from `runtime` (the actor system's own when it is that one),
+    /// or `None` when calls cannot run there.
+    fn caller_store(&self, runtime: tokio::runtime::Handle) -> Option<Arc<AsyncStore>> {
         let id = runtime.id();
         if let Some(actors) = &*self.async_store.read().unwrap_or_else(|p| p.into_inner())
             && actors.runtime().id() == id
         {
-            return actors.clone();
+            return Some(actors.clone());
         }
-        let mut stores = self.caller_stores.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(at) = stores.iter().position(|(seen, _)| *seen == id) {
-            let entry = stores.remove(at);
-            let store = entry.1.clone();
-            stores.push(entry);
-            return store;
+        let mut runtimes = self
+            .caller_runtimes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = runtimes.get(&id) {
+            return match known {
+                CallerRuntime::Usable(store) => Some(store.clone()),
+                CallerRuntime::Unusable => None,
+            };
         }
-        if stores.len() == CALLER_RUNTIMES {
-            stores.remove(0);
-        }
-        let store = AsyncStore::new(self.store.clone(), runtime);
-        stores.push((id, store.clone()));
+        let adopted = if has_io_and_timers() {
+            CallerRuntime::Usable(AsyncStore::new(self.store.clone(), runtime.clone()))
+        } else {
+            tracing::debug!(
+                "async calls from Tokio runtime {id} run on shoal's actor runtime: it has no IO \
+                 or no timers (or a panic aborts in this build)"
+            );
+            CallerRuntime::Unusable
+        };
+        let forget = ForgetAtShutdown {
+            id,
+            runtimes: Arc::downgrade(&self.caller_runtimes),
+        };
+        drop(runtime.spawn(async move {
+            let _forget = forget;
+            std::future::pending::<()>().await
+        }));
+        let store = match &adopted {
+            CallerRuntime::Usable(store) => Some(store.clone()),
+            CallerRuntime::Unusable => None,
+        };
+        runtimes.insert(id, adopted);
         store
     }
 
@@ -333,6 +385,23 @@ pub fn clear() {
 /// The context, if a runtime is running in this process.
 pub fn try_current() -> Option<Arc<Context>> {
     CURRENT.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Whether the Tokio runtime entered on this thread has IO and timers, which connections opened
+/// on it need. Tokio has no query for it: using a missing driver panics, so this tries each
+/// once, catching the panic (whose message the panic hook still prints, once per runtime). In
+/// a build where a panic aborts, nothing is tried and the answer is no.
+fn has_io_and_timers() -> bool {
+    if !cfg!(panic = "unwind") {
+        return false;
+    }
+    std::panic::catch_unwind(|| {
+        drop(tokio::time::sleep(std::time::Duration::ZERO));
+        let (one, _other) = std::os::unix::net::UnixStream::pair()?;
+        one.set_nonblocking(true)?;
+        tokio::net::UnixStream::from_std(one).map(drop)
+    })
+    .is_ok_and(|opened| opened.is_ok())
 }
 
 /// The context, or [`Error::InvalidState`] telling the caller to start a runtime.

@@ -1013,47 +1013,137 @@ fn async_tell_and_ask_under_a_current_thread_runtime() {
     });
 }
 
-/// Awaited in a task of a Tokio runtime, tells and asks run as tasks of that runtime on
-/// connections opened there (their drivers are tasks of it), not on shoal's actor runtime; a
-/// runtime dropped afterwards leaves nothing behind that breaks the next one, more runtimes
-/// than the context keeps connections for included, and a multi-thread runtime works alike.
+/// Awaited in a task of a Tokio runtime, tells, asks and stops run as tasks of that runtime on
+/// connections opened there (their drivers, and the task that forgets the runtime when it
+/// shuts down, are tasks of it), not on shoal's actor runtime: over several runtimes,
+/// current-thread and multi-thread, each dropped before the next. Awaited in `block_on`'s own
+/// future, on a runtime without IO and timers, or with no runtime, they run on shoal's.
 #[test]
-fn async_calls_run_on_the_callers_own_tokio_runtime() {
+fn async_calls_run_on_the_callers_own_tokio_runtime_from_its_tasks() {
+    const T: Option<Duration> = Some(Duration::from_secs(30));
     let _rt = runtime();
     let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
     ask(&counter, Incr(0)).expect("first ask");
+    let alive = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
     let mut expected = 0;
-    for round in 0..7 {
+    for round in 0..6 {
         let mut builder = if round % 3 == 2 {
             tokio::runtime::Builder::new_multi_thread()
         } else {
             tokio::runtime::Builder::new_current_thread()
         };
         let tokio_rt = builder.enable_all().build().expect("tokio");
-        let alive = tokio_rt.block_on(async {
-            let metrics = tokio::runtime::Handle::current().metrics();
-            assert_eq!(
-                metrics.num_alive_tasks(),
-                0,
-                "round {round}: nothing spawned yet"
-            );
-            counter.tell_async(Incr(1)).await.expect("tell");
-            let n = counter
-                .ask_async(Incr(1), Some(Duration::from_secs(30)))
-                .await
-                .expect("ask");
-            (n, metrics.num_alive_tasks())
-        });
+        // In block_on's own future (no task): on shoal's runtime, nothing left here.
+        let n = tokio_rt
+            .block_on(counter.ask_async(Incr(1), T))
+            .expect("ask from block_on");
+        expected += 1;
+        assert_eq!(n, expected, "round {round}");
+        assert_eq!(tokio_rt.metrics().num_alive_tasks(), 0, "round {round}");
+        let c = counter.clone();
+        let (n, after_tell, after_ask) = tokio_rt
+            .block_on(tokio_rt.spawn(async move {
+                // This task only.
+                assert_eq!(alive(), 1);
+                c.tell_async(Incr(1)).await.expect("tell");
+                let after_tell = alive();
+                let n = c.ask_async(Incr(1), T).await.expect("ask");
+                (n, after_tell, alive())
+            }))
+            .expect("task");
         expected += 2;
-        assert_eq!(alive.0, expected, "round {round}");
-        // The connections' drivers (the shared one's and the wait's) live on this runtime.
-        assert!(alive.1 >= 2, "round {round}: {} tasks", alive.1);
+        assert_eq!(n, expected, "round {round}");
+        // This task, the forgetting one, the shared connection's driver; then the wait's.
+        assert!(
+            after_tell >= 3,
+            "round {round}: {after_tell} tasks after a tell"
+        );
+        assert!(
+            after_ask > after_tell,
+            "round {round}: {after_ask} after the ask"
+        );
         drop(tokio_rt);
     }
-    // A thread with no runtime: the calls run on shoal's actor runtime.
-    let n = futures::executor::block_on(counter.ask_async(Incr(1), Some(Duration::from_secs(30))))
-        .expect("ask without a runtime");
+    // stop_async from a task: the same, and the stop is applied.
+    let other = shoal::spawn_actor(Counter::default()).expect("spawn");
+    ask(&other, Incr(1)).expect("ask");
+    let tokio_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    let stopping = other.clone();
+    let after_stop = tokio_rt
+        .block_on(tokio_rt.spawn(async move {
+            stopping.stop_async().await.expect("stop");
+            alive()
+        }))
+        .expect("task");
+    assert!(after_stop >= 3, "{after_stop} tasks after a stop");
+    assert!(wait_for(Duration::from_secs(10), || other
+        .tell(Incr(1))
+        .is_err()));
+    drop(tokio_rt);
+    // A runtime without IO and timers: the calls run on shoal's runtime and work.
+    let bare = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("tokio");
+    let c = counter.clone();
+    let n = bare
+        .block_on(bare.spawn(async move {
+            c.tell_async(Incr(1)).await.expect("tell");
+            c.ask_async(Incr(1), T).await.expect("ask")
+        }))
+        .expect("task");
+    expected += 2;
+    assert_eq!(n, expected);
+    drop(bare);
+    // A thread with no runtime: on shoal's runtime.
+    let n = futures::executor::block_on(counter.ask_async(Incr(1), T)).expect("no runtime");
     assert_eq!(n, expected + 1);
+}
+
+/// A call still waiting when the runtime running it shuts down ends with an error at once,
+/// and the message it had written is applied all the same.
+#[test]
+// The task hands out the pending call itself, a future.
+#[allow(clippy::async_yields_async)]
+fn an_async_ask_whose_runtime_shuts_down_ends_with_an_error() {
+    let _rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    ask(&counter, Incr(0)).expect("first ask");
+    let tokio_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    let c = counter.clone();
+    // Polled in a task of the runtime (so it runs there), then handed out still waiting.
+    let pending = tokio_rt
+        .block_on(tokio_rt.spawn(async move {
+            // The host is busy for 800 ms: the ask waits behind it.
+            c.tell_async(Slow(800)).await.expect("tell");
+            let mut ask = Box::pin(c.ask_async(Incr(7), Some(Duration::from_secs(30))));
+            assert!(futures::poll!(ask.as_mut()).is_pending());
+            // Let the call's task send its message.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            ask
+        }))
+        .expect("task");
+    drop(tokio_rt);
+    let started = Instant::now();
+    match futures::executor::block_on(pending) {
+        Err(Error::InvalidState(reason)) => {
+            assert!(reason.contains("stopped before it finished"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The message was in the mailbox: applied once, after the slow one.
+    let (n, anomalies) = ask(&counter, Get).expect("get");
+    assert_eq!((n, anomalies), (7, 0));
 }
 
 /// The async forms refuse what the blocking ones refuse: a stopped actor.

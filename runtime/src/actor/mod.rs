@@ -218,13 +218,22 @@ impl<A: Actor> ActorRef<A> {
     /// any executor can await it. The message is encoded (and signed) at once; dropping the
     /// future before it completes sends it at most once.
     ///
-    /// Where it runs: awaited in a task of a Tokio runtime, the send is a task of that
-    /// runtime, on connections opened there (no thread but the caller's is woken); do not
-    /// block that runtime's thread on it (`futures::executor::block_on` inside a task), use
-    /// [`ActorRef::tell`] there. Awaited elsewhere, it runs on shoal's actor runtime. A send
-    /// whose future was dropped runs on, unless its runtime shuts down first: then it may stop
-    /// between the write and the request for a host, and the message, in the mailbox, is
-    /// applied when the actor is next activated (by the next message sent to it).
+    /// Where it runs: awaited in a task of a Tokio runtime (`tokio::spawn`, an axum or actix
+    /// handler) built with IO and timers, the send is a task of that runtime, on connections
+    /// opened there at its first such call and kept until it shuts down: no hop to a thread of
+    /// shoal's and back. A runtime without IO or timers is found out at its first call (Tokio
+    /// reports the missing driver as a panic, which shoal catches: the panic hook prints it
+    /// once) and its calls run on shoal's actor runtime, as do calls awaited anywhere else (in
+    /// `block_on`'s own future, on another executor). On the caller's runtime, the call waits
+    /// for that runtime: do not block its threads on it (`futures::executor::block_on` inside
+    /// a task never returns); use [`ActorRef::tell`] there.
+    ///
+    /// A send whose future was dropped runs on, unless its runtime shuts down first: then it
+    /// may stop between the write and the request for a host, and the message, in the
+    /// mailbox, waits for the actor's next activation (by a message sent to it once the
+    /// activation marker, held for `actors.lease_secs`, has lapsed). A call still pending when its runtime shuts down is
+    /// [`Error::InvalidState`]; what it had written stands, so sending again may apply the
+    /// message twice.
     ///
     /// ```no_run
     /// # use serde::{Deserialize, Serialize};
@@ -253,7 +262,7 @@ impl<A: Actor> ActorRef<A> {
 
     /// The async form of [`ActorRef::ask`]: the same round trips (1 once the actor is known
     /// active), and no thread is parked; any executor can await it, and it runs where
-    /// [`ActorRef::tell_async`] does (on the caller's Tokio runtime when there is one). The
+    /// [`ActorRef::tell_async`] does (on the caller's Tokio runtime, from a task of one). The
     /// timeout runs from the first poll. Dropping the future stops the wait within half a
     /// second; the message is applied once all the same, and its reply expires unread.
     pub fn ask_async<M>(
