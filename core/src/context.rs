@@ -338,6 +338,14 @@ impl Context {
             );
             CallerRuntime::Unusable
         };
+        let store = match &adopted {
+            CallerRuntime::Usable(store) => Some(store.clone()),
+            CallerRuntime::Unusable => None,
+        };
+        runtimes.insert(id, adopted);
+        // Unlocked first: a runtime already shutting down drops the task, and so the entry,
+        // inside `spawn`.
+        drop(runtimes);
         let forget = ForgetAtShutdown {
             id,
             runtimes: Arc::downgrade(&self.caller_runtimes),
@@ -346,11 +354,6 @@ impl Context {
             let _forget = forget;
             std::future::pending::<()>().await
         }));
-        let store = match &adopted {
-            CallerRuntime::Usable(store) => Some(store.clone()),
-            CallerRuntime::Unusable => None,
-        };
-        runtimes.insert(id, adopted);
         store
     }
 
