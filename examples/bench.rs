@@ -13,7 +13,9 @@
 //! ping-pong), W6 (lock contention), W7 (barrier), W8 (a map during which three tasks kill their
 //! worker), W9 (actor ask: 2,000 calls that wait for their reply), W10 (actor tell: two
 //! client processes send 10,000 messages each), W11 (a child process writes 20000 keys through
-//! a Manager dict proxy, then reads them).
+//! a Manager dict proxy, then reads them). W9 and W11 also have a cell of shoal's alone,
+//! `-async`: the same calls awaited by a task of a Tokio current-thread runtime, as a request
+//! handler awaits them (W11's in this process).
 //!
 //! W1 and W1B time the `map` call once every worker is up (each has run a trivial initializer):
 //! CPython's `Pool()` returns with its workers forked, shoal's starts them in the background, and
@@ -463,6 +465,11 @@ fn main() -> shoal::Result<()> {
                 let mut cell = median_cell(w, "manager_dict", &label, runs);
                 cell["redis_commands_per_op"] = redis_commands_per_dict_op(&rt);
                 shoal_cells.insert(key, cell);
+                // The same writes and reads awaited by a task of a service's runtime.
+                let runs = (0..args.runs).map(|_| w11_manager_dict_async()).collect();
+                let label = format!("{label}-async");
+                let cell = median_cell(w, "manager_dict", &label, runs);
+                shoal_cells.insert(format!("{w}/{label}"), cell);
             }
             "W3" => {
                 for method in [StartMethod::Process, StartMethod::Thread] {
@@ -1174,6 +1181,51 @@ fn w11_manager_dict() -> Value {
         "correct": correct,
         "notes": "DictProxy on Redis: each d[i] = i and d[i] is one EVALSHA round trip (a \
                   script on the dict's hash and insertion-order zset); no manager process.",
+    })
+}
+
+/// W11 from an async service: the same `d[i] = i` then `d[i]`, each awaited (`set_async`,
+/// `getitem_async`) by a task of a Tokio current-thread runtime, in this process: ops/s.
+fn w11_manager_dict_async() -> Value {
+    let n = W11_OPS;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<i64, i64>().expect("dict");
+    let dict = d.clone();
+    let (write_s, read_s, total) = runtime
+        .block_on(runtime.spawn(async move {
+            // Warm up: the runtime's connection open, the script loaded.
+            dict.set_async(&-1, 0).await.expect("set");
+            dict.del_async(&-1).await.expect("del");
+            let t0 = Instant::now();
+            for i in 0..n {
+                dict.set_async(&i, i).await.expect("set");
+            }
+            let t1 = Instant::now();
+            let mut total = 0;
+            for i in 0..n {
+                total += dict.getitem_async(&i).await.expect("get");
+            }
+            ((t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64(), total)
+        }))
+        .expect("the task");
+    let content: BTreeMap<i64, i64> = d.copy().expect("copy");
+    manager.shutdown().expect("shutdown");
+    let correct = total == n * (n - 1) / 2
+        && content.len() == n as usize
+        && content.iter().all(|(k, v)| k == v);
+    json!({
+        "value": 2.0 * n as f64 / (write_s + read_s),
+        "unit": "ops/s",
+        "ops": 2 * n,
+        "write_ops_per_s": n as f64 / write_s,
+        "read_ops_per_s": n as f64 / read_s,
+        "form": "set_async/getitem_async in a task of a Tokio current-thread runtime, in the \
+                 parent process",
+        "correct": correct,
     })
 }
 

@@ -858,3 +858,42 @@ fn a_manager_is_made_and_connected_to_async_as_the_blocking_forms_do() {
         keyed.shutdown().expect("shutdown");
     });
 }
+
+/// Awaited in a task of a Tokio runtime, the proxies' async calls are sent from tasks of that
+/// runtime, on connections opened there (their drivers stay there: none when the calls ran on
+/// shoal's actor runtime), with the same results and errors; a list sort's comparisons run in
+/// the caller's task between its round trips.
+#[test]
+fn proxy_calls_awaited_in_a_task_run_on_the_callers_runtime() {
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<String, i64>().expect("dict");
+    let l = manager.list::<i64>().expect("list");
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio");
+    let (alive, d, l) = tokio_rt
+        .block_on(tokio_rt.spawn(async move {
+            d.set_async("a", 1).await.expect("set");
+            assert_eq!(d.get_async("a").await.expect("get"), Some(1));
+            let e = d.getitem_async("b").await.expect_err("missing key");
+            assert!(is_key_error(&e, "b"), "{e}");
+            for x in [3, 1, 2] {
+                l.append_async(x).await.expect("append");
+            }
+            l.sort_async().await.expect("sort");
+            let alive = tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks();
+            (alive, d, l)
+        }))
+        .expect("task");
+    // This task, the one that forgets the runtime at its shutdown, the connection's driver.
+    assert!(alive >= 3, "{alive} tasks");
+    drop(tokio_rt);
+    // Written once each, as the blocking forms read them.
+    assert_eq!(d.get("a").expect("get"), Some(1));
+    assert_eq!(l.to_vec().expect("to_vec"), vec![1, 2, 3]);
+}

@@ -133,20 +133,22 @@ impl std::fmt::Debug for Container {
     }
 }
 
-/// What a manager call sends from shoal's actor runtime.
+/// What a manager call sends from a task ([`on_runtime`]).
 pub(super) enum RuntimeRequest {
     Script(redis::ScriptInvocation<'static>),
     Cmd(redis::Cmd),
 }
 
-/// Sends `request` from shoal's actor runtime on its shared connection (any executor can await
-/// it, no thread is parked): the reply, or Redis's error for the caller to describe.
+/// Sends `request` from a task on its runtime's shared connection (any executor can await it,
+/// no thread is parked): the reply, or Redis's error for the caller to describe. The task is
+/// the caller's Tokio runtime's when awaited in a task of one (a single request, nothing to
+/// undo: see `Context::spawn_near_caller`), else shoal's actor runtime's.
 pub(super) async fn on_runtime<R>(request: RuntimeRequest) -> Result<redis::RedisResult<R>>
 where
     R: redis::FromRedisValue + Send + 'static,
 {
     context::current()?
-        .spawn(move |store, caller| async move {
+        .spawn_near_caller(move |store, caller| async move {
             let reply = match store.shared().await {
                 Ok(mut conn) => Ok(match request {
                     RuntimeRequest::Script(invocation) => invocation.invoke_async(&mut conn).await,
@@ -325,9 +327,8 @@ impl Container {
         call.read(self, reply)
     }
 
-    /// The async form of [`Container::run`]: the same invocation, sent from a task of shoal's
-    /// actor runtime on its shared multiplexed connection, so the caller's thread is not
-    /// blocked; the reply is read by the same `parse`, and errors are mapped as `run` maps them.
+    /// The async form of [`Container::run`]: the same invocation, sent by [`on_runtime`], so
+    /// the caller's thread is not blocked; the reply is read by the same `parse`, and errors are mapped as `run` maps them.
     /// The future owns a handle of its own (it borrows nothing); an error building the call
     /// (an encoding error) is its result.
     pub(super) fn run_async<R, T>(

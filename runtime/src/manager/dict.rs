@@ -441,7 +441,8 @@ where
 
     // The async forms (see the module docs).
 
-    /// The async form of [`DictProxy::get`]: the same round trip, on shoal's actor runtime.
+    /// The async form of [`DictProxy::get`]: the same round trip, sent from a task (see
+    /// "Async forms" in the `manager` module docs).
     pub fn get_async<Q>(
         &self,
         key: &Q,

@@ -703,8 +703,8 @@ where
         }
     }
 
-    /// The async form of [`ListProxy::get`]: the same round trip, on shoal's actor runtime;
-    /// [`Error::IndexError`] outside the list.
+    /// The async form of [`ListProxy::get`]: the same round trip, sent from a task (see
+    /// "Async forms" in the `manager` module docs); [`Error::IndexError`] outside the list.
     pub fn get_async(&self, index: isize) -> impl Future<Output = Result<T>> + Send + use<T> {
         self.container.run_async(Ok(Self::get_call(index)))
     }
@@ -830,8 +830,8 @@ where
         self.write_async(Ok(Self::reverse_call()))
     }
 
-    /// The async form of [`ListProxy::sort`]: the same two round trips per attempt, on shoal's
-    /// actor runtime; the comparisons run in the caller's task, between them.
+    /// The async form of [`ListProxy::sort`]: the same two round trips per attempt, each sent
+    /// from a task; the comparisons run in the caller's task, between them.
     pub fn sort_async(&self) -> impl Future<Output = Result<()>> + Send + use<T>
     where
         T: Ord,

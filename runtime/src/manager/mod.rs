@@ -36,10 +36,13 @@
 //! ([`DictProxy::get_async`], [`ListProxy::append_async`], [`NamespaceProxy::set_async`]...):
 //! the same script with the same arguments, its reply read by the same code and its errors
 //! mapped the same way (a missing key is [`Error::KeyError`], an index outside a list
-//! [`Error::IndexError`]), only sent from a task of shoal's actor runtime on its shared
-//! multiplexed connection, so the caller's thread is never blocked and any executor can await
-//! the future (it borrows neither the proxy nor the key: keys and values are encoded when the
-//! method is called, the script's `now` is taken when it is sent). An async list write that
+//! [`Error::IndexError`]), only sent from a task on a shared multiplexed connection, so the
+//! caller's thread is never blocked and any executor can await the future (it borrows neither
+//! the proxy nor the key: keys and values are encoded when the method is called, the script's
+//! `now` is taken when it is sent). The task is one of the caller's Tokio runtime when the
+//! future is awaited in a task of one with IO and timers (on connections opened there: see
+//! [`ActorRef::tell_async`](crate::ActorRef::tell_async) for what that implies), else one of
+//! shoal's actor runtime. An async list write that
 //! meets another process's sort waits for it as the blocking form does, its pauses timed on the
 //! actor runtime; [`ListProxy::sort_by_async`] runs `compare` in the caller's task between its
 //! two round trips. A write whose future is dropped after it was sent is still applied, once.
@@ -379,8 +382,8 @@ impl Manager {
         Ok(Self::created(address, authkey, caller()))
     }
 
-    /// The async form of [`Manager::new`]: the same script, sent from shoal's actor runtime;
-    /// no thread waits. A future dropped before it returns may leave the manager's record in
+    /// The async form of [`Manager::new`]: the same script, sent from a task (see "Async
+    /// forms" in the module docs); no thread waits. A future dropped before it returns may leave the manager's record in
     /// Redis, with no handle to it, until the record's TTL (`redis.expiry_secs`) lapses.
     ///
     /// ```no_run
@@ -476,8 +479,8 @@ impl Manager {
         Self::connected(address, authkey, record, caller())
     }
 
-    /// The async form of [`Manager::connect`]: the same read, sent from shoal's actor runtime;
-    /// no thread waits. The handle is the caller's of this function (see
+    /// The async form of [`Manager::connect`]: the same read, sent from a task (see "Async
+    /// forms" in the module docs); no thread waits. The handle is the caller's of this function (see
     /// [`Manager::with_authkey_async`]).
     pub fn connect_async(
         address: ManagerAddress,
@@ -765,7 +768,8 @@ impl Manager {
         }
     }
 
-    /// The async form of [`Manager::lookup`]: the same read, sent from shoal's actor runtime.
+    /// The async form of [`Manager::lookup`]: the same read, sent from a task (see "Async
+    /// forms" in the module docs).
     pub fn lookup_async<T: DeserializeOwned>(
         &self,
         name: &str,
@@ -810,7 +814,7 @@ impl Manager {
         running(address, state)
     }
 
-    /// [`Manager::check_running`] sent from shoal's actor runtime.
+    /// [`Manager::check_running`] sent from a task ([`on_runtime`]).
     fn check_running_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
         let checked = self.check_not_shut_down_here().map(|()| self.state_read());
         let address = self.inner.address.clone();

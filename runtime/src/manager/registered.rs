@@ -104,8 +104,8 @@ impl Manager {
         self.registration(typeid, type_name, registered)
     }
 
-    /// The async form of [`Manager::register`]: the same reads and write, sent from shoal's
-    /// actor runtime; no thread waits.
+    /// The async form of [`Manager::register`]: the same reads and write, each sent from a
+    /// task (see "Async forms" in the `manager` module docs); no thread waits.
     pub fn register_async<T: Actor>(
         &self,
         typeid: &str,
@@ -180,9 +180,10 @@ impl Manager {
         Ok(actor)
     }
 
-    /// The async form of [`Manager::create`]: the same reads and writes, sent from shoal's
-    /// actor runtime (the instance made with [`crate::spawn_actor_with_async`]); `init` is
-    /// encoded when this is called.
+    /// The async form of [`Manager::create`]: the same reads and writes, each sent from a
+    /// task (see "Async forms" in the `manager` module docs; the instance is made with
+    /// [`crate::spawn_actor_with_async`], on shoal's actor runtime); `init` is encoded when
+    /// this is called.
     pub fn create_async<T: Actor>(
         &self,
         typeid: &str,

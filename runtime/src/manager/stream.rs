@@ -1,5 +1,6 @@
 //! The async page-by-page iterators of the proxies ([`DictStream`], [`ListStream`]): a
-//! container read a page at a time on shoal's actor runtime, each page one round trip.
+//! container read a page at a time, each page one round trip sent from a task (see "Async
+//! forms" in the `manager` module docs).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
