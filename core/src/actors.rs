@@ -13,6 +13,9 @@
 //! receiving end, so it needs no particular executor: a Tokio current-thread or multi-thread
 //! runtime, actix's, or `futures::executor` all await it, and no thread is parked per call.
 //!
+//! The async calls of actors and of the Manager run their task on the caller's own Tokio runtime
+//! instead when they are awaited in a task of one (`Context::spawn_near_caller`).
+//!
 //! Dropping an [`AsyncCall`] never cancels what Redis already did: the task runs on to its end.
 //! It can see that nobody waits any more ([`Caller::is_gone`]) and give up the way a timeout
 //! would; and a result handed over with an *undo* ([`Caller::hand_over`]) that the caller never

@@ -289,8 +289,11 @@ impl Context {
     /// the call's requests and replies then wake no thread of shoal's (a hop to the actor
     /// system and one back cost about as much as a Redis round trip on a busy machine).
     /// Elsewhere it is [`Context::spawn`]: on another executor, on a thread that only entered
-    /// a runtime or blocks on one (`block_on`'s own future is no task: nothing may drive the
-    /// runtime while it waits), and on a runtime built without IO or timers.
+    /// a runtime, in `block_on`'s own future (no task: nothing may drive the runtime while it
+    /// waits), on a runtime built without IO or timers, and in a build where a panic aborts.
+    /// A task that blocks its runtime on the call (`futures::executor::block_on` in a task, a
+    /// `spawn_blocking` closure's `block_on` while nothing drives a current-thread runtime)
+    /// waits forever.
     ///
     /// Only for work made of Redis calls with nothing to undo: the task does not run on the
     /// actor system, and it ends with the caller's runtime if that shuts down first.
@@ -319,25 +322,43 @@ impl Context {
         {
             return Some(actors.clone());
         }
+        let known = |runtimes: &HashMap<tokio::runtime::Id, CallerRuntime>| {
+            runtimes.get(&id).map(|known| match known {
+                CallerRuntime::Usable(store) => Some(store.clone()),
+                CallerRuntime::Unusable => None,
+            })
+        };
+        if let Some(known) = known(
+            &self
+                .caller_runtimes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        ) {
+            return known;
+        }
+        // Checked unlocked: a panic hook may take its time, or end the process.
+        let adopted = match drivers_of_current_runtime() {
+            Drivers::Both => {
+                CallerRuntime::Usable(AsyncStore::new(self.store.clone(), runtime.clone()))
+            }
+            Drivers::Missing => {
+                tracing::debug!(
+                    "async calls from Tokio runtime {id} run on shoal's actor runtime: it has \
+                     no IO or no timers (or a panic aborts in this build)"
+                );
+                CallerRuntime::Unusable
+            }
+            // Not known (no socket to try with): this call only runs on shoal's runtime.
+            Drivers::Unknown => return None,
+        };
         let mut runtimes = self
             .caller_runtimes
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(known) = runtimes.get(&id) {
-            return match known {
-                CallerRuntime::Usable(store) => Some(store.clone()),
-                CallerRuntime::Unusable => None,
-            };
+        // Another call from the same runtime got here first: its entry stands.
+        if let Some(known) = known(&runtimes) {
+            return known;
         }
-        let adopted = if has_io_and_timers() {
-            CallerRuntime::Usable(AsyncStore::new(self.store.clone(), runtime.clone()))
-        } else {
-            tracing::debug!(
-                "async calls from Tokio runtime {id} run on shoal's actor runtime: it has no IO \
-                 or no timers (or a panic aborts in this build)"
-            );
-            CallerRuntime::Unusable
-        };
         let store = match &adopted {
             CallerRuntime::Usable(store) => Some(store.clone()),
             CallerRuntime::Unusable => None,
@@ -390,21 +411,39 @@ pub fn try_current() -> Option<Arc<Context>> {
     CURRENT.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-/// Whether the Tokio runtime entered on this thread has IO and timers, which connections opened
-/// on it need. Tokio has no query for it: using a missing driver panics, so this tries each
-/// once, catching the panic (whose message the panic hook still prints, once per runtime). In
-/// a build where a panic aborts, nothing is tried and the answer is no.
-fn has_io_and_timers() -> bool {
+/// What the Tokio runtime entered on this thread has of the drivers that connections opened on
+/// it need.
+enum Drivers {
+    /// IO and timers.
+    Both,
+    /// No IO or no timers, or a build where a panic aborts (nothing was tried).
+    Missing,
+    /// The check could not be made (no socket pair to try IO with: out of descriptors).
+    Unknown,
+}
+
+/// Tokio has no query for its drivers: using a missing one panics, so this tries each once,
+/// catching the panic (whose message the panic hook still gets, once per runtime). In a build
+/// where a panic aborts, nothing is tried.
+fn drivers_of_current_runtime() -> Drivers {
     if !cfg!(panic = "unwind") {
-        return false;
+        return Drivers::Missing;
     }
-    std::panic::catch_unwind(|| {
+    let Ok((one, _other)) = std::os::unix::net::UnixStream::pair() else {
+        return Drivers::Unknown;
+    };
+    if one.set_nonblocking(true).is_err() {
+        return Drivers::Unknown;
+    }
+    let tried = std::panic::catch_unwind(move || {
         drop(tokio::time::sleep(std::time::Duration::ZERO));
-        let (one, _other) = std::os::unix::net::UnixStream::pair()?;
-        one.set_nonblocking(true)?;
         tokio::net::UnixStream::from_std(one).map(drop)
-    })
-    .is_ok_and(|opened| opened.is_ok())
+    });
+    match tried {
+        Ok(Ok(())) => Drivers::Both,
+        Ok(Err(_)) => Drivers::Unknown,
+        Err(_) => Drivers::Missing,
+    }
 }
 
 /// The context, or [`Error::InvalidState`] telling the caller to start a runtime.

@@ -36,10 +36,11 @@
 //! A tell's refusal costs one more round trip (the `XDEL`), and so does a mailbox stream that
 //! was not there (nothing written: the script sends it, and makes the stream).
 //!
-//! The async forms (`tell_async`, `ask_async`) send the same transaction on the actor
-//! runtime's shared connection; an ask's wait goes at the same time on a dedicated one (an
-//! async connection hands a pipeline's replies over only together), and a refusal, a missing
-//! stream or a failed transaction ends it with the same marker.
+//! The async forms (`tell_async`, `ask_async`) send the same transaction on the async store's
+//! shared connection (shoal's actor runtime's, or the caller's runtime's); an ask's wait goes
+//! at the same time on a dedicated one (an async connection hands a pipeline's replies over
+//! only together), and a refusal, a missing stream or a failed transaction ends it with the
+//! same marker.
 //!
 //! An ask's wait is on its way when the checks come back. When they refuse, or there was no
 //! mailbox stream to write to (`NOMKSTREAM`: nothing written; the script's send makes it), the sender
@@ -84,7 +85,7 @@ pub(super) fn tell(store: &Store, mailbox: &Mailbox, message: &Outgoing<'_>) -> 
     }
 }
 
-/// The async form of [`tell`], on the actor runtime's shared connection.
+/// The async form of [`tell`], on `store`'s shared connection.
 pub(super) async fn tell_async(
     store: &AsyncStore,
     mailbox: &Mailbox,

@@ -424,8 +424,8 @@ impl Mailbox {
 }
 
 impl Mailbox {
-    /// The async form of [`Mailbox::send`], on the actor runtime's shared connection. Call it
-    /// only from a task of `store`'s runtime.
+    /// The async form of [`Mailbox::send`], on `store`'s shared connection. Call it only from a
+    /// task of `store`'s runtime (shoal's actor runtime, or the caller's).
     pub async fn send_async(&self, store: &AsyncStore, message: &Outgoing<'_>) -> Result<()> {
         if message.mac.is_none()
             && message.verifier.is_none()
@@ -452,7 +452,7 @@ impl Mailbox {
     }
 
     /// The async form of [`Mailbox::ask`]: the same round trips, the waits on a dedicated
-    /// connection of the actor runtime. Before each wait slice it checks `gone`: once the
+    /// connection of `store` (call it only from a task of `store`'s runtime). Before each wait slice it checks `gone`: once the
     /// caller left, it stops waiting (`Ok(None)`); the message is applied all the same.
     pub async fn ask_async(
         &self,

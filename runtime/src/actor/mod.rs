@@ -220,20 +220,24 @@ impl<A: Actor> ActorRef<A> {
     ///
     /// Where it runs: awaited in a task of a Tokio runtime (`tokio::spawn`, an axum or actix
     /// handler) built with IO and timers, the send is a task of that runtime, on connections
-    /// opened there at its first such call and kept until it shuts down: no hop to a thread of
-    /// shoal's and back. A runtime without IO or timers is found out at its first call (Tokio
-    /// reports the missing driver as a panic, which shoal catches: the panic hook prints it
-    /// once) and its calls run on shoal's actor runtime, as do calls awaited anywhere else (in
-    /// `block_on`'s own future, on another executor). On the caller's runtime, the call waits
-    /// for that runtime: do not block its threads on it (`futures::executor::block_on` inside
-    /// a task never returns); use [`ActorRef::tell`] there.
+    /// opened there at its first such call and kept until it shuts down (one shared, and up to
+    /// 64 idle ones for asks' waits, per runtime): no hop to a thread of shoal's and back. A
+    /// runtime without IO or timers is found out at its first call (Tokio reports the missing
+    /// driver as a panic, which shoal catches: the panic hook sees it once per runtime) and its
+    /// calls run on shoal's actor runtime, as do calls awaited anywhere else (in `block_on`'s
+    /// own future, on another executor) and every call in a build where a panic aborts. On the
+    /// caller's runtime, the call waits for that runtime: do not block its threads on it
+    /// (`futures::executor::block_on` inside a task, or a `spawn_blocking` closure's
+    /// `block_on` while nothing drives a current-thread runtime, never return), and on a
+    /// runtime whose clock is paused (`start_paused`, in tests) the connections' response
+    /// timeouts lapse at once; use [`ActorRef::tell`] there.
     ///
     /// A send whose future was dropped runs on, unless its runtime shuts down first: then it
     /// may stop between the write and the request for a host, and the message, in the
     /// mailbox, waits for the actor's next activation (by a message sent to it once the
-    /// activation marker, held for `actors.lease_secs`, has lapsed). A call still pending when its runtime shuts down is
-    /// [`Error::InvalidState`]; what it had written stands, so sending again may apply the
-    /// message twice.
+    /// activation marker, held for `actors.lease_secs`, has lapsed). A call still pending
+    /// when its runtime shuts down is [`Error::InvalidState`]; what it had written stands, so
+    /// sending again may apply the message twice.
     ///
     /// ```no_run
     /// # use serde::{Deserialize, Serialize};
