@@ -2,7 +2,10 @@
 //! messages.
 //!
 //! * The main loop reads the namespace's `activations` stream (consumer group `hosts`) and
-//!   starts a thread for each actor it is asked to host and does not host yet.
+//!   starts a thread for each actor it is asked to host and does not host, or is not
+//!   activating, yet: the actor has a placeholder in the host's set from the request on, so a
+//!   second request (two senders that both saw no lease) does not activate it again over the
+//!   first activation (which the script allows its own host, and counts).
 //! * An actor thread activates the actor (`actor_activate.lua`: a new lease and fencing token;
 //!   nothing happens when another host holds it), restores its state with the type's registry
 //!   entry (`#[derive(shoal::Actor)]`), then reads its mailbox from the first message not yet
@@ -62,16 +65,45 @@ pub struct HostSpec {
 #[derive(Default)]
 struct Active {
     actors: Mutex<HashMap<String, ActiveActor>>,
+    /// Activations started so far (numbers the placeholders).
+    activations: std::sync::atomic::AtomicU64,
 }
 
 struct ActiveActor {
+    /// The lease value, or a placeholder ([`Active::placeholder`]) while the actor is being
+    /// activated.
     lease: String,
     stop: Arc<AtomicBool>,
+}
+
+/// How a placeholder's lease value starts (a lease value starts with a host id, a uuid).
+const ACTIVATING: &str = "activating:";
+
+impl ActiveActor {
+    /// The entry of an actor whose activation is on its way, under a placeholder of its own.
+    fn activating(placeholder: String) -> ActiveActor {
+        ActiveActor {
+            lease: placeholder,
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether the lease is an activation's placeholder (nothing to renew yet).
+    fn is_activating(&self) -> bool {
+        self.lease.starts_with(ACTIVATING)
+    }
 }
 
 impl Active {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ActiveActor>> {
         self.actors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A placeholder no other activation by this host has: the thread of an earlier
+    /// activation of the same actor, ending, removes its own only.
+    fn placeholder(&self) -> String {
+        let n = self.activations.fetch_add(1, Ordering::Relaxed);
+        format!("{ACTIVATING}{n}")
     }
 }
 
@@ -172,23 +204,35 @@ fn read_activations(
             .filter_map(|e| e.get::<String>("a"))
             .collect();
         for actor in wanted {
-            if active.lock().contains_key(&actor) {
-                continue;
+            // An actor this host runs, or is activating: a second request for it (two senders
+            // that both saw no lease) must not activate it again over its own activation.
+            let placeholder = active.placeholder();
+            {
+                let mut actors = active.lock();
+                if actors.contains_key(&actor) {
+                    continue;
+                }
+                actors.insert(actor.clone(), ActiveActor::activating(placeholder.clone()));
             }
-            let (store, spec, hosts, active) =
-                (store.clone(), spec.clone(), hosts.clone(), active.clone());
             let name = format!(
                 "shoal-actor-{}",
                 &actor.chars().take(20).collect::<String>()
             );
             // The thread takes its actor out of `active` itself (see `ActiveEntry`).
-            let spawned = std::thread::Builder::new().name(name).spawn(move || {
-                if let Err(e) = serve_actor(&store, &spec, &hosts, &active, &actor) {
-                    tracing::warn!("actor {actor}: {e}");
-                }
-            });
+            let spawned = {
+                let (store, spec, hosts, active) =
+                    (store.clone(), spec.clone(), hosts.clone(), active.clone());
+                let (actor, placeholder) = (actor.clone(), placeholder.clone());
+                std::thread::Builder::new().name(name).spawn(move || {
+                    let served = serve_actor(&store, &spec, &hosts, &active, &actor, placeholder);
+                    if let Err(e) = served {
+                        tracing::warn!("actor {actor}: {e}");
+                    }
+                })
+            };
             if let Err(e) = spawned {
                 tracing::error!("cannot start an actor thread: {e}");
+                ActiveEntry::placeholder(active, &actor, placeholder).remove();
             }
         }
     }
@@ -201,7 +245,11 @@ fn serve_actor(
     hosts: &HostKeys,
     active: &Active,
     actor_id: &str,
+    placeholder: String,
 ) -> Result<()> {
+    // Until the activation below makes it this activation's entry, the actor's place in
+    // `active` is the main loop's placeholder: gone with this thread if it goes no further.
+    let _placeholder = ActiveEntry::placeholder(active, actor_id, placeholder);
     let keys = ActorKeys::new(store.keys(), actor_id);
     let limit = store.settings().max_message_bytes;
     let activation: Vec<redis::Value> = store.with_conn(
@@ -276,6 +324,7 @@ fn serve_actor(
         return Ok(());
     }
     let stop = Arc::new(AtomicBool::new(false));
+    // Replaces the placeholder, whose drop then leaves this entry alone.
     let entry = ActiveEntry::insert(active, actor_id, &lease, &stop);
     let host_set = hosts.host_set(&spec.host_id);
     store.with_conn(
@@ -387,6 +436,15 @@ struct ActiveEntry<'a> {
 }
 
 impl<'a> ActiveEntry<'a> {
+    /// The entry the main loop put in `active` under `placeholder` (see [`Active::placeholder`]).
+    fn placeholder(active: &'a Active, actor_id: &'a str, placeholder: String) -> Self {
+        ActiveEntry {
+            active,
+            actor_id,
+            lease: placeholder,
+        }
+    }
+
     fn insert(
         active: &'a Active,
         actor_id: &'a str,
@@ -973,6 +1031,7 @@ fn heartbeat(store: &Store, spec: &HostSpec, active: &Active, done: &AtomicBool)
         let leases: Vec<(String, String)> = active
             .lock()
             .iter()
+            .filter(|(_, a)| !a.is_activating())
             .map(|(id, a)| (id.clone(), a.lease.clone()))
             .collect();
         for (id, value) in leases {
