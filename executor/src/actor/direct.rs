@@ -31,7 +31,10 @@
 //!   `redis.expiry_secs`), not by the send.
 //! * The activation request, when no host holds the lease, takes 2 round trips after the
 //!   transaction (`SET NX` of the activation marker, then the request) where the script's
-//!   answer took 1 (the request).
+//!   answer took 1 (the request). The marker is set after the check, so two senders racing a
+//!   host's activation (which deletes the marker) may both ask: the host activating the actor
+//!   skips the second request, and a script run by any other host refuses it (the lease is
+//!   another's).
 //!
 //! A tell's refusal costs one more round trip (the `XDEL`), and so does a mailbox stream that
 //! was not there (nothing written: the script sends it, and makes the stream).

@@ -73,7 +73,11 @@ struct ActiveActor {
     /// The lease value, or a placeholder ([`Active::placeholder`]) while the actor is being
     /// activated.
     lease: String,
+    /// Ends the actor's thread (a placeholder's is read by nobody: the thread it stands for
+    /// checks the host's termination itself before its first read).
     stop: Arc<AtomicBool>,
+    /// For a placeholder: another request for the actor came meanwhile (and was skipped).
+    asked_again: AtomicBool,
 }
 
 /// How a placeholder's lease value starts (a lease value starts with a host id, a uuid).
@@ -85,6 +89,7 @@ impl ActiveActor {
         ActiveActor {
             lease: placeholder,
             stop: Arc::new(AtomicBool::new(false)),
+            asked_again: AtomicBool::new(false),
         }
     }
 
@@ -209,7 +214,10 @@ fn read_activations(
             let placeholder = active.placeholder();
             {
                 let mut actors = active.lock();
-                if actors.contains_key(&actor) {
+                if let Some(entry) = actors.get(&actor) {
+                    if entry.is_activating() {
+                        entry.asked_again.store(true, Ordering::Release);
+                    }
                     continue;
                 }
                 actors.insert(actor.clone(), ActiveActor::activating(placeholder.clone()));
@@ -249,10 +257,10 @@ fn serve_actor(
 ) -> Result<()> {
     // Until the activation below makes it this activation's entry, the actor's place in
     // `active` is the main loop's placeholder: gone with this thread if it goes no further.
-    let _placeholder = ActiveEntry::placeholder(active, actor_id, placeholder);
+    let placeholder = ActiveEntry::placeholder(active, actor_id, placeholder);
     let keys = ActorKeys::new(store.keys(), actor_id);
     let limit = store.settings().max_message_bytes;
-    let activation: Vec<redis::Value> = store.with_conn(
+    let activated: Result<Vec<redis::Value>> = store.with_conn(
         || format!("activating actor {actor_id}"),
         |c| {
             ACTIVATE
@@ -265,7 +273,21 @@ fn serve_actor(
                 .arg(store.expiry_secs())
                 .invoke(c)
         },
-    )?;
+    );
+    let activation = match activated {
+        Ok(activation) => activation,
+        Err(e) => {
+            // A request the main loop skipped for this activation would be lost with it: ask
+            // again (the request after the placeholder is gone is taken).
+            if placeholder.asked_again() {
+                drop(placeholder);
+                if let Err(again) = super::request_activation(store, hosts, actor_id) {
+                    tracing::warn!("{again}");
+                }
+            }
+            return Err(e);
+        }
+    };
     let mut fields = activation.into_iter();
     let token: u64 = fields
         .next()
@@ -320,6 +342,9 @@ fn serve_actor(
         None
     };
     if let Some(why) = foreign {
+        // Without the placeholder first: the request the hand-back makes must not be skipped by
+        // this host's main loop as one for an actor it is activating.
+        drop(placeholder);
         hand_back(store, spec, hosts, &keys, &lease, actor_id, &why);
         return Ok(());
     }
@@ -456,6 +481,7 @@ impl<'a> ActiveEntry<'a> {
             ActiveActor {
                 lease: lease.to_string(),
                 stop: stop.clone(),
+                asked_again: AtomicBool::new(false),
             },
         );
         ActiveEntry {
@@ -463,6 +489,14 @@ impl<'a> ActiveEntry<'a> {
             actor_id,
             lease: lease.to_string(),
         }
+    }
+
+    /// Whether the main loop skipped a request for the actor while this entry stood.
+    fn asked_again(&self) -> bool {
+        self.active
+            .lock()
+            .get(self.actor_id)
+            .is_some_and(|a| a.lease == self.lease && a.asked_again.load(Ordering::Acquire))
     }
 
     fn remove(&self) {
@@ -1048,8 +1082,9 @@ fn heartbeat(store: &Store, spec: &HostSpec, active: &Active, done: &AtomicBool)
                         .invoke(c)
                 },
             );
+            // The activation renewed, not a later one of the same actor by this host.
             if let Ok(0) = renewed
-                && let Some(actor) = active.lock().get(&id)
+                && let Some(actor) = active.lock().get(&id).filter(|a| a.lease == value)
             {
                 tracing::warn!("actor {id}: its lease was lost; another host has it");
                 actor.stop.store(true, Ordering::Release);
