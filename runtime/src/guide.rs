@@ -19,7 +19,12 @@
 //!    and so do a `Process`'s start and join
 //!    ([`Process::start_async`](crate::Process::start_async)) and a pool's making and ending
 //!    ([`Pool::new_async`](crate::Pool::new_async), `close_async`, `join_async`), and a
-//!    manager's ([`Manager::new_async`](crate::Manager::new_async), `connect_async`).
+//!    manager's ([`Manager::new_async`](crate::Manager::new_async), `connect_async`). An
+//!    actor's [`tell_async`](crate::ActorRef::tell_async), `ask_async` and `stop_async`, and
+//!    the Manager's and its proxies' async calls, awaited in your handlers (tasks of your Tokio
+//!    runtime), run on your runtime on connections opened there, with no hop to shoal's
+//!    threads: build it with IO and timers (`#[tokio::main]` does), never block its threads on
+//!    them, and use their blocking forms under a paused clock (`start_paused` tests).
 //! 4. **Cancellation.** Dropping an awaited call (your request timed out, the client went away)
 //!    cancels it: its items that did not start never run, running tasks see
 //!    [`termination_requested`](crate::termination_requested), and a worker that ignores it is
