@@ -555,3 +555,32 @@ pub fn run_exit_hooks() {
         hook();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drivers_of(runtime: &tokio::runtime::Runtime) -> Drivers {
+        let _entered = runtime.enter();
+        drivers_of_current_runtime()
+    }
+
+    #[test]
+    fn a_runtime_is_usable_only_with_io_and_timers() {
+        let build = |io: bool, time: bool| {
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            if io {
+                builder.enable_io();
+            }
+            if time {
+                builder.enable_time();
+            }
+            builder.build().expect("runtime")
+        };
+        assert!(matches!(drivers_of(&build(true, true)), Drivers::Both));
+        // Tokio panics on the missing driver; the check catches it (its message is printed).
+        assert!(matches!(drivers_of(&build(true, false)), Drivers::Missing));
+        assert!(matches!(drivers_of(&build(false, true)), Drivers::Missing));
+        assert!(matches!(drivers_of(&build(false, false)), Drivers::Missing));
+    }
+}
