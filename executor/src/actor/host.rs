@@ -211,8 +211,7 @@ fn read_activations(
         for actor in wanted {
             // An actor this host runs, or is activating: a second request for it (two senders
             // that both saw no lease) must not activate it again over its own activation.
-            let placeholder = active.placeholder();
-            {
+            let placeholder = {
                 let mut actors = active.lock();
                 if let Some(entry) = actors.get(&actor) {
                     if entry.is_activating() {
@@ -220,8 +219,10 @@ fn read_activations(
                     }
                     continue;
                 }
+                let placeholder = active.placeholder();
                 actors.insert(actor.clone(), ActiveActor::activating(placeholder.clone()));
-            }
+                placeholder
+            };
             let name = format!(
                 "shoal-actor-{}",
                 &actor.chars().take(20).collect::<String>()
