@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -1212,6 +1214,68 @@ fn the_first_actor_of_a_runtime_is_spawned_async_without_blocking_the_thread() {
         "the thread was blocked: {ticks} ticks in {took:?}"
     );
     assert_eq!(ask(&counter, Incr(3)).expect("ask"), 3);
+}
+
+/// An actor that writes what it is sent to the pipe end it holds.
+#[derive(Serialize, Deserialize, shoal::Actor)]
+#[actor(messages(Incr))]
+struct Relay {
+    out: Connection<u64>,
+}
+
+impl Handler<Incr> for Relay {
+    type Reply = ();
+    fn handle(&mut self, Incr(n): Incr, _: &mut ActorContext) {
+        self.out.send(&n).expect("relay");
+    }
+}
+
+/// A state that carries a pipe end is encoded on shoal's blocking pool, where passing the end
+/// makes its round trip to Redis: with Redis frozen for a while, `spawn_actor_async` and
+/// `get_or_spawn_async` leave the caller's thread free (the encoding on that thread parked it
+/// until Redis came back), and the actor they make holds the end.
+#[test]
+fn actors_whose_state_carries_a_pipe_end_are_spawned_async_without_blocking_the_thread() {
+    const FROZEN: Duration = Duration::from_millis(1_000);
+    let rt = runtime();
+    // The hosts are set up first: only the state's encoding could wait on the store.
+    let warm = shoal::spawn_actor(Counter::default()).expect("spawn_actor");
+    assert_eq!(ask(&warm, Incr(1)).expect("ask"), 1);
+    let redis_pid = Pid::from_raw(rt.embedded_redis_pid().expect("the embedded store") as i32);
+    let name = format!("relay-{}", uuid::Uuid::new_v4().simple());
+    type Spawn =
+        Box<dyn FnOnce(Connection<u64>) -> BoxFuture<'static, shoal::Result<ActorRef<Relay>>>>;
+    let spawns: [Spawn; 2] = [
+        Box::new(|out| shoal::spawn_actor_async(Relay { out }).boxed()),
+        Box::new(move |out| shoal::get_or_spawn_async(&name, || Relay { out })),
+    ];
+    for spawn in spawns {
+        let (reader, writer) = Pipe::new::<u64>(false).expect("pipe");
+        kill(redis_pid, Signal::SIGSTOP).expect("SIGSTOP the store");
+        let thaw = std::thread::spawn(move || {
+            std::thread::sleep(FROZEN);
+            kill(redis_pid, Signal::SIGCONT)
+        });
+        let started = Instant::now();
+        // Called (the state encoded, or not) and awaited with the store frozen.
+        let (spawned, ticks) = with_ticker(async { spawn(writer).await });
+        let took = started.elapsed();
+        thaw.join().expect("thaw").expect("SIGCONT the store");
+        let relay = spawned.expect("spawned");
+        assert!(
+            took >= FROZEN / 2,
+            "not frozen long enough to tell: {took:?}"
+        );
+        let expected = took.as_millis() as u64 / 20;
+        assert!(
+            ticks >= expected,
+            "the thread was blocked: {ticks} ticks in {took:?}"
+        );
+        relay
+            .ask(Incr(7), Some(Duration::from_secs(30)))
+            .expect("relayed");
+        assert_eq!(reader.recv().expect("what the actor relayed"), 7);
+    }
 }
 
 /// `spawn_actor_async` and `get_or_spawn_async` under a current-thread runtime: the same actors

@@ -2,7 +2,7 @@
 //! `start_async` and `join_async`, under tokio's current-thread runtime (where a blocked thread would stop
 //! everything) and a multi-thread one, and under actix's.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use nix::sys::signal::{Signal, kill};
@@ -165,6 +165,76 @@ fn start_async_starts_a_subprocess_or_a_thread_and_a_dropped_start_still_starts(
     let misplaced = misplaced.start_method(StartMethod::Thread);
     futures::executor::block_on(misplaced.start_async()).expect("starts on a thread");
     misplaced.join(None).expect("join");
+}
+
+#[shoal::remote]
+fn add_one_back(conn: Connection<u64>) {
+    let n = conn.recv().expect("recv");
+    conn.send(&(n + 1)).expect("send");
+}
+
+/// Arguments that carry a pipe end are encoded on shoal's blocking pool, where passing the end
+/// makes its round trip to Redis: with Redis frozen for a while, `start_async` leaves the
+/// caller's thread free (the encoding on that thread parked it until Redis came back), and the
+/// child gets its end. A dropped start of such arguments still starts the process, and one whose
+/// end is closed fails with the process still startable.
+#[test]
+fn start_async_with_pipe_ends_among_its_arguments_leaves_the_thread_free() {
+    const FROZEN: Duration = Duration::from_millis(1_000);
+    let rt = runtime();
+    let (mine, theirs) = Pipe::new::<u64>(true).expect("pipe");
+    let p = Process::new(add_one_back, (theirs,));
+    let redis_pid = Pid::from_raw(rt.embedded_redis_pid().expect("the embedded store") as i32);
+    kill(redis_pid, Signal::SIGSTOP).expect("SIGSTOP the store");
+    let thaw = std::thread::spawn(move || {
+        std::thread::sleep(FROZEN);
+        kill(redis_pid, Signal::SIGCONT)
+    });
+    let started = Instant::now();
+    let (result, ticks) = with_ticker(p.start_async());
+    let took = started.elapsed();
+    thaw.join().expect("thaw").expect("SIGCONT the store");
+    result.expect("start_async");
+    // It waited for the store (passing the end needs it)...
+    assert!(
+        took >= FROZEN / 2,
+        "not frozen long enough to tell: {took:?}"
+    );
+    // ...and the thread ticked meanwhile (every 5 ms: at least one in 20 ms on a busy machine).
+    let expected = took.as_millis() as u64 / 20;
+    assert!(
+        ticks >= expected,
+        "the thread was blocked: {ticks} ticks in {took:?}"
+    );
+    mine.send(&41).expect("send");
+    assert_eq!(mine.recv().expect("the child's answer"), 42);
+    p.join(None).expect("join");
+    assert_eq!(p.exitcode(), Some(0));
+
+    // Polled once, then dropped: the end is passed and the process started all the same.
+    let (mine, theirs) = Pipe::new::<u64>(true).expect("pipe");
+    let dropped = Process::new(add_one_back, (theirs,));
+    let _ = dropped.start_async().now_or_never();
+    mine.send(&1).expect("send");
+    assert_eq!(mine.recv().expect("the dropped start's child answers"), 2);
+    assert!(
+        wait_for(Duration::from_secs(30), || dropped.exitcode() == Some(0)),
+        "{dropped:?}"
+    );
+
+    // A closed handle cannot be passed: the start fails, and the process can start again.
+    let (_mine, theirs) = Pipe::new::<u64>(true).expect("pipe");
+    let closed = theirs.clone();
+    closed.close().expect("close");
+    let refused = Process::new(add_one_back, (closed,));
+    for _ in 0..2 {
+        let outcome = futures::executor::block_on(refused.start_async());
+        assert!(
+            matches!(&outcome, Err(Error::Codec { reason, .. }) if reason.contains("is closed")),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(refused.exitcode(), None);
 }
 
 #[test]

@@ -202,6 +202,45 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+thread_local! {
+    /// Set while [`encode_without_round_trips`] runs on this thread: `Some(met)`, `met` once
+    /// a pipe end was refused.
+    static WITHOUT_ROUND_TRIPS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether a handle serialized now must not register its transfer (an
+/// [`encode_without_round_trips`] runs on this thread); notes that one was refused.
+pub(super) fn round_trips_refused() -> bool {
+    WITHOUT_ROUND_TRIPS.with(|w| match w.get() {
+        Some(_) => {
+            w.set(Some(true));
+            true
+        }
+        None => false,
+    })
+}
+
+/// Runs `encode` on this thread with pipe ends refused: a handle's serialization, which
+/// registers a transfer in Redis (a blocking round trip), fails instead. `None` when `encode`
+/// serialized a pipe end, whatever it made of the error (nothing was registered: encode the
+/// value again where a blocking call is fine, with [`collect_transfers`]); its result
+/// otherwise. Async code encodes a value this way first, so that a value without pipe ends,
+/// the usual case, costs no move to another thread.
+pub fn encode_without_round_trips<T>(encode: impl FnOnce() -> T) -> Option<T> {
+    /// The enclosing state, put back however `encode` ends (a panicking serializer too).
+    struct Restore(Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            WITHOUT_ROUND_TRIPS.with(|w| w.set(self.0));
+        }
+    }
+    let restore = Restore(WITHOUT_ROUND_TRIPS.with(|w| w.replace(Some(false))));
+    let result = encode();
+    let met = WITHOUT_ROUND_TRIPS.with(|w| w.get()) == Some(true);
+    drop(restore);
+    (!met).then_some(result)
+}
+
 /// One transfer this process registered: the pipe, the end and the transfer's id.
 #[derive(Debug)]
 struct SentTransfer {
@@ -278,5 +317,29 @@ impl SentTransfers {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_without_pipe_ends_is_encoded_and_one_with_a_pipe_end_is_refused() {
+        assert!(!round_trips_refused(), "handles pass outside an encoding");
+        assert_eq!(encode_without_round_trips(|| 7), Some(7));
+        // A handle's serialization asks (and fails): refused, whatever the encoder made of it.
+        let refused = encode_without_round_trips(|| {
+            assert!(round_trips_refused(), "refused inside");
+            7
+        });
+        assert_eq!(refused, None);
+        assert!(!round_trips_refused(), "handles pass again after it");
+        // A serializer that panics leaves the thread as it was.
+        let panicked = std::panic::catch_unwind(|| {
+            encode_without_round_trips(|| -> u8 { panic!("a serializer panics") })
+        });
+        assert!(panicked.is_err());
+        assert!(!round_trips_refused(), "handles pass after a panic");
     }
 }

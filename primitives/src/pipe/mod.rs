@@ -92,6 +92,11 @@
 //! its end at its first use, with one blocking round trip on the calling thread (handles
 //! received as a task's arguments are claimed when they are decoded).
 //!
+//! Serializing a handle makes its transfer's round trip on the calling thread. Async code that
+//! must not block encodes a value with [`encode_without_round_trips`] first (as
+//! `Process::start_async` and the async actor creations do): a handle's serialization fails
+//! there, nothing is registered, and the caller encodes the value again on a blocking pool.
+//!
 //! [`Connection::close_async`] closes the handle at its first poll; the round trip of the
 //! process's last handle of an end (`close.lua`) is made, as `close` makes it, under this
 //! process's lock of the end, so the task runs it on the runtime's blocking pool (a thread of
@@ -125,7 +130,7 @@ use crate::op::{self, Operation, Request, Step};
 mod holds;
 mod read;
 
-pub use holds::{SentTransfers, collect_transfers};
+pub use holds::{SentTransfers, collect_transfers, encode_without_round_trips};
 
 use holds::*;
 use read::*;
@@ -310,6 +315,12 @@ impl<T> Serialize for Connection<T> {
     /// Registers a transfer of the end (1 round trip) and writes its id with the address: the
     /// end stays open until the receiver claims it. A closed handle cannot be sent.
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        if round_trips_refused() {
+            return Err(serde::ser::Error::custom(format!(
+                "{}: passing a pipe end takes a round trip to Redis, refused here",
+                self.address.describe()
+            )));
+        }
         let transfer = self.transfer().map_err(serde::ser::Error::custom)?;
         Wire {
             address: self.address.clone(),

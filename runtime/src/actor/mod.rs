@@ -105,6 +105,7 @@ use shoal_core::error::{Error, Result};
 use shoal_core::hosted::{Actor, Handler, Handles, kind_of};
 use shoal_core::store::Store;
 use shoal_executor::actor::{self as protocol, ActorKeys, CreateMode, HostKeys, Mailbox, Outgoing};
+use shoal_primitives::pipe::encode_without_round_trips;
 
 pub(crate) use hosts::HostSupervisor;
 
@@ -492,8 +493,9 @@ pub fn get_or_spawn_with<A: Actor>(
 /// The async form of [`spawn_actor`]: the actor's record is written from shoal's actor
 /// runtime and no thread waits; any executor. The first actor of a runtime also sets up its
 /// hosts there (the activations stream's group, in the same task, then the hosts). The state
-/// is encoded when this is called: one that carries pipe ends makes one blocking round trip
-/// per end then. Once polled, a dropped future may still create the actor; an unnamed one is
+/// is encoded when this is called, unless it carries pipe ends: passing one makes a round trip
+/// to Redis, so such a state is encoded in that task, on the blocking pool of shoal's actor
+/// runtime, and the caller's thread never waits on Redis. Once polled, a dropped future may still create the actor; an unnamed one is
 /// then referred to by nothing (it expires after `redis.expiry_secs` unused), and the
 /// runtime's hosts, if this was its first actor, are started by its next creation.
 ///
@@ -527,7 +529,7 @@ pub fn spawn_actor_with_async<A: Actor>(
     options: ActorOptions,
 ) -> impl Future<Output = Result<ActorRef<A>>> + Send + use<A> {
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let creation = Creation::new(id, &state, options, CreateMode::New, HostsSetup::InTask);
+    let creation = Creation::new(id, state, options, CreateMode::New, HostsSetup::InTask);
     async move { creation?.send().await }
 }
 
@@ -548,7 +550,7 @@ pub fn get_or_spawn_with_async<A: Actor>(
 ) -> futures::future::BoxFuture<'static, Result<ActorRef<A>>> {
     // Boxed: an opaque type would keep `init`'s type (and a borrow it holds), which has run.
     let creation = actor_name(name)
-        .and_then(|id| Creation::new(id, &init(), options, CreateMode::Named, HostsSetup::InTask));
+        .and_then(|id| Creation::new(id, init(), options, CreateMode::Named, HostsSetup::InTask));
     Box::pin(async move { creation?.send().await })
 }
 
@@ -568,7 +570,7 @@ fn create<A: Actor>(
     options: ActorOptions,
     mode: CreateMode,
 ) -> Result<ActorRef<A>> {
-    let mut creation = Creation::new(id, &state, options, mode, HostsSetup::Blocking)?;
+    let mut creation = Creation::new(id, state, options, mode, HostsSetup::Blocking)?;
     let invocation = creation
         .invocation
         .take()
@@ -586,7 +588,8 @@ fn create<A: Actor>(
 enum HostsSetup {
     /// Before the creation, on the calling thread (one round trip).
     Blocking,
-    /// In the task that sends the creation ([`Creation::send`]).
+    /// In the task that sends the creation ([`Creation::send`]); a state that carries pipe
+    /// ends is encoded there too (see [`Creation::deferred`]).
     InTask,
 }
 
@@ -599,6 +602,10 @@ struct Creation<A> {
     authenticated: bool,
     /// The script call, until it is sent.
     invocation: Option<redis::ScriptInvocation<'static>>,
+    /// Instead of the script call, the state to encode in the task that sends the creation
+    /// (on the blocking pool), when it carries pipe ends and the hosts are set up in that task
+    /// too (passing an end makes a round trip to Redis): the script call is made there.
+    deferred: Option<Deferred<A>>,
     /// The runtime whose hosts the send starts, after it made the activations' group, and the
     /// process that asked (if the future is dropped before, the next creation starts them). A
     /// weak reference: a runtime dropped meanwhile starts nothing.
@@ -606,10 +613,38 @@ struct Creation<A> {
     _actor: PhantomData<fn() -> A>,
 }
 
+/// A creation's state still to encode, and what its script call needs besides.
+struct Deferred<A> {
+    state: A,
+    verifier: Option<[u8; auth::TAG_LEN]>,
+    mode: CreateMode,
+}
+
+impl<A: Actor> Deferred<A> {
+    /// The creation's script call, the state encoded on this thread (a pipe end among it makes
+    /// its round trip to Redis here).
+    fn invocation(
+        &self,
+        store: &Store,
+        keys: &ActorKeys,
+    ) -> Result<redis::ScriptInvocation<'static>> {
+        let actor_type = std::any::type_name::<A>();
+        let data = store.encode(&self.state, actor_type)?;
+        Ok(protocol::create_invocation(
+            store,
+            keys,
+            actor_type,
+            &data,
+            self.verifier.as_ref().map(|v| v.as_slice()),
+            self.mode,
+        ))
+    }
+}
+
 impl<A: Actor> Creation<A> {
     fn new(
         id: String,
-        state: &A,
+        state: A,
         options: ActorOptions,
         mode: CreateMode,
         hosts: HostsSetup,
@@ -626,26 +661,45 @@ impl<A: Actor> Creation<A> {
         let store = runtime.context().store().clone();
         let keys = ActorKeys::new(store.keys(), &id);
         let actor_type = std::any::type_name::<A>();
-        let data = store.encode(state, actor_type)?;
         // Hosts check messages with their process's key, which is this process's (they are
         // its children): the actor records that key's verifier.
         let verifier = options
             .authenticate
             .then(|| protocol::verifier(&AuthKey::of_this_process(), &id));
-        let invocation = protocol::create_invocation(
-            &store,
-            &keys,
-            actor_type,
-            &data,
-            verifier.as_ref().map(|v| v.as_slice()),
-            mode,
-        );
+        let data = match hosts {
+            HostsSetup::Blocking => Some(store.encode(&state, actor_type)?),
+            HostsSetup::InTask => {
+                encode_without_round_trips(|| store.encode(&state, actor_type)).transpose()?
+            }
+        };
+        let (invocation, deferred) = match data {
+            Some(data) => {
+                let invocation = protocol::create_invocation(
+                    &store,
+                    &keys,
+                    actor_type,
+                    &data,
+                    verifier.as_ref().map(|v| v.as_slice()),
+                    mode,
+                );
+                (Some(invocation), None)
+            }
+            None => (
+                None,
+                Some(Deferred {
+                    state,
+                    verifier,
+                    mode,
+                }),
+            ),
+        };
         Ok(Creation {
             id,
             keys,
             store,
             authenticated: options.authenticate,
-            invocation: Some(invocation),
+            invocation,
+            deferred,
             starts_hosts,
             _actor: PhantomData,
         })
@@ -655,6 +709,10 @@ impl<A: Actor> Creation<A> {
     /// creation starts the runtime's hosts (which it then starts).
     async fn send(mut self) -> Result<ActorRef<A>> {
         let invocation = self.invocation.take();
+        let deferred = self
+            .deferred
+            .take()
+            .map(|deferred| (deferred, self.store.clone(), self.keys.clone()));
         let state_key = self.keys.state.clone();
         let activations = self
             .starts_hosts
@@ -671,8 +729,21 @@ impl<A: Actor> Creation<A> {
                             .map_err(|e| Error::redis("creating the actor hosts' group", e))?;
                         group_made = true;
                     }
-                    let invocation = invocation
-                        .ok_or_else(|| Error::invalid_state("the creation was sent already"))?;
+                    let invocation = match (invocation, deferred) {
+                        (Some(invocation), _) => invocation,
+                        (None, Some((deferred, store, keys))) => {
+                            tokio::task::spawn_blocking(move || deferred.invocation(&store, &keys))
+                                .await
+                                .map_err(|e| {
+                                    Error::Backend(format!(
+                                        "encoding the actor's state failed: {e}"
+                                    ))
+                                })??
+                        }
+                        (None, None) => {
+                            return Err(Error::invalid_state("the creation was sent already"));
+                        }
+                    };
                     invocation
                         .invoke_async::<String>(&mut conn)
                         .await

@@ -73,6 +73,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
+use futures::FutureExt;
 use serde::Serialize;
 use shoal_core::config::StartMethod;
 use shoal_core::context::{self, ParentInfo, ProcessInfo};
@@ -85,7 +86,7 @@ use shoal_executor::protocol::{
     Executor, Launch, Launched, StopSignal, ThreadBody, WorkerExited, Workload,
 };
 use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord, hand_over_authkey};
-use shoal_primitives::pipe::{SentTransfers, collect_transfers};
+use shoal_primitives::pipe::{SentTransfers, collect_transfers, encode_without_round_trips};
 
 use crate::runtime::{self, ChildEntry, RuntimeInner};
 
@@ -321,7 +322,7 @@ impl Process {
     /// or what the backend reports.
     pub fn start(&self) -> Result<()> {
         let target = self.take_target()?;
-        let prepared = match self.prepare(target) {
+        let prepared = match self.spec().prepare_blocking(target) {
             Ok(prepared) => prepared,
             Err(failure) => return self.not_started(failure),
         };
@@ -336,8 +337,10 @@ impl Process {
     /// Dropping the future does not cancel the start once it has begun (the first poll): the
     /// child is launched all the same, and this handle shows it started (`is_alive`, `join`,
     /// `terminate`...) as soon as the launch returns, as it would have after `start()`.
-    /// Encoding the arguments runs in the first poll: arguments that carry pipe ends make one
-    /// round trip each to Redis there.
+    /// The arguments are encoded in the first poll; arguments that carry pipe ends are encoded
+    /// on shoal's actor runtime's blocking pool instead, where passing each end makes its round
+    /// trip to Redis (see `Connection`'s serialization), so the caller's thread never waits on
+    /// Redis.
     ///
     /// ```no_run
     /// use shoal::prelude::*;
@@ -357,23 +360,57 @@ impl Process {
     /// ```
     pub async fn start_async(&self) -> Result<()> {
         let target = self.take_target()?;
-        let prepared = match self.prepare(target) {
-            Ok(prepared) => prepared,
-            Err(failure) => return self.not_started(failure),
-        };
-        // Sent now: the start goes ahead whatever happens to this future; the task below
-        // records how it went in the slot, and tells this future if it is still there.
-        let request = prepared.actor.send(StartChild);
-        let arbiter = prepared.runtime.arbiter();
-        let mut task = StartTask {
-            slot: Some(self.slot.clone()),
-            runtime: Some(prepared.runtime.clone()),
-            settled: false,
-        };
+        let spec = self.spec();
         let (tell, told) = futures::channel::oneshot::channel();
-        let finish = async move {
-            let reply = request.await;
-            let _ = tell.send(task.settle(prepared.finish(reply)));
+        let (arbiter, finish) = match spec.prepare(target, Encoding::WithoutRoundTrips) {
+            Ok(prepared) => {
+                // Sent now: the start goes ahead whatever happens to this future; the task
+                // below records how it went in the slot, and tells this future if it is still
+                // there.
+                let request = prepared.actor.send(StartChild);
+                let arbiter = prepared.runtime.arbiter();
+                let mut task = StartTask {
+                    slot: Some(self.slot.clone()),
+                    runtime: Some(prepared.runtime.clone()),
+                    settled: false,
+                };
+                let finish = async move {
+                    let reply = request.await;
+                    let _ = tell.send(task.settle(prepared.finish(reply)));
+                };
+                (arbiter, finish.boxed())
+            }
+            Err(Unprepared::Failed(failure)) => return self.not_started(failure),
+            Err(Unprepared::CarriesPipeEnds(target)) => {
+                // Encoded on the blocking pool, where passing a pipe end may wait on Redis;
+                // the start goes ahead from there whatever happens to this future, as above.
+                let runtime = match runtime::current_runtime() {
+                    Ok(runtime) => runtime,
+                    Err(e) => return self.not_started((Some(target), e)),
+                };
+                let arbiter = runtime.arbiter();
+                let mut task = StartTask {
+                    slot: Some(self.slot.clone()),
+                    runtime: Some(runtime),
+                    settled: false,
+                };
+                let finish = async move {
+                    let prepared =
+                        tokio::task::spawn_blocking(move || spec.prepare_blocking(target)).await;
+                    let outcome = match prepared {
+                        Ok(Ok(prepared)) => {
+                            let reply = prepared.actor.send(StartChild).await;
+                            task.settle(prepared.finish(reply))
+                        }
+                        Ok(Err(failure)) => task.unstart(failure),
+                        Err(e) => task.settle(Err(Error::Backend(format!(
+                            "encoding the arguments of the process failed: {e}"
+                        )))),
+                    };
+                    let _ = tell.send(outcome);
+                };
+                (arbiter, finish.boxed())
+            }
         };
         if !arbiter.spawn(finish) {
             let e =
@@ -409,12 +446,75 @@ impl Process {
 
     /// A start that failed before the launch: the process may start again when the target
     /// came back, else it failed.
-    fn not_started(&self, (target, e): (Option<Box<dyn Target>>, Error)) -> Result<()> {
-        *self.lock_slot() = match target {
-            Some(target) => Slot::Created(target),
-            None => Slot::Failed(e.to_string()),
-        };
-        Err(e)
+    fn not_started(&self, failure: Failure) -> Result<()> {
+        not_started(&self.slot, failure)
+    }
+
+    /// What a start needs of this handle and of the calling thread (who is starting it).
+    fn spec(&self) -> StartSpec {
+        StartSpec {
+            name: self.name.clone(),
+            identity: self.identity.clone(),
+            daemon: self.is_daemon(),
+            start_method: self.start_method,
+            me: context::current_process(),
+        }
+    }
+}
+
+/// A start that failed before the launch: the target, when the process may start again, and
+/// why.
+type Failure = (Option<Box<dyn Target>>, Error);
+
+/// Records a start that failed before the launch in `slot` (see [`Process::not_started`]).
+fn not_started(slot: &Mutex<Slot>, (target, e): Failure) -> Result<()> {
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = match target {
+        Some(target) => Slot::Created(target),
+        None => Slot::Failed(e.to_string()),
+    };
+    Err(e)
+}
+
+/// How [`StartSpec::prepare`] encodes a child's arguments.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    /// On the calling thread, passing the pipe ends among them (a blocking round trip each).
+    Blocking,
+    /// On the calling thread unless pipe ends are among them: the target comes back then
+    /// ([`Unprepared::CarriesPipeEnds`]), nothing done.
+    WithoutRoundTrips,
+}
+
+/// Why [`StartSpec::prepare`] did not prepare a start.
+enum Unprepared {
+    Failed(Failure),
+    /// The arguments carry pipe ends, and the encoding was [`Encoding::WithoutRoundTrips`].
+    CarriesPipeEnds(Box<dyn Target>),
+}
+
+/// A start as the handle and the calling thread asked for it: what preparing it needs, on any
+/// thread.
+struct StartSpec {
+    name: String,
+    identity: Vec<u32>,
+    daemon: bool,
+    start_method: Option<StartMethod>,
+    /// The process that starts the child (a thread child has its own: read on its thread).
+    me: ProcessInfo,
+}
+
+impl StartSpec {
+    /// [`StartSpec::prepare`], the arguments encoded on this thread whatever they carry.
+    fn prepare_blocking(&self, target: Box<dyn Target>) -> std::result::Result<Prepared, Failure> {
+        match self.prepare(target, Encoding::Blocking) {
+            Ok(prepared) => Ok(prepared),
+            Err(Unprepared::Failed(failure)) => Err(failure),
+            // Not made by a blocking encoding; a failure rather than a panic all the same.
+            Err(Unprepared::CarriesPipeEnds(target)) => Err((
+                Some(target),
+                Error::invalid_state("the arguments' pipe ends were not passed"),
+            )),
+        }
     }
 
     /// Everything a start does before the launch: the checks, the arguments encoded, the task
@@ -423,21 +523,22 @@ impl Process {
     fn prepare(
         &self,
         target: Box<dyn Target>,
-    ) -> std::result::Result<Prepared, (Option<Box<dyn Target>>, Error)> {
-        let me = context::current_process();
+        encoding: Encoding,
+    ) -> std::result::Result<Prepared, Unprepared> {
+        let me = self.me.clone();
         if me.daemon {
             let e = Error::invalid_state(format!(
                 "daemonic processes are not allowed to have children ({} is daemonic)",
                 me.name
             ));
-            return Err((Some(target), e));
+            return Err(Unprepared::Failed((Some(target), e)));
         }
         let runtime = match runtime::current_runtime().and_then(|r| {
             r.check_accepting()?;
             Ok(r)
         }) {
             Ok(r) => r,
-            Err(e) => return Err((Some(target), e)),
+            Err(e) => return Err(Unprepared::Failed((Some(target), e))),
         };
         let context = runtime.context().clone();
         let config = context.config();
@@ -445,7 +546,7 @@ impl Process {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let keys = ProcessKeys::new(context.store().keys(), &id);
         let function = target.function_name();
-        let daemon = self.is_daemon();
+        let daemon = self.daemon;
         let info = ProcessInfo {
             name: self.name.clone(),
             identity: self.identity.clone(),
@@ -466,22 +567,28 @@ impl Process {
                          can only run on a thread of this process",
                         self.name
                     ));
-                    return Err((Some(target), e));
+                    return Err(Unprepared::Failed((Some(target), e)));
                 }
                 if registry::lookup(function).is_none() {
                     let e = Error::NotRegistered {
                         function: function.to_string(),
                     };
-                    return Err((Some(target), e));
+                    return Err(Unprepared::Failed((Some(target), e)));
                 }
-                let (args, transfers) =
-                    collect_transfers(|| target.encode_args(context.store(), &keys.task));
+                let encode = || target.encode_args(context.store(), &keys.task);
+                let (args, transfers) = match encoding {
+                    Encoding::Blocking => collect_transfers(encode),
+                    Encoding::WithoutRoundTrips => match encode_without_round_trips(encode) {
+                        Some(args) => (args, SentTransfers::default()),
+                        None => return Err(Unprepared::CarriesPipeEnds(target)),
+                    },
+                };
                 sent_transfers = Some(transfers);
                 let args = match args {
                     Ok(args) => args,
                     Err(e) => {
                         release_now(sent_transfers.take());
-                        return Err((Some(target), e));
+                        return Err(Unprepared::Failed((Some(target), e)));
                     }
                 };
                 let mut record_config = config.clone();
@@ -554,7 +661,9 @@ impl Process {
             runtime,
         })
     }
+}
 
+impl Process {
     /// Waits until the process exits, or at most `timeout`. Returns `Ok(())` in both cases (the
     /// process may still be running after a timeout: see [`Process::is_alive`]).
     pub fn join(&self, timeout: Option<Duration>) -> Result<()> {
@@ -745,6 +854,15 @@ impl StartTask {
         match &self.slot {
             Some(slot) => settle(slot, outcome),
             None => outcome.map(|_| ()),
+        }
+    }
+
+    /// Records a start that failed before the launch in the slot (see [`not_started`]).
+    fn unstart(&mut self, failure: Failure) -> Result<()> {
+        self.settled = true;
+        match &self.slot {
+            Some(slot) => not_started(slot, failure),
+            None => Err(failure.1),
         }
     }
 }
