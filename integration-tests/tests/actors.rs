@@ -1233,7 +1233,8 @@ impl Handler<Incr> for Relay {
 /// A state that carries a pipe end is encoded on shoal's blocking pool, where passing the end
 /// makes its round trip to Redis: with Redis frozen for a while, `spawn_actor_async` and
 /// `get_or_spawn_async` leave the caller's thread free (the encoding on that thread parked it
-/// until Redis came back), and the actor they make holds the end.
+/// until Redis came back), and the actor they make holds the end. A closed end fails the
+/// creation when it is awaited.
 #[test]
 fn actors_whose_state_carries_a_pipe_end_are_spawned_async_without_blocking_the_thread() {
     const FROZEN: Duration = Duration::from_millis(1_000);
@@ -1276,6 +1277,17 @@ fn actors_whose_state_carries_a_pipe_end_are_spawned_async_without_blocking_the_
             .expect("relayed");
         assert_eq!(reader.recv().expect("what the actor relayed"), 7);
     }
+    // A closed handle cannot be passed: the creation fails when awaited, as the blocking one
+    // fails when called.
+    let (_reader, writer) = Pipe::new::<u64>(false).expect("pipe");
+    let closed = writer.clone();
+    closed.close().expect("close");
+    let (refused, _) = with_ticker(shoal::spawn_actor_async(Relay { out: closed }));
+    assert!(
+        matches!(&refused, Err(Error::Codec { reason, .. }) if reason.contains("is closed")),
+        "{:?}",
+        refused.map(|r| r.id().to_string())
+    );
 }
 
 /// `spawn_actor_async` and `get_or_spawn_async` under a current-thread runtime: the same actors

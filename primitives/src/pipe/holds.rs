@@ -227,11 +227,15 @@ pub(super) fn round_trips_refused() -> bool {
 /// otherwise. Async code encodes a value this way first, so that a value without pipe ends,
 /// the usual case, costs no move to another thread.
 pub fn encode_without_round_trips<T>(encode: impl FnOnce() -> T) -> Option<T> {
-    /// The enclosing state, put back however `encode` ends (a panicking serializer too).
+    /// The enclosing state, put back however `encode` ends (a panicking serializer too); an
+    /// enclosing encoding learns of a refusal inside this one, whatever `encode` made of it.
     struct Restore(Option<bool>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            WITHOUT_ROUND_TRIPS.with(|w| w.set(self.0));
+            WITHOUT_ROUND_TRIPS.with(|w| {
+                let met_here = w.get() == Some(true);
+                w.set(self.0.map(|met| met || met_here));
+            });
         }
     }
     let restore = Restore(WITHOUT_ROUND_TRIPS.with(|w| w.replace(Some(false))));
@@ -335,6 +339,9 @@ mod tests {
         });
         assert_eq!(refused, None);
         assert!(!round_trips_refused(), "handles pass again after it");
+        // A refusal inside a nested encoding is the enclosing one's too.
+        let nested = encode_without_round_trips(|| encode_without_round_trips(round_trips_refused));
+        assert_eq!(nested, None);
         // A serializer that panics leaves the thread as it was.
         let panicked = std::panic::catch_unwind(|| {
             encode_without_round_trips(|| -> u8 { panic!("a serializer panics") })

@@ -493,9 +493,11 @@ pub fn get_or_spawn_with<A: Actor>(
 /// The async form of [`spawn_actor`]: the actor's record is written from shoal's actor
 /// runtime and no thread waits; any executor. The first actor of a runtime also sets up its
 /// hosts there (the activations stream's group, in the same task, then the hosts). The state
-/// is encoded when this is called, unless it carries pipe ends: passing one makes a round trip
-/// to Redis, so such a state is encoded in that task, on the blocking pool of shoal's actor
-/// runtime, and the caller's thread never waits on Redis. Once polled, a dropped future may still create the actor; an unnamed one is
+/// is encoded when this is called, unless it carries pipe ends: passing one makes a round
+/// trip to Redis, so such a state is encoded in that task, on the blocking pool of shoal's
+/// actor runtime, and the caller's thread does not wait on Redis (unless the future is dropped
+/// before its first poll: the state is dropped with it then, and closing the process's last
+/// handle of an end makes a round trip). Once polled, a dropped future may still create the actor; an unnamed one is
 /// then referred to by nothing (it expires after `redis.expiry_secs` unused), and the
 /// runtime's hosts, if this was its first actor, are started by its next creation.
 ///
@@ -722,13 +724,9 @@ impl<A: Actor> Creation<A> {
             .spawn(move |store, caller| async move {
                 let mut group_made = activations.is_none();
                 let outcome = async {
-                    let mut conn = store.shared().await?;
-                    if let Some(group) = activations {
-                        let created = group.query_async::<()>(&mut conn).await;
-                        protocol::activations_created(created)
-                            .map_err(|e| Error::redis("creating the actor hosts' group", e))?;
-                        group_made = true;
-                    }
+                    // A state kept back is encoded first, on the blocking pool, where it is
+                    // dropped too, whatever comes next: dropping a pipe end may make a round
+                    // trip, which this thread must not wait on.
                     let invocation = match (invocation, deferred) {
                         (Some(invocation), _) => invocation,
                         (None, Some((deferred, store, keys))) => {
@@ -744,6 +742,13 @@ impl<A: Actor> Creation<A> {
                             return Err(Error::invalid_state("the creation was sent already"));
                         }
                     };
+                    let mut conn = store.shared().await?;
+                    if let Some(group) = activations {
+                        let created = group.query_async::<()>(&mut conn).await;
+                        protocol::activations_created(created)
+                            .map_err(|e| Error::redis("creating the actor hosts' group", e))?;
+                        group_made = true;
+                    }
                     invocation
                         .invoke_async::<String>(&mut conn)
                         .await
