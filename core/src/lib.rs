@@ -14,6 +14,7 @@ pub mod error;
 pub mod hosted;
 pub mod registry;
 pub mod store;
+pub mod transfers;
 
 pub use config::{Config, ConfigBuilder, StartMethod};
 pub use error::{Error, Result, TaskError, TaskErrorKind};

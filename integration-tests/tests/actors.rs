@@ -1290,6 +1290,89 @@ fn actors_whose_state_carries_a_pipe_end_are_spawned_async_without_blocking_the_
     );
 }
 
+/// The transfers (see `shoal_core::transfers`) in the holders of the pipe ends of this test's
+/// store: the holds that a serialized handle keeps until it is decoded.
+fn pipe_transfers(c: &mut redis::Connection) -> usize {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*pipe:*holders:*")
+        .query(c)
+        .expect("keys");
+    keys.iter()
+        .map(|key| {
+            let holders: Vec<String> = redis::cmd("HKEYS").arg(key).query(c).expect("hkeys");
+            holders.iter().filter(|h| h.starts_with("t:")).count()
+        })
+        .sum()
+}
+
+/// An actor's state that holds a pipe end passes the end at each commit (the next activation
+/// decodes it from there): the host gives back the transfer of the state a commit replaced, so
+/// an actor that got many messages holds one transfer, not one per commit.
+#[test]
+fn an_actor_holding_a_pipe_end_keeps_one_transfer_of_it_whatever_it_commits() {
+    let rt = runtime();
+    let mut c = redis::Client::open(rt.store_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let (reader, writer) = Pipe::new::<u64>(false).expect("pipe");
+    let relay = shoal::spawn_actor(Relay { out: writer }).expect("spawn_actor");
+    for n in 0..30 {
+        relay
+            .ask(Incr(n), Some(Duration::from_secs(30)))
+            .expect("relayed");
+        assert_eq!(reader.recv().expect("what the actor relayed"), n);
+    }
+    // The last commit's transfer; the one before it goes once the host has given it back,
+    // right after that commit.
+    assert!(
+        wait_for(Duration::from_secs(10), || pipe_transfers(&mut c) == 1),
+        "transfers of the actor's pipe end: {}",
+        pipe_transfers(&mut c)
+    );
+    relay.stop().expect("stop");
+}
+
+/// A named actor that exists already keeps its state: the state `get_or_spawn` (blocking or
+/// async) encoded is not used, and its pipe ends are given back, so their other ends read end of
+/// file once nobody else holds them (rather than when this process exits).
+#[test]
+fn get_or_spawn_of_an_existing_actor_gives_back_the_pipe_ends_of_its_unused_state() {
+    let _rt = runtime();
+    let name = format!("relay-{}", uuid::Uuid::new_v4().simple());
+    let (reader, writer) = Pipe::new::<u64>(false).expect("pipe");
+    let relay = shoal::get_or_spawn(&name, || Relay { out: writer }).expect("created");
+    relay
+        .ask(Incr(1), Some(Duration::from_secs(30)))
+        .expect("relayed");
+    assert_eq!(reader.recv().expect("relayed"), 1);
+    let (unused_reader, unused_writer) = Pipe::new::<u64>(false).expect("pipe");
+    let same = shoal::get_or_spawn(&name, || Relay { out: unused_writer }).expect("found");
+    assert_eq!(same.id(), relay.id());
+    assert!(
+        unused_reader
+            .poll(Some(Duration::from_secs(10)))
+            .expect("poll"),
+        "the unused state's pipe end is still held"
+    );
+    assert!(matches!(unused_reader.recv(), Err(Error::Closed(_))));
+    let (unused_reader, unused_writer) = Pipe::new::<u64>(false).expect("pipe");
+    let (found, _) = with_ticker(shoal::get_or_spawn_async(&name, || Relay {
+        out: unused_writer,
+    }));
+    assert_eq!(found.expect("found async").id(), relay.id());
+    assert!(
+        unused_reader
+            .poll(Some(Duration::from_secs(10)))
+            .expect("poll"),
+        "the unused state's pipe end is still held (async)"
+    );
+    assert!(matches!(unused_reader.recv(), Err(Error::Closed(_))));
+    relay
+        .ask(Incr(2), Some(Duration::from_secs(30)))
+        .expect("relayed");
+    assert_eq!(reader.recv().expect("the actor's own end still works"), 2);
+}
+
 /// `spawn_actor_async` and `get_or_spawn_async` under a current-thread runtime: the same actors
 /// and errors as the blocking forms.
 #[test]

@@ -34,6 +34,7 @@ use shoal_core::error::{Error, Result};
 use shoal_core::hosted::{self, ActorContext, HostedActor};
 use shoal_core::registry::Failure;
 use shoal_core::store::{HeldConn, Store};
+use shoal_core::transfers::{SentTransfers, collect_transfers};
 
 use super::{
     ACTIVATE, ActorKeys, BATCH, COMMIT, HANDBACK, HOSTS_GROUP, HostKeys, LEASE, Reply, field,
@@ -390,6 +391,7 @@ fn serve_actor(
         watching: None,
         unwatched: None,
         ttl_refreshed: None,
+        committed_transfers: SentTransfers::default(),
     };
     let outcome = state.run(&stop);
     let _ = store.with_conn(
@@ -601,6 +603,9 @@ struct ActorState<'a> {
     unwatched: Option<u64>,
     /// When a commit last refreshed the TTLs of the state and the mailbox.
     ttl_refreshed: Option<Instant>,
+    /// The transfers this activation registered for the pipe ends in the last state it
+    /// committed (see [`ActorState::apply_and_commit`]).
+    committed_transfers: SentTransfers,
 }
 
 impl ActorState<'_> {
@@ -731,15 +736,20 @@ impl ActorState<'_> {
                 }
             }
         };
-        let data = match &self.actor {
-            Some(actor) => match actor.save(self.limit) {
-                Ok(data) => data,
-                Err(f) => {
+        // Saving a state that holds pipe ends passes them (a transfer each, for whoever
+        // decodes it next: see `shoal_core::transfers`). Once a state is committed, the one it
+        // replaces will never be decoded, and its transfers are given back; the transfers of a
+        // state not committed, at once.
+        let (data, transfers) = match &self.actor {
+            Some(actor) => match collect_transfers(|| actor.save(self.limit)) {
+                (Ok(data), transfers) => (data, Some(transfers)),
+                (Err(f), transfers) => {
+                    give_back(transfers);
                     self.fail(format!("its state cannot be saved: {}", f.message));
-                    self.saved.clone()
+                    (self.saved.clone(), None)
                 }
             },
-            None => self.saved.clone(),
+            None => (self.saved.clone(), None),
         };
         // Never back: a batch of entries applied before (a new host reads those the trim by
         // nodes left) changes nothing but their removal.
@@ -752,11 +762,17 @@ impl ActorState<'_> {
             Ok(()) => {
                 self.saved = data;
                 self.applied = applied;
+                if let Some(transfers) = transfers {
+                    give_back(std::mem::replace(&mut self.committed_transfers, transfers));
+                }
                 Ok(None)
             }
             Err(Error::Redis { source, .. }) if source.code() == Some("STALE") => {
+                // Not committed: nobody will decode this state.
+                give_back(transfers.unwrap_or_default());
                 Ok(Some(Ending::Lost))
             }
+            // Perhaps committed: its transfers stay (renewed while this host lives).
             Err(e) => Err(e),
         }
     }
@@ -1007,6 +1023,14 @@ impl ActorState<'_> {
             )
         })?;
         Ok(())
+    }
+}
+
+/// Gives back the transfers of a state that will not be decoded (see
+/// [`ActorState::apply_and_commit`]); one that cannot be given back lapses after the lease.
+fn give_back(transfers: SentTransfers) {
+    if let Err(e) = transfers.release() {
+        tracing::warn!("giving back the pipe ends of an actor's former state: {e}");
     }
 }
 

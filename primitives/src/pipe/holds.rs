@@ -197,12 +197,6 @@ fn renew_all() {
 }
 
 thread_local! {
-    /// The transfers registered on this thread while [`collect_transfers`] runs.
-    static COLLECTING: std::cell::RefCell<Option<Vec<SentTransfer>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-thread_local! {
     /// Set while [`encode_without_round_trips`] runs on this thread: `Some(met)`, `met` once
     /// a pipe end was refused.
     static WITHOUT_ROUND_TRIPS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
@@ -255,72 +249,27 @@ struct SentTransfer {
 
 /// Notes a transfer just registered, for the [`collect_transfers`] running on this thread.
 pub(super) fn note_transfer(address: &Address, end: u8, id: &str) {
-    COLLECTING.with(|c| {
-        if let Some(sent) = c.borrow_mut().as_mut() {
-            sent.push(SentTransfer {
-                address: address.clone(),
-                end,
-                id: id.to_string(),
-            });
-        }
-    });
+    shoal_core::transfers::note(Box::new(SentTransfer {
+        address: address.clone(),
+        end,
+        id: id.to_string(),
+    }));
 }
 
-/// Runs `encode`, and returns with its result the transfers of pipe ends it registered (the
-/// handles it serialized): a process that starts a child with handles among its arguments
-/// gives back, once the child has exited, the ones the child never claimed (it died, or
-/// failed, before it decoded its arguments; see [`SentTransfers::release`]).
-pub fn collect_transfers<T>(encode: impl FnOnce() -> T) -> (T, SentTransfers) {
-    /// The enclosing collection, put back however `encode` ends (a panicking serializer too).
-    struct Restore(Option<Vec<SentTransfer>>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            COLLECTING.with(|c| *c.borrow_mut() = self.0.take());
-        }
-    }
-    let restore = Restore(COLLECTING.with(|c| c.borrow_mut().replace(Vec::new())));
-    let result = encode();
-    let sent = COLLECTING.with(|c| c.borrow_mut().take());
-    drop(restore);
-    (result, SentTransfers(sent.unwrap_or_default()))
-}
-
-/// Transfers of pipe ends registered for one receiver (see [`collect_transfers`]).
-#[derive(Debug, Default)]
-pub struct SentTransfers(Vec<SentTransfer>);
-
-impl SentTransfers {
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Gives back the transfers the receiver did not claim, once it can no longer claim them
-    /// (it exited, or was never started): each is let go as a holder that closed (one script
-    /// per transfer), so the other end reads end of file once every real holder let go too,
-    /// rather than when this process exits. A transfer the receiver claimed is no longer a
-    /// holder, and giving it back changes nothing.
-    pub fn release(self) -> Result<()> {
-        if self.0.is_empty() {
+impl shoal_core::transfers::Transfer for SentTransfer {
+    /// Lets go of the transfer as a holder that closed (one script), so the other end reads
+    /// end of file once every real holder let go too; no longer renewed by this process.
+    fn give_back(self: Box<Self>) -> Result<()> {
+        let local = local_end(&self.address, self.end);
+        let mut local = lock(&local);
+        let Some(at) = local.transfers.iter().position(|t| *t == self.id) else {
+            // The heartbeat saw it claimed (or lapsed).
             return Ok(());
-        }
+        };
+        local.transfers.remove(at);
         let store = common::store()?;
-        let mut first_error = None;
-        for sent in self.0 {
-            let local = local_end(&sent.address, sent.end);
-            let mut local = lock(&local);
-            let Some(at) = local.transfers.iter().position(|t| *t == sent.id) else {
-                // The heartbeat saw it claimed (or lapsed).
-                continue;
-            };
-            local.transfers.remove(at);
-            if let Err(e) = let_go(&store, &sent.address, sent.end, &sent.id) {
-                // Not renewed any more: it lapses after the lease.
-                tracing::debug!("{e}");
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        // Not renewed any more, whatever the outcome: it lapses after the lease.
+        let_go(&store, &self.address, self.end, &self.id)
     }
 }
 

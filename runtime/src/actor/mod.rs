@@ -104,6 +104,7 @@ use shoal_core::context::{self, AuthKey, ProcessInfo};
 use shoal_core::error::{Error, Result};
 use shoal_core::hosted::{Actor, Handler, Handles, kind_of};
 use shoal_core::store::Store;
+use shoal_core::transfers::{SentTransfers, collect_transfers};
 use shoal_executor::actor::{self as protocol, ActorKeys, CreateMode, HostKeys, Mailbox, Outgoing};
 use shoal_primitives::pipe::encode_without_round_trips;
 
@@ -581,7 +582,36 @@ fn create<A: Actor>(
         || format!("creating actor {}", creation.keys.state),
         |c| invocation.invoke(c),
     );
+    if let Some(transfers) = creation.transfers.take() {
+        give_back_unless_created(transfers, &outcome);
+    }
     creation.finish(outcome)
+}
+
+/// Gives back the transfers of a creation's state (its pipe ends: see
+/// `shoal_core::transfers`) when no actor was created from it (an error, or a named actor that
+/// existed), so that they do not hold the ends until this process exits. Kept when the store
+/// could not be reached: the state may have been written.
+fn give_back_unless_created(transfers: SentTransfers, outcome: &Result<String>) {
+    if state_unused(outcome) {
+        give_back(transfers);
+    }
+}
+
+/// Whether the creation script's `outcome` says no actor was created from the state.
+fn state_unused(outcome: &Result<String>) -> bool {
+    match outcome {
+        Ok(reply) => reply != "created",
+        Err(e) => !e.is_store_unreachable(),
+    }
+}
+
+/// Gives back the transfers of a state that will not be decoded; one that cannot be given
+/// back lapses after the lease.
+fn give_back(transfers: SentTransfers) {
+    if let Err(e) = transfers.release() {
+        tracing::warn!("giving back the pipe ends of an actor state not used: {e}");
+    }
 }
 
 /// How a creation sets up its runtime's actor hosts, the first time: the activations stream's
@@ -604,6 +634,9 @@ struct Creation<A> {
     authenticated: bool,
     /// The script call, until it is sent.
     invocation: Option<redis::ScriptInvocation<'static>>,
+    /// The transfers registered while the state was encoded on the calling thread (a blocking
+    /// creation's), given back if no actor is created from it.
+    transfers: Option<SentTransfers>,
     /// Instead of the script call, the state to encode in the task that sends the creation
     /// (on the blocking pool), when it carries pipe ends and the hosts are set up in that task
     /// too (passing an end makes a round trip to Redis): the script call is made there.
@@ -629,17 +662,25 @@ impl<A: Actor> Deferred<A> {
         &self,
         store: &Store,
         keys: &ActorKeys,
-    ) -> Result<redis::ScriptInvocation<'static>> {
+    ) -> Result<(redis::ScriptInvocation<'static>, SentTransfers)> {
         let actor_type = std::any::type_name::<A>();
-        let data = store.encode(&self.state, actor_type)?;
-        Ok(protocol::create_invocation(
+        let (data, transfers) = collect_transfers(|| store.encode(&self.state, actor_type));
+        let data = match data {
+            Ok(data) => data,
+            Err(e) => {
+                give_back(transfers);
+                return Err(e);
+            }
+        };
+        let invocation = protocol::create_invocation(
             store,
             keys,
             actor_type,
             &data,
             self.verifier.as_ref().map(|v| v.as_slice()),
             self.mode,
-        ))
+        );
+        Ok((invocation, transfers))
     }
 }
 
@@ -668,8 +709,17 @@ impl<A: Actor> Creation<A> {
         let verifier = options
             .authenticate
             .then(|| protocol::verifier(&AuthKey::of_this_process(), &id));
+        let mut transfers = None;
         let data = match hosts {
-            HostsSetup::Blocking => Some(store.encode(&state, actor_type)?),
+            HostsSetup::Blocking => {
+                let (data, sent) = collect_transfers(|| store.encode(&state, actor_type));
+                if data.is_err() {
+                    give_back(sent);
+                } else {
+                    transfers = Some(sent);
+                }
+                Some(data?)
+            }
             HostsSetup::InTask => {
                 encode_without_round_trips(|| store.encode(&state, actor_type)).transpose()?
             }
@@ -701,6 +751,7 @@ impl<A: Actor> Creation<A> {
             store,
             authenticated: options.authenticate,
             invocation,
+            transfers,
             deferred,
             starts_hosts,
             _actor: PhantomData,
@@ -723,6 +774,7 @@ impl<A: Actor> Creation<A> {
         let (group_made, outcome) = context::current()?
             .spawn(move |store, caller| async move {
                 let mut group_made = activations.is_none();
+                let mut sent = None;
                 let outcome = async {
                     // A state kept back is encoded first, on the blocking pool, where it is
                     // dropped too, whatever comes next: dropping a pipe end may make a round
@@ -730,13 +782,15 @@ impl<A: Actor> Creation<A> {
                     let invocation = match (invocation, deferred) {
                         (Some(invocation), _) => invocation,
                         (None, Some((deferred, store, keys))) => {
-                            tokio::task::spawn_blocking(move || deferred.invocation(&store, &keys))
-                                .await
-                                .map_err(|e| {
-                                    Error::Backend(format!(
-                                        "encoding the actor's state failed: {e}"
-                                    ))
-                                })??
+                            let (invocation, transfers) = tokio::task::spawn_blocking(move || {
+                                deferred.invocation(&store, &keys)
+                            })
+                            .await
+                            .map_err(|e| {
+                                Error::Backend(format!("encoding the actor's state failed: {e}"))
+                            })??;
+                            sent = Some(transfers);
+                            invocation
                         }
                         (None, None) => {
                             return Err(Error::invalid_state("the creation was sent already"));
@@ -755,6 +809,9 @@ impl<A: Actor> Creation<A> {
                         .map_err(|e| Error::redis(format!("creating actor {state_key}"), e))
                 }
                 .await;
+                if let Some(transfers) = sent.filter(|_| state_unused(&outcome)) {
+                    let _ = tokio::task::spawn_blocking(move || give_back(transfers)).await;
+                }
                 caller.finish(Ok((group_made, outcome)));
             })
             .await?;
