@@ -70,8 +70,8 @@ fn claims_script(prefix: &str, holder: &str, body: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(format!(
         "{}\n{}\n{body}",
-        include_str!("../../primitives/src/queue/claims_ttl.lua"),
-        include_str!("../../primitives/src/queue/claims_prelude.lua"),
+        include_str!("../../primitives/src/queue/claims/claims_ttl.lua"),
+        include_str!("../../primitives/src/queue/claims/claims_prelude.lua"),
     ))
     .arg(5)
     .arg(format!("{prefix}items"))
@@ -480,7 +480,7 @@ fn a_late_fetch_or_give_back_of_a_holder_does_nothing() {
     let mut late_fetch = claims_script(
         &prefix,
         holder,
-        include_str!("../../primitives/src/queue/claim_fetch.lua"),
+        include_str!("../../primitives/src/queue/claims/claim_fetch.lua"),
     );
     late_fetch.arg(0).arg(8).arg(5000).arg(1 << 20).arg(0);
     let refused = late_fetch.query::<redis::Value>(&mut raw);
@@ -492,7 +492,7 @@ fn a_late_fetch_or_give_back_of_a_holder_does_nothing() {
     let mut late_release = claims_script(
         &prefix,
         holder,
-        include_str!("../../primitives/src/queue/claim_release.lua"),
+        include_str!("../../primitives/src/queue/claims/claim_release.lua"),
     );
     late_release.arg(1);
     let given: i64 = late_release.query(&mut raw).expect("release");
@@ -640,7 +640,9 @@ fn an_item_in_doubt_given_back_twice_goes_back_once() {
         .expect("the claim");
     let ack = |conn: &mut redis::Connection| -> i64 {
         redis::cmd("EVAL")
-            .arg(include_str!("../../primitives/src/queue/claim_ack.lua"))
+            .arg(include_str!(
+                "../../primitives/src/queue/claims/claim_ack.lua"
+            ))
             .arg(2)
             .arg(&claim)
             .arg(&fences)
@@ -655,7 +657,7 @@ fn an_item_in_doubt_given_back_twice_goes_back_once() {
         claims_script(
             &prefix,
             holder,
-            include_str!("../../primitives/src/queue/claim_release.lua"),
+            include_str!("../../primitives/src/queue/claims/claim_release.lua"),
         )
         .arg(12)
         .arg("doubt")

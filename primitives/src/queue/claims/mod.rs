@@ -127,10 +127,14 @@ fn script_source(body: &str) -> String {
     )
 }
 
+mod link;
+
+use link::*;
+
 static FETCH: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("claim_fetch.lua")));
 static RELEASE: LazyLock<redis::Script> =
     LazyLock::new(|| script(include_str!("claim_release.lua")));
-static SIZE: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("size.lua")));
+static SIZE: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("../size.lua")));
 static ACK: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!("{ALLOW_OOM}\n{}", include_str!("claim_ack.lua")))
 });
@@ -990,221 +994,6 @@ pub(super) fn parse_batch(reply: redis::Value) -> Result<(u64, Vec<Vec<u8>>)> {
     Ok((first, items))
 }
 
-/// What became of an ack.
-enum Ack {
-    /// Written (its reply is read later): the item is this process's.
-    Written,
-    /// Written again after a failure and applied: the item is this process's.
-    Applied,
-    /// The item was given back to the queue before any ack of it was applied.
-    NotOurs,
-    /// The batch went stale before the ack could be written: nothing was written.
-    TooLate,
-}
-
-/// An ack written and not known to be applied.
-struct Unconfirmed {
-    number: u64,
-    /// The queue's fences hash (`claim_ack.lua` records acks written again there).
-    fences: String,
-}
-
-/// This process's claims connection to one Redis: acks are written without waiting, and their
-/// replies read before the next script.
-#[derive(Default)]
-struct Link {
-    /// The store whose Redis this is a connection to (the keeper settles it).
-    store: Option<Arc<Store>>,
-    conn: Option<redis::Connection>,
-    /// Replies not read yet.
-    pending: usize,
-    /// The last ack written per claim since the replies were last all read.
-    unconfirmed: HashMap<String, Unconfirmed>,
-    /// Whether a reply read was an error, or the connection failed with replies pending: the
-    /// unconfirmed acks are written again (`claim_ack.lua`) and waited for.
-    failed: bool,
-}
-
-impl Link {
-    fn conn(&mut self, store: &Store) -> redis::RedisResult<&mut redis::Connection> {
-        let conn = match self.conn.take() {
-            Some(conn) => conn,
-            None => {
-                let settings = store.settings();
-                let conn = redis::Client::open(store.url())?
-                    .get_connection_with_timeout(settings.connect_timeout)?;
-                conn.set_read_timeout(Some(settings.response_timeout))?;
-                conn.set_write_timeout(Some(settings.response_timeout))?;
-                conn
-            }
-        };
-        Ok(self.conn.insert(conn))
-    }
-
-    /// Forgets the connection (a reply may be pending on it).
-    fn drop_conn(&mut self) {
-        self.conn = None;
-        self.pending = 0;
-        if !self.unconfirmed.is_empty() {
-            self.failed = true;
-        }
-    }
-
-    /// Whether acks wait to be written again.
-    fn needs_settling(&self) -> bool {
-        self.failed || self.pending > 0
-    }
-
-    /// Writes the ack of the item `number` of this process's claim on `keys`'s queue, without
-    /// waiting. After a failure, or with no connection open (opening one takes time, and the
-    /// ack must not reach Redis later than the allowance checked before), the ack is written
-    /// as `claim_ack.lua` with the unconfirmed ones and waited for, and its outcome returned.
-    fn ack(&mut self, store: &Store, keys: &QueueKeys, number: u64) -> Result<Ack> {
-        if self.failed || self.conn.is_none() {
-            return self.confirm(store, Some((keys, number))).map(ours_or_not);
-        }
-        let packed = ack_command(&keys.claim, number).get_packed_command();
-        let written = self
-            .conn(store)
-            .and_then(|conn| conn.send_packed_command(&packed));
-        match written {
-            Ok(()) => {
-                self.pending += 1;
-                self.unconfirmed.insert(
-                    keys.claim.clone(),
-                    Unconfirmed {
-                        number,
-                        fences: keys.claim_fences.clone(),
-                    },
-                );
-                Ok(Ack::Written)
-            }
-            Err(_) => {
-                // Not written (a write that fails sends nothing of a command this small): on a
-                // new connection, waited for.
-                self.drop_conn();
-                self.confirm(store, Some((keys, number))).map(ours_or_not)
-            }
-        }
-    }
-
-    /// Whether the item `number` of this process's claim on `keys`'s queue, whose ack's outcome
-    /// is not known, is this process's: its ack is written again and waited for.
-    fn resolve(&mut self, store: &Store, keys: &QueueKeys, number: u64) -> Result<bool> {
-        self.confirm(store, Some((keys, number)))
-    }
-
-    /// Writes every unconfirmed ack again (`claim_ack.lua`), and `item`'s (a claim's next item,
-    /// not returned yet: it is never kept among the unconfirmed, so that only its own get
-    /// decides it), and waits for the outcomes; returns `item`'s (`true`: it is this process's).
-    fn confirm(&mut self, store: &Store, item: Option<(&QueueKeys, u64)>) -> Result<bool> {
-        self.read_pending();
-        let mut ours = false;
-        let unconfirmed = std::mem::take(&mut self.unconfirmed);
-        let result = (|| {
-            let conn = self.conn(store)?;
-            for (key, ack) in &unconfirmed {
-                let _: i64 = ACK
-                    .key(key)
-                    .key(&ack.fences)
-                    .arg(process_holder())
-                    .arg(ack.number)
-                    .arg(claims_ttl(store))
-                    .invoke(conn)?;
-            }
-            if let Some((keys, number)) = item {
-                let applied: i64 = ACK
-                    .key(&keys.claim)
-                    .key(&keys.claim_fences)
-                    .arg(process_holder())
-                    .arg(number)
-                    .arg(claims_ttl(store))
-                    .invoke(conn)?;
-                ours = applied == 1;
-            }
-            Ok(())
-        })();
-        match result {
-            Ok(()) => {
-                self.failed = false;
-                Ok(ours)
-            }
-            Err(e) => {
-                self.unconfirmed = unconfirmed;
-                if !is_reply(&e) {
-                    self.drop_conn();
-                }
-                self.failed = true;
-                Err(Error::redis("acknowledging items taken from a queue", e))
-            }
-        }
-    }
-
-    /// Reads the replies pending; notes an error reply, forgets the connection on a failure.
-    fn read_pending(&mut self) {
-        while self.pending > 0 {
-            let Some(conn) = self.conn.as_mut() else {
-                self.pending = 0;
-                break;
-            };
-            match conn.recv_response() {
-                // An error reply (`MISCONF`, `READONLY`...) comes as a value.
-                Ok(redis::Value::ServerError(_)) => {
-                    self.pending -= 1;
-                    self.failed = true;
-                }
-                Ok(_) => self.pending -= 1,
-                Err(e) if is_reply(&e) => {
-                    self.pending -= 1;
-                    self.failed = true;
-                }
-                Err(_) => self.drop_conn(),
-            }
-        }
-    }
-
-    /// Makes sure every ack written was applied.
-    fn settle(&mut self, store: &Store) -> Result<()> {
-        self.read_pending();
-        if self.failed {
-            self.confirm(store, None).map(|_| ())
-        } else {
-            self.unconfirmed.clear();
-            Ok(())
-        }
-    }
-
-    /// Runs a claims script once every ack written was applied.
-    fn invoke(
-        &mut self,
-        store: &Store,
-        what: &str,
-        invocation: &redis::ScriptInvocation<'static>,
-    ) -> Result<redis::Value> {
-        self.settle(store)?;
-        let result = self
-            .conn(store)
-            .and_then(|conn| invocation.invoke::<redis::Value>(conn));
-        result.map_err(|e| {
-            if !is_reply(&e) {
-                self.drop_conn();
-            }
-            Error::redis(what, e)
-        })
-    }
-}
-
-fn ours_or_not(ours: bool) -> Ack {
-    if ours { Ack::Applied } else { Ack::NotOurs }
-}
-
-/// The ack of every item numbered up to `number` in `claim`.
-fn ack_command(claim: &str, number: u64) -> redis::Cmd {
-    let mut cmd = redis::cmd("ZREMRANGEBYSCORE");
-    cmd.arg(claim).arg("-inf").arg(number);
-    cmd
-}
-
 /// `qsize`'s request: `{1, length, claimed, items applied by this process's feeder}`, the
 /// last from the feeder's record `fed` (`None`: the feeder has no record of the queue; any
 /// key of the queue then, its count unused).
@@ -1217,9 +1006,4 @@ pub(super) fn size(keys: &QueueKeys, fed: Option<&str>) -> Request {
         .key(fed.unwrap_or(&keys.state))
         .arg(&keys.claim_prefix);
     Request::script("measuring", invocation)
-}
-
-/// Whether `e` is Redis's reply (the connection is still in step) rather than a failure to talk.
-fn is_reply(e: &redis::RedisError) -> bool {
-    !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error())
 }
