@@ -1,5 +1,5 @@
 //! The async gets (`get_async`, `get_timeout_async`, `get_nowait_async`) of every queue: each
-//! item is *claimed* before it leaves Redis, as the blocking gets' items are (`claims.rs`), so a
+//! item is *claimed* before it leaves Redis, as the blocking gets' items are (`claims/mod.rs`), so a
 //! process killed while an async get waits, or while Redis's answer is on its way, loses
 //! nothing.
 //!
@@ -47,7 +47,7 @@
 //! `get_nowait_async`: 2 when it finds an item (fetch, ack), 1 when the queue is empty. A
 //! waiting async get: 1 per slice of waiting (the last one finds the item), then the ack. On a
 //! bounded queue, 1 more to wake a writer. (An unbounded queue's async get first takes an item
-//! this process's blocking gets hold, without a round trip, when it can: `claims.rs`.)
+//! this process's blocking gets hold, without a round trip, when it can: `claims/mod.rs`.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -99,7 +99,7 @@
 //! (0.2 s + `sync.lease_secs`).
 //! Batches grow only while one consumer drains the queue; with several consumers, and on a
 //! bounded queue, each get takes one item (claimed the same way). The items one process holds are not seen by another meanwhile: the other receives
-//! them after the later items it took. The details are in `claims.rs`.
+//! them after the later items it took. The details are in `claims/mod.rs`.
 //!
 //! # Async forms
 //!
