@@ -1218,9 +1218,16 @@ fn the_first_actor_of_a_runtime_is_spawned_async_without_blocking_the_thread() {
 
 /// An actor that writes what it is sent to the pipe end it holds.
 #[derive(Serialize, Deserialize, shoal::Actor)]
-#[actor(messages(Incr))]
+#[actor(messages(Incr, Explode))]
 struct Relay {
     out: Connection<u64>,
+}
+
+impl Handler<Explode> for Relay {
+    type Reply = ();
+    fn handle(&mut self, _: Explode, _: &mut ActorContext) {
+        panic!("the relay explodes");
+    }
 }
 
 impl Handler<Incr> for Relay {
@@ -1307,7 +1314,8 @@ fn pipe_transfers(c: &mut redis::Connection) -> usize {
 
 /// An actor's state that holds a pipe end passes the end at each commit (the next activation
 /// decodes it from there): the host gives back the transfer of the state a commit replaced, so
-/// an actor that got many messages holds one transfer, not one per commit.
+/// an actor that got many messages holds one transfer, not one per commit, and that of its last
+/// state once it is stopped.
 #[test]
 fn an_actor_holding_a_pipe_end_keeps_one_transfer_of_it_whatever_it_commits() {
     let rt = runtime();
@@ -1329,7 +1337,32 @@ fn an_actor_holding_a_pipe_end_keeps_one_transfer_of_it_whatever_it_commits() {
         "transfers of the actor's pipe end: {}",
         pipe_transfers(&mut c)
     );
+    // A stopped actor's state is never decoded again: its end closes once the host drops it.
     relay.stop().expect("stop");
+    assert!(
+        reader.poll(Some(Duration::from_secs(10))).expect("poll"),
+        "the stopped actor's pipe end is still held"
+    );
+    assert!(matches!(reader.recv(), Err(Error::Closed(_))));
+}
+
+/// A handler that panics restarts its actor from the last committed state, whose pipe ends the
+/// restored instance claims again: the end stays open, here where the host is its only holder
+/// and the panic comes in the activation's first batch (before any commit of the host's).
+#[test]
+fn an_actor_restarted_after_a_panic_keeps_its_pipe_end() {
+    let _rt = runtime();
+    let (reader, writer) = Pipe::new::<u64>(false).expect("pipe");
+    let relay = shoal::spawn_actor(Relay { out: writer }).expect("spawn_actor");
+    let exploded = relay.ask(Explode, Some(Duration::from_secs(30)));
+    assert!(
+        matches!(&exploded, Err(Error::Task(e)) if e.kind == TaskErrorKind::Panic),
+        "{exploded:?}"
+    );
+    relay
+        .ask(Incr(3), Some(Duration::from_secs(30)))
+        .expect("relayed after the restart");
+    assert_eq!(reader.recv().expect("what the restored actor relayed"), 3);
 }
 
 /// A named actor that exists already keeps its state: the state `get_or_spawn` (blocking or

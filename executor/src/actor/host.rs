@@ -392,6 +392,7 @@ fn serve_actor(
         unwatched: None,
         ttl_refreshed: None,
         committed_transfers: SentTransfers::default(),
+        retired: Vec::new(),
     };
     let outcome = state.run(&stop);
     let _ = store.with_conn(
@@ -592,6 +593,11 @@ struct ActorState<'a> {
     authkey: Option<AuthKey>,
     /// The live actor, restored from `saved`.
     actor: Option<Box<dyn HostedActor>>,
+    /// Instances whose handler panicked, kept until `actor` is restored from `saved` (the
+    /// restore is lazy: at the next message not skipped): their handles keep this host's holds
+    /// of the state's pipe ends while the restored instance claims them again, without which
+    /// an end that only this host holds would close in between.
+    retired: Vec<Box<dyn HostedActor>>,
     /// This activation's own connection: its mailbox reads and its commits go on it, so a read
     /// can `WATCH` the lease for the commit after it (see [`ActorState::commit`]).
     link: HeldConn,
@@ -718,6 +724,7 @@ impl ActorState<'_> {
                 )
             })?;
             self.actor = Some(actor);
+            self.retired.clear();
         }
         self.actor
             .as_mut()
@@ -731,15 +738,17 @@ impl ActorState<'_> {
             match self.apply(entries, &mut poisoned) {
                 Ok(replies) => break replies,
                 Err(()) => {
-                    // A handler panicked: restart from the last committed state, without it.
-                    self.actor = None;
+                    // A handler panicked: restart from the last committed state, without it
+                    // (kept until then: see `retired`).
+                    self.retired.extend(self.actor.take());
                 }
             }
         };
         // Saving a state that holds pipe ends passes them (a transfer each, for whoever
         // decodes it next: see `shoal_core::transfers`). Once a state is committed, the one it
-        // replaces will never be decoded, and its transfers are given back; the transfers of a
-        // state not committed, at once.
+        // replaces will never be decoded, and its transfers are given back, and so are the
+        // committed state's own once the actor is stopped or failed (it is never decoded
+        // again); those of a state that could not be saved, at once.
         let (data, transfers) = match &self.actor {
             Some(actor) => match collect_transfers(|| actor.save(self.limit)) {
                 (Ok(data), transfers) => (data, Some(transfers)),
@@ -765,14 +774,17 @@ impl ActorState<'_> {
                 if let Some(transfers) = transfers {
                     give_back(std::mem::replace(&mut self.committed_transfers, transfers));
                 }
+                if self.status != "active" {
+                    give_back(std::mem::take(&mut self.committed_transfers));
+                }
                 Ok(None)
             }
+            // Not committed, unless an attempt whose answer was lost was (the script then
+            // finds the lease gone): the transfers stay, renewed while this host lives.
             Err(Error::Redis { source, .. }) if source.code() == Some("STALE") => {
-                // Not committed: nobody will decode this state.
-                give_back(transfers.unwrap_or_default());
                 Ok(Some(Ending::Lost))
             }
-            // Perhaps committed: its transfers stay (renewed while this host lives).
+            // Perhaps committed: the same.
             Err(e) => Err(e),
         }
     }
