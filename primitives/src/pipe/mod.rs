@@ -57,7 +57,8 @@
 //!   the end open. An actor's host gives back the transfers of a state a later commit
 //!   replaced, and those of its last state once the actor is stopped or failed; an actor
 //!   creation gives back those of a state it did not use (a named actor that existed, or an
-//!   error). The transfers of a state whose commit may have been applied stay. A handle deserialized without a runtime claims at its first use.
+//!   error). The transfers of a state whose commit may have been applied stay. A handle
+//!   deserialized without a runtime claims at its first use.
 //!   A value deserialized twice (a retried task) claims twice: the second process holds the end
 //!   too, unless every holder has let it go by then, and then its handle is closed.
 //! * **End of file.** When the last holder of an end lets go (closes, or its lease lapses and is

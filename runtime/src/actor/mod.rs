@@ -498,9 +498,10 @@ pub fn get_or_spawn_with<A: Actor>(
 /// trip to Redis, so such a state is encoded in that task, on the blocking pool of shoal's
 /// actor runtime, and the caller's thread does not wait on Redis (unless the future is dropped
 /// before its first poll: the state is dropped with it then, and closing the process's last
-/// handle of an end makes a round trip). Once polled, a dropped future may still create the actor; an unnamed one is
-/// then referred to by nothing (it expires after `redis.expiry_secs` unused), and the
-/// runtime's hosts, if this was its first actor, are started by its next creation.
+/// handle of an end makes a round trip). Once polled, a dropped future may still create the
+/// actor; an unnamed one is then referred to by nothing (it expires after `redis.expiry_secs`
+/// unused), and the runtime's hosts, if this was its first actor, are started by its next
+/// creation.
 ///
 /// ```no_run
 /// # use serde::{Deserialize, Serialize};
