@@ -595,8 +595,8 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     }
 
     /// The async form of [`Connection::send`] (1 round trip on shoal's actor runtime, 2 when a
-    /// hold may have lapsed; the message is encoded when this is called). A send whose future is dropped still happens
-    /// if it was under way (at most once).
+    /// hold may have lapsed; the message is encoded when this is called). A send whose future
+    /// is dropped still happens if it was under way (at most once).
     pub fn send_async<'a>(
         &'a self,
         message: &T,
