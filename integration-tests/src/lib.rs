@@ -439,3 +439,38 @@ pub fn with_ticker<T>(f: impl std::future::Future<Output = T>) -> (T, u64) {
         (out, ticks.load(std::sync::atomic::Ordering::Relaxed))
     })
 }
+
+/// Awaits `f` as [`with_ticker`] does, with the store's process (`redis_pid`) stopped
+/// (`SIGSTOP`) for `frozen` from the start, and checks that `f` left the thread free: it waited
+/// for the store (half of `frozen` at least, else the test cannot tell) and the ticker counted
+/// at least one tick per 20 ms of it (every 5 ms when free; a call that blocked the thread on
+/// the store counts about one). `f` is first polled once the store is stopped: make the call
+/// in an `async` block, so that its synchronous part meets the frozen store too. Returns `f`'s
+/// output.
+pub fn await_with_store_frozen<T>(
+    redis_pid: u32,
+    frozen: std::time::Duration,
+    f: impl std::future::Future<Output = T>,
+) -> T {
+    use nix::sys::signal::{Signal, kill};
+    let pid = nix::unistd::Pid::from_raw(redis_pid as i32);
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP the store");
+    let thaw = std::thread::spawn(move || {
+        std::thread::sleep(frozen);
+        kill(pid, Signal::SIGCONT)
+    });
+    let started = std::time::Instant::now();
+    let (out, ticks) = with_ticker(f);
+    let took = started.elapsed();
+    thaw.join().expect("thaw").expect("SIGCONT the store");
+    assert!(
+        took >= frozen / 2,
+        "not frozen long enough to tell: {took:?}"
+    );
+    let expected = took.as_millis() as u64 / 20;
+    assert!(
+        ticks >= expected,
+        "the thread was blocked: {ticks} ticks in {took:?}"
+    );
+    out
+}

@@ -11,7 +11,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use shoal::prelude::*;
 use shoal::{ActorOptions, Handles, TaskErrorKind};
-use shoal_integration_tests::{pid_running, wait_for, with_ticker};
+use shoal_integration_tests::{await_with_store_frozen, pid_running, wait_for, with_ticker};
 
 shoal::test_support!();
 
@@ -1191,28 +1191,13 @@ fn the_first_actor_of_a_runtime_is_spawned_async_without_blocking_the_thread() {
         .arg("shoal:{default:actors:hosts}:activations")
         .query::<redis::Value>(&mut c);
     assert!(groups.is_err(), "the hosts were set up already: {groups:?}");
-    let redis_pid = Pid::from_raw(rt.embedded_redis_pid().expect("the embedded store") as i32);
-    kill(redis_pid, Signal::SIGSTOP).expect("SIGSTOP the store");
-    let thaw = std::thread::spawn(move || {
-        std::thread::sleep(FROZEN);
-        kill(redis_pid, Signal::SIGCONT)
-    });
-    let started = Instant::now();
-    let (spawned, ticks) = with_ticker(shoal::spawn_actor_async(Counter::default()));
-    let took = started.elapsed();
-    thaw.join().expect("thaw").expect("SIGCONT the store");
-    let counter = spawned.expect("spawn_actor_async");
-    // It waited for the store (a blocking setup too would, on the caller's thread)...
-    assert!(
-        took >= FROZEN / 2,
-        "not frozen long enough to tell: {took:?}"
-    );
-    // ...and the thread ticked meanwhile (every 5 ms: at least one in 20 ms on a busy machine).
-    let expected = took.as_millis() as u64 / 20;
-    assert!(
-        ticks >= expected,
-        "the thread was blocked: {ticks} ticks in {took:?}"
-    );
+    let redis_pid = rt.embedded_redis_pid().expect("the embedded store");
+    // It waits for the store (a blocking setup too would, on the caller's thread), and the
+    // thread ticks meanwhile.
+    let counter = await_with_store_frozen(redis_pid, FROZEN, async {
+        shoal::spawn_actor_async(Counter::default()).await
+    })
+    .expect("spawn_actor_async");
     assert_eq!(ask(&counter, Incr(3)).expect("ask"), 3);
 }
 
@@ -1249,7 +1234,7 @@ fn actors_whose_state_carries_a_pipe_end_are_spawned_async_without_blocking_the_
     // The hosts are set up first: only the state's encoding could wait on the store.
     let warm = shoal::spawn_actor(Counter::default()).expect("spawn_actor");
     assert_eq!(ask(&warm, Incr(1)).expect("ask"), 1);
-    let redis_pid = Pid::from_raw(rt.embedded_redis_pid().expect("the embedded store") as i32);
+    let redis_pid = rt.embedded_redis_pid().expect("the embedded store");
     let name = format!("relay-{}", uuid::Uuid::new_v4().simple());
     type Spawn =
         Box<dyn FnOnce(Connection<u64>) -> BoxFuture<'static, shoal::Result<ActorRef<Relay>>>>;
@@ -1259,26 +1244,9 @@ fn actors_whose_state_carries_a_pipe_end_are_spawned_async_without_blocking_the_
     ];
     for spawn in spawns {
         let (reader, writer) = Pipe::new::<u64>(false).expect("pipe");
-        kill(redis_pid, Signal::SIGSTOP).expect("SIGSTOP the store");
-        let thaw = std::thread::spawn(move || {
-            std::thread::sleep(FROZEN);
-            kill(redis_pid, Signal::SIGCONT)
-        });
-        let started = Instant::now();
         // Called (the state encoded, or not) and awaited with the store frozen.
-        let (spawned, ticks) = with_ticker(async { spawn(writer).await });
-        let took = started.elapsed();
-        thaw.join().expect("thaw").expect("SIGCONT the store");
-        let relay = spawned.expect("spawned");
-        assert!(
-            took >= FROZEN / 2,
-            "not frozen long enough to tell: {took:?}"
-        );
-        let expected = took.as_millis() as u64 / 20;
-        assert!(
-            ticks >= expected,
-            "the thread was blocked: {ticks} ticks in {took:?}"
-        );
+        let relay = await_with_store_frozen(redis_pid, FROZEN, async { spawn(writer).await })
+            .expect("spawned");
         relay
             .ask(Incr(7), Some(Duration::from_secs(30)))
             .expect("relayed");

@@ -2,13 +2,13 @@
 //! `start_async` and `join_async`, under tokio's current-thread runtime (where a blocked thread would stop
 //! everything) and a multi-thread one, and under actix's.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use shoal::prelude::*;
-use shoal_integration_tests::{wait_for, with_ticker};
+use shoal_integration_tests::{await_with_store_frozen, wait_for, with_ticker};
 
 shoal::test_support!();
 
@@ -184,28 +184,9 @@ fn start_async_with_pipe_ends_among_its_arguments_leaves_the_thread_free() {
     let rt = runtime();
     let (mine, theirs) = Pipe::new::<u64>(true).expect("pipe");
     let p = Process::new(add_one_back, (theirs,));
-    let redis_pid = Pid::from_raw(rt.embedded_redis_pid().expect("the embedded store") as i32);
-    kill(redis_pid, Signal::SIGSTOP).expect("SIGSTOP the store");
-    let thaw = std::thread::spawn(move || {
-        std::thread::sleep(FROZEN);
-        kill(redis_pid, Signal::SIGCONT)
-    });
-    let started = Instant::now();
-    let (result, ticks) = with_ticker(p.start_async());
-    let took = started.elapsed();
-    thaw.join().expect("thaw").expect("SIGCONT the store");
-    result.expect("start_async");
-    // It waited for the store (passing the end needs it)...
-    assert!(
-        took >= FROZEN / 2,
-        "not frozen long enough to tell: {took:?}"
-    );
-    // ...and the thread ticked meanwhile (every 5 ms: at least one in 20 ms on a busy machine).
-    let expected = took.as_millis() as u64 / 20;
-    assert!(
-        ticks >= expected,
-        "the thread was blocked: {ticks} ticks in {took:?}"
-    );
+    let redis_pid = rt.embedded_redis_pid().expect("the embedded store");
+    // It waits for the store (passing the end needs it), and the thread ticks meanwhile.
+    await_with_store_frozen(redis_pid, FROZEN, p.start_async()).expect("start_async");
     mine.send(&41).expect("send");
     assert_eq!(mine.recv().expect("the child's answer"), 42);
     p.join(None).expect("join");
