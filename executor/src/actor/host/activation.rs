@@ -1,0 +1,556 @@
+//! One activation of one actor: the actor thread's loop (read a batch of the mailbox, apply
+//! it, commit it) from the activation to the end of its lease (see [`ActorState`], and the
+//! protocol's module docs in [`super::super`]).
+
+use super::*;
+
+/// Why an actor thread ended.
+pub(super) enum Ending {
+    /// Idle, stopped or failed: the lease is given back.
+    Release,
+    /// The lease was lost (another host has the actor).
+    Lost,
+}
+
+/// One activation of one actor.
+pub(super) struct ActorState<'a> {
+    pub(super) store: &'a Store,
+    pub(super) spec: &'a HostSpec,
+    pub(super) keys: &'a ActorKeys,
+    pub(super) actor_id: &'a str,
+    pub(super) actor_type: &'a str,
+    pub(super) lease: &'a str,
+    pub(super) limit: usize,
+    /// The last committed state.
+    pub(super) saved: Vec<u8>,
+    pub(super) applied: String,
+    pub(super) status: String,
+    pub(super) reason: String,
+    /// Handler panics within the restart period (Unix ms).
+    pub(super) failures: Vec<u64>,
+    /// The key messages must be signed with, for an authenticated actor.
+    pub(super) authkey: Option<AuthKey>,
+    /// The live actor, restored from `saved`.
+    pub(super) actor: Option<Box<dyn HostedActor>>,
+    /// Instances whose handler panicked, kept until `actor` is restored from `saved` (the
+    /// restore is lazy: at the next message not skipped): their handles keep this host's holds
+    /// of the state's pipe ends while the restored instance claims them again, without which
+    /// an end that only this host holds would close in between.
+    pub(super) retired: Vec<Box<dyn HostedActor>>,
+    /// This activation's own connection: its mailbox reads and its commits go on it, so a read
+    /// can `WATCH` the lease for the commit after it (see [`ActorState::commit`]).
+    pub(super) link: HeldConn,
+    /// The connection of `link` (its generation) on which the lease is watched, when it was
+    /// this host's as the watch began.
+    pub(super) watching: Option<u64>,
+    /// The connection of `link` (its generation) that watches nothing: its last command was an
+    /// `EXEC`, which ends every watch, so the next read needs no `UNWATCH`.
+    pub(super) unwatched: Option<u64>,
+    /// When a commit last refreshed the TTLs of the state and the mailbox.
+    pub(super) ttl_refreshed: Option<Instant>,
+    /// The transfers this activation registered for the pipe ends in the last state it
+    /// committed (see [`ActorState::apply_and_commit`]).
+    pub(super) committed_transfers: SentTransfers,
+}
+
+impl ActorState<'_> {
+    pub(super) fn run(&mut self, stop: &AtomicBool) -> Result<Ending> {
+        // The mailbox holds the messages not yet applied, after at most a node of applied ones
+        // (skipped: see `apply`), so reading it from the start, then after the last entry
+        // read, sees every message once, in order, whatever another host read before.
+        let mut read_after = "0-0".to_string();
+        let mut last_message = Instant::now();
+        let idle = Duration::from_millis(self.spec.idle_ms);
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return Ok(Ending::Lost);
+            }
+            if context::termination_requested() {
+                return Ok(Ending::Release);
+            }
+            let Some(entries) = self.read(&read_after)? else {
+                return Ok(Ending::Lost);
+            };
+            let Some(last) = entries.last() else {
+                if last_message.elapsed() >= idle {
+                    return Ok(Ending::Release);
+                }
+                continue;
+            };
+            read_after = last.id.clone();
+            last_message = Instant::now();
+            match self.apply_and_commit(&entries)? {
+                Some(ending) => return Ok(ending),
+                None if self.status != "active" => return Ok(Ending::Release),
+                None => {}
+            }
+        }
+    }
+
+    /// The next batch of the mailbox after entry `after`, waiting at most [`READ_BLOCK`] for
+    /// one; `None` when the lease is no longer this host's. A plain `XREAD`, not a consumer
+    /// group's: a host that lost its lease (paused, cut off) and reads again takes nothing from
+    /// its successor.
+    ///
+    /// The same round trip then `WATCH`es the lease and reads it: when it is this host's, the
+    /// commit of what this read returned can be a plain transaction, which fails if anyone
+    /// wrote the lease since (see [`ActorState::commit`]). The watch begins once the `XREAD`
+    /// has returned (`UNWATCH` first drops the previous one, which a renewal during the wait
+    /// may have spoilt, unless the connection's last command was the commit's `EXEC`, which
+    /// ended it); a token is never given twice, so a lease that holds this host's token then
+    /// has been this host's all along.
+    fn read(&mut self, after: &str) -> Result<Option<Vec<StreamId>>> {
+        let (store, keys) = (self.store, self.keys);
+        // A connection that watches nothing yet (or a new one) needs no UNWATCH.
+        let unwatched = self.unwatched.take() == Some(self.link.generation());
+        let link = &mut self.link;
+        self.watching = None;
+        let (reply, holder) = store.retry_unreachable(|| {
+            store.with_held_conn(
+                link,
+                Some(READ_BLOCK),
+                || format!("reading {}", keys.mailbox),
+                |c| {
+                    let mut read = redis::pipe();
+                    read.cmd("XREAD")
+                        .arg("COUNT")
+                        .arg(BATCH)
+                        .arg("BLOCK")
+                        .arg(READ_BLOCK.as_millis() as u64)
+                        .arg("STREAMS")
+                        .arg(&keys.mailbox)
+                        .arg(after);
+                    if !unwatched {
+                        read.cmd("UNWATCH").ignore();
+                    }
+                    read.cmd("WATCH")
+                        .arg(&keys.lease)
+                        .ignore()
+                        .get(&keys.lease)
+                        .query::<(Option<StreamReadReply>, Option<String>)>(c)
+                },
+            )
+        })?;
+        if holder.as_deref() != Some(self.lease) {
+            return Ok(None);
+        }
+        self.watching = Some(self.link.generation());
+        Ok(Some(
+            reply
+                .into_iter()
+                .flat_map(|r| r.keys)
+                .flat_map(|k| k.ids)
+                .collect(),
+        ))
+    }
+
+    fn restore(&mut self) -> std::result::Result<&mut Box<dyn HostedActor>, String> {
+        if self.actor.is_none() {
+            let actor_type = self.actor_type;
+            let Some(entry) = hosted::lookup_type(actor_type) else {
+                let program = std::env::current_exe()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                return Err(format!(
+                    "actor type {actor_type} is not registered in {program}, the program this \
+                     host runs (#[derive(shoal::Actor)] in another build?)"
+                ));
+            };
+            let actor = (entry.restore)(&self.saved, self.limit).map_err(|f| {
+                format!(
+                    "the saved state of actor {} does not decode: {}",
+                    self.actor_id, f.message
+                )
+            })?;
+            self.actor = Some(actor);
+            self.retired.clear();
+        }
+        self.actor
+            .as_mut()
+            .ok_or_else(|| "the actor is not restored".to_string())
+    }
+
+    /// Applies a batch and commits it; `Some(ending)` when the actor thread must end.
+    fn apply_and_commit(&mut self, entries: &[StreamId]) -> Result<Option<Ending>> {
+        let mut poisoned: HashMap<String, String> = HashMap::new();
+        let replies = loop {
+            match self.apply(entries, &mut poisoned) {
+                Ok(replies) => break replies,
+                Err(()) => {
+                    // A handler panicked: restart from the last committed state, without it
+                    // (kept until then: see `retired`).
+                    self.retired.extend(self.actor.take());
+                }
+            }
+        };
+        // Saving a state that holds pipe ends passes them (a transfer each, for whoever
+        // decodes it next: see `shoal_core::transfers`). Once a state is committed, the one it
+        // replaces will never be decoded, and its transfers are given back, and so are the
+        // committed state's own once the actor is stopped or failed (it is never decoded
+        // again); those of a state that could not be saved, at once.
+        let (data, transfers) = match &self.actor {
+            Some(actor) => match collect_transfers(|| actor.save(self.limit)) {
+                (Ok(data), transfers) => (data, Some(transfers)),
+                (Err(f), transfers) => {
+                    give_back(transfers);
+                    self.fail(format!("its state cannot be saved: {}", f.message));
+                    (self.saved.clone(), None)
+                }
+            },
+            None => (self.saved.clone(), None),
+        };
+        // Never back: a batch of entries applied before (a new host reads those the trim by
+        // nodes left) changes nothing but their removal.
+        let applied = match entries.last() {
+            Some(last) if is_after(&last.id, &self.applied) => last.id.clone(),
+            _ => self.applied.clone(),
+        };
+        let committed = self.commit(&data, &applied, &replies);
+        match committed {
+            Ok(()) => {
+                self.saved = data;
+                self.applied = applied;
+                if let Some(transfers) = transfers {
+                    give_back(std::mem::replace(&mut self.committed_transfers, transfers));
+                }
+                if self.status != "active" {
+                    give_back(std::mem::take(&mut self.committed_transfers));
+                }
+                Ok(None)
+            }
+            // Not committed, unless an attempt whose answer was lost was (the script then
+            // finds the lease gone): the transfers stay, renewed while this host lives.
+            Err(Error::Redis { source, .. }) if source.code() == Some("STALE") => {
+                Ok(Some(Ending::Lost))
+            }
+            // Perhaps committed: the same.
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs every entry; `Err(())` after the first new panic (recorded in `poisoned`).
+    fn apply(
+        &mut self,
+        entries: &[StreamId],
+        poisoned: &mut HashMap<String, String>,
+    ) -> std::result::Result<Vec<(String, String, Vec<u8>)>, ()> {
+        let mut replies = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let mut reply_key = entry.get::<String>("r").unwrap_or_default();
+            if !reply_key.is_empty() && !reply_key.starts_with(&self.keys.reply_prefix) {
+                // Not a reply key of this actor (only a message written by other means has
+                // one): a reply is never written outside the actor's keys.
+                tracing::warn!(
+                    "actor {}: entry {} names reply key {reply_key:?}, not one of the actor's; \
+                     no reply is written",
+                    self.actor_id,
+                    entry.id
+                );
+                reply_key.clear();
+            }
+            if !is_after(&entry.id, &self.applied) {
+                // Committed already (its reply too): only remove it.
+                replies.push((entry.id.clone(), String::new(), Vec::new()));
+                continue;
+            }
+            let reply = self.apply_one(entry, poisoned)?;
+            let encoded = if reply_key.is_empty() {
+                Vec::new()
+            } else {
+                self.store.encode(&reply, &reply_key).unwrap_or_else(|e| {
+                    self.store
+                        .encode(&Reply::Error(e.to_string()), &reply_key)
+                        .unwrap_or_default()
+                })
+            };
+            replies.push((entry.id.clone(), reply_key, encoded));
+        }
+        Ok(replies)
+    }
+
+    fn apply_one(
+        &mut self,
+        entry: &StreamId,
+        poisoned: &mut HashMap<String, String>,
+    ) -> std::result::Result<Reply, ()> {
+        if let Some(message) = poisoned.get(&entry.id) {
+            // The panic that restarted the batch (the last one may have failed the actor).
+            return Ok(Reply::Panic(message.clone()));
+        }
+        match self.status.as_str() {
+            "failed" => return Ok(Reply::Failed(self.reason.clone())),
+            "stopped" => return Ok(Reply::Stopped),
+            _ => {}
+        }
+        let (Some(kind), Some(payload)) = (field(entry, "k"), field(entry, "p")) else {
+            let e = super::super::malformed(&self.keys.mailbox, &entry.id);
+            return Ok(Reply::Error(e.to_string()));
+        };
+        if let Some(key) = &self.authkey {
+            let reply_to = field(entry, "r").unwrap_or_default();
+            let mac = field(entry, "h").unwrap_or_default();
+            if let Err(e) = auth::verify(key, &[&kind, &payload, &reply_to], &mac, self.actor_id) {
+                return Ok(Reply::Unauthenticated(e.to_string()));
+            }
+        }
+        let kind = String::from_utf8_lossy(&kind).into_owned();
+        if kind == super::super::STOP_KIND {
+            self.status = "stopped".into();
+            return Ok(Reply::Ok(ByteBuf::new()));
+        }
+        let limit = self.limit;
+        let mut context = ActorContext::new(self.actor_id);
+        let actor = match self.restore() {
+            Ok(actor) => actor,
+            Err(reason) => {
+                self.fail(reason.clone());
+                return Ok(Reply::Failed(reason));
+            }
+        };
+        match actor.handle(&kind, &payload, limit, &mut context) {
+            Ok(bytes) => {
+                if context.stop_requested() {
+                    self.status = "stopped".into();
+                }
+                Ok(Reply::Ok(ByteBuf::from(bytes)))
+            }
+            Err(Failure {
+                kind: TaskErrorKind::Panic,
+                message,
+            }) => {
+                poisoned.insert(entry.id.clone(), message.clone());
+                self.record_panic(&message);
+                Err(())
+            }
+            Err(failure) => Ok(Reply::Error(failure.message)),
+        }
+    }
+
+    fn record_panic(&mut self, message: &str) {
+        let now = shoal_core::clock::now_ms();
+        let period = self.spec.restart_period_ms;
+        self.failures.retain(|t| now.saturating_sub(*t) <= period);
+        self.failures.push(now);
+        if self.failures.len() > self.spec.max_restarts as usize {
+            self.fail(format!(
+                "{} handler panics within {} ms exceed actors.max_restarts = {} (last: {message})",
+                self.failures.len(),
+                period,
+                self.spec.max_restarts
+            ));
+        }
+    }
+
+    fn fail(&mut self, reason: String) {
+        tracing::error!("actor {} failed: {reason}", self.actor_id);
+        self.status = "failed".into();
+        self.reason = reason;
+    }
+
+    /// Commits a batch: the state after it, the last entry applied, the replies to its asks,
+    /// and its removal from the mailbox, only while the lease is this host's.
+    ///
+    /// When the read that returned the batch found the lease this host's and watched it, the
+    /// commit is a `MULTI`/`EXEC` transaction on the same connection: `EXEC` applies it only if
+    /// nobody wrote the lease since (a successor taking it, or the lease lapsing, aborts it).
+    /// That costs Redis a fraction of a script's run. A transaction that did not run (aborted,
+    /// a renewal touched the lease, or the connection failed) is followed by the commit script
+    /// (`actor_commit.lua`), which checks the lease itself and is the authority: it commits,
+    /// or answers `STALE`. Committing twice (the transaction ran, but its answer was lost) writes
+    /// the same state again and a second copy of each reply, under its ask's own key, which
+    /// nobody reads and which expires.
+    ///
+    /// The transaction trims the mailbox by whole stream nodes below the last entry applied
+    /// (`XTRIM MINID ~ <applied>`): emptying the stream at every batch, only for the next
+    /// message to make a new node, cost Redis more than the rest of the commit. It refreshes
+    /// the TTLs of the state and the mailbox once per [`ttl_refresh_every`]. The script trims
+    /// every entry applied and refreshes the TTLs every time.
+    fn commit(
+        &mut self,
+        data: &[u8],
+        applied: &str,
+        replies: &[(String, String, Vec<u8>)],
+    ) -> Result<()> {
+        let failures = self
+            .failures
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let reply_ttl_ms = self.store.expiry_secs().saturating_mul(1000);
+        let trim_from = next_entry_id(applied);
+        let refresh_ttls = self
+            .ttl_refreshed
+            .is_none_or(|at| at.elapsed() >= ttl_refresh_every(self.store.expiry_secs()));
+        // EXEC ends the watch, whatever its outcome. A connection opened since the read has
+        // none: the script then.
+        if self.watching.take() == Some(self.link.generation()) {
+            let mut transaction = redis::pipe();
+            transaction
+                .atomic()
+                .hset_multiple(
+                    &self.keys.state,
+                    &[
+                        ("data", data),
+                        ("applied", applied.as_bytes()),
+                        ("status", self.status.as_bytes()),
+                        ("reason", self.reason.as_bytes()),
+                        ("failures", failures.as_bytes()),
+                        ("handbacks", b"0"),
+                    ],
+                )
+                .ignore();
+            for (_, key, reply) in replies.iter().filter(|(_, key, _)| !key.is_empty()) {
+                transaction
+                    .rpush(key, reply.as_slice())
+                    .ignore()
+                    .pexpire(key, reply_ttl_ms as i64)
+                    .ignore();
+            }
+            // Whole stream nodes below the last entry applied (see "Exactly once" in the
+            // protocol's docs): that entry stays, and so does its node, for the next messages.
+            transaction
+                .cmd("XTRIM")
+                .arg(&self.keys.mailbox)
+                .arg("MINID")
+                .arg("~")
+                .arg(applied)
+                .ignore();
+            if refresh_ttls {
+                transaction
+                    .expire(&self.keys.state, self.store.expiry_secs() as i64)
+                    .ignore()
+                    .expire(&self.keys.mailbox, self.store.expiry_secs() as i64)
+                    .ignore();
+            }
+            let executed = self.store.with_held_conn(
+                &mut self.link,
+                // The read's timeout (0.5 s longer than a commit needs): the socket keeps it,
+                // rather than two changes of it per batch.
+                Some(READ_BLOCK),
+                || format!("committing actor {}", self.actor_id),
+                |c| transaction.query::<Option<()>>(c),
+            );
+            if executed.is_ok() {
+                self.unwatched = Some(self.link.generation());
+            }
+            match executed {
+                Ok(Some(())) => {
+                    if refresh_ttls {
+                        self.ttl_refreshed = Some(Instant::now());
+                    }
+                    return Ok(());
+                }
+                // Aborted: the script decides.
+                Ok(None) => {}
+                // Unknown whether it ran: the script again (see above).
+                Err(e) if e.is_store_unreachable() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.store.retry_unreachable(|| {
+            self.store.with_conn(
+                || format!("committing actor {}", self.actor_id),
+                |c| {
+                    let mut invocation = COMMIT.prepare_invoke();
+                    invocation
+                        .key(&self.keys.state)
+                        .key(&self.keys.mailbox)
+                        .key(&self.keys.lease)
+                        .arg(self.lease)
+                        .arg(data)
+                        .arg(applied)
+                        .arg(&self.status)
+                        .arg(&self.reason)
+                        .arg(&failures)
+                        .arg(self.store.expiry_secs())
+                        .arg(reply_ttl_ms)
+                        .arg(&trim_from);
+                    for (_, key, reply) in replies.iter().filter(|(_, key, _)| !key.is_empty()) {
+                        invocation.arg(key).arg(reply.as_slice());
+                    }
+                    invocation.invoke::<i64>(c)
+                },
+            )
+        })?;
+        Ok(())
+    }
+}
+
+/// Gives back the transfers of a state that will not be decoded (see
+/// [`ActorState::apply_and_commit`]); one that cannot be given back lapses after the lease.
+fn give_back(transfers: SentTransfers) {
+    if let Err(e) = transfers.release() {
+        tracing::warn!("giving back the pipe ends of an actor's former state: {e}");
+    }
+}
+
+/// How long a commit goes without refreshing the TTLs of the actor's state and mailbox, for
+/// keys that expire `expiry_secs` after their last refresh: a tenth of that (at most a minute),
+/// so that they outlive the last commit by 90% of `expiry_secs` at least.
+fn ttl_refresh_every(expiry_secs: u64) -> Duration {
+    Duration::from_millis(expiry_secs.saturating_mul(100)).min(Duration::from_secs(60))
+}
+
+/// The smallest stream entry id after `applied` (`<ms>-<seq>`): the commit script trims the
+/// mailbox below it. An id that does not parse (never one Redis gave) trims below itself.
+fn next_entry_id(applied: &str) -> String {
+    match applied.split_once('-') {
+        Some((ms, seq)) if ms.parse::<u64>().is_ok() => match seq.parse::<u64>() {
+            Ok(seq) if seq < u64::MAX => format!("{ms}-{}", seq + 1),
+            Ok(_) => match ms.parse::<u64>() {
+                Ok(ms) if ms < u64::MAX => format!("{}-0", ms + 1),
+                _ => applied.to_string(),
+            },
+            Err(_) => applied.to_string(),
+        },
+        _ => applied.to_string(),
+    }
+}
+
+/// Whether stream entry `id` comes after `applied` (`<ms>-<seq>` ids).
+fn is_after(id: &str, applied: &str) -> bool {
+    let parse = |s: &str| -> (u64, u64) {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+    };
+    parse(id) > parse(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{is_after, next_entry_id, ttl_refresh_every};
+    use std::time::Duration;
+
+    #[test]
+    fn ttls_are_refreshed_every_tenth_of_the_expiry_and_at_least_every_minute() {
+        assert_eq!(ttl_refresh_every(1), Duration::from_millis(100));
+        assert_eq!(ttl_refresh_every(60), Duration::from_secs(6));
+        assert_eq!(ttl_refresh_every(3600), Duration::from_secs(60));
+        assert_eq!(ttl_refresh_every(u64::MAX), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn the_trim_starts_right_after_the_last_entry_applied() {
+        assert_eq!(next_entry_id("1796611704851-1"), "1796611704851-2");
+        assert_eq!(next_entry_id("5-0"), "5-1");
+        assert_eq!(next_entry_id(&format!("5-{}", u64::MAX)), "6-0");
+        assert!(is_after(&next_entry_id("9-9"), "9-9"));
+        // Never an id Redis gives: trimmed below itself, nothing after it lost.
+        assert_eq!(next_entry_id("garbage"), "garbage");
+        assert_eq!(next_entry_id("5-x"), "5-x");
+        assert_eq!(
+            next_entry_id(&format!("{}-{}", u64::MAX, u64::MAX)),
+            format!("{}-{}", u64::MAX, u64::MAX)
+        );
+    }
+
+    #[test]
+    fn stream_ids_compare_by_time_then_sequence() {
+        assert!(is_after("5-0", "0-0"));
+        assert!(is_after("5-1", "5-0"));
+        assert!(is_after("10-0", "9-9"));
+        assert!(!is_after("5-0", "5-0"));
+        assert!(!is_after("4-9", "5-0"));
+    }
+}
