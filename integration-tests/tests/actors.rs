@@ -173,7 +173,7 @@ fn send_records(counter: ActorRef<Counter>, sender: u32, count: u64, every: u64)
 
 /// The pid of the host process that holds `actor` now, from its lease and the host's task
 /// status.
-fn host_pid(rt: &shoal::Runtime, actor: &ActorRef<Counter>) -> Option<u32> {
+fn host_pid<A: shoal::Actor>(rt: &shoal::Runtime, actor: &ActorRef<A>) -> Option<u32> {
     let url = rt.store_url();
     let mut c = redis::Client::open(url).ok()?.get_connection().ok()?;
     let lease_key = format!("shoal:{{default:actor:{}}}:lease", actor.id());
@@ -1331,6 +1331,46 @@ fn an_actor_restarted_after_a_panic_keeps_its_pipe_end() {
         .ask(Incr(3), Some(Duration::from_secs(30)))
         .expect("relayed after the restart");
     assert_eq!(reader.recv().expect("what the restored actor relayed"), 3);
+}
+
+/// A runtime whose actors are deactivated after a second without messages.
+fn runtime_with_short_idle() -> shoal::Runtime {
+    let mut config = Config::builder().build().expect("config");
+    config.actors.idle_secs = 1.0;
+    config.actors.lease_secs = 1.0;
+    config.actors.max_restarts = 2;
+    shoal::init_with(config).expect("runtime")
+}
+
+/// An actor's pipe end outlives its activations, whatever happened in them: a panic that was
+/// the activation's last message (the state committed after it passes the end again, for the
+/// next activation), and a stop that came to an activation of its own (the actor's state is
+/// decoded so that its end is let go of, and the reader sees end of file).
+#[test]
+fn an_actor_holding_a_pipe_end_keeps_it_across_activations_and_lets_it_go_when_stopped() {
+    let rt = runtime_with_short_idle();
+    let (reader, writer) = Pipe::new::<u64>(false).expect("pipe");
+    let relay = shoal::spawn_actor(Relay { out: writer }).expect("spawn_actor");
+    let exploded = relay.ask(Explode, Some(Duration::from_secs(30)));
+    assert!(matches!(exploded, Err(Error::Task(_))), "{exploded:?}");
+    let deactivated = |what: &str| {
+        assert!(
+            wait_for(Duration::from_secs(10), || host_pid(&rt, &relay).is_none()),
+            "the idle actor was not deactivated ({what})"
+        );
+    };
+    deactivated("after the panic");
+    relay
+        .ask(Incr(5), Some(Duration::from_secs(30)))
+        .expect("relayed by the next activation");
+    assert_eq!(reader.recv().expect("what the next activation relayed"), 5);
+    deactivated("after the relay");
+    relay.stop().expect("stop");
+    assert!(
+        reader.poll(Some(Duration::from_secs(10))).expect("poll"),
+        "the stopped actor's pipe end is still held"
+    );
+    assert!(matches!(reader.recv(), Err(Error::Closed(_))));
 }
 
 /// A named actor that exists already keeps its state: the state `get_or_spawn` (blocking or

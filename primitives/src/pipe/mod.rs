@@ -55,9 +55,10 @@
 //!   transfers of a child that exited (or could not start) without claiming them
 //!   ([`collect_transfers`]), so a child that dies before decoding its arguments does not keep
 //!   the end open. An actor's host gives back the transfers of a state a later commit
-//!   replaced, and those of its last state once the actor is stopped or failed; an actor
-//!   creation gives back those of a state it did not use (a named actor that existed, or an
-//!   error). The transfers of a state whose commit may have been applied stay. A handle
+//!   replaced, and those of its last state when it stops or fails the actor (a stop that
+//!   comes to an activation of its own decodes the state, claiming its ends, to let them go);
+//!   an actor creation gives back those of a state it did not use (a named actor that existed,
+//!   or an error). The transfers of a state whose commit may have been applied stay. A handle
 //!   deserialized without a runtime claims at its first use.
 //!   A value deserialized twice (a retried task) claims twice: the second process holds the end
 //!   too, unless every holder has let it go by then, and then its handle is closed.

@@ -5,7 +5,7 @@
 -- it the writer's count of items through that batch is kept, so that the writer can tell which of
 -- its items are in Redis (Queue.qsize).
 -- KEYS[1] items list, KEYS[2] state hash, KEYS[3] this writer's hash (batch: the last batch
--- applied, items: the writer's count of items through it), KEYS[4] the claims hash (claims.rs)
+-- applied, items: the writer's count of items through it), KEYS[4] the claims hash (claims/mod.rs)
 -- ARGV[1] TTL, ARGV[2] the batch's number, ARGV[3] the count through it, ARGV[4] the claim
 -- prefix, ARGV[5..] the items
 -- Returns 1 when the batch was appended, 0 when it had been applied before.

@@ -1,7 +1,7 @@
 -- Puts one item on a queue that may be bounded.
 -- KEYS[1] items list, KEYS[2] state hash (maxsize), KEYS[3] putters list, KEYS[4] putting hash,
 -- KEYS[5] unfinished counter (JoinableQueue; '' key name when not joinable), KEYS[6] the
--- claims hash (claims.rs)
+-- claims hash (claims/mod.rs)
 -- ARGV[1] TTL, ARGV[2] the item, ARGV[3] waiter id ('' to not wait), ARGV[4] liveness deadline,
 -- ARGV[5] '1' when joinable, ARGV[6] the claim prefix
 -- Returns 1 when the item was added; 0 when the queue is full (the waiter, if any, is queued and

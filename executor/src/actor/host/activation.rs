@@ -172,6 +172,7 @@ impl ActorState<'_> {
 
     /// Applies a batch and commits it; `Some(ending)` when the actor thread must end.
     fn apply_and_commit(&mut self, entries: &[StreamId]) -> Result<Option<Ending>> {
+        let was_active = self.status == "active";
         let mut poisoned: HashMap<String, String> = HashMap::new();
         let replies = loop {
             match self.apply(entries, &mut poisoned) {
@@ -183,6 +184,23 @@ impl ActorState<'_> {
                 }
             }
         };
+        // A live instance for the state committed below, when this batch left none: after a
+        // panic (the saved state's transfers were claimed by the instance that panicked, and
+        // are gone: the state is saved again from the restored instance, with transfers of its
+        // own), and when the batch stopped an actor this activation had not restored (its
+        // pipe ends are then claimed, and let go of when the activation ends, rather than
+        // left to a transfer nobody will claim).
+        let stopped_here = was_active && self.status == "stopped";
+        if self.actor.is_none()
+            && ((self.status == "active" && !self.retired.is_empty()) || stopped_here)
+            && let Err(reason) = self.restore()
+        {
+            if self.status == "active" {
+                self.fail(reason);
+            } else {
+                tracing::warn!("actor {}: {reason}", self.actor_id);
+            }
+        }
         // Saving a state that holds pipe ends passes them (a transfer each, for whoever
         // decodes it next: see `shoal_core::transfers`). Once a state is committed, the one it
         // replaces will never be decoded, and its transfers are given back, and so are the

@@ -1,4 +1,4 @@
--- Shared by the claim scripts of a queue (batched gets; see claims.rs).
+-- Shared by the claim scripts of a queue (batched gets; see claims/mod.rs).
 -- KEYS[1] items list, KEYS[2] state hash, KEYS[3] claims hash: holder -> hold deadline (ms,
 -- Redis's clock). A holder's claim is the sorted set <claim prefix><holder> (same hash tag):
 -- score = the item's number in the holder's sequence, member = "<number>:<payload>"; the list

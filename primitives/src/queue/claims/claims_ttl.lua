@@ -1,4 +1,4 @@
--- Keeps a queue's claims (claims.rs) alive as long as its items: the claims hash, every
+-- Keeps a queue's claims (claims/mod.rs) alive as long as its items: the claims hash, every
 -- holder's claim and landing list, and the fences hash (named after the claim prefix:
 -- `<...>:claim:` -> `<...>:claim_fences`). Shared by the claim scripts, feed.lua and put.lua.
 -- At most once per tenth of the TTL (a marker, `<...>:claim_refreshed`, lives that long): the
