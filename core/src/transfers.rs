@@ -41,6 +41,24 @@ thread_local! {
 
 /// Notes a transfer just registered, for the [`collect_transfers`] running on this thread (if
 /// none runs, nobody gives it back: it lasts as long as the process that registered it).
+///
+/// ```
+/// use shoal_core::transfers::{Transfer, collect_transfers, note};
+///
+/// /// A hold that needs nothing to let go of (a real one runs a script).
+/// #[derive(Debug)]
+/// struct Held(&'static str);
+///
+/// impl Transfer for Held {
+///     fn give_back(self: Box<Self>) -> shoal_core::Result<()> {
+///         Ok(())
+///     }
+/// }
+///
+/// let ((), sent) = collect_transfers(|| note(Box::new(Held("t:1"))));
+/// assert!(!sent.is_empty());
+/// sent.release().expect("given back");
+/// ```
 pub fn note(transfer: Box<dyn Transfer>) {
     COLLECTING.with(|c| {
         if let Some(sent) = c.borrow_mut().as_mut() {
@@ -51,6 +69,16 @@ pub fn note(transfer: Box<dyn Transfer>) {
 
 /// Runs `encode`, and returns with its result the transfers it registered (see the module
 /// docs). Collections nest: an enclosing one does not see what an inner one collected.
+///
+/// ```
+/// use shoal_core::transfers::collect_transfers;
+///
+/// let (encoded, sent) = collect_transfers(|| rmp_serde::to_vec(&[1u32, 2, 3]));
+/// let encoded = encoded.expect("encoded");
+/// // ... the value is sent; if it will never be decoded (its receiver is gone):
+/// sent.release().expect("given back");
+/// # assert!(!encoded.is_empty());
+/// ```
 pub fn collect_transfers<T>(encode: impl FnOnce() -> T) -> (T, SentTransfers) {
     /// The enclosing collection, put back however `encode` ends (a panicking serializer too).
     struct Restore(Option<Vec<Box<dyn Transfer>>>);

@@ -220,6 +220,15 @@ pub(super) fn round_trips_refused() -> bool {
 /// value again where a blocking call is fine, with [`collect_transfers`]); its result
 /// otherwise. Async code encodes a value this way first, so that a value without pipe ends,
 /// the usual case, costs no move to another thread.
+///
+/// ```
+/// use shoal_primitives::pipe::encode_without_round_trips;
+///
+/// // No pipe end in it: encoded here.
+/// let encoded =
+///     encode_without_round_trips(|| shoal_core::codec::encode(&(1u8, "two"), "a pair", 1 << 20));
+/// assert!(matches!(encoded, Some(Ok(_))));
+/// ```
 pub fn encode_without_round_trips<T>(encode: impl FnOnce() -> T) -> Option<T> {
     /// The enclosing state, put back however `encode` ends (a panicking serializer too); an
     /// enclosing encoding learns of a refusal inside this one, whatever `encode` made of it.
