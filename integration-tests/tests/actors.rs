@@ -1307,11 +1307,7 @@ fn an_actor_holding_a_pipe_end_keeps_one_transfer_of_it_whatever_it_commits() {
     );
     // A stopped actor's state is never decoded again: its end closes once the host drops it.
     relay.stop().expect("stop");
-    assert!(
-        reader.poll(Some(Duration::from_secs(10))).expect("poll"),
-        "the stopped actor's pipe end is still held"
-    );
-    assert!(matches!(reader.recv(), Err(Error::Closed(_))));
+    assert_reads_end_of_file(&reader, "the stopped actor's pipe end is still held");
 }
 
 /// A handler that panics restarts its actor from the last committed state, whose pipe ends the
@@ -1331,6 +1327,16 @@ fn an_actor_restarted_after_a_panic_keeps_its_pipe_end() {
         .ask(Incr(3), Some(Duration::from_secs(30)))
         .expect("relayed after the restart");
     assert_eq!(reader.recv().expect("what the restored actor relayed"), 3);
+}
+
+/// Checks that `reader` reads end of file within 10 s: every holder of the other end let it
+/// go (`what` says whose it was).
+fn assert_reads_end_of_file(reader: &Connection<u64>, what: &str) {
+    assert!(
+        reader.poll(Some(Duration::from_secs(10))).expect("poll"),
+        "{what}"
+    );
+    assert!(matches!(reader.recv(), Err(Error::Closed(_))), "{what}");
 }
 
 /// A runtime whose actors are deactivated after a second without messages.
@@ -1366,11 +1372,7 @@ fn an_actor_holding_a_pipe_end_keeps_it_across_activations_and_lets_it_go_when_s
     assert_eq!(reader.recv().expect("what the next activation relayed"), 5);
     deactivated("after the relay");
     relay.stop().expect("stop");
-    assert!(
-        reader.poll(Some(Duration::from_secs(10))).expect("poll"),
-        "the stopped actor's pipe end is still held"
-    );
-    assert!(matches!(reader.recv(), Err(Error::Closed(_))));
+    assert_reads_end_of_file(&reader, "the stopped actor's pipe end is still held");
 }
 
 /// A named actor that exists already keeps its state: the state `get_or_spawn` (blocking or
@@ -1389,25 +1391,16 @@ fn get_or_spawn_of_an_existing_actor_gives_back_the_pipe_ends_of_its_unused_stat
     let (unused_reader, unused_writer) = Pipe::new::<u64>(false).expect("pipe");
     let same = shoal::get_or_spawn(&name, || Relay { out: unused_writer }).expect("found");
     assert_eq!(same.id(), relay.id());
-    assert!(
-        unused_reader
-            .poll(Some(Duration::from_secs(10)))
-            .expect("poll"),
-        "the unused state's pipe end is still held"
-    );
-    assert!(matches!(unused_reader.recv(), Err(Error::Closed(_))));
+    assert_reads_end_of_file(&unused_reader, "the unused state's pipe end is still held");
     let (unused_reader, unused_writer) = Pipe::new::<u64>(false).expect("pipe");
     let (found, _) = with_ticker(shoal::get_or_spawn_async(&name, || Relay {
         out: unused_writer,
     }));
     assert_eq!(found.expect("found async").id(), relay.id());
-    assert!(
-        unused_reader
-            .poll(Some(Duration::from_secs(10)))
-            .expect("poll"),
-        "the unused state's pipe end is still held (async)"
+    assert_reads_end_of_file(
+        &unused_reader,
+        "the unused state's pipe end is still held (async)",
     );
-    assert!(matches!(unused_reader.recv(), Err(Error::Closed(_))));
     relay
         .ask(Incr(2), Some(Duration::from_secs(30)))
         .expect("relayed");
