@@ -32,10 +32,10 @@ pub(super) struct ActorState<'a> {
     pub(super) authkey: Option<AuthKey>,
     /// The live actor, restored from `saved`.
     pub(super) actor: Option<Box<dyn HostedActor>>,
-    /// Instances whose handler panicked, kept until `actor` is restored from `saved` (the
-    /// restore is lazy: at the next message not skipped): their handles keep this host's holds
-    /// of the state's pipe ends while the restored instance claims them again, without which
-    /// an end that only this host holds would close in between.
+    /// Instances whose handler panicked, kept until `actor` is restored from `saved` (at the
+    /// next message not skipped, or at the end of the batch): their handles keep this host's
+    /// holds of the state's pipe ends while the restored instance claims them again, without
+    /// which an end that only this host holds would close in between.
     pub(super) retired: Vec<Box<dyn HostedActor>>,
     /// This activation's own connection: its mailbox reads and its commits go on it, so a read
     /// can `WATCH` the lease for the commit after it (see [`ActorState::commit`]).
@@ -191,14 +191,17 @@ impl ActorState<'_> {
         // pipe ends are then claimed, and let go of when the activation ends, rather than
         // left to a transfer nobody will claim).
         let stopped_here = was_active && self.status == "stopped";
+        // Restored only to let its pipe ends go: its state is not saved again (nothing decodes
+        // a stopped actor's state; a save that failed, an end closed meanwhile, would turn the
+        // stop into a failure).
+        let mut restored_to_stop = false;
         if self.actor.is_none()
             && ((self.status == "active" && !self.retired.is_empty()) || stopped_here)
-            && let Err(reason) = self.restore()
         {
-            if self.status == "active" {
-                self.fail(reason);
-            } else {
-                tracing::warn!("actor {}: {reason}", self.actor_id);
+            match self.restore().map(|_| ()) {
+                Ok(()) => restored_to_stop = stopped_here,
+                Err(reason) if self.status == "active" => self.fail(reason),
+                Err(reason) => tracing::warn!("actor {}: {reason}", self.actor_id),
             }
         }
         // Saving a state that holds pipe ends passes them (a transfer each, for whoever
@@ -207,6 +210,7 @@ impl ActorState<'_> {
         // committed state's own once the actor is stopped or failed (it is never decoded
         // again); those of a state that could not be saved, at once.
         let (data, transfers) = match &self.actor {
+            Some(_) if restored_to_stop => (self.saved.clone(), None),
             Some(actor) => match collect_transfers(|| actor.save(self.limit)) {
                 (Ok(data), transfers) => (data, Some(transfers)),
                 (Err(f), transfers) => {
