@@ -184,43 +184,8 @@ impl ActorState<'_> {
                 }
             }
         };
-        // A live instance for the state committed below, when this batch left none: after a
-        // panic (the saved state's transfers were claimed by the instance that panicked, and
-        // are gone: the state is saved again from the restored instance, with transfers of its
-        // own), and when the batch stopped an actor this activation had not restored (its
-        // pipe ends are then claimed, and let go of when the activation ends, rather than
-        // left to a transfer nobody will claim).
-        let stopped_here = was_active && self.status == "stopped";
-        // Restored only to let its pipe ends go: its state is not saved again (nothing decodes
-        // a stopped actor's state; a save that failed, an end closed meanwhile, would turn the
-        // stop into a failure).
-        let mut restored_to_stop = false;
-        if self.actor.is_none()
-            && ((self.status == "active" && !self.retired.is_empty()) || stopped_here)
-        {
-            match self.restore().map(|_| ()) {
-                Ok(()) => restored_to_stop = stopped_here,
-                Err(reason) if self.status == "active" => self.fail(reason),
-                Err(reason) => tracing::warn!("actor {}: {reason}", self.actor_id),
-            }
-        }
-        // Saving a state that holds pipe ends passes them (a transfer each, for whoever
-        // decodes it next: see `shoal_core::transfers`). Once a state is committed, the one it
-        // replaces will never be decoded, and its transfers are given back, and so are the
-        // committed state's own once the actor is stopped or failed (it is never decoded
-        // again); those of a state that could not be saved, at once.
-        let (data, transfers) = match &self.actor {
-            Some(_) if restored_to_stop => (self.saved.clone(), None),
-            Some(actor) => match collect_transfers(|| actor.save(self.limit)) {
-                (Ok(data), transfers) => (data, Some(transfers)),
-                (Err(f), transfers) => {
-                    give_back(transfers);
-                    self.fail(format!("its state cannot be saved: {}", f.message));
-                    (self.saved.clone(), None)
-                }
-            },
-            None => (self.saved.clone(), None),
-        };
+        let restored_to_stop = self.restore_before_commit(was_active);
+        let (data, transfers) = self.state_to_commit(restored_to_stop);
         // Never back: a batch of entries applied before (a new host reads those the trim by
         // nodes left) changes nothing but their removal.
         let applied = match entries.last() {
@@ -247,6 +212,56 @@ impl ActorState<'_> {
             }
             // Perhaps committed: the same.
             Err(e) => Err(e),
+        }
+    }
+
+    /// Restores the actor when the batch left no live instance for the state about to be
+    /// committed: after a panic (the saved state's transfers were claimed by the instance
+    /// that panicked, and are gone: the state is saved again from the restored instance, with
+    /// transfers of its own), and when the batch stopped an actor this activation had not
+    /// restored (its pipe ends are then claimed, and let go of when the activation ends,
+    /// rather than left to a transfer nobody will claim). Whether it restored it only to
+    /// stop it.
+    fn restore_before_commit(&mut self, was_active: bool) -> bool {
+        let stopped_here = was_active && self.status == "stopped";
+        let after_panic = self.status == "active" && !self.retired.is_empty();
+        if self.actor.is_some() || !(after_panic || stopped_here) {
+            return false;
+        }
+        match self.restore().map(|_| ()) {
+            Ok(()) => stopped_here,
+            Err(reason) if self.status == "active" => {
+                self.fail(reason);
+                false
+            }
+            Err(reason) => {
+                tracing::warn!("actor {}: {reason}", self.actor_id);
+                false
+            }
+        }
+    }
+
+    /// The state to commit, and the transfers that saving it registered (`None`: the saved
+    /// state, whose transfers are the committed ones). Saving a state that holds pipe ends
+    /// passes them (a transfer each, for whoever decodes it next: see
+    /// `shoal_core::transfers`). Once a state is committed, the one it replaces will never be
+    /// decoded, and its transfers are given back, and so are the committed state's own once
+    /// the actor is stopped or failed (it is never decoded again); those of a state that could
+    /// not be saved, at once. An actor restored only to stop it is not saved again: nothing
+    /// decodes a stopped actor's state, and a save that failed (an end closed meanwhile) would
+    /// turn the stop into a failure.
+    fn state_to_commit(&mut self, restored_to_stop: bool) -> (Vec<u8>, Option<SentTransfers>) {
+        match &self.actor {
+            Some(_) if restored_to_stop => (self.saved.clone(), None),
+            Some(actor) => match collect_transfers(|| actor.save(self.limit)) {
+                (Ok(data), transfers) => (data, Some(transfers)),
+                (Err(f), transfers) => {
+                    give_back(transfers);
+                    self.fail(format!("its state cannot be saved: {}", f.message));
+                    (self.saved.clone(), None)
+                }
+            },
+            None => (self.saved.clone(), None),
         }
     }
 
