@@ -218,6 +218,25 @@ fn start_async_with_pipe_ends_among_its_arguments_leaves_the_thread_free() {
     assert_eq!(refused.exitcode(), None);
 }
 
+/// `apply_async` returns before its task is written to Redis (the pool's sender thread writes
+/// it, calls in order): with Redis frozen for a while, calling it and awaiting the results
+/// leaves the caller's thread free, and the results come once Redis is back.
+#[test]
+fn apply_async_leaves_the_thread_free_while_its_task_is_written() {
+    const FROZEN: Duration = Duration::from_millis(1_000);
+    let rt = runtime();
+    let pool = Pool::new(1).expect("pool");
+    // The worker is up before the store freezes.
+    assert_eq!(pool.apply(slow_square, (3u64,)).expect("apply"), 9);
+    let redis_pid = rt.embedded_redis_pid().expect("the embedded store");
+    let results = await_with_store_frozen(redis_pid, FROZEN, async {
+        let first = pool.apply_async(slow_square, (4u64,))?;
+        let second = pool.apply_async(slow_square, (5u64,))?;
+        Ok::<_, Error>((first.await?, second.await?))
+    });
+    assert_eq!(results.expect("applied"), (16, 25));
+}
+
 #[test]
 fn terminate_async_and_kill_async_stop_a_process_with_pythons_codes() {
     let _rt = runtime();

@@ -356,6 +356,7 @@ impl PoolPlan {
             shared,
             next_call: AtomicU64::new(1),
             progress,
+            task_writer: std::sync::Mutex::new(None),
             _runtime: runtime,
         };
         Ok((pool, started))

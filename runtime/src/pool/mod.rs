@@ -114,8 +114,14 @@ pub struct Pool {
     shared: Arc<PoolShared>,
     next_call: AtomicU64,
     progress: bool,
+    /// The thread that writes `apply_async`'s tasks to Redis, in call order (started by the
+    /// first one): the call returns without waiting for Redis.
+    task_writer: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
     _runtime: Arc<RuntimeInner>,
 }
+
+/// Work for one of the pool's threads of jobs (its callbacks, its task writer).
+type Job = Box<dyn FnOnce() + Send>;
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -171,7 +177,25 @@ impl Pool {
         self.apply_async(f, args)?.get(None)
     }
 
-    /// Calls `f(args...)` in a worker; returns at once.
+    /// Calls `f(args...)` in a worker; returns at once. The arguments are encoded on the
+    /// calling thread (an encoding error is this call's); the task is written to Redis by the
+    /// pool's task writer, a thread that writes the `apply_async` calls in their order, so the
+    /// call does not wait for Redis (a failure to write it fails the returned result).
+    ///
+    /// ```no_run
+    /// use shoal::prelude::*;
+    ///
+    /// #[shoal::remote]
+    /// fn add(a: u64, b: u64) -> u64 {
+    ///     a + b
+    /// }
+    ///
+    /// # async fn handler(pool: &Pool) -> shoal::Result<()> {
+    /// let sum = pool.apply_async(add, (2u64, 3u64))?;
+    /// assert_eq!(sum.await?, 5);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn apply_async<F, A>(&self, f: F, args: A) -> Result<AsyncResult<F::Output>>
     where
         F: RemoteFn<A>,
@@ -223,18 +247,21 @@ impl Pool {
             payload,
             first_item: 0,
         };
-        let sent = send_chunks(&self.store, &self.keys, &[chunk], true);
-        match sent {
-            Ok(()) => {
-                shared.set_total(1, None);
-                self.supervisor.do_send(FeedDone {
-                    call,
-                    total: 1,
-                    input_error: None,
-                });
+        let (store, keys) = (self.store.clone(), self.keys.clone());
+        let (supervisor, written) = (self.supervisor.clone(), shared.clone());
+        self.write_task(Box::new(move || {
+            match send_chunks(&store, &keys, &[chunk], true) {
+                Ok(()) => {
+                    written.set_total(1, None);
+                    supervisor.do_send(FeedDone {
+                        call,
+                        total: 1,
+                        input_error: None,
+                    });
+                }
+                Err(e) => supervisor.do_send(FeedFailed { call, error: e }),
             }
-            Err(e) => self.supervisor.do_send(FeedFailed { call, error: e }),
-        }
+        }));
         Ok(AsyncResult::new(
             shared,
             decode,
@@ -540,6 +567,31 @@ impl Pool {
 
     fn limit(&self) -> usize {
         self.store.settings().max_message_bytes
+    }
+
+    /// Runs `write` (an `apply_async`'s task written to Redis) on the pool's task writer, after
+    /// the writes asked before it; on this thread if that thread cannot start.
+    fn write_task(&self, write: Job) {
+        let mut writer = self.task_writer.lock().unwrap_or_else(|p| p.into_inner());
+        if writer.is_none() {
+            match spawn_job_thread("shoal-pool-tasks", "writing a pool's task") {
+                Ok(thread) => *writer = Some(thread),
+                Err(e) => tracing::warn!("{e}; the task is written on the calling thread"),
+            }
+        }
+        let write = match writer.as_ref() {
+            Some(thread) => match thread.send(write) {
+                Ok(()) => return,
+                // The thread is gone: written here, and a new one started next time.
+                Err(mpsc::SendError(write)) => {
+                    *writer = None;
+                    write
+                }
+            },
+            None => write,
+        };
+        drop(writer);
+        write();
     }
 
     fn registered<F: RemoteFn<A>, A>(&self, f: &F) -> Result<&'static str> {
@@ -870,17 +922,23 @@ fn completion<R: 'static>(
 }
 
 /// The thread that runs a pool's callbacks, in completion order.
-fn spawn_callback_thread() -> Result<mpsc::Sender<Box<dyn FnOnce() + Send>>> {
-    let (tx, rx) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
+fn spawn_callback_thread() -> Result<mpsc::Sender<Job>> {
+    spawn_job_thread("shoal-pool-callbacks", "a pool callback")
+}
+
+/// A thread named `name` that runs the jobs sent to it, in order, until every sender is gone;
+/// a job that panics (`what` says whose) is logged and the next one runs.
+fn spawn_job_thread(name: &str, what: &'static str) -> Result<mpsc::Sender<Job>> {
+    let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new()
-        .name("shoal-pool-callbacks".into())
+        .name(name.into())
         .spawn(move || {
             for job in rx {
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-                    tracing::error!("a pool callback panicked");
+                    tracing::error!("{what} panicked");
                 }
             }
         })
-        .map_err(|e| Error::io("starting the pool's callback thread", e))?;
+        .map_err(|e| Error::io(format!("starting the thread {name}"), e))?;
     Ok(tx)
 }
