@@ -218,7 +218,7 @@ fn start_async_with_pipe_ends_among_its_arguments_leaves_the_thread_free() {
     assert_eq!(refused.exitcode(), None);
 }
 
-/// `apply_async` returns before its task is written to Redis (the pool's sender thread writes
+/// `apply_async` returns before its task is written to Redis (the pool's task writer writes
 /// it, calls in order): with Redis frozen for a while, calling it and awaiting the results
 /// leaves the caller's thread free, and the results come once Redis is back.
 #[test]
@@ -235,6 +235,37 @@ fn apply_async_leaves_the_thread_free_while_its_task_is_written() {
         Ok::<_, Error>((first.await?, second.await?))
     });
     assert_eq!(results.expect("applied"), (16, 25));
+}
+
+/// An `apply_async` cancelled while its task waits for the task writer is never written, so
+/// it never runs: here the writer is held up by a frozen Redis, writing the call before it.
+#[test]
+fn an_apply_async_cancelled_before_its_task_is_written_never_runs() {
+    let rt = runtime();
+    let pool = Pool::new(1).expect("pool");
+    assert_eq!(pool.apply(slow_square, (3u64,)).expect("apply"), 9);
+    let pids: SimpleQueue<u32> = SimpleQueue::new().expect("queue");
+    let redis_pid = Pid::from_raw(rt.embedded_redis_pid().expect("the embedded store") as i32);
+    kill(redis_pid, Signal::SIGSTOP).expect("SIGSTOP the store");
+    let first = pool.apply_async(slow_square, (4u64,));
+    let cancelled = pool.apply_async(report_pid_then_nap, (pids.clone(), 1u64));
+    if let Ok(call) = &cancelled {
+        call.cancel();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    kill(redis_pid, Signal::SIGCONT).expect("SIGCONT the store");
+    assert_eq!(first.expect("apply_async").get(None).expect("first"), 16);
+    let cancelled = cancelled.expect("apply_async");
+    assert!(
+        cancelled.get(None).is_err(),
+        "the cancelled call has no result"
+    );
+    // The pool goes on, and the cancelled task never ran.
+    assert_eq!(pool.apply(slow_square, (5u64,)).expect("apply"), 25);
+    assert!(
+        pids.get_timeout(Duration::from_millis(500)).is_err(),
+        "the cancelled task ran"
+    );
 }
 
 #[test]

@@ -180,7 +180,10 @@ impl Pool {
     /// Calls `f(args...)` in a worker; returns at once. The arguments are encoded on the
     /// calling thread (an encoding error is this call's); the task is written to Redis by the
     /// pool's task writer, a thread that writes the `apply_async` calls in their order, so the
-    /// call does not wait for Redis (a failure to write it fails the returned result).
+    /// call does not wait for Redis (a failure to write it fails the returned result). A call
+    /// cancelled before its write is never written. `apply_async` calls keep their order, but a
+    /// `map_async` or `imap` made after one may reach the workers first (its feeder writes its
+    /// first chunks at once).
     ///
     /// ```no_run
     /// use shoal::prelude::*;
@@ -250,7 +253,18 @@ impl Pool {
         let (store, keys) = (self.store.clone(), self.keys.clone());
         let (supervisor, written) = (self.supervisor.clone(), shared.clone());
         self.write_task(Box::new(move || {
-            match send_chunks(&store, &keys, &[chunk], true) {
+            if written.is_cancelled() {
+                // Cancelled (or ended by the pool) before its turn: not written at all (a
+                // chunk written after its call's cancel is skipped by the workers, which see
+                // the call marked cancelled; one written after the pool's keys were deleted
+                // would make them again).
+                return;
+            }
+            let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                send_chunks(&store, &keys, &[chunk], true)
+            }))
+            .unwrap_or_else(|_| Err(Error::invalid_state("writing the task panicked")));
+            match sent {
                 Ok(()) => {
                     written.set_total(1, None);
                     supervisor.do_send(FeedDone {

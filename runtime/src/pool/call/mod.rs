@@ -355,6 +355,11 @@ impl CallShared {
         self.lock().outcome.is_some()
     }
 
+    /// Whether the call stopped taking work: cancelled, ended, or complete.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.lock().cancelled
+    }
+
     /// Waits for the `Collect` outcome; false on timeout.
     fn wait_outcome(&self, timeout: Option<Duration>) -> bool {
         let guard = self.lock();
