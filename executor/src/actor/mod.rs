@@ -452,8 +452,9 @@ impl Mailbox {
     }
 
     /// The async form of [`Mailbox::ask`]: the same round trips, the waits on a dedicated
-    /// connection of `store` (call it only from a task of `store`'s runtime). Before each wait slice it checks `gone`: once the
-    /// caller left, it stops waiting (`Ok(None)`); the message is applied all the same.
+    /// connection of `store` (call it only from a task of `store`'s runtime). Before each wait
+    /// slice it checks `gone`: once the caller left, it stops waiting (`Ok(None)`); the message
+    /// is applied all the same.
     pub async fn ask_async(
         &self,
         store: &AsyncStore,

@@ -1,7 +1,7 @@
 //! The async gets (`get_async`, `get_timeout_async`, `get_nowait_async`) of every queue: each
-//! item is *claimed* before it leaves Redis, as the blocking gets' items are (`claims/mod.rs`), so a
-//! process killed while an async get waits, or while Redis's answer is on its way, loses
-//! nothing.
+//! item is *claimed* before it leaves Redis, as the blocking gets' items are
+//! (`claims/mod.rs`), so a process killed while an async get waits, or while Redis's answer is
+//! on its way, loses nothing.
 //!
 //! # Semantics
 //!

@@ -383,8 +383,9 @@ impl Manager {
     }
 
     /// The async form of [`Manager::new`]: the same script, sent from a task (see "Async
-    /// forms" in the module docs); no thread waits. A future dropped before it returns may leave the manager's record in
-    /// Redis, with no handle to it, until the record's TTL (`redis.expiry_secs`) lapses.
+    /// forms" in the module docs); no thread waits. A future dropped before it returns may
+    /// leave the manager's record in Redis, with no handle to it, until the record's TTL
+    /// (`redis.expiry_secs`) lapses.
     ///
     /// ```no_run
     /// # async fn service() -> shoal::Result<()> {
@@ -480,8 +481,8 @@ impl Manager {
     }
 
     /// The async form of [`Manager::connect`]: the same read, sent from a task (see "Async
-    /// forms" in the module docs); no thread waits. The handle is the caller's of this function (see
-    /// [`Manager::with_authkey_async`]).
+    /// forms" in the module docs); no thread waits. The handle is the caller's of this
+    /// function (see [`Manager::with_authkey_async`]).
     pub fn connect_async(
         address: ManagerAddress,
         authkey: AuthKey,
