@@ -149,6 +149,19 @@ fn semaphores_count_and_bound() {
     bounded.release().expect("release");
     assert!(matches!(bounded.release(), Err(Error::InvalidState(_))));
     assert_eq!(bounded.get_value().expect("value"), 1);
+
+    // Counts stay exact (the scripts count in doubles): a size they cannot hold is refused,
+    // the largest they can is kept as given.
+    assert!(matches!(
+        Semaphore::new(u64::MAX),
+        Err(Error::InvalidState(_))
+    ));
+    assert!(matches!(
+        BoundedSemaphore::new(1 << 53),
+        Err(Error::InvalidState(_))
+    ));
+    let largest = Semaphore::new((1 << 53) - 1).expect("largest");
+    assert_eq!(largest.get_value().expect("value"), (1 << 53) - 1);
 }
 
 #[shoal::remote]

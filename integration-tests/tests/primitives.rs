@@ -386,6 +386,29 @@ fn values_of_every_typecode_and_fetch_add() {
 
     let raw = Value::new_raw(1u32).expect("raw");
     assert!(matches!(raw.get_lock(), Err(Error::InvalidState(_))));
+
+    // Exact past 2^53 (Lua's numbers are doubles): a nanosecond clock, say.
+    let big = Value::new(1i64 << 60).expect("q");
+    assert_eq!(big.fetch_add(1).expect("add"), 1 << 60);
+    assert_eq!(big.get().expect("get"), (1 << 60) + 1);
+    let top = Value::new(i64::MAX - 1).expect("q");
+    assert_eq!(top.fetch_add(1).expect("add"), i64::MAX - 1);
+    assert!(
+        matches!(top.fetch_add(1), Err(Error::InvalidState(_))),
+        "past 64 bits"
+    );
+    assert_eq!(top.get().expect("unchanged"), i64::MAX);
+    // A sum outside the type is taken back exactly, whatever the delta.
+    let small = Array::new(vec![0i32, 5]).expect("array");
+    assert!(matches!(
+        small.fetch_add(0, i64::MIN),
+        Err(Error::InvalidState(_))
+    ));
+    assert!(matches!(
+        small.fetch_add(1, i64::MAX - 4),
+        Err(Error::InvalidState(_))
+    ));
+    assert_eq!(small.to_vec().expect("unchanged"), vec![0, 5]);
 }
 
 #[shoal::remote]

@@ -107,6 +107,47 @@ fn queue_is_fifo_with_python_errors_and_timeouts() {
     assert!(!q.full().expect("an unbounded queue is never full"));
 }
 
+/// A writer killed while it waited for room stays in the writers' queue until its liveness
+/// deadline passes (seconds): a get in between wakes it, and that room must still reach the
+/// writer behind it. The dead writer is made by hand here, as the one before the live one.
+#[test]
+fn room_woken_for_a_dead_writer_still_reaches_the_next_one() {
+    let rt = runtime();
+    let mut c = raw_redis(&rt);
+    let q: Queue<u32> = Queue::with_maxsize(1).expect("queue");
+    q.put(0).expect("put");
+    let prefix = queue_key_prefix(&mut c, &format!("{q:?}"));
+    let far = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis()
+        + 60_000;
+    redis::pipe()
+        .rpush(format!("{prefix}putters"), "dead-writer")
+        .hset(format!("{prefix}putting"), "dead-writer", far as u64)
+        .query::<()>(&mut c)
+        .expect("a dead writer");
+    let writer = std::thread::spawn({
+        let q = q.clone();
+        move || q.put(1)
+    });
+    assert!(wait_for(Duration::from_secs(5), || {
+        redis::cmd("LLEN")
+            .arg(format!("{prefix}putters"))
+            .query::<usize>(&mut c)
+            .expect("llen")
+            == 2
+    }));
+    // Wakes the dead writer, the first in line.
+    assert_eq!(q.get().expect("get"), 0);
+    assert_eq!(
+        q.get_timeout(Duration::from_secs(5))
+            .expect("the live writer found the room"),
+        1
+    );
+    writer.join().expect("writer").expect("put");
+}
+
 #[test]
 fn a_bounded_queue_blocks_writers_until_a_get_makes_room() {
     let _rt = runtime();

@@ -327,6 +327,31 @@ impl Barrier {
         Request::cmd("reading", cmd)
     }
 
+    /// A waiter's check between slices: [`Barrier::read_state_request`], and the TTLs of the
+    /// state and the waiters refreshed (waiting is using the barrier, however long the wait).
+    fn check_request(&self, store: &Store) -> Request {
+        let keys = self.keys();
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(&keys.state)
+            .arg("count")
+            .arg("broken")
+            .expire(&keys.state, ttl(store) as i64)
+            .ignore()
+            .expire(&keys.waiters, ttl(store) as i64)
+            .ignore();
+        Request::pipe("checking", pipe)
+    }
+
+    /// Reads the reply to [`Barrier::check_request`] (what [`Barrier::state_from`] reads, in a
+    /// pipeline's array of one).
+    fn checked_from(&self, reply: Result<redis::Value>) -> Result<(u32, bool)> {
+        self.state_from(reply.map(|value| match value {
+            redis::Value::Array(mut replies) if replies.len() == 1 => replies.remove(0),
+            other => other,
+        }))
+    }
+
     fn state_from(&self, reply: Result<redis::Value>) -> Result<(u32, bool)> {
         let (count, broken): (Option<String>, Option<String>) =
             op::parse(reply, "a barrier state").map_err(|e| self.address.error(e))?;
@@ -512,7 +537,7 @@ impl Operation for BarrierWait {
                         Some((_, message)) => self.outcome(&message),
                         None => {
                             self.state = BarrierState::Checking;
-                            Step::Next(self.barrier.read_state_request())
+                            Step::Next(self.barrier.check_request(store))
                         }
                     },
                 }
@@ -551,11 +576,11 @@ impl Operation for BarrierWait {
                     Ok(None) => {
                         // Still there? (a deleted barrier is an error, not a wait forever)
                         self.state = BarrierState::Checking;
-                        Step::Next(self.barrier.read_state_request())
+                        Step::Next(self.barrier.check_request(store))
                     }
                 }
             }
-            BarrierState::Checking => match self.barrier.state_from(reply) {
+            BarrierState::Checking => match self.barrier.checked_from(reply) {
                 Err(e) => Step::Done(Err(e)),
                 Ok(_) => self.slice(store),
             },

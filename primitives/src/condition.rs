@@ -111,10 +111,13 @@ impl Condition {
 
     fn waiters(&self) -> WaitList {
         let keys = self.object().address.keys();
+        let lock = self.object().keys();
         WaitList {
             waiters: keys.key(&format!("cond:{}:waiters", self.id)),
             waiting: keys.key(&format!("cond:{}:waiting", self.id)),
             wake_prefix: keys.key(&format!("cond:{}:wake:", self.id)),
+            // The lock, which the waiter gave up and takes again after the wait.
+            keep_alive: vec![lock.state, lock.holders, lock.fence],
         }
     }
 

@@ -88,13 +88,15 @@ impl Event {
 
     fn keys(&self) -> Keys {
         let keys = self.address.keys();
+        let state = keys.key("state");
         Keys {
-            state: keys.key("state"),
             waiters: WaitList {
                 waiters: keys.key("waiters"),
                 waiting: keys.key("waiting"),
                 wake_prefix: keys.key("wake:"),
+                keep_alive: vec![state.clone()],
             },
+            state,
         }
     }
 
@@ -340,6 +342,9 @@ pub(crate) struct WaitList {
     pub(crate) waiters: String,
     pub(crate) waiting: String,
     pub(crate) wake_prefix: String,
+    /// The keys of the object waited on, whose TTLs each check-in refreshes: waiting is using
+    /// it, however long the wait (an Event set hours later, a writer waiting for room).
+    pub(crate) keep_alive: Vec<String>,
 }
 
 impl WaitList {
@@ -352,9 +357,11 @@ impl WaitList {
     /// [`woken`].
     pub(crate) fn check_in(&self, store: &Store, waiter: &str, mode: &str) -> Request {
         let mut invocation = CHECK_IN.prepare_invoke();
+        invocation.key(&self.waiters).key(&self.waiting);
+        for key in &self.keep_alive {
+            invocation.key(key);
+        }
         invocation
-            .key(&self.waiters)
-            .key(&self.waiting)
             .arg(now_ms())
             .arg(ttl(store))
             .arg(&self.wake_prefix)

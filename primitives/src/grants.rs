@@ -59,6 +59,10 @@ use shoal_core::store::{AsyncStore, Store};
 use crate::common::{self, Address, liveness, next_slice, now_ms, process_holder, ttl};
 use crate::op::{self, Operation, Request, Step};
 
+/// The most permits a semaphore holds: its scripts count in Lua numbers (doubles), exact up to
+/// 2^53.
+pub(crate) const MOST_PERMITS: u64 = (1 << 53) - 1;
+
 fn script(body: &str) -> redis::Script {
     redis::Script::new(&format!("{}\n{}", include_str!("grants_prelude.lua"), body))
 }
@@ -120,10 +124,10 @@ pub(crate) fn map_hold_error(object: &GrantObject, e: Error) -> Error {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct GrantKeys {
     pub(crate) state: String,
-    holders: String,
+    pub(crate) holders: String,
     waiters: String,
     waiting: String,
-    fence: String,
+    pub(crate) fence: String,
     wake_prefix: String,
 }
 
@@ -181,6 +185,12 @@ pub(crate) struct GrantObject {
 impl GrantObject {
     /// Creates the object with `permits` free permits; `bound`: the most it may ever have.
     pub(crate) fn create(kind: GrantKind, permits: u64, bound: Option<u64>) -> Result<Self> {
+        if permits > MOST_PERMITS {
+            // The scripts count in Lua numbers (doubles): past 2^53 a count is not exact.
+            return Err(Error::invalid_state(format!(
+                "a semaphore holds at most {MOST_PERMITS} permits, not {permits}"
+            )));
+        }
         let (context, address) = Address::create(match kind {
             GrantKind::Lock => "lock",
             GrantKind::RLock => "rlock",

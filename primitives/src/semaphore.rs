@@ -73,7 +73,8 @@ macro_rules! semaphore_methods {
 }
 
 impl Semaphore {
-    /// A semaphore with `value` permits (Python's default is 1).
+    /// A semaphore with `value` permits (Python's default is 1). More than 2^53 − 1 is an
+    /// [`Error::InvalidState`]: the count is kept exact.
     pub fn new(value: u64) -> Result<Semaphore> {
         Ok(Semaphore {
             object: GrantObject::create(GrantKind::Semaphore, value, None)?,
@@ -84,7 +85,8 @@ impl Semaphore {
 }
 
 impl BoundedSemaphore {
-    /// A bounded semaphore with `value` permits, never more.
+    /// A bounded semaphore with `value` permits, never more. More than 2^53 − 1 is an
+    /// [`Error::InvalidState`]: the count is kept exact.
     pub fn new(value: u64) -> Result<BoundedSemaphore> {
         Ok(BoundedSemaphore {
             object: GrantObject::create(GrantKind::Bounded, value, Some(value))?,

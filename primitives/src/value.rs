@@ -386,7 +386,7 @@ macro_rules! float_add {
 float_add!(f32);
 float_add!(f64);
 
-/// A float `fetch_add`: `EXISTS` and `INCRBYFLOAT` in one pipeline; when the value did not
+/// A float `fetch_add`: `EXISTS`, `INCRBYFLOAT` and `EXPIRE` in one pipeline; when the value did not
 /// exist (`INCRBYFLOAT` created it), a `DEL` takes it back and the value is gone.
 struct FloatAdd<T> {
     address: Address,
@@ -414,12 +414,15 @@ impl<T: Scalar + std::ops::Sub<Output = T>> op::Operation for FloatAdd<T> {
         self.address.describe()
     }
 
-    fn start(&mut self, _: &Store) -> op::Step<T> {
+    fn start(&mut self, store: &Store) -> op::Step<T> {
         let mut pipe = redis::pipe();
         pipe.exists(&self.key)
             .cmd("INCRBYFLOAT")
             .arg(&self.key)
-            .arg(self.delta.to_stored());
+            .arg(self.delta.to_stored())
+            // INCRBYFLOAT keeps the TTL: an add is a use, as a set is.
+            .expire(&self.key, ttl(store) as i64)
+            .ignore();
         op::Step::Next(Request::pipe("adding to", pipe))
     }
 
@@ -464,7 +467,7 @@ fn add_request<T: Integer>(store: &Store, key: &str, index: &str, delta: i64) ->
 
 /// Reads the reply to [`add_request`]: the value before the add.
 fn added<T: Integer>(address: &Address, delta: i64, reply: Result<redis::Value>) -> Result<T> {
-    let new = match op::parse::<i64>(reply, "a sum") {
+    let old = match op::parse::<i64>(reply, "a sum") {
         Err(Error::Redis { source, .. }) if source.code() == Some("OVERFLOW") => {
             return Err(Error::invalid_state(format!(
                 "adding {delta} to {} leaves its type's range",
@@ -473,9 +476,7 @@ fn added<T: Integer>(address: &Address, delta: i64, reply: Result<redis::Value>)
         }
         other => other.map_err(|e| address.error(e))?,
     };
-    new.checked_sub(delta)
-        .and_then(T::from_i64)
-        .ok_or_else(|| Error::invalid_state("the previous value is outside the type"))
+    T::from_i64(old).ok_or_else(|| Error::invalid_state("the previous value is outside the type"))
 }
 
 fn add<T: Integer>(address: &Address, key: &str, index: &str, delta: i64) -> Result<T> {

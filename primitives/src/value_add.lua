@@ -2,26 +2,37 @@
 -- KEYS[1] the value string (Value) or the items hash (Array)
 -- ARGV[1] TTL, ARGV[2] delta, ARGV[3] smallest allowed, ARGV[4] largest allowed,
 -- ARGV[5] the array index ('' for a Value)
--- Returns the new value. Errors: GONE, OVERFLOW (the sum is outside the type; nothing changes).
+-- Returns the value before the add, as Redis stored it (a string: Lua numbers are doubles,
+-- inexact past 2^53, so no arithmetic is done on it here). Errors: GONE, OVERFLOW (the sum is
+-- outside the type, or outside the 64 bits Redis adds in; nothing changes).
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('GONE the value does not exist')
 end
-local new
+local old, new
 if ARGV[5] == '' then
-  new = redis.call('INCRBY', KEYS[1], ARGV[2])
+  old = redis.call('GET', KEYS[1])
+  new = redis.pcall('INCRBY', KEYS[1], ARGV[2])
 else
-  if redis.call('HEXISTS', KEYS[1], ARGV[5]) == 0 then
+  old = redis.call('HGET', KEYS[1], ARGV[5])
+  if not old then
     return redis.error_reply('GONE the element does not exist')
   end
-  new = redis.call('HINCRBY', KEYS[1], ARGV[5], ARGV[2])
+  new = redis.pcall('HINCRBY', KEYS[1], ARGV[5], ARGV[2])
 end
+-- Refused by Redis (the sum leaves 64 bits): nothing was written.
+if type(new) == 'table' then
+  return redis.error_reply('OVERFLOW ' .. tostring(new.err))
+end
+-- The bounds are within 64 bits and INCRBY's result too, so comparing them as doubles can
+-- only be inexact at the 64-bit ends, where INCRBY itself checked.
 if new < tonumber(ARGV[3]) or new > tonumber(ARGV[4]) then
+  -- Put back the exact old value (subtracting the delta again would go through a double).
   if ARGV[5] == '' then
-    redis.call('DECRBY', KEYS[1], ARGV[2])
+    redis.call('SET', KEYS[1], old, 'KEEPTTL')
   else
-    redis.call('HINCRBY', KEYS[1], ARGV[5], -tonumber(ARGV[2]))
+    redis.call('HSET', KEYS[1], ARGV[5], old)
   end
   return redis.error_reply('OVERFLOW the sum is outside the type')
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-return new
+return old

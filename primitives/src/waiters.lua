@@ -1,5 +1,7 @@
 -- A waiter of an Event or a Condition checks in.
--- KEYS[1] waiters list, KEYS[2] waiting hash (waiter -> liveness deadline ms)
+-- KEYS[1] waiters list, KEYS[2] waiting hash (waiter -> liveness deadline ms), KEYS[3..] the
+-- keys of the object waited on: a wait is a use of it, so they live as long as it lasts (an
+-- expired one stays expired, and the caller's recheck reports it gone)
 -- ARGV[1] now (ms), ARGV[2] TTL (s), ARGV[3] wake key prefix, ARGV[4] waiter id,
 -- ARGV[5] begin | refresh | cancel, ARGV[6] new liveness deadline (ms)
 -- 'begin' queues the waiter. 'refresh' keeps it queued (queues it again if it was dropped as
@@ -23,6 +25,7 @@ if mode == 'begin' or redis.call('HEXISTS', KEYS[2], waiter) == 0 then
   redis.call('RPUSH', KEYS[1], waiter)
 end
 redis.call('HSET', KEYS[2], waiter, ARGV[6])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+for i = 1, #KEYS do
+  redis.call('EXPIRE', KEYS[i], ARGV[2])
+end
 return 0

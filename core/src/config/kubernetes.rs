@@ -368,24 +368,21 @@ pub fn check_quantity(quantity: &str) -> std::result::Result<(), String> {
         ))
     };
     let body = quantity.strip_prefix('+').unwrap_or(quantity);
-    let (number, exponent) = match body.split_once(['e', 'E']) {
-        Some((n, e)) => (n, Some(e)),
-        None => (body, None),
-    };
-    let number = match exponent {
-        Some(e) => {
-            let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
-            if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
-                return bad();
+    // A suffix first: `E` (exa) and `Ei` (exbi) are suffixes, not exponents.
+    let number = match SUFFIXES
+        .iter()
+        .find(|s| !s.is_empty() && body.ends_with(**s))
+    {
+        Some(suffix) => &body[..body.len() - suffix.len()],
+        None => match body.split_once(['e', 'E']) {
+            Some((number, exponent)) => {
+                let digits = exponent.strip_prefix(['+', '-']).unwrap_or(exponent);
+                if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+                    return bad();
+                }
+                number
             }
-            number
-        }
-        None => match SUFFIXES
-            .iter()
-            .find(|s| number.ends_with(**s) && !s.is_empty())
-        {
-            Some(suffix) => &number[..number.len() - suffix.len()],
-            None => number,
+            None => body,
         },
     };
     let (int, frac) = number.split_once('.').unwrap_or((number, ""));
@@ -403,11 +400,14 @@ mod tests {
     #[test]
     fn quantities() {
         for ok in [
-            "1", "500m", "1.5", "2Gi", "512Mi", "1e3", "0.25", "+1", ".5", "100k",
+            "1", "500m", "1.5", "2Gi", "512Mi", "1e3", "0.25", "+1", ".5", "100k", "1Ei", "2E",
+            "1.5E", "1E3", "2e-3",
         ] {
             assert!(check_quantity(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "1GB", "one", "1..2", "-1", "1e", "Gi", "1 Gi"] {
+        for bad in [
+            "", "1GB", "one", "1..2", "-1", "1e", "Gi", "1 Gi", "1e3Mi", "Ei", "1eE",
+        ] {
             assert!(check_quantity(bad).is_err(), "{bad}");
         }
     }

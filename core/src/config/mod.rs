@@ -339,7 +339,9 @@ pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS), or `unix:///path/to.sock`.
     /// `None` with the local backend starts an embedded `redis-server` on a private Unix socket.
     pub url: Option<String>,
-    /// Time to live of every key, refreshed on use. 1 ..= 31536000 (a year).
+    /// Time to live of every key, refreshed on use. 1 ..= 31536000 (a year), and no shorter
+    /// than `sync.lease_secs`, `pool.task_lease_secs` and `actors.lease_secs` (a lease's
+    /// renewals refresh the keys held under it; validation names the lease that is longer).
     pub expiry_secs: u64,
     /// Largest payload (message, argument list, result) shoal writes or accepts, in bytes.
     /// 1024 ..= 536870912.
@@ -770,6 +772,25 @@ impl Config {
                     .map_err(|reason| fail(range.key, reason))?;
             }
         }
+        // A lease's holder refreshes the TTLs of what it holds as it renews the lease, every
+        // third of it: a lease longer than the TTL would let the keys expire under a holder.
+        let expiry = self.redis.expiry_secs as f64;
+        for (key, lease) in [
+            ("sync.lease_secs", self.sync.lease_secs),
+            ("pool.task_lease_secs", self.pool.task_lease_secs),
+            ("actors.lease_secs", self.actors.lease_secs),
+        ] {
+            if lease > expiry {
+                return Err(fail(
+                    key,
+                    format!(
+                        "{lease} is longer than redis.expiry_secs ({expiry}): keys held under \
+                         the lease would expire between its renewals (lower the lease or raise \
+                         redis.expiry_secs)"
+                    ),
+                ));
+            }
+        }
         if self.redis.server_binary.trim().is_empty() {
             return Err(fail("redis.server_binary", "must not be empty".into()));
         }
@@ -1015,6 +1036,30 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_longer_than_the_expiry_is_refused_naming_the_lease() {
+        let (_, key, reason) = config_error(Config::builder().expiry_secs(4).build());
+        // The defaults: sync 5 s, pool tasks 10 s, actors 2 s.
+        assert_eq!(key, "sync.lease_secs");
+        assert!(reason.contains("redis.expiry_secs"), "{reason}");
+        let (origin, key, _) = config_error(Config::from_layers(
+            Some((
+                "shoal.yaml",
+                "redis:\n  expiry_secs: 6\nsync:\n  lease_secs: 6\n",
+            )),
+            [],
+        ));
+        assert_eq!(
+            (origin.as_str(), key.as_str()),
+            ("shoal.yaml", "pool.task_lease_secs")
+        );
+        let mut config = Config::default();
+        config.redis.expiry_secs = 2;
+        config.sync.lease_secs = 1.0;
+        config.pool.task_lease_secs = 2.0;
+        config.validate().expect("every lease within the expiry");
+    }
+
+    #[test]
     fn defaults_validate() {
         let c = Config::from_layers(None, env(&[])).expect("defaults are valid");
         assert_eq!(c, Config::default());
@@ -1205,13 +1250,21 @@ mod tests {
         let c = Config::from_yaml_str(
             "sync:\n  lease_secs: 0.1\npool:\n  task_lease_secs: 86400\n  retries: 0\n  \
              max_restarts: 0\n  restart_period_secs: 0.1\nlocal:\n  workers: 1\n\
-             redis:\n  expiry_secs: 1\n  connect_timeout_secs: 0.001\n",
+             redis:\n  expiry_secs: 86400\n  connect_timeout_secs: 0.001\n",
             "c.yaml",
         )
         .expect("the edges of every range are valid");
         assert_eq!(c.sync.lease(), Duration::from_millis(100));
         assert_eq!(c.pool.task_lease(), Duration::from_secs(86_400));
         assert_eq!(c.local.workers, Some(1));
+        // The shortest expiry, with leases no longer than it.
+        let c = Config::from_yaml_str(
+            "redis:\n  expiry_secs: 1\nsync:\n  lease_secs: 1\npool:\n  task_lease_secs: 1\n\
+             actors:\n  lease_secs: 1\n",
+            "c.yaml",
+        )
+        .expect("an expiry of 1 s with leases of 1 s");
+        assert_eq!(c.redis.expiry_secs, 1);
     }
 
     /// A `Config` built by hand skips validation; turning its seconds into durations must still

@@ -155,6 +155,8 @@ use crate::op::{self, Operation, Request, Step};
 
 static PUT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(&claims::with_claims_ttl(include_str!("put.lua"))));
+static ROOM: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("room.lua")));
 static TASK_DONE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("task_done.lua")));
 
@@ -264,20 +266,25 @@ impl QueueCore {
 
     fn compute_keys(&self) -> QueueKeys {
         let keys = self.address.keys();
+        let (items, state, unfinished) =
+            (keys.key("items"), keys.key("state"), keys.key("unfinished"));
         QueueKeys {
-            items: keys.key("items"),
-            state: keys.key("state"),
             putters: WaitList {
                 waiters: keys.key("putters"),
                 waiting: keys.key("putting"),
                 wake_prefix: keys.key("put:"),
+                keep_alive: vec![state.clone(), items.clone()],
             },
-            unfinished: keys.key("unfinished"),
             joiners: WaitList {
                 waiters: keys.key("joiners"),
                 waiting: keys.key("joining"),
                 wake_prefix: keys.key("join:"),
+                // The count of unfinished tasks too: a join waits on it.
+                keep_alive: vec![state.clone(), items.clone(), unfinished.clone()],
             },
+            items,
+            state,
+            unfinished,
             claims: keys.key("claims"),
             claim_prefix: keys.key("claim:"),
             claim: keys.key(&format!("claim:{}", process_holder())),

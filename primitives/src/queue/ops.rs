@@ -4,9 +4,11 @@
 use super::*;
 
 /// A put written now (`put.lua`); while a bounded queue is full, the writer queues and
-/// waits on its wake key ([`WakeWait`] on `putters`), and puts again when woken. At the
-/// deadline, or when the async caller left, it leaves the writers' queue; a wake-up (room) that
-/// had reached it is passed on to the next writer.
+/// waits on its wake key ([`WakeWait`] on `putters`), and puts again when woken, or when the
+/// check after a slice of its wait finds room (`room.lua`: a wake-up spent on a writer that
+/// died leaves room that nobody was told of) or the queue gone. At the deadline, or when the
+/// async caller left, it leaves the writers' queue; a wake-up (room) that had reached it is
+/// passed on to the next writer.
 pub(super) struct Put {
     core: QueueCore,
     keys: Arc<QueueKeys>,
@@ -20,7 +22,7 @@ pub(super) struct Put {
 
 enum PutPhase {
     Putting,
-    Waiting(WakeWait<()>),
+    Waiting(Box<WakeWait<RoomCheck>>),
     PassingOn,
 }
 
@@ -113,10 +115,14 @@ impl Operation for Put {
                         self.keys.putters.clone(),
                         self.waiter.clone(),
                         self.deadline,
-                        (),
+                        RoomCheck {
+                            core: self.core.clone(),
+                            keys: self.keys.clone(),
+                            waiter: self.waiter.clone(),
+                        },
                     );
                     let step = waiting.start(store);
-                    self.phase = PutPhase::Waiting(waiting);
+                    self.phase = PutPhase::Waiting(Box::new(waiting));
                     self.after_wait(store, step)
                 }
             },
@@ -142,6 +148,32 @@ impl Operation for Put {
             }
             PutPhase::Putting | PutPhase::PassingOn => Step::Done(Err(op::abandoned())),
         }
+    }
+}
+
+/// What a waiting writer checks after each slice (`room.lua`): room counts as a wake-up.
+pub(super) struct RoomCheck {
+    core: QueueCore,
+    keys: Arc<QueueKeys>,
+    waiter: String,
+}
+
+impl Recheck for RoomCheck {
+    fn request(&self, _: &Store) -> Option<Request> {
+        let mut invocation = ROOM.prepare_invoke();
+        invocation
+            .key(&self.keys.items)
+            .key(&self.keys.state)
+            .key(&self.keys.putters.waiters)
+            .key(&self.keys.putters.waiting)
+            .arg(&self.waiter);
+        Some(Request::script("checking for room on", invocation))
+    }
+
+    fn read(&self, reply: Result<redis::Value>) -> Result<bool> {
+        let room =
+            op::parse::<u64>(reply, "a room check").map_err(|e| self.core.address.error(e))?;
+        Ok(room == 1)
     }
 }
 
