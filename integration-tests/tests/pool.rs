@@ -10,7 +10,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use shoal::prelude::*;
 use shoal::{IMapIterator, TaskErrorKind};
-use shoal_integration_tests::{child_pids, pid_running, scratch, wait_for};
+use shoal_integration_tests::{child_pids, pid_running, raw_redis, scratch, wait_for};
 
 shoal::test_support!();
 
@@ -1129,4 +1129,286 @@ fn the_task_stream_is_trimmed_as_workers_finish() {
     );
     // And the pool goes on working after its stream was trimmed.
     assert_eq!(pool.map(square, 0..10u64).expect("map").len(), 10);
+}
+
+/// `f()` on a thread of its own; fails the test when it has not returned within `limit` (a
+/// hang shows as a failure, not as a test killed by the runner).
+fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what} did not return within {limit:?}"))
+}
+
+/// A value whose `Serialize` panics for 3 (Python: an item that cannot be pickled).
+#[derive(Clone, Copy, Debug, serde::Deserialize)]
+#[serde(transparent)]
+struct PanicsOnThree(u64);
+
+impl serde::Serialize for PanicsOnThree {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if self.0 == 3 {
+            panic!("item 3 cannot be encoded");
+        }
+        s.serialize_u64(self.0)
+    }
+}
+
+#[shoal::remote]
+fn unwrap_value(x: PanicsOnThree) -> u64 {
+    x.0
+}
+
+#[test]
+fn an_item_whose_serialize_panics_fails_the_call_instead_of_hanging_it() {
+    let _rt = runtime();
+    let pool = Arc::new(Pool::new(2).expect("pool"));
+    let is_the_panic =
+        |e: &Error| matches!(e, Error::Input(m) if m.contains("item 3 cannot be encoded"));
+
+    // map (read first, fed on the feeder thread): fails with the panic, within bounds.
+    let p = pool.clone();
+    let outcome = within(Duration::from_secs(30), "map", move || {
+        p.map_with(unwrap_value, (0..8u64).map(PanicsOnThree), 1)
+    });
+    assert!(outcome.as_ref().is_err_and(is_the_panic), "{outcome:?}");
+
+    // map_async (streamed input): the same from get().
+    let p = pool.clone();
+    let outcome = within(Duration::from_secs(30), "map_async", move || {
+        p.map_async(unwrap_value, (0..8u64).map(PanicsOnThree))?
+            .get(None)
+    });
+    assert!(outcome.as_ref().is_err_and(is_the_panic), "{outcome:?}");
+
+    // imap: the items before it yield their results, then the error, as for a failing input.
+    let p = pool.clone();
+    let results = within(Duration::from_secs(30), "imap", move || {
+        p.imap_with(unwrap_value, (0..8u64).map(PanicsOnThree), 2)
+            .expect("imap")
+            .collect::<Vec<Result<u64>>>()
+    });
+    let ok: Vec<u64> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .copied()
+        .collect();
+    assert_eq!(ok, vec![0, 1, 2], "{results:?}");
+    assert!(
+        results
+            .last()
+            .is_some_and(|r| r.as_ref().is_err_and(is_the_panic)),
+        "{results:?}"
+    );
+
+    // apply_async: the caller gets the error at once.
+    let outcome = pool.apply_async(unwrap_value, (PanicsOnThree(3),));
+    assert!(
+        outcome.as_ref().is_err_and(is_the_panic),
+        "{:?}",
+        outcome.err()
+    );
+
+    // The pool is still usable, and closes.
+    let p = pool.clone();
+    let later = within(Duration::from_secs(30), "a later map", move || {
+        p.map(square, 0..5u64)
+    });
+    assert_eq!(later.expect("map"), vec![0, 1, 4, 9, 16]);
+    let p = pool.clone();
+    within(Duration::from_secs(30), "close() then join()", move || {
+        p.close().and_then(|()| p.join())
+    })
+    .expect("join");
+}
+
+#[test]
+fn join_after_close_returns_while_an_unread_imap_exceeds_its_window() {
+    let _rt = runtime();
+    let pool = Arc::new(Pool::new(4).expect("pool"));
+    // Chunksize 1 on 4 workers: a window of 512 chunks, far fewer than the input.
+    let it = pool.imap(square, 0..10_000u64).expect("imap");
+    let p = pool.clone();
+    within(Duration::from_secs(60), "close() then join()", move || {
+        p.close().and_then(|()| p.join())
+    })
+    .expect("join");
+    // Every result waited in the iterator (CPython buffers them too).
+    let got: Vec<u64> = it.map(|r| r.expect("result")).collect();
+    assert_eq!(got, (0..10_000u64).map(|x| x * x).collect::<Vec<_>>());
+}
+
+#[test]
+fn cancelling_a_call_runs_its_error_callback_before_get_returns() {
+    let _rt = runtime();
+    let pool = Pool::new(1).expect("pool");
+    // By its deadline, and by cancel(): get() returns only after the callback finished.
+    for by_cancel in [false, true] {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let mut options = AsyncOptions::new().error_callback(move |_: &Error| {
+            std::thread::sleep(Duration::from_millis(200));
+            flag.store(true, Ordering::SeqCst);
+        });
+        if !by_cancel {
+            options = options.deadline(Duration::from_millis(300));
+        }
+        let r = pool
+            .apply_async_with(slow_with_pid, (1u64, 3_000u64), options)
+            .expect("apply_async");
+        if by_cancel {
+            std::thread::sleep(Duration::from_millis(100));
+            r.cancel();
+        }
+        let error = r.get(Some(Duration::from_secs(20))).expect_err("cancelled");
+        if by_cancel {
+            assert!(matches!(error, Error::Cancelled(_)), "{error:?}");
+        } else {
+            assert!(
+                matches!(error, Error::Timeout(d) if d == Duration::from_millis(300)),
+                "{error:?}"
+            );
+        }
+        assert!(
+            done.load(Ordering::SeqCst),
+            "get() returned {error:?} before the error_callback finished"
+        );
+    }
+}
+
+#[test]
+fn a_task_lease_out_of_the_configuration_range_is_refused() {
+    let _rt = runtime();
+    for lease in [
+        Duration::MAX,
+        Duration::from_secs(86_401),
+        Duration::from_millis(99),
+        Duration::ZERO,
+    ] {
+        match Pool::builder().processes(1).task_lease(lease).build() {
+            Err(Error::InvalidState(m)) => {
+                assert!(m.contains("task lease") && m.contains("86400"), "{m}")
+            }
+            other => panic!("a lease of {lease:?} gave {other:?}"),
+        }
+    }
+    // The range's ends are fine.
+    for lease in [Duration::from_secs(86_400), Duration::from_millis(100)] {
+        let pool = Pool::builder()
+            .processes(1)
+            .task_lease(lease)
+            .build()
+            .expect("pool");
+        assert_eq!(pool.apply(square, (3u64,)).expect("apply"), 9);
+    }
+}
+
+/// Leaves `dir/started`, then sleeps `ms` and returns `ms`.
+#[shoal::remote]
+fn mark_then_sleep(dir: String, ms: u64) -> u64 {
+    std::fs::write(format!("{dir}/started"), "x").expect("marker");
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+fn config_set(conn: &mut redis::Connection, name: &str, value: &str) {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .query::<()>(conn)
+        .expect("CONFIG SET");
+}
+
+#[test]
+fn an_outcome_refused_at_maxmemory_is_redelivered_not_lost() {
+    let rt = runtime();
+    let mut redis = raw_redis(&rt);
+    let dir = scratch();
+    let path = dir.path().display().to_string();
+    // Thread workers: no driver key to watch (its refresh fails at maxmemory too).
+    let pool = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::Thread)
+        .task_lease(Duration::from_secs(1))
+        .build()
+        .expect("pool");
+    assert_eq!(pool.apply(square, (3u64,)).expect("warm up"), 9);
+    let r = pool
+        .apply_async(mark_then_sleep, (path, 400u64))
+        .expect("apply_async");
+    assert!(
+        wait_for(Duration::from_secs(10), || dir
+            .path()
+            .join("started")
+            .exists()),
+        "the task did not start"
+    );
+    // Redis refuses every write that needs memory while the task ends: its outcome's XADD.
+    config_set(&mut redis, "maxmemory-policy", "noeviction");
+    config_set(&mut redis, "maxmemory", "1");
+    std::thread::sleep(Duration::from_millis(1_500));
+    config_set(&mut redis, "maxmemory", "0");
+    // The chunk was not acknowledged without its outcome: it runs again.
+    let value = r.get(Some(Duration::from_secs(30)));
+    assert_eq!(value.as_ref().ok(), Some(&400), "{value:?}");
+}
+
+/// The key of this runtime's only pool's task stream.
+fn task_stream_key(conn: &mut redis::Connection) -> String {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("shoal:{*:pool:*}:tasks")
+        .query(conn)
+        .expect("keys");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    keys[0].clone()
+}
+
+#[test]
+fn a_worker_that_reads_two_stop_entries_leaves_one_for_another() {
+    let rt = runtime();
+    let mut redis = raw_redis(&rt);
+    let pool = Pool::new(2).expect("pool");
+    // Tiny chunks: both workers end up reading many entries at once (COUNT = their prefetch).
+    for _ in 0..3 {
+        assert_eq!(
+            pool.map_with(inc, 0..2_000u64, 1).expect("map").len(),
+            2_000
+        );
+    }
+    let workers = child_pids();
+    assert_eq!(workers.len(), 2);
+    // Two stop entries at once (the supervisor's are one pipeline): the first worker served may
+    // read both.
+    let tasks = task_stream_key(&mut redis);
+    redis::pipe()
+        .atomic()
+        .cmd("XADD")
+        .arg(&tasks)
+        .arg("*")
+        .arg("s")
+        .arg(1)
+        .ignore()
+        .cmd("XADD")
+        .arg(&tasks)
+        .arg("*")
+        .arg("s")
+        .arg(1)
+        .ignore()
+        .query::<()>(&mut redis)
+        .expect("stop entries");
+    for pid in workers {
+        assert!(
+            wait_for(Duration::from_secs(10), || !pid_running(pid)),
+            "worker {pid} got no stop entry"
+        );
+    }
+    // The pool replaced them and goes on.
+    assert_eq!(pool.map(square, 0..4u64).expect("map"), vec![0, 1, 4, 9]);
 }

@@ -257,7 +257,7 @@ fn serve(
             hand.cancelled.clone()
         };
         let started = std::time::Instant::now();
-        let mut stop = false;
+        let mut stops = 0usize;
         let mut pipe = redis::pipe();
         let mut ids: Vec<&str> = Vec::with_capacity(entries.len());
         let mut reported: Vec<&str> = Vec::new();
@@ -271,7 +271,7 @@ fn serve(
         for entry in &entries {
             ids.push(&entry.id);
             if entry.stop {
-                stop = true;
+                stops += 1;
                 continue;
             }
             let chunk = entry;
@@ -307,12 +307,35 @@ fn serve(
             ran += 1;
         }
         let per_chunk = started.elapsed() / ran.max(1);
+        // The outcomes and the acknowledgement of their chunks apply together or not at all: in
+        // a plain pipeline a refused `XADD` (Redis at `maxmemory` refuses it, not `XACK`) would
+        // leave its chunks acknowledged with their outcomes lost, and their calls waiting
+        // forever. In `MULTI`/`EXEC` a refused command aborts the transaction: the chunks stay
+        // pending, the pipeline fails, and the worker's exit has them redelivered. Two commands
+        // more per read, in the same round trip; a read of stop entries only needs none.
+        let transaction = !outcomes.is_empty();
+        if transaction {
+            pipe.cmd("MULTI").ignore();
+        }
         add_outcomes(&mut pipe, store, keys, &spec.worker_id, outcomes)?;
         if !reported.is_empty() {
             pipe.hdel(&keys.progress, &reported).ignore();
         }
         // Acknowledged, not deleted: the supervisor trims what the workers are done with.
         pipe.xack(&keys.tasks, GROUP, &ids).ignore();
+        if transaction {
+            pipe.cmd("EXEC").ignore();
+        }
+        // One stop entry per worker: a read of several (its COUNT is the prefetch) keeps one
+        // and puts the others back, for the workers still waiting for theirs.
+        for _ in 1..stops {
+            pipe.cmd("XADD")
+                .arg(&keys.tasks)
+                .arg("*")
+                .arg("s")
+                .arg(1)
+                .ignore();
+        }
         if ran > 0 {
             // The tasks ended: what they put on queues reaches Redis before their results, and
             // the next task starts with this process's queues open again.
@@ -326,7 +349,7 @@ fn serve(
             );
         }
         chunks_done += u64::from(ran);
-        if stop {
+        if stops > 0 {
             send(&pipe)?;
             return Ok(WorkerEnd::Stopped);
         }

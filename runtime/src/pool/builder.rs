@@ -70,6 +70,12 @@ impl<R> AsyncOptions<R> {
     }
 }
 
+/// The shortest task lease [`PoolBuilder::task_lease`] takes: `pool.task_lease_secs`'s minimum.
+const MIN_TASK_LEASE: Duration = Duration::from_millis(100);
+/// The longest task lease [`PoolBuilder::task_lease`] takes: `pool.task_lease_secs`'s maximum
+/// (a day), far from where the lease's arithmetic could overflow.
+const MAX_TASK_LEASE: Duration = Duration::from_secs(86_400);
+
 /// Builds a [`Pool`]; unset options come from the configuration (`local.workers`, `pool.*`).
 #[derive(Debug, Default)]
 pub struct PoolBuilder {
@@ -117,7 +123,8 @@ impl PoolBuilder {
     }
 
     /// How long a chunk stays with a worker that stopped renewing its lease (default
-    /// `pool.task_lease_secs`).
+    /// `pool.task_lease_secs`). The same range as that key's, 0.1 s to 86400 s: the build fails
+    /// with [`Error::InvalidState`] otherwise.
     pub fn task_lease(mut self, lease: Duration) -> Self {
         self.task_lease = Some(lease);
         self
@@ -238,10 +245,13 @@ impl PoolPlan {
         let lease = builder
             .task_lease
             .unwrap_or_else(|| config.pool.task_lease());
-        if lease < Duration::from_millis(30) {
-            return Err(Error::invalid_state(
-                "the task lease must be at least 30 ms",
-            ));
+        if !(MIN_TASK_LEASE..=MAX_TASK_LEASE).contains(&lease) {
+            return Err(Error::invalid_state(format!(
+                "the task lease must be within {} ..= {} seconds (the range of \
+                 pool.task_lease_secs), not {lease:?}",
+                MIN_TASK_LEASE.as_secs_f64(),
+                MAX_TASK_LEASE.as_secs_f64(),
+            )));
         }
         let initializer = match builder.initializer {
             None => None,

@@ -25,7 +25,9 @@
 //!   the error, and goes on with the next chunk.
 //! * An input iterator that panics part way: the items read before it run and their results
 //!   are delivered (by `imap`), then the call fails with [`Error::Input`]; nothing hangs. An
-//!   item that cannot be encoded ends the input the same way, with its codec error.
+//!   item that cannot be encoded ends the input the same way, with its codec error, and one
+//!   whose `Serialize` panics with [`Error::Input`] (Python's `map` of an unpicklable item
+//!   raises, and the pool stays usable); `apply_async` returns that error itself.
 //! * A chunksize of 0 and `maxtasksperchild(0)` are [`Error::InvalidState`] (Python's
 //!   `ValueError`).
 //! * A worker that dies (killed, `std::process::exit`, a lost lease) has its chunk redelivered to
@@ -46,11 +48,13 @@
 //!   not counted as worker crashes.
 //! * `close()` refuses new calls; `join()` (after `close()` or `terminate()`, else
 //!   [`Error::InvalidState`]) waits for the workers to exit, after finishing the outstanding
-//!   calls when closed. `terminate()` stops the workers at once (`SIGTERM`) and fails the calls
-//!   still running. Dropping a pool terminates it (Python's `with Pool() as p:`): on a thread
-//!   of a Tokio runtime (an async service), on a thread of its own, rather than holding the
-//!   runtime's thread while the workers exit (the runtime's teardown finishes it, if it is
-//!   still going then); elsewhere, before the drop returns.
+//!   calls when closed. An `imap` the caller has not read yet does not hold `join()` back: once
+//!   the pool is closed its whole input is sent and its results wait in its iterator (memory
+//!   for all of them, as in CPython). `terminate()` stops the workers at once (`SIGTERM`) and
+//!   fails the calls still running. Dropping a pool terminates it (Python's `with Pool() as
+//!   p:`): on a thread of a Tokio runtime (an async service), on a thread of its own, rather
+//!   than holding the runtime's thread while the workers exit (the runtime's teardown finishes
+//!   it, if it is still going then); elsewhere, before the drop returns.
 //! * `callback` and `error_callback` of the async forms run in the parent, once per call, on the
 //!   pool's callback thread, before `get()` returns (as in Python).
 //! * Pool workers are daemonic, as in Python: a task cannot start processes or pools of its own,
@@ -223,7 +227,17 @@ impl Pool {
         let function = self.registered(&f)?;
         let limit = self.limit();
         let mut payload = ArrayWriter::payload();
-        payload.push(&args, limit, || format!("arguments of {function}"))?;
+        // The arguments' `Serialize` is the caller's code: a panic in it is this call's error,
+        // as it is for an item of a map (see the module docs).
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            payload.push(&args, limit, || format!("arguments of {function}"))
+        }))
+        .unwrap_or_else(|panic| {
+            Err(Error::Input(format!(
+                "encoding the arguments of {function} panicked: {}",
+                registry::panic_message(panic.as_ref())
+            )))
+        })?;
         let payload = payload.finish();
         if payload.len() > limit {
             return Err(Error::TooLarge {

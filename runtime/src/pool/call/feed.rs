@@ -1,6 +1,7 @@
 //! A call's feeder: reads the caller's input (behind [`GuardedInput`]), encodes it into chunks
-//! and adds them to the task stream in batches, within the call's window (see *Flow control* and
-//! *A failing input* in the module docs of `call`).
+//! (a panicking `Serialize` caught as well, see [`push_item`]) and adds them to the task stream
+//! in batches, within the call's window (see *Flow control* and *A failing input* in the module
+//! docs of `call`).
 
 use super::*;
 
@@ -44,7 +45,18 @@ impl Feeder {
         A: Serialize,
         I: Iterator<Item = Result<A>>,
     {
-        match self.feed(&mut items) {
+        // The caller's code runs here (its iterator, behind `GuardedInput`, and its items'
+        // `Serialize`, caught in `feed`): whatever else panics must still end the call, or its
+        // caller and `join()` would wait forever for a feeder that is gone.
+        let fed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.feed(&mut items)))
+            .unwrap_or_else(|payload| {
+                Err(Error::invalid_state(format!(
+                    "the feeder of a call on {} panicked: {}",
+                    self.keys.tasks,
+                    panic_message(payload.as_ref())
+                )))
+            });
+        match fed {
             Ok(Some((total, input_error))) => {
                 self.shared.set_total(total, input_error.clone());
                 self.supervisor.do_send(FeedDone {
@@ -93,9 +105,7 @@ impl Feeder {
                 while (args.len() as usize) < self.chunksize {
                     match items.next() {
                         Some(Ok(item)) => {
-                            if let Err(e) =
-                                args.push(&item, limit, || format!("arguments of {function}"))
-                            {
+                            if let Err(e) = push_item(&mut args, &item, limit, function) {
                                 // The input ends here, as with an iterator that fails.
                                 input_error = Some(e);
                                 exhausted = true;
@@ -150,6 +160,30 @@ impl Feeder {
             batch_size = (batch_size * 2).min(batch_limit);
         }
         Ok(Some((chunk, input_error)))
+    }
+}
+
+/// Encodes one item (an argument tuple) into its chunk's array. The item's `Serialize` is the
+/// caller's code: a panic in it fails this item with [`Error::Input`] (what was written of it
+/// is removed), as a panic in the input's iterator does, instead of killing the feeder thread.
+fn push_item<A: Serialize>(
+    args: &mut ArrayWriter,
+    item: &A,
+    limit: usize,
+    function: &str,
+) -> Result<()> {
+    let mark = args.mark();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        args.push(item, limit, || format!("arguments of {function}"))
+    })) {
+        Ok(pushed) => pushed,
+        Err(payload) => {
+            args.rewind(mark);
+            Err(Error::Input(format!(
+                "encoding an item's arguments for {function} panicked: {}",
+                panic_message(payload.as_ref())
+            )))
+        }
     }
 }
 

@@ -10,6 +10,13 @@
 //! caller's iterator only when there is room, so `imap` over a million items holds a window's
 //! worth of items and results, and yields its first result before the last item is read.
 //!
+//! Once the pool is closed, a streaming call's window is lifted ([`CallShared::lift_window`]):
+//! `join()` returns once every task is done, as in Python, so the feeder must not wait for a
+//! caller that may only read the iterator after `join()`. The rest of the input is then read
+//! and sent at once, and every result not yet taken waits in the iterator: an unconsumed `imap`
+//! over `n` items on a closed pool holds up to `n` results in the caller's memory (and its
+//! chunks in the task stream until the workers take them), as CPython's does.
+//!
 //! # Results
 //!
 //! A chunk's results come back as MessagePack arrays (one per part of a long chunk; see
@@ -94,6 +101,8 @@ pub(crate) struct CallShared {
 #[derive(Default)]
 struct CallState {
     window: usize,
+    /// The window no longer holds the feeder back (the pool was closed; see *Flow control*).
+    unbounded: bool,
     in_flight: usize,
     /// The feeder waits for room (so a released chunk must wake it).
     feeder_waiting: bool,
@@ -251,15 +260,29 @@ impl CallShared {
     /// Feeder: waits for room; `None` when feeding must stop.
     fn wait_for_room(&self) -> Option<usize> {
         let mut guard = self.lock();
-        while !guard.cancelled && guard.in_flight >= guard.window {
+        while !guard.cancelled && !guard.unbounded && guard.in_flight >= guard.window {
             guard.feeder_waiting = true;
             guard = self.room.wait(guard).unwrap_or_else(|p| p.into_inner());
         }
         guard.feeder_waiting = false;
         if guard.cancelled {
             None
+        } else if guard.unbounded {
+            // Batches are still bounded by the feeder's batch size.
+            Some(usize::MAX)
         } else {
-            Some(guard.window - guard.in_flight)
+            Some(guard.window.saturating_sub(guard.in_flight).max(1))
+        }
+    }
+
+    /// Supervisor (streaming, the pool was closed): the window no longer holds the feeder back,
+    /// so that the call's every chunk is sent and `join()` can return while nobody takes the
+    /// results (they wait in the iterator; see *Flow control*).
+    pub(crate) fn lift_window(&self) {
+        let mut s = self.lock();
+        s.unbounded = true;
+        if s.feeder_waiting {
+            self.room.notify_all();
         }
     }
 
@@ -347,8 +370,17 @@ impl CallShared {
 
     /// Caller: stop feeding (the iterator was dropped).
     fn cancel(&self) {
-        self.lock().cancelled = true;
-        self.notify();
+        self.stop_feeding();
+    }
+
+    /// The feeder stops taking items (the call is cancelled), without an outcome for the
+    /// caller yet: the supervisor gives that after the call's callbacks ran.
+    pub(crate) fn stop_feeding(&self) {
+        let mut s = self.lock();
+        s.cancelled = true;
+        if s.feeder_waiting {
+            self.room.notify_all();
+        }
     }
 
     fn is_ready(&self) -> bool {

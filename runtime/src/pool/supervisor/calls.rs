@@ -324,6 +324,17 @@ impl PoolSupervisor {
         }
     }
 
+    /// The pool was closed: streaming calls' feeders no longer wait for their callers to take
+    /// results (see *Flow control* in the module docs of `call`), or `join()` would wait
+    /// forever for an `imap` nobody reads until after it.
+    pub(super) fn lift_stream_windows(&mut self) {
+        for record in self.calls.values() {
+            if matches!(record.delivery, Delivery::Ordered | Delivery::Unordered) {
+                record.shared.lift_window();
+            }
+        }
+    }
+
     /// Completes a call whose every chunk is in.
     fn check_call(&mut self, call: u64) {
         let Some(record) = self.calls.get(&call) else {
@@ -472,7 +483,9 @@ impl Handler<CancelCall> for PoolSupervisor {
 
     fn handle(&mut self, msg: CancelCall, ctx: &mut Context<Self>) {
         if let Some(record) = self.calls.remove(&msg.call) {
-            record.shared.end(msg.error.clone());
+            // The feeder stops now; the caller sees the outcome from `finish_call`, after the
+            // error_callback ran (the documented order, as for `terminate()`).
+            record.shared.stop_feeding();
             self.finish_call(record, Err(msg.error));
             self.cancel_chunks(ctx, msg.call);
         }

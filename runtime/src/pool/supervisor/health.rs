@@ -127,7 +127,7 @@ impl PoolSupervisor {
                     .arg(&key)
                     .arg(1)
                     .arg("PX")
-                    .arg(ttl.as_millis() as u64)
+                    .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
                     .query_async::<()>(&mut conn)
                     .await
                     .map_err(|e| Error::redis(format!("refreshing {key}"), e))

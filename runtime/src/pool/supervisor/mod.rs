@@ -12,9 +12,10 @@
 //!
 //! # Lifecycle
 //!
-//! `Running` → `close()` → `Closing` (no new calls; when the last call completes, one stop
-//! entry per worker goes to the task stream) → `Stopping` (workers exit, none is replaced) →
-//! finished. `terminate()` (or dropping the pool) → `Terminated` from any phase: workers are sent
+//! `Running` → `close()` → `Closing` (no new calls; streaming calls no longer wait for their
+//! callers to take results, which wait in their iterators; when the last call completes, one
+//! stop entry per worker goes to the task stream) → `Stopping` (workers exit, none is
+//! replaced) → finished. `terminate()` (or dropping the pool) → `Terminated` from any phase: workers are sent
 //! `SIGTERM`, calls still running fail with [`Error::InvalidState`], the pool's keys are deleted.
 //! `Broken` from `Running` or `Closing`: the restart budget is spent (calls fail with kind
 //! `Crashed`) or the store was lost (calls fail with the store's error); workers are stopped.
@@ -413,6 +414,7 @@ impl Handler<Close> for PoolSupervisor {
     fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
         if matches!(self.phase, Phase::Running) {
             self.set_phase(Phase::Closing);
+            self.lift_stream_windows();
             self.maybe_stop(ctx);
         }
     }

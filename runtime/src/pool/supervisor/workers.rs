@@ -56,10 +56,10 @@ impl PoolSupervisor {
             worker_id: worker_id.clone(),
             initializer: self.settings.initializer.clone(),
             maxtasksperchild: self.settings.maxtasksperchild,
-            lease_ms: self.settings.lease.as_millis() as u64,
+            lease_ms: millis(self.settings.lease),
             // A worker thread lives and dies with its driver: nothing to watch.
             driver_ttl_ms: if subprocess {
-                driver_ttl(self.settings.lease).as_millis() as u64
+                millis(driver_ttl(self.settings.lease))
             } else {
                 0
             },
@@ -325,6 +325,11 @@ impl Handler<WorkerExited> for PoolSupervisor {
             ),
         }
     }
+}
+
+/// `duration` in whole milliseconds, saturating at `u64::MAX` rather than truncating.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// What a worker's output printer and its exit share.
