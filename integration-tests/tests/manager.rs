@@ -1379,3 +1379,275 @@ fn every_manager_key_has_a_ttl() {
     }
     manager.shutdown().expect("shutdown");
 }
+
+// ------------------------------------------------------- a sort that ends without writing --
+
+/// Runs `body` to its end on a Tokio current-thread runtime.
+fn block_on<T>(body: impl Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("current-thread runtime")
+        .block_on(body)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+}
+
+/// The same list, seen as a list of `U` (its items do not decode as one).
+fn as_list_of<T, U>(list: &ListProxy<T>) -> ListProxy<U> {
+    let json = serde_json::to_string(list).expect("json");
+    serde_json::from_str(&json).expect("a list proxy")
+}
+
+/// Times a write to `l`: another process's writes wait while a sort freezes it.
+fn timed_append(l: &ListProxy<i64>, value: i64) -> Duration {
+    let started = Instant::now();
+    l.append(value).expect("append");
+    started.elapsed()
+}
+
+#[test]
+fn a_failed_sort_lifts_its_freeze_at_once() {
+    let rt = runtime();
+    let mut conn = raw_redis(&rt);
+    let manager = Manager::new().expect("manager");
+    let l = manager.list_from(vec![3i64, 1, 2]).expect("list");
+    let head = manager_keys(&mut conn, &manager.address())
+        .into_iter()
+        .find(|k| k.ends_with(":head"))
+        .expect("head");
+
+    // `compare` panics between the read (which froze the list) and the write.
+    let sorted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        l.sort_by(|_, _| panic!("compare panics"))
+    }));
+    assert!(sorted.is_err(), "the panic goes on to the caller");
+    let waited = timed_append(&l, 4);
+    assert!(waited < Duration::from_secs(1), "writes waited {waited:?}");
+    let frozen: bool = redis::cmd("HEXISTS")
+        .arg(&head)
+        .arg("\0f")
+        .query(&mut conn)
+        .expect("hexists");
+    assert!(!frozen, "the freeze is lifted");
+    assert_eq!(
+        l.to_vec().expect("items"),
+        vec![3, 1, 2, 4],
+        "nothing sorted"
+    );
+
+    // The items do not decode as the proxy's type: an error, and the freeze is lifted.
+    let strings: ListProxy<String> = as_list_of(&l);
+    assert!(matches!(
+        strings.sort(),
+        Err(Error::Codec { .. }) | Err(Error::InvalidState(_))
+    ));
+    let waited = timed_append(&l, 5);
+    assert!(waited < Duration::from_secs(1), "writes waited {waited:?}");
+
+    // Only the sort's own freeze is lifted: when its freeze lapsed and another sort froze the
+    // list meanwhile, that one holds.
+    let sorted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        l.sort_by(|_, _| {
+            let _: () = redis::cmd("HSET")
+                .arg(&head)
+                .arg("\0f")
+                .arg(format!("another-sort|{}", now_ms() + 1500))
+                .query(&mut conn)
+                .expect("hset");
+            panic!("compare panics")
+        })
+    }));
+    assert!(sorted.is_err());
+    let waited = timed_append(&l, 6);
+    assert!(
+        waited >= Duration::from_millis(1200),
+        "another sort's freeze was lifted: writes waited {waited:?}"
+    );
+    assert_eq!(l.to_vec().expect("items"), vec![3, 1, 2, 4, 5, 6]);
+    l.sort().expect("a sort after all that");
+    assert_eq!(l.to_vec().expect("items"), vec![1, 2, 3, 4, 5, 6]);
+    manager.shutdown().expect("shutdown");
+}
+
+#[test]
+fn a_dropped_or_failed_async_sort_lifts_its_freeze() {
+    use futures::FutureExt;
+
+    let rt = runtime();
+    let mut conn = raw_redis(&rt);
+    let manager = Manager::new().expect("manager");
+    let l = manager.list_from(vec![3i64, 1, 2]).expect("list");
+    let head = manager_keys(&mut conn, &manager.address())
+        .into_iter()
+        .find(|k| k.ends_with(":head"))
+        .expect("head");
+    let frozen = |conn: &mut redis::Connection| -> bool {
+        redis::cmd("HEXISTS")
+            .arg(&head)
+            .arg("\0f")
+            .query(conn)
+            .expect("hexists")
+    };
+
+    // Dropped while its read is in flight: polled once (the read, which freezes the list, is
+    // sent), then dropped before the reply comes.
+    drop(l.sort_by_async(|a: &i64, b: &i64| a.cmp(b)).now_or_never());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!frozen(&mut conn), "the freeze is lifted");
+    let waited = timed_append(&l, 4);
+    assert!(waited < Duration::from_secs(1), "writes waited {waited:?}");
+
+    // `compare` panics in a task: the future is dropped while unwinding.
+    block_on(async {
+        let sorted = tokio::spawn(l.sort_by_async(|_: &i64, _: &i64| panic!("compare panics")));
+        assert!(sorted.await.is_err_and(|e| e.is_panic()));
+    });
+    let waited = timed_append(&l, 5);
+    assert!(waited < Duration::from_secs(1), "writes waited {waited:?}");
+
+    // The items do not decode: an error, and the freeze is lifted.
+    let strings: ListProxy<String> = as_list_of(&l);
+    assert!(block_on(strings.sort_async()).is_err());
+    let waited = timed_append(&l, 6);
+    assert!(waited < Duration::from_secs(1), "writes waited {waited:?}");
+    assert!(!frozen(&mut conn));
+
+    block_on(l.sort_async()).expect("sort");
+    let items = l.to_vec().expect("items");
+    assert_eq!(items, {
+        let mut sorted = items.clone();
+        sorted.sort();
+        sorted
+    });
+    manager.shutdown().expect("shutdown");
+}
+
+// ------------------------------------------------------------------------ list del message --
+
+#[test]
+fn del_on_an_empty_list_is_an_assignment_index_error() {
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    let e = manager.list::<i64>().expect("list");
+    // CPython: `del [][0]` is IndexError("list assignment index out of range").
+    for index in [0, -1, 3] {
+        let err = e.del(index).expect_err("empty");
+        assert!(
+            matches!(&err, Error::IndexError(m) if m == "list assignment index out of range"),
+            "del({index}): {err}"
+        );
+        let err = block_on(e.del_async(index)).expect_err("empty");
+        assert!(
+            matches!(&err, Error::IndexError(m) if m == "list assignment index out of range"),
+            "del_async({index}): {err}"
+        );
+    }
+    // pop keeps its own message.
+    assert!(matches!(e.pop(), Err(Error::IndexError(m)) if m == "pop from empty list"));
+    manager.shutdown().expect("shutdown");
+}
+
+// ------------------------------------------------------------------- a manager in use lives --
+
+#[derive(Serialize, Deserialize, Default, shoal::Actor)]
+#[actor(messages(Bump))]
+struct Tally {
+    n: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Bump;
+
+impl Handler<Bump> for Tally {
+    type Reply = u64;
+    fn handle(&mut self, _: Bump, _: &mut ActorContext) -> u64 {
+        self.n += 1;
+        self.n
+    }
+}
+
+#[test]
+fn a_manager_in_use_does_not_expire() {
+    const EXPIRY: u64 = 3;
+    // Every lease within the expiry, as the configuration requires.
+    let mut config = Config::default();
+    config.redis.expiry_secs = EXPIRY;
+    config.sync.lease_secs = 1.0;
+    config.pool.task_lease_secs = 1.0;
+    config.actors.lease_secs = 1.0;
+    let rt = shoal::init_with(config).expect("runtime");
+    let mut conn = raw_redis(&rt);
+    let manager = Manager::new().expect("manager");
+    let jobs: Queue<i32> = manager.queue().expect("queue");
+    manager.publish("x", &1).expect("publish");
+    manager.publish("jobs", &jobs).expect("publish");
+
+    // Used longer than its expiry by lookups alone: each refreshes it.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2 * EXPIRY + 1) {
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(manager.lookup::<i32>("x").expect("lookup"), 1);
+    }
+    let jobs: Queue<i32> = manager.lookup("jobs").expect("lookup");
+    jobs.put(7).expect("put");
+
+    // Each use alone refreshes the record: its TTL cut to 1 s, then the use.
+    let meta = format!("shoal:{{default:manager:{}}}:meta", manager.address().id());
+    let key = current_process().authkey;
+    type Use<'a> = Box<dyn Fn() -> shoal::Result<()> + 'a>;
+    let uses: Vec<(&str, Use)> = vec![
+        ("publish", Box::new(|| manager.publish("y", &2))),
+        ("lookup", Box::new(|| manager.lookup::<i32>("y").map(drop))),
+        (
+            "connect",
+            Box::new(|| Manager::connect(manager.address(), key.clone()).map(drop)),
+        ),
+        ("register", Box::new(|| manager.register::<Tally>("Tally"))),
+        (
+            "create",
+            Box::new(|| manager.create("Tally", Tally::default()).map(drop)),
+        ),
+        ("queue", Box::new(|| manager.queue::<i32>().map(drop))),
+        ("lock", Box::new(|| manager.lock().map(drop))),
+        (
+            "publish_async",
+            Box::new(|| block_on(manager.publish_async("z", &3))),
+        ),
+        (
+            "lookup_async",
+            Box::new(|| block_on(manager.lookup_async::<i32>("z")).map(drop)),
+        ),
+        (
+            "connect_async",
+            Box::new(|| block_on(Manager::connect_async(manager.address(), key.clone())).map(drop)),
+        ),
+        (
+            "register_async",
+            Box::new(|| block_on(manager.register_async::<Tally>("Tally"))),
+        ),
+        (
+            "create_async",
+            Box::new(|| block_on(manager.create_async("Tally", Tally::default())).map(drop)),
+        ),
+    ];
+    for (name, used) in uses {
+        let _: i64 = redis::cmd("EXPIRE")
+            .arg(&meta)
+            .arg(1)
+            .query(&mut conn)
+            .expect("expire");
+        used().unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ttl: i64 = redis::cmd("TTL").arg(&meta).query(&mut conn).expect("ttl");
+        assert!(
+            ttl >= 2,
+            "{name} did not refresh the manager's record (TTL {ttl})"
+        );
+    }
+    manager.shutdown().expect("shutdown");
+}

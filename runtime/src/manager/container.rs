@@ -11,11 +11,12 @@ use std::sync::{Arc, LazyLock, OnceLock};
 
 use serde::de::{self, DeserializeOwned};
 use serde::{Deserialize, Deserializer, Serialize};
+use shoal_core::actors::{BoxFuture, Caller};
 use shoal_core::auth;
 use shoal_core::clock::now_ms;
 use shoal_core::context::{self, AuthKey};
 use shoal_core::error::{Error, Result};
-use shoal_core::store::{KeySpace, ObjectKeys, Store};
+use shoal_core::store::{AsyncStore, KeySpace, ObjectKeys, Store};
 
 use super::ManagerAddress;
 
@@ -137,6 +138,7 @@ impl std::fmt::Debug for Container {
 pub(super) enum RuntimeRequest {
     Script(redis::ScriptInvocation<'static>),
     Cmd(redis::Cmd),
+    Pipe(redis::Pipeline),
 }
 
 /// Sends `request` from a task on its runtime's shared connection (any executor can await it,
@@ -153,6 +155,7 @@ where
                 Ok(mut conn) => Ok(match request {
                     RuntimeRequest::Script(invocation) => invocation.invoke_async(&mut conn).await,
                     RuntimeRequest::Cmd(cmd) => cmd.query_async(&mut conn).await,
+                    RuntimeRequest::Pipe(pipe) => pipe.query_async(&mut conn).await,
                 }),
                 Err(e) => Err(e),
             };
@@ -366,6 +369,101 @@ impl Container {
             // As `Store::with_conn` wraps the error of a round trip in `run`.
             Ok(Err(e)) => Err(self.error(Error::redis(self.context(call.what), e))),
             Err(e) => Err(self.error(e)),
+        }
+    }
+
+    /// As [`Container::send_async`], for a write whose effect must not outlast a caller that
+    /// left: the request is sent from a task of shoal's actor runtime (never the caller's
+    /// runtime, which may be gone by then) and, when the caller's future was dropped before or
+    /// after the reply came (nobody will act on it), `undo` is sent from there in turn, after
+    /// the reply (an error is logged).
+    pub(super) async fn send_async_or_undo<R, T, U, V>(
+        &self,
+        call: &Call<R, T>,
+        undo: Call<U, V>,
+    ) -> Result<R>
+    where
+        R: redis::FromRedisValue + Send + 'static,
+        U: redis::FromRedisValue + Send + 'static,
+        V: 'static,
+    {
+        let context = context::current()?;
+        let invocation = self.invocation(context.store(), call);
+        let what = self.context(call.what);
+        let container = self.clone();
+        let reply = context
+            .spawn(move |store, caller| async move {
+                let reply = match store.shared().await {
+                    Ok(mut conn) => invocation
+                        .invoke_async::<R>(&mut conn)
+                        .await
+                        .map_err(|e| Error::redis(what, e)),
+                    Err(e) => Err(e),
+                };
+                match reply {
+                    Ok(reply) => caller.hand_over(reply, move |_| -> BoxFuture {
+                        Box::pin(async move { container.send_logged(&store, &undo).await })
+                    }),
+                    Err(e) => caller.finish(Err(e)),
+                }
+            })
+            .await;
+        reply.map_err(|e| self.error(e))
+    }
+
+    /// Sends `call` from a task of shoal's actor runtime and does not wait for it: the clean-up
+    /// of a drop guard, which must not block the thread it runs on (an executor's, maybe). An
+    /// error is logged.
+    pub(super) fn detach<U, V>(&self, call: Call<U, V>)
+    where
+        U: redis::FromRedisValue + Send + 'static,
+        V: 'static,
+    {
+        let context = match context::current() {
+            Ok(context) => context,
+            Err(e) => return self.clean_up_failed(call.what, e),
+        };
+        let container = self.clone();
+        drop(context.spawn(move |store, caller: Caller<()>| async move {
+            container.send_logged(&store, &call).await;
+            caller.finish(Ok(()));
+        }));
+    }
+
+    /// Sends the clean-up `call` on `store`'s shared connection (from a task of its runtime);
+    /// an error is logged.
+    async fn send_logged<U, V>(&self, store: &AsyncStore, call: &Call<U, V>)
+    where
+        U: redis::FromRedisValue + Send + 'static,
+    {
+        let invocation = self.invocation(store.store(), call);
+        let sent = match store.shared().await {
+            Ok(mut conn) => invocation
+                .invoke_async::<U>(&mut conn)
+                .await
+                .map(drop)
+                .map_err(|e| Error::redis(self.context(call.what), e)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            self.clean_up_failed(call.what, e);
+        }
+    }
+
+    /// Logs a clean-up that failed (`e` as a script gave it, or as [`Container::error`] turned
+    /// it): quietly when the container is gone (nothing was left to clean up).
+    pub(super) fn clean_up_failed(&self, what: &str, e: Error) {
+        let gone = match &e {
+            Error::Redis { source, .. } => source.code() == Some("GONE"),
+            Error::InvalidState(message) => {
+                matches!(self.gone(), Error::InvalidState(gone) if gone == *message)
+            }
+            _ => false,
+        };
+        if gone {
+            tracing::debug!("{}: {e}", self.context(what));
+        } else {
+            tracing::warn!("{}: {}", self.context(what), self.error(e));
         }
     }
 

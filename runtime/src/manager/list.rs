@@ -21,8 +21,11 @@
 //! the list before the sort), the second writes the sorted items and lifts the freeze, only if
 //! the list's version did not change in between (compare-and-set; a writer whose clock is far
 //! enough ahead to ignore the freeze makes the sort start again instead of being overwritten).
-//! So the sort applies atomically and no write is lost. A freeze lapses by itself after
-//! 30 seconds (a sorter that died); writers wait at most twice that, then fail with
+//! So the sort applies atomically and no write is lost. A sort that ends between the two
+//! without writing (an error, items that do not decode, a panic in `compare`, its async form's
+//! future dropped) lifts its own freeze at once: the blocking form before it returns or
+//! unwinds, the async form from a task of shoal's actor runtime. A freeze lapses by itself
+//! after 30 seconds (a sorter that died); writers wait at most twice that, then fail with
 //! [`Error::InvalidState`].
 //!
 //! # Iteration
@@ -46,8 +49,9 @@
 //!
 //! # Round trips
 //!
-//! Every method: 1 (a script), except `sort`: 2 (read and freeze, then write); the same for its
-//! async form (`append_async`...; see the `manager` module docs). A write that
+//! Every method: 1 (a script), except `sort`: 2 (read and freeze, then write; 1 more to lift
+//! the freeze when it ends without writing); the same for its async form (`append_async`...;
+//! see the `manager` module docs). A write that
 //! meets another process's sort sends its script again when the sort is done. Iteration: 1 to
 //! start, then 1 per page.
 
@@ -96,6 +100,8 @@ static SORT_BEGIN: LazyLock<redis::Script> =
     LazyLock::new(|| script(include_str!("list_sort_begin.lua")));
 static REPLACE: LazyLock<redis::Script> =
     LazyLock::new(|| script(include_str!("list_replace.lua")));
+static SORT_ABORT: LazyLock<redis::Script> =
+    LazyLock::new(|| script(include_str!("list_sort_abort.lua")));
 static PAGE_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| script(include_str!("list_page.lua")));
 static LEN: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("list_len.lua")));
@@ -197,19 +203,79 @@ impl FrozenWait {
     }
 }
 
+/// The lifting of sort `token`'s freeze, if the list still has it (`list_sort_abort.lua`).
+fn sort_abort_call(token: &str) -> Call<i64, ()> {
+    Call::new(&SORT_ABORT, "unfreezing", |_, _: i64| Ok(())).arg(token)
+}
+
+/// A drop guard that lifts a sort's freeze when the sort ends without its write having been
+/// answered: its read or write failed, `compare` panicked, items did not decode, or its future
+/// was dropped. Made before the read, so that no exit path leaves the list frozen until the
+/// freeze's deadline (every writer of every process would wait that long); defused by
+/// [`SortFreeze::written`]. It lifts only this sort's freeze (by token), never a later sort's.
+struct SortFreeze {
+    container: Container,
+    token: String,
+    /// The blocking form's: the freeze is lifted before the guard's drop returns. Else it is
+    /// lifted from a task of shoal's actor runtime, and the drop does not wait (it may run on
+    /// an executor's thread).
+    blocking: bool,
+    armed: bool,
+}
+
+impl SortFreeze {
+    fn new(container: &Container, token: &str, blocking: bool) -> Self {
+        SortFreeze {
+            container: container.clone(),
+            token: token.to_string(),
+            blocking,
+            armed: true,
+        }
+    }
+
+    /// After the sort's write was answered with `written`: the write lifted the freeze (it
+    /// wrote, or the version differed), or the freeze was no longer this sort's (FROZEN: it
+    /// lapsed, another sort holds one), so there is nothing left to lift; any other error
+    /// leaves the guard armed.
+    fn written(&mut self, written: &Result<i64>) {
+        if written.as_ref().map_or_else(is_frozen, |_| true) {
+            self.armed = false;
+        }
+    }
+}
+
+impl Drop for SortFreeze {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let call = sort_abort_call(&self.token);
+        if !self.blocking {
+            return self.container.detach(call);
+        }
+        if let Err(e) = self.container.send(&call) {
+            self.container.clean_up_failed("unfreezing", e);
+        }
+    }
+}
+
 const INDEX_OUT_OF_RANGE: &str = "list index out of range";
 const ASSIGNMENT_OUT_OF_RANGE: &str = "list assignment index out of range";
 const POP_OUT_OF_RANGE: &str = "pop index out of range";
+const POP_FROM_EMPTY: &str = "pop from empty list";
 
-/// The item `list_pop.lua` removed, or the error of an empty list or an index outside it.
+/// The item `list_pop.lua` removed, or the error of an empty list (`empty`: Python's "pop from
+/// empty list" for `pop`, "list assignment index out of range" for `del`) or of an index outside
+/// it (`out_of_range`).
 fn taken(
     container: &Container,
     reply: (i64, Option<Vec<u8>>),
+    empty: &str,
     out_of_range: &str,
 ) -> Result<Vec<u8>> {
     match reply {
         (2, Some(bytes)) => Ok(bytes),
-        (0, _) => Err(Error::IndexError("pop from empty list".into())),
+        (0, _) => Err(Error::IndexError(empty.into())),
         (1, _) => Err(Error::IndexError(out_of_range.into())),
         _ => Err(container.malformed("pop")),
     }
@@ -286,7 +352,7 @@ where
 
     fn del_call(index: isize) -> Call<(i64, Option<Vec<u8>>), ()> {
         Call::new(&POP, "removing from", |c, reply| {
-            taken(c, reply, ASSIGNMENT_OUT_OF_RANGE).map(|_| ())
+            taken(c, reply, ASSIGNMENT_OUT_OF_RANGE, ASSIGNMENT_OUT_OF_RANGE).map(|_| ())
         })
         .arg(index.to_string())
     }
@@ -294,7 +360,7 @@ where
     /// Removes item `index`, the last when `None`.
     fn pop_call(index: Option<isize>) -> Call<(i64, Option<Vec<u8>>), T> {
         Call::new(&POP, "removing from", |c, reply| {
-            c.decode(&taken(c, reply, POP_OUT_OF_RANGE)?)
+            c.decode(&taken(c, reply, POP_FROM_EMPTY, POP_OUT_OF_RANGE)?)
         })
         .arg(index.map(|i| i.to_string()).unwrap_or_default())
     }
@@ -378,6 +444,25 @@ where
         })
         .arg(token)
         .arg(FREEZE.as_millis() as u64)
+    }
+
+    /// The async form of the read of `sort`, sent again while another process's sort freezes
+    /// the list (as `write_async` does). Each request is sent from a task of shoal's actor
+    /// runtime that, when the caller's future was dropped before the reply came (the sort will
+    /// not go on), lifts the freeze the read set.
+    async fn sort_begin_async(&self, token: &str) -> Result<SortBegun> {
+        let call = Self::sort_begin_call(token);
+        let mut wait = FrozenWait::new();
+        loop {
+            let sent = self
+                .container
+                .send_async_or_undo(&call, sort_abort_call(token))
+                .await;
+            match sent {
+                Ok(reply) => return call.read(&self.container, reply),
+                Err(e) => pause_async(wait.after(&self.container, e)?).await?,
+            }
+        }
     }
 
     /// Writes the sorted items, if the list is still at `version` and frozen by `token`: 1 when
@@ -601,11 +686,13 @@ where
     pub fn sort_by(&self, mut compare: impl FnMut(&T, &T) -> std::cmp::Ordering) -> Result<()> {
         for _ in 0..SORT_ATTEMPTS {
             let token = uuid::Uuid::new_v4().simple().to_string();
+            let mut freeze = SortFreeze::new(&self.container, &token, true);
             let (version, items) = self.write(Self::sort_begin_call(&token))?;
             let sorted = self.sorted(items, &mut compare)?;
             let written = self
                 .container
                 .run(Self::replace_call(&token, version, sorted));
+            freeze.written(&written);
             if Self::sort_written(written)? {
                 return Ok(());
             }
@@ -840,7 +927,9 @@ where
     }
 
     /// The async form of [`ListProxy::sort_by`]: `compare` runs in the caller's task, between
-    /// the two round trips.
+    /// the two round trips. The read (which freezes the list) is sent from a task of shoal's
+    /// actor runtime, wherever the future is awaited; dropping the future before the sort wrote
+    /// lifts the freeze from there, so other processes' writes do not wait for it to lapse.
     pub fn sort_by_async<F>(
         &self,
         mut compare: F,
@@ -852,12 +941,14 @@ where
         async move {
             for _ in 0..SORT_ATTEMPTS {
                 let token = uuid::Uuid::new_v4().simple().to_string();
-                let (version, items) = list.write_async(Ok(Self::sort_begin_call(&token))).await?;
+                let mut freeze = SortFreeze::new(&list.container, &token, false);
+                let (version, items) = list.sort_begin_async(&token).await?;
                 let sorted = list.sorted(items, &mut compare)?;
                 let written = list
                     .container
                     .run_async(Ok(Self::replace_call(&token, version, sorted)))
                     .await;
+                freeze.written(&written);
                 if Self::sort_written(written)? {
                     return Ok(());
                 }

@@ -1,6 +1,7 @@
 -- The read of l.sort(): freezes the list (writes wait, see list_prelude.lua) and returns
 -- {version, item, item, ...}. ARGV[3] the sort's token, ARGV[4] how long the freeze may last (ms).
--- FROZEN while another sort holds a live freeze.
+-- FROZEN while another sort holds a live freeze. The freeze is lifted by the sort's write
+-- (list_replace.lua), or by list_sort_abort.lua when the sort ends without one.
 local h, err = open_list('')
 if not h then
   return err

@@ -45,7 +45,9 @@
 //! shoal's actor runtime. An async list write that
 //! meets another process's sort waits for it as the blocking form does, its pauses timed on the
 //! actor runtime; [`ListProxy::sort_by_async`] runs `compare` in the caller's task between its
-//! two round trips. A write whose future is dropped after it was sent is still applied, once.
+//! two round trips (its first, which freezes the list, always from a task of the actor runtime:
+//! a dropped sort lifts its freeze from there). A write whose future is dropped after it was
+//! sent is still applied, once.
 //! The page-by-page iterators ([`DictProxy::iter`], [`ListProxy::iter`]) have async forms that
 //! read a page per round trip ([`DictProxy::iter_async`], [`ListProxy::iter_async`]: a
 //! [`DictStream`], a [`ListStream`], each a [`futures::Stream`] with a `next` of its own);
@@ -63,7 +65,10 @@
 //! when the creator exits), unless [`Manager::shutdown`] did it before. A pool whose workers
 //! are threads of this process shuts down only the managers its tasks made. A connected manager
 //! ([`Manager::connect`]) never shuts it down (Python's connected managers have no `shutdown`).
-//! As every shoal key, a manager's keys expire after `redis.expiry_secs` without use.
+//! As every shoal key, a manager's keys expire after `redis.expiry_secs` without use; every use
+//! refreshes them (a container's keys and the manager's record with each of the container's
+//! operations, the record with `publish`, `lookup`, `connect`, `register`, `create` and the
+//! making of a container or a primitive), in the request the use sends anyway.
 //!
 //! # Authentication
 //!
@@ -71,9 +76,10 @@
 //! children, as Python's) or the one given to [`Manager::with_authkey`]. Its record holds a random
 //! nonce and a verifier, HMAC-SHA256 of its id and the nonce under the authkey;
 //! [`Manager::connect`] recomputes it and, with another authkey, fails with
-//! [`Error::Authentication`] having read the record and touched nothing. Each container's keys are
-//! named by a capability, HMAC-SHA256 of the container's id under the authkey: only holders of the
-//! authkey (or of a proxy, which carries the capability) can address a container.
+//! [`Error::Authentication`] having read the record and changed nothing in it (the read refreshes
+//! its TTL, as any use does). Each container's keys are named by a capability, HMAC-SHA256 of
+//! the container's id under the authkey: only holders of the authkey (or of a proxy, which
+//! carries the capability) can address a container.
 //!
 //! That is where the checks are: at connect, and by capability. Python checks the authkey when a
 //! connection opens and then trusts the connection; shoal cannot check a per-message MAC either,
@@ -232,14 +238,42 @@ fn manager_gone(address: &ManagerAddress) -> Error {
     ))
 }
 
-/// Turns an error of a manager-level script into a clear one.
+/// `read` of the manager's record `meta`, then the refresh of the record's TTL, in one pipeline:
+/// one round trip, as `read` alone. Every use of a manager (a lookup, a connect, the check that
+/// it runs before a primitive or a registered-type instance is made) refreshes its record, as
+/// every use of a container does, so a manager in use does not expire. Its reply is `read`'s
+/// ([`Refreshed`], [`read_reply`]): an error of `read` keeps its code (a pipeline that fails
+/// would report it without), and one of `EXPIRE` (which cannot fail on a key `read` accepts) is
+/// ignored.
+fn refreshing(read: redis::Cmd, meta: &str, expiry_secs: u64) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors()
+        .add_command(read)
+        .cmd("EXPIRE")
+        .arg(meta)
+        .arg(expiry_secs)
+        .ignore();
+    pipe
+}
+
+/// The reply of a [`refreshing`] read of a `T`.
+type Refreshed<T> = (redis::RedisResult<T>,);
+
+/// The read's own reply of a [`refreshing`] pipeline, or its error.
+fn read_reply<T>((reply,): Refreshed<T>) -> redis::RedisResult<T> {
+    reply
+}
+
+/// What a lookup reads: the manager's state and the value published under the name.
+type LookupReply = (Option<String>, Option<Vec<u8>>);
+
 /// A lookup's outcome from the manager's state and the published value (`HMGET`).
 fn looked_up<T: DeserializeOwned>(
     address: &ManagerAddress,
     store: &shoal_core::store::Store,
     name: &str,
     field: &str,
-    (state, value): (Option<String>, Option<Vec<u8>>),
+    (state, value): LookupReply,
 ) -> Result<T> {
     match (state.as_deref(), value) {
         (None, _) => Err(manager_gone(address)),
@@ -255,6 +289,7 @@ fn looked_up<T: DeserializeOwned>(
     }
 }
 
+/// Turns an error of a manager-level script into a clear one.
 fn manager_error(address: &ManagerAddress, e: Error) -> Error {
     let Error::Redis { source, context } = &e else {
         return e;
@@ -467,14 +502,19 @@ impl Manager {
     /// Connects to the manager at `address` (Python's `BaseManager(address, authkey).connect()`),
     /// from any process of a runtime that reaches the same Redis; one round trip (a read).
     ///
-    /// [`Error::Authentication`] when `authkey` is not the manager's (nothing is written), and
-    /// [`Error::InvalidState`] when there is no such manager (shut down, or expired).
+    /// [`Error::Authentication`] when `authkey` is not the manager's (nothing is written; the
+    /// record's TTL is refreshed, as by any use), and [`Error::InvalidState`] when there is no
+    /// such manager (shut down, or expired).
     pub fn connect(address: ManagerAddress, authkey: AuthKey) -> Result<Manager> {
         let store = context::current()?.store().clone();
         let record: ManagerRecord = store
             .with_conn(
                 || format!("connecting to {}", address.describe()),
-                |c| Self::record_read(&address).query(c),
+                |c| {
+                    Self::record_read(&address, store.expiry_secs())
+                        .query(c)
+                        .and_then(read_reply)
+                },
             )
             .map_err(|e| manager_error(&address, e))?;
         Self::connected(address, authkey, record, caller())
@@ -489,23 +529,27 @@ impl Manager {
     ) -> impl Future<Output = Result<Manager>> + Send + use<> {
         let creator = caller();
         async move {
-            let read = RuntimeRequest::Cmd(Self::record_read(&address));
-            let reply = on_runtime::<ManagerRecord>(read).await.and_then(|reply| {
-                reply.map_err(|e| Error::redis(format!("connecting to {}", address.describe()), e))
-            });
+            let expiry_secs = context::current()?.store().expiry_secs();
+            let read = RuntimeRequest::Pipe(Self::record_read(&address, expiry_secs));
+            let reply = on_runtime::<Refreshed<ManagerRecord>>(read)
+                .await
+                .and_then(|reply| {
+                    reply.and_then(read_reply).map_err(|e| {
+                        Error::redis(format!("connecting to {}", address.describe()), e)
+                    })
+                });
             let record = reply.map_err(|e| manager_error(&address, e))?;
             Self::connected(address, authkey, record, creator)
         }
     }
 
-    /// The read of a manager's record that [`Manager::connect`] checks.
-    fn record_read(address: &ManagerAddress) -> redis::Cmd {
+    /// The read of a manager's record that [`Manager::connect`] checks, which refreshes its
+    /// TTL ([`refreshing`]).
+    fn record_read(address: &ManagerAddress, expiry_secs: u64) -> redis::Pipeline {
+        let meta = address.keys().key("meta");
         let mut cmd = redis::cmd("HMGET");
-        cmd.arg(address.keys().key("meta"))
-            .arg("state")
-            .arg("nonce")
-            .arg("verifier");
-        cmd
+        cmd.arg(&meta).arg("state").arg("nonce").arg("verifier");
+        refreshing(cmd, &meta, expiry_secs)
     }
 
     /// `creator`'s handle to the manager whose record is `record`, if `authkey` is its key and
@@ -704,6 +748,7 @@ impl Manager {
                         .key(&meta)
                         .arg(&field)
                         .arg(&encoded)
+                        .arg(store.expiry_secs())
                         .invoke::<i64>(c)
                 },
             )
@@ -718,19 +763,25 @@ impl Manager {
         let (store, meta) = self.meta()?;
         let field = format!("o:{name}");
         let address = &self.inner.address;
-        let (state, value): (Option<String>, Option<Vec<u8>>) = store
+        let reply: LookupReply = store
             .with_conn(
                 || format!("looking {name:?} up in {}", address.describe()),
                 |c| {
-                    redis::cmd("HMGET")
-                        .arg(&meta)
-                        .arg("state")
-                        .arg(&field)
+                    Self::lookup_read(&meta, &field, store.expiry_secs())
                         .query(c)
+                        .and_then(read_reply)
                 },
             )
             .map_err(|e| manager_error(address, e))?;
-        looked_up(address, &store, name, &field, (state, value))
+        looked_up(address, &store, name, &field, reply)
+    }
+
+    /// The read of a lookup: the manager's state and the value published under `field`; it
+    /// refreshes the record's TTL ([`refreshing`]).
+    fn lookup_read(meta: &str, field: &str, expiry_secs: u64) -> redis::Pipeline {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(meta).arg("state").arg(field);
+        refreshing(cmd, meta, expiry_secs)
     }
 
     /// The async form of [`Manager::publish`]: the same script, sent from shoal's actor
@@ -753,7 +804,11 @@ impl Manager {
             let field = format!("o:{name}");
             let encoded = store.encode(value, &field)?;
             let mut invocation = PUBLISH.prepare_invoke();
-            invocation.key(&meta).arg(&field).arg(encoded);
+            invocation
+                .key(&meta)
+                .arg(&field)
+                .arg(encoded)
+                .arg(store.expiry_secs());
             Ok(invocation)
         });
         let address = self.inner.address.clone();
@@ -781,12 +836,11 @@ impl Manager {
         async move {
             let (store, meta) = prepared?;
             let field = format!("o:{name}");
-            let mut cmd = redis::cmd("HMGET");
-            cmd.arg(&meta).arg("state").arg(&field);
-            let reply = on_runtime(RuntimeRequest::Cmd(cmd))
+            let read = Self::lookup_read(&meta, &field, store.expiry_secs());
+            let reply = on_runtime::<Refreshed<LookupReply>>(RuntimeRequest::Pipe(read))
                 .await
                 .and_then(|reply| {
-                    reply.map_err(|e| {
+                    reply.and_then(read_reply).map_err(|e| {
                         Error::redis(format!("looking {name:?} up in {}", address.describe()), e)
                     })
                 });
@@ -801,7 +855,8 @@ impl Manager {
         Ok((store, self.inner.address.keys().key("meta")))
     }
 
-    /// Errors when the manager is not running (a primitive is about to be made for it).
+    /// Errors when the manager is not running (a primitive, or a registered type's instance, is
+    /// about to be made for it, or a type registered); refreshes its record's TTL.
     fn check_running(&self) -> Result<()> {
         self.check_not_shut_down_here()?;
         let store = context::current()?.store().clone();
@@ -809,7 +864,11 @@ impl Manager {
         let state: Option<String> = store
             .with_conn(
                 || format!("reading {}", address.describe()),
-                |c| self.state_read().query(c),
+                |c| {
+                    self.state_read(store.expiry_secs())
+                        .query(c)
+                        .and_then(read_reply)
+                },
             )
             .map_err(|e| manager_error(address, e))?;
         running(address, state)
@@ -817,23 +876,29 @@ impl Manager {
 
     /// [`Manager::check_running`] sent from a task ([`on_runtime`]).
     fn check_running_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
-        let checked = self.check_not_shut_down_here().map(|()| self.state_read());
+        let checked = self
+            .check_not_shut_down_here()
+            .and_then(|()| Ok(self.state_read(context::current()?.store().expiry_secs())));
         let address = self.inner.address.clone();
         async move {
-            let reply = on_runtime::<Option<String>>(RuntimeRequest::Cmd(checked?))
+            let reply = on_runtime::<Refreshed<Option<String>>>(RuntimeRequest::Pipe(checked?))
                 .await
                 .and_then(|reply| {
-                    reply.map_err(|e| Error::redis(format!("reading {}", address.describe()), e))
+                    reply
+                        .and_then(read_reply)
+                        .map_err(|e| Error::redis(format!("reading {}", address.describe()), e))
                 });
-            running(&address, reply.map_err(|e| manager_error(&address, e))?)
+            let state = reply.map_err(|e| manager_error(&address, e))?;
+            running(&address, state)
         }
     }
 
-    /// The read of the manager's state.
-    fn state_read(&self) -> redis::Cmd {
+    /// The read of the manager's state, which refreshes its record's TTL ([`refreshing`]).
+    fn state_read(&self, expiry_secs: u64) -> redis::Pipeline {
+        let meta = self.inner.address.keys().key("meta");
         let mut cmd = redis::cmd("HGET");
-        cmd.arg(self.inner.address.keys().key("meta")).arg("state");
-        cmd
+        cmd.arg(&meta).arg("state");
+        refreshing(cmd, &meta, expiry_secs)
     }
 
     /// A shared unbounded queue (Python's `manager.Queue()`): shoal's [`Queue`].
