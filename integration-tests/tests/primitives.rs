@@ -226,6 +226,65 @@ fn count_generation(counter: Value<i64>) {
     counter.fetch_add(1).expect("add");
 }
 
+#[shoal::remote]
+fn count_generation_slowly(counter: Value<i64>) {
+    std::thread::sleep(Duration::from_millis(500));
+    counter.fetch_add(1).expect("add");
+}
+
+/// A caller that comes while the last arrival runs the action waits for that generation to
+/// end and arrives in the next one (Python's `Barrier._enter`): the action runs once per
+/// generation, and every index is in `0..parties`.
+#[test]
+fn a_caller_that_comes_while_the_action_runs_joins_the_next_generation() {
+    let _rt = runtime();
+    let counter = Value::new_raw(0i64).expect("value");
+    let barrier =
+        Barrier::with_action(2, count_generation_slowly, (counter.clone(),)).expect("barrier");
+    let wait = |delay_ms: u64| {
+        let barrier = barrier.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            barrier.wait(Some(Duration::from_secs(30)))
+        })
+    };
+    let first = [wait(0), wait(0)];
+    // Comes while the first generation's action sleeps.
+    let late = wait(200);
+    let passed: Vec<u32> = first
+        .into_iter()
+        .map(|t| {
+            t.join()
+                .expect("thread")
+                .expect("the first generation passed")
+        })
+        .collect();
+    let mut sorted = passed.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, vec![0, 1], "distinct indices in 0..2");
+    assert_eq!(
+        counter.get().expect("get"),
+        1,
+        "one action for one generation"
+    );
+    assert!(
+        !late.is_finished(),
+        "the late caller waits for a second party"
+    );
+    assert!(!barrier.broken().expect("broken"));
+    let second = barrier
+        .wait(Some(Duration::from_secs(30)))
+        .expect("second generation");
+    let late = late
+        .join()
+        .expect("thread")
+        .expect("the late caller passed");
+    let mut sorted = vec![late, second];
+    sorted.sort_unstable();
+    assert_eq!(sorted, vec![0, 1], "distinct indices in 0..2");
+    assert_eq!(counter.get().expect("get"), 2);
+}
+
 #[test]
 fn barrier_indices_generations_and_action() {
     let _rt = runtime();

@@ -17,7 +17,9 @@
 //! # Keys (hash tag `{<ns>:barrier:<id>}`)
 //!
 //! `state` (hash: `parties`, `count`, `generation`, `broken`), `waiters` (list of the current
-//! generation's waiters), `wake:<waiter>` (list).
+//! generation's waiters), `entering` (list of the callers that came while the last arrival ran
+//! the action: as in Python, they wait for that generation to end, then arrive again, in the
+//! next one), `wake:<waiter>` (list).
 //!
 //! # Round trips
 //!
@@ -88,6 +90,7 @@ pub struct Barrier {
 struct Keys {
     state: String,
     waiters: String,
+    entering: String,
     wake_prefix: String,
 }
 
@@ -172,6 +175,7 @@ impl Barrier {
         Keys {
             state: keys.key("state"),
             waiters: keys.key("waiters"),
+            entering: keys.key("entering"),
             wake_prefix: keys.key("wake:"),
         }
     }
@@ -207,6 +211,7 @@ impl Barrier {
         invocation
             .key(&keys.state)
             .key(&keys.waiters)
+            .key(&keys.entering)
             .arg(ttl(store))
             .arg(&keys.wake_prefix)
             .arg(op)
@@ -413,6 +418,8 @@ struct BarrierWait {
     generation: u64,
     state: BarrierState,
     action_error: Option<Error>,
+    /// The async caller left: a wake-up found now ends the wait, whatever it says.
+    withdrawing: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -437,6 +444,7 @@ impl BarrierWait {
             generation: 0,
             state: BarrierState::Arriving,
             action_error: None,
+            withdrawing: false,
         }
     }
 
@@ -453,14 +461,19 @@ impl BarrierWait {
 
     fn give_up(&mut self, store: &Store, how: &str) -> Step<u32> {
         self.state = BarrierState::GivingUp;
+        self.withdrawing = how == "withdraw";
         Step::Next(self.barrier.finish_request(store, how, 0, &self.waiter))
     }
 
     /// What a wake-up or an outcome says.
-    fn outcome(&self, message: &[u8]) -> Step<u32> {
+    fn outcome(&mut self, store: &Store, message: &[u8]) -> Step<u32> {
         match message {
             b"go" => Step::Done(Ok(self.index)),
             b"withdrawn" => Step::Done(Err(op::abandoned())),
+            // The generation this caller came during (its action running) ended: arrive in
+            // the next one, unless the caller is leaving (it had not arrived).
+            b"again" if self.withdrawing => Step::Done(Err(op::abandoned())),
+            b"again" => self.arrive(store),
             _ => Step::Done(Err(Error::BrokenBarrier)),
         }
     }
@@ -475,6 +488,26 @@ impl Operation for BarrierWait {
 
     fn start(&mut self, store: &Store) -> Step<u32> {
         self.deadline = common::deadline(self.timeout);
+        self.arrive(store)
+    }
+
+    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<u32> {
+        self.step(store, reply)
+    }
+
+    fn abandon(&mut self, store: &Store) -> Step<u32> {
+        match self.state {
+            BarrierState::Popping | BarrierState::Checking => self.give_up(store, "withdraw"),
+            _ => Step::Done(Err(op::abandoned())),
+        }
+    }
+}
+
+impl BarrierWait {
+    /// The arrival (`barrier_arrive.lua`) with the first slice of the wait behind it; again
+    /// when the caller came while an action ran.
+    fn arrive(&mut self, store: &Store) -> Step<u32> {
+        self.state = BarrierState::Arriving;
         // At least a millisecond: a timeout that passed already still arrives (the last
         // arrival passes), and gives up after the reply.
         let block = next_slice(self.deadline)
@@ -486,6 +519,7 @@ impl Operation for BarrierWait {
         invocation
             .key(&keys.state)
             .key(&keys.waiters)
+            .key(&keys.entering)
             .arg(ttl(store))
             .arg(&keys.wake_prefix)
             .arg(&self.waiter)
@@ -502,7 +536,7 @@ impl Operation for BarrierWait {
         ))
     }
 
-    fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<u32> {
+    fn step(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<u32> {
         let address = &self.barrier.address;
         match self.state {
             BarrierState::Arriving => {
@@ -534,7 +568,7 @@ impl Operation for BarrierWait {
                     }
                     _ => match woken {
                         // Released (or broken) before the wait behind the arrival ended.
-                        Some((_, message)) => self.outcome(&message),
+                        Some((_, message)) => self.outcome(store, &message),
                         None => {
                             self.state = BarrierState::Checking;
                             Step::Next(self.barrier.check_request(store))
@@ -566,13 +600,13 @@ impl Operation for BarrierWait {
             BarrierState::Releasing | BarrierState::GivingUp => {
                 match op::parse::<Vec<u8>>(reply, "a barrier outcome") {
                     Err(e) => Step::Done(Err(address.error(e))),
-                    Ok(message) => self.outcome(&message),
+                    Ok(message) => self.outcome(store, &message),
                 }
             }
             BarrierState::Popping => {
                 match op::parse::<Option<(String, Vec<u8>)>>(reply, "a wake-up") {
                     Err(e) => Step::Done(Err(address.error(e))),
-                    Ok(Some((_, message))) => self.outcome(&message),
+                    Ok(Some((_, message))) => self.outcome(store, &message),
                     Ok(None) => {
                         // Still there? (a deleted barrier is an error, not a wait forever)
                         self.state = BarrierState::Checking;
@@ -584,13 +618,6 @@ impl Operation for BarrierWait {
                 Err(e) => Step::Done(Err(e)),
                 Ok(_) => self.slice(store),
             },
-        }
-    }
-
-    fn abandon(&mut self, store: &Store) -> Step<u32> {
-        match self.state {
-            BarrierState::Popping | BarrierState::Checking => self.give_up(store, "withdraw"),
-            _ => Step::Done(Err(op::abandoned())),
         }
     }
 }

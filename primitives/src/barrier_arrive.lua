@@ -1,11 +1,14 @@
 -- Barrier.wait, first step: arrive. The caller's BLPOP on its own wake key is written right
 -- behind this call (one round trip): every outcome but "wait" is also pushed to that key, so the
 -- BLPOP returns at once; a caller that waits is woken by the last arrival's push.
--- KEYS[1] state hash (parties, count, generation, broken), KEYS[2] waiters list
+-- KEYS[1] state hash (parties, count, generation, broken), KEYS[2] waiters list, KEYS[3] the
+-- callers entering while the last arrival runs the action
 -- ARGV[1] TTL, ARGV[2] wake key prefix, ARGV[3] waiter id, ARGV[4] '1' when there is an action
 -- Returns {code, arrival index, generation}: code 0 broken, 1 wait, 2 passed (this caller was the
--- last and released the others), 3 run the action then release (this caller was the last); the
--- caller's wake key gets 'broken', nothing, 'go', 'act' respectively.
+-- last and released the others), 3 run the action then release (this caller was the last), 4
+-- wait for the generation whose action runs to end, then arrive again (woken with 'again',
+-- Python's Barrier._enter); the caller's wake key gets 'broken', nothing, 'go', 'act', nothing
+-- respectively.
 local state = redis.call('HMGET', KEYS[1], 'parties', 'count', 'generation', 'broken')
 local parties = tonumber(state[1])
 local count = tonumber(state[2])
@@ -26,6 +29,11 @@ end
 if broken == '1' then
   answer('broken')
   return {0, 0, generation}
+end
+if count >= parties then
+  redis.call('RPUSH', KEYS[3], ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[1])
+  return {4, 0, generation}
 end
 local index = count
 count = count + 1

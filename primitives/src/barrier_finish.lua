@@ -1,5 +1,5 @@
 -- Ends a generation of a barrier, or breaks it.
--- KEYS[1] state hash, KEYS[2] waiters list
+-- KEYS[1] state hash, KEYS[2] waiters list, KEYS[3] the callers that came while the action ran
 -- ARGV[1] TTL, ARGV[2] wake key prefix, ARGV[3] operation, ARGV[4] generation, ARGV[5] waiter id
 -- release: the action ran; wake the waiters of generation ARGV[4] with 'go'.
 -- break:   the action failed; abort: abort(); both put the barrier in the broken state.
@@ -9,6 +9,8 @@
 -- withdraw: waiter ARGV[5] leaves (its async caller went away): if a wake-up reached it, return
 --          it; otherwise it no longer counts as arrived (asyncio.Barrier's cancelled waiter) and
 --          'withdrawn' is returned.
+-- Every operation that ends a generation or breaks the barrier wakes the callers entering
+-- (KEYS[3]) with 'again': they arrive again, in the next generation or at a broken barrier.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('GONE the barrier does not exist')
 end
@@ -22,6 +24,13 @@ local function wake_all(message)
     redis.call('EXPIRE', wake, ARGV[1])
   end
   redis.call('DEL', KEYS[2])
+  local entering = redis.call('LRANGE', KEYS[3], 0, -1)
+  for _, waiter in ipairs(entering) do
+    local wake = ARGV[2] .. waiter
+    redis.call('RPUSH', wake, 'again')
+    redis.call('EXPIRE', wake, ARGV[1])
+  end
+  redis.call('DEL', KEYS[3])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 if op == 'timeout' or op == 'withdraw' then
@@ -35,6 +44,8 @@ if op == 'timeout' or op == 'withdraw' then
     if redis.call('LREM', KEYS[2], 0, ARGV[5]) > 0 then
       local count = tonumber(redis.call('HGET', KEYS[1], 'count')) or 1
       redis.call('HSET', KEYS[1], 'count', math.max(count - 1, 0))
+    else
+      redis.call('LREM', KEYS[3], 0, ARGV[5])
     end
     return 'withdrawn'
   end
