@@ -1588,3 +1588,273 @@ fn a_new_host_skips_every_applied_entry_whatever_the_stream_nodes_hold() {
         "applied entries were applied again"
     );
 }
+
+/// A runtime of one host whose configuration `configure` adjusts.
+fn runtime_configured(configure: impl FnOnce(&mut Config)) -> shoal::Runtime {
+    let mut config = Config::builder().build().expect("config");
+    config.actors.hosts = 1;
+    config.actors.lease_secs = 1.0;
+    config.actors.max_restarts = 2;
+    config.actors.restart_period_secs = 60.0;
+    configure(&mut config);
+    shoal::init_with(config).expect("runtime")
+}
+
+/// An actor whose state grows on demand.
+#[derive(Serialize, Deserialize, Default, Debug, shoal::Actor)]
+#[actor(messages(Grow, Get))]
+struct Blob {
+    bytes: Vec<u8>,
+}
+
+/// `Grow(n)`: `n` more bytes of state.
+#[derive(Serialize, Deserialize)]
+struct Grow(usize);
+
+impl Handler<Grow> for Blob {
+    type Reply = usize;
+    fn handle(&mut self, Grow(n): Grow, _: &mut ActorContext) -> usize {
+        self.bytes.resize(self.bytes.len() + n, 7);
+        self.bytes.len()
+    }
+}
+
+impl Handler<Get> for Blob {
+    type Reply = usize;
+    fn handle(&mut self, _: Get, _: &mut ActorContext) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// A batch whose state cannot be saved (larger than `redis.max_message_bytes`) is not
+/// committed, and fails the actor: its asks are answered with that failure, never with the
+/// success of a change that was thrown away.
+#[test]
+fn a_state_that_cannot_be_saved_fails_the_asks_of_its_batch_and_the_actor() {
+    const T: Option<Duration> = Some(Duration::from_secs(30));
+    let rt = runtime_configured(|config| config.redis.max_message_bytes = 64 * 1024);
+    let blob = shoal::spawn_actor(Blob::default()).expect("spawn");
+    assert_eq!(blob.ask(Grow(10), T).expect("a small state is saved"), 10);
+    match blob.ask(Grow(100_000), T) {
+        Err(Error::InvalidState(m)) => {
+            assert!(m.contains("failed") && m.contains("cannot be saved"), "{m}")
+        }
+        other => panic!("an ask whose change was not committed got {other:?}"),
+    }
+    match blob.ask(Get, T) {
+        Err(Error::InvalidState(m)) => {
+            assert!(m.contains("failed") && m.contains("cannot be saved"), "{m}")
+        }
+        other => panic!("the failed actor answered: {other:?}"),
+    }
+    // The committed state is the one before the batch.
+    let data = committed_data(&rt, blob.id());
+    let state: Blob = rmp_serde::from_slice(&data[1..]).expect("the committed state decodes");
+    assert_eq!(state.bytes.len(), 10);
+}
+
+/// The saved state (`data`) of actor `id`.
+fn committed_data(rt: &shoal::Runtime, id: &str) -> Vec<u8> {
+    let mut c = redis::Client::open(rt.store_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    redis::cmd("HGET")
+        .arg(format!("shoal:{{default:actor:{id}}}:state"))
+        .arg("data")
+        .query(&mut c)
+        .expect("HGET")
+}
+
+/// A panic that spends the restart budget fails the actor where it happened in its batch: the
+/// messages before it (a tell, an ask) are applied and committed, their asks answered, and the
+/// panicking one gets its panic.
+#[test]
+fn a_panic_past_the_restart_budget_keeps_the_messages_before_it_in_its_batch() {
+    let rt = runtime_configured(|config| config.actors.max_restarts = 0);
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    assert_eq!(ask(&counter, Incr(0)).expect("activated"), 0);
+    // The host is busy with this one while the next ones queue up: they make one batch.
+    counter.tell(Slow(3000)).expect("tell");
+    let before = last_mailbox_entry(&rt, &counter);
+    counter.tell(Incr(1)).expect("tell");
+    let asker = {
+        let counter = counter.clone();
+        std::thread::spawn(move || ask(&counter, Incr(2)))
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || mailbox_entries_after(
+            &rt,
+            &counter,
+            before.as_deref()
+        ) == 2),
+        "the ask was not sent"
+    );
+    match ask(&counter, Explode) {
+        Err(Error::Task(e)) => assert_eq!(e.kind, TaskErrorKind::Panic),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        asker
+            .join()
+            .expect("asker")
+            .expect("the ask before the panic"),
+        3
+    );
+    let state: Counter = rmp_serde::from_slice(&committed_data(&rt, counter.id())[1..])
+        .expect("the committed state decodes");
+    assert_eq!(
+        state.n, 3,
+        "the messages before the panic were not committed"
+    );
+    match ask(&counter, Get) {
+        Err(Error::InvalidState(reason)) => {
+            assert!(
+                reason.contains("failed") && reason.contains("max_restarts"),
+                "{reason}"
+            )
+        }
+        other => panic!("the failed actor answered: {other:?}"),
+    }
+}
+
+/// Makes every activation request of the default namespace fail (the activations stream's
+/// last id is the largest there is: `XADD` refuses), or work again.
+fn break_activation_requests(rt: &shoal::Runtime, broken: bool) {
+    let mut c = redis::Client::open(rt.store_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let last_id = if broken {
+        format!("{}-{}", u64::MAX, u64::MAX)
+    } else {
+        // The stream is empty (hosts delete the requests they take): any id goes.
+        "1-0".to_string()
+    };
+    redis::cmd("XSETID")
+        .arg("shoal:{default:actors:hosts}:activations")
+        .arg(last_id)
+        .query::<()>(&mut c)
+        .expect("XSETID");
+}
+
+/// A send whose message is in the mailbox succeeds, even when the activation request after it
+/// fails (an error would have its caller send it again, and it would be applied twice): the
+/// message waits there, and the next message, or the ask's next check, asks for a host again.
+#[test]
+fn a_message_in_the_mailbox_is_sent_even_when_no_host_could_be_asked_for() {
+    const T: Option<Duration> = Some(Duration::from_secs(30));
+    let rt = runtime_with_short_idle();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    let signed = shoal::spawn_actor_with(Counter::default(), ActorOptions { authenticate: true })
+        .expect("spawn");
+    break_activation_requests(&rt, true);
+    // Neither actor has a host yet: each send asks for one, and fails to.
+    counter
+        .tell(Incr(1))
+        .expect("a tell that makes the mailbox stream (the send script)");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio")
+        .block_on(counter.tell_async(Incr(2)))
+        .expect("an async tell (a transaction)");
+    counter.tell(Incr(4)).expect("a tell (a transaction)");
+    signed
+        .tell(Incr(4))
+        .expect("a signed tell (the send script)");
+    assert_eq!(mailbox_length(&rt, &counter), 3);
+    assert_eq!(mailbox_length(&rt, &signed), 1);
+    break_activation_requests(&rt, false);
+    assert_eq!(ask(&counter, Get).expect("get"), (7, 0));
+    assert_eq!(ask(&signed, Get).expect("get"), (4, 0));
+
+    // An ask of a handle that saw replies (a transaction pipelined with its wait), to an actor
+    // deactivated since: it waits, and its checks ask for a host until one is there.
+    assert!(
+        wait_for(Duration::from_secs(10), || host_pid(&rt, &counter)
+            .is_none()),
+        "the idle actor was not deactivated"
+    );
+    break_activation_requests(&rt, true);
+    let repair = {
+        let url = rt.store_url();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            let mut c = redis::Client::open(url)
+                .and_then(|c| c.get_connection())
+                .expect("redis");
+            redis::cmd("XSETID")
+                .arg("shoal:{default:actors:hosts}:activations")
+                .arg("1-0")
+                .query::<()>(&mut c)
+                .expect("XSETID");
+        })
+    };
+    assert_eq!(counter.ask(Incr(5), T).expect("ask"), 12);
+    repair.join().expect("repair");
+}
+
+/// The activations stream of the default namespace.
+const ACTIVATIONS: &str = "shoal:{default:actors:hosts}:activations";
+
+/// The activations stream expired and a sender's request made it again, without the hosts'
+/// group, before a host read it: the host that makes the group again reads that request (the
+/// group starts at the stream's first entry), and the message it was made for is applied.
+#[test]
+fn a_request_that_made_the_activations_stream_again_is_read_by_the_hosts() {
+    let rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    // A message in the mailbox, and no request for a host.
+    break_activation_requests(&rt, true);
+    counter.tell(Incr(1)).expect("tell");
+    assert_eq!(mailbox_length(&rt, &counter), 1);
+    // The stream is gone, and a request makes it again, at once: the host reading it next
+    // (blocked on it, or not) finds no group.
+    let mut c = redis::Client::open(rt.store_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    redis::pipe()
+        .atomic()
+        .del(ACTIVATIONS)
+        .ignore()
+        .cmd("XADD")
+        .arg(ACTIVATIONS)
+        .arg("*")
+        .arg("a")
+        .arg(counter.id())
+        .ignore()
+        .query::<()>(&mut c)
+        .expect("the stream made again by a request");
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let data = committed_data(&rt, counter.id());
+            rmp_serde::from_slice::<Counter>(&data[1..]).is_ok_and(|state| state.n == 1)
+        }),
+        "the request that made the stream again was skipped: the message waits for a host"
+    );
+    assert_eq!(ask(&counter, Get).expect("get"), (1, 0));
+}
+
+/// The activations stream expiring while a host waits on it (Redis ends the wait with an
+/// error) is no reason for the host to exit: it makes the stream again and serves on.
+#[test]
+fn a_host_outlives_the_expiry_of_the_activations_stream() {
+    let rt = runtime();
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    assert_eq!(ask(&counter, Incr(1)).expect("ask"), 1);
+    let pid = host_pid(&rt, &counter).expect("a host holds it");
+    let mut c = redis::Client::open(rt.store_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    redis::cmd("DEL")
+        .arg(ACTIVATIONS)
+        .query::<()>(&mut c)
+        .expect("DEL");
+    let other = shoal::spawn_actor(Counter::default()).expect("spawn");
+    assert_eq!(ask(&other, Incr(2)).expect("ask"), 2);
+    assert_eq!(
+        host_pid(&rt, &other),
+        Some(pid),
+        "the host exited and was replaced"
+    );
+    assert!(pid_running(pid));
+}

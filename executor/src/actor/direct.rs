@@ -52,13 +52,18 @@
 //! for its next user (a marker that comes too late for this wait is skipped by the next). When
 //! no host holds the lease, it asks for an activation from another connection while the wait
 //! goes on.
+//!
+//! Once the transaction wrote the message, the send has succeeded: a failure to set the
+//! activation marker or to ask for a host after it is logged, never returned (the caller would
+//! send the message again, and it would be applied twice; see "Exactly once" in the protocol's
+//! docs), and an ask's wait goes on, its next check asking again.
 
 use std::time::Duration;
 
 use shoal_core::error::{Error, Result};
 use shoal_core::store::{AsyncStore, Store};
 
-use super::{Mailbox, Outgoing, refusal, request_activation};
+use super::{Mailbox, Outgoing, UNREQUESTED, refusal, request_activation_after_marker};
 
 /// Puts an unsigned message in the mailbox with the transaction, without waiting for anything
 /// (a tell, or an ask whose wait follows); `Ok(false)` when there was no mailbox stream
@@ -74,7 +79,7 @@ pub(super) fn tell(store: &Store, mailbox: &Mailbox, message: &Outgoing<'_>) -> 
     match check(exec, actor_id) {
         Checked::Written { needs_host } => {
             if needs_host {
-                activate(store, mailbox)?;
+                activate(store, mailbox);
             }
             Ok(true)
         }
@@ -103,7 +108,7 @@ pub(super) async fn tell_async(
     match check(exec, actor_id) {
         Checked::Written { needs_host } => {
             if needs_host {
-                activate_async(store, mailbox).await?;
+                activate_async(store, mailbox).await;
             }
             Ok(true)
         }
@@ -192,8 +197,6 @@ pub(super) fn ask(
             .arg(block.as_secs_f64())
             .get_packed_command(),
     );
-    // What was done on other connections between reading the checks and the reply.
-    let mut aside: Result<()> = Ok(());
     let (checked, popped) = store.with_blocking_conn(
         Some(block),
         || format!("asking actor {actor_id}"),
@@ -205,10 +208,11 @@ pub(super) fn ask(
             }
             let checked = check(reply(c)?, actor_id);
             let waits = match &checked {
-                Checked::Written { needs_host: false } => true,
-                Checked::Written { needs_host: true } => {
-                    aside = activate(store, mailbox);
-                    aside.is_ok()
+                Checked::Written { needs_host } => {
+                    if *needs_host {
+                        activate(store, mailbox);
+                    }
+                    true
                 }
                 Checked::NoStream | Checked::Refused { .. } => false,
             };
@@ -226,12 +230,8 @@ pub(super) fn ask(
     match checked {
         Checked::Refused { error, .. } => Err(error),
         Checked::NoStream => Ok(DirectAsk::NotSent),
-        Checked::Written { .. } => match (aside, popped) {
-            // The reply came before the wait was ended.
-            (_, Some(reply)) if !reply.is_empty() => Ok(DirectAsk::Sent(Some(reply))),
-            (Err(e), _) => Err(e),
-            (Ok(()), popped) => Ok(DirectAsk::Sent(popped)),
-        },
+        // Nothing ends the wait of a message written but its reply, or its slice.
+        Checked::Written { .. } => Ok(DirectAsk::Sent(popped.filter(|r| !r.is_empty()))),
     }
 }
 
@@ -260,11 +260,10 @@ pub(super) async fn ask_async(
             Ok::<_, Error>(check(exec, actor_id))
         }
         .await;
-        let aside = match &checked {
-            Ok(Checked::Written { needs_host: true }) => activate_async(store, mailbox).await,
-            _ => Ok(()),
-        };
-        let waits = matches!(checked, Ok(Checked::Written { .. })) && aside.is_ok();
+        if let Ok(Checked::Written { needs_host: true }) = &checked {
+            activate_async(store, mailbox).await;
+        }
+        let waits = matches!(checked, Ok(Checked::Written { .. }));
         // Redis out of reach: the marker would not get there either (and would wait for a
         // connection again); the wait ends with its slice.
         let unreachable = matches!(&checked, Err(e) if e.is_store_unreachable());
@@ -275,12 +274,12 @@ pub(super) async fn ask_async(
             };
             take_back_async(store, mailbox, written, Some(reply_key)).await;
         }
-        (checked, aside)
+        checked
     };
     let mut blpop = redis::cmd("BLPOP");
     blpop.arg(reply_key).arg(block.as_secs_f64());
     let wait = store.blocking::<Option<(String, Vec<u8>)>>(block, context, &blpop);
-    let ((checked, aside), popped) = futures::future::join(send, wait).await;
+    let (checked, popped) = futures::future::join(send, wait).await;
     let popped = popped.map(|p| p.map(|(_, bytes)| bytes).filter(|b| !b.is_empty()));
     // A reply (never empty: a MessagePack value) on this ask's own key: the message was
     // applied, whatever the sender's side of it said.
@@ -290,15 +289,14 @@ pub(super) async fn ask_async(
     match checked? {
         Checked::Refused { error, .. } => Err(error),
         Checked::NoStream => Ok(DirectAsk::NotSent),
-        Checked::Written { .. } => match (aside, popped) {
-            (Err(e), _) => Err(e),
+        Checked::Written { .. } => match popped {
             // The message is in the mailbox: a wait that failed (its dedicated connection
             // was dead, say) is a wait that saw nothing; the next one opens a connection.
-            (Ok(()), Err(e)) => {
+            Err(e) => {
                 tracing::debug!("{e}; waiting again");
                 Ok(DirectAsk::Sent(None))
             }
-            (Ok(()), Ok(_)) => Ok(DirectAsk::Sent(None)),
+            Ok(_) => Ok(DirectAsk::Sent(None)),
         },
     }
 }
@@ -350,33 +348,42 @@ fn check(exec: redis::Value, actor_id: &str) -> Checked {
 }
 
 /// What a send answered 1 by the script is followed by: the activation marker, and when this
-/// sender set it (no request stands), a request for a host.
-fn activate(store: &Store, mailbox: &Mailbox) -> Result<()> {
+/// sender set it (no request stands), a request for a host. The message is in the mailbox
+/// already, so nothing here fails the send: a marker that cannot be set is logged (no request
+/// stands for this sender: the next sender, or the asker's next nudge, asks), and so is a
+/// request that fails after it (see [`super::request_activation_after_marker`]).
+fn activate(store: &Store, mailbox: &Mailbox) {
     let actor_id = mailbox.actor_id.as_str();
-    let marked: Option<String> = store.with_conn(
+    let marked: Result<Option<String>> = store.with_conn(
         || format!("asking a host for actor {actor_id}"),
         |c| activation_marker(mailbox).query(c),
-    )?;
-    if marked.is_some() {
-        request_activation(store, &mailbox.hosts, actor_id)?;
+    );
+    match marked {
+        Ok(Some(_)) => {
+            request_activation_after_marker(store, &mailbox.keys, &mailbox.hosts, actor_id)
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("{e}; {UNREQUESTED}"),
     }
-    Ok(())
 }
 
 /// The async form of [`activate`].
-async fn activate_async(store: &AsyncStore, mailbox: &Mailbox) -> Result<()> {
-    let mut conn = store.shared().await?;
-    let marked: Option<String> = activation_marker(mailbox)
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| {
-            let actor_id = &mailbox.actor_id;
-            Error::redis(format!("asking a host for actor {actor_id}"), e)
-        })?;
-    if marked.is_some() {
-        mailbox.request_activation_async(store).await?;
+async fn activate_async(store: &AsyncStore, mailbox: &Mailbox) {
+    let marked = async {
+        let mut conn = store.shared().await?;
+        activation_marker(mailbox)
+            .query_async::<Option<String>>(&mut conn)
+            .await
+            .map_err(|e| {
+                let actor_id = &mailbox.actor_id;
+                Error::redis(format!("asking a host for actor {actor_id}"), e)
+            })
+    };
+    match marked.await {
+        Ok(Some(_)) => mailbox.request_activation_after_marker_async(store).await,
+        Ok(None) => {}
+        Err(e) => tracing::warn!("{e}; {UNREQUESTED}"),
     }
-    Ok(())
 }
 
 /// Sets the activation marker unless a request stands (`Some` when this sender set it).

@@ -48,8 +48,20 @@
 //! A handler that panics fails its message (the ask gets a task error of kind `Panic`) and the
 //! actor restarts from its last committed state: the batch is run again from there without the
 //! message that panicked. Panics are budgeted (`actors.max_restarts` within
-//! `actors.restart_period_secs`); past the budget the actor is failed, and its messages get an
-//! error saying why.
+//! `actors.restart_period_secs`); past the budget the actor is failed where the panic was in
+//! its batch: the messages before it are applied and committed (their asks answered), and the
+//! messages after it, and every later one, get an error saying why.
+//!
+//! A batch whose state cannot be saved (larger than `redis.max_message_bytes`, say) is not
+//! committed: the actor is failed, the last committed state stays, and every ask of the batch
+//! is answered with that failure (none with the success of a change that was thrown away).
+//!
+//! A send (`tell`, and an ask's send) succeeds once its message is in the mailbox: nothing
+//! after that is its error, since a caller that sent it again would have it applied twice. An
+//! activation request that fails then is logged, and the activation marker the sender set is
+//! deleted (best-effort; it lapses after `activation_hold` otherwise): the message waits in the
+//! mailbox until the actor's next message, or the asker's next check (every [`ASK_SLICE`]),
+//! asks for a host again.
 //!
 //! # Authentication
 //!
@@ -446,7 +458,7 @@ impl Mailbox {
                 .map_err(|e| Error::redis(format!("sending to actor {}", self.actor_id), e))
                 .map_err(|e| send_error(e, &self.actor_id))?;
         if needs_host == 1 {
-            self.request_activation_async(store).await?;
+            self.request_activation_after_marker_async(store).await;
         }
         Ok(())
     }
@@ -507,7 +519,7 @@ impl Mailbox {
             let needs_host = sent.map_err(|e| send_error(Error::redis(context(), e), actor_id))?;
             let popped = popped.map_err(|e| Error::redis(context(), e))?;
             if needs_host == 1 {
-                self.request_activation_async(store).await?;
+                self.request_activation_after_marker_async(store).await;
             }
             first = popped.map(|(_, v)| v);
         } else {
@@ -552,7 +564,7 @@ impl Mailbox {
             .await
             .map_err(|e| send_error(Error::redis(context(), e), actor_id))?;
         if needs_host == 1 {
-            self.request_activation_async(store).await?;
+            self.request_activation_after_marker_async(store).await;
             let live: u64 = redis::cmd("ZCOUNT")
                 .arg(&self.hosts.live)
                 .arg(recent_heartbeats(self.activation_hold))
@@ -574,6 +586,25 @@ impl Mailbox {
             .query_async::<()>(&mut conn)
             .await
             .map_err(|e| Error::redis(format!("asking a host for actor {}", self.actor_id), e))
+    }
+
+    /// The async form of [`request_activation_after_marker`].
+    async fn request_activation_after_marker_async(&self, store: &AsyncStore) {
+        let Err(e) = self.request_activation_async(store).await else {
+            return;
+        };
+        tracing::warn!("{e}; {UNREQUESTED}");
+        let cleared = async {
+            let mut conn = store.shared().await?;
+            redis::cmd("DEL")
+                .arg(&self.keys.activating)
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| Error::redis(clearing_marker(&self.actor_id), e))
+        };
+        if let Err(e) = cleared.await {
+            tracing::debug!("{e}; the marker lapses by itself");
+        }
     }
 }
 
@@ -605,7 +636,9 @@ fn no_host(store: &Store, actor_id: &str) -> Error {
 }
 
 /// Puts a message in the mailbox (1 round trip) and asks for an activation when no host has
-/// the actor (1 more). Returns once the message is durable.
+/// the actor (1 more). Returns once the message is durable: `Ok` from then on, even when the
+/// activation request fails (see [`request_activation_after_marker`]): an error would have
+/// its caller send the message again, and it would be applied twice.
 pub fn send(
     store: &Store,
     keys: &ActorKeys,
@@ -621,7 +654,7 @@ pub fn send(
         )
         .map_err(|e| send_error(e, actor_id))?;
     if needs_host == 1 {
-        request_activation(store, hosts, actor_id)?;
+        request_activation_after_marker(store, keys, hosts, actor_id);
     }
     Ok(())
 }
@@ -685,7 +718,7 @@ fn ask(
             )
             .map_err(|e| send_error(e, actor_id))?;
         if needs_host == 1 {
-            request_activation(store, hosts, actor_id)?;
+            request_activation_after_marker(store, keys, hosts, actor_id);
         }
         first = popped.map(|(_, v)| v);
     } else {
@@ -740,7 +773,7 @@ fn nudge(
         )
         .map_err(|e| send_error(e, actor_id))?;
     if needs_host == 1 {
-        request_activation(store, hosts, actor_id)?;
+        request_activation_after_marker(store, keys, hosts, actor_id);
         // Nobody may be there to take it: say so rather than wait forever.
         let recent = recent_heartbeats(activation_hold);
         let live: u64 = store.with_conn(
@@ -766,6 +799,43 @@ pub fn request_activation(store: &Store, hosts: &HostKeys, actor_id: &str) -> Re
         || format!("asking a host for actor {actor_id}"),
         |c| activation_pipe(store, hosts, actor_id).query::<()>(c),
     )
+}
+
+/// What a failed activation request leaves, said in its warning.
+const UNREQUESTED: &str = "the message is in the mailbox all the same, and waits there until \
+    the next message or ask to the actor asks for a host again";
+
+/// The context of the deletion of an activation marker.
+fn clearing_marker(actor_id: &str) -> String {
+    format!("clearing the activation marker of actor {actor_id}")
+}
+
+/// Asks for an activation after this sender set the actor's activation marker (the send
+/// script or the nudge answered 1, or `direct.rs` set it), for a message already in the
+/// mailbox. The send has succeeded whatever happens here, so a failed request is no error of
+/// the send (its caller would send the message again, and it would be applied twice): it is
+/// logged (`warn`), and the marker this sender set is deleted, best-effort, so that the next
+/// sender, or the asker's next nudge (every [`ASK_SLICE`]), asks again at once rather than
+/// after the marker's TTL (`activation_hold`, which bounds the wait when the deletion fails
+/// too). A tell's message then waits in the mailbox for the actor's next message, as one whose
+/// sender died between the two round trips would; it is never lost or applied twice.
+fn request_activation_after_marker(
+    store: &Store,
+    keys: &ActorKeys,
+    hosts: &HostKeys,
+    actor_id: &str,
+) {
+    let Err(e) = request_activation(store, hosts, actor_id) else {
+        return;
+    };
+    tracing::warn!("{e}; {UNREQUESTED}");
+    let cleared = store.with_conn(
+        || clearing_marker(actor_id),
+        |c| redis::cmd("DEL").arg(&keys.activating).query::<()>(c),
+    );
+    if let Err(e) = cleared {
+        tracing::debug!("{e}; the marker lapses by itself");
+    }
 }
 
 /// The commands of an activation request.
@@ -795,12 +865,20 @@ pub fn create_activations(store: &Store, hosts: &HostKeys) -> Result<()> {
 
 /// The command of [`create_activations`], to send on any connection; its answer goes through
 /// [`activations_created`].
+///
+/// The group starts at the stream's first entry (`0`), not after its last (`$`): the stream
+/// expires when no request came for `redis.expiry_secs`, and a sender's `XADD` makes it again,
+/// without the group; the host whose next read then finds no group (`NOGROUP`) makes it, and a
+/// group made at `$` would skip the requests already there, leaving their messages without a
+/// host. Reading them all costs nothing wrong: the stream holds only requests not taken yet
+/// (hosts delete what they take; `MAXLEN ~ 10000`), and a request for an actor that has a host
+/// is skipped (its host runs it already, and another host's activation finds the lease held).
 pub fn activations_creation(hosts: &HostKeys) -> redis::Cmd {
     let mut cmd = redis::cmd("XGROUP");
     cmd.arg("CREATE")
         .arg(&hosts.activations)
         .arg(HOSTS_GROUP)
-        .arg("$")
+        .arg("0")
         .arg("MKSTREAM");
     cmd
 }

@@ -173,10 +173,10 @@ impl ActorState<'_> {
     /// Applies a batch and commits it; `Some(ending)` when the actor thread must end.
     fn apply_and_commit(&mut self, entries: &[StreamId]) -> Result<Option<Ending>> {
         let was_active = self.status == "active";
-        let mut poisoned: HashMap<String, String> = HashMap::new();
-        let replies = loop {
-            match self.apply(entries, &mut poisoned) {
-                Ok(replies) => break replies,
+        let mut panics = Panics::default();
+        let mut answers = loop {
+            match self.apply(entries, &mut panics) {
+                Ok(answers) => break answers,
                 Err(()) => {
                     // A handler panicked: restart from the last committed state, without it
                     // (kept until then: see `retired`).
@@ -185,7 +185,8 @@ impl ActorState<'_> {
             }
         };
         let restored_to_stop = self.restore_before_commit(was_active);
-        let (data, transfers) = self.state_to_commit(restored_to_stop);
+        let (data, transfers) = self.state_to_commit(restored_to_stop, &mut answers);
+        let replies = self.encode_replies(answers);
         // Never back: a batch of entries applied before (a new host reads those the trim by
         // nodes left) changes nothing but their removal.
         let applied = match entries.last() {
@@ -242,22 +243,43 @@ impl ActorState<'_> {
     }
 
     /// The state to commit, and the transfers that saving it registered (`None`: the saved
-    /// state, whose transfers are the committed ones). Saving a state that holds pipe ends
-    /// passes them (a transfer each, for whoever decodes it next: see
+    /// state, whose transfers are the committed ones).
+    ///
+    /// A state that cannot be saved (too large for `redis.max_message_bytes`, a pipe end that
+    /// cannot be passed...) fails the actor: the last committed state is committed again with
+    /// the failure, so none of the batch's effects are, and every reply of the batch that said
+    /// its message succeeded (`answers`) is turned into the failed actor's error. Replies that
+    /// are errors already (a panic, a message that did not decode...) stay.
+    ///
+    /// Saving a state that holds pipe ends passes them (a transfer each, for whoever decodes it next: see
     /// `shoal_core::transfers`). Once a state is committed, the one it replaces will never be
     /// decoded, and its transfers are given back, and so are the committed state's own once
     /// the actor is stopped or failed (it is never decoded again); those of a state that could
     /// not be saved, at once. An actor restored only to stop it is not saved again: nothing
     /// decodes a stopped actor's state, and a save that failed (an end closed meanwhile) would
     /// turn the stop into a failure.
-    fn state_to_commit(&mut self, restored_to_stop: bool) -> (Vec<u8>, Option<SentTransfers>) {
+    fn state_to_commit(
+        &mut self,
+        restored_to_stop: bool,
+        answers: &mut [Answer],
+    ) -> (Vec<u8>, Option<SentTransfers>) {
         match &self.actor {
             Some(_) if restored_to_stop => (self.saved.clone(), None),
             Some(actor) => match collect_transfers(|| actor.save(self.limit)) {
                 (Ok(data), transfers) => (data, Some(transfers)),
                 (Err(f), transfers) => {
                     give_back(transfers);
-                    self.fail(format!("its state cannot be saved: {}", f.message));
+                    let reason = format!(
+                        "its state cannot be saved: {} (the changes of its last batch of \
+                         messages were not committed)",
+                        f.message
+                    );
+                    self.fail(reason.clone());
+                    for answer in answers.iter_mut() {
+                        if matches!(answer.reply, Some(Reply::Ok(_))) {
+                            answer.reply = Some(Reply::Failed(reason.clone()));
+                        }
+                    }
                     (self.saved.clone(), None)
                 }
             },
@@ -265,13 +287,35 @@ impl ActorState<'_> {
         }
     }
 
-    /// Runs every entry; `Err(())` after the first new panic (recorded in `poisoned`).
+    /// The batch's replies as the commit writes them: `(entry id, reply key, encoded reply)`,
+    /// the key empty for a tell or an entry committed before (nothing to write).
+    fn encode_replies(&self, answers: Vec<Answer>) -> Vec<(String, String, Vec<u8>)> {
+        answers
+            .into_iter()
+            .map(|answer| match &answer.reply {
+                Some(reply) if !answer.reply_key.is_empty() => {
+                    let encoded = self
+                        .store
+                        .encode(reply, &answer.reply_key)
+                        .unwrap_or_else(|e| {
+                            self.store
+                                .encode(&Reply::Error(e.to_string()), &answer.reply_key)
+                                .unwrap_or_default()
+                        });
+                    (answer.id, answer.reply_key, encoded)
+                }
+                _ => (answer.id, String::new(), Vec::new()),
+            })
+            .collect()
+    }
+
+    /// Runs every entry; `Err(())` after the first new panic (recorded in `panics`).
     fn apply(
         &mut self,
         entries: &[StreamId],
-        poisoned: &mut HashMap<String, String>,
-    ) -> std::result::Result<Vec<(String, String, Vec<u8>)>, ()> {
-        let mut replies = Vec::with_capacity(entries.len());
+        panics: &mut Panics,
+    ) -> std::result::Result<Vec<Answer>, ()> {
+        let mut answers = Vec::with_capacity(entries.len());
         for entry in entries {
             let mut reply_key = entry.get::<String>("r").unwrap_or_default();
             if !reply_key.is_empty() && !reply_key.starts_with(&self.keys.reply_prefix) {
@@ -287,32 +331,39 @@ impl ActorState<'_> {
             }
             if !is_after(&entry.id, &self.applied) {
                 // Committed already (its reply too): only remove it.
-                replies.push((entry.id.clone(), String::new(), Vec::new()));
+                answers.push(Answer {
+                    id: entry.id.clone(),
+                    reply_key: String::new(),
+                    reply: None,
+                });
                 continue;
             }
-            let reply = self.apply_one(entry, poisoned)?;
-            let encoded = if reply_key.is_empty() {
-                Vec::new()
-            } else {
-                self.store.encode(&reply, &reply_key).unwrap_or_else(|e| {
-                    self.store
-                        .encode(&Reply::Error(e.to_string()), &reply_key)
-                        .unwrap_or_default()
-                })
-            };
-            replies.push((entry.id.clone(), reply_key, encoded));
+            let reply = self.apply_one(entry, panics)?;
+            answers.push(Answer {
+                id: entry.id.clone(),
+                reply_key,
+                reply: Some(reply),
+            });
         }
-        Ok(replies)
+        Ok(answers)
     }
 
     fn apply_one(
         &mut self,
         entry: &StreamId,
-        poisoned: &mut HashMap<String, String>,
+        panics: &mut Panics,
     ) -> std::result::Result<Reply, ()> {
-        if let Some(message) = poisoned.get(&entry.id) {
-            // The panic that restarted the batch (the last one may have failed the actor).
-            return Ok(Reply::Panic(message.clone()));
+        if let Some(message) = panics.by_entry.get(&entry.id) {
+            // A panic that restarted the batch. The one that spent the restart budget fails
+            // the actor here: after the messages before it, which this run applied.
+            let reply = Reply::Panic(message.clone());
+            if let Some((id, reason)) = &panics.fatal
+                && *id == entry.id
+                && self.status == "active"
+            {
+                self.fail(reason.clone());
+            }
+            return Ok(reply);
         }
         match self.status.as_str() {
             "failed" => return Ok(Reply::Failed(self.reason.clone())),
@@ -355,27 +406,32 @@ impl ActorState<'_> {
                 kind: TaskErrorKind::Panic,
                 message,
             }) => {
-                poisoned.insert(entry.id.clone(), message.clone());
-                self.record_panic(&message);
+                if let Some(reason) = self.record_panic(&message) {
+                    panics.fatal = Some((entry.id.clone(), reason));
+                }
+                panics.by_entry.insert(entry.id.clone(), message);
                 Err(())
             }
             Err(failure) => Ok(Reply::Error(failure.message)),
         }
     }
 
-    fn record_panic(&mut self, message: &str) {
+    /// Counts a handler panic against the restart budget; past it, why the actor fails. The
+    /// caller fails it when the batch's re-run reaches the message that panicked (see
+    /// [`Panics::fatal`]), not now: the messages before it are applied first.
+    fn record_panic(&mut self, message: &str) -> Option<String> {
         let now = shoal_core::clock::now_ms();
         let period = self.spec.restart_period_ms;
         self.failures.retain(|t| now.saturating_sub(*t) <= period);
         self.failures.push(now);
-        if self.failures.len() > self.spec.max_restarts as usize {
-            self.fail(format!(
+        (self.failures.len() > self.spec.max_restarts as usize).then(|| {
+            format!(
                 "{} handler panics within {} ms exceed actors.max_restarts = {} (last: {message})",
                 self.failures.len(),
                 period,
                 self.spec.max_restarts
-            ));
-        }
+            )
+        })
     }
 
     fn fail(&mut self, reason: String) {
@@ -512,6 +568,28 @@ impl ActorState<'_> {
         })?;
         Ok(())
     }
+}
+
+/// The handler panics of one batch, for its re-runs (see [`ActorState::apply_and_commit`]).
+#[derive(Default)]
+struct Panics {
+    /// Entry id → the panic's message: the entry is answered with it and not run again.
+    by_entry: HashMap<String, String>,
+    /// The panic that spent the restart budget (`actors.max_restarts`): its entry, and why the
+    /// actor fails. The re-run fails the actor when it reaches that entry, so the messages
+    /// before it are applied and committed as usual, and those after it get the failed actor's
+    /// error.
+    fatal: Option<(String, String)>,
+}
+
+/// What one entry of a batch came to.
+struct Answer {
+    /// The entry's id.
+    id: String,
+    /// Its reply key: empty for a tell (or a reply key that is not the actor's).
+    reply_key: String,
+    /// Its reply; `None` for an entry committed before (only removed).
+    reply: Option<Reply>,
 }
 
 /// Gives back the transfers of a state that will not be decoded (see

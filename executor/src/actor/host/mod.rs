@@ -182,8 +182,15 @@ fn read_activations(
         });
         let reply = match read {
             Ok(reply) => reply,
-            Err(Error::Redis { source, .. }) if source.code() == Some("NOGROUP") => {
-                // The stream expired while idle: make it again.
+            // The stream expired (no request for `redis.expiry_secs`), perhaps made again since
+            // by a sender's request, without the group: Redis ends a read blocked on it then
+            // (`UNBLOCKED`: the stream is gone; `NOGROUP`: it came back without the group), and
+            // the next read finds no group (`NOGROUP`). Make them again; the group starts at the
+            // stream's first entry, so a request already there is read (see
+            // `create_activations`).
+            Err(Error::Redis { source, .. })
+                if matches!(source.code(), Some("NOGROUP" | "UNBLOCKED")) =>
+            {
                 super::create_activations(store, hosts)?;
                 continue;
             }
