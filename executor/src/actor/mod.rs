@@ -637,7 +637,7 @@ fn no_host(store: &Store, actor_id: &str) -> Error {
 
 /// Puts a message in the mailbox (1 round trip) and asks for an activation when no host has
 /// the actor (1 more). Returns once the message is durable: `Ok` from then on, even when the
-/// activation request fails (see [`request_activation_after_marker`]): an error would have
+/// activation request fails (see `request_activation_after_marker`): an error would have
 /// its caller send the message again, and it would be applied twice.
 pub fn send(
     store: &Store,

@@ -18,9 +18,10 @@
 //!   unless [`Queue::cancel_join_thread`] was called (buffered items may then be lost, as in
 //!   Python).
 //! * A closed queue: `put` and `get` in this process are [`Error::InvalidState`] saying it is
-//!   closed (Python's `ValueError: Queue is closed`); so are `empty` and `qsize` once this process
-//!   has put on it (Python: `OSError ... is closed`; a queue closed before any use answers them,
-//!   as in Python). The marks are this process's: other processes are not affected, and the
+//!   closed (Python's `ValueError: Queue is closed`); `empty` is [`Error::Closed`] once this
+//!   process has put on it (Python: `OSError ... is closed`, it polls the closed pipe; a queue
+//!   closed before any use answers it, as in Python), while `qsize` and `full` still answer
+//!   (Python's read a count). The marks are this process's: other processes are not affected, and the
 //!   exit hook that a pool worker runs after each task forgets them, so the next task finds the
 //!   queue open.
 //! * [`SimpleQueue`] has no feeder and no bound: `put` writes at once; `get`, `empty`, `close`;
@@ -527,6 +528,14 @@ impl QueueCore {
             self.address.describe()
         ))
     }
+
+    /// What Python raises as `OSError` (the handle is closed): `empty` after `close()`.
+    fn closed_handle(&self) -> Error {
+        Error::Closed(format!(
+            "{} is closed in this process",
+            self.address.describe()
+        ))
+    }
 }
 
 /// Implements `Clone`, `Debug`, `PartialEq` without bounds on `T`.
@@ -617,37 +626,40 @@ macro_rules! getters {
         }
 
         /// The number of items: those in Redis and those this process's feeder has not
-        /// written yet (exact when no other process uses the queue). An error once this process
-        /// closed the queue after using it.
+        /// written yet (exact when no other process uses the queue). It answers after
+        /// `close()` too, as Python's does (it reads a count, not the closed pipe).
         pub fn qsize(&self) -> Result<usize> {
-            if FEEDER.closed_for_size(&self.core, Self::CLOSE_ENDS_EVERYTHING) {
-                return Err(self.core.closed());
-            }
             let store = common::store()?;
             self.core.qsize(&store)
         }
 
-        /// The async form of [`Self::qsize`] (1 round trip on shoal's actor runtime; the
-        /// closed check and this process's feeder count are read at the first poll).
+        /// The async form of [`Self::qsize`] (1 round trip on shoal's actor runtime; this
+        /// process's feeder count is read at the first poll).
         pub fn qsize_async(&self) -> impl Future<Output = Result<usize>> + Send + use<T> {
             let core = self.core.clone();
-            async move {
-                if FEEDER.closed_for_size(&core, Self::CLOSE_ENDS_EVERYTHING) {
-                    return Err(core.closed());
-                }
-                core.qsize_async().await
-            }
+            async move { core.qsize_async().await }
         }
 
-        /// Whether the queue is empty (see [`Self::qsize`]).
+        /// Whether the queue is empty (see [`Self::qsize`]). [`Error::Closed`] once this
+        /// process closed the queue after using it (Python's `OSError`: `empty` polls the
+        /// closed pipe).
         pub fn empty(&self) -> Result<bool> {
+            if FEEDER.closed_for_size(&self.core, Self::CLOSE_ENDS_EVERYTHING) {
+                return Err(self.core.closed_handle());
+            }
             Ok(self.qsize()? == 0)
         }
 
-        /// The async form of [`Self::empty`] (see [`Self::qsize_async`]).
+        /// The async form of [`Self::empty`] (see [`Self::qsize_async`]; the closed check is
+        /// made at the first poll).
         pub fn empty_async(&self) -> impl Future<Output = Result<bool>> + Send + use<T> {
-            let size = self.qsize_async();
-            async move { Ok(size.await? == 0) }
+            let core = self.core.clone();
+            async move {
+                if FEEDER.closed_for_size(&core, Self::CLOSE_ENDS_EVERYTHING) {
+                    return Err(core.closed_handle());
+                }
+                Ok(core.qsize_async().await? == 0)
+            }
         }
 
         /// Whether a bounded queue is (approximately) full.
