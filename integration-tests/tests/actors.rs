@@ -1602,7 +1602,7 @@ fn runtime_configured(configure: impl FnOnce(&mut Config)) -> shoal::Runtime {
 
 /// An actor whose state grows on demand.
 #[derive(Serialize, Deserialize, Default, Debug, shoal::Actor)]
-#[actor(messages(Grow, Get))]
+#[actor(messages(Grow, Get, Slow))]
 struct Blob {
     bytes: Vec<u8>,
 }
@@ -1624,6 +1624,45 @@ impl Handler<Get> for Blob {
     fn handle(&mut self, _: Get, _: &mut ActorContext) -> usize {
         self.bytes.len()
     }
+}
+
+impl Handler<Slow> for Blob {
+    type Reply = usize;
+    fn handle(&mut self, Slow(ms): Slow, _: &mut ActorContext) -> usize {
+        std::thread::sleep(Duration::from_millis(ms));
+        self.bytes.len()
+    }
+}
+
+/// A batch that stops the actor is not saved (nothing decodes a stopped actor's state): a
+/// change before the stop that could not be saved does not turn the stop into a failure.
+#[test]
+fn a_stop_after_a_change_that_cannot_be_saved_still_stops_the_actor() {
+    const T: Option<Duration> = Some(Duration::from_secs(30));
+    let rt = runtime_configured(|config| config.redis.max_message_bytes = 64 * 1024);
+    let blob = shoal::spawn_actor(Blob::default()).expect("spawn");
+    assert_eq!(blob.ask(Grow(10), T).expect("a small state is saved"), 10);
+    // The host is busy with this one while the next two queue up.
+    blob.tell(Slow(1500)).expect("tell");
+    blob.tell(Grow(100_000)).expect("tell");
+    blob.stop().expect("stop");
+    let mut c = redis::Client::open(rt.store_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let status = || -> Option<String> {
+        redis::cmd("HGET")
+            .arg(format!("shoal:{{default:actor:{}}}:state", blob.id()))
+            .arg("status")
+            .query(&mut c)
+            .expect("HGET")
+    };
+    let mut status = status;
+    assert!(
+        shoal_integration_tests::wait_for(Duration::from_secs(20), || status().as_deref()
+            != Some("active")),
+        "the batch was committed"
+    );
+    assert_eq!(status().as_deref(), Some("stopped"));
 }
 
 /// A batch whose state cannot be saved (larger than `redis.max_message_bytes`) is not

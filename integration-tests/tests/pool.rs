@@ -1298,8 +1298,17 @@ fn a_task_lease_out_of_the_configuration_range_is_refused() {
             other => panic!("a lease of {lease:?} gave {other:?}"),
         }
     }
-    // The range's ends are fine.
-    for lease in [Duration::from_secs(86_400), Duration::from_millis(100)] {
+    // Within the range, no longer than the keys' expiry (an hour by default).
+    match Pool::builder()
+        .processes(1)
+        .task_lease(Duration::from_secs(3_601))
+        .build()
+    {
+        Err(Error::InvalidState(m)) => assert!(m.contains("redis.expiry_secs"), "{m}"),
+        other => panic!("a lease longer than the expiry gave {other:?}"),
+    }
+    // The ends of what is allowed are fine.
+    for lease in [Duration::from_secs(3_600), Duration::from_millis(100)] {
         let pool = Pool::builder()
             .processes(1)
             .task_lease(lease)

@@ -226,9 +226,11 @@ fn count_generation(counter: Value<i64>) {
     counter.fetch_add(1).expect("add");
 }
 
+/// An action that says it started, then waits for the test to let it finish.
 #[shoal::remote]
-fn count_generation_slowly(counter: Value<i64>) {
-    std::thread::sleep(Duration::from_millis(500));
+fn count_generation_when_told(counter: Value<i64>, acting: Event, finish: Event) {
+    acting.set().expect("set");
+    assert!(finish.wait(Some(Duration::from_secs(30))).expect("wait"));
     counter.fetch_add(1).expect("add");
 }
 
@@ -237,21 +239,39 @@ fn count_generation_slowly(counter: Value<i64>) {
 /// generation, and every index is in `0..parties`.
 #[test]
 fn a_caller_that_comes_while_the_action_runs_joins_the_next_generation() {
-    let _rt = runtime();
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
     let counter = Value::new_raw(0i64).expect("value");
-    let barrier =
-        Barrier::with_action(2, count_generation_slowly, (counter.clone(),)).expect("barrier");
-    let wait = |delay_ms: u64| {
+    let (acting, finish) = (Event::new().expect("event"), Event::new().expect("event"));
+    let barrier = Barrier::with_action(
+        2,
+        count_generation_when_told,
+        (counter.clone(), acting.clone(), finish.clone()),
+    )
+    .expect("barrier");
+    let wait = || {
         let barrier = barrier.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(delay_ms));
-            barrier.wait(Some(Duration::from_secs(30)))
-        })
+        std::thread::spawn(move || barrier.wait(Some(Duration::from_secs(30))))
     };
-    let first = [wait(0), wait(0)];
-    // Comes while the first generation's action sleeps.
-    let late = wait(200);
-    let passed: Vec<u32> = first
+    let first = [wait(), wait()];
+    assert!(
+        acting
+            .wait(Some(Duration::from_secs(10)))
+            .expect("the action started")
+    );
+    let late = wait();
+    // The late caller is entering (without the fix it ran the action too, and waits on
+    // `finish` in it).
+    let mut entering = || -> usize {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("shoal:{*:barrier:*}:entering")
+            .query(&mut raw)
+            .expect("keys");
+        keys.len()
+    };
+    shoal_integration_tests::wait_for(Duration::from_secs(5), || entering() == 1);
+    finish.set().expect("finish");
+    let mut passed: Vec<u32> = first
         .into_iter()
         .map(|t| {
             t.join()
@@ -259,9 +279,8 @@ fn a_caller_that_comes_while_the_action_runs_joins_the_next_generation() {
                 .expect("the first generation passed")
         })
         .collect();
-    let mut sorted = passed.clone();
-    sorted.sort_unstable();
-    assert_eq!(sorted, vec![0, 1], "distinct indices in 0..2");
+    passed.sort_unstable();
+    assert_eq!(passed, vec![0, 1], "distinct indices in 0..2");
     assert_eq!(
         counter.get().expect("get"),
         1,
@@ -279,10 +298,56 @@ fn a_caller_that_comes_while_the_action_runs_joins_the_next_generation() {
         .join()
         .expect("thread")
         .expect("the late caller passed");
-    let mut sorted = vec![late, second];
-    sorted.sort_unstable();
-    assert_eq!(sorted, vec![0, 1], "distinct indices in 0..2");
+    let mut second_pass = vec![late, second];
+    second_pass.sort_unstable();
+    assert_eq!(second_pass, vec![0, 1], "distinct indices in 0..2");
     assert_eq!(counter.get().expect("get"), 2);
+}
+
+/// A waiter whose timeout passes while the last arrival runs the action is released with
+/// the others: in Python the action holds the lock the waiter needs to time out, so the
+/// generation that arrived is not broken.
+#[test]
+fn a_timeout_that_passes_while_the_action_runs_does_not_break_the_barrier() {
+    let _rt = runtime();
+    let counter = Value::new_raw(0i64).expect("value");
+    let (acting, finish) = (Event::new().expect("event"), Event::new().expect("event"));
+    let barrier = Barrier::with_action(
+        2,
+        count_generation_when_told,
+        (counter.clone(), acting.clone(), finish.clone()),
+    )
+    .expect("barrier");
+    let impatient = {
+        let barrier = barrier.clone();
+        std::thread::spawn(move || barrier.wait(Some(Duration::from_millis(400))))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let last = {
+        let barrier = barrier.clone();
+        std::thread::spawn(move || barrier.wait(Some(Duration::from_secs(30))))
+    };
+    assert!(
+        acting
+            .wait(Some(Duration::from_secs(10)))
+            .expect("the action started")
+    );
+    // The impatient waiter's 400 ms pass while the action runs.
+    std::thread::sleep(Duration::from_millis(800));
+    finish.set().expect("finish");
+    let mut passed = vec![
+        impatient
+            .join()
+            .expect("thread")
+            .expect("released with the others"),
+        last.join()
+            .expect("thread")
+            .expect("the last arrival passed"),
+    ];
+    passed.sort_unstable();
+    assert_eq!(passed, vec![0, 1]);
+    assert!(!barrier.broken().expect("broken"));
+    assert_eq!(counter.get().expect("get"), 1);
 }
 
 #[test]
@@ -468,6 +533,27 @@ fn values_of_every_typecode_and_fetch_add() {
         Err(Error::InvalidState(_))
     ));
     assert_eq!(small.to_vec().expect("unchanged"), vec![0, 5]);
+}
+
+#[test]
+fn an_add_to_a_value_shoal_did_not_write_says_so() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let v = Value::new(5i64).expect("value");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("shoal:{*:value:*}:value")
+        .query(&mut raw)
+        .expect("keys");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    redis::cmd("SET")
+        .arg(&keys[0])
+        .arg("not a number")
+        .query::<()>(&mut raw)
+        .expect("set");
+    match v.fetch_add(1) {
+        Err(Error::InvalidState(m)) => assert!(m.contains("did not write"), "{m}"),
+        other => panic!("an add to garbage gave {other:?}"),
+    }
 }
 
 #[shoal::remote]

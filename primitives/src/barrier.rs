@@ -344,6 +344,8 @@ impl Barrier {
             .expire(&keys.state, ttl(store) as i64)
             .ignore()
             .expire(&keys.waiters, ttl(store) as i64)
+            .ignore()
+            .expire(&keys.entering, ttl(store) as i64)
             .ignore();
         Request::pipe("checking", pipe)
     }
@@ -420,6 +422,11 @@ struct BarrierWait {
     action_error: Option<Error>,
     /// The async caller left: a wake-up found now ends the wait, whatever it says.
     withdrawing: bool,
+    /// Past its deadline, the caller waits on for the end of a generation whose action runs
+    /// (it came during it, or every party had arrived): Python's caller cannot time out while
+    /// the action holds the barrier's lock. A caller that then arrives late gives up after
+    /// its arrival, as Python's does.
+    hold_on: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -445,11 +452,16 @@ impl BarrierWait {
             state: BarrierState::Arriving,
             action_error: None,
             withdrawing: false,
+            hold_on: false,
         }
     }
 
     fn slice(&mut self, store: &Store) -> Step<u32> {
-        match next_slice(self.deadline) {
+        let slice = match next_slice(self.deadline) {
+            None if self.hold_on => Some(common::SLICE),
+            slice => slice,
+        };
+        match slice {
             None => self.give_up(store, "timeout"),
             Some(block) => {
                 self.state = BarrierState::Popping;
@@ -467,6 +479,7 @@ impl BarrierWait {
 
     /// What a wake-up or an outcome says.
     fn outcome(&mut self, store: &Store, message: &[u8]) -> Step<u32> {
+        self.hold_on = false;
         match message {
             b"go" => Step::Done(Ok(self.index)),
             b"withdrawn" => Step::Done(Err(op::abandoned())),
@@ -474,6 +487,10 @@ impl BarrierWait {
             // the next one, unless the caller is leaving (it had not arrived).
             b"again" if self.withdrawing => Step::Done(Err(op::abandoned())),
             b"again" => self.arrive(store),
+            b"wait" => {
+                self.hold_on = true;
+                self.slice(store)
+            }
             _ => Step::Done(Err(Error::BrokenBarrier)),
         }
     }
@@ -553,6 +570,8 @@ impl BarrierWait {
                 };
                 self.index = *index as u32;
                 self.generation = *generation;
+                // Came while the action ran: waits for its generation to end, then arrives.
+                self.hold_on = *code == 4;
                 match code {
                     0 => Step::Done(Err(Error::BrokenBarrier)),
                     2 => Step::Done(Ok(self.index)),

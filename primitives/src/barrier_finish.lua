@@ -5,7 +5,10 @@
 -- break:   the action failed; abort: abort(); both put the barrier in the broken state.
 -- reset:   waiters get 'broken'; the barrier starts a new, unbroken generation.
 -- timeout: waiter ARGV[5] gives up: if a wake-up reached it, return it ('go' or 'broken');
---          otherwise break the barrier (Python breaks it for everyone) and return 'broken'.
+--          'wait' while every party arrived and the action runs (its release ends this
+--          generation, for this caller too: in Python the action holds the lock a waiter needs
+--          to time out); otherwise break the barrier (Python breaks it for everyone) and return
+--          'broken'.
 -- withdraw: waiter ARGV[5] leaves (its async caller went away): if a wake-up reached it, return
 --          it; otherwise it no longer counts as arrived (asyncio.Barrier's cancelled waiter) and
 --          'withdrawn' is returned.
@@ -40,12 +43,23 @@ if op == 'timeout' or op == 'withdraw' then
     redis.call('DEL', wake)
     return got
   end
+  -- A caller entering had not arrived: it just leaves.
+  if op == 'withdraw' and redis.call('LREM', KEYS[3], 0, ARGV[5]) > 0 then
+    return 'withdrawn'
+  end
+  local s = redis.call('HMGET', KEYS[1], 'parties', 'count', 'broken')
+  local parties, count = tonumber(s[1]) or 0, tonumber(s[2]) or 0
+  if parties > 0 and count >= parties and s[3] == '0' then
+    -- Every party arrived: the runner of the action releases them all. Leaving changes
+    -- nothing of that generation (a withdrawn caller's 'go' lands in a key that expires).
+    if op == 'withdraw' then
+      return 'withdrawn'
+    end
+    return 'wait'
+  end
   if op == 'withdraw' then
     if redis.call('LREM', KEYS[2], 0, ARGV[5]) > 0 then
-      local count = tonumber(redis.call('HGET', KEYS[1], 'count')) or 1
       redis.call('HSET', KEYS[1], 'count', math.max(count - 1, 0))
-    else
-      redis.call('LREM', KEYS[3], 0, ARGV[5])
     end
     return 'withdrawn'
   end

@@ -19,8 +19,12 @@ else
   end
   new = redis.pcall('HINCRBY', KEYS[1], ARGV[5], ARGV[2])
 end
--- Refused by Redis (the sum leaves 64 bits): nothing was written.
+-- Refused by Redis: the stored value is not an integer (not written by shoal), or the sum
+-- leaves 64 bits. Nothing was written.
 if type(new) == 'table' then
+  if not (old and string.match(old, '^-?%d+$')) then
+    return redis.error_reply('CORRUPT the stored value is not an integer')
+  end
   return redis.error_reply('OVERFLOW ' .. tostring(new.err))
 end
 -- The bounds are within 64 bits and INCRBY's result too, so comparing them as doubles can

@@ -73,8 +73,10 @@
 //!
 //! Unbounded `put`: none on the caller's thread; the feeder writes the batches of every queue in
 //! one per cycle. Bounded or joinable `put`: 1 (`put.lua`); a writer that finds the queue
-//! full waits on its wake key (one `BLPOP` slice, then a check-in, per second) and puts again
-//! when a get makes room; one that gives up with a wake-up (room) in hand passes it on to the
+//! full waits on its wake key (one `BLPOP` slice, then a check-in and a room check,
+//! `room.lua`, per second) and puts again when a get makes room, or when the room check finds
+//! room that no wake-up brought (a writer woken for it died): that writer may then put before
+//! the one woken, which queues again; one that gives up with a wake-up (room) in hand passes it on to the
 //! next writer (1 more), so no waiting writer misses room. `get` of an unbounded queue: items
 //! come in batches claimed by this process and are returned one by one, none waited for while
 //! the batch lasts (see *Batched gets* below). `get` of a bounded queue: 1 (the claim of one

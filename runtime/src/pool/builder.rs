@@ -253,6 +253,13 @@ impl PoolPlan {
                 MAX_TASK_LEASE.as_secs_f64(),
             )));
         }
+        if lease.as_secs_f64() > config.redis.expiry_secs as f64 {
+            return Err(Error::invalid_state(format!(
+                "the task lease ({lease:?}) is longer than redis.expiry_secs ({} s): keys held \
+                 under it would expire between its renewals",
+                config.redis.expiry_secs
+            )));
+        }
         let initializer = match builder.initializer {
             None => None,
             Some((function, args)) => {

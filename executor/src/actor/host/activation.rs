@@ -264,7 +264,9 @@ impl ActorState<'_> {
         answers: &mut [Answer],
     ) -> (Vec<u8>, Option<SentTransfers>) {
         match &self.actor {
-            Some(_) if restored_to_stop => (self.saved.clone(), None),
+            // Nor is one stopped by this batch (a failed save would turn the stop into a
+            // failure).
+            Some(_) if restored_to_stop || self.status == "stopped" => (self.saved.clone(), None),
             Some(actor) => match collect_transfers(|| actor.save(self.limit)) {
                 (Ok(data), transfers) => (data, Some(transfers)),
                 (Err(f), transfers) => {
