@@ -85,6 +85,39 @@ fn poll_waits_without_taking() {
     t.join().expect("thread");
 }
 
+/// End of file is the writer's state, not only its marker: a reader that died between taking
+/// the marker and putting it back (made here by taking it by hand) leaves the next readers
+/// their end of file all the same, and `poll` says it is readable.
+#[test]
+fn end_of_file_outlives_a_lost_marker() {
+    let rt = runtime();
+    let (a, b) = Pipe::new::<u32>(true).expect("pipe");
+    b.close().expect("close");
+    let mut raw = shoal_integration_tests::raw_redis(&rt);
+    let inboxes: Vec<String> = redis::cmd("KEYS")
+        .arg("shoal:{*:pipe:*}:inbox:0")
+        .query(&mut raw)
+        .expect("keys");
+    assert_eq!(inboxes.len(), 1, "{inboxes:?}");
+    let marker: Option<Vec<u8>> = redis::cmd("LPOP")
+        .arg(&inboxes[0])
+        .query(&mut raw)
+        .expect("lpop");
+    assert_eq!(marker.as_deref(), Some(&b""[..]), "the end-of-file marker");
+    let started = Instant::now();
+    assert!(
+        a.poll(Some(Duration::from_secs(5))).expect("poll"),
+        "end of file is readable"
+    );
+    assert!(matches!(a.recv(), Err(Error::Closed(_))), "end of file");
+    assert!(matches!(a.recv(), Err(Error::Closed(_))), "and again");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn end_of_file_after_close_never_hangs() {
     let _rt = runtime();

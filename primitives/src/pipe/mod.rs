@@ -987,8 +987,10 @@ fn check_request(store: &Store, keys: &PipeKeys, end: u8) -> Request {
 }
 
 /// Reads a check's reply: the messages waiting, or the error of a closed end.
-fn checked(address: &Address, reply: Result<redis::Value>) -> Result<u64> {
-    let (closed, waiting): (u8, u64) =
+/// Reads the reply to [`check_request`]: the messages waiting, and whether the writing end
+/// is closed (with nothing waiting: end of file).
+fn checked(address: &Address, reply: Result<redis::Value>) -> Result<(u64, bool)> {
+    let (closed, waiting, writer_closed): (u8, u64, u8) =
         op::parse(reply, "a pipe check").map_err(|e| address.error(e))?;
     if closed == 1 {
         return Err(Error::Closed(format!(
@@ -996,5 +998,5 @@ fn checked(address: &Address, reply: Result<redis::Value>) -> Result<u64> {
             address.describe()
         )));
     }
-    Ok(waiting)
+    Ok((waiting, writer_closed == 1))
 }

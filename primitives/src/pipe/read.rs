@@ -98,9 +98,15 @@ impl Operation for Reader {
                     Ok(Some(message)) if message.is_empty() => {
                         // Leave the marker for the next reader: end of file stays end of file.
                         self.state = ReaderState::Marking;
-                        let mut cmd = redis::cmd("LPUSH");
-                        cmd.arg(&self.inbox).arg("");
-                        Step::Next(Request::cmd("keeping the end-of-file marker of", cmd))
+                        let mut marker = redis::pipe();
+                        marker
+                            .cmd("LPUSH")
+                            .arg(&self.inbox)
+                            .arg("")
+                            .ignore()
+                            .expire(&self.inbox, ttl(store) as i64)
+                            .ignore();
+                        Step::Next(Request::pipe("keeping the end-of-file marker of", marker))
                     }
                     Ok(Some(message)) if message.first() != Some(&DATA) => {
                         Step::Done(Err(Error::Codec {
@@ -117,9 +123,14 @@ impl Operation for Reader {
             }
             ReaderState::Checking => match checked(&self.address, reply) {
                 Err(e) => Step::Done(Err(e)),
-                Ok(waiting) if waiting > 0 && self.poll.is_some() => {
+                Ok((waiting, _)) if waiting > 0 && self.poll.is_some() => {
                     Step::Done(Ok(Read::Polled(true)))
                 }
+                // The writer closed and nothing waits: end of file, even if its marker was
+                // lost (a reader that died between taking it and putting it back), and during
+                // another reader's taking it back (Python's poll() is true at end of file).
+                Ok((0, true)) if self.poll.is_some() => Step::Done(Ok(Read::Polled(true))),
+                Ok((0, true)) => Step::Done(Ok(Read::Message(Message::EndOfFile))),
                 Ok(_) => self.slice(),
             },
             ReaderState::Marking => Step::Done(Ok(Read::Message(Message::EndOfFile))),
