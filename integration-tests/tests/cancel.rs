@@ -49,6 +49,55 @@ fn markers(dir: &tempfile::TempDir) -> Vec<String> {
         .collect()
 }
 
+/// Leaves `dir/<x>` when it runs.
+#[shoal::remote]
+fn mark(x: u64, dir: String) -> u64 {
+    std::fs::write(format!("{dir}/{x}"), "ran").expect("marker");
+    x
+}
+
+/// An item the caller's input yields after `cancel()` returned never runs: the feeder stops
+/// reading the input, and does not write a batch it had read before it saw the cancel.
+#[test]
+fn items_read_after_cancel_never_run() {
+    let _rt = runtime();
+    let dir = scratch();
+    let path = dir.path().display().to_string();
+    let pool = Pool::new(2).expect("pool");
+    let produced = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = produced.clone();
+    let call = pool
+        .starmap_async_with(
+            mark,
+            (0..10_000u64).map(move |x| {
+                // A slow input: the feeder reads its batches over many milliseconds.
+                std::thread::sleep(Duration::from_millis(2));
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (x, path.clone())
+            }),
+            AsyncOptions::new().chunksize(1),
+        )
+        .expect("starmap_async");
+    std::thread::sleep(Duration::from_millis(500));
+    call.cancel();
+    let read_before = produced.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(
+        call.get(Some(Duration::from_secs(5))),
+        Err(Error::Cancelled(_))
+    ));
+    std::thread::sleep(Duration::from_secs(1));
+    let late: Vec<u64> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|x| *x >= read_before)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} items read after cancel() ran (first read after: {read_before}): {late:?}",
+        late.len()
+    );
+}
+
 #[test]
 fn cancel_stops_what_did_not_start_and_tells_what_runs() {
     let _rt = runtime();

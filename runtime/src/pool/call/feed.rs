@@ -101,6 +101,11 @@ impl Feeder {
             let mut batch: Vec<ChunkEntry> = Vec::new();
             let mut batch_bytes = 0;
             while batch.len() < room.min(batch_size) && batch_bytes < MAX_BATCH_BYTES {
+                // A call cancelled (or ended) while its batch is read takes no more input:
+                // items read after cancel() returned must not run.
+                if self.shared.is_cancelled() {
+                    return Ok(None);
+                }
                 let mut args = ArrayWriter::payload_with_capacity(chunk_bytes);
                 while (args.len() as usize) < self.chunksize {
                     match items.next() {
@@ -149,6 +154,11 @@ impl Feeder {
             }
             if batch.is_empty() {
                 break;
+            }
+            // Nor is a batch written once its call was cancelled or ended meanwhile (after a
+            // terminate, the write would make the deleted task stream again).
+            if self.shared.is_cancelled() {
+                return Ok(None);
             }
             self.shared.reserve(batch.len());
             // The streams' TTL is refreshed at most once a second, not per batch.
