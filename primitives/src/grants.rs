@@ -338,7 +338,10 @@ impl GrantObject {
     }
 
     fn release_request(&self, store: &Store, holder: &str, mine: Option<u64>) -> Request {
-        let mut invocation = self.keys().invocation(&RELEASE, store, lease());
+        // From now until its reply is read, the heartbeat may find the grant gone: not lost.
+        let keys = self.keys();
+        set_releasing(&keys.state, mine, true);
+        let mut invocation = keys.invocation(&RELEASE, store, lease());
         invocation
             .arg(holder)
             .arg(self.kind.name())
@@ -356,6 +359,9 @@ impl GrantObject {
                 let left = reply.get(1).copied().unwrap_or(0);
                 if left == 0 {
                     forget(&keys_state(), mine);
+                } else {
+                    // An RLock released one level: still held.
+                    set_releasing(&keys_state(), mine, false);
                 }
                 if reply.first() == Some(&0) {
                     tracing::warn!(
@@ -387,12 +393,17 @@ impl GrantObject {
                         format!("{what} released too many times (above its initial value)")
                     }
                     _ => {
+                        set_releasing(&keys_state(), mine, false);
                         return Err(self.address.error(Error::Redis { source, context }));
                     }
                 };
+                set_releasing(&keys_state(), mine, false);
                 Err(Error::invalid_state(message))
             }
-            Err(e) => Err(self.address.error(e)),
+            Err(e) => {
+                set_releasing(&keys_state(), mine, false);
+                Err(self.address.error(e))
+            }
         }
     }
 
@@ -458,6 +469,7 @@ impl GrantObject {
                 holder: holder.to_string(),
                 lost: false,
                 detached: false,
+                releasing: false,
             }),
         }
         drop(registry);
@@ -618,6 +630,9 @@ struct HeldGrant {
     lost: bool,
     /// Its lease was taken off at a clean exit (`grants_detach.lua`): not renewed any more.
     detached: bool,
+    /// A release of it is under way: a heartbeat that finds it gone meanwhile saw the release,
+    /// not a lapse (the registry forgets it once the release's reply is read).
+    releasing: bool,
 }
 
 static REGISTRY: LazyLock<Mutex<HashMap<String, Held>>> = LazyLock::new(Default::default);
@@ -636,6 +651,20 @@ fn held_grant_of(state: &str, kind: GrantKind, holder: &str) -> Option<u64> {
         .rev()
         .find(|g| kind != GrantKind::RLock || g.holder == holder)
         .map(|g| g.token)
+}
+
+/// Marks a grant of this process as being released (or no longer: the release failed).
+fn set_releasing(state: &str, token: Option<u64>, releasing: bool) {
+    let Some(token) = token else {
+        return;
+    };
+    let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(grant) = registry
+        .get_mut(state)
+        .and_then(|held| held.grants.iter_mut().find(|g| g.token == token))
+    {
+        grant.releasing = releasing;
+    }
 }
 
 /// Drops a grant from this process's registry (released by a script).
@@ -706,7 +735,7 @@ fn renew_all() {
                     let lost_now = held
                         .grants
                         .iter_mut()
-                        .filter(|g| !g.detached && lost.contains(&g.token));
+                        .filter(|g| !g.detached && !g.releasing && lost.contains(&g.token));
                     for grant in lost_now {
                         tracing::warn!(
                             "{}: the hold with fencing token {} lapsed or was released by \
