@@ -173,12 +173,43 @@ pub enum Error {
     },
 }
 
+/// The first command error of a pipeline's error when the pipeline's own has no code (see
+/// [`Error::redis`]); `source` otherwise.
+fn first_server_error(source: redis::RedisError) -> redis::RedisError {
+    if source.code().is_some() {
+        return source;
+    }
+    match source.clone().into_server_errors() {
+        Some(errors) => match errors.first() {
+            Some((_, first)) => redis::RedisError::from(first.clone()),
+            None => source,
+        },
+        None => source,
+    }
+}
+
 impl Error {
     /// Wraps a Redis error with what shoal was doing when it happened.
+    ///
+    /// A pipeline whose command failed with an error code redis-rs does not know (`NOGROUP`,
+    /// `WRONGTYPE`, a script's own `GONE`...) comes back from redis-rs without a code
+    /// (`RedisError::code` is `None`): the first failed command's own error stands for it then,
+    /// so that [`redis::RedisError::code`] says what failed whether or not the command was
+    /// pipelined.
+    ///
+    /// ```
+    /// use shoal_core::Error;
+    ///
+    /// let refused = redis::RedisError::from(std::io::Error::other("connection reset"));
+    /// let Error::Redis { context, .. } = Error::redis("reading the queue", refused) else {
+    ///     unreachable!()
+    /// };
+    /// assert_eq!(context, "reading the queue");
+    /// ```
     pub fn redis(context: impl Into<String>, source: redis::RedisError) -> Self {
         Error::Redis {
             context: context.into(),
-            source: Arc::new(source),
+            source: Arc::new(first_server_error(source)),
         }
     }
 

@@ -120,3 +120,47 @@ fn a_pass_after_redis_lost_its_scripts() {
         assert_eq!(barrier.n_waiting().expect("n_waiting"), 0);
     }
 }
+
+/// A waiter whose barrier's keys are replaced by something shoal did not write is told so,
+/// as an arrival would be: the check between its wait's slices is a pipeline, whose error
+/// redis-rs reports without a code unless shoal takes the failed command's own.
+#[test]
+fn a_waiter_finds_garbage_in_its_barrier_keys_and_says_so() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let barrier = Barrier::new(2).expect("barrier");
+    let waiter = {
+        let barrier = barrier.clone();
+        std::thread::spawn(move || barrier.wait(Some(Duration::from_secs(20))))
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("shoal:{*:barrier:*}:state")
+        .query(&mut raw)
+        .expect("keys");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    // Once the waiter has arrived (count 1), its state becomes a string.
+    let started = Instant::now();
+    while redis::cmd("HGET")
+        .arg(&keys[0])
+        .arg("count")
+        .query::<Option<String>>(&mut raw)
+        .expect("count")
+        .as_deref()
+        != Some("1")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the waiter arrived"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    redis::pipe()
+        .del(&keys[0])
+        .set(&keys[0], "not a barrier")
+        .query::<()>(&mut raw)
+        .expect("garbage");
+    match waiter.join().expect("waiter") {
+        Err(Error::InvalidState(m)) => assert!(m.contains("did not write"), "{m}"),
+        other => panic!("the waiter got {other:?}"),
+    }
+}
