@@ -25,7 +25,8 @@
 //!   exit hook that a pool worker runs after each task forgets them, so the next task finds the
 //!   queue open.
 //! * [`SimpleQueue`] has no feeder and no bound: `put` writes at once; `get`, `empty`, `close`;
-//!   after `close`, `put`, `get` and `empty` are errors at once (Python closes both pipe ends).
+//!   after `close`, `put`, `get` and `empty` are [`Error::Closed`] at once (Python closes both
+//!   pipe ends: `OSError`).
 //! * [`JoinableQueue`] adds [`JoinableQueue::task_done`] and [`JoinableQueue::join`]: `join`
 //!   blocks until every item put has been marked done; one `task_done` too many is
 //!   [`Error::InvalidState`]. Its `put` writes at once (the unfinished count must include the
@@ -469,10 +470,16 @@ impl QueueCore {
         size >= self.maxsize as usize
     }
 
-    /// A queue this process closed is an error.
-    fn check_open(&self) -> Result<()> {
+    /// A queue this process closed is an error: [`Error::Closed`] when closing it closed its
+    /// handles (a `SimpleQueue`'s, whose closed pipe raises `OSError` in Python), else the
+    /// `ValueError` of a closed `Queue` ([`Error::InvalidState`]).
+    fn check_open(&self, closes_handles: bool) -> Result<()> {
         if FEEDER.is_closed(self) {
-            return Err(self.closed());
+            return Err(if closes_handles {
+                self.closed_handle()
+            } else {
+                self.closed()
+            });
         }
         Ok(())
     }
@@ -587,7 +594,7 @@ macro_rules! getters {
         }
 
         fn get_until(&self, wait: bool, deadline: Option<Instant>) -> Result<T> {
-            self.core.check_open()?;
+            self.core.check_open(Self::CLOSE_ENDS_EVERYTHING)?;
             let store = common::store()?;
             let bytes = self.core.get(&store, wait, deadline)?;
             self.core.decode(&store, &bytes)
@@ -620,7 +627,7 @@ macro_rules! getters {
         ) -> impl Future<Output = Result<T>> + Send + use<T> {
             let core = self.core.clone();
             async move {
-                core.check_open()?;
+                core.check_open(Self::CLOSE_ENDS_EVERYTHING)?;
                 let store = common::store()?;
                 let bytes = core.get_async(wait, timeout).await?;
                 core.decode(&store, &bytes)
@@ -763,7 +770,7 @@ macro_rules! putters {
         }
 
         fn put_until(&self, item: &T, wait: bool, deadline: Option<Instant>) -> Result<()> {
-            self.core.check_open()?;
+            self.core.check_open(Self::CLOSE_ENDS_EVERYTHING)?;
             let store = common::store()?;
             let bytes = self.core.encode(&store, item)?;
             match self.core.stage_put(bytes, Self::BUFFERED)? {
@@ -806,7 +813,7 @@ macro_rules! putters {
             let core = self.core.clone();
             let encoded = common::store().and_then(|store| core.encode(&store, item));
             async move {
-                core.check_open()?;
+                core.check_open(Self::CLOSE_ENDS_EVERYTHING)?;
                 match core.stage_put(encoded?, Self::BUFFERED)? {
                     None => Ok(()),
                     Some(bytes) => core.put_now_async(bytes, wait, timeout).await,
@@ -887,7 +894,7 @@ impl<T: Serialize + DeserializeOwned> SimpleQueue<T> {
     }
 
     fn put_until(&self, item: &T, wait: bool, deadline: Option<Instant>) -> Result<()> {
-        self.core.check_open()?;
+        self.core.check_open(Self::CLOSE_ENDS_EVERYTHING)?;
         let store = common::store()?;
         let bytes = self.core.encode(&store, item)?;
         match self.core.stage_put(bytes, Self::BUFFERED)? {
@@ -905,7 +912,7 @@ impl<T: Serialize + DeserializeOwned> SimpleQueue<T> {
         let core = self.core.clone();
         let encoded = common::store().and_then(|store| core.encode(&store, item));
         async move {
-            core.check_open()?;
+            core.check_open(Self::CLOSE_ENDS_EVERYTHING)?;
             match core.stage_put(encoded?, Self::BUFFERED)? {
                 None => Ok(()),
                 Some(bytes) => core.put_now_async(bytes, wait, timeout).await,
