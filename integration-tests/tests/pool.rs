@@ -1350,7 +1350,7 @@ fn an_outcome_refused_at_maxmemory_is_redelivered_not_lost() {
         .expect("pool");
     assert_eq!(pool.apply(square, (3u64,)).expect("warm up"), 9);
     let r = pool
-        .apply_async(mark_then_sleep, (path, 400u64))
+        .apply_async(mark_then_wait_for_go, (path.clone(),))
         .expect("apply_async");
     assert!(
         wait_for(Duration::from_secs(10), || dir
@@ -1362,11 +1362,24 @@ fn an_outcome_refused_at_maxmemory_is_redelivered_not_lost() {
     // Redis refuses every write that needs memory while the task ends: its outcome's XADD.
     config_set(&mut redis, "maxmemory-policy", "noeviction");
     config_set(&mut redis, "maxmemory", "1");
+    // Only now does the task end (its outcome refused).
+    std::fs::write(format!("{path}/go"), "x").expect("go");
     std::thread::sleep(Duration::from_millis(1_500));
     config_set(&mut redis, "maxmemory", "0");
     // The chunk was not acknowledged without its outcome: it runs again.
     let value = r.get(Some(Duration::from_secs(30)));
-    assert_eq!(value.as_ref().ok(), Some(&400), "{value:?}");
+    assert_eq!(value.as_ref().ok(), Some(&7), "{value:?}");
+}
+
+/// Leaves `dir/started`, then waits for `dir/go` (at most 30 s) and returns 7.
+#[shoal::remote]
+fn mark_then_wait_for_go(dir: String) -> u64 {
+    std::fs::write(format!("{dir}/started"), "x").expect("marker");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::path::Path::new(&format!("{dir}/go")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    7
 }
 
 /// The key of this runtime's only pool's task stream.
