@@ -218,7 +218,8 @@ impl LocalExecutor {
         let id = launch.id.clone();
         let me = ctx.address();
         std::thread::Builder::new()
-            .name(launch.name.clone())
+            // The OS thread's name only (the process keeps its own): std panics on a NUL in it.
+            .name(launch.name.replace('\0', ""))
             .spawn(move || {
                 let guard = context::enter_thread_process(info, flag);
                 let code = body();

@@ -307,6 +307,17 @@ fn names_default_to_process_n_and_reach_the_child() {
         p.join(None).expect("join");
         assert!(read_file(&path).starts_with("name=greeter\n"), "{method:?}");
     }
+    // Any string is a name, as in Python: one with a NUL (which an OS thread's name cannot
+    // hold) starts a thread child, and the runtime serves the next ones.
+    let odd = Process::thread(|| {}, ()).name("a\0b");
+    odd.start().expect("start");
+    odd.join(Some(Duration::from_secs(10))).expect("join");
+    assert_eq!(odd.exitcode(), Some(0));
+    assert_eq!(odd.get_name(), "a\0b");
+    let next = Process::thread(|| {}, ());
+    next.start().expect("start");
+    next.join(Some(Duration::from_secs(10))).expect("join");
+    assert_eq!(next.exitcode(), Some(0));
 }
 
 #[test]

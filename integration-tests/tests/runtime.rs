@@ -318,3 +318,59 @@ fn shoal_main_keeps_the_body_of_main_out_of_workers() {
     assert!(stdout.contains("the child runs"), "{stdout}");
     assert!(stdout.contains("exitcode=0"), "{stdout}");
 }
+
+/// Ignores `SIGTERM` (a handler of its own, tokio's, that nobody reads), then sleeps for a
+/// minute.
+#[shoal::remote]
+fn ignore_sigterm_then_sleep(dir: String) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    let _terminate = runtime
+        .block_on(async {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        })
+        .expect("a SIGTERM handler");
+    std::fs::write(format!("{dir}/{}", std::process::id()), "ignoring SIGTERM").expect("marker");
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+/// `shutdown_within` terminates the children still running at its deadline together: those
+/// that ignore SIGTERM share one grace before they are killed, instead of adding one each.
+/// `Duration::MAX` means no limit (it panicked adding itself to the clock).
+#[test]
+fn shutdown_within_gives_stubborn_children_one_grace_together() {
+    let dir = scratch();
+    let path = dir.path().display().to_string();
+    let rt = shoal::init().expect("runtime");
+    let children: Vec<Process> = (0..3)
+        .map(|_| Process::new(ignore_sigterm_then_sleep, (path.clone(),)))
+        .collect();
+    for child in &children {
+        child.start().expect("start");
+    }
+    assert!(wait_for(Duration::from_secs(20), || {
+        std::fs::read_dir(dir.path()).map_or(0, |d| d.count()) == 3
+    }));
+    let started = Instant::now();
+    rt.shutdown_within(Duration::from_millis(300));
+    let took = started.elapsed();
+    // 0.3 s, one grace of 5 s, and the kills: not 0.3 + 3 × 5.
+    assert!(took < Duration::from_secs(9), "{took:?}");
+    for pid in std::fs::read_dir(dir.path()).expect("dir") {
+        let pid: u32 = pid
+            .expect("entry")
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse().ok())
+            .expect("a pid");
+        assert!(
+            wait_for(Duration::from_secs(5), || !pid_running(pid)),
+            "{pid} runs on"
+        );
+    }
+
+    let rt = shoal::init().expect("runtime");
+    rt.shutdown_within(Duration::MAX);
+}

@@ -154,9 +154,10 @@ impl Runtime {
 
     /// Shuts down in order, for a service: stops accepting work (new pools, pool calls and
     /// processes fail with [`Error::InvalidState`]), lets the pool calls in flight finish and
-    /// non-daemon children exit for at most `drain`, then terminates what is left (pool workers,
-    /// children), the actor hosts and, when the last handle is gone, the embedded store.
-    /// Returns once that is done.
+    /// non-daemon children exit for at most `drain` (`Duration::MAX`: as long as they take),
+    /// then terminates what is left (pool workers; children get `SIGTERM`, then `SIGKILL` after
+    /// one grace of 5 s they share), the actor hosts and, when the last handle is gone, the
+    /// embedded store. Returns once that is done.
     ///
     /// ```no_run
     /// # fn main() -> shoal::Result<()> {
@@ -300,8 +301,13 @@ impl RuntimeInner {
     fn drain(&self, drain: Duration) {
         self.draining
             .store(true, std::sync::atomic::Ordering::Release);
-        let deadline = std::time::Instant::now() + drain;
-        let left = || deadline.saturating_duration_since(std::time::Instant::now());
+        // `Duration::MAX` (no limit) has no instant: it stays a limit never reached.
+        let deadline = std::time::Instant::now().checked_add(drain);
+        let left = || {
+            deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(std::time::Instant::now())
+            })
+        };
         let pools: Vec<crate::pool::PoolEntry> =
             std::mem::take(&mut *self.pools.lock().unwrap_or_else(|p| p.into_inner()));
         for pool in &pools {
@@ -313,12 +319,20 @@ impl RuntimeInner {
             }
         }
         let children: Vec<ChildEntry> = self.live_children();
-        for child in children.iter().filter(|c| !c.daemon) {
-            if !child.state().wait_exited(Some(left())) {
-                self.signal_blocking(&child.id, StopSignal::Terminate);
-                if !child.state().wait_exited(Some(DAEMON_GRACE)) {
-                    self.signal_blocking(&child.id, StopSignal::Kill);
-                }
+        let running: Vec<&ChildEntry> = children
+            .iter()
+            .filter(|c| !c.daemon && !c.state().wait_exited(Some(left())))
+            .collect();
+        // Those still running at the deadline are terminated together and share one grace,
+        // so that several which ignore SIGTERM do not add a grace each.
+        for child in &running {
+            self.signal_blocking(&child.id, StopSignal::Terminate);
+        }
+        let grace_end = std::time::Instant::now() + DAEMON_GRACE;
+        for child in &running {
+            let grace = grace_end.saturating_duration_since(std::time::Instant::now());
+            if !child.state().wait_exited(Some(grace)) {
+                self.signal_blocking(&child.id, StopSignal::Kill);
             }
         }
         self.shutdown_children();
