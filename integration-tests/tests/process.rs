@@ -740,3 +740,27 @@ fn children_inherit_the_authkey_without_it_going_through_redis() {
     pool.close().expect("close");
     pool.join().expect("join");
 }
+
+/// Calls `shoal::init()` and `shoal::init_with()` as a library the task uses might, then uses
+/// a queue.
+#[shoal::remote]
+fn inits_again_then_puts(q: Queue<u32>) -> Result<(), String> {
+    let _rt = shoal::init().map_err(|e| e.to_string())?;
+    let _again = shoal::init_with(Config::default()).map_err(|e| e.to_string())?;
+    q.put(7).map_err(|e| e.to_string())?;
+    q.close().map_err(|e| e.to_string())?;
+    q.join_thread().map_err(|e| e.to_string())
+}
+
+/// In a child, `init()` is the child's own runtime: it used to start the worker again, which
+/// found its task claimed and exited with 1 before the function returned.
+#[test]
+fn a_child_that_calls_init_again_runs_on() {
+    let _rt = runtime();
+    let q: Queue<u32> = Queue::new().expect("queue");
+    let p = Process::new(inits_again_then_puts, (q.clone(),));
+    p.start().expect("start");
+    p.join(Some(Duration::from_secs(30))).expect("join");
+    assert_eq!(p.exitcode(), Some(0));
+    assert_eq!(q.get_timeout(Duration::from_secs(5)).expect("the put"), 7);
+}

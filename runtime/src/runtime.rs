@@ -47,6 +47,9 @@ const DAEMON_GRACE: Duration = Duration::from_secs(5);
 
 static ACTIVE: Mutex<Weak<RuntimeInner>> = Mutex::new(Weak::new());
 static WORKER_RUNTIME: Mutex<Option<Arc<RuntimeInner>>> = Mutex::new(None);
+/// Set once this process runs its worker task: a later `init()` (in the task's own code) is
+/// not a second worker start.
+static IN_WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// A guard on the running runtime; the runtime shuts down when the last guard (and the last
 /// started `Process` handle) is dropped.
@@ -100,15 +103,31 @@ impl ChildEntry {
 /// Starts the runtime from the configuration found by [`Config::load`].
 ///
 /// In a worker process (a child started by shoal) this never returns: it runs the child's task
-/// and exits with its exit code. Call it first thing in `main`.
+/// and exits with its exit code. Call it first thing in `main`. Called again by the task's own
+/// code (a child's function, or a library it calls), it returns the worker's runtime, which
+/// the task already runs in.
 pub fn init() -> Result<Runtime> {
     run_worker_if_requested();
+    if let Some(worker) = worker_runtime() {
+        return worker;
+    }
     init_with(Config::load()?)
+}
+
+/// The worker's own runtime, when this process runs its worker task (see [`init`]).
+fn worker_runtime() -> Option<Result<Runtime>> {
+    IN_WORKER
+        .load(std::sync::atomic::Ordering::Acquire)
+        .then(|| current_runtime().map(|inner| Runtime { inner }))
 }
 
 /// Starts the runtime with `config` (see [`init`]).
 pub fn init_with(config: Config) -> Result<Runtime> {
     run_worker_if_requested();
+    if let Some(worker) = worker_runtime() {
+        // The worker runs with its parent's configuration, whatever the task's code asks.
+        return worker;
+    }
     config.validate()?;
     let mut active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(inner) = active.upgrade() {
@@ -658,6 +677,10 @@ pub(crate) fn run_worker_if_requested() {
     let Some(address) = TaskAddress::from_env() else {
         return;
     };
+    if IN_WORKER.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        // Called again by the task's own code: the worker runs already.
+        return;
+    }
     // A worker runs shoal's code only: its warnings go to stderr (the parent's terminal).
     init_tracing();
     let code = match address {
