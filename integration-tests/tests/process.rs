@@ -764,3 +764,32 @@ fn a_child_that_calls_init_again_runs_on() {
     assert_eq!(p.exitcode(), Some(0));
     assert_eq!(q.get_timeout(Duration::from_secs(5)).expect("the put"), 7);
 }
+
+/// A thread child numbers its own children from 1, as each Python child restarts the process
+/// counter: the first child of `Process-N` is `Process-N:1`, however many processes the main
+/// process made.
+#[test]
+fn a_thread_childs_first_child_is_its_number_then_1() {
+    let _rt = runtime();
+    let _earlier: Vec<Process> = (0..3).map(|_| Process::new(noop, ())).collect();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let names = seen.clone();
+    let parent = Process::thread(
+        move || {
+            let first = Process::new(noop, ());
+            let second = Process::new(noop, ());
+            names
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend([first.get_name().to_string(), second.get_name().to_string()]);
+        },
+        (),
+    );
+    let parent_name = parent.get_name().to_string();
+    parent.start().expect("start");
+    parent.join(Some(Duration::from_secs(10))).expect("join");
+    assert_eq!(
+        *seen.lock().unwrap_or_else(|p| p.into_inner()),
+        vec![format!("{parent_name}:1"), format!("{parent_name}:2")]
+    );
+}

@@ -65,10 +65,11 @@
 //! process's keys after the exit (1, off the caller's path); the worker claims the task (1) and
 //! records its exit (1). A thread child makes none. Keys: see `shoal_executor::task`.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -96,8 +97,10 @@ mod target;
 use actor::*;
 use target::*;
 
-/// Children constructed by this process so far (Python's process counter).
-static CONSTRUCTED: AtomicU32 = AtomicU32::new(0);
+/// Children constructed so far by each process running here, by its identity (Python's
+/// process counter, which each child starts afresh): the main process's and each thread
+/// child's.
+static CONSTRUCTED: Mutex<BTreeMap<Vec<u32>, u32>> = Mutex::new(BTreeMap::new());
 
 /// A function to run in a child process, with its arguments.
 ///
@@ -222,8 +225,13 @@ impl Process {
     }
 
     fn with_target(target: Box<dyn Target>, start_method: Option<StartMethod>) -> Process {
-        let n = CONSTRUCTED.fetch_add(1, Ordering::Relaxed) + 1;
         let mut identity = context::current_process().identity;
+        let n = {
+            let mut constructed = CONSTRUCTED.lock().unwrap_or_else(|p| p.into_inner());
+            let count = constructed.entry(identity.clone()).or_insert(0);
+            *count = count.saturating_add(1);
+            *count
+        };
         identity.push(n);
         let name = format!(
             "Process-{}",
