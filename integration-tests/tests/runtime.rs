@@ -374,3 +374,36 @@ fn shutdown_within_gives_stubborn_children_one_grace_together() {
     let rt = shoal::init().expect("runtime");
     rt.shutdown_within(Duration::MAX);
 }
+
+#[shoal::remote]
+fn does_nothing() {}
+
+/// A process started while the runtime is being dropped (from a thread child the drop waits
+/// for) is refused: it used to start a second runtime, never dropped, which a later `init()`
+/// then handed back with its store already stopped.
+#[test]
+fn a_process_started_while_the_runtime_drops_is_refused() {
+    let rt = shoal::init().expect("runtime");
+    let refused = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = refused.clone();
+    let late = Process::thread(
+        move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let started = Process::new(does_nothing, ()).start();
+            *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.is_err());
+        },
+        (),
+    );
+    late.start().expect("start");
+    drop(late);
+    drop(rt);
+    assert_eq!(
+        *refused.lock().unwrap_or_else(|p| p.into_inner()),
+        Some(true),
+        "the start during the drop was refused"
+    );
+    let _rt = shoal::init().expect("a fresh runtime");
+    let q: Queue<u32> = Queue::new().expect("its store works");
+    q.put(1).expect("put");
+    assert_eq!(q.get().expect("get"), 1);
+}

@@ -617,10 +617,18 @@ pub(crate) fn running_runtime() -> Option<Arc<RuntimeInner>> {
 }
 
 /// The running runtime; in a worker, one is started on first use and kept until the task ends.
+/// In the main process, none is started once the runtime is being dropped (an error then).
 pub(crate) fn current_runtime() -> Result<Arc<RuntimeInner>> {
     let mut active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(inner) = active.upgrade() {
         return Ok(inner);
+    }
+    if !IN_WORKER.load(std::sync::atomic::Ordering::Acquire) {
+        // The main process's runtime is being dropped (its context is still set while it waits
+        // for its children): a new runtime started here would never be dropped.
+        return Err(Error::invalid_state(
+            "the shoal runtime of this process is shutting down: no new process or pool",
+        ));
     }
     let context = context::current()?;
     let inner = Arc::new(RuntimeInner::start_actors(context, None)?);
