@@ -234,13 +234,9 @@ fn count_generation_when_told(counter: Value<i64>, acting: Event, finish: Event)
     counter.fetch_add(1).expect("add");
 }
 
-/// A caller that comes while the last arrival runs the action waits for that generation to
-/// end and arrives in the next one (Python's `Barrier._enter`): the action runs once per
-/// generation, and every index is in `0..parties`.
-#[test]
-fn a_caller_that_comes_while_the_action_runs_joins_the_next_generation() {
-    let rt = runtime();
-    let mut raw = raw_redis(&rt);
+/// A barrier of 2 whose action ([`count_generation_when_told`]) sets `acting`, then waits for
+/// `finish` before it counts its generation in `counter`.
+fn barrier_with_a_held_action() -> (Barrier, Value<i64>, Event, Event) {
     let counter = Value::new_raw(0i64).expect("value");
     let (acting, finish) = (Event::new().expect("event"), Event::new().expect("event"));
     let barrier = Barrier::with_action(
@@ -249,6 +245,17 @@ fn a_caller_that_comes_while_the_action_runs_joins_the_next_generation() {
         (counter.clone(), acting.clone(), finish.clone()),
     )
     .expect("barrier");
+    (barrier, counter, acting, finish)
+}
+
+/// A caller that comes while the last arrival runs the action waits for that generation to
+/// end and arrives in the next one (Python's `Barrier._enter`): the action runs once per
+/// generation, and every index is in `0..parties`.
+#[test]
+fn a_caller_that_comes_while_the_action_runs_joins_the_next_generation() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let (barrier, counter, acting, finish) = barrier_with_a_held_action();
     let wait = || {
         let barrier = barrier.clone();
         std::thread::spawn(move || barrier.wait(Some(Duration::from_secs(30))))
@@ -310,14 +317,7 @@ fn a_caller_that_comes_while_the_action_runs_joins_the_next_generation() {
 #[test]
 fn a_timeout_that_passes_while_the_action_runs_does_not_break_the_barrier() {
     let _rt = runtime();
-    let counter = Value::new_raw(0i64).expect("value");
-    let (acting, finish) = (Event::new().expect("event"), Event::new().expect("event"));
-    let barrier = Barrier::with_action(
-        2,
-        count_generation_when_told,
-        (counter.clone(), acting.clone(), finish.clone()),
-    )
-    .expect("barrier");
+    let (barrier, counter, acting, finish) = barrier_with_a_held_action();
     let impatient = {
         let barrier = barrier.clone();
         std::thread::spawn(move || barrier.wait(Some(Duration::from_millis(400))))

@@ -19,21 +19,18 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local op = ARGV[3]
 local generation = tonumber(redis.call('HGET', KEYS[1], 'generation'))
-local function wake_all(message)
-  local waiters = redis.call('LRANGE', KEYS[2], 0, -1)
-  for _, waiter in ipairs(waiters) do
+-- Pushes `message` to the wake key of every caller in `list`, and empties it.
+local function wake_list(list, message)
+  for _, waiter in ipairs(redis.call('LRANGE', list, 0, -1)) do
     local wake = ARGV[2] .. waiter
     redis.call('RPUSH', wake, message)
     redis.call('EXPIRE', wake, ARGV[1])
   end
-  redis.call('DEL', KEYS[2])
-  local entering = redis.call('LRANGE', KEYS[3], 0, -1)
-  for _, waiter in ipairs(entering) do
-    local wake = ARGV[2] .. waiter
-    redis.call('RPUSH', wake, 'again')
-    redis.call('EXPIRE', wake, ARGV[1])
-  end
-  redis.call('DEL', KEYS[3])
+  redis.call('DEL', list)
+end
+local function wake_all(message)
+  wake_list(KEYS[2], message)
+  wake_list(KEYS[3], 'again')
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 if op == 'timeout' or op == 'withdraw' then
