@@ -747,6 +747,16 @@ fn children_inherit_the_authkey_without_it_going_through_redis() {
 fn inits_again_then_puts(q: Queue<u32>) -> Result<(), String> {
     let _rt = shoal::init().map_err(|e| e.to_string())?;
     let _again = shoal::init_with(Config::default()).map_err(|e| e.to_string())?;
+    // A library that shuts down the runtime it was handed only lets go of its handle.
+    shoal::init()
+        .map_err(|e| e.to_string())?
+        .shutdown_within(Duration::from_millis(100));
+    // ... so the task can still start processes.
+    let helper = Process::thread(|| {}, ());
+    helper.start().map_err(|e| e.to_string())?;
+    helper
+        .join(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
     q.put(7).map_err(|e| e.to_string())?;
     q.close().map_err(|e| e.to_string())?;
     q.join_thread().map_err(|e| e.to_string())

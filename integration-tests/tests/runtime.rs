@@ -402,6 +402,11 @@ fn a_process_started_while_the_runtime_drops_is_refused() {
         Some(true),
         "the start during the drop was refused"
     );
+    // Once dropped, a start says that no runtime runs (not that one is shutting down).
+    match Process::new(does_nothing, ()).start() {
+        Err(shoal::Error::InvalidState(m)) => assert!(m.contains("init"), "{m}"),
+        other => panic!("a start without a runtime gave {other:?}"),
+    }
     let _rt = shoal::init().expect("a fresh runtime");
     let q: Queue<u32> = Queue::new().expect("its store works");
     q.put(1).expect("put");

@@ -308,7 +308,15 @@ impl GrantObject {
                 let address = object.address.clone();
                 move || address.describe()
             };
-            op::spawn_single(describe, request, move |reply| object.released(mine, reply)).await
+            let state = object.keys().state;
+            let released =
+                op::spawn_single(describe, request, move |reply| object.released(mine, reply))
+                    .await;
+            if released.is_err() {
+                // The release may not have been sent at all: no longer under way.
+                set_releasing(&state, mine, false);
+            }
+            released
         }
     }
 

@@ -186,8 +186,13 @@ impl Runtime {
     /// # Ok(())
     /// # }
     /// ```
+    ///
+    /// In a worker (the handle `init()` returns to a child's own code), this only drops the
+    /// handle: the worker's runtime ends with its task.
     pub fn shutdown_within(self, drain: Duration) {
-        self.inner.drain(drain);
+        if !IN_WORKER.load(std::sync::atomic::Ordering::Acquire) {
+            self.inner.drain(drain);
+        }
         drop(self);
     }
 
@@ -623,6 +628,8 @@ pub(crate) fn current_runtime() -> Result<Arc<RuntimeInner>> {
     if let Some(inner) = active.upgrade() {
         return Ok(inner);
     }
+    // Without a context (no init(), or a runtime dropped already) this says so.
+    let context = context::current()?;
     if !IN_WORKER.load(std::sync::atomic::Ordering::Acquire) {
         // The main process's runtime is being dropped (its context is still set while it waits
         // for its children): a new runtime started here would never be dropped.
@@ -630,7 +637,6 @@ pub(crate) fn current_runtime() -> Result<Arc<RuntimeInner>> {
             "the shoal runtime of this process is shutting down: no new process or pool",
         ));
     }
-    let context = context::current()?;
     let inner = Arc::new(RuntimeInner::start_actors(context, None)?);
     *active = Arc::downgrade(&inner);
     *WORKER_RUNTIME.lock().unwrap_or_else(|p| p.into_inner()) = Some(inner.clone());
@@ -663,7 +669,7 @@ fn init_tracing() -> bool {
 }
 
 /// If this process was started by shoal as a worker, runs its task and exits (never returns);
-/// otherwise returns at once. Call it first thing in `main`, before anything with side effects
+/// otherwise returns at once, and so it does when the task's own code calls it again. Call it first thing in `main`, before anything with side effects
 /// (a server, a tokio runtime, a log line): a worker is this same program, and everything before
 /// this call runs again in every worker. [`init`] calls it too; `#[shoal::main]` puts it in
 /// front of your `main` for you.

@@ -156,7 +156,9 @@ impl Feeder {
                 break;
             }
             // Nor is a batch written once its call was cancelled or ended meanwhile (after a
-            // terminate, the write would make the deleted task stream again).
+            // terminate, the write would make the deleted task stream again). A cancel that
+            // lands between this check and the write is the cancel script's and the workers'
+            // to handle, as for chunks written before it.
             if self.shared.is_cancelled() {
                 return Ok(None);
             }

@@ -134,6 +134,8 @@ impl<R> AsyncResult<R> {
     /// runs with it. Does nothing once the call completed. The pool stays usable.
     pub fn cancel(&self) {
         if !self.ready() {
+            // The feeder reads no more input from now on, before the supervisor hears of it.
+            self.shared.stop_feeding();
             self.supervisor.do_send(CancelCall {
                 call: self.call,
                 error: Error::Cancelled("cancel() was called".into()),
