@@ -27,6 +27,23 @@ fn manager_keys(conn: &mut redis::Connection, address: &ManagerAddress) -> Vec<S
     keys
 }
 
+/// The `head` key of the manager's (only) list: its freeze field lives there.
+fn list_head_key(conn: &mut redis::Connection, manager: &Manager) -> String {
+    manager_keys(conn, &manager.address())
+        .into_iter()
+        .find(|k| k.ends_with(":head"))
+        .expect("head")
+}
+
+/// Whether a sort's freeze is on the list whose head key is `head`.
+fn frozen(conn: &mut redis::Connection, head: &str) -> bool {
+    redis::cmd("HEXISTS")
+        .arg(head)
+        .arg("\0f")
+        .query(conn)
+        .expect("hexists")
+}
+
 fn is_key_error(e: &Error, key: &str) -> bool {
     matches!(e, Error::KeyError(m) if m.contains(key))
 }
@@ -1299,10 +1316,7 @@ fn a_dead_sorters_freeze_lapses() {
     let mut conn = raw_redis(&rt);
     let manager = Manager::new().expect("manager");
     let l = manager.list_from(vec![3i64, 1, 2]).expect("list");
-    let head = manager_keys(&mut conn, &manager.address())
-        .into_iter()
-        .find(|k| k.ends_with(":head"))
-        .expect("head");
+    let head = list_head_key(&mut conn, &manager);
     let now_ms = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1417,10 +1431,7 @@ fn a_failed_sort_lifts_its_freeze_at_once() {
     let mut conn = raw_redis(&rt);
     let manager = Manager::new().expect("manager");
     let l = manager.list_from(vec![3i64, 1, 2]).expect("list");
-    let head = manager_keys(&mut conn, &manager.address())
-        .into_iter()
-        .find(|k| k.ends_with(":head"))
-        .expect("head");
+    let head = list_head_key(&mut conn, &manager);
 
     // `compare` panics between the read (which froze the list) and the write.
     let sorted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -1429,12 +1440,7 @@ fn a_failed_sort_lifts_its_freeze_at_once() {
     assert!(sorted.is_err(), "the panic goes on to the caller");
     let waited = timed_append(&l, 4);
     assert!(waited < Duration::from_secs(1), "writes waited {waited:?}");
-    let frozen: bool = redis::cmd("HEXISTS")
-        .arg(&head)
-        .arg("\0f")
-        .query(&mut conn)
-        .expect("hexists");
-    assert!(!frozen, "the freeze is lifted");
+    assert!(!frozen(&mut conn, &head), "the freeze is lifted");
     assert_eq!(
         l.to_vec().expect("items"),
         vec![3, 1, 2, 4],
@@ -1483,23 +1489,13 @@ fn a_dropped_or_failed_async_sort_lifts_its_freeze() {
     let mut conn = raw_redis(&rt);
     let manager = Manager::new().expect("manager");
     let l = manager.list_from(vec![3i64, 1, 2]).expect("list");
-    let head = manager_keys(&mut conn, &manager.address())
-        .into_iter()
-        .find(|k| k.ends_with(":head"))
-        .expect("head");
-    let frozen = |conn: &mut redis::Connection| -> bool {
-        redis::cmd("HEXISTS")
-            .arg(&head)
-            .arg("\0f")
-            .query(conn)
-            .expect("hexists")
-    };
+    let head = list_head_key(&mut conn, &manager);
 
     // Dropped while its read is in flight: polled once (the read, which freezes the list, is
     // sent), then dropped before the reply comes.
     drop(l.sort_by_async(|a: &i64, b: &i64| a.cmp(b)).now_or_never());
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!frozen(&mut conn), "the freeze is lifted");
+    assert!(!frozen(&mut conn, &head), "the freeze is lifted");
     let waited = timed_append(&l, 4);
     assert!(waited < Duration::from_secs(1), "writes waited {waited:?}");
 
@@ -1516,7 +1512,7 @@ fn a_dropped_or_failed_async_sort_lifts_its_freeze() {
     assert!(block_on(strings.sort_async()).is_err());
     let waited = timed_append(&l, 6);
     assert!(waited < Duration::from_secs(1), "writes waited {waited:?}");
-    assert!(!frozen(&mut conn));
+    assert!(!frozen(&mut conn, &head));
 
     block_on(l.sort_async()).expect("sort");
     let items = l.to_vec().expect("items");

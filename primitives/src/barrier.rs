@@ -37,18 +37,18 @@
 //! # Async forms
 //!
 //! [`Barrier::reset_async`], [`Barrier::abort_async`], [`Barrier::n_waiting_async`] and
-//! [`Barrier::broken_async`] send the same single script (or command) from shoal's actor
-//! runtime, on its shared multiplexed connection, and hand the reply back through a oneshot
-//! channel; a reset or abort whose future is dropped happens or not, depending on whether it
-//! was sent already, never twice. [`Barrier::wait_async`] runs the same round trips as a task on shoal's actor runtime (the
-//! action, user code, on that runtime's blocking pool) and hands the arrival index back through
-//! a oneshot channel: any executor can await it and no thread is parked for it. Dropping its
-//! future *withdraws* the arrival before the task's next wait slice (within a second), as
-//! `asyncio.Barrier` does for a cancelled waiter: the caller no longer counts as arrived, and
-//! the barrier is not broken (`barrier_finish.lua`, `withdraw`). If the barrier had already
-//! released (or broken) the caller's generation, that stands. An arrival that completed the
-//! barrier always releases the others, and its action runs, whether or not its future is still
-//! there. As in `asyncio`, an arrival index may then repeat within that generation.
+//! [`Barrier::broken_async`] send the same single script (or command) from shoal's actor runtime,
+//! on its shared multiplexed connection, and hand the reply back through a oneshot channel; a reset
+//! or abort whose future is dropped happens or not, depending on whether it was sent already, never
+//! twice. [`Barrier::wait_async`] runs the same round trips as a task on shoal's actor runtime (the
+//! action, user code, on that runtime's blocking pool) and hands the arrival index back through a
+//! oneshot channel: any executor can await it and no thread is parked for it. Dropping its future
+//! *withdraws* the arrival before the task's next wait slice (within a second), as
+//! `asyncio.Barrier` does for a cancelled waiter: the caller no longer counts as arrived, and the
+//! barrier is not broken (`barrier_finish.lua`, `withdraw`). If the barrier had already released
+//! (or broken) the caller's generation, that stands. An arrival that completed the barrier always
+//! releases the others, and its action runs, whether or not its future is still there. As in
+//! `asyncio`, an arrival index may then repeat within that generation.
 
 use std::future::Future;
 use std::sync::LazyLock;

@@ -386,8 +386,8 @@ macro_rules! float_add {
 float_add!(f32);
 float_add!(f64);
 
-/// A float `fetch_add`: `EXISTS`, `INCRBYFLOAT` and `EXPIRE` in one pipeline; when the value did not
-/// exist (`INCRBYFLOAT` created it), a `DEL` takes it back and the value is gone.
+/// A float `fetch_add`: `EXISTS`, `INCRBYFLOAT` and `EXPIRE` in one pipeline; when the value did
+/// not exist (`INCRBYFLOAT` created it), a `DEL` takes it back and the value is gone.
 struct FloatAdd<T> {
     address: Address,
     key: String,

@@ -669,10 +669,10 @@ fn init_tracing() -> bool {
 }
 
 /// If this process was started by shoal as a worker, runs its task and exits (never returns);
-/// otherwise returns at once, and so it does when the task's own code calls it again. Call it first thing in `main`, before anything with side effects
-/// (a server, a tokio runtime, a log line): a worker is this same program, and everything before
-/// this call runs again in every worker. [`init`] calls it too; `#[shoal::main]` puts it in
-/// front of your `main` for you.
+/// otherwise returns at once, and so it does when the task's own code calls it again. Call it first
+/// thing in `main`, before anything with side effects (a server, a tokio runtime, a log line): a
+/// worker is this same program, and everything before this call runs again in every worker.
+/// [`init`] calls it too; `#[shoal::main]` puts it in front of your `main` for you.
 ///
 /// ```no_run
 /// fn main() -> shoal::Result<()> {

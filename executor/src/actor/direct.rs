@@ -45,13 +45,12 @@
 //! only together), and a refusal, a missing stream or a failed transaction ends it with the
 //! same marker.
 //!
-//! An ask's wait is on its way when the checks come back. When they refuse, or there was no
-//! mailbox stream to write to (`NOMKSTREAM`: nothing written; the script's send makes it), the sender
-//! ends its own wait: it pushes an empty marker (never a reply: a reply is a MessagePack
-//! value) to its reply key from another connection and reads it, leaving the connection ready
-//! for its next user (a marker that comes too late for this wait is skipped by the next). When
-//! no host holds the lease, it asks for an activation from another connection while the wait
-//! goes on.
+//! An ask's wait is on its way when the checks come back. When they refuse, or there was no mailbox
+//! stream to write to (`NOMKSTREAM`: nothing written; the script's send makes it), the sender ends
+//! its own wait: it pushes an empty marker (never a reply: a reply is a MessagePack value) to its
+//! reply key from another connection and reads it, leaving the connection ready for its next user
+//! (a marker that comes too late for this wait is skipped by the next). When no host holds the
+//! lease, it asks for an activation from another connection while the wait goes on.
 //!
 //! Once the transaction wrote the message, the send has succeeded: a failure to set the
 //! activation marker or to ask for a host after it is logged, never returned (the caller would

@@ -17,34 +17,32 @@
 //!
 //! # A worker ([`run_worker`])
 //!
-//! runs the initializer once, then loops: `XREADGROUP` chunks (blocking), call the function on
-//! each item of a chunk in order until one fails (a panic or an undecodable item ends the chunk,
-//! as an exception ends a chunk in Python), then `XADD` the outcomes of all the chunks it read as
-//! one results entry and `XACK` them, in one `MULTI`/`EXEC` (a write Redis refuses, at
-//! `maxmemory`, aborts both: a chunk is never acknowledged without its outcome; the worker fails
-//! and its chunks, still pending, are redelivered), in the same pipeline as its next
-//! `XREADGROUP` (1 round trip per read). It does not delete them: `XDEL` costs the server a walk
-//! through the entry's stream node per id, while the supervisor removes every entry the workers
-//! are done with in one `XTRIM MINID` now and then ([`trim_tasks`], `pool/trim.lua`). A chunk's
-//! items are one MessagePack array and its results another
-//! ([`shoal_core::codec::ArrayWriter`]): an item costs its own decoding, call and encoding, and
-//! error texts are built only when an item fails. How many chunks it asks for at once adapts to
-//! what they cost: as many as fit in [`READ_BUDGET`] of work at the rate of its last read (at
-//! most twice as many as last time, up to [`MAX_PREFETCH`]), so one chunk at a time while chunks
-//! take 2 ms or more (expensive chunks spread over the workers) and up to 64 while they are
+//! runs the initializer once, then loops: `XREADGROUP` chunks (blocking), call the function on each
+//! item of a chunk in order until one fails (a panic or an undecodable item ends the chunk, as an
+//! exception ends a chunk in Python), then `XADD` the outcomes of all the chunks it read as one
+//! results entry and `XACK` them, in one `MULTI`/`EXEC` (a write Redis refuses, at `maxmemory`,
+//! aborts both: a chunk is never acknowledged without its outcome; the worker fails and its chunks,
+//! still pending, are redelivered), in the same pipeline as its next `XREADGROUP` (1 round trip per
+//! read). It does not delete them: `XDEL` costs the server a walk through the entry's stream node
+//! per id, while the supervisor removes every entry the workers are done with in one `XTRIM MINID`
+//! now and then ([`trim_tasks`], `pool/trim.lua`). A chunk's items are one MessagePack array and
+//! its results another ([`shoal_core::codec::ArrayWriter`]): an item costs its own decoding, call
+//! and encoding, and error texts are built only when an item fails. How many chunks it asks for at
+//! once adapts to what they cost: as many as fit in [`READ_BUDGET`] of work at the rate of its last
+//! read (at most twice as many as last time, up to [`MAX_PREFETCH`]), so one chunk at a time while
+//! chunks take 2 ms or more (expensive chunks spread over the workers) and up to 64 while they are
 //! tiny: per chunk that is 5/n commands (the read, and the outcomes' `XADD` and `XACK` in their
-//! `MULTI`/`EXEC`) besides the feeder's `XADD`, which is what bounds a map of tiny tasks (the
-//! Redis server's command rate and, on a VM, the cost of waking a process), at any pool size.
-//! The feeder adds a batch of chunks in one `MULTI`/`EXEC`, so that a worker blocked in
-//! `XREADGROUP` is woken once with up to n of them rather than once per chunk. It stops on a
-//! stop entry (a read that holds several keeps one and adds the others back, so that every
-//! worker gets its own), after `maxtasksperchild` chunks, or when the pool's streams are gone. A
-//! heartbeat thread renews the lease of the chunks in hand every third of the lease (`XCLAIM` to
-//! itself with idle 0 resets an entry's idle time) and stamps the `workers` hash, so a chunk that
-//! runs for hours is never taken from a live worker. After the chunks of one read, the worker runs the
-//! process's exit hooks (queue feeders flush, and forget a `close()`) before it sends their
-//! outcomes, so what a task put on a queue is there before its result, and the next task starts
-//! clean.
+//! `MULTI`/`EXEC`) besides the feeder's `XADD`, which is what bounds a map of tiny tasks (the Redis
+//! server's command rate and, on a VM, the cost of waking a process), at any pool size. The feeder
+//! adds a batch of chunks in one `MULTI`/`EXEC`, so that a worker blocked in `XREADGROUP` is woken
+//! once with up to n of them rather than once per chunk. It stops on a stop entry (a read that
+//! holds several keeps one and adds the others back, so that every worker gets its own), after
+//! `maxtasksperchild` chunks, or when the pool's streams are gone. A heartbeat thread renews the
+//! lease of the chunks in hand every third of the lease (`XCLAIM` to itself with idle 0 resets an
+//! entry's idle time) and stamps the `workers` hash, so a chunk that runs for hours is never taken
+//! from a live worker. After the chunks of one read, the worker runs the process's exit hooks
+//! (queue feeders flush, and forget a `close()`) before it sends their outcomes, so what a task put
+//! on a queue is there before its result, and the next task starts clean.
 //!
 //! # A worker's driver and its store
 //!
@@ -423,6 +421,23 @@ impl ResultEntry {
                 .collect(),
         }
     }
+}
+
+/// Adds one stop entry (`s`=`1`) to the task stream `tasks` in `pipe`: the worker that reads it
+/// exits once its chunks in hand are done (see the module docs).
+///
+/// ```
+/// let mut pipe = redis::pipe();
+/// shoal_executor::pool::add_stop_entry(&mut pipe, "shoal:{default:pool:p1}:tasks");
+/// assert_eq!(pipe.cmd_iter().count(), 1);
+/// ```
+pub fn add_stop_entry(pipe: &mut redis::Pipeline, tasks: &str) {
+    pipe.cmd("XADD")
+        .arg(tasks)
+        .arg("*")
+        .arg("s")
+        .arg(1)
+        .ignore();
 }
 
 /// Creates the task stream and its consumer group (idempotent), with the store's TTL: one

@@ -329,12 +329,7 @@ fn serve(
         // One stop entry per worker: a read of several (its COUNT is the prefetch) keeps one
         // and puts the others back, for the workers still waiting for theirs.
         for _ in 1..stops {
-            pipe.cmd("XADD")
-                .arg(&keys.tasks)
-                .arg("*")
-                .arg("s")
-                .arg(1)
-                .ignore();
+            super::add_stop_entry(&mut pipe, &keys.tasks);
         }
         if ran > 0 {
             // The tasks ended: what they put on queues reaches Redis before their results, and

@@ -21,8 +21,8 @@
 //!   closed (Python's `ValueError: Queue is closed`); `empty` is [`Error::Closed`] once this
 //!   process has put on it (Python: `OSError ... is closed`, it polls the closed pipe; a queue
 //!   closed before any use answers it, as in Python), while `qsize` and `full` still answer
-//!   (Python's read a count). The marks are this process's: other processes are not affected, and the
-//!   exit hook that a pool worker runs after each task forgets them, so the next task finds the
+//!   (Python's read a count). The marks are this process's: other processes are not affected, and
+//!   the exit hook that a pool worker runs after each task forgets them, so the next task finds the
 //!   queue open.
 //! * [`SimpleQueue`] has no feeder and no bound: `put` writes at once; `get`, `empty`, `close`;
 //!   after `close`, `put`, `get` and `empty` are [`Error::Closed`] at once (Python closes both
@@ -73,23 +73,21 @@
 //! # Round trips
 //!
 //! Unbounded `put`: none on the caller's thread; the feeder writes the batches of every queue in
-//! one per cycle. Bounded or joinable `put`: 1 (`put.lua`); a writer that finds the queue
-//! full waits on its wake key (one `BLPOP` slice, then a check-in and a room check,
-//! `room.lua`, per second) and puts again when a get makes room, or when the room check finds
-//! room that no wake-up brought (a writer woken for it died): that writer may then put before
-//! the one woken, which queues again; one that gives up with a wake-up (room) in hand passes it on to the
-//! next writer (1 more), so no waiting writer misses room. `get` of an unbounded queue: items
-//! come in batches claimed by this process and are returned one by one, none waited for while
-//! the batch lasts (see *Batched gets* below). `get` of a bounded queue: 1 (the claim of one
-//! item; while the queue is empty, one `BLMOVE` and claim per second of waiting), plus 1 to wake
-//! a waiting writer (if that fails the item is returned all the same and the failure logged: an
-//! item taken is never dropped). `get_nowait`: 1, or none while a batch lasts. The async gets
-//! claim one item at a time and wait for its ack: 2 (fetch or wait, ack; 1 more on a bounded
-//! queue to wake a writer; none when this process's blocking gets hold an item it can take;
-//! see *Async forms*).
-//! `qsize`/`empty`/`full`: 1.
-//! `task_done`: 1. `join`: 1, then a `BLPOP` that returns at the last `task_done` (plus a
-//! check-in and an existence check per second).
+//! one per cycle. Bounded or joinable `put`: 1 (`put.lua`); a writer that finds the queue full
+//! waits on its wake key (one `BLPOP` slice, then a check-in and a room check, `room.lua`, per
+//! second) and puts again when a get makes room, or when the room check finds room that no wake-up
+//! brought (a writer woken for it died): that writer may then put before the one woken, which
+//! queues again; one that gives up with a wake-up (room) in hand passes it on to the next writer (1
+//! more), so no waiting writer misses room. `get` of an unbounded queue: items come in batches
+//! claimed by this process and are returned one by one, none waited for while the batch lasts (see
+//! *Batched gets* below). `get` of a bounded queue: 1 (the claim of one item; while the queue is
+//! empty, one `BLMOVE` and claim per second of waiting), plus 1 to wake a waiting writer (if that
+//! fails the item is returned all the same and the failure logged: an item taken is never dropped).
+//! `get_nowait`: 1, or none while a batch lasts. The async gets claim one item at a time and wait
+//! for its ack: 2 (fetch or wait, ack; 1 more on a bounded queue to wake a writer; none when this
+//! process's blocking gets hold an item it can take; see *Async forms*). `qsize`/`empty`/`full`: 1.
+//! `task_done`: 1. `join`: 1, then a `BLPOP` that returns at the last `task_done` (plus a check-in
+//! and an existence check per second).
 //!
 //! # Batched gets
 //!

@@ -330,10 +330,10 @@ impl Container {
         call.read(self, reply)
     }
 
-    /// The async form of [`Container::run`]: the same invocation, sent by [`on_runtime`], so
-    /// the caller's thread is not blocked; the reply is read by the same `parse`, and errors
-    /// are mapped as `run` maps them. The future owns a handle of its own (it borrows nothing); an error building the call
-    /// (an encoding error) is its result.
+    /// The async form of [`Container::run`]: the same invocation, sent by [`on_runtime`], so the
+    /// caller's thread is not blocked; the reply is read by the same `parse`, and errors are mapped
+    /// as `run` maps them. The future owns a handle of its own (it borrows nothing); an error
+    /// building the call (an encoding error) is its result.
     pub(super) fn run_async<R, T>(
         &self,
         call: Result<Call<R, T>>,

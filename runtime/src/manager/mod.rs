@@ -91,10 +91,10 @@
 //! # Keys (hash tag `{<ns>:manager:<manager id>}`)
 //!
 //! `meta` (hash: `state` = `running` | `shutdown`, `nonce`, `verifier`, `c:<kind>:<id>` per
-//! container, so that `shutdown` finds them, and `o:<name>` per published value), and each container's keys,
-//! `<kind>:<capability>:<field>` (see `dict.rs`, `list.rs`, `namespace.rs`). All share the
-//! manager's hash tag, so that one script sees a container and the manager's record, and one
-//! pipelined round trip of `DEL`s deletes everything; on Redis Cluster a manager's containers
+//! container, so that `shutdown` finds them, and `o:<name>` per published value), and each
+//! container's keys, `<kind>:<capability>:<field>` (see `dict.rs`, `list.rs`, `namespace.rs`). All
+//! share the manager's hash tag, so that one script sees a container and the manager's record, and
+//! one pipelined round trip of `DEL`s deletes everything; on Redis Cluster a manager's containers
 //! live on one shard (as Python's live in one server process).
 //!
 //! # Round trips

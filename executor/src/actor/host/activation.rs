@@ -251,13 +251,13 @@ impl ActorState<'_> {
     /// its message succeeded (`answers`) is turned into the failed actor's error. Replies that
     /// are errors already (a panic, a message that did not decode...) stay.
     ///
-    /// Saving a state that holds pipe ends passes them (a transfer each, for whoever decodes it next: see
-    /// `shoal_core::transfers`). Once a state is committed, the one it replaces will never be
-    /// decoded, and its transfers are given back, and so are the committed state's own once
-    /// the actor is stopped or failed (it is never decoded again); those of a state that could
-    /// not be saved, at once. An actor restored only to stop it is not saved again: nothing
-    /// decodes a stopped actor's state, and a save that failed (an end closed meanwhile) would
-    /// turn the stop into a failure.
+    /// Saving a state that holds pipe ends passes them (a transfer each, for whoever decodes it
+    /// next: see `shoal_core::transfers`). Once a state is committed, the one it replaces will
+    /// never be decoded, and its transfers are given back, and so are the committed state's own
+    /// once the actor is stopped or failed (it is never decoded again); those of a state that could
+    /// not be saved, at once. An actor restored only to stop it is not saved again: nothing decodes
+    /// a stopped actor's state, and a save that failed (an end closed meanwhile) would turn the
+    /// stop into a failure.
     fn state_to_commit(
         &mut self,
         restored_to_stop: bool,

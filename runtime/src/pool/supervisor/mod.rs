@@ -13,9 +13,9 @@
 //! # Lifecycle
 //!
 //! `Running` → `close()` → `Closing` (no new calls; streaming calls no longer wait for their
-//! callers to take results, which wait in their iterators; when the last call completes, one
-//! stop entry per worker goes to the task stream) → `Stopping` (workers exit, none is
-//! replaced) → finished. `terminate()` (or dropping the pool) → `Terminated` from any phase: workers are sent
+//! callers to take results, which wait in their iterators; when the last call completes, one stop
+//! entry per worker goes to the task stream) → `Stopping` (workers exit, none is replaced) →
+//! finished. `terminate()` (or dropping the pool) → `Terminated` from any phase: workers are sent
 //! `SIGTERM`, calls still running fail with [`Error::InvalidState`], the pool's keys are deleted.
 //! `Broken` from `Running` or `Closing`: the restart budget is spent (calls fail with kind
 //! `Crashed`) or the store was lost (calls fail with the store's error); workers are stopped.
@@ -357,12 +357,7 @@ impl PoolSupervisor {
                 let mut conn = store.multiplexed().await?;
                 let mut pipe = redis::pipe();
                 for _ in 0..stops {
-                    pipe.cmd("XADD")
-                        .arg(&keys.tasks)
-                        .arg("*")
-                        .arg("s")
-                        .arg(1)
-                        .ignore();
+                    pool::add_stop_entry(&mut pipe, &keys.tasks);
                 }
                 pipe.query_async::<()>(&mut conn)
                     .await
