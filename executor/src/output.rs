@@ -6,6 +6,11 @@
 //! `data`=bytes, one `XADD` per read. At the end of the task the worker flushes, puts the original
 //! descriptors back (closing the pipes), waits for the forwarders and appends `eof`=`1`.
 //!
+//! A task that ends the process itself (`std::process::exit`, as Python's `sys.exit` in a child
+//! still runs its `finally` and flushes) gets the same end: the capture is kept where an
+//! `atexit` handler finds it, and the handler finishes it while the process exits, so what the
+//! task printed last (and what sat in the pipes) reaches the stream before the process is gone.
+//!
 //! The parent reads the stream with `XREAD BLOCK` on a dedicated connection ([`OutputReader`])
 //! and writes each entry to its own stdout or stderr. A stream and not pub/sub: a reader that
 //! starts late replays everything, and nothing is lost while nobody listens. The reader stops at
@@ -14,9 +19,8 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Once, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -28,6 +32,9 @@ use shoal_core::store::Store;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest chunk appended in one entry.
 const CHUNK: usize = 64 * 1024;
+
+/// The capture in progress, where the `atexit` handler ([`finish_at_exit`]) finds it.
+static CAPTURE: Mutex<Option<OutputCapture>> = Mutex::new(None);
 
 /// The worker side: fds 1 and 2 redirected into the output stream.
 #[derive(Debug)]
@@ -41,8 +48,33 @@ pub struct OutputCapture {
 }
 
 impl OutputCapture {
-    /// Redirects this process's stdout and stderr into the stream at `key`.
-    pub fn start(store: Arc<Store>, key: String) -> Result<OutputCapture> {
+    /// Redirects this process's stdout and stderr into the stream at `key` until [`OutputCapture::finish`] (or
+    /// the process's exit) ends the capture. One capture per process: starting a second one
+    /// while the first runs is an error.
+    pub fn start(store: Arc<Store>, key: String) -> Result<()> {
+        let mut current = CAPTURE.lock().unwrap_or_else(|e| e.into_inner());
+        if current.is_some() {
+            return Err(Error::invalid_state(
+                "this process's output is already captured",
+            ));
+        }
+        *current = Some(OutputCapture::redirect(store, key)?);
+        drop(current);
+        static AT_EXIT: Once = Once::new();
+        AT_EXIT.call_once(|| {
+            // SAFETY: `atexit` only records a function pointer; `finish_at_exit` is an
+            // `extern "C" fn()` that lets no panic unwind out of it. A registration that fails
+            // (a non-zero return) only leaves an exiting task's last output unforwarded.
+            #[allow(unsafe_code)]
+            let failed = unsafe { nix::libc::atexit(finish_at_exit) } != 0;
+            if failed {
+                tracing::warn!("cannot register the output capture's exit handler");
+            }
+        });
+        Ok(())
+    }
+
+    fn redirect(store: Arc<Store>, key: String) -> Result<OutputCapture> {
         let io = |what: &str, e: std::io::Error| Error::io(format!("capturing output: {what}"), e);
         let saved_stdout = std::io::stdout()
             .as_fd()
@@ -83,8 +115,14 @@ impl OutputCapture {
         })
     }
 
-    /// Flushes, restores the original descriptors, waits for the forwarders and appends `eof`.
-    pub fn finish(self) -> Result<()> {
+    /// Ends this process's capture, if one runs: flushes, restores the original descriptors,
+    /// waits for the forwarders and appends `eof`.
+    pub fn finish() -> Result<()> {
+        let capture = CAPTURE.lock().unwrap_or_else(|e| e.into_inner()).take();
+        capture.map_or(Ok(()), OutputCapture::end)
+    }
+
+    fn end(self) -> Result<()> {
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
         let restore = |e: nix::Error| Error::io("restoring stdout/stderr", e.into());
@@ -119,6 +157,25 @@ impl OutputCapture {
                     .query::<()>(c)
             },
         )
+    }
+}
+
+/// The `atexit` handler: a task that called `std::process::exit` (which flushes Rust's stdout
+/// into the pipe first) still gets its output forwarded and its `eof` written. A capture that
+/// ended as usual was taken already: nothing to do then.
+extern "C" fn finish_at_exit() {
+    // `try_lock`: an exit called while this process holds the lock (between taking the capture
+    // and dropping the guard) must not wait on itself.
+    let capture = match CAPTURE.try_lock() {
+        Ok(mut current) => current.take(),
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().take(),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    };
+    if let Some(capture) = capture {
+        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| capture.end()));
+        if let Ok(Err(e)) = ended {
+            eprintln!("shoal worker: forwarding the output at exit: {e}");
+        }
     }
 }
 

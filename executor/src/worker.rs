@@ -19,7 +19,10 @@
 //!    children there, as Python does at exit);
 //! 6. records the exit in the status hash and returns the exit code: 0 when the function
 //!    returned, 1 when it panicked, returned `Err`, or could not run, and
-//!    [`EXIT_STORE_LOST`] (75) when Redis could not be reached (nothing is recorded then).
+//!    [`EXIT_STORE_LOST`] (75) when Redis could not be reached before the function ran, or a
+//!    pool worker or actor host lost it (nothing is recorded then). A function that ran keeps
+//!    its code when the record cannot be written (Redis went away meanwhile): the backend
+//!    reports the code, the record only adds the error's details.
 //!
 //! A function that calls `std::process::exit(n)` ends the worker at once with code `n`; the
 //! backend observes that code (the status hash then still says `running`).
@@ -106,13 +109,11 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
     // A process's parent and a pool's supervisor print their children's output streams; an
     // actor host's output stays where the backend puts it (the terminal, the pod's log) rather
     // than in a stream nobody reads.
-    let capture = if record.stream_output
+    if record.stream_output
         && matches!(record.kind, TaskKind::Call { .. } | TaskKind::PoolWorker(_))
     {
-        Some(OutputCapture::start(store.clone(), keys.output.clone())?)
-    } else {
-        None
-    };
+        OutputCapture::start(store.clone(), keys.output.clone())?;
+    }
 
     if let (Some((key, ttl_ms)), TaskKind::Call { .. }) = (&record.driver, &record.kind) {
         watch_driver(
@@ -172,10 +173,17 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
         }
     };
     on_task_end();
-    if let Some(Err(e)) = capture.map(OutputCapture::finish) {
+    if let Err(e) = OutputCapture::finish() {
         eprintln!("shoal worker {}: {e}", address.id);
     }
-    exit.write(&store, &keys)?;
+    // The exit code is the backend's to report (the process's status, the container's): a
+    // record that cannot be written costs its details (`kind`, `error`), not the code.
+    if let Err(e) = store.retry_unreachable(|| exit.write(&store, &keys)) {
+        eprintln!(
+            "shoal worker {}: cannot record the exit ({e}); exiting with its code {}",
+            address.id, exit.code
+        );
+    }
     Ok(exit.code)
 }
 

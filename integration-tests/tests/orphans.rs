@@ -274,3 +274,41 @@ fn after_the_store_comes_back_a_new_pool_works() {
         vec![1, 2, 3]
     );
 }
+
+/// Stops the Redis server at `url` (`SHUTDOWN NOSAVE`), then returns `code`.
+#[shoal::remote]
+fn stop_the_store_then_return(url: String, code: i32) -> Result<(), String> {
+    let mut conn = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .map_err(|e| e.to_string())?;
+    // The server closes the connection instead of answering.
+    let _ = redis::cmd("SHUTDOWN").arg("NOSAVE").query::<()>(&mut conn);
+    if code == 0 {
+        Ok(())
+    } else {
+        Err("failing on purpose".into())
+    }
+}
+
+#[test]
+fn a_child_whose_exit_cannot_be_recorded_keeps_its_exit_code() {
+    let mut redis = TestRedis::tcp();
+    let config = Config::builder()
+        .redis_url(redis.url())
+        .response_timeout(Duration::from_secs(1))
+        .build()
+        .expect("config");
+    let _rt = shoal::init_with(config).expect("runtime");
+    // The function returns Ok, then Err; each time after it stopped the store, so its exit
+    // record cannot be written. Its code is still its own, not the store-lost code (75).
+    for code in [0, 1] {
+        if code == 1 {
+            // The first child stopped it: an empty server on the same port.
+            redis.restart();
+        }
+        let p = Process::new(stop_the_store_then_return, (redis.url(), code));
+        p.start().expect("start");
+        p.join(Some(Duration::from_secs(30))).expect("join");
+        assert_eq!(p.exitcode(), Some(code));
+    }
+}

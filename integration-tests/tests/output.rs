@@ -78,6 +78,21 @@ fn a_long_streamed_output_arrives_whole_and_in_order() {
 }
 
 #[test]
+fn a_child_that_calls_exit_still_gets_its_streamed_output_printed() {
+    // Python's `sys.exit` in a child unwinds and flushes; `std::process::exit` does neither, so
+    // the worker forwards what the pipes still hold from its exit handler.
+    let out = scenario(&["chatty-exit", "2000"], &[STREAM]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("line ")).collect();
+    let expected: Vec<String> = (0..2000).map(|i| format!("line {i}")).collect();
+    assert_eq!(lines, expected);
+    // The last words were flushed by the exit itself; the parent's own line follows them.
+    assert!(stdout.contains("last words\nexitcode=3"), "{stdout:?}");
+    assert!(text(&out.stderr).contains("exiting with 3"));
+}
+
+#[test]
 fn pool_workers_output_reaches_the_parent_directly_and_through_the_stream() {
     for (env, streamed) in [(&[][..], false), (&[STREAM][..], true)] {
         let out = scenario(&["pool-output"], env);

@@ -51,6 +51,18 @@ fn chatty(lines: u32) {
     panic!("chatty panics at the end");
 }
 
+/// Prints `lines` lines, then a last one without a newline (left in Rust's stdout buffer), one
+/// on stderr, and ends the process with `std::process::exit(code)`.
+#[shoal::remote]
+fn chatty_then_exit(lines: u32, code: i32) {
+    for i in 0..lines {
+        println!("line {i}");
+    }
+    print!("last words");
+    eprintln!("exiting with {code}");
+    std::process::exit(code);
+}
+
 #[shoal::remote]
 fn speak(x: u64) -> u64 {
     let link = std::fs::read_link("/proc/self/fd/1")
@@ -144,6 +156,12 @@ fn main() -> shoal::Result<()> {
             p.start()?;
             p.join(None)?;
             println!("exitcode={}", p.exitcode().unwrap_or(i32::MIN));
+        }
+        "chatty-exit" => {
+            let p = Process::new(chatty_then_exit, (arg(1).parse::<u32>().unwrap_or(100), 3));
+            p.start()?;
+            p.join(None)?;
+            println!("\nexitcode={}", p.exitcode().unwrap_or(i32::MIN));
         }
         "daemon" => {
             let daemon = Process::new(sleep_then_touch, (60_000u64, format!("{}/daemon", arg(1))))
