@@ -480,6 +480,12 @@ impl Drop for ThreadProcessGuard {
     }
 }
 
+/// True on a thread that runs a thread child (between [`enter_thread_process`] and the drop of
+/// its guard).
+pub fn in_thread_process() -> bool {
+    THREAD_PROCESS.with(|t| t.borrow().is_some())
+}
+
 fn current_process_info() -> Option<ProcessInfo> {
     THREAD_PROCESS.with(|t| t.borrow().as_ref().map(|p| p.info.clone()))
 }

@@ -775,6 +775,43 @@ fn a_child_that_calls_init_again_runs_on() {
     assert_eq!(q.get_timeout(Duration::from_secs(5)).expect("the put"), 7);
 }
 
+/// In a thread child too, `init()` is the runtime that started it, whatever the configuration
+/// says (this test's runtime has a non-default one); it used to load the configuration again
+/// and refuse it, and the handle's `shutdown_within` drained the whole runtime.
+#[test]
+fn a_thread_child_that_calls_init_runs_on_its_parents_runtime() {
+    let _rt = runtime();
+    let q: Queue<u32> = Queue::new().expect("queue");
+    let child_q = q.clone();
+    let p = Process::thread(
+        move || -> Result<(), String> {
+            let _rt = shoal::init().map_err(|e| e.to_string())?;
+            let _again = shoal::init_with(Config::default()).map_err(|e| e.to_string())?;
+            shoal::init()
+                .map_err(|e| e.to_string())?
+                .shutdown_within(Duration::from_millis(100));
+            let helper = Process::thread(|| {}, ());
+            helper.start().map_err(|e| e.to_string())?;
+            helper
+                .join(Some(Duration::from_secs(10)))
+                .map_err(|e| e.to_string())?;
+            child_q.put(7).map_err(|e| e.to_string())
+        },
+        (),
+    );
+    p.start().expect("start");
+    p.join(Some(Duration::from_secs(30))).expect("join");
+    assert_eq!(p.exitcode(), Some(0));
+    assert_eq!(q.get_timeout(Duration::from_secs(5)).expect("the put"), 7);
+    // The runtime still serves this process.
+    let after = Process::new(noop, ());
+    after
+        .start()
+        .expect("a process started after the child's shutdown_within");
+    after.join(Some(Duration::from_secs(30))).expect("join");
+    assert_eq!(after.exitcode(), Some(0));
+}
+
 /// A thread child numbers its own children from 1, as each Python child restarts the process
 /// counter: the first child of `Process-N` is `Process-N:1`, however many processes the main
 /// process made.

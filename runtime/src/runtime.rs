@@ -56,6 +56,9 @@ static IN_WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 #[derive(Debug)]
 pub struct Runtime {
     inner: Arc<RuntimeInner>,
+    /// Handed to a child's own code (a worker's task, a thread child): the runtime belongs to
+    /// the process (or thread) that started the child, and this handle never shuts it down.
+    borrowed: bool,
 }
 
 /// The state of a running runtime.
@@ -105,34 +108,44 @@ impl ChildEntry {
 /// In a worker process (a child started by shoal) this never returns: it runs the child's task
 /// and exits with its exit code. Call it first thing in `main`. Called again by the task's own
 /// code (a child's function, or a library it calls), it returns the worker's runtime, which
-/// the task already runs in.
+/// the task already runs in; so it does in a thread child, which gets the runtime that started
+/// it. Such a handle never shuts that runtime down.
 pub fn init() -> Result<Runtime> {
     run_worker_if_requested();
-    if let Some(worker) = worker_runtime() {
-        return worker;
+    if let Some(own) = childs_runtime() {
+        return own;
     }
     init_with(Config::load()?)
 }
 
-/// The worker's own runtime, when this process runs its worker task (see [`init`]).
-fn worker_runtime() -> Option<Result<Runtime>> {
-    IN_WORKER
-        .load(std::sync::atomic::Ordering::Acquire)
-        .then(|| current_runtime().map(|inner| Runtime { inner }))
+/// The runtime a child's own code runs in, when the caller is one (see [`init`]): the worker's,
+/// in a worker process; the one that started it, in a thread child.
+fn childs_runtime() -> Option<Result<Runtime>> {
+    let in_child =
+        IN_WORKER.load(std::sync::atomic::Ordering::Acquire) || context::in_thread_process();
+    in_child.then(|| {
+        current_runtime().map(|inner| Runtime {
+            inner,
+            borrowed: true,
+        })
+    })
 }
 
 /// Starts the runtime with `config` (see [`init`]).
 pub fn init_with(config: Config) -> Result<Runtime> {
     run_worker_if_requested();
-    if let Some(worker) = worker_runtime() {
-        // The worker runs with its parent's configuration, whatever the task's code asks.
-        return worker;
+    if let Some(own) = childs_runtime() {
+        // A child runs with its parent's configuration, whatever its code asks.
+        return own;
     }
     config.validate()?;
     let mut active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(inner) = active.upgrade() {
         return if inner.config_without_url() == config_without_url(&config) {
-            Ok(Runtime { inner })
+            Ok(Runtime {
+                inner,
+                borrowed: false,
+            })
         } else {
             Err(Error::invalid_state(
                 "a shoal runtime with a different configuration is already running in this process",
@@ -141,7 +154,10 @@ pub fn init_with(config: Config) -> Result<Runtime> {
     }
     let inner = Arc::new(RuntimeInner::start_main(config)?);
     *active = Arc::downgrade(&inner);
-    Ok(Runtime { inner })
+    Ok(Runtime {
+        inner,
+        borrowed: false,
+    })
 }
 
 impl Runtime {
@@ -187,10 +203,10 @@ impl Runtime {
     /// # }
     /// ```
     ///
-    /// In a worker (the handle `init()` returns to a child's own code), this only drops the
-    /// handle: the worker's runtime ends with its task.
+    /// On the handle `init()` returns to a child's own code (a worker's task, a thread child),
+    /// this only drops the handle: the runtime is its parent's (a worker's ends with its task).
     pub fn shutdown_within(self, drain: Duration) {
-        if !IN_WORKER.load(std::sync::atomic::Ordering::Acquire) {
+        if !self.borrowed && !IN_WORKER.load(std::sync::atomic::Ordering::Acquire) {
             self.inner.drain(drain);
         }
         drop(self);
