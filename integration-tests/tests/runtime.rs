@@ -412,3 +412,52 @@ fn a_process_started_while_the_runtime_drops_is_refused() {
     q.put(1).expect("put");
     assert_eq!(q.get().expect("get"), 1);
 }
+
+/// `init_with` while a runtime runs: a configuration asking for another store is a different
+/// one (it used to get a guard to the running runtime, on the first store); the same URL, or
+/// none, gets the running one.
+#[test]
+fn a_second_init_with_another_store_is_refused() {
+    let (first, second) = (TestRedis::tcp(), TestRedis::tcp());
+    let on = |url: Option<String>| {
+        let builder = Config::builder();
+        match url {
+            Some(url) => builder.redis_url(url),
+            None => builder,
+        }
+        .build()
+        .expect("config")
+    };
+    let _rt = shoal::init_with(on(Some(first.url()))).expect("runtime");
+    let again = shoal::init_with(on(Some(first.url()))).expect("the same store");
+    assert_eq!(again.store_url(), _rt.store_url());
+    let any = shoal::init_with(on(None)).expect("no URL: the running store");
+    assert_eq!(any.store_url(), _rt.store_url());
+    match shoal::init_with(on(Some(second.url()))) {
+        Err(Error::InvalidState(reason)) => assert!(reason.contains("different"), "{reason}"),
+        other => panic!("expected InvalidState, got {other:?}"),
+    }
+}
+
+/// A runtime that fails to start (here: a Kubernetes context no kubeconfig has) leaves no
+/// context behind: a primitive made afterwards says to call `init()`, instead of using the
+/// failed runtime's store.
+#[test]
+fn a_runtime_that_failed_to_start_leaves_nothing_installed() {
+    let redis = TestRedis::tcp();
+    let config = Config::from_yaml_str(
+        &format!(
+            "shoal:\n  backend: kubernetes\nredis:\n  url: {}\nkubernetes:\n  context: \
+             shoal-test-no-such-context\n  image: example.invalid/shoal:1\n  \
+             redis_url_secret: {{name: shoal-redis, key: url}}\n",
+            redis.url()
+        ),
+        "this test",
+    )
+    .expect("config");
+    assert!(shoal::init_with(config).is_err(), "no such context");
+    match Queue::<u8>::new() {
+        Err(Error::InvalidState(reason)) => assert!(reason.contains("init()"), "{reason}"),
+        other => panic!("expected InvalidState, got {other:?}"),
+    }
+}

@@ -11,8 +11,9 @@
 //! * the children started through it, for the shutdown rules below.
 //!
 //! One runtime exists per process. `init()` while one is running returns another guard to it if
-//! the configuration is the same (so tests running on several threads can each call `init()`),
-//! and [`Error::InvalidState`] otherwise. The runtime shuts down when the last guard and the last
+//! the configuration is the same (so tests running on several threads can each call `init()`;
+//! a configuration without `redis.url` accepts the running store), and
+//! [`Error::InvalidState`] otherwise. The runtime shuts down when the last guard and the last
 //! started [`Process`](crate::Process) handle are dropped, or at [`Runtime::shutdown`]:
 //!
 //! 1. daemon children still running are terminated (and killed if they ignore it for 5 s);
@@ -141,7 +142,14 @@ pub fn init_with(config: Config) -> Result<Runtime> {
     config.validate()?;
     let mut active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(inner) = active.upgrade() {
-        return if inner.config_without_url() == config_without_url(&config) {
+        // A URL asked for must be the running store's; none (the embedded store, or whatever
+        // runs) accepts the running one.
+        let same_store = config
+            .redis
+            .url
+            .as_ref()
+            .is_none_or(|url| Some(url) == inner.context.config().redis.url.as_ref());
+        return if same_store && inner.config_without_url() == config_without_url(&config) {
             Ok(Runtime {
                 inner,
                 borrowed: false,
@@ -267,7 +275,10 @@ impl RuntimeInner {
         config.redis.url = Some(url);
         let context = Arc::new(Context::new(config, store, ProcessInfo::main()));
         context::install(context.clone());
-        let inner = RuntimeInner::start_actors(context, embedded)?;
+        // A runtime that fails to start leaves no context behind: later calls say "call
+        // shoal::init() first" instead of using a store whose embedded server is gone.
+        let inner =
+            RuntimeInner::start_actors(context, embedded).inspect_err(|_| context::clear())?;
         tracing::debug!(store = %inner.context.store().display_url(), "shoal runtime started");
         Ok(inner)
     }
