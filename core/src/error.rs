@@ -83,6 +83,22 @@ pub enum Error {
         function: String,
     },
 
+    /// Two functions of this binary marked `#[shoal::remote]` have the same path, so a worker
+    /// could not tell which one to run: functions defined inside function bodies take their
+    /// module's path, and a package's library and binary of the same name share their crate
+    /// path. Neither runs under that name.
+    #[error(
+        "`{function}` names {count} different #[shoal::remote] functions in this binary (one \
+         defined in a function body takes its module's path): rename one, or move it into a \
+         module of its own"
+    )]
+    AmbiguousFunction {
+        /// The path the functions share.
+        function: String,
+        /// How many functions registered it.
+        count: usize,
+    },
+
     /// A worker was sent a function its program does not have: the program that sent the task
     /// and the one running it (a container image, a copy on another host) are different builds.
     #[error(

@@ -89,13 +89,48 @@ pub static REMOTE_FUNCTIONS: [RemoteFunction];
 #[distributed_slice]
 pub static TEST_WORKER_ENTRIES: [&'static str];
 
-/// The registered function called `name`.
+/// The registered functions by name: `Ok` for a name one function registered, `Err(count)` for
+/// a name several did (see [`crate::Error::AmbiguousFunction`]).
+fn index() -> &'static HashMap<&'static str, Result<&'static RemoteFunction, usize>> {
+    static INDEX: OnceLock<HashMap<&'static str, Result<&'static RemoteFunction, usize>>> =
+        OnceLock::new();
+    INDEX.get_or_init(|| {
+        let mut index = HashMap::new();
+        for function in REMOTE_FUNCTIONS.iter() {
+            index
+                .entry((function.name)())
+                .and_modify(|entry| {
+                    *entry = match entry {
+                        Ok(_) => Err(2),
+                        Err(count) => Err(*count + 1),
+                    }
+                })
+                .or_insert(Ok(function));
+        }
+        index
+    })
+}
+
+/// The registered function called `name`; `None` when no function, or more than one (see
+/// [`resolve`]), registered it.
 pub fn lookup(name: &str) -> Option<&'static RemoteFunction> {
-    static INDEX: OnceLock<HashMap<&'static str, &'static RemoteFunction>> = OnceLock::new();
-    INDEX
-        .get_or_init(|| REMOTE_FUNCTIONS.iter().map(|f| ((f.name)(), f)).collect())
-        .get(name)
-        .copied()
+    index().get(name).and_then(|entry| entry.ok())
+}
+
+/// The registered function called `name`, or why there is none to run:
+/// [`crate::Error::NotRegistered`], or [`crate::Error::AmbiguousFunction`] when several
+/// functions of this binary share the name.
+pub fn resolve(name: &str) -> crate::Result<&'static RemoteFunction> {
+    match index().get(name) {
+        Some(Ok(function)) => Ok(function),
+        Some(Err(count)) => Err(crate::Error::AmbiguousFunction {
+            function: name.to_string(),
+            count: *count,
+        }),
+        None => Err(crate::Error::NotRegistered {
+            function: name.to_string(),
+        }),
+    }
 }
 
 /// The names of every registered function, sorted.
@@ -136,8 +171,12 @@ impl Failure {
 }
 
 /// The error a worker gives for a function its program lacks: [`crate::Error::UnknownFunction`]
-/// naming the function and this program.
+/// naming the function and this program ([`crate::Error::AmbiguousFunction`] when it has
+/// several of that name).
 pub fn unknown_here(function: &str) -> crate::Error {
+    if let Err(ambiguous @ crate::Error::AmbiguousFunction { .. }) = resolve(function) {
+        return ambiguous;
+    }
     let program = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "this program".into());

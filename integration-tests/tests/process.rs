@@ -840,3 +840,47 @@ fn a_thread_childs_first_child_is_its_number_then_1() {
         vec![format!("{parent_name}:1"), format!("{parent_name}:2")]
     );
 }
+
+/// A remote function defined in a function body takes its module's path: these two both
+/// register as `process::twin`.
+fn first_twin() -> shoal::Remote<fn() -> u32> {
+    #[shoal::remote]
+    fn twin() -> u32 {
+        1
+    }
+    twin
+}
+
+fn second_twin() -> shoal::Remote<fn() -> u32> {
+    #[shoal::remote]
+    fn twin() -> u32 {
+        2
+    }
+    twin
+}
+
+/// Two remote functions of one path are refused by name, as a process and as a pool call; a
+/// worker used to run whichever of them the registry kept.
+#[test]
+fn two_remote_functions_of_one_path_are_refused_not_mixed_up() {
+    let _rt = runtime();
+    for twin in [first_twin(), second_twin()] {
+        match Process::new(twin, ()).start() {
+            Err(Error::AmbiguousFunction { function, count }) => {
+                assert!(function.ends_with("::twin"), "{function}");
+                assert_eq!(count, 2);
+            }
+            other => panic!("expected AmbiguousFunction, got {other:?}"),
+        }
+    }
+    let pool = Pool::new(1).expect("pool");
+    assert!(matches!(
+        pool.apply(second_twin(), ()),
+        Err(Error::AmbiguousFunction { .. })
+    ));
+    // On a thread, the function itself runs: no name is looked up.
+    let p = Process::new(first_twin(), ()).start_method(StartMethod::Thread);
+    p.start().expect("start on a thread");
+    p.join(Some(Duration::from_secs(10))).expect("join");
+    assert_eq!(p.exitcode(), Some(0));
+}

@@ -41,7 +41,9 @@
 //!   under their full path at link time (a non-generic, non-async free function of 0 to 8
 //!   owned serde arguments, returning a serde type; a `Result` return makes `Err` a task error)
 //!   and makes the function's name a typed handle ([`Remote`]) that derefs to the function.
-//!   [`Process::new`], the [`Pool`]'s calls and [`Barrier::with_action`] accept only such handles
+//!   The path is the module's and the name's: two such functions defined in function bodies
+//!   of one module share it, and a call of either is refused
+//!   ([`Error::AmbiguousFunction`]) rather than risk running the other. [`Process::new`], the [`Pool`]'s calls and [`Barrier::with_action`] accept only such handles
 //!   ([`RemoteFn`]), so a function without the attribute, or a closure, does not compile:
 //!
 //! ```compile_fail

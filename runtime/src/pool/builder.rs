@@ -263,9 +263,7 @@ impl PoolPlan {
         let initializer = match builder.initializer {
             None => None,
             Some((function, args)) => {
-                if registry::lookup(&function).is_none() {
-                    return Err(Error::NotRegistered { function });
-                }
+                registry::resolve(&function)?;
                 Some(Initializer {
                     function,
                     args: args?,

@@ -624,11 +624,7 @@ impl Pool {
 
     fn registered<F: RemoteFn<A>, A>(&self, f: &F) -> Result<&'static str> {
         let name = f.name();
-        if registry::lookup(name).is_none() {
-            return Err(Error::NotRegistered {
-                function: name.to_string(),
-            });
-        }
+        registry::resolve(name)?;
         Ok(name)
     }
 

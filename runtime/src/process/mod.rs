@@ -577,10 +577,7 @@ impl StartSpec {
                     ));
                     return Err(Unprepared::Failed((Some(target), e)));
                 }
-                if registry::lookup(function).is_none() {
-                    let e = Error::NotRegistered {
-                        function: function.to_string(),
-                    };
+                if let Err(e) = registry::resolve(function) {
                     return Err(Unprepared::Failed((Some(target), e)));
                 }
                 let encode = || target.encode_args(context.store(), &keys.task);
