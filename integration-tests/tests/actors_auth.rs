@@ -222,3 +222,54 @@ fn an_actor_no_host_can_run_fails_with_the_reason_instead_of_waiting() {
         .expect("DEL");
     assert_eq!(older.ask(Incr(1), T).expect("ask"), 2);
 }
+
+/// A signed message copied into another signed actor's mailbox (same key, by someone with
+/// write access to Redis) is refused there: its tag covers the actor it was sent to.
+#[test]
+fn a_signed_message_copied_into_another_actors_mailbox_is_refused() {
+    let rt = shoal::init_with(Config::builder().build().expect("config")).expect("runtime");
+    let first = shoal::spawn_actor_with(Tally::default(), SIGNED).expect("spawn");
+    let second = shoal::spawn_actor_with(Tally::default(), SIGNED).expect("spawn");
+    first.tell(Incr(5)).expect("tell");
+    assert_eq!(first.ask(Get, T).expect("get"), 5);
+    assert_eq!(second.ask(Get, T).expect("get"), 0);
+    let mut raw = redis::Client::open(rt.store_url().as_str())
+        .and_then(|c| c.get_connection())
+        .expect("a connection to the store");
+    let mailbox = |id: &str| {
+        format!(
+            "shoal:{{{}:actor:{id}}}:mailbox",
+            rt.config().shoal.namespace
+        )
+    };
+    // The tell is the first entry of the first actor's mailbox (applied entries stay until
+    // whole stream nodes are trimmed).
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(mailbox(first.id()))
+        .arg("-")
+        .arg("+")
+        .query(&mut raw)
+        .expect("XRANGE");
+    let tell = entries
+        .ids
+        .first()
+        .expect("the tell is still in the mailbox");
+    let field = |name: &str| -> Vec<u8> { tell.get(name).unwrap_or_default() };
+    assert!(field("r").is_empty(), "the first entry is the tell");
+    redis::cmd("XADD")
+        .arg(mailbox(second.id()))
+        .arg("*")
+        .arg("k")
+        .arg(field("k"))
+        .arg("p")
+        .arg(field("p"))
+        .arg("r")
+        .arg(field("r"))
+        .arg("h")
+        .arg(field("h"))
+        .query::<()>(&mut raw)
+        .expect("XADD");
+    // The copy is read before this ask, and refused.
+    assert_eq!(second.ask(Get, T).expect("get"), 0);
+    assert_eq!(first.ask(Get, T).expect("get"), 5);
+}

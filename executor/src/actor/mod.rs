@@ -85,8 +85,12 @@
 //!   so any host answers its messages (with the error).
 //!
 //! The host still checks every message's HMAC before it decodes it (a message written into the
-//! mailbox by other means is refused, unread, its ask answered with the error). An ask's reply
-//! key must be one of the actor's own (`reply:` prefix): a reply is never written elsewhere.
+//! mailbox by other means is refused, unread, its ask answered with the error). The tag covers
+//! the actor's id ([`message_parts`]), so a signed message copied into another actor's mailbox
+//! is refused there too. An ask's reply key must be one of the actor's own (`reply:` prefix): a
+//! reply is never written elsewhere. Not covered: a signed message copied again into its own
+//! actor's mailbox (by someone who can write to Redis) is applied again; nothing records which
+//! messages were applied beyond the last entry's id.
 //!
 //! # Round trips
 //!
@@ -142,6 +146,24 @@ pub(crate) static LEASE: LazyLock<redis::Script> =
 /// module docs).
 pub fn verifier(key: &shoal_core::context::AuthKey, actor_id: &str) -> [u8; auth::TAG_LEN] {
     auth::sign(key, &[b"shoal actor verifier", actor_id.as_bytes()])
+}
+
+/// What a signed message's tag covers: a purpose label, the actor's id (so a message copied
+/// into another actor's mailbox is refused there, even under the same key), its kind, payload
+/// and reply key.
+pub fn message_parts<'a>(
+    actor_id: &'a str,
+    kind: &'a [u8],
+    payload: &'a [u8],
+    reply_to: &'a [u8],
+) -> [&'a [u8]; 5] {
+    [
+        b"shoal actor message",
+        actor_id.as_bytes(),
+        kind,
+        payload,
+        reply_to,
+    ]
 }
 
 /// The kind of the message `ActorRef::stop` sends: the actor stops after the messages before it.

@@ -396,7 +396,7 @@ impl<A: Actor> ActorRef<A> {
         self.authenticated.then(|| {
             auth::sign(
                 &self.signing_key(),
-                &[kind.as_bytes(), payload, reply_to.as_bytes()],
+                &protocol::message_parts(&self.id, kind.as_bytes(), payload, reply_to.as_bytes()),
             )
         })
     }

@@ -379,7 +379,8 @@ impl ActorState<'_> {
         if let Some(key) = &self.authkey {
             let reply_to = field(entry, "r").unwrap_or_default();
             let mac = field(entry, "h").unwrap_or_default();
-            if let Err(e) = auth::verify(key, &[&kind, &payload, &reply_to], &mac, self.actor_id) {
+            let parts = super::super::message_parts(self.actor_id, &kind, &payload, &reply_to);
+            if let Err(e) = auth::verify(key, &parts, &mac, self.actor_id) {
                 return Ok(Reply::Unauthenticated(e.to_string()));
             }
         }
