@@ -4,9 +4,15 @@
 //! checked when the configuration is loaded, against the rules the Kubernetes API server
 //! applies (names, label syntax, quantities, enumerations), so that a mistake is an error naming
 //! the key at start-up rather than a Job the API server refuses later.
+//!
+//! Where Kubernetes takes a string that manifests often write unquoted (`cpu: 1`, a label value
+//! `true`), a YAML number or boolean is taken in its string form (`"1"`, `"true"`) and then
+//! checked as a string is.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// The `kubernetes` section.
@@ -32,12 +38,15 @@ pub struct KubernetesConfig {
     /// CPU and memory requests and limits of the worker container.
     pub resources: Resources,
     /// Node labels a worker pod must match.
+    #[serde(deserialize_with = "label_map")]
     pub node_selector: BTreeMap<String, String>,
     /// Taints the worker pods tolerate.
     pub tolerations: Vec<Toleration>,
     /// Labels added to every Job and pod (shoal adds its own `shoal.dev/*` labels).
+    #[serde(deserialize_with = "label_map")]
     pub labels: BTreeMap<String, String>,
     /// Annotations added to every Job and pod.
+    #[serde(deserialize_with = "label_map")]
     pub annotations: BTreeMap<String, String>,
     /// Seconds after which Kubernetes deletes a finished Job and its pods; `None`: never (the
     /// runtime deletes what it started when it is dropped, in any case).
@@ -114,8 +123,10 @@ impl ImagePullPolicy {
 #[serde(deny_unknown_fields, default)]
 pub struct Resources {
     /// What the scheduler reserves.
+    #[serde(deserialize_with = "quantity_map")]
     pub requests: BTreeMap<String, String>,
-    /// What the container may use at most.
+    /// What the container may use at most; no request may be greater than its limit.
+    #[serde(deserialize_with = "quantity_map")]
     pub limits: BTreeMap<String, String>,
 }
 
@@ -128,6 +139,7 @@ pub struct Toleration {
     /// `Equal` (default) or `Exists`.
     pub operator: Option<String>,
     /// The taint value, for `Equal`.
+    #[serde(deserialize_with = "optional_label_text")]
     pub value: Option<String>,
     /// `NoSchedule`, `PreferNoSchedule` or `NoExecute`; `None`: all effects.
     pub effect: Option<String>,
@@ -194,6 +206,23 @@ impl KubernetesConfig {
                 if let Err(reason) = check_quantity(quantity) {
                     return fail(section, format!("{name}: {reason}"));
                 }
+            }
+        }
+        // The API server refuses such a pod at creation: say so at load instead.
+        for (name, request) in &self.resources.requests {
+            let Some(limit) = self.resources.limits.get(name) else {
+                continue;
+            };
+            if let (Ok(r), Ok(l)) = (quantity_value(request), quantity_value(limit))
+                && r > l
+            {
+                return fail(
+                    "resources.requests",
+                    format!(
+                        "{name}: {request} is greater than resources.limits.{name} ({limit}); \
+                         Kubernetes refuses a pod whose request exceeds its limit"
+                    ),
+                );
             }
         }
         for (section, map) in [
@@ -352,12 +381,23 @@ fn label_value(value: &str) -> std::result::Result<(), String> {
         .ok()
         .filter(|_| !value.contains('/'))
         .ok_or_else(|| {
-            format!("{value:?} must be at most 63 characters of A-Z a-z 0-9 - _ ., starting and ending with a letter or digit")
+            format!(
+                "{value:?} must be at most 63 characters of A-Z a-z 0-9 - _ ., starting and \
+                 ending with a letter or digit"
+            )
         })
 }
 
 /// A resource quantity: a decimal number with an optional suffix (`500m`, `1.5`, `2Gi`, `1e3`).
 pub fn check_quantity(quantity: &str) -> std::result::Result<(), String> {
+    quantity_value(quantity).map(|_| ())
+}
+
+/// The value of a resource quantity (see [`check_quantity`]), to compare a request with its
+/// limit. Each spelling is rounded once to the nearest `f64` (a decimal one by Rust's correctly
+/// rounded parser, a binary suffix by an exact power of two), so two spellings of one value
+/// give one `f64`, and a request that is not greater than its limit never compares greater.
+fn quantity_value(quantity: &str) -> std::result::Result<f64, String> {
     const SUFFIXES: &[&str] = &[
         "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "n", "u", "m", "k", "M", "G", "T", "P", "E", "",
     ];
@@ -369,20 +409,40 @@ pub fn check_quantity(quantity: &str) -> std::result::Result<(), String> {
     };
     let body = quantity.strip_prefix('+').unwrap_or(quantity);
     // A suffix first: `E` (exa) and `Ei` (exbi) are suffixes, not exponents.
-    let number = match SUFFIXES
+    let (number, exponent, binary) = match SUFFIXES
         .iter()
         .find(|s| !s.is_empty() && body.ends_with(**s))
     {
-        Some(suffix) => &body[..body.len() - suffix.len()],
+        Some(suffix) => {
+            let number = &body[..body.len() - suffix.len()];
+            let (exponent, binary) = match *suffix {
+                "Ki" => ("0", 10),
+                "Mi" => ("0", 20),
+                "Gi" => ("0", 30),
+                "Ti" => ("0", 40),
+                "Pi" => ("0", 50),
+                "Ei" => ("0", 60),
+                "n" => ("-9", 0),
+                "u" => ("-6", 0),
+                "m" => ("-3", 0),
+                "k" => ("3", 0),
+                "M" => ("6", 0),
+                "G" => ("9", 0),
+                "T" => ("12", 0),
+                "P" => ("15", 0),
+                _ => ("18", 0),
+            };
+            (number, exponent, binary)
+        }
         None => match body.split_once(['e', 'E']) {
             Some((number, exponent)) => {
                 let digits = exponent.strip_prefix(['+', '-']).unwrap_or(exponent);
                 if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
                     return bad();
                 }
-                number
+                (number, exponent, 0)
             }
-            None => body,
+            None => (body, "0", 0),
         },
     };
     let (int, frac) = number.split_once('.').unwrap_or((number, ""));
@@ -390,12 +450,253 @@ pub fn check_quantity(quantity: &str) -> std::result::Result<(), String> {
     if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
         return bad();
     }
-    Ok(())
+    let or_zero = |s: &str| {
+        if s.is_empty() {
+            "0".to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    let decimal: f64 = format!("{}.{}e{exponent}", or_zero(int), or_zero(frac))
+        .parse()
+        .or_else(|_| bad())?;
+    Ok(decimal * 2f64.powi(binary))
+}
+
+/// Whether a YAML number with a fraction is taken in its string form: yes for a quantity, whose
+/// value any spelling keeps (`1.50` is `1.5`); no for a label value, whose digits it would lose
+/// (`version: 1.10` reads as 1.1).
+type Fractions = bool;
+
+/// A string, or a YAML number or boolean in its string form (see the module docs).
+struct Text<const FRACTIONS: Fractions>(String);
+
+impl<'de, const FRACTIONS: Fractions> Deserialize<'de> for Text<FRACTIONS> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(TextVisitor::<FRACTIONS>)
+            .map(Text)
+    }
+}
+
+struct TextVisitor<const FRACTIONS: Fractions>;
+
+impl<const FRACTIONS: Fractions> Visitor<'_> for TextVisitor<FRACTIONS> {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        if FRACTIONS {
+            f.write_str("a string, number or boolean")
+        } else {
+            f.write_str("a string, integer or boolean")
+        }
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
+        Ok(v)
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<String, E> {
+        if FRACTIONS {
+            // `Display` never uses an exponent: `1e9` is "1000000000", a valid quantity; NaN
+            // and infinities become text that the quantity check refuses.
+            Ok(v.to_string())
+        } else {
+            Err(E::custom(format!(
+                "the YAML number {v} would lose its digits as a string (1.10 reads as 1.1): \
+                 quote it"
+            )))
+        }
+    }
+}
+
+/// A mapping whose keys and values are [`Text`], in a `BTreeMap` of strings.
+struct TextMapVisitor<const FRACTIONS: Fractions>;
+
+impl<'de, const FRACTIONS: Fractions> Visitor<'de> for TextMapVisitor<FRACTIONS> {
+    type Value = BTreeMap<String, String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a mapping")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = BTreeMap::new();
+        while let Some((Text(key), Text(value))) =
+            map.next_entry::<Text<false>, Text<FRACTIONS>>()?
+        {
+            // `1` and `'1'` are one key once converted: refuse rather than drop one of them.
+            if out.contains_key(&key) {
+                return Err(de::Error::custom(format!("the key {key:?} appears twice")));
+            }
+            out.insert(key, value);
+        }
+        Ok(out)
+    }
+}
+
+/// Requests or limits: resource name → quantity, numbers taken in their string form.
+fn quantity_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    d.deserialize_map(TextMapVisitor::<true>)
+}
+
+/// Labels, a node selector or annotations: integers and booleans taken in their string form.
+fn label_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    d.deserialize_map(TextMapVisitor::<false>)
+}
+
+/// A toleration's value: like a label value, or null.
+fn optional_label_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<Text<false>>::deserialize(d)?.map(|Text(text)| text))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load(yaml: &str) -> crate::Result<crate::config::Config> {
+        crate::config::Config::from_yaml_str(yaml, "c.yaml")
+    }
+
+    fn load_error(yaml: &str) -> (String, String) {
+        match load(yaml) {
+            Err(crate::Error::Config { key, reason, .. }) => (key, reason),
+            other => panic!("{yaml}: expected a config error, got {other:?}"),
+        }
+    }
+
+    /// Kubernetes manifests write `cpu: 1` and `value: "true"`; unquoted numbers and booleans
+    /// are taken in their string form, then checked as strings are.
+    #[test]
+    fn unquoted_numbers_and_booleans_are_read_as_their_string_form() {
+        let c = load(
+            "kubernetes:\n  resources:\n    requests: {cpu: 1, memory: 536870912}\n    \
+             limits: {cpu: 2.5, memory: 1e9}\n  node_selector: {spot: true, zone: 3}\n  \
+             labels: {tier: 1, canary: false}\n  annotations: {replicas: 3}\n  \
+             tolerations: [{key: spot, value: true, effect: NoSchedule}, {key: gen, value: 2}]\n",
+        )
+        .expect("numbers and booleans where Kubernetes takes strings");
+        let k = c.kubernetes;
+        assert_eq!(k.resources.requests["cpu"], "1");
+        assert_eq!(k.resources.requests["memory"], "536870912");
+        assert_eq!(k.resources.limits["cpu"], "2.5");
+        assert_eq!(k.resources.limits["memory"], "1000000000");
+        assert_eq!(k.node_selector["spot"], "true");
+        assert_eq!(k.node_selector["zone"], "3");
+        assert_eq!(k.labels["tier"], "1");
+        assert_eq!(k.labels["canary"], "false");
+        assert_eq!(k.annotations["replicas"], "3");
+        assert_eq!(k.tolerations[0].value.as_deref(), Some("true"));
+        assert_eq!(k.tolerations[1].value.as_deref(), Some("2"));
+        // Quoted values are unchanged, and a toleration without a value still has none.
+        let c = load(
+            "kubernetes:\n  resources: {requests: {cpu: '0.5'}}\n  \
+             tolerations: [{operator: Exists}]\n",
+        )
+        .expect("strings");
+        assert_eq!(c.kubernetes.resources.requests["cpu"], "0.5");
+        assert_eq!(c.kubernetes.tolerations[0].value, None);
+        // Converted values are still checked; a number with a fraction as a label value would
+        // lose its digits (1.10 reads as 1.1), so it must be quoted.
+        for (yaml, key, says) in [
+            (
+                "resources: {requests: {cpu: -1}}",
+                "kubernetes.resources.requests",
+                "-1",
+            ),
+            (
+                "resources: {limits: {cpu: .inf}}",
+                "kubernetes.resources.limits",
+                "inf",
+            ),
+            (
+                "resources: {limits: {cpu: null}}",
+                "kubernetes.resources.limits.cpu",
+                "unit",
+            ),
+            (
+                "resources: {limits: {cpu: [1]}}",
+                "kubernetes.resources.limits.cpu",
+                "sequence",
+            ),
+            (
+                "labels: {version: 1.10}",
+                "kubernetes.labels.version",
+                "quote",
+            ),
+            ("node_selector: {a: -1}", "kubernetes.node_selector", "-1"),
+            (
+                "tolerations: [{key: a, value: 1.5}]",
+                "kubernetes.tolerations[0].value",
+                "quote",
+            ),
+            ("labels: {1: a, '1': b}", "kubernetes.labels", "twice"),
+        ] {
+            let (k, reason) = load_error(&format!("kubernetes:\n  {yaml}\n"));
+            assert_eq!(k, key, "{yaml}: {reason}");
+            assert!(reason.contains(says), "{yaml}: {reason}");
+        }
+    }
+
+    /// Kubernetes refuses a pod whose request of a resource is greater than its limit.
+    #[test]
+    fn a_request_greater_than_its_limit_is_refused() {
+        for (requests, limits) in [
+            ("{cpu: 2}", "{cpu: 1}"),
+            ("{cpu: 1001m}", "{cpu: 1}"),
+            ("{memory: 1Gi}", "{memory: 1G}"),
+            ("{memory: 2e3}", "{memory: 1k}"),
+            ("{memory: 1Ki}", "{memory: '1e3'}"),
+        ] {
+            let yaml =
+                format!("kubernetes:\n  resources: {{requests: {requests}, limits: {limits}}}\n");
+            let (key, reason) = load_error(&yaml);
+            assert_eq!(key, "kubernetes.resources.requests", "{yaml}");
+            assert!(
+                reason.contains("limit") && reason.contains("Kubernetes"),
+                "{reason}"
+            );
+        }
+        for (requests, limits) in [
+            ("{cpu: 1}", "{cpu: 1}"),
+            ("{cpu: 1100m}", "{cpu: 1.1}"),
+            ("{cpu: 0.1}", "{cpu: 100m}"),
+            ("{cpu: 3}", "{memory: 1}"),
+            ("{memory: 1Gi}", "{memory: 1073741824}"),
+            ("{memory: 1G}", "{memory: 1Gi}"),
+            ("{memory: 1000k}", "{memory: 1M}"),
+            ("{cpu: 1e-3}", "{cpu: 1m}"),
+            ("{memory: '+512Mi'}", "{memory: 0.5Gi}"),
+        ] {
+            let yaml =
+                format!("kubernetes:\n  resources: {{requests: {requests}, limits: {limits}}}\n");
+            load(&yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+        }
+    }
 
     #[test]
     fn quantities() {

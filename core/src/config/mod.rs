@@ -6,9 +6,16 @@
 //! `~/.shoal/config.yaml` (a `SHOAL_CONFIG` that names a missing file is an error), falls back to
 //! the built-in defaults when there is none, then applies environment overrides named
 //! `SHOAL_<SECTION>_<KEY>` (`SHOAL_LOCAL_START_METHOD=thread`, `SHOAL_REDIS_URL=redis://...`;
-//! `SHOAL_BACKEND` and `SHOAL_NAMESPACE` for the `shoal` section). An override's value is read as
-//! YAML, so `true`, `3600` and `{A: b}` have their YAML types. [`ConfigBuilder`] builds the same
-//! structure in code.
+//! `SHOAL_BACKEND` and `SHOAL_NAMESPACE` for the `shoal` section). A string key takes an
+//! override's value as written (`SHOAL_NAMESPACE=2024`, a URL with ` #` in it); any other key
+//! reads it as YAML, so `true`, `3600`, `null` and `{A: b}` have their YAML types. An empty value
+//! is null, which unsets an optional key (`SHOAL_KUBERNETES_IMAGE=`). A variable whose name or
+//! value is not UTF-8 is an error if its name starts with `SHOAL_`, and ignored otherwise
+//! (`SHOAL_CONFIG` is a path, which may be any bytes). The variables Kubernetes sets in a pod for
+//! each Service of its namespace (for a Service `shoal-redis`: `SHOAL_REDIS_SERVICE_HOST`,
+//! `SHOAL_REDIS_PORT=tcp://...`; only with the value Kubernetes gives them, and never the name
+//! of a key) are not overrides and are ignored. [`ConfigBuilder`] builds the same structure in
+//! code.
 //!
 //! # Errors
 //!
@@ -33,6 +40,8 @@
 //! its default value.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -302,7 +311,8 @@ impl ActorsConfig {
 pub struct ShoalConfig {
     /// Where processes run: `local` or `kubernetes`.
     pub backend: Backend,
-    /// Prefix of every Redis key shoal writes (`shoal:{<namespace>:...}`); `shoal clean` deletes one.
+    /// Prefix of every Redis key shoal writes (`shoal:{<namespace>:...}`); `shoal clean` deletes
+    /// one.
     pub namespace: String,
 }
 
@@ -332,8 +342,8 @@ impl Backend {
     }
 }
 
-/// The `redis` section.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The `redis` section. Its `Debug` output hides the password of `url` (see [`redact_url`]).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS), or `unix:///path/to.sock`.
@@ -365,6 +375,29 @@ impl Default for RedisConfig {
             connect_timeout_secs: 5.0,
             response_timeout_secs: 30.0,
         }
+    }
+}
+
+// By hand: a derived `Debug` would print the password of `url` wherever a `Config` is logged.
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured, so that a new field cannot be left out of the output unnoticed.
+        let RedisConfig {
+            url,
+            expiry_secs,
+            max_message_bytes,
+            server_binary,
+            connect_timeout_secs,
+            response_timeout_secs,
+        } = self;
+        f.debug_struct("RedisConfig")
+            .field("url", &url.as_deref().map(redact_url))
+            .field("expiry_secs", expiry_secs)
+            .field("max_message_bytes", max_message_bytes)
+            .field("server_binary", server_binary)
+            .field("connect_timeout_secs", connect_timeout_secs)
+            .field("response_timeout_secs", response_timeout_secs)
+            .finish()
     }
 }
 
@@ -532,7 +565,7 @@ impl Config {
         };
         Config::from_layers(
             text.as_ref().map(|(o, t)| (o.as_str(), t.as_str())),
-            std::env::vars(),
+            shoal_env(std::env::vars_os())?,
         )
     }
 
@@ -566,6 +599,14 @@ impl Config {
         yaml_serde::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 
+    /// [`Config::to_yaml`] with the password of `redis.url` hidden (see [`redact_url`]), to show
+    /// to a user (`shoal config`).
+    pub fn to_redacted_yaml(&self) -> String {
+        let mut shown = self.clone();
+        shown.redis.url = shown.redis.url.as_deref().map(redact_url);
+        shown.to_yaml()
+    }
+
     /// Layers a file (origin, text) and environment variables, then validates.
     pub fn from_layers(
         file: Option<(&str, &str)>,
@@ -579,11 +620,28 @@ impl Config {
             None => Mapping::new(),
         };
         let mut env_origin: HashMap<String, String> = HashMap::new();
+        // Overrides tried first as written, by dotted key: their section, key and YAML reading.
+        let mut fallbacks: HashMap<String, (String, String, Fallback)> = HashMap::new();
         for (var, raw) in env {
+            if is_service_link(&var, &raw) {
+                tracing::debug!(
+                    variable = %var,
+                    "ignored: a Kubernetes service link variable, not a configuration override"
+                );
+                continue;
+            }
             let Some((section, key)) = env_override_target(&var)? else {
                 continue;
             };
-            let value = yaml_serde::from_str::<Value>(&raw).unwrap_or(Value::String(raw));
+            let dotted = format!("{section}.{key}");
+            let (value, fallback) = env_value(raw);
+            // `SHOAL_REDIS_URL` and `SHOAL_REDIS_url` name one key: the last one wins, whole.
+            match fallback {
+                Some(fallback) => {
+                    fallbacks.insert(dotted.clone(), (section.clone(), key.clone(), fallback))
+                }
+                None => fallbacks.remove(&dotted),
+            };
             let section_map = root
                 .entry(Value::String(section.clone()))
                 .or_insert_with(|| Value::Mapping(Mapping::new()));
@@ -595,15 +653,13 @@ impl Config {
                 });
             };
             section_map.insert(Value::String(key.clone()), value);
-            env_origin.insert(
-                format!("{section}.{key}"),
-                format!("environment variable {var}"),
-            );
+            env_origin.insert(dotted, format!("environment variable {var}"));
         }
+        // A key under one set from the environment (`kubernetes.resources.requests.cpu` under
+        // `SHOAL_KUBERNETES_RESOURCES`) came from that variable too.
         let origin_of = |key: &str| -> String {
-            env_origin
-                .get(key)
-                .cloned()
+            env_key_of(&env_origin, key)
+                .map(|(_, origin)| origin.clone())
                 .unwrap_or_else(|| file_origin.clone())
         };
         if let Some(unknown) = root.keys().find_map(|k| match k {
@@ -626,23 +682,42 @@ impl Config {
                 reason,
             });
         }
-        let config: Config =
-            serde_path_to_error::deserialize(Value::Mapping(root)).map_err(|e| {
-                let key = e.path().to_string();
-                let mut reason = e.inner().to_string();
-                if reason.contains("unknown variant") {
-                    if key == "shoal.backend" {
-                        reason.push_str(" (the lambda and http backends are not built yet)");
-                    } else if key == "multiprocessing.pipe_connection_type" {
-                        reason.push_str(" (nanomsg pipes are not supported)");
+        // Each failure inside an override tried as written retries it read as YAML, once: a
+        // string key keeps the value as written, any other key gets its YAML reading.
+        let config: Config = loop {
+            let e = match serde_path_to_error::deserialize(Value::Mapping(root.clone())) {
+                Ok(config) => break config,
+                Err(e) => e,
+            };
+            let key = e.path().to_string();
+            let mut reason = e.inner().to_string();
+            let fallback = env_key_of(&env_origin, &key)
+                .and_then(|(dotted, _)| fallbacks.remove(dotted.as_str()));
+            match fallback {
+                Some((section, env_key, Ok(value))) => {
+                    if let Some(Value::Mapping(section_map)) = root.get_mut(section.as_str()) {
+                        section_map.insert(Value::String(env_key), value);
+                        continue;
                     }
                 }
-                Error::Config {
-                    origin: origin_of(&key),
-                    key,
-                    reason,
+                Some((_, _, Err(yaml_error))) => {
+                    reason.push_str(&format!(" (nor is the value valid YAML: {yaml_error})"));
                 }
-            })?;
+                None => {}
+            }
+            if reason.contains("unknown variant") {
+                if key == "shoal.backend" {
+                    reason.push_str(" (the lambda and http backends are not built yet)");
+                } else if key == "multiprocessing.pipe_connection_type" {
+                    reason.push_str(" (nanomsg pipes are not supported)");
+                }
+            }
+            return Err(Error::Config {
+                origin: origin_of(&key),
+                key,
+                reason,
+            });
+        };
         config.validate_with(&origin_of)?;
         Ok(config)
     }
@@ -834,15 +909,171 @@ fn parse_document(origin: &str, text: &str) -> Result<Mapping> {
     }
 }
 
+/// The other reading of an override, tried when the first fails where the override is: its
+/// YAML reading (or why the value is not YAML), or for an empty value the empty string.
+type Fallback = std::result::Result<Value, String>;
+
+/// The value an override is tried with first, and the one tried if that fails.
+///
+/// A value is tried as the string it is first: a string key then keeps it as written, where its
+/// YAML reading would turn `2024` into a number, `null` into nothing and cut `a #b` at the `#`.
+/// A key of another type (a number, a boolean, a mapping...) refuses a string, and gets the YAML
+/// reading. An empty value is the exception, null first: it unsets an optional key, as it did
+/// when every value was YAML.
+fn env_value(raw: String) -> (Value, Option<Fallback>) {
+    if raw.is_empty() {
+        return (Value::Null, Some(Ok(Value::String(raw))));
+    }
+    let fallback = match yaml_serde::from_str::<Value>(&raw) {
+        Ok(Value::String(s)) if s == raw => None,
+        Ok(value) => Some(Ok(value)),
+        Err(e) => Some(Err(e.to_string())),
+    };
+    (Value::String(raw), fallback)
+}
+
+/// The entry of `env_origin` (dotted key set from the environment → origin) that `key` is, or
+/// lies under (`kubernetes.resources.requests.cpu`, `kubernetes.tolerations[0].value`).
+fn env_key_of<'a>(
+    env_origin: &'a HashMap<String, String>,
+    key: &str,
+) -> Option<(&'a String, &'a String)> {
+    env_origin.iter().find(|(dotted, _)| {
+        key.strip_prefix(dotted.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+    })
+}
+
+/// The `SHOAL_*` variables of `vars` (the process's, from [`std::env::vars_os`]), as strings.
+///
+/// Any other variable is dropped unread, so one that is not UTF-8 (another program's) cannot
+/// stop a program; so are the `SHOAL_` variables that are not configuration (`SHOAL_CONFIG`, a
+/// path, may be any bytes). An override whose name or value is not UTF-8 is an error naming it.
+fn shoal_env(
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Result<Vec<(String, String)>> {
+    let mut overrides = Vec::new();
+    for (name, value) in vars {
+        let bytes = name.as_encoded_bytes();
+        if !bytes.starts_with(b"SHOAL_") || !is_configuration(bytes) {
+            continue;
+        }
+        let name = name.into_string().map_err(|name| {
+            let shown = name.to_string_lossy().into_owned();
+            Error::Config {
+                origin: format!("environment variable {shown}"),
+                key: shown,
+                reason: "the variable's name is not valid UTF-8".into(),
+            }
+        })?;
+        let value = value.into_string().map_err(|_| Error::Config {
+            origin: format!("environment variable {name}"),
+            key: name.clone(),
+            reason: "the value is not valid UTF-8".into(),
+        })?;
+        overrides.push((name, value));
+    }
+    Ok(overrides)
+}
+
+/// False for the `SHOAL_` variables that are not configuration overrides: [`RESERVED_ENV`] and
+/// those under [`WORKER_ENV_PREFIX`] and [`TEST_ENV_PREFIX`]. Bytes, as a name may not be UTF-8.
+fn is_configuration(name: &[u8]) -> bool {
+    !(RESERVED_ENV.iter().any(|r| r.as_bytes() == name)
+        || name.starts_with(WORKER_ENV_PREFIX.as_bytes())
+        || name.starts_with(TEST_ENV_PREFIX.as_bytes()))
+}
+
+/// True for a variable Kubernetes sets in every pod for each Service of its namespace (a
+/// "service link", unless the pod spec says `enableServiceLinks: false`). Their names start with
+/// the Service's name in capitals, `-` as `_`, so a Service `shoal-redis` (or one named `shoal`)
+/// gives variables that look like overrides:
+///
+/// * `<X>_SERVICE_HOST=10.0.0.11`, `<X>_SERVICE_PORT=6379`, `<X>_SERVICE_PORT_<NAME>=6379`;
+/// * `<X>_PORT=tcp://10.0.0.11:6379` (`udp://`, `sctp://`);
+/// * `<X>_PORT_6379_TCP=tcp://10.0.0.11:6379`, and that name with `_PROTO=tcp`, `_PORT=6379`
+///   and `_ADDR=10.0.0.11`.
+///
+/// The value must have its form too (a port is digits, `_PORT` a `proto://` address), and a
+/// variable that names a key of a section is never a link, so an override can never be taken
+/// for one, whatever keys the sections gain.
+fn is_service_link(var: &str, value: &str) -> bool {
+    if !var.starts_with("SHOAL_") {
+        return false;
+    }
+    let shaped = if let Some(service) = var.strip_suffix("_SERVICE_HOST") {
+        !service.is_empty() && !value.is_empty()
+    } else if let Some(service) = var.strip_suffix("_SERVICE_PORT") {
+        !service.is_empty() && is_port(value)
+    } else if let Some((service, port_name)) = var.rsplit_once("_SERVICE_PORT_") {
+        let name_ok = port_name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+        !service.is_empty() && !port_name.is_empty() && name_ok && is_port(value)
+    } else if let Some(head) = var.strip_suffix("_PORT") {
+        match port_protocol(head) {
+            Some(_) => is_port(value),
+            None => {
+                !head.is_empty()
+                    && ["tcp://", "udp://", "sctp://"]
+                        .iter()
+                        .any(|p| value.starts_with(p))
+            }
+        }
+    } else if let Some(protocol) = port_protocol(var) {
+        value
+            .strip_prefix(protocol)
+            .is_some_and(|rest| rest.starts_with("://"))
+    } else if let Some(head) = var.strip_suffix("_PROTO") {
+        port_protocol(head).is_some_and(|protocol| value == protocol)
+    } else if let Some(head) = var.strip_suffix("_ADDR") {
+        port_protocol(head).is_some() && !value.is_empty()
+    } else {
+        false
+    };
+    shaped && !names_a_key(var)
+}
+
+/// `Some("tcp")` for a name `<X>_PORT_<port>_TCP` (`UDP`, `SCTP`) with a non-empty `<X>`.
+fn port_protocol(name: &str) -> Option<&'static str> {
+    let (rest, protocol) = name.rsplit_once('_')?;
+    let protocol = match protocol {
+        "TCP" => "tcp",
+        "UDP" => "udp",
+        "SCTP" => "sctp",
+        _ => return None,
+    };
+    let (rest, port) = rest.rsplit_once('_')?;
+    let service = rest.strip_suffix("_PORT")?;
+    (!service.is_empty() && is_port(port)).then_some(protocol)
+}
+
+/// A port number as Kubernetes writes it.
+fn is_port(text: &str) -> bool {
+    text.parse::<u16>().is_ok() && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// True when `var` is the override of an existing key (`SHOAL_REDIS_URL`), not of an unknown one.
+fn names_a_key(var: &str) -> bool {
+    let Ok(Some((section, key))) = env_override_target(var) else {
+        return false;
+    };
+    match yaml_serde::to_value(Config::default()) {
+        Ok(Value::Mapping(sections)) => sections
+            .get(section.as_str())
+            .and_then(Value::as_mapping)
+            .is_some_and(|keys| keys.contains_key(key.as_str())),
+        // Unreachable; if the keys were unknown, never take a variable for a link.
+        _ => true,
+    }
+}
+
 /// Maps `SHOAL_<SECTION>_<KEY>` to `(section, key)`; `None` for variables that are not overrides.
 fn env_override_target(var: &str) -> Result<Option<(String, String)>> {
     let Some(rest) = var.strip_prefix("SHOAL_") else {
         return Ok(None);
     };
-    if RESERVED_ENV.contains(&var)
-        || var.starts_with(WORKER_ENV_PREFIX)
-        || var.starts_with(TEST_ENV_PREFIX)
-    {
+    if !is_configuration(var.as_bytes()) {
         return Ok(None);
     }
     let lower = rest.to_ascii_lowercase();
@@ -876,8 +1107,10 @@ fn env_override_target(var: &str) -> Result<Option<(String, String)>> {
 fn check_redis_url(url: &str) -> std::result::Result<(), String> {
     let scheme = url.split("://").next().unwrap_or_default();
     if !url.contains("://") || !matches!(scheme, "redis" | "rediss" | "unix" | "redis+unix") {
+        // Redacted: a URL missing its `//` (`redis:/user:password@host`) still holds a password.
         return Err(format!(
-            "{url:?} must start with redis://, rediss://, unix:// or redis+unix://"
+            "{:?} must start with redis://, rediss://, unix:// or redis+unix://",
+            redact_url(url)
         ));
     }
     redis::Client::open(url)
@@ -886,21 +1119,78 @@ fn check_redis_url(url: &str) -> std::result::Result<(), String> {
 }
 
 /// The URL with any password replaced by `***`, for logs and errors.
+///
+/// Hidden: the password of the userinfo, which ends at the last `@` before the path as URL
+/// parsers read it (`redis://user:p@ss@host` is user `user`, password `p@ss`), or all of it when
+/// it has no `:`; the value of every query parameter but `db`, `user` and `protocol` (a Unix URL
+/// carries its password as `?pass=`); and in a malformed URL, which is shown in errors,
+/// everything between its first `:` and its last `@` (`redis:/user:password@host`).
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    // A scheme is letters, digits, `+`, `-` and `.`: anything else before `://`
+    // (`user:password@redis://host`) is a malformed URL.
+    let split = url.split_once("://").filter(|(scheme, _)| {
+        !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    let Some((scheme, rest)) = split else {
+        return redact_colon_to_at(&redact_query(url));
     };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-            None => format!("{scheme}://***@{host}"),
-        },
-        None => url.to_string(),
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let Some(at) = authority.rfind('@') else {
+        return format!("{scheme}://{}", redact_colon_to_at(&redact_query(rest)));
+    };
+    let tail = redact_colon_to_at(&redact_query(&rest[at + 1..]));
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{tail}"),
+        None => format!("{scheme}://***@{tail}"),
+    }
+}
+
+/// `text` with the value of each query parameter but the harmless ones replaced by `***`. A
+/// list of what may be shown rather than of passwords: `p%61ss=` is `pass=` to a URL parser.
+fn redact_query(text: &str) -> String {
+    let Some((before, query)) = text.split_once('?') else {
+        return text.to_string();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((name, value))
+                if !value.is_empty() && !matches!(name, "db" | "user" | "protocol") =>
+            {
+                format!("{name}=***")
+            }
+            _ => param.to_string(),
+        })
+        .collect();
+    format!("{before}?{}", params.join("&"))
+}
+
+/// `text` with everything between its first `:` and its last `@` after it replaced by `***`:
+/// whatever a malformed URL holds there may be a password.
+fn redact_colon_to_at(text: &str) -> String {
+    let span = text
+        .rfind('@')
+        .and_then(|at| text[..at].find(':').map(|colon| (colon, at)));
+    match span {
+        Some((colon, at)) => format!("{}:***@{}", &text[..colon], &text[at + 1..]),
+        None => text.to_string(),
     }
 }
 
 fn find_config_file() -> Result<Option<PathBuf>> {
-    if let Ok(path) = std::env::var("SHOAL_CONFIG") {
+    config_file_from(std::env::var_os("SHOAL_CONFIG"), std::env::var_os("HOME"))
+}
+
+/// The file [`Config::load`] reads, given `$SHOAL_CONFIG` and `$HOME`: paths, which need not be
+/// UTF-8 (a `SHOAL_CONFIG` that is not must not be ignored for `./config.yaml`).
+fn config_file_from(
+    shoal_config: Option<OsString>,
+    home: Option<OsString>,
+) -> Result<Option<PathBuf>> {
+    if let Some(path) = shoal_config {
         let path = PathBuf::from(path);
         if !path.is_file() {
             return Err(Error::Config {
@@ -915,7 +1205,7 @@ fn find_config_file() -> Result<Option<PathBuf>> {
     if local.is_file() {
         return Ok(Some(local));
     }
-    if let Some(home) = std::env::var_os("HOME") {
+    if let Some(home) = home {
         let user = PathBuf::from(home).join(".shoal").join("config.yaml");
         if user.is_file() {
             return Ok(Some(user));
@@ -1408,6 +1698,436 @@ mod tests {
         let (_, key, _) = config_error(Config::from_yaml_str("- 1\n", "c"));
         assert_eq!(key, "(document)");
         assert!(Config::from_yaml_str("", "c").is_ok());
+    }
+
+    /// The variables Kubernetes gives every pod for the Services `shoal-redis` and `shoal`.
+    const SERVICE_LINKS: &[(&str, &str)] = &[
+        ("SHOAL_REDIS_SERVICE_HOST", "10.0.0.11"),
+        ("SHOAL_REDIS_SERVICE_PORT", "6379"),
+        ("SHOAL_REDIS_SERVICE_PORT_REDIS_MAIN", "6379"),
+        ("SHOAL_REDIS_PORT", "tcp://10.0.0.11:6379"),
+        ("SHOAL_REDIS_PORT_6379_TCP", "tcp://10.0.0.11:6379"),
+        ("SHOAL_REDIS_PORT_6379_TCP_PROTO", "tcp"),
+        ("SHOAL_REDIS_PORT_6379_TCP_PORT", "6379"),
+        ("SHOAL_REDIS_PORT_6379_TCP_ADDR", "10.0.0.11"),
+        ("SHOAL_SERVICE_HOST", "fd00::12"),
+        ("SHOAL_SERVICE_PORT", "53"),
+        ("SHOAL_SERVICE_PORT_DNS", "53"),
+        ("SHOAL_PORT", "udp://[fd00::12]:53"),
+        ("SHOAL_PORT_53_UDP", "udp://[fd00::12]:53"),
+        ("SHOAL_PORT_53_UDP_PROTO", "udp"),
+        ("SHOAL_PORT_53_UDP_PORT", "53"),
+        ("SHOAL_PORT_53_UDP_ADDR", "fd00::12"),
+        ("SHOAL_KUBERNETES_PORT", "sctp://10.0.0.13:9"),
+        ("SHOAL_KUBERNETES_PORT_9_SCTP", "sctp://10.0.0.13:9"),
+    ];
+
+    /// Issue: a pod in a namespace with the Service `shoal-redis` could not load its config.
+    #[test]
+    fn kubernetes_service_links_are_not_overrides() {
+        let mut vars = env(SERVICE_LINKS);
+        vars.push(("SHOAL_REDIS_URL".into(), "redis://shoal-redis:6379".into()));
+        let c = Config::from_layers(Some(("c.yaml", "redis:\n  expiry_secs: 60\n")), vars)
+            .expect("service links are skipped");
+        let mut expected = Config::default();
+        expected.redis.url = Some("redis://shoal-redis:6379".into());
+        expected.redis.expiry_secs = 60;
+        assert_eq!(c, expected);
+        // Only the exact shapes: a mistyped override is still an error.
+        for (var, value, key) in [
+            ("SHOAL_REDIS_PORT", "6379", "redis.port"),
+            ("SHOAL_PORT", "8080", "SHOAL_PORT"),
+            ("SHOAL_REDIS_SERVICE_PORT", "http", "redis.service_port"),
+            ("SHOAL_REDIS_PORT_6379_TCP", "6379", "redis.port_6379_tcp"),
+            (
+                "SHOAL_REDIS_PORT_6379_TCP_PROTO",
+                "ftp",
+                "redis.port_6379_tcp_proto",
+            ),
+            (
+                "SHOAL_REDIS_PORT_X_TCP_PROTO",
+                "tcp",
+                "redis.port_x_tcp_proto",
+            ),
+            (
+                "SHOAL_REDIS_PORT_6379_HTTP_PROTO",
+                "tcp",
+                "redis.port_6379_http_proto",
+            ),
+        ] {
+            let (origin, k, _) = config_error(Config::from_layers(None, env(&[(var, value)])));
+            assert_eq!(
+                (origin, k.as_str()),
+                (format!("environment variable {var}"), key),
+                "{var}={value}"
+            );
+        }
+    }
+
+    /// No key of any section can be taken for a service link, whatever its value.
+    #[test]
+    fn no_config_key_is_ever_a_service_link() {
+        let Ok(Value::Mapping(sections)) = yaml_serde::to_value(Config::default()) else {
+            panic!("the defaults render as a mapping");
+        };
+        let mut vars = 0;
+        for (section, keys) in &sections {
+            let (Value::String(section), Value::Mapping(keys)) = (section, keys) else {
+                panic!("{section:?}: sections are mappings");
+            };
+            for key in keys.keys() {
+                let Value::String(key) = key else {
+                    panic!("{key:?}");
+                };
+                let var = if section == "shoal" {
+                    format!("SHOAL_{}", key.to_ascii_uppercase())
+                } else {
+                    format!(
+                        "SHOAL_{}_{}",
+                        section.to_ascii_uppercase(),
+                        key.to_ascii_uppercase()
+                    )
+                };
+                for value in ["tcp://10.0.0.1:1", "udp://h:2", "6379", "tcp", "10.0.0.1"] {
+                    assert!(!is_service_link(&var, value), "{var}={value}");
+                }
+                vars += 1;
+            }
+        }
+        assert!(vars > 40, "{vars} keys");
+    }
+
+    /// Issue: `SHOAL_NAMESPACE=2024` was refused and a ` #` cut a value short.
+    #[test]
+    fn string_overrides_keep_the_raw_value() {
+        let c = Config::from_layers(
+            Some(("c.yaml", "kubernetes:\n  image: app:1\n")),
+            env(&[
+                ("SHOAL_NAMESPACE", "2024"),
+                ("SHOAL_REDIS_SERVER_BINARY", "/opt/redis #2/redis-server"),
+                ("SHOAL_KUBERNETES_NAMESPACE", "null"),
+                ("SHOAL_KUBERNETES_CONTEXT", "true"),
+                ("SHOAL_KUBERNETES_SERVICE_ACCOUNT", "0x10"),
+                ("SHOAL_KUBERNETES_IMAGE", ""),
+                ("SHOAL_MULTIPROCESSING_EXPORT_EXECUTION_DETAILS", "1e3"),
+                ("SHOAL_REDIS_EXPIRY_SECS", "30"),
+                ("SHOAL_REDIS_CONNECT_TIMEOUT_SECS", "0.5"),
+                ("SHOAL_POOL_PROGRESS", "true"),
+                ("SHOAL_LOCAL_WORKERS", "null"),
+                ("SHOAL_LOCAL_START_METHOD", "thread"),
+                ("SHOAL_KUBERNETES_TTL_SECONDS_AFTER_FINISHED", "~"),
+                (
+                    "SHOAL_MULTIPROCESSING_ENV_VARS",
+                    "{A: '1', B: x} # a YAML comment",
+                ),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.shoal.namespace, "2024");
+        assert_eq!(c.redis.server_binary, "/opt/redis #2/redis-server");
+        assert_eq!(c.kubernetes.namespace.as_deref(), Some("null"));
+        assert_eq!(c.kubernetes.context.as_deref(), Some("true"));
+        assert_eq!(c.kubernetes.service_account.as_deref(), Some("0x10"));
+        // An empty value unsets an optional key, as it always did.
+        assert_eq!(c.kubernetes.image, None);
+        assert_eq!(
+            c.multiprocessing.export_execution_details,
+            Some(PathBuf::from("1e3"))
+        );
+        // Keys of other types still read YAML.
+        assert_eq!(c.redis.expiry_secs, 30);
+        assert_eq!(c.redis.connect_timeout_secs, 0.5);
+        assert!(c.pool.progress);
+        assert_eq!(c.local.workers, None);
+        assert_eq!(c.local.start_method, StartMethod::Thread);
+        assert_eq!(c.kubernetes.ttl_seconds_after_finished, None);
+        assert_eq!(c.multiprocessing.env_vars["A"], "1");
+        assert_eq!(c.multiprocessing.env_vars["B"], "x");
+        // A wrong value is still refused, naming the variable.
+        for (var, value, key, says) in [
+            (
+                "SHOAL_REDIS_EXPIRY_SECS",
+                "soon",
+                "redis.expiry_secs",
+                "invalid type",
+            ),
+            ("SHOAL_POOL_RETRIES", "4294967296", "pool.retries", "u32"),
+            ("SHOAL_NAMESPACE", "a b", "shoal.namespace", "must be"),
+            // The whole value is checked: YAML would have read `redis://h:1` and said nothing.
+            (
+                "SHOAL_REDIS_URL",
+                "redis://h:1 #x",
+                "redis.url",
+                "redis://h:1 #x",
+            ),
+            (
+                "SHOAL_MULTIPROCESSING_ENV_VARS",
+                "{A: ",
+                "multiprocessing.env_vars",
+                "YAML",
+            ),
+            ("SHOAL_REDIS_URLL", "x", "redis.urll", "unknown field"),
+        ] {
+            let (origin, k, reason) = config_error(Config::from_layers(None, env(&[(var, value)])));
+            assert_eq!(
+                (origin, k.as_str()),
+                (format!("environment variable {var}"), key),
+                "{var}={value}: {reason}"
+            );
+            assert!(reason.contains(says), "{var}={value}: {reason}");
+        }
+    }
+
+    /// An error inside a key set from the environment names the variable, not the file.
+    #[test]
+    fn errors_inside_an_environment_value_name_the_variable() {
+        for (var, value, key) in [
+            (
+                "SHOAL_KUBERNETES_RESOURCES",
+                "{requests: {cpu: 2}, limits: {cpu: 1}}",
+                "kubernetes.resources.requests",
+            ),
+            (
+                "SHOAL_KUBERNETES_RESOURCES",
+                "{requests: {cpu: -1}}",
+                "kubernetes.resources.requests",
+            ),
+            (
+                "SHOAL_KUBERNETES_RESOURCES",
+                "{requests: {cpu: [1]}}",
+                "kubernetes.resources.requests.cpu",
+            ),
+            (
+                "SHOAL_KUBERNETES_TOLERATIONS",
+                "[{key: a, effect: Sometimes}]",
+                "kubernetes.tolerations",
+            ),
+            (
+                "SHOAL_KUBERNETES_TOLERATIONS",
+                "[{key: a, operatr: Equal}]",
+                "kubernetes.tolerations[0].operatr",
+            ),
+            (
+                "SHOAL_KUBERNETES_REDIS_URL_SECRET",
+                "{name: Redis_, key: url}",
+                "kubernetes.redis_url_secret.name",
+            ),
+        ] {
+            let (origin, k, reason) = config_error(Config::from_layers(
+                Some(("c.yaml", "kubernetes:\n  resources: {}\n")),
+                env(&[(var, value)]),
+            ));
+            assert_eq!(
+                (origin, k.as_str()),
+                (format!("environment variable {var}"), key),
+                "{var}={value}: {reason}"
+            );
+        }
+        // The file keeps naming its own keys.
+        let (origin, key, _) = config_error(Config::from_layers(
+            Some(("c.yaml", "kubernetes:\n  image_pull_policy: Sometimes\n")),
+            env(&[("SHOAL_KUBERNETES_IMAGE", "app:1")]),
+        ));
+        assert_eq!(
+            (origin.as_str(), key.as_str()),
+            ("c.yaml", "kubernetes.image_pull_policy")
+        );
+        let (origin, key, _) = config_error(Config::from_layers(
+            Some(("c.yaml", "kubernetes:\n  resources: {requests: {cpu: x}}\n")),
+            env(&[("SHOAL_KUBERNETES_IMAGE", "app:1")]),
+        ));
+        assert_eq!(
+            (origin.as_str(), key.as_str()),
+            ("c.yaml", "kubernetes.resources.requests")
+        );
+    }
+
+    /// Issue: the first `@` was taken as the end of the password, and Unix URLs' query
+    /// parameters were shown.
+    #[test]
+    fn redaction_hides_every_password() {
+        for (url, shown) in [
+            ("redis://user:p@ss@host:1", "redis://user:***@host:1"),
+            ("redis://:p@ss@w@h:1/0", "redis://:***@h:1/0"),
+            (
+                "rediss://p@ss@h:1/0#insecure",
+                "rediss://***@h:1/0#insecure",
+            ),
+            ("redis://u:p?s#s@h:1", "redis://u:***@h:1"),
+            ("redis://h:1/0", "redis://h:1/0"),
+            ("redis://h:1/?protocol=resp3", "redis://h:1/?protocol=resp3"),
+            (
+                "unix:///run/redis.sock?user=u&pass=secret",
+                "unix:///run/redis.sock?user=u&pass=***",
+            ),
+            (
+                "redis+unix:///run/r.sock?db=1&password=secret&user=u",
+                "redis+unix:///run/r.sock?db=1&password=***&user=u",
+            ),
+            (
+                "unix:///run/redis@1.sock?db=2",
+                "unix:///run/redis@1.sock?db=2",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+        // Malformed URLs, as error messages show them: nothing between a `:` and an `@`, nor
+        // any query value but the harmless ones, is ever shown.
+        for url in [
+            "redis:/default:S3cret@h",
+            "redis:default:S3cret@h:1",
+            "default:S3cret@h",
+            "redis://u:S3/cret@h:1",
+            "redis://u:S3cret@h:1/0?pass=S3cret",
+            "unix:/run/r.sock?pass=S3cret",
+            "unix:///run/r.sock?p%61ss=S3cret",
+            "unix:///r.sock?user=u&pass=S3cret&db=1",
+            "http://u:S3cret@h",
+            "redis://u:S3cret@",
+            "redis://:S3cret@@",
+            "@:S3cret@",
+            "user:S3cret@redis://h:1",
+            "redis?pass=S3cret://h",
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains("S3cret"), "{url} -> {shown}");
+            assert!(!shown.contains("cret"), "{url} -> {shown}");
+        }
+    }
+
+    #[test]
+    fn url_errors_and_debug_output_hide_the_password() {
+        for url in [
+            "redis:/default:S3cret@h",
+            "redis:default:S3cret@h",
+            "http://u:S3cret@h",
+            "redis://u:S3cret@h:notaport",
+            "unix:///run/r.sock?pass=S3cret&db=x",
+        ] {
+            let reason = check_redis_url(url).expect_err(url);
+            assert!(!reason.contains("S3cret"), "{url}: {reason}");
+            let (_, key, reason) = config_error(Config::builder().redis_url(url).build());
+            assert_eq!(key, "redis.url");
+            assert!(!reason.contains("S3cret"), "{url}: {reason}");
+        }
+        let c = Config::builder()
+            .redis_url("redis://app:S3cret@h:1/0")
+            .build()
+            .expect("valid");
+        for shown in [
+            format!("{c:?}"),
+            format!("{:?}", c.redis),
+            format!("{c:#?}"),
+        ] {
+            assert!(!shown.contains("S3cret"), "{shown}");
+            assert!(shown.contains("redis://app:***@h:1/0"), "{shown}");
+            for field in [
+                "expiry_secs: 3600",
+                "max_message_bytes: 67108864",
+                "server_binary: \"redis-server\"",
+                "connect_timeout_secs: 5.0",
+                "response_timeout_secs: 30.0",
+            ] {
+                assert!(
+                    shown
+                        .replace(['\n', ' ', ','], "")
+                        .contains(&field.replace(' ', "")),
+                    "{field}: {shown}"
+                );
+            }
+        }
+        let yaml = c.to_redacted_yaml();
+        assert!(!yaml.contains("S3cret"), "{yaml}");
+        assert!(yaml.contains("redis://app:***@h:1/0"), "{yaml}");
+        // Only the shown text: the configuration keeps its password.
+        assert_eq!(c.redis.url.as_deref(), Some("redis://app:S3cret@h:1/0"));
+        assert!(c.to_yaml().contains("S3cret"));
+    }
+
+    /// Issue: one variable that is not UTF-8, anywhere in the environment, panicked `load`.
+    #[cfg(unix)]
+    #[test]
+    fn only_shoal_variables_need_be_utf8() {
+        use std::os::unix::ffi::OsStringExt;
+        let bytes = |b: &[u8]| OsString::from_vec(b.to_vec());
+        let vars = vec![
+            (bytes(b"PATH"), bytes(b"/bin")),
+            (bytes(b"LC_LEGACY"), bytes(b"caf\xe9")),
+            (bytes(b"\xffODD"), bytes(b"x")),
+            (bytes(b"SHOAL_CONFIG"), bytes(b"/etc/shoal-\xff.yaml")),
+            (bytes(b"SHOAL_WORKER_TASK"), bytes(b"\xff")),
+            (bytes(b"SHOAL_TEST_\xff"), bytes(b"\xff")),
+            (bytes(b"SHOAL_LOG"), bytes(b"\xff")),
+            (bytes(b"SHOAL_NAMESPACE"), bytes(b"jobs")),
+        ];
+        assert_eq!(
+            shoal_env(vars.clone()).expect("only SHOAL_ overrides are read"),
+            env(&[("SHOAL_NAMESPACE", "jobs")])
+        );
+        for (name, value, key, says) in [
+            (
+                &b"SHOAL_REDIS_URL"[..],
+                &b"redis://h\xff"[..],
+                "SHOAL_REDIS_URL",
+                "value",
+            ),
+            (
+                b"SHOAL_REDIS_\xffURL",
+                b"x",
+                "SHOAL_REDIS_\u{fffd}URL",
+                "name",
+            ),
+        ] {
+            let mut with = vars.clone();
+            with.push((bytes(name), bytes(value)));
+            match shoal_env(with) {
+                Err(Error::Config {
+                    origin,
+                    key: k,
+                    reason,
+                }) => {
+                    assert_eq!(
+                        (origin, k.as_str()),
+                        (format!("environment variable {key}"), key)
+                    );
+                    assert!(
+                        reason.contains(says) && reason.contains("UTF-8"),
+                        "{reason}"
+                    );
+                }
+                other => panic!("{key}: expected a config error, got {other:?}"),
+            }
+        }
+    }
+
+    /// Issue: a `SHOAL_CONFIG` that is not UTF-8 was ignored for ./config.yaml.
+    #[cfg(unix)]
+    #[test]
+    fn the_config_path_need_not_be_utf8() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir
+            .path()
+            .join(std::ffi::OsStr::from_bytes(b"shoal-\xff.yaml"));
+        std::fs::write(&path, "shoal:\n  namespace: x\n").expect("written");
+        let found = config_file_from(Some(path.clone().into_os_string()), None).expect("found");
+        assert_eq!(found, Some(path));
+        let missing = dir
+            .path()
+            .join(std::ffi::OsStr::from_bytes(b"missing-\xff.yaml"));
+        let (origin, key, reason) = match config_file_from(Some(missing.into_os_string()), None) {
+            Err(Error::Config {
+                origin,
+                key,
+                reason,
+            }) => (origin, key, reason),
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        assert_eq!(
+            (origin.as_str(), key.as_str()),
+            ("environment variable SHOAL_CONFIG", "SHOAL_CONFIG")
+        );
+        assert!(reason.contains("missing-"), "{reason}");
     }
 
     #[test]

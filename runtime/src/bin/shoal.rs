@@ -1,7 +1,8 @@
 //! `shoal`: the command-line tool.
 //!
 //! ```text
-//! shoal config            # the effective configuration (file + SHOAL_* overrides), as YAML
+//! shoal config            # the effective configuration (file + SHOAL_* overrides), as YAML,
+//!                         # the password of redis.url hidden
 //! shoal clean [-n NS]     # delete every key of a namespace (default: shoal.namespace)
 //! ```
 //!
@@ -24,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the effective configuration as YAML (and check it).
+    /// Print the effective configuration as YAML (and check it), the password of redis.url
+    /// hidden.
     Config,
     /// Delete every key of a namespace from the configured Redis.
     Clean {
@@ -49,7 +51,8 @@ fn run(command: Command) -> shoal::Result<()> {
     let config = Config::load()?;
     match command {
         Command::Config => {
-            print!("{}", config.to_yaml());
+            // Redacted: the output lands in terminals, logs and bug reports.
+            print!("{}", config.to_redacted_yaml());
             Ok(())
         }
         Command::Clean { namespace } => {
