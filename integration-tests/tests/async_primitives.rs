@@ -319,6 +319,82 @@ fn a_put_async_dropped_while_the_queue_is_full_is_withdrawn() {
     }
 }
 
+/// The key `field` of `queue` in Redis (`shoal:{<ns>:queue:<id>}:<field>`), from its serialized
+/// address.
+fn queue_key<T>(queue: &Queue<T>, field: &str) -> String {
+    let handle = serde_json::to_value(queue).expect("a queue handle serializes");
+    let address = &handle["core"]["address"];
+    format!(
+        "shoal:{{{}:{}:{}}}:{field}",
+        address["namespace"].as_str().expect("namespace"),
+        address["kind"].as_str().expect("kind"),
+        address["id"].as_str().expect("id")
+    )
+}
+
+/// The wake-up that a get sends the first writer waiting for room reaches a `put_async` whose
+/// caller left during its wait slice: the put writes nothing and passes the wake-up on to the
+/// live writer queued behind it, which gets the room.
+#[test]
+fn a_put_async_dropped_mid_slice_writes_nothing_and_passes_the_room_on() {
+    let rt = runtime();
+    let url = rt.config().redis.url.clone().expect("url");
+    for flavor in FLAVORS {
+        let queue: Queue<u32> = Queue::with_maxsize(1).expect("bounded");
+        let putters = queue_key(&queue, "putters");
+        let raw = Arc::new(std::sync::Mutex::new(
+            redis::Client::open(url.clone())
+                .expect("client")
+                .get_connection()
+                .expect("connection"),
+        ));
+        block_on(flavor, async move {
+            queue.put_async(1).await.expect("room for one");
+            assert!(
+                timeout(Duration::from_millis(50), queue.put_async(2))
+                    .await
+                    .is_err(),
+                "the queue is full"
+            );
+            let live = {
+                let queue = queue.clone();
+                tokio::spawn(async move { queue.put_async(3).await })
+            };
+            // Both writers are queued: the dropped one (its task is in its first wait slice,
+            // which lasts a second) first, the live one behind it.
+            let queued = wait_for_async(Duration::from_secs(5), || {
+                let (raw, putters) = (raw.clone(), putters.clone());
+                async move {
+                    let mut raw = raw.lock().unwrap_or_else(|p| p.into_inner());
+                    redis::cmd("LLEN")
+                        .arg(&putters)
+                        .query::<u64>(&mut *raw)
+                        .expect("LLEN")
+                        == 2
+                }
+            })
+            .await;
+            assert!(queued, "the live writer never queued");
+            // Wakes the first writer: the dropped one.
+            assert_eq!(queue.get_async().await.expect("get"), 1);
+            timeout(Duration::from_secs(3), live)
+                .await
+                .expect("the live writer never got the room: the dropped put took it")
+                .expect("task")
+                .expect("put");
+            assert_eq!(
+                queue
+                    .get_nowait_async()
+                    .await
+                    .expect("the live writer's item"),
+                3,
+                "{flavor:?}: the dropped put wrote its item"
+            );
+            assert!(matches!(queue.get_nowait_async().await, Err(Error::Empty)));
+        });
+    }
+}
+
 #[shoal::remote]
 fn put_on_go(go: Event, queue: Queue<u32>, n: u32) {
     go.wait(None).expect("go");
@@ -580,6 +656,113 @@ fn an_acquire_async_dropped_while_waiting_does_not_leave_the_lock_held() {
             lock.release_async().await.expect("release");
         });
         join_ok(&slow);
+    }
+}
+
+#[shoal::remote]
+fn take_lock_on_go(lock: Lock, begin: Event, held: Event, go: Event, out: Queue<String>) {
+    begin.wait(None).expect("begin");
+    lock.acquire().expect("acquire");
+    held.set().expect("held");
+    go.wait(None).expect("go");
+    out.put(format!("{:?}", lock.release())).expect("report");
+}
+
+/// A `wait_async` dropped mid-wait gave the condition's lock up, and another process took it:
+/// the guard the lock was held with has no hold left, and its drop releases nothing (it
+/// released whoever held the lock).
+#[test]
+fn the_guard_of_a_dropped_condition_wait_does_not_release_another_holders_lock() {
+    let _rt = runtime();
+    for flavor in FLAVORS {
+        let lock = Lock::new().expect("lock");
+        let cond = Condition::new(Some(lock.clone())).expect("condition");
+        let (begin, held, go) = (
+            Event::new().expect("e"),
+            Event::new().expect("e"),
+            Event::new().expect("e"),
+        );
+        let out: Queue<String> = Queue::new().expect("queue");
+        let child = Process::new(
+            take_lock_on_go,
+            (
+                lock.clone(),
+                begin.clone(),
+                held.clone(),
+                go.clone(),
+                out.clone(),
+            ),
+        );
+        start(&child);
+        block_on(flavor, async move {
+            let guard = cond.lock_async().await.expect("lock_async");
+            begin.set_async().await.expect("begin");
+            assert!(
+                timeout(Duration::from_millis(100), cond.wait_async(None))
+                    .await
+                    .is_err(),
+                "nobody notifies"
+            );
+            // The wait released the lock: the child holds it now.
+            assert!(
+                held.wait_async(Some(Duration::from_secs(20)))
+                    .await
+                    .expect("held"),
+                "the child never took the lock"
+            );
+            drop(guard);
+            assert!(
+                !lock.try_acquire_async().await.expect("try"),
+                "{flavor:?}: dropping the guard released the child's hold"
+            );
+            go.set_async().await.expect("go");
+            assert_eq!(
+                out.get_async().await.expect("report"),
+                "Ok(())",
+                "{flavor:?}: the child's hold was taken from it"
+            );
+            assert!(!lock.locked_async().await.expect("locked"));
+        });
+        join_ok(&child);
+    }
+}
+
+/// Two guards of one semaphore in one process: each releases its own permit.
+#[test]
+fn each_of_two_semaphore_guards_releases_its_own_permit() {
+    let _rt = runtime();
+    for flavor in FLAVORS {
+        let sem = Semaphore::new(2).expect("semaphore");
+        let blocking = sem.clone();
+        block_on(flavor, async move {
+            let a = sem.lock_async().await.expect("a");
+            let b = sem.lock_async().await.expect("b");
+            let b_token = b.fencing_token();
+            drop(a);
+            assert_eq!(
+                sem.fencing_token(),
+                Some(b_token),
+                "{flavor:?}: dropping A gave up B's permit"
+            );
+            assert!(
+                wait_for_async(Duration::from_secs(5), || async {
+                    sem.get_value_async().await.expect("value") == 1
+                })
+                .await,
+                "A's permit was never released"
+            );
+            b.release_async().await.expect("B releases its own permit");
+            assert_eq!(sem.get_value_async().await.expect("value"), 2);
+            assert_eq!(sem.fencing_token(), None);
+        });
+        let a = blocking.lock().expect("a");
+        let b = blocking.lock().expect("b");
+        let b_token = b.fencing_token();
+        drop(a);
+        assert_eq!(blocking.fencing_token(), Some(b_token), "blocking guards");
+        assert_eq!(blocking.get_value().expect("value"), 1);
+        b.release().expect("B releases its own permit");
+        assert_eq!(blocking.get_value().expect("value"), 2);
     }
 }
 

@@ -683,3 +683,157 @@ fn a_heartbeat_during_a_release_does_not_call_the_hold_lapsed() {
     assert!(ops > 100, "{ops} lock operations");
     assert!(!logs.contains("lapsed or was released"), "{logs}");
 }
+
+/// Closes every client connection of this test's Redis but the admin one: the next command
+/// on each connection shoal had open fails.
+fn kill_clients(url: &str) {
+    let mut admin = redis::Client::open(url)
+        .expect("client")
+        .get_connection()
+        .expect("admin connection");
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query(&mut admin)
+        .expect("CLIENT KILL");
+    assert!(killed > 0, "no connection to close");
+}
+
+/// Whether `lock` is free within two leases.
+fn freed(lock: &Lock) -> bool {
+    wait_for(LEASE * 2, || lock.locked().ok() == Some(false))
+}
+
+/// A guard whose release fails (its connection was closed under it) does not leave the lock
+/// held for good: the hold leaves this process's renewals before the release is sent, and the
+/// release is sent again; at worst the lease lapses.
+#[test]
+fn a_blocking_guard_whose_release_fails_does_not_keep_the_lock_held() {
+    let rt = runtime();
+    let url = rt.config().redis.url.clone().expect("url");
+    let lock = Lock::new().expect("lock");
+    let guard = lock.lock().expect("lock");
+    kill_clients(&url);
+    drop(guard);
+    assert!(
+        freed(&lock),
+        "the guard's failed release left the lock held"
+    );
+    assert!(lock.try_acquire().expect("try"));
+    lock.release().expect("release");
+}
+
+/// As [`a_blocking_guard_whose_release_fails_does_not_keep_the_lock_held`], for guards of
+/// `lock_async`, whose drop releases on the actor runtime: an `RLock`'s and a `Lock`'s.
+#[test]
+fn an_async_guard_whose_release_fails_does_not_keep_the_lock_held() {
+    let rt = runtime();
+    let url = rt.config().redis.url.clone().expect("url");
+    let rlock = RLock::new().expect("rlock");
+    let lock = Lock::new().expect("lock");
+    futures::executor::block_on(async {
+        let guard = rlock.lock_async().await.expect("lock_async");
+        kill_clients(&url);
+        drop(guard);
+    });
+    assert!(
+        wait_for(LEASE * 2, || rlock.locked().ok() == Some(false)),
+        "the RLock guard's failed release left the lock held"
+    );
+    futures::executor::block_on(async {
+        let guard = lock.lock_async().await.expect("lock_async");
+        kill_clients(&url);
+        drop(guard);
+    });
+    assert!(
+        freed(&lock),
+        "the Lock guard's failed release left the lock held"
+    );
+    let other = rlock.clone();
+    let taken = std::thread::spawn(move || {
+        let taken = other.try_acquire().expect("try");
+        other.release().expect("release");
+        taken
+    });
+    assert!(
+        taken.join().expect("thread"),
+        "another thread cannot take the RLock"
+    );
+}
+
+/// Runs `f` again while Redis cannot be reached: each connection `kill_clients` closed fails
+/// its next command once.
+fn reaching<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    for _ in 0..50 {
+        match f() {
+            Err(e) if e.is_store_unreachable() => continue,
+            other => return other,
+        }
+    }
+    f()
+}
+
+/// A blocking `Condition::wait` that fails after it let go of the lock (its connection was
+/// closed under it) leaves the guard the lock was held with holding nothing: dropping the guard
+/// does not release the hold another thread took meanwhile.
+#[test]
+fn the_guard_of_a_failed_condition_wait_does_not_release_another_holders_lock() {
+    let rt = runtime();
+    let url = rt.config().redis.url.clone().expect("url");
+    let lock = Lock::new().expect("lock");
+    let cond = Condition::new(Some(lock.clone())).expect("condition");
+    let guard = cond.lock().expect("lock");
+    let (held, is_held) = std::sync::mpsc::channel();
+    let (go, on_go) = std::sync::mpsc::channel::<()>();
+    let other = {
+        let lock = lock.clone();
+        std::thread::spawn(move || {
+            // Granted when the wait below lets go of the lock.
+            lock.acquire().expect("acquire");
+            held.send(()).expect("held");
+            on_go.recv().expect("go");
+            reaching(|| lock.release())
+        })
+    };
+    let killer = std::thread::spawn(move || {
+        is_held
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the other thread took the lock");
+        kill_clients(&url);
+    });
+    let waited = cond.wait(Some(Duration::from_secs(20)));
+    assert!(waited.is_err(), "its connection was closed: {waited:?}");
+    killer.join().expect("killer");
+    drop(guard);
+    assert!(
+        !reaching(|| lock.try_acquire()).expect("try"),
+        "dropping the guard released the other thread's hold"
+    );
+    go.send(()).expect("go");
+    other
+        .join()
+        .expect("other thread")
+        .expect("the other thread's hold was taken from it");
+}
+
+/// `Guard::release_async` whose future is dropped before it is polled still releases.
+#[test]
+fn a_guard_release_async_dropped_unpolled_still_releases() {
+    let _rt = runtime();
+    let lock = Lock::new().expect("lock");
+    let guard = lock.lock().expect("lock");
+    drop(guard.release_async());
+    assert!(
+        wait_for(LEASE * 2, || !lock.locked().expect("locked")),
+        "the hold was never released"
+    );
+    let guard = futures::executor::block_on(lock.lock_async()).expect("lock_async");
+    drop(guard.release_async());
+    assert!(
+        wait_for(LEASE * 2, || !lock.locked().expect("locked")),
+        "the async guard's hold was never released"
+    );
+}

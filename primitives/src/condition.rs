@@ -38,12 +38,14 @@
 //! lock itself.
 //!
 //! Dropping a `wait_async` future: the lock was released when the wait began, and the caller no
-//! longer holds it (it cannot be taken back in a destructor). Before its next wait slice (within
-//! a second) the task leaves the waiters' queue; a notification that reached it, before or after
-//! that, is passed on to the next waiter (`waiters_wake.lua`), so a `notify(1)` is not lost on a
-//! dropped waiter (after a `notify_all`, that is a spurious wake-up of a later waiter, which
-//! `wait_for` absorbs); and the lock, if it was being taken back, is released again (every
-//! recursion level taken).
+//! longer holds it (it cannot be taken back in a destructor); a [`Guard`](crate::Guard) the
+//! lock was held with then holds nothing, and dropping it releases nothing (never the hold
+//! another caller took meanwhile), as after a `wait` that failed once it had let go of the
+//! lock. Before its next wait slice (within a second) the task leaves the waiters' queue; a
+//! notification that reached it, before or after that, is passed on to the next waiter
+//! (`waiters_wake.lua`), so a `notify(1)` is not lost on a dropped waiter (after a
+//! `notify_all`, that is a spurious wake-up of a later waiter, which `wait_for` absorbs); and
+//! the lock, if it was being taken back, is released again (every recursion level taken).
 
 use std::future::Future;
 use std::sync::LazyLock;
@@ -170,10 +172,12 @@ impl Condition {
                         op::undo_request(&store, || object.address.describe(), request).await;
                     }
                     // Every level taken back is released again (nobody holds it now).
-                    for _ in 0..waited.levels {
-                        object
-                            .release_detached(&store, waited.holder.clone(), waited.token)
-                            .await;
+                    if let Some(token) = waited.token {
+                        for _ in 0..waited.levels {
+                            object
+                                .release_detached(&store, waited.holder.clone(), token)
+                                .await;
+                        }
                     }
                 })
             });
@@ -326,6 +330,9 @@ struct CondWait {
     waiters: WaitList,
     holder: String,
     token: u64,
+    /// Where the caller's hold began (`GrantObject::hold_origin`): the grant taken back
+    /// continues it, so a guard made with that hold releases the new grant.
+    origin: u64,
     waiter: String,
     timeout: Option<Duration>,
     /// Recursion levels held before the wait (from the script).
@@ -351,6 +358,7 @@ impl CondWait {
             waiters: condition.waiters(),
             holder: holder.clone(),
             token,
+            origin: condition.object().hold_origin(token),
             waiter: common::waiter_id(),
             timeout,
             count: 1,
@@ -399,6 +407,10 @@ impl CondWait {
             Step::Done(Err(e)) => Step::Done(Err(e)),
             Step::Done(Ok(grant)) => {
                 if let Some(grant) = grant {
+                    // The caller's guard releases it from now on (if the async caller left,
+                    // the guard's drop or the undo, whichever comes first, releases each
+                    // level: the registry hands a level to one of them).
+                    self.object.carry_hold(self.origin, grant.token);
                     self.done.levels += 1;
                     self.done.token = Some(grant.token);
                 }

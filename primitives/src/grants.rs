@@ -24,6 +24,12 @@
 //! waiters. A holder whose lease lapsed while it was alive (stopped, or cut off from Redis)
 //! learns it at release: [`Error::InvalidState`] saying the lock was lost.
 //!
+//! A release nobody waits for (the undo of a grant whose async caller left, a dropped guard)
+//! first takes the grant off this process's registry, so that the heartbeat stops renewing it,
+//! then is sent, again a few times while Redis cannot be reached: should it never go through,
+//! the lease lapses, and the permit is not held for good. It names its grant, and sends nothing
+//! when this process no longer holds that grant (it never releases another's).
+//!
 //! A process that exits normally keeps its holds, as in Python: the runtime's exit hooks (run at
 //! the end of a worker's task, even a failed one, and when a `Runtime` shuts down) take the lease
 //! off every grant the process still holds (`grants_detach.lua`), so the hold no longer depends
@@ -76,6 +82,10 @@ static RENEW: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("gr
 static DETACH: LazyLock<redis::Script> =
     LazyLock::new(|| script(include_str!("grants_detach.lua")));
 static VALUE: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("grants_value.lua")));
+
+/// How many times a release nobody waits for (an undo, a guard's) is sent while Redis cannot
+/// be reached ([`GrantObject::send_retired`]).
+const RELEASE_ATTEMPTS: u32 = 5;
 
 /// Which primitive a grant object is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -266,7 +276,7 @@ impl GrantObject {
                 Box::pin(async move {
                     if let Some(grant) = grant {
                         object
-                            .release_detached(&store, undo_holder, Some(grant.token))
+                            .release_detached(&store, undo_holder, grant.token)
                             .await;
                     }
                 })
@@ -286,6 +296,7 @@ impl GrantObject {
     /// Releases `mine` (the caller's grant, if it has one) on behalf of `holder`.
     pub(crate) fn release_as(&self, holder: &str, mine: Option<u64>) -> Result<u64> {
         let store = common::store()?;
+        set_releasing(&self.keys().state, mine, true);
         op::run_single(
             &store,
             || self.address.describe(),
@@ -303,12 +314,13 @@ impl GrantObject {
         let object = self.clone();
         async move {
             let store = common::store()?;
+            let state = object.keys().state;
+            set_releasing(&state, mine, true);
             let request = object.release_request(&store, &holder, mine);
             let describe = {
                 let address = object.address.clone();
                 move || address.describe()
             };
-            let state = object.keys().state;
             let released =
                 op::spawn_single(describe, request, move |reply| object.released(mine, reply))
                     .await;
@@ -330,25 +342,123 @@ impl GrantObject {
         }
     }
 
-    /// Releases `token` from a task of the actor runtime (an undo, or a guard dropped in async
-    /// code), logging a failure.
-    pub(crate) async fn release_detached(
-        &self,
-        store: &AsyncStore,
-        holder: String,
-        token: Option<u64>,
-    ) {
-        let request = self.release_request(store.store(), &holder, token);
-        let reply = op::exec_single_async(store, || self.address.describe(), request).await;
-        if let Err(e) = self.released(token, reply) {
-            tracing::error!("releasing {}: {e}", self.address.describe());
+    /// Releases one level of the grant `token` from a task of the actor runtime (an undo),
+    /// logging a failure. The level leaves this process's registry first ([`retire`]), so a
+    /// release that fails never leaves a hold that the heartbeat renews for good; one that is
+    /// no longer registered (released meanwhile) is left alone.
+    pub(crate) async fn release_detached(&self, store: &AsyncStore, holder: String, token: u64) {
+        match retire(&self.keys().state, self.kind, |g| g.token == token) {
+            Some((token, last)) => {
+                let released = self.send_retired(store, &holder, token, last, false).await;
+                self.report_release(released, last);
+            }
+            None => tracing::debug!(
+                "{}: the hold with fencing token {token} is no longer held here: nothing to \
+                 release",
+                self.address.describe()
+            ),
         }
     }
 
+    /// Takes one level of the hold that began as `origin` (see [`GrantObject::hold_origin`])
+    /// off this process's registry, ahead of its release: its grant and whether that was the
+    /// last level (the grant left the registry, and the heartbeat no longer renews it).
+    /// `None` when this process holds it no longer (released, lost, or given up by a
+    /// `Condition` wait that failed or whose future was dropped).
+    pub(crate) fn retire_hold(&self, origin: u64) -> Option<(u64, bool)> {
+        retire(&self.keys().state, self.kind, |g| g.origin == origin)
+    }
+
+    /// Sends the release of `token`, already taken off the registry ([`retire`]), on the
+    /// caller's thread: one attempt.
+    pub(crate) fn release_retired(&self, holder: &str, token: u64) -> Result<u64> {
+        let store = common::store()?;
+        op::run_single(
+            &store,
+            || self.address.describe(),
+            self.release_request(&store, holder, Some(token)),
+            |reply| self.read_release(Some(token), reply, false).0,
+        )
+    }
+
+    /// Sends the release of `token`, already taken off the registry ([`retire`]; `last`: its
+    /// last level), from a task of the actor runtime. While Redis cannot be reached (a shared
+    /// connection fails the first command after it was cut), a last level is sent again, at
+    /// most [`RELEASE_ATTEMPTS`] times in all with growing pauses: the release names its grant,
+    /// so a repeat releases nothing else (it finds the grant gone if an earlier attempt went
+    /// through before its connection failed). A level of an `RLock` above the last is sent
+    /// once: a repeat of one that went through would release a level its owner still holds.
+    /// `tried`: the caller sent it once already, and that attempt failed without a reply.
+    pub(crate) async fn send_retired(
+        &self,
+        store: &AsyncStore,
+        holder: &str,
+        token: u64,
+        last: bool,
+        tried: bool,
+    ) -> Result<u64> {
+        let attempts = if last { RELEASE_ATTEMPTS } else { 1 };
+        let mut pause = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            let request = self.release_request(store.store(), holder, Some(token));
+            let reply = op::exec_single_async(store, || self.address.describe(), request).await;
+            match self
+                .read_release(Some(token), reply, tried || attempt > 1)
+                .0
+            {
+                Err(e) if attempt < attempts && e.is_store_unreachable() => {
+                    tracing::debug!("releasing {}: {e}; trying again", self.address.describe());
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    attempt += 1;
+                }
+                released => return released,
+            }
+        }
+    }
+
+    /// Sends the release of `token`, already taken off the registry ([`retire`]; `last`: its
+    /// last level; `tried`: sent once already, without a reply), from a task of the actor
+    /// runtime ([`GrantObject::send_retired`]), logging a failure; the caller does not wait.
+    pub(crate) fn release_in_background(
+        &self,
+        holder: String,
+        token: u64,
+        last: bool,
+        tried: bool,
+    ) {
+        match context::current().and_then(|c| c.async_store()) {
+            Ok(store) => {
+                let object = self.clone();
+                let runtime = store.runtime().clone();
+                drop(runtime.spawn(async move {
+                    let released = object
+                        .send_retired(&store, &holder, token, last, tried)
+                        .await;
+                    object.report_release(released, last);
+                }));
+            }
+            Err(e) => self.report_release(Err(e), last),
+        }
+    }
+
+    /// Logs the failure of a release nobody waits for (`last`: of a hold's last level).
+    pub(crate) fn report_release(&self, released: Result<u64>, last: bool) {
+        match released {
+            Ok(_) => {}
+            Err(e) if last && e.is_store_unreachable() => tracing::error!(
+                "releasing {}: {e}; this process no longer renews the hold: it lapses after the \
+                 lease",
+                self.address.describe()
+            ),
+            Err(e) => tracing::error!("releasing {}: {e}", self.address.describe()),
+        }
+    }
+
+    /// `grants_release.lua` for `holder`, naming its grant `mine` (`None`: it has none).
     fn release_request(&self, store: &Store, holder: &str, mine: Option<u64>) -> Request {
-        // From now until its reply is read, the heartbeat may find the grant gone: not lost.
         let keys = self.keys();
-        set_releasing(&keys.state, mine, true);
         let mut invocation = keys.invocation(&RELEASE, store, lease());
         invocation
             .arg(holder)
@@ -357,61 +467,79 @@ impl GrantObject {
         Request::script("releasing", invocation)
     }
 
-    /// Reads a release's reply; forgets the grant once it is gone.
+    /// Reads a release's reply; updates the registry (it forgets the grant once it is gone).
+    /// The release was marked under way ([`set_releasing`]): from the request until its reply
+    /// is read, the heartbeat may find the grant gone and must not call it lost.
     fn released(&self, mine: Option<u64>, reply: Result<redis::Value>) -> Result<u64> {
-        // Built only when needed: this is the hot path of every release.
+        let (released, ended) = self.read_release(mine, reply, false);
+        if mine.is_some() {
+            let state = self.keys().state;
+            if ended {
+                forget(&state, mine);
+            } else {
+                // An RLock released one level (still held), or the release failed.
+                settle(&state, mine, released.as_ref().ok().copied());
+            }
+        }
+        released
+    }
+
+    /// Reads a release's reply without touching the registry: the recursion level left (RLock)
+    /// or the error, and whether the caller's hold is over (released, lost, or ended by a
+    /// refused release). `repeat`: an earlier attempt of this release failed without a reply,
+    /// so finding the grant gone is that attempt having gone through, not a lapse.
+    fn read_release(
+        &self,
+        mine: Option<u64>,
+        reply: Result<redis::Value>,
+        repeat: bool,
+    ) -> (Result<u64>, bool) {
         let what = || self.address.describe();
-        let keys_state = || self.keys().state;
         match op::parse::<Vec<u64>>(reply, "a release") {
             Ok(reply) => {
                 let left = reply.get(1).copied().unwrap_or(0);
-                if left == 0 {
-                    forget(&keys_state(), mine);
-                } else {
-                    // An RLock released one level: still held.
-                    set_releasing(&keys_state(), mine, false);
-                }
-                if reply.first() == Some(&0) {
+                if reply.first() == Some(&0) && !repeat {
                     tracing::warn!(
                         "{}: this hold had lapsed; its permit was already returned",
                         what()
                     );
                 }
-                Ok(left)
+                (Ok(left), left == 0)
+            }
+            Err(Error::Redis { source, .. }) if repeat && source.code() == Some("LOST") => {
+                tracing::debug!("{}: released by an earlier attempt", what());
+                (Ok(0), true)
             }
             Err(Error::Redis { source, context }) => {
                 let what = what();
-                let message = match source.code() {
-                    Some("LOST") => {
-                        forget(&keys_state(), mine);
+                let (message, ended) = match source.code() {
+                    Some("LOST") => (
                         format!(
                             "{what} was lost: this hold (fencing token {}) is gone: its lease \
                              lapsed or another process released it, and the lock may have been \
                              granted to someone else",
                             mine.unwrap_or(0)
-                        )
-                    }
-                    Some("UNLOCKED") => format!("release of {what}, which is not held"),
-                    Some("NOTOWNER") => {
-                        format!("cannot release {what}: it is held by another thread or process")
-                    }
-                    Some("TOOMANY") => {
-                        // The script ended this process's hold all the same.
-                        forget(&keys_state(), mine);
-                        format!("{what} released too many times (above its initial value)")
-                    }
+                        ),
+                        true,
+                    ),
+                    Some("UNLOCKED") => (format!("release of {what}, which is not held"), false),
+                    Some("NOTOWNER") => (
+                        format!("cannot release {what}: it is held by another thread or process"),
+                        false,
+                    ),
+                    // The script ended this process's hold all the same.
+                    Some("TOOMANY") => (
+                        format!("{what} released too many times (above its initial value)"),
+                        true,
+                    ),
                     _ => {
-                        set_releasing(&keys_state(), mine, false);
-                        return Err(self.address.error(Error::Redis { source, context }));
+                        let e = self.address.error(Error::Redis { source, context });
+                        return (Err(e), false);
                     }
                 };
-                set_releasing(&keys_state(), mine, false);
-                Err(Error::invalid_state(message))
+                (Err(Error::invalid_state(message)), ended)
             }
-            Err(e) => {
-                set_releasing(&keys_state(), mine, false);
-                Err(self.address.error(e))
-            }
+            Err(e) => (Err(self.address.error(e)), false),
         }
     }
 
@@ -457,13 +585,32 @@ impl GrantObject {
         held_grant(&self.keys().state, self.kind)
     }
 
-    /// The fencing token of the hold this process has for `holder` now (a guard's: a
-    /// `Condition.wait` replaces the hold with a new one).
-    pub(crate) fn token_of(&self, holder: &str) -> Option<u64> {
-        held_grant_of(&self.keys().state, self.kind, holder)
+    /// Where the hold of grant `token` began: the grant a guard was made with, which a
+    /// `Condition` wait replaces with a new grant ([`GrantObject::carry_hold`]). The token
+    /// itself when it is not registered.
+    pub(crate) fn hold_origin(&self, token: u64) -> u64 {
+        let registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        registry
+            .get(&self.keys().state)
+            .and_then(|held| held.grants.iter().find(|g| g.token == token))
+            .map_or(token, |g| g.origin)
     }
 
-    fn record(&self, token: u64, holder: &str) {
+    /// The grant `token`, which a `Condition` wait took back after it gave up the hold that
+    /// began as `origin`, continues that hold: a guard made with it releases this grant.
+    pub(crate) fn carry_hold(&self, origin: u64, token: u64) {
+        let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(grant) = registry
+            .get_mut(&self.keys().state)
+            .and_then(|held| held.grants.iter_mut().find(|g| g.token == token))
+        {
+            grant.origin = origin;
+        }
+    }
+
+    /// Registers the grant `token` of `holder`, held at `levels` recursion levels (RLock; 1
+    /// otherwise), so that the heartbeat renews its lease.
+    fn record(&self, token: u64, holder: &str, levels: u64) {
         let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
         let held = registry.entry(self.keys().state).or_insert_with(|| Held {
             object: self.clone(),
@@ -471,10 +618,15 @@ impl GrantObject {
         });
         match held.grants.iter_mut().find(|g| g.token == token) {
             // An RLock acquired again: the script gave the grant a lease again.
-            Some(grant) => grant.detached = false,
+            Some(grant) => {
+                grant.detached = false;
+                grant.levels = levels;
+            }
             None => held.grants.push(HeldGrant {
                 token,
                 holder: holder.to_string(),
+                origin: token,
+                levels,
                 lost: false,
                 detached: false,
                 releasing: false,
@@ -560,7 +712,7 @@ impl Acquire {
     }
 
     fn granted(&self, token: u64, count: u64) -> Step<Option<Grant>> {
-        self.object.record(token, &self.holder);
+        self.object.record(token, &self.holder, count);
         Step::Done(Ok(Some(Grant { token, count })))
     }
 }
@@ -634,6 +786,12 @@ struct Held {
 struct HeldGrant {
     token: u64,
     holder: String,
+    /// The grant the hold began with: this one's token or, when a `Condition` wait took the
+    /// lock back for its caller, the origin of the grant the wait gave up. A guard releases
+    /// the grant of its origin (and nothing when there is none).
+    origin: u64,
+    /// Recursion levels (RLock) as this process counts them; 1 otherwise.
+    levels: u64,
     /// The heartbeat found it gone; release reports it.
     lost: bool,
     /// Its lease was taken off at a clean exit (`grants_detach.lua`): not renewed any more.
@@ -647,17 +805,13 @@ static REGISTRY: LazyLock<Mutex<HashMap<String, Held>>> = LazyLock::new(Default:
 
 /// The grant this process (this thread or task, for an RLock) holds on the object, newest first.
 fn held_grant(state: &str, kind: GrantKind) -> Option<u64> {
-    held_grant_of(state, kind, &kind.holder())
-}
-
-/// The grant this process holds on the object (for an RLock: `holder`'s), newest first.
-fn held_grant_of(state: &str, kind: GrantKind, holder: &str) -> Option<u64> {
+    let holder = (kind == GrantKind::RLock).then(|| kind.holder());
     let registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
     let held = registry.get(state)?;
     held.grants
         .iter()
         .rev()
-        .find(|g| kind != GrantKind::RLock || g.holder == holder)
+        .find(|g| holder.as_ref().is_none_or(|h| &g.holder == h))
         .map(|g| g.token)
 }
 
@@ -673,6 +827,48 @@ fn set_releasing(state: &str, token: Option<u64>, releasing: bool) {
     {
         grant.releasing = releasing;
     }
+}
+
+/// Sets what a release that did not end the grant `token` left: no longer under way, and
+/// `levels` recursion levels when the release went through (an RLock released one level).
+fn settle(state: &str, token: Option<u64>, levels: Option<u64>) {
+    let Some(token) = token else {
+        return;
+    };
+    let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(grant) = registry
+        .get_mut(state)
+        .and_then(|held| held.grants.iter_mut().find(|g| g.token == token))
+    {
+        grant.releasing = false;
+        if let Some(levels) = levels {
+            grant.levels = levels;
+        }
+    }
+}
+
+/// Takes one recursion level of the first registered grant that `pick` chooses off this
+/// process's registry, ahead of a release that nobody may see fail (an undo, a guard): its
+/// token, and whether that was its last level (the grant left the registry). A release sent
+/// after this can fail without the hold being renewed for good: the heartbeat no longer
+/// renews a grant the registry forgot, so its lease lapses; and later calls in this process
+/// do not take its token for theirs meanwhile. An `RLock` grant with levels left stays
+/// registered (its owner still holds it). `None`: no such grant.
+fn retire(state: &str, kind: GrantKind, pick: impl Fn(&HeldGrant) -> bool) -> Option<(u64, bool)> {
+    let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    let held = registry.get_mut(state)?;
+    let index = held.grants.iter().position(pick)?;
+    let grant = &mut held.grants[index];
+    let token = grant.token;
+    if kind == GrantKind::RLock && grant.levels > 1 {
+        grant.levels -= 1;
+        return Some((token, false));
+    }
+    held.grants.remove(index);
+    if held.grants.is_empty() {
+        registry.remove(state);
+    }
+    Some((token, true))
 }
 
 /// Drops a grant from this process's registry (released by a script).

@@ -1,5 +1,9 @@
 -- Release one grant.
 -- ARGV[5] holder, ARGV[6] kind, ARGV[7] the caller's grant id ('' when it holds none).
+-- A named grant is released or the release fails (LOST, or {0} for a semaphore): it never falls
+-- back to another grant. The '' form serves `release()` called by a process that holds nothing
+-- (a Lock held elsewhere, a Semaphore used as a counter); a guard, an undo or a dropped call
+-- always names its grant, and sends nothing once its grant is gone.
 -- Lock: the caller's grant, or (Python allows it) whoever's grant exists. RLock: only the
 -- owner's, one recursion level at a time. Semaphore and BoundedSemaphore: the caller's grant, or,
 -- when it holds none, a plain increment (a semaphore is a counter, also used as a signal between

@@ -32,10 +32,10 @@
 //!
 //! `acquire_async`, `acquire_timeout_async`, `try_acquire_async`, `lock_async` (a [`Guard`]) and
 //! `release_async` (also on `Semaphore`, `BoundedSemaphore`, and `Condition`'s lock), and
-//! [`Lock::locked_async`], [`RLock::locked_async`] (and the semaphores' `get_value_async`) run the
-//! same round trips as the blocking forms (the same state machine, `grants.rs`) as a task on shoal's
-//! actor runtime, the wait on a dedicated connection of that runtime, and hand the result back
-//! through a oneshot channel: any executor can await them and no thread is parked per call.
+//! [`Lock::locked_async`], [`RLock::locked_async`] (and the semaphores' `get_value_async`) run
+//! the same round trips as the blocking forms (the same state machine, `grants.rs`) as a task on
+//! shoal's actor runtime, the wait on a dedicated connection of that runtime, and hand the result
+//! back through a oneshot channel: any executor can await them and no thread is parked per call.
 //! Timeouts run from the first poll.
 //!
 //! The owner of an `RLock` hold is the thread that takes it or, inside a Tokio task, the task
@@ -49,7 +49,8 @@
 //! made for a future that is gone (granted in that last step, or just as the future was
 //! dropped) is released at once by the task. Until then the lock may look held, and a waiter
 //! behind the dropped one waits that much longer. A dropped `release_async` still releases if
-//! it was sent (at most once).
+//! it was sent (at most once); [`Guard::release_async`] sends its release when called, so its
+//! future releases even if it is never polled.
 //!
 //! Keys, scripts and round trips: see the grant core (`grants.rs`).
 
@@ -61,7 +62,7 @@ use shoal_core::context;
 use shoal_core::error::{Error, Result};
 
 use crate::common::hold_methods;
-use crate::grants::{self, GrantKind, GrantObject};
+use crate::grants::{GrantKind, GrantObject};
 
 /// A lock shared by every process that has its handle.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -79,14 +80,22 @@ pub struct RLock {
 /// [`Guard::release`] (or [`Guard::release_async`]) to see the error.
 ///
 /// The guard remembers its hold (fencing token and owner), so it releases that hold whatever
-/// thread or task drops it. A guard from an async form (`lock_async`) releases on shoal's actor
-/// runtime when dropped, without blocking the thread that drops it; one from `lock` releases on
-/// the dropping thread (one round trip).
+/// thread or task drops it, and only that hold: after a [`Condition`](crate::Condition) wait
+/// took the lock back, the hold the wait gave its caller; after a wait that failed or whose
+/// future was dropped (the lock given up and not taken back), or once the hold was released
+/// otherwise, nothing. A guard from an async form (`lock_async`) releases on shoal's actor
+/// runtime when dropped, without blocking the thread that drops it; one from `lock` releases
+/// on the dropping thread (one round trip). A release nobody waits for (a drop) that cannot
+/// reach Redis is sent again a few times from the actor runtime; the hold is no longer renewed
+/// from the moment it is released, so at worst its lease lapses.
 #[must_use = "the hold is released when the guard is dropped"]
 #[derive(Debug)]
 pub struct Guard<'a> {
     object: &'a GrantObject,
     token: u64,
+    /// The grant the hold began with (see `GrantObject::hold_origin`): a `Condition` wait
+    /// replaces the grant, and the registry tells which grant continues this hold.
+    origin: u64,
     holder: String,
     released: bool,
     /// From an async form: a drop releases on the actor runtime.
@@ -98,6 +107,7 @@ impl Guard<'_> {
         Guard {
             object,
             token,
+            origin: object.hold_origin(token),
             holder,
             released: false,
             release_in_background: false,
@@ -105,13 +115,9 @@ impl Guard<'_> {
     }
 
     pub(crate) fn new_async(object: &GrantObject, token: u64, holder: String) -> Guard<'_> {
-        Guard {
-            object,
-            token,
-            holder,
-            released: false,
-            release_in_background: true,
-        }
+        let mut guard = Guard::new(object, token, holder);
+        guard.release_in_background = true;
+        guard
     }
 
     /// The fencing token of this hold: larger than every earlier hold's.
@@ -119,22 +125,61 @@ impl Guard<'_> {
         self.token
     }
 
-    /// Releases now, reporting an error (for instance a lapsed lease).
+    /// Releases now, reporting an error (for instance a lapsed lease, or a hold that a
+    /// `Condition` wait gave up and did not take back). A release that could not reach Redis is
+    /// sent again a few times from the actor runtime; the hold is no longer renewed, so at
+    /// worst its lease lapses.
     pub fn release(mut self) -> Result<()> {
         self.released = true;
-        let mine = self.object.token_of(&self.holder);
-        self.object.release_as(&self.holder, mine).map(|_| ())
+        let (token, last) = self.retire()?;
+        let released = self.object.release_retired(&self.holder, token);
+        if let Err(e) = &released
+            && last
+            && e.is_store_unreachable()
+        {
+            // The caller learns of the failure; the release is sent again meanwhile.
+            let holder = std::mem::take(&mut self.holder);
+            self.object.release_in_background(holder, token, last, true);
+        }
+        released.map(|_| ())
     }
 
-    /// Releases now without blocking the caller's thread (1 round trip on shoal's actor
-    /// runtime), reporting an error (for instance a lapsed lease).
+    /// Releases without blocking the caller's thread (1 round trip on shoal's actor runtime,
+    /// sent again a few times while Redis cannot be reached), reporting an error (for instance
+    /// a lapsed lease). The release is under way when this returns: dropping the future, even
+    /// unpolled, does not keep the hold.
     pub fn release_async(mut self) -> impl Future<Output = Result<()>> + Send + use<> {
         self.released = true;
-        let mine = self.object.token_of(&self.holder);
-        let releasing = self
-            .object
-            .release_async(std::mem::take(&mut self.holder), mine);
-        async move { releasing.await.map(|_| ()) }
+        let call = self.retire().and_then(|(token, last)| {
+            let (object, holder) = (self.object.clone(), std::mem::take(&mut self.holder));
+            // Started now rather than at the first poll: a future that is never polled (an
+            // early `?`, a `select!`) still releases.
+            let context = context::current()?;
+            Ok(context.spawn(move |store, caller| async move {
+                let released = object
+                    .send_retired(&store, &holder, token, last, false)
+                    .await;
+                if caller.is_gone() {
+                    object.report_release(released, last);
+                } else {
+                    caller.finish(released);
+                }
+            }))
+        });
+        async move { call?.await.map(|_| ()) }
+    }
+
+    /// Takes one level of this guard's hold off the registry ahead of its release (see
+    /// `GrantObject::retire_hold`): its grant and whether it was the last level.
+    fn retire(&self) -> Result<(u64, bool)> {
+        self.object.retire_hold(self.origin).ok_or_else(|| {
+            Error::invalid_state(format!(
+                "release of {}: this guard's hold (fencing token {}) is no longer held here: a \
+                 Condition wait gave it up and did not take the lock back, or it was released",
+                self.object.address.describe(),
+                self.token
+            ))
+        })
     }
 }
 
@@ -143,30 +188,33 @@ impl Drop for Guard<'_> {
         if self.released {
             return;
         }
-        // The hold as it is now (a `Condition.wait` replaces it with a new one).
-        let mine = self.object.token_of(&self.holder);
-        if !self.release_in_background {
-            if let Err(e) = self.object.release_as(&self.holder, mine) {
-                tracing::error!("releasing {}: {e}", self.object.address.describe());
-            }
+        let Some((token, last)) = self.object.retire_hold(self.origin) else {
+            // Never another's hold: a guard releases its own or nothing.
+            tracing::debug!(
+                "{}: the hold of a dropped guard (fencing token {}) is no longer held here; \
+                 nothing to release",
+                self.object.address.describe(),
+                self.token
+            );
+            return;
+        };
+        let holder = std::mem::take(&mut self.holder);
+        if self.release_in_background {
+            self.object
+                .release_in_background(holder, token, last, false);
             return;
         }
-        if self.object.kind != GrantKind::RLock {
-            // The drop ends this one-level hold: later calls in this process must not take its
-            // token for theirs while the release is under way (should it fail, the hold, no
-            // longer renewed, lapses after the lease).
-            grants::forget(&self.object.keys().state, mine);
-        }
-        match context::current().and_then(|c| c.async_store()) {
-            Ok(store) => {
-                let (object, holder, token) =
-                    (self.object.clone(), std::mem::take(&mut self.holder), mine);
-                let runtime = store.runtime().clone();
-                drop(runtime.spawn(async move {
-                    object.release_detached(&store, holder, token).await;
-                }));
+        match self.object.release_retired(&holder, token) {
+            Ok(_) => {}
+            // Sent again from the actor runtime, rather than blocking this thread.
+            Err(e) if last && e.is_store_unreachable() => {
+                tracing::debug!(
+                    "releasing {}: {e}; trying again",
+                    self.object.address.describe()
+                );
+                self.object.release_in_background(holder, token, last, true);
             }
-            Err(e) => tracing::error!("releasing {}: {e}", self.object.address.describe()),
+            Err(e) => self.object.report_release(Err(e), last),
         }
     }
 }

@@ -739,12 +739,18 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
                 let mut framed = Vec::with_capacity(payload.len() + 1);
                 framed.push(DATA);
                 framed.extend_from_slice(&payload);
-                let mut cmd = redis::cmd("LPUSH");
-                cmd.arg(&inbox).arg(framed);
+                // The TTL too: the push may have made the inbox again after it expired.
+                let mut pipe = redis::pipe();
+                pipe.cmd("LPUSH")
+                    .arg(&inbox)
+                    .arg(framed)
+                    .ignore()
+                    .expire(&inbox, ttl(store.store()) as i64)
+                    .ignore();
                 op::undo_request(
                     &store,
                     || address.describe(),
-                    Request::cmd("giving a message back to", cmd),
+                    Request::pipe("giving a message back to", pipe),
                 )
                 .await;
             })

@@ -47,9 +47,9 @@
 //! numbering, this process's `closed` mark) goes once the process has no handle of the queue
 //! left and everything put was written (checked at most once a second, at a put or a mark of
 //! any queue, and at the exit hook that ends a pool worker's task): a process that makes a
-//! queue per request does not keep one record per queue. A handle of the queue that comes back later makes a new record, numbered from 1
-//! again under a new writer hash. A
-//! queue has at most one batch in flight, and later items wait behind it, which keeps the order.
+//! queue per request does not keep one record per queue. A handle of the queue that comes back
+//! later makes a new record, numbered from 1 again under a new writer hash. A queue has at most
+//! one batch in flight, and later items wait behind it, which keeps the order.
 //! Each queue's reply is read on its own (`ignore_errors`), so one queue's failure neither blocks
 //! nor repeats another's batch.
 //!
@@ -100,8 +100,9 @@
 //! the queue, drops its last handle of it or exits, or, when it died, once its hold lapses
 //! (0.2 s + `sync.lease_secs`).
 //! Batches grow only while one consumer drains the queue; with several consumers, and on a
-//! bounded queue, each get takes one item (claimed the same way). The items one process holds are not seen by another meanwhile: the other receives
-//! them after the later items it took. The details are in `claims/mod.rs`.
+//! bounded queue, each get takes one item (claimed the same way). The items one process holds
+//! are not seen by another meanwhile: the other receives them after the later items it took.
+//! The details are in `claims/mod.rs`.
 //!
 //! # Async forms
 //!
@@ -123,12 +124,13 @@
 //!   outcome Redis could not tell). A dropped future stops the task before its next wait slice
 //!   (within a second) without taking anything; an item claimed for it goes back to the head
 //!   of the queue before its ack, and one acked as the caller left is pushed back to the head
-//!   (`LPUSH`).
+//!   (`LPUSH`, which also renews the items' TTL: the queue's keys may have expired meanwhile).
 //!   Until then another reader may see the next item first; a bounded queue may briefly hold
 //!   one item above `maxsize` (a writer woken by that get may have filled the place).
 //! * `put_async` (bounded or joinable): a put still waiting for room leaves the writers' queue
-//!   before its next slice and passes on a wake-up it had consumed; an item already written
-//!   stays written (it is the queue's now, like a sent message).
+//!   before its next slice and passes on a wake-up it had consumed; one woken (or finding room)
+//!   after its caller left writes nothing and passes the wake-up on too; an item already
+//!   written stays written (it is the queue's now, like a sent message).
 //! * `join_async`: the joiner leaves the joiners' queue.
 
 use std::collections::{HashMap, VecDeque};
@@ -370,12 +372,18 @@ impl QueueCore {
             let undo: op::Undo<Vec<u8>> = Box::new(move |store, item| {
                 Box::pin(async move {
                     let keys = core.keys();
-                    let mut cmd = redis::cmd("LPUSH");
-                    cmd.arg(&keys.items).arg(item);
+                    // The TTL too: the push may have made the list again after it expired.
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("LPUSH")
+                        .arg(&keys.items)
+                        .arg(item)
+                        .ignore()
+                        .expire(&keys.items, ttl(store.store()) as i64)
+                        .ignore();
                     op::undo_request(
                         &store,
                         || core.address.describe(),
-                        Request::cmd("giving an item back to", cmd),
+                        Request::pipe("giving an item back to", pipe),
                     )
                     .await;
                 })

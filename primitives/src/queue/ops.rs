@@ -8,7 +8,9 @@ use super::*;
 /// check after a slice of its wait finds room (`room.lua`: a wake-up spent on a writer that
 /// died leaves room that nobody was told of) or the queue gone. At the deadline, or when the
 /// async caller left, it leaves the writers' queue; a wake-up (room) that had reached it is
-/// passed on to the next writer.
+/// passed on to the next writer. The put after a wake-up is an abandon point: an async caller
+/// that left during the wait slice that brought the wake-up gets nothing written, and the
+/// wake-up goes on to the next writer.
 pub(super) struct Put {
     core: QueueCore,
     keys: Arc<QueueKeys>,
@@ -22,6 +24,9 @@ pub(super) struct Put {
 
 enum PutPhase {
     Putting,
+    /// Putting again after a wake-up or room found: the room is this writer's to use or to
+    /// pass on.
+    Reputting,
     Waiting(Box<WakeWait<RoomCheck>>),
     PassingOn,
 }
@@ -45,13 +50,15 @@ impl Put {
         }
     }
 
-    fn put(&mut self, store: &Store) -> Step<()> {
+    /// `put.lua`, in `phase` (putting first, or again after a wake-up).
+    fn put(&mut self, store: &Store, phase: PutPhase) -> Step<()> {
         self.waiter = if self.wait {
             common::waiter_id()
         } else {
             String::new()
         };
-        self.phase = PutPhase::Putting;
+        let again = matches!(phase, PutPhase::Reputting);
+        self.phase = phase;
         let keys = &self.keys;
         let mut invocation = PUT.prepare_invoke();
         invocation
@@ -67,7 +74,20 @@ impl Put {
             .arg(liveness())
             .arg(if self.core.joinable { "1" } else { "0" })
             .arg(&keys.claim_prefix);
-        Step::Next(Request::script("putting on", invocation))
+        let request = Request::script("putting on", invocation);
+        // After a wake-up, the caller may have left during the slice that brought it: its item
+        // must not be written then (see `abandon`).
+        Step::Next(if again {
+            request.abandon_point()
+        } else {
+            request
+        })
+    }
+
+    /// Passes a wake-up (room) this writer will not use on to the next writer.
+    fn pass_on(&mut self, store: &Store) -> Step<()> {
+        self.phase = PutPhase::PassingOn;
+        Step::Next(self.keys.putters.wake(store, 1))
     }
 
     fn gave_up(&self) -> Error {
@@ -83,11 +103,8 @@ impl Put {
             Step::Next(request) => Step::Next(request),
             Step::Done(Err(e)) => Step::Done(Err(self.core.address.error(e))),
             // Room was made: try again.
-            Step::Done(Ok(Woke { gave_up: false, .. })) => self.put(store),
-            Step::Done(Ok(Woke { woken: true, .. })) => {
-                self.phase = PutPhase::PassingOn;
-                Step::Next(self.keys.putters.wake(store, 1))
-            }
+            Step::Done(Ok(Woke { gave_up: false, .. })) => self.put(store, PutPhase::Reputting),
+            Step::Done(Ok(Woke { woken: true, .. })) => self.pass_on(store),
             Step::Done(Ok(_)) => Step::Done(Err(self.gave_up())),
         }
     }
@@ -101,12 +118,12 @@ impl Operation for Put {
     }
 
     fn start(&mut self, store: &Store) -> Step<()> {
-        self.put(store)
+        self.put(store, PutPhase::Putting)
     }
 
     fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<()> {
         match &mut self.phase {
-            PutPhase::Putting => match op::parse::<u64>(reply, "a put") {
+            PutPhase::Putting | PutPhase::Reputting => match op::parse::<u64>(reply, "a put") {
                 Err(e) => Step::Done(Err(self.core.address.error(e))),
                 Ok(1) => Step::Done(Ok(())),
                 Ok(_) if !self.wait => Step::Done(Err(Error::Full)),
@@ -146,6 +163,9 @@ impl Operation for Put {
                 let step = waiting.cancel(store);
                 self.after_wait(store, step)
             }
+            // Woken (or room found) after the caller left: the item is not written, and the
+            // room goes to the next writer.
+            PutPhase::Reputting => self.pass_on(store),
             PutPhase::Putting | PutPhase::PassingOn => Step::Done(Err(op::abandoned())),
         }
     }
