@@ -25,6 +25,21 @@ use crate::error::{Error, Result};
 /// The version byte that starts every payload.
 pub const FORMAT_VERSION: u8 = 1;
 
+/// How deep arrays and maps (a struct is a map) may nest in a value that is decoded: a value
+/// nested deeper is a codec error. Decoding recurses once per level, and a forged payload of
+/// 1 KB can nest a thousand deep (rmp-serde's own limit is 1024): at 2 to 4 KB of stack per
+/// level in an unoptimized build, that overflows a thread's 2 MB stack, which aborts the
+/// process. 128 levels, as `serde_json` allows, take 0.5 MB at most there. A value nested
+/// deeper can still be encoded: the reader refuses it.
+pub const MAX_DEPTH: usize = 128;
+
+/// A deserializer of MessagePack `bytes` under [`MAX_DEPTH`].
+fn deserializer(bytes: &[u8]) -> rmp_serde::Deserializer<rmp_serde::decode::ReadReader<&[u8]>> {
+    let mut de = rmp_serde::Deserializer::new(bytes);
+    de.set_max_depth(MAX_DEPTH);
+    de
+}
+
 /// Encodes `value` for storage at `key`, refusing payloads over `limit` bytes.
 pub fn encode<T: Serialize + ?Sized>(value: &T, key: &str, limit: usize) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(64);
@@ -61,10 +76,10 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], key: &str, limit: usize) -> Res
     match bytes.split_first() {
         None => Err(codec_error("empty payload".into())),
         Some((&FORMAT_VERSION, body)) => {
-            let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
+            let mut de = deserializer(body);
             let value =
                 T::deserialize(&mut de).map_err(|e| codec_error(format!("cannot decode: {e}")))?;
-            let trailing = body.len() as u64 - de.position();
+            let trailing = de.get_ref().len();
             if trailing > 0 {
                 return Err(codec_error(format!(
                     "{trailing} bytes left after the value (not a {} payload)",
@@ -248,10 +263,11 @@ impl<'a> ArrayReader<'a> {
         let (remaining, body) = split_array_header(bytes).ok_or_else(|| Error::Codec {
             key: key(),
             expected: "an array".into(),
-            reason: "not a MessagePack array".into(),
+            reason: "not a MessagePack array, or a header claiming more elements than follow"
+                .into(),
         })?;
         Ok(ArrayReader {
-            de: rmp_serde::Deserializer::new(body),
+            de: deserializer(body),
             remaining,
             single: false,
         })
@@ -269,7 +285,7 @@ impl<'a> ArrayReader<'a> {
     pub fn single(bytes: &'a [u8], limit: usize, key: impl Fn() -> String) -> Result<Self> {
         let body = payload_body(bytes, limit, &key, "a value")?;
         Ok(ArrayReader {
-            de: rmp_serde::Deserializer::new(body),
+            de: deserializer(body),
             remaining: 1,
             single: true,
         })
@@ -307,7 +323,7 @@ impl<'a> ArrayReader<'a> {
             }
             Err(e) => {
                 // The element may have been read part way: read it again, as anything.
-                self.de = rmp_serde::Deserializer::new(start);
+                self.de = deserializer(start);
                 if IgnoredAny::deserialize(&mut self.de).is_err() {
                     self.remaining = 0;
                 }
@@ -332,24 +348,29 @@ impl<'a> ArrayReader<'a> {
 }
 
 /// The count and the elements of a MessagePack array; `None` when `bytes` does not start with
-/// an array header.
+/// an array header, or when its count is more than the bytes after it could hold (every element
+/// takes one byte at least): callers size buffers by the count, and a forged 5-byte header
+/// claiming four billion elements must not make them allocate for it.
 fn split_array_header(bytes: &[u8]) -> Option<(u32, &[u8])> {
     let (&marker, rest) = bytes.split_first()?;
-    match marker {
-        0x90..=0x9f => Some((u32::from(marker & 0x0f), rest)),
+    let (count, elements) = match marker {
+        0x90..=0x9f => (u32::from(marker & 0x0f), rest),
         0xdc => {
             let (n, rest) = rest.split_first_chunk::<2>()?;
-            Some((u32::from(u16::from_be_bytes(*n)), rest))
+            (u32::from(u16::from_be_bytes(*n)), rest)
         }
         ARRAY32 => {
             let (n, rest) = rest.split_first_chunk::<4>()?;
-            Some((u32::from_be_bytes(*n), rest))
+            (u32::from_be_bytes(*n), rest)
         }
-        _ => None,
-    }
+        _ => return None,
+    };
+    let possible = usize::try_from(count).is_ok_and(|count| count <= elements.len());
+    possible.then_some((count, elements))
 }
 
-/// The number of elements of the MessagePack array `bytes`; `None` when it is not one.
+/// The number of elements of the MessagePack array `bytes`; `None` when it is not one, or its
+/// header claims more elements than the bytes after it can hold.
 pub fn array_len(bytes: &[u8]) -> Option<u32> {
     split_array_header(bytes).map(|(n, _)| n)
 }
@@ -509,6 +530,82 @@ mod tests {
         let mut r = ArrayReader::array(&second, || "k".into()).expect("second");
         assert_eq!(r.remaining(), 1);
         assert_eq!(r.next::<u8>(|| "k".into()).expect("9"), 9);
+    }
+
+    #[test]
+    fn an_array_header_claiming_more_elements_than_follow_is_refused() {
+        // `array 32` of 4294967295 elements, and nothing after it.
+        let forged = [ARRAY32, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(array_len(&forged), None);
+        match ArrayReader::array(&forged, || "results of f".into()) {
+            Err(Error::Codec { key, .. }) => assert_eq!(key, "results of f"),
+            other => panic!("{other:?}"),
+        }
+        let mut payload = vec![FORMAT_VERSION];
+        payload.extend_from_slice(&forged);
+        assert!(matches!(
+            ArrayReader::payload(&payload, 1024, || "k".into()),
+            Err(Error::Codec { .. })
+        ));
+        assert!(matches!(
+            decode::<Vec<u8>>(&payload, "k", 1024),
+            Err(Error::Codec { .. })
+        ));
+        assert!(matches!(
+            decode::<IgnoredAny>(&payload, "k", 1024),
+            Err(Error::Codec { .. })
+        ));
+        // One element short, in each header size; a count the bytes can hold is read.
+        assert_eq!(array_len(&[0x93, 1, 2]), None);
+        assert_eq!(array_len(&[0xdc, 0, 3, 1, 2]), None);
+        assert_eq!(array_len(&[ARRAY32, 0, 0, 0, 3, 1, 2]), None);
+        assert_eq!(array_len(&[0x93, 1, 2, 3]), Some(3));
+        assert_eq!(array_len(&[0xdc, 0, 3, 1, 2, 3]), Some(3));
+        assert_eq!(array_len(&[ARRAY32, 0, 0, 0, 0]), Some(0));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_exhausting_the_stack() {
+        // 1 KB of nested one-element arrays around a nil.
+        let mut payload = vec![FORMAT_VERSION];
+        payload.extend(std::iter::repeat_n(0x91u8, 1023));
+        payload.push(0xc0);
+        let mut array = vec![0x91u8];
+        array.extend_from_slice(&payload[1..]);
+        // A small stack, as a thread of a pool or of the actor system may have: decoding must
+        // fail before it runs out (an overflow aborts the whole process).
+        let refused = std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn(move || {
+                let whole = decode::<IgnoredAny>(&payload, "k", 4096);
+                let mut reader = ArrayReader::array(&array, || "k".into()).expect("reader");
+                let element = reader.next::<IgnoredAny>(|| "k".into());
+                let mut reader = ArrayReader::array(&array, || "k".into()).expect("reader");
+                (whole, element, reader.skip())
+            })
+            .expect("thread")
+            .join()
+            .expect("no overflow");
+        match refused.0 {
+            Err(Error::Codec { reason, .. }) => assert!(reason.contains("depth"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(refused.1, Err(Error::Codec { .. })));
+        assert!(!refused.2, "skipped");
+        // A value of MAX_DEPTH - 1 nested arrays round-trips; one more level is refused.
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Nested(Vec<Nested>);
+        let mut deep = Nested(Vec::new());
+        for _ in 1..MAX_DEPTH - 1 {
+            deep = Nested(vec![deep]);
+        }
+        let bytes = encode(&deep, "k", 4096).expect("encodes");
+        assert_eq!(decode::<Nested>(&bytes, "k", 4096).expect("decodes"), deep);
+        let deeper = encode(&Nested(vec![deep]), "k", 4096).expect("encodes");
+        assert!(matches!(
+            decode::<Nested>(&deeper, "k", 4096),
+            Err(Error::Codec { .. })
+        ));
     }
 
     #[test]

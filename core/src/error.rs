@@ -245,14 +245,19 @@ impl Error {
     /// True when Redis could not be reached or did not answer (connection refused or dropped,
     /// I/O error, timeout), as opposed to a reply Redis gave. Such a failure says nothing about
     /// the operation or the worker that ran it: the store is away.
+    ///
+    /// Not when Redis refused the credentials (a wrong password is not fixed by waiting, and
+    /// must not pass for a store that went away), nor when its reply could not be read as the
+    /// type asked for (the command ran: doing it again would apply a write twice).
     pub fn is_store_unreachable(&self) -> bool {
         match self {
+            // redis-rs's `is_unrecoverable_error` is deliberately not here: it also holds for
+            // `AuthenticationFailed` and `Parse` (a reply that did not convert), both answers.
             Error::Redis { source, .. } => {
                 source.is_io_error()
                     || source.is_timeout()
                     || source.is_connection_dropped()
                     || source.is_connection_refusal()
-                    || source.is_unrecoverable_error()
             }
             _ => false,
         }
@@ -331,6 +336,35 @@ fn attempts_part(attempts: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_store_out_of_reach_is_unreachable() {
+        let redis = |e: redis::RedisError| Error::redis("doing it", e);
+        for kind in [
+            std::io::ErrorKind::ConnectionRefused,
+            std::io::ErrorKind::ConnectionReset,
+            std::io::ErrorKind::BrokenPipe,
+            std::io::ErrorKind::UnexpectedEof,
+            std::io::ErrorKind::TimedOut,
+            std::io::ErrorKind::WouldBlock,
+        ] {
+            let e = redis(std::io::Error::from(kind).into());
+            assert!(e.is_store_unreachable(), "{kind:?}");
+        }
+        let answers = [
+            redis::RedisError::from((
+                redis::ErrorKind::AuthenticationFailed,
+                "Password authentication failed",
+            )),
+            redis::RedisError::from((redis::ErrorKind::Parse, "not an integer")),
+            redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "not a map")),
+        ];
+        for answer in answers {
+            let e = redis(answer);
+            assert!(!e.is_store_unreachable(), "{e}");
+        }
+        assert!(!Error::Timeout(Duration::from_secs(1)).is_store_unreachable());
+    }
 
     #[test]
     fn messages_name_what_failed() {

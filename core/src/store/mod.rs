@@ -14,6 +14,14 @@
 //!   `redis.response_timeout_secs` (rule 6 of the design: never give up client-side first). A
 //!   connection whose command failed on I/O or timed out is discarded, never reused, so a late
 //!   reply cannot reach the next caller.
+//! * **Idle connections of a server that went away** are not handed out. redis-rs learns that a
+//!   connection is closed only when a command on it fails, so after Redis restarted every idle
+//!   connection would look usable and fail its next command. When a pooled connection is lost
+//!   (closed, reset, refused, or its server answered `READONLY`: it is no longer the primary),
+//!   every connection opened before that is dropped with it: the idle ones at once, the ones in
+//!   use when they come back. The command that met the lost connection fails and is not sent
+//!   again (it may have reached Redis: a write is applied at most once); the next ones open new
+//!   connections.
 //! * **One async multiplexed connection** ([`Store::multiplexed`]) for actors, which reconnects
 //!   by itself after Redis went away and came back (redis-rs's `ConnectionManager`: the command
 //!   that met the broken connection fails, the next ones use a new one), and dedicated async
@@ -96,8 +104,121 @@ pub struct Store {
     url: String,
     settings: StoreSettings,
     keys: KeySpace,
-    idle: Mutex<Vec<Pooled>>,
+    idle: Mutex<IdlePool<Pooled>>,
     multiplexed: tokio::sync::OnceCell<ConnectionManager>,
+}
+
+/// What a command's result says about the connection it ran on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Redis answered (an error reply too): the connection is in step and may be used again.
+    Reusable,
+    /// This connection may be out of step (no reply in time, a reply that could not be read,
+    /// credentials refused): it is dropped.
+    Discard,
+    /// The connection is gone (closed, reset, refused), or the server behind it is no longer a
+    /// primary (`READONLY`): it is dropped, and so is every connection opened before it, which
+    /// went to the same server at the same time.
+    Lost,
+}
+
+impl Outcome {
+    /// The outcome of a command that failed with `e`.
+    fn of_error(e: &RedisError) -> Outcome {
+        // A timeout is an I/O error too, but says the server was slow, not gone: the other
+        // connections may well be fine, and dropping them all would only add reconnections
+        // to a loaded server.
+        if e.is_timeout() {
+            Outcome::Discard
+        } else if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        {
+            Outcome::Lost
+        } else if e.is_unrecoverable_error() {
+            // `Parse` (a reply that could not be read: the stream may be out of step) and
+            // `AuthenticationFailed`: this connection only.
+            Outcome::Discard
+        } else {
+            Outcome::Reusable
+        }
+    }
+}
+
+/// Idle connections kept for reuse (the most recently used first), each with its number: the
+/// order in which it was opened.
+///
+/// redis-rs marks a connection closed only after a command on it failed, so when Redis
+/// restarts, every idle connection is dead but looks usable, and each would fail the next
+/// command given to it. When one connection is [lost](Outcome::Lost), every connection opened
+/// before that moment is taken for lost too (they reached the same server in the same period):
+/// the idle ones are dropped at once, and those in use are dropped when they are put back.
+/// Connections opened afterwards, to the server that is there now, are kept. A connection lost
+/// that was itself already taken for lost (opened before an earlier loss) drops nothing more.
+struct IdlePool<C> {
+    idle: Vec<(C, u64)>,
+    /// The number the next connection opened gets.
+    next: u64,
+    /// Connections numbered below this were opened before the last loss: never reused.
+    stale_below: u64,
+}
+
+impl<C> IdlePool<C> {
+    fn new() -> Self {
+        IdlePool {
+            idle: Vec::new(),
+            next: 0,
+            stale_below: 0,
+        }
+    }
+
+    /// An idle connection and its number, or (none idle) the number of the connection the
+    /// caller opens.
+    fn take(&mut self) -> std::result::Result<(C, u64), u64> {
+        self.idle.pop().ok_or_else(|| self.number())
+    }
+
+    /// The number of a connection about to be opened.
+    fn number(&mut self) -> u64 {
+        let number = self.next;
+        self.next += 1;
+        number
+    }
+
+    /// Puts back connection `number`, whose last command had `outcome`, keeping at most `max`
+    /// idle. Returns the connections not kept (this one, and after a loss the idle ones
+    /// opened before it), for the caller to drop once the pool is unlocked: closing sockets is
+    /// a system call each.
+    fn put_back(&mut self, conn: C, number: u64, outcome: Outcome, max: usize) -> Vec<C> {
+        let current = number >= self.stale_below;
+        match outcome {
+            Outcome::Reusable if current && self.idle.len() < max => {
+                self.idle.push((conn, number));
+                Vec::new()
+            }
+            Outcome::Lost if current => {
+                if !self.idle.is_empty() {
+                    tracing::debug!(
+                        "a connection to Redis was lost: dropping the {} idle connections \
+                         opened before it",
+                        self.idle.len()
+                    );
+                }
+                self.stale_below = self.next;
+                let mut dropped: Vec<C> = self.idle.drain(..).map(|(c, _)| c).collect();
+                dropped.push(conn);
+                dropped
+            }
+            _ => vec![conn],
+        }
+    }
+
+    /// Number of idle connections.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.idle.len()
+    }
 }
 
 /// A pooled synchronous connection and the read timeout its socket has now (changing it is a
@@ -109,13 +230,13 @@ struct Pooled {
 
 impl Pooled {
     /// Runs `f` with the socket's read timeout set to `read_timeout`; returns its result and
-    /// whether the connection may be used again (it is open, and any error was the server's
-    /// answer, not a failure to get one).
+    /// what it says about the connection: it may be used again when it is open and any error
+    /// was the server's answer, not a failure to get one.
     fn run<T>(
         &mut self,
         read_timeout: Option<Duration>,
         f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
-    ) -> Result<(RedisResult<T>, bool)> {
+    ) -> Result<(RedisResult<T>, Outcome)> {
         if self.read_timeout != read_timeout {
             self.conn
                 .set_read_timeout(read_timeout)
@@ -123,11 +244,16 @@ impl Pooled {
             self.read_timeout = read_timeout;
         }
         let result = f(&mut self.conn);
-        let usable = match &result {
-            Ok(_) => self.conn.is_open(),
-            Err(e) => is_server_reply(e) && self.conn.is_open(),
+        let outcome = match &result {
+            Ok(_) => Outcome::Reusable,
+            Err(e) => Outcome::of_error(e),
         };
-        Ok((result, usable))
+        // `f` may have met an error it did not return.
+        let outcome = match outcome {
+            Outcome::Reusable if !self.conn.is_open() => Outcome::Discard,
+            outcome => outcome,
+        };
+        Ok((result, outcome))
     }
 }
 
@@ -154,6 +280,8 @@ impl Pooled {
 #[derive(Default)]
 pub struct HeldConn {
     pooled: Option<Pooled>,
+    /// The number of `pooled` among the store's connections (see [`IdlePool`]).
+    number: u64,
     generation: u64,
 }
 
@@ -208,7 +336,7 @@ impl Store {
             url: url.to_string(),
             keys: KeySpace::new(settings.namespace.clone()),
             settings,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(IdlePool::new()),
             multiplexed: tokio::sync::OnceCell::new(),
         };
         Ok(store)
@@ -217,7 +345,7 @@ impl Store {
     /// The same server and idle connections under other settings (namespace, limits, timeouts).
     pub fn with_settings(self, settings: StoreSettings) -> Store {
         let mut idle = self.idle.into_inner().unwrap_or_else(|p| p.into_inner());
-        for pooled in &mut idle {
+        for (pooled, _) in &mut idle.idle {
             let _ = pooled
                 .conn
                 .set_read_timeout(Some(settings.response_timeout));
@@ -336,18 +464,29 @@ impl Store {
         let read_timeout = block.map(|b| b + self.settings.response_timeout);
         let pooled = match &mut held.pooled {
             Some(pooled) => pooled,
-            None => match self.open_sync() {
-                Ok(pooled) => {
-                    held.generation += 1;
-                    held.pooled.insert(pooled)
+            None => {
+                let number = self.idle.lock().unwrap_or_else(|p| p.into_inner()).number();
+                match self.open_sync() {
+                    Ok(pooled) => {
+                        held.number = number;
+                        held.generation += 1;
+                        held.pooled.insert(pooled)
+                    }
+                    Err(e) => return Err(Error::redis(context(), e)),
                 }
-                Err(e) => return Err(Error::redis(context(), e)),
-            },
+            }
         };
-        let (result, usable) = pooled.run(read_timeout, f)?;
-        if !usable {
-            held.pooled = None;
+        let (result, outcome) = pooled.run(read_timeout, f)?;
+        if outcome != Outcome::Reusable {
+            let closed = held.pooled.take();
             held.generation += 1;
+            // Not pooled, but opened to the same server as the pool's connections: a loss
+            // says the ones opened before it are gone too.
+            if outcome == Outcome::Lost
+                && let Some(closed) = closed
+            {
+                self.put_back(closed, held.number, outcome);
+            }
         }
         result.map_err(|e| Error::redis(context(), e))
     }
@@ -358,22 +497,28 @@ impl Store {
         context: impl FnOnce() -> String,
         f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
     ) -> Result<T> {
-        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut pooled = match pooled {
-            Some(pooled) => pooled,
-            None => match self.open_sync() {
-                Ok(pooled) => pooled,
+        let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (mut pooled, number) = match taken {
+            Ok(taken) => taken,
+            Err(number) => match self.open_sync() {
+                Ok(pooled) => (pooled, number),
                 Err(e) => return Err(Error::redis(context(), e)),
             },
         };
-        let (result, reusable) = pooled.run(read_timeout, f)?;
-        if reusable {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < MAX_IDLE {
-                idle.push(pooled);
-            }
-        }
+        let (result, outcome) = pooled.run(read_timeout, f)?;
+        self.put_back(pooled, number, outcome);
         result.map_err(|e| Error::redis(context(), e))
+    }
+
+    /// Gives synchronous connection `number` back to the pool (see [`IdlePool::put_back`]).
+    fn put_back(&self, pooled: Pooled, number: u64, outcome: Outcome) {
+        let dropped = self
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put_back(pooled, number, outcome, MAX_IDLE);
+        // Closed here, with the pool unlocked.
+        drop(dropped);
     }
 
     fn open_sync(&self) -> RedisResult<Pooled> {
@@ -463,7 +608,7 @@ pub struct AsyncStore {
     store: Arc<Store>,
     runtime: tokio::runtime::Handle,
     shared: tokio::sync::OnceCell<ConnectionManager>,
-    blocking: Mutex<Vec<MultiplexedConnection>>,
+    blocking: Mutex<IdlePool<MultiplexedConnection>>,
 }
 
 impl std::fmt::Debug for AsyncStore {
@@ -481,7 +626,7 @@ impl AsyncStore {
             store,
             runtime,
             shared: tokio::sync::OnceCell::new(),
-            blocking: Mutex::new(Vec::new()),
+            blocking: Mutex::new(IdlePool::new()),
         })
     }
 
@@ -529,7 +674,8 @@ impl AsyncStore {
 
     /// Runs a blocking command whose own timeout is `block` on a dedicated connection of the
     /// pool; the client waits `block` plus the response timeout. A connection whose command
-    /// failed on I/O or timed out is dropped. Call it only from tasks of this store's runtime.
+    /// failed on I/O or timed out is dropped; one that was lost takes the connections opened
+    /// before it along (see the module docs). Call it only from tasks of this store's runtime.
     pub async fn blocking<T: redis::FromRedisValue>(
         &self,
         block: Duration,
@@ -558,14 +704,14 @@ impl AsyncStore {
         request: Dedicated<'_>,
     ) -> Result<T> {
         let response_timeout = block + self.store.settings.response_timeout;
-        let pooled = self
+        let taken = self
             .blocking
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .pop();
-        let mut conn = match pooled {
-            Some(conn) => conn,
-            None => {
+            .take();
+        let (mut conn, number) = match taken {
+            Ok(taken) => taken,
+            Err(number) => {
                 let config = AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(self.store.settings.connect_timeout))
                     .set_response_timeout(Some(response_timeout));
@@ -575,7 +721,7 @@ impl AsyncStore {
                     .get_multiplexed_async_connection_with_config(&config)
                     .await
                 {
-                    Ok(conn) => conn,
+                    Ok(conn) => (conn, number),
                     Err(e) => return Err(Error::redis(context(), e)),
                 }
             }
@@ -585,16 +731,17 @@ impl AsyncStore {
             Dedicated::Cmd(cmd) => cmd.query_async(&mut conn).await,
             Dedicated::Pipe(pipe) => pipe.query_async(&mut conn).await,
         };
-        let reusable = match &result {
-            Ok(_) => true,
-            Err(e) => is_server_reply(e),
+        let outcome = match &result {
+            Ok(_) => Outcome::Reusable,
+            Err(e) => Outcome::of_error(e),
         };
-        if reusable {
-            let mut idle = self.blocking.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < MAX_IDLE_BLOCKING {
-                idle.push(conn);
-            }
-        }
+        let dropped = self
+            .blocking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put_back(conn, number, outcome, MAX_IDLE_BLOCKING);
+        // Closed here, with the pool unlocked.
+        drop(dropped);
         result.map_err(|e| Error::redis(context(), e))
     }
 }
@@ -603,11 +750,6 @@ impl AsyncStore {
 enum Dedicated<'a> {
     Cmd(&'a redis::Cmd),
     Pipe(&'a redis::Pipeline),
-}
-
-/// True when the error is a reply from the server (the connection is still in step).
-fn is_server_reply(e: &RedisError) -> bool {
-    !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error())
 }
 
 #[cfg(test)]
@@ -673,7 +815,7 @@ mod tests {
             },
         );
         assert!(matches!(err, Err(Error::Redis { .. })));
-        assert!(!store.idle.lock().expect("lock").is_empty());
+        assert!(store.idle.lock().expect("lock").len() >= 1);
     }
 
     #[test]
@@ -736,6 +878,277 @@ mod tests {
         assert_eq!(timed_out, None);
         // Both dedicated connections went back to the pool (each answered).
         assert_eq!(async_store.blocking.lock().expect("pool").len(), 2);
+    }
+
+    /// A connection to `url` of its own, to look at and break what the store holds.
+    fn admin(url: &str) -> redis::Connection {
+        redis::Client::open(url)
+            .and_then(|c| c.get_connection())
+            .expect("admin connection")
+    }
+
+    /// Has the server close every client connection but `admin`'s, as a restart does.
+    fn close_clients(admin: &mut redis::Connection) -> usize {
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .arg("SKIPME")
+            .arg("yes")
+            .query(admin)
+            .expect("CLIENT KILL")
+    }
+
+    #[test]
+    fn idle_connections_of_a_server_gone_are_dropped_at_the_first_loss() {
+        let server = EmbeddedRedis::start("redis-server", Duration::from_secs(5)).expect("redis");
+        let store = Arc::new(Store::connect(&server.url(), settings()).expect("connects"));
+        // Eight waits at once: eight connections, idle afterwards.
+        let waits: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    store.with_blocking_conn(
+                        Some(Duration::from_millis(300)),
+                        || "blpop".into(),
+                        |c| {
+                            redis::cmd("BLPOP")
+                                .arg("nothing")
+                                .arg(0.3)
+                                .query::<Option<(String, i64)>>(c)
+                        },
+                    )
+                })
+            })
+            .collect();
+        for wait in waits {
+            assert_eq!(wait.join().expect("thread").expect("blpop"), None);
+        }
+        let idle = store.idle.lock().expect("pool").len();
+        assert!(idle >= 4, "{idle} idle connections");
+        let mut admin = admin(&server.url());
+        assert!(close_clients(&mut admin) >= idle);
+        let failures: Vec<Error> = (0..10)
+            .filter_map(|_| {
+                store
+                    .with_conn(
+                        || "incr".into(),
+                        |c| redis::cmd("INCR").arg("n").query::<i64>(c),
+                    )
+                    .err()
+            })
+            .collect();
+        // The first command may meet a closed connection (it went out before the client could
+        // know); it takes the others along.
+        assert!(failures.len() <= 1, "{failures:?}");
+        assert!(
+            failures.iter().all(Error::is_store_unreachable),
+            "{failures:?}"
+        );
+        let n: i64 = redis::cmd("GET").arg("n").query(&mut admin).expect("get");
+        assert_eq!(n, 10 - failures.len() as i64);
+        assert_eq!(store.idle.lock().expect("pool").len(), 1);
+    }
+
+    #[test]
+    fn a_lost_connection_does_not_drop_those_opened_after_it() {
+        let mut pool = IdlePool::new();
+        // Four connections opened to the first server.
+        let numbers: Vec<u64> = (0..4)
+            .map(|_| pool.take().expect_err("none idle"))
+            .collect();
+        assert!(
+            pool.put_back("a", numbers[0], Outcome::Reusable, 8)
+                .is_empty()
+        );
+        assert_eq!(pool.len(), 1);
+        // It goes away: `b`, in use, is lost, and `a`, idle, goes with it.
+        assert_eq!(
+            pool.put_back("b", numbers[1], Outcome::Lost, 8),
+            vec!["a", "b"]
+        );
+        assert_eq!(pool.len(), 0);
+        // A connection to the server there now is kept.
+        let fresh = pool.take().expect_err("none idle");
+        assert!(
+            pool.put_back("fresh", fresh, Outcome::Reusable, 8)
+                .is_empty()
+        );
+        // Those opened before the loss and in use during it are not kept: one failing late
+        // drops only itself, one that succeeded is dropped all the same.
+        assert_eq!(pool.put_back("c", numbers[2], Outcome::Lost, 8), vec!["c"]);
+        assert_eq!(
+            pool.put_back("d", numbers[3], Outcome::Reusable, 8),
+            vec!["d"]
+        );
+        assert_eq!(pool.take(), Ok(("fresh", fresh)));
+        assert_eq!(
+            pool.put_back("fresh", fresh, Outcome::Discard, 8),
+            vec!["fresh"]
+        );
+        assert_eq!(pool.len(), 0);
+        // At most `max` idle.
+        let numbers: Vec<u64> = (0..3)
+            .map(|_| pool.take().expect_err("none idle"))
+            .collect();
+        for (name, number) in ["x", "y"].into_iter().zip(&numbers) {
+            assert!(
+                pool.put_back(name, *number, Outcome::Reusable, 2)
+                    .is_empty()
+            );
+        }
+        assert_eq!(
+            pool.put_back("z", numbers[2], Outcome::Reusable, 2),
+            vec!["z"]
+        );
+    }
+
+    #[test]
+    fn dedicated_connections_of_a_server_gone_are_dropped_at_the_first_loss() {
+        let server = EmbeddedRedis::start("redis-server", Duration::from_secs(5)).expect("redis");
+        let store = Arc::new(Store::connect(&server.url(), settings()).expect("connects"));
+        let system = crate::actors::ActorSystem::start("test-lost-dedicated").expect("actors");
+        let async_store = AsyncStore::new(store.clone(), system.runtime().clone());
+        let blpop = |key: &str, seconds: f64| {
+            let mut cmd = redis::cmd("BLPOP");
+            cmd.arg(key).arg(seconds);
+            cmd
+        };
+        // Eight waits at once: eight dedicated connections, idle afterwards.
+        let empty = blpop("nothing", 0.3);
+        let call = async_store.spawn(move |s, caller: Caller<usize>| async move {
+            let waits = (0..8).map(|_| {
+                s.blocking::<Option<(String, i64)>>(
+                    Duration::from_millis(300),
+                    || "blpop".into(),
+                    &empty,
+                )
+            });
+            let waited = futures::future::join_all(waits).await;
+            caller.finish(Ok(waited.iter().filter(|w| matches!(w, Ok(None))).count()));
+        });
+        assert_eq!(futures::executor::block_on(call).expect("call"), 8);
+        assert_eq!(async_store.blocking.lock().expect("pool").len(), 8);
+        let mut admin = admin(&server.url());
+        assert!(close_clients(&mut admin) >= 8);
+        let _: () = redis::cmd("RPUSH")
+            .arg("items")
+            .arg(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+            .query(&mut admin)
+            .expect("rpush");
+        let item = blpop("items", 1.0);
+        let call = async_store.spawn(
+            move |s, caller: Caller<Vec<Result<(String, i64)>>>| async move {
+                let mut got = Vec::new();
+                for _ in 0..10 {
+                    got.push(
+                        s.blocking::<Option<(String, i64)>>(
+                            Duration::from_secs(1),
+                            || "blpop".into(),
+                            &item,
+                        )
+                        .await
+                        .map(|popped| popped.expect("an item")),
+                    );
+                }
+                caller.finish(Ok(got));
+            },
+        );
+        let got = futures::executor::block_on(call).expect("call");
+        let failures: Vec<&Error> = got.iter().filter_map(|g| g.as_ref().err()).collect();
+        assert!(failures.len() <= 1, "{got:?}");
+        assert!(failures.iter().all(|e| e.is_store_unreachable()), "{got:?}");
+        // The pop that met the lost connection did not reach Redis: its item is still there.
+        let left: i64 = redis::cmd("LLEN")
+            .arg("items")
+            .query(&mut admin)
+            .expect("llen");
+        assert_eq!(left, failures.len() as i64);
+    }
+
+    #[test]
+    fn a_readonly_reply_drops_the_connection() {
+        let server = EmbeddedRedis::start("redis-server", Duration::from_secs(5)).expect("redis");
+        let store = Store::connect(&server.url(), settings()).expect("connects");
+        let set = |c: &mut redis::Connection| redis::cmd("SET").arg("k").arg(1).query::<()>(c);
+        store.with_conn(|| "set".into(), set).expect("set");
+        assert_eq!(store.idle.lock().expect("pool").len(), 1);
+        // The server becomes a replica (of no server that exists): it refuses writes.
+        let mut admin = admin(&server.url());
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(1)
+            .query(&mut admin)
+            .expect("replicaof");
+        match store.with_conn(|| "set".into(), set) {
+            Err(Error::Redis { source, .. }) => assert_eq!(source.code(), Some("READONLY")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(store.idle.lock().expect("pool").len(), 0);
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("NO")
+            .arg("ONE")
+            .query(&mut admin)
+            .expect("replicaof no one");
+        store.with_conn(|| "set".into(), set).expect("set");
+    }
+
+    #[test]
+    fn a_reply_that_does_not_convert_is_not_sent_again() {
+        let server = EmbeddedRedis::start("redis-server", Duration::from_secs(5)).expect("redis");
+        let mut s = settings();
+        s.response_timeout = Duration::from_secs(3);
+        let store = Store::connect(&server.url(), s).expect("connects");
+        let started = std::time::Instant::now();
+        let result = store.retry_unreachable(|| {
+            store.with_conn(
+                || "incr".into(),
+                |c| redis::cmd("INCR").arg("k").query::<Vec<String>>(c),
+            )
+        });
+        // INCR answers an integer, which is not a list: Redis answered, the write was applied.
+        let e = result.expect_err("not a list");
+        assert!(!e.is_store_unreachable(), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        let n: i64 = store
+            .with_conn(|| "get".into(), |c| redis::cmd("GET").arg("k").query(c))
+            .expect("get");
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn a_wrong_password_fails_at_once_and_says_so() {
+        let server = EmbeddedRedis::start("redis-server", Duration::from_secs(5)).expect("redis");
+        let _: () = redis::cmd("ACL")
+            .arg(&["SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all"])
+            .query(&mut admin(&server.url()))
+            .expect("acl setuser");
+        let mut s = settings();
+        s.response_timeout = Duration::from_secs(5);
+        let wrong = format!("{}?user=app&pass=wrong", server.url());
+        let started = std::time::Instant::now();
+        let e = Store::connect(&wrong, s.clone()).expect_err("a wrong password");
+        assert!(!e.is_store_unreachable(), "{e}");
+        assert!(e.to_string().contains("authentication failed"), "{e}");
+        assert!(!e.to_string().contains("wrong"), "the password leaked: {e}");
+        let lazy = Store::connect_lazy(&wrong, s.clone()).expect("lazy");
+        let e = lazy
+            .retry_unreachable(|| {
+                lazy.with_conn(|| "ping".into(), |c| redis::cmd("PING").query::<()>(c))
+            })
+            .expect_err("a wrong password");
+        assert!(!e.is_store_unreachable(), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        let right = format!("{}?user=app&pass=s3cret", server.url());
+        Store::connect(&right, s).expect("the right password");
     }
 
     #[test]

@@ -1,0 +1,133 @@
+//! The store's connections against a real redis-server: after Redis restarted, the idle pooled
+//! connections of the server that went away are not handed out one failure at a time, and
+//! credentials Redis refuses are an error at once, not a store out of reach.
+
+use std::time::{Duration, Instant};
+
+use shoal::prelude::*;
+use shoal_integration_tests::TestRedis;
+
+shoal::test_support!();
+
+/// A runtime on `redis`, with a response timeout long enough that a retry loop would show.
+fn runtime(redis: &TestRedis) -> shoal::Runtime {
+    let config = Config::builder()
+        .redis_url(redis.url())
+        .response_timeout(Duration::from_secs(10))
+        .build()
+        .expect("config");
+    shoal::init_with(config).expect("runtime")
+}
+
+/// Ten waits at once on `event` (unset), each holding a connection of the pool for 300 ms:
+/// ten connections sit idle afterwards.
+fn fill_the_pool(event: &Event) {
+    std::thread::scope(|s| {
+        let waits: Vec<_> = (0..10)
+            .map(|_| s.spawn(|| event.wait(Some(Duration::from_millis(300)))))
+            .collect();
+        for wait in waits {
+            assert!(!wait.join().expect("thread").expect("wait"), "not set");
+        }
+    });
+}
+
+#[test]
+fn pooled_connections_of_a_restarted_redis_are_not_handed_out() {
+    let mut redis = TestRedis::tcp();
+    let _rt = runtime(&redis);
+    let event = Event::new().expect("event");
+    fill_the_pool(&event);
+    redis.kill();
+    redis.restart();
+    // Redis is back, empty. At most the first call may fail: it met a connection to the server
+    // that went away, and its command was written before the client could know; it is not sent
+    // again (it may have been applied), and it takes the other idle connections along.
+    let mut failures = Vec::new();
+    let mut ok = 0;
+    let mut event = None;
+    let mut value = None;
+    let mut stored = 0u64;
+    for step in 0..10u64 {
+        let outcome = match (&event, &value) {
+            (None, _) => Event::new().map(|e| event = Some(e)),
+            (Some(_), None) => Value::new_raw(stored).map(|v| value = Some(v)),
+            (Some(e), Some(v)) => match step % 4 {
+                0 => e.set(),
+                1 => e.is_set().map(|set| assert!(set)),
+                2 => v.set(step).map(|()| stored = step),
+                _ => v.get().map(|got| assert_eq!(got, stored)),
+            },
+        };
+        match outcome {
+            Ok(()) => ok += 1,
+            Err(e) => failures.push(e),
+        }
+    }
+    eprintln!("after the restart: {ok} calls succeeded, these failed: {failures:?}");
+    assert!(
+        failures.len() <= 1,
+        "{ok} calls succeeded, these failed: {failures:?}"
+    );
+    assert!(
+        failures.iter().all(Error::is_store_unreachable),
+        "{failures:?}"
+    );
+}
+
+#[test]
+fn dedicated_async_connections_of_a_restarted_redis_are_not_handed_out() {
+    let mut redis = TestRedis::tcp();
+    let _rt = runtime(&redis);
+    let event = Event::new().expect("event");
+    // Ten async waits at once: ten dedicated connections of the runtime, idle afterwards.
+    let waits = (0..10).map(|_| event.wait_async(Some(Duration::from_millis(300))));
+    for waited in futures::executor::block_on(futures::future::join_all(waits)) {
+        assert!(!waited.expect("wait"), "not set");
+    }
+    redis.kill();
+    redis.restart();
+    // The first synchronous call may meet a closed connection of the pool (see above).
+    let event = Event::new()
+        .or_else(|e| {
+            assert!(e.is_store_unreachable(), "{e}");
+            Event::new()
+        })
+        .expect("a new event once Redis is back");
+    // The shared multiplexed connection (redis-rs's ConnectionManager) fails the first command
+    // that meets its closed connection and reconnects: let that be this one.
+    let _ = futures::executor::block_on(event.is_set_async());
+    // Each wait blocks on a dedicated connection: at most the first may meet one of the server
+    // that went away (see above), and it takes the other idle ones along.
+    let mut failures = Vec::new();
+    for _ in 0..10 {
+        match futures::executor::block_on(event.wait_async(Some(Duration::from_millis(20)))) {
+            Ok(set) => assert!(!set, "not set"),
+            Err(e) => failures.push(e),
+        }
+    }
+    eprintln!("after the restart, these waits failed: {failures:?}");
+    assert!(failures.len() <= 1, "{failures:?}");
+    assert!(
+        failures.iter().all(Error::is_store_unreachable),
+        "{failures:?}"
+    );
+}
+
+#[test]
+fn a_wrong_password_is_refused_at_once_and_not_taken_for_a_store_away() {
+    let redis = TestRedis::with_acl_user("app", "s3cret");
+    let wrong = redis.url().replace("s3cret", "wrong");
+    let config = Config::builder()
+        .redis_url(&wrong)
+        .response_timeout(Duration::from_secs(10))
+        .build()
+        .expect("config");
+    let started = Instant::now();
+    let e = shoal::init_with(config).expect_err("a wrong password");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "refused after {took:?}");
+    assert!(!e.is_store_unreachable(), "{e}");
+    assert!(e.to_string().contains("authentication failed"), "{e}");
+    assert!(!e.to_string().contains("wrong"), "the password leaked: {e}");
+}
