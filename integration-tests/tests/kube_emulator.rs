@@ -3,7 +3,9 @@
 //! real cluster reports (exit codes, signals, OOM kills, retries, deadlines, TTLs), watches see
 //! the transitions, deletes send the signals of a grace period, selectors and Secrets work, a
 //! pod whose service account is missing is refused with `FailedCreate` Events until it exists,
-//! and a pod in a network namespace reaches a Redis on the bridge.
+//! a pod no node matches stays unscheduled until one does, image pulls fail as a kubelet's do,
+//! writes can be left unanswered and watches held back, and a pod in a network namespace
+//! reaches a Redis on the bridge.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +19,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 use shoal_integration_tests::kube_emulator::{
-    DEFAULT_NAMESPACE, Emulator, NODE_NAME, OOM_KILL_AFTER_MS,
+    DEFAULT_NAMESPACE, Emulator, NODE_NAME, OOM_KILL_AFTER_MS, PULL_FAILURES,
 };
 use shoal_integration_tests::netns::Network;
 use shoal_integration_tests::{TestRedis, pid_running, wait_for};
@@ -1256,4 +1258,215 @@ async fn a_pod_whose_service_account_is_missing_is_refused_with_failed_create_ev
         matches!(&exists, Err(kube::Error::Api(s)) if s.code == 409),
         "every namespace has a default account: {exists:?}"
     );
+}
+
+/// The waiting reason of a pod's container, if it waits.
+fn waiting_reason(pod: &Pod) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .waiting
+        .as_ref()?
+        .reason
+        .clone()
+}
+
+/// A pod whose node selector the node does not match stays Pending and unscheduled
+/// (`PodScheduled=False`, `Unschedulable`, the scheduler's message; no node, no container
+/// status) until the node gets the label; the template's `enableServiceLinks: false` is kept.
+#[tokio::test]
+async fn a_pod_no_node_matches_stays_unscheduled_until_one_does() {
+    let emulator = Emulator::start(None);
+    let (_, jobs, pods) = apis(&emulator);
+    jobs.create(
+        &PostParams::default(),
+        &job(
+            "picky",
+            &["/bin/true"],
+            json!({"spec": {"template": {"spec": {
+                "nodeSelector": {"kubernetes.io/os": "linux", "disktype": "nvme"},
+                "enableServiceLinks": false,
+            }}}}),
+        ),
+    )
+    .await
+    .expect("create");
+    let pod = job_pods(&pods, "picky", 1).await.remove(0);
+    let spec = pod.spec.clone().expect("a spec");
+    assert_eq!(spec.node_name, None, "not bound to a node");
+    assert_eq!(
+        spec.enable_service_links,
+        Some(false),
+        "the template's value"
+    );
+    let status = pod.status.clone().expect("a status");
+    assert_eq!(status.phase.as_deref(), Some("Pending"));
+    assert_eq!(status.container_statuses, None);
+    let scheduled = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled")
+        .expect("a PodScheduled condition");
+    assert_eq!(scheduled.status, "False");
+    assert_eq!(scheduled.reason.as_deref(), Some("Unschedulable"));
+    assert!(
+        scheduled.message.as_deref().is_some_and(|m| m.starts_with(
+            "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector."
+        )),
+        "{scheduled:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let still = pods.get(&name_of(&pod)).await.expect("get");
+    assert_eq!(phase(&still), "Pending");
+    assert_eq!(still.spec.and_then(|s| s.node_name), None);
+
+    emulator.label_node("disktype", "nvme");
+    let done = job_until(&jobs, "picky", "completed", finished).await;
+    assert!(condition(&done, "Complete").is_some(), "{:?}", done.status);
+    let ran = pods.get(&name_of(&pod)).await.expect("get");
+    assert_eq!(
+        ran.spec.and_then(|s| s.node_name).as_deref(),
+        Some(NODE_NAME)
+    );
+}
+
+/// The annotation's first pulls fail (`ErrImagePull`, a rate limit's message), then the
+/// container runs; an image name a runtime cannot parse waits in `InvalidImageName`.
+#[tokio::test]
+async fn image_pulls_fail_for_a_while_and_invalid_names_for_ever() {
+    let emulator = Emulator::start(None);
+    let (_, jobs, pods) = apis(&emulator);
+    jobs.create(
+        &PostParams::default(),
+        &job(
+            "rate-limited",
+            &["/bin/true"],
+            json!({"spec": {"template": {"metadata": {"annotations": {PULL_FAILURES: "2"}}}}}),
+        ),
+    )
+    .await
+    .expect("create");
+    let pod = job_pods(&pods, "rate-limited", 1).await.remove(0);
+    let failing = pod_until(&pods, &name_of(&pod), "failed a pull", |p| {
+        waiting_reason(p).as_deref() == Some("ErrImagePull")
+    })
+    .await;
+    let message = failing.status.as_ref().and_then(|s| {
+        s.container_statuses.as_ref()?[0]
+            .state
+            .as_ref()?
+            .waiting
+            .as_ref()?
+            .message
+            .clone()
+    });
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("429 Too Many Requests")),
+        "{message:?}"
+    );
+    let done = job_until(&jobs, "rate-limited", "completed", finished).await;
+    assert!(condition(&done, "Complete").is_some(), "{:?}", done.status);
+
+    jobs.create(
+        &PostParams::default(),
+        &job(
+            "invalid-image",
+            &["/bin/true"],
+            json!({"spec": {"template": {"spec": {"containers": [{
+                "name": "worker",
+                "image": "registry.example/Team/app:1",
+                "command": ["/bin/true"],
+            }]}}}}),
+        ),
+    )
+    .await
+    .expect("the API server does not parse image names");
+    let pod = job_pods(&pods, "invalid-image", 1).await.remove(0);
+    pod_until(&pods, &name_of(&pod), "waited in InvalidImageName", |p| {
+        waiting_reason(p).as_deref() == Some("InvalidImageName")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let still = pods.get(&name_of(&pod)).await.expect("get");
+    assert_eq!(waiting_reason(&still).as_deref(), Some("InvalidImageName"));
+    assert_eq!(phase(&still), "Pending");
+}
+
+/// Stalled writes get no answer and are never carried out (answered 500 once the stall ends);
+/// reads are answered meanwhile. Held watches send nothing, then what they held, in order.
+#[tokio::test]
+async fn writes_can_go_unanswered_and_watches_be_held_back() {
+    let emulator = Emulator::start(None);
+    let (_, jobs, pods) = apis(&emulator);
+    emulator.stall_writes(true);
+    let (post, stalled) = (
+        PostParams::default(),
+        job("stalled", &["/bin/true"], json!({})),
+    );
+    let create = jobs.create(&post, &stalled);
+    let unanswered = tokio::time::timeout(Duration::from_millis(700), create).await;
+    assert!(
+        unanswered.is_err(),
+        "a stalled write was answered: {unanswered:?}"
+    );
+    let listed = jobs
+        .list(&ListParams::default())
+        .await
+        .expect("reads are answered");
+    assert!(
+        listed.items.is_empty(),
+        "the stalled create was carried out"
+    );
+    let waiting = tokio::spawn({
+        let jobs = jobs.clone();
+        async move {
+            jobs.create(
+                &PostParams::default(),
+                &job("stalled", &["/bin/true"], json!({})),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    emulator.stall_writes(false);
+    let answered = waiting.await.expect("the request's task");
+    assert!(
+        matches!(&answered, Err(kube::Error::Api(s)) if s.code == 500),
+        "{answered:?}"
+    );
+    assert!(jobs.get_opt("stalled").await.expect("get").is_none());
+
+    let mut watch = pods
+        .watch(&WatchParams::default(), "0")
+        .await
+        .expect("a watch")
+        .boxed();
+    emulator.hold_watches(true);
+    jobs.create(
+        &PostParams::default(),
+        &job("held", &["/bin/true"], json!({})),
+    )
+    .await
+    .expect("create");
+    let nothing = tokio::time::timeout(Duration::from_millis(700), watch.next()).await;
+    assert!(nothing.is_err(), "a held watch sent {nothing:?}");
+    assert_eq!(
+        job_pods(&pods, "held", 1).await.len(),
+        1,
+        "lists are answered"
+    );
+    emulator.hold_watches(false);
+    let first = tokio::time::timeout(PATIENCE, watch.next())
+        .await
+        .expect("the held events come")
+        .expect("an event")
+        .expect("a watch event");
+    assert!(matches!(first, WatchEvent::Added(_)), "{first:?}");
 }

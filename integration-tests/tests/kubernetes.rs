@@ -34,7 +34,9 @@ use nix::unistd::Pid;
 use serde_json::json;
 use shoal::config::{Backend, SecretKeyRef};
 use shoal::prelude::*;
-use shoal_integration_tests::kube_emulator::{DEFAULT_NAMESPACE, Emulator, START_DELAY_MS};
+use shoal_integration_tests::kube_emulator::{
+    DEFAULT_NAMESPACE, Emulator, PULL_FAILURES, START_DELAY_MS,
+};
 use shoal_integration_tests::netns::Network;
 use shoal_integration_tests::{TestRedis, contains_bytes, every_value_in_redis};
 
@@ -47,6 +49,13 @@ const ROLE: &str = "KUBERNETES_TEST_ROLE";
 const DRIVER_DONE: &str = "kubernetes-test-driver: scenario done";
 /// Environment variable telling a driver which cluster it drives (`emulator`, `cluster`).
 const TARGET: &str = "KUBERNETES_TEST_TARGET";
+
+/// The executor's annotation setting its pod start timeout, in seconds
+/// (`shoal_executor::kubernetes::ANNOTATION_POD_START_TIMEOUT`, which shoal does not re-export).
+const ANNOTATION_POD_START_TIMEOUT: &str = "shoal.dev/pod-start-timeout-secs";
+/// The executor's annotation setting its API call timeout, in seconds
+/// (`shoal_executor::kubernetes::ANNOTATION_API_CALL_TIMEOUT`).
+const ANNOTATION_API_CALL_TIMEOUT: &str = "shoal.dev/api-call-timeout-secs";
 
 /// How long any single wait may take before it counts as a hang: a minute on the emulator,
 /// five on a real cluster (image pulls, scheduling).
@@ -144,6 +153,37 @@ fn recorded_square(url: String, list: String, x: u64, ms: u64) -> u64 {
     }
     std::thread::sleep(Duration::from_millis(ms));
     x * x
+}
+
+/// Pushes `entry` on the Redis list `list` (best effort, with short timeouts).
+fn record(url: &str, list: &str, entry: &str) {
+    let timeout = Duration::from_secs(1);
+    if let Ok(client) = redis::Client::open(url)
+        && let Ok(mut conn) = client.get_connection_with_timeout(timeout)
+    {
+        let _ = conn.set_read_timeout(Some(timeout));
+        let _ = conn.set_write_timeout(Some(timeout));
+        let _: redis::RedisResult<()> = redis::cmd("RPUSH").arg(list).arg(entry).query(&mut conn);
+    }
+}
+
+/// Handles `SIGTERM` (so the worker lives on through its pod's grace period, as a program with
+/// clean-up to do would), records `started` on `list`, works `ms`, then records `still
+/// running`: a side effect that must not happen once `kill()` has said the process ended.
+#[shoal::remote]
+fn outlives_sigterm(url: String, list: String, ms: u64) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for the signal handler");
+    let _handler = {
+        let _inside = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler")
+    };
+    record(&url, &list, "started");
+    std::thread::sleep(Duration::from_millis(ms));
+    record(&url, &list, "still running");
 }
 
 /// Kills its own worker with `SIGKILL`, as `examples/fault_tolerant_map.rs` does; returns only
@@ -943,14 +983,21 @@ fn actor_survives_a_killed_host_pod(kube: &Kube) {
 /// Pods that cannot start are reported and end their process with code 1, not waited for: an
 /// image that cannot be pulled, a missing Secret, a program the container runtime cannot
 /// execute; a pool whose workers cannot start breaks instead of hanging.
+///
+/// Failures the kubelet retries (a pull, a missing Secret) end the process once they have lasted
+/// `kubernetes.pod_create_grace_secs`, not before; an image name that cannot be parsed ends it at
+/// once, whatever the grace.
 fn unstartable_pods(kube: &Kube, with_bad_command: bool) {
-    let run = |config: Config, what: &str| {
+    let grace = Duration::from_secs(2);
+    let run = |mut config: Config, what: &str| {
+        config.kubernetes.pod_create_grace_secs = grace.as_secs_f64();
         let rt = runtime(config);
         let p = Process::new(noop, ());
         p.start().expect("start");
         let started = Instant::now();
         assert_eq!(exit_code(&p), Some(1), "{what}");
-        println!("{what}: reported after {:?}", started.elapsed());
+        let took = started.elapsed();
+        println!("{what}: reported after {took:?}");
         assert!(
             wait(patience(), || kube
                 .jobs(&format!("shoal.dev/process={}", p.get_name()))
@@ -959,18 +1006,43 @@ fn unstartable_pods(kube: &Kube, with_bad_command: bool) {
         );
         drop(p);
         drop(rt);
+        took
     };
 
     let mut unpullable = kube.config();
     unpullable.kubernetes.image = Some("registry.invalid/shoal/none:1".into());
-    run(unpullable.clone(), "an image that cannot be pulled");
+    let took = run(unpullable.clone(), "an image that cannot be pulled");
+    assert!(
+        took >= grace,
+        "a pull the kubelet retries ended the process at once: {took:?}"
+    );
 
     let mut missing_secret = kube.config();
     missing_secret.kubernetes.redis_url_secret = Some(SecretKeyRef {
         name: "shoal-test-no-such-secret".into(),
         key: "url".into(),
     });
-    run(missing_secret, "a missing Secret");
+    let took = run(missing_secret, "a missing Secret");
+    assert!(
+        took >= grace,
+        "a missing Secret ended the process at once: {took:?}"
+    );
+
+    // No retry makes such a name valid: it ends the process at once, with the grace long.
+    let mut invalid = kube.config();
+    invalid.kubernetes.image = Some("Shoal-Invalid-Image-Name:1".into());
+    invalid.kubernetes.pod_create_grace_secs = 600.0;
+    let rt = runtime(invalid);
+    let p = Process::new(noop, ());
+    p.start().expect("start");
+    let started = Instant::now();
+    assert_eq!(exit_code(&p), Some(1), "an invalid image name");
+    println!(
+        "an invalid image name: reported after {:?}",
+        started.elapsed()
+    );
+    drop(p);
+    drop(rt);
 
     if with_bad_command {
         let mut bad_command = kube.config();
@@ -980,6 +1052,7 @@ fn unstartable_pods(kube: &Kube, with_bad_command: bool) {
 
     // With the default restart budget: workers the backend cannot start break the pool after
     // two in a row per worker.
+    unpullable.kubernetes.pod_create_grace_secs = grace.as_secs_f64();
     let rt = runtime(unpullable);
     let pool = Pool::builder().processes(1).build().expect("pool");
     let started = Instant::now();
@@ -1096,6 +1169,229 @@ fn refused_then_admitted(kube: &Kube) {
         exit_code(&p),
         Some(0),
         "a pod admitted within the grace runs"
+    );
+}
+
+/// Failures to start that the kubelet retries and that then clear do not end the process: an
+/// image whose first pulls fail (a registry's rate limit; the emulator's [`PULL_FAILURES`]) and
+/// a Secret the container needs created a moment after the pod: both processes run and exit 0.
+fn transient_start_failures(kube: &Kube) {
+    let mut config = kube.config();
+    config.kubernetes.pod_create_grace_secs = 30.0;
+    config
+        .kubernetes
+        .annotations
+        .insert(PULL_FAILURES.into(), "3".into());
+    let rt = runtime(config);
+    let pulled_late = Process::new(noop, ());
+    pulled_late.start().expect("start");
+    assert_eq!(
+        exit_code(&pulled_late),
+        Some(0),
+        "a pod whose first pulls failed runs once one works"
+    );
+    drop(pulled_late);
+    drop(rt);
+
+    let secret = format!("shoal-test-late-url-{}", kube.keys);
+    let mut config = kube.config();
+    config.kubernetes.pod_create_grace_secs = 30.0;
+    config.kubernetes.redis_url_secret = Some(SecretKeyRef {
+        name: secret.clone(),
+        key: "url".into(),
+    });
+    let _rt = runtime(config);
+    let p = Process::new(noop, ());
+    p.start().expect("start");
+    let own = format!("shoal.dev/process={}", p.get_name());
+    let waiting_for = |reason: &str| {
+        kube.pods(&own).iter().any(|pod| {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c.first())
+                .and_then(|c| c.state.as_ref())
+                .and_then(|s| s.waiting.as_ref())
+                .and_then(|w| w.reason.as_deref())
+                == Some(reason)
+        })
+    };
+    assert!(
+        wait(patience(), || waiting_for("CreateContainerConfigError")),
+        "the pod never waited for its Secret: {:?}",
+        kube.pods(&own)
+    );
+    // Long enough for the executor to see it too.
+    std::thread::sleep(Duration::from_secs(1));
+    kube.create_secret(&secret, json!({"url": kube.worker_redis_url}));
+    assert_eq!(
+        exit_code(&p),
+        Some(0),
+        "a pod whose Secret came late runs once it is there"
+    );
+}
+
+/// A pod the scheduler cannot place (a node selector no node matches) ends its process with
+/// code 1 once the start timeout (here the annotation's 3 s) has passed, not before, saying
+/// why; its pod and Job are deleted.
+fn unschedulable_pods(kube: &Kube) {
+    let timeout = Duration::from_secs(3);
+    let mut config = kube.config();
+    config
+        .kubernetes
+        .node_selector
+        .insert("disktype".into(), "no-such-disk".into());
+    config.kubernetes.annotations.insert(
+        ANNOTATION_POD_START_TIMEOUT.into(),
+        timeout.as_secs().to_string(),
+    );
+    let rt = runtime(config);
+    let p = Process::new(noop, ());
+    let started = Instant::now();
+    p.start().expect("start");
+    assert_eq!(
+        exit_code(&p),
+        Some(1),
+        "a process whose pod cannot be scheduled"
+    );
+    let took = started.elapsed();
+    println!("a process whose pod cannot be scheduled ended after {took:?}");
+    assert!(took >= timeout, "ended before the start timeout: {took:?}");
+    assert!(
+        took < timeout + Duration::from_secs(20),
+        "ended long after the start timeout: {took:?}"
+    );
+    let own = format!("shoal.dev/process={}", p.get_name());
+    assert!(
+        wait(patience(), || kube.jobs(&own).is_empty()
+            && kube.pods(&own).is_empty()),
+        "the Job or pod that could not be scheduled is left behind"
+    );
+    drop(p);
+    // The runtime's drop does not wait for it either.
+    let dropped = Instant::now();
+    drop(rt);
+    assert!(dropped.elapsed() < Duration::from_secs(20));
+}
+
+/// Calls to the API server that go unanswered (the emulator holds every write, as a connection
+/// dropped silently would) fail after the API call timeout (here the annotation's 2 s) naming
+/// the call, instead of blocking `start()` and the runtime's drop for ever.
+fn unanswered_api_calls(kube: &Kube) {
+    let timeout = Duration::from_secs(2);
+    let mut config = kube.config();
+    config.kubernetes.annotations.insert(
+        ANNOTATION_API_CALL_TIMEOUT.into(),
+        timeout.as_secs().to_string(),
+    );
+    let rt = runtime(config);
+    let emulator = kube.emulator();
+    emulator.stall_writes(true);
+    let p = Process::new(noop, ());
+    let asked = Instant::now();
+    let refused = p.start();
+    let took = asked.elapsed();
+    println!("start() with the API server silent: {refused:?} after {took:?}");
+    match &refused {
+        Err(e) => {
+            let message = e.to_string();
+            assert!(message.contains("creating "), "names the call: {message}");
+            assert!(
+                message.contains("no answer from the Kubernetes API server within 2s"),
+                "{message}"
+            );
+        }
+        Ok(()) => panic!("start() succeeded with every write unanswered"),
+    }
+    assert!(took >= timeout, "gave up before the timeout: {took:?}");
+    assert!(took < timeout + Duration::from_secs(15), "took {took:?}");
+
+    // Answered again: the next process runs.
+    emulator.stall_writes(false);
+    let q = Process::new(noop, ());
+    q.start().expect("start with the API server answering");
+    assert_eq!(exit_code(&q), Some(0));
+
+    // The drop's deletes go unanswered: it gives up on each after the timeout.
+    emulator.stall_writes(true);
+    let dropped = Instant::now();
+    drop((p, q, rt));
+    let took = dropped.elapsed();
+    println!("the runtime's drop with the API server silent took {took:?}");
+    assert!(
+        took < 2 * timeout + Duration::from_secs(15),
+        "drop took {took:?}"
+    );
+    emulator.stall_writes(false);
+}
+
+/// `kill()` of a worker whose pod the executor has not seen yet (the emulator holds the
+/// watches, as a lagging watch connection would) deletes that pod with grace 0 all the same:
+/// the function, which outlives a `SIGTERM`, has no side effect after `join()` returned -9.
+/// And a worker that has no pod at all (refused by the cluster) ends with -9 at once.
+fn stop_before_the_pod_is_seen(kube: &Kube) {
+    let work = Duration::from_secs(3);
+    let list = format!("shoal-test:{}:outlives", kube.keys);
+    let emulator = kube.emulator();
+    let rt = runtime(kube.config());
+    emulator.hold_watches(true);
+    let p = Process::new(
+        outlives_sigterm,
+        (
+            kube.worker_redis_url.clone(),
+            list.clone(),
+            work.as_millis() as u64,
+        ),
+    );
+    p.start().expect("start");
+    let mut redis = kube.redis();
+    let mut recorded = Vec::new();
+    let ran = wait(patience(), || {
+        recorded = redis::cmd("LRANGE")
+            .arg(&list)
+            .arg(0)
+            .arg(-1)
+            .query::<Vec<String>>(&mut redis)
+            .expect("LRANGE");
+        !recorded.is_empty()
+    });
+    assert!(ran, "the function never started");
+    p.kill().expect("kill");
+    emulator.hold_watches(false);
+    assert_eq!(exit_code(&p), Some(-9));
+    let own = format!("shoal.dev/process={}", p.get_name());
+    let left = kube.pods(&own);
+    std::thread::sleep(work + Duration::from_millis(1500));
+    let recorded: Vec<String> = redis::cmd("LRANGE")
+        .arg(&list)
+        .arg(0)
+        .arg(-1)
+        .query(&mut redis)
+        .expect("LRANGE");
+    assert_eq!(
+        recorded,
+        ["started"],
+        "the function ran on after join() returned -9"
+    );
+    assert!(
+        left.is_empty(),
+        "join() returned with the pod still there: {left:?}"
+    );
+    drop(p);
+    drop(rt);
+
+    let mut refused = kube.config();
+    refused.kubernetes.service_account = Some(NO_SUCH_ACCOUNT.into());
+    let _rt = runtime(refused);
+    let p = Process::new(noop, ());
+    p.start().expect("start");
+    let asked = Instant::now();
+    p.kill().expect("kill");
+    assert_eq!(exit_code(&p), Some(-9));
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "a worker without a pod waited {:?} to end",
+        asked.elapsed()
     );
 }
 
@@ -1373,12 +1669,14 @@ fn pods_that_cannot_start_are_reported_not_waited_for() {
         return;
     };
     for reason in [
-        "ErrImagePull",
+        "cannot start yet: ErrImagePull",
         "registry.invalid/shoal/none:1",
-        "CreateContainerConfigError",
+        "cannot start yet: CreateContainerConfigError",
         "shoal-test-no-such-secret",
         "StartError",
         "/nonexistent/shoal-worker",
+        "cannot start: InvalidImageName",
+        "Shoal-Invalid-Image-Name:1",
     ] {
         assert!(
             driven.stderr.contains(reason),
@@ -1408,6 +1706,75 @@ fn pods_the_cluster_refuses_to_create_end_their_process_after_the_grace() {
             "the driver's log says why the pod is refused ({said})"
         );
     }
+}
+
+#[test]
+fn failures_to_start_that_clear_within_the_grace_let_the_process_run() {
+    let Some(driven) = drive(
+        "failures_to_start_that_clear_within_the_grace_let_the_process_run",
+        Target::Emulator,
+        transient_start_failures,
+    ) else {
+        return;
+    };
+    for said in [
+        "cannot start yet: ErrImagePull",
+        "429 Too Many Requests",
+        "cannot start yet: CreateContainerConfigError",
+    ] {
+        assert!(
+            driven.stderr.contains(said),
+            "the driver's log says what the kubelet retries ({said})"
+        );
+    }
+}
+
+#[test]
+fn a_pod_that_cannot_be_scheduled_ends_its_process_after_the_start_timeout() {
+    let Some(driven) = drive(
+        "a_pod_that_cannot_be_scheduled_ends_its_process_after_the_start_timeout",
+        Target::Emulator,
+        unschedulable_pods,
+    ) else {
+        return;
+    };
+    let unschedulable = "Unschedulable: 0/1 nodes are available: 1 node(s) didn't match Pod's \
+                         node affinity/selector";
+    for said in [
+        format!("cannot be scheduled yet: {unschedulable}"),
+        format!("did not start within 3s: PodScheduled=False: {unschedulable}"),
+    ] {
+        assert!(
+            driven.stderr.contains(&said),
+            "the driver's log says why the pod never started ({said})"
+        );
+    }
+}
+
+#[test]
+fn api_calls_left_unanswered_fail_after_the_timeout_instead_of_blocking() {
+    let Some(driven) = drive(
+        "api_calls_left_unanswered_fail_after_the_timeout_instead_of_blocking",
+        Target::Emulator,
+        unanswered_api_calls,
+    ) else {
+        return;
+    };
+    assert!(
+        driven
+            .stderr
+            .contains("deleting this runtime's Jobs (shoal.dev/runtime="),
+        "the driver's log names the delete that went unanswered"
+    );
+}
+
+#[test]
+fn a_kill_before_the_pod_is_seen_deletes_the_pod_at_once() {
+    drive(
+        "a_kill_before_the_pod_is_seen_deletes_the_pod_at_once",
+        Target::Emulator,
+        stop_before_the_pod_is_seen,
+    );
 }
 
 #[test]
@@ -1536,6 +1903,8 @@ kubernetes:
 multiprocessing:
   env_vars: {GREETING: hi, my.setting-1: x}
 "#;
+            // The emulator's node has `kubernetes.io/os: linux`; the selector wants a disk too.
+            kube.emulator().label_node("disktype", "ssd");
             let mut config = Config::from_yaml_str(yaml, "test").expect("config");
             let base = kube.config();
             config.shoal = base.shoal;

@@ -18,18 +18,35 @@
 //!   (the backend moves no data). Before the first Job that carries a given authkey, it
 //!   creates the runtime's Secret for that key ([`JobTemplate::authkey_secret`], its name with
 //!   a random suffix; `AlreadyExists` is fine: two launches may race to make it), which the
-//!   Job's `SHOAL_WORKER_AUTHKEY` refers to. Thread workloads (start method `thread`) run in this process,
-//!   through the local executor.
+//!   Job's `SHOAL_WORKER_AUTHKEY` refers to. Thread workloads (start method `thread`) run in
+//!   this process, through the local executor.
 //! * **Exit**: one watch on the pods of this runtime (label `shoal.dev/runtime`, through
 //!   `kube::runtime::watcher`, which relists and resumes after errors) tells each worker's end
-//!   (`status.rs`): its exit code, Python's way (`-9` for `SIGKILL`, `-15` for `SIGTERM`,
-//!   `OOMKilled` logged as such), or that it cannot start (an image that cannot be pulled, a
-//!   missing Secret, a command the container runtime cannot execute), which is logged with the
-//!   kubelet's message, deletes the Job and ends the worker with code 1. A pod deleted without
-//!   a final status (or with `ContainerStatusUnknown`) ends its worker with the signal that was
-//!   asked for, else `-9`. Container runtimes report a signal `N` as exit code `128 + N`, so a
-//!   function that calls `std::process::exit(n)` with `n` in 129..=192 reads as `-(n - 128)`
-//!   here (the local backend tells them apart).
+//!   (`status.rs`): its exit code, Python's way (`-9` for `SIGKILL`, `-15` for `SIGTERM`), with
+//!   the reason logged when there is one worth telling (`OOMKilled`, or the pod's own reason,
+//!   `Evicted`, `DeadlineExceeded`, `Shutdown`, when the container's is only `Error`), or that it
+//!   cannot start (an image name that cannot be parsed, an image that may not be pulled, a
+//!   command the container runtime cannot execute), which is logged with the kubelet's message,
+//!   deletes the Job and ends the worker with code 1. A pod deleted without a final status (or
+//!   with `ContainerStatusUnknown`) ends its worker with the signal that was asked for, else
+//!   `-9`. Container runtimes report a signal `N` as exit code `128 + N`, so a function that
+//!   calls `std::process::exit(n)` with `n` in 129..=192 reads as `-(n - 128)` here (the local
+//!   backend tells them apart).
+//! * **Failures the kubelet retries**: an image pull that fails (`ErrImagePull`,
+//!   `ImagePullBackOff`: a registry's rate limit, a credential not there yet), a Secret or key
+//!   the container needs that is missing (`CreateContainerConfigError`), a container the runtime
+//!   failed to create (`CreateContainerError`, `RunContainerError`) may clear on their own, so the
+//!   first one seen is logged and starts a grace period, the same as for refused pods below
+//!   (`kubernetes.pod_create_grace_secs`): the worker ends with code 1 (its pod and Job
+//!   deleted, the latest message logged) only if its container is still failing to start when
+//!   the grace is over; a container that gets past it (pulled, created) clears it.
+//! * **Pods that never start**: a pod the scheduler cannot place (its `PodScheduled` condition
+//!   `False`, `Unschedulable`: a node selector no node matches, a request no node can hold) stays
+//!   `Pending` for ever, and so would its worker. The first such condition is logged; a worker
+//!   whose container has not started [`POD_START_TIMEOUT`] (10 minutes) after its launch is
+//!   ended with code 1, its pod and Job deleted, and the reason logged (the `PodScheduled`
+//!   condition's message when there is one). The annotation [`ANNOTATION_POD_START_TIMEOUT`] in
+//!   `kubernetes.annotations` sets another timeout (in seconds; the tests shorten it so).
 //! * **Refused pods**: a Job whose pod the cluster refuses to create (a missing service
 //!   account, an exhausted quota, an admission policy) never gets a pod, so the pod watch alone
 //!   would wait forever; the Job controller only says so in `FailedCreate` Warning Events on the
@@ -49,7 +66,13 @@
 //!   after `terminationGracePeriodSeconds`) and the Job; `kill()` deletes the pod with grace 0,
 //!   which the API server takes as a force deletion: the pod object goes at once, before its
 //!   container has ended (the kubelet stops it behind it), so the worker ends with `-9` when
-//!   the watch sees the pod deleted, not from a final status.
+//!   the watch sees the pod deleted, not from a final status. A worker whose pod the watch has
+//!   not shown yet (the pod may exist all the same) is stopped by deleting its Job first (no
+//!   pod is made after that), then every pod with its `shoal.dev/worker` label, with the same
+//!   grace: left to the garbage collector, such a pod would get its default grace period
+//!   (`SIGTERM`, 30 s) even after `kill()`, and its function could run on after `join()` said
+//!   `-9`. The worker ends when its pod is seen gone, or at once when there was none; a pod
+//!   that shows up later all the same is deleted with that grace as soon as it is seen.
 //!   The pods share one PID namespace between their containers (`shareProcessNamespace: true`,
 //!   see `spec.rs`): the pause container is PID 1 and the worker an ordinary process, so
 //!   signals do what they do on the local backend. The kubelet's `SIGTERM` ends the worker by
@@ -64,17 +87,28 @@
 //!   finished ones included, then its authkey Secrets (same selector), once the launches under
 //!   way have returned (at most 30 s; later ones are refused). A driver killed before that
 //!   leaves its Secrets behind (small objects, labelled with the runtime).
+//! * **Unanswered calls**: kube's client sets no read timeout, so a request whose connection
+//!   was dropped silently (a NAT or load balancer forgetting it) would wait for ever, and with
+//!   it `Process::start()` or the runtime's drop. Every call other than the watches (creating a
+//!   Secret or a Job, every delete) is given [`API_CALL_TIMEOUT`] (60 s) and fails with
+//!   [`Error::Backend`] naming the call after that; the annotation [`ANNOTATION_API_CALL_TIMEOUT`]
+//!   in `kubernetes.annotations` sets another (in seconds). A Job whose creation went
+//!   unanswered is deleted in the background, in case the API server made it after all.
 //!
 //! A remote worker cannot get a parent-death signal: a pool worker watches its driver's
 //! liveness key instead (see `crate::pool`).
 //!
 //! Authentication is `kube::Config::infer` (the kubeconfig's current context, or the pod's
 //! service account inside the cluster), or the kubeconfig context `kubernetes.context` names.
+//!
+//! The two timing annotations are read by this executor only (the Jobs carry them as any other
+//! annotation); they stand in for configuration keys this backend does not have yet.
 
 mod spec;
 mod status;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -92,7 +126,7 @@ pub use spec::{
     ANNOTATION_PROCESS_NAME, AUTHKEY_SECRET_KEY, CONTAINER, JobTemplate, LABEL_NAMESPACE,
     LABEL_PROCESS, LABEL_RUNTIME, LABEL_WORKER, WorkerJob, label_value,
 };
-pub use status::{PodOutcome, outcome};
+pub use status::{PodOutcome, outcome, started, unscheduled};
 
 use crate::protocol::{
     Executor, Launch, Launched, QueryWorker, Shutdown, SignalWorker, StopSignal, WorkerExited,
@@ -100,24 +134,50 @@ use crate::protocol::{
 };
 use crate::task::ENV_WORKER_AUTHKEY;
 
+/// How long a worker's container may take to start (from its launch) before the worker is
+/// ended with code 1: a pod the scheduler cannot place would otherwise keep it, and whoever
+/// joins it, waiting for ever. Generous: a cluster autoscaler adding a node, or a large image
+/// pulled for the first time, take minutes.
+pub const POD_START_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long a call to the API server other than the watches may take before it counts as
+/// failed (kube's client has no read timeout of its own).
+pub const API_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Annotation, in `kubernetes.annotations`: seconds to use instead of [`POD_START_TIMEOUT`].
+pub const ANNOTATION_POD_START_TIMEOUT: &str = "shoal.dev/pod-start-timeout-secs";
+
+/// Annotation, in `kubernetes.annotations`: seconds to use instead of [`API_CALL_TIMEOUT`].
+pub const ANNOTATION_API_CALL_TIMEOUT: &str = "shoal.dev/api-call-timeout-secs";
+
 /// A worker the executor started and has not seen end.
 struct RemoteWorker {
     name: String,
     job: String,
-    /// Its pod, once the watch saw it.
+    /// Its pod, once the watch saw it (or a stop's delete found it).
     pod: Option<String>,
     notify: Recipient<WorkerExited>,
     /// The signal asked for, if any.
     stopping: Option<StopSignal>,
+    /// When it was launched (its start timeout counts from then).
+    launched: Instant,
+    /// Its container has started (or its pod ended): no start timeout any more.
+    started: bool,
     /// While it has no pod: the cluster refused to create one.
-    refused: Option<Refusal>,
+    refused: Option<Trouble>,
+    /// The kubelet fails to start its container and retries.
+    retrying: Option<Trouble>,
+    /// While its pod is not scheduled: why (the `PodScheduled` condition).
+    unscheduled: Option<String>,
 }
 
-/// `FailedCreate` Events seen on a worker's Job while it had no pod.
-struct Refusal {
-    /// When the first one reached this executor.
+/// A reason a worker has not started that may clear: since when it is seen, and the latest
+/// word on it.
+struct Trouble {
+    /// When it was first seen by this executor.
     since: Instant,
-    /// The latest one's message (the API's reason for refusing the pod).
+    /// The latest message: the API's reason for refusing the pod, or the kubelet's for not
+    /// starting its container.
     message: String,
 }
 
@@ -134,8 +194,12 @@ pub struct KubernetesExecutor {
     workers: HashMap<String, RemoteWorker>,
     /// During a relist of the watch: the workers whose pods were listed.
     relisted: Option<HashSet<String>>,
-    /// `kubernetes.pod_create_grace_secs`.
+    /// `kubernetes.pod_create_grace_secs`: also the grace of a container the kubelet retries.
     pod_create_grace: Duration,
+    /// [`POD_START_TIMEOUT`], or the annotation's.
+    pod_start_timeout: Duration,
+    /// [`API_CALL_TIMEOUT`], or the annotation's.
+    api_timeout: Duration,
     /// The random suffix of the authkey Secret of each key (by its hex form) this runtime's
     /// Jobs were given (see `spec.rs`), and whether that Secret was made.
     authkey_secrets: HashMap<String, (String, bool)>,
@@ -147,16 +211,24 @@ pub struct KubernetesExecutor {
 }
 
 impl KubernetesExecutor {
-    /// Starts the executor on `arbiter`, connects to the API server (kubeconfig or in-cluster
-    /// service account) and starts watching this runtime's pods. Thread workloads go to `local`.
+    /// Starts the executor on `arbiter`: builds the API client (from the kubeconfig, or the
+    /// service account inside a cluster; no request is awaited, so an API server that cannot
+    /// be reached shows at the first launch and in the watches' warnings) and starts watching
+    /// this runtime's pods. Thread workloads go to `local`.
     pub fn start(
         template: JobTemplate,
         local: Executor,
         arbiter: &ArbiterHandle,
     ) -> Result<Executor> {
+        let annotations = &template.config.annotations;
+        let pod_start_timeout =
+            timing(annotations, ANNOTATION_POD_START_TIMEOUT, POD_START_TIMEOUT);
+        let api_timeout = timing(annotations, ANNOTATION_API_CALL_TIMEOUT, API_CALL_TIMEOUT);
         let addr = KubernetesExecutor::start_in_arbiter(arbiter, move |_| KubernetesExecutor {
             namespace: template.config.namespace.clone().unwrap_or_default(),
             pod_create_grace: template.config.pod_create_grace(),
+            pod_start_timeout,
+            api_timeout,
             template,
             local,
             client: None,
@@ -225,13 +297,43 @@ impl KubernetesExecutor {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
-        worker.pod = Some(pod.name_any());
+        let name = pod.name_any();
+        let first_sight = worker.pod.is_none();
+        worker.pod = Some(name.clone());
+        worker.started |= started(pod);
+        match unscheduled(pod) {
+            Some(why) => {
+                if worker.unscheduled.is_none() {
+                    tracing::warn!(
+                        "{} (Job {}): its pod {name} cannot be scheduled yet: {why}; ending it \
+                         unless it starts within {:?} of its launch",
+                        worker.name,
+                        worker.job,
+                        self.pod_start_timeout
+                    );
+                }
+                worker.unscheduled = Some(why);
+            }
+            None => worker.unscheduled = None,
+        }
+        // A pod made after a stop deleted the worker's pods (the Job controller had not yet
+        // seen the Job go): it goes the same way.
+        if let Some(signal) = worker.stopping
+            && first_sight
+            && !deleted
+            && pod.metadata.deletion_timestamp.is_none()
+        {
+            self.delete_pod(ctx, &name, grace(signal));
+        }
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
         match outcome(pod) {
-            PodOutcome::Exited { code, reason } => {
+            PodOutcome::Exited { code, reason, lost } => {
                 // A kubelet that lost track of a container it was told to stop reports
                 // `ContainerStatusUnknown` with 137: the end is the one this executor asked for.
-                let code = match (reason.as_deref(), worker.stopping) {
-                    (Some("ContainerStatusUnknown"), Some(signal)) => signal.exit_code(),
+                let code = match (lost, worker.stopping) {
+                    (true, Some(signal)) => signal.exit_code(),
                     _ => code,
                 };
                 self.exited(&id, code, reason);
@@ -242,15 +344,97 @@ impl KubernetesExecutor {
                     worker.name,
                     worker.job
                 );
-                self.delete(ctx, &id, Some(0));
+                self.delete(ctx, &id, Some(0), None);
                 self.never_started(&id);
             }
-            PodOutcome::Pending if deleted => {
+            PodOutcome::Retrying(why) if !deleted => self.on_retrying(&id, why, ctx),
+            PodOutcome::Pending | PodOutcome::Retrying(_) if deleted => {
                 let code = worker.stopping.map_or(-9, StopSignal::exit_code);
                 self.exited(&id, code, Some("its pod was deleted".into()));
             }
-            PodOutcome::Pending => {}
+            // Past whatever the kubelet retried (pulled, created), or not there yet.
+            PodOutcome::Pending | PodOutcome::Retrying(_) => worker.retrying = None,
         }
+    }
+
+    /// The kubelet failed to start a worker's container and retries: the first failure of a
+    /// run of them starts the grace period ([`KubernetesExecutor::end_retrying`] after it).
+    fn on_retrying(&mut self, id: &str, why: String, ctx: &mut Context<Self>) {
+        let grace = self.pod_create_grace;
+        let Some(worker) = self.workers.get_mut(id) else {
+            return;
+        };
+        match &mut worker.retrying {
+            Some(trouble) => trouble.message = why,
+            None => {
+                tracing::warn!(
+                    "{} (Job {}) cannot start yet: {why}; ending it unless its container \
+                     starts within {grace:?}",
+                    worker.name,
+                    worker.job,
+                );
+                worker.retrying = Some(Trouble {
+                    since: Instant::now(),
+                    message: why,
+                });
+                let id = id.to_string();
+                ctx.run_later(grace, move |act, ctx| act.end_retrying(&id, ctx));
+            }
+        }
+    }
+
+    /// The grace after the first of a run of failures to start a worker's container is over:
+    /// if the kubelet is still failing, logs the latest failure, deletes the pod and the Job
+    /// and ends the worker with code 1.
+    fn end_retrying(&mut self, id: &str, ctx: &mut Context<Self>) {
+        let Some(worker) = self.workers.get(id) else {
+            return;
+        };
+        let Some(trouble) = &worker.retrying else {
+            return;
+        };
+        // A later run of failures (the container got past one, then failed again): its own
+        // timer ends it. A worker being stopped ends as asked.
+        if trouble.since.elapsed() < self.pod_create_grace || worker.stopping.is_some() {
+            return;
+        }
+        tracing::error!(
+            "{} (Job {}) cannot start: {} (still failing {:?} after the first failure); \
+             deleting it",
+            worker.name,
+            worker.job,
+            trouble.message,
+            trouble.since.elapsed()
+        );
+        self.delete(ctx, id, Some(0), None);
+        self.never_started(id);
+    }
+
+    /// The start timeout of a worker launched at `launched` is over: if its container has not
+    /// started, logs why (the scheduler's word when there is one), deletes its pod and Job and
+    /// ends it with code 1.
+    fn end_unstarted(&mut self, id: &str, launched: Instant, ctx: &mut Context<Self>) {
+        let Some(worker) = self.workers.get(id) else {
+            return;
+        };
+        // Started, another launch under the same id, or being stopped (it ends as asked).
+        if worker.started || worker.launched != launched || worker.stopping.is_some() {
+            return;
+        }
+        let why = match (&worker.unscheduled, &worker.retrying, &worker.pod) {
+            (Some(unscheduled), _, _) => format!("PodScheduled=False: {unscheduled}"),
+            (None, Some(trouble), _) => format!("its container cannot start: {}", trouble.message),
+            (None, None, Some(pod)) => format!("its pod {pod} is still pending"),
+            (None, None, None) => "its Job has no pod".to_string(),
+        };
+        tracing::error!(
+            "{} (Job {}) did not start within {:?}: {why}; deleting it",
+            worker.name,
+            worker.job,
+            self.pod_start_timeout
+        );
+        self.delete(ctx, id, Some(0), None);
+        self.never_started(id);
     }
 
     /// A `FailedCreate` Event on a Job: if it is a worker's that has no pod yet, the first one
@@ -276,7 +460,7 @@ impl KubernetesExecutor {
                     worker.job,
                     self.pod_create_grace
                 );
-                worker.refused = Some(Refusal {
+                worker.refused = Some(Trouble {
                     since: Instant::now(),
                     message,
                 });
@@ -294,7 +478,8 @@ impl KubernetesExecutor {
         let Some(worker) = self.workers.get(id) else {
             return;
         };
-        let (None, Some(refusal)) = (&worker.pod, &worker.refused) else {
+        // A worker being stopped ends as asked.
+        let (None, Some(refusal), None) = (&worker.pod, &worker.refused, worker.stopping) else {
             return;
         };
         tracing::error!(
@@ -305,45 +490,200 @@ impl KubernetesExecutor {
             refusal.message,
             refusal.since.elapsed()
         );
-        self.delete(ctx, id, Some(0));
+        self.delete(ctx, id, Some(0), None);
         self.never_started(id);
     }
 
-    /// Deletes a worker's pod (when known) with `grace` seconds (`None`: the pod's own) and
-    /// its Job, in the background.
-    fn delete(&mut self, ctx: &mut Context<Self>, id: &str, grace: Option<u32>) {
+    /// Deletes a worker's pods with `grace` seconds (`None`: the pod's own) and its Job, in the
+    /// background. A pod the watch has shown goes first, by name, then the Job. Without one,
+    /// the Job goes first (the Job controller makes no pod after that), then every pod with the
+    /// worker's label: one may exist that the watch has not shown yet, which the garbage
+    /// collector alone would delete with its own grace period. With `settle` (a stop asked for
+    /// while no pod was known), the worker then ends with that signal's code if no pod was
+    /// found, or is left to the watch to see its pod go (see [`KubernetesExecutor::settle`]).
+    fn delete(
+        &mut self,
+        ctx: &mut Context<Self>,
+        id: &str,
+        grace: Option<u32>,
+        settle: Option<StopSignal>,
+    ) {
         let (Some(worker), Ok(client)) = (self.workers.get(id), self.client()) else {
+            // Nothing can be deleted: a stop that waits for the answer would wait for ever.
+            if let Some(signal) = settle {
+                self.exited(id, signal.exit_code(), None);
+            }
             return;
         };
         let pods: Api<Pod> = Api::namespaced(client.clone(), &self.namespace);
         let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
         let (pod, job) = (worker.pod.clone(), worker.job.clone());
+        let selector = format!("{},{LABEL_WORKER}={}", self.selector(), label_value(id));
+        let timeout = self.api_timeout;
+        let id = id.to_string();
         ctx.spawn(
             async move {
                 let pod_params = DeleteParams {
                     grace_period_seconds: grace,
                     ..DeleteParams::default()
                 };
-                if let Some(pod) = &pod
-                    && let Err(e) = pods.delete(pod, &pod_params).await
-                    && !not_found(&e)
-                {
-                    tracing::warn!("deleting pod {pod}: {e}");
-                }
                 let job_params = DeleteParams {
                     grace_period_seconds: grace,
                     propagation_policy: Some(PropagationPolicy::Background),
                     ..DeleteParams::default()
                 };
-                if let Err(e) = jobs.delete(&job, &job_params).await
-                    && !not_found(&e)
-                {
-                    tracing::warn!("deleting Job {job}: {e}");
+                let delete_job = async {
+                    let call = format!("deleting Job {job}");
+                    match bounded(timeout, &call, jobs.delete(&job, &job_params)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) if not_found(&e) => {}
+                        Ok(Err(e)) => tracing::warn!("{call}: {e}"),
+                        Err(e) => tracing::warn!("{e}"),
+                    }
+                };
+                if let Some(pod) = &pod {
+                    let call = format!("deleting pod {pod}");
+                    match bounded(timeout, &call, pods.delete(pod, &pod_params)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) if not_found(&e) => {}
+                        Ok(Err(e)) => tracing::warn!("{call}: {e}"),
+                        Err(e) => tracing::warn!("{e}"),
+                    }
+                    delete_job.await;
+                    return None;
+                }
+                delete_job.await;
+                let call = format!("deleting the pods of Job {job} ({selector})");
+                let list = ListParams::default().labels(&selector);
+                let found =
+                    match bounded(timeout, &call, pods.delete_collection(&pod_params, &list)).await
+                    {
+                        Ok(Ok(answer)) => match answer.left() {
+                            Some(deleted) => {
+                                Ok(deleted.items.iter().map(|p| p.name_any()).collect())
+                            }
+                            None => Err(format!("{call}: the API server did not list them")),
+                        },
+                        Ok(Err(e)) => Err(format!(
+                            "{call} (the driver needs deletecollection on pods): {e}"
+                        )),
+                        Err(e) => Err(e.to_string()),
+                    };
+                if let Err(e) = &found {
+                    tracing::warn!("{e}");
+                }
+                Some(found)
+            }
+            .into_actor(self)
+            .map(move |found, act, _| {
+                if let (Some(signal), Some(found)) = (settle, found) {
+                    act.settle(&id, signal, found);
+                }
+            }),
+        );
+    }
+
+    /// A stop asked for while a worker had no known pod has deleted its Job and its pods
+    /// (`found`: their names, or why they could not be deleted): with none, the worker ends
+    /// with the signal's code; with one, the watch tells its end (and, should the watch miss
+    /// it, its next relist: see `InitDone`).
+    fn settle(
+        &mut self,
+        id: &str,
+        signal: StopSignal,
+        found: std::result::Result<Vec<String>, String>,
+    ) {
+        let Some(worker) = self.workers.get_mut(id) else {
+            return;
+        };
+        if worker.pod.is_some() {
+            // The watch has shown its pod meanwhile: it tells the end.
+            return;
+        }
+        match found {
+            Ok(names) => match names.into_iter().next() {
+                Some(pod) => worker.pod = Some(pod),
+                None => self.exited(id, signal.exit_code(), None),
+            },
+            Err(_) => {
+                tracing::warn!(
+                    "{} (Job {}): ended without knowing its pod; one made meanwhile is left to \
+                     the garbage collector (its own grace period)",
+                    worker.name,
+                    worker.job
+                );
+                self.exited(id, signal.exit_code(), None);
+            }
+        }
+    }
+
+    /// Deletes the pod `name` with `grace` seconds (`None`: its own), in the background.
+    fn delete_pod(&mut self, ctx: &mut Context<Self>, name: &str, grace: Option<u32>) {
+        let Ok(client) = self.client() else {
+            return;
+        };
+        let pods: Api<Pod> = Api::namespaced(client, &self.namespace);
+        let name = name.to_string();
+        let timeout = self.api_timeout;
+        ctx.spawn(
+            async move {
+                let params = DeleteParams {
+                    grace_period_seconds: grace,
+                    ..DeleteParams::default()
+                };
+                let call = format!("deleting pod {name}");
+                match bounded(timeout, &call, pods.delete(&name, &params)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) if not_found(&e) => {}
+                    Ok(Err(e)) => tracing::warn!("{call}: {e}"),
+                    Err(e) => tracing::warn!("{e}"),
                 }
             }
             .into_actor(self),
         );
     }
+}
+
+/// The grace period of a stop: the pod's own for `terminate()`, none for `kill()`.
+fn grace(signal: StopSignal) -> Option<u32> {
+    match signal {
+        StopSignal::Terminate => None,
+        StopSignal::Kill => Some(0),
+    }
+}
+
+/// The duration in seconds the annotation `key` gives, else `default` (also, with a warning,
+/// when it is not a number of seconds).
+fn timing(annotations: &BTreeMap<String, String>, key: &str, default: Duration) -> Duration {
+    let Some(text) = annotations.get(key) else {
+        return default;
+    };
+    let parsed = text
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok());
+    parsed.unwrap_or_else(|| {
+        tracing::warn!("annotation {key}: {text:?} is not a number of seconds; using {default:?}");
+        default
+    })
+}
+
+/// `request`, a call to the API server named `call`, given at most `timeout`: kube's client
+/// has no read timeout, so a request whose connection was dropped silently would wait for
+/// ever. The outer error is the timeout, naming the call; the inner result is the API's.
+async fn bounded<T>(
+    timeout: Duration,
+    call: &str,
+    request: impl Future<Output = kube::Result<T>>,
+) -> Result<kube::Result<T>> {
+    actix_rt::time::timeout(timeout, request)
+        .await
+        .map_err(|_| {
+            Error::Backend(format!(
+                "{call}: no answer from the Kubernetes API server within {timeout:?}"
+            ))
+        })
 }
 
 fn not_found(e: &kube::Error) -> bool {
@@ -496,7 +836,7 @@ impl StreamHandler<std::result::Result<watcher::Event<ClusterEvent>, watcher::Er
 impl Handler<Launch> for KubernetesExecutor {
     type Result = ResponseActFuture<Self, Result<Launched>>;
 
-    fn handle(&mut self, launch: Launch, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, launch: Launch, ctx: &mut Context<Self>) -> Self::Result {
         let task_id = match &launch.workload {
             Workload::Subprocess { task_id } => task_id.clone(),
             Workload::Thread { .. } => {
@@ -540,6 +880,7 @@ impl Handler<Launch> for KubernetesExecutor {
         let job = self.template.job(&worker);
         let job_name = self.template.job_name(&worker);
         let launching = InFlight::new(&self.launching);
+        let launched = Instant::now();
         self.workers.insert(
             launch.id.clone(),
             RemoteWorker {
@@ -548,37 +889,69 @@ impl Handler<Launch> for KubernetesExecutor {
                 pod: None,
                 notify: launch.notify,
                 stopping: None,
+                launched,
+                started: false,
                 refused: None,
+                retrying: None,
+                unscheduled: None,
             },
         );
+        let id = launch.id.clone();
+        ctx.run_later(self.pod_start_timeout, move |act, ctx| {
+            act.end_unstarted(&id, launched, ctx)
+        });
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &self.namespace);
         let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
         let (id, name, namespace) = (launch.id, launch.name, self.namespace.clone());
+        let timeout = self.api_timeout;
         Box::pin(
             async move {
                 let _launching = launching;
                 if let Some(secret) = new_secret {
                     let secret_name = secret.metadata.name.clone().unwrap_or_default();
-                    match secrets.create(&PostParams::default(), &secret).await {
+                    let call = format!(
+                        "creating Secret {secret_name} (the authkey of this runtime's workers; \
+                         the driver needs create on secrets) for {name} in namespace {namespace}"
+                    );
+                    let post = PostParams::default();
+                    let create = secrets.create(&post, &secret);
+                    match bounded(timeout, &call, create).await {
                         // Or another launch made it meanwhile.
-                        Ok(_) => {}
-                        Err(e) if already_exists(&e) => {}
-                        Err(e) => {
-                            let message = format!(
-                                "creating Secret {secret_name} (the authkey of this runtime's \
-                                 workers; the driver needs create on secrets) for {name} in \
-                                 namespace {namespace}: {e}"
-                            );
-                            return (false, Err(message));
-                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) if already_exists(&e) => {}
+                        Ok(Err(e)) => return (false, Err(Error::Backend(format!("{call}: {e}")))),
+                        Err(timed_out) => return (false, Err(timed_out)),
                     }
                 }
-                let created = jobs
-                    .create(&PostParams::default(), &job)
-                    .await
-                    .map_err(|e| {
-                        format!("creating Job {job_name} for {name} in namespace {namespace}: {e}")
-                    });
+                let call = format!("creating Job {job_name} for {name} in namespace {namespace}");
+                let created = match bounded(
+                    timeout,
+                    &call,
+                    jobs.create(&PostParams::default(), &job),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(Error::Backend(format!("{call}: {e}"))),
+                    Err(timed_out) => {
+                        // The API server may have made it all the same: it must not run a
+                        // worker this process no longer tracks.
+                        let params = DeleteParams {
+                            grace_period_seconds: Some(0),
+                            propagation_policy: Some(PropagationPolicy::Background),
+                            ..DeleteParams::default()
+                        };
+                        let call =
+                            format!("deleting Job {job_name} (its creation went unanswered)");
+                        match bounded(timeout, &call, jobs.delete(&job_name, &params)).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) if not_found(&e) => {}
+                            Ok(Err(e)) => tracing::warn!("{call}: {e}"),
+                            Err(e) => tracing::warn!("{e}"),
+                        }
+                        Err(timed_out)
+                    }
+                };
                 (true, created)
             }
             .into_actor(self)
@@ -589,10 +962,10 @@ impl Handler<Launch> for KubernetesExecutor {
                     entry.1 = true;
                 }
                 match created {
-                    Ok(_) => Ok(Launched { pid: None }),
-                    Err(message) => {
+                    Ok(()) => Ok(Launched { pid: None }),
+                    Err(e) => {
                         act.workers.remove(&id);
-                        Err(Error::Backend(message))
+                        Err(e)
                     }
                 }
             }),
@@ -612,16 +985,10 @@ impl Handler<SignalWorker> for KubernetesExecutor {
             );
         };
         worker.stopping = Some(msg.signal);
-        let pod_known = worker.pod.is_some();
-        let grace = match msg.signal {
-            StopSignal::Terminate => None,
-            StopSignal::Kill => Some(0),
-        };
-        self.delete(ctx, &msg.id, grace);
-        if !pod_known {
-            // No pod yet: deleting the Job is enough, and no pod event may ever come.
-            self.exited(&msg.id, msg.signal.exit_code(), None);
-        }
+        // With no pod known, one may exist all the same: the delete looks for it, and ends the
+        // worker if there is none.
+        let settle = worker.pod.is_none().then_some(msg.signal);
+        self.delete(ctx, &msg.id, grace(msg.signal), settle);
         Box::pin(fut::ready(Ok(())))
     }
 }
@@ -659,6 +1026,7 @@ impl Handler<Shutdown> for KubernetesExecutor {
         let selector = self.selector();
         self.stopping = true;
         let launching = self.launching.clone();
+        let timeout = self.api_timeout;
         Box::pin(
             async move {
                 // A launch under way makes its Secret and Job after any delete made now.
@@ -671,23 +1039,79 @@ impl Handler<Shutdown> for KubernetesExecutor {
                     ..DeleteParams::default()
                 };
                 let list = ListParams::default().labels(&selector);
-                if let Err(e) = jobs.delete_collection(&params, &list).await {
-                    tracing::warn!("deleting this runtime's Jobs ({selector}): {e}");
+                let call = format!("deleting this runtime's Jobs ({selector})");
+                match bounded(timeout, &call, jobs.delete_collection(&params, &list)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!("{call}: {e}"),
+                    Err(e) => tracing::warn!("{e}"),
                 }
                 // After the Jobs: a container's environment is set when it starts, so running
                 // pods no longer need the Secret.
-                if made_secrets
-                    && let Err(e) = secrets
-                        .delete_collection(&DeleteParams::default(), &list)
-                        .await
-                {
-                    tracing::warn!(
+                if made_secrets {
+                    let call = format!(
                         "deleting this runtime's authkey Secrets ({selector}; the driver needs \
-                         deletecollection on secrets): {e}"
+                         deletecollection on secrets)"
                     );
+                    let all = DeleteParams::default();
+                    let delete = secrets.delete_collection(&all, &list);
+                    match bounded(timeout, &call, delete).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!("{call}: {e}"),
+                        Err(e) => tracing::warn!("{e}"),
+                    }
                 }
             }
             .into_actor(self),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_left_unanswered_fails_naming_the_call() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a runtime");
+        let timeout = Duration::from_millis(50);
+        let asked = Instant::now();
+        let never = futures::future::pending::<kube::Result<()>>();
+        match runtime.block_on(bounded(timeout, "creating Job shoal-p-1", never)) {
+            Err(Error::Backend(message)) => assert_eq!(
+                message,
+                "creating Job shoal-p-1: no answer from the Kubernetes API server within 50ms"
+            ),
+            other => panic!("an unanswered call: {other:?}"),
+        }
+        assert!(asked.elapsed() >= timeout);
+        let answered = async { Ok::<_, kube::Error>(7) };
+        let outcome = runtime.block_on(bounded(Duration::from_secs(5), "x", answered));
+        assert!(matches!(outcome, Ok(Ok(7))), "{outcome:?}");
+    }
+
+    #[test]
+    fn annotations_can_set_the_timeouts() {
+        let mut annotations = BTreeMap::new();
+        let key = ANNOTATION_POD_START_TIMEOUT;
+        assert_eq!(
+            timing(&annotations, key, POD_START_TIMEOUT),
+            POD_START_TIMEOUT
+        );
+        annotations.insert(key.to_string(), " 2.5 ".to_string());
+        assert_eq!(
+            timing(&annotations, key, POD_START_TIMEOUT),
+            Duration::from_millis(2500)
+        );
+        for wrong in ["-1", "soon", "NaN", "inf", "1e30"] {
+            annotations.insert(key.to_string(), wrong.to_string());
+            assert_eq!(
+                timing(&annotations, key, POD_START_TIMEOUT),
+                POD_START_TIMEOUT,
+                "{wrong}"
+            );
+        }
     }
 }

@@ -13,6 +13,9 @@
 //!   plus `multiprocessing.env_vars`, and the parent's authkey in `SHOAL_WORKER_AUTHKEY` from
 //!   the runtime's authkey Secret ([`JobTemplate::authkey_secret`]: never written in the Job,
 //!   whose environment whoever may read Jobs can read, nor in Redis);
+//! * `enableServiceLinks: false`: the kubelet would otherwise give the worker a variable per
+//!   Service of the namespace (`SHOAL_REDIS_SERVICE_HOST`, `SHOAL_REDIS_PORT`... for a Service
+//!   named `shoal-redis`), which shoal's configuration loader takes for `SHOAL_*` settings;
 //! * `shareProcessNamespace: true`: the pod's pause container is PID 1 of the pod's PID
 //!   namespace and the worker an ordinary process in it. A container's own process is PID 1 of
 //!   its namespace otherwise, and the kernel delivers to a PID 1 only the signals it has a
@@ -237,6 +240,11 @@ impl JobTemplate {
             tolerations,
             // Not PID 1: signals behave as on the local backend (see the module docs).
             share_process_namespace: Some(true),
+            // No `<SERVICE>_SERVICE_HOST`/`_PORT...` variables for the namespace's Services: for
+            // a Service named `shoal-redis` they would be `SHOAL_REDIS_SERVICE_HOST` and the
+            // like, which shoal's configuration reads as `SHOAL_*` overrides (and refuses when
+            // unknown). Workers reach Redis by the URL they are given, never by these.
+            enable_service_links: Some(false),
             ..PodSpec::default()
         };
         Job {
@@ -464,6 +472,10 @@ mod tests {
         assert_eq!(
             pod["shareProcessNamespace"], true,
             "the worker is not PID 1, so it can signal itself"
+        );
+        assert_eq!(
+            pod["enableServiceLinks"], false,
+            "no SHOAL_REDIS_SERVICE_HOST and the like: they would read as configuration"
         );
         assert_eq!(pod["serviceAccountName"], "shoal-worker");
         assert_eq!(pod["nodeSelector"]["disktype"], "ssd");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use k8s_openapi::api::batch::v1::Job;
@@ -95,7 +95,40 @@ pub(crate) fn router(core: Arc<Core>) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&core),
+            stall_writes,
+        ))
         .with_state(core)
+}
+
+/// While writes are stalled ([`Emulator::stall_writes`](super::Emulator::stall_writes)), a
+/// request that would change the cluster waits unanswered, and is answered without being
+/// carried out once the stall ends: answered `500 InternalError`.
+async fn stall_writes(
+    State(core): State<Arc<Core>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let write = matches!(
+        *request.method(),
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    );
+    if !write || !*core.writes_stalled.borrow() {
+        return next.run(request).await;
+    }
+    let mut stalled = core.writes_stalled.subscribe();
+    // The sender lives as long as the core: an error cannot happen while this runs.
+    let _ = stalled.wait_for(|stalled| !*stalled).await;
+    // Not 503 (nor 429, 504): kube's client retries those, which would carry it out after all.
+    ApiError {
+        code: 500,
+        reason: "InternalError",
+        message: "the shoal test emulator stalled this request and did not carry it out"
+            .to_string(),
+        details: None,
+    }
+    .into_response()
 }
 
 /// A failed request, answered with a `Status` object as a real API server answers.
@@ -585,8 +618,9 @@ fn watch<K: Object + ListableResource>(
     drop(cluster);
 
     let (lines, receiver) = mpsc::channel::<Bytes>(256);
+    let held = core.watches_held.subscribe();
     tokio::spawn(stream_watch(
-        lines, initial, changes, filter, current, bookmarks, timeout,
+        lines, initial, changes, filter, current, bookmarks, timeout, held,
     ));
     let body = Body::from_stream(futures::stream::unfold(
         receiver,
@@ -605,6 +639,29 @@ fn watch<K: Object + ListableResource>(
     Ok(response)
 }
 
+/// Sends `line` once the watches are not held ([`Emulator::hold_watches`]); false when the
+/// watch is over (its client left, its deadline passed).
+///
+/// [`Emulator::hold_watches`]: super::Emulator::hold_watches
+async fn send_line(
+    lines: &mpsc::Sender<Bytes>,
+    line: Bytes,
+    held: &mut tokio::sync::watch::Receiver<bool>,
+    deadline: tokio::time::Instant,
+) -> bool {
+    tokio::select! {
+        released = held.wait_for(|held| !*held) => {
+            if released.is_err() {
+                return false;
+            }
+        }
+        () = lines.closed() => return false,
+        () = tokio::time::sleep_until(deadline) => return false,
+    }
+    lines.send(line).await.is_ok()
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn stream_watch(
     lines: mpsc::Sender<Bytes>,
     initial: Vec<Bytes>,
@@ -613,10 +670,11 @@ async fn stream_watch(
     mut seen: u64,
     bookmarks: bool,
     timeout: Duration,
+    mut held: tokio::sync::watch::Receiver<bool>,
 ) {
     let deadline = tokio::time::Instant::now() + timeout;
     for line in initial {
-        if lines.send(line).await.is_err() {
+        if !send_line(&lines, line, &mut held, deadline).await {
             return;
         }
     }
@@ -645,7 +703,7 @@ async fn stream_watch(
             () = tokio::time::sleep_until(deadline) => return,
             () = lines.closed() => return,
         };
-        if lines.send(line).await.is_err() {
+        if !send_line(&lines, line, &mut held, deadline).await {
             return;
         }
     }

@@ -25,6 +25,7 @@ use nix::sys::signal::Signal;
 
 use super::api::{ApiError, Cause};
 use super::kubelet;
+use super::scheduler;
 use super::store::Object;
 use super::validation;
 use super::{Cluster, Core, NODE_NAME};
@@ -807,13 +808,31 @@ fn create_job_pod(core: &Arc<Core>, cluster: &mut Cluster, job: &Job) {
     let template_metadata = template.metadata.unwrap_or_default();
     let name = generate_name::<Pod>(cluster, &namespace, &format!("{job_name}-"));
     let uid = uuid::Uuid::new_v4().to_string();
-    let spec = PodSpec {
-        node_name: Some(NODE_NAME.to_string()),
-        service_account_name: Some("default".to_string()),
-        priority: Some(0),
-        enable_service_links: Some(true),
-        preemption_policy: Some("PreemptLowerPriority".to_string()),
-        ..template.spec.unwrap_or_default()
+    // The API server's defaults fill what the template leaves unset, never what it sets.
+    let mut spec: PodSpec = template.spec.unwrap_or_default();
+    if spec
+        .service_account_name
+        .as_deref()
+        .is_none_or(str::is_empty)
+    {
+        spec.service_account_name = Some(
+            spec.service_account
+                .clone()
+                .filter(|a| !a.is_empty())
+                .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_string()),
+        );
+    }
+    spec.priority.get_or_insert(0);
+    spec.enable_service_links.get_or_insert(true);
+    spec.preemption_policy
+        .get_or_insert_with(|| "PreemptLowerPriority".to_string());
+    let unschedulable = scheduler::unschedulable(cluster, &spec);
+    if unschedulable.is_none() {
+        spec.node_name = Some(NODE_NAME.to_string());
+    }
+    let status = match &unschedulable {
+        Some(message) => scheduler::unscheduled_status(message),
+        None => kubelet::pending_status(core, &spec, None),
     };
     let pod = Pod {
         metadata: ObjectMeta {
@@ -835,11 +854,14 @@ fn create_job_pod(core: &Arc<Core>, cluster: &mut Cluster, job: &Job) {
             }]),
             ..ObjectMeta::default()
         },
-        status: Some(kubelet::pending_status(core, &spec, None)),
+        status: Some(status),
         spec: Some(spec),
     };
     cluster.store.create(pod);
-    kubelet::start(core, namespace, name, uid);
+    match unschedulable {
+        Some(_) => scheduler::retry(core, namespace, name, uid),
+        None => kubelet::start(core, namespace, name, uid),
+    }
 }
 
 /// What deleting a Job answers.
@@ -1011,8 +1033,8 @@ pub(crate) fn delete_pod(
 /// the container still running), its process SIGKILLed behind it, whose end no status reports;
 /// another running one gets `deletionTimestamp` = now + grace (`grace`, else its
 /// `terminationGracePeriodSeconds`, else 30), SIGTERM and SIGKILL when the grace ends; the
-/// kubelet removes it once its process is gone. Returns the pod as it is after the call. A pod deleted before it ended counts as failed
-/// for its Job. Does not sync the owner Job.
+/// kubelet removes it once its process is gone. Returns the pod as it is after the call. A pod
+/// deleted before it ended counts as failed for its Job. Does not sync the owner Job.
 pub(crate) fn begin_pod_deletion(
     core: &Arc<Core>,
     cluster: &mut Cluster,

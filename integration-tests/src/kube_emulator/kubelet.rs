@@ -6,13 +6,17 @@
 //! like a container runtime starts one: PID 1 of a new PID namespace, or, when the pod spec
 //! has `shareProcessNamespace: true`, an ordinary process (PID 2) of the pod's PID namespace
 //! whose PID 1 is a pause process ([`PidSandbox`], as a real pod's pause container), in its own
-//! network namespace ([`Host`]) when the emulator has a [`Network`](crate::netns::Network) (else
-//! in this machine's network), with a clean environment: `PATH`, `HOME`, `HOSTNAME` (the pod's name)
-//! and the container's `env`/`envFrom` (literal values with `$(VAR)` expansion, Secret keys,
-//! downward-API fields), in `workingDir` (else `/`). Its stdout and stderr go to one log file.
+//! network namespace ([`Host`]) when the emulator has a [`Network`](crate::netns::Network)
+//! (else in this machine's network), with a clean environment: `PATH`, `HOME`, `HOSTNAME` (the
+//! pod's name) and the container's `env`/`envFrom` (literal values with `$(VAR)` expansion,
+//! Secret keys, downward-API fields), in `workingDir` (else `/`). Its stdout and stderr go to
+//! one log file.
 //!
-//! Status: Pending (`ContainerCreating`; `ErrImagePull`/`ImagePullBackOff` for as long as
-//! the pod exists when the image's registry is in the `.invalid` domain; or
+//! Status: Pending (`ContainerCreating`; `InvalidImageName` for as long as the pod exists
+//! when the image's repository path has an upper-case letter or whitespace;
+//! `ErrImagePull`/`ImagePullBackOff` for as long as the pod exists when the image's registry
+//! is in the `.invalid` domain, or for the first pulls [`PULL_FAILURES`](super::PULL_FAILURES)
+//! says; or
 //! `CreateContainerConfigError` while a referenced Secret or key is missing, retried every half
 //! second) → Running (`state.running.startedAt`,
 //! Ready) → Succeeded (exit 0) or Failed, with `state.terminated`: the exit code, 128 + N for
@@ -42,7 +46,7 @@ use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
 
 use super::controller::{self, now};
-use super::{Cluster, Core, OOM_KILL_AFTER_MS, START_DELAY_MS, UNPULLABLE_REGISTRY};
+use super::{Cluster, Core, OOM_KILL_AFTER_MS, PULL_FAILURES, START_DELAY_MS, UNPULLABLE_REGISTRY};
 use crate::netns::{Host, PidSandbox, spawn_container};
 
 /// The `PATH` of a container (the usual one of Linux images).
@@ -112,6 +116,43 @@ fn unpullable_registry(image: &str) -> Option<&str> {
     host.ends_with(UNPULLABLE_REGISTRY).then_some(host)
 }
 
+/// Why `image` is not a reference a container runtime can parse, if it is not (what follows
+/// "invalid reference format" in the kubelet's message): whitespace, or an upper-case letter
+/// in the repository path (the registry host may have them; the path must be lower case).
+fn invalid_image(image: &str) -> Option<&'static str> {
+    if image.is_empty() || image.chars().any(char::is_whitespace) {
+        return Some("");
+    }
+    let name = image.split('@').next().unwrap_or(image);
+    let (first, rest) = name.split_once('/').unwrap_or(("", name));
+    // The first component is a registry host when it looks like one, else part of the path.
+    let path = if first.contains(['.', ':']) || first == "localhost" {
+        rest
+    } else {
+        name
+    };
+    // The tag, after the last component's colon, may have upper-case letters.
+    let path = match path.rsplit_once('/') {
+        Some((dirs, last)) => (dirs, last.split(':').next().unwrap_or(last)),
+        None => ("", path.split(':').next().unwrap_or(path)),
+    };
+    (path
+        .0
+        .chars()
+        .chain(path.1.chars())
+        .any(|c| c.is_ascii_uppercase()))
+    .then_some(": repository name must be lowercase")
+}
+
+/// The value of `pod`'s annotation `key`.
+fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
 /// What the kubelet needs to start a container.
 struct Launch {
     program: String,
@@ -164,6 +205,44 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
         }
         // The image is pulled before the container's configuration is made, as a kubelet does.
         let image = container_of(&pod).image.unwrap_or_default();
+        if let Some(problem) = invalid_image(&image) {
+            // No retry helps (the name is the pod's): it waits so for as long as it exists.
+            let message = format!(
+                "Failed to apply default image tag {image:?}: couldn't parse image name \
+                 {image:?}: invalid reference format{problem}"
+            );
+            set_waiting(&mut cluster, pod, "InvalidImageName", &message);
+            drop(cluster);
+            std::thread::sleep(IMAGE_PULL_RETRY);
+            continue;
+        }
+        let pull_failures = annotation(&pod, PULL_FAILURES)
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        if pull_attempts < pull_failures {
+            // A registry refusing for now (its rate limit): a few attempts fail, then one works.
+            let (reason, message) = if pull_attempts.is_multiple_of(2) {
+                (
+                    "ErrImagePull",
+                    format!(
+                        "failed to pull and unpack image {image:?}: failed to copy: \
+                         httpReadSeeker: failed open: unexpected status code: 429 Too Many \
+                         Requests - Server message: toomanyrequests: You have reached your \
+                         pull rate limit"
+                    ),
+                )
+            } else {
+                (
+                    "ImagePullBackOff",
+                    format!("Back-off pulling image {image:?}"),
+                )
+            };
+            pull_attempts += 1;
+            set_waiting(&mut cluster, pod, reason, &message);
+            drop(cluster);
+            std::thread::sleep(IMAGE_PULL_RETRY);
+            continue;
+        }
         if let Some(registry) = unpullable_registry(&image) {
             // Alternates like a kubelet's retries: ErrImagePull at each attempt, back-off after.
             let (reason, message) = if pull_attempts.is_multiple_of(4) {
@@ -759,6 +838,24 @@ mod tests {
         assert_eq!(unpullable_registry("registry.example.com/app:1"), None);
         assert_eq!(unpullable_registry("app.invalid"), None, "no registry host");
         assert_eq!(unpullable_registry("busybox"), None);
+    }
+
+    #[test]
+    fn image_names_a_runtime_cannot_parse_are_invalid() {
+        for valid in [
+            "busybox",
+            "shoal-tests.example/kubernetes-tests:1",
+            "Registry.Example:5000/team/app:V1",
+            "localhost/app@sha256:abc",
+        ] {
+            assert_eq!(invalid_image(valid), None, "{valid}");
+        }
+        assert_eq!(
+            invalid_image("registry.example/Team/app:1"),
+            Some(": repository name must be lowercase")
+        );
+        assert!(invalid_image("App:1").is_some());
+        assert!(invalid_image("app: 1").is_some());
     }
 
     #[test]

@@ -95,7 +95,10 @@
 //! made. Events are not deleted with their Job (a real cluster keeps them for an hour).
 //!
 //! The controller creates one pod named `<job>-<5 random characters>` with the template's
-//! labels and annotations and a controller owner reference to the Job, sets `startTime`,
+//! labels and annotations and a controller owner reference to the Job (its spec the template's,
+//! with the API server's defaults where the template leaves a field unset: `serviceAccountName`
+//! from `serviceAccount` or `default`, `enableServiceLinks: true`, `priority: 0`,
+//! `preemptionPolicy`), has it scheduled (see "Scheduling" below), sets `startTime`,
 //! `active`, `ready`, `terminating`, `uncountedTerminatedPods`, and counts each pod once into
 //! `succeeded` or `failed`. A pod deleted before it ended counts as failed (as in a real
 //! cluster with the default `podReplacementPolicy: TerminatingOrFailed`, which also replaces a
@@ -121,6 +124,16 @@
 //! on to them (nor is it by a real garbage collector); delete the pods themselves, or set the
 //! template's `terminationGracePeriodSeconds`, to stop them sooner.
 //!
+//! # Scheduling
+//! One node, [`NODE_NAME`], labelled `kubernetes.io/arch`, `kubernetes.io/hostname` and
+//! `kubernetes.io/os: linux` (more with [`Emulator::label_node`]). A pod whose `nodeSelector`
+//! the node's labels match is bound to it (`spec.nodeName`) at once; another stays `Pending`,
+//! unscheduled, as a real scheduler leaves it: no `nodeName`, `startTime`, host IP or container
+//! statuses, and the condition `PodScheduled=False`, reason `Unschedulable`, with the real
+//! scheduler's message ("0/1 nodes are available: 1 node(s) didn't match Pod's node
+//! affinity/selector. ..."). It is tried again every half second, and bound once the node has
+//! the labels. Resource requests, affinity and taints are not considered.
+//!
 //! # Pods (kubelet)
 //! The container runs as PID 1 of its own PID
 //! namespace (so, as in any container, SIGTERM is ignored unless the program handles it, and a
@@ -140,7 +153,7 @@
 //! Running → Succeeded/Failed with the real container states: `running.startedAt`,
 //! `terminated` with `exitCode` (128 + N after signal N), `reason` (`Completed`, `Error`,
 //! `OOMKilled`, `StartError` with 128 when the program cannot start), `startedAt`,
-//! `finishedAt`. Node name: [`NODE_NAME`].
+//! `finishedAt`.
 //!
 //! Deleting a pod: one that is not running goes at once; a running one gets
 //! `deletionTimestamp`/`deletionGracePeriodSeconds`, SIGTERM, and SIGKILL when the grace
@@ -151,27 +164,35 @@
 //! `deletionTimestamp` and `deletionGracePeriodSeconds: 0`), and the kubelet SIGKILLs its
 //! process behind it; no status ever reports that end.
 //!
-//! Images are not pulled, with one exception that lets tests see what a cluster does with an
+//! Images are not pulled, with exceptions that let tests see what a cluster does with an
 //! image it cannot pull: an image whose registry host ends in `.invalid` (a top-level domain
 //! that never resolves, RFC 2606; [`UNPULLABLE_REGISTRY`]) leaves the pod Pending with the
 //! container waiting in `ErrImagePull`, then `ImagePullBackOff`, with the kubelet's messages,
-//! for as long as the pod exists.
+//! for as long as the pod exists; the annotation [`PULL_FAILURES`] makes the first pulls fail
+//! so (a registry's rate limit), then the container starts; an image name a container runtime
+//! cannot parse (whitespace, an upper-case letter in the repository path) leaves it waiting
+//! in `InvalidImageName` for as long as the pod exists.
 //!
 //! # Test controls
 //! [`Emulator::pod_pid`] (to signal a pod's process directly), [`Emulator::oom_kill`] and the
-//! annotation [`OOM_KILL_AFTER_MS`], the annotation [`START_DELAY_MS`], [`Emulator::pod_log`], [`Emulator::pod_running_since`]
-//! (when the kubelet saw the container start, to the microsecond), [`Emulator::cut_pod`] and
-//! [`Emulator::restore_pod`] (partition a pod's network host, see
-//! [`Host::cut`](crate::netns::Host::cut)).
+//! annotation [`OOM_KILL_AFTER_MS`], the annotations [`START_DELAY_MS`] and [`PULL_FAILURES`],
+//! [`Emulator::pod_log`], [`Emulator::pod_running_since`] (when the kubelet saw the container
+//! start, to the microsecond), [`Emulator::cut_pod`] and [`Emulator::restore_pod`] (partition
+//! a pod's network host, see [`Host::cut`](crate::netns::Host::cut)), [`Emulator::label_node`]
+//! (pods whose node selector wants a label stay unscheduled until the node has it),
+//! [`Emulator::stall_writes`] (requests that change the cluster go unanswered, as over a
+//! connection dropped silently) and [`Emulator::hold_watches`] (watches send nothing until
+//! released: a client's view of the cluster lags behind it).
 
 mod api;
 mod controller;
 mod kubelet;
+mod scheduler;
 mod selectors;
 mod store;
 mod validation;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -203,6 +224,12 @@ pub const OOM_KILL_AFTER_MS: &str = "kube-emulator.shoal.test/oom-kill-after-ms"
 /// ignores the annotation.
 pub const START_DELAY_MS: &str = "kube-emulator.shoal.test/start-delay-ms";
 
+/// Pod annotation (set it in the Job's pod template): the kubelet's first this many image pulls
+/// fail, as behind a registry's rate limit (`ErrImagePull` with a `429 Too Many Requests`
+/// message, `ImagePullBackOff` between attempts), then the image is pulled and the container
+/// starts. A real cluster ignores the annotation.
+pub const PULL_FAILURES: &str = "kube-emulator.shoal.test/pull-failures";
+
 /// Registry hosts under this top-level domain cannot be pulled from (see the module docs):
 /// `registry.invalid/app:1` stays in `ErrImagePull`/`ImagePullBackOff`.
 pub const UNPULLABLE_REGISTRY: &str = ".invalid";
@@ -229,6 +256,10 @@ pub(crate) struct Core {
     log_dir: PathBuf,
     shutting_down: AtomicBool,
     kubelets: Mutex<Vec<JoinHandle<()>>>,
+    /// While true, requests that change the cluster get no answer ([`Emulator::stall_writes`]).
+    writes_stalled: tokio::sync::watch::Sender<bool>,
+    /// While true, watches send nothing ([`Emulator::hold_watches`]).
+    watches_held: tokio::sync::watch::Sender<bool>,
 }
 
 /// The cluster's state, behind one lock.
@@ -245,6 +276,8 @@ pub(crate) struct Cluster {
     refused_creates: HashMap<String, u32>,
     /// Each pod's log file, by namespace and name.
     logs: HashMap<(String, String), PathBuf>,
+    /// The labels of the node ([`NODE_NAME`]), which pods' node selectors must match.
+    node_labels: BTreeMap<String, String>,
 }
 
 impl Core {
@@ -315,6 +348,7 @@ impl Emulator {
                 last_failure: HashMap::new(),
                 refused_creates: HashMap::new(),
                 logs: HashMap::new(),
+                node_labels: scheduler::default_node_labels(),
             }),
             runtime: runtime.handle().clone(),
             network: network.cloned(),
@@ -323,6 +357,8 @@ impl Emulator {
             log_dir,
             shutting_down: AtomicBool::new(false),
             kubelets: Mutex::new(Vec::new()),
+            writes_stalled: tokio::sync::watch::Sender::new(false),
+            watches_held: tokio::sync::watch::Sender::new(false),
         });
         let router = api::router(Arc::clone(&core));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -483,6 +519,34 @@ impl Emulator {
             .get(&uid)
             .and_then(|c| c.host.as_ref())
             .and_then(Weak::upgrade)
+    }
+
+    /// Gives the node ([`NODE_NAME`]) the label `key=value` (replacing its value, if it has
+    /// one), which pods' node selectors can then match: a pod left unscheduled for want of it
+    /// is scheduled at the scheduler's next try. The node starts with `kubernetes.io/arch`,
+    /// `kubernetes.io/hostname` and `kubernetes.io/os` (`linux`).
+    pub fn label_node(&self, key: &str, value: &str) {
+        self.core
+            .lock()
+            .node_labels
+            .insert(key.to_string(), value.to_string());
+    }
+
+    /// While `stalled`, every request that would change the cluster (`POST`, `PUT`, `PATCH`,
+    /// `DELETE`) is left unanswered, as over a connection a middlebox dropped silently: the
+    /// client waits for as long as it is willing to. Such a request is never carried out: when
+    /// the stall ends it is answered `500 InternalError` (a status kube's client does not
+    /// retry), if its client is still there.
+    /// Reads and watches are answered as usual.
+    pub fn stall_writes(&self, stalled: bool) {
+        self.core.writes_stalled.send_replace(stalled);
+    }
+
+    /// While `held`, open watches send nothing (their changes queue up, as behind a slow
+    /// connection), and send what they hold, in order, once released. Lists are answered as
+    /// usual. A watch that falls more than 4 096 changes behind ends with `410 Expired`.
+    pub fn hold_watches(&self, held: bool) {
+        self.core.watches_held.send_replace(held);
     }
 
     /// How many pods' containers have started so far, in every namespace (deleted pods too).
