@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use shoal::Error;
@@ -1511,6 +1511,222 @@ fn event_condition_and_barrier_signals_async_reach_blocking_waiters() {
                 .expect("pass");
             let theirs = other.join().expect("other").expect("pass");
             assert_eq!(BTreeSet::from([mine, theirs]), BTreeSet::from([0, 1]));
+        });
+    }
+}
+
+// ------------------------------------------- async forms never block the executor's thread --
+
+/// A ticker on the current runtime: every 10 ms it records the longest gap (in ms) between two
+/// of its ticks, so a call that blocks the runtime's thread shows as one long gap.
+fn spawn_gap_recorder() -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+    let longest = Arc::new(AtomicU64::new(0));
+    let ticker = {
+        let longest = longest.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(10));
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last = Instant::now();
+            loop {
+                interval.tick().await;
+                let now = Instant::now();
+                let gap = u64::try_from(now.duration_since(last).as_millis()).unwrap_or(u64::MAX);
+                longest.fetch_max(gap, Ordering::Relaxed);
+                last = now;
+            }
+        })
+    };
+    (longest, ticker)
+}
+
+/// Pauses the writes of the test's Redis for `ms` (`CLIENT PAUSE <ms> WRITE`): every script
+/// and write waits for the end of the pause, the way a stalled Redis answers late.
+fn pause_writes(url: &str, ms: u64) {
+    let mut admin = redis::Client::open(url)
+        .expect("client")
+        .get_connection()
+        .expect("connection");
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("WRITE")
+        .query::<()>(&mut admin)
+        .expect("CLIENT PAUSE");
+}
+
+/// `qsize_async` reads this process's pending acknowledgements first, under the lock of the
+/// claims connection that another thread's blocking get holds across its fetch: that wait
+/// happens on the actor runtime, never on the caller's current-thread runtime, while Redis
+/// takes 1.5 s to answer the fetch.
+#[test]
+fn qsize_async_does_not_block_the_thread_while_a_blocking_get_waits_for_redis() {
+    let rt = runtime();
+    let url = rt.config().redis.url.clone().expect("url");
+    let queue: Queue<u32> = Queue::new().expect("queue");
+    let stop = Arc::new(AtomicBool::new(false));
+    let gets = Arc::new(AtomicU32::new(0));
+    // Blocking gets back to back: each finds the queue empty by a fetch on the claims
+    // connection, made under that connection's lock. A failure ends the loop (it is checked
+    // after the join: a panic here would go unseen).
+    let getter = {
+        let (queue, stop, gets) = (queue.clone(), stop.clone(), gets.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match queue.get_nowait() {
+                    Ok(_) | Err(Error::Empty) => {}
+                    Err(e) => return Err(e),
+                }
+                gets.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+    };
+    let started = Instant::now();
+    while gets.load(Ordering::Relaxed) < 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5) && !getter.is_finished(),
+            "the getter never got"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    block_on(Flavor::CurrentThread, async move {
+        let (longest, ticker) = spawn_gap_recorder();
+        sleep(Duration::from_millis(50)).await;
+        pause_writes(&url, 1500);
+        // The getter's next fetch now waits for the pause's end, holding the lock.
+        sleep(Duration::from_millis(100)).await;
+        let size = timeout(Duration::from_secs(5), queue.qsize_async())
+            .await
+            .expect("qsize_async answers once the pause is over")
+            .expect("qsize_async");
+        assert_eq!(size, 0);
+        sleep(Duration::from_millis(50)).await;
+        ticker.abort();
+        let longest = longest.load(Ordering::Relaxed);
+        assert!(
+            longest < 300,
+            "qsize_async blocked the runtime's thread for {longest} ms"
+        );
+    });
+    stop.store(true, Ordering::Relaxed);
+    getter.join().expect("getter").expect("the blocking gets");
+}
+
+/// An async get first takes an item this process's blocking gets hold, writing its ack without
+/// waiting. When that write fails (the claims connection was cut), the acks written before it
+/// are confirmed by the keeper (and the get claims an item of its own on the actor runtime),
+/// never on the caller's current-thread runtime, while Redis takes 1.5 s to run scripts.
+#[test]
+fn get_async_never_confirms_acks_on_the_callers_thread_after_a_failed_ack_write() {
+    let rt = runtime();
+    let url = rt.config().redis.url.clone().expect("url");
+    let queue: Queue<u32> = Queue::new().expect("queue");
+    for i in 0..20 {
+        queue.put(i).expect("put");
+    }
+    let started = Instant::now();
+    while queue.qsize().expect("qsize") < 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the feeder never wrote"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut admin = redis::Client::open(url.clone())
+        .expect("client")
+        .get_connection()
+        .expect("connection");
+    // Built first: what follows must fit in a batch's allowance (200 ms from its fetch).
+    let tokio_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("current-thread runtime");
+    // Batches of 1, 2, then 4: the last get leaves 3 items held, their acks still to write.
+    for i in 0..4 {
+        assert_eq!(queue.get_nowait().expect("get_nowait"), i);
+    }
+    // The last ack is applied; then every connection but this one is cut (the claims
+    // connection too: the next ack written on it reaches a closed socket, the one after fails).
+    std::thread::sleep(Duration::from_millis(5));
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query::<u64>(&mut admin)
+        .expect("CLIENT KILL");
+    std::thread::sleep(Duration::from_millis(5));
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("WRITE")
+        .query::<()>(&mut admin)
+        .expect("CLIENT PAUSE");
+    tokio_rt.block_on(async move {
+        let (longest, ticker) = spawn_gap_recorder();
+        tokio::task::yield_now().await;
+        // Written on the closed socket (a write does not see the close yet).
+        timeout(Duration::from_secs(5), queue.get_async())
+            .await
+            .expect("the first get_async answers")
+            .expect("get_async");
+        sleep(Duration::from_millis(5)).await;
+        // This ack's write fails.
+        timeout(Duration::from_secs(5), queue.get_async())
+            .await
+            .expect("the second get_async answers once the pause is over")
+            .expect("get_async");
+        sleep(Duration::from_millis(50)).await;
+        ticker.abort();
+        let longest = longest.load(Ordering::Relaxed);
+        assert!(
+            longest < 300,
+            "get_async blocked the runtime's thread for {longest} ms"
+        );
+    });
+}
+
+/// Dropping the process's last handle of a pipe end inside a Tokio runtime returns at once
+/// while Redis takes a second to answer (the close goes to a background thread), and the other
+/// end still reads end of file once the close lands.
+#[test]
+fn dropping_a_pipe_end_in_a_runtime_returns_at_once_and_the_other_end_sees_eof() {
+    let rt = runtime();
+    let url = rt.config().redis.url.clone().expect("url");
+    for flavor in FLAVORS {
+        let url = url.clone();
+        let (mine, theirs) = Pipe::new::<u32>(true).expect("pipe");
+        block_on(flavor, async move {
+            mine.send_async(&7).await.expect("send");
+            let (longest, ticker) = spawn_gap_recorder();
+            sleep(Duration::from_millis(30)).await;
+            pause_writes(&url, 1000);
+            let dropping = Instant::now();
+            drop(mine);
+            let took = dropping.elapsed();
+            assert!(
+                took < Duration::from_millis(200),
+                "{flavor:?}: dropping the last handle of an end took {took:?}"
+            );
+            sleep(Duration::from_millis(50)).await;
+            assert_eq!(
+                theirs.recv_async().await.expect("the message sent first"),
+                7
+            );
+            let eof = timeout(Duration::from_secs(5), theirs.recv_async())
+                .await
+                .expect("end of file arrives once the close lands");
+            assert!(
+                matches!(eof, Err(Error::Closed(_))),
+                "{flavor:?}: expected end of file, got {eof:?}"
+            );
+            ticker.abort();
+            let longest = longest.load(Ordering::Relaxed);
+            assert!(
+                longest < 300,
+                "{flavor:?}: the drop blocked the runtime's thread for {longest} ms"
+            );
         });
     }
 }

@@ -243,6 +243,69 @@ pub(crate) fn deadline(timeout: Option<Duration>) -> Option<Instant> {
     timeout.and_then(|t| Instant::now().checked_add(t))
 }
 
+/// Runs `work`, which may block (a round trip, a lock held across one), off the calling thread:
+/// on the blocking pool of shoal's actor runtime, where the blocking work of async calls runs,
+/// or on a thread of its own when there is no actor runtime or it drops the task unrun (it is
+/// shutting down); on the calling thread only when no thread can be started. For a drop in
+/// async code, which must not block its executor's thread. Nobody waits for `work`: it reports
+/// its own failures; `what` names it in a log.
+pub(crate) fn run_in_background(what: &'static str, work: impl FnOnce() + Send + 'static) {
+    let job = Background {
+        what,
+        work: Some(Box::new(work)),
+    };
+    match context::current().and_then(|c| c.async_store()) {
+        // A task the runtime drops unrun drops `job`, which then runs on a thread of its own.
+        Ok(store) => drop(store.runtime().spawn_blocking(move || job.run())),
+        Err(_) => drop(job),
+    }
+}
+
+/// Work for [`run_in_background`]; dropped before it ran, it runs on a thread of its own.
+struct Background {
+    what: &'static str,
+    work: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Background {
+    fn run(mut self) {
+        if let Some(work) = self.work.take() {
+            work();
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let Some(work) = self.work.take() else {
+            return;
+        };
+        // Shared with the thread: a thread that cannot start drops its closure, and the work
+        // must still run.
+        let slot = Arc::new(std::sync::Mutex::new(Some(work)));
+        let take = |slot: &std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>| {
+            slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+        };
+        let theirs = slot.clone();
+        let spawned = std::thread::Builder::new()
+            .name("shoal-background".into())
+            .spawn(move || {
+                if let Some(work) = take(&theirs) {
+                    work();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(
+                "cannot start a thread for {}: {e}; it runs on this thread",
+                self.what
+            );
+            if let Some(work) = take(&slot) {
+                work();
+            }
+        }
+    }
+}
+
 /// Work done by this process's heartbeat thread every third of the lease (`sync.lease_secs`):
 /// renewing the holds it has, so that they lapse only when the process is gone.
 pub(crate) type HeartbeatTask = fn();

@@ -91,6 +91,25 @@ pub(super) fn release(address: &Address, end: u8) -> Result<()> {
     let_go(&store, address, end, process_holder())
 }
 
+/// [`release`] when it needs neither a round trip nor a wait: this process's lock of the end is
+/// free (a claim or a transfer holds it across a round trip) and this is not the process's last
+/// handle of the end (or the process does not hold it). Whether it was done; nothing changed
+/// otherwise.
+pub(super) fn release_at_once(address: &Address, end: u8) -> bool {
+    let local = local_end(address, end);
+    let mut local = match local.try_lock() {
+        Ok(local) => local,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return false,
+    };
+    let handles = local.handles.saturating_sub(1);
+    if handles > 0 || !local.registered {
+        local.handles = handles;
+        return true;
+    }
+    false
+}
+
 pub(super) fn let_go(store: &Store, address: &Address, end: u8, holder: &str) -> Result<()> {
     let keys = PipeKeys::new(address);
     store
@@ -110,6 +129,71 @@ pub(super) fn let_go(store: &Store, address: &Address, end: u8, holder: &str) ->
 pub(super) fn start_heartbeat() {
     static STARTED: Once = Once::new();
     STARTED.call_once(|| common::on_heartbeat(renew_all));
+    register_exit_hook();
+}
+
+/// Closes of dropped handles under way in the background ([`close_in_background`]).
+static BACKGROUND_CLOSES: Mutex<usize> = Mutex::new(0);
+
+/// Notified when a background close ends.
+static BACKGROUND_CLOSED: std::sync::Condvar = std::sync::Condvar::new();
+
+fn background_closes() -> MutexGuard<'static, usize> {
+    BACKGROUND_CLOSES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Lets go of what a handle dropped in phase `previous` held, off the dropping thread
+/// (`common::run_in_background`): a drop in async code must not block its executor's thread.
+/// The exit hooks wait for it (see [`register_exit_hook`]).
+pub(super) fn close_in_background(address: Address, end: u8, previous: Phase) {
+    /// Counts the close as ended however it ends.
+    struct Ended;
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            let mut closes = background_closes();
+            *closes = closes.saturating_sub(1);
+            drop(closes);
+            BACKGROUND_CLOSED.notify_all();
+        }
+    }
+    *background_closes() += 1;
+    let ended = Ended;
+    common::run_in_background("closing a dropped pipe handle", move || {
+        let _ended = ended;
+        if let Err(e) = let_go_of_phase(&address, end, previous) {
+            tracing::debug!("closing a dropped handle of {}: {e}", address.describe());
+        }
+    });
+}
+
+/// Registers, once, the exit hook that waits (a lease at most) for the closes of dropped
+/// handles still under way in the background, so that the other ends read end of file before
+/// this process exits (or a pool worker reports its task), rather than once its holds lapse.
+/// Called when this process first holds an end or receives a handle: not from a drop, which may
+/// happen while the exit hooks run (their lock is held then).
+pub(super) fn register_exit_hook() {
+    static REGISTERED: Once = Once::new();
+    REGISTERED.call_once(|| shoal_core::context::register_exit_hook(await_background_closes));
+}
+
+fn await_background_closes() {
+    let deadline = Instant::now() + lease();
+    let mut closes = background_closes();
+    while *closes > 0 {
+        let now = Instant::now();
+        if now >= deadline {
+            tracing::warn!(
+                "{} closes of dropped pipe handles still under way: their holds lapse after the \
+                 lease once this process is gone",
+                *closes
+            );
+            return;
+        }
+        closes = BACKGROUND_CLOSED
+            .wait_timeout(closes, deadline - now)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
 }
 
 /// The heartbeat: renews this process's holds and transfers, one script per pipe.

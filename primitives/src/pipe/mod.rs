@@ -81,8 +81,9 @@
 //! (`send_reaping.lua` reaps, then sends). `recv`: 1 (`BLPOP`, plus one
 //! `check.lua` per second of waiting). `poll`: 1 (`check.lua`, or `BLMOVE` from the
 //! inbox to itself, which waits without taking). Clone: none. Close (or drop) of a handle: none,
-//! or 1 for the process's last handle of the end (`close.lua`). Passing a handle to another
-//! process: 1 to serialize it (`transfer.lua`) and 1 to deserialize it (`claim.lua`).
+//! or 1 for the process's last handle of the end (`close.lua`; a drop inside a Tokio runtime
+//! makes it in the background). Passing a handle to another process: 1 to serialize it
+//! (`transfer.lua`) and 1 to deserialize it (`claim.lua`).
 //! Heartbeat: 1 per pipe this process holds or transfers, every third of the lease
 //! (`renew.lua`, which also refreshes every key's TTL).
 //!
@@ -105,7 +106,18 @@
 //! [`Connection::close_async`] closes the handle at its first poll; the round trip of the
 //! process's last handle of an end (`close.lua`) is made, as `close` makes it, under this
 //! process's lock of the end, so the task runs it on the runtime's blocking pool (a thread of
-//! that pool waits for it, never the caller's).
+//! that pool waits for it, never the caller's). Dropping a handle inside a Tokio runtime (the
+//! implicit drop at the end of a task or handler) does the same without anyone waiting: the
+//! handle is closed at once and a close that takes that round trip, or would wait for that
+//! lock, runs on the blocking pool; the other end reads end of file once it lands. Outside a
+//! runtime a drop closes on the dropping thread, as `close` does.
+//!
+//! Receiving a handle ([`Connection::recv_async`] of a message holding one, a queue's
+//! `get_async` of such an item) decodes it on the caller's thread, which claims its end for
+//! this process: 1 blocking round trip per handle there. The claim is not put off to the
+//! handle's first use: until it is made, only the sender's transfer holds the end, and that
+//! lapses when the sender exits, so the other end could read end of file while this process
+//! holds a handle.
 //!
 //! Dropping a `recv_async` (or `recv_bytes_into_async`) future loses no message: the task stops
 //! before its next wait slice (within a second); a message it took meanwhile is pushed back to
@@ -340,10 +352,13 @@ impl<T> Serialize for Connection<T> {
 }
 
 impl<'de, T> Deserialize<'de> for Connection<T> {
-    /// Claims the transfer for this process (1 round trip); without a runtime, or if Redis
-    /// fails, the handle claims it at its first use.
+    /// Claims the transfer for this process (1 round trip, on the deserializing thread: in async
+    /// code too, see [`Connection::recv_async`]); without a runtime, or if Redis fails, the
+    /// handle claims it at its first use.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
         let wire = Wire::deserialize(deserializer)?;
+        // Before the handle exists: its drop may close it in the background.
+        register_exit_hook();
         if wire.end > 1 {
             return Err(serde::de::Error::custom(format!(
                 "a pipe has ends 0 and 1, not {}",
@@ -385,14 +400,33 @@ impl<T> Clone for Connection<T> {
 }
 
 impl<T> Drop for Connection<T> {
-    /// Closes the handle (Python closes a connection that is garbage collected).
+    /// Closes the handle (Python closes a connection that is garbage collected). Inside a
+    /// Tokio runtime (async code: the end of a task or a handler), the drop never blocks: a
+    /// close that takes a round trip (the process's last handle of the end, or a received
+    /// handle never used) or would wait for this process's lock of the end (which a claim or
+    /// a transfer of another handle holds across its round trip) runs in the background, on
+    /// the actor runtime's blocking pool; the other end reads end of file once it lands, and a
+    /// failure is logged (a hold that was not removed lapses after the lease). Elsewhere it
+    /// runs on the dropping thread, as [`Connection::close`] does.
     fn drop(&mut self) {
-        if let Err(e) = self.close_handle() {
-            tracing::debug!(
-                "closing a dropped handle of {}: {e}",
-                self.address.describe()
-            );
+        let previous = std::mem::replace(&mut *self.phase(), Phase::Closed);
+        if !previous.holds_something() {
+            return;
         }
+        let in_runtime = tokio::runtime::Handle::try_current().is_ok();
+        if !in_runtime {
+            if let Err(e) = let_go_of_phase(&self.address, self.end, previous) {
+                tracing::debug!(
+                    "closing a dropped handle of {}: {e}",
+                    self.address.describe()
+                );
+            }
+            return;
+        }
+        if previous == Phase::Open && release_at_once(&self.address, self.end) {
+            return;
+        }
+        close_in_background(self.address.clone(), self.end, previous);
     }
 }
 
@@ -779,6 +813,16 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     /// The async form of [`Connection::recv`]: waits on shoal's actor runtime without blocking
     /// the caller's thread; any executor can await it. A message taken for a future that was
     /// dropped goes back to the head of the inbox (see the module docs).
+    ///
+    /// What runs where: the wait (`BLPOP` slices and checks) runs on the actor runtime; the
+    /// message is decoded on the caller's thread once it arrived. A handle received without a
+    /// runtime is claimed at the first poll, on the caller's thread (1 blocking round trip).
+    ///
+    /// Known round trip on the caller's thread: decoding a message that contains pipe
+    /// `Connection` handles claims each one's end for this process (`claim.lua`, 1 blocking
+    /// round trip per handle). The claim is not put off to the handle's first use: until then
+    /// the end is held by the sender's transfer only, which lapses when the sender exits, and
+    /// the other end could read end of file while this process holds a handle.
     pub async fn recv_async(&self) -> Result<T> {
         let message = self.next_message_async().await?;
         self.decode(&*common::store()?, message)

@@ -115,6 +115,11 @@
 //! oneshot channel: any executor (Tokio's current-thread or multi-thread runtime, actix's) can
 //! await them, and no thread is parked per call. Timeouts run from the first poll. An unbounded
 //! `Queue`'s `put_async` only hands the item to the feeder, as `put` does (no round trip).
+//! Nothing on the caller's thread waits for a lock another thread may hold across a round trip
+//! or reads a socket: the sizes settle this process's acknowledgements on the actor runtime's
+//! blocking pool when that needs either, and an async get takes a held item on the caller's
+//! thread only when its acknowledgement is written without waiting. The one exception is
+//! decoding a pipe handle in an item (`get_async`'s docs).
 //!
 //! Dropping the future (a `select!`, a `tokio::time::timeout`) does not lose an item:
 //!
@@ -151,7 +156,7 @@ mod feeder;
 mod ops;
 
 use feeder::{FEEDER, Queued};
-use ops::{Join, Put};
+use ops::{Join, Measure, Put};
 
 use crate::common::{self, Address, deadline, liveness, next_slice, process_holder, ttl};
 use crate::event::{Recheck, WaitList, WakeWait, Woke};
@@ -364,7 +369,7 @@ impl QueueCore {
             // An item this process holds comes first, as for a blocking get.
             if core.maxsize == 0 {
                 let store = common::store()?;
-                if let Some(item) = claims::take_held(&core, &store)? {
+                if let Some(item) = claims::take_held(&core, &store) {
                     return Ok(item);
                 }
             }
@@ -433,19 +438,20 @@ impl QueueCore {
         )
     }
 
-    /// The async form of [`QueueCore::qsize`]: the feeder's count is read, and this process's
-    /// acks settled, at the first poll, before the request is sent.
+    /// The async form of [`QueueCore::qsize`]: the feeder's count is read at the first poll;
+    /// this process's acks are then settled (on the caller's thread only when that needs
+    /// neither a wait nor I/O, else on the actor runtime's blocking pool: it may wait for the
+    /// claims connection's lock, which another thread's fetch holds across a round trip, and
+    /// read replies), and the size is read on the actor runtime.
     fn qsize_async(&self) -> impl Future<Output = Result<usize>> + Send + use<> {
         let core = self.clone();
         async move {
             let queued = FEEDER.queued(&core.keys().items);
-            claims::settle(&*common::store()?)?;
-            let request = core.qsize_request(queued.as_ref());
-            let address = core.address.clone();
-            op::spawn_single(
-                move || address.describe(),
-                request,
-                move |reply| core.qsize_from(queued, reply),
+            let store = common::store()?;
+            let settled = claims::settle_at_once(&store);
+            op::spawn(
+                Measure::new(core, (!settled).then_some(store), queued),
+                None,
             )
             .await
         }
@@ -609,11 +615,25 @@ macro_rules! getters {
         /// The async form of [`Self::get`]: waits on shoal's actor runtime without blocking the
         /// caller's thread; any executor can await it. An item taken for a future that was
         /// dropped goes back to the head of the queue (see the module docs).
+        ///
+        /// What runs where: at the first poll, on the caller's thread, an item this process's
+        /// blocking gets hold is taken when that needs no wait (no lock held by another
+        /// thread, its acknowledgement written without waiting for a reply); the fetch, the
+        /// wait and the acknowledgement (and any retry of it) run on the actor runtime. The
+        /// item is decoded on the caller's thread once it arrived.
+        ///
+        /// Known round trip on the caller's thread: decoding an item that contains pipe
+        /// [`Connection`](crate::pipe::Connection) handles claims each one's end for this
+        /// process (`claim.lua`, 1 blocking round trip per handle). The claim is not put off
+        /// to the handle's first use: until then the end is held by the sender's transfer
+        /// only, which lapses when the sender exits, and the other end could read end of file
+        /// while this process holds a handle.
         pub fn get_async(&self) -> impl Future<Output = Result<T>> + Send + use<T> {
             self.get_async_with(true, None)
         }
 
-        /// The async form of [`Self::get_timeout`] (`timeout` runs from the first poll).
+        /// The async form of [`Self::get_timeout`] (`timeout` runs from the first poll; what
+        /// runs where, and the round trip of a pipe handle in the item: [`Self::get_async`]).
         pub fn get_timeout_async(
             &self,
             timeout: Duration,
@@ -621,7 +641,8 @@ macro_rules! getters {
             self.get_async_with(true, Some(timeout))
         }
 
-        /// The async form of [`Self::get_nowait`] (1 round trip on shoal's actor runtime).
+        /// The async form of [`Self::get_nowait`] (1 round trip on shoal's actor runtime; what
+        /// runs where, and the round trip of a pipe handle in the item: [`Self::get_async`]).
         pub fn get_nowait_async(&self) -> impl Future<Output = Result<T>> + Send + use<T> {
             self.get_async_with(false, None)
         }
@@ -649,7 +670,12 @@ macro_rules! getters {
         }
 
         /// The async form of [`Self::qsize`] (1 round trip on shoal's actor runtime; this
-        /// process's feeder count is read at the first poll).
+        /// process's feeder count is read at the first poll). Before it, the replies of this
+        /// process's acknowledgements of items taken are read (so that those items are not
+        /// counted): on the caller's thread only when that takes neither a wait nor I/O,
+        /// otherwise on the actor runtime's blocking pool (it may wait for a blocking get of
+        /// another thread, and after a connection failure confirm the acknowledgements again).
+        /// The caller's thread is never blocked.
         pub fn qsize_async(&self) -> impl Future<Output = Result<usize>> + Send + use<T> {
             let core = self.core.clone();
             async move { core.qsize_async().await }

@@ -1,5 +1,6 @@
 //! The queue operations that may wait, as state machines of round trips (`op`): a put on a
-//! bounded or joinable queue and `JoinableQueue::join` (the async get is `async_get.rs`).
+//! bounded or joinable queue, `JoinableQueue::join` and the async `qsize` (the async get is
+//! `async_get.rs`).
 
 use super::*;
 
@@ -272,5 +273,60 @@ impl Operation for Join {
             Some(waiting) => joined(&self.core.address, waiting.cancel(store)),
             None => Step::Done(Err(op::abandoned())),
         }
+    }
+}
+
+/// The async `qsize` (`QueueCore::qsize_async`): this process's acks settled (`claims::settle`,
+/// run on the actor runtime's blocking pool: it may wait for the claims connection's lock and
+/// read replies), then `size.lua`.
+pub(super) struct Measure {
+    core: QueueCore,
+    /// The store whose acks are settled first; `None`: settled already (or nothing to settle).
+    settle: Option<Arc<Store>>,
+    /// The feeder's count, read before the acks are settled (as `QueueCore::qsize` reads it).
+    queued: Option<Queued>,
+    /// The request under way is the settling.
+    settling: bool,
+}
+
+impl Measure {
+    /// Measures `core`, whose feeder count `queued` was read first; `settle`: the store whose
+    /// acks must be settled before the measure (`None` when they are).
+    pub(super) fn new(core: QueueCore, settle: Option<Arc<Store>>, queued: Option<Queued>) -> Self {
+        Measure {
+            core,
+            settle,
+            queued,
+            settling: false,
+        }
+    }
+}
+
+impl Operation for Measure {
+    type Output = usize;
+
+    fn describe(&self) -> String {
+        self.core.address.describe()
+    }
+
+    fn start(&mut self, _: &Store) -> Step<usize> {
+        match self.settle.take() {
+            Some(store) => {
+                self.settling = true;
+                Step::Next(claims::settle_request(store))
+            }
+            None => Step::Next(self.core.qsize_request(self.queued.as_ref())),
+        }
+    }
+
+    fn reply(&mut self, _: &Store, reply: Result<redis::Value>) -> Step<usize> {
+        if std::mem::take(&mut self.settling) {
+            return match reply {
+                Ok(_) => Step::Next(self.core.qsize_request(self.queued.as_ref())),
+                // As the blocking `qsize`: acks that could not be confirmed fail the measure.
+                Err(e) => Step::Done(Err(e)),
+            };
+        }
+        Step::Done(self.core.qsize_from(self.queued.take(), reply))
     }
 }

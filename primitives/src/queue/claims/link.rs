@@ -74,14 +74,29 @@ impl Link {
     /// ack must not reach Redis later than the allowance checked before), the ack is written
     /// as `claim_ack.lua` with the unconfirmed ones and waited for, and its outcome returned.
     pub(super) fn ack(&mut self, store: &Store, keys: &QueueKeys, number: u64) -> Result<Ack> {
-        if self.failed || self.conn.is_none() {
-            return self.confirm(store, Some((keys, number))).map(ours_or_not);
+        if self.write_ack(keys, number) {
+            return Ok(Ack::Written);
         }
+        // Not written (a write that fails sends nothing of a command this small, and its
+        // connection is dropped): on a new connection, waited for.
+        self.confirm(store, Some((keys, number))).map(ours_or_not)
+    }
+
+    /// Writes the ack of the item `number` of this process's claim on `keys`'s queue on the
+    /// open connection, without waiting and without any other I/O (an async get's, on its
+    /// executor's thread); whether it was written. Nothing is written after a failure or with
+    /// no connection open, and a write that fails drops the connection (the acks written
+    /// before it are then confirmed by the next sync get, fetch or the keeper): the item's ack
+    /// was not applied, so it is still the claim's.
+    pub(super) fn write_ack(&mut self, keys: &QueueKeys, number: u64) -> bool {
+        if self.failed {
+            return false;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return false;
+        };
         let packed = ack_command(&keys.claim, number).get_packed_command();
-        let written = self
-            .conn(store)
-            .and_then(|conn| conn.send_packed_command(&packed));
-        match written {
+        match conn.send_packed_command(&packed) {
             Ok(()) => {
                 self.pending += 1;
                 self.unconfirmed.insert(
@@ -91,13 +106,11 @@ impl Link {
                         fences: keys.claim_fences.clone(),
                     },
                 );
-                Ok(Ack::Written)
+                true
             }
             Err(_) => {
-                // Not written (a write that fails sends nothing of a command this small): on a
-                // new connection, waited for.
                 self.drop_conn();
-                self.confirm(store, Some((keys, number))).map(ours_or_not)
+                false
             }
         }
     }

@@ -49,9 +49,11 @@
 //!   claims what was moved, so an item that arrives is never in flight unowned. A get whose last
 //!   fetch found the queue empty waits at once (it would only find it empty again). The
 //!   consumer's lock is held during the slice, since the fetch gives back what it claims.
-//! * An async get takes a held item first when that needs no round trip (no other thread holds
-//!   the consumer, the batch is fresh, the connection open; otherwise the keeper or the next
-//!   sync get deals with the batch, and the async get may receive a later item first), else
+//! * An async get takes a held item first when that needs no round trip and no wait (no other
+//!   thread holds the consumer or the claims connection, the batch is fresh, the connection
+//!   open and its ack written; otherwise the keeper or the next sync get deals with the batch,
+//!   and the async get may receive a later item first; an ack whose write failed was not
+//!   applied, so its item stays held, and the acks before it are confirmed by them), else
 //!   claims one item under a holder of its own and waits for its ack (`async_get.rs`): exact
 //!   in the same way.
 //! * The batch: 1 item at first; twice the last one each time the last one was all returned
@@ -353,16 +355,19 @@ pub(super) fn get(
     }
 }
 
-/// A held item of `core`, if this process has one it may still return (the async gets take it
-/// before waiting, so that one process's gets keep the queue's order).
-pub(super) fn take_held(core: &QueueCore, store: &Arc<Store>) -> Result<Option<Vec<u8>>> {
+/// A held item of `core`, if this process has one it may still return without waiting for a
+/// lock or a reply (the async gets take it before waiting, on their executor's thread, so that
+/// one process's gets keep the queue's order).
+pub(super) fn take_held(core: &QueueCore, store: &Arc<Store>) -> Option<Vec<u8>> {
     let consumer = consumer(core, store);
     // Another thread holds the lock (a blocking get, the keeper): the async get does not wait
     // for it.
-    let Ok(mut consumer) = consumer.try_lock() else {
-        return Ok(None);
+    let mut consumer = match consumer.try_lock() {
+        Ok(consumer) => consumer,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return None,
     };
-    consumer.take_quick().map_err(|e| core.address.error(e))
+    consumer.take_quick()
 }
 
 /// Gives back what this process holds of `core` (its `close()`). A failure is logged: the items
@@ -379,13 +384,40 @@ pub(super) fn give_back(core: &QueueCore, store: &Store) {
 }
 
 /// Reads the replies of this process's acks, so that Redis has applied them before a read on
-/// another connection (`qsize`).
+/// another connection (`qsize`). It waits for the links' lock, which a fetch of another
+/// thread holds across its round trip, reads from a socket, and after a failure confirms the
+/// acks on a new connection: never on an executor's thread (see [`settle_request`]).
 pub(super) fn settle(store: &Store) -> Result<()> {
     let mut links = lock(&LINKS);
     match links.get_mut(store.url()) {
         Some(link) => link.settle(store),
         None => Ok(()),
     }
+}
+
+/// [`settle`] if that needs neither a wait nor I/O (no reply pending, no failure, the links'
+/// lock free): for the async `qsize`, on its executor's thread. Whether it was done.
+pub(super) fn settle_at_once(store: &Store) -> bool {
+    let mut links = match LINKS.try_lock() {
+        Ok(links) => links,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return false,
+    };
+    match links.get_mut(store.url()) {
+        None => true,
+        // No reply to read and nothing to confirm: `settle` only forgets the acks confirmed.
+        Some(link) if !link.needs_settling() => link.settle(store).is_ok(),
+        Some(_) => false,
+    }
+}
+
+/// [`settle`] as a request of an async operation: run on the actor runtime's blocking pool
+/// (`Request::local`), so that its waits never block the caller's executor.
+pub(super) fn settle_request(store: Arc<Store>) -> Request {
+    Request::local(
+        "settling this process's acknowledgements before measuring",
+        move || settle(&store).map(|()| redis::Value::Nil),
+    )
 }
 
 /// The keeper: a thread that gives back the held items that went stale, within half a [`HOLD`]
@@ -694,47 +726,36 @@ impl Consumer {
     }
 
     /// The next held item if that needs no round trip (for an async get, on its executor's
-    /// thread): an item known to be ours, or one whose ack is written without waiting on an
-    /// open connection. `None` otherwise (the batch went stale, an ack is in doubt, the
-    /// connection failed): the keeper or the next sync get deals with those.
-    fn take_quick(&mut self) -> Result<Option<Vec<u8>>> {
-        let Some(&(number, _)) = self.held.front() else {
-            return Ok(None);
-        };
+    /// thread): one whose ack is written without waiting on an open connection. `None`
+    /// otherwise (the batch went stale, an ack is in doubt, the connection failed, or another
+    /// thread holds the links' lock): the keeper or the next sync get deals with those. Nothing
+    /// here waits: not for a lock, not for Redis (a failed write is not followed by the
+    /// confirmation `Link::ack` would wait for; the item stays held, its ack not applied).
+    fn take_quick(&mut self) -> Option<Vec<u8>> {
+        let &(number, _) = self.held.front()?;
         if self.in_doubt || self.stale() {
-            return Ok(None);
+            return None;
         }
         let usable_until = self.usable_until;
         // The links' lock may be held across a round trip (a fetch of another thread): an
         // async get does not wait for it.
-        let acked = match LINKS.try_lock() {
-            Ok(mut links) => match links.get_mut(self.store.url()) {
-                Some(link)
-                    if !link.failed
-                        && link.conn.is_some()
-                        && usable_until.is_some_and(|until| Instant::now() < until) =>
-                {
-                    link.ack(&self.store, &self.keys, number).map(Some)
-                }
-                _ => Ok(None),
-            },
-            Err(_) => Ok(None),
+        let mut links = match LINKS.try_lock() {
+            Ok(links) => links,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
         };
-        match acked {
-            Ok(Some(Ack::Written)) | Ok(Some(Ack::Applied)) => {
-                Ok(self.held.pop_front().map(|(_, item)| item))
-            }
-            Ok(Some(Ack::NotOurs)) => {
-                self.held.clear();
-                self.usable_until = None;
-                Ok(None)
-            }
-            Ok(Some(Ack::TooLate)) | Ok(None) => Ok(None),
-            Err(e) => {
-                self.in_doubt = true;
-                Err(e)
-            }
+        let link = links.get_mut(self.store.url())?;
+        // Checked under the lock, right before the write, as `take` does.
+        let written = usable_until.is_some_and(|until| Instant::now() < until)
+            && link.write_ack(&self.keys, number);
+        drop(links);
+        if !written {
+            // The batch went stale meanwhile, or the connection failed (acks written before
+            // may need confirming): the keeper sees to both.
+            wake_keeper();
+            return None;
         }
+        self.held.pop_front().map(|(_, item)| item)
     }
 
     /// Claims the next batch (giving back what was held first). `wait`: the caller waits that
