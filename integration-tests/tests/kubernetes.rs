@@ -50,13 +50,6 @@ const DRIVER_DONE: &str = "kubernetes-test-driver: scenario done";
 /// Environment variable telling a driver which cluster it drives (`emulator`, `cluster`).
 const TARGET: &str = "KUBERNETES_TEST_TARGET";
 
-/// The executor's annotation setting its pod start timeout, in seconds
-/// (`shoal_executor::kubernetes::ANNOTATION_POD_START_TIMEOUT`, which shoal does not re-export).
-const ANNOTATION_POD_START_TIMEOUT: &str = "shoal.dev/pod-start-timeout-secs";
-/// The executor's annotation setting its API call timeout, in seconds
-/// (`shoal_executor::kubernetes::ANNOTATION_API_CALL_TIMEOUT`).
-const ANNOTATION_API_CALL_TIMEOUT: &str = "shoal.dev/api-call-timeout-secs";
-
 /// How long any single wait may take before it counts as a hang: a minute on the emulator,
 /// five on a real cluster (image pulls, scheduling).
 fn patience() -> Duration {
@@ -1241,10 +1234,7 @@ fn unschedulable_pods(kube: &Kube) {
         .kubernetes
         .node_selector
         .insert("disktype".into(), "no-such-disk".into());
-    config.kubernetes.annotations.insert(
-        ANNOTATION_POD_START_TIMEOUT.into(),
-        timeout.as_secs().to_string(),
-    );
+    config.kubernetes.pod_start_timeout_secs = timeout.as_secs_f64();
     let rt = runtime(config);
     let p = Process::new(noop, ());
     let started = Instant::now();
@@ -1280,10 +1270,7 @@ fn unschedulable_pods(kube: &Kube) {
 fn unanswered_api_calls(kube: &Kube) {
     let timeout = Duration::from_secs(2);
     let mut config = kube.config();
-    config.kubernetes.annotations.insert(
-        ANNOTATION_API_CALL_TIMEOUT.into(),
-        timeout.as_secs().to_string(),
-    );
+    config.kubernetes.api_call_timeout_secs = timeout.as_secs_f64();
     let rt = runtime(config);
     let emulator = kube.emulator();
     emulator.stall_writes(true);

@@ -69,6 +69,18 @@ pub struct KubernetesConfig {
     /// meanwhile (the quota freed, the account created) lets the worker run. `0`: end it at the
     /// first such Event.
     pub pod_create_grace_secs: f64,
+    /// Seconds a worker's container may take to start, from its launch, before the worker is
+    /// ended with exit code 1 (its pod and Job deleted, the scheduler's reason logged): a pod
+    /// no node can take (a `node_selector` no node matches, a request larger than any node)
+    /// would otherwise keep the worker, and whoever joins it, waiting for ever. Generous by
+    /// default: a cluster autoscaler adding a node, or a large image pulled for the first time,
+    /// take minutes.
+    pub pod_start_timeout_secs: f64,
+    /// Seconds a call to the API server other than the watches (creating a Secret or a Job,
+    /// every delete) may take before it fails with the backend's error naming the call: the
+    /// Kubernetes client has no read timeout of its own, and a connection dropped silently
+    /// would block `Process::start` or the runtime's shutdown for ever.
+    pub api_call_timeout_secs: f64,
 }
 
 impl Default for KubernetesConfig {
@@ -90,6 +102,8 @@ impl Default for KubernetesConfig {
             redis_url_secret: None,
             redis_password_secret: None,
             pod_create_grace_secs: 30.0,
+            pod_start_timeout_secs: 600.0,
+            api_call_timeout_secs: 60.0,
         }
     }
 }
@@ -163,6 +177,22 @@ impl KubernetesConfig {
         super::POD_CREATE_GRACE.duration(
             self.pod_create_grace_secs,
             KubernetesConfig::default().pod_create_grace_secs,
+        )
+    }
+
+    /// [`KubernetesConfig::pod_start_timeout_secs`] as a duration, clamped into its range.
+    pub fn pod_start_timeout(&self) -> std::time::Duration {
+        super::POD_START_TIMEOUT.duration(
+            self.pod_start_timeout_secs,
+            KubernetesConfig::default().pod_start_timeout_secs,
+        )
+    }
+
+    /// [`KubernetesConfig::api_call_timeout_secs`] as a duration, clamped into its range.
+    pub fn api_call_timeout(&self) -> std::time::Duration {
+        super::API_CALL_TIMEOUT.duration(
+            self.api_call_timeout_secs,
+            KubernetesConfig::default().api_call_timeout_secs,
         )
     }
 
@@ -737,6 +767,20 @@ mod tests {
         assert_eq!(k.pod_create_grace(), std::time::Duration::ZERO);
         k.pod_create_grace_secs = f64::NAN;
         assert_eq!(k.pod_create_grace(), std::time::Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_start_and_call_timeouts_are_clamped_durations() {
+        let mut k = KubernetesConfig::default();
+        assert_eq!(k.pod_start_timeout(), std::time::Duration::from_secs(600));
+        assert_eq!(k.api_call_timeout(), std::time::Duration::from_secs(60));
+        k.pod_start_timeout_secs = 2.5;
+        k.api_call_timeout_secs = 0.0;
+        assert_eq!(
+            k.pod_start_timeout(),
+            std::time::Duration::from_millis(2500)
+        );
+        assert_eq!(k.api_call_timeout(), std::time::Duration::from_secs(1));
     }
 
     #[test]

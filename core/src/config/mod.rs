@@ -230,6 +230,18 @@ const POD_CREATE_GRACE: KeyRange = KeyRange {
     high: 86_400.0,
     unit: "seconds",
 };
+const POD_START_TIMEOUT: KeyRange = KeyRange {
+    key: "kubernetes.pod_start_timeout_secs",
+    low: 1.0,
+    high: 86_400.0,
+    unit: "seconds",
+};
+const API_CALL_TIMEOUT: KeyRange = KeyRange {
+    key: "kubernetes.api_call_timeout_secs",
+    low: 1.0,
+    high: 3_600.0,
+    unit: "seconds",
+};
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -724,7 +736,7 @@ impl Config {
 
     /// Every numeric key with its range and value (`None`: unset, as `local.workers: null`).
     /// config.yaml documents each range beside its key (a test checks it).
-    fn numeric_values(&self) -> [(KeyRange, Option<f64>); 18] {
+    fn numeric_values(&self) -> [(KeyRange, Option<f64>); 20] {
         [
             (EXPIRY, Some(self.redis.expiry_secs as f64)),
             (MAX_MESSAGE, Some(self.redis.max_message_bytes as f64)),
@@ -747,6 +759,14 @@ impl Config {
             (
                 POD_CREATE_GRACE,
                 Some(self.kubernetes.pod_create_grace_secs),
+            ),
+            (
+                POD_START_TIMEOUT,
+                Some(self.kubernetes.pod_start_timeout_secs),
+            ),
+            (
+                API_CALL_TIMEOUT,
+                Some(self.kubernetes.api_call_timeout_secs),
             ),
             (ACTOR_HOSTS, Some(f64::from(self.actors.hosts))),
             (ACTOR_LEASE, Some(self.actors.lease_secs)),

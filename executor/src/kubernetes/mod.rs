@@ -43,10 +43,9 @@
 //! * **Pods that never start**: a pod the scheduler cannot place (its `PodScheduled` condition
 //!   `False`, `Unschedulable`: a node selector no node matches, a request no node can hold) stays
 //!   `Pending` for ever, and so would its worker. The first such condition is logged; a worker
-//!   whose container has not started [`POD_START_TIMEOUT`] (10 minutes) after its launch is
-//!   ended with code 1, its pod and Job deleted, and the reason logged (the `PodScheduled`
-//!   condition's message when there is one). The annotation [`ANNOTATION_POD_START_TIMEOUT`] in
-//!   `kubernetes.annotations` sets another timeout (in seconds; the tests shorten it so).
+//!   whose container has not started `kubernetes.pod_start_timeout_secs` (default 10 minutes)
+//!   after its launch is ended with code 1, its pod and Job deleted, and the reason logged (the
+//!   `PodScheduled` condition's message when there is one).
 //! * **Refused pods**: a Job whose pod the cluster refuses to create (a missing service
 //!   account, an exhausted quota, an admission policy) never gets a pod, so the pod watch alone
 //!   would wait forever; the Job controller only says so in `FailedCreate` Warning Events on the
@@ -90,9 +89,8 @@
 //! * **Unanswered calls**: kube's client sets no read timeout, so a request whose connection
 //!   was dropped silently (a NAT or load balancer forgetting it) would wait for ever, and with
 //!   it `Process::start()` or the runtime's drop. Every call other than the watches (creating a
-//!   Secret or a Job, every delete) is given [`API_CALL_TIMEOUT`] (60 s) and fails with
-//!   [`Error::Backend`] naming the call after that; the annotation [`ANNOTATION_API_CALL_TIMEOUT`]
-//!   in `kubernetes.annotations` sets another (in seconds). A Job whose creation went
+//!   Secret or a Job, every delete) is given `kubernetes.api_call_timeout_secs` (default 60 s)
+//!   and fails with [`Error::Backend`] naming the call after that. A Job whose creation went
 //!   unanswered is deleted in the background, in case the API server made it after all.
 //!
 //! A remote worker cannot get a parent-death signal: a pool worker watches its driver's
@@ -107,7 +105,7 @@
 mod spec;
 mod status;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -133,22 +131,6 @@ use crate::protocol::{
     WorkerStatus, Workload,
 };
 use crate::task::ENV_WORKER_AUTHKEY;
-
-/// How long a worker's container may take to start (from its launch) before the worker is
-/// ended with code 1: a pod the scheduler cannot place would otherwise keep it, and whoever
-/// joins it, waiting for ever. Generous: a cluster autoscaler adding a node, or a large image
-/// pulled for the first time, take minutes.
-pub const POD_START_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// How long a call to the API server other than the watches may take before it counts as
-/// failed (kube's client has no read timeout of its own).
-pub const API_CALL_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Annotation, in `kubernetes.annotations`: seconds to use instead of [`POD_START_TIMEOUT`].
-pub const ANNOTATION_POD_START_TIMEOUT: &str = "shoal.dev/pod-start-timeout-secs";
-
-/// Annotation, in `kubernetes.annotations`: seconds to use instead of [`API_CALL_TIMEOUT`].
-pub const ANNOTATION_API_CALL_TIMEOUT: &str = "shoal.dev/api-call-timeout-secs";
 
 /// A worker the executor started and has not seen end.
 struct RemoteWorker {
@@ -196,9 +178,9 @@ pub struct KubernetesExecutor {
     relisted: Option<HashSet<String>>,
     /// `kubernetes.pod_create_grace_secs`: also the grace of a container the kubelet retries.
     pod_create_grace: Duration,
-    /// [`POD_START_TIMEOUT`], or the annotation's.
+    /// `kubernetes.pod_start_timeout_secs`.
     pod_start_timeout: Duration,
-    /// [`API_CALL_TIMEOUT`], or the annotation's.
+    /// `kubernetes.api_call_timeout_secs`.
     api_timeout: Duration,
     /// The random suffix of the authkey Secret of each key (by its hex form) this runtime's
     /// Jobs were given (see `spec.rs`), and whether that Secret was made.
@@ -220,10 +202,8 @@ impl KubernetesExecutor {
         local: Executor,
         arbiter: &ArbiterHandle,
     ) -> Result<Executor> {
-        let annotations = &template.config.annotations;
-        let pod_start_timeout =
-            timing(annotations, ANNOTATION_POD_START_TIMEOUT, POD_START_TIMEOUT);
-        let api_timeout = timing(annotations, ANNOTATION_API_CALL_TIMEOUT, API_CALL_TIMEOUT);
+        let pod_start_timeout = template.config.pod_start_timeout();
+        let api_timeout = template.config.api_call_timeout();
         let addr = KubernetesExecutor::start_in_arbiter(arbiter, move |_| KubernetesExecutor {
             namespace: template.config.namespace.clone().unwrap_or_default(),
             pod_create_grace: template.config.pod_create_grace(),
@@ -652,23 +632,6 @@ fn grace(signal: StopSignal) -> Option<u32> {
     }
 }
 
-/// The duration in seconds the annotation `key` gives, else `default` (also, with a warning,
-/// when it is not a number of seconds).
-fn timing(annotations: &BTreeMap<String, String>, key: &str, default: Duration) -> Duration {
-    let Some(text) = annotations.get(key) else {
-        return default;
-    };
-    let parsed = text
-        .trim()
-        .parse::<f64>()
-        .ok()
-        .and_then(|secs| Duration::try_from_secs_f64(secs).ok());
-    parsed.unwrap_or_else(|| {
-        tracing::warn!("annotation {key}: {text:?} is not a number of seconds; using {default:?}");
-        default
-    })
-}
-
 /// `request`, a call to the API server named `call`, given at most `timeout`: kube's client
 /// has no read timeout, so a request whose connection was dropped silently would wait for
 /// ever. The outer error is the timeout, naming the call; the inner result is the API's.
@@ -1090,28 +1053,5 @@ mod tests {
         let answered = async { Ok::<_, kube::Error>(7) };
         let outcome = runtime.block_on(bounded(Duration::from_secs(5), "x", answered));
         assert!(matches!(outcome, Ok(Ok(7))), "{outcome:?}");
-    }
-
-    #[test]
-    fn annotations_can_set_the_timeouts() {
-        let mut annotations = BTreeMap::new();
-        let key = ANNOTATION_POD_START_TIMEOUT;
-        assert_eq!(
-            timing(&annotations, key, POD_START_TIMEOUT),
-            POD_START_TIMEOUT
-        );
-        annotations.insert(key.to_string(), " 2.5 ".to_string());
-        assert_eq!(
-            timing(&annotations, key, POD_START_TIMEOUT),
-            Duration::from_millis(2500)
-        );
-        for wrong in ["-1", "soon", "NaN", "inf", "1e30"] {
-            annotations.insert(key.to_string(), wrong.to_string());
-            assert_eq!(
-                timing(&annotations, key, POD_START_TIMEOUT),
-                POD_START_TIMEOUT,
-                "{wrong}"
-            );
-        }
     }
 }
