@@ -148,6 +148,21 @@ pub fn verifier(key: &shoal_core::context::AuthKey, actor_id: &str) -> [u8; auth
     auth::sign(key, &[b"shoal actor verifier", actor_id.as_bytes()])
 }
 
+/// The tag of a message to a signed actor (see [`message_parts`]): every sender signs with
+/// this, the host checks [`message_parts`].
+pub fn sign_message(
+    key: &shoal_core::context::AuthKey,
+    actor_id: &str,
+    kind: &str,
+    payload: &[u8],
+    reply_to: &str,
+) -> [u8; auth::TAG_LEN] {
+    auth::sign(
+        key,
+        &message_parts(actor_id, kind.as_bytes(), payload, reply_to.as_bytes()),
+    )
+}
+
 /// What a signed message's tag covers: a purpose label, the actor's id (so a message copied
 /// into another actor's mailbox is refused there, even under the same key), its kind, payload
 /// and reply key.

@@ -393,12 +393,8 @@ impl<A: Actor> ActorRef<A> {
     }
 
     fn sign(&self, kind: &str, payload: &[u8], reply_to: &str) -> Option<[u8; auth::TAG_LEN]> {
-        self.authenticated.then(|| {
-            auth::sign(
-                &self.signing_key(),
-                &protocol::message_parts(&self.id, kind.as_bytes(), payload, reply_to.as_bytes()),
-            )
-        })
+        self.authenticated
+            .then(|| protocol::sign_message(&self.signing_key(), &self.id, kind, payload, reply_to))
     }
 
     /// This handle's verifier for the actor, when it signs (see the protocol's module docs).

@@ -19,7 +19,6 @@
 //! Keys: the manager's `meta` hash holds `t:<typeid>` → the actor type, and `a:<actor id>` →
 //! the type id of each instance.
 
-use shoal_core::auth;
 use shoal_core::context::AuthKey;
 use shoal_core::error::{Error, Result};
 use shoal_core::hosted::Actor;
@@ -296,7 +295,14 @@ impl Manager {
             .filter_map(|f| f.strip_prefix("a:"))
             .map(|id| InstanceStop {
                 mailbox: Mailbox::new(store.keys(), id, hold),
-                mac: auth::sign(&self.inner.authkey, &[STOP_KIND.as_bytes(), &[], b""]).to_vec(),
+                mac: shoal_executor::actor::sign_message(
+                    &self.inner.authkey,
+                    id,
+                    STOP_KIND,
+                    &[],
+                    "",
+                )
+                .to_vec(),
                 verifier: shoal_executor::actor::verifier(&self.inner.authkey, id).to_vec(),
             })
             .collect()
