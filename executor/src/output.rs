@@ -122,6 +122,18 @@ impl OutputCapture {
         capture.map_or(Ok(()), OutputCapture::end)
     }
 
+    /// Ends this process's capture, if one runs, without waiting for the forwarders or writing
+    /// `eof`: for a worker that exits because Redis cannot be reached, whose output could not
+    /// be forwarded anyway (the parent stops reading once it knows the exit). The original
+    /// descriptors are put back, so what the worker prints from now on reaches them.
+    pub fn abandon() {
+        let capture = CAPTURE.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(capture) = capture {
+            let _ = nix::unistd::dup2_stdout(&capture.saved_stdout);
+            let _ = nix::unistd::dup2_stderr(&capture.saved_stderr);
+        }
+    }
+
     fn end(self) -> Result<()> {
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();

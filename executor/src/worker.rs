@@ -69,6 +69,10 @@ pub fn run(address: &TaskAddress, on_task_end: &dyn Fn()) -> i32 {
     match run_inner(address, on_task_end) {
         Ok(code) => code,
         Err(e) => {
+            if e.is_store_unreachable() {
+                // Not forwarded at exit: that would wait on the store that is gone.
+                OutputCapture::abandon();
+            }
             eprintln!("shoal worker {}: {e}", address.id);
             if e.is_store_unreachable() {
                 EXIT_STORE_LOST

@@ -878,9 +878,44 @@ fn two_remote_functions_of_one_path_are_refused_not_mixed_up() {
         pool.apply(second_twin(), ()),
         Err(Error::AmbiguousFunction { .. })
     ));
+    assert!(matches!(
+        Barrier::with_action(2, first_twin(), ()),
+        Err(Error::AmbiguousFunction { .. })
+    ));
     // On a thread, the function itself runs: no name is looked up.
     let p = Process::new(first_twin(), ()).start_method(StartMethod::Thread);
     p.start().expect("start on a thread");
     p.join(Some(Duration::from_secs(10))).expect("join");
     assert_eq!(p.exitcode(), Some(0));
+}
+
+/// A thread child that holds the last handle to the runtime (its own `init()`'s, kept after
+/// the main process let go of its handles) drops it without shutting the runtime down on its
+/// own thread: that shutdown joins the thread child itself, and used to wait for ever.
+#[test]
+fn a_thread_child_that_drops_the_last_runtime_handle_ends() {
+    let rt = runtime();
+    let (dropped, handle_gone) = std::sync::mpsc::channel();
+    let (started, child_has_handle) = std::sync::mpsc::channel();
+    let p = Process::thread(
+        move || -> Result<(), String> {
+            let own = shoal::init().map_err(|e| e.to_string())?;
+            let _ = started.send(());
+            // The main process drops its handles meanwhile: this one is the last.
+            std::thread::sleep(Duration::from_millis(300));
+            drop(own);
+            let _ = dropped.send(());
+            Ok(())
+        },
+        (),
+    );
+    p.start().expect("start");
+    child_has_handle
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the child took its handle");
+    drop(p);
+    drop(rt);
+    handle_gone
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the child's drop of the last handle returned");
 }

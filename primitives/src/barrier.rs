@@ -107,11 +107,7 @@ impl Barrier {
         A: Serialize,
     {
         let function = action.name();
-        if registry::lookup(function).is_none() {
-            return Err(Error::NotRegistered {
-                function: function.to_string(),
-            });
-        }
+        registry::resolve(function)?;
         let args = codec::encode(&args, &format!("arguments of {function}"), usize::MAX)?;
         Self::create(
             parties,
@@ -389,12 +385,10 @@ fn waiting_of((count, broken): (u32, bool)) -> u32 {
 
 /// Runs a barrier's action in this process; its failure is a task error.
 fn run_action(action: &Action, limit: usize) -> Result<()> {
-    let outcome = match registry::lookup(&action.function) {
-        Some(f) => registry::call(f, &action.args, limit)
+    let outcome = match registry::resolve(&action.function) {
+        Ok(f) => registry::call(f, &action.args, limit)
             .and_then(registry::Returned::into_process_outcome),
-        None => Err(registry::Failure::error(Error::NotRegistered {
-            function: action.function.clone(),
-        })),
+        Err(e) => Err(registry::Failure::error(e)),
     };
     outcome.map_err(|failure| {
         Error::Task(TaskError {

@@ -56,7 +56,8 @@ static IN_WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 /// started `Process` handle) is dropped.
 #[derive(Debug)]
 pub struct Runtime {
-    inner: Arc<RuntimeInner>,
+    /// Taken out only by `Drop` (see there).
+    inner: std::mem::ManuallyDrop<Arc<RuntimeInner>>,
     /// Handed to a child's own code (a worker's task, a thread child): the runtime belongs to
     /// the process (or thread) that started the child, and this handle never shuts it down.
     borrowed: bool,
@@ -126,7 +127,7 @@ fn childs_runtime() -> Option<Result<Runtime>> {
         IN_WORKER.load(std::sync::atomic::Ordering::Acquire) || context::in_thread_process();
     in_child.then(|| {
         current_runtime().map(|inner| Runtime {
-            inner,
+            inner: std::mem::ManuallyDrop::new(inner),
             borrowed: true,
         })
     })
@@ -151,7 +152,7 @@ pub fn init_with(config: Config) -> Result<Runtime> {
             .is_none_or(|url| Some(url) == inner.context.config().redis.url.as_ref());
         return if same_store && inner.config_without_url() == config_without_url(&config) {
             Ok(Runtime {
-                inner,
+                inner: std::mem::ManuallyDrop::new(inner),
                 borrowed: false,
             })
         } else {
@@ -163,9 +164,24 @@ pub fn init_with(config: Config) -> Result<Runtime> {
     let inner = Arc::new(RuntimeInner::start_main(config)?);
     *active = Arc::downgrade(&inner);
     Ok(Runtime {
-        inner,
+        inner: std::mem::ManuallyDrop::new(inner),
         borrowed: false,
     })
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        // SAFETY: `inner` is taken out here, once, as the handle is dropped; nothing reads it
+        // afterwards (this is the last use of `self`), so it is neither used nor dropped twice.
+        #[allow(unsafe_code)]
+        let inner = unsafe { std::mem::ManuallyDrop::take(&mut self.inner) };
+        if context::in_thread_process() {
+            // The last handle dropped on a thread child's own thread would shut the runtime
+            // down there, joining that very thread child (it ends only after its body returns):
+            // drop it on a thread of its own.
+            drop_elsewhere(inner);
+        }
+    }
 }
 
 impl Runtime {

@@ -69,12 +69,11 @@ pub struct KubernetesConfig {
     /// meanwhile (the quota freed, the account created) lets the worker run. `0`: end it at the
     /// first such Event.
     pub pod_create_grace_secs: f64,
-    /// Seconds a worker's container may take to start, from its launch, before the worker is
-    /// ended with exit code 1 (its pod and Job deleted, the scheduler's reason logged): a pod
-    /// no node can take (a `node_selector` no node matches, a request larger than any node)
-    /// would otherwise keep the worker, and whoever joins it, waiting for ever. Generous by
-    /// default: a cluster autoscaler adding a node, or a large image pulled for the first time,
-    /// take minutes.
+    /// Seconds a worker's container may take to start, from its Job's creation, before the worker
+    /// is ended with exit code 1 (its pod and Job deleted, the scheduler's reason logged): a pod no
+    /// node can take (a `node_selector` no node matches, a request larger than any node) would
+    /// otherwise keep the worker, and whoever joins it, waiting for ever. Generous by default: a
+    /// cluster autoscaler adding a node, or a large image pulled for the first time, take minutes.
     pub pod_start_timeout_secs: f64,
     /// Seconds a call to the API server other than the watches (creating a Secret or a Job,
     /// every delete) may take before it fails with the backend's error naming the call: the

@@ -44,8 +44,8 @@
 //!   `False`, `Unschedulable`: a node selector no node matches, a request no node can hold) stays
 //!   `Pending` for ever, and so would its worker. The first such condition is logged; a worker
 //!   whose container has not started `kubernetes.pod_start_timeout_secs` (default 10 minutes)
-//!   after its launch is ended with code 1, its pod and Job deleted, and the reason logged (the
-//!   `PodScheduled` condition's message when there is one).
+//!   after its Job was created is ended with code 1, its pod and Job deleted, and the reason
+//!   logged (the `PodScheduled` condition's message when there is one).
 //! * **Refused pods**: a Job whose pod the cluster refuses to create (a missing service
 //!   account, an exhausted quota, an admission policy) never gets a pod, so the pod watch alone
 //!   would wait forever; the Job controller only says so in `FailedCreate` Warning Events on the
@@ -799,7 +799,7 @@ impl StreamHandler<std::result::Result<watcher::Event<ClusterEvent>, watcher::Er
 impl Handler<Launch> for KubernetesExecutor {
     type Result = ResponseActFuture<Self, Result<Launched>>;
 
-    fn handle(&mut self, launch: Launch, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, launch: Launch, _ctx: &mut Context<Self>) -> Self::Result {
         let task_id = match &launch.workload {
             Workload::Subprocess { task_id } => task_id.clone(),
             Workload::Thread { .. } => {
@@ -859,10 +859,6 @@ impl Handler<Launch> for KubernetesExecutor {
                 unscheduled: None,
             },
         );
-        let id = launch.id.clone();
-        ctx.run_later(self.pod_start_timeout, move |act, ctx| {
-            act.end_unstarted(&id, launched, ctx)
-        });
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &self.namespace);
         let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
         let (id, name, namespace) = (launch.id, launch.name, self.namespace.clone());
@@ -918,14 +914,21 @@ impl Handler<Launch> for KubernetesExecutor {
                 (true, created)
             }
             .into_actor(self)
-            .map(move |(secret_there, created), act, _| {
+            .map(move |(secret_there, created), act, ctx| {
                 if secret_there
                     && let Some(entry) = key_hex.and_then(|hex| act.authkey_secrets.get_mut(&hex))
                 {
                     entry.1 = true;
                 }
                 match created {
-                    Ok(()) => Ok(Launched { pid: None }),
+                    Ok(()) => {
+                        // From the Job's creation: a creation slower than the timeout must not
+                        // end a worker whose Job then runs untracked.
+                        ctx.run_later(act.pod_start_timeout, move |act, ctx| {
+                            act.end_unstarted(&id, launched, ctx)
+                        });
+                        Ok(Launched { pid: None })
+                    }
                     Err(e) => {
                         act.workers.remove(&id);
                         Err(e)
