@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use shoal::Error;
 use shoal::prelude::*;
-use shoal_integration_tests::wait_for_async;
+use shoal_integration_tests::{wait_for, wait_for_async};
 use tokio::time::{sleep, timeout};
 
 shoal::test_support!();
@@ -764,6 +764,81 @@ fn each_of_two_semaphore_guards_releases_its_own_permit() {
         b.release().expect("B releases its own permit");
         assert_eq!(blocking.get_value().expect("value"), 2);
     }
+}
+
+/// Appends what the tracing subscriber writes to a shared buffer.
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A dropped async guard releases in the background: when its owner takes the RLock again at
+/// once, that acquire may reach Redis before the release. The process's count of the owner's
+/// levels must not depend on that order: a count left too high kept a grant that Redis had
+/// deleted in the process's registry, which the heartbeat then called lapsed and a later
+/// release picked ("was lost" instead of "not held").
+#[test]
+fn an_rlock_taken_again_right_after_an_async_guard_drop_keeps_its_count() {
+    let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let captured = logs.clone();
+    tracing_subscriber::fmt()
+        .with_writer(move || Capture(captured.clone()))
+        .init();
+    let mut config = Config::builder().build().expect("config");
+    // A heartbeat every 100 ms.
+    config.sync.lease_secs = 0.3;
+    let _rt = shoal::init_with(config).expect("runtime");
+    for flavor in FLAVORS {
+        let rlock = RLock::new().expect("rlock");
+        let other = rlock.clone();
+        block_on(flavor, async move {
+            let mut guard = rlock.lock_async().await.expect("lock_async");
+            for _ in 0..200 {
+                drop(guard);
+                guard = rlock.lock_async().await.expect("lock_async again");
+            }
+            // One level over another, as a `with` block inside another.
+            let inner = rlock.lock_async().await.expect("inner level");
+            drop(inner);
+            guard.release_async().await.expect("release");
+            match rlock.release_async().await {
+                Err(Error::InvalidState(message)) => {
+                    assert!(message.contains("not held"), "{flavor:?}: {message}")
+                }
+                other => panic!("{flavor:?}: a release too many: {other:?}"),
+            }
+        });
+        // The inner level's release, sent in the background, may land last.
+        let taken = std::thread::spawn(move || {
+            wait_for(Duration::from_secs(2), || {
+                let taken = other.try_acquire().expect("try");
+                if taken {
+                    other.release().expect("release");
+                }
+                taken
+            })
+        });
+        assert!(
+            taken.join().expect("thread"),
+            "{flavor:?}: another thread cannot take the RLock"
+        );
+    }
+    // A few heartbeats.
+    std::thread::sleep(Duration::from_millis(500));
+    let logs =
+        String::from_utf8_lossy(&logs.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    assert!(!logs.contains("lapsed or was released"), "{logs}");
 }
 
 // ------------------------------------------------------------ events, conditions, barriers --

@@ -702,25 +702,37 @@ fn kill_clients(url: &str) {
     assert!(killed > 0, "no connection to close");
 }
 
-/// Whether `lock` is free within two leases.
+/// The lease of the tests that tell a release sent again from a lapse: far longer than
+/// [`RETRIED`].
+const LONG_LEASE: f64 = 10.0;
+
+/// Within this, a release that failed once is sent again and goes through (its repeats come
+/// within 1.5 s); a hold it left behind would last [`LONG_LEASE`].
+const RETRIED: Duration = Duration::from_secs(3);
+
+/// Whether `lock` is free within [`RETRIED`].
 fn freed(lock: &Lock) -> bool {
-    wait_for(LEASE * 2, || lock.locked().ok() == Some(false))
+    wait_for(RETRIED, || lock.locked().ok() == Some(false))
 }
 
 /// A guard whose release fails (its connection was closed under it) does not leave the lock
-/// held for good: the hold leaves this process's renewals before the release is sent, and the
-/// release is sent again; at worst the lease lapses.
+/// held: the hold leaves this process's renewals before the release is sent, and the release
+/// is sent again (at worst the lease would lapse, but the lease here is long enough to tell
+/// that apart).
 #[test]
 fn a_blocking_guard_whose_release_fails_does_not_keep_the_lock_held() {
-    let rt = runtime();
+    let rt = runtime_with_lease(LONG_LEASE).expect("runtime");
     let url = rt.config().redis.url.clone().expect("url");
     let lock = Lock::new().expect("lock");
+    // The actor runtime's connection, which the release is sent again on, is open, and closed
+    // too: the first repeat fails as well.
+    assert!(!futures::executor::block_on(lock.locked_async()).expect("locked"));
     let guard = lock.lock().expect("lock");
     kill_clients(&url);
     drop(guard);
     assert!(
         freed(&lock),
-        "the guard's failed release left the lock held"
+        "the guard's failed release was not sent again"
     );
     assert!(lock.try_acquire().expect("try"));
     lock.release().expect("release");
@@ -730,7 +742,7 @@ fn a_blocking_guard_whose_release_fails_does_not_keep_the_lock_held() {
 /// `lock_async`, whose drop releases on the actor runtime: an `RLock`'s and a `Lock`'s.
 #[test]
 fn an_async_guard_whose_release_fails_does_not_keep_the_lock_held() {
-    let rt = runtime();
+    let rt = runtime_with_lease(LONG_LEASE).expect("runtime");
     let url = rt.config().redis.url.clone().expect("url");
     let rlock = RLock::new().expect("rlock");
     let lock = Lock::new().expect("lock");
@@ -740,8 +752,8 @@ fn an_async_guard_whose_release_fails_does_not_keep_the_lock_held() {
         drop(guard);
     });
     assert!(
-        wait_for(LEASE * 2, || rlock.locked().ok() == Some(false)),
-        "the RLock guard's failed release left the lock held"
+        wait_for(RETRIED, || rlock.locked().ok() == Some(false)),
+        "the RLock guard's failed release was not sent again"
     );
     futures::executor::block_on(async {
         let guard = lock.lock_async().await.expect("lock_async");
@@ -750,7 +762,7 @@ fn an_async_guard_whose_release_fails_does_not_keep_the_lock_held() {
     });
     assert!(
         freed(&lock),
-        "the Lock guard's failed release left the lock held"
+        "the Lock guard's failed release was not sent again"
     );
     let other = rlock.clone();
     let taken = std::thread::spawn(move || {
@@ -835,5 +847,123 @@ fn a_guard_release_async_dropped_unpolled_still_releases() {
     assert!(
         wait_for(LEASE * 2, || !lock.locked().expect("locked")),
         "the async guard's hold was never released"
+    );
+}
+
+/// Pauses the writes of the test's Redis for `ms` (`CLIENT PAUSE <ms> WRITE`): every script
+/// waits for the end of the pause, and one whose connection closes meanwhile is never run.
+fn pause_writes(url: &str, ms: u64) {
+    let mut admin = redis::Client::open(url)
+        .expect("client")
+        .get_connection()
+        .expect("connection");
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("WRITE")
+        .query::<()>(&mut admin)
+        .expect("CLIENT PAUSE");
+}
+
+#[shoal::remote]
+fn drop_async_guards_and_exit(lock: Lock, rlock: RLock, url: String) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let guard = lock.lock_async().await.expect("lock_async");
+        let rguard = rlock.lock_async().await.expect("lock_async");
+        // The releases wait in Redis while the process goes on to exit, and close their
+        // connection, unrun, if it exits first.
+        pause_writes(&url, 500);
+        drop(guard);
+        drop(rguard);
+    });
+}
+
+/// A process that exits right after dropping the guards of `lock_async` (released in the
+/// background) leaves the locks free: its exit waits for those releases, rather than leaving
+/// the holds to lapse after the (long) lease.
+#[test]
+fn a_process_exiting_right_after_dropping_async_guards_leaves_the_locks_free() {
+    let rt = runtime_with_lease(LONG_LEASE).expect("runtime");
+    let url = rt.config().redis.url.clone().expect("url");
+    let (lock, rlock) = (Lock::new().expect("lock"), RLock::new().expect("rlock"));
+    let child = Process::new(
+        drop_async_guards_and_exit,
+        (lock.clone(), rlock.clone(), url),
+    );
+    child.start().expect("start");
+    child.join(None).expect("join");
+    assert_eq!(child.exitcode(), Some(0));
+    assert!(!lock.locked().expect("locked"), "the Lock is still held");
+    assert!(!rlock.locked().expect("locked"), "the RLock is still held");
+}
+
+/// A `Condition` wait takes back the levels of its `RLock` that the owner holds, as its
+/// process counts them, not the count in Redis: after the release of an inner level failed
+/// (its connection was closed under it), Redis still counts that level, which the owner no
+/// longer holds. Taking that one back too left the lock held, and renewed, once the owner had
+/// released all it holds.
+#[test]
+fn a_condition_wait_after_a_failed_inner_release_takes_back_only_the_levels_held() {
+    let rt = runtime_with_lease(LONG_LEASE).expect("runtime");
+    let url = rt.config().redis.url.clone().expect("url");
+    let cond = Condition::new(None).expect("condition");
+    let outer = cond.lock().expect("outer level");
+    let inner = cond.lock().expect("inner level");
+    kill_clients(&url);
+    // Its release fails (and, being a level above the last, is not sent again).
+    drop(inner);
+    assert!(
+        !cond.wait(Some(Duration::from_millis(100))).expect("wait"),
+        "nobody notified"
+    );
+    drop(outer);
+    let other = cond.clone();
+    let taken = std::thread::spawn(move || {
+        wait_for(RETRIED, || {
+            let taken = other.try_acquire().expect("try");
+            if taken {
+                other.release().expect("release");
+            }
+            taken
+        })
+    });
+    assert!(
+        taken.join().expect("thread"),
+        "the RLock stayed held after its owner released all it holds"
+    );
+}
+
+/// After the release of an inner level of an `RLock` failed, Redis counts a level that its owner
+/// no longer holds. Once the owner released all it holds, its process stops renewing the grant,
+/// which lapses; it used to take the count Redis answered for the levels still held, and renew
+/// the grant for good.
+#[test]
+fn an_rlock_whose_inner_release_failed_is_not_renewed_once_its_owner_released_it() {
+    let rt = runtime();
+    let url = rt.config().redis.url.clone().expect("url");
+    let rlock = RLock::new().expect("rlock");
+    rlock.acquire().expect("outer level");
+    let inner = rlock.lock().expect("inner level");
+    kill_clients(&url);
+    // Its release fails (and, being a level above the last, is not sent again).
+    drop(inner);
+    rlock.release().expect("the outer level");
+    let other = rlock.clone();
+    let taken = std::thread::spawn(move || {
+        wait_for(LEASE * 3, || {
+            let taken = other.try_acquire().expect("try");
+            if taken {
+                other.release().expect("release");
+            }
+            taken
+        })
+    });
+    assert!(
+        taken.join().expect("thread"),
+        "the RLock stayed held after its owner released all it holds"
     );
 }

@@ -335,8 +335,10 @@ struct CondWait {
     origin: u64,
     waiter: String,
     timeout: Option<Duration>,
-    /// Recursion levels held before the wait (from the script).
+    /// Recursion levels held before the wait, to take back.
     count: u64,
+    /// Recursion levels this process counts for the caller's grant when the wait began.
+    levels: Option<u64>,
     phase: CondPhase,
     done: CondWaited,
     abandoned: bool,
@@ -359,6 +361,7 @@ impl CondWait {
             holder: holder.clone(),
             token,
             origin: condition.object().hold_origin(token),
+            levels: condition.object().levels(token),
             waiter: common::waiter_id(),
             timeout,
             count: 1,
@@ -468,7 +471,11 @@ impl Operation for CondWait {
             CondPhase::Queueing => match op::parse::<u64>(reply, "a recursion count") {
                 Err(e) => Step::Done(Err(grants::map_hold_error(&self.object, e))),
                 Ok(count) => {
-                    self.count = count;
+                    // The levels its owner holds, as its process counts them: Redis may count
+                    // more while a release of one is on its way (sent by a dropped guard); the
+                    // wait just ended the grant, so that release takes nothing off, and the
+                    // owner gets back what it holds.
+                    self.count = self.levels.unwrap_or(count);
                     grants::forget(&self.lock_keys.state, Some(self.token));
                     let mut waiting = WakeWait::new(
                         self.waiters.clone(),

@@ -28,7 +28,17 @@
 //! first takes the grant off this process's registry, so that the heartbeat stops renewing it,
 //! then is sent, again a few times while Redis cannot be reached: should it never go through,
 //! the lease lapses, and the permit is not held for good. It names its grant, and sends nothing
-//! when this process no longer holds that grant (it never releases another's).
+//! when this process no longer holds that grant (it never releases another's). The exit hooks
+//! wait for those still under way (a lease at most), so that a process that drops a guard and
+//! exits leaves the lock free.
+//!
+//! An `RLock`'s recursion levels are counted twice: in Redis, and in this process's registry,
+//! as its owner holds them. The owner re-enters only the grant its process counts for it
+//! (`grants_acquire.lua`): once it released the last level of a grant, that grant is not its
+//! hold any more, even while the release is on its way, sent again, or lost (the owner then
+//! waits for it to go, like any other caller). So a late or repeated release of that grant
+//! never takes a level off a hold its owner believes it has, and the registry's count does not
+//! depend on the order in which an acquire and a release sent from another task reach Redis.
 //!
 //! A process that exits normally keeps its holds, as in Python: the runtime's exit hooks (run at
 //! the end of a worker's task, even a failed one, and when a `Runtime` shuts down) take the lease
@@ -347,6 +357,7 @@ impl GrantObject {
     /// release that fails never leaves a hold that the heartbeat renews for good; one that is
     /// no longer registered (released meanwhile) is left alone.
     pub(crate) async fn release_detached(&self, store: &AsyncStore, holder: String, token: u64) {
+        let _in_flight = BackgroundRelease::start();
         match retire(&self.keys().state, self.kind, |g| g.token == token) {
             Some((token, last)) => {
                 let released = self.send_retired(store, &holder, token, last, false).await;
@@ -369,15 +380,15 @@ impl GrantObject {
         retire(&self.keys().state, self.kind, |g| g.origin == origin)
     }
 
-    /// Sends the release of `token`, already taken off the registry ([`retire`]), on the
-    /// caller's thread: one attempt.
-    pub(crate) fn release_retired(&self, holder: &str, token: u64) -> Result<u64> {
+    /// Sends the release of `token`, already taken off the registry ([`retire`]; `last`: its
+    /// last level), on the caller's thread: one attempt.
+    pub(crate) fn release_retired(&self, holder: &str, token: u64, last: bool) -> Result<u64> {
         let store = common::store()?;
         op::run_single(
             &store,
             || self.address.describe(),
             self.release_request(&store, holder, Some(token)),
-            |reply| self.read_release(Some(token), reply, false).0,
+            |reply| self.retired_reply(token, last, reply, false),
         )
     }
 
@@ -386,8 +397,11 @@ impl GrantObject {
     /// connection fails the first command after it was cut), a last level is sent again, at
     /// most [`RELEASE_ATTEMPTS`] times in all with growing pauses: the release names its grant,
     /// so a repeat releases nothing else (it finds the grant gone if an earlier attempt went
-    /// through before its connection failed). A level of an `RLock` above the last is sent
-    /// once: a repeat of one that went through would release a level its owner still holds.
+    /// through before its connection failed). An attempt that timed out may still reach Redis
+    /// after its repeat; for an `RLock` that is safe too: its owner's process no longer counts
+    /// the grant, so the owner never re-enters it (`grants_acquire.lua`), and the extra level
+    /// taken off is one nobody holds. A level of an `RLock` above the last is sent once: a
+    /// repeat of one that went through would release a level its owner still holds.
     /// `tried`: the caller sent it once already, and that attempt failed without a reply.
     pub(crate) async fn send_retired(
         &self,
@@ -403,10 +417,7 @@ impl GrantObject {
         loop {
             let request = self.release_request(store.store(), holder, Some(token));
             let reply = op::exec_single_async(store, || self.address.describe(), request).await;
-            match self
-                .read_release(Some(token), reply, tried || attempt > 1)
-                .0
-            {
+            match self.retired_reply(token, last, reply, tried || attempt > 1) {
                 Err(e) if attempt < attempts && e.is_store_unreachable() => {
                     tracing::debug!("releasing {}: {e}; trying again", self.address.describe());
                     tokio::time::sleep(pause).await;
@@ -428,11 +439,13 @@ impl GrantObject {
         last: bool,
         tried: bool,
     ) {
+        let in_flight = BackgroundRelease::start();
         match context::current().and_then(|c| c.async_store()) {
             Ok(store) => {
                 let object = self.clone();
                 let runtime = store.runtime().clone();
                 drop(runtime.spawn(async move {
+                    let _in_flight = in_flight;
                     let released = object
                         .send_retired(&store, &holder, token, last, tried)
                         .await;
@@ -467,9 +480,10 @@ impl GrantObject {
         Request::script("releasing", invocation)
     }
 
-    /// Reads a release's reply; updates the registry (it forgets the grant once it is gone).
-    /// The release was marked under way ([`set_releasing`]): from the request until its reply
-    /// is read, the heartbeat may find the grant gone and must not call it lost.
+    /// Reads a release's reply; updates the registry (it forgets the grant once it is gone,
+    /// or once its owner released every level it counts). The release was marked under way
+    /// ([`set_releasing`]): from the request until its reply is read, the heartbeat may find
+    /// the grant gone and must not call it lost.
     fn released(&self, mine: Option<u64>, reply: Result<redis::Value>) -> Result<u64> {
         let (released, ended) = self.read_release(mine, reply, false);
         if mine.is_some() {
@@ -477,9 +491,37 @@ impl GrantObject {
             if ended {
                 forget(&state, mine);
             } else {
-                // An RLock released one level (still held), or the release failed.
-                settle(&state, mine, released.as_ref().ok().copied());
+                // An RLock released one level, or the release failed.
+                settle(&state, mine, released.is_ok());
             }
+        }
+        released
+    }
+
+    /// Reads the reply to the release of `token`, already taken off the registry ([`retire`];
+    /// `last`: its last level; `repeat` as in [`GrantObject::read_release`]), and applies it
+    /// to the registry: a grant gone from Redis that this process still counts levels of (a
+    /// level above the last whose grant lapsed meanwhile) is lost, so that the heartbeat stops
+    /// renewing it and its owner's next release reports it.
+    fn retired_reply(
+        &self,
+        token: u64,
+        last: bool,
+        reply: Result<redis::Value>,
+        repeat: bool,
+    ) -> Result<u64> {
+        let (released, ended) = self.read_release(Some(token), reply, repeat);
+        if ended && !lose(&self.keys().state, token) && !last && released.is_err() {
+            // A level above the last (an RLock's), refused as its grant is gone, which this
+            // process no longer counts: this process ended the grant meanwhile (a `Condition`
+            // wait that let go of every level reached Redis first), and this level went with
+            // it. A lapse would have left the grant registered (and marked lost).
+            tracing::debug!(
+                "{}: the hold with fencing token {token} ended before this release of one of \
+                 its levels arrived",
+                self.address.describe()
+            );
+            return Ok(0);
         }
         released
     }
@@ -585,6 +627,16 @@ impl GrantObject {
         held_grant(&self.keys().state, self.kind)
     }
 
+    /// The recursion levels (1 but for an `RLock`) of grant `token` that this process holds, as
+    /// it counts them (see [`GrantObject::record`]); `None` when it is not registered.
+    pub(crate) fn levels(&self, token: u64) -> Option<u64> {
+        let registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        registry
+            .get(&self.keys().state)
+            .and_then(|held| held.grants.iter().find(|g| g.token == token))
+            .map(|g| g.levels)
+    }
+
     /// Where the hold of grant `token` began: the grant a guard was made with, which a
     /// `Condition` wait replaces with a new grant ([`GrantObject::carry_hold`]). The token
     /// itself when it is not registered.
@@ -608,8 +660,13 @@ impl GrantObject {
         }
     }
 
-    /// Registers the grant `token` of `holder`, held at `levels` recursion levels (RLock; 1
-    /// otherwise), so that the heartbeat renews its lease.
+    /// Registers the grant `token` of `holder`, so that the heartbeat renews its lease: a new
+    /// grant at `levels` recursion levels (1), or one more level of an `RLock` grant this
+    /// process already counts (the only one `grants_acquire.lua` lets its holder re-enter).
+    /// The levels count what the owner holds, whatever the order in which this level and the
+    /// releases of earlier ones, sent from other tasks, reached Redis; a release that never
+    /// got there leaves Redis counting more, and the grant lapses once its owner released
+    /// all it holds.
     fn record(&self, token: u64, holder: &str, levels: u64) {
         let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
         let held = registry.entry(self.keys().state).or_insert_with(|| Held {
@@ -620,7 +677,7 @@ impl GrantObject {
             // An RLock acquired again: the script gave the grant a lease again.
             Some(grant) => {
                 grant.detached = false;
-                grant.levels = levels;
+                grant.levels = grant.levels.saturating_add(1);
             }
             None => held.grants.push(HeldGrant {
                 token,
@@ -726,12 +783,19 @@ impl Operation for Acquire {
 
     fn start(&mut self, store: &Store) -> Step<Option<Grant>> {
         self.state = AcquireState::Asking;
+        // An RLock is re-entered only through the grant this process counts for the holder
+        // (see `grants_acquire.lua`).
+        let mine = match self.object.kind {
+            GrantKind::RLock => grant_of(&self.keys.state, Some(&self.holder)),
+            _ => None,
+        };
         let mut invocation = self.keys.invocation(&ACQUIRE, store, lease());
         invocation
             .arg(&self.holder)
             .arg(self.object.kind.name())
             .arg(&self.waiter)
-            .arg(liveness());
+            .arg(liveness())
+            .arg(mine.map(|g| g.to_string()).unwrap_or_default());
         Step::Next(Request::script("acquiring", invocation))
     }
 
@@ -806,12 +870,17 @@ static REGISTRY: LazyLock<Mutex<HashMap<String, Held>>> = LazyLock::new(Default:
 /// The grant this process (this thread or task, for an RLock) holds on the object, newest first.
 fn held_grant(state: &str, kind: GrantKind) -> Option<u64> {
     let holder = (kind == GrantKind::RLock).then(|| kind.holder());
+    grant_of(state, holder.as_deref())
+}
+
+/// The newest grant this process holds on the object for `holder` (`None`: for anyone).
+fn grant_of(state: &str, holder: Option<&str>) -> Option<u64> {
     let registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
     let held = registry.get(state)?;
     held.grants
         .iter()
         .rev()
-        .find(|g| holder.as_ref().is_none_or(|h| &g.holder == h))
+        .find(|g| holder.is_none_or(|h| g.holder == h))
         .map(|g| g.token)
 }
 
@@ -829,21 +898,51 @@ fn set_releasing(state: &str, token: Option<u64>, releasing: bool) {
     }
 }
 
-/// Sets what a release that did not end the grant `token` left: no longer under way, and
-/// `levels` recursion levels when the release went through (an RLock released one level).
-fn settle(state: &str, token: Option<u64>, levels: Option<u64>) {
+/// Sets what a release that did not end the grant `token` left: no longer under way, and, when
+/// it went through (`released`: an RLock released one level), one level fewer. Levels count
+/// what the owner holds (see [`GrantObject::record`]), not what Redis answered, which another
+/// release of the grant on its way may not have reached yet: the grant leaves the registry
+/// with the owner's last level, and then lapses if Redis still counts levels (of releases that
+/// never reached it).
+fn settle(state: &str, token: Option<u64>, released: bool) {
     let Some(token) = token else {
         return;
     };
     let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(grant) = registry
+    let Some(held) = registry.get_mut(state) else {
+        return;
+    };
+    let Some(index) = held.grants.iter().position(|g| g.token == token) else {
+        return;
+    };
+    let grant = &mut held.grants[index];
+    grant.releasing = false;
+    if !released {
+        return;
+    }
+    if grant.levels > 1 {
+        grant.levels -= 1;
+        return;
+    }
+    held.grants.remove(index);
+    if held.grants.is_empty() {
+        registry.remove(state);
+    }
+}
+
+/// Marks the grant `token`, gone from Redis, as lost if this process still counts it (see
+/// [`GrantObject::retired_reply`]); whether it does.
+fn lose(state: &str, token: u64) -> bool {
+    let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    match registry
         .get_mut(state)
         .and_then(|held| held.grants.iter_mut().find(|g| g.token == token))
     {
-        grant.releasing = false;
-        if let Some(levels) = levels {
-            grant.levels = levels;
+        Some(grant) => {
+            grant.lost = true;
+            true
         }
+        None => false,
     }
 }
 
@@ -957,9 +1056,70 @@ fn renew_all() {
     }
 }
 
-/// The exit hook: takes the lease off every grant this process still holds, so that its holds
-/// outlive it (see the module docs). Idempotent; a failure leaves the holds to lapse.
+/// Releases nobody waits for under way on the actor runtime ([`BackgroundRelease`]).
+static BACKGROUND_RELEASES: Mutex<usize> = Mutex::new(0);
+
+/// Notified when a background release ends.
+static BACKGROUND_RELEASED: std::sync::Condvar = std::sync::Condvar::new();
+
+fn background_releases() -> std::sync::MutexGuard<'static, usize> {
+    BACKGROUND_RELEASES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// A release nobody waits for (a dropped guard's, an undo's, a repeat of a failed one, a
+/// `Guard::release_async` whose future may be dropped), counted from when it is handed to the
+/// actor runtime until it ends, however it ends (this is dropped then, also when the runtime
+/// drops the task unrun). The exit hook waits for those under way ([`detach_all`]).
+pub(crate) struct BackgroundRelease(());
+
+impl BackgroundRelease {
+    /// Counts a release about to be handed to the actor runtime; move it into the task.
+    pub(crate) fn start() -> Self {
+        *background_releases() += 1;
+        BackgroundRelease(())
+    }
+}
+
+impl Drop for BackgroundRelease {
+    fn drop(&mut self) {
+        let mut releases = background_releases();
+        *releases = releases.saturating_sub(1);
+        drop(releases);
+        BACKGROUND_RELEASED.notify_all();
+    }
+}
+
+/// Waits, a lease at most, for the releases nobody waits for still under way, so that a process
+/// that exits right after it dropped a guard (or a pool worker that reports its task) leaves
+/// the lock free rather than held until the lease lapses.
+fn await_background_releases() {
+    let deadline = Instant::now() + lease();
+    let mut releases = background_releases();
+    while *releases > 0 {
+        let now = Instant::now();
+        if now >= deadline {
+            tracing::warn!(
+                "{} releases of locks or semaphores still under way: their holds lapse after \
+                 the lease once this process is gone",
+                *releases
+            );
+            return;
+        }
+        releases = BACKGROUND_RELEASED
+            .wait_timeout(releases, deadline - now)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+}
+
+/// The exit hook: waits for the releases under way in the background
+/// ([`await_background_releases`]), then takes the lease off every grant this process still
+/// holds, so that its holds outlive it (see the module docs). Idempotent; a failure leaves the
+/// holds to lapse.
 fn detach_all() {
+    await_background_releases();
     let work: Vec<(GrantObject, Vec<u64>)> = {
         let registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
         registry

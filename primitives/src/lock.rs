@@ -62,7 +62,7 @@ use shoal_core::context;
 use shoal_core::error::{Error, Result};
 
 use crate::common::hold_methods;
-use crate::grants::{GrantKind, GrantObject};
+use crate::grants::{self, GrantKind, GrantObject};
 
 /// A lock shared by every process that has its handle.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -87,7 +87,11 @@ pub struct RLock {
 /// runtime when dropped, without blocking the thread that drops it; one from `lock` releases
 /// on the dropping thread (one round trip). A release nobody waits for (a drop) that cannot
 /// reach Redis is sent again a few times from the actor runtime; the hold is no longer renewed
-/// from the moment it is released, so at worst its lease lapses.
+/// from the moment it is released, so at worst its lease lapses. The process's exit waits for
+/// the releases still under way (a lease at most). The owner of an `RLock` that takes it again
+/// while the release of its last level is on its way waits for that release, as any other
+/// caller would: the hold it let go of is not re-entered, so that a late or repeated release
+/// cannot take a level off the new one.
 #[must_use = "the hold is released when the guard is dropped"]
 #[derive(Debug)]
 pub struct Guard<'a> {
@@ -132,7 +136,7 @@ impl Guard<'_> {
     pub fn release(mut self) -> Result<()> {
         self.released = true;
         let (token, last) = self.retire()?;
-        let released = self.object.release_retired(&self.holder, token);
+        let released = self.object.release_retired(&self.holder, token, last);
         if let Err(e) = &released
             && last
             && e.is_store_unreachable()
@@ -153,9 +157,12 @@ impl Guard<'_> {
         let call = self.retire().and_then(|(token, last)| {
             let (object, holder) = (self.object.clone(), std::mem::take(&mut self.holder));
             // Started now rather than at the first poll: a future that is never polled (an
-            // early `?`, a `select!`) still releases.
+            // early `?`, a `select!`) still releases; and, its caller being free to drop it,
+            // the process's exit waits for it as for a dropped guard's.
+            let in_flight = grants::BackgroundRelease::start();
             let context = context::current()?;
             Ok(context.spawn(move |store, caller| async move {
+                let _in_flight = in_flight;
                 let released = object
                     .send_retired(&store, &holder, token, last, false)
                     .await;
@@ -204,7 +211,7 @@ impl Drop for Guard<'_> {
                 .release_in_background(holder, token, last, false);
             return;
         }
-        match self.object.release_retired(&holder, token) {
+        match self.object.release_retired(&holder, token, last) {
             Ok(_) => {}
             // Sent again from the actor runtime, rather than blocking this thread.
             Err(e) if last && e.is_store_unreachable() => {
