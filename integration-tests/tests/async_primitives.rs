@@ -1679,7 +1679,9 @@ fn qsize_async_does_not_block_the_thread_while_a_blocking_get_waits_for_redis() 
         ticker.abort();
         let longest = longest.load(Ordering::Relaxed);
         assert!(
-            longest < 300,
+            // The pause lasts 1.5 s (the old code blocked ~1.45 s); below 1 s leaves room for a
+            // loaded machine's scheduling.
+            longest < 1000,
             "qsize_async blocked the runtime's thread for {longest} ms"
         );
     });
@@ -1756,7 +1758,9 @@ fn get_async_never_confirms_acks_on_the_callers_thread_after_a_failed_ack_write(
         ticker.abort();
         let longest = longest.load(Ordering::Relaxed);
         assert!(
-            longest < 300,
+            // The pause lasts 1.5 s (the old code blocked ~1.6 s); below 1 s leaves room for a
+            // loaded machine's scheduling.
+            longest < 1000,
             "get_async blocked the runtime's thread for {longest} ms"
         );
     });
@@ -1781,7 +1785,8 @@ fn dropping_a_pipe_end_in_a_runtime_returns_at_once_and_the_other_end_sees_eof()
             drop(mine);
             let took = dropping.elapsed();
             assert!(
-                took < Duration::from_millis(200),
+                // Redis answers after 1 s (the old code took ~1.07 s).
+                took < Duration::from_millis(500),
                 "{flavor:?}: dropping the last handle of an end took {took:?}"
             );
             sleep(Duration::from_millis(50)).await;
@@ -1799,7 +1804,7 @@ fn dropping_a_pipe_end_in_a_runtime_returns_at_once_and_the_other_end_sees_eof()
             ticker.abort();
             let longest = longest.load(Ordering::Relaxed);
             assert!(
-                longest < 300,
+                longest < 600,
                 "{flavor:?}: the drop blocked the runtime's thread for {longest} ms"
             );
         });
