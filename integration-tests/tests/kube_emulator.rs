@@ -1470,3 +1470,163 @@ async fn writes_can_go_unanswered_and_watches_be_held_back() {
         .expect("a watch event");
     assert!(matches!(first, WatchEvent::Added(_)), "{first:?}");
 }
+
+/// What a watcher said, errors included (a 410 is one).
+#[derive(Debug)]
+enum Said {
+    Apply(Pod),
+    Delete(Pod),
+    Init,
+    InitApply(Pod),
+    InitDone,
+    Error(String),
+}
+
+/// Expired watches end, dropping what they held, and the history is compacted: a watcher that
+/// resumes from the version it last saw gets 410 and lists again, and what happened in between
+/// (a Job run to completion, then deleted with its pod by its TTL) never reaches it as events.
+#[tokio::test]
+async fn expired_watches_make_their_clients_relist_without_what_they_held() {
+    let emulator = Emulator::start(None);
+    let (_, jobs, pods) = apis(&emulator);
+    let (said, mut heard) = mpsc::unbounded_channel();
+    tokio::spawn({
+        let pods = pods.clone();
+        async move {
+            // No back-off: the watcher lists again at once after the 410.
+            let mut stream = Box::pin(watcher(pods, watcher::Config::default()));
+            while let Some(event) = stream.next().await {
+                let event = match event {
+                    Ok(watcher::Event::Apply(pod)) => Said::Apply(pod),
+                    Ok(watcher::Event::Delete(pod)) => Said::Delete(pod),
+                    Ok(watcher::Event::Init) => Said::Init,
+                    Ok(watcher::Event::InitApply(pod)) => Said::InitApply(pod),
+                    Ok(watcher::Event::InitDone) => Said::InitDone,
+                    Err(e) => Said::Error(e.to_string()),
+                };
+                if said.send(event).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let listed = tokio::time::timeout(PATIENCE, async {
+        while let Some(event) = heard.recv().await {
+            if matches!(event, Said::InitDone) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(listed, Ok(true), "the watcher never listed");
+
+    jobs.create(
+        &PostParams::default(),
+        &job(
+            "in-the-gap",
+            &["sleep", "0.5"],
+            json!({"spec": {"ttlSecondsAfterFinished": 0}}),
+        ),
+    )
+    .await
+    .expect("create");
+    let (name, version) = tokio::time::timeout(PATIENCE, async {
+        while let Some(event) = heard.recv().await {
+            if let Said::Apply(pod) = event
+                && phase(&pod) == "Running"
+            {
+                return (
+                    name_of(&pod),
+                    pod.metadata.resource_version.unwrap_or_default(),
+                );
+            }
+        }
+        panic!("the watcher ended");
+    })
+    .await
+    .expect("the pod is seen running");
+
+    emulator.hold_watches(true);
+    let deadline = Instant::now() + PATIENCE;
+    while jobs.get_opt("in-the-gap").await.expect("get").is_some()
+        || pods.get_opt(&name).await.expect("get").is_some()
+    {
+        assert!(Instant::now() < deadline, "the Job never finished and went");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    emulator.expire_watches();
+    // A watch from the old version, opened while the watches are held, is answered later.
+    let mut stale = pods
+        .watch(&WatchParams::default(), &version)
+        .await
+        .expect("a watch")
+        .boxed();
+    emulator.hold_watches(false);
+    let expired = tokio::time::timeout(PATIENCE, stale.next())
+        .await
+        .expect("an answer")
+        .expect("an event")
+        .expect("a watch event");
+    assert!(
+        matches!(&expired, WatchEvent::Error(e) if e.code == 410),
+        "{expired:?}"
+    );
+
+    let relisted = tokio::time::timeout(PATIENCE, async {
+        let mut said = Vec::new();
+        while let Some(event) = heard.recv().await {
+            let done = matches!(event, Said::InitDone);
+            said.push(event);
+            if done {
+                return said;
+            }
+        }
+        said
+    })
+    .await
+    .expect("the watcher lists again");
+    let expired_at = relisted
+        .iter()
+        .position(|e| matches!(e, Said::Error(e) if e.contains("Expired")));
+    let init_at = relisted.iter().position(|e| matches!(e, Said::Init));
+    assert!(
+        matches!((expired_at, init_at), (Some(e), Some(i)) if e < i),
+        "a 410, then a new list: {relisted:?}"
+    );
+    // What the watch sent before the hold may still arrive; nothing after it does.
+    let held_back = relisted.iter().any(|e| match e {
+        Said::Apply(p) => name_of(p) == name && phase(p) != "Running",
+        Said::Delete(p) | Said::InitApply(p) => name_of(p) == name,
+        _ => false,
+    });
+    assert!(!held_back, "held events came through: {relisted:?}");
+
+    // The watch resumed from the list goes on as usual.
+    jobs.create(
+        &PostParams::default(),
+        &job("after-the-gap", &["sleep", "5"], json!({})),
+    )
+    .await
+    .expect("create");
+    let seen = tokio::time::timeout(PATIENCE, async {
+        while let Some(event) = heard.recv().await {
+            if let Said::Apply(pod) = event {
+                return label_of(&pod, "job-name");
+            }
+        }
+        String::new()
+    })
+    .await
+    .expect("the new pod is seen");
+    assert_eq!(seen, "after-the-gap");
+}
+
+fn label_of(pod: &Pod, key: &str) -> String {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(key))
+        .cloned()
+        .unwrap_or_default()
+}

@@ -1382,6 +1382,107 @@ fn stop_before_the_pod_is_seen(kube: &Kube) {
     );
 }
 
+/// Waits for `go`, then ends: by returning for `code` 0 (the worker records its exit in its
+/// status hash), by `std::process::exit(code)` otherwise (nothing recorded).
+#[shoal::remote]
+fn ends_when_told(go: shoal::Event, code: i32) {
+    go.wait(Some(Duration::from_secs(60))).expect("wait");
+    if code != 0 {
+        std::process::exit(code);
+    }
+}
+
+/// How long a join may wait in [`ends_while_the_watch_is_cut`]: a worker the executor forgot
+/// waits for ever, and the driver's deadline must leave room to say so.
+const AFTER_THE_CUT: Duration = Duration::from_secs(30);
+
+/// Workers that end while the executor's pod watch is cut off (the emulator holds the
+/// watches), their Jobs and pods deleted at once by `ttlSecondsAfterFinished: 0`, after which
+/// the watch's resource version is compacted away: the watch gets 410 and relists, and the pods
+/// are not in the list. A worker whose pod the watch had shown running and one whose pod it
+/// never saw (made, run and deleted in the gap) both end with the code their status hash
+/// records, 0; one that `std::process::exit(3)`s records nothing, and with its Job gone its
+/// code is lost: -9, logged as unknown. A worker whose Job is there but has no pod yet (the
+/// cluster refuses it until its service account exists) is left waiting by the relist, and
+/// runs once its pod is made.
+fn ends_while_the_watch_is_cut(kube: &Kube) {
+    let emulator = kube.emulator();
+    let mut config = kube.config();
+    config.kubernetes.ttl_seconds_after_finished = Some(0);
+    let rt = runtime(config);
+    let go = shoal::Event::new().expect("event");
+    let seen = Process::new(ends_when_told, (go.clone(), 0));
+    let exits_3 = Process::new(ends_when_told, (go.clone(), 3));
+    for p in [&seen, &exits_3] {
+        p.start().expect("start");
+        kube.running_pod(p.get_name());
+    }
+    // Nothing is held yet: what the watch has to tell of the running pods reaches the executor.
+    std::thread::sleep(Duration::from_millis(500));
+    emulator.hold_watches(true);
+    let unseen = Process::new(noop, ());
+    unseen.start().expect("start");
+    go.set().expect("go");
+    let gone = wait(patience(), || {
+        kube.jobs("").is_empty() && kube.pods("").is_empty()
+    });
+    assert!(
+        gone,
+        "the Jobs never finished and went: {:?}",
+        kube.jobs("")
+    );
+    assert_eq!(
+        emulator.pods_started(),
+        3,
+        "the unseen worker's pod never ran"
+    );
+    emulator.expire_watches();
+    emulator.hold_watches(false);
+    let codes: Vec<Option<i32>> = [&seen, &unseen, &exits_3]
+        .into_iter()
+        .map(|p| {
+            p.join(Some(AFTER_THE_CUT)).expect("join");
+            p.exitcode()
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        [Some(0), Some(0), Some(-9)],
+        "the exits of a worker seen running, one never seen, one that exit(3)ed"
+    );
+    drop((seen, unseen, exits_3, rt));
+
+    let account = format!("shoal-test-late-{}", kube.keys);
+    let mut config = kube.config();
+    config.kubernetes.service_account = Some(account.clone());
+    config.kubernetes.pod_create_grace_secs = 60.0;
+    let _rt = runtime(config);
+    let waiting = Process::new(noop, ());
+    waiting.start().expect("start");
+    let own = format!("shoal.dev/process={}", waiting.get_name());
+    assert!(
+        wait(patience(), || !kube.jobs(&own).is_empty()),
+        "no Job for {own}"
+    );
+    emulator.hold_watches(true);
+    emulator.expire_watches();
+    emulator.hold_watches(false);
+    // The watch's back-off after the 410 (under a second, jittered), its list, the answers.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        waiting.is_alive(),
+        "the relist ended a worker whose Job has no pod yet: {:?}",
+        waiting.exitcode()
+    );
+    let accounts: Api<ServiceAccount> = Api::namespaced(kube.client.clone(), &kube.namespace);
+    let late: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": account}})).expect("an account");
+    kube.tokio
+        .block_on(accounts.create(&PostParams::default(), &late))
+        .expect("create the service account");
+    assert_eq!(exit_code(&waiting), Some(0), "its pod, made later, runs");
+}
+
 /// Pods that run another program than the driver (another build, as an outdated image would
 /// be), `program`, which lacks the functions: a Process ends with 1, a pool map fails with the
 /// task's error naming the function and the program.
@@ -1761,6 +1862,21 @@ fn a_kill_before_the_pod_is_seen_deletes_the_pod_at_once() {
         "a_kill_before_the_pod_is_seen_deletes_the_pod_at_once",
         Target::Emulator,
         stop_before_the_pod_is_seen,
+    );
+}
+
+#[test]
+fn workers_that_end_while_the_pod_watch_is_cut_off_report_their_recorded_exit() {
+    let Some(driven) = drive(
+        "workers_that_end_while_the_pod_watch_is_cut_off_report_their_recorded_exit",
+        Target::Emulator,
+        ends_while_the_watch_is_cut,
+    ) else {
+        return;
+    };
+    assert!(
+        driven.stderr.contains("the code is unknown"),
+        "the driver's log says the -9 of a worker whose end went unseen is a guess"
     );
 }
 

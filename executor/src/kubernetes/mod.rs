@@ -32,6 +32,26 @@
 //!   `-9`. Container runtimes report a signal `N` as exit code `128 + N`, so a function that
 //!   calls `std::process::exit(n)` with `n` in 129..=192 reads as `-(n - 128)` here (the local
 //!   backend tells them apart).
+//! * **Relists**: a watch that was cut off longer than the cluster keeps its history (a long
+//!   network cut; the API server has etcd compact it every 5 minutes by default) is answered
+//!   `410 Gone` when it resumes, and the watcher lists the pods again: what happened between
+//!   is lost. A worker may have run and ended meanwhile, and its pod been deleted (by its Job's
+//!   `ttlSecondsAfterFinished`, `0` deleting it at once), whether or not the watch had shown
+//!   that pod. So, once the list is complete, every worker whose Job was created and whose pod
+//!   the list lacks is looked up, in the background: first its status hash in Redis
+//!   (`shoal:{<ns>:proc:<id>}:status`, see `crate::task`), where a worker that returned from its
+//!   task records `state: exited` and the `code` it exits with just before exiting: that code
+//!   is the worker's end. Without it (a function that called `std::process::exit`, a signal, a
+//!   hash that expired), its Job (`GET`, bounded as every call): one that succeeded means the
+//!   container exited 0; one gone, being deleted unfinished, or failed took the code with it,
+//!   and the worker ends with the signal asked for if it was being stopped, else with `-9`, a
+//!   guess, logged as one (as for a pod deleted without a final status); one still running
+//!   with no pod seen yet has simply not made it (the watch will show it), and the worker
+//!   waits; one whose pod was seen makes no other (`backoffLimit: 0`), and the worker ends as
+//!   if gone. A pod event for the worker after the list makes the lookup's answer moot, and a
+//!   worker is told of its end once: once ended it is forgotten, and later events of its pod
+//!   are ignored. A Job that cannot be read leaves a worker never seen waiting (its start
+//!   timeout still applies), with a warning.
 //! * **Failures the kubelet retries**: an image pull that fails (`ErrImagePull`,
 //!   `ImagePullBackOff`: a registry's rate limit, a credential not there yet), a Secret or key
 //!   the container needs that is missing (`CreateContainerConfigError`), a container the runtime
@@ -118,24 +138,34 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
+use shoal_core::config::Config;
 use shoal_core::error::{Error, Result};
+use shoal_core::store::{Store, StoreSettings};
 
 pub use spec::{
     ANNOTATION_PROCESS_NAME, AUTHKEY_SECRET_KEY, CONTAINER, JobTemplate, LABEL_NAMESPACE,
     LABEL_PROCESS, LABEL_RUNTIME, LABEL_WORKER, WorkerJob, label_value,
 };
+use status::{Absent, JobState, Recorded};
 pub use status::{PodOutcome, outcome, started, unscheduled};
 
 use crate::protocol::{
     Executor, Launch, Launched, QueryWorker, Shutdown, SignalWorker, StopSignal, WorkerExited,
     WorkerStatus, Workload,
 };
-use crate::task::ENV_WORKER_AUTHKEY;
+use crate::task::{ENV_WORKER_AUTHKEY, ProcessKeys};
 
 /// A worker the executor started and has not seen end.
 struct RemoteWorker {
     name: String,
     job: String,
+    /// Its task's id: the key of its status hash.
+    task_id: String,
+    /// Its Job was created (the API answered): before that, a Job not found is not one gone.
+    created: bool,
+    /// The executor's count of pod events when the latest of its pod was seen: an answer
+    /// asked for after a relist is stale once the watch has told more.
+    last_event: u64,
     /// Its pod, once the watch saw it (or a stop's delete found it).
     pod: Option<String>,
     notify: Recipient<WorkerExited>,
@@ -176,6 +206,11 @@ pub struct KubernetesExecutor {
     workers: HashMap<String, RemoteWorker>,
     /// During a relist of the watch: the workers whose pods were listed.
     relisted: Option<HashSet<String>>,
+    /// How many pod events the watch has delivered (see `RemoteWorker::last_event`).
+    pod_events: u64,
+    /// The store the workers record their exits in (see `crate::task`), for the workers whose
+    /// pods a relist did not find; `None` if its URL cannot be used.
+    store: Option<Arc<Store>>,
     /// `kubernetes.pod_create_grace_secs`: also the grace of a container the kubelet retries.
     pod_create_grace: Duration,
     /// `kubernetes.pod_start_timeout_secs`.
@@ -204,6 +239,7 @@ impl KubernetesExecutor {
     ) -> Result<Executor> {
         let pod_start_timeout = template.config.pod_start_timeout();
         let api_timeout = template.config.api_call_timeout();
+        let store = status_store(&template);
         let addr = KubernetesExecutor::start_in_arbiter(arbiter, move |_| KubernetesExecutor {
             namespace: template.config.namespace.clone().unwrap_or_default(),
             pod_create_grace: template.config.pod_create_grace(),
@@ -214,6 +250,8 @@ impl KubernetesExecutor {
             client: None,
             workers: HashMap::new(),
             relisted: None,
+            pod_events: 0,
+            store,
             authkey_secrets: HashMap::new(),
             launching: Arc::new(AtomicUsize::new(0)),
             stopping: false,
@@ -277,6 +315,8 @@ impl KubernetesExecutor {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
+        self.pod_events += 1;
+        worker.last_event = self.pod_events;
         let name = pod.name_any();
         let first_sight = worker.pod.is_none();
         worker.pod = Some(name.clone());
@@ -597,6 +637,96 @@ impl KubernetesExecutor {
         }
     }
 
+    /// A relist of the pod watch did not find the pod of worker `id`: asks its status hash
+    /// how it ended, and, when that does not tell, the API server for its Job, in the
+    /// background; then ends it or leaves it waiting ([`status::absent`] decides). Meanwhile the
+    /// watch goes on: an event of its pod after the relist makes the answer moot.
+    fn reconsider(&mut self, id: &str, ctx: &mut Context<Self>) {
+        let (Some(worker), Ok(client)) = (self.workers.get(id), self.client()) else {
+            return;
+        };
+        let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
+        let job = worker.job.clone();
+        let status = self.store.clone().map(|store| {
+            (
+                ProcessKeys::new(store.keys(), &worker.task_id).status,
+                store,
+            )
+        });
+        let (launched, last_event) = (worker.launched, worker.last_event);
+        let timeout = self.api_timeout;
+        let id = id.to_string();
+        ctx.spawn(
+            async move {
+                let recorded = match status {
+                    Some((key, store)) => read_exit(&store, &key, timeout).await,
+                    None => Recorded::Unreadable("the store's URL cannot be used".into()),
+                };
+                if matches!(recorded, Recorded::Exited(_)) {
+                    return (recorded, None);
+                }
+                let call = format!("reading Job {job}");
+                let state = match bounded(timeout, &call, jobs.get_opt(&job)).await {
+                    Ok(Ok(found)) => status::job_state(found.as_ref()),
+                    Ok(Err(e)) => JobState::Unknown(format!("{call}: {e}")),
+                    Err(e) => JobState::Unknown(e.to_string()),
+                };
+                (recorded, Some(state))
+            }
+            .into_actor(self)
+            .map(move |(recorded, state), act, _| {
+                act.reconsidered(&id, launched, last_event, &recorded, state.as_ref());
+            }),
+        );
+    }
+
+    /// The answers [`KubernetesExecutor::reconsider`] got for worker `id` (launched at
+    /// `launched`, its latest pod event then `last_event`): ends it, unless it ended, or the
+    /// watch told more of it, meanwhile.
+    fn reconsidered(
+        &mut self,
+        id: &str,
+        launched: Instant,
+        last_event: u64,
+        recorded: &Recorded,
+        job: Option<&JobState>,
+    ) {
+        let Some(worker) = self.workers.get(id) else {
+            return;
+        };
+        if worker.launched != launched || worker.last_event != last_event {
+            return;
+        }
+        if let Recorded::Unreadable(e) = recorded {
+            tracing::warn!(
+                "{} (Job {}): its pod was not found when the pod watch relisted, and its exit \
+                 record cannot be read ({e}); going by its Job",
+                worker.name,
+                worker.job
+            );
+        }
+        let seen = worker.pod.is_some();
+        let verdict = status::absent(
+            recorded,
+            job,
+            seen,
+            worker.stopping.map(StopSignal::exit_code),
+        );
+        match verdict {
+            Absent::Exited { code, reason } => self.exited(id, code, reason),
+            Absent::Wait => {
+                if let Some(JobState::Unknown(e)) = job {
+                    tracing::warn!(
+                        "{} (Job {}): its pod was not found when the pod watch relisted and \
+                         its Job cannot be read ({e}); waiting for its pod",
+                        worker.name,
+                        worker.job
+                    );
+                }
+            }
+        }
+    }
+
     /// Deletes the pod `name` with `grace` seconds (`None`: its own), in the background.
     fn delete_pod(&mut self, ctx: &mut Context<Self>, name: &str, grace: Option<u32>) {
         let Ok(client) = self.client() else {
@@ -624,6 +754,43 @@ impl KubernetesExecutor {
     }
 }
 
+/// A connection (made at its first use) to the store of `template`'s runtime, where workers
+/// record their exits; `None`, logged, if its URL cannot be used.
+fn status_store(template: &JobTemplate) -> Option<Arc<Store>> {
+    // Only two fields of small hashes are read: the default limits and timeouts do.
+    let mut settings = StoreSettings::from_config(&Config::default());
+    settings.namespace = template.namespace.clone();
+    match Store::connect_lazy(&template.redis_url, settings) {
+        Ok(store) => Some(Arc::new(store)),
+        Err(e) => {
+            tracing::warn!(
+                "the Kubernetes executor cannot read its workers' exit records ({e}): a worker \
+                 whose pod ends unseen by the pod watch is ended by its Job's word alone"
+            );
+            None
+        }
+    }
+}
+
+/// The exit recorded in the status hash `key` (`state`, `code`), given at most `timeout`.
+async fn read_exit(store: &Store, key: &str, timeout: Duration) -> Recorded {
+    let read = async {
+        let mut conn = store.multiplexed().await.map_err(|e| e.to_string())?;
+        redis::cmd("HMGET")
+            .arg(key)
+            .arg("state")
+            .arg("code")
+            .query_async::<(Option<String>, Option<String>)>(&mut conn)
+            .await
+            .map_err(|e| format!("reading {key}: {e}"))
+    };
+    match actix_rt::time::timeout(timeout, read).await {
+        Ok(Ok((state, code))) => status::recorded(state.as_deref(), code.as_deref()),
+        Ok(Err(e)) => Recorded::Unreadable(e),
+        Err(_) => Recorded::Unreadable(format!("reading {key}: no answer within {timeout:?}")),
+    }
+}
+
 /// The grace period of a stop: the pod's own for `terminate()`, none for `kill()`.
 fn grace(signal: StopSignal) -> Option<u32> {
     match signal {
@@ -647,6 +814,11 @@ async fn bounded<T>(
                 "{call}: no answer from the Kubernetes API server within {timeout:?}"
             ))
         })
+}
+
+/// The watch's resource version was compacted away (`410 Gone`): the watcher lists again.
+fn expired(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::WatchError(status) if status.code == 410)
 }
 
 fn not_found(e: &kube::Error) -> bool {
@@ -747,17 +919,23 @@ impl StreamHandler<std::result::Result<watcher::Event<Pod>, watcher::Error>>
             }
             Ok(watcher::Event::Delete(pod)) => self.on_pod(&pod, true, ctx),
             Ok(watcher::Event::Init) => self.relisted = Some(HashSet::new()),
+            Err(e) if expired(&e) => tracing::info!(
+                "watching worker pods: {e}; listing them again (the workers whose pods are gone \
+                 meanwhile end as their exit records say)"
+            ),
             Ok(watcher::Event::InitDone) => {
-                // A pod seen before that the relist no longer has was deleted meanwhile.
+                // The events between the last one seen and this list are lost: a worker whose
+                // pod the list lacks may have run and ended meanwhile, its pod deleted (a Job's
+                // `ttlSecondsAfterFinished: 0`), whether or not the watch ever showed that pod.
                 let listed = self.relisted.take().unwrap_or_default();
-                let gone: Vec<(String, i32)> = self
+                let absent: Vec<String> = self
                     .workers
                     .iter()
-                    .filter(|(id, w)| w.pod.is_some() && !listed.contains(*id))
-                    .map(|(id, w)| (id.clone(), w.stopping.map_or(-9, StopSignal::exit_code)))
+                    .filter(|(id, w)| (w.created || w.pod.is_some()) && !listed.contains(*id))
+                    .map(|(id, _)| id.clone())
                     .collect();
-                for (id, code) in gone {
-                    self.exited(&id, code, Some("its pod disappeared".into()));
+                for id in absent {
+                    self.reconsider(&id, ctx);
                 }
             }
             Err(e) => tracing::warn!("watching worker pods: {e}"),
@@ -782,6 +960,8 @@ impl StreamHandler<std::result::Result<watcher::Event<ClusterEvent>, watcher::Er
                 self.on_refused_pod(&event, ctx);
             }
             Ok(_) => {}
+            // The watcher lists them again, every current Event included: nothing is lost.
+            Err(e) if expired(&e) => tracing::debug!("watching FailedCreate Events: {e}"),
             Err(e) => tracing::warn!(
                 "watching FailedCreate Events ({e}): a Job whose pod the cluster refuses to \
                  create leaves its worker waiting (the driver needs list and watch on events)"
@@ -849,6 +1029,9 @@ impl Handler<Launch> for KubernetesExecutor {
             RemoteWorker {
                 name: launch.name.clone(),
                 job: job_name.clone(),
+                task_id,
+                created: false,
+                last_event: 0,
                 pod: None,
                 notify: launch.notify,
                 stopping: None,
@@ -922,6 +1105,11 @@ impl Handler<Launch> for KubernetesExecutor {
                 }
                 match created {
                     Ok(()) => {
+                        if let Some(worker) = act.workers.get_mut(&id)
+                            && worker.launched == launched
+                        {
+                            worker.created = true;
+                        }
                         // From the Job's creation: a creation slower than the timeout must not
                         // end a worker whose Job then runs untracked.
                         ctx.run_later(act.pod_start_timeout, move |act, ctx| {

@@ -19,7 +19,11 @@
 //! start are retried by the kubelet and may clear on their own (a registry's rate limit, a
 //! Secret created a moment later), so they are reported as [`PodOutcome::Retrying`]: the
 //! executor gives them a grace period before it ends the worker.
+//!
+//! A worker whose pod a relist of the watch no longer finds (its last events compacted away)
+//! ends as its status hash records, else as its Job tells, else waits for its pod ([`absent`]).
 
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 
 use super::spec::CONTAINER;
@@ -137,6 +141,144 @@ pub fn unscheduled(pod: &Pod) -> Option<String> {
         Some(message) if !message.is_empty() => format!("{reason}: {message}"),
         _ => reason.to_string(),
     })
+}
+
+/// What a worker's status hash (`shoal:{<ns>:proc:<id>}:status`, see `crate::task`) says of
+/// its exit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Recorded {
+    /// `state` is `exited` with this `code`: the worker returned from its task and recorded
+    /// the code it exits with.
+    Exited(i32),
+    /// No exit recorded: never claimed, still running, ended before it could record one
+    /// (`std::process::exit`, a signal), or the hash expired or was deleted.
+    Nothing,
+    /// The store could not be read: why.
+    Unreadable(String),
+}
+
+/// Reads the `state` and `code` fields of a status hash.
+pub(crate) fn recorded(state: Option<&str>, code: Option<&str>) -> Recorded {
+    match (state, code.and_then(|c| c.trim().parse::<i32>().ok())) {
+        (Some("exited"), Some(code)) => Recorded::Exited(code),
+        _ => Recorded::Nothing,
+    }
+}
+
+/// What the API server says of a worker's Job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum JobState {
+    /// Not found, or being deleted before it finished: it makes no pod any more.
+    Gone,
+    /// Its pod's container exited 0.
+    Succeeded,
+    /// Its pod failed (with `backoffLimit: 0`, once is the end): the Job's word on why.
+    Failed(String),
+    /// Neither finished nor being deleted: its pod may not have been made yet.
+    Unfinished,
+    /// It could not be read: why.
+    Unknown(String),
+}
+
+/// Reads a Job as it was found (`None`: not found).
+pub(crate) fn job_state(job: Option<&Job>) -> JobState {
+    let Some(job) = job else {
+        return JobState::Gone;
+    };
+    let status = job.status.as_ref();
+    let condition = |type_: &str| {
+        status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == type_ && c.status == "True"))
+    };
+    let count = |n: Option<i32>| n.unwrap_or(0) > 0;
+    if condition("Complete").is_some() || count(status.and_then(|s| s.succeeded)) {
+        return JobState::Succeeded;
+    }
+    let failed = condition("Failed").or_else(|| condition("FailureTarget"));
+    if failed.is_some() || count(status.and_then(|s| s.failed)) {
+        let why = failed
+            .map(|c| {
+                let reason = c.reason.as_deref().unwrap_or("Failed");
+                match c.message.as_deref() {
+                    Some(message) if !message.is_empty() => format!("{reason}: {message}"),
+                    _ => reason.to_string(),
+                }
+            })
+            .unwrap_or_else(|| "its pod failed".to_string());
+        return JobState::Failed(why);
+    }
+    // Deleted before it finished (a stop, a user): the Job controller makes no pod for it.
+    if job.metadata.deletion_timestamp.is_some() {
+        return JobState::Gone;
+    }
+    JobState::Unfinished
+}
+
+/// What becomes of a worker whose pod a relist of the pod watch did not find.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Absent {
+    /// It ended: report `code` (and log `reason`, when there is one).
+    Exited {
+        /// The exit code, Python's way.
+        code: i32,
+        /// Why the code is what it is, when it is not the worker's own word.
+        reason: Option<String>,
+    },
+    /// Its pod has not been made yet: the watch will show it.
+    Wait,
+}
+
+/// Decides the end of a worker whose pod is not in a relist of the pod watch (the watch's
+/// history was compacted away, so the pod's last events were never seen): `recorded` is its
+/// status hash's word, `job` its Job's (`None` when the hash made asking needless), `seen`
+/// whether a pod of it was known before, `asked` the exit code of the stop asked for, if any.
+///
+/// The worker's own record wins: it is written just before the worker exits with that code.
+/// Without it, a Job that succeeded means the container exited 0 (a function that called
+/// `std::process::exit(0)`). Otherwise the code is lost with the pod: the stop asked for
+/// explains the end if there was one; else `-9`, a guess (what a pod deleted without a final
+/// status reports too), told with its reason. A Job still unfinished whose pod was never seen
+/// has simply not made it yet; one whose pod was seen makes no other (`backoffLimit: 0`).
+pub(crate) fn absent(
+    recorded: &Recorded,
+    job: Option<&JobState>,
+    seen: bool,
+    asked: Option<i32>,
+) -> Absent {
+    if let Recorded::Exited(code) = recorded {
+        return Absent::Exited {
+            code: *code,
+            reason: None,
+        };
+    }
+    let lost = |what: String| match asked {
+        Some(code) => Absent::Exited { code, reason: None },
+        None => Absent::Exited {
+            code: -9,
+            reason: Some(format!(
+                "{what}, and its status record holds no exit code: the code is unknown, -9 \
+                 stands for it"
+            )),
+        },
+    };
+    let unknown = JobState::Unknown("not asked".into());
+    match job.unwrap_or(&unknown) {
+        JobState::Succeeded => Absent::Exited {
+            code: 0,
+            reason: None,
+        },
+        JobState::Gone => {
+            lost("its pod and its Job were deleted while the pod watch could not see them".into())
+        }
+        JobState::Failed(why) => lost(format!(
+            "its pod was deleted while the pod watch could not see it; its Job failed ({why})"
+        )),
+        JobState::Unfinished | JobState::Unknown(_) if seen => {
+            lost("its pod was deleted while the pod watch could not see it".into())
+        }
+        JobState::Unfinished | JobState::Unknown(_) => Absent::Wait,
+    }
 }
 
 fn exited(terminated: &ContainerStateTerminated, pod_reason: Option<&str>) -> PodOutcome {
@@ -380,6 +522,141 @@ mod tests {
             with_pod_reason(terminated(1, "Error"), None),
             exited(1, None, false)
         );
+    }
+
+    #[test]
+    fn an_exit_record_counts_only_with_its_code() {
+        assert_eq!(recorded(Some("exited"), Some("0")), Recorded::Exited(0));
+        assert_eq!(recorded(Some("exited"), Some("-15")), Recorded::Exited(-15));
+        // A worker that called `std::process::exit` never records one.
+        assert_eq!(recorded(Some("running"), None), Recorded::Nothing);
+        assert_eq!(recorded(None, None), Recorded::Nothing);
+        assert_eq!(recorded(Some("exited"), None), Recorded::Nothing);
+        assert_eq!(recorded(Some("exited"), Some("x")), Recorded::Nothing);
+        assert_eq!(recorded(Some("running"), Some("3")), Recorded::Nothing);
+    }
+
+    #[test]
+    fn a_jobs_status_says_whether_its_pod_ended() {
+        use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let with = |status: JobStatus| Job {
+            status: Some(status),
+            ..Job::default()
+        };
+        let condition = |type_: &str, reason: &str| JobCondition {
+            type_: type_.into(),
+            status: "True".into(),
+            reason: Some(reason.into()),
+            message: Some("Job has reached the specified backoff limit".into()),
+            ..JobCondition::default()
+        };
+        assert_eq!(job_state(None), JobState::Gone);
+        assert_eq!(job_state(Some(&Job::default())), JobState::Unfinished);
+        let running = with(JobStatus {
+            active: Some(1),
+            ..JobStatus::default()
+        });
+        assert_eq!(job_state(Some(&running)), JobState::Unfinished);
+        let succeeded = with(JobStatus {
+            succeeded: Some(1),
+            ..JobStatus::default()
+        });
+        assert_eq!(job_state(Some(&succeeded)), JobState::Succeeded);
+        let complete = with(JobStatus {
+            conditions: Some(vec![condition("Complete", "CompletionsReached")]),
+            ..JobStatus::default()
+        });
+        assert_eq!(job_state(Some(&complete)), JobState::Succeeded);
+        let failed = with(JobStatus {
+            failed: Some(1),
+            conditions: Some(vec![condition("Failed", "BackoffLimitExceeded")]),
+            ..JobStatus::default()
+        });
+        assert_eq!(
+            job_state(Some(&failed)),
+            JobState::Failed(
+                "BackoffLimitExceeded: Job has reached the specified backoff limit".into()
+            )
+        );
+        let counted = with(JobStatus {
+            failed: Some(1),
+            ..JobStatus::default()
+        });
+        assert_eq!(
+            job_state(Some(&counted)),
+            JobState::Failed("its pod failed".into())
+        );
+        // Being deleted before it finished: no pod will come. Finished, it tells how.
+        let mut deleting = running.clone();
+        deleting.metadata.deletion_timestamp = Some(Time(Default::default()));
+        assert_eq!(job_state(Some(&deleting)), JobState::Gone);
+        let mut expiring = succeeded.clone();
+        expiring.metadata.deletion_timestamp = Some(Time(Default::default()));
+        assert_eq!(job_state(Some(&expiring)), JobState::Succeeded);
+    }
+
+    #[test]
+    fn a_pod_the_relist_lacks_ends_by_its_record_else_by_its_job() {
+        // (code, whether a reason is logged: the code is a guess), or `None` to wait.
+        let exited = |code: i32, guessed: bool| (code, guessed);
+        let verdict = |recorded: Recorded, job: Option<JobState>, seen, asked| {
+            let decided = absent(&recorded, job.as_ref(), seen, asked);
+            match decided {
+                Absent::Exited { code, reason } => Some(exited(code, reason.is_some())),
+                Absent::Wait => None,
+            }
+        };
+        // The worker's own record wins, whatever else.
+        for seen in [false, true] {
+            assert_eq!(
+                verdict(Recorded::Exited(0), None, seen, None),
+                Some(exited(0, false))
+            );
+            assert_eq!(
+                verdict(Recorded::Exited(1), Some(JobState::Gone), seen, Some(-15)),
+                Some(exited(1, false))
+            );
+        }
+        // A Job that succeeded: the container exited 0.
+        assert_eq!(
+            verdict(Recorded::Nothing, Some(JobState::Succeeded), false, None),
+            Some(exited(0, false))
+        );
+        // Gone or failed without a record: the stop asked for, else -9 with its reason.
+        for job in [
+            JobState::Gone,
+            JobState::Failed("BackoffLimitExceeded".into()),
+        ] {
+            for seen in [false, true] {
+                assert_eq!(
+                    verdict(Recorded::Nothing, Some(job.clone()), seen, None),
+                    Some(exited(-9, true))
+                );
+                assert_eq!(
+                    verdict(Recorded::Nothing, Some(job.clone()), seen, Some(-15)),
+                    Some(exited(-15, false))
+                );
+            }
+        }
+        // A Job still there: a pod never seen is yet to come; one seen was deleted.
+        let unknown = JobState::Unknown("timed out".into());
+        for job in [JobState::Unfinished, unknown] {
+            let unreadable = Recorded::Unreadable("refused".into());
+            assert_eq!(verdict(unreadable, Some(job.clone()), false, None), None);
+            assert_eq!(
+                verdict(Recorded::Nothing, Some(job.clone()), false, None),
+                None
+            );
+            assert_eq!(
+                verdict(Recorded::Nothing, Some(job.clone()), true, None),
+                Some(exited(-9, true))
+            );
+            assert_eq!(
+                verdict(Recorded::Nothing, Some(job), true, Some(-9)),
+                Some(exited(-9, false))
+            );
+        }
     }
 
     #[test]

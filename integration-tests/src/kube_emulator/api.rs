@@ -619,8 +619,9 @@ fn watch<K: Object + ListableResource>(
 
     let (lines, receiver) = mpsc::channel::<Bytes>(256);
     let held = core.watches_held.subscribe();
+    let cut = core.watches_cut.subscribe();
     tokio::spawn(stream_watch(
-        lines, initial, changes, filter, current, bookmarks, timeout, held,
+        lines, initial, changes, filter, current, bookmarks, timeout, held, cut,
     ));
     let body = Body::from_stream(futures::stream::unfold(
         receiver,
@@ -640,16 +641,23 @@ fn watch<K: Object + ListableResource>(
 }
 
 /// Sends `line` once the watches are not held ([`Emulator::hold_watches`]); false when the
-/// watch is over (its client left, its deadline passed).
+/// watch is over (its client left, its deadline passed, it was cut by
+/// [`Emulator::expire_watches`], which drops what it held).
 ///
 /// [`Emulator::hold_watches`]: super::Emulator::hold_watches
+/// [`Emulator::expire_watches`]: super::Emulator::expire_watches
 async fn send_line(
     lines: &mpsc::Sender<Bytes>,
     line: Bytes,
     held: &mut tokio::sync::watch::Receiver<bool>,
+    cut: &mut tokio::sync::watch::Receiver<u64>,
     deadline: tokio::time::Instant,
 ) -> bool {
+    // The cut first: released and cut at once (`expire_watches` then `hold_watches(false)`),
+    // the watch must end without sending what it held.
     tokio::select! {
+        biased;
+        _ = cut.changed() => return false,
         released = held.wait_for(|held| !*held) => {
             if released.is_err() {
                 return false;
@@ -671,10 +679,11 @@ async fn stream_watch(
     bookmarks: bool,
     timeout: Duration,
     mut held: tokio::sync::watch::Receiver<bool>,
+    mut cut: tokio::sync::watch::Receiver<u64>,
 ) {
     let deadline = tokio::time::Instant::now() + timeout;
     for line in initial {
-        if !send_line(&lines, line, &mut held, deadline).await {
+        if !send_line(&lines, line, &mut held, &mut cut, deadline).await {
             return;
         }
     }
@@ -685,6 +694,9 @@ async fn stream_watch(
     ticker.tick().await;
     loop {
         let line = tokio::select! {
+            // The cut first: no change is sent once it is there (see `send_line`).
+            biased;
+            _ = cut.changed() => return,
             change = changes.recv() => match change {
                 Ok(change) => {
                     seen = seen.max(change.resource_version);
@@ -703,7 +715,7 @@ async fn stream_watch(
             () = tokio::time::sleep_until(deadline) => return,
             () = lines.closed() => return,
         };
-        if !send_line(&lines, line, &mut held, deadline).await {
+        if !send_line(&lines, line, &mut held, &mut cut, deadline).await {
             return;
         }
     }

@@ -52,7 +52,8 @@
 //! ignore `limit` (everything comes in one page, no `continue`). Watches follow the real
 //! `resourceVersion` semantics (`kube::runtime::watcher` with either initial list strategy
 //! works): unset or "0" starts with the current objects as ADDED; a version replays the later
-//! changes (`410 Expired` once older than the last 10 000 changes); `sendInitialEvents=true`
+//! changes (`410 Expired` once older than the last 10 000 changes, or than the last
+//! [`Emulator::expire_watches`]); `sendInitialEvents=true`
 //! ends the initial objects with a `k8s.io/initial-events-end` bookmark; `allowWatchBookmarks`
 //! adds bookmarks every 10 s; `timeoutSeconds` ends the stream. An object that stops matching a
 //! watch's selectors is sent as DELETED, one that starts matching as ADDED. One resource
@@ -181,8 +182,10 @@
 //! a pod's network host, see [`Host::cut`](crate::netns::Host::cut)), [`Emulator::label_node`]
 //! (pods whose node selector wants a label stay unscheduled until the node has it),
 //! [`Emulator::stall_writes`] (requests that change the cluster go unanswered, as over a
-//! connection dropped silently) and [`Emulator::hold_watches`] (watches send nothing until
-//! released: a client's view of the cluster lags behind it).
+//! connection dropped silently), [`Emulator::hold_watches`] (watches send nothing until
+//! released: a client's view of the cluster lags behind it) and [`Emulator::expire_watches`]
+//! (open watches end and the history is compacted: a client resuming from its last version
+//! gets `410 Expired` and relists, missing what happened in between).
 
 mod api;
 mod controller;
@@ -260,6 +263,8 @@ pub(crate) struct Core {
     writes_stalled: tokio::sync::watch::Sender<bool>,
     /// While true, watches send nothing ([`Emulator::hold_watches`]).
     watches_held: tokio::sync::watch::Sender<bool>,
+    /// Incremented to end every open watch ([`Emulator::expire_watches`]).
+    watches_cut: tokio::sync::watch::Sender<u64>,
 }
 
 /// The cluster's state, behind one lock.
@@ -359,6 +364,7 @@ impl Emulator {
             kubelets: Mutex::new(Vec::new()),
             writes_stalled: tokio::sync::watch::Sender::new(false),
             watches_held: tokio::sync::watch::Sender::new(false),
+            watches_cut: tokio::sync::watch::Sender::new(0),
         });
         let router = api::router(Arc::clone(&core));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -547,6 +553,19 @@ impl Emulator {
     /// usual. A watch that falls more than 4 096 changes behind ends with `410 Expired`.
     pub fn hold_watches(&self, held: bool) {
         self.core.watches_held.send_replace(held);
+    }
+
+    /// Ends every open watch, dropping what it held back, and compacts the change history:
+    /// as after a network cut long enough for the cluster's compaction to pass the version a
+    /// client last saw, a client that resumes its watch from that version gets `410 Expired`
+    /// and must list again (`kube::runtime::watcher` does). With [`Emulator::hold_watches`]
+    /// before, the changes made meanwhile reach a client only through that new list: a pod
+    /// created and deleted in the gap is never seen at all. Watches opened later are not
+    /// affected.
+    pub fn expire_watches(&self) {
+        // Compacted first: a watch resumed as soon as its stream ends must find it done.
+        self.core.lock().store.compact();
+        self.core.watches_cut.send_modify(|cuts| *cuts += 1);
     }
 
     /// How many pods' containers have started so far, in every namespace (deleted pods too).

@@ -217,6 +217,13 @@ impl Store {
         Ok((past, self.changes.subscribe()))
     }
 
+    /// Forgets every recorded change, as etcd's compaction does: a watch from a version before
+    /// the current one gets `410 Gone` (see [`Store::changes_since`]).
+    pub(crate) fn compact(&mut self) {
+        self.history.clear();
+        self.compacted_through = self.resource_version;
+    }
+
     /// A receiver of the changes after now.
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
         self.changes.subscribe()
@@ -295,5 +302,24 @@ mod tests {
         let recent = store.resource_version() - 3;
         let (changes, _) = store.changes_since(recent).expect("recent");
         assert_eq!(changes.len(), 3);
+    }
+
+    #[test]
+    fn after_a_compaction_only_a_watch_from_now_resumes() {
+        let mut store = Store::new();
+        store.create(secret("a"));
+        let before = store.resource_version();
+        store.create(secret("b"));
+        store.compact();
+        assert!(store.changes_since(before).is_err());
+        let (changes, _) = store
+            .changes_since(store.resource_version())
+            .expect("current");
+        assert!(changes.is_empty());
+        store.create(secret("c"));
+        let (changes, _) = store
+            .changes_since(store.resource_version() - 1)
+            .expect("after the compaction");
+        assert_eq!(changes.len(), 1);
     }
 }
