@@ -227,6 +227,15 @@ struct Driven {
     stderr: String,
 }
 
+impl Driven {
+    /// Asserts that the driver's log has each of `lines`: `what` says what they tell.
+    fn assert_logged(&self, lines: &[&str], what: &str) {
+        for line in lines {
+            assert!(self.stderr.contains(line), "{what} ({line})");
+        }
+    }
+}
+
 /// Runs `scenario` in a driver process (see the module docs). Returns the driver's output in the
 /// outer test, `None` in the driver itself (which must then return).
 fn drive(test: &str, target: Target, scenario: impl FnOnce(&Kube)) -> Option<Driven> {
@@ -1756,21 +1765,19 @@ fn pods_that_cannot_start_are_reported_not_waited_for() {
     ) else {
         return;
     };
-    for reason in [
-        "cannot start yet: ErrImagePull",
-        "registry.invalid/shoal/none:1",
-        "cannot start yet: CreateContainerConfigError",
-        "shoal-test-no-such-secret",
-        "StartError",
-        "/nonexistent/shoal-worker",
-        "cannot start: InvalidImageName",
-        "Shoal-Invalid-Image-Name:1",
-    ] {
-        assert!(
-            driven.stderr.contains(reason),
-            "the driver's log says why a pod cannot start ({reason})"
-        );
-    }
+    driven.assert_logged(
+        &[
+            "cannot start yet: ErrImagePull",
+            "registry.invalid/shoal/none:1",
+            "cannot start yet: CreateContainerConfigError",
+            "shoal-test-no-such-secret",
+            "StartError",
+            "/nonexistent/shoal-worker",
+            "cannot start: InvalidImageName",
+            "Shoal-Invalid-Image-Name:1",
+        ],
+        "the driver's log says why a pod cannot start",
+    );
 }
 
 #[test]
@@ -1785,15 +1792,13 @@ fn pods_the_cluster_refuses_to_create_end_their_process_after_the_grace() {
     ) else {
         return;
     };
-    for said in [
-        "cannot start: FailedCreate: Error creating: pods",
-        &format!("serviceaccount \"{NO_SUCH_ACCOUNT}\" not found"),
-    ] {
-        assert!(
-            driven.stderr.contains(said),
-            "the driver's log says why the pod is refused ({said})"
-        );
-    }
+    driven.assert_logged(
+        &[
+            "cannot start: FailedCreate: Error creating: pods",
+            &format!("serviceaccount \"{NO_SUCH_ACCOUNT}\" not found"),
+        ],
+        "the driver's log says why the pod is refused",
+    );
 }
 
 #[test]
@@ -1805,16 +1810,14 @@ fn failures_to_start_that_clear_within_the_grace_let_the_process_run() {
     ) else {
         return;
     };
-    for said in [
-        "cannot start yet: ErrImagePull",
-        "429 Too Many Requests",
-        "cannot start yet: CreateContainerConfigError",
-    ] {
-        assert!(
-            driven.stderr.contains(said),
-            "the driver's log says what the kubelet retries ({said})"
-        );
-    }
+    driven.assert_logged(
+        &[
+            "cannot start yet: ErrImagePull",
+            "429 Too Many Requests",
+            "cannot start yet: CreateContainerConfigError",
+        ],
+        "the driver's log says what the kubelet retries",
+    );
 }
 
 #[test]
