@@ -474,3 +474,31 @@ pub fn await_with_store_frozen<T>(
     );
     out
 }
+
+/// Installs a `tracing` subscriber for this test process that keeps what it writes in memory,
+/// and returns that buffer (for tests that check what shoal logs). One per process.
+pub fn capture_logs() -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let captured = logs.clone();
+    tracing_subscriber::fmt()
+        .with_writer(move || LogWriter(captured.clone()))
+        .init();
+    logs
+}
+
+/// Appends what the subscriber of [`capture_logs`] writes to its buffer.
+struct LogWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -766,23 +766,6 @@ fn each_of_two_semaphore_guards_releases_its_own_permit() {
     }
 }
 
-/// Appends what the tracing subscriber writes to a shared buffer.
-struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A dropped async guard releases in the background: when its owner takes the RLock again at
 /// once, that acquire may reach Redis before the release. The process's count of the owner's
 /// levels must not depend on that order: a count left too high kept a grant that Redis had
@@ -790,11 +773,7 @@ impl std::io::Write for Capture {
 /// release picked ("was lost" instead of "not held").
 #[test]
 fn an_rlock_taken_again_right_after_an_async_guard_drop_keeps_its_count() {
-    let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let captured = logs.clone();
-    tracing_subscriber::fmt()
-        .with_writer(move || Capture(captured.clone()))
-        .init();
+    let logs = shoal_integration_tests::capture_logs();
     let mut config = Config::builder().build().expect("config");
     // A heartbeat every 100 ms.
     config.sync.lease_secs = 0.3;

@@ -630,33 +630,12 @@ fn a_lock_held_by_another_process_is_locked_here_too() {
     assert!(!lock.locked().expect("locked"));
 }
 
-/// Appends what the tracing subscriber writes to a shared buffer.
-struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A heartbeat that renews a hold whose release is in flight finds it gone: that is the
 /// release, not a lapse, and says nothing (it warned "lapsed or was released by another
 /// process" under contention, for holds that were fine).
 #[test]
 fn a_heartbeat_during_a_release_does_not_call_the_hold_lapsed() {
-    let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let captured = logs.clone();
-    tracing_subscriber::fmt()
-        .with_writer(move || Capture(captured.clone()))
-        .init();
+    let logs = shoal_integration_tests::capture_logs();
     let mut config = Config::default();
     // A heartbeat every 100 ms.
     config.sync.lease_secs = 0.3;
