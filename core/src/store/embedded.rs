@@ -74,7 +74,8 @@ impl ExitSignal {
 
 impl EmbeddedRedis {
     /// Starts `binary` (a path, or a name looked up in `PATH`) and waits until it accepts
-    /// connections, at most `ready_timeout`.
+    /// connections, for `ready_timeout` clamped to 5 s ..= 1 h (a server that starts takes
+    /// longer than a short connect timeout on a loaded machine).
     pub fn start(binary: &str, ready_timeout: Duration) -> Result<EmbeddedRedis> {
         let program = find_program(binary)?;
         let dir = tempfile::Builder::new()
@@ -153,8 +154,8 @@ impl EmbeddedRedis {
             reaper: Some(reaper),
             cleanup: Some(cleanup),
         };
-        let deadline =
-            Instant::now() + ready_timeout.clamp(Duration::from_secs(5), Duration::from_secs(3600));
+        let ready_timeout = ready_timeout.clamp(Duration::from_secs(5), Duration::from_secs(3600));
+        let deadline = Instant::now() + ready_timeout;
         loop {
             if server.exited.is_set() {
                 let tail = log_tail(&log);
