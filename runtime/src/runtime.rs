@@ -175,7 +175,11 @@ impl Drop for Runtime {
         // afterwards (this is the last use of `self`), so it is neither used nor dropped twice.
         #[allow(unsafe_code)]
         let inner = unsafe { std::mem::ManuallyDrop::take(&mut self.inner) };
-        if context::in_thread_process() {
+        // Only the last handle shuts the runtime down; any other lets go here and now, so that
+        // the main thread's drop, when it is the last, runs the whole shutdown before exit.
+        if let Some(inner) = Arc::into_inner(inner)
+            && context::in_thread_process()
+        {
             // The last handle dropped on a thread child's own thread would shut the runtime
             // down there, joining that very thread child (it ends only after its body returns):
             // drop it on a thread of its own.
