@@ -338,3 +338,69 @@ pub(crate) fn on_heartbeat(task: HeartbeatTask) {
         }
     });
 }
+
+/// A count of work handed to the background that this process's exit waits for (a lease at
+/// most): background lock releases, closes of dropped pipe handles. Each piece holds an
+/// [`InFlight`] from when it is handed over until it ends, however it ends.
+pub(crate) struct BackgroundWork {
+    /// What the work is, for the warning when the wait gives up ("closes of dropped pipe
+    /// handles").
+    what: &'static str,
+    under_way: std::sync::Mutex<usize>,
+    ended: std::sync::Condvar,
+}
+
+impl BackgroundWork {
+    pub(crate) const fn new(what: &'static str) -> Self {
+        BackgroundWork {
+            what,
+            under_way: std::sync::Mutex::new(0),
+            ended: std::sync::Condvar::new(),
+        }
+    }
+
+    fn count(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.under_way.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a piece of work about to be handed over; move the result into it.
+    pub(crate) fn start(&'static self) -> InFlight {
+        *self.count() += 1;
+        InFlight(self)
+    }
+
+    /// Waits, `within` at most, for the work under way to end; warns of what is left.
+    pub(crate) fn wait(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        let mut under_way = self.count();
+        while *under_way > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    "{} {} still under way: their holds lapse after the lease once this process \
+                     is gone",
+                    *under_way,
+                    self.what
+                );
+                return;
+            }
+            under_way = self
+                .ended
+                .wait_timeout(under_way, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// One piece of [`BackgroundWork`] under way; dropped, it counts as ended.
+pub(crate) struct InFlight(&'static BackgroundWork);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut under_way = self.0.count();
+        *under_way = under_way.saturating_sub(1);
+        drop(under_way);
+        self.0.ended.notify_all();
+    }
+}

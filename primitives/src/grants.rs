@@ -357,7 +357,7 @@ impl GrantObject {
     /// release that fails never leaves a hold that the heartbeat renews for good; one that is
     /// no longer registered (released meanwhile) is left alone.
     pub(crate) async fn release_detached(&self, store: &AsyncStore, holder: String, token: u64) {
-        let _in_flight = BackgroundRelease::start();
+        let _in_flight = background_release();
         match retire(&self.keys().state, self.kind, |g| g.token == token) {
             Some((token, last)) => {
                 let released = self.send_retired(store, &holder, token, last, false).await;
@@ -439,7 +439,7 @@ impl GrantObject {
         last: bool,
         tried: bool,
     ) {
-        let in_flight = BackgroundRelease::start();
+        let in_flight = background_release();
         match context::current().and_then(|c| c.async_store()) {
             Ok(store) => {
                 let object = self.clone();
@@ -1056,62 +1056,24 @@ fn renew_all() {
     }
 }
 
-/// Releases nobody waits for under way on the actor runtime ([`BackgroundRelease`]).
-static BACKGROUND_RELEASES: Mutex<usize> = Mutex::new(0);
+/// Releases nobody waits for under way on the actor runtime ([`background_release`]).
+static BACKGROUND_RELEASES: common::BackgroundWork =
+    common::BackgroundWork::new("releases of locks or semaphores");
 
-/// Notified when a background release ends.
-static BACKGROUND_RELEASED: std::sync::Condvar = std::sync::Condvar::new();
-
-fn background_releases() -> std::sync::MutexGuard<'static, usize> {
-    BACKGROUND_RELEASES
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-}
-
-/// A release nobody waits for (a dropped guard's, an undo's, a repeat of a failed one, a
-/// `Guard::release_async` whose future may be dropped), counted from when it is handed to the
-/// actor runtime until it ends, however it ends (this is dropped then, also when the runtime
-/// drops the task unrun). The exit hook waits for those under way ([`detach_all`]).
-pub(crate) struct BackgroundRelease(());
-
-impl BackgroundRelease {
-    /// Counts a release about to be handed to the actor runtime; move it into the task.
-    pub(crate) fn start() -> Self {
-        *background_releases() += 1;
-        BackgroundRelease(())
-    }
-}
-
-impl Drop for BackgroundRelease {
-    fn drop(&mut self) {
-        let mut releases = background_releases();
-        *releases = releases.saturating_sub(1);
-        drop(releases);
-        BACKGROUND_RELEASED.notify_all();
-    }
+/// Counts a release nobody waits for (a dropped guard's, an undo's, a repeat of a failed one, a
+/// `Guard::release_async` whose future may be dropped) from when it is handed to the actor
+/// runtime until it ends, however it ends: move the result into the task (dropped with it, also
+/// when the runtime drops the task unrun). The exit hook waits for those under way
+/// ([`detach_all`]).
+pub(crate) fn background_release() -> common::InFlight {
+    BACKGROUND_RELEASES.start()
 }
 
 /// Waits, a lease at most, for the releases nobody waits for still under way, so that a process
 /// that exits right after it dropped a guard (or a pool worker that reports its task) leaves
 /// the lock free rather than held until the lease lapses.
 fn await_background_releases() {
-    let deadline = Instant::now() + lease();
-    let mut releases = background_releases();
-    while *releases > 0 {
-        let now = Instant::now();
-        if now >= deadline {
-            tracing::warn!(
-                "{} releases of locks or semaphores still under way: their holds lapse after \
-                 the lease once this process is gone",
-                *releases
-            );
-            return;
-        }
-        releases = BACKGROUND_RELEASED
-            .wait_timeout(releases, deadline - now)
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
-    }
+    BACKGROUND_RELEASES.wait(lease());
 }
 
 /// The exit hook: waits for the releases under way in the background

@@ -159,7 +159,7 @@ impl Guard<'_> {
             // Started now rather than at the first poll: a future that is never polled (an
             // early `?`, a `select!`) still releases; and, its caller being free to drop it,
             // the process's exit waits for it as for a dropped guard's.
-            let in_flight = grants::BackgroundRelease::start();
+            let in_flight = grants::background_release();
             let context = context::current()?;
             Ok(context.spawn(move |store, caller| async move {
                 let _in_flight = in_flight;

@@ -133,33 +133,16 @@ pub(super) fn start_heartbeat() {
 }
 
 /// Closes of dropped handles under way in the background ([`close_in_background`]).
-static BACKGROUND_CLOSES: Mutex<usize> = Mutex::new(0);
-
-/// Notified when a background close ends.
-static BACKGROUND_CLOSED: std::sync::Condvar = std::sync::Condvar::new();
-
-fn background_closes() -> MutexGuard<'static, usize> {
-    BACKGROUND_CLOSES.lock().unwrap_or_else(|p| p.into_inner())
-}
+static BACKGROUND_CLOSES: common::BackgroundWork =
+    common::BackgroundWork::new("closes of dropped pipe handles");
 
 /// Lets go of what a handle dropped in phase `previous` held, off the dropping thread
 /// (`common::run_in_background`): a drop in async code must not block its executor's thread.
 /// The exit hooks wait for it (see [`register_exit_hook`]).
 pub(super) fn close_in_background(address: Address, end: u8, previous: Phase) {
-    /// Counts the close as ended however it ends.
-    struct Ended;
-    impl Drop for Ended {
-        fn drop(&mut self) {
-            let mut closes = background_closes();
-            *closes = closes.saturating_sub(1);
-            drop(closes);
-            BACKGROUND_CLOSED.notify_all();
-        }
-    }
-    *background_closes() += 1;
-    let ended = Ended;
+    let in_flight = BACKGROUND_CLOSES.start();
     common::run_in_background("closing a dropped pipe handle", move || {
-        let _ended = ended;
+        let _in_flight = in_flight;
         if let Err(e) = let_go_of_phase(&address, end, previous) {
             tracing::debug!("closing a dropped handle of {}: {e}", address.describe());
         }
@@ -177,23 +160,7 @@ pub(super) fn register_exit_hook() {
 }
 
 fn await_background_closes() {
-    let deadline = Instant::now() + lease();
-    let mut closes = background_closes();
-    while *closes > 0 {
-        let now = Instant::now();
-        if now >= deadline {
-            tracing::warn!(
-                "{} closes of dropped pipe handles still under way: their holds lapse after the \
-                 lease once this process is gone",
-                *closes
-            );
-            return;
-        }
-        closes = BACKGROUND_CLOSED
-            .wait_timeout(closes, deadline - now)
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
-    }
+    BACKGROUND_CLOSES.wait(lease());
 }
 
 /// The heartbeat: renews this process's holds and transfers, one script per pipe.
