@@ -745,21 +745,28 @@ fn children_inherit_the_authkey_without_it_going_through_redis() {
 /// a queue.
 #[shoal::remote]
 fn inits_again_then_puts(q: Queue<u32>) -> Result<(), String> {
+    inits_again_then_starts_a_thread()?;
+    q.put(7).map_err(|e| e.to_string())?;
+    q.close().map_err(|e| e.to_string())?;
+    q.join_thread().map_err(|e| e.to_string())
+}
+
+/// Calls `init()`, `init_with()` with another configuration, and `shutdown_within` on a handle,
+/// as a library a child's code uses might; then starts and joins a thread child.
+fn inits_again_then_starts_a_thread() -> Result<(), String> {
     let _rt = shoal::init().map_err(|e| e.to_string())?;
     let _again = shoal::init_with(Config::default()).map_err(|e| e.to_string())?;
     // A library that shuts down the runtime it was handed only lets go of its handle.
     shoal::init()
         .map_err(|e| e.to_string())?
         .shutdown_within(Duration::from_millis(100));
-    // ... so the task can still start processes.
+    // ... so the child can still start processes.
     let helper = Process::thread(|| {}, ());
     helper.start().map_err(|e| e.to_string())?;
     helper
         .join(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
-    q.put(7).map_err(|e| e.to_string())?;
-    q.close().map_err(|e| e.to_string())?;
-    q.join_thread().map_err(|e| e.to_string())
+    Ok(())
 }
 
 /// In a child, `init()` is the child's own runtime: it used to start the worker again, which
@@ -785,16 +792,7 @@ fn a_thread_child_that_calls_init_runs_on_its_parents_runtime() {
     let child_q = q.clone();
     let p = Process::thread(
         move || -> Result<(), String> {
-            let _rt = shoal::init().map_err(|e| e.to_string())?;
-            let _again = shoal::init_with(Config::default()).map_err(|e| e.to_string())?;
-            shoal::init()
-                .map_err(|e| e.to_string())?
-                .shutdown_within(Duration::from_millis(100));
-            let helper = Process::thread(|| {}, ());
-            helper.start().map_err(|e| e.to_string())?;
-            helper
-                .join(Some(Duration::from_secs(10)))
-                .map_err(|e| e.to_string())?;
+            inits_again_then_starts_a_thread()?;
             child_q.put(7).map_err(|e| e.to_string())
         },
         (),
