@@ -500,3 +500,90 @@ fn the_runtime_dropped_after_a_pool_in_async_code_finishes_its_termination() {
         .collect();
     assert!(left.is_empty(), "workers {left:?} outlived the runtime");
 }
+
+#[shoal::remote]
+fn put_then_square(seen: SimpleQueue<u64>, x: u64) -> u64 {
+    seen.put(x).expect("put");
+    x * x
+}
+
+/// Holds shoal's actor thread (where every pool's supervisor runs) for `busy`, from the moment
+/// this returns; the returned future resolves once it let go.
+fn hold_shoals_actor_thread(busy: Duration) -> impl std::future::Future<Output = ()> {
+    let (started, wait) = std::sync::mpsc::channel();
+    let context = shoal_core::context::current().expect("context");
+    let held = context.spawn(
+        move |_, caller: shoal_core::actors::Caller<()>| async move {
+            let _ = started.send(());
+            std::thread::sleep(busy);
+            caller.finish(Ok(()));
+        },
+    );
+    wait.recv_timeout(Duration::from_secs(10))
+        .expect("the actor thread took the task");
+    async move {
+        held.await.expect("held");
+    }
+}
+
+#[test]
+fn async_pool_calls_return_while_the_supervisor_is_busy() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    assert_eq!(pool.apply(slow_square, (3,)).expect("apply"), 9);
+    let held = hold_shoals_actor_thread(Duration::from_millis(1500));
+    let started = std::time::Instant::now();
+    let applied = pool.apply_async(slow_square, (4,)).expect("apply_async");
+    let mapped = pool.map_async(slow_square, 0..10u64).expect("map_async");
+    let returned_after = started.elapsed();
+    // They used to wait for the supervisor's acknowledgement: the whole 1.5 s.
+    assert!(
+        returned_after < Duration::from_millis(700),
+        "the calls waited {returned_after:?} for the busy supervisor"
+    );
+    futures::executor::block_on(held);
+    assert_eq!(applied.get(None).expect("apply result"), 16);
+    assert_eq!(
+        mapped.get(None).expect("map result"),
+        (0..10u64).map(|x| x * x).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_call_made_as_the_pool_closes_is_refused_through_its_result_and_never_runs() {
+    let _rt = runtime();
+    let seen: SimpleQueue<u64> = SimpleQueue::new().expect("queue");
+    let pool = Pool::new(1).expect("pool");
+    assert_eq!(
+        pool.apply(put_then_square, (seen.clone(), 1))
+            .expect("apply"),
+        1
+    );
+    assert_eq!(seen.get().expect("first"), 1);
+    let held = hold_shoals_actor_thread(Duration::from_millis(800));
+    // close() queues its message behind the busy actor thread; the calls below are made
+    // after it was queued and before the supervisor handled it (its phase still reads
+    // "running" here).
+    std::thread::scope(|scope| {
+        let closing = scope.spawn(|| pool.close().expect("close"));
+        std::thread::sleep(Duration::from_millis(300));
+        let applied = pool
+            .apply_async(put_then_square, (seen.clone(), 2))
+            .expect("apply_async is taken before the pool closed");
+        let mapped = pool
+            .starmap_async(put_then_square, vec![(seen.clone(), 3u64)])
+            .expect("starmap_async is taken before the pool closed");
+        futures::executor::block_on(held);
+        closing.join().expect("close returned");
+        match applied.get(Some(Duration::from_secs(10))) {
+            Err(Error::InvalidState(why)) => assert!(why.contains("closed"), "{why}"),
+            other => panic!("the apply crossing close() ran: {other:?}"),
+        }
+        match mapped.get(Some(Duration::from_secs(10))) {
+            Err(Error::InvalidState(why)) => assert!(why.contains("closed"), "{why}"),
+            other => panic!("the map crossing close() ran: {other:?}"),
+        }
+    });
+    pool.join().expect("join");
+    assert!(seen.empty().expect("empty"), "a refused call ran");
+}

@@ -46,6 +46,11 @@
 //! * When Redis becomes unreachable, the pool's calls fail with the store's error
 //!   ([`Error::Redis`]) once it stayed unreachable for `redis.response_timeout_secs`; that is
 //!   not counted as worker crashes.
+//! * A call returns without waiting for the pool's supervisor (an actor on shoal's own thread),
+//!   so an async call never holds a Tokio worker thread for it. A call made while another
+//!   thread closes or terminates the pool may therefore be refused after it returned: its
+//!   result (`get()`, the iterator, the awaited future) is then the refusal, and none of its
+//!   input is read or run.
 //! * `close()` refuses new calls; `join()` (after `close()` or `terminate()`, else
 //!   [`Error::InvalidState`]) waits for the workers to exit, after finishing the outstanding
 //!   calls when closed. An `imap` the caller has not read yet does not hold `join()` back: once
@@ -90,7 +95,7 @@ use call::{
 pub use call::{AsyncCall, AsyncResult, AsyncResultFuture, IMapIterator, IMapStream};
 use supervisor::{
     Close, Completion, FeedDone, FeedFailed, KillWorkers, Phase, PoolSettings, PoolShared,
-    PoolSupervisor, RegisterCall, StartWorkers, Terminate,
+    PoolSupervisor, RegisterCall, Registration, StartWorkers, Terminate,
 };
 
 use crate::runtime::{self, RuntimeInner};
@@ -249,7 +254,7 @@ impl Pool {
         let decode = decode_one::<F::Output>(function);
         let merge: Merger<F::Output> = merge_one;
         let deadline = options.deadline;
-        let (call, shared) = self.register(
+        let (call, shared, registration) = self.register(
             function,
             Delivery::Collect,
             None,
@@ -267,6 +272,9 @@ impl Pool {
         let (store, keys) = (self.store.clone(), self.keys.clone());
         let (supervisor, written) = (self.supervisor.clone(), shared.clone());
         self.write_task(Box::new(move || {
+            if !registration.confirm() {
+                return;
+            }
             if written.is_cancelled() {
                 // Cancelled (or ended by the pool) before its turn: not written at all (a
                 // chunk written after its call's cancel is skipped by the workers, which see
@@ -646,24 +654,29 @@ impl Pool {
         completion: Option<Completion>,
         progress: Option<ProgressBar>,
         deadline: Option<Duration>,
-    ) -> Result<(u64, Arc<CallShared>)> {
+    ) -> Result<(u64, Arc<CallShared>, Registration)> {
         self._runtime.check_accepting()?;
         self.shared.lock().phase.accepts_calls()?;
+        if !self.supervisor.connected() {
+            return Err(Error::invalid_state("the pool is no longer running"));
+        }
         let call = self.next_call.fetch_add(1, Ordering::Relaxed);
         let shared = CallShared::new(self.window(chunksize));
-        let registration = RegisterCall {
+        let (message, registration) = RegisterCall::new(
             call,
-            function: function.to_string(),
-            shared: shared.clone(),
+            function.to_string(),
+            shared.clone(),
             delivery,
-            chunksize: chunksize.map(|c| c as u64),
+            chunksize.map(|c| c as u64),
             completion,
             progress,
             deadline,
-        };
-        futures::executor::block_on(self.supervisor.send(registration))
-            .map_err(|_| Error::invalid_state("the pool is no longer running"))??;
-        Ok((call, shared))
+        );
+        // Not awaited here (see `RegisterCall`): the caller's thread, maybe a Tokio worker,
+        // never waits for shoal's actor thread. A refusal that crosses this call (the pool
+        // closed in between) reaches the caller through the call's result.
+        self.supervisor.do_send(message);
+        Ok((call, shared, registration))
     }
 
     /// A `map`-like call: every item's result, collected in order.
@@ -743,7 +756,7 @@ impl Pool {
         let merge: Merger<Vec<R>> = merge_each;
         let progress = self.progress_bar(len);
         let deadline = options.deadline;
-        let (call, shared) = self.register(
+        let (call, shared, registration) = self.register(
             function,
             Delivery::Collect,
             Some(chunksize),
@@ -751,7 +764,7 @@ impl Pool {
             progress,
             deadline,
         )?;
-        self.feed(call, function, chunksize, items, &shared)?;
+        self.feed(call, function, chunksize, items, &shared, registration)?;
         Ok(AsyncResult::new(
             shared,
             decode,
@@ -775,9 +788,16 @@ impl Pool {
         It: Iterator<Item = A> + Send + 'static,
     {
         check_chunksize(Some(chunksize))?;
-        let (call, shared) =
+        let (call, shared, registration) =
             self.register(function, delivery, Some(chunksize), None, None, None)?;
-        self.feed(call, function, chunksize, GuardedInput::new(items), &shared)?;
+        self.feed(
+            call,
+            function,
+            chunksize,
+            GuardedInput::new(items),
+            &shared,
+            registration,
+        )?;
         Ok(IMapIterator::new(
             shared,
             delivery == Delivery::Ordered,
@@ -794,12 +814,14 @@ impl Pool {
         chunksize: usize,
         items: It,
         shared: &Arc<CallShared>,
+        registration: Registration,
     ) -> Result<()>
     where
         A: Serialize + Send + 'static,
         It: Iterator<Item = Result<A>> + Send + 'static,
     {
         let feeder = Feeder {
+            registration: Some(registration),
             store: self.store.clone(),
             keys: self.keys.clone(),
             call,

@@ -22,6 +22,8 @@ pub(crate) struct Feeder {
     pub(crate) chunksize: usize,
     pub(crate) shared: Arc<CallShared>,
     pub(crate) supervisor: Addr<PoolSupervisor>,
+    /// The supervisor's answer to the call's registration, awaited before the first chunk.
+    pub(crate) registration: Option<Registration>,
 }
 
 impl Feeder {
@@ -40,11 +42,17 @@ impl Feeder {
     }
 
     /// Sends the items on this thread.
-    pub(crate) fn run<A, I>(self, mut items: I)
+    pub(crate) fn run<A, I>(mut self, mut items: I)
     where
         A: Serialize,
         I: Iterator<Item = Result<A>>,
     {
+        // A call the pool refused reads none of its input (the refusal ended it).
+        if let Some(registration) = self.registration.take()
+            && !registration.confirm()
+        {
+            return;
+        }
         // The caller's code runs here (its iterator, behind `GuardedInput`, and its items'
         // `Serialize`, caught in `feed`): whatever else panics must still end the call, or its
         // caller and `join()` would wait forever for a feeder that is gone.

@@ -49,7 +49,7 @@ use shoal_core::registry::panic_message;
 use shoal_core::store::Store;
 use shoal_executor::pool::{ChunkEntry, PoolKeys};
 
-use super::supervisor::{CancelCall, FeedDone, FeedFailed, PoolSupervisor};
+use super::supervisor::{CancelCall, FeedDone, FeedFailed, PoolSupervisor, Registration};
 
 mod feed;
 mod result;

@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use actix::prelude::*;
+use futures::channel::oneshot;
 use indicatif::ProgressBar;
 use shoal_core::codec;
 use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
@@ -363,9 +364,13 @@ impl PoolSupervisor {
     }
 }
 
-/// A new call; sent before its first chunk.
+/// A new call. The caller queues it (`do_send`, which never waits for room in the mailbox) and
+/// goes on; whoever writes the call's first chunk waits first for its acknowledgement
+/// ([`Registration::confirm`]). Everything else about the call reaches the supervisor through
+/// its mailbox after it (cancels, feeder reports, results read from Redis), so it is handled
+/// first.
 #[derive(Message)]
-#[rtype(result = "Result<()>")]
+#[rtype(result = "()")]
 pub(crate) struct RegisterCall {
     pub(crate) call: u64,
     pub(crate) function: String,
@@ -377,13 +382,76 @@ pub(crate) struct RegisterCall {
     pub(crate) progress: Option<ProgressBar>,
     /// The call is cancelled with [`Error::Timeout`] if it has not completed by then.
     pub(crate) deadline: Option<std::time::Duration>,
+    /// Where the supervisor says whether it took the call.
+    pub(crate) ack: oneshot::Sender<Result<()>>,
+}
+
+impl RegisterCall {
+    /// The registration of a new call, and the acknowledgement it gets.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        call: u64,
+        function: String,
+        shared: Arc<CallShared>,
+        delivery: Delivery,
+        chunksize: Option<u64>,
+        completion: Option<Completion>,
+        progress: Option<ProgressBar>,
+        deadline: Option<std::time::Duration>,
+    ) -> (RegisterCall, Registration) {
+        let (ack, acknowledged) = oneshot::channel();
+        let registration = Registration {
+            acknowledged,
+            shared: shared.clone(),
+        };
+        let message = RegisterCall {
+            call,
+            function,
+            shared,
+            delivery,
+            chunksize,
+            completion,
+            progress,
+            deadline,
+            ack,
+        };
+        (message, registration)
+    }
+}
+
+/// The supervisor's answer to a [`RegisterCall`], awaited by whoever writes the call's first
+/// chunk, so that a call the pool refused writes nothing (and its caller's thread never waits
+/// for the supervisor).
+pub(crate) struct Registration {
+    acknowledged: oneshot::Receiver<Result<()>>,
+    shared: Arc<CallShared>,
+}
+
+impl Registration {
+    /// Waits for the supervisor's answer: true when it took the call; otherwise the call is
+    /// ended with the reason (the pool stopped taking calls, or stopped with the registration
+    /// still in its mailbox) and nothing of it may be written.
+    pub(crate) fn confirm(self) -> bool {
+        let answer = futures::executor::block_on(self.acknowledged)
+            .unwrap_or_else(|_| Err(Error::invalid_state("the pool is no longer running")));
+        match answer {
+            Ok(()) => true,
+            Err(refused) => {
+                self.shared.end(refused);
+                false
+            }
+        }
+    }
 }
 
 impl Handler<RegisterCall> for PoolSupervisor {
-    type Result = Result<()>;
+    type Result = ();
 
-    fn handle(&mut self, msg: RegisterCall, ctx: &mut Context<Self>) -> Result<()> {
-        self.phase.accepts_calls()?;
+    fn handle(&mut self, msg: RegisterCall, ctx: &mut Context<Self>) {
+        if let Err(refused) = self.phase.accepts_calls() {
+            let _ = msg.ack.send(Err(refused));
+            return;
+        }
         if let Some(deadline) = msg.deadline {
             let call = msg.call;
             ctx.run_later(deadline, move |act, ctx| {
@@ -416,7 +484,8 @@ impl Handler<RegisterCall> for PoolSupervisor {
                 progress: msg.progress,
             },
         );
-        Ok(())
+        // Nobody waits when the call's feeder thread could not start: its failure follows.
+        let _ = msg.ack.send(Ok(()));
     }
 }
 

@@ -56,7 +56,7 @@ use shoal_executor::protocol::{Executor, StopSignal};
 
 use budget::RestartBudget;
 use calls::CallRecord;
-pub(crate) use calls::{CancelCall, Completion, FeedDone, FeedFailed, RegisterCall};
+pub(crate) use calls::{CancelCall, Completion, FeedDone, FeedFailed, RegisterCall, Registration};
 use health::StoreHealth;
 use workers::WorkerSlot;
 
