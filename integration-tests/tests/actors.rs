@@ -1900,3 +1900,57 @@ fn a_host_outlives_the_expiry_of_the_activations_stream() {
     );
     assert!(pid_running(pid));
 }
+
+/// The clients of `raw`'s server blocked in `BLPOP` (the asks' waits for their replies; the
+/// hosts block in `XREADGROUP`).
+fn blocked_in_blpop(raw: &mut redis::Connection) -> usize {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(raw)
+        .expect("client list");
+    list.lines()
+        .filter(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            fields.contains(&"cmd=blpop")
+                && fields
+                    .iter()
+                    .any(|f| f.strip_prefix("flags=").is_some_and(|f| f.contains('b')))
+        })
+        .count()
+}
+
+#[test]
+fn a_dropped_ask_async_stops_waiting_in_redis_at_once() {
+    let rt = runtime();
+    let mut raw = shoal_integration_tests::raw_redis(&rt);
+    let counter = shoal::spawn_actor(Counter::default()).expect("spawn");
+    ask(&counter, Incr(1)).expect("first ask");
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for slow in [2000u64, 2000] {
+        // The handler takes 2 s; the caller leaves after 50 ms (the ask's wait slices last up
+        // to a second).
+        let left = tokio.block_on(async {
+            tokio::time::timeout(
+                Duration::from_millis(50),
+                counter.ask_async(Slow(slow), None),
+            )
+            .await
+            .is_err()
+        });
+        assert!(left, "the slow ask answered in 50 ms");
+        let left_at = Instant::now();
+        assert!(
+            wait_for(Duration::from_millis(400), || blocked_in_blpop(&mut raw)
+                == 0),
+            "the dropped ask still waits in Redis after {:?}",
+            left_at.elapsed()
+        );
+        // Let the handler finish before the next round.
+        std::thread::sleep(Duration::from_millis(slow));
+    }
+    // Both messages were applied once all the same.
+    assert_eq!(ask(&counter, Incr(1)).expect("ask"), 2);
+}

@@ -17,18 +17,21 @@
 //! ([`Request::abandon_point`]), the async driver checks whether the caller's future is
 //! still there. If it is not, the operation is asked to [`Operation::abandon`], which gives up
 //! the way a timeout does (leaving the waiters' queue atomically, passing on a wake-up it
-//! consumed); a blocking command is never dropped client-side (Redis rule 6). A result that the
-//! caller never takes (its future dropped during the last round trip, or after the answer
-//! arrived) is undone by the undo given to [`spawn`].
+//! consumed). A blocking command is never dropped client-side (Redis rule 6); one under way
+//! when the caller leaves is ended server-side at once, as its timeout would end it
+//! (`shoal_core::store::Departure`), so the operation abandons within a round trip or two
+//! rather than at the end of its slice (on a server that refuses `CLIENT UNBLOCK`, at the end
+//! of it). A result that the caller never takes (its future dropped during the last round
+//! trip, or after the answer arrived) is undone by the undo given to [`spawn`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Value;
-use shoal_core::actors::{AsyncCall, BoxFuture};
+use shoal_core::actors::{AsyncCall, BoxFuture, Caller};
 use shoal_core::context;
 use shoal_core::error::{Error, Result};
-use shoal_core::store::{AsyncStore, Store};
+use shoal_core::store::{AsyncStore, Departure, Store};
 
 /// One round trip an operation asks for.
 pub(crate) struct Request {
@@ -290,10 +293,14 @@ fn script_replies((script, waited): (Value, Value)) -> redis::RedisResult<(Value
 }
 
 /// Sends one request on the async connections of the actor runtime.
+///
+/// `departed`, when given, ends a blocking request at once once the caller left (see
+/// `shoal_core::store::Departure`): the operation gets the reply of a slice that timed out.
 async fn exec_async(
     store: &AsyncStore,
     request: Request,
     describe: impl Fn() -> String,
+    departed: Option<Departure<'_>>,
 ) -> Result<Value> {
     let what = request.what;
     let context = || format!("{what} {}", describe());
@@ -317,15 +324,19 @@ async fn exec_async(
                 .await
                 .map_err(|e| Error::redis(context(), e))
         }
-        Kind::Blocking { cmd, block } => store.blocking(block, context, &cmd).await,
-        Kind::BlockingPipe { pipe, block } => store.blocking_pipe(block, context, &pipe).await,
+        Kind::Blocking { cmd, block } => store.blocking(block, context, &cmd, departed).await,
+        Kind::BlockingPipe { pipe, block } => {
+            store.blocking_pipe(block, context, &pipe, departed).await
+        }
         Kind::ScriptThenBlocking {
             invocation,
             cmd,
             block,
         } => {
             let pipe = script_then(&invocation, cmd);
-            let replies = store.blocking_pipe(block, &context, &pipe).await?;
+            let replies = store
+                .blocking_pipe(block, &context, &pipe, departed)
+                .await?;
             let replies = match script_replies(replies) {
                 Err(e) if is_no_script(&e) => {
                     let mut conn = store.shared().await?;
@@ -333,7 +344,9 @@ async fn exec_async(
                         .load_async(&mut conn)
                         .await
                         .map_err(|e| Error::redis(context(), e))?;
-                    script_replies(store.blocking_pipe(block, &context, &pipe).await?)
+                    // Rare (the script was not loaded) and short (a pipelined slice): this
+                    // wait runs its course even if the caller left.
+                    script_replies(store.blocking_pipe(block, &context, &pipe, None).await?)
                 }
                 other => other,
             };
@@ -350,12 +363,16 @@ async fn exec_async(
     }
 }
 
-/// Runs `op` on the actor runtime's connections; `gone` tells whether the caller left.
+/// Runs `op` on the actor runtime's connections for `caller`; a blocking request is ended as
+/// soon as the caller leaves, and the operation then abandons (see the module docs).
 async fn run_async<O: Operation>(
     store: &AsyncStore,
     op: &mut O,
-    gone: impl Fn() -> bool,
-) -> Result<O::Output> {
+    caller: &mut Caller<O::Output>,
+) -> Result<O::Output>
+where
+    O::Output: Send + 'static,
+{
     let mut abandoned = false;
     // Described once (the driver's future must not hold a borrow of `op` across an await).
     let describe = op.describe();
@@ -364,12 +381,18 @@ async fn run_async<O: Operation>(
         match step {
             Step::Done(result) => return result,
             Step::Next(request) => {
-                if !abandoned && request.may_abandon() && gone() {
+                if !abandoned && request.may_abandon() && caller.is_gone() {
                     abandoned = true;
                     step = op.abandon(store.store());
                     continue;
                 }
-                let reply = exec_async(store, request, || describe.clone()).await;
+                // What an abandoning operation still sends runs its course.
+                let reply = if abandoned {
+                    exec_async(store, request, || describe.clone(), None).await
+                } else {
+                    let departed = std::pin::pin!(caller.departed());
+                    exec_async(store, request, || describe.clone(), Some(departed)).await
+                };
                 step = op.reply(store.store(), reply);
             }
         }
@@ -390,8 +413,8 @@ where
         Ok(context) => context,
         Err(e) => return AsyncCall::failed(e),
     };
-    context.spawn(move |store, caller| async move {
-        let result = run_async(&store, &mut op, || caller.is_gone()).await;
+    context.spawn(move |store, mut caller| async move {
+        let result = run_async(&store, &mut op, &mut caller).await;
         match (result, undo) {
             (Ok(value), Some(undo)) => {
                 caller.hand_over(value, move |value| undo(store, value));
@@ -407,7 +430,7 @@ pub(crate) async fn exec_single_async(
     describe: impl Fn() -> String,
     request: Request,
 ) -> Result<Value> {
-    exec_async(store, request, describe).await
+    exec_async(store, request, describe, None).await
 }
 
 /// Sends one request from a task of the actor runtime (an undo), logging a failure.
@@ -416,7 +439,7 @@ pub(crate) async fn undo_request(
     describe: impl Fn() -> String,
     request: Request,
 ) {
-    if let Err(e) = exec_async(store, request, describe).await {
+    if let Err(e) = exec_async(store, request, describe, None).await {
         tracing::error!("undoing the result of a dropped async call: {e}");
     }
 }

@@ -290,12 +290,16 @@ impl<A: Actor> ActorRef<A> {
             let pipelined = known_active.load(Ordering::Relaxed);
             let context = context::current()?;
             let reply = context
-                .spawn_near_caller(move |store, caller| async move {
+                .spawn_near_caller(move |store, mut caller| async move {
                     let reply = prepared
                         .mailbox
-                        .ask_async(&store, &prepared.outgoing(), deadline, pipelined, || {
-                            caller.is_gone()
-                        })
+                        .ask_async(
+                            &store,
+                            &prepared.outgoing(),
+                            deadline,
+                            pipelined,
+                            &mut caller,
+                        )
                         .await;
                     caller.finish(reply);
                 })
