@@ -542,7 +542,7 @@ pub fn termination_requested() -> bool {
 
 /// Work that must finish before this process's runtime goes away (a queue feeder's last
 /// flush), run by [`run_exit_hooks`].
-type ExitHook = Box<dyn Fn() + Send + Sync>;
+type ExitHook = Arc<dyn Fn() + Send + Sync>;
 
 static EXIT_HOOKS: std::sync::Mutex<Vec<ExitHook>> = std::sync::Mutex::new(Vec::new());
 
@@ -551,13 +551,17 @@ pub fn register_exit_hook(hook: impl Fn() + Send + Sync + 'static) {
     EXIT_HOOKS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .push(Box::new(hook));
+        .push(Arc::new(hook));
 }
 
 /// Runs the registered exit hooks (each may run several times; hooks are idempotent).
+///
+/// They run outside the registry's lock: a hook waits (for a feeder's flush, for background
+/// releases), and what it waits for may register a hook of its own, or another thread may run
+/// the hooks meanwhile.
 pub fn run_exit_hooks() {
-    let hooks = EXIT_HOOKS.lock().unwrap_or_else(|p| p.into_inner());
-    for hook in hooks.iter() {
+    let hooks: Vec<ExitHook> = EXIT_HOOKS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for hook in hooks {
         hook();
     }
 }
@@ -565,6 +569,26 @@ pub fn run_exit_hooks() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_running_hook_may_wait_for_work_that_registers_a_hook() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            register_exit_hook(|| {
+                // Work on another thread that registers its own hook (a first background
+                // release), waited for by this hook.
+                let _ = std::thread::spawn(|| register_exit_hook(|| {})).join();
+            });
+            run_exit_hooks();
+            let _ = done.send(());
+        });
+        assert!(
+            finished
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .is_ok(),
+            "the hooks deadlocked on their own registry"
+        );
+    }
 
     fn drivers_of(runtime: &tokio::runtime::Runtime) -> Drivers {
         let _entered = runtime.enter();
