@@ -946,3 +946,55 @@ fn an_rlock_whose_inner_release_failed_is_not_renewed_once_its_owner_released_it
         "the RLock stayed held after its owner released all it holds"
     );
 }
+
+/// An `RLock` re-entered by its owner while the release of its last level (a dropped guard's,
+/// sent from the actor runtime) is on its way: both wait behind a pause of Redis's writes, the
+/// re-entry first, on the actor runtime's one connection, so the re-entry reaches the grant
+/// before the release does. The grant stays held with the one level its owner took again. Its
+/// process used to count the level that release took off as well: a `Condition` wait then took
+/// back two levels, and the lock stayed held, and renewed, once the owner released the one it
+/// holds.
+#[test]
+fn an_rlock_reentered_while_its_last_level_is_released_counts_only_the_level_held() {
+    let rt = runtime();
+    let url = rt.config().redis.url.clone().expect("url");
+    let rlock = RLock::new().expect("rlock");
+    let cond = Condition::with_rlock(rlock.clone()).expect("condition");
+    // Loads the scripts, so that only the two calls below wait for the pause.
+    rlock.lock().expect("lock").release().expect("release");
+    let token = futures::executor::block_on(async {
+        let guard = rlock.lock_async().await.expect("lock_async");
+        let token = guard.fencing_token();
+        pause_writes(&url, 500);
+        let mut reentry = std::pin::pin!(rlock.acquire_async());
+        assert!(futures::poll!(reentry.as_mut()).is_pending());
+        // The actor runtime sends the re-entry, naming the grant this thread holds...
+        std::thread::sleep(Duration::from_millis(150));
+        // ...then the release of that grant's last level, behind it on the same connection.
+        drop(guard);
+        reentry.await.expect("re-entry");
+        token
+    });
+    assert_eq!(
+        rlock.fencing_token(),
+        Some(token),
+        "the re-entry reached the grant before its release"
+    );
+    assert!(!cond.wait(Some(Duration::from_millis(50))).expect("wait"));
+    rlock.release().expect("the level held");
+    assert_eq!(rlock.fencing_token(), None, "a level is still counted");
+    let other = rlock.clone();
+    let taken = std::thread::spawn(move || {
+        wait_for(LEASE * 3, || {
+            let taken = other.try_acquire().expect("try");
+            if taken {
+                other.release().expect("release");
+            }
+            taken
+        })
+    });
+    assert!(
+        taken.join().expect("thread"),
+        "the RLock stayed held after its owner released all it holds"
+    );
+}

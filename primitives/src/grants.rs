@@ -39,6 +39,13 @@
 //! waits for it to go, like any other caller). So a late or repeated release of that grant
 //! never takes a level off a hold its owner believes it has, and the registry's count does not
 //! depend on the order in which an acquire and a release sent from another task reach Redis.
+//! A re-entry that is already on its way when another task (an undo, a dropped guard) releases
+//! the grant's last level keeps the grant registered, at 0 levels, until its reply is read. The
+//! re-entry reaches Redis either first, and adds a level to the grant (the release takes off
+//! the level let go of, in Redis as in the registry), or after it, and takes a new grant:
+//! either way its owner holds one level, counted once. That release is sent again (while Redis
+//! cannot be reached) only once the registry no longer counts the grant: a repeat could take
+//! off the level the re-entry added.
 //!
 //! A process that exits normally keeps its holds, as in Python: the runtime's exit hooks (run at
 //! the end of a worker's task, even a failed one, and when a `Runtime` shuts down) take the lease
@@ -358,7 +365,7 @@ impl GrantObject {
     /// no longer registered (released meanwhile) is left alone.
     pub(crate) async fn release_detached(&self, store: &AsyncStore, holder: String, token: u64) {
         let _in_flight = background_release();
-        match retire(&self.keys().state, self.kind, |g| g.token == token) {
+        match retire(&self.keys().state, |g| g.token == token) {
             Some((token, last)) => {
                 let released = self.send_retired(store, &holder, token, last, false).await;
                 self.report_release(released, last);
@@ -377,7 +384,7 @@ impl GrantObject {
     /// `None` when this process holds it no longer (released, lost, or given up by a
     /// `Condition` wait that failed or whose future was dropped).
     pub(crate) fn retire_hold(&self, origin: u64) -> Option<(u64, bool)> {
-        retire(&self.keys().state, self.kind, |g| g.origin == origin)
+        retire(&self.keys().state, |g| g.origin == origin)
     }
 
     /// Sends the release of `token`, already taken off the registry ([`retire`]; `last`: its
@@ -401,8 +408,12 @@ impl GrantObject {
     /// after its repeat; for an `RLock` that is safe too: its owner's process no longer counts
     /// the grant, so the owner never re-enters it (`grants_acquire.lua`), and the extra level
     /// taken off is one nobody holds. A level of an `RLock` above the last is sent once: a
-    /// repeat of one that went through would release a level its owner still holds.
-    /// `tried`: the caller sent it once already, and that attempt failed without a reply.
+    /// repeat of one that went through would release a level its owner still holds. So is a
+    /// last level while this process still counts its grant (a re-entry naming it was on its
+    /// way: [`Held::take_level`]), as that re-entry may have added a level to it; once the
+    /// re-entry took a new grant or failed, the grant leaves the registry for good, and the
+    /// repeats go on. `tried`: the caller sent it once already, and that attempt failed
+    /// without a reply.
     pub(crate) async fn send_retired(
         &self,
         store: &AsyncStore,
@@ -421,6 +432,9 @@ impl GrantObject {
                 Err(e) if attempt < attempts && e.is_store_unreachable() => {
                     tracing::debug!("releasing {}: {e}; trying again", self.address.describe());
                     tokio::time::sleep(pause).await;
+                    if !self.may_repeat(token) {
+                        return Err(e);
+                    }
                     pause *= 2;
                     attempt += 1;
                 }
@@ -440,6 +454,16 @@ impl GrantObject {
         tried: bool,
     ) {
         let in_flight = background_release();
+        if tried && !self.may_repeat(token) {
+            // The caller's attempt failed, and is all there is.
+            self.report_release(
+                Err(Error::invalid_state(
+                    "its only attempt failed without a reply, and it is not sent again",
+                )),
+                last,
+            );
+            return;
+        }
         match context::current().and_then(|c| c.async_store()) {
             Ok(store) => {
                 let object = self.clone();
@@ -454,6 +478,24 @@ impl GrantObject {
             }
             Err(e) => self.report_release(Err(e), last),
         }
+    }
+
+    /// Whether the release of the last level of grant `token`, whose earlier attempt failed
+    /// without a reply, may be sent again: only once this process no longer counts the grant
+    /// (see [`GrantObject::send_retired`]), which it never counts again after that (a
+    /// re-entry names only a grant the registry counts).
+    fn may_repeat(&self, token: u64) -> bool {
+        let may = !counts(&self.keys().state, token);
+        if !may {
+            tracing::debug!(
+                "releasing {}: not sent again: a re-entry of this hold (fencing token {token}) \
+                 was on its way, and may have added a level its owner holds, which a repeat \
+                 could take off; a level left in Redis lapses once its owner released all it \
+                 holds",
+                self.address.describe()
+            );
+        }
+        may
     }
 
     /// Logs the failure of a release nobody waits for (`last`: of a hold's last level).
@@ -661,13 +703,16 @@ impl GrantObject {
     }
 
     /// Registers the grant `token` of `holder`, so that the heartbeat renews its lease: a new
-    /// grant at `levels` recursion levels (1), or one more level of an `RLock` grant this
-    /// process already counts (the only one `grants_acquire.lua` lets its holder re-enter).
-    /// The levels count what the owner holds, whatever the order in which this level and the
+    /// grant at one recursion level, or one more level of an `RLock` grant this process already
+    /// counts (the only one `grants_acquire.lua` lets its holder re-enter), which a re-entry
+    /// on its way keeps registered, also once its owner released every level it held
+    /// meanwhile (at 0 levels: [`Held::take_level`]). `reentry`: the grant the acquire named
+    /// as a re-entry, now answered ([`Held::end_reentry`]). The levels count what the owner
+    /// holds, not what Redis answered, whatever the order in which this level and the
     /// releases of earlier ones, sent from other tasks, reached Redis; a release that never
-    /// got there leaves Redis counting more, and the grant lapses once its owner released
-    /// all it holds.
-    fn record(&self, token: u64, holder: &str, levels: u64) {
+    /// got there leaves Redis counting more, and the grant lapses once its owner released all
+    /// it holds.
+    fn record(&self, token: u64, holder: &str, reentry: Option<u64>) {
         let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
         let held = registry.entry(self.keys().state).or_insert_with(|| Held {
             object: self.clone(),
@@ -679,15 +724,23 @@ impl GrantObject {
                 grant.detached = false;
                 grant.levels = grant.levels.saturating_add(1);
             }
+            // A new grant; or a re-entry of a grant that left the registry meanwhile (ended by
+            // its owner's own release, or by a `Condition` wait, that an acquire of the same
+            // owner overtook): the owner holds the one level it just took, whatever Redis
+            // counts.
             None => held.grants.push(HeldGrant {
                 token,
                 holder: holder.to_string(),
                 origin: token,
-                levels,
+                levels: 1,
+                reentries: 0,
                 lost: false,
                 detached: false,
                 releasing: false,
             }),
+        }
+        if let Some(named) = reentry {
+            held.end_reentry(named);
         }
         drop(registry);
         start_heartbeat();
@@ -716,6 +769,9 @@ pub(crate) struct Acquire {
     waiter: String,
     wait: Option<Option<Instant>>,
     state: AcquireState,
+    /// The grant this acquire named as a re-entry (RLock) until its reply is read: it keeps
+    /// that grant registered meanwhile ([`HeldGrant::reentries`]).
+    reentering: Option<u64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -739,6 +795,15 @@ impl Acquire {
             },
             wait,
             state: AcquireState::Asking,
+            reentering: None,
+        }
+    }
+
+    /// The re-entry this acquire sent, if any, is no longer on its way, and added no level to
+    /// the grant it named.
+    fn end_reentry(&mut self) {
+        if let Some(token) = self.reentering.take() {
+            end_reentry(&self.keys.state, token);
         }
     }
 
@@ -768,8 +833,9 @@ impl Acquire {
         }
     }
 
-    fn granted(&self, token: u64, count: u64) -> Step<Option<Grant>> {
-        self.object.record(token, &self.holder, count);
+    fn granted(&mut self, token: u64, count: u64) -> Step<Option<Grant>> {
+        self.object
+            .record(token, &self.holder, self.reentering.take());
         Step::Done(Ok(Some(Grant { token, count })))
     }
 }
@@ -783,12 +849,15 @@ impl Operation for Acquire {
 
     fn start(&mut self, store: &Store) -> Step<Option<Grant>> {
         self.state = AcquireState::Asking;
+        self.end_reentry();
         // An RLock is re-entered only through the grant this process counts for the holder
-        // (see `grants_acquire.lua`).
+        // (see `grants_acquire.lua`), which stays registered until the reply is read, also if
+        // another task releases its last level meanwhile (see `Held::take_level`).
         let mine = match self.object.kind {
-            GrantKind::RLock => grant_of(&self.keys.state, Some(&self.holder)),
+            GrantKind::RLock => reenter(&self.keys.state, &self.holder),
             _ => None,
         };
+        self.reentering = mine;
         let mut invocation = self.keys.invocation(&ACQUIRE, store, lease());
         invocation
             .arg(&self.holder)
@@ -811,17 +880,22 @@ impl Operation for Acquire {
                 Ok(None) => self.check_in(store, "refresh"),
             };
         }
-        let reply = match op::parse::<Vec<u64>>(reply, "a grant") {
-            Ok(reply) => reply,
-            Err(e) => return fail(e),
-        };
-        if reply.first() == Some(&1) {
+        let reply = op::parse::<Vec<u64>>(reply, "a grant");
+        if let Ok(reply) = &reply
+            && reply.first() == Some(&1)
+        {
             let token = reply.get(1).copied().unwrap_or(0);
             let count = match self.state {
                 AcquireState::Asking => reply.get(2).copied().unwrap_or(1),
                 _ => 1,
             };
             return self.granted(token, count);
+        }
+        // Not granted (or no reply: a re-entry that timed out may still have added a level in
+        // Redis, which nobody holds; it lapses once the grant is no longer renewed).
+        self.end_reentry();
+        if let Err(e) = reply {
+            return Step::Done(Err(self.object.address.error(e)));
         }
         match (self.state, self.wait) {
             (AcquireState::Asking, None) | (AcquireState::GivingUp, _) => Step::Done(Ok(None)),
@@ -831,6 +905,14 @@ impl Operation for Acquire {
 
     fn abandon(&mut self, store: &Store) -> Step<Option<Grant>> {
         self.check_in(store, "cancel")
+    }
+}
+
+impl Drop for Acquire {
+    /// An acquire dropped before its reply was read (its task dropped at shutdown) no longer
+    /// keeps the grant it named registered.
+    fn drop(&mut self) {
+        self.end_reentry();
     }
 }
 
@@ -854,8 +936,14 @@ struct HeldGrant {
     /// lock back for its caller, the origin of the grant the wait gave up. A guard releases
     /// the grant of its origin (and nothing when there is none).
     origin: u64,
-    /// Recursion levels (RLock) as this process counts them; 1 otherwise.
+    /// Recursion levels (RLock) as this process counts them; 1 otherwise. 0: its owner released
+    /// every level it held while a re-entry naming it was on its way (see `reentries`).
     levels: u64,
+    /// Re-entries (RLock) sent naming this grant whose reply is not read yet. While there are
+    /// any, the grant stays registered, at 0 levels if its owner released the last one
+    /// meanwhile: the re-entry may reach Redis before that release (and is then a level of this
+    /// grant) or after it (and then takes a new grant).
+    reentries: u32,
     /// The heartbeat found it gone; release reports it.
     lost: bool,
     /// Its lease was taken off at a clean exit (`grants_detach.lua`): not renewed any more.
@@ -873,15 +961,97 @@ fn held_grant(state: &str, kind: GrantKind) -> Option<u64> {
     grant_of(state, holder.as_deref())
 }
 
-/// The newest grant this process holds on the object for `holder` (`None`: for anyone).
+/// The newest grant this process holds on the object for `holder` (`None`: for anyone). A grant
+/// at 0 levels (see [`HeldGrant::reentries`]) is not held: its owner released all it held.
 fn grant_of(state: &str, holder: Option<&str>) -> Option<u64> {
     let registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
     let held = registry.get(state)?;
     held.grants
         .iter()
         .rev()
-        .find(|g| holder.is_none_or(|h| g.holder == h))
+        .find(|g| g.levels > 0 && holder.is_none_or(|h| g.holder == h))
         .map(|g| g.token)
+}
+
+/// The grant an `RLock`'s `holder` re-enters (see `grants_acquire.lua`): the newest this
+/// process registers for it, also one at 0 levels whose earlier re-entry is still on its way
+/// (naming another grant, or none, would have the owner wait for itself should that re-entry
+/// reach the grant first). Counted as named by a re-entry on its way
+/// ([`HeldGrant::reentries`]) until the reply is read ([`GrantObject::record`],
+/// [`end_reentry`]).
+fn reenter(state: &str, holder: &str) -> Option<u64> {
+    let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    let grant = registry
+        .get_mut(state)?
+        .grants
+        .iter_mut()
+        .rev()
+        .find(|g| g.holder == holder)?;
+    grant.reentries = grant.reentries.saturating_add(1);
+    Some(grant.token)
+}
+
+/// A re-entry that named the grant `token` is no longer on its way and did not add a level to
+/// it (it took a new grant, queued, failed, or was never answered): see [`Held::end_reentry`].
+fn end_reentry(state: &str, token: u64) {
+    let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(held) = registry.get_mut(state) {
+        held.end_reentry(token);
+    }
+    remove_if_empty(&mut registry, state);
+}
+
+/// Whether this process registers the grant `token` (at any level, lost or not).
+fn counts(state: &str, token: u64) -> bool {
+    let registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    registry
+        .get(state)
+        .is_some_and(|held| held.grants.iter().any(|g| g.token == token))
+}
+
+/// Forgets the grant object `state` once this process registers no grant of it.
+fn remove_if_empty(registry: &mut HashMap<String, Held>, state: &str) {
+    if registry
+        .get(state)
+        .is_some_and(|held| held.grants.is_empty())
+    {
+        registry.remove(state);
+    }
+}
+
+impl Held {
+    /// Takes one recursion level off the grant at `index`; whether that was the last level its
+    /// owner held. The grant then leaves the registry, unless a re-entry naming it is on its
+    /// way: it stays, at 0 levels, until that re-entry's reply is read, as the re-entry may
+    /// reach Redis before the release of this level and add a level to this grant that its
+    /// owner holds (Redis counts levels in the order the two arrive, so the release takes off
+    /// the level let go of here, not the new one); meanwhile the release is not sent again
+    /// ([`GrantObject::send_retired`]).
+    fn take_level(&mut self, index: usize) -> bool {
+        let grant = &mut self.grants[index];
+        grant.levels = grant.levels.saturating_sub(1);
+        if grant.levels > 0 {
+            return false;
+        }
+        if grant.reentries == 0 {
+            self.grants.remove(index);
+        }
+        true
+    }
+
+    /// A re-entry that named `token` is no longer on its way without adding a level to it: a
+    /// grant at 0 levels with none left on its way leaves the registry (the release of its
+    /// last level is sent; should it never arrive, the grant lapses, no longer renewed).
+    fn end_reentry(&mut self, token: u64) {
+        let Some(index) = self.grants.iter().position(|g| g.token == token) else {
+            return;
+        };
+        let grant = &mut self.grants[index];
+        grant.reentries = grant.reentries.saturating_sub(1);
+        if grant.levels == 0 && grant.reentries == 0 {
+            self.grants.remove(index);
+        }
+    }
 }
 
 /// Marks a grant of this process as being released (or no longer: the release failed).
@@ -915,35 +1085,33 @@ fn settle(state: &str, token: Option<u64>, released: bool) {
     let Some(index) = held.grants.iter().position(|g| g.token == token) else {
         return;
     };
-    let grant = &mut held.grants[index];
-    grant.releasing = false;
+    held.grants[index].releasing = false;
     if !released {
         return;
     }
-    if grant.levels > 1 {
-        grant.levels -= 1;
-        return;
-    }
-    held.grants.remove(index);
-    if held.grants.is_empty() {
-        registry.remove(state);
-    }
+    held.take_level(index);
+    remove_if_empty(&mut registry, state);
 }
 
 /// Marks the grant `token`, gone from Redis, as lost if this process still counts it (see
-/// [`GrantObject::retired_reply`]); whether it does.
+/// [`GrantObject::retired_reply`]); whether it does. A grant at 0 levels (see
+/// [`HeldGrant::reentries`]) holds nothing that could be lost: it leaves the registry, and a
+/// re-entry naming it still on its way finds it gone in Redis and takes a new grant.
 fn lose(state: &str, token: u64) -> bool {
     let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-    match registry
-        .get_mut(state)
-        .and_then(|held| held.grants.iter_mut().find(|g| g.token == token))
-    {
-        Some(grant) => {
-            grant.lost = true;
-            true
-        }
-        None => false,
+    let Some(held) = registry.get_mut(state) else {
+        return false;
+    };
+    let Some(index) = held.grants.iter().position(|g| g.token == token) else {
+        return false;
+    };
+    if held.grants[index].levels == 0 {
+        held.grants.remove(index);
+        remove_if_empty(&mut registry, state);
+    } else {
+        held.grants[index].lost = true;
     }
+    true
 }
 
 /// Takes one recursion level of the first registered grant that `pick` chooses off this
@@ -952,22 +1120,17 @@ fn lose(state: &str, token: u64) -> bool {
 /// after this can fail without the hold being renewed for good: the heartbeat no longer
 /// renews a grant the registry forgot, so its lease lapses; and later calls in this process
 /// do not take its token for theirs meanwhile. An `RLock` grant with levels left stays
-/// registered (its owner still holds it). `None`: no such grant.
-fn retire(state: &str, kind: GrantKind, pick: impl Fn(&HeldGrant) -> bool) -> Option<(u64, bool)> {
+/// registered (its owner still holds it), and so does one whose last level this was while a
+/// re-entry naming it is on its way ([`Held::take_level`]), until that re-entry's reply is
+/// read. `None`: no such grant (a grant at 0 levels has none to take).
+fn retire(state: &str, pick: impl Fn(&HeldGrant) -> bool) -> Option<(u64, bool)> {
     let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
     let held = registry.get_mut(state)?;
-    let index = held.grants.iter().position(pick)?;
-    let grant = &mut held.grants[index];
-    let token = grant.token;
-    if kind == GrantKind::RLock && grant.levels > 1 {
-        grant.levels -= 1;
-        return Some((token, false));
-    }
-    held.grants.remove(index);
-    if held.grants.is_empty() {
-        registry.remove(state);
-    }
-    Some((token, true))
+    let index = held.grants.iter().position(|g| g.levels > 0 && pick(g))?;
+    let token = held.grants[index].token;
+    let last = held.take_level(index);
+    remove_if_empty(&mut registry, state);
+    Some((token, last))
 }
 
 /// Drops a grant from this process's registry (released by a script).
@@ -1035,10 +1198,11 @@ fn renew_all() {
                 // recorded are.
                 let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(held) = registry.get_mut(&keys.state) {
-                    let lost_now = held
-                        .grants
-                        .iter_mut()
-                        .filter(|g| !g.detached && !g.releasing && lost.contains(&g.token));
+                    let lost_now = held.grants.iter_mut().filter(|g| {
+                        // A grant at 0 levels found gone: the release of its last level
+                        // went through (or it lapsed), and nobody holds it.
+                        g.levels > 0 && !g.detached && !g.releasing && lost.contains(&g.token)
+                    });
                     for grant in lost_now {
                         tracing::warn!(
                             "{}: the hold with fencing token {} lapsed or was released by \
@@ -1087,10 +1251,12 @@ fn detach_all() {
         registry
             .values()
             .map(|h| {
+                // A grant at 0 levels is released (its release is on its way or failed): it
+                // must not outlive this process.
                 let held = h
                     .grants
                     .iter()
-                    .filter(|g| !g.lost && !g.detached)
+                    .filter(|g| g.levels > 0 && !g.lost && !g.detached)
                     .map(|g| g.token)
                     .collect::<Vec<u64>>();
                 (h.object.clone(), held)

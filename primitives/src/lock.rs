@@ -91,7 +91,10 @@ pub struct RLock {
 /// the releases still under way (a lease at most). The owner of an `RLock` that takes it again
 /// while the release of its last level is on its way waits for that release, as any other
 /// caller would: the hold it let go of is not re-entered, so that a late or repeated release
-/// cannot take a level off the new one.
+/// cannot take a level off the new one. A re-entry already on its way when the guard of the
+/// last level is dropped (by another task) adds its level to the hold if it reaches Redis
+/// first, that release then taking off only the level let go of; otherwise it takes the lock
+/// anew.
 #[must_use = "the hold is released when the guard is dropped"]
 #[derive(Debug)]
 pub struct Guard<'a> {
