@@ -917,3 +917,85 @@ fn a_thread_child_that_drops_the_last_runtime_handle_ends() {
         .recv_timeout(Duration::from_secs(20))
         .expect("the child's drop of the last handle returned");
 }
+
+#[shoal::remote]
+fn doubles(x: u64) -> u64 {
+    2 * x
+}
+
+/// Runs a thread child that makes what `hold` returns (something that keeps the runtime alive),
+/// waits there until the main thread let go of its runtime handle and of the child's `Process`,
+/// then drops it: the last reference to the runtime, dropped on the thread child's own thread.
+/// That drop must return and the runtime must then shut down (its embedded store stops): run on
+/// that thread, the shutdown joins the thread child itself and used to wait for ever. Bounded by
+/// timeouts, so that such a wait fails the test instead of hanging it.
+fn drop_the_last_reference_in_a_thread_child<T, F>(hold: F)
+where
+    F: FnOnce() -> Result<T, String> + Send + 'static,
+    T: 'static,
+{
+    let rt = runtime();
+    let redis_pid = rt.embedded_redis_pid().expect("the embedded store");
+    let (holding, child_holds) = std::sync::mpsc::channel();
+    let (let_go, main_let_go) = std::sync::mpsc::channel::<()>();
+    let (dropped, holder_gone) = std::sync::mpsc::channel();
+    let p = Process::thread(
+        move || -> Result<(), String> {
+            let held = hold()?;
+            let _ = holding.send(());
+            // The main thread drops its handles meanwhile: `held` is the last reference.
+            main_let_go
+                .recv_timeout(Duration::from_secs(30))
+                .map_err(|e| format!("the main thread's handles: {e}"))?;
+            drop(held);
+            let _ = dropped.send(());
+            Ok(())
+        },
+        (),
+    );
+    p.start().expect("start");
+    child_holds
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the child made what it holds");
+    drop(p);
+    drop(rt);
+    let_go.send(()).expect("the child waits");
+    holder_gone
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the child's drop of the last reference returned");
+    // The shutdown ran elsewhere, once the thread child ended: the store is stopped and reaped.
+    let pid = Pid::from_raw(redis_pid as i32);
+    assert!(
+        wait_for(Duration::from_secs(30), || kill(pid, None).is_err()),
+        "the runtime did not shut down"
+    );
+}
+
+/// A thread child's own `Pool`, the last reference to the runtime, dropped there.
+#[test]
+fn a_thread_child_whose_pool_is_the_last_runtime_reference_ends() {
+    drop_the_last_reference_in_a_thread_child(|| {
+        let pool = Pool::new(1).map_err(|e| e.to_string())?;
+        let doubled = pool.apply(doubles, (21u64,)).map_err(|e| e.to_string())?;
+        if doubled != 42 {
+            return Err(format!("the pool doubled 21 into {doubled}"));
+        }
+        Ok(pool)
+    });
+}
+
+/// A thread child's own started `Process`, the last reference to the runtime, dropped there.
+#[test]
+fn a_thread_child_whose_process_is_the_last_runtime_reference_ends() {
+    drop_the_last_reference_in_a_thread_child(|| {
+        let child = Process::new(noop, ()).start_method(StartMethod::Process);
+        child.start().map_err(|e| e.to_string())?;
+        child
+            .join(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        match child.exitcode() {
+            Some(0) => Ok(child),
+            code => Err(format!("the grandchild exited with {code:?}")),
+        }
+    });
+}

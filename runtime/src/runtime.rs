@@ -47,7 +47,7 @@ use shoal_executor::actor::HostKeys;
 const DAEMON_GRACE: Duration = Duration::from_secs(5);
 
 static ACTIVE: Mutex<Weak<RuntimeInner>> = Mutex::new(Weak::new());
-static WORKER_RUNTIME: Mutex<Option<Arc<RuntimeInner>>> = Mutex::new(None);
+static WORKER_RUNTIME: Mutex<Option<RuntimeRef>> = Mutex::new(None);
 /// Set once this process runs its worker task: a later `init()` (in the task's own code) is
 /// not a second worker start.
 static IN_WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -56,11 +56,81 @@ static IN_WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 /// started `Process` handle) is dropped.
 #[derive(Debug)]
 pub struct Runtime {
-    /// Taken out only by `Drop` (see there).
-    inner: std::mem::ManuallyDrop<Arc<RuntimeInner>>,
+    inner: RuntimeRef,
     /// Handed to a child's own code (a worker's task, a thread child): the runtime belongs to
     /// the process (or thread) that started the child, and this handle never shuts it down.
     borrowed: bool,
+}
+
+/// An owning reference to the running runtime: what [`Runtime`] and every other holder that
+/// keeps the runtime alive (a `Pool`, a started `Process`, a worker's runtime) owns instead of a
+/// bare `Arc<RuntimeInner>`, so that the rule of its drop below holds for each of them.
+///
+/// The last reference shuts the runtime down where it is dropped, except on a thread child's
+/// own thread: that shutdown joins the thread children, that very one among them (it ends only
+/// after its body returns), so there it would wait for itself forever; the runtime is dropped
+/// on a thread of its own instead ([`drop_elsewhere`]). Any other reference lets go here and
+/// now, so that the main thread's drop, when it is the last, runs the whole shutdown before
+/// the process exits.
+///
+/// It dereferences to the `RuntimeInner`, never to the `Arc`: a holder can only clone the
+/// `RuntimeRef` (or take a [`RuntimeRef::downgrade`]d reference), not the `Arc` in it.
+pub(crate) struct RuntimeRef {
+    /// Taken out only by `Drop` (see there).
+    inner: std::mem::ManuallyDrop<Arc<RuntimeInner>>,
+}
+
+impl RuntimeRef {
+    /// Owns `inner` under the drop rule above.
+    fn new(inner: Arc<RuntimeInner>) -> RuntimeRef {
+        RuntimeRef {
+            inner: std::mem::ManuallyDrop::new(inner),
+        }
+    }
+}
+
+impl RuntimeRef {
+    /// A weak reference to the runtime (which keeps it from nothing).
+    pub(crate) fn downgrade(&self) -> Weak<RuntimeInner> {
+        Arc::downgrade(&self.inner)
+    }
+}
+
+impl Clone for RuntimeRef {
+    fn clone(&self) -> RuntimeRef {
+        RuntimeRef::new(Arc::clone(&self.inner))
+    }
+}
+
+impl std::ops::Deref for RuntimeRef {
+    type Target = RuntimeInner;
+
+    fn deref(&self) -> &RuntimeInner {
+        &self.inner
+    }
+}
+
+impl std::fmt::Debug for RuntimeRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self.inner, f)
+    }
+}
+
+impl Drop for RuntimeRef {
+    fn drop(&mut self) {
+        // SAFETY: `inner` is taken out here, once, as the reference is dropped; nothing reads
+        // it afterwards (this is the last use of `self`, and `ManuallyDrop` keeps the field's
+        // own drop from running), so it is neither used nor dropped twice.
+        #[allow(unsafe_code)]
+        let inner = unsafe { std::mem::ManuallyDrop::take(&mut self.inner) };
+        // `Arc::into_inner` (not a count read first) so that of two references dropped at once
+        // exactly one sees that it is the last.
+        if let Some(inner) = Arc::into_inner(inner)
+            && context::in_thread_process()
+        {
+            drop_elsewhere(inner);
+        }
+    }
 }
 
 /// The state of a running runtime.
@@ -127,7 +197,7 @@ fn childs_runtime() -> Option<Result<Runtime>> {
         IN_WORKER.load(std::sync::atomic::Ordering::Acquire) || context::in_thread_process();
     in_child.then(|| {
         current_runtime().map(|inner| Runtime {
-            inner: std::mem::ManuallyDrop::new(inner),
+            inner,
             borrowed: true,
         })
     })
@@ -142,7 +212,7 @@ pub fn init_with(config: Config) -> Result<Runtime> {
     }
     config.validate()?;
     let mut active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(inner) = active.upgrade() {
+    if let Some(inner) = active.upgrade().map(RuntimeRef::new) {
         // A URL asked for must be the running store's; none (the embedded store, or whatever
         // runs) accepts the running one.
         let same_store = config
@@ -152,7 +222,7 @@ pub fn init_with(config: Config) -> Result<Runtime> {
             .is_none_or(|url| Some(url) == inner.context.config().redis.url.as_ref());
         return if same_store && inner.config_without_url() == config_without_url(&config) {
             Ok(Runtime {
-                inner: std::mem::ManuallyDrop::new(inner),
+                inner,
                 borrowed: false,
             })
         } else {
@@ -164,28 +234,9 @@ pub fn init_with(config: Config) -> Result<Runtime> {
     let inner = Arc::new(RuntimeInner::start_main(config)?);
     *active = Arc::downgrade(&inner);
     Ok(Runtime {
-        inner: std::mem::ManuallyDrop::new(inner),
+        inner: RuntimeRef::new(inner),
         borrowed: false,
     })
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        // SAFETY: `inner` is taken out here, once, as the handle is dropped; nothing reads it
-        // afterwards (this is the last use of `self`), so it is neither used nor dropped twice.
-        #[allow(unsafe_code)]
-        let inner = unsafe { std::mem::ManuallyDrop::take(&mut self.inner) };
-        // Only the last handle shuts the runtime down; any other lets go here and now, so that
-        // the main thread's drop, when it is the last, runs the whole shutdown before exit.
-        if let Some(inner) = Arc::into_inner(inner)
-            && context::in_thread_process()
-        {
-            // The last handle dropped on a thread child's own thread would shut the runtime
-            // down there, joining that very thread child (it ends only after its body returns):
-            // drop it on a thread of its own.
-            drop_elsewhere(inner);
-        }
-    }
 }
 
 impl Runtime {
@@ -630,7 +681,6 @@ fn config_without_url(config: &Config) -> Config {
     c
 }
 
-/// The runtime running in this process, if any (never starts one).
 /// Drops `value` on a thread of its own (one, started at first use, for every such value):
 /// for what a task on shoal's actor thread may hold last and whose drop must not run there. A
 /// runtime's teardown, or a pool's, waits on actors of that very thread, so run there it would
@@ -664,16 +714,18 @@ pub(crate) fn drop_elsewhere<T: Send + 'static>(value: T) {
     }
 }
 
-pub(crate) fn running_runtime() -> Option<Arc<RuntimeInner>> {
-    ACTIVE.lock().unwrap_or_else(|p| p.into_inner()).upgrade()
+/// The runtime running in this process, if any (never starts one).
+pub(crate) fn running_runtime() -> Option<RuntimeRef> {
+    let active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner()).upgrade();
+    active.map(RuntimeRef::new)
 }
 
 /// The running runtime; in a worker, one is started on first use and kept until the task ends.
 /// In the main process, none is started once the runtime is being dropped (an error then).
-pub(crate) fn current_runtime() -> Result<Arc<RuntimeInner>> {
+pub(crate) fn current_runtime() -> Result<RuntimeRef> {
     let mut active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(inner) = active.upgrade() {
-        return Ok(inner);
+        return Ok(RuntimeRef::new(inner));
     }
     // Without a context (no init(), or a runtime dropped already) this says so.
     let context = context::current()?;
@@ -684,8 +736,8 @@ pub(crate) fn current_runtime() -> Result<Arc<RuntimeInner>> {
             "the shoal runtime of this process is shutting down: no new process or pool",
         ));
     }
-    let inner = Arc::new(RuntimeInner::start_actors(context, None)?);
-    *active = Arc::downgrade(&inner);
+    let inner = RuntimeRef::new(Arc::new(RuntimeInner::start_actors(context, None)?));
+    *active = inner.downgrade();
     *WORKER_RUNTIME.lock().unwrap_or_else(|p| p.into_inner()) = Some(inner.clone());
     Ok(inner)
 }

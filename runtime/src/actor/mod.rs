@@ -700,7 +700,7 @@ impl<A: Actor> Creation<A> {
                 None
             }
             HostsSetup::InTask => (!runtime.actor_hosts_started())
-                .then(|| (Arc::downgrade(&runtime), context::current_process())),
+                .then(|| (runtime.downgrade(), context::current_process())),
         };
         let store = runtime.context().store().clone();
         let keys = ActorKeys::new(store.keys(), &id);

@@ -208,7 +208,7 @@ impl PoolBuilder {
 /// A pool checked and configured, before anything is started: what both
 /// [`PoolBuilder::build`] and [`PoolBuilder::build_async`] make, then launch.
 struct PoolPlan {
-    runtime: Arc<RuntimeInner>,
+    runtime: RuntimeRef,
     settings: PoolSettings,
     processes: usize,
     progress: bool,

@@ -98,7 +98,7 @@ use supervisor::{
     PoolSupervisor, RegisterCall, Registration, StartWorkers, Terminate,
 };
 
-use crate::runtime::{self, RuntimeInner};
+use crate::runtime::{self, RuntimeRef};
 
 /// A call's input as the feeder reads it: items, or the error that ended the input.
 type Input<A> = Box<dyn Iterator<Item = Result<A>> + Send>;
@@ -126,7 +126,7 @@ pub struct Pool {
     /// The thread that writes `apply_async`'s tasks to Redis, in call order (started by the
     /// first one): the call returns without waiting for Redis.
     task_writer: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
-    _runtime: Arc<RuntimeInner>,
+    _runtime: RuntimeRef,
 }
 
 /// Work for one of the pool's threads of jobs (its callbacks, its task writer).

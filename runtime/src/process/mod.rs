@@ -89,7 +89,7 @@ use shoal_executor::protocol::{
 use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord, hand_over_authkey};
 use shoal_primitives::pipe::{SentTransfers, collect_transfers, encode_without_round_trips};
 
-use crate::runtime::{self, ChildEntry, RuntimeInner};
+use crate::runtime::{self, ChildEntry, RuntimeRef};
 
 mod actor;
 mod target;
@@ -146,7 +146,7 @@ enum Slot {
 struct Started {
     child: StartedChild,
     // Keeps the runtime alive while a handle to a started process exists.
-    _runtime: Arc<RuntimeInner>,
+    _runtime: RuntimeRef,
 }
 
 impl std::ops::Deref for Started {
@@ -804,7 +804,7 @@ struct Prepared {
     daemon: bool,
     state: Arc<ProcessState>,
     actor: Addr<ProcessActor>,
-    runtime: Arc<RuntimeInner>,
+    runtime: RuntimeRef,
 }
 
 impl Prepared {
@@ -848,7 +848,7 @@ impl Prepared {
 /// runtime's teardown must not run on the actor thread it waits on.
 struct StartTask {
     slot: Option<Arc<Mutex<Slot>>>,
-    runtime: Option<Arc<RuntimeInner>>,
+    runtime: Option<RuntimeRef>,
     settled: bool,
 }
 
@@ -948,7 +948,7 @@ pub struct ChildProcess {
     name: String,
     daemon: bool,
     started: StartedChild,
-    _runtime: Arc<RuntimeInner>,
+    _runtime: RuntimeRef,
 }
 
 impl std::fmt::Debug for ChildProcess {
