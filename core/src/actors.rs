@@ -151,12 +151,6 @@ impl<T: Send + 'static> Caller<T> {
         self.reply.is_canceled()
     }
 
-    /// Completes when the caller drops its future (at once if it has): a blocking command
-    /// waiting for it can then be ended ([`crate::store::Departure`]).
-    pub fn departed(&mut self) -> impl Future<Output = ()> + Send + '_ {
-        self.reply.cancellation()
-    }
-
     /// Answers with `result`; there is nothing to undo if nobody takes it.
     pub fn finish(self, result: Result<T>) {
         let answer = result.map(|value| Handoff {

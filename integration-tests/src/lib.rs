@@ -52,16 +52,6 @@ impl TestRedis {
         )
     }
 
-    /// As [`TestRedis::with_acl_user`], but `user` may not run the commands of `denied` (ACL
-    /// rules such as `-client`).
-    pub fn with_acl_user_denied(user: &str, password: &str, denied: &[&str]) -> TestRedis {
-        let secret = format!(">{password}");
-        let mut args = vec!["--user", user, "on", &secret, "~*", "&*", "+@all"];
-        args.extend_from_slice(denied);
-        args.extend_from_slice(&["--user", "default", "off"]);
-        Self::start(&args, false, Some((user.to_string(), password.to_string())))
-    }
-
     /// A server that only speaks TLS, with a self-signed certificate made by `openssl`.
     pub fn tls() -> TestRedis {
         Self::start(&[], true, None)

@@ -17,21 +17,18 @@
 //! ([`Request::abandon_point`]), the async driver checks whether the caller's future is
 //! still there. If it is not, the operation is asked to [`Operation::abandon`], which gives up
 //! the way a timeout does (leaving the waiters' queue atomically, passing on a wake-up it
-//! consumed). A blocking command is never dropped client-side (Redis rule 6); one under way
-//! when the caller leaves is ended server-side at once, as its timeout would end it
-//! (`shoal_core::store::Departure`), so the operation abandons within a round trip or two
-//! rather than at the end of its slice (on a server that refuses `CLIENT UNBLOCK`, at the end
-//! of it). A result that the caller never takes (its future dropped during the last round
-//! trip, or after the answer arrived) is undone by the undo given to [`spawn`].
+//! consumed); a blocking command is never dropped client-side (Redis rule 6). A result that the
+//! caller never takes (its future dropped during the last round trip, or after the answer
+//! arrived) is undone by the undo given to [`spawn`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Value;
-use shoal_core::actors::{AsyncCall, BoxFuture, Caller};
+use shoal_core::actors::{AsyncCall, BoxFuture};
 use shoal_core::context;
 use shoal_core::error::{Error, Result};
-use shoal_core::store::{AsyncStore, Departure, Store};
+use shoal_core::store::{AsyncStore, Store};
 
 /// One round trip an operation asks for.
 pub(crate) struct Request {
@@ -293,14 +290,10 @@ fn script_replies((script, waited): (Value, Value)) -> redis::RedisResult<(Value
 }
 
 /// Sends one request on the async connections of the actor runtime.
-///
-/// `departed`, when given, ends a blocking request at once once the caller left (see
-/// `shoal_core::store::Departure`): the operation gets the reply of a slice that timed out.
 async fn exec_async(
     store: &AsyncStore,
     request: Request,
     describe: impl Fn() -> String,
-    departed: Option<Departure<'_>>,
 ) -> Result<Value> {
     let what = request.what;
     let context = || format!("{what} {}", describe());
@@ -324,19 +317,15 @@ async fn exec_async(
                 .await
                 .map_err(|e| Error::redis(context(), e))
         }
-        Kind::Blocking { cmd, block } => store.blocking(block, context, &cmd, departed).await,
-        Kind::BlockingPipe { pipe, block } => {
-            store.blocking_pipe(block, context, &pipe, departed).await
-        }
+        Kind::Blocking { cmd, block } => store.blocking(block, context, &cmd).await,
+        Kind::BlockingPipe { pipe, block } => store.blocking_pipe(block, context, &pipe).await,
         Kind::ScriptThenBlocking {
             invocation,
             cmd,
             block,
         } => {
             let pipe = script_then(&invocation, cmd);
-            let replies = store
-                .blocking_pipe(block, &context, &pipe, departed)
-                .await?;
+            let replies = store.blocking_pipe(block, &context, &pipe).await?;
             let replies = match script_replies(replies) {
                 Err(e) if is_no_script(&e) => {
                     let mut conn = store.shared().await?;
@@ -344,9 +333,7 @@ async fn exec_async(
                         .load_async(&mut conn)
                         .await
                         .map_err(|e| Error::redis(context(), e))?;
-                    // Rare (the script was not loaded) and short (a pipelined slice): this
-                    // wait runs its course even if the caller left.
-                    script_replies(store.blocking_pipe(block, &context, &pipe, None).await?)
+                    script_replies(store.blocking_pipe(block, &context, &pipe).await?)
                 }
                 other => other,
             };
@@ -363,16 +350,12 @@ async fn exec_async(
     }
 }
 
-/// Runs `op` on the actor runtime's connections for `caller`; a blocking request is ended as
-/// soon as the caller leaves, and the operation then abandons (see the module docs).
+/// Runs `op` on the actor runtime's connections; `gone` tells whether the caller left.
 async fn run_async<O: Operation>(
     store: &AsyncStore,
     op: &mut O,
-    caller: &mut Caller<O::Output>,
-) -> Result<O::Output>
-where
-    O::Output: Send + 'static,
-{
+    gone: impl Fn() -> bool,
+) -> Result<O::Output> {
     let mut abandoned = false;
     // Described once (the driver's future must not hold a borrow of `op` across an await).
     let describe = op.describe();
@@ -381,18 +364,12 @@ where
         match step {
             Step::Done(result) => return result,
             Step::Next(request) => {
-                if !abandoned && request.may_abandon() && caller.is_gone() {
+                if !abandoned && request.may_abandon() && gone() {
                     abandoned = true;
                     step = op.abandon(store.store());
                     continue;
                 }
-                // What an abandoning operation still sends runs its course.
-                let reply = if abandoned {
-                    exec_async(store, request, || describe.clone(), None).await
-                } else {
-                    let departed = std::pin::pin!(caller.departed());
-                    exec_async(store, request, || describe.clone(), Some(departed)).await
-                };
+                let reply = exec_async(store, request, || describe.clone()).await;
                 step = op.reply(store.store(), reply);
             }
         }
@@ -413,8 +390,8 @@ where
         Ok(context) => context,
         Err(e) => return AsyncCall::failed(e),
     };
-    context.spawn(move |store, mut caller| async move {
-        let result = run_async(&store, &mut op, &mut caller).await;
+    context.spawn(move |store, caller| async move {
+        let result = run_async(&store, &mut op, || caller.is_gone()).await;
         match (result, undo) {
             (Ok(value), Some(undo)) => {
                 caller.hand_over(value, move |value| undo(store, value));
@@ -430,7 +407,7 @@ pub(crate) async fn exec_single_async(
     describe: impl Fn() -> String,
     request: Request,
 ) -> Result<Value> {
-    exec_async(store, request, describe, None).await
+    exec_async(store, request, describe).await
 }
 
 /// Sends one request from a task of the actor runtime (an undo), logging a failure.
@@ -439,7 +416,7 @@ pub(crate) async fn undo_request(
     describe: impl Fn() -> String,
     request: Request,
 ) {
-    if let Err(e) = exec_async(store, request, describe, None).await {
+    if let Err(e) = exec_async(store, request, describe).await {
         tracing::error!("undoing the result of a dropped async call: {e}");
     }
 }

@@ -36,14 +36,6 @@
 //!   waits that long plus the response timeout, and a connection whose command failed on I/O or
 //!   timed out is dropped, not pooled. The connections belong to the runtime they were opened
 //!   on (their drivers are tasks there), and go away with it.
-//! * **A blocking command whose caller left** ([`Departure`]: an async wait dropped by a
-//!   `tokio::time::timeout` or a `select!`) is ended server-side: `CLIENT UNBLOCK <id> TIMEOUT`
-//!   from the shared connection makes it answer as if its own timeout had come, and its reply
-//!   is read, so the connection goes back to the pool in step within a round trip or two
-//!   rather than after the rest of the slice (a service timing out many waits would otherwise
-//!   hold that many connections). Each dedicated connection learns its id (`CLIENT ID`) once,
-//!   when it is opened; a server or ACL that refuses either command leaves the wait to its
-//!   own timeout, as before.
 //!
 //! # Scripts
 //!
@@ -610,28 +602,13 @@ impl Store {
 /// Idle dedicated async connections kept for reuse by one [`AsyncStore`].
 const MAX_IDLE_BLOCKING: usize = 64;
 
-/// The longest pause between two `CLIENT UNBLOCK`s of a departed caller's command that was not
-/// blocked yet (still on its way to Redis) or had just been answered.
-const MAX_UNBLOCK_PAUSE: Duration = Duration::from_millis(50);
-
-/// A future that completes when the caller of an async call has left (dropped its future):
-/// a blocking command sent for it is then ended at once (see the module docs). Built from
-/// [`Caller::departed`].
-pub type Departure<'a> = std::pin::Pin<&'a mut (dyn Future<Output = ()> + Send)>;
-
-/// A dedicated async connection and its server-side id (`CLIENT ID`), when the server told it.
-struct BlockingConn {
-    conn: MultiplexedConnection,
-    client_id: Option<i64>,
-}
-
 /// Async access to a [`Store`] from one Tokio runtime (the actor system's): the connections
 /// opened on that runtime, and the calls run there ([`AsyncStore::spawn`]). See the module docs.
 pub struct AsyncStore {
     store: Arc<Store>,
     runtime: tokio::runtime::Handle,
     shared: tokio::sync::OnceCell<ConnectionManager>,
-    blocking: Mutex<IdlePool<BlockingConn>>,
+    blocking: Mutex<IdlePool<MultiplexedConnection>>,
 }
 
 impl std::fmt::Debug for AsyncStore {
@@ -699,18 +676,13 @@ impl AsyncStore {
     /// pool; the client waits `block` plus the response timeout. A connection whose command
     /// failed on I/O or timed out is dropped; one that was lost takes the connections opened
     /// before it along (see the module docs). Call it only from tasks of this store's runtime.
-    ///
-    /// When `departed` completes first (the caller left), the command is ended as by its own
-    /// timeout (see the module docs) and its reply, usually the timeout's, is returned.
     pub async fn blocking<T: redis::FromRedisValue>(
         &self,
         block: Duration,
         context: impl FnOnce() -> String,
         cmd: &redis::Cmd,
-        departed: Option<Departure<'_>>,
     ) -> Result<T> {
-        self.on_dedicated(block, context, Dedicated::Cmd(cmd), departed)
-            .await
+        self.on_dedicated(block, context, Dedicated::Cmd(cmd)).await
     }
 
     /// As [`AsyncStore::blocking`], for a pipeline that ends with a blocking command whose
@@ -720,9 +692,8 @@ impl AsyncStore {
         block: Duration,
         context: impl FnOnce() -> String,
         pipe: &redis::Pipeline,
-        departed: Option<Departure<'_>>,
     ) -> Result<T> {
-        self.on_dedicated(block, context, Dedicated::Pipe(pipe), departed)
+        self.on_dedicated(block, context, Dedicated::Pipe(pipe))
             .await
     }
 
@@ -731,7 +702,6 @@ impl AsyncStore {
         block: Duration,
         context: impl FnOnce() -> String,
         request: Dedicated<'_>,
-        departed: Option<Departure<'_>>,
     ) -> Result<T> {
         let response_timeout = block + self.store.settings.response_timeout;
         let taken = self
@@ -739,26 +709,27 @@ impl AsyncStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let (mut blocking, number) = match taken {
+        let (mut conn, number) = match taken {
             Ok(taken) => taken,
-            Err(number) => match self.open_blocking().await {
-                Ok(blocking) => (blocking, number),
-                Err(e) => return Err(Error::redis(context(), e)),
-            },
+            Err(number) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.store.settings.connect_timeout))
+                    .set_response_timeout(Some(response_timeout));
+                match self
+                    .store
+                    .client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                {
+                    Ok(conn) => (conn, number),
+                    Err(e) => return Err(Error::redis(context(), e)),
+                }
+            }
         };
-        let conn = &mut blocking.conn;
         conn.set_response_timeout(response_timeout);
-        let query = async {
-            match request {
-                Dedicated::Cmd(cmd) => cmd.query_async(conn).await,
-                Dedicated::Pipe(pipe) => pipe.query_async(conn).await,
-            }
-        };
-        let result: RedisResult<T> = match (departed, blocking.client_id) {
-            (Some(departed), Some(client_id)) => {
-                self.unless_departed(query, departed, client_id).await
-            }
-            _ => query.await,
+        let result: RedisResult<T> = match request {
+            Dedicated::Cmd(cmd) => cmd.query_async(&mut conn).await,
+            Dedicated::Pipe(pipe) => pipe.query_async(&mut conn).await,
         };
         let outcome = match &result {
             Ok(_) => Outcome::Reusable,
@@ -768,83 +739,10 @@ impl AsyncStore {
             .blocking
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .put_back(blocking, number, outcome, MAX_IDLE_BLOCKING);
+            .put_back(conn, number, outcome, MAX_IDLE_BLOCKING);
         // Closed here, with the pool unlocked.
         drop(dropped);
         result.map_err(|e| Error::redis(context(), e))
-    }
-
-    /// A new dedicated connection and its id. A server that will not tell the id (an ACL
-    /// without `CLIENT`) gives a connection whose waits run to their own timeout.
-    async fn open_blocking(&self) -> RedisResult<BlockingConn> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.store.settings.connect_timeout))
-            .set_response_timeout(Some(self.store.settings.response_timeout));
-        let mut conn = self
-            .store
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        let client_id = match redis::cmd("CLIENT")
-            .arg("ID")
-            .query_async::<i64>(&mut conn)
-            .await
-        {
-            Ok(id) => Some(id),
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
-                tracing::debug!("no CLIENT ID ({e}): a departed caller's wait runs its course");
-                None
-            }
-            Err(e) => return Err(e),
-        };
-        Ok(BlockingConn { conn, client_id })
-    }
-
-    /// Runs `query`, a blocking command on the connection `client_id`; if `departed` completes
-    /// first, ends the command server-side as its timeout would, and returns its reply all the
-    /// same (the connection stays in step).
-    async fn unless_departed<T>(
-        &self,
-        query: impl Future<Output = RedisResult<T>>,
-        departed: Departure<'_>,
-        client_id: i64,
-    ) -> RedisResult<T> {
-        let mut query = std::pin::pin!(query);
-        tokio::select! {
-            biased;
-            result = &mut query => return result,
-            () = departed => {}
-        }
-        let mut pause = Duration::from_millis(1);
-        loop {
-            match self.unblock(client_id).await {
-                // Ended: its reply is on its way.
-                Ok(true) => return query.await,
-                // Not blocked: not there yet, or answered a moment ago.
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::debug!("a departed caller's wait runs its course: {e}");
-                    return query.await;
-                }
-            }
-            match tokio::time::timeout(pause, &mut query).await {
-                Ok(result) => return result,
-                Err(_) => pause = (pause * 2).min(MAX_UNBLOCK_PAUSE),
-            }
-        }
-    }
-
-    /// `CLIENT UNBLOCK <client_id> TIMEOUT`: whether a command was blocked there.
-    async fn unblock(&self, client_id: i64) -> Result<bool> {
-        let mut conn = self.shared().await?;
-        redis::cmd("CLIENT")
-            .arg("UNBLOCK")
-            .arg(client_id)
-            .arg("TIMEOUT")
-            .query_async::<i64>(&mut conn)
-            .await
-            .map(|unblocked| unblocked == 1)
-            .map_err(|e| Error::redis("ending the wait of a departed caller".to_string(), e))
     }
 }
 
@@ -938,7 +836,7 @@ mod tests {
                         cmd
                     };
                     let got: Option<(String, i64)> = s
-                        .blocking(Duration::from_secs(2), || "blpop".into(), &cmd, None)
+                        .blocking(Duration::from_secs(2), || "blpop".into(), &cmd)
                         .await
                         .expect("blpop");
                     popped.store(true, Ordering::SeqCst);
@@ -962,7 +860,7 @@ mod tests {
                     let mut cmd = redis::cmd("BLPOP");
                     cmd.arg("full").arg(2);
                     let got: Option<(String, i64)> = s
-                        .blocking(Duration::from_secs(2), || "blpop".into(), &cmd, None)
+                        .blocking(Duration::from_secs(2), || "blpop".into(), &cmd)
                         .await
                         .expect("blpop");
                     assert_eq!(got, Some(("full".into(), 7)));
@@ -1124,7 +1022,6 @@ mod tests {
                     Duration::from_millis(300),
                     || "blpop".into(),
                     &empty,
-                    None,
                 )
             });
             let waited = futures::future::join_all(waits).await;
@@ -1149,7 +1046,6 @@ mod tests {
                             Duration::from_secs(1),
                             || "blpop".into(),
                             &item,
-                            None,
                         )
                         .await
                         .map(|popped| popped.expect("an item")),

@@ -60,7 +60,7 @@
 use std::time::Duration;
 
 use shoal_core::error::{Error, Result};
-use shoal_core::store::{AsyncStore, Departure, Store};
+use shoal_core::store::{AsyncStore, Store};
 
 use super::{Mailbox, Outgoing, UNREQUESTED, refusal, request_activation_after_marker};
 
@@ -245,7 +245,6 @@ pub(super) async fn ask_async(
     message: &Outgoing<'_>,
     reply_key: &str,
     block: Duration,
-    departed: Option<Departure<'_>>,
 ) -> Result<DirectAsk> {
     let actor_id = mailbox.actor_id.as_str();
     let transaction = ask_transaction(mailbox, message, reply_key);
@@ -278,7 +277,7 @@ pub(super) async fn ask_async(
     };
     let mut blpop = redis::cmd("BLPOP");
     blpop.arg(reply_key).arg(block.as_secs_f64());
-    let wait = store.blocking::<Option<(String, Vec<u8>)>>(block, context, &blpop, departed);
+    let wait = store.blocking::<Option<(String, Vec<u8>)>>(block, context, &blpop);
     let (checked, popped) = futures::future::join(send, wait).await;
     let popped = popped.map(|p| p.map(|(_, bytes)| bytes).filter(|b| !b.is_empty()));
     // A reply (never empty: a MessagePack value) on this ask's own key: the message was

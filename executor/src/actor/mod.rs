@@ -121,7 +121,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
-use shoal_core::actors::Caller;
 use shoal_core::auth;
 use shoal_core::error::{Error, Result, TaskError, TaskErrorKind};
 use shoal_core::store::{AsyncStore, KeySpace, Store};
@@ -502,17 +501,16 @@ impl Mailbox {
     }
 
     /// The async form of [`Mailbox::ask`]: the same round trips, the waits on a dedicated
-    /// connection of `store` (call it only from a task of `store`'s runtime). Once `caller`
-    /// left, it stops waiting (`Ok(None)`): a wait under way is ended at once
-    /// (`shoal_core::store::Departure`), and no other starts. The message is applied all the
-    /// same.
+    /// connection of `store` (call it only from a task of `store`'s runtime). Before each wait
+    /// slice it checks `gone`: once the caller left, it stops waiting (`Ok(None)`); the message
+    /// is applied all the same.
     pub async fn ask_async(
         &self,
         store: &AsyncStore,
         message: &Outgoing<'_>,
         deadline: Option<std::time::Instant>,
         pipelined: bool,
-        caller: &mut Caller<Option<Reply>>,
+        gone: impl Fn() -> bool,
     ) -> Result<Option<Reply>> {
         let actor_id = self.actor_id.as_str();
         let Some(reply_key) = message.reply_to else {
@@ -524,10 +522,7 @@ impl Mailbox {
             && unsigned
             && let Some(block) = ask_slice(deadline)
         {
-            let departed = std::pin::pin!(caller.departed());
-            let asked =
-                direct::ask_async(store, self, message, reply_key, block, Some(departed)).await?;
-            match asked {
+            match direct::ask_async(store, self, message, reply_key, block).await? {
                 direct::DirectAsk::Sent(reply) => first = reply,
                 direct::DirectAsk::NotSent => self.send_script_async(store, message).await?,
             }
@@ -546,11 +541,7 @@ impl Mailbox {
             pipe.cmd("BLPOP").arg(reply_key).arg(block.as_secs_f64());
             pipe.ignore_errors();
             let context = || format!("asking actor {actor_id}");
-            let departed = std::pin::pin!(caller.departed());
-            let replies = store
-                .blocking_pipe(block, context, &pipe, Some(departed))
-                .await?;
-            let (sent, popped): Replies = match replies {
+            let (sent, popped): Replies = match store.blocking_pipe(block, context, &pipe).await? {
                 // The script is not loaded (first use, or Redis restarted): nothing ran.
                 (Err(e), _) if e.code() == Some("NOSCRIPT") => {
                     let mut conn = store.shared().await?;
@@ -558,8 +549,7 @@ impl Mailbox {
                         .load_async(&mut conn)
                         .await
                         .map_err(|e| Error::redis(context(), e))?;
-                    // Rare (the script was not loaded): this wait runs its course.
-                    store.blocking_pipe(block, context, &pipe, None).await?
+                    store.blocking_pipe(block, context, &pipe).await?
                 }
                 replies => replies,
             };
@@ -578,19 +568,13 @@ impl Mailbox {
                 let Some(block) = ask_slice(deadline) else {
                     return Ok(None);
                 };
-                if caller.is_gone() {
+                if gone() {
                     return Ok(None);
                 }
                 let mut blpop = redis::cmd("BLPOP");
                 blpop.arg(reply_key).arg(block.as_secs_f64());
-                let departed = std::pin::pin!(caller.departed());
                 let popped: Option<(String, Vec<u8>)> = store
-                    .blocking(
-                        block,
-                        || format!("waiting for actor {actor_id}"),
-                        &blpop,
-                        Some(departed),
-                    )
+                    .blocking(block, || format!("waiting for actor {actor_id}"), &blpop)
                     .await?;
                 match popped {
                     // A direct ask's marker that came after its wait (see `direct.rs`).

@@ -290,16 +290,12 @@ impl<A: Actor> ActorRef<A> {
             let pipelined = known_active.load(Ordering::Relaxed);
             let context = context::current()?;
             let reply = context
-                .spawn_near_caller(move |store, mut caller| async move {
+                .spawn_near_caller(move |store, caller| async move {
                     let reply = prepared
                         .mailbox
-                        .ask_async(
-                            &store,
-                            &prepared.outgoing(),
-                            deadline,
-                            pipelined,
-                            &mut caller,
-                        )
+                        .ask_async(&store, &prepared.outgoing(), deadline, pipelined, || {
+                            caller.is_gone()
+                        })
                         .await;
                     caller.finish(reply);
                 })
