@@ -567,11 +567,26 @@ fn a_call_made_as_the_pool_closes_is_refused_through_its_result_and_never_runs()
     std::thread::scope(|scope| {
         let closing = scope.spawn(|| pool.close().expect("close"));
         std::thread::sleep(Duration::from_millis(300));
+        let called_back = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let error_callback = |called_back: &std::sync::Arc<std::sync::atomic::AtomicU32>| {
+            let called_back = called_back.clone();
+            move |_: &Error| {
+                called_back.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        };
         let applied = pool
-            .apply_async(put_then_square, (seen.clone(), 2))
+            .apply_async_with(
+                put_then_square,
+                (seen.clone(), 2),
+                AsyncOptions::new().error_callback(error_callback(&called_back)),
+            )
             .expect("apply_async is taken before the pool closed");
         let mapped = pool
-            .starmap_async(put_then_square, vec![(seen.clone(), 3u64)])
+            .starmap_async_with(
+                put_then_square,
+                vec![(seen.clone(), 3u64)],
+                AsyncOptions::new().error_callback(error_callback(&called_back)),
+            )
             .expect("starmap_async is taken before the pool closed");
         futures::executor::block_on(held);
         closing.join().expect("close returned");
@@ -583,7 +598,47 @@ fn a_call_made_as_the_pool_closes_is_refused_through_its_result_and_never_runs()
             Err(Error::InvalidState(why)) => assert!(why.contains("closed"), "{why}"),
             other => panic!("the map crossing close() ran: {other:?}"),
         }
+        // As for any failed call, each error callback ran once, before get() returned.
+        assert_eq!(
+            called_back.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "the refused calls' error callbacks"
+        );
     });
     pool.join().expect("join");
     assert!(seen.empty().expect("empty"), "a refused call ran");
+}
+
+#[test]
+fn a_deadline_counts_from_the_call_even_while_the_supervisor_is_busy() {
+    let _rt = runtime();
+    let pool = Pool::new(1).expect("pool");
+    assert_eq!(pool.apply(slow_square, (2,)).expect("apply"), 4);
+    let held = hold_shoals_actor_thread(Duration::from_millis(1500));
+    let started = std::time::Instant::now();
+    let call = pool
+        .apply_async_with(
+            nap_then_square,
+            (5_000u64, 3u64),
+            AsyncOptions::new().deadline(Duration::from_millis(1200)),
+        )
+        .expect("apply_async");
+    match call.get(Some(Duration::from_secs(20))) {
+        Err(Error::Timeout(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    // Due at 1.2 s, noticed when the supervisor is free again (1.5 s); counted from the
+    // supervisor's registration, it would end at 2.7 s.
+    let ended_after = started.elapsed();
+    assert!(
+        ended_after < Duration::from_millis(2300),
+        "the deadline ended the call after {ended_after:?}"
+    );
+    futures::executor::block_on(held);
+}
+
+#[shoal::remote]
+fn nap_then_square(ms: u64, x: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    x * x
 }

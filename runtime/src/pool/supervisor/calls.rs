@@ -382,8 +382,10 @@ pub(crate) struct RegisterCall {
     pub(crate) progress: Option<ProgressBar>,
     /// The call is cancelled with [`Error::Timeout`] if it has not completed by then.
     pub(crate) deadline: Option<std::time::Duration>,
-    /// Where the supervisor says whether it took the call.
-    pub(crate) ack: oneshot::Sender<Result<()>>,
+    /// When the call was made: its deadline counts from then.
+    made: std::time::Instant,
+    /// Where the supervisor says whether it took the call (a refused call it ended itself).
+    ack: oneshot::Sender<Result<()>>,
 }
 
 impl RegisterCall {
@@ -413,6 +415,7 @@ impl RegisterCall {
             completion,
             progress,
             deadline,
+            made: std::time::Instant::now(),
             ack,
         };
         (message, registration)
@@ -428,16 +431,17 @@ pub(crate) struct Registration {
 }
 
 impl Registration {
-    /// Waits for the supervisor's answer: true when it took the call; otherwise the call is
-    /// ended with the reason (the pool stopped taking calls, or stopped with the registration
-    /// still in its mailbox) and nothing of it may be written.
+    /// Waits for the supervisor's answer: true when it took the call; otherwise nothing of the
+    /// call may be written, and it is ended with the reason: by the supervisor when it refused
+    /// it (the pool stopped taking calls: its error callback runs first), here when the
+    /// supervisor stopped with the registration still in its mailbox.
     pub(crate) fn confirm(self) -> bool {
-        let answer = futures::executor::block_on(self.acknowledged)
-            .unwrap_or_else(|_| Err(Error::invalid_state("the pool is no longer running")));
-        match answer {
-            Ok(()) => true,
-            Err(refused) => {
-                self.shared.end(refused);
+        match futures::executor::block_on(self.acknowledged) {
+            Ok(Ok(())) => true,
+            Ok(Err(_ended)) => false,
+            Err(oneshot::Canceled) => {
+                self.shared
+                    .end(Error::invalid_state("the pool is no longer running"));
                 false
             }
         }
@@ -448,13 +452,33 @@ impl Handler<RegisterCall> for PoolSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: RegisterCall, ctx: &mut Context<Self>) {
+        let record = CallRecord {
+            function: msg.function,
+            shared: msg.shared,
+            delivery: msg.delivery,
+            chunksize: msg.chunksize,
+            total: None,
+            seen: SeenChunks::default(),
+            collected: BTreeMap::new(),
+            parts: HashMap::new(),
+            failure: None,
+            last_death: None,
+            input_error: None,
+            completion: msg.completion,
+            progress: msg.progress,
+        };
         if let Err(refused) = self.phase.accepts_calls() {
+            // Ended as any failed call is: its bar cleared, its error callback run, then its
+            // result.
+            self.finish_call(record, Err(refused.clone()));
             let _ = msg.ack.send(Err(refused));
             return;
         }
         if let Some(deadline) = msg.deadline {
             let call = msg.call;
-            ctx.run_later(deadline, move |act, ctx| {
+            // From the call's start, not from now: the supervisor may have been busy.
+            let left = deadline.saturating_sub(msg.made.elapsed());
+            ctx.run_later(left, move |act, ctx| {
                 if act.calls.contains_key(&call) {
                     act.handle(
                         CancelCall {
@@ -466,24 +490,7 @@ impl Handler<RegisterCall> for PoolSupervisor {
                 }
             });
         }
-        self.calls.insert(
-            msg.call,
-            CallRecord {
-                function: msg.function,
-                shared: msg.shared,
-                delivery: msg.delivery,
-                chunksize: msg.chunksize,
-                total: None,
-                seen: SeenChunks::default(),
-                collected: BTreeMap::new(),
-                parts: HashMap::new(),
-                failure: None,
-                last_death: None,
-                input_error: None,
-                completion: msg.completion,
-                progress: msg.progress,
-            },
-        );
+        self.calls.insert(msg.call, record);
         // Nobody waits when the call's feeder thread could not start: its failure follows.
         let _ = msg.ack.send(Ok(()));
     }
