@@ -556,13 +556,23 @@ pub fn register_exit_hook(hook: impl Fn() + Send + Sync + 'static) {
 
 /// Runs the registered exit hooks (each may run several times; hooks are idempotent).
 ///
-/// They run outside the registry's lock: a hook waits (for a feeder's flush, for background
-/// releases), and what it waits for may register a hook of its own, or another thread may run
-/// the hooks meanwhile.
+/// They run outside the registry's lock, one at a time in their order of registration, a hook
+/// registered meanwhile included: a hook waits (for a feeder's flush, for background
+/// releases), and what it waits for may register a hook of its own (which must run in this
+/// pass too), or another thread may run the hooks meanwhile.
 pub fn run_exit_hooks() {
-    let hooks: Vec<ExitHook> = EXIT_HOOKS.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    for hook in hooks {
+    let mut next = 0;
+    loop {
+        let hook = EXIT_HOOKS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(next)
+            .cloned();
+        let Some(hook) = hook else {
+            return;
+        };
         hook();
+        next += 1;
     }
 }
 
@@ -571,13 +581,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_running_hook_may_wait_for_work_that_registers_a_hook() {
+    fn a_running_hook_may_wait_for_work_that_registers_a_hook_which_runs_too() {
+        use std::sync::atomic::AtomicU32;
+        static LATE_HOOK_RAN: AtomicU32 = AtomicU32::new(0);
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            register_exit_hook(|| {
+            let registered = std::sync::Once::new();
+            register_exit_hook(move || {
                 // Work on another thread that registers its own hook (a first background
-                // release), waited for by this hook.
-                let _ = std::thread::spawn(|| register_exit_hook(|| {})).join();
+                // release), waited for by this hook; once.
+                registered.call_once(|| {
+                    let _ = std::thread::spawn(|| {
+                        register_exit_hook(|| {
+                            LATE_HOOK_RAN.fetch_add(1, Ordering::SeqCst);
+                        })
+                    })
+                    .join();
+                });
             });
             run_exit_hooks();
             let _ = done.send(());
@@ -587,6 +607,11 @@ mod tests {
                 .recv_timeout(std::time::Duration::from_secs(10))
                 .is_ok(),
             "the hooks deadlocked on their own registry"
+        );
+        assert_eq!(
+            LATE_HOOK_RAN.load(Ordering::SeqCst),
+            1,
+            "the hook registered during the pass did not run in it"
         );
     }
 

@@ -152,8 +152,8 @@ pub(super) fn close_in_background(address: Address, end: u8, previous: Phase) {
 /// Registers, once, the exit hook that waits (a lease at most) for the closes of dropped
 /// handles still under way in the background, so that the other ends read end of file before
 /// this process exits (or a pool worker reports its task), rather than once its holds lapse.
-/// Called when this process first holds an end or receives a handle: not from a drop, which may
-/// happen while the exit hooks run (their lock is held then).
+/// Called when this process first holds an end or receives a handle (a hook registered while the
+/// exit hooks run runs in that pass too, after the others).
 pub(super) fn register_exit_hook() {
     static REGISTERED: Once = Once::new();
     REGISTERED.call_once(|| shoal_core::context::register_exit_hook(await_background_closes));

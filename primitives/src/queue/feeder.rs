@@ -647,8 +647,8 @@ pub(super) fn start_feeder() {
     });
 }
 
-/// Registers the feeder's exit hook (once per process). Called before the feeder's lock is
-/// taken: `run_exit_hooks` holds the hooks' lock while the hook takes the feeder's.
+/// Registers the feeder's exit hook (once per process), before the feeder's lock is taken (a
+/// hook must not be registered under a lock an exit hook takes).
 fn register_exit_hook() {
     static REGISTERED: Once = Once::new();
     REGISTERED.call_once(|| context::register_exit_hook(|| FEEDER.at_exit()));
