@@ -425,22 +425,68 @@ impl GrantObject {
         let attempts = if last { RELEASE_ATTEMPTS } else { 1 };
         let mut pause = Duration::from_millis(100);
         let mut attempt = 1;
+        // A level above the last is sent once; a last one again only once that is safe.
+        if tried
+            && (!last
+                || !self
+                    .repeatable_now_or_later(token, &mut pause, &mut attempt)
+                    .await)
+        {
+            return Err(Error::invalid_state(
+                "its only attempt failed without a reply, and it is not sent again",
+            ));
+        }
         loop {
             let request = self.release_request(store.store(), holder, Some(token));
             let reply = op::exec_single_async(store, || self.address.describe(), request).await;
             match self.retired_reply(token, last, reply, tried || attempt > 1) {
                 Err(e) if attempt < attempts && e.is_store_unreachable() => {
                     tracing::debug!("releasing {}: {e}; trying again", self.address.describe());
-                    tokio::time::sleep(pause).await;
-                    if !self.may_repeat(token) {
+                    if !self
+                        .wait_until_repeatable(token, &mut pause, &mut attempt)
+                        .await
+                    {
                         return Err(e);
                     }
-                    pause *= 2;
-                    attempt += 1;
                 }
                 released => return released,
             }
         }
+    }
+
+    /// Waits (doubling `pause`, counting `attempt`s up to [`RELEASE_ATTEMPTS`]) until the
+    /// release of the last level of `token`, whose last attempt failed without a reply, may
+    /// be sent again ([`GrantObject::may_repeat`]: a re-entry of the grant on its way has been
+    /// answered); false when the attempts ran out first.
+    async fn wait_until_repeatable(
+        &self,
+        token: u64,
+        pause: &mut Duration,
+        attempt: &mut u32,
+    ) -> bool {
+        loop {
+            tokio::time::sleep(*pause).await;
+            *pause *= 2;
+            *attempt += 1;
+            if !counts(&self.keys().state, token) {
+                return true;
+            }
+            if *attempt >= RELEASE_ATTEMPTS {
+                return self.may_repeat(token);
+            }
+        }
+    }
+
+    /// As [`GrantObject::wait_until_repeatable`], at once when no wait is needed (a first
+    /// repeat: the caller already waited for its own attempt).
+    async fn repeatable_now_or_later(
+        &self,
+        token: u64,
+        pause: &mut Duration,
+        attempt: &mut u32,
+    ) -> bool {
+        !counts(&self.keys().state, token)
+            || self.wait_until_repeatable(token, pause, attempt).await
     }
 
     /// Sends the release of `token`, already taken off the registry ([`retire`]; `last`: its
@@ -454,16 +500,6 @@ impl GrantObject {
         tried: bool,
     ) {
         let in_flight = background_release();
-        if tried && !self.may_repeat(token) {
-            // The caller's attempt failed, and is all there is.
-            self.report_release(
-                Err(Error::invalid_state(
-                    "its only attempt failed without a reply, and it is not sent again",
-                )),
-                last,
-            );
-            return;
-        }
         match context::current().and_then(|c| c.async_store()) {
             Ok(store) => {
                 let object = self.clone();
