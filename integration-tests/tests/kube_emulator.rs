@@ -1,7 +1,8 @@
 //! The test-only Kubernetes API emulator (`shoal_integration_tests::kube_emulator`), driven by a
 //! real `kube::Client`: Jobs run their pods' commands as real processes with the statuses a
 //! real cluster reports (exit codes, signals, OOM kills, retries, deadlines, TTLs), watches see
-//! the transitions, deletes send the signals of a grace period, selectors and Secrets work, a
+//! the transitions, deletes send the signals of a grace period, objects owned by a pod are
+//! collected once it is gone, selectors and Secrets work, a
 //! pod whose service account is missing is refused with `FailedCreate` Events until it exists,
 //! a pod no node matches stays unscheduled until one does, image pulls fail as a kubelet's do,
 //! writes can be left unanswered and watches held back, and a pod in a network namespace
@@ -12,7 +13,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Event, Pod, Secret, ServiceAccount};
-use kube::api::{DeleteParams, ListParams, LogParams, PostParams, WatchEvent, WatchParams};
+use kube::api::{
+    DeleteParams, ListParams, LogParams, PostParams, PropagationPolicy, WatchEvent, WatchParams,
+};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use nix::sys::signal::{Signal, kill};
@@ -1629,4 +1632,192 @@ fn label_of(pod: &Pod, key: &str) -> String {
         .and_then(|l| l.get(key))
         .cloned()
         .unwrap_or_default()
+}
+
+/// The owner reference naming `pod`, as a client sets it to make an object its dependent (what
+/// shoal's executor does in a worker pod): not the controller, not blocking the pod's deletion.
+fn owned_by(pod: &Pod) -> Value {
+    json!({"metadata": {"ownerReferences": [{
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "name": name_of(pod),
+        "uid": pod.metadata.uid.clone().expect("a uid"),
+        "controller": false,
+        "blockOwnerDeletion": false,
+    }]}})
+}
+
+/// Objects a client makes dependents of a pod (owner references) are deleted as the garbage
+/// collector deletes them: not while the pod runs or terminates, but once it is gone from the
+/// store, a Job with background propagation (its pod, and the process, go too); one with
+/// another owner still there only loses its reference; one whose owner was gone before it was
+/// made goes at once; a pod deleted with `Orphan` propagation leaves its dependents. Owner
+/// references are validated as the API server validates them.
+#[tokio::test]
+async fn objects_owned_by_a_pod_are_collected_once_it_is_gone() {
+    let emulator = Emulator::start(None);
+    let (client, jobs, pods) = apis(&emulator);
+    let secrets: Api<Secret> = Api::default_namespaced(client);
+    let create = |name: &'static str, patch: Value| {
+        let jobs = jobs.clone();
+        async move {
+            jobs.create(&PostParams::default(), &job(name, &["sleep", "600"], patch))
+                .await
+                .expect("create")
+        }
+    };
+    let running = |job_name: &'static str| {
+        let pods = pods.clone();
+        async move {
+            let name = name_of(&job_pods(&pods, job_name, 1).await[0]);
+            pod_until(&pods, &name, "ran", |p| phase(p) == "Running").await
+        }
+    };
+    create("parent", json!({})).await;
+    let other_parent = create("other-parent", json!({})).await;
+    let parent = running("parent").await;
+    let other = running("other-parent").await;
+
+    // Its pod's `sleep` ignores the SIGTERM of its deletion: a second of grace, then SIGKILL.
+    let mut child = owned_by(&parent);
+    merge(
+        &mut child,
+        json!({"spec": {"template": {"spec": {"terminationGracePeriodSeconds": 1}}}}),
+    );
+    create("child", child).await;
+    let mut two_owners = owned_by(&parent);
+    let job_owner = json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "name": "other-parent",
+        "uid": other_parent.metadata.uid.clone().expect("a uid"),
+    });
+    two_owners["metadata"]["ownerReferences"]
+        .as_array_mut()
+        .expect("references")
+        .push(job_owner.clone());
+    create("shared", two_owners).await;
+    create("orphan", owned_by(&other)).await;
+    let mut secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "child-key"},
+        "stringData": {"authkey": "00ff"},
+    }))
+    .expect("a Secret");
+    secret.metadata.owner_references = owned_by(&parent)["metadata"]["ownerReferences"]
+        .as_array()
+        .map(|refs| serde_json::from_value(Value::Array(refs.clone())).expect("references"));
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create the Secret");
+    // An owner that is gone already (the same name, another uid: a pod made again).
+    let mut stale = owned_by(&parent);
+    stale["metadata"]["ownerReferences"][0]["uid"] = json!(uuid::Uuid::new_v4().to_string());
+    create("late", stale).await;
+    let mut invalid = owned_by(&parent);
+    invalid["metadata"]["ownerReferences"][0]["uid"] = json!("");
+    match jobs
+        .create(
+            &PostParams::default(),
+            &job("invalid", &["sleep", "600"], invalid),
+        )
+        .await
+    {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422);
+            assert!(
+                status.message.contains("metadata.ownerReferences.uid"),
+                "{}",
+                status.message
+            );
+        }
+        other => panic!("an owner reference without a uid: {other:?}"),
+    }
+
+    let child = running("child").await;
+    let child_pid = emulator
+        .pod_pid(DEFAULT_NAMESPACE, &name_of(&child))
+        .expect("the child's pid");
+    let mut collected = false;
+    for _ in 0..500 {
+        if jobs.get_opt("late").await.expect("get").is_none() {
+            collected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(collected, "a Job whose owner was gone before it stays");
+
+    // Orphaned: the pod goes, its dependent stays, without the reference.
+    let orphaning = DeleteParams {
+        grace_period_seconds: Some(0),
+        propagation_policy: Some(PropagationPolicy::Orphan),
+        ..DeleteParams::default()
+    };
+    pods.delete(&name_of(&other), &orphaning)
+        .await
+        .expect("delete");
+    assert!(pods.get_opt(&name_of(&other)).await.expect("get").is_none());
+
+    // A pod terminating (its `sleep`, PID 1 of its container, ignores SIGTERM for the 2 s of
+    // grace) still owns its dependents.
+    let grace = DeleteParams {
+        grace_period_seconds: Some(2),
+        ..DeleteParams::default()
+    };
+    pods.delete(&name_of(&parent), &grace)
+        .await
+        .expect("delete");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let terminating = pods.get(&name_of(&parent)).await.expect("still there");
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    assert!(jobs.get_opt("child").await.expect("get").is_some());
+    assert!(secrets.get_opt("child-key").await.expect("get").is_some());
+
+    // Gone: its dependents go, the Job's pod and process with it.
+    let deadline = Instant::now() + PATIENCE;
+    while jobs.get_opt("child").await.expect("get").is_some()
+        || secrets.get_opt("child-key").await.expect("get").is_some()
+        || pods.get_opt(&name_of(&child)).await.expect("get").is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the parent pod's dependents stay: Job {:?}, Secret {:?}, pod {:?}",
+            jobs.get_opt("child")
+                .await
+                .ok()
+                .flatten()
+                .map(|j| j.metadata),
+            secrets
+                .get_opt("child-key")
+                .await
+                .ok()
+                .flatten()
+                .map(|s| s.metadata),
+            pods.get_opt(&name_of(&child))
+                .await
+                .ok()
+                .flatten()
+                .map(|p| p.metadata)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        pods.get_opt(&name_of(&parent))
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(wait_for(PATIENCE, || !pid_running(child_pid)));
+
+    // The one with another owner still there lost its reference to the pod only.
+    let shared = jobs.get("shared").await.expect("the shared Job stays");
+    let refs = serde_json::to_value(&shared.metadata.owner_references).expect("json");
+    assert_eq!(refs, json!([job_owner]));
+    let orphan = jobs.get("orphan").await.expect("the orphan stays");
+    assert!(orphan.metadata.owner_references.is_none());
+    let orphan_pod = job_pods(&pods, "orphan", 1).await.remove(0);
+    assert_eq!(phase(&orphan_pod), "Running");
 }

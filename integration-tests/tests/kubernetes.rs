@@ -38,7 +38,7 @@ use shoal_integration_tests::kube_emulator::{
     DEFAULT_NAMESPACE, Emulator, PULL_FAILURES, START_DELAY_MS,
 };
 use shoal_integration_tests::netns::Network;
-use shoal_integration_tests::{TestRedis, contains_bytes, every_value_in_redis};
+use shoal_integration_tests::{TestRedis, contains_bytes, every_value_in_redis, pid_running};
 
 shoal::test_support!();
 
@@ -185,6 +185,23 @@ fn outlives_sigterm(url: String, list: String, ms: u64) {
 fn kills_itself() {
     let _ = nix::sys::signal::raise(Signal::SIGKILL);
     println!("kills_itself: SIGKILL did nothing");
+}
+
+/// Starts a `Process` of its own from inside its pod (a non-daemonic child may, as in Python),
+/// which records `nested <its pod>` on `list` and sleeps `ms`; then waits for it.
+#[shoal::remote]
+fn starts_a_sleeper(url: String, list: String, ms: u64) {
+    let nested = Process::new(records_and_sleeps, (url, list, ms));
+    nested.start().expect("start the nested process");
+    nested.join(None).expect("join the nested process");
+}
+
+/// Records `nested <pod>` on `list`, then sleeps `ms`.
+#[shoal::remote]
+fn records_and_sleeps(url: String, list: String, ms: u64) {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    record(&url, &list, &format!("nested {host}"));
+    std::thread::sleep(Duration::from_millis(ms));
 }
 
 /// The inputs whose first runs kill their worker in [`square_or_die`].
@@ -1637,6 +1654,160 @@ fn drop_deletes_jobs(kube: &Kube) {
     );
 }
 
+/// How long the nested process of [`nested_processes_go_with_their_parent_pod`] may outlive
+/// its parent pod: the garbage collector deletes its Job once the parent pod is gone, and the
+/// pod of that Job with it (its worker dies of that deletion's SIGTERM). Without owner
+/// references nothing would: the nested worker would see its runtime's liveness key lapse
+/// (7 s) and exit 76, its pod and Job left behind until the Job's TTL (300 s).
+const NESTED_GONE_WITHIN: Duration = Duration::from_secs(30);
+
+/// A `Process` started by a worker pod's own code goes with that pod: its Job (labelled with
+/// the worker's runtime, not the driver's) names the parent pod as its owner (not the
+/// controller, not blocking the pod's deletion), and so does the worker runtime's authkey
+/// Secret; `kill()` on the parent deletes the parent pod, and the garbage collector then
+/// deletes the nested Job, its pod (the process ends) and the Secret. The workers run as the
+/// `shoal-worker` service account, as the README says to configure them, and reach the API
+/// through `KUBECONFIG` (the emulator's kubeconfig for pods, on the bridge, in a directory they
+/// see; in a real cluster the service account's token does).
+fn nested_processes_go_with_their_parent_pod(kube: &Kube) {
+    let emulator = kube.emulator();
+    let accounts: Api<ServiceAccount> = Api::namespaced(kube.client.clone(), &kube.namespace);
+    let account: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "shoal-worker"}})).expect("an account");
+    kube.tokio
+        .block_on(accounts.create(&PostParams::default(), &account))
+        .expect("create the service account");
+    // Outside /tmp, which is each pod's own.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a directory pods see");
+    let kubeconfig = dir.path().join("kubeconfig");
+    emulator
+        .write_pod_kubeconfig(&kubeconfig)
+        .expect("the pods' kubeconfig");
+    let mut config = kube.config();
+    config.kubernetes.service_account = Some("shoal-worker".into());
+    config
+        .multiprocessing
+        .env_vars
+        .insert("KUBECONFIG".into(), kubeconfig.display().to_string());
+    let _rt = runtime(config);
+    let list = format!("shoal-test:{}:nested", kube.keys);
+    let parent = Process::new(
+        starts_a_sleeper,
+        (kube.worker_redis_url.clone(), list.clone(), 600_000u64),
+    );
+    parent.start().expect("start");
+    let parent_pod = kube.running_pod(parent.get_name());
+
+    // The nested process runs: it said so, naming its pod.
+    let mut redis = kube.redis();
+    let said: Option<(String, String)> = redis::cmd("BLPOP")
+        .arg(&list)
+        .arg(patience().as_secs())
+        .query(&mut redis)
+        .expect("BLPOP");
+    let nested_pod = said
+        .and_then(|(_, entry)| entry.strip_prefix("nested ").map(str::to_string))
+        .expect("the nested process never ran");
+    let nested_pid = emulator
+        .pod_pid(&kube.namespace, &nested_pod)
+        .expect("the nested pod's process");
+    let pods = kube.pods_api();
+    let nested = kube
+        .tokio
+        .block_on(pods.get(&nested_pod))
+        .expect("the nested pod");
+    let nested_job = label(&nested.metadata, "job-name").to_string();
+    let jobs = kube.jobs_api();
+    let nested_job_then = kube
+        .tokio
+        .block_on(jobs.get(&nested_job))
+        .expect("the nested Job");
+    let parent_uid = kube
+        .tokio
+        .block_on(pods.get(&parent_pod))
+        .expect("the parent pod")
+        .metadata
+        .uid
+        .expect("a uid");
+    let parent_job = kube
+        .jobs(&format!("shoal.dev/process={}", parent.get_name()))
+        .pop()
+        .expect("the parent's Job");
+    let worker_runtime = label(&nested_job_then.metadata, "shoal.dev/runtime").to_string();
+    assert_ne!(
+        worker_runtime,
+        label(&parent_job.metadata, "shoal.dev/runtime"),
+        "the nested Job is the worker runtime's"
+    );
+    let worker_secrets = format!("shoal.dev/runtime={worker_runtime}");
+    let secrets_then = kube.secrets(&worker_secrets);
+
+    let killed = Instant::now();
+    parent.kill().expect("kill");
+    assert_eq!(exit_code(&parent), Some(-9));
+    let gone = wait(NESTED_GONE_WITHIN, || {
+        kube.tokio
+            .block_on(jobs.get_opt(&nested_job))
+            .expect("get the nested Job")
+            .is_none()
+            && kube
+                .tokio
+                .block_on(pods.get_opt(&nested_pod))
+                .expect("get the nested pod")
+                .is_none()
+            && emulator.pod_pid(&kube.namespace, &nested_pod).is_none()
+            && !pid_running(nested_pid)
+    });
+    assert!(
+        gone,
+        "the nested process runs on for nobody {:?} after its parent's kill(): Job \
+         {nested_job} there: {}, pod {nested_pod} {:?}, its process running: {}",
+        killed.elapsed(),
+        kube.tokio
+            .block_on(jobs.get_opt(&nested_job))
+            .ok()
+            .flatten()
+            .is_some(),
+        kube.tokio
+            .block_on(pods.get_opt(&nested_pod))
+            .ok()
+            .flatten()
+            .map(|p| (phase(&p).to_string(), p.metadata.deletion_timestamp)),
+        pid_running(nested_pid),
+    );
+    println!(
+        "measure: the nested process ended and its Job and pod were deleted {:?} after its \
+         parent's kill()",
+        killed.elapsed()
+    );
+    assert!(
+        wait(patience(), || kube.secrets(&worker_secrets).is_empty()),
+        "the worker runtime's authkey Secret stays: {:?}",
+        kube.secrets(&worker_secrets)
+    );
+
+    // How: the nested Job, and the Secret, named the parent pod as their owner; the driver's
+    // own Job names none.
+    let owner = json!([{
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "name": parent_pod,
+        "uid": parent_uid,
+        "controller": false,
+        "blockOwnerDeletion": false,
+    }]);
+    assert_eq!(
+        serde_json::to_value(&nested_job_then.metadata.owner_references).expect("json"),
+        owner
+    );
+    assert_eq!(secrets_then.len(), 1, "{secrets_then:?}");
+    assert_eq!(
+        serde_json::to_value(&secrets_then[0].metadata.owner_references).expect("json"),
+        owner
+    );
+    assert!(parent_job.metadata.owner_references.is_none());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Against the emulator.
 
@@ -1981,6 +2152,15 @@ fn dropping_the_runtime_deletes_its_jobs_and_pods() {
         "dropping_the_runtime_deletes_its_jobs_and_pods",
         Target::Emulator,
         drop_deletes_jobs,
+    );
+}
+
+#[test]
+fn a_process_started_in_a_worker_pod_is_deleted_with_that_pod() {
+    drive(
+        "a_process_started_in_a_worker_pod_is_deleted_with_that_pod",
+        Target::Emulator,
+        nested_processes_go_with_their_parent_pod,
     );
 }
 

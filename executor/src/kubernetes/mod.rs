@@ -106,6 +106,21 @@
 //!   finished ones included, then its authkey Secrets (same selector), once the launches under
 //!   way have returned (at most 30 s; later ones are refused). A driver killed before that
 //!   leaves its Secrets behind (small objects, labelled with the runtime).
+//! * **Inside a worker pod**: a worker's code may start processes of its own (a non-daemonic
+//!   child may, as in Python); its runtime then runs this executor with the driver's settings,
+//!   as the pod's service account. Its Jobs (and its authkey Secret) are labelled with that
+//!   runtime's id and deleted when the worker's task ends, as any runtime's; but a parent pod
+//!   that is killed or deleted (the driver's `terminate()`/`kill()` or shutdown, an eviction, a
+//!   node lost) ends that runtime without its drop. So an executor that finds itself in a worker
+//!   pod (its name, namespace and UID in the environment, from the downward API: see
+//!   [`PodOwner`]) makes every Job and Secret it creates a dependent of that pod, with an
+//!   `ownerReferences` entry naming it: Kubernetes' garbage collector deletes them once the pod
+//!   is gone (the Jobs in the background: their pods with their grace period), however it went.
+//!   Nothing else changes (labels, watches, the clean-up at the end of the task). Owner
+//!   references name objects of their dependent's namespace only (the garbage collector would
+//!   take one naming a pod of another namespace for a pod that is gone, and delete the Job at
+//!   once), so Jobs made in another namespace than the pod's (a `kubernetes.namespace` that
+//!   differs) are not owned, and a warning says that they outlive the pod.
 //! * **Unanswered calls**: kube's client sets no read timeout, so a request whose connection
 //!   was dropped silently (a NAT or load balancer forgetting it) would wait for ever, and with
 //!   it `Process::start()` or the runtime's drop. Every call other than the watches (creating a
@@ -143,8 +158,9 @@ use shoal_core::error::{Error, Result};
 use shoal_core::store::{Store, StoreSettings};
 
 pub use spec::{
-    ANNOTATION_PROCESS_NAME, AUTHKEY_SECRET_KEY, CONTAINER, JobTemplate, LABEL_NAMESPACE,
-    LABEL_PROCESS, LABEL_RUNTIME, LABEL_WORKER, WorkerJob, label_value,
+    ANNOTATION_PROCESS_NAME, AUTHKEY_SECRET_KEY, CONTAINER, ENV_POD_NAME, ENV_POD_NAMESPACE,
+    ENV_POD_UID, JobTemplate, LABEL_NAMESPACE, LABEL_PROCESS, LABEL_RUNTIME, LABEL_WORKER,
+    PodOwner, WorkerJob, label_value,
 };
 use status::{Absent, JobState, Recorded};
 pub use status::{PodOutcome, outcome, started, unscheduled};
@@ -225,6 +241,9 @@ pub struct KubernetesExecutor {
     launching: Arc<AtomicUsize>,
     /// Shutting down: no more launches.
     stopping: bool,
+    /// The worker pod this executor runs in, if it runs in one whose namespace is the Jobs':
+    /// the owner of every Job and Secret it creates (see the module docs).
+    owner: Option<PodOwner>,
 }
 
 impl KubernetesExecutor {
@@ -255,6 +274,7 @@ impl KubernetesExecutor {
             authkey_secrets: HashMap::new(),
             launching: Arc::new(AtomicUsize::new(0)),
             stopping: false,
+            owner: PodOwner::from_env(),
         });
         futures::executor::block_on(addr.send(Connect))
             .map_err(|e| Error::Backend(format!("the kubernetes executor did not start: {e}")))??;
@@ -892,6 +912,16 @@ impl Handler<Connect> for KubernetesExecutor {
                 if act.namespace.is_empty() {
                     act.namespace = default_namespace;
                 }
+                if let Some(owner) = act.owner.take_if(|o| o.namespace != act.namespace) {
+                    tracing::warn!(
+                        "this worker pod ({}/{}) starts its processes' Jobs in namespace {}: an \
+                         owner reference cannot name a pod of another namespace, so they are \
+                         not deleted with the pod, only when this worker's task ends",
+                        owner.namespace,
+                        owner.name,
+                        act.namespace
+                    );
+                }
                 let pods: Api<Pod> = Api::namespaced(client.clone(), &act.namespace);
                 let config = watcher::Config::default().labels(&act.selector());
                 ctx.add_stream(watcher(pods, config).default_backoff());
@@ -1009,7 +1039,13 @@ impl Handler<Launch> for KubernetesExecutor {
                     let random = uuid::Uuid::new_v4().simple().to_string();
                     (random[..12].to_string(), false)
                 });
-                let new = (!*made).then(|| self.template.authkey_secret(hex, suffix));
+                let new = (!*made).then(|| {
+                    let mut secret = self.template.authkey_secret(hex, suffix);
+                    if let Some(owner) = &self.owner {
+                        owner.own(&mut secret.metadata);
+                    }
+                    secret
+                });
                 (Some(self.template.authkey_secret_name(suffix)), new)
             }
         };
@@ -1020,7 +1056,11 @@ impl Handler<Launch> for KubernetesExecutor {
             env: &launch.env,
             authkey_secret: secret_name.as_deref(),
         };
-        let job = self.template.job(&worker);
+        let mut job = self.template.job(&worker);
+        // Inside a worker pod, the Job goes with the pod (see the module docs).
+        if let Some(owner) = &self.owner {
+            owner.own(&mut job.metadata);
+        }
         let job_name = self.template.job_name(&worker);
         let launching = InFlight::new(&self.launching);
         let launched = Instant::now();

@@ -32,17 +32,30 @@
 //!   shoal`, and the configured labels; the same on the pod template; the configured
 //!   annotations plus `shoal.dev/process-name` (the name as given);
 //! * `ttlSecondsAfterFinished`, `activeDeadlineSeconds`, the service account, node selector,
-//!   tolerations, resources and image pull policy of the configuration.
+//!   tolerations, resources and image pull policy of the configuration;
+//! * the pod's own name, namespace and UID through the downward API, in
+//!   `SHOAL_WORKER_POD_NAME`, `SHOAL_WORKER_POD_NAMESPACE` and `SHOAL_WORKER_POD_UID`
+//!   ([`PodOwner`]): a worker whose code starts processes of its own runs a Kubernetes executor
+//!   too, which makes its Jobs dependents of this pod (an `ownerReferences` entry), so that
+//!   Kubernetes' garbage collector deletes them when the pod goes, however it goes. (Under
+//!   `SHOAL_WORKER_`, a prefix shoal's configuration loader never reads as settings: a
+//!   `SHOAL_POD_*` variable would be taken for an override of an unknown section, and refused.)
+//!
+//! A Job (and an authkey Secret) made by a worker pod's executor carries that owner reference:
+//! `v1` `Pod`, the pod's name and UID, neither `controller` (the Job controller is the Job's
+//! pods' controller, nothing is the Job's) nor `blockOwnerDeletion` (the pod's deletion must
+//! never wait for its dependents, and blocking needs the right to update the pod's finalizers,
+//! which a worker's service account has no reason to hold).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, ResourceRequirements, Secret,
-    SecretKeySelector, Toleration,
+    Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec, PodTemplateSpec,
+    ResourceRequirements, Secret, SecretKeySelector, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use shoal_core::config::{KubernetesConfig, SecretKeyRef};
 
 use crate::task::{
@@ -63,6 +76,75 @@ pub const ANNOTATION_PROCESS_NAME: &str = "shoal.dev/process-name";
 pub const CONTAINER: &str = "worker";
 /// The key of the authkey Secret ([`JobTemplate::authkey_secret`]) that holds the key (hex).
 pub const AUTHKEY_SECRET_KEY: &str = "authkey";
+/// Environment variable of a worker pod: its own name (downward API, `metadata.name`).
+pub const ENV_POD_NAME: &str = "SHOAL_WORKER_POD_NAME";
+/// Environment variable of a worker pod: its own namespace (downward API,
+/// `metadata.namespace`).
+pub const ENV_POD_NAMESPACE: &str = "SHOAL_WORKER_POD_NAMESPACE";
+/// Environment variable of a worker pod: its own UID (downward API, `metadata.uid`).
+pub const ENV_POD_UID: &str = "SHOAL_WORKER_POD_UID";
+
+/// The downward-API variables every worker container gets: name and field path.
+const DOWNWARD: [(&str, &str); 3] = [
+    (ENV_POD_NAME, "metadata.name"),
+    (ENV_POD_NAMESPACE, "metadata.namespace"),
+    (ENV_POD_UID, "metadata.uid"),
+];
+
+/// The pod this process runs in, as the downward API told it ([`ENV_POD_NAME`],
+/// [`ENV_POD_NAMESPACE`], [`ENV_POD_UID`]): the owner of the Jobs and Secrets an executor
+/// running in a worker pod makes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodOwner {
+    /// The pod's name.
+    pub name: String,
+    /// The pod's namespace: an owner reference names an object of its dependent's namespace.
+    pub namespace: String,
+    /// The pod's UID: the garbage collector matches owners by it, so a pod of the same name
+    /// made later owns nothing of this one's.
+    pub uid: String,
+}
+
+impl PodOwner {
+    /// The pod `lookup` (an environment: `std::env::var` in a process) describes, if it gives
+    /// all three variables, none empty: a process outside a worker pod (a driver, a local
+    /// worker) has none of them.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Option<PodOwner> {
+        let get = |name: &str| lookup(name).filter(|v| !v.is_empty());
+        Some(PodOwner {
+            name: get(ENV_POD_NAME)?,
+            namespace: get(ENV_POD_NAMESPACE)?,
+            uid: get(ENV_POD_UID)?,
+        })
+    }
+
+    /// The pod this process runs in, from its environment (see [`PodOwner::from_lookup`]).
+    pub fn from_env() -> Option<PodOwner> {
+        PodOwner::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// The owner reference naming this pod: neither the controller nor blocking its deletion
+    /// (see the module docs).
+    pub fn reference(&self) -> OwnerReference {
+        OwnerReference {
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
+            controller: Some(false),
+            block_owner_deletion: Some(false),
+        }
+    }
+
+    /// Makes the object of `metadata` a dependent of this pod (adds [`PodOwner::reference`]
+    /// unless it names this pod already).
+    pub fn own(&self, metadata: &mut ObjectMeta) {
+        let references = metadata.owner_references.get_or_insert_with(Vec::new);
+        if !references.iter().any(|r| r.uid == self.uid) {
+            references.push(self.reference());
+        }
+    }
+}
 
 /// What every Job of one runtime shares.
 #[derive(Clone, Debug, PartialEq)]
@@ -180,12 +262,17 @@ impl JobTemplate {
         if let Some(secret) = &config.redis_password_secret {
             env.push(from_secret(ENV_WORKER_REDIS_PASSWORD, secret));
         }
+        env.extend(DOWNWARD.iter().map(|(name, path)| from_field(name, path)));
         // The authkey only ever from its Secret: a Job's environment is plain to its readers.
+        // The pod's identity only from the downward API: a value set in the configuration
+        // would make the worker's Jobs dependents of some other pod.
         env.extend(
             worker
                 .env
                 .iter()
-                .filter(|(k, _)| k.as_str() != ENV_WORKER_AUTHKEY)
+                .filter(|(k, _)| {
+                    k.as_str() != ENV_WORKER_AUTHKEY && !DOWNWARD.iter().any(|(d, _)| d == k)
+                })
                 .map(|(k, v)| literal(k, v)),
         );
         if let Some(name) = worker.authkey_secret {
@@ -282,6 +369,22 @@ fn from_secret(name: &str, secret: &SecretKeyRef) -> EnvVar {
                 name: secret.name.clone(),
                 key: secret.key.clone(),
                 optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+/// An environment variable whose value is a field of the pod (downward API).
+fn from_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                // What the API server fills in when it is left out.
+                api_version: Some("v1".into()),
+                field_path: path.into(),
             }),
             ..EnvVarSource::default()
         }),
@@ -509,6 +612,10 @@ mod tests {
                     "SHOAL_WORKER_REDIS".to_string(),
                     "redis://shoal-redis:6379".to_string()
                 ),
+                // From the downward API: no literal value.
+                (ENV_POD_NAME.to_string(), String::new()),
+                (ENV_POD_NAMESPACE.to_string(), String::new()),
+                (ENV_POD_UID.to_string(), String::new()),
                 ("GREETING".to_string(), "hi".to_string()),
             ]
         );
@@ -567,6 +674,99 @@ mod tests {
         assert_eq!(vars[2]["valueFrom"]["secretKeyRef"]["name"], "shoal-redis");
         assert_eq!(vars[2]["valueFrom"]["secretKeyRef"]["key"], "password");
         assert_eq!(vars[2]["valueFrom"]["secretKeyRef"]["optional"], false);
+    }
+
+    #[test]
+    fn worker_pods_learn_their_own_name_namespace_and_uid_from_the_downward_api() {
+        let mut env = BTreeMap::new();
+        // A value in the configuration cannot stand in for the pod's own.
+        env.insert(ENV_POD_UID.to_string(), "forged".to_string());
+        env.insert("GREETING".to_string(), "hi".to_string());
+        let json = serde_json::to_value(template().job(&worker(&env))).expect("json");
+        let vars = json["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .expect("env")
+            .clone();
+        for (name, path) in [
+            ("SHOAL_WORKER_POD_NAME", "metadata.name"),
+            ("SHOAL_WORKER_POD_NAMESPACE", "metadata.namespace"),
+            ("SHOAL_WORKER_POD_UID", "metadata.uid"),
+        ] {
+            let found: Vec<&serde_json::Value> =
+                vars.iter().filter(|v| v["name"] == name).collect();
+            assert_eq!(found.len(), 1, "{name} once: {vars:?}");
+            assert!(found[0].get("value").is_none(), "{name}: {}", found[0]);
+            assert_eq!(found[0]["valueFrom"]["fieldRef"]["fieldPath"], path);
+            assert_eq!(found[0]["valueFrom"]["fieldRef"]["apiVersion"], "v1");
+        }
+        assert!(!json.to_string().contains("forged"), "{json}");
+        assert!(vars.iter().any(|v| v["name"] == "GREETING"));
+        // A worker's Job is owned by nothing: the driver's executor runs in no worker pod.
+        assert!(json["metadata"].get("ownerReferences").is_none(), "{json}");
+    }
+
+    #[test]
+    fn a_worker_pods_jobs_name_it_as_their_owner_without_controlling_or_blocking() {
+        let pod = BTreeMap::from([
+            (ENV_POD_NAME, "shoal-process-1-9f8e7d6c5b4a-x7k2p"),
+            (ENV_POD_NAMESPACE, "jobs"),
+            (ENV_POD_UID, "4f1c6d1e-0c1b-4d7e-9a65-2b8f0e1d3c5a"),
+        ]);
+        let lookup = |name: &str| pod.get(name).map(|v| v.to_string());
+        let owner = PodOwner::from_lookup(lookup).expect("inside a worker pod");
+        assert_eq!(owner.namespace, "jobs");
+        // Outside a worker pod (a driver, a local worker), or with a variable empty: no owner.
+        assert_eq!(PodOwner::from_lookup(|_| None), None);
+        for missing in [ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_POD_UID] {
+            let partial = |name: &str| (name != missing).then(|| lookup(name)).flatten();
+            assert_eq!(PodOwner::from_lookup(partial), None, "without {missing}");
+            let empty = |name: &str| {
+                if name == missing {
+                    Some(String::new())
+                } else {
+                    lookup(name)
+                }
+            };
+            assert_eq!(PodOwner::from_lookup(empty), None, "{missing} empty");
+        }
+
+        let t = template();
+        let env = BTreeMap::new();
+        let mut job = t.job(&worker(&env));
+        owner.own(&mut job.metadata);
+        owner.own(&mut job.metadata);
+        let json = serde_json::to_value(&job).expect("json");
+        assert_eq!(
+            json["metadata"]["ownerReferences"],
+            serde_json::json!([{
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": "shoal-process-1-9f8e7d6c5b4a-x7k2p",
+                "uid": "4f1c6d1e-0c1b-4d7e-9a65-2b8f0e1d3c5a",
+                "controller": false,
+                "blockOwnerDeletion": false,
+            }]),
+            "one reference, however often it is added"
+        );
+        // Only the Job is owned: its pods' controller is the Job, as the Job controller makes it.
+        assert!(
+            json["spec"]["template"]["metadata"]
+                .get("ownerReferences")
+                .is_none()
+        );
+        // Everything else is the Job an executor outside a pod makes.
+        let mut unowned = job.clone();
+        unowned.metadata.owner_references = None;
+        assert_eq!(unowned, t.job(&worker(&env)));
+        let back: Job = serde_json::from_value(json).expect("decodes as a batch/v1 Job");
+        assert_eq!(back, job);
+
+        let mut secret = t.authkey_secret(&"00".repeat(32), "5e1f0a2b3c4d");
+        owner.own(&mut secret.metadata);
+        assert_eq!(
+            secret.metadata.owner_references,
+            Some(vec![owner.reference()])
+        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! job controller (one pod per Job at a time, retries up to `backoffLimit`,
 //! `activeDeadlineSeconds`, status and conditions, `FailedCreate` Events when the pod is refused
 //! admission), pod deletion (graceful, with the kubelet's
-//! signals), the garbage collector (propagation policies) and the TTL-after-finished
-//! controller.
+//! signals), the garbage collector's propagation policies (a Job's deletion and its pods; the
+//! owner references clients set are `gc`'s) and the TTL-after-finished controller.
 //!
 //! Every function here runs with the cluster lock held and leaves the store consistent; work
 //! that must happen later (deadlines, SIGKILL after a grace period, TTLs, retry backoff) is a
@@ -24,6 +24,7 @@ use k8s_openapi::jiff::Timestamp;
 use nix::sys::signal::Signal;
 
 use super::api::{ApiError, Cause};
+use super::gc;
 use super::kubelet;
 use super::scheduler;
 use super::store::Object;
@@ -115,7 +116,11 @@ pub(crate) fn admit_metadata<K: Object>(
             vec![Cause::invalid("metadata.name", &name, &problem)],
         ));
     }
-    let causes = validation::object_meta(metadata, "metadata");
+    let mut causes = validation::object_meta(metadata, "metadata");
+    causes.extend(validation::owner_references(
+        metadata.owner_references.as_deref().unwrap_or_default(),
+        "metadata.ownerReferences",
+    ));
     if !causes.is_empty() {
         return Err(ApiError::invalid::<K>(&name, causes));
     }
@@ -998,7 +1003,10 @@ pub(crate) fn check_preconditions<K: Object>(
     Ok(())
 }
 
-/// Deletes a pod through the API: see [`begin_pod_deletion`]; then its Job reacts.
+/// Deletes a pod through the API: see [`begin_pod_deletion`]; then its Job reacts. The
+/// delete's propagation policy says what becomes of the objects that name the pod as their
+/// owner (see `gc`): `Orphan` (or `orphanDependents`) keeps them, `Foreground` deletes them
+/// now, `Background` (the default for pods) lets the collector delete them once the pod is gone.
 pub(crate) fn delete_pod(
     core: &Arc<Core>,
     cluster: &mut Cluster,
@@ -1016,6 +1024,22 @@ pub(crate) fn delete_pod(
         return Err(ApiError::bad_request(
             "gracePeriodSeconds: Invalid value: must be greater than or equal to 0",
         ));
+    }
+    // What becomes of the objects the pod owns (see `gc`); for pods, no policy is Background.
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    match (
+        options.propagation_policy.as_deref(),
+        options.orphan_dependents,
+    ) {
+        (Some("Orphan"), _) | (None, Some(true)) => gc::orphan_dependents(cluster, namespace, &uid),
+        (Some("Foreground"), _) => gc::delete_dependents(core, cluster, namespace, &uid),
+        (Some("Background") | None, _) => {}
+        (Some(other), _) => {
+            return Err(ApiError::bad_request(&format!(
+                "propagationPolicy: Unsupported value: {other:?}: supported values: \
+                 \"Foreground\", \"Background\", \"Orphan\""
+            )));
+        }
     }
     let owner = owner(cluster, &pod);
     let pod = begin_pod_deletion(core, cluster, &pod, options.grace_period_seconds);

@@ -27,7 +27,10 @@
 //! items have neither, errors as `Status` objects (`NotFound` 404, `AlreadyExists` 409,
 //! `Conflict` 409, `Invalid` 422 with `details.causes`, `BadRequest` 400, `MethodNotAllowed`
 //! 405), watch events as newline-delimited `{"type": ..., "object": ...}`. Plain HTTP on
-//! 127.0.0.1 (so not reachable from pods in network hosts), no authentication. Every namespace
+//! 127.0.0.1 ([`Emulator::url`]) and, for the pods of an emulator with a network, which cannot
+//! reach this machine's loopback, on the network's bridge address too ([`Emulator::pod_url`];
+//! a pod's program finds it through a kubeconfig that [`Emulator::write_pod_kubeconfig`]
+//! wrote, given as `KUBECONFIG` in the container's `env`); no authentication. Every namespace
 //! exists implicitly.
 //!
 //! # Endpoints
@@ -125,6 +128,18 @@
 //! on to them (nor is it by a real garbage collector); delete the pods themselves, or set the
 //! template's `terminationGracePeriodSeconds`, to stop them sooner.
 //!
+//! Owner references that clients set (a Job, Secret or ServiceAccount made a dependent of a
+//! pod, say) are followed as the real garbage collector follows them: once every owner an
+//! object names is gone from the store (deleted through the API, force-deleted, removed by the
+//! kubelet after its grace period, by a TTL), or was already gone when the object was made, the
+//! object is deleted, a Job with background propagation (its pods then go with their own grace
+//! period); an object with some owners left only loses its references to the others. Owners are
+//! matched by uid in the dependent's namespace; an owner of a kind the emulator does not serve
+//! counts as present. A pod delete's `propagationPolicy` applies to them: `Orphan` (or
+//! `orphanDependents: true`) removes their references to it, `Foreground` deletes them at the
+//! delete (the pod does not wait for them), `Background` (the default for pods) deletes them once
+//! the pod is gone.
+//!
 //! # Scheduling
 //! One node, [`NODE_NAME`], labelled `kubernetes.io/arch`, `kubernetes.io/hostname` and
 //! `kubernetes.io/os: linux` (more with [`Emulator::label_node`]). A pod whose `nodeSelector`
@@ -189,6 +204,7 @@
 
 mod api;
 mod controller;
+mod gc;
 mod kubelet;
 mod scheduler;
 mod selectors;
@@ -242,6 +258,8 @@ pub const UNPULLABLE_REGISTRY: &str = ".invalid";
 pub struct Emulator {
     core: Arc<Core>,
     address: SocketAddr,
+    /// Where pods reach the API (see [`Emulator::pod_url`]).
+    pod_address: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
     dir: tempfile::TempDir,
@@ -327,7 +345,8 @@ impl Core {
 
 impl Emulator {
     /// Starts an emulator on a free port of 127.0.0.1. With a `network`, every pod runs in a new
-    /// [`Host`] of it. Panics when it cannot start (the fixture's failure
+    /// [`Host`] of it, and the API also listens on a free port of the network's bridge address,
+    /// for the pods ([`Emulator::pod_url`]). Panics when it cannot start (the fixture's failure
     /// is the test's).
     pub fn start(network: Option<&Network>) -> Emulator {
         let dir = tempfile::Builder::new()
@@ -341,6 +360,20 @@ impl Emulator {
             .set_nonblocking(true)
             .expect("a non-blocking listener");
         let address = listener.local_addr().expect("the listener's address");
+        // Pods in network hosts cannot reach this machine's loopback: they get the API on the
+        // bridge, as a real cluster's pods reach theirs on the cluster network.
+        let pod_listener = network.map(|n| {
+            let listener = std::net::TcpListener::bind((n.host_address(), 0))
+                .expect("a port on the network's bridge");
+            listener
+                .set_nonblocking(true)
+                .expect("a non-blocking listener");
+            listener
+        });
+        let pod_address = match &pod_listener {
+            Some(listener) => listener.local_addr().expect("the listener's address"),
+            None => address,
+        };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -366,26 +399,37 @@ impl Emulator {
             watches_held: tokio::sync::watch::Sender::new(false),
             watches_cut: tokio::sync::watch::Sender::new(0),
         });
+        gc::start(&core, &core.lock());
         let router = api::router(Arc::clone(&core));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = std::thread::Builder::new()
             .name("kube-emulator".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => listener,
-                        Err(e) => {
-                            tracing::error!("the emulator cannot listen: {e}");
-                            return;
-                        }
-                    };
-                    let serve = std::future::IntoFuture::into_future(axum::serve(listener, router));
-                    tokio::select! {
-                        result = serve => {
-                            if let Err(e) = result {
+                    let serve = |listener: std::net::TcpListener| {
+                        let router = router.clone();
+                        async move {
+                            let listener = match tokio::net::TcpListener::from_std(listener) {
+                                Ok(listener) => listener,
+                                Err(e) => {
+                                    tracing::error!("the emulator cannot listen: {e}");
+                                    return;
+                                }
+                            };
+                            if let Err(e) = axum::serve(listener, router).await {
                                 tracing::error!("the emulator's server failed: {e}");
                             }
                         }
+                    };
+                    let for_pods = async {
+                        match pod_listener {
+                            Some(listener) => serve(listener).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = serve(listener) => {}
+                        _ = for_pods => {}
                         _ = stopped => {}
                     }
                 });
@@ -395,6 +439,7 @@ impl Emulator {
         let emulator = Emulator {
             core,
             address,
+            pod_address,
             stop: Some(stop),
             server: Some(server),
             dir,
@@ -437,29 +482,30 @@ impl Emulator {
     /// with namespace [`DEFAULT_NAMESPACE`], for programs that find their cluster through
     /// `KUBECONFIG`.
     pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
-        let config = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "shoal-emulator", "cluster": {"server": self.url()}}],
-            "users": [{"name": "shoal-emulator", "user": {}}],
-            "contexts": [{
-                "name": "shoal-emulator",
-                "context": {
-                    "cluster": "shoal-emulator",
-                    "user": "shoal-emulator",
-                    "namespace": DEFAULT_NAMESPACE,
-                },
-            }],
-            "current-context": "shoal-emulator",
-            "preferences": {},
-        });
-        std::fs::write(path, config.to_string())
+        write_kubeconfig(path, &self.url())
     }
 
     /// A kubeconfig for the emulator, written at start (see [`Emulator::write_kubeconfig`]);
     /// removed with the emulator.
     pub fn kubeconfig_path(&self) -> PathBuf {
         self.dir.path().join("kubeconfig")
+    }
+
+    /// The API's base URL as the pods reach it: on the network's bridge
+    /// (`http://<bridge address>:<port>`, another port than [`Emulator::url`]'s) when the
+    /// emulator has a network, else [`Emulator::url`].
+    pub fn pod_url(&self) -> String {
+        format!("http://{}", self.pod_address)
+    }
+
+    /// Writes a kubeconfig (as [`Emulator::write_kubeconfig`]) whose server is
+    /// [`Emulator::pod_url`]: what a pod's program that calls the API reads through
+    /// `KUBECONFIG` (give it in the container's `env`). Write it where the pods see it: not
+    /// under `/tmp`, which is each pod's own. A real cluster's pods use their service
+    /// account's token and the API's certificate instead, which this emulator does not have
+    /// (plain HTTP, no authentication).
+    pub fn write_pod_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
+        write_kubeconfig(path, &self.pod_url())
     }
 
     fn pod_uid(&self, namespace: &str, name: &str) -> Option<String> {
@@ -586,6 +632,28 @@ impl Emulator {
             .ok()
             .map(|b| String::from_utf8_lossy(&b).into_owned())
     }
+}
+
+/// Writes a kubeconfig (JSON, which is YAML) at `path` whose current context is the API at
+/// `server`, with namespace [`DEFAULT_NAMESPACE`] and no credentials.
+fn write_kubeconfig(path: &Path, server: &str) -> std::io::Result<()> {
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "shoal-emulator", "cluster": {"server": server}}],
+        "users": [{"name": "shoal-emulator", "user": {}}],
+        "contexts": [{
+            "name": "shoal-emulator",
+            "context": {
+                "cluster": "shoal-emulator",
+                "user": "shoal-emulator",
+                "namespace": DEFAULT_NAMESPACE,
+            },
+        }],
+        "current-context": "shoal-emulator",
+        "preferences": {},
+    });
+    std::fs::write(path, config.to_string())
 }
 
 impl Drop for Emulator {

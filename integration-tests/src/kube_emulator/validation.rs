@@ -19,13 +19,15 @@
 //!   qualified extended resource name (`example.com/gpu`, whole numbers, request = limit);
 //!   a request at most its limit;
 //! * `imagePullPolicy`, toleration operators and effects: their enumerations;
-//!   `serviceAccountName`: a DNS subdomain.
+//!   `serviceAccountName`: a DNS subdomain;
+//! * owner references (`metadata.ownerReferences`): a version in `apiVersion`, a `kind`, a
+//!   `name` and a `uid`, no `v1` Event as an owner, at most one with `controller: true`.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, PodSpec, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use super::api::Cause;
 
@@ -293,6 +295,64 @@ pub(crate) fn object_meta(meta: &ObjectMeta, field: &str) -> Vec<Cause> {
         meta.annotations.as_ref(),
         &format!("{field}.annotations"),
     ));
+    causes
+}
+
+/// The problems of an object's owner references, at `field` (`metadata.ownerReferences`), as
+/// apimachinery's `ValidateOwnerReferences` reports them (each reference's fields under
+/// `field` itself, not an index, as there).
+pub(crate) fn owner_references(refs: &[OwnerReference], field: &str) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    let mut controller: Option<String> = None;
+    for reference in refs {
+        // `group/version`, or a bare version for the core group; more slashes parse as nothing.
+        let parts: Vec<&str> = reference.api_version.split('/').collect();
+        let version = match parts.as_slice() {
+            [version] | [_, version] => *version,
+            _ => "",
+        };
+        if version.is_empty() {
+            causes.push(Cause::invalid(
+                &format!("{field}.apiVersion"),
+                &reference.api_version,
+                "version must not be empty",
+            ));
+        }
+        for (name, value) in [
+            ("kind", &reference.kind),
+            ("name", &reference.name),
+            ("uid", &reference.uid),
+        ] {
+            if value.is_empty() {
+                causes.push(Cause::invalid(
+                    &format!("{field}.{name}"),
+                    value,
+                    "must not be empty",
+                ));
+            }
+        }
+        if reference.api_version == "v1" && reference.kind == "Event" {
+            causes.push(Cause::invalid(
+                field,
+                &reference.name,
+                "/v1, Kind=Event is disallowed from being an owner",
+            ));
+        }
+        if reference.controller == Some(true) {
+            let this = format!("{}/{}", reference.kind, reference.name);
+            match &controller {
+                Some(first) => causes.push(Cause::invalid(
+                    field,
+                    "",
+                    &format!(
+                        "Only one reference can have Controller set to true. Found \"true\" in \
+                         references for {first} and {this}"
+                    ),
+                )),
+                None => controller = Some(this),
+            }
+        }
+    }
     causes
 }
 
@@ -578,6 +638,52 @@ mod tests {
         assert!(!env_var_name("A=B").is_empty());
         assert!(!env_var_name("caf\u{e9}").is_empty());
         assert!(!env_var_name("TAB\t").is_empty());
+    }
+
+    #[test]
+    fn owner_references_need_a_version_kind_name_and_uid_and_one_controller_at_most() {
+        let reference =
+            |api_version: &str, kind: &str, name: &str, controller: bool| OwnerReference {
+                api_version: api_version.into(),
+                kind: kind.into(),
+                name: name.into(),
+                uid: "4f1c6d1e-0c1b-4d7e-9a65-2b8f0e1d3c5a".into(),
+                controller: Some(controller),
+                block_owner_deletion: Some(false),
+            };
+        let field = "metadata.ownerReferences";
+        let fields = |refs: &[OwnerReference]| -> Vec<String> {
+            owner_references(refs, field)
+                .into_iter()
+                .map(|c| c.field)
+                .collect()
+        };
+        let pod = reference("v1", "Pod", "parent", false);
+        let job = reference("batch/v1", "Job", "parent", true);
+        assert!(fields(&[pod.clone(), job.clone()]).is_empty());
+        assert_eq!(
+            fields(&[reference("batch/", "", "", false)]),
+            [
+                "metadata.ownerReferences.apiVersion",
+                "metadata.ownerReferences.kind",
+                "metadata.ownerReferences.name"
+            ]
+        );
+        assert_eq!(fields(&[reference("a/b/c", "Pod", "p", false)]).len(), 1);
+        let mut no_uid = pod.clone();
+        no_uid.uid.clear();
+        assert_eq!(fields(&[no_uid]), ["metadata.ownerReferences.uid"]);
+        assert_eq!(
+            fields(&[reference("v1", "Event", "e", false)]),
+            ["metadata.ownerReferences"]
+        );
+        let causes = owner_references(&[job.clone(), reference("v1", "Pod", "p", true)], field);
+        assert_eq!(causes.len(), 1);
+        assert!(
+            causes[0].message.contains("for Job/parent and Pod/p"),
+            "{}",
+            causes[0].message
+        );
     }
 
     #[test]
