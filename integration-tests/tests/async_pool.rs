@@ -642,3 +642,47 @@ fn nap_then_square(ms: u64, x: u64) -> u64 {
     std::thread::sleep(Duration::from_millis(ms));
     x * x
 }
+
+/// An argument whose `Serialize` needs a deep stack (about 400 KiB in a release build, more in
+/// a debug one), as a recursive user type may: it reaches Redis as a plain number.
+#[derive(serde::Deserialize)]
+struct NeedsStack(u64);
+
+impl serde::Serialize for NeedsStack {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        fn descend(depth: u32) -> u64 {
+            let frame = [depth as u8; 4096];
+            let here = std::hint::black_box(&frame)[0] as u64;
+            if depth == 0 {
+                here
+            } else {
+                here.wrapping_add(descend(depth - 1)) & 0
+            }
+        }
+        serializer.serialize_u64(self.0 + descend(100))
+    }
+}
+
+#[shoal::remote]
+fn needs_stack(x: NeedsStack) -> u64 {
+    x.0
+}
+
+#[test]
+fn an_async_maps_input_may_need_as_much_stack_as_a_blocking_maps() {
+    let _rt = runtime();
+    let pool = Pool::new(1).expect("pool");
+    // The blocking map encodes on the caller's thread, the async one on its feeder thread.
+    assert_eq!(
+        pool.map(needs_stack, vec![NeedsStack(1), NeedsStack(2)])
+            .expect("map"),
+        vec![1, 2]
+    );
+    assert_eq!(
+        pool.map_async(needs_stack, vec![NeedsStack(3), NeedsStack(4)])
+            .expect("map_async")
+            .get(None)
+            .expect("get"),
+        vec![3, 4]
+    );
+}
