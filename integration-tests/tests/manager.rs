@@ -1386,7 +1386,8 @@ fn every_manager_key_has_a_ttl() {
     l.sort().expect("sort");
     n.set("x", 1).expect("set");
     let keys = manager_keys(&mut conn, &manager.address());
-    assert_eq!(keys.len(), 6, "{keys:?}");
+    // The record, the container index, and the containers' 5.
+    assert_eq!(keys.len(), 7, "{keys:?}");
     for key in keys {
         let ttl: i64 = redis::cmd("TTL").arg(&key).query(&mut conn).expect("ttl");
         assert!(ttl > 0, "{key} has no TTL ({ttl})");
@@ -1646,4 +1647,271 @@ fn a_manager_in_use_does_not_expire() {
         );
     }
     manager.shutdown().expect("shutdown");
+}
+
+// ------------------------------------------------------------ a dict's keys stay together --
+
+/// The key of `manager` whose name ends with `suffix` (`:order`, `:meta`...).
+fn key_of(conn: &mut redis::Connection, manager: &Manager, suffix: &str) -> String {
+    manager_keys(conn, &manager.address())
+        .into_iter()
+        .find(|k| k.ends_with(suffix))
+        .unwrap_or_else(|| panic!("no key ending {suffix}"))
+}
+
+/// Whether `e` is the error of a container whose keys hold something shoal did not write.
+fn is_corrupt(e: &Error) -> bool {
+    matches!(e, Error::InvalidState(m) if m.contains("did not write"))
+}
+
+#[test]
+fn a_cleared_dict_keeps_its_keys_expiring_together() {
+    let rt = runtime();
+    let mut conn = raw_redis(&rt);
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<String, i64>().expect("dict");
+    d.set("a", 1).expect("set");
+    d.set("b", 2).expect("set");
+    // As if the dict's TTLs were last refreshed almost redis.expiry_secs ago: every key of the
+    // manager (the dict's data and order, the record and the container index) expires in 1.5 s.
+    let keys = manager_keys(&mut conn, &manager.address());
+    for key in &keys {
+        let _: i64 = redis::cmd("PEXPIRE")
+            .arg(key)
+            .arg(1500)
+            .query(&mut conn)
+            .expect("pexpire");
+    }
+    d.clear().expect("clear");
+    // Had clear given a fresh TTL to the data alone (it makes it again), the order and the
+    // record would expire first, and the set below would make the order again without its
+    // sentinel and without a TTL.
+    std::thread::sleep(Duration::from_millis(1800));
+    d.set("c", 3).expect("set after the clear");
+    assert_eq!(d.len().expect("len"), 1);
+    assert_eq!(d.keys().expect("keys"), vec!["c".to_string()]);
+    assert_eq!(d.items().expect("items"), vec![("c".to_string(), 3)]);
+    for key in manager_keys(&mut conn, &manager.address()) {
+        let ttl: i64 = redis::cmd("TTL").arg(&key).query(&mut conn).expect("ttl");
+        assert!(ttl > 60, "{key}: TTL {ttl} s after the clear");
+    }
+    manager.shutdown().expect("shutdown");
+    assert_eq!(
+        manager_keys(&mut conn, &manager.address()),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn a_dict_without_its_order_is_reported_and_its_order_not_made_again() {
+    let rt = runtime();
+    let mut conn = raw_redis(&rt);
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<String, i64>().expect("dict");
+    d.set("a", 1).expect("set");
+    d.set("b", 2).expect("set");
+    let mut started = d.iter().expect("iter");
+    let order = key_of(&mut conn, &manager, ":order");
+    // The order gone, the data left (expired apart, or deleted by hand).
+    let _: i64 = redis::cmd("DEL").arg(&order).query(&mut conn).expect("del");
+    let errors = [
+        ("set", d.set("c", 3).expect_err("set of a new key")),
+        (
+            "setdefault",
+            d.setdefault("c", 3).expect_err("setdefault of a new key"),
+        ),
+        (
+            "update",
+            d.update(vec![("c".to_string(), 3)]).expect_err("update"),
+        ),
+        ("len", d.len().expect_err("len")),
+        ("items", d.items().expect_err("items")),
+        ("keys", d.keys().expect_err("keys")),
+        ("popitem", d.popitem().expect_err("popitem")),
+        ("clear", d.clear().expect_err("clear")),
+        ("iter", d.iter().map(drop).expect_err("iter")),
+        (
+            "a started iteration",
+            started
+                .next()
+                .expect("an item or an error")
+                .expect_err("the page after the order went"),
+        ),
+        ("len_async", block_on(d.len_async()).expect_err("len_async")),
+        (
+            "set_async",
+            block_on(d.set_async("c", 3)).expect_err("set_async"),
+        ),
+    ];
+    for (what, e) in errors {
+        assert!(is_corrupt(&e), "{what}: {e}");
+    }
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&order)
+        .query(&mut conn)
+        .expect("exists");
+    assert_eq!(exists, 0, "the order was made again");
+    assert!(
+        !d.contains("c").expect("contains"),
+        "no write was half done"
+    );
+    manager.shutdown().expect("shutdown");
+    assert_eq!(
+        manager_keys(&mut conn, &manager.address()),
+        Vec::<String>::new()
+    );
+}
+
+// ---------------------------------------------------------------- a shutdown that failed --
+
+#[test]
+fn a_shutdown_that_failed_half_way_is_done_when_retried() {
+    let rt = runtime();
+    let mut conn = raw_redis(&rt);
+    let acl = |conn: &mut redis::Connection, rule: &str| {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg(rule)
+            .query(conn)
+            .expect("acl setuser");
+    };
+    for asynchronous in [false, true] {
+        let manager = Manager::new().expect("manager");
+        let d = manager.dict::<String, i64>().expect("dict");
+        d.set("a", 1).expect("set");
+        let l = manager.list_from(0..3i64).expect("list");
+        let shutdown = || {
+            if asynchronous {
+                block_on(manager.shutdown_async())
+            } else {
+                manager.shutdown()
+            }
+        };
+        // The deletion fails after the record was marked shut down (as it would if the
+        // connection were lost between the two round trips): DEL is refused meanwhile.
+        acl(&mut conn, "-del");
+        let failed = shutdown();
+        acl(&mut conn, "+del");
+        let e = failed.expect_err("a shutdown whose deletion failed");
+        assert!(
+            e.to_string().contains("deleting the keys"),
+            "async {asynchronous}: {e}"
+        );
+        assert!(!manager_keys(&mut conn, &manager.address()).is_empty());
+        // Shut down in Redis already: nothing is made in it any more.
+        assert!(
+            matches!(manager.dict::<i64, i64>(), Err(Error::InvalidState(m)) if m.contains("shut down"))
+        );
+        // A retry deletes what is left.
+        shutdown().expect("the retried shutdown");
+        assert_eq!(
+            manager_keys(&mut conn, &manager.address()),
+            Vec::<String>::new(),
+            "async {asynchronous}: the retry deleted nothing"
+        );
+        assert!(
+            matches!(d.get("a"), Err(Error::InvalidState(m)) if m.contains("no longer exists"))
+        );
+        assert!(matches!(l.len(), Err(Error::InvalidState(_))));
+        shutdown().expect("a third shutdown does nothing");
+    }
+}
+
+// --------------------------------------------------------- the record does not grow forever --
+
+/// A container proxy's capability (its serde form carries it).
+fn capability_of<T: Serialize>(proxy: &T) -> String {
+    let value = serde_json::to_value(proxy).expect("json");
+    value["capability"]
+        .as_str()
+        .expect("a capability")
+        .to_string()
+}
+
+#[test]
+fn the_manager_forgets_containers_that_expired_and_deletes_the_others_page_by_page() {
+    let rt = runtime();
+    let mut conn = raw_redis(&rt);
+    let manager = Manager::new().expect("manager");
+    let id = manager.address().id().to_string();
+    let meta = format!("shoal:{{default:manager:{id}}}:meta");
+    let index = format!("shoal:{{default:manager:{id}}}:containers");
+    let prefix = format!("shoal:{{default:manager:{id}}}:dict:");
+    let hlen = |conn: &mut redis::Connection| -> i64 {
+        redis::cmd("HLEN").arg(&meta).query(conn).expect("hlen")
+    };
+    let zcard = |conn: &mut redis::Connection| -> i64 {
+        redis::cmd("ZCARD").arg(&index).query(conn).expect("zcard")
+    };
+    let fields = hlen(&mut conn);
+
+    // A service that makes a dict per request: the record does not grow with them.
+    let dicts: Vec<DictProxy<i64, i64>> = (0..40).map(|_| manager.dict().expect("dict")).collect();
+    assert_eq!(
+        hlen(&mut conn),
+        fields,
+        "a field in the record per container"
+    );
+    assert_eq!(zcard(&mut conn), 40);
+
+    // Most of them were last used three hours ago and expired: their keys are gone, and their
+    // entries in the index are that old. 5 of those old ones are used now (a refresh of their
+    // TTLs, forced by a stale refresh time, records itself in the index), 5 are recent.
+    let three_hours_ago = now_ms() - 3 * 3600 * 1000;
+    for (i, d) in dicts.iter().enumerate().skip(5) {
+        let capability = capability_of(d);
+        let _: i64 = redis::cmd("ZADD")
+            .arg(&index)
+            .arg("XX")
+            .arg(three_hours_ago)
+            .arg(format!("dict:{capability}"))
+            .query(&mut conn)
+            .expect("zadd");
+        if i < 10 {
+            let _: i64 = redis::cmd("HSET")
+                .arg(format!("{prefix}{capability}:data"))
+                .arg("\0r")
+                .arg(0)
+                .query(&mut conn)
+                .expect("hset");
+            d.set(&1, 1).expect("a dict in use");
+        } else {
+            let _: i64 = redis::cmd("DEL")
+                .arg(format!("{prefix}{capability}:data"))
+                .arg(format!("{prefix}{capability}:order"))
+                .query(&mut conn)
+                .expect("del");
+        }
+    }
+    // The next container made prunes the entries of the expired ones.
+    let last = manager.dict::<i64, i64>().expect("dict");
+    assert_eq!(
+        zcard(&mut conn),
+        11,
+        "the expired containers' entries are pruned"
+    );
+    for d in dicts.iter().take(10).chain([&last]) {
+        d.set(&2, 2).expect("a live dict");
+    }
+    manager.shutdown().expect("shutdown");
+    assert_eq!(
+        manager_keys(&mut conn, &manager.address()),
+        Vec::<String>::new()
+    );
+
+    // More containers than a shutdown deletes per round trip: all of them are deleted.
+    let manager = Manager::new().expect("manager");
+    let many: Vec<NamespaceProxy> = (0..1201)
+        .map(|_| manager.namespace().expect("namespace"))
+        .collect();
+    assert_eq!(manager_keys(&mut conn, &manager.address()).len(), 1203);
+    manager.shutdown().expect("shutdown");
+    assert_eq!(
+        manager_keys(&mut conn, &manager.address()),
+        Vec::<String>::new()
+    );
+    assert!(
+        matches!(many[1200].get::<i64>("x"), Err(Error::InvalidState(m)) if m.contains("no longer exists"))
+    );
 }

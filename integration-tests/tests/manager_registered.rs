@@ -292,3 +292,87 @@ fn types_are_registered_and_instances_made_async() {
     // The instance made async was recorded: the shutdown stopped it.
     assert!(comes_to_a_stop(&counter));
 }
+
+/// Whether the record of the manager at `address` exists in Redis (and its TTL, for messages).
+fn record_left(conn: &mut redis::Connection, address: &ManagerAddress) -> Option<i64> {
+    let meta = format!("shoal:{{default:manager:{}}}:meta", address.id());
+    let exists: bool = redis::cmd("EXISTS").arg(&meta).query(conn).expect("exists");
+    exists.then(|| redis::cmd("TTL").arg(&meta).query(conn).expect("ttl"))
+}
+
+#[test]
+fn register_and_create_racing_a_shutdown_never_make_the_record_again() {
+    let rt = runtime();
+    let mut conn = shoal_integration_tests::raw_redis(&rt);
+    // `create` in a loop on one thread, the shutdown on another: a create whose check passed
+    // before the shutdown and whose record came after it made the record again (with no TTL:
+    // it never expired), and its instance, returned, was never stopped.
+    for round in 0..20u64 {
+        let manager = Manager::new().expect("manager");
+        manager.register::<Counter>("Counter").expect("register");
+        let creator = manager.clone();
+        let made = std::thread::scope(|s| {
+            let creating = s.spawn(move || {
+                let mut made = Vec::new();
+                while let Ok(counter) = creator.create("Counter", Counter::default()) {
+                    made.push(counter);
+                }
+                made
+            });
+            std::thread::sleep(Duration::from_millis(round % 5));
+            manager.shutdown().expect("shutdown");
+            creating.join().expect("the creating thread")
+        });
+        assert_eq!(
+            record_left(&mut conn, &manager.address()),
+            None,
+            "round {round}: a create after the shutdown made the record again (TTL -1: never \
+             expires)"
+        );
+        for counter in &made {
+            assert!(
+                comes_to_a_stop(counter),
+                "round {round}: an instance created before the shutdown runs on"
+            );
+        }
+    }
+    // Every instance made, whether its create returned it or refused it (its record came after
+    // the shutdown's first step), was stopped.
+    let states: Vec<String> = redis::cmd("KEYS")
+        .arg("shoal:{default:actor:*}:state")
+        .query(&mut conn)
+        .expect("keys");
+    assert!(!states.is_empty());
+    for state in states {
+        let id = state
+            .strip_prefix("shoal:{default:actor:")
+            .and_then(|rest| rest.strip_suffix("}:state"))
+            .expect("an actor id");
+        let counter: ActorRef<Counter> =
+            serde_json::from_value(serde_json::json!({ "id": id, "authenticated": true }))
+                .expect("a handle");
+        assert!(comes_to_a_stop(&counter), "actor {id} runs on");
+    }
+    // The same with `register`: its window (between its check and its write) is one round
+    // trip, so it takes more rounds to hit.
+    for round in 0..300u64 {
+        let manager = Manager::new().expect("manager");
+        let registrar = manager.clone();
+        std::thread::scope(|s| {
+            let registering = s.spawn(
+                move || {
+                    while registrar.register::<Counter>("Counter").is_ok() {}
+                },
+            );
+            std::thread::sleep(Duration::from_micros(round % 7 * 100));
+            manager.shutdown().expect("shutdown");
+            registering.join().expect("the registering thread");
+        });
+        assert_eq!(
+            record_left(&mut conn, &manager.address()),
+            None,
+            "round {round}: a register after the shutdown made the record again (TTL -1: \
+             never expires)"
+        );
+    }
+}

@@ -2,9 +2,11 @@
 //! how to run one of its scripts, how its errors read), and how a new one is created.
 //!
 //! A container's keys are `shoal:{<ns>:manager:<manager id>}:<kind>:<capability>:<field>`: under
-//! the manager's hash tag (one script may touch a container and the manager's meta, and
-//! `shutdown` deletes everything in one command), named by a capability that only holders of the
-//! manager's authkey can compute (see the module docs of `manager`).
+//! the manager's hash tag (one script may touch a container and the manager's keys, and
+//! `shutdown` deletes everything a page of containers at a time), named by a capability that only
+//! holders of the manager's authkey can compute (see the module docs of `manager`). Each
+//! container's scripts also get the manager's index and meta (see [`container_keys`]): a refresh
+//! of the container's TTLs refreshes theirs and records itself in the index.
 
 use std::marker::PhantomData;
 use std::sync::{Arc, LazyLock, OnceLock};
@@ -29,8 +31,9 @@ pub(super) fn script(body: &str) -> redis::Script {
     ))
 }
 
+// With the prelude: it records the new container as a refresh of its TTLs does.
 static CREATE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("container_create.lua")));
+    LazyLock::new(|| script(include_str!("container_create.lua")));
 
 /// The kind of a container; part of its key names and of its capability.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -87,15 +90,37 @@ pub(super) fn capability(authkey: &AuthKey, manager: &str, kind: Kind, id: &str)
     tag[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The keys of a container: its fields (see [`Kind::fields`]), then the manager's meta.
+/// The keys a container's scripts get: its own ([`own_keys`]), then the manager's container
+/// index and its meta.
 pub(super) fn container_keys(manager: &ObjectKeys, kind: Kind, capability: &str) -> Vec<String> {
-    let mut keys: Vec<String> = kind
-        .fields()
-        .iter()
-        .map(|f| manager.key(&format!("{}:{capability}:{f}", kind.name())))
-        .collect();
+    let mut keys = own_keys(manager, kind, capability);
+    keys.push(manager.key(INDEX));
     keys.push(manager.key("meta"));
     keys
+}
+
+/// The keys of a container: its fields (see [`Kind::fields`]), head first.
+pub(super) fn own_keys(manager: &ObjectKeys, kind: Kind, capability: &str) -> Vec<String> {
+    kind.fields()
+        .iter()
+        .map(|f| manager.key(&format!("{}:{capability}:{f}", kind.name())))
+        .collect()
+}
+
+/// The field of the manager's container index among its keys: a sorted set of
+/// `<kind>:<capability>` ([`index_member`]), one per container, scored by when the container's
+/// TTLs were last refreshed (ms). Creations prune the entries of containers that expired, so it
+/// does not grow with every container a long-running manager ever made; `shutdown` deletes the
+/// containers it lists.
+pub(super) const INDEX: &str = "containers";
+
+/// The container a member of the index names (its kind and capability), or `None` for a member
+/// shoal did not write.
+pub(super) fn index_member(member: &str) -> Option<(Kind, &str)> {
+    let (kind, capability) = member.split_once(':')?;
+    let kind = Kind::from_name(kind)?;
+    let valid = !capability.is_empty() && capability.chars().all(|c| c.is_ascii_hexdigit());
+    valid.then_some((kind, capability))
 }
 
 /// One container of a manager: a serde value (its address and capability), so that a proxy
@@ -137,7 +162,6 @@ impl std::fmt::Debug for Container {
 /// What a manager call sends from a task ([`on_runtime`]).
 pub(super) enum RuntimeRequest {
     Script(redis::ScriptInvocation<'static>),
-    Cmd(redis::Cmd),
     Pipe(redis::Pipeline),
 }
 
@@ -154,7 +178,6 @@ where
             let reply = match store.shared().await {
                 Ok(mut conn) => Ok(match request {
                     RuntimeRequest::Script(invocation) => invocation.invoke_async(&mut conn).await,
-                    RuntimeRequest::Cmd(cmd) => cmd.query_async(&mut conn).await,
                     RuntimeRequest::Pipe(pipe) => pipe.query_async(&mut conn).await,
                 }),
                 Err(e) => Err(e),
@@ -235,7 +258,6 @@ impl Container {
         invocation
             .arg(now_ms())
             .arg(store.expiry_secs())
-            .arg(format!("c:{}:{}", kind.name(), container.id))
             .arg(kind.name());
         for (field, value) in extra_head_fields {
             invocation.arg(*field).arg(*value);
@@ -243,7 +265,7 @@ impl Container {
         (container, invocation)
     }
 
-    /// The key names: the container's (head first), then the manager's meta.
+    /// The key names: the container's (head first), then the manager's index and meta.
     pub(super) fn keys(&self) -> Arc<[String]> {
         self.cached_keys
             .get_or_init(|| {
@@ -621,15 +643,26 @@ mod tests {
             [
                 "shoal:{ns:manager:m1}:dict:cap:data",
                 "shoal:{ns:manager:m1}:dict:cap:order",
+                "shoal:{ns:manager:m1}:containers",
                 "shoal:{ns:manager:m1}:meta",
             ]
         );
-        assert_eq!(container_keys(&manager, Kind::List, "c").len(), 3);
-        assert_eq!(container_keys(&manager, Kind::Namespace, "c").len(), 2);
+        assert_eq!(container_keys(&manager, Kind::List, "c").len(), 4);
+        assert_eq!(container_keys(&manager, Kind::Namespace, "c").len(), 3);
+        assert_eq!(own_keys(&manager, Kind::Namespace, "c").len(), 1);
         for kind in [Kind::Dict, Kind::List, Kind::Namespace] {
             assert_eq!(Kind::from_name(kind.name()), Some(kind));
         }
         assert_eq!(Kind::from_name("queue"), None);
+    }
+
+    #[test]
+    fn index_members_name_a_container_or_nothing() {
+        assert_eq!(index_member("dict:00ff"), Some((Kind::Dict, "00ff")));
+        assert_eq!(index_member("namespace:ab"), Some((Kind::Namespace, "ab")));
+        for bad in ["", "dict", "dict:", "queue:00", "dict:zz", "dict:00:data"] {
+            assert_eq!(index_member(bad), None, "{bad}");
+        }
     }
 
     #[test]

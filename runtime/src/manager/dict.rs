@@ -34,7 +34,11 @@
 //! `dict:<cap>:data` (hash: encoded key → encoded value, plus `\0v` the version, counting
 //! insertions and deletions of keys, and `\0r` when the TTLs were last refreshed),
 //! `dict:<cap>:order` (sorted set: encoded key, scored by the version that inserted it, plus the
-//! member `\0` scored -inf, which keeps the set and its TTL while the dict is empty).
+//! member `\0` scored -inf, which keeps the set and its TTL while the dict is empty). Both keys
+//! get their TTL together, `clear` included, so neither outlives the other; a dict whose data
+//! exists without its order (broken apart by hand, or by an older shoal's `clear`) is
+//! [`Error::InvalidState`] "its Redis keys hold data shoal did not write" for the operations that
+//! use the order, which never make it again.
 //!
 //! # Round trips
 //!
@@ -42,7 +46,8 @@
 //! docs). Iteration: 1 to start, 1 per page, and 1 more to end (the empty read past the last
 //! pair that checks the version): 3 for a dict of fewer than [`PAGE`] keys, 2 for an empty
 //! one. Inside Redis, `get` is
-//! one `HMGET`, `set` of an existing key an `HMGET` and an `HSET`, of a new key one more `ZADD`
+//! one `HMGET`, `set` of an existing key an `HMGET` and an `HSET`, of a new key an `EXISTS` (of
+//! the order) and a `ZADD` more
 //! (TTLs are refreshed once a tenth of `redis.expiry_secs`, not on every call).
 
 use std::collections::VecDeque;
@@ -53,11 +58,17 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use shoal_core::error::{Error, Result};
 
-use super::container::{Call, Container, Kind, Marker, script, store};
+use super::container::{Call, Container, Kind, Marker, store};
 use super::stream::{self, DictStream};
 
 /// Pairs per page of an iteration.
 pub const PAGE: usize = 1000;
+
+/// A dict script: the container prelude, the dict prelude (the check that the order exists),
+/// then `body`.
+fn script(body: &str) -> redis::Script {
+    super::container::script(&format!("{}\n{}", include_str!("dict_prelude.lua"), body))
+}
 
 static GET: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("dict_get.lua")));
 static SET: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("dict_set.lua")));

@@ -4,4 +4,8 @@ local h, err = open()
 if not h then
   return err
 end
-return {math.max(0, redis.call('ZCARD', KEYS[2]) - 1), h[1]}
+local n = redis.call('ZCARD', KEYS[2]) - 1
+if n < 0 then
+  return lost_order()
+end
+return {n, h[1]}

@@ -13,15 +13,24 @@ if ARGV[5] ~= '' and h[1] ~= ARGV[5] then
   return {h[1]}
 end
 local entries
+-- Where the keys start in `entries` (a key, then its score).
+local i = 1
 if tonumber(ARGV[4]) == 0 then
-  -- From rank 1: rank 0 is the '\0' that keeps the zset existing.
-  entries = redis.call('ZRANGE', KEYS[2], 1, -1, 'WITHSCORES')
+  -- From rank 0, the '\0' that keeps the zset existing: its presence shows the order is whole.
+  entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  if entries[1] ~= '\0' then
+    return lost_order()
+  end
+  i = 3
 else
   entries = redis.call('ZRANGE', KEYS[2], '(' .. ARGV[3], '+inf', 'BYSCORE', 'LIMIT', 0,
     ARGV[4], 'WITHSCORES')
+  -- An empty page ends an iteration: not before the order is known to exist.
+  if #entries == 0 and not has_order() then
+    return lost_order()
+  end
 end
 local out = {h[1]}
-local i = 1
 while i <= #entries do
   local j = math.min(i + 1999, #entries)
   local keys = {}

@@ -5,7 +5,10 @@ if not h then
   return err
 end
 local last = redis.call('ZRANGE', KEYS[2], -1, -1)
-if #last == 0 or last[1] == '\0' then
+if #last == 0 then
+  return lost_order()
+end
+if last[1] == '\0' then
   return {}
 end
 local value = redis.call('HGET', KEYS[1], last[1])

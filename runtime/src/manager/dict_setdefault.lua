@@ -8,6 +8,9 @@ end
 if h[3] then
   return h[3]
 end
+if not has_order() then
+  return lost_order()
+end
 local version = tonumber(h[1]) + 1
 redis.call('HSET', KEYS[1], ARGV[3], ARGV[4], '\0v', version)
 redis.call('ZADD', KEYS[2], version, ARGV[3])

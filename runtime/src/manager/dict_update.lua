@@ -5,6 +5,10 @@ local h, err = open()
 if not h then
   return err
 end
+-- Before any write (an error after one would leave it done): new keys go in the order.
+if not has_order() then
+  return lost_order()
+end
 local version = tonumber(h[1])
 local added = 0
 for i = 3, #ARGV, 2 do

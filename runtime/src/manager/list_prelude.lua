@@ -3,7 +3,7 @@
 --   it); '\0s' the shape, bumped by every write that moves items (insertions, deletions,
 --   reverse, sort, clear; not `l[i] = x`): an iterator compares it; '\0f' while a sort runs,
 --   '<token>|<deadline ms>': writes wait until the sort wrote or the deadline passed; '\0r'.
--- KEYS[2] items list (encoded items), KEYS[3] manager meta.
+-- KEYS[2] items list (encoded items), KEYS[3] the manager's container index, KEYS[4] its meta.
 
 -- open() plus the shape, at [3], and the freeze, at [4]. `writer`: nil for a read (a freeze
 -- does not matter), '' for a write, a sort's token for its own write: a write while another

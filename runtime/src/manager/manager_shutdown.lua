@@ -1,9 +1,12 @@
--- First step of Manager.shutdown: no container may be created from now on; returns the meta's
--- field names (the caller derives every container's keys from the 'c:<kind>:<id>' ones and
--- deletes them with the meta), or an empty array when the manager is already gone.
--- KEYS[1] the meta hash.
+-- First step of Manager.shutdown: no container may be created from now on (and no type
+-- registered, no instance recorded, nothing published). Returns {the meta's field names, the
+-- first page of the index}: the caller stops the instances the 'a:<actor id>' fields list,
+-- deletes the keys of each container the index lists ('<kind>:<capability>') page by page, then
+-- the index and the meta. {{}, {}} when the manager is already gone. Run again by a shutdown
+-- that failed half way (the meta, deleted last, still exists): it returns what is left.
+-- KEYS[1] the meta hash, KEYS[2] the container index. ARGV[1] the page size.
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {}
+  return {{}, {}}
 end
 redis.call('HSET', KEYS[1], 'state', 'shutdown')
-return redis.call('HKEYS', KEYS[1])
+return {redis.call('HKEYS', KEYS[1]), redis.call('ZRANGE', KEYS[2], 0, tonumber(ARGV[1]) - 1)}

@@ -65,10 +65,14 @@
 //! when the creator exits), unless [`Manager::shutdown`] did it before. A pool whose workers
 //! are threads of this process shuts down only the managers its tasks made. A connected manager
 //! ([`Manager::connect`]) never shuts it down (Python's connected managers have no `shutdown`).
+//! A shutdown that failed half way (a connection lost) can be called again: it goes on with
+//! what is left (the record, deleted last, still lists it).
 //! As every shoal key, a manager's keys expire after `redis.expiry_secs` without use; every use
-//! refreshes them (a container's keys and the manager's record with each of the container's
-//! operations, the record with `publish`, `lookup`, `connect`, `register`, `create` and the
-//! making of a container or a primitive), in the request the use sends anyway.
+//! refreshes them (a container's keys and the manager's index and record with the container's
+//! operations, at most once a tenth of `redis.expiry_secs`; the record with `publish`,
+//! `lookup`, `connect`, `register`, `create` and the making of a container or a primitive), in
+//! the request the use sends anyway. Every write of the record is a script that checks the
+//! manager runs first, so none can come after a shutdown and make the record again.
 //!
 //! # Authentication
 //!
@@ -79,7 +83,9 @@
 //! [`Error::Authentication`] having read the record and changed nothing in it (the read refreshes
 //! its TTL, as any use does). Each container's keys are named by a capability, HMAC-SHA256 of
 //! the container's id under the authkey: only holders of the authkey (or of a proxy, which
-//! carries the capability) can address a container.
+//! carries the capability) can address a container. (The manager's container index lists the
+//! capabilities, so that `shutdown` finds the containers; like every key, it is readable only by
+//! those who can run commands on the Redis server, the boundary the next paragraph describes.)
 //!
 //! That is where the checks are: at connect, and by capability. Python checks the authkey when a
 //! connection opens and then trusts the connection; shoal cannot check a per-message MAC either,
@@ -90,19 +96,29 @@
 //!
 //! # Keys (hash tag `{<ns>:manager:<manager id>}`)
 //!
-//! `meta` (hash: `state` = `running` | `shutdown`, `nonce`, `verifier`, `c:<kind>:<id>` per
-//! container, so that `shutdown` finds them, and `o:<name>` per published value), and each
-//! container's keys, `<kind>:<capability>:<field>` (see `dict.rs`, `list.rs`, `namespace.rs`). All
-//! share the manager's hash tag, so that one script sees a container and the manager's record, and
-//! one pipelined round trip of `DEL`s deletes everything; on Redis Cluster a manager's containers
-//! live on one shard (as Python's live in one server process).
+//! `meta` (hash: `state` = `running` | `shutdown`, `nonce`, `verifier`, `t:<typeid>` per
+//! registered type and `a:<actor id>` per instance of one (see the `registered` module), and
+//! `o:<name>` per published value); `containers`, the index (sorted set: `<kind>:<capability>`
+//! per container, scored by when the container's TTLs were last refreshed, ms), so that
+//! `shutdown` finds the containers: making a container prunes the entries not refreshed for
+//! twice `redis.expiry_secs` (their keys expired), so the index holds the live containers, not
+//! every one a long-running manager ever made; and each container's keys,
+//! `<kind>:<capability>:<field>` (see `dict.rs`, `list.rs`, `namespace.rs`). All share the
+//! manager's hash tag, so that one script sees a container and the manager's keys, and
+//! `shutdown` deletes them with pipelined `DEL`s, a page of containers per round trip; on Redis
+//! Cluster a manager's containers live on one shard (as Python's live in one server process).
 //!
 //! # Round trips
 //!
 //! `new`: 1. `connect`: 1 (a read). `dict`/`list`/`namespace`: 1 (a script that checks the manager
 //! runs and records the container); `dict_from`/`list_from`: 2. `queue`, `lock`...: 1 (is the
-//! manager running?) plus the primitive's creation. `shutdown`: 2. Each proxy operation: see its
-//! module (1, except `ListProxy::sort`), the same for its async form. `publish`, `lookup`: 1.
+//! manager running?) plus the primitive's creation. `register`: 1 (a script). `create`: 2 (a
+//! read, then a script that records the instance) plus the instance's creation, and its stop
+//! when the record is refused (see the `registered` module). `shutdown`: 2 (a script that marks
+//! the manager shut down, then the deletion) for fewer than 500 containers, 1 more per further
+//! 500, plus the stop message sent to each registered-type instance. Each proxy operation: see
+//! its module (1, except `ListProxy::sort`), the same for its async form. `publish`, `lookup`: 1.
+//! The async forms make the same round trips.
 
 mod container;
 pub mod dict;
@@ -125,7 +141,7 @@ use shoal_primitives::{
     Semaphore, Value,
 };
 
-use container::{Container, Kind, RuntimeRequest, container_keys, on_runtime, short};
+use container::{Container, Kind, RuntimeRequest, on_runtime, short};
 pub use dict::{DictIter, DictProxy};
 pub use list::{ListIter, ListProxy};
 pub use namespace::NamespaceProxy;
@@ -133,8 +149,10 @@ pub use stream::{DictStream, ListStream};
 
 static CREATE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("manager_create.lua")));
-static PUBLISH: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("manager_publish.lua")));
+static RECORD: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("manager_record.lua")));
+static REGISTER: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("manager_register.lua")));
 static SHUTDOWN: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("manager_shutdown.lua")));
 
@@ -744,7 +762,7 @@ impl Manager {
             .with_conn(
                 || format!("publishing {name:?} in {}", address.describe()),
                 |c| {
-                    PUBLISH
+                    RECORD
                         .key(&meta)
                         .arg(&field)
                         .arg(&encoded)
@@ -803,7 +821,7 @@ impl Manager {
             let (store, meta) = self.meta()?;
             let field = format!("o:{name}");
             let encoded = store.encode(value, &field)?;
-            let mut invocation = PUBLISH.prepare_invoke();
+            let mut invocation = RECORD.prepare_invoke();
             invocation
                 .key(&meta)
                 .arg(&field)
@@ -855,8 +873,10 @@ impl Manager {
         Ok((store, self.inner.address.keys().key("meta")))
     }
 
-    /// Errors when the manager is not running (a primitive, or a registered type's instance, is
-    /// about to be made for it, or a type registered); refreshes its record's TTL.
+    /// Errors when the manager is not running (a primitive is about to be made for it);
+    /// refreshes its record's TTL. (Primitives are not the manager's keys, so nothing is written
+    /// in its record: a write would have to be a script that checks the state itself, as
+    /// `register`, `create` and the creation of a container are.)
     fn check_running(&self) -> Result<()> {
         self.check_not_shut_down_here()?;
         let store = context::current()?.store().clone();
@@ -872,25 +892,6 @@ impl Manager {
             )
             .map_err(|e| manager_error(address, e))?;
         running(address, state)
-    }
-
-    /// [`Manager::check_running`] sent from a task ([`on_runtime`]).
-    fn check_running_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
-        let checked = self
-            .check_not_shut_down_here()
-            .and_then(|()| Ok(self.state_read(context::current()?.store().expiry_secs())));
-        let address = self.inner.address.clone();
-        async move {
-            let reply = on_runtime::<Refreshed<Option<String>>>(RuntimeRequest::Pipe(checked?))
-                .await
-                .and_then(|reply| {
-                    reply
-                        .and_then(read_reply)
-                        .map_err(|e| Error::redis(format!("reading {}", address.describe()), e))
-                });
-            let state = reply.map_err(|e| manager_error(&address, e))?;
-            running(&address, state)
-        }
     }
 
     /// The read of the manager's state, which refreshes its record's TTL ([`refreshing`]).
@@ -987,8 +988,10 @@ impl Manager {
 
     /// Shuts the manager down (Python's `manager.shutdown()`): deletes its record and every
     /// container any process made in it; their proxies then fail with
-    /// [`Error::InvalidState`]. Shutting down again does nothing. Only a manager made here (by
-    /// [`Manager::new`]) can be shut down: on a connected one it is [`Error::InvalidState`].
+    /// [`Error::InvalidState`]. Shutting down again does nothing once a shutdown succeeded; after
+    /// one that failed (a connection lost half way) it goes on with what is left. Only a manager
+    /// made here (by [`Manager::new`]) can be shut down: on a connected one it is
+    /// [`Error::InvalidState`].
     pub fn shutdown(&self) -> Result<()> {
         if !self.inner.owner {
             return Err(self.not_the_owner());
@@ -1039,19 +1042,14 @@ impl Manager {
                 .spawn(move |store, caller| async move {
                     let address = task.inner.address.clone();
                     let result = async {
-                        let meta = address.keys().key("meta");
                         let mut conn = store.shared().await?;
-                        let fields: Vec<String> = SHUTDOWN
-                            .key(&meta)
+                        let shutting_down =
+                            |e| Error::redis(format!("shutting down {}", address.describe()), e);
+                        let (fields, mut page): ShutdownReply = task
+                            .shutdown_script()
                             .invoke_async(&mut conn)
                             .await
-                            .map_err(|e| {
-                                Error::redis(format!("shutting down {}", address.describe()), e)
-                            })?;
-                        task.inner.shut_down.store(true, Ordering::Release);
-                        if fields.is_empty() {
-                            return Ok(());
-                        }
+                            .map_err(shutting_down)?;
                         for stop in task.instance_stops(store.store(), &fields) {
                             if let Err(e) = stop.mailbox.send_async(&store, &stop.outgoing()).await
                             {
@@ -1062,15 +1060,23 @@ impl Manager {
                                 );
                             }
                         }
-                        task.deletion(&fields)
-                            .query_async::<()>(&mut conn)
-                            .await
-                            .map_err(|e| {
-                                Error::redis(
-                                    format!("deleting the keys of {}", address.describe()),
-                                    e,
-                                )
-                            })
+                        let deleting = |e| {
+                            Error::redis(format!("deleting the keys of {}", address.describe()), e)
+                        };
+                        while !fields.is_empty() {
+                            let last = page.len() < SHUTDOWN_PAGE;
+                            let step = task.deletion(&page, last.then_some(&fields));
+                            if last {
+                                step.query_async::<()>(&mut conn).await.map_err(deleting)?;
+                                break;
+                            }
+                            let (next,): (Vec<String>,) =
+                                step.query_async(&mut conn).await.map_err(deleting)?;
+                            page = next;
+                        }
+                        // Only now: a shutdown that failed half way is done again when retried.
+                        task.inner.shut_down.store(true, Ordering::Release);
+                        Ok(())
                     }
                     .await;
                     if result.is_ok() {
@@ -1086,39 +1092,70 @@ impl Manager {
         }
     }
 
-    /// Marks the manager shut down (no container can be made any more), then deletes its keys.
+    /// Marks the manager shut down in Redis (no container can be made any more, no instance
+    /// recorded), stops its registered-type instances, then deletes its keys: the containers the
+    /// index lists, a page per round trip, then the index and the record. The handle is marked
+    /// shut down only once all of it succeeded, so that a shutdown that failed half way (a
+    /// connection lost) is done again, from where it stopped, when retried (the record, deleted
+    /// last, still says what is left).
     fn delete_everything(&self) -> Result<()> {
         let store = context::current()?.store().clone();
         let address = &self.inner.address;
-        let meta = address.keys().key("meta");
-        let fields: Vec<String> = store
+        let (fields, mut page): ShutdownReply = store
             .with_conn(
                 || format!("shutting down {}", address.describe()),
-                |c| SHUTDOWN.key(&meta).invoke(c),
+                |c| self.shutdown_script().invoke(c),
             )
             .map_err(|e| manager_error(address, e))?;
-        self.inner.shut_down.store(true, Ordering::Release);
-        if fields.is_empty() {
-            return Ok(());
-        }
         self.stop_instances(&fields);
-        let pipe = self.deletion(&fields);
-        store
-            .with_conn(
-                || format!("deleting the keys of {}", address.describe()),
-                |c| pipe.query::<()>(c),
-            )
-            .map_err(|e| manager_error(address, e))
+        // An empty record: the manager is gone already (shut down, or expired).
+        while !fields.is_empty() {
+            let last = page.len() < SHUTDOWN_PAGE;
+            let step = self.deletion(&page, last.then_some(&fields));
+            let deleting = || format!("deleting the keys of {}", address.describe());
+            if last {
+                store
+                    .with_conn(deleting, |c| step.query::<()>(c))
+                    .map_err(|e| manager_error(address, e))?;
+                break;
+            }
+            let (next,): (Vec<String>,) = store
+                .with_conn(deleting, |c| step.query(c))
+                .map_err(|e| manager_error(address, e))?;
+            page = next;
+        }
+        self.inner.shut_down.store(true, Ordering::Release);
+        Ok(())
     }
 
-    /// The deletion of a shut-down manager's keys: those of each container `fields` (the
-    /// record's fields, read by the shutdown) lists, then its record.
-    fn deletion(&self, fields: &[String]) -> redis::Pipeline {
+    /// The first step of a shutdown (`manager_shutdown.lua`): the record marked shut down; it
+    /// replies with the record's fields and the first page of the container index.
+    fn shutdown_script(&self) -> redis::ScriptInvocation<'static> {
+        let keys = self.inner.address.keys();
+        let mut invocation = SHUTDOWN.prepare_invoke();
+        invocation
+            .key(keys.key("meta"))
+            .key(keys.key(container::INDEX))
+            .arg(SHUTDOWN_PAGE);
+        invocation
+    }
+
+    /// One step of a shutdown's deletion: the keys of the containers `page` (members of the
+    /// index) lists, and their entries (after the keys: an entry is gone only once its keys
+    /// are). Then the next page of the index; or, for the last page (`last`: the record's
+    /// fields, read by the shutdown), the containers its `c:<kind>:<id>` fields list (a record
+    /// an older shoal wrote, which kept its containers there), the index, and the record itself,
+    /// last, so that until everything else is deleted a retry finds what is left.
+    fn deletion(&self, page: &[String], last: Option<&Vec<String>>) -> redis::Pipeline {
         let address = &self.inner.address;
         let manager_keys = address.keys();
-        let meta = manager_keys.key("meta");
-        let mut keys = Vec::new();
-        for field in fields {
+        let index = manager_keys.key(container::INDEX);
+        let mut keys: Vec<String> = page
+            .iter()
+            .filter_map(|member| container::index_member(member))
+            .flat_map(|(kind, capability)| container::own_keys(&manager_keys, kind, capability))
+            .collect();
+        for field in last.into_iter().flatten() {
             let Some((kind, id)) = field.strip_prefix("c:").and_then(|f| f.split_once(':')) else {
                 continue;
             };
@@ -1126,18 +1163,36 @@ impl Manager {
                 continue;
             };
             let capability = container::capability(&self.inner.authkey, &address.id, kind, id);
-            let mut container = container_keys(&manager_keys, kind, &capability);
-            container.pop(); // the meta, deleted last
-            keys.extend(container);
+            keys.extend(container::own_keys(&manager_keys, kind, &capability));
         }
-        keys.push(meta);
         let mut pipe = redis::pipe();
-        for chunk in keys.chunks(500) {
+        for chunk in keys.chunks(1000) {
             pipe.cmd("DEL").arg(chunk).ignore();
+        }
+        match last {
+            Some(_) => {
+                pipe.cmd("DEL")
+                    .arg(&index)
+                    .arg(manager_keys.key("meta"))
+                    .ignore();
+            }
+            None => {
+                // Every member, whether or not it names a container: the pages must shrink.
+                pipe.cmd("ZREM").arg(&index).arg(page).ignore();
+                pipe.cmd("ZRANGE").arg(&index).arg(0).arg(SHUTDOWN_PAGE - 1);
+            }
         }
         pipe
     }
 }
+
+/// Containers deleted per round trip of a shutdown (a dict or a list has 2 keys: at most 1000
+/// keys per `DEL`), so that a manager that made many does not need one huge reply or command.
+const SHUTDOWN_PAGE: usize = 500;
+
+/// The reply of the shutdown script: the record's fields (none when the manager is gone), and the
+/// first page of the container index.
+type ShutdownReply = (Vec<String>, Vec<String>);
 
 /// Whether a manager whose record holds `state` runs, or why not.
 fn running(address: &ManagerAddress, state: Option<String>) -> Result<()> {

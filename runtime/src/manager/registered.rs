@@ -18,15 +18,25 @@
 //!
 //! Keys: the manager's `meta` hash holds `t:<typeid>` → the actor type, and `a:<actor id>` →
 //! the type id of each instance.
+//!
+//! Round trips: `register`: 1 (a script that checks the manager runs, registers and refreshes
+//! the record). `create`: 1 (the manager's state and the type registered, a read that refreshes
+//! the record), the instance's creation (see [`crate::spawn_actor`]), then 1 (a script that
+//! records the instance if the manager still runs, so a shutdown that came in between finds it
+//! and stops it, or refuses, and the instance is stopped: 1 more).
 
-use shoal_core::context::AuthKey;
+use shoal_core::context::{self, AuthKey};
 use shoal_core::error::{Error, Result};
 use shoal_core::hosted::Actor;
 use shoal_executor::actor::{Mailbox, Outgoing, STOP_KIND};
 
-use super::Manager;
 use super::container::{RuntimeRequest, on_runtime};
+use super::{Manager, RECORD, REGISTER, Refreshed, read_reply};
 use crate::actor::{ActorOptions, ActorRef, spawn_actor_with};
+
+/// What the read before a creation finds: the manager's state and the type registered under
+/// the type id.
+type TypeReply = (Option<String>, Option<String>);
 
 impl Manager {
     /// Registers the actor type `T` under `typeid` (Python's `register(typeid, callable)`), for
@@ -85,26 +95,21 @@ impl Manager {
     /// # }
     /// ```
     pub fn register<T: Actor>(&self, typeid: &str) -> Result<()> {
-        self.check_running()?;
+        self.check_not_shut_down_here()?;
         let type_name = std::any::type_name::<T>();
-        let field = format!("t:{typeid}");
-        let (store, meta) = self.meta()?;
-        let registered: Option<String> = store.with_conn(
-            || format!("registering {typeid} in {}", self.describe()),
-            |c| {
-                redis::cmd("HSETNX")
-                    .arg(&meta)
-                    .arg(&field)
-                    .arg(type_name)
-                    .query::<i64>(c)?;
-                redis::cmd("HGET").arg(&meta).arg(&field).query(c)
-            },
-        )?;
-        self.registration(typeid, type_name, registered)
+        let (store, _) = self.meta()?;
+        let invocation = self.registration_script(typeid, type_name, store.expiry_secs());
+        let registered: String = store
+            .with_conn(
+                || format!("registering {typeid} in {}", self.describe()),
+                |c| invocation.invoke(c),
+            )
+            .map_err(|e| super::manager_error(&self.inner.address, e))?;
+        self.registration(typeid, type_name, &registered)
     }
 
-    /// The async form of [`Manager::register`]: the same reads and write, each sent from a
-    /// task (see "Async forms" in the `manager` module docs); no thread waits.
+    /// The async form of [`Manager::register`]: the same script, sent from a task (see "Async
+    /// forms" in the `manager` module docs); no thread waits.
     pub fn register_async<T: Actor>(
         &self,
         typeid: &str,
@@ -112,44 +117,49 @@ impl Manager {
         let manager = self.clone();
         let typeid = typeid.to_string();
         async move {
-            manager.check_running_async().await?;
+            manager.check_not_shut_down_here()?;
             let type_name = std::any::type_name::<T>();
-            let (_, meta) = manager.meta()?;
-            let field = format!("t:{typeid}");
-            let context = || format!("registering {typeid} in {}", manager.describe());
-            let mut claim = redis::cmd("HSETNX");
-            claim.arg(&meta).arg(&field).arg(type_name);
-            on_runtime::<i64>(RuntimeRequest::Cmd(claim))
-                .await?
-                .map_err(|e| Error::redis(context(), e))?;
-            let mut read = redis::cmd("HGET");
-            read.arg(&meta).arg(&field);
-            let registered = on_runtime::<Option<String>>(RuntimeRequest::Cmd(read))
-                .await?
-                .map_err(|e| Error::redis(context(), e))?;
-            manager.registration(&typeid, type_name, registered)
+            let (store, _) = manager.meta()?;
+            let invocation = manager.registration_script(&typeid, type_name, store.expiry_secs());
+            let reply = on_runtime::<String>(RuntimeRequest::Script(invocation))
+                .await
+                .and_then(|reply| {
+                    reply.map_err(|e| {
+                        Error::redis(format!("registering {typeid} in {}", manager.describe()), e)
+                    })
+                });
+            let registered = reply.map_err(|e| super::manager_error(&manager.inner.address, e))?;
+            manager.registration(&typeid, type_name, &registered)
         }
     }
 
-    /// What a registration found under `typeid`: `type_name` (registered), another type, or
-    /// nothing (the manager went).
-    fn registration(
+    /// The script that registers `type_name` under `typeid` if the manager runs and the id is
+    /// free, and refreshes the record (`manager_register.lua`): one round trip, the check and
+    /// the write in one script, so that a shutdown cannot come between them.
+    fn registration_script(
         &self,
         typeid: &str,
         type_name: &str,
-        registered: Option<String>,
-    ) -> Result<()> {
-        match registered {
-            Some(existing) if existing == type_name => Ok(()),
-            Some(existing) => Err(Error::invalid_state(format!(
-                "type id {typeid} is registered in {} as {existing}, not {type_name}",
-                self.describe()
-            ))),
-            None => Err(Error::invalid_state(format!(
-                "{} was shut down",
-                self.describe()
-            ))),
+        expiry_secs: u64,
+    ) -> redis::ScriptInvocation<'static> {
+        let mut invocation = REGISTER.prepare_invoke();
+        invocation
+            .key(self.inner.address.keys().key("meta"))
+            .arg(format!("t:{typeid}"))
+            .arg(type_name)
+            .arg(expiry_secs);
+        invocation
+    }
+
+    /// What a registration found under `typeid`: `type_name` (registered), or another type.
+    fn registration(&self, typeid: &str, type_name: &str, registered: &str) -> Result<()> {
+        if registered == type_name {
+            return Ok(());
         }
+        Err(Error::invalid_state(format!(
+            "type id {typeid} is registered in {} as {registered}, not {type_name}",
+            self.describe()
+        )))
     }
 
     /// Makes an instance of the type registered as `typeid` with state `init` and returns its
@@ -157,32 +167,42 @@ impl Manager {
     /// registered, or registered as another type; [`Error::Authentication`] when this
     /// process's authkey is not the manager's (see the module docs).
     pub fn create<T: Actor>(&self, typeid: &str, init: T) -> Result<ActorRef<T>> {
-        self.check_running()?;
+        self.check_not_shut_down_here()?;
         let type_name = std::any::type_name::<T>();
         let (store, meta) = self.meta()?;
-        let registered: Option<String> = store.with_conn(
-            || format!("reading type id {typeid} of {}", self.describe()),
-            |c| {
-                redis::cmd("HGET")
-                    .arg(&meta)
-                    .arg(format!("t:{typeid}"))
-                    .query(c)
-            },
-        )?;
+        let address = &self.inner.address;
+        let read = Self::type_read(&meta, typeid, store.expiry_secs());
+        let (state, registered): TypeReply = store
+            .with_conn(
+                || format!("reading type id {typeid} of {}", self.describe()),
+                |c| read.query(c).and_then(read_reply),
+            )
+            .map_err(|e| super::manager_error(address, e))?;
+        super::running(address, state)?;
         self.may_create(typeid, type_name, registered)?;
         let actor = spawn_actor_with(init, ActorOptions { authenticate: true })?
             .signed_with(self.inner.authkey.clone());
-        store.with_conn(
-            || format!("recording an instance of {typeid} in {}", self.describe()),
-            |c| Self::instance_record(&meta, &actor, typeid).query::<()>(c),
-        )?;
+        let record = Self::instance_record(&meta, actor.id(), typeid, store.expiry_secs());
+        let recorded = store
+            .with_conn(
+                || format!("recording an instance of {typeid} in {}", self.describe()),
+                |c| record.invoke::<i64>(c),
+            )
+            .map_err(|e| super::manager_error(address, e));
+        if let Err(e) = recorded {
+            // Not in the record, the shutdown would never stop it: stopped here.
+            self.stop_instances(&[format!("a:{}", actor.id())]);
+            return Err(e);
+        }
         Ok(actor)
     }
 
-    /// The async form of [`Manager::create`]: the same reads and writes, each sent from a
-    /// task (see "Async forms" in the `manager` module docs; the instance is made with
+    /// The async form of [`Manager::create`]: the same read and script, each sent from a task
+    /// (see "Async forms" in the `manager` module docs; the instance is made with
     /// [`crate::spawn_actor_with_async`], on shoal's actor runtime); `init` is encoded when
-    /// this is called.
+    /// this is called. The record of the instance (or its stop, when the record is refused) is
+    /// sent from a task of shoal's actor runtime, so a future dropped once the instance was made
+    /// does not leave it running unrecorded.
     pub fn create_async<T: Actor>(
         &self,
         typeid: &str,
@@ -191,38 +211,67 @@ impl Manager {
         let manager = self.clone();
         let typeid = typeid.to_string();
         async move {
-            manager.check_running_async().await?;
+            manager.check_not_shut_down_here()?;
             let type_name = std::any::type_name::<T>();
-            let (_, meta) = manager.meta()?;
-            let mut read = redis::cmd("HGET");
-            read.arg(&meta).arg(format!("t:{typeid}"));
-            let registered = on_runtime::<Option<String>>(RuntimeRequest::Cmd(read))
-                .await?
-                .map_err(|e| {
-                    Error::redis(
-                        format!("reading type id {typeid} of {}", manager.describe()),
-                        e,
-                    )
-                })?;
+            let (store, meta) = manager.meta()?;
+            let address = manager.inner.address.clone();
+            let read = Self::type_read(&meta, &typeid, store.expiry_secs());
+            let reply = on_runtime::<Refreshed<TypeReply>>(RuntimeRequest::Pipe(read))
+                .await
+                .and_then(|reply| {
+                    reply.and_then(read_reply).map_err(|e| {
+                        Error::redis(
+                            format!("reading type id {typeid} of {}", manager.describe()),
+                            e,
+                        )
+                    })
+                });
+            let (state, registered) = reply.map_err(|e| super::manager_error(&address, e))?;
+            super::running(&address, state)?;
             manager.may_create(&typeid, type_name, registered)?;
             let actor =
                 crate::actor::spawn_actor_with_async(init, ActorOptions { authenticate: true })
                     .await?
                     .signed_with(manager.inner.authkey.clone());
-            let record = Self::instance_record(&meta, &actor, &typeid);
-            on_runtime::<()>(RuntimeRequest::Cmd(record))
-                .await?
-                .map_err(|e| {
-                    Error::redis(
-                        format!(
-                            "recording an instance of {typeid} in {}",
-                            manager.describe()
-                        ),
-                        e,
-                    )
-                })?;
+            let record = Self::instance_record(&meta, actor.id(), &typeid, store.expiry_secs());
+            let stops = manager.instance_stops(&store, &[format!("a:{}", actor.id())]);
+            let context = format!(
+                "recording an instance of {typeid} in {}",
+                manager.describe()
+            );
+            let recorded = context::current()?
+                .spawn(move |store, caller| async move {
+                    let recorded = match store.shared().await {
+                        Ok(mut conn) => record
+                            .invoke_async::<i64>(&mut conn)
+                            .await
+                            .map(drop)
+                            .map_err(|e| Error::redis(context, e)),
+                        Err(e) => Err(e),
+                    };
+                    if recorded.is_err() {
+                        // Not in the record, the shutdown would never stop it: stopped here.
+                        for stop in stops {
+                            if let Err(e) = stop.mailbox.send_async(&store, &stop.outgoing()).await
+                            {
+                                tracing::debug!("stopping actor {}: {e}", stop.mailbox.actor_id);
+                            }
+                        }
+                    }
+                    caller.finish(recorded);
+                })
+                .await;
+            recorded.map_err(|e| super::manager_error(&address, e))?;
             Ok(actor)
         }
+    }
+
+    /// The read before a creation: the manager's state and the type registered under `typeid`,
+    /// in one `HMGET` that refreshes the record's TTL ([`super::refreshing`]).
+    fn type_read(meta: &str, typeid: &str, expiry_secs: u64) -> redis::Pipeline {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(meta).arg("state").arg(format!("t:{typeid}"));
+        super::refreshing(cmd, meta, expiry_secs)
     }
 
     /// Whether this process may make an instance of `type_name` under `typeid`, registered as
@@ -256,11 +305,21 @@ impl Manager {
     }
 
     /// The record of an instance in the manager's meta hash (`a:<actor id>` → its type id),
-    /// which the shutdown stops.
-    fn instance_record<T: Actor>(meta: &str, actor: &ActorRef<T>, typeid: &str) -> redis::Cmd {
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(meta).arg(format!("a:{}", actor.id())).arg(typeid);
-        cmd
+    /// which the shutdown stops: `manager_record.lua`, which writes it only while the manager
+    /// runs (and refreshes the record's TTL).
+    fn instance_record(
+        meta: &str,
+        actor_id: &str,
+        typeid: &str,
+        expiry_secs: u64,
+    ) -> redis::ScriptInvocation<'static> {
+        let mut invocation = RECORD.prepare_invoke();
+        invocation
+            .key(meta)
+            .arg(format!("a:{actor_id}"))
+            .arg(typeid)
+            .arg(expiry_secs);
+        invocation
     }
 
     /// Stops the registered-type instances listed in `fields` (`a:<actor id>` meta fields), as
