@@ -20,7 +20,9 @@
 //! 6. records the exit in the status hash and returns the exit code: 0 when the function
 //!    returned, 1 when it panicked, returned `Err`, or could not run, and
 //!    [`EXIT_STORE_LOST`] (75) when Redis could not be reached before the function ran, or a
-//!    pool worker or actor host lost it (nothing is recorded then). A function that ran keeps
+//!    pool worker or actor host lost it (nothing is recorded then), and [`EXIT_POOL_GONE`] (77)
+//!    when a pool worker found its pool's state gone from Redis (see
+//!    [`pool::is_state_lost`]; recorded with the reason). A function that ran keeps
 //!    its code when the record cannot be written (Redis went away meanwhile): the backend
 //!    reports the code, the record only adds the error's details.
 //!
@@ -55,7 +57,7 @@ use shoal_core::registry::{self, Failure};
 use shoal_core::store::{Store, StoreSettings};
 
 use crate::output::OutputCapture;
-use crate::pool::{self, EXIT_DRIVER_GONE, EXIT_STORE_LOST};
+use crate::pool::{self, EXIT_DRIVER_GONE, EXIT_POOL_GONE, EXIT_STORE_LOST, PoolKeys, WorkerEnd};
 use crate::task::{ExitRecord, ProcessKeys, TaskAddress, TaskKind, TaskRecord};
 
 /// Exit code of a worker ended by `SIGTERM` while it is PID 1: 128 + 15.
@@ -128,6 +130,8 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
         );
     }
 
+    // The code a failure exits with: 1, unless the outcome says otherwise.
+    let mut failure_code = 1;
     let (function, outcome) = match &record.kind {
         TaskKind::Call { function, args } => (
             function.clone(),
@@ -148,6 +152,15 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
         TaskKind::PoolWorker(spec) => (
             format!("pool {}", spec.pool_id),
             match pool::run_worker(&store, spec) {
+                // Its own exit code: the supervisor must not take it for a worker that
+                // stopped and start another, which would find the same.
+                Ok(WorkerEnd::PoolGone) => {
+                    failure_code = EXIT_POOL_GONE;
+                    Err(Failure::error(pool::state_lost(&PoolKeys::new(
+                        store.keys(),
+                        &spec.pool_id,
+                    ))))
+                }
                 Ok(_) => Ok(()),
                 // Nothing can be recorded: exit with the store-lost code.
                 Err(e) if e.is_store_unreachable() => return Err(e),
@@ -170,7 +183,7 @@ fn run_inner(address: &TaskAddress, on_task_end: &dyn Fn()) -> Result<i32> {
                 );
             }
             ExitRecord {
-                code: 1,
+                code: failure_code,
                 kind: Some(failure.kind.to_string()),
                 error: Some(failure.message.clone()),
             }

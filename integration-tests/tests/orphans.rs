@@ -1,6 +1,6 @@
-//! Nothing runs for nobody: pool workers whose driver died or froze exit, the embedded store's
-//! directory goes with its program, and a pool whose Redis went away fails its calls with the
-//! store's error, promptly, instead of counting worker crashes.
+//! Nothing runs for nobody: pool workers whose driver died or froze exit (in their initializer
+//! too), the embedded store's directory goes with its program, and a pool whose Redis went away
+//! fails its calls with the store's error, promptly, instead of counting worker crashes.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -311,4 +311,97 @@ fn a_child_whose_exit_cannot_be_recorded_keeps_its_exit_code() {
         p.join(Some(Duration::from_secs(30))).expect("join");
         assert_eq!(p.exitcode(), Some(code));
     }
+}
+
+/// Leaves `dir/init-<pid>`, then sleeps `ms`: an initializer that takes long.
+#[shoal::remote]
+fn mark_then_sleep(dir: String, ms: u64) {
+    std::fs::write(format!("{dir}/init-{}", std::process::id()), "x").expect("marker");
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// Where [`a_driver_in_a_process_of_its_own`] finds its Redis.
+const DRIVER_REDIS: &str = "SHOAL_TEST_DRIVER_REDIS";
+/// Where [`a_driver_in_a_process_of_its_own`]'s initializer leaves its marks.
+const DRIVER_DIR: &str = "SHOAL_TEST_DRIVER_DIR";
+
+/// Not a test of its own: the driver of
+/// `workers_leave_a_frozen_driver_while_their_initializer_runs`, which runs this test binary
+/// with only this test selected (it returns at once otherwise). A pool of 2 whose initializer
+/// takes 60 s; it prints `ready` and then waits.
+#[test]
+fn a_driver_in_a_process_of_its_own() {
+    let (Ok(url), Ok(dir)) = (std::env::var(DRIVER_REDIS), std::env::var(DRIVER_DIR)) else {
+        return;
+    };
+    let config = Config::builder().redis_url(url).build().expect("config");
+    let _rt = shoal::init_with(config).expect("runtime");
+    let _pool = Pool::builder()
+        .processes(2)
+        .task_lease(LEASE)
+        .initializer(mark_then_sleep, (dir, 60_000u64))
+        .build()
+        .expect("pool");
+    println!("ready");
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+#[test]
+fn workers_leave_a_frozen_driver_while_their_initializer_runs() {
+    // The heartbeat thread watches the driver; a worker in its initializer must have it too.
+    // The driver is frozen rather than killed: a local worker gets the parent-death signal when
+    // its driver dies, whatever it runs, so only a frozen driver (or a remote worker, which gets
+    // no such signal) leaves the liveness key alone to tell its workers.
+    let redis = TestRedis::tcp();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = std::env::current_exe().expect("this test binary");
+    let mut child = Command::new(&exe)
+        .args([
+            "a_driver_in_a_process_of_its_own",
+            "--exact",
+            "--nocapture",
+            "-q",
+        ])
+        .env(DRIVER_REDIS, redis.url())
+        .env(DRIVER_DIR, dir.path())
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the driver runs");
+    let driver = Pid::from_raw(child.id() as i32);
+    let in_initializer = || {
+        std::fs::read_dir(dir.path())
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    };
+    let started = wait_for(Duration::from_secs(30), || in_initializer() == 2);
+    let workers: Vec<u32> = children_of(child.id())
+        .into_iter()
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok().as_ref() == Some(&exe))
+        .collect();
+    let frozen = started && workers.len() == 2 && kill(driver, Signal::SIGSTOP).is_ok();
+    let since = Instant::now();
+    let gone = frozen
+        && wait_for(LEASE + Duration::from_secs(2), || {
+            workers.iter().all(|p| !pid_running(*p))
+        });
+    let took = since.elapsed();
+    // SIGKILL ends a stopped process too; its workers get their parent-death signal.
+    let _ = child.kill();
+    let _ = child.wait();
+    for pid in &workers {
+        let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+    }
+    assert!(
+        started,
+        "the workers did not start their initializer ({} did)",
+        in_initializer()
+    );
+    assert_eq!(workers.len(), 2, "the driver's workers: {workers:?}");
+    assert!(frozen, "the driver could not be stopped");
+    assert!(
+        gone,
+        "workers {workers:?} still ran their initializer {took:?} after their driver froze"
+    );
+    eprintln!("workers left {took:?} after their driver froze, in their initializer");
 }

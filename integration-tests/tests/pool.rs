@@ -10,7 +10,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use shoal::prelude::*;
 use shoal::{IMapIterator, TaskErrorKind};
-use shoal_integration_tests::{child_pids, pid_running, raw_redis, scratch, wait_for};
+use shoal_integration_tests::{TestRedis, child_pids, pid_running, raw_redis, scratch, wait_for};
 
 shoal::test_support!();
 
@@ -488,6 +488,58 @@ fn a_crashing_initializer_breaks_the_pool_instead_of_restarting_forever() {
     ));
 }
 
+/// Redis not answering for longer than the task lease, but less than
+/// `redis.response_timeout_secs` (no operation fails), is an outage, not silent workers: no
+/// worker could renew its lease meanwhile. Once it answers again, the busy workers are not
+/// killed (nor charged to the restart budget) and each task runs once, in its first worker.
+#[test]
+fn a_store_pause_longer_than_the_lease_kills_no_busy_worker() {
+    let rt = runtime();
+    let mut redis = raw_redis(&rt);
+    let pool = Pool::builder()
+        .processes(3)
+        .task_lease(Duration::from_millis(300))
+        .build()
+        .expect("pool");
+    pool.map_with(pid_of, 0..6u64, 1).expect("warm up");
+    let workers = child_pids();
+    assert_eq!(workers.len(), 3, "{workers:?}");
+    let r = pool
+        .starmap_async_with(
+            slow_with_pid,
+            (0..3u64).map(|x| (x, 6_500u64)),
+            AsyncOptions::new().chunksize(1),
+        )
+        .expect("starmap_async");
+    // The workers have the tasks in hand (a worker may have taken two), renewing their leases.
+    std::thread::sleep(Duration::from_millis(500));
+    // Three pauses of four leases (each a chance for a lease check to be run before the
+    // renewals waiting with it), with two leases between them.
+    for _ in 0..3 {
+        redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(1_200)
+            .arg("ALL")
+            .query::<()>(&mut redis)
+            .expect("CLIENT PAUSE");
+        std::thread::sleep(Duration::from_millis(1_200 + 600));
+    }
+    let results = r
+        .get(Some(Duration::from_secs(30)))
+        .expect("the map completes");
+    assert_eq!(
+        results.iter().map(|(x, _)| *x).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    for (x, pid) in &results {
+        assert!(
+            workers.contains(pid),
+            "item {x} ran again in {pid}: its first worker (of {workers:?}) was killed"
+        );
+    }
+    assert_eq!(child_pids(), workers, "a worker was replaced");
+}
+
 #[test]
 fn a_stopped_worker_loses_its_lease_and_its_chunk_moves() {
     let _rt = runtime();
@@ -522,6 +574,65 @@ fn a_stopped_worker_loses_its_lease_and_its_chunk_moves() {
         wait_for(Duration::from_secs(5), || !pid_running(frozen)),
         "the silent worker {frozen} was not killed"
     );
+}
+
+/// `join()` returns once every callback ran, as CPython's (which joins its result handler),
+/// not as soon as the workers exited while callbacks still waited on the callback thread.
+#[test]
+fn join_returns_after_every_callback_ran() {
+    let _rt = runtime();
+    let pool = Pool::new(2).expect("pool");
+    let seen: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
+    for x in 0..5u64 {
+        let seen = seen.clone();
+        pool.apply_async_with(
+            square,
+            (x,),
+            AsyncOptions::new().callback(move |v: &u64| {
+                std::thread::sleep(Duration::from_millis(300));
+                seen.lock().expect("lock").push(*v);
+            }),
+        )
+        .expect("apply_async");
+    }
+    pool.close().expect("close");
+    pool.join().expect("join");
+    assert_eq!(
+        sorted(seen.lock().expect("lock").clone()),
+        vec![0, 1, 4, 9, 16],
+        "join() returned before every callback ran"
+    );
+}
+
+/// A callback that closes and joins its own pool, then drops its last handle, waits for the
+/// workers only: the callbacks after it cannot run before it returns (CPython raises there).
+#[test]
+fn a_callback_that_joins_and_drops_its_own_pool_does_not_wait_for_itself() {
+    let _rt = runtime();
+    let pool = Arc::new(Pool::new(1).expect("pool"));
+    let (dropped, handle_dropped) = std::sync::mpsc::channel::<()>();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let own = pool.clone();
+    pool.apply_async_with(
+        square,
+        (3u64,),
+        AsyncOptions::new().callback(move |_: &u64| {
+            let _ = handle_dropped.recv_timeout(Duration::from_secs(10));
+            let started = Instant::now();
+            let joined = own.close().and_then(|()| own.join());
+            // The last handle: the pool is dropped here, on its callback thread.
+            drop(own);
+            let _ = tx.send((joined.is_ok(), started.elapsed()));
+        }),
+    )
+    .expect("apply_async");
+    drop(pool);
+    dropped.send(()).expect("the callback waits");
+    let (joined, took) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the callback returned");
+    assert!(joined);
+    assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
 #[test]
@@ -578,6 +689,36 @@ fn close_join_terminate_and_their_errors() {
         pool.map(square, 0..3u64),
         Err(Error::InvalidState(_))
     ));
+}
+
+/// A pool that ends while Redis does not answer deletes its keys without holding shoal's actor
+/// thread, where every other pool's supervisor runs: another pool still answers at once.
+#[test]
+fn a_pool_ending_while_the_store_is_frozen_does_not_hold_the_other_pools() {
+    let redis = TestRedis::tcp();
+    let config = Config::builder()
+        .redis_url(redis.url())
+        .response_timeout(Duration::from_secs(4))
+        .build()
+        .expect("config");
+    let _rt = shoal::init_with(config).expect("runtime");
+    let ending = Pool::new(1).expect("pool");
+    let other = Pool::new(1).expect("pool");
+    assert_eq!(ending.map(square, 0..2u64).expect("map"), vec![0, 1]);
+    assert_eq!(other.map(square, 0..2u64).expect("map"), vec![0, 1]);
+    let store = Pid::from_raw(redis.pid() as i32);
+    kill(store, Signal::SIGSTOP).expect("SIGSTOP the store");
+    // Its worker exits at once (SIGTERM); then the pool deletes its keys.
+    ending.terminate().expect("terminate");
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    other.close().expect("close");
+    let took = started.elapsed();
+    kill(store, Signal::SIGCONT).expect("SIGCONT the store");
+    assert!(
+        took < Duration::from_secs(2),
+        "the other pool's supervisor answered after {took:?}"
+    );
 }
 
 #[test]

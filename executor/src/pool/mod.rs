@@ -37,12 +37,17 @@
 //! adds a batch of chunks in one `MULTI`/`EXEC`, so that a worker blocked in `XREADGROUP` is woken
 //! once with up to n of them rather than once per chunk. It stops on a stop entry (a read that
 //! holds several keeps one and adds the others back, so that every worker gets its own), after
-//! `maxtasksperchild` chunks, or when the pool's streams are gone. A heartbeat thread renews the
+//! `maxtasksperchild` chunks, or when the pool's state is lost. A heartbeat thread renews the
 //! lease of the chunks in hand every third of the lease (`XCLAIM` to itself with idle 0 resets an
 //! entry's idle time) and stamps the `workers` hash, so a chunk that runs for hours is never taken
 //! from a live worker. After the chunks of one read, the worker runs the process's exit hooks
 //! (queue feeders flush, and forget a `close()`) before it sends their outcomes, so what a task put
 //! on a queue is there before its result, and the next task starts clean.
+//!
+//! A read whose reply was lost (the connection dropped) is sent again; since the lost one may have
+//! been served, the retry asks for the chunks pending on this worker instead (`XREADGROUP ... 0`,
+//! which does not block) and takes those in hand: no chunk is left pending on a live worker that
+//! does not know it has it (its lease would lapse, and the worker be killed for it).
 //!
 //! # A worker's driver and its store
 //!
@@ -54,9 +59,20 @@
 //! between `min(1 s, (lease + 1 s) / 2)` and 5 s; see [`driver_ttl`] for the bound). A local
 //! worker is usually ended before that by its parent-death signal.
 //!
+//! The heartbeat thread starts before the initializer, so a worker whose initializer runs for long
+//! leaves a dead driver as promptly as one that runs chunks.
+//!
 //! When Redis cannot be reached (refused, dropped, timed out), a worker retries its read or its
 //! send for `redis.response_timeout_secs`, then exits with [`EXIT_STORE_LOST`]. The supervisor
 //! does not count that exit as a crash; it judges the store itself.
+//!
+//! When Redis answers but the pool's task stream or its consumer group is gone
+//! ([`is_state_lost`]: Redis restarted without persistence, failed over to a replica that lagged,
+//! evicted the key), the chunks went with it and no replacement could read anything: a worker
+//! that finds this in its read, or a worker process in its heartbeat (whatever its task), exits
+//! with [`EXIT_POOL_GONE`], and the supervisor breaks the pool with [`state_lost`] rather than
+//! start another. Writes to the task stream (chunks, stop entries, redelivered chunks) use
+//! `NOMKSTREAM`: none of them makes the stream again without its group.
 //!
 //! # Long chunks keep their progress
 //!
@@ -120,6 +136,10 @@ pub const READ_BUDGET: Duration = Duration::from_millis(2);
 pub const EXIT_STORE_LOST: i32 = 75;
 /// Exit code of a pool worker whose driver is gone.
 pub const EXIT_DRIVER_GONE: i32 = 76;
+/// Exit code of a pool worker that found the pool's state gone from Redis: its task stream or
+/// the stream's consumer group no longer exists (see [`is_state_lost`]). Its replacement would
+/// find the same, so the supervisor breaks the pool instead (see [`state_lost`]).
+pub const EXIT_POOL_GONE: i32 = 77;
 /// How often a long chunk reports the items it has done.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// When a chunk first reports its progress: early, so that a worker killed soon after it took a
@@ -230,9 +250,26 @@ pub struct ChunkEntry {
 
 impl ChunkEntry {
     /// Appends this chunk (attempt 1) to `pipe`.
+    ///
+    /// `NOMKSTREAM`: a stream that is gone (the pool's state was lost: see [`is_state_lost`])
+    /// is not made again without its consumer group, where no worker could read the chunk;
+    /// the entry is then not added, and its reply is nil (see [`ChunkEntry::add_reporting_to`]).
     pub fn add_to(&self, pipe: &mut redis::Pipeline, keys: &PoolKeys) {
+        self.push_xadd(pipe, keys);
+        pipe.ignore();
+    }
+
+    /// Appends this chunk (attempt 1) to `pipe` as [`ChunkEntry::add_to`] does, keeping the
+    /// reply: the new entry's id, or nil when the task stream is gone. Read the replies with
+    /// [`chunks_added`].
+    pub fn add_reporting_to(&self, pipe: &mut redis::Pipeline, keys: &PoolKeys) {
+        self.push_xadd(pipe, keys);
+    }
+
+    fn push_xadd(&self, pipe: &mut redis::Pipeline, keys: &PoolKeys) {
         pipe.cmd("XADD")
             .arg(&keys.tasks)
+            .arg("NOMKSTREAM")
             .arg("*")
             .arg("h")
             .arg(format!(
@@ -242,9 +279,17 @@ impl ChunkEntry {
             .arg("f")
             .arg(&self.function)
             .arg("p")
-            .arg(&self.payload)
-            .ignore();
+            .arg(&self.payload);
     }
+}
+
+/// The outcome of the `XADD` replies of chunks added with [`ChunkEntry::add_reporting_to`]:
+/// [`state_lost`] when one of them is nil (the task stream is gone, so the chunk was not added).
+pub fn chunks_added(keys: &PoolKeys, ids: &[Option<String>]) -> Result<()> {
+    if ids.iter().any(Option::is_none) {
+        return Err(state_lost(keys));
+    }
+    Ok(())
 }
 
 /// One item's failure inside a chunk.
@@ -423,8 +468,40 @@ impl ResultEntry {
     }
 }
 
+/// Whether `error` is Redis saying that the pool's state is gone: the task stream or its
+/// consumer group does not exist (`NOGROUP`, from `XREADGROUP`, `XCLAIM`, `XPENDING` and the
+/// scripts that use it), or the stream a blocked `XREADGROUP` waited on was deleted
+/// (`UNBLOCKED ... no longer exists`). A pool's supervisor creates both before it starts any
+/// worker and deletes them only once its workers are gone, so while it runs this means Redis
+/// lost them: a restart without persistence, a failover to a replica that lagged, eviction, or
+/// someone deleted them. Nothing in flight can complete then (the chunks went with the stream).
+pub fn is_state_lost(error: &Error) -> bool {
+    match error {
+        Error::Redis { source, .. } => match source.code() {
+            Some("NOGROUP") => true,
+            Some("UNBLOCKED") => source
+                .detail()
+                .is_some_and(|detail| detail.contains("no longer exists")),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// The error a pool's calls get once its state in Redis is found lost (see [`is_state_lost`]).
+pub fn state_lost(keys: &PoolKeys) -> Error {
+    Error::invalid_state(format!(
+        "the pool's state in Redis was lost: its task stream {} or the stream's consumer group \
+         is gone (Redis restarted without persistence, failed over to a replica that lagged \
+         behind, evicted the key, or it was deleted), and with it the chunks of its calls; the \
+         pool is broken",
+        keys.tasks
+    ))
+}
+
 /// Adds one stop entry (`s`=`1`) to the task stream `tasks` in `pipe`: the worker that reads it
-/// exits once its chunks in hand are done (see the module docs).
+/// exits once its chunks in hand are done (see the module docs). Not to a stream that is gone
+/// (`NOMKSTREAM`): that would make it again without its consumer group.
 ///
 /// ```
 /// let mut pipe = redis::pipe();
@@ -434,6 +511,7 @@ impl ResultEntry {
 pub fn add_stop_entry(pipe: &mut redis::Pipeline, tasks: &str) {
     pipe.cmd("XADD")
         .arg(tasks)
+        .arg("NOMKSTREAM")
         .arg("*")
         .arg("s")
         .arg(1)
@@ -660,6 +738,49 @@ pub async fn trim_tasks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error a command gets for the reply `-<reply>\r\n`, as it comes from Redis.
+    fn server_error(reply: &str) -> Error {
+        let value = redis::parse_redis_value(format!("-{reply}\r\n").as_bytes())
+            .and_then(redis::Value::extract_error);
+        match value {
+            Err(e) => Error::redis("reading", e),
+            Ok(v) => Error::invalid_state(format!("not an error: {v:?}")),
+        }
+    }
+
+    #[test]
+    fn the_state_is_lost_only_when_redis_says_the_stream_or_its_group_is_gone() {
+        for lost in [
+            "NOGROUP No such key 'shoal:{d:pool:p}:tasks' or consumer group 'workers' in \
+             XREADGROUP with GROUP option",
+            "NOGROUP No such key 'k' or consumer group 'workers' script: 76a, on @user_script:1.",
+            "UNBLOCKED the stream key no longer exists",
+            "UNBLOCKED the consumer group this client was blocked on no longer exists",
+        ] {
+            assert!(is_state_lost(&server_error(lost)), "{lost}");
+        }
+        for other in [
+            "UNBLOCKED client unblocked via CLIENT UNBLOCK",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "OOM command not allowed when used memory > 'maxmemory'.",
+        ] {
+            assert!(!is_state_lost(&server_error(other)), "{other}");
+        }
+        let dropped = Error::redis(
+            "reading",
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        );
+        assert!(!is_state_lost(&dropped));
+        let keys = PoolKeys::new(&KeySpace::new("d"), "p");
+        assert!(
+            state_lost(&keys)
+                .to_string()
+                .contains("the pool's state in Redis was lost")
+        );
+        assert!(chunks_added(&keys, &[Some("1-0".into()), Some("1-1".into())]).is_ok());
+        assert!(chunks_added(&keys, &[Some("1-0".into()), None]).is_err());
+    }
 
     /// The longest a worker can take to leave after its driver's last refresh: the key lapses
     /// after the TTL, is first seen missing at most one check later, and must stay missing for

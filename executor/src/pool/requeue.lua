@@ -14,6 +14,9 @@
 -- in a row made none is answered in the results stream with a crash entry (field x, offset o =
 -- how far it got). Either way the old entry is acked and deleted and its progress
 -- removed, so each pending chunk moves exactly once. A chunk of a cancelled call is only removed.
+-- The task stream exists here (XPENDING fails with NOGROUP when it or its group is gone: the
+-- pool's state was lost); its XADDs still say NOMKSTREAM, as every write to it does, so that
+-- none can make it again without its group.
 -- Returns {requeued, failed, {consumer...}, {moved...}}: the counts, the consumers whose chunks
 -- moved, and each moved chunk as 'call.chunk.attempt.item' (the attempt that ended, and the
 -- index in the call's input of the item it had reached).
@@ -37,7 +40,7 @@ for _, p in ipairs(pending) do
     local call, chunk, attempt_s, first, started_s =
       string.match(f['h'] or '', '^(%d+)%.(%d+)%.(%d+)%.(%d+)%.(%d+)$')
     if f['s'] then
-      redis.call('XADD', KEYS[1], '*', 's', '1')
+      redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 's', '1')
     elseif not call then
       -- Not a chunk entry: nothing to move.
     elseif redis.call('SISMEMBER', KEYS[4], call) == 1 then
@@ -53,7 +56,8 @@ for _, p in ipairs(pending) do
       end
       if done > started_at then
         -- The worker got further: this death is not the chunk's doing.
-        redis.call('XADD', KEYS[1], '*', 'h', header('1'), 'f', f['f'], 'p', f['p'])
+        redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 'h', header('1'), 'f', f['f'],
+          'p', f['p'])
         requeued = requeued + 1
       elseif attempt >= tonumber(ARGV[4]) then
         redis.call('XADD', KEYS[2], '*', 'c', call, 'k', chunk, 'a', attempt_s, 'w', consumer,
@@ -61,8 +65,8 @@ for _, p in ipairs(pending) do
           'x', 'the worker running it died or stopped renewing its lease')
         failed = failed + 1
       else
-        redis.call('XADD', KEYS[1], '*', 'h', header(tostring(attempt + 1)), 'f', f['f'],
-          'p', f['p'])
+        redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 'h', header(tostring(attempt + 1)),
+          'f', f['f'], 'p', f['p'])
         requeued = requeued + 1
       end
     end

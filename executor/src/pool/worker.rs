@@ -1,5 +1,6 @@
 //! A pool worker: its read loop (`XREADGROUP` with adaptive prefetch, outcomes sent with the
-//! next read), the chunk it runs item by item with progress reports, and its heartbeat.
+//! next read, its own pending chunks read back after a lost reply), the chunk it runs item by item
+//! with progress reports, and its heartbeat (started before the initializer).
 
 use super::*;
 
@@ -9,6 +10,9 @@ struct TaskEntry {
     id: String,
     /// A stop entry.
     stop: bool,
+    /// Pending on this worker but deleted from the stream (a read of the worker's own pending
+    /// entries gives these without fields): nothing to run, only to acknowledge.
+    deleted: bool,
     call: u64,
     chunk: u64,
     attempt: u32,
@@ -76,6 +80,7 @@ fn parse_task_entries(reply: redis::Value) -> Vec<TaskEntry> {
             let mut task = TaskEntry {
                 id,
                 attempt: 1,
+                deleted: matches!(fields, Value::Nil),
                 ..TaskEntry::default()
             };
             for (name, value) in pairs(fields) {
@@ -111,7 +116,8 @@ pub enum WorkerEnd {
     Stopped,
     /// It ran `maxtasksperchild` chunks.
     MaxTasks,
-    /// The pool's streams are gone.
+    /// The pool's state is gone from Redis (see [`super::is_state_lost`]): the worker exits
+    /// with [`EXIT_POOL_GONE`].
     PoolGone,
     /// Its thread was asked to terminate.
     Terminated,
@@ -122,20 +128,13 @@ pub enum WorkerEnd {
 pub fn run_worker(store: &Arc<Store>, spec: &PoolWorkerSpec) -> Result<WorkerEnd> {
     let keys = PoolKeys::new(store.keys(), &spec.pool_id);
     let limit = store.settings().max_message_bytes;
-    if let Some(init) = &spec.initializer {
-        run_initializer(init, limit)?;
-    }
     let in_hand: Arc<Mutex<InHand>> = Arc::default();
     // Dropping the sender ends the heartbeat thread at once (it waits on the channel between
     // beats rather than waking up to poll a flag).
     let (done, done_rx) = std::sync::mpsc::channel::<()>();
-    // The tasks this thread runs see their call's cancellation through termination_requested().
-    let cancel = in_hand
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .cancelled
-        .clone();
-    context::set_task_cancel_flag(Some(cancel));
+    // Started before the initializer: it is what ends a worker whose driver is gone, and an
+    // initializer may run for long (nothing else would end a remote worker, nor a local one
+    // whose driver froze, meanwhile).
     let heartbeat = {
         let store = store.clone();
         let keys = keys.clone();
@@ -147,7 +146,21 @@ pub fn run_worker(store: &Arc<Store>, spec: &PoolWorkerSpec) -> Result<WorkerEnd
             .spawn(move || heartbeat(&store, &keys, &spec, &in_hand, &done_rx))
             .map_err(|e| Error::io("starting the heartbeat thread", e))?
     };
-    let result = serve(store, spec, &keys, &in_hand, limit);
+    let result = spec
+        .initializer
+        .as_ref()
+        .map_or(Ok(()), |init| run_initializer(init, limit))
+        .and_then(|()| {
+            // The tasks this thread runs see their call's cancellation through
+            // termination_requested().
+            let cancel = in_hand
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .cancelled
+                .clone();
+            context::set_task_cancel_flag(Some(cancel));
+            serve(store, spec, &keys, &in_hand, limit)
+        });
     context::set_task_cancel_flag(None);
     drop(done);
     let _ = heartbeat.join();
@@ -229,9 +242,20 @@ fn serve(
             .arg("STREAMS")
             .arg(&keys.tasks)
             .arg(">");
+        // A read whose reply was lost may have been served: its chunks are then pending on this
+        // worker, which does not know it has them (its heartbeat would not renew their lease,
+        // and the supervisor would kill it once that lapsed). So a retry reads this worker's
+        // own pending chunks instead (see `reading_pending`).
+        let mut retry: Option<redis::Pipeline> = None;
+        let mut attempts = 0u32;
         // One round trip: the last outcomes (if any), then the blocking read. A resend after a
         // lost reply may add those outcomes twice; the supervisor keeps one.
         let read = store.retry_unreachable(|| {
+            attempts += 1;
+            if attempts > 1 && retry.is_none() {
+                retry = Some(reading_pending(&pipe, &spec.worker_id, count, &keys.tasks));
+            }
+            let pipe = retry.as_ref().unwrap_or(&pipe);
             store.with_blocking_conn(
                 Some(READ_BLOCK),
                 || format!("reading {}", keys.tasks),
@@ -240,9 +264,7 @@ fn serve(
         });
         let reply = match read {
             Ok((reply,)) => reply,
-            Err(Error::Redis { source, .. }) if source.code() == Some("NOGROUP") => {
-                return Ok(WorkerEnd::PoolGone);
-            }
+            Err(e) if is_state_lost(&e) => return Ok(WorkerEnd::PoolGone),
             Err(e) => return Err(e),
         };
         let entries = parse_task_entries(reply);
@@ -252,7 +274,11 @@ fn serve(
         let cancelled = {
             let mut hand = in_hand.lock().unwrap_or_else(|p| p.into_inner());
             hand.ids = entries.iter().map(|e| e.id.clone()).collect();
-            hand.calls = entries.iter().filter(|e| !e.stop).map(|e| e.call).collect();
+            hand.calls = entries
+                .iter()
+                .filter(|e| !e.stop && !e.deleted)
+                .map(|e| e.call)
+                .collect();
             hand.cancelled.store(false, Ordering::Release);
             hand.cancelled.clone()
         };
@@ -270,6 +296,10 @@ fn serve(
         let mut previous_start: Option<std::time::Instant> = None;
         for entry in &entries {
             ids.push(&entry.id);
+            if entry.deleted {
+                // Removed while pending (its call was cancelled and swept): acknowledged only.
+                continue;
+            }
             if entry.stop {
                 stops += 1;
                 continue;
@@ -355,6 +385,34 @@ fn serve(
         outgoing = Some(pipe);
         prefetch = next_prefetch(prefetch, per_chunk);
     }
+}
+
+/// The pipeline `read` (the last outcomes, each reply ignored, then a read of new chunks) with
+/// its read of new chunks replaced by a read of the chunks pending on `worker`, for a retry after
+/// a lost reply: `XREADGROUP ... 0` gives the entries delivered to it and not acknowledged, without
+/// blocking. The outcomes go again, since the lost attempt may not have been applied; the `XACK`
+/// of their chunks comes before the read, so those are not among the pending ones, and what is
+/// pending is what the lost read delivered (none if it was not served).
+fn reading_pending(
+    read: &redis::Pipeline,
+    worker: &str,
+    count: usize,
+    tasks: &str,
+) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for cmd in read.cmd_iter().take(read.len().saturating_sub(1)) {
+        pipe.add_command(cmd.clone()).ignore();
+    }
+    pipe.cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg(worker)
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg(tasks)
+        .arg("0");
+    pipe
 }
 
 /// How many chunks to ask for after a read that took `per_chunk` per chunk with `prefetch`: as
@@ -703,7 +761,11 @@ impl ClockStride {
 }
 
 /// The worker's heartbeat thread: renews the lease of the chunks in hand, stamps the `workers`
-/// hash and, when `spec.driver_ttl_ms` is set, ends the process once the driver is gone.
+/// hash and, when `spec.driver_ttl_ms` is set (a worker process: a thread must not end its
+/// driver's process), ends the process once the driver is gone ([`EXIT_DRIVER_GONE`]) or, when
+/// its renewal finds the task stream or its group gone, once the pool's state is
+/// ([`EXIT_POOL_GONE`]: a chunk that runs for long would otherwise keep the worker from seeing
+/// it, and the pool from breaking, until the chunk ends).
 fn heartbeat(
     store: &Store,
     keys: &PoolKeys,
@@ -765,6 +827,15 @@ fn heartbeat(
             if hand.calls == calls {
                 hand.calls_cancelled(cancelled_calls);
             }
+        }
+        if let (true, Err(e)) = (watch_driver, &beat)
+            && is_state_lost(e)
+        {
+            eprintln!(
+                "shoal pool worker {worker}: {}; exiting",
+                super::state_lost(keys)
+            );
+            std::process::exit(EXIT_POOL_GONE);
         }
         // Only an answer from Redis is evidence about the driver; an error is not.
         if let (true, Ok((_, driver_alive))) = (watch_driver, beat) {
@@ -862,6 +933,40 @@ mod tests {
     }
 
     #[test]
+    fn a_retried_read_sends_the_outcomes_again_and_reads_the_pending_chunks() {
+        let mut read = redis::pipe();
+        read.cmd("MULTI").ignore();
+        read.cmd("XACK").arg("t").arg(GROUP).arg("1-0").ignore();
+        read.cmd("EXEC").ignore();
+        read.cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg("w1")
+            .arg("COUNT")
+            .arg(4)
+            .arg("BLOCK")
+            .arg(500)
+            .arg("STREAMS")
+            .arg("t")
+            .arg(">");
+        let retry = reading_pending(&read, "w1", 4, "t");
+        let packed = |pipe: &redis::Pipeline| {
+            pipe.cmd_iter()
+                .map(|c| String::from_utf8_lossy(&c.get_packed_command()).into_owned())
+                .collect::<Vec<_>>()
+        };
+        let (sent, again) = (packed(&read), packed(&retry));
+        assert_eq!(again.len(), sent.len());
+        assert_eq!(again[..3], sent[..3], "the outcomes go again");
+        let last = &again[3];
+        assert!(
+            last.contains("XREADGROUP") && last.ends_with("$1\r\n0\r\n"),
+            "{last}"
+        );
+        assert!(!last.contains("BLOCK"), "{last}");
+    }
+
+    #[test]
     fn a_read_takes_what_fits_in_its_budget() {
         let us = Duration::from_micros;
         assert_eq!(next_prefetch(1, us(10)), 2, "grows by doubling");
@@ -894,6 +999,7 @@ mod tests {
             TaskEntry {
                 id: "1-0".into(),
                 stop: false,
+                deleted: false,
                 call: 7,
                 chunk: 3,
                 attempt: 2,
@@ -919,6 +1025,20 @@ mod tests {
         assert!(
             parse_task_entries(Value::Nil).is_empty(),
             "a read that timed out"
+        );
+        // A read of the worker's own pending entries: one was deleted meanwhile.
+        let pending = Value::Array(vec![Value::Array(vec![
+            bulk("tasks"),
+            Value::Array(vec![Value::Array(vec![bulk("1-2"), Value::Nil])]),
+        ])]);
+        assert_eq!(
+            parse_task_entries(pending),
+            vec![TaskEntry {
+                id: "1-2".into(),
+                deleted: true,
+                attempt: 1,
+                ..TaskEntry::default()
+            }]
         );
     }
 }

@@ -45,7 +45,9 @@
 //!   with `SIGKILL`) exits within the task lease plus a second, whatever it runs.
 //! * When Redis becomes unreachable, the pool's calls fail with the store's error
 //!   ([`Error::Redis`]) once it stayed unreachable for `redis.response_timeout_secs`; that is
-//!   not counted as worker crashes.
+//!   not counted as worker crashes. A shorter outage (unreachable, or not answering) is not
+//!   either: no worker can renew its task lease meanwhile, so leases are checked again only a
+//!   lease after Redis answers again, and a busy worker is not killed for it.
 //! * A call returns without waiting for the pool's supervisor (an actor on shoal's own thread),
 //!   so an async call never holds a Tokio worker thread for it. A call made while another
 //!   thread closes or terminates the pool may therefore be refused after it returned: its
@@ -53,7 +55,8 @@
 //!   input is read or run.
 //! * `close()` refuses new calls; `join()` (after `close()` or `terminate()`, else
 //!   [`Error::InvalidState`]) waits for the workers to exit, after finishing the outstanding
-//!   calls when closed. An `imap` the caller has not read yet does not hold `join()` back: once
+//!   calls when closed, and then for every callback to have run (CPython's joins its result
+//!   handler). An `imap` the caller has not read yet does not hold `join()` back: once
 //!   the pool is closed its whole input is sent and its results wait in its iterator (memory
 //!   for all of them, as in CPython). `terminate()` stops the workers at once (`SIGTERM`) and
 //!   fails the calls still running. Dropping a pool terminates it (Python's `with Pool() as
@@ -148,7 +151,10 @@ impl Pool {
         match reply {
             Ok(()) => Ok(self),
             Err(e) => {
-                self.shared.update(|s| s.finished = true);
+                self.shared.update(|s| {
+                    s.workers_exited = true;
+                    s.finished = true;
+                });
                 Err(Error::Backend(format!(
                     "the pool supervisor did not start: {e}"
                 )))
@@ -279,7 +285,7 @@ impl Pool {
                 // Cancelled (or ended by the pool) before its turn: not written at all (a
                 // chunk written after its call's cancel is skipped by the workers, which see
                 // the call marked cancelled; one written after the pool's keys were deleted
-                // would make them again).
+                // finds no stream, and fails its call).
                 return;
             }
             let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -506,7 +512,7 @@ impl Pool {
 
     /// Refuses new calls; the workers exit once the outstanding calls are done.
     pub fn close(&self) -> Result<()> {
-        if self.shared.lock().finished {
+        if self.shared.is_finished() {
             return Ok(());
         }
         let _ = futures::executor::block_on(self.supervisor.send(Close));
@@ -529,7 +535,7 @@ impl Pool {
     /// # }
     /// ```
     pub fn close_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
-        let finished = self.shared.lock().finished;
+        let finished = self.shared.is_finished();
         let supervisor = self.supervisor.clone();
         async move {
             if finished {
@@ -554,7 +560,7 @@ impl Pool {
         let supervisor = self.supervisor.clone();
         // Nothing happens before the first poll, as for `close_async`.
         async move {
-            if shared.lock().finished {
+            if shared.is_finished() {
                 return Ok(());
             }
             shoal_core::context::current()?
@@ -573,9 +579,10 @@ impl Pool {
         }
     }
 
-    /// The async form of [`Pool::join`]: resolves once the workers exited, on any executor,
-    /// without blocking a thread. Call [`Pool::close_async`] or [`Pool::terminate_async`] (or
-    /// their blocking forms) first ([`Error::InvalidState`] otherwise).
+    /// The async form of [`Pool::join`]: resolves once the workers exited and the callbacks
+    /// ran, on any executor, without blocking a thread. Call [`Pool::close_async`] or
+    /// [`Pool::terminate_async`] (or their blocking forms) first ([`Error::InvalidState`]
+    /// otherwise).
     pub fn join_async(&self) -> impl Future<Output = Result<()>> + Send + use<> {
         let shared = self.shared.clone();
         async move {
@@ -589,8 +596,10 @@ impl Pool {
         }
     }
 
-    /// Waits for the workers to exit. Call [`Pool::close`] or [`Pool::terminate`] first
-    /// ([`Error::InvalidState`] otherwise).
+    /// Waits for the workers to exit, then for the callbacks of the calls that completed to run
+    /// (as CPython's joins its result handler). Call [`Pool::close`] or [`Pool::terminate`]
+    /// first ([`Error::InvalidState`] otherwise). A callback that joins its own pool waits for
+    /// the workers only: the callbacks after it cannot run before it returns.
     pub fn join(&self) -> Result<()> {
         if matches!(self.shared.lock().phase, Phase::Running) {
             return Err(Error::invalid_state(
@@ -863,7 +872,7 @@ pub(crate) struct PoolEntry {
 
 impl PoolEntry {
     pub(crate) fn finished(&self) -> bool {
-        self.shared.lock().finished
+        self.shared.is_finished()
     }
 
     /// `close()`: no new call; the workers stop after the calls in flight.
@@ -886,7 +895,7 @@ impl PoolEntry {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        if self.shared.lock().finished {
+        if self.shared.is_finished() {
             return;
         }
         if tokio::runtime::Handle::try_current().is_ok() {
@@ -911,7 +920,7 @@ impl Drop for Pool {
 /// Stops the workers (`SIGTERM`) and waits for them to exit, killing those still there after
 /// `TERMINATE_GRACE`; returns at once when the pool finished already.
 fn terminate(supervisor: &Addr<PoolSupervisor>, shared: &PoolShared) {
-    if shared.lock().finished {
+    if shared.is_finished() {
         return;
     }
     let _ = futures::executor::block_on(supervisor.send(Terminate));

@@ -283,23 +283,27 @@ fn send_chunks_once(
     chunks: &[ChunkEntry],
     refresh_ttl: bool,
 ) -> Result<()> {
-    store.with_conn(
-        || format!("sending chunks to {}", keys.tasks),
-        |c| {
-            let mut pipe = redis::pipe();
-            if chunks.len() > 1 {
-                pipe.atomic();
-            }
-            for chunk in chunks {
-                chunk.add_to(&mut pipe, keys);
-            }
-            if refresh_ttl {
-                pipe.expire(&keys.tasks, store.expiry_secs() as i64)
-                    .ignore();
-                pipe.expire(&keys.results, store.expiry_secs() as i64)
-                    .ignore();
-            }
-            pipe.query::<()>(c)
-        },
-    )
+    store
+        .with_conn(
+            || format!("sending chunks to {}", keys.tasks),
+            |c| {
+                let mut pipe = redis::pipe();
+                if chunks.len() > 1 {
+                    pipe.atomic();
+                }
+                // Each `XADD`'s reply is kept: nil when the task stream is gone (the pool's state
+                // was lost), which fails the call rather than leaving it to wait for a worker.
+                for chunk in chunks {
+                    chunk.add_reporting_to(&mut pipe, keys);
+                }
+                if refresh_ttl {
+                    pipe.expire(&keys.tasks, store.expiry_secs() as i64)
+                        .ignore();
+                    pipe.expire(&keys.results, store.expiry_secs() as i64)
+                        .ignore();
+                }
+                pipe.query::<Vec<Option<String>>>(c)
+            },
+        )
+        .and_then(|ids| shoal_executor::pool::chunks_added(keys, &ids))
 }

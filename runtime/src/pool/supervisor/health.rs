@@ -3,7 +3,18 @@
 //!
 //! * **Leases.** Every half lease, `pool/requeue.lua` moves the chunks idle for longer than the
 //!   lease (their worker stopped renewing: hung, paused or cut off) and the supervisor kills
-//!   those workers, which are then replaced.
+//!   those workers, which are then replaced. While Redis does not answer, no worker can renew,
+//!   so an outage longer than the lease would make every busy worker look silent once it ends.
+//!   Hence the check is made only when Redis answers: not while it is unreachable, nor for one
+//!   lease after it answers again (the workers renew first, every third of a lease), and each
+//!   check first sends a `PING` and moves nothing when that is slow (an outage is going on or
+//!   just ended). An outage is an operation failing because Redis is unreachable, or one whose
+//!   answer took longer than a quarter of the lease ([`StoreHealth::slow`]: paused, stalled, cut
+//!   off without an error). One check at a time, so none piles up behind an outage. Should a
+//!   check still run across an outage (one sent just as it began), the workers whose leases it
+//!   found expired are not killed at once: only if their heartbeat does not stamp the `workers`
+//!   hash within a lease (a worker alive and busy goes on; whichever outcome of its chunk comes
+//!   first is kept), so a live worker is not killed nor charged to the restart budget for it.
 //! * **Driver liveness.** Every quarter of its TTL ([`driver_ttl`]), the supervisor sets the
 //!   pool's `driver` key with that TTL. Workers exit when it lapses: a driver killed with
 //!   `SIGKILL`, or cut off from Redis, leaves nothing running for nobody.
@@ -11,13 +22,14 @@
 //!   has been unreachable (refused, dropped, timed out) for `redis.response_timeout_secs`,
 //!   counted from the start of the first operation that failed, the store is lost: calls fail
 //!   with the store's error, later calls too, and the workers are stopped. Workers that exit for
-//!   the same reason are not counted as crashes.
+//!   the same reason are not counted as crashes, nor are leases that lapsed during an outage.
 
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use shoal_core::error::{Error, Result};
-use shoal_executor::pool::{self, driver_ttl};
+use shoal_core::error::{Error, RedisContext, Result};
+use shoal_core::store::Store;
+use shoal_executor::pool::{self, Requeued, driver_ttl};
 use shoal_executor::protocol::StopSignal;
 
 use super::{Breakdown, PoolSupervisor};
@@ -26,38 +38,73 @@ use super::{Breakdown, PoolSupervisor};
 #[derive(Debug)]
 pub(super) struct StoreHealth {
     response_timeout: Duration,
+    /// The task lease: lease checks wait this long after an outage.
+    lease: Duration,
     /// Start of the first failed operation since Redis last answered.
     unreachable_since: Option<Instant>,
     last_error: Option<Error>,
+    /// When the last outage ended (Redis answered after failures, or an answer was slow).
+    recovered_at: Option<Instant>,
 }
 
 impl StoreHealth {
-    pub(super) fn new(response_timeout: Duration) -> Self {
+    /// The health of a store whose operations time out after `response_timeout`, for a pool
+    /// whose task lease is `lease`.
+    pub(super) fn new(response_timeout: Duration, lease: Duration) -> Self {
         StoreHealth {
             response_timeout,
+            lease,
             unreachable_since: None,
             last_error: None,
+            recovered_at: None,
         }
     }
 
-    /// Records the outcome of an operation started at `started`.
-    pub(super) fn report(&mut self, started: Instant, outcome: std::result::Result<(), &Error>) {
+    /// An answer slower than this means Redis was not answering (paused, stalled, cut off): a
+    /// quarter of the lease, well under the two thirds that a busy worker, which renews every
+    /// third of a lease, needs Redis to be silent for to look as if it stopped renewing.
+    pub(super) fn slow(&self) -> Duration {
+        (self.lease / 4).max(Duration::from_millis(10))
+    }
+
+    /// Records the outcome of an operation started at `started` and ended at `ended`.
+    pub(super) fn report(
+        &mut self,
+        started: Instant,
+        ended: Instant,
+        outcome: std::result::Result<(), &Error>,
+    ) {
         match outcome {
-            Ok(()) => {
-                self.unreachable_since = None;
-                self.last_error = None;
-            }
             Err(e) if e.is_store_unreachable() => {
                 let since = self.unreachable_since.get_or_insert(started);
                 *since = (*since).min(started);
                 self.last_error = Some(e.clone());
             }
-            // Redis answered, with an error: it is reachable.
-            Err(_) => {
-                self.unreachable_since = None;
+            // Redis answered (an error too is an answer): it is reachable; if it had failed or
+            // took long, an outage just ended.
+            Ok(()) | Err(_) => {
+                let failed = self.unreachable_since.take().is_some();
+                if failed || ended.saturating_duration_since(started) > self.slow() {
+                    self.recovered_at = Some(self.recovered_at.map_or(ended, |r| r.max(ended)));
+                }
                 self.last_error = None;
             }
         }
+    }
+
+    /// Whether a lease check may run at `now`: Redis answers, and did for a lease since its
+    /// last outage, so that every live worker renewed its lease since (see the module docs).
+    pub(super) fn leases_checkable(&self, now: Instant) -> bool {
+        self.unreachable_since.is_none()
+            && self
+                .recovered_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= self.lease)
+    }
+
+    /// Whether an operation started at `started`, whose outcome was reported already, may have
+    /// met an outage: Redis is unreachable, or an outage ended since it started.
+    pub(super) fn overlaps_outage(&self, started: Instant) -> bool {
+        self.unreachable_since.is_some() || self.recovered_at.is_some_and(|at| at >= started)
     }
 
     /// The error calls get when Redis has been unreachable for the response timeout.
@@ -103,7 +150,7 @@ impl PoolSupervisor {
         started: Instant,
         outcome: std::result::Result<(), &Error>,
     ) {
-        self.health.report(started, outcome);
+        self.health.report(started, Instant::now(), outcome);
         self.check_store(ctx);
     }
 
@@ -142,44 +189,126 @@ impl PoolSupervisor {
         );
     }
 
+    /// Moves the chunks whose lease expired and kills their workers (see the module docs).
     fn check_leases(&mut self, ctx: &mut Context<Self>) {
-        if !self.phase.supervises() {
+        if !self.phase.supervises()
+            || self.lease_check_running
+            || !self.health.leases_checkable(Instant::now())
+        {
             return;
         }
+        self.lease_check_running = true;
         let store = self.store.clone();
         let keys = self.keys.clone();
         let lease = self.settings.lease;
         let attempts = self.attempts_allowed();
+        let slow = self.health.slow();
         let started = Instant::now();
         ctx.spawn(
             async move {
                 let mut conn = store.multiplexed().await?;
-                pool::requeue_idle(&mut conn, &store, &keys, lease, attempts).await
+                // Redis answers now, so the workers' renewals went through: a check sent while
+                // it does not would be run once it answers again, maybe before the renewals
+                // waiting with it.
+                redis::cmd("PING")
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .context(|| format!("checking the leases of {}", keys.tasks))?;
+                if started.elapsed() > slow {
+                    return Ok(None);
+                }
+                pool::requeue_idle(&mut conn, &store, &keys, lease, attempts)
+                    .await
+                    .map(Some)
             }
             .into_actor(self)
-            .map(move |result, act, ctx| {
+            .map(move |result: Result<Option<Requeued>>, act, ctx| {
+                act.lease_check_running = false;
                 act.store_report(ctx, started, result.as_ref().map(|_| ()));
                 match result {
-                    Ok(moved) => {
+                    Ok(None) => tracing::debug!(
+                        pool = %act.id,
+                        "the store answered slowly: lease checks wait for a lease"
+                    ),
+                    Ok(Some(moved)) => {
                         act.record_deaths(&moved.chunks);
+                        let across_an_outage = act.health.overlaps_outage(started);
                         for worker in moved.workers {
-                            if act.workers.contains_key(&worker) {
+                            if !act.workers.contains_key(&worker) {
+                                continue;
+                            }
+                            if across_an_outage {
+                                tracing::warn!(
+                                    "pool {}: the lease of worker {worker} expired while the \
+                                     store did not answer; it is killed if it stays silent",
+                                    act.id
+                                );
+                                act.kill_if_silent(ctx, worker);
+                            } else {
                                 tracing::warn!(
                                     "pool {}: worker {worker} stopped renewing its lease; \
                                      killing it",
                                     act.id
                                 );
-                                let executor = act.executor.clone();
-                                actix::spawn(async move {
-                                    let _ = executor.signal(worker, StopSignal::Kill).await;
-                                });
+                                act.kill_worker(worker);
                             }
                         }
+                    }
+                    // Redis lost the pool's state: nothing in flight can complete.
+                    Err(e) if pool::is_state_lost(&e) => {
+                        act.break_pool(ctx, Breakdown::StoreLost(pool::state_lost(&act.keys)));
                     }
                     Err(e) => tracing::warn!("pool {}: checking leases: {e}", act.id),
                 }
             }),
         );
+    }
+
+    /// Kills `worker` (its exit is then handled as any: a failure, replaced).
+    fn kill_worker(&self, worker: String) {
+        let executor = self.executor.clone();
+        actix::spawn(async move {
+            let _ = executor.signal(worker, StopSignal::Kill).await;
+        });
+    }
+
+    /// Kills `worker`, whose lease expired across an outage of the store, unless its heartbeat
+    /// stamps the `workers` hash within the next lease (it renews every third of one). When the
+    /// store fails or stalls meanwhile, that cannot tell: it looks again.
+    fn kill_if_silent(&mut self, ctx: &mut Context<Self>, worker: String) {
+        let lease = self.settings.lease;
+        let started = Instant::now();
+        let first = heartbeat_stamp(
+            self.store.clone(),
+            self.keys.workers.clone(),
+            worker.clone(),
+        );
+        ctx.spawn(first.into_actor(self).map(move |before, _, ctx| {
+            ctx.run_later(lease, move |act, ctx| {
+                let second =
+                    heartbeat_stamp(act.store.clone(), act.keys.workers.clone(), worker.clone());
+                ctx.spawn(second.into_actor(act).map(move |after, act, ctx| {
+                    if !act.phase.supervises() || !act.workers.contains_key(&worker) {
+                        return;
+                    }
+                    match (before, after) {
+                        (Ok(before), Ok(after)) if !act.health.overlaps_outage(started) => {
+                            if before == after {
+                                tracing::warn!(
+                                    "pool {}: worker {worker} stayed silent after the store \
+                                     answered again; killing it",
+                                    act.id
+                                );
+                                act.kill_worker(worker);
+                            } else {
+                                tracing::debug!(pool = %act.id, worker, "worker alive");
+                            }
+                        }
+                        _ => act.kill_if_silent(ctx, worker),
+                    }
+                }));
+            });
+        }));
     }
 
     /// Moves the chunks a worker that exited still held; then, for a worker that `failed`
@@ -205,6 +334,9 @@ impl PoolSupervisor {
                 // A chunk left behind here is moved later by the lease check.
                 match &result {
                     Ok(moved) => act.record_deaths(&moved.chunks),
+                    Err(e) if pool::is_state_lost(e) => {
+                        act.break_pool(ctx, Breakdown::StoreLost(pool::state_lost(&act.keys)));
+                    }
                     Err(e) => {
                         tracing::warn!("pool {}: redelivering a dead worker's chunks: {e}", act.id)
                     }
@@ -218,9 +350,26 @@ impl PoolSupervisor {
     }
 }
 
+/// The last stamp of `worker`'s heartbeat in the pool's `workers` hash (`key`).
+async fn heartbeat_stamp(
+    store: std::sync::Arc<Store>,
+    key: String,
+    worker: String,
+) -> Result<Option<String>> {
+    let mut conn = store.multiplexed().await?;
+    redis::cmd("HGET")
+        .arg(&key)
+        .arg(&worker)
+        .query_async(&mut conn)
+        .await
+        .context(|| format!("reading the heartbeat of {worker} in {key}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LEASE: Duration = Duration::from_millis(600);
 
     fn unreachable() -> Error {
         Error::redis(
@@ -231,9 +380,9 @@ mod tests {
 
     #[test]
     fn the_store_is_lost_after_the_response_timeout_of_failures() {
-        let mut health = StoreHealth::new(Duration::from_secs(2));
+        let mut health = StoreHealth::new(Duration::from_secs(2), LEASE);
         let t0 = Instant::now();
-        health.report(t0, Err(&unreachable()));
+        health.report(t0, t0, Err(&unreachable()));
         assert!(health.lost(t0 + Duration::from_millis(1999)).is_none());
         let lost = health.lost(t0 + Duration::from_secs(2)).expect("lost");
         assert!(lost.is_store_unreachable(), "{lost}");
@@ -243,13 +392,17 @@ mod tests {
 
     #[test]
     fn an_answer_clears_the_failures() {
-        let mut health = StoreHealth::new(Duration::from_secs(1));
+        let mut health = StoreHealth::new(Duration::from_secs(1), LEASE);
         let t0 = Instant::now();
-        health.report(t0, Err(&unreachable()));
-        health.report(t0 + Duration::from_millis(500), Ok(()));
+        health.report(t0, t0, Err(&unreachable()));
+        health.report(
+            t0 + Duration::from_millis(500),
+            t0 + Duration::from_millis(500),
+            Ok(()),
+        );
         assert!(health.lost(t0 + Duration::from_secs(5)).is_none());
         // A reply that is an error is an answer too.
-        health.report(t0, Err(&unreachable()));
+        health.report(t0, t0, Err(&unreachable()));
         let reply = Error::redis(
             "x",
             redis::RedisError::from((
@@ -257,17 +410,60 @@ mod tests {
                 "WRONGTYPE",
             )),
         );
-        health.report(t0, Err(&reply));
+        health.report(t0, t0, Err(&reply));
         assert!(health.lost(t0 + Duration::from_secs(5)).is_none());
     }
 
     #[test]
     fn the_earliest_failed_start_counts() {
-        let mut health = StoreHealth::new(Duration::from_secs(1));
+        let mut health = StoreHealth::new(Duration::from_secs(1), LEASE);
         let t0 = Instant::now();
         // A slow operation started first reports last.
-        health.report(t0 + Duration::from_millis(900), Err(&unreachable()));
-        health.report(t0, Err(&unreachable()));
+        health.report(
+            t0 + Duration::from_millis(900),
+            t0 + Duration::from_millis(900),
+            Err(&unreachable()),
+        );
+        health.report(t0, t0, Err(&unreachable()));
         assert!(health.lost(t0 + Duration::from_secs(1)).is_some());
+    }
+
+    #[test]
+    fn lease_checks_wait_a_lease_after_failures() {
+        let mut health = StoreHealth::new(Duration::from_secs(30), LEASE);
+        let t0 = Instant::now();
+        assert!(health.leases_checkable(t0));
+        health.report(t0, t0, Err(&unreachable()));
+        assert!(!health.leases_checkable(t0 + Duration::from_secs(5)));
+        // Redis answers at 5 s: the workers renew during the next lease, checks wait for it.
+        let back = t0 + Duration::from_secs(5);
+        health.report(back, back, Ok(()));
+        assert!(!health.leases_checkable(back + LEASE / 2));
+        assert!(health.leases_checkable(back + LEASE));
+        // A check started during the outage met it; one started after the wait did not.
+        assert!(health.overlaps_outage(t0));
+        assert!(!health.overlaps_outage(back + LEASE));
+    }
+
+    #[test]
+    fn a_slow_answer_is_an_outage_too() {
+        let mut health = StoreHealth::new(Duration::from_secs(30), LEASE);
+        let t0 = Instant::now();
+        // Quick answers: nothing happened.
+        health.report(t0, t0 + health.slow(), Ok(()));
+        assert!(health.leases_checkable(t0 + health.slow()));
+        assert!(!health.overlaps_outage(t0));
+        // Paused for 2 s (no error, the response timeout is longer): checks wait a lease from
+        // the answer, and an operation that started before it ended met it.
+        let answered = t0 + Duration::from_secs(2);
+        health.report(t0, answered, Ok(()));
+        assert!(health.lost(answered).is_none());
+        assert!(!health.leases_checkable(answered));
+        assert!(health.leases_checkable(answered + LEASE));
+        assert!(health.overlaps_outage(t0 + Duration::from_secs(1)));
+        assert!(!health.overlaps_outage(answered + Duration::from_millis(1)));
+        // An earlier slow answer reported later does not bring the end of the outage back.
+        health.report(t0, t0 + Duration::from_secs(1), Ok(()));
+        assert!(!health.leases_checkable(answered + LEASE / 2));
     }
 }

@@ -15,10 +15,15 @@
 //! `Running` → `close()` → `Closing` (no new calls; streaming calls no longer wait for their
 //! callers to take results, which wait in their iterators; when the last call completes, one stop
 //! entry per worker goes to the task stream) → `Stopping` (workers exit, none is replaced) →
-//! finished. `terminate()` (or dropping the pool) → `Terminated` from any phase: workers are sent
-//! `SIGTERM`, calls still running fail with [`Error::InvalidState`], the pool's keys are deleted.
+//! finished, once the callbacks queued by then ran on the pool's callback thread (a last job
+//! there marks it, so `join()` returns after every callback, as CPython's). `terminate()` (or
+//! dropping the pool) → `Terminated` from any phase: workers are sent `SIGTERM`, calls still
+//! running fail with [`Error::InvalidState`], the pool's keys are deleted.
 //! `Broken` from `Running` or `Closing`: the restart budget is spent (calls fail with kind
-//! `Crashed`) or the store was lost (calls fail with the store's error); workers are stopped.
+//! `Crashed`), the store was lost (calls fail with the store's error), or the pool's state in
+//! Redis was lost (its task stream or consumer group gone: a worker exits with
+//! `pool::EXIT_POOL_GONE`, or a lease check or redelivery meets `NOGROUP`; calls fail with
+//! `pool::state_lost`'s error); workers are stopped.
 //!
 //! # Supervision
 //!
@@ -26,7 +31,9 @@
 //!   `pool/requeue.lua` (another attempt, or a `Crashed` failure when `1 + retries` attempts are
 //!   used up).
 //! * Every half lease, chunks idle for longer than the lease (their worker stopped renewing) are
-//!   moved the same way and their worker is killed and replaced.
+//!   moved the same way and their worker is killed and replaced; not while Redis does not
+//!   answer, nor for a lease after it answers again, when no worker could renew (see
+//!   [`health`]).
 //! * Worker failures are charged to a restart budget only while the pool makes no progress
 //!   (see [`budget`]); restarts back off. A failure is charged once its worker's chunks moved,
 //!   so that a pool that gives up fails each call naming a real attempt: the chunk failure the
@@ -43,7 +50,8 @@ mod results;
 mod workers;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -118,15 +126,21 @@ enum Breakdown {
 pub(crate) struct PoolShared {
     state: Mutex<PoolStatus>,
     changed: Condvar,
-    /// The async waits for the workers' exit ([`PoolShared::finished`]), woken with `changed`.
+    /// The async waits for the pool's end ([`PoolShared::finished`]), woken with `changed`.
     wakers: Mutex<Vec<std::task::Waker>>,
+    /// The pool's callback thread, set by its first job.
+    callback_thread: OnceLock<ThreadId>,
 }
 
 #[derive(Debug)]
 pub(crate) struct PoolStatus {
     pub(crate) phase: Phase,
     pub(crate) live_workers: usize,
-    /// Set when no worker will run any more (all exited after stop or terminate).
+    /// Set when no worker will run any more (all exited after stop or terminate, and their
+    /// output is printed).
+    pub(crate) workers_exited: bool,
+    /// Set once the workers exited and then every callback queued by then ran: what `join()`
+    /// waits for (see [`PoolShared::is_finished`]).
     pub(crate) finished: bool,
 }
 
@@ -136,11 +150,26 @@ impl PoolShared {
             state: Mutex::new(PoolStatus {
                 phase: Phase::Running,
                 live_workers: 0,
+                workers_exited: false,
                 finished: false,
             }),
             changed: Condvar::new(),
             wakers: Mutex::new(Vec::new()),
+            callback_thread: OnceLock::new(),
         })
+    }
+
+    /// Whether the pool is done, for the calling thread: it is finished; or, on the pool's own
+    /// callback thread (a callback that joins, terminates or drops its pool), its workers
+    /// exited, since the callbacks queued after the one running cannot run before it returns.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.done(&self.lock())
+    }
+
+    fn done(&self, status: &PoolStatus) -> bool {
+        status.finished
+            || (status.workers_exited
+                && self.callback_thread.get() == Some(&std::thread::current().id()))
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, PoolStatus> {
@@ -156,10 +185,11 @@ impl PoolShared {
         }
     }
 
-    /// Resolves once every worker exited, on any executor (a waker, no thread parked).
+    /// Resolves once the pool is done ([`PoolShared::is_finished`]), on any executor (a waker,
+    /// no thread parked).
     pub(crate) fn finished(&self) -> impl Future<Output = ()> + Send + '_ {
         std::future::poll_fn(move |cx| {
-            if self.lock().finished {
+            if self.is_finished() {
                 return std::task::Poll::Ready(());
             }
             // Registered (once per task) before the state is read again: an update in between
@@ -170,7 +200,7 @@ impl PoolShared {
                     wakers.push(cx.waker().clone());
                 }
             }
-            if self.lock().finished {
+            if self.is_finished() {
                 std::task::Poll::Ready(())
             } else {
                 std::task::Poll::Pending
@@ -178,19 +208,19 @@ impl PoolShared {
         })
     }
 
-    /// Waits until every worker exited; false on timeout.
+    /// Waits until the pool is done ([`PoolShared::is_finished`]); false on timeout.
     pub(crate) fn wait_finished(&self, timeout: Option<Duration>) -> bool {
         let guard = self.lock();
         match timeout {
             None => self
                 .changed
-                .wait_while(guard, |s| !s.finished)
-                .map(|g| g.finished)
+                .wait_while(guard, |s| !self.done(s))
+                .map(|g| self.done(&g))
                 .unwrap_or(true),
             Some(t) => self
                 .changed
-                .wait_timeout_while(guard, t, |s| !s.finished)
-                .map(|(g, _)| g.finished)
+                .wait_timeout_while(guard, t, |s| !self.done(s))
+                .map(|(g, _)| self.done(&g))
                 .unwrap_or(true),
         }
     }
@@ -210,6 +240,8 @@ pub(crate) struct PoolSupervisor {
     workers_started: u64,
     budget: RestartBudget,
     health: StoreHealth,
+    /// A lease check is under way (one at a time: none piles up behind an outage).
+    lease_check_running: bool,
     calls: HashMap<u64, CallRecord>,
     phase: Phase,
     callbacks: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
@@ -230,7 +262,14 @@ impl PoolSupervisor {
             settings.restart_period,
             settings.processes,
         );
-        let health = StoreHealth::new(store.settings().response_timeout);
+        let health = StoreHealth::new(store.settings().response_timeout, settings.lease);
+        // The first job, before any callback: a callback that waits for its own pool is told
+        // apart (see `PoolShared::is_finished`).
+        let marked = shared.clone();
+        let mark: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let _ = marked.callback_thread.set(std::thread::current().id());
+        });
+        let _ = callbacks.send(mark);
         PoolSupervisor {
             id,
             keys,
@@ -243,6 +282,7 @@ impl PoolSupervisor {
             workers_started: 0,
             budget,
             health,
+            lease_check_running: false,
             calls: HashMap::new(),
             phase: Phase::Running,
             callbacks,
@@ -319,7 +359,8 @@ impl PoolSupervisor {
         );
     }
 
-    /// Every worker has exited and its output is printed: the pool is done.
+    /// Every worker has exited and its output is printed: the pool is done once the callbacks
+    /// queued so far have run.
     fn workers_gone(&mut self, ctx: &mut Context<Self>) {
         if !self.printing.is_empty() {
             // The last printer to finish comes back here.
@@ -327,15 +368,39 @@ impl PoolSupervisor {
         }
         let store = self.store.clone();
         let keys = self.keys.clone();
-        actix::spawn(async move {
+        let delete = move || {
             if let Err(e) = pool::delete_streams(&store, &keys) {
                 tracing::debug!("deleting a finished pool's keys: {e}");
             }
-        });
+        };
+        // Off shoal's actor thread, which the synchronous connection would hold (every pool,
+        // process and actor with it) for up to the connect and response timeouts while Redis
+        // does not answer. Synchronous all the same: after an outage it is what finds the
+        // store's idle synchronous connections dead and drops them, before the next pool's
+        // creation takes one.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(delete)),
+            Err(_) => {
+                if let Err(e) = std::thread::Builder::new()
+                    .name("shoal-pool-cleanup".into())
+                    .spawn(delete)
+                {
+                    tracing::debug!("deleting a finished pool's keys: {e}");
+                }
+            }
+        }
         self.shared.update(|s| {
             s.live_workers = 0;
-            s.finished = true;
+            s.workers_exited = true;
         });
+        // `join()` returns once every callback ran, as CPython's joins its result handler: the
+        // pool is finished by a last job on the callback thread, after those queued before it.
+        let shared = self.shared.clone();
+        let last: Box<dyn FnOnce() + Send> = Box::new(move || shared.update(|s| s.finished = true));
+        if let Err(returned) = self.callbacks.send(last) {
+            // The callback thread is gone: no callback is left to wait for.
+            (returned.0)();
+        }
         ctx.stop();
     }
 

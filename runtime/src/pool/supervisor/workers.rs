@@ -10,7 +10,14 @@
 //! | 0 | `maxtasksperchild` reached, or stopped | at once |
 //! | [`EXIT_STORE_LOST`] | it could not reach Redis | after the store back-off, not charged |
 //! | [`EXIT_DRIVER_GONE`] | it saw no driver (the liveness key lapsed) | as a store failure |
+//! | [`EXIT_POOL_GONE`] | the pool's state is gone from Redis | none: the pool breaks |
 //! | anything else | a failure (crash, kill, lost lease) | charged to the budget, backed off |
+//!
+//! A worker that found the pool's task stream or its consumer group gone (Redis restarted
+//! without persistence, failed over to a replica that lagged, evicted the key) is not replaced:
+//! the chunks of every call went with the stream, so no call can complete, and a replacement
+//! would find the same at once. The pool breaks instead: its calls, and later ones, fail with
+//! [`pool::state_lost`], and its workers are stopped.
 //!
 //! A worker whose output is streamed (`multiprocessing.stream_stdout`, and always on a remote
 //! backend, where a worker's terminal is its pod's log) has a printer task: it prints the
@@ -27,7 +34,9 @@ use futures::FutureExt;
 use shoal_core::config::StartMethod;
 use shoal_core::context::{ParentInfo, ProcessInfo};
 use shoal_executor::output::print_stream;
-use shoal_executor::pool::{self, EXIT_DRIVER_GONE, EXIT_STORE_LOST, PoolWorkerSpec, driver_ttl};
+use shoal_executor::pool::{
+    self, EXIT_DRIVER_GONE, EXIT_POOL_GONE, EXIT_STORE_LOST, PoolWorkerSpec, WorkerEnd, driver_ttl,
+};
 use shoal_executor::protocol::{Launch, StopSignal, WorkerExited, Workload};
 use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord, hand_over_authkey};
 
@@ -137,6 +146,8 @@ impl PoolSupervisor {
         } else {
             let body_store = store.clone();
             let body = Box::new(move || match pool::run_worker(&body_store, &spec) {
+                // As a worker process does (see the module docs): not replaced.
+                Ok(WorkerEnd::PoolGone) => EXIT_POOL_GONE,
                 Ok(_) => 0,
                 Err(e) if e.is_store_unreachable() => {
                     eprintln!("shoal pool worker: {e}");
@@ -309,6 +320,17 @@ impl Handler<WorkerExited> for PoolSupervisor {
             0 => {
                 self.requeue_worker_chunks(ctx, msg.id.clone(), None);
                 self.replace_worker(ctx, Duration::ZERO);
+            }
+            EXIT_POOL_GONE => {
+                // Nothing to redeliver: the chunks went with the stream (and `requeue.lua`
+                // would only find the group missing).
+                let error = pool::state_lost(&self.keys);
+                tracing::warn!(
+                    "pool {}: PoolWorker-{} found the pool's state gone from Redis",
+                    self.id,
+                    slot.number
+                );
+                self.break_pool(ctx, Breakdown::StoreLost(error));
             }
             EXIT_STORE_LOST | EXIT_DRIVER_GONE => {
                 self.requeue_worker_chunks(ctx, msg.id.clone(), None);

@@ -1,0 +1,334 @@
+//! `Pool` when Redis fails it in ways other than going away: it loses the pool's state (a restart
+//! without persistence, a failover to a lagging replica, eviction), or a worker's reply is lost
+//! on the way (the connection drops after Redis served the read). Real redis-server, real worker
+//! subprocesses (or threads), and a TCP proxy that drops one chosen reply.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use shoal::prelude::*;
+use shoal_integration_tests::{
+    TestRedis, child_pids, contains_bytes, pid_running, raw_redis, wait_for,
+};
+
+shoal::test_support!();
+
+fn runtime() -> shoal::Runtime {
+    shoal::init_with(Config::builder().build().expect("config")).expect("runtime")
+}
+
+/// Sleeps `ms`, then returns it.
+#[shoal::remote]
+fn sleep_ms(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+/// This worker's pid.
+#[shoal::remote]
+fn pid_of(_x: u64) -> u32 {
+    std::process::id()
+}
+
+/// This worker's pid; `marker` only travels in the chunk (see `LosingProxy`).
+#[shoal::remote]
+fn pid_with(marker: String) -> u32 {
+    std::hint::black_box(marker);
+    std::process::id()
+}
+
+/// The key of this runtime's only pool's task stream.
+fn task_stream_key(conn: &mut redis::Connection) -> String {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("shoal:{*:pool:*}:tasks")
+        .query(conn)
+        .expect("keys");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    keys[0].clone()
+}
+
+/// Records the pids of this process's worker children every 10 ms until dropped.
+struct PidSampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<BTreeSet<u32>>>,
+}
+
+impl PidSampler {
+    fn start() -> PidSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = BTreeSet::new();
+            while !flag.load(Ordering::Acquire) {
+                seen.extend(child_pids());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            seen
+        });
+        PidSampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Every worker pid seen so far.
+    fn finish(mut self) -> BTreeSet<u32> {
+        self.stop.store(true, Ordering::Release);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for PidSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Asserts that `outcome` is the error of a pool whose state Redis lost.
+fn assert_state_lost<T: std::fmt::Debug>(outcome: Result<T>) {
+    match outcome {
+        Err(Error::InvalidState(reason)) => assert!(
+            reason.contains("the pool's state in Redis was lost"),
+            "{reason}"
+        ),
+        other => panic!("expected the pool's state to be lost, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_pool_whose_task_stream_is_deleted_breaks_instead_of_respawning_its_workers() {
+    let rt = runtime();
+    let mut redis = raw_redis(&rt);
+    let pool = Pool::new(2).expect("pool");
+    let pending = pool
+        .map_async_with(sleep_ms, vec![400u64; 20], AsyncOptions::new().chunksize(1))
+        .expect("map_async");
+    std::thread::sleep(Duration::from_millis(600));
+    let before = child_pids();
+    assert_eq!(before.len(), 2, "{before:?}");
+    let sampler = PidSampler::start();
+    // Redis loses the stream (and its consumer group), as after a restart without persistence.
+    let tasks = task_stream_key(&mut redis);
+    let deleted: u64 = redis::cmd("DEL")
+        .arg(&tasks)
+        .query(&mut redis)
+        .expect("DEL");
+    assert_eq!(deleted, 1);
+    let lost = Instant::now();
+    let outcome = pending.get(Some(Duration::from_secs(15)));
+    let took = lost.elapsed();
+    // A worker that found the state gone is not replaced by one that finds the same at once.
+    std::thread::sleep(Duration::from_secs(1));
+    let seen = sampler.finish();
+    eprintln!(
+        "the call ended {took:?} after the stream went: {outcome:?}; {} worker processes seen",
+        seen.len()
+    );
+    assert!(
+        seen.len() <= before.len() + 2,
+        "workers respawned in a loop: {} worker processes in {:?}",
+        seen.len(),
+        lost.elapsed()
+    );
+    assert_state_lost(outcome);
+    assert!(
+        took < Duration::from_secs(10),
+        "the call failed only after {took:?}"
+    );
+    // The pool is broken: a later call fails at once, and its workers are gone.
+    assert_state_lost(pool.map(sleep_ms, vec![1u64]));
+    assert!(
+        wait_for(Duration::from_secs(10), || child_pids().is_empty()),
+        "the broken pool's workers still run: {:?}",
+        child_pids()
+    );
+    // The stream was not made again without its group.
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&tasks)
+        .query(&mut redis)
+        .expect("EXISTS");
+    assert!(!exists, "{tasks} was made again");
+}
+
+#[test]
+fn a_worker_in_a_long_chunk_sees_the_state_lost_without_waiting_for_its_chunk() {
+    let rt = runtime();
+    let mut redis = raw_redis(&rt);
+    let pool = Pool::new(1).expect("pool");
+    let pending = pool
+        .apply_async(sleep_ms, (60_000u64,))
+        .expect("apply_async");
+    std::thread::sleep(Duration::from_millis(500));
+    let tasks = task_stream_key(&mut redis);
+    redis::cmd("DEL")
+        .arg(&tasks)
+        .query::<()>(&mut redis)
+        .expect("DEL");
+    let lost = Instant::now();
+    // Its heartbeat, which renews the chunk's lease, finds the stream gone.
+    let outcome = pending.get(Some(Duration::from_secs(15)));
+    let took = lost.elapsed();
+    eprintln!("the call ended {took:?} after the stream went: {outcome:?}");
+    assert_state_lost(outcome);
+    assert!(
+        took < Duration::from_secs(5),
+        "the call failed only after {took:?}"
+    );
+}
+
+#[test]
+fn a_pool_of_thread_workers_whose_store_was_flushed_breaks_and_fails_its_calls() {
+    let rt = runtime();
+    let mut redis = raw_redis(&rt);
+    let pool = Pool::builder()
+        .processes(2)
+        .start_method(StartMethod::Thread)
+        .build()
+        .expect("pool");
+    let pending = pool
+        .map_async_with(sleep_ms, vec![300u64; 20], AsyncOptions::new().chunksize(1))
+        .expect("map_async");
+    std::thread::sleep(Duration::from_millis(500));
+    // Everything goes, as when Redis comes back empty.
+    redis::cmd("FLUSHDB")
+        .query::<()>(&mut redis)
+        .expect("FLUSHDB");
+    let lost = Instant::now();
+    let outcome = pending.get(Some(Duration::from_secs(15)));
+    let took = lost.elapsed();
+    eprintln!("the call ended {took:?} after FLUSHDB: {outcome:?}");
+    assert_state_lost(outcome);
+    assert!(
+        took < Duration::from_secs(10),
+        "the call failed only after {took:?}"
+    );
+    assert_state_lost(pool.map(sleep_ms, vec![1u64]));
+}
+
+/// A TCP proxy to a Redis server that loses one reply: the first one from the server that holds
+/// `marker` is not passed on, and that connection is closed, as when the network fails after
+/// Redis served a command and before its client got the answer.
+struct LosingProxy {
+    port: u16,
+    lost: Arc<AtomicBool>,
+}
+
+impl LosingProxy {
+    fn start(upstream_port: u16, marker: &[u8]) -> LosingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let lost = Arc::new(AtomicBool::new(false));
+        let marker = marker.to_vec();
+        let flag = lost.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (Ok(mut from_client), Ok(mut to_server)) =
+                    (client.try_clone(), server.try_clone())
+                else {
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_client, &mut to_server);
+                    let _ = to_server.shutdown(Shutdown::Both);
+                    let _ = from_client.shutdown(Shutdown::Both);
+                });
+                let (marker, flag) = (marker.clone(), flag.clone());
+                std::thread::spawn(move || serve_replies(server, client, &marker, &flag));
+            }
+        });
+        LosingProxy { port, lost }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether the reply was lost yet.
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+}
+
+/// Passes the server's replies to the client, except the first that holds `marker` (across all
+/// connections): then both ends are closed instead.
+fn serve_replies(mut server: TcpStream, mut client: TcpStream, marker: &[u8], lost: &AtomicBool) {
+    let mut buf = vec![0u8; 64 * 1024];
+    // The end of what was passed on, so that a marker split between two reads is seen.
+    let mut tail: Vec<u8> = Vec::new();
+    loop {
+        let n = match server.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut window = std::mem::take(&mut tail);
+        window.extend_from_slice(&buf[..n]);
+        if !lost.load(Ordering::Acquire)
+            && contains_bytes(&window, marker)
+            && !lost.swap(true, Ordering::AcqRel)
+        {
+            break;
+        }
+        if client.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        tail = window[window.len().saturating_sub(marker.len())..].to_vec();
+    }
+    let _ = client.shutdown(Shutdown::Both);
+    let _ = server.shutdown(Shutdown::Both);
+}
+
+#[test]
+fn a_worker_whose_read_reply_was_lost_runs_the_chunks_it_was_given() {
+    let redis = TestRedis::tcp();
+    const MARKER: &str = "lose-the-reply-that-carries-this-chunk";
+    let proxy = LosingProxy::start(redis.port(), MARKER.as_bytes());
+    let config = Config::builder()
+        .redis_url(proxy.url())
+        .build()
+        .expect("config");
+    let _rt = shoal::init_with(config).expect("runtime");
+    let lease = Duration::from_secs(2);
+    let pool = Pool::builder()
+        .processes(1)
+        .task_lease(lease)
+        .build()
+        .expect("pool");
+    let worker = pool.apply(pid_of, (0u64,)).expect("warm up");
+    // The worker's read that is served this chunk never gets its reply: the connection drops.
+    let started = Instant::now();
+    let pid = pool
+        .apply_async(pid_with, (MARKER.to_string(),))
+        .expect("apply_async")
+        .get(Some(Duration::from_secs(30)));
+    let took = started.elapsed();
+    eprintln!("the chunk's result came {took:?} after it was sent: {pid:?}");
+    assert!(
+        proxy.lost(),
+        "the proxy never saw the chunk go to the worker"
+    );
+    // Its retry took in hand the chunk pending on it: no lease lapsed, nobody was killed.
+    assert_eq!(
+        pid.as_ref().ok(),
+        Some(&worker),
+        "the chunk ran elsewhere ({pid:?}): its worker {worker} lost it"
+    );
+    assert!(
+        pid_running(worker),
+        "the worker {worker} was killed for a chunk it did not know it held"
+    );
+    assert!(took < lease, "the chunk waited {took:?}, past its lease");
+    assert_eq!(pool.map(pid_of, 0..4u64).expect("map"), vec![worker; 4]);
+}
