@@ -48,6 +48,10 @@
 //!   not counted as worker crashes. A shorter outage (unreachable, or not answering) is not
 //!   either: no worker can renew its task lease meanwhile, so leases are checked again only a
 //!   lease after Redis answers again, and a busy worker is not killed for it.
+//! * When Redis loses the pool's state (its task stream or the stream's consumer group is
+//!   gone: a restart without persistence, a failover to a replica that lagged, eviction), the
+//!   pool breaks at once: its calls fail with [`Error::InvalidState`] saying so, rather than
+//!   wait for chunks that went with the stream.
 //! * A call returns without waiting for the pool's supervisor (an actor on shoal's own thread),
 //!   so an async call never holds a Tokio worker thread for it. A call made while another
 //!   thread closes or terminates the pool may therefore be refused after it returned: its
