@@ -98,6 +98,88 @@ fn items_read_after_cancel_never_run() {
     );
 }
 
+/// A batch whose write reaches Redis after its call's cancel marked the call never runs, however
+/// late the feeder learns of the cancel: the script that writes it checks the cancelled set in
+/// the same atomic step. The race (the feeder checked `is_cancelled`, then the cancel script
+/// ran, then the batch landed) is widened here to the whole test: the call is marked cancelled
+/// in Redis only, as the cancel script does, so the feeder never sees it on its side.
+#[test]
+fn a_batch_written_after_its_calls_cancel_never_runs() {
+    let rt = runtime();
+    let dir = scratch();
+    let path = dir.path().display().to_string();
+    let pool = Pool::new(2).expect("pool");
+    let produced = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = produced.clone();
+    let call = pool
+        .starmap_async_with(
+            mark,
+            (0..10_000u64).map(move |x| {
+                // A slow input: the feeder writes batch after batch for seconds.
+                std::thread::sleep(Duration::from_millis(2));
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (x, path.clone())
+            }),
+            AsyncOptions::new().chunksize(1),
+        )
+        .expect("starmap_async");
+    let mut conn = shoal_integration_tests::raw_redis(&rt);
+    // The call's id, from a chunk's header `call.chunk.attempt.first.done`.
+    let mut found = None;
+    assert!(
+        shoal_integration_tests::wait_for(Duration::from_secs(10), || {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("shoal:{*:pool:*}:tasks")
+                .query(&mut conn)
+                .expect("keys");
+            let Some(tasks) = keys.first() else {
+                return false;
+            };
+            let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(tasks)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1)
+                .query(&mut conn)
+                .expect("xrange");
+            let header = entries.ids.first().and_then(|e| e.get::<String>("h"));
+            found = header
+                .and_then(|h| h.split('.').next()?.parse::<u64>().ok())
+                .map(|call| (tasks.clone(), call));
+            found.is_some()
+        }),
+        "no chunk was written"
+    );
+    let (tasks, id) = found.expect("the call");
+    std::thread::sleep(Duration::from_millis(300));
+    let cancelled = format!("{}cancelled", tasks.trim_end_matches("tasks"));
+    let _: u64 = redis::cmd("SADD")
+        .arg(&cancelled)
+        .arg(id)
+        .query(&mut conn)
+        .expect("sadd");
+    let read_before = produced.load(std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1500));
+    let late: Vec<u64> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|x| *x >= read_before)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} items written after the call was marked cancelled ran (first read after: \
+         {read_before}): {late:?}",
+        late.len()
+    );
+    call.cancel();
+    assert!(matches!(
+        call.get(Some(Duration::from_secs(5))),
+        Err(Error::Cancelled(_))
+    ));
+    assert_eq!(pool.map(double, 0..3u64).expect("map"), vec![0, 2, 4]);
+}
+
 #[test]
 fn cancel_stops_what_did_not_start_and_tells_what_runs() {
     let _rt = runtime();

@@ -75,6 +75,14 @@ fn init_panics() {
     panic!("the initializer fails");
 }
 
+/// Fails as a worker that takes seconds to start would (a pod): late, slower than the restart
+/// period allows for.
+#[shoal::remote]
+fn init_panics_slowly() {
+    std::thread::sleep(Duration::from_millis(1500));
+    panic!("the initializer fails, slowly");
+}
+
 fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
     v.sort();
     v
@@ -482,6 +490,39 @@ fn a_crashing_initializer_breaks_the_pool_instead_of_restarting_forever() {
         other => panic!("{other:?}"),
     }
     assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(matches!(
+        pool.map(square, 0..4u64),
+        Err(Error::InvalidState(_))
+    ));
+}
+
+/// Workers whose initializer fails too slowly for the restart period (one failure per 1.5 s,
+/// a period of 1 s: never two within it) still break the pool after `max_restarts` failures
+/// while a call waits, instead of restarting for ever while the call hangs.
+#[test]
+fn a_slowly_crashing_initializer_breaks_the_pool_too() {
+    let _rt = runtime();
+    let pool = Pool::builder()
+        .processes(1)
+        .initializer(init_panics_slowly, ())
+        .restart_budget(2, Duration::from_secs(1))
+        .build()
+        .expect("pool");
+    let started = Instant::now();
+    let call = pool.map_async(square, 0..4u64).expect("map_async");
+    match call.get(Some(Duration::from_secs(30))) {
+        Err(Error::Task(e)) => {
+            assert_eq!(e.kind, TaskErrorKind::Crashed, "{e}");
+            assert!(e.message.contains("max_restarts"), "{e}");
+        }
+        other => panic!("after {:?}: {other:?}", started.elapsed()),
+    }
+    // Three failures, 1.5 s each and the back-off between them.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(matches!(
         pool.map(square, 0..4u64),
         Err(Error::InvalidState(_))

@@ -34,8 +34,11 @@
 //! tiny: per chunk that is 5/n commands (the read, and the outcomes' `XADD` and `XACK` in their
 //! `MULTI`/`EXEC`) besides the feeder's `XADD`, which is what bounds a map of tiny tasks (the Redis
 //! server's command rate and, on a VM, the cost of waking a process), at any pool size. The feeder
-//! adds a batch of chunks in one `MULTI`/`EXEC`, so that a worker blocked in `XREADGROUP` is woken
-//! once with up to n of them rather than once per chunk. It stops on a stop entry (a read that
+//! adds a batch of chunks in one script (`pool/add_chunks.lua`, [`chunks_invocation`]: one
+//! `EVALSHA`, one round trip per batch), so that a worker blocked in `XREADGROUP` is woken once
+//! with up to n of them rather than once per chunk; the script adds nothing for a call in the
+//! `cancelled` set, checked in the same atomic step as the writes, so a chunk written after its
+//! call's cancel never reaches a worker. It stops on a stop entry (a read that
 //! holds several keeps one and adds the others back, so that every worker gets its own), after
 //! `maxtasksperchild` chunks, or when the pool's state is lost. A heartbeat thread renews the
 //! lease of the chunks in hand every third of the lease (`XCLAIM` to itself with idle 0 resets an
@@ -120,6 +123,8 @@ pub const GROUP: &str = "workers";
 
 static REQUEUE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("requeue.lua")));
+static ADD_CHUNKS: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("add_chunks.lua")));
 static CANCEL: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("cancel.lua")));
 static TRIM: LazyLock<redis::Script> =
@@ -249,47 +254,76 @@ pub struct ChunkEntry {
 }
 
 impl ChunkEntry {
-    /// Appends this chunk (attempt 1) to `pipe`.
-    ///
-    /// `NOMKSTREAM`: a stream that is gone (the pool's state was lost: see [`is_state_lost`])
-    /// is not made again without its consumer group, where no worker could read the chunk;
-    /// the entry is then not added, and its reply is nil (see [`ChunkEntry::add_reporting_to`]).
-    pub fn add_to(&self, pipe: &mut redis::Pipeline, keys: &PoolKeys) {
-        self.push_xadd(pipe, keys);
-        pipe.ignore();
-    }
-
-    /// Appends this chunk (attempt 1) to `pipe` as [`ChunkEntry::add_to`] does, keeping the
-    /// reply: the new entry's id, or nil when the task stream is gone. Read the replies with
-    /// [`chunks_added`].
-    pub fn add_reporting_to(&self, pipe: &mut redis::Pipeline, keys: &PoolKeys) {
-        self.push_xadd(pipe, keys);
-    }
-
-    fn push_xadd(&self, pipe: &mut redis::Pipeline, keys: &PoolKeys) {
-        pipe.cmd("XADD")
-            .arg(&keys.tasks)
-            .arg("NOMKSTREAM")
-            .arg("*")
-            .arg("h")
-            .arg(format!(
-                "{}.{}.1.{}.0",
-                self.call, self.chunk, self.first_item
-            ))
-            .arg("f")
-            .arg(&self.function)
-            .arg("p")
-            .arg(&self.payload);
+    /// Its header `h`: `call.chunk.attempt.first.done`, attempt 1, nothing done yet.
+    fn header(&self) -> String {
+        format!("{}.{}.1.{}.0", self.call, self.chunk, self.first_item)
     }
 }
 
-/// The outcome of the `XADD` replies of chunks added with [`ChunkEntry::add_reporting_to`]:
-/// [`state_lost`] when one of them is nil (the task stream is gone, so the chunk was not added).
-pub fn chunks_added(keys: &PoolKeys, ids: &[Option<String>]) -> Result<()> {
-    if ids.iter().any(Option::is_none) {
-        return Err(state_lost(keys));
+/// What [`chunks_added`] found: the chunks were added, or their call was cancelled first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunksAdded {
+    /// Every chunk was added.
+    Added,
+    /// The call is in the cancelled set: none was added.
+    Cancelled,
+}
+
+/// The script that adds `chunks` (attempt 1 each), all of one call, to the task stream, unless
+/// the call was cancelled (`pool/add_chunks.lua`), refreshing both streams' TTL with
+/// `refresh_ttl` seconds when given: one `EVALSHA`, one round trip, in place of a
+/// `MULTI`/`EXEC` of one `XADD` per chunk. The cancelled set is checked in the same atomic step
+/// as the writes, so a chunk written after its call's cancel never reaches a worker (a check by
+/// the writer beforehand leaves a window, in which the cancel's removal of the undelivered
+/// chunks would miss the batch). Like `MULTI`/`EXEC`, it wakes a worker blocked in
+/// `XREADGROUP` once for the whole batch. `NOMKSTREAM`: a task stream that is gone (the pool's
+/// state was lost: see [`is_state_lost`]) is not made again without its consumer group, where
+/// no worker could read the chunks; nothing is added then and the reply is nil. Read the reply
+/// with [`chunks_added`].
+///
+/// Chunks of several calls, or of several functions, are refused: the script checks one call.
+pub fn chunks_invocation(
+    keys: &PoolKeys,
+    chunks: &[ChunkEntry],
+    refresh_ttl: Option<u64>,
+) -> Result<redis::ScriptInvocation<'static>> {
+    let Some(first) = chunks.first() else {
+        return Err(Error::invalid_state(format!(
+            "no chunks to add to {}",
+            keys.tasks
+        )));
+    };
+    if chunks
+        .iter()
+        .any(|c| c.call != first.call || c.function != first.function)
+    {
+        return Err(Error::invalid_state(format!(
+            "chunks of several calls added to {} at once",
+            keys.tasks
+        )));
     }
-    Ok(())
+    let mut invocation = ADD_CHUNKS.prepare_invoke();
+    invocation
+        .key(&keys.tasks)
+        .key(&keys.cancelled)
+        .key(&keys.results)
+        .arg(first.call)
+        .arg(refresh_ttl.unwrap_or(0))
+        .arg(&first.function);
+    for chunk in chunks {
+        invocation.arg(chunk.header()).arg(&chunk.payload);
+    }
+    Ok(invocation)
+}
+
+/// The outcome of [`chunks_invocation`]'s reply: [`state_lost`] when it is nil (the task stream
+/// is gone, so no chunk was added), [`ChunksAdded::Cancelled`] when the call was cancelled.
+pub fn chunks_added(keys: &PoolKeys, reply: Option<i64>) -> Result<ChunksAdded> {
+    match reply {
+        None => Err(state_lost(keys)),
+        Some(n) if n < 0 => Ok(ChunksAdded::Cancelled),
+        Some(_) => Ok(ChunksAdded::Added),
+    }
 }
 
 /// One item's failure inside a chunk.
@@ -778,8 +812,12 @@ mod tests {
                 .to_string()
                 .contains("the pool's state in Redis was lost")
         );
-        assert!(chunks_added(&keys, &[Some("1-0".into()), Some("1-1".into())]).is_ok());
-        assert!(chunks_added(&keys, &[Some("1-0".into()), None]).is_err());
+        assert_eq!(chunks_added(&keys, Some(2)).ok(), Some(ChunksAdded::Added));
+        assert_eq!(
+            chunks_added(&keys, Some(-1)).ok(),
+            Some(ChunksAdded::Cancelled)
+        );
+        assert!(chunks_added(&keys, None).is_err());
     }
 
     /// The longest a worker can take to leave after its driver's last refresh: the key lapses

@@ -286,10 +286,10 @@ impl Pool {
                 return;
             }
             if written.is_cancelled() {
-                // Cancelled (or ended by the pool) before its turn: not written at all (a
-                // chunk written after its call's cancel is skipped by the workers, which see
-                // the call marked cancelled; one written after the pool's keys were deleted
-                // finds no stream, and fails its call).
+                // Cancelled (or ended by the pool) before its turn: not written at all. A
+                // cancel that lands after this check is seen by the script that writes the
+                // chunk, which adds nothing for a call in the cancelled set; a chunk written
+                // after the pool's keys were deleted finds no stream, and fails its call.
                 return;
             }
             let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -297,7 +297,10 @@ impl Pool {
             }))
             .unwrap_or_else(|_| Err(Error::invalid_state("writing the task panicked")));
             match sent {
-                Ok(()) => {
+                // Cancelled in Redis before the write: the supervisor that cancelled the call
+                // ended it.
+                Ok(protocol::ChunksAdded::Cancelled) => {}
+                Ok(protocol::ChunksAdded::Added) => {
                     written.set_total(1, None);
                     supervisor.do_send(FeedDone {
                         call,

@@ -3,6 +3,8 @@
 //! in batches, within the call's window (see *Flow control* and *A failing input* in the module
 //! docs of `call`).
 
+use shoal_executor::pool::ChunksAdded;
+
 use super::*;
 
 /// Most chunks sent in one pipeline: a quarter of the call's window, within these bounds. Workers
@@ -171,16 +173,19 @@ impl Feeder {
                 break;
             }
             // Nor is a batch written once its call was cancelled or ended meanwhile (after a
-            // terminate, the write would make the deleted task stream again). A cancel that
-            // lands between this check and the write is the cancel script's and the workers'
-            // to handle, as for chunks written before it.
+            // terminate, the write would find the task stream deleted, and fail the call). A
+            // cancel that lands between this check and the write is the script's to see: it
+            // adds nothing for a call in the cancelled set.
             if self.shared.is_cancelled() {
                 return Ok(None);
             }
             self.shared.reserve(batch.len());
             // The streams' TTL is refreshed at most once a second, not per batch.
             let refresh = refreshed.is_none_or(|t| t.elapsed() >= TTL_REFRESH);
-            send_chunks(&self.store, &self.keys, &batch, refresh)?;
+            if send_chunks(&self.store, &self.keys, &batch, refresh)? == ChunksAdded::Cancelled {
+                // Cancelled in Redis: the supervisor that cancelled it ended the call.
+                return Ok(None);
+            }
             if refresh {
                 refreshed = Some(Instant::now());
             }
@@ -262,48 +267,34 @@ impl<I: Iterator> Iterator for GuardedInput<I> {
 /// How often a feeder refreshes the streams' TTL.
 const TTL_REFRESH: Duration = Duration::from_secs(1);
 
-/// Sends chunks in one pipeline (one round trip), refreshing the streams' TTL if asked. When
-/// Redis cannot be reached the send is repeated (see `Store::retry_unreachable`): a chunk added
-/// twice runs twice and its outcome is kept once. Several chunks are added in one
-/// `MULTI`/`EXEC`: a worker blocked in `XREADGROUP` is then served once, with as many of them as
-/// it asked for, rather than once per chunk (which would cost a read and an acknowledgement per
-/// chunk when many workers wait).
+/// Sends chunks, all of one call, in one script (`EVALSHA`, one round trip), refreshing the
+/// streams' TTL if asked, unless their call was cancelled: the script checks the call's mark in
+/// the cancelled set atomically with the writes (see
+/// [`shoal_executor::pool::chunks_invocation`]), so a chunk written after its call's cancel is
+/// never run, whatever the writer saw of the cancel before it sent. When Redis cannot be reached
+/// the send is repeated (see `Store::retry_unreachable`): a chunk added twice runs twice and its
+/// outcome is kept once. The chunks are added in one atomic step: a worker blocked in
+/// `XREADGROUP` is then served once, with as many of them as it asked for, rather than once per
+/// chunk (which would cost a read and an acknowledgement per chunk when many workers wait).
 pub(crate) fn send_chunks(
     store: &Store,
     keys: &PoolKeys,
     chunks: &[ChunkEntry],
     refresh_ttl: bool,
-) -> Result<()> {
-    store.retry_unreachable(|| send_chunks_once(store, keys, chunks, refresh_ttl))
-}
-
-fn send_chunks_once(
-    store: &Store,
-    keys: &PoolKeys,
-    chunks: &[ChunkEntry],
-    refresh_ttl: bool,
-) -> Result<()> {
-    store
-        .with_conn(
-            || format!("sending chunks to {}", keys.tasks),
-            |c| {
-                let mut pipe = redis::pipe();
-                if chunks.len() > 1 {
-                    pipe.atomic();
-                }
-                // Each `XADD`'s reply is kept: nil when the task stream is gone (the pool's state
-                // was lost), which fails the call rather than leaving it to wait for a worker.
-                for chunk in chunks {
-                    chunk.add_reporting_to(&mut pipe, keys);
-                }
-                if refresh_ttl {
-                    pipe.expire(&keys.tasks, store.expiry_secs() as i64)
-                        .ignore();
-                    pipe.expire(&keys.results, store.expiry_secs() as i64)
-                        .ignore();
-                }
-                pipe.query::<Vec<Option<String>>>(c)
-            },
-        )
-        .and_then(|ids| shoal_executor::pool::chunks_added(keys, &ids))
+) -> Result<ChunksAdded> {
+    let invocation = shoal_executor::pool::chunks_invocation(
+        keys,
+        chunks,
+        refresh_ttl.then(|| store.expiry_secs()),
+    )?;
+    store.retry_unreachable(|| {
+        store
+            .with_conn(
+                || format!("sending chunks to {}", keys.tasks),
+                // The reply is nil when the task stream is gone (the pool's state was lost),
+                // which fails the call rather than leaving it to wait for a worker.
+                |c| invocation.invoke::<Option<i64>>(c),
+            )
+            .and_then(|reply| shoal_executor::pool::chunks_added(keys, reply))
+    })
 }

@@ -10,7 +10,13 @@
 //!   clear;
 //! * workers that never get anything done (a crashing initializer, a function that kills every
 //!   worker running it, a binary that cannot start) use up `max_restarts` failures within
-//!   `period` and break the pool, whose calls then fail with kind `Crashed`.
+//!   `period` and break the pool, whose calls then fail with kind `Crashed`;
+//! * so do workers that fail too slowly for the period (a pod that takes seconds to start, then
+//!   its initializer crashes): while calls wait, failures without progress are also counted
+//!   whatever their timing, and more than `max_restarts` of them break the pool. Otherwise
+//!   failures spaced wider than `period / max_restarts` would restart workers forever while the
+//!   calls hang. An idle pool (no call waiting) is judged by the period only: nobody waits on it,
+//!   and failures spread over days must not break it.
 //!
 //! Restarts after failures without progress back off: one per worker at once, then 10 ms,
 //! 20 ms, ... up to [`MAX_BACKOFF`], so a pool that crashes in a loop does not spin.
@@ -52,6 +58,9 @@ pub(super) struct RestartBudget {
     failures: VecDeque<Instant>,
     /// Failures since the last progress (for the back-off; not bounded by the period).
     since_progress: u32,
+    /// Failures since the last progress while calls waited, whatever their timing: more than
+    /// `max_restarts` break the pool (see the module docs).
+    waited: u32,
     /// Consecutive exits for an unreachable store.
     store_failures: u32,
     /// Workers that never started, in a row (reset by progress or a worker that ran).
@@ -67,6 +76,7 @@ impl RestartBudget {
             free: u32::try_from(workers).unwrap_or(u32::MAX),
             failures: VecDeque::new(),
             since_progress: 0,
+            waited: 0,
             store_failures: 0,
             never_started: 0,
         }
@@ -76,6 +86,7 @@ impl RestartBudget {
     pub(super) fn progress(&mut self) {
         self.failures.clear();
         self.since_progress = 0;
+        self.waited = 0;
         self.store_failures = 0;
         self.never_started = 0;
     }
@@ -86,11 +97,12 @@ impl RestartBudget {
         self.never_started = 0;
     }
 
-    /// Charges a worker that never started at `now`: a failure, and one more in a row; gives
-    /// up when every worker slot failed to start twice in a row.
-    pub(super) fn never_started(&mut self, now: Instant) -> Verdict {
+    /// Charges a worker that never started at `now` (`calls_waiting`: as in
+    /// [`RestartBudget::failure`]): a failure, and one more in a row; gives up when every worker
+    /// slot failed to start twice in a row.
+    pub(super) fn never_started(&mut self, now: Instant, calls_waiting: bool) -> Verdict {
         self.never_started = self.never_started.saturating_add(1);
-        let verdict = self.failure(now);
+        let verdict = self.failure(now, calls_waiting);
         if self.never_started >= self.free.max(1).saturating_mul(2) {
             return Verdict::GiveUp {
                 failures: self.never_started as usize,
@@ -105,8 +117,9 @@ impl RestartBudget {
         self.failures.len()
     }
 
-    /// Charges a worker failure at `now`.
-    pub(super) fn failure(&mut self, now: Instant) -> Verdict {
+    /// Charges a worker failure at `now`; `calls_waiting`: the pool has calls in progress, so
+    /// the failure counts whatever its timing (see the module docs).
+    pub(super) fn failure(&mut self, now: Instant, calls_waiting: bool) -> Verdict {
         self.failures.push_back(now);
         while self
             .failures
@@ -119,6 +132,14 @@ impl RestartBudget {
             return Verdict::GiveUp {
                 failures: self.failures.len(),
             };
+        }
+        if calls_waiting {
+            self.waited = self.waited.saturating_add(1);
+            if self.waited > self.max_restarts {
+                return Verdict::GiveUp {
+                    failures: self.waited as usize,
+                };
+            }
         }
         self.since_progress = self.since_progress.saturating_add(1);
         let after = match self.since_progress.checked_sub(self.free) {
@@ -164,7 +185,7 @@ mod tests {
         let now = Instant::now();
         for i in 0..1000u64 {
             let at = now + Duration::from_millis(i);
-            assert_eq!(restart_after(budget.failure(at)), Duration::ZERO);
+            assert_eq!(restart_after(budget.failure(at, true)), Duration::ZERO);
             budget.progress();
         }
         assert_eq!(budget.charged(), 0);
@@ -174,17 +195,21 @@ mod tests {
     fn failures_without_progress_back_off_then_give_up() {
         let mut budget = RestartBudget::new(6, Duration::from_secs(10), 2);
         let now = Instant::now();
-        let pauses: Vec<Duration> = (0..6).map(|_| restart_after(budget.failure(now))).collect();
+        let pauses: Vec<Duration> = (0..6)
+            .map(|_| restart_after(budget.failure(now, true)))
+            .collect();
         let ms = |n| Duration::from_millis(n);
         assert_eq!(pauses, [ms(0), ms(0), ms(10), ms(20), ms(40), ms(80)]);
-        assert_eq!(budget.failure(now), Verdict::GiveUp { failures: 7 });
+        assert_eq!(budget.failure(now, true), Verdict::GiveUp { failures: 7 });
     }
 
     #[test]
     fn back_off_is_capped() {
         let mut budget = RestartBudget::new(u32::MAX, Duration::from_secs(10), 1);
         let now = Instant::now();
-        let last = (0..100).map(|_| restart_after(budget.failure(now))).last();
+        let last = (0..100)
+            .map(|_| restart_after(budget.failure(now, true)))
+            .last();
         assert_eq!(last, Some(MAX_BACKOFF));
     }
 
@@ -192,10 +217,10 @@ mod tests {
     fn only_failures_within_the_period_count() {
         let mut budget = RestartBudget::new(2, Duration::from_secs(1), 1);
         let now = Instant::now();
-        restart_after(budget.failure(now));
-        restart_after(budget.failure(now + Duration::from_millis(500)));
+        restart_after(budget.failure(now, false));
+        restart_after(budget.failure(now + Duration::from_millis(500), false));
         // The first one is older than the period when the third comes.
-        restart_after(budget.failure(now + Duration::from_millis(1200)));
+        restart_after(budget.failure(now + Duration::from_millis(1200), false));
         assert_eq!(budget.charged(), 2);
     }
 
@@ -205,24 +230,51 @@ mod tests {
         let start = Instant::now();
         let minutes = |m: u64| start + Duration::from_secs(60 * m);
         for m in 0..3 {
-            restart_after(budget.never_started(minutes(m)));
+            restart_after(budget.never_started(minutes(m), false));
         }
         assert_eq!(
-            budget.never_started(minutes(3)),
+            budget.never_started(minutes(3), false),
             Verdict::GiveUp { failures: 4 }
         );
         // A worker that ran in between starts the count again; so does progress.
         let mut budget = RestartBudget::new(20, Duration::from_secs(10), 2);
         for m in 0..3 {
-            restart_after(budget.never_started(minutes(m)));
+            restart_after(budget.never_started(minutes(m), false));
         }
         budget.started();
         for m in 3..6 {
-            restart_after(budget.never_started(minutes(m)));
+            restart_after(budget.never_started(minutes(m), false));
         }
         budget.progress();
         for m in 6..9 {
-            restart_after(budget.never_started(minutes(m)));
+            restart_after(budget.never_started(minutes(m), false));
+        }
+    }
+
+    #[test]
+    fn slow_failures_while_calls_wait_break_the_pool_after_max_restarts() {
+        let mut budget = RestartBudget::new(3, Duration::from_secs(10), 2);
+        let start = Instant::now();
+        let minutes = |m: u64| start + Duration::from_secs(60 * m);
+        // Far apart, so the period never holds two; and idle: never charged for good.
+        for m in 0..10 {
+            restart_after(budget.failure(minutes(m), false));
+        }
+        // While calls wait, the fourth without progress breaks the pool, however slow.
+        for m in 10..13 {
+            restart_after(budget.failure(minutes(m), true));
+        }
+        assert_eq!(
+            budget.failure(minutes(13), true),
+            Verdict::GiveUp { failures: 4 }
+        );
+        // Progress forgives them.
+        let mut budget = RestartBudget::new(3, Duration::from_secs(10), 2);
+        for m in 0..20 {
+            restart_after(budget.failure(minutes(m), true));
+            if m % 3 == 2 {
+                budget.progress();
+            }
         }
     }
 

@@ -215,12 +215,15 @@ impl PoolSupervisor {
     /// Charges a worker failure to the restart budget; replaces the worker (after the
     /// back-off) or breaks the pool.
     pub(super) fn worker_failed(&mut self, ctx: &mut Context<Self>, reason: String) {
-        match self.budget.failure(Instant::now()) {
+        // With calls waiting, failures count whatever their timing (see the module docs of
+        // `budget`): slow ones would otherwise restart workers forever while the calls hang.
+        let calls_waiting = !self.calls.is_empty();
+        match self.budget.failure(Instant::now(), calls_waiting) {
             Verdict::Restart { after } => self.replace_worker(ctx, after),
             Verdict::GiveUp { failures } => {
                 let why = format!(
-                    "{failures} worker failures without a completed chunk within {:?} exceed \
-                     pool.max_restarts = {} (last: {reason})",
+                    "{failures} worker failures without a completed chunk (within {:?}, or while \
+                     calls waited) exceed pool.max_restarts = {} (last: {reason})",
                     self.settings.restart_period, self.settings.max_restarts
                 );
                 self.break_pool(ctx, Breakdown::GaveUp(why));
@@ -231,7 +234,8 @@ impl PoolSupervisor {
     /// Charges a worker the backend could not start (see the module docs of `budget`);
     /// replaces it (after the back-off) or breaks the pool.
     fn worker_never_started(&mut self, ctx: &mut Context<Self>, reason: String) {
-        match self.budget.never_started(Instant::now()) {
+        let calls_waiting = !self.calls.is_empty();
+        match self.budget.never_started(Instant::now(), calls_waiting) {
             Verdict::Restart { after } => self.replace_worker(ctx, after),
             Verdict::GiveUp { failures } => {
                 let why = format!(
