@@ -1308,6 +1308,48 @@ fn garbage_in_manager_keys_is_a_clear_error() {
     manager.shutdown().expect("shutdown");
 }
 
+/// The same dict, seen with other types (its values may not decode as one).
+fn as_dict_of<K, V, K2, V2>(dict: &DictProxy<K, V>) -> DictProxy<K2, V2> {
+    let json = serde_json::to_string(dict).expect("json");
+    serde_json::from_str(&json).expect("a dict proxy")
+}
+
+fn is_codec_error<T: std::fmt::Debug>(result: Result<T>) -> bool {
+    matches!(result, Err(Error::Codec { .. }))
+}
+
+#[test]
+fn keys_do_not_read_values_and_pops_remove_what_does_not_decode() {
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<String, String>().expect("dict");
+    d.update([("a".to_string(), "x".to_string()), ("b".into(), "y".into())])
+        .expect("update");
+    // Values that do not decode as i64: keys() reads only the keys, values() and items() fail.
+    let wrong = as_dict_of::<_, _, String, i64>(&d);
+    assert_eq!(wrong.keys().expect("keys"), vec!["a", "b"]);
+    assert_eq!(
+        block_on(wrong.keys_async()).expect("keys_async"),
+        vec!["a", "b"]
+    );
+    assert!(is_codec_error(wrong.values()));
+    assert!(is_codec_error(block_on(wrong.values_async())));
+    assert!(is_codec_error(wrong.items()));
+    // Values that decode, keys that do not: values() reads only the values.
+    let wrong_keys = as_dict_of::<_, _, i64, String>(&d);
+    assert_eq!(wrong_keys.values().expect("values"), vec!["x", "y"]);
+    assert!(is_codec_error(wrong_keys.keys()));
+    assert_eq!(d.values().expect("values"), vec!["x", "y"]);
+    // As documented: a pop removes the value even when it does not decode.
+    assert!(is_codec_error(wrong.pop("b")));
+    assert!(is_codec_error(wrong.popitem()));
+    assert!(d.is_empty().expect("is_empty"));
+    let l = manager.list_from(vec!["x".to_string()]).expect("list");
+    assert!(is_codec_error(as_list_of::<_, i64>(&l).pop()));
+    assert!(l.is_empty().expect("is_empty"));
+    manager.shutdown().expect("shutdown");
+}
+
 // ------------------------------------------------------------------------------ freeze, TTL --
 
 #[test]
@@ -1358,6 +1400,95 @@ fn a_dead_sorters_freeze_lapses() {
     let started = Instant::now();
     l.set(0, 0).expect("set");
     assert!(started.elapsed() < Duration::from_millis(1000));
+    manager.shutdown().expect("shutdown");
+}
+
+/// A list script as the runtime sends it: the container prelude, the list prelude, `body`.
+fn list_script(body: &str) -> redis::Script {
+    redis::Script::new(&format!(
+        "{}\n{}\n{}",
+        include_str!("../../runtime/src/manager/container_prelude.lua"),
+        include_str!("../../runtime/src/manager/list_prelude.lua"),
+        body
+    ))
+}
+
+/// Runs list script `body` on the manager's (only) list as a process whose clock reads `now`
+/// would: its keys, `now`, the TTL, then `args`.
+fn run_list_script(
+    conn: &mut redis::Connection,
+    manager: &Manager,
+    body: &str,
+    now: u64,
+    args: &[Vec<u8>],
+) -> redis::RedisResult<redis::Value> {
+    let keys = manager_keys(conn, &manager.address());
+    let key = |suffix: &str| {
+        keys.iter()
+            .find(|k| k.ends_with(suffix))
+            .expect("key")
+            .clone()
+    };
+    let script = list_script(body);
+    let mut invocation = script.prepare_invoke();
+    invocation
+        .key(key(":head"))
+        .key(key(":items"))
+        .key(key(":containers"))
+        .key(key(":meta"))
+        .arg(now)
+        .arg(3600);
+    for arg in args {
+        invocation.arg(arg.as_slice());
+    }
+    invocation.invoke(conn)
+}
+
+#[test]
+fn the_freeze_is_timed_by_redis_clock_not_the_callers() {
+    let rt = runtime();
+    let mut conn = raw_redis(&rt);
+    let manager = Manager::new().expect("manager");
+    let l = manager.list_from(vec![3i64, 1, 2]).expect("list");
+    let head = list_head_key(&mut conn, &manager);
+    let hour = 3_600_000;
+    // A sorter whose clock is an hour ahead reads (and freezes for 300 ms), then dies.
+    run_list_script(
+        &mut conn,
+        &manager,
+        include_str!("../../runtime/src/manager/list_sort_begin.lua"),
+        now_ms() + hour,
+        &[b"skewed-sorter".to_vec(), b"300".to_vec()],
+    )
+    .expect("sort begin");
+    assert!(frozen(&mut conn, &head));
+    // Its freeze lapses 300 ms later, not an hour later: a write goes through.
+    let (done, appended) = std::sync::mpsc::channel();
+    let writer = l.clone();
+    std::thread::spawn(move || {
+        let _ = done.send(timed_append(&writer, 4));
+    });
+    let waited = appended
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the write waited for the skewed sorter's clock");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    // A writer whose clock is an hour behind does not wait for a freeze that lapsed.
+    let _: () = redis::cmd("HSET")
+        .arg(&head)
+        .arg("\0f")
+        .arg(format!("dead-sorter|{}", now_ms() - 1))
+        .query(&mut conn)
+        .expect("hset");
+    let item = shoal_core::codec::encode(&5i64, "item", usize::MAX).expect("encode");
+    run_list_script(
+        &mut conn,
+        &manager,
+        include_str!("../../runtime/src/manager/list_push.lua"),
+        now_ms() - hour,
+        &[item],
+    )
+    .expect("a write by a caller whose clock is behind");
+    assert_eq!(l.to_vec().expect("items"), vec![3, 1, 2, 4, 5]);
     manager.shutdown().expect("shutdown");
 }
 

@@ -376,3 +376,84 @@ fn register_and_create_racing_a_shutdown_never_make_the_record_again() {
         );
     }
 }
+
+/// The namespace of the process that connects from another namespace (see below).
+const OTHER_NAMESPACE: &str = "manager-registered-other";
+
+/// Run by [`shutdown_stops_instances_made_from_another_namespace`] as a separate program (this
+/// test binary again) in [`OTHER_NAMESPACE`]: connects to the manager, makes an instance (run by
+/// its own hosts), prints it, waits for a line on stdin (the manager was shut down), then checks
+/// that the instance stopped. Nothing when run as a test of its own.
+#[test]
+fn from_another_namespace() {
+    let Ok(address) = std::env::var("SHOAL_TEST_MANAGER") else {
+        return;
+    };
+    let var = |name: &str| std::env::var(name).expect(name);
+    let config = Config::builder()
+        .redis_url(var("SHOAL_TEST_REDIS_URL"))
+        .namespace(OTHER_NAMESPACE)
+        .build()
+        .expect("config");
+    let _rt = shoal::init_with(config).expect("runtime");
+    let authkey: Vec<u8> = serde_json::from_str(&var("SHOAL_TEST_AUTHKEY")).expect("authkey");
+    shoal::set_authkey(AuthKey::from_bytes(authkey.clone()));
+    let address: ManagerAddress = serde_json::from_str(&address).expect("address");
+    let manager = Manager::connect(address, AuthKey::from_bytes(authkey)).expect("connect");
+    let counter = manager
+        .create("Counter", Counter::default())
+        .expect("create");
+    assert_eq!(counter.ask(Incr(1), T).expect("ask"), 1);
+    println!("\nCREATED");
+    std::io::Write::flush(&mut std::io::stdout()).expect("flush");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).expect("stdin");
+    let stopped = comes_to_a_stop(&counter);
+    assert!(stopped, "not stopped: {:?}", counter.ask(Value, T));
+}
+
+#[test]
+fn shutdown_stops_instances_made_from_another_namespace() {
+    use std::io::{BufRead, Write};
+    use std::process::{Command, Stdio};
+
+    let rt = runtime();
+    assert_ne!(rt.config().shoal.namespace, OTHER_NAMESPACE);
+    let manager = Manager::new().expect("manager");
+    manager.register::<Counter>("Counter").expect("register");
+    let url = rt.config().redis.url.clone().expect("url");
+    let authkey = serde_json::to_string(current_process().authkey.as_bytes()).expect("json");
+    let address = serde_json::to_string(&manager.address()).expect("json");
+    // A process of another namespace connects and makes an instance, run by its hosts.
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "from_another_namespace", "--nocapture"])
+        .args(["--test-threads", "1"])
+        .env("SHOAL_TEST_REDIS_URL", url)
+        .env("SHOAL_TEST_AUTHKEY", authkey)
+        .env("SHOAL_TEST_MANAGER", address)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run the test binary");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    while !seen.contains("CREATED") {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).expect("read") == 0 {
+            panic!("the instance was not made:\n{seen}");
+        }
+        seen.push_str(&line);
+    }
+    manager.shutdown().expect("shutdown");
+    // The stop was sent where the instance runs: that process sees it stopped.
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"shut down\n").expect("write");
+    drop(stdin);
+    let output = child.wait_with_output().expect("wait");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).expect("read");
+    assert!(
+        output.status.success(),
+        "the other process failed:\n{seen}{rest}"
+    );
+}

@@ -267,6 +267,7 @@ where
         .arg(after)
         .arg(count)
         .arg(version)
+        .arg("kvs")
     }
 
     /// Every pair: one page of them all.
@@ -279,6 +280,30 @@ where
         .arg("0")
         .arg(0)
         .arg("")
+        .arg("kvs")
+    }
+
+    /// Every key: one page of them all, without their values (a value that would not decode as
+    /// `V` does not make `keys` fail, and none is sent).
+    fn keys_call() -> Call<Vec<Vec<u8>>, Vec<K>> {
+        Call::new(&PAGE_SCRIPT, "reading", |c, reply: Vec<Vec<u8>>| {
+            decode_halves(c, reply)
+        })
+        .arg("0")
+        .arg(0)
+        .arg("")
+        .arg("k")
+    }
+
+    /// Every value: one page of them all, without their keys.
+    fn values_call() -> Call<Vec<Vec<u8>>, Vec<V>> {
+        Call::new(&PAGE_SCRIPT, "reading", |c, reply: Vec<Vec<u8>>| {
+            decode_halves(c, reply)
+        })
+        .arg("0")
+        .arg(0)
+        .arg("")
+        .arg("v")
     }
 
     // The blocking forms.
@@ -354,6 +379,11 @@ where
 
     /// Removes `key` and returns its value (Python's `d.pop(key)`); [`Error::KeyError`] when it
     /// is missing.
+    ///
+    /// The removal and the read are one script, and the value is decoded after it, here: a
+    /// value that does not decode as `V` (a proxy of the wrong type) is removed all the same and
+    /// lost, and the call is [`Error::Codec`]. (Checking first would cost a second round trip
+    /// on every pop.)
     pub fn pop<Q>(&self, key: &Q) -> Result<V>
     where
         K: std::borrow::Borrow<Q>,
@@ -365,7 +395,8 @@ where
     }
 
     /// Removes `key` and returns its value, or `default` when it is missing (Python's
-    /// `d.pop(key, default)`).
+    /// `d.pop(key, default)`). As [`DictProxy::pop`], a value that does not decode as `V` is
+    /// removed and lost, and the call is [`Error::Codec`].
     pub fn pop_or<Q>(&self, key: &Q, default: V) -> Result<V>
     where
         K: std::borrow::Borrow<Q>,
@@ -375,7 +406,8 @@ where
     }
 
     /// Removes and returns the last inserted pair (Python's `d.popitem()`, LIFO);
-    /// [`Error::KeyError`] when the dict is empty.
+    /// [`Error::KeyError`] when the dict is empty. As [`DictProxy::pop`], a pair that does not
+    /// decode as `(K, V)` is removed and lost, and the call is [`Error::Codec`].
     pub fn popitem(&self) -> Result<(K, V)> {
         self.container.run(Self::popitem_call())
     }
@@ -408,14 +440,16 @@ where
         self.container.run(Self::items_call())
     }
 
-    /// Every key, in insertion order (Python's `list(d.keys())`).
+    /// Every key, in insertion order (Python's `list(d.keys())`): a copy, read atomically. Only
+    /// the keys are read (the values are neither sent nor decoded).
     pub fn keys(&self) -> Result<Vec<K>> {
-        Ok(self.items()?.into_iter().map(|(k, _)| k).collect())
+        self.container.run(Self::keys_call())
     }
 
-    /// Every value, in insertion order (Python's `list(d.values())`).
+    /// Every value, in insertion order (Python's `list(d.values())`): a copy, read atomically.
+    /// Only the values are read.
     pub fn values(&self) -> Result<Vec<V>> {
-        Ok(self.items()?.into_iter().map(|(_, v)| v).collect())
+        self.container.run(Self::values_call())
     }
 
     /// A copy of the whole dict as any map (Python's `d.copy()`): `HashMap`, `BTreeMap`, or a
@@ -542,7 +576,8 @@ where
         async move { Ok(len.await? == 0) }
     }
 
-    /// The async form of [`DictProxy::pop`]: [`Error::KeyError`] when the key is missing.
+    /// The async form of [`DictProxy::pop`]: [`Error::KeyError`] when the key is missing; a
+    /// value that does not decode as `V` is removed and lost ([`Error::Codec`]).
     pub fn pop_async<Q>(&self, key: &Q) -> impl Future<Output = Result<V>> + Send + use<K, V, Q>
     where
         K: std::borrow::Borrow<Q>,
@@ -553,7 +588,8 @@ where
         async move { value.await?.ok_or(missing) }
     }
 
-    /// The async form of [`DictProxy::pop_or`].
+    /// The async form of [`DictProxy::pop_or`]: a value that does not decode as `V` is removed
+    /// and lost ([`Error::Codec`]).
     pub fn pop_or_async<Q>(
         &self,
         key: &Q,
@@ -568,7 +604,8 @@ where
         async move { Ok(value.await?.unwrap_or(default)) }
     }
 
-    /// The async form of [`DictProxy::popitem`]: [`Error::KeyError`] when the dict is empty.
+    /// The async form of [`DictProxy::popitem`]: [`Error::KeyError`] when the dict is empty; a
+    /// pair that does not decode is removed and lost ([`Error::Codec`]).
     pub fn popitem_async(&self) -> impl Future<Output = Result<(K, V)>> + Send + use<K, V> {
         self.container.run_async(Ok(Self::popitem_call()))
     }
@@ -615,16 +652,14 @@ where
         self.container.run_async(Ok(Self::items_call()))
     }
 
-    /// The async form of [`DictProxy::keys`].
+    /// The async form of [`DictProxy::keys`]: only the keys are read.
     pub fn keys_async(&self) -> impl Future<Output = Result<Vec<K>>> + Send + use<K, V> {
-        let items = self.items_async();
-        async move { Ok(items.await?.into_iter().map(|(k, _)| k).collect()) }
+        self.container.run_async(Ok(Self::keys_call()))
     }
 
-    /// The async form of [`DictProxy::values`].
+    /// The async form of [`DictProxy::values`]: only the values are read.
     pub fn values_async(&self) -> impl Future<Output = Result<Vec<V>>> + Send + use<K, V> {
-        let items = self.items_async();
-        async move { Ok(items.await?.into_iter().map(|(_, v)| v).collect()) }
+        self.container.run_async(Ok(Self::values_call()))
     }
 
     /// The async form of [`DictProxy::iter`]: awaiting it reads the version to compare with
@@ -682,6 +717,22 @@ where
         let items = self.items_async();
         async move { Ok(items.await?.into_iter().collect()) }
     }
+}
+
+/// The reply of `dict_page.lua` for one half of the pairs (`k` or `v` mode): the version, then
+/// keys or values, decoded as `T`.
+fn decode_halves<T: DeserializeOwned>(
+    container: &Container,
+    reply: Vec<Vec<u8>>,
+) -> Result<Vec<T>> {
+    let store = store()?;
+    let mut reply = reply.into_iter();
+    if reply.next().is_none() {
+        return Err(container.malformed("a page"));
+    }
+    reply
+        .map(|bytes| container.decode_with(&store, &bytes))
+        .collect()
 }
 
 /// One page of `dict_page.lua`: the version and (key, value, score) triples.

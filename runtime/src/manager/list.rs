@@ -19,13 +19,14 @@
 //! Python's), which Redis cannot evaluate, so the sort runs here between two scripts: the first
 //! reads the items and *freezes* the list (writes by other processes wait, reads go on: they see
 //! the list before the sort), the second writes the sorted items and lifts the freeze, only if
-//! the list's version did not change in between (compare-and-set; a writer whose clock is far
-//! enough ahead to ignore the freeze makes the sort start again instead of being overwritten).
+//! the list's version did not change in between (compare-and-set; a write after a freeze that
+//! lapsed makes the sort start again instead of being overwritten).
 //! So the sort applies atomically and no write is lost. A sort that ends between the two
 //! without writing (an error, items that do not decode, a panic in `compare`, its async form's
 //! future dropped) lifts its own freeze at once: the blocking form before it returns or
 //! unwinds, the async form from a task of shoal's actor runtime. A freeze lapses by itself
-//! after 30 seconds (a sorter that died); writers wait at most twice that, then fail with
+//! 30 seconds after the sort's read (a sorter that died), timed by Redis's clock, so the
+//! processes' clocks do not matter; writers wait at most twice that, then fail with
 //! [`Error::InvalidState`].
 //!
 //! # Iteration
@@ -44,8 +45,8 @@
 //! # Keys (hash tag `{<ns>:manager:<manager id>}`, capability `<cap>`)
 //!
 //! `list:<cap>:head` (hash: `\0v` the version, bumped by every write; `\0s` the shape; `\0f`
-//! the freeze of a running sort, `<token>|<deadline ms>`; `\0r` when the TTLs were last
-//! refreshed), `list:<cap>:items` (list of encoded items).
+//! the freeze of a running sort, `<token>|<deadline ms>` by Redis's clock; `\0r` when the TTLs
+//! were last refreshed), `list:<cap>:items` (list of encoded items).
 //!
 //! # Round trips
 //!
@@ -493,8 +494,8 @@ where
     fn sort_written(written: Result<i64>) -> Result<bool> {
         match written {
             Ok(1) => Ok(true),
-            // Written meanwhile (a writer whose clock ignored the freeze), or the freeze
-            // lapsed and another sort holds one: sort again.
+            // Written meanwhile (the freeze lapsed: this sort took longer than FREEZE), or
+            // another sort holds a freeze now: sort again.
             Ok(_) => Ok(false),
             Err(e) if is_frozen(&e) => Ok(false),
             Err(e) => Err(e),
@@ -601,12 +602,18 @@ where
 
     /// Removes and returns the last item (Python's `l.pop()`); [`Error::IndexError`] when the
     /// list is empty.
+    ///
+    /// The removal and the read are one script, and the item is decoded after it, here: an item
+    /// that does not decode as `T` (a proxy of the wrong type) is removed all the same and lost,
+    /// and the call is [`Error::Codec`]. (Checking first would cost a second round trip on every
+    /// pop.)
     pub fn pop(&self) -> Result<T> {
         self.write(Self::pop_call(None))
     }
 
     /// Removes and returns item `index` (Python's `l.pop(i)`); [`Error::IndexError`] when the
-    /// list is empty or `index` is outside it.
+    /// list is empty or `index` is outside it. As [`ListProxy::pop`], an item that does not
+    /// decode as `T` is removed and lost, and the call is [`Error::Codec`].
     pub fn pop_at(&self, index: isize) -> Result<T> {
         self.write(Self::pop_call(Some(index)))
     }
@@ -822,12 +829,14 @@ where
         self.write_async(Ok(Self::del_call(index)))
     }
 
-    /// The async form of [`ListProxy::pop`]: [`Error::IndexError`] when the list is empty.
+    /// The async form of [`ListProxy::pop`]: [`Error::IndexError`] when the list is empty; an
+    /// item that does not decode as `T` is removed and lost ([`Error::Codec`]).
     pub fn pop_async(&self) -> impl Future<Output = Result<T>> + Send + use<T> {
         self.write_async(Ok(Self::pop_call(None)))
     }
 
-    /// The async form of [`ListProxy::pop_at`].
+    /// The async form of [`ListProxy::pop_at`]: an item that does not decode as `T` is removed
+    /// and lost ([`Error::Codec`]).
     pub fn pop_at_async(&self, index: isize) -> impl Future<Output = Result<T>> + Send + use<T> {
         self.write_async(Ok(Self::pop_call(Some(index))))
     }

@@ -2,8 +2,18 @@
 -- KEYS[1] head hash: '\0v' the version, bumped by every write (sort's compare-and-set compares
 --   it); '\0s' the shape, bumped by every write that moves items (insertions, deletions,
 --   reverse, sort, clear; not `l[i] = x`): an iterator compares it; '\0f' while a sort runs,
---   '<token>|<deadline ms>': writes wait until the sort wrote or the deadline passed; '\0r'.
+--   '<token>|<deadline ms>' (Redis's clock): writes wait until the sort wrote or the deadline
+--   passed; '\0r'.
 -- KEYS[2] items list (encoded items), KEYS[3] the manager's container index, KEYS[4] its meta.
+
+-- Redis's clock (ms). The freeze's deadline is set and checked by it, never by the callers'
+-- clocks (ARGV[1]): a sorter whose clock is ahead that dies would otherwise freeze the list for
+-- as long as its skew, and a writer whose clock is behind would wait as long. Read only where a
+-- freeze is set or found (one call), not on every write.
+local function redis_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 
 -- open() plus the shape, at [3], and the freeze, at [4]. `writer`: nil for a read (a freeze
 -- does not matter), '' for a write, a sort's token for its own write: a write while another
@@ -19,7 +29,7 @@ local function open_list(writer)
   if writer ~= nil and h[4] then
     local sep = string.find(h[4], '|', 1, true)
     local deadline = sep and tonumber(string.sub(h[4], sep + 1))
-    if deadline and deadline > now and string.sub(h[4], 1, sep - 1) ~= writer then
+    if deadline and deadline > redis_now() and string.sub(h[4], 1, sep - 1) ~= writer then
       return nil, redis.error_reply('FROZEN the list is being sorted')
     end
   end

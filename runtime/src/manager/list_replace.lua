@@ -1,5 +1,5 @@
 -- The write of l.sort(): replaces every item if the list was not written since the sort read it
--- (compare-and-set on the version: a writer whose clock ignored the freeze loses nothing), and
+-- (compare-and-set on the version: a write made after the freeze lapsed loses nothing), and
 -- lifts the sort's freeze. ARGV[3] the sort's token, ARGV[4] the version read, ARGV[5..] the
 -- encoded items.
 -- Returns 1, or 0 when the version differs (nothing changes; the caller sorts again).

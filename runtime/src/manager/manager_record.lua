@@ -4,7 +4,7 @@
 -- script, so a shutdown cannot come between them (a write after the record was deleted would
 -- make it again, with no TTL, and an instance recorded there would never be stopped).
 -- KEYS[1] the meta hash. ARGV[1] the field ('o:<name>', 'a:<actor id>'), ARGV[2] its value (the
--- encoded value, the type id), ARGV[3] the TTL (s).
+-- encoded value; '<namespace>|<typeid>', see registered.rs), ARGV[3] the TTL (s).
 -- Errors: GONE (no such manager), SHUTDOWN (it was shut down).
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then

@@ -1045,12 +1045,16 @@ impl Manager {
                         let mut conn = store.shared().await?;
                         let shutting_down =
                             |e| Error::redis(format!("shutting down {}", address.describe()), e);
-                        let (fields, mut page): ShutdownReply = task
+                        let (fields, mut page, recorded): ShutdownReply = task
                             .shutdown_script()
                             .invoke_async(&mut conn)
                             .await
                             .map_err(shutting_down)?;
-                        for stop in task.instance_stops(store.store(), &fields) {
+                        let instances = registered::recorded_instances(
+                            store.store().keys().namespace(),
+                            &recorded,
+                        );
+                        for stop in task.instance_stops(store.store(), &instances) {
                             if let Err(e) = stop.mailbox.send_async(&store, &stop.outgoing()).await
                             {
                                 tracing::debug!(
@@ -1101,13 +1105,16 @@ impl Manager {
     fn delete_everything(&self) -> Result<()> {
         let store = context::current()?.store().clone();
         let address = &self.inner.address;
-        let (fields, mut page): ShutdownReply = store
+        let (fields, mut page, recorded): ShutdownReply = store
             .with_conn(
                 || format!("shutting down {}", address.describe()),
                 |c| self.shutdown_script().invoke(c),
             )
             .map_err(|e| manager_error(address, e))?;
-        self.stop_instances(&fields);
+        self.stop_instances(&registered::recorded_instances(
+            store.keys().namespace(),
+            &recorded,
+        ));
         // An empty record: the manager is gone already (shut down, or expired).
         while !fields.is_empty() {
             let last = page.len() < SHUTDOWN_PAGE;
@@ -1129,7 +1136,8 @@ impl Manager {
     }
 
     /// The first step of a shutdown (`manager_shutdown.lua`): the record marked shut down; it
-    /// replies with the record's fields and the first page of the container index.
+    /// replies with the record's fields, the first page of the container index and the
+    /// instances' records.
     fn shutdown_script(&self) -> redis::ScriptInvocation<'static> {
         let keys = self.inner.address.keys();
         let mut invocation = SHUTDOWN.prepare_invoke();
@@ -1190,9 +1198,10 @@ impl Manager {
 /// keys per `DEL`), so that a manager that made many does not need one huge reply or command.
 const SHUTDOWN_PAGE: usize = 500;
 
-/// The reply of the shutdown script: the record's fields (none when the manager is gone), and the
-/// first page of the container index.
-type ShutdownReply = (Vec<String>, Vec<String>);
+/// The reply of the shutdown script: the record's fields (none when the manager is gone), the
+/// first page of the container index, and the instances' records (`a:<actor id>`, its value,
+/// ...).
+type ShutdownReply = (Vec<String>, Vec<String>, Vec<String>);
 
 /// Whether a manager whose record holds `state` runs, or why not.
 fn running(address: &ManagerAddress, state: Option<String>) -> Result<()> {

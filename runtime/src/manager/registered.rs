@@ -17,7 +17,10 @@
 //! `current_process().authkey`). [`Manager::shutdown`] stops the instances.
 //!
 //! Keys: the manager's `meta` hash holds `t:<typeid>` → the actor type, and `a:<actor id>` →
-//! the type id of each instance.
+//! `<namespace>|<typeid>` for each instance: the `shoal.namespace` of the process that made it,
+//! whose actor hosts run it (a process may connect to a manager from another namespace), so
+//! that the shutdown sends its stop there. A value without a namespace (an older shoal's, the
+//! type id alone) is stopped in the namespace of the process shutting down.
 //!
 //! Round trips: `register`: 1 (a script that checks the manager runs, registers and refreshes
 //! the record). `create`: 1 (the manager's state and the type registered, a read that refreshes
@@ -28,6 +31,7 @@
 use shoal_core::context::{self, AuthKey};
 use shoal_core::error::{Error, Result};
 use shoal_core::hosted::Actor;
+use shoal_core::store::KeySpace;
 use shoal_executor::actor::{Mailbox, Outgoing, STOP_KIND};
 
 use super::container::{RuntimeRequest, on_runtime};
@@ -42,6 +46,12 @@ impl Manager {
     /// Registers the actor type `T` under `typeid` (Python's `register(typeid, callable)`), for
     /// every process using this manager. Registering the same type again is fine; another type
     /// under a taken id is [`Error::InvalidState`].
+    ///
+    /// The type is recorded by its full path ([`std::any::type_name`]), the name by which actor
+    /// hosts restore an actor and message kinds are named, which Rust keeps the same only
+    /// within one build: processes that register or create a type should run the same build of
+    /// the program (as every caller of an actor does); another build may be refused with
+    /// [`Error::InvalidState`] "registered ... as ..., not ...".
     ///
     /// ```no_run
     /// # use serde::{Deserialize, Serialize};
@@ -182,7 +192,9 @@ impl Manager {
         self.may_create(typeid, type_name, registered)?;
         let actor = spawn_actor_with(init, ActorOptions { authenticate: true })?
             .signed_with(self.inner.authkey.clone());
-        let record = Self::instance_record(&meta, actor.id(), typeid, store.expiry_secs());
+        let namespace = store.keys().namespace();
+        let record =
+            Self::instance_record(&meta, actor.id(), namespace, typeid, store.expiry_secs());
         let recorded = store
             .with_conn(
                 || format!("recording an instance of {typeid} in {}", self.describe()),
@@ -191,7 +203,7 @@ impl Manager {
             .map_err(|e| super::manager_error(address, e));
         if let Err(e) = recorded {
             // Not in the record, the shutdown would never stop it: stopped here.
-            self.stop_instances(&[format!("a:{}", actor.id())]);
+            self.stop_instances(&[Instance::new(actor.id(), namespace)]);
             return Err(e);
         }
         Ok(actor)
@@ -233,8 +245,10 @@ impl Manager {
                 crate::actor::spawn_actor_with_async(init, ActorOptions { authenticate: true })
                     .await?
                     .signed_with(manager.inner.authkey.clone());
-            let record = Self::instance_record(&meta, actor.id(), &typeid, store.expiry_secs());
-            let stops = manager.instance_stops(&store, &[format!("a:{}", actor.id())]);
+            let namespace = store.keys().namespace();
+            let record =
+                Self::instance_record(&meta, actor.id(), namespace, &typeid, store.expiry_secs());
+            let stops = manager.instance_stops(&store, &[Instance::new(actor.id(), namespace)]);
             let context = format!(
                 "recording an instance of {typeid} in {}",
                 manager.describe()
@@ -304,12 +318,14 @@ impl Manager {
         Ok(())
     }
 
-    /// The record of an instance in the manager's meta hash (`a:<actor id>` → its type id),
-    /// which the shutdown stops: `manager_record.lua`, which writes it only while the manager
-    /// runs (and refreshes the record's TTL).
+    /// The record of an instance in the manager's meta hash (`a:<actor id>` →
+    /// `<namespace>|<typeid>`, `namespace` the one whose hosts run it), which the shutdown
+    /// stops: `manager_record.lua`, which writes it only while the manager runs (and refreshes
+    /// the record's TTL).
     fn instance_record(
         meta: &str,
         actor_id: &str,
+        namespace: &str,
         typeid: &str,
         expiry_secs: u64,
     ) -> redis::ScriptInvocation<'static> {
@@ -317,18 +333,18 @@ impl Manager {
         invocation
             .key(meta)
             .arg(format!("a:{actor_id}"))
-            .arg(typeid)
+            .arg(format!("{namespace}|{typeid}"))
             .arg(expiry_secs);
         invocation
     }
 
-    /// Stops the registered-type instances listed in `fields` (`a:<actor id>` meta fields), as
-    /// part of a shutdown: each gets a signed stop message.
-    pub(super) fn stop_instances(&self, fields: &[String]) {
+    /// Stops the registered-type `instances`, as part of a shutdown: each gets a signed stop
+    /// message, in the namespace whose hosts run it.
+    pub(super) fn stop_instances(&self, instances: &[Instance]) {
         let Ok((store, _)) = self.meta() else {
             return;
         };
-        for stop in self.instance_stops(&store, fields) {
+        for stop in self.instance_stops(&store, instances) {
             if let Err(e) = stop.mailbox.send(&store, &stop.outgoing()) {
                 tracing::debug!(
                     "stopping actor {} of {}: {e}",
@@ -339,21 +355,20 @@ impl Manager {
         }
     }
 
-    /// The stop message of each registered-type instance listed in `fields`.
+    /// The stop message of each registered-type instance of `instances`.
     pub(super) fn instance_stops(
         &self,
         store: &shoal_core::store::Store,
-        fields: &[String],
+        instances: &[Instance],
     ) -> Vec<InstanceStop> {
         let hold = store
             .settings()
             .response_timeout
             .min(std::time::Duration::from_secs(2));
-        fields
+        instances
             .iter()
-            .filter_map(|f| f.strip_prefix("a:"))
-            .map(|id| InstanceStop {
-                mailbox: Mailbox::new(store.keys(), id, hold),
+            .map(|Instance { id, namespace }| InstanceStop {
+                mailbox: Mailbox::new(&KeySpace::new(namespace.as_str()), id, hold),
                 mac: shoal_executor::actor::sign_message(
                     &self.inner.authkey,
                     id,
@@ -366,6 +381,50 @@ impl Manager {
             })
             .collect()
     }
+}
+
+/// A registered-type instance to stop: its actor id and the namespace whose hosts run it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Instance {
+    id: String,
+    namespace: String,
+}
+
+impl Instance {
+    fn new(id: &str, namespace: &str) -> Self {
+        Instance {
+            id: id.to_string(),
+            namespace: namespace.to_string(),
+        }
+    }
+}
+
+/// The instances the shutdown script found (`a:<actor id>`, its value, ...: see the module
+/// docs). A value without a valid namespace before its `|` (an older shoal wrote the type id
+/// alone) is an instance of `own_namespace` (the shutting-down process's), where that shoal
+/// sent the stop.
+pub(super) fn recorded_instances(own_namespace: &str, recorded: &[String]) -> Vec<Instance> {
+    recorded
+        .chunks_exact(2)
+        .filter_map(|pair| {
+            let id = pair[0].strip_prefix("a:")?;
+            let namespace = pair[1]
+                .split_once('|')
+                .map(|(namespace, _)| namespace)
+                .filter(|namespace| is_namespace(namespace))
+                .unwrap_or(own_namespace);
+            Some(Instance::new(id, namespace))
+        })
+        .collect()
+}
+
+/// Whether `s` can be a `shoal.namespace` (1 to 64 of A-Z, a-z, 0-9, `_`, `-`, `.`, as the
+/// configuration requires).
+fn is_namespace(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 /// A signed stop message for one registered-type instance (see `Manager::shutdown`).
@@ -385,5 +444,36 @@ impl InstanceStop {
             mac: Some(&self.mac),
             verifier: Some(&self.verifier),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_are_stopped_in_their_recorded_namespace() {
+        let recorded: Vec<String> = [
+            "a:1",
+            "other-ns|Counter",
+            // An older shoal's record: the type id alone, or with a '|' of its own.
+            "a:2",
+            "Counter",
+            "a:3",
+            "not a namespace|Counter",
+            // Not an instance.
+            "o:x",
+            "v",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            recorded_instances("own", &recorded),
+            [
+                Instance::new("1", "other-ns"),
+                Instance::new("2", "own"),
+                Instance::new("3", "own"),
+            ]
+        );
     }
 }
