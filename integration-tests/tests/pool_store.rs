@@ -332,3 +332,30 @@ fn a_worker_whose_read_reply_was_lost_runs_the_chunks_it_was_given() {
     assert!(took < lease, "the chunk waited {took:?}, past its lease");
     assert_eq!(pool.map(pid_of, 0..4u64).expect("map"), vec![worker; 4]);
 }
+
+/// Exits the worker with code 77, the code a worker uses to say the pool's state is gone.
+#[shoal::remote]
+fn exit_77(_x: u64) -> u64 {
+    std::process::exit(77)
+}
+
+/// A task that exits with the code a worker uses for "the pool's state is gone" (77, also
+/// `EX_NOPERM`) is an ordinary crash when the state is there: its chunk fails as `Crashed`, and
+/// the pool goes on.
+#[test]
+fn a_task_that_exits_with_the_state_lost_code_is_an_ordinary_crash() {
+    let _rt = runtime();
+    let pool = Pool::builder()
+        .processes(1)
+        .retries(0)
+        .build()
+        .expect("pool");
+    match pool.map(exit_77, vec![1u64]) {
+        Err(Error::Task(e)) => assert_eq!(e.kind, shoal::TaskErrorKind::Crashed, "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        pool.map(sleep_ms, vec![1u64]).expect("the pool goes on"),
+        vec![1]
+    );
+}

@@ -131,9 +131,10 @@ impl PoolBuilder {
     }
 
     /// At most `max_restarts` worker failures within `period` (default `pool.max_restarts`
-    /// within `pool.restart_period_secs`), or, while calls wait, since the last chunk
-    /// completed, however far apart (workers that take long to start and fail, a crashing
-    /// initializer on pods); one more breaks the pool.
+    /// within `pool.restart_period_secs`), or, while calls wait, failures of workers that lived
+    /// less than 10 minutes (or `period`, if longer) since the last chunk completed, however far
+    /// apart (workers that take long to start and fail, a crashing initializer on pods); one
+    /// more breaks the pool.
     pub fn restart_budget(mut self, max_restarts: u32, period: Duration) -> Self {
         self.restart_budget = Some((max_restarts, period));
         self

@@ -120,7 +120,8 @@ const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 ///
 /// Dropping a pool terminates it (see the [module docs](self)): on a thread of a Tokio runtime
 /// the termination goes on on a thread of its own and the drop returns at once (the runtime's
-/// teardown finishes it); elsewhere the drop returns once the workers exited.
+/// teardown finishes it); elsewhere the drop returns once the workers exited and the callbacks
+/// queued by then ran (waiting for those at most 5 s).
 pub struct Pool {
     id: String,
     processes: usize,
@@ -526,7 +527,9 @@ impl Pool {
         Ok(())
     }
 
-    /// Stops the workers now and fails the calls still running; waits for the workers to exit.
+    /// Stops the workers now and fails the calls still running; waits for the workers to exit
+    /// (`SIGTERM`, then `SIGKILL` after 5 s), then for the callbacks queued by then (the failed
+    /// calls' error callbacks), at most 5 s more.
     pub fn terminate(&self) -> Result<()> {
         terminate(&self.supervisor, &self.shared);
         Ok(())
@@ -925,16 +928,19 @@ impl Drop for Pool {
 }
 
 /// Stops the workers (`SIGTERM`) and waits for them to exit, killing those still there after
-/// `TERMINATE_GRACE`; returns at once when the pool finished already.
+/// `TERMINATE_GRACE`; then waits for the callbacks queued meanwhile (as CPython's `terminate()`
+/// joins its result handler), at most `TERMINATE_GRACE` more: a callback that blocks does not
+/// hold a drop for ever. Returns at once when the pool finished already.
 fn terminate(supervisor: &Addr<PoolSupervisor>, shared: &PoolShared) {
     if shared.is_finished() {
         return;
     }
     let _ = futures::executor::block_on(supervisor.send(Terminate));
-    if !shared.wait_finished(Some(TERMINATE_GRACE)) {
+    if !shared.wait_workers_exited(TERMINATE_GRACE) {
         let _ = futures::executor::block_on(supervisor.send(KillWorkers));
-        shared.wait_finished(Some(TERMINATE_GRACE));
+        shared.wait_workers_exited(TERMINATE_GRACE);
     }
+    shared.wait_finished(Some(TERMINATE_GRACE));
 }
 
 /// A chunksize given by the caller must be at least 1 (Python: `ValueError`).

@@ -15,8 +15,10 @@ pub(super) const MAX_BATCH: usize = 1024;
 /// one by one, as soon as each is encoded, so that workers start on them while the next are.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
-/// A feeder thread's stack: Rust's default for spawned threads (2 MiB).
-const FEEDER_STACK: usize = 2 * 1024 * 1024;
+/// A feeder thread's stack: a main thread's usual 8 MiB (Linux's default `ulimit -s`), since
+/// a blocking `map` called on the main thread encodes the same input there. Only the pages used
+/// are resident.
+const FEEDER_STACK: usize = 8 * 1024 * 1024;
 
 /// What a feeder needs.
 pub(crate) struct Feeder {
@@ -41,9 +43,8 @@ impl Feeder {
         std::thread::Builder::new()
             .name("shoal-feeder".into())
             // The caller's iterator and its items' `Serialize` run here: as much stack as a
-            // caller's thread has (a blocking `map` reads the same input there), since an
-            // overflow cannot be caught and would abort the program. Only the pages used are
-            // resident.
+            // main thread has (a blocking `map` reads the same input there), since an overflow
+            // cannot be caught and would abort the program.
             .stack_size(FEEDER_STACK)
             .spawn(move || self.run(items))
             .map(|_| ())

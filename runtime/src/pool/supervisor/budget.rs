@@ -12,11 +12,13 @@
 //!   worker running it, a binary that cannot start) use up `max_restarts` failures within
 //!   `period` and break the pool, whose calls then fail with kind `Crashed`;
 //! * so do workers that fail too slowly for the period (a pod that takes seconds to start, then
-//!   its initializer crashes): while calls wait, failures without progress are also counted
-//!   whatever their timing, and more than `max_restarts` of them break the pool. Otherwise
-//!   failures spaced wider than `period / max_restarts` would restart workers forever while the
-//!   calls hang. An idle pool (no call waiting) is judged by the period only: nobody waits on it,
-//!   and failures spread over days must not break it.
+//!   its initializer crashes): while calls wait, the failures without progress of workers that
+//!   lived less than [`SHORT_LIVED`] (or `period`, if longer) are also counted whatever their
+//!   timing, and more than `max_restarts` of them break the pool. Otherwise failures spaced
+//!   wider than `period / max_restarts` would restart workers forever while the calls hang. A
+//!   worker that lived longer (evicted after hours beside a long call) is not counted so, and a
+//!   failure while no call waits starts that count again: an idle pool is judged by the period
+//!   only (nobody waits on it, and failures spread over days must not break it).
 //!
 //! Restarts after failures without progress back off: one per worker at once, then 10 ms,
 //! 20 ms, ... up to [`MAX_BACKOFF`], so a pool that crashes in a loop does not spin.
@@ -102,7 +104,7 @@ impl RestartBudget {
     /// slot failed to start twice in a row.
     pub(super) fn never_started(&mut self, now: Instant, calls_waiting: bool) -> Verdict {
         self.never_started = self.never_started.saturating_add(1);
-        let verdict = self.failure(now, calls_waiting);
+        let verdict = self.failure(now, calls_waiting, true);
         if self.never_started >= self.free.max(1).saturating_mul(2) {
             return Verdict::GiveUp {
                 failures: self.never_started as usize,
@@ -118,8 +120,10 @@ impl RestartBudget {
     }
 
     /// Charges a worker failure at `now`; `calls_waiting`: the pool has calls in progress, so
-    /// the failure counts whatever its timing (see the module docs).
-    pub(super) fn failure(&mut self, now: Instant, calls_waiting: bool) -> Verdict {
+    /// the failure of a worker that failed `soon` (it lived less than the period) counts
+    /// whatever its timing (see the module docs). A failure with no call waiting starts that
+    /// count again.
+    pub(super) fn failure(&mut self, now: Instant, calls_waiting: bool, soon: bool) -> Verdict {
         self.failures.push_back(now);
         while self
             .failures
@@ -133,7 +137,9 @@ impl RestartBudget {
                 failures: self.failures.len(),
             };
         }
-        if calls_waiting {
+        if !calls_waiting {
+            self.waited = 0;
+        } else if soon {
             self.waited = self.waited.saturating_add(1);
             if self.waited > self.max_restarts {
                 return Verdict::GiveUp {
@@ -168,9 +174,54 @@ fn backoff(base: Duration, doublings: u32, max: Duration) -> Duration {
         .min(max)
 }
 
+/// A worker that failed sooner than this after its start (or than the restart period, if
+/// longer) failed "soon": while calls wait, such failures count against the budget however far
+/// apart they are. Long enough for a pod's start and an initializer; much shorter than the life
+/// of a worker that ran and was then evicted.
+pub(super) const SHORT_LIVED: Duration = Duration::from_secs(600);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workers_that_lived_long_do_not_add_up_while_a_call_waits() {
+        let mut budget = RestartBudget::new(2, Duration::from_secs(1), 1);
+        let start = Instant::now();
+        // Evictions hours apart beside one long call: never more than the period allows.
+        for hour in 0..10u64 {
+            let at = start + Duration::from_secs(3600 * hour);
+            assert!(matches!(
+                budget.failure(at, true, false),
+                Verdict::Restart { .. }
+            ));
+        }
+        // Short-lived ones, far apart, do add up while calls wait...
+        for n in 0..2u64 {
+            let at = start + Duration::from_secs(100_000 + 10 * n);
+            assert!(matches!(
+                budget.failure(at, true, true),
+                Verdict::Restart { .. }
+            ));
+        }
+        // ...unless a failure came while no call waited, which starts the count again.
+        budget.failure(start + Duration::from_secs(200_000), false, true);
+        let at = start + Duration::from_secs(300_000);
+        assert!(matches!(
+            budget.failure(at, true, true),
+            Verdict::Restart { .. }
+        ));
+        let at = start + Duration::from_secs(300_010);
+        assert!(matches!(
+            budget.failure(at, true, true),
+            Verdict::Restart { .. }
+        ));
+        let at = start + Duration::from_secs(300_020);
+        assert_eq!(
+            budget.failure(at, true, true),
+            Verdict::GiveUp { failures: 3 }
+        );
+    }
 
     fn restart_after(v: Verdict) -> Duration {
         match v {
@@ -185,7 +236,10 @@ mod tests {
         let now = Instant::now();
         for i in 0..1000u64 {
             let at = now + Duration::from_millis(i);
-            assert_eq!(restart_after(budget.failure(at, true)), Duration::ZERO);
+            assert_eq!(
+                restart_after(budget.failure(at, true, true)),
+                Duration::ZERO
+            );
             budget.progress();
         }
         assert_eq!(budget.charged(), 0);
@@ -196,11 +250,14 @@ mod tests {
         let mut budget = RestartBudget::new(6, Duration::from_secs(10), 2);
         let now = Instant::now();
         let pauses: Vec<Duration> = (0..6)
-            .map(|_| restart_after(budget.failure(now, true)))
+            .map(|_| restart_after(budget.failure(now, true, true)))
             .collect();
         let ms = |n| Duration::from_millis(n);
         assert_eq!(pauses, [ms(0), ms(0), ms(10), ms(20), ms(40), ms(80)]);
-        assert_eq!(budget.failure(now, true), Verdict::GiveUp { failures: 7 });
+        assert_eq!(
+            budget.failure(now, true, true),
+            Verdict::GiveUp { failures: 7 }
+        );
     }
 
     #[test]
@@ -208,7 +265,7 @@ mod tests {
         let mut budget = RestartBudget::new(u32::MAX, Duration::from_secs(10), 1);
         let now = Instant::now();
         let last = (0..100)
-            .map(|_| restart_after(budget.failure(now, true)))
+            .map(|_| restart_after(budget.failure(now, true, true)))
             .last();
         assert_eq!(last, Some(MAX_BACKOFF));
     }
@@ -217,10 +274,10 @@ mod tests {
     fn only_failures_within_the_period_count() {
         let mut budget = RestartBudget::new(2, Duration::from_secs(1), 1);
         let now = Instant::now();
-        restart_after(budget.failure(now, false));
-        restart_after(budget.failure(now + Duration::from_millis(500), false));
+        restart_after(budget.failure(now, false, true));
+        restart_after(budget.failure(now + Duration::from_millis(500), false, true));
         // The first one is older than the period when the third comes.
-        restart_after(budget.failure(now + Duration::from_millis(1200), false));
+        restart_after(budget.failure(now + Duration::from_millis(1200), false, true));
         assert_eq!(budget.charged(), 2);
     }
 
@@ -258,20 +315,20 @@ mod tests {
         let minutes = |m: u64| start + Duration::from_secs(60 * m);
         // Far apart, so the period never holds two; and idle: never charged for good.
         for m in 0..10 {
-            restart_after(budget.failure(minutes(m), false));
+            restart_after(budget.failure(minutes(m), false, true));
         }
         // While calls wait, the fourth without progress breaks the pool, however slow.
         for m in 10..13 {
-            restart_after(budget.failure(minutes(m), true));
+            restart_after(budget.failure(minutes(m), true, true));
         }
         assert_eq!(
-            budget.failure(minutes(13), true),
+            budget.failure(minutes(13), true, true),
             Verdict::GiveUp { failures: 4 }
         );
         // Progress forgives them.
         let mut budget = RestartBudget::new(3, Duration::from_secs(10), 2);
         for m in 0..20 {
-            restart_after(budget.failure(minutes(m), true));
+            restart_after(budget.failure(minutes(m), true, true));
             if m % 3 == 2 {
                 budget.progress();
             }

@@ -2,19 +2,19 @@
 //! (for the workers), and the store.
 //!
 //! * **Leases.** Every half lease, `pool/requeue.lua` moves the chunks idle for longer than the
-//!   lease (their worker stopped renewing: hung, paused or cut off) and the supervisor kills
-//!   those workers, which are then replaced. While Redis does not answer, no worker can renew,
-//!   so an outage longer than the lease would make every busy worker look silent once it ends.
-//!   Hence the check is made only when Redis answers: not while it is unreachable, nor for one
-//!   lease after it answers again (the workers renew first, every third of a lease), and each
-//!   check first sends a `PING` and moves nothing when that is slow (an outage is going on or
-//!   just ended). An outage is an operation failing because Redis is unreachable, or one whose
-//!   answer took longer than a quarter of the lease ([`StoreHealth::slow`]: paused, stalled, cut
-//!   off without an error). One check at a time, so none piles up behind an outage. Should a
-//!   check still run across an outage (one sent just as it began), the workers whose leases it
-//!   found expired are not killed at once: only if their heartbeat does not stamp the `workers`
-//!   hash within a lease (a worker alive and busy goes on; whichever outcome of its chunk comes
-//!   first is kept), so a live worker is not killed nor charged to the restart budget for it.
+//!   lease (their worker stopped renewing: hung, paused or cut off) and the supervisor kills those
+//!   workers, which are then replaced. While Redis does not answer, no worker can renew, so an
+//!   outage longer than the lease would make every busy worker look silent once it ends. Hence the
+//!   check is made only when Redis answers: not while it is unreachable, nor for one lease after it
+//!   answers again (the workers renew first, every third of a lease), and each check first sends a
+//!   probe (which refreshes the streams' TTL) and moves nothing when that is slow (an outage is
+//!   going on or just ended). An outage is an operation failing because Redis is unreachable, or
+//!   one whose answer took longer than a quarter of the lease ([`StoreHealth::slow`]: paused,
+//!   stalled, cut off without an error). One check at a time, so none piles up behind an outage.
+//!   Should a check still run across an outage (one sent just as it began), the workers whose
+//!   leases it found expired are not killed at once: only if their heartbeat does not stamp the
+//!   `workers` hash within a lease (a worker alive and busy goes on; whichever outcome of its chunk
+//!   comes first is kept), so a live worker is not killed nor charged to the restart budget for it.
 //! * **Driver liveness.** Every quarter of its TTL ([`driver_ttl`]), the supervisor sets the
 //!   pool's `driver` key with that TTL. Workers exit when it lapses: a driver killed with
 //!   `SIGKILL`, or cut off from Redis, leaves nothing running for nobody.
@@ -33,6 +33,14 @@ use shoal_executor::pool::{self, Requeued, driver_ttl};
 use shoal_executor::protocol::StopSignal;
 
 use super::{Breakdown, PoolSupervisor};
+
+/// A worker's exit charged to the restart budget once its chunks were redelivered.
+pub(super) struct WorkerFailure {
+    /// What to say if it breaks the pool.
+    pub(super) reason: String,
+    /// How long the worker lived.
+    pub(super) lived: Duration,
+}
 
 /// Whether Redis answers, as the supervisor's operations see it.
 #[derive(Debug)]
@@ -209,8 +217,15 @@ impl PoolSupervisor {
                 let mut conn = store.multiplexed().await?;
                 // Redis answers now, so the workers' renewals went through: a check sent while
                 // it does not would be run once it answers again, maybe before the renewals
-                // waiting with it.
-                redis::cmd("PING")
+                // waiting with it. The probe refreshes the streams' TTL, which the check's
+                // script does too: an idle pool whose checks keep being skipped (a slow Redis)
+                // keeps its streams all the same.
+                let expiry = store.expiry_secs() as i64;
+                redis::pipe()
+                    .expire(&keys.tasks, expiry)
+                    .ignore()
+                    .expire(&keys.results, expiry)
+                    .ignore()
                     .query_async::<()>(&mut conn)
                     .await
                     .context(|| format!("checking the leases of {}", keys.tasks))?;
@@ -318,7 +333,7 @@ impl PoolSupervisor {
         &mut self,
         ctx: &mut Context<Self>,
         worker: String,
-        failed: Option<String>,
+        failed: Option<WorkerFailure>,
     ) {
         let store = self.store.clone();
         let keys = self.keys.clone();
@@ -332,18 +347,20 @@ impl PoolSupervisor {
             .into_actor(self)
             .map(move |result, act, ctx| {
                 // A chunk left behind here is moved later by the lease check.
+                let state_lost = matches!(&result, Err(e) if pool::is_state_lost(e));
                 match &result {
                     Ok(moved) => act.record_deaths(&moved.chunks),
-                    Err(e) if pool::is_state_lost(e) => {
-                        act.break_pool(ctx, Breakdown::StoreLost(pool::state_lost(&act.keys)));
-                    }
+                    Err(_) if state_lost => {}
                     Err(e) => {
                         tracing::warn!("pool {}: redelivering a dead worker's chunks: {e}", act.id)
                     }
                 }
                 act.store_report(ctx, started, result.as_ref().map(|_| ()));
-                if let Some(reason) = failed {
-                    act.worker_failed(ctx, reason);
+                if state_lost {
+                    // Redis lost the pool's state: nothing in flight can complete.
+                    act.break_pool(ctx, Breakdown::StoreLost(pool::state_lost(&act.keys)));
+                } else if let Some(failure) = failed {
+                    act.worker_failed(ctx, failure.reason, failure.lived);
                 }
             }),
         );

@@ -208,6 +208,15 @@ impl PoolShared {
         })
     }
 
+    /// Waits until the pool's workers exited (or it is done); false on timeout.
+    pub(crate) fn wait_workers_exited(&self, timeout: Duration) -> bool {
+        let exited = |s: &PoolStatus| s.workers_exited || self.done(s);
+        self.changed
+            .wait_timeout_while(self.lock(), timeout, |s| !exited(s))
+            .map(|(g, _)| exited(&g))
+            .unwrap_or(true)
+    }
+
     /// Waits until the pool is done ([`PoolShared::is_finished`]); false on timeout.
     pub(crate) fn wait_finished(&self, timeout: Option<Duration>) -> bool {
         let guard = self.lock();
@@ -303,19 +312,22 @@ impl PoolSupervisor {
         if !self.phase.supervises() {
             return;
         }
-        let later = match why {
+        // The phase first: a caller woken by its call's end and calling again at once must
+        // find the pool broken (not a call refused later by a supervisor gone).
+        match why {
             Breakdown::GaveUp(reason) => {
                 tracing::error!("pool {} is broken: {reason}", self.id);
+                self.set_phase(Phase::Broken(Error::invalid_state(format!(
+                    "the pool is broken: it gave up: {reason}"
+                ))));
                 self.end_calls_gave_up(&reason);
-                Error::invalid_state(format!("the pool is broken: it gave up: {reason}"))
             }
             Breakdown::StoreLost(error) => {
                 tracing::error!("pool {}: {error}", self.id);
+                self.set_phase(Phase::Broken(error.clone()));
                 self.end_calls(|_| error.clone());
-                error
             }
-        };
-        self.set_phase(Phase::Broken(later));
+        }
         self.stop_all_workers(ctx);
     }
 

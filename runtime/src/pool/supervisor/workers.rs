@@ -25,6 +25,7 @@
 //! exit, then deletes the worker's keys. The pool is finished (`join` returns) only once every
 //! printer is done, so what the workers printed is on this terminal by then.
 
+use super::health::WorkerFailure;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -40,7 +41,7 @@ use shoal_executor::pool::{
 use shoal_executor::protocol::{Launch, StopSignal, WorkerExited, Workload};
 use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord, hand_over_authkey};
 
-use super::budget::Verdict;
+use super::budget::{self, Verdict};
 use super::{Breakdown, Phase, PoolSupervisor};
 
 /// A worker the supervisor started.
@@ -52,6 +53,9 @@ pub(super) struct WorkerSlot {
     pub(super) stopped_for_cancel: bool,
     /// Its output printer's view of it (a worker whose output is streamed).
     pub(super) output: Option<Arc<PrintedWorker>>,
+    /// When it was started: a worker that fails soon after counts against the budget while
+    /// calls wait, however far apart such failures are (see `budget`).
+    pub(super) started: Instant,
 }
 
 impl PoolSupervisor {
@@ -81,6 +85,7 @@ impl PoolSupervisor {
                 launched: false,
                 stopped_for_cancel: false,
                 output: None,
+                started: Instant::now(),
             },
         );
         self.shared.update(|s| s.live_workers = self.workers.len());
@@ -205,7 +210,11 @@ impl PoolSupervisor {
                             let after = act.budget.store_failure();
                             act.replace_worker(ctx, after);
                         } else {
-                            act.worker_failed(ctx, format!("a worker could not start: {e}"));
+                            act.worker_failed(
+                                ctx,
+                                format!("a worker could not start: {e}"),
+                                Duration::ZERO,
+                            );
                         }
                     }
                 }),
@@ -214,11 +223,19 @@ impl PoolSupervisor {
 
     /// Charges a worker failure to the restart budget; replaces the worker (after the
     /// back-off) or breaks the pool.
-    pub(super) fn worker_failed(&mut self, ctx: &mut Context<Self>, reason: String) {
-        // With calls waiting, failures count whatever their timing (see the module docs of
-        // `budget`): slow ones would otherwise restart workers forever while the calls hang.
+    pub(super) fn worker_failed(
+        &mut self,
+        ctx: &mut Context<Self>,
+        reason: String,
+        lived: Duration,
+    ) {
+        // With calls waiting, failures of short-lived workers count whatever their timing (see
+        // the module docs of `budget`): slow ones (an initializer that crashes after a long
+        // start) would otherwise restart workers forever while the calls hang; a worker that
+        // ran long and then died (an eviction) is not such a one.
         let calls_waiting = !self.calls.is_empty();
-        match self.budget.failure(Instant::now(), calls_waiting) {
+        let soon = lived < self.settings.restart_period.max(budget::SHORT_LIVED);
+        match self.budget.failure(Instant::now(), calls_waiting, soon) {
             Verdict::Restart { after } => self.replace_worker(ctx, after),
             Verdict::GiveUp { failures } => {
                 let why = format!(
@@ -326,15 +343,21 @@ impl Handler<WorkerExited> for PoolSupervisor {
                 self.replace_worker(ctx, Duration::ZERO);
             }
             EXIT_POOL_GONE => {
-                // Nothing to redeliver: the chunks went with the stream (and `requeue.lua`
-                // would only find the group missing).
-                let error = pool::state_lost(&self.keys);
-                tracing::warn!(
-                    "pool {}: PoolWorker-{} found the pool's state gone from Redis",
-                    self.id,
-                    slot.number
+                // The worker says the pool's state is gone from Redis; the redelivery finds
+                // out (`NOGROUP` breaks the pool) and, if the state is there after all (a task
+                // that called `exit(77)` itself), it is an ordinary failure.
+                self.requeue_worker_chunks(
+                    ctx,
+                    msg.id.clone(),
+                    Some(WorkerFailure {
+                        reason: format!(
+                            "PoolWorker-{} exited with code {EXIT_POOL_GONE} (it found the \
+                             pool's state gone from Redis, or its task exited so)",
+                            slot.number
+                        ),
+                        lived: slot.started.elapsed(),
+                    }),
                 );
-                self.break_pool(ctx, Breakdown::StoreLost(error));
             }
             EXIT_STORE_LOST | EXIT_DRIVER_GONE => {
                 self.requeue_worker_chunks(ctx, msg.id.clone(), None);
@@ -344,10 +367,10 @@ impl Handler<WorkerExited> for PoolSupervisor {
             code => self.requeue_worker_chunks(
                 ctx,
                 msg.id.clone(),
-                Some(format!(
-                    "PoolWorker-{} exited with code {code}",
-                    slot.number
-                )),
+                Some(WorkerFailure {
+                    reason: format!("PoolWorker-{} exited with code {code}", slot.number),
+                    lived: slot.started.elapsed(),
+                }),
             ),
         }
     }
