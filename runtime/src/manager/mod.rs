@@ -151,8 +151,6 @@ static CREATE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("manager_create.lua")));
 static RECORD: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("manager_record.lua")));
-static REGISTER: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("manager_register.lua")));
 static SHUTDOWN: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("manager_shutdown.lua")));
 

@@ -35,7 +35,7 @@ use shoal_core::store::KeySpace;
 use shoal_executor::actor::{Mailbox, Outgoing, STOP_KIND};
 
 use super::container::{RuntimeRequest, on_runtime};
-use super::{Manager, RECORD, REGISTER, Refreshed, read_reply};
+use super::{Manager, RECORD, Refreshed, read_reply};
 use crate::actor::{ActorOptions, ActorRef, spawn_actor_with};
 
 /// What the read before a creation finds: the manager's state and the type registered under
@@ -144,20 +144,21 @@ impl Manager {
     }
 
     /// The script that registers `type_name` under `typeid` if the manager runs and the id is
-    /// free, and refreshes the record (`manager_register.lua`): one round trip, the check and
-    /// the write in one script, so that a shutdown cannot come between them.
+    /// free, and refreshes the record (`manager_record.lua` with `nx`): one round trip, the
+    /// check and the write in one script, so that a shutdown cannot come between them.
     fn registration_script(
         &self,
         typeid: &str,
         type_name: &str,
         expiry_secs: u64,
     ) -> redis::ScriptInvocation<'static> {
-        let mut invocation = REGISTER.prepare_invoke();
+        let mut invocation = RECORD.prepare_invoke();
         invocation
             .key(self.inner.address.keys().key("meta"))
             .arg(format!("t:{typeid}"))
             .arg(type_name)
-            .arg(expiry_secs);
+            .arg(expiry_secs)
+            .arg("nx");
         invocation
     }
 
