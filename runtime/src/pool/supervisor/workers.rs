@@ -25,7 +25,6 @@
 //! exit, then deletes the worker's keys. The pool is finished (`join` returns) only once every
 //! printer is done, so what the workers printed is on this terminal by then.
 
-use super::health::WorkerFailure;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -42,6 +41,7 @@ use shoal_executor::protocol::{Launch, StopSignal, WorkerExited, Workload};
 use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord, hand_over_authkey};
 
 use super::budget::{self, Verdict};
+use super::health::WorkerFailure;
 use super::{Breakdown, Phase, PoolSupervisor};
 
 /// A worker the supervisor started.
