@@ -208,6 +208,22 @@ pub fn pid_running(pid: u32) -> bool {
     }
 }
 
+/// Pauses the writes of the Redis at `url` for `ms` (`CLIENT PAUSE <ms> WRITE`, as a failover
+/// does): every write and script waits for the end of the pause, and one whose connection
+/// closes meanwhile is never run.
+pub fn pause_writes(url: &str, ms: u64) {
+    let mut admin = redis::Client::open(url)
+        .expect("client")
+        .get_connection()
+        .expect("connection");
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("WRITE")
+        .query::<()>(&mut admin)
+        .expect("CLIENT PAUSE");
+}
+
 /// A plain connection to the Redis of `rt`, to look at (and break) what the runtime stored.
 pub fn raw_redis(rt: &shoal::Runtime) -> redis::Connection {
     let url = rt.config().redis.url.clone().expect("url");

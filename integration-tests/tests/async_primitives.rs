@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use shoal::Error;
 use shoal::prelude::*;
-use shoal_integration_tests::{wait_for, wait_for_async};
+use shoal_integration_tests::{pause_writes, wait_for, wait_for_async};
 use tokio::time::{sleep, timeout};
 
 shoal::test_support!();
@@ -1591,21 +1591,6 @@ fn spawn_gap_recorder() -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
         })
     };
     (longest, ticker)
-}
-
-/// Pauses the writes of the test's Redis for `ms` (`CLIENT PAUSE <ms> WRITE`): every script
-/// and write waits for the end of the pause, the way a stalled Redis answers late.
-fn pause_writes(url: &str, ms: u64) {
-    let mut admin = redis::Client::open(url)
-        .expect("client")
-        .get_connection()
-        .expect("connection");
-    redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(ms)
-        .arg("WRITE")
-        .query::<()>(&mut admin)
-        .expect("CLIENT PAUSE");
 }
 
 /// `qsize_async` reads this process's pending acknowledgements first, under the lock of the

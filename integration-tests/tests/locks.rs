@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use shoal::prelude::*;
-use shoal_integration_tests::{assert_timing, read_file, scratch, wait_for};
+use shoal_integration_tests::{assert_timing, pause_writes, read_file, scratch, wait_for};
 
 shoal::test_support!();
 
@@ -827,21 +827,6 @@ fn a_guard_release_async_dropped_unpolled_still_releases() {
         wait_for(LEASE * 2, || !lock.locked().expect("locked")),
         "the async guard's hold was never released"
     );
-}
-
-/// Pauses the writes of the test's Redis for `ms` (`CLIENT PAUSE <ms> WRITE`): every script
-/// waits for the end of the pause, and one whose connection closes meanwhile is never run.
-fn pause_writes(url: &str, ms: u64) {
-    let mut admin = redis::Client::open(url)
-        .expect("client")
-        .get_connection()
-        .expect("connection");
-    redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(ms)
-        .arg("WRITE")
-        .query::<()>(&mut admin)
-        .expect("CLIENT PAUSE");
 }
 
 #[shoal::remote]

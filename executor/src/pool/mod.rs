@@ -73,9 +73,11 @@
 //! ([`is_state_lost`]: Redis restarted without persistence, failed over to a replica that lagged,
 //! evicted the key), the chunks went with it and no replacement could read anything: a worker
 //! that finds this in its read, or a worker process in its heartbeat (whatever its task), exits
-//! with [`EXIT_POOL_GONE`], and the supervisor breaks the pool with [`state_lost`] rather than
-//! start another. Writes to the task stream (chunks, stop entries, redelivered chunks) use
-//! `NOMKSTREAM`: none of them makes the stream again without its group.
+//! with [`EXIT_POOL_GONE`]; the supervisor's redelivery of its chunks then meets `NOGROUP`, and
+//! it breaks the pool with [`state_lost`] rather than start another (a task that exits 77 itself
+//! while the state is there is an ordinary failure). Writes to the task stream (chunks, stop
+//! entries, redelivered chunks) use `NOMKSTREAM`: none of them makes the stream again without its
+//! group.
 //!
 //! # Long chunks keep their progress
 //!
@@ -143,7 +145,8 @@ pub const EXIT_STORE_LOST: i32 = 75;
 pub const EXIT_DRIVER_GONE: i32 = 76;
 /// Exit code of a pool worker that found the pool's state gone from Redis: its task stream or
 /// the stream's consumer group no longer exists (see [`is_state_lost`]). Its replacement would
-/// find the same, so the supervisor breaks the pool instead (see [`state_lost`]).
+/// find the same, so the supervisor breaks the pool instead (see [`state_lost`]) once its
+/// redelivery of the worker's chunks confirms it (a task may exit 77 for its own reasons).
 pub const EXIT_POOL_GONE: i32 = 77;
 /// How often a long chunk reports the items it has done.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);

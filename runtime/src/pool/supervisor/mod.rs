@@ -21,8 +21,8 @@
 //! running fail with [`Error::InvalidState`], the pool's keys are deleted.
 //! `Broken` from `Running` or `Closing`: the restart budget is spent (calls fail with kind
 //! `Crashed`), the store was lost (calls fail with the store's error), or the pool's state in
-//! Redis was lost (its task stream or consumer group gone: a worker exits with
-//! `pool::EXIT_POOL_GONE`, or a lease check or redelivery meets `NOGROUP`; calls fail with
+//! Redis was lost (its task stream or consumer group gone: a lease check, or the redelivery of
+//! a dead worker's chunks, meets `NOGROUP`; calls fail with
 //! `pool::state_lost`'s error); workers are stopped.
 //!
 //! # Supervision

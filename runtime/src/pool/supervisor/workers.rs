@@ -10,14 +10,16 @@
 //! | 0 | `maxtasksperchild` reached, or stopped | at once |
 //! | [`EXIT_STORE_LOST`] | it could not reach Redis | after the store back-off, not charged |
 //! | [`EXIT_DRIVER_GONE`] | it saw no driver (the liveness key lapsed) | as a store failure |
-//! | [`EXIT_POOL_GONE`] | the pool's state is gone from Redis | none: the pool breaks |
+//! | [`EXIT_POOL_GONE`] | the pool's state is gone from Redis | none: the pool breaks, once the redelivery meets `NOGROUP` (else as a failure) |
 //! | anything else | a failure (crash, kill, lost lease) | charged to the budget, backed off |
 //!
 //! A worker that found the pool's task stream or its consumer group gone (Redis restarted
 //! without persistence, failed over to a replica that lagged, evicted the key) is not replaced:
 //! the chunks of every call went with the stream, so no call can complete, and a replacement
-//! would find the same at once. The pool breaks instead: its calls, and later ones, fail with
-//! [`pool::state_lost`], and its workers are stopped.
+//! would find the same at once. The redelivery of its chunks confirms it (`NOGROUP`), and the
+//! pool breaks instead: its calls, and later ones, fail with [`pool::state_lost`], and its
+//! workers are stopped. Without that confirmation (a task that called `exit(77)` itself) the
+//! exit is an ordinary failure.
 //!
 //! A worker whose output is streamed (`multiprocessing.stream_stdout`, and always on a remote
 //! backend, where a worker's terminal is its pod's log) has a printer task: it prints the
