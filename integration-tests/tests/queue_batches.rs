@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use shoal::Error;
 use shoal::prelude::*;
-use shoal_integration_tests::{TestRedis, queue_key_prefix, raw_redis, wait_for};
+use shoal_integration_tests::{TestRedis, pause_writes, queue_key_prefix, raw_redis, wait_for};
 
 shoal::test_support!();
 
@@ -268,6 +268,54 @@ fn a_batch_that_went_stale_is_given_back_and_fetched_again_in_order() {
     got.extend(drain(&q, Duration::from_millis(200)));
     assert_eq!(got, (0..100).collect::<Vec<_>>());
     assert_eq!(q.qsize().expect("qsize"), 0);
+}
+
+/// A `get_nowait` that finds its consumer held by the keeper (giving back a stale batch, held
+/// up here by a pause of Redis's writes) waits for it and returns the item: the queue is not
+/// empty. Only another get holding the consumer makes it give up, as Python's reader lock does
+/// (it said `Empty` whenever the keeper held the consumer, which made a test flaky).
+#[test]
+fn get_nowait_waits_for_the_keeper_instead_of_finding_the_queue_empty() {
+    let (server, rt) = private_runtime();
+    let q: Queue<u64> = Queue::new().expect("queue");
+    fill(&rt, &q, 10);
+    // Batches of 1 and 2: one item is held after two gets.
+    assert_eq!(q.get_nowait().expect("get_nowait"), 0);
+    assert_eq!(q.get_nowait().expect("get_nowait"), 1);
+    pause_writes(&server.url(), 1500);
+    // The batch goes stale after 200 ms; the keeper then gives it back, a write that waits for
+    // the pause while it holds the consumer.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        q.get_nowait()
+            .expect("get_nowait while the keeper gives the batch back"),
+        2
+    );
+    let mut got = vec![0, 1, 2];
+    got.extend(drain(&q, Duration::from_millis(200)));
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+}
+
+/// A `get_nowait` while another thread's get waits on the same queue gives up at once, as
+/// Python's does (that get holds the reader lock).
+#[test]
+fn get_nowait_while_another_thread_waits_in_a_get_is_empty_at_once() {
+    let _rt = runtime();
+    let q: Queue<u64> = Queue::new().expect("queue");
+    let waiter = {
+        let q = q.clone();
+        std::thread::spawn(move || q.get_timeout(Duration::from_secs(3)))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "get_nowait waited {:?} for the other get",
+        started.elapsed()
+    );
+    q.put(7).expect("put");
+    assert_eq!(waiter.join().expect("waiter").expect("get"), 7);
 }
 
 #[test]

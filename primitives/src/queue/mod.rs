@@ -600,7 +600,8 @@ macro_rules! getters {
             self.get_until(true, deadline(Some(timeout)))
         }
 
-        /// Takes an item if one is there ([`Error::Empty`] otherwise).
+        /// Takes an item if one is there ([`Error::Empty`] otherwise, and while another
+        /// thread's get of this process waits on the queue, as Python's does).
         pub fn get_nowait(&self) -> Result<T> {
             self.get_until(false, None)
         }

@@ -49,6 +49,9 @@
 //!   claims what was moved, so an item that arrives is never in flight unowned. A get whose last
 //!   fetch found the queue empty waits at once (it would only find it empty again). The
 //!   consumer's lock is held during the slice, since the fetch gives back what it claims.
+//! * A `get_nowait` that finds the consumer's lock held by another get finds the queue empty,
+//!   as Python's does on its reader lock; held by the keeper, `close()` or the exit hooks (a
+//!   give-back), it waits for them.
 //! * An async get takes a held item first when that needs no round trip and no wait (no other
 //!   thread holds the consumer or the claims connection, the batch is fresh, the connection
 //!   open and its ack written; otherwise the keeper or the next sync get deals with the batch,
@@ -94,6 +97,7 @@
 //! batch of up to 1,024 items.
 
 use std::sync::Weak;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::*;
 
@@ -189,10 +193,87 @@ impl std::fmt::Debug for Consumer {
     }
 }
 
-type Shared<T> = Arc<Mutex<T>>;
+/// A consumer behind its lock, with a mark of whether a get holds that lock.
+#[derive(Debug)]
+pub(super) struct ConsumerCell {
+    state: Mutex<Consumer>,
+    /// A get holds `state` (set once it has the lock, cleared before it lets go): a
+    /// `get_nowait` that finds the lock taken by a get gives up, as Python's does on its reader
+    /// lock, but waits for the keeper, `close()` or the exit hooks, which hold it only to give
+    /// back a batch (an internal thread must not make the queue look empty).
+    getting: AtomicBool,
+}
+
+impl ConsumerCell {
+    fn try_lock(&self) -> std::sync::TryLockResult<MutexGuard<'_, Consumer>> {
+        self.state.try_lock()
+    }
+}
+
+type Shared<T> = Arc<T>;
 
 /// A consumer, as its queue handles keep it.
-pub(super) type SharedConsumer = Shared<Consumer>;
+pub(super) type SharedConsumer = Shared<ConsumerCell>;
+
+/// A consumer locked by a get: the cell's `getting` mark is set while it is held.
+struct GetGuard<'a> {
+    cell: &'a ConsumerCell,
+    consumer: MutexGuard<'a, Consumer>,
+}
+
+impl<'a> GetGuard<'a> {
+    fn new(cell: &'a ConsumerCell, consumer: MutexGuard<'a, Consumer>) -> Self {
+        cell.getting.store(true, Ordering::Release);
+        Self { cell, consumer }
+    }
+}
+
+impl std::ops::Deref for GetGuard<'_> {
+    type Target = Consumer;
+    fn deref(&self) -> &Consumer {
+        &self.consumer
+    }
+}
+
+impl std::ops::DerefMut for GetGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Consumer {
+        &mut self.consumer
+    }
+}
+
+impl Drop for GetGuard<'_> {
+    /// Cleared before the lock is let go (the fields drop after this).
+    fn drop(&mut self) {
+        self.cell.getting.store(false, Ordering::Release);
+    }
+}
+
+/// Locks `cell` for a get: waiting until `deadline` at most (`None`: as long as it takes), or,
+/// for a get that does not wait (`wait` false), for as long as no other get holds it. `None`
+/// when the get gives up.
+fn lock_for_get(
+    cell: &ConsumerCell,
+    wait: bool,
+    deadline: Option<Instant>,
+) -> Option<GetGuard<'_>> {
+    if wait {
+        return lock_until(&cell.state, deadline).map(|guard| GetGuard::new(cell, guard));
+    }
+    loop {
+        match cell.state.try_lock() {
+            Ok(guard) => return Some(GetGuard::new(cell, guard)),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                return Some(GetGuard::new(cell, p.into_inner()));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+        if cell.getting.load(Ordering::Acquire) {
+            return None;
+        }
+        // The keeper, `close()` or an exit hook: a give-back, one round trip at most.
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
 
 /// A consumer's Redis URL and items key.
 type ConsumerId = (String, String);
@@ -204,12 +285,12 @@ static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::ne
 
 /// This process's consumers, as long as a queue handle keeps them: a consumer whose handles are
 /// all gone gives back what it holds (its `Drop`) and leaves the table.
-static CONSUMERS: LazyLock<Mutex<HashMap<ConsumerId, Weak<Mutex<Consumer>>>>> =
+static CONSUMERS: LazyLock<Mutex<HashMap<ConsumerId, Weak<ConsumerCell>>>> =
     LazyLock::new(Mutex::default);
 
 /// The consumers alive now (taken out of the table's lock: dropping the last handle of one
 /// gives its items back, which takes the links' lock).
-fn live_consumers() -> Vec<Shared<Consumer>> {
+fn live_consumers() -> Vec<SharedConsumer> {
     lock(&CONSUMERS)
         .values()
         .filter_map(Weak::upgrade)
@@ -254,7 +335,7 @@ fn with_link<T>(store: &Arc<Store>, f: impl FnOnce(&mut Link) -> Result<T>) -> R
 }
 
 /// The consumer of `core` in this process (kept by the handle for its next gets).
-fn consumer(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
+fn consumer(core: &QueueCore, store: &Arc<Store>) -> SharedConsumer {
     if let Some((url, consumer)) = core.cached_consumer.get()
         && url == store.url()
     {
@@ -268,7 +349,7 @@ fn consumer(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
 }
 
 /// Finds or makes the consumer of `core` in this process's table.
-fn register(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
+fn register(core: &QueueCore, store: &Arc<Store>) -> SharedConsumer {
     register_exit_hook();
     let keys = core.keys();
     let mut consumers = lock(&CONSUMERS);
@@ -278,20 +359,23 @@ fn register(core: &QueueCore, store: &Arc<Store>) -> Shared<Consumer> {
     }
     // The consumers of queues this process no longer has a handle of leave the table.
     consumers.retain(|_, consumer| consumer.strong_count() > 0);
-    let consumer = Arc::new(Mutex::new(Consumer {
-        keys,
-        store: store.clone(),
-        held: VecDeque::new(),
-        next: 0,
-        usable_until: None,
-        allowance: HOLD,
-        batch: 1,
-        filled: false,
-        found_empty: false,
-        in_doubt: false,
-        bounded: core.maxsize > 0,
-        retired: false,
-    }));
+    let consumer = Arc::new(ConsumerCell {
+        state: Mutex::new(Consumer {
+            keys,
+            store: store.clone(),
+            held: VecDeque::new(),
+            next: 0,
+            usable_until: None,
+            allowance: HOLD,
+            batch: 1,
+            filled: false,
+            found_empty: false,
+            in_doubt: false,
+            bounded: core.maxsize > 0,
+            retired: false,
+        }),
+        getting: AtomicBool::new(false),
+    });
     consumers.insert(id, Arc::downgrade(&consumer));
     consumer
 }
@@ -320,10 +404,7 @@ pub(super) fn get(
         // thread's get meanwhile. `close()`, the keeper and the exit hooks only try it, and a
         // get with a deadline waits for it until then (Python's reader lock, taken with the
         // get's timeout).
-        let Some(mut consumer) = lock_until(
-            &consumer,
-            if wait { deadline } else { Some(Instant::now()) },
-        ) else {
+        let Some(mut consumer) = lock_for_get(&consumer, wait, deadline) else {
             return Err(Error::Empty);
         };
         if let Some(item) = consumer.take().map_err(|e| core.address.error(e))? {
@@ -836,7 +917,7 @@ impl Consumer {
         self.usable_until = None;
         // From the process's one sequence: a consumer made again for a queue (its last handle
         // was dropped) goes on above every number this holder used there.
-        let first = SEQUENCE.fetch_add(self.batch as u64, std::sync::atomic::Ordering::Relaxed);
+        let first = SEQUENCE.fetch_add(self.batch as u64, Ordering::Relaxed);
         self.next = first + self.batch as u64;
         // Redis holds the batch a lease longer than this process may return it.
         let allowance = extra + self.allowance;
