@@ -359,3 +359,37 @@ fn a_task_that_exits_with_the_state_lost_code_is_an_ordinary_crash() {
         vec![1]
     );
 }
+
+/// The TTL (seconds) of `key`: -2 when it does not exist, -1 when it has none.
+fn ttl_of(conn: &mut redis::Connection, key: &str) -> i64 {
+    redis::cmd("TTL").arg(key).query(conn).expect("TTL")
+}
+
+/// A pool's results stream is made with its task stream, with a TTL, when the pool is built:
+/// a driver killed after a first result and before its first lease check (which refreshes the
+/// TTLs) leaves nothing without one. It was made by a worker's first result, without a TTL.
+#[test]
+fn a_pools_results_stream_expires_from_the_start() {
+    let rt = runtime();
+    let mut redis = raw_redis(&rt);
+    let pool = Pool::new(1).expect("pool");
+    let tasks = task_stream_key(&mut redis);
+    let results = format!("{}results", tasks.trim_end_matches("tasks"));
+    for key in [&tasks, &results] {
+        let ttl = ttl_of(&mut redis, key);
+        assert!(ttl > 0, "{key} has TTL {ttl} once the pool is built");
+    }
+    assert_eq!(pool.map(sleep_ms, vec![1u64, 2]).expect("map"), vec![1, 2]);
+    let ttl = ttl_of(&mut redis, &results);
+    assert!(ttl > 0, "{results} has TTL {ttl} after a result");
+    // Nothing reads through the group that made it: it holds no entry.
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg(&results)
+        .arg("made") // `shoal_executor::pool::RESULTS_GROUP`
+        .query(&mut redis)
+        .expect("XPENDING");
+    assert!(
+        matches!(&pending, redis::Value::Array(v) if v.first() == Some(&redis::Value::Int(0))),
+        "{pending:?}"
+    );
+}

@@ -6,7 +6,7 @@
 //! | key | type | contents |
 //! | --- | --- | --- |
 //! | `shoal:{<ns>:pool:<id>}:tasks` | stream, group `workers` | chunk entries `h` = `call.chunk.attempt.first.done` (the call, the chunk's index, the attempt, the index of its first item in the input, and its items already done by earlier attempts, skipped), `f` function, `p` items (one array of argument tuples, [`ArrayWriter::payload`]); or a stop entry `s`=`1` |
-//! | `shoal:{<ns>:pool:<id>}:results` | stream | the final outcomes of the chunks of one worker read: `w` worker, `h` their `call.chunk.attempt.offset`s, `b` a [`BatchedOutcome`] list; or one chunk's: `c`, `k`, `a`, `w` worker, `o` offset in the chunk of the first item it covers, `n`=`1` on a partial outcome, then `p` (a [`ChunkOutcome`]) or `x` (the chunk crashed: a message) |
+//! | `shoal:{<ns>:pool:<id>}:results` | stream, made with the task stream (through a group `made` nobody reads) | the final outcomes of the chunks of one worker read: `w` worker, `h` their `call.chunk.attempt.offset`s, `b` a [`BatchedOutcome`] list; or one chunk's: `c`, `k`, `a`, `w` worker, `o` offset in the chunk of the first item it covers, `n`=`1` on a partial outcome, then `p` (a [`ChunkOutcome`]) or `x` (the chunk crashed: a message) |
 //! | `shoal:{<ns>:pool:<id>}:progress` | hash | task entry id → items of that chunk done and reported |
 //! | `shoal:{<ns>:pool:<id>}:workers` | hash | worker id → last heartbeat (Unix ms) |
 //! | `shoal:{<ns>:pool:<id>}:driver` | string | present while the pool's driver lives (short TTL, refreshed by the supervisor) |
@@ -555,8 +555,11 @@ pub fn add_stop_entry(pipe: &mut redis::Pipeline, tasks: &str) {
         .ignore();
 }
 
-/// Creates the task stream and its consumer group (idempotent), with the store's TTL: one
-/// round trip ([`streams_creation`]).
+/// Creates the task stream and its consumer group, and the results stream (idempotent), both
+/// with the store's TTL: one round trip ([`streams_creation`]). The results stream is made
+/// here, not by a worker's first result, so that it expires even when the driver is killed
+/// before its first lease check (which refreshes both TTLs); a group of its own
+/// ([`RESULTS_GROUP`], never read) is how one command makes an empty stream.
 pub fn create_streams(store: &Store, keys: &PoolKeys) -> Result<()> {
     let replies = store.with_conn(
         || format!("creating pool stream {}", keys.tasks),
@@ -565,8 +568,19 @@ pub fn create_streams(store: &Store, keys: &PoolKeys) -> Result<()> {
     streams_created(keys, replies)
 }
 
-/// What [`streams_creation`] answers: the group's creation, then the TTL's.
-pub type StreamsCreated = (redis::RedisResult<()>, redis::RedisResult<()>);
+/// What [`streams_creation`] answers: the task group's creation and the task stream's TTL, then
+/// the results stream's creation and TTL.
+pub type StreamsCreated = (
+    redis::RedisResult<()>,
+    redis::RedisResult<()>,
+    redis::RedisResult<()>,
+    redis::RedisResult<()>,
+);
+
+/// The consumer group [`streams_creation`] makes on the results stream so as to make the stream
+/// (`XGROUP CREATE ... MKSTREAM`): nobody reads through it (the supervisor reads with `XREAD`),
+/// so it holds no entry.
+pub const RESULTS_GROUP: &str = "made";
 
 /// The pipeline of [`create_streams`], for a caller that sends it itself (an async one); read
 /// its replies with [`streams_created`].
@@ -578,7 +592,14 @@ pub fn streams_creation(store: &Store, keys: &PoolKeys) -> redis::Pipeline {
         .arg(GROUP)
         .arg("$")
         .arg("MKSTREAM")
-        .expire(&keys.tasks, store.expiry_secs() as i64);
+        .expire(&keys.tasks, store.expiry_secs() as i64)
+        .cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&keys.results)
+        .arg(RESULTS_GROUP)
+        .arg("$")
+        .arg("MKSTREAM")
+        .expire(&keys.results, store.expiry_secs() as i64);
     // Each reply on its own: a group that exists already (BUSYGROUP) is fine.
     pipe.ignore_errors();
     pipe
@@ -586,12 +607,16 @@ pub fn streams_creation(store: &Store, keys: &PoolKeys) -> redis::Pipeline {
 
 /// The outcome of [`streams_creation`]'s replies.
 pub fn streams_created(keys: &PoolKeys, replies: StreamsCreated) -> Result<()> {
-    match replies {
-        (Err(e), _) if e.code() != Some("BUSYGROUP") => Err(e),
-        (_, Err(e)) => Err(e),
-        _ => Ok(()),
-    }
-    .map_err(|e| Error::redis(format!("creating pool stream {}", keys.tasks), e))
+    let busy_is_fine = |reply: redis::RedisResult<()>| match reply {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    };
+    let (tasks, tasks_ttl, results, results_ttl) = replies;
+    busy_is_fine(tasks)
+        .and(tasks_ttl)
+        .and(busy_is_fine(results))
+        .and(results_ttl)
+        .map_err(|e| Error::redis(format!("creating pool stream {}", keys.tasks), e))
 }
 
 /// Deletes a pool's keys.
