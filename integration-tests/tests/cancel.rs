@@ -325,3 +325,90 @@ fn cooperative_one(args: (u64, String)) -> u64 {
     std::thread::sleep(Duration::from_millis(100));
     x
 }
+
+/// Appends a line to `marker` (unless empty) when it starts, then sleeps `ms`, ignoring
+/// cancellation.
+#[shoal::remote]
+fn nap_marked(args: (u64, String)) -> u64 {
+    let (ms, marker) = args;
+    if !marker.is_empty() {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&marker)
+            .expect("marker");
+        writeln!(file, "started").expect("marker");
+    }
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+fn starts(marker: &str) -> usize {
+    std::fs::read_to_string(marker)
+        .map(|text| text.lines().count())
+        .unwrap_or(0)
+}
+
+/// A worker that holds a chunk of a cancelled call behind another call's long chunk (both in
+/// one read) is not killed by the cancel sweep: it skips the cancelled chunk when it gets
+/// there, and the other call's chunk runs once, on the same worker. The sweep killed it (the
+/// long chunk ran twice) before.
+#[test]
+fn a_cancel_sweep_spares_a_worker_whose_cancelled_chunk_waits_behind_another_calls() {
+    let _rt = runtime();
+    let dir = scratch();
+    let marker = |name: &str| dir.path().join(name).display().to_string();
+    let (first, long) = (marker("first"), marker("long"));
+    let pool = Pool::new(1).expect("pool");
+    let pids = || shoal_integration_tests::child_pids();
+    // Trivial chunks make the worker read many at a time (up to 64).
+    pool.map_with(double, 0..500u64, 1).expect("warm-up");
+    let worker = pids();
+    assert_eq!(worker.len(), 1, "{worker:?}");
+    // One read of 64 chunks: a 40 ms one first, then trivial ones (under 1 ms a chunk on
+    // average, so the worker's next read takes 2 or more). Meanwhile the long chunk and the
+    // chunks of the call to cancel are written: the next read holds both.
+    let mut items = vec![(40u64, first.clone())];
+    items.extend((0..63).map(|_| (0u64, String::new())));
+    let warm = pool
+        .map_async_with(nap_marked, items, AsyncOptions::new().chunksize(1))
+        .expect("map_async");
+    assert!(
+        shoal_integration_tests::wait_for(Duration::from_secs(5), || starts(&first) == 1),
+        "the first chunk never started"
+    );
+    let other = pool
+        .apply_async(nap_marked, ((2_500u64, long.clone()),))
+        .expect("apply_async");
+    let doomed = pool
+        .map_async_with(
+            nap_marked,
+            vec![(1u64, String::new()); 2],
+            AsyncOptions::new().chunksize(1),
+        )
+        .expect("map_async");
+    assert_eq!(
+        warm.get(Some(Duration::from_secs(10))).expect("warm").len(),
+        64
+    );
+    assert!(
+        shoal_integration_tests::wait_for(Duration::from_secs(5), || starts(&long) == 1),
+        "the long chunk never started"
+    );
+    doomed.cancel();
+    assert!(matches!(
+        doomed.get(Some(Duration::from_secs(5))),
+        Err(Error::Cancelled(_))
+    ));
+    // The sweep comes a lease (1 s) after the cancel, while the long chunk runs.
+    assert_eq!(
+        other
+            .get(Some(Duration::from_secs(15)))
+            .expect("the long chunk"),
+        2_500
+    );
+    assert_eq!(starts(&long), 1, "the long chunk ran again");
+    assert_eq!(pids(), worker, "the worker was replaced");
+    assert_eq!(pool.map(double, 0..4u64).expect("map"), vec![0, 2, 4, 6]);
+}

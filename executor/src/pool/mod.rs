@@ -8,7 +8,7 @@
 //! | `shoal:{<ns>:pool:<id>}:tasks` | stream, group `workers` | chunk entries `h` = `call.chunk.attempt.first.done` (the call, the chunk's index, the attempt, the index of its first item in the input, and its items already done by earlier attempts, skipped), `f` function, `p` items (one array of argument tuples, [`ArrayWriter::payload`]); or a stop entry `s`=`1` |
 //! | `shoal:{<ns>:pool:<id>}:results` | stream, made with the task stream (through a group `made` nobody reads) | the final outcomes of the chunks of one worker read: `w` worker, `h` their `call.chunk.attempt.offset`s, `b` a [`BatchedOutcome`] list; or one chunk's: `c`, `k`, `a`, `w` worker, `o` offset in the chunk of the first item it covers, `n`=`1` on a partial outcome, then `p` (a [`ChunkOutcome`]) or `x` (the chunk crashed: a message) |
 //! | `shoal:{<ns>:pool:<id>}:progress` | hash | task entry id → items of that chunk done and reported |
-//! | `shoal:{<ns>:pool:<id>}:workers` | hash | worker id → last heartbeat (Unix ms) |
+//! | `shoal:{<ns>:pool:<id>}:workers` | hash | worker id → its last heartbeat, `<Unix ms>:<entry id of the chunk it runs>` (empty between chunks) |
 //! | `shoal:{<ns>:pool:<id>}:driver` | string | present while the pool's driver lives (short TTL, refreshed by the supervisor) |
 //!
 //! A chunk entry has three fields, not one per number: a worker parses every field of every
@@ -752,20 +752,34 @@ async fn requeue(
     })
 }
 
+/// What [`cancel_call`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cancelled {
+    /// The chunks removed.
+    pub removed: u64,
+    /// A sweep's chunks still pending on a worker that runs another chunk (it holds them
+    /// behind that one, and skips them when it gets there): left for a later sweep.
+    pub deferred: u64,
+    /// A sweep's workers to stop: each runs a chunk of the call.
+    pub workers: Vec<String>,
+}
+
 /// Cancels `call`: removes its chunks no worker took yet, and marks it cancelled, which its
 /// running tasks see (`termination_requested()`) and redelivery respects. With `sweep`, also
-/// removes its chunks still pending (their workers did not stop) and returns those workers.
-/// Returns the chunks removed and the workers to stop.
+/// removes its chunks still pending whose worker runs them (it did not stop) and returns those
+/// workers; the chunks a worker holds behind another call's chunk are left (`deferred`; see
+/// `pool/cancel.lua`). One round trip.
 pub async fn cancel_call(
     conn: &mut (impl redis::aio::ConnectionLike + Send),
     store: &Store,
     keys: &PoolKeys,
     call: u64,
     sweep: bool,
-) -> Result<(u64, Vec<String>)> {
+) -> Result<Cancelled> {
     let reply: Vec<redis::Value> = CANCEL
         .key(&keys.tasks)
         .key(&keys.cancelled)
+        .key(&keys.workers)
         .arg(call)
         .arg(store.expiry_secs())
         .arg(if sweep { "sweep" } else { "cancel" })
@@ -774,14 +788,22 @@ pub async fn cancel_call(
         .await
         .context(|| format!("cancelling call {call} of {}", keys.tasks))?;
     let mut values = reply.into_iter();
-    let removed = values
-        .next()
-        .and_then(|v| redis::from_redis_value::<u64>(v).ok())
-        .unwrap_or(0);
+    let mut count = || {
+        values
+            .next()
+            .and_then(|v| redis::from_redis_value::<u64>(v).ok())
+            .unwrap_or(0)
+    };
+    let removed = count();
+    let deferred = count();
     let workers = values
         .filter_map(|v| redis::from_redis_value::<String>(v).ok())
         .collect();
-    Ok((removed, workers))
+    Ok(Cancelled {
+        removed,
+        deferred,
+        workers,
+    })
 }
 
 /// Removes the task-stream entries the workers are done with (delivered and acknowledged; see

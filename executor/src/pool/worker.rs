@@ -318,7 +318,7 @@ fn serve(
             in_hand
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .start(chunk.call);
+                .start(chunk.call, &entry.id);
             let mut report = |offset: u64, outputs: &[u8]| {
                 report_progress(store, keys, spec, chunk, offset, outputs)
             };
@@ -467,6 +467,10 @@ struct InHand {
     calls: Vec<u64>,
     /// The call whose chunk runs now.
     running: Option<u64>,
+    /// The task-stream entry of the chunk that runs now, for the heartbeat's stamp (a cancel
+    /// sweep kills only a worker that runs a chunk of the cancelled call, not one that merely
+    /// holds one behind another call's).
+    running_id: Option<String>,
     /// The calls in hand the heartbeat found cancelled.
     cancelled_calls: Vec<u64>,
     cancelled: Arc<AtomicBool>,
@@ -477,12 +481,14 @@ impl InHand {
         self.ids.clear();
         self.calls.clear();
         self.running = None;
+        self.running_id = None;
         self.cancelled_calls.clear();
     }
 
-    /// The chunk of `call` starts: the tasks see a cancellation only if it is that call's.
-    fn start(&mut self, call: u64) {
+    /// The chunk `id` of `call` starts: the tasks see a cancellation only if it is that call's.
+    fn start(&mut self, call: u64, id: &str) {
         self.running = Some(call);
+        self.running_id = Some(id.to_string());
         self.cancelled
             .store(self.cancelled_calls.contains(&call), Ordering::Release);
     }
@@ -760,6 +766,12 @@ impl ClockStride {
     }
 }
 
+/// A worker's stamp in the pool's `workers` hash: `<Unix ms>:<entry id of the chunk it runs>`
+/// (nothing after the colon between chunks). `pool/cancel.lua` reads the entry id.
+fn heartbeat_stamp(now_ms: u64, running: Option<&str>) -> String {
+    format!("{now_ms}:{}", running.unwrap_or(""))
+}
+
 /// The worker's heartbeat thread: renews the lease of the chunks in hand, stamps the `workers`
 /// hash and, when `spec.driver_ttl_ms` is set (a worker process: a thread must not end its
 /// driver's process), ends the process once the driver is gone ([`EXIT_DRIVER_GONE`]) or, when
@@ -784,9 +796,13 @@ fn heartbeat(
     let worker = spec.worker_id.as_str();
     let mut driver_missing_since: Option<std::time::Instant> = None;
     loop {
-        let (current, calls) = {
+        let (current, calls, stamp) = {
             let hand = in_hand.lock().unwrap_or_else(|p| p.into_inner());
-            (hand.ids.clone(), hand.calls.clone())
+            (
+                hand.ids.clone(),
+                hand.calls.clone(),
+                heartbeat_stamp(now_ms(), hand.running_id.as_deref()),
+            )
         };
         let beat = store.with_conn(
             || format!("heartbeat of {worker}"),
@@ -800,7 +816,7 @@ fn heartbeat(
                     } else {
                         &calls[..]
                     });
-                pipe.hset(&keys.workers, worker, now_ms()).ignore();
+                pipe.hset(&keys.workers, worker, &stamp).ignore();
                 pipe.expire(&keys.workers, store.expiry_secs() as i64)
                     .ignore();
                 if !current.is_empty() {
@@ -871,21 +887,26 @@ mod tests {
             ..InHand::default()
         };
         let flag = hand.cancelled.clone();
-        hand.start(1);
+        hand.start(1, "1-0");
         hand.calls_cancelled(vec![2]);
         assert!(
             !flag.load(Ordering::Acquire),
             "call 1 runs: call 2's cancel is not its"
         );
-        hand.start(2);
+        hand.start(2, "2-0");
         assert!(
             flag.load(Ordering::Acquire),
             "call 2's chunk sees it at its start"
         );
-        hand.start(1);
+        hand.start(1, "3-0");
         assert!(
             !flag.load(Ordering::Acquire),
             "and call 1's next chunk does not"
+        );
+        assert_eq!(
+            heartbeat_stamp(5, hand.running_id.as_deref()),
+            "5:3-0",
+            "the stamp names the chunk that runs"
         );
         hand.calls_cancelled(vec![1, 2]);
         assert!(
@@ -893,13 +914,13 @@ mod tests {
             "call 1 cancelled while it runs"
         );
         hand.clear();
-        hand.start(1);
+        hand.start(1, "9-0");
         assert!(!flag.load(Ordering::Acquire), "a new read starts clear");
         // A check before a chunk found its call cancelled: that chunk sees it at its start.
         hand.also_cancelled(&[3]);
-        hand.start(3);
+        hand.start(3, "9-0");
         assert!(flag.load(Ordering::Acquire));
-        hand.start(1);
+        hand.start(1, "9-0");
         assert!(!flag.load(Ordering::Acquire));
     }
     use redis::Value;

@@ -608,14 +608,25 @@ impl PoolSupervisor {
             }
             .into_actor(self)
             .map(move |result, act, _| match result {
-                Ok((removed, _)) => {
-                    tracing::debug!(pool = %act.id, call, removed, "call cancelled")
+                Ok(cancelled) => {
+                    tracing::debug!(pool = %act.id, call, removed = cancelled.removed, "call cancelled")
                 }
                 Err(e) => tracing::warn!("pool {}: cancelling call {call}: {e}", act.id),
             }),
         );
+        self.sweep_cancelled_later(ctx, call);
+    }
+
+    /// After the grace period, removes the chunks of the cancelled `call` still running and
+    /// replaces their workers; a chunk a worker holds behind another call's chunk is not its
+    /// reason to kill it (the worker skips it when it gets there): swept again a grace later,
+    /// while the pool supervises.
+    fn sweep_cancelled_later(&mut self, ctx: &mut Context<Self>, call: u64) {
         let grace = self.settings.lease.max(std::time::Duration::from_secs(1));
         ctx.run_later(grace, move |act, ctx| {
+            if !act.phase.supervises() {
+                return;
+            }
             let store = act.store.clone();
             let keys = act.keys.clone();
             ctx.spawn(
@@ -624,9 +635,9 @@ impl PoolSupervisor {
                     pool::cancel_call(&mut conn, &store, &keys, call, true).await
                 }
                 .into_actor(act)
-                .map(move |result, act, _| match result {
-                    Ok((_, workers)) => {
-                        for worker in workers {
+                .map(move |result, act, ctx| match result {
+                    Ok(swept) => {
+                        for worker in swept.workers {
                             if let Some(slot) = act.workers.get_mut(&worker) {
                                 tracing::warn!(
                                     "pool {}: PoolWorker-{} did not stop its cancelled task; \
@@ -640,6 +651,9 @@ impl PoolSupervisor {
                                     let _ = executor.signal(worker, StopSignal::Kill).await;
                                 });
                             }
+                        }
+                        if swept.deferred > 0 {
+                            act.sweep_cancelled_later(ctx, call);
                         }
                     }
                     Err(e) => tracing::warn!("pool {}: cancelling call {call}: {e}", act.id),
