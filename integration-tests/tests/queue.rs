@@ -259,6 +259,46 @@ fn close_and_join_thread() {
     assert_eq!(items_in_redis(&mut raw_redis(&rt), &q), 1000);
 }
 
+/// After `cancel_join_thread()`, `join_thread()` (and its async form) return at once, as
+/// Python's do, even while the feeder cannot write; it waited for the writes before.
+#[test]
+fn join_thread_after_cancel_join_thread_returns_at_once() {
+    let server = TestRedis::tcp();
+    let _rt = shoal::init_with(
+        Config::builder()
+            .redis_url(server.url())
+            .build()
+            .expect("config"),
+    )
+    .expect("runtime");
+    let q: Queue<u32> = Queue::new().expect("queue");
+    q.put(0).expect("put");
+    assert!(
+        wait_for(Duration::from_secs(5), || q.qsize().expect("qsize") == 1),
+        "the first put was not written"
+    );
+    shoal_integration_tests::pause_writes(&server.url(), 3_000);
+    for i in 0..10 {
+        q.put(i).expect("put");
+    }
+    let started = Instant::now();
+    q.close().expect("close");
+    q.cancel_join_thread();
+    q.join_thread().expect("join_thread");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime
+        .block_on(q.join_thread_async())
+        .expect("join_thread_async");
+    assert!(
+        started.elapsed() < Duration::from_millis(1_500),
+        "join_thread waited {:?} for a feeder it was told not to wait for",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn join_thread_async_waits_for_the_feeder_without_blocking() {
     let rt = runtime();

@@ -413,6 +413,16 @@ impl Feeder {
             .is_some_and(|p| p.closed)
     }
 
+    /// Whether this process called `cancel_join_thread()` on the queue: `join_thread` then
+    /// returns at once, as Python's does (its joining finalizer is cancelled).
+    pub(super) fn is_join_cancelled(&self, core: &QueueCore) -> bool {
+        let _handles = core.feeder_handles();
+        self.lock()
+            .queues
+            .get(&core.keys().items)
+            .is_some_and(|p| p.cancelled)
+    }
+
     /// Whether `qsize`/`empty` must report the queue closed: after a use (Python), or at once.
     pub(super) fn closed_for_size(&self, core: &QueueCore, at_once: bool) -> bool {
         let _handles = core.feeder_handles();

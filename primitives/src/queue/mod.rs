@@ -738,13 +738,17 @@ macro_rules! getters {
             Ok(())
         }
 
-        /// After [`Self::close`], waits until every item this process put has reached Redis.
+        /// After [`Self::close`], waits until every item this process put has reached Redis
+        /// (at once after [`Self::cancel_join_thread`], as in Python).
         /// Errors: [`Error::InvalidState`] naming the queue when items could never be written
         /// (they are dropped), or the Redis error after 30 s of failing writes (the items stay
         /// buffered).
         pub fn join_thread(&self) -> Result<()> {
             if !FEEDER.is_closed(&self.core) {
                 return Err(Error::invalid_state("join_thread() needs close() first"));
+            }
+            if FEEDER.is_join_cancelled(&self.core) {
+                return Ok(());
             }
             FEEDER.join(&self.core.keys().items)
         }
@@ -758,6 +762,9 @@ macro_rules! getters {
             async move {
                 if !FEEDER.is_closed(&core) {
                     return Err(Error::invalid_state("join_thread() needs close() first"));
+                }
+                if FEEDER.is_join_cancelled(&core) {
+                    return Ok(());
                 }
                 context::current()?
                     .spawn(move |_, caller| async move {
