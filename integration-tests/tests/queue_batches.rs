@@ -296,6 +296,25 @@ fn get_nowait_waits_for_the_keeper_instead_of_finding_the_queue_empty() {
     assert_eq!(got, (0..10).collect::<Vec<_>>());
 }
 
+/// `close()` of a consumer that holds nothing makes no round trip: it returns at once while
+/// Redis holds its writes back (Python's `close()` never waits for the network). It waited for
+/// the pause before.
+#[test]
+fn close_with_nothing_held_does_not_wait_for_redis() {
+    let (server, rt) = private_runtime();
+    let q: Queue<u64> = Queue::new().expect("queue");
+    fill(&rt, &q, 1);
+    assert_eq!(q.get().expect("get"), 0);
+    pause_writes(&server.url(), 3_000);
+    let started = std::time::Instant::now();
+    q.close().expect("close");
+    assert!(
+        started.elapsed() < Duration::from_millis(1_500),
+        "close() waited {:?}",
+        started.elapsed()
+    );
+}
+
 /// A `get_nowait` while another thread's get waits on the same queue gives up at once, as
 /// Python's does (that get holds the reader lock).
 #[test]

@@ -180,6 +180,11 @@ pub(super) struct Consumer {
     in_doubt: bool,
     /// A bounded queue: one item per fetch (each get makes room for one writer).
     bounded: bool,
+    /// The claim in Redis may hold items this process does not know of: a fetch or a give-back
+    /// failed (its reply lost, or not sent) since the last one that answered. `close()` gives
+    /// back only then, or when items are held: otherwise it makes no round trip (Python's
+    /// `close()` never waits for the network).
+    unsure: bool,
     /// Its last handle is gone: the keeper gives back what it holds (its drop does nothing).
     retired: bool,
 }
@@ -372,6 +377,7 @@ fn register(core: &QueueCore, store: &Arc<Store>) -> SharedConsumer {
             found_empty: false,
             in_doubt: false,
             bounded: core.maxsize > 0,
+            unsure: false,
             retired: false,
         }),
         getting: AtomicBool::new(false),
@@ -452,14 +458,17 @@ pub(super) fn take_held(core: &QueueCore, store: &Arc<Store>) -> Option<Vec<u8>>
 }
 
 /// Gives back what this process holds of `core` (its `close()`). A failure is logged: the items
-/// come back when the hold lapses.
+/// come back when the hold lapses. No round trip when the consumer holds nothing and Redis
+/// claims nothing it does not know of (no fetch or give-back failed since the last answer).
 pub(super) fn give_back(core: &QueueCore, store: &Store) {
     let consumer = lock(&CONSUMERS)
         .get(&(store.url().to_string(), core.keys().items.clone()))
         .and_then(Weak::upgrade);
     // A blocking get of another thread holds the lock: it holds no item then, and what its
     // BLMOVE takes is claimed by its own fetch.
-    if let Some(Ok(mut consumer)) = consumer.as_ref().map(|c| c.try_lock()) {
+    if let Some(Ok(mut consumer)) = consumer.as_ref().map(|c| c.try_lock())
+        && (!consumer.held.is_empty() || consumer.in_doubt || consumer.unsure)
+    {
         consumer.give_back();
     }
 }
@@ -853,7 +862,8 @@ impl Consumer {
             let sent_at = Instant::now();
             let reply = link.invoke(&self.store, "claiming items of", &invocation)?;
             Ok((reply, sent_at))
-        })?;
+        })
+        .inspect_err(|_| self.unsure = true)?;
         self.fetched(sent_at, &args, reply)?;
         // The allowance follows the round trip (a slow or distant Redis, large items), from the
         // next fetch on: this one's hold was sent with the old one.
@@ -889,14 +899,17 @@ impl Consumer {
             eval,
         );
         let sent_at = Instant::now();
-        let reply = self.store.with_blocking_conn(
-            Some(block),
-            || "waiting for items of a queue".to_string(),
-            |conn| {
-                let (fetched,): (redis::Value,) = pipe.query(conn)?;
-                Ok(fetched)
-            },
-        )?;
+        let reply = self
+            .store
+            .with_blocking_conn(
+                Some(block),
+                || "waiting for items of a queue".to_string(),
+                |conn| {
+                    let (fetched,): (redis::Value,) = pipe.query(conn)?;
+                    Ok(fetched)
+                },
+            )
+            .inspect_err(|_| self.unsure = true)?;
         self.fetched(sent_at, &args, reply)
     }
 
@@ -945,13 +958,15 @@ impl Consumer {
     /// Takes in a fetch's reply; `sent_at`: when the fetch was sent (how much later it may have
     /// run, a `BLMOVE`'s wait, is in `args.allowance`).
     fn fetched(&mut self, sent_at: Instant, args: &FetchArgs, reply: redis::Value) -> Result<()> {
-        let (replied_first, items) = parse_batch(reply)?;
+        let (replied_first, items) = parse_batch(reply).inspect_err(|_| self.unsure = true)?;
         if replied_first != args.first || items.len() > args.most {
+            self.unsure = true;
             return Err(Error::invalid_state(
                 "a queue fetch answered for another batch than it asked",
             ));
         }
         self.usable_until = Some(sent_at + args.allowance);
+        self.unsure = false;
         self.filled = items.len() >= args.most;
         self.found_empty = items.is_empty();
         let first = args.first;
@@ -990,8 +1005,10 @@ impl Consumer {
                 self.held.clear();
                 self.usable_until = None;
                 self.in_doubt = false;
+                self.unsure = false;
             }
             Err(e) => {
+                self.unsure = true;
                 tracing::warn!(
                     "giving back the items this process fetched from {}: {e}; tried again \
                      later, or they come back when its hold lapses",
@@ -1035,6 +1052,7 @@ impl Drop for Consumer {
                 found_empty: self.found_empty,
                 in_doubt: self.in_doubt,
                 bounded: self.bounded,
+                unsure: self.unsure,
                 retired: true,
             });
         }
