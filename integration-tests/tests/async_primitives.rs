@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use shoal::Error;
 use shoal::prelude::*;
-use shoal_integration_tests::{pause_writes, wait_for, wait_for_async};
+use shoal_integration_tests::{pause_writes, queue_key_prefix, wait_for, wait_for_async};
 use tokio::time::{sleep, timeout};
 
 shoal::test_support!();
@@ -1665,18 +1665,26 @@ fn get_async_never_confirms_acks_on_the_callers_thread_after_a_failed_ack_write(
     for i in 0..20 {
         queue.put(i).expect("put");
     }
-    let started = Instant::now();
-    while queue.qsize().expect("qsize") < 20 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the feeder never wrote"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
     let mut admin = redis::Client::open(url.clone())
         .expect("client")
         .get_connection()
         .expect("connection");
+    // In Redis's list, not only put (`qsize` counts the items the feeder has yet to write, and
+    // a get_nowait before it wrote them finds the queue empty, as Python's may).
+    let items = format!(
+        "{}items",
+        queue_key_prefix(&mut admin, &format!("{queue:?}"))
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            redis::cmd("LLEN")
+                .arg(&items)
+                .query::<u64>(&mut admin)
+                .expect("LLEN")
+                == 20
+        }),
+        "the feeder never wrote"
+    );
     // Built first: what follows must fit in a batch's allowance (200 ms from its fetch).
     let tokio_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

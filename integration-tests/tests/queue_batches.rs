@@ -917,3 +917,33 @@ fn dropping_the_last_handle_gives_the_batch_back() {
     let got: Vec<u64> = (0..10).map(|_| again.get().expect("get")).collect();
     assert_eq!(got, (4..14).collect::<Vec<_>>());
 }
+
+/// A handle of the queue made again in this process right after the last one was dropped,
+/// while the old consumer still holds its batch, takes that consumer up again: its gets return
+/// the held items without a fetch (here, while Redis holds writes back). A new consumer's fetch
+/// fenced off the old one's give-back, which lost an item whose ack was in doubt.
+#[test]
+fn a_handle_made_again_takes_up_the_batch_its_dropped_predecessor_held() {
+    let (server, rt) = private_runtime();
+    let q: Queue<u64> = Queue::new().expect("queue");
+    fill(&rt, &q, 20);
+    let serialized = rmp_serde::to_vec(&q).expect("a handle as bytes");
+    // Batches of 1, 2 and 4: the fourth get leaves 3 items held.
+    let got: Vec<u64> = (0..4).map(|_| q.get().expect("get")).collect();
+    assert_eq!(got, vec![0, 1, 2, 3]);
+    // Dropped and made again at once (the keeper gives a retired batch back only after half a
+    // hold).
+    drop(q);
+    let again: Queue<u64> = rmp_serde::from_slice(&serialized).expect("the handle again");
+    pause_writes(&server.url(), 2_000);
+    let started = std::time::Instant::now();
+    assert_eq!(again.get_nowait().expect("get_nowait"), 4);
+    assert!(
+        started.elapsed() < Duration::from_millis(1_000),
+        "the held item came only after {:?} (a fetch waited for the pause)",
+        started.elapsed()
+    );
+    let mut got = vec![4];
+    got.extend(drain(&again, Duration::from_millis(300)));
+    assert_eq!(got, (4..20).collect::<Vec<_>>());
+}

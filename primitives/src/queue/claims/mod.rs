@@ -32,8 +32,9 @@
 //!   before the fetch. After that, what it still holds is *given back*: pushed to the head of
 //!   the queue in order, by its next get, its keeper thread (within half a [`HOLD`]), `close()`,
 //!   the keeper again when the process's last handle of the queue is dropped (the consumer
-//!   goes with it: the table of consumers keeps none alive; a drop makes no round trip), or
-//!   its exit hooks. Redis lets any get give a claim back once its hold lapsed, the allowance
+//!   goes with it: the table of consumers keeps none alive; a drop makes no round trip; a
+//!   handle of the queue made again in the process before the keeper ran takes that consumer
+//!   up again), or its exit hooks. Redis lets any get give a claim back once its hold lapsed, the allowance
 //!   plus `sync.lease_secs` after the fetch ran: an ack written while the holder could still
 //!   return items had a lease to reach Redis. (This assumes Redis does not stall, and its clock
 //!   does not jump, by more than a lease, as every lease in shoal does.) So a consumer that died
@@ -357,15 +358,34 @@ fn consumer(core: &QueueCore, store: &Arc<Store>) -> SharedConsumer {
 fn register(core: &QueueCore, store: &Arc<Store>) -> SharedConsumer {
     register_exit_hook();
     let keys = core.keys();
-    let mut consumers = lock(&CONSUMERS);
     let id = (store.url().to_string(), keys.items.clone());
+    if let Some(consumer) = lock(&CONSUMERS).get(&id).and_then(Weak::upgrade) {
+        return consumer;
+    }
+    // A consumer of this queue whose last handle went and that still holds items (or an item
+    // in doubt) is taken up again rather than left to the keeper: a new consumer's fetch would
+    // fence off its give-back, and an item in doubt whose ack applied would then be returned
+    // by no get and never go back. The keeper is not giving it back meanwhile (`RETIRING`).
+    let _retiring = lock(&RETIRING);
+    let mut consumers = lock(&CONSUMERS);
     if let Some(consumer) = consumers.get(&id).and_then(Weak::upgrade) {
         return consumer;
     }
     // The consumers of queues this process no longer has a handle of leave the table.
     consumers.retain(|_, consumer| consumer.strong_count() > 0);
-    let consumer = Arc::new(ConsumerCell {
-        state: Mutex::new(Consumer {
+    let adopted = {
+        let mut retired = lock(&RETIRED);
+        retired
+            .iter()
+            .position(|c| c.store.url() == store.url() && c.keys.items == keys.items)
+            .map(|i| retired.swap_remove(i))
+    };
+    let state = match adopted {
+        Some(mut consumer) => {
+            consumer.retired = false;
+            consumer
+        }
+        None => Consumer {
             keys,
             store: store.clone(),
             held: VecDeque::new(),
@@ -379,7 +399,10 @@ fn register(core: &QueueCore, store: &Arc<Store>) -> SharedConsumer {
             bounded: core.maxsize > 0,
             unsure: false,
             retired: false,
-        }),
+        },
+    };
+    let consumer = Arc::new(ConsumerCell {
+        state: Mutex::new(state),
         getting: AtomicBool::new(false),
     });
     consumers.insert(id, Arc::downgrade(&consumer));
@@ -1065,9 +1088,14 @@ impl Drop for Consumer {
 /// the keeper to give back.
 static RETIRED: LazyLock<Mutex<Vec<Consumer>>> = LazyLock::new(Mutex::default);
 
+/// Held while the keeper (or an exit hook) gives back what retired consumers hold, and while
+/// [`register`] looks for one to take up again: one is never given back and taken up at once.
+static RETIRING: Mutex<()> = Mutex::new(());
+
 /// Gives back what the retired consumers hold; whether some are still left (Redis did not
 /// answer, or an item's ack is still in doubt).
 fn give_back_retired() -> bool {
+    let _retiring = lock(&RETIRING);
     let retired = std::mem::take(&mut *lock(&RETIRED));
     let mut left = Vec::new();
     for mut consumer in retired {
