@@ -137,7 +137,8 @@ pub trait HostedActor: Send {
         context: &mut ActorContext,
     ) -> Result<Vec<u8>, Failure>;
 
-    /// The state, encoded.
+    /// The state, encoded; a panic of the type's `Serialize` is caught and reported as a
+    /// [`Failure`] of kind `Panic`.
     fn save(&self, limit: usize) -> Result<Vec<u8>, Failure>;
 }
 
@@ -153,7 +154,11 @@ impl<A: Actor> HostedActor for A {
     }
 
     fn save(&self, limit: usize) -> Result<Vec<u8>, Failure> {
-        codec::encode(self, std::any::type_name::<A>(), limit).map_err(Failure::error)
+        // A panic in the type's `Serialize` fails the actor (see `HostedActor::save`), not the
+        // host's thread.
+        catch_panic(|| codec::encode(self, std::any::type_name::<A>(), limit))
+            .map_err(|f| in_serde("serializing", f))?
+            .map_err(Failure::error)
     }
 }
 
@@ -182,9 +187,19 @@ pub fn lookup_type(name: &str) -> Option<&'static ActorType> {
         .copied()
 }
 
-/// Restores an `A` from its saved state (used by the derive's registry entry).
+/// Restores an `A` from its saved state (used by the derive's registry entry). A panic of the
+/// type's `Deserialize` is caught and reported as a [`Failure`] of kind `Panic`.
 pub fn restore<A: Actor>(state: &[u8], limit: usize) -> Result<Box<dyn HostedActor>, Failure> {
-    let actor: A =
-        codec::decode(state, std::any::type_name::<A>(), limit).map_err(Failure::error)?;
+    let actor: A = catch_panic(|| codec::decode(state, std::any::type_name::<A>(), limit))
+        .map_err(|f| in_serde("deserializing", f))?
+        .map_err(Failure::error)?;
     Ok(Box::new(actor))
+}
+
+/// A panic caught while `doing` (serializing, deserializing) an actor's state, said so.
+fn in_serde(doing: &str, panic: Failure) -> Failure {
+    Failure {
+        message: format!("{doing} the state panicked: {}", panic.message),
+        ..panic
+    }
 }

@@ -9,7 +9,11 @@
 -- while the lease stood (its sender saw a host, so asked for none) and not read by the
 -- releasing host would wait for the next sender. It returns 2 then, when no activation
 -- request stands (the marker is set here): the caller asks for a host.
--- Returns 1 when the lease was this caller's (or the dead host's), else 0.
+-- A release whose lease is nobody's any more (it lapsed: a host paused or cut off past its
+-- lease, or one whose actor thread ended on an error) does the same when the mailbox holds
+-- entries: a message sent while senders still saw the lease would otherwise wait for the next
+-- sender (entries applied already may be among them: the host that comes only removes those).
+-- Returns 1 when the lease was this caller's (or the dead host's), 2 as above, else 0.
 local holder = redis.call('GET', KEYS[1])
 if ARGV[1] == 'orphan' then
   if holder and string.sub(holder, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. ':' then
@@ -19,6 +23,11 @@ if ARGV[1] == 'orphan' then
   return 0
 end
 if holder ~= ARGV[2] then
+  if ARGV[1] == 'release' and not holder and KEYS[3] and
+     redis.call('XLEN', KEYS[3]) > 0 and
+     redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then
+    return 2
+  end
   return 0
 end
 if ARGV[1] == 'renew' then

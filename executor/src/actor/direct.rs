@@ -55,14 +55,17 @@
 //! Once the transaction wrote the message, the send has succeeded: a failure to set the
 //! activation marker or to ask for a host after it is logged, never returned (the caller would
 //! send the message again, and it would be applied twice; see "Exactly once" in the protocol's
-//! docs), and an ask's wait goes on, its next check asking again.
+//! docs), and an ask's wait goes on, its next check asking again. So does a wait that failed
+//! (its connection dropped, say): the next one opens a connection.
 
 use std::time::Duration;
 
 use shoal_core::error::{Error, Result};
 use shoal_core::store::{AsyncStore, Store};
 
-use super::{Mailbox, Outgoing, UNREQUESTED, refusal, request_activation_after_marker};
+use super::{
+    Mailbox, Outgoing, UNREQUESTED, blpop_seconds, refusal, request_activation_after_marker,
+};
 
 /// Puts an unsigned message in the mailbox with the transaction, without waiting for anything
 /// (a tell, or an ask whose wait follows); `Ok(false)` when there was no mailbox stream
@@ -193,10 +196,13 @@ pub(super) fn ask(
     packed.extend_from_slice(
         &redis::cmd("BLPOP")
             .arg(reply_key)
-            .arg(block.as_secs_f64())
+            .arg(blpop_seconds(block))
             .get_packed_command(),
     );
-    let (checked, popped) = store.with_blocking_conn(
+    // Set once the transaction wrote the message: a failure after that (the wait's) is no
+    // error of the ask (see the module docs).
+    let mut written = false;
+    let asked = store.with_blocking_conn(
         Some(block),
         || format!("asking actor {actor_id}"),
         |c| {
@@ -208,6 +214,7 @@ pub(super) fn ask(
             let checked = check(reply(c)?, actor_id);
             let waits = match &checked {
                 Checked::Written { needs_host } => {
+                    written = true;
                     if *needs_host {
                         activate(store, mailbox);
                     }
@@ -225,7 +232,17 @@ pub(super) fn ask(
             let popped: Option<(String, Vec<u8>)> = redis::from_redis_value(reply(c)?)?;
             Ok((checked, popped.map(|(_, bytes)| bytes)))
         },
-    )?;
+    );
+    let (checked, popped) = match asked {
+        Ok(asked) => asked,
+        // The message is in the mailbox: a wait that failed (its connection dropped, say) is
+        // a wait that saw nothing; the next one opens a connection.
+        Err(e) if written => {
+            tracing::debug!("{e}; waiting again");
+            return Ok(DirectAsk::Sent(None));
+        }
+        Err(e) => return Err(e),
+    };
     match checked {
         Checked::Refused { error, .. } => Err(error),
         Checked::NoStream => Ok(DirectAsk::NotSent),
@@ -276,7 +293,7 @@ pub(super) async fn ask_async(
         checked
     };
     let mut blpop = redis::cmd("BLPOP");
-    blpop.arg(reply_key).arg(block.as_secs_f64());
+    blpop.arg(reply_key).arg(blpop_seconds(block));
     let wait = store.blocking::<Option<(String, Vec<u8>)>>(block, context, &blpop);
     let (checked, popped) = futures::future::join(send, wait).await;
     let popped = popped.map(|p| p.map(|(_, bytes)| bytes).filter(|b| !b.is_empty()));
@@ -301,7 +318,7 @@ pub(super) async fn ask_async(
 }
 
 /// The next reply on `c` (a RESP3 push message is not one).
-fn reply(c: &mut redis::Connection) -> redis::RedisResult<redis::Value> {
+pub(super) fn reply(c: &mut redis::Connection) -> redis::RedisResult<redis::Value> {
     loop {
         match c.recv_response()? {
             redis::Value::Push { .. } => continue,

@@ -61,7 +61,10 @@
 //! activation request that fails then is logged, and the activation marker the sender set is
 //! deleted (best-effort; it lapses after `activation_hold` otherwise): the message waits in the
 //! mailbox until the actor's next message, or the asker's next check (every [`ASK_SLICE`]),
-//! asks for a host again.
+//! asks for a host again. Likewise an ask whose wait, or check, fails because Redis cannot be
+//! reached (a connection dropped, a server restarting) waits again, until its deadline (then
+//! [`Error::Timeout`], which says the message is applied all the same): only an answer from
+//! Redis (the actor is gone, no host runs) ends it with an error.
 //!
 //! # Authentication
 //!
@@ -538,7 +541,7 @@ impl Mailbox {
                 message,
                 self.activation_hold,
             ));
-            pipe.cmd("BLPOP").arg(reply_key).arg(block.as_secs_f64());
+            pipe.cmd("BLPOP").arg(reply_key).arg(blpop_seconds(block));
             pipe.ignore_errors();
             let context = || format!("asking actor {actor_id}");
             let (sent, popped): Replies = match store.blocking_pipe(block, context, &pipe).await? {
@@ -554,14 +557,21 @@ impl Mailbox {
                 replies => replies,
             };
             let needs_host = sent.map_err(|e| send_error(Error::redis(context(), e), actor_id))?;
-            let popped = popped.map_err(|e| Error::redis(context(), e))?;
             if needs_host == 1 {
                 self.request_activation_after_marker_async(store).await;
             }
-            first = popped.map(|(_, v)| v);
+            // The message is in the mailbox: a wait that failed is one that saw nothing.
+            first = match popped {
+                Ok(popped) => popped.map(|(_, v)| v),
+                Err(e) => {
+                    tracing::debug!("{}; waiting again", Error::redis(context(), e));
+                    None
+                }
+            };
         } else {
             self.send_async(store, message).await?;
         }
+        // As in the blocking form: from here on, Redis out of reach is no error of the ask.
         let bytes = match first {
             Some(bytes) => bytes,
             None => loop {
@@ -572,15 +582,24 @@ impl Mailbox {
                     return Ok(None);
                 }
                 let mut blpop = redis::cmd("BLPOP");
-                blpop.arg(reply_key).arg(block.as_secs_f64());
-                let popped: Option<(String, Vec<u8>)> = store
+                blpop.arg(reply_key).arg(blpop_seconds(block));
+                let popped: Result<Option<(String, Vec<u8>)>> = store
                     .blocking(block, || format!("waiting for actor {actor_id}"), &blpop)
-                    .await?;
-                match popped {
+                    .await;
+                let checked = match popped {
                     // A direct ask's marker that came after its wait (see `direct.rs`).
-                    Some((_, bytes)) if bytes.is_empty() => continue,
-                    Some((_, bytes)) => break bytes,
-                    None => self.nudge_async(store).await?,
+                    Ok(Some((_, bytes))) if bytes.is_empty() => continue,
+                    Ok(Some((_, bytes))) => break bytes,
+                    Ok(None) => self.nudge_async(store).await,
+                    Err(e) => Err(e),
+                };
+                match checked {
+                    Ok(()) => {}
+                    Err(e) if e.is_store_unreachable() => {
+                        tracing::debug!("{e}; the message is in the mailbox: waiting again");
+                        tokio::time::sleep(unreachable_pause(deadline)).await;
+                    }
+                    Err(e) => return Err(e),
                 }
             },
         };
@@ -657,6 +676,26 @@ fn ask_slice(deadline: Option<std::time::Instant>) -> Option<Duration> {
     }
 }
 
+/// A `BLPOP` timeout in seconds for a wait of `block`: Redis reads decimals, and 0 means
+/// forever, so never under 1 ms.
+fn blpop_seconds(block: Duration) -> f64 {
+    block.as_secs_f64().max(0.001)
+}
+
+/// How long an ask whose message is in the mailbox pauses after Redis could not be reached,
+/// before it waits again: [`UNREACHABLE_PAUSE`], or what is left before `deadline`.
+fn unreachable_pause(deadline: Option<std::time::Instant>) -> Duration {
+    match deadline {
+        None => UNREACHABLE_PAUSE,
+        Some(d) => d
+            .saturating_duration_since(std::time::Instant::now())
+            .min(UNREACHABLE_PAUSE),
+    }
+}
+
+/// See [`unreachable_pause`]: a refused connection fails at once, and the ask must not spin.
+const UNREACHABLE_PAUSE: Duration = Duration::from_millis(200);
+
 /// The oldest heartbeat (Unix ms) of a host still counted as running.
 fn recent_heartbeats(activation_hold: Duration) -> u64 {
     shoal_core::clock::now_ms().saturating_sub(3 * activation_hold.as_millis() as u64)
@@ -726,34 +765,49 @@ fn ask(
             }
         }
     } else if pipelined && let Some(block) = ask_slice(deadline) {
-        let (needs_host, popped): (i64, Option<(String, Vec<u8>)>) = store
-            .with_blocking_conn(
-                Some(block),
-                || format!("asking actor {actor_id}"),
-                |c| {
-                    type Replies = (
-                        redis::RedisResult<i64>,
-                        redis::RedisResult<Option<(String, Vec<u8>)>>,
-                    );
-                    let run = |c: &mut redis::Connection| -> redis::RedisResult<Replies> {
-                        let mut pipe = redis::pipe();
-                        pipe.add_command(send_evalsha(store, keys, message, activation_hold));
-                        pipe.cmd("BLPOP").arg(reply_key).arg(block.as_secs_f64());
-                        // Each reply on its own: the script's error is the caller's to read.
-                        pipe.ignore_errors().query(c)
-                    };
-                    let (sent, popped) = match run(c)? {
-                        // The script is not loaded (first use, or Redis restarted): nothing ran.
-                        (Err(e), _) if e.code() == Some("NOSCRIPT") => {
-                            SEND.prepare_invoke().load(c)?;
-                            run(c)?
-                        }
-                        replies => replies,
-                    };
-                    Ok((sent?, popped?))
-                },
-            )
-            .map_err(|e| send_error(e, actor_id))?;
+        // The script's answer, once it came: from then on the message is in the mailbox, and
+        // a wait that fails is a wait that saw nothing (see "Exactly once").
+        let mut sent: Option<i64> = None;
+        let asked = store.with_blocking_conn(
+            Some(block),
+            || format!("asking actor {actor_id}"),
+            |c| {
+                let mut run = |c: &mut redis::Connection| -> redis::RedisResult<_> {
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(send_evalsha(store, keys, message, activation_hold));
+                    pipe.cmd("BLPOP").arg(reply_key).arg(blpop_seconds(block));
+                    c.send_packed_command(&pipe.get_packed_pipeline())?;
+                    // Each reply on its own: the script's error is the caller's to read, and
+                    // the wait's failure is no error of a message the script wrote.
+                    let script: redis::RedisResult<i64> = direct::reply(c)?
+                        .extract_error()
+                        .and_then(|v| Ok(redis::from_redis_value::<i64>(v)?));
+                    if let Ok(needs_host) = &script {
+                        sent = Some(*needs_host);
+                    }
+                    let popped: Option<(String, Vec<u8>)> =
+                        redis::from_redis_value(direct::reply(c)?)?;
+                    Ok((script, popped))
+                };
+                match run(c)? {
+                    // The script is not loaded (first use, or Redis restarted): nothing ran.
+                    (Err(e), _) if e.code() == Some("NOSCRIPT") => {
+                        SEND.prepare_invoke().load(c)?;
+                        let (script, popped) = run(c)?;
+                        Ok((script?, popped))
+                    }
+                    (script, popped) => Ok((script?, popped)),
+                }
+            },
+        );
+        let (needs_host, popped) = match (asked, sent) {
+            (Ok(replies), _) => replies,
+            (Err(e), Some(needs_host)) => {
+                tracing::debug!("{e}; the message is in the mailbox: waiting again");
+                (needs_host, None)
+            }
+            (Err(e), None) => return Err(send_error(e, actor_id)),
+        };
         if needs_host == 1 {
             request_activation_after_marker(store, keys, hosts, actor_id);
         }
@@ -761,27 +815,39 @@ fn ask(
     } else {
         mailbox.send(store, message)?;
     }
+    // The message is in the mailbox from here on: Redis out of reach is no error of the ask
+    // (its caller would send it again, and it would be applied twice) while the deadline
+    // allows another wait.
     let bytes = match first {
         Some(bytes) => bytes,
         None => loop {
             let Some(block) = ask_slice(deadline) else {
                 return Ok(None);
             };
-            let popped: Option<(String, Vec<u8>)> = store.with_blocking_conn(
+            let popped: Result<Option<(String, Vec<u8>)>> = store.with_blocking_conn(
                 Some(block),
                 || format!("waiting for actor {actor_id}"),
                 |c| {
                     redis::cmd("BLPOP")
                         .arg(reply_key)
-                        .arg(block.as_secs_f64())
+                        .arg(blpop_seconds(block))
                         .query(c)
                 },
-            )?;
-            match popped {
+            );
+            let checked = match popped {
                 // A direct ask's marker that came after its wait (see `direct.rs`).
-                Some((_, bytes)) if bytes.is_empty() => continue,
-                Some((_, bytes)) => break bytes,
-                None => nudge(store, keys, hosts, actor_id, activation_hold)?,
+                Ok(Some((_, bytes))) if bytes.is_empty() => continue,
+                Ok(Some((_, bytes))) => break bytes,
+                Ok(None) => nudge(store, keys, hosts, actor_id, activation_hold),
+                Err(e) => Err(e),
+            };
+            match checked {
+                Ok(()) => {}
+                Err(e) if e.is_store_unreachable() => {
+                    tracing::debug!("{e}; the message is in the mailbox: waiting again");
+                    std::thread::sleep(unreachable_pause(deadline));
+                }
+                Err(e) => return Err(e),
             }
         },
     };
@@ -1005,5 +1071,18 @@ pub(crate) fn malformed(key: &str, id: &str) -> Error {
         key: key.to_string(),
         expected: "an actor message (fields k, p)".into(),
         reason: format!("entry {id} is not one"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_slice_never_becomes_a_blpop_that_blocks_forever() {
+        for block in [Duration::from_nanos(1), Duration::from_micros(999)] {
+            assert_eq!(blpop_seconds(block), 0.001);
+        }
+        assert_eq!(blpop_seconds(ASK_SLICE), 0.5);
     }
 }

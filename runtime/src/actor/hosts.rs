@@ -3,10 +3,22 @@
 //!
 //! When a host exits, the supervisor frees the leases it held (its death is known: no need to
 //! wait for them to lapse) and asks the other hosts, or its replacement, to take its actors
-//! over (`shoal_executor::actor::orphan_host`). Replacements start 100 ms after an exit; more
-//! than [`MAX_HOST_FAILURES`] exits within [`HOST_FAILURE_PERIOD`] stop the replacing (logged),
-//! so a host that cannot start does not loop. The supervisor keeps a liveness key the hosts
-//! watch, as a pool's workers do, so a host never outlives its runtime.
+//! over (`shoal_executor::actor::orphan_host`, tried again while Redis is out of reach). A host
+//! is always replaced, as a pool's worker is (see `pool::supervisor::workers`); its exit code
+//! says after how long:
+//!
+//! | exit | meaning | replacement |
+//! | --- | --- | --- |
+//! | [`EXIT_STORE_LOST`], [`EXIT_DRIVER_GONE`], or a launch that could not reach Redis | Redis is out of reach | backs off from 100 ms to [`MAX_STORE_BACKOFF`], not charged |
+//! | anything else | a failure (crash, kill, a host that cannot start) | after 100 ms while at most [`MAX_HOST_FAILURES`] came within [`HOST_FAILURE_PERIOD`]; past that, backed off up to [`MAX_CRASH_BACKOFF`] (logged) |
+//!
+//! So a Redis outage, however long, never ends hosting: hosts come back once Redis does. A host
+//! that cannot start, or one that something keeps killing, does not loop fast, and hosts keep
+//! being started at the backed-off pace rather than never again. An actor whose handler aborts
+//! its host's process is not failed (nothing tells which of a dead host's actors killed it): it
+//! takes down every host that activates it, and the other actors are served only between its
+//! crashes. A host that lived longer than [`HOST_FAILURE_PERIOD`] clears the back-offs. The supervisor keeps a liveness key the hosts watch, as a pool's workers do,
+//! so a host never outlives its runtime.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -19,14 +31,94 @@ use shoal_core::context::{ParentInfo, ProcessInfo};
 use shoal_core::store::Store;
 use shoal_executor::actor::host::{self, HostSpec};
 use shoal_executor::actor::{self as protocol, HostKeys};
-use shoal_executor::pool::{EXIT_STORE_LOST, driver_ttl};
+use shoal_executor::pool::{EXIT_DRIVER_GONE, EXIT_STORE_LOST, driver_ttl};
 use shoal_executor::protocol::{Executor, Launch, StopSignal, WorkerExited, Workload};
 use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord, hand_over_authkey};
 
-/// Host exits within [`HOST_FAILURE_PERIOD`] after which hosts are no longer replaced.
+/// Host failures within [`HOST_FAILURE_PERIOD`] after which replacements back off.
 const MAX_HOST_FAILURES: usize = 10;
-/// The window of [`MAX_HOST_FAILURES`].
+/// The window of [`MAX_HOST_FAILURES`]; a host that lived longer clears the back-offs.
 const HOST_FAILURE_PERIOD: Duration = Duration::from_secs(10);
+/// The pause before a replacement while failures stay within the budget.
+const REPLACE_AFTER: Duration = Duration::from_millis(100);
+/// Longest pause before replacing a host past the failure budget.
+const MAX_CRASH_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest pause before replacing a host that could not reach Redis.
+const MAX_STORE_BACKOFF: Duration = Duration::from_secs(2);
+/// How long the supervisor tries to move a dead host's actors while Redis is out of reach.
+const ORPHAN_RETRY: Duration = Duration::from_secs(60);
+
+/// A host the supervisor started.
+struct HostSlot {
+    /// Numbers its name (`ActorHost-<n>`).
+    number: u64,
+    /// When it was started.
+    started: Instant,
+}
+
+/// How a host ended, for its replacement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HostEnd {
+    /// It could not reach Redis (or could not be launched for that): not charged.
+    StoreLost,
+    /// A failure: charged to the budget.
+    Failed,
+}
+
+/// What the replacements of hosts are charged (see the module docs).
+#[derive(Debug, Default)]
+struct ReplaceBudget {
+    /// Charged failures within [`HOST_FAILURE_PERIOD`].
+    failures: VecDeque<Instant>,
+    /// Replacements backed off past the budget since a host last lived long.
+    crash_streak: u32,
+    /// Exits for an unreachable store since a host last lived long.
+    store_failures: u32,
+}
+
+impl ReplaceBudget {
+    /// The pause before a host that ended so at `now`, after it `lived` so long, is replaced
+    /// (see the module docs).
+    fn pause(&mut self, now: Instant, end: HostEnd, lived: Duration) -> Duration {
+        if lived >= HOST_FAILURE_PERIOD {
+            // It was healthy: what came before is forgiven.
+            self.failures.clear();
+            self.crash_streak = 0;
+            self.store_failures = 0;
+        }
+        match end {
+            HostEnd::StoreLost => {
+                self.store_failures = self.store_failures.saturating_add(1);
+                backoff(REPLACE_AFTER, self.store_failures - 1, MAX_STORE_BACKOFF)
+            }
+            HostEnd::Failed => {
+                self.failures.push_back(now);
+                while self
+                    .failures
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > HOST_FAILURE_PERIOD)
+                {
+                    self.failures.pop_front();
+                }
+                if self.failures.len() <= MAX_HOST_FAILURES && self.crash_streak == 0 {
+                    return REPLACE_AFTER;
+                }
+                self.crash_streak = self.crash_streak.saturating_add(1);
+                let after = backoff(REPLACE_AFTER, self.crash_streak, MAX_CRASH_BACKOFF);
+                if self.crash_streak == 1 {
+                    tracing::error!(
+                        "{} actor host failures within {HOST_FAILURE_PERIOD:?}: their \
+                         replacements back off, up to {MAX_CRASH_BACKOFF:?} apart, until a host \
+                         runs for {HOST_FAILURE_PERIOD:?} (a host that cannot start, or an \
+                         actor that kills its host?)",
+                        self.failures.len()
+                    );
+                }
+                after
+            }
+        }
+    }
+}
 
 /// The supervisor of one runtime's actor hosts.
 pub(crate) struct HostSupervisor {
@@ -35,10 +127,10 @@ pub(crate) struct HostSupervisor {
     config: Config,
     creator: ProcessInfo,
     driver_key: String,
-    hosts: HashMap<String, u64>,
+    hosts: HashMap<String, HostSlot>,
     started: u64,
     stopping: bool,
-    failures: VecDeque<Instant>,
+    budget: ReplaceBudget,
     stopped: Vec<futures::channel::oneshot::Sender<()>>,
 }
 
@@ -63,7 +155,7 @@ impl HostSupervisor {
             hosts: HashMap::new(),
             started: 0,
             stopping: false,
-            failures: VecDeque::new(),
+            budget: ReplaceBudget::default(),
             stopped: Vec::new(),
         }
     }
@@ -102,7 +194,13 @@ impl HostSupervisor {
                 pid: Some(std::process::id()),
             }),
         };
-        self.hosts.insert(host_id.clone(), number);
+        self.hosts.insert(
+            host_id.clone(),
+            HostSlot {
+                number,
+                started: Instant::now(),
+            },
+        );
         let notify = ctx.address().recipient();
         let executor = self.executor.clone();
         let store = self.store.clone();
@@ -167,7 +265,12 @@ impl HostSupervisor {
             if let Err(e) = result {
                 tracing::warn!("starting an actor host failed: {e}");
                 act.hosts.remove(&host_id);
-                act.host_gone(ctx);
+                let end = if e.is_store_unreachable() {
+                    HostEnd::StoreLost
+                } else {
+                    HostEnd::Failed
+                };
+                act.host_gone(ctx, end, Duration::ZERO);
             } else if act.stopping {
                 let executor = act.executor.clone();
                 actix::spawn(async move {
@@ -177,8 +280,9 @@ impl HostSupervisor {
         }));
     }
 
-    /// A host is gone: replace it (within the failure budget) or finish stopping.
-    fn host_gone(&mut self, ctx: &mut Context<Self>) {
+    /// A host is gone after it `lived` so long: replace it (after the pause its end calls for)
+    /// or finish stopping.
+    fn host_gone(&mut self, ctx: &mut Context<Self>, end: HostEnd, lived: Duration) {
         if self.stopping {
             if self.hosts.is_empty() {
                 for done in self.stopped.drain(..) {
@@ -188,24 +292,8 @@ impl HostSupervisor {
             }
             return;
         }
-        let now = Instant::now();
-        self.failures.push_back(now);
-        while self
-            .failures
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > HOST_FAILURE_PERIOD)
-        {
-            self.failures.pop_front();
-        }
-        if self.failures.len() > MAX_HOST_FAILURES {
-            tracing::error!(
-                "{} actor host exits within {HOST_FAILURE_PERIOD:?}: no more hosts are started \
-                 by this runtime; actors wait in their mailboxes",
-                self.failures.len()
-            );
-            return;
-        }
-        ctx.run_later(Duration::from_millis(100), |act, ctx| {
+        let after = self.budget.pause(Instant::now(), end, lived);
+        ctx.run_later(after, |act, ctx| {
             if !act.stopping && act.hosts.len() < act.config.actors.hosts as usize {
                 act.spawn_host(ctx);
             }
@@ -262,10 +350,27 @@ impl Handler<WorkerExited> for HostSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: WorkerExited, ctx: &mut Context<Self>) {
-        if self.hosts.remove(&msg.id).is_none() {
+        let Some(slot) = self.hosts.remove(&msg.id) else {
             return;
-        }
-        tracing::debug!(host = %msg.id, code = msg.code, "actor host exited");
+        };
+        tracing::debug!(
+            host = %msg.id,
+            number = slot.number,
+            code = msg.code,
+            "actor host exited"
+        );
+        // A host that never started (the backend could not start it) is a failure, whatever
+        // its code.
+        let end = if !msg.never_started && matches!(msg.code, EXIT_STORE_LOST | EXIT_DRIVER_GONE) {
+            HostEnd::StoreLost
+        } else {
+            HostEnd::Failed
+        };
+        let lived = if msg.never_started {
+            Duration::ZERO
+        } else {
+            slot.started.elapsed()
+        };
         // Its actors go to another host now, not when their leases lapse.
         let store = self.store.clone();
         let host_id = msg.id.clone();
@@ -275,7 +380,23 @@ impl Handler<WorkerExited> for HostSupervisor {
             .name("shoal-host-orphans".into())
             .spawn(move || {
                 let hosts = HostKeys::new(store.keys());
-                match protocol::orphan_host(&store, &hosts, &host_id) {
+                let since = Instant::now();
+                let orphaned = loop {
+                    match protocol::orphan_host(&store, &hosts, &host_id) {
+                        // Redis is away (the host may have exited for that): its actors move
+                        // once it is back, rather than when a message comes for them.
+                        Err(e)
+                            if e.is_store_unreachable()
+                                && !stopping
+                                && since.elapsed() < ORPHAN_RETRY =>
+                        {
+                            tracing::debug!("moving the actors of host {host_id}: {e}; retrying");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                        outcome => break outcome,
+                    }
+                };
+                match orphaned {
                     Ok(actors) if !actors.is_empty() => {
                         tracing::info!("actor host {host_id} exited; its actors move: {actors:?}")
                     }
@@ -300,7 +421,7 @@ impl Handler<WorkerExited> for HostSupervisor {
         if let Err(e) = spawned {
             tracing::warn!("cannot move the actors of an exited host: {e}");
         }
-        self.host_gone(ctx);
+        self.host_gone(ctx, end, lived);
     }
 }
 
@@ -335,5 +456,62 @@ impl Handler<StopHosts> for HostSupervisor {
                 }
             }
         })
+    }
+}
+
+/// `base × 2^doublings`, at most `max`.
+fn backoff(base: Duration, doublings: u32, max: Duration) -> Duration {
+    base.checked_mul(1u32.checked_shl(doublings).unwrap_or(u32::MAX))
+        .unwrap_or(max)
+        .min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_outages_never_stop_the_replacements_and_back_off() {
+        let mut budget = ReplaceBudget::default();
+        let now = Instant::now();
+        let pauses: Vec<Duration> = (0..1000)
+            .map(|i| {
+                budget.pause(
+                    now + Duration::from_millis(i),
+                    HostEnd::StoreLost,
+                    Duration::ZERO,
+                )
+            })
+            .collect();
+        assert_eq!(pauses[0], REPLACE_AFTER);
+        assert_eq!(pauses[1], 2 * REPLACE_AFTER);
+        assert_eq!(pauses[999], MAX_STORE_BACKOFF);
+        // Not charged: a failure after them is replaced at the usual pace.
+        assert_eq!(
+            budget.pause(now, HostEnd::Failed, Duration::ZERO),
+            REPLACE_AFTER
+        );
+    }
+
+    #[test]
+    fn failures_past_the_budget_back_off_until_a_host_lives_long() {
+        let mut budget = ReplaceBudget::default();
+        let now = Instant::now();
+        let mut pause = |at_ms: u64, lived: Duration| {
+            budget.pause(now + Duration::from_millis(at_ms), HostEnd::Failed, lived)
+        };
+        for i in 0..MAX_HOST_FAILURES as u64 {
+            assert_eq!(pause(i, Duration::ZERO), REPLACE_AFTER);
+        }
+        assert_eq!(pause(20, Duration::ZERO), 2 * REPLACE_AFTER);
+        assert_eq!(pause(21, Duration::ZERO), 4 * REPLACE_AFTER);
+        // Slow failures past the period still back off (never a burst again), up to the cap.
+        let mut last = Duration::ZERO;
+        for i in 0..100u64 {
+            last = pause(60_000 * (i + 1), Duration::from_secs(1));
+        }
+        assert_eq!(last, MAX_CRASH_BACKOFF);
+        // A host that ran long clears them.
+        assert_eq!(pause(10_000_000, HOST_FAILURE_PERIOD), REPLACE_AFTER);
     }
 }

@@ -15,7 +15,13 @@
 //!   another's, a commit or a renewal is refused), when the actor stops or fails, or after
 //!   `actors.idle_secs` without messages (deactivation: the lease is given back, the state is
 //!   saved already, and the applied entries leave the mailbox; a message sent after the last
-//!   read, while its sender still saw the lease, makes the release ask for a host).
+//!   read, while its sender still saw the lease, makes the release ask for a host). Whatever
+//!   ends the thread (a lost lease, an error) ends with the same release: a lease still this
+//!   host's is given back, and a lease that lapsed with messages in the mailbox (a host paused
+//!   or cut off past its lease) asks for a host, rather than leaving them to the next sender.
+//! * Every lease (1 s to 30 s) the main loop also takes over the activation requests left
+//!   pending on a consumer that read them and never acknowledged them (a host that died in
+//!   between), once they are two leases (2 s at least) old (`XAUTOCLAIM`).
 //! * A heartbeat thread renews every lease every third of the lease, and, for a subprocess host,
 //!   ends the process when the driver that started it is gone (its liveness key lapsed).
 
@@ -156,6 +162,7 @@ fn read_activations(
     hosts: &HostKeys,
     active: &Arc<Active>,
 ) -> Result<()> {
+    let mut last_claim = Instant::now();
     loop {
         if context::termination_requested() {
             return Ok(());
@@ -196,11 +203,15 @@ fn read_activations(
             }
             Err(e) => return Err(e),
         };
-        let entries: Vec<StreamId> = reply
+        let mut entries: Vec<StreamId> = reply
             .into_iter()
             .flat_map(|r| r.keys)
             .flat_map(|k| k.ids)
             .collect();
+        if last_claim.elapsed() >= claim_every(spec) {
+            last_claim = Instant::now();
+            entries.extend(claim_abandoned(store, spec, hosts));
+        }
         if entries.is_empty() {
             continue;
         }
@@ -255,6 +266,54 @@ fn read_activations(
                 tracing::error!("cannot start an actor thread: {e}");
                 ActiveEntry::placeholder(active, &actor, placeholder).remove();
             }
+        }
+    }
+}
+
+/// How often a host looks for activation requests abandoned by their reader.
+fn claim_every(spec: &HostSpec) -> Duration {
+    Duration::from_millis(spec.lease_ms).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
+/// How long an activation request stays read and unacknowledged before another host takes it
+/// over: a live host acknowledges what it reads at once.
+fn claim_idle(spec: &HostSpec) -> Duration {
+    Duration::from_millis(spec.lease_ms.saturating_mul(2)).max(Duration::from_secs(2))
+}
+
+/// Takes over (`XAUTOCLAIM`) the activation requests a consumer of the group read and never
+/// acknowledged for [`claim_idle`]: a host that died between its read and its acknowledgement
+/// took them, and their actors' messages would wait for the next sender. Errors are logged: the
+/// next round tries again.
+fn claim_abandoned(store: &Store, spec: &HostSpec, hosts: &HostKeys) -> Vec<StreamId> {
+    let claimed: Result<redis::streams::StreamAutoClaimReply> = store.with_conn(
+        || format!("claiming abandoned requests of {}", hosts.activations),
+        |c| {
+            redis::cmd("XAUTOCLAIM")
+                .arg(&hosts.activations)
+                .arg(HOSTS_GROUP)
+                .arg(&spec.host_id)
+                .arg(claim_idle(spec).as_millis() as u64)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(64)
+                .query(c)
+        },
+    );
+    match claimed {
+        Ok(reply) => {
+            if !reply.claimed.is_empty() {
+                tracing::info!(
+                    "host {} takes over {} abandoned activation requests",
+                    spec.host_id,
+                    reply.claimed.len()
+                );
+            }
+            reply.claimed
+        }
+        Err(e) => {
+            tracing::debug!("{e}");
+            Vec::new()
         }
     }
 }
@@ -365,7 +424,7 @@ fn serve_actor(
     // Replaces the placeholder, whose drop then leaves this entry alone.
     let entry = ActiveEntry::insert(active, actor_id, &lease, &stop);
     let host_set = hosts.host_set(&spec.host_id);
-    store.with_conn(
+    let recorded = store.with_conn(
         || format!("recording actor {actor_id} on host {}", spec.host_id),
         |c| {
             redis::pipe()
@@ -375,7 +434,12 @@ fn serve_actor(
                 .ignore()
                 .query::<()>(c)
         },
-    )?;
+    );
+    if let Err(e) = recorded {
+        entry.remove();
+        release_lease(store, spec, hosts, &keys, &lease, "", actor_id);
+        return Err(e);
+    }
     let mut state = ActorState {
         store,
         spec,
@@ -415,15 +479,14 @@ fn serve_actor(
                 .query::<()>(c)
         },
     );
-    match &outcome {
-        Ok(Ending::Release) => {
-            // Before the release, which may ask for a host: this host's main loop then takes
-            // the request rather than skipping an actor it still runs.
-            entry.remove();
-            release_lease(store, spec, hosts, &keys, &lease, &state.applied, actor_id)
-        }
-        Ok(Ending::Lost) | Err(_) => {}
-    }
+    // Before the release, which may ask for a host: this host's main loop then takes the
+    // request rather than skipping an actor it still runs.
+    entry.remove();
+    // Whatever ended the thread: given back when still this host's (idle, stopped, failed, or
+    // an error that left it here), and either way a host is asked for when the mailbox holds
+    // messages nobody will read otherwise (a lease that lapsed, with messages sent while their
+    // senders still saw it: see `actor_lease.lua`). A lease another host holds is its.
+    release_lease(store, spec, hosts, &keys, &lease, &state.applied, actor_id);
     outcome.map(|_| ())
 }
 
@@ -532,8 +595,8 @@ impl Drop for ActiveEntry<'_> {
 }
 
 /// Gives an activation lease back (if it is still this host's), with the mailbox's entries up
-/// to `applied`, and asks for a host when a message came after the last read (see
-/// `actor_lease.lua`).
+/// to `applied`, and asks for a host when a message came after the last read, or when the
+/// lease lapsed with messages in the mailbox (see `actor_lease.lua`).
 fn release_lease(
     store: &Store,
     spec: &HostSpec,
@@ -543,20 +606,25 @@ fn release_lease(
     applied: &str,
     actor_id: &str,
 ) {
-    let released: Result<i64> = store.with_conn(
-        || format!("releasing actor {actor_id}"),
-        |c| {
-            LEASE
-                .key(&keys.lease)
-                .key(&keys.activating)
-                .key(&keys.mailbox)
-                .arg("release")
-                .arg(lease)
-                .arg(spec.lease_ms)
-                .arg(applied)
-                .invoke(c)
-        },
-    );
+    // Run again only when Redis could not be reached: most often nothing ran then. (When an
+    // attempt ran and its answer was lost, the next one finds the lease nobody's and the
+    // marker set: no request is made, and the marker lapses after the lease.)
+    let released: Result<i64> = store.retry_unreachable(|| {
+        store.with_conn(
+            || format!("releasing actor {actor_id}"),
+            |c| {
+                LEASE
+                    .key(&keys.lease)
+                    .key(&keys.activating)
+                    .key(&keys.mailbox)
+                    .arg("release")
+                    .arg(lease)
+                    .arg(spec.lease_ms)
+                    .arg(applied)
+                    .invoke(c)
+            },
+        )
+    });
     match released {
         // A message came after the last read, while senders still saw this host.
         Ok(2) => {
