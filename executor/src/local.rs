@@ -2,8 +2,9 @@
 //!
 //! [`LocalExecutor`] is an actix actor. A subprocess is `current_exe()` with the task address in
 //! `SHOAL_WORKER_TASK`/`SHOAL_WORKER_REDIS`, the parent's authkey in `SHOAL_WORKER_AUTHKEY`
-//! (the launcher adds it to the launch's environment), `multiprocessing.env_vars` set, stdin from
-//! `/dev/null` and stdout/stderr inherited, so a child's output reaches the parent's terminal.
+//! (the launcher adds it to the launch's environment; the worker removes the three from its own
+//! environment as it starts), `multiprocessing.env_vars` set, stdin from `/dev/null` and
+//! stdout/stderr inherited, so a child's output reaches the parent's terminal.
 //! Its exit is observed by waiting on the child (`waitpid`), which gives the real code, negative
 //! when a signal ended it. Every subprocess runs in a process group of its own, so that a
 //! terminal's Ctrl-C (sent to the foreground group) reaches this program only, which can then
@@ -90,8 +91,13 @@ impl LocalSettings {
 }
 
 enum Child {
-    Subprocess { pid: u32 },
-    Thread { terminate: Arc<AtomicBool> },
+    Subprocess {
+        /// `None` only if the child was reaped before its pid was read: never signalled then.
+        pid: Option<u32>,
+    },
+    Thread {
+        terminate: Arc<AtomicBool>,
+    },
 }
 
 /// The local executor actor.
@@ -174,15 +180,8 @@ impl LocalExecutor {
             actix_rt::spawn(forward_test_stdout(stdout));
         }
         let id = launch.id.clone();
-        self.children.insert(
-            id.clone(),
-            (
-                Child::Subprocess {
-                    pid: pid.unwrap_or(0),
-                },
-                launch.notify,
-            ),
-        );
+        self.children
+            .insert(id.clone(), (Child::Subprocess { pid }, launch.notify));
         ctx.spawn(
             async move { child.wait().await }
                 .into_actor(self)
@@ -221,10 +220,19 @@ impl LocalExecutor {
             // The OS thread's name only (the process keeps its own): std panics on a NUL in it.
             .name(launch.name.replace('\0', ""))
             .spawn(move || {
-                let guard = context::enter_thread_process(info, flag);
-                let code = body();
-                drop(guard);
-                me.do_send(ThreadEnded { id, code });
+                // Reports the end however the thread ends: a panic that escapes the body (a
+                // target's return value whose drop panics, arguments whose encoding panics)
+                // reports exit code 1, so that joins and the runtime's shutdown do not wait for
+                // ever. Made first, dropped last: after the thread child's identity is gone.
+                let mut ended = ThreadEndGuard {
+                    executor: me,
+                    id: Some(id),
+                    code: 1,
+                };
+                let process = context::enter_thread_process(info, flag);
+                ended.code = body();
+                drop(process);
+                drop(ended);
             })
             .map_err(|e| Error::io(format!("starting thread {}", launch.name), e))?;
         self.children
@@ -268,10 +276,20 @@ impl Handler<SignalWorker> for LocalExecutor {
                     StopSignal::Terminate => Signal::SIGTERM,
                     StopSignal::Kill => Signal::SIGKILL,
                 };
-                match kill(Pid::from_raw(*pid as i32), signal) {
+                // Never 0 or a negative number: kill() would signal a whole process group.
+                let Some(target) = pid
+                    .and_then(|pid| i32::try_from(pid).ok())
+                    .filter(|pid| *pid > 0)
+                else {
+                    return Err(Error::Backend(format!(
+                        "cannot send {signal} to worker {}: no pid to signal ({pid:?})",
+                        msg.id
+                    )));
+                };
+                match kill(Pid::from_raw(target), signal) {
                     Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
                     Err(e) => Err(Error::Backend(format!(
-                        "sending {signal} to worker {} (pid {pid}): {e}",
+                        "sending {signal} to worker {} (pid {target}): {e}",
                         msg.id
                     ))),
                 }
@@ -296,7 +314,7 @@ impl Handler<QueryWorker> for LocalExecutor {
 
     fn handle(&mut self, msg: QueryWorker, _: &mut Context<Self>) -> Self::Result {
         MessageResult(match self.children.get(&msg.id) {
-            Some((Child::Subprocess { pid }, _)) => WorkerStatus::Running { pid: Some(*pid) },
+            Some((Child::Subprocess { pid }, _)) => WorkerStatus::Running { pid: *pid },
             Some((Child::Thread { .. }, _)) => WorkerStatus::Running { pid: None },
             None => WorkerStatus::NotRunning,
         })
@@ -309,6 +327,26 @@ impl Handler<QueryWorker> for LocalExecutor {
 struct ThreadEnded {
     id: String,
     code: i32,
+}
+
+/// Sends [`ThreadEnded`] with `code` when dropped: at the end of a thread child's thread, also
+/// one that a panic unwinds.
+struct ThreadEndGuard {
+    executor: Addr<LocalExecutor>,
+    /// Taken by the drop.
+    id: Option<String>,
+    code: i32,
+}
+
+impl Drop for ThreadEndGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.executor.do_send(ThreadEnded {
+                id,
+                code: self.code,
+            });
+        }
+    }
 }
 
 impl Handler<ThreadEnded> for LocalExecutor {

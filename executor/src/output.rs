@@ -12,17 +12,19 @@
 //! task printed last (and what sat in the pipes) reaches the stream before the process is gone.
 //!
 //! The parent reads the stream with `XREAD BLOCK` on a dedicated connection ([`OutputReader`])
-//! and writes each entry to its own stdout or stderr. A stream and not pub/sub: a reader that
-//! starts late replays everything, and nothing is lost while nobody listens. The reader stops at
-//! `eof`, or, if the child died without writing it, at the first empty read after the exit is
-//! known.
+//! and hands each entry to a printer thread (one per process), which writes it to the parent's
+//! own stdout or stderr: a stdout that blocks (its lock held by another thread, a pipe nobody
+//! reads) stops that thread only, never the actor thread the reader runs on (see
+//! [`print_stream`]). A stream and not pub/sub: a reader that starts late replays everything,
+//! and nothing is lost while nobody listens. The reader stops at `eof`, or, if the child died
+//! without writing it, at the first empty read after the exit is known.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Once, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Once, mpsc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use shoal_core::error::{Error, RedisContext, Result};
@@ -229,10 +231,138 @@ fn forward(mut reader: std::io::PipeReader, fd: u8, store: &Store, key: &str) {
     }
 }
 
+/// How long the printer may sit in one write (stdout's lock held by another thread, a full pipe
+/// that nobody reads) before a reader whose child has exited stops waiting for it.
+pub const PRINTER_STALL: Duration = Duration::from_secs(2);
+/// How often a reader that waits for the printer checks whether it stalled.
+const PRINTER_POLL: Duration = Duration::from_millis(100);
+/// Jobs the printer holds before readers wait (with up to [`CHUNK`] bytes each).
+const PRINTER_QUEUE: usize = 64;
+
+/// A job of the printer thread.
+enum PrintJob {
+    /// Bytes for fd 1 or 2.
+    Write(Chunk),
+    /// Answer once everything given before was written and stdout flushed.
+    Flushed(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The printer thread's queue, started at first use.
+static PRINTER: Mutex<Option<tokio::sync::mpsc::Sender<PrintJob>>> = Mutex::new(None);
+/// When the write the printer is in began, in milliseconds after [`PRINTER_EPOCH`] plus one; 0
+/// while it is not writing.
+static PRINTER_WRITING_SINCE: AtomicU64 = AtomicU64::new(0);
+static PRINTER_EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn printer_clock() -> u64 {
+    u64::try_from(PRINTER_EPOCH.elapsed().as_millis())
+        .unwrap_or(u64::MAX - 1)
+        .saturating_add(1)
+}
+
+/// Whether the printer has been in one write for longer than [`PRINTER_STALL`].
+fn printer_stalled() -> bool {
+    let since = PRINTER_WRITING_SINCE.load(Ordering::Acquire);
+    since != 0
+        && printer_clock().saturating_sub(since)
+            > u64::try_from(PRINTER_STALL.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The printer's queue, the thread started if it is not running; `None` if it cannot start.
+fn printer() -> Option<tokio::sync::mpsc::Sender<PrintJob>> {
+    let mut printer = PRINTER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(jobs) = printer.as_ref().filter(|jobs| !jobs.is_closed()) {
+        return Some(jobs.clone());
+    }
+    let (jobs, queue) = tokio::sync::mpsc::channel(PRINTER_QUEUE);
+    let started = std::thread::Builder::new()
+        .name("shoal-printer".into())
+        .spawn(move || print_jobs(queue));
+    match started {
+        Ok(_) => {
+            *printer = Some(jobs.clone());
+            Some(jobs)
+        }
+        Err(e) => {
+            tracing::warn!("cannot start the thread that prints children's output: {e}");
+            None
+        }
+    }
+}
+
+/// The printer thread: writes what readers hand it to this process's stdout and stderr, in
+/// order, holding their locks as it writes (so its bytes do not land in the middle of what
+/// another thread prints). The only place children's output is written: a blocked stdout
+/// (another thread holds its lock, a pipe nobody reads) stops this thread, never shoal's
+/// actors.
+fn print_jobs(mut queue: tokio::sync::mpsc::Receiver<PrintJob>) {
+    while let Some(job) = queue.blocking_recv() {
+        match job {
+            PrintJob::Write(Chunk { fd, data }) => {
+                PRINTER_WRITING_SINCE.store(printer_clock(), Ordering::Release);
+                let _ = match fd {
+                    2 => std::io::stderr().lock().write_all(&data),
+                    _ => {
+                        let mut stdout = std::io::stdout().lock();
+                        stdout.write_all(&data).and_then(|()| stdout.flush())
+                    }
+                };
+                PRINTER_WRITING_SINCE.store(0, Ordering::Release);
+            }
+            PrintJob::Flushed(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Hands `job` to the printer; waits while its queue is full, unless the child's exit is known
+/// and the printer stalled (see [`PRINTER_STALL`]): false then, or if the printer is gone.
+async fn hand_over(
+    printer: &tokio::sync::mpsc::Sender<PrintJob>,
+    job: PrintJob,
+    exit_known: &AtomicBool,
+) -> bool {
+    loop {
+        match tokio::time::timeout(PRINTER_POLL, printer.reserve()).await {
+            Ok(Ok(permit)) => {
+                permit.send(job);
+                return true;
+            }
+            Ok(Err(_)) => return false,
+            Err(_) if exit_known.load(Ordering::Acquire) && printer_stalled() => return false,
+            Err(_) => {}
+        }
+    }
+}
+
+/// Waits until the printer wrote everything handed to it so far, unless the child's exit is
+/// known and the printer stalled; returns whether it did.
+async fn printed(printer: &tokio::sync::mpsc::Sender<PrintJob>, exit_known: &AtomicBool) -> bool {
+    let (done, mut written) = tokio::sync::oneshot::channel();
+    if !hand_over(printer, PrintJob::Flushed(done), exit_known).await {
+        return false;
+    }
+    loop {
+        match tokio::time::timeout(PRINTER_POLL, &mut written).await {
+            Ok(answer) => return answer.is_ok(),
+            Err(_) if exit_known.load(Ordering::Acquire) && printer_stalled() => return false,
+            Err(_) => {}
+        }
+    }
+}
+
 /// Prints the output stream at `key` on this process's stdout and stderr until the child's
 /// `eof`, or until a read made after `exit_known` was set finds nothing (a child that was killed
-/// writes no `eof`). Used by a process's parent and by a pool's supervisor for its workers; run
-/// it on the runtime that owns `store`'s connections.
+/// writes no `eof`), and returns once all of it was written. Used by a process's parent and by
+/// a pool's supervisor for its workers; run it on the runtime that owns `store`'s connections.
+///
+/// The writes happen on a thread of their own (one for the whole process), never on the
+/// caller's: this task only reads the stream and waits. Once the child's exit is known, it
+/// waits for that thread only while it makes progress: when one write has been blocked for
+/// [`PRINTER_STALL`] (another thread holds stdout's lock, or nobody reads a full pipe), it
+/// returns without waiting for the rest (what it handed over is printed when stdout takes it;
+/// what it had not read yet is not printed), so that the child's exit is still reported.
 pub async fn print_stream(store: &Store, key: String, exit_known: &AtomicBool) {
     let block = Duration::from_millis(100);
     // A connection the store cannot give now is asked for again until the child's exit is
@@ -251,40 +381,69 @@ pub async fn print_stream(store: &Store, key: String, exit_known: &AtomicBool) {
             }
         }
     };
-    let mut reader = OutputReader::new(key);
+    let Some(printer) = printer() else {
+        tracing::warn!("the output of {key} is not printed: no thread can print it");
+        return;
+    };
+    let mut reader = OutputReader::new(key.clone());
+    let stalled = || {
+        tracing::warn!(
+            "stdout or stderr took no output for {PRINTER_STALL:?}: the output of {key} may not \
+             all be printed"
+        );
+    };
     loop {
         let exited = exit_known.load(Ordering::Acquire);
         match reader.read_once(&mut conn, block).await {
-            Ok(ReadOutcome::Finished) => return,
-            Ok(ReadOutcome::Idle) if exited => return,
-            Ok(_) => {}
+            Ok(read) => {
+                let finished = read.finished;
+                let idle = read.chunks.is_empty();
+                for chunk in read.chunks {
+                    if !hand_over(&printer, PrintJob::Write(chunk), exit_known).await {
+                        return stalled();
+                    }
+                }
+                if finished || (idle && exited) {
+                    break;
+                }
+            }
             Err(e) => {
                 tracing::warn!("{e}");
                 if exited {
-                    return;
+                    break;
                 }
                 tokio::time::sleep(block).await;
             }
         }
     }
+    if !printed(&printer, exit_known).await {
+        stalled();
+    }
 }
 
-/// The parent side: prints a child's output stream.
+/// The parent side: reads a child's output stream, for [`print_stream`] to print.
 #[derive(Debug)]
 pub struct OutputReader {
     key: String,
     last_id: String,
 }
 
+/// Bytes the child wrote on one of its descriptors.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// 1 (stdout) or 2 (stderr).
+    pub fd: u8,
+    /// What it wrote.
+    pub data: Vec<u8>,
+}
+
 /// What one read of the output stream found.
 #[derive(Debug, PartialEq, Eq)]
-pub enum ReadOutcome {
-    /// Entries were printed; there may be more.
-    Printed,
-    /// Nothing arrived within the block time.
-    Idle,
-    /// The child wrote `eof`: everything was printed.
-    Finished,
+pub struct ReadOutcome {
+    /// What the child wrote, in order: empty when nothing arrived within the block time.
+    pub chunks: Vec<Chunk>,
+    /// The child wrote `eof`: nothing follows `chunks`.
+    pub finished: bool,
 }
 
 impl OutputReader {
@@ -296,7 +455,8 @@ impl OutputReader {
         }
     }
 
-    /// Reads what arrives within `block` (at most 100 entries) and prints it.
+    /// Reads what arrives within `block` (at most 100 entries). Prints nothing: the caller
+    /// writes the chunks where it likes.
     pub async fn read_once(
         &mut self,
         conn: &mut (impl redis::aio::ConnectionLike + Send),
@@ -313,29 +473,22 @@ impl OutputReader {
             .query_async(conn)
             .await
             .context(|| format!("reading output stream {}", self.key))?;
-        let Some(reply) = reply else {
-            return Ok(ReadOutcome::Idle);
+        let mut outcome = ReadOutcome {
+            chunks: Vec::new(),
+            finished: false,
         };
-        let mut stdout = std::io::stdout().lock();
-        let mut stderr = std::io::stderr().lock();
-        let mut outcome = ReadOutcome::Idle;
-        for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
+        for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
             self.last_id = entry.id.clone();
             if entry.map.contains_key("eof") {
-                let _ = stdout.flush();
-                return Ok(ReadOutcome::Finished);
+                outcome.finished = true;
+                break;
             }
             let fd: Option<u8> = entry.get("fd");
             let data: Option<Vec<u8>> = entry.get("data");
             if let (Some(fd), Some(data)) = (fd, data) {
-                let _ = match fd {
-                    2 => stderr.write_all(&data),
-                    _ => stdout.write_all(&data),
-                };
-                outcome = ReadOutcome::Printed;
+                outcome.chunks.push(Chunk { fd, data });
             }
         }
-        let _ = stdout.flush();
         Ok(outcome)
     }
 }

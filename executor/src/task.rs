@@ -6,9 +6,10 @@
 //! `SHOAL_WORKER_REDIS_PASSWORD` when a backend keeps it apart from the URL, e.g. in a
 //! Kubernetes Secret) and the parent's authkey in `SHOAL_WORKER_AUTHKEY`
 //! ([`hand_over_authkey`]: the record in Redis leaves it out; a Kubernetes Job takes it from a
-//! Secret). The
-//! worker claims the record, runs the function, and writes its status. The same path serves
-//! every backend.
+//! Secret). The worker removes these variables from its environment as it starts
+//! ([`forget_worker_env`]), so that the programs its task runs inherit neither the address nor
+//! the key. It claims the record, runs the function, and writes its status. The same path
+//! serves every backend.
 //!
 //! # Keys (hash tag `{<ns>:proc:<id>}`)
 //!
@@ -26,7 +27,8 @@
 //! script call to claim (`task_claim.lua`: read the task, check nobody claimed it, mark it
 //! running, refresh TTLs) and one pipeline to record the exit.
 
-use std::sync::LazyLock;
+use std::ffi::OsString;
+use std::sync::{LazyLock, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use shoal_core::config::{Config, WORKER_ENV_PREFIX};
@@ -57,11 +59,82 @@ pub fn hand_over_authkey(key: &AuthKey, env: &mut std::collections::BTreeMap<Str
     env.insert(ENV_WORKER_AUTHKEY.to_string(), hex);
 }
 
-/// The authkey a worker received in its environment ([`hand_over_authkey`]), if any.
+/// The authkey a worker received in its environment ([`hand_over_authkey`]), if any; after
+/// [`forget_worker_env`], the value it kept.
 pub fn authkey_from_env() -> Result<Option<AuthKey>> {
-    std::env::var_os(ENV_WORKER_AUTHKEY)
-        .map(|value| parse_authkey(&value))
-        .transpose()
+    let value = match FORGOTTEN_AUTHKEY.get() {
+        Some(kept) => kept.clone(),
+        None => std::env::var_os(ENV_WORKER_AUTHKEY),
+    };
+    value.map(|value| parse_authkey(&value)).transpose()
+}
+
+/// The value of `SHOAL_WORKER_AUTHKEY` (if it was set), kept by [`forget_worker_env`] when it
+/// removed the variable.
+static FORGOTTEN_AUTHKEY: OnceLock<Option<OsString>> = OnceLock::new();
+
+/// The variables a worker is started with, which no program it runs may inherit.
+const WORKER_VARIABLES: [&str; 4] = [
+    ENV_WORKER_TASK,
+    ENV_WORKER_REDIS,
+    ENV_WORKER_REDIS_PASSWORD,
+    ENV_WORKER_AUTHKEY,
+];
+
+/// Removes the worker's variables (`SHOAL_WORKER_TASK`, `SHOAL_WORKER_REDIS`,
+/// `SHOAL_WORKER_REDIS_PASSWORD`, `SHOAL_WORKER_AUTHKEY`) from this process's environment, so
+/// that a program the task runs neither takes itself for a worker (a shoal program would run
+/// this task's address and fail) nor learns the authkey. The authkey is kept for
+/// [`authkey_from_env`]; read the address ([`TaskAddress::from_env`]) first.
+///
+/// Changing the environment is sound only while no other thread reads or writes it, so this
+/// removes nothing (and returns false) unless this thread is the process's only one, or, with
+/// `in_test_harness` (the caller runs as the worker entry test of a test binary, which a
+/// worker is started as: `--exact` with `--test-threads=1`), the only one besides the main
+/// thread, which is libtest's. Call it first thing in the worker, before it starts a thread.
+/// Linux only (the threads are counted in `/proc/self/task`): elsewhere it removes nothing.
+pub fn forget_worker_env(in_test_harness: bool) -> bool {
+    let Some(threads) = thread_ids() else {
+        return false;
+    };
+    let me = nix::unistd::gettid().as_raw();
+    let main = nix::unistd::getpid().as_raw();
+    let alone = threads == [me];
+    let beside_libtest = in_test_harness && me != main && {
+        let mut expected = [me, main];
+        expected.sort_unstable();
+        threads == expected
+    };
+    if !alone && !beside_libtest {
+        return false;
+    }
+    let _ = FORGOTTEN_AUTHKEY.set(std::env::var_os(ENV_WORKER_AUTHKEY));
+    for name in WORKER_VARIABLES {
+        // SAFETY: no other thread reads or writes the environment while this runs. The threads
+        // of this process were just listed: either this one alone (nothing else runs, and
+        // only this thread, busy here, could start another), or, in a test binary's worker
+        // entry, this one and the main thread. That main thread is libtest's: with one test
+        // to run (`--exact`) and `--test-threads=1`, it started the thread that runs this test
+        // and waits on a channel for the test's result, touching nothing else (the
+        // environment included) until then; this worker never reports one (it exits). The
+        // worker's own threads (its runtime, its output forwarders, the task's) are all
+        // started after this returns.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::remove_var(name)
+        };
+    }
+    true
+}
+
+/// The ids of this process's threads, sorted; `None` if they cannot be listed.
+fn thread_ids() -> Option<Vec<i32>> {
+    let mut ids = std::fs::read_dir("/proc/self/task")
+        .ok()?
+        .map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .collect::<Option<Vec<i32>>>()?;
+    ids.sort_unstable();
+    Some(ids)
 }
 
 /// An authkey from its hex form ([`hand_over_authkey`]): an even number of hex digits (none:

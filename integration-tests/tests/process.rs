@@ -999,3 +999,130 @@ fn a_thread_child_whose_process_is_the_last_runtime_reference_ends() {
         }
     });
 }
+
+/// A return value whose drop panics: the panic escapes the target's call.
+struct PanicsOnDrop;
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        panic!("dropping the thread child's return value panics");
+    }
+}
+
+/// An argument whose encoding panics: on a thread, the arguments are encoded before the call.
+#[derive(serde::Deserialize)]
+struct PanicsOnSerialize;
+
+impl serde::Serialize for PanicsOnSerialize {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        panic!("encoding the thread child's argument panics");
+    }
+}
+
+#[shoal::remote]
+fn takes_panics_on_serialize(_: PanicsOnSerialize) {}
+
+/// A panic that escapes a thread child's body (outside the call's own panic catching) ends it
+/// with exit code 1; it used to leave it running for ever, and `join(None)` and the runtime's
+/// shutdown with it. Daemons, so that the old code's thread children, never seen to end, are
+/// terminated at the test's end instead of hanging it.
+#[test]
+fn a_panic_outside_a_thread_childs_call_ends_it_with_one() {
+    let _rt = runtime();
+    let on_drop = Process::thread(|| PanicsOnDrop, ()).daemon(true);
+    let on_encode = Process::new(takes_panics_on_serialize, (PanicsOnSerialize,))
+        .start_method(StartMethod::Thread)
+        .daemon(true);
+    for (what, p) in [("return value", on_drop), ("argument", on_encode)] {
+        p.start().expect("start");
+        p.join(Some(Duration::from_secs(10))).expect("join");
+        assert!(!p.is_alive(), "{what}: the thread child is not seen to end");
+        assert_eq!(p.exitcode(), Some(1), "{what}");
+    }
+}
+
+/// Writes the environment of a program it runs (`env`) to `path`.
+#[shoal::remote]
+fn runs_env(path: String) {
+    let out = std::process::Command::new("env")
+        .output()
+        .expect("env runs");
+    std::fs::write(path, out.stdout).expect("write");
+}
+
+/// The variables a worker is started with (its task's address, the authkey) are not inherited
+/// by the programs it runs: a shoal program there would take itself for the worker, and the
+/// authkey would reach every program.
+#[test]
+fn programs_a_child_runs_do_not_inherit_the_worker_variables() {
+    let _rt = runtime();
+    let dir = scratch();
+    let path = dir.path().join("env");
+    let p = Process::new(runs_env, (path.display().to_string(),));
+    p.start().expect("start");
+    p.join(Some(Duration::from_secs(30))).expect("join");
+    assert_eq!(p.exitcode(), Some(0));
+    let env = read_file(&path);
+    assert!(env.contains("PATH="), "{env}");
+    let leaked: Vec<&str> = env
+        .lines()
+        .filter(|l| l.starts_with("SHOAL_WORKER_"))
+        .map(|l| l.split_once('=').map_or(l, |(name, _)| name))
+        .collect();
+    assert!(leaked.is_empty(), "inherited: {leaked:?}");
+}
+
+/// `active_children()` in a thread child lists the children it started, not itself, its
+/// siblings or its parent's other children (Python: direct children only); the main process's
+/// list does not show its grandchildren. Joining what it lists used to wait for the thread
+/// child itself.
+#[test]
+fn active_children_of_a_thread_child_are_its_own() {
+    let _rt = runtime();
+    // A daemon: terminated at the runtime's shutdown should the test fail before it does.
+    let sibling = Process::new(sleeps, (60_000u64,))
+        .name("sibling")
+        .start_method(StartMethod::Thread)
+        .daemon(true);
+    sibling.start().expect("start");
+    let (tell, told) = std::sync::mpsc::channel();
+    let (listed, main_listed) = std::sync::mpsc::channel::<()>();
+    let outer = Process::thread(
+        move || -> Result<(), String> {
+            let grandchild = Process::new(sleeps, (500u64,))
+                .name("grandchild")
+                .start_method(StartMethod::Thread);
+            grandchild.start().map_err(|e| e.to_string())?;
+            let children = shoal::active_children();
+            let names: Vec<String> = children.iter().map(|c| c.name().to_string()).collect();
+            let _ = tell.send(names);
+            // The main thread lists its own while the grandchild runs.
+            let _ = main_listed.recv_timeout(Duration::from_secs(10));
+            for child in &children {
+                child.join(Some(Duration::from_secs(5)));
+            }
+            Ok(())
+        },
+        (),
+    )
+    .name("outer");
+    outer.start().expect("start");
+    let names = told
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the thread child listed its children");
+    let in_main: Vec<String> = shoal::active_children()
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect();
+    let _ = listed.send(());
+    let started = Instant::now();
+    outer.join(Some(Duration::from_secs(30))).expect("join");
+    let waited = started.elapsed();
+    assert_eq!(names, ["grandchild"]);
+    assert_eq!(in_main, ["sibling", "outer"]);
+    assert!(!outer.is_alive());
+    assert_eq!(outer.exitcode(), Some(0));
+    assert!(waited < Duration::from_secs(5), "joining took {waited:?}");
+    sibling.terminate().expect("terminate");
+    sibling.join(Some(Duration::from_secs(10))).expect("join");
+}

@@ -166,6 +166,9 @@ pub(crate) struct ChildEntry {
     pub(crate) id: String,
     pub(crate) name: String,
     pub(crate) daemon: bool,
+    /// The identity of the process that started it (`[]` for the main process, a thread
+    /// child's own otherwise): whose `active_children()` lists it.
+    pub(crate) parent: Vec<u32>,
     pub(crate) started: crate::process::StartedChild,
 }
 
@@ -548,6 +551,7 @@ impl RuntimeInner {
                 id: c.id.clone(),
                 name: c.name.clone(),
                 daemon: c.daemon,
+                parent: c.parent.clone(),
                 started: c.started.clone(),
             })
             .collect()
@@ -773,6 +777,10 @@ fn init_tracing() -> bool {
 /// worker is this same program, and everything before this call runs again in every worker.
 /// [`init`] calls it too; `#[shoal::main]` puts it in front of your `main` for you.
 ///
+/// A worker removes the variables it was started with (`SHOAL_WORKER_*`: its task's address,
+/// the authkey) from its environment here, so that the programs its task runs do not inherit
+/// them. It can do that only while no other thread runs, one more reason to call this first.
+///
 /// ```no_run
 /// fn main() -> shoal::Result<()> {
 ///     shoal::worker_main(); // a worker stops here
@@ -794,8 +802,21 @@ pub(crate) fn run_worker_if_requested() {
         // Called again by the task's own code: the worker runs already.
         return;
     }
+    // First, before the worker starts a thread: the programs the task runs must not inherit
+    // the task's address (a shoal program would take itself for this worker) or the authkey.
+    // In a test binary the worker runs as the entry test, on the thread libtest names after it.
+    let in_test_harness = shoal_core::registry::test_worker_entry()
+        .is_some_and(|entry| std::thread::current().name() == Some(entry.as_str()));
+    let forgotten = shoal_executor::task::forget_worker_env(in_test_harness);
     // A worker runs shoal's code only: its warnings go to stderr (the parent's terminal).
     init_tracing();
+    if !forgotten {
+        tracing::warn!(
+            "this worker keeps its SHOAL_WORKER_* variables, which the programs it runs see: \
+             other threads ran when it started (call shoal::init() or shoal::worker_main() \
+             first in main)"
+        );
+    }
     let code = match address {
         Ok(address) => shoal_executor::worker::run(&address, &|| {
             // Flush what queue feeders buffer, then join this worker's own children (Python

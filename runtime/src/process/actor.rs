@@ -31,6 +31,8 @@ pub(super) struct ProcessActor {
     pub(super) details_dir: Option<PathBuf>,
     /// The pipe handles among the arguments, given back if the child never claimed them.
     pub(super) sent_transfers: Option<SentTransfers>,
+    /// The exit is being recorded (see `ProcessActor::finish`).
+    pub(super) finishing: bool,
 }
 
 impl Actor for ProcessActor {
@@ -182,11 +184,43 @@ impl ProcessActor {
         });
     }
 
+    /// Records the exit once it is known and the output printed: the execution details first
+    /// (on the blocking pool, never on the actor's thread), then the state the handles see.
     fn finish(&mut self, ctx: &mut Context<Self>) {
         let Some(code) = self.exit_code else {
             return;
         };
-        self.write_execution_details(code);
+        if self.finishing {
+            return;
+        }
+        self.finishing = true;
+        let Some((dir, line)) = self.execution_details(code) else {
+            self.exited(code, ctx);
+            return;
+        };
+        // Waited for (the handles learn of the exit once the line is written), without holding
+        // the actor's thread: a slow or stuck file system delays this child's exit only.
+        ctx.spawn(
+            async move {
+                let written = tokio::task::spawn_blocking(move || {
+                    append_line(&dir, &line).map_err(|e| (dir, e))
+                })
+                .await;
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err((dir, e))) => {
+                        tracing::warn!("writing execution details to {}: {e}", dir.display())
+                    }
+                    Err(e) => tracing::warn!("writing execution details: {e}"),
+                }
+            }
+            .into_actor(self)
+            .map(move |(), act, ctx| act.exited(code, ctx)),
+        );
+    }
+
+    /// Tells the handles the exit, deletes a subprocess's keys and stops the actor.
+    fn exited(&mut self, code: i32, ctx: &mut Context<Self>) {
         self.state.set_exited(code);
         if self.method == StartMethod::Process {
             let store = self.store.clone();
@@ -211,10 +245,10 @@ impl ProcessActor {
         ctx.stop();
     }
 
-    fn write_execution_details(&self, code: i32) {
-        let Some(dir) = &self.details_dir else {
-            return;
-        };
+    /// The directory of the execution details and this child's line (JSON and a newline), when
+    /// they are exported.
+    fn execution_details(&self, code: i32) -> Option<(PathBuf, String)> {
+        let dir = self.details_dir.clone()?;
         let secs = |t: SystemTime| {
             t.duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
@@ -233,15 +267,19 @@ impl ProcessActor {
             "duration_secs": self.started_instant.elapsed().as_secs_f64(),
             "exitcode": code,
         });
-        let result = std::fs::create_dir_all(dir).and_then(|_| {
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("shoal-execution-details.jsonl"))?;
-            writeln!(file, "{record}")
-        });
-        if let Err(e) = result {
-            tracing::warn!("writing execution details to {}: {e}", dir.display());
-        }
+        let mut line = record.to_string();
+        line.push('\n');
+        Some((dir, line))
     }
+}
+
+/// Appends `line` to the execution details in `dir` with one `write` on a file opened for
+/// appending, so that the lines of processes that end together do not interleave.
+fn append_line(dir: &std::path::Path, line: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("shoal-execution-details.jsonl"))?
+        .write_all(line.as_bytes())
 }

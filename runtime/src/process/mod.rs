@@ -31,9 +31,10 @@
 //!   report `false`, `None` and `None` instead: a closed process's exit code and pid are no
 //!   longer known. [`Process::is_closed`] tells a closed process apart from one that never
 //!   started.
-//! * [`active_children`] lists the children started through this runtime that still run
-//!   (Python's `multiprocessing.active_children()`; pool workers are the pool's and are not
-//!   listed); [`crate::parent_process`] tells a child who started it.
+//! * [`active_children`] lists the children the calling process started that still run
+//!   (Python's `multiprocessing.active_children()`: direct children only, so a thread child
+//!   sees its own; pool workers are the pool's and are not listed); [`crate::parent_process`]
+//!   tells a child who started it.
 //! * Daemon children are terminated when the runtime shuts down; the runtime waits for
 //!   non-daemon children first (Python's exit behaviour). A child never outlives a parent that
 //!   dies without shutting down (killed, even by `SIGKILL`): it gets `SIGTERM` then (unlike
@@ -655,12 +656,14 @@ impl StartSpec {
             pid: None,
             details_dir: config.multiprocessing.export_execution_details.clone(),
             sent_transfers,
+            finishing: false,
         };
         let addr = ProcessActor::start_in_arbiter(&runtime.arbiter(), move |_| actor);
         Ok(Prepared {
             id,
             name: self.name.clone(),
             daemon,
+            parent: me.identity,
             state,
             actor: addr,
             runtime,
@@ -802,6 +805,8 @@ struct Prepared {
     id: String,
     name: String,
     daemon: bool,
+    /// The identity of the process that starts it.
+    parent: Vec<u32>,
     state: Arc<ProcessState>,
     actor: Addr<ProcessActor>,
     runtime: RuntimeRef,
@@ -832,6 +837,7 @@ impl Prepared {
             id: self.id,
             name: self.name,
             daemon: self.daemon,
+            parent: self.parent,
             started: child.clone(),
         });
         Ok(Started {
@@ -1003,8 +1009,9 @@ impl ChildProcess {
     }
 }
 
-/// The children started through this process's runtime that have not exited (Python's
-/// `multiprocessing.active_children()`), oldest first. Pool workers are not listed.
+/// The children the calling process started that have not exited (Python's
+/// `multiprocessing.active_children()`), oldest first: in a thread child, those it started
+/// itself (not itself, nor its siblings, nor their children). Pool workers are not listed.
 ///
 /// ```no_run
 /// # use shoal::prelude::*;
@@ -1019,10 +1026,12 @@ impl ChildProcess {
 /// # }
 /// ```
 pub fn active_children() -> Vec<ChildProcess> {
+    let me = context::current_process().identity;
     runtime::running_runtime()
         .map(|r| {
             r.live_children()
                 .into_iter()
+                .filter(|c| c.parent == me)
                 .map(|c| ChildProcess {
                     name: c.name,
                     daemon: c.daemon,
