@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use shoal::Error;
 use shoal::prelude::*;
-use shoal_integration_tests::assert_timing;
+use shoal_integration_tests::{TestRedis, assert_timing, pause_writes};
 
 shoal::test_support!();
 
@@ -16,6 +16,16 @@ const LEASE: Duration = Duration::from_millis(1500);
 
 fn runtime() -> shoal::Runtime {
     let mut config = Config::builder().build().expect("config");
+    config.sync.lease_secs = LEASE.as_secs_f64();
+    shoal::init_with(config).expect("runtime")
+}
+
+/// A runtime on `server` (a private redis-server the test may pause), with the same lease.
+fn runtime_on(server: &TestRedis) -> shoal::Runtime {
+    let mut config = Config::builder()
+        .redis_url(server.url())
+        .build()
+        .expect("config");
     config.sync.lease_secs = LEASE.as_secs_f64();
     shoal::init_with(config).expect("runtime")
 }
@@ -529,4 +539,61 @@ fn python_poll_cases() {
             Err(Error::InvalidState(_))
         ));
     }
+}
+
+// ----------------------------------------------------------------------------- outages --
+
+/// Redis not running scripts for longer than the lease (`CLIENT PAUSE WRITE`, as a failover
+/// does) is nobody's death: the holds of the live ends are renewed when it ends, the ends stay
+/// open and what was sent before is still read, and no end of file comes.
+#[test]
+fn an_outage_longer_than_the_lease_closes_no_live_end() {
+    let server = TestRedis::tcp();
+    let _rt = runtime_on(&server);
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    let (a, b) = Pipe::new::<u32>(true).expect("duplex pipe");
+    writer.send(&1).expect("send");
+    a.send(&10).expect("send");
+    pause_writes(&server.url(), 2 * LEASE.as_millis() as u64);
+    std::thread::sleep(2 * LEASE + Duration::from_millis(100));
+    writer.send(&2).expect("the writer still holds its end");
+    assert_eq!(reader.recv().expect("sent before the outage"), 1);
+    assert_eq!(reader.recv().expect("sent after it"), 2);
+    assert!(
+        !reader
+            .poll(Some(Duration::from_millis(300)))
+            .expect("no end of file: the writer lives"),
+    );
+    assert_eq!(b.recv().expect("sent before the outage"), 10);
+    b.send(&20).expect("both ends of the duplex pipe are open");
+    assert_eq!(a.recv().expect("recv"), 20);
+}
+
+/// A holder that died just before an outage longer than the lease is still reaped, about a
+/// lease after the outage ended: the other end reads end of file.
+#[test]
+fn a_holder_that_died_before_an_outage_is_reaped_a_lease_after_it() {
+    let server = TestRedis::tcp();
+    let _rt = runtime_on(&server);
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    let ready = Event::new().expect("event");
+    let p = Process::new(hold_and_wait, (writer.clone(), ready.clone()));
+    p.start().expect("start");
+    writer.close().expect("close");
+    assert!(ready.wait(Some(Duration::from_secs(20))).expect("ready"));
+    assert_eq!(reader.recv().expect("recv"), 7);
+    p.kill().expect("SIGKILL");
+    p.join(None).expect("join");
+    pause_writes(&server.url(), 2 * LEASE.as_millis() as u64);
+    std::thread::sleep(2 * LEASE + Duration::from_millis(100));
+    let started = Instant::now();
+    assert!(
+        matches!(reader.recv(), Err(Error::Closed(_))),
+        "EOF once the lease lapsed after the outage"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited < LEASE + Duration::from_secs(3),
+        "EOF after {waited:?} (lease {LEASE:?})"
+    );
 }

@@ -755,3 +755,63 @@ fn handles_travel_to_a_child_as_arguments() {
     p.join(None).expect("join");
     assert_eq!(read_file(&path), "done");
 }
+
+// ------------------------------------------------------------- conditions: stopped waiters --
+
+#[shoal::remote]
+fn wait_for_a_notification(cond: Condition, out: Queue<String>) {
+    cond.acquire().expect("acquire");
+    // The async form: its wait's reads are the actor runtime's, which go on after SIGSTOP and
+    // SIGCONT (a blocking socket read with a timeout fails with EINTR then).
+    let notified = futures::executor::block_on(cond.wait_async(None)).expect("wait");
+    out.put(format!("woke {notified}")).expect("put");
+    cond.release().expect("release");
+}
+
+/// A waiter stopped (`SIGSTOP`) for longer than it counts as alive without checking in is
+/// taken for dead by a `notify(1)`, which finds no live waiter: it is woken all the same, and
+/// once it resumes its wait returns (as notified), instead of queueing itself again while the
+/// notification went to nobody.
+#[test]
+fn a_waiter_stopped_past_its_liveness_still_gets_the_notification() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let cond = Condition::new(None).expect("condition");
+    let out: Queue<String> = Queue::new().expect("queue");
+    let child = Process::new(wait_for_a_notification, (cond.clone(), out.clone()));
+    child.start().expect("start");
+    let mut queued = || {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("shoal:*:cond:*:waiters")
+            .query(&mut raw)
+            .expect("keys");
+        keys.len() == 1
+            && redis::cmd("LLEN")
+                .arg(&keys[0])
+                .query::<u64>(&mut raw)
+                .expect("llen")
+                == 1
+    };
+    assert!(
+        shoal_integration_tests::wait_for(Duration::from_secs(20), &mut queued),
+        "the child waits on the condition"
+    );
+    let pid = Pid::from_raw(child.pid().expect("pid") as i32);
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    // Three seconds without a check-in: taken for dead.
+    std::thread::sleep(Duration::from_secs(4));
+    cond.acquire().expect("acquire");
+    cond.notify(1).expect("notify");
+    cond.release().expect("release");
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    let woke = out.get_timeout(Duration::from_secs(10));
+    if woke.is_err() {
+        let _ = child.kill();
+    }
+    assert_eq!(woke.expect("the child woke up"), "woke true");
+    child.join(Some(Duration::from_secs(20))).expect("join");
+    assert_eq!(child.exitcode(), Some(0));
+}

@@ -8,7 +8,17 @@
 //! generation; it can be used any number of times. An action ([`Barrier::with_action`]: a
 //! `#[shoal::remote]` function and its arguments, so any process can run it) runs exactly once per
 //! generation, in the last caller to arrive, before the others are released; if it fails, the
-//! barrier breaks and that caller gets the action's error. A timeout (the call's, else the
+//! barrier breaks and that caller gets the action's error. A caller cannot time out while the
+//! action runs (Python's action holds the lock a waiter needs to): it is released (or broken)
+//! with the others when the action ends. If the process running the action dies in it, the
+//! barrier breaks as for an action that failed: the runner holds a lease (`sync.lease_secs`,
+//! on Redis's clock) that its heartbeat renews while the action runs, and once it lapsed and
+//! stayed lapsed for half a lease after a waiter saw it lapsed (so a runner cut off by an outage
+//! has that long to renew once Redis is back), the next waiter to check in breaks the barrier:
+//! every waiter gets [`Error::BrokenBarrier`] about a lease and a half after the runner died, or
+//! at its timeout if that is later. The runner's release (or failure) is sent again while
+//! Redis is out of reach (for at most `redis.response_timeout_secs`); both are harmless to
+//! repeat. A timeout (the call's, else the
 //! barrier's default) or [`Barrier::abort`] breaks the barrier: every current and later waiter
 //! gets [`Error::BrokenBarrier`] until [`Barrier::reset`], which also breaks the current waiters
 //! and starts a new generation. [`Barrier::parties`], [`Barrier::n_waiting`],
@@ -16,7 +26,10 @@
 //!
 //! # Keys (hash tag `{<ns>:barrier:<id>}`)
 //!
-//! `state` (hash: `parties`, `count`, `generation`, `broken`), `waiters` (list of the current
+//! `state` (hash: `parties`, `count`, `generation`, `broken`; `acting`: the lease expiry (ms,
+//! Redis's clock) of the runner of the action that runs, 0 when none does; `suspect`: when a
+//! waiter first saw that lease lapsed, 0 when none did; `released`: the last generation whose
+//! action's release was recorded), `waiters` (list of the current
 //! generation's waiters), `entering` (list of the callers that came while the last arrival ran
 //! the action: as in Python, they wait for that generation to end, then arrive again, in the
 //! next one), `wake:<waiter>` (list).
@@ -29,8 +42,11 @@
 //! outcome (passed, broken, run the action) is pushed to the caller's key by its own arrival,
 //! so its `BLPOP` returns at once. A pass of two processes thus costs each one write and one
 //! wake-up, where it cost the first arrival two round trips in a row (arrive, then wait). With
-//! an action: 2 for the last arrival (arrive, release). A wait longer than the first slice
-//! (100 ms) checks that the barrier exists and waits again, in one-second slices. `Barrier::new`
+//! an action: 2 for the last arrival (arrive, release), and its heartbeat renews its lease (1
+//! every third of the lease) while the action runs. A wait longer than the first slice
+//! (100 ms) checks that the barrier exists and waits again, in one-second slices; while every
+//! party arrived and the action runs (or past its deadline, held on for the action), a waiter
+//! checks in with `barrier_finish.lua` (`probe`) after each slice instead. `Barrier::new`
 //! loads the arrival script: after `NOSCRIPT` (Redis lost its scripts) the first slice is
 //! waited out before the script is loaded and the arrival written again (nothing had run).
 //!
@@ -50,8 +66,10 @@
 //! releases the others, and its action runs, whether or not its future is still there. As in
 //! `asyncio`, an arrival index may then repeat within that generation.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -61,6 +79,7 @@ use shoal_core::registry::{self, RemoteFn};
 use shoal_core::store::Store;
 
 use crate::common::{self, Address, PIPELINED_SLICE, next_slice, ttl};
+use crate::grants::lease;
 use crate::op::{self, Operation, Request, Step};
 
 /// Loaded when the barrier is created: a wait written behind an arrival that meets `NOSCRIPT`
@@ -212,8 +231,17 @@ impl Barrier {
             .arg(&keys.wake_prefix)
             .arg(op)
             .arg(generation)
-            .arg(waiter);
-        Request::script("ending a generation of", invocation)
+            .arg(waiter)
+            .arg(lease_ms());
+        let what = match op {
+            "renew" => "renewing the lease of the action of",
+            "probe" => "checking in at",
+            "timeout" | "withdraw" => "giving up on",
+            "reset" => "resetting",
+            "abort" => "aborting",
+            _ => "ending a generation of",
+        };
+        Request::script(what, invocation)
     }
 
     fn finish(&self, op: &str, generation: u64, waiter: &str) -> Result<String> {
@@ -383,6 +411,64 @@ fn waiting_of((count, broken): (u32, bool)) -> u32 {
     if broken { 0 } else { count }
 }
 
+/// The lease of the runner of an action (`sync.lease_secs`), in ms, for the scripts.
+fn lease_ms() -> u64 {
+    lease().as_millis() as u64
+}
+
+/// The actions this process runs now (each from its arrival until its release or failure is
+/// recorded), by a number of their own: the barrier and the generation. The heartbeat renews
+/// their runner's leases.
+static RUNNING: LazyLock<Mutex<HashMap<u64, (Barrier, u64)>>> = LazyLock::new(Default::default);
+
+fn running() -> std::sync::MutexGuard<'static, HashMap<u64, (Barrier, u64)>> {
+    RUNNING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// This process runs the action of a generation: its lease (taken by the arrival that made it
+/// the runner) is renewed every third of the lease until this is dropped.
+struct RunnerLease(u64);
+
+impl RunnerLease {
+    fn start(barrier: &Barrier, generation: u64) -> RunnerLease {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        running().insert(id, (barrier.clone(), generation));
+        common::on_heartbeat(renew_runners);
+        RunnerLease(id)
+    }
+}
+
+impl Drop for RunnerLease {
+    fn drop(&mut self) {
+        running().remove(&self.0);
+    }
+}
+
+/// The heartbeat: renews the lease of every action this process runs (`renew`), one script
+/// each. A failure is logged: the waiters break the barrier only once the lease stayed lapsed
+/// for half a lease after one of them saw it lapsed.
+fn renew_runners() {
+    let actions: Vec<(Barrier, u64)> = running().values().cloned().collect();
+    if actions.is_empty() {
+        return;
+    }
+    let Ok(store) = common::store() else {
+        return;
+    };
+    for (barrier, generation) in actions {
+        let renewed = op::run_single(
+            &store,
+            || barrier.address.describe(),
+            barrier.finish_request(&store, "renew", generation, ""),
+            |reply| barrier.finished(reply),
+        );
+        if let Err(e) = renewed {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
 /// Runs a barrier's action in this process; its failure is a task error.
 fn run_action(action: &Action, limit: usize) -> Result<()> {
     let outcome = match registry::resolve(&action.function) {
@@ -419,8 +505,15 @@ struct BarrierWait {
     /// Past its deadline, the caller waits on for the end of a generation whose action runs
     /// (it came during it, or every party had arrived): Python's caller cannot time out while
     /// the action holds the barrier's lock. A caller that then arrives late gives up after
-    /// its arrival, as Python's does.
+    /// its arrival, as Python's does. It checks in after each slice all the same (`probe`):
+    /// the barrier breaks if the action's runner is gone.
     hold_on: bool,
+    /// This caller runs the action: its lease, renewed until the release (or the failure) is
+    /// recorded.
+    runner: Option<RunnerLease>,
+    /// The release (or failure) could not reach Redis since then: it is sent again, for at most
+    /// `redis.response_timeout_secs`.
+    unreachable_since: Option<Instant>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -429,8 +522,11 @@ enum BarrierState {
     Acting,
     Releasing,
     Breaking,
+    /// Waiting to send the release (`Releasing`) or the failure (`Breaking`) again.
+    Retrying(bool),
     Popping,
     Checking,
+    Probing,
     GivingUp,
 }
 
@@ -447,6 +543,8 @@ impl BarrierWait {
             action_error: None,
             withdrawing: false,
             hold_on: false,
+            runner: None,
+            unreachable_since: None,
         }
     }
 
@@ -465,6 +563,42 @@ impl BarrierWait {
         }
     }
 
+    /// A check-in after a slice while the action runs (`probe`): a wake-up that came, `wait`,
+    /// or `broken` once the action's runner is gone.
+    fn probe(&mut self, store: &Store) -> Step<u32> {
+        self.state = BarrierState::Probing;
+        Step::Next(self.barrier.finish_request(store, "probe", 0, &self.waiter))
+    }
+
+    /// The action's outcome for its generation: `release` (`ok`) or `fail`.
+    fn finish_action(&mut self, store: &Store, ok: bool) -> Step<u32> {
+        self.state = if ok {
+            BarrierState::Releasing
+        } else {
+            BarrierState::Breaking
+        };
+        let how = if ok { "release" } else { "fail" };
+        Step::Next(self.barrier.finish_request(store, how, self.generation, ""))
+    }
+
+    /// After the release or failure failed with `e`: sends it again in 200 ms if Redis is out of
+    /// reach (both are harmless to repeat), for at most the response timeout.
+    fn retry_action_outcome(&mut self, store: &Store, ok: bool, e: Error) -> Step<u32> {
+        let limit = store.settings().response_timeout;
+        let since = *self.unreachable_since.get_or_insert_with(Instant::now);
+        if !e.is_store_unreachable() || since.elapsed() >= limit {
+            self.runner = None;
+            return Step::Done(Err(self.barrier.address.error(e)));
+        }
+        tracing::debug!("{e}; retrying");
+        self.state = BarrierState::Retrying(ok);
+        let pause = Duration::from_millis(200).min(limit);
+        Step::Next(Request::local("waiting to retry", move || {
+            std::thread::sleep(pause);
+            Ok(redis::Value::Okay)
+        }))
+    }
+
     fn give_up(&mut self, store: &Store, how: &str) -> Step<u32> {
         self.state = BarrierState::GivingUp;
         self.withdrawing = how == "withdraw";
@@ -473,6 +607,10 @@ impl BarrierWait {
 
     /// What a wake-up or an outcome says.
     fn outcome(&mut self, store: &Store, message: &[u8]) -> Step<u32> {
+        if message == b"wait" && self.state == BarrierState::Probing {
+            // Nothing came, and the action (if any) runs on.
+            return self.slice(store);
+        }
         self.hold_on = false;
         match message {
             b"go" => Step::Done(Ok(self.index)),
@@ -508,7 +646,9 @@ impl Operation for BarrierWait {
 
     fn abandon(&mut self, store: &Store) -> Step<u32> {
         match self.state {
-            BarrierState::Popping | BarrierState::Checking => self.give_up(store, "withdraw"),
+            BarrierState::Popping | BarrierState::Checking | BarrierState::Probing => {
+                self.give_up(store, "withdraw")
+            }
             _ => Step::Done(Err(op::abandoned())),
         }
     }
@@ -538,7 +678,8 @@ impl BarrierWait {
                 "1"
             } else {
                 "0"
-            });
+            })
+            .arg(lease_ms());
         Step::Next(Request::script_then_blocking(
             "arriving at",
             invocation,
@@ -573,6 +714,7 @@ impl BarrierWait {
                         let Some(action) = self.barrier.action.clone() else {
                             return Step::Done(Ok(self.index));
                         };
+                        self.runner = Some(RunnerLease::start(&self.barrier, self.generation));
                         self.state = BarrierState::Acting;
                         let limit = store.settings().max_message_bytes;
                         Step::Next(Request::local("running the action of", move || {
@@ -590,27 +732,37 @@ impl BarrierWait {
                 }
             }
             BarrierState::Acting => {
-                let how = match reply {
-                    Ok(_) => {
-                        self.state = BarrierState::Releasing;
-                        "release"
-                    }
+                let ok = match reply {
+                    Ok(_) => true,
                     Err(e) => {
                         self.action_error = Some(e);
-                        self.state = BarrierState::Breaking;
-                        "break"
+                        false
                     }
                 };
-                Step::Next(self.barrier.finish_request(store, how, self.generation, ""))
+                self.finish_action(store, ok)
             }
+            BarrierState::Retrying(ok) => self.finish_action(store, ok),
             BarrierState::Breaking => match reply {
-                Err(e) => Step::Done(Err(address.error(e))),
-                Ok(_) => Step::Done(Err(self
-                    .action_error
-                    .take()
-                    .unwrap_or(Error::BrokenBarrier))),
+                Err(e) => self.retry_action_outcome(store, false, e),
+                Ok(_) => {
+                    self.runner = None;
+                    Step::Done(Err(self
+                        .action_error
+                        .take()
+                        .unwrap_or(Error::BrokenBarrier)))
+                }
             },
-            BarrierState::Releasing | BarrierState::GivingUp => {
+            BarrierState::Releasing => match reply {
+                Err(e) => self.retry_action_outcome(store, true, e),
+                Ok(reply) => {
+                    self.runner = None;
+                    match op::parse::<Vec<u8>>(Ok(reply), "a barrier outcome") {
+                        Err(e) => Step::Done(Err(address.error(e))),
+                        Ok(message) => self.outcome(store, &message),
+                    }
+                }
+            },
+            BarrierState::Probing | BarrierState::GivingUp => {
                 match op::parse::<Vec<u8>>(reply, "a barrier outcome") {
                     Err(e) => Step::Done(Err(address.error(e))),
                     Ok(message) => self.outcome(store, &message),
@@ -620,6 +772,9 @@ impl BarrierWait {
                 match op::parse::<Option<(String, Vec<u8>)>>(reply, "a wake-up") {
                     Err(e) => Step::Done(Err(address.error(e))),
                     Ok(Some((_, message))) => self.outcome(store, &message),
+                    // Held on for an action (past the deadline, or come while it runs): still
+                    // running, its runner alive? (A deleted barrier is an error there too.)
+                    Ok(None) if self.hold_on => self.probe(store),
                     Ok(None) => {
                         // Still there? (a deleted barrier is an error, not a wait forever)
                         self.state = BarrierState::Checking;
@@ -629,6 +784,8 @@ impl BarrierWait {
             }
             BarrierState::Checking => match self.barrier.checked_from(reply) {
                 Err(e) => Step::Done(Err(e)),
+                // Every party arrived: the action runs. Its runner alive?
+                Ok((count, false)) if count >= self.barrier.parties => self.probe(store),
                 Ok(_) => self.slice(store),
             },
         }

@@ -1,9 +1,12 @@
 -- Barrier.wait, first step: arrive. The caller's BLPOP on its own wake key is written right
 -- behind this call (one round trip): every outcome but "wait" is also pushed to that key, so the
 -- BLPOP returns at once; a caller that waits is woken by the last arrival's push.
--- KEYS[1] state hash (parties, count, generation, broken), KEYS[2] waiters list, KEYS[3] the
--- callers entering while the last arrival runs the action
--- ARGV[1] TTL, ARGV[2] wake key prefix, ARGV[3] waiter id, ARGV[4] '1' when there is an action
+-- KEYS[1] state hash (parties, count, generation, broken, acting, suspect, released: see
+-- barrier.rs), KEYS[2] waiters list, KEYS[3] the callers entering while the last arrival runs
+-- the action
+-- ARGV[1] TTL, ARGV[2] wake key prefix, ARGV[3] waiter id, ARGV[4] '1' when there is an action,
+-- ARGV[5] the lease (ms): the runner of the action holds one from now (Redis's clock), which
+-- its heartbeat renews while the action runs
 -- Returns {code, arrival index, generation}: code 0 broken, 1 wait, 2 passed (this caller was the
 -- last and released the others), 3 run the action then release (this caller was the last), 4
 -- wait for the generation whose action runs to end, then arrive again (woken with 'again',
@@ -44,7 +47,9 @@ if count < parties then
   return {1, index, generation}
 end
 if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 'count', count)
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  redis.call('HSET', KEYS[1], 'count', count, 'acting', now + tonumber(ARGV[5]), 'suspect', 0)
   answer('act')
   return {3, index, generation}
 end

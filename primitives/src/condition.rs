@@ -12,13 +12,18 @@
 //! [`Condition::wait_for`] waits until a predicate (evaluated with the lock held) is true.
 //!
 //! No lost wake-ups: queueing the waiter and releasing the lock are one script, so a notify that
-//! follows the release always finds the waiter queued.
+//! follows the release always finds the waiter queued. A queued waiter checks in every second;
+//! one that missed its check-ins for three seconds (dead, or stopped, or cut off for a while)
+//! does not count for `notify(n)`, but it is woken all the same, as it may still be alive: it
+//! would otherwise queue itself again at its next check-in, and the notification would have gone
+//! to nobody. Alive, it returns from `wait` as notified (a spurious wake-up, which
+//! [`Condition::wait_for`] absorbs by testing its predicate again); dead, its wake key expires.
 //!
 //! # Keys
 //!
 //! Under the lock's hash tag (so one script touches both): `cond:<id>:waiters` (list),
-//! `cond:<id>:waiting` (hash: waiter → liveness deadline), `cond:<id>:wake:<waiter>`; the lock's
-//! own keys as in `grants.rs`.
+//! `cond:<id>:waiting` (hash: waiter → liveness deadline, ms on Redis's clock),
+//! `cond:<id>:wake:<waiter>`; the lock's own keys as in `grants.rs`.
 //!
 //! # Round trips
 //!
@@ -55,7 +60,7 @@ use serde::{Deserialize, Serialize};
 use shoal_core::error::{Error, Result};
 use shoal_core::store::Store;
 
-use crate::common::{self, deadline, hold_methods, liveness};
+use crate::common::{self, deadline, hold_methods, liveness, now_ms};
 use crate::event::{WaitList, WakeWait, Woke};
 use crate::grants::{self, Acquire, GrantKeys, GrantObject};
 use crate::lock::{Lock, RLock};
@@ -462,7 +467,9 @@ impl Operation for CondWait {
             .arg(&self.holder)
             .arg(self.token)
             .arg(&self.waiter)
-            .arg(liveness());
+            // How long the waiter counts as alive without checking in: the script records the
+            // deadline on Redis's clock.
+            .arg(liveness().saturating_sub(now_ms()));
         Step::Next(Request::script("waiting on a condition of", invocation))
     }
 

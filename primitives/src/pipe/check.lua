@@ -7,6 +7,7 @@
 if not exists() then
   return redis.error_reply('GONE the pipe does not exist')
 end
+resume()
 reap()
 local me = tonumber(ARGV[3])
 return { is_closed(me) and 1 or 0, redis.call('LLEN', inbox[me + 1]),

@@ -4,6 +4,7 @@
 if not exists() then
   return redis.error_reply('GONE the pipe does not exist')
 end
+resume()
 let_go(tonumber(ARGV[3]), ARGV[4])
 reap()
 return 1

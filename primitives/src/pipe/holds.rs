@@ -69,7 +69,6 @@ fn claim(store: &Store, address: &Address, end: u8, transfer: Option<&str>) -> R
                     .arg(end)
                     .arg(transfer.unwrap_or(""))
                     .arg(process_holder())
-                    .arg(lease_expiry())
                     .invoke(c)
             },
         )
@@ -196,7 +195,6 @@ fn renew_all() {
             || format!("renewing the holds of {}", address.describe()),
             |c| {
                 let mut invocation = keys.invocation(&RENEW, &store);
-                invocation.arg(lease_expiry());
                 for (end, holder) in &holds {
                     invocation.arg(*end).arg(holder);
                 }

@@ -42,7 +42,17 @@
 //!   process's heartbeat thread renews its holds every third of `sync.lease_secs` (the lease
 //!   that locks use); the holds of a process that died (SIGKILL included) lapse after the lease,
 //!   and the next script run on the pipe removes them (*reaps*: every send, a reader's check-in
-//!   every second of waiting, `poll`, and the heartbeats of other holders).
+//!   every second of waiting, `poll`, and the heartbeats of other holders). Leases run on
+//!   Redis's clock (the scripts read `TIME`), never a process's.
+//! * **Outages.** While Redis is out of reach (down, `CLIENT PAUSE`, a failover), no holder can
+//!   renew, and a live holder must not be taken for dead when it ends. Every script but
+//!   `send.lua` records when it ran on the pipe (`ran`); since every live holder's heartbeat
+//!   runs one every third of the lease, a gap of over half a lease means nobody reached Redis
+//!   meanwhile, and the first script after it moves every hold's expiry forward by the gap
+//!   before it reaps (a `send` that sees such a gap takes the reaping path). So an outage of any length closes no
+//!   live end and loses no message, and a holder that died before or during it lapses about a
+//!   lease after Redis is back. A gap with another cause (the heartbeats of every live holder
+//!   stalled at once) extends the holds the same way, which only postpones a reap.
 //! * **Transfers.** A handle reaches another process as a serde value (a `Process` argument, an
 //!   item of a queue...). Serializing it registers a *transfer*, a hold under a fresh id that the
 //!   sending process renews, and writes that id into the value; deserializing it *claims* the
@@ -69,16 +79,18 @@
 //!
 //! # Keys (hash tag `{<ns>:pipe:<id>}`)
 //!
-//! `state` (hash: `duplex`, `closed:0`, `closed:1`, `refreshed`, `reap_at`), `holders:0`,
-//! `holders:1` (hashes: holder → lease expiry in ms; a holder is a process id or a transfer id),
+//! `state` (hash: `duplex`, `closed:0`, `closed:1`, `refreshed`, `reap_at` (no hold lapses
+//! before it), `ran` (when a script other than `send` last ran on the pipe); times in ms of
+//! Redis's clock), `holders:0`, `holders:1` (hashes: holder → lease expiry in ms of Redis's
+//! clock; a holder is a process id or a transfer id),
 //! `inbox:0`, `inbox:1` (lists of messages to that end: `0x00` + the payload, which is a codec
 //! payload for `send` and the bytes for `send_bytes`; the empty string for end of file).
 //!
 //! # Round trips
 //!
 //! `Pipe::new`: 1. `send`/`send_bytes`: 1 (`send.lua`; TTLs are set when the inbox is created
-//! and refreshed every tenth of `redis.expiry_secs`), 2 when a hold may have lapsed
-//! (`send_reaping.lua` reaps, then sends). `recv`: 1 (`BLPOP`, plus one
+//! and refreshed every tenth of `redis.expiry_secs`), 2 when a hold may have lapsed or an
+//! outage just ended (`send_reaping.lua` reaps, then sends). `recv`: 1 (`BLPOP`, plus one
 //! `check.lua` per second of waiting). `poll`: 1 (`check.lua`, or `BLMOVE` from the
 //! inbox to itself, which waits without taking). Clone: none. Close (or drop) of a handle: none,
 //! or 1 for the process's last handle of the end (`close.lua`; a drop inside a Tokio runtime
@@ -138,9 +150,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use shoal_core::error::{Error, Result};
 use shoal_core::store::Store;
 
-use crate::common::{
-    self, Address, blpop_seconds, deadline, next_slice, now_ms, process_holder, ttl,
-};
+use crate::common::{self, Address, blpop_seconds, deadline, next_slice, process_holder, ttl};
 use crate::grants::lease;
 use crate::op::{self, Operation, Request, Step};
 
@@ -167,6 +177,7 @@ static CLOSE: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("cl
 static TRANSFER: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("transfer.lua")));
 static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("claim.lua")));
 static RENEW: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("renew.lua")));
+static CREATE: LazyLock<redis::Script> = LazyLock::new(|| script(include_str!("create.lua")));
 
 /// First byte of every message (the empty message is end of file).
 const DATA: u8 = 0;
@@ -189,7 +200,8 @@ impl PipeKeys {
         }
     }
 
-    /// An invocation of `script` with the five keys, now and the TTL.
+    /// An invocation of `script` with the five keys, the lease (ms) and the TTL. The scripts
+    /// read the time from Redis's clock, never this process's.
     fn invocation<'a>(
         &self,
         script: &'a redis::Script,
@@ -202,15 +214,10 @@ impl PipeKeys {
             .key(&self.holders[1])
             .key(&self.inbox[0])
             .key(&self.inbox[1])
-            .arg(now_ms())
+            .arg(lease().as_millis() as u64)
             .arg(ttl(store));
         invocation
     }
-}
-
-/// When a hold taken or renewed now lapses.
-fn lease_expiry() -> u64 {
-    now_ms() + lease().as_millis() as u64
 }
 
 /// Creates pipes.
@@ -226,30 +233,14 @@ impl Pipe {
         let (context, address) = Address::create("pipe")?;
         let store = context.store();
         let keys = PipeKeys::new(&address);
-        let expiry = lease_expiry();
-        let me = process_holder();
         store
             .with_conn(
                 || format!("creating {}", address.describe()),
                 |c| {
-                    let mut pipe = redis::pipe();
-                    pipe.hset_multiple(
-                        &keys.state,
-                        &[
-                            ("duplex", u64::from(duplex)),
-                            ("closed:0", 0),
-                            ("closed:1", 0),
-                            ("reap_at", expiry),
-                        ],
-                    )
-                    .ignore();
-                    for holders in &keys.holders {
-                        pipe.hset(holders, me, expiry).ignore();
-                        pipe.expire(holders, ttl(store) as i64).ignore();
-                    }
-                    pipe.expire(&keys.state, ttl(store) as i64)
-                        .ignore()
-                        .query::<()>(c)
+                    keys.invocation(&CREATE, store)
+                        .arg(u8::from(duplex))
+                        .arg(process_holder())
+                        .invoke::<u64>(c)
                 },
             )
             .map_err(|e| address.error(e))?;
@@ -559,7 +550,6 @@ impl<T> Connection<T> {
                 keys.invocation(&TRANSFER, &store)
                     .arg(self.end)
                     .arg(&id)
-                    .arg(lease_expiry())
                     .invoke::<u64>(c)
             },
         );
