@@ -244,7 +244,10 @@ impl Error {
 
     /// True when Redis could not be reached or did not answer (connection refused or dropped,
     /// I/O error, timeout), as opposed to a reply Redis gave. Such a failure says nothing about
-    /// the operation or the worker that ran it: the store is away.
+    /// the operation or the worker that ran it: the store is away. So are the replies by which
+    /// Redis refuses a command it did not apply while it cannot serve writes for a while:
+    /// `READONLY` (a primary demoted in a failover), `LOADING` (a restart reading its data),
+    /// `MASTERDOWN`, `TRYAGAIN` and `CLUSTERDOWN`: sending the command again is safe.
     ///
     /// Not when Redis refused the credentials (a wrong password is not fixed by waiting, and
     /// must not pass for a store that went away), nor when its reply could not be read as the
@@ -254,10 +257,21 @@ impl Error {
             // redis-rs's `is_unrecoverable_error` is deliberately not here: it also holds for
             // `AuthenticationFailed` and `Parse` (a reply that did not convert), both answers.
             Error::Redis { source, .. } => {
+                use redis::{ErrorKind, ServerErrorKind};
                 source.is_io_error()
                     || source.is_timeout()
                     || source.is_connection_dropped()
                     || source.is_connection_refusal()
+                    || matches!(
+                        source.kind(),
+                        ErrorKind::Server(
+                            ServerErrorKind::ReadOnly
+                                | ServerErrorKind::BusyLoading
+                                | ServerErrorKind::MasterDown
+                                | ServerErrorKind::TryAgain
+                                | ServerErrorKind::ClusterDown
+                        )
+                    )
             }
             _ => false,
         }

@@ -131,3 +131,92 @@ fn a_wrong_password_is_refused_at_once_and_not_taken_for_a_store_away() {
     assert!(e.to_string().contains("authentication failed"), "{e}");
     assert!(!e.to_string().contains("wrong"), "the password leaked: {e}");
 }
+
+/// Sends `REPLICAOF <args>` to the server at `url`.
+fn replicaof(url: &str, args: &[&str]) {
+    let mut admin = redis::Client::open(url)
+        .expect("client")
+        .get_connection()
+        .expect("connection");
+    redis::cmd("REPLICAOF")
+        .arg(args)
+        .query::<()>(&mut admin)
+        .expect("REPLICAOF");
+}
+
+/// Sleeps `ms`, then returns it.
+#[shoal::remote]
+fn nap(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+/// A Redis that refuses writes for a while without applying them (`READONLY`: a primary
+/// demoted during a failover; likewise `LOADING`, `MASTERDOWN`, `TRYAGAIN`, `CLUSTERDOWN`) is a
+/// store out of reach, not an answer: a pool's workers, feeder and supervisor send their
+/// writes again until it takes them, and nothing counts as a worker crash. Before, the workers
+/// failed on `READONLY` and their exits spent the restart budget: the pool broke.
+#[test]
+fn a_pool_rides_out_a_primary_demoted_for_a_while() {
+    let redis = TestRedis::tcp();
+    let _rt = runtime(&redis);
+    let pool = Pool::builder()
+        .processes(2)
+        .restart_budget(0, Duration::from_secs(60))
+        .build()
+        .expect("pool");
+    let call = pool
+        .map_async_with(nap, vec![100u64; 30], AsyncOptions::new().chunksize(1))
+        .expect("map_async");
+    let counter = Value::new(0i64).expect("value");
+    std::thread::sleep(Duration::from_millis(300));
+    // A primary that nothing answers (port 1): the server is a replica, serving reads only.
+    replicaof(&redis.url(), &["127.0.0.1", "1"]);
+    // A primitive's write then fails at once, as while Redis is away, and says why (its
+    // script took the refusal for an overflow before).
+    let refused = counter.fetch_add(1);
+    std::thread::sleep(Duration::from_millis(2_000));
+    match refused {
+        Err(e) => assert!(
+            e.is_store_unreachable() && e.to_string().contains("read only"),
+            "{e}"
+        ),
+        Ok(_) => panic!("an add was applied on a replica"),
+    }
+    replicaof(&redis.url(), &["NO", "ONE"]);
+    assert_eq!(
+        call.get(Some(Duration::from_secs(30))).expect("the map"),
+        vec![100u64; 30]
+    );
+    assert_eq!(
+        pool.map(nap, vec![1u64, 2]).expect("the next map"),
+        vec![1, 2]
+    );
+}
+
+/// A pooled connection that the server closed while it sat idle (its `timeout`, as a proxy or
+/// a managed Redis does) is not handed out: the next command goes on a connection that works.
+/// It failed ("connection dropped"), not knowing whether it was applied, before.
+#[test]
+fn idle_connections_the_server_closed_are_not_handed_out() {
+    let redis = TestRedis::tcp();
+    let _rt = runtime(&redis);
+    let counter = Value::new(0i64).expect("value");
+    counter.fetch_add(1).expect("add");
+    let mut admin = redis::Client::open(redis.url())
+        .expect("client")
+        .get_connection()
+        .expect("connection");
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("timeout")
+        .arg(1)
+        .query::<()>(&mut admin)
+        .expect("CONFIG SET timeout");
+    // The server closes connections idle for a second (it checks a few times a second).
+    std::thread::sleep(Duration::from_millis(2_500));
+    counter
+        .fetch_add(1)
+        .expect("an add after the idle connections were closed");
+    assert_eq!(counter.get().expect("get"), 2);
+}

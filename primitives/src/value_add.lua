@@ -20,8 +20,13 @@ else
   new = redis.pcall('HINCRBY', KEYS[1], ARGV[5], ARGV[2])
 end
 -- Refused by Redis: the stored value is not an integer (not written by shoal), or the sum
--- leaves 64 bits. Nothing was written.
+-- leaves 64 bits. Nothing was written. Any other refusal (READONLY: a primary demoted in a
+-- failover; OOM) is passed on as it is: the caller tells those apart.
 if type(new) == 'table' then
+  local why = tostring(new.err)
+  if not (string.find(why, 'overflow', 1, true) or string.find(why, 'not an integer', 1, true)) then
+    return new
+  end
   if not (old and string.match(old, '^-?%d+$')) then
     return redis.error_reply('CORRUPT the stored value is not an integer')
   end

@@ -657,6 +657,11 @@ impl Config {
             let section_map = root
                 .entry(Value::String(section.clone()))
                 .or_insert_with(|| Value::Mapping(Mapping::new()));
+            // A section whose keys are all commented out (`redis:` alone) reads as null, which
+            // the file alone takes for an empty section: so does an override.
+            if section_map.is_null() {
+                *section_map = Value::Mapping(Mapping::new());
+            }
             let Value::Mapping(section_map) = section_map else {
                 return Err(Error::Config {
                     origin: file_origin,
@@ -1367,6 +1372,16 @@ mod tests {
         config.sync.lease_secs = 1.0;
         config.pool.task_lease_secs = 2.0;
         config.validate().expect("every lease within the expiry");
+    }
+
+    #[test]
+    fn an_override_of_a_section_whose_keys_are_all_commented_out_applies() {
+        let c = Config::from_layers(
+            Some(("shoal.yaml", "redis:\n  # url: redis://elsewhere/\n")),
+            env(&[("SHOAL_REDIS_URL", "redis://127.0.0.1:6390/")]),
+        )
+        .expect("an empty section takes an override");
+        assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:6390/"));
     }
 
     #[test]

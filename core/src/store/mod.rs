@@ -226,7 +226,14 @@ impl<C> IdlePool<C> {
 struct Pooled {
     conn: redis::Connection,
     read_timeout: Option<Duration>,
+    /// When its last command ended (or it was opened).
+    used: std::time::Instant,
 }
+
+/// An idle pooled connection unused for this long is checked (`PING`) before it is handed
+/// out: a server's `timeout`, a proxy or a managed Redis may have closed it meanwhile, and a
+/// command sent on a closed connection fails without telling whether it was applied.
+const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 impl Pooled {
     /// Runs `f` with the socket's read timeout set to `read_timeout`; returns its result and
@@ -244,6 +251,7 @@ impl Pooled {
             self.read_timeout = read_timeout;
         }
         let result = f(&mut self.conn);
+        self.used = std::time::Instant::now();
         let outcome = match &result {
             Ok(_) => Outcome::Reusable,
             Err(e) => Outcome::of_error(e),
@@ -443,7 +451,7 @@ impl Store {
         context: impl FnOnce() -> String,
         f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
     ) -> Result<T> {
-        let read_timeout = block.map(|b| b + self.settings.response_timeout);
+        let read_timeout = block.map(|b| b.saturating_add(self.settings.response_timeout));
         self.run_pooled(read_timeout, context, f)
     }
 
@@ -461,7 +469,7 @@ impl Store {
         context: impl FnOnce() -> String,
         f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
     ) -> Result<T> {
-        let read_timeout = block.map(|b| b + self.settings.response_timeout);
+        let read_timeout = block.map(|b| b.saturating_add(self.settings.response_timeout));
         let pooled = match &mut held.pooled {
             Some(pooled) => pooled,
             None => {
@@ -498,6 +506,10 @@ impl Store {
         f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
     ) -> Result<T> {
         let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let taken = match taken {
+            Ok((pooled, number)) => self.checked_if_idle(pooled, number),
+            Err(number) => Err(number),
+        };
         let (mut pooled, number) = match taken {
             Ok(taken) => taken,
             Err(number) => match self.open_sync() {
@@ -508,6 +520,35 @@ impl Store {
         let (result, outcome) = pooled.run(read_timeout, f)?;
         self.put_back(pooled, number, outcome);
         result.map_err(|e| Error::redis(context(), e))
+    }
+
+    /// `pooled` (connection `number`, just taken from the idle ones) as it is, or, when it was
+    /// idle for [`CHECK_IDLE_AFTER`] or more, once a `PING` on it was answered. One that does
+    /// not answer is dropped as lost (with the idle ones opened before it): the number of the
+    /// connection to open instead.
+    fn checked_if_idle(
+        &self,
+        mut pooled: Pooled,
+        number: u64,
+    ) -> std::result::Result<(Pooled, u64), u64> {
+        if pooled.used.elapsed() < CHECK_IDLE_AFTER {
+            return Ok((pooled, number));
+        }
+        let timeout = Some(self.settings.response_timeout);
+        match pooled.run(timeout, |c| redis::cmd("PING").query::<()>(c)) {
+            Ok((Ok(()), Outcome::Reusable)) => Ok((pooled, number)),
+            Ok((_, outcome)) => {
+                tracing::debug!("an idle connection to Redis no longer answers: dropped");
+                let outcome = if outcome == Outcome::Reusable {
+                    Outcome::Discard
+                } else {
+                    outcome
+                };
+                self.put_back(pooled, number, outcome);
+                Err(self.idle.lock().unwrap_or_else(|p| p.into_inner()).number())
+            }
+            Err(_) => Err(self.idle.lock().unwrap_or_else(|p| p.into_inner()).number()),
+        }
     }
 
     /// Gives synchronous connection `number` back to the pool (see [`IdlePool::put_back`]).
@@ -530,6 +571,7 @@ impl Store {
         Ok(Pooled {
             conn,
             read_timeout: Some(self.settings.response_timeout),
+            used: std::time::Instant::now(),
         })
     }
 
@@ -559,7 +601,7 @@ impl Store {
     pub async fn dedicated(&self, block: Option<Duration>) -> Result<MultiplexedConnection> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.settings.connect_timeout))
-            .set_response_timeout(block.map(|b| b + self.settings.response_timeout));
+            .set_response_timeout(block.map(|b| b.saturating_add(self.settings.response_timeout)));
         self.client
             .get_multiplexed_async_connection_with_config(&config)
             .await
@@ -703,7 +745,7 @@ impl AsyncStore {
         context: impl FnOnce() -> String,
         request: Dedicated<'_>,
     ) -> Result<T> {
-        let response_timeout = block + self.store.settings.response_timeout;
+        let response_timeout = block.saturating_add(self.store.settings.response_timeout);
         let taken = self
             .blocking
             .lock()
