@@ -38,7 +38,7 @@ use shoal::prelude::*;
 #[shoal::remote]
 fn slow_square(x: u64, ms: u64, started: shoal::Value<u64>) -> u64 {
     started.fetch_add(1).expect("count");
-    let deadline = Instant::now() + Duration::from_millis(ms);
+    let deadline = Instant::now() + Duration::from_millis(ms.min(MOST_MS));
     while Instant::now() < deadline {
         if shoal::termination_requested() {
             return 0;
@@ -46,6 +46,35 @@ fn slow_square(x: u64, ms: u64, started: shoal::Value<u64>) -> u64 {
         std::thread::sleep(Duration::from_millis(1).min(Duration::from_millis(ms)));
     }
     x * x
+}
+
+/// The most items a request may ask for: a service bounds what one request can make it hold.
+const MOST_ITEMS: u64 = 100_000;
+
+/// The longest work an item may ask for.
+const MOST_MS: u64 = 60_000;
+
+/// A request asking for more than the service takes: 400, saying so.
+fn check_bounds(n: u64, ms: u64) -> Result<(), (StatusCode, String)> {
+    if n > MOST_ITEMS || ms > MOST_MS {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("n is at most {MOST_ITEMS} and ms at most {MOST_MS}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The sum of `squares`, or 422 when it does not fit in 64 bits.
+fn sum(squares: &[u64]) -> Result<Json<u64>, (StatusCode, String)> {
+    squares
+        .iter()
+        .try_fold(0u64, |total, x| total.checked_add(*x))
+        .map(Json)
+        .ok_or((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the sum does not fit in 64 bits".into(),
+        ))
 }
 
 #[derive(Clone)]
@@ -71,6 +100,7 @@ async fn sum_of_squares(
     State(app): State<App>,
     Query(p): Query<Params>,
 ) -> Result<Json<u64>, (StatusCode, String)> {
+    check_bounds(p.n, p.ms)?;
     let items = (0..p.n).map(move |x| (x, p.ms, app.started.clone()));
     let call = app
         .pool
@@ -82,7 +112,7 @@ async fn sum_of_squares(
         .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     // Awaiting the call blocks no thread; dropping it (the timeout) cancels it.
     match tokio::time::timeout(Duration::from_millis(p.timeout_ms), call.into_future()).await {
-        Ok(Ok(squares)) => Ok(Json(squares.iter().sum())),
+        Ok(Ok(squares)) => sum(&squares),
         Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
         Err(_) => Err((StatusCode::GATEWAY_TIMEOUT, "timed out: cancelled".into())),
     }
@@ -103,12 +133,13 @@ async fn squares(
     State(app): State<App>,
     Query(Size { n }): Query<Size>,
 ) -> Result<Json<u64>, (StatusCode, String)> {
+    check_bounds(n, 0)?;
     let call = app
         .pool
         .map_async(square, 0..n)
         .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     match call.await {
-        Ok(squares) => Ok(Json(squares.iter().sum())),
+        Ok(squares) => sum(&squares),
         Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }

@@ -17,8 +17,8 @@
 //! runs ([`ArrayWriter::as_finished`], [`ArrayWriter::clear`]). Error context (which key, which function) is a closure, called
 //! only when an element fails.
 
+use serde::Serialize;
 use serde::de::{DeserializeOwned, IgnoredAny};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
@@ -30,14 +30,35 @@ pub const FORMAT_VERSION: u8 = 1;
 /// 1 KB can nest a thousand deep (rmp-serde's own limit is 1024): at 2 to 4 KB of stack per
 /// level in an unoptimized build, that overflows a thread's 2 MB stack, which aborts the
 /// process. 128 levels, as `serde_json` allows, take 0.5 MB at most there. A value nested
-/// deeper can still be encoded: the reader refuses it.
+/// deeper can still be encoded: the reader refuses it. The other ways decoding recurses are
+/// limited by [`MAX_RECURSION`].
 pub const MAX_DEPTH: usize = 128;
 
-/// A deserializer of MessagePack `bytes` under [`MAX_DEPTH`].
-fn deserializer(bytes: &[u8]) -> rmp_serde::Deserializer<rmp_serde::decode::ReadReader<&[u8]>> {
+/// How many levels decoding may recurse through in all: each array, map and ext as in
+/// [`MAX_DEPTH`], and also each enum variant, `Some` and newtype struct, which rmp-serde does not
+/// count (an enum variant with data is a one-entry map that it reads itself; `Some` and a newtype
+/// take no byte at all). Without this limit, 1 MB of nested `{"Variant": ...}` maps, or 2 bytes
+/// read as `struct L(Option<Box<L>>)`, recurse until the stack overflows. Four times
+/// [`MAX_DEPTH`] leaves room for a few of these around each array or map of a value nested
+/// [`MAX_DEPTH`] deep (`struct Tree(Option<Vec<Tree>>)` takes three levels per array); in an
+/// unoptimized build, such a `Tree` or 512 nested enum variants take less than 1 MB of stack.
+pub const MAX_RECURSION: usize = 4 * MAX_DEPTH;
+
+/// The MessagePack deserializer of a payload's body.
+type Rmp<'a> = rmp_serde::Deserializer<rmp_serde::decode::ReadReader<&'a [u8]>>;
+
+/// A deserializer of MessagePack `bytes` under [`MAX_DEPTH`] (the [`MAX_RECURSION`] limit is
+/// [`read`]'s).
+fn deserializer(bytes: &[u8]) -> Rmp<'_> {
     let mut de = rmp_serde::Deserializer::new(bytes);
     de.set_max_depth(MAX_DEPTH);
     de
+}
+
+/// Reads one `T` from `de`, under [`MAX_DEPTH`] and [`MAX_RECURSION`]: every decoding goes
+/// through here.
+fn read<T: DeserializeOwned>(de: &mut Rmp<'_>) -> std::result::Result<T, rmp_serde::decode::Error> {
+    T::deserialize(limited::Limited::new(de, MAX_RECURSION))
 }
 
 /// Encodes `value` for storage at `key`, refusing payloads over `limit` bytes.
@@ -78,7 +99,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], key: &str, limit: usize) -> Res
         Some((&FORMAT_VERSION, body)) => {
             let mut de = deserializer(body);
             let value =
-                T::deserialize(&mut de).map_err(|e| codec_error(format!("cannot decode: {e}")))?;
+                read::<T>(&mut de).map_err(|e| codec_error(format!("cannot decode: {e}")))?;
             let trailing = de.get_ref().len();
             if trailing > 0 {
                 return Err(codec_error(format!(
@@ -242,7 +263,7 @@ pub struct Mark {
 
 /// Reads a MessagePack array one element at a time, each as its own type (see the module docs).
 pub struct ArrayReader<'a> {
-    de: rmp_serde::Deserializer<rmp_serde::decode::ReadReader<&'a [u8]>>,
+    de: Rmp<'a>,
     remaining: u32,
     /// Reading a single value, not an array: the payload must end after it.
     single: bool,
@@ -310,7 +331,7 @@ impl<'a> ArrayReader<'a> {
         }
         self.remaining -= 1;
         let start: &'a [u8] = self.de.get_ref();
-        match T::deserialize(&mut self.de) {
+        match read::<T>(&mut self.de) {
             Ok(value) => {
                 if self.single && !self.de.get_ref().is_empty() {
                     let trailing = self.de.get_ref().len();
@@ -324,7 +345,7 @@ impl<'a> ArrayReader<'a> {
             Err(e) => {
                 // The element may have been read part way: read it again, as anything.
                 self.de = deserializer(start);
-                if IgnoredAny::deserialize(&mut self.de).is_err() {
+                if read::<IgnoredAny>(&mut self.de).is_err() {
                     self.remaining = 0;
                 }
                 Err(codec_error(format!("cannot decode: {e}")))
@@ -339,7 +360,7 @@ impl<'a> ArrayReader<'a> {
             return false;
         }
         self.remaining -= 1;
-        if IgnoredAny::deserialize(&mut self.de).is_err() {
+        if read::<IgnoredAny>(&mut self.de).is_err() {
             self.remaining = 0;
             return false;
         }
@@ -403,6 +424,326 @@ fn payload_body<'a>(
             expected: expected.to_string(),
             reason: "empty payload".into(),
         }),
+    }
+}
+
+/// A serde deserializer adapter that counts every level decoding recurses through (see
+/// [`MAX_RECURSION`]): each `deserialize_*` call goes to the wrapped deserializer with the
+/// visitor wrapped, and the wrapped visitor takes one level from the budget when it enters a
+/// `Some`, a newtype struct, a sequence, a map or an enum, handing the rest on to the
+/// deserializers, seeds and accesses it passes down. A value that would go past the budget is an
+/// error, before any recursion.
+mod limited {
+    use serde::de::{self, DeserializeSeed, Deserializer, Visitor};
+    use std::fmt;
+
+    /// The error for a value nested past the budget.
+    #[cold]
+    fn too_deep<E: de::Error>() -> E {
+        E::custom(format_args!(
+            "depth limit exceeded: nested deeper than {} levels (arrays, maps, enum variants, \
+             options and newtypes counted)",
+            super::MAX_RECURSION
+        ))
+    }
+
+    /// What is left of `left` levels after entering one more.
+    #[inline]
+    fn enter<E: de::Error>(left: usize) -> Result<usize, E> {
+        left.checked_sub(1).ok_or_else(too_deep)
+    }
+
+    /// A deserializer that may recurse `left` more levels.
+    pub(super) struct Limited<D> {
+        de: D,
+        left: usize,
+    }
+
+    impl<D> Limited<D> {
+        /// `de`, allowed to recurse `left` levels.
+        pub(super) fn new(de: D, left: usize) -> Self {
+            Limited { de, left }
+        }
+    }
+
+    /// A visitor of a value that may recurse `left` more levels.
+    struct Visit<V> {
+        visitor: V,
+        left: usize,
+    }
+
+    /// A seed of a value that may recurse `left` more levels.
+    struct Seed<S> {
+        seed: S,
+        left: usize,
+    }
+
+    /// The elements of a sequence, or the entries of a map, or an enum and its variant, each of
+    /// which may recurse `left` more levels.
+    struct Access<A> {
+        access: A,
+        left: usize,
+    }
+
+    macro_rules! forward_deserialize {
+        ($($method:ident($($arg:ident: $ty:ty),*);)*) => {
+            $(
+                #[inline]
+                fn $method<V: Visitor<'de>>(
+                    self,
+                    $($arg: $ty,)*
+                    visitor: V,
+                ) -> Result<V::Value, D::Error> {
+                    self.de.$method($($arg,)* Visit { visitor, left: self.left })
+                }
+            )*
+        };
+    }
+
+    impl<'de, D: Deserializer<'de>> Deserializer<'de> for Limited<D> {
+        type Error = D::Error;
+
+        forward_deserialize! {
+            deserialize_any();
+            deserialize_bool();
+            deserialize_i8();
+            deserialize_i16();
+            deserialize_i32();
+            deserialize_i64();
+            deserialize_i128();
+            deserialize_u8();
+            deserialize_u16();
+            deserialize_u32();
+            deserialize_u64();
+            deserialize_u128();
+            deserialize_f32();
+            deserialize_f64();
+            deserialize_char();
+            deserialize_str();
+            deserialize_string();
+            deserialize_bytes();
+            deserialize_byte_buf();
+            deserialize_option();
+            deserialize_unit();
+            deserialize_unit_struct(name: &'static str);
+            deserialize_newtype_struct(name: &'static str);
+            deserialize_seq();
+            deserialize_tuple(len: usize);
+            deserialize_tuple_struct(name: &'static str, len: usize);
+            deserialize_map();
+            deserialize_struct(name: &'static str, fields: &'static [&'static str]);
+            deserialize_enum(name: &'static str, variants: &'static [&'static str]);
+            deserialize_identifier();
+            deserialize_ignored_any();
+        }
+
+        #[inline]
+        fn is_human_readable(&self) -> bool {
+            self.de.is_human_readable()
+        }
+    }
+
+    macro_rules! forward_visit {
+        ($($method:ident($ty:ty);)*) => {
+            $(
+                #[inline]
+                fn $method<E: de::Error>(self, v: $ty) -> Result<V::Value, E> {
+                    self.visitor.$method(v)
+                }
+            )*
+        };
+    }
+
+    impl<'de, V: Visitor<'de>> Visitor<'de> for Visit<V> {
+        type Value = V::Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            self.visitor.expecting(f)
+        }
+
+        forward_visit! {
+            visit_bool(bool);
+            visit_i8(i8);
+            visit_i16(i16);
+            visit_i32(i32);
+            visit_i64(i64);
+            visit_i128(i128);
+            visit_u8(u8);
+            visit_u16(u16);
+            visit_u32(u32);
+            visit_u64(u64);
+            visit_u128(u128);
+            visit_f32(f32);
+            visit_f64(f64);
+            visit_char(char);
+            visit_str(&str);
+            visit_borrowed_str(&'de str);
+            visit_string(String);
+            visit_bytes(&[u8]);
+            visit_borrowed_bytes(&'de [u8]);
+            visit_byte_buf(Vec<u8>);
+        }
+
+        #[inline]
+        fn visit_none<E: de::Error>(self) -> Result<V::Value, E> {
+            self.visitor.visit_none()
+        }
+
+        #[inline]
+        fn visit_unit<E: de::Error>(self) -> Result<V::Value, E> {
+            self.visitor.visit_unit()
+        }
+
+        #[inline]
+        fn visit_some<D: Deserializer<'de>>(self, de: D) -> Result<V::Value, D::Error> {
+            let left = enter(self.left)?;
+            self.visitor.visit_some(Limited { de, left })
+        }
+
+        #[inline]
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, de: D) -> Result<V::Value, D::Error> {
+            let left = enter(self.left)?;
+            self.visitor.visit_newtype_struct(Limited { de, left })
+        }
+
+        #[inline]
+        fn visit_seq<A: de::SeqAccess<'de>>(self, access: A) -> Result<V::Value, A::Error> {
+            let left = enter(self.left)?;
+            self.visitor.visit_seq(Access { access, left })
+        }
+
+        #[inline]
+        fn visit_map<A: de::MapAccess<'de>>(self, access: A) -> Result<V::Value, A::Error> {
+            let left = enter(self.left)?;
+            self.visitor.visit_map(Access { access, left })
+        }
+
+        #[inline]
+        fn visit_enum<A: de::EnumAccess<'de>>(self, access: A) -> Result<V::Value, A::Error> {
+            let left = enter(self.left)?;
+            self.visitor.visit_enum(Access { access, left })
+        }
+    }
+
+    impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Seed<S> {
+        type Value = S::Value;
+
+        #[inline]
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<S::Value, D::Error> {
+            self.seed.deserialize(Limited {
+                de,
+                left: self.left,
+            })
+        }
+    }
+
+    impl<'de, A: de::SeqAccess<'de>> de::SeqAccess<'de> for Access<A> {
+        type Error = A::Error;
+
+        #[inline]
+        fn next_element_seed<T: DeserializeSeed<'de>>(
+            &mut self,
+            seed: T,
+        ) -> Result<Option<T::Value>, A::Error> {
+            let left = self.left;
+            self.access.next_element_seed(Seed { seed, left })
+        }
+
+        #[inline]
+        fn size_hint(&self) -> Option<usize> {
+            self.access.size_hint()
+        }
+    }
+
+    impl<'de, A: de::MapAccess<'de>> de::MapAccess<'de> for Access<A> {
+        type Error = A::Error;
+
+        #[inline]
+        fn next_key_seed<K: DeserializeSeed<'de>>(
+            &mut self,
+            seed: K,
+        ) -> Result<Option<K::Value>, A::Error> {
+            let left = self.left;
+            self.access.next_key_seed(Seed { seed, left })
+        }
+
+        #[inline]
+        fn next_value_seed<T: DeserializeSeed<'de>>(
+            &mut self,
+            seed: T,
+        ) -> Result<T::Value, A::Error> {
+            let left = self.left;
+            self.access.next_value_seed(Seed { seed, left })
+        }
+
+        #[inline]
+        fn next_entry_seed<K: DeserializeSeed<'de>, T: DeserializeSeed<'de>>(
+            &mut self,
+            key: K,
+            value: T,
+        ) -> Result<Option<(K::Value, T::Value)>, A::Error> {
+            let left = self.left;
+            self.access
+                .next_entry_seed(Seed { seed: key, left }, Seed { seed: value, left })
+        }
+
+        #[inline]
+        fn size_hint(&self) -> Option<usize> {
+            self.access.size_hint()
+        }
+    }
+
+    impl<'de, A: de::EnumAccess<'de>> de::EnumAccess<'de> for Access<A> {
+        type Error = A::Error;
+        type Variant = Access<A::Variant>;
+
+        #[inline]
+        fn variant_seed<T: DeserializeSeed<'de>>(
+            self,
+            seed: T,
+        ) -> Result<(T::Value, Self::Variant), A::Error> {
+            let left = self.left;
+            let (value, access) = self.access.variant_seed(Seed { seed, left })?;
+            Ok((value, Access { access, left }))
+        }
+    }
+
+    impl<'de, A: de::VariantAccess<'de>> de::VariantAccess<'de> for Access<A> {
+        type Error = A::Error;
+
+        #[inline]
+        fn unit_variant(self) -> Result<(), A::Error> {
+            self.access.unit_variant()
+        }
+
+        #[inline]
+        fn newtype_variant_seed<T: DeserializeSeed<'de>>(
+            self,
+            seed: T,
+        ) -> Result<T::Value, A::Error> {
+            let left = self.left;
+            self.access.newtype_variant_seed(Seed { seed, left })
+        }
+
+        #[inline]
+        fn tuple_variant<V: Visitor<'de>>(
+            self,
+            len: usize,
+            visitor: V,
+        ) -> Result<V::Value, A::Error> {
+            let left = self.left;
+            self.access.tuple_variant(len, Visit { visitor, left })
+        }
+
+        #[inline]
+        fn struct_variant<V: Visitor<'de>>(
+            self,
+            fields: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, A::Error> {
+            let left = self.left;
+            self.access.struct_variant(fields, Visit { visitor, left })
+        }
     }
 }
 
@@ -606,6 +947,103 @@ mod tests {
             decode::<Nested>(&deeper, "k", 4096),
             Err(Error::Codec { .. })
         ));
+    }
+
+    /// An enum whose variants nest through one-entry maps that rmp-serde reads itself.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum Expr {
+        Lit(i64),
+        Neg(Box<Expr>),
+    }
+
+    /// A type that recurses through newtypes and options alone: no byte read per level.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct L(Option<Box<L>>);
+
+    /// An array, an option and a newtype per level.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Tree(Option<Vec<Tree>>);
+
+    /// Runs `f` on a thread with a 2 MiB stack, as a thread of a pool or of the actor system may
+    /// have: a stack overflow aborts the whole test binary.
+    fn on_small_stack<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+        std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(f)
+            .expect("thread")
+            .join()
+            .expect("no overflow")
+    }
+
+    fn assert_too_deep<T: std::fmt::Debug>(result: Result<T>) {
+        match result {
+            Err(Error::Codec { reason, .. }) => assert!(reason.contains("depth"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn nested_enum_variants_are_refused_without_exhausting_the_stack() {
+        // 1 MB of nested `{"Neg": ...}` maps around a `{"Lit": 0}`.
+        let mut payload = vec![FORMAT_VERSION];
+        for _ in 0..200_000 {
+            payload.extend_from_slice(&[0x81, 0xa3, b'N', b'e', b'g']);
+        }
+        payload.extend_from_slice(&[0x81, 0xa3, b'L', b'i', b't', 0x00]);
+        let (whole, element, skipped) = on_small_stack(move || {
+            let whole = decode::<Expr>(&payload, "k", 2 << 20);
+            let mut array = vec![0x91];
+            array.extend_from_slice(&payload[1..]);
+            let mut reader = ArrayReader::array(&array, || "k".into()).expect("reader");
+            let element = reader.next::<Expr>(|| "k".into());
+            let mut reader = ArrayReader::array(&array, || "k".into()).expect("reader");
+            (whole, element, reader.skip())
+        });
+        assert_too_deep(whole);
+        assert_too_deep(element);
+        assert!(!skipped, "skipped");
+    }
+
+    #[test]
+    fn options_and_newtypes_are_refused_without_exhausting_the_stack() {
+        // Not nil: read as `L` it is `L(Some(L(Some(...))))` for ever, without reading a byte.
+        let payload = [FORMAT_VERSION, 0x01];
+        let (whole, element) = on_small_stack(move || {
+            let whole = decode::<L>(&payload, "k", 64);
+            let element = ArrayReader::single(&payload, 64, || "k".into())
+                .expect("reader")
+                .next::<L>(|| "k".into());
+            (whole, element)
+        });
+        assert_too_deep(whole);
+        assert_too_deep(element);
+    }
+
+    #[test]
+    fn values_nested_up_to_the_limits_decode() {
+        on_small_stack(|| {
+            // One level per variant: MAX_RECURSION variants decode, one more is refused.
+            let mut expr = Expr::Lit(7);
+            for _ in 1..MAX_RECURSION {
+                expr = Expr::Neg(Box::new(expr));
+            }
+            let bytes = encode(&expr, "k", 1 << 20).expect("encodes");
+            assert_eq!(decode::<Expr>(&bytes, "k", 1 << 20).expect("decodes"), expr);
+            let deeper = encode(&Expr::Neg(Box::new(expr)), "k", 1 << 20).expect("encodes");
+            assert_too_deep(decode::<Expr>(&deeper, "k", 1 << 20));
+            // A newtype, a `Some` and an array per level (`L` has no such test: `L(Some(..))` is
+            // written as what it holds, so every `L` is written as nil): as deep as MAX_DEPTH
+            // lets arrays nest.
+            let mut tree = Tree(None);
+            for _ in 1..MAX_DEPTH {
+                tree = Tree(Some(vec![tree, Tree(None)]));
+            }
+            let bytes = encode(&tree, "k", 1 << 20).expect("encodes");
+            let mut reader = ArrayReader::single(&bytes, 1 << 20, || "k".into()).expect("single");
+            assert_eq!(reader.next::<Tree>(|| "k".into()).expect("decodes"), tree);
+            let deeper = encode(&Tree(Some(vec![tree])), "k", 1 << 20).expect("encodes");
+            assert_too_deep(decode::<Tree>(&deeper, "k", 1 << 20));
+        });
     }
 
     #[test]

@@ -119,6 +119,26 @@ fn concurrent_requests_succeed_and_health_keeps_answering() {
     assert!(p99 < Duration::from_millis(100), "health p99 {p99:?}");
 }
 
+/// A request for more than the service takes is a 400 saying so, served at once: it neither
+/// makes the service hold millions of items nor overflows a sum or a deadline.
+#[test]
+fn requests_beyond_the_bounds_are_refused() {
+    let service = Service::start();
+    for path in [
+        "/squares?n=4000000",
+        "/sum-of-squares?n=10000000000",
+        "/sum-of-squares?n=1&ms=18446744073709551615",
+    ] {
+        let (status, body) = service.get(path);
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains("at most"), "{path}: {body}");
+    }
+    assert_eq!(
+        service.get("/sum-of-squares?n=10"),
+        (200, sum_of_squares(10).to_string())
+    );
+}
+
 #[test]
 fn a_request_that_times_out_stops_its_work() {
     let service = Service::start();
