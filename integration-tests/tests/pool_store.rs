@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use shoal::prelude::*;
 use shoal_integration_tests::{
-    TestRedis, child_pids, contains_bytes, pid_running, raw_redis, wait_for,
+    TestRedis, child_pids, contains_bytes, pid_running, raw_redis, scratch, wait_for,
 };
 
 shoal::test_support!();
@@ -213,15 +213,29 @@ fn a_pool_of_thread_workers_whose_store_was_flushed_breaks_and_fails_its_calls()
 }
 
 /// A TCP proxy to a Redis server that loses one reply: the first one from the server that holds
-/// `marker` is not passed on, and that connection is closed, as when the network fails after
-/// Redis served a command and before its client got the answer.
+/// `marker` (or, with [`Lose::ReplyToRequest`], the first reply to a request that holds it) is
+/// not passed on, and that connection is closed, as when the network fails after Redis served a
+/// command and before its client got the answer.
 struct LosingProxy {
     port: u16,
     lost: Arc<AtomicBool>,
 }
 
+/// Which reply a [`LosingProxy`] loses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lose {
+    /// The first reply that holds the marker.
+    ReplyHolding,
+    /// The reply to the first request that holds the marker (the request reaches Redis).
+    ReplyToRequest,
+}
+
 impl LosingProxy {
     fn start(upstream_port: u16, marker: &[u8]) -> LosingProxy {
+        LosingProxy::start_losing(upstream_port, marker, Lose::ReplyHolding)
+    }
+
+    fn start_losing(upstream_port: u16, marker: &[u8], lose: Lose) -> LosingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("address").port();
         let lost = Arc::new(AtomicBool::new(false));
@@ -235,18 +249,29 @@ impl LosingProxy {
                 };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
-                let (Ok(mut from_client), Ok(mut to_server)) =
-                    (client.try_clone(), server.try_clone())
+                let (Ok(from_client), Ok(to_server)) = (client.try_clone(), server.try_clone())
                 else {
                     continue;
                 };
+                // Set (before the request goes on) when the replies of this connection are to
+                // be lost from now on.
+                let doomed = Arc::new(AtomicBool::new(false));
+                let (request_marker, request_flag, request_doomed) =
+                    (marker.clone(), flag.clone(), doomed.clone());
                 std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from_client, &mut to_server);
-                    let _ = to_server.shutdown(Shutdown::Both);
-                    let _ = from_client.shutdown(Shutdown::Both);
+                    pass_requests(
+                        from_client,
+                        to_server,
+                        (lose == Lose::ReplyToRequest).then_some(&request_marker[..]),
+                        &request_flag,
+                        &request_doomed,
+                    )
                 });
                 let (marker, flag) = (marker.clone(), flag.clone());
-                std::thread::spawn(move || serve_replies(server, client, &marker, &flag));
+                std::thread::spawn(move || {
+                    let marker = (lose == Lose::ReplyHolding).then_some(&marker[..]);
+                    serve_replies(server, client, marker, &flag, &doomed)
+                });
             }
         });
         LosingProxy { port, lost }
@@ -262,9 +287,52 @@ impl LosingProxy {
     }
 }
 
+/// Passes the client's requests to the server. The first that holds `marker` (across all
+/// connections), when there is one, dooms this connection first: its reply is not passed on.
+fn pass_requests(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    marker: Option<&[u8]>,
+    lost: &AtomicBool,
+    doomed: &AtomicBool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    // The end of what was passed on, so that a marker split between two reads is seen.
+    let mut tail: Vec<u8> = Vec::new();
+    loop {
+        let n = match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(marker) = marker {
+            let mut window = std::mem::take(&mut tail);
+            window.extend_from_slice(&buf[..n]);
+            if !lost.load(Ordering::Acquire)
+                && contains_bytes(&window, marker)
+                && !lost.swap(true, Ordering::AcqRel)
+            {
+                doomed.store(true, Ordering::Release);
+            }
+            tail = window[window.len().saturating_sub(marker.len())..].to_vec();
+        }
+        if server.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = server.shutdown(Shutdown::Both);
+    let _ = client.shutdown(Shutdown::Both);
+}
+
 /// Passes the server's replies to the client, except the first that holds `marker` (across all
-/// connections): then both ends are closed instead.
-fn serve_replies(mut server: TcpStream, mut client: TcpStream, marker: &[u8], lost: &AtomicBool) {
+/// connections), when there is one, and any once the connection is `doomed`: then both ends are
+/// closed instead.
+fn serve_replies(
+    mut server: TcpStream,
+    mut client: TcpStream,
+    marker: Option<&[u8]>,
+    lost: &AtomicBool,
+    doomed: &AtomicBool,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     // The end of what was passed on, so that a marker split between two reads is seen.
     let mut tail: Vec<u8> = Vec::new();
@@ -273,18 +341,23 @@ fn serve_replies(mut server: TcpStream, mut client: TcpStream, marker: &[u8], lo
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let mut window = std::mem::take(&mut tail);
-        window.extend_from_slice(&buf[..n]);
-        if !lost.load(Ordering::Acquire)
-            && contains_bytes(&window, marker)
-            && !lost.swap(true, Ordering::AcqRel)
-        {
+        if doomed.load(Ordering::Acquire) {
             break;
+        }
+        if let Some(marker) = marker {
+            let mut window = std::mem::take(&mut tail);
+            window.extend_from_slice(&buf[..n]);
+            if !lost.load(Ordering::Acquire)
+                && contains_bytes(&window, marker)
+                && !lost.swap(true, Ordering::AcqRel)
+            {
+                break;
+            }
+            tail = window[window.len().saturating_sub(marker.len())..].to_vec();
         }
         if client.write_all(&buf[..n]).is_err() {
             break;
         }
-        tail = window[window.len().saturating_sub(marker.len())..].to_vec();
     }
     let _ = client.shutdown(Shutdown::Both);
     let _ = server.shutdown(Shutdown::Both);
@@ -391,5 +464,89 @@ fn a_pools_results_stream_expires_from_the_start() {
     assert!(
         matches!(&pending, redis::Value::Array(v) if v.first() == Some(&redis::Value::Int(0))),
         "{pending:?}"
+    );
+}
+
+/// Appends `item` as a line to the file `runs` (each run of the task leaves one), and returns
+/// twice `item`; `marker` only travels in the chunk (see `LosingProxy`).
+#[shoal::remote]
+fn doubled_once(item: u64, runs: String, marker: String) -> u64 {
+    use std::io::Write;
+    std::hint::black_box(marker);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&runs)
+        .expect("runs file");
+    // One write: the runs of other workers append to the same file.
+    file.write_all(format!("{item}\n").as_bytes())
+        .expect("runs file");
+    item * 2
+}
+
+/// The feeder's write of a batch of chunks is sent again when its reply is lost, and Redis ran
+/// the first one: the retry adds nothing, so each item runs once (it ran twice: the batch was
+/// added twice, and only the results were kept once).
+#[test]
+fn a_batch_of_chunks_whose_write_reply_was_lost_runs_each_item_once() {
+    let redis = TestRedis::tcp();
+    const MARKER: &str = "lose-the-reply-to-the-write-of-this-chunk";
+    let proxy = LosingProxy::start_losing(redis.port(), MARKER.as_bytes(), Lose::ReplyToRequest);
+    let config = Config::builder()
+        .redis_url(proxy.url())
+        .build()
+        .expect("config");
+    let rt = shoal::init_with(config).expect("runtime");
+    let pool = Pool::new(2).expect("pool");
+    // Warm up: the script that adds chunks is loaded, so the marked write runs at once (a first
+    // EVALSHA would be refused with NOSCRIPT, and run nothing).
+    assert_eq!(
+        pool.map(sleep_ms, vec![1u64; 4]).expect("warm up"),
+        vec![1; 4]
+    );
+    let dir = scratch();
+    let runs = dir.path().join("runs").display().to_string();
+    // Ten chunks, written in batches of 1, 2, 4 and 3 chunks: the marker is in the items of
+    // the third batch on (chunk 3, items 12 to 15, is the first to hold it), so the write that
+    // loses its reply is one of several chunks, after others of the call were written.
+    let items: Vec<(u64, String, String)> = (0..40u64)
+        .map(|i| {
+            let marker = if i >= 12 { MARKER } else { "" };
+            (i, runs.clone(), marker.to_string())
+        })
+        .collect();
+    let started = Instant::now();
+    let results = pool
+        .starmap_async_with(doubled_once, items, AsyncOptions::new().chunksize(4))
+        .expect("starmap_async")
+        .get(Some(Duration::from_secs(30)));
+    eprintln!("the map took {:?}: {results:?}", started.elapsed());
+    assert!(proxy.lost(), "the proxy never lost the reply to a write");
+    assert_eq!(
+        results.expect("the map"),
+        (0..40u64).map(|i| i * 2).collect::<Vec<_>>()
+    );
+    // The record of the call's last chunk (checked below).
+    let mut conn = raw_redis(&rt);
+    let tasks = task_stream_key(&mut conn);
+    let added = format!("{}added", tasks.trim_end_matches("tasks"));
+    let added_ttl = ttl_of(&mut conn, &added);
+    // A chunk added twice runs again after its first result is in: the workers run every chunk
+    // in the stream (the stop entries come after them) before they exit.
+    pool.close().expect("close");
+    pool.join().expect("join");
+    let mut counts = std::collections::BTreeMap::<u64, usize>::new();
+    for line in std::fs::read_to_string(&runs).expect("runs").lines() {
+        *counts.entry(line.parse().expect("an item")).or_default() += 1;
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "items run more than once: {twice:?}");
+    assert_eq!(counts.len(), 40, "{counts:?}");
+    // The record is kept with a TTL, and goes with the pool's other keys.
+    assert!(added_ttl > 0, "{added} has TTL {added_ttl}");
+    drop(pool);
+    assert!(
+        wait_for(Duration::from_secs(10), || ttl_of(&mut conn, &added) == -2),
+        "{added} outlived its pool"
     );
 }

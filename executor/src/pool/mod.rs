@@ -10,6 +10,8 @@
 //! | `shoal:{<ns>:pool:<id>}:progress` | hash | task entry id → items of that chunk done and reported |
 //! | `shoal:{<ns>:pool:<id>}:workers` | hash | worker id → its last heartbeat, `<Unix ms>:<entry id of the chunk it runs>` (empty between chunks) |
 //! | `shoal:{<ns>:pool:<id>}:driver` | string | present while the pool's driver lives (short TTL, refreshed by the supervisor) |
+//! | `shoal:{<ns>:pool:<id>}:cancelled` | set | the calls that were cancelled |
+//! | `shoal:{<ns>:pool:<id>}:added`, `…:added_old` | hash | call → the index of the last chunk of it the feeder added: how a batch sent again after a lost reply is added once (see [`chunks_invocation`]); records are kept for a while, not for the pool's life (two generations that rotate) |
 //!
 //! A chunk entry has three fields, not one per number: a worker parses every field of every
 //! entry it reads, and for tiny tasks that parsing is a good part of a task's cost. The index of
@@ -38,7 +40,9 @@
 //! `EVALSHA`, one round trip per batch), so that a worker blocked in `XREADGROUP` is woken once
 //! with up to n of them rather than once per chunk; the script adds nothing for a call in the
 //! `cancelled` set, checked in the same atomic step as the writes, so a chunk written after its
-//! call's cancel never reaches a worker. It stops on a stop entry (a read that
+//! call's cancel never reaches a worker; and it records the last chunk it added of each call
+//! (the `added` hash), so that a batch sent again because its reply was lost is not added twice
+//! (each chunk would run twice). It stops on a stop entry (a read that
 //! holds several keeps one and adds the others back, so that every worker gets its own), after
 //! `maxtasksperchild` chunks, or when the pool's state is lost. A heartbeat thread renews the
 //! lease of the chunks in hand every third of the lease (`XCLAIM` to itself with idle 0 resets an
@@ -169,6 +173,10 @@ pub struct PoolKeys {
     pub progress: String,
     /// The calls that were cancelled.
     pub cancelled: String,
+    /// The last chunk added of each call (this generation of records).
+    pub added: String,
+    /// The generation of records before `added`.
+    pub added_old: String,
 }
 
 impl PoolKeys {
@@ -182,6 +190,8 @@ impl PoolKeys {
             driver: object.key("driver"),
             progress: object.key("progress"),
             cancelled: object.key("cancelled"),
+            added: object.key("added"),
+            added_old: object.key("added_old"),
         }
     }
 }
@@ -266,7 +276,8 @@ impl ChunkEntry {
 /// What [`chunks_added`] found: the chunks were added, or their call was cancelled first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChunksAdded {
-    /// Every chunk was added.
+    /// Every chunk was added: by this send, or by an earlier send of the same batch (whose
+    /// reply was lost).
     Added,
     /// The call is in the cancelled set: none was added.
     Cancelled,
@@ -284,13 +295,23 @@ pub enum ChunksAdded {
 /// no worker could read the chunks; nothing is added then and the reply is nil. Read the reply
 /// with [`chunks_added`].
 ///
+/// At most once: the script records the index of the last chunk it added of the call (in the
+/// `added` hash; see the module docs) and adds only the chunks past it, so the same invocation
+/// sent again, because its reply was lost after Redis ran it (a dropped connection, a timeout),
+/// adds nothing and answers as if it had. This holds because a call's chunks are written by one
+/// writer, in order of their index, each batch once the one before was answered: so `chunks`
+/// must be one call's, with consecutive indices (anything else is refused). A record is kept
+/// for `remember_secs` at least (and twice that at most): longer than the writer goes on
+/// sending the batch again.
+///
 /// Chunks of several calls, or of several functions, are refused: the script checks one call.
 pub fn chunks_invocation(
     keys: &PoolKeys,
     chunks: &[ChunkEntry],
     refresh_ttl: Option<u64>,
+    remember_secs: u64,
 ) -> Result<redis::ScriptInvocation<'static>> {
-    let Some(first) = chunks.first() else {
+    let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
         return Err(Error::invalid_state(format!(
             "no chunks to add to {}",
             keys.tasks
@@ -305,14 +326,31 @@ pub fn chunks_invocation(
             keys.tasks
         )));
     }
+    if chunks
+        .iter()
+        .enumerate()
+        .any(|(k, c)| first.chunk.checked_add(k as u64) != Some(c.chunk))
+    {
+        return Err(Error::invalid_state(format!(
+            "chunks added to {} out of order: a batch holds consecutive chunks of a call",
+            keys.tasks
+        )));
+    }
     let mut invocation = ADD_CHUNKS.prepare_invoke();
     invocation
         .key(&keys.tasks)
         .key(&keys.cancelled)
         .key(&keys.results)
+        .key(&keys.added)
+        .key(&keys.added_old)
         .arg(first.call)
         .arg(refresh_ttl.unwrap_or(0))
-        .arg(&first.function);
+        .arg(&first.function)
+        .arg(first.chunk)
+        .arg(last.chunk)
+        // A record kept for 0 s would be rotated away by the next batch; the script doubles
+        // it, as a Lua number that must print as an integer.
+        .arg(remember_secs.clamp(1, 1 << 30));
     for chunk in chunks {
         invocation.arg(chunk.header()).arg(&chunk.payload);
     }
@@ -631,6 +669,8 @@ pub fn delete_streams(store: &Store, keys: &PoolKeys) -> Result<()> {
                 .arg(&keys.driver)
                 .arg(&keys.progress)
                 .arg(&keys.cancelled)
+                .arg(&keys.added)
+                .arg(&keys.added_old)
                 .query::<()>(c)
         },
     )
@@ -868,6 +908,41 @@ mod tests {
             Some(ChunksAdded::Cancelled)
         );
         assert!(chunks_added(&keys, None).is_err());
+    }
+
+    #[test]
+    fn a_batch_holds_consecutive_chunks_of_one_call() {
+        let keys = PoolKeys::new(&KeySpace::new("d"), "p");
+        let chunk = |call, chunk| ChunkEntry {
+            call,
+            chunk,
+            function: "f".into(),
+            payload: vec![0x90],
+            first_item: chunk,
+        };
+        for fine in [
+            vec![chunk(1, 0)],
+            vec![chunk(1, 3), chunk(1, 4), chunk(1, 5)],
+        ] {
+            assert!(
+                chunks_invocation(&keys, &fine, None, 60).is_ok(),
+                "{fine:?}"
+            );
+        }
+        for refused in [
+            vec![],
+            vec![chunk(1, 0), chunk(2, 1)],
+            vec![chunk(1, 0), chunk(1, 2)],
+            vec![chunk(1, 1), chunk(1, 0)],
+            vec![chunk(1, u64::MAX), chunk(1, 0)],
+        ] {
+            assert!(
+                chunks_invocation(&keys, &refused, Some(60), 60).is_err(),
+                "{refused:?}"
+            );
+        }
+        assert_eq!(keys.added, "shoal:{d:pool:p}:added");
+        assert_eq!(keys.added_old, "shoal:{d:pool:p}:added_old");
     }
 
     /// The longest a worker can take to leave after its driver's last refresh: the key lapses

@@ -268,15 +268,40 @@ impl<I: Iterator> Iterator for GuardedInput<I> {
 /// How often a feeder refreshes the streams' TTL.
 const TTL_REFRESH: Duration = Duration::from_secs(1);
 
+/// The least time the script that adds chunks keeps its record of a call's last chunk added.
+const REMEMBER_AT_LEAST: Duration = Duration::from_secs(60);
+
+/// How long the script that adds chunks keeps its record of a call's last chunk added (at
+/// least; see [`shoal_executor::pool::chunks_invocation`]), in seconds: longer than a batch can
+/// be sent again. [`Store::retry_unreachable`] sends it again only within the response timeout
+/// of the first failed send, and each send waits for its reply at most that long: so every
+/// send of a batch reaches Redis within about twice the response timeout of the first. Four
+/// times that, and a minute at least.
+fn remember_secs(store: &Store) -> u64 {
+    store
+        .settings()
+        .response_timeout
+        .saturating_mul(4)
+        .max(REMEMBER_AT_LEAST)
+        .as_secs_f64()
+        .ceil() as u64
+}
+
 /// Sends chunks, all of one call, in one script (`EVALSHA`, one round trip), refreshing the
 /// streams' TTL if asked, unless their call was cancelled: the script checks the call's mark in
 /// the cancelled set atomically with the writes (see
 /// [`shoal_executor::pool::chunks_invocation`]), so a chunk written after its call's cancel is
 /// never run, whatever the writer saw of the cancel before it sent. When Redis cannot be reached
-/// the send is repeated (see `Store::retry_unreachable`): a chunk added twice runs twice and its
-/// outcome is kept once. The chunks are added in one atomic step: a worker blocked in
-/// `XREADGROUP` is then served once, with as many of them as it asked for, rather than once per
-/// chunk (which would cost a read and an acknowledgement per chunk when many workers wait).
+/// the send is repeated (see `Store::retry_unreachable`); a send whose reply was lost may have
+/// been run, and the script adds a batch once however often it is sent (it records the last
+/// chunk of the call it added): so a chunk is never added twice, and never runs twice.
+/// That takes one writer per call that sends its chunks in order of their index, consecutive in
+/// a batch, a batch only once the one before was answered: a call's feeder (`map`, `imap`, the
+/// `_async` forms: one thread per call, [`Feeder::feed`]) and an `apply_async`'s one chunk
+/// (chunk 0, sent once by the pool's task writer) do. The chunks are added in one atomic step: a
+/// worker blocked in `XREADGROUP` is then served once, with as many of them as it asked for,
+/// rather than once per chunk (which would cost a read and an acknowledgement per chunk when
+/// many workers wait).
 pub(crate) fn send_chunks(
     store: &Store,
     keys: &PoolKeys,
@@ -287,6 +312,7 @@ pub(crate) fn send_chunks(
         keys,
         chunks,
         refresh_ttl.then(|| store.expiry_secs()),
+        remember_secs(store),
     )?;
     store.retry_unreachable(|| {
         store
