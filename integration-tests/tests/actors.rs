@@ -1900,3 +1900,84 @@ fn a_host_outlives_the_expiry_of_the_activations_stream() {
     );
     assert!(pid_running(pid));
 }
+
+/// The expiry of the test below: short, so that an actor outlives it several times.
+const SHORT_EXPIRY: u64 = 2;
+
+/// An actor's keys live `redis.expiry_secs` from their last refresh, and the host that holds
+/// the actor refreshes them (with its lease renewals) however long it goes without a message:
+/// with a 2 s expiry, an actor active for longer, and idle all that time, keeps its state and
+/// its activation count, and `get_or_spawn` finds it rather than making it again. Deactivated,
+/// it expires `redis.expiry_secs` after its deactivation, and is made again from `init()`.
+#[test]
+fn an_actor_a_host_holds_outlives_the_expiry_without_messages() {
+    let rt = runtime_configured(|config| {
+        config.redis.expiry_secs = SHORT_EXPIRY;
+        // Every lease within the expiry, as the configuration requires.
+        config.sync.lease_secs = 1.0;
+        config.pool.task_lease_secs = 1.0;
+        config.actors.lease_secs = 0.5;
+        // Active past the expiry without a message, then deactivated.
+        config.actors.idle_secs = 4.0;
+    });
+    let mut c = redis::Client::open(rt.store_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    const NAME: &str = "kept-past-the-expiry";
+    let counter = shoal::get_or_spawn(NAME, Counter::default).expect("named");
+    assert_eq!(ask(&counter, Incr(5)).expect("ask"), 5);
+    assert_eq!(counter.activations().expect("activations"), 1);
+    let key = |suffix: &str| format!("shoal:{{default:actor:{}}}:{suffix}", counter.id());
+    let exists = |c: &mut redis::Connection, suffix: &str| -> bool {
+        redis::cmd("EXISTS")
+            .arg(key(suffix))
+            .query(c)
+            .expect("EXISTS")
+    };
+    // 1.5 expiries without a message, 1 s before the deactivation.
+    std::thread::sleep(Duration::from_millis(3_000));
+    assert!(
+        exists(&mut c, "lease"),
+        "the actor was deactivated: the test tests nothing"
+    );
+    assert!(
+        exists(&mut c, "state") && exists(&mut c, "fence"),
+        "the keys of an actor its host holds expired (state: {}, fence: {})",
+        exists(&mut c, "state"),
+        exists(&mut c, "fence")
+    );
+    assert_eq!(counter.activations().expect("activations"), 1);
+    let found = shoal::get_or_spawn(NAME, Counter::default).expect("named again");
+    assert_eq!(
+        ask(&found, Get).expect("get"),
+        (5, 0),
+        "get_or_spawn made it again from init()"
+    );
+
+    // Deactivated: its keys live the expiry from then on, and then go.
+    assert!(
+        wait_for(Duration::from_secs(10), || !exists(&mut c, "lease")),
+        "the idle actor was not deactivated"
+    );
+    let ttl_ms: i64 = redis::cmd("PTTL")
+        .arg(key("state"))
+        .query(&mut c)
+        .expect("PTTL");
+    assert!(
+        ttl_ms > 1_000,
+        "the state of the actor just deactivated lives {ttl_ms} ms more, not the expiry"
+    );
+    assert!(
+        wait_for(Duration::from_secs(SHORT_EXPIRY + 2), || !exists(
+            &mut c, "state"
+        )),
+        "the state of the idle actor did not expire"
+    );
+    assert_eq!(counter.activations().expect("activations"), 0);
+    let again = shoal::get_or_spawn(NAME, Counter::default).expect("named after the expiry");
+    assert_eq!(
+        ask(&again, Get).expect("get"),
+        (0, 0),
+        "get_or_spawn did not make it again from init()"
+    );
+}

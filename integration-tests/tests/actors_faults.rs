@@ -1,8 +1,11 @@
 //! Durable actors when things go wrong around them, against a real redis-server: Redis going
 //! away for longer than the response timeout, a host paused past its lease, an activation
-//! request its reader never acknowledged, an asker's connection dropped while it waits, and a
-//! state whose `Serialize` or `Deserialize` panics.
+//! request its reader never acknowledged, an asker's connection dropped while it waits, a
+//! state whose `Serialize` or `Deserialize` panics, hosts that come and go (ended in order or
+//! killed), and another program's hosts that cannot run an actor while its own are away.
 
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -10,7 +13,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use shoal::ActorOptions;
 use shoal::prelude::*;
-use shoal_integration_tests::{TestRedis, wait_for};
+use shoal_integration_tests::{TestRedis, children_of, wait_for};
 
 shoal::test_support!();
 
@@ -504,3 +507,287 @@ fn a_state_whose_deserialize_panics_fails_the_actor_with_the_reason() {
 
 /// How long the asks to a fragile actor wait.
 const SHORT: Option<Duration> = Some(Duration::from_secs(10));
+
+/// The scenario program running its own actor hosts (2, with the default lease) in
+/// `namespace` for `seconds`, then ending in order; killed when dropped.
+struct OtherProgram(Child);
+
+impl OtherProgram {
+    fn start(redis_url: &str, namespace: &str, seconds: u32) -> OtherProgram {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_scenario"))
+            .args(["actor-hosts", &seconds.to_string()])
+            .env("SHOAL_REDIS_URL", redis_url)
+            .env("SHOAL_NAMESPACE", namespace)
+            .env("SHOAL_ACTORS_HOSTS", "2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the other program starts");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let ready = lines
+            .by_ref()
+            .map_while(std::result::Result::ok)
+            .any(|line| line == "ready");
+        assert!(ready, "the other program's hosts run");
+        // Whatever it prints later is read, so that it never writes to a closed pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        OtherProgram(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for OtherProgram {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A namespace of its own, for a test that shares its Redis with another program.
+fn fresh_namespace(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// A runtime of one host with a lease of `lease` seconds, on `url`, in `namespace`.
+fn runtime_in(url: &str, namespace: &str, lease: f64) -> shoal::Runtime {
+    let mut config = Config::builder().build().expect("config");
+    config.redis.url = Some(url.to_string());
+    config.shoal.namespace = namespace.to_string();
+    config.actors.hosts = 1;
+    config.actors.lease_secs = lease;
+    shoal::init_with(config).expect("runtime")
+}
+
+/// The key `suffix` of the hosts of `namespace` (`activations`, `live`).
+fn hosts_key(namespace: &str, suffix: &str) -> String {
+    format!("shoal:{{{namespace}:actors:hosts}}:{suffix}")
+}
+
+/// The hosts `live` holds.
+fn live_hosts(c: &mut redis::Connection, namespace: &str) -> Vec<String> {
+    redis::cmd("ZRANGE")
+        .arg(hosts_key(namespace, "live"))
+        .arg(0)
+        .arg(-1)
+        .query(c)
+        .expect("ZRANGE")
+}
+
+/// The consumers of the hosts' group.
+fn consumers(c: &mut redis::Connection, namespace: &str) -> Vec<String> {
+    let consumers: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(hosts_key(namespace, "activations"))
+        .arg("hosts")
+        .query(c)
+        .unwrap_or_default();
+    consumers
+        .into_iter()
+        .filter_map(|fields| redis::from_redis_value(fields.get("name")?.clone()).ok())
+        .collect()
+}
+
+/// Hosts that are gone leave neither a consumer in the hosts' group nor a heartbeat in `live`
+/// behind, however they went: ended with their program (its supervisor retires them before
+/// the program ends), or killed with it (nobody saw them go: the hosts left remove them after
+/// ten leases, 5 s at least). However many came and went, the group and `live` end up holding
+/// this runtime's host only.
+#[test]
+fn hosts_that_are_gone_leave_no_consumer_and_no_heartbeat_behind() {
+    let redis = TestRedis::tcp();
+    let namespace = fresh_namespace("gone");
+    let _rt = runtime_in(&redis.url(), &namespace, 0.5);
+    let mut c = redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let tally = shoal::spawn_actor(Tally::default()).expect("spawn");
+    assert_eq!(tally.ask(Add(1, 0), T).expect("ask"), 1);
+    let mut ours = Vec::new();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            ours = live_hosts(&mut c, &namespace);
+            ours.len() == 1
+        }),
+        "this runtime's host: {ours:?}"
+    );
+    // Redis makes a consumer when it first hands it requests: the other program's hosts have
+    // one once one of them got its own actor's request. This runtime's may be pruned by theirs
+    // when it got nothing for a while, harmless (it holds nothing, and is made again by its
+    // next request).
+    let only_ours = |c: &mut redis::Connection| {
+        consumers(c, &namespace).iter().all(|h| ours.contains(h))
+            && live_hosts(c, &namespace) == ours
+    };
+    // A program's hosts (not seen before), once they run and one of them has a consumer.
+    let mut seen = ours.clone();
+    let mut theirs_of = |c: &mut redis::Connection, round: u32| {
+        let mut theirs = Vec::new();
+        assert!(
+            wait_for(Duration::from_secs(10), || {
+                theirs = live_hosts(c, &namespace);
+                theirs.retain(|h| !seen.contains(h));
+                theirs.len() == 2 && consumers(c, &namespace).iter().any(|h| theirs.contains(h))
+            }),
+            "round {round}: the other program's hosts do not run: {theirs:?}"
+        );
+        seen.extend(theirs.iter().cloned());
+        theirs
+    };
+    assert!(only_ours(&mut c), "{:?}", consumers(&mut c, &namespace));
+    // Ended with their program: gone at once (well within the 5 s a killed host is pruned
+    // after).
+    for round in 0..2 {
+        let mut other = OtherProgram::start(&redis.url(), &namespace, 3);
+        let theirs = theirs_of(&mut c, round);
+        let status = other.0.wait().expect("the other program ends");
+        assert!(status.success(), "round {round}: {status:?}");
+        assert!(
+            wait_for(Duration::from_secs(3), || only_ours(&mut c)),
+            "round {round}: hosts {theirs:?} that ended with their program left consumers \
+             {:?} and heartbeats {:?}",
+            consumers(&mut c, &namespace),
+            live_hosts(&mut c, &namespace)
+        );
+    }
+    // Killed with their program: frozen first, so that none of them ends in order when its
+    // parent dies (it gets SIGTERM then), and nobody sees them go.
+    for round in 2..4 {
+        let other = OtherProgram::start(&redis.url(), &namespace, 120);
+        let theirs = theirs_of(&mut c, round);
+        let hosts = children_of(other.pid());
+        assert!(!hosts.is_empty(), "round {round}: no host process");
+        for pid in &hosts {
+            kill(Pid::from_raw(*pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+        }
+        drop(other);
+        for pid in &hosts {
+            kill(Pid::from_raw(*pid as i32), Signal::SIGKILL).expect("SIGKILL");
+        }
+        let left = live_hosts(&mut c, &namespace);
+        assert!(
+            theirs.iter().all(|h| left.contains(h)),
+            "round {round}: the killed hosts were removed at once: the test tests nothing"
+        );
+    }
+    assert!(
+        wait_for(Duration::from_secs(20), || only_ours(&mut c)),
+        "killed hosts left consumers {:?} and heartbeats {:?}",
+        consumers(&mut c, &namespace),
+        live_hosts(&mut c, &namespace)
+    );
+    assert_eq!(tally.ask(Get, T).expect("get"), 1);
+}
+
+/// The key `suffix` of actor `id` in `namespace`.
+fn actor_key_in(namespace: &str, id: &str, suffix: &str) -> String {
+    format!("shoal:{{{namespace}:actor:{id}}}:{suffix}")
+}
+
+/// The `handbacks` and `status` of actor `id`'s state in `namespace`.
+fn handbacks_and_status(c: &mut redis::Connection, namespace: &str, id: &str) -> (u64, String) {
+    let (handbacks, status): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+        .arg(actor_key_in(namespace, id, "state"))
+        .arg("handbacks")
+        .arg("status")
+        .query(c)
+        .expect("HMGET");
+    (handbacks.unwrap_or(0), status.unwrap_or_default())
+}
+
+/// Freezes the host process that holds actor `id` in `namespace` (no exit for its supervisor
+/// to see), and waits until its lease lapsed and its last wait for activation requests ended:
+/// from then on, every request goes to the other hosts. Returns its pid.
+fn freeze_the_host_of(c: &mut redis::Connection, namespace: &str, id: &str) -> u32 {
+    let lease: String = redis::cmd("GET")
+        .arg(actor_key_in(namespace, id, "lease"))
+        .query(c)
+        .expect("a host holds the actor");
+    let host = lease.split(':').next().expect("host id").to_string();
+    let pid: u32 = redis::cmd("HGET")
+        .arg(format!("shoal:{{{namespace}:proc:{host}}}:status"))
+        .arg("pid")
+        .query(c)
+        .expect("the host's pid");
+    kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    assert!(
+        wait_for(Duration::from_secs(5), || stopped(pid)),
+        "host {pid} did not stop"
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || !redis::cmd("EXISTS")
+            .arg(actor_key_in(namespace, id, "lease"))
+            .query::<bool>(c)
+            .unwrap_or(true)),
+        "the lease did not lapse"
+    );
+    // A read of activation requests blocks for 500 ms at most.
+    std::thread::sleep(Duration::from_millis(600));
+    pid
+}
+
+/// Another program's hosts share the namespace and cannot run this program's actor (their
+/// build lacks its type). While this program's only host is away (frozen: no exit for its
+/// supervisor to see, no read of the activation requests), every request for the actor goes to
+/// them, and they give it back, soon more often than the limit of give-backs. That fails
+/// nothing, until the give-backs have gone on for the window (five of their 2 s leases): back
+/// within it, the host applies the message. Away for longer, the actor fails with their reason,
+/// after the window and within a bound.
+#[test]
+fn a_brief_absence_of_an_actors_own_hosts_does_not_fail_it() {
+    let redis = TestRedis::tcp();
+    let namespace = fresh_namespace("handback");
+    let _other = OtherProgram::start(&redis.url(), &namespace, 120);
+    let _rt = runtime_in(&redis.url(), &namespace, 1.0);
+    let mut c = redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let tally = shoal::spawn_actor(Tally::default()).expect("spawn");
+    assert_eq!(tally.ask(Add(1, 0), T).expect("ask"), 1);
+    let id = tally.id().to_string();
+
+    // A brief absence.
+    let pid = freeze_the_host_of(&mut c, &namespace, &id);
+    tally.tell(Add(1, 0)).expect("tell");
+    let many = wait_for(Duration::from_secs(5), || {
+        handbacks_and_status(&mut c, &namespace, &id).0 >= 32
+    });
+    let (handbacks, status) = handbacks_and_status(&mut c, &namespace, &id);
+    kill(Pid::from_raw(pid as i32), Signal::SIGCONT).expect("SIGCONT");
+    assert!(
+        many || status == "failed",
+        "the other program's hosts gave the actor back {handbacks} times: the test tests nothing"
+    );
+    assert_eq!(
+        status, "active",
+        "{handbacks} give-backs within a brief absence of the actor's own hosts failed it"
+    );
+    assert_eq!(tally.ask(Get, T).expect("get once the host is back"), 2);
+
+    // An absence past the window.
+    let pid = freeze_the_host_of(&mut c, &namespace, &id);
+    let started = Instant::now();
+    tally.tell(Add(1, 0)).expect("tell");
+    let failed = wait_for(Duration::from_secs(30), || {
+        handbacks_and_status(&mut c, &namespace, &id).1 == "failed"
+    });
+    let took = started.elapsed();
+    kill(Pid::from_raw(pid as i32), Signal::SIGCONT).expect("SIGCONT");
+    assert!(failed, "an actor no host ran for 30 s is not failed");
+    assert!(
+        took >= Duration::from_secs(9),
+        "failed after {took:?}, within the window"
+    );
+    match tally.ask(Get, T) {
+        Err(Error::InvalidState(m)) => {
+            assert!(m.contains("failed") && m.contains("not registered"), "{m}")
+        }
+        other => panic!("expected the actor's failure, got {other:?}"),
+    }
+}

@@ -1,7 +1,7 @@
 -- Commits a batch of messages: the state after them, the last one applied, the replies to the
 -- asks among them, and their removal from the mailbox, in one step, and only while the lease
 -- is still this host's (a host whose lease lapsed cannot overwrite its successor's state).
--- KEYS[1] state hash, KEYS[2] mailbox stream, KEYS[3] lease
+-- KEYS[1] state hash, KEYS[2] mailbox stream, KEYS[3] lease, KEYS[4] fencing counter
 -- ARGV[1] lease value (host:token), ARGV[2] state, ARGV[3] last applied entry id,
 -- ARGV[4] status, ARGV[5] reason, ARGV[6] failures, ARGV[7] TTL seconds,
 -- ARGV[8] reply TTL ms, ARGV[9] the first entry id after ARGV[3] (the trim's MINID),
@@ -23,4 +23,5 @@ end
 redis.call('XTRIM', KEYS[2], 'MINID', ARGV[9])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('EXPIRE', KEYS[2], ARGV[7])
+redis.call('EXPIRE', KEYS[4], ARGV[7])
 return 1

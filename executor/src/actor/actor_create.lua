@@ -1,5 +1,6 @@
 -- Creates an actor's state and mailbox, or finds a named one.
--- KEYS[1] state hash, KEYS[2] mailbox stream (created by the first message)
+-- KEYS[1] state hash, KEYS[2] mailbox stream (created by the first message), KEYS[3] fencing
+-- counter
 -- ARGV[1] actor type, ARGV[2] initial state, ARGV[3] '1' when its messages must be signed,
 -- ARGV[4] TTL seconds, ARGV[5] 'new' (fail if it exists) or 'named' (create if absent),
 -- ARGV[6] the creator's verifier for this actor ('' unless signed): see mod.rs, "Authentication"
@@ -19,10 +20,16 @@ if current[1] then
     end
     return redis.error_reply('AUTH it was created under another authkey')
   end
+  -- Found: its keys live `ARGV[4]` from now, together (a mailbox that expired before its
+  -- state would lose the messages waiting in it).
   redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
   return 'exists'
 end
 redis.call('HSET', KEYS[1], 'type', ARGV[1], 'data', ARGV[2], 'applied', '0-0', 'auth', ARGV[3],
   'verifier', ARGV[6], 'status', 'active', 'failures', '')
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
 return 'created'

@@ -1,7 +1,10 @@
 -- Renews or gives up an activation lease, only if it is still the caller's.
--- KEYS[1] lease, KEYS[2] activation marker, KEYS[3] mailbox stream (release only)
+-- KEYS[1] lease, KEYS[2] activation marker, then (renew and release) KEYS[3] mailbox stream,
+-- and KEYS[4] state hash, KEYS[5] fencing counter (when ARGV[5] is given)
 -- ARGV[1] 'renew' or 'release', ARGV[2] lease value (host:token), ARGV[3] lease ms,
--- ARGV[4] (release) the last mailbox entry applied ('' if none)
+-- ARGV[4] (release) the last mailbox entry applied ('' if none; unused by a renewal),
+-- ARGV[5] TTL seconds: the actor's keys (KEYS[3] on) get it back, if the lease is the caller's
+-- ('' or absent: left alone)
 -- ARGV[1] 'orphan': ARGV[2] a host id; its lease is removed whatever its token (the host is
 -- known to be dead), with the activation marker, so another host can take the actor at once.
 -- A release also removes the applied entries from the mailbox (the commits trim it by whole
@@ -29,6 +32,12 @@ if holder ~= ARGV[2] then
     return 2
   end
   return 0
+end
+-- The host that holds the actor keeps its keys alive, however long it goes without a commit.
+if ARGV[5] and ARGV[5] ~= '' then
+  for i = 3, #KEYS do
+    redis.call('EXPIRE', KEYS[i], ARGV[5])
+  end
 end
 if ARGV[1] == 'renew' then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])

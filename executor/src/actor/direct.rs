@@ -27,8 +27,8 @@
 //!   the check is read, and the sender deletes it (`XDEL`) at once. It is never applied in
 //!   between: a host answers a failed or stopped actor's messages with the error, and refuses
 //!   an unsigned message to a signed actor. A signed sender keeps the script.
-//! * The mailbox's TTL is refreshed by the host's commits (once per tenth of
-//!   `redis.expiry_secs`), not by the send.
+//! * The mailbox's TTL is not refreshed by the send, only with the state's (by the host that
+//!   holds the actor, among others: see "Lifetime" in the protocol's docs).
 //! * The activation request, when no host holds the lease, takes 2 round trips after the
 //!   transaction (`SET NX` of the activation marker, then the request) where the script's
 //!   answer took 1 (the request). The marker is set after the check, so two senders racing a

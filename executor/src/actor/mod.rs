@@ -7,16 +7,36 @@
 //!
 //! | key | type | contents |
 //! | --- | --- | --- |
-//! | `state` | hash | `type` (the actor type's path), `data` (its saved state), `applied` (the last mailbox entry applied), `auth` (`1`: messages must be signed), `verifier` (of the creator's authkey, signed actors), `status` (`active`, `failed`, `stopped`), `reason`, `failures` (recent handler panics, Unix ms) |
+//! | `state` | hash | `type` (the actor type's path), `data` (its saved state), `applied` (the last mailbox entry applied), `auth` (`1`: messages must be signed), `verifier` (of the creator's authkey, signed actors), `status` (`active`, `failed`, `stopped`), `reason`, `failures` (recent handler panics, Unix ms), `handbacks`, `handback_since`, `handback_last` (the current run of give-backs: see "Authentication") |
 //! | `mailbox` | stream | the messages not yet applied, after at most a stream node's worth of applied ones (see "Exactly once"): entries `k` kind, `p` payload, `r` reply key (asks), `h` HMAC (signed messages) |
 //! | `lease` | string | `<host>:<token>` of the activation, with a TTL the host renews |
-//! | `fence` | counter | the last token given |
+//! | `fence` | counter | the last token given (it only grows while the actor's keys live: see "Lifetime") |
 //! | `activating` | string | an activation was asked for (short TTL) |
 //! | `reply:<uuid>` | list | the reply to one ask, pushed by the commit |
 //!
-//! Per namespace, under `{<ns>:actors:hosts}`: `activations` (stream, group `hosts`: actor ids
-//! that need a host), `host:<id>` (set: the actors a host holds) and `live` (sorted set: host
-//! ids by their last heartbeat, Unix ms).
+//! Per namespace, under `{<ns>:actors:hosts}`: `activations` (stream, group `hosts`, a
+//! consumer per running host that was handed requests: actor ids that need a host),
+//! `host:<id>` (set: the actors a host holds) and `live` (sorted set: host ids by their last
+//! heartbeat, Unix ms). A host that ends in order, or whose exit its supervisor sees, is taken
+//! out of `live` and of the group ([`retire_host`]); the heartbeats and consumers of hosts gone
+//! otherwise (killed with their runtime) are removed by the other hosts after ten of their
+//! leases, 5 s at least (see `host`).
+//!
+//! # Lifetime
+//!
+//! An actor's `state`, `mailbox` and `fence` expire `redis.expiry_secs` after they were last
+//! refreshed, together. They are refreshed by the actor's creation, a `get_or_spawn` that finds
+//! it, each activation, and, while a host holds the actor, by that host: its commits and its
+//! lease renewals, each at least once per tenth of `redis.expiry_secs` (a minute at most), and
+//! the release of its lease (deactivation). So an actor never expires while a host holds it,
+//! however long it goes without messages; an actor that no host holds (deactivated after
+//! `actors.idle_secs` without messages, or waiting for a host) expires `redis.expiry_secs`
+//! after its last refresh: after its deactivation, or after its host's last commit or renewal
+//! (at most a tenth of `redis.expiry_secs` before that host died). Sends do not refresh the
+//! state (a send by the script refreshes the mailbox, one by the transaction of `direct.rs`
+//! nothing): messages sent to an actor that no host takes wait in its mailbox, which every
+//! refresh of the state refreshes too, until the state expires. Once it expired, sends fail
+//! (no actor), and `get_or_spawn` creates a new one.
 //!
 //! # Exactly once
 //!
@@ -81,11 +101,20 @@
 //!   program has the actor's type: a host of another program sharing the namespace (another
 //!   key, another build) gives the activation back untouched (`actor_handback.lua`) and asks
 //!   for another host at once, instead of refusing every message or failing the actor, and a
-//!   host of the actor's own program takes it. [`HANDBACK_LIMIT`] give-backs in a row (no
-//!   commit in between) fail the actor with the last host's reason: no host that can run it
-//!   is there (a type renamed, an old image, hosts started before `set_authkey`), and its
-//!   senders get that error instead of waiting. A failed or stopped actor runs no user code,
-//!   so any host answers its messages (with the error).
+//!   host of the actor's own program takes it. The give-backs are counted in runs: a commit
+//!   ends a run (a host of the actor's program served it), and so does a window
+//!   ([`handback_window`]: five leases of the host giving it back, 2 s at least) without a
+//!   give-back. A run that holds [`HANDBACK_LIMIT`] give-backs and has lasted the window fails
+//!   the actor with the last host's reason: no host that can run it is there (a type renamed,
+//!   an old image, hosts started before `set_authkey`), and its senders get that error instead
+//!   of waiting, once the window (and at most one pause, below) is over. Hosts of the actor's own program that are away for
+//!   less than the window (a restart) fail nothing, however many give-backs other programs'
+//!   hosts make meanwhile; past the limit, each of those hosts pauses half a lease (1 s at
+//!   most) before it asks for another host, rather than passing the actor around as fast as
+//!   Redis answers. An actor with no message waiting (its host exited, and its actors were put
+//!   up for activation all the same) is given back without being counted, and without a
+//!   request for another host: its next message makes one. A failed or stopped actor runs no
+//!   user code, so any host answers its messages (with the error).
 //!
 //! The host still checks every message's HMAC before it decodes it (a message written into the
 //! mailbox by other means is refused, unread, its ask answered with the error). The tag covers
@@ -114,7 +143,8 @@
 //!
 //! A host: 1 round trip per batch of up to [`BATCH`] messages to read it (`XREAD`, then
 //! `WATCH` and `GET` of the lease) and 1 to commit it (2 when the transaction did not run: a
-//! renewal touched the lease while the batch ran); lease renewals every third of the lease.
+//! renewal touched the lease while the batch ran); lease renewals every third of the lease
+//! (1 per actor, which refreshes the actor's TTLs too once per tenth of `redis.expiry_secs`).
 
 mod direct;
 pub mod host;
@@ -142,6 +172,10 @@ pub(crate) static HANDBACK: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("actor_handback.lua")));
 pub(crate) static LEASE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("actor_lease.lua")));
+pub(crate) static RETIRE_HOST: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("hosts_retire.lua")));
+pub(crate) static PRUNE_HOSTS: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("hosts_prune.lua")));
 
 /// What a signed actor's state records of the authkey it was created under, and what a signed
 /// sender and a host present for it: HMAC-SHA256 of the actor's id under the key. It tells
@@ -189,8 +223,23 @@ pub const STOP_KIND: &str = "shoal::stop";
 
 /// The consumer group of the activations stream.
 pub const HOSTS_GROUP: &str = "hosts";
-/// Give-backs in a row (see "Authentication") after which an actor is failed.
+/// Give-backs in a run (see "Authentication") from which an actor may be failed: once its run
+/// has also lasted [`handback_window`].
 pub const HANDBACK_LIMIT: u32 = 32;
+/// The leases of the host giving an actor back in [`handback_window`].
+pub const HANDBACK_WINDOW_LEASES: u32 = 5;
+/// The shortest [`handback_window`].
+pub const MIN_HANDBACK_WINDOW: Duration = Duration::from_secs(2);
+
+/// How long a run of give-backs (see "Authentication") must last, as well as hold
+/// [`HANDBACK_LIMIT`] of them, before the actor is failed, for a host whose activation lease
+/// is `lease`: [`HANDBACK_WINDOW_LEASES`] leases, [`MIN_HANDBACK_WINDOW`] at least. It is also
+/// the gap after which a give-back starts a new run.
+pub fn handback_window(lease: Duration) -> Duration {
+    lease
+        .saturating_mul(HANDBACK_WINDOW_LEASES)
+        .max(MIN_HANDBACK_WINDOW)
+}
 /// Most messages a host applies per commit.
 pub const BATCH: usize = 256;
 /// How long an asker waits before it checks that a host has the actor.
@@ -327,6 +376,7 @@ pub fn create_invocation(
     invocation
         .key(&keys.state)
         .key(&keys.mailbox)
+        .key(&keys.fence)
         .arg(actor_type)
         .arg(state)
         .arg(if verifier.is_some() { "1" } else { "0" })
@@ -941,6 +991,9 @@ fn request_activation_after_marker(
     }
 }
 
+/// The approximate length the activations stream is trimmed to (`XADD MAXLEN ~`).
+const ACTIVATIONS_MAXLEN: u64 = 10_000;
+
 /// The commands of an activation request.
 fn activation_pipe(store: &Store, hosts: &HostKeys, actor_id: &str) -> redis::Pipeline {
     let mut pipe = redis::pipe();
@@ -948,7 +1001,7 @@ fn activation_pipe(store: &Store, hosts: &HostKeys, actor_id: &str) -> redis::Pi
         .arg(&hosts.activations)
         .arg("MAXLEN")
         .arg("~")
-        .arg(10_000)
+        .arg(ACTIVATIONS_MAXLEN)
         .arg("*")
         .arg("a")
         .arg(actor_id)
@@ -994,8 +1047,48 @@ pub fn activations_created(created: redis::RedisResult<()>) -> redis::RedisResul
     }
 }
 
+/// Takes a host that is gone out of the hosts' consumer group (`hosts_retire.lua`): the
+/// activation requests it read and never acknowledged are made again, for any host, and its
+/// consumer is deleted, so that the group does not keep one consumer per host ever started.
+/// Call it only once the host reads no more (it exited, or its main loop ended): a consumer
+/// that reads again is made again. Returns how many requests were made again.
+pub fn retire_host(store: &Store, hosts: &HostKeys, host_id: &str) -> Result<i64> {
+    store.with_conn(
+        || format!("retiring host {host_id} from {}", hosts.activations),
+        |c| {
+            RETIRE_HOST
+                .key(&hosts.activations)
+                .arg(HOSTS_GROUP)
+                .arg(host_id)
+                .arg(store.expiry_secs())
+                .arg(ACTIVATIONS_MAXLEN)
+                .invoke(c)
+        },
+    )
+}
+
+/// Deletes the consumers of the hosts' group that hold no request and have been idle (no
+/// request handed to them) for `idle` (`hosts_prune.lua`): hosts gone without [`retire_host`]
+/// (killed with the runtime that would have retired them), and live hosts that got no request
+/// lately, which lose nothing (Redis makes a consumer again when it hands it a request). `own`,
+/// the caller's consumer, is kept. Returns how many were deleted.
+pub fn prune_hosts(store: &Store, hosts: &HostKeys, own: &str, idle: Duration) -> Result<i64> {
+    store.with_conn(
+        || format!("pruning the consumers of {}", hosts.activations),
+        |c| {
+            PRUNE_HOSTS
+                .key(&hosts.activations)
+                .arg(HOSTS_GROUP)
+                .arg(idle.as_millis() as u64)
+                .arg(own)
+                .invoke(c)
+        },
+    )
+}
+
 /// Removes the leases a dead host held and asks other hosts to take its actors (the host is
-/// known to be dead: its exit was seen). Returns the actors moved.
+/// known to be dead: its exit was seen), takes it out of the live hosts, and retires its
+/// consumer of the hosts' group ([`retire_host`]). Returns the actors moved.
 pub fn orphan_host(store: &Store, hosts: &HostKeys, host_id: &str) -> Result<Vec<String>> {
     let set = hosts.host_set(host_id);
     let actors: Vec<String> = store.with_conn(
@@ -1029,6 +1122,7 @@ pub fn orphan_host(store: &Store, hosts: &HostKeys, host_id: &str) -> Result<Vec
                 .query::<()>(c)
         },
     )?;
+    retire_host(store, hosts, host_id)?;
     Ok(actors)
 }
 
@@ -1084,5 +1178,21 @@ mod tests {
             assert_eq!(blpop_seconds(block), 0.001);
         }
         assert_eq!(blpop_seconds(ASK_SLICE), 0.5);
+    }
+
+    #[test]
+    fn the_handback_window_is_five_leases_and_two_seconds_at_least() {
+        assert_eq!(
+            handback_window(Duration::from_secs(2)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            handback_window(Duration::from_millis(100)),
+            MIN_HANDBACK_WINDOW
+        );
+        assert_eq!(
+            handback_window(Duration::from_secs(3600)),
+            Duration::from_secs(18_000)
+        );
     }
 }

@@ -2,10 +2,12 @@
 //! executor when the runtime spawns its first actor, kept alive, and stopped with the runtime.
 //!
 //! When a host exits, the supervisor frees the leases it held (its death is known: no need to
-//! wait for them to lapse) and asks the other hosts, or its replacement, to take its actors
-//! over (`shoal_executor::actor::orphan_host`, tried again while Redis is out of reach). A host
-//! is always replaced, as a pool's worker is (see `pool::supervisor::workers`); its exit code
-//! says after how long:
+//! wait for them to lapse), asks the other hosts, or its replacement, to take its actors over,
+//! and takes it out of the live hosts and of the hosts' consumer group, whose requests it read
+//! and did not acknowledge are made again (`shoal_executor::actor::orphan_host`, tried again
+//! while Redis is out of reach; the runtime's shutdown waits for it, up to the grace period of
+//! [`StopHosts`]). A host is always replaced, as a pool's worker is (see
+//! `pool::supervisor::workers`); its exit code says after how long:
 //!
 //! | exit | meaning | replacement |
 //! | --- | --- | --- |
@@ -130,6 +132,9 @@ pub(crate) struct HostSupervisor {
     hosts: HashMap<String, HostSlot>,
     started: u64,
     stopping: bool,
+    /// Exited hosts whose actors and keys are being moved (`orphan_host`) on threads of their
+    /// own: stopping waits for them (see [`StopHosts`]).
+    orphaning: usize,
     budget: ReplaceBudget,
     stopped: Vec<futures::channel::oneshot::Sender<()>>,
 }
@@ -155,6 +160,7 @@ impl HostSupervisor {
             hosts: HashMap::new(),
             started: 0,
             stopping: false,
+            orphaning: 0,
             budget: ReplaceBudget::default(),
             stopped: Vec::new(),
         }
@@ -284,12 +290,7 @@ impl HostSupervisor {
     /// or finish stopping.
     fn host_gone(&mut self, ctx: &mut Context<Self>, end: HostEnd, lived: Duration) {
         if self.stopping {
-            if self.hosts.is_empty() {
-                for done in self.stopped.drain(..) {
-                    let _ = done.send(());
-                }
-                ctx.stop();
-            }
+            self.finish_stopping(ctx);
             return;
         }
         let after = self.budget.pause(Instant::now(), end, lived);
@@ -298,6 +299,16 @@ impl HostSupervisor {
                 act.spawn_host(ctx);
             }
         });
+    }
+
+    /// Once stopping, and every host exited and was orphaned: answers [`StopHosts`] and stops.
+    fn finish_stopping(&mut self, ctx: &mut Context<Self>) {
+        if self.stopping && self.hosts.is_empty() && self.orphaning == 0 {
+            for done in self.stopped.drain(..) {
+                let _ = done.send(());
+            }
+            ctx.stop();
+        }
     }
 
     fn refresh_driver_key(&mut self, ctx: &mut Context<Self>) {
@@ -376,6 +387,7 @@ impl Handler<WorkerExited> for HostSupervisor {
         let host_id = msg.id.clone();
         let process_keys = ProcessKeys::new(store.keys(), &host_id);
         let stopping = self.stopping;
+        let supervisor = ctx.address();
         let spawned = std::thread::Builder::new()
             .name("shoal-host-orphans".into())
             .spawn(move || {
@@ -417,15 +429,33 @@ impl Handler<WorkerExited> for HostSupervisor {
                             .query::<()>(c)
                     },
                 );
+                supervisor.do_send(Orphaned);
             });
-        if let Err(e) = spawned {
-            tracing::warn!("cannot move the actors of an exited host: {e}");
+        match spawned {
+            Ok(_) => self.orphaning += 1,
+            Err(e) => tracing::warn!("cannot move the actors of an exited host: {e}"),
         }
         self.host_gone(ctx, end, lived);
     }
 }
 
-/// Stop every host; answered once they exited (or after a grace period).
+/// An exited host's actors and keys were moved (see [`HostSupervisor::orphaning`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Orphaned;
+
+impl Handler<Orphaned> for HostSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: Orphaned, ctx: &mut Context<Self>) {
+        self.orphaning = self.orphaning.saturating_sub(1);
+        self.finish_stopping(ctx);
+    }
+}
+
+/// Stop every host; answered once they exited and their actors and keys were moved (their
+/// leases freed, their heartbeats and consumers of the hosts' group gone: nothing is left
+/// behind by a runtime that ends), or after a grace period.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct StopHosts;
@@ -435,7 +465,7 @@ impl Handler<StopHosts> for HostSupervisor {
 
     fn handle(&mut self, _: StopHosts, ctx: &mut Context<Self>) -> Self::Result {
         self.stopping = true;
-        if self.hosts.is_empty() {
+        if self.hosts.is_empty() && self.orphaning == 0 {
             ctx.stop();
             return Box::pin(async {});
         }

@@ -64,9 +64,10 @@
 //!   in `#[derive(shoal::Actor)] #[actor(messages(...))]`; sending a message it does not list
 //!   does not compile.
 //! * [`spawn_actor`] creates one; [`get_or_spawn`] finds the actor of that name or creates it
-//!   (named actors always exist and are activated on their first message, as Orleans' virtual
-//!   actors). An [`ActorRef`] is a serde value: pass it to any process (a `Process` argument, a
-//!   `Pool` task, a `Queue` item).
+//!   (a named actor is activated on its first message, as Orleans' virtual actors, and
+//!   `get_or_spawn` gives it back for as long as it lives: see "Lifetime" below). An
+//!   [`ActorRef`] is a serde value: pass it to any process (a `Process` argument, a `Pool`
+//!   task, a `Queue` item).
 //! * [`ActorRef::tell`] returns once the message is durably in the actor's mailbox;
 //!   [`ActorRef::ask`] waits for the reply ([`Error::Timeout`] after its timeout: the message
 //!   is still applied once).
@@ -86,6 +87,16 @@
 //!   (HMAC-SHA256) and the host refuses, before decoding it, a message without a valid tag:
 //!   the asker gets [`Error::Authentication`] and nothing runs.
 //! * Handlers are synchronous and run one message at a time.
+//! * **Lifetime**: an actor's keys (its state, its mailbox, its activation count) live
+//!   `redis.expiry_secs` from their last refresh. Its creation, a [`get_or_spawn`] that finds
+//!   it, each activation and the host that runs it refresh them (that host at least once per
+//!   tenth of `redis.expiry_secs`, a minute at most, and when it deactivates the actor), so an
+//!   actor never expires while a host runs it, with or without messages. Messages do not
+//!   keep it alive: an actor no host runs (deactivated after `actors.idle_secs` without
+//!   messages, or with no host to take it) expires `redis.expiry_secs` after its deactivation
+//!   (or after its last refresh by a host that died), with the messages waiting in its mailbox
+//!   then. After that, sends fail (no actor), and [`get_or_spawn`] creates the named actor
+//!   again, from `init()`.
 //!
 //! See `shoal_executor::actor` for the keys, the scripts and the round trips (a `tell` is 1, an
 //! `ask` 1 once the actor is active).
@@ -373,7 +384,8 @@ impl<A: Actor> ActorRef<A> {
     /// How many times the actor was activated so far (by any host): 1 for an actor that never
     /// moved, one more for each time a host took it over (after a host died or froze, or after
     /// it was deactivated for idleness, or a host of another program sharing the namespace took
-    /// it and gave it back). 1 round trip.
+    /// it and gave it back); 0 before its first activation, and once its keys expired (see
+    /// "Lifetime" in the module docs: never while a host runs it). 1 round trip.
     pub fn activations(&self) -> Result<u64> {
         let store = store()?;
         let keys = ActorKeys::new(store.keys(), &self.id);
@@ -471,9 +483,10 @@ pub fn spawn_actor_with<A: Actor>(state: A, options: ActorOptions) -> Result<Act
     create(id, state, options, CreateMode::New)
 }
 
-/// The actor called `name`, created with `init()` if it does not exist (its state is kept
-/// otherwise); starts this runtime's actor hosts if they are not running. Every process gets
-/// the same actor, which runs once at a time whoever asked.
+/// The actor called `name`, created with `init()` if it does not exist (never created, or
+/// expired: see "Lifetime" in the module docs; its state is kept otherwise, and its keys live
+/// `redis.expiry_secs` from now); starts this runtime's actor hosts if they are not running.
+/// Every process gets the same actor, which runs once at a time whoever asked.
 pub fn get_or_spawn<A: Actor>(name: &str, init: impl FnOnce() -> A) -> Result<ActorRef<A>> {
     get_or_spawn_with(name, init, ActorOptions::default())
 }

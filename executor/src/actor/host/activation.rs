@@ -46,7 +46,7 @@ pub(super) struct ActorState<'a> {
     /// The connection of `link` (its generation) that watches nothing: its last command was an
     /// `EXEC`, which ends every watch, so the next read needs no `UNWATCH`.
     pub(super) unwatched: Option<u64>,
-    /// When a commit last refreshed the TTLs of the state and the mailbox.
+    /// When a commit last refreshed the TTLs of the state, the mailbox and the fencing counter.
     pub(super) ttl_refreshed: Option<Instant>,
     /// The transfers this activation registered for the pipe ends in the last state it
     /// committed (see [`ActorState::apply_and_commit`]).
@@ -459,8 +459,9 @@ impl ActorState<'_> {
     /// The transaction trims the mailbox by whole stream nodes below the last entry applied
     /// (`XTRIM MINID ~ <applied>`): emptying the stream at every batch, only for the next
     /// message to make a new node, cost Redis more than the rest of the commit. It refreshes
-    /// the TTLs of the state and the mailbox once per [`ttl_refresh_every`]. The script trims
-    /// every entry applied and refreshes the TTLs every time.
+    /// the TTLs of the state, the mailbox and the fencing counter once per
+    /// [`ttl_refresh_every`]. The script trims every entry applied and refreshes the TTLs
+    /// every time.
     fn commit(
         &mut self,
         data: &[u8],
@@ -517,6 +518,8 @@ impl ActorState<'_> {
                     .expire(&self.keys.state, self.store.expiry_secs() as i64)
                     .ignore()
                     .expire(&self.keys.mailbox, self.store.expiry_secs() as i64)
+                    .ignore()
+                    .expire(&self.keys.fence, self.store.expiry_secs() as i64)
                     .ignore();
             }
             let executed = self.store.with_held_conn(
@@ -553,6 +556,7 @@ impl ActorState<'_> {
                         .key(&self.keys.state)
                         .key(&self.keys.mailbox)
                         .key(&self.keys.lease)
+                        .key(&self.keys.fence)
                         .arg(self.lease)
                         .arg(data)
                         .arg(applied)
@@ -603,10 +607,11 @@ fn give_back(transfers: SentTransfers) {
     }
 }
 
-/// How long a commit goes without refreshing the TTLs of the actor's state and mailbox, for
-/// keys that expire `expiry_secs` after their last refresh: a tenth of that (at most a minute),
-/// so that they outlive the last commit by 90% of `expiry_secs` at least.
-fn ttl_refresh_every(expiry_secs: u64) -> Duration {
+/// How long a commit, or the host's lease renewals, go without refreshing the TTLs of the
+/// actor's state, mailbox and fencing counter, for keys that expire `expiry_secs` after their
+/// last refresh: a tenth of that (at most a minute), so that they outlive the last commit or
+/// renewal by 90% of `expiry_secs` at least.
+pub(super) fn ttl_refresh_every(expiry_secs: u64) -> Duration {
     Duration::from_millis(expiry_secs.saturating_mul(100)).min(Duration::from_secs(60))
 }
 

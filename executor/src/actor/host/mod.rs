@@ -21,9 +21,19 @@
 //!   or cut off past its lease) asks for a host, rather than leaving them to the next sender.
 //! * Every lease (1 s to 30 s) the main loop also takes over the activation requests left
 //!   pending on a consumer that read them and never acknowledged them (a host that died in
-//!   between), once they are two leases (2 s at least) old (`XAUTOCLAIM`).
-//! * A heartbeat thread renews every lease every third of the lease, and, for a subprocess host,
-//!   ends the process when the driver that started it is gone (its liveness key lapsed).
+//!   between), once they are two leases (2 s at least) old (`XAUTOCLAIM`), and deletes the
+//!   consumers of the group that hold no request and were handed none for ten leases (5 s at
+//!   least; `hosts_prune.lua`): hosts gone without being retired, and live ones that Redis
+//!   makes again when it next hands them a request.
+//! * A heartbeat thread renews every lease every third of the lease (and with it, once per
+//!   tenth of `redis.expiry_secs`, a minute at most, the TTLs of the actor's state, mailbox and
+//!   fencing counter), stamps the host's heartbeat in `live` and removes the heartbeats older
+//!   than ten leases (5 s at least), and, for a subprocess host, ends the process when the
+//!   driver that started it is gone (its liveness key lapsed), after leaving `live` and the
+//!   group.
+//! * A host that ends in order leaves `live` and the group ([`super::retire_host`]: the
+//!   requests it read and did not acknowledge are made again first); so does the supervisor for
+//!   a host whose exit it sees ([`super::orphan_host`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -144,17 +154,42 @@ pub fn run_host(store: &Arc<Store>, spec: &HostSpec) -> Result<()> {
         actor.stop.store(true, Ordering::Release);
     }
     let _ = heartbeat.join();
-    let _ = store.with_conn(
+    leave(store, &hosts, &spec.host_id);
+    result
+}
+
+/// Takes a host that reads no more out of the live hosts and out of the hosts' group (see
+/// [`super::retire_host`]), best-effort: what is left is pruned by the other hosts (see
+/// [`stale_after`]), and the supervisor that sees the host exit retires it too.
+fn leave(store: &Store, hosts: &HostKeys, host_id: &str) {
+    let left = store.with_conn(
         || format!("leaving {}", hosts.live),
         |c| {
             redis::cmd("ZREM")
                 .arg(&hosts.live)
-                .arg(&spec.host_id)
+                .arg(host_id)
                 .query::<()>(c)
         },
     );
-    result
+    if let Err(e) = left.and_then(|()| super::retire_host(store, hosts, host_id)) {
+        tracing::debug!("{e}");
+    }
 }
+
+/// How long a host's heartbeat (in `live`) may be old, or its consumer of the hosts' group
+/// idle with no request pending, before another host removes it: [`STALE_LEASES`] leases,
+/// [`MIN_STALE`] at least. Askers count as running only the hosts stamped within 3 leases of
+/// theirs.
+fn stale_after(spec: &HostSpec) -> Duration {
+    Duration::from_millis(spec.lease_ms)
+        .saturating_mul(STALE_LEASES)
+        .max(MIN_STALE)
+}
+
+/// See [`stale_after`].
+const STALE_LEASES: u32 = 10;
+/// See [`stale_after`].
+const MIN_STALE: Duration = Duration::from_secs(5);
 
 fn read_activations(
     store: &Arc<Store>,
@@ -211,6 +246,11 @@ fn read_activations(
         if last_claim.elapsed() >= claim_every(spec) {
             last_claim = Instant::now();
             entries.extend(claim_abandoned(store, spec, hosts));
+            // The consumers of hosts gone without being retired (their pending requests
+            // are taken over above first).
+            if let Err(e) = super::prune_hosts(store, hosts, &spec.host_id, stale_after(spec)) {
+                tracing::debug!("{e}");
+            }
         }
         if entries.is_empty() {
             continue;
@@ -340,6 +380,7 @@ fn serve_actor(
                 .key(&keys.lease)
                 .key(&keys.fence)
                 .key(&keys.activating)
+                .key(&keys.mailbox)
                 .arg(&spec.host_id)
                 .arg(spec.lease_ms)
                 .arg(store.expiry_secs())
@@ -491,7 +532,11 @@ fn serve_actor(
 }
 
 /// Gives back an activation this host cannot serve (see "Authentication" in the protocol's
-/// module docs) and asks for another host, or fails the actor past the limit.
+/// module docs) and asks for another host (after [`handback_pause`] once the actor's run of
+/// give-backs is past the limit, so that hosts that cannot run it do not pass it around as
+/// fast as Redis answers until the window is over), or fails the actor past the limit and the
+/// window. An actor with no message waiting is only given back: its next message asks for a
+/// host.
 fn hand_back(
     store: &Store,
     spec: &HostSpec,
@@ -501,31 +546,62 @@ fn hand_back(
     actor_id: &str,
     why: &str,
 ) {
+    let window = super::handback_window(Duration::from_millis(spec.lease_ms));
     let outcome: Result<String> = store.with_conn(
         || format!("giving actor {actor_id} back"),
         |c| {
             HANDBACK
                 .key(&keys.state)
                 .key(&keys.lease)
+                .key(&keys.mailbox)
                 .arg(lease)
                 .arg(super::HANDBACK_LIMIT)
                 .arg(why)
+                .arg(window.as_millis() as u64)
                 .invoke(c)
         },
     );
     match outcome.as_deref() {
-        Ok("again") => {
+        Ok(again @ ("again" | "later")) => {
             tracing::debug!("host {} gives actor {actor_id} back: {why}", spec.host_id);
+            if again == "later" {
+                pause_unless_terminating(handback_pause(spec));
+            }
             if let Err(e) = super::request_activation(store, hosts, actor_id) {
                 tracing::warn!("{e}");
             }
         }
         Ok("failed") => tracing::error!(
-            "actor {actor_id} failed: no host could run it after {} tries (last: {why})",
+            "actor {actor_id} failed: no host could run it for {window:?} ({} tries or more; \
+             last: {why})",
             super::HANDBACK_LIMIT
+        ),
+        Ok("idle") => tracing::debug!(
+            "host {} gives actor {actor_id} back, with no message waiting: {why}",
+            spec.host_id
         ),
         Ok(_) => {}
         Err(e) => tracing::warn!("{e}"),
+    }
+}
+
+/// The pause before a host asks for another host for an actor it gave back, once the actor's
+/// run of give-backs is past [`super::HANDBACK_LIMIT`]: half a lease, between 50 ms and 1 s
+/// (well within [`super::handback_window`], so the run goes on).
+fn handback_pause(spec: &HostSpec) -> Duration {
+    (Duration::from_millis(spec.lease_ms) / 2)
+        .clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// Sleeps for `pause`, or until this host is told to terminate.
+fn pause_unless_terminating(pause: Duration) {
+    let until = Instant::now() + pause;
+    while !context::termination_requested() {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(10)));
     }
 }
 
@@ -594,9 +670,10 @@ impl Drop for ActiveEntry<'_> {
     }
 }
 
-/// Gives an activation lease back (if it is still this host's), with the mailbox's entries up
-/// to `applied`, and asks for a host when a message came after the last read, or when the
-/// lease lapsed with messages in the mailbox (see `actor_lease.lua`).
+/// Gives an activation lease back (if it is still this host's: the actor's state, mailbox and
+/// fencing counter then live `redis.expiry_secs` from now), with the mailbox's entries up to
+/// `applied`, and asks for a host when a message came after the last read, or when the lease
+/// lapsed with messages in the mailbox (see `actor_lease.lua`).
 fn release_lease(
     store: &Store,
     spec: &HostSpec,
@@ -617,10 +694,13 @@ fn release_lease(
                     .key(&keys.lease)
                     .key(&keys.activating)
                     .key(&keys.mailbox)
+                    .key(&keys.state)
+                    .key(&keys.fence)
                     .arg("release")
                     .arg(lease)
                     .arg(spec.lease_ms)
                     .arg(applied)
+                    .arg(store.expiry_secs())
                     .invoke(c)
             },
         )
@@ -644,27 +724,52 @@ fn release_lease(
     }
 }
 
-/// Renews the leases of every active actor every third of the lease, and ends the process when
-/// the driver is gone.
+/// Renews the leases of every active actor every third of the lease (and, once per
+/// [`ttl_refresh_every`], the TTLs of their state, mailbox and fencing counter: an actor this
+/// host holds does not expire, however long it goes without a commit), stamps this host's
+/// heartbeat (removing those of hosts gone for [`stale_after`]), and ends the process when the
+/// driver is gone.
 fn heartbeat(store: &Store, spec: &HostSpec, active: &Active, done: &AtomicBool) {
     let lease = Duration::from_millis(spec.lease_ms);
     let every = (lease / 3).max(Duration::from_millis(10));
     let step = Duration::from_millis(10).min(every);
     let mut driver_missing_since: Option<Instant> = None;
+    let mut ttls_refreshed: Option<Instant> = None;
     let hosts = HostKeys::new(store.keys());
+    let host_set = hosts.host_set(&spec.host_id);
+    let stale_ms = stale_after(spec).as_millis() as u64;
     loop {
-        // This host is alive: askers of actors without a host check that one is.
+        // This host is alive: askers of actors without a host check that one is. Hosts that
+        // are gone without leaving (killed with their runtime) are removed.
+        let now_ms = shoal_core::clock::now_ms();
         let _ = store.with_conn(
             || format!("stamping {}", hosts.live),
             |c| {
                 redis::pipe()
-                    .zadd(&hosts.live, &spec.host_id, shoal_core::clock::now_ms())
+                    .zadd(&hosts.live, &spec.host_id, now_ms)
+                    .ignore()
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(&hosts.live)
+                    .arg("-inf")
+                    .arg(format!("({}", now_ms.saturating_sub(stale_ms)))
                     .ignore()
                     .expire(&hosts.live, store.expiry_secs() as i64)
+                    .ignore()
+                    .expire(&host_set, store.expiry_secs() as i64)
                     .ignore()
                     .query::<()>(c)
             },
         );
+        let refresh_ttls =
+            ttls_refreshed.is_none_or(|at| at.elapsed() >= ttl_refresh_every(store.expiry_secs()));
+        if refresh_ttls {
+            ttls_refreshed = Some(Instant::now());
+        }
+        let ttl = if refresh_ttls {
+            store.expiry_secs().to_string()
+        } else {
+            String::new()
+        };
         let leases: Vec<(String, String)> = active
             .lock()
             .iter()
@@ -679,9 +784,14 @@ fn heartbeat(store: &Store, spec: &HostSpec, active: &Active, done: &AtomicBool)
                     LEASE
                         .key(&keys.lease)
                         .key(&keys.activating)
+                        .key(&keys.mailbox)
+                        .key(&keys.state)
+                        .key(&keys.fence)
                         .arg("renew")
                         .arg(&value)
                         .arg(spec.lease_ms)
+                        .arg("")
+                        .arg(&ttl)
                         .invoke(c)
                 },
             );
@@ -707,6 +817,8 @@ fn heartbeat(store: &Store, spec: &HostSpec, active: &Active, done: &AtomicBool)
                             "shoal actor host {}: its driver is gone; exiting",
                             spec.host_id
                         );
+                        // Nobody will see this exit: leave the live hosts and the group now.
+                        leave(store, &hosts, &spec.host_id);
                         std::process::exit(EXIT_DRIVER_GONE);
                     }
                 }
