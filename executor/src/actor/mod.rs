@@ -276,6 +276,20 @@ impl ActorKeys {
         }
     }
 
+    /// `actor_lease.lua` with its keys (the lease, the marker, the mailbox, the state, the
+    /// fence) and `mode` (`release`, `renew`...), for a host to add its own arguments to.
+    pub(crate) fn lease_invocation(&self, mode: &str) -> redis::ScriptInvocation<'static> {
+        let mut invocation = LEASE.prepare_invoke();
+        invocation
+            .key(&self.lease)
+            .key(&self.activating)
+            .key(&self.mailbox)
+            .key(&self.state)
+            .key(&self.fence)
+            .arg(mode);
+        invocation
+    }
+
     /// A fresh reply key for one ask.
     pub fn new_reply_key(&self) -> String {
         format!("{}{}", self.reply_prefix, uuid::Uuid::new_v4().simple())

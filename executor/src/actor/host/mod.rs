@@ -52,9 +52,7 @@ use shoal_core::registry::Failure;
 use shoal_core::store::{HeldConn, Store};
 use shoal_core::transfers::{SentTransfers, collect_transfers};
 
-use super::{
-    ACTIVATE, ActorKeys, BATCH, COMMIT, HANDBACK, HOSTS_GROUP, HostKeys, LEASE, Reply, field,
-};
+use super::{ACTIVATE, ActorKeys, BATCH, COMMIT, HANDBACK, HOSTS_GROUP, HostKeys, Reply, field};
 use crate::pool::EXIT_DRIVER_GONE;
 
 mod activation;
@@ -690,13 +688,7 @@ fn release_lease(
         store.with_conn(
             || format!("releasing actor {actor_id}"),
             |c| {
-                LEASE
-                    .key(&keys.lease)
-                    .key(&keys.activating)
-                    .key(&keys.mailbox)
-                    .key(&keys.state)
-                    .key(&keys.fence)
-                    .arg("release")
+                keys.lease_invocation("release")
                     .arg(lease)
                     .arg(spec.lease_ms)
                     .arg(applied)
@@ -781,13 +773,7 @@ fn heartbeat(store: &Store, spec: &HostSpec, active: &Active, done: &AtomicBool)
             let renewed: std::result::Result<i64, Error> = store.with_conn(
                 || format!("renewing actor {id}"),
                 |c| {
-                    LEASE
-                        .key(&keys.lease)
-                        .key(&keys.activating)
-                        .key(&keys.mailbox)
-                        .key(&keys.state)
-                        .key(&keys.fence)
-                        .arg("renew")
+                    keys.lease_invocation("renew")
                         .arg(&value)
                         .arg(spec.lease_ms)
                         .arg("")
