@@ -10,7 +10,8 @@
 //! terminal's Ctrl-C (sent to the foreground group) reaches this program only, which can then
 //! shut down in order. A worker launched with [`Launch::die_with_parent`] (every child the
 //! runtime starts) gets `PR_SET_PDEATHSIG = SIGTERM`: the kernel terminates it when this
-//! process dies, even by `SIGKILL`. The signal is tied to the thread that forked the child; that
+//! process dies, even by `SIGKILL` (not when the program is setuid or has file capabilities:
+//! `exec` of such a program clears it). The signal is tied to the thread that forked the child; that
 //! is the actor system's thread, which lives as long as the runtime that owns the child. Signals go to the pid while the child is known not to have been
 //! reaped (the actor removes a child in the same step that reaps it), so a recycled pid is never
 //! signalled.

@@ -38,7 +38,8 @@
 //! * Daemon children are terminated when the runtime shuts down; the runtime waits for
 //!   non-daemon children first (Python's exit behaviour). A child never outlives a parent that
 //!   dies without shutting down (killed, even by `SIGKILL`): it gets `SIGTERM` then (unlike
-//!   Python, whose non-daemon children run on). Children run in their own process group, so a
+//!   Python, whose non-daemon children run on), unless the program is setuid or has file
+//!   capabilities (the kernel clears that signal when it starts such a program). Children run in their own process group, so a
 //!   terminal's Ctrl-C reaches the parent only. A daemonic process (a daemon child, or
 //!   a pool worker) may not start children: `start()` is [`Error::InvalidState`], as Python's
 //!   `AssertionError`.
