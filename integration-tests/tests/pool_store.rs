@@ -287,6 +287,26 @@ impl LosingProxy {
     }
 }
 
+/// Whether `bytes` (with `tail`, the end of what came before, so that a marker split between
+/// two reads is seen) hold `marker`, and are the first to (across all connections: `lost`).
+fn first_to_carry(
+    marker: Option<&[u8]>,
+    tail: &mut Vec<u8>,
+    bytes: &[u8],
+    lost: &AtomicBool,
+) -> bool {
+    let Some(marker) = marker else {
+        return false;
+    };
+    let mut window = std::mem::take(tail);
+    window.extend_from_slice(bytes);
+    let first = !lost.load(Ordering::Acquire)
+        && contains_bytes(&window, marker)
+        && !lost.swap(true, Ordering::AcqRel);
+    *tail = window[window.len().saturating_sub(marker.len())..].to_vec();
+    first
+}
+
 /// Passes the client's requests to the server. The first that holds `marker` (across all
 /// connections), when there is one, dooms this connection first: its reply is not passed on.
 fn pass_requests(
@@ -297,23 +317,14 @@ fn pass_requests(
     doomed: &AtomicBool,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
-    // The end of what was passed on, so that a marker split between two reads is seen.
     let mut tail: Vec<u8> = Vec::new();
     loop {
         let n = match client.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Some(marker) = marker {
-            let mut window = std::mem::take(&mut tail);
-            window.extend_from_slice(&buf[..n]);
-            if !lost.load(Ordering::Acquire)
-                && contains_bytes(&window, marker)
-                && !lost.swap(true, Ordering::AcqRel)
-            {
-                doomed.store(true, Ordering::Release);
-            }
-            tail = window[window.len().saturating_sub(marker.len())..].to_vec();
+        if first_to_carry(marker, &mut tail, &buf[..n], lost) {
+            doomed.store(true, Ordering::Release);
         }
         if server.write_all(&buf[..n]).is_err() {
             break;
@@ -334,7 +345,6 @@ fn serve_replies(
     doomed: &AtomicBool,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
-    // The end of what was passed on, so that a marker split between two reads is seen.
     let mut tail: Vec<u8> = Vec::new();
     loop {
         let n = match server.read(&mut buf) {
@@ -344,16 +354,8 @@ fn serve_replies(
         if doomed.load(Ordering::Acquire) {
             break;
         }
-        if let Some(marker) = marker {
-            let mut window = std::mem::take(&mut tail);
-            window.extend_from_slice(&buf[..n]);
-            if !lost.load(Ordering::Acquire)
-                && contains_bytes(&window, marker)
-                && !lost.swap(true, Ordering::AcqRel)
-            {
-                break;
-            }
-            tail = window[window.len().saturating_sub(marker.len())..].to_vec();
+        if first_to_carry(marker, &mut tail, &buf[..n], lost) {
+            break;
         }
         if client.write_all(&buf[..n]).is_err() {
             break;
