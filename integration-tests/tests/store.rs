@@ -220,3 +220,117 @@ fn idle_connections_the_server_closed_are_not_handed_out() {
         .expect("an add after the idle connections were closed");
     assert_eq!(counter.get().expect("get"), 2);
 }
+
+/// A TCP forwarder on 127.0.0.1: each connection it accepts goes to the server its target
+/// names at that moment (a Service whose endpoint moves to the new primary in a failover),
+/// and stays there.
+fn forwarder(target: std::sync::Arc<std::sync::Mutex<u16>>) -> u16 {
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let to = *target.lock().expect("target");
+            let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                continue;
+            };
+            let pump = |mut from: TcpStream, mut to: TcpStream| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            };
+            pump(
+                client.try_clone().expect("clone"),
+                server.try_clone().expect("clone"),
+            );
+            pump(server, client);
+        }
+    });
+    port
+}
+
+/// Whether the replica at `url` has caught up with its primary's link.
+fn replica_linked(url: &str) -> bool {
+    let Ok(mut admin) = redis::Client::open(url).and_then(|c| c.get_connection()) else {
+        return false;
+    };
+    redis::cmd("INFO")
+        .arg("replication")
+        .query::<String>(&mut admin)
+        .is_ok_and(|info| info.contains("master_link_status:up"))
+}
+
+/// The async connections shared by actors and async primitives after a failover that demotes
+/// the primary in place (its clients stay connected to it, as behind an operator's Service):
+/// the first write refused with `READONLY` drops the shared connection, and the next ones go
+/// to the new primary. Before, every async write failed with `READONLY` until the process
+/// restarted.
+#[test]
+fn async_writes_follow_a_primary_demoted_behind_the_same_address() {
+    let old = TestRedis::tcp();
+    let new = TestRedis::tcp();
+    replicaof(&new.url(), &["127.0.0.1", &old.port().to_string()]);
+    assert!(
+        shoal_integration_tests::wait_for(Duration::from_secs(10), || replica_linked(&new.url())),
+        "the replica never linked"
+    );
+    let target = std::sync::Arc::new(std::sync::Mutex::new(old.port()));
+    let port = forwarder(target.clone());
+    let config = Config::builder()
+        .redis_url(format!("redis://127.0.0.1:{port}"))
+        .response_timeout(Duration::from_secs(10))
+        .build()
+        .expect("config");
+    let _rt = shoal::init_with(config).expect("runtime");
+    let counter = Value::new(0i64).expect("value");
+    let block_on = |f: std::pin::Pin<Box<dyn std::future::Future<Output = shoal::Result<i64>>>>| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio")
+            .block_on(f)
+    };
+    assert_eq!(
+        block_on(Box::pin(counter.fetch_add_async(1))).expect("add"),
+        0
+    );
+    assert!(
+        shoal_integration_tests::wait_for(Duration::from_secs(10), || {
+            redis::Client::open(new.url())
+                .and_then(|c| c.get_connection())
+                .and_then(|mut c| redis::cmd("DBSIZE").query::<u64>(&mut c))
+                .is_ok_and(|n| n > 0)
+        }),
+        "the replica never got the value"
+    );
+    // The failover: the replica takes over, the old primary follows it, and new connections
+    // reach the new primary.
+    replicaof(&new.url(), &["NO", "ONE"]);
+    replicaof(&old.url(), &["127.0.0.1", &new.port().to_string()]);
+    *target.lock().expect("target") = new.port();
+    let mut outcomes = Vec::new();
+    let applied = (0..20).any(|_| {
+        let outcome = block_on(Box::pin(counter.fetch_add_async(1)));
+        let done = outcome.is_ok();
+        outcomes.push(outcome.map_err(|e| e.to_string()));
+        if !done {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        done
+    });
+    assert!(
+        applied,
+        "no async write reached the new primary: {outcomes:?}"
+    );
+    // At most the first write met the demoted server (refused, not applied).
+    assert!(outcomes.len() <= 2, "{outcomes:?}");
+    // Read through the old primary, a replica of the new one now: it catches up.
+    assert!(
+        shoal_integration_tests::wait_for(Duration::from_secs(5), || counter
+            .get()
+            .is_ok_and(|v| v == 2)),
+        "the value is {:?}, not 2",
+        counter.get()
+    );
+}

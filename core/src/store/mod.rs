@@ -24,7 +24,9 @@
 //!   connections.
 //! * **One async multiplexed connection** ([`Store::multiplexed`]) for actors, which reconnects
 //!   by itself after Redis went away and came back (redis-rs's `ConnectionManager`: the command
-//!   that met the broken connection fails, the next ones use a new one), and dedicated async
+//!   that met the broken connection fails, the next ones use a new one) and after its server
+//!   answered `READONLY` (a primary demoted behind the same address: the next command opens a
+//!   new connection, see [`SharedConnection`]), and dedicated async
 //!   connections ([`Store::dedicated`]) for actors that block (stream readers), which open a new
 //!   one after a failure.
 //! * **Async connections of one runtime** ([`AsyncStore`]) for the async forms of the primitives,
@@ -50,12 +52,13 @@
 
 pub mod embedded;
 pub mod keys;
+mod shared;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ConnectionLike, RedisError, RedisResult};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -65,6 +68,8 @@ use crate::codec;
 use crate::config::{Config, redact_url};
 use crate::error::{Error, Result};
 pub use keys::{KeySpace, ObjectKeys};
+pub use shared::SharedConnection;
+use shared::SharedSlot;
 
 /// Idle synchronous connections kept for reuse.
 const MAX_IDLE: usize = 64;
@@ -105,7 +110,7 @@ pub struct Store {
     settings: StoreSettings,
     keys: KeySpace,
     idle: Mutex<IdlePool<Pooled>>,
-    multiplexed: tokio::sync::OnceCell<ConnectionManager>,
+    multiplexed: SharedSlot,
 }
 
 /// What a command's result says about the connection it ran on.
@@ -345,7 +350,7 @@ impl Store {
             keys: KeySpace::new(settings.namespace.clone()),
             settings,
             idle: Mutex::new(IdlePool::new()),
-            multiplexed: tokio::sync::OnceCell::new(),
+            multiplexed: SharedSlot::default(),
         };
         Ok(store)
     }
@@ -368,7 +373,7 @@ impl Store {
             keys: KeySpace::new(settings.namespace.clone()),
             settings,
             idle: Mutex::new(idle),
-            multiplexed: tokio::sync::OnceCell::new(),
+            multiplexed: SharedSlot::default(),
         }
     }
 
@@ -576,23 +581,15 @@ impl Store {
     }
 
     /// The shared async multiplexed connection, for ordinary commands sent by actors. It
-    /// reconnects after Redis went away (see the module docs).
+    /// reconnects after Redis went away, and opens a new connection after its server answered
+    /// `READONLY` (see [`SharedConnection`]).
     ///
     /// The connection's driver runs on the Tokio runtime of the first caller, so only the
     /// runtime's actor system, which lives as long as the store is used, may call this.
-    pub async fn multiplexed(&self) -> Result<ConnectionManager> {
+    pub async fn multiplexed(&self) -> Result<SharedConnection> {
         self.multiplexed
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.settings.connect_timeout))
-                    .set_response_timeout(Some(self.settings.response_timeout))
-                    // A failed command is reported at once; the reconnection goes on behind.
-                    .set_number_of_retries(1)
-                    .set_max_delay(std::time::Duration::from_millis(500));
-                ConnectionManager::new_with_config(self.client.clone(), config).await
-            })
+            .get(&self.client, &self.settings)
             .await
-            .cloned()
             .map_err(|e| Error::redis(format!("connecting to {}", self.display_url()), e))
     }
 
@@ -649,7 +646,7 @@ const MAX_IDLE_BLOCKING: usize = 64;
 pub struct AsyncStore {
     store: Arc<Store>,
     runtime: tokio::runtime::Handle,
-    shared: tokio::sync::OnceCell<ConnectionManager>,
+    shared: SharedSlot,
     blocking: Mutex<IdlePool<MultiplexedConnection>>,
 }
 
@@ -667,7 +664,7 @@ impl AsyncStore {
         Arc::new(AsyncStore {
             store,
             runtime,
-            shared: tokio::sync::OnceCell::new(),
+            shared: SharedSlot::default(),
             blocking: Mutex::new(IdlePool::new()),
         })
     }
@@ -695,22 +692,13 @@ impl AsyncStore {
     }
 
     /// The shared multiplexed connection of this runtime, for ordinary commands and scripts
-    /// (a cheap clone). It reconnects after Redis went away. Call it only from tasks of this
-    /// store's runtime: its driver runs where it was first opened.
-    pub async fn shared(&self) -> Result<ConnectionManager> {
-        let settings = &self.store.settings;
+    /// (a cheap clone). It reconnects after Redis went away, and opens a new connection after
+    /// its server answered `READONLY` (see [`SharedConnection`]). Call it only from tasks of
+    /// this store's runtime: its driver runs where it was opened.
+    pub async fn shared(&self) -> Result<SharedConnection> {
         self.shared
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(settings.connect_timeout))
-                    .set_response_timeout(Some(settings.response_timeout))
-                    // A failed command is reported at once; the reconnection goes on behind.
-                    .set_number_of_retries(1)
-                    .set_max_delay(std::time::Duration::from_millis(500));
-                ConnectionManager::new_with_config(self.store.client.clone(), config).await
-            })
+            .get(&self.store.client, &self.store.settings)
             .await
-            .cloned()
             .map_err(|e| Error::redis(format!("connecting to {}", self.store.display_url()), e))
     }
 
