@@ -541,6 +541,86 @@ fn python_poll_cases() {
     }
 }
 
+// ------------------------------------------------- ends in messages that were not sent --
+
+/// A value that never encodes: a message holding a pipe end before it fails to encode after
+/// the end's transfer was registered.
+struct Unencodable;
+
+impl serde::Serialize for Unencodable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> std::result::Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("this value never encodes"))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Unencodable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        <()>::deserialize(d).map(|()| Unencodable)
+    }
+}
+
+/// `reader` reads end of file within a lease (its writer's last holder let go): not only once
+/// this process exits.
+fn assert_prompt_end_of_file(reader: &Connection<u32>, what: &str) {
+    let started = Instant::now();
+    assert!(
+        reader.poll(Some(2 * LEASE)).expect("poll"),
+        "{what}: no end of file while this process lives"
+    );
+    assert!(matches!(reader.recv(), Err(Error::Closed(_))), "{what}");
+    assert!(started.elapsed() < LEASE, "{what}: {:?}", started.elapsed());
+}
+
+/// A message holding a pipe end that was not sent (refused: the other end closed; its encoding
+/// failed after the end's transfer was registered) gives that transfer back before the send
+/// returns: the end closes as soon as its real holders let go, while the sending process lives.
+/// A message that was sent keeps its transfer until its receiver claims it.
+#[test]
+fn a_pipe_end_in_a_message_that_was_not_sent_is_given_back_at_once() {
+    let _rt = runtime();
+    // Sent: the transfer holds the end while the message waits in the inbox.
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    let (carrier_in, carrier_out) = Pipe::new::<Connection<u32>>(false).expect("carrier");
+    carrier_out.send(&writer).expect("send");
+    writer.close().expect("close");
+    assert!(
+        !reader
+            .poll(Some(Duration::from_millis(300)))
+            .expect("the message in the inbox holds the end"),
+    );
+    let received = carrier_in.recv().expect("recv");
+    received.send(&5).expect("the received end sends");
+    received.close().expect("close");
+    assert_eq!(reader.recv().expect("recv"), 5);
+    assert_prompt_end_of_file(&reader, "a sent end closed by its receiver");
+
+    // Refused: the carrier's other end is closed (a broken pipe).
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    carrier_in.close().expect("close");
+    assert!(
+        matches!(carrier_out.send(&writer), Err(Error::Closed(_))),
+        "a broken pipe"
+    );
+    writer.close().expect("close");
+    assert_prompt_end_of_file(&reader, "a send refused by a broken pipe");
+
+    // The same through `send_async` (given back in the background).
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    let sent = futures::executor::block_on(carrier_out.send_async(&writer));
+    assert!(matches!(sent, Err(Error::Closed(_))), "{sent:?}");
+    writer.close().expect("close");
+    assert_prompt_end_of_file(&reader, "a send_async refused by a broken pipe");
+
+    // An encoding that fails after the end's transfer was registered.
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    let (_carrier_in, carrier_out) =
+        Pipe::new::<(Connection<u32>, Unencodable)>(false).expect("carrier");
+    let sent = carrier_out.send(&(writer.clone(), Unencodable));
+    assert!(matches!(sent, Err(Error::Codec { .. })), "{sent:?}");
+    writer.close().expect("close");
+    assert_prompt_end_of_file(&reader, "a message that did not encode");
+}
+
 // ----------------------------------------------------------------------------- outages --
 
 /// Redis not running scripts for longer than the lease (`CLIENT PAUSE WRITE`, as a failover

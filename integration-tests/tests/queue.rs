@@ -830,3 +830,102 @@ fn a_queue_put_on_again_after_its_handles_went_loses_nothing() {
         "the first record was not dropped (one writer hash): {writers:?}"
     );
 }
+
+// ------------------------------------------------------- pipe ends in items never written --
+
+/// `reader` reads end of file at once (its writer's last holder let go), not only once this
+/// process exits.
+fn assert_prompt_end_of_file(reader: &Connection<u32>, what: &str) {
+    let started = Instant::now();
+    assert!(
+        reader.poll(Some(Duration::from_secs(3))).expect("poll"),
+        "{what}: no end of file while this process lives"
+    );
+    assert!(matches!(reader.recv(), Err(Error::Closed(_))), "{what}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{what}: {:?}",
+        started.elapsed()
+    );
+}
+
+/// A pipe end in a queue item that was not written (a full queue's `put_nowait`, a
+/// `put_timeout` that gave up, a closed queue, a queue whose keys are gone, items the feeder
+/// dropped) gives its transfer back: the other end reads end of file as soon as the end's real
+/// holders let go, while the putting process lives. An item written keeps it until a get
+/// claims it.
+#[test]
+fn a_pipe_end_in_an_item_that_was_not_written_is_given_back_at_once() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+
+    // A full bounded queue.
+    let q: Queue<Option<Connection<u32>>> = Queue::with_maxsize(1).expect("queue");
+    q.put(None).expect("put");
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    let refused = q.put_nowait(Some(writer.clone()));
+    assert!(matches!(refused, Err(Error::Full)), "{refused:?}");
+    writer.close().expect("close");
+    assert_prompt_end_of_file(&reader, "put_nowait on a full queue");
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    let timed_out = q.put_timeout(Some(writer.clone()), Duration::from_millis(300));
+    assert!(matches!(timed_out, Err(Error::Full)), "{timed_out:?}");
+    writer.close().expect("close");
+    assert_prompt_end_of_file(&reader, "put_timeout on a full queue");
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    let refused = futures::executor::block_on(q.put_nowait_async(Some(writer.clone())));
+    assert!(matches!(refused, Err(Error::Full)), "{refused:?}");
+    writer.close().expect("close");
+    assert_prompt_end_of_file(&reader, "put_nowait_async on a full queue");
+
+    // Written: the item in the queue holds the end until a get claims it.
+    assert!(q.get().expect("get").is_none());
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    q.put_nowait(Some(writer.clone())).expect("room");
+    writer.close().expect("close");
+    assert!(
+        !reader
+            .poll(Some(Duration::from_millis(300)))
+            .expect("the item holds the end"),
+    );
+    let received = q.get().expect("get").expect("the end");
+    received.close().expect("close");
+    assert_prompt_end_of_file(&reader, "an end received and closed");
+
+    // A closed queue: an async put encodes its item when it is called, and finds the queue
+    // closed at its first poll.
+    let q: Queue<Connection<u32>> = Queue::new().expect("queue");
+    q.close().expect("close");
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    let put = q.put_async(writer.clone());
+    writer.close().expect("close");
+    assert_closed("put_async", futures::executor::block_on(put));
+    assert_prompt_end_of_file(&reader, "a closed queue");
+
+    // A joinable queue whose keys were deleted: `put.lua` refuses the item.
+    let q: JoinableQueue<Connection<u32>> = JoinableQueue::new().expect("queue");
+    let state = queue_key(&mut raw, &format!("{q:?}"), "state");
+    redis::cmd("DEL")
+        .arg(&state)
+        .query::<()>(&mut raw)
+        .expect("del");
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    let put = q.put(writer.clone());
+    assert!(matches!(put, Err(Error::InvalidState(_))), "{put:?}");
+    writer.close().expect("close");
+    assert_prompt_end_of_file(&reader, "a queue that is gone");
+
+    // Items the feeder could never write (the items key holds a string) are dropped, and so
+    // is the item of the put that reports that.
+    let q: Queue<Connection<u32>> = Queue::new().expect("queue");
+    break_items(&mut raw, &q);
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    q.put(writer.clone()).expect("buffered");
+    writer.close().expect("close");
+    assert_prompt_end_of_file(&reader, "items the feeder dropped");
+    let (reader, writer) = Pipe::new::<u32>(false).expect("pipe");
+    let put = q.put(writer.clone());
+    assert!(matches!(put, Err(Error::InvalidState(_))), "{put:?}");
+    writer.close().expect("close");
+    assert_prompt_end_of_file(&reader, "the put that reported the feeder's failure");
+}

@@ -947,3 +947,46 @@ fn a_handle_made_again_takes_up_the_batch_its_dropped_predecessor_held() {
     got.extend(drain(&again, Duration::from_millis(300)));
     assert_eq!(got, (4..20).collect::<Vec<_>>());
 }
+
+/// A process's fields in a queue's fences hash (`<holder>:fence`, `<holder>:acked`) go once it
+/// gets no more: children that took items and exited leave none, nor does this process once its
+/// last handle of the queue is dropped. The hash does not keep two fields for every process
+/// that ever fetched from the queue.
+#[test]
+fn a_process_that_gets_no_more_leaves_no_fields_in_the_fences_hash() {
+    let rt = runtime();
+    let mut raw = raw_redis(&rt);
+    let q: Queue<u64> = Queue::new().expect("queue");
+    fill(&rt, &q, 20);
+    let fences = format!(
+        "{}claim_fences",
+        queue_key_prefix(&mut raw, &format!("{q:?}"))
+    );
+    let fields = |conn: &mut redis::Connection| -> Vec<String> {
+        redis::cmd("HKEYS").arg(&fences).query(conn).expect("hkeys")
+    };
+    for round in 0..3u64 {
+        let (child, taken) = child_takes(&q, 2, "exit");
+        assert_eq!(taken, vec![2 * round, 2 * round + 1]);
+        child.join(None).expect("join");
+        assert_eq!(child.exitcode(), Some(0));
+    }
+    assert_eq!(
+        fields(&mut raw),
+        Vec::<String>::new(),
+        "the children's fields"
+    );
+    // This process's consumer: its fence while it gets, gone with its last handle.
+    let clone = q.clone();
+    assert_eq!(q.get().expect("get"), 6);
+    assert_eq!(clone.get().expect("get"), 7);
+    assert!(!fields(&mut raw).is_empty(), "this process fetched");
+    drop(q);
+    assert!(!fields(&mut raw).is_empty(), "a handle is left");
+    drop(clone);
+    assert!(
+        wait_for(Duration::from_secs(5), || fields(&mut raw).is_empty()),
+        "left behind: {:?}",
+        fields(&mut raw)
+    );
+}

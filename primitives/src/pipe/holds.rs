@@ -331,6 +331,94 @@ impl shoal_core::transfers::Transfer for SentTransfer {
     }
 }
 
+/// The transfers of a value encoded for a write (a queue item, a pipe message) whose write has
+/// not happened: dropped, it gives them back ([`SentTransfers::release`], one script per
+/// transfer), because the value will never be decoded, so that the ends it carries close once
+/// their real holders let go rather than when this process exits. A write that happened, or
+/// whose outcome is unknown (a lost reply: the value may be in Redis, and a receiver must
+/// still be able to claim it), calls [`Unsent::keep`] instead.
+///
+/// A value without pipe ends has none: nothing is allocated, and the drop does nothing. The
+/// give-back runs on the dropping thread, or in the background
+/// (`common::run_in_background`, waited for by the exit hook as dropped handles' closes are)
+/// inside a Tokio runtime or when [`Unsent::in_background`] asked for it (an async call's
+/// value, dropped on an executor's thread that must not block).
+#[derive(Debug, Default)]
+pub(crate) struct Unsent {
+    sent: SentTransfers,
+    background: bool,
+}
+
+impl Unsent {
+    /// Encodes `value` for `key` (see [`Store::encode`]), collecting the transfers its pipe
+    /// ends register. An encoding that fails gives back what it registered before it failed.
+    pub(crate) fn encode<T: Serialize + ?Sized>(
+        store: &Store,
+        value: &T,
+        key: &str,
+    ) -> Result<(Vec<u8>, Unsent)> {
+        let (encoded, sent) = collect_transfers(|| store.encode(value, key));
+        let unsent = Unsent {
+            sent,
+            background: false,
+        };
+        Ok((encoded?, unsent))
+    }
+
+    /// The transfers `sent` (a test's).
+    #[cfg(test)]
+    pub(crate) fn of(sent: SentTransfers) -> Unsent {
+        Unsent {
+            sent,
+            background: false,
+        }
+    }
+
+    /// Whether the value registered no transfer.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.sent.is_empty()
+    }
+
+    /// This, given back off the dropping thread whatever thread drops it.
+    pub(crate) fn in_background(mut self) -> Unsent {
+        self.background = true;
+        self
+    }
+
+    /// The value was written, or may have been: its transfers stay for its receiver, who
+    /// claims them when it decodes the value (or they last as long as this process).
+    pub(crate) fn keep(mut self) {
+        drop(std::mem::take(&mut self.sent));
+    }
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if self.sent.is_empty() {
+            return;
+        }
+        let sent = std::mem::take(&mut self.sent);
+        let give_back = move || {
+            if let Err(e) = sent.release() {
+                // Not renewed any more: what was not let go of lapses after the lease.
+                tracing::debug!("giving back the pipe ends of a value never written: {e}");
+            }
+        };
+        if !self.background && tokio::runtime::Handle::try_current().is_err() {
+            give_back();
+            return;
+        }
+        let in_flight = BACKGROUND_CLOSES.start();
+        common::run_in_background(
+            "giving back the pipe ends of a value never written",
+            move || {
+                let _in_flight = in_flight;
+                give_back();
+            },
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -68,7 +68,16 @@
 //!   replaced, and those of its last state when it stops or fails the actor (a stop that
 //!   comes to an activation of its own decodes the state, claiming its ends, to let them go);
 //!   an actor creation gives back those of a state it did not use (a named actor that existed,
-//!   or an error). The transfers of a state whose commit may have been applied stay. A handle
+//!   or an error). The transfers of a state whose commit may have been applied stay. A queue
+//!   item or a pipe message that was certainly not written gives its transfers back before its
+//!   put or send returns (in the background for the async forms, and for a future dropped
+//!   before it was under way): a full queue's `put_nowait`, a `put_timeout` that gave up, a
+//!   closed queue, a queue or pipe whose keys are gone, a send refused because either end is
+//!   closed, an encoding that failed after a transfer was registered, and the items a queue's
+//!   feeder drops after a permanent failure (and the put that reports it). One whose outcome
+//!   Redis could not tell (a lost reply) keeps them: the value may be in Redis. Items a queue's
+//!   feeder still buffers when its process exits after `cancel_join_thread` keep theirs until
+//!   that process is gone (a lease later): the feeder may write them until then. A handle
 //!   deserialized without a runtime claims at its first use.
 //!   A value deserialized twice (a retried task) claims twice: the second process holds the end
 //!   too, unless every holder has let it go by then, and then its handle is closed.
@@ -157,6 +166,7 @@ use crate::op::{self, Operation, Request, Step};
 mod holds;
 mod read;
 
+pub(crate) use holds::Unsent;
 pub use holds::encode_without_round_trips;
 pub use shoal_core::transfers::{SentTransfers, collect_transfers};
 
@@ -610,35 +620,50 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     }
 
     /// Sends a message to the other end.
+    ///
+    /// A message holding pipe ends registers a transfer of each (see the module docs); a send
+    /// that certainly wrote nothing (the other end or this one closed: [`Error::Closed`]; the
+    /// pipe gone; an encoding that failed) gives them back before it returns, so those ends
+    /// close as soon as their real holders let go. A send whose outcome Redis could not tell
+    /// (a lost reply) keeps them: the message may be in the inbox.
     pub fn send(&self, message: &T) -> Result<()> {
         let store = common::store()?;
         self.ensure_open(&store)?;
         self.check_writable()?;
         let keys = PipeKeys::new(&self.address);
-        let framed = self.frame_message(&store, &keys, message)?;
-        self.send_raw(&store, keys, framed)
+        let (framed, unsent) = self.frame_message(&store, &keys, message)?;
+        self.send_raw(&store, keys, framed, unsent)
     }
 
     /// The async form of [`Connection::send`] (1 round trip on shoal's actor runtime, 2 when a
     /// hold may have lapsed; the message is encoded when this is called). A send whose future
-    /// is dropped still happens if it was under way (at most once).
+    /// is dropped still happens if it was under way (at most once); one dropped before it was
+    /// under way, or refused, gives back the transfers of the pipe ends in the message (in the
+    /// background), as [`Connection::send`] does.
     pub fn send_async<'a>(
         &'a self,
         message: &T,
     ) -> impl Future<Output = Result<()>> + Send + use<'a, T> {
         let framed = common::store()
-            .and_then(|store| self.frame_message(&store, &PipeKeys::new(&self.address), message));
+            .and_then(|store| self.frame_message(&store, &PipeKeys::new(&self.address), message))
+            .map(|(framed, unsent)| (framed, unsent.in_background()));
         self.send_raw_async(framed)
     }
 
-    /// The message encoded for the other end's inbox, after the marker byte.
-    fn frame_message(&self, store: &Store, keys: &PipeKeys, message: &T) -> Result<Vec<u8>> {
+    /// The message encoded for the other end's inbox, after the marker byte, and the transfers
+    /// its pipe ends registered (given back if the encoding fails).
+    fn frame_message(
+        &self,
+        store: &Store,
+        keys: &PipeKeys,
+        message: &T,
+    ) -> Result<(Vec<u8>, Unsent)> {
         let target = &keys.inbox[usize::from(1 - self.end)];
-        let payload = store.encode(message, target)?;
+        let (payload, unsent) = Unsent::encode(store, message, target)?;
         let mut framed = Vec::with_capacity(payload.len() + 1);
         framed.push(DATA);
         framed.extend_from_slice(&payload);
-        Ok(framed)
+        Ok((framed, unsent))
     }
 
     /// Sends `buffer[offset..offset + size]` (to the end of the buffer when `size` is `None`)
@@ -648,7 +673,13 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         self.ensure_open(&store)?;
         self.check_writable()?;
         let framed = self.frame_bytes(&store, buffer, offset, size)?;
-        self.send_raw(&store, PipeKeys::new(&self.address), framed)
+        // Bytes register no transfer.
+        self.send_raw(
+            &store,
+            PipeKeys::new(&self.address),
+            framed,
+            Unsent::default(),
+        )
     }
 
     /// The async form of [`Connection::send_bytes`] (the bytes are copied when this is called).
@@ -658,8 +689,9 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         offset: usize,
         size: Option<usize>,
     ) -> impl Future<Output = Result<()>> + Send + use<'a, T> {
-        let framed =
-            common::store().and_then(|store| self.frame_bytes(&store, buffer, offset, size));
+        let framed = common::store()
+            .and_then(|store| self.frame_bytes(&store, buffer, offset, size))
+            .map(|framed| (framed, Unsent::default()));
         self.send_raw_async(framed)
     }
 
@@ -698,28 +730,43 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         Ok(framed)
     }
 
-    fn send_raw(&self, store: &Store, keys: PipeKeys, message: Vec<u8>) -> Result<()> {
-        op::run(store, &mut self.sending(keys, message))
+    /// Sends `message` (framed); `unsent`: the transfers its encoding registered, given back
+    /// when it is certainly not sent (see [`Sending`]).
+    fn send_raw(
+        &self,
+        store: &Store,
+        keys: PipeKeys,
+        message: Vec<u8>,
+        unsent: Unsent,
+    ) -> Result<()> {
+        op::run(store, &mut self.sending(keys, message, unsent))
     }
 
     /// A send of `message` (framed) from this handle.
-    fn sending(&self, keys: PipeKeys, message: Vec<u8>) -> Sending {
+    fn sending(&self, keys: PipeKeys, message: Vec<u8>, unsent: Unsent) -> Sending {
         Sending {
             address: self.address.clone(),
             keys,
             end: self.end,
             message,
             reaping: false,
+            unsent,
+            in_flight: false,
         }
     }
 
-    /// The async form of [`Connection::send_raw`].
-    async fn send_raw_async(&self, message: Result<Vec<u8>>) -> Result<()> {
+    /// The async form of [`Connection::send_raw`]. A message refused before it is sent (a
+    /// closed handle, a wrong direction) gives its transfers back, in the background.
+    async fn send_raw_async(&self, message: Result<(Vec<u8>, Unsent)>) -> Result<()> {
         let store = common::store()?;
         self.ensure_open(&store)?;
         self.check_writable()?;
-        let message = message?;
-        op::spawn(self.sending(PipeKeys::new(&self.address), message), None).await
+        let (message, unsent) = message?;
+        op::spawn(
+            self.sending(PipeKeys::new(&self.address), message, unsent),
+            None,
+        )
+        .await
     }
 
     /// A receive or poll of this handle.
@@ -959,20 +1006,44 @@ fn check_offset(buffer: &[u8], offset: usize) -> Result<()> {
 
 /// A send: `send.lua`, and `send_reaping.lua` when that found a hold that may have lapsed
 /// (it sent nothing then).
+///
+/// The transfers of the pipe ends in the message (`unsent`) are given back when the send is
+/// dropped having certainly written nothing: never sent, or refused by a script before it
+/// wrote (`CLOSED`, `BROKEN`, `GONE`, or `send.lua`'s 0). A send written, or whose outcome is
+/// unknown (any other error, a request under way when the send was dropped), keeps them.
 struct Sending {
     address: Address,
     keys: PipeKeys,
     end: u8,
     message: Vec<u8>,
     reaping: bool,
+    unsent: Unsent,
+    /// A request was handed over and its reply has not been read: it may have written.
+    in_flight: bool,
 }
 
 impl Sending {
-    fn request(&self, store: &Store) -> Step<()> {
+    fn request(&mut self, store: &Store) -> Step<()> {
         let script = if self.reaping { &SEND_REAPING } else { &SEND };
         let mut invocation = self.keys.invocation(script, store);
         invocation.arg(self.end).arg(self.message.as_slice());
+        self.in_flight = true;
         Step::Next(Request::script("sending on", invocation))
+    }
+
+    /// The message was written, or may have been: its transfers stay for the receiver.
+    fn keep_transfers(&mut self) {
+        std::mem::take(&mut self.unsent).keep();
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if self.in_flight {
+            // Dropped with its request under way (the async runtime going away): it may land.
+            self.keep_transfers();
+        }
+        // Otherwise `unsent` is given back as it drops.
     }
 }
 
@@ -988,13 +1059,28 @@ impl Operation for Sending {
     }
 
     fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<()> {
+        self.in_flight = false;
+        let refused = matches!(
+            &reply,
+            Err(Error::Redis { source, .. })
+                if matches!(source.code(), Some("CLOSED" | "BROKEN" | "GONE"))
+        );
         match sent(&self.address, reply) {
             Ok(0) if !self.reaping => {
                 self.reaping = true;
                 self.request(store)
             }
-            Ok(_) => Step::Done(Ok(())),
-            Err(e) => Step::Done(Err(e)),
+            Ok(_) => {
+                self.keep_transfers();
+                Step::Done(Ok(()))
+            }
+            Err(e) => {
+                if !refused {
+                    // The message may be in the inbox.
+                    self.keep_transfers();
+                }
+                Step::Done(Err(e))
+            }
         }
     }
 }

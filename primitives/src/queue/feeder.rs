@@ -93,6 +93,12 @@ pub(super) struct Pending {
     handles: Weak<Handles>,
     /// Put and not yet in a batch, in order.
     items: VecDeque<Vec<u8>>,
+    /// The transfers of the pipe ends in the items not known to be written, by the item's
+    /// ordinal (its place among the `queued_total` items given to the feeder, from 0), in
+    /// order; only the items that have some (none is allocated for the others). Forgotten
+    /// (kept for the receivers) once their batch is written; given back when their items are
+    /// dropped unwritten (a permanent failure), unless their batch may have been written.
+    transfers: VecDeque<(u64, Unsent)>,
     /// The batch being written, or to be written again after a transient failure.
     inflight: Option<Batch>,
     /// The number of the next batch (the first is 1: `feed.lua` starts from 0).
@@ -123,6 +129,8 @@ struct Batch {
     items: Arc<Vec<Vec<u8>>>,
     /// The feeder thread is writing it now.
     sending: bool,
+    /// A write of it failed in a way that may have applied it (a lost reply).
+    ambiguous: bool,
 }
 
 impl Pending {
@@ -137,6 +145,7 @@ impl Pending {
                 .key(&format!("fed:{}:{record}", process_holder())),
             handles: Weak::new(),
             items: VecDeque::new(),
+            transfers: VecDeque::new(),
             inflight: None,
             next_batch: 1,
             queued_total: 0,
@@ -151,7 +160,10 @@ impl Pending {
         }
     }
 
-    fn enqueue(&mut self, item: Vec<u8>) {
+    fn enqueue(&mut self, item: Vec<u8>, unsent: Unsent) {
+        if !unsent.is_empty() {
+            self.transfers.push_back((self.queued_total, unsent));
+        }
         self.items.push_back(item);
         self.queued_total += 1;
     }
@@ -201,6 +213,7 @@ impl Pending {
                 through: self.batched_total,
                 items: Arc::new(self.items.drain(..n).collect()),
                 sending: false,
+                ambiguous: false,
             });
             self.next_batch += 1;
         }
@@ -215,17 +228,45 @@ impl Pending {
         })
     }
 
-    /// Applies what happened to the batch in flight.
-    fn settle(&mut self, outcome: Outcome) {
+    /// Applies what happened to the batch in flight. Returns the transfers of the items dropped
+    /// unwritten, to give back once the feeder's lock is let go (dropping them does it: it
+    /// takes round trips).
+    fn settle(&mut self, outcome: Outcome) -> Vec<Unsent> {
         let what = self.core.address.describe();
+        let mut unwritten = Vec::new();
         match outcome {
             Outcome::Written => {
+                if let Some(batch) = &self.inflight {
+                    while self
+                        .transfers
+                        .front()
+                        .is_some_and(|(ordinal, _)| *ordinal < batch.through)
+                    {
+                        if let Some((_, unsent)) = self.transfers.pop_front() {
+                            unsent.keep();
+                        }
+                    }
+                }
                 self.inflight = None;
                 self.retry_at = None;
                 self.failing_since = None;
                 self.last_error = None;
             }
             Outcome::Permanent(e) => {
+                // Every item not written goes: the batch in flight and the buffered ones. The
+                // batch's own transfers stay if an earlier attempt may have applied it.
+                let kept_below = self
+                    .inflight
+                    .as_ref()
+                    .filter(|batch| batch.ambiguous)
+                    .map_or(0, |batch| batch.through);
+                for (ordinal, unsent) in self.transfers.drain(..) {
+                    if ordinal < kept_below {
+                        unsent.keep();
+                    } else {
+                        unwritten.push(unsent);
+                    }
+                }
                 let lost = self.unwritten();
                 self.queued_total = self.queued_total.saturating_sub(lost as u64);
                 if let Some(batch) = self.inflight.take() {
@@ -246,6 +287,7 @@ impl Pending {
             Outcome::Transient(e) => {
                 if let Some(batch) = self.inflight.as_mut() {
                     batch.sending = false;
+                    batch.ambiguous = true;
                 }
                 let now = Instant::now();
                 self.retry_at = Some(now + RETRY_DELAY);
@@ -256,6 +298,7 @@ impl Pending {
                 self.last_error = Some(e);
             }
         }
+        unwritten
     }
 }
 
@@ -358,21 +401,26 @@ impl Feeder {
         state
     }
 
-    /// Buffers an item for the feeder thread; reports a closed queue, or a permanent failure of
-    /// earlier puts (once).
-    pub(super) fn push(&self, core: &QueueCore, item: Vec<u8>) -> Result<()> {
+    /// Buffers an item for the feeder thread, with the transfers of its pipe ends; reports a
+    /// closed queue, or a permanent failure of earlier puts (once): the item is not buffered
+    /// then, and its transfers are given back (after the feeder's lock is let go).
+    pub(super) fn push(&self, core: &QueueCore, item: Vec<u8>, unsent: Unsent) -> Result<()> {
         start_feeder();
         let handles = core.feeder_handles();
         let mut state = self.lock();
         let p = Self::entry(&mut state, core, &handles);
-        if p.closed {
-            return Err(core.closed());
-        }
-        if let Some(failure) = p.failure.take() {
-            return Err(failure);
+        let refused = if p.closed {
+            Some(core.closed())
+        } else {
+            p.failure.take()
+        };
+        if let Some(refused) = refused {
+            drop(state);
+            drop(unsent);
+            return Err(refused);
         }
         p.used = true;
-        p.enqueue(item);
+        p.enqueue(item, unsent);
         let wake = state.waiting > 0;
         drop(state);
         if wake {
@@ -550,14 +598,17 @@ impl Feeder {
             };
             let outcomes = write_batches(&work);
             let mut state = self.lock();
+            let mut unwritten = Vec::new();
             for (sent, outcome) in work.iter().zip(outcomes) {
                 if let Some(p) = state.queues.get_mut(&sent.core.keys().items) {
-                    p.settle(outcome);
+                    unwritten.extend(p.settle(outcome));
                 }
             }
             Self::prune(&mut state, Instant::now());
             drop(state);
             self.changed.notify_all();
+            // The transfers of the items dropped unwritten go back, off the lock.
+            drop(unwritten);
         }
     }
 }
@@ -690,7 +741,8 @@ mod tests {
         for q in [&idle, &busy, &failed] {
             Feeder::entry(&mut state, q, &q.feeder_handles());
         }
-        Feeder::entry(&mut state, &busy, &busy.feeder_handles()).enqueue(vec![1]);
+        Feeder::entry(&mut state, &busy, &busy.feeder_handles())
+            .enqueue(vec![1], Unsent::default());
         Feeder::entry(&mut state, &failed, &failed.feeder_handles()).failure =
             Some(Error::invalid_state("lost"));
         let old_hash = state.queues[&idle.keys().items].fed.clone();
@@ -742,11 +794,78 @@ mod tests {
         FEEDER.begin_put(&q).expect("open again");
     }
 
+    /// A transfer that records whether it was given back.
+    #[derive(Debug)]
+    struct Recorded(u8, Arc<Mutex<Vec<u8>>>);
+
+    impl shoal_core::transfers::Transfer for Recorded {
+        fn give_back(self: Box<Self>) -> Result<()> {
+            self.1.lock().expect("record").push(self.0);
+            Ok(())
+        }
+    }
+
+    fn transfer(n: u8, given: &Arc<Mutex<Vec<u8>>>) -> Unsent {
+        let given = given.clone();
+        let ((), sent) = crate::pipe::collect_transfers(|| {
+            shoal_core::transfers::note(Box::new(Recorded(n, given)))
+        });
+        Unsent::of(sent)
+    }
+
+    #[test]
+    fn transfers_stay_with_items_written_and_go_back_with_items_dropped_unwritten() {
+        let given = Arc::new(Mutex::new(Vec::new()));
+        let mut p = Pending::new(&core());
+        // Items 0..4; 1 and 3 carry pipe ends. The first batch is written: its transfers stay
+        // for the receivers.
+        for i in 0..4u8 {
+            let unsent = if i % 2 == 1 {
+                transfer(i, &given)
+            } else {
+                Unsent::default()
+            };
+            p.enqueue(vec![i], unsent);
+        }
+        assert_eq!(p.transfers.len(), 2, "only the items with pipe ends");
+        p.next_send().expect("a batch");
+        drop(p.settle(Outcome::Written));
+        assert!(p.transfers.is_empty());
+        assert!(given.lock().expect("record").is_empty(), "written: kept");
+        // A batch that failed transiently may have been written: a permanent failure after it
+        // keeps its transfers, and gives back those of the items still buffered.
+        p.enqueue(vec![4], transfer(4, &given));
+        p.next_send().expect("a batch");
+        drop(p.settle(Outcome::Transient(Error::invalid_state("a lost reply"))));
+        p.enqueue(vec![5], transfer(5, &given));
+        let unwritten = p.settle(Outcome::Permanent(redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "wrong type",
+        ))));
+        assert_eq!(unwritten.len(), 1);
+        assert!(
+            given.lock().expect("record").is_empty(),
+            "given back only once the feeder's lock is let go"
+        );
+        drop(unwritten);
+        assert_eq!(*given.lock().expect("record"), vec![5]);
+        assert!(p.transfers.is_empty());
+        // The ordinals go on from what was written: a batch refused at its first attempt gives
+        // its transfers back.
+        p.enqueue(vec![6], transfer(6, &given));
+        p.next_send().expect("a batch");
+        drop(p.settle(Outcome::Permanent(redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "gone",
+        )))));
+        assert_eq!(*given.lock().expect("record"), vec![5, 6]);
+    }
+
     #[test]
     fn batches_are_numbered_in_order_and_bounded() {
         let mut p = Pending::new(&core());
         for i in 0..(FEED_BATCH + 5) {
-            p.enqueue(vec![i as u8]);
+            p.enqueue(vec![i as u8], Unsent::default());
         }
         let first = p.next_send().expect("a batch");
         assert_eq!((first.number, first.items.len()), (1, FEED_BATCH));
@@ -775,8 +894,8 @@ mod tests {
         assert!(failure.to_string().contains("5 item(s)"), "{failure}");
 
         let mut big = Pending::new(&core());
-        big.enqueue(vec![0; FEED_BATCH_BYTES]);
-        big.enqueue(vec![0; 1]);
+        big.enqueue(vec![0; FEED_BATCH_BYTES], Unsent::default());
+        big.enqueue(vec![0; 1], Unsent::default());
         assert_eq!(big.next_send().expect("one").items.len(), 1);
     }
 }

@@ -31,6 +31,15 @@
 //!   blocks until every item put has been marked done; one `task_done` too many is
 //!   [`Error::InvalidState`]. Its `put` writes at once (the unfinished count must include the
 //!   item before `put` returns).
+//! * An item holding pipe [`Connection`](crate::pipe::Connection) ends registers a transfer of
+//!   each when it is encoded (see `pipe`'s module docs). An item certainly not written gives
+//!   them back before the put returns (the async puts: in the background), so those ends close
+//!   as soon as their real holders let go: `Full` (`put_nowait`, a `put_timeout` that gave
+//!   up), a closed queue, a queue whose keys are gone, an encoding that failed, and the items
+//!   the feeder drops after a permanent failure (given back by the feeder thread; a batch whose
+//!   earlier write may have been applied keeps them). A put whose outcome Redis could not tell
+//!   keeps them, as do the items still buffered when the process exits after
+//!   [`Queue::cancel_join_thread`] (they lapse a lease after the process).
 //! * A queue whose keys were deleted or expired is [`Error::InvalidState`] (checked at least once
 //!   a second while a call waits); an item that does not decode as `T` is [`Error::Codec`]
 //!   naming the key and the type.
@@ -161,6 +170,7 @@ use ops::{Join, Measure, Put};
 use crate::common::{self, Address, deadline, liveness, next_slice, process_holder, ttl};
 use crate::event::{Recheck, WaitList, WakeWait, Woke};
 use crate::op::{self, Operation, Request, Step};
+use crate::pipe::Unsent;
 
 static PUT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(&claims::with_claims_ttl(include_str!("put.lua"))));
@@ -301,8 +311,10 @@ impl QueueCore {
         }
     }
 
-    fn encode<T: Serialize>(&self, store: &Store, item: &T) -> Result<Vec<u8>> {
-        store.encode(item, &self.keys().items)
+    /// The item encoded, and the transfers of the pipe ends in it (given back if the encoding
+    /// fails, or when the item is dropped unwritten: see [`Unsent`]).
+    fn encode<T: Serialize>(&self, store: &Store, item: &T) -> Result<(Vec<u8>, Unsent)> {
+        Unsent::encode(store, item, &self.keys().items)
     }
 
     fn decode<T: DeserializeOwned>(&self, store: &Store, bytes: &[u8]) -> Result<T> {
@@ -310,26 +322,30 @@ impl QueueCore {
     }
 
     /// A put that writes now: waits for room until `deadline` (`None`: forever) when `wait`.
+    /// The item's transfers (`unsent`) are given back before this returns when the item was
+    /// certainly not written (see [`Put`]).
     fn put_now(
         &self,
         store: &Store,
         item: Vec<u8>,
+        unsent: Unsent,
         wait: bool,
         deadline: Option<Instant>,
     ) -> Result<()> {
-        op::run(store, &mut Put::new(self, item, wait, deadline))
+        op::run(store, &mut Put::new(self, item, unsent, wait, deadline))
     }
 
     /// The async form of [`QueueCore::put_now`]; `timeout` runs from the first poll.
     fn put_now_async(
         &self,
         item: Vec<u8>,
+        unsent: Unsent,
         wait: bool,
         timeout: Option<Duration>,
     ) -> impl Future<Output = Result<()>> + Send + use<> {
         let core = self.clone();
         async move {
-            let put = Put::new(&core, item, wait, deadline(timeout));
+            let put = Put::new(&core, item, unsent, wait, deadline(timeout));
             op::spawn(put, None).await
         }
     }
@@ -496,15 +512,64 @@ impl QueueCore {
         Ok(())
     }
 
-    /// Before a put: an unbounded `Queue`'s item (`buffered`) goes to the feeder (`None`);
-    /// otherwise the queue counts as used and the item is returned, to be written now.
-    fn stage_put(&self, item: Vec<u8>, buffered: bool) -> Result<Option<Vec<u8>>> {
+    /// Before a put: an unbounded `Queue`'s item (`buffered`) goes to the feeder (`None`),
+    /// with its transfers; otherwise the queue counts as used and the item is returned, to be
+    /// written now. An item refused here (the queue closed, an earlier put's failure reported)
+    /// gives its transfers back.
+    fn stage_put(
+        &self,
+        item: Vec<u8>,
+        unsent: Unsent,
+        buffered: bool,
+    ) -> Result<Option<(Vec<u8>, Unsent)>> {
         if buffered && self.maxsize == 0 {
-            FEEDER.push(self, item)?;
+            FEEDER.push(self, item, unsent)?;
             return Ok(None);
         }
         FEEDER.begin_put(self)?;
-        Ok(Some(item))
+        Ok(Some((item, unsent)))
+    }
+
+    /// A put of `item`: encoded, then handed to the feeder or written now (see
+    /// [`QueueCore::stage_put`] and [`QueueCore::put_now`]).
+    fn put<T: Serialize>(
+        &self,
+        item: &T,
+        buffered: bool,
+        wait: bool,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        let store = common::store()?;
+        let (bytes, unsent) = self.encode(&store, item)?;
+        match self.stage_put(bytes, unsent, buffered)? {
+            None => Ok(()),
+            Some((bytes, unsent)) => self.put_now(&store, bytes, unsent, wait, deadline),
+        }
+    }
+
+    /// The async form of [`QueueCore::put`]: the item is encoded now (on the caller's thread),
+    /// the rest happens at the first poll; a future dropped before its put was under way gives
+    /// the item's transfers back (in the background).
+    fn put_async<T: Serialize>(
+        &self,
+        item: &T,
+        closes_handles: bool,
+        buffered: bool,
+        wait: bool,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<()>> + Send + use<T> {
+        let core = self.clone();
+        let encoded = common::store()
+            .and_then(|store| core.encode(&store, item))
+            .map(|(bytes, unsent)| (bytes, unsent.in_background()));
+        async move {
+            core.check_open(closes_handles)?;
+            let (bytes, unsent) = encoded?;
+            match core.stage_put(bytes, unsent, buffered)? {
+                None => Ok(()),
+                Some((bytes, unsent)) => core.put_now_async(bytes, unsent, wait, timeout).await,
+            }
+        }
     }
 
     /// `task_done.lua`: `done` (task_done) or `join` (queue `waiter` unless nothing is
@@ -811,12 +876,7 @@ macro_rules! putters {
 
         fn put_until(&self, item: &T, wait: bool, deadline: Option<Instant>) -> Result<()> {
             self.core.check_open(Self::CLOSE_ENDS_EVERYTHING)?;
-            let store = common::store()?;
-            let bytes = self.core.encode(&store, item)?;
-            match self.core.stage_put(bytes, Self::BUFFERED)? {
-                None => Ok(()),
-                Some(bytes) => self.core.put_now(&store, bytes, wait, deadline),
-            }
+            self.core.put(item, Self::BUFFERED, wait, deadline)
         }
 
         /// The async form of [`Self::put`]: waits for room on shoal's actor runtime without
@@ -850,15 +910,13 @@ macro_rules! putters {
             wait: bool,
             timeout: Option<Duration>,
         ) -> impl Future<Output = Result<()>> + Send + use<T> {
-            let core = self.core.clone();
-            let encoded = common::store().and_then(|store| core.encode(&store, item));
-            async move {
-                core.check_open(Self::CLOSE_ENDS_EVERYTHING)?;
-                match core.stage_put(encoded?, Self::BUFFERED)? {
-                    None => Ok(()),
-                    Some(bytes) => core.put_now_async(bytes, wait, timeout).await,
-                }
-            }
+            self.core.put_async(
+                item,
+                Self::CLOSE_ENDS_EVERYTHING,
+                Self::BUFFERED,
+                wait,
+                timeout,
+            )
         }
     };
 }
@@ -935,12 +993,7 @@ impl<T: Serialize + DeserializeOwned> SimpleQueue<T> {
 
     fn put_until(&self, item: &T, wait: bool, deadline: Option<Instant>) -> Result<()> {
         self.core.check_open(Self::CLOSE_ENDS_EVERYTHING)?;
-        let store = common::store()?;
-        let bytes = self.core.encode(&store, item)?;
-        match self.core.stage_put(bytes, Self::BUFFERED)? {
-            None => Ok(()),
-            Some(bytes) => self.core.put_now(&store, bytes, wait, deadline),
-        }
+        self.core.put(item, Self::BUFFERED, wait, deadline)
     }
 
     fn put_async_with(
@@ -949,15 +1002,13 @@ impl<T: Serialize + DeserializeOwned> SimpleQueue<T> {
         wait: bool,
         timeout: Option<Duration>,
     ) -> impl Future<Output = Result<()>> + Send + use<T> {
-        let core = self.core.clone();
-        let encoded = common::store().and_then(|store| core.encode(&store, item));
-        async move {
-            core.check_open(Self::CLOSE_ENDS_EVERYTHING)?;
-            match core.stage_put(encoded?, Self::BUFFERED)? {
-                None => Ok(()),
-                Some(bytes) => core.put_now_async(bytes, wait, timeout).await,
-            }
-        }
+        self.core.put_async(
+            item,
+            Self::CLOSE_ENDS_EVERYTHING,
+            Self::BUFFERED,
+            wait,
+            timeout,
+        )
     }
 
     getters!();

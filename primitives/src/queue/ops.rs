@@ -12,10 +12,19 @@ use super::*;
 /// passed on to the next writer. The put after a wake-up is an abandon point: an async caller
 /// that left during the wait slice that brought the wake-up gets nothing written, and the
 /// wake-up goes on to the next writer.
+///
+/// The transfers of the pipe ends in the item (`unsent`) are given back when the put is dropped
+/// having certainly written nothing: never sent, full (`put_nowait`, a timeout, an abandon),
+/// refused before any write (`GONE`, `CORRUPT`), or a failure while it waited for room. A put
+/// written, or whose outcome is unknown (any other error of `put.lua`, a request under way
+/// when the put was dropped), keeps them: the item may be in the queue.
 pub(super) struct Put {
     core: QueueCore,
     keys: Arc<QueueKeys>,
     item: Vec<u8>,
+    unsent: Unsent,
+    /// A `put.lua` was handed over and its reply has not been read: it may have written.
+    in_flight: bool,
     wait: bool,
     deadline: Option<Instant>,
     waiter: String,
@@ -36,6 +45,7 @@ impl Put {
     pub(super) fn new(
         core: &QueueCore,
         item: Vec<u8>,
+        unsent: Unsent,
         wait: bool,
         deadline: Option<Instant>,
     ) -> Put {
@@ -43,6 +53,8 @@ impl Put {
             keys: core.keys(),
             core: core.clone(),
             item,
+            unsent,
+            in_flight: false,
             wait,
             deadline,
             waiter: String::new(),
@@ -76,6 +88,7 @@ impl Put {
             .arg(if self.core.joinable { "1" } else { "0" })
             .arg(&keys.claim_prefix);
         let request = Request::script("putting on", invocation);
+        self.in_flight = true;
         // After a wake-up, the caller may have left during the slice that brought it: its item
         // must not be written then (see `abandon`).
         Step::Next(if again {
@@ -89,6 +102,11 @@ impl Put {
     fn pass_on(&mut self, store: &Store) -> Step<()> {
         self.phase = PutPhase::PassingOn;
         Step::Next(self.keys.putters.wake(store, 1))
+    }
+
+    /// The item was written, or may have been: its transfers stay for the receiver.
+    fn keep_transfers(&mut self) {
+        std::mem::take(&mut self.unsent).keep();
     }
 
     fn gave_up(&self) -> Error {
@@ -125,10 +143,30 @@ impl Operation for Put {
     fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<()> {
         match &mut self.phase {
             PutPhase::Putting | PutPhase::Reputting => match op::parse::<u64>(reply, "a put") {
-                Err(e) => Step::Done(Err(self.core.address.error(e))),
-                Ok(1) => Step::Done(Ok(())),
-                Ok(_) if !self.wait => Step::Done(Err(Error::Full)),
+                Err(e) => {
+                    self.in_flight = false;
+                    // `put.lua` refuses these before it writes anything.
+                    let refused = matches!(
+                        &e,
+                        Error::Redis { source, .. }
+                            if matches!(source.code(), Some("GONE" | "CORRUPT"))
+                    );
+                    if !refused {
+                        self.keep_transfers();
+                    }
+                    Step::Done(Err(self.core.address.error(e)))
+                }
+                Ok(1) => {
+                    self.in_flight = false;
+                    self.keep_transfers();
+                    Step::Done(Ok(()))
+                }
+                Ok(_) if !self.wait => {
+                    self.in_flight = false;
+                    Step::Done(Err(Error::Full))
+                }
                 Ok(_) => {
+                    self.in_flight = false;
                     let mut waiting = WakeWait::new(
                         self.keys.putters.clone(),
                         self.waiter.clone(),
@@ -164,11 +202,24 @@ impl Operation for Put {
                 let step = waiting.cancel(store);
                 self.after_wait(store, step)
             }
-            // Woken (or room found) after the caller left: the item is not written, and the
-            // room goes to the next writer.
-            PutPhase::Reputting => self.pass_on(store),
+            // Woken (or room found) after the caller left: the item is not written (its put
+            // was not sent), and the room goes to the next writer.
+            PutPhase::Reputting => {
+                self.in_flight = false;
+                self.pass_on(store)
+            }
             PutPhase::Putting | PutPhase::PassingOn => Step::Done(Err(op::abandoned())),
         }
+    }
+}
+
+impl Drop for Put {
+    fn drop(&mut self) {
+        if self.in_flight {
+            // Dropped with its put under way (the async runtime going away): it may land.
+            self.keep_transfers();
+        }
+        // Otherwise `unsent` is given back as it drops.
     }
 }
 

@@ -9,9 +9,12 @@
 -- head, and the record is dropped: a second run of this release (its first reply lost) does
 -- not push it again, and the holder, asking `claim_ack.lua`, learns it is not its own. Otherwise
 -- it is in the claim (given back with it) or a reaper gave it back already.
+-- ARGV[8] 'forget' (optional): the holder gets no more (its consumer retired, the queue closed in
+-- its process, its exit), so its fields in the fences hash go too, after the doubt is settled: a
+-- later fetch of it sets its fence again, above every number it used.
 -- KEYS[4] the holder's claim, KEYS[5] the fences hash
 -- ARGV[1] TTL, ARGV[2] claim prefix, ARGV[3] holder, ARGV[4] the first number not reserved,
--- ARGV[5] '' or 'doubt', ARGV[6] the item's number, ARGV[7] its payload
+-- ARGV[5] '' or 'doubt', ARGV[6] the item's number, ARGV[7] its payload, ARGV[8] '' or 'forget'
 -- Returns how many items went back.
 local fence = tonumber(redis.call('HGET', KEYS[5], ARGV[3] .. ':fence') or '-1')
 if fence >= tonumber(ARGV[4]) then
@@ -31,6 +34,9 @@ if first_back then
   n = n + 1
 end
 redis.call('HDEL', KEYS[3], ARGV[3])
+if ARGV[8] == 'forget' then
+  redis.call('HDEL', KEYS[5], ARGV[3] .. ':fence', ARGV[3] .. ':acked')
+end
 if n > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[1])
 end

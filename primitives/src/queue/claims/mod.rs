@@ -85,7 +85,13 @@
 //! `claims` (hash: holder → hold deadline, ms on Redis's clock), `claim:<holder>` (sorted set:
 //! number → `"<number>:<payload>"`), `claim:<holder>:in` (list: what a waiting get's `BLMOVE`
 //! moved), `claim_fences` (hash: `<holder>:fence`, `<holder>:acked`), `claim_refreshed` (a
-//! marker: the claims' TTLs were refreshed less than a tenth of the TTL ago). Their TTL is the
+//! marker: the claims' TTLs were refreshed less than a tenth of the TTL ago). A process's two
+//! fields in `claim_fences` go when it will get no more: its consumer retired (the keeper's
+//! give-back, which `claim_release.lua` runs with `forget`: one round trip on the keeper's thread,
+//! or in the exit hooks, for a consumer that ever fetched), `close()` or the exit hooks giving
+//! back what it held; a later fetch sets them again. A process killed (or exiting with a handle
+//! of the queue still alive, holding nothing) leaves them until the queue expires, and so does
+//! each of its async gets' holders (`async_get.rs`: as many as ran at once). Their TTL is the
 //! queue's and a tenth more: every claim script gives it to what it writes, and puts and
 //! fetches refresh every holder's at most once per tenth of the TTL (`claims_ttl.lua`), so
 //! the claims outlive the items, whose TTL every put refreshes.
@@ -186,6 +192,10 @@ pub(super) struct Consumer {
     /// back only then, or when items are held: otherwise it makes no round trip (Python's
     /// `close()` never waits for the network).
     unsure: bool,
+    /// A fetch was sent since this holder's fields in the fences hash (`<holder>:fence`,
+    /// `<holder>:acked`) were last forgotten: they may be there. A consumer retired with it
+    /// set is handed to the keeper, whose give-back forgets them.
+    fenced: bool,
     /// Its last handle is gone: the keeper gives back what it holds (its drop does nothing).
     retired: bool,
 }
@@ -398,6 +408,7 @@ fn register(core: &QueueCore, store: &Arc<Store>) -> SharedConsumer {
             in_doubt: false,
             bounded: core.maxsize > 0,
             unsure: false,
+            fenced: false,
             retired: false,
         },
     };
@@ -492,7 +503,8 @@ pub(super) fn give_back(core: &QueueCore, store: &Store) {
     if let Some(Ok(mut consumer)) = consumer.as_ref().map(|c| c.try_lock())
         && (!consumer.held.is_empty() || consumer.in_doubt || consumer.unsure)
     {
-        consumer.give_back();
+        // This process uses the queue no more: its fences go with the give-back.
+        consumer.give_back_and_forget();
     }
 }
 
@@ -612,7 +624,8 @@ fn give_back_all() {
             continue;
         };
         if !consumer.held.is_empty() {
-            consumer.give_back();
+            // Its fences go with the give-back (a later fetch sets them again).
+            consumer.give_back_and_forget();
         }
     }
     give_back_retired();
@@ -951,6 +964,8 @@ impl Consumer {
             };
         self.held.clear();
         self.usable_until = None;
+        // The fetch sets this holder's fence (and its acks may record `<holder>:acked`).
+        self.fenced = true;
         // From the process's one sequence: a consumer made again for a queue (its last handle
         // was dropped) goes on above every number this holder used there.
         let first = SEQUENCE.fetch_add(self.batch as u64, Ordering::Relaxed);
@@ -1010,6 +1025,22 @@ impl Consumer {
     /// twice, its first reply lost, puts it back once), and otherwise leaves it to the claim
     /// (given back with it) or to the reaper that gave it back already.
     fn give_back(&mut self) {
+        self.give_back_with(false);
+    }
+
+    /// [`Consumer::give_back`] when this process will get no more through this consumer (its
+    /// last handle went, `close()`, exit): the same script also forgets this holder's fields in
+    /// the fences hash (`<holder>:fence`, `<holder>:acked`), so that the hash does not keep two
+    /// fields for every process that ever fetched from the queue. Safe: the release settles
+    /// every doubt it is given, a later fetch of this holder sets its fence again (above every
+    /// number used before), and a message of this holder that reaches Redis late (sent on a
+    /// connection given up for lost) then finds either that fence or an empty claim: at worst
+    /// a late fetch claims items that come back when its hold lapses.
+    fn give_back_and_forget(&mut self) {
+        self.give_back_with(true);
+    }
+
+    fn give_back_with(&mut self, forget: bool) {
         let mut invocation = claims_invocation(&RELEASE, &self.keys, &self.store);
         invocation.arg(self.next);
         match (self.in_doubt, self.held.front()) {
@@ -1020,6 +1051,8 @@ impl Consumer {
                 invocation.arg("").arg(0).arg("");
             }
         }
+        invocation.arg(if forget { "forget" } else { "" });
+        let held_some = !self.held.is_empty() || self.in_doubt;
         let given = with_link(&self.store, |link| {
             link.invoke(&self.store, "giving back items of", &invocation)
         });
@@ -1029,6 +1062,16 @@ impl Consumer {
                 self.usable_until = None;
                 self.in_doubt = false;
                 self.unsure = false;
+                if forget {
+                    self.fenced = false;
+                }
+            }
+            Err(e) if !held_some && !self.unsure => {
+                // Only the fences were to go: they stay until the queue expires.
+                tracing::debug!(
+                    "forgetting this process's fences of {}: {e}",
+                    self.keys.items
+                );
             }
             Err(e) => {
                 self.unsure = true;
@@ -1057,12 +1100,14 @@ impl Drop for Consumer {
     /// The queue's last handle in this process is gone: what the consumer holds (an item in
     /// doubt included) is handed to the keeper, which gives it back to the queue (within half a
     /// [`HOLD`], and again until Redis answers) and confirms the acks: a drop, which may happen
-    /// on an executor's thread, makes no round trip.
+    /// on an executor's thread, makes no round trip. A consumer that ever fetched is handed
+    /// over too, holding nothing: the keeper's give-back (one round trip, on the keeper's
+    /// thread or at exit) forgets its fields in the fences hash.
     fn drop(&mut self) {
         if self.retired {
             return;
         }
-        if !self.held.is_empty() || self.in_doubt {
+        if !self.held.is_empty() || self.in_doubt || self.fenced {
             lock(&RETIRED).push(Consumer {
                 keys: self.keys.clone(),
                 store: self.store.clone(),
@@ -1076,6 +1121,7 @@ impl Drop for Consumer {
                 in_doubt: self.in_doubt,
                 bounded: self.bounded,
                 unsure: self.unsure,
+                fenced: self.fenced,
                 retired: true,
             });
         }
@@ -1084,8 +1130,8 @@ impl Drop for Consumer {
     }
 }
 
-/// Consumers whose last handle is gone and that still hold items (or an item in doubt), for
-/// the keeper to give back.
+/// Consumers whose last handle is gone and that still hold items (or an item in doubt), or
+/// whose fields in the fences hash may be there, for the keeper to give back (and forget).
 static RETIRED: LazyLock<Mutex<Vec<Consumer>>> = LazyLock::new(Mutex::default);
 
 /// Held while the keeper (or an exit hook) gives back what retired consumers hold, and while
@@ -1099,7 +1145,7 @@ fn give_back_retired() -> bool {
     let retired = std::mem::take(&mut *lock(&RETIRED));
     let mut left = Vec::new();
     for mut consumer in retired {
-        consumer.give_back();
+        consumer.give_back_and_forget();
         if consumer.in_doubt {
             left.push(consumer);
         }
