@@ -5,7 +5,9 @@
 -- ARGV[1] lease value (host:token), ARGV[2] state, ARGV[3] last applied entry id,
 -- ARGV[4] status, ARGV[5] reason, ARGV[6] failures, ARGV[7] TTL seconds,
 -- ARGV[8] reply TTL ms, ARGV[9] the first entry id after ARGV[3] (the trim's MINID),
--- then (reply key, reply) pairs, one per ask of the batch
+-- ARGV[10] the host-death fields to remove (see actor_activate.lua): '' none, 'running' the
+-- mark of the message being run, 'deaths' that mark and the count of deaths (the batch applies
+-- the entry counted), then (reply key, reply) pairs, one per ask of the batch
 -- The host computes ARGV[9] and sends replies only for asks: the script does no string or
 -- number work of its own, which costs more in Lua than the commands it runs.
 -- Returns 1. Errors: STALE (the lease is not this host's).
@@ -14,7 +16,12 @@ if redis.call('GET', KEYS[3]) ~= ARGV[1] then
 end
 redis.call('HSET', KEYS[1], 'data', ARGV[2], 'applied', ARGV[3], 'status', ARGV[4],
   'reason', ARGV[5], 'failures', ARGV[6], 'handbacks', 0)
-for i = 10, #ARGV, 2 do
+if ARGV[10] == 'running' then
+  redis.call('HDEL', KEYS[1], 'running')
+elseif ARGV[10] == 'deaths' then
+  redis.call('HDEL', KEYS[1], 'running', 'deaths_entry', 'deaths')
+end
+for i = 11, #ARGV, 2 do
   redis.call('RPUSH', ARGV[i], ARGV[i + 1])
   redis.call('PEXPIRE', ARGV[i], ARGV[8])
 end

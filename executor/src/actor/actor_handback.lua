@@ -13,7 +13,10 @@
 -- counted, and nobody asks for another host ('idle'): its next message does.
 -- KEYS[1] state hash, KEYS[2] lease, KEYS[3] mailbox stream
 -- ARGV[1] lease value (host:token), ARGV[2] the limit, ARGV[3] the reason, ARGV[4] the window
--- (ms)
+-- (ms), ARGV[5] '1' when the activation found the actor suspect (its previous holder went
+-- without releasing it, messages waiting: see actor_activate.lua): its `held` mark stays, so
+-- that the host that serves it next runs them one by one; otherwise the mark goes (this host
+-- ran nothing)
 -- Returns 'again' (ask for another host), 'later' (the same, after a pause: the run is past
 -- the limit, and waits out the window), 'failed' (the actor was failed), 'idle' (no message
 -- waits: ask for nothing) or 'lost' (the lease was not the caller's any more, or the actor is
@@ -24,6 +27,9 @@ end
 redis.call('DEL', KEYS[2])
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 'lost'
+end
+if ARGV[5] ~= '1' then
+  redis.call('HDEL', KEYS[1], 'held')
 end
 -- Whether stream entry id `a` comes after `b` (`<ms>-<seq>`; an id that does not parse comes
 -- after anything, so that a message is never taken for applied).

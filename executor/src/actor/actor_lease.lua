@@ -16,6 +16,10 @@
 -- lease, or one whose actor thread ended on an error) does the same when the mailbox holds
 -- entries: a message sent while senders still saw the lease would otherwise wait for the next
 -- sender (entries applied already may be among them: the host that comes only removes those).
+-- A release of the caller's lease also removes the host-death marks `held` and `running` from
+-- the state (see actor_activate.lua): the host is alive, and gave the actor back in order. A
+-- removal of a dead host's lease ('orphan') leaves them: its death is for the next activation
+-- to see.
 -- Returns 1 when the lease was this caller's (or the dead host's), 2 as above, else 0.
 local holder = redis.call('GET', KEYS[1])
 if ARGV[1] == 'orphan' then
@@ -44,6 +48,10 @@ if ARGV[1] == 'renew' then
   return 1
 end
 redis.call('DEL', KEYS[1])
+-- Released by a live host: whatever it was running did not kill it (see actor_activate.lua).
+if KEYS[4] then
+  redis.call('HDEL', KEYS[4], 'held', 'running')
+end
 if KEYS[3] then
   if ARGV[4] and ARGV[4] ~= '' then
     redis.call('XTRIM', KEYS[3], 'MINID', ARGV[4])

@@ -7,7 +7,7 @@
 //!
 //! | key | type | contents |
 //! | --- | --- | --- |
-//! | `state` | hash | `type` (the actor type's path), `data` (its saved state), `applied` (the last mailbox entry applied), `auth` (`1`: messages must be signed), `verifier` (of the creator's authkey, signed actors), `status` (`active`, `failed`, `stopped`), `reason`, `failures` (recent handler panics, Unix ms), `handbacks`, `handback_since`, `handback_last` (the current run of give-backs: see "Authentication") |
+//! | `state` | hash | `type` (the actor type's path), `data` (its saved state), `applied` (the last mailbox entry applied), `auth` (`1`: messages must be signed), `verifier` (of the creator's authkey, signed actors), `status` (`active`, `failed`, `stopped`), `reason`, `failures` (recent handler panics, and messages skipped for host deaths, Unix ms), `handbacks`, `handback_since`, `handback_last` (the current run of give-backs: see "Authentication"), `held` (the lease of the last activation, until it releases the actor), `running` (the entry a host in suspect mode is running), `deaths_entry`, `deaths` (the entry whose host deaths are counted, and how many: see "Host deaths") |
 //! | `mailbox` | stream | the messages not yet applied, after at most a stream node's worth of applied ones (see "Exactly once"): entries `k` kind, `p` payload, `r` reply key (asks), `h` HMAC (signed messages) |
 //! | `lease` | string | `<host>:<token>` of the activation, with a TTL the host renews |
 //! | `fence` | counter | the last token given (it only grows while the actor's keys live: see "Lifetime") |
@@ -70,7 +70,9 @@
 //! message that panicked. Panics are budgeted (`actors.max_restarts` within
 //! `actors.restart_period_secs`); past the budget the actor is failed where the panic was in
 //! its batch: the messages before it are applied and committed (their asks answered), and the
-//! messages after it, and every later one, get an error saying why.
+//! messages after it, and every later one, get an error saying why. A message whose handler
+//! kills the host's process instead is answered alike after a few host deaths (see "Host
+//! deaths" below).
 //!
 //! A batch whose state cannot be saved (larger than `redis.max_message_bytes`, say) is not
 //! committed: the actor is failed, the last committed state stays, and every ask of the batch
@@ -85,6 +87,49 @@
 //! reached (a connection dropped, a server restarting) waits again, until its deadline (then
 //! [`Error::Timeout`], which says the message is applied all the same): only an answer from
 //! Redis (the actor is gone, no host runs) ends it with an error.
+//!
+//! ## Host deaths
+//!
+//! A message whose handling kills the host's process (an abort, a stack overflow, a kill by
+//! the handler) is answered like a panicking message once it has killed hosts
+//! [`HOST_DEATHS_PER_MESSAGE`] times: its ask gets a task error of kind `Panic` saying that the
+//! host process died that many times while handling it, it is committed as applied without
+//! running (the state stays), the deaths count as one panic against the budget above (past
+//! it, the actor is failed there, as a panic fails it), and the later messages are served. So
+//! a message that kills hosts takes down a few of them, not every host that takes its actor.
+//!
+//! Nothing is written for it on the hot path; a death is found by the activation after it:
+//!
+//! * Each activation (`actor_activate.lua`) records its lease in the state's `held`; the
+//!   release of the lease by its host (`actor_lease.lua`: deactivation, a stop, a failure, an
+//!   error of the actor thread) removes it, and so does a give-back (`actor_handback.lua`) by
+//!   a host whose activation was not suspect (a suspect one stays so for the next host). A
+//!   host process that ends, in order or not, may exit before its actor threads release:
+//!   `held` stays then, which only makes the next activation suspect.
+//! * An activation that finds `held` set, with entries in the mailbox after `applied`, knows
+//!   that the previous holder went without releasing the actor, perhaps killed by one of them:
+//!   it runs in *suspect mode* until the mailbox's last entry at the activation is applied (or
+//!   the mailbox holds nothing more after `applied`): one message per batch, each marked
+//!   `running` in the state before its handler runs (`actor_running.lua`, 1 more round trip
+//!   per message, only then; fenced by the lease), the mark removed by the commit of the
+//!   message (no more round trips). A failed or stopped actor, which runs no handler, is
+//!   never served in suspect mode.
+//! * An activation that finds `running` = X with X not applied counts one death of X
+//!   (`deaths_entry` = X, `deaths`; a count of another entry starts again at 1), and removes
+//!   the mark. At [`HOST_DEATHS_PER_MESSAGE`], that activation's host skips X as above. A
+//!   commit that applies X removes the count, and an activation that finds a count of an entry
+//!   applied since removes it.
+//!
+//! The death that made the activation suspect is not counted (no message was marked then: the
+//! host ran whole batches), so a message that kills every host that runs it is skipped after
+//! [`HOST_DEATHS_PER_MESSAGE`] + 1 deaths. What counts as a death of X is a host that never
+//! released the actor while it ran X in suspect mode: besides a crash, a host killed while it
+//! ran X (its runtime ending, a node going away, the OOM killer), and a host whose lease
+//! lapsed while it ran X (paused, or cut off from Redis past its lease; it cannot commit X,
+//! and the next host runs X again) count too. Only in suspect mode, and three of them on the
+//! same message are needed, so such a coincidence fails a message only when it happens again
+//! and again. A host of an earlier build, which knows none of these fields, neither marks nor
+//! counts: deaths of its own are not seen.
 //!
 //! # Authentication
 //!
@@ -145,6 +190,8 @@
 //! `WATCH` and `GET` of the lease) and 1 to commit it (2 when the transaction did not run: a
 //! renewal touched the lease while the batch ran); lease renewals every third of the lease
 //! (1 per actor, which refreshes the actor's TTLs too once per tenth of `redis.expiry_secs`).
+//! In suspect mode (after a holder went without releasing the actor: see "Host deaths"), one
+//! message per batch, and 1 more round trip per message to mark it `running`.
 
 mod direct;
 pub mod host;
@@ -170,6 +217,8 @@ pub(crate) static COMMIT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("actor_commit.lua")));
 pub(crate) static HANDBACK: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("actor_handback.lua")));
+pub(crate) static RUNNING: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("actor_running.lua")));
 pub(crate) static LEASE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("actor_lease.lua")));
 pub(crate) static RETIRE_HOST: LazyLock<redis::Script> =
@@ -240,6 +289,13 @@ pub fn handback_window(lease: Duration) -> Duration {
         .saturating_mul(HANDBACK_WINDOW_LEASES)
         .max(MIN_HANDBACK_WINDOW)
 }
+
+/// The host deaths a message may cause (counted only where its host ran it alone: see "Host
+/// deaths" in the module docs) before it is answered as a panicking message is: its ask gets a
+/// task error of kind `Panic`, it is committed without running, and it counts as one panic
+/// against `actors.max_restarts`.
+pub const HOST_DEATHS_PER_MESSAGE: u32 = 3;
+
 /// Most messages a host applies per commit.
 pub const BATCH: usize = 256;
 /// How long an asker waits before it checks that a host has the actor.
@@ -329,7 +385,8 @@ impl HostKeys {
 pub enum Reply {
     /// The handler's encoded reply.
     Ok(ByteBuf),
-    /// The handler panicked (the actor restarted from its last committed state).
+    /// The handler panicked (the actor restarted from its last committed state), or the
+    /// message killed its host's process [`HOST_DEATHS_PER_MESSAGE`] times (it was skipped).
     Panic(String),
     /// The message could not be applied (it did not decode, or the actor lacks its kind).
     Error(String),

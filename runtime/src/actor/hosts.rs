@@ -16,10 +16,12 @@
 //!
 //! So a Redis outage, however long, never ends hosting: hosts come back once Redis does. A host
 //! that cannot start, or one that something keeps killing, does not loop fast, and hosts keep
-//! being started at the backed-off pace rather than never again. An actor whose handler aborts
-//! its host's process is not failed (nothing tells which of a dead host's actors killed it): it
-//! takes down every host that activates it, and the other actors are served only between its
-//! crashes. A host that lived longer than [`HOST_FAILURE_PERIOD`] clears the back-offs. The supervisor keeps a liveness key the hosts watch, as a pool's workers do,
+//! being started at the backed-off pace rather than never again. A message whose handler aborts
+//! its host's process takes down a few hosts (the one that ran it in a batch, then
+//! `HOST_DEATHS_PER_MESSAGE` that ran it alone) before it is answered as a panicking message
+//! and skipped (see "Host deaths" in `shoal_executor::actor`); the other actors are served
+//! between those crashes. A host that lived longer than [`HOST_FAILURE_PERIOD`] clears the
+//! back-offs. The supervisor keeps a liveness key the hosts watch, as a pool's workers do,
 //! so a host never outlives its runtime.
 
 use std::collections::{HashMap, VecDeque};

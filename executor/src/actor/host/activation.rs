@@ -51,6 +51,116 @@ pub(super) struct ActorState<'a> {
     /// The transfers this activation registered for the pipe ends in the last state it
     /// committed (see [`ActorState::apply_and_commit`]).
     pub(super) committed_transfers: SentTransfers,
+    /// What the activation found of host deaths: suspect mode, and a message to skip.
+    pub(super) deaths: HostDeaths,
+}
+
+/// What an activation found of the host deaths its actor's messages caused (see "Host deaths"
+/// in the protocol's module docs), and what it does about them.
+#[derive(Debug, Default)]
+pub(super) struct HostDeaths {
+    /// Suspect mode, until this entry is applied (the last one pending when the activation
+    /// found that the previous holder went without releasing the actor): messages are run one
+    /// per batch, each marked `running` before it runs.
+    pub(super) suspect_until: Option<String>,
+    /// The entry whose host deaths are counted in the state (`deaths_entry`): the commit that
+    /// applies it removes the count.
+    pub(super) counted: Option<String>,
+    /// The entry that killed its host [`HOST_DEATHS_PER_MESSAGE`] times or more, and how many:
+    /// answered as a panicking message is, without running.
+    pub(super) poisoned: Option<(String, u32)>,
+}
+
+impl HostDeaths {
+    /// From the activation's answer: `suspect_until` and `deaths_entry` (empty: none) and
+    /// `deaths`; none of it for an actor that runs no code (failed or stopped).
+    pub(super) fn new(
+        runs_code: bool,
+        suspect_until: String,
+        deaths_entry: String,
+        deaths: u32,
+    ) -> HostDeaths {
+        if !runs_code {
+            return HostDeaths::default();
+        }
+        let counted = (!deaths_entry.is_empty()).then_some(deaths_entry);
+        HostDeaths {
+            suspect_until: (!suspect_until.is_empty()).then_some(suspect_until),
+            poisoned: counted
+                .clone()
+                .filter(|_| deaths >= HOST_DEATHS_PER_MESSAGE)
+                .map(|entry| (entry, deaths)),
+            counted,
+        }
+    }
+
+    /// Whether entry `id` is the one to skip.
+    fn is_poisoned(&self, id: &str) -> bool {
+        self.poisoned.as_ref().is_some_and(|(entry, _)| entry == id)
+    }
+
+    /// The host-death fields a commit up to `applied` removes from the state.
+    fn marks_to_clear(&self, applied: &str) -> DeathMarks {
+        match &self.counted {
+            Some(entry) if !is_after(entry, applied) => DeathMarks::Deaths,
+            _ if self.suspect_until.is_some() => DeathMarks::Running,
+            _ => DeathMarks::None,
+        }
+    }
+
+    /// After a commit up to `applied` that removed `cleared`: suspect mode ends once the
+    /// entries pending at the activation are applied.
+    fn committed(&mut self, applied: &str, cleared: DeathMarks) {
+        if cleared == DeathMarks::Deaths {
+            self.counted = None;
+        }
+        if self
+            .poisoned
+            .as_ref()
+            .is_some_and(|(entry, _)| !is_after(entry, applied))
+        {
+            self.poisoned = None;
+        }
+        if self
+            .suspect_until
+            .as_ref()
+            .is_some_and(|until| !is_after(until, applied))
+        {
+            self.suspect_until = None;
+        }
+    }
+}
+
+/// The host-death fields of the state a commit removes (see `actor_commit.lua`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeathMarks {
+    /// None: the hot path.
+    None,
+    /// `running`, the mark of the message being run (suspect mode).
+    Running,
+    /// `running` and the count of deaths (`deaths_entry`, `deaths`): the commit applies the
+    /// entry counted.
+    Deaths,
+}
+
+impl DeathMarks {
+    /// The commit script's argument.
+    fn as_arg(self) -> &'static str {
+        match self {
+            DeathMarks::None => "",
+            DeathMarks::Running => "running",
+            DeathMarks::Deaths => "deaths",
+        }
+    }
+
+    /// The fields removed.
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            DeathMarks::None => &[],
+            DeathMarks::Running => &["running"],
+            DeathMarks::Deaths => &["running", "deaths_entry", "deaths"],
+        }
+    }
 }
 
 impl ActorState<'_> {
@@ -68,10 +178,23 @@ impl ActorState<'_> {
             if context::termination_requested() {
                 return Ok(Ending::Release);
             }
-            let Some(entries) = self.read(&read_after)? else {
+            // Suspect mode (see `HostDeaths`): the first entry not applied, alone. The entries
+            // applied before it that the mailbox still holds are not read: the commit's trim
+            // removes them.
+            let suspect = self.deaths.suspect_until.is_some();
+            let (after, count) = if suspect && is_after(&self.applied, &read_after) {
+                (self.applied.clone(), 1)
+            } else if suspect {
+                (read_after.clone(), 1)
+            } else {
+                (read_after.clone(), BATCH)
+            };
+            let Some(entries) = self.read(&after, count)? else {
                 return Ok(Ending::Lost);
             };
             let Some(last) = entries.last() else {
+                // Nothing left of what was pending at the activation.
+                self.deaths.suspect_until = None;
                 if last_message.elapsed() >= idle {
                     return Ok(Ending::Release);
                 }
@@ -79,6 +202,9 @@ impl ActorState<'_> {
             };
             read_after = last.id.clone();
             last_message = Instant::now();
+            if suspect && !self.mark_running(&entries)? {
+                return Ok(Ending::Lost);
+            }
             match self.apply_and_commit(&entries)? {
                 Some(ending) => return Ok(ending),
                 None if self.status != "active" => return Ok(Ending::Release),
@@ -99,7 +225,7 @@ impl ActorState<'_> {
     /// may have spoilt, unless the connection's last command was the commit's `EXEC`, which
     /// ended it); a token is never given twice, so a lease that holds this host's token then
     /// has been this host's all along.
-    fn read(&mut self, after: &str) -> Result<Option<Vec<StreamId>>> {
+    fn read(&mut self, after: &str, count: usize) -> Result<Option<Vec<StreamId>>> {
         let (store, keys) = (self.store, self.keys);
         // A connection that watches nothing yet (or a new one) needs no UNWATCH.
         let unwatched = self.unwatched.take() == Some(self.link.generation());
@@ -114,7 +240,7 @@ impl ActorState<'_> {
                     let mut read = redis::pipe();
                     read.cmd("XREAD")
                         .arg("COUNT")
-                        .arg(BATCH)
+                        .arg(count)
                         .arg("BLOCK")
                         .arg(READ_BLOCK.as_millis() as u64)
                         .arg("STREAMS")
@@ -142,6 +268,43 @@ impl ActorState<'_> {
                 .flat_map(|k| k.ids)
                 .collect(),
         ))
+    }
+
+    /// In suspect mode, before the batch runs: marks its entry not applied yet (one at most)
+    /// `running` in the state (`actor_running.lua`, 1 round trip, on this activation's
+    /// connection: the lease stays watched), unless no handler will run it (the actor is not
+    /// active, or the entry is the one to skip). `false` when the lease is no longer this
+    /// host's.
+    fn mark_running(&mut self, entries: &[StreamId]) -> Result<bool> {
+        let Some(entry) = entries.iter().find(|e| is_after(&e.id, &self.applied)) else {
+            return Ok(true);
+        };
+        if self.status != "active" || self.deaths.is_poisoned(&entry.id) {
+            return Ok(true);
+        }
+        let (store, keys, lease, actor_id) = (self.store, self.keys, self.lease, self.actor_id);
+        let link = &mut self.link;
+        let marked = store.retry_unreachable(|| {
+            store.with_held_conn(
+                link,
+                // The read's timeout, which the socket keeps (see `commit`).
+                Some(READ_BLOCK),
+                || format!("marking the message actor {actor_id} runs"),
+                |c| {
+                    RUNNING
+                        .key(&keys.state)
+                        .key(&keys.lease)
+                        .arg(lease)
+                        .arg(&entry.id)
+                        .invoke::<i64>(c)
+                },
+            )
+        });
+        match marked {
+            Ok(_) => Ok(true),
+            Err(Error::Redis { source, .. }) if source.code() == Some("STALE") => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn restore(&mut self) -> std::result::Result<&mut Box<dyn HostedActor>, String> {
@@ -193,9 +356,11 @@ impl ActorState<'_> {
             Some(last) if is_after(&last.id, &self.applied) => last.id.clone(),
             _ => self.applied.clone(),
         };
-        let committed = self.commit(&data, &applied, &replies);
+        let marks = self.deaths.marks_to_clear(&applied);
+        let committed = self.commit(&data, &applied, &replies, marks);
         match committed {
             Ok(()) => {
+                self.deaths.committed(&applied, marks);
                 self.saved = data;
                 self.applied = applied;
                 if let Some(transfers) = transfers {
@@ -367,6 +532,14 @@ impl ActorState<'_> {
             }
             return Ok(reply);
         }
+        if self.status == "active"
+            && let Some((_, deaths)) = self
+                .deaths
+                .poisoned
+                .take_if(|(poisoned, _)| *poisoned == entry.id)
+        {
+            return Ok(self.skip_poisoned(entry, deaths, panics));
+        }
         match self.status.as_str() {
             "failed" => return Ok(Reply::Failed(self.reason.clone())),
             "stopped" => return Ok(Reply::Stopped),
@@ -419,6 +592,28 @@ impl ActorState<'_> {
         }
     }
 
+    /// Answers a message that killed its host `deaths` times ([`HOST_DEATHS_PER_MESSAGE`] or
+    /// more) as one whose handler panicked, without running it: the actor's state stays, and
+    /// the deaths count as one panic against the restart budget, past which the actor fails
+    /// here, at once (the messages before it in the batch are applied already, those after it
+    /// get the failed actor's error, and no handler runs again, so the batch is not re-run).
+    /// Recorded in `panics`, so that a re-run of the batch within the budget (a later message
+    /// panicked) answers it alike without counting it again.
+    fn skip_poisoned(&mut self, entry: &StreamId, deaths: u32, panics: &mut Panics) -> Reply {
+        let message = format!(
+            "the host process of actor {} died {deaths} times while handling this message (an \
+             abort, a stack overflow, a kill...): it was skipped, and the actor's state is \
+             unchanged",
+            self.actor_id
+        );
+        tracing::error!("actor {}: message {}: {message}", self.actor_id, entry.id);
+        if let Some(reason) = self.record_panic(&message) {
+            self.fail(reason);
+        }
+        panics.by_entry.insert(entry.id.clone(), message.clone());
+        Reply::Panic(message)
+    }
+
     /// Counts a handler panic against the restart budget; past it, why the actor fails. The
     /// caller fails it when the batch's re-run reaches the message that panicked (see
     /// [`Panics::fatal`]), not now: the messages before it are applied first.
@@ -467,6 +662,7 @@ impl ActorState<'_> {
         data: &[u8],
         applied: &str,
         replies: &[(String, String, Vec<u8>)],
+        marks: DeathMarks,
     ) -> Result<()> {
         let failures = self
             .failures
@@ -497,6 +693,10 @@ impl ActorState<'_> {
                     ],
                 )
                 .ignore();
+            // Only after a host death (see `HostDeaths`): nothing on the hot path.
+            if marks != DeathMarks::None {
+                transaction.hdel(&self.keys.state, marks.fields()).ignore();
+            }
             for (_, key, reply) in replies.iter().filter(|(_, key, _)| !key.is_empty()) {
                 transaction
                     .rpush(key, reply.as_slice())
@@ -565,7 +765,8 @@ impl ActorState<'_> {
                         .arg(&failures)
                         .arg(self.store.expiry_secs())
                         .arg(reply_ttl_ms)
-                        .arg(&trim_from);
+                        .arg(&trim_from)
+                        .arg(marks.as_arg());
                     for (_, key, reply) in replies.iter().filter(|(_, key, _)| !key.is_empty()) {
                         invocation.arg(key).arg(reply.as_slice());
                     }
@@ -642,8 +843,36 @@ fn is_after(id: &str, applied: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_after, next_entry_id, ttl_refresh_every};
+    use super::{DeathMarks, HostDeaths, is_after, next_entry_id, ttl_refresh_every};
     use std::time::Duration;
+
+    #[test]
+    fn an_entry_is_skipped_at_the_limit_of_host_deaths_and_its_count_goes_once_applied() {
+        // Two deaths: run again, marked, in suspect mode.
+        let deaths = HostDeaths::new(true, "9-0".into(), "5-0".into(), 2);
+        assert!(!deaths.is_poisoned("5-0"));
+        assert_eq!(deaths.marks_to_clear("4-0"), DeathMarks::Running);
+        assert_eq!(deaths.marks_to_clear("5-0"), DeathMarks::Deaths);
+        // Three: skipped.
+        let mut deaths = HostDeaths::new(true, "9-0".into(), "5-0".into(), 3);
+        assert!(deaths.is_poisoned("5-0") && !deaths.is_poisoned("6-0"));
+        deaths.committed("5-0", DeathMarks::Deaths);
+        assert!(deaths.poisoned.is_none() && deaths.counted.is_none());
+        // Suspect mode lasts until the last entry pending at the activation is applied.
+        assert_eq!(deaths.marks_to_clear("6-0"), DeathMarks::Running);
+        deaths.committed("6-0", DeathMarks::Running);
+        assert!(deaths.suspect_until.is_some());
+        deaths.committed("9-0", DeathMarks::Running);
+        assert!(deaths.suspect_until.is_none());
+        // The hot path: nothing to clear.
+        assert_eq!(deaths.marks_to_clear("10-0"), DeathMarks::None);
+        assert_eq!(DeathMarks::None.as_arg(), "");
+        assert!(DeathMarks::None.fields().is_empty());
+        // An actor that runs no handler (failed, stopped) is never suspect.
+        let idle = HostDeaths::new(false, "9-0".into(), "5-0".into(), 3);
+        assert!(idle.suspect_until.is_none() && idle.poisoned.is_none());
+        assert_eq!(idle.marks_to_clear("9-0"), DeathMarks::None);
+    }
 
     #[test]
     fn ttls_are_refreshed_every_tenth_of_the_expiry_and_at_least_every_minute() {

@@ -9,7 +9,9 @@
 //! * An actor thread activates the actor (`actor_activate.lua`: a new lease and fencing token;
 //!   nothing happens when another host holds it), restores its state with the type's registry
 //!   entry (`#[derive(shoal::Actor)]`), then reads its mailbox from the first message not yet
-//!   applied, in batches, and commits each batch (see the module docs of [`super`]), on a
+//!   applied, in batches (one message per batch, each marked before it runs, while the
+//!   messages left by a holder that went without releasing the actor are run: "Host deaths"
+//!   in [`super`]), and commits each batch (see the module docs of [`super`]), on a
 //!   connection of its own: the read `WATCH`es the lease, so that the commit can be a plain
 //!   transaction (see `ActorState::commit`). It stops when its lease is lost (a read finds it
 //!   another's, a commit or a renewal is refused), when the actor stops or fails, or after
@@ -52,7 +54,10 @@ use shoal_core::registry::Failure;
 use shoal_core::store::{HeldConn, Store};
 use shoal_core::transfers::{SentTransfers, collect_transfers};
 
-use super::{ACTIVATE, ActorKeys, BATCH, COMMIT, HANDBACK, HOSTS_GROUP, HostKeys, Reply, field};
+use super::{
+    ACTIVATE, ActorKeys, BATCH, COMMIT, HANDBACK, HOST_DEATHS_PER_MESSAGE, HOSTS_GROUP, HostKeys,
+    RUNNING, Reply, field,
+};
 use crate::pool::EXIT_DRIVER_GONE;
 
 mod activation;
@@ -423,6 +428,12 @@ fn serve_actor(
     let recorded_verifier = next_bytes();
     // Why a failed actor failed: its messages' error says so.
     let reason = String::from_utf8_lossy(&next_bytes()).into_owned();
+    // Host deaths (see "Host deaths" in the protocol's module docs): the last entry pending
+    // when the previous holder went without releasing the actor (empty: it released it, or
+    // nothing waits), and the entry its hosts died on, with how many times.
+    let suspect_until = String::from_utf8_lossy(&next_bytes()).into_owned();
+    let deaths_entry = String::from_utf8_lossy(&next_bytes()).into_owned();
+    let deaths: u32 = String::from_utf8_lossy(&next_bytes()).parse().unwrap_or(0);
     let lease = format!("{}:{token}", spec.host_id);
     // Another program may share the namespace: an actor it cannot run (its type is not in this
     // program, or it was created under another authkey, whose messages this host could not
@@ -456,7 +467,8 @@ fn serve_actor(
         // Without the placeholder first: the request the hand-back makes must not be skipped by
         // this host's main loop as one for an actor it is activating.
         drop(placeholder);
-        hand_back(store, spec, hosts, &keys, &lease, actor_id, &why);
+        let suspect = !suspect_until.is_empty();
+        hand_back(store, spec, hosts, &keys, &lease, actor_id, &why, suspect);
         return Ok(());
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -507,7 +519,14 @@ fn serve_actor(
         ttl_refreshed: None,
         committed_transfers: SentTransfers::default(),
         retired: Vec::new(),
+        deaths: HostDeaths::new(runs_code, suspect_until, deaths_entry, deaths),
     };
+    if state.deaths.suspect_until.is_some() {
+        tracing::info!(
+            "actor {actor_id}: its previous host went without releasing it; the messages it \
+             left are run one by one"
+        );
+    }
     let outcome = state.run(&stop);
     let _ = store.with_conn(
         || format!("forgetting actor {actor_id} on host {}", spec.host_id),
@@ -534,7 +553,10 @@ fn serve_actor(
 /// give-backs is past the limit, so that hosts that cannot run it do not pass it around as
 /// fast as Redis answers until the window is over), or fails the actor past the limit and the
 /// window. An actor with no message waiting is only given back: its next message asks for a
-/// host.
+/// host. `suspect`: the activation found the actor's previous holder gone without releasing it
+/// (its `held` mark then stays, for the host that serves it next: see "Host deaths" in the
+/// protocol's module docs).
+#[allow(clippy::too_many_arguments)]
 fn hand_back(
     store: &Store,
     spec: &HostSpec,
@@ -543,6 +565,7 @@ fn hand_back(
     lease: &str,
     actor_id: &str,
     why: &str,
+    suspect: bool,
 ) {
     let window = super::handback_window(Duration::from_millis(spec.lease_ms));
     let outcome: Result<String> = store.with_conn(
@@ -556,6 +579,7 @@ fn hand_back(
                 .arg(super::HANDBACK_LIMIT)
                 .arg(why)
                 .arg(window.as_millis() as u64)
+                .arg(if suspect { "1" } else { "0" })
                 .invoke(c)
         },
     );
