@@ -276,6 +276,22 @@ impl Error {
             _ => false,
         }
     }
+
+    /// Whether this is a wait on Redis that a stop signal interrupted: Linux fails a socket
+    /// read that has a timeout with `EINTR` when the process was stopped (`SIGSTOP`, Ctrl-Z, a
+    /// debugger) and continued meanwhile. The reply being read is lost with the connection;
+    /// the command may have run (a `BLPOP` may have taken its element).
+    pub fn is_interrupted(&self) -> bool {
+        match self {
+            Error::Redis { source, .. } => {
+                source.is_io_error() && {
+                    let eintr = std::io::Error::from_raw_os_error(nix::libc::EINTR).to_string();
+                    source.to_string().contains(&eintr)
+                }
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Extension for attaching context to Redis results.
@@ -350,6 +366,15 @@ fn attempts_part(attempts: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_wait_a_stop_signal_interrupted_is_interrupted() {
+        let redis = |e: std::io::Error| Error::redis("waiting", redis::RedisError::from(e));
+        assert!(redis(std::io::Error::from_raw_os_error(nix::libc::EINTR)).is_interrupted());
+        assert!(!redis(std::io::Error::from(std::io::ErrorKind::TimedOut)).is_interrupted());
+        assert!(!redis(std::io::Error::from(std::io::ErrorKind::ConnectionReset)).is_interrupted());
+        assert!(!Error::Empty.is_interrupted());
+    }
 
     #[test]
     fn only_a_store_out_of_reach_is_unreachable() {

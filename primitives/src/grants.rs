@@ -908,6 +908,10 @@ impl Operation for Acquire {
         let fail = |e: Error| Step::Done(Err(self.object.address.error(e)));
         if self.state == AcquireState::Popping {
             return match op::parse::<Option<(String, Vec<u8>)>>(reply, "a wake-up") {
+                // A stop signal interrupted the wait (see `Error::is_interrupted`): the grant
+                // its `BLPOP` may have taken is lost with the reply; nobody renews it, so it
+                // lapses after a lease and is granted again (this waiter stays queued).
+                Err(e) if e.is_interrupted() => self.check_in(store, "refresh"),
                 Err(e) => fail(e),
                 Ok(Some((_, token))) => match parse_token(&token) {
                     Ok(token) => self.granted(token, 1),

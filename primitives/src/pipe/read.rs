@@ -92,6 +92,10 @@ impl Operation for Reader {
                     Some(_) => op::parse::<Option<Vec<u8>>>(reply, "a message"),
                 };
                 match popped {
+                    // A poll takes nothing: a wait a stop signal interrupted (see
+                    // `Error::is_interrupted`) checks and goes on. A receive's `BLPOP` may have
+                    // taken a message, lost with the reply: that is an error.
+                    Err(e) if e.is_interrupted() && self.poll.is_some() => self.check(store),
                     Err(e) => Step::Done(Err(self.address.error(e))),
                     Ok(None) => self.check(store),
                     Ok(Some(_)) if self.poll.is_some() => Step::Done(Ok(Read::Polled(true))),

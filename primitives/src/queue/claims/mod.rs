@@ -458,7 +458,15 @@ pub(super) fn get(
             (false, Some(slice)) if consumer.found_empty => consumer.fetch_blocking(slice),
             (false, slice) => consumer.fetch(slice),
         };
-        fetched.map_err(|e| core.address.error(e))?;
+        match fetched {
+            // A wait a stop signal interrupted (see `Error::is_interrupted`): what its `BLMOVE`
+            // may have moved is this holder's, and the next fetch claims it. Wait again.
+            Err(e) if e.is_interrupted() => {
+                blocking = true;
+                continue;
+            }
+            fetched => fetched.map_err(|e| core.address.error(e))?,
+        }
         let fetched_some = !consumer.held.is_empty();
         if let Some(item) = consumer.take().map_err(|e| core.address.error(e))? {
             return Ok(item);

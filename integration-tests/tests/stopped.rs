@@ -1,0 +1,164 @@
+//! A process stopped while it waits (`SIGSTOP`, Ctrl-Z, a debugger) and continued: Linux fails
+//! a socket read that has a timeout with `EINTR` then, and redis-rs gives up the reply it was
+//! reading. A wait that takes nothing from Redis (a lock's, an event's, a pipe's `poll`), or
+//! whose take can be recovered (a queue's get, whose items are claimed), goes on as if its
+//! slice had ended empty: the caller sees nothing of it. They failed with "Interrupted system
+//! call" before.
+
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use shoal::prelude::*;
+
+shoal::test_support!();
+
+fn runtime() -> shoal::Runtime {
+    shoal::init_with(Config::builder().build().expect("config")).expect("runtime")
+}
+
+/// Stops `p` while it waits, runs `meanwhile`, continues it, and leaves it waiting a little
+/// longer.
+fn stop_and_continue(p: &Process, meanwhile: impl FnOnce()) {
+    let pid = Pid::from_raw(p.pid().expect("pid") as i32);
+    // Its wait is under way (a slice of up to a second).
+    std::thread::sleep(Duration::from_millis(700));
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    std::thread::sleep(Duration::from_millis(200));
+    // Continued whatever happens meanwhile: a stopped child would hang the test.
+    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(meanwhile));
+    std::thread::sleep(Duration::from_millis(200));
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    if let Err(panic) = done {
+        std::panic::resume_unwind(panic);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+fn assert_clean_exit(p: &Process) {
+    p.join(Some(Duration::from_secs(30))).expect("join");
+    assert_eq!(p.exitcode(), Some(0), "the child's wait failed");
+}
+
+#[shoal::remote]
+fn get_one(q: Queue<u64>) {
+    assert_eq!(q.get_timeout(Duration::from_secs(20)).expect("get"), 7);
+}
+
+#[test]
+fn a_queue_get_rides_out_a_stop_and_a_continue() {
+    let _rt = runtime();
+    let q: Queue<u64> = Queue::new().expect("queue");
+    let p = Process::new(get_one, (q.clone(),));
+    p.start().expect("start");
+    stop_and_continue(&p, || {});
+    q.put(7).expect("put");
+    assert_clean_exit(&p);
+    assert!(q.empty().expect("empty"), "the item was taken once");
+}
+
+/// The item arrives while the getter is stopped: its `BLMOVE` takes it, and the reply is lost
+/// with the interrupted read; the next fetch claims it.
+#[test]
+fn an_item_put_while_its_getter_is_stopped_is_not_lost() {
+    let _rt = runtime();
+    let q: Queue<u64> = Queue::new().expect("queue");
+    let p = Process::new(get_one, (q.clone(),));
+    p.start().expect("start");
+    stop_and_continue(&p, || {
+        q.put(7).expect("put");
+        // The feeder writes it meanwhile.
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    assert_clean_exit(&p);
+    assert!(q.empty().expect("empty"), "the item was taken once");
+}
+
+#[shoal::remote]
+fn acquire_once(lock: Lock) {
+    assert!(
+        lock.acquire_timeout(Duration::from_secs(20))
+            .expect("acquire")
+    );
+    lock.release().expect("release");
+}
+
+#[test]
+fn a_lock_wait_rides_out_a_stop_and_a_continue() {
+    let _rt = runtime();
+    let lock = Lock::new().expect("lock");
+    lock.acquire().expect("acquire");
+    let p = Process::new(acquire_once, (lock.clone(),));
+    p.start().expect("start");
+    stop_and_continue(&p, || {});
+    lock.release().expect("release");
+    assert_clean_exit(&p);
+}
+
+#[shoal::remote]
+fn wait_for_event(event: Event) {
+    assert!(event.wait(Some(Duration::from_secs(20))).expect("wait"));
+}
+
+#[test]
+fn an_event_wait_rides_out_a_stop_and_a_continue() {
+    let _rt = runtime();
+    let event = Event::new().expect("event");
+    let p = Process::new(wait_for_event, (event.clone(),));
+    p.start().expect("start");
+    stop_and_continue(&p, || event.set().expect("set"));
+    assert_clean_exit(&p);
+}
+
+#[shoal::remote]
+fn poll_then_recv(end: Connection<u64>) {
+    assert!(end.poll(Some(Duration::from_secs(20))).expect("poll"));
+    assert_eq!(end.recv().expect("recv"), 7);
+}
+
+#[test]
+fn a_pipe_poll_rides_out_a_stop_and_a_continue() {
+    let _rt = runtime();
+    let (reader, writer) = Pipe::new::<u64>(false).expect("pipe");
+    let p = Process::new(poll_then_recv, (reader,));
+    p.start().expect("start");
+    stop_and_continue(&p, || writer.send(&7).expect("send"));
+    assert_clean_exit(&p);
+}
+
+/// The lock is released while its waiter is stopped: the grant pushed to the waiter is taken by
+/// its `BLPOP` and lost with the interrupted read; it lapses after a lease and is granted again.
+#[test]
+fn a_lock_released_while_its_waiter_is_stopped_reaches_it_a_lease_later() {
+    let _rt = runtime();
+    let lock = Lock::new().expect("lock");
+    lock.acquire().expect("acquire");
+    let p = Process::new(acquire_once, (lock.clone(),));
+    p.start().expect("start");
+    stop_and_continue(&p, || lock.release().expect("release"));
+    assert_clean_exit(&p);
+}
+
+#[shoal::remote]
+fn wait_for_notification(condition: Condition, ready: Event) {
+    let _held = condition.lock().expect("lock");
+    ready.set().expect("ready");
+    assert!(condition.wait(Some(Duration::from_secs(20))).expect("wait"));
+}
+
+/// Notified while stopped: the wake-up may be lost with the interrupted read, so the wait
+/// counts as woken (a condition variable may wake spuriously) rather than waiting for ever.
+#[test]
+fn a_condition_notified_while_its_waiter_is_stopped_wakes_it() {
+    let _rt = runtime();
+    let condition = Condition::new(None).expect("condition");
+    let ready = Event::new().expect("event");
+    let p = Process::new(wait_for_notification, (condition.clone(), ready.clone()));
+    p.start().expect("start");
+    assert!(ready.wait(Some(Duration::from_secs(20))).expect("ready"));
+    stop_and_continue(&p, || {
+        let _held = condition.lock().expect("lock");
+        condition.notify(1).expect("notify");
+    });
+    assert_clean_exit(&p);
+}
