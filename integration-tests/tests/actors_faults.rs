@@ -214,6 +214,49 @@ fn messages_sent_to_a_host_paused_past_its_lease_are_applied_without_another_sen
     assert_eq!(tally.ask(Get, T).expect("get"), 4);
 }
 
+/// A host frozen for good (no exit for the supervisor to see, and it never wakes to ask for
+/// a host itself) while messages were sent to its actor that saw its lease: another host takes
+/// over once the frozen one's heartbeat is ten leases old, and the messages are applied with
+/// nothing else sent. They waited for the next send before.
+#[test]
+fn messages_sent_to_a_host_frozen_for_good_are_applied_by_another_host() {
+    let rt = runtime_with(2, 1.0, None);
+    let mut c = redis_of(&rt);
+    let tally = shoal::spawn_actor(Tally::default()).expect("spawn");
+    assert_eq!(tally.ask(Add(1, 0), T).expect("ask"), 1);
+    let pid = host_pid(&mut c, tally.id()).expect("a host holds it");
+    kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    assert!(
+        wait_for(Duration::from_secs(5), || stopped(pid)),
+        "host {pid} did not stop"
+    );
+    for _ in 0..3 {
+        tally.tell(Add(1, 0)).expect("tell");
+    }
+    let (lease_held, requested): (bool, bool) = redis::pipe()
+        .exists(actor_key(tally.id(), "lease"))
+        .exists(actor_key(tally.id(), "activating"))
+        .query(&mut c)
+        .expect("lease");
+    let applied = lease_held
+        && !requested
+        && wait_for(Duration::from_secs(30), || {
+            committed_tally(&mut c, tally.id()) == Some(4)
+        });
+    let committed = committed_tally(&mut c, tally.id());
+    kill(Pid::from_raw(pid as i32), Signal::SIGCONT).expect("SIGCONT");
+    assert!(
+        lease_held && !requested,
+        "the tells did not see the lease: they asked for a host, the test tests nothing"
+    );
+    assert!(
+        applied,
+        "the messages sent to the frozen host's actor wait in the mailbox (committed: \
+         {committed:?})"
+    );
+    assert_eq!(tally.ask(Get, T).expect("get"), 4);
+}
+
 /// Makes every activation request of the default namespace fail (the activations stream's
 /// last id is the largest there is: `XADD` refuses), or work again.
 fn break_activation_requests(c: &mut redis::Connection, broken: bool) {

@@ -29,8 +29,11 @@
 //!   makes again when it next hands them a request.
 //! * A heartbeat thread renews every lease every third of the lease (and with it, once per
 //!   tenth of `redis.expiry_secs`, a minute at most, the TTLs of the actor's state, mailbox and
-//!   fencing counter), stamps the host's heartbeat in `live` and removes the heartbeats older
-//!   than ten leases (5 s at least), and, for a subprocess host, ends the process when the
+//!   fencing counter), stamps the host's heartbeat in `live`, takes over from the hosts whose
+//!   heartbeats are older than ten leases (5 s at least: killed with their runtime, frozen,
+//!   cut off; their actors whose lease lapsed are put up for activation, so that messages sent
+//!   while their senders saw the lease do not wait for the next send, and the hosts leave
+//!   `live` and the group), and, for a subprocess host, ends the process when the
 //!   driver that started it is gone (its liveness key lapsed), after leaving `live` and the
 //!   group.
 //! * A host that ends in order leaves `live` and the group ([`super::retire_host`]: the
@@ -176,6 +179,42 @@ fn leave(store: &Store, hosts: &HostKeys, host_id: &str) {
     );
     if let Err(e) = left.and_then(|()| super::retire_host(store, hosts, host_id)) {
         tracing::debug!("{e}");
+    }
+}
+
+/// Takes over from a host whose heartbeat is older than [`stale_after`] (killed with its
+/// runtime, frozen, cut off): asks for a host for each of its actors whose lease lapsed (a
+/// message its senders sent while they saw that lease would otherwise wait for the next
+/// send), then takes it out of the live hosts and the hosts' group ([`leave`]). An actor whose
+/// lease is still there (a host whose clock runs behind, not gone) is left to it. A host that
+/// was only frozen and comes back finds its leases gone (its commits are fenced off), stamps
+/// its heartbeat again and reads requests as a new consumer. Best-effort: what fails is tried
+/// at the next heartbeat (the host stays in `live` until [`leave`] took it out).
+fn take_over(store: &Store, hosts: &HostKeys, host_id: &str) {
+    let set = hosts.host_set(host_id);
+    let actors: Result<Vec<String>> = store.with_conn(
+        || format!("reading {set}"),
+        |c| redis::cmd("SMEMBERS").arg(&set).query(c),
+    );
+    let requested = actors.and_then(|actors| {
+        for actor in actors {
+            let keys = ActorKeys::new(store.keys(), &actor);
+            let held: bool = store.with_conn(
+                || format!("reading the lease of actor {actor}"),
+                |c| redis::cmd("EXISTS").arg(&keys.lease).query(c),
+            )?;
+            if !held {
+                super::request_activation(store, hosts, &actor)?;
+            }
+        }
+        Ok(())
+    });
+    match requested {
+        Ok(()) => {
+            tracing::debug!("host {host_id} is gone: its actors were put up for activation");
+            leave(store, hosts, host_id);
+        }
+        Err(e) => tracing::debug!("taking over from host {host_id}: {e}"),
     }
 }
 
@@ -758,24 +797,28 @@ fn heartbeat(store: &Store, spec: &HostSpec, active: &Active, done: &AtomicBool)
         // This host is alive: askers of actors without a host check that one is. Hosts that
         // are gone without leaving (killed with their runtime) are removed.
         let now_ms = shoal_core::clock::now_ms();
-        let _ = store.with_conn(
+        let stale: std::result::Result<(Vec<String>,), Error> = store.with_conn(
             || format!("stamping {}", hosts.live),
             |c| {
                 redis::pipe()
                     .zadd(&hosts.live, &spec.host_id, now_ms)
                     .ignore()
-                    .cmd("ZREMRANGEBYSCORE")
+                    .cmd("ZRANGEBYSCORE")
                     .arg(&hosts.live)
                     .arg("-inf")
                     .arg(format!("({}", now_ms.saturating_sub(stale_ms)))
-                    .ignore()
                     .expire(&hosts.live, store.expiry_secs() as i64)
                     .ignore()
                     .expire(&host_set, store.expiry_secs() as i64)
                     .ignore()
-                    .query::<()>(c)
+                    .query(c)
             },
         );
+        for gone in stale.map(|(gone,)| gone).unwrap_or_default() {
+            if gone != spec.host_id {
+                take_over(store, &hosts, &gone);
+            }
+        }
         let refresh_ttls =
             ttls_refreshed.is_none_or(|at| at.elapsed() >= ttl_refresh_every(store.expiry_secs()));
         if refresh_ttls {
