@@ -1408,6 +1408,133 @@ fn stop_before_the_pod_is_seen(kube: &Kube) {
     );
 }
 
+/// A worker whose pod ran while the executor's pod watch lagged (the emulator holds the
+/// watches) past `kubernetes.pod_start_timeout_secs` is not taken for one that never started:
+/// it is neither deleted nor ended with 1, and ends with its own code once the watch tells it.
+fn start_timeout_while_the_watch_lags(kube: &Kube) {
+    let timeout = Duration::from_secs(2);
+    let emulator = kube.emulator();
+    let mut config = kube.config();
+    config.kubernetes.pod_start_timeout_secs = timeout.as_secs_f64();
+    let _rt = runtime(config);
+    emulator.hold_watches(true);
+    let p = Process::new(noop, ());
+    let started = Instant::now();
+    p.start().expect("start");
+    kube.claimed(p.get_name());
+    std::thread::sleep((timeout + Duration::from_secs(1)).saturating_sub(started.elapsed()));
+    emulator.hold_watches(false);
+    assert_eq!(
+        exit_code(&p),
+        Some(0),
+        "a worker that ran while the pod watch lagged past its start timeout"
+    );
+}
+
+/// `kill()` while the API server leaves every write unanswered (the emulator stalls them; the
+/// API call timeout is 1 s) and the pod watch lags: the deletes fail, so the worker is not
+/// reported killed while its pod runs on; once the API server answers again, a later try of
+/// the delete lands (the pod goes while the watch still lags) and the worker ends with -9,
+/// its Job gone.
+fn kill_while_the_api_server_is_silent(kube: &Kube) {
+    let emulator = kube.emulator();
+    let mut config = kube.config();
+    config.kubernetes.api_call_timeout_secs = 1.0;
+    let _rt = runtime(config);
+    emulator.hold_watches(true);
+    let p = Process::new(sleeps, (120_000u64,));
+    p.start().expect("start");
+    kube.claimed(p.get_name());
+    let pod = kube.running_pod(p.get_name());
+    emulator.stall_writes(true);
+    p.kill().expect("kill");
+    p.join(Some(Duration::from_secs(6))).expect("join");
+    let running = emulator.pod_pid(&kube.namespace, &pod).is_some();
+    let code = p.exitcode();
+    emulator.stall_writes(false);
+    assert!(running, "the pod ended while every delete went unanswered");
+    assert_eq!(
+        code, None,
+        "the worker was reported killed while its pod ran on"
+    );
+    // A later try of the delete lands: the pod goes while the watch still lags.
+    assert!(
+        wait(patience(), || emulator
+            .pod_pid(&kube.namespace, &pod)
+            .is_none()),
+        "the kill's delete was not made again once the API server answered"
+    );
+    emulator.hold_watches(false);
+    assert_eq!(exit_code(&p), Some(-9));
+    let own = format!("shoal.dev/process={}", p.get_name());
+    assert!(
+        wait(patience(), || kube.jobs(&own).is_empty()),
+        "the Job of the killed worker is left behind"
+    );
+}
+
+/// A Job the API server made although it answered its creation with an error: answered `504`
+/// (kube's client sends it again, and gets `409 AlreadyExists`), the Job is this launch's and
+/// the process runs; answered `500` (not sent again), `start()` fails, and the function does
+/// not run untracked: its task record is gone and its pod is deleted.
+fn job_creates_answered_with_errors(kube: &Kube) {
+    let emulator = kube.emulator();
+    let _rt = runtime(kube.config());
+    emulator.fail_job_creates_after_storing(504, 1);
+    let p = Process::new(noop, ());
+    p.start()
+        .expect("start() with the Job made and its creation answered 504, then 409");
+    assert_eq!(exit_code(&p), Some(0));
+    let own = format!("shoal.dev/process={}", p.get_name());
+    assert_eq!(kube.jobs(&own).len(), 1, "one Job for the process");
+
+    let list = format!("shoal-test:{}:untracked", kube.keys);
+    emulator.fail_job_creates_after_storing(500, 1);
+    let q = Process::new(
+        records_and_sleeps,
+        (kube.worker_redis_url.clone(), list.clone(), 60_000u64),
+    );
+    assert!(q.start().is_err(), "start() with the creation answered 500");
+    let own = format!("shoal.dev/process={}", q.get_name());
+    assert!(
+        wait(patience(), || !kube.jobs(&own).is_empty()),
+        "the emulator did not make the Job"
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let mut redis = kube.redis();
+    let recorded: Vec<String> = redis::cmd("LRANGE")
+        .arg(&list)
+        .arg(0)
+        .arg(-1)
+        .query(&mut redis)
+        .expect("LRANGE");
+    assert!(
+        recorded.is_empty(),
+        "the function of a launch reported failed ran: {recorded:?}"
+    );
+    let alive: Vec<String> = kube
+        .pods(&own)
+        .iter()
+        .filter(|p| matches!(phase(p), "Pending" | "Running"))
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    assert!(
+        alive.is_empty(),
+        "the pod of a launch reported failed is left running: {alive:?}"
+    );
+}
+
+/// A Job whose `activeDeadlineSeconds` passes has its pod deleted (`SIGTERM`): the process
+/// ends with -15, and the driver's log says why (the Job's `DeadlineExceeded`).
+fn job_deadline(kube: &Kube) {
+    let mut config = kube.config();
+    config.kubernetes.active_deadline_seconds = Some(2);
+    let _rt = runtime(config);
+    let p = Process::new(sleeps, (60_000u64,));
+    p.start().expect("start");
+    assert_eq!(exit_code(&p), Some(-15));
+}
+
 /// Waits for `go`, then ends: by returning for `code` 0 (the worker records its exit in its
 /// status hash), by `std::process::exit(code)` otherwise (nothing recorded).
 #[shoal::remote]
@@ -2036,6 +2163,48 @@ fn a_kill_before_the_pod_is_seen_deletes_the_pod_at_once() {
         "a_kill_before_the_pod_is_seen_deletes_the_pod_at_once",
         Target::Emulator,
         stop_before_the_pod_is_seen,
+    );
+}
+
+#[test]
+fn a_worker_that_ran_while_the_pod_watch_lagged_is_not_ended_by_the_start_timeout() {
+    drive(
+        "a_worker_that_ran_while_the_pod_watch_lagged_is_not_ended_by_the_start_timeout",
+        Target::Emulator,
+        start_timeout_while_the_watch_lags,
+    );
+}
+
+#[test]
+fn a_kill_whose_deletes_fail_is_retried_and_not_reported_until_it_lands() {
+    drive(
+        "a_kill_whose_deletes_fail_is_retried_and_not_reported_until_it_lands",
+        Target::Emulator,
+        kill_while_the_api_server_is_silent,
+    );
+}
+
+#[test]
+fn a_job_made_although_its_creation_failed_runs_tracked_or_not_at_all() {
+    drive(
+        "a_job_made_although_its_creation_failed_runs_tracked_or_not_at_all",
+        Target::Emulator,
+        job_creates_answered_with_errors,
+    );
+}
+
+#[test]
+fn a_job_past_its_deadline_ends_its_process_with_minus_15_and_says_why() {
+    let Some(driven) = drive(
+        "a_job_past_its_deadline_ends_its_process_with_minus_15_and_says_why",
+        Target::Emulator,
+        job_deadline,
+    ) else {
+        return;
+    };
+    assert!(
+        driven.stderr.contains("its Job failed: DeadlineExceeded"),
+        "the driver's log says the Job's deadline ended the process"
     );
 }
 

@@ -26,10 +26,14 @@
 //!   the reason logged when there is one worth telling (`OOMKilled`, or the pod's own reason,
 //!   `Evicted`, `DeadlineExceeded`, `Shutdown`, when the container's is only `Error`), or that it
 //!   cannot start (an image name that cannot be parsed, an image that may not be pulled, a
-//!   command the container runtime cannot execute), which is logged with the kubelet's message,
-//!   deletes the Job and ends the worker with code 1. A pod deleted without a final status (or
-//!   with `ContainerStatusUnknown`) ends its worker with the signal that was asked for, else
-//!   `-9`. Container runtimes report a signal `N` as exit code `128 + N`, so a function that
+//!   command the container runtime cannot execute, a pod that failed before its container ran:
+//!   refused by the node's admission, evicted while pending), which is logged with the
+//!   kubelet's message, deletes the Job and ends the worker with code 1. A signal nobody asked
+//!   for whose pod gives no reason (a Job's `activeDeadlineSeconds` ends its pod with
+//!   `SIGTERM`) is logged with the reason of the Job's `Failed` condition, read then. A pod
+//!   deleted without a final status (or with `ContainerStatusUnknown`) ends its worker with the
+//!   code its status hash records (see **Relists**), else with the signal that was asked for,
+//!   else `-9`. Container runtimes report a signal `N` as exit code `128 + N`, so a function that
 //!   calls `std::process::exit(n)` with `n` in 129..=192 reads as `-(n - 128)` here (the local
 //!   backend tells them apart).
 //! * **Relists**: a watch that was cut off longer than the cluster keeps its history (a long
@@ -65,7 +69,11 @@
 //!   `Pending` for ever, and so would its worker. The first such condition is logged; a worker
 //!   whose container has not started `kubernetes.pod_start_timeout_secs` (default 10 minutes)
 //!   after its Job was created is ended with code 1, its pod and Job deleted, and the reason
-//!   logged (the `PodScheduled` condition's message when there is one).
+//!   logged (the `PodScheduled` condition's message when there is one). The pod watch may lag
+//!   behind the cluster (a slow or cut connection), so before that the executor asks its
+//!   status hash (a worker that claimed its task has started) and lists the pods with its
+//!   `shoal.dev/worker` label (taken as watch events): a worker found started is left to run;
+//!   when neither can be read, it asks again 30 s later.
 //! * **Refused pods**: a Job whose pod the cluster refuses to create (a missing service
 //!   account, an exhausted quota, an admission policy) never gets a pod, so the pod watch alone
 //!   would wait forever; the Job controller only says so in `FailedCreate` Warning Events on the
@@ -76,22 +84,32 @@
 //!   The refusal may be transient (a quota freed, an account created a moment later; the Job
 //!   controller keeps retrying with back-off), so the worker ends only if it still has no pod
 //!   `kubernetes.pod_create_grace_secs` (default 30) after the executor saw that first Event:
-//!   then the latest Event's message is logged, the Job deleted and the worker ended with code
-//!   1, as for a pod that cannot start. A pod seen before then clears it. The grace counts from
-//!   when the Event reached this process, not from its timestamps (no dependence on clock
+//!   then (after the same check as for the start timeout: the Events' watch may be ahead of
+//!   the pods') the latest Event's message is logged, the Job deleted and the worker ended
+//!   with code 1, as for a pod that cannot start. A pod seen before then clears it. The grace
+//!   counts from when the Event reached this process, not from its timestamps (no dependence on clock
 //!   skew). A watcher that may not read Events (RBAC: `list` and `watch` on `events`, see
 //!   `deploy/kubernetes/rbac.yaml`) logs a warning and leaves such workers waiting, as before.
-//! * **Signal**: `terminate()` deletes the pod with its grace period (`SIGTERM`, then `SIGKILL`
-//!   after `terminationGracePeriodSeconds`) and the Job; `kill()` deletes the pod with grace 0,
-//!   which the API server takes as a force deletion: the pod object goes at once, before its
+//! * **Signal**: `terminate()` deletes the pod with a grace of 30 s ([`TERMINATE_GRACE_SECS`]:
+//!   `SIGTERM`, then `SIGKILL` after it; the pods' own `terminationGracePeriodSeconds` is
+//!   [`POD_GRACE_SECS`]) and the Job; `kill()` deletes the pod with grace 0, which the API
+//!   server takes as a force deletion: the pod object goes at once, before its
 //!   container has ended (the kubelet stops it behind it), so the worker ends with `-9` when
 //!   the watch sees the pod deleted, not from a final status. A worker whose pod the watch has
 //!   not shown yet (the pod may exist all the same) is stopped by deleting its Job first (no
 //!   pod is made after that), then every pod with its `shoal.dev/worker` label, with the same
-//!   grace: left to the garbage collector, such a pod would get its default grace period
-//!   (`SIGTERM`, 30 s) even after `kill()`, and its function could run on after `join()` said
-//!   `-9`. The worker ends when its pod is seen gone, or at once when there was none; a pod
-//!   that shows up later all the same is deleted with that grace as soon as it is seen.
+//!   grace: left to the garbage collector, such a pod would get its own grace period
+//!   (`SIGTERM`, `SIGKILL` 2 s later) even after `kill()`, and its function could run on
+//!   after `join()` said `-9`. The worker ends when its pod is seen gone, or at once when there was none; a pod
+//!   that shows up later all the same is deleted with that grace as soon as it is seen. A
+//!   delete that fails or goes unanswered is made again with back-off (1 s, doubling up to
+//!   30 s, 8 tries in all), and a worker whose Job could not be deleted is not ended with the
+//!   signal's code (its pod may run): the watch tells its end. `terminate()` and `kill()`
+//!   return once the deletes are under way; their failures are logged.
+//! * **Strays**: a pod with this runtime's label whose worker the executor does not track
+//!   (its launch was reported failed although the API server made its Job, or it outlived its
+//!   worker's end) is deleted with grace 0 as soon as the watch shows it unfinished, and a
+//!   launch that fails deletes its task record first, so such a pod finds nothing to run.
 //!   The pods share one PID namespace between their containers (`shareProcessNamespace: true`,
 //!   see `spec.rs`): the pause container is PID 1 and the worker an ordinary process, so
 //!   signals do what they do on the local backend. The kubelet's `SIGTERM` ends the worker by
@@ -126,7 +144,10 @@
 //!   it `Process::start()` or the runtime's drop. Every call other than the watches (creating a
 //!   Secret or a Job, every delete) is given `kubernetes.api_call_timeout_secs` (default 60 s)
 //!   and fails with [`Error::Backend`] naming the call after that. A Job whose creation went
-//!   unanswered is deleted in the background, in case the API server made it after all.
+//!   unanswered is deleted in the background, in case the API server made it after all. A Job
+//!   creation answered `409 AlreadyExists` is a success: kube's client sends a creation
+//!   answered `504` (or `503`, `429`) again, and the first one may have made the Job, whose
+//!   name (with a random suffix) is this launch's own.
 //!
 //! A remote worker cannot get a parent-death signal: a pool worker watches its driver's
 //! liveness key instead (see `crate::pool`).
@@ -134,8 +155,6 @@
 //! Authentication is `kube::Config::infer` (the kubeconfig's current context, or the pod's
 //! service account inside the cluster), or the kubeconfig context `kubernetes.context` names.
 //!
-//! The two timing annotations are read by this executor only (the Jobs carry them as any other
-//! annotation); they stand in for configuration keys this backend does not have yet.
 
 mod spec;
 mod status;
@@ -160,7 +179,7 @@ use shoal_core::store::{Store, StoreSettings};
 pub use spec::{
     ANNOTATION_PROCESS_NAME, AUTHKEY_SECRET_KEY, CONTAINER, ENV_POD_NAME, ENV_POD_NAMESPACE,
     ENV_POD_UID, JobTemplate, LABEL_NAMESPACE, LABEL_PROCESS, LABEL_RUNTIME, LABEL_WORKER,
-    PodOwner, WorkerJob, label_value,
+    POD_GRACE_SECS, PodOwner, TERMINATE_GRACE_SECS, WorkerJob, label_value,
 };
 use status::{Absent, JobState, Recorded};
 pub use status::{PodOutcome, outcome, started, unscheduled};
@@ -208,6 +227,28 @@ struct Trouble {
     /// starting its container.
     message: String,
 }
+
+/// Which deadline a worker that has not been seen starting has passed.
+#[derive(Clone, Copy, Debug)]
+enum Deadline {
+    /// `kubernetes.pod_start_timeout_secs` after its Job was created.
+    Start,
+    /// `kubernetes.pod_create_grace_secs` after the first `FailedCreate` Event of its Job.
+    Refused,
+}
+
+/// What a check of a worker not seen starting found ([`KubernetesExecutor::check_start`]).
+enum StartCheck {
+    /// Its status hash says it claimed its task: it runs, or ran.
+    Claimed,
+    /// Its pods, as listed now (none: it has none).
+    Pods(Vec<Pod>),
+    /// Neither could be read: why.
+    Unknown(String),
+}
+
+/// How long before a check whose answers could not be read is made again.
+const START_RECHECK: Duration = Duration::from_secs(30);
 
 /// The field selector of the Events the executor watches: the Job controller failing to
 /// create a pod.
@@ -333,6 +374,7 @@ impl KubernetesExecutor {
             relisted.insert(id.clone());
         }
         let Some(worker) = self.workers.get_mut(&id) else {
+            self.on_stray_pod(pod, &id, deleted, ctx);
             return;
         };
         self.pod_events += 1;
@@ -369,15 +411,22 @@ impl KubernetesExecutor {
             return;
         };
         match outcome(pod) {
-            PodOutcome::Exited { code, reason, lost } => {
-                // A kubelet that lost track of a container it was told to stop reports
-                // `ContainerStatusUnknown` with 137: the end is the one this executor asked for.
-                let code = match (lost, worker.stopping) {
-                    (true, Some(signal)) => signal.exit_code(),
-                    _ => code,
-                };
-                self.exited(&id, code, reason);
+            // A kubelet that lost track of a container reports `ContainerStatusUnknown` with
+            // 137, a stand-in: the worker's own record, else the stop asked for, tells more.
+            PodOutcome::Exited {
+                code,
+                reason,
+                lost: true,
+            } => {
+                let fallback = worker.stopping.map_or(code, StopSignal::exit_code);
+                self.end_unseen(&id, fallback, reason, ctx);
             }
+            // A signal nobody here asked for, and the pod does not say why: its Job may (a
+            // deadline, `activeDeadlineSeconds`, ends its pod with `SIGTERM`).
+            PodOutcome::Exited {
+                code, reason: None, ..
+            } if code < 0 && worker.stopping.is_none() => self.end_signalled(&id, code, ctx),
+            PodOutcome::Exited { code, reason, .. } => self.exited(&id, code, reason),
             PodOutcome::Unstartable(why) => {
                 tracing::error!(
                     "{} (Job {}) cannot start: {why}; deleting it",
@@ -387,14 +436,124 @@ impl KubernetesExecutor {
                 self.delete(ctx, &id, Some(0), None);
                 self.never_started(&id);
             }
+            PodOutcome::NeverRan(why) => match worker.stopping {
+                // Stopped before it ran: it ends as asked.
+                Some(signal) => self.exited(&id, signal.exit_code(), None),
+                None => {
+                    tracing::error!(
+                        "{} (Job {}): its pod {name} failed before its container ran: {why}",
+                        worker.name,
+                        worker.job
+                    );
+                    self.delete(ctx, &id, Some(0), None);
+                    self.never_started(&id);
+                }
+            },
             PodOutcome::Retrying(why) if !deleted => self.on_retrying(&id, why, ctx),
             PodOutcome::Pending | PodOutcome::Retrying(_) if deleted => {
-                let code = worker.stopping.map_or(-9, StopSignal::exit_code);
-                self.exited(&id, code, Some("its pod was deleted".into()));
+                let fallback = worker.stopping.map_or(-9, StopSignal::exit_code);
+                self.end_unseen(&id, fallback, Some("its pod was deleted".into()), ctx);
             }
             // Past whatever the kubelet retried (pulled, created), or not there yet.
             PodOutcome::Pending | PodOutcome::Retrying(_) => worker.retrying = None,
         }
+    }
+
+    /// Worker `id`'s pod ended by a signal (`code`) that was not asked for and that its pod
+    /// gives no reason for: its Job is read in the background, and the reason of its `Failed`
+    /// (or `FailureTarget`) condition, when there is one (`DeadlineExceeded`: the Job's
+    /// `activeDeadlineSeconds` passed), is logged with the end.
+    fn end_signalled(&mut self, id: &str, code: i32, ctx: &mut Context<Self>) {
+        let (Some(worker), Ok(client)) = (self.workers.get(id), self.client()) else {
+            self.exited(id, code, None);
+            return;
+        };
+        let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
+        let (job, launched, timeout) = (worker.job.clone(), worker.launched, self.api_timeout);
+        let id = id.to_string();
+        ctx.spawn(
+            async move {
+                let call = format!("reading Job {job}");
+                match bounded(timeout, &call, jobs.get_opt(&job)).await {
+                    Ok(Ok(found)) => match status::job_state(found.as_ref()) {
+                        JobState::Failed(why) => Some(format!("its Job failed: {why}")),
+                        _ => None,
+                    },
+                    Ok(Err(e)) => {
+                        tracing::debug!("{call}: {e}");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::debug!("{e}");
+                        None
+                    }
+                }
+            }
+            .into_actor(self)
+            .map(move |reason, act, _| {
+                if act.workers.get(&id).is_some_and(|w| w.launched == launched) {
+                    act.exited(&id, code, reason);
+                }
+            }),
+        );
+    }
+
+    /// Worker `id`'s pod ended without telling how (deleted without a final status, or
+    /// `ContainerStatusUnknown`): it ends with the code its status hash records (it returned
+    /// from its task, and the code is its own), read in the background; else with `fallback`
+    /// (the signal asked for, else `-9`), and `reason` logged when that is a guess.
+    fn end_unseen(
+        &mut self,
+        id: &str,
+        fallback: i32,
+        reason: Option<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(worker) = self.workers.get(id) else {
+            return;
+        };
+        let Some(store) = self.store.clone() else {
+            self.exited(id, fallback, reason);
+            return;
+        };
+        let key = ProcessKeys::new(store.keys(), &worker.task_id).status;
+        let launched = worker.launched;
+        let timeout = self.api_timeout;
+        let id = id.to_string();
+        ctx.spawn(
+            async move { read_exit(&store, &key, timeout).await }
+                .into_actor(self)
+                .map(move |recorded, act, _| {
+                    if act.workers.get(&id).is_none_or(|w| w.launched != launched) {
+                        return;
+                    }
+                    let (code, guessed) = status::unseen_exit(&recorded, fallback);
+                    // The worker's own code needs no explaining.
+                    let reason = reason.filter(|_| guessed);
+                    act.exited(&id, code, reason);
+                }),
+        );
+    }
+
+    /// A pod of this runtime whose worker (`id`) the executor does not track: one whose launch
+    /// was reported failed although its Job was made (a creation that went unanswered, or
+    /// answered with an error after the API server stored the Job), or one that outlived the
+    /// end of its worker. Unless it has ended or is being deleted, it is deleted at once (grace
+    /// 0): no function may run that no process tracks.
+    fn on_stray_pod(&mut self, pod: &Pod, id: &str, deleted: bool, ctx: &mut Context<Self>) {
+        let finished = matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        if deleted || finished || pod.metadata.deletion_timestamp.is_some() {
+            return;
+        }
+        let name = pod.name_any();
+        tracing::warn!(
+            "pod {name} runs worker {id}, which this runtime does not track (its launch failed, \
+             or it ended): deleting it"
+        );
+        self.delete_pod(ctx, &name, Some(0));
     }
 
     /// The kubelet failed to start a worker's container and retries: the first failure of a
@@ -451,14 +610,26 @@ impl KubernetesExecutor {
     }
 
     /// The start timeout of a worker launched at `launched` is over: if its container has not
-    /// started, logs why (the scheduler's word when there is one), deletes its pod and Job and
-    /// ends it with code 1.
+    /// started as far as the pod watch tells, asks first whether it did all the same (the watch
+    /// may lag: [`KubernetesExecutor::check_start`]); then, if it did not, logs why (the
+    /// scheduler's word when there is one), deletes its pod and Job and ends it with code 1.
     fn end_unstarted(&mut self, id: &str, launched: Instant, ctx: &mut Context<Self>) {
         let Some(worker) = self.workers.get(id) else {
             return;
         };
         // Started, another launch under the same id, or being stopped (it ends as asked).
         if worker.started || worker.launched != launched || worker.stopping.is_some() {
+            return;
+        }
+        self.check_start(id, launched, Deadline::Start, ctx);
+    }
+
+    /// The start timeout of worker `id` is over and the check found no sign that it started.
+    fn unstarted(&mut self, id: &str, ctx: &mut Context<Self>) {
+        let Some(worker) = self.workers.get(id) else {
+            return;
+        };
+        if worker.started || worker.stopping.is_some() {
             return;
         }
         let why = match (&worker.unscheduled, &worker.retrying, &worker.pod) {
@@ -475,6 +646,107 @@ impl KubernetesExecutor {
         );
         self.delete(ctx, id, Some(0), None);
         self.never_started(id);
+    }
+
+    /// Before a worker is ended as never started (`deadline`), makes sure that it did not start
+    /// while the pod watch lagged behind (a watch connection that is slow, or cut off and
+    /// waiting to resume): its status hash (a worker that claimed its task has run) and the
+    /// pods with its label, listed, which go through [`KubernetesExecutor::on_pod`] as watch
+    /// events would. It ends only if neither shows it started (or, refused, a pod); when
+    /// neither can be read, the check is made again later.
+    fn check_start(
+        &mut self,
+        id: &str,
+        launched: Instant,
+        deadline: Deadline,
+        ctx: &mut Context<Self>,
+    ) {
+        let (Some(worker), Ok(client)) = (self.workers.get(id), self.client()) else {
+            return;
+        };
+        let pods: Api<Pod> = Api::namespaced(client, &self.namespace);
+        let status = self.store.clone().map(|store| {
+            (
+                ProcessKeys::new(store.keys(), &worker.task_id).status,
+                store,
+            )
+        });
+        let selector = format!("{},{LABEL_WORKER}={}", self.selector(), label_value(id));
+        let timeout = self.api_timeout;
+        let id = id.to_string();
+        ctx.spawn(
+            async move {
+                let claimed = match status {
+                    Some((key, store)) => read_claimed(&store, &key, timeout).await,
+                    None => Err("the store's URL cannot be used".to_string()),
+                };
+                if claimed == Ok(true) {
+                    return StartCheck::Claimed;
+                }
+                let call = format!("listing the pods of {selector}");
+                let list = ListParams::default().labels(&selector);
+                match bounded(timeout, &call, pods.list(&list)).await {
+                    Ok(Ok(listed)) => StartCheck::Pods(listed.items),
+                    Ok(Err(e)) => StartCheck::Unknown(format!("{call}: {e}")),
+                    Err(e) => StartCheck::Unknown(e.to_string()),
+                }
+            }
+            .into_actor(self)
+            .map(move |check, act, ctx| act.start_checked(&id, launched, deadline, check, ctx)),
+        );
+    }
+
+    /// What [`KubernetesExecutor::check_start`] found of worker `id` (launched at `launched`).
+    fn start_checked(
+        &mut self,
+        id: &str,
+        launched: Instant,
+        deadline: Deadline,
+        check: StartCheck,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(worker) = self.workers.get_mut(id) else {
+            return;
+        };
+        if worker.launched != launched {
+            return;
+        }
+        match check {
+            StartCheck::Claimed => {
+                tracing::info!(
+                    "{} (Job {}) has claimed its task, which the pod watch has not told yet: it \
+                     runs",
+                    worker.name,
+                    worker.job
+                );
+                worker.started = true;
+                worker.refused = None;
+            }
+            StartCheck::Pods(pods) => {
+                for pod in &pods {
+                    self.on_pod(pod, false, ctx);
+                }
+                match deadline {
+                    Deadline::Start => self.unstarted(id, ctx),
+                    Deadline::Refused => self.refused(id, ctx),
+                }
+            }
+            StartCheck::Unknown(e) => {
+                let again = START_RECHECK.min(self.pod_start_timeout);
+                tracing::warn!(
+                    "{} (Job {}) has not been seen starting, but neither its status record nor \
+                     its pods can be read ({e}): asking again in {again:?}",
+                    worker.name,
+                    worker.job
+                );
+                let id = id.to_string();
+                ctx.run_later(again, move |act, ctx| {
+                    if act.workers.get(&id).is_some_and(|w| w.stopping.is_none()) {
+                        act.check_start(&id, launched, deadline, ctx);
+                    }
+                });
+            }
+        }
     }
 
     /// A `FailedCreate` Event on a Job: if it is a worker's that has no pod yet, the first one
@@ -512,16 +784,33 @@ impl KubernetesExecutor {
         }
     }
 
-    /// The grace after a worker's first `FailedCreate` is over: if it still has no pod, logs
-    /// why, deletes its Job and ends it with code 1.
+    /// The grace after a worker's first `FailedCreate` is over: if it still has no pod as far
+    /// as the pod watch tells, makes sure that it has none (the watch may lag behind the
+    /// Events': [`KubernetesExecutor::check_start`]); then logs why, deletes its Job and ends it
+    /// with code 1.
     fn end_refused(&mut self, id: &str, ctx: &mut Context<Self>) {
         let Some(worker) = self.workers.get(id) else {
             return;
         };
         // A worker being stopped ends as asked.
+        let (None, Some(_), None) = (&worker.pod, &worker.refused, worker.stopping) else {
+            return;
+        };
+        let launched = worker.launched;
+        self.check_start(id, launched, Deadline::Refused, ctx);
+    }
+
+    /// The grace after worker `id`'s first `FailedCreate` is over and the check found no pod.
+    fn refused(&mut self, id: &str, ctx: &mut Context<Self>) {
+        let Some(worker) = self.workers.get(id) else {
+            return;
+        };
         let (None, Some(refusal), None) = (&worker.pod, &worker.refused, worker.stopping) else {
             return;
         };
+        if worker.started {
+            return;
+        }
         tracing::error!(
             "{} (Job {}) cannot start: FailedCreate: {} (no pod within {:?} of the first \
              refusal); deleting it",
@@ -538,9 +827,11 @@ impl KubernetesExecutor {
     /// background. A pod the watch has shown goes first, by name, then the Job. Without one,
     /// the Job goes first (the Job controller makes no pod after that), then every pod with the
     /// worker's label: one may exist that the watch has not shown yet, which the garbage
-    /// collector alone would delete with its own grace period. With `settle` (a stop asked for
-    /// while no pod was known), the worker then ends with that signal's code if no pod was
-    /// found, or is left to the watch to see its pod go (see [`KubernetesExecutor::settle`]).
+    /// collector alone would delete with its own grace period. A call that fails or goes
+    /// unanswered is made again, with back-off, [`DELETE_ATTEMPTS`] times in all. With `settle`
+    /// (a stop asked for while no pod was known), the worker then ends with that signal's code
+    /// if no pod was found, or is left to the watch to see its pod go (see
+    /// [`KubernetesExecutor::settle`]).
     fn delete(
         &mut self,
         ctx: &mut Context<Self>,
@@ -555,84 +846,53 @@ impl KubernetesExecutor {
             }
             return;
         };
-        let pods: Api<Pod> = Api::namespaced(client.clone(), &self.namespace);
-        let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
-        let (pod, job) = (worker.pod.clone(), worker.job.clone());
-        let selector = format!("{},{LABEL_WORKER}={}", self.selector(), label_value(id));
-        let timeout = self.api_timeout;
+        let target = DeleteTarget {
+            pods: Api::namespaced(client.clone(), &self.namespace),
+            jobs: Api::namespaced(client, &self.namespace),
+            pod: worker.pod.clone(),
+            job: worker.job.clone(),
+            selector: format!("{},{LABEL_WORKER}={}", self.selector(), label_value(id)),
+            grace,
+            timeout: self.api_timeout,
+        };
+        let what = format!("{} (Job {})", worker.name, worker.job);
         let id = id.to_string();
         ctx.spawn(
             async move {
-                let pod_params = DeleteParams {
-                    grace_period_seconds: grace,
-                    ..DeleteParams::default()
-                };
-                let job_params = DeleteParams {
-                    grace_period_seconds: grace,
-                    propagation_policy: Some(PropagationPolicy::Background),
-                    ..DeleteParams::default()
-                };
-                let delete_job = async {
-                    let call = format!("deleting Job {job}");
-                    match bounded(timeout, &call, jobs.delete(&job, &job_params)).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) if not_found(&e) => {}
-                        Ok(Err(e)) => tracing::warn!("{call}: {e}"),
-                        Err(e) => tracing::warn!("{e}"),
+                let mut deletion = Deletion::default();
+                let mut pause = DELETE_BACKOFF;
+                for attempt in 1..=DELETE_ATTEMPTS {
+                    target.attempt(&mut deletion).await;
+                    if deletion.complete() {
+                        break;
                     }
-                };
-                if let Some(pod) = &pod {
-                    let call = format!("deleting pod {pod}");
-                    match bounded(timeout, &call, pods.delete(pod, &pod_params)).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) if not_found(&e) => {}
-                        Ok(Err(e)) => tracing::warn!("{call}: {e}"),
-                        Err(e) => tracing::warn!("{e}"),
+                    if attempt == DELETE_ATTEMPTS {
+                        tracing::error!(
+                            "{what}: deleting its pods and Job failed {DELETE_ATTEMPTS} times; \
+                             giving up (its end is left to the pod watch)"
+                        );
+                        break;
                     }
-                    delete_job.await;
-                    return None;
+                    actix_rt::time::sleep(pause).await;
+                    pause = (pause * 2).min(DELETE_BACKOFF_MAX);
                 }
-                delete_job.await;
-                let call = format!("deleting the pods of Job {job} ({selector})");
-                let list = ListParams::default().labels(&selector);
-                let found =
-                    match bounded(timeout, &call, pods.delete_collection(&pod_params, &list)).await
-                    {
-                        Ok(Ok(answer)) => match answer.left() {
-                            Some(deleted) => {
-                                Ok(deleted.items.iter().map(|p| p.name_any()).collect())
-                            }
-                            None => Err(format!("{call}: the API server did not list them")),
-                        },
-                        Ok(Err(e)) => Err(format!(
-                            "{call} (the driver needs deletecollection on pods): {e}"
-                        )),
-                        Err(e) => Err(e.to_string()),
-                    };
-                if let Err(e) = &found {
-                    tracing::warn!("{e}");
-                }
-                Some(found)
+                deletion
             }
             .into_actor(self)
-            .map(move |found, act, _| {
-                if let (Some(signal), Some(found)) = (settle, found) {
-                    act.settle(&id, signal, found);
+            .map(move |deletion, act, _| {
+                if let Some(signal) = settle {
+                    act.settle(&id, signal, deletion);
                 }
             }),
         );
     }
 
-    /// A stop asked for while a worker had no known pod has deleted its Job and its pods
-    /// (`found`: their names, or why they could not be deleted): with none, the worker ends
-    /// with the signal's code; with one, the watch tells its end (and, should the watch miss
-    /// it, its next relist: see `InitDone`).
-    fn settle(
-        &mut self,
-        id: &str,
-        signal: StopSignal,
-        found: std::result::Result<Vec<String>, String>,
-    ) {
+    /// A stop asked for while a worker had no known pod has deleted its Job and its pods, or
+    /// tried to (`deletion`): with no pod found and its Job gone, the worker ends with the
+    /// signal's code; with one, the watch tells its end (and, should the watch miss it, its
+    /// next relist: see `InitDone`). A worker whose Job could not be deleted is not ended: its
+    /// pod may run (or be made) all the same, and the watch tells its end.
+    fn settle(&mut self, id: &str, signal: StopSignal, deletion: Deletion) {
         let Some(worker) = self.workers.get_mut(id) else {
             return;
         };
@@ -640,12 +900,16 @@ impl KubernetesExecutor {
             // The watch has shown its pod meanwhile: it tells the end.
             return;
         }
-        match found {
-            Ok(names) => match names.into_iter().next() {
-                Some(pod) => worker.pod = Some(pod),
-                None => self.exited(id, signal.exit_code(), None),
-            },
-            Err(_) => {
+        if let Some(pod) = deletion.found.first() {
+            worker.pod = Some(pod.clone());
+            return;
+        }
+        match (
+            deletion.job_gone,
+            deletion.pods_gone && !deletion.pods_unlisted,
+        ) {
+            (true, true) => self.exited(id, signal.exit_code(), None),
+            (true, false) => {
                 tracing::warn!(
                     "{} (Job {}): ended without knowing its pod; one made meanwhile is left to \
                      the garbage collector (its own grace period)",
@@ -654,6 +918,12 @@ impl KubernetesExecutor {
                 );
                 self.exited(id, signal.exit_code(), None);
             }
+            (false, _) => tracing::error!(
+                "{} (Job {}): its Job could not be deleted: not ended until its pod is seen to \
+                 end",
+                worker.name,
+                worker.job
+            ),
         }
     }
 
@@ -811,10 +1081,154 @@ async fn read_exit(store: &Store, key: &str, timeout: Duration) -> Recorded {
     }
 }
 
-/// The grace period of a stop: the pod's own for `terminate()`, none for `kill()`.
+/// Whether the worker of status hash `key` has claimed its task (its `state` is set: `running`
+/// or `exited`), given at most `timeout`.
+async fn read_claimed(
+    store: &Store,
+    key: &str,
+    timeout: Duration,
+) -> std::result::Result<bool, String> {
+    let read = async {
+        let mut conn = store.multiplexed().await.map_err(|e| e.to_string())?;
+        redis::cmd("HEXISTS")
+            .arg(key)
+            .arg("state")
+            .query_async::<bool>(&mut conn)
+            .await
+            .map_err(|e| format!("reading {key}: {e}"))
+    };
+    match actix_rt::time::timeout(timeout, read).await {
+        Ok(answer) => answer,
+        Err(_) => Err(format!("reading {key}: no answer within {timeout:?}")),
+    }
+}
+
+/// How many times a worker's delete is tried ([`KubernetesExecutor::delete`]).
+const DELETE_ATTEMPTS: u32 = 8;
+/// The pause after a worker's delete first failed; it doubles after each failure.
+const DELETE_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest pause between two tries of a worker's delete.
+const DELETE_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What [`KubernetesExecutor::delete`] deletes.
+struct DeleteTarget {
+    pods: Api<Pod>,
+    jobs: Api<Job>,
+    /// The pod the watch has shown, if any.
+    pod: Option<String>,
+    job: String,
+    /// The worker's pods' label selector, used when no pod is known.
+    selector: String,
+    grace: Option<u32>,
+    timeout: Duration,
+}
+
+/// What a worker's delete has done so far.
+#[derive(Debug, Default)]
+struct Deletion {
+    /// The known pod is deleted (or was not found).
+    pod_gone: bool,
+    /// The Job is deleted (or was not found).
+    job_gone: bool,
+    /// Without a known pod: the pods with the worker's label are deleted (or there were none),
+    /// or the API server refused to delete them by label.
+    pods_gone: bool,
+    /// The pods with the worker's label could not be deleted, nor their names learnt.
+    pods_unlisted: bool,
+    /// The pods with the worker's label that were deleted.
+    found: Vec<String>,
+}
+
+impl Deletion {
+    /// Nothing is left to do.
+    fn complete(&self) -> bool {
+        self.job_gone && (self.pod_gone || self.pods_gone)
+    }
+}
+
+impl DeleteTarget {
+    /// Makes the calls `deletion` says are still to make, once each; failures are logged.
+    async fn attempt(&self, deletion: &mut Deletion) {
+        let pod_params = DeleteParams {
+            grace_period_seconds: self.grace,
+            ..DeleteParams::default()
+        };
+        let job_params = DeleteParams {
+            grace_period_seconds: self.grace,
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        let (job, timeout) = (&self.job, self.timeout);
+        if let Some(pod) = &self.pod
+            && !deletion.pod_gone
+        {
+            let call = format!("deleting pod {pod}");
+            deletion.pod_gone = answered(
+                &call,
+                bounded(timeout, &call, self.pods.delete(pod, &pod_params)).await,
+            );
+        }
+        if !deletion.job_gone {
+            let call = format!("deleting Job {job}");
+            let delete = self.jobs.delete(job, &job_params);
+            deletion.job_gone = answered(&call, bounded(timeout, &call, delete).await);
+        }
+        // The pods go after the Job: the Job controller makes no other one then.
+        if self.pod.is_some() || deletion.pods_gone || !deletion.job_gone {
+            return;
+        }
+        let call = format!("deleting the pods of Job {job} ({})", self.selector);
+        let list = ListParams::default().labels(&self.selector);
+        let delete = self.pods.delete_collection(&pod_params, &list);
+        match bounded(timeout, &call, delete).await {
+            Ok(Ok(answer)) => match answer.left() {
+                Some(deleted) => {
+                    deletion.pods_gone = true;
+                    deletion
+                        .found
+                        .extend(deleted.items.iter().map(|p| p.name_any()));
+                }
+                None => {
+                    tracing::warn!("{call}: the API server did not list them");
+                    (deletion.pods_gone, deletion.pods_unlisted) = (true, true);
+                }
+            },
+            Ok(Err(e)) => {
+                tracing::warn!("{call} (the driver needs deletecollection on pods): {e}");
+                // A refusal (RBAC) does not change when asked again; an API server's trouble may.
+                if let kube::Error::Api(status) = &e
+                    && (400..500).contains(&status.code)
+                    && status.code != 429
+                {
+                    (deletion.pods_gone, deletion.pods_unlisted) = (true, true);
+                }
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+}
+
+/// Whether a delete named `call` is done (deleted, or not found); a failure is logged.
+fn answered<T>(call: &str, answer: Result<kube::Result<T>>) -> bool {
+    match answer {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) if not_found(&e) => true,
+        Ok(Err(e)) => {
+            tracing::warn!("{call}: {e}");
+            false
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            false
+        }
+    }
+}
+
+/// The grace period of a stop: [`TERMINATE_GRACE_SECS`] for `terminate()`, given explicitly
+/// (the pod's own, [`POD_GRACE_SECS`], is short: see `spec.rs`), none for `kill()`.
 fn grace(signal: StopSignal) -> Option<u32> {
     match signal {
-        StopSignal::Terminate => None,
+        StopSignal::Terminate => Some(TERMINATE_GRACE_SECS),
         StopSignal::Kill => Some(0),
     }
 }
@@ -1114,6 +1528,10 @@ impl Handler<Launch> for KubernetesExecutor {
                 .await
                 {
                     Ok(Ok(_)) => Ok(()),
+                    // kube's client sends a create answered `504` (or `503`, `429`) again: the
+                    // first try may have made the Job all the same. Its name (a random suffix)
+                    // is this launch's own, so the Job there is this one.
+                    Ok(Err(e)) if already_exists(&e) => Ok(()),
                     Ok(Err(e)) => Err(Error::Backend(format!("{call}: {e}"))),
                     Err(timed_out) => {
                         // The API server may have made it all the same: it must not run a

@@ -31,6 +31,10 @@
 //!   `shoal.dev/worker` (the worker id the executor tracks), `app.kubernetes.io/managed-by:
 //!   shoal`, and the configured labels; the same on the pod template; the configured
 //!   annotations plus `shoal.dev/process-name` (the name as given);
+//! * `terminationGracePeriodSeconds: 2` ([`POD_GRACE_SECS`]): a kubelet that stops the
+//!   container of a pod force-deleted (`kill()`, grace 0) before it saw that grace falls back
+//!   to the pod's own, 30 s by default, during which the function would run on; `terminate()`
+//!   gives its grace ([`TERMINATE_GRACE_SECS`]) explicitly;
 //! * `ttlSecondsAfterFinished`, `activeDeadlineSeconds`, the service account, node selector,
 //!   tolerations, resources and image pull policy of the configuration;
 //! * the pod's own name, namespace and UID through the downward API, in
@@ -61,6 +65,18 @@ use shoal_core::config::{KubernetesConfig, SecretKeyRef};
 use crate::task::{
     ENV_WORKER_AUTHKEY, ENV_WORKER_REDIS, ENV_WORKER_REDIS_PASSWORD, ENV_WORKER_TASK,
 };
+
+/// The pods' `terminationGracePeriodSeconds`: what the kubelet waits between `SIGTERM` and
+/// `SIGKILL` when a pod is deleted without a grace of its own (by the garbage collector after
+/// its Job, an eviction, a Job's deadline), and what it falls back to when it stops the
+/// container of a pod that was force-deleted (`kill()`, grace 0) before it saw the deletion's
+/// grace. Low, so that `kill()` ends a worker within seconds on a real cluster too; a worker
+/// dies of `SIGTERM` at once anyway (its default action, see the module docs).
+pub const POD_GRACE_SECS: i64 = 2;
+
+/// The grace `terminate()` deletes a pod with, explicitly (the pod's own is
+/// [`POD_GRACE_SECS`]): a worker that handles `SIGTERM` has this long before `SIGKILL`.
+pub const TERMINATE_GRACE_SECS: u32 = 30;
 
 /// Label: the runtime that started the Job.
 pub const LABEL_RUNTIME: &str = "shoal.dev/runtime";
@@ -332,6 +348,7 @@ impl JobTemplate {
             // like, which shoal's configuration reads as `SHOAL_*` overrides (and refuses when
             // unknown). Workers reach Redis by the URL they are given, never by these.
             enable_service_links: Some(false),
+            termination_grace_period_seconds: Some(POD_GRACE_SECS),
             ..PodSpec::default()
         };
         Job {
@@ -544,6 +561,19 @@ mod tests {
         let job = serde_json::to_value(t.job(&worker(&env))).expect("json");
         assert!(!job.to_string().contains(&hex));
         assert!(!job.to_string().contains(ENV_WORKER_AUTHKEY));
+    }
+
+    #[test]
+    fn pods_have_a_short_grace_period_of_their_own() {
+        let env = BTreeMap::new();
+        let job = template().job(&worker(&env));
+        let pod = job
+            .spec
+            .and_then(|s| s.template.spec)
+            .expect("a pod template");
+        assert_eq!(pod.termination_grace_period_seconds, Some(POD_GRACE_SECS));
+        const { assert!(POD_GRACE_SECS <= 2, "a forced delete falls back to it") };
+        const { assert!(TERMINATE_GRACE_SECS as i64 > POD_GRACE_SECS) };
     }
 
     #[test]

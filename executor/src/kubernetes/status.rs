@@ -68,6 +68,9 @@ pub enum PodOutcome {
     Unstartable(String),
     /// The kubelet failed to start its container and retries: why (reason and message).
     Retrying(String),
+    /// The pod failed before its container ever ran (refused by the node's admission, evicted
+    /// or past a deadline while pending): why (the pod's reason and message).
+    NeverRan(String),
 }
 
 /// Reads a pod's status.
@@ -80,7 +83,16 @@ pub fn outcome(pod: &Pod) -> PodOutcome {
         .iter()
         .flatten()
         .find(|c| c.name == CONTAINER);
-    if let Some(state) = container.and_then(|c| c.state.as_ref()) {
+    let state = container.and_then(|c| c.state.as_ref());
+    let ran = state.is_some_and(|s| s.running.is_some() || s.terminated.is_some());
+    if status.phase.as_deref() == Some("Failed") && !ran {
+        let reason = status.reason.as_deref().unwrap_or("Failed");
+        return PodOutcome::NeverRan(match status.message.as_deref() {
+            Some(message) if !message.is_empty() => format!("{reason}: {message}"),
+            _ => reason.to_string(),
+        });
+    }
+    if let Some(state) = state {
         if let Some(terminated) = &state.terminated {
             return exited(terminated, status.reason.as_deref());
         }
@@ -155,6 +167,16 @@ pub(crate) enum Recorded {
     Nothing,
     /// The store could not be read: why.
     Unreadable(String),
+}
+
+/// The exit code of a worker whose pod ended without telling how (deleted without a final
+/// status, or `ContainerStatusUnknown`): the code its status hash records when it returned from
+/// its task, else `fallback` (the signal asked for, else `-9`), a guess, with `true`.
+pub(crate) fn unseen_exit(recorded: &Recorded, fallback: i32) -> (i32, bool) {
+    match recorded {
+        Recorded::Exited(code) => (*code, false),
+        Recorded::Nothing | Recorded::Unreadable(_) => (fallback, true),
+    }
 }
 
 /// Reads the `state` and `code` fields of a status hash.
@@ -405,14 +427,7 @@ mod tests {
         if let Some(s) = evicted.status.as_mut() {
             s.reason = Some("Evicted".into());
         }
-        assert_eq!(
-            outcome(&evicted),
-            PodOutcome::Exited {
-                code: -9,
-                reason: Some("Evicted".into()),
-                lost: false,
-            }
-        );
+        assert_eq!(outcome(&evicted), PodOutcome::NeverRan("Evicted".into()));
         let invalid = waiting(
             "InvalidImageName",
             "couldn't parse image name \"Nope:1\": invalid reference format",
@@ -522,6 +537,41 @@ mod tests {
             with_pod_reason(terminated(1, "Error"), None),
             exited(1, None, false)
         );
+    }
+
+    #[test]
+    fn a_pod_that_failed_before_its_container_ran_never_started() {
+        // Refused by the node's admission: phase Failed, no container status at all.
+        let mut refused = pod("Failed", None);
+        if let Some(s) = refused.status.as_mut() {
+            s.reason = Some("OutOfcpu".into());
+            s.message = Some("Pod Node didn't have enough resource: cpu".into());
+        }
+        assert_eq!(
+            outcome(&refused),
+            PodOutcome::NeverRan("OutOfcpu: Pod Node didn't have enough resource: cpu".into())
+        );
+        // Failed while its container was still waiting (a pull that never succeeded).
+        let failed_waiting = pod("Failed", waiting("ImagePullBackOff", "Back-off pulling"));
+        assert_eq!(
+            outcome(&failed_waiting),
+            PodOutcome::NeverRan("Failed".into())
+        );
+        // A container that ran and ended is an exit, whatever the pod's phase.
+        assert!(matches!(
+            outcome(&pod("Failed", terminated(137, "Error"))),
+            PodOutcome::Exited { code: -9, .. }
+        ));
+    }
+
+    #[test]
+    fn an_end_told_by_no_status_is_the_workers_record_else_a_guess() {
+        assert_eq!(unseen_exit(&Recorded::Exited(0), -9), (0, false));
+        assert_eq!(unseen_exit(&Recorded::Exited(3), -15), (3, false));
+        assert_eq!(unseen_exit(&Recorded::Nothing, -15), (-15, true));
+        assert_eq!(unseen_exit(&Recorded::Nothing, -9), (-9, true));
+        let unreadable = Recorded::Unreadable("refused".into());
+        assert_eq!(unseen_exit(&unreadable, -9), (-9, true));
     }
 
     #[test]

@@ -731,6 +731,33 @@ async fn create_job(
     let job: Job = parse_body(&body)?;
     let mut cluster = core.lock();
     let job = controller::create_job(&core, &mut cluster, &namespace, job)?;
+    drop(cluster);
+    // Made, and answered as if it failed ([`Emulator::fail_job_creates_after_storing`]).
+    let failure = core
+        .job_create_failures
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .pop_front();
+    if let Some(code) = failure {
+        return Err(match code {
+            504 => ApiError {
+                code,
+                reason: "Timeout",
+                message: "Timeout: request did not complete within requested timeout - context \
+                          deadline exceeded"
+                    .to_string(),
+                details: None,
+            },
+            _ => ApiError {
+                code,
+                reason: "InternalError",
+                message: "Internal error occurred: the shoal test emulator made the Job and \
+                          answered an error all the same"
+                    .to_string(),
+                details: None,
+            },
+        });
+    }
     Ok(json_response(StatusCode::CREATED, &encode(&job)))
 }
 

@@ -197,7 +197,8 @@
 //! a pod's network host, see [`Host::cut`](crate::netns::Host::cut)), [`Emulator::label_node`]
 //! (pods whose node selector wants a label stay unscheduled until the node has it),
 //! [`Emulator::stall_writes`] (requests that change the cluster go unanswered, as over a
-//! connection dropped silently), [`Emulator::hold_watches`] (watches send nothing until
+//! connection dropped silently), [`Emulator::fail_job_creates_after_storing`] (a Job is made
+//! but its creation answered `504` or `500`), [`Emulator::hold_watches`] (watches send nothing until
 //! released: a client's view of the cluster lags behind it) and [`Emulator::expire_watches`]
 //! (open watches end and the history is compacted: a client resuming from its last version
 //! gets `410 Expired` and relists, missing what happened in between).
@@ -283,6 +284,9 @@ pub(crate) struct Core {
     watches_held: tokio::sync::watch::Sender<bool>,
     /// Incremented to end every open watch ([`Emulator::expire_watches`]).
     watches_cut: tokio::sync::watch::Sender<u64>,
+    /// The status codes the next Job creations are answered with after they were carried out
+    /// ([`Emulator::fail_job_creates_after_storing`]), first first.
+    job_create_failures: Mutex<std::collections::VecDeque<u16>>,
 }
 
 /// The cluster's state, behind one lock.
@@ -398,6 +402,7 @@ impl Emulator {
             writes_stalled: tokio::sync::watch::Sender::new(false),
             watches_held: tokio::sync::watch::Sender::new(false),
             watches_cut: tokio::sync::watch::Sender::new(0),
+            job_create_failures: Mutex::new(std::collections::VecDeque::new()),
         });
         gc::start(&core, &core.lock());
         let router = api::router(Arc::clone(&core));
@@ -592,6 +597,21 @@ impl Emulator {
     /// Reads and watches are answered as usual.
     pub fn stall_writes(&self, stalled: bool) {
         self.core.writes_stalled.send_replace(stalled);
+    }
+
+    /// The next `count` Job creations are carried out (the Job is stored, its controller makes
+    /// its pod) and then answered with the error `code` all the same, as a real API server
+    /// answers `504 Timeout` when its storage wrote the object after the request's deadline:
+    /// `504` (`Timeout`; kube's client sends such a request again, which then finds the Job
+    /// there: `409 AlreadyExists`), `500` (`InternalError`, which kube's client does not send
+    /// again), or any other code (`InternalError` with that code).
+    pub fn fail_job_creates_after_storing(&self, code: u16, count: usize) {
+        let mut failures = self
+            .core
+            .job_create_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        failures.extend(std::iter::repeat_n(code, count));
     }
 
     /// While `held`, open watches send nothing (their changes queue up, as behind a slow

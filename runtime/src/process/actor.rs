@@ -84,7 +84,25 @@ impl Handler<StartChild> for ProcessActor {
                 if let Some(record) = &record {
                     record.write(&store, &keys).await?;
                 }
-                executor.launch(launch).await
+                let launched = executor.launch(launch).await;
+                if launched.is_err() && record.is_some() {
+                    // A worker started all the same (a Kubernetes Job the API server made
+                    // although its creation failed) must find nothing to run: no process
+                    // tracks it.
+                    let deleted = async {
+                        let mut conn = store.multiplexed().await?;
+                        redis::cmd("DEL")
+                            .arg(&keys.task)
+                            .query_async::<()>(&mut conn)
+                            .await
+                            .map_err(|e| Error::redis(format!("deleting {}", keys.task), e))
+                    }
+                    .await;
+                    if let Err(e) = deleted {
+                        tracing::warn!("the launch failed, and its task record stays: {e}");
+                    }
+                }
+                launched
             }
             .into_actor(self)
             .map(move |result: Result<Launched>, act, ctx| {
