@@ -283,14 +283,19 @@ impl Error {
     /// the command may have run (a `BLPOP` may have taken its element).
     pub fn is_interrupted(&self) -> bool {
         match self {
-            Error::Redis { source, .. } => {
-                source.is_io_error() && {
-                    let eintr = std::io::Error::from_raw_os_error(nix::libc::EINTR).to_string();
-                    source.to_string().contains(&eintr)
-                }
-            }
+            Error::Redis { source, .. } => is_interrupted(source),
             _ => false,
         }
+    }
+}
+
+/// Whether redis-rs failed a read because a stop signal interrupted it (see
+/// [`Error::is_interrupted`]). redis-rs keeps the connection in step: the reply it was reading
+/// is skipped when it comes, and the next one read is the next command's.
+pub fn is_interrupted(e: &redis::RedisError) -> bool {
+    e.is_io_error() && {
+        let eintr = std::io::Error::from_raw_os_error(nix::libc::EINTR).to_string();
+        e.to_string().contains(&eintr)
     }
 }
 

@@ -340,7 +340,11 @@ fn kill_blocked_waits(
             .expect("CLIENT LIST");
         let blocked: Vec<String> = clients
             .lines()
-            .filter(|l| l.contains(" cmd=blpop ") && flags_of(l).contains('b'))
+            // An ask waits with `BLMOVE` from a blocking caller, `BLPOP` from async code.
+            .filter(|l| {
+                (l.contains(" cmd=blpop ") || l.contains(" cmd=blmove "))
+                    && flags_of(l).contains('b')
+            })
             .filter_map(|l| {
                 l.split_whitespace()
                     .find_map(|f| f.strip_prefix("id="))

@@ -1,14 +1,16 @@
 //! A process stopped while it waits (`SIGSTOP`, Ctrl-Z, a debugger) and continued: Linux fails
 //! a socket read that has a timeout with `EINTR` then, and redis-rs gives up the reply it was
 //! reading. A wait that takes nothing from Redis (a lock's, an event's, a pipe's `poll`), or
-//! whose take can be recovered (a queue's get, whose items are claimed), goes on as if its
-//! slice had ended empty: the caller sees nothing of it. They failed with "Interrupted system
-//! call" before.
+//! whose take can be recovered (a queue's get, whose items are claimed; a pipe's `recv`, whose
+//! message is taken by a command behind the wait), goes on as if its slice had ended empty:
+//! the caller sees nothing of it; an actor `ask` gets its reply, which its wait moved. They
+//! failed with "Interrupted system call" before (the pipe's message and the ask's reply lost).
 
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
 use shoal::prelude::*;
 
 shoal::test_support!();
@@ -160,5 +162,70 @@ fn a_condition_notified_while_its_waiter_is_stopped_wakes_it() {
         let _held = condition.lock().expect("lock");
         condition.notify(1).expect("notify");
     });
+    assert_clean_exit(&p);
+}
+
+#[shoal::remote]
+fn recv_one(end: Connection<u64>) {
+    assert_eq!(end.recv().expect("recv"), 7);
+}
+
+/// A message sent while its receiver is stopped: the receive's wait moves it and the reply is
+/// lost with the interrupted read, but the command written behind the wait takes it from where
+/// it was moved. It was lost before.
+#[test]
+fn a_message_sent_while_its_receiver_is_stopped_is_not_lost() {
+    let _rt = runtime();
+    let (reader, writer) = Pipe::new::<u64>(false).expect("pipe");
+    let p = Process::new(recv_one, (reader,));
+    p.start().expect("start");
+    stop_and_continue(&p, || writer.send(&7).expect("send"));
+    assert_clean_exit(&p);
+}
+
+/// A tally whose additions take their time.
+#[derive(Serialize, Deserialize, Default, Debug, shoal::Actor)]
+#[actor(messages(SlowAdd))]
+struct Tally {
+    n: u64,
+}
+
+/// Adds one after `.0` milliseconds.
+#[derive(Serialize, Deserialize)]
+struct SlowAdd(u64);
+
+impl Handler<SlowAdd> for Tally {
+    type Reply = u64;
+    fn handle(&mut self, SlowAdd(ms): SlowAdd, _: &mut ActorContext) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        self.n += 1;
+        self.n
+    }
+}
+
+#[shoal::remote]
+fn ask_slowly(tally: ActorRef<Tally>) {
+    let asked = tally.ask(SlowAdd(800), Some(Duration::from_secs(20)));
+    assert_eq!(asked.expect("ask"), 2);
+}
+
+/// The reply comes while its asker is stopped: the ask's wait moves it and the read is
+/// interrupted, but the command written behind the wait takes it. The ask waited until its
+/// timeout before (the reply lost), or for ever without one.
+#[test]
+fn an_ask_whose_reply_comes_while_its_asker_is_stopped_gets_it() {
+    let _rt = runtime();
+    let tally = shoal::spawn_actor(Tally::default()).expect("spawn");
+    assert_eq!(
+        tally
+            .ask(SlowAdd(0), Some(Duration::from_secs(30)))
+            .expect("first ask"),
+        1
+    );
+    let p = Process::new(ask_slowly, (tally.clone(),));
+    p.start().expect("start");
+    // The asker waits from about its start on (the reply comes 800 ms after the ask): it is
+    // stopped before the reply and continued after it.
+    stop_and_continue(&p, || std::thread::sleep(Duration::from_millis(1_000)));
     assert_clean_exit(&p);
 }

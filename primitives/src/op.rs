@@ -63,6 +63,16 @@ enum Kind {
         cmd: redis::Cmd,
         block: Duration,
     },
+    /// A blocking command that moves an element into a list of the caller's own, and the
+    /// command behind it that takes it from there, written together (one round trip, a
+    /// dedicated connection); the reply is the second command's. On the synchronous driver the
+    /// second reply is read even when a stop signal interrupted the read of the first (see
+    /// `shoal_core::error::is_interrupted`): what the wait took is not lost with its reply.
+    MoveThenTake {
+        wait: redis::Cmd,
+        take: redis::Cmd,
+        block: Duration,
+    },
     /// Code that may block for long (a barrier's action): run off the async runtime's thread.
     Local(Box<dyn FnOnce() -> Result<Value> + Send>),
 }
@@ -87,7 +97,11 @@ impl Request {
 
     /// Whether the async driver checks for a departed caller before sending this.
     fn may_abandon(&self) -> bool {
-        self.abandon_point || matches!(self.kind, Kind::Blocking { .. } | Kind::BlockingPipe { .. })
+        self.abandon_point
+            || matches!(
+                self.kind,
+                Kind::Blocking { .. } | Kind::BlockingPipe { .. } | Kind::MoveThenTake { .. }
+            )
     }
 
     /// A pipeline that ends with a blocking command whose own timeout is `block` (at most a
@@ -98,6 +112,19 @@ impl Request {
         block: Duration,
     ) -> Self {
         Request::of(what, Kind::BlockingPipe { pipe, block })
+    }
+
+    /// `wait`, a blocking command whose own timeout is `block` that moves an element into a
+    /// list only this request uses (`BLMOVE inbox landing`), then `take`, which takes it from
+    /// there (`LPOP landing`): the reply is `take`'s, and it survives a wait whose read a stop
+    /// signal interrupted.
+    pub(crate) fn move_then_take(
+        what: &'static str,
+        wait: redis::Cmd,
+        take: redis::Cmd,
+        block: Duration,
+    ) -> Self {
+        Request::of(what, Kind::MoveThenTake { wait, take, block })
     }
 
     /// A script.
@@ -248,6 +275,22 @@ fn exec(store: &Store, request: Request, describe: impl FnOnce() -> String) -> R
         Kind::BlockingPipe { pipe, block } => {
             store.with_blocking_conn(Some(block), context, |c| pipe.query(c))
         }
+        Kind::MoveThenTake { wait, take, block } => {
+            store.with_blocking_conn(Some(block), context, |c| {
+                let mut pipe = redis::pipe();
+                pipe.add_command(wait).add_command(take);
+                c.send_packed_command(&pipe.get_packed_pipeline())?;
+                let waited = match c.recv_response() {
+                    // redis-rs skips the wait's reply when it comes: the next read is the
+                    // take's, which holds what the wait moved.
+                    Err(e) if shoal_core::error::is_interrupted(&e) => Value::Nil,
+                    other => other?,
+                };
+                let taken = c.recv_response()?;
+                waited.extract_error()?;
+                taken.extract_error()
+            })
+        }
         Kind::ScriptThenBlocking {
             invocation,
             cmd,
@@ -319,6 +362,12 @@ async fn exec_async(
         }
         Kind::Blocking { cmd, block } => store.blocking(block, context, &cmd).await,
         Kind::BlockingPipe { pipe, block } => store.blocking_pipe(block, context, &pipe).await,
+        Kind::MoveThenTake { wait, take, block } => {
+            let mut pipe = redis::pipe();
+            pipe.add_command(wait).ignore().add_command(take);
+            let (taken,): (Value,) = store.blocking_pipe(block, context, &pipe).await?;
+            Ok(taken)
+        }
         Kind::ScriptThenBlocking {
             invocation,
             cmd,

@@ -16,8 +16,9 @@
 //! ```
 //!
 //! and once a handle has seen a reply, its unsigned asks send the same with the reply key
-//! (`r <reply key>` in the entry) followed by `BLPOP <reply key> <slice>`, in one round trip as
-//! the pipelined script did.
+//! (`r <reply key>` in the entry) followed by the wait for the reply (`BLMOVE <reply key>
+//! <landing> LEFT RIGHT <slice>` and `LPOP <landing>`: see [`reply_wait`]; `BLPOP` in the async
+//! form), in one round trip as the pipelined script did.
 //!
 //! The transaction reads what the script checks at the instant it writes, so the caller gets
 //! the script's outcomes: its errors (no actor, failed, stopped, signed), and an activation
@@ -193,12 +194,7 @@ pub(super) fn ask(
 ) -> Result<DirectAsk> {
     let actor_id = mailbox.actor_id.as_str();
     let mut packed = ask_transaction(mailbox, message, reply_key).get_packed_pipeline();
-    packed.extend_from_slice(
-        &redis::cmd("BLPOP")
-            .arg(reply_key)
-            .arg(blpop_seconds(block))
-            .get_packed_command(),
-    );
+    packed.extend_from_slice(&reply_wait(reply_key, block));
     // Set once the transaction wrote the message: a failure after that (the wait's) is no
     // error of the ask (see the module docs).
     let mut written = false;
@@ -229,8 +225,8 @@ pub(super) fn ask(
                 };
                 take_back(store, mailbox, written, Some(reply_key));
             }
-            let popped: Option<(String, Vec<u8>)> = redis::from_redis_value(reply(c)?)?;
-            Ok((checked, popped.map(|(_, bytes)| bytes)))
+            let popped = read_reply_wait(c)?;
+            Ok((checked, popped))
         },
     );
     let (checked, popped) = match asked {
@@ -315,6 +311,38 @@ pub(super) async fn ask_async(
             Ok(_) => Ok(DirectAsk::Sent(None)),
         },
     }
+}
+
+/// The wait for an ask's reply, packed to be written behind other commands on a synchronous
+/// connection: `BLMOVE` of the reply into a landing list of the ask's own, waiting at most
+/// `block`, and the `LPOP` of that list behind it. Read its two replies with
+/// [`read_reply_wait`]: when a stop signal interrupts the read of the wait's (`EINTR`, see
+/// `shoal_core::error::is_interrupted`), the reply it moved comes with the `LPOP`'s all the
+/// same (a `BLPOP`'s would be lost).
+pub(super) fn reply_wait(reply_key: &str, block: Duration) -> Vec<u8> {
+    let landing = format!("{reply_key}:landing");
+    let mut pipe = redis::pipe();
+    pipe.cmd("BLMOVE")
+        .arg(reply_key)
+        .arg(&landing)
+        .arg("LEFT")
+        .arg("RIGHT")
+        .arg(blpop_seconds(block))
+        .cmd("LPOP")
+        .arg(&landing);
+    pipe.get_packed_pipeline()
+}
+
+/// Reads the two replies of a [`reply_wait`]: the reply it took, if one came.
+pub(super) fn read_reply_wait(c: &mut redis::Connection) -> redis::RedisResult<Option<Vec<u8>>> {
+    let waited = match reply(c) {
+        // redis-rs skips the wait's reply when it comes: the next read is the LPOP's.
+        Err(e) if shoal_core::error::is_interrupted(&e) => redis::Value::Nil,
+        other => other?,
+    };
+    let taken = reply(c)?;
+    waited.extract_error()?;
+    Ok(redis::from_redis_value(taken)?)
 }
 
 /// The next reply on `c` (a RESP3 push message is not one).

@@ -172,8 +172,10 @@
 //! # Round trips
 //!
 //! `tell`: 1 (`actor_send.lua`, or the transaction below), plus 1 when the actor has no host
-//! (to ask for one; 2 after the transaction). `ask`: the same send and a `BLPOP` on the reply
-//! key, pipelined into 1 round trip once this handle has seen a reply (the first ask of a
+//! (to ask for one; 2 after the transaction). `ask`: the same send and a wait on the reply
+//! key (`BLPOP` from async code; from a blocking caller `BLMOVE` into a landing list of the
+//! ask's own and the `LPOP` of it behind, so that a wait whose read a stop signal interrupted
+//! still gets the reply it moved), pipelined into 1 round trip once this handle has seen a reply (the first ask of a
 //! handle sends, then waits: 2); while it waits, every [`ASK_SLICE`] it checks that a host has
 //! the actor (`actor_nudge.lua`).
 //!
@@ -896,8 +898,9 @@ fn ask(
                 let mut run = |c: &mut redis::Connection| -> redis::RedisResult<_> {
                     let mut pipe = redis::pipe();
                     pipe.add_command(send_evalsha(store, keys, message, activation_hold));
-                    pipe.cmd("BLPOP").arg(reply_key).arg(blpop_seconds(block));
-                    c.send_packed_command(&pipe.get_packed_pipeline())?;
+                    let mut packed = pipe.get_packed_pipeline();
+                    packed.extend_from_slice(&direct::reply_wait(reply_key, block));
+                    c.send_packed_command(&packed)?;
                     // Each reply on its own: the script's error is the caller's to read, and
                     // the wait's failure is no error of a message the script wrote.
                     let script: redis::RedisResult<i64> = direct::reply(c)?
@@ -906,8 +909,7 @@ fn ask(
                     if let Ok(needs_host) = &script {
                         sent = Some(*needs_host);
                     }
-                    let popped: Option<(String, Vec<u8>)> =
-                        redis::from_redis_value(direct::reply(c)?)?;
+                    let popped = direct::read_reply_wait(c)?;
                     Ok((script, popped))
                 };
                 match run(c)? {
@@ -932,7 +934,7 @@ fn ask(
         if needs_host == 1 {
             request_activation_after_marker(store, keys, hosts, actor_id);
         }
-        first = popped.map(|(_, v)| v);
+        first = popped;
     } else {
         mailbox.send(store, message)?;
     }
@@ -945,20 +947,18 @@ fn ask(
             let Some(block) = ask_slice(deadline) else {
                 return Ok(None);
             };
-            let popped: Result<Option<(String, Vec<u8>)>> = store.with_blocking_conn(
+            let popped: Result<Option<Vec<u8>>> = store.with_blocking_conn(
                 Some(block),
                 || format!("waiting for actor {actor_id}"),
                 |c| {
-                    redis::cmd("BLPOP")
-                        .arg(reply_key)
-                        .arg(blpop_seconds(block))
-                        .query(c)
+                    c.send_packed_command(&direct::reply_wait(reply_key, block))?;
+                    direct::read_reply_wait(c)
                 },
             );
             let checked = match popped {
                 // A direct ask's marker that came after its wait (see `direct.rs`).
-                Ok(Some((_, bytes))) if bytes.is_empty() => continue,
-                Ok(Some((_, bytes))) => break bytes,
+                Ok(Some(bytes)) if bytes.is_empty() => continue,
+                Ok(Some(bytes)) => break bytes,
                 Ok(None) => nudge(store, keys, hosts, actor_id, activation_hold),
                 Err(e) => Err(e),
             };

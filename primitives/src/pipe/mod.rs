@@ -93,14 +93,19 @@
 //! Redis's clock), `holders:0`, `holders:1` (hashes: holder → lease expiry in ms of Redis's
 //! clock; a holder is a process id or a transfer id),
 //! `inbox:0`, `inbox:1` (lists of messages to that end: `0x00` + the payload, which is a codec
-//! payload for `send` and the bytes for `send_bytes`; the empty string for end of file).
+//! payload for `send` and the bytes for `send_bytes`; the empty string for end of file),
+//! `inbox:<end>:landing:<process>:<n>` (a list of one receive's own, where its wait moves the
+//! next message and from which the command written behind the wait takes it: empty, so gone,
+//! as soon as the round trip is over).
 //!
 //! # Round trips
 //!
 //! `Pipe::new`: 1. `send`/`send_bytes`: 1 (`send.lua`; TTLs are set when the inbox is created
 //! and refreshed every tenth of `redis.expiry_secs`), 2 when a hold may have lapsed or an
-//! outage just ended (`send_reaping.lua` reaps, then sends). `recv`: 1 (`BLPOP`, plus one
-//! `check.lua` per second of waiting). `poll`: 1 (`check.lua`, or `BLMOVE` from the
+//! outage just ended (`send_reaping.lua` reaps, then sends). `recv`: 1 (`BLMOVE` into a
+//! landing list of the receive's own and the `LPOP` of it behind, written together, plus one
+//! `check.lua` per second of waiting: a wait whose read a stop signal interrupted still gets
+//! the message it moved). `poll`: 1 (`check.lua`, or `BLMOVE` from the
 //! inbox to itself, which waits without taking). Clone: none. Close (or drop) of a handle: none,
 //! or 1 for the process's last handle of the end (`close.lua`; a drop inside a Tokio runtime
 //! makes it in the background). Passing a handle to another process: 1 to serialize it

@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// Numbers the landing lists of this process's receives (see [`Reader`]).
+static LANDINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// What a [`Reader`] produced.
 pub(super) enum Read {
     Message(Message),
@@ -9,7 +12,8 @@ pub(super) enum Read {
 }
 
 /// A receive (`poll: None`) or a poll (`poll: Some(deadline)`) on one end. A receive takes the
-/// head of the inbox with slices of `BLPOP`; a poll waits for one without taking it, with slices
+/// head of the inbox with slices of `BLMOVE` into a list of its own (`inbox:<end>:landing:<process>:<n>`,
+/// empty again at once) and the `LPOP` of that list behind it, in one round trip; a poll waits for one without taking it, with slices
 /// of `BLMOVE` from the inbox to itself. After each empty slice, `check.lua` reaps lapsed
 /// holds (a writer that died shows as end of file) and reports a closed end; a handle closed
 /// meanwhile in this process ends the wait too. End of file is left in the inbox for the next
@@ -35,7 +39,31 @@ impl Reader {
     fn slice(&mut self) -> Step<Read> {
         self.state = ReaderState::Waiting;
         match self.poll {
-            None => Step::Next(Request::blpop(&self.inbox, common::SLICE)),
+            None => {
+                // The head of the inbox moves to a list of this receive's own and is taken from
+                // there in the same round trip: a wait whose read a stop signal interrupted
+                // still gets it (see `Request::move_then_take`).
+                let landing = format!(
+                    "{}:landing:{}:{}",
+                    self.inbox,
+                    common::process_holder(),
+                    LANDINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                );
+                let mut wait = redis::cmd("BLMOVE");
+                wait.arg(&self.inbox)
+                    .arg(&landing)
+                    .arg("LEFT")
+                    .arg("RIGHT")
+                    .arg(blpop_seconds(common::SLICE));
+                let mut take = redis::cmd("LPOP");
+                take.arg(&landing);
+                Step::Next(Request::move_then_take(
+                    "waiting for",
+                    wait,
+                    take,
+                    common::SLICE,
+                ))
+            }
             Some(deadline) => match next_slice(deadline) {
                 None => Step::Done(Ok(Read::Polled(false))),
                 Some(block) => {
@@ -86,16 +114,12 @@ impl Operation for Reader {
     fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<Read> {
         match self.state {
             ReaderState::Waiting => {
-                let popped = match self.poll {
-                    None => op::parse::<Option<(String, Vec<u8>)>>(reply, "a message")
-                        .map(|p| p.map(|(_, message)| message)),
-                    Some(_) => op::parse::<Option<Vec<u8>>>(reply, "a message"),
-                };
+                let popped = op::parse::<Option<Vec<u8>>>(reply, "a message");
                 match popped {
-                    // A poll takes nothing: a wait a stop signal interrupted (see
-                    // `Error::is_interrupted`) checks and goes on. A receive's `BLPOP` may have
-                    // taken a message, lost with the reply: that is an error.
-                    Err(e) if e.is_interrupted() && self.poll.is_some() => self.check(store),
+                    // A poll takes nothing, and a receive reads what its wait moved even when
+                    // the wait's read was interrupted: a wait a stop signal interrupted (see
+                    // `Error::is_interrupted`) checks and goes on.
+                    Err(e) if e.is_interrupted() => self.check(store),
                     Err(e) => Step::Done(Err(self.address.error(e))),
                     Ok(None) => self.check(store),
                     Ok(Some(_)) if self.poll.is_some() => Step::Done(Ok(Read::Polled(true))),
