@@ -128,10 +128,11 @@ fn a_pipe_poll_rides_out_a_stop_and_a_continue() {
     assert_clean_exit(&p);
 }
 
-/// The lock is released while its waiter is stopped: the grant pushed to the waiter is taken by
-/// its `BLPOP` and lost with the interrupted read; it lapses after a lease and is granted again.
+/// The lock is released while its waiter is stopped: the grant pushed to the waiter is moved by
+/// its wait and taken by the command behind it, read although the wait's own read was
+/// interrupted.
 #[test]
-fn a_lock_released_while_its_waiter_is_stopped_reaches_it_a_lease_later() {
+fn a_lock_released_while_its_waiter_is_stopped_reaches_it() {
     let _rt = runtime();
     let lock = Lock::new().expect("lock");
     lock.acquire().expect("acquire");
@@ -148,8 +149,8 @@ fn wait_for_notification(condition: Condition, ready: Event) {
     assert!(condition.wait(Some(Duration::from_secs(20))).expect("wait"));
 }
 
-/// Notified while stopped: the wake-up may be lost with the interrupted read, so the wait
-/// counts as woken (a condition variable may wake spuriously) rather than waiting for ever.
+/// Notified while stopped: the wake-up the wait moved is taken by the command behind it, read
+/// although the wait's own read was interrupted.
 #[test]
 fn a_condition_notified_while_its_waiter_is_stopped_wakes_it() {
     let _rt = runtime();
@@ -227,5 +228,26 @@ fn an_ask_whose_reply_comes_while_its_asker_is_stopped_gets_it() {
     // The asker waits from about its start on (the reply comes 800 ms after the ask): it is
     // stopped before the reply and continued after it.
     stop_and_continue(&p, || std::thread::sleep(Duration::from_millis(1_000)));
+    assert_clean_exit(&p);
+}
+
+#[shoal::remote]
+fn pass_barrier(barrier: Barrier) {
+    barrier.wait(Some(Duration::from_secs(20))).expect("wait");
+}
+
+/// The other party arrives while this one is stopped: the wake-up its wait moved is taken by
+/// the command behind it.
+#[test]
+fn a_barrier_passed_while_a_party_is_stopped_releases_it() {
+    let _rt = runtime();
+    let barrier = Barrier::new(2).expect("barrier");
+    let p = Process::new(pass_barrier, (barrier.clone(),));
+    p.start().expect("start");
+    stop_and_continue(&p, || {
+        barrier
+            .wait(Some(Duration::from_secs(20)))
+            .expect("this party's wait");
+    });
     assert_clean_exit(&p);
 }

@@ -769,9 +769,9 @@ impl BarrierWait {
                 }
             }
             BarrierState::Popping => {
-                match op::parse::<Option<(String, Vec<u8>)>>(reply, "a wake-up") {
+                match op::parse::<Option<Vec<u8>>>(reply, "a wake-up") {
                     Err(e) => Step::Done(Err(address.error(e))),
-                    Ok(Some((_, message))) => self.outcome(store, &message),
+                    Ok(Some(message)) => self.outcome(store, &message),
                     // Held on for an action (past the deadline, or come while it runs): still
                     // running, its runner alive? (A deleted barrier is an error there too.)
                     Ok(None) if self.hold_on => self.probe(store),

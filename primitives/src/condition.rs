@@ -148,11 +148,6 @@ impl Condition {
 
     /// Releases the lock, waits until notified or `timeout` passes, takes the lock back;
     /// returns whether it was notified.
-    ///
-    /// A wait whose process was stopped (`SIGSTOP`, Ctrl-Z) and continued meanwhile returns
-    /// `true` too: a notification that reached it then may have been lost with the interrupted
-    /// read, and a spurious wake-up is the safe side (check the predicate again, as
-    /// [`Condition::wait_for`] does).
     pub fn wait(&self, timeout: Option<Duration>) -> Result<bool> {
         let token = self.held_token("wait")?;
         let store = common::store()?;

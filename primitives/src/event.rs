@@ -396,18 +396,9 @@ pub(crate) trait Recheck {
     fn request(&self, store: &Store) -> Option<Request>;
     /// Reads its reply: true counts as woken; an error ends the wait.
     fn read(&self, reply: Result<redis::Value>) -> Result<bool>;
-    /// Whether a wait slice that a stop signal interrupted counts as woken (see
-    /// [`Error::is_interrupted`]): its `BLPOP` may have taken the wake-up, which is then lost.
-    /// With a check that finds what a wake-up says (an event's flag, a queue's room), it does
-    /// not: the wait checks in and goes on.
-    fn interruption_wakes(&self) -> bool {
-        false
-    }
 }
 
-/// Nothing more to check: a wake-up is the only news (a condition's notification), so a wait
-/// slice interrupted by a stop signal counts as woken, which may be spurious (a condition
-/// variable's waiter checks its predicate again), rather than losing a notification.
+/// Nothing more to check.
 impl Recheck for () {
     fn request(&self, _: &Store) -> Option<Request> {
         None
@@ -415,10 +406,6 @@ impl Recheck for () {
 
     fn read(&self, _: Result<redis::Value>) -> Result<bool> {
         Ok(false)
-    }
-
-    fn interruption_wakes(&self) -> bool {
-        true
     }
 }
 
@@ -495,23 +482,14 @@ impl<C: Recheck> WakeWait<C> {
     pub(crate) fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<Woke> {
         let woke = |woken, gave_up| Step::Done(Ok(Woke { woken, gave_up }));
         match self.state {
-            WakeState::Popping => {
-                match op::parse::<Option<(String, Vec<u8>)>>(reply, "a wake-up") {
-                    Err(e) if e.is_interrupted() && self.recheck.interruption_wakes() => {
-                        woke(true, false)
-                    }
-                    Err(e) if e.is_interrupted() => {
-                        self.state = WakeState::Refreshing;
-                        Step::Next(self.list.check_in(store, &self.waiter, "refresh"))
-                    }
-                    Err(e) => Step::Done(Err(e)),
-                    Ok(Some(_)) => woke(true, false),
-                    Ok(None) => {
-                        self.state = WakeState::Refreshing;
-                        Step::Next(self.list.check_in(store, &self.waiter, "refresh"))
-                    }
+            WakeState::Popping => match op::parse::<Option<Vec<u8>>>(reply, "a wake-up") {
+                Err(e) => Step::Done(Err(e)),
+                Ok(Some(_)) => woke(true, false),
+                Ok(None) => {
+                    self.state = WakeState::Refreshing;
+                    Step::Next(self.list.check_in(store, &self.waiter, "refresh"))
                 }
-            }
+            },
             WakeState::Refreshing => match woken(reply) {
                 Err(e) => Step::Done(Err(e)),
                 Ok(true) => woke(true, false),

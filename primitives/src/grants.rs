@@ -907,13 +907,9 @@ impl Operation for Acquire {
     fn reply(&mut self, store: &Store, reply: Result<redis::Value>) -> Step<Option<Grant>> {
         let fail = |e: Error| Step::Done(Err(self.object.address.error(e)));
         if self.state == AcquireState::Popping {
-            return match op::parse::<Option<(String, Vec<u8>)>>(reply, "a wake-up") {
-                // A stop signal interrupted the wait (see `Error::is_interrupted`): the grant
-                // its `BLPOP` may have taken is lost with the reply; nobody renews it, so it
-                // lapses after a lease and is granted again (this waiter stays queued).
-                Err(e) if e.is_interrupted() => self.check_in(store, "refresh"),
+            return match op::parse::<Option<Vec<u8>>>(reply, "a wake-up") {
                 Err(e) => fail(e),
-                Ok(Some((_, token))) => match parse_token(&token) {
+                Ok(Some(token)) => match parse_token(&token) {
                     Ok(token) => self.granted(token, 1),
                     Err(e) => Step::Done(Err(e)),
                 },
@@ -1284,8 +1280,15 @@ fn await_background_releases() {
 /// ([`await_background_releases`]), then takes the lease off every grant this process still
 /// holds, so that its holds outlive it (see the module docs). Idempotent; a failure leaves the
 /// holds to lapse.
+///
+/// In a thread child (a pool worker thread of its driver, which runs the hooks after each batch
+/// of tasks) it only waits for the releases: the grants are the whole process's, which goes on
+/// (its other threads' holds must keep their lease).
 fn detach_all() {
     await_background_releases();
+    if context::in_thread_process() {
+        return;
+    }
     let work: Vec<(GrantObject, Vec<u64>)> = {
         let registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
         registry

@@ -178,11 +178,22 @@ impl Request {
         cmd
     }
 
-    /// `BLPOP key` waiting at most `block` (Redis's own timeout).
+    /// Takes the head of the list `key`, waiting at most `block` (Redis's own timeout): the
+    /// reply is the element, or nil. As a `BLPOP` would, but the wait moves the element into a
+    /// list of the key's own (`<key>:landing`) and an `LPOP` written behind it takes it (see
+    /// [`Request::move_then_take`]): a wait whose read a stop signal interrupted still gets
+    /// it. Only one waiter may wait on `key` at a time (a waiter's own wake key).
     pub(crate) fn blpop(key: &str, block: Duration) -> Self {
-        let mut cmd = redis::cmd("BLPOP");
-        cmd.arg(key).arg(crate::common::blpop_seconds(block));
-        Request::blocking("waiting for", cmd, block)
+        let landing = format!("{key}:landing");
+        let mut wait = redis::cmd("BLMOVE");
+        wait.arg(key)
+            .arg(&landing)
+            .arg("LEFT")
+            .arg("RIGHT")
+            .arg(crate::common::blpop_seconds(block));
+        let mut take = redis::cmd("LPOP");
+        take.arg(&landing);
+        Request::move_then_take("waiting for", wait, take, block)
     }
 
     /// Code that may block (user code); its result is the reply.
