@@ -1473,6 +1473,66 @@ fn kill_while_the_api_server_is_silent(kube: &Kube) {
     );
 }
 
+/// `terminate()` of a worker whose node stopped answering (the emulator freezes its kubelet,
+/// which then carries out no graceful delete, reports nothing and sends no signal): the pod
+/// stays `Terminating`, its process running, past its grace period; the executor then
+/// force-deletes it (grace 0), saying why, and the worker ends with -15, the signal asked for,
+/// within the grace (the terminate's 30 s, shortened to the pod's own 2 s by its Job's garbage
+/// collection) + the executor's 30 s margin, its pod gone.
+fn terminate_on_a_node_that_stopped_answering(kube: &Kube) {
+    let emulator = kube.emulator();
+    let _rt = runtime(kube.config());
+    let p = Process::new(sleeps, (600_000u64,));
+    p.start().expect("start");
+    kube.claimed(p.get_name());
+    let pod = kube.running_pod(p.get_name());
+    let own = format!("shoal.dev/process={}", p.get_name());
+    emulator.freeze_kubelet(true);
+    let asked = Instant::now();
+    p.terminate().expect("terminate");
+    // The node confirms nothing: the pod stays, being deleted, its process running on.
+    assert!(
+        wait(patience(), || kube
+            .pods(&own)
+            .iter()
+            .any(|p| p.metadata.deletion_timestamp.is_some())),
+        "the pod was not being deleted: {:?}",
+        kube.pods(&own)
+    );
+    p.join(Some(Duration::from_secs(5))).expect("join");
+    assert_eq!(
+        p.exitcode(),
+        None,
+        "ended while its pod's deletion was unconfirmed"
+    );
+    assert!(
+        emulator.pod_pid(&kube.namespace, &pod).is_some(),
+        "the frozen kubelet stopped the process"
+    );
+    assert_eq!(kube.pods(&own).len(), 1, "the pod went unconfirmed");
+
+    // The terminate's grace (30 s) + the executor's margin (30 s) + slack.
+    let limit = Duration::from_secs(30 + 30 + 15);
+    p.join(Some(limit.saturating_sub(asked.elapsed())))
+        .expect("join");
+    let took = asked.elapsed();
+    let code = p.exitcode();
+    let left = kube.pods(&own);
+    let running = emulator.pod_pid(&kube.namespace, &pod).is_some();
+    emulator.freeze_kubelet(false);
+    println!("terminate() on a frozen node: {code:?} after {took:?}");
+    assert_eq!(
+        code,
+        Some(-15),
+        "join() after terminate() on a node that does not answer (after {took:?})"
+    );
+    assert!(
+        left.is_empty(),
+        "the unconfirmed pod is still there: {left:?}"
+    );
+    assert!(!running, "the force-deleted pod's process runs on");
+}
+
 /// A Job the API server made although it answered its creation with an error: answered `504`
 /// (kube's client sends it again, and gets `409 AlreadyExists`), the Job is this launch's and
 /// the process runs; answered `500` (not sent again), `start()` fails, and the function does
@@ -2181,6 +2241,26 @@ fn a_kill_whose_deletes_fail_is_retried_and_not_reported_until_it_lands() {
         "a_kill_whose_deletes_fail_is_retried_and_not_reported_until_it_lands",
         Target::Emulator,
         kill_while_the_api_server_is_silent,
+    );
+}
+
+#[test]
+fn a_terminate_whose_node_does_not_confirm_the_deletion_force_deletes_the_pod() {
+    let Some(driven) = drive(
+        "a_terminate_whose_node_does_not_confirm_the_deletion_force_deletes_the_pod",
+        Target::Emulator,
+        terminate_on_a_node_that_stopped_answering,
+    ) else {
+        return;
+    };
+    driven.assert_logged(
+        &[
+            "its node did not confirm the deletion (a node that stopped answering?); \
+             force-deleting it (grace 0)",
+            "ended: its pod was force-deleted (its node did not confirm the deletion), exit \
+             code -15",
+        ],
+        "the executor says why it force-deleted the pod and how the worker ended",
     );
 }
 

@@ -105,7 +105,24 @@
 //!   delete that fails or goes unanswered is made again with back-off (1 s, doubling up to
 //!   30 s, 8 tries in all), and a worker whose Job could not be deleted is not ended with the
 //!   signal's code (its pod may run): the watch tells its end. `terminate()` and `kill()`
-//!   return once the deletes are under way; their failures are logged.
+//!   return once the deletes are under way; their failures are logged. A `terminate()` whose
+//!   pod outlives its grace because its node does not answer ends as below.
+//! * **Unconfirmed deletions**: a pod being deleted (`deletionTimestamp` set: a stop, an
+//!   eviction, its Job's garbage collection) goes only when its node's kubelet has stopped its
+//!   container and confirmed; a node that stopped answering never does, and its pods stay
+//!   `Terminating`, their containers `running` as far as their statuses tell, until the Node
+//!   object is deleted: the worker would wait for ever (and `terminate()` would not help, the
+//!   pod being deleted already). So the first sight of a worker's pod being deleted, its
+//!   container not seen to end, sets a deadline: its `deletionGracePeriodSeconds` + 30 s
+//!   (`UNCONFIRMED_DELETE_MARGIN`) from then (by this process's clock: no skew with the API
+//!   server's counts; a later delete that shortens the grace, as the garbage collector's does
+//!   with the pod's own, brings it forward). A pod still there then, as far as the watch
+//!   tells, is logged (a warning naming it and saying that its node did not confirm the
+//!   deletion) and deleted with grace 0, a force deletion (made again 30 s later if it fails):
+//!   the API server removes it without the node, and the worker ends as after `kill()`'s,
+//!   when the watch sees it gone, with the code its status hash records, else the signal asked
+//!   for (`-15` after `terminate()`), else `-9`. Its process may run on, on that node, until
+//!   the node comes back (or is deleted), as for any force deletion.
 //! * **Strays**: a pod with this runtime's label whose worker the executor does not track
 //!   (its launch was reported failed although the API server made its Job, or it outlived its
 //!   worker's end) is deleted with grace 0 as soon as the watch shows it unfinished, and a
@@ -216,6 +233,22 @@ struct RemoteWorker {
     retrying: Option<Trouble>,
     /// While its pod is not scheduled: why (the `PodScheduled` condition).
     unscheduled: Option<String>,
+    /// Its pod is being deleted and the watch has not shown its container end.
+    terminating: Option<Terminating>,
+}
+
+/// A worker's pod being deleted (`deletionTimestamp` set) whose container has not been seen to
+/// end: unless its node confirms the deletion (the kubelet reports the end, or removes the
+/// pod), it is force-deleted at `deadline` ([`KubernetesExecutor::force_unconfirmed`]).
+struct Terminating {
+    /// The pod.
+    pod: String,
+    /// When it is force-deleted if it is still there: when this executor saw its deletion
+    /// (or its grace shortened) + its `deletionGracePeriodSeconds` +
+    /// [`UNCONFIRMED_DELETE_MARGIN`].
+    deadline: Instant,
+    /// Force deletes made so far.
+    forced: u32,
 }
 
 /// A reason a worker has not started that may clear: since when it is seen, and the latest
@@ -249,6 +282,11 @@ enum StartCheck {
 
 /// How long before a check whose answers could not be read is made again.
 const START_RECHECK: Duration = Duration::from_secs(30);
+
+/// How long past its grace period a pod being deleted may stay before the executor takes its
+/// node for one that stopped answering and force-deletes it (grace 0): the kubelet may need a
+/// moment to report the end and the API server to remove the pod, and the watch to tell.
+const UNCONFIRMED_DELETE_MARGIN: Duration = Duration::from_secs(30);
 
 /// The field selector of the Events the executor watches: the Job controller failing to
 /// create a pod.
@@ -449,14 +487,121 @@ impl KubernetesExecutor {
                     self.never_started(&id);
                 }
             },
-            PodOutcome::Retrying(why) if !deleted => self.on_retrying(&id, why, ctx),
+            PodOutcome::Retrying(why) if !deleted => {
+                self.on_retrying(&id, why, ctx);
+                self.on_terminating(&id, pod, ctx);
+            }
             PodOutcome::Pending | PodOutcome::Retrying(_) if deleted => {
                 let fallback = worker.stopping.map_or(-9, StopSignal::exit_code);
-                self.end_unseen(&id, fallback, Some("its pod was deleted".into()), ctx);
+                let why = if worker.terminating.as_ref().is_some_and(|t| t.forced > 0) {
+                    "its pod was force-deleted (its node did not confirm the deletion)"
+                } else {
+                    "its pod was deleted"
+                };
+                self.end_unseen(&id, fallback, Some(why.into()), ctx);
             }
             // Past whatever the kubelet retried (pulled, created), or not there yet.
-            PodOutcome::Pending | PodOutcome::Retrying(_) => worker.retrying = None,
+            PodOutcome::Pending | PodOutcome::Retrying(_) => {
+                worker.retrying = None;
+                self.on_terminating(&id, pod, ctx);
+            }
         }
+    }
+
+    /// Worker `id`'s pod, whose container has not been seen to end, as the watch shows it: if
+    /// it is being deleted, the first sight of that (or of a shorter grace) sets when it is
+    /// force-deleted, should its node not confirm the deletion: its grace period
+    /// (`deletionGracePeriodSeconds`) + [`UNCONFIRMED_DELETE_MARGIN`] from now. Counted from
+    /// when this executor saw it, not from the `deletionTimestamp` (already the end of the
+    /// grace), so that no clock skew between here and the API server counts.
+    fn on_terminating(&mut self, id: &str, pod: &Pod, ctx: &mut Context<Self>) {
+        let Some(grace) = status::terminating(pod) else {
+            return;
+        };
+        let Some(worker) = self.workers.get_mut(id) else {
+            return;
+        };
+        let name = pod.name_any();
+        let now = Instant::now();
+        let deadline = now + grace + UNCONFIRMED_DELETE_MARGIN;
+        match &mut worker.terminating {
+            // Timed already, as early or earlier.
+            Some(known) if known.pod == name && known.deadline <= deadline => return,
+            // A shorter grace (a later delete, the garbage collector's with the pod's own).
+            Some(known) if known.pod == name => known.deadline = deadline,
+            _ => {
+                worker.terminating = Some(Terminating {
+                    pod: name,
+                    deadline,
+                    forced: 0,
+                });
+            }
+        }
+        let (id, launched) = (id.to_string(), worker.launched);
+        ctx.run_later(deadline - now, move |act, ctx| {
+            act.force_unconfirmed(&id, launched, ctx)
+        });
+    }
+
+    /// The deadline of worker `id`'s pod being deleted (see
+    /// [`KubernetesExecutor::on_terminating`]) has passed and the watch has shown neither its
+    /// container's end nor the pod gone: its node has not confirmed the deletion (a node that
+    /// stopped answering, whose kubelet can neither stop the container nor say so). Logs why and
+    /// deletes it with grace 0 (a force deletion: the API server removes it without the
+    /// node), so that the worker ends as a force-deleted pod does, when the watch shows it
+    /// gone. A force delete that fails is made again [`DELETE_BACKOFF_MAX`] later.
+    fn force_unconfirmed(&mut self, id: &str, launched: Instant, ctx: &mut Context<Self>) {
+        let Some(worker) = self.workers.get_mut(id) else {
+            return;
+        };
+        let Some(terminating) = worker.terminating.as_mut() else {
+            return;
+        };
+        // Another launch under the same id, or a later deadline (its own timer comes).
+        if worker.launched != launched || terminating.deadline > Instant::now() {
+            return;
+        }
+        terminating.forced += 1;
+        // Made again only if this one fails (see below); the watch tells the end.
+        terminating.deadline = Instant::now() + DELETE_BACKOFF_MAX;
+        let pod = terminating.pod.clone();
+        if terminating.forced == 1 {
+            tracing::warn!(
+                "{} (Job {}): its pod {pod} is still there {UNCONFIRMED_DELETE_MARGIN:?} past \
+                 its deletion's grace period: its node did not confirm the deletion (a node that \
+                 stopped answering?); force-deleting it (grace 0)",
+                worker.name,
+                worker.job
+            );
+        }
+        let Ok(client) = self.client() else {
+            return;
+        };
+        let pods: Api<Pod> = Api::namespaced(client, &self.namespace);
+        let timeout = self.api_timeout;
+        let id = id.to_string();
+        ctx.spawn(
+            async move {
+                let params = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..DeleteParams::default()
+                };
+                let call = format!("force-deleting pod {pod}");
+                answered(
+                    &call,
+                    bounded(timeout, &call, pods.delete(&pod, &params)).await,
+                )
+            }
+            .into_actor(self)
+            .map(move |landed, act, ctx| {
+                if landed || act.workers.get(&id).is_none_or(|w| w.launched != launched) {
+                    return;
+                }
+                ctx.run_later(DELETE_BACKOFF_MAX, move |act, ctx| {
+                    act.force_unconfirmed(&id, launched, ctx)
+                });
+            }),
+        );
     }
 
     /// Worker `id`'s pod ended by a signal (`code`) that was not asked for and that its pod
@@ -1494,6 +1639,7 @@ impl Handler<Launch> for KubernetesExecutor {
                 refused: None,
                 retrying: None,
                 unscheduled: None,
+                terminating: None,
             },
         );
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &self.namespace);

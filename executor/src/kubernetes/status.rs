@@ -22,6 +22,13 @@
 //!
 //! A worker whose pod a relist of the watch no longer finds (its last events compacted away)
 //! ends as its status hash records, else as its Job tells, else waits for its pod ([`absent`]).
+//!
+//! A pod being deleted (`deletionTimestamp` set) whose container still runs is still
+//! [`PodOutcome::Pending`]: its end is the kubelet's to tell, or the pod's going. A kubelet that
+//! stopped answering (its node cut off) tells neither, so the executor gives such a pod its
+//! grace ([`terminating`]) and a margin, then force-deletes it (see `mod.rs`).
+
+use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
@@ -153,6 +160,16 @@ pub fn unscheduled(pod: &Pod) -> Option<String> {
         Some(message) if !message.is_empty() => format!("{reason}: {message}"),
         _ => reason.to_string(),
     })
+}
+
+/// The grace period of a pod being deleted (`deletionTimestamp` set): its
+/// `deletionGracePeriodSeconds` (the API server sets it with the timestamp; missing, 0), by
+/// when the kubelet should have stopped its container and confirmed. `None` for a pod that is
+/// not being deleted.
+pub(crate) fn terminating(pod: &Pod) -> Option<Duration> {
+    pod.metadata.deletion_timestamp.as_ref()?;
+    let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(0);
+    Some(Duration::from_secs(grace.max(0).unsigned_abs()))
 }
 
 /// What a worker's status hash (`shoal:{<ns>:proc:<id>}:status`, see `crate::task`) says of
@@ -734,5 +751,25 @@ mod tests {
         assert!(started(&pod("Running", running)));
         assert!(started(&pod("Failed", terminated(1, "Error"))));
         assert!(!started(&pod("Pending", waiting("ContainerCreating", ""))));
+    }
+
+    #[test]
+    fn a_pod_being_deleted_runs_until_told_and_has_its_grace() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let running = Some(ContainerState {
+            running: Some(ContainerStateRunning::default()),
+            ..ContainerState::default()
+        });
+        let mut p = pod("Running", running);
+        assert_eq!(terminating(&p), None);
+        p.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+        p.metadata.deletion_grace_period_seconds = Some(30);
+        assert_eq!(terminating(&p), Some(Duration::from_secs(30)));
+        // Its container still runs as far as the status tells: not an end.
+        assert_eq!(outcome(&p), PodOutcome::Pending);
+        p.metadata.deletion_grace_period_seconds = None;
+        assert_eq!(terminating(&p), Some(Duration::ZERO));
+        p.metadata.deletion_grace_period_seconds = Some(-5);
+        assert_eq!(terminating(&p), Some(Duration::ZERO));
     }
 }

@@ -1059,6 +1059,13 @@ pub(crate) fn delete_pod(
 /// `terminationGracePeriodSeconds`, else 30), SIGTERM and SIGKILL when the grace ends; the
 /// kubelet removes it once its process is gone. Returns the pod as it is after the call. A pod
 /// deleted before it ended counts as failed for its Job. Does not sync the owner Job.
+///
+/// While the kubelet is frozen ([`Emulator::freeze_kubelet`](super::Emulator::freeze_kubelet)),
+/// a graceful delete of a pod bound to the node that has not ended (running or not) only sets
+/// `deletionTimestamp`/`deletionGracePeriodSeconds`, as the API server does: nobody confirms
+/// it, so the pod stays, its process untouched, until the kubelet thaws
+/// ([`kubelet::thaw`]) or a force delete (grace 0) removes it; an unscheduled or ended pod
+/// still goes at once, as on a real API server.
 pub(crate) fn begin_pod_deletion(
     core: &Arc<Core>,
     cluster: &mut Cluster,
@@ -1075,7 +1082,10 @@ pub(crate) fn begin_pod_deletion(
         .containers
         .get(&uid)
         .is_some_and(|c| c.pid.is_some() && !c.reaped);
-    if !running {
+    let bound = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+    // A frozen kubelet confirms nothing: a bound pod that has not ended waits for it.
+    let unconfirmed = cluster.kubelet_frozen && bound && !is_terminal(pod);
+    if !running && !unconfirmed {
         return cluster
             .store
             .remove::<Pod>(&namespace, &name)
@@ -1109,15 +1119,13 @@ pub(crate) fn begin_pod_deletion(
         updated.metadata.deletion_grace_period_seconds = Some(grace);
         updated = cluster.store.update(updated);
     }
+    if cluster.kubelet_frozen {
+        return updated;
+    }
     if already_due.is_none() {
         kubelet::signal(cluster, &uid, Signal::SIGTERM);
     }
-    core.after(
-        Duration::from_secs(grace.unsigned_abs()),
-        move |_, cluster| {
-            kubelet::signal(cluster, &uid, Signal::SIGKILL);
-        },
-    );
+    kubelet::kill_after(core, uid, Duration::from_secs(grace.unsigned_abs()));
     updated
 }
 

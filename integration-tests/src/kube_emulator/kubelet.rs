@@ -27,6 +27,16 @@
 //! Each pod has a thread that starts the process and waits for it with `waitid(WNOWAIT)`, so
 //! the process is only reaped under the cluster lock: a signal sent under the lock never hits
 //! a recycled pid.
+//!
+//! Frozen ([`Emulator::freeze_kubelet`](super::Emulator::freeze_kubelet)), the kubelet acts as
+//! one on a node that stopped answering: no status update (a container that ends stays
+//! `running` in the pod's status, its process unreaped), no container started, no graceful
+//! delete carried out (no `SIGTERM`, no `SIGKILL` when the grace ends, no removal: the pod
+//! stays with its `deletionTimestamp`). The processes run on. A force delete (grace 0) removes
+//! the pod object all the same (the API server's doing), and its process is killed, as a node
+//! that comes back kills the containers of pods that are gone. Thawed ([`thaw`]), it catches
+//! up: the pods being deleted get `SIGTERM`, and `SIGKILL` at their `deletionTimestamp` (at
+//! once if that has passed), and every thread goes on where it waited.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -55,6 +65,8 @@ const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:
 const CONFIG_RETRY: Duration = Duration::from_millis(500);
 /// How often the kubelet tries an image it cannot pull again.
 const IMAGE_PULL_RETRY: Duration = Duration::from_millis(500);
+/// How often a pod's thread looks whether a frozen kubelet has thawed.
+const FROZEN_POLL: Duration = Duration::from_millis(50);
 
 /// The kubelet's record of a pod's container process.
 #[derive(Debug, Default)]
@@ -80,6 +92,33 @@ pub(crate) fn signal(cluster: &Cluster, uid: &str, signal: Signal) {
     }) = cluster.containers.get(uid)
     {
         let _ = kill(Pid::from_raw(*pid as i32), signal);
+    }
+}
+
+/// Sends `SIGKILL` to pod `uid`'s container process after `delay` (its grace period), unless
+/// the kubelet is frozen then ([`thaw`] sees to it).
+pub(crate) fn kill_after(core: &Arc<Core>, uid: String, delay: Duration) {
+    core.after(delay, move |_, cluster| {
+        if !cluster.kubelet_frozen {
+            signal(cluster, &uid, Signal::SIGKILL);
+        }
+    });
+}
+
+/// A frozen kubelet thaws (see the module docs): every pod being deleted whose process runs
+/// gets `SIGTERM`, and `SIGKILL` at its `deletionTimestamp` (at once if that has passed); the
+/// pods' threads, which wait while frozen, go on by themselves.
+pub(crate) fn thaw(core: &Arc<Core>, cluster: &mut Cluster) {
+    cluster.kubelet_frozen = false;
+    let now = SystemTime::now();
+    for pod in cluster.store.list::<Pod>(None) {
+        let (Some(uid), Some(due)) = (pod.metadata.uid, pod.metadata.deletion_timestamp) else {
+            continue;
+        };
+        let due = SystemTime::UNIX_EPOCH
+            + Duration::from_millis(controller::millis(&due).max(0).unsigned_abs());
+        signal(cluster, &uid, Signal::SIGTERM);
+        kill_after(core, uid, due.duration_since(now).unwrap_or_default());
     }
 }
 
@@ -197,6 +236,11 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
         let Some(pod) = current(&cluster) else {
             return;
         };
+        if cluster.kubelet_frozen {
+            drop(cluster);
+            std::thread::sleep(FROZEN_POLL);
+            continue;
+        }
         if pod.metadata.deletion_timestamp.is_some() {
             if let Some(pod) = cluster.store.remove::<Pod>(namespace, name) {
                 controller::pod_removed(core, &mut cluster, &pod);
@@ -289,7 +333,7 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
                 let Some(pod) = current(&cluster) else {
                     return;
                 };
-                if pod.metadata.deletion_timestamp.is_some() {
+                if pod.metadata.deletion_timestamp.is_some() && !cluster.kubelet_frozen {
                     if let Some(pod) = cluster.store.remove::<Pod>(namespace, name) {
                         controller::pod_removed(core, &mut cluster, &pod);
                     }
@@ -298,6 +342,21 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+    // A frozen kubelet starts no container.
+    loop {
+        if core.shutting_down() {
+            return;
+        }
+        let cluster = core.lock();
+        if current(&cluster).is_none() {
+            return;
+        }
+        if !cluster.kubelet_frozen {
+            break;
+        }
+        drop(cluster);
+        std::thread::sleep(FROZEN_POLL);
     }
 
     let log_path = core.log_path(namespace, name);
@@ -386,7 +445,16 @@ fn run_pod(core: &Arc<Core>, namespace: &str, name: &str, uid: &str) {
         }
         break;
     }
-    let mut cluster = core.lock();
+    // A frozen kubelet reports no end: the process stays unreaped until it thaws, or until
+    // the pod is gone (a force delete) and nobody is told.
+    let mut cluster = loop {
+        let cluster = core.lock();
+        if !cluster.kubelet_frozen || current(&cluster).is_none() || core.shutting_down() {
+            break cluster;
+        }
+        drop(cluster);
+        std::thread::sleep(FROZEN_POLL);
+    };
     let status = waitpid(process, None);
     let oom_killed = match cluster.containers.get_mut(uid) {
         Some(record) => {

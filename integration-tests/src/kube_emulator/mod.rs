@@ -180,6 +180,14 @@
 //! `deletionTimestamp` and `deletionGracePeriodSeconds: 0`), and the kubelet SIGKILLs its
 //! process behind it; no status ever reports that end.
 //!
+//! A frozen kubelet ([`Emulator::freeze_kubelet`]) stands for a node that stopped answering:
+//! no status updates, no container started, and no graceful delete carried out: the API server
+//! sets `deletionTimestamp` (now + grace) and `deletionGracePeriodSeconds`, and the pod stays
+//! so, `Terminating`, its container still `running` in its status and its process running on,
+//! until the kubelet thaws (it then sends `SIGTERM`, and `SIGKILL` at the `deletionTimestamp`)
+//! or a force delete (grace 0) removes the object, which kills the process (as the node would
+//! once back). A pod not bound to the node, or ended, is still removed at once.
+//!
 //! Images are not pulled, with exceptions that let tests see what a cluster does with an
 //! image it cannot pull: an image whose registry host ends in `.invalid` (a top-level domain
 //! that never resolves, RFC 2606; [`UNPULLABLE_REGISTRY`]) leaves the pod Pending with the
@@ -201,7 +209,9 @@
 //! but its creation answered `504` or `500`), [`Emulator::hold_watches`] (watches send nothing until
 //! released: a client's view of the cluster lags behind it) and [`Emulator::expire_watches`]
 //! (open watches end and the history is compacted: a client resuming from its last version
-//! gets `410 Expired` and relists, missing what happened in between).
+//! gets `410 Expired` and relists, missing what happened in between), and
+//! [`Emulator::freeze_kubelet`] (the node stops answering: pods being deleted stay
+//! `Terminating` until a force delete).
 
 mod api;
 mod controller;
@@ -305,6 +315,8 @@ pub(crate) struct Cluster {
     logs: HashMap<(String, String), PathBuf>,
     /// The labels of the node ([`NODE_NAME`]), which pods' node selectors must match.
     node_labels: BTreeMap<String, String>,
+    /// The node's kubelet does nothing ([`Emulator::freeze_kubelet`]).
+    kubelet_frozen: bool,
 }
 
 impl Core {
@@ -391,6 +403,7 @@ impl Emulator {
                 refused_creates: HashMap::new(),
                 logs: HashMap::new(),
                 node_labels: scheduler::default_node_labels(),
+                kubelet_frozen: false,
             }),
             runtime: runtime.handle().clone(),
             network: network.cloned(),
@@ -587,6 +600,27 @@ impl Emulator {
             .lock()
             .node_labels
             .insert(key.to_string(), value.to_string());
+    }
+
+    /// While `frozen`, the node's kubelet stops answering, as on a node cut off from the
+    /// control plane (see "Pods (kubelet)" in the module docs): it updates no pod's status
+    /// (a container that ends stays `running` there), starts no container, and carries out no
+    /// graceful delete: such a delete (an eviction, a Job's garbage collection) only sets the
+    /// pod's `deletionTimestamp` and `deletionGracePeriodSeconds`, and the pod stays, its
+    /// process running on (no `SIGTERM`, no `SIGKILL` when the grace ends), for as long as the
+    /// freeze lasts. A force delete (grace 0) still removes the pod object at once, as the API
+    /// server does without asking the node, and its process is killed, as a node that comes
+    /// back kills the containers of pods that are gone. Thawed (`false`), the kubelet catches
+    /// up: every pod being deleted gets `SIGTERM`, and `SIGKILL` at its `deletionTimestamp` (at
+    /// once if that has passed), and the statuses it held back are reported. The API server,
+    /// the job controller, the scheduler and the garbage collector go on as usual meanwhile.
+    pub fn freeze_kubelet(&self, frozen: bool) {
+        let mut cluster = self.core.lock();
+        if frozen {
+            cluster.kubelet_frozen = true;
+        } else if cluster.kubelet_frozen {
+            kubelet::thaw(&self.core, &mut cluster);
+        }
     }
 
     /// While `stalled`, every request that would change the cluster (`POST`, `PUT`, `PATCH`,
