@@ -897,3 +897,42 @@ fn proxy_calls_awaited_in_a_task_run_on_the_callers_runtime() {
     assert_eq!(d.get("a").expect("get"), Some(1));
     assert_eq!(l.to_vec().expect("to_vec"), vec![1, 2, 3]);
 }
+
+/// A write whose future is dropped before its task sent it (polled once, then dropped with the
+/// lock that guards it released) is not sent: another holder's write under the lock stays.
+/// Before, the queued write landed after that holder's, undoing it.
+#[test]
+fn a_write_dropped_before_it_went_out_does_not_land_after_the_lock_is_released() {
+    let _rt = runtime();
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<String, i64>().expect("dict");
+    let lock = Lock::new().expect("lock");
+    let (task_dict, task_lock) = (d.clone(), lock.clone());
+    // In a task of the caller's runtime: the write's task is one of this runtime too.
+    block_on(async move {
+        tokio::spawn(async move {
+            let (d, lock) = (task_dict, task_lock);
+            let guard = lock.lock_async().await.expect("lock");
+            {
+                let mut write = std::pin::pin!(d.set_async("k", 1));
+                assert!(futures::poll!(write.as_mut()).is_pending());
+            }
+            drop(guard);
+            // Without yielding to this runtime (where the dropped write's task waits):
+            // another holder takes the lock and writes.
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    lock.acquire().expect("acquire");
+                    d.set("k", 2).expect("set");
+                    lock.release().expect("release");
+                })
+                .join()
+                .expect("thread");
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        })
+        .await
+        .expect("task");
+    });
+    assert_eq!(d.get("k").expect("get"), Some(2));
+}

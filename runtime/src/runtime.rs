@@ -316,15 +316,22 @@ impl Runtime {
 /// Resolves when this process is asked to stop: `SIGINT` (Ctrl-C) or `SIGTERM` (what
 /// Kubernetes and systemd send). Pass it to your server's graceful shutdown (axum's
 /// `with_graceful_shutdown`), then call [`Runtime::shutdown_within`]. Needs a tokio runtime
-/// with its I/O driver (`#[tokio::main]` has one). If the handlers cannot be installed, it
-/// never resolves (and logs why).
+/// with its I/O driver (`#[tokio::main]` has one). If the handlers cannot be installed (no
+/// I/O driver, not in a Tokio runtime), it never resolves (and logs why).
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        tracing::error!("cannot install SIGINT/SIGTERM handlers: shutdown_signal() never resolves");
+    // Tokio panics, rather than failing, without a runtime or its I/O driver.
+    let installed = std::panic::catch_unwind(|| {
+        (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        )
+    });
+    let Ok((Ok(mut interrupt), Ok(mut terminate))) = installed else {
+        tracing::error!(
+            "cannot install SIGINT/SIGTERM handlers (is this a Tokio runtime with its I/O \
+             driver?): shutdown_signal() never resolves"
+        );
         return std::future::pending().await;
     };
     tokio::select! {
@@ -834,4 +841,23 @@ pub(crate) fn run_worker_if_requested() {
         }
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    #[test]
+    fn shutdown_signal_without_an_io_driver_waits_instead_of_panicking() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime without drivers");
+        let polled = rt.block_on(async { shutdown_signal().now_or_never() });
+        assert!(polled.is_none(), "it resolved");
+        assert!(
+            shutdown_signal().now_or_never().is_none(),
+            "outside a runtime"
+        );
+    }
 }

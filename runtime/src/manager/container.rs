@@ -176,6 +176,10 @@ where
     context::current()?
         .spawn_near_caller(move |store, caller| async move {
             let reply = match store.shared().await {
+                // The caller left before this went out (its future dropped right after its
+                // first poll, say, while a lock guarding the write is released): nothing is
+                // sent, so a write cannot land after what the caller did next.
+                Ok(_) if caller.is_gone() => return,
                 Ok(mut conn) => Ok(match request {
                     RuntimeRequest::Script(invocation) => invocation.invoke_async(&mut conn).await,
                     RuntimeRequest::Pipe(pipe) => pipe.query_async(&mut conn).await,

@@ -46,8 +46,10 @@
 //! meets another process's sort waits for it as the blocking form does, its pauses timed on the
 //! actor runtime; [`ListProxy::sort_by_async`] runs `compare` in the caller's task between its
 //! two round trips (its first, which freezes the list, always from a task of the actor runtime:
-//! a dropped sort lifts its freeze from there). A write whose future is dropped after it was
-//! sent is still applied, once.
+//! a dropped sort lifts its freeze from there). A write whose future is dropped before its task
+//! sent it is not sent (so it cannot land after what the caller does next, such as releasing a
+//! lock that guards it); one dropped after it was sent is still applied, once, and may reach
+//! Redis after a release sent on another connection right after the drop.
 //! The page-by-page iterators ([`DictProxy::iter`], [`ListProxy::iter`]) have async forms that
 //! read a page per round trip ([`DictProxy::iter_async`], [`ListProxy::iter_async`]: a
 //! [`DictStream`], a [`ListStream`], each a [`futures::Stream`] with a `next` of its own);
