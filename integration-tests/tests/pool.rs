@@ -835,6 +835,48 @@ fn thread_workers_run_the_same_protocol() {
     pool.join().expect("join");
 }
 
+/// Puts `x` on `q` and returns it.
+#[shoal::remote]
+fn put_and_return(q: Queue<u64>, x: u64) -> u64 {
+    q.put(x).expect("put");
+    x
+}
+
+/// Thread workers are threads of the driver: what they run after each batch of tasks does not
+/// undo the driver's own queue marks (a queue it closed stays closed), and what a task put is
+/// written before its result all the same.
+#[test]
+fn thread_workers_leave_the_drivers_closed_queue_closed() {
+    let _rt = runtime();
+    let closed: Queue<u64> = Queue::new().expect("queue");
+    closed.close().expect("close");
+    let pool = Pool::builder()
+        .processes(2)
+        .start_method(StartMethod::Thread)
+        .build()
+        .expect("pool");
+    assert_eq!(pool.map(square, 0..4u64).expect("map"), vec![0, 1, 4, 9]);
+    assert!(
+        matches!(closed.put(1), Err(Error::InvalidState(_))),
+        "the driver's queue was opened again by a worker thread"
+    );
+    closed
+        .join_thread()
+        .expect("join_thread after the driver's close()");
+    let q: Queue<u64> = Queue::new().expect("queue");
+    let put = pool
+        .starmap(
+            put_and_return,
+            (0..8u64).map(|x| (q.clone(), x)).collect::<Vec<_>>(),
+        )
+        .expect("starmap");
+    assert_eq!(put, (0..8u64).collect::<Vec<_>>());
+    let got: BTreeSet<u64> = (0..8)
+        .map(|_| q.get_nowait().expect("written before the task's result"))
+        .collect();
+    assert_eq!(got, (0..8u64).collect());
+}
+
 #[shoal::remote]
 fn inc(x: u64) -> u64 {
     x + 1

@@ -5,10 +5,10 @@
 //!
 //! | key | type | contents |
 //! | --- | --- | --- |
-//! | `shoal:{<ns>:pool:<id>}:tasks` | stream, group `workers` | chunk entries `h` = `call.chunk.attempt.first.done` (the call, the chunk's index, the attempt, the index of its first item in the input, and its items already done by earlier attempts, skipped), `f` function, `p` items (one array of argument tuples, [`ArrayWriter::payload`]); or a stop entry `s`=`1` |
+//! | `shoal:{<ns>:pool:<id>}:tasks` | stream, group `workers` | chunk entries `h` = `call.chunk.attempt.first.done`, with `.1` at the end for a careful chunk (the call, the chunk's index, the attempt, the index of its first item in the input, and its items already done by earlier attempts, skipped; see *Redelivery*), `f` function, `p` items (one array of argument tuples, [`ArrayWriter::payload`]); or a stop entry `s`=`1` |
 //! | `shoal:{<ns>:pool:<id>}:results` | stream, made with the task stream (through a group `made` nobody reads) | the final outcomes of the chunks of one worker read: `w` worker, `h` their `call.chunk.attempt.offset`s, `b` a [`BatchedOutcome`] list; or one chunk's: `c`, `k`, `a`, `w` worker, `o` offset in the chunk of the first item it covers, `n`=`1` on a partial outcome, then `p` (a [`ChunkOutcome`]) or `x` (the chunk crashed: a message) |
 //! | `shoal:{<ns>:pool:<id>}:progress` | hash | task entry id → items of that chunk done and reported |
-//! | `shoal:{<ns>:pool:<id>}:workers` | hash | worker id → its last heartbeat, `<Unix ms>:<entry id of the chunk it runs>` (empty between chunks) |
+//! | `shoal:{<ns>:pool:<id>}:workers` | hash | worker id → its last heartbeat, `<Unix ms>:<entry id of the chunk it runs>` (empty between chunks); `<worker id>/running` → the entry id of the chunk it runs, written before each chunk of a careful read only (see *Redelivery*) |
 //! | `shoal:{<ns>:pool:<id>}:driver` | string | present while the pool's driver lives (short TTL, refreshed by the supervisor) |
 //! | `shoal:{<ns>:pool:<id>}:cancelled` | set | the calls that were cancelled |
 //! | `shoal:{<ns>:pool:<id>}:added`, `…:added_old` | hash | call → the index of the last chunk of it the feeder added: how a batch sent again after a lost reply is added once (see [`chunks_invocation`]); records are kept for a while, not for the pool's life (two generations that rotate) |
@@ -49,7 +49,12 @@
 //! entry's idle time) and stamps the `workers` hash, so a chunk that runs for hours is never taken
 //! from a live worker. After the chunks of one read, the worker runs the process's exit hooks
 //! (queue feeders flush, and forget a `close()`) before it sends their outcomes, so what a task put
-//! on a queue is there before its result, and the next task starts clean.
+//! on a queue is there before its result, and the next task starts clean. A worker that is a
+//! thread of its driver (`StartMethod::Thread`) runs them too, but there the hooks concern the
+//! thread only, not the whole process they share with the driver: the queue feeder waits for the
+//! items this thread put (not the driver's), and no queue mark, lock or semaphore hold of the
+//! process is touched (a queue the driver closed stays closed); managers made by its tasks are
+//! shut down, the driver's are not.
 //!
 //! A read whose reply was lost (the connection dropped) is sent again; since the lost one may have
 //! been served, the retry asks for the chunks pending on this worker instead (`XREADGROUP ... 0`,
@@ -100,9 +105,29 @@
 //!
 //! When the executor reports a worker's exit, or a chunk's idle time passes the lease, the
 //! supervisor runs `pool/requeue.lua`, which moves each such pending chunk exactly once: added
-//! again from its progress, with `attempt + 1` when it made none, or, when `1 + retries`
-//! attempts are used up, answered with a crash entry. A slow worker presumed dead may still
-//! answer: the supervisor keeps one outcome per chunk.
+//! again from its progress. A slow worker presumed dead may still answer: the supervisor keeps
+//! one outcome per chunk.
+//!
+//! A death is charged to one chunk at most: the one the worker was running. A worker holds the
+//! chunks of one read (up to [`MAX_PREFETCH`]) and runs them in order; when it dies, those before
+//! the one it ran are done but their outcomes were not sent, and those after it never started:
+//! they are added again with their attempt unchanged. The one it ran is added again with
+//! `attempt + 1` when it made no progress, or, when its `1 + retries` attempts are used up,
+//! answered with a crash entry. Which one it ran is known when the worker held one chunk (as it
+//! does while chunks take 2 ms or more), or when its heartbeat stamp names its last pending
+//! chunk. Otherwise (a worker that took many tiny chunks and died in one within microseconds,
+//! before its heartbeat could name it) none is charged: the chunks that may have been running
+//! are added again *careful* (`.1` in their header), and a worker whose read holds a careful
+//! chunk names each chunk of that read in the `workers` hash (`<worker id>/running`) before it
+//! runs it (one round trip per chunk: only after such a death, never in the steady state). A
+//! second death there is charged exactly. So a chunk that always kills its worker fails after
+//! `1 + retries` charged attempts (one death more, at most, when it came in a large read), and
+//! its neighbours do not fail with it. A worker killed by a cancel sweep ([`Blame::Nobody`]) has
+//! none of its chunks charged: the one it ran was removed.
+//!
+//! Delivery is at least once: a chunk whose items all ran but whose worker died before it sent
+//! their outcomes (they go together, after the read's last chunk) runs again, as does the part
+//! of a long chunk done since its last progress report.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -685,11 +710,23 @@ pub struct Requeued {
     pub failed: u64,
     /// Workers whose chunks moved.
     pub workers: Vec<String>,
-    /// The chunks moved (requeued or failed), each with the attempt that ended.
+    /// The chunks charged with their worker's death (requeued with another attempt, or
+    /// failed), each with the attempt that ended; the other chunks moved kept their attempt.
     pub chunks: Vec<MovedChunk>,
 }
 
-/// A chunk [`requeue_consumer`]/[`requeue_idle`] moved: whose attempt ended without an outcome.
+/// Which chunk of a dead (or silent) worker's read [`requeue_consumer`] charges with an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blame {
+    /// The chunk it was running, when that is known (see *Redelivery* in the module docs);
+    /// none otherwise.
+    Running,
+    /// None: the worker was killed for a reason that is none of its chunks' doing (a cancel
+    /// sweep, which removed the chunk it ran).
+    Nobody,
+}
+
+/// A chunk [`requeue_consumer`]/[`requeue_idle`] charged: its attempt ended without an outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MovedChunk {
     /// The call it belongs to.
@@ -717,18 +754,31 @@ impl MovedChunk {
     }
 }
 
-/// Moves every chunk pending on `worker` (which exited) and removes it from the group.
+/// Moves every chunk pending on `worker` (which exited) and removes it from the group; charges
+/// an attempt to the chunk it was running when `blame` says so and that chunk is known (see
+/// *Redelivery* in the module docs).
 pub async fn requeue_consumer(
     conn: &mut (impl redis::aio::ConnectionLike + Send),
     store: &Store,
     keys: &PoolKeys,
     worker: &str,
     attempts: u32,
+    blame: Blame,
 ) -> Result<Requeued> {
-    requeue(conn, store, keys, "consumer", worker.to_string(), attempts).await
+    requeue(
+        conn,
+        store,
+        keys,
+        "consumer",
+        worker.to_string(),
+        attempts,
+        blame,
+    )
+    .await
 }
 
-/// Moves every chunk pending longer than `lease`.
+/// Moves every chunk pending longer than `lease`, charging an attempt to the chunk each of
+/// their workers was running, when it is known (see *Redelivery* in the module docs).
 pub async fn requeue_idle(
     conn: &mut (impl redis::aio::ConnectionLike + Send),
     store: &Store,
@@ -743,6 +793,7 @@ pub async fn requeue_idle(
         "idle",
         lease.as_millis().to_string(),
         attempts,
+        Blame::Running,
     )
     .await
 }
@@ -754,17 +805,23 @@ async fn requeue(
     mode: &str,
     target: String,
     attempts: u32,
+    blame: Blame,
 ) -> Result<Requeued> {
     let reply: Vec<redis::Value> = REQUEUE
         .key(&keys.tasks)
         .key(&keys.results)
         .key(&keys.progress)
         .key(&keys.cancelled)
+        .key(&keys.workers)
         .arg(GROUP)
         .arg(mode)
         .arg(&target)
         .arg(attempts)
         .arg(store.expiry_secs())
+        .arg(match blame {
+            Blame::Running => "blame",
+            Blame::Nobody => "none",
+        })
         .invoke_async(conn)
         .await
         .context(|| format!("redelivering chunks of {}", keys.tasks))?;

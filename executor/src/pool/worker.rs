@@ -21,6 +21,10 @@ struct TaskEntry {
     first_item: u64,
     /// Items of the chunk done by earlier attempts (skipped).
     done: u64,
+    /// Redelivered after a death that could not be charged to one chunk (`.1` at the end of its
+    /// header): the worker names each chunk of its read before it runs it (see
+    /// `pool/requeue.lua`).
+    careful: bool,
     payload: Vec<u8>,
 }
 
@@ -97,6 +101,7 @@ fn parse_task_entries(reply: redis::Value) -> Vec<TaskEntry> {
                         task.attempt = u32::try_from(next()).unwrap_or(u32::MAX).max(1);
                         task.first_item = next();
                         task.done = next();
+                        task.careful = next() == 1;
                     }
                     b"f" => task.function = String::from_utf8(bytes(value)).unwrap_or_default(),
                     b"p" => task.payload = bytes(value),
@@ -170,6 +175,7 @@ pub fn run_worker(store: &Arc<Store>, spec: &PoolWorkerSpec) -> Result<WorkerEnd
             redis::cmd("HDEL")
                 .arg(&keys.workers)
                 .arg(&spec.worker_id)
+                .arg(running_field(&spec.worker_id))
                 .query::<()>(c)
         },
     );
@@ -271,6 +277,10 @@ fn serve(
         if entries.is_empty() {
             continue;
         }
+        // A read that holds a chunk redelivered careful names each chunk before it runs it, so
+        // that a death in it is charged to the right one (see `pool/requeue.lua`): one round
+        // trip per chunk, only after a death that could not be charged.
+        let careful = entries.iter().any(|e| e.careful && !e.stop && !e.deleted);
         let cancelled = {
             let mut hand = in_hand.lock().unwrap_or_else(|p| p.into_inner());
             hand.ids = entries.iter().map(|e| e.id.clone()).collect();
@@ -313,6 +323,9 @@ fn serve(
                         .unwrap_or_else(|p| p.into_inner())
                         .also_cancelled(&cancelled);
                 }
+            }
+            if careful {
+                name_running_chunk(store, keys, &spec.worker_id, &entry.id)?;
             }
             previous_start = Some(std::time::Instant::now());
             in_hand
@@ -363,7 +376,8 @@ fn serve(
         }
         if ran > 0 {
             // The tasks ended: what they put on queues reaches Redis before their results, and
-            // the next task starts with this process's queues open again.
+            // the next task starts with this process's queues open again (in a worker thread of
+            // the driver, the hooks concern this thread only: see the module docs).
             context::run_exit_hooks();
         }
         in_hand.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -385,6 +399,32 @@ fn serve(
         outgoing = Some(pipe);
         prefetch = next_prefetch(prefetch, per_chunk);
     }
+}
+
+/// The field of the pool's `workers` hash where `worker` names the chunk it runs in a careful
+/// read (see `pool/requeue.lua`, which reads it).
+fn running_field(worker: &str) -> String {
+    format!("{worker}/running")
+}
+
+/// Names the chunk `id` as the one `worker` runs ([`running_field`]), before it runs it: one
+/// round trip, retried while Redis cannot be reached (a worker that cannot name it does not run
+/// it, and exits with the store's error).
+fn name_running_chunk(store: &Store, keys: &PoolKeys, worker: &str, id: &str) -> Result<()> {
+    let field = running_field(worker);
+    store.retry_unreachable(|| {
+        store.with_conn(
+            || format!("naming the chunk {worker} runs in {}", keys.workers),
+            |c| {
+                redis::pipe()
+                    .hset(&keys.workers, &field, id)
+                    .ignore()
+                    .expire(&keys.workers, store.expiry_secs() as i64)
+                    .ignore()
+                    .query::<()>(c)
+            },
+        )
+    })
 }
 
 /// The pipeline `read` (the last outcomes, each reply ignored, then a read of new chunks) with
@@ -1027,6 +1067,7 @@ mod tests {
                 function: "app::f".into(),
                 first_item: 30,
                 done: 4,
+                careful: false,
                 payload: vec![1, 0x90],
             },
             TaskEntry {
@@ -1047,6 +1088,18 @@ mod tests {
             parse_task_entries(Value::Nil).is_empty(),
             "a read that timed out"
         );
+        // A chunk redelivered careful (`.1` after its header's five numbers).
+        let careful = Value::Array(vec![Value::Array(vec![
+            bulk("tasks"),
+            Value::Array(vec![Value::Array(vec![
+                bulk("1-3"),
+                Value::Array(vec![bulk("h"), bulk("7.3.2.30.4.1")]),
+            ])]),
+        ])]);
+        let parsed = parse_task_entries(careful);
+        assert_eq!(parsed.len(), 1);
+        assert!(parsed[0].careful);
+        assert_eq!((parsed[0].attempt, parsed[0].done), (2, 4));
         // A read of the worker's own pending entries: one was deleted meanwhile.
         let pending = Value::Array(vec![Value::Array(vec![
             bulk("tasks"),

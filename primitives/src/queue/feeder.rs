@@ -105,6 +105,9 @@ pub(super) struct Pending {
     next_batch: u64,
     /// Items given to the feeder and not dropped, since the process started.
     queued_total: u64,
+    /// Items given to the feeder and dropped unwritten (a permanent failure): with
+    /// `queued_total`, every item this record was ever given.
+    dropped_total: u64,
     /// Of those, the items put in batches.
     batched_total: u64,
     /// A batch that failed transiently is not sent again before this.
@@ -149,6 +152,7 @@ impl Pending {
             inflight: None,
             next_batch: 1,
             queued_total: 0,
+            dropped_total: 0,
             batched_total: 0,
             retry_at: None,
             failing_since: None,
@@ -166,6 +170,18 @@ impl Pending {
         }
         self.items.push_back(item);
         self.queued_total += 1;
+    }
+
+    /// Every item this record was given (written, to write, or dropped): the ordinal, plus one,
+    /// of the last one.
+    fn given_total(&self) -> u64 {
+        self.queued_total + self.dropped_total
+    }
+
+    /// Whether the first `given` items this record was given are done with: written or dropped
+    /// (the unwritten ones are the last given).
+    fn settled_through(&self, given: u64) -> bool {
+        self.given_total().saturating_sub(self.unwritten() as u64) >= given
     }
 
     /// Items put and not known to be written.
@@ -269,6 +285,7 @@ impl Pending {
                 }
                 let lost = self.unwritten();
                 self.queued_total = self.queued_total.saturating_sub(lost as u64);
+                self.dropped_total += lost as u64;
                 if let Some(batch) = self.inflight.take() {
                     self.batched_total =
                         self.batched_total.saturating_sub(batch.items.len() as u64);
@@ -421,6 +438,10 @@ impl Feeder {
         }
         p.used = true;
         p.enqueue(item, unsent);
+        if context::in_thread_process() {
+            let (items, fed, given) = (core.keys().items.clone(), p.fed.clone(), p.given_total());
+            PUT_BY_THIS_THREAD.with(|puts| puts.borrow_mut().insert(items, (fed, given)));
+        }
         let wake = state.waiting > 0;
         drop(state);
         if wake {
@@ -524,7 +545,16 @@ impl Feeder {
     /// The exit hook: waits (at most [`EXIT_FLUSH`] in all) until every queue whose join was not
     /// cancelled is written or failed, logs what was not written, then forgets this process's
     /// `closed`/`cancelled` marks (a pool worker's next task starts with its queues open).
+    ///
+    /// In a thread child (a pool worker thread of its driver, which runs the hooks after each
+    /// batch of tasks), the queues and their marks are the whole process's, not the child's:
+    /// it only waits, as long at most, until the items this thread put are written (so that
+    /// they are in Redis before the tasks' results), and leaves every mark as it is.
     fn at_exit(&self) {
+        if context::in_thread_process() {
+            self.flush_this_thread();
+            return;
+        }
         let deadline = Instant::now() + EXIT_FLUSH;
         let mut state = self.lock();
         loop {
@@ -566,6 +596,47 @@ impl Feeder {
         // A pool worker's task let its handles go.
         state.pruned = None;
         Self::prune(&mut state, Instant::now());
+    }
+
+    /// For a thread child's exit hook: waits (at most [`EXIT_FLUSH`]) until the items this
+    /// thread put are written or dropped, and forgets them; the other threads' are not waited
+    /// for (the driver's may be failing, or waiting for room in Redis).
+    fn flush_this_thread(&self) {
+        let puts = PUT_BY_THIS_THREAD.with(|puts| std::mem::take(&mut *puts.borrow_mut()));
+        if puts.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + EXIT_FLUSH;
+        let mut state = self.lock();
+        loop {
+            // A record that is gone, or was made again (its hash differs), had written them.
+            let waiting: Vec<&String> = puts
+                .iter()
+                .filter(|(items, (fed, given))| {
+                    state
+                        .queues
+                        .get(*items)
+                        .is_some_and(|p| p.fed == *fed && !p.settled_through(*given))
+                })
+                .map(|(items, _)| items)
+                .collect();
+            let now = Instant::now();
+            if waiting.is_empty() {
+                return;
+            }
+            if now >= deadline {
+                for items in waiting {
+                    tracing::error!(
+                        "{items}: items this thread put were not written within                          {EXIT_FLUSH:?} of the end of its task"
+                    );
+                }
+                return;
+            }
+            state = self.wait(
+                state,
+                Some((deadline - now).min(Duration::from_millis(100))),
+            );
+        }
     }
 
     fn run(&self) {
@@ -693,6 +764,14 @@ fn write_batches(work: &[Outgoing]) -> Vec<Outcome> {
     }
 }
 
+thread_local! {
+    /// In a thread child: the queues this thread put on since its last exit hook, by items key,
+    /// each with its feeder record's hash and the record's [`Pending::given_total`] after the
+    /// thread's last put (what its exit hook waits for).
+    static PUT_BY_THIS_THREAD: std::cell::RefCell<HashMap<String, (String, u64)>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
 /// Starts the feeder thread (once per process).
 pub(super) fn start_feeder() {
     static STARTED: Once = Once::new();
@@ -776,6 +855,35 @@ mod tests {
         assert_ne!(p.fed, old_hash);
         Feeder::prune(&mut state, start + 4 * PRUNE_EVERY);
         assert!(state.queues.contains_key(&items), "its handle lives");
+    }
+
+    #[test]
+    fn an_item_is_settled_once_written_or_dropped_whatever_came_after_it() {
+        let q = core();
+        let mut state = FeederState::default();
+        let p = Feeder::entry(&mut state, &q, &q.feeder_handles());
+        p.enqueue(vec![1], Unsent::default());
+        let first = p.given_total();
+        p.enqueue(vec![2], Unsent::default());
+        let second = p.given_total();
+        assert_eq!((first, second), (1, 2));
+        assert!(!p.settled_through(first));
+        assert!(p.next_send().is_some());
+        assert!(!p.settled_through(first), "in flight");
+        let _ = p.settle(Outcome::Written);
+        assert!(p.settled_through(second));
+        p.enqueue(vec![3], Unsent::default());
+        let third = p.given_total();
+        assert!(p.settled_through(second) && !p.settled_through(third));
+        let refused = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "WRONGTYPE",
+        ));
+        let _ = p.settle(Outcome::Permanent(refused));
+        assert!(p.settled_through(third), "dropped");
+        p.enqueue(vec![4], Unsent::default());
+        assert_eq!(p.given_total(), 4, "the dropped one still counts");
+        assert!(!p.settled_through(4));
     }
 
     #[test]

@@ -626,6 +626,11 @@ fn settle_links() -> bool {
 /// holds nothing; what its BLMOVE may take is reaped when its hold lapses), and every ack is
 /// confirmed.
 fn give_back_all() {
+    // A thread child (a pool worker thread of its driver, which runs the hooks after each batch
+    // of tasks): the consumers are the whole process's, which goes on using what they hold.
+    if context::in_thread_process() {
+        return;
+    }
     let consumers = live_consumers();
     for consumer in consumers {
         let Ok(mut consumer) = consumer.try_lock() else {

@@ -315,7 +315,8 @@ impl PoolSupervisor {
         self.check_call(entry.call);
     }
 
-    /// Notes the chunks redelivery moved: their attempts ended with their worker's death.
+    /// Notes the chunks redelivery charged with their worker's death: their attempts ended with
+    /// it (the other chunks of its read were redelivered with their attempt unchanged).
     pub(super) fn record_deaths(&mut self, moved: &[MovedChunk]) {
         for chunk in moved {
             if let Some(record) = self.calls.get_mut(&chunk.call) {

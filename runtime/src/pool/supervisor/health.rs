@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use shoal_core::error::{Error, RedisContext, Result};
 use shoal_core::store::Store;
-use shoal_executor::pool::{self, Requeued, driver_ttl};
+use shoal_executor::pool::{self, Blame, Requeued, driver_ttl};
 use shoal_executor::protocol::StopSignal;
 
 use super::{Breakdown, PoolSupervisor};
@@ -326,14 +326,16 @@ impl PoolSupervisor {
         }));
     }
 
-    /// Moves the chunks a worker that exited still held; then, for a worker that `failed`
-    /// (the reason), charges the failure ([`PoolSupervisor::worker_failed`]), so that a pool
-    /// that gives up then knows the attempts its calls' chunks had reached.
+    /// Moves the chunks a worker that exited still held, charging the one it ran as `blame`
+    /// says ([`pool::requeue_consumer`]); then, for a worker that `failed` (the reason), charges
+    /// the failure ([`PoolSupervisor::worker_failed`]), so that a pool that gives up then knows
+    /// the attempts its calls' chunks had reached.
     pub(super) fn requeue_worker_chunks(
         &mut self,
         ctx: &mut Context<Self>,
         worker: String,
         failed: Option<WorkerFailure>,
+        blame: Blame,
     ) {
         let store = self.store.clone();
         let keys = self.keys.clone();
@@ -342,7 +344,7 @@ impl PoolSupervisor {
         ctx.spawn(
             async move {
                 let mut conn = store.multiplexed().await?;
-                pool::requeue_consumer(&mut conn, &store, &keys, &worker, attempts).await
+                pool::requeue_consumer(&mut conn, &store, &keys, &worker, attempts, blame).await
             }
             .into_actor(self)
             .map(move |result, act, ctx| {

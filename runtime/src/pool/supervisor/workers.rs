@@ -37,7 +37,8 @@ use shoal_core::config::StartMethod;
 use shoal_core::context::{ParentInfo, ProcessInfo};
 use shoal_executor::output::print_stream;
 use shoal_executor::pool::{
-    self, EXIT_DRIVER_GONE, EXIT_POOL_GONE, EXIT_STORE_LOST, PoolWorkerSpec, WorkerEnd, driver_ttl,
+    self, Blame, EXIT_DRIVER_GONE, EXIT_POOL_GONE, EXIT_STORE_LOST, PoolWorkerSpec, WorkerEnd,
+    driver_ttl,
 };
 use shoal_executor::protocol::{Launch, StopSignal, WorkerExited, Workload};
 use shoal_executor::task::{ProcessKeys, TaskKind, TaskRecord, hand_over_authkey};
@@ -327,7 +328,7 @@ impl Handler<WorkerExited> for PoolSupervisor {
         // Whatever it held goes to another worker (or fails, out of attempts); a failure is
         // charged once that is done (see `requeue_worker_chunks`).
         if msg.never_started {
-            self.requeue_worker_chunks(ctx, msg.id.clone(), None);
+            self.requeue_worker_chunks(ctx, msg.id.clone(), None, Blame::Running);
             let reason = format!(
                 "PoolWorker-{} could not be started by the backend (see its log)",
                 slot.number
@@ -337,11 +338,13 @@ impl Handler<WorkerExited> for PoolSupervisor {
         self.budget.started();
         match msg.code {
             _ if slot.stopped_for_cancel => {
-                self.requeue_worker_chunks(ctx, msg.id.clone(), None);
+                // Killed for a cancelled chunk, which the sweep removed: the chunks it held
+                // behind it (other calls') are none of its doing.
+                self.requeue_worker_chunks(ctx, msg.id.clone(), None, Blame::Nobody);
                 self.replace_worker(ctx, Duration::ZERO);
             }
             0 => {
-                self.requeue_worker_chunks(ctx, msg.id.clone(), None);
+                self.requeue_worker_chunks(ctx, msg.id.clone(), None, Blame::Running);
                 self.replace_worker(ctx, Duration::ZERO);
             }
             EXIT_POOL_GONE => {
@@ -359,10 +362,11 @@ impl Handler<WorkerExited> for PoolSupervisor {
                         ),
                         lived: slot.started.elapsed(),
                     }),
+                    Blame::Running,
                 );
             }
             EXIT_STORE_LOST | EXIT_DRIVER_GONE => {
-                self.requeue_worker_chunks(ctx, msg.id.clone(), None);
+                self.requeue_worker_chunks(ctx, msg.id.clone(), None, Blame::Running);
                 let after = self.budget.store_failure();
                 self.replace_worker(ctx, after);
             }
@@ -373,6 +377,7 @@ impl Handler<WorkerExited> for PoolSupervisor {
                     reason: format!("PoolWorker-{} exited with code {code}", slot.number),
                     lived: slot.started.elapsed(),
                 }),
+                Blame::Running,
             ),
         }
     }
