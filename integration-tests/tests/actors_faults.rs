@@ -168,16 +168,13 @@ fn hosting_outlives_a_redis_outage_longer_than_the_response_timeout() {
     assert_eq!(tally.ask(Add(2, 0), T).expect("ask after the outage"), 2);
 }
 
-/// A host paused past its lease (no exit for the supervisor to see) while messages were sent
-/// to its actor: their senders saw the lease, so none asked for a host. When the host wakes and
-/// finds its lease gone, it asks for one: the messages are applied with nothing else sent.
-#[test]
-fn messages_sent_to_a_host_paused_past_its_lease_are_applied_without_another_send() {
-    let rt = runtime_with(1, 1.0, None);
-    let mut c = redis_of(&rt);
+/// A tally that counted one, its host stopped (`SIGSTOP`: no exit for the supervisor to see),
+/// then three tells: the tally, the host's pid, and whether the tells saw the host's lease
+/// (none asked for a host). The caller continues the host.
+fn tell_a_stopped_host(c: &mut redis::Connection) -> (ActorRef<Tally>, u32, bool) {
     let tally = shoal::spawn_actor(Tally::default()).expect("spawn");
     assert_eq!(tally.ask(Add(1, 0), T).expect("ask"), 1);
-    let pid = host_pid(&mut c, tally.id()).expect("a host holds it");
+    let pid = host_pid(c, tally.id()).expect("a host holds it");
     kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
     assert!(
         wait_for(Duration::from_secs(5), || stopped(pid)),
@@ -189,10 +186,21 @@ fn messages_sent_to_a_host_paused_past_its_lease_are_applied_without_another_sen
     let (lease_held, requested): (bool, bool) = redis::pipe()
         .exists(actor_key(tally.id(), "lease"))
         .exists(actor_key(tally.id(), "activating"))
-        .query(&mut c)
+        .query(c)
         .expect("lease");
+    (tally, pid, lease_held && !requested)
+}
+
+/// A host paused past its lease (no exit for the supervisor to see) while messages were sent
+/// to its actor: their senders saw the lease, so none asked for a host. When the host wakes and
+/// finds its lease gone, it asks for one: the messages are applied with nothing else sent.
+#[test]
+fn messages_sent_to_a_host_paused_past_its_lease_are_applied_without_another_send() {
+    let rt = runtime_with(1, 1.0, None);
+    let mut c = redis_of(&rt);
+    let (tally, pid, saw_lease) = tell_a_stopped_host(&mut c);
     assert!(
-        lease_held && !requested,
+        saw_lease,
         "the tells did not see the lease: they asked for a host, the test tests nothing"
     );
     assert!(
@@ -222,31 +230,15 @@ fn messages_sent_to_a_host_paused_past_its_lease_are_applied_without_another_sen
 fn messages_sent_to_a_host_frozen_for_good_are_applied_by_another_host() {
     let rt = runtime_with(2, 1.0, None);
     let mut c = redis_of(&rt);
-    let tally = shoal::spawn_actor(Tally::default()).expect("spawn");
-    assert_eq!(tally.ask(Add(1, 0), T).expect("ask"), 1);
-    let pid = host_pid(&mut c, tally.id()).expect("a host holds it");
-    kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
-    assert!(
-        wait_for(Duration::from_secs(5), || stopped(pid)),
-        "host {pid} did not stop"
-    );
-    for _ in 0..3 {
-        tally.tell(Add(1, 0)).expect("tell");
-    }
-    let (lease_held, requested): (bool, bool) = redis::pipe()
-        .exists(actor_key(tally.id(), "lease"))
-        .exists(actor_key(tally.id(), "activating"))
-        .query(&mut c)
-        .expect("lease");
-    let applied = lease_held
-        && !requested
+    let (tally, pid, saw_lease) = tell_a_stopped_host(&mut c);
+    let applied = saw_lease
         && wait_for(Duration::from_secs(30), || {
             committed_tally(&mut c, tally.id()) == Some(4)
         });
     let committed = committed_tally(&mut c, tally.id());
     kill(Pid::from_raw(pid as i32), Signal::SIGCONT).expect("SIGCONT");
     assert!(
-        lease_held && !requested,
+        saw_lease,
         "the tells did not see the lease: they asked for a host, the test tests nothing"
     );
     assert!(
