@@ -31,7 +31,16 @@
 //!
 //! Workers that exit because Redis could not be reached are not charged at all (the store's
 //! health decides the pool's fate); their restarts back off from 100 ms up to
-//! [`MAX_STORE_BACKOFF`].
+//! [`MAX_STORE_BACKOFF`]. Unless the supervisor itself reaches Redis all along: workers told a
+//! Redis address they cannot reach (on Kubernetes, a `kubernetes.redis_url_secret` naming an
+//! address the pods cannot reach) would then be restarted forever while the calls hang, since
+//! the supervisor's own health check never declares the store lost. So such exits are counted
+//! in a row while no worker completes a chunk and the supervisor saw no outage during the
+//! worker's life: more than [`CUT_OFF_EXITS_PER_WORKER`] per worker, over at least
+//! [`CUT_OFF_TIMEOUTS`] response timeouts (`redis.response_timeout_secs`) since the first, break
+//! the pool ([`RestartBudget::cut_off`]). A completed chunk, or an exit while the supervisor
+//! too found Redis unreachable (a real outage, which its health check judges), starts the
+//! count again.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -40,6 +49,13 @@ use std::time::{Duration, Instant};
 pub(super) const MAX_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest pause before restarting a worker that could not reach the store.
 pub(super) const MAX_STORE_BACKOFF: Duration = Duration::from_secs(2);
+/// Workers that could not reach Redis while the supervisor could, per worker, in a row without
+/// a completed chunk: more break the pool (with [`CUT_OFF_TIMEOUTS`]; see the module docs).
+pub(super) const CUT_OFF_EXITS_PER_WORKER: u32 = 2;
+/// Response timeouts (`redis.response_timeout_secs`) the count of workers that could not reach
+/// Redis must span before it breaks the pool: time enough for the supervisor's own health check
+/// to see a real outage (see the module docs).
+pub(super) const CUT_OFF_TIMEOUTS: u32 = 3;
 
 /// What to do after a worker failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +81,12 @@ pub(super) struct RestartBudget {
     waited: u32,
     /// Consecutive exits for an unreachable store.
     store_failures: u32,
+    /// Exits for an unreachable store in a row while the supervisor reached it (see the module
+    /// docs), and when the first of them came.
+    cut_off: u32,
+    cut_off_since: Option<Instant>,
+    /// How long `cut_off` must span to break the pool.
+    cut_off_after: Duration,
     /// Workers that never started, in a row (reset by progress or a worker that ran).
     never_started: u32,
 }
@@ -80,8 +102,18 @@ impl RestartBudget {
             since_progress: 0,
             waited: 0,
             store_failures: 0,
+            cut_off: 0,
+            cut_off_since: None,
+            cut_off_after: Duration::ZERO,
             never_started: 0,
         }
+    }
+
+    /// The same budget, whose count of workers that cannot reach the store must span
+    /// [`CUT_OFF_TIMEOUTS`] times `response_timeout` to break the pool.
+    pub(super) fn with_response_timeout(mut self, response_timeout: Duration) -> Self {
+        self.cut_off_after = response_timeout.saturating_mul(CUT_OFF_TIMEOUTS);
+        self
     }
 
     /// A worker delivered a chunk's outcome: failures so far are forgiven.
@@ -90,6 +122,8 @@ impl RestartBudget {
         self.since_progress = 0;
         self.waited = 0;
         self.store_failures = 0;
+        self.cut_off = 0;
+        self.cut_off_since = None;
         self.never_started = 0;
     }
 
@@ -153,6 +187,25 @@ impl RestartBudget {
             Some(n) => backoff(Duration::from_millis(10), n - 1, MAX_BACKOFF),
         };
         Verdict::Restart { after }
+    }
+
+    /// Counts a worker that exited at `now` because it could not reach the store;
+    /// `supervisor_reached`: the supervisor reached the store all through that worker's life.
+    /// Gives the number in a row once more than [`CUT_OFF_EXITS_PER_WORKER`] per worker came
+    /// over at least `cut_off_after`: the workers cannot reach the store although the supervisor
+    /// can (see the module docs). An exit while the supervisor too found the store unreachable
+    /// starts the count again (an outage: the store's health decides).
+    pub(super) fn cut_off(&mut self, now: Instant, supervisor_reached: bool) -> Option<usize> {
+        if !supervisor_reached {
+            self.cut_off = 0;
+            self.cut_off_since = None;
+            return None;
+        }
+        self.cut_off = self.cut_off.saturating_add(1);
+        let since = *self.cut_off_since.get_or_insert(now);
+        let bound = self.free.max(1).saturating_mul(CUT_OFF_EXITS_PER_WORKER);
+        (self.cut_off > bound && now.saturating_duration_since(since) >= self.cut_off_after)
+            .then_some(self.cut_off as usize)
     }
 
     /// A worker exited because the store could not be reached: the pause before its
@@ -345,5 +398,31 @@ mod tests {
         assert_eq!(budget.charged(), 0);
         budget.progress();
         assert_eq!(budget.store_failure(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn workers_that_cannot_reach_the_store_while_the_supervisor_can_break_the_pool() {
+        let mut budget = RestartBudget::new(3, Duration::from_secs(10), 2)
+            .with_response_timeout(Duration::from_secs(1));
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // 2 × 2 workers may exit so, and more only once 3 response timeouts passed.
+        for n in 0..6u64 {
+            assert_eq!(budget.cut_off(at(100 * n), true), None);
+        }
+        assert_eq!(budget.cut_off(at(3000), true), Some(7));
+        // A completed chunk starts the count again...
+        budget.progress();
+        for n in 0..5u64 {
+            assert_eq!(budget.cut_off(at(4000 + 100 * n), true), None);
+        }
+        // ...and so does an exit during an outage the supervisor saw too.
+        assert_eq!(budget.cut_off(at(9000), false), None);
+        for n in 0..4u64 {
+            assert_eq!(budget.cut_off(at(20_000 + 1000 * n), true), None);
+        }
+        assert_eq!(budget.cut_off(at(24_000), true), Some(5));
+        // Such exits are never charged to the budget itself.
+        assert_eq!(budget.charged(), 0);
     }
 }

@@ -23,6 +23,8 @@
 //!   counted from the start of the first operation that failed, the store is lost: calls fail
 //!   with the store's error, later calls too, and the workers are stopped. Workers that exit for
 //!   the same reason are not counted as crashes, nor are leases that lapsed during an outage.
+//!   Workers that keep exiting so while the supervisor reaches Redis (they are told an address
+//!   they cannot reach) break the pool after a bound instead (see [`super::budget`]).
 
 use std::time::{Duration, Instant};
 

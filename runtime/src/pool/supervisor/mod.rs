@@ -270,7 +270,8 @@ impl PoolSupervisor {
             settings.max_restarts,
             settings.restart_period,
             settings.processes,
-        );
+        )
+        .with_response_timeout(store.settings().response_timeout);
         let health = StoreHealth::new(store.settings().response_timeout, settings.lease);
         // The first job, before any callback: a callback that waits for its own pool is told
         // apart (see `PoolShared::is_finished`).

@@ -8,7 +8,7 @@
 //! | exit | meaning | replacement |
 //! | --- | --- | --- |
 //! | 0 | `maxtasksperchild` reached, or stopped | at once |
-//! | [`EXIT_STORE_LOST`] | it could not reach Redis | after the store back-off, not charged |
+//! | [`EXIT_STORE_LOST`] | it could not reach Redis | after the store back-off, not charged; too many in a row while the supervisor reaches Redis break the pool (see `budget`) |
 //! | [`EXIT_DRIVER_GONE`] | it saw no driver (the liveness key lapsed) | as a store failure |
 //! | [`EXIT_POOL_GONE`] | the pool's state is gone from Redis | none: the pool breaks, once the redelivery meets `NOGROUP` (else as a failure) |
 //! | anything else | a failure (crash, kill, lost lease) | charged to the budget, backed off |
@@ -367,6 +367,21 @@ impl Handler<WorkerExited> for PoolSupervisor {
             }
             EXIT_STORE_LOST | EXIT_DRIVER_GONE => {
                 self.requeue_worker_chunks(ctx, msg.id.clone(), None, Blame::Running);
+                if msg.code == EXIT_STORE_LOST {
+                    // Redis answers the supervisor but not the workers: they are told an
+                    // address they cannot reach (see the module docs of `budget`).
+                    let reached = !self.health.overlaps_outage(slot.started);
+                    if let Some(exits) = self.budget.cut_off(Instant::now(), reached) {
+                        let why = format!(
+                            "{exits} workers in a row exited with code {EXIT_STORE_LOST} (they \
+                             could not reach Redis) without a completed chunk, although this \
+                             driver reaches Redis: check the Redis URL the workers get \
+                             (kubernetes.redis_url_secret on Kubernetes, else redis.url) and \
+                             that its address is reachable from where they run"
+                        );
+                        return self.break_pool(ctx, Breakdown::GaveUp(why));
+                    }
+                }
                 let after = self.budget.store_failure();
                 self.replace_worker(ctx, after);
             }
