@@ -21,10 +21,10 @@
 //! caller's own Tokio runtime instead, from a task of it ([`Context::spawn_near_caller`]): the
 //! context keeps connections for each runtime that called in, until it shuts down.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::actors::{ActorSystem, AsyncCall, Caller};
@@ -540,13 +540,79 @@ pub fn termination_requested() -> bool {
         })
 }
 
+thread_local! {
+    /// This thread runs a pool task (between [`enter_pool_task`] and the drop of its guard).
+    static IN_POOL_TASK: Cell<bool> = const { Cell::new(false) };
+    /// This thread runs the exit hooks at the end of a pool worker's batch of tasks
+    /// ([`run_pool_batch_end_hooks`]), not at the end of a process.
+    static ENDING_POOL_BATCH: Cell<bool> = const { Cell::new(false) };
+}
+
+/// How many threads of this process run a pool task now.
+static POOL_TASKS_RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// Marks the calling thread as running a pool task until the guard is dropped (the pool worker
+/// calls it around each chunk it runs): what the task makes meanwhile belongs to the task, not
+/// to the worker (see [`in_pool_task`]).
+pub fn enter_pool_task() -> PoolTaskGuard {
+    IN_POOL_TASK.with(|t| t.set(true));
+    POOL_TASKS_RUNNING.fetch_add(1, Ordering::AcqRel);
+    PoolTaskGuard {
+        _not_send: std::marker::PhantomData,
+    }
+}
+
+/// Ends what [`enter_pool_task`] began, on the thread that began it.
+pub struct PoolTaskGuard {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for PoolTaskGuard {
+    fn drop(&mut self) {
+        IN_POOL_TASK.with(|t| t.set(false));
+        POOL_TASKS_RUNNING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// True when the calling code runs as part of a pool task: on the thread that runs it, or, in a
+/// pool worker that is a process of its own, on any thread of it (threads a task started) while
+/// a task runs. A pool worker's initializer, and code that runs between tasks, are not. In a
+/// thread child (a worker of a pool whose workers are threads), only its own thread counts.
+pub fn in_pool_task() -> bool {
+    IN_POOL_TASK.with(Cell::get)
+        || (!in_thread_process() && POOL_TASKS_RUNNING.load(Ordering::Acquire) > 0)
+}
+
+/// Runs the exit hooks at the end of a pool worker's batch of tasks (what the tasks did must be
+/// done before their results are sent): [`ending_pool_batch`] is true in them, on this thread,
+/// so a hook can end only what the tasks made and leave what lives as long as the worker
+/// process (what its initializer made).
+pub fn run_pool_batch_end_hooks() {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ENDING_POOL_BATCH.with(|t| t.set(false));
+        }
+    }
+    ENDING_POOL_BATCH.with(|t| t.set(true));
+    let _reset = Reset;
+    run_exit_hooks();
+}
+
+/// True in the exit hooks [`run_pool_batch_end_hooks`] runs (the end of a pool worker's batch of
+/// tasks, not the end of the process or thread child).
+pub fn ending_pool_batch() -> bool {
+    ENDING_POOL_BATCH.with(Cell::get)
+}
+
 /// Work that must finish before this process's runtime goes away (a queue feeder's last
 /// flush), run by [`run_exit_hooks`].
 type ExitHook = Arc<dyn Fn() + Send + Sync>;
 
 static EXIT_HOOKS: std::sync::Mutex<Vec<ExitHook>> = std::sync::Mutex::new(Vec::new());
 
-/// Registers `hook` to run when the runtime shuts down or a worker's task ends.
+/// Registers `hook` to run when the runtime shuts down or a worker's task ends (and after each
+/// batch of a pool worker's tasks: see [`ending_pool_batch`]).
 pub fn register_exit_hook(hook: impl Fn() + Send + Sync + 'static) {
     EXIT_HOOKS
         .lock()

@@ -908,6 +908,112 @@ fn thread_pool_tasks_leave_the_drivers_managers_running() {
     manager.shutdown().expect("shutdown");
 }
 
+/// The manager and the dict a pool worker's initializer made (Python's initializer storing a
+/// `Manager()` in a global): they live in the worker process.
+static KEPT: std::sync::OnceLock<(Manager, DictProxy<i64, i64>)> = std::sync::OnceLock::new();
+
+#[shoal::remote]
+fn init_keep_manager() {
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<i64, i64>().expect("dict");
+    assert!(KEPT.set((manager, d)).is_ok(), "the initializer runs once");
+}
+
+/// Writes `x` into the initializer's dict; returns the dict and what it holds.
+#[shoal::remote]
+fn write_into_kept(x: i64) -> (ManagerAddress, DictProxy<i64, i64>, BTreeMap<i64, i64>) {
+    let (manager, d) = KEPT.get().expect("the initializer ran");
+    d.set(&x, x * 10)
+        .expect("the initializer's manager still runs");
+    (manager.address(), d.clone(), d.copy().expect("copy"))
+}
+
+#[test]
+fn a_manager_made_by_the_initializer_lives_as_long_as_the_worker() {
+    let _rt = runtime();
+    let pool = Pool::builder()
+        .processes(1)
+        .initializer(init_keep_manager, ())
+        .build()
+        .expect("pool");
+    // Two calls: two batches of tasks in the one worker, with the exit hooks run after each.
+    let (_, _, first) = pool.apply(write_into_kept, (1i64,)).expect("first task");
+    assert_eq!(first, BTreeMap::from([(1, 10)]));
+    let (address, d, second) = pool
+        .apply(write_into_kept, (2i64,))
+        .expect("the second task finds the initializer's manager running");
+    assert_eq!(second, BTreeMap::from([(1, 10), (2, 20)]));
+    // The driver reaches it too, by address and through the proxy.
+    Manager::connect(address.clone(), shoal::current_process().authkey)
+        .expect("connect to the worker's manager");
+    let held: BTreeMap<i64, i64> = d.copy().expect("copy");
+    assert_eq!(held, BTreeMap::from([(1, 10), (2, 20)]));
+    // A manager a task makes is still shut down at the end of its batch.
+    let made = pool.apply(make_manager_in_task, (3i64,)).expect("apply");
+    assert!(matches!(
+        Manager::connect(made, shoal::current_process().authkey),
+        Err(Error::InvalidState(_))
+    ));
+    // The worker process exits: its manager is shut down with it.
+    pool.close().expect("close");
+    pool.join().expect("join");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Manager::connect(address.clone(), shoal::current_process().authkey) {
+            Err(Error::InvalidState(_)) => break,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the manager outlived its worker: {other:?}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// As [`KEPT`], for the workers of a pool whose workers are threads.
+static KEPT_BY_THREAD: std::sync::OnceLock<(Manager, DictProxy<i64, i64>)> =
+    std::sync::OnceLock::new();
+
+#[shoal::remote]
+fn init_keep_manager_in_thread() {
+    let manager = Manager::new().expect("manager");
+    let d = manager.dict::<i64, i64>().expect("dict");
+    assert!(KEPT_BY_THREAD.set((manager, d)).is_ok(), "one worker");
+}
+
+#[shoal::remote]
+fn write_into_kept_by_thread(x: i64) -> BTreeMap<i64, i64> {
+    let (_, d) = KEPT_BY_THREAD.get().expect("the initializer ran");
+    d.set(&x, x * 10)
+        .expect("the initializer's manager still runs");
+    d.copy().expect("copy")
+}
+
+#[test]
+fn a_thread_workers_initializer_manager_lives_as_long_as_the_worker() {
+    let _rt = runtime();
+    let pool = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::Thread)
+        .initializer(init_keep_manager_in_thread, ())
+        .build()
+        .expect("pool");
+    for x in 1..=3i64 {
+        let seen = pool.apply(write_into_kept_by_thread, (x,)).expect("apply");
+        assert_eq!(seen, (1..=x).map(|k| (k, k * 10)).collect());
+    }
+    let address = KEPT_BY_THREAD.get().expect("initialized").0.address();
+    // The worker thread ends: its manager is shut down with it.
+    pool.close().expect("close");
+    pool.join().expect("join");
+    assert!(matches!(
+        Manager::connect(address, shoal::current_process().authkey),
+        Err(Error::InvalidState(_))
+    ));
+}
+
 // ------------------------------------------------------------------------- authentication --
 
 /// Connects with this process's (inherited) authkey, makes a list in the manager and stores it

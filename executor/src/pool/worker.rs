@@ -167,6 +167,11 @@ pub fn run_worker(store: &Arc<Store>, spec: &PoolWorkerSpec) -> Result<WorkerEnd
             serve(store, spec, &keys, &in_hand, limit)
         });
     context::set_task_cancel_flag(None);
+    if context::in_thread_process() {
+        // A worker thread of the driver ends here, not with a process (whose runtime runs the
+        // exit hooks): what it made outside its tasks (an initializer's manager) ends with it.
+        context::run_exit_hooks();
+    }
     drop(done);
     let _ = heartbeat.join();
     let _ = store.with_conn(
@@ -335,8 +340,12 @@ fn serve(
             let mut report = |offset: u64, outputs: &[u8]| {
                 report_progress(store, keys, spec, chunk, offset, outputs)
             };
+            // What the chunk's tasks make (a manager) is theirs, shut down at the batch's end;
+            // what the initializer made lives as long as the worker.
+            let task = context::enter_pool_task();
             let (outcome, offset, progressed) =
                 run_chunk(chunk, &entry.payload, limit, &keys.tasks, &mut report);
+            drop(task);
             if progressed {
                 reported.push(&entry.id);
             }
@@ -377,8 +386,10 @@ fn serve(
         if ran > 0 {
             // The tasks ended: what they put on queues reaches Redis before their results, and
             // the next task starts with this process's queues open again (in a worker thread of
-            // the driver, the hooks concern this thread only: see the module docs).
-            context::run_exit_hooks();
+            // the driver, the hooks concern this thread only: see the module docs). Managers
+            // the tasks made are shut down; those made outside a task (by the initializer) live
+            // until the worker ends.
+            context::run_pool_batch_end_hooks();
         }
         in_hand.lock().unwrap_or_else(|p| p.into_inner()).clear();
         if cancelled.swap(false, Ordering::AcqRel) {

@@ -63,9 +63,16 @@
 //! use it, and a Rust value is dropped where Python's reference counting would keep the manager
 //! alive): a manager made by [`Manager::new`] is shut down when the runtime of the process that
 //! made it ends (`shoal::init`'s [`Runtime`](crate::Runtime) is dropped, or the task of a worker
-//! that made it ends, a pool worker's batch of tasks included, as Python shuts its manager down
-//! when the creator exits), unless [`Manager::shutdown`] did it before. A pool whose workers
-//! are threads of this process shuts down only the managers its tasks made. A connected manager
+//! that made it ends, as Python shuts its manager down when the creator exits), unless
+//! [`Manager::shutdown`] did it before. In a pool worker, a manager a task made is shut down at
+//! the end of the batch of tasks the worker ran with it (before their results are sent); one
+//! made outside a task (by the pool's initializer, as Python's `Pool(initializer=...)` making a
+//! manager kept in a global) lives as long as the worker: it is shut down when the worker process exits (`maxtasksperchild` reached, the pool closed and
+//! joined), or, for a pool whose workers are threads of this process, when that worker thread
+//! ends. A worker killed by a signal (`terminate()` sends `SIGTERM`) runs no exit code: its
+//! managers' keys expire after `redis.expiry_secs`. A pool whose workers are threads shuts down
+//! only the managers its workers made, never the driver's. A manager a task's own thread child
+//! makes is not the task's: it lives until the worker process ends. A connected manager
 //! ([`Manager::connect`]) never shuts it down (Python's connected managers have no `shutdown`).
 //! A shutdown that failed half way (a connection lost) can be called again: it goes on with
 //! what is left (the record, deleted last, still lists it).
@@ -367,6 +374,9 @@ struct ManagerInner {
     /// Who made it (`current_process()`'s name and identity): a thread child's task end must
     /// not shut down the managers of the process it runs in.
     creator: (String, Vec<u32>),
+    /// Made by a pool task ([`context::in_pool_task`]): shut down at the end of the task's
+    /// batch. Else it lives until its creator (process or thread child) ends.
+    by_task: bool,
     shut_down: AtomicBool,
 }
 
@@ -390,17 +400,20 @@ fn caller() -> (String, Vec<u32>) {
 
 /// The exit hook: runs when this process's runtime ends, when a worker's task ends, and after
 /// each batch of pool tasks, in the worker's process or, for a pool whose workers are threads, in
-/// that thread. In a thread child (its `current_process()` is not the process's own), only the
-/// managers that child made are shut down; elsewhere, every manager this process made.
+/// that thread (and when such a thread ends). In a thread child (its `current_process()` is not
+/// the process's own), only the managers that child made are shut down; elsewhere, every manager
+/// this process made. After a batch of pool tasks ([`context::ending_pool_batch`]), only those
+/// the tasks made: the initializer's live as long as the worker.
 fn shut_down_owned_at_exit() {
     let me = caller();
     let in_thread_child = context::try_current()
         .is_some_and(|c| (&c.process().name, &c.process().identity) != (&me.0, &me.1));
+    let batch_end = context::ending_pool_batch();
     let ending: Vec<Manager> = {
         let mut owned = OWNED.lock().unwrap_or_else(|p| p.into_inner());
-        let (ending, kept) = std::mem::take(&mut *owned)
-            .into_iter()
-            .partition(|m| !in_thread_child || m.inner.creator == me);
+        let (ending, kept) = std::mem::take(&mut *owned).into_iter().partition(|m| {
+            (!in_thread_child || m.inner.creator == me) && (!batch_end || m.inner.by_task)
+        });
         *owned = kept;
         ending
     };
@@ -432,7 +445,12 @@ impl Manager {
                 |c| invocation.invoke::<i64>(c),
             )
             .map_err(|e| manager_error(&address, e))?;
-        Ok(Self::created(address, authkey, caller()))
+        Ok(Self::created(
+            address,
+            authkey,
+            caller(),
+            context::in_pool_task(),
+        ))
     }
 
     /// The async form of [`Manager::new`]: the same script, sent from a task (see "Async
@@ -460,6 +478,7 @@ impl Manager {
     ) -> impl Future<Output = Result<Manager>> + Send + use<> {
         let creation = context::current().map(|context| Self::creation(context.store(), &authkey));
         let creator = caller();
+        let by_task = context::in_pool_task();
         async move {
             let (address, invocation) = creation?;
             let reply = on_runtime::<i64>(RuntimeRequest::Script(invocation))
@@ -468,7 +487,7 @@ impl Manager {
                     reply.map_err(|e| Error::redis(format!("creating {}", address.describe()), e))
                 });
             reply.map_err(|e| manager_error(&address, e))?;
-            Ok(Self::created(address, authkey, creator))
+            Ok(Self::created(address, authkey, creator, by_task))
         }
     }
 
@@ -497,14 +516,21 @@ impl Manager {
     }
 
     /// The handle of a manager `creator` (this process, or a thread child of it) just
-    /// recorded: it owns it (and shuts it down at its exit).
-    fn created(address: ManagerAddress, authkey: AuthKey, creator: (String, Vec<u32>)) -> Manager {
+    /// recorded: it owns it (and shuts it down at its exit, or at the end of the batch of pool
+    /// tasks when `by_task`).
+    fn created(
+        address: ManagerAddress,
+        authkey: AuthKey,
+        creator: (String, Vec<u32>),
+        by_task: bool,
+    ) -> Manager {
         let manager = Manager {
             inner: Arc::new(ManagerInner {
                 address,
                 authkey,
                 owner: true,
                 creator,
+                by_task,
                 shut_down: AtomicBool::new(false),
             }),
         };
@@ -606,6 +632,7 @@ impl Manager {
                 authkey,
                 owner: false,
                 creator,
+                by_task: false,
                 shut_down: AtomicBool::new(false),
             }),
         })
