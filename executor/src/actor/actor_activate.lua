@@ -28,20 +28,7 @@ redis.call('SET', KEYS[2], lease, 'PX', ARGV[2])
 redis.call('DEL', KEYS[4])
 local s = redis.call('HMGET', KEYS[1], 'type', 'data', 'applied', 'auth', 'status', 'failures',
   'verifier', 'reason', 'held', 'running', 'deaths_entry', 'deaths')
--- Whether stream entry id `a` comes after `b` (`<ms>-<seq>`; an id that does not parse comes
--- after anything, so that a message is never taken for applied).
-local function after(a, b)
-  local am, as = string.match(a or '', '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b or '', '^(%d+)-(%d+)$')
-  if not am or not bm then
-    return true
-  end
-  am, bm = tonumber(am), tonumber(bm)
-  if am ~= bm then
-    return am > bm
-  end
-  return tonumber(as) > tonumber(bs)
-end
+-- `after(a, b)`: stream_ids.lua, prepended to this script.
 local applied = s[3]
 local suspect_until = ''
 if s[9] then

@@ -31,20 +31,7 @@ end
 if ARGV[5] ~= '1' then
   redis.call('HDEL', KEYS[1], 'held')
 end
--- Whether stream entry id `a` comes after `b` (`<ms>-<seq>`; an id that does not parse comes
--- after anything, so that a message is never taken for applied).
-local function after(a, b)
-  local am, as = string.match(a or '', '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b or '', '^(%d+)-(%d+)$')
-  if not am or not bm then
-    return true
-  end
-  am, bm = tonumber(am), tonumber(bm)
-  if am ~= bm then
-    return am > bm
-  end
-  return tonumber(as) > tonumber(bs)
-end
+-- `after(a, b)`: stream_ids.lua, prepended to this script.
 local newest = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
 if not newest[1] or not after(newest[1][1], redis.call('HGET', KEYS[1], 'applied')) then
   return 'idle'

@@ -214,11 +214,16 @@ pub(crate) static SEND: LazyLock<redis::Script> =
 pub(crate) static NUDGE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("actor_nudge.lua")));
 pub(crate) static ACTIVATE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("actor_activate.lua")));
+    LazyLock::new(|| with_stream_ids(include_str!("actor_activate.lua")));
 pub(crate) static COMMIT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("actor_commit.lua")));
 pub(crate) static HANDBACK: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("actor_handback.lua")));
+    LazyLock::new(|| with_stream_ids(include_str!("actor_handback.lua")));
+
+/// `body` with `stream_ids.lua` (the comparison of stream entry ids) before it.
+fn with_stream_ids(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{}\n{}", include_str!("stream_ids.lua"), body))
+}
 pub(crate) static RUNNING: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("actor_running.lua")));
 pub(crate) static LEASE: LazyLock<redis::Script> =
