@@ -558,7 +558,7 @@ impl BarrierWait {
             Some(block) => {
                 self.state = BarrierState::Popping;
                 let wake = format!("{}{}", self.barrier.keys().wake_prefix, self.waiter);
-                Step::Next(Request::blpop(&wake, block))
+                Step::Next(Request::pop_wake_up(&wake, block))
             }
         }
     }

@@ -467,7 +467,10 @@ impl<C: Recheck> WakeWait<C> {
             None => self.cancel(store),
             Some(block) => {
                 self.state = WakeState::Popping;
-                Step::Next(Request::blpop(&self.list.wake_key(&self.waiter), block))
+                Step::Next(Request::pop_wake_up(
+                    &self.list.wake_key(&self.waiter),
+                    block,
+                ))
             }
         }
     }

@@ -864,7 +864,7 @@ impl Acquire {
             Some(block) => {
                 self.state = AcquireState::Popping;
                 let wake = format!("{}{}", self.keys.wake_prefix, self.waiter);
-                Step::Next(Request::blpop(&wake, block))
+                Step::Next(Request::pop_wake_up(&wake, block))
             }
         }
     }

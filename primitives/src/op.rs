@@ -183,7 +183,7 @@ impl Request {
     /// list of the key's own (`<key>:landing`) and an `LPOP` written behind it takes it (see
     /// [`Request::move_then_take`]): a wait whose read a stop signal interrupted still gets
     /// it. Only one waiter may wait on `key` at a time (a waiter's own wake key).
-    pub(crate) fn blpop(key: &str, block: Duration) -> Self {
+    pub(crate) fn pop_wake_up(key: &str, block: Duration) -> Self {
         let landing = format!("{key}:landing");
         let mut wait = redis::cmd("BLMOVE");
         wait.arg(key)
